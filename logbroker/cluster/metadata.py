@@ -1,0 +1,96 @@
+"""Cluster metadata: what a topic is, and the rules its names and configs follow.
+
+Topic names follow Kafka's rules: 1-249 characters of [A-Za-z0-9._-], and not "." or "..". A name is
+checked before anything touches the disk, so no name can ever become a path outside the data dir.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from logbroker.errors import InvalidConfigError, InvalidTopicError
+
+TOPIC_NAME_MAX_CHARS = 249
+_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]+")
+PARTITIONS_MAX = 10_000
+
+
+def validate_topic_name(name: str) -> None:
+    if not name:
+        raise InvalidTopicError("topic name is empty")
+    if len(name) > TOPIC_NAME_MAX_CHARS:
+        raise InvalidTopicError(f"topic name is {len(name)} characters, the limit is {TOPIC_NAME_MAX_CHARS}")
+    if name in (".", ".."):
+        raise InvalidTopicError(f"topic name {name!r} is not allowed")
+    if not _TOPIC_NAME.fullmatch(name):
+        raise InvalidTopicError(f"topic name {name!r} may only contain ASCII letters, digits, '.', '_' and '-'")
+
+
+# Per-topic settings and their defaults (Kafka's names with units last).
+TOPIC_CONFIG_DEFAULTS: dict[str, str] = {
+    "cleanup_policy": "delete",
+    "retention_ms": str(7 * 24 * 3600 * 1000),
+    "retention_bytes": "-1",
+    "segment_bytes": str(1 << 30),
+    "segment_ms": str(7 * 24 * 3600 * 1000),
+    "max_message_bytes": str(1 << 20),
+    "index_interval_bytes": "4096",
+    "flush_interval_messages": "-1",
+    "flush_interval_ms": "-1",
+    "min_insync_replicas": "1",
+    "message_timestamp_type": "CreateTime",
+}
+
+_INT_CONFIG_BOUNDS: dict[str, tuple[int, int]] = {
+    "retention_ms": (-1, 1 << 62),
+    "retention_bytes": (-1, 1 << 62),
+    "segment_bytes": (1 << 14, 1 << 31),
+    "segment_ms": (1, 1 << 62),
+    "max_message_bytes": (64, 1 << 30),
+    "index_interval_bytes": (0, 1 << 30),
+    "flush_interval_messages": (-1, 1 << 62),
+    "flush_interval_ms": (-1, 1 << 62),
+    "min_insync_replicas": (1, 100),
+}
+_ENUM_CONFIG: dict[str, tuple[str, ...]] = {
+    "cleanup_policy": ("delete", "compact"),
+    "message_timestamp_type": ("CreateTime", "LogAppendTime"),
+}
+
+
+def normalize_topic_config(config: dict[str, str]) -> dict[str, str]:
+    """Validated config with defaults filled in. Accepts Kafka's dotted names (retention.ms) too."""
+    out = dict(TOPIC_CONFIG_DEFAULTS)
+    for raw_key, value in config.items():
+        key = raw_key.replace(".", "_")
+        if key not in TOPIC_CONFIG_DEFAULTS:
+            raise InvalidConfigError(f"unknown topic config {raw_key!r}")
+        if key in _INT_CONFIG_BOUNDS:
+            lo, hi = _INT_CONFIG_BOUNDS[key]
+            try:
+                n = int(value)
+            except ValueError:
+                raise InvalidConfigError(f"{raw_key} must be an integer, got {value!r}") from None
+            if not lo <= n <= hi:
+                raise InvalidConfigError(f"{raw_key}={n} is outside [{lo}, {hi}]")
+            out[key] = str(n)
+        else:
+            if value not in _ENUM_CONFIG[key]:
+                raise InvalidConfigError(f"{raw_key} must be one of {', '.join(_ENUM_CONFIG[key])}")
+            out[key] = value
+    return out
+
+
+@dataclass
+class TopicSpec:
+    """A topic as the metadata store keeps it: replica assignment per partition, and its config."""
+
+    name: str
+    assignment: dict[int, list[int]]
+    config: dict[str, str] = field(default_factory=dict)
+    topic_id: str = ""
+
+    @property
+    def partition_count(self) -> int:
+        return len(self.assignment)

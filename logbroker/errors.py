@@ -1,0 +1,192 @@
+"""Errors as data.
+
+Every per-partition result on the wire carries an `ErrorCode` (proto/logbroker/v1/logbroker.proto).
+This module maps each code to an exception class with two flags the clients act on:
+
+- `retriable`: the same request may succeed later (leadership moving, a timeout).
+- `refresh_metadata`: the client's view of the cluster is stale; refresh it before retrying.
+
+The server side raises `BrokerError` subclasses internally and turns them back into codes at the
+gRPC edge; the client side turns codes into exceptions with `error_for(code, message)`.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from logbroker.v1 import logbroker_pb2 as pb
+
+ErrorCode = pb.ErrorCode
+
+
+class LogbrokerError(Exception):
+    """Base of every error this package raises on purpose."""
+
+
+class BrokerError(LogbrokerError):
+    """An error with a wire `ErrorCode`."""
+
+    code: ClassVar[int] = pb.UNKNOWN_SERVER_ERROR
+    retriable: ClassVar[bool] = False
+    refresh_metadata: ClassVar[bool] = False
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(message or self.__class__.__name__)
+        self.message = message or self.__class__.__name__
+
+    @property
+    def code_name(self) -> str:
+        return pb.ErrorCode.Name(self.code)  # type: ignore[arg-type]
+
+    def __str__(self) -> str:
+        return f"{self.code_name}: {self.message}"
+
+
+class UnknownServerError(BrokerError):
+    code = pb.UNKNOWN_SERVER_ERROR
+
+
+class OffsetOutOfRangeError(BrokerError):
+    code = pb.OFFSET_OUT_OF_RANGE
+
+
+class CorruptMessageError(BrokerError):
+    code = pb.CORRUPT_MESSAGE
+
+
+class UnknownTopicOrPartitionError(BrokerError):
+    code = pb.UNKNOWN_TOPIC_OR_PARTITION
+    retriable = True
+    refresh_metadata = True
+
+
+class InvalidFetchSizeError(BrokerError):
+    code = pb.INVALID_FETCH_SIZE
+
+
+class LeaderNotAvailableError(BrokerError):
+    code = pb.LEADER_NOT_AVAILABLE
+    retriable = True
+    refresh_metadata = True
+
+
+class NotLeaderOrFollowerError(BrokerError):
+    code = pb.NOT_LEADER_OR_FOLLOWER
+    retriable = True
+    refresh_metadata = True
+
+
+class RequestTimedOutError(BrokerError):
+    code = pb.REQUEST_TIMED_OUT
+    retriable = True
+
+
+class MessageTooLargeError(BrokerError):
+    code = pb.MESSAGE_TOO_LARGE
+
+
+class InvalidTopicError(BrokerError):
+    code = pb.INVALID_TOPIC
+
+
+class RecordListTooLargeError(BrokerError):
+    code = pb.RECORD_LIST_TOO_LARGE
+
+
+class NotEnoughReplicasError(BrokerError):
+    code = pb.NOT_ENOUGH_REPLICAS
+    retriable = True
+
+
+class NotEnoughReplicasAfterAppendError(BrokerError):
+    code = pb.NOT_ENOUGH_REPLICAS_AFTER_APPEND
+    retriable = True
+
+
+class InvalidRequiredAcksError(BrokerError):
+    code = pb.INVALID_REQUIRED_ACKS
+
+
+class InvalidTimestampError(BrokerError):
+    code = pb.INVALID_TIMESTAMP
+
+
+class TopicAlreadyExistsError(BrokerError):
+    code = pb.TOPIC_ALREADY_EXISTS
+
+
+class InvalidPartitionsError(BrokerError):
+    code = pb.INVALID_PARTITIONS
+
+
+class InvalidReplicationFactorError(BrokerError):
+    code = pb.INVALID_REPLICATION_FACTOR
+
+
+class InvalidConfigError(BrokerError):
+    code = pb.INVALID_CONFIG
+
+
+class InvalidRequestError(BrokerError):
+    code = pb.INVALID_REQUEST
+
+
+class UnsupportedForMessageFormatError(BrokerError):
+    code = pb.UNSUPPORTED_FOR_MESSAGE_FORMAT
+
+
+class StorageError(BrokerError):
+    """Disk full or an I/O error: the replica cannot take writes."""
+
+    code = pb.KAFKA_STORAGE_ERROR
+    retriable = True
+
+
+class FencedLeaderEpochError(BrokerError):
+    code = pb.FENCED_LEADER_EPOCH
+    retriable = True
+    refresh_metadata = True
+
+
+class UnknownLeaderEpochError(BrokerError):
+    code = pb.UNKNOWN_LEADER_EPOCH
+    retriable = True
+    refresh_metadata = True
+
+
+class OffsetNotAvailableError(BrokerError):
+    code = pb.OFFSET_NOT_AVAILABLE
+    retriable = True
+
+
+class UnknownMemberIdError(BrokerError):
+    code = pb.UNKNOWN_MEMBER_ID
+
+
+class InvalidGroupIdError(BrokerError):
+    code = pb.INVALID_GROUP_ID
+
+
+class KafkaTimeoutError(LogbrokerError):
+    """A client-side deadline passed (delivery timeout, flush timeout, metadata wait)."""
+
+
+class BrokerUnavailableError(LogbrokerError):
+    """No broker could be reached at the bootstrap or leader address."""
+
+    retriable = True
+
+
+_BY_CODE: dict[int, type[BrokerError]] = {
+    cls.code: cls
+    for cls in list(BrokerError.__subclasses__())
+}
+
+
+def error_for(code: int, message: str = "") -> BrokerError:
+    """The exception for a wire error code (UnknownServerError for codes this client does not know)."""
+    cls = _BY_CODE.get(code, UnknownServerError)
+    err = cls(message)
+    if cls is UnknownServerError and code != pb.UNKNOWN_SERVER_ERROR:
+        err.message = f"error code {code}: {message}"
+    return err

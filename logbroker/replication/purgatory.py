@@ -1,0 +1,57 @@
+"""Delayed operations keyed by partition: a long-polling Fetch (later: an acks=all Produce) parks a
+future here instead of a thread, and an append to any of its partitions wakes it.
+
+Single-threaded: owned by the broker's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+
+Key = tuple[str, int]
+
+
+class Purgatory:
+    def __init__(self, watchers_max: int = 100_000) -> None:
+        self._waiters: dict[Key, set[asyncio.Future[None]]] = {}
+        self._count = 0
+        self._watchers_max = watchers_max
+
+    @property
+    def waiting(self) -> int:
+        return self._count
+
+    async def wait(self, keys: Iterable[Key], timeout_s: float) -> bool:
+        """Wait until one of `keys` is notified or the timeout passes; True when notified."""
+        if timeout_s <= 0 or self._count >= self._watchers_max:
+            return False
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        watched = list(dict.fromkeys(keys))
+        for key in watched:
+            self._waiters.setdefault(key, set()).add(fut)
+        self._count += 1
+        try:
+            await asyncio.wait_for(fut, timeout_s)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self._count -= 1
+            for key in watched:
+                waiters = self._waiters.get(key)
+                if waiters is not None:
+                    waiters.discard(fut)
+                    if not waiters:
+                        del self._waiters[key]
+
+    def notify(self, key: Key) -> None:
+        waiters = self._waiters.get(key)
+        if waiters:
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(None)
+
+    def notify_all(self) -> None:
+        for key in list(self._waiters):
+            self.notify(key)

@@ -1,0 +1,116 @@
+"""`logbroker.v1.Admin`: topic management, each result carrying its own ErrorCode."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import grpc
+
+from logbroker.cluster.metadata import validate_topic_name
+from logbroker.errors import BrokerError, InvalidConfigError, UnknownServerError, UnknownTopicOrPartitionError
+from logbroker.server import rpc
+from logbroker.v1 import logbroker_pb2 as pb
+
+if TYPE_CHECKING:
+    from logbroker.server.broker import Broker
+
+log = logging.getLogger(__name__)
+
+TOPICS_PER_REQUEST_MAX = 1000
+CONFIG_ENTRIES_MAX = 100
+
+
+def _fill_error(result: pb.TopicResult | pb.TopicDescription, exc: Exception) -> None:
+    if not isinstance(exc, BrokerError):
+        log.exception("unexpected admin error")
+        exc = UnknownServerError(f"{type(exc).__name__}: {exc}")
+    result.error_code = exc.code  # type: ignore[assignment]
+    result.error_message = exc.message
+
+
+def _check(broker: Broker, n: int) -> None:
+    if not broker.ready:
+        raise rpc.RequestRejected(grpc.StatusCode.UNAVAILABLE, "broker is recovering its logs, not serving yet")
+    if n > TOPICS_PER_REQUEST_MAX:
+        raise rpc.RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, f"at most {TOPICS_PER_REQUEST_MAX} topics per request")
+
+
+class AdminService:
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+
+    async def create_topics(self, req: pb.CreateTopicsRequest, context: grpc.aio.ServicerContext) -> pb.CreateTopicsResponse:
+        _check(self.broker, len(req.topics))
+        resp = pb.CreateTopicsResponse()
+        for t in req.topics:
+            r = resp.results.add(name=t.name)
+            try:
+                if len(t.config) > CONFIG_ENTRIES_MAX:
+                    raise InvalidConfigError(f"at most {CONFIG_ENTRIES_MAX} config entries")
+                self.broker.create_topic(t.name, t.partitions, t.replication_factor, dict(t.config), req.validate_only)
+            except Exception as exc:
+                _fill_error(r, exc)
+        return resp
+
+    async def delete_topics(self, req: pb.DeleteTopicsRequest, context: grpc.aio.ServicerContext) -> pb.DeleteTopicsResponse:
+        _check(self.broker, len(req.names))
+        resp = pb.DeleteTopicsResponse()
+        for name in req.names:
+            r = resp.results.add(name=name)
+            try:
+                self.broker.delete_topic(name)
+            except Exception as exc:
+                _fill_error(r, exc)
+        return resp
+
+    async def create_partitions(
+        self, req: pb.CreatePartitionsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CreatePartitionsResponse:
+        _check(self.broker, 1)
+        resp = pb.CreatePartitionsResponse()
+        resp.result.name = req.name
+        try:
+            self.broker.create_partitions(req.name, req.total)
+        except Exception as exc:
+            _fill_error(resp.result, exc)
+        return resp
+
+    async def describe_topics(
+        self, req: pb.DescribeTopicsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DescribeTopicsResponse:
+        broker = self.broker
+        _check(broker, len(req.names))
+        resp = pb.DescribeTopicsResponse()
+        for name in list(req.names) or sorted(broker.topics):
+            d = resp.topics.add(name=name)
+            try:
+                validate_topic_name(name)
+                spec = broker.topics.get(name)
+                if spec is None:
+                    raise UnknownTopicOrPartitionError(f"unknown topic {name!r}")
+                d.config.update(spec.config)
+                for p in sorted(spec.assignment):
+                    part = broker.partitions[(name, p)]
+                    plog = part.log
+                    d.partitions.add(
+                        partition=p, leader=part.leader, leader_epoch=part.leader_epoch, replicas=part.replicas,
+                        isr=part.isr, log_start_offset=plog.log_start_offset, log_end_offset=plog.log_end_offset,
+                        high_watermark=part.high_watermark, size_bytes=plog.size_bytes,
+                    )
+            except Exception as exc:
+                _fill_error(d, exc)
+        return resp
+
+
+def handler(broker: Broker) -> grpc.GenericRpcHandler:
+    svc = AdminService(broker)
+    return rpc.service(
+        "logbroker.v1.Admin",
+        {
+            "CreateTopics": rpc.method(pb.CreateTopicsRequest, svc.create_topics),
+            "DeleteTopics": rpc.method(pb.DeleteTopicsRequest, svc.delete_topics),
+            "CreatePartitions": rpc.method(pb.CreatePartitionsRequest, svc.create_partitions),
+            "DescribeTopics": rpc.method(pb.DescribeTopicsRequest, svc.describe_topics),
+        },
+    )

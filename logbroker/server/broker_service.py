@@ -1,0 +1,266 @@
+"""`logbroker.v1.Broker`: thin handlers over the broker's partitions.
+
+Each handler validates the whole request (bounds), then works partition by partition, turning any
+`BrokerError` into that partition's ErrorCode. Nothing here decodes a record.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import grpc
+
+from logbroker.cluster.metadata import validate_topic_name
+from logbroker.errors import (
+    BrokerError,
+    InvalidFetchSizeError,
+    InvalidGroupIdError,
+    InvalidRequestError,
+    InvalidRequiredAcksError,
+    OffsetOutOfRangeError,
+    UnknownServerError,
+)
+from logbroker.server import rpc
+from logbroker.v1 import logbroker_pb2 as pb
+
+if TYPE_CHECKING:
+    from logbroker.server.broker import Broker
+
+log = logging.getLogger(__name__)
+
+PARTITIONS_PER_REQUEST_MAX = 10_000
+GROUP_NAME_MAX_CHARS = 255
+
+
+def _as_error(exc: Exception, what: str) -> BrokerError:
+    if isinstance(exc, BrokerError):
+        return exc
+    log.exception("unexpected error in %s", what)
+    return UnknownServerError(f"{type(exc).__name__}: {exc}")
+
+
+def _check_ready(broker: Broker) -> None:
+    if not broker.ready:
+        raise rpc.RequestRejected(grpc.StatusCode.UNAVAILABLE, "broker is recovering its logs, not serving yet")
+
+
+def _check_count(n: int, what: str) -> None:
+    if n > PARTITIONS_PER_REQUEST_MAX:
+        raise rpc.RequestRejected(
+            grpc.StatusCode.INVALID_ARGUMENT, f"{n} {what} in one request; the limit is {PARTITIONS_PER_REQUEST_MAX}"
+        )
+
+
+class BrokerService:
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+
+    async def produce(self, req: pb.ProduceRequest, context: grpc.aio.ServicerContext) -> pb.ProduceResponse:
+        broker = self.broker
+        _check_ready(broker)
+        _check_count(len(req.partitions), "partitions")
+        resp = pb.ProduceResponse()
+        acks_ok = req.acks in (-1, 0, 1)
+        for pp in req.partitions:
+            r = resp.results.add(topic=pp.topic, partition=pp.partition, base_offset=-1, log_append_time_ms=-1)
+            try:
+                if not acks_ok:
+                    raise InvalidRequiredAcksError(f"acks must be -1 (all), 0 or 1, got {req.acks}")
+                part = broker.partition(pp.topic, pp.partition)
+                result = part.append_as_leader(pp.records)
+                r.base_offset = result.base_offset
+                r.log_start_offset = part.log.log_start_offset
+                if result.log_append_time_ms >= 0:
+                    r.log_append_time_ms = result.log_append_time_ms
+                broker.purgatory.notify((pp.topic, pp.partition))
+            except Exception as exc:
+                err = _as_error(exc, "produce")
+                r.error_code = err.code  # type: ignore[assignment]
+                r.error_message = err.message
+        return resp
+
+    def _read_all(
+        self, req: pb.FetchRequest, max_bytes: int, results: pb.FetchResponse
+    ) -> tuple[int, bool]:
+        """Fill `results` afresh; returns (bytes gathered, whether any partition has an error)."""
+        del results.results[:]
+        total = 0
+        errored = False
+        broker = self.broker
+        for fp in req.partitions:
+            r = results.results.add(topic=fp.topic, partition=fp.partition, high_watermark=-1, log_start_offset=-1,
+                                    log_end_offset=-1)
+            try:
+                if fp.partition_max_bytes < 0:
+                    raise InvalidFetchSizeError(f"partition_max_bytes {fp.partition_max_bytes} is negative")
+                part = broker.partition(fp.topic, fp.partition)
+                plog = part.log
+                r.high_watermark = part.high_watermark
+                r.log_start_offset = plog.log_start_offset
+                r.log_end_offset = plog.log_end_offset
+                if fp.fetch_offset < 0:
+                    raise OffsetOutOfRangeError(
+                        f"fetch offset {fp.fetch_offset} is negative; valid offsets are "
+                        f"[{plog.log_start_offset}, {part.high_watermark}]"
+                    )
+                budget = max_bytes - total
+                if budget <= 0 and total > 0:
+                    continue
+                limit = min(fp.partition_max_bytes or max_bytes, max(budget, 1))
+                view = part.read(fp.fetch_offset, limit)
+                try:
+                    if len(view):
+                        r.records = bytes(view)
+                        total += len(view)
+                finally:
+                    view.release()
+            except Exception as exc:
+                err = _as_error(exc, "fetch")
+                r.error_code = err.code  # type: ignore[assignment]
+                r.error_message = err.message
+                errored = True
+        return total, errored
+
+    async def fetch(self, req: pb.FetchRequest, context: grpc.aio.ServicerContext) -> pb.FetchResponse:
+        broker = self.broker
+        _check_ready(broker)
+        _check_count(len(req.partitions), "partitions")
+        cfg = broker.config
+        if req.max_bytes < 0 or req.min_bytes < 0 or req.max_wait_ms < 0:
+            raise rpc.RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, "max_bytes, min_bytes and max_wait_ms must not be negative")
+        max_bytes = min(req.max_bytes or cfg.max_response_bytes, cfg.max_response_bytes - 4096)
+        min_bytes = max(req.min_bytes, 1)
+        wait_ms = min(req.max_wait_ms, cfg.fetch_max_wait_ms_cap)
+        deadline = time.monotonic() + wait_ms / 1000
+        keys = [(fp.topic, fp.partition) for fp in req.partitions]
+        resp = pb.FetchResponse()
+        while True:
+            total, errored = self._read_all(req, max_bytes, resp)
+            remaining_s = deadline - time.monotonic()
+            if total >= min_bytes or errored or remaining_s <= 0 or not broker.ready:
+                return resp
+            if not await broker.purgatory.wait(keys, remaining_s):
+                # timed out: one last read below, then answer
+                self._read_all(req, max_bytes, resp)
+                return resp
+
+    async def list_offsets(self, req: pb.ListOffsetsRequest, context: grpc.aio.ServicerContext) -> pb.ListOffsetsResponse:
+        broker = self.broker
+        _check_ready(broker)
+        _check_count(len(req.partitions), "partitions")
+        resp = pb.ListOffsetsResponse()
+        for lp in req.partitions:
+            r = resp.results.add(topic=lp.topic, partition=lp.partition, offset=-1, timestamp=-1, leader_epoch=-1)
+            try:
+                part = broker.partition(lp.topic, lp.partition)
+                r.leader_epoch = part.leader_epoch
+                if lp.timestamp == -1:
+                    r.offset = part.high_watermark
+                elif lp.timestamp == -2:
+                    r.offset = part.log.log_start_offset
+                elif lp.timestamp >= 0:
+                    found = part.log.offset_for_timestamp(lp.timestamp)
+                    if found is not None and found[0] < part.high_watermark:
+                        r.offset, r.timestamp = found
+                else:
+                    raise InvalidRequestError(f"timestamp {lp.timestamp}: use -1 (latest), -2 (earliest) or a time in ms")
+            except Exception as exc:
+                err = _as_error(exc, "list_offsets")
+                r.error_code = err.code  # type: ignore[assignment]
+                r.error_message = err.message
+        return resp
+
+    async def metadata(self, req: pb.MetadataRequest, context: grpc.aio.ServicerContext) -> pb.MetadataResponse:
+        broker = self.broker
+        _check_ready(broker)
+        _check_count(len(req.topics), "topics")
+        host, port = broker.config.advertised
+        resp = pb.MetadataResponse(cluster_id=broker.store.cluster_id, controller_id=broker.config.broker_id)
+        resp.brokers.add(broker_id=broker.config.broker_id, host=host, port=port or broker.bound_port,
+                         rack=broker.config.rack)
+        names = list(req.topics) or sorted(broker.topics)
+        for name in names:
+            t = resp.topics.add(name=name)
+            try:
+                validate_topic_name(name)
+                spec = broker.topics.get(name)
+                if spec is None:
+                    t.error_code = pb.UNKNOWN_TOPIC_OR_PARTITION
+                    t.error_message = f"unknown topic {name!r}"
+                    continue
+                for p in sorted(spec.assignment):
+                    part = broker.partitions[(name, p)]
+                    t.partitions.add(partition=p, leader=part.leader, leader_epoch=part.leader_epoch,
+                                     replicas=part.replicas, isr=part.isr)
+            except BrokerError as err:
+                t.error_code = err.code  # type: ignore[assignment]
+                t.error_message = err.message
+        return resp
+
+    async def offset_commit(self, req: pb.OffsetCommitRequest, context: grpc.aio.ServicerContext) -> pb.OffsetCommitResponse:
+        broker = self.broker
+        _check_ready(broker)
+        _check_count(len(req.partitions), "partitions")
+        resp = pb.OffsetCommitResponse()
+        group_error = _group_error(req.group)
+        accepted: dict[tuple[str, int], tuple[int, str]] = {}
+        for cp in req.partitions:
+            r = resp.results.add(topic=cp.topic, partition=cp.partition)
+            try:
+                if group_error is not None:
+                    raise group_error
+                broker.partition(cp.topic, cp.partition)
+                if cp.offset < 0:
+                    raise OffsetOutOfRangeError(f"cannot commit negative offset {cp.offset}")
+                if len(cp.metadata) > 4096:
+                    raise InvalidRequestError("offset metadata is limited to 4096 characters")
+                accepted[(cp.topic, cp.partition)] = (cp.offset, cp.metadata)
+            except Exception as exc:
+                err = _as_error(exc, "offset_commit")
+                r.error_code = err.code  # type: ignore[assignment]
+                r.error_message = err.message
+        if accepted:
+            broker.store.commit_offsets(req.group, accepted)
+        return resp
+
+    async def offset_fetch(self, req: pb.OffsetFetchRequest, context: grpc.aio.ServicerContext) -> pb.OffsetFetchResponse:
+        broker = self.broker
+        _check_ready(broker)
+        _check_count(len(req.partitions), "partitions")
+        resp = pb.OffsetFetchResponse()
+        group_error = _group_error(req.group)
+        if group_error is not None:
+            resp.error_code = group_error.code  # type: ignore[assignment]
+            resp.error_message = group_error.message
+            return resp
+        committed = broker.store.fetch_offsets(req.group)
+        wanted = [(tp.topic, tp.partition) for tp in req.partitions] or sorted(committed)
+        for topic, partition in wanted:
+            offset, metadata = committed.get((topic, partition), (-1, ""))
+            resp.results.add(topic=topic, partition=partition, offset=offset, metadata=metadata)
+        return resp
+
+
+def _group_error(group: str) -> BrokerError | None:
+    if not group:
+        return InvalidGroupIdError("group id is empty")
+    if len(group) > GROUP_NAME_MAX_CHARS or "\x00" in group:
+        return InvalidGroupIdError(f"group id must be 1-{GROUP_NAME_MAX_CHARS} characters without NUL")
+    return None
+
+
+def handler(broker: Broker) -> grpc.GenericRpcHandler:
+    svc = BrokerService(broker)
+    return rpc.service(
+        "logbroker.v1.Broker",
+        {
+            "Produce": rpc.method(pb.ProduceRequest, svc.produce),
+            "Fetch": rpc.method(pb.FetchRequest, svc.fetch),
+            "ListOffsets": rpc.method(pb.ListOffsetsRequest, svc.list_offsets),
+            "Metadata": rpc.method(pb.MetadataRequest, svc.metadata),
+            "OffsetCommit": rpc.method(pb.OffsetCommitRequest, svc.offset_commit),
+            "OffsetFetch": rpc.method(pb.OffsetFetchRequest, svc.offset_fetch),
+        },
+    )

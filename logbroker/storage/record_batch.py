@@ -1,0 +1,534 @@
+"""Kafka RecordBatch v2 (magic 2), byte for byte.
+
+Batch header, 61 bytes, big-endian::
+
+    offset size field
+    0      8    baseOffset            int64   assigned by the broker (outside the CRC)
+    8      4    batchLength           int32   bytes after this field (total size - 12)
+    12     4    partitionLeaderEpoch  int32   set by the broker (outside the CRC)
+    16     1    magic                 int8    always 2
+    17     4    crc                   uint32  CRC-32C of bytes 21 .. end of batch
+    21     2    attributes            int16   bits 0-2 compression (0 none, 1 gzip, 2 snappy,
+                                              3 lz4, 4 zstd), bit 3 timestamp type (1 =
+                                              LogAppendTime), bit 4 transactional, bit 5 control
+    23     4    lastOffsetDelta       int32   recordCount - 1 for a batch written by a producer
+    27     8    baseTimestamp         int64   ms
+    35     8    maxTimestamp          int64   ms
+    43     8    producerId            int64   -1: not idempotent
+    51     2    producerEpoch         int16
+    53     4    baseSequence          int32
+    57     4    recordCount           int32
+    61     ...  records
+
+Each record (all varints zigzag-encoded, as protobuf sint32/sint64)::
+
+    length varint | attributes int8 | timestampDelta varlong | offsetDelta varint |
+    keyLength varint (-1 = null) | key | valueLength varint (-1 = null) | value |
+    headerCount varint | headers: (keyLength varint | key utf-8 | valueLength varint | value)*
+
+The broker only ever touches the header (`validate_batches`, `set_base_offset`,
+`set_leader_epoch`); records are encoded by `BatchBuilder` and decoded by `decode_batch` on the
+client, whose hot loops use table lookups for one- and two-byte varints.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import crc32c as _crc32c
+
+from logbroker.errors import (
+    CorruptMessageError,
+    MessageTooLargeError,
+    UnsupportedForMessageFormatError,
+)
+
+HEADER = struct.Struct(">qiibIhiqqqhii")
+HEADER_SIZE = HEADER.size  # 61
+assert HEADER_SIZE == 61
+LOG_OVERHEAD = 12  # baseOffset + batchLength: the bytes not counted by batchLength
+CRC_START = 21
+MAGIC = 2
+MIN_BATCH_LENGTH = HEADER_SIZE - LOG_OVERHEAD  # 49
+
+_BASE_OFFSET = struct.Struct(">q")
+_LENGTH_AND_EPOCH = struct.Struct(">ii")
+_LEADER_EPOCH = struct.Struct(">i")
+
+COMPRESSION_MASK = 0x07
+COMPRESSION_NONE = 0
+COMPRESSION_GZIP = 1
+TIMESTAMP_TYPE_MASK = 0x08
+TRANSACTIONAL_MASK = 0x10
+CONTROL_MASK = 0x20
+KNOWN_ATTRIBUTE_BITS = 0x3F
+MAX_COMPRESSION_CODEC = 4
+
+NO_PRODUCER_ID = -1
+
+
+def crc32c(data: bytes | bytearray | memoryview) -> int:
+    return _crc32c.crc32c(data)  # type: ignore[no-any-return]
+
+
+class BatchHeader(NamedTuple):
+    base_offset: int
+    batch_length: int
+    partition_leader_epoch: int
+    magic: int
+    crc: int
+    attributes: int
+    last_offset_delta: int
+    base_timestamp: int
+    max_timestamp: int
+    producer_id: int
+    producer_epoch: int
+    base_sequence: int
+    record_count: int
+
+    @property
+    def size_bytes(self) -> int:
+        return self.batch_length + LOG_OVERHEAD
+
+    @property
+    def last_offset(self) -> int:
+        return self.base_offset + self.last_offset_delta
+
+    @property
+    def next_offset(self) -> int:
+        return self.base_offset + self.last_offset_delta + 1
+
+    @property
+    def compression(self) -> int:
+        return self.attributes & COMPRESSION_MASK
+
+    @property
+    def is_control(self) -> bool:
+        return bool(self.attributes & CONTROL_MASK)
+
+
+def parse_header(buf: bytes | bytearray | memoryview, pos: int = 0) -> BatchHeader:
+    return BatchHeader._make(HEADER.unpack_from(buf, pos))
+
+
+class BatchInfo(NamedTuple):
+    """Where one validated batch sits in a buffer, and what the broker needs of its header."""
+
+    position: int
+    size_bytes: int
+    record_count: int
+    last_offset_delta: int
+    max_timestamp: int
+    partition_leader_epoch: int
+
+
+def validate_batches(
+    buf: bytes | bytearray | memoryview, max_batch_bytes: int, check_crc: bool = True
+) -> list[BatchInfo]:
+    """Check every batch in a produce payload: sizes, magic, attributes, counts and CRC.
+
+    Raises `CorruptMessageError` for anything malformed (including a trailing partial batch and
+    hostile lengths), `MessageTooLargeError` for a batch above `max_batch_bytes`, and
+    `UnsupportedForMessageFormatError` for a magic other than 2. Allocates nothing proportional to
+    what the lengths claim: every length is checked against the buffer before use.
+    """
+    view = memoryview(buf)
+    total = len(view)
+    if total == 0:
+        raise CorruptMessageError("empty record set")
+    infos: list[BatchInfo] = []
+    pos = 0
+    while pos < total:
+        if total - pos < HEADER_SIZE:
+            raise CorruptMessageError(
+                f"truncated batch header at byte {pos}: {total - pos} bytes, need {HEADER_SIZE}"
+            )
+        h = BatchHeader._make(HEADER.unpack_from(view, pos))
+        size = h.batch_length + LOG_OVERHEAD
+        if h.batch_length < MIN_BATCH_LENGTH:
+            raise CorruptMessageError(f"batch at byte {pos}: batchLength {h.batch_length} below {MIN_BATCH_LENGTH}")
+        if size > total - pos:
+            raise CorruptMessageError(
+                f"batch at byte {pos}: batchLength {h.batch_length} runs past the {total - pos} bytes sent"
+            )
+        if h.magic != MAGIC:
+            raise UnsupportedForMessageFormatError(f"batch at byte {pos}: magic {h.magic}, only 2 is supported")
+        if size > max_batch_bytes:
+            raise MessageTooLargeError(f"batch of {size} bytes exceeds max_message_bytes {max_batch_bytes}")
+        if h.attributes & ~KNOWN_ATTRIBUTE_BITS or h.attributes & COMPRESSION_MASK > MAX_COMPRESSION_CODEC:
+            raise UnsupportedForMessageFormatError(f"batch at byte {pos}: unknown attributes {h.attributes:#x}")
+        if h.record_count <= 0 or h.last_offset_delta != h.record_count - 1:
+            raise CorruptMessageError(
+                f"batch at byte {pos}: recordCount {h.record_count} and lastOffsetDelta "
+                f"{h.last_offset_delta} disagree"
+            )
+        # Each record takes at least 7 bytes (length, attributes, 2 deltas, key, value, headers).
+        if h.record_count > (size - HEADER_SIZE) // 7:
+            raise CorruptMessageError(
+                f"batch at byte {pos}: recordCount {h.record_count} cannot fit in {size - HEADER_SIZE} bytes"
+            )
+        if check_crc and crc32c(view[pos + CRC_START : pos + size]) != h.crc:
+            raise CorruptMessageError(f"batch at byte {pos}: CRC-32C mismatch")
+        infos.append(
+            BatchInfo(pos, size, h.record_count, h.last_offset_delta, h.max_timestamp, h.partition_leader_epoch)
+        )
+        pos += size
+    return infos
+
+
+def set_base_offset(buf: bytearray | memoryview, pos: int, base_offset: int) -> None:
+    _BASE_OFFSET.pack_into(buf, pos, base_offset)
+
+
+def set_leader_epoch(buf: bytearray | memoryview, pos: int, epoch: int) -> None:
+    _LEADER_EPOCH.pack_into(buf, pos + 12, epoch)
+
+
+def read_length_and_epoch(buf: bytes | bytearray | memoryview, pos: int) -> tuple[int, int]:
+    """batchLength and partitionLeaderEpoch of the batch at `pos` (the caller checks bounds)."""
+    return _LENGTH_AND_EPOCH.unpack_from(buf, pos + 8)  # type: ignore[return-value]
+
+
+def batch_crc_ok(buf: bytes | bytearray | memoryview, pos: int, size: int) -> bool:
+    stored = struct.unpack_from(">I", buf, pos + 17)[0]
+    return crc32c(memoryview(buf)[pos + CRC_START : pos + size]) == stored  # type: ignore[no-any-return]
+
+
+# ---------------------------------------------------------------------------------------------
+# Varints (zigzag). Tables make the common one- and two-byte cases a single lookup.
+
+_VARINT_TABLE_SIZE = 1 << 14
+
+
+def _encode_zigzag_slow(n: int) -> bytes:
+    z = (n << 1) ^ (n >> 63)
+    z &= 0xFFFFFFFFFFFFFFFF
+    out = bytearray()
+    while z >= 0x80:
+        out.append((z & 0x7F) | 0x80)
+        z >>= 7
+    out.append(z)
+    return bytes(out)
+
+
+# _ZZ[n] = zigzag varint bytes of n, for 0 <= n < 2**14 (lengths, deltas, counts)
+_ZZ: list[bytes] = [_encode_zigzag_slow(n) for n in range(_VARINT_TABLE_SIZE)]
+_MINUS_ONE = _encode_zigzag_slow(-1)
+
+
+def encode_varint(n: int) -> bytes:
+    if 0 <= n < _VARINT_TABLE_SIZE:
+        return _ZZ[n]
+    return _encode_zigzag_slow(n)
+
+
+def decode_varint(buf: bytes, pos: int) -> tuple[int, int]:
+    """(value, next position) of the zigzag varint at `pos`; raises CorruptMessageError if malformed."""
+    shift = 0
+    z = 0
+    end = len(buf)
+    while True:
+        if pos >= end or shift > 63:
+            raise CorruptMessageError("malformed varint")
+        b = buf[pos]
+        pos += 1
+        z |= (b & 0x7F) << shift
+        if b < 0x80:
+            return (z >> 1) ^ -(z & 1), pos
+        shift += 7
+
+
+# _ONE[b] = decoded value of the one-byte varint b (b < 0x80)
+_ONE: list[int] = [(b >> 1) ^ -(b & 1) for b in range(0x80)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding (client side)
+
+Headers = list[tuple[str, bytes | None]]
+
+
+def _encode_headers(headers: Headers) -> bytes:
+    out = bytearray(encode_varint(len(headers)))
+    for hk, hv in headers:
+        kb = hk.encode()
+        out += encode_varint(len(kb))
+        out += kb
+        if hv is None:
+            out += _MINUS_ONE
+        else:
+            out += encode_varint(len(hv))
+            out += hv
+    return bytes(out)
+
+
+class BatchBuilder:
+    """Accumulates records into the body of one RecordBatch v2; `build()` adds header and CRC.
+
+    The header is reserved up front so `build()` patches it in place: one copy at the end.
+    """
+
+    __slots__ = ("_buf", "_count", "_base_ts", "_max_ts", "_compression")
+
+    def __init__(self, base_timestamp_ms: int, compression: int = COMPRESSION_NONE) -> None:
+        self._buf = bytearray(HEADER_SIZE)
+        self._count = 0
+        self._base_ts = base_timestamp_ms
+        self._max_ts = base_timestamp_ms
+        self._compression = compression
+
+    @property
+    def record_count(self) -> int:
+        return self._count
+
+    @property
+    def size_bytes(self) -> int:
+        return len(self._buf)
+
+    def append(
+        self, timestamp_ms: int, key: bytes | None, value: bytes | None, headers: Headers | None = None
+    ) -> int:
+        """Encode one record; returns its offset delta within the batch."""
+        zz = _ZZ
+        od = self._count
+        td = timestamp_ms - self._base_ts
+        if timestamp_ms > self._max_ts:
+            self._max_ts = timestamp_ms
+        tdv = zz[td] if 0 <= td < 16384 else _encode_zigzag_slow(td)
+        odv = zz[od] if od < 16384 else _encode_zigzag_slow(od)
+        if key is None:
+            kl = _MINUS_ONE
+            klen = 0
+        else:
+            klen = len(key)
+            kl = zz[klen] if klen < 16384 else _encode_zigzag_slow(klen)
+        if value is None:
+            vl = _MINUS_ONE
+            vlen = 0
+        else:
+            vlen = len(value)
+            vl = zz[vlen] if vlen < 16384 else _encode_zigzag_slow(vlen)
+        hb = _encode_headers(headers) if headers else b"\x00"
+        body_len = 1 + len(tdv) + len(odv) + len(kl) + klen + len(vl) + vlen + len(hb)
+        buf = self._buf
+        buf += zz[body_len] if body_len < 16384 else _encode_zigzag_slow(body_len)
+        buf += b"\x00"
+        buf += tdv
+        buf += odv
+        buf += kl
+        if key is not None:
+            buf += key
+        buf += vl
+        if value is not None:
+            buf += value
+        buf += hb
+        self._count = od + 1
+        return od
+
+    def build(self, producer_id: int = NO_PRODUCER_ID, producer_epoch: int = -1, base_sequence: int = -1) -> bytes:
+        if self._count == 0:
+            raise ValueError("empty batch")
+        attributes = self._compression
+        if self._compression == COMPRESSION_GZIP:
+            body = zlib.compress(bytes(memoryview(self._buf)[HEADER_SIZE:]), 1, 31)
+            buf = bytearray(HEADER_SIZE)
+            buf += body
+        elif self._compression == COMPRESSION_NONE:
+            buf = self._buf
+        else:
+            raise ValueError(f"unsupported compression codec {self._compression}")
+        HEADER.pack_into(
+            buf,
+            0,
+            0,
+            len(buf) - LOG_OVERHEAD,
+            -1,
+            MAGIC,
+            0,
+            attributes,
+            self._count - 1,
+            self._base_ts,
+            self._max_ts,
+            producer_id,
+            producer_epoch,
+            base_sequence,
+            self._count,
+        )
+        struct.pack_into(">I", buf, 17, crc32c(memoryview(buf)[CRC_START:]))
+        return bytes(buf)
+
+
+def encode_batch(
+    records: list[tuple[int, bytes | None, bytes | None, Headers | None]],
+    compression: int = COMPRESSION_NONE,
+) -> bytes:
+    """One batch from (timestamp_ms, key, value, headers) tuples: a convenience for tests and tools."""
+    if not records:
+        raise ValueError("empty batch")
+    builder = BatchBuilder(records[0][0], compression)
+    for ts, key, value, headers in records:
+        builder.append(ts, key, value, headers)
+    return builder.build()
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding (client side)
+
+
+class Message(NamedTuple):
+    """One consumed record."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: Headers
+    timestamp: int
+
+
+_new_message = tuple.__new__
+
+
+def _decode_headers(buf: bytes, pos: int, count: int, end: int) -> tuple[Headers, int]:
+    if count < 0 or count > end - pos:
+        raise CorruptMessageError(f"hostile header count {count}")
+    headers: Headers = []
+    for _ in range(count):
+        kl, pos = decode_varint(buf, pos)
+        if kl < 0 or pos + kl > end:
+            raise CorruptMessageError("header key length out of bounds")
+        hk = buf[pos : pos + kl].decode("utf-8", "replace")
+        pos += kl
+        vl, pos = decode_varint(buf, pos)
+        if vl < 0:
+            hv = None
+        else:
+            if pos + vl > end:
+                raise CorruptMessageError("header value length out of bounds")
+            hv = buf[pos : pos + vl]
+            pos += vl
+        headers.append((hk, hv))
+    return headers, pos
+
+
+def iter_batches(buf: bytes | memoryview) -> Iterator[tuple[BatchHeader, int]]:
+    """Complete batches in a fetched chunk as (header, position); a trailing partial batch is skipped."""
+    total = len(buf)
+    pos = 0
+    while total - pos >= HEADER_SIZE:
+        h = BatchHeader._make(HEADER.unpack_from(buf, pos))
+        if h.batch_length < MIN_BATCH_LENGTH:
+            raise CorruptMessageError(f"batch at byte {pos}: batchLength {h.batch_length}")
+        size = h.batch_length + LOG_OVERHEAD
+        if size > total - pos:
+            return
+        yield h, pos
+        pos += size
+
+
+def decode_batch(
+    buf: bytes, pos: int, h: BatchHeader, topic: str, partition: int, min_offset: int = 0
+) -> list[Message]:
+    """Every record of the batch at `pos` whose offset is >= `min_offset`, as Messages.
+
+    Checks the CRC first: a corrupt batch raises CorruptMessageError, it is never decoded. Hostile
+    inner lengths are caught by checking each record ends where its length says.
+    """
+    size = h.batch_length + LOG_OVERHEAD
+    if h.magic != MAGIC:
+        raise UnsupportedForMessageFormatError(f"magic {h.magic}")
+    if crc32c(memoryview(buf)[pos + CRC_START : pos + size]) != h.crc:
+        raise CorruptMessageError(f"CRC-32C mismatch in batch at offset {h.base_offset}")
+    codec = h.attributes & COMPRESSION_MASK
+    if codec == COMPRESSION_NONE:
+        data = buf
+        p = pos + HEADER_SIZE
+        end = pos + size
+    elif codec == COMPRESSION_GZIP:
+        data = zlib.decompress(bytes(memoryview(buf)[pos + HEADER_SIZE : pos + size]), 47)
+        p = 0
+        end = len(data)
+    else:
+        raise UnsupportedForMessageFormatError(f"compression codec {codec} is not supported by this client")
+    if h.attributes & CONTROL_MASK:
+        return []
+    base_offset = h.base_offset
+    base_ts = h.base_timestamp
+    log_append = bool(h.attributes & TIMESTAMP_TYPE_MASK)
+    one = _ONE
+    new = _new_message
+    cls = Message
+    out: list[Message] = []
+    append = out.append
+    try:
+        for _ in range(h.record_count):
+            # record length
+            b = data[p]
+            if b < 0x80:
+                length = one[b]
+                p += 1
+            else:
+                length, p = decode_varint(data, p)
+            rec_end = p + length
+            p += 1  # attributes
+            b = data[p]
+            if b < 0x80:
+                td = one[b]
+                p += 1
+            else:
+                td, p = decode_varint(data, p)
+            b = data[p]
+            if b < 0x80:
+                od = one[b]
+                p += 1
+            else:
+                od, p = decode_varint(data, p)
+            b = data[p]
+            if b < 0x80:
+                kl = one[b]
+                p += 1
+            else:
+                kl, p = decode_varint(data, p)
+            if kl < 0:
+                key = None
+            else:
+                key = data[p : p + kl]
+                p += kl
+            b = data[p]
+            if b < 0x80:
+                vl = one[b]
+                p += 1
+            else:
+                vl, p = decode_varint(data, p)
+            if vl < 0:
+                value = None
+            else:
+                value = data[p : p + vl]
+                p += vl
+            hc = data[p]
+            p += 1
+            if hc == 0:
+                headers: Headers = []
+            else:
+                if hc >= 0x80:
+                    hc, p = decode_varint(data, p - 1)
+                else:
+                    hc = one[hc]
+                headers, p = _decode_headers(data, p, hc, rec_end)
+            if p != rec_end or rec_end > end:
+                raise CorruptMessageError(f"record lengths disagree in batch at offset {base_offset}")
+            offset = base_offset + od
+            if offset >= min_offset:
+                append(
+                    new(
+                        cls,
+                        (topic, partition, offset, key, value, headers, max(h.max_timestamp, 0) if log_append else base_ts + td),
+                    )
+                )
+    except IndexError:
+        raise CorruptMessageError(f"record runs past the end of batch at offset {base_offset}") from None
+    return out

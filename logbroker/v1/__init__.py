@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC stubs (made by proto/generate.py; do not edit)."""
