@@ -21,7 +21,13 @@ from typing import Any
 
 import grpc
 
-from logbroker.config import BOOTSTRAP_ENV, DEFAULT_BOOTSTRAP, BrokerConfig, default_bootstrap, parse_host_port
+from logbroker.config import (
+    BOOTSTRAP_ENV,
+    DEFAULT_BOOTSTRAP,
+    BrokerConfig,
+    default_bootstrap,
+    parse_host_port,
+)
 from logbroker.errors import LogbrokerError
 
 EXIT_OK = 0
@@ -171,6 +177,8 @@ def cmd_produce(args: argparse.Namespace) -> int:
     count = 0
     sep = args.key_separator.encode() if args.key_separator else None
     stdin = sys.stdin.buffer
+    with _admin(args) as admin:
+        admin.describe_topic(args.topic)  # fail fast on an unknown topic: auto-creation is off
     with Producer(args.bootstrap, acks=acks, linger_ms=args.linger_ms) as producer:
         futures = []
         for line in stdin:

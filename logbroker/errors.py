@@ -36,7 +36,7 @@ class BrokerError(LogbrokerError):
 
     @property
     def code_name(self) -> str:
-        return pb.ErrorCode.Name(self.code)  # type: ignore[arg-type]
+        return pb.ErrorCode.Name(self.code)
 
     def __str__(self) -> str:
         return f"{self.code_name}: {self.message}"

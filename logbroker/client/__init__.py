@@ -1,0 +1,19 @@
+"""The logbroker client: Producer, Consumer and Admin over gRPC (synchronous API)."""
+
+from logbroker.client.admin import Admin, PartitionInfo, TopicDescription
+from logbroker.client.consumer import Consumer
+from logbroker.client.metadata_cache import MetadataCache
+from logbroker.client.producer import FutureRecordMetadata, Producer, RecordMetadata
+from logbroker.storage.record_batch import Message
+
+__all__ = [
+    "Admin",
+    "Consumer",
+    "FutureRecordMetadata",
+    "Message",
+    "MetadataCache",
+    "PartitionInfo",
+    "Producer",
+    "RecordMetadata",
+    "TopicDescription",
+]

@@ -17,7 +17,7 @@ _JUMP_MULTIPLIER = 2862933555777941757
 
 
 def key_hash64(key: bytes) -> int:
-    return mmh3.hash64(key, signed=False)[0]  # type: ignore[no-any-return]
+    return mmh3.hash64(key, signed=False)[0]
 
 
 def jump_hash(key: int, buckets: int) -> int:

@@ -77,21 +77,25 @@ class BrokerService:
                 broker.purgatory.notify((pp.topic, pp.partition))
             except Exception as exc:
                 err = _as_error(exc, "produce")
-                r.error_code = err.code  # type: ignore[assignment]
+                r.error_code = err.code
                 r.error_message = err.message
         return resp
 
-    def _read_all(
-        self, req: pb.FetchRequest, max_bytes: int, results: pb.FetchResponse
-    ) -> tuple[int, bool]:
-        """Fill `results` afresh; returns (bytes gathered, whether any partition has an error)."""
-        del results.results[:]
+    def _read_all(self, req: pb.FetchRequest, max_bytes: int) -> tuple[list[tuple[pb.FetchPartitionResult, memoryview | None]], int, bool]:
+        """One pass over the requested partitions.
+
+        Returns ([(result without records, zero-copy view of the records)], bytes gathered, whether
+        any partition has an error). The views stay valid until the next await: the caller encodes
+        and releases them first (see `_encode_fetch_response`).
+        """
+        out: list[tuple[pb.FetchPartitionResult, memoryview | None]] = []
         total = 0
         errored = False
         broker = self.broker
         for fp in req.partitions:
-            r = results.results.add(topic=fp.topic, partition=fp.partition, high_watermark=-1, log_start_offset=-1,
-                                    log_end_offset=-1)
+            r = pb.FetchPartitionResult(topic=fp.topic, partition=fp.partition, high_watermark=-1,
+                                        log_start_offset=-1, log_end_offset=-1)
+            view = None
             try:
                 if fp.partition_max_bytes < 0:
                     raise InvalidFetchSizeError(f"partition_max_bytes {fp.partition_max_bytes} is negative")
@@ -106,24 +110,22 @@ class BrokerService:
                         f"[{plog.log_start_offset}, {part.high_watermark}]"
                     )
                 budget = max_bytes - total
-                if budget <= 0 and total > 0:
-                    continue
-                limit = min(fp.partition_max_bytes or max_bytes, max(budget, 1))
-                view = part.read(fp.fetch_offset, limit)
-                try:
+                if budget > 0 or total == 0:
+                    limit = min(fp.partition_max_bytes or max_bytes, max(budget, 1))
+                    view = part.read(fp.fetch_offset, limit)
                     if len(view):
-                        r.records = bytes(view)
                         total += len(view)
-                finally:
-                    view.release()
+                    else:
+                        view = None  # empty views may be shared: never release them
             except Exception as exc:
                 err = _as_error(exc, "fetch")
                 r.error_code = err.code  # type: ignore[assignment]
                 r.error_message = err.message
                 errored = True
-        return total, errored
+            out.append((r, view))
+        return out, total, errored
 
-    async def fetch(self, req: pb.FetchRequest, context: grpc.aio.ServicerContext) -> pb.FetchResponse:
+    async def fetch(self, req: pb.FetchRequest, context: grpc.aio.ServicerContext) -> bytes:
         broker = self.broker
         _check_ready(broker)
         _check_count(len(req.partitions), "partitions")
@@ -135,16 +137,14 @@ class BrokerService:
         wait_ms = min(req.max_wait_ms, cfg.fetch_max_wait_ms_cap)
         deadline = time.monotonic() + wait_ms / 1000
         keys = [(fp.topic, fp.partition) for fp in req.partitions]
-        resp = pb.FetchResponse()
         while True:
-            total, errored = self._read_all(req, max_bytes, resp)
+            results, total, errored = self._read_all(req, max_bytes)
             remaining_s = deadline - time.monotonic()
             if total >= min_bytes or errored or remaining_s <= 0 or not broker.ready:
-                return resp
+                return _encode_fetch_response(results)
+            _release(results)
             if not await broker.purgatory.wait(keys, remaining_s):
-                # timed out: one last read below, then answer
-                self._read_all(req, max_bytes, resp)
-                return resp
+                return _encode_fetch_response(self._read_all(req, max_bytes)[0])
 
     async def list_offsets(self, req: pb.ListOffsetsRequest, context: grpc.aio.ServicerContext) -> pb.ListOffsetsResponse:
         broker = self.broker
@@ -168,7 +168,7 @@ class BrokerService:
                     raise InvalidRequestError(f"timestamp {lp.timestamp}: use -1 (latest), -2 (earliest) or a time in ms")
             except Exception as exc:
                 err = _as_error(exc, "list_offsets")
-                r.error_code = err.code  # type: ignore[assignment]
+                r.error_code = err.code
                 r.error_message = err.message
         return resp
 
@@ -195,7 +195,7 @@ class BrokerService:
                     t.partitions.add(partition=p, leader=part.leader, leader_epoch=part.leader_epoch,
                                      replicas=part.replicas, isr=part.isr)
             except BrokerError as err:
-                t.error_code = err.code  # type: ignore[assignment]
+                t.error_code = err.code
                 t.error_message = err.message
         return resp
 
@@ -219,7 +219,7 @@ class BrokerService:
                 accepted[(cp.topic, cp.partition)] = (cp.offset, cp.metadata)
             except Exception as exc:
                 err = _as_error(exc, "offset_commit")
-                r.error_code = err.code  # type: ignore[assignment]
+                r.error_code = err.code
                 r.error_message = err.message
         if accepted:
             broker.store.commit_offsets(req.group, accepted)
@@ -241,6 +241,44 @@ class BrokerService:
             offset, metadata = committed.get((topic, partition), (-1, ""))
             resp.results.add(topic=topic, partition=partition, offset=offset, metadata=metadata)
         return resp
+
+
+# FetchResponse is encoded by hand around the record bytes so they are copied once, straight from
+# the mmap into the response: `results` (field 1) is a length-delimited FetchPartitionResult whose
+# `records` (field 8, bytes) we append after the small fields protobuf serializes for us.
+_RESULTS_TAG = b"\x0a"  # field 1, wire type 2
+_RECORDS_TAG = b"\x42"  # field 8, wire type 2
+
+
+def _uvarint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _release(results: list[tuple[pb.FetchPartitionResult, memoryview | None]]) -> None:
+    for _, view in results:
+        if view is not None:
+            view.release()
+
+
+def _encode_fetch_response(results: list[tuple[pb.FetchPartitionResult, memoryview | None]]) -> bytes:
+    parts: list[bytes | memoryview] = []
+    for r, view in results:
+        head = r.SerializeToString()
+        if view is not None and len(view):
+            rec_prefix = _RECORDS_TAG + _uvarint(len(view))
+            inner_len = len(head) + len(rec_prefix) + len(view)
+            parts += (_RESULTS_TAG, _uvarint(inner_len), head, rec_prefix, view)
+        else:
+            parts += (_RESULTS_TAG, _uvarint(len(head)), head)
+    try:
+        return b"".join(parts)
+    finally:
+        _release(results)
 
 
 def _group_error(group: str) -> BrokerError | None:

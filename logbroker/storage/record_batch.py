@@ -71,7 +71,7 @@ NO_PRODUCER_ID = -1
 
 
 def crc32c(data: bytes | bytearray | memoryview) -> int:
-    return _crc32c.crc32c(data)  # type: ignore[no-any-return]
+    return _crc32c.crc32c(data)
 
 
 class BatchHeader(NamedTuple):
@@ -189,12 +189,12 @@ def set_leader_epoch(buf: bytearray | memoryview, pos: int, epoch: int) -> None:
 
 def read_length_and_epoch(buf: bytes | bytearray | memoryview, pos: int) -> tuple[int, int]:
     """batchLength and partitionLeaderEpoch of the batch at `pos` (the caller checks bounds)."""
-    return _LENGTH_AND_EPOCH.unpack_from(buf, pos + 8)  # type: ignore[return-value]
+    return _LENGTH_AND_EPOCH.unpack_from(buf, pos + 8)
 
 
 def batch_crc_ok(buf: bytes | bytearray | memoryview, pos: int, size: int) -> bool:
     stored = struct.unpack_from(">I", buf, pos + 17)[0]
-    return crc32c(memoryview(buf)[pos + CRC_START : pos + size]) == stored  # type: ignore[no-any-return]
+    return crc32c(memoryview(buf)[pos + CRC_START : pos + size]) == stored
 
 
 # ---------------------------------------------------------------------------------------------

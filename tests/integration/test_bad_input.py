@@ -31,7 +31,7 @@ def env(broker):
     stub = pbg.BrokerStub(channel)
     admin = pbg.AdminStub(channel)
     resp = admin.CreateTopics(pb.CreateTopicsRequest(topics=[pb.NewTopic(
-        name="t", partitions=2, replication_factor=1, config={"max_message_bytes": "10000"})]))
+        name="t", partitions=2, replication_factor=1, config={"max_message_bytes": "10000", "segment_bytes": "65536"})]))
     assert resp.results[0].error_code == pb.NONE, resp
     ok = stub.Produce(pb.ProduceRequest(acks=1, partitions=[pb.ProducePartition(
         topic="t", partition=0, records=rb.encode_batch([(1000, b"k", b"v", None)]))]))

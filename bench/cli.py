@@ -1,0 +1,257 @@
+"""`python -m bench run|report|limits|list`: the harness's command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from bench import workload as workloads
+from bench.drivers import SYSTEMS, get_driver
+from bench.procs import STARTED_PIDS
+from bench.progress import say
+
+BENCH_DIR = Path(__file__).parent
+RESULTS_DIR = BENCH_DIR / "results"
+LATEST = "latest.json"
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    mem_kib = 0
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                mem_kib = int(line.split()[1])
+    debian = Path("/etc/debian_version").read_text().strip() if Path("/etc/debian_version").exists() else ""
+    return {
+        "cpu_model": model,
+        "cores": os.cpu_count(),
+        "ram_gib": round(mem_kib / 1024 / 1024, 1),
+        "kernel": platform.release(),
+        "os": f"Debian {debian}" if debian else platform.platform(),
+        "python": platform.python_version(),
+        "loadavg_1m_at_start": round(os.getloadavg()[0], 2),
+    }
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt  # unwinds every ExitStack: servers and workers are stopped
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=False) + "\n")
+    tmp.replace(path)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from bench.runner import Runner, summarize, unreaped
+
+    names = workloads.all_names() if args.all else args.workload
+    if not names:
+        say("bench run: give --all or --workload NAME (see `python -m bench list`)")
+        return 2
+    systems = args.system or list(SYSTEMS)
+    runs = args.runs if args.runs else (1 if args.smoke else 3)
+    results_dir = Path(args.results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    data_root = Path(args.data_root)
+    data_root.mkdir(parents=True, exist_ok=True)
+    command = "python -m bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    date = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    t_begin = time.monotonic()
+    pid_mark = len(STARTED_PIDS)
+    failures = 0
+    entries: dict[str, dict[str, Any]] = {}
+    limits: dict[str, Any] | None = None
+
+    load = os.getloadavg()[0]
+    if load > 0.5:
+        say(
+            f"note: load average {load:.2f} before the run: other work on this machine will make figures noisy"
+        )
+    machine_at_start = machine()
+    if args.limits is True or (args.limits is None and args.all and not args.smoke):
+        from bench import limits as machine_limits
+
+        limits = machine_limits.measure(data_root)
+
+    gate = get_driver("logbroker")
+    for name in names:
+        wl = workloads.load(name, smoke=args.smoke)
+        entries[wl.name] = {}
+        gated = gate.unsupported(wl) if wl.requires else None
+        if gated:
+            say(f"skip {wl.name}: {gated}")
+        for system in [s for s in wl.systems if s in systems]:
+            driver = get_driver(system)
+            if gated:
+                entries[wl.name][system] = {"skipped": gated, "title": driver.title, "workload": wl.to_dict()}
+                continue
+            reason = driver.missing() or driver.unsupported(wl)
+            if reason:
+                say(f"skip {wl.name} on {system}: {reason}")
+                entries[wl.name][system] = {
+                    "skipped": reason,
+                    "title": driver.title,
+                    "workload": wl.to_dict(),
+                }
+                continue
+            before = len(STARTED_PIDS)
+            record: dict[str, Any] = {
+                "workload": wl.to_dict(),
+                "system": system,
+                "title": driver.title,
+                "version": driver.version(),
+                "smoke": args.smoke,
+                "command": command,
+                "date": date,
+            }
+            runner = Runner(driver, wl, runs, data_root)
+            try:
+                run_results = runner.run()
+                record["summary"] = summarize(run_results)
+                record["runs"] = run_results
+            except KeyboardInterrupt:
+                raise
+            except Exception as exc:
+                failures += 1
+                detail = str(exc) if isinstance(exc, RuntimeError) else traceback.format_exc()
+                if runner.failure_logs:
+                    detail += "\n" + runner.failure_logs
+                say(f"FAILED {wl.name} on {system}: {detail}")
+                record["error"] = detail
+            record["started_pids"] = STARTED_PIDS[before:]
+            record["unreaped_pids"] = unreaped(before)
+            if record["unreaped_pids"]:
+                say(f"WARNING: processes still alive after {wl.name} on {system}: {record['unreaped_pids']}")
+            for p in record.get("summary", {}).get("problems", []):
+                say(f"problem: {wl.name} on {system}: {p}")
+            _write_json(
+                results_dir / f"{stamp}-{'smoke-' if args.smoke else ''}{wl.name}-{system}.json", record
+            )
+            entries[wl.name][system] = {
+                k: record[k] for k in ("title", "version", "workload", "summary", "error") if k in record
+            }
+
+    total_s = time.monotonic() - t_begin
+    say(f"bench run finished in {total_s:.0f} s ({failures} failed)")
+    if unreaped(pid_mark):
+        say(f"WARNING: unreaped processes: {unreaped(pid_mark)}")
+        failures += 1
+    if not args.smoke:
+        latest_path = results_dir / LATEST
+        latest = json.loads(latest_path.read_text()) if latest_path.exists() else {"results": {}}
+        for wl_name, per_system in entries.items():
+            latest["results"].setdefault(wl_name, {}).update(per_system)
+        machine_at_start["loadavg_1m_at_end"] = round(os.getloadavg()[0], 2)
+        latest.update(command=command, date=date, machine=machine_at_start, wall_s=round(total_s, 1))
+        if limits is not None:
+            latest["limits"] = limits
+        _write_json(latest_path, latest)
+        if args.report is True or (args.report is None and args.all):
+            from bench import report
+
+            report.write(results_dir)
+    return 1 if failures else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from bench import report
+
+    report.write(Path(args.results_dir))
+    return 0
+
+
+def cmd_limits(args: argparse.Namespace) -> int:
+    from bench import limits as machine_limits
+
+    data_root = Path(args.data_root)
+    result = machine_limits.measure(data_root)
+    print(json.dumps(result, indent=1))
+    latest_path = Path(args.results_dir) / LATEST
+    if latest_path.exists():
+        latest = json.loads(latest_path.read_text())
+        latest["limits"] = result
+        _write_json(latest_path, latest)
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    for name in workloads.all_names():
+        wl = workloads.load(name)
+        need = f"  requires {wl.requires}" if wl.requires else ""
+        print(f"{name:<22} {wl.description}{need}")
+    print()
+    for system in SYSTEMS:
+        d = get_driver(system)
+        print(f"{system:<14} {d.missing() or 'available'}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--results-dir", default=str(RESULTS_DIR), help="where JSON results go (default: bench/results)"
+    )
+    common.add_argument(
+        "--data-root", default=tempfile.gettempdir(), help="parent of the servers' temporary data directories"
+    )
+
+    r = sub.add_parser("run", parents=[common], help="run workloads against systems")
+    r.add_argument("--all", action="store_true", help="every workload in bench/workloads")
+    r.add_argument("--workload", action="append", default=[], help="a workload name (repeatable)")
+    r.add_argument("--system", action="append", choices=SYSTEMS, help="a system (repeatable; default: all)")
+    r.add_argument("--smoke", action="store_true", help="the short CI version of each workload, 1 run")
+    r.add_argument("--runs", type=int, default=0, help="repetitions per figure (default 3, smoke 1)")
+    r.add_argument("--limits", action=argparse.BooleanOptionalAction, default=None,
+                   help="measure disk and loopback limits (default: with --all)")  # fmt: skip
+    r.add_argument("--report", action=argparse.BooleanOptionalAction, default=None,
+                   help="write RESULTS.md and plots afterwards (default: with --all)")  # fmt: skip
+    r.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "report", parents=[common], help="write bench/RESULTS.md and bench/plots/ from latest.json"
+    )
+    p.set_defaults(func=cmd_report)
+    m = sub.add_parser(
+        "limits", parents=[common], help="measure the machine: disk fdatasync write, loopback TCP"
+    )
+    m.set_defaults(func=cmd_limits)
+    sub.add_parser("list", help="workloads and which systems are available").set_defaults(func=cmd_list)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored (&)
+    try:
+        return int(args.func(args))
+    except workloads.WorkloadError as exc:
+        say(f"bench: {exc}")
+        return 2
+    except KeyboardInterrupt:
+        say("bench: interrupted; every server and worker it started has been stopped")
+        return 130

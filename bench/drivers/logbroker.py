@@ -1,0 +1,227 @@
+"""logbroker: `python -m logbroker serve` (standalone) and its own client (Producer, Consumer, Admin).
+
+Client settings come from the workload's `[options.logbroker]` table: `producer = {...}` and
+`consumer = {...}` are passed to `logbroker.Producer` / `logbroker.Consumer` as keyword arguments.
+
+`preload` (consume-5gb) fills the log the fastest way there is: one RecordBatch v2 of 100-byte
+records built once with the client's own `BatchBuilder`, then sent again and again with raw gRPC
+`Produce` calls (several in flight). The broker assigns offsets by patching baseOffset, which sits
+outside the CRC, so every resend is a valid batch; the consumer then reads ordinary records. This is
+only the setup of a consume test, and it is labelled as such in the results.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import Sequence
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+from bench.drivers.base import Driver, Server
+from bench.procs import ServerProcess, free_port
+from bench.workload import Workload
+
+PRELOAD_BATCH_BYTES = 1_000_000  # under the default max_message_bytes (1 MiB)
+PRELOAD_IN_FLIGHT = 4
+LOGBROKER_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _acks(wl: Workload) -> int | str:
+    return "all" if wl.acks == "all" else int(wl.acks)
+
+
+class LogbrokerProducer:
+    def __init__(self, address: str, topic: str, wl: Workload, index: int) -> None:
+        import logbroker
+
+        settings = {"linger_ms": 5, "batch_size_bytes": 1 << 20, **wl.option("logbroker", "producer", {})}
+        self.p = logbroker.Producer(address, acks=_acks(wl), **settings)
+        self.topic = topic
+        self.batch_records = 1000  # sends between time checks; the client batches on its own
+        self.last: Any = None
+
+    def send(self, values: Sequence[bytes], keys: Sequence[bytes] | None) -> None:
+        send = self.p.send
+        topic = self.topic
+        last = None
+        if keys is None:
+            for v in values:
+                last = send(topic, v)
+        else:
+            for v, k in zip(values, keys, strict=True):
+                last = send(topic, v, key=k)
+        self.last = last
+
+    def flush(self) -> None:
+        self.p.flush(60)
+        if self.last is not None:
+            self.last.result(60)  # raises if the last batch failed
+
+    def close(self) -> None:
+        self.p.close(10)
+
+
+class LogbrokerConsumer:
+    def __init__(self, address: str, topic: str, wl: Workload, index: int) -> None:
+        import logbroker
+
+        settings = {"max_poll_records": 10_000, **wl.option("logbroker", "consumer", {})}
+        group = "bench" if wl.requires == "groups" else None
+        self.c = logbroker.Consumer(
+            address, topics=[topic], group=group, auto_offset_reset="earliest", **settings
+        )
+
+    def poll(self, timeout_s: float) -> Sequence[Any]:
+        return self.c.poll(timeout_ms=int(timeout_s * 1000))
+
+    def value(self, record: Any) -> bytes:
+        return record.value
+
+    def close(self) -> None:
+        self.c.close()
+
+
+def _health_serving(address: str) -> bool:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        resp = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+        return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+class LogbrokerDriver(Driver):
+    name = "logbroker"
+    title = "logbroker"
+    modules = (("grpc_health", "grpcio-health-checking"),)
+
+    def missing(self) -> str | None:
+        reason = super().missing()
+        if reason:
+            return reason
+        try:
+            import logbroker
+
+            logbroker.Producer  # noqa: B018 - the import is the check
+            logbroker.Consumer  # noqa: B018
+            logbroker.Admin  # noqa: B018
+        except Exception as exc:
+            return f"the logbroker client does not import yet ({exc!r})"
+        return None
+
+    def unsupported(self, wl: Workload) -> str | None:
+        if wl.requires == "cluster" or wl.replication_factor > 1:
+            return "needs the cluster (issue 3): logbroker runs standalone only today"
+        if wl.requires == "groups" and importlib.util.find_spec("logbroker.group.coordinator") is None:
+            return "needs consumer groups (issue 4): logbroker has no group coordinator yet"
+        return None
+
+    def start(self, workdir: Path, wl: Workload, stack: ExitStack) -> Server:
+        port = free_port()
+        address = f"127.0.0.1:{port}"
+        argv = [
+            sys.executable, "-m", "logbroker", "serve", "--data-dir", str(workdir / "data"),
+            "--listen", address, "--log-level", "warning",
+        ]  # fmt: skip
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(LOGBROKER_ROOT), os.environ.get("PYTHONPATH")])),
+        }
+        proc = ServerProcess("logbroker", argv, workdir / "logbroker.log", env=env)
+        stack.callback(proc.stop)
+        proc.wait_until(lambda: _health_serving(address), 30, "SERVING on the gRPC health service")
+        return Server(address, [proc])
+
+    def create_topic(self, server: Server, topic: str, wl: Workload) -> None:
+        import logbroker
+
+        admin = logbroker.Admin(server.address)
+        try:
+            admin.create_topic(topic, partitions=wl.partitions, replication_factor=wl.replication_factor)
+        finally:
+            close = getattr(admin, "close", None)
+            if close:
+                close()
+
+    def producer(self, address: str, topic: str, wl: Workload, index: int) -> LogbrokerProducer:
+        return LogbrokerProducer(address, topic, wl, index)
+
+    def consumer(self, address: str, topic: str, wl: Workload, index: int) -> LogbrokerConsumer:
+        return LogbrokerConsumer(address, topic, wl, index)
+
+    def preload(self, server: Server, topic: str, wl: Workload, progress: Any) -> dict[str, Any] | None:
+        import grpc
+
+        from bench.worker import payload
+        from logbroker.storage.record_batch import BatchBuilder
+        from logbroker.v1 import logbroker_pb2 as pb
+        from logbroker.v1 import logbroker_pb2_grpc as pb_grpc
+
+        value = payload(wl.record_size)
+        now_ms = int(time.time() * 1000)
+        builder = BatchBuilder(now_ms)
+        while builder.size_bytes + wl.record_size + 16 < PRELOAD_BATCH_BYTES:
+            builder.append(now_ms, None, value)
+        batch = builder.build()
+        per_batch = builder.record_count
+        target = max(1, wl.preload_bytes // wl.record_size)
+        n_requests = -(-target // per_batch)
+        requests = [
+            pb.ProduceRequest(
+                acks=1,
+                timeout_ms=30_000,
+                partitions=[pb.ProducePartition(topic=topic, partition=p, records=batch)],
+            )
+            for p in range(wl.partitions)
+        ]
+        t0 = time.monotonic()
+        deadline = t0 + wl.consume_time_limit_s
+        sent = 0
+        with grpc.insecure_channel(
+            server.address, options=[("grpc.max_send_message_length", 64 << 20)]
+        ) as channel:
+            produce = pb_grpc.BrokerStub(channel).Produce
+            inflight: deque[Any] = deque()
+
+            def settle(call: Any) -> None:
+                for r in call.result(timeout=60).results:
+                    if r.error_code != 0:
+                        raise RuntimeError(
+                            f"preload Produce failed: {pb.ErrorCode.Name(r.error_code)} {r.error_message}"
+                        )
+
+            for i in range(n_requests):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"preload did not finish within {wl.consume_time_limit_s:.0f} s")
+                inflight.append(produce.future(requests[i % len(requests)], timeout=60))
+                sent += 1
+                if len(inflight) >= PRELOAD_IN_FLIGHT:
+                    settle(inflight.popleft())
+                if i % 16 == 0:
+                    progress.update((i + 1) / n_requests, (i + 1) * per_batch, "preload")
+            while inflight:
+                settle(inflight.popleft())
+        seconds = time.monotonic() - t0
+        records = sent * per_batch
+        return {
+            "records": records,
+            "total_records": records,
+            "seconds": seconds,
+            "records_per_s": records / seconds,
+            "mb_per_s": records * wl.record_size / 1e6 / seconds,
+            "path": f"raw gRPC Produce, one {len(batch):,}-byte batch of {per_batch:,} records resent",
+        }
+
+    def version(self) -> str:
+        try:
+            import logbroker
+
+            return f"logbroker {logbroker.__version__}"
+        except Exception:
+            return "logbroker"

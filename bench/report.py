@@ -1,0 +1,360 @@
+"""`python -m bench report`: bench/RESULTS.md and bench/plots/*.png from bench/results/latest.json."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from bench.progress import say
+
+BENCH_DIR = Path(__file__).parent
+PLOTS_DIR = BENCH_DIR / "plots"
+RESULTS_MD = BENCH_DIR / "RESULTS.md"
+BASE = "logbroker"
+WORKLOAD_ORDER = (
+    "max-100b",
+    "max-100kb",
+    "latency-10k",
+    "consume-5gb",
+    "group-12p-3c",
+    "cluster-rf3-acks-all",
+)
+SYSTEM_ORDER = ("logbroker", "nats", "redis", "redis-native")
+PEERS_PY = ("nats", "redis")
+COLORS = {"logbroker": "#1f77b4", "nats": "#2ca02c", "redis": "#d62728", "redis-native": "#ff7f0e"}
+
+
+def _n(x: float | None, digits: int = 0) -> str:
+    if x is None:
+        return "—"
+    return f"{x:,.{digits}f}"
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    if not a or not b:
+        return "—"
+    return f"{a / b:.2f}×"
+
+
+def _get(d: dict[str, Any] | None, *path: str) -> Any:
+    for p in path:
+        if not isinstance(d, dict) or p not in d:
+            return None
+        d = d[p]
+    return d
+
+
+def _ordered(results: dict[str, Any]) -> dict[str, Any]:
+    """Workloads and systems in reading order (known ones first), whatever order the runs wrote."""
+
+    def rank(order: tuple[str, ...], name: str) -> tuple[int, str]:
+        return (order.index(name) if name in order else len(order), name)
+
+    return {
+        wl: {s: results[wl][s] for s in sorted(results[wl], key=lambda n: rank(SYSTEM_ORDER, n))}
+        for wl in sorted(results, key=lambda n: rank(WORKLOAD_ORDER, n))
+    }
+
+
+def _ok(entry: dict[str, Any]) -> bool:
+    return "summary" in entry
+
+
+def _throughput_table(name: str, systems: dict[str, Any], limits: dict[str, Any] | None) -> list[str]:
+    base = _get(systems, BASE, "summary")
+    rows = [
+        "| system | produce rec/s | produce MB/s | consume rec/s | consume MB/s | logbroker ÷ system "
+        "(produce / consume) | run spread (produce / consume) | server CPU s (produce / consume) "
+        "| server peak RSS MB | server peak RssAnon MB |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for system, entry in systems.items():
+        if not _ok(entry):
+            continue
+        s = entry["summary"]
+        title = entry.get("title", system)
+        if system == "redis-native" and s.get("native"):
+            title += f" -P {s['native']['pipeline']} -c {s['native']['clients']}"
+        pr, co, srv = s.get("produce") or {}, s.get("consume") or {}, s.get("server", {})
+        ratio_p = _ratio(_get(base, "produce", "records_per_s"), pr.get("records_per_s"))
+        ratio_c = _ratio(_get(base, "consume", "records_per_s"), co.get("records_per_s"))
+        incomplete = "" if co.get("complete", True) else " (incomplete)"
+        spread = " / ".join(f"{x['spread'] * 100:.0f} %" if x else "—" for x in (pr, co))
+        cpu = " / ".join(_n(srv.get(k), 1) for k in ("produce_cpu_s", "consume_cpu_s"))
+        rows.append(
+            f"| {title} | {_n(pr.get('records_per_s'))} | {_n(pr.get('mb_per_s'), 1)} | "
+            f"{_n(co.get('records_per_s'))}{incomplete} | {_n(co.get('mb_per_s'), 1)} | {ratio_p} / {ratio_c} | "
+            f"{spread} | {cpu} | {_n(srv.get('server_peak_rss_mb'))} | {_n(srv.get('server_peak_rss_anon_mb'))} |"
+        )
+    if limits and base:
+        disk, loop = limits["disk_write_fdatasync_mb_s"], limits["loopback_tcp_mb_s"]
+        pm, cm = _get(base, "produce", "mb_per_s") or 0, _get(base, "consume", "mb_per_s") or 0
+        rows += [
+            "",
+            f"logbroker as a fraction of the machine: produce {pm:,.1f} MB/s = {pm / disk * 100:.1f} % of the "
+            f"disk's fdatasync write rate, {pm / loop * 100:.1f} % of loopback TCP; consume {cm:,.1f} MB/s = "
+            f"{cm / loop * 100:.1f} % of loopback TCP.",
+        ]
+    return rows
+
+
+def _latency_table(systems: dict[str, Any]) -> list[str]:
+    base_p99 = _get(systems, BASE, "summary", "latency_ms", "p99")
+    rows = [
+        "| system | p50 ms | p95 ms | p99 ms | p99.9 ms | max ms | logbroker p99 ÷ system p99 | "
+        "produce rec/s | consume rec/s | server CPU s |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for system, entry in systems.items():
+        lat = _get(entry, "summary", "latency_ms")
+        if not lat:
+            continue
+        s = entry["summary"]
+        rows.append(
+            f"| {entry.get('title', system)} | {lat['p50']:.2f} | {lat['p95']:.2f} | {lat['p99']:.2f} | "
+            f"{lat['p99.9']:.2f} | {lat['max']:.2f} | {_ratio(base_p99, lat['p99'])} | "
+            f"{_n(_get(s, 'produce', 'records_per_s'))} | {_n(_get(s, 'consume', 'records_per_s'))} | "
+            f"{_n(_get(s, 'server', 'run_cpu_s'), 1)} |"
+        )
+    return rows
+
+
+def _preload_table(systems: dict[str, Any]) -> list[str]:
+    rows = [
+        "| system | log size | consume rec/s | consume MB/s | complete | peak RssAnon MB (fill / consume passes) "
+        "| fill path and rate |",
+        "|---|--:|--:|--:|---|--:|---|",
+    ]
+    for system, entry in systems.items():
+        if not _ok(entry):
+            continue
+        s = entry["summary"]
+        pre, co, srv = s.get("preload", {}), s.get("consume", {}), s.get("server", {})
+        rows.append(
+            f"| {entry.get('title', system)} | {pre.get('gb', 0):.2f} GB ({_n(pre.get('total_records'))} records) | "
+            f"{_n(co.get('records_per_s'))} | {_n(co.get('mb_per_s'), 1)} | {'yes' if co.get('complete') else 'NO'} | "
+            f"{_n(pre.get('peak_rss_anon_mb'))} / {_n(srv.get('peak_rss_anon_mb'))} | "
+            f"{pre.get('path', '')}, {_n(pre.get('records_per_s'))} rec/s |"
+        )
+    return rows
+
+
+def _targets(results: dict[str, Any]) -> list[str]:
+    """The figures issues 2 and 5 ask for, each with what was measured."""
+    rows = ["| target | measured | verdict |", "|---|---|---|"]
+
+    def add(target: str, measured: str, ok: bool | None) -> None:
+        rows.append(f"| {target} | {measured} | {'—' if ok is None else ('met' if ok else '**missed**')} |")
+
+    m100 = results.get("max-100b", {})
+    lb = _get(m100, BASE, "summary")
+    lp, lc = _get(lb, "produce", "records_per_s"), _get(lb, "consume", "records_per_s")
+    add("issue 2: 100 B, acks=1, ≥ 300,000 rec/s produced", f"{_n(lp)} rec/s", lp >= 300_000 if lp else None)
+    c5 = _get(results, "consume-5gb", BASE, "summary")
+    c5r, c5gb = _get(c5, "consume", "records_per_s"), _get(c5, "preload", "gb")
+    add(
+        "issue 2: ≥ 600,000 rec/s consumed from a 5 GB log",
+        f"{_n(c5r)} rec/s from {c5gb or 0:.2f} GB" if c5 else "not run",
+        (c5r >= 600_000 and bool(_get(c5, "consume", "complete"))) if c5r and (c5gb or 0) >= 5 else None,
+    )
+    kb = _get(results, "max-100kb", BASE, "summary")
+    kp, kc = _get(kb, "produce", "mb_per_s"), _get(kb, "consume", "mb_per_s")
+    add(
+        "issue 2: 100 KB values ≥ 300 MB/s each way",
+        f"produce {_n(kp, 1)} MB/s, consume {_n(kc, 1)} MB/s",
+        (kp >= 300 and kc >= 300) if kp and kc else None,
+    )
+    lat = _get(results, "latency-10k", BASE, "summary", "latency_ms")
+    add("issue 2: end-to-end p99 < 20 ms at 10,000 rec/s", f"{lat['p99']:.2f} ms" if lat else "not measured",
+        lat["p99"] < 20 if lat else None)  # fmt: skip
+    anon = _get(c5, "server", "peak_rss_anon_mb_all")
+    add("issue 2: broker RssAnon < 250 MB while 5 GB pass through",
+        f"{anon:,.0f} MB (over {c5gb or 0:.2f} GB)" if anon else "not measured",
+        anon < 250 if anon and (c5gb or 0) >= 5 else None)  # fmt: skip
+
+    def best_peer(side: str, wl: dict[str, Any]) -> tuple[str, float]:
+        vals = [(s, _get(wl, s, "summary", side, "records_per_s") or 0.0) for s in PEERS_PY]
+        return max(vals, key=lambda v: v[1])
+
+    for side, rate in (("produce", lp), ("consume", lc)):
+        peer, peer_rate = best_peer(side, m100)
+        add(
+            f"issue 5: max-100b {side} ≥ 5× the better Python-driven peer",
+            f"{_n(rate)} vs {peer} {_n(peer_rate)} = {_ratio(rate, peer_rate)}"
+            if rate and peer_rate
+            else "not run",
+            rate / peer_rate >= 5 if rate and peer_rate else None,
+        )
+    native = _get(m100, "redis-native", "summary", "produce", "records_per_s")
+    add("issue 5: max-100b produce ≥ 1.5× redis-benchmark XADD",
+        f"{_n(lp)} vs {_n(native)} = {_ratio(lp, native)}" if lp and native else "not run",
+        lp / native >= 1.5 if lp and native else None)  # fmt: skip
+    l10 = results.get("latency-10k", {})
+    peers = [(s, _get(l10, s, "summary", "latency_ms", "p99")) for s in PEERS_PY]
+    peers = [(s, v) for s, v in peers if v]
+    if lat and peers:
+        peer, p99 = min(peers, key=lambda v: v[1])
+        add("issue 5: latency-10k p99 ≤ 1× the better Python-driven peer",
+            f"{lat['p99']:.2f} ms vs {peer} {p99:.2f} ms = {lat['p99'] / p99:.2f}×", lat["p99"] <= p99)  # fmt: skip
+    if lb:
+        spread = max(lb["produce"]["spread"], lb["consume"]["spread"])
+        add("issue 5: max-100b runs agree within 15 %", f"{lb['runs']} runs, widest spread {spread * 100:.0f} %",
+            spread <= 0.15 if lb["runs"] >= 3 else None)  # fmt: skip
+    return rows
+
+
+def _plots(results: dict[str, Any], limits: dict[str, Any] | None) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    PLOTS_DIR.mkdir(exist_ok=True)
+    written: list[str] = []
+    panels = [(w, results[w]) for w in ("max-100b", "max-100kb") if w in results]
+    panels = [(w, s) for w, s in panels if any(_ok(e) for e in s.values())]
+    if panels:
+        fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.6), squeeze=False)
+        for ax, (wl, systems) in zip(axes[0], panels, strict=True):
+            unit_mb = wl == "max-100kb"
+            key = "mb_per_s" if unit_mb else "records_per_s"
+            names = [s for s, e in systems.items() if _ok(e)]
+            for j, side in enumerate(("produce", "consume")):
+                vals = [_get(systems[s], "summary", side, key) or 0.0 for s in names]
+                xs = [i + (j - 0.5) * 0.38 for i in range(len(names))]
+                bars = ax.bar(xs, vals, 0.38, label=side, color=["#4c72b0", "#55a868"][j])
+                for b, v in zip(bars, vals, strict=True):
+                    if v:
+                        label = f"{v:,.0f}" if unit_mb else f"{v / 1000:,.0f}k"
+                        ax.annotate(
+                            label, (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=7
+                        )
+            if unit_mb and limits:
+                ax.axhline(limits["disk_write_fdatasync_mb_s"], ls="--", color="grey", lw=1)
+                ax.text(len(names) - 0.5, limits["disk_write_fdatasync_mb_s"], " disk fdatasync write",
+                        va="bottom", ha="right", fontsize=7, color="grey")  # fmt: skip
+            ax.set_xticks(
+                range(len(names)), [systems[s].get("title", s) for s in names], fontsize=8, rotation=10
+            )
+            ax.set_ylabel("MB/s (record values)" if unit_mb else "records/s")
+            if not unit_mb:
+                ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1000:,.0f}k"))
+            ax.set_title(f"{wl}: {'100 KB' if unit_mb else '100 B'} records, median of runs", fontsize=10)
+            ax.legend(fontsize=8)
+            ax.grid(axis="y", alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(PLOTS_DIR / "throughput.png", dpi=110)
+        plt.close(fig)
+        written.append("throughput.png")
+
+    for name, systems in results.items():
+        curves = {s: _get(e, "summary", "latency_curve_ms") for s, e in systems.items()}
+        curves = {s: c for s, c in curves.items() if c}
+        if not curves:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 4.6))
+        for system, curve in curves.items():
+            pts = [(p, v) for p, v in curve if 0 < p < 100]
+            xs = [-math.log10(1 - p / 100) for p, _ in pts]
+            ax.plot(xs, [max(v, 1e-3) for _, v in pts], marker="o", ms=3,
+                    label=systems[system].get("title", system), color=COLORS.get(system))  # fmt: skip
+            ax.plot([5], [max(curve[-1][1], 1e-3)], marker="^", color=COLORS.get(system))
+        ticks = [50, 90, 99, 99.9, 99.99]
+        ax.set_xticks([-math.log10(1 - t / 100) for t in ticks] + [5], [f"{t:g}%" for t in ticks] + ["max"])
+        ax.set_yscale("log")
+        ax.set_ylabel("end-to-end latency, ms (log)")
+        ax.set_xlabel("percentile")
+        ax.set_title(f"{name}: latency percentiles (all runs merged)", fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(PLOTS_DIR / f"latency-{name}.png", dpi=110)
+        plt.close(fig)
+        written.append(f"latency-{name}.png")
+    return written
+
+
+def render(latest: dict[str, Any], plots: list[str]) -> str:
+    m = latest.get("machine", {})
+    limits = latest.get("limits")
+    results: dict[str, Any] = _ordered(latest.get("results", {}))
+    versions = sorted(
+        {e.get("version", "") for s in results.values() for e in s.values() if e.get("version")}
+    )
+    runs = sorted({_get(e, "summary", "runs") for s in results.values() for e in s.values() if _ok(e)})
+    out = [
+        "# logbroker benchmark results",
+        "",
+        "Written by `python -m bench report` from `bench/results/latest.json`; how to reproduce: `bench/README.md`.",
+        "",
+        f"- Command: `{latest.get('command', '?')}` (wall time {latest.get('wall_s', 0):.0f} s)",
+        f"- Date: {latest.get('date', '?')}",
+        f"- Machine: {m.get('cpu_model', '?')}, {m.get('cores', '?')} cores, {m.get('ram_gib', '?')} GiB RAM, "
+        f"{m.get('os', '')}, kernel {m.get('kernel', '')}, Python {m.get('python', '')}; "
+        f"load average {m.get('loadavg_1m_at_start', '?')} at the start, {m.get('loadavg_1m_at_end', '?')} at the end",
+        f"- Versions: {', '.join(versions)}",
+        f"- Each figure is the median of {', '.join(str(r) for r in runs) or '?'} runs; rates count only what happened "
+        "after the warm-up; MB = 10⁶ bytes of record values; all on 127.0.0.1, every process on the same 2 cores.",
+        "- `logbroker ÷ system` above 1 means logbroker is faster; `logbroker p99 ÷ system p99` below 1 means "
+        "logbroker's latency is lower.",
+        "",
+    ]
+    if limits:
+        out += [
+            "## Machine limits",
+            "",
+            "| limit | median | runs |",
+            "|---|--:|---|",
+            f"| sequential write, 1 GiB in 1 MiB chunks + fdatasync ({limits['data_root']}) | "
+            f"{limits['disk_write_fdatasync_mb_s']:,.0f} MB/s | {', '.join(f'{x:,.0f}' for x in limits['disk_runs_mb_s'])} |",
+            f"| loopback TCP, 1 MiB sends, two processes | {limits['loopback_tcp_mb_s']:,.0f} MB/s | "
+            f"{', '.join(f'{x:,.0f}' for x in limits['loopback_runs_mb_s'])} |",
+            "",
+        ]
+    out += ["## Targets from issues 2 and 5", "", *_targets(results), ""]
+    skipped: list[str] = []
+    failed: list[str] = []
+    problems: list[str] = []
+    for wl, systems in results.items():
+        shown = {s: e for s, e in systems.items() if _ok(e)}
+        for s, e in systems.items():
+            if "skipped" in e:
+                skipped.append(f"- {wl} on {s}: {e['skipped']}")
+            if "error" in e:
+                lines = e["error"].strip().splitlines()
+                why = lines[0] if len(lines) == 1 else f"{lines[0]} … {lines[-1]}"
+                failed.append(f"- {wl} on {s}: {why[:400]} (full text in the run's JSON)")
+            problems += [f"- {wl} on {s}: {p}" for p in _get(e, "summary", "problems") or []]
+        if not shown:
+            continue
+        desc = next((_get(e, "workload", "description") for e in shown.values()), None) or ""
+        out += [f"## {wl}", ""]
+        if desc:
+            out += [desc, ""]
+        if any(_get(e, "summary", "latency_ms") for e in shown.values()):
+            out += _latency_table(shown)
+        elif any(_get(e, "summary", "preload") for e in shown.values()):
+            out += _preload_table(shown)
+        else:
+            out += _throughput_table(wl, shown, limits if wl == "max-100kb" else None)
+        out.append("")
+    for title, items in (("Failed", failed), ("Problems noticed", problems), ("Skipped", skipped)):
+        if items:
+            out += [f"## {title}", "", *items, ""]
+    if plots:
+        out += ["## Plots", ""] + [f"![{p}](plots/{p})" for p in plots] + [""]
+    return "\n".join(out) + "\n"
+
+
+def write(results_dir: Path) -> None:
+    latest_path = results_dir / "latest.json"
+    if not latest_path.exists():
+        say(f"bench report: no {latest_path}; run `python -m bench run --all` first")
+        return
+    latest = json.loads(latest_path.read_text())
+    plots = _plots(_ordered(latest.get("results", {})), latest.get("limits"))
+    RESULTS_MD.write_text(render(latest, plots))
+    say(f"bench report: wrote {RESULTS_MD} and {len(plots)} plot(s) in {PLOTS_DIR}")

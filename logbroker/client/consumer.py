@@ -1,0 +1,828 @@
+"""The consumer: fetches whole record batches from partition leaders and decodes them lazily.
+
+Pipeline, per leader broker: a `Fetch` RPC in flight (covering every assigned partition that
+broker leads and that is fetchable) while `poll()` decodes the previous response; a second one
+(over other partitions) may go out while the first long-polls on caught-up partitions. A response's
+next fetch offsets come from its batch headers alone (`iter_batches`), so the next request goes
+out before a single record of the previous one is decoded::
+
+    Fetch.future ──> response ──> _Chunk per partition (raw bytes + batch headers) ──> deque
+         ^                          │ fetch_offset = last batch's next offset
+         └── sent at once ──────────┘
+    poll() ──> decode the head chunk's next batch (decode_records, min_offset = chunk start)
+           ──> hand out up to max_records Messages, position = last offset + 1
+
+Per partition (`_PartitionState`)::
+
+    position     next offset poll() returns (None: to be looked up: committed offset, else reset)
+    fetch_offset next offset to fetch; ahead of position by what is buffered or in flight
+    epoch        bumped by seek()/reset: buffered chunks and in-flight results of older epochs
+                 are dropped, so a seek never sees stale records
+
+A partition is fetchable when its position is known, it has no fetch in flight, is not backing
+off after an error, and holds at most one undecoded chunk (double buffering: one chunk decoding,
+one in flight or waiting). Total undecoded bytes are also capped at 2 x fetch_max_bytes.
+
+Groups: no group membership exists yet. With `group`, this consumer acts as the single member of a
+standalone group: committed offsets (OffsetFetch) pick starting positions, auto-commit runs every
+`auto_commit_interval_ms` from poll() and on close(). `subscribe()` assigns every partition of the
+topics to this consumer and re-reads partition counts on each metadata refresh.
+
+Not thread-safe, as Kafka's: one thread polls. `close()` may be called from another thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, NamedTuple
+
+import grpc
+
+from logbroker.client.metadata_cache import MetadataCache
+from logbroker.client.producer import rpc_error
+from logbroker.client.record_decoder import decode_records
+from logbroker.errors import (
+    BrokerError,
+    BrokerUnavailableError,
+    InvalidGroupIdError,
+    KafkaTimeoutError,
+    LogbrokerError,
+    OffsetOutOfRangeError,
+    UnknownTopicOrPartitionError,
+    error_for,
+)
+from logbroker.storage.record_batch import BatchHeader, Message, iter_batches
+from logbroker.v1 import logbroker_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+# Fetches in flight to one broker, over disjoint partitions. A second one lets a partition that just
+# became fetchable go out while the first long-polls on caught-up partitions for fetch_max_wait_ms.
+FETCHES_IN_FLIGHT_PER_BROKER = 2
+
+EARLIEST = -2
+LATEST = -1
+TopicPartition = tuple[str, int]
+
+
+class _PartitionState:
+    __slots__ = ("topic", "partition", "position", "fetch_offset", "epoch", "leader", "in_flight",
+                 "retry_at", "buffered", "high_watermark", "log_start_offset", "log_end_offset",
+                 "reset_to", "committed")
+
+    def __init__(self, topic: str, partition: int) -> None:
+        self.topic = topic
+        self.partition = partition
+        self.position: int | None = None
+        self.fetch_offset = -1
+        self.epoch = 0
+        self.leader: str | None = None
+        self.in_flight = False
+        self.retry_at = 0.0
+        self.buffered = 0  # undecoded chunks of the current epoch
+        self.high_watermark = -1
+        self.log_start_offset = -1
+        self.log_end_offset = -1
+        self.reset_to: int | None = None  # EARLIEST/LATEST: look the offset up instead of the committed one
+        self.committed = -1  # last offset this consumer committed (or found committed)
+
+    def seek(self, offset: int) -> None:
+        self.position = offset
+        self.fetch_offset = offset
+        self.epoch += 1
+        self.buffered = 0
+        self.reset_to = None
+
+
+class _Chunk:
+    """One partition's records from one fetch response, decoded one batch at a time."""
+
+    __slots__ = ("state", "epoch", "data", "batches", "next_batch", "messages", "next_message",
+                 "start_offset", "next_offset", "size")
+
+    def __init__(self, state: _PartitionState, data: bytes, batches: list[tuple[BatchHeader, int]],
+                 start_offset: int) -> None:
+        self.state = state
+        self.epoch = state.epoch
+        self.data = data
+        self.batches = batches
+        self.next_batch = 0
+        self.messages: list[Message] = []
+        self.next_message = 0
+        self.start_offset = start_offset
+        h = batches[-1][0]
+        self.next_offset = h.base_offset + h.last_offset_delta + 1
+        self.size = len(data)
+
+    def take(self, n: int) -> list[Message]:
+        """Up to n decoded messages (fewer at the end of a batch; [] when exhausted)."""
+        while self.next_message >= len(self.messages):
+            if self.next_batch >= len(self.batches):
+                return []
+            h, pos = self.batches[self.next_batch]
+            self.next_batch += 1
+            st = self.state
+            self.messages = decode_records(self.data, pos, h, st.topic, st.partition, self.start_offset)
+            self.next_message = 0
+        i = self.next_message
+        if i == 0 and n >= len(self.messages):
+            out = self.messages  # the whole batch: hand the list over, keep no reference to it
+            self.messages = []
+            self.next_message = 0
+            return out
+        out = self.messages[i : i + n]
+        self.next_message = i + len(out)
+        return out
+
+    def exhausted(self) -> bool:
+        return self.next_message >= len(self.messages) and self.next_batch >= len(self.batches)
+
+
+class _FetchCall(NamedTuple):
+    address: str
+    future: Any  # grpc.Future
+    parts: dict[TopicPartition, tuple[_PartitionState, int, int]]  # -> (state, epoch, fetch_offset)
+
+
+def parse_reset(auto_offset_reset: str) -> int | None:
+    if auto_offset_reset in ("earliest", "smallest", "beginning"):
+        return EARLIEST
+    if auto_offset_reset in ("latest", "largest", "end"):
+        return LATEST
+    if auto_offset_reset == "none":
+        return None
+    raise ValueError(f"auto_offset_reset must be 'earliest', 'latest' or 'none', not {auto_offset_reset!r}")
+
+
+class Consumer:
+    """Reads records from assigned (or subscribed) topic partitions."""
+
+    def __init__(
+        self,
+        bootstrap: str | Sequence[str] | MetadataCache,
+        topics: Iterable[str] | None = None,
+        group: str | None = None,
+        *,
+        auto_offset_reset: str = "earliest",
+        fetch_max_bytes: int = 8 << 20,
+        fetch_max_wait_ms: int = 500,
+        fetch_min_bytes: int = 1,
+        max_partition_fetch_bytes: int = 4 << 20,
+        max_poll_records: int = 500,
+        enable_auto_commit: bool = True,
+        auto_commit_interval_ms: int = 5_000,
+        request_timeout_ms: int = 30_000,
+        retry_backoff_ms: int = 100,
+        metadata_max_age_ms: int = 300_000,
+    ) -> None:
+        if fetch_max_bytes <= 0 or max_partition_fetch_bytes <= 0 or fetch_min_bytes < 0:
+            raise ValueError("fetch sizes must be positive")
+        if fetch_max_bytes > (48 << 20):
+            raise ValueError("fetch_max_bytes above 48 MiB does not fit the 64 MiB message limit")
+        if fetch_max_wait_ms < 0 or max_poll_records <= 0 or auto_commit_interval_ms <= 0:
+            raise ValueError("fetch_max_wait_ms, max_poll_records and auto_commit_interval_ms must be positive")
+        if group is not None and not group:
+            raise InvalidGroupIdError("group must be a non-empty string (or None for no group)")
+        self._reset = parse_reset(auto_offset_reset)
+        self._auto_offset_reset = auto_offset_reset
+        self._fetch_max_bytes = fetch_max_bytes
+        self._fetch_max_wait_ms = fetch_max_wait_ms
+        self._fetch_min_bytes = fetch_min_bytes
+        self._partition_max_bytes = max_partition_fetch_bytes
+        self._max_poll_records = max_poll_records
+        self._group = group
+        self._auto_commit = enable_auto_commit and group is not None
+        self._auto_commit_interval_s = auto_commit_interval_ms / 1000
+        self._request_timeout_s = request_timeout_ms / 1000
+        self._fetch_timeout_s = (fetch_max_wait_ms + request_timeout_ms) / 1000
+        self._retry_backoff_s = retry_backoff_ms / 1000
+        self._metadata_max_age_s = metadata_max_age_ms / 1000
+        if isinstance(bootstrap, MetadataCache):
+            self._metadata = bootstrap
+            self._owns_metadata = False
+        else:
+            self._metadata = MetadataCache(
+                bootstrap, request_timeout_ms=request_timeout_ms, retry_backoff_ms=retry_backoff_ms
+            )
+            self._owns_metadata = True
+
+        self._assigned: dict[TopicPartition, _PartitionState] = {}
+        self._subscription: list[str] | None = None
+        self._chunks: deque[_Chunk] = deque()
+        self._buffered_bytes = 0
+        self._in_flight: list[_FetchCall] = []
+        self._in_flight_per_broker: dict[str, int] = {}
+        self._rotation = 0
+        self._wakeup = threading.Event()
+        self._poll_lock = threading.Lock()
+        self._closed = False
+        self._need_positions = False
+        self._metadata_stale = False
+        self._metadata_retry_at = 0.0
+        self._next_auto_commit = time.monotonic() + self._auto_commit_interval_s
+        self._pending_error: BaseException | None = None
+        if topics is not None:
+            topic_list = [topics] if isinstance(topics, str) else list(topics)
+            if topic_list:
+                self.subscribe(topic_list)
+
+    # -- assignment --------------------------------------------------------------------------
+
+    def assign(self, partitions: Iterable[TopicPartition]) -> None:
+        """Read exactly these partitions (replaces any subscription)."""
+        wanted = [(str(t), int(p)) for t, p in partitions]
+        for t, p in wanted:
+            if p < 0:
+                raise ValueError(f"partition must be >= 0, got {t}-{p}")
+        self._subscription = None
+        self._set_assignment(wanted)
+
+    def subscribe(self, topics: Iterable[str]) -> None:
+        """Read every partition of these topics (partitions added later are picked up on refresh)."""
+        topic_list = [topics] if isinstance(topics, str) else list(dict.fromkeys(topics))
+        if not topic_list:
+            raise ValueError("subscribe() needs at least one topic (use unsubscribe() to stop)")
+        self._subscription = topic_list
+        self._refresh_metadata(force=True)
+
+    def unsubscribe(self) -> None:
+        self._subscription = None
+        self._set_assignment([])
+
+    def subscription(self) -> list[str] | None:
+        return None if self._subscription is None else list(self._subscription)
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self._assigned)
+
+    def _set_assignment(self, wanted: list[TopicPartition]) -> None:
+        old = self._assigned
+        revoked = [tp for tp in old if tp not in set(wanted)]
+        if revoked and self._auto_commit:
+            self._commit_quietly([old[tp] for tp in revoked])
+        new: dict[TopicPartition, _PartitionState] = {}
+        for tp in wanted:
+            st = old.get(tp)
+            if st is None:
+                st = _PartitionState(*tp)
+                self._need_positions = True
+            new[tp] = st
+        for tp in revoked:
+            old[tp].epoch += 1  # drops its buffered chunks and in-flight results
+        self._assigned = new
+        self._update_leaders()
+
+    # -- positions ---------------------------------------------------------------------------
+
+    def _state(self, topic: str, partition: int) -> _PartitionState:
+        st = self._assigned.get((topic, partition))
+        if st is None:
+            raise LogbrokerError(f"{topic}-{partition} is not assigned to this consumer")
+        return st
+
+    def seek(self, topic: str, partition: int, offset: int) -> None:
+        """The next poll() returns records of this partition from `offset` on."""
+        if offset < 0:
+            raise ValueError(f"offset must be >= 0, got {offset}")
+        self._state(topic, partition).seek(offset)
+
+    def seek_to_beginning(self, topic: str | None = None, partition: int | None = None) -> None:
+        """Seek to the log start offset: of one partition, of a topic's assigned partitions, or of all."""
+        self._seek_to(self._select(topic, partition), EARLIEST)
+
+    def seek_to_end(self, topic: str | None = None, partition: int | None = None) -> None:
+        """Seek to the high watermark (only records produced from now on will be read)."""
+        self._seek_to(self._select(topic, partition), LATEST)
+
+    def _select(self, topic: str | None, partition: int | None) -> list[_PartitionState]:
+        if topic is None:
+            return list(self._assigned.values())
+        if partition is None:
+            return [st for (t, _), st in self._assigned.items() if t == topic]
+        return [self._state(topic, partition)]
+
+    def _seek_to(self, states: list[_PartitionState], timestamp: int) -> None:
+        offsets = self._list_offsets(states, timestamp, deadline=time.monotonic() + self._request_timeout_s)
+        for st in states:
+            st.seek(offsets[(st.topic, st.partition)])
+
+    def position(self, topic: str, partition: int) -> int:
+        """Offset of the next record poll() returns for this partition (looked up if not known yet).
+
+        Raises KafkaTimeoutError when no start offset is found within request_timeout_ms.
+        """
+        st = self._state(topic, partition)
+        deadline = time.monotonic() + self._request_timeout_s
+        while st.position is None:
+            now = time.monotonic()
+            st.retry_at = min(st.retry_at, now)
+            self._initialize_positions(now)
+            if st.position is not None:
+                break
+            if time.monotonic() + self._retry_backoff_s >= deadline:
+                raise KafkaTimeoutError(f"no start offset found for {topic}-{partition} within request_timeout_ms")
+            time.sleep(self._retry_backoff_s)
+            self._refresh_metadata(force=False)
+        return st.position
+
+    def highwater(self, topic: str, partition: int) -> int:
+        """The high watermark seen in the last fetch response (-1 before the first)."""
+        return self._state(topic, partition).high_watermark
+
+    def _initialize_positions(self, now: float) -> None:
+        """Positions for partitions without one: committed offset (with a group), else reset.
+
+        Partitions whose lookup fails with a retriable error back off for retry_backoff_ms.
+        """
+        missing = [st for st in self._assigned.values() if st.position is None and st.retry_at <= now]
+        if missing:
+            try:
+                self._initialize(missing, now + self._request_timeout_s)
+            except (BrokerError, BrokerUnavailableError) as e:
+                if not getattr(e, "retriable", False):
+                    raise
+                log.warning("looking up start offsets failed: %s", e)
+                for st in missing:
+                    st.retry_at = time.monotonic() + self._retry_backoff_s
+                self._metadata_stale = True
+        self._need_positions = any(st.position is None for st in self._assigned.values())
+
+    def _initialize(self, missing: list[_PartitionState], deadline: float) -> None:
+        if self._group is not None:
+            fresh = [st for st in missing if st.reset_to is None]
+            if fresh:
+                committed = self._offset_fetch([(st.topic, st.partition) for st in fresh])
+                for st in fresh:
+                    off = committed.get((st.topic, st.partition), -1)
+                    if off >= 0:
+                        st.seek(off)
+                        st.committed = off
+        by_reset: dict[int, list[_PartitionState]] = {}
+        for st in missing:
+            if st.position is not None:
+                continue
+            strategy = st.reset_to if st.reset_to is not None else self._reset
+            if strategy is None:
+                raise OffsetOutOfRangeError(
+                    f"{st.topic}-{st.partition} has no committed offset and auto_offset_reset is 'none'"
+                )
+            by_reset.setdefault(strategy, []).append(st)
+        for strategy, states in by_reset.items():
+            offsets = self._list_offsets(states, strategy, deadline)
+            for st in states:
+                st.seek(offsets[(st.topic, st.partition)])
+
+    def _list_offsets(self, states: list[_PartitionState], timestamp: int, deadline: float) -> dict[TopicPartition, int]:
+        """ListOffsets to each partition's leader; retries retriable errors until `deadline`."""
+        out: dict[TopicPartition, int] = {}
+        todo = list(states)
+        while todo:
+            by_leader: dict[str, list[_PartitionState]] = {}
+            for st in todo:
+                by_leader.setdefault(self._metadata.leader_address(st.topic, st.partition), []).append(st)
+            retry: list[_PartitionState] = []
+            last: BaseException | None = None
+            for address, group in by_leader.items():
+                request = pb.ListOffsetsRequest(partitions=[
+                    pb.ListOffsetsPartition(topic=st.topic, partition=st.partition, timestamp=timestamp)
+                    for st in group
+                ])
+                try:
+                    resp = self._metadata.broker_stub(address).ListOffsets(request, timeout=self._request_timeout_s)
+                except grpc.RpcError as e:
+                    err = rpc_error(e)
+                    if not getattr(err, "retriable", False):
+                        raise err from None
+                    last = err
+                    retry.extend(group)
+                    continue
+                results = {(r.topic, r.partition): r for r in resp.results}
+                for st in group:
+                    r = results.get((st.topic, st.partition))
+                    if r is None:
+                        retry.append(st)
+                        continue
+                    if r.error_code != pb.NONE:
+                        err = error_for(r.error_code, r.error_message)
+                        if not err.retriable:
+                            raise err
+                        last = err
+                        retry.append(st)
+                        continue
+                    out[(st.topic, st.partition)] = max(r.offset, 0)
+            todo = retry
+            if todo:
+                if time.monotonic() + self._retry_backoff_s >= deadline:
+                    raise last if last is not None else BrokerUnavailableError("ListOffsets found no offset")
+                time.sleep(self._retry_backoff_s)
+                self._metadata.refresh([st.topic for st in todo])
+        return out
+
+    # -- poll --------------------------------------------------------------------------------
+
+    def poll(self, timeout_ms: int | None = None, max_records: int | None = None) -> list[Message]:
+        """Records from the assigned partitions, in offset order per partition.
+
+        Waits up to `timeout_ms` (None: until there are records or the consumer is closed) and
+        returns at most `max_records` (default: max_poll_records). Returns [] on timeout.
+        """
+        if self._closed:
+            raise LogbrokerError("poll() on a closed consumer")
+        if self._subscription is None and not self._assigned:
+            raise LogbrokerError("poll() needs subscribe() or assign() first")
+        limit = max_records if max_records is not None else self._max_poll_records
+        if limit <= 0:
+            raise ValueError("max_records must be positive")
+        return self._poll(timeout_ms, limit)
+
+    def _poll(self, timeout_ms: int | None, limit: int) -> list[Message]:
+        """poll() without the argument checks; [] once the consumer is closed."""
+        deadline = None if timeout_ms is None else time.monotonic() + max(timeout_ms, 0) / 1000
+        with self._poll_lock:
+            while True:
+                if self._closed:
+                    return []
+                # Records already decoded go out first: no RPC bookkeeping on the hot path.
+                chunks = self._chunks
+                if chunks:
+                    head = chunks[0]
+                    if head.next_message < len(head.messages) and head.epoch == head.state.epoch:
+                        out = head.take(limit)
+                        head.state.position = out[-1].offset + 1
+                        if len(out) == limit or not self._in_flight:
+                            return out
+                        self._collect_and_send(time.monotonic())
+                        return out
+                now = time.monotonic()
+                self._wakeup.clear()
+                self._housekeeping(now)
+                self._collect_and_send(now)
+                if self._pending_error is not None:
+                    err, self._pending_error = self._pending_error, None
+                    raise err
+                out = self._drain(limit)
+                if out:
+                    self._collect_and_send(time.monotonic())
+                    return out
+                if self._chunks:
+                    continue  # only control batches or skipped records: go on decoding
+                wait = self._wait_time(now, deadline)
+                if wait is not None and wait <= 0:
+                    return []
+                self._wakeup.wait(wait)
+
+    def _wait_time(self, now: float, deadline: float | None) -> float | None:
+        """Seconds to sleep: until the deadline, the next retry or commit; None: until woken."""
+        wake = deadline
+        for st in self._assigned.values():
+            if st.retry_at > now and (not st.in_flight) and (wake is None or st.retry_at < wake):
+                wake = st.retry_at
+        if self._auto_commit and (wake is None or self._next_auto_commit < wake):
+            wake = self._next_auto_commit
+        if (self._metadata_stale or (self._subscription is not None and self._missing_topics())) and (
+            wake is None or self._metadata_retry_at < wake
+        ):
+            wake = max(self._metadata_retry_at, now + self._retry_backoff_s)
+        if not self._in_flight and self._assigned and wake is None:
+            wake = now + self._retry_backoff_s  # nothing in flight to wake us: look again soon
+        return None if wake is None else wake - now
+
+    def _missing_topics(self) -> bool:
+        subscribed = self._subscription or []
+        have = {t for t, _ in self._assigned}
+        return any(t not in have for t in subscribed)
+
+    def _housekeeping(self, now: float) -> None:
+        if self._auto_commit and now >= self._next_auto_commit:
+            self._next_auto_commit = now + self._auto_commit_interval_s
+            self._commit_quietly(list(self._assigned.values()))
+        due = now >= self._metadata.last_refresh_monotonic + self._metadata_max_age_s
+        if self._subscription is not None and self._missing_topics():
+            due = due or now >= self._metadata.last_refresh_monotonic + 1.0
+        if (due or self._metadata_stale) and now >= self._metadata_retry_at:
+            self._refresh_metadata(force=False)
+        if self._need_positions:
+            self._initialize_positions(now)
+
+    def _drain(self, limit: int) -> list[Message]:
+        out: list[Message] = []
+        chunks = self._chunks
+        while chunks and len(out) < limit:
+            chunk = chunks[0]
+            st = chunk.state
+            if chunk.epoch != st.epoch:
+                chunks.popleft()
+                self._buffered_bytes -= chunk.size
+                continue
+            try:
+                msgs = chunk.take(limit - len(out))
+            except LogbrokerError:
+                # A corrupt batch: drop what follows it, so the next fetch starts at it again.
+                chunks.popleft()
+                self._buffered_bytes -= chunk.size
+                st.buffered -= 1
+                st.seek(st.position if st.position is not None else chunk.start_offset)
+                raise
+            if msgs:
+                st.position = msgs[-1].offset + 1
+                if out:
+                    out.extend(msgs)
+                else:
+                    out = msgs
+                    if len(out) >= limit:
+                        break
+                continue
+            # exhausted: the position moves past control batches and compacted gaps too
+            chunks.popleft()
+            self._buffered_bytes -= chunk.size
+            st.buffered -= 1
+            if st.position is None or st.position < chunk.next_offset:
+                st.position = chunk.next_offset
+        return out
+
+    # -- fetching ----------------------------------------------------------------------------
+
+    def _collect_and_send(self, now: float) -> None:
+        if self._in_flight:
+            for call in [c for c in self._in_flight if c.future.done()]:
+                self._in_flight.remove(call)
+                self._in_flight_per_broker[call.address] -= 1
+                self._handle_fetch(call, now)
+        if self._closed or self._buffered_bytes > 2 * self._fetch_max_bytes:
+            return
+        by_leader: dict[str, list[_PartitionState]] = {}
+        for st in self._assigned.values():
+            if (
+                st.in_flight
+                or st.position is None
+                or st.buffered > 1
+                or st.retry_at > now
+                or st.leader is None
+                or self._in_flight_per_broker.get(st.leader, 0) >= FETCHES_IN_FLIGHT_PER_BROKER
+            ):
+                if st.leader is None and st.position is not None:
+                    self._metadata_stale = True
+                continue
+            by_leader.setdefault(st.leader, []).append(st)
+        for address, states in by_leader.items():
+            self._send_fetch(address, states)
+
+    def _send_fetch(self, address: str, states: list[_PartitionState]) -> None:
+        parts: dict[TopicPartition, tuple[_PartitionState, int, int]] = {}
+        if len(states) > 1:  # rotate, so the broker's max_bytes cut-off does not starve the last ones
+            k = self._rotation % len(states)
+            self._rotation += 1
+            states = states[k:] + states[:k]
+        request = pb.FetchRequest(
+            max_wait_ms=self._fetch_max_wait_ms,
+            min_bytes=self._fetch_min_bytes,
+            max_bytes=self._fetch_max_bytes,
+            replica_id=-1,
+        )
+        for st in states:
+            request.partitions.add(
+                topic=st.topic, partition=st.partition, fetch_offset=st.fetch_offset,
+                partition_max_bytes=self._partition_max_bytes, current_leader_epoch=-1,
+            )
+            parts[(st.topic, st.partition)] = (st, st.epoch, st.fetch_offset)
+            st.in_flight = True
+        try:
+            future = self._metadata.broker_stub(address).Fetch.future(request, timeout=self._fetch_timeout_s)
+        except Exception as e:
+            for st in states:
+                st.in_flight = False
+                st.retry_at = time.monotonic() + self._retry_backoff_s
+            self._metadata_stale = True
+            log.warning("Fetch to %s could not start: %s", address, e)
+            return
+        self._in_flight.append(_FetchCall(address, future, parts))
+        self._in_flight_per_broker[address] = self._in_flight_per_broker.get(address, 0) + 1
+        future.add_done_callback(self._on_fetch_done)
+
+    def _on_fetch_done(self, _future: object) -> None:
+        self._wakeup.set()
+
+    def _handle_fetch(self, call: _FetchCall, now: float) -> None:
+        for st, _, _ in call.parts.values():
+            st.in_flight = False
+        try:
+            response = call.future.result()
+        except grpc.RpcError as e:
+            err = rpc_error(e)
+            if e.code() == grpc.StatusCode.CANCELLED and self._closed:
+                return
+            log.warning("Fetch from %s failed: %s", call.address, err)
+            for st, _, _ in call.parts.values():
+                st.retry_at = now + self._retry_backoff_s
+            self._metadata_stale = True
+            if not getattr(err, "retriable", False):
+                self._pending_error = err
+            return
+        for r in response.results:
+            entry = call.parts.get((r.topic, r.partition))
+            if entry is None:
+                continue
+            st, epoch, fetch_offset = entry
+            if epoch != st.epoch or self._assigned.get((st.topic, st.partition)) is not st:
+                continue  # sought or unassigned meanwhile
+            code = r.error_code
+            if code == pb.NONE:
+                st.high_watermark = r.high_watermark
+                st.log_start_offset = r.log_start_offset
+                st.log_end_offset = r.log_end_offset
+                data = r.records  # one copy out of the message; never copied again
+                if not data:
+                    continue
+                try:
+                    batches = list(iter_batches(data))
+                except LogbrokerError as e:
+                    self._pending_error = e
+                    st.retry_at = now + self._retry_backoff_s
+                    continue
+                if not batches:
+                    continue
+                chunk = _Chunk(st, data, batches, fetch_offset)
+                if chunk.next_offset <= fetch_offset:
+                    continue  # only records below the fetch offset: nothing new
+                self._chunks.append(chunk)
+                self._buffered_bytes += chunk.size
+                st.buffered += 1
+                st.fetch_offset = chunk.next_offset
+            elif code == pb.OFFSET_OUT_OF_RANGE:
+                self._handle_out_of_range(st, fetch_offset, r)
+            else:
+                err = error_for(code, r.error_message)
+                st.retry_at = now + self._retry_backoff_s
+                if err.refresh_metadata:
+                    self._metadata_stale = True
+                if not err.retriable:
+                    self._pending_error = err
+                else:
+                    log.debug("Fetch %s-%s: %s", st.topic, st.partition, err)
+
+    def _handle_out_of_range(self, st: _PartitionState, fetch_offset: int, r: pb.FetchPartitionResult) -> None:
+        if self._reset is None:
+            self._pending_error = OffsetOutOfRangeError(
+                f"{st.topic}-{st.partition}: offset {fetch_offset} is out of range "
+                f"[{r.log_start_offset}, {r.high_watermark}] and auto_offset_reset is 'none'"
+            )
+            st.retry_at = time.monotonic() + self._retry_backoff_s
+            return
+        log.info("%s-%s: offset %d out of range, resetting to %s", st.topic, st.partition, fetch_offset,
+                 self._auto_offset_reset)
+        st.epoch += 1
+        st.buffered = 0
+        st.position = None
+        st.reset_to = self._reset
+        self._need_positions = True
+
+    # -- metadata ----------------------------------------------------------------------------
+
+    def _refresh_metadata(self, force: bool) -> None:
+        now = time.monotonic()
+        if not force and now < self._metadata_retry_at:
+            return
+        self._metadata_retry_at = now + self._retry_backoff_s
+        topics = set(self._subscription or ()) | {t for t, _ in self._assigned}
+        if topics:
+            try:
+                self._metadata.refresh(sorted(topics))
+            except LogbrokerError as e:
+                log.warning("metadata refresh failed: %s", e)
+                return  # subscribed topics get assigned once a refresh succeeds
+        self._metadata_stale = False
+        if self._subscription is not None:
+            wanted: list[TopicPartition] = []
+            for t in self._subscription:
+                n = self._metadata.cached_partitions(t)
+                if n is not None:
+                    wanted.extend((t, p) for p in range(n))
+            if set(wanted) != set(self._assigned):
+                self._set_assignment(wanted)
+                return
+        self._update_leaders()
+
+    def _update_leaders(self) -> None:
+        for st in self._assigned.values():
+            try:
+                st.leader = self._metadata.leader(st.topic, st.partition)
+            except UnknownTopicOrPartitionError:
+                st.leader = None
+
+    # -- offsets of the group ----------------------------------------------------------------
+
+    def _require_group(self) -> str:
+        if self._group is None:
+            raise InvalidGroupIdError("this consumer has no group: pass group=... to Consumer() to commit offsets")
+        return self._group
+
+    def _coordinator_stub(self) -> Any:
+        return self._metadata.broker_stub(self._metadata.any_address())
+
+    def _offset_fetch(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+        group = self._require_group()
+        request = pb.OffsetFetchRequest(
+            group=group, partitions=[pb.TopicPartition(topic=t, partition=p) for t, p in partitions]
+        )
+        try:
+            resp = self._coordinator_stub().OffsetFetch(request, timeout=self._request_timeout_s)
+        except grpc.RpcError as e:
+            raise rpc_error(e) from None
+        if resp.error_code != pb.NONE:
+            raise error_for(resp.error_code, resp.error_message)
+        out: dict[TopicPartition, int] = {}
+        for r in resp.results:
+            if r.error_code != pb.NONE:
+                err = error_for(r.error_code, "")
+                if not isinstance(err, UnknownTopicOrPartitionError):
+                    raise err
+                continue
+            out[(r.topic, r.partition)] = r.offset
+        return out
+
+    def committed(self, topic: str, partition: int) -> int | None:
+        """The group's committed offset for the partition, None if nothing is committed."""
+        off = self._offset_fetch([(topic, partition)]).get((topic, partition), -1)
+        return off if off >= 0 else None
+
+    def commit(self, offsets: dict[TopicPartition, int] | None = None) -> None:
+        """Commit `offsets` (the next offset to read, per partition), or every current position."""
+        group = self._require_group()
+        if offsets is None:
+            offsets = {tp: st.position for tp, st in self._assigned.items() if st.position is not None}
+        if not offsets:
+            return
+        request = pb.OffsetCommitRequest(group=group, partitions=[
+            pb.OffsetCommitPartition(topic=t, partition=p, offset=off) for (t, p), off in offsets.items()
+        ])
+        try:
+            resp = self._coordinator_stub().OffsetCommit(request, timeout=self._request_timeout_s)
+        except grpc.RpcError as e:
+            raise rpc_error(e) from None
+        first: BrokerError | None = None
+        for r in resp.results:
+            if r.error_code != pb.NONE:
+                first = first or error_for(r.error_code, f"{r.topic}-{r.partition}: {r.error_message}")
+                continue
+            st = self._assigned.get((r.topic, r.partition))
+            if st is not None:
+                st.committed = offsets.get((r.topic, r.partition), st.committed)
+        if first is not None:
+            raise first
+
+    def _commit_quietly(self, states: list[_PartitionState]) -> None:
+        """Auto-commit: positions that moved since the last commit; failures are logged."""
+        offsets = {
+            (st.topic, st.partition): st.position
+            for st in states
+            if st.position is not None and st.position != st.committed
+        }
+        if not offsets:
+            return
+        try:
+            self.commit(offsets)
+        except LogbrokerError as e:
+            log.warning("auto-commit of group %s failed: %s", self._group, e)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[Message]:
+        """Every record, forever: ends when the consumer is closed (from another thread)."""
+        if self._subscription is None and not self._assigned:
+            raise LogbrokerError("iterating needs subscribe() or assign() first")
+        while not self._closed:
+            yield from self._poll(None, self._max_poll_records)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Commit positions (with a group and auto-commit), close the channels. Idempotent.
+
+        Safe from another thread: a poll() waiting there returns []. Waits at most `timeout`
+        seconds for a running poll() to let go (then skips the final commit).
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._wakeup.set()
+        got = self._poll_lock.acquire(timeout=-1 if timeout is None else max(timeout, 0))
+        try:
+            if got and self._auto_commit:
+                self._commit_quietly(list(self._assigned.values()))
+            for call in self._in_flight:
+                call.future.cancel()
+            self._in_flight.clear()
+            self._chunks.clear()
+            if self._owns_metadata:
+                self._metadata.close()
+        finally:
+            if got:
+                self._poll_lock.release()
+
+    def __enter__(self) -> Consumer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

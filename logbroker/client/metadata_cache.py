@@ -1,0 +1,346 @@
+"""Client-side cluster metadata: who leads each partition, and one gRPC channel per broker.
+
+The cache maps (topic, partition) -> leader broker id -> advertised "host:port", as the last
+`Broker.Metadata` response said. It never guesses: a partition without a leader reads as `None`
+until a refresh finds one. Clients refresh it when a partition result says `refresh_metadata`
+(NOT_LEADER_OR_FOLLOWER, LEADER_NOT_AVAILABLE, ...), when a broker is unreachable, and every
+`metadata_max_age_ms`.
+
+A standalone broker answers Metadata with itself as broker 0, leader of every partition; a
+cluster answers with different leaders per partition. The cache treats both alike.
+
+Channels: one `grpc.Channel` per broker address, opened on first use and kept until `close()`.
+Each cache uses its own subchannel pool, so a producer and a consumer in one process get their
+own TCP connections (one HTTP/2 connection shared by a 1 MiB produce stream and a long-poll fetch
+stream would serialize them).
+
+Thread safety: every public method may be called from any thread. `refresh()` serializes its RPCs
+on `_refresh_lock`; readers only take `_lock` for dictionary lookups.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+
+from logbroker.errors import (
+    BrokerUnavailableError,
+    LeaderNotAvailableError,
+    UnknownTopicOrPartitionError,
+    error_for,
+)
+from logbroker.v1 import logbroker_pb2 as pb
+from logbroker.v1 import logbroker_pb2_grpc as pbg
+
+log = logging.getLogger(__name__)
+
+MESSAGE_BYTES_MAX = 64 << 20
+
+CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
+    ("grpc.max_send_message_length", MESSAGE_BYTES_MAX),
+    ("grpc.max_receive_message_length", MESSAGE_BYTES_MAX),
+    # Keepalive only while calls are active, and no more often than a default server accepts
+    # (servers answer pings more frequent than their min interval with GOAWAY too_many_pings).
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 0),
+    ("grpc.http2.max_pings_without_data", 0),
+    # A restarted broker is reachable again within ~2 s (the gRPC default backs off to 120 s).
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+    ("grpc.use_local_subchannel_pool", 1),
+]
+
+
+def parse_bootstrap(bootstrap: str | Sequence[str]) -> list[str]:
+    """"host:port[,host:port]" or a list of them -> a list of "host:port" (order kept, no duplicates)."""
+    items = bootstrap.split(",") if isinstance(bootstrap, str) else list(bootstrap)
+    out: list[str] = []
+    for raw in items:
+        addr = raw.strip()
+        if not addr:
+            continue
+        host, sep, port = addr.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"bootstrap address {addr!r} is not host:port")
+        if addr not in out:
+            out.append(addr)
+    if not out:
+        raise ValueError("bootstrap is empty: give at least one host:port")
+    return out
+
+
+def broker_address(host: str, port: int) -> str:
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # IPv6 literal
+    return f"{host}:{port}"
+
+
+@dataclass
+class PartitionRoute:
+    leader: int  # broker id, -1 when none
+    leader_epoch: int
+    replicas: list[int] = field(default_factory=list)
+    isr: list[int] = field(default_factory=list)
+
+
+@dataclass
+class TopicRoute:
+    name: str
+    partitions: list[PartitionRoute]
+
+
+class MetadataCache:
+    """Leaders and partition counts from `Broker.Metadata`, and the channels to reach them."""
+
+    def __init__(
+        self,
+        bootstrap: str | Sequence[str],
+        *,
+        request_timeout_ms: int = 30_000,
+        retries: int = 2,
+        retry_backoff_ms: int = 100,
+        channel_options: Sequence[tuple[str, int | str]] | None = None,
+    ) -> None:
+        if retries < 0 or request_timeout_ms <= 0 or retry_backoff_ms < 0:
+            raise ValueError("retries, request_timeout_ms and retry_backoff_ms must be positive")
+        self._bootstrap = parse_bootstrap(bootstrap)
+        self._request_timeout_s = request_timeout_ms / 1000
+        self._retries = retries
+        self._retry_backoff_s = retry_backoff_ms / 1000
+        self._channel_options = list(channel_options if channel_options is not None else CHANNEL_OPTIONS)
+        self._lock = threading.Lock()
+        self._refresh_lock = threading.Lock()
+        self._channels: dict[str, grpc.Channel] = {}
+        self._broker_stubs: dict[str, pbg.BrokerStub] = {}
+        self._admin_stubs: dict[str, pbg.AdminStub] = {}
+        self._brokers: dict[int, str] = {}
+        self._topics: dict[str, TopicRoute] = {}
+        self._controller_id = -1
+        self.cluster_id = ""
+        self.last_refresh_monotonic = 0.0
+        self._closed = False
+
+    # -- lookups (no RPC) -------------------------------------------------------------------
+
+    @property
+    def bootstrap(self) -> list[str]:
+        return list(self._bootstrap)
+
+    def brokers(self) -> dict[int, str]:
+        with self._lock:
+            return dict(self._brokers)
+
+    def topics(self) -> list[str]:
+        with self._lock:
+            return list(self._topics)
+
+    def cached_partitions(self, topic: str) -> int | None:
+        """The partition count the cache holds for `topic`, or None (no RPC)."""
+        with self._lock:
+            route = self._topics.get(topic)
+            return None if route is None else len(route.partitions)
+
+    def leader(self, topic: str, partition: int) -> str | None:
+        """Address of the partition's leader, None when it has none (or its broker is unknown).
+
+        Raises UnknownTopicOrPartitionError when the cache does not know the topic or partition.
+        """
+        with self._lock:
+            route = self._topics.get(topic)
+            if route is None or not 0 <= partition < len(route.partitions):
+                raise UnknownTopicOrPartitionError(f"{topic}-{partition} is not in the metadata")
+            leader_id = route.partitions[partition].leader
+            return self._brokers.get(leader_id) if leader_id >= 0 else None
+
+    def leader_epoch(self, topic: str, partition: int) -> int:
+        with self._lock:
+            route = self._topics.get(topic)
+            if route is None or not 0 <= partition < len(route.partitions):
+                return -1
+            return route.partitions[partition].leader_epoch
+
+    def controller_address(self) -> str | None:
+        with self._lock:
+            return self._brokers.get(self._controller_id)
+
+    def any_address(self) -> str:
+        """A broker to send a request any broker can answer: the controller, a known broker, or bootstrap."""
+        with self._lock:
+            addr = self._brokers.get(self._controller_id)
+            if addr is not None:
+                return addr
+            if self._brokers:
+                return next(iter(self._brokers.values()))
+        return self._bootstrap[0]
+
+    # -- lookups that may refresh -----------------------------------------------------------
+
+    def partitions_for(self, topic: str) -> int:
+        """Partition count of `topic`; refreshes once if the cache does not know it.
+
+        Raises UnknownTopicOrPartitionError if the cluster does not know it either.
+        """
+        n = self.cached_partitions(topic)
+        if n is None:
+            self.refresh([topic])
+            n = self.cached_partitions(topic)
+            if n is None:
+                raise UnknownTopicOrPartitionError(f"topic {topic!r} does not exist")
+        return n
+
+    def leader_channel(self, topic: str, partition: int) -> grpc.Channel:
+        """Channel to the partition's leader; refreshes once when the leader is unknown.
+
+        Raises UnknownTopicOrPartitionError or LeaderNotAvailableError.
+        """
+        return self.channel(self.leader_address(topic, partition))
+
+    def leader_address(self, topic: str, partition: int) -> str:
+        """Like `leader`, but refreshes once on a miss and raises instead of returning None."""
+        try:
+            addr = self.leader(topic, partition)
+        except UnknownTopicOrPartitionError:
+            addr = None
+        if addr is None:
+            self.refresh([topic])
+            addr = self.leader(topic, partition)  # raises UnknownTopicOrPartitionError
+            if addr is None:
+                raise LeaderNotAvailableError(f"{topic}-{partition} has no leader")
+        return addr
+
+    # -- channels ----------------------------------------------------------------------------
+
+    def channel(self, address: str) -> grpc.Channel:
+        with self._lock:
+            if self._closed:
+                raise BrokerUnavailableError("client is closed")
+            ch = self._channels.get(address)
+            if ch is None:
+                ch = grpc.insecure_channel(address, options=self._channel_options)
+                self._channels[address] = ch
+            return ch
+
+    def broker_stub(self, address: str) -> pbg.BrokerStub:
+        stub = self._broker_stubs.get(address)
+        if stub is None:
+            stub = pbg.BrokerStub(self.channel(address))
+            self._broker_stubs[address] = stub
+        return stub
+
+    def admin_stub(self, address: str) -> pbg.AdminStub:
+        stub = self._admin_stubs.get(address)
+        if stub is None:
+            stub = pbg.AdminStub(self.channel(address))
+            self._admin_stubs[address] = stub
+        return stub
+
+    # -- refresh -----------------------------------------------------------------------------
+
+    def candidate_addresses(self) -> list[str]:
+        """Where to send a Metadata request: known brokers (shuffled) first, then bootstrap."""
+        with self._lock:
+            known = list(self._brokers.values())
+        random.shuffle(known)
+        return known + [a for a in self._bootstrap if a not in known]
+
+    def fetch_metadata(self, topics: Iterable[str] | None = None) -> tuple[pb.MetadataResponse, str]:
+        """One Metadata RPC, tried on each candidate address, `retries` more rounds with backoff.
+
+        Returns the response and the address that gave it.
+        """
+        request = pb.MetadataRequest(topics=list(topics or ()))
+        last: Exception | None = None
+        for attempt in range(self._retries + 1):
+            if attempt:
+                time.sleep(self._retry_backoff_s * (2 ** (attempt - 1)))
+            for addr in self.candidate_addresses():
+                try:
+                    return self.broker_stub(addr).Metadata(request, timeout=self._request_timeout_s), addr
+                except grpc.RpcError as e:
+                    last = e
+                    log.debug("Metadata from %s failed: %s", addr, e)
+                except ValueError as e:  # a channel closed under us
+                    last = e
+            if self._closed:
+                break
+        raise BrokerUnavailableError(f"no broker answered Metadata (tried {self.candidate_addresses()}): {last}")
+
+    def refresh(self, topics: Iterable[str] | None = None) -> pb.MetadataResponse:
+        """Fetch metadata for `topics` (None: every topic) and merge it into the cache.
+
+        A topic the cluster reports as unknown is dropped from the cache; with `topics=None`, so is
+        every cached topic missing from the answer (deleted). Raises BrokerUnavailableError when no
+        broker answers.
+        """
+        wanted = None if topics is None else list(dict.fromkeys(topics))
+        with self._refresh_lock:
+            resp, addr = self.fetch_metadata(wanted)
+            self.apply(resp, wanted, addr)
+        return resp
+
+    def apply(self, resp: pb.MetadataResponse, wanted: list[str] | None, answered_by: str = "") -> None:
+        """Merge a Metadata response (asked for `wanted`; None: all topics) into the cache."""
+        answering_host = answered_by.rpartition(":")[0]
+        brokers: dict[int, str] = {}
+        for b in resp.brokers:
+            host = b.host
+            if host in ("", "0.0.0.0", "::", "[::]") and answering_host:
+                host = answering_host  # a wildcard listen address is no address to dial
+            brokers[b.broker_id] = broker_address(host, b.port)
+        routes: dict[str, TopicRoute | None] = {}
+        answered: set[str] = set()
+        for t in resp.topics:
+            answered.add(t.name)
+            if t.error_code != pb.NONE and not t.partitions:
+                err = error_for(t.error_code, t.error_message)
+                if isinstance(err, UnknownTopicOrPartitionError) or not err.retriable:
+                    routes[t.name] = None
+                continue  # a transient topic-level error: keep what we had
+            count = max((p.partition for p in t.partitions), default=-1) + 1
+            parts = [PartitionRoute(-1, -1) for _ in range(count)]
+            for p in t.partitions:
+                leader = p.leader if p.error_code == pb.NONE or p.leader >= 0 else -1
+                parts[p.partition] = PartitionRoute(leader, p.leader_epoch, list(p.replicas), list(p.isr))
+            routes[t.name] = TopicRoute(t.name, parts)
+        with self._lock:
+            self._brokers = brokers
+            self._controller_id = resp.controller_id
+            self.cluster_id = resp.cluster_id
+            if wanted is None:
+                kept = {n: r for n, r in self._topics.items() if n in answered and n not in routes}
+                kept.update({n: r for n, r in routes.items() if r is not None})
+                self._topics = kept
+            else:
+                for name in wanted:
+                    if name not in answered:
+                        routes[name] = None  # asked but not answered: the cluster does not know it
+                for name, r in routes.items():
+                    if r is None:
+                        self._topics.pop(name, None)
+                    else:
+                        self._topics[name] = r
+            self.last_refresh_monotonic = time.monotonic()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            channels = list(self._channels.values())
+            self._channels.clear()
+            self._broker_stubs.clear()
+            self._admin_stubs.clear()
+        for ch in channels:
+            ch.close()
+
+    def __enter__(self) -> MetadataCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

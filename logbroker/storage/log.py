@@ -1,0 +1,944 @@
+"""The log of one partition replica: segment files plus their LMDB index, in one directory.
+
+Directory ``<data dir>/<topic>-<partition>/``::
+
+    00000000000000000000.log   closed segments (read-only, trimmed), oldest first
+    00000000000000004711.log   the active segment (preallocated, zeros past the data)
+    index.lmdb/                offset, time, epoch and checkpoint records (see index.py)
+    .clean_shutdown            present only while the log is closed after a clean `close()`
+
+Offsets. Every batch's baseOffset is assigned here: the first batch of an append gets the log end
+offset, the next one follows its predecessor's last offset, with no gaps. Offsets strictly
+increase within a segment and across segments; a segment's name is the offset of its first batch.
+
+Recovery (`Log.open`). The clean-shutdown marker says `close()` trimmed and indexed everything, so
+only the tail of the active segment past its last index entry is walked. Without the marker (a
+crash), every segment from the one holding the recovery point onwards is validated batch by batch
+(`segment.Scan`): length bounds, magic, CRC, and baseOffset equal to the expected next offset.
+The first bad batch and everything after it is cut off; each cut is returned in
+`recovery_reports` and logged. A zero header at the end of the data is the preallocated tail, not
+damage. Index entries from the first validated segment on are rebuilt from the walk.
+
+Views. `read` returns a zero-copy read-only slice of a segment mapping. It is valid until the log is
+next modified (append, roll, truncate_to, enforce_retention, close): copy it, or finish with it,
+before anything else can touch the log. Holding it longer is safe for the process (see segment.py)
+but the bytes may have been zeroed by a truncation.
+
+Threading: a Log is owned by one thread (the broker's event loop, or a worker it hands the log to);
+no method may run concurrently with another on the same Log.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import logging
+import mmap
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import NamedTuple
+
+from logbroker.errors import (
+    CorruptMessageError,
+    InvalidConfigError,
+    InvalidFetchSizeError,
+    OffsetOutOfRangeError,
+    RecordListTooLargeError,
+    StorageError,
+)
+from logbroker.storage import segment as segment_file
+from logbroker.storage.index import (
+    META_LOG_START_OFFSET,
+    META_RECOVERY_POINT,
+    EpochEntry,
+    OffsetEntry,
+    PartitionIndex,
+    TimeEntry,
+)
+from logbroker.storage.record_batch import HEADER_SIZE, decode_batch, validate_batches
+from logbroker.storage.segment import POSITION_MAX, Scan, Segment
+
+log = logging.getLogger(__name__)
+
+DAY_MS = 24 * 3600 * 1000
+CLEAN_SHUTDOWN_FILE = ".clean_shutdown"
+INDEX_DIR = "index.lmdb"
+DELETE_SUFFIX = "-delete"
+CREATE_TIME = "CreateTime"
+LOG_APPEND_TIME = "LogAppendTime"
+NO_TIMESTAMP = -1
+UNDEFINED_EPOCH = -1
+UNDEFINED_EPOCH_OFFSET = -1
+APPEND_BYTES_MAX = POSITION_MAX // 2  # one append's payload; the server bounds requests far lower
+RECOVERY_INDEX_CHUNK = 50_000  # index entries per transaction while recovery rebuilds
+_NO_TS = -(1 << 63) - 1  # below every int64 timestamp
+_EMPTY = memoryview(b"")
+
+
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """Per-log settings (Kafka's topic configs with units last)."""
+
+    segment_bytes: int = 1 << 30
+    segment_ms: int = 7 * DAY_MS
+    retention_ms: int = 7 * DAY_MS  # -1: unlimited
+    retention_bytes: int = -1  # -1: unlimited
+    max_message_bytes: int = 1 << 20  # largest batch accepted
+    index_interval_bytes: int = 4096
+    flush_interval_messages: int = -1  # -1: never fsync on a message count
+    flush_interval_ms: int = -1  # -1: never fsync on time
+    message_timestamp_type: str = CREATE_TIME  # or LogAppendTime
+    index_map_bytes: int = 256 << 20  # LMDB map size per partition
+
+    def __post_init__(self) -> None:
+        checks = [
+            (HEADER_SIZE <= self.segment_bytes <= POSITION_MAX // 2, "segment_bytes", self.segment_bytes),
+            (self.segment_ms >= 1, "segment_ms", self.segment_ms),
+            (self.retention_ms >= -1, "retention_ms", self.retention_ms),
+            (self.retention_bytes >= -1, "retention_bytes", self.retention_bytes),
+            (HEADER_SIZE <= self.max_message_bytes <= APPEND_BYTES_MAX, "max_message_bytes", self.max_message_bytes),
+            (self.index_interval_bytes >= 0, "index_interval_bytes", self.index_interval_bytes),
+            (self.flush_interval_messages >= -1, "flush_interval_messages", self.flush_interval_messages),
+            (self.flush_interval_ms >= -1, "flush_interval_ms", self.flush_interval_ms),
+            (self.message_timestamp_type in (CREATE_TIME, LOG_APPEND_TIME), "message_timestamp_type",
+             self.message_timestamp_type),
+            (1 << 20 <= self.index_map_bytes <= 1 << 40, "index_map_bytes", self.index_map_bytes),
+        ]
+        for ok, name, value in checks:
+            if not ok:
+                raise InvalidConfigError(f"log config {name}={value!r} is out of bounds")
+
+    @classmethod
+    def from_topic_config(cls, config: dict[str, str], base: LogConfig | None = None) -> LogConfig:
+        """A LogConfig from topic config strings (metadata.TOPIC_CONFIG_DEFAULTS keys; Kafka's
+        dotted names work too). Keys it does not use are ignored; missing ones come from `base`
+        (the broker's defaults) or the class defaults."""
+        values = {f.name: getattr(base, f.name) for f in fields(cls)} if base else {}
+        names = {f.name for f in fields(cls)}
+        for raw_key, raw in config.items():
+            key = raw_key.replace(".", "_")
+            if key not in names:
+                continue
+            if key == "message_timestamp_type":
+                values[key] = raw
+                continue
+            try:
+                values[key] = int(raw)
+            except (TypeError, ValueError):
+                raise InvalidConfigError(f"{raw_key} must be an integer, got {raw!r}") from None
+        return cls(**values)
+
+
+class AppendResult(NamedTuple):
+    base_offset: int
+    last_offset: int
+    max_timestamp: int
+    log_append_time_ms: int  # -1 unless the log uses LogAppendTime
+    record_count: int
+
+
+class RecoveryReport(NamedTuple):
+    """One cut made by recovery: `truncated_bytes` removed from `segment` starting at `position`."""
+
+    segment: str
+    position: int
+    truncated_bytes: int
+    reason: str
+
+
+class _SegmentIndexer:
+    """Decides the index entries of one segment as batches are added (append and recovery)."""
+
+    __slots__ = ("segment_base", "interval_bytes", "since_bytes", "max_ts", "max_ts_offset", "indexed_ts")
+
+    def __init__(self, segment_base: int, interval_bytes: int) -> None:
+        self.segment_base = segment_base
+        self.interval_bytes = interval_bytes
+        self.since_bytes = 0
+        self.max_ts = _NO_TS
+        self.max_ts_offset = segment_base
+        self.indexed_ts = _NO_TS
+
+    def add(
+        self, position: int, size: int, base_offset: int, max_ts: int, offsets: list[OffsetEntry],
+        times: list[TimeEntry],
+    ) -> None:
+        if max_ts > self.max_ts:
+            self.max_ts = max_ts
+            self.max_ts_offset = base_offset
+        if position == 0 or self.since_bytes > self.interval_bytes:
+            offsets.append((base_offset, self.segment_base, position))
+            self.since_bytes = 0
+            if self.max_ts > self.indexed_ts:
+                times.append((self.segment_base, self.max_ts, self.max_ts_offset))
+                self.indexed_ts = self.max_ts
+        self.since_bytes += size
+
+    def finish(self, times: list[TimeEntry]) -> None:
+        """The pending time entry, when the segment stops being active (its largest timestamp)."""
+        if self.max_ts > self.indexed_ts:
+            times.append((self.segment_base, self.max_ts, self.max_ts_offset))
+            self.indexed_ts = self.max_ts
+
+    def state(self) -> tuple[int, int, int, int]:
+        return self.since_bytes, self.max_ts, self.max_ts_offset, self.indexed_ts
+
+    def restore(self, state: tuple[int, int, int, int]) -> None:
+        self.since_bytes, self.max_ts, self.max_ts_offset, self.indexed_ts = state
+
+
+class Log:
+    """An append-only partition log. Create with `Log.open`. See the module doc."""
+
+    def __init__(self, directory: Path, config: LogConfig, now_ms: Callable[[], int]) -> None:
+        self.directory = directory
+        self._config = config
+        self._now_ms = now_ms
+        self._segments: list[Segment] = []
+        self._bases: list[int] = []
+        self._index: PartitionIndex | None = None
+        self._indexer = _SegmentIndexer(0, config.index_interval_bytes)
+        self._epochs: list[EpochEntry] = []
+        self._log_start_offset = 0
+        self._log_end_offset = 0
+        self._high_watermark = 0
+        self._recovery_point = 0
+        self._size_bytes = 0
+        self._active_created_ms = 0
+        self._unflushed_messages = 0
+        self._last_flush_ms = 0
+        self._closed = False
+        self._offline: str | None = None
+        self.corrupt_reason: str | None = None
+        self.recovery_reports: list[RecoveryReport] = []
+
+    # -- opening and recovery -------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, directory: Path, config: LogConfig, now_ms: Callable[[], int] = wall_clock_ms) -> Log:
+        """Open the log in `directory`, creating it if missing, recovering it if it was not closed."""
+        self = cls(Path(directory), config, now_ms)
+        try:
+            self._load()
+        except BaseException:
+            self._abandon()
+            raise
+        return self
+
+    def _load(self) -> None:
+        directory = self.directory
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            marker = directory / CLEAN_SHUTDOWN_FILE
+            clean = marker.exists()
+            self._index, rebuilt = PartitionIndex.open(directory / INDEX_DIR, self._config.index_map_bytes)
+            if clean:
+                marker.unlink()
+                _fsync_dir(directory)
+            bases = self._list_segments()
+        except OSError as e:
+            raise StorageError(f"cannot open log {directory}: {e}") from e
+        index = self._index
+        meta_lso = 0 if rebuilt else (index.meta(META_LOG_START_OFFSET) or 0)
+        now = self._now_ms()
+        if not bases:
+            self._segments = [Segment.create(directory, meta_lso, self._config.segment_bytes)]
+            self._bases = [meta_lso]
+            self._epochs = []
+            index.truncate_from(meta_lso, meta_lso, [], {})
+            self._log_end_offset = meta_lso
+        else:
+            if clean and not rebuilt:
+                leo = self._walk_clean_tail(bases[-1])
+                if leo is None:
+                    log.warning("%s: clean-shutdown marker, but the active segment's tail does not "
+                                "check out; recovering it", directory)
+                    leo = self._recover(bases, len(bases) - 1)
+                    bases = self._list_segments(warn=False)
+            else:
+                rp = 0 if rebuilt else (index.meta(META_RECOVERY_POINT) or 0)
+                start = max(0, bisect.bisect_right(bases, rp) - 1)
+                leo = self._recover(bases, start)
+                bases = self._list_segments(warn=False)
+            self._log_end_offset = leo
+            self._epochs = [e for e in index.epochs() if e[1] < leo]
+            for base in bases[:-1]:
+                self._segments.append(Segment.open_closed(directory / segment_file.file_name(base), base))
+            last = bases[-1]
+            last_path = directory / segment_file.file_name(last)
+            size = _file_size(last_path)
+            self._segments.append(Segment.open_active(last_path, last, size, self._config.segment_bytes))
+            self._bases = bases
+        self._size_bytes = sum(s.size_bytes for s in self._segments)
+        self._log_start_offset = min(max(meta_lso, self._bases[0]), self._log_end_offset)
+        self._high_watermark = self._log_end_offset
+        self._recovery_point = self._log_end_offset
+        self._epochs = _epochs_from_start(self._epochs, self._log_start_offset)
+        index.delete_before(self._bases[0], self._epochs, self._checkpoints())
+        index.sync()
+        self._restore_active_state(now)
+        self._last_flush_ms = now
+
+    def _list_segments(self, warn: bool = True) -> list[int]:
+        bases = []
+        for entry in os.scandir(self.directory):
+            base = segment_file.parse_file_name(entry.name)
+            if base is not None and entry.is_file(follow_symlinks=False):
+                bases.append(base)
+            elif warn and entry.name not in (INDEX_DIR, CLEAN_SHUTDOWN_FILE):
+                log.warning("%s: ignoring stray file %s", self.directory, entry.name)
+        bases.sort()
+        return bases
+
+    def _walk_clean_tail(self, last_base: int) -> int | None:
+        """LEO after a clean shutdown: walk the active segment from its last index entry.
+        None if that walk does not end exactly at the end of the trimmed file."""
+        assert self._index is not None
+        path = self.directory / segment_file.file_name(last_base)
+        entry = self._index.floor_offset((1 << 63) - 1)
+        position, expected = (entry[2], entry[0]) if entry and entry[1] == last_base else (0, last_base)
+        with _mapped(path) as (buf, size):
+            if position > size:
+                return None
+            scan = Scan(buf, size, expected, position)
+            for _ in scan:
+                pass
+            if scan.damage is not None or scan.end_position != size:
+                return None
+            return scan.next_offset
+
+    def _recover(self, bases: list[int], start: int) -> int:
+        """Validate segments `bases[start:]`, cut at the first damage, rebuild their index entries.
+        Returns the log end offset."""
+        assert self._index is not None
+        index = self._index
+        interval = self._config.index_interval_bytes
+        start_base = bases[start]
+        epochs = [e for e in index.epochs() if e[1] < start_base]
+        index.truncate_from(start_base, start_base, epochs, {})
+        expected = start_base
+        scanned: list[Path] = []
+        for i in range(start, len(bases)):
+            base = bases[i]
+            path = self.directory / segment_file.file_name(base)
+            damage: str | None = None
+            if base != expected:
+                damage = f"segment base offset {base} does not follow the previous segment's end {expected}"
+                self._delete_segment_files(bases[i:], damage)
+                break
+            indexer = _SegmentIndexer(base, interval)
+            offsets: list[OffsetEntry] = []
+            times: list[TimeEntry] = []
+            new_epochs: list[EpochEntry] = []
+            latest_epoch = epochs[-1][0] if epochs else UNDEFINED_EPOCH
+            with _mapped(path) as (buf, size):
+                scan = Scan(buf, size, expected)
+                for b in scan:
+                    indexer.add(b.position, b.size_bytes, b.base_offset, b.max_timestamp, offsets, times)
+                    if b.leader_epoch > latest_epoch:
+                        latest_epoch = b.leader_epoch
+                        new_epochs.append((b.leader_epoch, b.base_offset))
+                    if len(offsets) + len(times) >= RECOVERY_INDEX_CHUNK:
+                        index.write(offsets, times, new_epochs)
+                        epochs += new_epochs
+                        offsets, times, new_epochs = [], [], []
+            indexer.finish(times)
+            index.write(offsets, times, new_epochs)
+            epochs += new_epochs
+            end = scan.end_position
+            damage = scan.damage
+            if end < size:
+                try:
+                    os.truncate(path, end)
+                except OSError as e:
+                    raise StorageError(f"cannot truncate {path} during recovery: {e}") from e
+                if damage is not None:
+                    self._report(path, end, size - end, damage)
+            scanned.append(path)
+            expected = scan.next_offset
+            if damage is not None:
+                self._delete_segment_files(bases[i + 1 :], f"follows damage in {path.name}")
+                break
+        try:
+            for path in scanned:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            _fsync_dir(self.directory)
+        except OSError as e:
+            raise StorageError(f"cannot sync {self.directory} after recovery: {e}") from e
+        return expected
+
+    def _delete_segment_files(self, bases: list[int], reason: str) -> None:
+        for base in bases:
+            path = self.directory / segment_file.file_name(base)
+            size = _file_size(path)
+            self._report(path, 0, size, reason)
+            try:
+                path.unlink()
+            except OSError as e:
+                raise StorageError(f"cannot delete {path} during recovery: {e}") from e
+
+    def _report(self, path: Path, position: int, truncated_bytes: int, reason: str) -> None:
+        self.recovery_reports.append(RecoveryReport(path.name, position, truncated_bytes, reason))
+        log.warning("recovery of %s: truncated %d bytes at byte %d: %s", path, truncated_bytes, position, reason)
+
+    def _restore_active_state(self, now: int) -> None:
+        """Rebuild the in-memory state of the active segment: time-index running maximum, bytes
+        since the last offset entry, and the age it rolls by."""
+        assert self._index is not None
+        active = self._segments[-1]
+        indexer = _SegmentIndexer(active.base_offset, self._config.index_interval_bytes)
+        position = 0
+        last_time = self._index.segment_max_timestamp(active.base_offset)
+        if last_time is not None:
+            indexer.max_ts, indexer.max_ts_offset = last_time
+            indexer.indexed_ts = last_time[0]
+            position = max(0, self._position_of(active, last_time[1]))
+        for _pos, _size, base, _lod, max_ts in active.batch_headers(position, active.size_bytes):
+            if max_ts > indexer.max_ts:
+                indexer.max_ts, indexer.max_ts_offset = max_ts, base
+        entry = self._index.floor_offset(max(self._log_end_offset - 1, 0))
+        if entry is not None and entry[1] == active.base_offset:
+            indexer.since_bytes = active.size_bytes - entry[2]
+        else:
+            indexer.since_bytes = active.size_bytes
+        self._indexer = indexer
+        self._active_created_ms = now
+        if active.size_bytes >= HEADER_SIZE:
+            first_ts = active.header(0).max_timestamp
+            if first_ts >= 0:
+                self._active_created_ms = min(now, first_ts)
+
+    # -- properties -----------------------------------------------------------------------------
+
+    @property
+    def config(self) -> LogConfig:
+        return self._config
+
+    def update_config(self, config: LogConfig) -> None:
+        """New settings from now on (index_map_bytes takes effect at the next open)."""
+        self._config = config
+        self._indexer.interval_bytes = config.index_interval_bytes
+
+    @property
+    def log_start_offset(self) -> int:
+        return self._log_start_offset
+
+    @property
+    def log_end_offset(self) -> int:
+        """The offset the next appended record gets."""
+        return self._log_end_offset
+
+    @property
+    def high_watermark(self) -> int:
+        return self._high_watermark
+
+    @high_watermark.setter
+    def high_watermark(self, value: int) -> None:
+        if not 0 <= value <= self._log_end_offset:
+            raise ValueError(f"high watermark {value} outside [0, log end offset {self._log_end_offset}]")
+        self._high_watermark = max(value, self._log_start_offset)
+
+    @property
+    def recovery_point(self) -> int:
+        """Offsets below this are flushed to disk; recovery validates from its segment on."""
+        return self._recovery_point
+
+    @property
+    def size_bytes(self) -> int:
+        return self._size_bytes
+
+    @property
+    def segment_count(self) -> int:
+        return len(self._segments)
+
+    @property
+    def segments(self) -> list[Segment]:
+        """The segments, oldest first (a copy of the list; do not modify the segments)."""
+        return list(self._segments)
+
+    @property
+    def latest_epoch(self) -> int:
+        return self._epochs[-1][0] if self._epochs else UNDEFINED_EPOCH
+
+    @property
+    def epochs(self) -> list[EpochEntry]:
+        """(leader epoch, start offset) history, oldest first."""
+        return list(self._epochs)
+
+    @property
+    def index(self) -> PartitionIndex:
+        assert self._index is not None
+        return self._index
+
+    @property
+    def is_offline(self) -> bool:
+        return self._offline is not None
+
+    # -- append ---------------------------------------------------------------------------------
+
+    def append(self, records: bytes | bytearray | memoryview, leader_epoch: int) -> AppendResult:
+        """Append a produce payload (one or more batches) as the leader, assigning offsets.
+
+        Raises CorruptMessageError / MessageTooLargeError / UnsupportedForMessageFormatError /
+        RecordListTooLargeError with nothing written, and StorageError (disk full, I/O error, index
+        full) with the log as it was.
+        """
+        self._check_writable()
+        if leader_epoch < 0:
+            raise ValueError(f"leader epoch {leader_epoch} must be >= 0")
+        payload = memoryview(records)
+        if payload.ndim != 1 or payload.itemsize != 1:
+            payload = payload.cast("B")
+        n = payload.nbytes
+        if n > APPEND_BYTES_MAX:
+            raise RecordListTooLargeError(f"append of {n} bytes exceeds {APPEND_BYTES_MAX}")
+        config = self._config
+        infos = validate_batches(payload, config.max_message_bytes)
+        now = self._now_ms()
+        active = self._segments[-1]
+        if active.size_bytes and (
+            active.size_bytes + n > active.capacity_bytes or now - self._active_created_ms > config.segment_ms
+        ):
+            self._roll(max(config.segment_bytes, n), now)
+            active = self._segments[-1]
+        elif active.size_bytes + n > active.capacity_bytes:
+            active.grow(n)
+        start = active.size_bytes
+        base_offset = next_offset = self._log_end_offset
+        log_append = config.message_timestamp_type == LOG_APPEND_TIME
+        indexer = self._indexer
+        saved = indexer.state()
+        batches: list[tuple[int, int, int]] = []
+        offsets: list[OffsetEntry] = []
+        times: list[TimeEntry] = []
+        max_timestamp = NO_TIMESTAMP
+        record_count = 0
+        for info in infos:
+            ts = now if log_append else info.max_timestamp
+            batches.append((info.position, info.size_bytes, next_offset))
+            indexer.add(start + info.position, info.size_bytes, next_offset, ts, offsets, times)
+            if ts > max_timestamp:
+                max_timestamp = ts
+            next_offset += info.last_offset_delta + 1
+            record_count += info.record_count
+        epochs = [(leader_epoch, base_offset)] if leader_epoch > self.latest_epoch else []
+        assert self._index is not None
+        try:
+            active.append(payload, batches, leader_epoch, now if log_append else None)
+            self._index.write(offsets, times, epochs)
+        except BaseException as e:
+            indexer.restore(saved)
+            active.zero(start, start + n)
+            if isinstance(e, StorageError) or not isinstance(e, Exception):
+                raise
+            raise StorageError(f"append to {active.path} failed: {e}") from e
+        active.size_bytes = start + n
+        self._size_bytes += n
+        self._log_end_offset = next_offset
+        self._epochs += epochs
+        self._unflushed_messages += record_count
+        if (0 < config.flush_interval_messages <= self._unflushed_messages) or (
+            config.flush_interval_ms >= 0 and now - self._last_flush_ms >= config.flush_interval_ms
+        ):
+            self.flush()
+        return AppendResult(base_offset, next_offset - 1, max_timestamp, now if log_append else -1, record_count)
+
+    def roll(self) -> None:
+        """Close the active segment and start a new one (a no-op if the active one is empty)."""
+        self._check_writable()
+        if self._segments[-1].size_bytes:
+            self._roll(self._config.segment_bytes, self._now_ms())
+
+    def _roll(self, capacity_bytes: int, now: int) -> None:
+        assert self._index is not None
+        old = self._segments[-1]
+        new = Segment.create(self.directory, self._log_end_offset, capacity_bytes)  # may raise: nothing changed
+        try:
+            old.seal()
+            _fsync_dir(self.directory)
+        except (StorageError, OSError) as e:
+            self._go_offline(f"roll of {old.path} failed: {e}")
+            with contextlib.suppress(StorageError):
+                new.delete()
+            raise StorageError(f"roll of {old.path} failed: {e}") from e
+        times: list[TimeEntry] = []
+        self._indexer.finish(times)
+        self._segments.append(new)
+        self._bases.append(new.base_offset)
+        self._indexer = _SegmentIndexer(new.base_offset, self._config.index_interval_bytes)
+        self._active_created_ms = now
+        self._index.write(times=times, meta={META_RECOVERY_POINT: new.base_offset})
+        self._index.sync()
+        self._recovery_point = new.base_offset
+
+    def flush(self) -> None:
+        """msync the active segment, then advance and checkpoint the recovery point."""
+        self._check_writable()
+        assert self._index is not None
+        try:
+            self._segments[-1].flush()
+        except StorageError as e:  # an fsync error: nothing written since can be trusted
+            self._go_offline(str(e))
+            raise
+        self._recovery_point = self._log_end_offset
+        self._index.write(meta={META_RECOVERY_POINT: self._recovery_point})
+        self._index.sync()
+        self._unflushed_messages = 0
+        self._last_flush_ms = self._now_ms()
+
+    # -- read -----------------------------------------------------------------------------------
+
+    def read(self, offset: int, max_bytes: int, max_offset: int | None = None) -> memoryview:
+        """Whole batches from the one containing `offset`: at most `max_bytes` but at least one
+        batch, none with a base offset >= `max_offset` (default: the high watermark), from one
+        segment. Empty at `max_offset`. Zero-copy: see "Views" in the module doc.
+
+        Raises OffsetOutOfRangeError outside [log_start_offset, log_end_offset], and
+        CorruptMessageError if the first batch fails its CRC (the log is then flagged:
+        `corrupt_reason`). A bad batch after good ones ends the read before it.
+        """
+        self._check_open()
+        if max_bytes < 0:
+            raise InvalidFetchSizeError(f"max_bytes {max_bytes} is negative")
+        if not self._log_start_offset <= offset <= self._log_end_offset:
+            raise OffsetOutOfRangeError(
+                f"offset {offset} is outside the log's range [{self._log_start_offset}, {self._log_end_offset}]"
+            )
+        limit = self._high_watermark if max_offset is None else min(max_offset, self._log_end_offset)
+        if offset >= limit:
+            return _EMPTY
+        i = bisect.bisect_right(self._bases, offset) - 1
+        while i < len(self._segments):
+            seg = self._segments[i]
+            position = self._position_of(seg, offset)
+            if position >= 0:
+                end, damage = seg.read_end(position, max_bytes, limit)
+                if damage is not None:
+                    self._flag_corrupt(seg, damage)
+                    if end == position:
+                        raise CorruptMessageError(f"{seg.path.name}: {damage}")
+                return seg.view(position, end - position)
+            i += 1
+        return _EMPTY
+
+    def _position_of(self, seg: Segment, offset: int) -> int:
+        """Byte position in `seg` of the batch containing `offset` (-1 if past its last batch)."""
+        assert self._index is not None
+        entry = self._index.floor_offset(offset)
+        start = entry[2] if entry is not None and entry[1] == seg.base_offset else 0
+        try:
+            return seg.find(offset, start)
+        except CorruptMessageError as e:
+            self._flag_corrupt(seg, str(e))
+            raise
+
+    def _flag_corrupt(self, seg: Segment, reason: str) -> None:
+        if self.corrupt_reason is None:
+            self.corrupt_reason = f"{seg.path}: {reason}"
+        log.error("corrupt data in %s: %s", seg.path, reason)
+
+    def offset_for_timestamp(self, timestamp_ms: int) -> tuple[int, int] | None:
+        """(offset, timestamp) of the first record at or below the high watermark whose timestamp is
+        >= `timestamp_ms`, or None. Uses the time index, then decodes the one batch found."""
+        self._check_open()
+        limit = self._high_watermark
+        for seg in list(self._segments):
+            if seg.base_offset >= limit:
+                break
+            seg_max = self._segment_max_timestamp(seg)
+            if seg_max is None or seg_max < timestamp_ms:
+                continue
+            floor = self.index.time_floor(seg.base_offset, timestamp_ms)
+            start = max(floor[1] if floor is not None else seg.base_offset, self._log_start_offset)
+            position = self._position_of(seg, start)
+            if position < 0:
+                continue
+            for pos, size, base, _lod, max_ts in seg.batch_headers(position, seg.size_bytes):
+                if base >= limit:
+                    return None
+                if max_ts < timestamp_ms:
+                    continue
+                h = seg.header(pos)
+                for m in decode_batch(bytes(seg.view(pos, size)), 0, h, "", 0, self._log_start_offset):
+                    if m.offset >= limit:
+                        return None
+                    if m.timestamp >= timestamp_ms:
+                        return m.offset, m.timestamp
+        return None
+
+    def _segment_max_timestamp(self, seg: Segment) -> int | None:
+        if seg is self._segments[-1]:
+            return None if self._indexer.max_ts == _NO_TS else self._indexer.max_ts
+        found = self.index.segment_max_timestamp(seg.base_offset)
+        return None if found is None else found[0]
+
+    def end_offset_for_epoch(self, epoch: int) -> tuple[int, int]:
+        """(epoch, end offset) as Kafka's OffsetForLeaderEpoch: the end offset of the largest epoch
+        <= `epoch` is the start offset of the next larger one (the LEO for the latest epoch);
+        (-1, -1) if `epoch` is undefined or above the latest."""
+        epochs = self._epochs
+        if epoch == UNDEFINED_EPOCH or not epochs:
+            return UNDEFINED_EPOCH, UNDEFINED_EPOCH_OFFSET
+        if epoch == epochs[-1][0]:
+            return epoch, self._log_end_offset
+        i = bisect.bisect_right(epochs, (epoch, 1 << 64))
+        if i == len(epochs):
+            return UNDEFINED_EPOCH, UNDEFINED_EPOCH_OFFSET
+        higher_start = epochs[i][1]
+        return (epochs[i - 1][0] if i > 0 else epoch), higher_start
+
+    # -- truncation and retention ---------------------------------------------------------------
+
+    def truncate_to(self, offset: int) -> None:
+        """Drop every batch holding an offset >= `offset` (a batch straddling it goes whole, so the
+        log end offset becomes that batch's base offset). Below the log start offset, the log is
+        emptied and restarts at `offset`."""
+        self._check_writable()
+        assert self._index is not None
+        if offset >= self._log_end_offset:
+            return
+        if offset < self._log_start_offset:
+            self._truncate_fully(offset)
+            return
+        i = bisect.bisect_right(self._bases, offset) - 1
+        seg = self._segments[i]
+        position = self._position_of(seg, offset)
+        if position < 0:
+            position = seg.size_bytes
+            cut = self._log_end_offset if i == len(self._segments) - 1 else self._bases[i + 1]
+        else:
+            cut = seg.batch_base_offset(position)
+        try:
+            for later in self._segments[i + 1 :]:
+                later.delete()
+            del self._segments[i + 1 :]
+            del self._bases[i + 1 :]
+            if not seg.is_active:
+                seg.reopen_writable(self._config.segment_bytes)
+            seg.truncate(position)
+        except (StorageError, OSError) as e:
+            self._go_offline(f"truncation to {offset} failed: {e}")
+            raise StorageError(f"truncation of {self.directory} to {offset} failed: {e}") from e
+        self._log_end_offset = cut
+        self._high_watermark = min(self._high_watermark, cut)
+        self._recovery_point = min(self._recovery_point, cut)
+        self._size_bytes = sum(s.size_bytes for s in self._segments)
+        self._epochs = [e for e in self._epochs if e[1] < cut]
+        self._index.truncate_from(cut, seg.base_offset, self._epochs, self._checkpoints())
+        self._restore_active_state(self._now_ms())
+
+    def _truncate_fully(self, offset: int) -> None:
+        assert self._index is not None
+        try:
+            for seg in self._segments:
+                seg.delete()
+            self._segments = [Segment.create(self.directory, offset, self._config.segment_bytes)]
+        except (StorageError, OSError) as e:
+            self._go_offline(f"truncation to {offset} failed: {e}")
+            raise StorageError(f"truncation of {self.directory} to {offset} failed: {e}") from e
+        self._bases = [offset]
+        self._log_start_offset = self._log_end_offset = self._high_watermark = offset
+        self._recovery_point = offset
+        self._size_bytes = 0
+        self._epochs = []
+        self._index.truncate_from(0, 0, [], self._checkpoints())
+        self._restore_active_state(self._now_ms())
+
+    def enforce_retention(self, now_ms: int | None = None) -> int:
+        """Delete closed segments, oldest first, while past retention_ms (by their largest
+        timestamp) or beyond retention_bytes, never the active segment nor any data at or above
+        the high watermark. Advances and checkpoints the log start offset. Returns segments deleted."""
+        self._check_writable()
+        assert self._index is not None
+        now = self._now_ms() if now_ms is None else now_ms
+        config = self._config
+        remaining = self._size_bytes
+        doomed = 0
+        for i, seg in enumerate(self._segments[:-1]):
+            next_base = self._bases[i + 1]
+            if next_base > self._high_watermark:
+                break
+            by_bytes = config.retention_bytes >= 0 and remaining - seg.size_bytes >= config.retention_bytes
+            by_time = config.retention_ms >= 0 and now - self._retention_timestamp(seg) > config.retention_ms
+            below_start = next_base <= self._log_start_offset
+            if not (by_bytes or by_time or below_start):
+                break
+            remaining -= seg.size_bytes
+            doomed += 1
+        if not doomed:
+            return 0
+        try:
+            for seg in self._segments[:doomed]:
+                seg.delete()
+        except StorageError as e:
+            self._go_offline(str(e))
+            raise
+        finally:
+            gone = [s for s in self._segments[:doomed] if not s.path.exists()]
+            del self._segments[: len(gone)]
+            del self._bases[: len(gone)]
+            self._size_bytes = sum(s.size_bytes for s in self._segments)
+        self._log_start_offset = max(self._log_start_offset, self._bases[0])
+        self._recovery_point = max(self._recovery_point, self._log_start_offset)
+        self._epochs = _epochs_from_start(self._epochs, self._log_start_offset)
+        self._index.delete_before(self._bases[0], self._epochs, self._checkpoints())
+        log.info("%s: retention deleted %d segments, log start offset now %d",
+                 self.directory, doomed, self._log_start_offset)
+        return doomed
+
+    def _retention_timestamp(self, seg: Segment) -> int:
+        ts = self._segment_max_timestamp(seg)
+        if ts is None or ts < 0:  # no timestamps: the file's modification time
+            try:
+                return os.stat(seg.path).st_mtime_ns // 1_000_000
+            except OSError:
+                return 0
+        return ts
+
+    # -- close ----------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Flush, trim the active segment, checkpoint, and mark a clean shutdown. Idempotent."""
+        if self._closed:
+            return
+        if self._offline is not None:
+            self._abandon()
+            return
+        assert self._index is not None
+        try:
+            times: list[TimeEntry] = []
+            self._indexer.finish(times)
+            self._segments[-1].flush()
+            self._recovery_point = self._log_end_offset
+            self._index.write(times=times, meta=self._checkpoints())
+            self._index.sync()
+            for seg in self._segments:
+                seg.close(trim=True)
+            self._index.close()
+            _write_atomically(self.directory / CLEAN_SHUTDOWN_FILE, b"")
+        except (StorageError, OSError) as e:
+            self._abandon()
+            raise StorageError(f"close of {self.directory} failed: {e}") from e
+        self._closed = True
+
+    def delete(self) -> None:
+        """Close and remove the directory (renamed to `<name>.<uuid>-delete` first, so a crash
+        midway leaves a directory that the log manager removes rather than reloads)."""
+        self._abandon()
+        remove_log_dir(self.directory)
+
+    def _abandon(self) -> None:
+        """Release mappings and the index without writing anything (no clean-shutdown marker)."""
+        for seg in self._segments:
+            with contextlib.suppress(StorageError, OSError):
+                seg.close(trim=False)
+        if self._index is not None:
+            with contextlib.suppress(Exception):
+                self._index.close()
+        self._closed = True
+
+    def _checkpoints(self) -> dict[bytes, int]:
+        return {META_LOG_START_OFFSET: self._log_start_offset, META_RECOVERY_POINT: self._recovery_point}
+
+    def _go_offline(self, reason: str) -> None:
+        self._offline = reason
+        log.error("log %s is offline: %s", self.directory, reason)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StorageError(f"log {self.directory} is closed")
+
+    def _check_writable(self) -> None:
+        self._check_open()
+        if self._offline is not None:
+            raise StorageError(f"log {self.directory} is offline: {self._offline}")
+
+    def __repr__(self) -> str:
+        return (
+            f"Log({self.directory}, start={self._log_start_offset}, end={self._log_end_offset}, "
+            f"hw={self._high_watermark}, segments={len(self._segments)})"
+        )
+
+
+def remove_log_dir(directory: Path) -> None:
+    """Remove a (closed) log directory: rename it to `<name>.<uuid>-delete`, then delete that."""
+    doomed = directory.with_name(f"{directory.name}.{uuid.uuid4().hex}{DELETE_SUFFIX}")
+    try:
+        if directory.exists():
+            os.rename(directory, doomed)
+            _fsync_dir(directory.parent)
+            shutil.rmtree(doomed)
+    except OSError as e:
+        raise StorageError(f"cannot delete {directory}: {e}") from e
+
+
+def _epochs_from_start(epochs: list[EpochEntry], start_offset: int) -> list[EpochEntry]:
+    """Kafka's truncateFromStart: drop epochs that end before `start_offset`, move the one that
+    spans it to start there."""
+    kept = [e for e in epochs if e[1] >= start_offset]
+    before = [e for e in epochs if e[1] < start_offset]
+    if before and (not kept or kept[0][1] > start_offset):
+        kept.insert(0, (before[-1][0], start_offset))
+    return kept
+
+
+class _mapped:
+    """Context manager: a read-only mapping of a whole file (or b"" if it is empty), and its size."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._file: object = None
+        self._map: mmap.mmap | None = None
+
+    def __enter__(self) -> tuple[mmap.mmap | bytes, int]:
+        try:
+            with open(self._path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size:
+                    self._map = mmap.mmap(f.fileno(), size, mmap.MAP_SHARED, mmap.PROT_READ)
+        except OSError as e:
+            raise StorageError(f"cannot read {self._path}: {e}") from e
+        return (self._map if self._map is not None else b""), size
+
+    def __exit__(self, *exc: object) -> None:
+        if self._map is not None:
+            self._map.close()
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError as e:
+        raise StorageError(f"cannot stat {path}: {e}") from e
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Small metadata file: temp file, fsync, rename, fsync the directory."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)

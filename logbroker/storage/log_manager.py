@@ -1,0 +1,140 @@
+"""Every partition log under one data directory.
+
+Layout::
+
+    <data dir>/<topic>-<partition>/                  one Log (see log.py)
+    <data dir>/<topic>-<partition>.<uuid>-delete/    a log being deleted: removed, never loaded
+
+Anything else in the data directory (the metadata store's files, strays) is left alone.
+
+Deleting renames the directory first, then removes it, so a crash midway cannot bring a deleted
+partition back: `load_all` finishes the removal.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from logbroker.cluster.metadata import PARTITIONS_MAX, validate_topic_name
+from logbroker.errors import InvalidPartitionsError, InvalidTopicError, StorageError
+from logbroker.storage.log import DELETE_SUFFIX, Log, LogConfig, remove_log_dir, wall_clock_ms
+
+log = logging.getLogger(__name__)
+
+_DELETED_DIR = re.compile(r".+-\d+\.[0-9a-f]{32}" + re.escape(DELETE_SUFFIX))
+
+
+class LogManager:
+    """Opens, creates, deletes and closes the logs of one broker. Owned by one thread."""
+
+    def __init__(
+        self, data_dir: Path, default_config: LogConfig, now_ms: Callable[[], int] = wall_clock_ms
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.default_config = default_config
+        self._now_ms = now_ms
+        self._logs: dict[tuple[str, int], Log] = {}
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StorageError(f"cannot create data directory {self.data_dir}: {e}") from e
+
+    def load_all(self, configs: Mapping[str, LogConfig] | None = None) -> dict[tuple[str, int], Log]:
+        """Open every `<topic>-<partition>` directory (with `configs[topic]` if given, else the
+        default config) and finish interrupted deletions. Returns the logs now open."""
+        configs = configs or {}
+        for entry in sorted(self.data_dir.iterdir()):
+            if not entry.is_dir() or entry.is_symlink():
+                continue
+            if _DELETED_DIR.fullmatch(entry.name):
+                log.info("removing %s (deletion interrupted)", entry)
+                shutil.rmtree(entry, ignore_errors=True)
+                continue
+            key = parse_log_dir_name(entry.name)
+            if key is None or key in self._logs:
+                continue
+            self._logs[key] = Log.open(entry, configs.get(key[0], self.default_config), self._now_ms)
+        return dict(self._logs)
+
+    def create_log(self, topic: str, partition: int, config: LogConfig | None = None) -> Log:
+        """The log of a partition, opened (created if missing); the open one if already open."""
+        existing = self._logs.get((topic, partition))
+        if existing is not None:
+            return existing
+        path = self._path(topic, partition)
+        opened = Log.open(path, config or self.default_config, self._now_ms)
+        self._logs[(topic, partition)] = opened
+        return opened
+
+    def get_log(self, topic: str, partition: int) -> Log | None:
+        return self._logs.get((topic, partition))
+
+    def delete_log(self, topic: str, partition: int) -> bool:
+        """Close and remove a partition's log (open or not). Returns whether there was one."""
+        opened = self._logs.pop((topic, partition), None)
+        if opened is not None:
+            opened.delete()
+            return True
+        path = self._path(topic, partition)
+        if not path.exists():
+            return False
+        remove_log_dir(path)
+        return True
+
+    def logs(self) -> dict[tuple[str, int], Log]:
+        return dict(self._logs)
+
+    def enforce_retention(self, now_ms: int | None = None) -> int:
+        """Retention on every log; returns segments deleted. A failing log is logged and skipped."""
+        now = self._now_ms() if now_ms is None else now_ms
+        deleted = 0
+        for key, plog in list(self._logs.items()):
+            try:
+                deleted += plog.enforce_retention(now)
+            except StorageError as e:
+                log.error("retention of %s-%d failed: %s", key[0], key[1], e)
+        return deleted
+
+    def flush_all(self) -> None:
+        for plog in self._logs.values():
+            if not plog.is_offline:
+                plog.flush()
+
+    def close_all(self) -> None:
+        """Close every log cleanly (each one is attempted even if another fails)."""
+        failures = []
+        for key, plog in list(self._logs.items()):
+            try:
+                plog.close()
+            except StorageError as e:
+                failures.append(f"{key[0]}-{key[1]}: {e}")
+        self._logs.clear()
+        if failures:
+            raise StorageError("; ".join(failures))
+
+    def _path(self, topic: str, partition: int) -> Path:
+        validate_topic_name(topic)
+        if not 0 <= partition < PARTITIONS_MAX:
+            raise InvalidPartitionsError(f"partition {partition} is outside [0, {PARTITIONS_MAX})")
+        path = self.data_dir / f"{topic}-{partition}"
+        root = self.data_dir.resolve()
+        if path.resolve().parent != root:
+            raise InvalidTopicError(f"topic {topic!r} would put its log outside {root}")
+        return path
+
+
+def parse_log_dir_name(name: str) -> tuple[str, int] | None:
+    """(topic, partition) of a log directory name, or None if it is not one."""
+    topic, sep, partition = name.rpartition("-")
+    if not sep or not (partition.isascii() and partition.isdigit()) or (len(partition) > 1 and partition[0] == "0"):
+        return None
+    try:
+        validate_topic_name(topic)
+    except InvalidTopicError:
+        return None
+    p = int(partition)
+    return (topic, p) if p < PARTITIONS_MAX else None

@@ -1,0 +1,95 @@
+"""The benchmark harness cannot rot: a smoke of every workload against logbroker (issue 5).
+
+`python -m bench run --all --system logbroker --smoke` as a real process: no thresholds, only that
+every runnable workload wrote a JSON result with records produced and consumed, that the whole pass
+took under 60 s, and that every process the harness started is gone afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BUDGET_S = 60.0
+
+pytest.importorskip("hdrh", reason="the bench extra is not installed: pip install -e '.[bench]'")
+
+
+def _workloads() -> dict[str, str]:
+    """name -> requires ('' when logbroker standalone can run it)."""
+    import tomllib
+
+    return {
+        p.stem: tomllib.loads(p.read_text()).get("requires", "")
+        for p in sorted((REPO / "bench" / "workloads").glob("*.toml"))
+    }
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if text.encode() in f.read():
+                        found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+@pytest.mark.timeout(180)
+def test_every_workload_smokes_against_logbroker(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    data_root = tmp_path / "data"
+    argv = [
+        sys.executable, "-m", "bench", "run", "--all", "--system", "logbroker", "--smoke",
+        "--no-limits", "--no-report", "--results-dir", str(results), "--data-root", str(data_root),
+    ]  # fmt: skip
+    t0 = time.monotonic()
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=150)
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == 0, f"bench failed ({proc.returncode}):\n{proc.stderr[-6000:]}"
+
+    records = {}
+    for path in results.glob("*.json"):
+        record = json.loads(path.read_text())
+        records[record["workload"]["name"]] = record
+    runnable = {name for name, requires in _workloads().items() if not requires}
+    assert runnable <= set(records), f"no result for {sorted(runnable - set(records))}:\n{proc.stderr[-3000:]}"
+    for name, requires in _workloads().items():
+        if requires:
+            assert f"skip {name}:" in proc.stderr, f"{name} needs {requires} but was not skipped"
+
+    started: list[int] = []
+    for name in sorted(runnable):
+        record = records[name]
+        assert "error" not in record, f"{name}: {record['error']}"
+        assert record["system"] == "logbroker"
+        run = record["runs"][0]
+        produced = run["preload"]["total_records"] if "preload" in run else run["produce"]["total_records"]
+        assert produced > 0, f"{name}: nothing produced"
+        assert run["consume"]["records"] > 0, f"{name}: nothing consumed"
+        assert record["unreaped_pids"] == [], f"{name}: processes left running: {record['unreaped_pids']}"
+        started += record["started_pids"]
+
+    assert started, "the results name no process the harness started"
+    assert [pid for pid in started if _alive(pid)] == [], "a server or worker outlived the harness"
+    assert _processes_mentioning(str(data_root)) == [], "a process still uses the bench data root"
+    assert list(data_root.iterdir()) == [], "a temporary data directory was left behind"
+    assert elapsed < BUDGET_S, f"the smoke of every workload took {elapsed:.0f} s (budget {BUDGET_S:.0f} s)"
