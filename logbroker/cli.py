@@ -232,15 +232,14 @@ def cmd_consume(args: argparse.Namespace) -> int:
         else:
             consumer.subscribe([args.topic])
         while args.max_messages is None or seen < args.max_messages:
-            batch = consumer.poll(timeout_ms=200)
+            remaining = None if args.max_messages is None else args.max_messages - seen
+            batch = consumer.poll(timeout_ms=200, max_records=remaining)
             if not batch:
                 if idle_deadline is not None and time.monotonic() >= idle_deadline:
                     break
                 continue
             if idle_deadline is not None:
                 idle_deadline = time.monotonic() + args.timeout
-            if args.max_messages is not None:
-                batch = batch[: args.max_messages - seen]
             lines = []
             for m in batch:
                 if args.format == "json":
@@ -255,8 +254,8 @@ def cmd_consume(args: argparse.Namespace) -> int:
                     lines.append(_text(m.value) or "")
             out.write("\n".join(lines) + "\n")
             seen += len(batch)
-            if args.group and args.max_messages is not None:
-                consumer.commit()
+            if args.group:
+                consumer.commit()  # what was printed is consumed
         out.flush()
     finally:
         consumer.close()

@@ -9,7 +9,7 @@ out before a single record of the previous one is decoded::
     Fetch.future ──> response ──> _Chunk per partition (raw bytes + batch headers) ──> deque
          ^                          │ fetch_offset = last batch's next offset
          └── sent at once ──────────┘
-    poll() ──> decode the head chunk's next batch (decode_records, min_offset = chunk start)
+    poll() ──> decode the head chunk's next batch (decode_batch, min_offset = chunk start)
            ──> hand out up to max_records Messages, position = last offset + 1
 
 Per partition (`_PartitionState`)::
@@ -33,6 +33,7 @@ Not thread-safe, as Kafka's: one thread polls. `close()` may be called from anot
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -42,20 +43,20 @@ from typing import Any, NamedTuple
 
 import grpc
 
-from logbroker.client.metadata_cache import MetadataCache
+from logbroker.client.metadata_cache import LogThrottle, MetadataCache
 from logbroker.client.producer import rpc_error
-from logbroker.client.record_decoder import decode_records
 from logbroker.errors import (
     BrokerError,
     BrokerUnavailableError,
     InvalidGroupIdError,
     KafkaTimeoutError,
+    LeaderNotAvailableError,
     LogbrokerError,
     OffsetOutOfRangeError,
     UnknownTopicOrPartitionError,
     error_for,
 )
-from logbroker.storage.record_batch import BatchHeader, Message, iter_batches
+from logbroker.storage.record_batch import BatchHeader, Message, decode_batch, iter_batches
 from logbroker.v1 import logbroker_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -126,7 +127,7 @@ class _Chunk:
             h, pos = self.batches[self.next_batch]
             self.next_batch += 1
             st = self.state
-            self.messages = decode_records(self.data, pos, h, st.topic, st.partition, self.start_offset)
+            self.messages = decode_batch(self.data, pos, h, st.topic, st.partition, self.start_offset)
             self.next_message = 0
         i = self.next_message
         if i == 0 and n >= len(self.messages):
@@ -225,6 +226,7 @@ class Consumer:
         self._metadata_retry_at = 0.0
         self._next_auto_commit = time.monotonic() + self._auto_commit_interval_s
         self._pending_error: BaseException | None = None
+        self._log = LogThrottle(log)
         if topics is not None:
             topic_list = [topics] if isinstance(topics, str) else list(topics)
             if topic_list:
@@ -239,6 +241,10 @@ class Consumer:
             if p < 0:
                 raise ValueError(f"partition must be >= 0, got {t}-{p}")
         self._subscription = None
+        unknown = sorted({t for t, _ in wanted if self._metadata.cached_partitions(t) is None})
+        if unknown:
+            with contextlib.suppress(LogbrokerError):  # poll() retries; assign() itself never fails on it
+                self._metadata.refresh(unknown, retry=False)
         self._set_assignment(wanted)
 
     def subscribe(self, topics: Iterable[str]) -> None:
@@ -341,11 +347,11 @@ class Consumer:
         missing = [st for st in self._assigned.values() if st.position is None and st.retry_at <= now]
         if missing:
             try:
-                self._initialize(missing, now + self._request_timeout_s)
+                self._initialize(missing, deadline=now)  # one attempt: poll() must not block on it
             except (BrokerError, BrokerUnavailableError) as e:
                 if not getattr(e, "retriable", False):
                     raise
-                log.warning("looking up start offsets failed: %s", e)
+                self._log.warning("offsets", "looking up start offsets failed: %s", e)
                 for st in missing:
                     st.retry_at = time.monotonic() + self._retry_backoff_s
                 self._metadata_stale = True
@@ -382,10 +388,18 @@ class Consumer:
         todo = list(states)
         while todo:
             by_leader: dict[str, list[_PartitionState]] = {}
-            for st in todo:
-                by_leader.setdefault(self._metadata.leader_address(st.topic, st.partition), []).append(st)
             retry: list[_PartitionState] = []
             last: BaseException | None = None
+            for st in todo:
+                try:
+                    leader = self._metadata.leader(st.topic, st.partition)
+                except UnknownTopicOrPartitionError as e:
+                    leader, last = None, e
+                if leader is None:
+                    last = last or LeaderNotAvailableError(f"{st.topic}-{st.partition} has no leader")
+                    retry.append(st)
+                    continue
+                by_leader.setdefault(leader, []).append(st)
             for address, group in by_leader.items():
                 request = pb.ListOffsetsRequest(partitions=[
                     pb.ListOffsetsPartition(topic=st.topic, partition=st.partition, timestamp=timestamp)
@@ -419,7 +433,8 @@ class Consumer:
                 if time.monotonic() + self._retry_backoff_s >= deadline:
                     raise last if last is not None else BrokerUnavailableError("ListOffsets found no offset")
                 time.sleep(self._retry_backoff_s)
-                self._metadata.refresh([st.topic for st in todo])
+                with contextlib.suppress(LogbrokerError):
+                    self._metadata.refresh([st.topic for st in todo], retry=False)
         return out
 
     # -- poll --------------------------------------------------------------------------------
@@ -597,7 +612,7 @@ class Consumer:
                 st.in_flight = False
                 st.retry_at = time.monotonic() + self._retry_backoff_s
             self._metadata_stale = True
-            log.warning("Fetch to %s could not start: %s", address, e)
+            self._log.warning(f"fetch {address}", "Fetch to %s could not start: %s", address, e)
             return
         self._in_flight.append(_FetchCall(address, future, parts))
         self._in_flight_per_broker[address] = self._in_flight_per_broker.get(address, 0) + 1
@@ -615,7 +630,7 @@ class Consumer:
             err = rpc_error(e)
             if e.code() == grpc.StatusCode.CANCELLED and self._closed:
                 return
-            log.warning("Fetch from %s failed: %s", call.address, err)
+            self._log.warning(f"fetch {call.address}", "Fetch from %s failed: %s", call.address, err)
             for st, _, _ in call.parts.values():
                 st.retry_at = now + self._retry_backoff_s
             self._metadata_stale = True
@@ -690,9 +705,9 @@ class Consumer:
         topics = set(self._subscription or ()) | {t for t, _ in self._assigned}
         if topics:
             try:
-                self._metadata.refresh(sorted(topics))
+                self._metadata.refresh(sorted(topics), retry=force)
             except LogbrokerError as e:
-                log.warning("metadata refresh failed: %s", e)
+                self._log.warning("metadata", "metadata refresh failed: %s", e)
                 return  # subscribed topics get assigned once a refresh succeeds
         self._metadata_stale = False
         if self._subscription is not None:
@@ -786,7 +801,7 @@ class Consumer:
         try:
             self.commit(offsets)
         except LogbrokerError as e:
-            log.warning("auto-commit of group %s failed: %s", self._group, e)
+            self._log.warning("commit", "auto-commit of group %s failed: %s", self._group, e)
 
     # -- lifecycle ---------------------------------------------------------------------------
 

@@ -59,6 +59,38 @@ CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
 ]
 
 
+class LogThrottle:
+    """Logs a repeating warning once per `interval_s` per key; the repeats in between go to DEBUG.
+
+    A broker that is down makes every retry fail; one line every 10 s says so without flooding.
+    """
+
+    def __init__(self, logger: logging.Logger, interval_s: float = 10.0) -> None:
+        self._log = logger
+        self._interval_s = interval_s
+        self._last: dict[str, float] = {}
+
+    def warning(self, key: str, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last.get(key, -1e9) >= self._interval_s:
+            self._last[key] = now
+            self._log.warning(msg, *args)
+        else:
+            self._log.debug(msg, *args)
+
+
+def rpc_error_text(e: BaseException) -> str:
+    """One line for a gRPC error: its status code and details (str() of one spans 5 lines)."""
+    code = getattr(e, "code", None)
+    details = getattr(e, "details", None)
+    if callable(code) and callable(details):
+        try:
+            return f"{code().name}: {details()}"
+        except Exception:  # a partially built error
+            pass
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
 def parse_bootstrap(bootstrap: str | Sequence[str]) -> list[str]:
     """"host:port[,host:port]" or a list of them -> a list of "host:port" (order kept, no duplicates)."""
     items = bootstrap.split(",") if isinstance(bootstrap, str) else list(bootstrap)
@@ -251,14 +283,17 @@ class MetadataCache:
         random.shuffle(known)
         return known + [a for a in self._bootstrap if a not in known]
 
-    def fetch_metadata(self, topics: Iterable[str] | None = None) -> tuple[pb.MetadataResponse, str]:
-        """One Metadata RPC, tried on each candidate address, `retries` more rounds with backoff.
+    def fetch_metadata(
+        self, topics: Iterable[str] | None = None, retry: bool = True
+    ) -> tuple[pb.MetadataResponse, str]:
+        """One Metadata RPC, tried on each candidate address, `retries` more rounds with backoff
+        (none with retry=False: callers with their own backoff loop must not sleep here).
 
         Returns the response and the address that gave it.
         """
         request = pb.MetadataRequest(topics=list(topics or ()))
         last: Exception | None = None
-        for attempt in range(self._retries + 1):
+        for attempt in range(self._retries + 1 if retry else 1):
             if attempt:
                 time.sleep(self._retry_backoff_s * (2 ** (attempt - 1)))
             for addr in self.candidate_addresses():
@@ -271,9 +306,12 @@ class MetadataCache:
                     last = e
             if self._closed:
                 break
-        raise BrokerUnavailableError(f"no broker answered Metadata (tried {self.candidate_addresses()}): {last}")
+        raise BrokerUnavailableError(
+            f"no broker answered Metadata (tried {', '.join(self.candidate_addresses())}): "
+            f"{rpc_error_text(last) if last is not None else 'client closed'}"
+        )
 
-    def refresh(self, topics: Iterable[str] | None = None) -> pb.MetadataResponse:
+    def refresh(self, topics: Iterable[str] | None = None, retry: bool = True) -> pb.MetadataResponse:
         """Fetch metadata for `topics` (None: every topic) and merge it into the cache.
 
         A topic the cluster reports as unknown is dropped from the cache; with `topics=None`, so is
@@ -282,7 +320,7 @@ class MetadataCache:
         """
         wanted = None if topics is None else list(dict.fromkeys(topics))
         with self._refresh_lock:
-            resp, addr = self.fetch_metadata(wanted)
+            resp, addr = self.fetch_metadata(wanted, retry)
             self.apply(resp, wanted, addr)
         return resp
 

@@ -13,10 +13,11 @@ A batch's life, and the transitions the producer makes (all under `_lock`, excep
       │ (linger_ms passed, flush() or close() waiting, buffer_memory_bytes exhausted)
       v
     SEALED    in `acc.queue`, oldest first; retried batches go back to its front
-      │ the sender picks the queue head when the partition is not muted and its leader is known
+      │ the sender picks the queue head when the partition is not muted and its leader is known,
+      │ with the sealed batches behind it (back to back in one `records`, up to max_request_bytes)
       v
-    IN FLIGHT `acc.in_flight`; the partition is muted (at most one batch per partition on the wire,
-      │       so retries cannot reorder a partition), the leader's in-flight count is raised
+    IN FLIGHT `acc.in_flight`; the partition is muted (at most one request per partition on the
+      │       wire, so retries cannot reorder a partition), the leader's in-flight count is raised
       ├─ success ──────────────────────────────> DONE (futures resolve to RecordMetadata)
       ├─ retriable error, before the deadline ─> SEALED again after retry_backoff_ms (exponential)
       └─ other error, or deadline passed ──────> DONE (futures raise)
@@ -46,7 +47,7 @@ from typing import Any, NamedTuple
 
 import grpc
 
-from logbroker.client.metadata_cache import MetadataCache
+from logbroker.client.metadata_cache import LogThrottle, MetadataCache, rpc_error_text
 from logbroker.cluster.hashing import partition_for_key
 from logbroker.errors import (
     BrokerUnavailableError,
@@ -63,6 +64,7 @@ from logbroker.storage.record_batch import COMPRESSION_GZIP, COMPRESSION_NONE, H
 from logbroker.v1 import logbroker_pb2 as pb
 
 log = logging.getLogger(__name__)
+_throttled = LogThrottle(log)
 
 # Upper bound of a record's encoded size beyond its key, value and headers: length (5), attributes
 # (1), timestampDelta (10), offsetDelta (5), keyLength (5), valueLength (5), headerCount (5).
@@ -232,7 +234,7 @@ def failed_future(topic: str, partition: int, error: BaseException, timestamp: i
 
 class _Batch:
     __slots__ = ("acc", "builder", "result", "created", "deadline", "retry_at", "attempts",
-                 "charged", "payload", "record_count", "last_error")
+                 "charged", "payload", "record_count", "last_error", "solo")
 
     def __init__(self, acc: _PartitionAccumulator, builder: BatchBuilder, now: float, deadline: float) -> None:
         self.acc = acc
@@ -246,6 +248,7 @@ class _Batch:
         self.payload: bytes | None = None
         self.record_count = 0
         self.last_error: BaseException | None = None
+        self.solo = False  # ship alone: it was in a request a non-retriable error rejected as a whole
 
     def size_bytes(self) -> int:
         if self.payload is not None:
@@ -349,7 +352,7 @@ def retry_backoff_s(attempts: int, retry_backoff_ms: int) -> float:
 def rpc_error(e: grpc.RpcError) -> LogbrokerError:
     """A whole-call gRPC failure as the error each batch in it gets."""
     code = e.code() if hasattr(e, "code") else None
-    details = e.details() if hasattr(e, "details") else str(e)
+    details = e.details() if hasattr(e, "details") else rpc_error_text(e)
     if code == grpc.StatusCode.UNAVAILABLE:
         return BrokerUnavailableError(f"broker unavailable: {details}")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -778,14 +781,34 @@ class Producer:
             if used + size > self._max_request_bytes and leader in by_leader:
                 wake_at = now if wake_at is None else min(wake_at, now)
                 continue  # the next request to this leader takes it
+            group = by_leader.setdefault(leader, [])
             if head is acc.open:
                 head.record_count = head.builder.record_count  # type: ignore[union-attr]
                 acc.open = None
+                group.append(head)
             else:
+                # A backlog of sealed batches of this partition rides in the same request, back to
+                # back in one `records` field: a partition then moves up to max_request_bytes per
+                # round trip, not one batch.
                 queue.popleft()
+                group.append(head)
+                while not head.solo and queue and queue[0].retry_at <= now and not queue[0].solo:
+                    nxt = queue[0].size_bytes()
+                    if used + size + nxt > self._max_request_bytes:
+                        break
+                    group.append(queue.popleft())
+                    size += nxt
+                if (not head.solo and not queue and acc.open is not None
+                        and (all_ready or acc.open.created + self._linger_s <= now)):
+                    nxt = acc.open.size_bytes()
+                    if used + size + nxt <= self._max_request_bytes:
+                        last = acc.open
+                        last.record_count = last.builder.record_count  # type: ignore[union-attr]
+                        acc.open = None
+                        group.append(last)
+                        size += nxt
             acc.in_flight = head
             request_bytes[leader] = used + size
-            by_leader.setdefault(leader, []).append(head)
         for acc in idle:
             if acc.idle():
                 del self._pending[acc]
@@ -803,12 +826,20 @@ class Producer:
         return list(by_leader.items()), expired, wake_at
 
     def _send_request(self, address: str, batches: list[_Batch]) -> None:
-        parts = []
+        """One Produce for `batches` (consecutive batches of one partition share one `records`)."""
+        per_partition: dict[_PartitionAccumulator, list[bytes]] = {}
         for b in batches:
             if b.payload is None:
                 b.payload = b.builder.build()  # type: ignore[union-attr]
                 b.builder = None  # the encoded payload is all a retry needs
-            parts.append(pb.ProducePartition(topic=b.acc.topic, partition=b.acc.partition, records=b.payload))
+            per_partition.setdefault(b.acc, []).append(b.payload)
+        parts = [
+            pb.ProducePartition(
+                topic=acc.topic, partition=acc.partition,
+                records=payloads[0] if len(payloads) == 1 else b"".join(payloads),
+            )
+            for acc, payloads in per_partition.items()
+        ]
         request = pb.ProduceRequest(acks=self._acks, timeout_ms=self._request_timeout_ms, partitions=parts)
         try:
             future = self._metadata.broker_stub(address).Produce.future(request, timeout=self._rpc_timeout_s)
@@ -843,6 +874,11 @@ class Producer:
                 results[(r.topic, r.partition)] = r
         with self._lock:
             self._in_flight_per_broker[call.address] -= 1
+            next_offset: dict[_PartitionAccumulator, int] = {}  # batches after the first of a partition
+            retried: list[_Batch] = []
+            per_acc: dict[_PartitionAccumulator, int] = {}
+            for b in call.batches:
+                per_acc[b.acc] = per_acc.get(b.acc, 0) + 1
             for b in call.batches:
                 acc = b.acc
                 acc.in_flight = None
@@ -855,20 +891,30 @@ class Producer:
                     if r is None:
                         err = UnknownServerError(f"no result for {acc.topic}-{acc.partition} in the response")
                     elif r.error_code == pb.NONE:
-                        outcomes.append((b, r.base_offset, r.log_append_time_ms, None))
+                        base = next_offset.get(acc, r.base_offset)
+                        next_offset[acc] = base + b.record_count
+                        outcomes.append((b, base, r.log_append_time_ms, None))
                         continue
                     else:
                         err = error_for(r.error_code, r.error_message)
                 if needs_metadata(err):
                     self._refresh_topics.add(acc.topic)
-                if self._should_retry(b, err, now):
+                shared = len(call.batches) if call_error is not None else per_acc[acc]
+                if shared > 1 and not b.solo and not is_retriable(err) and not self._stopping and b.deadline > now:
+                    # One rejection for many batches (one too large, a request over the broker's
+                    # limit): send each alone, so only the culprit fails.
+                    b.solo = True
+                    retried.append(b)
+                elif self._should_retry(b, err, now):
                     b.attempts += 1
                     b.last_error = err
                     b.retry_at = now + retry_backoff_s(b.attempts, self._retry_backoff_ms)
-                    acc.queue.appendleft(b)
+                    retried.append(b)
                     log.debug("retrying %s-%s (attempt %d): %s", acc.topic, acc.partition, b.attempts, err)
                 else:
                     outcomes.append((b, -1, -1, err))
+            for b in reversed(retried):  # back to the queue fronts, in their original order
+                b.acc.queue.appendleft(b)
             for b, *_ in outcomes:
                 self._incomplete.pop(b, None)
                 self._release(b)
@@ -909,9 +955,9 @@ class Producer:
             self._refresh_topics = set()
             self._metadata_retry_at = now + self._retry_backoff_ms / 1000
         try:
-            self._metadata.refresh(sorted(topics))
+            self._metadata.refresh(sorted(topics), retry=False)  # this loop backs off itself
         except LogbrokerError as e:
-            log.warning("metadata refresh failed: %s", e)
+            _throttled.warning("metadata", "metadata refresh failed: %s", e)
             with self._lock:
                 self._refresh_topics |= topics
             return

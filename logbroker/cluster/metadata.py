@@ -32,7 +32,7 @@ TOPIC_CONFIG_DEFAULTS: dict[str, str] = {
     "cleanup_policy": "delete",
     "retention_ms": str(7 * 24 * 3600 * 1000),
     "retention_bytes": "-1",
-    "segment_bytes": str(1 << 30),
+    "segment_bytes": str(128 << 20),
     "segment_ms": str(7 * 24 * 3600 * 1000),
     "max_message_bytes": str(1 << 20),
     "index_interval_bytes": "4096",

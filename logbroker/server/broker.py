@@ -59,6 +59,7 @@ class Broker:
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
         self._stopped = asyncio.Event()
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -116,22 +117,29 @@ class Broker:
         self.topics = topics
 
     async def stop(self) -> None:
-        if self._stopped.is_set():
+        if self._stopping:
+            await self._stopped.wait()
             return
+        self._stopping = True
         log.info("broker %d shutting down", self.config.broker_id)
         self.ready = False
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        for task in self._tasks:
-            task.cancel()
-        self.purgatory.notify_all()
-        if self._server is not None:
-            await self._server.stop(self.config.shutdown_grace_s)
-        self._log_manager.close_all()
-        if self._store is not None:
-            self._store.close()
-        self._stopped.set()
-        log.info("broker %d stopped cleanly", self.config.broker_id)
+        try:
+            for task in self._tasks:
+                task.cancel()
+            self.purgatory.notify_all()
+            if self._server is not None:
+                await self._server.stop(self.config.shutdown_grace_s)
+            self._log_manager.close_all()
+            if self._store is not None:
+                self._store.close()
+            log.info("broker %d stopped cleanly", self.config.broker_id)
+        except Exception:
+            log.exception("broker %d: error during shutdown (logs will be recovered on restart)",
+                          self.config.broker_id)
+        finally:
+            self._stopped.set()
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()

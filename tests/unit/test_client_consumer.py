@@ -20,7 +20,7 @@ pytestmark = pytest.mark.timeout(30)
 
 def fill(md: FakeMetadata, topic: str, counts: dict[int, int], batch_size_bytes: int = 2_000) -> None:
     """counts[p] records per partition p, values b"p-i", in batches of ~batch_size_bytes."""
-    with Producer(md, linger_ms=0, batch_size_bytes=batch_size_bytes) as p:
+    with Producer(md, linger_ms=60_000, batch_size_bytes=batch_size_bytes) as p:  # flush() ships
         for part, n in counts.items():
             for i in range(n):
                 p.send(topic, b"%d-%d" % (part, i), partition=part)

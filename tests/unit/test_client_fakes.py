@@ -282,7 +282,7 @@ class FakeMetadata(MetadataCache):
                 t.partitions.add(partition=p, leader=leader, leader_epoch=0, replicas=[max(leader, 0)])
         return resp
 
-    def refresh(self, topics: Any = None) -> pb.MetadataResponse:
+    def refresh(self, topics: Any = None, retry: bool = True) -> pb.MetadataResponse:
         wanted = None if topics is None else list(topics)
         self.refreshes.append(wanted)
         resp = self.response()

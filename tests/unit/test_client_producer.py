@@ -52,6 +52,13 @@ def produce_requests(md: FakeMetadata, broker: str = "broker0:9092") -> list[pb.
     return [r for r in md.fakes[broker].requests if isinstance(r, pb.ProduceRequest)]
 
 
+def wait_until(predicate, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.005)
+
+
 @pytest.fixture
 def md() -> FakeMetadata:
     return FakeMetadata({"t": 1, "four": 4})
@@ -314,28 +321,67 @@ def test_record_too_large_fails_its_future_at_once(md):
         assert p.send("t", b"ok").result(5).offset == 0
 
 
-def test_one_batch_per_partition_in_flight(md):
+def test_one_batch_per_partition_in_flight_and_the_backlog_follows_in_one_request(md):
     md.broker.hold = True
     p = Producer(md, linger_ms=0, batch_size_bytes=1_000)
     try:
-        for _ in range(30):
-            p.send("four", b"x" * 100, partition=1)
+        first = p.send("four", b"first", partition=1)
+        wait_until(lambda: len(md.broker.held) == 1)
+        futures = [p.send("four", b"%03d" % i + b"x" * 100, partition=1) for i in range(30)]
         time.sleep(0.2)
-        reqs = produce_requests(md)
-        assert len(reqs) == 1 and len(reqs[0].partitions) == 1  # the other batches wait their turn
-        n = 1
-        while md.broker.held:
-            md.broker.release()
-            time.sleep(0.05)
-            n += 1
-            assert n < 50
+        assert len(produce_requests(md)) == 1  # partition 1 is muted while its batch is in flight
+        md.broker.hold = False
+        md.broker.release()
         p.flush(5)
+        assert first.result().offset == 0
+        assert [f.result().offset for f in futures] == list(range(1, 31))
     finally:
         md.broker.hold = False
         md.broker.release()
         p.close(2)
-    assert [m.value for m in records_of(md, "four", 1)] == [b"x" * 100] * 30
-    assert len(produce_requests(md)) > 3
+    assert [m.value[:3] for m in records_of(md, "four", 1)[1:]] == [b"%03d" % i for i in range(30)]
+    reqs = produce_requests(md)
+    assert len(reqs) == 2
+    # the backlog went out together: several batches back to back in one `records` field
+    assert len(rb.validate_batches(reqs[1].partitions[0].records, 1 << 20)) > 1
+    assert all(len(d) <= 1_000 for _, d in md.broker.logs[("four", 1)])
+
+
+def test_backlog_is_cut_at_max_request_bytes(md):
+    md.broker.hold = True
+    p = Producer(md, linger_ms=0, batch_size_bytes=1_000, max_request_bytes=4_096)
+    try:
+        p.send("t", b"first")
+        wait_until(lambda: len(md.broker.held) == 1)
+        futures = [p.send("t", b"x" * 100) for _ in range(100)]
+        md.broker.hold = False
+        md.broker.release()
+        p.flush(5)
+        assert [f.result().offset for f in futures] == list(range(1, 101))
+    finally:
+        md.broker.hold = False
+        md.broker.release()
+        p.close(2)
+    for r in produce_requests(md):
+        assert r.ByteSize() <= 4_096
+
+
+def test_retried_backlog_keeps_its_order(md):
+    md.broker.hold = True
+    md.broker.errors[("t", 0)] = deque([pb.NOT_LEADER_OR_FOLLOWER])
+    p = Producer(md, linger_ms=0, batch_size_bytes=1_000, retry_backoff_ms=10)
+    try:
+        futures = [p.send("t", b"%03d" % i + b"x" * 100) for i in range(60)]
+        time.sleep(0.2)
+        md.broker.hold = False
+        md.broker.release()  # the first batch fails, then everything goes in order
+        p.flush(5)
+        assert [f.result().offset for f in futures] == list(range(60))
+    finally:
+        md.broker.hold = False
+        md.broker.release()
+        p.close(2)
+    assert [m.value[:3] for m in records_of(md, "t", 0)] == [b"%03d" % i for i in range(60)]
 
 
 def test_ready_batches_of_one_leader_share_a_request(md):
@@ -344,7 +390,8 @@ def test_ready_batches_of_one_leader_share_a_request(md):
     try:
         for part in (0, 2, 3):
             p.send("four", b"v", partition=part)
-        time.sleep(0.3)
+        wait_until(lambda: len(produce_requests(md)) >= 1)
+        time.sleep(0.05)
         reqs = produce_requests(md)
         assert len(reqs) == 1
         assert sorted(pp.partition for pp in reqs[0].partitions) == [0, 2, 3]
@@ -358,13 +405,15 @@ def test_max_in_flight_requests_per_broker(md):
     md.broker.hold = True
     p = Producer(md, linger_ms=0, max_in_flight_requests=2)
     try:
-        for i in range(4):
+        for i in range(2):
             p.send("four", b"v", partition=i)
-            time.sleep(0.05)  # each partition ready on its own: one request each
+            wait_until(lambda i=i: len(md.broker.held) == i + 1)  # one request each
+        p.send("four", b"v", partition=2)
+        p.send("four", b"v", partition=3)
         time.sleep(0.1)
-        assert len(md.broker.held) == 2
+        assert len(md.broker.held) == 2  # at the limit: partitions 2 and 3 wait
         md.broker.release()
-        time.sleep(0.1)
+        wait_until(lambda: len(md.broker.held) == 1)
         # the two waiting partitions share one leader: one request carries both
         assert len(md.broker.held) == 1
         assert len(md.broker.held[0][1].partitions) == 2
@@ -603,3 +652,29 @@ def test_send_from_many_threads(md):
         part = partition_for_key(b"%d" % n, 4)
         values = [m.value for m in records_of(md, "four", part) if m.key == b"%d" % n]
         assert values == [b"%d-%d" % (n, i) for i in range(500)]
+
+
+def test_a_rejected_backlog_is_split_so_only_the_culprit_fails(md):
+    md.broker.hold = True
+    p = Producer(md, linger_ms=0, batch_size_bytes=1_000)
+    try:
+        first = p.send("t", b"first")  # goes out alone and is held
+        wait_until(lambda: len(md.broker.held) == 1)
+        backlog = [p.send("t", b"g" * 100) for _ in range(20)]  # several batches, waiting
+        md.broker.release()  # "first" is stored; the backlog goes out in one request, held
+        wait_until(lambda: len(md.broker.held) == 1)
+        assert len(rb.validate_batches(md.broker.held[0][1].partitions[0].records, 1 << 20)) > 1
+        # the backlog is rejected as a whole, then its first batch alone again: only that one fails
+        md.broker.errors[("t", 0)] = deque([pb.MESSAGE_TOO_LARGE, pb.MESSAGE_TOO_LARGE])
+        md.broker.hold = False
+        md.broker.release()
+        p.flush(5)
+    finally:
+        md.broker.hold = False
+        md.broker.release()
+        p.close(2)
+    assert first.result().offset == 0
+    failed = [f for f in backlog if f.exception() is not None]
+    assert failed and all(isinstance(f.exception(), MessageTooLargeError) for f in failed)
+    assert failed == backlog[: len(failed)] and len(failed) < 10
+    assert [f.result().offset for f in backlog[len(failed):]] == list(range(1, 21 - len(failed)))

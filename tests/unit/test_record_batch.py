@@ -11,7 +11,7 @@ from logbroker.storage import record_batch as rb
 
 records_st = st.lists(
     st.tuples(
-        st.integers(min_value=0, max_value=2**41),
+        st.integers(min_value=-(2**20), max_value=2**36),  # timestamp deltas of 1..5+ varint bytes
         st.one_of(st.none(), st.binary(max_size=300)),
         st.one_of(st.none(), st.binary(max_size=20_000)),
         st.one_of(st.none(), st.lists(st.tuples(st.text(max_size=10), st.one_of(st.none(), st.binary(max_size=10))),
@@ -23,10 +23,12 @@ records_st = st.lists(
 
 
 @settings(max_examples=150, deadline=None)
-@given(records_st, st.sampled_from([rb.COMPRESSION_NONE, rb.COMPRESSION_GZIP]), st.integers(0, 2**40))
-def test_encode_decode_roundtrip(records, compression, base_offset):
-    ts0 = records[0][0]
-    recs = [(ts0 + abs(ts - ts0) % 100_000, k, v, h) for ts, k, v, h in records]
+@given(records_st, st.sampled_from([rb.COMPRESSION_NONE, rb.COMPRESSION_GZIP]), st.integers(0, 2**40),
+       st.integers(0, 200), st.integers(0, 45))
+def test_encode_decode_roundtrip(records, compression, base_offset, pad, skip):
+    ts0 = 1_700_000_000_000
+    # padding records push offset deltas past 63, into two-byte varints
+    recs = [(ts0, None, b"p", None)] * pad + [(ts0 + d, k, v, h) for d, k, v, h in records]
     data = bytearray(rb.encode_batch(recs, compression))
     infos = rb.validate_batches(data, 1 << 30)
     assert len(infos) == 1 and infos[0].record_count == len(recs)
@@ -35,9 +37,9 @@ def test_encode_decode_roundtrip(records, compression, base_offset):
     rb.validate_batches(data, 1 << 30)  # patching is outside the CRC
     h = rb.parse_header(data)
     assert h.partition_leader_epoch == 7
-    msgs = rb.decode_batch(bytes(data), 0, h, "t", 3)
+    msgs = rb.decode_batch(bytes(data), 0, h, "t", 3, min_offset=base_offset + skip)
     assert [(m.offset, m.timestamp, m.key, m.value, list(m.headers)) for m in msgs] == [
-        (base_offset + i, ts, k, v, list(hd or [])) for i, (ts, k, v, hd) in enumerate(recs)
+        (base_offset + i, ts, k, v, list(hd or [])) for i, (ts, k, v, hd) in enumerate(recs) if i >= skip
     ]
     assert h.max_timestamp == max(r[0] for r in recs)
 
