@@ -167,6 +167,39 @@ class InvalidGroupIdError(BrokerError):
     code = pb.INVALID_GROUP_ID
 
 
+class BrokerNotAvailableError(BrokerError):
+    code = pb.BROKER_NOT_AVAILABLE
+    retriable = True
+    refresh_metadata = True
+
+
+class StaleControllerEpochError(BrokerError):
+    """A request from a controller that has since been replaced (zombie-controller fence)."""
+
+    code = pb.STALE_CONTROLLER_EPOCH
+
+
+class NotControllerError(BrokerError):
+    code = pb.NOT_CONTROLLER
+    retriable = True
+    refresh_metadata = True
+
+
+class ReassignmentInProgressError(BrokerError):
+    code = pb.REASSIGNMENT_IN_PROGRESS
+    retriable = True
+
+
+class StaleBrokerEpochError(BrokerError):
+    """A request aimed at an earlier incarnation of the receiving broker."""
+
+    code = pb.STALE_BROKER_EPOCH
+
+
+class IneligibleReplicaError(BrokerError):
+    code = pb.INELIGIBLE_REPLICA
+
+
 class KafkaTimeoutError(LogbrokerError):
     """A client-side deadline passed (delivery timeout, flush timeout, metadata wait)."""
 

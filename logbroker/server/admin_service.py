@@ -8,7 +8,13 @@ from typing import TYPE_CHECKING
 import grpc
 
 from logbroker.cluster.metadata import validate_topic_name
-from logbroker.errors import BrokerError, InvalidConfigError, UnknownServerError, UnknownTopicOrPartitionError
+from logbroker.errors import (
+    BrokerError,
+    InvalidConfigError,
+    InvalidReplicationFactorError,
+    UnknownServerError,
+    UnknownTopicOrPartitionError,
+)
 from logbroker.server import rpc
 from logbroker.v1 import logbroker_pb2 as pb
 
@@ -103,6 +109,33 @@ class AdminService:
         return resp
 
 
+    async def describe_cluster(
+        self, req: pb.DescribeClusterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DescribeClusterResponse:
+        broker = self.broker
+        _check(broker, 0)
+        host, port = broker.config.advertised
+        resp = pb.DescribeClusterResponse(cluster_id=broker.store.cluster_id, controller_id=broker.config.broker_id,
+                                          controller_epoch=0)
+        resp.brokers.add(broker_id=broker.config.broker_id, host=host, port=port or broker.bound_port,
+                         rack=broker.config.rack)
+        return resp
+
+    async def reassign_partition(
+        self, req: pb.ReassignPartitionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReassignPartitionResponse:
+        _check(self.broker, 1)
+        try:
+            self.broker.partition(req.topic, req.partition)
+            if list(req.replicas) != [self.broker.config.broker_id]:
+                raise InvalidReplicationFactorError("a standalone broker can only place replicas on itself")
+            return pb.ReassignPartitionResponse()
+        except Exception as exc:
+            if not isinstance(exc, BrokerError):
+                raise
+            return pb.ReassignPartitionResponse(error_code=exc.code, error_message=exc.message)  # type: ignore[arg-type]
+
+
 def handler(broker: Broker) -> grpc.GenericRpcHandler:
     svc = AdminService(broker)
     return rpc.service(
@@ -112,5 +145,7 @@ def handler(broker: Broker) -> grpc.GenericRpcHandler:
             "DeleteTopics": rpc.method(pb.DeleteTopicsRequest, svc.delete_topics),
             "CreatePartitions": rpc.method(pb.CreatePartitionsRequest, svc.create_partitions),
             "DescribeTopics": rpc.method(pb.DescribeTopicsRequest, svc.describe_topics),
+            "DescribeCluster": rpc.method(pb.DescribeClusterRequest, svc.describe_cluster),
+            "ReassignPartition": rpc.method(pb.ReassignPartitionRequest, svc.reassign_partition),
         },
     )

@@ -25,6 +25,250 @@ if _version_not_supported:
     )
 
 
+class ReplicaStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.LeaderAndIsr = channel.unary_unary(
+                '/logbroker.v1.Replica/LeaderAndIsr',
+                request_serializer=logbroker_dot_v1_dot_logbroker__pb2.LeaderAndIsrRequest.SerializeToString,
+                response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.LeaderAndIsrResponse.FromString,
+                _registered_method=True)
+        self.UpdateMetadata = channel.unary_unary(
+                '/logbroker.v1.Replica/UpdateMetadata',
+                request_serializer=logbroker_dot_v1_dot_logbroker__pb2.UpdateMetadataRequest.SerializeToString,
+                response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.UpdateMetadataResponse.FromString,
+                _registered_method=True)
+        self.StopReplica = channel.unary_unary(
+                '/logbroker.v1.Replica/StopReplica',
+                request_serializer=logbroker_dot_v1_dot_logbroker__pb2.StopReplicaRequest.SerializeToString,
+                response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.StopReplicaResponse.FromString,
+                _registered_method=True)
+        self.OffsetForLeaderEpoch = channel.unary_unary(
+                '/logbroker.v1.Replica/OffsetForLeaderEpoch',
+                request_serializer=logbroker_dot_v1_dot_logbroker__pb2.OffsetForLeaderEpochRequest.SerializeToString,
+                response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.OffsetForLeaderEpochResponse.FromString,
+                _registered_method=True)
+        self.ControlledShutdown = channel.unary_unary(
+                '/logbroker.v1.Replica/ControlledShutdown',
+                request_serializer=logbroker_dot_v1_dot_logbroker__pb2.ControlledShutdownRequest.SerializeToString,
+                response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.ControlledShutdownResponse.FromString,
+                _registered_method=True)
+
+
+class ReplicaServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def LeaderAndIsr(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateMetadata(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StopReplica(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def OffsetForLeaderEpoch(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ControlledShutdown(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ReplicaServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'LeaderAndIsr': grpc.unary_unary_rpc_method_handler(
+                    servicer.LeaderAndIsr,
+                    request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.LeaderAndIsrRequest.FromString,
+                    response_serializer=logbroker_dot_v1_dot_logbroker__pb2.LeaderAndIsrResponse.SerializeToString,
+            ),
+            'UpdateMetadata': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateMetadata,
+                    request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.UpdateMetadataRequest.FromString,
+                    response_serializer=logbroker_dot_v1_dot_logbroker__pb2.UpdateMetadataResponse.SerializeToString,
+            ),
+            'StopReplica': grpc.unary_unary_rpc_method_handler(
+                    servicer.StopReplica,
+                    request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.StopReplicaRequest.FromString,
+                    response_serializer=logbroker_dot_v1_dot_logbroker__pb2.StopReplicaResponse.SerializeToString,
+            ),
+            'OffsetForLeaderEpoch': grpc.unary_unary_rpc_method_handler(
+                    servicer.OffsetForLeaderEpoch,
+                    request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.OffsetForLeaderEpochRequest.FromString,
+                    response_serializer=logbroker_dot_v1_dot_logbroker__pb2.OffsetForLeaderEpochResponse.SerializeToString,
+            ),
+            'ControlledShutdown': grpc.unary_unary_rpc_method_handler(
+                    servicer.ControlledShutdown,
+                    request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.ControlledShutdownRequest.FromString,
+                    response_serializer=logbroker_dot_v1_dot_logbroker__pb2.ControlledShutdownResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'logbroker.v1.Replica', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('logbroker.v1.Replica', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Replica:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def LeaderAndIsr(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logbroker.v1.Replica/LeaderAndIsr',
+            logbroker_dot_v1_dot_logbroker__pb2.LeaderAndIsrRequest.SerializeToString,
+            logbroker_dot_v1_dot_logbroker__pb2.LeaderAndIsrResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateMetadata(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logbroker.v1.Replica/UpdateMetadata',
+            logbroker_dot_v1_dot_logbroker__pb2.UpdateMetadataRequest.SerializeToString,
+            logbroker_dot_v1_dot_logbroker__pb2.UpdateMetadataResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StopReplica(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logbroker.v1.Replica/StopReplica',
+            logbroker_dot_v1_dot_logbroker__pb2.StopReplicaRequest.SerializeToString,
+            logbroker_dot_v1_dot_logbroker__pb2.StopReplicaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OffsetForLeaderEpoch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logbroker.v1.Replica/OffsetForLeaderEpoch',
+            logbroker_dot_v1_dot_logbroker__pb2.OffsetForLeaderEpochRequest.SerializeToString,
+            logbroker_dot_v1_dot_logbroker__pb2.OffsetForLeaderEpochResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ControlledShutdown(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logbroker.v1.Replica/ControlledShutdown',
+            logbroker_dot_v1_dot_logbroker__pb2.ControlledShutdownRequest.SerializeToString,
+            logbroker_dot_v1_dot_logbroker__pb2.ControlledShutdownResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class BrokerStub:
     """Missing associated documentation comment in .proto file."""
 
@@ -341,6 +585,16 @@ class AdminStub:
                 request_serializer=logbroker_dot_v1_dot_logbroker__pb2.DescribeTopicsRequest.SerializeToString,
                 response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.DescribeTopicsResponse.FromString,
                 _registered_method=True)
+        self.DescribeCluster = channel.unary_unary(
+                '/logbroker.v1.Admin/DescribeCluster',
+                request_serializer=logbroker_dot_v1_dot_logbroker__pb2.DescribeClusterRequest.SerializeToString,
+                response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.DescribeClusterResponse.FromString,
+                _registered_method=True)
+        self.ReassignPartition = channel.unary_unary(
+                '/logbroker.v1.Admin/ReassignPartition',
+                request_serializer=logbroker_dot_v1_dot_logbroker__pb2.ReassignPartitionRequest.SerializeToString,
+                response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.ReassignPartitionResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -370,6 +624,18 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DescribeCluster(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReassignPartition(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -392,6 +658,16 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.DescribeTopics,
                     request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.DescribeTopicsRequest.FromString,
                     response_serializer=logbroker_dot_v1_dot_logbroker__pb2.DescribeTopicsResponse.SerializeToString,
+            ),
+            'DescribeCluster': grpc.unary_unary_rpc_method_handler(
+                    servicer.DescribeCluster,
+                    request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.DescribeClusterRequest.FromString,
+                    response_serializer=logbroker_dot_v1_dot_logbroker__pb2.DescribeClusterResponse.SerializeToString,
+            ),
+            'ReassignPartition': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReassignPartition,
+                    request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.ReassignPartitionRequest.FromString,
+                    response_serializer=logbroker_dot_v1_dot_logbroker__pb2.ReassignPartitionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -502,6 +778,60 @@ class Admin:
             '/logbroker.v1.Admin/DescribeTopics',
             logbroker_dot_v1_dot_logbroker__pb2.DescribeTopicsRequest.SerializeToString,
             logbroker_dot_v1_dot_logbroker__pb2.DescribeTopicsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DescribeCluster(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logbroker.v1.Admin/DescribeCluster',
+            logbroker_dot_v1_dot_logbroker__pb2.DescribeClusterRequest.SerializeToString,
+            logbroker_dot_v1_dot_logbroker__pb2.DescribeClusterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReassignPartition(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logbroker.v1.Admin/ReassignPartition',
+            logbroker_dot_v1_dot_logbroker__pb2.ReassignPartitionRequest.SerializeToString,
+            logbroker_dot_v1_dot_logbroker__pb2.ReassignPartitionResponse.FromString,
             options,
             channel_credentials,
             insecure,
