@@ -15,6 +15,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests.zookeeper import ZooKeeperProcess, zookeeper_available
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -113,3 +115,26 @@ def broker_factory(tmp_path: Path) -> Iterator[Callable[..., BrokerProcess]]:
 @pytest.fixture
 def broker(broker_factory: Callable[..., BrokerProcess]) -> BrokerProcess:
     return broker_factory()
+
+
+@pytest.fixture(scope="session")
+def zookeeper(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ZooKeeperProcess]:
+    """One real ZooKeeper for the session; tests isolate themselves with their own chroot."""
+    why = zookeeper_available()
+    if why is not None:
+        if os.environ.get("CI"):
+            raise RuntimeError(f"ZooKeeper is required in CI: {why}")
+        pytest.skip(why)
+    zk = ZooKeeperProcess(tmp_path_factory.mktemp("zookeeper"), free_port()).start()
+    yield zk
+    zk.stop()
+
+
+@pytest.fixture
+def zk_chroot(request: pytest.FixtureRequest) -> str:
+    """A chroot unique to the test, so tests sharing the session's ZooKeeper never see each other."""
+    import re
+    import uuid
+
+    name = re.sub(r"[^A-Za-z0-9_]", "_", request.node.name)[:60]
+    return f"/t_{name}_{uuid.uuid4().hex[:8]}"

@@ -6,6 +6,7 @@ checked before anything touches the disk, so no name can ever become a path outs
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 
@@ -94,3 +95,53 @@ class TopicSpec:
     @property
     def partition_count(self) -> int:
         return len(self.assignment)
+
+
+@dataclass
+class PartitionStateData:
+    """Leader and ISR of one partition, as the controller (and, for ISR changes, the leader) writes it.
+
+    Stored as JSON in ZooKeeper at /topics/<topic>/partitions/<p>/state; `zk_version` is that znode's
+    version (not serialized): every write of a state is conditional on it.
+    """
+
+    leader: int
+    leader_epoch: int
+    isr: list[int]
+    controller_epoch: int
+    zk_version: int = -1
+
+    def to_json(self) -> bytes:
+        return json.dumps(
+            {"leader": self.leader, "leader_epoch": self.leader_epoch, "isr": self.isr,
+             "controller_epoch": self.controller_epoch}
+        ).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes, zk_version: int = -1) -> PartitionStateData:
+        d = json.loads(raw)
+        return cls(int(d["leader"]), int(d["leader_epoch"]), [int(b) for b in d["isr"]],
+                   int(d["controller_epoch"]), zk_version)
+
+
+@dataclass(frozen=True)
+class BrokerRegistration:
+    """A live broker: /brokers/ids/<id> holds host, port and rack; epoch is the znode's czxid."""
+
+    broker_id: int
+    host: str
+    port: int
+    rack: str = ""
+    epoch: int = -1
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def to_json(self) -> bytes:
+        return json.dumps({"host": self.host, "port": self.port, "rack": self.rack}).encode()
+
+    @classmethod
+    def from_json(cls, broker_id: int, raw: bytes, epoch: int = -1) -> BrokerRegistration:
+        d = json.loads(raw)
+        return cls(broker_id, str(d["host"]), int(d["port"]), str(d.get("rack", "")), epoch)
