@@ -67,6 +67,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         advertised_host=adv_host,
         advertised_port=adv_port,
         broker_id=args.broker_id,
+        rack=args.rack,
+        zookeeper=args.zookeeper,
+        zk_session_timeout_ms=args.zk_session_timeout_ms,
+        replica_lag_time_max_ms=args.replica_lag_time_max_ms,
         max_request_bytes=args.max_request_bytes,
         retention_check_interval_ms=args.retention_check_interval_ms,
         default_topic_config=_parse_config_pairs(args.default_topic_config),
@@ -159,11 +163,43 @@ def cmd_topics_delete(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_topics_reassign(args: argparse.Namespace) -> int:
+    try:
+        replicas = [int(x) for x in args.replicas.split(",") if x.strip()]
+    except ValueError:
+        raise CliError(f"--replicas expects comma-separated broker ids, got {args.replicas!r}") from None
+    with _admin(args) as admin:
+        admin.reassign_partition(args.name, args.partition, replicas)
+    print(f"reassignment of {args.name}-{args.partition} to {replicas} started")
+    return EXIT_OK
+
+
 def cmd_topics_add_partitions(args: argparse.Namespace) -> int:
     with _admin(args) as admin:
         admin.create_partitions(args.name, args.total)
     print(f"topic {args.name} now has {args.total} partitions")
     return EXIT_OK
+
+
+def cmd_cluster_describe(args: argparse.Namespace) -> int:
+    with _admin(args) as admin:
+        info = admin.describe_cluster()
+    if args.format == "json":
+        print(json.dumps(info, indent=2))
+        return EXIT_OK
+    print(f"Cluster: {info['cluster_id']}\tController: {info['controller_id']} (epoch {info['controller_epoch']})")
+    print(f"{'BROKER':>6} {'ADDRESS':<24} RACK")
+    for b in info["brokers"]:
+        print(f"{b['broker_id']:>6} {b['host'] + ':' + str(b['port']):<24} {b['rack']}")
+    return EXIT_OK
+
+
+def cmd_dev_cluster(args: argparse.Namespace) -> int:
+    from logbroker.cluster.dev_cluster import run_dev_cluster
+
+    if not 1 <= args.brokers <= 9:
+        raise CliError("--brokers must be between 1 and 9")
+    return run_dev_cluster(args.brokers, Path(args.data_dir).resolve(), args.base_port)
 
 
 # -- produce / consume --------------------------------------------------------------------------------
@@ -278,14 +314,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    serve = sub.add_parser("serve", help="run a standalone broker (embedded metadata store, no ZooKeeper)",
+    serve = sub.add_parser("serve", help="run a broker: standalone by default, a cluster member with --zookeeper",
                            description="Run one broker. Data lives in --data-dir; logs are recovered on start "
                            "and the gRPC health service says SERVING once they are. SIGTERM shuts down cleanly.")
     serve.add_argument("--data-dir", default=os.environ.get("LOGBROKER_DATA_DIR", "./logbroker-data"),
                        help="directory for partition logs and metadata (default: ./logbroker-data)")
     serve.add_argument("--listen", default=DEFAULT_BOOTSTRAP, help=f"HOST:PORT to listen on (default: {DEFAULT_BOOTSTRAP})")
     serve.add_argument("--advertised-address", default="", help="HOST:PORT clients should use (default: --listen)")
-    serve.add_argument("--broker-id", type=int, default=0, help="this broker's id (default: 0)")
+    serve.add_argument("--broker-id", type=int, default=0, help="this broker's id, unique in the cluster (default: 0)")
+    serve.add_argument("--zookeeper", default=os.environ.get("LOGBROKER_ZOOKEEPER", ""), metavar="HOST:PORT[,...][/CHROOT]",
+                       help="join a cluster coordinated by this ZooKeeper ensemble (chroot default /logbroker); "
+                       "without it the broker runs standalone with an embedded metadata store")
+    serve.add_argument("--rack", default="", help="rack/zone of this broker, for rack-aware replica placement")
+    serve.add_argument("--zk-session-timeout-ms", type=int, default=6000,
+                       help="ZooKeeper session timeout: how fast a dead broker is noticed (default: 6000)")
+    serve.add_argument("--replica-lag-time-max-ms", type=int, default=10_000,
+                       help="a follower that has not caught up for this long leaves the ISR (default: 10000)")
     serve.add_argument("--max-request-bytes", type=int, default=32 << 20,
                        help="largest request accepted; larger ones fail with RESOURCE_EXHAUSTED (default: 32 MiB)")
     serve.add_argument("--retention-check-interval-ms", type=int, default=60_000,
@@ -295,7 +339,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(func=cmd_serve)
 
-    topics = sub.add_parser("topics", help="create, list, describe, delete topics and add partitions")
+    cl = sub.add_parser("cluster", help="show the cluster's brokers and controller")
+    clsub = cl.add_subparsers(dest="cluster_command", metavar="ACTION", required=True)
+    t = clsub.add_parser("describe", parents=[common], help="list brokers and the controller")
+    t.add_argument("--format", choices=["text", "json"], default="text")
+    t.set_defaults(func=cmd_cluster_describe)
+
+    dev = sub.add_parser("dev-cluster", help="start ZooKeeper and N brokers on loopback for development",
+                         description="Start ZooKeeper (Debian's zookeeper package) and --brokers brokers on "
+                         "127.0.0.1, print their addresses, and stop everything on Ctrl-C.")
+    dev.add_argument("--brokers", type=int, default=3, help="number of brokers (default: 3)")
+    dev.add_argument("--data-dir", default="./logbroker-dev-cluster", help="where logs and data go")
+    dev.add_argument("--base-port", type=int, default=0, help="first broker port (default: free ports)")
+    dev.set_defaults(func=cmd_dev_cluster)
+
+    topics = sub.add_parser("topics", help="create, list, describe, delete, reassign topics and add partitions")
     tsub = topics.add_subparsers(dest="topics_command", metavar="ACTION", required=True)
     t = tsub.add_parser("create", parents=[common], help="create a topic")
     t.add_argument("name")
@@ -314,6 +372,12 @@ def build_parser() -> argparse.ArgumentParser:
     t = tsub.add_parser("delete", parents=[common], help="delete a topic and its data")
     t.add_argument("name")
     t.set_defaults(func=cmd_topics_delete)
+    t = tsub.add_parser("reassign", parents=[common],
+                        help="move a partition to other brokers (data is copied before old replicas are dropped)")
+    t.add_argument("name")
+    t.add_argument("--partition", type=int, required=True)
+    t.add_argument("--replicas", required=True, help="comma-separated broker ids; the first is the preferred leader")
+    t.set_defaults(func=cmd_topics_reassign)
     t = tsub.add_parser("add-partitions", parents=[common], help="grow a topic to --total partitions")
     t.add_argument("name")
     t.add_argument("--total", type=int, required=True, help="the new total number of partitions")

@@ -10,6 +10,7 @@ DEFAULT_PORT = 9092
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_BOOTSTRAP = f"{DEFAULT_HOST}:{DEFAULT_PORT}"
 BOOTSTRAP_ENV = "LOGBROKER_BOOTSTRAP"
+DEFAULT_ZK_CHROOT = "/logbroker"
 
 
 def default_bootstrap() -> str:
@@ -55,6 +56,22 @@ class BrokerConfig:
     retention_check_interval_ms: int = 60_000
     shutdown_grace_s: float = 5.0
     default_topic_config: dict[str, str] = field(default_factory=dict)
+    # cluster mode (empty zookeeper: standalone with the embedded metadata store)
+    zookeeper: str = ""  # "host:port[,host:port...][/chroot]"
+    zk_session_timeout_ms: int = 6000
+    replica_lag_time_max_ms: int = 10_000
+    controlled_shutdown_timeout_ms: int = 30_000
+    default_replication_factor: int = 1
+
+    @property
+    def zk_hosts_and_chroot(self) -> tuple[str, str]:
+        """("h1:p1,h2:p2", "/logbroker"): the chroot defaults to /logbroker as in Kafka's layout."""
+        hosts, sep, chroot = self.zookeeper.partition("/")
+        return hosts, ("/" + chroot.strip("/")) if sep and chroot.strip("/") else DEFAULT_ZK_CHROOT
+
+    @property
+    def cluster_mode(self) -> bool:
+        return bool(self.zookeeper)
 
     @property
     def advertised(self) -> tuple[str, int]:

@@ -132,6 +132,26 @@ class Admin:
             out.append(_description(t))
         return out
 
+    def describe_cluster(self) -> dict[str, Any]:
+        """{"cluster_id", "controller_id", "controller_epoch", "brokers": [{broker_id, host, port, rack}]}."""
+        resp = self._call(lambda stub: stub.DescribeCluster(pb.DescribeClusterRequest(), timeout=self._timeout_s))
+        return {
+            "cluster_id": resp.cluster_id,
+            "controller_id": resp.controller_id,
+            "controller_epoch": resp.controller_epoch,
+            "brokers": [
+                {"broker_id": b.broker_id, "host": b.host, "port": b.port, "rack": b.rack}
+                for b in sorted(resp.brokers, key=lambda b: b.broker_id)
+            ],
+        }
+
+    def reassign_partition(self, name: str, partition: int, replicas: Sequence[int]) -> None:
+        """Start moving a partition to `replicas` (first = preferred leader); data is copied first."""
+        request = pb.ReassignPartitionRequest(topic=name, partition=partition, replicas=list(replicas))
+        resp = self._call(lambda stub: stub.ReassignPartition(request, timeout=self._timeout_s))
+        if resp.error_code != pb.NONE:
+            raise error_for(resp.error_code, resp.error_message)
+
     def close(self) -> None:
         if self._owns_metadata:
             self._metadata.close()
