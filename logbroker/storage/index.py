@@ -1,8 +1,11 @@
 """The LMDB indexes of one partition: `<partition dir>/index.lmdb/`.
 
 Everything here can be rebuilt from the segment files, so the environment runs with `sync=False,
-metasync=False`; `sync()` forces it to disk when the log advances its recovery point, and a damaged
-environment is deleted and rebuilt by a full recovery scan (see `PartitionIndex.open`).
+metasync=False`; `sync()` forces it to disk when the log flushes, opens or closes, and a damaged
+environment is deleted and rebuilt by a full recovery scan (see `PartitionIndex.open`). The
+recovery point the log checkpoints after the background flush of a rolled segment is not synced
+there and then (on the event loop an LMDB sync can wait behind that very fsync): a crash before the
+next sync leaves an older recovery point, which only makes recovery scan more.
 
 Named databases and their byte layouts (all integers big-endian, so byte order is numeric order)::
 
@@ -185,6 +188,16 @@ class PartitionIndex:
                     txn.put(name, META_VALUE.pack(value), db=self._meta_db)
         except lmdb.Error as e:
             raise StorageError(f"index {self.path}: delete failed: {e}") from e
+
+    def replace_epochs(self, epochs: list[EpochEntry]) -> None:
+        """Replace the whole epoch table (leader-epoch bookkeeping of a replica). One transaction."""
+        try:
+            with self._env.begin(write=True) as txn:
+                self._replace_epochs(txn, epochs)
+        except lmdb.MapFullError as e:
+            raise StorageError(f"index {self.path} is full ({e}): raise index_map_bytes") from e
+        except lmdb.Error as e:
+            raise StorageError(f"index {self.path}: epoch write failed: {e}") from e
 
     def _replace_epochs(self, txn: Any, epochs: list[EpochEntry]) -> None:
         txn.drop(self._epoch_db, delete=False)

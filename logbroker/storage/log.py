@@ -19,6 +19,15 @@ The first bad batch and everything after it is cut off; each cut is returned in
 `recovery_reports` and logged. A zero header at the end of the data is the preallocated tail, not
 damage. Index entries from the first validated segment on are rebuilt from the walk.
 
+Recovery point. Offsets below it are on disk (fsynced), so recovery trusts the segments before
+the one holding it. A roll does not wait for the disk: it trims the old segment and hands its fsync
+to a background `SegmentFlusher` (flusher.py). When that fsync has finished, and those of all
+earlier rolled segments, the recovery point moves to the end of the segment and is checkpointed
+in the index; the log applies finished flushes on its own thread at its next append, roll, flush,
+retention, truncation or close (`_reap_flushes`). So the recovery point may lag the rolls, never
+lead the disk. `flush()` and `close()` wait for the log's pending flushes (bounded by the flusher's
+`wait_timeout_s`); a close that gives up writes no clean-shutdown marker, so the next open recovers.
+
 Views. `read` returns a zero-copy read-only slice of a segment mapping. It is valid until the log is
 next modified (append, roll, truncate_to, enforce_retention, close): copy it, or finish with it,
 before anything else can touch the log. Holding it longer is safe for the process (see segment.py)
@@ -38,6 +47,7 @@ import os
 import shutil
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -52,6 +62,7 @@ from logbroker.errors import (
     StorageError,
 )
 from logbroker.storage import segment as segment_file
+from logbroker.storage.flusher import PendingFlush, SegmentFlusher, default_flusher
 from logbroker.storage.index import (
     META_LOG_START_OFFSET,
     META_RECOVERY_POINT,
@@ -88,7 +99,7 @@ def wall_clock_ms() -> int:
 class LogConfig:
     """Per-log settings (Kafka's topic configs with units last)."""
 
-    segment_bytes: int = 1 << 30
+    segment_bytes: int = 128 << 20  # preallocated per partition: Redpanda's default, not Kafka's 1 GiB
     segment_ms: int = 7 * DAY_MS
     retention_ms: int = 7 * DAY_MS  # -1: unlimited
     retention_bytes: int = -1  # -1: unlimited
@@ -199,10 +210,15 @@ class _SegmentIndexer:
 class Log:
     """An append-only partition log. Create with `Log.open`. See the module doc."""
 
-    def __init__(self, directory: Path, config: LogConfig, now_ms: Callable[[], int]) -> None:
+    def __init__(
+        self, directory: Path, config: LogConfig, now_ms: Callable[[], int], flusher: SegmentFlusher | None = None
+    ) -> None:
         self.directory = directory
         self._config = config
         self._now_ms = now_ms
+        self._flusher = flusher if flusher is not None else default_flusher()
+        # background flushes of rolled segments, oldest first: (segment end offset, flush)
+        self._pending: deque[tuple[int, PendingFlush]] = deque()
         self._segments: list[Segment] = []
         self._bases: list[int] = []
         self._index: PartitionIndex | None = None
@@ -224,9 +240,13 @@ class Log:
     # -- opening and recovery -------------------------------------------------------------------
 
     @classmethod
-    def open(cls, directory: Path, config: LogConfig, now_ms: Callable[[], int] = wall_clock_ms) -> Log:
-        """Open the log in `directory`, creating it if missing, recovering it if it was not closed."""
-        self = cls(Path(directory), config, now_ms)
+    def open(
+        cls, directory: Path, config: LogConfig, now_ms: Callable[[], int] = wall_clock_ms,
+        flusher: SegmentFlusher | None = None,
+    ) -> Log:
+        """Open the log in `directory`, creating it if missing, recovering it if it was not closed.
+        Rolled segments are fsynced by `flusher` (default: a process-wide one)."""
+        self = cls(Path(directory), config, now_ms, flusher)
         try:
             self._load()
         except BaseException:
@@ -457,6 +477,11 @@ class Log:
         return self._recovery_point
 
     @property
+    def pending_flushes(self) -> list[int]:
+        """End offsets of rolled segments whose background flush is not applied yet, oldest first."""
+        return [end for end, _ in self._pending]
+
+    @property
     def size_bytes(self) -> int:
         return self._size_bytes
 
@@ -497,6 +522,8 @@ class Log:
         full) with the log as it was.
         """
         self._check_writable()
+        if self._pending:
+            self._reap_flushes()
         if leader_epoch < 0:
             raise ValueError(f"leader epoch {leader_epoch} must be >= 0")
         payload = memoryview(records)
@@ -556,44 +583,229 @@ class Log:
             self.flush()
         return AppendResult(base_offset, next_offset - 1, max_timestamp, now if log_append else -1, record_count)
 
+    # -- replication: follower appends and leader epochs -----------------------------------------
+
+    def append_as_follower(self, records: bytes | bytearray | memoryview) -> AppendResult:
+        """Append batches replicated from the leader exactly as they are: baseOffset,
+        partitionLeaderEpoch and timestamps are kept, not assigned.
+
+        Checks every batch (`validate_batches` with a bound as large as an append, CRC included),
+        that the first baseOffset is the log end offset and that each batch follows the previous
+        one without a gap, and that epochs never go backwards. Each batch whose epoch is above the
+        latest one starts that epoch in the epoch history (`_assign_epoch`). Raises
+        OffsetOutOfRangeError (first batch not at the log end offset) or CorruptMessageError with
+        nothing written; StorageError as `append`.
+        """
+        self._check_writable()
+        if self._pending:
+            self._reap_flushes()
+        payload = memoryview(records)
+        if payload.ndim != 1 or payload.itemsize != 1:
+            payload = payload.cast("B")
+        n = payload.nbytes
+        if n > APPEND_BYTES_MAX:
+            raise RecordListTooLargeError(f"append of {n} bytes exceeds {APPEND_BYTES_MAX}")
+        infos = validate_batches(payload, APPEND_BYTES_MAX)
+        base_offset = next_offset = self._log_end_offset
+        epochs = self._epochs
+        max_timestamp = NO_TIMESTAMP
+        record_count = 0
+        bases: list[int] = []
+        for info in infos:
+            base = int.from_bytes(payload[info.position : info.position + 8], "big", signed=True)
+            if base != next_offset:
+                if not bases:
+                    raise OffsetOutOfRangeError(
+                        f"replicated batches start at offset {base}, the log ends at {next_offset}"
+                    )
+                raise CorruptMessageError(f"replicated batch at offset {base} does not follow offset {next_offset - 1}")
+            epoch = info.partition_leader_epoch
+            if epoch < 0:
+                raise CorruptMessageError(f"replicated batch at offset {base} carries no leader epoch ({epoch})")
+            epochs = _assign_epoch(epochs, epoch, base)
+            bases.append(base)
+            max_timestamp = max(max_timestamp, info.max_timestamp)
+            next_offset = base + info.last_offset_delta + 1
+            record_count += info.record_count
+        assert self._index is not None
+        kept = 0
+        while kept < min(len(epochs), len(self._epochs)) and epochs[kept] == self._epochs[kept]:
+            kept += 1
+        if kept < len(self._epochs):  # epochs started at the log end offset without data: drop them
+            self._index.replace_epochs(self._epochs[:kept])
+            self._epochs = self._epochs[:kept]
+        config = self._config
+        now = self._now_ms()
+        active = self._segments[-1]
+        if active.size_bytes and (
+            active.size_bytes + n > active.capacity_bytes or now - self._active_created_ms > config.segment_ms
+        ):
+            self._roll(max(config.segment_bytes, n), now)
+            active = self._segments[-1]
+        elif active.size_bytes + n > active.capacity_bytes:
+            active.grow(n)
+        start = active.size_bytes
+        indexer = self._indexer
+        saved = indexer.state()
+        offsets: list[OffsetEntry] = []
+        times: list[TimeEntry] = []
+        for info, base in zip(infos, bases, strict=True):
+            indexer.add(start + info.position, info.size_bytes, base, info.max_timestamp, offsets, times)
+        added = epochs[kept:]
+        try:
+            active.append(payload, [], 0, None)  # no batches to stamp: the bytes go in verbatim
+            self._index.write(offsets, times, added)
+        except BaseException as e:
+            indexer.restore(saved)
+            active.zero(start, start + n)
+            if isinstance(e, StorageError) or not isinstance(e, Exception):
+                raise
+            raise StorageError(f"append to {active.path} failed: {e}") from e
+        active.size_bytes = start + n
+        self._size_bytes += n
+        self._log_end_offset = next_offset
+        self._epochs = list(epochs)
+        self._unflushed_messages += record_count
+        if (0 < config.flush_interval_messages <= self._unflushed_messages) or (
+            config.flush_interval_ms >= 0 and now - self._last_flush_ms >= config.flush_interval_ms
+        ):
+            self.flush()
+        return AppendResult(base_offset, next_offset - 1, max_timestamp, -1, record_count)
+
+    def assign_epoch_start(self, epoch: int, offset: int) -> None:
+        """Record that leader epoch `epoch` starts at `offset` (normally the log end offset, when
+        this replica becomes leader in `epoch`), so the OffsetForLeaderEpoch answer for earlier
+        epochs ends there. Epoch entries starting at or after `offset` (epochs that never got a
+        batch) are replaced. A no-op if `epoch` is already the latest. ValueError for an epoch
+        below the latest one or an offset outside [latest epoch's start, log end offset]."""
+        self._check_writable()
+        assert self._index is not None
+        latest = self.latest_epoch
+        if epoch < 0 or epoch < latest:
+            raise ValueError(f"leader epoch {epoch} is below the log's latest epoch {latest}")
+        latest_start = self._epochs[-1][1] if self._epochs else 0
+        if not latest_start <= offset <= self._log_end_offset:
+            raise ValueError(
+                f"epoch start offset {offset} is outside [{latest_start}, log end offset {self._log_end_offset}]"
+            )
+        if epoch == latest:
+            return
+        epochs = _assign_epoch(self._epochs, epoch, offset)
+        if epochs[:-1] == self._epochs:
+            self._index.write(epochs=epochs[-1:])
+        else:
+            self._index.replace_epochs(epochs)
+        self._epochs = epochs
+
+    def truncate_fully_and_start_at(self, offset: int) -> None:
+        """Drop everything and restart the (empty) log at `offset`, which may lie past the log
+        end offset: a follower that has fallen behind the leader's log start offset."""
+        self._check_writable()
+        if offset < 0:
+            raise ValueError(f"offset {offset} is negative")
+        self._reap_flushes()
+        self._truncate_fully(offset)
+
     def roll(self) -> None:
         """Close the active segment and start a new one (a no-op if the active one is empty)."""
         self._check_writable()
+        self._reap_flushes()
         if self._segments[-1].size_bytes:
             self._roll(self._config.segment_bytes, self._now_ms())
 
     def _roll(self, capacity_bytes: int, now: int) -> None:
+        """Seal the active segment and start a new one. No msync or fsync here: the old segment's
+        fsync is handed to the flusher, and the recovery point follows when it is done."""
         assert self._index is not None
         old = self._segments[-1]
-        new = Segment.create(self.directory, self._log_end_offset, capacity_bytes)  # may raise: nothing changed
+        end = self._log_end_offset
+        job = self._flusher.prepare(old.path)  # may wait for a slot, may raise: nothing changed
+        try:
+            new = Segment.create(self.directory, end, capacity_bytes)  # may raise: nothing changed
+        except BaseException:
+            job.cancel()
+            raise
         try:
             old.seal()
-            _fsync_dir(self.directory)
         except (StorageError, OSError) as e:
+            job.cancel()
             self._go_offline(f"roll of {old.path} failed: {e}")
             with contextlib.suppress(StorageError):
                 new.delete()
             raise StorageError(f"roll of {old.path} failed: {e}") from e
+        self._flusher.start(job)  # fsyncs the old file, then the directory (naming `new` durably)
+        self._pending.append((end, job))
         times: list[TimeEntry] = []
         self._indexer.finish(times)
         self._segments.append(new)
         self._bases.append(new.base_offset)
         self._indexer = _SegmentIndexer(new.base_offset, self._config.index_interval_bytes)
         self._active_created_ms = now
-        self._index.write(times=times, meta={META_RECOVERY_POINT: new.base_offset})
-        self._index.sync()
-        self._recovery_point = new.base_offset
+        self._index.write(times=times)
+
+    def _reap_flushes(self) -> None:
+        """Apply finished background flushes, on the log's thread: advance the recovery point to
+        the end of the newest rolled segment whose flush, and every earlier one's, has finished, and
+        checkpoint it in the index. The checkpoint is not synced here (an LMDB sync can wait behind
+        other fsyncs); it is durable at the next index sync (flush, close), and until then a crash
+        recovers from the previous one. Raises StorageError (the log goes offline) if a flush failed.
+        """
+        pending = self._pending
+        if not pending or not pending[0][1].done():
+            return
+        assert self._index is not None
+        recovery_point = self._recovery_point
+        finished = 0
+        failed: BaseException | None = None
+        for end, job in pending:
+            if not job.done():
+                break
+            failed = job.error()
+            if failed is not None:
+                break
+            recovery_point = max(recovery_point, end)
+            finished += 1
+        if recovery_point > self._recovery_point:
+            self._index.write(meta={META_RECOVERY_POINT: recovery_point})
+            self._recovery_point = recovery_point
+        for _ in range(finished):
+            pending.popleft()
+        if failed is not None:  # an fsync error: what was written to that file cannot be trusted
+            path = pending[0][1].path
+            self._go_offline(f"flush of {path} failed: {failed}")
+            raise StorageError(f"flush of {path} failed: {failed}") from failed
+
+    def wait_for_flushes(self, timeout: float | None = None, up_to: int | None = None) -> bool:
+        """Block until the background flushes of rolled segments ending at or below `up_to`
+        (default: all) have finished, at most `timeout` seconds (default: the flusher's
+        `wait_timeout_s`), and apply them. Returns whether none of them is still pending.
+        Blocks the caller: for shutdown and tests, not for the event loop."""
+        self._check_open()
+        return self._wait_for_flushes(timeout, up_to)
+
+    def _wait_for_flushes(self, timeout: float | None = None, up_to: int | None = None) -> bool:
+        jobs = [job for end, job in self._pending if up_to is None or end <= up_to]
+        self._flusher.wait(jobs, timeout)
+        self._reap_flushes()
+        return not any(up_to is None or end <= up_to for end, _ in self._pending)
 
     def flush(self) -> None:
-        """msync the active segment, then advance and checkpoint the recovery point."""
+        """Wait for the pending flushes of rolled segments, msync the active segment, then advance
+        and checkpoint the recovery point (to the log end offset unless a rolled segment's flush
+        is still running after the flusher's `wait_timeout_s`)."""
         self._check_writable()
         assert self._index is not None
+        all_flushed = self._wait_for_flushes()
         try:
             self._segments[-1].flush()
         except StorageError as e:  # an fsync error: nothing written since can be trusted
             self._go_offline(str(e))
             raise
-        self._recovery_point = self._log_end_offset
+        if all_flushed:
+            self._recovery_point = self._log_end_offset
+        else:
+            log.warning("%s: flushes of rolled segments still pending after %.0f s; recovery point stays at %d",
+                        self.directory, self._flusher.wait_timeout_s, self._recovery_point)
         self._index.write(meta={META_RECOVERY_POINT: self._recovery_point})
         self._index.sync()
         self._unflushed_messages = 0
@@ -707,6 +919,7 @@ class Log:
         log end offset becomes that batch's base offset). Below the log start offset, the log is
         emptied and restarts at `offset`."""
         self._check_writable()
+        self._reap_flushes()
         assert self._index is not None
         if offset >= self._log_end_offset:
             return
@@ -735,6 +948,8 @@ class Log:
         self._log_end_offset = cut
         self._high_watermark = min(self._high_watermark, cut)
         self._recovery_point = min(self._recovery_point, cut)
+        while self._pending and self._pending[-1][0] > cut:  # no longer the end of anything
+            self._pending.pop()
         self._size_bytes = sum(s.size_bytes for s in self._segments)
         self._epochs = [e for e in self._epochs if e[1] < cut]
         self._index.truncate_from(cut, seg.base_offset, self._epochs, self._checkpoints())
@@ -752,6 +967,7 @@ class Log:
         self._bases = [offset]
         self._log_start_offset = self._log_end_offset = self._high_watermark = offset
         self._recovery_point = offset
+        self._pending.clear()
         self._size_bytes = 0
         self._epochs = []
         self._index.truncate_from(0, 0, [], self._checkpoints())
@@ -760,8 +976,10 @@ class Log:
     def enforce_retention(self, now_ms: int | None = None) -> int:
         """Delete closed segments, oldest first, while past retention_ms (by their largest
         timestamp) or beyond retention_bytes, never the active segment nor any data at or above
-        the high watermark. Advances and checkpoints the log start offset. Returns segments deleted."""
+        the high watermark. Advances and checkpoints the log start offset. Returns segments deleted.
+        A deleted segment's pending flush finds no file left to sync (see flusher.py)."""
         self._check_writable()
+        self._reap_flushes()
         assert self._index is not None
         now = self._now_ms() if now_ms is None else now_ms
         config = self._config
@@ -811,7 +1029,9 @@ class Log:
     # -- close ----------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Flush, trim the active segment, checkpoint, and mark a clean shutdown. Idempotent."""
+        """Wait for the pending flushes of rolled segments, flush and trim the active segment,
+        checkpoint, and mark a clean shutdown. Idempotent. If a rolled segment's flush is still
+        running after the flusher's `wait_timeout_s`, no marker is written (the next open recovers)."""
         if self._closed:
             return
         if self._offline is not None:
@@ -819,16 +1039,24 @@ class Log:
             return
         assert self._index is not None
         try:
+            all_flushed = self._wait_for_flushes()
             times: list[TimeEntry] = []
             self._indexer.finish(times)
             self._segments[-1].flush()
-            self._recovery_point = self._log_end_offset
+            if all_flushed:
+                self._recovery_point = self._log_end_offset
             self._index.write(times=times, meta=self._checkpoints())
             self._index.sync()
             for seg in self._segments:
                 seg.close(trim=True)
             self._index.close()
-            _write_atomically(self.directory / CLEAN_SHUTDOWN_FILE, b"")
+            if all_flushed:
+                _write_atomically(self.directory / CLEAN_SHUTDOWN_FILE, b"")
+            else:
+                log.warning("%s: %d segment flushes still pending after %.0f s; closed without the "
+                            "clean-shutdown marker, so the next open recovers from offset %d", self.directory,
+                            len(self._pending), self._flusher.wait_timeout_s, self._recovery_point)
+                self._pending.clear()  # they run on, on their own descriptors
         except (StorageError, OSError) as e:
             self._abandon()
             raise StorageError(f"close of {self.directory} failed: {e}") from e
@@ -841,7 +1069,9 @@ class Log:
         remove_log_dir(self.directory)
 
     def _abandon(self) -> None:
-        """Release mappings and the index without writing anything (no clean-shutdown marker)."""
+        """Release mappings and the index without writing anything (no clean-shutdown marker).
+        Pending flushes run on, on their own descriptors; nobody applies them."""
+        self._pending.clear()
         for seg in self._segments:
             with contextlib.suppress(StorageError, OSError):
                 seg.close(trim=False)
@@ -883,6 +1113,29 @@ def remove_log_dir(directory: Path) -> None:
             shutil.rmtree(doomed)
     except OSError as e:
         raise StorageError(f"cannot delete {directory}: {e}") from e
+
+
+def _assign_epoch(epochs: list[EpochEntry], epoch: int, start_offset: int) -> list[EpochEntry]:
+    """The epoch history once a batch of `epoch` is written at `start_offset` (Kafka's
+    LeaderEpochFileCache.assign). Unchanged (the same list) if `epoch` is the latest; otherwise
+    the entries starting at or after `start_offset` (epochs that got no batch) go, and `epoch`
+    starts at `start_offset` unless it is already the latest remaining one. CorruptMessageError if
+    a later epoch already has data below `start_offset` (epochs going backwards)."""
+    if epochs and epochs[-1][0] == epoch and epochs[-1][1] <= start_offset:
+        return epochs
+    kept = list(epochs)
+    while kept and (kept[-1][0] >= epoch or kept[-1][1] >= start_offset):
+        e, s = kept[-1]
+        if s < start_offset:
+            if e > epoch:
+                raise CorruptMessageError(
+                    f"leader epoch {epoch} at offset {start_offset} follows epoch {e}, which started at {s}"
+                )
+            break  # e == epoch: the epoch goes on from where it started
+        kept.pop()
+    if not kept or kept[-1][0] != epoch:
+        kept.append((epoch, start_offset))
+    return kept
 
 
 def _epochs_from_start(epochs: list[EpochEntry], start_offset: int) -> list[EpochEntry]:

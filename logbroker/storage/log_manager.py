@@ -7,6 +7,9 @@ Layout::
 
 Anything else in the data directory (the metadata store's files, strays) is left alone.
 
+The logs share one `SegmentFlusher`: a single background thread that fsyncs rolled segments (see
+flusher.py), with a bounded queue.
+
 Deleting renames the directory first, then removes it, so a crash midway cannot bring a deleted
 partition back: `load_all` finishes the removal.
 """
@@ -21,6 +24,7 @@ from pathlib import Path
 
 from logbroker.cluster.metadata import PARTITIONS_MAX, validate_topic_name
 from logbroker.errors import InvalidPartitionsError, InvalidTopicError, StorageError
+from logbroker.storage.flusher import SegmentFlusher
 from logbroker.storage.log import DELETE_SUFFIX, Log, LogConfig, remove_log_dir, wall_clock_ms
 
 log = logging.getLogger(__name__)
@@ -32,11 +36,14 @@ class LogManager:
     """Opens, creates, deletes and closes the logs of one broker. Owned by one thread."""
 
     def __init__(
-        self, data_dir: Path, default_config: LogConfig, now_ms: Callable[[], int] = wall_clock_ms
+        self, data_dir: Path, default_config: LogConfig, now_ms: Callable[[], int] = wall_clock_ms,
+        flusher: SegmentFlusher | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.default_config = default_config
         self._now_ms = now_ms
+        self._owns_flusher = flusher is None
+        self.flusher = flusher if flusher is not None else SegmentFlusher(name="segment-flush")
         self._logs: dict[tuple[str, int], Log] = {}
         try:
             self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -57,7 +64,7 @@ class LogManager:
             key = parse_log_dir_name(entry.name)
             if key is None or key in self._logs:
                 continue
-            self._logs[key] = Log.open(entry, configs.get(key[0], self.default_config), self._now_ms)
+            self._logs[key] = Log.open(entry, configs.get(key[0], self.default_config), self._now_ms, self.flusher)
         return dict(self._logs)
 
     def create_log(self, topic: str, partition: int, config: LogConfig | None = None) -> Log:
@@ -66,7 +73,7 @@ class LogManager:
         if existing is not None:
             return existing
         path = self._path(topic, partition)
-        opened = Log.open(path, config or self.default_config, self._now_ms)
+        opened = Log.open(path, config or self.default_config, self._now_ms, self.flusher)
         self._logs[(topic, partition)] = opened
         return opened
 
@@ -105,7 +112,8 @@ class LogManager:
                 plog.flush()
 
     def close_all(self) -> None:
-        """Close every log cleanly (each one is attempted even if another fails)."""
+        """Close every log cleanly (each one is attempted even if another fails; each waits for its
+        pending segment flushes), then stop the flush thread (a later roll starts it again)."""
         failures = []
         for key, plog in list(self._logs.items()):
             try:
@@ -113,6 +121,8 @@ class LogManager:
             except StorageError as e:
                 failures.append(f"{key[0]}-{key[1]}: {e}")
         self._logs.clear()
+        if self._owns_flusher:
+            self.flusher.shutdown(wait=False)  # flushes of abandoned logs run on in the background
         if failures:
             raise StorageError("; ".join(failures))
 

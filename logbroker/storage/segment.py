@@ -12,9 +12,11 @@ States of a `Segment` (the log moves it through them; nothing else does):
     active   the one segment appends go to. The file is preallocated with posix_fallocate to
              `capacity_bytes` (so a full disk fails here, as an OSError, instead of as SIGBUS inside
              an mmap write) and mapped read/write at that size. Bytes past `size_bytes` are zero.
-    closed   read-only: after `seal()` (roll) the mapping is flushed and dropped, the file trimmed
-             to `size_bytes` and mapped read-only at that size. A closed segment becomes active
-             again only when the log truncates into it (`reopen_writable`).
+    closed   read-only: after `seal()` (roll) the mapping is dropped, the file trimmed to
+             `size_bytes` and mapped read-only at that size. Sealing does not flush: the written
+             pages stay dirty in the page cache until the log's background flusher fsyncs the file
+             (flusher.py). A closed segment becomes active again only when the log truncates into
+             it (`reopen_writable`).
     gone     `close()` or `delete()`: no mapping, no descriptor.
 
 Views. `view()` hands out zero-copy read-only memoryviews of the mapping. Python refuses to unmap
@@ -256,14 +258,18 @@ class Segment:
         self.capacity_bytes = capacity_bytes
 
     def seal(self) -> None:
-        """Active -> closed: flush, unmap, trim the file to `size_bytes`, map it read-only."""
+        """Active -> closed: unmap, trim the file to `size_bytes`, map it read-only.
+
+        Neither msyncs nor fsyncs, so it costs no disk wait: the pages written through the mapping
+        are the page cache's pages, and unmapping leaves them dirty there, to be written back by
+        the kernel or by an fsync of the file from anyone (the log's background flusher). The trim
+        needs no flush first: it only cuts the zero tail, which holds no data.
+        """
         assert self._writable
-        self.flush()
         old, self._map = self._map, None
         _release(old)
         try:
             os.ftruncate(self._fd, self.size_bytes)
-            os.fsync(self._fd)
             self._map = (
                 mmap.mmap(self._fd, self.size_bytes, mmap.MAP_SHARED, mmap.PROT_READ) if self.size_bytes else None
             )
@@ -297,7 +303,8 @@ class Segment:
         self.capacity_bytes = capacity_bytes
 
     def flush(self) -> None:
-        """msync the data written so far (a no-op for a closed segment: sealing flushed it)."""
+        """msync the data written so far (a no-op for a closed segment, which has no writable
+        mapping: fsync its file instead)."""
         if self._writable and self._map is not None and self.size_bytes:
             try:
                 self._map.flush(0, _page_ceiling(self.size_bytes, self.capacity_bytes))

@@ -6,7 +6,9 @@ import errno
 import gc
 import os
 import shutil
+import stat
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,7 @@ from logbroker.errors import (
     UnsupportedForMessageFormatError,
 )
 from logbroker.storage import segment as segment_module
+from logbroker.storage.flusher import SegmentFlusher
 from logbroker.storage.index import META_RECOVERY_POINT, PartitionIndex
 from logbroker.storage.log import CLEAN_SHUTDOWN_FILE, INDEX_DIR, Log, LogConfig
 from logbroker.storage.record_batch import (
@@ -35,7 +38,7 @@ from logbroker.storage.record_batch import (
     set_base_offset,
     set_leader_epoch,
 )
-from logbroker.storage.segment import file_name
+from logbroker.storage.segment import Segment, file_name
 
 SMALL = {"segment_bytes": 4096, "index_interval_bytes": 256, "index_map_bytes": 4 << 20}
 
@@ -60,8 +63,9 @@ def stamp(raw: bytes, base_offset: int, epoch: int) -> bytes:
     return bytes(b)
 
 
-def open_log(path: Path, clock: ManualClock | None = None, **overrides: object) -> Log:
-    return Log.open(path, LogConfig(**{**SMALL, **overrides}), clock or ManualClock())  # type: ignore[arg-type]
+def open_log(path: Path, clock: ManualClock | None = None, flusher: SegmentFlusher | None = None,
+             **overrides: object) -> Log:
+    return Log.open(path, LogConfig(**{**SMALL, **overrides}), clock or ManualClock(), flusher)  # type: ignore[arg-type]
 
 
 def read_all(log: Log, max_bytes: int = 1 << 20) -> list[tuple[BatchHeader, bytes]]:
@@ -262,7 +266,9 @@ def test_roll_by_size_trims_closed_segments(path):
         assert not seg.is_active and os.path.getsize(seg.path) == seg.size_bytes <= 1024
     assert segs[-1].is_active and os.path.getsize(segs[-1].path) == 1024
     assert [s.base_offset for s in segs] == sorted(s.base_offset for s in segs)
-    assert log.recovery_point == segs[-1].base_offset  # a roll flushes and checkpoints
+    assert log.recovery_point <= segs[-1].base_offset  # a roll hands its fsync to the flusher,
+    assert log.wait_for_flushes()
+    assert log.recovery_point == segs[-1].base_offset  # and the recovery point follows it
     log.close()
     assert os.path.getsize(segs[-1].path) == segs[-1].size_bytes
 
@@ -306,6 +312,251 @@ def test_explicit_roll(path):
     log.roll()
     assert log.segment_count == 2 and log.segments[-1].base_offset == 1
     log.close()
+
+
+# -- background flush of rolled segments --------------------------------------------------------------
+
+DEADLINE_S = 30.0  # generous bound on every wait below; none of them is expected to take long
+
+
+class GatedFsync:
+    """An fsync for SegmentFlusher that holds each segment file's fsync until `allow`ed (directory
+    fsyncs pass), then really fsyncs, or raises `fail`. Records the threads it ran on."""
+
+    def __init__(self, fail: OSError | None = None) -> None:
+        self._cond = threading.Condition()
+        self._permits = 0
+        self.entered = 0  # segment fsyncs started
+        self.finished = 0  # segment fsyncs done
+        self.threads: set[int] = set()
+        self.fail = fail
+
+    def allow(self, n: int = 1 << 30) -> None:
+        with self._cond:
+            self._permits += n
+            self._cond.notify_all()
+
+    def wait_entered(self, n: int) -> None:
+        with self._cond:
+            assert self._cond.wait_for(lambda: self.entered >= n, DEADLINE_S), "flush never started"
+
+    def __call__(self, fd: int) -> None:
+        self.threads.add(threading.get_ident())
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            os.fsync(fd)
+            return
+        with self._cond:
+            self.entered += 1
+            self._cond.notify_all()
+            if not self._cond.wait_for(lambda: self._permits > 0, DEADLINE_S):
+                raise AssertionError("fsync never allowed")
+            self._permits -= 1
+        if self.fail is not None:
+            raise self.fail
+        os.fsync(fd)
+        with self._cond:
+            self.finished += 1
+
+
+@pytest.fixture
+def gated():
+    fsync = GatedFsync()
+    flusher = SegmentFlusher(max_pending=64, fsync=fsync, wait_timeout_s=DEADLINE_S)
+    yield fsync, flusher
+    fsync.allow()
+    flusher.shutdown(wait=True)
+
+
+def checkpointed_recovery_point(path: Path) -> int | None:
+    """The recovery point in the index on disk (of a crashed or closed log)."""
+    index, _ = PartitionIndex.open(path / INDEX_DIR, SMALL["index_map_bytes"])
+    try:
+        return index.meta(META_RECOVERY_POINT)
+    finally:
+        index.close()
+
+
+def test_roll_leaves_the_fsync_to_the_flusher_and_the_recovery_point_follows_it(path, gated, monkeypatch):
+    fsync, flusher = gated
+    caller = threading.get_ident()
+    synced_on_caller: list[object] = []
+    real_fsync, real_msync = os.fsync, Segment.flush
+
+    def watch_fsync(fd: int) -> None:
+        if threading.get_ident() == caller:
+            synced_on_caller.append(fd)
+        real_fsync(fd)
+
+    def watch_msync(seg: Segment) -> None:
+        if threading.get_ident() == caller:
+            synced_on_caller.append(seg.path)
+        real_msync(seg)
+
+    monkeypatch.setattr(os, "fsync", watch_fsync)
+    monkeypatch.setattr(Segment, "flush", watch_msync)
+    log = open_log(path, flusher=flusher, segment_bytes=1024)
+    stored = fill(log, 40)
+    ends = [s.base_offset for s in log.segments[1:]]
+    assert len(ends) >= 3
+    # every roll returned although no fsync could finish: none ran on this thread
+    assert synced_on_caller == []
+    assert log.pending_flushes == ends
+    fsync.wait_entered(1)  # the first rolled segment's fsync is running, held inside fsync
+    assert not log.wait_for_flushes(timeout=0)  # applies what has finished: nothing
+    assert log.recovery_point == 0 and log.index.meta(META_RECOVERY_POINT) == 0
+
+    fsync.allow(1)  # one segment on disk: the recovery point moves to its end, no further
+    assert log.wait_for_flushes(up_to=ends[0])
+    assert log.recovery_point == ends[0] == log.index.meta(META_RECOVERY_POINT)
+    assert log.pending_flushes == ends[1:]
+
+    fsync.allow()
+    done = flusher.prepare(log.segments[0].path)  # queued behind the log's flushes on the one worker
+    flusher.start(done)
+    assert flusher.wait([done], DEADLINE_S)
+    log.append(batch(), 0)  # an append applies the finished flushes
+    assert log.recovery_point == ends[-1] == log.index.meta(META_RECOVERY_POINT)
+    assert all(end > ends[-1] for end in log.pending_flushes)  # (that append may have rolled)
+    assert fsync.threads and caller not in fsync.threads
+    log.high_watermark = log.log_end_offset
+    assert [b for _, b in read_all(log)][: len(stored)] == stored
+    log.close()
+    assert (path / CLEAN_SHUTDOWN_FILE).exists()
+    assert checkpointed_recovery_point(path) == log.log_end_offset
+
+
+@pytest.mark.parametrize("finished", [0, 1])
+def test_crash_with_flushes_pending_recovers_from_the_last_fsynced_segment(path, gated, finished):
+    fsync, flusher = gated
+    log = open_log(path, flusher=flusher, segment_bytes=1024)
+    stored = fill(log, 40)
+    ends = log.pending_flushes
+    fsync.allow(finished)
+    assert log.wait_for_flushes(up_to=ends[0] if finished else -1)
+    expected_rp = ends[0] if finished else 0
+    fsync.wait_entered(finished + 1)  # a flush is in flight
+    crash(log)
+    # the checkpoint never passes data whose fsync has not finished
+    assert checkpointed_recovery_point(path) == expected_rp
+    log = open_log(path, segment_bytes=1024)
+    assert log.recovery_reports == []
+    assert [b for _, b in read_all(log)] == stored
+    assert log.recovery_point == log.log_end_offset
+    fsync.allow()  # the crashed log's flushes finish now, harmlessly
+    flusher.shutdown(wait=True)
+    stored += fill(log, 10)
+    log.close()
+    log = open_log(path, segment_bytes=1024)
+    assert log.recovery_reports == [] and [b for _, b in read_all(log)] == stored
+    log.close()
+
+
+def test_close_waits_for_pending_flushes(path, gated):
+    fsync, flusher = gated
+    log = open_log(path, flusher=flusher, segment_bytes=1024)
+    fill(log, 40)
+    rolls = len(log.pending_flushes)
+    assert rolls >= 3
+
+    def release() -> None:
+        fsync.wait_entered(1)
+        fsync.allow()
+
+    releaser = threading.Thread(target=release)
+    releaser.start()
+    log.close()
+    releaser.join(DEADLINE_S)
+    assert fsync.finished == rolls  # every rolled segment was fsynced before close returned
+    assert (path / CLEAN_SHUTDOWN_FILE).exists()
+    assert checkpointed_recovery_point(path) == log.log_end_offset
+
+
+def test_close_gives_up_on_a_stuck_flush_without_the_clean_marker(path, gated, caplog):
+    fsync, _ = gated
+    flusher = SegmentFlusher(max_pending=64, fsync=fsync, wait_timeout_s=0.05)  # the bound on close's wait
+    log = open_log(path, flusher=flusher, segment_bytes=1024)
+    stored = fill(log, 40)
+    log.close()  # the fsync is never allowed while it waits
+    assert not (path / CLEAN_SHUTDOWN_FILE).exists() and "without the clean-shutdown marker" in caplog.text
+    assert checkpointed_recovery_point(path) == 0
+    log = open_log(path, segment_bytes=1024)
+    assert log.recovery_reports == [] and [b for _, b in read_all(log)] == stored
+    log.close()
+    fsync.allow()
+    flusher.shutdown(wait=True)
+
+
+def test_deleting_segments_with_flushes_pending(path, gated):
+    fsync, flusher = gated
+    log = open_log(path, flusher=flusher, segment_bytes=1024, retention_bytes=0)
+    fill(log, 40)
+    doomed = [s.path for s in log.segments[:-1]]
+    fsync.wait_entered(1)  # the first one is inside fsync; the others wait behind it
+    assert log.enforce_retention() == len(doomed) and not any(p.exists() for p in doomed)
+    fsync.allow()
+    assert log.wait_for_flushes() and not log.is_offline
+    assert fsync.finished == 1  # the later ones found their file gone and skipped it
+    assert log.recovery_point == log.log_start_offset == log.segments[0].base_offset
+    stored = [b for _, b in read_all(log)] + fill(log, 3)
+    log.close()
+    log = open_log(path, segment_bytes=1024)
+    assert log.recovery_reports == [] and [b for _, b in read_all(log)] == stored
+    log.delete()  # and a deleted log's pending flushes neither fail nor find anything to sync
+    assert not path.exists()
+
+
+def test_truncation_drops_flushes_of_data_it_cut(path, gated):
+    fsync, flusher = gated
+    log = open_log(path, flusher=flusher, segment_bytes=1024)
+    fill(log, 40)
+    ends = log.pending_flushes
+    log.truncate_to(ends[1] - 1)  # inside the second segment: its flush, and later ones, no longer count
+    assert log.pending_flushes == [ends[0]]
+    kept = [b for _, b in read_all(log)]
+    fsync.allow()
+    assert log.wait_for_flushes()
+    assert log.recovery_point == ends[0] <= log.log_end_offset
+    refill = fill(log, 40)  # rewrites the offsets past the cut, and rolls again
+    assert log.wait_for_flushes()
+    assert log.recovery_point == log.segments[-1].base_offset
+    assert [b for _, b in read_all(log)] == kept + refill
+    log.close()
+
+
+def test_failed_background_fsync_takes_the_log_offline(path):
+    fsync = GatedFsync(fail=OSError(errno.EIO, "Input/output error"))
+    flusher = SegmentFlusher(fsync=fsync, wait_timeout_s=DEADLINE_S)
+    log = open_log(path, flusher=flusher, segment_bytes=1024)
+    fill(log, 10)
+    assert log.pending_flushes
+    fsync.allow()  # and fail
+    with pytest.raises(StorageError, match="Input/output"):
+        log.wait_for_flushes()
+    assert log.is_offline and log.recovery_point == 0
+    with pytest.raises(StorageError, match="offline"):
+        log.append(batch(), 0)
+    log.close()
+    assert not (path / CLEAN_SHUTDOWN_FILE).exists()
+    flusher.shutdown(wait=True)
+
+
+def test_pending_flushes_are_bounded(path, gated):
+    fsync, _ = gated
+    flusher = SegmentFlusher(max_pending=1, fsync=fsync, wait_timeout_s=0.05)
+    log = open_log(path, flusher=flusher, segment_bytes=1024)
+    log.append(batch(), 0)
+    log.roll()  # takes the one slot; its fsync is held
+    log.append(batch(), 0)
+    files = sorted(os.listdir(path))
+    with pytest.raises(StorageError, match="pending"):
+        log.roll()
+    assert log.segment_count == 2 and sorted(os.listdir(path)) == files and not log.is_offline
+    fsync.allow()
+    assert log.wait_for_flushes()
+    log.roll()
+    assert log.segment_count == 3
+    log.close()
+    flusher.shutdown(wait=True)
 
 
 # -- timestamps and epochs ----------------------------------------------------------------------------

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import stat
+import threading
+
 import pytest
 
 from logbroker.errors import InvalidPartitionsError, InvalidTopicError
-from logbroker.storage.log import LogConfig
+from logbroker.storage.flusher import SegmentFlusher
+from logbroker.storage.log import CLEAN_SHUTDOWN_FILE, LogConfig
 from logbroker.storage.log_manager import LogManager, parse_log_dir_name
 from logbroker.storage.record_batch import encode_batch
 
@@ -104,3 +109,32 @@ def test_enforce_retention_over_all_logs(manager):
     assert deleted > 0
     assert all(log.segment_count == 1 for log in manager.logs().values())
     assert manager.enforce_retention(now_ms=10**9) == 0
+
+
+def test_logs_share_the_managers_flusher_and_close_all_waits_for_it(tmp_path):
+    started = threading.Event()
+    allowed = threading.Event()
+    synced: list[int] = []
+
+    def slow_fsync(fd: int) -> None:
+        if not stat.S_ISDIR(os.fstat(fd).st_mode):
+            started.set()
+            assert allowed.wait(30), "fsync never allowed"
+            synced.append(fd)
+        os.fsync(fd)
+
+    flusher = SegmentFlusher(fsync=slow_fsync, wait_timeout_s=30)
+    m = LogManager(tmp_path / "data", CONFIG, now_ms=lambda: 10_000, flusher=flusher)
+    log = m.create_log("orders", 0)
+    for _ in range(20):
+        log.append(batch(), 0)
+    assert log.segment_count > 1 and log.pending_flushes
+    assert started.wait(30)  # the manager's flusher is the one at work
+    assert log.recovery_point == 0
+    releaser = threading.Thread(target=allowed.set)
+    releaser.start()
+    m.close_all()
+    releaser.join(30)
+    assert len(synced) == log.segment_count - 1
+    assert (tmp_path / "data" / "orders-0" / CLEAN_SHUTDOWN_FILE).exists()
+    flusher.shutdown(wait=True)
