@@ -91,6 +91,10 @@ class TopicSpec:
     assignment: dict[int, list[int]]
     config: dict[str, str] = field(default_factory=dict)
     topic_id: str = ""
+    # While a reassignment is in flight (cluster mode): replicas being added / to be removed, per
+    # partition. `assignment` then holds the union; both are empty otherwise.
+    adding_replicas: dict[int, list[int]] = field(default_factory=dict)
+    removing_replicas: dict[int, list[int]] = field(default_factory=dict)
 
     @property
     def partition_count(self) -> int:

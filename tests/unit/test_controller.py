@@ -1,0 +1,575 @@
+"""The controller's decision core, driven event by event against a simulated ZooKeeper (no I/O)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections import deque
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from logbroker.cluster.controller import (
+    STATE_WRITE_ATTEMPTS_MAX,
+    Action,
+    ControllerState,
+    DeleteTopic,
+    FinishReassignment,
+    ReloadStates,
+    SendLeaderAndIsr,
+    SendStopReplica,
+    SendUpdateMetadata,
+    WriteAssignment,
+    WriteStates,
+)
+from logbroker.cluster.metadata import BrokerRegistration, PartitionStateData, TopicSpec
+from logbroker.errors import BrokerNotAvailableError, StaleBrokerEpochError
+from logbroker.v1 import logbroker_pb2 as pb
+
+TP = tuple[str, int]
+
+
+def reg(b: int, epoch: int) -> BrokerRegistration:
+    return BrokerRegistration(b, "127.0.0.1", 9000 + b, "", epoch)
+
+
+class Sim:
+    """ZooKeeper's partition states and topics, as far as the core's actions touch them.
+
+    Checks, on every write, the invariants that must hold whatever the controller does: leader epochs
+    never go backwards, a new leader was in the previous ISR (no unclean election), a leader is in its
+    ISR, the controller never grows an ISR.
+    """
+
+    def __init__(self, core: ControllerState) -> None:
+        self.core = core
+        self.zk: dict[TP, PartitionStateData] = {}
+        self.topics: dict[str, TopicSpec] = {}
+        self.sent: list[Action] = []
+        self.finished: list[TP] = []
+        self.deleted: list[str] = []
+        self.assignments: list[WriteAssignment] = []
+        self.conflict_next: set[TP] = set()  # the next update of these conflicts (a leader wrote first)
+        self.epoch_seq = 100
+
+    # -- events from the outside world
+
+    def add_topic(self, name: str, assignment: dict[int, list[int]], config: dict[str, str] | None = None) -> None:
+        spec = TopicSpec(name, {p: list(r) for p, r in assignment.items()}, config or {"min_insync_replicas": "1"})
+        self.topics[name] = spec
+        self.run(self.core.on_topics_changed({name: copy.deepcopy(spec)}, {}))
+
+    def brokers(self, *ids: int, bounce: tuple[int, ...] = ()) -> None:
+        live = {}
+        for b in ids:
+            old = self.core.live.get(b)
+            if old is None or b in bounce:
+                self.epoch_seq += 1
+                live[b] = reg(b, self.epoch_seq)
+            else:
+                live[b] = old
+        self.run(self.core.on_broker_change(live))
+
+    def leader_sets_isr(self, tp: TP, isr: list[int]) -> None:
+        """The leader's own ISR write (conditional on its version) + a notification."""
+        cur = self.zk[tp]
+        assert cur.leader != -1 and cur.leader in isr
+        new = PartitionStateData(cur.leader, cur.leader_epoch, list(isr), cur.controller_epoch, cur.zk_version + 1)
+        self.zk[tp] = new
+        self.run(self.core.on_isr_change({tp: copy.deepcopy(new)}))
+
+    # -- executing the core's actions
+
+    def run(self, actions: list[Action]) -> None:
+        queue = deque(actions)
+        rounds = 0
+        while queue:
+            rounds += 1
+            assert rounds < 10_000
+            a = queue.popleft()
+            if isinstance(a, WriteStates):
+                queue.extend(self.core.on_states_written(self._write(a), a.attempt))
+            elif isinstance(a, ReloadStates):
+                fresh = {tp: copy.deepcopy(self.zk.get(tp)) for tp in a.partitions}
+                queue.extend(self.core.on_states_reloaded(fresh, a.attempt))
+            elif isinstance(a, WriteAssignment):
+                self.assignments.append(a)
+                self.topics[a.topic].assignment[a.partition] = list(a.replicas)
+            elif isinstance(a, DeleteTopic):
+                self.deleted.append(a.name)
+                self.topics.pop(a.name, None)
+                for tp in [tp for tp in self.zk if tp[0] == a.name]:
+                    del self.zk[tp]
+                queue.extend(self.core.on_topic_deleted(a.name))
+            elif isinstance(a, FinishReassignment):
+                self.finished.append((a.topic, a.partition))
+            else:
+                self.sent.append(a)
+
+    def _write(self, a: WriteStates) -> dict[TP, PartitionStateData | None]:
+        out: dict[TP, PartitionStateData | None] = {}
+        for tp, new in a.creates.items():
+            if tp in self.zk:
+                out[tp] = None
+                continue
+            assert new.leader in new.isr and new.leader_epoch == 0
+            assert set(new.isr) <= set(self.topics[tp[0]].assignment[tp[1]])
+            self.zk[tp] = PartitionStateData(new.leader, 0, list(new.isr), new.controller_epoch, 0)
+            out[tp] = copy.deepcopy(self.zk[tp])
+        for tp, new in a.updates.items():
+            cur = self.zk.get(tp)
+            if tp in self.conflict_next and cur is not None:
+                self.conflict_next.discard(tp)
+                cur.zk_version += 1  # a concurrent leader write
+            if cur is None or cur.zk_version != new.zk_version:
+                out[tp] = None
+                continue
+            assert new.leader_epoch >= cur.leader_epoch, "leader epoch went backwards"
+            if new.leader != cur.leader:
+                assert new.leader_epoch > cur.leader_epoch, "leader changed without an epoch bump"
+                assert new.leader == -1 or new.leader in cur.isr, f"unclean election of {new.leader} (isr {cur.isr})"
+            assert set(new.isr) <= set(cur.isr), "the controller grew an ISR"
+            assert new.leader == -1 or new.leader in new.isr
+            if new.leader != -1:
+                assert new.leader in self.core.live, "elected a dead broker"
+            self.zk[tp] = PartitionStateData(new.leader, new.leader_epoch, list(new.isr), new.controller_epoch,
+                                             cur.zk_version + 1)
+            out[tp] = copy.deepcopy(self.zk[tp])
+        return out
+
+    # -- looking at what was sent
+
+    def take_sent(self) -> list[Action]:
+        sent, self.sent = self.sent, []
+        return sent
+
+    def lai(self, sent: list[Action]) -> dict[int, set[TP]]:
+        out: dict[int, set[TP]] = {}
+        for a in sent:
+            if isinstance(a, SendLeaderAndIsr):
+                out.setdefault(a.broker_id, set()).update(a.partitions)
+        return out
+
+    def stops(self, sent: list[Action]) -> list[SendStopReplica]:
+        return [a for a in sent if isinstance(a, SendStopReplica)]
+
+
+def cluster(*brokers: int, epoch: int = 5) -> Sim:
+    core = ControllerState(controller_id=brokers[0] if brokers else 1, controller_epoch=epoch)
+    sim = Sim(core)
+    sim.run(core.on_startup({b: reg(b, 10 + b) for b in brokers}, {}, {}))
+    sim.take_sent()
+    return sim
+
+
+def state(sim: Sim, tp: TP) -> tuple[int, int, list[int]]:
+    s = sim.zk[tp]
+    assert sim.core.states[tp].zk_version == s.zk_version  # the view follows ZooKeeper
+    return s.leader, s.leader_epoch, s.isr
+
+
+# ====================================================================================== scenarios
+
+
+def test_new_topic_elects_first_live_replica_with_all_live_replicas_in_isr():
+    sim = cluster(1, 2, 3)
+    sim.add_topic("t", {0: [2, 1, 3], 1: [3, 2, 1]})
+    assert state(sim, ("t", 0)) == (2, 0, [2, 1, 3])
+    assert state(sim, ("t", 1)) == (3, 0, [3, 2, 1])
+    sent = sim.take_sent()
+    assert sim.lai(sent) == {b: {("t", 0), ("t", 1)} for b in (1, 2, 3)}
+    assert any(isinstance(a, SendUpdateMetadata) for a in sent)
+    assert sim.core.states[("t", 0)].controller_epoch == 5
+
+
+def test_new_partition_with_a_dead_first_replica_and_none_alive():
+    sim = cluster(1, 2)
+    sim.add_topic("t", {0: [3, 2, 1], 1: [3, 4]})
+    assert state(sim, ("t", 0)) == (2, 0, [2, 1])
+    assert ("t", 1) not in sim.zk  # nobody alive: no state yet
+    sim.brokers(1, 2, 4)
+    assert state(sim, ("t", 1)) == (4, 0, [4])
+
+
+def test_leader_loss_elects_next_isr_member_with_epoch_bump():
+    sim = cluster(1, 2, 3)
+    sim.add_topic("t", {0: [1, 2, 3]})
+    sim.take_sent()
+    sim.brokers(2, 3)  # 1 dies
+    assert state(sim, ("t", 0)) == (2, 1, [2, 3])
+    sent = sim.take_sent()
+    assert sim.lai(sent) == {2: {("t", 0)}, 3: {("t", 0)}}
+    req = sim.core.leader_and_isr_request(3, {("t", 0)})
+    assert req is not None and req.controller_epoch == 5 and req.broker_epoch == 13
+    p = req.partitions[0]
+    assert (p.leader, p.leader_epoch, list(p.isr), list(p.replicas)) == (2, 1, [2, 3], [1, 2, 3])
+    assert json.loads(req.topic_configs_json["t"]) == {"min_insync_replicas": "1"}
+
+
+def test_leader_loss_skips_live_replicas_outside_the_isr():
+    sim = cluster(1, 2, 3)
+    sim.add_topic("t", {0: [1, 2, 3]})
+    sim.leader_sets_isr(("t", 0), [1, 3])  # 2 fell behind
+    sim.brokers(2, 3)
+    assert state(sim, ("t", 0)) == (3, 1, [3])
+
+
+def test_whole_isr_lost_means_offline_never_unclean_and_recovers_when_an_isr_member_returns():
+    sim = cluster(1, 2, 3)
+    sim.add_topic("t", {0: [1, 2, 3]})
+    sim.leader_sets_isr(("t", 0), [1])  # only the leader is in sync
+    sim.brokers(2, 3)  # the leader dies: 2 and 3 are alive but out of sync
+    assert state(sim, ("t", 0)) == (-1, 1, [1])  # ISR unchanged: who may lead again
+    sim.brokers(3)
+    assert state(sim, ("t", 0)) == (-1, 1, [1])  # nothing to do, no epoch churn
+    sim.take_sent()
+    sim.brokers(1, 2, 3)  # 1 comes back with a new epoch
+    assert state(sim, ("t", 0)) == (1, 2, [1])
+    sent = sim.take_sent()
+    assert ("t", 0) in sim.lai(sent)[1]
+    assert sim.core.leader_and_isr_request(1, {("t", 0)}).broker_epoch == sim.core.live[1].epoch
+
+
+def test_follower_loss_shrinks_isr_without_epoch_bump_and_tells_the_leader():
+    sim = cluster(1, 2, 3)
+    sim.add_topic("t", {0: [1, 2, 3]})
+    v0 = sim.zk[("t", 0)].zk_version
+    sim.take_sent()
+    sim.brokers(1, 2)  # follower 3 dies
+    assert state(sim, ("t", 0)) == (1, 0, [1, 2])
+    assert sim.zk[("t", 0)].zk_version == v0 + 1
+    assert 1 in sim.lai(sim.take_sent())
+
+
+def test_broker_return_gets_leader_and_isr_for_all_its_partitions_and_stays_follower():
+    sim = cluster(1, 2, 3)
+    sim.add_topic("t", {0: [1, 2, 3], 1: [2, 3, 1]})
+    sim.brokers(2, 3)
+    sim.take_sent()
+    sim.brokers(1, 2, 3)
+    sent = sim.take_sent()
+    assert sim.lai(sent)[1] == {("t", 0), ("t", 1)}
+    assert state(sim, ("t", 0)) == (2, 1, [2, 3])  # not in the ISR yet: no preferred move
+
+
+def test_preferred_leader_moves_back_once_in_isr():
+    sim = cluster(1, 2, 3)
+    sim.add_topic("t", {0: [1, 2, 3]})
+    sim.brokers(2, 3)
+    sim.brokers(1, 2, 3)
+    assert state(sim, ("t", 0)) == (2, 1, [2, 3])
+    sim.leader_sets_isr(("t", 0), [2, 3, 1])  # 1 caught up: the notification triggers the check
+    assert state(sim, ("t", 0)) == (1, 2, [2, 3, 1])
+    sim.run(sim.core.on_preferred_check())
+    assert state(sim, ("t", 0)) == (1, 2, [2, 3, 1])  # stable
+
+
+def test_periodic_preferred_check():
+    sim = cluster(1, 2)
+    sim.add_topic("t", {0: [1, 2]})
+    sim.brokers(2)
+    sim.brokers(1, 2)
+    sim.zk[("t", 0)].isr = [2, 1]  # an ISR change whose notification was lost
+    sim.zk[("t", 0)].zk_version += 1
+    sim.run(sim.core.on_states_reloaded({("t", 0): copy.deepcopy(sim.zk[("t", 0)])}, 0))
+    sim.run(sim.core.on_preferred_check())
+    assert state(sim, ("t", 0)) == (1, 2, [2, 1])
+
+
+def test_controlled_shutdown_moves_leadership_and_stops_followers():
+    sim = cluster(1, 2, 3)
+    sim.add_topic("t", {0: [1, 2, 3], 1: [2, 1, 3], 2: [1]})
+    sim.take_sent()
+    sim.run(sim.core.on_controlled_shutdown(1, sim.core.live[1].epoch))
+    assert state(sim, ("t", 0)) == (2, 1, [2, 3])
+    assert state(sim, ("t", 1)) == (2, 0, [2, 3])
+    assert state(sim, ("t", 2)) == (1, 0, [1])  # nobody else can lead it
+    assert sim.core.partitions_led_by(1) == [("t", 2)]
+    sent = sim.take_sent()
+    stopped = set().union(*(a.partitions for a in sim.stops(sent) if a.broker_id == 1 and not a.delete))
+    assert stopped == {("t", 0), ("t", 1)}
+    assert not any(a.delete for a in sim.stops(sent))
+    # the shutting-down broker hears no more LeaderAndIsr for partitions it only follows
+    assert sim.core.leader_and_isr_request(1, {("t", 0), ("t", 1)}) is None
+    assert sim.core.leader_and_isr_request(1, {("t", 2)}) is not None
+    # the leader re-adds it (it caught up before stopping): the controller removes it again, once
+    sim.leader_sets_isr(("t", 0), [2, 3, 1])
+    assert state(sim, ("t", 0)) == (2, 1, [2, 3])
+    # a second request is idempotent; the broker then goes
+    sim.run(sim.core.on_controlled_shutdown(1, sim.core.live[1].epoch))
+    assert sim.core.partitions_led_by(1) == [("t", 2)]
+    sim.brokers(2, 3)
+    assert state(sim, ("t", 2)) == (-1, 1, [1])
+    assert 1 not in sim.core.shutting_down
+
+
+def test_controlled_shutdown_rejects_stale_and_unknown_brokers():
+    sim = cluster(1, 2)
+    with pytest.raises(StaleBrokerEpochError):
+        sim.core.on_controlled_shutdown(1, 999)
+    with pytest.raises(BrokerNotAvailableError):
+        sim.core.on_controlled_shutdown(7, 1)
+
+
+def test_shutting_down_broker_leads_only_as_a_last_resort():
+    sim = cluster(1, 2, 3)
+    sim.add_topic("t", {0: [3, 1, 2]})
+    sim.leader_sets_isr(("t", 0), [3, 1])
+    sim.run(sim.core.on_controlled_shutdown(1, sim.core.live[1].epoch))
+    assert state(sim, ("t", 0)) == (3, 0, [3])
+    sim.zk[("t", 0)].isr = [3, 1]  # the leader had re-added 1 just before dying
+    sim.zk[("t", 0)].zk_version += 1
+    sim.run(sim.core.on_states_reloaded({("t", 0): copy.deepcopy(sim.zk[("t", 0)])}, 0))
+    assert state(sim, ("t", 0)) == (3, 0, [3])
+    sim.zk[("t", 0)].isr = [3, 1]
+    sim.zk[("t", 0)].zk_version += 1
+    sim.core.states[("t", 0)] = copy.deepcopy(sim.zk[("t", 0)])
+    sim.brokers(1, 2)  # leader 3 dies; 1 is alive (shutting down) and in the ISR: better than offline
+    assert state(sim, ("t", 0)) == (1, 1, [1])
+
+
+def test_bounced_broker_loses_leadership_then_rejoins():
+    sim = cluster(1, 2, 3)
+    sim.add_topic("t", {0: [1, 2, 3], 1: [1]})
+    sim.brokers(1, 2, 3, bounce=(1,))  # re-registered before we saw it go
+    assert state(sim, ("t", 0)) == (2, 1, [2, 3])
+    assert state(sim, ("t", 1)) == (1, 2, [1])  # sole ISR member: offline, then back, two bumps
+    assert sim.lai(sim.take_sent())[1] >= {("t", 0), ("t", 1)}
+
+
+def test_version_conflict_rereads_and_decides_again():
+    sim = cluster(1, 2, 3)
+    sim.add_topic("t", {0: [1, 2, 3]})
+    sim.conflict_next.add(("t", 0))
+    sim.brokers(2, 3)
+    assert state(sim, ("t", 0)) == (2, 1, [2, 3])
+
+
+def test_endless_conflicts_give_up_after_bounded_attempts():
+    sim = cluster(1, 2, 3)
+    sim.add_topic("t", {0: [1, 2, 3]})
+    writes = 0
+    actions = sim.core.on_broker_change({2: sim.core.live[2], 3: sim.core.live[3]})
+    queue = deque(actions)
+    while queue:
+        a = queue.popleft()
+        if isinstance(a, WriteStates):
+            writes += 1
+            queue.extend(sim.core.on_states_written({tp: None for tp in a.updates}, a.attempt))
+        elif isinstance(a, ReloadStates):
+            queue.extend(sim.core.on_states_reloaded({tp: copy.deepcopy(sim.zk[tp]) for tp in a.partitions},
+                                                     a.attempt))
+    assert writes == STATE_WRITE_ATTEMPTS_MAX
+
+
+def test_isr_change_with_newer_leader_epoch_from_zookeeper_is_taken():
+    sim = cluster(1, 2, 3)
+    sim.add_topic("t", {0: [1, 2, 3]})
+    # ZooKeeper has moved on (e.g. written by a newer controller); the view follows, never goes back
+    sim.zk[("t", 0)] = PartitionStateData(2, 7, [2, 3], 9, sim.zk[("t", 0)].zk_version + 3)
+    sim.run(sim.core.on_isr_change({("t", 0): copy.deepcopy(sim.zk[("t", 0)])}))
+    assert sim.core.states[("t", 0)].leader_epoch >= 7
+
+
+def test_deletion_stops_replicas_and_forgets_the_topic():
+    sim = cluster(1, 2, 3)
+    sim.add_topic("t", {0: [1, 2], 1: [2, 3]})
+    sim.add_topic("u", {0: [1]})
+    sim.take_sent()
+    sim.brokers(1, 2)
+    sim.take_sent()
+    sim.run(sim.core.on_delete_requests(["t"]))
+    sent = sim.take_sent()
+    stops = {a.broker_id: a.partitions for a in sim.stops(sent)}
+    assert stops == {1: {("t", 0)}, 2: {("t", 0), ("t", 1)}}
+    assert all(a.delete for a in sim.stops(sent))
+    assert sim.deleted == ["t"] and "t" not in sim.core.topics and not any(tp[0] == "t" for tp in sim.core.states)
+    um = sim.core.update_metadata_request()
+    assert list(um.deleted_topics) == ["t"] and {p.topic for p in um.partitions} == {"u"}
+    sim.run(sim.core.on_delete_requests(["t"]))  # marker seen again while being removed: idempotent
+    sim.add_topic("t", {0: [2]})  # re-created
+    assert "t" not in sim.core.update_metadata_request().deleted_topics
+
+
+def test_reassignment_adds_waits_for_isr_then_switches():
+    sim = cluster(1, 2, 3, 4)
+    sim.add_topic("t", {0: [1, 2]})
+    sim.take_sent()
+    sim.run(sim.core.on_reassignments({("t", 0): [3, 4]}))
+    # phase 1: union, adding/removing, leader epoch bump so every replica learns the new set
+    assert sim.assignments[-1] == WriteAssignment("t", 0, (3, 4, 1, 2), (3, 4), (1, 2))
+    assert state(sim, ("t", 0)) == (1, 1, [1, 2])
+    assert sim.lai(sim.take_sent()) == {b: {("t", 0)} for b in (1, 2, 3, 4)}
+    p = sim.core.partition_state_pb(("t", 0))
+    assert list(p.replicas) == [3, 4, 1, 2] and list(p.adding_replicas) == [3, 4]
+    assert list(p.removing_replicas) == [1, 2]
+    sim.run(sim.core.on_preferred_check())
+    assert state(sim, ("t", 0)) == (1, 1, [1, 2])  # no preferred moves mid-reassignment
+    sim.leader_sets_isr(("t", 0), [1, 2, 3])
+    assert sim.finished == []  # 4 not caught up yet
+    sim.leader_sets_isr(("t", 0), [1, 2, 3, 4])
+    # phase 2: target only, leader from the target, old replicas stopped and deleted, request gone
+    assert sim.assignments[-1] == WriteAssignment("t", 0, (3, 4), (), ())
+    assert state(sim, ("t", 0)) == (3, 2, [3, 4])
+    sent = sim.take_sent()
+    assert {(a.broker_id, a.delete) for a in sim.stops(sent)} == {(1, True), (2, True)}
+    assert sim.finished == [("t", 0)]
+    assert sim.core.replicas(("t", 0)) == [3, 4] and not sim.core.reassign_targets
+    assert sim.core.leader_and_isr_request(1, {("t", 0)}) is None
+
+
+def test_reassignment_within_the_isr_completes_at_once():
+    sim = cluster(1, 2, 3)
+    sim.add_topic("t", {0: [1, 2, 3]})
+    sim.run(sim.core.on_reassignments({("t", 0): [2, 3]}))
+    assert state(sim, ("t", 0)) == (2, 1, [2, 3])
+    assert sim.finished == [("t", 0)]
+    assert [a.broker_id for a in sim.stops(sim.take_sent())] == [1]
+
+
+def test_invalid_reassignments_are_dropped():
+    sim = cluster(1, 2)
+    sim.add_topic("t", {0: [1]})
+    sim.run(sim.core.on_reassignments({("t", 0): [], ("t", 9): [1], ("x", 0): [1], ("t", 1): [1, 1]}))
+    assert sorted(sim.finished) == [("t", 0), ("t", 1), ("t", 9), ("x", 0)]
+    assert not sim.assignments
+
+
+def test_reassignment_resumes_on_a_new_controller():
+    sim = cluster(1, 2, 3)
+    sim.add_topic("t", {0: [1]})
+    sim.run(sim.core.on_reassignments({("t", 0): [2]}))
+    spec = copy.deepcopy(sim.topics["t"])
+    spec.adding_replicas = {0: [2]}
+    spec.removing_replicas = {0: [1]}
+    new = ControllerState(controller_id=2, controller_epoch=6)
+    sim2 = Sim(new)
+    sim2.zk, sim2.topics = sim.zk, {"t": spec}
+    sim2.run(new.on_startup(dict(sim.core.live), {"t": spec}, copy.deepcopy(sim.zk), (), {("t", 0): [2]}))
+    assert state(sim2, ("t", 0)) == (1, 2, [1])  # epoch bumped again so the replicas hear of the set
+    assert sim2.zk[("t", 0)].controller_epoch == 6
+    sim2.leader_sets_isr(("t", 0), [1, 2])
+    assert state(sim2, ("t", 0)) == (2, 3, [2])
+    assert sim2.finished == [("t", 0)]
+
+
+def test_startup_repairs_and_tells_everyone():
+    core = ControllerState(controller_id=1, controller_epoch=3)
+    sim = Sim(core)
+    sim.topics = {"t": TopicSpec("t", {0: [1, 2], 1: [2, 3], 2: [3, 2]}, {})}
+    sim.zk = {("t", 0): PartitionStateData(-1, 4, [1], 2, 7),   # offline, its ISR member is back
+              ("t", 1): PartitionStateData(3, 2, [3, 2], 2, 1)}  # leader 3 is gone
+    live = {1: reg(1, 50), 2: reg(2, 51)}
+    sim.run(core.on_startup(live, copy.deepcopy(sim.topics), copy.deepcopy(sim.zk)))
+    assert state(sim, ("t", 0)) == (1, 5, [1])
+    assert state(sim, ("t", 1)) == (2, 3, [2])
+    assert state(sim, ("t", 2)) == (2, 0, [2])  # no state yet: created
+    sent = sim.take_sent()
+    assert sim.lai(sent) == {1: {("t", 0)}, 2: {("t", 0), ("t", 1), ("t", 2)}}
+    um = core.update_metadata_request()
+    assert um.controller_epoch == 3 and [b.broker_id for b in um.brokers] == [1, 2]
+    assert len(um.partitions) == 3
+
+
+def test_update_metadata_lists_partitions_without_state_as_leaderless():
+    sim = cluster(1)
+    sim.add_topic("t", {0: [1], 1: [2]})
+    parts = {p.partition: p for p in sim.core.update_metadata_request().partitions}
+    assert (parts[0].leader, parts[1].leader, parts[1].leader_epoch) == (1, -1, -1)
+    assert list(parts[1].replicas) == [2]
+
+
+def test_stop_replica_request_carries_epochs():
+    sim = cluster(1, 2)
+    req = sim.core.stop_replica_request(2, {("t", 1), ("t", 0)}, delete=True)
+    assert req is not None and req.broker_epoch == 12 and req.controller_epoch == 5 and req.delete_partitions
+    assert [(p.topic, p.partition) for p in req.partitions] == [("t", 0), ("t", 1)]
+    assert sim.core.stop_replica_request(9, {("t", 0)}, delete=False) is None
+    assert isinstance(req, pb.StopReplicaRequest)
+
+
+def test_partition_added_to_topic_gets_a_state():
+    sim = cluster(1, 2)
+    sim.add_topic("t", {0: [1, 2]})
+    spec = copy.deepcopy(sim.topics["t"])
+    spec.assignment[1] = [2, 1]
+    sim.topics["t"] = spec
+    sim.run(sim.core.on_topics_changed({"t": copy.deepcopy(spec)}, copy.deepcopy(sim.zk)))
+    assert state(sim, ("t", 1)) == (2, 0, [2, 1])
+    assert state(sim, ("t", 0)) == (1, 0, [1, 2])
+
+
+# ====================================================================================== property
+
+
+BROKERS = (1, 2, 3, 4)
+
+event = st.one_of(
+    st.tuples(st.just("down"), st.sampled_from(BROKERS)),
+    st.tuples(st.just("up"), st.sampled_from(BROKERS)),
+    st.tuples(st.just("bounce"), st.sampled_from(BROKERS)),
+    st.tuples(st.just("shutdown"), st.sampled_from(BROKERS)),
+    st.tuples(st.just("catch_up"), st.integers(0, 5)),
+    st.tuples(st.just("lag"), st.integers(0, 5), st.sampled_from(BROKERS)),
+    st.tuples(st.just("conflict"), st.integers(0, 5)),
+    st.tuples(st.just("preferred"), st.just(0)),
+    st.tuples(st.just("reassign"), st.integers(0, 5), st.permutations(BROKERS), st.integers(1, 3)),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    assignments=st.lists(st.permutations(BROKERS).map(lambda p: p[:3]), min_size=1, max_size=6),
+    events=st.lists(event, max_size=40),
+)
+def test_random_broker_churn_never_elects_outside_the_isr_nor_moves_epochs_back(assignments, events):
+    """Sim._write asserts on every write: no unclean election, epochs monotonic, leader in ISR, the
+    controller never grows an ISR, no dead leader."""
+    sim = cluster(*BROKERS)
+    sim.add_topic("t", {p: list(r) for p, r in enumerate(assignments)})
+    parts = [("t", p) for p in range(len(assignments))]
+    alive = set(BROKERS)
+    for ev in events:
+        kind = ev[0]
+        if kind == "down":
+            alive.discard(ev[1])
+            sim.brokers(*sorted(alive))
+        elif kind == "up":
+            alive.add(ev[1])
+            sim.brokers(*sorted(alive))
+        elif kind == "bounce" and ev[1] in alive:
+            sim.brokers(*sorted(alive), bounce=(ev[1],))
+        elif kind == "shutdown" and ev[1] in alive:
+            sim.run(sim.core.on_controlled_shutdown(ev[1], sim.core.live[ev[1]].epoch))
+        elif kind in ("catch_up", "lag", "conflict", "reassign"):
+            tp = parts[ev[1] % len(parts)]
+            cur = sim.zk.get(tp)
+            if kind == "conflict":
+                sim.conflict_next.add(tp)
+            elif kind == "reassign":
+                sim.run(sim.core.on_reassignments({**{t: list(v) for t, v in sim.core.reassign_targets.items()},
+                                                   tp: list(ev[2][:ev[3]])}))
+            elif cur is None or cur.leader == -1 or cur.leader not in alive:
+                continue
+            elif kind == "catch_up":  # the leader adds its live, fetching followers
+                fetching = [b for b in sim.core.replicas(tp) if b in alive and b not in sim.core.shutting_down]
+                isr = cur.isr + [b for b in fetching if b not in cur.isr]
+                if isr != cur.isr:
+                    sim.leader_sets_isr(tp, isr)
+            elif kind == "lag" and ev[2] in cur.isr and ev[2] != cur.leader:
+                sim.leader_sets_isr(tp, [b for b in cur.isr if b != ev[2]])
+        elif kind == "preferred":
+            sim.run(sim.core.on_preferred_check())
+        for tp, s in sim.zk.items():
+            assert s.leader == -1 or s.leader in s.isr
+            assert sim.core.states[tp].zk_version == s.zk_version
+    # once every broker is back, every partition has a leader (or, if all its replicas are shutting
+    # down, no state yet)
+    sim.brokers(*BROKERS)
+    for tp in parts:
+        cur = sim.zk.get(tp)
+        if cur is None:
+            assert all(b in sim.core.shutting_down for b in sim.core.replicas(tp))
+        else:
+            assert cur.leader != -1, (tp, cur)
