@@ -107,6 +107,20 @@ class Cluster:
         except (grpc.RpcError, KeyError):
             return -1
 
+    def high_watermark(self, topic: str, partition: int) -> int:
+        """The high watermark as the partition's leader reports it (ListOffsets latest)."""
+        leader = self.leader_of(topic, partition)
+        assert leader >= 0, f"{topic}-{partition} has no leader"
+        ch, _, broker = self._stub(leader)
+        try:
+            resp = broker.ListOffsets(pb.ListOffsetsRequest(partitions=[
+                pb.ListOffsetsPartition(topic=topic, partition=partition, timestamp=-1)]), timeout=5)
+            r = resp.results[0]
+            assert r.error_code == pb.NONE, r
+            return r.offset
+        finally:
+            ch.close()
+
     def replica_batches(self, i: int, topic: str, partition: int) -> list[bytes]:
         """Every well-formed batch in broker i's segment files of the partition, in order."""
         out: list[bytes] = []

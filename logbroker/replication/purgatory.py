@@ -1,13 +1,16 @@
-"""Delayed operations keyed by partition: a long-polling Fetch (later: an acks=all Produce) parks a
-future here instead of a thread, and an append to any of its partitions wakes it.
+"""Delayed operations keyed by partition: a long-polling Fetch or an acks=all Produce parks a
+future here instead of a thread, and a notification of any of its partitions wakes it (an append or
+a high-watermark move for fetches, a high-watermark, ISR or leadership change for produces: the
+replica manager keeps one purgatory for each kind).
 
-Single-threaded: owned by the broker's event loop.
+Single-threaded: owned by the broker's event loop. Bounded: at most `watchers_max` operations wait;
+beyond that `wait` returns at once (the caller answers with what it has).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 Key = tuple[str, int]
 
@@ -44,6 +47,18 @@ class Purgatory:
                     waiters.discard(fut)
                     if not waiters:
                         del self._waiters[key]
+
+    async def wait_until(self, keys: Iterable[Key], ready: Callable[[], bool], timeout_s: float) -> bool:
+        """Wait until `ready()` holds, checking it now and after each notification of one of `keys`,
+        for at most `timeout_s`. Returns `ready()` at the end (False on timeout or when full)."""
+        watched = list(dict.fromkeys(keys))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while not ready():
+            remaining = deadline - loop.time()
+            if remaining <= 0 or not await self.wait(watched, remaining):
+                return ready()
+        return True
 
     def notify(self, key: Key) -> None:
         waiters = self._waiters.get(key)

@@ -54,7 +54,7 @@ class AdminService:
             try:
                 if len(t.config) > CONFIG_ENTRIES_MAX:
                     raise InvalidConfigError(f"at most {CONFIG_ENTRIES_MAX} config entries")
-                self.broker.create_topic(t.name, t.partitions, t.replication_factor, dict(t.config), req.validate_only)
+                await self.broker.create_topic(t.name, t.partitions, t.replication_factor, dict(t.config), req.validate_only)
             except Exception as exc:
                 _fill_error(r, exc)
         return resp
@@ -65,7 +65,7 @@ class AdminService:
         for name in req.names:
             r = resp.results.add(name=name)
             try:
-                self.broker.delete_topic(name)
+                await self.broker.delete_topic(name)
             except Exception as exc:
                 _fill_error(r, exc)
         return resp
@@ -77,7 +77,7 @@ class AdminService:
         resp = pb.CreatePartitionsResponse()
         resp.result.name = req.name
         try:
-            self.broker.create_partitions(req.name, req.total)
+            await self.broker.create_partitions(req.name, req.total)
         except Exception as exc:
             _fill_error(resp.result, exc)
         return resp
@@ -88,44 +88,47 @@ class AdminService:
         broker = self.broker
         _check(broker, len(req.names))
         resp = pb.DescribeTopicsResponse()
-        for name in list(req.names) or sorted(broker.topics):
+        for name in list(req.names) or broker.topic_names():
             d = resp.topics.add(name=name)
             try:
                 validate_topic_name(name)
-                spec = broker.topics.get(name)
-                if spec is None:
+                states = broker.topic_partitions(name)
+                if states is None:
                     raise UnknownTopicOrPartitionError(f"unknown topic {name!r}")
-                d.config.update(spec.config)
-                for p in sorted(spec.assignment):
-                    part = broker.partitions[(name, p)]
-                    plog = part.log
-                    d.partitions.add(
-                        partition=p, leader=part.leader, leader_epoch=part.leader_epoch, replicas=part.replicas,
-                        isr=part.isr, log_start_offset=plog.log_start_offset, log_end_offset=plog.log_end_offset,
-                        high_watermark=part.high_watermark, size_bytes=plog.size_bytes,
+                d.config.update(await broker.topic_config(name))
+                for p, st in sorted(states.items()):
+                    pd = d.partitions.add(
+                        partition=p, leader=st.leader, leader_epoch=st.leader_epoch, replicas=st.replicas,
+                        isr=st.isr, log_start_offset=-1, log_end_offset=-1, high_watermark=-1, size_bytes=-1,
                     )
+                    part = broker.partitions.get((name, p))
+                    if part is not None:  # offsets as this broker's replica has them
+                        plog = part.log
+                        pd.log_start_offset = plog.log_start_offset
+                        pd.log_end_offset = plog.log_end_offset
+                        pd.high_watermark = part.high_watermark
+                        pd.size_bytes = plog.size_bytes
             except Exception as exc:
                 _fill_error(d, exc)
         return resp
-
 
     async def describe_cluster(
         self, req: pb.DescribeClusterRequest, context: grpc.aio.ServicerContext
     ) -> pb.DescribeClusterResponse:
         broker = self.broker
         _check(broker, 0)
-        host, port = broker.config.advertised
-        resp = pb.DescribeClusterResponse(cluster_id=broker.store.cluster_id, controller_id=broker.config.broker_id,
-                                          controller_epoch=0)
-        resp.brokers.add(broker_id=broker.config.broker_id, host=host, port=port or broker.bound_port,
-                         rack=broker.config.rack)
-        return resp
+        brokers, controller_id, controller_epoch = broker.cluster_brokers()
+        return pb.DescribeClusterResponse(cluster_id=broker.store.cluster_id, controller_id=controller_id,
+                                          controller_epoch=controller_epoch, brokers=brokers)
 
     async def reassign_partition(
         self, req: pb.ReassignPartitionRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReassignPartitionResponse:
         _check(self.broker, 1)
         try:
+            if self.broker.cluster is not None:
+                await self.broker.cluster.reassign(req.topic, req.partition, list(req.replicas))
+                return pb.ReassignPartitionResponse()
             self.broker.partition(req.topic, req.partition)
             if list(req.replicas) != [self.broker.config.broker_id]:
                 raise InvalidReplicationFactorError("a standalone broker can only place replicas on itself")

@@ -20,6 +20,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from logbroker.clock import SYSTEM_CLOCK, Clock
+from logbroker.cluster.controller import Controller
 from logbroker.cluster.local_store import LocalMetadataStore, MetadataStore
 from logbroker.cluster.metadata import (
     PARTITIONS_MAX,
@@ -27,35 +28,47 @@ from logbroker.cluster.metadata import (
     normalize_topic_config,
     validate_topic_name,
 )
+from logbroker.cluster.metadata_image import MetadataImage
 from logbroker.config import BrokerConfig
 from logbroker.errors import (
     InvalidPartitionsError,
     InvalidReplicationFactorError,
+    NotLeaderOrFollowerError,
     TopicAlreadyExistsError,
     UnknownTopicOrPartitionError,
 )
 from logbroker.replication.partition import Partition
-from logbroker.replication.purgatory import Purgatory
-from logbroker.server import admin_service, broker_service
+from logbroker.replication.replica_manager import CallableIsrStore, InMemoryIsrStore, IsrStore, ReplicaManager
+from logbroker.server import admin_service, broker_service, replica_service
+from logbroker.server.cluster_member import ClusterMember
 from logbroker.storage.log import LogConfig
 from logbroker.storage.log_manager import LogManager
+from logbroker.v1 import logbroker_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAMES = ("logbroker.v1.Broker", "logbroker.v1.Admin")
+SERVICE_NAMES = ("logbroker.v1.Broker", "logbroker.v1.Admin", "logbroker.v1.Replica")
 
 
 class Broker:
     def __init__(self, config: BrokerConfig, clock: Clock = SYSTEM_CLOCK) -> None:
         self.config = config
         self.clock = clock
-        self.partitions: dict[tuple[str, int], Partition] = {}
         self.topics: dict[str, TopicSpec] = {}
-        self.purgatory = Purgatory()
         self.ready = False
         self.bound_port = 0
         self._store: MetadataStore | None = None
         self._log_manager = LogManager(Path(config.data_dir), LogConfig())
+        self.metadata_image = MetadataImage()
+        self.cluster: ClusterMember | None = ClusterMember(self) if config.cluster_mode else None
+        isr_store: IsrStore = (
+            CallableIsrStore(self.cluster.store.write_isr_as_leader) if self.cluster is not None else InMemoryIsrStore()
+        )
+        self.replica_manager = ReplicaManager(
+            config.broker_id, self._log_manager, isr_store, clock,
+            replica_lag_time_max_ms=config.replica_lag_time_max_ms,
+            produce_timeout_ms_max=config.produce_timeout_ms_cap,
+        )
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self._tasks: list[asyncio.Task[None]] = []
@@ -75,7 +88,9 @@ class Broker:
             maximum_concurrent_rpcs=1000,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        server.add_generic_rpc_handlers((broker_service.handler(self), admin_service.handler(self)))
+        server.add_generic_rpc_handlers(
+            (broker_service.handler(self), admin_service.handler(self), replica_service.handler(self))
+        )
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         port = server.add_insecure_port(f"{cfg.listen_host}:{cfg.listen_port}")
@@ -87,7 +102,10 @@ class Broker:
         log.info("broker %d listening on %s:%d, recovering logs in %s", cfg.broker_id, cfg.listen_host, port, cfg.data_dir)
         started = time.monotonic()
         await asyncio.get_running_loop().run_in_executor(None, self._recover)
+        self.replica_manager.start()
         self.ready = True
+        if self.cluster is not None:
+            await self.cluster.start()  # registered: the controller now sends our partition roles
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
@@ -98,6 +116,12 @@ class Broker:
 
     def _recover(self) -> None:
         Path(self.config.data_dir).mkdir(parents=True, exist_ok=True)
+        if self.cluster is not None:
+            # Logs are recovered now and stay open; each becomes a leader or follower replica when
+            # the controller's LeaderAndIsr names it.
+            self._store = self.cluster.store
+            self._log_manager.load_all()
+            return
         self._store = LocalMetadataStore(Path(self.config.data_dir))
         logs = self._log_manager.load_all()
         for log_ in logs.values():
@@ -105,12 +129,9 @@ class Broker:
                 log.warning("recovery: %s", report)
         topics = self._store.list_topics()
         for name, spec in topics.items():
-            log_config = LogConfig.from_topic_config(spec.config)
             for p in spec.assignment:
-                plog = logs.pop((name, p), None)
-                if plog is None:
-                    plog = self._log_manager.create_log(name, p, log_config)
-                self.partitions[(name, p)] = Partition(name, p, plog, self.config.broker_id)
+                logs.pop((name, p), None)
+                self.replica_manager.make_local_leader(name, p, spec.config)
         for (name, p) in logs:
             log.warning("deleting log of %s-%d: its topic no longer exists", name, p)
             self._log_manager.delete_log(name, p)
@@ -122,17 +143,22 @@ class Broker:
             return
         self._stopping = True
         log.info("broker %d shutting down", self.config.broker_id)
-        self.ready = False
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         try:
             for task in self._tasks:
                 task.cancel()
-            self.purgatory.notify_all()
+            if self.cluster is not None:
+                await self.cluster.controlled_shutdown()  # leadership moves away while we still serve
+                await self.cluster.stop_controller()
+            self.ready = False
+            await self.replica_manager.shutdown()  # fetchers stopped, parked requests answered
             if self._server is not None:
                 await self._server.stop(self.config.shutdown_grace_s)
+            if self.cluster is not None:
+                await self.cluster.close()  # closing the session drops our registration at once
             self._log_manager.close_all()
-            if self._store is not None:
+            if self._store is not None and self.cluster is None:
                 self._store.close()
             log.info("broker %d stopped cleanly", self.config.broker_id)
         except Exception:
@@ -162,18 +188,93 @@ class Broker:
         assert self._store is not None, "store used before recovery"
         return self._store
 
+    @property
+    def partitions(self) -> dict[tuple[str, int], Partition]:
+        """The replicas this broker hosts (owned by the replica manager; do not modify)."""
+        return self.replica_manager.partitions
+
+    @property
+    def broker_epoch(self) -> int:
+        return self.cluster.broker_epoch if self.cluster is not None else 0
+
+    @property
+    def controller(self) -> Controller | None:
+        return self.cluster.controller if self.cluster is not None else None
+
+    def on_metadata_updated(self) -> None:
+        """The controller sent a full UpdateMetadata: long-polls re-check (e.g. a deleted topic)."""
+        self.replica_manager.fetch_purgatory.notify_all()
+
+    def check_partition(self, topic: str, index: int) -> None:
+        """Raise UNKNOWN_TOPIC_OR_PARTITION unless the cluster has this partition."""
+        states = self.topic_partitions(topic)
+        if states is None:
+            raise UnknownTopicOrPartitionError(f"unknown topic {topic!r}")
+        if index not in states:
+            raise UnknownTopicOrPartitionError(f"topic {topic!r} has no partition {index} (it has {len(states)})")
+
     def partition(self, topic: str, index: int) -> Partition:
+        """The local replica; UNKNOWN_TOPIC_OR_PARTITION or (cluster) NOT_LEADER_OR_FOLLOWER if none."""
         p = self.partitions.get((topic, index))
         if p is None:
-            if topic not in self.topics:
-                raise UnknownTopicOrPartitionError(f"unknown topic {topic!r}")
-            raise UnknownTopicOrPartitionError(
-                f"topic {topic!r} has no partition {index} (it has {self.topics[topic].partition_count})"
+            self.check_partition(topic, index)
+            states = self.topic_partitions(topic) or {}
+            raise NotLeaderOrFollowerError(
+                f"broker {self.config.broker_id} hosts no replica of {topic}-{index} (leader: {states[index].leader})"
             )
         return p
 
-    def create_topic(self, name: str, partitions: int, replication_factor: int, config: dict[str, str],
-                     validate_only: bool = False) -> None:
+    def topic_names(self) -> list[str]:
+        if self.cluster is not None:
+            return self.metadata_image.topic_names()
+        return sorted(self.topics)
+
+    def topic_partitions(self, topic: str) -> dict[int, pb.PartitionState] | None:
+        """Leader, epoch, replicas and ISR of every partition of `topic` (None: no such topic)."""
+        if self.cluster is not None:
+            return self.metadata_image.partitions.get(topic)
+        spec = self.topics.get(topic)
+        if spec is None:
+            return None
+        out = {}
+        for p in sorted(spec.assignment):
+            part = self.partitions[(topic, p)]
+            out[p] = pb.PartitionState(topic=topic, partition=p, leader=part.leader, leader_epoch=part.leader_epoch,
+                                       isr=part.isr, replicas=part.replicas)
+        return out
+
+    async def topic_config(self, topic: str) -> dict[str, str]:
+        if self.cluster is not None:
+            spec = await asyncio.to_thread(self.cluster.store.get_topic, topic)
+            return dict(spec.config) if spec is not None else {}
+        spec = self.topics.get(topic)
+        return dict(spec.config) if spec is not None else {}
+
+    def cluster_brokers(self) -> tuple[list[pb.BrokerInfo], int, int]:
+        """(live brokers, controller id, controller epoch)."""
+        if self.cluster is not None:
+            image = self.metadata_image
+            return [image.brokers[b] for b in sorted(image.brokers)], image.controller_id, image.controller_epoch
+        host, port = self.config.advertised
+        me = pb.BrokerInfo(broker_id=self.config.broker_id, host=host, port=port or self.bound_port, rack=self.config.rack)
+        return [me], self.config.broker_id, 0
+
+    async def commit_offsets(self, group: str, offsets: dict[tuple[str, int], tuple[int, str]]) -> None:
+        if self.cluster is not None:
+            await self.cluster.commit_offsets(group, offsets)
+        else:
+            self.store.commit_offsets(group, offsets)
+
+    async def fetch_offsets(self, group: str) -> dict[tuple[str, int], tuple[int, str]]:
+        if self.cluster is not None:
+            return await self.cluster.fetch_offsets(group)
+        return self.store.fetch_offsets(group)
+
+    async def create_topic(self, name: str, partitions: int, replication_factor: int, config: dict[str, str],
+                           validate_only: bool = False) -> None:
+        if self.cluster is not None:
+            await self.cluster.create_topic(name, partitions, replication_factor, config, validate_only)
+            return
         validate_topic_name(name)
         if not 1 <= partitions <= PARTITIONS_MAX:
             raise InvalidPartitionsError(f"partitions must be in [1, {PARTITIONS_MAX}], got {partitions}")
@@ -188,23 +289,23 @@ class Broker:
         if validate_only:
             return
         spec = TopicSpec(name, {p: [self.config.broker_id] for p in range(partitions)}, full_config)
-        log_config = LogConfig.from_topic_config(full_config)
         created: list[int] = []
         try:
             for p in range(partitions):
-                plog = self._log_manager.create_log(name, p, log_config)
                 created.append(p)
-                self.partitions[(name, p)] = Partition(name, p, plog, self.config.broker_id)
+                self.replica_manager.make_local_leader(name, p, full_config)
             self.store.create_topic(spec)
         except BaseException:
             for p in created:
-                self.partitions.pop((name, p), None)
-                self._log_manager.delete_log(name, p)
+                self.replica_manager.remove_partition(name, p, delete=True)
             raise
         self.topics[name] = spec
         log.info("created topic %s with %d partitions", name, partitions)
 
-    def delete_topic(self, name: str) -> None:
+    async def delete_topic(self, name: str) -> None:
+        if self.cluster is not None:
+            await self.cluster.delete_topic(name)
+            return
         validate_topic_name(name)
         spec = self.topics.get(name)
         if spec is None:
@@ -212,12 +313,13 @@ class Broker:
         self.store.delete_topic(name)
         del self.topics[name]
         for p in spec.assignment:
-            self.partitions.pop((name, p), None)
-            self._log_manager.delete_log(name, p)
-            self.purgatory.notify((name, p))
+            self.replica_manager.remove_partition(name, p, delete=True)
         log.info("deleted topic %s", name)
 
-    def create_partitions(self, name: str, total: int) -> None:
+    async def create_partitions(self, name: str, total: int) -> None:
+        if self.cluster is not None:
+            await self.cluster.create_partitions(name, total)
+            return
         validate_topic_name(name)
         spec = self.topics.get(name)
         if spec is None:
@@ -227,11 +329,9 @@ class Broker:
             raise InvalidPartitionsError(f"topic {name!r} has {current} partitions; the new total must be larger")
         if total > PARTITIONS_MAX:
             raise InvalidPartitionsError(f"at most {PARTITIONS_MAX} partitions")
-        log_config = LogConfig.from_topic_config(spec.config)
         assignment = dict(spec.assignment)
         for p in range(current, total):
-            plog = self._log_manager.create_log(name, p, log_config)
-            self.partitions[(name, p)] = Partition(name, p, plog, self.config.broker_id)
+            self.replica_manager.make_local_leader(name, p, spec.config)
             assignment[p] = [self.config.broker_id]
         self.store.set_assignment(name, assignment)
         spec.assignment = assignment

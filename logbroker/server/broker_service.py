@@ -1,11 +1,17 @@
-"""`logbroker.v1.Broker`: thin handlers over the broker's partitions.
+"""`logbroker.v1.Broker`: thin handlers over the broker's replica manager.
 
 Each handler validates the whole request (bounds), then works partition by partition, turning any
 `BrokerError` into that partition's ErrorCode. Nothing here decodes a record.
+
+Produce appends on the leader (NOT_LEADER_OR_FOLLOWER elsewhere); acks=all then waits for all its
+partitions at once in the replica manager's produce purgatory. Fetch reads consumers up to the high
+watermark and followers (replica_id >= 0, not this broker) up to the log end offset, recording
+their progress; it long-polls in the fetch purgatory, which appends and high-watermark moves wake.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -22,6 +28,7 @@ from logbroker.errors import (
     OffsetOutOfRangeError,
     UnknownServerError,
 )
+from logbroker.replication.replica_manager import LeaderAppend
 from logbroker.server import rpc
 from logbroker.v1 import logbroker_pb2 as pb
 
@@ -31,6 +38,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PARTITIONS_PER_REQUEST_MAX = 10_000
+ProducePartitionKey = tuple[str, int]
 GROUP_NAME_MAX_CHARS = 255
 
 
@@ -58,27 +66,46 @@ class BrokerService:
         self.broker = broker
 
     async def produce(self, req: pb.ProduceRequest, context: grpc.aio.ServicerContext) -> pb.ProduceResponse:
+        """Append every partition first, then (acks=all) wait for all of them at once."""
         broker = self.broker
         _check_ready(broker)
         _check_count(len(req.partitions), "partitions")
+        rm = broker.replica_manager
         resp = pb.ProduceResponse()
         acks_ok = req.acks in (-1, 0, 1)
+        waits: list[tuple[pb.ProducePartitionResult, ProducePartitionKey, LeaderAppend]] = []
         for pp in req.partitions:
             r = resp.results.add(topic=pp.topic, partition=pp.partition, base_offset=-1, log_append_time_ms=-1)
             try:
                 if not acks_ok:
                     raise InvalidRequiredAcksError(f"acks must be -1 (all), 0 or 1, got {req.acks}")
-                part = broker.partition(pp.topic, pp.partition)
-                result = part.append_as_leader(pp.records)
+                broker.partition(pp.topic, pp.partition)  # unknown topic or partition, with a clear message
+                appended = rm.append_records(pp.topic, pp.partition, pp.records, req.acks)
+                result = appended.result
                 r.base_offset = result.base_offset
-                r.log_start_offset = part.log.log_start_offset
+                r.log_start_offset = appended.log_start_offset
                 if result.log_append_time_ms >= 0:
                     r.log_append_time_ms = result.log_append_time_ms
-                broker.purgatory.notify((pp.topic, pp.partition))
+                if req.acks == -1:
+                    waits.append((r, (pp.topic, pp.partition), appended))
             except Exception as exc:
                 err = _as_error(exc, "produce")
                 r.error_code = err.code
                 r.error_message = err.message
+        if waits:
+            outcomes = await asyncio.gather(
+                *(rm.wait_for_acks(key[0], key[1], appended, req.timeout_ms) for _, key, appended in waits),
+                return_exceptions=True,
+            )
+            for (r, _key, _appended), outcome in zip(waits, outcomes, strict=True):
+                if isinstance(outcome, BaseException):
+                    if not isinstance(outcome, Exception):
+                        raise outcome
+                    err = _as_error(outcome, "produce")
+                    r.error_code = err.code  # type: ignore[assignment]
+                    r.error_message = err.message
+                    r.base_offset = -1
+                    r.log_append_time_ms = -1
         return resp
 
     def _read_all(self, req: pb.FetchRequest, max_bytes: int) -> tuple[list[tuple[pb.FetchPartitionResult, memoryview | None]], int, bool]:
@@ -92,6 +119,7 @@ class BrokerService:
         total = 0
         errored = False
         broker = self.broker
+        rm = broker.replica_manager
         for fp in req.partitions:
             r = pb.FetchPartitionResult(topic=fp.topic, partition=fp.partition, high_watermark=-1,
                                         log_start_offset=-1, log_end_offset=-1)
@@ -110,13 +138,19 @@ class BrokerService:
                         f"[{plog.log_start_offset}, {part.high_watermark}]"
                     )
                 budget = max_bytes - total
-                if budget > 0 or total == 0:
-                    limit = min(fp.partition_max_bytes or max_bytes, max(budget, 1))
-                    view = part.read(fp.fetch_offset, limit)
-                    if len(view):
-                        total += len(view)
-                    else:
-                        view = None  # empty views may be shared: never release them
+                limit = min(fp.partition_max_bytes or max_bytes, max(budget, 1))
+                # Always read: it checks leadership and epoch, and records a follower's progress.
+                fetched = rm.read(fp.topic, fp.partition, fp.fetch_offset, limit, replica_id=req.replica_id,
+                                  current_leader_epoch=fp.current_leader_epoch)
+                r.high_watermark = fetched.high_watermark
+                r.log_start_offset = fetched.log_start_offset
+                r.log_end_offset = fetched.log_end_offset
+                if len(fetched.records) and (budget > 0 or total == 0):
+                    view = fetched.records
+                    total += len(view)
+                elif len(fetched.records):
+                    fetched.records.release()  # over the response budget: left for the next fetch
+                # (an empty view may be shared: never release it)
             except Exception as exc:
                 err = _as_error(exc, "fetch")
                 r.error_code = err.code  # type: ignore[assignment]
@@ -143,7 +177,7 @@ class BrokerService:
             if total >= min_bytes or errored or remaining_s <= 0 or not broker.ready:
                 return _encode_fetch_response(results)
             _release(results)
-            if not await broker.purgatory.wait(keys, remaining_s):
+            if not await broker.replica_manager.fetch_purgatory.wait(keys, remaining_s):
                 return _encode_fetch_response(self._read_all(req, max_bytes)[0])
 
     async def list_offsets(self, req: pb.ListOffsetsRequest, context: grpc.aio.ServicerContext) -> pb.ListOffsetsResponse:
@@ -154,7 +188,8 @@ class BrokerService:
         for lp in req.partitions:
             r = resp.results.add(topic=lp.topic, partition=lp.partition, offset=-1, timestamp=-1, leader_epoch=-1)
             try:
-                part = broker.partition(lp.topic, lp.partition)
+                broker.partition(lp.topic, lp.partition)  # unknown topic or partition, with a clear message
+                part = broker.replica_manager.leader_partition(lp.topic, lp.partition)
                 r.leader_epoch = part.leader_epoch
                 if lp.timestamp == -1:
                     r.offset = part.high_watermark
@@ -176,24 +211,21 @@ class BrokerService:
         broker = self.broker
         _check_ready(broker)
         _check_count(len(req.topics), "topics")
-        host, port = broker.config.advertised
-        resp = pb.MetadataResponse(cluster_id=broker.store.cluster_id, controller_id=broker.config.broker_id)
-        resp.brokers.add(broker_id=broker.config.broker_id, host=host, port=port or broker.bound_port,
-                         rack=broker.config.rack)
-        names = list(req.topics) or sorted(broker.topics)
-        for name in names:
+        brokers, controller_id, _ = broker.cluster_brokers()
+        resp = pb.MetadataResponse(cluster_id=broker.store.cluster_id, controller_id=controller_id, brokers=brokers)
+        for name in list(req.topics) or broker.topic_names():
             t = resp.topics.add(name=name)
             try:
                 validate_topic_name(name)
-                spec = broker.topics.get(name)
-                if spec is None:
+                states = broker.topic_partitions(name)
+                if states is None:
                     t.error_code = pb.UNKNOWN_TOPIC_OR_PARTITION
                     t.error_message = f"unknown topic {name!r}"
                     continue
-                for p in sorted(spec.assignment):
-                    part = broker.partitions[(name, p)]
-                    t.partitions.add(partition=p, leader=part.leader, leader_epoch=part.leader_epoch,
-                                     replicas=part.replicas, isr=part.isr)
+                for p, st in sorted(states.items()):
+                    t.partitions.add(partition=p, leader=st.leader, leader_epoch=st.leader_epoch,
+                                     replicas=st.replicas, isr=st.isr,
+                                     error_code=pb.NONE if st.leader >= 0 else pb.LEADER_NOT_AVAILABLE)
             except BrokerError as err:
                 t.error_code = err.code
                 t.error_message = err.message
@@ -211,7 +243,7 @@ class BrokerService:
             try:
                 if group_error is not None:
                     raise group_error
-                broker.partition(cp.topic, cp.partition)
+                broker.check_partition(cp.topic, cp.partition)
                 if cp.offset < 0:
                     raise OffsetOutOfRangeError(f"cannot commit negative offset {cp.offset}")
                 if len(cp.metadata) > 4096:
@@ -222,7 +254,7 @@ class BrokerService:
                 r.error_code = err.code
                 r.error_message = err.message
         if accepted:
-            broker.store.commit_offsets(req.group, accepted)
+            await broker.commit_offsets(req.group, accepted)
         return resp
 
     async def offset_fetch(self, req: pb.OffsetFetchRequest, context: grpc.aio.ServicerContext) -> pb.OffsetFetchResponse:
@@ -235,7 +267,7 @@ class BrokerService:
             resp.error_code = group_error.code  # type: ignore[assignment]
             resp.error_message = group_error.message
             return resp
-        committed = broker.store.fetch_offsets(req.group)
+        committed = await broker.fetch_offsets(req.group)
         wanted = [(tp.topic, tp.partition) for tp in req.partitions] or sorted(committed)
         for topic, partition in wanted:
             offset, metadata = committed.get((topic, partition), (-1, ""))

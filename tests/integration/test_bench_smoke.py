@@ -71,7 +71,9 @@ def test_every_workload_smokes_against_logbroker(tmp_path: Path) -> None:
         record = json.loads(path.read_text())
         records[record["workload"]["name"]] = record
     runnable = {name for name, requires in _workloads().items() if not requires}
-    assert runnable <= set(records), f"no result for {sorted(runnable - set(records))}:\n{proc.stderr[-3000:]}"
+    assert runnable <= set(records), (
+        f"no result for {sorted(runnable - set(records))}:\n{proc.stderr[-3000:]}"
+    )
     for name, requires in _workloads().items():
         if requires:
             assert f"skip {name}:" in proc.stderr, f"{name} needs {requires} but was not skipped"

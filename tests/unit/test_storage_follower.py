@@ -238,3 +238,13 @@ def test_any_history_copies_identically(plan, chunk):
         finally:
             leader.close()
             follower.close()
+
+
+def test_restart_past_the_log_end(logs):
+    _, follower = logs
+    follower.append_as_follower(stamped(batch(2), 0, 0))
+    follower.truncate_fully_and_start_at(50)
+    assert (follower.log_start_offset, follower.log_end_offset, follower.high_watermark) == (50, 50, 50)
+    assert follower.epochs == []
+    follower.append_as_follower(stamped(batch(3), 50, 2))
+    assert follower.log_end_offset == 53 and follower.epochs == [(2, 50)]

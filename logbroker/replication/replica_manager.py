@@ -1,0 +1,595 @@
+"""Every partition replica of one broker: their roles, the produce and fetch data path, ISR upkeep.
+
+The replica manager owns the `Partition` objects (and through the `LogManager` their logs), the two
+purgatories (fetches parked for data or a high-watermark move; acks=all produces parked until the
+high watermark passes them), the follower fetchers, and the ISR writes.
+
+Roles come from the controller (`leader_and_isr`, `stop_replica`: the `Replica` service calls them)
+or, standalone, from `make_local_leader` (the broker leads everything, ISR = [itself], an
+`InMemoryIsrStore`). Requests are fenced:
+
+- controller_epoch below the highest seen -> STALE_CONTROLLER_EPOCH (whole request);
+- broker_epoch > 0 and not this broker's current epoch -> STALE_BROKER_EPOCH (whole request);
+- per partition, a state whose leader epoch is older than the one applied, or equal with an
+  older znode version -> STALE_CONTROLLER_EPOCH for that partition; an identical one is a no-op.
+
+ISR changes are proposed by the pure `LeaderState` (expand on a follower fetch, shrink on the
+periodic check every replica_lag_time_max_ms / 2) and written through an `IsrStore` (ZooKeeper in a
+cluster): a conditional write on the znode version the leader knows. Only a successful write
+changes the ISR the leader uses; a refused one leaves it, and the next LeaderAndIsr brings the truth.
+At most one write per partition is in flight; after a failure the partition waits
+`ISR_RETRY_BACKOFF_MS` before proposing again.
+
+Event-loop only, except `IsrStore.write_isr`, which runs in a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from typing import NamedTuple, Protocol
+
+from logbroker.clock import SYSTEM_CLOCK, Clock
+from logbroker.cluster.metadata import PartitionStateData
+from logbroker.errors import (
+    BrokerError,
+    InvalidConfigError,
+    InvalidRequiredAcksError,
+    NotEnoughReplicasAfterAppendError,
+    NotLeaderOrFollowerError,
+    RequestTimedOutError,
+    StaleBrokerEpochError,
+    StaleControllerEpochError,
+    UnknownServerError,
+    UnknownTopicOrPartitionError,
+)
+from logbroker.replication.fetcher import FetcherConfig, FetchPhase, ReplicaFetcherManager
+from logbroker.replication.partition import DEFAULT_REPLICA_LAG_TIME_MAX_MS, Partition, Role
+from logbroker.replication.partition_state import AckStatus, LeaderState
+from logbroker.replication.purgatory import Purgatory
+from logbroker.storage.log import AppendResult, LogConfig
+from logbroker.storage.log_manager import LogManager
+from logbroker.v1 import logbroker_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, int]
+
+ISR_RETRY_BACKOFF_MS = 1000
+PRODUCE_TIMEOUT_MS_DEFAULT = 30_000  # acks=all wait when a request gives none (timeout_ms <= 0)
+PRODUCE_TIMEOUT_MS_MAX = 300_000
+ISR_CHECK_INTERVAL_MS_MIN = 10
+
+
+class IsrStore(Protocol):
+    """Where a leader writes the ISR it wants (ZooKeeper in a cluster).
+
+    `write_isr` is BLOCKING: the replica manager calls it in a worker thread
+    (`asyncio.to_thread`), never on the event loop. It replaces the partition state with `state`
+    (same leader and leader epoch, new ISR) only if the stored znode version is still
+    `state.zk_version`, and returns the state as stored, with its new `zk_version`; None if the
+    write was refused (version conflict, leader epoch moved on: a LeaderAndIsr will follow). It may
+    raise on a connection problem: that counts as refused.
+    """
+
+    def write_isr(self, topic: str, partition: int, state: PartitionStateData) -> PartitionStateData | None: ...
+
+
+class CallableIsrStore:
+    """An `IsrStore` over a blocking function with `write_isr`'s signature, e.g.
+    `CallableIsrStore(zk_store.write_isr_as_leader)`."""
+
+    def __init__(self, write: Callable[[str, int, PartitionStateData], PartitionStateData | None]) -> None:
+        self._write = write
+
+    def write_isr(self, topic: str, partition: int, state: PartitionStateData) -> PartitionStateData | None:
+        return self._write(topic, partition, state)
+
+
+class InMemoryIsrStore:
+    """The `IsrStore` of a standalone broker (and of tests): versioned states in a dict."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._states: dict[Key, PartitionStateData] = {}
+        self.writes = 0
+
+    def set_state(self, topic: str, partition: int, state: PartitionStateData) -> None:
+        with self._lock:
+            self._states[(topic, partition)] = state
+
+    def get_state(self, topic: str, partition: int) -> PartitionStateData | None:
+        with self._lock:
+            return self._states.get((topic, partition))
+
+    def write_isr(self, topic: str, partition: int, state: PartitionStateData) -> PartitionStateData | None:
+        with self._lock:
+            self.writes += 1
+            current = self._states.get((topic, partition))
+            if current is not None and (
+                current.zk_version != state.zk_version or current.leader != state.leader
+                or current.leader_epoch != state.leader_epoch
+            ):
+                return None
+            stored = PartitionStateData(state.leader, state.leader_epoch, list(state.isr), state.controller_epoch,
+                                        state.zk_version + 1)
+            self._states[(topic, partition)] = stored
+            return stored
+
+
+class LeaderAppend(NamedTuple):
+    """A produce appended by the leader, and what an acks=all wait needs to know about it."""
+
+    result: AppendResult
+    leader_epoch: int
+    log_start_offset: int
+
+
+class FetchRead(NamedTuple):
+    """One partition's part of a Fetch: the records (a zero-copy view, valid until the log next
+    changes; release a non-empty one when done, never an empty one: it may be shared) and the
+    offsets to report."""
+
+    records: memoryview
+    high_watermark: int
+    log_start_offset: int
+    log_end_offset: int
+
+
+class ReplicaManager:
+    """See the module doc."""
+
+    def __init__(
+        self,
+        broker_id: int,
+        log_manager: LogManager,
+        isr_store: IsrStore | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+        *,
+        replica_lag_time_max_ms: int = DEFAULT_REPLICA_LAG_TIME_MAX_MS,
+        fetcher_config: FetcherConfig | None = None,
+        produce_timeout_ms_max: int = PRODUCE_TIMEOUT_MS_MAX,
+    ) -> None:
+        if replica_lag_time_max_ms <= 0:
+            raise ValueError("replica_lag_time_max_ms must be positive")
+        self.broker_id = broker_id
+        self.log_manager = log_manager
+        self.isr_store: IsrStore = isr_store if isr_store is not None else InMemoryIsrStore()
+        self.clock = clock
+        self.replica_lag_time_max_ms = replica_lag_time_max_ms
+        self.produce_timeout_ms_max = produce_timeout_ms_max
+        self.partitions: dict[Key, Partition] = {}
+        self.fetch_purgatory = Purgatory()
+        self.produce_purgatory = Purgatory()
+        self.fetchers = ReplicaFetcherManager(broker_id, fetcher_config, clock)
+        self.controller_epoch = -1
+        self.broker_addresses: dict[int, str] = {}
+        self._isr_writes: dict[Key, asyncio.Task[None]] = {}
+        self._isr_retry_at_ms: dict[Key, int] = {}
+        self._isr_task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the periodic ISR-shrink check (call on the running event loop)."""
+        if self._isr_task is None:
+            self._isr_task = asyncio.create_task(self._isr_check_loop(), name=f"isr-check-{self.broker_id}")
+
+    async def shutdown(self) -> None:
+        """Stop the fetchers and the ISR check, and answer every parked produce and fetch (the
+        produces with NOT_LEADER_OR_FOLLOWER). Logs stay open: the LogManager closes them."""
+        self._stopping = True
+        task, self._isr_task = self._isr_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.fetchers.shutdown()
+        writes = list(self._isr_writes.values())
+        for w in writes:
+            w.cancel()
+        if writes:
+            await asyncio.gather(*writes, return_exceptions=True)
+        self.produce_purgatory.notify_all()
+        self.fetch_purgatory.notify_all()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    # -- lookup ---------------------------------------------------------------------------------
+
+    def get_partition(self, topic: str, partition: int) -> Partition:
+        p = self.partitions.get((topic, partition))
+        if p is None:
+            raise UnknownTopicOrPartitionError(f"broker {self.broker_id} hosts no replica of {topic}-{partition}")
+        return p
+
+    def leader_partition(self, topic: str, partition: int) -> Partition:
+        p = self.get_partition(topic, partition)
+        if not p.is_leader:
+            raise NotLeaderOrFollowerError(
+                f"broker {self.broker_id} is not the leader of {topic}-{partition} (leader: {p.leader})"
+            )
+        return p
+
+    def notify(self, key: Key) -> None:
+        """Wake what waits on `key`: parked fetches and acks=all produces re-check."""
+        self.fetch_purgatory.notify(key)
+        self.produce_purgatory.notify(key)
+
+    # -- standalone -----------------------------------------------------------------------------
+
+    def make_local_leader(self, topic: str, partition: int, topic_config: dict[str, str] | None = None) -> Partition:
+        """Standalone: open (or create) the log and lead it with ISR = [this broker], in the log's
+        latest leader epoch (0 for a new log)."""
+        config = topic_config or {}
+        part = self.partitions.get((topic, partition)) or self._create_partition(topic, partition, config)
+        epoch = max(0, part.log.latest_epoch)
+        state = PartitionStateData(self.broker_id, epoch, [self.broker_id], 0, 0)
+        part.become_leader(state, [self.broker_id], self.clock.monotonic_ms())
+        if isinstance(self.isr_store, InMemoryIsrStore):
+            self.isr_store.set_state(topic, partition, state)
+        return part
+
+    def remove_partition(self, topic: str, partition: int, delete: bool) -> bool:
+        """Stop the replica (no fetcher, no role) and, if `delete`, forget it and delete its log.
+        Parked requests on it are woken. Returns whether there was one."""
+        key = (topic, partition)
+        self.fetchers.remove_partitions([key])
+        part = self.partitions.get(key)
+        if part is not None:
+            part.stop()
+        if delete:
+            self.partitions.pop(key, None)
+            self.log_manager.delete_log(topic, partition)
+        self.notify(key)
+        return part is not None
+
+    def drop_all_roles(self) -> None:
+        """Lead nothing and follow nothing until the controller says otherwise (the ZooKeeper
+        session was lost: the broker re-registers with a new epoch). Applied states are forgotten,
+        so the controller's next LeaderAndIsr applies even if it repeats them."""
+        self.fetchers.remove_partitions(list(self.partitions))
+        for key, part in self.partitions.items():
+            part.stop(forget_state=True)
+            self.notify(key)
+
+    # -- produce --------------------------------------------------------------------------------
+
+    def append_records(self, topic: str, partition: int, records: bytes, acks: int) -> LeaderAppend:
+        """The leader's append of a produce payload (any acks). NOT_LEADER_OR_FOLLOWER on a
+        non-leader; acks=-1 with the ISR below min_insync_replicas: NOT_ENOUGH_REPLICAS."""
+        if acks not in (-1, 0, 1):
+            raise InvalidRequiredAcksError(f"acks must be -1 (all), 0 or 1, got {acks}")
+        part = self.leader_partition(topic, partition)
+        result = part.append_as_leader(records, acks)
+        self.notify((topic, partition))  # data for followers; the HW may have moved (ISR = [leader])
+        return LeaderAppend(result, part.leader_epoch, part.log.log_start_offset)
+
+    async def wait_for_acks(self, topic: str, partition: int, append: LeaderAppend, timeout_ms: int) -> None:
+        """Wait (acks=all) until the high watermark passes `append`. Raises
+        NotEnoughReplicasAfterAppendError (the ISR fell below min_insync_replicas),
+        NotLeaderOrFollowerError (the leadership ended), RequestTimedOutError."""
+        key = (topic, partition)
+        required = append.result.last_offset + 1
+        timeout_ms = timeout_ms if timeout_ms > 0 else PRODUCE_TIMEOUT_MS_DEFAULT
+        timeout_ms = min(timeout_ms, self.produce_timeout_ms_max)
+        outcome: list[AckStatus | BrokerError] = []
+        part = self.partitions.get(key)
+
+        def ready() -> bool:
+            current = self.partitions.get(key)
+            if self._stopping or current is None or current is not part:
+                outcome.append(NotLeaderOrFollowerError(f"{topic}-{partition} is no longer led by broker {self.broker_id}"))
+                return True
+            try:
+                status = current.ack_status(required, append.leader_epoch)
+            except BrokerError as e:
+                outcome.append(e)
+                return True
+            if status is AckStatus.WAITING:
+                return False
+            outcome.append(status)
+            return True
+
+        if not await self.produce_purgatory.wait_until([key], ready, timeout_ms / 1000):
+            raise RequestTimedOutError(
+                f"{topic}-{partition}: offset {append.result.last_offset} not replicated to the ISR within {timeout_ms} ms"
+            )
+        result = outcome[-1]
+        if isinstance(result, BrokerError):
+            raise result
+        if result is AckStatus.NOT_ENOUGH_REPLICAS_AFTER_APPEND:
+            current = self.partitions[key]
+            raise NotEnoughReplicasAfterAppendError(
+                f"{topic}-{partition}: the ISR {current.isr} fell below min_insync_replicas "
+                f"{current.min_insync_replicas} before offset {append.result.last_offset} was replicated"
+            )
+
+    async def produce(self, topic: str, partition: int, records: bytes, acks: int, timeout_ms: int) -> AppendResult:
+        """Append as leader and, for acks=all, wait until the high watermark passes the records."""
+        append = self.append_records(topic, partition, records, acks)
+        if acks == -1:
+            await self.wait_for_acks(topic, partition, append, timeout_ms)
+        return append.result
+
+    # -- fetch ----------------------------------------------------------------------------------
+
+    def is_follower_fetch(self, replica_id: int) -> bool:
+        """A Fetch from another broker's follower (replica_id >= 0 and not this broker: a
+        replica_id equal to our own id, proto3's default 0 on a broker 0, reads as a consumer)."""
+        return replica_id >= 0 and replica_id != self.broker_id
+
+    def read(
+        self, topic: str, partition: int, fetch_offset: int, max_bytes: int, *, replica_id: int = -1,
+        current_leader_epoch: int = -1,
+    ) -> FetchRead:
+        """One partition of a Fetch, from the leader: consumers up to the high watermark; followers
+        up to the log end offset, recording their progress (which may move the high watermark and
+        start an ISR expansion). Raises the partition's error."""
+        part = self.get_partition(topic, partition)
+        if self.is_follower_fetch(replica_id):
+            view, outcome = part.read_for_follower(replica_id, fetch_offset, max_bytes, current_leader_epoch,
+                                                   self.clock.monotonic_ms())
+            if outcome.high_watermark_moved:
+                self.notify((topic, partition))
+            if outcome.proposed_isr is not None:
+                self._propose_isr(part, outcome.proposed_isr)
+        else:
+            view = part.read_for_consumer(fetch_offset, max_bytes, current_leader_epoch)
+        plog = part.log
+        return FetchRead(view, part.high_watermark, plog.log_start_offset, plog.log_end_offset)
+
+    # -- controller requests --------------------------------------------------------------------
+
+    def _check_request(self, controller_epoch: int, broker_epoch: int, current_broker_epoch: int) -> BrokerError | None:
+        if controller_epoch < self.controller_epoch:
+            return StaleControllerEpochError(
+                f"controller epoch {controller_epoch} is older than {self.controller_epoch}, the latest seen"
+            )
+        if broker_epoch > 0 and broker_epoch != current_broker_epoch:
+            return StaleBrokerEpochError(
+                f"request for broker epoch {broker_epoch}; broker {self.broker_id} is at epoch {current_broker_epoch}"
+            )
+        self.controller_epoch = controller_epoch
+        return None
+
+    def update_broker_addresses(self, brokers: Iterable[pb.BrokerInfo]) -> None:
+        """Learn broker addresses (LeaderAndIsr live_brokers, UpdateMetadata brokers). A follower
+        whose leader's address changed, or that had no address to fetch from, starts fetching."""
+        changed = set()
+        for b in brokers:
+            address = f"{b.host}:{b.port}"
+            if self.broker_addresses.get(b.broker_id) != address:
+                self.broker_addresses[b.broker_id] = address
+                changed.add(b.broker_id)
+        if not changed:
+            return
+        for part in list(self.partitions.values()):
+            if part.role is Role.FOLLOWER and part.leader in changed and (
+                self.fetchers.fetch_state(part.key) is None
+                or self.fetchers.source_of(part.key) != (part.leader, self.broker_addresses[part.leader])
+            ):
+                self._ensure_fetching(part, restart=False)
+
+    async def leader_and_isr(self, req: pb.LeaderAndIsrRequest, current_broker_epoch: int) -> pb.LeaderAndIsrResponse:
+        """Apply the controller's word on each partition: become leader or follower (creating the
+        replica and its log, with the topic's config from `topic_configs_json`, if new), then
+        (re)start the fetchers of partitions whose leader or epoch changed."""
+        resp = pb.LeaderAndIsrResponse()
+        err = self._check_request(req.controller_epoch, req.broker_epoch, current_broker_epoch)
+        if err is not None:
+            resp.error_code = err.code  # type: ignore[assignment]
+            resp.error_message = err.message
+            return resp
+        self.update_broker_addresses(req.live_brokers)
+        now = self.clock.monotonic_ms()
+        followers: list[tuple[Partition, bool]] = []  # (replica, whether its leader or epoch changed)
+        for ps in req.partitions:
+            r = resp.results.add(topic=ps.topic, partition=ps.partition)
+            key = (ps.topic, ps.partition)
+            try:
+                if self.broker_id not in ps.replicas:
+                    raise UnknownTopicOrPartitionError(
+                        f"broker {self.broker_id} is not a replica of {ps.topic}-{ps.partition} ({list(ps.replicas)})"
+                    )
+                part = self.partitions.get(key)
+                if part is not None and part.leader_epoch >= 0:
+                    same = ps.leader_epoch == part.leader_epoch and ps.zk_version == part.zk_version
+                    if same and part.role is not Role.NONE:
+                        if part.role is Role.FOLLOWER:  # the state it has: only check its fetcher
+                            followers.append((part, False))
+                        continue
+                    if ps.leader_epoch < part.leader_epoch or (
+                        ps.leader_epoch == part.leader_epoch and ps.zk_version < part.zk_version
+                    ):
+                        raise StaleControllerEpochError(
+                            f"{ps.topic}-{ps.partition}: state at leader epoch {ps.leader_epoch} (znode version "
+                            f"{ps.zk_version}) is older than the applied one ({part.leader_epoch}, {part.zk_version})"
+                        )
+                if part is None:
+                    part = self._create_partition(ps.topic, ps.partition, _topic_config(req, ps.topic))
+                state = PartitionStateData(ps.leader, ps.leader_epoch, list(ps.isr), ps.controller_epoch,
+                                           ps.zk_version)
+                replicas = list(ps.replicas)
+                if ps.leader == self.broker_id:
+                    self.fetchers.remove_partitions([key])
+                    if part.become_leader(state, replicas, now):
+                        log.info("broker %d leads %s-%d in epoch %d from offset %d, ISR %s", self.broker_id,
+                                 ps.topic, ps.partition, ps.leader_epoch, part.log.log_end_offset, part.isr)
+                else:
+                    changed = part.become_follower(state, replicas)
+                    followers.append((part, changed))
+                    if changed:
+                        log.info("broker %d follows broker %d for %s-%d in epoch %d", self.broker_id, ps.leader,
+                                 ps.topic, ps.partition, ps.leader_epoch)
+            except Exception as exc:
+                e = _as_error(exc, f"LeaderAndIsr of {ps.topic}-{ps.partition}")
+                r.error_code = e.code
+                r.error_message = e.message
+            finally:
+                self.notify(key)
+        for part, changed in followers:
+            self._ensure_fetching(part, restart=changed)
+        return resp
+
+    def _ensure_fetching(self, part: Partition, restart: bool) -> None:
+        """Fetch `part` from its leader: (re)start when asked, or when no fetcher has it, it was
+        fenced, or the leader's address changed. Never once shutting down."""
+        if self._stopping:
+            return
+        if part.leader < 0:
+            self.fetchers.remove_partitions([part.key])  # no leader for now: nothing to fetch from
+            return
+        address = self.broker_addresses.get(part.leader)
+        if address is None:
+            log.error("broker %d cannot follow %s-%d: no address for its leader, broker %d", self.broker_id,
+                      part.topic, part.index, part.leader)
+            return
+        state = self.fetchers.fetch_state(part.key)
+        if (restart or state is None or state.phase is FetchPhase.FENCED
+                or self.fetchers.source_of(part.key) != (part.leader, address)):
+            self.fetchers.add_partition(part, part.leader, address)
+
+    async def stop_replica(self, req: pb.StopReplicaRequest, current_broker_epoch: int) -> pb.StopReplicaResponse:
+        """Stop replicating the partitions (and delete their logs if `delete_partitions`)."""
+        resp = pb.StopReplicaResponse()
+        err = self._check_request(req.controller_epoch, req.broker_epoch, current_broker_epoch)
+        if err is not None:
+            resp.error_code = err.code  # type: ignore[assignment]
+            resp.error_message = err.message
+            return resp
+        for tp in req.partitions:
+            r = resp.results.add(topic=tp.topic, partition=tp.partition)
+            try:
+                self.remove_partition(tp.topic, tp.partition, req.delete_partitions)
+            except Exception as exc:
+                e = _as_error(exc, f"StopReplica of {tp.topic}-{tp.partition}")
+                r.error_code = e.code
+                r.error_message = e.message
+        return resp
+
+    def offset_for_leader_epoch(self, req: pb.OffsetForLeaderEpochRequest) -> pb.OffsetForLeaderEpochResponse:
+        """As the leader: for each partition, the largest epoch <= the one asked and its end offset."""
+        resp = pb.OffsetForLeaderEpochResponse()
+        for p in req.partitions:
+            r = resp.results.add(topic=p.topic, partition=p.partition, leader_epoch=-1, end_offset=-1)
+            try:
+                part = self.get_partition(p.topic, p.partition)
+                r.leader_epoch, r.end_offset = part.epoch_end_offset(p.current_leader_epoch, p.leader_epoch)
+            except Exception as exc:
+                e = _as_error(exc, "OffsetForLeaderEpoch")
+                r.error_code = e.code
+                r.error_message = e.message
+        return resp
+
+    def _create_partition(self, topic: str, partition: int, topic_config: dict[str, str]) -> Partition:
+        log_config = LogConfig.from_topic_config(topic_config, self.log_manager.default_config)
+        existing = self.log_manager.get_log(topic, partition)
+        plog = self.log_manager.create_log(topic, partition, log_config)
+        if existing is not None and topic_config:
+            plog.update_config(log_config)
+        try:
+            min_isr = max(1, int(topic_config.get("min_insync_replicas", "1")))
+        except ValueError:
+            raise InvalidConfigError(f"min_insync_replicas must be an integer, got "
+                                     f"{topic_config.get('min_insync_replicas')!r}") from None
+        part = Partition(topic, partition, plog, self.broker_id, min_insync_replicas=min_isr,
+                         replica_lag_time_max_ms=self.replica_lag_time_max_ms)
+        self.partitions[(topic, partition)] = part
+        return part
+
+    # -- ISR upkeep -----------------------------------------------------------------------------
+
+    async def _isr_check_loop(self) -> None:
+        interval_s = max(ISR_CHECK_INTERVAL_MS_MIN, self.replica_lag_time_max_ms // 2) / 1000
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                self.check_isr_shrink()
+            except Exception:
+                log.exception("ISR check failed")
+
+    def check_isr_shrink(self) -> int:
+        """Propose shrinking the ISR of every led partition with out-of-sync followers. Returns
+        how many writes were started."""
+        now = self.clock.monotonic_ms()
+        started = 0
+        for part in list(self.partitions.values()):
+            ls = part.leader_state
+            if part.role is not Role.LEADER or ls is None:
+                continue
+            proposed = ls.maybe_shrink_isr(now)
+            if proposed is not None and self._propose_isr(part, proposed):
+                started += 1
+        return started
+
+    def _propose_isr(self, part: Partition, proposed: list[int]) -> bool:
+        key = part.key
+        ls = part.leader_state
+        if ls is None or self._stopping or key in self._isr_writes:
+            return False
+        if self._isr_retry_at_ms.get(key, 0) > self.clock.monotonic_ms():
+            return False
+        ls.isr_change_started(proposed)
+        state = PartitionStateData(self.broker_id, part.leader_epoch, list(proposed), part.controller_epoch,
+                                   part.zk_version)
+        log.info("broker %d proposes ISR %s for %s-%d (was %s)", self.broker_id, proposed, part.topic, part.index,
+                 ls.isr)
+        task = asyncio.create_task(self._write_isr(part, ls, state), name=f"isr-write-{part.topic}-{part.index}")
+        self._isr_writes[key] = task
+
+        def done(_task: asyncio.Task[None]) -> None:
+            self._isr_writes.pop(key, None)
+
+        task.add_done_callback(done)
+        return True
+
+    async def _write_isr(self, part: Partition, ls: LeaderState, state: PartitionStateData) -> None:
+        stored: PartitionStateData | None
+        try:
+            stored = await asyncio.to_thread(self.isr_store.write_isr, part.topic, part.index, state)
+        except Exception as e:
+            log.warning("ISR write for %s-%d failed: %s", part.topic, part.index, e)
+            stored = None
+        if part.leader_state is not ls or self.partitions.get(part.key) is not part:
+            return  # the leadership it was for is over
+        if stored is None or stored.leader != self.broker_id or stored.leader_epoch != ls.leader_epoch:
+            if ls.isr_change_failed():
+                part.sync_leader_state()
+                self.notify(part.key)
+            self._isr_retry_at_ms[part.key] = self.clock.monotonic_ms() + ISR_RETRY_BACKOFF_MS
+            log.info("ISR write for %s-%d refused (version %d); waiting for the controller's state",
+                     part.topic, part.index, state.zk_version)
+            return
+        self._isr_retry_at_ms.pop(part.key, None)
+        ls.isr_change_committed(stored.isr, stored.zk_version)
+        part.sync_leader_state()
+        log.info("ISR of %s-%d is now %s (znode version %d)", part.topic, part.index, part.isr, part.zk_version)
+        self.notify(part.key)
+
+
+def _topic_config(req: pb.LeaderAndIsrRequest, topic: str) -> dict[str, str]:
+    raw = req.topic_configs_json.get(topic)
+    if not raw:
+        return {}
+    try:
+        parsed = json.loads(raw)
+    except ValueError as e:
+        raise InvalidConfigError(f"config of topic {topic!r} is not JSON: {e}") from None
+    if not isinstance(parsed, dict):
+        raise InvalidConfigError(f"config of topic {topic!r} is not a JSON object")
+    return {str(k): str(v) for k, v in parsed.items()}
+
+
+def _as_error(exc: Exception, what: str) -> BrokerError:
+    if isinstance(exc, BrokerError):
+        return exc
+    log.exception("unexpected error in %s", what)
+    return UnknownServerError(f"{type(exc).__name__}: {exc}")

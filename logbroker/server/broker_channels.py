@@ -1,0 +1,48 @@
+"""gRPC channels from this broker to the others: the controller's calls and, via the same cache,
+anything else broker-to-broker. One `grpc.aio` channel per address, closed on shutdown."""
+
+from __future__ import annotations
+
+import grpc
+
+from logbroker.cluster.metadata import BrokerRegistration
+from logbroker.v1 import logbroker_pb2 as pb
+from logbroker.v1 import logbroker_pb2_grpc as pbg
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", 64 << 20),
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.keepalive_time_ms", 10_000),
+]
+CONTROLLER_CALL_TIMEOUT_S = 10.0
+
+
+class BrokerChannels:
+    """Implements the controller's `ControllerRpc` over the `Replica` service."""
+
+    def __init__(self) -> None:
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def stub(self, address: str) -> pbg.ReplicaStub:
+        ch = self._channels.get(address)
+        if ch is None:
+            ch = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            self._channels[address] = ch
+        return pbg.ReplicaStub(ch)
+
+    async def leader_and_isr(self, broker: BrokerRegistration, req: pb.LeaderAndIsrRequest) -> pb.LeaderAndIsrResponse:
+        resp: pb.LeaderAndIsrResponse = await self.stub(broker.address).LeaderAndIsr(req, timeout=CONTROLLER_CALL_TIMEOUT_S)
+        return resp
+
+    async def update_metadata(self, broker: BrokerRegistration, req: pb.UpdateMetadataRequest) -> pb.UpdateMetadataResponse:
+        resp: pb.UpdateMetadataResponse = await self.stub(broker.address).UpdateMetadata(req, timeout=CONTROLLER_CALL_TIMEOUT_S)
+        return resp
+
+    async def stop_replica(self, broker: BrokerRegistration, req: pb.StopReplicaRequest) -> pb.StopReplicaResponse:
+        resp: pb.StopReplicaResponse = await self.stub(broker.address).StopReplica(req, timeout=CONTROLLER_CALL_TIMEOUT_S)
+        return resp
+
+    async def close(self) -> None:
+        channels, self._channels = self._channels, {}
+        for ch in channels.values():
+            await ch.close()

@@ -1,0 +1,258 @@
+"""A broker's membership of a ZooKeeper-coordinated cluster.
+
+Owns the ZooKeeper session, the broker's registration (and so its broker epoch), the controller
+that runs inside every broker (active on one), the channels to other brokers, and the admin
+operations that in cluster mode go through ZooKeeper.
+
+Session states (kazoo, delivered on its thread and handed to the loop)::
+
+    CONNECTED --SUSPENDED--> the controller pauses itself; replicas keep their roles
+    SUSPENDED --CONNECTED--> nothing lost (same session)
+    any       --LOST-------> every partition role is dropped at once (no produce is accepted as
+                             leader any more), the controller resigns by itself
+    LOST      --CONNECTED--> a new session: register again (a new broker epoch); the controller
+                             sends LeaderAndIsr for our partitions and we rejoin as follower/leader
+
+Blocking kazoo calls run on a small dedicated thread pool, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from logbroker.cluster.controller import Controller
+from logbroker.cluster.hashing import assign_replicas
+from logbroker.cluster.metadata import (
+    PARTITIONS_MAX,
+    BrokerRegistration,
+    TopicSpec,
+    normalize_topic_config,
+    validate_topic_name,
+)
+from logbroker.cluster.zk_store import ZkStore
+from logbroker.errors import (
+    InvalidPartitionsError,
+    InvalidReplicationFactorError,
+    RequestTimedOutError,
+    TopicAlreadyExistsError,
+    UnknownTopicOrPartitionError,
+)
+from logbroker.server.broker_channels import BrokerChannels
+from logbroker.v1 import logbroker_pb2 as pb
+
+if TYPE_CHECKING:
+    from logbroker.server.broker import Broker
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+TOPIC_READY_WAIT_S = 15.0
+CONTROLLED_SHUTDOWN_BACKOFF_S = 0.5
+CONTROLLED_SHUTDOWN_STALLS_MAX = 3
+
+
+class ClusterMember:
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+        cfg = broker.config
+        hosts, chroot = cfg.zk_hosts_and_chroot
+        self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"zk-{cfg.broker_id}")
+        self.store = ZkStore(hosts, chroot, session_timeout_ms=cfg.zk_session_timeout_ms)
+        self.channels = BrokerChannels()
+        self.controller: Controller | None = None
+        self.broker_epoch = -1
+        self._controller_task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._session_lost = False
+        self._reregister: asyncio.Task[None] | None = None
+
+    async def _zk(self, fn: Any, *args: Any) -> Any:
+        assert self._loop is not None
+        return await self._loop.run_in_executor(self._executor, fn, *args)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        await self._zk(self.store.start)
+        self.store.add_state_listener(self._on_state_threadsafe)
+        await self._register()
+        self.controller = Controller(self.broker.config.broker_id, self.store, self.channels, self._loop,
+                                     executor=self._executor)
+        self._controller_task = asyncio.create_task(self.controller.run(), name="controller")
+
+    def _registration(self) -> BrokerRegistration:
+        cfg = self.broker.config
+        host, port = cfg.advertised
+        return BrokerRegistration(cfg.broker_id, host, port or self.broker.bound_port, cfg.rack)
+
+    async def _register(self) -> None:
+        self.broker_epoch = await self._zk(self.store.register_broker, self._registration())
+        log.info("broker %d registered in ZooKeeper with broker epoch %d", self.broker.config.broker_id,
+                 self.broker_epoch)
+
+    def _on_state_threadsafe(self, state: str) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._on_state, state)
+
+    def _on_state(self, state: str) -> None:
+        if state == "LOST":
+            log.warning("ZooKeeper session lost: dropping every partition role until re-registered")
+            self._session_lost = True
+            self.broker_epoch = -1
+            rm = self.broker.replica_manager
+            for topic, partition in list(rm.partitions):
+                rm.remove_partition(topic, partition, delete=False)
+        elif state == "CONNECTED" and self._session_lost:
+            self._session_lost = False
+            if self._reregister is None or self._reregister.done():
+                self._reregister = asyncio.create_task(self._register_again())
+
+    async def _register_again(self) -> None:
+        for attempt in range(60):
+            try:
+                await self._register()
+                return
+            except Exception as exc:  # the session may flap again; keep trying, bounded
+                log.warning("re-registration attempt %d failed: %s", attempt + 1, exc)
+                await asyncio.sleep(1.0)
+        log.error("giving up re-registering broker %d", self.broker.config.broker_id)
+
+    async def controlled_shutdown(self) -> None:
+        """Ask the controller to move leadership away until nothing remains or the timeout passes."""
+        deadline = time.monotonic() + self.broker.config.controlled_shutdown_timeout_ms / 1000
+        me = self.broker.config.broker_id
+        previous: list[tuple[str, int]] | None = None
+        stalled = 0
+        while time.monotonic() < deadline and self.broker_epoch >= 0 and stalled < CONTROLLED_SHUTDOWN_STALLS_MAX:
+            try:
+                controller_id = await self._zk(self.store.controller_id)
+                if controller_id is None:
+                    raise RequestTimedOutError("no controller")
+                if controller_id == me and self.controller is not None and self.controller.is_active:
+                    remaining = await self.controller.controlled_shutdown(me, self.broker_epoch)
+                else:
+                    brokers = await self._zk(self.store.live_brokers)
+                    target = brokers.get(controller_id)
+                    if target is None:
+                        raise RequestTimedOutError(f"controller {controller_id} is not registered")
+                    resp = await self.channels.stub(target.address).ControlledShutdown(
+                        pb.ControlledShutdownRequest(broker_id=me, broker_epoch=self.broker_epoch), timeout=10)
+                    if resp.error_code != pb.NONE:
+                        raise RequestTimedOutError(f"{pb.ErrorCode.Name(resp.error_code)}: {resp.error_message}")
+                    remaining = [(tp.topic, tp.partition) for tp in resp.remaining_partitions]
+                if not remaining:
+                    log.info("controlled shutdown: leadership moved away")
+                    return
+                log.info("controlled shutdown: %d partitions still led here", len(remaining))
+                # no other in-sync replica can take them: a few tries, then stop anyway (as Kafka)
+                stalled = stalled + 1 if remaining == previous else 0
+                previous = remaining
+            except Exception as exc:
+                log.info("controlled shutdown attempt failed: %s", exc)
+            await asyncio.sleep(CONTROLLED_SHUTDOWN_BACKOFF_S)
+        log.warning("controlled shutdown did not finish; stopping anyway")
+
+    async def stop_controller(self) -> None:
+        if self.controller is not None:
+            await self.controller.stop()
+        if self._controller_task is not None:
+            self._controller_task.cancel()
+            await asyncio.gather(self._controller_task, return_exceptions=True)
+
+    async def close(self) -> None:
+        if self._reregister is not None:
+            self._reregister.cancel()
+        self.store.remove_state_listener(self._on_state_threadsafe)
+        await self._zk(self.store.close)
+        await self.channels.close()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- admin through ZooKeeper ------------------------------------------------------------------
+
+    async def create_topic(self, name: str, partitions: int, replication_factor: int, config: dict[str, str],
+                           validate_only: bool) -> None:
+        validate_topic_name(name)
+        if not 1 <= partitions <= PARTITIONS_MAX:
+            raise InvalidPartitionsError(f"partitions must be in [1, {PARTITIONS_MAX}], got {partitions}")
+        full_config = normalize_topic_config({**self.broker.config.default_topic_config, **config})
+        brokers: dict[int, BrokerRegistration] = await self._zk(self.store.live_brokers)
+        rf = replication_factor or self.broker.config.default_replication_factor
+        if not 1 <= rf <= len(brokers):
+            raise InvalidReplicationFactorError(
+                f"replication factor {rf} needs {rf} live brokers; {len(brokers)} are registered"
+            )
+        if rf < int(full_config["min_insync_replicas"]):
+            log.warning("topic %s: replication factor %d below min_insync_replicas %s", name, rf,
+                        full_config["min_insync_replicas"])
+        racks = {b.broker_id: b.rack for b in brokers.values() if b.rack}
+        assignment = {p: assign_replicas(name, p, sorted(brokers), rf, racks or None) for p in range(partitions)}
+        if validate_only:
+            if await self._zk(self.store.get_topic, name) is not None:
+                raise TopicAlreadyExistsError(f"topic {name!r} already exists")
+            return
+        await self._zk(self.store.create_topic, TopicSpec(name, assignment, full_config))
+        log.info("created topic %s: %d partitions, replication factor %d", name, partitions, rf)
+        await self._wait_until(lambda: self._led(name, partitions), f"leaders for every partition of {name}")
+
+    def _led(self, name: str, partitions: int) -> bool:
+        states = self.broker.metadata_image.partitions.get(name, {})
+        return len(states) >= partitions and all(s.leader >= 0 for s in states.values())
+
+    async def _wait_until(self, predicate: Any, what: str) -> None:
+        deadline = time.monotonic() + TOPIC_READY_WAIT_S
+        while not predicate():
+            if time.monotonic() > deadline:
+                log.warning("timed out waiting for %s (the controller will finish it)", what)
+                return
+            await asyncio.sleep(0.05)
+
+    async def delete_topic(self, name: str) -> None:
+        validate_topic_name(name)
+        if await self._zk(self.store.get_topic, name) is None:
+            raise UnknownTopicOrPartitionError(f"unknown topic {name!r}")
+        await self._zk(self.store.delete_topic, name)
+        await self._wait_until(lambda: name not in self.broker.metadata_image.partitions, f"deletion of {name}")
+
+    async def create_partitions(self, name: str, total: int) -> None:
+        validate_topic_name(name)
+        found = await self._zk(self.store.get_topic_versioned, name)
+        if found is None:
+            raise UnknownTopicOrPartitionError(f"unknown topic {name!r}")
+        spec, version = found
+        current = spec.partition_count
+        if total <= current:
+            raise InvalidPartitionsError(f"topic {name!r} has {current} partitions; the new total must be larger")
+        if total > PARTITIONS_MAX:
+            raise InvalidPartitionsError(f"at most {PARTITIONS_MAX} partitions")
+        brokers: dict[int, BrokerRegistration] = await self._zk(self.store.live_brokers)
+        rf = len(next(iter(spec.assignment.values())))
+        if rf > len(brokers):
+            raise InvalidReplicationFactorError(f"replication factor {rf} needs {rf} live brokers; {len(brokers)} are up")
+        racks = {b.broker_id: b.rack for b in brokers.values() if b.rack}
+        assignment = dict(spec.assignment)
+        for p in range(current, total):
+            assignment[p] = assign_replicas(name, p, sorted(brokers), rf, racks or None)
+        await self._zk(self.store.set_assignment, name, assignment, version)
+        await self._wait_until(lambda: self._led(name, total), f"leaders for the new partitions of {name}")
+
+    async def reassign(self, topic: str, partition: int, replicas: list[int]) -> None:
+        validate_topic_name(topic)
+        spec = await self._zk(self.store.get_topic, topic)
+        if spec is None or partition not in spec.assignment:
+            raise UnknownTopicOrPartitionError(f"unknown partition {topic}-{partition}")
+        brokers = await self._zk(self.store.live_brokers)
+        if not replicas or len(set(replicas)) != len(replicas) or any(b not in brokers for b in replicas):
+            raise InvalidReplicationFactorError(f"replicas {replicas} must be distinct live brokers {sorted(brokers)}")
+        await self._zk(self.store.request_reassignment, topic, partition, replicas)
+
+    async def commit_offsets(self, group: str, offsets: dict[tuple[str, int], tuple[int, str]]) -> None:
+        await self._zk(self.store.commit_offsets, group, offsets)
+
+    async def fetch_offsets(self, group: str) -> dict[tuple[str, int], tuple[int, str]]:
+        result: dict[tuple[str, int], tuple[int, str]] = await self._zk(self.store.fetch_offsets, group)
+        return result

@@ -1,0 +1,110 @@
+"""`logbroker.v1.Replica`: the controller's requests to brokers and brokers' requests to each other.
+
+Thin: fencing by controller epoch and broker epoch happens in the replica manager and the metadata
+image; this module only routes calls and turns errors into codes.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import grpc
+
+from logbroker.errors import BrokerError, NotControllerError, UnknownServerError
+from logbroker.server import rpc
+from logbroker.v1 import logbroker_pb2 as pb
+
+if TYPE_CHECKING:
+    from logbroker.server.broker import Broker
+
+log = logging.getLogger(__name__)
+
+
+def _error(exc: Exception, what: str) -> BrokerError:
+    if isinstance(exc, BrokerError):
+        return exc
+    log.exception("unexpected error in %s", what)
+    return UnknownServerError(f"{type(exc).__name__}: {exc}")
+
+
+class ReplicaService:
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+
+    def _check_ready(self) -> None:
+        if not self.broker.ready:
+            raise rpc.RequestRejected(grpc.StatusCode.UNAVAILABLE, "broker is not serving yet")
+
+    async def leader_and_isr(self, req: pb.LeaderAndIsrRequest, context: grpc.aio.ServicerContext) -> pb.LeaderAndIsrResponse:
+        self._check_ready()
+        broker = self.broker
+        try:
+            broker.metadata_image.check_controller_epoch(req.controller_id, req.controller_epoch)
+            broker.replica_manager.update_broker_addresses(req.live_brokers)
+            resp = await broker.replica_manager.leader_and_isr(req, broker.broker_epoch)
+            if resp.error_code == pb.NONE:
+                broker.metadata_image.apply_partition_states(list(req.partitions))
+            return resp
+        except Exception as exc:
+            err = _error(exc, "LeaderAndIsr")
+            return pb.LeaderAndIsrResponse(error_code=err.code, error_message=err.message)  # type: ignore[arg-type]
+
+    async def update_metadata(self, req: pb.UpdateMetadataRequest, context: grpc.aio.ServicerContext) -> pb.UpdateMetadataResponse:
+        self._check_ready()
+        broker = self.broker
+        try:
+            broker.metadata_image.apply(req)
+            broker.replica_manager.update_broker_addresses(req.brokers)
+            broker.on_metadata_updated()
+            return pb.UpdateMetadataResponse()
+        except Exception as exc:
+            err = _error(exc, "UpdateMetadata")
+            return pb.UpdateMetadataResponse(error_code=err.code, error_message=err.message)  # type: ignore[arg-type]
+
+    async def stop_replica(self, req: pb.StopReplicaRequest, context: grpc.aio.ServicerContext) -> pb.StopReplicaResponse:
+        self._check_ready()
+        broker = self.broker
+        try:
+            broker.metadata_image.check_controller_epoch(req.controller_id, req.controller_epoch)
+            return await broker.replica_manager.stop_replica(req, broker.broker_epoch)
+        except Exception as exc:
+            err = _error(exc, "StopReplica")
+            return pb.StopReplicaResponse(error_code=err.code, error_message=err.message)  # type: ignore[arg-type]
+
+    async def offset_for_leader_epoch(
+        self, req: pb.OffsetForLeaderEpochRequest, context: grpc.aio.ServicerContext
+    ) -> pb.OffsetForLeaderEpochResponse:
+        self._check_ready()
+        return self.broker.replica_manager.offset_for_leader_epoch(req)
+
+    async def controlled_shutdown(
+        self, req: pb.ControlledShutdownRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ControlledShutdownResponse:
+        self._check_ready()
+        controller = self.broker.controller
+        try:
+            if controller is None or not controller.is_active:
+                raise NotControllerError(f"broker {self.broker.config.broker_id} is not the controller")
+            remaining = await controller.controlled_shutdown(req.broker_id, req.broker_epoch)
+            resp = pb.ControlledShutdownResponse()
+            for topic, partition in remaining:
+                resp.remaining_partitions.add(topic=topic, partition=partition)
+            return resp
+        except Exception as exc:
+            err = _error(exc, "ControlledShutdown")
+            return pb.ControlledShutdownResponse(error_code=err.code, error_message=err.message)  # type: ignore[arg-type]
+
+
+def handler(broker: Broker) -> grpc.GenericRpcHandler:
+    svc = ReplicaService(broker)
+    return rpc.service(
+        "logbroker.v1.Replica",
+        {
+            "LeaderAndIsr": rpc.method(pb.LeaderAndIsrRequest, svc.leader_and_isr),
+            "UpdateMetadata": rpc.method(pb.UpdateMetadataRequest, svc.update_metadata),
+            "StopReplica": rpc.method(pb.StopReplicaRequest, svc.stop_replica),
+            "OffsetForLeaderEpoch": rpc.method(pb.OffsetForLeaderEpochRequest, svc.offset_for_leader_epoch),
+            "ControlledShutdown": rpc.method(pb.ControlledShutdownRequest, svc.controlled_shutdown),
+        },
+    )

@@ -1,0 +1,334 @@
+"""ReplicaManager without sockets: LeaderAndIsr fencing, produce with acks, follower reads driven by
+hand (as the Fetch handler would call them), ISR shrink/expand through an in-memory ISR store."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from logbroker.clock import ManualClock
+from logbroker.cluster.metadata import PartitionStateData
+from logbroker.errors import (
+    FencedLeaderEpochError,
+    NotEnoughReplicasAfterAppendError,
+    NotEnoughReplicasError,
+    NotLeaderOrFollowerError,
+    OffsetOutOfRangeError,
+    RequestTimedOutError,
+    UnknownLeaderEpochError,
+    UnknownTopicOrPartitionError,
+)
+from logbroker.replication.partition import Role
+from logbroker.replication.replica_manager import FetchRead, InMemoryIsrStore, ReplicaManager
+from logbroker.storage.log import LogConfig
+from logbroker.storage.log_manager import LogManager
+from logbroker.storage.record_batch import encode_batch
+from logbroker.v1 import logbroker_pb2 as pb
+
+LAG_MS = 1000
+SMALL = LogConfig(segment_bytes=1 << 16, index_map_bytes=4 << 20)
+
+
+def batch(n: int = 1) -> bytes:
+    return encode_batch([(1000 + i, None, b"value-%d" % i, None) for i in range(n)])
+
+
+def release(fetched: FetchRead) -> None:
+    """Release a read's view (an empty view may be shared: never release it)."""
+    if len(fetched.records):
+        fetched.records.release()
+
+
+def run(coro_fn: Callable[[], Awaitable[Any]], timeout_s: float = 30) -> Any:
+    async def main() -> Any:
+        return await asyncio.wait_for(coro_fn(), timeout_s)
+    return asyncio.run(main())
+
+
+async def until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+class Setup:
+    def __init__(self, tmp: Path, broker_id: int = 0) -> None:
+        self.clock = ManualClock()
+        self.store = InMemoryIsrStore()
+        self.log_manager = LogManager(tmp / f"b{broker_id}", SMALL)
+        self.rm = ReplicaManager(broker_id, self.log_manager, self.store, self.clock, replica_lag_time_max_ms=LAG_MS)
+
+    def close(self) -> None:
+        self.log_manager.close_all()
+
+
+@pytest.fixture
+def setup(tmp_path: Path):
+    s = Setup(tmp_path)
+    yield s
+    s.close()
+
+
+def lai(*states: pb.PartitionState, controller_epoch: int = 1, broker_epoch: int = 0,
+        configs: dict[str, dict[str, str]] | None = None) -> pb.LeaderAndIsrRequest:
+    req = pb.LeaderAndIsrRequest(controller_id=9, controller_epoch=controller_epoch, broker_epoch=broker_epoch,
+                                 partitions=list(states))
+    for topic, config in (configs or {}).items():
+        req.topic_configs_json[topic] = json.dumps(config)
+    return req
+
+
+def state(leader: int = 0, epoch: int = 1, isr=(0, 1), replicas=(0, 1), version: int = 0, topic: str = "t",
+          partition: int = 0) -> pb.PartitionState:
+    return pb.PartitionState(topic=topic, partition=partition, controller_epoch=1, leader=leader, leader_epoch=epoch,
+                             isr=list(isr), replicas=list(replicas), zk_version=version)
+
+
+async def lead(s: Setup, min_isr: int = 2, **kw: Any) -> None:
+    st = state(**kw)
+    s.store.set_state(st.topic, st.partition, PartitionStateData(st.leader, st.leader_epoch, list(st.isr), 1,
+                                                                 st.zk_version))
+    resp = await s.rm.leader_and_isr(lai(st, configs={st.topic: {"min_insync_replicas": str(min_isr)}}), 0)
+    assert [r.error_code for r in resp.results] == [pb.NONE], resp
+
+
+def test_standalone_leader(setup):
+    async def main():
+        rm = setup.rm
+        part = rm.make_local_leader("t", 0, {"min_insync_replicas": "1"})
+        assert part.is_leader and part.isr == [0] and part.leader_epoch == 0
+        result = await rm.produce("t", 0, batch(3), -1, 1000)
+        assert (result.base_offset, result.last_offset) == (0, 2)
+        assert part.high_watermark == 3
+        got = rm.read("t", 0, 0, 1 << 20)
+        assert got.high_watermark == 3 and got.records.nbytes > 0
+        release(got)
+        part2 = rm.make_local_leader("t", 1, {"min_insync_replicas": "2"})
+        with pytest.raises(NotEnoughReplicasError):
+            await rm.produce("t", 1, batch(), -1, 1000)
+        assert part2.log.log_end_offset == 0
+        await rm.produce("t", 1, batch(), 1, 1000)
+        assert rm.remove_partition("t", 1, delete=True)
+        with pytest.raises(UnknownTopicOrPartitionError):
+            rm.get_partition("t", 1)
+    run(main)
+
+
+def test_leader_and_isr_fencing(setup):
+    async def main():
+        rm = setup.rm
+        resp = await rm.leader_and_isr(lai(state(), controller_epoch=5), 0)
+        assert resp.error_code == pb.NONE and rm.controller_epoch == 5
+        stale = await rm.leader_and_isr(lai(state(epoch=2), controller_epoch=4), 0)
+        assert stale.error_code == pb.STALE_CONTROLLER_EPOCH
+        wrong_epoch = await rm.leader_and_isr(lai(state(epoch=2), controller_epoch=5, broker_epoch=77), 78)
+        assert wrong_epoch.error_code == pb.STALE_BROKER_EPOCH
+        assert rm.get_partition("t", 0).leader_epoch == 1
+        older = await rm.leader_and_isr(lai(state(epoch=0, version=5), controller_epoch=5), 0)
+        assert older.results[0].error_code == pb.STALE_CONTROLLER_EPOCH
+        same = await rm.leader_and_isr(lai(state(epoch=1, version=0), controller_epoch=5), 0)
+        assert same.results[0].error_code == pb.NONE  # the state it has: a no-op
+        not_mine = await rm.leader_and_isr(lai(state(replicas=(1, 2), isr=(1, 2), leader=1, topic="u"),
+                                               controller_epoch=5), 0)
+        assert not_mine.results[0].error_code == pb.UNKNOWN_TOPIC_OR_PARTITION
+        newer_version = await rm.leader_and_isr(lai(state(epoch=1, isr=(0,), version=1), controller_epoch=5), 0)
+        assert newer_version.results[0].error_code == pb.NONE
+        assert rm.get_partition("t", 0).isr == [0]
+        await rm.shutdown()
+    run(main)
+
+
+def test_topic_config_from_the_request(setup):
+    async def main():
+        rm = setup.rm
+        config = {"min_insync_replicas": "2", "segment_bytes": str(1 << 15), "max_message_bytes": "5000"}
+        resp = await rm.leader_and_isr(lai(state(), configs={"t": config}), 0)
+        assert resp.results[0].error_code == pb.NONE
+        part = rm.get_partition("t", 0)
+        assert part.min_insync_replicas == 2
+        assert part.log.config.segment_bytes == 1 << 15 and part.log.config.max_message_bytes == 5000
+        bad = await rm.leader_and_isr(lai(state(topic="v"), configs={"v": "nope"}), 0)  # type: ignore[dict-item]
+        assert bad.results[0].error_code == pb.INVALID_CONFIG
+    run(main)
+
+
+def test_becoming_leader_starts_the_epoch_and_answers_offset_for_leader_epoch(setup):
+    async def main():
+        rm = setup.rm
+        await lead(setup, min_isr=1, epoch=0, isr=(0,))
+        await rm.produce("t", 0, batch(4), 1, 1000)
+        await rm.leader_and_isr(lai(state(epoch=3, isr=(0,), version=1)), 0)
+        part = rm.get_partition("t", 0)
+        assert part.log.epochs == [(0, 0), (3, 4)]
+        req = pb.OffsetForLeaderEpochRequest(replica_id=1, partitions=[
+            pb.OffsetForLeaderEpochPartition(topic="t", partition=0, current_leader_epoch=3, leader_epoch=0),
+            pb.OffsetForLeaderEpochPartition(topic="t", partition=0, current_leader_epoch=3, leader_epoch=2),
+            pb.OffsetForLeaderEpochPartition(topic="t", partition=0, current_leader_epoch=3, leader_epoch=3),
+            pb.OffsetForLeaderEpochPartition(topic="t", partition=0, current_leader_epoch=2, leader_epoch=3),
+            pb.OffsetForLeaderEpochPartition(topic="t", partition=0, current_leader_epoch=4, leader_epoch=3),
+            pb.OffsetForLeaderEpochPartition(topic="x", partition=0, current_leader_epoch=-1, leader_epoch=3),
+        ])
+        got = [(r.error_code, r.leader_epoch, r.end_offset) for r in rm.offset_for_leader_epoch(req).results]
+        assert got == [
+            (pb.NONE, 0, 4), (pb.NONE, 0, 4), (pb.NONE, 3, 4),
+            (pb.FENCED_LEADER_EPOCH, -1, -1), (pb.UNKNOWN_LEADER_EPOCH, -1, -1),
+            (pb.UNKNOWN_TOPIC_OR_PARTITION, -1, -1),
+        ]
+    run(main)
+
+
+def test_acks_all_waits_for_the_follower(setup):
+    async def main():
+        rm = setup.rm
+        await lead(setup)
+        part = rm.get_partition("t", 0)
+        # Follower 1 fetches at 0 (its LEO): the HW (0) is held by it.
+        release(rm.read("t", 0, 0, 1 << 20, replica_id=1, current_leader_epoch=1))
+        produce = asyncio.create_task(rm.produce("t", 0, batch(2), -1, 10_000))
+        await until(lambda: part.log.log_end_offset == 2, 5, "the append")
+        assert not produce.done() and part.high_watermark == 0
+        fetched = rm.read("t", 0, 0, 1 << 20, replica_id=1, current_leader_epoch=1)
+        assert fetched.records.nbytes > 0 and fetched.high_watermark == 0  # followers read past the HW
+        release(fetched)
+        consumer = rm.read("t", 0, 0, 1 << 20)
+        assert consumer.records.nbytes == 0  # consumers never read past it
+        rm.read("t", 0, 2, 1 << 20, replica_id=1, current_leader_epoch=1)  # the follower reached 2
+        assert part.high_watermark == 2
+        result = await produce
+        assert result.last_offset == 1
+    run(main)
+
+
+def test_acks_all_times_out_and_fails_after_shrink(setup):
+    async def main():
+        rm = setup.rm
+        await lead(setup)
+        part = rm.get_partition("t", 0)
+        with pytest.raises(RequestTimedOutError):
+            await rm.produce("t", 0, batch(), -1, 50)
+        parked = asyncio.create_task(rm.produce("t", 0, batch(), -1, 10_000))
+        await until(lambda: part.log.log_end_offset == 2, 5, "the append")
+        setup.clock.advance(LAG_MS + 1)
+        assert rm.check_isr_shrink() == 1
+        with pytest.raises(NotEnoughReplicasAfterAppendError):
+            await parked
+        assert part.isr == [0] and setup.store.get_state("t", 0).isr == [0]
+        assert part.high_watermark == 2  # the leader alone holds it now
+        with pytest.raises(NotEnoughReplicasError):
+            await rm.produce("t", 0, batch(), -1, 1000)
+        # The follower comes back and catches up: expanded again.
+        release(rm.read("t", 0, 0, 1 << 20, replica_id=1, current_leader_epoch=1))
+        assert part.isr == [0]
+        rm.read("t", 0, 2, 1 << 20, replica_id=1, current_leader_epoch=1)
+        await until(lambda: part.isr == [0, 1], 5, "the ISR expansion")
+        assert setup.store.get_state("t", 0).isr == [0, 1] and part.zk_version == 2
+        await rm.produce("t", 0, batch(), 1, 1000)
+    run(main)
+
+
+def test_refused_isr_write_keeps_the_isr(setup):
+    async def main():
+        rm = setup.rm
+        await lead(setup)
+        part = rm.get_partition("t", 0)
+        # The controller changed the znode meanwhile: the leader's version is stale.
+        setup.store.set_state("t", 0, PartitionStateData(0, 1, [0, 1], 1, 5))
+        setup.clock.advance(LAG_MS + 1)
+        writes = setup.store.writes
+        assert rm.check_isr_shrink() == 1
+        await until(lambda: setup.store.writes > writes and not part.leader_state.isr_change_in_flight, 5,
+                    "the refused write")
+        assert part.isr == [0, 1]
+        assert rm.check_isr_shrink() == 0  # backing off before trying again
+    run(main)
+
+
+def test_leadership_change_fails_parked_produce_and_fences_reads(setup):
+    async def main():
+        rm = setup.rm
+        await lead(setup)
+        parked = asyncio.create_task(rm.produce("t", 0, batch(), -1, 10_000))
+        await until(lambda: rm.get_partition("t", 0).log.log_end_offset == 1, 5, "the append")
+        resp = await rm.leader_and_isr(lai(state(leader=1, epoch=2, version=1)), 0)
+        assert resp.results[0].error_code == pb.NONE
+        with pytest.raises(NotLeaderOrFollowerError):
+            await parked
+        part = rm.get_partition("t", 0)
+        assert part.role is Role.FOLLOWER and rm.fetchers.fetch_state(("t", 0)) is None  # no address for 1
+        with pytest.raises(NotLeaderOrFollowerError):
+            await rm.produce("t", 0, batch(), 1, 1000)
+        with pytest.raises(NotLeaderOrFollowerError):
+            rm.read("t", 0, 0, 100)
+        with pytest.raises(FencedLeaderEpochError):
+            rm.read("t", 0, 0, 100, replica_id=2, current_leader_epoch=1)
+        with pytest.raises(UnknownLeaderEpochError):
+            rm.read("t", 0, 0, 100, current_leader_epoch=3)
+        await rm.shutdown()
+    run(main)
+
+
+def test_follower_reads_are_checked(setup):
+    async def main():
+        rm = setup.rm
+        await lead(setup)
+        with pytest.raises(NotLeaderOrFollowerError):
+            rm.read("t", 0, 0, 100, replica_id=7, current_leader_epoch=1)  # not a replica
+        with pytest.raises(OffsetOutOfRangeError):
+            rm.read("t", 0, 5, 100, replica_id=1, current_leader_epoch=1)  # past the leader's LEO
+        with pytest.raises(FencedLeaderEpochError):
+            rm.read("t", 0, 0, 100, replica_id=1, current_leader_epoch=0)
+        # replica_id equal to our own id reads as a consumer (proto3's default 0 on broker 0).
+        release(rm.read("t", 0, 0, 100, replica_id=0))
+    run(main)
+
+
+def test_stop_replica(setup):
+    async def main():
+        rm = setup.rm
+        await lead(setup)
+        resp = await rm.stop_replica(pb.StopReplicaRequest(controller_epoch=1, partitions=[
+            pb.TopicPartition(topic="t", partition=0)]), 0)
+        assert resp.error_code == pb.NONE and rm.get_partition("t", 0).role is Role.NONE
+        stale = await rm.stop_replica(pb.StopReplicaRequest(controller_epoch=0), 0)
+        assert stale.error_code == pb.STALE_CONTROLLER_EPOCH
+        await rm.stop_replica(pb.StopReplicaRequest(controller_epoch=1, delete_partitions=True, partitions=[
+            pb.TopicPartition(topic="t", partition=0)]), 0)
+        assert "t-0" not in [p.name for p in setup.log_manager.data_dir.iterdir()]
+        with pytest.raises(UnknownTopicOrPartitionError):
+            rm.get_partition("t", 0)
+    run(main)
+
+
+def test_drop_all_roles_forgets_the_applied_states(setup):
+    async def main():
+        rm = setup.rm
+        await lead(setup)
+        rm.drop_all_roles()
+        part = rm.get_partition("t", 0)
+        assert part.role is Role.NONE and part.leader_epoch == -1
+        with pytest.raises(NotLeaderOrFollowerError):
+            await rm.produce("t", 0, batch(), 1, 1000)
+        resp = await rm.leader_and_isr(lai(state()), 0)  # the same state again: applied
+        assert resp.results[0].error_code == pb.NONE and part.is_leader and part.leader_epoch == 1
+    run(main)
+
+
+def test_stopped_replica_takes_the_same_state_again(setup):
+    async def main():
+        rm = setup.rm
+        await lead(setup)
+        rm.remove_partition("t", 0, delete=False)  # e.g. the ZooKeeper session was lost
+        part = rm.get_partition("t", 0)
+        assert part.role is Role.NONE
+        resp = await rm.leader_and_isr(lai(state()), 0)  # the controller re-sends what it had
+        assert resp.results[0].error_code == pb.NONE and part.is_leader
+        older = await rm.leader_and_isr(lai(state(epoch=0, version=3)), 0)
+        assert older.results[0].error_code == pb.STALE_CONTROLLER_EPOCH
+    run(main)
