@@ -20,6 +20,8 @@ from typing import Any
 from bench import workload as workloads
 from bench.drivers import SYSTEMS, get_driver
 from bench.procs import STARTED_PIDS
+from bench.profiler import py_spy
+from bench.profiler import summarize as summarize_profile
 from bench.progress import say
 
 BENCH_DIR = Path(__file__).parent
@@ -70,7 +72,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         say("bench run: give --all or --workload NAME (see `python -m bench list`)")
         return 2
     systems = args.system or list(SYSTEMS)
-    runs = args.runs if args.runs else (1 if args.smoke else 3)
+    profile_dir = Path(args.profile) if args.profile else None
+    if profile_dir is not None and py_spy() is None:
+        say("bench run --profile: py-spy not found: `.venv/bin/pip install py-spy`")
+        return 2
+    runs = args.runs if args.runs else (1 if args.smoke or profile_dir else 3)
+    scratch = args.smoke or profile_dir is not None  # never merged into latest.json
     results_dir = Path(args.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     data_root = Path(args.data_root)
@@ -123,10 +130,11 @@ def cmd_run(args: argparse.Namespace) -> int:
                 "title": driver.title,
                 "version": driver.version(),
                 "smoke": args.smoke,
+                "profiled": profile_dir is not None,
                 "command": command,
                 "date": date,
             }
-            runner = Runner(driver, wl, runs, data_root)
+            runner = Runner(driver, wl, runs, data_root, profile_dir)
             try:
                 run_results = runner.run()
                 record["summary"] = summarize(run_results)
@@ -146,11 +154,17 @@ def cmd_run(args: argparse.Namespace) -> int:
                 say(f"WARNING: processes still alive after {wl.name} on {system}: {record['unreaped_pids']}")
             for p in record.get("summary", {}).get("problems", []):
                 say(f"problem: {wl.name} on {system}: {p}")
+            for path in runner.profiles:
+                say(summarize_profile(path))
             _write_json(
-                results_dir / f"{stamp}-{'smoke-' if args.smoke else ''}{wl.name}-{system}.json", record
+                results_dir
+                / f"{stamp}-{'smoke-' if args.smoke else ''}{'profile-' if profile_dir else ''}{wl.name}-{system}.json",
+                record,
             )
             entries[wl.name][system] = {
-                k: record[k] for k in ("title", "version", "workload", "summary", "error") if k in record
+                k: record[k]
+                for k in ("title", "version", "workload", "summary", "error", "command", "date")
+                if k in record
             }
 
     total_s = time.monotonic() - t_begin
@@ -158,7 +172,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if unreaped(pid_mark):
         say(f"WARNING: unreaped processes: {unreaped(pid_mark)}")
         failures += 1
-    if not args.smoke:
+    if not scratch:
         latest_path = results_dir / LATEST
         latest = json.loads(latest_path.read_text()) if latest_path.exists() else {"results": {}}
         for wl_name, per_system in entries.items():
@@ -229,6 +243,9 @@ def parser() -> argparse.ArgumentParser:
                    help="measure disk and loopback limits (default: with --all)")  # fmt: skip
     r.add_argument("--report", action=argparse.BooleanOptionalAction, default=None,
                    help="write RESULTS.md and plots afterwards (default: with --all)")  # fmt: skip
+    r.add_argument(
+        "--profile", metavar="DIR", help="py-spy the server and workers (1 run, not kept in latest.json)"
+    )
     r.set_defaults(func=cmd_run)
 
     p = sub.add_parser(

@@ -277,6 +277,15 @@ def _plots(results: dict[str, Any], limits: dict[str, Any] | None) -> list[str]:
     return written
 
 
+def _merge_skips(lines: list[str]) -> list[str]:
+    """'- wl: reason (a)', '- wl: reason (b)' -> '- wl: reason (a, b)'."""
+    merged: dict[str, list[str]] = {}
+    for line in lines:
+        head, _, system = line.rpartition(" (")
+        merged.setdefault(head, []).append(system.rstrip(")"))
+    return [f"{head} ({', '.join(systems)})" for head, systems in merged.items()]
+
+
 def render(latest: dict[str, Any], plots: list[str]) -> str:
     m = latest.get("machine", {})
     limits = latest.get("limits")
@@ -300,6 +309,8 @@ def render(latest: dict[str, Any], plots: list[str]) -> str:
         "after the warm-up; MB = 10⁶ bytes of record values; all on 127.0.0.1, every process on the same 2 cores.",
         "- `logbroker ÷ system` above 1 means logbroker is faster; `logbroker p99 ÷ system p99` below 1 means "
         "logbroker's latency is lower.",
+        "- Server memory: peak RSS includes the page cache a process has mapped (logbroker's mmap'd segments); "
+        "RssAnon is the process's own memory (heap, buffers) — for Redis, its whole dataset.",
         "",
     ]
     if limits:
@@ -322,7 +333,7 @@ def render(latest: dict[str, Any], plots: list[str]) -> str:
         shown = {s: e for s, e in systems.items() if _ok(e)}
         for s, e in systems.items():
             if "skipped" in e:
-                skipped.append(f"- {wl} on {s}: {e['skipped']}")
+                skipped.append(f"- {wl}: {e['skipped']} ({s})")
             if "error" in e:
                 lines = e["error"].strip().splitlines()
                 why = lines[0] if len(lines) == 1 else f"{lines[0]} … {lines[-1]}"
@@ -334,6 +345,16 @@ def render(latest: dict[str, Any], plots: list[str]) -> str:
         out += [f"## {wl}", ""]
         if desc:
             out += [desc, ""]
+        other_runs = sorted(
+            {
+                (e["date"], e["command"])
+                for e in shown.values()
+                if e.get("date", latest.get("date")) != latest.get("date")
+            }
+        )
+        out += [f"Measured {d} by `{c}` (merged into this report)." for d, c in other_runs] + [""] * bool(
+            other_runs
+        )
         if any(_get(e, "summary", "latency_ms") for e in shown.values()):
             out += _latency_table(shown)
         elif any(_get(e, "summary", "preload") for e in shown.values()):
@@ -341,6 +362,7 @@ def render(latest: dict[str, Any], plots: list[str]) -> str:
         else:
             out += _throughput_table(wl, shown, limits if wl == "max-100kb" else None)
         out.append("")
+    skipped = _merge_skips(skipped)
     for title, items in (("Failed", failed), ("Problems noticed", problems), ("Skipped", skipped)):
         if items:
             out += [f"## {title}", "", *items, ""]

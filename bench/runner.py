@@ -24,6 +24,7 @@ from typing import Any, cast
 from bench import histogram, worker
 from bench.drivers.base import Driver, Server
 from bench.procs import STARTED_PIDS, pid_exists, reap
+from bench.profiler import Profiler, dump_stacks
 from bench.progress import Progress
 from bench.sampler import ProcSampler
 from bench.workload import Workload
@@ -196,11 +197,17 @@ def _schedule(wl: Workload, max_records: int = 0) -> dict[str, Any]:
 
 
 class Runner:
-    def __init__(self, driver: Driver, wl: Workload, runs: int, data_root: Path) -> None:
+    def __init__(
+        self, driver: Driver, wl: Workload, runs: int, data_root: Path, profile_dir: Path | None = None
+    ) -> None:
         self.driver = driver
         self.wl = wl
         self.runs = runs
         self.data_root = data_root
+        self.profile_dir = profile_dir
+        self.profiler: Profiler | None = None
+        self.profiles: list[Path] = []
+        self._started = 0
         self.failure_logs = ""  # the servers' log tails when a run fails
 
     def _label(self, i: int) -> str:
@@ -219,7 +226,8 @@ class Runner:
         def keep_logs(exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
             if exc is not None and not isinstance(exc, KeyboardInterrupt):
                 self.failure_logs = "\n".join(
-                    f"--- {p.name} log, last lines ---\n{p.log_tail(25)}" for p in server.processes
+                    f"--- {p.name} log, last lines ---\n{p.log_tail(25)}\n{dump_stacks(p.pid) if p.alive() else ''}"
+                    for p in server.processes
                 )
             return False
 
@@ -227,9 +235,25 @@ class Runner:
         sampler = ProcSampler(server.pids).start()
         stack.callback(sampler.stop)
         stack.callback(lambda: reap([w.proc for w in workers]))  # the list is filled later, read at exit
+        if self.profile_dir is not None:
+            self._started += 1
+            prof = Profiler(self.profile_dir, f"{self.wl.name}-{self.driver.name}-{self._started}")
+            self.profiler = prof
+            stack.callback(lambda: self.profiles.extend(prof.files))
+            stack.callback(prof.stop_all)
         self.driver.create_topic(server, TOPIC, self.wl)
         server.extra["workdir"] = workdir
         return server, sampler
+
+    def _profile(self, name: str, pids: Sequence[int | None]) -> None:
+        if self.profiler is not None:
+            for i, pid in enumerate(pids):
+                if pid is not None:
+                    self.profiler.start(name if len(pids) == 1 else f"{name}{i}", pid)
+
+    def _unprofile(self, name: str) -> None:
+        if self.profiler is not None:
+            self.profiler.stop(name)
 
     def _produce(
         self,
@@ -242,6 +266,8 @@ class Runner:
         wl = self.wl
         producers = spawn("producer", wl.producers, self.driver.name, server, wl, workers)
         wait_for(producers, "ready", time.monotonic() + READY_TIMEOUT_S)
+        self._profile("producer", [w.proc.pid for w in producers])
+        self._profile("server-produce", server.pids[:1])
         sched = _schedule(wl, max_records)
         if max_records:
             sched["t_end"] = sched["t_start"] + wl.consume_time_limit_s
@@ -256,6 +282,7 @@ class Runner:
 
         wait_for(producers, "done", sched["t_end"] + GRACE_S, tick)
         sampler.mark("produce_end")
+        self._unprofile("server-produce")
         return _produce_figures([w.result or {} for w in producers], wl.record_size)
 
     def _consume(
@@ -270,6 +297,8 @@ class Runner:
         wl = self.wl
         consumers = spawn("consumer", wl.consumers, self.driver.name, server, wl, workers)
         wait_for(consumers, "ready", time.monotonic() + READY_TIMEOUT_S)
+        self._profile(f"{tag}-consumer", [w.proc.pid for w in consumers])
+        self._profile(f"server-{tag}", server.pids[:1])
         deadline = time.monotonic() + wl.consume_time_limit_s
         sampler.mark(f"{tag}_start")
         _send_all(consumers, ("go", {"deadline": deadline, "expected": expected}))
@@ -280,6 +309,7 @@ class Runner:
 
         wait_for(consumers, "done", deadline + GRACE_S, tick)
         sampler.mark(f"{tag}_end")
+        self._unprofile(f"server-{tag}")
         return _consume_figures([w.result or {} for w in consumers], wl, expected, None)
 
     def _server_figures(self, sampler: ProcSampler, phases: Sequence[str]) -> dict[str, Any]:
@@ -315,6 +345,9 @@ class Runner:
             consumers = spawn("consumer", wl.consumers, self.driver.name, server, wl, workers)
             producers = spawn("producer", wl.producers, self.driver.name, server, wl, workers)
             wait_for(workers, "ready", time.monotonic() + READY_TIMEOUT_S)
+            self._profile("producer", [w.proc.pid for w in producers])
+            self._profile("consumer", [w.proc.pid for w in consumers])
+            self._profile("server-run", server.pids[:1])
             sched = _schedule(wl)
             deadline = sched["t_end"] + wl.consume_time_limit_s
             sampler.mark("run_start")

@@ -27,6 +27,7 @@ from bench.workload import Workload
 
 PROGRESS_INTERVAL_S = 0.5
 KEY_CYCLE = 1 << 16
+TICK_S = 0.001  # a paced producer sends what is due once per millisecond (each record stamped as sent)
 
 
 def payload(record_size: int) -> bytes:
@@ -74,10 +75,10 @@ def produce(
         if not warm_done and now >= t_warm:
             client.flush()  # everything counted from here on is sent and acknowledged in the window
             t0, c0, warm_done = time.monotonic(), count, True
-        if rate:
+        if rate:  # paced: every TICK_S, send what is due by now
             n = min(int((now - t_start) * rate) - count, full)
             if n <= 0:
-                time.sleep(min(0.001, max(0.0, t_start + (count + 1) / rate - now)))
+                time.sleep(min(TICK_S, max(0.0, t_start + (count + 1) / rate - now)))
                 continue
         else:
             n = full
@@ -97,6 +98,8 @@ def produce(
             key_pos += n
         client.send(values, ks)
         count += n
+        if rate:
+            _sleep_until(now + TICK_S)
         if now >= next_report:
             conn.send(("progress", count))
             next_report = now + PROGRESS_INTERVAL_S

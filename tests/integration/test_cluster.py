@@ -123,7 +123,7 @@ def test_leader_kill_loop_loses_no_acknowledged_record(cluster):
     assert not lost, f"{len(lost)} acknowledged records lost or moved (of {len(acked)}), e.g. {lost[:3]}"
     # per-key order: the acknowledged records of one key sit in send order within their partition
     per_key: dict[bytes, list[tuple[int, int]]] = defaultdict(list)
-    for value, (p, offset) in acked.items():
+    for value, (_p, offset) in acked.items():
         per_key[b"key-%d" % (int(value[2:]) % 40)].append((int(value[2:]), offset))
     for key, seq in per_key.items():
         offsets_in_send_order = [off for _, off in sorted(seq)]
