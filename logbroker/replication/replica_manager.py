@@ -322,8 +322,8 @@ class ReplicaManager:
     # -- fetch ----------------------------------------------------------------------------------
 
     def is_follower_fetch(self, replica_id: int) -> bool:
-        """A Fetch from another broker's follower (replica_id >= 0 and not this broker: a
-        replica_id equal to our own id, proto3's default 0 on a broker 0, reads as a consumer)."""
+        """A Fetch from another broker's follower (replica_id >= 0 and not this broker; consumers
+        leave the optional replica_id unset or send -1)."""
         return replica_id >= 0 and replica_id != self.broker_id
 
     def read(

@@ -48,6 +48,7 @@ from logbroker.v1 import logbroker_pb2 as pb
 log = logging.getLogger(__name__)
 
 SERVICE_NAMES = ("logbroker.v1.Broker", "logbroker.v1.Admin", "logbroker.v1.Replica")
+FIRST_METADATA_WAIT_S = 30.0
 
 
 class Broker:
@@ -106,6 +107,7 @@ class Broker:
         self.ready = True
         if self.cluster is not None:
             await self.cluster.start()  # registered: the controller now sends our partition roles
+            await self._await_first_metadata()
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
@@ -113,6 +115,16 @@ class Broker:
             cfg.broker_id, len(self.topics), len(self.partitions), time.monotonic() - started,
         )
         self._tasks.append(asyncio.create_task(self._retention_loop()))
+
+    async def _await_first_metadata(self) -> None:
+        """Cluster mode: report SERVING once the controller has told us the cluster's metadata, so a
+        client's first Metadata call here does not see an empty cluster (bounded wait)."""
+        deadline = time.monotonic() + FIRST_METADATA_WAIT_S
+        while self.metadata_image.controller_epoch < 0:
+            if time.monotonic() > deadline:
+                log.warning("no metadata from a controller after %.0f s; serving anyway", FIRST_METADATA_WAIT_S)
+                return
+            await asyncio.sleep(0.05)
 
     def _recover(self) -> None:
         Path(self.config.data_dir).mkdir(parents=True, exist_ok=True)

@@ -140,7 +140,7 @@ class BrokerService:
                 budget = max_bytes - total
                 limit = min(fp.partition_max_bytes or max_bytes, max(budget, 1))
                 # Always read: it checks leadership and epoch, and records a follower's progress.
-                fetched = rm.read(fp.topic, fp.partition, fp.fetch_offset, limit, replica_id=req.replica_id,
+                fetched = rm.read(fp.topic, fp.partition, fp.fetch_offset, limit, replica_id=req.replica_id if req.HasField("replica_id") else -1,
                                   current_leader_epoch=fp.current_leader_epoch)
                 r.high_watermark = fetched.high_watermark
                 r.log_start_offset = fetched.log_start_offset
