@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from logbroker.client.metadata_cache import MetadataCache
+from logbroker.client.metadata_cache import MetadataCache, metadata_for
 from logbroker.client.producer import rpc_error
 from logbroker.errors import BrokerUnavailableError, error_for
 from logbroker.v1 import logbroker_pb2 as pb
@@ -52,14 +52,7 @@ class Admin:
         retry_backoff_ms: int = 100,
     ) -> None:
         self._timeout_s = request_timeout_ms / 1000
-        if isinstance(bootstrap, MetadataCache):
-            self._metadata = bootstrap
-            self._owns_metadata = False
-        else:
-            self._metadata = MetadataCache(
-                bootstrap, request_timeout_ms=request_timeout_ms, retry_backoff_ms=retry_backoff_ms
-            )
-            self._owns_metadata = True
+        self._metadata, self._owns_metadata = metadata_for(bootstrap, request_timeout_ms, retry_backoff_ms)
 
     def _call(self, fn: Callable[[Any], T]) -> T:
         """fn(AdminStub) on the controller, then on other brokers while they are unreachable."""

@@ -43,7 +43,7 @@ from typing import Any, NamedTuple
 
 import grpc
 
-from logbroker.client.metadata_cache import LogThrottle, MetadataCache
+from logbroker.client.metadata_cache import LogThrottle, MetadataCache, metadata_for
 from logbroker.client.producer import rpc_error
 from logbroker.errors import (
     BrokerError,
@@ -202,14 +202,7 @@ class Consumer:
         self._fetch_timeout_s = (fetch_max_wait_ms + request_timeout_ms) / 1000
         self._retry_backoff_s = retry_backoff_ms / 1000
         self._metadata_max_age_s = metadata_max_age_ms / 1000
-        if isinstance(bootstrap, MetadataCache):
-            self._metadata = bootstrap
-            self._owns_metadata = False
-        else:
-            self._metadata = MetadataCache(
-                bootstrap, request_timeout_ms=request_timeout_ms, retry_backoff_ms=retry_backoff_ms
-            )
-            self._owns_metadata = True
+        self._metadata, self._owns_metadata = metadata_for(bootstrap, request_timeout_ms, retry_backoff_ms)
 
         self._assigned: dict[TopicPartition, _PartitionState] = {}
         self._subscription: list[str] | None = None

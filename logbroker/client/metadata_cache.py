@@ -382,3 +382,13 @@ class MetadataCache:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def metadata_for(
+    bootstrap: str | Sequence[str] | MetadataCache, request_timeout_ms: int, retry_backoff_ms: int
+) -> tuple[MetadataCache, bool]:
+    """The cache a client uses, and whether the client owns (and so closes) it: a given cache is
+    shared (tests pass an in-memory one), a bootstrap address makes a new one."""
+    if isinstance(bootstrap, MetadataCache):
+        return bootstrap, False
+    return MetadataCache(bootstrap, request_timeout_ms=request_timeout_ms, retry_backoff_ms=retry_backoff_ms), True

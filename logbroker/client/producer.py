@@ -47,7 +47,7 @@ from typing import Any, NamedTuple
 
 import grpc
 
-from logbroker.client.metadata_cache import LogThrottle, MetadataCache, rpc_error_text
+from logbroker.client.metadata_cache import LogThrottle, MetadataCache, metadata_for, rpc_error_text
 from logbroker.cluster.hashing import partition_for_key
 from logbroker.errors import (
     BrokerUnavailableError,
@@ -425,14 +425,7 @@ class Producer:
         self._max_in_flight = max_in_flight_requests
         self._metadata_max_age_s = metadata_max_age_ms / 1000
 
-        if isinstance(bootstrap, MetadataCache):
-            self._metadata = bootstrap
-            self._owns_metadata = False
-        else:
-            self._metadata = MetadataCache(
-                bootstrap, request_timeout_ms=request_timeout_ms, retry_backoff_ms=retry_backoff_ms
-            )
-            self._owns_metadata = True
+        self._metadata, self._owns_metadata = metadata_for(bootstrap, request_timeout_ms, retry_backoff_ms)
 
         self._lock = threading.Lock()
         self._sender_cond = threading.Condition(self._lock)  # wakes the sender thread

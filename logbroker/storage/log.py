@@ -535,14 +535,7 @@ class Log:
         config = self._config
         infos = validate_batches(payload, config.max_message_bytes)
         now = self._now_ms()
-        active = self._segments[-1]
-        if active.size_bytes and (
-            active.size_bytes + n > active.capacity_bytes or now - self._active_created_ms > config.segment_ms
-        ):
-            self._roll(max(config.segment_bytes, n), now)
-            active = self._segments[-1]
-        elif active.size_bytes + n > active.capacity_bytes:
-            active.grow(n)
+        active = self._room_for(n, now)
         start = active.size_bytes
         base_offset = next_offset = self._log_end_offset
         log_append = config.message_timestamp_type == LOG_APPEND_TIME
@@ -636,14 +629,7 @@ class Log:
             self._epochs = self._epochs[:kept]
         config = self._config
         now = self._now_ms()
-        active = self._segments[-1]
-        if active.size_bytes and (
-            active.size_bytes + n > active.capacity_bytes or now - self._active_created_ms > config.segment_ms
-        ):
-            self._roll(max(config.segment_bytes, n), now)
-            active = self._segments[-1]
-        elif active.size_bytes + n > active.capacity_bytes:
-            active.grow(n)
+        active = self._room_for(n, now)
         start = active.size_bytes
         indexer = self._indexer
         saved = indexer.state()
@@ -705,6 +691,18 @@ class Log:
             raise ValueError(f"offset {offset} is negative")
         self._reap_flushes()
         self._truncate_fully(offset)
+
+    def _room_for(self, n: int, now: int) -> Segment:
+        """The active segment, rolled first if `n` more bytes do not fit or it is too old."""
+        active = self._segments[-1]
+        if active.size_bytes and (
+            active.size_bytes + n > active.capacity_bytes or now - self._active_created_ms > self._config.segment_ms
+        ):
+            self._roll(max(self._config.segment_bytes, n), now)
+            active = self._segments[-1]
+        elif active.size_bytes + n > active.capacity_bytes:
+            active.grow(n)
+        return active
 
     def roll(self) -> None:
         """Close the active segment and start a new one (a no-op if the active one is empty)."""
