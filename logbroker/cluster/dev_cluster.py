@@ -2,7 +2,8 @@
 
 `logbroker dev-cluster --brokers 3` uses it; so do the tests' fixtures. ZooKeeper runs as
 `java -cp ... org.apache.zookeeper.server.quorum.QuorumPeerMain <cfg>` on a loopback port with the
-admin server disabled.
+admin server disabled. `$LOGBROKER_ZOOKEEPER_JARS` (paths separated by ":") replaces the Debian jar,
+for a ZooKeeper installed elsewhere.
 """
 
 from __future__ import annotations
@@ -16,15 +17,24 @@ import time
 from pathlib import Path
 
 ZOOKEEPER_JARS = ("/usr/share/java/zookeeper.jar",)
+ZOOKEEPER_JARS_ENV = "LOGBROKER_ZOOKEEPER_JARS"
 ZOOKEEPER_CONF_DIR = "/etc/zookeeper/conf"
+
+
+def zookeeper_jars() -> tuple[str, ...]:
+    """The jars ZooKeeper runs from: $LOGBROKER_ZOOKEEPER_JARS if set, else Debian's."""
+    override = os.environ.get(ZOOKEEPER_JARS_ENV, "")
+    return tuple(j for j in override.split(":") if j) if override else ZOOKEEPER_JARS
 
 
 def zookeeper_available() -> str | None:
     """None when ZooKeeper can be started here, else why not."""
     if shutil.which("java") is None:
         return "java is not installed (apt-get install zookeeper brings it)"
-    if not all(Path(j).exists() for j in ZOOKEEPER_JARS):
-        return "Debian's zookeeper package is not installed (apt-get install zookeeper)"
+    missing = [j for j in zookeeper_jars() if not Path(j).exists()]
+    if missing:
+        return f"ZooKeeper not found ({', '.join(missing)} missing): install Debian's zookeeper package " \
+               "(apt-get install zookeeper)"
     return None
 
 
@@ -63,7 +73,7 @@ class ZooKeeperProcess:
             "maxSessionTimeout=60000\n"
             "4lw.commands.whitelist=ruok,stat,srvr\n"
         )
-        classpath = ":".join([ZOOKEEPER_CONF_DIR, *ZOOKEEPER_JARS])
+        classpath = ":".join([ZOOKEEPER_CONF_DIR, *zookeeper_jars()])
         log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed by the child's exit
         self.proc = subprocess.Popen(
             ["java", "-Xmx256m", "-XX:+UseSerialGC", "-cp", classpath,

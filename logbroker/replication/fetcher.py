@@ -105,6 +105,7 @@ class LeaderFetcher:
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
     _task: asyncio.Task[None] | None = None
     _rpc_failures: int = 0
+    _stopped: bool = False
 
     # -- control (event loop) -------------------------------------------------------------------
 
@@ -123,7 +124,12 @@ class LeaderFetcher:
             self._changed.set()
 
     async def stop(self) -> None:
+        """End the task. Besides cancelling it, tell it to stop: a grpc.aio call that completes just as
+        it is cancelled returns its response and the cancellation is lost; the loop then sees the flag
+        (an idle fetcher with no partitions would otherwise wait forever, and so would this)."""
         task, self._task = self._task, None
+        self._stopped = True
+        self._changed.set()
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -142,7 +148,7 @@ class LeaderFetcher:
         try:
             broker_stub = pbg.BrokerStub(channel)
             replica_stub = pbg.ReplicaStub(channel)
-            while True:
+            while not self._stopped:
                 now = self.clock.monotonic_ms()
                 ready = [s for s in self.states.values() if s.delayed_until_ms <= now]
                 truncating = [s for s in ready if s.phase is FetchPhase.TRUNCATING]

@@ -251,6 +251,25 @@ class ReplicaManager:
         self.notify(key)
         return part is not None
 
+    def remove_deleted_topics(self, topics: Iterable[str]) -> int:
+        """Delete every replica and every log on disk of these topics, which the controller says are
+        deleted (UpdateMetadata `deleted_topics`). It catches what a StopReplica(delete) missed: a
+        broker that was down while its topic was deleted loaded that log again on restart. Returns
+        how many logs were deleted (a failure is logged and retried with the next UpdateMetadata)."""
+        doomed = set(topics)
+        if not doomed:
+            return 0
+        deleted = 0
+        for topic, partition in sorted({k for k in (*self.partitions, *self.log_manager.logs()) if k[0] in doomed}):
+            log.info("broker %d deletes its replica of %s-%d: the topic was deleted", self.broker_id, topic,
+                     partition)
+            try:
+                self.remove_partition(topic, partition, delete=True)
+                deleted += 1
+            except Exception as exc:
+                log.error("deleting %s-%d failed: %s", topic, partition, exc)
+        return deleted
+
     def drop_all_roles(self) -> None:
         """Lead nothing and follow nothing until the controller says otherwise (the ZooKeeper
         session was lost: the broker re-registers with a new epoch). Applied states are forgotten,

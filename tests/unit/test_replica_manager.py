@@ -306,6 +306,21 @@ def test_stop_replica(setup):
     run(main)
 
 
+def test_deleted_topics_lose_their_replicas_and_stray_logs(setup):
+    async def main():
+        rm = setup.rm
+        await lead(setup)
+        setup.log_manager.create_log("gone", 0)  # loaded at start, no replica: missed its StopReplica
+        setup.log_manager.create_log("keep", 0)
+        assert rm.remove_deleted_topics([]) == 0
+        assert rm.remove_deleted_topics(["gone", "t", "never"]) == 2
+        names = {p.name for p in setup.log_manager.data_dir.iterdir()}
+        assert "keep-0" in names and not names & {"gone-0", "t-0"}
+        with pytest.raises(UnknownTopicOrPartitionError):
+            rm.get_partition("t", 0)
+    run(main)
+
+
 def test_drop_all_roles_forgets_the_applied_states(setup):
     async def main():
         rm = setup.rm
