@@ -167,6 +167,12 @@ def cmd_run(args: argparse.Namespace) -> int:
                 if k in record
             }
 
+    if args.failover is True or (args.failover is None and args.all and not args.smoke):
+        fo = run_failover(args.failover_trials or (1 if args.smoke else 5), results_dir, data_root, command, date,
+                          stamp, keep=not scratch)  # fmt: skip
+        if fo is not None and ("error" in fo or fo["unreaped_pids"]):
+            failures += 1
+
     total_s = time.monotonic() - t_begin
     say(f"bench run finished in {total_s:.0f} s ({failures} failed)")
     if unreaped(pid_mark):
@@ -187,6 +193,71 @@ def cmd_run(args: argparse.Namespace) -> int:
 
             report.write(results_dir)
     return 1 if failures else 0
+
+
+def run_failover(trials: int, results_dir: Path, data_root: Path, command: str, date: str,
+                 stamp: str, keep: bool) -> dict[str, Any] | None:  # fmt: skip
+    """The failover measurement (bench/failover.py): a JSON per invocation, merged into latest.json
+    unless `keep` is false (smoke). None, with one line saying why, when it could not run."""
+    from bench import failover
+    from bench.cluster import zookeeper_missing
+
+    why = get_driver("logbroker").missing() or zookeeper_missing()
+    if why:
+        say(f"skip failover: {why}")
+        return None
+    before = len(STARTED_PIDS)
+    record: dict[str, Any] = {"command": command, "date": date, "machine": machine(), "trials_per_signal": trials}
+    try:
+        record.update(failover.run(trials, data_root))
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:
+        record["error"] = str(exc) if isinstance(exc, RuntimeError) else traceback.format_exc()
+        say(f"FAILED failover: {record['error']}")
+    from bench.runner import unreaped
+
+    record["started_pids"] = STARTED_PIDS[before:]
+    record["unreaped_pids"] = unreaped(before)
+    if record["unreaped_pids"]:
+        say(f"WARNING: processes still alive after failover: {record['unreaped_pids']}")
+    for kind, s in record.get("summary", {}).items():
+        values = ", ".join(f"{x:.3f}" for x in s["first_ack_s"])
+        say(f"failover {kind}: first ack after the signal, median {s['first_ack_s_median']:.3f} s "
+            f"(target < {s['target_s']:g} s; {values}); outage median {s['outage_s_median']:.3f} s")  # fmt: skip
+    if "verified" in record:
+        v = record["verified"]
+        say(f"failover: {v['acknowledged']:,} acknowledged records read back: {v['missing']} missing, "
+            f"{v['mismatched']} at another offset")  # fmt: skip
+    _write_json(results_dir / f"{stamp}-{'' if keep else 'smoke-'}failover.json", record)
+    if keep:
+        latest_path = results_dir / LATEST
+        latest = json.loads(latest_path.read_text()) if latest_path.exists() else {"results": {}}
+        latest["failover"] = {k: v for k, v in record.items() if k not in ("started_pids",)}
+        _write_json(latest_path, latest)
+    return record
+
+
+def cmd_failover(args: argparse.Namespace) -> int:
+    results_dir = Path(args.results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    data_root = Path(args.data_root)
+    data_root.mkdir(parents=True, exist_ok=True)
+    load = os.getloadavg()[0]
+    if load > 0.5:
+        say(f"note: load average {load:.2f} before the run: other work on this machine will make figures noisy")
+    trials = args.trials or (1 if args.smoke else 5)
+    command = "python -m bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    record = run_failover(trials, results_dir, data_root, command, time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                          time.strftime("%Y%m%d-%H%M%S"), keep=not args.smoke)  # fmt: skip
+    if record is None:
+        return 0
+    failed = "error" in record or record["unreaped_pids"]
+    if not args.smoke and args.report and not failed:
+        from bench import report
+
+        report.write(results_dir)
+    return 1 if failed else 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -243,10 +314,23 @@ def parser() -> argparse.ArgumentParser:
                    help="measure disk and loopback limits (default: with --all)")  # fmt: skip
     r.add_argument("--report", action=argparse.BooleanOptionalAction, default=None,
                    help="write RESULTS.md and plots afterwards (default: with --all)")  # fmt: skip
+    r.add_argument("--failover", action=argparse.BooleanOptionalAction, default=None,
+                   help="also run the failover measurement, as `failover` does (default: with --all, not --smoke)")  # fmt: skip
+    r.add_argument("--failover-trials", type=int, default=0, help="trials per signal (default 5, smoke 1)")
     r.add_argument(
         "--profile", metavar="DIR", help="py-spy the server and workers (1 run, not kept in latest.json)"
     )
     r.set_defaults(func=cmd_run)
+
+    f = sub.add_parser(
+        "failover", parents=[common],
+        help="kill -9 / SIGTERM a partition leader of a 3-broker cluster; time until writes are acknowledged again",
+    )  # fmt: skip
+    f.add_argument("--trials", type=int, default=0, help="trials per signal (default 5, smoke 1)")
+    f.add_argument("--smoke", action="store_true", help="1 trial per signal, not merged into latest.json")
+    f.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
+                   help="rewrite RESULTS.md afterwards (default: yes)")  # fmt: skip
+    f.set_defaults(func=cmd_failover)
 
     p = sub.add_parser(
         "report", parents=[common], help="write bench/RESULTS.md and bench/plots/ from latest.json"

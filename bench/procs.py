@@ -2,6 +2,10 @@
 
 - Servers run in their own session (the terminal's Ctrl-C reaches only the harness, which then stops
   them in order) and get PR_SET_PDEATHSIG=SIGKILL, so even a `kill -9` of the harness takes them along.
+  They get it from a tiny exec wrapper (`dying_with_parent`), not from a `preexec_fn`: a preexec_fn
+  makes subprocess fork() instead of vfork(), and a fork() while the harness's own gRPC client is
+  busy (the failover measurement restarts brokers under a running producer) runs gRPC's fork
+  handlers, which can abort the child before it execs ("epoll_wait error: Bad file descriptor").
 - Workers are `multiprocessing` spawn children that ignore SIGINT, die with the harness
   (PR_SET_PDEATHSIG too) and are otherwise terminated, then killed, by `reap()`.
 - Every pid started is recorded in `STARTED_PIDS` so results can prove that all were reaped.
@@ -16,6 +20,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -38,6 +43,20 @@ def die_with_parent(parent_pid: int | None = None) -> None:
         os._exit(1)
 
 
+# argv[1] = the harness's pid, argv[2:] = the command. PR_SET_PDEATHSIG survives execve.
+_PDEATHSIG_EXEC = (
+    "import ctypes, os, sys\n"
+    f"ctypes.CDLL('libc.so.6', use_errno=True).prctl({_PR_SET_PDEATHSIG}, {int(signal.SIGKILL)})\n"
+    "if os.getppid() != int(sys.argv[1]): os._exit(1)\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])\n"
+)
+
+
+def dying_with_parent(argv: Sequence[str]) -> list[str]:
+    """`argv`, run so that the process (same pid, after an exec) is SIGKILLed when this one dies."""
+    return [sys.executable, "-I", "-S", "-c", _PDEATHSIG_EXEC, str(os.getpid()), *argv]
+
+
 class ServerProcess:
     """A server subprocess with its output in a log file; `stop()` is idempotent."""
 
@@ -47,12 +66,11 @@ class ServerProcess:
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            self.argv,
+            dying_with_parent(self.argv),
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=die_with_parent,
             env=env,
         )
         STARTED_PIDS.append(self.proc.pid)

@@ -13,6 +13,7 @@ BENCH_DIR = Path(__file__).parent
 PLOTS_DIR = BENCH_DIR / "plots"
 RESULTS_MD = BENCH_DIR / "RESULTS.md"
 BASE = "logbroker"
+CLUSTER = "cluster-rf3-acks-all"
 WORKLOAD_ORDER = (
     "max-100b",
     "max-100kb",
@@ -141,8 +142,8 @@ def _preload_table(systems: dict[str, Any]) -> list[str]:
     return rows
 
 
-def _targets(results: dict[str, Any]) -> list[str]:
-    """The figures issues 2 and 5 ask for, each with what was measured."""
+def _targets(results: dict[str, Any], failover: dict[str, Any] | None = None) -> list[str]:
+    """The figures issues 2, 3 and 5 ask for, each with what was measured."""
     rows = ["| target | measured | verdict |", "|---|---|---|"]
 
     def add(target: str, measured: str, ok: bool | None) -> None:
@@ -173,6 +174,20 @@ def _targets(results: dict[str, Any]) -> list[str]:
     add("issue 2: broker RssAnon < 250 MB while 5 GB pass through",
         f"{anon:,.0f} MB (over {c5gb or 0:.2f} GB)" if anon else "not measured",
         anon < 250 if anon and (c5gb or 0) >= 5 else None)  # fmt: skip
+
+    cl = _get(results, CLUSTER, BASE, "summary")
+    clp = _get(cl, "produce", "records_per_s")
+    add("issue 3: 3 brokers, RF 3, acks=all, 100 B: ≥ 100,000 rec/s", f"{_n(clp)} rec/s" if clp else "not run",
+        clp >= 100_000 if clp else None)  # fmt: skip
+    fo = _get(failover, "summary")
+    kill, term = _get(fo, "kill"), _get(fo, "term")
+    add("issue 3: kill -9 of a leader → first acknowledged write, median < 8 s",
+        f"{kill['first_ack_s_median']:.2f} s ({kill['trials']} trials)" if kill else "not measured",
+        kill["first_ack_s_median"] < kill["target_s"] if kill else None)  # fmt: skip
+    add("issue 3: SIGTERM (controlled shutdown) of a leader → writes acknowledged again, median < 1 s",
+        f"longest gap between acks {term['outage_s_median']:.3f} s; first ack {term['first_ack_s_median']:.3f} s "
+        f"({term['trials']} trials)" if term else "not measured",
+        term["outage_s_median"] < term["target_s"] if term else None)  # fmt: skip
 
     def best_peer(side: str, wl: dict[str, Any]) -> tuple[str, float]:
         vals = [(s, _get(wl, s, "summary", side, "records_per_s") or 0.0) for s in PEERS_PY]
@@ -205,6 +220,80 @@ def _targets(results: dict[str, Any]) -> list[str]:
     return rows
 
 
+def _failover_section(fo: dict[str, Any], latest_date: str | None) -> list[str]:
+    out = ["## failover", ""]
+    setup = fo.get("setup", {})
+    if setup:
+        out += [
+            f"{setup['brokers']} brokers + ZooKeeper (session timeout {setup['zk_session_timeout_ms'] / 1000:g} s), a topic of "
+            f"{setup['partitions']} partitions, RF {setup['replication_factor']}, min_insync_replicas "
+            f"{setup['min_insync_replicas']}; one producer (acks={setup['acks']}, linger_ms {setup['linger_ms']}, client "
+            f"defaults otherwise) writes {setup['rate_records_per_s']:,} records/s of {setup['record_size']} B to partition "
+            "0 throughout. Each trial signals partition 0's leader (`kill` = SIGKILL, `term` = SIGTERM, a controlled "
+            "shutdown), then restarts it and waits for every replica to be in sync and the preferred leaders back. "
+            "*First ack*: signal → first acknowledgement of a record sent after the signal (producer callbacks). "
+            "*Longest gap*: the longest interval without any acknowledgement around the signal — what a writer sees "
+            "as the outage. *Leader elected*: signal → DescribeTopics (polled every 50 ms) names another leader. "
+            "*Leader back*: after the restart the controller hands the broker its preferred leadership back as soon "
+            "as it is in sync; the longest interval without an acknowledgement from the restart until 1 s after "
+            "writes to it are acknowledged (a rolling restart's second outage).",
+            "",
+        ]
+    if fo.get("date") and fo.get("date") != latest_date:
+        out += [f"Measured {fo['date']} by `{fo.get('command', '?')}` (merged into this report).", ""]
+    if "error" in fo:
+        lines = fo["error"].strip().splitlines()
+        return [*out, f"Failed: {lines[0][:400]} (full text in the run's JSON)", ""]
+    summary = fo.get("summary", {})
+    out += [
+        "| signal | trials | first ack: median | first ack: every trial, s | longest gap: median | "
+        "longest gap: every trial, s | leader elected: median | leader back, longest gap: median | failed sends "
+        "| target |",
+        "|---|--:|--:|---|--:|---|--:|--:|--:|---|",
+    ]
+    for kind, s in summary.items():
+        outages = ", ".join(f"{x:.3f}" for x in s["outage_s"])
+        firsts = ", ".join(f"{x:.3f}" for x in s["first_ack_s"])
+        elected = s.get("leader_elected_s_median")
+        out.append(
+            f"| {'kill -9' if kind == 'kill' else 'SIGTERM'} | {s['trials']} | {s['first_ack_s_median']:.3f} s | {firsts} | "
+            f"{s['outage_s_median']:.3f} s | {outages} | {'—' if elected is None else f'{elected:.3f} s'} | "
+            f"{_n(s.get('back_outage_s_median'), 3)} s | {s['failed_sends']} | < {s['target_s']:g} s |"
+        )
+    kill = summary.get("kill")
+    if kill and kill.get("leader_elected_s_median") is not None:
+        el, fa = kill["leader_elected_s_median"], kill["first_ack_s_median"]
+        out += [
+            "",
+            f"Reading kill -9: the controller names a new leader after {el:.2f} s (the dead broker's ZooKeeper "
+            f"session has to expire); the producer's first acknowledged write follows {fa - el:.2f} s later "
+            "(its retry backoff, 100 ms doubling up to 1 s, and a metadata refresh).",
+        ]
+    v = fo.get("verified")
+    if v:
+        out += [
+            "",
+            f"Afterwards {v['acknowledged']:,} acknowledged records were read back from partition 0: {v['missing']} missing, "
+            f"{v['mismatched']} at another offset than acknowledged, {v.get('duplicated_records', 0)} written twice "
+            "(a retried batch; the producer is not idempotent).",
+        ]
+    trials = fo.get("trials", [])
+    if trials:
+        out += ["", "<details><summary>every trial</summary>", "",
+                "| # | signal | leader (controller?) → new leader | first ack s | longest gap s | last ack before "
+                "the signal s | leader elected s | broker exited s | failed sends | leader back: longest gap s |",
+                "|--:|---|---|--:|--:|--:|--:|--:|--:|--:|"]  # fmt: skip
+        for i, t in enumerate(trials, 1):
+            ctl = " (controller)" if t["leader_was_controller"] else ""
+            out.append(
+                f"| {i} | {t['signal']} | {t['leader']}{ctl} → {t['new_leader']} | {t['first_ack_s']:.3f} | "
+                f"{t['outage_s']:.3f} | {_n(t.get('last_ack_before_s'), 3)} | {_n(t['leader_elected_s'], 3)} | "
+                f"{_n(t['broker_exit_s'], 3)} | {t['failed_sends']} | {_n(t.get('back_outage_s'), 3)} |"
+            )
+        out += ["", "</details>"]
+    return [*out, ""]
+
+
 def _plots(results: dict[str, Any], limits: dict[str, Any] | None) -> list[str]:
     import matplotlib
 
@@ -214,7 +303,7 @@ def _plots(results: dict[str, Any], limits: dict[str, Any] | None) -> list[str]:
 
     PLOTS_DIR.mkdir(exist_ok=True)
     written: list[str] = []
-    panels = [(w, results[w]) for w in ("max-100b", "max-100kb") if w in results]
+    panels = [(w, results[w]) for w in ("max-100b", "max-100kb", CLUSTER) if w in results]
     panels = [(w, s) for w, s in panels if any(_ok(e) for e in s.values())]
     if panels:
         fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.6), squeeze=False)
@@ -239,10 +328,13 @@ def _plots(results: dict[str, Any], limits: dict[str, Any] | None) -> list[str]:
             ax.set_xticks(
                 range(len(names)), [systems[s].get("title", s) for s in names], fontsize=8, rotation=10
             )
+            if len(names) == 1:
+                ax.set_xlim(-1.5, 1.5)  # one system: bars as wide as in the other panels
             ax.set_ylabel("MB/s (record values)" if unit_mb else "records/s")
             if not unit_mb:
                 ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1000:,.0f}k"))
-            ax.set_title(f"{wl}: {'100 KB' if unit_mb else '100 B'} records, median of runs", fontsize=10)
+            what = "3 brokers, RF 3, acks=all, 100 B" if wl == CLUSTER else ("100 KB" if unit_mb else "100 B")
+            ax.set_title(f"{wl}: {what} records, median of runs", fontsize=10)
             ax.legend(fontsize=8)
             ax.grid(axis="y", alpha=0.3)
         fig.tight_layout()
@@ -325,7 +417,8 @@ def render(latest: dict[str, Any], plots: list[str]) -> str:
             f"{', '.join(f'{x:,.0f}' for x in limits['loopback_runs_mb_s'])} |",
             "",
         ]
-    out += ["## Targets from issues 2 and 5", "", *_targets(results), ""]
+    failover = latest.get("failover")
+    out += ["## Targets from issues 2, 3 and 5", "", *_targets(results, failover), ""]
     skipped: list[str] = []
     failed: list[str] = []
     problems: list[str] = []
@@ -355,6 +448,21 @@ def render(latest: dict[str, Any], plots: list[str]) -> str:
         out += [f"Measured {d} by `{c}` (merged into this report)." for d, c in other_runs] + [""] * bool(
             other_runs
         )
+        if wl == CLUSTER:
+            out += [
+                "Server CPU and memory are the three brokers' together (ZooKeeper not included); the consumer reads "
+                "all partitions from their leaders.",
+                "",
+            ]
+            solo = _get(results, "max-100b", BASE, "summary", "produce", "records_per_s")
+            rf3 = _get(shown, BASE, "summary", "produce", "records_per_s")
+            if solo and rf3:
+                out += [
+                    f"Side by side: one standalone broker, 1 partition, acks=1 (`max-100b`) produces {solo:,.0f} rec/s; "
+                    f"three brokers replicating every record 3 times with acks=all produce {rf3:,.0f} rec/s "
+                    f"({rf3 / solo * 100:.0f} %).",
+                    "",
+                ]
         if any(_get(e, "summary", "latency_ms") for e in shown.values()):
             out += _latency_table(shown)
         elif any(_get(e, "summary", "preload") for e in shown.values()):
@@ -362,6 +470,8 @@ def render(latest: dict[str, Any], plots: list[str]) -> str:
         else:
             out += _throughput_table(wl, shown, limits if wl == "max-100kb" else None)
         out.append("")
+    if failover:
+        out += _failover_section(failover, latest.get("date"))
     skipped = _merge_skips(skipped)
     for title, items in (("Failed", failed), ("Problems noticed", problems), ("Skipped", skipped)):
         if items:

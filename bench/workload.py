@@ -45,6 +45,9 @@ class Workload:
     warmup_s: float = 2.0
     acks: str = "1"  # "0", "1" or "all"
     replication_factor: int = 1
+    brokers: int = 1  # > 1: a cluster (ZooKeeper + brokers) for systems that have one
+    min_insync_replicas: int = 1  # topic config when replication_factor > 1
+    zk_session_timeout_ms: int = 6000
     mode: str = "sequential"
     latency: bool = False  # embed a send timestamp in every record, measure end to end
     preload_bytes: int = 0
@@ -79,8 +82,12 @@ def _check(wl: Workload) -> Workload:
         problems.append(f"requires must be one of {REQUIREMENTS}")
     if wl.acks not in ("0", "1", "all"):
         problems.append('acks must be "0", "1" or "all"')
-    if min(wl.partitions, wl.producers, wl.consumers, wl.replication_factor) < 1:
-        problems.append("partitions, producers, consumers and replication_factor must be >= 1")
+    if min(wl.partitions, wl.producers, wl.consumers, wl.replication_factor, wl.brokers) < 1:
+        problems.append("partitions, producers, consumers, replication_factor and brokers must be >= 1")
+    if wl.replication_factor > wl.brokers and wl.requires == "cluster":
+        problems.append("replication_factor must be <= brokers")
+    if not 1 <= wl.min_insync_replicas <= wl.replication_factor:
+        problems.append("min_insync_replicas must be between 1 and replication_factor")
     if wl.duration_s <= 0 or wl.warmup_s < 0 or wl.consume_time_limit_s <= 0:
         problems.append("duration_s and consume_time_limit_s must be > 0, warmup_s >= 0")
     if wl.latency and wl.mode != "concurrent":

@@ -22,6 +22,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+from bench.cluster import LogbrokerCluster, health_serving, zookeeper_missing
 from bench.drivers.base import Driver, Server
 from bench.procs import ServerProcess, free_port
 from bench.workload import Workload
@@ -86,16 +87,6 @@ class LogbrokerConsumer:
         self.c.close()
 
 
-def _health_serving(address: str) -> bool:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        resp = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
-        return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
-
-
 class LogbrokerDriver(Driver):
     name = "logbroker"
     title = "logbroker"
@@ -116,13 +107,18 @@ class LogbrokerDriver(Driver):
         return None
 
     def unsupported(self, wl: Workload) -> str | None:
-        if wl.requires == "cluster" or wl.replication_factor > 1:
-            return "needs the cluster (issue 3): logbroker runs standalone only today"
+        if wl.requires == "cluster" or wl.brokers > 1:
+            return zookeeper_missing()
         if wl.requires == "groups" and importlib.util.find_spec("logbroker.group.coordinator") is None:
             return "needs consumer groups (issue 4): logbroker has no group coordinator yet"
         return None
 
     def start(self, workdir: Path, wl: Workload, stack: ExitStack) -> Server:
+        if wl.brokers > 1:
+            cluster = LogbrokerCluster(workdir, wl.brokers, wl.zk_session_timeout_ms)
+            stack.callback(cluster.stop)
+            cluster.start()
+            return Server(cluster.bootstrap, cluster.processes, {"cluster": cluster})
         port = free_port()
         address = f"127.0.0.1:{port}"
         argv = [
@@ -135,19 +131,24 @@ class LogbrokerDriver(Driver):
         }
         proc = ServerProcess("logbroker", argv, workdir / "logbroker.log", env=env)
         stack.callback(proc.stop)
-        proc.wait_until(lambda: _health_serving(address), 30, "SERVING on the gRPC health service")
+        proc.wait_until(lambda: health_serving(address), 30, "SERVING on the gRPC health service")
         return Server(address, [proc])
 
     def create_topic(self, server: Server, topic: str, wl: Workload) -> None:
         import logbroker
 
+        config = {"min_insync_replicas": str(wl.min_insync_replicas)} if wl.replication_factor > 1 else {}
+        config.update({k: str(v) for k, v in wl.option("logbroker", "topic", {}).items()})
         admin = logbroker.Admin(server.address)
         try:
-            admin.create_topic(topic, partitions=wl.partitions, replication_factor=wl.replication_factor)
+            admin.create_topic(
+                topic, partitions=wl.partitions, replication_factor=wl.replication_factor, config=config
+            )
         finally:
-            close = getattr(admin, "close", None)
-            if close:
-                close()
+            admin.close()
+        cluster: LogbrokerCluster | None = server.extra.get("cluster")
+        if cluster is not None:  # measure a cluster in its steady state: every replica in sync
+            cluster.wait_fully_replicated(topic, wl.partitions, wl.replication_factor)
 
     def producer(self, address: str, topic: str, wl: Workload, index: int) -> LogbrokerProducer:
         return LogbrokerProducer(address, topic, wl, index)

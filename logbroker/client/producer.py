@@ -353,7 +353,8 @@ def rpc_error(e: grpc.RpcError) -> LogbrokerError:
     """A whole-call gRPC failure as the error each batch in it gets."""
     code = e.code() if hasattr(e, "code") else None
     details = e.details() if hasattr(e, "details") else rpc_error_text(e)
-    if code == grpc.StatusCode.UNAVAILABLE:
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+        # CANCELLED: the broker stopped (e.g. a controlled shutdown) with the call in flight
         return BrokerUnavailableError(f"broker unavailable: {details}")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return RequestTimedOutError(f"request timed out: {details}")

@@ -165,6 +165,8 @@ def test_retry_backoff_is_exponential_and_capped():
 def test_rpc_errors_map_to_retriable_or_fatal():
     assert isinstance(rpc_error(FakeRpcError(grpc.StatusCode.UNAVAILABLE)), BrokerUnavailableError)
     assert rpc_error(FakeRpcError(grpc.StatusCode.UNAVAILABLE)).retriable
+    # a broker stopping with the call in flight: retried elsewhere, not a failed record
+    assert isinstance(rpc_error(FakeRpcError(grpc.StatusCode.CANCELLED)), BrokerUnavailableError)
     err = rpc_error(FakeRpcError(grpc.StatusCode.DEADLINE_EXCEEDED))
     assert isinstance(err, RequestTimedOutError) and err.retriable
     assert isinstance(rpc_error(FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED)), RecordListTooLargeError)
