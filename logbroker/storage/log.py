@@ -48,7 +48,7 @@ import shutil
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import NamedTuple
@@ -556,15 +556,9 @@ class Log:
             record_count += info.record_count
         epochs = [(leader_epoch, base_offset)] if leader_epoch > self.latest_epoch else []
         assert self._index is not None
-        try:
+        with self._undo_on_failure(active, start, n, saved):
             active.append(payload, batches, leader_epoch, now if log_append else None)
             self._index.write(offsets, times, epochs)
-        except BaseException as e:
-            indexer.restore(saved)
-            active.zero(start, start + n)
-            if isinstance(e, StorageError) or not isinstance(e, Exception):
-                raise
-            raise StorageError(f"append to {active.path} failed: {e}") from e
         active.size_bytes = start + n
         self._size_bytes += n
         self._log_end_offset = next_offset
@@ -638,15 +632,9 @@ class Log:
         for info, base in zip(infos, bases, strict=True):
             indexer.add(start + info.position, info.size_bytes, base, info.max_timestamp, offsets, times)
         added = epochs[kept:]
-        try:
+        with self._undo_on_failure(active, start, n, saved):
             active.append(payload, [], 0, None)  # no batches to stamp: the bytes go in verbatim
             self._index.write(offsets, times, added)
-        except BaseException as e:
-            indexer.restore(saved)
-            active.zero(start, start + n)
-            if isinstance(e, StorageError) or not isinstance(e, Exception):
-                raise
-            raise StorageError(f"append to {active.path} failed: {e}") from e
         active.size_bytes = start + n
         self._size_bytes += n
         self._log_end_offset = next_offset
@@ -691,6 +679,19 @@ class Log:
             raise ValueError(f"offset {offset} is negative")
         self._reap_flushes()
         self._truncate_fully(offset)
+
+    @contextlib.contextmanager
+    def _undo_on_failure(self, active: Segment, start: int, n: int, saved: tuple[int, int, int, int]) -> Iterator[None]:
+        """An append either lands whole or leaves the log as it was: on failure the copied bytes are
+        zeroed and the indexer rewound, and an OSError surfaces as StorageError."""
+        try:
+            yield
+        except BaseException as e:
+            self._indexer.restore(saved)
+            active.zero(start, start + n)
+            if isinstance(e, StorageError) or not isinstance(e, Exception):
+                raise
+            raise StorageError(f"append to {active.path} failed: {e}") from e
 
     def _room_for(self, n: int, now: int) -> Segment:
         """The active segment, rolled first if `n` more bytes do not fit or it is too old."""

@@ -222,17 +222,7 @@ class Segment:
         cut it there); it is extended to `capacity_bytes` and mapped read/write.
         """
         capacity_bytes = max(capacity_bytes, size_bytes)
-        _check_capacity(capacity_bytes)
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        except OSError as e:
-            raise StorageError(f"cannot open segment {path}: {e}") from e
-        try:
-            os.posix_fallocate(fd, 0, capacity_bytes)
-            mapping = mmap.mmap(fd, capacity_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        except OSError as e:
-            os.close(fd)
-            raise StorageError(f"cannot preallocate {capacity_bytes} bytes for segment {path}: {e}") from e
+        fd, mapping = _map_preallocated(path, capacity_bytes)
         return cls(path, base_offset, size_bytes, capacity_bytes, mapping, fd, True)
 
     @property
@@ -285,17 +275,7 @@ class Segment:
         """Closed -> active (the log truncates into this segment): extend, map read/write."""
         assert not self._writable
         capacity_bytes = max(capacity_bytes, self.size_bytes)
-        _check_capacity(capacity_bytes)
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
-        except OSError as e:
-            raise StorageError(f"cannot open segment {self.path}: {e}") from e
-        try:
-            os.posix_fallocate(fd, 0, capacity_bytes)
-            mapping = mmap.mmap(fd, capacity_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        except OSError as e:
-            os.close(fd)
-            raise StorageError(f"cannot preallocate {capacity_bytes} bytes for segment {self.path}: {e}") from e
+        fd, mapping = _map_preallocated(self.path, capacity_bytes)
         old, self._map = self._map, mapping
         _release(old)
         self._fd = fd
@@ -482,3 +462,20 @@ def _check_capacity(capacity_bytes: int) -> None:
 def _page_ceiling(n: int, limit: int) -> int:
     page = mmap.PAGESIZE
     return min(limit, (n + page - 1) // page * page)
+
+
+def _map_preallocated(path: Path, capacity_bytes: int) -> tuple[int, mmap.mmap]:
+    """Open `path`, reserve `capacity_bytes` on disk (posix_fallocate, so a full disk fails here and
+    never as SIGBUS inside an mmap write) and map it read/write. The caller owns the descriptor."""
+    _check_capacity(capacity_bytes)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        raise StorageError(f"cannot open segment {path}: {e}") from e
+    try:
+        os.posix_fallocate(fd, 0, capacity_bytes)
+        mapping = mmap.mmap(fd, capacity_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    except OSError as e:
+        os.close(fd)
+        raise StorageError(f"cannot preallocate {capacity_bytes} bytes for segment {path}: {e}") from e
+    return fd, mapping
