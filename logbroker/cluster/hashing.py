@@ -68,3 +68,26 @@ def assign_replicas(
             if len(chosen) == replication_factor:
                 break
     return chosen
+
+
+def balance_leaders(assignment: dict[int, list[int]], existing: dict[int, list[int]] | None = None) -> dict[int, list[int]]:
+    """Reorder each replica list so preferred leaders (the first replica) spread evenly over brokers.
+
+    Rendezvous hashing picks *which* brokers hold a partition (minimal movement); this only picks
+    which of them leads, greedily giving each partition to the member with the fewest leaderships
+    so far (counting `existing` partitions of the topic). Replica sets are unchanged.
+    """
+    led: dict[int, int] = {}
+    for replicas in (existing or {}).values():
+        if replicas:
+            led[replicas[0]] = led.get(replicas[0], 0) + 1
+    out: dict[int, list[int]] = {}
+    for p in sorted(assignment):
+        replicas = assignment[p]
+        if not replicas:
+            out[p] = replicas
+            continue
+        leader = min(replicas, key=lambda b: (led.get(b, 0), replicas.index(b)))
+        led[leader] = led.get(leader, 0) + 1
+        out[p] = [leader] + [b for b in replicas if b != leader]
+    return out

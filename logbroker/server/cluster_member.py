@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from logbroker.cluster.controller import Controller
-from logbroker.cluster.hashing import assign_replicas
+from logbroker.cluster.hashing import assign_replicas, balance_leaders
 from logbroker.cluster.metadata import (
     PARTITIONS_MAX,
     BrokerRegistration,
@@ -190,7 +190,9 @@ class ClusterMember:
             log.warning("topic %s: replication factor %d below min_insync_replicas %s", name, rf,
                         full_config["min_insync_replicas"])
         racks = {b.broker_id: b.rack for b in brokers.values() if b.rack}
-        assignment = {p: assign_replicas(name, p, sorted(brokers), rf, racks or None) for p in range(partitions)}
+        assignment = balance_leaders(
+            {p: assign_replicas(name, p, sorted(brokers), rf, racks or None) for p in range(partitions)}
+        )
         if validate_only:
             if await self._zk(self.store.get_topic, name) is not None:
                 raise TopicAlreadyExistsError(f"topic {name!r} already exists")
@@ -234,9 +236,8 @@ class ClusterMember:
         if rf > len(brokers):
             raise InvalidReplicationFactorError(f"replication factor {rf} needs {rf} live brokers; {len(brokers)} are up")
         racks = {b.broker_id: b.rack for b in brokers.values() if b.rack}
-        assignment = dict(spec.assignment)
-        for p in range(current, total):
-            assignment[p] = assign_replicas(name, p, sorted(brokers), rf, racks or None)
+        added = {p: assign_replicas(name, p, sorted(brokers), rf, racks or None) for p in range(current, total)}
+        assignment = {**spec.assignment, **balance_leaders(added, spec.assignment)}
         await self._zk(self.store.set_assignment, name, assignment, version)
         await self._wait_until(lambda: self._led(name, total), f"leaders for the new partitions of {name}")
 

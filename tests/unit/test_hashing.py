@@ -3,7 +3,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from logbroker.cluster.hashing import assign_replicas, jump_hash, partition_for_key
+from logbroker.cluster.hashing import assign_replicas, balance_leaders, jump_hash, partition_for_key
 
 
 def test_partition_in_range_and_stable():
@@ -46,3 +46,16 @@ def test_rendezvous_minimal_movement_and_racks():
     for p in range(100):
         chosen = assign_replicas("t", p, brokers, 3, racks)
         assert len({racks[b] for b in chosen}) == 3
+
+
+def test_balance_leaders_spreads_preferred_leaders_and_keeps_replica_sets():
+    brokers = [0, 1, 2]
+    raw = {p: assign_replicas("bench", p, brokers, 3) for p in range(6)}
+    balanced = balance_leaders(raw)
+    assert {p: set(r) for p, r in balanced.items()} == {p: set(r) for p, r in raw.items()}
+    leaders = [r[0] for r in balanced.values()]
+    assert sorted(leaders.count(b) for b in brokers) == [2, 2, 2]
+    # growing the topic keeps counting the existing leaders
+    more = balance_leaders({p: assign_replicas("bench", p, brokers, 3) for p in range(6, 9)}, balanced)
+    leaders += [r[0] for r in more.values()]
+    assert sorted(leaders.count(b) for b in brokers) == [3, 3, 3]
