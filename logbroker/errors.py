@@ -200,6 +200,25 @@ class IneligibleReplicaError(BrokerError):
     code = pb.INELIGIBLE_REPLICA
 
 
+class GroupMaxSizeReachedError(BrokerError):
+    code = pb.GROUP_MAX_SIZE_REACHED
+
+
+class FencedMemberEpochError(BrokerError):
+    """The member must drop its partitions and rejoin (a zombie, or a lost session)."""
+
+    code = pb.FENCED_MEMBER_EPOCH
+
+
+class StaleMemberEpochError(BrokerError):
+    code = pb.STALE_MEMBER_EPOCH
+    retriable = True
+
+
+class InvalidRegularExpressionError(BrokerError):
+    code = pb.INVALID_REGULAR_EXPRESSION
+
+
 class KafkaTimeoutError(LogbrokerError):
     """A client-side deadline passed (delivery timeout, flush timeout, metadata wait)."""
 

@@ -86,8 +86,12 @@ from logbroker.clock import Clock
 from logbroker.cluster.metadata import validate_topic_name
 from logbroker.errors import (
     BrokerError,
+    FencedMemberEpochError,
+    GroupMaxSizeReachedError,
     InvalidGroupIdError,
+    InvalidRegularExpressionError,
     InvalidRequestError,
+    StaleMemberEpochError,
     UnknownMemberIdError,
 )
 from logbroker.group.assignor import Assignor, MemberSubscription, TopicPartition
@@ -100,25 +104,6 @@ SUBSCRIBED_TOPICS_MAX = 10_000
 MEMBER_ID_MAX_CHARS = 255
 GROUP_ID_MAX_CHARS = 249
 _REGEX_CACHE_MAX = 2 * MEMBERS_MAX
-
-
-# Until the wire has FENCED_MEMBER_EPOCH / STALE_MEMBER_EPOCH / GROUP_MAX_SIZE_REACHED /
-# INVALID_REGULAR_EXPRESSION, these travel with the nearest existing code (the client's reaction to
-# UNKNOWN_MEMBER_ID — drop partitions, rejoin with epoch 0 — is the right one for a fenced member).
-class FencedMemberEpochError(BrokerError):
-    code = UnknownMemberIdError.code
-
-
-class StaleMemberEpochError(BrokerError):
-    code = UnknownMemberIdError.code
-
-
-class GroupMaxSizeReachedError(BrokerError):
-    code = InvalidRequestError.code
-
-
-class InvalidRegularExpressionError(BrokerError):
-    code = InvalidRequestError.code
 
 
 class GroupState(enum.Enum):

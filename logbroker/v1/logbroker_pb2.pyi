@@ -43,6 +43,10 @@ class ErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REASSIGNMENT_IN_PROGRESS: _ClassVar[ErrorCode]
     STALE_BROKER_EPOCH: _ClassVar[ErrorCode]
     INELIGIBLE_REPLICA: _ClassVar[ErrorCode]
+    GROUP_MAX_SIZE_REACHED: _ClassVar[ErrorCode]
+    FENCED_MEMBER_EPOCH: _ClassVar[ErrorCode]
+    STALE_MEMBER_EPOCH: _ClassVar[ErrorCode]
+    INVALID_REGULAR_EXPRESSION: _ClassVar[ErrorCode]
 NONE: ErrorCode
 UNKNOWN_SERVER_ERROR: ErrorCode
 OFFSET_OUT_OF_RANGE: ErrorCode
@@ -77,6 +81,10 @@ NOT_CONTROLLER: ErrorCode
 REASSIGNMENT_IN_PROGRESS: ErrorCode
 STALE_BROKER_EPOCH: ErrorCode
 INELIGIBLE_REPLICA: ErrorCode
+GROUP_MAX_SIZE_REACHED: ErrorCode
+FENCED_MEMBER_EPOCH: ErrorCode
+STALE_MEMBER_EPOCH: ErrorCode
+INVALID_REGULAR_EXPRESSION: ErrorCode
 
 class ProduceRequest(_message.Message):
     __slots__ = ("acks", "timeout_ms", "partitions")
