@@ -10,7 +10,7 @@ import json
 import re
 from dataclasses import dataclass, field
 
-from logbroker.errors import InvalidConfigError, InvalidTopicError
+from logbroker.errors import InvalidConfigError, InvalidGroupIdError, InvalidTopicError
 
 TOPIC_NAME_MAX_CHARS = 249
 _TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]+")
@@ -26,6 +26,16 @@ def validate_topic_name(name: str) -> None:
         raise InvalidTopicError(f"topic name {name!r} is not allowed")
     if not _TOPIC_NAME.fullmatch(name):
         raise InvalidTopicError(f"topic name {name!r} may only contain ASCII letters, digits, '.', '_' and '-'")
+
+
+GROUP_ID_MAX_CHARS = 249
+
+
+def validate_group_id(group_id: str) -> None:
+    """Consumer group ids: 1-249 characters, not "." or "..", no "/" or NUL (they name znodes)."""
+    if not group_id or group_id in (".", "..") or "/" in group_id or "\x00" in group_id \
+            or len(group_id) > GROUP_ID_MAX_CHARS:
+        raise InvalidGroupIdError(f"group id {group_id!r} is not valid (1-{GROUP_ID_MAX_CHARS} characters, no '/')")
 
 
 # Per-topic settings and their defaults (Kafka's names with units last).

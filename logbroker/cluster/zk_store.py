@@ -60,9 +60,8 @@ from kazoo.exceptions import (
 )
 from kazoo.handlers.threading import KazooTimeoutError
 
-from logbroker.cluster.metadata import BrokerRegistration, PartitionStateData, TopicSpec
+from logbroker.cluster.metadata import BrokerRegistration, PartitionStateData, TopicSpec, validate_group_id
 from logbroker.errors import (
-    InvalidGroupIdError,
     InvalidRequestError,
     LogbrokerError,
     ReassignmentInProgressError,
@@ -154,11 +153,6 @@ def _spec_from_json(name: str, raw: bytes) -> TopicSpec:
         adding_replicas=_ints(d.get("adding_replicas")),
         removing_replicas=_ints(d.get("removing_replicas")),
     )
-
-
-def _validate_group(group: str) -> None:
-    if not group or group in (".", "..") or "/" in group or "\x00" in group or len(group) > 249:
-        raise InvalidGroupIdError(f"group id {group!r} is not valid (1-249 characters, no '/')")
 
 
 class ZkStore:
@@ -708,7 +702,7 @@ class ZkStore:
     # ---------------------------------------------------------------- committed offsets (stopgap)
 
     def commit_offsets(self, group: str, offsets: dict[tuple[str, int], tuple[int, str]]) -> None:
-        _validate_group(group)
+        validate_group_id(group)
         for (topic, partition), (offset, metadata) in offsets.items():
             path = f"{CONSUMERS_PATH}/{group}/offsets/{topic}/{partition}"
             body = json.dumps({"offset": offset, "metadata": metadata}).encode()
@@ -721,7 +715,7 @@ class ZkStore:
                     self._wait(self._client.set_async(path, body))
 
     def fetch_offsets(self, group: str) -> dict[tuple[str, int], tuple[int, str]]:
-        _validate_group(group)
+        validate_group_id(group)
         base = f"{CONSUMERS_PATH}/{group}/offsets"
         tps = [(t, int(p)) for t in self._children(base) for p in self._children(f"{base}/{t}") if p.isdigit()]
         got = self._gather([self._client.get_async(f"{base}/{t}/{p}") for t, p in tps])

@@ -83,12 +83,11 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 
 from logbroker.clock import Clock
-from logbroker.cluster.metadata import validate_topic_name
+from logbroker.cluster.metadata import validate_group_id, validate_topic_name
 from logbroker.errors import (
     BrokerError,
     FencedMemberEpochError,
     GroupMaxSizeReachedError,
-    InvalidGroupIdError,
     InvalidRegularExpressionError,
     InvalidRequestError,
     StaleMemberEpochError,
@@ -102,7 +101,6 @@ MEMBERS_MAX = 1000
 REGEX_MAX_CHARS = 1000
 SUBSCRIBED_TOPICS_MAX = 10_000
 MEMBER_ID_MAX_CHARS = 255
-GROUP_ID_MAX_CHARS = 249
 _REGEX_CACHE_MAX = 2 * MEMBERS_MAX
 
 
@@ -162,12 +160,6 @@ class _Member:
     assigned: set[TopicPartition] = field(default_factory=set)
     revoking: set[TopicPartition] = field(default_factory=set)
     revoke_deadline_ms: int | None = None
-
-
-def validate_group_id(group_id: str) -> None:
-    if not group_id or group_id in (".", "..") or "/" in group_id or "\x00" in group_id \
-            or len(group_id) > GROUP_ID_MAX_CHARS:
-        raise InvalidGroupIdError(f"group id {group_id!r} is not valid (1-{GROUP_ID_MAX_CHARS} characters, no '/')")
 
 
 class Group:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from logbroker.cluster.metadata import validate_topic_name
+from logbroker.cluster.metadata import validate_group_id, validate_topic_name
 from logbroker.errors import (
     BrokerError,
     InvalidFetchSizeError,
@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 
 PARTITIONS_PER_REQUEST_MAX = 10_000
 ProducePartitionKey = tuple[str, int]
-GROUP_NAME_MAX_CHARS = 255
 
 
 def _as_error(exc: Exception, what: str) -> BrokerError:
@@ -314,10 +313,10 @@ def _encode_fetch_response(results: list[tuple[pb.FetchPartitionResult, memoryvi
 
 
 def _group_error(group: str) -> BrokerError | None:
-    if not group:
-        return InvalidGroupIdError("group id is empty")
-    if len(group) > GROUP_NAME_MAX_CHARS or "\x00" in group:
-        return InvalidGroupIdError(f"group id must be 1-{GROUP_NAME_MAX_CHARS} characters without NUL")
+    try:
+        validate_group_id(group)
+    except InvalidGroupIdError as err:
+        return err
     return None
 
 

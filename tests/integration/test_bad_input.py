@@ -184,3 +184,13 @@ def test_bad_admin_requests(env):
     bad_acks = stub.Produce(pb.ProduceRequest(acks=5, partitions=[pb.ProducePartition(
         topic="t", partition=0, records=rb.encode_batch([(1, None, b"v", None)]))])).results[0]
     assert bad_acks.error_code == pb.INVALID_REQUIRED_ACKS
+
+
+@pytest.mark.parametrize("group", ["", "a/b", "..", "g" * 300])
+def test_invalid_group_ids_commit_nothing(env, group):
+    broker, stub, admin = env
+    resp = stub.OffsetCommit(pb.OffsetCommitRequest(group=group, partitions=[
+        pb.OffsetCommitPartition(topic="t", partition=0, offset=1)]))
+    assert resp.results[0].error_code == pb.INVALID_GROUP_ID
+    fetched = stub.OffsetFetch(pb.OffsetFetchRequest(group=group))
+    assert fetched.error_code == pb.INVALID_GROUP_ID and not fetched.results

@@ -23,3 +23,12 @@ def test_topic_config():
     for bad in ({"nope": "1"}, {"retention_ms": "x"}, {"segment_bytes": "1"}, {"cleanup_policy": "zap"}):
         with pytest.raises(InvalidConfigError):
             normalize_topic_config(bad)
+
+
+@pytest.mark.parametrize("group", ["", ".", "..", "a/b", "nul\x00", "g" * 250])
+def test_bad_group_ids(group):
+    from logbroker.cluster.metadata import validate_group_id
+    from logbroker.errors import InvalidGroupIdError
+
+    with pytest.raises(InvalidGroupIdError):
+        validate_group_id(group)
