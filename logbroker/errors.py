@@ -219,6 +219,37 @@ class InvalidRegularExpressionError(BrokerError):
     code = pb.INVALID_REGULAR_EXPRESSION
 
 
+class CoordinatorLoadInProgressError(BrokerError):
+    """The coordinator is rebuilding its groups from __consumer_offsets: retry shortly."""
+
+    code = pb.COORDINATOR_LOAD_IN_PROGRESS
+    retriable = True
+
+
+class CoordinatorNotAvailableError(BrokerError):
+    """The group's __consumer_offsets partition has no leader (yet): find the coordinator again."""
+
+    code = pb.COORDINATOR_NOT_AVAILABLE
+    retriable = True
+    refresh_metadata = True
+
+
+class NotCoordinatorError(BrokerError):
+    """This broker does not coordinate the group (any more): find the coordinator again."""
+
+    code = pb.NOT_COORDINATOR
+    retriable = True
+    refresh_metadata = True
+
+
+class NonEmptyGroupError(BrokerError):
+    code = pb.NON_EMPTY_GROUP
+
+
+class GroupIdNotFoundError(BrokerError):
+    code = pb.GROUP_ID_NOT_FOUND
+
+
 class KafkaTimeoutError(LogbrokerError):
     """A client-side deadline passed (delivery timeout, flush timeout, metadata wait)."""
 

@@ -308,6 +308,16 @@ class BrokerStub:
                 request_serializer=logbroker_dot_v1_dot_logbroker__pb2.OffsetFetchRequest.SerializeToString,
                 response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.OffsetFetchResponse.FromString,
                 _registered_method=True)
+        self.FindCoordinator = channel.unary_unary(
+                '/logbroker.v1.Broker/FindCoordinator',
+                request_serializer=logbroker_dot_v1_dot_logbroker__pb2.FindCoordinatorRequest.SerializeToString,
+                response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.FindCoordinatorResponse.FromString,
+                _registered_method=True)
+        self.ConsumerGroupHeartbeat = channel.unary_unary(
+                '/logbroker.v1.Broker/ConsumerGroupHeartbeat',
+                request_serializer=logbroker_dot_v1_dot_logbroker__pb2.ConsumerGroupHeartbeatRequest.SerializeToString,
+                response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.ConsumerGroupHeartbeatResponse.FromString,
+                _registered_method=True)
 
 
 class BrokerServicer:
@@ -349,6 +359,18 @@ class BrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FindCoordinator(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ConsumerGroupHeartbeat(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BrokerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -381,6 +403,16 @@ def add_BrokerServicer_to_server(servicer, server):
                     servicer.OffsetFetch,
                     request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.OffsetFetchRequest.FromString,
                     response_serializer=logbroker_dot_v1_dot_logbroker__pb2.OffsetFetchResponse.SerializeToString,
+            ),
+            'FindCoordinator': grpc.unary_unary_rpc_method_handler(
+                    servicer.FindCoordinator,
+                    request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.FindCoordinatorRequest.FromString,
+                    response_serializer=logbroker_dot_v1_dot_logbroker__pb2.FindCoordinatorResponse.SerializeToString,
+            ),
+            'ConsumerGroupHeartbeat': grpc.unary_unary_rpc_method_handler(
+                    servicer.ConsumerGroupHeartbeat,
+                    request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.ConsumerGroupHeartbeatRequest.FromString,
+                    response_serializer=logbroker_dot_v1_dot_logbroker__pb2.ConsumerGroupHeartbeatResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -555,6 +587,60 @@ class Broker:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def FindCoordinator(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logbroker.v1.Broker/FindCoordinator',
+            logbroker_dot_v1_dot_logbroker__pb2.FindCoordinatorRequest.SerializeToString,
+            logbroker_dot_v1_dot_logbroker__pb2.FindCoordinatorResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ConsumerGroupHeartbeat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logbroker.v1.Broker/ConsumerGroupHeartbeat',
+            logbroker_dot_v1_dot_logbroker__pb2.ConsumerGroupHeartbeatRequest.SerializeToString,
+            logbroker_dot_v1_dot_logbroker__pb2.ConsumerGroupHeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class AdminStub:
     """Missing associated documentation comment in .proto file."""
@@ -594,6 +680,21 @@ class AdminStub:
                 '/logbroker.v1.Admin/ReassignPartition',
                 request_serializer=logbroker_dot_v1_dot_logbroker__pb2.ReassignPartitionRequest.SerializeToString,
                 response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.ReassignPartitionResponse.FromString,
+                _registered_method=True)
+        self.ListGroups = channel.unary_unary(
+                '/logbroker.v1.Admin/ListGroups',
+                request_serializer=logbroker_dot_v1_dot_logbroker__pb2.ListGroupsRequest.SerializeToString,
+                response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.ListGroupsResponse.FromString,
+                _registered_method=True)
+        self.DescribeGroup = channel.unary_unary(
+                '/logbroker.v1.Admin/DescribeGroup',
+                request_serializer=logbroker_dot_v1_dot_logbroker__pb2.DescribeGroupRequest.SerializeToString,
+                response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.DescribeGroupResponse.FromString,
+                _registered_method=True)
+        self.DeleteGroup = channel.unary_unary(
+                '/logbroker.v1.Admin/DeleteGroup',
+                request_serializer=logbroker_dot_v1_dot_logbroker__pb2.DeleteGroupRequest.SerializeToString,
+                response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.DeleteGroupResponse.FromString,
                 _registered_method=True)
 
 
@@ -636,6 +737,24 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListGroups(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DescribeGroup(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteGroup(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -668,6 +787,21 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ReassignPartition,
                     request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.ReassignPartitionRequest.FromString,
                     response_serializer=logbroker_dot_v1_dot_logbroker__pb2.ReassignPartitionResponse.SerializeToString,
+            ),
+            'ListGroups': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListGroups,
+                    request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.ListGroupsRequest.FromString,
+                    response_serializer=logbroker_dot_v1_dot_logbroker__pb2.ListGroupsResponse.SerializeToString,
+            ),
+            'DescribeGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.DescribeGroup,
+                    request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.DescribeGroupRequest.FromString,
+                    response_serializer=logbroker_dot_v1_dot_logbroker__pb2.DescribeGroupResponse.SerializeToString,
+            ),
+            'DeleteGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteGroup,
+                    request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.DeleteGroupRequest.FromString,
+                    response_serializer=logbroker_dot_v1_dot_logbroker__pb2.DeleteGroupResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -832,6 +966,87 @@ class Admin:
             '/logbroker.v1.Admin/ReassignPartition',
             logbroker_dot_v1_dot_logbroker__pb2.ReassignPartitionRequest.SerializeToString,
             logbroker_dot_v1_dot_logbroker__pb2.ReassignPartitionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListGroups(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logbroker.v1.Admin/ListGroups',
+            logbroker_dot_v1_dot_logbroker__pb2.ListGroupsRequest.SerializeToString,
+            logbroker_dot_v1_dot_logbroker__pb2.ListGroupsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DescribeGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logbroker.v1.Admin/DescribeGroup',
+            logbroker_dot_v1_dot_logbroker__pb2.DescribeGroupRequest.SerializeToString,
+            logbroker_dot_v1_dot_logbroker__pb2.DescribeGroupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logbroker.v1.Admin/DeleteGroup',
+            logbroker_dot_v1_dot_logbroker__pb2.DeleteGroupRequest.SerializeToString,
+            logbroker_dot_v1_dot_logbroker__pb2.DeleteGroupResponse.FromString,
             options,
             channel_credentials,
             insecure,
