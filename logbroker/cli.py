@@ -29,6 +29,7 @@ from logbroker.config import (
     parse_host_port,
 )
 from logbroker.errors import LogbrokerError
+from logbroker.group.coordinator import CoordinatorConfig
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -74,6 +75,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_request_bytes=args.max_request_bytes,
         retention_check_interval_ms=args.retention_check_interval_ms,
         default_topic_config=_parse_config_pairs(args.default_topic_config),
+        coordinator=CoordinatorConfig(
+            offsets_topic_partitions=args.offsets_topic_partitions,
+            offsets_topic_replication_factor=args.offsets_topic_replication_factor,
+            session_timeout_ms=args.group_session_timeout_ms,
+            heartbeat_interval_ms=args.group_heartbeat_interval_ms,
+            offsets_retention_ms=args.offsets_retention_ms,
+        ),
     )
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
@@ -336,6 +344,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how often retention deletes old segments (default: 60000)")
     serve.add_argument("--default-topic-config", action="append", default=[], metavar="KEY=VALUE",
                        help="topic config applied to new topics unless they set it (repeatable)")
+    serve.add_argument("--offsets-topic-partitions", type=int, default=16,
+                       help="partitions of __consumer_offsets, fixed when it is created (default: 16)")
+    serve.add_argument("--offsets-topic-replication-factor", type=int, default=3,
+                       help="replicas of __consumer_offsets, capped at the live brokers (default: 3)")
+    serve.add_argument("--group-session-timeout-ms", type=int, default=45_000,
+                       help="a group member silent this long is evicted, unless it asked for its own (default: 45000)")
+    serve.add_argument("--group-heartbeat-interval-ms", type=int, default=500,
+                       help="how often stable group members heartbeat (default: 500)")
+    serve.add_argument("--offsets-retention-ms", type=int, default=7 * 24 * 3600 * 1000,
+                       help="committed offsets of a group without members are deleted after this (default: 7 days)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(func=cmd_serve)
 

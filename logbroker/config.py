@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from logbroker.group.coordinator import CoordinatorConfig
+
 DEFAULT_PORT = 9092
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_BOOTSTRAP = f"{DEFAULT_HOST}:{DEFAULT_PORT}"
@@ -62,6 +64,8 @@ class BrokerConfig:
     replica_lag_time_max_ms: int = 10_000
     controlled_shutdown_timeout_ms: int = 30_000
     default_replication_factor: int = 1
+    # consumer groups: __consumer_offsets, sessions, heartbeats, offset retention
+    coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
 
     @property
     def zk_hosts_and_chroot(self) -> tuple[str, str]:

@@ -5,11 +5,10 @@ source of truth for which topics exist):
 
     db "topics":   topic name (utf-8)            -> JSON {"assignment": {p: [replicas]}, "config": {...},
                                                          "topic_id": hex}
-    db "offsets":  group \\0 topic \\0 partition  -> JSON {"offset": int, "metadata": str}
     db "meta":     b"cluster_id"                  -> utf-8 cluster id
 
-Committed consumer offsets live here only until consumer groups get their replicated
-`__consumer_offsets` log; the interface stays the same.
+Committed consumer offsets are not here: the group coordinator keeps them in `__consumer_offsets`,
+in standalone mode as in a cluster.
 """
 
 from __future__ import annotations
@@ -44,10 +43,6 @@ class MetadataStore(Protocol):
 
     def set_assignment(self, name: str, assignment: dict[int, list[int]]) -> None: ...
 
-    def commit_offsets(self, group: str, offsets: dict[tuple[str, int], tuple[int, str]]) -> None: ...
-
-    def fetch_offsets(self, group: str) -> dict[tuple[str, int], tuple[int, str]]: ...
-
     def close(self) -> None: ...
 
 
@@ -71,10 +66,6 @@ def _spec_from_json(name: str, raw: bytes) -> TopicSpec:
     )
 
 
-def _offset_key(group: str, topic: str, partition: int) -> bytes:
-    return f"{group}\x00{topic}\x00{partition}".encode()
-
-
 class LocalMetadataStore:
     """MetadataStore for one standalone broker. Single-threaded use (the broker's event loop)."""
 
@@ -83,7 +74,6 @@ class LocalMetadataStore:
         path.mkdir(parents=True, exist_ok=True)
         self._env = lmdb.open(str(path), map_size=_MAP_BYTES, max_dbs=4, subdir=True)
         self._topics = self._env.open_db(b"topics")
-        self._offsets = self._env.open_db(b"offsets")
         self._meta = self._env.open_db(b"meta")
         with self._env.begin(write=True) as txn:
             raw = txn.get(b"cluster_id", db=self._meta)
@@ -114,14 +104,6 @@ class LocalMetadataStore:
         with self._env.begin(write=True) as txn:
             if not txn.delete(name.encode(), db=self._topics):
                 raise UnknownTopicOrPartitionError(f"topic {name!r} does not exist")
-            # drop committed offsets of the topic, whichever group made them
-            doomed = []
-            for key in txn.cursor(db=self._offsets).iternext(values=False):
-                _, topic, _ = bytes(key).split(b"\x00")
-                if topic == name.encode():
-                    doomed.append(bytes(key))
-            for key in doomed:
-                txn.delete(key, db=self._offsets)
 
     def set_assignment(self, name: str, assignment: dict[int, list[int]]) -> None:
         with self._env.begin(write=True, db=self._topics) as txn:
@@ -131,28 +113,6 @@ class LocalMetadataStore:
             spec = _spec_from_json(name, raw)
             spec.assignment = assignment
             txn.put(name.encode(), _spec_to_json(spec))
-
-    def commit_offsets(self, group: str, offsets: dict[tuple[str, int], tuple[int, str]]) -> None:
-        with self._env.begin(write=True, db=self._offsets) as txn:
-            for (topic, partition), (offset, metadata) in offsets.items():
-                txn.put(
-                    _offset_key(group, topic, partition),
-                    json.dumps({"offset": offset, "metadata": metadata}).encode(),
-                )
-
-    def fetch_offsets(self, group: str) -> dict[tuple[str, int], tuple[int, str]]:
-        prefix = group.encode() + b"\x00"
-        out: dict[tuple[str, int], tuple[int, str]] = {}
-        with self._env.begin(db=self._offsets) as txn:
-            cur = txn.cursor()
-            if cur.set_range(prefix):
-                for key, value in cur:
-                    if not key.startswith(prefix):
-                        break
-                    _, topic, partition = bytes(key).split(b"\x00")
-                    d = json.loads(value)
-                    out[(topic.decode(), int(partition))] = (int(d["offset"]), str(d.get("metadata", "")))
-        return out
 
     def close(self) -> None:
         self._env.close()

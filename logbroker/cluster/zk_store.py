@@ -15,7 +15,6 @@ Layout under the chroot (default /logbroker):
     /admin/delete_topics/<topic>               deletion marker, handled by the controller
     /admin/reassign_partitions/<topic>-<p>     {"replicas": [...]} target, handled by the controller
     /isr_change_notification/isr_change_<seq>  JSON list of [topic, p]: leader -> controller
-    /consumers/<group>/offsets/<topic>/<p>     committed offset {"offset", "metadata"}
 
 Fencing. Every controller write is a multi-op whose first op is `check(/controller_epoch, version)`:
 the version the controller got when it won the election. A newer controller has bumped that version, so
@@ -60,7 +59,7 @@ from kazoo.exceptions import (
 )
 from kazoo.handlers.threading import KazooTimeoutError
 
-from logbroker.cluster.metadata import BrokerRegistration, PartitionStateData, TopicSpec, validate_group_id
+from logbroker.cluster.metadata import BrokerRegistration, PartitionStateData, TopicSpec
 from logbroker.errors import (
     InvalidRequestError,
     LogbrokerError,
@@ -84,9 +83,8 @@ DELETE_TOPICS_PATH = "/admin/delete_topics"
 REASSIGN_PATH = "/admin/reassign_partitions"
 ISR_CHANGE_PATH = "/isr_change_notification"
 ISR_CHANGE_PREFIX = "isr_change_"
-CONSUMERS_PATH = "/consumers"
 
-BASE_PATHS = (BROKER_IDS_PATH, TOPICS_PATH, DELETE_TOPICS_PATH, REASSIGN_PATH, ISR_CHANGE_PATH, CONSUMERS_PATH)
+BASE_PATHS = (BROKER_IDS_PATH, TOPICS_PATH, DELETE_TOPICS_PATH, REASSIGN_PATH, ISR_CHANGE_PATH)
 
 _TXN_OPS_MAX = 500
 _CONFLICT_RETRIES_MAX = 5
@@ -587,7 +585,7 @@ class ZkStore:
 
     def delete_topic_completely(self, epoch_version: int, name: str) -> None:
         """Delete /topics/<name> recursively and then its deletion marker, every multi-op guarded by
-        the controller epoch. Committed offsets of the topic go too (best effort, unguarded)."""
+        the controller epoch."""
         for _ in range(_CONFLICT_RETRIES_MAX):
             paths: list[str] = []
             for p in self._children(partitions_path(name)):
@@ -618,11 +616,6 @@ class ZkStore:
                 break
         else:
             raise InvalidRequestError(f"topic {name!r} kept changing while being deleted")
-        for group in self._children(CONSUMERS_PATH):
-            base = f"{CONSUMERS_PATH}/{group}/offsets/{name}"
-            doomed = [f"{base}/{p}" for p in self._children(base)]
-            self._gather([self._client.delete_async(path) for path in doomed])
-            self._gather([self._client.delete_async(base)])
         log.info("deleted topic %s from ZooKeeper", name)
 
     # ---------------------------------------------------------------- reassignment
@@ -698,34 +691,6 @@ class ZkStore:
             if isinstance(res[1], NoNodeError):
                 return False
         raise InvalidRequestError(f"topic {topic!r} keeps changing concurrently")
-
-    # ---------------------------------------------------------------- committed offsets (stopgap)
-
-    def commit_offsets(self, group: str, offsets: dict[tuple[str, int], tuple[int, str]]) -> None:
-        validate_group_id(group)
-        for (topic, partition), (offset, metadata) in offsets.items():
-            path = f"{CONSUMERS_PATH}/{group}/offsets/{topic}/{partition}"
-            body = json.dumps({"offset": offset, "metadata": metadata}).encode()
-            try:
-                self._wait(self._client.set_async(path, body))
-            except NoNodeError:
-                try:
-                    self._wait(self._client.create_async(path, body, makepath=True))
-                except NodeExistsError:
-                    self._wait(self._client.set_async(path, body))
-
-    def fetch_offsets(self, group: str) -> dict[tuple[str, int], tuple[int, str]]:
-        validate_group_id(group)
-        base = f"{CONSUMERS_PATH}/{group}/offsets"
-        tps = [(t, int(p)) for t in self._children(base) for p in self._children(f"{base}/{t}") if p.isdigit()]
-        got = self._gather([self._client.get_async(f"{base}/{t}/{p}") for t, p in tps])
-        out: dict[tuple[str, int], tuple[int, str]] = {}
-        for tp, r in zip(tps, got, strict=True):
-            if isinstance(r, Exception):
-                continue
-            d = json.loads(r[0])
-            out[tp] = (int(d["offset"]), str(d.get("metadata", "")))
-        return out
 
 
 if TYPE_CHECKING:  # ZkStore is a MetadataStore (checked by mypy, no runtime import)

@@ -172,6 +172,9 @@ class ReplicaManager:
         self._isr_retry_at_ms: dict[Key, int] = {}
         self._isr_task: asyncio.Task[None] | None = None
         self._stopping = False
+        # called (no arguments, possibly off the loop) after partition roles may have changed:
+        # the group coordinator follows its __consumer_offsets leaderships this way
+        self.role_listeners: list[Callable[[], None]] = []
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -218,6 +221,13 @@ class ReplicaManager:
             )
         return p
 
+    def _roles_changed(self) -> None:
+        for listener in list(self.role_listeners):
+            try:
+                listener()
+            except Exception:
+                log.exception("role listener failed")
+
     def notify(self, key: Key) -> None:
         """Wake what waits on `key`: parked fetches and acks=all produces re-check."""
         self.fetch_purgatory.notify(key)
@@ -235,6 +245,7 @@ class ReplicaManager:
         part.become_leader(state, [self.broker_id], self.clock.monotonic_ms())
         if isinstance(self.isr_store, InMemoryIsrStore):
             self.isr_store.set_state(topic, partition, state)
+        self._roles_changed()
         return part
 
     def remove_partition(self, topic: str, partition: int, delete: bool) -> bool:
@@ -249,6 +260,7 @@ class ReplicaManager:
             self.partitions.pop(key, None)
             self.log_manager.delete_log(topic, partition)
         self.notify(key)
+        self._roles_changed()
         return part is not None
 
     def remove_deleted_topics(self, topics: Iterable[str]) -> int:
@@ -278,6 +290,7 @@ class ReplicaManager:
         for key, part in self.partitions.items():
             part.stop(forget_state=True)
             self.notify(key)
+        self._roles_changed()
 
     # -- produce --------------------------------------------------------------------------------
 
@@ -456,6 +469,7 @@ class ReplicaManager:
                 self.notify(key)
         for part, changed in followers:
             self._ensure_fetching(part, restart=changed)
+        self._roles_changed()
         return resp
 
     def _ensure_fetching(self, part: Partition, restart: bool) -> None:

@@ -139,6 +139,22 @@ class AdminService:
             return pb.ReassignPartitionResponse(error_code=exc.code, error_message=exc.message)  # type: ignore[arg-type]
 
 
+    # -- groups (each answered by this broker's coordinator for the groups it coordinates) ----------
+
+    async def list_groups(self, req: pb.ListGroupsRequest, context: grpc.aio.ServicerContext) -> pb.ListGroupsResponse:
+        _check(self.broker, 0)
+        return self.broker.coordinator.list_groups()
+
+    async def describe_group(self, req: pb.DescribeGroupRequest,
+                             context: grpc.aio.ServicerContext) -> pb.DescribeGroupResponse:
+        _check(self.broker, 0)
+        return self.broker.coordinator.describe(req.group)
+
+    async def delete_group(self, req: pb.DeleteGroupRequest, context: grpc.aio.ServicerContext) -> pb.DeleteGroupResponse:
+        _check(self.broker, 0)
+        return await self.broker.coordinator.delete(req.group)
+
+
 def handler(broker: Broker) -> grpc.GenericRpcHandler:
     svc = AdminService(broker)
     return rpc.service(
@@ -150,5 +166,8 @@ def handler(broker: Broker) -> grpc.GenericRpcHandler:
             "DescribeTopics": rpc.method(pb.DescribeTopicsRequest, svc.describe_topics),
             "DescribeCluster": rpc.method(pb.DescribeClusterRequest, svc.describe_cluster),
             "ReassignPartition": rpc.method(pb.ReassignPartitionRequest, svc.reassign_partition),
+            "ListGroups": rpc.method(pb.ListGroupsRequest, svc.list_groups),
+            "DescribeGroup": rpc.method(pb.DescribeGroupRequest, svc.describe_group),
+            "DeleteGroup": rpc.method(pb.DeleteGroupRequest, svc.delete_group),
         },
     )

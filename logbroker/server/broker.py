@@ -33,10 +33,13 @@ from logbroker.config import BrokerConfig
 from logbroker.errors import (
     InvalidPartitionsError,
     InvalidReplicationFactorError,
+    InvalidTopicError,
     NotLeaderOrFollowerError,
     TopicAlreadyExistsError,
     UnknownTopicOrPartitionError,
 )
+from logbroker.group.coordinator import GroupCoordinator
+from logbroker.group.offsets import OFFSETS_TOPIC
 from logbroker.replication.partition import Partition
 from logbroker.replication.replica_manager import CallableIsrStore, InMemoryIsrStore, IsrStore, ReplicaManager
 from logbroker.server import admin_service, broker_service, replica_service
@@ -70,6 +73,7 @@ class Broker:
             replica_lag_time_max_ms=config.replica_lag_time_max_ms,
             produce_timeout_ms_max=config.produce_timeout_ms_cap,
         )
+        self.coordinator = GroupCoordinator(self, config.coordinator, clock)
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self._tasks: list[asyncio.Task[None]] = []
@@ -104,6 +108,7 @@ class Broker:
         started = time.monotonic()
         await asyncio.get_running_loop().run_in_executor(None, self._recover)
         self.replica_manager.start()
+        self.coordinator.start()  # before registering: it must see our first __consumer_offsets roles
         self.ready = True
         if self.cluster is not None:
             await self.cluster.start()  # registered: the controller now sends our partition roles
@@ -160,6 +165,7 @@ class Broker:
         try:
             for task in self._tasks:
                 task.cancel()
+            await self.coordinator.stop()
             if self.cluster is not None:
                 await self.cluster.controlled_shutdown()  # leadership moves away while we still serve
                 await self.cluster.stop_controller()
@@ -271,19 +277,11 @@ class Broker:
         me = pb.BrokerInfo(broker_id=self.config.broker_id, host=host, port=port or self.bound_port, rack=self.config.rack)
         return [me], self.config.broker_id, 0
 
-    async def commit_offsets(self, group: str, offsets: dict[tuple[str, int], tuple[int, str]]) -> None:
-        if self.cluster is not None:
-            await self.cluster.commit_offsets(group, offsets)
-        else:
-            self.store.commit_offsets(group, offsets)
-
-    async def fetch_offsets(self, group: str) -> dict[tuple[str, int], tuple[int, str]]:
-        if self.cluster is not None:
-            return await self.cluster.fetch_offsets(group)
-        return self.store.fetch_offsets(group)
-
     async def create_topic(self, name: str, partitions: int, replication_factor: int, config: dict[str, str],
-                           validate_only: bool = False) -> None:
+                           validate_only: bool = False, *, internal: bool = False) -> None:
+        """Create a topic; `internal` (the group coordinator's __consumer_offsets) only from inside."""
+        if name == OFFSETS_TOPIC and not internal:
+            raise InvalidTopicError(f"{OFFSETS_TOPIC} is internal: the group coordinator creates it")
         if self.cluster is not None:
             await self.cluster.create_topic(name, partitions, replication_factor, config, validate_only)
             return
@@ -315,6 +313,8 @@ class Broker:
         log.info("created topic %s with %d partitions", name, partitions)
 
     async def delete_topic(self, name: str) -> None:
+        if name == OFFSETS_TOPIC:
+            raise InvalidTopicError(f"{OFFSETS_TOPIC} is internal: it holds every group's committed offsets")
         if self.cluster is not None:
             await self.cluster.delete_topic(name)
             return
@@ -326,9 +326,12 @@ class Broker:
         del self.topics[name]
         for p in spec.assignment:
             self.replica_manager.remove_partition(name, p, delete=True)
+        self.coordinator.forget_topics([name])
         log.info("deleted topic %s", name)
 
     async def create_partitions(self, name: str, total: int) -> None:
+        if name == OFFSETS_TOPIC:
+            raise InvalidTopicError(f"{OFFSETS_TOPIC} is internal: more partitions would move every group's offsets")
         if self.cluster is not None:
             await self.cluster.create_partitions(name, total)
             return

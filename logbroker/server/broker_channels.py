@@ -23,12 +23,19 @@ class BrokerChannels:
     def __init__(self) -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}
 
-    def stub(self, address: str) -> pbg.ReplicaStub:
+    def _channel(self, address: str) -> grpc.aio.Channel:
         ch = self._channels.get(address)
         if ch is None:
             ch = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
             self._channels[address] = ch
-        return pbg.ReplicaStub(ch)
+        return ch
+
+    def stub(self, address: str) -> pbg.ReplicaStub:
+        return pbg.ReplicaStub(self._channel(address))
+
+    def broker_stub(self, address: str) -> pbg.BrokerStub:
+        """The Broker service of another broker (the group coordinator asks leaders for high watermarks)."""
+        return pbg.BrokerStub(self._channel(address))
 
     async def leader_and_isr(self, broker: BrokerRegistration, req: pb.LeaderAndIsrRequest) -> pb.LeaderAndIsrResponse:
         resp: pb.LeaderAndIsrResponse = await self.stub(broker.address).LeaderAndIsr(req, timeout=CONTROLLER_CALL_TIMEOUT_S)

@@ -18,16 +18,17 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from logbroker.cluster.metadata import validate_group_id, validate_topic_name
+from logbroker.cluster.metadata import validate_topic_name
 from logbroker.errors import (
     BrokerError,
     InvalidFetchSizeError,
-    InvalidGroupIdError,
     InvalidRequestError,
     InvalidRequiredAcksError,
+    InvalidTopicError,
     OffsetOutOfRangeError,
     UnknownServerError,
 )
+from logbroker.group.offsets import OFFSETS_TOPIC
 from logbroker.replication.replica_manager import LeaderAppend
 from logbroker.server import rpc
 from logbroker.v1 import logbroker_pb2 as pb
@@ -78,6 +79,8 @@ class BrokerService:
             try:
                 if not acks_ok:
                     raise InvalidRequiredAcksError(f"acks must be -1 (all), 0 or 1, got {req.acks}")
+                if pp.topic == OFFSETS_TOPIC:
+                    raise InvalidTopicError(f"{OFFSETS_TOPIC} is internal: only the group coordinator writes it")
                 broker.partition(pp.topic, pp.partition)  # unknown topic or partition, with a clear message
                 appended = rm.append_records(pp.topic, pp.partition, pp.records, req.acks)
                 result = appended.result
@@ -231,47 +234,32 @@ class BrokerService:
         return resp
 
     async def offset_commit(self, req: pb.OffsetCommitRequest, context: grpc.aio.ServicerContext) -> pb.OffsetCommitResponse:
-        broker = self.broker
-        _check_ready(broker)
+        _check_ready(self.broker)
         _check_count(len(req.partitions), "partitions")
-        resp = pb.OffsetCommitResponse()
-        group_error = _group_error(req.group)
-        accepted: dict[tuple[str, int], tuple[int, str]] = {}
-        for cp in req.partitions:
-            r = resp.results.add(topic=cp.topic, partition=cp.partition)
-            try:
-                if group_error is not None:
-                    raise group_error
-                broker.check_partition(cp.topic, cp.partition)
-                if cp.offset < 0:
-                    raise OffsetOutOfRangeError(f"cannot commit negative offset {cp.offset}")
-                if len(cp.metadata) > 4096:
-                    raise InvalidRequestError("offset metadata is limited to 4096 characters")
-                accepted[(cp.topic, cp.partition)] = (cp.offset, cp.metadata)
-            except Exception as exc:
-                err = _as_error(exc, "offset_commit")
-                r.error_code = err.code
-                r.error_message = err.message
-        if accepted:
-            await broker.commit_offsets(req.group, accepted)
-        return resp
+        return await self.broker.coordinator.commit(req)
 
     async def offset_fetch(self, req: pb.OffsetFetchRequest, context: grpc.aio.ServicerContext) -> pb.OffsetFetchResponse:
-        broker = self.broker
-        _check_ready(broker)
+        _check_ready(self.broker)
         _check_count(len(req.partitions), "partitions")
-        resp = pb.OffsetFetchResponse()
-        group_error = _group_error(req.group)
-        if group_error is not None:
-            resp.error_code = group_error.code  # type: ignore[assignment]
-            resp.error_message = group_error.message
-            return resp
-        committed = await broker.fetch_offsets(req.group)
-        wanted = [(tp.topic, tp.partition) for tp in req.partitions] or sorted(committed)
-        for topic, partition in wanted:
-            offset, metadata = committed.get((topic, partition), (-1, ""))
-            resp.results.add(topic=topic, partition=partition, offset=offset, metadata=metadata)
+        return self.broker.coordinator.fetch(req)
+
+    async def find_coordinator(self, req: pb.FindCoordinatorRequest,
+                               context: grpc.aio.ServicerContext) -> pb.FindCoordinatorResponse:
+        _check_ready(self.broker)
+        resp = pb.FindCoordinatorResponse(broker_id=-1)
+        try:
+            b = await self.broker.coordinator.find_coordinator(req.group)
+            resp.broker_id, resp.host, resp.port = b.broker_id, b.host, b.port
+        except Exception as exc:
+            err = _as_error(exc, "find_coordinator")
+            resp.error_code = err.code  # type: ignore[assignment]
+            resp.error_message = err.message
         return resp
+
+    async def consumer_group_heartbeat(self, req: pb.ConsumerGroupHeartbeatRequest,
+                                       context: grpc.aio.ServicerContext) -> pb.ConsumerGroupHeartbeatResponse:
+        _check_ready(self.broker)
+        return self.broker.coordinator.heartbeat(req)
 
 
 # FetchResponse is encoded by hand around the record bytes so they are copied once, straight from
@@ -312,14 +300,6 @@ def _encode_fetch_response(results: list[tuple[pb.FetchPartitionResult, memoryvi
         _release(results)
 
 
-def _group_error(group: str) -> BrokerError | None:
-    try:
-        validate_group_id(group)
-    except InvalidGroupIdError as err:
-        return err
-    return None
-
-
 def handler(broker: Broker) -> grpc.GenericRpcHandler:
     svc = BrokerService(broker)
     return rpc.service(
@@ -331,5 +311,7 @@ def handler(broker: Broker) -> grpc.GenericRpcHandler:
             "Metadata": rpc.method(pb.MetadataRequest, svc.metadata),
             "OffsetCommit": rpc.method(pb.OffsetCommitRequest, svc.offset_commit),
             "OffsetFetch": rpc.method(pb.OffsetFetchRequest, svc.offset_fetch),
+            "FindCoordinator": rpc.method(pb.FindCoordinatorRequest, svc.find_coordinator),
+            "ConsumerGroupHeartbeat": rpc.method(pb.ConsumerGroupHeartbeatRequest, svc.consumer_group_heartbeat),
         },
     )

@@ -250,10 +250,3 @@ class ClusterMember:
         if not replicas or len(set(replicas)) != len(replicas) or any(b not in brokers for b in replicas):
             raise InvalidReplicationFactorError(f"replicas {replicas} must be distinct live brokers {sorted(brokers)}")
         await self._zk(self.store.request_reassignment, topic, partition, replicas)
-
-    async def commit_offsets(self, group: str, offsets: dict[tuple[str, int], tuple[int, str]]) -> None:
-        await self._zk(self.store.commit_offsets, group, offsets)
-
-    async def fetch_offsets(self, group: str) -> dict[tuple[str, int], tuple[int, str]]:
-        result: dict[tuple[str, int], tuple[int, str]] = await self._zk(self.store.fetch_offsets, group)
-        return result

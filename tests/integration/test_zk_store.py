@@ -202,11 +202,6 @@ def test_topics_deletion_markers_assignment_reassignment_and_offsets(make_store)
     assert t.config == {"retention_ms": "1000"}
     s.finish_reassignment(v, "orders.v1-x", 1)
     assert s.reassignments() == {}
-    # offsets (stopgap store)
-    s.commit_offsets("g1", {("orders.v1-x", 0): (42, "m"), ("orders.v1-x", 1): (7, "")})
-    s.commit_offsets("g1", {("orders.v1-x", 0): (43, "n")})
-    assert s.fetch_offsets("g1") == {("orders.v1-x", 0): (43, "n"), ("orders.v1-x", 1): (7, "")}
-    assert s.fetch_offsets("nobody") == {}
     # deletion: a marker, then the controller removes everything
     s.delete_topic("orders.v1-x")
     assert s.topics_to_delete() == ["orders.v1-x"]
@@ -216,7 +211,6 @@ def test_topics_deletion_markers_assignment_reassignment_and_offsets(make_store)
         s.delete_topic("nope")
     s.delete_topic_completely(v, "orders.v1-x")
     assert s.get_topic("orders.v1-x") is None and s.topics_to_delete() == []
-    assert s.fetch_offsets("g1") == {}
     s.create_topic(TopicSpec("orders.v1-x", {0: [1]}, {}))  # the name is free again
 
 

@@ -1,0 +1,651 @@
+"""The group coordinator: the shell around `membership.Group` and `offsets.OffsetsState` on a broker.
+
+The coordinator of group G is the leader of partition `partition_for_key(G, n)` of the internal
+topic `__consumer_offsets` (n partitions, replicated like any topic, created on the first
+FindCoordinator). Every broker runs a coordinator; it serves the groups of the partitions it leads
+("shards"), so coordination fails over with partition leadership::
+
+    replica manager says: we lead __consumer_offsets-p at epoch e
+        -> shard p LOADING: replay the partition's log (offsets.OffsetsState) -> ACTIVE
+    leadership lost / epoch changed
+        -> shard dropped (a new epoch loads again); its calls answer NOT_COORDINATOR
+
+    calls for a group whose shard is absent    -> NOT_COORDINATOR (client: FindCoordinator again)
+                                  LOADING      -> COORDINATOR_LOAD_IN_PROGRESS (retry)
+
+Membership (heartbeats, assignment, fencing) lives in memory only: a new coordinator after a
+failover knows the committed offsets but no members, so members' next heartbeats answer
+UNKNOWN_MEMBER_ID and they rejoin (dropping their partitions first). Heartbeat intervals are short
+while a group reconciles (`reconciling_heartbeat_interval_ms`) so partitions move quickly.
+
+Offset commits: the member fence (`Group.commit_error`), then per partition: the partition
+exists, 0 <= offset <= its high watermark (asked of its leader when not known locally; the high
+watermark only grows, so a cached value that already covers the offset is enough), metadata
+bounded. Accepted offsets become one RecordBatch appended to the shard's partition with acks=all;
+memory changes only once the batch is replicated, and only forwards in log order (two commits
+completing out of order cannot move a committed offset back).
+
+Offsets of a group that has had no members for `offsets_retention_ms` are deleted (tombstones),
+as Kafka's offsets.retention.minutes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from logbroker.clock import Clock
+from logbroker.cluster.hashing import partition_for_key
+from logbroker.cluster.metadata import validate_group_id
+from logbroker.errors import (
+    BrokerError,
+    CoordinatorLoadInProgressError,
+    CoordinatorNotAvailableError,
+    GroupIdNotFoundError,
+    InvalidRequestError,
+    NonEmptyGroupError,
+    NotCoordinatorError,
+    NotEnoughReplicasError,
+    NotLeaderOrFollowerError,
+    OffsetOutOfRangeError,
+    TopicAlreadyExistsError,
+    UnknownMemberIdError,
+    UnknownServerError,
+    error_for,
+)
+from logbroker.group.assignor import ASSIGNORS, TopicPartition
+from logbroker.group.membership import Group, GroupState
+from logbroker.group.offsets import (
+    METADATA_MAX_CHARS,
+    OFFSETS_TOPIC,
+    CommittedOffset,
+    OffsetsState,
+    commit_batch,
+    tombstone_batch,
+)
+from logbroker.v1 import logbroker_pb2 as pb
+
+if TYPE_CHECKING:
+    from logbroker.replication.partition import Partition
+    from logbroker.server.broker import Broker
+
+log = logging.getLogger(__name__)
+
+LOAD_CHUNK_BYTES = 1 << 20
+EXPIRE_TICK_S = 0.05
+HW_LOOKUP_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    offsets_topic_partitions: int = 16
+    offsets_topic_replication_factor: int = 3  # capped at the live brokers when the topic is created
+    offsets_topic_segment_bytes: int = 4 << 20
+    session_timeout_ms: int = 45_000
+    session_timeout_ms_min: int = 1_000
+    session_timeout_ms_max: int = 1_800_000
+    rebalance_timeout_ms: int = 300_000
+    heartbeat_interval_ms: int = 500
+    reconciling_heartbeat_interval_ms: int = 100
+    default_assignor: str = "sticky"
+    group_members_max: int = 1000
+    commit_timeout_ms: int = 10_000
+    offsets_retention_ms: int = 7 * 24 * 3600 * 1000
+    offsets_retention_check_interval_ms: int = 60_000
+
+
+@dataclass
+class _GroupEntry:
+    membership: Group | None = None
+    offsets: dict[TopicPartition, CommittedOffset] = field(default_factory=dict)
+    empty_since_ms: int = 0  # wall clock: when the group last had no members (offset expiry)
+
+    @property
+    def has_members(self) -> bool:
+        return self.membership is not None and self.membership.state is not GroupState.EMPTY
+
+    @property
+    def state_name(self) -> str:
+        return self.membership.state.value if self.membership is not None else GroupState.EMPTY.value
+
+
+@dataclass
+class _Shard:
+    partition: int
+    leader_epoch: int
+    loaded: bool = False
+    groups: dict[str, _GroupEntry] = field(default_factory=dict)
+    task: asyncio.Task[None] | None = None
+
+
+class GroupCoordinator:
+    """See the module doc. All state is owned by the broker's event loop."""
+
+    def __init__(self, broker: Broker, config: CoordinatorConfig, clock: Clock) -> None:
+        self.broker = broker
+        self.config = config
+        self.clock = clock
+        self._shards: dict[int, _Shard] = {}
+        self._hw_cache: dict[TopicPartition, int] = {}
+        self._create_lock = asyncio.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._reconcile_scheduled = False
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """On the broker's loop, after log recovery: follow our __consumer_offsets leaderships."""
+        self._loop = asyncio.get_running_loop()
+        self.broker.replica_manager.role_listeners.append(self.on_roles_changed)
+        self._tasks.append(asyncio.create_task(self._expire_loop(), name="group-expiry"))
+        self._tasks.append(asyncio.create_task(self._retention_loop(), name="offsets-retention"))
+        self._reconcile_shards()
+
+    async def stop(self) -> None:
+        with contextlib.suppress(ValueError):
+            self.broker.replica_manager.role_listeners.remove(self.on_roles_changed)
+        tasks = self._tasks + [s.task for s in self._shards.values() if s.task is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.clear()
+        self._shards.clear()
+
+    def on_roles_changed(self) -> None:
+        """Replica-manager hook (any thread): partition roles changed; re-check our shards soon."""
+        loop = self._loop
+        if loop is None or loop.is_closed() or self._reconcile_scheduled:
+            return
+        self._reconcile_scheduled = True
+        loop.call_soon_threadsafe(self._reconcile_shards)
+
+    def _reconcile_shards(self) -> None:
+        self._reconcile_scheduled = False
+        led: dict[int, Partition] = {
+            p: part for (topic, p), part in self.broker.replica_manager.partitions.items()
+            if topic == OFFSETS_TOPIC and part.is_leader
+        }
+        for p, shard in list(self._shards.items()):
+            part = led.get(p)
+            if part is None or part.leader_epoch != shard.leader_epoch:
+                log.info("coordinator: no longer leads %s-%d (epoch %d): %d groups unloaded", OFFSETS_TOPIC, p,
+                         shard.leader_epoch, len(shard.groups))
+                if shard.task is not None:
+                    shard.task.cancel()
+                del self._shards[p]
+        for p, part in led.items():
+            if p not in self._shards:
+                shard = self._shards[p] = _Shard(p, part.leader_epoch)
+                shard.task = asyncio.create_task(self._load(shard, part), name=f"load-{OFFSETS_TOPIC}-{p}")
+
+    async def _load(self, shard: _Shard, part: Partition) -> None:
+        started = time.monotonic()
+        plog = part.log
+        state = OffsetsState(next_offset=plog.log_start_offset)
+        try:
+            while state.next_offset < plog.log_end_offset:
+                view = plog.read(state.next_offset, LOAD_CHUNK_BYTES, max_offset=plog.log_end_offset)
+                try:
+                    data = bytes(view)
+                finally:
+                    view.release()
+                if not data or state.apply_chunk(data, OFFSETS_TOPIC, shard.partition) == 0:
+                    break
+                await asyncio.sleep(0)  # let other calls run between chunks
+                if self._shards.get(shard.partition) is not shard:
+                    return
+        except Exception:
+            log.exception("coordinator: loading %s-%d failed; dropping the shard", OFFSETS_TOPIC, shard.partition)
+            if self._shards.get(shard.partition) is shard:
+                del self._shards[shard.partition]
+            return
+        if self._shards.get(shard.partition) is not shard:
+            return
+        for group, offsets in state.groups.items():
+            last = max((c.commit_timestamp_ms for c in offsets.values()), default=0)
+            shard.groups[group] = _GroupEntry(None, offsets, last)
+        shard.loaded = True
+        shard.task = None
+        log.info("coordinator: leads %s-%d in epoch %d: %d groups loaded from %d records in %.3f s%s",
+                 OFFSETS_TOPIC, shard.partition, shard.leader_epoch, len(state.groups),
+                 state.next_offset - plog.log_start_offset, time.monotonic() - started,
+                 f" ({state.skipped_records} unreadable records skipped)" if state.skipped_records else "")
+
+    # -- routing -----------------------------------------------------------------------------------
+
+    def _offsets_partition_count(self) -> int:
+        states = self.broker.topic_partitions(OFFSETS_TOPIC)
+        return len(states) if states else 0
+
+    def _shard_for(self, group: str) -> _Shard:
+        validate_group_id(group)
+        n = self._offsets_partition_count()
+        if n == 0:
+            raise NotCoordinatorError(f"{OFFSETS_TOPIC} does not exist yet: call FindCoordinator first")
+        p = partition_for_key(group.encode(), n)
+        shard = self._shards.get(p)
+        if shard is None:
+            raise NotCoordinatorError(
+                f"broker {self.broker.config.broker_id} is not the coordinator of group {group} ({OFFSETS_TOPIC}-{p})")
+        if not shard.loaded:
+            raise CoordinatorLoadInProgressError(f"loading the groups of {OFFSETS_TOPIC}-{p}")
+        return shard
+
+    async def find_coordinator(self, group: str) -> pb.BrokerInfo:
+        validate_group_id(group)
+        states = self.broker.topic_partitions(OFFSETS_TOPIC)
+        if not states:
+            await self._create_offsets_topic()
+            states = self.broker.topic_partitions(OFFSETS_TOPIC)
+            if not states:
+                raise CoordinatorNotAvailableError(f"{OFFSETS_TOPIC} is being created")
+        p = partition_for_key(group.encode(), len(states))
+        leader = states[p].leader
+        brokers, _, _ = self.broker.cluster_brokers()
+        for b in brokers:
+            if b.broker_id == leader:
+                return b
+        raise CoordinatorNotAvailableError(f"{OFFSETS_TOPIC}-{p} has no live leader (leader {leader})")
+
+    async def _create_offsets_topic(self) -> None:
+        cfg = self.config
+        async with self._create_lock:
+            if self.broker.topic_partitions(OFFSETS_TOPIC):
+                return
+            live = len(self.broker.cluster_brokers()[0])
+            rf = max(1, min(cfg.offsets_topic_replication_factor, live))
+            topic_config = {
+                "segment_bytes": str(cfg.offsets_topic_segment_bytes),
+                "retention_ms": "-1",  # offsets leave by tombstones and expiry, never by age
+                "retention_bytes": "-1",
+            }
+            try:
+                await self.broker.create_topic(OFFSETS_TOPIC, cfg.offsets_topic_partitions, rf, topic_config,
+                                               internal=True)
+                log.info("created %s: %d partitions, replication factor %d", OFFSETS_TOPIC,
+                         cfg.offsets_topic_partitions, rf)
+            except TopicAlreadyExistsError:
+                pass
+
+    # -- membership --------------------------------------------------------------------------------
+
+    def _topic_counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for t in self.broker.topic_names():
+            if t.startswith("__"):
+                continue  # internal topics are never assigned to consumers (nor matched by a regex)
+            states = self.broker.topic_partitions(t)
+            if states:
+                out[t] = len(states)
+        return out
+
+    def _new_group(self, group: str, req: pb.ConsumerGroupHeartbeatRequest) -> Group:
+        cfg = self.config
+        assignor_name = req.assignor or cfg.default_assignor
+        factory = ASSIGNORS.get(assignor_name)
+        if factory is None:
+            raise InvalidRequestError(f"unknown assignor {assignor_name!r}: use one of {sorted(ASSIGNORS)}")
+        session_ms = req.session_timeout_ms or cfg.session_timeout_ms
+        if not cfg.session_timeout_ms_min <= session_ms <= cfg.session_timeout_ms_max:
+            raise InvalidRequestError(
+                f"session timeout {session_ms} ms is outside [{cfg.session_timeout_ms_min}, "
+                f"{cfg.session_timeout_ms_max}]")
+        rebalance_ms = req.rebalance_timeout_ms or cfg.rebalance_timeout_ms
+        if not 1 <= rebalance_ms <= cfg.session_timeout_ms_max:
+            raise InvalidRequestError(f"rebalance timeout {rebalance_ms} ms is outside [1, {cfg.session_timeout_ms_max}]")
+        return Group(group, factory(), self.clock, session_ms, rebalance_ms, members_max=cfg.group_members_max)
+
+    def heartbeat(self, req: pb.ConsumerGroupHeartbeatRequest) -> pb.ConsumerGroupHeartbeatResponse:
+        resp = pb.ConsumerGroupHeartbeatResponse(member_id=req.member_id, member_epoch=req.member_epoch,
+                                                 heartbeat_interval_ms=self.config.heartbeat_interval_ms)
+        try:
+            shard = self._shard_for(req.group)
+            entry = shard.groups.get(req.group)
+            if entry is None or entry.membership is None:
+                if req.member_epoch != 0:
+                    raise UnknownMemberIdError(
+                        f"member {req.member_id!r} is not in group {req.group} (its coordinator may have moved): "
+                        "rejoin with epoch 0")
+                membership = self._new_group(req.group, req)
+                if entry is None:
+                    entry = shard.groups[req.group] = _GroupEntry()
+                entry.membership = membership
+            result = entry.membership.heartbeat(
+                req.member_id, req.member_epoch,
+                subscribed_topics=list(req.subscribed_topics.topics) if req.HasField("subscribed_topics") else None,
+                subscribed_regex=req.subscribed_regex if req.HasField("subscribed_regex") else None,
+                owned_partitions=_from_assignment(req.owned_partitions) if req.HasField("owned_partitions") else None,
+                topic_partition_counts=self._topic_counts(),
+            )
+            if entry.membership.state is GroupState.EMPTY:
+                self._became_empty(shard, req.group, entry)
+            if result.error is not None:
+                raise result.error
+            resp.member_id = result.member_id
+            resp.member_epoch = result.member_epoch
+            _fill_assignment(resp.assignment, result.assignment)
+            if entry.membership is not None and entry.membership.state is not GroupState.STABLE:
+                resp.heartbeat_interval_ms = min(self.config.reconciling_heartbeat_interval_ms,
+                                                 self.config.heartbeat_interval_ms)
+        except BrokerError as e:
+            resp.error_code = e.code  # type: ignore[assignment]
+            resp.error_message = e.message
+        return resp
+
+    def _became_empty(self, shard: _Shard, group: str, entry: _GroupEntry) -> None:
+        entry.membership = None
+        entry.empty_since_ms = self.clock.now_ms()
+        if not entry.offsets:
+            shard.groups.pop(group, None)
+
+    async def _expire_loop(self) -> None:
+        while True:
+            await asyncio.sleep(EXPIRE_TICK_S)
+            now = self.clock.monotonic_ms()
+            for shard in list(self._shards.values()):
+                for group, entry in list(shard.groups.items()):
+                    g = entry.membership
+                    if g is None:
+                        continue
+                    deadline = g.next_deadline_ms()
+                    if deadline is None or deadline > now:
+                        continue
+                    gone = g.expire(now)
+                    if gone:
+                        log.info("group %s: evicted %s (session or rebalance timeout); group epoch %d", group,
+                                 ", ".join(gone), g.group_epoch)
+                    if g.state is GroupState.EMPTY:
+                        self._became_empty(shard, group, entry)
+
+    # -- offsets -----------------------------------------------------------------------------------
+
+    async def commit(self, req: pb.OffsetCommitRequest) -> pb.OffsetCommitResponse:
+        resp = pb.OffsetCommitResponse()
+        results = [resp.results.add(topic=cp.topic, partition=cp.partition) for cp in req.partitions]
+        try:
+            shard = self._shard_for(req.group)
+            self._check_member(shard, req.group, req.member_id, req.member_epoch)
+            accepted: dict[TopicPartition, tuple[int, str]] = {}
+            to_check: dict[TopicPartition, int] = {}
+            for cp, r in zip(req.partitions, results, strict=True):
+                try:
+                    self.broker.check_partition(cp.topic, cp.partition)
+                    if cp.offset < 0:
+                        raise OffsetOutOfRangeError(f"cannot commit negative offset {cp.offset}")
+                    if len(cp.metadata) > METADATA_MAX_CHARS:
+                        raise InvalidRequestError(f"offset metadata is limited to {METADATA_MAX_CHARS} characters")
+                    to_check[(cp.topic, cp.partition)] = max(cp.offset, to_check.get((cp.topic, cp.partition), 0))
+                except BrokerError as e:
+                    _set_error(r, e)
+            hw_errors = await self._check_high_watermarks(to_check)
+            for cp, r in zip(req.partitions, results, strict=True):
+                tp = (cp.topic, cp.partition)
+                if r.error_code != pb.NONE or tp not in to_check:
+                    continue
+                err = hw_errors.get(tp)
+                if err is not None:
+                    _set_error(r, err)
+                else:
+                    accepted[tp] = (cp.offset, cp.metadata)
+            if accepted:
+                await self._append(shard, req.group, accepted)
+        except BrokerError as e:
+            resp.error_code = e.code  # type: ignore[assignment]
+            resp.error_message = e.message
+            for r in results:
+                if r.error_code == pb.NONE:
+                    _set_error(r, e)
+        return resp
+
+    def _check_member(self, shard: _Shard, group: str, member_id: str, member_epoch: int) -> None:
+        entry = shard.groups.get(group)
+        membership = entry.membership if entry is not None else None
+        if member_id:
+            if membership is None:
+                raise UnknownMemberIdError(f"member {member_id!r} is not in group {group}")
+            err = membership.commit_error(member_id, member_epoch)
+        else:
+            err = membership.commit_error("", -1) if membership is not None else None
+        if err is not None:
+            raise err
+
+    async def _append(self, shard: _Shard, group: str, offsets: dict[TopicPartition, tuple[int, str]]) -> None:
+        rm = self.broker.replica_manager
+        now = self.clock.now_ms()
+        batch = commit_batch(group, offsets, now)
+        try:
+            append = rm.append_records(OFFSETS_TOPIC, shard.partition, batch, acks=-1)
+            await rm.wait_for_acks(OFFSETS_TOPIC, shard.partition, append, self.config.commit_timeout_ms)
+        except NotLeaderOrFollowerError as e:
+            raise NotCoordinatorError(f"no longer the coordinator of group {group}: {e.message}") from None
+        except NotEnoughReplicasError as e:
+            raise CoordinatorNotAvailableError(f"{OFFSETS_TOPIC}-{shard.partition}: {e.message}") from None
+        if self._shards.get(shard.partition) is not shard:
+            return  # written and replicated; the next coordinator reads it from the log
+        entry = shard.groups.get(group)
+        if entry is None:
+            entry = shard.groups[group] = _GroupEntry(empty_since_ms=now)
+        for i, (tp, (offset, metadata)) in enumerate(offsets.items()):
+            log_offset = append.result.base_offset + i
+            current = entry.offsets.get(tp)
+            if current is None or current.log_offset < log_offset:
+                entry.offsets[tp] = CommittedOffset(offset, metadata, now, log_offset)
+
+    async def _check_high_watermarks(self, wanted: dict[TopicPartition, int]) -> dict[TopicPartition, BrokerError]:
+        """OFFSET_OUT_OF_RANGE for every partition whose offset is past its high watermark (or the
+        error that kept us from learning it)."""
+        errors: dict[TopicPartition, BrokerError] = {}
+        remote: dict[int, list[TopicPartition]] = {}
+        rm = self.broker.replica_manager
+        for tp, offset in wanted.items():
+            if offset <= self._hw_cache.get(tp, -1):
+                continue
+            part = rm.partitions.get(tp)
+            if part is not None and part.is_leader:
+                self._hw_cache[tp] = part.high_watermark
+                continue
+            states = self.broker.topic_partitions(tp[0]) or {}
+            st = states.get(tp[1])
+            leader = st.leader if st is not None else -1
+            remote.setdefault(leader, []).append(tp)
+        if remote:
+            await asyncio.gather(*(self._ask_high_watermarks(leader, tps, errors) for leader, tps in remote.items()))
+        for tp, offset in wanted.items():
+            if tp in errors:
+                continue
+            hw = self._hw_cache.get(tp, -1)
+            if offset > hw:
+                errors[tp] = OffsetOutOfRangeError(
+                    f"offset {offset} is past the high watermark {hw} of {tp[0]}-{tp[1]}")
+        return errors
+
+    async def _ask_high_watermarks(self, leader: int, tps: list[TopicPartition],
+                                   errors: dict[TopicPartition, BrokerError]) -> None:
+        brokers, _, _ = self.broker.cluster_brokers()
+        address = next((f"{b.host}:{b.port}" for b in brokers if b.broker_id == leader), None)
+        cluster = self.broker.cluster
+        if address is None or cluster is None:
+            for tp in tps:
+                errors[tp] = CoordinatorNotAvailableError(f"{tp[0]}-{tp[1]} has no live leader to check the offset")
+            return
+        req = pb.ListOffsetsRequest(partitions=[pb.ListOffsetsPartition(topic=t, partition=p, timestamp=-1)
+                                                for t, p in tps])
+        try:
+            resp = await cluster.channels.broker_stub(address).ListOffsets(req, timeout=HW_LOOKUP_TIMEOUT_S)
+        except Exception as exc:  # an unreachable leader: the client retries the commit
+            for tp in tps:
+                errors[tp] = CoordinatorNotAvailableError(f"cannot reach the leader of {tp[0]}-{tp[1]}: {exc}")
+            return
+        for r in resp.results:
+            tp = (r.topic, r.partition)
+            if r.error_code != pb.NONE:
+                errors[tp] = error_for(r.error_code, r.error_message)
+            else:
+                self._hw_cache[tp] = max(self._hw_cache.get(tp, -1), r.offset)
+
+    def fetch(self, req: pb.OffsetFetchRequest) -> pb.OffsetFetchResponse:
+        resp = pb.OffsetFetchResponse()
+        try:
+            shard = self._shard_for(req.group)
+        except BrokerError as e:
+            resp.error_code = e.code  # type: ignore[assignment]
+            resp.error_message = e.message
+            return resp
+        entry = shard.groups.get(req.group)
+        committed = entry.offsets if entry is not None else {}
+        wanted = [(tp.topic, tp.partition) for tp in req.partitions] or sorted(committed)
+        for topic, partition in wanted:
+            c = committed.get((topic, partition))
+            resp.results.add(topic=topic, partition=partition, offset=c.offset if c else -1,
+                             metadata=c.metadata if c else "")
+        return resp
+
+    async def _retention_loop(self) -> None:
+        interval_s = self.config.offsets_retention_check_interval_ms / 1000
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.expire_offsets()
+            except Exception:
+                log.exception("offsets retention check failed")
+
+    async def expire_offsets(self) -> int:
+        """Delete the offsets of groups without members for offsets_retention_ms; returns how many groups."""
+        now = self.clock.now_ms()
+        expired = 0
+        for shard in list(self._shards.values()):
+            if not shard.loaded:
+                continue
+            for group, entry in list(shard.groups.items()):
+                if entry.has_members or now - entry.empty_since_ms < self.config.offsets_retention_ms:
+                    continue
+                await self._delete_offsets(shard, group, entry.offsets)
+                if not entry.has_members:
+                    shard.groups.pop(group, None)
+                expired += 1
+                log.info("group %s: offsets expired (no members for %d ms)", group, self.config.offsets_retention_ms)
+        return expired
+
+    async def _delete_offsets(self, shard: _Shard, group: str, offsets: Iterable[TopicPartition]) -> None:
+        tps = list(offsets)
+        if not tps:
+            return
+        rm = self.broker.replica_manager
+        batch = tombstone_batch(group, tps, self.clock.now_ms())
+        try:
+            append = rm.append_records(OFFSETS_TOPIC, shard.partition, batch, acks=-1)
+            await rm.wait_for_acks(OFFSETS_TOPIC, shard.partition, append, self.config.commit_timeout_ms)
+        except NotLeaderOrFollowerError as e:
+            raise NotCoordinatorError(f"no longer the coordinator of group {group}: {e.message}") from None
+
+    def forget_topics(self, topics: Iterable[str]) -> None:
+        """These topics were deleted: delete every group's committed offsets of them (in the
+        background; a topic created again under the same name starts without stale offsets)."""
+        doomed = set(topics)
+        if not doomed:
+            return
+        work = [
+            (shard, group, [tp for tp in entry.offsets if tp[0] in doomed])
+            for shard in self._shards.values() if shard.loaded
+            for group, entry in shard.groups.items()
+        ]
+        work = [w for w in work if w[2]]
+        if work:
+            task = asyncio.create_task(self._forget(work), name="forget-deleted-topics")
+            self._tasks.append(task)
+            task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
+
+    async def _forget(self, work: list[tuple[_Shard, str, list[TopicPartition]]]) -> None:
+        for shard, group, tps in work:
+            try:
+                await self._delete_offsets(shard, group, tps)
+            except Exception as exc:
+                log.warning("group %s: deleting offsets of deleted topics failed: %s", group, exc)
+                continue
+            entry = shard.groups.get(group)
+            if entry is not None and self._shards.get(shard.partition) is shard:
+                for tp in tps:
+                    entry.offsets.pop(tp, None)
+                if not entry.offsets and entry.membership is None:
+                    shard.groups.pop(group, None)
+
+    # -- admin -------------------------------------------------------------------------------------
+
+    def list_groups(self) -> pb.ListGroupsResponse:
+        resp = pb.ListGroupsResponse()
+        for shard in self._shards.values():
+            for group, entry in sorted(shard.groups.items()):
+                members = len(entry.membership.describe().members) if entry.membership is not None else 0
+                resp.groups.add(group=group, state=entry.state_name, members=members)
+        return resp
+
+    def describe(self, group: str) -> pb.DescribeGroupResponse:
+        resp = pb.DescribeGroupResponse(group=group, coordinator_id=self.broker.config.broker_id)
+        try:
+            shard = self._shard_for(group)
+            entry = shard.groups.get(group)
+            if entry is None:
+                raise GroupIdNotFoundError(f"group {group} has no members and no committed offsets")
+            resp.state = entry.state_name
+            if entry.membership is not None:
+                d = entry.membership.describe()
+                resp.group_epoch = d.group_epoch
+                resp.assignor = d.assignor
+                for m in d.members:
+                    md = resp.members.add(member_id=m.member_id, member_epoch=m.member_epoch, state=m.state.value,
+                                          subscribed_topics=m.subscribed_topics, subscribed_regex=m.subscribed_regex)
+                    _fill_assignment(md.assigned, m.assigned)
+                    _fill_assignment(md.revoking, m.revoking)
+                    _fill_assignment(md.target, m.target)
+            for (topic, partition), c in sorted(entry.offsets.items()):
+                resp.offsets.add(topic=topic, partition=partition, offset=c.offset, metadata=c.metadata,
+                                 commit_timestamp_ms=c.commit_timestamp_ms)
+        except BrokerError as e:
+            resp.error_code = e.code  # type: ignore[assignment]
+            resp.error_message = e.message
+        return resp
+
+    async def delete(self, group: str) -> pb.DeleteGroupResponse:
+        resp = pb.DeleteGroupResponse()
+        try:
+            shard = self._shard_for(group)
+            entry = shard.groups.get(group)
+            if entry is None:
+                raise GroupIdNotFoundError(f"group {group} does not exist")
+            if entry.has_members:
+                raise NonEmptyGroupError(f"group {group} has members: stop them first")
+            await self._delete_offsets(shard, group, entry.offsets)
+            if not entry.has_members and self._shards.get(shard.partition) is shard:
+                shard.groups.pop(group, None)
+            log.info("group %s deleted", group)
+        except BrokerError as e:
+            resp.error_code = e.code  # type: ignore[assignment]
+            resp.error_message = e.message
+        except Exception as exc:
+            log.exception("deleting group %s", group)
+            resp.error_code = UnknownServerError.code
+            resp.error_message = str(exc)
+        return resp
+
+
+def _from_assignment(a: pb.Assignment) -> set[TopicPartition]:
+    return {(t.topic, p) for t in a.topics for p in t.partitions}
+
+
+def _fill_assignment(out: pb.Assignment, tps: Iterable[TopicPartition]) -> None:
+    by_topic: dict[str, list[int]] = {}
+    for topic, p in sorted(tps):
+        by_topic.setdefault(topic, []).append(p)
+    for topic, ps in by_topic.items():
+        out.topics.add(topic=topic, partitions=ps)
+
+
+def _set_error(r: pb.PartitionError, e: BrokerError) -> None:
+    r.error_code = e.code  # type: ignore[assignment]
+    r.error_message = e.message

@@ -1,0 +1,166 @@
+"""Committed offsets: the records a coordinator writes to `__consumer_offsets`, and the state it
+rebuilds from them (pure: bytes in, state out; no I/O).
+
+Every commit is one record in partition `hash(group)` of `__consumer_offsets`; the coordinator
+keeps the latest value per (group, topic, partition) in memory and, when it becomes leader of the
+partition, replays the partition's log from its start to rebuild that memory (`OffsetsState`).
+
+Byte layout (big-endian, as the rest of Kafka's formats; `str16` = int16 length + UTF-8 bytes)::
+
+    key    int16 key_version = 0      (a reader skips records with a key version it does not know)
+           str16 group
+           str16 topic
+           int32 partition
+
+    value  int16 value_version = 0
+           int64 offset               next offset the group reads; >= 0
+           int64 commit_timestamp_ms  wall clock of the coordinator when it accepted the commit
+           str16 metadata             the client's string, <= METADATA_MAX_CHARS
+
+    tombstone: the same key with a null value (a deleted group, expired offsets)
+
+Bounds: group ids and topic names are validated by the callers (<= 249 characters); metadata is
+limited to METADATA_MAX_CHARS, so a record is always far below the topic's max_message_bytes.
+Garbage in the log (a key or value that does not parse) is skipped and counted, never fatal: a
+coordinator must come up even if someone produced junk to the internal topic.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from logbroker.storage.record_batch import BatchBuilder, decode_batch, iter_batches
+
+OFFSETS_TOPIC = "__consumer_offsets"
+KEY_VERSION = 0
+VALUE_VERSION = 0
+METADATA_MAX_CHARS = 4096
+
+_I16 = struct.Struct(">h")
+_I32 = struct.Struct(">i")
+_VALUE_HEAD = struct.Struct(">hqq")
+
+TopicPartition = tuple[str, int]
+
+
+class CommittedOffset(NamedTuple):
+    offset: int
+    metadata: str
+    commit_timestamp_ms: int
+    log_offset: int  # where in __consumer_offsets the record that set it is (-1: not yet written)
+
+
+def _str16(s: str) -> bytes:
+    b = s.encode()
+    return _I16.pack(len(b)) + b
+
+
+def _read_str16(buf: bytes, pos: int) -> tuple[str, int]:
+    (n,) = _I16.unpack_from(buf, pos)
+    pos += 2
+    if n < 0 or pos + n > len(buf):
+        raise ValueError("string runs past the end")
+    return buf[pos:pos + n].decode(), pos + n
+
+
+def encode_key(group: str, topic: str, partition: int) -> bytes:
+    return _I16.pack(KEY_VERSION) + _str16(group) + _str16(topic) + _I32.pack(partition)
+
+
+def decode_key(buf: bytes) -> tuple[str, str, int] | None:
+    """(group, topic, partition), or None for a key of another version. Raises ValueError on junk."""
+    if len(buf) < 2:
+        raise ValueError("key too short")
+    (version,) = _I16.unpack_from(buf, 0)
+    if version != KEY_VERSION:
+        return None
+    group, pos = _read_str16(buf, 2)
+    topic, pos = _read_str16(buf, pos)
+    if pos + 4 != len(buf):
+        raise ValueError("key length does not match its fields")
+    (partition,) = _I32.unpack_from(buf, pos)
+    return group, topic, partition
+
+
+def encode_value(offset: int, metadata: str, commit_timestamp_ms: int) -> bytes:
+    return _VALUE_HEAD.pack(VALUE_VERSION, offset, commit_timestamp_ms) + _str16(metadata)
+
+
+def decode_value(buf: bytes) -> tuple[int, str, int]:
+    """(offset, metadata, commit_timestamp_ms). Raises ValueError on junk or an unknown version."""
+    if len(buf) < _VALUE_HEAD.size + 2:
+        raise ValueError("value too short")
+    version, offset, ts = _VALUE_HEAD.unpack_from(buf, 0)
+    if version != VALUE_VERSION:
+        raise ValueError(f"value version {version}")
+    metadata, pos = _read_str16(buf, _VALUE_HEAD.size)
+    if pos != len(buf) or offset < 0:
+        raise ValueError("bad value")
+    return offset, metadata, ts
+
+
+def commit_batch(group: str, offsets: dict[TopicPartition, tuple[int, str]], now_ms: int) -> bytes:
+    """One RecordBatch with a record per committed partition (the leader assigns its offsets)."""
+    builder = BatchBuilder(now_ms)
+    for (topic, partition), (offset, metadata) in offsets.items():
+        builder.append(now_ms, encode_key(group, topic, partition), encode_value(offset, metadata, now_ms))
+    return builder.build()
+
+
+def tombstone_batch(group: str, partitions: Iterable[TopicPartition], now_ms: int) -> bytes:
+    builder = BatchBuilder(now_ms)
+    for topic, partition in partitions:
+        builder.append(now_ms, encode_key(group, topic, partition), None)
+    return builder.build()
+
+
+@dataclass
+class OffsetsState:
+    """The latest committed offset of every (group, topic, partition) in one partition of
+    `__consumer_offsets`, as replayed from its log."""
+
+    groups: dict[str, dict[TopicPartition, CommittedOffset]] = field(default_factory=dict)
+    skipped_records: int = 0
+    next_offset: int = 0  # the log offset replay continues from
+
+    def apply(self, log_offset: int, key: bytes | None, value: bytes | None) -> None:
+        """Replay one record (records must come in log order)."""
+        self.next_offset = max(self.next_offset, log_offset + 1)
+        try:
+            if key is None:
+                raise ValueError("record without key")
+            parsed = decode_key(key)
+            if parsed is None:
+                return
+            group, topic, partition = parsed
+            if value is None:
+                offsets = self.groups.get(group)
+                if offsets is not None:
+                    offsets.pop((topic, partition), None)
+                    if not offsets:
+                        del self.groups[group]
+                return
+            offset, metadata, ts = decode_value(value)
+        except (ValueError, UnicodeDecodeError, struct.error):
+            self.skipped_records += 1
+            return
+        self.groups.setdefault(group, {})[(topic, partition)] = CommittedOffset(offset, metadata, ts, log_offset)
+
+    def apply_chunk(self, data: bytes, topic: str, partition: int) -> int:
+        """Replay every complete batch of `data` (raw log bytes) from `next_offset` on; returns the
+        number of bytes consumed (a trailing partial batch is left for the next chunk). A batch
+        with a bad CRC raises CorruptMessageError (the log's recovery never lets one through)."""
+        used = 0
+        for header, pos in iter_batches(data):
+            used = pos + header.size_bytes
+            if header.is_control:
+                self.next_offset = max(self.next_offset, header.next_offset)
+                continue
+            for m in decode_batch(data, pos, header, topic, partition, self.next_offset):
+                self.apply(m.offset, m.key, m.value)
+            self.next_offset = max(self.next_offset, header.next_offset)
+        return used
+
