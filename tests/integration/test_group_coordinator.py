@@ -1,0 +1,254 @@
+"""The group coordinator over its wire contract, on real broker processes (no client library):
+commit validation and fencing, offsets rebuilt from __consumer_offsets after kill -9, session
+expiry, and coordinator failover in a real three-broker cluster."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+from logbroker.storage import record_batch as rb
+from logbroker.v1 import logbroker_pb2 as pb
+from logbroker.v1 import logbroker_pb2_grpc as pbg
+from tests.cluster import Cluster
+from tests.conftest import BrokerProcess, wait_for
+
+pytestmark = pytest.mark.timeout(300)
+
+RETRIABLE = (pb.NOT_COORDINATOR, pb.COORDINATOR_NOT_AVAILABLE, pb.COORDINATOR_LOAD_IN_PROGRESS,
+             pb.REQUEST_TIMED_OUT, pb.NOT_ENOUGH_REPLICAS)
+
+
+class GroupRpc:
+    """Raw calls to a group's coordinator, following it when it moves."""
+
+    def __init__(self, bootstrap: list[str], group: str) -> None:
+        self.bootstrap = bootstrap
+        self.group = group
+        self.address = ""
+
+    def _broker(self, address: str) -> pbg.BrokerStub:
+        return pbg.BrokerStub(grpc.insecure_channel(address))
+
+    def find(self, timeout_s: float = 30.0) -> str:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            for address in self.bootstrap:
+                try:
+                    r = self._broker(address).FindCoordinator(pb.FindCoordinatorRequest(group=self.group), timeout=5)
+                except grpc.RpcError:
+                    continue
+                if r.error_code == pb.NONE:
+                    self.address = f"{r.host}:{r.port}"
+                    return self.address
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no coordinator for {self.group} within {timeout_s} s")
+            time.sleep(0.1)
+
+    def call(self, method: str, request: object, timeout_s: float = 30.0) -> object:
+        """Call the coordinator, finding it again on coordinator errors or a dead broker."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if not self.address:
+                self.find(max(0.1, deadline - time.monotonic()))
+            try:
+                resp = getattr(self._broker(self.address), method)(request, timeout=5)
+            except grpc.RpcError:
+                resp = None
+            code = getattr(resp, "error_code", pb.NONE) if resp is not None else pb.NOT_COORDINATOR
+            if code not in RETRIABLE:
+                return resp
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{method} kept failing: {resp}")
+            self.address = ""
+            time.sleep(0.1)
+
+    def heartbeat(self, **fields: object) -> pb.ConsumerGroupHeartbeatResponse:
+        r = self.call("ConsumerGroupHeartbeat", pb.ConsumerGroupHeartbeatRequest(group=self.group, **fields))
+        assert isinstance(r, pb.ConsumerGroupHeartbeatResponse)
+        return r
+
+    def commit(self, offsets: dict[tuple[str, int], int], member_id: str = "", member_epoch: int = 0,
+               ) -> pb.OffsetCommitResponse:
+        r = self.call("OffsetCommit", pb.OffsetCommitRequest(
+            group=self.group, member_id=member_id, member_epoch=member_epoch,
+            partitions=[pb.OffsetCommitPartition(topic=t, partition=p, offset=o) for (t, p), o in offsets.items()]))
+        assert isinstance(r, pb.OffsetCommitResponse)
+        return r
+
+    def committed(self) -> dict[tuple[str, int], int]:
+        r = self.call("OffsetFetch", pb.OffsetFetchRequest(group=self.group))
+        assert isinstance(r, pb.OffsetFetchResponse) and r.error_code == pb.NONE, r
+        return {(x.topic, x.partition): x.offset for x in r.results}
+
+
+def _create_and_fill(address: str, topic: str, partitions: int, records: int, rf: int = 0,
+                     leader_address: str = "") -> None:
+    ch = grpc.insecure_channel(address)
+    admin, broker = pbg.AdminStub(ch), pbg.BrokerStub(grpc.insecure_channel(leader_address or address))
+    r = admin.CreateTopics(pb.CreateTopicsRequest(topics=[pb.NewTopic(name=topic, partitions=partitions,
+                                                                        replication_factor=rf)]), timeout=30)
+    assert r.results[0].error_code in (pb.NONE, pb.TOPIC_ALREADY_EXISTS), r
+    if records:
+        batch = rb.encode_batch([(0, None, b"v%d" % i, None) for i in range(records)])
+        resp = broker.Produce(pb.ProduceRequest(acks=-1, timeout_ms=10_000, partitions=[
+            pb.ProducePartition(topic=topic, partition=0, records=batch)]), timeout=30)
+        assert resp.results[0].error_code == pb.NONE, resp
+
+
+@pytest.fixture
+def standalone(broker_factory) -> BrokerProcess:
+    return broker_factory(extra_args=["--offsets-topic-partitions", "4"])
+
+
+def test_commit_validation_and_fencing_leave_offsets_unchanged(standalone: BrokerProcess) -> None:
+    _create_and_fill(standalone.address, "t", 2, 10)
+    g = GroupRpc([standalone.address], "billing")
+    join = g.heartbeat(member_id="", member_epoch=0, subscribed_topics=pb.Subscription(topics=["t"]))
+    assert join.error_code == pb.NONE and join.member_epoch > 0, join
+    member, epoch = join.member_id, join.member_epoch
+    assert {(t.topic, p) for t in join.assignment.topics for p in t.partitions} == {("t", 0), ("t", 1)}
+
+    ok = g.commit({("t", 0): 5}, member, epoch)
+    assert ok.error_code == pb.NONE and ok.results[0].error_code == pb.NONE, ok
+    assert g.committed() == {("t", 0): 5}
+
+    def rejected(offsets: dict[tuple[str, int], int], code: int, member_id: str = member, member_epoch: int = epoch,
+                 ) -> None:
+        r = g.commit(offsets, member_id, member_epoch)
+        codes = {r.error_code} | {x.error_code for x in r.results}
+        assert code in codes, r
+        assert g.committed() == {("t", 0): 5}
+
+    rejected({("t", 0): -1}, pb.OFFSET_OUT_OF_RANGE)
+    rejected({("t", 0): 11}, pb.OFFSET_OUT_OF_RANGE)       # past the log end (high watermark 10)
+    rejected({("t", 7): 0}, pb.UNKNOWN_TOPIC_OR_PARTITION)
+    rejected({("nope", 0): 0}, pb.UNKNOWN_TOPIC_OR_PARTITION)
+    rejected({("t", 0): 6}, pb.UNKNOWN_MEMBER_ID, member_id="somebody-else")
+    rejected({("t", 0): 6}, pb.STALE_MEMBER_EPOCH, member_epoch=epoch - 1)
+    rejected({("t", 0): 6}, pb.UNKNOWN_MEMBER_ID, member_id="", member_epoch=0)  # the group has members
+    bad = pbg.BrokerStub(grpc.insecure_channel(standalone.address)).OffsetCommit(
+        pb.OffsetCommitRequest(group="a/b", partitions=[pb.OffsetCommitPartition(topic="t", partition=0, offset=1)]))
+    assert bad.error_code == pb.INVALID_GROUP_ID
+    assert g.commit({("t", 0): 10}, member, epoch).error_code == pb.NONE  # the high watermark itself is fine
+    assert g.committed() == {("t", 0): 10}
+
+
+def test_internal_topic_is_off_limits(standalone: BrokerProcess) -> None:
+    g = GroupRpc([standalone.address], "g")
+    g.find()
+    ch = grpc.insecure_channel(standalone.address)
+    r = pbg.BrokerStub(ch).Produce(pb.ProduceRequest(acks=1, partitions=[pb.ProducePartition(
+        topic="__consumer_offsets", partition=0, records=rb.encode_batch([(0, b"k", b"v", None)]))]))
+    assert r.results[0].error_code == pb.INVALID_TOPIC
+    d = pbg.AdminStub(ch).DeleteTopics(pb.DeleteTopicsRequest(names=["__consumer_offsets"]))
+    assert d.results[0].error_code == pb.INVALID_TOPIC
+
+
+def test_offsets_survive_kill9_and_deleted_topics_lose_theirs(broker_factory, tmp_path) -> None:
+    b = broker_factory(extra_args=["--offsets-topic-partitions", "4"])
+    _create_and_fill(b.address, "t", 1, 20)
+    _create_and_fill(b.address, "u", 1, 20)
+    g = GroupRpc([b.address], "billing")
+    for offset in range(1, 21):
+        assert g.commit({("t", 0): offset, ("u", 0): offset}).error_code == pb.NONE
+    b.kill()
+    b.start()
+    g.address = ""
+    assert g.committed() == {("t", 0): 20, ("u", 0): 20}
+    admin = pbg.AdminStub(grpc.insecure_channel(b.address))
+    assert admin.DeleteTopics(pb.DeleteTopicsRequest(names=["u"])).results[0].error_code == pb.NONE
+    wait_for(lambda: g.committed() == {("t", 0): 20}, 10, "offsets of the deleted topic dropped")
+    b.kill()
+    b.start()
+    g.address = ""
+    assert g.committed() == {("t", 0): 20}
+
+
+def test_silent_member_is_evicted_and_then_fenced(standalone: BrokerProcess) -> None:
+    _create_and_fill(standalone.address, "t", 2, 3)
+    g = GroupRpc([standalone.address], "g")
+    join = g.heartbeat(member_id="", member_epoch=0, subscribed_topics=pb.Subscription(topics=["t"]),
+                       session_timeout_ms=1000)
+    assert join.error_code == pb.NONE
+    admin = pbg.AdminStub(grpc.insecure_channel(standalone.address))
+
+    def evicted() -> bool:
+        d = admin.DescribeGroup(pb.DescribeGroupRequest(group="g"))
+        return d.error_code == pb.GROUP_ID_NOT_FOUND or (d.error_code == pb.NONE and not d.members)
+
+    wait_for(evicted, 10, "the silent member evicted")
+    late = g.heartbeat(member_id=join.member_id, member_epoch=join.member_epoch)
+    assert late.error_code == pb.UNKNOWN_MEMBER_ID
+    r = g.commit({("t", 0): 1}, join.member_id, join.member_epoch)
+    assert r.error_code == pb.UNKNOWN_MEMBER_ID
+    # without members, the group can be deleted, and then it is gone
+    assert g.commit({("t", 0): 2}).error_code == pb.NONE
+    assert admin.DeleteGroup(pb.DeleteGroupRequest(group="g")).error_code == pb.NONE
+    assert g.committed() == {}
+    assert admin.DescribeGroup(pb.DescribeGroupRequest(group="g")).error_code == pb.GROUP_ID_NOT_FOUND
+
+
+# ------------------------------------------------------------------------------------------ cluster
+
+
+@pytest.fixture
+def cluster(zookeeper, zk_chroot, tmp_path) -> Iterator[Cluster]:
+    c = Cluster(zookeeper, zk_chroot, tmp_path, 3, session_timeout_ms=2000,
+                extra_args=["--replica-lag-time-max-ms", "3000", "--offsets-topic-partitions", "4"])
+    try:
+        yield c.start()
+    finally:
+        c.stop()
+
+
+def test_coordinator_killed_twice_during_commits_never_loses_a_commit(cluster: Cluster) -> None:
+    first = next(iter(cluster.brokers.values())).address
+    _create_and_fill(first, "t", 1, 0, rf=3)
+    _create_and_fill(first, "t", 1, 1000, rf=3, leader_address=cluster.brokers[cluster.leader_of("t", 0)].address)
+    g = GroupRpc([b.address for b in cluster.brokers.values()], "billing")
+    g.find()
+    acked: list[int] = []
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def committer() -> None:
+        offset = 0
+        try:
+            while not stop.is_set() and offset < 1000:
+                offset += 1
+                r = g.commit({("t", 0): offset}, member_id="", member_epoch=0)
+                if r.error_code == pb.NONE and r.results[0].error_code == pb.NONE:
+                    acked.append(offset)
+        except BaseException as e:  # surfaced by the test thread
+            errors.append(e)
+
+    thread = threading.Thread(target=committer, daemon=True)
+    thread.start()
+    try:
+        seen = 0
+        for _round in range(2):
+            flowing_from = len(acked)
+            wait_for(lambda n=flowing_from: len(acked) >= n + 20, 60, "commits flowing")
+            address = g.address or g.find()
+            victim = next(i for i, b in cluster.brokers.items() if b.address == address)
+            cluster.kill9(victim)
+            acked_before = acked[-1]
+            wait_for(lambda a=acked_before: bool(acked) and acked[-1] > a + 20, 90,
+                     "commits acknowledged by a new coordinator")
+            committed = GroupRpc(g.bootstrap, g.group).committed()[("t", 0)]
+            assert committed >= acked_before, "an acknowledged commit was lost"
+            assert committed >= seen, "the committed offset went backwards"
+            seen = committed
+            cluster.restart(victim)
+    finally:
+        stop.set()
+        thread.join(60)
+    assert not errors, errors
+    assert acked == sorted(acked)
+    final = GroupRpc(g.bootstrap, g.group).committed()[("t", 0)]
+    assert final == acked[-1]

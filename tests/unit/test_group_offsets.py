@@ -1,0 +1,96 @@
+"""The __consumer_offsets record layout and its replay (pure: no broker)."""
+
+from __future__ import annotations
+
+import pytest
+
+from logbroker.errors import CorruptMessageError
+from logbroker.group.offsets import (
+    OffsetsState,
+    commit_batch,
+    decode_key,
+    decode_value,
+    encode_key,
+    encode_value,
+    tombstone_batch,
+)
+from logbroker.storage import record_batch as rb
+
+
+def _log(*batches: bytes) -> bytes:
+    """Batches back to back with consecutive offsets, as the leader would have assigned them."""
+    out = bytearray()
+    offset = 0
+    for b in batches:
+        buf = bytearray(b)
+        rb.set_base_offset(buf, 0, offset)
+        offset += rb.parse_header(buf).record_count
+        out += buf  # the base offset lies outside the CRC
+    return bytes(out)
+
+
+def test_key_and_value_round_trip() -> None:
+    key = encode_key("billing", "orders.v1", 7)
+    assert decode_key(key) == ("billing", "orders.v1", 7)
+    assert decode_value(encode_value(42, "meta ✓", 1_700_000_000_000)) == (42, "meta ✓", 1_700_000_000_000)
+
+
+@pytest.mark.parametrize("junk", [b"", b"\x00", b"\x00\x00\x00\x05ab", b"\x00\x00\x00\x01g\x00\x01t\x00\x00"])
+def test_junk_keys_raise(junk: bytes) -> None:
+    with pytest.raises(ValueError):
+        decode_key(junk)
+
+
+def test_unknown_key_version_is_ignored() -> None:
+    assert decode_key(b"\x00\x07whatever") is None
+
+
+def test_negative_offset_value_is_junk() -> None:
+    with pytest.raises(ValueError):
+        decode_value(encode_value(-1, "", 0))
+
+
+def test_replay_keeps_the_latest_and_applies_tombstones() -> None:
+    data = _log(
+        commit_batch("g", {("t", 0): (5, ""), ("t", 1): (9, "x")}, 1000),
+        commit_batch("g", {("t", 0): (7, "y")}, 2000),
+        commit_batch("h", {("t", 0): (1, "")}, 3000),
+        tombstone_batch("h", [("t", 0)], 4000),
+    )
+    state = OffsetsState()
+    assert state.apply_chunk(data, "__consumer_offsets", 0) == len(data)
+    assert {tp: c.offset for tp, c in state.groups["g"].items()} == {("t", 0): 7, ("t", 1): 9}
+    assert state.groups["g"][("t", 0)].metadata == "y"
+    assert state.groups["g"][("t", 0)].log_offset == 2
+    assert "h" not in state.groups
+    assert state.next_offset == 5
+
+
+def test_replay_in_chunks_skips_what_it_has_seen_and_stops_at_partial_batches() -> None:
+    data = _log(commit_batch("g", {("t", 0): (1, "")}, 1), commit_batch("g", {("t", 0): (2, "")}, 2))
+    first = len(commit_batch("g", {("t", 0): (1, "")}, 1))
+    state = OffsetsState()
+    assert state.apply_chunk(data[: first + 10], "__consumer_offsets", 0) == first  # second batch incomplete
+    assert state.groups["g"][("t", 0)].offset == 1
+    # a read that starts at the batch containing next_offset hands back an already-applied batch too
+    assert state.apply_chunk(data, "__consumer_offsets", 0) == len(data)
+    assert state.groups["g"][("t", 0)].offset == 2 and state.next_offset == 2
+
+
+def test_garbage_records_are_counted_not_fatal() -> None:
+    b = rb.BatchBuilder(0)
+    b.append(0, None, b"no key")
+    b.append(0, b"\x00\x00\x00\x01g", b"bad key")
+    b.append(0, encode_key("g", "t", 0), b"\x00\x09bad value version....")
+    b.append(0, encode_key("g", "t", 1), encode_value(3, "", 0))
+    state = OffsetsState()
+    state.apply_chunk(_log(b.build()), "__consumer_offsets", 0)
+    assert state.skipped_records == 3
+    assert state.groups == {"g": {("t", 1): state.groups["g"][("t", 1)]}}
+
+
+def test_a_corrupt_batch_is_never_applied() -> None:
+    data = bytearray(_log(commit_batch("g", {("t", 0): (1, "")}, 1)))
+    data[-1] ^= 0xFF
+    with pytest.raises(CorruptMessageError):
+        OffsetsState().apply_chunk(bytes(data), "__consumer_offsets", 0)
