@@ -23,10 +23,24 @@ A partition is fetchable when its position is known, it has no fetch in flight, 
 off after an error, and holds at most one undecoded chunk (double buffering: one chunk decoding,
 one in flight or waiting). Total undecoded bytes are also capped at 2 x fetch_max_bytes.
 
-Groups: no group membership exists yet. With `group`, this consumer acts as the single member of a
-standalone group: committed offsets (OffsetFetch) pick starting positions, auto-commit runs every
-`auto_commit_interval_ms` from poll() and on close(). `subscribe()` assigns every partition of the
-topics to this consumer and re-reads partition counts on each metadata refresh.
+Groups (logbroker/client/group_member.py, logbroker/client/coordinator.py)::
+
+    group + subscribe(topics | pattern)  a member of the group: a heartbeat thread keeps the membership
+        and receives the assignment the coordinator computed; poll() applies changes on the polling
+        thread: revoked partitions first (on_revoke, then a synchronous commit with auto-commit on,
+        then their buffered and in-flight records are dropped and the smaller assignment is reported),
+        then new ones (on_assign; positions from committed offsets, else auto_offset_reset). No record
+        of a partition comes out of poll() after on_revoke for it returned. Fenced (evicted, coordinator
+        failed over): every partition is lost (on_lost, default on_revoke; no commit), then it rejoins.
+    group + assign()                     manual assignment; commits as a non-member (member id "",
+        accepted while the group has no members)
+    no group + subscribe()               every partition of the topics (or of the topics matching the
+        pattern), partition counts re-read on each metadata refresh
+
+Commits go to the group's coordinator (found with FindCoordinator, followed when it moves), as the
+member (id and epoch) when group-managed. Auto-commit runs every `auto_commit_interval_ms` from poll()
+(asynchronously: never blocking the polling thread), on revocation and on close() (synchronously).
+close() leaves the group promptly (heartbeat at epoch -1) after revoking and committing.
 
 Not thread-safe, as Kafka's: one thread polls. `close()` may be called from another thread.
 """
@@ -35,14 +49,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import threading
 import time
+import uuid
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import grpc
 
+from logbroker.client.coordinator import CoordinatorClient, Heartbeater
+from logbroker.client.group_member import ASSIGNORS, GroupMember, MemberState
 from logbroker.client.metadata_cache import LogThrottle, MetadataCache, metadata_for
 from logbroker.client.producer import rpc_error
 from logbroker.errors import (
@@ -53,6 +71,8 @@ from logbroker.errors import (
     LeaderNotAvailableError,
     LogbrokerError,
     OffsetOutOfRangeError,
+    StaleMemberEpochError,
+    UnknownMemberIdError,
     UnknownTopicOrPartitionError,
     error_for,
 )
@@ -65,9 +85,16 @@ log = logging.getLogger(__name__)
 # became fetchable go out while the first long-polls on caught-up partitions for fetch_max_wait_ms.
 FETCHES_IN_FLIGHT_PER_BROKER = 2
 
+# Asynchronous commits in flight at once; one more waits for the oldest to finish.
+ASYNC_COMMITS_MAX = 16
+# close() waits at most this long for the coordinator to answer the leave heartbeat.
+LEAVE_WAIT_S_MAX = 5.0
+
 EARLIEST = -2
 LATEST = -1
 TopicPartition = tuple[str, int]
+RebalanceCallback = Callable[[set[TopicPartition]], None]
+CommitCallback = Callable[[dict[TopicPartition, int], BaseException | None], None]
 
 
 class _PartitionState:
@@ -149,6 +176,14 @@ class _FetchCall(NamedTuple):
     parts: dict[TopicPartition, tuple[_PartitionState, int, int]]  # -> (state, epoch, fetch_offset)
 
 
+class _AsyncCommit(NamedTuple):
+    address: str
+    future: Any  # grpc.Future of an OffsetCommitResponse
+    offsets: dict[TopicPartition, int]
+    callback: CommitCallback | None
+    auto: bool  # an auto-commit: failures are logged, not handed to a callback
+
+
 def parse_reset(auto_offset_reset: str) -> int | None:
     if auto_offset_reset in ("earliest", "smallest", "beginning"):
         return EARLIEST
@@ -160,7 +195,7 @@ def parse_reset(auto_offset_reset: str) -> int | None:
 
 
 class Consumer:
-    """Reads records from assigned (or subscribed) topic partitions."""
+    """Reads records from assigned (or subscribed) topic partitions, alone or as a group member."""
 
     def __init__(
         self,
@@ -168,6 +203,13 @@ class Consumer:
         topics: Iterable[str] | None = None,
         group: str | None = None,
         *,
+        pattern: str | None = None,
+        on_assign: RebalanceCallback | None = None,
+        on_revoke: RebalanceCallback | None = None,
+        on_lost: RebalanceCallback | None = None,
+        assignor: str = "sticky",
+        session_timeout_ms: int = 0,
+        rebalance_timeout_ms: int = 0,
         auto_offset_reset: str = "earliest",
         fetch_max_bytes: int = 8 << 20,
         fetch_max_wait_ms: int = 500,
@@ -180,6 +222,13 @@ class Consumer:
         retry_backoff_ms: int = 100,
         metadata_max_age_ms: int = 300_000,
     ) -> None:
+        """`on_assign(partitions)` / `on_revoke(partitions)` run inside poll() (group members only):
+        on_revoke before partitions are given up (positions still readable, commits still accepted),
+        on_assign after new ones are taken (seek() works there). `on_lost` (default: on_revoke) runs
+        when the member was fenced and its partitions are already someone else's: do not commit.
+        `assignor` ("range", "roundrobin", "sticky"), `session_timeout_ms` and `rebalance_timeout_ms`
+        (0: the broker's defaults) are used by the coordinator when this member creates the group.
+        """
         if fetch_max_bytes <= 0 or max_partition_fetch_bytes <= 0 or fetch_min_bytes < 0:
             raise ValueError("fetch sizes must be positive")
         if fetch_max_bytes > (48 << 20):
@@ -188,6 +237,10 @@ class Consumer:
             raise ValueError("fetch_max_wait_ms, max_poll_records and auto_commit_interval_ms must be positive")
         if group is not None and not group:
             raise InvalidGroupIdError("group must be a non-empty string (or None for no group)")
+        if assignor not in ASSIGNORS:
+            raise ValueError(f"assignor must be one of {', '.join(ASSIGNORS)}, not {assignor!r}")
+        if session_timeout_ms < 0 or rebalance_timeout_ms < 0:
+            raise ValueError("session_timeout_ms and rebalance_timeout_ms must be >= 0 (0: the broker's default)")
         self._reset = parse_reset(auto_offset_reset)
         self._auto_offset_reset = auto_offset_reset
         self._fetch_max_bytes = fetch_max_bytes
@@ -201,11 +254,13 @@ class Consumer:
         self._request_timeout_s = request_timeout_ms / 1000
         self._fetch_timeout_s = (fetch_max_wait_ms + request_timeout_ms) / 1000
         self._retry_backoff_s = retry_backoff_ms / 1000
+        self._retry_backoff_ms = retry_backoff_ms
         self._metadata_max_age_s = metadata_max_age_ms / 1000
         self._metadata, self._owns_metadata = metadata_for(bootstrap, request_timeout_ms, retry_backoff_ms)
 
         self._assigned: dict[TopicPartition, _PartitionState] = {}
         self._subscription: list[str] | None = None
+        self._pattern: re.Pattern[str] | None = None
         self._chunks: deque[_Chunk] = deque()
         self._buffered_bytes = 0
         self._in_flight: list[_FetchCall] = []
@@ -220,49 +275,243 @@ class Consumer:
         self._next_auto_commit = time.monotonic() + self._auto_commit_interval_s
         self._pending_error: BaseException | None = None
         self._log = LogThrottle(log)
-        if topics is not None:
-            topic_list = [topics] if isinstance(topics, str) else list(topics)
-            if topic_list:
-                self.subscribe(topic_list)
+
+        # The group: the coordinator (with a group), and the membership (once subscribed with one).
+        self._on_assign = on_assign
+        self._on_revoke = on_revoke
+        self._on_lost = on_lost
+        self._assignor = assignor
+        self._session_timeout_ms = session_timeout_ms
+        self._rebalance_timeout_ms = rebalance_timeout_ms
+        self._coordinator = (
+            None if group is None
+            else CoordinatorClient(self._metadata, group, self._request_timeout_s, self._retry_backoff_s)
+        )
+        self._member: GroupMember | None = None
+        self._member_lock = threading.Lock()
+        self._heartbeater: Heartbeater | None = None
+        self._group_managed = False  # the assignment is the group member's (subscribed with a group)
+        self._member_changed = False  # set by the heartbeat thread: poll() has membership changes to apply
+        self._left = threading.Event()
+        self._async_commits: deque[_AsyncCommit] = deque()
+
+        topic_list = [] if topics is None else [topics] if isinstance(topics, str) else list(topics)
+        if topic_list or pattern is not None:
+            self.subscribe(topic_list, pattern=pattern)
+
+    # -- the group ---------------------------------------------------------------------------
+
+    @property
+    def member_id(self) -> str:
+        """This consumer's id in its group ("" when it is not a group member)."""
+        return "" if self._member is None or not self._group_managed else self._member.member_id
+
+    @property
+    def member_epoch(self) -> int:
+        """The member epoch (-1: not a group member; 0: joining)."""
+        if self._member is None or not self._group_managed:
+            return -1
+        with self._member_lock:
+            return self._member.member_epoch
+
+    @property
+    def group_state(self) -> str:
+        """The membership state: unsubscribed, joining, stable, reconciling, fenced, leaving, fatal."""
+        if self._member is None or not self._group_managed:
+            return MemberState.UNSUBSCRIBED.value
+        with self._member_lock:
+            return self._member.state.value
+
+    def _join(self, topics: list[str], pattern: str) -> None:
+        """Subscribe as a group member (creating the membership and its heartbeat thread once)."""
+        assert self._group is not None and self._coordinator is not None
+        if self._member is None:
+            self._member = GroupMember(
+                self._group, uuid.uuid4().hex, assignor=self._assignor, session_timeout_ms=self._session_timeout_ms,
+                rebalance_timeout_ms=self._rebalance_timeout_ms, retry_backoff_ms=self._retry_backoff_ms,
+            )
+            self._heartbeater = Heartbeater(
+                self._member, self._member_lock, self._coordinator, self._metadata, self._on_member_change,
+                self._request_timeout_s, self._session_timeout_ms,
+            )
+            self._heartbeater.start()
+        with self._member_lock:
+            self._member.subscribe(topics, pattern, _now_ms())
+            self._left.clear()
+        self._wake_heartbeat()
+
+    def _on_member_change(self) -> None:
+        """Heartbeat thread: wake the polling thread when there is something to apply."""
+        member = self._member
+        assert member is not None
+        with self._member_lock:
+            state = member.state
+            pending = state is MemberState.FATAL or member.reconciliation() is not None
+        if state is MemberState.UNSUBSCRIBED:
+            self._left.set()
+        if pending:
+            self._member_changed = True
+            self._wakeup.set()
+
+    def _wake_heartbeat(self) -> None:
+        if self._heartbeater is not None:
+            self._heartbeater.wake()
+
+    def _apply_membership(self) -> None:
+        """Polling thread: revoke, then assign, as the member's latest assignment says; callbacks run here."""
+        self._member_changed = False
+        member = self._member
+        if member is None or not self._group_managed:
+            return
+        with self._member_lock:
+            rec = member.reconciliation()
+            fatal = member.error if member.state is MemberState.FATAL else None
+        if fatal is not None:
+            self._member_changed = True  # raised by every poll() until subscribe() is called again
+            raise fatal
+        if rec is None:
+            return
+        error: BaseException | None = None
+        if rec.revoke:
+            error = self._revoke(set(rec.revoke), lost=rec.lost, commit=self._auto_commit and not rec.lost)
+        if rec.assign or rec.joined:
+            with self._member_lock:
+                taken = member.assigned(rec.assign, _now_ms())
+            if taken:
+                self._set_assignment(list(self._assigned) + sorted(taken), commit_revoked=False)
+                self._wake_heartbeat()
+            log.info("group %s: member %s assigned %s", self._group, member.member_id, _describe(taken))
+            if self._on_assign is not None:
+                try:
+                    self._on_assign(set(taken))
+                except Exception as e:
+                    log.exception("on_assign of group %s raised", self._group)
+                    error = error or e
+        if error is not None:
+            raise error
+
+    def _revoke(self, partitions: set[TopicPartition], lost: bool, commit: bool) -> BaseException | None:
+        """Give partitions up: callback, commit, drop their records, tell the member. Returns the
+        callback's exception (the revocation completes regardless)."""
+        member = self._member
+        assert member is not None
+        error: BaseException | None = None
+        callback = (self._on_lost or self._on_revoke) if lost else self._on_revoke
+        log.info("group %s: member %s %s %s", self._group, member.member_id, "lost" if lost else "revoking",
+                 _describe(partitions))
+        if callback is not None:
+            try:
+                callback(set(partitions))
+            except Exception as e:
+                log.exception("%s of group %s raised", "on_lost" if lost else "on_revoke", self._group)
+                error = e
+        if commit:
+            self._commit_quietly([st for tp, st in self._assigned.items() if tp in partitions], asynchronous=False)
+        self._set_assignment([tp for tp in self._assigned if tp not in partitions], commit_revoked=False)
+        with self._member_lock:
+            member.revoked(partitions, _now_ms())
+        self._wake_heartbeat()
+        return error
+
+    def _leave_group(self, commit: bool) -> None:
+        """Polling thread: give up everything (callbacks, commit) and leave; the heartbeat thread sends it."""
+        member = self._member
+        assert member is not None
+        with self._member_lock:
+            owned = set(member.owned)
+            lost = member.state is MemberState.FENCED
+        error = self._revoke(owned, lost=lost, commit=commit and not lost) if owned else None
+        if self._assigned:
+            self._set_assignment([], commit_revoked=False)
+        with self._member_lock:
+            member.leave(_now_ms())
+            if member.state is MemberState.UNSUBSCRIBED:
+                self._left.set()
+        self._group_managed = False
+        self._member_changed = False
+        self._wake_heartbeat()
+        if error is not None:
+            log.warning("group %s: leaving despite the callback's error: %s", self._group, error)
+
+    def _await_leave(self, deadline: float) -> None:
+        member = self._member
+        if member is None:
+            return
+        if not self._left.wait(max(min(deadline - time.monotonic(), LEAVE_WAIT_S_MAX), 0)):
+            with self._member_lock:
+                member.abandon()
+            self._log.warning("leave", "group %s: the coordinator did not answer the leave in time: the "
+                              "session timeout will evict member %s", self._group, member.member_id)
 
     # -- assignment --------------------------------------------------------------------------
 
     def assign(self, partitions: Iterable[TopicPartition]) -> None:
-        """Read exactly these partitions (replaces any subscription)."""
+        """Read exactly these partitions (replaces any subscription; a group member leaves its group)."""
         wanted = [(str(t), int(p)) for t, p in partitions]
         for t, p in wanted:
             if p < 0:
                 raise ValueError(f"partition must be >= 0, got {t}-{p}")
+        if self._group_managed:
+            self.unsubscribe()
         self._subscription = None
+        self._pattern = None
         unknown = sorted({t for t, _ in wanted if self._metadata.cached_partitions(t) is None})
         if unknown:
             with contextlib.suppress(LogbrokerError):  # poll() retries; assign() itself never fails on it
                 self._metadata.refresh(unknown, retry=False)
         self._set_assignment(wanted)
 
-    def subscribe(self, topics: Iterable[str]) -> None:
-        """Read every partition of these topics (partitions added later are picked up on refresh)."""
-        topic_list = [topics] if isinstance(topics, str) else list(dict.fromkeys(topics))
-        if not topic_list:
-            raise ValueError("subscribe() needs at least one topic (use unsubscribe() to stop)")
-        self._subscription = topic_list
+    def subscribe(self, topics: Iterable[str] | None = None, pattern: str | None = None) -> None:
+        """Read the partitions of these topics and/or of every topic whose whole name matches `pattern`.
+
+        With a group: join it (the coordinator assigns a share of the partitions; topics created later
+        that match the pattern are picked up). Without: every partition (partition counts, and topics
+        matching the pattern, are re-read on metadata refreshes).
+        """
+        topic_list = [] if topics is None else [topics] if isinstance(topics, str) else list(dict.fromkeys(topics))
+        if not topic_list and pattern is None:
+            raise ValueError("subscribe() needs at least one topic or a pattern (use unsubscribe() to stop)")
+        compiled = None
+        if pattern is not None:
+            try:
+                compiled = re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"pattern {pattern!r} is not a regular expression: {e}") from None
+        if self._group is not None:
+            if not self._group_managed and self._assigned:
+                self._set_assignment([])  # a manual assignment ends
+            self._subscription, self._pattern = topic_list, compiled
+            self._group_managed = True
+            self._join(topic_list, pattern or "")
+            return
+        self._subscription, self._pattern = topic_list, compiled
         self._refresh_metadata(force=True)
 
     def unsubscribe(self) -> None:
+        """Stop reading; a group member gives up its partitions (on_revoke, commit) and leaves the group."""
+        if self._group_managed:
+            self._leave_group(commit=self._auto_commit)
         self._subscription = None
+        self._pattern = None
         self._set_assignment([])
 
     def subscription(self) -> list[str] | None:
-        return None if self._subscription is None else list(self._subscription)
+        if self._subscription is None and self._pattern is None:
+            return None
+        return list(self._subscription or ())
 
     def assignment(self) -> set[TopicPartition]:
         return set(self._assigned)
 
-    def _set_assignment(self, wanted: list[TopicPartition]) -> None:
+    def _subscribed(self) -> bool:
+        return self._subscription is not None or self._pattern is not None
+
+    def _set_assignment(self, wanted: list[TopicPartition], commit_revoked: bool = True) -> None:
         old = self._assigned
-        revoked = [tp for tp in old if tp not in set(wanted)]
-        if revoked and self._auto_commit:
-            self._commit_quietly([old[tp] for tp in revoked])
+        keep = set(wanted)
+        revoked = [tp for tp in old if tp not in keep]
+        if revoked and commit_revoked and self._auto_commit:
+            self._commit_quietly([old[tp] for tp in revoked], asynchronous=False)
         new: dict[TopicPartition, _PartitionState] = {}
         for tp in wanted:
             st = old.get(tp)
@@ -354,7 +603,7 @@ class Consumer:
         if self._group is not None:
             fresh = [st for st in missing if st.reset_to is None]
             if fresh:
-                committed = self._offset_fetch([(st.topic, st.partition) for st in fresh])
+                committed = self._offset_fetch([(st.topic, st.partition) for st in fresh], deadline)
                 for st in fresh:
                     off = committed.get((st.topic, st.partition), -1)
                     if off >= 0:
@@ -440,7 +689,7 @@ class Consumer:
         """
         if self._closed:
             raise LogbrokerError("poll() on a closed consumer")
-        if self._subscription is None and not self._assigned:
+        if not self._subscribed() and not self._assigned:
             raise LogbrokerError("poll() needs subscribe() or assign() first")
         limit = max_records if max_records is not None else self._max_poll_records
         if limit <= 0:
@@ -454,6 +703,8 @@ class Consumer:
             while True:
                 if self._closed:
                     return []
+                if self._member_changed:  # before any record: none may follow on_revoke of its partition
+                    self._apply_membership()
                 # Records already decoded go out first: no RPC bookkeeping on the hot path.
                 chunks = self._chunks
                 if chunks:
@@ -491,25 +742,30 @@ class Consumer:
                 wake = st.retry_at
         if self._auto_commit and (wake is None or self._next_auto_commit < wake):
             wake = self._next_auto_commit
-        if (self._metadata_stale or (self._subscription is not None and self._missing_topics())) and (
-            wake is None or self._metadata_retry_at < wake
-        ):
+        if (self._metadata_stale or self._missing_topics()) and (wake is None or self._metadata_retry_at < wake):
             wake = max(self._metadata_retry_at, now + self._retry_backoff_s)
         if not self._in_flight and self._assigned and wake is None:
             wake = now + self._retry_backoff_s  # nothing in flight to wake us: look again soon
         return None if wake is None else wake - now
 
     def _missing_topics(self) -> bool:
-        subscribed = self._subscription or []
+        """A subscription without a group that may gain topics: refresh metadata every second."""
+        if self._group_managed or not self._subscribed():
+            return False
+        if self._pattern is not None:
+            return True  # topics created later that match
         have = {t for t, _ in self._assigned}
-        return any(t not in have for t in subscribed)
+        return any(t not in have for t in self._subscription or ())
 
     def _housekeeping(self, now: float) -> None:
+        if self._async_commits:
+            self._finish_async_commits(block_until=None)
         if self._auto_commit and now >= self._next_auto_commit:
             self._next_auto_commit = now + self._auto_commit_interval_s
-            self._commit_quietly(list(self._assigned.values()))
+            if not any(c.auto for c in self._async_commits):  # the last one is still on its way
+                self._commit_quietly(list(self._assigned.values()), asynchronous=True)
         due = now >= self._metadata.last_refresh_monotonic + self._metadata_max_age_s
-        if self._subscription is not None and self._missing_topics():
+        if self._missing_topics():
             due = due or now >= self._metadata.last_refresh_monotonic + 1.0
         if (due or self._metadata_stale) and now >= self._metadata_retry_at:
             self._refresh_metadata(force=False)
@@ -695,17 +951,25 @@ class Consumer:
         if not force and now < self._metadata_retry_at:
             return
         self._metadata_retry_at = now + self._retry_backoff_s
-        topics = set(self._subscription or ()) | {t for t, _ in self._assigned}
-        if topics:
+        standalone = self._subscribed() and not self._group_managed  # every partition of the subscription
+        topics = {t for t, _ in self._assigned}
+        if standalone:
+            topics |= set(self._subscription or ())
+        every_topic = standalone and self._pattern is not None
+        if topics or every_topic:
             try:
-                self._metadata.refresh(sorted(topics), retry=force)
+                self._metadata.refresh(None if every_topic else sorted(topics), retry=force)
             except LogbrokerError as e:
                 self._log.warning("metadata", "metadata refresh failed: %s", e)
                 return  # subscribed topics get assigned once a refresh succeeds
         self._metadata_stale = False
-        if self._subscription is not None:
+        if standalone:
+            names = list(self._subscription or ())
+            if self._pattern is not None:
+                pattern = self._pattern
+                names += sorted(t for t in self._metadata.topics() if pattern.fullmatch(t) and not t.startswith("__") and t not in names)
             wanted: list[TopicPartition] = []
-            for t in self._subscription:
+            for t in names:
                 n = self._metadata.cached_partitions(t)
                 if n is not None:
                     wanted.extend((t, p) for p in range(n))
@@ -723,29 +987,23 @@ class Consumer:
 
     # -- offsets of the group ----------------------------------------------------------------
 
-    def _require_group(self) -> str:
-        if self._group is None:
+    def _require_group(self) -> CoordinatorClient:
+        if self._coordinator is None:
             raise InvalidGroupIdError("this consumer has no group: pass group=... to Consumer() to commit offsets")
-        return self._group
+        return self._coordinator
 
-    def _coordinator_stub(self) -> Any:
-        return self._metadata.broker_stub(self._metadata.any_address())
-
-    def _offset_fetch(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
-        group = self._require_group()
+    def _offset_fetch(self, partitions: list[TopicPartition], deadline: float) -> dict[TopicPartition, int]:
+        coordinator = self._require_group()
         request = pb.OffsetFetchRequest(
-            group=group, partitions=[pb.TopicPartition(topic=t, partition=p) for t, p in partitions]
+            group=coordinator.group, partitions=[pb.TopicPartition(topic=t, partition=p) for t, p in partitions]
         )
-        try:
-            resp = self._coordinator_stub().OffsetFetch(request, timeout=self._request_timeout_s)
-        except grpc.RpcError as e:
-            raise rpc_error(e) from None
+        resp = coordinator.call("broker", "OffsetFetch", request, deadline)
         if resp.error_code != pb.NONE:
             raise error_for(resp.error_code, resp.error_message)
         out: dict[TopicPartition, int] = {}
         for r in resp.results:
             if r.error_code != pb.NONE:
-                err = error_for(r.error_code, "")
+                err = error_for(r.error_code, r.error_message)
                 if not isinstance(err, UnknownTopicOrPartitionError):
                     raise err
                 continue
@@ -754,23 +1012,85 @@ class Consumer:
 
     def committed(self, topic: str, partition: int) -> int | None:
         """The group's committed offset for the partition, None if nothing is committed."""
-        off = self._offset_fetch([(topic, partition)]).get((topic, partition), -1)
+        deadline = time.monotonic() + self._request_timeout_s
+        off = self._offset_fetch([(topic, partition)], deadline).get((topic, partition), -1)
         return off if off >= 0 else None
 
-    def commit(self, offsets: dict[TopicPartition, int] | None = None) -> None:
-        """Commit `offsets` (the next offset to read, per partition), or every current position."""
-        group = self._require_group()
+    def _commit_identity(self) -> tuple[str, int]:
+        """(member id, member epoch) to commit with: the member's, or ("", -1) when not group-managed."""
+        member = self._member
+        if member is None or not self._group_managed:
+            return "", -1
+        with self._member_lock:
+            identity = member.commit_identity()
+            state = member.state
+        if identity is None:
+            raise UnknownMemberIdError(
+                f"not a member of group {self._group} right now ({state.value}): nothing was committed"
+            )
+        return identity
+
+    def _commit_request(self, offsets: dict[TopicPartition, int]) -> pb.OffsetCommitRequest:
+        member_id, epoch = self._commit_identity()
+        return pb.OffsetCommitRequest(
+            group=self._group, member_id=member_id, member_epoch=epoch,
+            partitions=[pb.OffsetCommitPartition(topic=t, partition=p, offset=off) for (t, p), off in offsets.items()],
+        )
+
+    def commit(
+        self,
+        offsets: dict[TopicPartition, int] | None = None,
+        asynchronous: bool = False,
+        callback: CommitCallback | None = None,
+    ) -> None:
+        """Commit `offsets` (the next offset to read, per partition), or every current position.
+
+        Synchronous: retries until request_timeout_ms (a stale member epoch too: the heartbeat in
+        flight brings the new one), raises the first error. Asynchronous: returns at once;
+        `callback(offsets, error_or_None)` runs inside a later poll() (or commit()/close()), in commit
+        order. A group member commits as itself: a fenced or joining member cannot commit
+        (UnknownMemberIdError), nor one the coordinator no longer knows.
+        """
+        coordinator = self._require_group()
         if offsets is None:
             offsets = {tp: st.position for tp, st in self._assigned.items() if st.position is not None}
+        else:
+            offsets = {(str(t), int(p)): int(off) for (t, p), off in offsets.items()}
         if not offsets:
+            if callback is not None:
+                callback({}, None)
             return
-        request = pb.OffsetCommitRequest(group=group, partitions=[
-            pb.OffsetCommitPartition(topic=t, partition=p, offset=off) for (t, p), off in offsets.items()
-        ])
+        if asynchronous:
+            self._commit_async(coordinator, offsets, callback, auto=False)
+            return
         try:
-            resp = self._coordinator_stub().OffsetCommit(request, timeout=self._request_timeout_s)
-        except grpc.RpcError as e:
-            raise rpc_error(e) from None
+            self._commit_sync(coordinator, offsets, time.monotonic() + self._request_timeout_s)
+        except LogbrokerError as e:
+            if callback is not None:
+                callback(offsets, e)
+            raise
+        if callback is not None:
+            callback(offsets, None)
+
+    def _commit_sync(self, coordinator: CoordinatorClient, offsets: dict[TopicPartition, int], deadline: float) -> None:
+        self._finish_async_commits(block_until=deadline)  # never overtake an earlier commit
+        while True:
+            resp = coordinator.call("broker", "OffsetCommit", self._commit_request(offsets), deadline)
+            if resp.error_code == pb.STALE_MEMBER_EPOCH and time.monotonic() + self._retry_backoff_s < deadline:
+                time.sleep(self._retry_backoff_s)  # the heartbeat that moved the epoch is on its way back
+                continue
+            break
+        err = self._commit_outcome(offsets, resp)
+        if err is not None:
+            raise err
+
+    def _commit_outcome(self, offsets: dict[TopicPartition, int], resp: pb.OffsetCommitResponse) -> BrokerError | None:
+        """Record what a commit response accepted; the error to report (top-level, else the first)."""
+        if resp.error_code != pb.NONE:
+            err = error_for(resp.error_code, resp.error_message or f"group {self._group}")
+            if isinstance(err, StaleMemberEpochError | UnknownMemberIdError):
+                err.message += " (nothing was committed)"
+            return err
         first: BrokerError | None = None
         for r in resp.results:
             if r.error_code != pb.NONE:
@@ -779,20 +1099,83 @@ class Consumer:
             st = self._assigned.get((r.topic, r.partition))
             if st is not None:
                 st.committed = offsets.get((r.topic, r.partition), st.committed)
-        if first is not None:
-            raise first
+        return first
 
-    def _commit_quietly(self, states: list[_PartitionState]) -> None:
+    def _commit_async(self, coordinator: CoordinatorClient, offsets: dict[TopicPartition, int],
+                      callback: CommitCallback | None, auto: bool) -> None:
+        if len(self._async_commits) >= ASYNC_COMMITS_MAX:
+            self._finish_async_commits(block_until=time.monotonic() + self._request_timeout_s, at_most=1)
+        try:
+            request = self._commit_request(offsets)
+            address = coordinator.cached_address or coordinator.address(deadline=time.monotonic())  # one lookup
+            future = self._metadata.broker_stub(address).OffsetCommit.future(request, timeout=self._request_timeout_s)
+        except (LogbrokerError, grpc.RpcError, ValueError) as e:
+            err = e if isinstance(e, LogbrokerError) else BrokerUnavailableError(str(e))
+            if isinstance(e, grpc.RpcError):
+                err = rpc_error(e)
+            self._commit_failed(offsets, callback, auto, err)
+            return
+        self._async_commits.append(_AsyncCommit(address, future, offsets, callback, auto))
+        future.add_done_callback(self._on_fetch_done)  # wakes poll()
+
+    def _finish_async_commits(self, block_until: float | None, at_most: int | None = None) -> None:
+        """Complete asynchronous commits in order: those done (or, with `block_until`, every one, waiting
+        until then at most); their callbacks run here."""
+        done = 0
+        while self._async_commits and (at_most is None or done < at_most):
+            commit = self._async_commits[0]
+            if not commit.future.done():
+                if block_until is None:
+                    return
+                with contextlib.suppress(Exception):  # the outcome is read below
+                    commit.future.result(timeout=max(block_until - time.monotonic(), 0))
+                if not commit.future.done():
+                    return
+            self._async_commits.popleft()
+            done += 1
+            try:
+                resp = commit.future.result()
+            except grpc.RpcError as e:
+                self._coordinator_failed(commit.address)
+                self._commit_failed(commit.offsets, commit.callback, commit.auto, rpc_error(e))
+                continue
+            except Exception as e:  # cancelled
+                self._commit_failed(commit.offsets, commit.callback, commit.auto, LogbrokerError(f"commit: {e!r}"))
+                continue
+            if resp.error_code in (pb.NOT_COORDINATOR, pb.COORDINATOR_NOT_AVAILABLE):
+                self._coordinator_failed(commit.address)
+            err = self._commit_outcome(commit.offsets, resp)
+            if err is not None:
+                self._commit_failed(commit.offsets, commit.callback, commit.auto, err)
+            elif commit.callback is not None:
+                commit.callback(commit.offsets, None)
+
+    def _coordinator_failed(self, address: str) -> None:
+        if self._coordinator is not None:
+            self._coordinator.invalidate(address)
+
+    def _commit_failed(self, offsets: dict[TopicPartition, int], callback: CommitCallback | None, auto: bool,
+                       err: LogbrokerError) -> None:
+        if callback is not None:
+            callback(offsets, err)
+        else:
+            self._log.warning("commit", "%scommit of group %s failed: %s", "auto-" if auto else "async ",
+                              self._group, err)
+
+    def _commit_quietly(self, states: list[_PartitionState], asynchronous: bool) -> None:
         """Auto-commit: positions that moved since the last commit; failures are logged."""
         offsets = {
             (st.topic, st.partition): st.position
             for st in states
             if st.position is not None and st.position != st.committed
         }
-        if not offsets:
+        if not offsets or self._coordinator is None:
+            return
+        if asynchronous:
+            self._commit_async(self._coordinator, offsets, None, auto=True)
             return
         try:
-            self.commit(offsets)
+            self._commit_sync(self._coordinator, offsets, time.monotonic() + self._request_timeout_s)
         except LogbrokerError as e:
             self._log.warning("commit", "auto-commit of group %s failed: %s", self._group, e)
 
@@ -800,31 +1183,53 @@ class Consumer:
 
     def __iter__(self) -> Iterator[Message]:
         """Every record, forever: ends when the consumer is closed (from another thread)."""
-        if self._subscription is None and not self._assigned:
+        if not self._subscribed() and not self._assigned:
             raise LogbrokerError("iterating needs subscribe() or assign() first")
         while not self._closed:
             yield from self._poll(None, self._max_poll_records)
 
     def close(self, timeout: float | None = None) -> None:
-        """Commit positions (with a group and auto-commit), close the channels. Idempotent.
+        """Commit positions (with a group and auto-commit), leave the group, close the channels. Idempotent.
 
-        Safe from another thread: a poll() waiting there returns []. Waits at most `timeout`
-        seconds for a running poll() to let go (then skips the final commit).
+        A group member runs on_revoke, commits, and sends its leave heartbeat at once (so its partitions
+        move without waiting for the session timeout); close() waits for the answer up to
+        LEAVE_WAIT_S_MAX. Safe from another thread: a poll() waiting there returns []. Waits at most
+        `timeout` seconds in all (default request_timeout_ms) — for a running poll() to let go (else
+        the final commit and the callbacks are skipped, the leave is still sent), for commits, for the
+        leave.
         """
         if self._closed:
             return
         self._closed = True
         self._wakeup.set()
+        deadline = time.monotonic() + (self._request_timeout_s if timeout is None else max(timeout, 0))
         got = self._poll_lock.acquire(timeout=-1 if timeout is None else max(timeout, 0))
         try:
-            if got and self._auto_commit:
-                self._commit_quietly(list(self._assigned.values()))
-            for call in self._in_flight:
-                call.future.cancel()
-            self._in_flight.clear()
-            self._chunks.clear()
-            if self._owns_metadata:
-                self._metadata.close()
+            try:
+                if self._group_managed and self._member is not None:
+                    if got:
+                        self._leave_group(commit=self._auto_commit)
+                    else:
+                        with self._member_lock:
+                            self._member.leave(_now_ms())
+                        self._wake_heartbeat()
+                    self._await_leave(deadline)
+                elif got and self._auto_commit:
+                    self._commit_quietly(list(self._assigned.values()), asynchronous=False)
+                if got and self._async_commits:
+                    self._finish_async_commits(block_until=deadline)
+            finally:
+                if self._heartbeater is not None:
+                    self._heartbeater.stop(timeout_s=1.0)
+                for call in self._in_flight:
+                    call.future.cancel()
+                self._in_flight.clear()
+                self._chunks.clear()
+                for commit in self._async_commits:
+                    commit.future.cancel()
+                self._async_commits.clear()
+                if self._owns_metadata:
+                    self._metadata.close()
         finally:
             if got:
                 self._poll_lock.release()
@@ -834,3 +1239,14 @@ class Consumer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _now_ms() -> int:
+    return time.monotonic_ns() // 1_000_000
+
+
+def _describe(partitions: Iterable[TopicPartition]) -> str:
+    """"t-0, t-1, u-3" (at most 20 named) for logs."""
+    tps = sorted(partitions)
+    text = ", ".join(f"{t}-{p}" for t, p in tps[:20])
+    return (text + f" and {len(tps) - 20} more") if len(tps) > 20 else (text or "nothing")
