@@ -1,6 +1,14 @@
 """The logbroker client: Producer, Consumer and Admin over gRPC (synchronous API)."""
 
-from logbroker.client.admin import Admin, PartitionInfo, TopicDescription
+from logbroker.client.admin import (
+    Admin,
+    GroupDescription,
+    GroupListing,
+    GroupMemberInfo,
+    PartitionInfo,
+    PartitionLag,
+    TopicDescription,
+)
 from logbroker.client.consumer import Consumer
 from logbroker.client.metadata_cache import MetadataCache
 from logbroker.client.producer import FutureRecordMetadata, Producer, RecordMetadata
@@ -10,9 +18,13 @@ __all__ = [
     "Admin",
     "Consumer",
     "FutureRecordMetadata",
+    "GroupDescription",
+    "GroupListing",
+    "GroupMemberInfo",
     "Message",
     "MetadataCache",
     "PartitionInfo",
+    "PartitionLag",
     "Producer",
     "RecordMetadata",
     "TopicDescription",

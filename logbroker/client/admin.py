@@ -1,24 +1,47 @@
-"""The admin client: create, delete, list, describe topics and add partitions.
+"""The admin client: topics (create, delete, list, describe, add partitions) and consumer groups.
 
-Requests go to the controller when the metadata names one, else to any known broker. Only a call
-that never reached a broker (gRPC UNAVAILABLE) is retried on the next broker: creating a topic is
-not idempotent, so a timed-out CreateTopics is reported, not repeated.
+Topic requests go to the controller when the metadata names one, else to any known broker. Only a
+call that never reached a broker (gRPC UNAVAILABLE) is retried on the next broker: creating a topic
+is not idempotent, so a timed-out CreateTopics is reported, not repeated.
+
+Group requests go to the group's coordinator (logbroker/client/coordinator.py), except ListGroups,
+which each broker answers for the groups it coordinates: the admin asks every live broker and merges.
+Lag and offset resets read log end offsets (high watermarks) with ListOffsets at partition leaders.
+Offsets are reset only while the group has no members, committing as a non-member (member id "").
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
 
+from logbroker.client.coordinator import CoordinatorClient
 from logbroker.client.metadata_cache import MetadataCache, metadata_for
 from logbroker.client.producer import rpc_error
-from logbroker.errors import BrokerUnavailableError, error_for
+from logbroker.errors import (
+    BrokerError,
+    BrokerUnavailableError,
+    GroupIdNotFoundError,
+    LeaderNotAvailableError,
+    LogbrokerError,
+    NonEmptyGroupError,
+    UnknownTopicOrPartitionError,
+    error_for,
+)
 from logbroker.v1 import logbroker_pb2 as pb
 
 T = TypeVar("T")
+TopicPartition = tuple[str, int]
+log = logging.getLogger(__name__)
+
+EARLIEST = -2
+LATEST = -1
+RESET_MODES = ("earliest", "latest", "offset", "shift", "datetime")
 
 
 @dataclass(frozen=True)
@@ -41,8 +64,52 @@ class TopicDescription:
     partitions: list[PartitionInfo] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class GroupListing:
+    group: str
+    state: str  # empty | reconciling | stable
+    members: int
+    coordinator_id: int  # the broker that coordinates it
+
+
+@dataclass(frozen=True)
+class GroupMemberInfo:
+    member_id: str
+    member_epoch: int
+    state: str  # stable | unrevoked_partitions | unreleased_partitions
+    subscribed_topics: list[str]
+    subscribed_regex: str
+    assigned: list[TopicPartition]  # may own now
+    revoking: list[TopicPartition]  # told to give up, not yet confirmed (still its own)
+    target: list[TopicPartition]
+    client_host: str
+
+
+@dataclass(frozen=True)
+class GroupDescription:
+    group: str
+    state: str
+    group_epoch: int
+    assignor: str
+    coordinator_id: int
+    members: list[GroupMemberInfo]
+    offsets: dict[TopicPartition, int]  # committed: the next offset to read
+
+
+@dataclass(frozen=True)
+class PartitionLag:
+    """One row of `logbroker groups describe` (Kafka's columns)."""
+
+    topic: str
+    partition: int
+    current_offset: int | None  # committed; None: nothing committed
+    log_end_offset: int | None  # the high watermark; None: unknown (no leader)
+    lag: int | None
+    member_id: str  # "" when no member owns it
+
+
 class Admin:
-    """Topic administration over the `logbroker.v1.Admin` service."""
+    """Topic and consumer-group administration over the `logbroker.v1.Admin` service."""
 
     def __init__(
         self,
@@ -52,6 +119,7 @@ class Admin:
         retry_backoff_ms: int = 100,
     ) -> None:
         self._timeout_s = request_timeout_ms / 1000
+        self._retry_backoff_s = retry_backoff_ms / 1000
         self._metadata, self._owns_metadata = metadata_for(bootstrap, request_timeout_ms, retry_backoff_ms)
 
     def _call(self, fn: Callable[[Any], T]) -> T:
@@ -145,6 +213,217 @@ class Admin:
         if resp.error_code != pb.NONE:
             raise error_for(resp.error_code, resp.error_message)
 
+    # -- consumer groups -------------------------------------------------------------------------
+
+    def _coordinator(self, group: str) -> CoordinatorClient:
+        if not group:
+            raise ValueError("group must be a non-empty string")
+        return CoordinatorClient(self._metadata, group, self._timeout_s, self._retry_backoff_s)
+
+    def list_groups(self) -> list[GroupListing]:
+        """Every group some broker coordinates (each broker answers for its own), sorted by name.
+
+        Raises BrokerUnavailableError when no broker answers; brokers that do not are logged.
+        """
+        self._metadata.refresh(None)
+        brokers = self._metadata.brokers() or {-1: self._metadata.any_address()}
+        found: dict[str, GroupListing] = {}
+        answered = 0
+        failed: list[str] = []
+        for broker_id, address in sorted(brokers.items()):
+            try:
+                resp = self._metadata.admin_stub(address).ListGroups(pb.ListGroupsRequest(), timeout=self._timeout_s)
+            except grpc.RpcError as e:
+                failed.append(f"{broker_id} at {address}: {rpc_error(e)}")
+                continue
+            answered += 1
+            for g in resp.groups:
+                seen = found.get(g.group)
+                if seen is None or g.members > seen.members:  # mid-failover two may answer: the live one
+                    found[g.group] = GroupListing(g.group, g.state, g.members, broker_id)
+        if not answered:
+            raise BrokerUnavailableError(f"no broker answered ListGroups: {'; '.join(failed)}")
+        if failed:
+            log.warning("ListGroups: some brokers did not answer (their groups are missing): %s", "; ".join(failed))
+        return [found[name] for name in sorted(found)]
+
+    def describe_group(self, group: str) -> GroupDescription:
+        """Members, their assignments and the committed offsets; raises GroupIdNotFoundError."""
+        resp = self._coordinator(group).call(
+            "admin", "DescribeGroup", pb.DescribeGroupRequest(group=group), time.monotonic() + self._timeout_s)
+        if resp.error_code != pb.NONE:
+            raise error_for(resp.error_code, resp.error_message or f"group {group}")
+        members = [
+            GroupMemberInfo(
+                member_id=m.member_id, member_epoch=m.member_epoch, state=m.state,
+                subscribed_topics=list(m.subscribed_topics), subscribed_regex=m.subscribed_regex,
+                assigned=_partitions(m.assigned), revoking=_partitions(m.revoking), target=_partitions(m.target),
+                client_host=m.client_host,
+            )
+            for m in sorted(resp.members, key=lambda m: m.member_id)
+        ]
+        offsets = {(o.topic, o.partition): o.offset for o in sorted(resp.offsets, key=lambda o: (o.topic, o.partition))}
+        return GroupDescription(resp.group or group, resp.state, resp.group_epoch, resp.assignor, resp.coordinator_id,
+                                members, offsets)
+
+    def group_lag(self, group: str, description: GroupDescription | None = None) -> list[PartitionLag]:
+        """Per partition the group owns or has committed: committed offset, log end, lag, owner."""
+        d = description or self.describe_group(group)
+        owner: dict[TopicPartition, str] = {}
+        for m in d.members:
+            for tp in m.assigned + m.revoking:
+                owner[tp] = m.member_id
+        tps = sorted(set(d.offsets) | set(owner))
+        ends, _ = self._list_offsets(tps, LATEST)
+        rows = []
+        for tp in tps:
+            current = d.offsets.get(tp)
+            end = ends.get(tp)
+            lag = None if current is None or end is None else max(end - current, 0)
+            rows.append(PartitionLag(tp[0], tp[1], current, end, lag, owner.get(tp, "")))
+        return rows
+
+    def delete_group(self, group: str) -> None:
+        """Delete a group's committed offsets; raises NonEmptyGroupError while it has members."""
+        resp = self._coordinator(group).call(
+            "admin", "DeleteGroup", pb.DeleteGroupRequest(group=group), time.monotonic() + self._timeout_s)
+        if resp.error_code != pb.NONE:
+            raise error_for(resp.error_code, resp.error_message or f"group {group}")
+
+    def reset_offsets(
+        self,
+        group: str,
+        topic: str,
+        to: str,
+        value: int | None = None,
+        partitions: Iterable[int] | None = None,
+        dry_run: bool = False,
+    ) -> dict[TopicPartition, int]:
+        """Set the group's committed offsets of `topic` (all or some partitions); returns them.
+
+        `to`: "earliest", "latest", "offset" (`value`), "shift" (committed + `value`, from the log start
+        when nothing is committed) or "datetime" (`value` in ms since the epoch: the first record at or
+        after it, else the log end). Results are clamped to [log start, log end]. Only while the group
+        has no members (NonEmptyGroupError); `dry_run` computes without committing.
+        """
+        if to not in RESET_MODES:
+            raise ValueError(f"reset to must be one of {', '.join(RESET_MODES)}, not {to!r}")
+        if to in ("offset", "shift", "datetime") and value is None:
+            raise ValueError(f"reset to {to} needs a value")
+        if to == "offset" and value is not None and value < 0:
+            raise ValueError(f"offset must be >= 0, got {value}")
+        coordinator = self._coordinator(group)
+        count = self._metadata.partitions_for(topic)
+        wanted = sorted(set(partitions)) if partitions is not None else list(range(count))
+        bad = [p for p in wanted if not 0 <= p < count]
+        if bad:
+            raise UnknownTopicOrPartitionError(f"{topic} has {count} partitions, not {bad}")
+        tps = [(topic, p) for p in wanted]
+        try:
+            current = self.describe_group(group)
+        except GroupIdNotFoundError:
+            committed: dict[TopicPartition, int] = {}
+        else:
+            if current.members:
+                raise NonEmptyGroupError(
+                    f"group {group} has {len(current.members)} active member(s): stop them before resetting offsets")
+            committed = current.offsets
+        starts = self._require_offsets(tps, EARLIEST)
+        ends = self._require_offsets(tps, LATEST)
+        if to == "earliest":
+            target = dict(starts)
+        elif to == "latest":
+            target = dict(ends)
+        elif to == "offset":
+            target = {tp: int(value or 0) for tp in tps}
+        elif to == "shift":
+            target = {tp: committed.get(tp, starts[tp]) + int(value or 0) for tp in tps}
+        else:
+            found = self._require_offsets(tps, int(value or 0))
+            target = {tp: found[tp] if found[tp] >= 0 else ends[tp] for tp in tps}
+        target = {tp: min(max(off, starts[tp]), ends[tp]) for tp, off in target.items()}
+        if dry_run:
+            return target
+        request = pb.OffsetCommitRequest(group=group, member_id="", member_epoch=-1, partitions=[
+            pb.OffsetCommitPartition(topic=t, partition=p, offset=off) for (t, p), off in sorted(target.items())
+        ])
+        resp = coordinator.call("broker", "OffsetCommit", request, time.monotonic() + self._timeout_s)
+        if resp.error_code != pb.NONE:
+            err = error_for(resp.error_code, resp.error_message or f"group {group}")
+            if resp.error_code == pb.UNKNOWN_MEMBER_ID:
+                raise NonEmptyGroupError(f"group {group} has active members: stop them before resetting offsets "
+                                         f"({err.message})")
+            raise err
+        for r in resp.results:
+            if r.error_code != pb.NONE:
+                raise error_for(r.error_code, f"{r.topic}-{r.partition}: {r.error_message}")
+        return target
+
+    def _require_offsets(self, tps: list[TopicPartition], timestamp: int) -> dict[TopicPartition, int]:
+        found, errors = self._list_offsets(tps, timestamp)
+        for tp in tps:
+            if tp not in found:
+                raise errors.get(tp) or LeaderNotAvailableError(f"{tp[0]}-{tp[1]}: no offset found")
+        return found
+
+    def _list_offsets(
+        self, tps: Sequence[TopicPartition], timestamp: int
+    ) -> tuple[dict[TopicPartition, int], dict[TopicPartition, LogbrokerError]]:
+        """ListOffsets at each partition's leader (-1: high watermark, -2: log start, else a time in ms;
+        -1 comes back for a time after the last record). Retriable failures get a second round after
+        a metadata refresh; what still fails is returned as errors."""
+        found: dict[TopicPartition, int] = {}
+        errors: dict[TopicPartition, LogbrokerError] = {}
+        todo = list(dict.fromkeys(tps))
+        if todo:
+            self._metadata.refresh(sorted({t for t, _ in todo}))
+        for attempt in range(2):
+            if not todo:
+                break
+            if attempt:
+                time.sleep(self._retry_backoff_s)
+                self._metadata.refresh(sorted({t for t, _ in todo}))
+            by_leader: dict[str, list[TopicPartition]] = {}
+            retry: list[TopicPartition] = []
+            for tp in todo:
+                try:
+                    leader = self._metadata.leader(*tp)
+                except UnknownTopicOrPartitionError as e:
+                    errors[tp] = e
+                    continue
+                if leader is None:
+                    errors[tp] = LeaderNotAvailableError(f"{tp[0]}-{tp[1]} has no leader")
+                    retry.append(tp)
+                    continue
+                by_leader.setdefault(leader, []).append(tp)
+            for address, group in by_leader.items():
+                request = pb.ListOffsetsRequest(partitions=[
+                    pb.ListOffsetsPartition(topic=t, partition=p, timestamp=timestamp) for t, p in group
+                ])
+                try:
+                    resp = self._metadata.broker_stub(address).ListOffsets(request, timeout=self._timeout_s)
+                except grpc.RpcError as e:
+                    err = rpc_error(e)
+                    for tp in group:
+                        errors[tp] = err
+                    retry.extend(group)
+                    continue
+                results = {(r.topic, r.partition): r for r in resp.results}
+                for tp in group:
+                    r = results.get(tp)
+                    if r is None:
+                        retry.append(tp)
+                    elif r.error_code != pb.NONE:
+                        berr: BrokerError = error_for(r.error_code, r.error_message)
+                        errors[tp] = berr
+                        if berr.retriable:
+                            retry.append(tp)
+                    else:
+                        found[tp] = r.offset
+                        errors.pop(tp, None)
+            todo = retry
+        return found, errors
+
     def close(self) -> None:
         if self._owns_metadata:
             self._metadata.close()
@@ -154,6 +433,10 @@ class Admin:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _partitions(a: pb.Assignment) -> list[TopicPartition]:
+    return sorted((t.topic, p) for t in a.topics for p in t.partitions)
 
 
 def _config_value(v: object) -> str:

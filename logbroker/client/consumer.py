@@ -268,6 +268,7 @@ class Consumer:
         self._rotation = 0
         self._wakeup = threading.Event()
         self._poll_lock = threading.Lock()
+        self._poll_thread: int | None = None  # the thread inside poll() (a callback may call close())
         self._closed = False
         self._need_positions = False
         self._metadata_stale = False
@@ -378,6 +379,10 @@ class Consumer:
             with self._member_lock:
                 taken = member.assigned(rec.assign, _now_ms())
             if taken:
+                unknown = sorted({t for t, p in taken if (self._metadata.cached_partitions(t) or 0) <= p})
+                if unknown:  # leaders of topics this consumer has not seen yet (one attempt: poll() retries)
+                    with contextlib.suppress(LogbrokerError):
+                        self._metadata.refresh(unknown, retry=False)
                 self._set_assignment(list(self._assigned) + sorted(taken), commit_revoked=False)
                 self._wake_heartbeat()
             log.info("group %s: member %s assigned %s", self._group, member.member_id, _describe(taken))
@@ -700,39 +705,48 @@ class Consumer:
         """poll() without the argument checks; [] once the consumer is closed."""
         deadline = None if timeout_ms is None else time.monotonic() + max(timeout_ms, 0) / 1000
         with self._poll_lock:
-            while True:
-                if self._closed:
+            self._poll_thread = threading.get_ident()
+            try:
+                return self._poll_locked(deadline, limit)
+            finally:
+                self._poll_thread = None
+
+    def _poll_locked(self, deadline: float | None, limit: int) -> list[Message]:
+        while True:
+            if self._closed:
+                return []
+            if self._member_changed:  # before any record: none may follow on_revoke of its partition
+                self._apply_membership()
+                if self._closed:  # by a callback
                     return []
-                if self._member_changed:  # before any record: none may follow on_revoke of its partition
-                    self._apply_membership()
-                # Records already decoded go out first: no RPC bookkeeping on the hot path.
-                chunks = self._chunks
-                if chunks:
-                    head = chunks[0]
-                    if head.next_message < len(head.messages) and head.epoch == head.state.epoch:
-                        out = head.take(limit)
-                        head.state.position = out[-1].offset + 1
-                        if len(out) == limit or not self._in_flight:
-                            return out
-                        self._collect_and_send(time.monotonic())
+            # Records already decoded go out first: no RPC bookkeeping on the hot path.
+            chunks = self._chunks
+            if chunks:
+                head = chunks[0]
+                if head.next_message < len(head.messages) and head.epoch == head.state.epoch:
+                    out = head.take(limit)
+                    head.state.position = out[-1].offset + 1
+                    if len(out) == limit or not self._in_flight:
                         return out
-                now = time.monotonic()
-                self._wakeup.clear()
-                self._housekeeping(now)
-                self._collect_and_send(now)
-                if self._pending_error is not None:
-                    err, self._pending_error = self._pending_error, None
-                    raise err
-                out = self._drain(limit)
-                if out:
                     self._collect_and_send(time.monotonic())
                     return out
-                if self._chunks:
-                    continue  # only control batches or skipped records: go on decoding
-                wait = self._wait_time(now, deadline)
-                if wait is not None and wait <= 0:
-                    return []
-                self._wakeup.wait(wait)
+            now = time.monotonic()
+            self._wakeup.clear()
+            self._housekeeping(now)
+            self._collect_and_send(now)
+            if self._pending_error is not None:
+                err, self._pending_error = self._pending_error, None
+                raise err
+            out = self._drain(limit)
+            if out:
+                self._collect_and_send(time.monotonic())
+                return out
+            if self._chunks:
+                continue  # only control batches or skipped records: go on decoding
+            wait = self._wait_time(now, deadline)
+            if (wait is not None and wait <= 0) or self._closed:
+                return []
+            self._wakeup.wait(wait)
 
     def _wait_time(self, now: float, deadline: float | None) -> float | None:
         """Seconds to sleep: until the deadline, the next retry or commit; None: until woken."""
@@ -1203,7 +1217,8 @@ class Consumer:
         self._closed = True
         self._wakeup.set()
         deadline = time.monotonic() + (self._request_timeout_s if timeout is None else max(timeout, 0))
-        got = self._poll_lock.acquire(timeout=-1 if timeout is None else max(timeout, 0))
+        inside_poll = self._poll_thread == threading.get_ident()  # called by a callback: the lock is ours
+        got = inside_poll or self._poll_lock.acquire(timeout=-1 if timeout is None else max(timeout, 0))
         try:
             try:
                 if self._group_managed and self._member is not None:
@@ -1231,7 +1246,7 @@ class Consumer:
                 if self._owns_metadata:
                     self._metadata.close()
         finally:
-            if got:
+            if got and not inside_poll:
                 self._poll_lock.release()
 
     def __enter__(self) -> Consumer:

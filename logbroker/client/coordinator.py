@@ -77,7 +77,7 @@ class CoordinatorClient:
         last: LogbrokerError | None = None
         while True:
             try:
-                addr = self._find()
+                addr = self._find(min(self._request_timeout_s, max(deadline - time.monotonic(), 1.0)))
             except (BrokerError, BrokerUnavailableError) as e:
                 if not getattr(e, "retriable", False):
                     raise
@@ -90,13 +90,13 @@ class CoordinatorClient:
                 raise last
             time.sleep(self._retry_backoff_s)
 
-    def _find(self) -> str:
+    def _find(self, timeout_s: float) -> str:
         """One FindCoordinator round over the known brokers (the first that answers decides)."""
         request = pb.FindCoordinatorRequest(group=self.group)
         last: grpc.RpcError | None = None
         for candidate in self._metadata.candidate_addresses():
             try:
-                resp = self._metadata.broker_stub(candidate).FindCoordinator(request, timeout=self._request_timeout_s)
+                resp = self._metadata.broker_stub(candidate).FindCoordinator(request, timeout=timeout_s)
             except grpc.RpcError as e:
                 if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                                     grpc.StatusCode.CANCELLED):

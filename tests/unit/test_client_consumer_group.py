@@ -318,3 +318,15 @@ def test_close_from_another_thread_while_polling(md, coord):
     assert coord.members("g") == {}
     with pytest.raises(LogbrokerError):
         c.poll(timeout_ms=0)
+
+
+def test_close_from_a_callback_inside_poll(md, coord):
+    consumers: list[Consumer] = []
+    c = Consumer(md, ["four"], group="g", on_assign=lambda tps: consumers[0].close(timeout=5))
+    consumers.append(c)
+    t0 = time.monotonic()
+    assert c.poll(timeout_ms=5000) == []  # returns as soon as the callback closed the consumer
+    assert time.monotonic() - t0 < 4
+    assert coord.members("g") == {}
+    with pytest.raises(LogbrokerError):
+        c.poll(timeout_ms=0)
