@@ -1,8 +1,11 @@
-"""Broker configuration: one frozen dataclass, filled from the command line (and later a file)."""
+"""Broker configuration: one frozen dataclass, filled from defaults, config files, LOGBROKER_* environment
+variables and the command line (`resolve_serve_settings`)."""
 
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,3 +83,255 @@ class BrokerConfig:
     @property
     def advertised(self) -> tuple[str, int]:
         return (self.advertised_host or self.listen_host, self.advertised_port or self.listen_port)
+
+
+# -- `logbroker serve` settings: one table, four sources ----------------------------------------------
+#
+# Every setting has one name, spelled three ways: `zk_session_timeout_ms` in a config file (TOML),
+# `--zk-session-timeout-ms` on the command line and `LOGBROKER_ZK_SESSION_TIMEOUT_MS` in the
+# environment. Precedence, lowest first: built-in default < config files (`--config`, repeatable, in
+# order) < environment < command line. An unknown key in a file and an unknown `LOGBROKER_*`
+# variable are errors, so a typo never silently leaves a default in place.
+
+ENV_PREFIX = "LOGBROKER_"
+# LOGBROKER_* variables that belong to other commands: `serve` ignores them instead of failing.
+NON_SERVE_ENV_VARS = frozenset({BOOTSTRAP_ENV, "LOGBROKER_ZOOKEEPER_JARS"})
+LOG_LEVELS = ("debug", "info", "warning", "error")
+SettingValue = str | int | bool | dict[str, str]
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used: unknown key, wrong type, unparsable value. Names its source."""
+
+
+@dataclass(frozen=True)
+class ServeSetting:
+    name: str
+    kind: type  # str, int, bool or dict (KEY=VALUE pairs)
+    default: SettingValue
+    help: str
+    metavar: str | None = None
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+
+SERVE_SETTINGS: tuple[ServeSetting, ...] = (
+    ServeSetting("data_dir", str, "./logbroker-data", "directory for partition logs and metadata"),
+    ServeSetting("listen", str, DEFAULT_BOOTSTRAP, "HOST:PORT the gRPC server binds", "HOST:PORT"),
+    ServeSetting("advertised_address", str, "", "HOST:PORT clients are told to use (default: the listen address)",
+                 "HOST:PORT"),
+    ServeSetting("broker_id", int, 0, "this broker's id, unique in the cluster"),
+    ServeSetting("broker_id_from_hostname", bool, False,
+                 "take the broker id from the ordinal ending the host name ($HOSTNAME), as a Kubernetes "
+                 "StatefulSet names its pods: logbroker-2 is broker 2"),
+    ServeSetting("zookeeper", str, "", "join a cluster coordinated by this ZooKeeper ensemble (chroot default "
+                 "/logbroker); without it the broker runs standalone with an embedded metadata store",
+                 "HOST:PORT[,...][/CHROOT]"),
+    ServeSetting("rack", str, "", "rack/zone of this broker, for rack-aware replica placement"),
+    ServeSetting("zk_session_timeout_ms", int, 6000, "ZooKeeper session timeout: how fast a dead broker is noticed"),
+    ServeSetting("replica_lag_time_max_ms", int, 10_000,
+                 "a follower that has not caught up for this long leaves the ISR"),
+    ServeSetting("controlled_shutdown_timeout_ms", int, 30_000,
+                 "on SIGTERM, how long to wait for leadership to move away before stopping anyway"),
+    ServeSetting("max_request_bytes", int, 32 << 20,
+                 "largest request accepted; larger ones fail with RESOURCE_EXHAUSTED"),
+    ServeSetting("retention_check_interval_ms", int, 60_000, "how often retention deletes old segments"),
+    ServeSetting("default_topic_config", dict, {},
+                 "topic config applied to new topics unless they set it (flag repeatable; env: K=V,K=V; "
+                 "file: a table)", "KEY=VALUE"),
+    ServeSetting("offsets_topic_partitions", int, 16, "partitions of __consumer_offsets, fixed when it is created"),
+    ServeSetting("offsets_topic_replication_factor", int, 3,
+                 "replicas of __consumer_offsets, capped at the live brokers"),
+    ServeSetting("group_session_timeout_ms", int, 45_000,
+                 "a group member silent this long is evicted, unless it asked for its own"),
+    ServeSetting("group_heartbeat_interval_ms", int, 500, "how often stable group members heartbeat"),
+    ServeSetting("offsets_retention_ms", int, 7 * 24 * 3600 * 1000,
+                 "committed offsets of a group without members are deleted after this"),
+    ServeSetting("metrics_listen", str, "", "HOST:PORT for a Prometheus /metrics endpoint (default: off)",
+                 "HOST:PORT"),
+    ServeSetting("log_level", str, "info", "log level", choices=LOG_LEVELS),
+)
+SERVE_SETTINGS_BY_NAME = {s.name: s for s in SERVE_SETTINGS}
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off", ""})
+
+
+def parse_pairs(pairs: list[str] | tuple[str, ...], source: str) -> dict[str, str]:
+    """["k=v", ...] -> {k: v}; a pair without '=' is an error naming `source`."""
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{source}: expected KEY=VALUE, got {pair!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _check_choice(setting: ServeSetting, value: SettingValue, source: str) -> SettingValue:
+    if setting.choices is not None and value not in setting.choices:
+        raise ConfigError(f"{source}: {setting.name} must be one of {', '.join(setting.choices)}, got {value!r}")
+    return value
+
+
+def _from_text(setting: ServeSetting, text: str, source: str) -> SettingValue:
+    """An environment variable's text as the setting's type."""
+    if setting.kind is bool:
+        if text.strip().lower() in _TRUE:
+            return True
+        if text.strip().lower() in _FALSE:
+            return False
+        raise ConfigError(f"{source}: expected true or false, got {text!r}")
+    if setting.kind is int:
+        try:
+            return int(text.strip())
+        except ValueError:
+            raise ConfigError(f"{source}: expected an integer, got {text!r}") from None
+    if setting.kind is dict:
+        return parse_pairs([p for p in text.split(",") if p.strip()], source)
+    return _check_choice(setting, text.strip(), source)
+
+
+def _from_toml(setting: ServeSetting, value: object, source: str) -> SettingValue:
+    """A config file value as the setting's type: TOML types must match (no "30" for 30)."""
+    if setting.kind is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {setting.name} must be a table of KEY = VALUE")
+        out: dict[str, str] = {}
+        for k, v in value.items():
+            if isinstance(v, bool):
+                out[str(k)] = "true" if v else "false"
+            elif isinstance(v, str | int):
+                out[str(k)] = str(v)
+            else:
+                raise ConfigError(f"{source}: {setting.name}.{k} must be a string or an integer")
+        return out
+    # bool is a subclass of int: check it first so `broker_id = true` is refused.
+    if isinstance(value, bool) != (setting.kind is bool) or not isinstance(value, setting.kind):
+        raise ConfigError(f"{source}: {setting.name} must be a {setting.kind.__name__}, got {value!r}")
+    return _check_choice(setting, value, source)  # type: ignore[arg-type]
+
+
+def read_serve_config_file(path: Path) -> dict[str, SettingValue]:
+    """The settings in one TOML file; unknown keys and wrong types raise ConfigError."""
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    out: dict[str, SettingValue] = {}
+    for key, value in data.items():
+        setting = SERVE_SETTINGS_BY_NAME.get(key)
+        if setting is None:
+            raise ConfigError(f"{path}: unknown setting {key!r} (known: {', '.join(SERVE_SETTINGS_BY_NAME)})")
+        out[key] = _from_toml(setting, value, f"{path}: {key}")
+    return out
+
+
+def read_serve_env(environ: Mapping[str, str]) -> dict[str, SettingValue]:
+    """The settings in LOGBROKER_* variables; an unknown LOGBROKER_* variable raises ConfigError."""
+    by_env = {s.env: s for s in SERVE_SETTINGS}
+    out: dict[str, SettingValue] = {}
+    for var in sorted(environ):
+        if not var.startswith(ENV_PREFIX) or var in NON_SERVE_ENV_VARS:
+            continue
+        setting = by_env.get(var)
+        if setting is None:
+            raise ConfigError(f"unknown environment variable {var} (serve reads: {', '.join(by_env)})")
+        out[setting.name] = _from_text(setting, environ[var], var)
+    return out
+
+
+def resolve_serve_settings(
+    config_files: Sequence[Path | str],
+    environ: Mapping[str, str],
+    flags: Mapping[str, SettingValue | None],
+) -> dict[str, SettingValue]:
+    """Every serve setting's value: defaults < config files in order < environment < flags.
+
+    `flags` holds what the command line set explicitly (None: not given)."""
+    values: dict[str, SettingValue] = {s.name: s.default for s in SERVE_SETTINGS}
+    for path in config_files:
+        values.update(read_serve_config_file(Path(path)))
+    values.update(read_serve_env(environ))
+    for name, value in flags.items():
+        if name not in SERVE_SETTINGS_BY_NAME:
+            raise ConfigError(f"unknown setting {name!r}")
+        if value is not None:
+            values[name] = _check_choice(SERVE_SETTINGS_BY_NAME[name], value, SERVE_SETTINGS_BY_NAME[name].flag)
+    return values
+
+
+_ORDINAL = re.compile(r"-(\d+)$")
+
+
+def broker_id_from_pod_name(name: str) -> int:
+    """The ordinal a StatefulSet gives its pods: 'logbroker-2' -> 2 (also 'logbroker-2.svc.local')."""
+    short = name.strip().split(".", 1)[0]
+    match = _ORDINAL.search(short)
+    if match is None:
+        raise ConfigError(f"cannot take a broker id from host name {name!r}: it does not end in -<number>")
+    return int(match.group(1))
+
+
+def broker_config_from_settings(values: Mapping[str, SettingValue], hostname: str = "") -> BrokerConfig:
+    """BrokerConfig from resolved settings; `hostname` is used with broker_id_from_hostname."""
+    def text(name: str) -> str:
+        return str(values[name])
+
+    def number(name: str) -> int:
+        value = values[name]
+        assert isinstance(value, int), (name, value)
+        return value
+
+    try:
+        host, port = parse_host_port(text("listen"))
+        adv_host, adv_port = parse_host_port(text("advertised_address"), port) if text("advertised_address") else ("", 0)
+        if text("metrics_listen"):
+            parse_host_port(text("metrics_listen"))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    broker_id = broker_id_from_pod_name(hostname) if values["broker_id_from_hostname"] else number("broker_id")
+    if broker_id < 0:
+        raise ConfigError(f"broker id must be >= 0, got {broker_id}")
+    topic_defaults = values["default_topic_config"]
+    assert isinstance(topic_defaults, dict)
+    for name in ("zk_session_timeout_ms", "replica_lag_time_max_ms", "controlled_shutdown_timeout_ms",
+                 "max_request_bytes", "retention_check_interval_ms", "offsets_topic_partitions",
+                 "offsets_topic_replication_factor", "group_session_timeout_ms", "group_heartbeat_interval_ms",
+                 "offsets_retention_ms"):
+        if number(name) <= 0:
+            raise ConfigError(f"{name} must be positive, got {number(name)}")
+    return BrokerConfig(
+        data_dir=Path(text("data_dir")).resolve(),
+        listen_host=host,
+        listen_port=port,
+        advertised_host=adv_host,
+        advertised_port=adv_port,
+        broker_id=broker_id,
+        rack=text("rack"),
+        zookeeper=text("zookeeper"),
+        zk_session_timeout_ms=number("zk_session_timeout_ms"),
+        replica_lag_time_max_ms=number("replica_lag_time_max_ms"),
+        controlled_shutdown_timeout_ms=number("controlled_shutdown_timeout_ms"),
+        max_request_bytes=number("max_request_bytes"),
+        retention_check_interval_ms=number("retention_check_interval_ms"),
+        default_topic_config=dict(topic_defaults),
+        coordinator=CoordinatorConfig(
+            offsets_topic_partitions=number("offsets_topic_partitions"),
+            offsets_topic_replication_factor=number("offsets_topic_replication_factor"),
+            session_timeout_ms=number("group_session_timeout_ms"),
+            heartbeat_interval_ms=number("group_heartbeat_interval_ms"),
+            offsets_retention_ms=number("offsets_retention_ms"),
+        ),
+    )

@@ -1,0 +1,149 @@
+"""`logbroker serve`'s configuration loader: one table of settings read from defaults, TOML files,
+LOGBROKER_* variables and flags, in that order of precedence; unknown keys fail loudly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from logbroker import cli
+from logbroker.config import (
+    SERVE_SETTINGS,
+    ConfigError,
+    broker_config_from_settings,
+    broker_id_from_pod_name,
+    read_serve_config_file,
+    read_serve_env,
+    resolve_serve_settings,
+)
+
+
+def resolve(argv: list[str], environ: dict[str, str] | None = None, hostname: str = "host"):
+    args = cli.build_parser().parse_args(["serve", *argv])
+    values = resolve_serve_settings(args.config, environ or {}, cli.serve_flags(args))
+    return values, broker_config_from_settings(values, hostname)
+
+
+def test_defaults_match_the_broker_config_defaults(tmp_path: Path):
+    values, config = resolve([])
+    assert values == {s.name: s.default for s in SERVE_SETTINGS}
+    assert (config.listen_host, config.listen_port, config.broker_id, config.zookeeper) == ("127.0.0.1", 9092, 0, "")
+    assert config.zk_session_timeout_ms == 6000 and config.controlled_shutdown_timeout_ms == 30_000
+
+
+def test_precedence_file_then_later_file_then_env_then_flag(tmp_path: Path):
+    a = tmp_path / "a.toml"
+    a.write_text('zookeeper = "zk-a:2181"\nzk_session_timeout_ms = 1000\nrack = "from-a"\nbroker_id = 7\n')
+    b = tmp_path / "b.toml"
+    b.write_text('rack = "from-b"\nzk_session_timeout_ms = 2000\n')
+    env = {"LOGBROKER_ZK_SESSION_TIMEOUT_MS": "3000", "LOGBROKER_BROKER_ID": "8"}
+    values, config = resolve(["--config", str(a), "--config", str(b), "--broker-id", "9"], env)
+    assert config.zookeeper == "zk-a:2181"  # only in a
+    assert config.rack == "from-b"  # b after a
+    assert config.zk_session_timeout_ms == 3000  # env over files
+    assert config.broker_id == 9  # flag over env
+
+
+def test_every_setting_has_a_flag_an_env_var_and_a_file_key(tmp_path: Path):
+    for s in SERVE_SETTINGS:
+        text = s.choices[0] if s.choices else "1"
+        argv = [s.flag] if s.kind is bool else [s.flag, "k=v" if s.kind is dict else text]
+        flags = cli.serve_flags(cli.build_parser().parse_args(["serve", *argv]))
+        assert flags[s.name] is not None and [n for n, v in flags.items() if v is not None] == [s.name]
+        assert read_serve_env({s.env: "k=v" if s.kind is dict else text}) == {s.name: flags[s.name]}
+        f = tmp_path / f"{s.name}.toml"
+        toml = "true" if s.kind is bool else '{ k = "v" }' if s.kind is dict else text if s.kind is int else f'"{text}"'
+        f.write_text(f"{s.name} = {toml}\n")
+        assert read_serve_config_file(f) == {s.name: flags[s.name]}
+
+
+def test_value_types_and_pairs(tmp_path: Path):
+    f = tmp_path / "c.toml"
+    f.write_text('broker_id_from_hostname = true\ndefault_topic_config = { retention_ms = 1000, cleanup_policy = "delete" }\n')
+    values, config = resolve(["--config", str(f)], {"LOGBROKER_DEFAULT_TOPIC_CONFIG": "segment_bytes=1048576"},
+                             hostname="logbroker-5")
+    assert config.broker_id == 5
+    assert config.default_topic_config == {"segment_bytes": "1048576"}  # the env value replaces the file's
+    values, config = resolve(["--config", str(f), "--default-topic-config", "a=1", "--default-topic-config", "b=2"],
+                             hostname="logbroker-5")
+    assert config.default_topic_config == {"a": "1", "b": "2"}
+    values, _ = resolve([], {"LOGBROKER_BROKER_ID_FROM_HOSTNAME": "no"})
+    assert values["broker_id_from_hostname"] is False
+
+
+@pytest.mark.parametrize("text, message", [
+    ("zk_sesion_timeout_ms = 1\n", "unknown setting 'zk_sesion_timeout_ms'"),
+    ('broker_id = "3"\n', "broker_id must be a int"),
+    ("broker_id = true\n", "broker_id must be a int"),
+    ("broker_id_from_hostname = 1\n", "must be a bool"),
+    ('log_level = "loud"\n', "log_level must be one of"),
+    ("listen = \n", "not valid TOML"),
+    ('default_topic_config = "a=1"\n', "must be a table"),
+])
+def test_bad_config_file_fails_loudly(tmp_path: Path, text: str, message: str):
+    f = tmp_path / "bad.toml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=message) as info:
+        read_serve_config_file(f)
+    assert str(f) in str(info.value)
+
+
+def test_missing_config_file_is_an_error(tmp_path: Path):
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        read_serve_config_file(tmp_path / "nope.toml")
+
+
+@pytest.mark.parametrize("environ, message", [
+    ({"LOGBROKER_ZK_SESION_TIMEOUT_MS": "1"}, "unknown environment variable LOGBROKER_ZK_SESION_TIMEOUT_MS"),
+    ({"LOGBROKER_BROKER_ID": "two"}, "LOGBROKER_BROKER_ID: expected an integer"),
+    ({"LOGBROKER_BROKER_ID_FROM_HOSTNAME": "maybe"}, "expected true or false"),
+    ({"LOGBROKER_DEFAULT_TOPIC_CONFIG": "retention_ms"}, "expected KEY=VALUE"),
+    ({"LOGBROKER_LOG_LEVEL": "loud"}, "log_level must be one of"),
+])
+def test_bad_environment_fails_loudly(environ: dict[str, str], message: str):
+    with pytest.raises(ConfigError, match=message):
+        read_serve_env(environ)
+
+
+def test_other_commands_variables_and_foreign_variables_are_ignored():
+    env = {"LOGBROKER_BOOTSTRAP": "x:1", "LOGBROKER_ZOOKEEPER_JARS": "/a.jar", "HOME": "/root", "LOGBROKERX": "1"}
+    assert read_serve_env(env) == {}
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("logbroker-0", 0), ("logbroker-2", 2), ("my-logbroker-17", 17),
+    ("logbroker-3.logbroker-headless.ns.svc.cluster.local", 3),
+])
+def test_broker_id_from_pod_name(name: str, expected: int):
+    assert broker_id_from_pod_name(name) == expected
+
+
+@pytest.mark.parametrize("name", ["logbroker", "logbroker-", "logbroker-x", ""])
+def test_broker_id_from_a_name_without_ordinal_fails(name: str):
+    with pytest.raises(ConfigError, match="does not end in -<number>"):
+        broker_id_from_pod_name(name)
+
+
+def test_broker_id_from_hostname_flag_wins_over_broker_id():
+    _, config = resolve(["--broker-id", "4", "--broker-id-from-hostname"], hostname="logbroker-2")
+    assert config.broker_id == 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--listen", "h:99999"], "bad port"),
+    (["--metrics-listen", "h:x"], "bad port"),
+    (["--zk-session-timeout-ms", "0"], "must be positive"),
+    (["--broker-id", "-1"], "broker id must be >= 0"),
+])
+def test_bad_values_fail(argv: list[str], message: str):
+    with pytest.raises(ConfigError, match=message):
+        resolve(argv)
+
+
+def test_serve_reports_a_config_error_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    f = tmp_path / "bad.toml"
+    f.write_text("nope = 1\n")
+    assert cli.main(["serve", "--config", str(f)]) == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert err.startswith("logbroker: error: ") and "unknown setting 'nope'" in err and err.count("\n") == 1
