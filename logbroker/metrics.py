@@ -1,0 +1,138 @@
+"""A Prometheus `/metrics` endpoint for `logbroker serve --metrics-listen HOST:PORT`.
+
+Served by prometheus_client's HTTP server on its own daemon thread. Broker figures are read at scrape
+time *on the broker's event loop* (which owns all partition state) with a bounded wait, so a scrape
+never races the loop; a loop that does not answer within SCRAPE_TIMEOUT_S shows as
+`logbroker_up 0` (the process metrics still come through).
+
+| metric | type | meaning |
+|---|---|---|
+| `logbroker_up` | gauge | 1 if the broker's event loop answered the scrape |
+| `logbroker_broker_info{broker_id,rack}` | gauge | always 1; identifies the broker |
+| `logbroker_ready` | gauge | 1 once logs are recovered (and, in a cluster, the broker registered) |
+| `logbroker_partitions{role}` | gauge | hosted replicas by role: leader, follower, none |
+| `logbroker_under_replicated_partitions` | gauge | led partitions whose ISR is smaller than their replica set |
+| `logbroker_under_min_isr_partitions` | gauge | led partitions whose ISR is below min_insync_replicas (acks=all fails) |
+| `logbroker_log_size_bytes` | gauge | bytes in all hosted partition logs |
+| `process_*`, `python_*` | | prometheus_client's process, platform and GC collectors |
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from prometheus_client import (
+    CollectorRegistry,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
+
+    from logbroker.server.broker import Broker
+
+log = logging.getLogger(__name__)
+
+SCRAPE_TIMEOUT_S = 2.0
+
+
+@dataclass(frozen=True)
+class BrokerSnapshot:
+    ready: bool
+    partitions_by_role: dict[str, int]
+    under_replicated: int
+    under_min_isr: int
+    log_size_bytes: int
+
+
+def snapshot(broker: Broker) -> BrokerSnapshot:
+    """The figures a scrape reports; call on the broker's event loop."""
+    by_role = {"leader": 0, "follower": 0, "none": 0}
+    under_replicated = under_min_isr = size = 0
+    for p in broker.partitions.values():
+        by_role[p.role.value] = by_role.get(p.role.value, 0) + 1
+        size += p.log.size_bytes
+        if p.is_leader:
+            under_replicated += len(p.isr) < len(p.replicas)
+            under_min_isr += len(p.isr) < p.min_insync_replicas
+    return BrokerSnapshot(broker.ready, by_role, under_replicated, under_min_isr, size)
+
+
+class BrokerCollector(Collector):
+    def __init__(self, broker: Broker, loop: asyncio.AbstractEventLoop) -> None:
+        self._broker = broker
+        self._loop = loop
+
+    def _read(self) -> BrokerSnapshot | None:
+        async def on_loop() -> BrokerSnapshot:
+            return snapshot(self._broker)
+
+        try:
+            future = asyncio.run_coroutine_threadsafe(on_loop(), self._loop)
+        except RuntimeError:  # the loop is closed: the broker is gone
+            return None
+        try:
+            return future.result(timeout=SCRAPE_TIMEOUT_S)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            return None
+        except Exception:
+            log.exception("metrics snapshot failed")
+            return None
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self._read()
+        yield GaugeMetricFamily("logbroker_up", "1 if the broker's event loop answered the scrape",
+                                value=0 if snap is None else 1)
+        info = GaugeMetricFamily("logbroker_broker_info", "identifies the broker", labels=["broker_id", "rack"])
+        info.add_metric([str(self._broker.config.broker_id), self._broker.config.rack], 1)
+        yield info
+        if snap is None:
+            return
+        yield GaugeMetricFamily("logbroker_ready", "1 once logs are recovered", value=int(snap.ready))
+        parts = GaugeMetricFamily("logbroker_partitions", "hosted partition replicas by role", labels=["role"])
+        for role, count in sorted(snap.partitions_by_role.items()):
+            parts.add_metric([role], count)
+        yield parts
+        yield GaugeMetricFamily("logbroker_under_replicated_partitions",
+                                "led partitions whose ISR is smaller than their replica set",
+                                value=snap.under_replicated)
+        yield GaugeMetricFamily("logbroker_under_min_isr_partitions",
+                                "led partitions whose ISR is below min_insync_replicas", value=snap.under_min_isr)
+        yield GaugeMetricFamily("logbroker_log_size_bytes", "bytes in all hosted partition logs",
+                                value=snap.log_size_bytes)
+
+
+class MetricsServer:
+    """The /metrics HTTP endpoint; `stop()` closes its socket."""
+
+    def __init__(self, httpd: WSGIServer) -> None:
+        self._httpd = httpd
+
+    @property
+    def port(self) -> int:
+        return int(self._httpd.server_address[1])
+
+    @classmethod
+    def start(cls, broker: Broker, loop: asyncio.AbstractEventLoop, host: str, port: int) -> MetricsServer:
+        registry = CollectorRegistry()
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
+        registry.register(BrokerCollector(broker, loop))
+        httpd, _thread = start_http_server(port, addr=host, registry=registry)
+        return cls(httpd)
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
