@@ -1,0 +1,86 @@
+"""Helpers for the deploy/ tests: render the kustomize overlays, read the Dockerfile, find things in
+rendered manifests, and expand a container's `$(VAR)` references as the kubelet does."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import REPO
+from tests.kustomize_lite import render
+
+DEPLOY = REPO / "deploy"
+K8S = DEPLOY / "k8s"
+OVERLAYS = ("dev", "prod")
+Resource = dict[str, Any]
+
+
+def render_overlay(name: str) -> list[Resource]:
+    return render(K8S / "overlays" / name)
+
+
+def find(resources: list[Resource], kind: str, name: str) -> Resource:
+    matches = [r for r in resources if r["kind"] == kind and r["metadata"]["name"] == name]
+    assert len(matches) == 1, f"{kind}/{name}: {len(matches)} found"
+    return matches[0]
+
+
+def container(pod_spec: dict[str, Any], name: str, init: bool = False) -> dict[str, Any]:
+    items = pod_spec["initContainers" if init else "containers"]
+    matches = [c for c in items if c["name"] == name]
+    assert len(matches) == 1, name
+    return matches[0]
+
+
+def dockerfile_instructions(path: Path = DEPLOY / "Dockerfile") -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) in order; comments dropped, continuation lines joined."""
+    out: list[tuple[str, str]] = []
+    pending = ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        line = pending + line
+        pending = ""
+        word, _, rest = line.partition(" ")
+        out.append((word.upper(), rest.strip()))
+    return out
+
+
+def dockerfile_exec_form(instruction: str) -> list[str]:
+    """ENTRYPOINT/CMD of the final stage, which must use the exec (JSON) form."""
+    values = [args for word, args in dockerfile_instructions() if word == instruction]
+    assert values, f"no {instruction} in the Dockerfile"
+    parsed = json.loads(values[-1])
+    assert isinstance(parsed, list) and all(isinstance(x, str) for x in parsed), values[-1]
+    return parsed
+
+
+_REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
+
+
+def expand(text: str, env: dict[str, str]) -> str:
+    """Kubernetes' expansion in command, args and env values: $(VAR) if VAR is defined, $$ -> $."""
+    def sub(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        return env.get(m.group(1), m.group(0))
+    return _REF.sub(sub, text)
+
+
+def container_env(c: dict[str, Any], field_values: dict[str, str]) -> dict[str, str]:
+    """A container's environment: `value`s expanded in order, `fieldRef`s from `field_values`."""
+    env: dict[str, str] = {}
+    for item in c.get("env", []):
+        if "value" in item:
+            env[item["name"]] = expand(item["value"], env)
+        else:
+            path = item["valueFrom"]["fieldRef"]["fieldPath"]
+            assert path in field_values, f"test gives no value for fieldRef {path}"
+            env[item["name"]] = field_values[path]
+    return env
