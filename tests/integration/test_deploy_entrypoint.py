@@ -228,6 +228,11 @@ def test_entrypoint_with_the_statefulset_settings_turns_serving(pod_process):
     assert proc.wait(timeout=60) == 0
     assert "stopped cleanly" in log_path.read_text()
 
+    # preStop for a broker that does not answer (hung, or killed after failing its liveness probe)
+    # gives up after WAIT_SAFE_UNREACHABLE_S instead of holding the restart for its whole timeout
+    hook = logbroker_cli(*pre_stop[1:], "--bootstrap", probe.address, env=pod.environ(), timeout=60)
+    assert hook.returncode == 1 and hook.stderr.count("\n") == 1 and "not waiting" in hook.stderr, hook.stderr
+
 
 def test_entrypoint_refuses_a_misspelt_setting(tmp_path: Path):
     pod = Pod(tmp_path / "pod", "127.0.0.1:1/none")
