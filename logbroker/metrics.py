@@ -9,7 +9,7 @@ never races the loop; a loop that does not answer within SCRAPE_TIMEOUT_S shows 
 |---|---|---|
 | `logbroker_up` | gauge | 1 if the broker's event loop answered the scrape |
 | `logbroker_broker_info{broker_id,rack}` | gauge | always 1; identifies the broker |
-| `logbroker_ready` | gauge | 1 once logs are recovered (and, in a cluster, the broker registered) |
+| `logbroker_ready` | gauge | 1 once logs are recovered (readiness also waits for registration: use the probe) |
 | `logbroker_partitions{role}` | gauge | hosted replicas by role: leader, follower, none |
 | `logbroker_under_replicated_partitions` | gauge | led partitions whose ISR is smaller than their replica set |
 | `logbroker_under_min_isr_partitions` | gauge | led partitions whose ISR is below min_insync_replicas (acks=all fails) |
