@@ -259,3 +259,17 @@ def test_dockerfile():
         assert pod["securityContext"]["runAsUser"] == int(uid)
         assert main["image"] == container(pod, "rack", init=True)["image"]
     assert (DEPLOY / "Dockerfile.dockerignore").exists()
+
+
+def test_zookeeper_myid_is_the_ordinal_plus_one(overlay):
+    """The ZooKeeper command after the kubelet's `$$` unescaping, run by bash with the entrypoint
+    swapped for an echo: zookeeper-N gets myid N + 1, matching server.N+1 in ZOO_SERVERS."""
+    _, resources = overlay
+    zk = container(find(resources, "StatefulSet", "zookeeper")["spec"]["template"]["spec"], "zookeeper")
+    shell, flag, script = (expand(a, {}) for a in zk["command"])
+    entry = "exec /docker-entrypoint.sh zkServer.sh start-foreground"
+    assert (shell, flag) == ("bash", "-c") and script.endswith(entry)
+    for ordinal in range(3):
+        proc = subprocess.run([shell, flag, script.replace(entry, 'echo "$ZOO_MY_ID"')], capture_output=True,
+                              text=True, timeout=30, env={"HOSTNAME": f"zookeeper-{ordinal}", "PATH": "/usr/bin:/bin"})
+        assert proc.stdout.strip() == str(ordinal + 1), proc.stderr
