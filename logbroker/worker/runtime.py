@@ -73,6 +73,7 @@ ON_FAILURE = ("stop", "skip")
 WAIT_SLICE_MS = 100  # longest sleep of the poll thread between looks at stop requests
 SLOT_JOIN_TIMEOUT_MS = 2_000
 THREAD_JOIN_TIMEOUT_MS = 200
+CLOSE_TIMEOUT_MS_MIN = 1_000  # closing the consumer (commit, leave the group) may take this long past the grace
 
 RebalanceCallback = Callable[[set[TopicPartition]], None]
 
@@ -333,10 +334,11 @@ class Worker:
                     _names(tps), running)
 
     def _shutdown(self, consumer: GroupConsumer | None) -> None:
+        grace_deadline = time.monotonic() + self._grace_s
         with self._cond:
             self._draining = True
             self.stats.handed_back += self._window.drop_queued()
-            running = self._wait_running(None, time.monotonic() + self._grace_s)
+            running = self._wait_running(None, grace_deadline)
         if running:
             self.stats.unfinished += running
             log.warning("%d records still running after the %.0f s grace period: they stay uncommitted",
@@ -345,7 +347,8 @@ class Worker:
         if consumer is not None:
             self._commit(None)
             try:
-                consumer.close()
+                # leaves the group (on_revoke runs again: nothing is left to wait for or commit)
+                consumer.close(timeout=max(CLOSE_TIMEOUT_MS_MIN / 1000, grace_deadline - time.monotonic()))
             except LogbrokerError as e:
                 log.warning("closing the consumer failed: %s", e)
         self._stop_slots()
