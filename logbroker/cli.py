@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -24,12 +25,17 @@ import grpc
 from logbroker.config import (
     BOOTSTRAP_ENV,
     DEFAULT_BOOTSTRAP,
-    BrokerConfig,
+    SERVE_SETTINGS,
+    ConfigError,
+    SettingValue,
+    broker_config_from_settings,
+    broker_id_from_pod_name,
     default_bootstrap,
     parse_host_port,
+    parse_pairs,
+    resolve_serve_settings,
 )
-from logbroker.errors import LogbrokerError
-from logbroker.group.coordinator import CoordinatorConfig
+from logbroker.errors import BrokerUnavailableError, LogbrokerError
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -57,34 +63,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from logbroker.server.broker import Broker
 
     try:
-        host, port = parse_host_port(args.listen)
-        adv_host, adv_port = parse_host_port(args.advertised_address, port) if args.advertised_address else ("", 0)
-    except ValueError as exc:
+        values = resolve_serve_settings(args.config, os.environ, serve_flags(args))
+        config = broker_config_from_settings(values, hostname=os.environ.get("HOSTNAME") or socket.gethostname())
+        metrics_address = parse_host_port(str(values["metrics_listen"])) if values["metrics_listen"] else None
+    except (ConfigError, ValueError) as exc:
         raise CliError(str(exc)) from None
-    config = BrokerConfig(
-        data_dir=Path(args.data_dir).resolve(),
-        listen_host=host,
-        listen_port=port,
-        advertised_host=adv_host,
-        advertised_port=adv_port,
-        broker_id=args.broker_id,
-        rack=args.rack,
-        zookeeper=args.zookeeper,
-        zk_session_timeout_ms=args.zk_session_timeout_ms,
-        replica_lag_time_max_ms=args.replica_lag_time_max_ms,
-        max_request_bytes=args.max_request_bytes,
-        retention_check_interval_ms=args.retention_check_interval_ms,
-        default_topic_config=_parse_config_pairs(args.default_topic_config),
-        coordinator=CoordinatorConfig(
-            offsets_topic_partitions=args.offsets_topic_partitions,
-            offsets_topic_replication_factor=args.offsets_topic_replication_factor,
-            session_timeout_ms=args.group_session_timeout_ms,
-            heartbeat_interval_ms=args.group_heartbeat_interval_ms,
-            offsets_retention_ms=args.offsets_retention_ms,
-        ),
-    )
+    host = config.listen_host
     logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
+        level=getattr(logging, str(values["log_level"]).upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
@@ -94,19 +80,117 @@ def cmd_serve(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(broker.stop()))
+        metrics = None
+        if metrics_address is not None:
+            from logbroker.metrics import MetricsServer
+
+            metrics = MetricsServer.start(broker, loop, *metrics_address)
         try:
-            await broker.start()
-        except BaseException:
-            await broker.stop()
-            raise
-        print(f"logbroker serving on {host}:{broker.bound_port} (data in {config.data_dir})", file=sys.stderr, flush=True)
-        await broker.wait_stopped()
+            try:
+                await broker.start()
+            except BaseException:
+                await broker.stop()
+                raise
+            print(f"logbroker serving on {host}:{broker.bound_port} (data in {config.data_dir})", file=sys.stderr, flush=True)
+            await broker.wait_stopped()
+        finally:
+            if metrics is not None:
+                metrics.stop()
 
     try:
         asyncio.run(run())
     except OSError as exc:
         raise CliError(str(exc)) from None
     return EXIT_OK
+
+
+def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
+    """One flag per setting in config.SERVE_SETTINGS, plus --config; every default is None so that
+    resolve_serve_settings can tell a flag given from one left to the files and the environment."""
+    serve.add_argument("--config", action="append", default=[], metavar="FILE",
+                       help="TOML file of settings (keys as the flags, with underscores); repeatable, later "
+                       "files win; the environment (LOGBROKER_<SETTING>) and flags override files")
+    for s in SERVE_SETTINGS:
+        default = "{" + ", ".join(f"{k}={v}" for k, v in s.default.items()) + "}" if isinstance(s.default, dict) else s.default
+        help_text = f"{s.help} (default: {default!s}; env: {s.env})"
+        if s.kind is bool:
+            serve.add_argument(s.flag, action="store_true", default=None, help=help_text)
+        elif s.kind is dict:
+            serve.add_argument(s.flag, action="append", default=None, metavar=s.metavar, help=help_text)
+        else:
+            serve.add_argument(s.flag, type=s.kind, default=None, metavar=s.metavar, choices=s.choices, help=help_text)
+
+
+def serve_flags(args: argparse.Namespace) -> dict[str, SettingValue | None]:
+    """The settings given on the command line (None: not given)."""
+    out: dict[str, SettingValue | None] = {}
+    for s in SERVE_SETTINGS:
+        value = getattr(args, s.name)
+        out[s.name] = parse_pairs(value, s.flag) if s.kind is dict and value is not None else value
+    return out
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    request = health_pb2.HealthCheckRequest(service=args.service)
+    try:
+        with grpc.insecure_channel(args.address) as channel:
+            resp = health_pb2_grpc.HealthStub(channel).Check(request, timeout=args.timeout)
+    except grpc.RpcError as exc:
+        code = exc.code().name if hasattr(exc, "code") else "ERROR"
+        raise CliError(f"no health answer from {args.address}: {code}") from None
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+    print(status)
+    return EXIT_OK if resp.status == health_pb2.HealthCheckResponse.SERVING or args.liveness else EXIT_ERROR
+
+
+WAIT_SAFE_UNREACHABLE_S = 10.0
+
+
+def cmd_wait_safe_to_stop(args: argparse.Namespace) -> int:
+    from logbroker.client import Admin
+    from logbroker.cluster.stop_safety import PartitionReplicas, blocking_partitions
+
+    try:
+        broker_id = (broker_id_from_pod_name(os.environ.get("HOSTNAME") or socket.gethostname())
+                     if args.broker_id_from_hostname else args.broker_id)
+    except ConfigError as exc:
+        raise CliError(str(exc)) from None
+    if broker_id is None:
+        raise CliError("give --broker-id or --broker-id-from-hostname")
+    deadline = time.monotonic() + args.timeout
+    last = "no answer yet"
+    unreachable_since: float | None = None
+    with Admin(args.bootstrap, request_timeout_ms=5000) as admin:
+        while True:
+            now = time.monotonic()
+            try:
+                partitions = [
+                    PartitionReplicas(t.name, p.partition, tuple(p.replicas), tuple(p.isr),
+                                      int(t.config.get("min_insync_replicas", "1")))
+                    for t in admin.describe_topics() for p in t.partitions
+                ]
+                blocking = blocking_partitions(broker_id, partitions)
+                if not blocking:
+                    print(f"broker {broker_id} can stop: every partition keeps enough in-sync replicas")
+                    return EXIT_OK
+                last = f"{len(blocking)} partitions would fall short of in-sync replicas, e.g. " + ", ".join(
+                    f"{p.topic}-{p.partition} (isr {list(p.isr)} of {list(p.replicas)})" for p in blocking[:3])
+                unreachable_since = None
+            except BrokerUnavailableError as exc:
+                # A broker that cannot be reached (hung, being killed after a failed liveness probe)
+                # serves no follower either: waiting for it protects nothing, so give up early.
+                unreachable_since = now if unreachable_since is None else unreachable_since
+                if now - unreachable_since >= WAIT_SAFE_UNREACHABLE_S:
+                    raise CliError(f"no broker answers at {args.bootstrap} for {WAIT_SAFE_UNREACHABLE_S:g} s: "
+                                   "not waiting") from None
+                last = f"cannot reach a broker: {str(exc).splitlines()[0]}"
+            except (grpc.RpcError, LogbrokerError, ValueError) as exc:
+                last = f"cannot describe topics: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+            if time.monotonic() >= deadline:
+                raise CliError(f"broker {broker_id} is not safe to stop after {args.timeout:g} s: {last}")
+            time.sleep(min(args.interval, max(0.0, deadline - time.monotonic())))
 
 
 # -- topics -----------------------------------------------------------------------------------------
@@ -325,37 +409,31 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run a broker: standalone by default, a cluster member with --zookeeper",
                            description="Run one broker. Data lives in --data-dir; logs are recovered on start "
                            "and the gRPC health service says SERVING once they are. SIGTERM shuts down cleanly.")
-    serve.add_argument("--data-dir", default=os.environ.get("LOGBROKER_DATA_DIR", "./logbroker-data"),
-                       help="directory for partition logs and metadata (default: ./logbroker-data)")
-    serve.add_argument("--listen", default=DEFAULT_BOOTSTRAP, help=f"HOST:PORT to listen on (default: {DEFAULT_BOOTSTRAP})")
-    serve.add_argument("--advertised-address", default="", help="HOST:PORT clients should use (default: --listen)")
-    serve.add_argument("--broker-id", type=int, default=0, help="this broker's id, unique in the cluster (default: 0)")
-    serve.add_argument("--zookeeper", default=os.environ.get("LOGBROKER_ZOOKEEPER", ""), metavar="HOST:PORT[,...][/CHROOT]",
-                       help="join a cluster coordinated by this ZooKeeper ensemble (chroot default /logbroker); "
-                       "without it the broker runs standalone with an embedded metadata store")
-    serve.add_argument("--rack", default="", help="rack/zone of this broker, for rack-aware replica placement")
-    serve.add_argument("--zk-session-timeout-ms", type=int, default=6000,
-                       help="ZooKeeper session timeout: how fast a dead broker is noticed (default: 6000)")
-    serve.add_argument("--replica-lag-time-max-ms", type=int, default=10_000,
-                       help="a follower that has not caught up for this long leaves the ISR (default: 10000)")
-    serve.add_argument("--max-request-bytes", type=int, default=32 << 20,
-                       help="largest request accepted; larger ones fail with RESOURCE_EXHAUSTED (default: 32 MiB)")
-    serve.add_argument("--retention-check-interval-ms", type=int, default=60_000,
-                       help="how often retention deletes old segments (default: 60000)")
-    serve.add_argument("--default-topic-config", action="append", default=[], metavar="KEY=VALUE",
-                       help="topic config applied to new topics unless they set it (repeatable)")
-    serve.add_argument("--offsets-topic-partitions", type=int, default=16,
-                       help="partitions of __consumer_offsets, fixed when it is created (default: 16)")
-    serve.add_argument("--offsets-topic-replication-factor", type=int, default=3,
-                       help="replicas of __consumer_offsets, capped at the live brokers (default: 3)")
-    serve.add_argument("--group-session-timeout-ms", type=int, default=45_000,
-                       help="a group member silent this long is evicted, unless it asked for its own (default: 45000)")
-    serve.add_argument("--group-heartbeat-interval-ms", type=int, default=500,
-                       help="how often stable group members heartbeat (default: 500)")
-    serve.add_argument("--offsets-retention-ms", type=int, default=7 * 24 * 3600 * 1000,
-                       help="committed offsets of a group without members are deleted after this (default: 7 days)")
-    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_serve_arguments(serve)
     serve.set_defaults(func=cmd_serve)
+
+    h = sub.add_parser("health", help="ask a broker's gRPC health service whether it is SERVING",
+                       description="Print the broker's health status. Exit 0 if SERVING (with --liveness: if "
+                       "the broker answered at all, e.g. NOT_SERVING while recovering logs), 1 otherwise.")
+    h.add_argument("--address", default=DEFAULT_BOOTSTRAP, help=f"HOST:PORT of the broker (default: {DEFAULT_BOOTSTRAP})")
+    h.add_argument("--service", default="", help="health service name (default: the whole server)")
+    h.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer (default: 5)")
+    h.add_argument("--liveness", action="store_true", help="succeed on any answer: the broker is alive, maybe not ready")
+    h.set_defaults(func=cmd_health)
+
+    w = sub.add_parser("wait-safe-to-stop", parents=[common],
+                       help="wait until stopping a broker leaves every partition enough in-sync replicas",
+                       description="Poll the cluster until no partition whose ISR includes the broker would fall "
+                       "below max(2, min_insync_replicas + 1) in-sync replicas (capped at its replication "
+                       "factor) without it; exit 0 then, 1 at --timeout (or after 10 s without any broker answering). "
+                       "Meant for a preStop hook.")
+    wid = w.add_mutually_exclusive_group(required=True)
+    wid.add_argument("--broker-id", type=int, default=None, help="the broker about to stop")
+    wid.add_argument("--broker-id-from-hostname", action="store_true",
+                     help="the broker id is the ordinal ending $HOSTNAME (logbroker-2: broker 2)")
+    w.add_argument("--timeout", type=float, default=120.0, help="give up after this many seconds (default: 120)")
+    w.add_argument("--interval", type=float, default=1.0, help="seconds between checks (default: 1)")
+    w.set_defaults(func=cmd_wait_safe_to_stop)
 
     cl = sub.add_parser("cluster", help="show the cluster's brokers and controller")
     clsub = cl.add_subparsers(dest="cluster_command", metavar="ACTION", required=True)
@@ -425,6 +503,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--print-key", action="store_true", help="print KEY<SEP>VALUE")
     c.add_argument("--key-separator", default="\t", help="separator for --print-key (default: tab)")
     c.set_defaults(func=cmd_consume)
+
+    from logbroker.cli_groups import add_groups_parser
+
+    add_groups_parser(sub, common)
+
+    from logbroker.worker.command import add_worker_parser
+
+    add_worker_parser(sub, common)
     return parser
 
 
