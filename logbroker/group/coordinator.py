@@ -550,6 +550,8 @@ class GroupCoordinator:
         doomed = set(topics)
         if not doomed:
             return
+        for tp in [tp for tp in self._hw_cache if tp[0] in doomed]:
+            del self._hw_cache[tp]
         work = [
             (shard, group, [tp for tp in entry.offsets if tp[0] in doomed])
             for shard in self._shards.values() if shard.loaded
