@@ -241,6 +241,8 @@ class Consumer:
             raise ValueError(f"assignor must be one of {', '.join(ASSIGNORS)}, not {assignor!r}")
         if session_timeout_ms < 0 or rebalance_timeout_ms < 0:
             raise ValueError("session_timeout_ms and rebalance_timeout_ms must be >= 0 (0: the broker's default)")
+        if pattern is not None:
+            _compile(pattern)  # before any channel is opened
         self._reset = parse_reset(auto_offset_reset)
         self._auto_offset_reset = auto_offset_reset
         self._fetch_max_bytes = fetch_max_bytes
@@ -476,12 +478,7 @@ class Consumer:
         topic_list = [] if topics is None else [topics] if isinstance(topics, str) else list(dict.fromkeys(topics))
         if not topic_list and pattern is None:
             raise ValueError("subscribe() needs at least one topic or a pattern (use unsubscribe() to stop)")
-        compiled = None
-        if pattern is not None:
-            try:
-                compiled = re.compile(pattern)
-            except re.error as e:
-                raise ValueError(f"pattern {pattern!r} is not a regular expression: {e}") from None
+        compiled = None if pattern is None else _compile(pattern)
         if self._group is not None:
             if not self._group_managed and self._assigned:
                 self._set_assignment([])  # a manual assignment ends
@@ -1254,6 +1251,13 @@ class Consumer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _compile(pattern: str) -> re.Pattern[str]:
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"pattern {pattern!r} is not a regular expression: {e}") from None
 
 
 def _now_ms() -> int:

@@ -86,10 +86,11 @@ def test_second_member_splits_the_partitions_revoke_before_assign(md, coord):
     fill(md, "four", {p: 50 for p in range(4)})
     ev = Events()
     a = Consumer(md, ["four"], group="g", max_poll_records=7, **ev.callbacks("a"))
-    b = Consumer(md, ["four"], group="g", max_poll_records=7, **ev.callbacks("b"))
+    b: Consumer | None = None
     try:
         got_a: list[Message] = []
         poll_until([a], lambda: len(got_a) >= 30, sink=got_a)  # a alone, some of it read
+        b = Consumer(md, ["four"], group="g", max_poll_records=7, **ev.callbacks("b"))
         got_b: list[Message] = []
         deadline = time.monotonic() + 10
         while len(got_a) + len(got_b) < 200:
@@ -109,7 +110,8 @@ def test_second_member_splits_the_partitions_revoke_before_assign(md, coord):
         assert {("four", m.partition) for m in got_b} <= b.assignment()
     finally:
         a.close()
-        b.close()
+        if b is not None:
+            b.close()
 
 
 def test_no_record_of_a_revoked_partition_after_on_revoke(md, coord):
@@ -123,10 +125,11 @@ def test_no_record_of_a_revoked_partition_after_on_revoke(md, coord):
             revoked_at[tp] = seq[0]
 
     a = Consumer(md, ["four"], group="g", max_poll_records=3, on_revoke=on_revoke)
-    b = Consumer(md, ["four"], group="g")
+    b: Consumer | None = None
     try:
         poll_until([a], lambda: len(a.assignment()) == 4)
         a.poll(timeout_ms=100)  # buffers fill up
+        b = Consumer(md, ["four"], group="g")
         deadline = time.monotonic() + 10
         while not (len(a.assignment()) == 2 and len(b.assignment()) == 2):
             assert time.monotonic() < deadline
@@ -143,7 +146,8 @@ def test_no_record_of_a_revoked_partition_after_on_revoke(md, coord):
             assert tp not in revoked_at or s <= revoked_at[tp], f"{tp} returned after on_revoke"
     finally:
         a.close()
-        b.close()
+        if b is not None:
+            b.close()
 
 
 def test_close_leaves_promptly_and_the_other_member_takes_over(md, coord):
