@@ -269,7 +269,15 @@ class Heartbeater:
             with self._lock:
                 self._member.on_failure(err, _monotonic_ms())
             return
-        except (BrokerError, BrokerUnavailableError, ValueError) as e:
+        except BrokerError as e:
+            self._log.warning(f"find {group}", "coordinator of group %s not found: %s", group, e)
+            with self._lock:
+                if e.retriable:
+                    self._member.on_failure(e, _monotonic_ms())
+                else:  # e.g. INVALID_GROUP_ID: as if the coordinator had said it
+                    self._member.on_response(HeartbeatResponse(e), _monotonic_ms())
+            return
+        except (BrokerUnavailableError, ValueError) as e:
             self._log.warning(f"find {group}", "coordinator of group %s not found: %s", group, e)
             with self._lock:
                 self._member.on_failure(

@@ -338,7 +338,10 @@ class GroupMember:
             return
         if err is not None:
             if isinstance(err, (UnknownMemberIdError, FencedMemberEpochError)):
+                was_joining = self._state is MemberState.JOINING
                 self._fence()
+                if was_joining:
+                    self._backoff(now_ms)  # a join refused like this: do not hammer the coordinator
             elif err.retriable:
                 self._backoff(now_ms)
             else:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from logbroker import Admin, Consumer, Producer
-from logbroker.errors import NonEmptyGroupError
+from logbroker.errors import InvalidGroupIdError, NonEmptyGroupError
 from tests.cluster import Cluster
 from tests.conftest import BrokerProcess, wait_for
 
@@ -333,3 +333,12 @@ def test_three_members_on_a_cluster_follow_the_coordinator(cluster):
     with Admin(bootstrap) as admin:
         d = admin.describe_group("g5")
         assert d.members == [] and d.offsets == {("jobs", p): 70 for p in range(6)}
+
+
+def test_an_invalid_group_id_is_raised_by_poll(standalone):
+    with Admin(standalone.address) as admin:
+        admin.create_topic("x", partitions=1)
+    with Consumer(standalone.address, ["x"], "a/b") as c, pytest.raises(InvalidGroupIdError):
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            c.poll(timeout_ms=100)

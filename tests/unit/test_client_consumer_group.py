@@ -10,6 +10,7 @@ import pytest
 
 from logbroker.client.consumer import Consumer
 from logbroker.errors import (
+    InvalidGroupIdError,
     InvalidRegularExpressionError,
     LogbrokerError,
     OffsetOutOfRangeError,
@@ -334,3 +335,9 @@ def test_close_from_a_callback_inside_poll(md, coord):
     assert coord.members("g") == {}
     with pytest.raises(LogbrokerError):
         c.poll(timeout_ms=0)
+
+
+def test_invalid_group_id_found_by_the_coordinator_lookup_is_raised(md, coord):
+    coord.find_errors.append(pb.INVALID_GROUP_ID)
+    with Consumer(md, ["four"], group="bad/group") as c, pytest.raises(InvalidGroupIdError):
+        poll_until([c], lambda: False, timeout_s=5)

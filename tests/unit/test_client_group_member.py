@@ -190,6 +190,17 @@ def test_fenced_with_nothing_owned_rejoins_at_once():
     assert req is not None and req.member_epoch == 0
 
 
+def test_a_refused_join_is_retried_with_backoff():
+    h = Harness()
+    h.m.subscribe(["a"], "", h.now)
+    h.hb()
+    h.answer(0, error=UnknownMemberIdError("odd coordinator"))
+    assert h.m.state is MemberState.JOINING and h.hb() is None
+    h.advance(100)
+    req = h.hb()
+    assert req is not None and req.member_epoch == 0
+
+
 def test_fence_while_on_assign_runs_reports_the_taken_partitions_lost():
     h = Harness()
     h.m.subscribe(["a"], "", h.now)
