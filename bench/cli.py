@@ -1,4 +1,4 @@
-"""`python -m bench run|report|limits|list`: the harness's command line."""
+"""`python -m bench run|failover|rebalance|report|limits|list`: the harness's command line."""
 
 from __future__ import annotations
 
@@ -172,6 +172,11 @@ def cmd_run(args: argparse.Namespace) -> int:
                           stamp, keep=not scratch)  # fmt: skip
         if fo is not None and ("error" in fo or fo["unreaped_pids"]):
             failures += 1
+    if args.rebalance is True or (args.rebalance is None and args.all and not args.smoke):
+        rb = run_rebalance(args.rebalance_trials or (1 if args.smoke else 3), None, results_dir, data_root, command,
+                           date, stamp, keep=not scratch)  # fmt: skip
+        if rb is not None and ("error" in rb or rb["unreaped_pids"]):
+            failures += 1
 
     total_s = time.monotonic() - t_begin
     say(f"bench run finished in {total_s:.0f} s ({failures} failed)")
@@ -236,6 +241,94 @@ def run_failover(trials: int, results_dir: Path, data_root: Path, command: str, 
         latest["failover"] = {k: v for k, v in record.items() if k not in ("started_pids",)}
         _write_json(latest_path, latest)
     return record
+
+
+def run_rebalance(trials: int, brokers: int | None, results_dir: Path, data_root: Path, command: str, date: str,
+                  stamp: str, keep: bool) -> dict[str, Any] | None:  # fmt: skip
+    """The rebalance measurement (bench/rebalance.py): a JSON per invocation, merged into latest.json
+    unless `keep` is false (smoke). `brokers` None: 3 with ZooKeeper installed, else one standalone
+    broker (said in one line). None, with one line saying why, when it could not run."""
+    from bench import rebalance
+    from bench.cluster import zookeeper_missing
+
+    why = get_driver("logbroker").missing()
+    if why is None:
+        import importlib.util
+
+        if importlib.util.find_spec("logbroker.group.coordinator") is None:
+            why = "needs consumer groups (issue 4): logbroker has no group coordinator yet"
+    if why:
+        say(f"skip rebalance: {why}")
+        return None
+    if brokers is None:
+        no_zk = zookeeper_missing()
+        brokers = 1 if no_zk else rebalance.BROKERS
+        if no_zk:
+            say(f"rebalance: one standalone broker ({no_zk})")
+    elif brokers > 1 and zookeeper_missing():
+        say(f"skip rebalance: {zookeeper_missing()}")
+        return None
+    before = len(STARTED_PIDS)
+    record: dict[str, Any] = {"command": command, "date": date, "machine": machine(), "trials": trials}
+    try:
+        record.update(rebalance.run(trials, data_root, brokers))
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:
+        record["error"] = str(exc) if isinstance(exc, RuntimeError) else traceback.format_exc()
+        say(f"FAILED rebalance: {record['error']}")
+    from bench.runner import unreaped
+
+    record["started_pids"] = STARTED_PIDS[before:]
+    record["unreaped_pids"] = unreaped(before)
+    if record["unreaped_pids"]:
+        say(f"WARNING: processes still alive after rebalance: {record['unreaped_pids']}")
+    s = record.get("summary", {})
+    if "join" in s:
+        j = s["join"]
+        say(f"rebalance join: group consuming again (all {rebalance.PARTITIONS} partitions, balanced) median "
+            f"{j['settled_s']['median']:.3f} s, max {j['settled_s']['max']:.3f} s (target < "
+            f"{rebalance.TARGETS_S['join']:g} s); new member's first record median {j['first_record_s']['median']:.3f} s")  # fmt: skip
+    if "kill" in s:
+        k = s["kill"]
+        say(f"rebalance kill -9: dead member's partitions consumed again median {k['resumed_s']['median']:.3f} s, "
+            f"max {k['resumed_s']['max']:.3f} s = session timeout + {k['resumed_minus_session_s']['median']:.3f} s "
+            f"(target < {rebalance.TARGETS_S['kill']:g} s after it)")  # fmt: skip
+    if "leave" in s:
+        lv = s["leave"]
+        say(f"rebalance close(): the member's partitions consumed again median {lv['resumed_s']['median']:.3f} s")
+    if record.get("ownership_overlaps"):
+        say(f"rebalance: a partition had two owners at once: {record['ownership_overlaps'][:3]}")
+    _write_json(results_dir / f"{stamp}-{'' if keep else 'smoke-'}rebalance.json", record)
+    if keep:
+        latest_path = results_dir / LATEST
+        latest = json.loads(latest_path.read_text()) if latest_path.exists() else {"results": {}}
+        latest["rebalance"] = {k: v for k, v in record.items() if k not in ("started_pids",)}
+        _write_json(latest_path, latest)
+    return record
+
+
+def cmd_rebalance(args: argparse.Namespace) -> int:
+    results_dir = Path(args.results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    data_root = Path(args.data_root)
+    data_root.mkdir(parents=True, exist_ok=True)
+    load = os.getloadavg()[0]
+    if load > 0.5:
+        say(f"note: load average {load:.2f} before the run: other work on this machine will make figures noisy")
+    trials = args.trials or (1 if args.smoke else 5)
+    command = "python -m bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    record = run_rebalance(trials, args.brokers, results_dir, data_root, command,
+                           time.strftime("%Y-%m-%d %H:%M:%S %Z"), time.strftime("%Y%m%d-%H%M%S"),
+                           keep=not args.smoke)  # fmt: skip
+    if record is None:
+        return 0
+    failed = "error" in record or record["unreaped_pids"] or record.get("ownership_overlaps")
+    if not args.smoke and args.report and not failed:
+        from bench import report
+
+        report.write(results_dir)
+    return 1 if failed else 0
 
 
 def cmd_failover(args: argparse.Namespace) -> int:
@@ -317,6 +410,10 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--failover", action=argparse.BooleanOptionalAction, default=None,
                    help="also run the failover measurement, as `failover` does (default: with --all, not --smoke)")  # fmt: skip
     r.add_argument("--failover-trials", type=int, default=0, help="trials per signal (default 5, smoke 1)")
+    r.add_argument("--rebalance", action=argparse.BooleanOptionalAction, default=None,
+                   help="also run the consumer-group rebalance measurement (default: with --all, not --smoke)")  # fmt: skip
+    r.add_argument("--rebalance-trials", type=int, default=0,
+                   help="rebalance trials, each a join, a close(), a join and a kill -9 (default 3 here, smoke 1)")  # fmt: skip
     r.add_argument(
         "--profile", metavar="DIR", help="py-spy the server and workers (1 run, not kept in latest.json)"
     )
@@ -331,6 +428,19 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
                    help="rewrite RESULTS.md afterwards (default: yes)")  # fmt: skip
     f.set_defaults(func=cmd_failover)
+
+    b = sub.add_parser(
+        "rebalance", parents=[common],
+        help="a consumer group of 3 over 12 partitions: time until it consumes again after a join, close() or kill -9",
+    )  # fmt: skip
+    b.add_argument("--trials", type=int, default=0,
+                   help="trials, each a join, a close(), a join and a kill -9 (default 5, smoke 1)")  # fmt: skip
+    b.add_argument("--brokers", type=int, default=None,
+                   help="3: ZooKeeper + 3 brokers (the default where ZooKeeper is installed); 1: one standalone broker")  # fmt: skip
+    b.add_argument("--smoke", action="store_true", help="1 trial, not merged into latest.json")
+    b.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
+                   help="rewrite RESULTS.md afterwards (default: yes)")  # fmt: skip
+    b.set_defaults(func=cmd_rebalance)
 
     p = sub.add_parser(
         "report", parents=[common], help="write bench/RESULTS.md and bench/plots/ from latest.json"

@@ -14,6 +14,7 @@ PLOTS_DIR = BENCH_DIR / "plots"
 RESULTS_MD = BENCH_DIR / "RESULTS.md"
 BASE = "logbroker"
 CLUSTER = "cluster-rf3-acks-all"
+GROUP = "group-12p-3c"
 WORKLOAD_ORDER = (
     "max-100b",
     "max-100kb",
@@ -142,8 +143,9 @@ def _preload_table(systems: dict[str, Any]) -> list[str]:
     return rows
 
 
-def _targets(results: dict[str, Any], failover: dict[str, Any] | None = None) -> list[str]:
-    """The figures issues 2, 3 and 5 ask for, each with what was measured."""
+def _targets(results: dict[str, Any], failover: dict[str, Any] | None = None,
+             rebalance: dict[str, Any] | None = None) -> list[str]:  # fmt: skip
+    """The figures issues 2, 3, 4 and 5 ask for, each with what was measured."""
     rows = ["| target | measured | verdict |", "|---|---|---|"]
 
     def add(target: str, measured: str, ok: bool | None) -> None:
@@ -188,6 +190,25 @@ def _targets(results: dict[str, Any], failover: dict[str, Any] | None = None) ->
         f"longest gap between acks {term['outage_s_median']:.3f} s; first ack {term['first_ack_s_median']:.3f} s "
         f"({term['trials']} trials)" if term else "not measured",
         term["outage_s_median"] < term["target_s"] if term else None)  # fmt: skip
+
+    group_rate = _get(results, GROUP, BASE, "summary", "consume", "records_per_s")
+    add("issue 4: 12 partitions, a group of 3 consumers: consume ≥ one consumer's rate (max-100b; issue 2's floor "
+        "600,000 rec/s)",
+        f"{_n(group_rate)} vs {_n(lc)} rec/s = {_ratio(group_rate, lc)}" if group_rate and lc else "not run",
+        group_rate >= lc and bool(_get(results, GROUP, BASE, "summary", "consume", "complete"))
+        if group_rate and lc else None)  # fmt: skip
+    rb = _get(rebalance, "summary")
+    join, kill = _get(rb, "join"), _get(rb, "kill")
+    session_s = (_get(rebalance, "setup", "session_timeout_ms") or 0) / 1000
+    add("issue 4: a member joins → the group consumes again (all partitions, balanced), median < 1 s",
+        f"{join['settled_s']['median']:.3f} s (max {join['settled_s']['max']:.3f} s, {join['events']} joins); the new "
+        f"member's first record {join['first_record_s']['median']:.3f} s" if join else "not measured",
+        join["settled_s"]["median"] < 1.0 if join else None)  # fmt: skip
+    add(f"issue 4: kill -9 of a member → its partitions consumed again, median < 2 s after the session timeout "
+        f"({session_s:g} s)",
+        f"session timeout + {kill['resumed_minus_session_s']['median']:.3f} s (raw {kill['resumed_s']['median']:.3f} s, "
+        f"max {kill['resumed_s']['max']:.3f} s, {kill['events']} kills)" if kill else "not measured",
+        kill["resumed_minus_session_s"]["median"] < 2.0 if kill else None)  # fmt: skip
 
     def best_peer(side: str, wl: dict[str, Any]) -> tuple[str, float]:
         vals = [(s, _get(wl, s, "summary", side, "records_per_s") or 0.0) for s in PEERS_PY]
@@ -289,6 +310,122 @@ def _failover_section(fo: dict[str, Any], latest_date: str | None) -> list[str]:
                 f"| {i} | {t['signal']} | {t['leader']}{ctl} → {t['new_leader']} | {t['first_ack_s']:.3f} | "
                 f"{t['outage_s']:.3f} | {_n(t.get('last_ack_before_s'), 3)} | {_n(t['leader_elected_s'], 3)} | "
                 f"{_n(t['broker_exit_s'], 3)} | {t['failed_sends']} | {_n(t.get('back_outage_s'), 3)} |"
+            )
+        out += ["", "</details>"]
+    return [*out, ""]
+
+
+def _group_notes(results: dict[str, Any], shown: dict[str, Any]) -> list[str]:
+    out = [
+        "The consumers join before anything is produced and the run goes on once the group has shared out the 12 "
+        "partitions (logbroker: the members' own assignments, disjoint, complete and balanced); they then stop "
+        "polling while the producer writes, and drain the backlog together: the rate of a settled group. How long "
+        "joins and departures take is the *rebalance* section's measurement. logbroker: 3 `Consumer(..., "
+        "group=\"bench\")` processes, sticky assignor, auto-commit every 5 s; NATS: one durable pull consumer "
+        "shared by the 3 (`fetch(1000)`); Redis: one consumer group over the 12 streams, `XREADGROUP` by 3 consumers.",
+        "",
+    ]
+    g = _get(shown, BASE, "summary", "group")
+    solo = _get(results, "max-100b", BASE, "summary", "consume", "records_per_s")
+    rate = _get(shown, BASE, "summary", "consume", "records_per_s")
+    if g:
+        per = g.get("records_per_consumer") or []
+        out += [
+            f"logbroker's group: partitions per member {'/'.join(str(n) for n in g['partitions_per_member'])}, "
+            f"settled {g['settle_s']:.2f} s after the members started polling (median)"
+            + (f"; records per member in run 1: {', '.join(f'{n:,}' for n in per)}" if per else "") + ".",
+            "",
+        ]
+    if solo and rate:
+        out += [
+            f"Side by side: one consumer of one partition (`max-100b`) reads {solo:,.0f} rec/s; the group of 3 over "
+            f"12 partitions reads {rate:,.0f} rec/s ({rate / solo * 100:.0f} %). On 2 cores the 3 consumer processes "
+            "and the broker share the CPU: this is not 3 machines' worth of consumers.",
+            "",
+        ]
+    return out
+
+
+def _s(stats: dict[str, Any] | None, key: str = "median") -> str:
+    v = None if stats is None else stats.get(key)
+    return "—" if v is None else f"{v:.3f}"
+
+
+def _rebalance_section(rb: dict[str, Any], latest_date: str | None) -> list[str]:
+    out = ["## rebalance (consumer group)", ""]
+    setup = rb.get("setup", {})
+    if setup:
+        servers = (f"{setup['brokers']} brokers + ZooKeeper, the topic at replication factor {setup['replication_factor']}"
+                   if setup["brokers"] > 1 else "one standalone broker")  # fmt: skip
+        out += [
+            f"{servers}; a topic of {setup['partitions']} partitions written at {setup['rate_records_per_s']:,} records/s "
+            f"of {setup['record_size']} B round-robin (acks={setup['acks']}, linger_ms {setup['linger_ms']}); "
+            f"{setup['members']} member processes in one group, each `Consumer(..., group=..., session_timeout_ms="
+            f"{setup['session_timeout_ms']}, auto_commit_interval_ms={setup['auto_commit_interval_ms']})`, assignor "
+            f"{setup['assignor']}, heartbeat interval {setup['heartbeat_interval_ms']}. Each trial: a 4th member "
+            "joins, the oldest calls `close()`, another joins, the oldest is killed (-9); each event starts from a "
+            "steady group after a random 0.5–1.5 s. Times are `time.monotonic()` in the member processes, from: the "
+            "new member's Consumer constructor (join), the `close()` call (leave), the `kill` (kill).",
+            "",
+            "*Group consuming again*: every partition owned by one live member, balanced (3/3/3/3 or 4/4/4), and each "
+            "has had a record received by its owner since time zero and since it got the partition. *Moved partitions "
+            "consumed again*: the same over the partitions that changed owner (a departure: the leaver's). *Longest "
+            "gap*: per moved partition, old owner's last record → new owner's first. *Coordinator* columns come from "
+            "DescribeGroup polled every 50 ms.",
+            "",
+        ]
+    if rb.get("date") and rb.get("date") != latest_date:
+        out += [f"Measured {rb['date']} by `{rb.get('command', '?')}` (merged into this report).", ""]
+    if "error" in rb:
+        lines = rb["error"].strip().splitlines()
+        return [*out, f"Failed: {lines[0][:400]} (full text in the run's JSON)", ""]
+    s = rb.get("summary", {})
+    out += [
+        "| event | n | group consuming again: median / max s | moved partitions consumed again: median / max s | "
+        "longest gap: median / max s | what happened in between (medians, s from time zero) | records redelivered |",
+        "|---|--:|--:|--:|--:|---|--:|",
+    ]
+    j, lv, k = s.get("join"), s.get("leave"), s.get("kill")
+    if j:
+        out.append(
+            f"| join | {j['events']} | {_s(j['settled_s'])} / {_s(j['settled_s'], 'max')} | {_s(j['resumed_s'])} / "
+            f"{_s(j['resumed_s'], 'max')} | {_s(j['longest_gap_s'])} / {_s(j['longest_gap_s'], 'max')} | coordinator "
+            f"lists the member {_s(j.get('registered_s'))}; old owners' on_revoke (last) {_s(j.get('revoked_s'))}; new "
+            f"member's first on_assign {_s(j.get('member_assigned_s'))}, first record {_s(j.get('first_record_s'))} "
+            f"(max {_s(j.get('first_record_s'), 'max')}) | {j['redelivered']} |"
+        )
+    if lv:
+        out.append(
+            f"| close() | {lv['events']} | {_s(lv['settled_s'])} / {_s(lv['settled_s'], 'max')} | {_s(lv['resumed_s'])} / "
+            f"{_s(lv['resumed_s'], 'max')} | {_s(lv['longest_gap_s'])} / {_s(lv['longest_gap_s'], 'max')} | close() "
+            f"returns {_s(lv.get('close_s'))}; coordinator drops the member {_s(lv.get('left_s'))}; survivors' "
+            f"on_assign (last) {_s(lv.get('assigned_s'))} | {lv['redelivered']} |"
+        )
+    if k:
+        out.append(
+            f"| kill -9 | {k['events']} | {_s(k['settled_s'])} / {_s(k['settled_s'], 'max')} | {_s(k['resumed_s'])} / "
+            f"{_s(k['resumed_s'], 'max')} (session timeout + {_s(k['resumed_minus_session_s'])} / "
+            f"{_s(k['resumed_minus_session_s'], 'max')}) | {_s(k['longest_gap_s'])} / {_s(k['longest_gap_s'], 'max')} | "
+            f"coordinator evicts {_s(k.get('evicted_s'))}; survivors' on_assign (last) {_s(k.get('assigned_s'))}; "
+            f"eviction → consumed again {_s(k.get('after_eviction_s'))} (max {_s(k.get('after_eviction_s'), 'max')}) "
+            f"| {k['redelivered']} |"
+        )
+    overlaps = rb.get("ownership_overlaps")
+    if overlaps is not None:
+        out += ["", f"Partitions owned by two members at once (callback times): {len(overlaps)}"
+                + (f" — {'; '.join(overlaps[:5])}" if overlaps else ".")]  # fmt: skip
+    events = rb.get("events", [])
+    if events:
+        out += ["", "<details><summary>every event</summary>", "",
+                "| trial | event | member | consuming again s | moved consumed again s | longest gap s | first record / "
+                "evicted s | moved | now | redelivered |",
+                "|--:|---|---|--:|--:|--:|--:|--:|---|--:|"]  # fmt: skip
+        for e in events:
+            mid = e.get("first_record_s") if e["event"] == "join" else e.get("evicted_s")
+            out.append(
+                f"| {e['trial']} | {e['event']} | {e['member']} | {e['settled_s']:.3f} | {_n(e.get('resumed_s'), 3)} | "
+                f"{_n(e.get('longest_gap_s'), 3)} | {_n(mid, 3)} | {e['moved']} | {e['sizes']} | "
+                f"{e.get('redelivered', 0)} |"
             )
         out += ["", "</details>"]
     return [*out, ""]
@@ -418,7 +555,8 @@ def render(latest: dict[str, Any], plots: list[str]) -> str:
             "",
         ]
     failover = latest.get("failover")
-    out += ["## Targets from issues 2, 3 and 5", "", *_targets(results, failover), ""]
+    rebalance = latest.get("rebalance")
+    out += ["## Targets from issues 2, 3, 4 and 5", "", *_targets(results, failover, rebalance), ""]
     skipped: list[str] = []
     failed: list[str] = []
     problems: list[str] = []
@@ -463,6 +601,8 @@ def render(latest: dict[str, Any], plots: list[str]) -> str:
                     f"({rf3 / solo * 100:.0f} %).",
                     "",
                 ]
+        if wl == GROUP:
+            out += _group_notes(results, shown)
         if any(_get(e, "summary", "latency_ms") for e in shown.values()):
             out += _latency_table(shown)
         elif any(_get(e, "summary", "preload") for e in shown.values()):
@@ -472,6 +612,8 @@ def render(latest: dict[str, Any], plots: list[str]) -> str:
         out.append("")
     if failover:
         out += _failover_section(failover, latest.get("date"))
+    if rebalance:
+        out += _rebalance_section(rebalance, latest.get("date"))
     skipped = _merge_skips(skipped)
     for title, items in (("Failed", failed), ("Problems noticed", problems), ("Skipped", skipped)):
         if items:

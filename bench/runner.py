@@ -31,6 +31,7 @@ from bench.workload import Workload
 
 TOPIC = "bench"
 READY_TIMEOUT_S = 60.0
+SETTLE_TIMEOUT_S = 60.0  # group workloads: the members' join and first rebalances, on an empty topic
 GRACE_S = 60.0  # past a phase's own end, for flushes and slow shutdowns
 MB = 1e6
 
@@ -120,6 +121,18 @@ def _send_all(workers: Sequence[Worker], msg: tuple[Any, ...]) -> None:
             raise RunError(f"{w.name} is gone (exit code {w.proc.exitcode}){why}") from None
 
 
+def group_split(assignments: Sequence[Sequence[Any] | None], partitions: int) -> bool:
+    """True when the members' assignments share out every partition: disjoint, complete, balanced
+    (sizes differ by at most one). All None (clients without assignments, the peers) counts as True."""
+    if all(a is None for a in assignments):
+        return True
+    if any(a is None for a in assignments):
+        return False
+    sizes = [len(a) for a in assignments if a is not None]
+    owned = {tp for a in assignments if a is not None for tp in map(tuple, a)}
+    return len(owned) == sum(sizes) == partitions and max(sizes) - min(sizes) <= 1
+
+
 def _produce_figures(results: list[dict[str, Any]], record_size: int) -> dict[str, Any]:
     records = sum(r["records"] for r in results)
     seconds = max(r["t1"] for r in results) - min(r["t0"] for r in results)
@@ -171,6 +184,8 @@ def _consume_figures(
         "complete": total >= expected,
         "timed_out": any(r["timed_out"] for r in results),
     }
+    if len(results) > 1:
+        out["records_per_consumer"] = [r["records"] for r in results]
     if not tl:
         return {**out, "seconds": 0.0, "records_per_s": 0.0, "mb_per_s": 0.0}
     if window:
@@ -293,10 +308,12 @@ class Runner:
         prog: Progress,
         expected: int,
         tag: str,
+        consumers: list[Worker] | None = None,
     ) -> dict[str, Any]:
         wl = self.wl
-        consumers = spawn("consumer", wl.consumers, self.driver.name, server, wl, workers)
-        wait_for(consumers, "ready", time.monotonic() + READY_TIMEOUT_S)
+        if consumers is None:
+            consumers = spawn("consumer", wl.consumers, self.driver.name, server, wl, workers)
+            wait_for(consumers, "ready", time.monotonic() + READY_TIMEOUT_S)
         self._profile(f"{tag}-consumer", [w.proc.pid for w in consumers])
         self._profile(f"server-{tag}", server.pids[:1])
         deadline = time.monotonic() + wl.consume_time_limit_s
@@ -311,6 +328,49 @@ class Runner:
         sampler.mark(f"{tag}_end")
         self._unprofile(f"server-{tag}")
         return _consume_figures([w.result or {} for w in consumers], wl, expected, None)
+
+    def _settle_group(self, server: Server, workers: list[Worker], prog: Progress) -> tuple[list[Worker], dict[str, Any]]:
+        """Group workloads: the consumers join while the topic is still empty, and the run goes on once
+        their assignments share out every partition (disjoint, complete, balanced); they then stop
+        polling ("hold") while the producers run, and drain the backlog as members of a settled group.
+        So the consume rate is the steady group's, comparable with one consumer's; how long joins and
+        departures take is `python -m bench rebalance`'s measurement."""
+        wl = self.wl
+        consumers = spawn("consumer", wl.consumers, self.driver.name, server, wl, workers)
+        wait_for(consumers, "ready", time.monotonic() + READY_TIMEOUT_S)
+        t0 = time.monotonic()
+        _send_all(consumers, ("settle",))
+        by_conn = {w.conn: w for w in consumers}
+        latest: dict[Connection, Any] = {}
+        prog.update(0.0, 0, "group joins")
+        while len(latest) < len(consumers) or not group_split(list(latest.values()), wl.partitions):
+            if time.monotonic() - t0 > SETTLE_TIMEOUT_S:
+                seen = "; ".join(f"{by_conn[c].name}: {a}" for c, a in latest.items())
+                raise RunError(f"the group did not share out {wl.partitions} partitions within "
+                               f"{SETTLE_TIMEOUT_S:.0f} s; last assignments: {seen or 'none reported'}")  # fmt: skip
+            for ready in multiprocessing.connection.wait(list(by_conn), timeout=0.2):
+                conn = cast(Connection, ready)
+                w = by_conn[conn]
+                try:
+                    msg = conn.recv()
+                except EOFError:
+                    w.proc.join(1)
+                    raise RunError(f"{w.name} exited (code {w.proc.exitcode}) while the group settled") from None
+                if msg[0] == "error":
+                    raise RunError(f"{w.name} failed:\n{msg[1]}")
+                if msg[0] == "assignment":
+                    latest[conn] = msg[1]
+        settle_s = time.monotonic() - t0
+        _send_all(consumers, ("hold",))
+        wait_for(consumers, "held", time.monotonic() + READY_TIMEOUT_S)
+        held: list[Any] = [w.result for w in consumers]
+        for w in consumers:
+            w.result = None
+        if not group_split(held, wl.partitions):
+            raise RunError(f"the group's assignment changed while it was being held: {held}")
+        if held[0] is None:
+            return consumers, {}
+        return consumers, {"settle_s": round(settle_s, 3), "partitions_per_member": [len(h or ()) for h in held]}
 
     def _server_figures(self, sampler: ProcSampler, phases: Sequence[str]) -> dict[str, Any]:
         sampler.mark("end")
@@ -329,8 +389,14 @@ class Runner:
         workers: list[Worker] = []
         with ExitStack() as stack:
             server, sampler = self._start(stack, workers)
+            consumers: list[Worker] | None = None
+            group: dict[str, Any] = {}
+            if self.wl.requires == "groups":
+                consumers, group = self._settle_group(server, workers, prog)
             produce = self._produce(server, sampler, workers, prog)
-            consume = self._consume(server, sampler, workers, prog, produce["total_records"], "consume")
+            consume = self._consume(server, sampler, workers, prog, produce["total_records"], "consume", consumers)
+            if group:
+                consume["group"] = group
             figures = self._server_figures(sampler, ("produce", "consume"))
         result = {"produce": produce, "consume": consume, "server": figures, **self._stopped(server)}
         prog.done(_one_line(result))
@@ -497,6 +563,13 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     if runs and "preload" in runs[0]:
         out["preload"] = runs[0]["preload"]
         out["server"]["peak_rss_anon_mb_all"] = runs[0]["server_total"]["server_peak_rss_anon_mb"]
+    groups = [r["consume"]["group"] for r in runs if "group" in r.get("consume", {})]
+    if groups:
+        out["group"] = {
+            "settle_s": _median([g["settle_s"] for g in groups]),
+            "partitions_per_member": groups[0]["partitions_per_member"],
+            "records_per_consumer": runs[0]["consume"].get("records_per_consumer"),
+        }
     if runs and "native" in runs[0]:
         out["native"] = {"clients": runs[0]["native"]["clients"], "pipeline": 1000}
     problems = []

@@ -2,7 +2,13 @@
 
 A worker builds its client, answers ("ready",), waits for ("go", params), runs, answers
 ("done", result) or ("error", traceback), and exits. While running it sends ("progress", records)
-about twice a second. Times are `time.monotonic()`, which on Linux is one clock for all processes,
+about twice a second.
+
+Group workloads add a phase before "go" for consumers (`settle`): on ("settle",) a consumer polls
+the still empty topic and reports ("assignment", sorted partitions) each time its assignment changes
+(("assignment", None) once for a client without one: the peers' shared consumers), until ("hold",),
+which it answers with ("held", partitions) and stops polling; the group's membership carries on in
+the client (logbroker's heartbeat thread) while the producers run. Times are `time.monotonic()`, which on Linux is one clock for all processes,
 so the harness can hand out a common schedule (start, end of warm-up, end).
 
 Record layout: bytes 0-7 are the send time (monotonic_ns, little endian) when the workload measures
@@ -108,6 +114,33 @@ def produce(
     return {"records": count - c0, "total_records": count, "t0": t0, "t1": t1}
 
 
+def assignment_of(client: ConsumerClient) -> list[tuple[str, int]] | None:
+    """The partitions a group member owns now (sorted), or None for a client without an assignment."""
+    get = getattr(client, "assignment", None)
+    return None if get is None else sorted(get())
+
+
+def settle(client: ConsumerClient, conn: Connection) -> list[tuple[str, int]] | None:
+    """Poll the (empty) topic until the harness says ("hold",), reporting assignment changes."""
+    current = assignment_of(client)
+    conn.send(("assignment", current))
+    while True:
+        if conn.poll(0 if current is not None else None):
+            msg = conn.recv()
+            if msg[0] == "hold":
+                held = assignment_of(client)
+                conn.send(("held", held))
+                return held
+            raise RuntimeError(f"unexpected message while settling: {msg[0]!r}")
+        records = client.poll(0.05)
+        if records:
+            raise RuntimeError(f"{len(records)} records arrived while the group settled on an empty topic")
+        now = assignment_of(client)
+        if now != current:
+            current = now
+            conn.send(("assignment", current))
+
+
 def consume(client: ConsumerClient, wl: Workload, p: dict[str, Any], conn: Connection) -> dict[str, Any]:
     hist = histogram.new() if wl.latency else None
     warm_ns = int(p.get("t_warm", 0.0) * 1e9)
@@ -183,6 +216,9 @@ def main(
             client = driver.consumer(address, topic, wl, index)
         conn.send(("ready", None))
         msg = conn.recv()
+        if msg[0] == "settle" and role == "consumer":
+            settle(client, conn)
+            msg = conn.recv()
         if msg[0] != "go":
             return
         if role == "producer":

@@ -68,17 +68,24 @@ class LogbrokerProducer:
 
 
 class LogbrokerConsumer:
+    """One consumer; in a group workload one member of the group `bench` (subscribed to the topic, the
+    coordinator assigns its partitions; auto-commit and close() committing and leaving as for any user)."""
+
     def __init__(self, address: str, topic: str, wl: Workload, index: int) -> None:
         import logbroker
 
         settings = {"max_poll_records": 10_000, **wl.option("logbroker", "consumer", {})}
-        group = "bench" if wl.requires == "groups" else None
+        self.group = "bench" if wl.requires == "groups" else None
         self.c = logbroker.Consumer(
-            address, topics=[topic], group=group, auto_offset_reset="earliest", **settings
+            address, topics=[topic], group=self.group, auto_offset_reset="earliest", **settings
         )
 
     def poll(self, timeout_s: float) -> Sequence[Any]:
         return self.c.poll(timeout_ms=int(timeout_s * 1000))
+
+    def assignment(self) -> list[tuple[str, int]]:
+        """The partitions this member owns now (worker.settle waits for the group to share them out)."""
+        return sorted(self.c.assignment()) if self.group is not None else []
 
     def value(self, record: Any) -> bytes:
         return record.value

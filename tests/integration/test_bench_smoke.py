@@ -4,7 +4,9 @@
 every runnable workload (the cluster one too, where ZooKeeper is installed) wrote a JSON result with
 records produced and consumed, that the whole pass took under 60 s, and that every process the
 harness started is gone afterwards. `python -m bench failover --smoke` likewise: one kill -9 and one
-SIGTERM trial, every acknowledged record read back, nothing left running.
+SIGTERM trial, every acknowledged record read back, nothing left running. `python -m bench rebalance
+--smoke --brokers 1`: one trial (a join, a close(), a join, a kill -9) on a standalone broker, the
+group consuming again after each, no partition ever owned twice, nothing left running.
 """
 
 from __future__ import annotations
@@ -120,6 +122,36 @@ def test_failover_smoke(tmp_path: Path) -> None:
     assert all(t["first_ack_s"] > 0 for t in record["trials"])
     assert record["verified"]["acknowledged"] > 0
     assert record["verified"]["missing"] == 0 and record["verified"]["mismatched"] == 0, record["verified"]
+    assert not (results / "latest.json").exists(), "a smoke must not touch latest.json"
+    assert record["unreaped_pids"] == [], f"processes left running: {record['unreaped_pids']}"
+    assert [pid for pid in record["started_pids"] if _alive(pid)] == [], "a process outlived the harness"
+    assert _processes_mentioning(str(data_root)) == [], "a process still uses the bench data root"
+    assert list(data_root.iterdir()) == [], "a temporary data directory was left behind"
+
+
+@pytest.mark.timeout(180)
+def test_rebalance_smoke(tmp_path: Path) -> None:
+    from bench.drivers import get_driver
+    from bench.workload import load
+
+    why = get_driver("logbroker").unsupported(load("group-12p-3c", smoke=True))
+    if why:
+        pytest.skip(why)
+    results = tmp_path / "results"
+    data_root = tmp_path / "data"
+    argv = [
+        sys.executable, "-m", "bench", "rebalance", "--smoke", "--brokers", "1",
+        "--results-dir", str(results), "--data-root", str(data_root),
+    ]  # fmt: skip
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 0, f"bench rebalance failed ({proc.returncode}):\n{proc.stderr[-6000:]}"
+    [path] = results.glob("*rebalance.json")
+    record = json.loads(path.read_text())
+    assert "error" not in record, record["error"]
+    assert [e["event"] for e in record["events"]] == ["join", "leave", "join", "kill"]
+    for e in record["events"]:
+        assert e["settled_s"] > 0 and e["moved"] > 0, e
+    assert record["ownership_overlaps"] == [], record["ownership_overlaps"]
     assert not (results / "latest.json").exists(), "a smoke must not touch latest.json"
     assert record["unreaped_pids"] == [], f"processes left running: {record['unreaped_pids']}"
     assert [pid for pid in record["started_pids"] if _alive(pid)] == [], "a process outlived the harness"
