@@ -14,8 +14,10 @@ Threads::
 One `threading.Condition` guards the window; nobody holds it while a handler runs or an RPC is made.
 Poll never returns more than the window has room for, so the window's bounds are hard (records) and
 soft by one poll (bytes). When the window is full the poll thread waits for a completion instead of
-polling (the group consumer heartbeats on its own; this one does not call poll() with nowhere to put
-what it returns).
+polling (the group consumer heartbeats on its own thread, so membership does not lapse). Rebalance
+callbacks run inside poll(), so a revocation that arrives while the window is full is acted on once
+some record finishes and makes room; with every slot busy, on_revoke would be waiting for running
+records then anyway.
 
 Commits: the consumer runs with enable_auto_commit=False; the runtime commits each partition's
 contiguous low-water mark (see window.py) every commit_interval_ms, on revocation and at the end.
