@@ -29,6 +29,22 @@ RESULTS_DIR = BENCH_DIR / "results"
 LATEST = "latest.json"
 
 
+def revision() -> str:
+    """The checkout being measured: its commit, and the files under logbroker/ that differ from it
+    (others may be editing the same checkout while a benchmark runs)."""
+    def git(*argv: str) -> str:
+        return subprocess.run(["git", *argv], cwd=BENCH_DIR.parent, capture_output=True, text=True, timeout=10).stdout
+
+    try:
+        head = git("rev-parse", "--short", "HEAD").strip()
+        dirty = sorted(line[3:] for line in git("status", "--porcelain", "--", "logbroker").splitlines())
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    if not head:
+        return ""
+    return head + (f" + uncommitted changes to {', '.join(dirty)}" if dirty else "")
+
+
 def machine() -> dict[str, Any]:
     model = ""
     try:
@@ -51,6 +67,7 @@ def machine() -> dict[str, Any]:
         "os": f"Debian {debian}" if debian else platform.platform(),
         "python": platform.python_version(),
         "loadavg_1m_at_start": round(os.getloadavg()[0], 2),
+        "revision": revision(),
     }
 
 
@@ -292,7 +309,7 @@ def run_rebalance(trials: int, brokers: int | None, results_dir: Path, data_root
     if "kill" in s:
         k = s["kill"]
         say(f"rebalance kill -9: dead member's partitions consumed again median {k['resumed_s']['median']:.3f} s, "
-            f"max {k['resumed_s']['max']:.3f} s = session timeout + {k['resumed_minus_session_s']['median']:.3f} s "
+            f"max {k['resumed_s']['max']:.3f} s = session timeout {k['resumed_minus_session_s']['median']:+.3f} s "
             f"(target < {rebalance.TARGETS_S['kill']:g} s after it)")  # fmt: skip
     if "leave" in s:
         lv = s["leave"]

@@ -206,7 +206,7 @@ def _targets(results: dict[str, Any], failover: dict[str, Any] | None = None,
         join["settled_s"]["median"] < 1.0 if join else None)  # fmt: skip
     add(f"issue 4: kill -9 of a member → its partitions consumed again, median < 2 s after the session timeout "
         f"({session_s:g} s)",
-        f"session timeout + {kill['resumed_minus_session_s']['median']:.3f} s (raw {kill['resumed_s']['median']:.3f} s, "
+        f"session timeout {kill['resumed_minus_session_s']['median']:+.3f} s (raw {kill['resumed_s']['median']:.3f} s, "
         f"max {kill['resumed_s']['max']:.3f} s, {kill['events']} kills)" if kill else "not measured",
         kill["resumed_minus_session_s"]["median"] < 2.0 if kill else None)  # fmt: skip
 
@@ -351,6 +351,11 @@ def _s(stats: dict[str, Any] | None, key: str = "median") -> str:
     return "—" if v is None else f"{v:.3f}"
 
 
+def _signed(stats: dict[str, Any] | None, key: str = "median") -> str:
+    v = None if stats is None else stats.get(key)
+    return "—" if v is None else f"{v:+.3f} s"
+
+
 def _rebalance_section(rb: dict[str, Any], latest_date: str | None) -> list[str]:
     out = ["## rebalance (consumer group)", ""]
     setup = rb.get("setup", {})
@@ -375,7 +380,9 @@ def _rebalance_section(rb: dict[str, Any], latest_date: str | None) -> list[str]
             "",
         ]
     if rb.get("date") and rb.get("date") != latest_date:
-        out += [f"Measured {rb['date']} by `{rb.get('command', '?')}` (merged into this report).", ""]
+        rev = _get(rb, "machine", "revision")
+        out += [f"Measured {rb['date']} by `{rb.get('command', '?')}`{f' at {rev}' if rev else ''}, load average "
+                f"{_get(rb, 'machine', 'loadavg_1m_at_start')} at the start (merged into this report).", ""]  # fmt: skip
     if "error" in rb:
         lines = rb["error"].strip().splitlines()
         return [*out, f"Failed: {lines[0][:400]} (full text in the run's JSON)", ""]
@@ -404,12 +411,34 @@ def _rebalance_section(rb: dict[str, Any], latest_date: str | None) -> list[str]
     if k:
         out.append(
             f"| kill -9 | {k['events']} | {_s(k['settled_s'])} / {_s(k['settled_s'], 'max')} | {_s(k['resumed_s'])} / "
-            f"{_s(k['resumed_s'], 'max')} (session timeout + {_s(k['resumed_minus_session_s'])} / "
-            f"{_s(k['resumed_minus_session_s'], 'max')}) | {_s(k['longest_gap_s'])} / {_s(k['longest_gap_s'], 'max')} | "
+            f"{_s(k['resumed_s'], 'max')} (session timeout {_signed(k['resumed_minus_session_s'])} / "
+            f"{_signed(k['resumed_minus_session_s'], 'max')}) | {_s(k['longest_gap_s'])} / {_s(k['longest_gap_s'], 'max')} | "
             f"coordinator evicts {_s(k.get('evicted_s'))}; survivors' on_assign (last) {_s(k.get('assigned_s'))}; "
             f"eviction → consumed again {_s(k.get('after_eviction_s'))} (max {_s(k.get('after_eviction_s'), 'max')}) "
             f"| {k['redelivered']} |"
         )
+    if j and j.get("registered_s"):
+        out += [
+            "",
+            f"Reading a join: the coordinator lists the new member after {_s(j['registered_s'])} s; the old owners hear "
+            "of the new target assignment at their next heartbeat (every 500 ms while the group is stable) and each "
+            f"gives up a partition (on_revoke, a synchronous commit, then a heartbeat at once): the last at "
+            f"{_s(j['revoked_s'])} s (max {_s(j['revoked_s'], 'max')}). The new member takes each partition as it is "
+            "released (it heartbeats every 100 ms while the group reconciles): its first record at "
+            f"{_s(j['first_record_s'])} s, all {setup.get('partitions', '?')} partitions consumed by their owners at "
+            f"{_s(j['settled_s'])} s. The stable heartbeat interval is most of it.",
+        ]
+    if k and k.get("evicted_s"):
+        out += [
+            "",
+            "Reading kill -9: the coordinator evicts the dead member a session timeout after its *last heartbeat*, "
+            "which came up to one heartbeat interval (500 ms) before the kill, hence figures below the session "
+            f"timeout: evicted {_s(k['evicted_s'])} s after the kill (median; {_s(k['evicted_s'], 'max')} max). The "
+            "survivors hear of it at their next heartbeat — they heartbeat in step, so either at once or up to 500 ms "
+            f"later — and take its partitions: eviction → consumed again {_s(k['after_eviction_s'])} s (median; max "
+            f"{_s(k['after_eviction_s'], 'max')}). Redelivered records are what the dead member read after its last "
+            f"auto-commit (every {setup.get('auto_commit_interval_ms', '?')} ms).",
+        ]
     overlaps = rb.get("ownership_overlaps")
     if overlaps is not None:
         out += ["", f"Partitions owned by two members at once (callback times): {len(overlaps)}"
@@ -533,7 +562,7 @@ def render(latest: dict[str, Any], plots: list[str]) -> str:
         f"- Machine: {m.get('cpu_model', '?')}, {m.get('cores', '?')} cores, {m.get('ram_gib', '?')} GiB RAM, "
         f"{m.get('os', '')}, kernel {m.get('kernel', '')}, Python {m.get('python', '')}; "
         f"load average {m.get('loadavg_1m_at_start', '?')} at the start, {m.get('loadavg_1m_at_end', '?')} at the end",
-        f"- Versions: {', '.join(versions)}",
+        f"- Versions: {', '.join(versions)}" + (f"; source {m['revision']}" if m.get("revision") else ""),
         f"- Each figure is the median of {', '.join(str(r) for r in runs) or '?'} runs; rates count only what happened "
         "after the warm-up; MB = 10⁶ bytes of record values; all on 127.0.0.1, every process on the same 2 cores.",
         "- `logbroker ÷ system` above 1 means logbroker is faster; `logbroker p99 ÷ system p99` below 1 means "
