@@ -12,7 +12,7 @@ reports, with `time.monotonic()` (one clock for every process on Linux), when it
 for every poll that returned records, the time and the first and last offset per partition.
 
 Each trial is four events, each started from a steady group (every partition consumed by its owner
-within the last 0.5 s, the assignment balanced) after a random 0.5-1.5 s (the members heartbeat in
+within the last 0.5 s, the assignment balanced) after a random 0.5-1.0 s (the members heartbeat in
 step after a rebalance: an event a fixed time after the last one would meet the same heartbeat phase
 every time), and followed until the group is steady again:
 
@@ -92,8 +92,8 @@ POLL_TIMEOUT_MS = 50
 REPORT_INTERVAL_S = 0.05  # members send their receipts this often
 STEADY_WINDOW_S = 0.5  # before an event: every partition consumed by its owner within this long
 PRE_EVENT_S = 0.5  # and the group observed this long, plus a random 0..PHASE_JITTER_S:
-PHASE_JITTER_S = 1.0  # members heartbeat in step (every 500 ms) after a rebalance; events must not be in step
-OBSERVE_S = 1.0  # after it settles: the assignment must not move again
+PHASE_JITTER_S = 0.5  # one stable heartbeat interval: members heartbeat in step after a rebalance, events must not
+OBSERVE_S = 0.5  # after it settles: the assignment must not move again
 SETTLE_TIMEOUT_S = 30.0
 READY_TIMEOUT_S = 60.0
 WATCH_INTERVAL_S = 0.05
@@ -707,6 +707,7 @@ def run(trials: int, data_root: Path, brokers: int = BROKERS, progress: Callable
             "auto_commit_interval_ms": AUTO_COMMIT_INTERVAL_MS, "rate_records_per_s": RATE,
             "record_size": RECORD_SIZE, "acks": "all" if brokers > 1 else "1", "linger_ms": LINGER_MS,
             "poll_timeout_ms": POLL_TIMEOUT_MS, "assignor": "sticky (client default)",
+            "event_delay_s": [PRE_EVENT_S, PRE_EVENT_S + PHASE_JITTER_S], "observe_s": OBSERVE_S,
         },  # fmt: skip
         "events": events,
         "summary": summarize(events),

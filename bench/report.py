@@ -321,8 +321,8 @@ def _group_notes(results: dict[str, Any], shown: dict[str, Any]) -> list[str]:
         "partitions (logbroker: the members' own assignments, disjoint, complete and balanced); they then stop "
         "polling while the producer writes, and drain the backlog together: the rate of a settled group. How long "
         "joins and departures take is the *rebalance* section's measurement. logbroker: 3 `Consumer(..., "
-        "group=\"bench\")` processes, sticky assignor, auto-commit every 5 s; NATS: one durable pull consumer "
-        "shared by the 3 (`fetch(1000)`); Redis: one consumer group over the 12 streams, `XREADGROUP` by 3 consumers.",
+        "group=\"bench\")` processes, sticky assignor, auto-commit every 5 s; Redis: one consumer group over the "
+        "12 streams, `XREADGROUP` by 3 consumers (NATS is left out for time: see bench/README.md, *Groups*).",
         "",
     ]
     g = _get(shown, BASE, "summary", "group")
@@ -369,7 +369,9 @@ def _rebalance_section(rb: dict[str, Any], latest_date: str | None) -> list[str]
             f"{setup['session_timeout_ms']}, auto_commit_interval_ms={setup['auto_commit_interval_ms']})`, assignor "
             f"{setup['assignor']}, heartbeat interval {setup['heartbeat_interval_ms']}. Each trial: a 4th member "
             "joins, the oldest calls `close()`, another joins, the oldest is killed (-9); each event starts from a "
-            "steady group after a random 0.5–1.5 s. Times are `time.monotonic()` in the member processes, from: the "
+            f"steady group after a random {'–'.join(f'{x:g}' for x in setup.get('event_delay_s', [0.5, 1.5]))} s (the "
+            "members heartbeat in step after a rebalance: a fixed delay would meet the same heartbeat phase each "
+            "time). Times are `time.monotonic()` in the member processes, from: the "
             "new member's Consumer constructor (join), the `close()` call (leave), the `kill` (kill).",
             "",
             "*Group consuming again*: every partition owned by one live member, balanced (3/3/3/3 or 4/4/4), and each "
