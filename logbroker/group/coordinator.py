@@ -35,9 +35,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from logbroker.clock import Clock
 from logbroker.cluster.hashing import partition_for_key
@@ -66,6 +66,7 @@ from logbroker.group.offsets import (
     CommittedOffset,
     OffsetsState,
     commit_batch,
+    membership_batch,
     tombstone_batch,
 )
 from logbroker.v1 import logbroker_pb2 as pb
@@ -73,6 +74,7 @@ from logbroker.v1 import logbroker_pb2 as pb
 if TYPE_CHECKING:
     from logbroker.replication.partition import Partition
     from logbroker.server.broker import Broker
+    from logbroker.storage.log import AppendResult
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +106,11 @@ class _GroupEntry:
     membership: Group | None = None
     offsets: dict[TopicPartition, CommittedOffset] = field(default_factory=dict)
     empty_since_ms: int = 0  # wall clock: when the group last had no members (offset expiry)
+    # membership persistence: changes made (version) and written to the log (persisted); one
+    # write in flight at a time carries the latest snapshot, so bursts of changes coalesce
+    version: int = 0
+    persisted: int = 0
+    writing: asyncio.Task[None] | None = None
 
     @property
     def has_members(self) -> bool:
@@ -210,10 +217,23 @@ class GroupCoordinator:
         for group, offsets in state.groups.items():
             last = max((c.commit_timestamp_ms for c in offsets.values()), default=0)
             shard.groups[group] = _GroupEntry(None, offsets, last)
+        restored = 0
+        for group, snapshot in state.memberships.items():
+            try:
+                factory = ASSIGNORS[str(snapshot["assignor"])]
+                membership = Group.restore(group, snapshot, factory(), self.clock,
+                                           members_max=self.config.group_members_max)
+            except (KeyError, TypeError, ValueError) as e:
+                log.warning("group %s: unreadable membership snapshot (%s); its members will rejoin", group, e)
+                continue
+            if membership.state is GroupState.EMPTY:
+                continue
+            shard.groups.setdefault(group, _GroupEntry(empty_since_ms=self.clock.now_ms())).membership = membership
+            restored += 1
         shard.loaded = True
         shard.task = None
-        log.info("coordinator: leads %s-%d in epoch %d: %d groups loaded from %d records in %.3f s%s",
-                 OFFSETS_TOPIC, shard.partition, shard.leader_epoch, len(state.groups),
+        log.info("coordinator: leads %s-%d in epoch %d: %d groups (%d with members) loaded from %d records "
+                 "in %.3f s%s", OFFSETS_TOPIC, shard.partition, shard.leader_epoch, len(shard.groups), restored,
                  state.next_offset - plog.log_start_offset, time.monotonic() - started,
                  f" ({state.skipped_records} unreadable records skipped)" if state.skipped_records else "")
 
@@ -301,7 +321,9 @@ class GroupCoordinator:
             raise InvalidRequestError(f"rebalance timeout {rebalance_ms} ms is outside [1, {cfg.session_timeout_ms_max}]")
         return Group(group, factory(), self.clock, session_ms, rebalance_ms, members_max=cfg.group_members_max)
 
-    def heartbeat(self, req: pb.ConsumerGroupHeartbeatRequest) -> pb.ConsumerGroupHeartbeatResponse:
+    async def heartbeat(self, req: pb.ConsumerGroupHeartbeatRequest) -> pb.ConsumerGroupHeartbeatResponse:
+        """Apply the heartbeat; if it changed who owns what (or the group epoch), answer only once the
+        group's new snapshot is replicated in __consumer_offsets."""
         resp = pb.ConsumerGroupHeartbeatResponse(member_id=req.member_id, member_epoch=req.member_epoch,
                                                  heartbeat_interval_ms=self.config.heartbeat_interval_ms)
         try:
@@ -316,27 +338,70 @@ class GroupCoordinator:
                 if entry is None:
                     entry = shard.groups[req.group] = _GroupEntry()
                 entry.membership = membership
-            result = entry.membership.heartbeat(
+            group = entry.membership
+            before = group.ownership_fingerprint(req.member_id)
+            result = group.heartbeat(
                 req.member_id, req.member_epoch,
                 subscribed_topics=list(req.subscribed_topics.topics) if req.HasField("subscribed_topics") else None,
                 subscribed_regex=req.subscribed_regex if req.HasField("subscribed_regex") else None,
                 owned_partitions=_from_assignment(req.owned_partitions) if req.HasField("owned_partitions") else None,
                 topic_partition_counts=self._topic_counts(),
             )
-            if entry.membership.state is GroupState.EMPTY:
+            changed = group.ownership_fingerprint(result.member_id) != before
+            if group.state is GroupState.EMPTY:
                 self._became_empty(shard, req.group, entry)
+            if changed:
+                await self._persist(shard, req.group, entry)
             if result.error is not None:
                 raise result.error
             resp.member_id = result.member_id
             resp.member_epoch = result.member_epoch
             _fill_assignment(resp.assignment, result.assignment)
-            if entry.membership is not None and entry.membership.state is not GroupState.STABLE:
+            if group.state is not GroupState.STABLE and group.state is not GroupState.EMPTY:
                 resp.heartbeat_interval_ms = min(self.config.reconciling_heartbeat_interval_ms,
                                                  self.config.heartbeat_interval_ms)
         except BrokerError as e:
             resp.error_code = e.code  # type: ignore[assignment]
             resp.error_message = e.message
         return resp
+
+    async def _persist(self, shard: _Shard, group: str, entry: _GroupEntry) -> None:
+        """Return once the group's membership as of now (a snapshot, or a tombstone when it has no
+        members) is replicated. Raises NOT_COORDINATOR / COORDINATOR_NOT_AVAILABLE / timeouts."""
+        entry.version += 1
+        wanted = entry.version
+        while entry.persisted < wanted:
+            if entry.writing is None:
+                entry.writing = asyncio.create_task(self._write_membership(shard, group, entry))
+            await asyncio.shield(entry.writing)
+
+    async def _write_membership(self, shard: _Shard, group: str, entry: _GroupEntry) -> None:
+        try:
+            version = entry.version
+            snapshot = entry.membership.snapshot() if entry.membership is not None else None
+            try:
+                batch = membership_batch(group, snapshot, self.clock.now_ms())
+            except ValueError as e:  # a huge group: it stays in memory only (members rejoin on failover)
+                log.warning("group %s: membership not persisted: %s", group, e)
+                entry.persisted = max(entry.persisted, version)
+                return
+            await self._append_replicated(shard, group, batch)
+            entry.persisted = max(entry.persisted, version)
+        finally:
+            entry.writing = None
+
+    async def _append_replicated(self, shard: _Shard, group: str, batch: bytes) -> AppendResult:
+        rm = self.broker.replica_manager
+        try:
+            append = rm.append_records(OFFSETS_TOPIC, shard.partition, batch, acks=-1)
+            await rm.wait_for_acks(OFFSETS_TOPIC, shard.partition, append, self.config.commit_timeout_ms)
+        except NotLeaderOrFollowerError as e:
+            raise NotCoordinatorError(f"no longer the coordinator of group {group}: {e.message}") from None
+        except NotEnoughReplicasError as e:
+            raise CoordinatorNotAvailableError(f"{OFFSETS_TOPIC}-{shard.partition}: {e.message}") from None
+        # Replicated to the ISR: durable even if our leadership ended meanwhile (the next leader has
+        # it and its coordinator replays it), so the caller may report success either way.
+        return append.result
 
     def _became_empty(self, shard: _Shard, group: str, entry: _GroupEntry) -> None:
         entry.membership = None
@@ -357,11 +422,24 @@ class GroupCoordinator:
                     if deadline is None or deadline > now:
                         continue
                     gone = g.expire(now)
-                    if gone:
-                        log.info("group %s: evicted %s (session or rebalance timeout); group epoch %d", group,
-                                 ", ".join(gone), g.group_epoch)
+                    if not gone:
+                        continue
+                    log.info("group %s: evicted %s (session or rebalance timeout); group epoch %d", group,
+                             ", ".join(gone), g.group_epoch)
                     if g.state is GroupState.EMPTY:
                         self._became_empty(shard, group, entry)
+                    self._spawn(self._persist_quietly(shard, group, entry), f"persist-{group}")
+
+    async def _persist_quietly(self, shard: _Shard, group: str, entry: _GroupEntry) -> None:
+        try:
+            await self._persist(shard, group, entry)
+        except Exception as exc:  # the next change (or a new coordinator) writes it again
+            log.warning("group %s: persisting membership after an eviction failed: %s", group, exc)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.append(task)
+        task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
 
     # -- offsets -----------------------------------------------------------------------------------
 
@@ -416,23 +494,15 @@ class GroupCoordinator:
             raise err
 
     async def _append(self, shard: _Shard, group: str, offsets: dict[TopicPartition, tuple[int, str]]) -> None:
-        rm = self.broker.replica_manager
         now = self.clock.now_ms()
-        batch = commit_batch(group, offsets, now)
-        try:
-            append = rm.append_records(OFFSETS_TOPIC, shard.partition, batch, acks=-1)
-            await rm.wait_for_acks(OFFSETS_TOPIC, shard.partition, append, self.config.commit_timeout_ms)
-        except NotLeaderOrFollowerError as e:
-            raise NotCoordinatorError(f"no longer the coordinator of group {group}: {e.message}") from None
-        except NotEnoughReplicasError as e:
-            raise CoordinatorNotAvailableError(f"{OFFSETS_TOPIC}-{shard.partition}: {e.message}") from None
+        result = await self._append_replicated(shard, group, commit_batch(group, offsets, now))
         if self._shards.get(shard.partition) is not shard:
-            return  # written and replicated; the next coordinator reads it from the log
+            return  # replicated; the next coordinator reads it from the log
         entry = shard.groups.get(group)
         if entry is None:
             entry = shard.groups[group] = _GroupEntry(empty_since_ms=now)
         for i, (tp, (offset, metadata)) in enumerate(offsets.items()):
-            log_offset = append.result.base_offset + i
+            log_offset = result.base_offset + i
             current = entry.offsets.get(tp)
             if current is None or current.log_offset < log_offset:
                 entry.offsets[tp] = CommittedOffset(offset, metadata, now, log_offset)
@@ -536,13 +606,7 @@ class GroupCoordinator:
         tps = list(offsets)
         if not tps:
             return
-        rm = self.broker.replica_manager
-        batch = tombstone_batch(group, tps, self.clock.now_ms())
-        try:
-            append = rm.append_records(OFFSETS_TOPIC, shard.partition, batch, acks=-1)
-            await rm.wait_for_acks(OFFSETS_TOPIC, shard.partition, append, self.config.commit_timeout_ms)
-        except NotLeaderOrFollowerError as e:
-            raise NotCoordinatorError(f"no longer the coordinator of group {group}: {e.message}") from None
+        await self._append_replicated(shard, group, tombstone_batch(group, tps, self.clock.now_ms()))
 
     def forget_topics(self, topics: Iterable[str]) -> None:
         """These topics were deleted: delete every group's committed offsets of them (in the

@@ -72,6 +72,13 @@ re-resolved whenever it changes. Bounds: members_max (<= MEMBERS_MAX) members, R
 SUBSCRIBED_TOPICS_MAX names (each a valid topic name), MEMBER_ID_MAX_CHARS.
 
 Errors come back as data in `HeartbeatResult.error`; a heartbeat that fails changes nothing.
+
+Persistence: `snapshot()` is the whole group as JSON-able data (members with their epochs,
+subscriptions and owned partitions, the target assignment, the assignor's input) and
+`Group.restore(snapshot, ...)` rebuilds it, with every member's session starting afresh at the
+restore. The coordinator writes a snapshot whenever `ownership_fingerprint(member)` or the group epoch
+changes, before it answers, so a new coordinator never gives out a partition that a member of the
+old one may still own.
 """
 
 from __future__ import annotations
@@ -243,6 +250,76 @@ class Group:
         deadlines = [m.last_heartbeat_ms + self.session_timeout_ms for m in self._members.values()]
         deadlines += [m.revoke_deadline_ms for m in self._members.values() if m.revoke_deadline_ms is not None]
         return min(deadlines, default=None)
+
+    def ownership_fingerprint(self, member_id: str) -> tuple[object, ...]:
+        """What a snapshot must capture about one member (plus the group epoch): compare before and
+        after a heartbeat to know whether the group must be persisted before answering it."""
+        m = self._members.get(member_id)
+        if m is None:
+            return (self._group_epoch, len(self._members))
+        return (self._group_epoch, len(self._members), m.epoch, m.previous_epoch, frozenset(m.assigned),
+                frozenset(m.revoking), m.topics, m.regex)
+
+    # -- persistence ----------------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, object]:
+        return {
+            "group_epoch": self._group_epoch,
+            "assignment_epoch": self._assignment_epoch,
+            "assignor": self.assignor.name,
+            "session_timeout_ms": self.session_timeout_ms,
+            "rebalance_timeout_ms": self.rebalance_timeout_ms,
+            "topic_counts": dict(self._topic_counts),
+            "partitions": dict(self._partitions),
+            "members": [
+                {
+                    "id": m.member_id, "epoch": m.epoch, "previous_epoch": m.previous_epoch, "state": m.state.value,
+                    "topics": sorted(m.topics), "regex": m.regex, "resolved": sorted(m.resolved),
+                    "assigned": sorted(m.assigned), "revoking": sorted(m.revoking),
+                    "target": sorted(self._target.get(m.member_id, ())),
+                }
+                for _, m in sorted(self._members.items())
+            ],
+        }
+
+    @classmethod
+    def restore(
+        cls,
+        group_id: str,
+        snapshot: Mapping[str, object],
+        assignor: Assignor,
+        clock: Clock,
+        *,
+        members_max: int = MEMBERS_MAX,
+        new_member_id: Callable[[], str] = lambda: uuid.uuid4().hex,
+    ) -> Group:
+        """The group a `snapshot()` describes; every member's session and pending revocation start now.
+        Raises ValueError (or KeyError/TypeError) if the snapshot is malformed or inconsistent."""
+        g = cls(group_id, assignor, clock, int(snapshot["session_timeout_ms"]),  # type: ignore[call-overload]
+                int(snapshot["rebalance_timeout_ms"]),  # type: ignore[call-overload]
+                members_max=members_max, new_member_id=new_member_id)
+        now = clock.monotonic_ms()
+        g._group_epoch = int(snapshot["group_epoch"])  # type: ignore[call-overload]
+        g._assignment_epoch = int(snapshot["assignment_epoch"])  # type: ignore[call-overload]
+        g._topic_counts = {str(t): int(n) for t, n in dict(snapshot["topic_counts"]).items()}  # type: ignore[call-overload]
+        g._partitions = {str(t): int(n) for t, n in dict(snapshot["partitions"]).items()}  # type: ignore[call-overload]
+        members = snapshot["members"]
+        if not isinstance(members, list) or len(members) > members_max:
+            raise ValueError("snapshot members must be a list within members_max")
+        for d in members:
+            m = _Member(str(d["id"]), now, int(d["epoch"]), int(d["previous_epoch"]), MemberState(d["state"]),
+                        frozenset(str(t) for t in d["topics"]), str(d["regex"]),
+                        frozenset(str(t) for t in d["resolved"]),
+                        {(str(t), int(p)) for t, p in d["assigned"]}, {(str(t), int(p)) for t, p in d["revoking"]})
+            if m.revoking:
+                m.revoke_deadline_ms = now + g.rebalance_timeout_ms
+            for tp in m.assigned | m.revoking:
+                if tp in g._owner:
+                    raise ValueError(f"snapshot gives {tp} to {g._owner[tp]} and {m.member_id}")
+                g._owner[tp] = m.member_id
+            g._members[m.member_id] = m
+            g._target[m.member_id] = frozenset((str(t), int(p)) for t, p in d["target"])
+        return g
 
     # -- events -------------------------------------------------------------------------------------
 

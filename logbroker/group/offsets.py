@@ -1,23 +1,31 @@
-"""Committed offsets: the records a coordinator writes to `__consumer_offsets`, and the state it
-rebuilds from them (pure: bytes in, state out; no I/O).
+"""What a coordinator writes to `__consumer_offsets` (committed offsets and group membership), and
+the state it rebuilds from it (pure: bytes in, state out; no I/O).
 
 Every commit is one record in partition `hash(group)` of `__consumer_offsets`; the coordinator
 keeps the latest value per (group, topic, partition) in memory and, when it becomes leader of the
 partition, replays the partition's log from its start to rebuild that memory (`OffsetsState`).
+Membership changes are records too: the group's latest `membership.Group.snapshot()`.
 
 Byte layout (big-endian, as the rest of Kafka's formats; `str16` = int16 length + UTF-8 bytes)::
 
+    offset commit
     key    int16 key_version = 0      (a reader skips records with a key version it does not know)
            str16 group
            str16 topic
            int32 partition
-
     value  int16 value_version = 0
            int64 offset               next offset the group reads; >= 0
            int64 commit_timestamp_ms  wall clock of the coordinator when it accepted the commit
            str16 metadata             the client's string, <= METADATA_MAX_CHARS
 
-    tombstone: the same key with a null value (a deleted group, expired offsets)
+    group membership
+    key    int16 key_version = 1
+           str16 group
+    value  int16 value_version = 0
+           bytes the snapshot as UTF-8 JSON, to the end of the value (<= MEMBERSHIP_MAX_BYTES)
+
+    tombstone: the same key with a null value (a deleted group, expired offsets, a group that has no
+    members any more)
 
 Bounds: group ids and topic names are validated by the callers (<= 249 characters); metadata is
 limited to METADATA_MAX_CHARS, so a record is always far below the topic's max_message_bytes.
@@ -27,6 +35,7 @@ coordinator must come up even if someone produced junk to the internal topic.
 
 from __future__ import annotations
 
+import json
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -36,8 +45,10 @@ from logbroker.storage.record_batch import BatchBuilder, decode_batch, iter_batc
 
 OFFSETS_TOPIC = "__consumer_offsets"
 KEY_VERSION = 0
+MEMBERSHIP_KEY_VERSION = 1
 VALUE_VERSION = 0
 METADATA_MAX_CHARS = 4096
+MEMBERSHIP_MAX_BYTES = 768 << 10  # below the topic's 1 MiB max_message_bytes with room for the batch
 
 _I16 = struct.Struct(">h")
 _I32 = struct.Struct(">i")
@@ -85,6 +96,26 @@ def decode_key(buf: bytes) -> tuple[str, str, int] | None:
     return group, topic, partition
 
 
+def encode_membership_key(group: str) -> bytes:
+    return _I16.pack(MEMBERSHIP_KEY_VERSION) + _str16(group)
+
+
+def encode_membership_value(snapshot: dict[str, object]) -> bytes:
+    """Raises ValueError when the snapshot is above MEMBERSHIP_MAX_BYTES (the caller then keeps the
+    group in memory only)."""
+    body = json.dumps(snapshot, separators=(",", ":")).encode()
+    if len(body) > MEMBERSHIP_MAX_BYTES:
+        raise ValueError(f"group snapshot of {len(body)} bytes is above {MEMBERSHIP_MAX_BYTES}")
+    return _I16.pack(VALUE_VERSION) + body
+
+
+def membership_batch(group: str, snapshot: dict[str, object] | None, now_ms: int) -> bytes:
+    """One record: the group's membership snapshot, or its tombstone (None)."""
+    builder = BatchBuilder(now_ms)
+    builder.append(now_ms, encode_membership_key(group), None if snapshot is None else encode_membership_value(snapshot))
+    return builder.build()
+
+
 def encode_value(offset: int, metadata: str, commit_timestamp_ms: int) -> bytes:
     return _VALUE_HEAD.pack(VALUE_VERSION, offset, commit_timestamp_ms) + _str16(metadata)
 
@@ -123,6 +154,7 @@ class OffsetsState:
     `__consumer_offsets`, as replayed from its log."""
 
     groups: dict[str, dict[TopicPartition, CommittedOffset]] = field(default_factory=dict)
+    memberships: dict[str, dict[str, object]] = field(default_factory=dict)  # group -> latest snapshot
     skipped_records: int = 0
     next_offset: int = 0  # the log offset replay continues from
 
@@ -132,6 +164,9 @@ class OffsetsState:
         try:
             if key is None:
                 raise ValueError("record without key")
+            if len(key) >= 2 and _I16.unpack_from(key, 0)[0] == MEMBERSHIP_KEY_VERSION:
+                self._apply_membership(key, value)
+                return
             parsed = decode_key(key)
             if parsed is None:
                 return
@@ -144,10 +179,24 @@ class OffsetsState:
                         del self.groups[group]
                 return
             offset, metadata, ts = decode_value(value)
-        except (ValueError, UnicodeDecodeError, struct.error):
+        except (ValueError, UnicodeDecodeError, struct.error):  # json.JSONDecodeError is a ValueError
             self.skipped_records += 1
             return
         self.groups.setdefault(group, {})[(topic, partition)] = CommittedOffset(offset, metadata, ts, log_offset)
+
+    def _apply_membership(self, key: bytes, value: bytes | None) -> None:
+        group, pos = _read_str16(key, 2)
+        if pos != len(key):
+            raise ValueError("membership key length does not match its fields")
+        if value is None:
+            self.memberships.pop(group, None)
+            return
+        if len(value) < 2 or _I16.unpack_from(value, 0)[0] != VALUE_VERSION:
+            raise ValueError("membership value version")
+        snapshot = json.loads(value[2:])
+        if not isinstance(snapshot, dict):
+            raise ValueError("membership snapshot is not an object")
+        self.memberships[group] = snapshot
 
     def apply_chunk(self, data: bytes, topic: str, partition: int) -> int:
         """Replay every complete batch of `data` (raw log bytes) from `next_offset` on; returns the

@@ -259,7 +259,7 @@ class BrokerService:
     async def consumer_group_heartbeat(self, req: pb.ConsumerGroupHeartbeatRequest,
                                        context: grpc.aio.ServicerContext) -> pb.ConsumerGroupHeartbeatResponse:
         _check_ready(self.broker)
-        return self.broker.coordinator.heartbeat(req)
+        return await self.broker.coordinator.heartbeat(req)
 
 
 # FetchResponse is encoded by hand around the record bytes so they are copied once, straight from

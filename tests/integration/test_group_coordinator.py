@@ -252,3 +252,31 @@ def test_coordinator_killed_twice_during_commits_never_loses_a_commit(cluster: C
     assert acked == sorted(acked)
     final = GroupRpc(g.bootstrap, g.group).committed()[("t", 0)]
     assert final == acked[-1]
+
+
+def test_members_keep_their_partitions_and_epochs_across_a_coordinator_kill9(cluster: Cluster) -> None:
+    first = next(iter(cluster.brokers.values())).address
+    _create_and_fill(first, "jobs", 6, 0, rf=3)
+    g = GroupRpc([b.address for b in cluster.brokers.values()], "crew")
+    a = g.heartbeat(member_id="", member_epoch=0, subscribed_topics=pb.Subscription(topics=["jobs"]))
+    b = g.heartbeat(member_id="", member_epoch=0, subscribed_topics=pb.Subscription(topics=["jobs"]))
+    owned = {a.member_id: a.assignment, b.member_id: b.assignment}
+    epochs = {a.member_id: a.member_epoch, b.member_id: b.member_epoch}
+
+    def settled() -> bool:
+        for member in list(owned):
+            r = g.heartbeat(member_id=member, member_epoch=epochs[member], owned_partitions=owned[member])
+            assert r.error_code == pb.NONE, r
+            owned[member], epochs[member] = r.assignment, r.member_epoch
+        return sorted(sum(len(t.partitions) for t in x.topics) for x in owned.values()) == [3, 3]
+
+    wait_for(settled, 30, "the group settled 3/3")
+    before = {m: sorted((t.topic, p) for t in x.topics for p in t.partitions) for m, x in owned.items()}
+    victim = next(i for i, br in cluster.brokers.items() if br.address == g.address)
+    cluster.kill9(victim)
+    g.address = ""
+    for member in owned:  # the new coordinator knows them: same epoch, same partitions, no rejoin
+        r = g.heartbeat(member_id=member, member_epoch=epochs[member], owned_partitions=owned[member])
+        assert r.error_code == pb.NONE, r
+        assert r.member_epoch == epochs[member]
+        assert sorted((t.topic, p) for t in r.assignment.topics for p in t.partitions) == before[member]

@@ -265,8 +265,8 @@ def test_coordinator_killed_twice_consumer_resumes_from_last_commit(cluster: Clu
             for t, p, o in e["offsets"]:
                 last[(t, p)] = o
     final = _committed_raw(cluster, "ledger-readers")
-    for tp, o in last.items():
-        assert final.get(tp, -1) == o, f"{tp}: committed {final.get(tp)} but the member's last commit was {o}"
+    for tp, o in last.items():  # (a commit acknowledged just before the kill -9 may not be in its log yet)
+        assert final.get(tp, -1) >= o, f"{tp}: committed {final.get(tp)} but the member's last commit was {o}"
     for before, after in zip(samples, [*samples[1:], final], strict=True):
         assert all(after.get(tp, -1) >= o for tp, o in before.items()), "a committed offset went backwards"
 
@@ -277,10 +277,10 @@ def test_coordinator_killed_twice_consumer_resumes_from_last_commit(cluster: Clu
                   session_timeout_ms=MEMBER_SESSION_TIMEOUT_MS) as c:
         first: dict[TP, int] = {}
         deadline = time.monotonic() + 60
-        while len(first) < len(last) and time.monotonic() < deadline:
+        while len(first) < len(final) and time.monotonic() < deadline:
             for m in c.poll(timeout_ms=200):
                 first.setdefault((m.topic, m.partition), m.offset)
-        assert first == last, f"resumed at {first}, last commits {last}"
+        assert first == final, f"resumed at {first}, last commits {final}"
 
 
 def _coordinator_id(cluster: Cluster, group: str) -> int:

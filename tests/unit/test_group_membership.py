@@ -482,3 +482,48 @@ def test_no_partition_is_ever_owned_twice_in_any_interleaving(steps, assignor):
     subscribed |= {t for m in d.members if m.subscribed_regex for t in counts if t.startswith("new-")}
     expected = {(t, p) for t in subscribed for p in range(counts.get(t, 0))}
     assert set().union(*(c.owned for c in live)) == expected
+
+
+# -- persistence: snapshot / restore (what a new coordinator loads after a failover) -------------------
+
+
+def test_snapshot_restore_mid_rebalance_keeps_owners_and_epochs() -> None:
+    import json
+
+    clock = ManualClock()
+    g = make_group(clock=clock)
+    counts = {"t": 6}
+    a, b = Member(g, ["t"]), Member(g, ["t"])
+    settle(g, [a, b], counts)
+    c = Member(g, ["t"])
+    c.beat(counts)
+    a.beat(counts, finish_revoke=False)  # a is told to give something up and has not yet
+    assert a.revoking
+    fingerprint = g.ownership_fingerprint(a.member_id)
+    snap = json.loads(json.dumps(g.snapshot()))
+    clock.advance(SESSION_MS - 1)  # a fresh session starts at the restore, whatever the old deadlines
+    r = Group.restore("g", snap, StickyAssignor(), clock)
+    assert r.ownership_fingerprint(a.member_id) == fingerprint
+    before, after = g.describe(), r.describe()
+    assert (after.group_epoch, after.assignment_epoch, after.state) == (before.group_epoch, before.assignment_epoch,
+                                                                        before.state)
+    assert [(m.member_id, m.member_epoch, m.assigned, m.revoking, m.target) for m in after.members] == \
+        [(m.member_id, m.member_epoch, m.assigned, m.revoking, m.target) for m in before.members]
+    for m in (a, b, c):
+        m.group = r
+    check_invariants(r, [a, b, c])
+    assert r.expire(clock.monotonic_ms() + SESSION_MS - 1) == []
+    settle(r, [a, b, c], counts)
+    assert sorted(len(p) for p in owned_by(r).values()) == [2, 2, 2]
+
+
+def test_restore_refuses_a_snapshot_that_gives_a_partition_twice() -> None:
+    g = make_group()
+    a, b = Member(g, ["t"]), Member(g, ["t"])
+    settle(g, [a, b], {"t": 2})
+    snap = g.snapshot()
+    members = snap["members"]
+    assert isinstance(members, list)
+    members[1]["assigned"] = members[0]["assigned"]
+    with pytest.raises(ValueError):
+        Group.restore("g", snap, StickyAssignor(), ManualClock())

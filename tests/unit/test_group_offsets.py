@@ -94,3 +94,26 @@ def test_a_corrupt_batch_is_never_applied() -> None:
     data[-1] ^= 0xFF
     with pytest.raises(CorruptMessageError):
         OffsetsState().apply_chunk(bytes(data), "__consumer_offsets", 0)
+
+
+def test_membership_snapshots_replay_to_the_latest_and_tombstones_remove_them() -> None:
+    from logbroker.group.offsets import membership_batch
+
+    data = _log(
+        membership_batch("g", {"group_epoch": 1, "members": []}, 1),
+        commit_batch("g", {("t", 0): (3, "")}, 2),
+        membership_batch("g", {"group_epoch": 2, "members": []}, 3),
+        membership_batch("h", {"group_epoch": 7, "members": []}, 4),
+        membership_batch("h", None, 5),
+    )
+    state = OffsetsState()
+    state.apply_chunk(data, "__consumer_offsets", 0)
+    assert state.memberships == {"g": {"group_epoch": 2, "members": []}}
+    assert state.groups["g"][("t", 0)].offset == 3 and state.skipped_records == 0
+
+
+def test_oversized_membership_is_refused() -> None:
+    from logbroker.group.offsets import MEMBERSHIP_MAX_BYTES, membership_batch
+
+    with pytest.raises(ValueError):
+        membership_batch("g", {"blob": "x" * MEMBERSHIP_MAX_BYTES}, 0)
