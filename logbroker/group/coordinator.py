@@ -350,8 +350,8 @@ class GroupCoordinator:
             changed = group.ownership_fingerprint(result.member_id) != before
             if group.state is GroupState.EMPTY:
                 self._became_empty(shard, req.group, entry)
-            if changed:
-                await self._persist(shard, req.group, entry)
+            if changed or entry.persisted < entry.version:  # (also: another heartbeat's change still being written)
+                await self._persist(shard, req.group, entry, changed)
             if result.error is not None:
                 raise result.error
             resp.member_id = result.member_id
@@ -365,10 +365,12 @@ class GroupCoordinator:
             resp.error_message = e.message
         return resp
 
-    async def _persist(self, shard: _Shard, group: str, entry: _GroupEntry) -> None:
+    async def _persist(self, shard: _Shard, group: str, entry: _GroupEntry, changed: bool = True) -> None:
         """Return once the group's membership as of now (a snapshot, or a tombstone when it has no
-        members) is replicated. Raises NOT_COORDINATOR / COORDINATOR_NOT_AVAILABLE / timeouts."""
-        entry.version += 1
+        members) is replicated; `changed`: this caller changed it. Raises NOT_COORDINATOR,
+        COORDINATOR_NOT_AVAILABLE or a timeout."""
+        if changed:
+            entry.version += 1
         wanted = entry.version
         while entry.persisted < wanted:
             if entry.writing is None:
