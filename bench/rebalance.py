@@ -386,6 +386,7 @@ class GroupWatch:
     def __init__(self, bootstrap: str) -> None:
         self.bootstrap = bootstrap
         self.snapshots: list[tuple[float, str, dict[str, int]]] = []
+        self.details: list[tuple[float, str]] = []  # (time, "state: member epoch/state/assigned/revoking ...")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="group-watch", daemon=True)
 
@@ -408,8 +409,15 @@ class GroupWatch:
                 try:
                     resp = admin.DescribeGroup(pb.DescribeGroupRequest(group=GROUP), timeout=2)
                     if resp.error_code == pb.NONE:
+                        t = time.monotonic()
                         members = {m.member_id: m.member_epoch for m in resp.members}
-                        self.snapshots.append((time.monotonic(), resp.state, members))
+                        self.snapshots.append((t, resp.state, members))
+                        self.details.append((t, f"{resp.state} epoch {resp.group_epoch}: " + ", ".join(
+                            f"{m.member_id[:4]} e{m.member_epoch} {m.state} "
+                            f"{sum(len(x.partitions) for x in m.assigned.topics)}"
+                            f"-{sum(len(x.partitions) for x in m.revoking.topics)}"
+                            f"/{sum(len(x.partitions) for x in m.target.topics)}"
+                            for m in sorted(resp.members, key=lambda m: m.member_id))))
                 except grpc.RpcError:
                     pass
                 self._stop.wait(WATCH_INTERVAL_S)
@@ -417,6 +425,16 @@ class GroupWatch:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(5)
+
+    def timeline(self, t0: float) -> list[str]:
+        """The coordinator's view as it changed: "+0.123 s stable epoch 7: abcd e7 stable 3-0/3, ..."
+        (per member: id prefix, member epoch, state, assigned-revoking/target partition counts)."""
+        out, last = [], ""
+        for t, text in self.details:
+            if text != last:
+                out.append(f"{t - t0:+.3f} s {text}")
+                last = text
+        return out
 
     def first(self, t0: float, test: Callable[[str, dict[str, int]], bool]) -> float | None:
         """Seconds from t0 to the first snapshot (taken after t0) that passes `test`."""
@@ -549,6 +567,9 @@ def _join(view: GroupView, n: int) -> dict[str, Any]:
         constructed_s=round(m.t_constructed - t0, 4),
         registered_s=watch.first(t0, lambda _s, ms: m.member_id in ms),
         group_stable_s=watch.first(t0, lambda st, ms: st == "stable" and m.member_id in ms),
+        coordinator=watch.timeline(t0),
+        callbacks=[f"{t - t0:+.3f} s {name} {kind} {parts}" for t, name, kind, parts in sorted(
+            (t, o.name, kind, parts) for o in view.members for kind, t, parts in o.callbacks if t >= t0 and parts)],
         member_assigned_s=round(mine[0] - t0, 4) if mine else None,
         first_record_s=round(first - t0, 4) if first is not None else None,
         revoked_s=round(max(revoked) - t0, 4) if revoked else None,
@@ -579,7 +600,8 @@ def _leave(view: GroupView, n: int) -> dict[str, Any]:
     out = {"event": "leave", "member": m.name, **_moved_figures(view, t0, before, after, firsts),
            "close_s": round(m.left[1] - m.left[0], 4),
            "left_s": watch.first(t0, lambda _s, ms: m.member_id not in ms),
-           "group_stable_s": watch.first(t0, lambda st, ms: st == "stable" and m.member_id not in ms)}  # fmt: skip
+           "group_stable_s": watch.first(t0, lambda st, ms: st == "stable" and m.member_id not in ms),
+           "coordinator": watch.timeline(t0)}  # fmt: skip
     m.proc.join(10)
     _observe(view, after)
     return out
@@ -603,6 +625,7 @@ def _kill(view: GroupView, n: int) -> dict[str, Any]:
     out = {"event": "kill", "member": m.name, **_moved_figures(view, t0, before, after, firsts)}
     out["evicted_s"] = watch.first(t0, lambda _s, ms: m.member_id not in ms)
     out["group_stable_s"] = watch.first(t0, lambda st, ms: st == "stable" and m.member_id not in ms)
+    out["coordinator"] = watch.timeline(t0)
     out["resumed_minus_session_s"] = round(out["resumed_s"] - SESSION_TIMEOUT_MS / 1000, 4)
     out["after_eviction_s"] = round(out["resumed_s"] - out["evicted_s"], 4) if out["evicted_s"] is not None else None
     m.proc.join(5)
