@@ -181,7 +181,8 @@ def heartbeat_response(resp: pb.ConsumerGroupHeartbeatResponse) -> HeartbeatResp
     if resp.error_code != pb.NONE:
         return HeartbeatResponse(error_for(resp.error_code, resp.error_message))
     assignment = frozenset((tps.topic, p) for tps in resp.assignment.topics for p in tps.partitions)
-    return HeartbeatResponse(None, resp.member_id, resp.member_epoch, resp.heartbeat_interval_ms, assignment)
+    return HeartbeatResponse(None, resp.member_id, resp.member_epoch, resp.heartbeat_interval_ms, assignment,
+                             resp.session_timeout_ms)
 
 
 def _monotonic_ms() -> int:

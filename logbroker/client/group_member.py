@@ -98,6 +98,7 @@ class HeartbeatResponse:
     member_epoch: int = 0
     heartbeat_interval_ms: int = 0
     assignment: frozenset[TopicPartition] = frozenset()
+    session_timeout_ms: int = 0  # the group's, as the coordinator evicts by it (0: not told)
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,9 @@ class GroupMember:
         self._due_ms = 0
         self._in_flight_epoch: int | None = None  # epoch of the heartbeat in flight
         self._failures = 0
-        self._last_success_ms: int | None = None
+        self._last_success_ms: int | None = None  # when the last answered heartbeat was sent
+        self._sent_ms = 0  # when the heartbeat in flight was sent
+        self._group_session_timeout_ms = 0  # from the coordinator; wins over the configured value
         self._rejoin_after_leave = False
         self._report_owned = False  # owned changed since the last heartbeat that carried it
         self._sent_since_unsubscribed = False  # the coordinator may know this member
@@ -210,10 +213,13 @@ class GroupMember:
         return due if lapse is None else min(due, lapse)
 
     def _session_lapse_ms(self) -> int | None:
-        if (self._session_timeout_ms <= 0 or self._last_success_ms is None
+        """When the coordinator has evicted us for sure: a session after the last answered heartbeat was
+        sent (the coordinator's clock started no earlier), by the group's session timeout."""
+        timeout_ms = self._group_session_timeout_ms or self._session_timeout_ms
+        if (timeout_ms <= 0 or self._last_success_ms is None
                 or self._state not in (MemberState.STABLE, MemberState.RECONCILING)):
             return None
-        return self._last_success_ms + self._session_timeout_ms
+        return self._last_success_ms + timeout_ms
 
     # -- the application's events (poll thread) --------------------------------------------------
 
@@ -288,7 +294,8 @@ class GroupMember:
     def next_heartbeat(self, now_ms: int) -> HeartbeatRequest | None:
         """The heartbeat to send now (it is then in flight), or None."""
         lapse = self._session_lapse_ms()
-        if lapse is not None and now_ms >= lapse and self._in_flight_epoch is None:
+        if lapse is not None and now_ms >= lapse:
+            self._in_flight_epoch = None  # an answer to a heartbeat still in flight is ignored
             self._fence()  # no answer for a whole session: the coordinator has evicted us by now
             return None
         if self._in_flight_epoch is not None or now_ms < self._due_ms:
@@ -313,6 +320,7 @@ class GroupMember:
         if req.owned is not None:
             self._report_owned = False
         self._in_flight_epoch = req.member_epoch
+        self._sent_ms = now_ms
         self._sent_since_unsubscribed = True
         return req
 
@@ -368,7 +376,9 @@ class GroupMember:
 
     def _accept(self, resp: HeartbeatResponse, now_ms: int) -> None:
         self._failures = 0
-        self._last_success_ms = now_ms
+        self._last_success_ms = min(self._sent_ms, now_ms)
+        if resp.session_timeout_ms > 0:
+            self._group_session_timeout_ms = resp.session_timeout_ms
         if resp.member_id:
             self._member_id = resp.member_id
         self._epoch = resp.member_epoch

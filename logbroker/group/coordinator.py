@@ -13,10 +13,13 @@ FindCoordinator). Every broker runs a coordinator; it serves the groups of the p
     calls for a group whose shard is absent    -> NOT_COORDINATOR (client: FindCoordinator again)
                                   LOADING      -> COORDINATOR_LOAD_IN_PROGRESS (retry)
 
-Membership (heartbeats, assignment, fencing) lives in memory only: a new coordinator after a
-failover knows the committed offsets but no members, so members' next heartbeats answer
-UNKNOWN_MEMBER_ID and they rejoin (dropping their partitions first). Heartbeat intervals are short
-while a group reconciles (`reconciling_heartbeat_interval_ms`) so partitions move quickly.
+Membership (heartbeats, assignment, fencing) is `membership.Group` in memory, and a snapshot record
+in the log: a heartbeat that changed who owns what (or the group epoch) is answered only once the
+group's snapshot is replicated, and a new coordinator restores the groups from their last snapshots,
+so members keep their partitions and epochs across a failover. A group whose snapshot is above
+MEMBERSHIP_MAX_BYTES is kept in memory only (a tombstone replaces its older snapshot; after a
+failover its members rejoin). Heartbeat intervals are short while a group reconciles
+(`reconciling_heartbeat_interval_ms`) so partitions move quickly.
 
 Offset commits: the member fence (`Group.commit_error`), then per partition: the partition
 exists, 0 <= offset <= its high watermark (asked of its leader when not known locally; the high
@@ -81,6 +84,8 @@ log = logging.getLogger(__name__)
 LOAD_CHUNK_BYTES = 1 << 20
 EXPIRE_TICK_S = 0.05
 HW_LOOKUP_TIMEOUT_S = 5.0
+COMMIT_BATCH_MAX_BYTES = 768 << 10  # one commit is one batch, below __consumer_offsets' max_message_bytes
+OWNED_PARTITIONS_MAX = 100_000  # per heartbeat, checked before anything is built from the request
 
 
 @dataclass(frozen=True)
@@ -338,6 +343,9 @@ class GroupCoordinator:
                 if entry is None:
                     entry = shard.groups[req.group] = _GroupEntry()
                 entry.membership = membership
+            owned_count = sum(len(t.partitions) for t in req.owned_partitions.topics)
+            if owned_count > OWNED_PARTITIONS_MAX:
+                raise InvalidRequestError(f"{owned_count} owned partitions; the limit is {OWNED_PARTITIONS_MAX}")
             group = entry.membership
             before = group.ownership_fingerprint(req.member_id)
             result = group.heartbeat(
@@ -352,10 +360,14 @@ class GroupCoordinator:
                 self._became_empty(shard, req.group, entry)
             if changed or entry.persisted < entry.version:  # (also: another heartbeat's change still being written)
                 await self._persist(shard, req.group, entry, changed)
+                # the write awaited: the member may have been evicted meanwhile (its partitions freed)
+                if result.error is None and not (entry.membership is group and group.has_member(result.member_id)):
+                    raise UnknownMemberIdError(f"member {result.member_id} left group {req.group} meanwhile: rejoin")
             if result.error is not None:
                 raise result.error
             resp.member_id = result.member_id
             resp.member_epoch = result.member_epoch
+            resp.session_timeout_ms = group.session_timeout_ms
             _fill_assignment(resp.assignment, result.assignment)
             if group.state is not GroupState.STABLE and group.state is not GroupState.EMPTY:
                 resp.heartbeat_interval_ms = min(self.config.reconciling_heartbeat_interval_ms,
@@ -383,17 +395,25 @@ class GroupCoordinator:
             snapshot = entry.membership.snapshot() if entry.membership is not None else None
             try:
                 batch = membership_batch(group, snapshot, self.clock.now_ms())
-            except ValueError as e:  # a huge group: it stays in memory only (members rejoin on failover)
-                log.warning("group %s: membership not persisted: %s", group, e)
-                entry.persisted = max(entry.persisted, version)
-                return
+            except ValueError as e:
+                # a huge group: tombstone any older snapshot, so a new coordinator starts the group
+                # afresh (its members rejoin) rather than from a stale picture of who owns what
+                log.warning("group %s: membership kept in memory only: %s", group, e)
+                batch = membership_batch(group, None, self.clock.now_ms())
             await self._append_replicated(shard, group, batch)
             entry.persisted = max(entry.persisted, version)
         finally:
             entry.writing = None
+            if (entry.persisted >= entry.version and entry.membership is None and not entry.offsets
+                    and shard.groups.get(group) is entry):
+                del shard.groups[group]  # nothing left of the group, and nothing of it still being written
 
     async def _append_replicated(self, shard: _Shard, group: str, batch: bytes) -> AppendResult:
+        """Append under this shard's leadership only (a reload at a newer leader epoch is another shard)."""
         rm = self.broker.replica_manager
+        part = rm.partitions.get((OFFSETS_TOPIC, shard.partition))
+        if self._shards.get(shard.partition) is not shard or part is None or part.leader_epoch != shard.leader_epoch:
+            raise NotCoordinatorError(f"no longer the coordinator of group {group}")
         try:
             append = rm.append_records(OFFSETS_TOPIC, shard.partition, batch, acks=-1)
             await rm.wait_for_acks(OFFSETS_TOPIC, shard.partition, append, self.config.commit_timeout_ms)
@@ -406,10 +426,10 @@ class GroupCoordinator:
         return append.result
 
     def _became_empty(self, shard: _Shard, group: str, entry: _GroupEntry) -> None:
+        """The last member left or was evicted: the caller persists (a tombstone), and the entry goes
+        once that write is done if the group has no offsets either."""
         entry.membership = None
         entry.empty_since_ms = self.clock.now_ms()
-        if not entry.offsets:
-            shard.groups.pop(group, None)
 
     async def _expire_loop(self) -> None:
         while True:
@@ -417,24 +437,31 @@ class GroupCoordinator:
             now = self.clock.monotonic_ms()
             for shard in list(self._shards.values()):
                 for group, entry in list(shard.groups.items()):
-                    g = entry.membership
-                    if g is None:
-                        continue
-                    deadline = g.next_deadline_ms()
-                    if deadline is None or deadline > now:
-                        continue
-                    gone = g.expire(now)
-                    if not gone:
-                        continue
-                    log.info("group %s: evicted %s (session or rebalance timeout); group epoch %d", group,
-                             ", ".join(gone), g.group_epoch)
-                    if g.state is GroupState.EMPTY:
-                        self._became_empty(shard, group, entry)
-                    self._spawn(self._persist_quietly(shard, group, entry), f"persist-{group}")
+                    try:
+                        self._expire_group(shard, group, entry, now)
+                    except Exception:  # one broken group must not stop evictions in every other
+                        log.exception("group %s: expiry check failed", group)
+
+    def _expire_group(self, shard: _Shard, group: str, entry: _GroupEntry, now_ms: int) -> None:
+        g = entry.membership
+        if g is None:
+            return
+        deadline = g.next_deadline_ms()
+        if deadline is None or deadline > now_ms:
+            return
+        gone = g.expire(now_ms)
+        if not gone:
+            return
+        log.info("group %s: evicted %s (session or rebalance timeout); group epoch %d", group, ", ".join(gone),
+                 g.group_epoch)
+        if g.state is GroupState.EMPTY:
+            self._became_empty(shard, group, entry)
+        entry.version += 1  # changed now: a heartbeat arriving before the write waits for it
+        self._spawn(self._persist_quietly(shard, group, entry), f"persist-{group}")
 
     async def _persist_quietly(self, shard: _Shard, group: str, entry: _GroupEntry) -> None:
         try:
-            await self._persist(shard, group, entry)
+            await self._persist(shard, group, entry, changed=False)
         except Exception as exc:  # the next change (or a new coordinator) writes it again
             log.warning("group %s: persisting membership after an eviction failed: %s", group, exc)
 
@@ -474,6 +501,10 @@ class GroupCoordinator:
                 else:
                     accepted[tp] = (cp.offset, cp.metadata)
             if accepted:
+                # the high-watermark lookups awaited: check the fence again, with no await before the append
+                if self._shards.get(shard.partition) is not shard:
+                    raise NotCoordinatorError(f"no longer the coordinator of group {req.group}")
+                self._check_member(shard, req.group, req.member_id, req.member_epoch)
                 await self._append(shard, req.group, accepted)
         except BrokerError as e:
             resp.error_code = e.code  # type: ignore[assignment]
@@ -497,7 +528,12 @@ class GroupCoordinator:
 
     async def _append(self, shard: _Shard, group: str, offsets: dict[TopicPartition, tuple[int, str]]) -> None:
         now = self.clock.now_ms()
-        result = await self._append_replicated(shard, group, commit_batch(group, offsets, now))
+        batch = commit_batch(group, offsets, now)
+        if len(batch) > COMMIT_BATCH_MAX_BYTES:
+            raise InvalidRequestError(
+                f"a commit of {len(offsets)} partitions is {len(batch)} bytes, above {COMMIT_BATCH_MAX_BYTES}: "
+                "commit fewer partitions (or less metadata) per request")
+        result = await self._append_replicated(shard, group, batch)
         if self._shards.get(shard.partition) is not shard:
             return  # replicated; the next coordinator reads it from the log
         entry = shard.groups.get(group)
@@ -597,8 +633,11 @@ class GroupCoordinator:
             for group, entry in list(shard.groups.items()):
                 if entry.has_members or now - entry.empty_since_ms < self.config.offsets_retention_ms:
                     continue
-                await self._delete_offsets(shard, group, entry.offsets)
-                if not entry.has_members:
+                doomed = list(entry.offsets)
+                await self._delete_offsets(shard, group, doomed)
+                for tp in doomed:
+                    entry.offsets.pop(tp, None)
+                if entry.membership is None and not entry.offsets and entry.writing is None:
                     shard.groups.pop(group, None)
                 expired += 1
                 log.info("group %s: offsets expired (no members for %d ms)", group, self.config.offsets_retention_ms)
@@ -688,8 +727,12 @@ class GroupCoordinator:
                 raise GroupIdNotFoundError(f"group {group} does not exist")
             if entry.has_members:
                 raise NonEmptyGroupError(f"group {group} has members: stop them first")
-            await self._delete_offsets(shard, group, entry.offsets)
-            if not entry.has_members and self._shards.get(shard.partition) is shard:
+            doomed = list(entry.offsets)
+            await self._delete_offsets(shard, group, doomed)
+            for tp in doomed:
+                entry.offsets.pop(tp, None)
+            if entry.membership is None and not entry.offsets and entry.writing is None \
+                    and shard.groups.get(group) is entry:
                 shard.groups.pop(group, None)
             log.info("group %s deleted", group)
         except BrokerError as e:

@@ -67,7 +67,8 @@ rebalance_timeout_ms; their partitions become free. `commit_error` / `commit_all
 commits: only a current member at its current epoch may commit (or anyone, with no member id, while the
 group is EMPTY: manual assignment).
 
-Regex subscriptions use `re.fullmatch` over topic names, resolved against topic_partition_counts and
+Regex subscriptions use RE2 (google-re2: linear time, so a hostile pattern cannot stall the
+coordinator's event loop; RE2 syntax, as Kafka's KIP-848 uses RE2/J) `fullmatch` over topic names, resolved against topic_partition_counts and
 re-resolved whenever it changes. Bounds: members_max (<= MEMBERS_MAX) members, REGEX_MAX_CHARS,
 SUBSCRIBED_TOPICS_MAX names (each a valid topic name), MEMBER_ID_MAX_CHARS.
 
@@ -84,10 +85,11 @@ old one may still own.
 from __future__ import annotations
 
 import enum
-import re
 import uuid
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
+
+import re2
 
 from logbroker.clock import Clock
 from logbroker.cluster.metadata import validate_group_id, validate_topic_name
@@ -109,6 +111,8 @@ REGEX_MAX_CHARS = 1000
 SUBSCRIBED_TOPICS_MAX = 10_000
 MEMBER_ID_MAX_CHARS = 255
 _REGEX_CACHE_MAX = 2 * MEMBERS_MAX
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # a bad pattern is the client's error, returned as data; not a log line
 
 
 class GroupState(enum.Enum):
@@ -250,6 +254,9 @@ class Group:
         deadlines = [m.last_heartbeat_ms + self.session_timeout_ms for m in self._members.values()]
         deadlines += [m.revoke_deadline_ms for m in self._members.values() if m.revoke_deadline_ms is not None]
         return min(deadlines, default=None)
+
+    def has_member(self, member_id: str) -> bool:
+        return member_id in self._members
 
     def ownership_fingerprint(self, member_id: str) -> tuple[object, ...]:
         """What a snapshot must capture about one member (plus the group epoch): compare before and
@@ -494,7 +501,7 @@ class Group:
         if matches is None:
             if len(self._regex_matches) >= _REGEX_CACHE_MAX:
                 self._regex_matches.clear()
-            pattern = re.compile(regex)
+            pattern = _compile(regex)
             matches = self._regex_matches[regex] = frozenset(t for t in self._topic_counts if pattern.fullmatch(t))
         return topics | matches
 
@@ -535,7 +542,12 @@ def _check_regex(regex: str | None) -> None:
         return
     if len(regex) > REGEX_MAX_CHARS:
         raise InvalidRegularExpressionError(f"regex is {len(regex)} characters, the limit is {REGEX_MAX_CHARS}")
+    _compile(regex)
+
+
+def _compile(regex: str) -> re2._Regexp:
     try:
-        re.compile(regex)
-    except re.error as e:
-        raise InvalidRegularExpressionError(f"regex {regex!r}: {e}") from None
+        return re2.compile(regex, _RE2_OPTIONS)
+    except re2.error as e:
+        detail = e.args[0].decode(errors="replace") if e.args and isinstance(e.args[0], bytes) else str(e)
+        raise InvalidRegularExpressionError(f"regex {regex!r}: {detail} (RE2 syntax)") from None

@@ -280,3 +280,16 @@ def test_members_keep_their_partitions_and_epochs_across_a_coordinator_kill9(clu
         assert r.error_code == pb.NONE, r
         assert r.member_epoch == epochs[member]
         assert sorted((t.topic, p) for t in r.assignment.topics for p in t.partitions) == before[member]
+
+
+def test_hostile_heartbeats_are_refused_cheaply(standalone: BrokerProcess) -> None:
+    _create_and_fill(standalone.address, "a" * 60, 1, 0)
+    g = GroupRpc([standalone.address], "g")
+    join = g.heartbeat(member_id="", member_epoch=0, subscribed_regex="(.|..|...)*#")  # ReDoS for backtracking
+    assert join.error_code == pb.NONE
+    huge = pb.Assignment(topics=[pb.TopicPartitions(topic="t", partitions=range(100_001))])
+    r = g.heartbeat(member_id=join.member_id, member_epoch=join.member_epoch, owned_partitions=huge)
+    assert r.error_code == pb.INVALID_REQUEST and "owned partitions" in r.error_message
+    bad = g.heartbeat(member_id="", member_epoch=0, subscribed_regex=r"(a)\1")
+    assert bad.error_code == pb.INVALID_REGULAR_EXPRESSION
+    assert g.heartbeat(member_id=join.member_id, member_epoch=join.member_epoch).error_code == pb.NONE

@@ -396,3 +396,22 @@ def test_rejected_arguments():
         GroupMember("g", "me", session_timeout_ms=-1)
     with pytest.raises(ValueError):
         GroupMember("g", "me").subscribe([], "", 0)
+
+
+def test_the_groups_session_timeout_wins_and_a_hanging_heartbeat_does_not_delay_the_fence():
+    h = Harness()  # no session timeout configured: the group's, from the coordinator, applies
+    h.m.subscribe(["a"], "", h.now)
+    assert h.hb() is not None
+    h.advance(200)  # the coordinator's clock started when it got the request, before this answer
+    h.m.on_response(HeartbeatResponse(None, "me", 1, 500, frozenset({A0}), session_timeout_ms=2000), h.now)
+    h.apply()
+    h.advance(500)
+    assert h.hb() is not None  # in flight, and never answered
+    h.advance(1299)  # 1999 ms after the answered heartbeat was sent
+    assert h.hb() is None and h.m.state is not MemberState.FENCED
+    h.advance(1)
+    assert h.hb() is None and h.m.state is MemberState.FENCED
+    rec = h.m.reconciliation()
+    assert rec is not None and rec.lost and rec.revoke == {A0}
+    h.answer(1, (A0,))  # the late answer to the hanging heartbeat changes nothing
+    assert h.m.state is MemberState.FENCED

@@ -527,3 +527,18 @@ def test_restore_refuses_a_snapshot_that_gives_a_partition_twice() -> None:
     members[1]["assigned"] = members[0]["assigned"]
     with pytest.raises(ValueError):
         Group.restore("g", snap, StickyAssignor(), ManualClock())
+
+
+def test_regex_subscriptions_run_in_linear_time_and_reject_what_re2_cannot_do() -> None:
+    import time
+
+    g = make_group()
+    counts = {"a" * 200: 1, "orders-1": 2}
+    started = time.monotonic()
+    m = Member(g, regex="(.|..|...)*#")  # catastrophic backtracking for a backtracking engine
+    assert m.beat(counts).error is None
+    m2 = Member(g, regex="(a|aa)*b")
+    assert m2.beat(counts).error is None
+    assert time.monotonic() - started < 1.0
+    r = g.heartbeat("", 0, subscribed_regex=r"(o)\1", topic_partition_counts=counts)
+    assert isinstance(r.error, InvalidRegularExpressionError)
