@@ -150,6 +150,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 "profiled": profile_dir is not None,
                 "command": command,
                 "date": date,
+                "revision": revision(),
             }
             runner = Runner(driver, wl, runs, data_root, profile_dir)
             try:
@@ -180,7 +181,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             )
             entries[wl.name][system] = {
                 k: record[k]
-                for k in ("title", "version", "workload", "summary", "error", "command", "date")
+                for k in ("title", "version", "workload", "summary", "error", "command", "date", "revision")
                 if k in record
             }
 

@@ -337,10 +337,16 @@ def _group_notes(results: dict[str, Any], shown: dict[str, Any]) -> list[str]:
             "",
         ]
     if solo and rate:
+        solo_entry, group_entry = _get(results, "max-100b", BASE) or {}, shown.get(BASE) or {}
+        same = solo_entry.get("revision") and solo_entry.get("revision") == group_entry.get("revision")
+        caveat = "" if same else (
+            f" Not the same code: `max-100b` was measured {solo_entry.get('date', '?')} at "
+            f"{solo_entry.get('revision') or 'an unrecorded revision'}, the group {group_entry.get('date', '?')} at "
+            f"{group_entry.get('revision') or 'an unrecorded revision'}.")  # fmt: skip
         out += [
             f"Side by side: one consumer of one partition (`max-100b`) reads {solo:,.0f} rec/s; the group of 3 over "
             f"12 partitions reads {rate:,.0f} rec/s ({rate / solo * 100:.0f} %). On 2 cores the 3 consumer processes "
-            "and the broker share the CPU: this is not 3 machines' worth of consumers.",
+            f"and the broker share the CPU: this is not 3 machines' worth of consumers.{caveat}",
             "",
         ]
     return out
