@@ -506,11 +506,13 @@ class Producer:
                 if b is None or b.builder.size_bytes + size > limit:  # type: ignore[union-attr]
                     acc = ts.accs[self._next_sticky(ts)]  # the sticky batch shipped or filled up
                     b = acc.open
+                    if b is None or b.builder.size_bytes + size > limit:  # type: ignore[union-attr]
+                        b = self._new_batch(acc, timestamp_ms)
             else:
                 acc = ts.accs[partition]
                 b = acc.open
-            if b is None or b.builder.size_bytes + size > limit:  # type: ignore[union-attr]
-                b = self._new_batch(acc, timestamp_ms)
+                if b is None or b.builder.size_bytes + size > limit:  # type: ignore[union-attr]
+                    b = self._new_batch(acc, timestamp_ms)
             delta = b.builder.append(timestamp_ms, key, value, hdrs)  # type: ignore[union-attr]
             b.charged += size
             self._buffered_bytes += size
