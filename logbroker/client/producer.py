@@ -500,25 +500,25 @@ class Producer:
                 raise LogbrokerError("send() after close()")
             if self._buffered_bytes + size > self._buffer_memory_bytes:
                 self._wait_for_buffer(size)
-            if partition is None:
-                acc = ts.accs[ts.sticky]
-                b = acc.open
-                if b is None or b.builder.size_bytes + size > limit:  # type: ignore[union-attr]
+            acc = ts.accs[ts.sticky if partition is None else partition]
+            b = acc.open
+            delta = -1 if b is None else b.builder.try_append(  # type: ignore[union-attr]
+                timestamp_ms, key, value, hdrs, size, limit)
+            if delta < 0:
+                if partition is None:
                     acc = ts.accs[self._next_sticky(ts)]  # the sticky batch shipped or filled up
                     b = acc.open
-                    if b is None or b.builder.size_bytes + size > limit:  # type: ignore[union-attr]
-                        b = self._new_batch(acc, timestamp_ms)
-            else:
-                acc = ts.accs[partition]
-                b = acc.open
-                if b is None or b.builder.size_bytes + size > limit:  # type: ignore[union-attr]
+                    if b is not None:
+                        delta = b.builder.try_append(  # type: ignore[union-attr]
+                            timestamp_ms, key, value, hdrs, size, limit)
+                if delta < 0:
                     b = self._new_batch(acc, timestamp_ms)
-            delta = b.builder.append(timestamp_ms, key, value, hdrs)  # type: ignore[union-attr]
-            b.charged += size
+                    delta = b.builder.append(timestamp_ms, key, value, hdrs)  # type: ignore[union-attr]
+            b.charged += size  # type: ignore[union-attr]
             self._buffered_bytes += size
         finally:
             lock.release()
-        return FutureRecordMetadata(b.result, delta, timestamp_ms)
+        return FutureRecordMetadata(b.result, delta, timestamp_ms)  # type: ignore[union-attr]
 
     def _topic_state(self, topic: str) -> _TopicState:
         """Wait for the topic's metadata: up to max_block_ms while no broker answers, and up to

@@ -337,6 +337,25 @@ class BatchBuilder:
         c = self._c
         return len(self._buf) if c is None else c.size()
 
+    def try_append(
+        self, timestamp_ms: int, key: bytes | None, value: bytes | None, headers: Headers | None,
+        size: int, limit_bytes: int,
+    ) -> int:
+        """`append` if the batch stays within `limit_bytes` with `size` more bytes, else -1 (the
+        producer's hot path: one call instead of `size_bytes` and `append`)."""
+        c = self._c
+        if c is not None:
+            if c.size() + size > limit_bytes:
+                return -1
+            od = self._count
+            if od:
+                c.append(od, timestamp_ms, key, value, headers or _NO_HEADERS)
+                self._count = od + 1
+                return od
+        elif len(self._buf) + size > limit_bytes:
+            return -1
+        return self.append(timestamp_ms, key, value, headers)
+
     def append(
         self, timestamp_ms: int, key: bytes | None, value: bytes | None, headers: Headers | None = None
     ) -> int:

@@ -113,3 +113,19 @@ def test_minus_one_timestamp_and_non_utf8_header_key():
     struct.pack_into(">I", data, 17, rb.crc32c(memoryview(data)[21:]))
     msgs = _decoded(bytes(data), 0)
     assert isinstance(msgs, list) and msgs[0].headers == [("\ufffdb", b"x")]
+
+
+def test_try_append_respects_the_limit_in_both_codecs():
+    for codec in (C_CODEC, None):
+        rb._c_codec = codec
+        try:
+            b = rb.BatchBuilder(7)
+            assert b.try_append(7, None, b"a" * 50, None, 60, 200) == 0  # the first record
+            size = b.size_bytes
+            assert b.try_append(8, b"k", b"b" * 50, None, 200 - size + 1, 200) == -1
+            assert b.size_bytes == size and b.record_count == 1
+            assert b.try_append(8, b"k", b"b" * 50, None, 200 - size, 200) == 1
+            msgs = rb.decode_batch(b.build(), 0, rb.parse_header(b.build()), "t", 0)
+            assert [(m.offset, m.key, m.timestamp) for m in msgs] == [(0, None, 7), (1, b"k", 8)]
+        finally:
+            rb._c_codec = C_CODEC
