@@ -207,7 +207,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         for wl_name, per_system in entries.items():
             latest["results"].setdefault(wl_name, {}).update(per_system)
         machine_at_start["loadavg_1m_at_end"] = round(os.getloadavg()[0], 2)
-        latest.update(command=command, date=date, machine=machine_at_start, wall_s=round(total_s, 1))
+        if args.all or "command" not in latest:  # the report's header is the last whole run; a partial run's
+            # figures are merged in and their sections say when and how they were measured
+            latest.update(command=command, date=date, machine=machine_at_start, wall_s=round(total_s, 1))
+        for per_system in entries.values():
+            for entry in per_system.values():
+                entry.setdefault("load_average", [machine_at_start["loadavg_1m_at_start"],
+                                                  machine_at_start["loadavg_1m_at_end"]])
         if limits is not None:
             latest["limits"] = limits
         _write_json(latest_path, latest)

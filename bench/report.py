@@ -192,9 +192,13 @@ def _targets(results: dict[str, Any], failover: dict[str, Any] | None = None,
         term["outage_s_median"] < term["target_s"] if term else None)  # fmt: skip
 
     group_rate = _get(results, GROUP, BASE, "summary", "consume", "records_per_s")
+    solo_rev = _get(m100, BASE, "revision")
+    other_code = "" if solo_rev and solo_rev == _get(results, GROUP, BASE, "revision") else (
+        f" (not the same code: max-100b at {solo_rev or 'an unrecorded revision'}, "
+        f"{_get(m100, BASE, 'date') or '?'})")  # fmt: skip
     add("issue 4: 12 partitions, a group of 3 consumers: consume ≥ one consumer's rate (max-100b; issue 2's floor "
         "600,000 rec/s)",
-        f"{_n(group_rate)} vs {_n(lc)} rec/s = {_ratio(group_rate, lc)}" if group_rate and lc else "not run",
+        f"{_n(group_rate)} vs {_n(lc)} rec/s = {_ratio(group_rate, lc)}{other_code}" if group_rate and lc else "not run",
         group_rate >= lc and bool(_get(results, GROUP, BASE, "summary", "consume", "complete"))
         if group_rate and lc else None)  # fmt: skip
     rb = _get(rebalance, "summary")
@@ -207,7 +211,9 @@ def _targets(results: dict[str, Any], failover: dict[str, Any] | None = None,
     add(f"issue 4: kill -9 of a member → its partitions consumed again, median < 2 s after the session timeout "
         f"({session_s:g} s)",
         f"session timeout {kill['resumed_minus_session_s']['median']:+.3f} s (raw {kill['resumed_s']['median']:.3f} s, "
-        f"max {kill['resumed_s']['max']:.3f} s, {kill['events']} kills)" if kill else "not measured",
+        f"max {kill['resumed_s']['max']:.3f} s, {kill['events']} kills; the eviction counts from the last heartbeat, "
+        f"up to 0.5 s before the kill; eviction → consumed again {_s(kill.get('after_eviction_s'))} s, max "
+        f"{_s(kill.get('after_eviction_s'), 'max')} s)" if kill else "not measured",
         kill["resumed_minus_session_s"]["median"] < 2.0 if kill else None)  # fmt: skip
 
     def best_peer(side: str, wl: dict[str, Any]) -> tuple[str, float]:
@@ -440,8 +446,9 @@ def _rebalance_section(rb: dict[str, Any], latest_date: str | None) -> list[str]
         out += [
             "",
             "Reading kill -9: the coordinator evicts the dead member a session timeout after its *last heartbeat*, "
-            "which came up to one heartbeat interval (500 ms) before the kill, hence figures below the session "
-            f"timeout: evicted {_s(k['evicted_s'])} s after the kill (median; {_s(k['evicted_s'], 'max')} max). The "
+            "which came up to one heartbeat interval (500 ms) before the kill (so a kill can be noticed sooner than "
+            f"the session timeout): evicted {_s(k['evicted_s'])} s after the kill (median; {_s(k['evicted_s'], 'max')} "
+            "max). The "
             "survivors hear of it at their next heartbeat — they heartbeat in step, so either at once or up to 500 ms "
             f"later — and take its partitions: eviction → consumed again {_s(k['after_eviction_s'])} s (median; max "
             f"{_s(k['after_eviction_s'], 'max')}). Redelivered records are what the dead member read after its last "
@@ -615,14 +622,17 @@ def render(latest: dict[str, Any], plots: list[str]) -> str:
             out += [desc, ""]
         other_runs = sorted(
             {
-                (e["date"], e["command"])
+                (e["date"], e["command"], e.get("revision") or "", tuple(e.get("load_average") or ()))
                 for e in shown.values()
                 if e.get("date", latest.get("date")) != latest.get("date")
             }
         )
-        out += [f"Measured {d} by `{c}` (merged into this report)." for d, c in other_runs] + [""] * bool(
-            other_runs
-        )
+        out += [
+            f"Measured {d} by `{c}`{f' at {rev}' if rev else ''}"
+            f"{f', load average {load[0]} at the start, {load[1]} at the end' if len(load) == 2 else ''} "
+            "(merged into this report)."
+            for d, c, rev, load in other_runs
+        ] + [""] * bool(other_runs)
         if wl == CLUSTER:
             out += [
                 "Server CPU and memory are the three brokers' together (ZooKeeper not included); the consumer reads "
