@@ -62,7 +62,7 @@ from logbroker.errors import (
     error_for,
 )
 from logbroker.group.assignor import ASSIGNORS, TopicPartition
-from logbroker.group.membership import Group, GroupState
+from logbroker.group.membership import LEAVE_EPOCH, Group, GroupState
 from logbroker.group.offsets import (
     METADATA_MAX_CHARS,
     OFFSETS_TOPIC,
@@ -361,7 +361,8 @@ class GroupCoordinator:
             if changed or entry.persisted < entry.version:  # (also: another heartbeat's change still being written)
                 await self._persist(shard, req.group, entry, changed)
                 # the write awaited: the member may have been evicted meanwhile (its partitions freed)
-                if result.error is None and not (entry.membership is group and group.has_member(result.member_id)):
+                if result.error is None and result.member_epoch != LEAVE_EPOCH \
+                        and not (entry.membership is group and group.has_member(result.member_id)):
                     raise UnknownMemberIdError(f"member {result.member_id} left group {req.group} meanwhile: rejoin")
             if result.error is not None:
                 raise result.error

@@ -293,3 +293,13 @@ def test_hostile_heartbeats_are_refused_cheaply(standalone: BrokerProcess) -> No
     bad = g.heartbeat(member_id="", member_epoch=0, subscribed_regex=r"(a)\1")
     assert bad.error_code == pb.INVALID_REGULAR_EXPRESSION
     assert g.heartbeat(member_id=join.member_id, member_epoch=join.member_epoch).error_code == pb.NONE
+
+
+def test_leaving_is_answered_as_done(standalone: BrokerProcess) -> None:
+    _create_and_fill(standalone.address, "t", 2, 0)
+    g = GroupRpc([standalone.address], "g")
+    a = g.heartbeat(member_id="", member_epoch=0, subscribed_topics=pb.Subscription(topics=["t"]))
+    b = g.heartbeat(member_id="", member_epoch=0, subscribed_topics=pb.Subscription(topics=["t"]))
+    for m in (a, b):  # the first of two leaves, then the last one (the group empties)
+        r = g.heartbeat(member_id=m.member_id, member_epoch=-1)
+        assert (r.error_code, r.member_epoch) == (pb.NONE, -1), r
