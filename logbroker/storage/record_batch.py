@@ -303,6 +303,9 @@ def _encode_headers(headers: Headers) -> bytes:
 
 _NO_HEADERS: Headers = []  # handed to the C builder for records without headers; never mutated
 _C_BATCH_BYTES_MAX = (1 << 31) - 1  # the C builder's own size limit: ours are checked by the caller
+# Batches whose first value is larger are built in Python: for 100 KB values the C builder (with its
+# own CRC-32C) encodes ~2.2 GB/s against Python's ~15 GB/s; for 100 B values it is ~1.6x faster.
+_C_VALUE_BYTES_MAX = 4096
 
 
 class BatchBuilder:
@@ -311,7 +314,8 @@ class BatchBuilder:
     The header is reserved up front so `build()` patches it in place: one copy at the end.
     Uncompressed batches are encoded by aiokafka's C builder when it is installed (`_c`); it takes
     the first record's timestamp as baseTimestamp, so a first record stamped otherwise than
-    `base_timestamp_ms` (or a negative base, its "unset" marker) switches this batch to Python.
+    `base_timestamp_ms` (or a negative base, its "unset" marker) switches this batch to Python, as
+    does a first value above _C_VALUE_BYTES_MAX (large values are faster in Python).
     """
 
     __slots__ = ("_buf", "_count", "_base_ts", "_max_ts", "_compression", "_c")
@@ -363,11 +367,13 @@ class BatchBuilder:
         od = self._count
         c = self._c
         if c is not None:
-            if od or timestamp_ms == self._base_ts:
+            if od or (timestamp_ms == self._base_ts and (value is None or len(value) <= _C_VALUE_BYTES_MAX)):
                 c.append(od, timestamp_ms, key, value, headers or _NO_HEADERS)
                 self._count = od + 1
                 return od
-            self._c = None  # a first record stamped otherwise than the base: Python keeps the base
+            # a first record stamped otherwise than the base (Python keeps the base), or a large value:
+            # the C builder pays per record, Python's bytearray per byte, and its CRC is slower than ours
+            self._c = None
         zz = _ZZ
         td = timestamp_ms - self._base_ts
         if timestamp_ms > self._max_ts:
