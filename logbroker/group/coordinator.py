@@ -358,6 +358,9 @@ class GroupCoordinator:
             changed = group.ownership_fingerprint(result.member_id) != before
             if group.state is GroupState.EMPTY:
                 self._became_empty(shard, req.group, entry)
+                if not changed and entry.persisted >= entry.version and not entry.offsets \
+                        and shard.groups.get(req.group) is entry:
+                    del shard.groups[req.group]  # a refused first join: nothing to keep, nothing to write
             if changed or entry.persisted < entry.version:  # (also: another heartbeat's change still being written)
                 await self._persist(shard, req.group, entry, changed)
                 # the write awaited: the member may have been evicted meanwhile (its partitions freed)

@@ -293,6 +293,11 @@ def test_hostile_heartbeats_are_refused_cheaply(standalone: BrokerProcess) -> No
     bad = g.heartbeat(member_id="", member_epoch=0, subscribed_regex=r"(a)\1")
     assert bad.error_code == pb.INVALID_REGULAR_EXPRESSION
     assert g.heartbeat(member_id=join.member_id, member_epoch=join.member_epoch).error_code == pb.NONE
+    ghost = GroupRpc([standalone.address], "ghost")  # a refused first join leaves no group behind
+    assert ghost.heartbeat(member_id="", member_epoch=0, subscribed_regex="(").error_code == \
+        pb.INVALID_REGULAR_EXPRESSION
+    d = pbg.AdminStub(grpc.insecure_channel(standalone.address)).DescribeGroup(pb.DescribeGroupRequest(group="ghost"))
+    assert d.error_code == pb.GROUP_ID_NOT_FOUND
 
 
 def test_leaving_is_answered_as_done(standalone: BrokerProcess) -> None:
