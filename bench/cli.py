@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -224,6 +225,36 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _measure(name: str, record: dict[str, Any], measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run a measurement into `record`: its failure becomes `error`; the processes it started and any
+    it left alive are recorded (and the latter said)."""
+    from bench.runner import unreaped
+
+    before = len(STARTED_PIDS)
+    try:
+        record.update(measure())
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:
+        record["error"] = str(exc) if isinstance(exc, RuntimeError) else traceback.format_exc()
+        say(f"FAILED {name}: {record['error']}")
+    record["started_pids"] = STARTED_PIDS[before:]
+    record["unreaped_pids"] = unreaped(before)
+    if record["unreaped_pids"]:
+        say(f"WARNING: processes still alive after {name}: {record['unreaped_pids']}")
+    return record
+
+
+def _save(name: str, record: dict[str, Any], results_dir: Path, stamp: str, keep: bool) -> None:
+    """A JSON per invocation; merged into latest.json under `name` unless `keep` is false (smoke)."""
+    _write_json(results_dir / f"{stamp}-{'' if keep else 'smoke-'}{name}.json", record)
+    if keep:
+        latest_path = results_dir / LATEST
+        latest = json.loads(latest_path.read_text()) if latest_path.exists() else {"results": {}}
+        latest[name] = {k: v for k, v in record.items() if k not in ("started_pids",)}
+        _write_json(latest_path, latest)
+
+
 def run_failover(trials: int, results_dir: Path, data_root: Path, command: str, date: str,
                  stamp: str, keep: bool) -> dict[str, Any] | None:  # fmt: skip
     """The failover measurement (bench/failover.py): a JSON per invocation, merged into latest.json
@@ -235,21 +266,8 @@ def run_failover(trials: int, results_dir: Path, data_root: Path, command: str, 
     if why:
         say(f"skip failover: {why}")
         return None
-    before = len(STARTED_PIDS)
-    record: dict[str, Any] = {"command": command, "date": date, "machine": machine(), "trials_per_signal": trials}
-    try:
-        record.update(failover.run(trials, data_root))
-    except KeyboardInterrupt:
-        raise
-    except Exception as exc:
-        record["error"] = str(exc) if isinstance(exc, RuntimeError) else traceback.format_exc()
-        say(f"FAILED failover: {record['error']}")
-    from bench.runner import unreaped
-
-    record["started_pids"] = STARTED_PIDS[before:]
-    record["unreaped_pids"] = unreaped(before)
-    if record["unreaped_pids"]:
-        say(f"WARNING: processes still alive after failover: {record['unreaped_pids']}")
+    record = _measure("failover", {"command": command, "date": date, "machine": machine(),
+                                   "trials_per_signal": trials}, lambda: failover.run(trials, data_root))
     for kind, s in record.get("summary", {}).items():
         values = ", ".join(f"{x:.3f}" for x in s["first_ack_s"])
         say(f"failover {kind}: first ack after the signal, median {s['first_ack_s_median']:.3f} s "
@@ -258,12 +276,7 @@ def run_failover(trials: int, results_dir: Path, data_root: Path, command: str, 
         v = record["verified"]
         say(f"failover: {v['acknowledged']:,} acknowledged records read back: {v['missing']} missing, "
             f"{v['mismatched']} at another offset")  # fmt: skip
-    _write_json(results_dir / f"{stamp}-{'' if keep else 'smoke-'}failover.json", record)
-    if keep:
-        latest_path = results_dir / LATEST
-        latest = json.loads(latest_path.read_text()) if latest_path.exists() else {"results": {}}
-        latest["failover"] = {k: v for k, v in record.items() if k not in ("started_pids",)}
-        _write_json(latest_path, latest)
+    _save("failover", record, results_dir, stamp, keep)
     return record
 
 
@@ -276,11 +289,6 @@ def run_rebalance(trials: int, brokers: int | None, results_dir: Path, data_root
     from bench.cluster import zookeeper_missing
 
     why = get_driver("logbroker").missing()
-    if why is None:
-        import importlib.util
-
-        if importlib.util.find_spec("logbroker.group.coordinator") is None:
-            why = "needs consumer groups (issue 4): logbroker has no group coordinator yet"
     if why:
         say(f"skip rebalance: {why}")
         return None
@@ -292,21 +300,8 @@ def run_rebalance(trials: int, brokers: int | None, results_dir: Path, data_root
     elif brokers > 1 and zookeeper_missing():
         say(f"skip rebalance: {zookeeper_missing()}")
         return None
-    before = len(STARTED_PIDS)
-    record: dict[str, Any] = {"command": command, "date": date, "machine": machine(), "trials": trials}
-    try:
-        record.update(rebalance.run(trials, data_root, brokers))
-    except KeyboardInterrupt:
-        raise
-    except Exception as exc:
-        record["error"] = str(exc) if isinstance(exc, RuntimeError) else traceback.format_exc()
-        say(f"FAILED rebalance: {record['error']}")
-    from bench.runner import unreaped
-
-    record["started_pids"] = STARTED_PIDS[before:]
-    record["unreaped_pids"] = unreaped(before)
-    if record["unreaped_pids"]:
-        say(f"WARNING: processes still alive after rebalance: {record['unreaped_pids']}")
+    record = _measure("rebalance", {"command": command, "date": date, "machine": machine(), "trials": trials},
+                      lambda: rebalance.run(trials, data_root, brokers))
     s = record.get("summary", {})
     if "join" in s:
         j = s["join"]
@@ -323,12 +318,7 @@ def run_rebalance(trials: int, brokers: int | None, results_dir: Path, data_root
         say(f"rebalance close(): the member's partitions consumed again median {lv['resumed_s']['median']:.3f} s")
     if record.get("ownership_overlaps"):
         say(f"rebalance: a partition had two owners at once: {record['ownership_overlaps'][:3]}")
-    _write_json(results_dir / f"{stamp}-{'' if keep else 'smoke-'}rebalance.json", record)
-    if keep:
-        latest_path = results_dir / LATEST
-        latest = json.loads(latest_path.read_text()) if latest_path.exists() else {"results": {}}
-        latest["rebalance"] = {k: v for k, v in record.items() if k not in ("started_pids",)}
-        _write_json(latest_path, latest)
+    _save("rebalance", record, results_dir, stamp, keep)
     return record
 
 

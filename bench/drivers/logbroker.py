@@ -12,7 +12,6 @@ only the setup of a consume test, and it is labelled as such in the results.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 import time
@@ -116,8 +115,6 @@ class LogbrokerDriver(Driver):
     def unsupported(self, wl: Workload) -> str | None:
         if wl.requires == "cluster" or wl.brokers > 1:
             return zookeeper_missing()
-        if wl.requires == "groups" and importlib.util.find_spec("logbroker.group.coordinator") is None:
-            return "needs consumer groups (issue 4): logbroker has no group coordinator yet"
         return None
 
     def start(self, workdir: Path, wl: Workload, stack: ExitStack) -> Server:
