@@ -5,7 +5,6 @@ expiry, and coordinator failover in a real three-broker cluster."""
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 
 import grpc
@@ -16,75 +15,9 @@ from logbroker.v1 import logbroker_pb2 as pb
 from logbroker.v1 import logbroker_pb2_grpc as pbg
 from tests.cluster import Cluster
 from tests.conftest import BrokerProcess, wait_for
+from tests.group_rpc import GroupRpc
 
 pytestmark = pytest.mark.timeout(300)
-
-RETRIABLE = (pb.NOT_COORDINATOR, pb.COORDINATOR_NOT_AVAILABLE, pb.COORDINATOR_LOAD_IN_PROGRESS,
-             pb.REQUEST_TIMED_OUT, pb.NOT_ENOUGH_REPLICAS)
-
-
-class GroupRpc:
-    """Raw calls to a group's coordinator, following it when it moves."""
-
-    def __init__(self, bootstrap: list[str], group: str) -> None:
-        self.bootstrap = bootstrap
-        self.group = group
-        self.address = ""
-
-    def _broker(self, address: str) -> pbg.BrokerStub:
-        return pbg.BrokerStub(grpc.insecure_channel(address))
-
-    def find(self, timeout_s: float = 30.0) -> str:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            for address in self.bootstrap:
-                try:
-                    r = self._broker(address).FindCoordinator(pb.FindCoordinatorRequest(group=self.group), timeout=5)
-                except grpc.RpcError:
-                    continue
-                if r.error_code == pb.NONE:
-                    self.address = f"{r.host}:{r.port}"
-                    return self.address
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no coordinator for {self.group} within {timeout_s} s")
-            time.sleep(0.1)
-
-    def call(self, method: str, request: object, timeout_s: float = 30.0) -> object:
-        """Call the coordinator, finding it again on coordinator errors or a dead broker."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if not self.address:
-                self.find(max(0.1, deadline - time.monotonic()))
-            try:
-                resp = getattr(self._broker(self.address), method)(request, timeout=5)
-            except grpc.RpcError:
-                resp = None
-            code = getattr(resp, "error_code", pb.NONE) if resp is not None else pb.NOT_COORDINATOR
-            if code not in RETRIABLE:
-                return resp
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{method} kept failing: {resp}")
-            self.address = ""
-            time.sleep(0.1)
-
-    def heartbeat(self, **fields: object) -> pb.ConsumerGroupHeartbeatResponse:
-        r = self.call("ConsumerGroupHeartbeat", pb.ConsumerGroupHeartbeatRequest(group=self.group, **fields))
-        assert isinstance(r, pb.ConsumerGroupHeartbeatResponse)
-        return r
-
-    def commit(self, offsets: dict[tuple[str, int], int], member_id: str = "", member_epoch: int = 0,
-               ) -> pb.OffsetCommitResponse:
-        r = self.call("OffsetCommit", pb.OffsetCommitRequest(
-            group=self.group, member_id=member_id, member_epoch=member_epoch,
-            partitions=[pb.OffsetCommitPartition(topic=t, partition=p, offset=o) for (t, p), o in offsets.items()]))
-        assert isinstance(r, pb.OffsetCommitResponse)
-        return r
-
-    def committed(self) -> dict[tuple[str, int], int]:
-        r = self.call("OffsetFetch", pb.OffsetFetchRequest(group=self.group))
-        assert isinstance(r, pb.OffsetFetchResponse) and r.error_code == pb.NONE, r
-        return {(x.topic, x.partition): x.offset for x in r.results}
-
 
 def _create_and_fill(address: str, topic: str, partitions: int, records: int, rf: int = 0,
                      leader_address: str = "") -> None:

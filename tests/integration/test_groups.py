@@ -15,14 +15,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 
 from logbroker import Admin, Consumer, Producer
-from logbroker.v1 import logbroker_pb2 as pb
-from logbroker.v1 import logbroker_pb2_grpc as pbg
 from tests.cluster import Cluster
 from tests.conftest import REPO, wait_for
+from tests.group_rpc import GroupRpc
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -283,48 +281,18 @@ def test_coordinator_killed_twice_consumer_resumes_from_last_commit(cluster: Clu
         assert first == final, f"resumed at {first}, last commits {final}"
 
 
-def _coordinator_id(cluster: Cluster, group: str) -> int:
-    for b in cluster.brokers.values():
-        try:
-            r = pbg.BrokerStub(grpc.insecure_channel(b.address)).FindCoordinator(
-                pb.FindCoordinatorRequest(group=group), timeout=5)
-        except grpc.RpcError:
-            continue
-        if r.error_code == pb.NONE:
-            return r.broker_id
-    raise AssertionError(f"no coordinator for {group}")
-
-
 def _committed_raw(cluster: Cluster, group: str) -> dict[TP, int]:
-    for b in cluster.brokers.values():
-        try:
-            ch = grpc.insecure_channel(b.address)
-            r = pbg.BrokerStub(ch).FindCoordinator(pb.FindCoordinatorRequest(group=group), timeout=5)
-            if r.error_code != pb.NONE:
-                continue
-            f = pbg.BrokerStub(grpc.insecure_channel(f"{r.host}:{r.port}")).OffsetFetch(
-                pb.OffsetFetchRequest(group=group), timeout=5)
-            if f.error_code == pb.NONE:
-                return {(x.topic, x.partition): x.offset for x in f.results}
-        except grpc.RpcError:
-            continue
-    raise AssertionError(f"cannot read the committed offsets of {group}")
+    return GroupRpc([b.address for b in cluster.brokers.values()], group).committed()
 
 
 def _members_of(cluster: Cluster, group: str) -> list[str]:
-    for b in cluster.brokers.values():
-        try:
-            r = pbg.BrokerStub(grpc.insecure_channel(b.address)).FindCoordinator(
-                pb.FindCoordinatorRequest(group=group), timeout=5)
-            if r.error_code != pb.NONE:
-                continue
-            d = pbg.AdminStub(grpc.insecure_channel(f"{r.host}:{r.port}")).DescribeGroup(
-                pb.DescribeGroupRequest(group=group), timeout=5)
-            if d.error_code in (pb.NONE, pb.GROUP_ID_NOT_FOUND):
-                return [m.member_id for m in d.members]
-        except grpc.RpcError:
-            continue
-    raise AssertionError(f"cannot describe {group}")
+    return GroupRpc([b.address for b in cluster.brokers.values()], group).members()
+
+
+def _coordinator_id(cluster: Cluster, group: str) -> int:
+    rpc = GroupRpc([b.address for b in cluster.brokers.values()], group)
+    rpc.find()
+    return rpc.broker_id
 
 
 def test_frozen_member_is_evicted_and_its_late_commit_rejected(cluster: Cluster, members: list[Member],
