@@ -31,10 +31,18 @@ The broker only ever touches the header (`validate_batches`, `set_base_offset`,
 client, whose hot loops use table lookups for one- and two-byte varints.
 
 Where aiokafka's compiled RecordBatch v2 codec is installed (`aiokafka.record._crecords`, Cython:
-Kafka's own format, so the bytes are the same), the client encodes uncompressed batches and decodes
-uncompressed, CreateTime batches with it: about twice as fast per record as the Python loops below,
-which remain the reference and the fallback (compression, LogAppendTime, anything the C reader
-refuses: the Python decoder then raises the precise error, or decodes what it accepts).
+Kafka's own format, so the bytes are the same), the client encodes uncompressed batches with it.
+
+Decoding an uncompressed, CreateTime batch takes the first of, in this order:
+
+1. `logbroker.storage._records.decode_records`, our C extension (_records.c, built by setup.py and
+   optional: a machine without a compiler installs without it), which builds the Messages itself;
+   LOGBROKER_NO_EXT=1 switches it off;
+2. aiokafka's compiled reader, when the extension is not importable (AIOKAFKA_NO_EXTENSIONS=1
+   switches it off), whose records are then copied into Messages;
+3. the Python loop in `decode_batch`, which is the reference and the fallback for everything else:
+   compression, LogAppendTime, and any batch the compiled decoder refuses (it then raises the
+   precise error, or decodes what it accepts).
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ from __future__ import annotations
 import os
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import crc32c as _crc32c
@@ -87,6 +95,17 @@ def crc32c(data: bytes | bytearray | memoryview) -> int:
 # AIOKAFKA_NO_EXTENSIONS (aiokafka's own switch for its pure-Python fallback) selects ours.
 _c_codec: tuple[Any, Any] | None = None
 _c_codec_loaded = False
+
+
+# Our C decoder (module docstring), imported here: a few kilobytes, no dependencies.
+_decode_records: Callable[[bytes, int, int, str, int, int, type], list[Any] | None] | None = None
+if not os.environ.get("LOGBROKER_NO_EXT"):
+    try:
+        from logbroker.storage import _records
+    except ImportError:
+        pass
+    else:
+        _decode_records = _records.decode_records
 
 
 def _load_c_codec() -> tuple[Any, Any] | None:
@@ -522,8 +541,10 @@ def decode_batch(
 
     Checks the CRC first: a corrupt batch raises CorruptMessageError, it is never decoded. Hostile
     inner lengths are caught by checking each record ends where its length says. This is the
-    consumer's hot loop: one- and two-byte varints (record lengths of ~100-byte values, offset and
-    timestamp deltas from 64 on) are single table lookups, so a typical record makes no call.
+    consumer's hot loop: an uncompressed CreateTime batch goes to the C extension (or, without it,
+    aiokafka's reader); the Python loop below is the reference, where one- and two-byte varints
+    (record lengths of ~100-byte values, offset and timestamp deltas from 64 on) are single table
+    lookups, so a typical record makes no call.
     """
     size = h.batch_length + LOG_OVERHEAD
     if h.magic != MAGIC:
@@ -537,8 +558,13 @@ def decode_batch(
         return []
     codec = attributes & COMPRESSION_MASK
     if not attributes & (COMPRESSION_MASK | TIMESTAMP_TYPE_MASK) and buf.__class__ is bytes:
-        c_codec = _c_codec if _c_codec_loaded else _load_c_codec()
-        if c_codec is not None:
+        ext = _decode_records
+        if ext is not None:
+            # None: malformed or beyond int64, and the reference below says what exactly
+            fast = ext(buf, pos, size, topic, partition, min_offset - h.base_offset, Message)
+            if fast is not None:
+                return fast
+        elif (c_codec := _c_codec if _c_codec_loaded else _load_c_codec()) is not None:
             fast = _decode_batch_c(c_codec[0], buf, pos, size, topic, partition, min_offset - h.base_offset)
             if fast is not None:
                 return fast
