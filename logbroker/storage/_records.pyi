@@ -2,5 +2,5 @@
 from typing import Any
 
 def decode_records(
-    buf: bytes, pos: int, size: int, topic: str, partition: int, skip: int, message_cls: type, /
+    buf: bytes | bytearray | memoryview, pos: int, size: int, topic: str, partition: int, skip: int, message_cls: type, /
 ) -> list[Any] | None: ...

@@ -18,6 +18,18 @@ C_CODEC = rb._load_c_codec()
 pytestmark = pytest.mark.skipif(C_CODEC is None, reason="aiokafka's compiled codec is not installed")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _without_our_extension() -> Iterator[None]:
+    """Here "compiled" means aiokafka's reader: our own C decoder (tests/unit/test_records_ext.py)
+    would otherwise take its place."""
+    saved = rb._decode_records
+    rb._decode_records = None
+    try:
+        yield
+    finally:
+        rb._decode_records = saved
+
+
 @contextlib.contextmanager
 def pure_python() -> Iterator[None]:
     """Run a block with the compiled codec switched off."""
