@@ -39,6 +39,10 @@
  *
  * and the record must end exactly where its length says. Keys, values and header values come
  * back as bytes, headers as a new list of (str, bytes | None) tuples per record.
+ *
+ * Garbage collection: the messages are built with the cyclic GC paused, and a message without
+ * headers is left untracked, with its empty headers list (see new_message): without this the GC
+ * costs more than the decoding.
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -239,6 +243,17 @@ new_message(PyTypeObject *tp, PyObject *topic, PyObject *partition, int64_t offs
         goto error;
     }
     PyTuple_SET_ITEM(m, 4, item);
+    if (PyList_GET_SIZE(headers) == 0) {
+        /* Out of the cyclic collector: a record without headers holds nothing that can reach
+         * back to it (its one mutable part, the empty headers list, is untracked too). A caller
+         * keeping the last batch while the next is decoded otherwise pays a collection that
+         * walks every live message (and moves it up a generation, to be walked again): ~0.06 us
+         * of 0.17 per record in the consumer. The price: a cycle a caller builds through such a
+         * headers list (appending something that refers back to the message) is never
+         * collected, only freed by reference counting. */
+        PyObject_GC_UnTrack(headers);
+        PyObject_GC_UnTrack(m);
+    }
     return m;
 error:
     Py_DECREF(m);

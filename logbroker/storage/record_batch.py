@@ -36,8 +36,9 @@ Kafka's own format, so the bytes are the same), the client encodes uncompressed 
 Decoding an uncompressed, CreateTime batch takes the first of, in this order:
 
 1. `logbroker.storage._records.decode_records`, our C extension (_records.c, built by setup.py and
-   optional: a machine without a compiler installs without it), which builds the Messages itself;
-   LOGBROKER_NO_EXT=1 switches it off;
+   optional: a machine without a compiler installs without it), which builds the Messages itself
+   and leaves those without headers out of the cyclic GC (_records.c says why); LOGBROKER_NO_EXT=1
+   switches it off;
 2. aiokafka's compiled reader, when the extension is not importable (AIOKAFKA_NO_EXTENSIONS=1
    switches it off), whose records are then copied into Messages;
 3. the Python loop in `decode_batch`, which is the reference and the fallback for everything else:

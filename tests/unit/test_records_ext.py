@@ -191,6 +191,17 @@ def test_skip_beyond_int64():
         assert rb.decode_batch(data, 0, rb.parse_header(data), "t", 3, 2**70) == []
 
 
+def test_gc_tracking():
+    """A message without headers (and its empty list) is left out of the cyclic GC; one with
+    headers stays in."""
+    data = rb.encode_batch([(5, None, b"v", None), (5, None, b"v", [("h", b"x")])])
+    plain, with_headers = ext(data, 0) or []
+    assert not gc.is_tracked(plain) and not gc.is_tracked(plain.headers)
+    assert gc.is_tracked(with_headers) and gc.is_tracked(with_headers.headers)
+    plain.headers.append(("late", b"x"))  # still an ordinary list
+    assert plain.headers == [("late", b"x")]
+
+
 def test_gc_state_is_restored():
     data = rb.encode_batch([(5, None, b"v", None)] * 2)
     assert gc.isenabled()
