@@ -41,8 +41,8 @@
  * back as bytes, headers as a new list of (str, bytes | None) tuples per record.
  *
  * Garbage collection: the messages are built with the cyclic GC paused, and a message without
- * headers is left untracked, with its empty headers list (see new_message): without this the GC
- * costs more than the decoding.
+ * headers is left untracked, with its empty headers list (new_message says why and what it
+ * costs): without this the GC costs more than the decoding.
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -207,57 +207,52 @@ error:
 }
 
 /* message_cls(topic, partition, offset, key, value, headers, ts): a new reference, or NULL with
- * an exception set. Steals `headers`; key and value are copied from the batch (len < 0: None). */
+ * an exception set. Steals `headers`; key and value are copied from the batch (len < 0: None).
+ *
+ * Every item is made first, so the tuple is complete when it exists. It is allocated untracked
+ * (PyObject_GC_NewVar, as tuples themselves are), and stays out of the cyclic collector when the
+ * record has no headers, with its empty headers list: such a message holds nothing that can reach
+ * back to it. Otherwise a caller keeping the last batch while the next one is decoded pays a
+ * collection walking every live message (and moving it up a generation, to be walked again):
+ * ~0.06 us of 0.17 per record in the consumer. The price: a cycle a caller builds through such a
+ * headers list (appending something that refers back to the message) is never collected, only
+ * freed by reference counting. Messages with headers are tracked as usual. */
 static PyObject *
 new_message(PyTypeObject *tp, PyObject *topic, PyObject *partition, int64_t offset,
             const unsigned char *key, int64_t kl, const unsigned char *value, int64_t vl,
             PyObject *headers, PyObject *ts)
 {
-    /* A fresh tuple of the subclass, every item NULL until set (tuple traversal and deallocation
-     * skip NULLs), so dropping it releases whatever was set. */
-    PyObject *m = tp->tp_alloc(tp, MESSAGE_FIELDS);
+    PyObject *off = PyLong_FromLongLong(offset);
+    PyObject *k = off == NULL ? NULL : take_bytes(&key, kl);
+    PyObject *v = k == NULL ? NULL : take_bytes(&value, vl);
+    PyObject *m = v == NULL ? NULL : (PyObject *)PyObject_GC_NewVar(PyTupleObject, tp, MESSAGE_FIELDS);
     if (m == NULL) {
+        Py_XDECREF(off);
+        Py_XDECREF(k);
+        Py_XDECREF(v);
         Py_DECREF(headers);
         return NULL;
     }
 #if PY_VERSION_HEX >= 0x030E0000
     ((PyTupleObject *)m)->ob_hash = -1;  /* 3.14's tuple hash cache: "not computed" */
 #endif
-    PyTuple_SET_ITEM(m, 5, headers);
     Py_INCREF(topic);
     PyTuple_SET_ITEM(m, 0, topic);
     Py_INCREF(partition);
     PyTuple_SET_ITEM(m, 1, partition);
+    PyTuple_SET_ITEM(m, 2, off);
+    PyTuple_SET_ITEM(m, 3, k);
+    PyTuple_SET_ITEM(m, 4, v);
+    PyTuple_SET_ITEM(m, 5, headers);
     Py_INCREF(ts);
     PyTuple_SET_ITEM(m, 6, ts);
-    PyObject *item = PyLong_FromLongLong(offset);
-    if (item == NULL) {
-        goto error;
-    }
-    PyTuple_SET_ITEM(m, 2, item);
-    if ((item = take_bytes(&key, kl)) == NULL) {
-        goto error;
-    }
-    PyTuple_SET_ITEM(m, 3, item);
-    if ((item = take_bytes(&value, vl)) == NULL) {
-        goto error;
-    }
-    PyTuple_SET_ITEM(m, 4, item);
     if (PyList_GET_SIZE(headers) == 0) {
-        /* Out of the cyclic collector: a record without headers holds nothing that can reach
-         * back to it (its one mutable part, the empty headers list, is untracked too). A caller
-         * keeping the last batch while the next is decoded otherwise pays a collection that
-         * walks every live message (and moves it up a generation, to be walked again): ~0.06 us
-         * of 0.17 per record in the consumer. The price: a cycle a caller builds through such a
-         * headers list (appending something that refers back to the message) is never
-         * collected, only freed by reference counting. */
         PyObject_GC_UnTrack(headers);
-        PyObject_GC_UnTrack(m);
+    }
+    else {
+        PyObject_GC_Track(m);
     }
     return m;
-error:
-    Py_DECREF(m);
-    return NULL;
 }
 
 /* The records of the batch at `batch` (`size` bytes, inside the caller's buffer) into *result.
@@ -380,6 +375,32 @@ done:
     return status;
 }
 
+/* A tuple subclass with the tuple's layout: nothing but the items (NamedTuple, __slots__ = ()). */
+static int
+message_type_ok(PyObject *cls)
+{
+    if (!PyType_Check(cls)) {
+        return 0;
+    }
+    PyTypeObject *tp = (PyTypeObject *)cls;
+    if (!PyType_IsSubtype(tp, &PyTuple_Type) || tp->tp_basicsize != PyTuple_Type.tp_basicsize
+        || tp->tp_itemsize != PyTuple_Type.tp_itemsize || tp->tp_dictoffset != 0
+        || tp->tp_weaklistoffset != 0) {
+        return 0;
+    }
+#ifdef Py_TPFLAGS_MANAGED_DICT
+    if (tp->tp_flags & Py_TPFLAGS_MANAGED_DICT) {
+        return 0;
+    }
+#endif
+#ifdef Py_TPFLAGS_MANAGED_WEAKREF
+    if (tp->tp_flags & Py_TPFLAGS_MANAGED_WEAKREF) {
+        return 0;
+    }
+#endif
+    return 1;
+}
+
 static PyObject *
 decode_records(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -391,9 +412,7 @@ decode_records(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     PyObject *cls = args[6];
-    if (!PyType_Check(cls) || !PyType_IsSubtype((PyTypeObject *)cls, &PyTuple_Type)
-        || ((PyTypeObject *)cls)->tp_basicsize != PyTuple_Type.tp_basicsize
-        || ((PyTypeObject *)cls)->tp_itemsize != PyTuple_Type.tp_itemsize) {
+    if (!message_type_ok(cls)) {
         PyErr_SetString(PyExc_TypeError, "message_cls must be a tuple subclass without extra slots");
         return NULL;
     }
