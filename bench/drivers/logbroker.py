@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.cluster import LogbrokerCluster, health_serving, zookeeper_missing
-from bench.drivers.base import Driver, Server
+from bench.drivers.base import Driver, Server, records_per_request
 from bench.procs import ServerProcess, free_port
 from bench.workload import Workload
 
@@ -36,31 +36,35 @@ def _acks(wl: Workload) -> int | str:
 
 
 class LogbrokerProducer:
+    """Each batch of values goes to the client in one `Producer.send_many` call, as the Redis driver
+    hands its batch to one pipeline; batches are as large as Redis's (`records_per_request`)."""
+
     def __init__(self, address: str, topic: str, wl: Workload, index: int) -> None:
         import logbroker
 
         settings = {"linger_ms": 5, "batch_size_bytes": 1 << 20, **wl.option("logbroker", "producer", {})}
         self.p = logbroker.Producer(address, acks=_acks(wl), **settings)
         self.topic = topic
-        self.batch_records = 1000  # sends between time checks; the client batches on its own
-        self.last: Any = None
+        self.batch_records = records_per_request(wl.record_size)
+        self.pending: deque[Any] = deque()  # send_many futures not yet seen done, oldest first
+        self.error: BaseException | None = None
 
     def send(self, values: Sequence[bytes], keys: Sequence[bytes] | None) -> None:
-        send = self.p.send
-        topic = self.topic
-        last = None
-        if keys is None:
-            for v in values:
-                last = send(topic, v)
-        else:
-            for v, k in zip(values, keys, strict=True):
-                last = send(topic, v, key=k)
-        self.last = last
+        pending = self.pending
+        pending.append(self.p.send_many(self.topic, values, keys))
+        while pending[0].done():  # keep the backlog of futures short; remember the first failure
+            error = pending.popleft().exception()
+            if error is not None and self.error is None:
+                self.error = error
+            if not pending:
+                break
 
     def flush(self) -> None:
         self.p.flush(60)
-        if self.last is not None:
-            self.last.result(60)  # raises if the last batch failed
+        while self.pending:
+            self.pending.popleft().result(60)  # raises if a record of that call failed
+        if self.error is not None:
+            raise self.error
 
     def close(self) -> None:
         self.p.close(10)

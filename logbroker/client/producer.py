@@ -37,7 +37,9 @@ it is full. Requests are bounded by `max_request_bytes`, in-flight requests per 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
+import operator
 import random
 import threading
 import time
@@ -226,6 +228,138 @@ def failed_future(topic: str, partition: int, error: BaseException, timestamp: i
     r = _BatchResult(topic, partition)
     r.complete(-1, -1, error)
     return FutureRecordMetadata(r, 0, timestamp)
+
+
+class FutureRecordsMetadata:
+    """The future of one `send_many` call, with the `concurrent.futures.Future` API.
+
+    Done when every batch holding a record of the call is done. `result()` returns the records'
+    RecordMetadata in the order they were given (built on the first call, then kept), or raises the
+    error of the first failed record in that order; `exception()` returns that error. Callbacks get
+    this future as their one argument and run once, on the producer's sender thread (or at once, in
+    the caller's thread, if the call is already done).
+
+    It holds one (batch result, first offset delta, record count) segment per batch the call's
+    records went into, in the order they were appended, and `order`, the input position of each
+    appended record when that order differs (keyed records grouped per partition); nothing per record.
+    """
+
+    __slots__ = ("_topic", "_segments", "_order", "_timestamp", "_count", "_metadata")
+
+    def __init__(
+        self, topic: str, segments: list[tuple[_BatchResult, int, int]], order: list[int] | None,
+        timestamp: int, count: int,
+    ) -> None:
+        self._topic = topic
+        self._segments = segments
+        self._order = order
+        self._timestamp = timestamp
+        self._count = count
+        self._metadata: list[RecordMetadata] | None = None
+
+    def __len__(self) -> int:
+        """How many records the call sent."""
+        return self._count
+
+    def done(self) -> bool:
+        return all(r.done for r, _, _ in self._segments)
+
+    def cancelled(self) -> bool:
+        return False
+
+    def running(self) -> bool:
+        return not self.done()
+
+    def cancel(self) -> bool:
+        """Records cannot be taken back once sent: always False."""
+        return False
+
+    def _wait(self, timeout: float | None) -> None:
+        deadline = None if timeout is None else _monotonic() + timeout
+        for r, _, _ in self._segments:
+            if r.done:
+                continue
+            remaining = None if deadline is None else max(0.0, deadline - _monotonic())
+            if not r.wait(remaining):
+                raise FutureTimeoutError(f"{self._count} record(s) not delivered within {timeout} s")
+
+    def _first_error(self) -> BaseException | None:
+        """The error of the failed record that came first in the input (segments all done)."""
+        order = self._order
+        best: tuple[int, BaseException] | None = None
+        at = 0
+        for r, _, n in self._segments:
+            if r.error is not None:
+                # within a segment the input order is kept: its first record comes first
+                pos = at if order is None else order[at]
+                if best is None or pos < best[0]:
+                    best = (pos, r.error)
+                if order is None:
+                    break
+            at += n
+        return None if best is None else best[1]
+
+    def result(self, timeout: float | None = None) -> list[RecordMetadata]:
+        """Every record's RecordMetadata, in input order; raises the first failed record's error."""
+        if self._metadata is not None:
+            return self._metadata
+        self._wait(timeout)
+        error = self._first_error()
+        if error is not None:
+            raise error
+        topic = self._topic
+        timestamp = self._timestamp
+        out: list[RecordMetadata] = []
+        for r, delta, n in self._segments:
+            ts = r.log_append_time_ms if r.log_append_time_ms >= 0 else timestamp
+            if r.base_offset >= 0:
+                base = r.base_offset + delta
+                out.extend([RecordMetadata(topic, r.partition, o, ts) for o in range(base, base + n)])
+            else:
+                out.extend([RecordMetadata(topic, r.partition, -1, ts)] * n)
+        order = self._order
+        if order is not None:
+            placed: list[RecordMetadata] = [None] * len(out)  # type: ignore[list-item]
+            for pos, md in zip(order, out, strict=True):
+                placed[pos] = md
+            out = placed
+        self._metadata = out
+        return out
+
+    get = result  # kafka-python spelling
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        self._wait(timeout)
+        return self._first_error()
+
+    def add_done_callback(self, fn: Callable[[FutureRecordsMetadata], object]) -> None:
+        results = [r for r, _, _ in self._segments]
+        pending = [len(results)]
+
+        def one_done(_: object) -> None:
+            with _RESULT_LOCK:
+                pending[0] -= 1
+                last = pending[0] == 0
+            if last:
+                _run_callback(fn, self)  # type: ignore[arg-type]
+
+        if not results:
+            _run_callback(fn, self)  # type: ignore[arg-type]
+            return
+        for r in results:
+            if not r.add_callback(one_done, self):  # type: ignore[arg-type]
+                one_done(None)
+
+    def __repr__(self) -> str:
+        done = sum(1 for r, _, _ in self._segments if r.done)
+        return f"<FutureRecordsMetadata {self._topic} {self._count} record(s), {done}/{len(self._segments)} batches done>"
+
+
+def failed_records_future(topic: str, partition: int, error: BaseException, count: int,
+                          timestamp: int = -1) -> FutureRecordsMetadata:
+    r = _BatchResult(topic, partition)
+    r.complete(-1, -1, error)
+    return FutureRecordsMetadata(topic, [(r, 0, count)], None, timestamp, count)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -520,6 +654,176 @@ class Producer:
             lock.release()
         return FutureRecordMetadata(b.result, delta, timestamp_ms)  # type: ignore[union-attr]
 
+    def send_many(
+        self,
+        topic: str,
+        values: Sequence[bytes | str | None],
+        keys: Sequence[bytes | str | None] | None = None,
+        *,
+        partition: int | None = None,
+        headers: Sequence[tuple[str, bytes | str | None]] | dict[str, bytes | str | None] | None = None,
+        timestamp_ms: int | None = None,
+    ) -> FutureRecordsMetadata:
+        """Queue many records at once: what `send` does for each, at a fraction of its cost per record.
+
+        Record i is (keys[i], values[i]) (`keys` None: every key null), each carrying `headers`
+        and stamped `timestamp_ms` (default: now), both shared by the call. Records go where `send`
+        would put them: to `partition` if given, else keyed ones by the key's consistent hash and
+        null-key ones to the sticky partition; they join the same per-partition batches as `send`'s
+        (a `send` and a `send_many` from one thread keep their order within a partition), filling
+        one batch after another. Returns ONE future (FutureRecordsMetadata) for the whole call.
+
+        Everything is checked before any record is queued: a value or key neither bytes, str nor
+        None, or `keys` of another length, raises TypeError / ValueError; an unknown topic or
+        partition raises as in `send`; a record too large to ever send gives an already failed future
+        (MessageTooLargeError). In each case nothing of the call is queued.
+
+        Blocks as `send` does while the topic's metadata is unknown or buffer_memory_bytes is full
+        (a call larger than the free buffer waits for room batch by batch). If max_block_ms passes
+        while it waits, KafkaTimeoutError is raised: the records queued before stay queued (their
+        batches are delivered; `flush()` waits for them), the rest are not.
+        """
+        if values.__class__ is not list and values.__class__ is not tuple:
+            values = list(values)
+        n = len(values)
+        if set(map(type, values)) == {bytes}:  # the fast path: C loops only
+            vals: Sequence[bytes | None] = values  # type: ignore[assignment]
+            lens = list(map(len, vals))  # type: ignore[arg-type]
+        else:
+            vals = [v if v is None or v.__class__ is bytes else _to_bytes(v, "value") for v in values]
+            lens = [0 if v is None else len(v) for v in vals]
+        ks: Sequence[bytes | None] | None = None
+        if keys is not None:
+            if keys.__class__ is not list and keys.__class__ is not tuple:
+                keys = list(keys)
+            if len(keys) != n:
+                raise ValueError(f"send_many: {len(keys)} keys for {n} values")
+            if set(map(type, keys)) == {bytes}:
+                ks = keys  # type: ignore[assignment]
+                klens = list(map(len, ks))  # type: ignore[arg-type]
+            else:
+                ks = [k if k is None or k.__class__ is bytes else _to_bytes(k, "key") for k in keys]
+                klens = [0 if k is None else len(k) for k in ks]
+            lens = list(map(operator.add, lens, klens))
+        if timestamp_ms is None:
+            timestamp_ms = _time_ns() // 1_000_000
+        ts = self._topics.get(topic)
+        if ts is None:
+            ts = self._topic_state(topic)
+        if n == 0:
+            return FutureRecordsMetadata(topic, [], None, timestamp_ms, 0)
+        per_record = RECORD_OVERHEAD_BYTES
+        hdrs = None
+        if headers:
+            hdrs, hsize = _normalize_headers(headers)
+            per_record += hsize
+        largest = per_record + max(lens)
+        if largest > self._max_record_bytes:
+            return failed_records_future(topic, -1 if partition is None else partition, MessageTooLargeError(
+                f"a record of ~{largest} bytes exceeds what the producer can send "
+                f"(max_request_bytes {self._max_request_bytes}, buffer_memory_bytes {self._buffer_memory_bytes})"
+            ), n, timestamp_ms)
+        if partition is not None and not 0 <= partition < ts.partitions:
+            self._check_partition(ts, partition)
+
+        segments: list[tuple[_BatchResult, int, int]] = []
+        if partition is not None or ks is None:
+            self._append_records(ts, partition, ks, vals, lens, timestamp_ms, hdrs, per_record, segments)
+            return FutureRecordsMetadata(topic, segments, None, timestamp_ms, n)
+        # Keyed: each partition's records in input order; null keys go sticky (partition -1 here).
+        memo: dict[bytes | None, int] = ts.key_cache  # type: ignore[assignment]  # None is never in it
+        parts: list[int] = list(map(memo.get, ks, itertools.repeat(-2)))  # -2: not in the memo
+        if -2 in parts:
+            for i, p in enumerate(parts):
+                if p == -2:
+                    k = ks[i]
+                    parts[i] = -1 if k is None else ts.partition_for(k)
+        first = parts[0]
+        if parts.count(first) == n:
+            self._append_records(ts, None if first < 0 else first, ks, vals, lens, timestamp_ms, hdrs,
+                                 per_record, segments)
+            return FutureRecordsMetadata(topic, segments, None, timestamp_ms, n)
+        groups: dict[int, list[int]] = {}
+        for i, p in enumerate(parts):
+            g = groups.get(p)
+            if g is None:
+                groups[p] = [i]
+            else:
+                g.append(i)
+        order: list[int] = []
+        for p, idx in groups.items():
+            self._append_records(
+                ts, None if p < 0 else p, [ks[i] for i in idx], [vals[i] for i in idx], [lens[i] for i in idx],
+                timestamp_ms, hdrs, per_record, segments,
+            )
+            order += idx
+        return FutureRecordsMetadata(topic, segments, order, timestamp_ms, n)
+
+    def _append_records(
+        self, ts: _TopicState, partition: int | None, keys: Sequence[bytes | None] | None,
+        values: Sequence[bytes | None], lens: list[int], timestamp_ms: int, hdrs: list[tuple[str, bytes | None]] | None,
+        per_record: int, segments: list[tuple[_BatchResult, int, int]],
+    ) -> None:
+        """Append checked records to `partition`'s batches (None: the sticky partition's), one batch
+        per step, each step under _lock; appends (batch result, first delta, count) to `segments`.
+
+        A record's buffer charge is `send`'s upper bound, per_record + lens[i] (its key and value
+        bytes). A step takes at most what the free buffer memory surely holds (all of the rest, or
+        as many records as the largest fits), and waits for room first when not even that fits.
+        """
+        n = len(values)
+        largest = per_record + max(lens)
+        memory = self._buffer_memory_bytes
+        total = per_record * n + sum(lens)  # the charge of the records not yet appended
+        # No batch holds more records than this (one is >= 7 bytes beyond its key and value): a step
+        # slices no more of a long call than that.
+        step_max = (self._batch_size_bytes - HEADER_SIZE) // (7 + min(lens)) + 1
+        i = 0
+        lock = self._lock
+        while i < n:
+            with lock:
+                if self._closed:
+                    raise LogbrokerError(f"send_many() after close() ({i} of {n} records queued)")
+                free = memory - self._buffered_bytes
+                if free < total and free < largest:
+                    try:
+                        self._wait_for_buffer(largest)
+                    except KafkaTimeoutError as e:
+                        raise KafkaTimeoutError(f"{e}: {i} of {n} records queued") from None
+                    free = memory - self._buffered_bytes
+                stop = min(n, i + step_max) if free >= total else min(n, i + step_max, i + max(1, free // largest))
+                if i or stop < n:
+                    k_part = None if keys is None else keys[i:stop]
+                    v_part = values[i:stop]
+                else:
+                    k_part, v_part = keys, values
+                if partition is None:
+                    acc = ts.accs[ts.sticky]
+                    b = acc.open
+                    added = 0 if b is None else b.builder.append_many(  # type: ignore[union-attr]
+                        timestamp_ms, k_part, v_part, hdrs)
+                    if added == 0:  # the sticky batch filled up or shipped: as send() does
+                        acc = ts.accs[self._next_sticky(ts)]
+                        b = acc.open
+                        if b is not None:
+                            added = b.builder.append_many(timestamp_ms, k_part, v_part, hdrs)  # type: ignore[union-attr]
+                else:
+                    acc = ts.accs[partition]
+                    b = acc.open
+                    added = 0 if b is None else b.builder.append_many(  # type: ignore[union-attr]
+                        timestamp_ms, k_part, v_part, hdrs)
+                if added == 0:
+                    b = self._new_batch(acc, timestamp_ms)
+                    added = b.builder.append_many(timestamp_ms, k_part, v_part, hdrs)  # type: ignore[union-attr]
+                assert b is not None
+                j = i + added
+                charge = total if j == n else per_record * added + sum(lens[i:j])
+                b.charged += charge
+                self._buffered_bytes += charge
+                total -= charge
+                segments.append((b.result, b.builder.record_count - added, added))  # type: ignore[union-attr]
+                i = j
+
     def _topic_state(self, topic: str) -> _TopicState:
         """Wait for the topic's metadata: up to max_block_ms while no broker answers, and up to
         UNKNOWN_TOPIC_WAIT_MS (within max_block_ms) while brokers answer that the topic does not
@@ -588,7 +892,8 @@ class Producer:
             old.record_count = old.builder.record_count  # type: ignore[union-attr]
             acc.queue.append(old)
         now = _monotonic()
-        b = _Batch(acc, BatchBuilder(timestamp_ms, self._compression), now, now + self._delivery_timeout_s)
+        builder = BatchBuilder(timestamp_ms, self._compression, self._batch_size_bytes)
+        b = _Batch(acc, builder, now, now + self._delivery_timeout_s)
         acc.open = b
         self._incomplete[b] = None
         self._pending[acc] = None

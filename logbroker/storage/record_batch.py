@@ -51,7 +51,7 @@ from __future__ import annotations
 import os
 import struct
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import crc32c as _crc32c
@@ -322,7 +322,7 @@ def _encode_headers(headers: Headers) -> bytes:
 
 
 _NO_HEADERS: Headers = []  # handed to the C builder for records without headers; never mutated
-_C_BATCH_BYTES_MAX = (1 << 31) - 1  # the C builder's own size limit: ours are checked by the caller
+_C_BATCH_BYTES_MAX = (1 << 31) - 1  # the C builder's size limit where the caller checks its own
 # Batches whose first value is larger are built in Python: for 100 KB values the C builder (with its
 # own CRC-32C) encodes ~2.2 GB/s against Python's ~15 GB/s; for 100 B values it is ~1.6x faster.
 _C_VALUE_BYTES_MAX = 4096
@@ -336,21 +336,27 @@ class BatchBuilder:
     the first record's timestamp as baseTimestamp, so a first record stamped otherwise than
     `base_timestamp_ms` (or a negative base, its "unset" marker) switches this batch to Python, as
     does a first value above _C_VALUE_BYTES_MAX (large values are faster in Python).
+
+    `limit_bytes` bounds what `append_many` puts in the batch (its encoded, uncompressed size with
+    the header; the C builder checks it itself); `append` and `try_append` leave sizes to the caller.
     """
 
-    __slots__ = ("_buf", "_count", "_base_ts", "_max_ts", "_compression", "_c")
+    __slots__ = ("_buf", "_count", "_base_ts", "_max_ts", "_compression", "_c", "_limit")
 
-    def __init__(self, base_timestamp_ms: int, compression: int = COMPRESSION_NONE) -> None:
+    def __init__(
+        self, base_timestamp_ms: int, compression: int = COMPRESSION_NONE, limit_bytes: int = _C_BATCH_BYTES_MAX
+    ) -> None:
         self._buf = bytearray(HEADER_SIZE)
         self._count = 0
         self._base_ts = base_timestamp_ms
         self._max_ts = base_timestamp_ms
         self._compression = compression
+        self._limit = min(limit_bytes, _C_BATCH_BYTES_MAX)
         self._c: Any = None
         if compression == COMPRESSION_NONE and base_timestamp_ms >= 0:
             codec = _load_c_codec()
             if codec is not None:
-                self._c = codec[1](MAGIC, 0, 0, NO_PRODUCER_ID, -1, -1, _C_BATCH_BYTES_MAX)
+                self._c = codec[1](MAGIC, 0, 0, NO_PRODUCER_ID, -1, -1, self._limit)
 
     @property
     def record_count(self) -> int:
@@ -428,6 +434,56 @@ class BatchBuilder:
         buf += hb
         self._count = od + 1
         return od
+
+    def append_many(
+        self, timestamp_ms: int, keys: Sequence[bytes | None] | None, values: Sequence[bytes | None],
+        headers: Headers | None = None,
+    ) -> int:
+        """Append the records (keys[i], values[i]) in order, each stamped `timestamp_ms` and carrying
+        `headers`, while the batch stays within `limit_bytes` (an empty batch takes its first record
+        whatever its size); returns how many were appended. `keys` None: every key is null.
+
+        Types are the caller's to check (bytes or None): the C builder would refuse one half-way.
+        With the C builder this is one C call per record: the producer's batch path (`send_many`).
+        """
+        n = len(values)
+        if n == 0:
+            return 0
+        first = self._count
+        i = 0
+        if first == 0:  # the first record decides C or Python (see the class docstring)
+            self.append(timestamp_ms, None if keys is None else keys[0], values[0], headers)
+            i = 1
+        c = self._c
+        if c is not None:
+            od = self._count
+            app = c.append
+            hdrs = headers or _NO_HEADERS
+            if keys is None:
+                for v in values[i:] if i else values:
+                    if app(od, timestamp_ms, None, v, hdrs) is None:  # None: the batch is full
+                        break
+                    od += 1
+            else:
+                for j in range(i, n):
+                    if app(od, timestamp_ms, keys[j], values[j], hdrs) is None:
+                        break
+                    od += 1
+            self._count = od
+            return od - first
+        buf = self._buf
+        limit = self._limit
+        append = self.append
+        for j in range(i, n):
+            mark = len(buf)
+            max_ts = self._max_ts
+            append(timestamp_ms, None if keys is None else keys[j], values[j], headers)
+            if len(buf) > limit:  # over: take it back (the first record of the batch stays, above)
+                del buf[mark:]
+                self._count -= 1
+                self._max_ts = max_ts
+                break
+        return self._count - first
 
     def build(self, producer_id: int = NO_PRODUCER_ID, producer_epoch: int = -1, base_sequence: int = -1) -> bytes:
         if self._count == 0:
