@@ -338,7 +338,8 @@ class BatchBuilder:
     does a first value above _C_VALUE_BYTES_MAX (large values are faster in Python).
 
     `limit_bytes` bounds what `append_many` puts in the batch (its encoded, uncompressed size with
-    the header; the C builder checks it itself); `append` and `try_append` leave sizes to the caller.
+    the header; the C builder checks it itself). `append` and `try_append` leave sizes to the caller,
+    who keeps within `limit_bytes` (past it the C builder refuses a record: `append` raises).
     """
 
     __slots__ = ("_buf", "_count", "_base_ts", "_max_ts", "_compression", "_c", "_limit")
@@ -351,12 +352,13 @@ class BatchBuilder:
         self._base_ts = base_timestamp_ms
         self._max_ts = base_timestamp_ms
         self._compression = compression
-        self._limit = min(limit_bytes, _C_BATCH_BYTES_MAX)
+        self._limit = min(limit_bytes, _C_BATCH_BYTES_MAX - 1)
         self._c: Any = None
         if compression == COMPRESSION_NONE and base_timestamp_ms >= 0:
             codec = _load_c_codec()
             if codec is not None:
-                self._c = codec[1](MAGIC, 0, 0, NO_PRODUCER_ID, -1, -1, self._limit)
+                # the C builder keeps a batch strictly below its limit: one more keeps ours within it
+                self._c = codec[1](MAGIC, 0, 0, NO_PRODUCER_ID, -1, -1, self._limit + 1)
 
     @property
     def record_count(self) -> int:
@@ -394,7 +396,8 @@ class BatchBuilder:
         c = self._c
         if c is not None:
             if od or (timestamp_ms == self._base_ts and (value is None or len(value) <= _C_VALUE_BYTES_MAX)):
-                c.append(od, timestamp_ms, key, value, headers or _NO_HEADERS)
+                if c.append(od, timestamp_ms, key, value, headers or _NO_HEADERS) is None:
+                    raise ValueError(f"record past limit_bytes {self._limit}")  # a caller's bug
                 self._count = od + 1
                 return od
             # a first record stamped otherwise than the base (Python keeps the base), or a large value:

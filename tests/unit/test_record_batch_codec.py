@@ -141,3 +141,58 @@ def test_try_append_respects_the_limit_in_both_codecs():
             assert [(m.offset, m.key, m.timestamp) for m in msgs] == [(0, None, 7), (1, b"k", 8)]
         finally:
             rb._c_codec = C_CODEC
+
+
+many_st = st.lists(
+    st.tuples(st.one_of(st.none(), st.binary(max_size=40)), st.one_of(st.none(), st.binary(max_size=300))),
+    min_size=1,
+    max_size=60,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(many_st, st.integers(0, 5), st.integers(100, 3_000), st.booleans(), st.booleans(), st.booleans())
+def test_append_many_fills_up_to_the_limit_as_appends_would(records, already, limit, keyed, headers, c):
+    """append_many == one append per record for as many records as fit within limit_bytes (the first
+    record of an empty batch always), in the C builder and in the Python one: the same bytes."""
+    hdrs = [("h", b"x")] if headers else None
+    keys = [k for k, _ in records] if keyed else None
+    values = [v for _, v in records]
+    ctx = contextlib.nullcontext() if c else pure_python()
+    with ctx:
+        got = rb.BatchBuilder(1000, limit_bytes=limit)
+        want = rb.BatchBuilder(1000)
+        for i in range(already):  # records already in the batch, stamped otherwise
+            if got.append_many(1000 + i, [b"pre"], [b"v" * 20]):
+                want.append(1000 + i, b"pre", b"v" * 20)
+        already = got.record_count
+        added = got.append_many(1005, keys, values, hdrs)
+        fit = 0
+        for i, v in enumerate(values):
+            want.append(1005, None if keys is None else keys[i], v, hdrs)
+            if want.size_bytes > limit and want.record_count > 1:
+                break
+            fit += 1
+        assert added == fit
+        assert got.record_count == already + added
+        assert added == 0 or got.size_bytes <= limit or got.record_count == 1
+        if got.record_count:
+            ref = rb.BatchBuilder(1000)
+            for i in range(already):
+                ref.append(1000 + i, b"pre", b"v" * 20)
+            for i in range(added):
+                ref.append(1005, None if keys is None else keys[i], values[i], hdrs)
+            assert got.build() == ref.build()
+        # a full batch takes nothing more
+        if added < len(values):
+            assert got.append_many(1005, keys and keys[added:], values[added:], hdrs) == 0
+
+
+def test_append_many_keeps_a_large_first_record_and_stops_after_it():
+    for ctx in (contextlib.nullcontext(), pure_python()):
+        with ctx:
+            b = rb.BatchBuilder(7, limit_bytes=100)
+            assert b.append_many(7, [b"k", b"k"], [b"b" * 500, b"c"]) == 1
+            assert b.append_many(7, None, []) == 0
+            msgs = rb.decode_batch(b.build(), 0, rb.parse_header(b.build()), "t", 0)
+            assert [(m.offset, m.key, m.value, m.timestamp) for m in msgs] == [(0, b"k", b"b" * 500, 7)]
