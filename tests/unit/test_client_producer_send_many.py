@@ -265,13 +265,17 @@ def test_acks_zero_gives_offset_minus_one(md):
 def test_a_call_larger_than_the_buffer_waits_for_room_batch_by_batch(md):
     md.broker.hold = True
     p = Producer(md, linger_ms=0, batch_size_bytes=4_096, buffer_memory_bytes=8_192, max_block_ms=5_000)
+    buffered_while_blocked: list[int] = []
 
-    def release_later() -> None:
-        time.sleep(0.2)
+    def release_when_blocked() -> None:
+        deadline = time.monotonic() + 5
+        while p._buffer_waiters == 0 and time.monotonic() < deadline:  # send_many waits for room
+            time.sleep(0.005)
+        buffered_while_blocked.append(p.metrics["buffered_bytes"] if p._buffer_waiters else -1)
         md.broker.hold = False
         md.broker.release()
 
-    th = threading.Thread(target=release_later)
+    th = threading.Thread(target=release_when_blocked)
     th.start()
     try:
         values = [b"%04d" % i + b"x" * 96 for i in range(300)]  # ~40 KB of records, 8 KB of buffer
@@ -282,6 +286,7 @@ def test_a_call_larger_than_the_buffer_waits_for_room_batch_by_batch(md):
     finally:
         th.join()
         p.close(5)
+    assert 0 < buffered_while_blocked[0] <= 8_192
     assert [m.value for m in records_of(md, "t", 0)] == values
 
 
