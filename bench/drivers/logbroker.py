@@ -61,8 +61,10 @@ class LogbrokerProducer:
 
     def flush(self) -> None:
         self.p.flush(60)
-        while self.pending:
-            self.pending.popleft().result(60)  # raises if a record of that call failed
+        while self.pending:  # exception(), not result(): no metadata is built that nobody reads
+            error = self.pending.popleft().exception(60)
+            if error is not None and self.error is None:
+                self.error = error
         if self.error is not None:
             raise self.error
 

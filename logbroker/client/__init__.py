@@ -11,13 +11,14 @@ from logbroker.client.admin import (
 )
 from logbroker.client.consumer import Consumer
 from logbroker.client.metadata_cache import MetadataCache
-from logbroker.client.producer import FutureRecordMetadata, Producer, RecordMetadata
+from logbroker.client.producer import FutureRecordMetadata, FutureRecordsMetadata, Producer, RecordMetadata
 from logbroker.storage.record_batch import Message
 
 __all__ = [
     "Admin",
     "Consumer",
     "FutureRecordMetadata",
+    "FutureRecordsMetadata",
     "GroupDescription",
     "GroupListing",
     "GroupMemberInfo",

@@ -1,8 +1,10 @@
-"""The producer: `send()` appends to per-partition record batches; one sender thread ships them.
+"""The producer: `send()` and `send_many()` append to per-partition record batches; one sender
+thread ships them.
 
 Data flow::
 
-    send() ──> _PartitionAccumulator.open (a BatchBuilder) ──sealed──> .queue ──> sender thread
+    send() ─────┐
+    send_many() ┴> _PartitionAccumulator.open (a BatchBuilder) ──sealed──> .queue ──> sender thread
                                                                                   │ one Produce per leader
     future.result() <── _BatchResult.complete() <── response (gRPC thread) ──> .completions
 
@@ -28,9 +30,16 @@ The hot path is `send()`: one lock acquisition, one BatchBuilder.append, one sma
 Futures are `FutureRecordMetadata`: three slots pointing at the batch's shared `_BatchResult` (no
 `concurrent.futures.Future` per record). Callbacks run on the sender thread when the batch completes.
 
+The batch path is `send_many()`: the whole call is checked with C-level passes over the values
+(types, lengths), then appended batch by batch (one lock acquisition and one
+BatchBuilder.append_many per batch, one C builder call per record) and gets ONE future,
+`FutureRecordsMetadata`, holding a (batch result, first delta, count) segment per batch; the
+per-record RecordMetadata are built only if `result()` is called. ~0.15 us per 100-byte record
+against ~0.7 us for `send()`.
+
 Memory is bounded by `buffer_memory_bytes` (an upper-bound estimate of each record's encoded size is
-charged at send() and released when its batch completes); send() blocks up to `max_block_ms` when
-it is full. Requests are bounded by `max_request_bytes`, in-flight requests per broker by
+charged at send() / send_many() and released when its batch completes); both block up to
+`max_block_ms` when it is full. Requests are bounded by `max_request_bytes`, in-flight requests per broker by
 `max_in_flight_requests`, retries by `delivery_timeout_ms`.
 """
 
@@ -120,7 +129,7 @@ class _BatchResult:
         self.error: BaseException | None = None
         self.done = False
         self._event: threading.Event | None = None
-        self._callbacks: list[tuple[Callable[[Any], object], FutureRecordMetadata]] | None = None
+        self._callbacks: list[tuple[Callable[[Any], object], Any]] | None = None
 
     def wait(self, timeout: float | None) -> bool:
         if self.done:
@@ -133,7 +142,7 @@ class _BatchResult:
             event = self._event
         return event.wait(timeout)
 
-    def add_callback(self, fn: Callable[[Any], object], future: FutureRecordMetadata) -> bool:
+    def add_callback(self, fn: Callable[[Any], object], future: Any) -> bool:
         """Store the callback; False if the result is already done (the caller runs it)."""
         with _RESULT_LOCK:
             if self.done:
@@ -161,7 +170,7 @@ class _BatchResult:
                 _run_callback(fn, fut)
 
 
-def _run_callback(fn: Callable[[Any], object], fut: FutureRecordMetadata) -> None:
+def _run_callback(fn: Callable[[Any], object], fut: Any) -> None:
     try:
         fn(fut)
     except Exception:
@@ -341,13 +350,13 @@ class FutureRecordsMetadata:
                 pending[0] -= 1
                 last = pending[0] == 0
             if last:
-                _run_callback(fn, self)  # type: ignore[arg-type]
+                _run_callback(fn, self)
 
         if not results:
-            _run_callback(fn, self)  # type: ignore[arg-type]
+            _run_callback(fn, self)
             return
         for r in results:
-            if not r.add_callback(one_done, self):  # type: ignore[arg-type]
+            if not r.add_callback(one_done, self):
                 one_done(None)
 
     def __repr__(self) -> str:
@@ -684,6 +693,8 @@ class Producer:
         batches are delivered; `flush()` waits for them), the rest are not.
         """
         if values.__class__ is not list and values.__class__ is not tuple:
+            if isinstance(values, str | bytes | bytearray | memoryview):
+                raise TypeError(f"send_many() takes a sequence of values, not one {type(values).__name__}")
             values = list(values)
         n = len(values)
         if set(map(type, values)) == {bytes}:  # the fast path: C loops only
@@ -695,6 +706,8 @@ class Producer:
         ks: Sequence[bytes | None] | None = None
         if keys is not None:
             if keys.__class__ is not list and keys.__class__ is not tuple:
+                if isinstance(keys, str | bytes | bytearray | memoryview):
+                    raise TypeError(f"send_many() takes a sequence of keys, not one {type(keys).__name__}")
                 keys = list(keys)
             if len(keys) != n:
                 raise ValueError(f"send_many: {len(keys)} keys for {n} values")
@@ -1299,4 +1312,7 @@ class _FailedCall:
         fn(self)
 
 
-__all__ = ["FutureRecordMetadata", "FutureTimeoutError", "Producer", "RecordMetadata", "failed_future"]
+__all__ = [
+    "FutureRecordMetadata", "FutureRecordsMetadata", "FutureTimeoutError", "Producer", "RecordMetadata",
+    "failed_future", "failed_records_future",
+]

@@ -211,6 +211,10 @@ def test_an_invalid_record_rejects_the_whole_call(md):
         with pytest.raises(ValueError):
             p.send_many("t", [b"ok"] * 10, [b"k"] * 9)
         with pytest.raises(TypeError):
+            p.send_many("t", b"one value, not a list")  # type: ignore[arg-type]
+        with pytest.raises(TypeError):
+            p.send_many("t", ["a", "b"], "ab")
+        with pytest.raises(TypeError):
             p.send_many("t", [b"ok"], headers=[(1, b"x")])  # type: ignore[list-item]
         with pytest.raises(UnknownTopicOrPartitionError):
             p.send_many("four", [b"ok"], partition=4)
