@@ -305,6 +305,9 @@ _TWO: list[int] = [(z >> 1) ^ -(z & 1) for z in range(1 << 14)]
 # Encoding (client side)
 
 Headers = list[tuple[str, bytes | None]]
+# A consumed record's headers: immutable, the shared empty tuple when it has none (no allocation
+# per record, and records stay hashable plain data)
+RecordHeaders = tuple[tuple[str, bytes | None], ...]
 
 
 def _encode_headers(headers: Headers) -> bytes:
@@ -550,17 +553,17 @@ class Message(NamedTuple):
     offset: int
     key: bytes | None
     value: bytes | None
-    headers: Headers
+    headers: RecordHeaders
     timestamp: int
 
 
 _new_message = tuple.__new__
 
 
-def _decode_headers(buf: bytes, pos: int, count: int, end: int) -> tuple[Headers, int]:
+def _decode_headers(buf: bytes, pos: int, count: int, end: int) -> tuple[RecordHeaders, int]:
     if count < 0 or count > end - pos:
         raise CorruptMessageError(f"hostile header count {count}")
-    headers: Headers = []
+    headers: list[tuple[str, bytes | None]] = []
     for _ in range(count):
         kl, pos = decode_varint(buf, pos)
         if kl < 0 or pos + kl > end:
@@ -576,7 +579,7 @@ def _decode_headers(buf: bytes, pos: int, count: int, end: int) -> tuple[Headers
             hv = buf[pos : pos + vl]
             pos += vl
         headers.append((hk, hv))
-    return headers, pos
+    return tuple(headers), pos
 
 
 def iter_batches(buf: bytes | memoryview) -> Iterator[tuple[BatchHeader, int]]:
@@ -651,7 +654,7 @@ def decode_batch(
     cls = Message
     out: list[Message] = []
     append = out.append
-    headers: Headers
+    headers: RecordHeaders
     try:
         for _ in range(h.record_count):
             # length
@@ -729,7 +732,7 @@ def decode_batch(
             b = data[p]
             p += 1
             if b == 0:
-                headers = []
+                headers = ()
             else:
                 if b >= 0x80:
                     b, p = decode_varint(data, p - 1)
@@ -765,13 +768,13 @@ def _decode_batch_c(
         # reader's timestamp is None for a stamp of -1 (its "no timestamp"); ours stays -1
         if skip <= 0:
             return [
-                new(cls, (topic, partition, r.offset, r.key, r.value, r.headers,
+                new(cls, (topic, partition, r.offset, r.key, r.value, tuple(h) if (h := r.headers) else (),
                           -1 if (t := r.timestamp) is None else t))
                 for r in records
             ]
         base = records.base_offset
         return [
-            new(cls, (topic, partition, r.offset, r.key, r.value, r.headers,
+            new(cls, (topic, partition, r.offset, r.key, r.value, tuple(h) if (h := r.headers) else (),
                       -1 if (t := r.timestamp) is None else t))
             for r in records if r.offset - base >= skip
         ]

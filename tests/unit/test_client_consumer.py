@@ -70,7 +70,7 @@ def test_messages_are_record_batch_messages(md):
         p.send("t", b"v", key=b"k", headers=[("h", b"1")], timestamp_ms=42).result(5)
     with Consumer(md, ["t"]) as c:
         (m,) = consume(c, 1)
-    assert m == Message("t", 0, 0, b"k", b"v", [("h", b"1")], 42)
+    assert m == Message("t", 0, 0, b"k", b"v", (("h", b"1"),), 42)
 
 
 def test_max_records_bounds_each_poll(md):

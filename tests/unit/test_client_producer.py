@@ -205,9 +205,9 @@ def test_str_values_keys_and_headers_are_encoded(md):
     assert meta == RecordMetadata("t", 0, 0, 1234)
     msgs = records_of(md, "t", 0)
     assert (msgs[0].key, msgs[0].value, msgs[0].headers, msgs[0].timestamp) == (
-        b"k", "héllo".encode(), [("h", b"x"), ("n", None)], 1234)
+        b"k", "héllo".encode(), (("h", b"x"), ("n", None)), 1234)
     assert msgs[1].value is None and msgs[1].key == b"tombstone"
-    assert msgs[2].value == b"ba" and msgs[2].headers == [("d", b"1")]
+    assert msgs[2].value == b"ba" and msgs[2].headers == (("d", b"1"),)
 
 
 def test_bad_types_raise(md):

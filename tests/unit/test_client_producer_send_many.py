@@ -199,7 +199,7 @@ def test_str_none_headers_partition_and_timestamp(md):
     msgs = records_of(md, "four", 2)
     assert [(m.key, m.value, m.timestamp) for m in msgs] == [
         (b"k", "héllo".encode(), 1234), (None, None, 1234), (b"k2", b"ba", 1234), (b"k3", b"mv", 1234)]
-    assert all(m.headers == [("h", b"x"), ("n", None)] for m in msgs)
+    assert all(m.headers == (("h", b"x"), ("n", None)) for m in msgs)
 
 
 def test_an_invalid_record_rejects_the_whole_call(md):

@@ -124,7 +124,7 @@ def test_minus_one_timestamp_and_non_utf8_header_key():
     data = bytearray(body.replace(b"ab", b"\xffb"))
     struct.pack_into(">I", data, 17, rb.crc32c(memoryview(data)[21:]))
     msgs = _decoded(bytes(data), 0)
-    assert isinstance(msgs, list) and msgs[0].headers == [("\ufffdb", b"x")]
+    assert isinstance(msgs, list) and msgs[0].headers == (("\ufffdb", b"x"),)
 
 
 def test_try_append_respects_the_limit_in_both_codecs():
