@@ -174,6 +174,7 @@ class _FetchCall(NamedTuple):
     address: str
     future: Any  # grpc.Future
     parts: dict[TopicPartition, tuple[_PartitionState, int, int]]  # -> (state, epoch, fetch_offset)
+    lane: int  # which of the broker's fetch streams carries it
 
 
 class _AsyncCommit(NamedTuple):
@@ -866,7 +867,9 @@ class Consumer:
             parts[(st.topic, st.partition)] = (st, st.epoch, st.fetch_offset)
             st.in_flight = True
         try:
-            future = self._metadata.broker_stub(address).Fetch.future(request, timeout=self._fetch_timeout_s)
+            busy = {c.lane for c in self._in_flight if c.address == address}
+            lane = next(i for i in range(FETCHES_IN_FLIGHT_PER_BROKER) if i not in busy)
+            future = self._metadata.fetch_call(address, request, self._fetch_timeout_s, lane)
         except Exception as e:
             for st in states:
                 st.in_flight = False
@@ -874,7 +877,7 @@ class Consumer:
             self._metadata_stale = True
             self._log.warning(f"fetch {address}", "Fetch to %s could not start: %s", address, e)
             return
-        self._in_flight.append(_FetchCall(address, future, parts))
+        self._in_flight.append(_FetchCall(address, future, parts, lane))
         self._in_flight_per_broker[address] = self._in_flight_per_broker.get(address, 0) + 1
         future.add_done_callback(self._on_fetch_done)
 

@@ -1156,7 +1156,7 @@ class Producer:
         ]
         request = pb.ProduceRequest(acks=self._acks, timeout_ms=self._request_timeout_ms, partitions=parts)
         try:
-            future = self._metadata.broker_stub(address).Produce.future(request, timeout=self._rpc_timeout_s)
+            future = self._metadata.produce_call(address, request, self._rpc_timeout_s)  # on its stream
         except Exception as e:  # a closed channel, a serialization bug
             future = _FailedCall(e)
         call = _InFlight(address, batches, future)

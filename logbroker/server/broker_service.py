@@ -7,6 +7,9 @@ Produce appends on the leader (NOT_LEADER_OR_FOLLOWER elsewhere); acks=all then 
 partitions at once in the replica manager's produce purgatory. Fetch reads consumers up to the high
 watermark and followers (replica_id >= 0, not this broker) up to the log end offset, recording
 their progress; it long-polls in the fetch purgatory, which appends and high-watermark moves wake.
+
+ProduceStream and FetchStream run the same two handlers per stream message (rpc.stream_method):
+responses in request order, a refused request ends the stream with the unary call's status.
 """
 
 from __future__ import annotations
@@ -307,6 +310,8 @@ def handler(broker: Broker) -> grpc.GenericRpcHandler:
         {
             "Produce": rpc.method(pb.ProduceRequest, svc.produce),
             "Fetch": rpc.method(pb.FetchRequest, svc.fetch),
+            "ProduceStream": rpc.stream_method(pb.ProduceRequest, svc.produce),
+            "FetchStream": rpc.stream_method(pb.FetchRequest, svc.fetch),
             "ListOffsets": rpc.method(pb.ListOffsetsRequest, svc.list_offsets),
             "Metadata": rpc.method(pb.MetadataRequest, svc.metadata),
             "OffsetCommit": rpc.method(pb.OffsetCommitRequest, svc.offset_commit),

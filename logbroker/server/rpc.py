@@ -8,8 +8,9 @@ per-partition `ErrorCode`s inside an OK response.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -52,6 +53,61 @@ def method(request_cls: type[M], fn: Callable[[M, grpc.aio.ServicerContext], Awa
         return response.SerializeToString()
 
     return grpc.unary_unary_rpc_method_handler(handle, request_deserializer=None, response_serializer=None)
+
+
+# Requests of one stream handled at once; the stream is not read further until the oldest is answered
+# (HTTP/2 flow control then holds the client back).
+STREAM_PIPELINE_MAX = 32
+
+
+def stream_method(request_cls: type[M], fn: Callable[[M, grpc.aio.ServicerContext], Awaitable[Message | bytes]],
+                  pipeline_max: int = STREAM_PIPELINE_MAX) -> Any:
+    """A bidirectional stream answering each request as `method(request_cls, fn)` would, in request order.
+
+    Each request becomes a task as soon as it is read (asyncio starts tasks in creation order, so
+    the synchronous part of `fn`, e.g. a produce's appends, runs in request order); up to
+    `pipeline_max` run at once. Their responses are written in request order. A malformed request
+    or a `RequestRejected` ends the stream with its status after the responses before it; the
+    tasks after it are cancelled.
+    """
+
+    async def handle(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
+        space = asyncio.Semaphore(pipeline_max)
+        queue: asyncio.Queue[asyncio.Future[Message | bytes] | RequestRejected | None] = asyncio.Queue()
+
+        async def read() -> None:
+            try:
+                async for raw in requests:
+                    await space.acquire()
+                    queue.put_nowait(asyncio.ensure_future(fn(parse(request_cls, raw), context)))
+            except RequestRejected as exc:
+                queue.put_nowait(exc)
+                return
+            queue.put_nowait(None)  # the client closed its side: end after the last response
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while True:
+                item = await queue.get()
+                if item is None:
+                    return
+                if isinstance(item, RequestRejected):
+                    await context.abort(item.status, item.message)
+                    return
+                try:
+                    response = await item
+                except RequestRejected as exc:
+                    await context.abort(exc.status, exc.message)
+                await context.write(response if isinstance(response, bytes) else response.SerializeToString())
+                space.release()
+        finally:
+            reader.cancel()
+            while not queue.empty():
+                left = queue.get_nowait()
+                if isinstance(left, asyncio.Future):
+                    left.cancel()
+
+    return grpc.stream_stream_rpc_method_handler(handle, request_deserializer=None, response_serializer=None)
 
 
 def service(name: str, methods: dict[str, Any]) -> grpc.GenericRpcHandler:

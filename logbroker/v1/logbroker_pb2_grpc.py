@@ -288,6 +288,16 @@ class BrokerStub:
                 request_serializer=logbroker_dot_v1_dot_logbroker__pb2.FetchRequest.SerializeToString,
                 response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.FetchResponse.FromString,
                 _registered_method=True)
+        self.ProduceStream = channel.stream_stream(
+                '/logbroker.v1.Broker/ProduceStream',
+                request_serializer=logbroker_dot_v1_dot_logbroker__pb2.ProduceRequest.SerializeToString,
+                response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.ProduceResponse.FromString,
+                _registered_method=True)
+        self.FetchStream = channel.stream_stream(
+                '/logbroker.v1.Broker/FetchStream',
+                request_serializer=logbroker_dot_v1_dot_logbroker__pb2.FetchRequest.SerializeToString,
+                response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.FetchResponse.FromString,
+                _registered_method=True)
         self.ListOffsets = channel.unary_unary(
                 '/logbroker.v1.Broker/ListOffsets',
                 request_serializer=logbroker_dot_v1_dot_logbroker__pb2.ListOffsetsRequest.SerializeToString,
@@ -330,6 +340,26 @@ class BrokerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Fetch(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ProduceStream(self, request_iterator, context):
+        """The same calls as open bidirectional streams, for clients that keep one per broker: each
+        request gets exactly the response (and the per-partition errors) its unary call would, and
+        responses come back in request order (requests may be pipelined; the broker handles at most
+        32 of one stream at once and reads no further until one is answered). Message size limits
+        are the unary ones, per message. A request the unary call would refuse with a status
+        (malformed, over a bound, broker not ready) ends the stream with that status, after the
+        responses to the requests before it; the requests after it get no response. Appends of one
+        ProduceStream happen in request order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FetchStream(self, request_iterator, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -381,6 +411,16 @@ def add_BrokerServicer_to_server(servicer, server):
             ),
             'Fetch': grpc.unary_unary_rpc_method_handler(
                     servicer.Fetch,
+                    request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.FetchRequest.FromString,
+                    response_serializer=logbroker_dot_v1_dot_logbroker__pb2.FetchResponse.SerializeToString,
+            ),
+            'ProduceStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ProduceStream,
+                    request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.ProduceRequest.FromString,
+                    response_serializer=logbroker_dot_v1_dot_logbroker__pb2.ProduceResponse.SerializeToString,
+            ),
+            'FetchStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.FetchStream,
                     request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.FetchRequest.FromString,
                     response_serializer=logbroker_dot_v1_dot_logbroker__pb2.FetchResponse.SerializeToString,
             ),
@@ -467,6 +507,60 @@ class Broker:
             request,
             target,
             '/logbroker.v1.Broker/Fetch',
+            logbroker_dot_v1_dot_logbroker__pb2.FetchRequest.SerializeToString,
+            logbroker_dot_v1_dot_logbroker__pb2.FetchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ProduceStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/logbroker.v1.Broker/ProduceStream',
+            logbroker_dot_v1_dot_logbroker__pb2.ProduceRequest.SerializeToString,
+            logbroker_dot_v1_dot_logbroker__pb2.ProduceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/logbroker.v1.Broker/FetchStream',
             logbroker_dot_v1_dot_logbroker__pb2.FetchRequest.SerializeToString,
             logbroker_dot_v1_dot_logbroker__pb2.FetchResponse.FromString,
             options,

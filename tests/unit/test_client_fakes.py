@@ -260,7 +260,7 @@ class FakeMetadata(MetadataCache):
 
     def __init__(self, topics: dict[str, int], leaders: dict[tuple[str, int], int] | None = None,
                  brokers: int = 1) -> None:
-        super().__init__("fake:9092", retries=0)
+        super().__init__("fake:9092", retries=0, streams=False)  # the fakes answer unary calls
         self.topic_partitions = dict(topics)
         self.leaders = dict(leaders or {})
         self.fakes = {f"broker{i}:9092": FakeBroker() for i in range(brokers)}

@@ -1,0 +1,319 @@
+"""Client side of `Broker.ProduceStream` and `Broker.FetchStream`: one open call per (broker, lane).
+
+A request on an open stream costs a message, not a call: measured here, a unary round trip p50
+0.36 ms against 0.15 ms for a message on a stream. Producer and consumer keep one stream per
+broker they talk to (the consumer one per fetch lane, since a long-polling fetch holds its stream)
+and use `send()` as they used `stub.Method.future()`: it returns a `StreamFuture` with the same
+`result()`, `done()` and `add_done_callback()`, which raises a `grpc.RpcError` on failure.
+
+    send(request) ─> pending (FIFO) + request queue ─> gRPC's request thread ─> broker
+    reader thread <─ responses, in request order ─> pending.popleft().complete(response) ─> callbacks
+
+A stream that fails (the broker went away or ended it with a status, a request timed out, a
+response with nothing pending) fails every request still pending on it with that status and is
+dropped; the next `send()` opens a new one. A broker without the stream methods (UNIMPLEMENTED)
+gets unary calls from then on: the requests pending on the stream are re-sent as unary calls.
+
+Per-request timeouts: one watchdog thread per `BrokerStreams` wakes at the oldest pending
+request's deadline and ends that stream with DEADLINE_EXCEEDED.
+
+Threads per stream: gRPC's request-consuming thread and our reader; callbacks run on the reader.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+from google.protobuf.message import Message
+
+log = logging.getLogger(__name__)
+
+PRODUCE_STREAM = "/logbroker.v1.Broker/ProduceStream"
+FETCH_STREAM = "/logbroker.v1.Broker/FetchStream"
+# Requests pending on one stream; send() beyond it fails at once (RESOURCE_EXHAUSTED): the callers
+# bound their in-flight requests far below it.
+STREAM_PENDING_MAX = 1024
+
+
+class StreamError(grpc.RpcError):
+    """A stream's failure, as each request pending on it sees it (code() and details() as grpc's)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self._code = code
+        self._details = details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+class StreamFuture:
+    """The outcome of one request on a stream; the subset of grpc.Future the clients use."""
+
+    __slots__ = ("_callbacks", "_done", "_error", "_lock", "_response", "deadline", "request")
+
+    def __init__(self, request: Message, deadline: float) -> None:
+        self.request: Message | None = request  # kept for a unary re-send; dropped once done
+        self.deadline = deadline
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._response: Any = None
+        self._error: grpc.RpcError | None = None
+        self._callbacks: list[Callable[[StreamFuture], object]] = []
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def result(self, timeout: float | None = None) -> Any:
+        if not self._done.wait(timeout):
+            raise StreamError(grpc.StatusCode.DEADLINE_EXCEEDED, "no response yet")
+        if self._error is not None:
+            raise self._error
+        return self._response
+
+    def cancel(self) -> bool:
+        """Stop waiting for the response (the stream stays open; the response is dropped)."""
+        self.complete(None, StreamError(grpc.StatusCode.CANCELLED, "cancelled"))
+        return True
+
+    def add_done_callback(self, fn: Callable[[StreamFuture], object]) -> None:
+        with self._lock:
+            if not self._done.is_set():
+                self._callbacks.append(fn)
+                return
+        fn(self)
+
+    def complete(self, response: Any, error: grpc.RpcError | None) -> None:
+        with self._lock:
+            if self._done.is_set():
+                return
+            self._response, self._error = response, error
+            self.request = None
+            self._done.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            try:
+                fn(self)
+            except Exception:
+                log.exception("stream future callback failed")
+
+
+class _Stream:
+    """One open bidirectional call; requests answered in order."""
+
+    def __init__(self, owner: BrokerStreams, key: tuple[str, str, int], channel: grpc.Channel,
+                 response_cls: type[Message]) -> None:
+        self._owner = owner
+        self.key = key
+        self._lock = threading.Lock()
+        self.pending: deque[StreamFuture] = deque()
+        self._requests: queue.SimpleQueue[Message | None] = queue.SimpleQueue()
+        self.closed = False
+        multi = channel.stream_stream(key[0], request_serializer=_serialize,
+                                      response_deserializer=response_cls.FromString)
+        self._call = multi(self._request_iterator())
+        self._reader = threading.Thread(target=self._read, name=f"logbroker-stream-{key[1]}", daemon=True)
+        self._reader.start()
+
+    def send(self, request: Message, deadline: float) -> StreamFuture | None:
+        """Queue `request`; None when this stream is closed (the caller opens another)."""
+        fut = StreamFuture(request, deadline)
+        with self._lock:
+            if self.closed:
+                return None
+            if len(self.pending) >= STREAM_PENDING_MAX:
+                fut.complete(None, StreamError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                               f"{STREAM_PENDING_MAX} requests pending on one stream"))
+                return fut
+            self.pending.append(fut)
+            self._requests.put(request)  # under the lock: queue order == pending order
+        return fut
+
+    def head_deadline(self) -> float | None:
+        with self._lock:
+            return self.pending[0].deadline if self.pending else None
+
+    def _request_iterator(self) -> Iterator[Message]:
+        while True:
+            request = self._requests.get()
+            if request is None:
+                return
+            yield request
+
+    def _read(self) -> None:
+        try:
+            for response in self._call:
+                with self._lock:
+                    fut = self.pending.popleft() if self.pending else None
+                if fut is None:
+                    self.fail(StreamError(grpc.StatusCode.INTERNAL, "a stream response with no request pending"))
+                    return
+                fut.complete(response, None)
+            self.fail(StreamError(grpc.StatusCode.UNAVAILABLE, "the broker ended the stream"))
+        except grpc.RpcError as e:
+            code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
+            details = e.details() if hasattr(e, "details") else str(e)
+            self.fail(StreamError(code, details or str(code)))
+        except Exception as e:  # a response that does not parse
+            self.fail(StreamError(grpc.StatusCode.INTERNAL, f"stream failed: {e!r}"))
+
+    def fail(self, error: StreamError) -> None:
+        """End the stream; every pending request fails with `error` (or goes unary, see module doc)."""
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            failed = list(self.pending)
+            self.pending.clear()
+            self._requests.put(None)
+        self._owner.forget(self, error)
+        self._call.cancel()
+        if error.code() == grpc.StatusCode.UNIMPLEMENTED and self._owner.resend_unary(self.key, failed):
+            return
+        for fut in failed:
+            fut.complete(None, error)
+
+
+def _serialize(message: Message) -> bytes:
+    return message.SerializeToString()
+
+
+class BrokerStreams:
+    """The open streams of one client (one per method, broker address and lane), and their watchdog."""
+
+    def __init__(self, channel_for: Callable[[str], grpc.Channel],
+                 unary_for: Callable[[str, str], Callable[..., Any]]) -> None:
+        self._channel_for = channel_for
+        self._unary_for = unary_for  # (method path, address) -> the unary multi-callable's .future
+        self._lock = threading.Condition()
+        self._streams: dict[tuple[str, str, int], _Stream] = {}
+        self._unary_only: set[str] = set()  # addresses that answered UNIMPLEMENTED
+        self._watchdog: threading.Thread | None = None
+        self._watch_at: float | None = None  # when the watchdog wakes (None: idle or not started)
+        self._closed = False
+
+    def send(self, method: str, response_cls: type[Message], address: str, request: Message,
+             timeout_s: float, lane: int = 0) -> Any:
+        """Send `request` on the (method, address, lane) stream, opening it if needed; a future."""
+        deadline = time.monotonic() + timeout_s
+        key = (method, address, lane)
+        for _ in range(2):  # a stream that closed under us: one new one
+            with self._lock:
+                if self._closed:
+                    return _failed(request, grpc.StatusCode.CANCELLED, "client is closed")
+                if address in self._unary_only:
+                    return self._unary_for(method, address)(request, timeout=timeout_s)
+                stream = self._streams.get(key)
+            if stream is None:
+                try:
+                    channel = self._channel_for(address)
+                    stream = _Stream(self, key, channel, response_cls)
+                except Exception as e:  # a closed channel
+                    return _failed(request, grpc.StatusCode.UNAVAILABLE, f"cannot open a stream to {address}: {e}")
+                with self._lock:
+                    if self._closed or key in self._streams:
+                        other = self._streams.get(key)
+                        stream.fail(StreamError(grpc.StatusCode.CANCELLED, "superseded"))
+                        if other is None:
+                            return _failed(request, grpc.StatusCode.CANCELLED, "client is closed")
+                        stream = other
+                    else:
+                        self._streams[key] = stream
+            fut = stream.send(request, deadline)
+            if fut is not None:
+                self._arm(deadline)
+                return fut
+        return _failed(request, grpc.StatusCode.UNAVAILABLE, f"the stream to {address} keeps closing")
+
+    def forget(self, stream: _Stream, error: StreamError) -> None:
+        with self._lock:
+            if self._streams.get(stream.key) is stream:
+                del self._streams[stream.key]
+            if error.code() == grpc.StatusCode.UNIMPLEMENTED:
+                if stream.key[1] not in self._unary_only:
+                    log.info("broker %s has no stream methods: using unary calls", stream.key[1])
+                self._unary_only.add(stream.key[1])
+
+    def resend_unary(self, key: tuple[str, str, int], failed: list[StreamFuture]) -> bool:
+        """Re-send the requests of a stream the broker does not implement as unary calls."""
+        method, address, _ = key
+        try:
+            call = self._unary_for(method, address)
+        except Exception:
+            return False
+        for fut in failed:
+            request = fut.request
+            if request is None:
+                continue
+            remaining_s = max(fut.deadline - time.monotonic(), 0.001)
+            inner = call(request, timeout=remaining_s)
+            inner.add_done_callback(lambda f, fut=fut: _copy_outcome(f, fut))
+        return True
+
+    def _arm(self, deadline: float) -> None:
+        with self._lock:
+            if self._watchdog is None and not self._closed:
+                self._watchdog = threading.Thread(target=self._watch, name="logbroker-stream-watchdog", daemon=True)
+                self._watchdog.start()
+            elif self._watch_at is None or deadline < self._watch_at:
+                self._lock.notify()
+
+    def _watch(self) -> None:
+        """End streams whose oldest pending request is past its deadline."""
+        while True:
+            with self._lock:
+                if self._closed:
+                    return
+                streams = list(self._streams.values())
+            now = time.monotonic()
+            wake: float | None = None
+            for stream in streams:
+                deadline = stream.head_deadline()
+                if deadline is None:
+                    continue
+                if deadline <= now:
+                    stream.fail(StreamError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                            f"no response from {stream.key[1]} within the request timeout"))
+                elif wake is None or deadline < wake:
+                    wake = deadline
+            with self._lock:
+                if self._closed:
+                    return
+                self._watch_at = wake
+                self._lock.wait(None if wake is None else wake - time.monotonic())
+                self._watch_at = None
+
+    def close(self) -> None:
+        """End every stream (their pending requests fail with CANCELLED) and the watchdog."""
+        with self._lock:
+            self._closed = True
+            streams = list(self._streams.values())
+            self._streams.clear()
+            self._lock.notify_all()
+        for stream in streams:
+            stream.fail(StreamError(grpc.StatusCode.CANCELLED, "client closed"))
+
+
+def _copy_outcome(unary: Any, fut: StreamFuture) -> None:
+    try:
+        fut.complete(unary.result(), None)
+    except grpc.RpcError as e:
+        fut.complete(None, e)
+    except Exception as e:
+        fut.complete(None, StreamError(grpc.StatusCode.UNKNOWN, repr(e)))
+
+
+def _failed(request: Message, code: grpc.StatusCode, details: str) -> StreamFuture:
+    fut = StreamFuture(request, 0.0)
+    fut.complete(None, StreamError(code, details))
+    return fut
