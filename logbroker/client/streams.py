@@ -214,6 +214,9 @@ class BrokerStreams:
                 if address in self._unary_only:
                     return self._unary_for(method, address)(request, timeout=timeout_s)
                 stream = self._streams.get(key)
+                if stream is not None and stream.closed:  # it failed before it was registered
+                    del self._streams[key]
+                    stream = None
             if stream is None:
                 try:
                     channel = self._channel_for(address)
