@@ -1,0 +1,146 @@
+"""logbroker/client/streams.py against small in-process gRPC servers (127.0.0.1, port 0)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from typing import Any
+
+import grpc
+import pytest
+
+from logbroker.client.streams import PRODUCE_STREAM, BrokerStreams, StreamError
+from logbroker.v1 import logbroker_pb2 as pb
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def _response(req: pb.ProduceRequest, base: int) -> pb.ProduceResponse:
+    return pb.ProduceResponse(results=[pb.ProducePartitionResult(
+        topic=req.partitions[0].topic, partition=req.partitions[0].partition, base_offset=base)])
+
+
+class Server:
+    """A Broker with only the methods given (raw bytes handlers)."""
+
+    def __init__(self, methods: dict[str, Any]) -> None:
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("logbroker.v1.Broker", methods),))
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+        self.address = f"127.0.0.1:{self.port}"
+
+    def streams(self) -> BrokerStreams:
+        def unary_for(method: str, address: str) -> Callable[..., Any]:
+            name = method.rsplit("/", 1)[1].removesuffix("Stream")
+            return self.channel.unary_unary(f"/logbroker.v1.Broker/{name}",
+                                            request_serializer=pb.ProduceRequest.SerializeToString,
+                                            response_deserializer=pb.ProduceResponse.FromString).future
+        return BrokerStreams(lambda _address: self.channel, unary_for)
+
+    def close(self) -> None:
+        self.channel.close()
+        self.server.stop(0)
+
+
+def req(i: int) -> pb.ProduceRequest:
+    return pb.ProduceRequest(acks=1, partitions=[pb.ProducePartition(topic="t", partition=i)])
+
+
+def test_pipelined_requests_are_matched_to_responses_in_order_on_one_stream():
+    opened = []
+
+    def stream(requests: Iterator[bytes], context: Any) -> Iterator[bytes]:
+        opened.append(1)
+        for n, raw in enumerate(requests):
+            yield _response(pb.ProduceRequest.FromString(raw), n).SerializeToString()
+
+    srv = Server({"ProduceStream": grpc.stream_stream_rpc_method_handler(stream)})
+    streams = srv.streams()
+    try:
+        futs = [streams.send(PRODUCE_STREAM, pb.ProduceResponse, srv.address, req(i), 10) for i in range(200)]
+        results = [f.result(10) for f in futs]
+        assert [r.results[0].partition for r in results] == list(range(200))
+        assert [r.results[0].base_offset for r in results] == list(range(200))
+        assert opened == [1]  # one stream carried them all
+    finally:
+        streams.close()
+        srv.close()
+
+
+def test_a_broker_without_the_stream_method_gets_unary_calls_with_the_pending_requests_resent():
+    unary_calls = []
+
+    def produce(raw: bytes, context: Any) -> bytes:
+        r = pb.ProduceRequest.FromString(raw)
+        unary_calls.append(r.partitions[0].partition)
+        return _response(r, 7).SerializeToString()
+
+    srv = Server({"Produce": grpc.unary_unary_rpc_method_handler(produce)})
+    streams = srv.streams()
+    try:
+        futs = [streams.send(PRODUCE_STREAM, pb.ProduceResponse, srv.address, req(i), 10) for i in range(5)]
+        assert [f.result(10).results[0].partition for f in futs] == list(range(5))
+        later = streams.send(PRODUCE_STREAM, pb.ProduceResponse, srv.address, req(9), 10)
+        assert later.result(10).results[0].base_offset == 7
+        assert sorted(unary_calls) == [0, 1, 2, 3, 4, 9]
+    finally:
+        streams.close()
+        srv.close()
+
+
+def test_a_request_without_a_response_by_its_deadline_fails_the_stream_and_a_new_one_opens():
+    release = threading.Event()
+    opened = []
+
+    def stream(requests: Iterator[bytes], context: Any) -> Iterator[bytes]:
+        opened.append(1)
+        for raw in requests:
+            r = pb.ProduceRequest.FromString(raw)
+            if r.partitions[0].partition == 0:
+                release.wait(20)  # hangs: the client's deadline passes first
+                return
+            yield _response(r, 1).SerializeToString()
+
+    srv = Server({"ProduceStream": grpc.stream_stream_rpc_method_handler(stream)})
+    streams = srv.streams()
+    try:
+        t0 = time.monotonic()
+        hung = streams.send(PRODUCE_STREAM, pb.ProduceResponse, srv.address, req(0), 0.3)
+        behind = streams.send(PRODUCE_STREAM, pb.ProduceResponse, srv.address, req(1), 10)
+        for f in (hung, behind):
+            with pytest.raises(StreamError) as info:
+                f.result(10)
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert time.monotonic() - t0 < 5
+        again = streams.send(PRODUCE_STREAM, pb.ProduceResponse, srv.address, req(2), 10)
+        assert again.result(10).results[0].partition == 2
+        assert len(opened) == 2
+    finally:
+        release.set()
+        streams.close()
+        srv.close()
+
+
+def test_close_fails_pending_requests_and_later_sends():
+    def stream(requests: Iterator[bytes], context: Any) -> Iterator[bytes]:
+        for _ in requests:
+            pass  # never answers
+        return iter(())
+
+    srv = Server({"ProduceStream": grpc.stream_stream_rpc_method_handler(stream)})
+    streams = srv.streams()
+    try:
+        pending = streams.send(PRODUCE_STREAM, pb.ProduceResponse, srv.address, req(0), 10)
+        streams.close()
+        with pytest.raises(StreamError) as info:
+            pending.result(5)
+        assert info.value.code() == grpc.StatusCode.CANCELLED
+        after = streams.send(PRODUCE_STREAM, pb.ProduceResponse, srv.address, req(1), 10)
+        with pytest.raises(StreamError):
+            after.result(1)
+    finally:
+        srv.close()
