@@ -76,7 +76,7 @@ class StreamFuture:
 
     def result(self, timeout: float | None = None) -> Any:
         if not self._done.wait(timeout):
-            raise StreamError(grpc.StatusCode.DEADLINE_EXCEEDED, "no response yet")
+            raise grpc.FutureTimeoutError()
         if self._error is not None:
             raise self._error
         return self._response

@@ -352,8 +352,8 @@ class BrokerServicer:
         32 of one stream at once and reads no further until one is answered). Message size limits
         are the unary ones, per message. A request the unary call would refuse with a status
         (malformed, over a bound, broker not ready) ends the stream with that status, after the
-        responses to the requests before it; the requests after it get no response. Appends of one
-        ProduceStream happen in request order.
+        responses to the requests before it; the requests after it get no response (pipelined ones
+        may have been handled already). Appends of one ProduceStream happen in request order.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
