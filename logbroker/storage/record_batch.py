@@ -765,14 +765,9 @@ def _decode_batch_c(
     cls = Message
     try:
         records = reader(memoryview(buf)[pos : pos + size])
-        # reader's timestamp is None for a stamp of -1 (its "no timestamp"); ours stays -1
-        if skip <= 0:
-            return [
-                new(cls, (topic, partition, r.offset, r.key, r.value, tuple(h) if (h := r.headers) else (),
-                          -1 if (t := r.timestamp) is None else t))
-                for r in records
-            ]
         base = records.base_offset
+        # reader's timestamp is None for a stamp of -1 (its "no timestamp"); ours stays -1. The
+        # skip filter applies even when skip <= 0: a crafted batch may carry negative offset deltas
         return [
             new(cls, (topic, partition, r.offset, r.key, r.value, tuple(h) if (h := r.headers) else (),
                       -1 if (t := r.timestamp) is None else t))

@@ -408,3 +408,17 @@ def test_switch_off_with_environment():
             "import sys; sys.exit(0 if rb._decode_records is None else 1)")
     env = {**os.environ, "LOGBROKER_NO_EXT": "1"}
     assert subprocess.run([sys.executable, "-c", code], env=env, timeout=60).returncode == 0
+
+
+def test_aiokafka_fallback_filters_negative_offset_deltas():
+    """Where the extension is not built, aiokafka's reader decodes; a crafted batch whose offset
+    deltas go below zero must not hand out offsets below the one asked for."""
+    codec = rb._load_c_codec()
+    if codec is None:
+        pytest.skip("aiokafka's C reader is not installed")
+    data = batch(record(0, -3, None, b"early", []) + record(0, 0, None, b"v", []) + record(0, 1, None, b"w", []), 3)
+    want = reference(data, 1000)
+    with decoders(None, codec):
+        got = rb.decode_batch(data, 0, rb.parse_header(data), "t", 3, 1000)
+    assert got == want
+    assert [m.value for m in got] == [b"v", b"w"]
