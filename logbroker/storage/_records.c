@@ -413,6 +413,11 @@ decode_records(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "message_cls must be a tuple subclass without extra slots");
         return NULL;
     }
+    if (!PyUnicode_CheckExact(args[3]) || !PyLong_CheckExact(args[4])) {
+        /* an untracked message must hold nothing that could refer back to it */
+        PyErr_SetString(PyExc_TypeError, "topic must be a str and partition an int");
+        return NULL;
+    }
     Py_ssize_t pos = PyLong_AsSsize_t(args[1]);
     if (pos == -1 && PyErr_Occurred()) {
         return NULL;

@@ -422,3 +422,14 @@ def test_aiokafka_fallback_filters_negative_offset_deltas():
         got = rb.decode_batch(data, 0, rb.parse_header(data), "t", 3, 1000)
     assert got == want
     assert [m.value for m in got] == [b"v", b"w"]
+
+
+def test_topic_and_partition_must_be_plain_str_and_int():
+    data = batch(record(0, 0, None, b"v", []), 1)
+
+    class Topic(str):
+        pass
+
+    for topic, partition in ((Topic("t"), 3), (["t"], 3), ("t", True), ("t", 3.0)):
+        with pytest.raises(TypeError):
+            decode_ext(data, 0, len(data), topic, partition, 0, rb.Message)
