@@ -200,6 +200,9 @@ class BrokerStreams:
         self._unary_only: set[str] = set()  # addresses that answered UNIMPLEMENTED
         self._watchdog: threading.Thread | None = None
         self._watch_at: float | None = None  # when the watchdog wakes (None: idle or not started)
+        # Bumped by every _arm() under _lock: the watchdog rescans instead of waiting when a request
+        # arrived during its (unlocked) scan, whose notify() found nobody waiting.
+        self._arm_gen = 0
         self._closed = False
 
     def send(self, method: str, response_cls: type[Message], address: str, request: Message,
@@ -265,6 +268,7 @@ class BrokerStreams:
 
     def _arm(self, deadline: float) -> None:
         with self._lock:
+            self._arm_gen += 1
             if self._watchdog is None and not self._closed:
                 self._watchdog = threading.Thread(target=self._watch, name="logbroker-stream-watchdog", daemon=True)
                 self._watchdog.start()
@@ -278,6 +282,7 @@ class BrokerStreams:
                 if self._closed:
                     return
                 streams = list(self._streams.values())
+                seen_gen = self._arm_gen
             now = time.monotonic()
             wake: float | None = None
             for stream in streams:
@@ -292,6 +297,8 @@ class BrokerStreams:
             with self._lock:
                 if self._closed:
                     return
+                if self._arm_gen != seen_gen:  # a send() during the scan: its deadline is not in `wake`
+                    continue
                 self._watch_at = wake
                 self._lock.wait(None if wake is None else wake - time.monotonic())
                 self._watch_at = None

@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 import pytest
 
+from logbroker.client import streams as streams_mod
 from logbroker.client.streams import PRODUCE_STREAM, BrokerStreams, StreamError
 from logbroker.v1 import logbroker_pb2 as pb
 
@@ -143,4 +144,40 @@ def test_close_fails_pending_requests_and_later_sends():
         with pytest.raises(StreamError):
             after.result(1)
     finally:
+        srv.close()
+
+
+def test_a_request_sent_while_the_watchdog_scans_still_times_out(monkeypatch: pytest.MonkeyPatch):
+    """The watchdog's notify() for a send() during its unlocked scan must not be lost."""
+    def stream(requests: Iterator[bytes], context: Any) -> Iterator[bytes]:
+        for _ in requests:
+            pass  # never answers
+        return iter(())
+
+    srv = Server({"ProduceStream": grpc.stream_stream_rpc_method_handler(stream)})
+    streams = srv.streams()
+    scanning, sent = threading.Event(), threading.Event()
+    original = streams_mod._Stream.head_deadline
+
+    def slow_head_deadline(self: Any) -> float | None:
+        if threading.current_thread().name == "logbroker-stream-watchdog" and not sent.is_set():
+            scanning.set()
+            sent.wait(5)  # the scan goes on only after the send() below
+        return original(self)
+
+    try:
+        streams.send(PRODUCE_STREAM, pb.ProduceResponse, srv.address, req(0), 100.0, lane=0)
+        monkeypatch.setattr(streams_mod._Stream, "head_deadline", slow_head_deadline)
+        streams.send(PRODUCE_STREAM, pb.ProduceResponse, srv.address, req(1), 50.0, lane=1)  # wakes it
+        assert scanning.wait(5)
+        t0 = time.monotonic()
+        short = streams.send(PRODUCE_STREAM, pb.ProduceResponse, srv.address, req(2), 0.5, lane=2)
+        sent.set()
+        with pytest.raises(StreamError) as info:
+            short.result(5)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert time.monotonic() - t0 < 3
+    finally:
+        sent.set()
+        streams.close()
         srv.close()
