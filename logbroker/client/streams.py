@@ -9,10 +9,12 @@ and use `send()` as they used `stub.Method.future()`: it returns a `StreamFuture
     send(request) ─> pending (FIFO) + request queue ─> gRPC's request thread ─> broker
     reader thread <─ responses, in request order ─> pending.popleft().complete(response) ─> callbacks
 
-A stream that fails (the broker went away or ended it with a status, a request timed out, a
-response with nothing pending) fails every request still pending on it with that status and is
-dropped; the next `send()` opens a new one. A broker without the stream methods (UNIMPLEMENTED)
-gets unary calls from then on: the requests pending on the stream are re-sent as unary calls.
+A stream that fails (the broker went away, a request timed out, a response with nothing pending)
+fails every request still pending on it with that status and is dropped; a status the broker ends
+the stream with goes to the oldest pending request only (the one it answers), the later ones fail
+with a retriable UNAVAILABLE; the next `send()` opens a new one. A broker without the stream
+methods (UNIMPLEMENTED) gets unary calls from then on: the requests pending on the stream are
+re-sent as unary calls.
 
 Per-request timeouts: one watchdog thread per `BrokerStreams` wakes at the oldest pending
 request's deadline and ends that stream with DEADLINE_EXCEEDED.
@@ -163,12 +165,19 @@ class _Stream:
         except grpc.RpcError as e:
             code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
             details = e.details() if hasattr(e, "details") else str(e)
-            self.fail(StreamError(code, details or str(code)))
+            # The broker answers in order, so a status it ends the stream with is the oldest pending
+            # request's: only that one gets it (RESOURCE_EXHAUSTED, INVALID_ARGUMENT are final).
+            self.fail(StreamError(code, details or str(code)), head_only=True)
         except Exception as e:  # a response that does not parse
             self.fail(StreamError(grpc.StatusCode.INTERNAL, f"stream failed: {e!r}"))
 
-    def fail(self, error: StreamError) -> None:
-        """End the stream; every pending request fails with `error` (or goes unary, see module doc)."""
+    def fail(self, error: StreamError, head_only: bool = False) -> None:
+        """End the stream; every pending request fails with `error` (or goes unary, see module doc).
+
+        `head_only`: `error` is the oldest pending request's own outcome; the requests behind it fail
+        with a retriable UNAVAILABLE (the broker may or may not have handled them; a producer's
+        retry is then what it is after any lost response).
+        """
         with self._lock:
             if self.closed:
                 return
@@ -179,6 +188,13 @@ class _Stream:
         self._owner.forget(self, error)
         self._call.cancel()
         if error.code() == grpc.StatusCode.UNIMPLEMENTED and self._owner.resend_unary(self.key, failed):
+            return
+        if head_only and failed and error.code() != grpc.StatusCode.UNAVAILABLE:
+            failed[0].complete(None, error)
+            behind = StreamError(grpc.StatusCode.UNAVAILABLE,
+                                 f"stream ended by an earlier request ({error.code().name}: {error.details()})")
+            for fut in failed[1:]:
+                fut.complete(None, behind)
             return
         for fut in failed:
             fut.complete(None, error)

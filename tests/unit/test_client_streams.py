@@ -181,3 +181,36 @@ def test_a_request_sent_while_the_watchdog_scans_still_times_out(monkeypatch: py
         sent.set()
         streams.close()
         srv.close()
+
+
+def test_a_status_ending_the_stream_is_the_oldest_pending_requests_only():
+    """Requests behind the refused one fail retriably: the broker may have handled them already."""
+    from logbroker.client.producer import is_retriable, rpc_error
+
+    def stream(requests: Iterator[bytes], context: Any) -> Iterator[bytes]:
+        for n, raw in enumerate(requests):
+            r = pb.ProduceRequest.FromString(raw)
+            if n == 0:
+                yield _response(r, 0).SerializeToString()
+            elif n == 3:  # 1 and 2 read (and, in a real broker, maybe appended) but not answered
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "request 1 too large")
+
+    srv = Server({"ProduceStream": grpc.stream_stream_rpc_method_handler(stream)})
+    streams = srv.streams()
+    try:
+        futs = [streams.send(PRODUCE_STREAM, pb.ProduceResponse, srv.address, req(i), 10) for i in range(4)]
+        assert futs[0].result(10).results[0].partition == 0
+        errors = []
+        for f in futs[1:]:
+            with pytest.raises(StreamError) as info:
+                f.result(10)
+            errors.append(info.value)
+        assert errors[0].code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert not is_retriable(rpc_error(errors[0]))
+        for e in errors[1:]:
+            assert e.code() == grpc.StatusCode.UNAVAILABLE
+            assert "earlier request" in e.details()
+            assert is_retriable(rpc_error(e))
+    finally:
+        streams.close()
+        srv.close()
