@@ -39,8 +39,9 @@ log = logging.getLogger(__name__)
 
 PRODUCE_STREAM = "/logbroker.v1.Broker/ProduceStream"
 FETCH_STREAM = "/logbroker.v1.Broker/FetchStream"
-# Requests pending on one stream; send() beyond it fails at once (RESOURCE_EXHAUSTED): the callers
-# bound their in-flight requests far below it.
+# Requests pending on one stream; send() beyond it fails at once with a retriable UNAVAILABLE (not
+# RESOURCE_EXHAUSTED, which producers take as a final "request too large"): the callers bound their
+# in-flight requests far below it.
 STREAM_PENDING_MAX = 1024
 
 
@@ -134,7 +135,7 @@ class _Stream:
             if self.closed:
                 return None
             if len(self.pending) >= STREAM_PENDING_MAX:
-                fut.complete(None, StreamError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                fut.complete(None, StreamError(grpc.StatusCode.UNAVAILABLE,
                                                f"{STREAM_PENDING_MAX} requests pending on one stream"))
                 return fut
             self.pending.append(fut)

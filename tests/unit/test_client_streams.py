@@ -214,3 +214,25 @@ def test_a_status_ending_the_stream_is_the_oldest_pending_requests_only():
     finally:
         streams.close()
         srv.close()
+
+
+def test_a_send_past_the_pending_bound_fails_retriably(monkeypatch: pytest.MonkeyPatch):
+    from logbroker.client.producer import is_retriable, rpc_error
+
+    def stream(requests: Iterator[bytes], context: Any) -> Iterator[bytes]:
+        for _ in requests:
+            pass  # never answers
+        return iter(())
+
+    monkeypatch.setattr(streams_mod, "STREAM_PENDING_MAX", 2)
+    srv = Server({"ProduceStream": grpc.stream_stream_rpc_method_handler(stream)})
+    streams = srv.streams()
+    try:
+        futs = [streams.send(PRODUCE_STREAM, pb.ProduceResponse, srv.address, req(i), 10) for i in range(3)]
+        assert not futs[0].done() and not futs[1].done()
+        with pytest.raises(StreamError) as info:
+            futs[2].result(1)
+        assert is_retriable(rpc_error(info.value))
+    finally:
+        streams.close()
+        srv.close()
