@@ -76,14 +76,19 @@ def stream_method(request_cls: type[M], fn: Callable[[M, grpc.aio.ServicerContex
         queue: asyncio.Queue[asyncio.Future[Message | bytes] | RequestRejected | None] = asyncio.Queue()
 
         async def read() -> None:
+            # Always ends the queue (a status or the None sentinel), whatever ends the reading: the
+            # writer below waits on the queue only.
+            end: RequestRejected | None = None
             try:
                 async for raw in requests:
                     await space.acquire()
                     queue.put_nowait(asyncio.ensure_future(fn(parse(request_cls, raw), context)))
             except RequestRejected as exc:
-                queue.put_nowait(exc)
-                return
-            queue.put_nowait(None)  # the client closed its side: end after the last response
+                end = exc
+            except Exception as exc:  # reading the stream failed: answered as a broken connection
+                end = RequestRejected(grpc.StatusCode.UNAVAILABLE, f"reading the stream failed: {exc!r}")
+            finally:  # None: the client closed its side (or the reader was cancelled): end after the last response
+                queue.put_nowait(end)
 
         reader = asyncio.ensure_future(read())
         try:
