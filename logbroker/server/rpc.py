@@ -56,12 +56,15 @@ def method(request_cls: type[M], fn: Callable[[M, grpc.aio.ServicerContext], Awa
 
 
 # Requests of one stream handled at once; the stream is not read further until the oldest is answered
-# (HTTP/2 flow control then holds the client back).
-STREAM_PIPELINE_MAX = 32
+# (HTTP/2 flow control then holds the client back). They bound a stream's memory: a produce request
+# may be 32 MiB, an encoded fetch response 64 MiB. A producer has max_in_flight_requests (default 5)
+# produce requests per broker in flight, a consumer one fetch per stream (fetch lane).
+PRODUCE_STREAM_PIPELINE_MAX = 8
+FETCH_STREAM_PIPELINE_MAX = 2
 
 
 def stream_method(request_cls: type[M], fn: Callable[[M, grpc.aio.ServicerContext], Awaitable[Message | bytes]],
-                  pipeline_max: int = STREAM_PIPELINE_MAX) -> Any:
+                  pipeline_max: int) -> Any:
     """A bidirectional stream answering each request as `method(request_cls, fn)` would, in request order.
 
     Each request becomes a task as soon as it is read (asyncio starts tasks in creation order, so

@@ -349,7 +349,8 @@ class BrokerServicer:
         """The same calls as open bidirectional streams, for clients that keep one per broker: each
         request gets exactly the response (and the per-partition errors) its unary call would, and
         responses come back in request order (requests may be pipelined; the broker handles at most
-        32 of one stream at once and reads no further until one is answered). Message size limits
+        8 requests of one ProduceStream and 2 of one FetchStream at once, rpc.PRODUCE_STREAM_PIPELINE_MAX
+        and FETCH_STREAM_PIPELINE_MAX, and reads no further until one is answered). Message size limits
         are the unary ones, per message. A request the unary call would refuse with a status
         (malformed, over a bound, broker not ready) ends the stream with that status, after the
         responses to the requests before it; the requests after it get no response (pipelined ones

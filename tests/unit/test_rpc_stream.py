@@ -36,7 +36,7 @@ async def _answer(request: pb.ProduceRequest, context: Any) -> pb.ProduceRespons
     return pb.ProduceResponse(results=[pb.ProducePartitionResult(partition=request.partitions[0].partition)])
 
 
-def _handler(pipeline_max: int = rpc.STREAM_PIPELINE_MAX) -> Any:
+def _handler(pipeline_max: int = 8) -> Any:
     return rpc.stream_method(pb.ProduceRequest, _answer, pipeline_max).stream_stream
 
 
@@ -73,3 +73,48 @@ def test_a_cancelled_request_reader_ends_the_handler():
 
     context = asyncio.run(run())
     assert len(context.written) == 1 and context.aborted is None
+
+
+@pytest.mark.parametrize(("method", "request_cls", "most"), [
+    ("ProduceStream", pb.ProduceRequest, rpc.PRODUCE_STREAM_PIPELINE_MAX),
+    ("FetchStream", pb.FetchRequest, rpc.FETCH_STREAM_PIPELINE_MAX),
+])
+def test_the_broker_handles_few_requests_of_one_stream_at_once(monkeypatch: pytest.MonkeyPatch, method: str,
+                                                                request_cls: Any, most: int):
+    """Each may be a 32 MiB produce or a 64 MiB fetch response: a client needs no more than these."""
+    from logbroker.server import broker_service
+
+    assert most <= 8
+    running, peak = [0], [0]
+    release = asyncio.Event()
+
+    async def slow(self: Any, request: Any, context: Any) -> bytes:
+        running[0] += 1
+        peak[0] = max(peak[0], running[0])
+        await release.wait()
+        running[0] -= 1
+        return b""
+
+    monkeypatch.setattr(broker_service.BrokerService, "produce", slow)
+    monkeypatch.setattr(broker_service.BrokerService, "fetch", slow)
+    generic = broker_service.handler(None)  # type: ignore[arg-type]
+    details = type("Details", (), {"method": f"/logbroker.v1.Broker/{method}", "invocation_metadata": ()})()
+    handle = generic.service(details).stream_stream
+
+    async def requests() -> AsyncIterator[bytes]:
+        for _ in range(20):
+            yield request_cls().SerializeToString()
+
+    async def run() -> FakeContext:
+        context = FakeContext()
+        task = asyncio.ensure_future(handle(requests(), context))
+        for _ in range(200):  # let the reader take all it may
+            await asyncio.sleep(0)
+        assert peak[0] == most
+        release.set()
+        await asyncio.wait_for(task, 5)
+        return context
+
+    context = asyncio.run(run())
+    assert len(context.written) == 20
+    assert peak[0] == most
