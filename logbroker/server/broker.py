@@ -42,7 +42,7 @@ from logbroker.group.coordinator import GroupCoordinator
 from logbroker.group.offsets import OFFSETS_TOPIC
 from logbroker.replication.partition import Partition
 from logbroker.replication.replica_manager import CallableIsrStore, InMemoryIsrStore, IsrStore, ReplicaManager
-from logbroker.server import admin_service, broker_service, replica_service
+from logbroker.server import admin_service, broker_service, replica_service, rpc
 from logbroker.server.cluster_member import ClusterMember
 from logbroker.storage.log import LogConfig
 from logbroker.storage.log_manager import LogManager
@@ -52,6 +52,12 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAMES = ("logbroker.v1.Broker", "logbroker.v1.Admin", "logbroker.v1.Replica")
 FIRST_METADATA_WAIT_S = 30.0
+# HTTP/2 keepalive of the broker's server: a ping after this long without traffic on a connection
+# with calls open, the connection closed when unanswered for the timeout (its calls then end).
+SERVER_KEEPALIVE_TIME_MS = 30_000
+SERVER_KEEPALIVE_TIMEOUT_MS = 10_000
+# The most often a client may ping without data before the server calls it abusive (default 5 min).
+MIN_CLIENT_PING_INTERVAL_MS = 5_000
 
 
 class Broker:
@@ -79,6 +85,7 @@ class Broker:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self._stopped = asyncio.Event()
+        self.open_streams = rpc.OpenStreams()  # ended on stop: idle streams would hold it for the whole grace
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -89,6 +96,12 @@ class Broker:
                 ("grpc.max_receive_message_length", cfg.max_request_bytes),
                 ("grpc.max_send_message_length", cfg.max_response_bytes),
                 ("grpc.so_reuseport", 0),
+                # A client that vanished without a reset must not hold a stream (and an RPC slot) forever:
+                # ping connections with calls open; accept the clients' own keepalive pings (every 10 s
+                # from brokers, 60 s from clients; the default refuses more than one per 5 min without data).
+                ("grpc.keepalive_time_ms", SERVER_KEEPALIVE_TIME_MS),
+                ("grpc.keepalive_timeout_ms", SERVER_KEEPALIVE_TIMEOUT_MS),
+                ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
             ],
             maximum_concurrent_rpcs=1000,
         )
@@ -172,6 +185,7 @@ class Broker:
             self.ready = False
             await self.replica_manager.shutdown()  # fetchers stopped, parked requests answered
             if self._server is not None:
+                self.open_streams.close()  # streams never end on their own: end them, clients reopen elsewhere
                 await self._server.stop(self.config.shutdown_grace_s)
             if self.cluster is not None:
                 await self.cluster.close()  # closing the session drops our registration at once

@@ -310,8 +310,10 @@ def handler(broker: Broker) -> grpc.GenericRpcHandler:
         {
             "Produce": rpc.method(pb.ProduceRequest, svc.produce),
             "Fetch": rpc.method(pb.FetchRequest, svc.fetch),
-            "ProduceStream": rpc.stream_method(pb.ProduceRequest, svc.produce, rpc.PRODUCE_STREAM_PIPELINE_MAX),
-            "FetchStream": rpc.stream_method(pb.FetchRequest, svc.fetch, rpc.FETCH_STREAM_PIPELINE_MAX),
+            "ProduceStream": rpc.stream_method(pb.ProduceRequest, svc.produce, rpc.PRODUCE_STREAM_PIPELINE_MAX,
+                                               broker.open_streams),
+            "FetchStream": rpc.stream_method(pb.FetchRequest, svc.fetch, rpc.FETCH_STREAM_PIPELINE_MAX,
+                                             broker.open_streams),
             "ListOffsets": rpc.method(pb.ListOffsetsRequest, svc.list_offsets),
             "Metadata": rpc.method(pb.MetadataRequest, svc.metadata),
             "OffsetCommit": rpc.method(pb.OffsetCommitRequest, svc.offset_commit),

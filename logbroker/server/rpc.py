@@ -63,15 +63,43 @@ PRODUCE_STREAM_PIPELINE_MAX = 8
 FETCH_STREAM_PIPELINE_MAX = 2
 
 
+class OpenStreams:
+    """The stream handlers a server runs, so a stopping broker can end them (they never end on their own).
+
+    `close()` stops every handler reading: each answers the requests it has read and ends with OK
+    (its client sees the end and reopens elsewhere); streams opened later end at once.
+    """
+
+    def __init__(self) -> None:
+        self.closed = False
+        self._readers: set[asyncio.Future[None]] = set()
+
+    def add(self, reader: asyncio.Future[None]) -> bool:
+        if self.closed:
+            return False
+        self._readers.add(reader)
+        reader.add_done_callback(self._readers.discard)
+        return True
+
+    def close(self) -> None:
+        self.closed = True
+        for reader in list(self._readers):
+            reader.cancel()
+
+    def __len__(self) -> int:
+        return len(self._readers)
+
+
 def stream_method(request_cls: type[M], fn: Callable[[M, grpc.aio.ServicerContext], Awaitable[Message | bytes]],
-                  pipeline_max: int) -> Any:
+                  pipeline_max: int, open_streams: OpenStreams | None = None) -> Any:
     """A bidirectional stream answering each request as `method(request_cls, fn)` would, in request order.
 
     Each request becomes a task as soon as it is read (asyncio starts tasks in creation order, so
     the synchronous part of `fn`, e.g. a produce's appends, runs in request order); up to
     `pipeline_max` run at once. Their responses are written in request order. A malformed request
     or a `RequestRejected` ends the stream with its status after the responses before it; the
-    tasks after it are cancelled.
+    tasks after it are cancelled. `open_streams.close()` ends the stream after the responses to the
+    requests read so far.
     """
 
     async def handle(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
@@ -94,6 +122,8 @@ def stream_method(request_cls: type[M], fn: Callable[[M, grpc.aio.ServicerContex
                 queue.put_nowait(end)
 
         reader = asyncio.ensure_future(read())
+        if open_streams is not None and not open_streams.add(reader):
+            reader.cancel()  # the server is stopping: end at once (cancelled, read() ends the queue)
         try:
             while True:
                 item = await queue.get()

@@ -232,3 +232,29 @@ def test_clients_use_streams_and_survive_a_kill_9_mid_stream(broker_factory):
     assert firsts == sorted(firsts), "records out of send order"
     assert set(acked) <= seen
     assert high_watermark(broker2.address, "k") == len(sequence)
+
+
+def test_a_broker_with_an_idle_client_stream_stops_well_within_its_grace_period(broker):
+    """Streams never end on their own: a stopping broker ends them rather than wait shutdown_grace_s (5 s)."""
+    with Admin(broker.address) as admin:
+        admin.create_topic("idle", partitions=1)
+    requests: queue.SimpleQueue[pb.FetchRequest | None] = queue.SimpleQueue()
+
+    def request_iter() -> Iterator[pb.FetchRequest]:
+        while (r := requests.get()) is not None:
+            yield r
+
+    with grpc.insecure_channel(broker.address) as ch:
+        responses = pbg.BrokerStub(ch).FetchStream(request_iter())
+        try:
+            requests.put(fetch_req("idle", 0, 0))
+            assert next(responses).results[0].error_code == pb.NONE  # open, answered, now idle
+            t0 = time.monotonic()
+            assert broker.stop(timeout_s=20) == 0
+            stop_s = time.monotonic() - t0
+            with pytest.raises((StopIteration, grpc.RpcError)):
+                next(responses)  # the broker ended the stream
+        finally:
+            requests.put(None)
+            responses.cancel()
+    assert stop_s < 2.5, f"stop took {stop_s:.1f} s"
