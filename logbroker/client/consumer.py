@@ -269,6 +269,7 @@ class Consumer:
         self._retry_backoff_ms = retry_backoff_ms
         self._metadata_max_age_s = metadata_max_age_ms / 1000
         self._metadata, self._owns_metadata = metadata_for(bootstrap, request_timeout_ms, retry_backoff_ms)
+        self._streams = self._metadata.client_streams()  # ours, even on a shared cache (long polls hold them)
 
         self._assigned: dict[TopicPartition, _PartitionState] = {}
         self._subscription: list[str] | None = None
@@ -882,7 +883,7 @@ class Consumer:
             if self._last_fetch_bytes.get(address, 0) >= STREAM_FETCH_RESPONSE_BYTES_MAX:
                 future = self._metadata.broker_stub(address).Fetch.future(request, timeout=self._fetch_timeout_s)
             else:
-                future = self._metadata.fetch_call(address, request, self._fetch_timeout_s, lane)
+                future = self._metadata.fetch_call(address, request, self._fetch_timeout_s, lane, self._streams)
         except Exception as e:
             for st in states:
                 st.in_flight = False
@@ -1258,6 +1259,7 @@ class Consumer:
                 for commit in self._async_commits:
                     commit.future.cancel()
                 self._async_commits.clear()
+                self._metadata.release_streams(self._streams)
                 if self._owns_metadata:
                     self._metadata.close()
         finally:

@@ -24,7 +24,8 @@ and joined an OS thread per RPC — measured here, 20 % of the producer's and co
 Produce and Fetch go over `Broker.ProduceStream` / `Broker.FetchStream` (`produce_call`,
 `fetch_call`; logbroker/client/streams.py): one open stream per broker (and fetch lane), opened
 on first use, reopened after a failure, unary calls for a broker without them. `streams=False`
-makes them unary calls.
+makes them unary calls. Each Producer and Consumer has its own streams (`client_streams()`), so
+clients sharing a cache share channels but never wait behind each other's long polls.
 
 Thread safety: every public method may be called from any thread. `refresh()` serializes its RPCs
 on `_refresh_lock`; readers only take `_lock` for dictionary lookups.
@@ -212,7 +213,8 @@ class MetadataCache:
         self.last_refresh_monotonic = 0.0
         self._closed = False
         self.use_streams = streams
-        self._streams: BrokerStreams | None = None
+        self._streams: BrokerStreams | None = None  # for callers without their own (client_streams())
+        self._client_streams: list[BrokerStreams] = []
 
     # -- lookups (no RPC) -------------------------------------------------------------------
 
@@ -338,17 +340,41 @@ class MetadataCache:
                 self._streams = BrokerStreams(self.channel, self._unary_future)
             return self._streams
 
-    def produce_call(self, address: str, request: pb.ProduceRequest, timeout_s: float) -> Any:
-        """A Produce to `address`, on its stream: a future of the ProduceResponse (grpc.RpcError on failure)."""
+    def client_streams(self) -> BrokerStreams:
+        """Streams of one client (Producer, Consumer) on this cache's channels, closed by
+        `release_streams` or `close()`: clients sharing a cache do not share streams, so none waits
+        behind another's long poll or acks=all wait."""
+        streams = BrokerStreams(self.channel, self._unary_future)
+        with self._lock:
+            if self._closed:
+                streams.close()
+            else:
+                self._client_streams.append(streams)
+        return streams
+
+    def release_streams(self, streams: BrokerStreams) -> None:
+        with self._lock:
+            if streams in self._client_streams:
+                self._client_streams.remove(streams)
+        streams.close()
+
+    def produce_call(self, address: str, request: pb.ProduceRequest, timeout_s: float,
+                     streams: BrokerStreams | None = None) -> Any:
+        """A Produce to `address`, on its stream (of `streams`, else the cache's own): a future of the
+        ProduceResponse (grpc.RpcError on failure)."""
         if not self.use_streams:
             return self.broker_stub(address).Produce.future(request, timeout=timeout_s)
-        return self._broker_streams().send(PRODUCE_STREAM, pb.ProduceResponse, address, request, timeout_s)
+        return (streams or self._broker_streams()).send(PRODUCE_STREAM, pb.ProduceResponse, address, request,
+                                                        timeout_s)
 
-    def fetch_call(self, address: str, request: pb.FetchRequest, timeout_s: float, lane: int = 0) -> Any:
-        """A Fetch to `address` on its stream number `lane` (one long-poll at a time per lane): a future."""
+    def fetch_call(self, address: str, request: pb.FetchRequest, timeout_s: float, lane: int = 0,
+                   streams: BrokerStreams | None = None) -> Any:
+        """A Fetch to `address` on its stream number `lane` (one long-poll at a time per lane) of
+        `streams` (else the cache's own): a future."""
         if not self.use_streams:
             return self.broker_stub(address).Fetch.future(request, timeout=timeout_s)
-        return self._broker_streams().send(FETCH_STREAM, pb.FetchResponse, address, request, timeout_s, lane)
+        return (streams or self._broker_streams()).send(FETCH_STREAM, pb.FetchResponse, address, request,
+                                                        timeout_s, lane)
 
     # -- refresh -----------------------------------------------------------------------------
 
@@ -451,8 +477,9 @@ class MetadataCache:
             self._broker_stubs.clear()
             self._admin_stubs.clear()
             streams, self._streams = self._streams, None
-        if streams is not None:
-            streams.close()
+            client_streams, self._client_streams = self._client_streams, []
+        for each in ([streams] if streams is not None else []) + client_streams:
+            each.close()
         for ch in channels:
             ch.close()
 

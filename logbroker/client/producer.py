@@ -570,6 +570,7 @@ class Producer:
         self._metadata_max_age_s = metadata_max_age_ms / 1000
 
         self._metadata, self._owns_metadata = metadata_for(bootstrap, request_timeout_ms, retry_backoff_ms)
+        self._streams = self._metadata.client_streams()  # ours, even on a shared cache; the sender's only
 
         self._lock = threading.Lock()
         self._sender_cond = threading.Condition(self._lock)  # wakes the sender thread
@@ -1008,6 +1009,8 @@ class Producer:
             log.exception("producer sender thread crashed")
             self._fail_all(UnknownServerError(f"producer sender thread crashed: {e!r}"))
             raise
+        finally:
+            self._metadata.release_streams(self._streams)
         self._fail_all(KafkaTimeoutError("producer closed before the record was delivered"))
 
     def _run_once(self) -> bool:
@@ -1156,7 +1159,7 @@ class Producer:
         ]
         request = pb.ProduceRequest(acks=self._acks, timeout_ms=self._request_timeout_ms, partitions=parts)
         try:
-            future = self._metadata.produce_call(address, request, self._rpc_timeout_s)  # on its stream
+            future = self._metadata.produce_call(address, request, self._rpc_timeout_s, self._streams)
         except Exception as e:  # a closed channel, a serialization bug
             future = _FailedCall(e)
         call = _InFlight(address, batches, future)

@@ -258,3 +258,32 @@ def test_a_broker_with_an_idle_client_stream_stops_well_within_its_grace_period(
             requests.put(None)
             responses.cancel()
     assert stop_s < 2.5, f"stop took {stop_s:.1f} s"
+
+
+def test_consumers_sharing_a_metadata_cache_do_not_wait_behind_each_others_long_polls(broker):
+    from logbroker.client.metadata_cache import MetadataCache
+
+    with Admin(broker.address) as admin:
+        admin.create_topic("quiet", partitions=1)
+        admin.create_topic("busy", partitions=1)
+    with Producer(broker.address) as producer:
+        producer.send("busy", b"here").get(timeout=10)
+    with MetadataCache(broker.address) as cache:
+        tailing = Consumer(cache, fetch_max_wait_ms=6000, enable_auto_commit=False)
+        reading = Consumer(cache, fetch_max_wait_ms=6000, enable_auto_commit=False)
+        try:
+            tailing.assign([("quiet", 0)])
+            reading.assign([("busy", 0)])
+            polled = threading.Thread(target=tailing.poll, args=(8.0,), daemon=True)
+            polled.start()
+            wait_for(lambda: bool(tailing._in_flight), 10, "the tailing consumer's long poll in flight")
+            t0 = time.monotonic()
+            got: list[bytes | None] = []
+            while not got and time.monotonic() - t0 < 10:
+                got += [r.value for r in reading.poll(1.0)]
+            assert got == [b"here"]
+            assert time.monotonic() - t0 < 3  # not after the other consumer's 6 s long poll
+        finally:
+            reading.close()
+            tailing.close()
+            polled.join(10)
