@@ -204,8 +204,8 @@ def test_clients_use_streams_and_survive_a_kill_9_mid_stream(broker_factory):
             return len(received) >= n
 
         wait_for(lambda: consumed(2000), 60, "records through the streams")
-        kinds = {key[0].rsplit("/", 1)[1] for key in producer._metadata._streams._streams}  # type: ignore[union-attr]
-        kinds |= {key[0].rsplit("/", 1)[1] for key in consumer._metadata._streams._streams}  # type: ignore[union-attr]
+        kinds = {key[0].rsplit("/", 1)[1] for key in producer._streams._streams}
+        kinds |= {key[0].rsplit("/", 1)[1] for key in consumer._streams._streams}
         assert kinds == {"ProduceStream", "FetchStream"}
         broker.kill(signal.SIGKILL)
         at_kill = len(acked)
