@@ -47,6 +47,7 @@ class Node:
         self.broker_id = broker_id
         self.config = BrokerConfig(data_dir=tmp / f"broker-{broker_id}", broker_id=broker_id)
         self.ready = True
+        self.open_streams = rpc.OpenStreams()
         self.log_manager = LogManager(self.config.data_dir, LogConfig(index_map_bytes=4 << 20))
         self.replica_manager = ReplicaManager(broker_id, self.log_manager, store, replica_lag_time_max_ms=lag_ms,
                                               fetcher_config=FAST_FETCHER)
