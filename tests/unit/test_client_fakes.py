@@ -16,6 +16,7 @@ from typing import Any
 import grpc
 
 from logbroker.client.metadata_cache import MetadataCache
+from logbroker.client.streams import StreamError
 from logbroker.storage import record_batch as rb
 from logbroker.v1 import logbroker_pb2 as pb
 
@@ -71,17 +72,11 @@ class PendingFuture(DoneFuture):
             fn(self)
 
 
-class FakeRpcError(grpc.RpcError):
+class FakeRpcError(StreamError):
+    """A gRPC failure as a fake broker raises it (the clients' own StreamError, with details optional)."""
+
     def __init__(self, code: grpc.StatusCode, details: str = "") -> None:
-        super().__init__(details)
-        self._code = code
-        self._details = details
-
-    def code(self) -> grpc.StatusCode:
-        return self._code
-
-    def details(self) -> str:
-        return self._details
+        super().__init__(code, details)
 
 
 class _Method:
