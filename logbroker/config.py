@@ -51,6 +51,11 @@ class BrokerConfig:
     advertised_port: int = 0  # defaults to the bound port
     broker_id: int = 0
     rack: str = ""
+    # The record transport (Produce/Fetch as TCP frames, logbroker/wire.py): advertised with the
+    # advertised host; port 0 lets the OS pick one; host "" is listen_host.
+    data_listen_enabled: bool = True
+    data_listen_host: str = ""
+    data_listen_port: int = 0
     # gRPC bounds: a request above max_request_bytes is refused whole (RESOURCE_EXHAUSTED).
     max_request_bytes: int = 32 << 20
     max_response_bytes: int = 64 << 20
@@ -127,6 +132,10 @@ SERVE_SETTINGS: tuple[ServeSetting, ...] = (
     ServeSetting("listen", str, DEFAULT_BOOTSTRAP, "HOST:PORT the gRPC server binds", "HOST:PORT"),
     ServeSetting("advertised_address", str, "", "HOST:PORT clients are told to use (default: the listen address)",
                  "HOST:PORT"),
+    ServeSetting("data_listen", str, "",
+                 "HOST:PORT of the record transport, Produce and Fetch as length-prefixed TCP frames beside "
+                 "gRPC, advertised on the advertised host (default: the listen host, a port the OS picks; "
+                 "'off': none, clients then use gRPC streams)", "HOST:PORT|off"),
     ServeSetting("broker_id", int, 0, "this broker's id, unique in the cluster"),
     ServeSetting("broker_id_from_hostname", bool, False,
                  "take the broker id from the ordinal ending the host name ($HOSTNAME), as a Kubernetes "
@@ -299,6 +308,8 @@ def broker_config_from_settings(values: Mapping[str, SettingValue], hostname: st
         adv_host, adv_port = parse_host_port(text("advertised_address"), port) if text("advertised_address") else ("", 0)
         if text("metrics_listen"):
             parse_host_port(text("metrics_listen"))
+        data_on = text("data_listen").strip().lower() != "off"
+        data_host, data_port = parse_host_port(text("data_listen"), 0) if data_on and text("data_listen") else ("", 0)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     broker_id = broker_id_from_pod_name(hostname) if values["broker_id_from_hostname"] else number("broker_id")
@@ -320,6 +331,9 @@ def broker_config_from_settings(values: Mapping[str, SettingValue], hostname: st
         advertised_port=adv_port,
         broker_id=broker_id,
         rack=text("rack"),
+        data_listen_enabled=data_on,
+        data_listen_host=data_host,
+        data_listen_port=data_port,
         zookeeper=text("zookeeper"),
         zk_session_timeout_ms=number("zk_session_timeout_ms"),
         replica_lag_time_max_ms=number("replica_lag_time_max_ms"),

@@ -65,6 +65,7 @@ from logbroker.client.coordinator import CoordinatorClient, Heartbeater
 from logbroker.client.group_member import ASSIGNORS, GroupMember, MemberState
 from logbroker.client.metadata_cache import LogThrottle, MetadataCache, metadata_for
 from logbroker.client.producer import rpc_error
+from logbroker.client.waker import Waker
 from logbroker.errors import (
     BrokerError,
     BrokerUnavailableError,
@@ -93,6 +94,8 @@ FETCHES_IN_FLIGHT_PER_BROKER = 2
 # interval; measured before the C decoder: max-100b consume 1.30 M rec/s on streams vs 1.46 M
 # unary), whereas a unary call is started by the polling thread itself.
 STREAM_FETCH_RESPONSE_BYTES_MAX = 64 << 10
+# Responses below this (record bytes) mean the consumer is tailing: see _collect_and_send.
+TAIL_RESPONSE_BYTES_MAX = 64 << 10
 
 # Asynchronous commits in flight at once; one more waits for the oldest to finish.
 ASYNC_COMMITS_MAX = 16
@@ -231,6 +234,7 @@ class Consumer:
         request_timeout_ms: int = 30_000,
         retry_backoff_ms: int = 100,
         metadata_max_age_ms: int = 300_000,
+        transport: str = "tcp",
     ) -> None:
         """`on_assign(partitions)` / `on_revoke(partitions)` run inside poll() (group members only):
         on_revoke before partitions are given up (positions still readable, commits still accepted),
@@ -268,8 +272,11 @@ class Consumer:
         self._retry_backoff_s = retry_backoff_ms / 1000
         self._retry_backoff_ms = retry_backoff_ms
         self._metadata_max_age_s = metadata_max_age_ms / 1000
-        self._metadata, self._owns_metadata = metadata_for(bootstrap, request_timeout_ms, retry_backoff_ms)
-        self._streams = self._metadata.client_streams()  # ours, even on a shared cache (long polls hold them)
+        self._metadata, self._owns_metadata = metadata_for(bootstrap, request_timeout_ms, retry_backoff_ms,
+                                                           transport)
+        # ours, even on a shared cache (long polls hold them); record-transport fetches are read by
+        # the polling thread itself (inline), not handed over by a reader thread
+        self._streams = self._metadata.client_streams(inline=True)
 
         self._assigned: dict[TopicPartition, _PartitionState] = {}
         self._subscription: list[str] | None = None
@@ -280,7 +287,7 @@ class Consumer:
         self._last_fetch_bytes: dict[str, int] = {}  # per broker: record bytes in its last response
         self._in_flight_per_broker: dict[str, int] = {}
         self._rotation = 0
-        self._wakeup = threading.Event()
+        self._wakeup = Waker()  # an Event that also wakes on the inline fetch connections' sockets
         self._poll_lock = threading.Lock()
         self._poll_thread: int | None = None  # the thread inside poll() (a callback may call close())
         self._closed = False
@@ -742,20 +749,28 @@ class Consumer:
             now = time.monotonic()
             self._wakeup.clear()
             self._housekeeping(now)
-            self._collect_and_send(now)
+            deferred = self._collect_and_send(now, defer_after_small=True)
             if self._pending_error is not None:
+                if deferred:
+                    self._collect_and_send(now)
                 err, self._pending_error = self._pending_error, None
                 raise err
             out = self._drain(limit)
             if out:
-                self._collect_and_send(time.monotonic())
+                if not deferred:  # else the next poll() sends the next fetch
+                    self._collect_and_send(time.monotonic())
                 return out
+            if deferred:
+                self._collect_and_send(time.monotonic())
             if self._chunks:
                 continue  # only control batches or skipped records: go on decoding
             wait = self._wait_time(now, deadline)
             if (wait is not None and wait <= 0) or self._closed:
                 return []
-            self._wakeup.wait(wait)
+            inline = [c.future.connection for c in self._in_flight
+                      if getattr(c.future, "connection", None) is not None and not c.future.done()]
+            for conn in self._wakeup.wait(wait, inline):
+                conn.pump()  # completes its fetches here; their callbacks set _wakeup
 
     def _wait_time(self, now: float, deadline: float | None) -> float | None:
         """Seconds to sleep: until the deadline, the next retry or commit; None: until woken."""
@@ -833,14 +848,25 @@ class Consumer:
 
     # -- fetching ----------------------------------------------------------------------------
 
-    def _collect_and_send(self, now: float) -> None:
+    def _collect_and_send(self, now: float, defer_after_small: bool = False) -> bool:
+        """Take in the finished fetches, then send the next ones.
+
+        With `defer_after_small`, when every response taken in was small (a consumer tailing the
+        log), send nothing and return True: the caller hands out the records first and sends later,
+        so building and writing the next request is not on those records' way to the user. After a
+        big response the next fetch goes out at once, to overlap the broker's work with the decode.
+        """
+        handled_bytes = -1
         if self._in_flight:
             for call in [c for c in self._in_flight if c.future.done()]:
                 self._in_flight.remove(call)
                 self._in_flight_per_broker[call.address] -= 1
                 self._handle_fetch(call, now)
+                handled_bytes = max(handled_bytes, 0) + self._last_fetch_bytes.get(call.address, 0)
+        if defer_after_small and 0 <= handled_bytes < TAIL_RESPONSE_BYTES_MAX:
+            return True
         if self._closed or self._buffered_bytes > 2 * self._fetch_max_bytes:
-            return
+            return False
         by_leader: dict[str, list[_PartitionState]] = {}
         for st in self._assigned.values():
             if (
@@ -857,6 +883,7 @@ class Consumer:
             by_leader.setdefault(st.leader, []).append(st)
         for address, states in by_leader.items():
             self._send_fetch(address, states)
+        return False
 
     def _send_fetch(self, address: str, states: list[_PartitionState]) -> None:
         parts: dict[TopicPartition, tuple[_PartitionState, int, int]] = {}
@@ -1262,6 +1289,8 @@ class Consumer:
                 self._metadata.release_streams(self._streams)
                 if self._owns_metadata:
                     self._metadata.close()
+                if got and not inside_poll:  # no poll() is selecting on it
+                    self._wakeup.close()
         finally:
             if got and not inside_poll:
                 self._poll_lock.release()

@@ -25,7 +25,10 @@ Produce and Fetch go over `Broker.ProduceStream` / `Broker.FetchStream` (`produc
 `fetch_call`; logbroker/client/streams.py): one open stream per broker (and fetch lane), opened
 on first use, reopened after a failure, unary calls for a broker without them. `streams=False`
 makes them unary calls. Each Producer and Consumer has its own streams (`client_streams()`), so
-clients sharing a cache share channels but never wait behind each other's long polls.
+clients sharing a cache share channels but never wait behind each other's long polls. With
+`transport="tcp"` (the default), a broker that advertises a data port gets these two APIs on the
+record transport instead (logbroker/wire.py: plain TCP frames the calling thread writes itself);
+`transport="grpc"` keeps them on gRPC streams.
 
 Thread safety: every public method may be called from any thread. `refresh()` serializes its RPCs
 on `_refresh_lock`; readers only take `_lock` for dictionary lookups.
@@ -57,6 +60,7 @@ from logbroker.v1 import logbroker_pb2_grpc as pbg
 log = logging.getLogger(__name__)
 
 MESSAGE_BYTES_MAX = 64 << 20
+TRANSPORTS = ("tcp", "grpc")  # Produce and Fetch: the record transport where advertised, or gRPC streams
 
 CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
     ("grpc.max_send_message_length", MESSAGE_BYTES_MAX),
@@ -193,9 +197,12 @@ class MetadataCache:
         retry_backoff_ms: int = 100,
         channel_options: Sequence[tuple[str, int | str]] | None = None,
         streams: bool = True,
+        transport: str = "tcp",
     ) -> None:
         if retries < 0 or request_timeout_ms <= 0 or retry_backoff_ms < 0:
             raise ValueError("retries, request_timeout_ms and retry_backoff_ms must be positive")
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
         self._bootstrap = parse_bootstrap(bootstrap)
         self._request_timeout_s = request_timeout_ms / 1000
         self._retries = retries
@@ -213,6 +220,8 @@ class MetadataCache:
         self.last_refresh_monotonic = 0.0
         self._closed = False
         self.use_streams = streams
+        self.transport = transport
+        self._data_addresses: dict[str, tuple[str, int]] = {}  # broker address -> (host, data port)
         self._streams: BrokerStreams | None = None  # for callers without their own (client_streams())
         self._client_streams: list[BrokerStreams] = []
 
@@ -337,20 +346,29 @@ class MetadataCache:
     def _broker_streams(self) -> BrokerStreams:
         with self._lock:
             if self._streams is None:
-                self._streams = BrokerStreams(self.channel, self._unary_future)
+                self._streams = BrokerStreams(self.channel, self._unary_future, self._wire_resolver())
             return self._streams
 
-    def client_streams(self) -> BrokerStreams:
+    def client_streams(self, inline: bool = False) -> BrokerStreams:
         """Streams of one client (Producer, Consumer) on this cache's channels, closed by
         `release_streams` or `close()`: clients sharing a cache do not share streams, so none waits
-        behind another's long poll or acks=all wait."""
-        streams = BrokerStreams(self.channel, self._unary_future)
+        behind another's long poll or acks=all wait. `inline`: record-transport connections are
+        read by the client's own thread (`WireConnection.pump`), not a reader thread."""
+        streams = BrokerStreams(self.channel, self._unary_future, self._wire_resolver(), inline)
         with self._lock:
             if self._closed:
                 streams.close()
             else:
                 self._client_streams.append(streams)
         return streams
+
+    def _wire_resolver(self) -> Any:
+        return self.data_address if self.transport == "tcp" else None
+
+    def data_address(self, address: str) -> tuple[str, int] | None:
+        """(host, port) of the record transport of the broker at `address`, if it advertised one."""
+        with self._lock:
+            return self._data_addresses.get(address)
 
     def release_streams(self, streams: BrokerStreams) -> None:
         with self._lock:
@@ -430,11 +448,14 @@ class MetadataCache:
         """Merge a Metadata response (asked for `wanted`; None: all topics) into the cache."""
         answering_host = answered_by.rpartition(":")[0]
         brokers: dict[int, str] = {}
+        data_addresses: dict[str, tuple[str, int]] = {}
         for b in resp.brokers:
             host = b.host
             if host in ("", "0.0.0.0", "::", "[::]") and answering_host:
                 host = answering_host  # a wildcard listen address is no address to dial
             brokers[b.broker_id] = broker_address(host, b.port)
+            if 0 < b.data_port <= 65535:
+                data_addresses[brokers[b.broker_id]] = (host.strip("[]"), b.data_port)
         routes: dict[str, TopicRoute | None] = {}
         answered: set[str] = set()
         for t in resp.topics:
@@ -452,6 +473,7 @@ class MetadataCache:
             routes[t.name] = TopicRoute(t.name, parts)
         with self._lock:
             self._brokers = brokers
+            self._data_addresses.update(data_addresses)  # kept for brokers a partial answer left out
             self._controller_id = resp.controller_id
             self.cluster_id = resp.cluster_id
             if wanted is None:
@@ -491,10 +513,12 @@ class MetadataCache:
 
 
 def metadata_for(
-    bootstrap: str | Sequence[str] | MetadataCache, request_timeout_ms: int, retry_backoff_ms: int
+    bootstrap: str | Sequence[str] | MetadataCache, request_timeout_ms: int, retry_backoff_ms: int,
+    transport: str = "tcp",
 ) -> tuple[MetadataCache, bool]:
     """The cache a client uses, and whether the client owns (and so closes) it: a given cache is
     shared (tests pass an in-memory one), a bootstrap address makes a new one."""
     if isinstance(bootstrap, MetadataCache):
         return bootstrap, False
-    return MetadataCache(bootstrap, request_timeout_ms=request_timeout_ms, retry_backoff_ms=retry_backoff_ms), True
+    return MetadataCache(bootstrap, request_timeout_ms=request_timeout_ms, retry_backoff_ms=retry_backoff_ms,
+                         transport=transport), True

@@ -538,6 +538,7 @@ class Producer:
         compression: str | None = None,
         max_in_flight_requests: int = 5,
         metadata_max_age_ms: int = 300_000,
+        transport: str = "tcp",
     ) -> None:
         if linger_ms < 0 or retry_backoff_ms < 0 or max_block_ms < 0 or retries < 0:
             raise ValueError("linger_ms, retry_backoff_ms, max_block_ms and retries must be >= 0")
@@ -569,7 +570,8 @@ class Producer:
         self._max_in_flight = max_in_flight_requests
         self._metadata_max_age_s = metadata_max_age_ms / 1000
 
-        self._metadata, self._owns_metadata = metadata_for(bootstrap, request_timeout_ms, retry_backoff_ms)
+        self._metadata, self._owns_metadata = metadata_for(bootstrap, request_timeout_ms, retry_backoff_ms,
+                                                           transport)
         self._streams = self._metadata.client_streams()  # ours, even on a shared cache; the sender's only
 
         self._lock = threading.Lock()

@@ -20,6 +20,12 @@ Per-request timeouts: one watchdog thread per `BrokerStreams` wakes at the oldes
 request's deadline and ends that stream with DEADLINE_EXCEEDED.
 
 Threads per stream: gRPC's request-consuming thread and our reader; callbacks run on the reader.
+
+The record transport: for a broker that advertises a data port (and a client that has not turned
+it off), the "stream" is a `WireConnection` (wire_connection.py), a plain TCP connection written by
+the calling thread, with the same interface; the watchdog and the bookkeeping here serve both. A
+data port that cannot be reached is not tried again for WIRE_RETRY_AFTER_S: that broker's requests
+go on gRPC streams meanwhile.
 """
 
 from __future__ import annotations
@@ -30,10 +36,15 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf.message import Message
+
+from logbroker import wire
+
+if TYPE_CHECKING:
+    from logbroker.client.wire_connection import WireConnection
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +54,8 @@ FETCH_STREAM = "/logbroker.v1.Broker/FetchStream"
 # RESOURCE_EXHAUSTED, which producers take as a final "request too large"): the callers bound their
 # in-flight requests far below it.
 STREAM_PENDING_MAX = 1024
+WIRE_CONNECT_TIMEOUT_S = 5.0
+WIRE_RETRY_AFTER_S = 30.0
 
 
 class StreamError(grpc.RpcError):
@@ -63,11 +76,12 @@ class StreamError(grpc.RpcError):
 class StreamFuture:
     """The outcome of one request on a stream; the subset of grpc.Future the clients use."""
 
-    __slots__ = ("_callbacks", "_done", "_error", "_lock", "_response", "deadline", "request")
+    __slots__ = ("_callbacks", "_done", "_error", "_lock", "_response", "connection", "deadline", "request")
 
     def __init__(self, request: Message, deadline: float) -> None:
         self.request: Message | None = request  # kept for a unary re-send; dropped once done
         self.deadline = deadline
+        self.connection: Any = None  # an inline WireConnection whose pump() completes this future
         self._lock = threading.Lock()
         self._done = threading.Event()
         self._response: Any = None
@@ -209,11 +223,16 @@ class BrokerStreams:
     """The open streams of one client (one per method, broker address and lane), and their watchdog."""
 
     def __init__(self, channel_for: Callable[[str], grpc.Channel],
-                 unary_for: Callable[[str, str], Callable[..., Any]]) -> None:
+                 unary_for: Callable[[str, str], Callable[..., Any]],
+                 wire_address_for: Callable[[str], tuple[str, int] | None] | None = None,
+                 inline: bool = False) -> None:
         self._channel_for = channel_for
         self._unary_for = unary_for  # (method path, address) -> the unary multi-callable's .future
+        self._wire_address_for = wire_address_for  # address -> (host, data port), None: gRPC only
+        self._wire_refused: dict[str, float] = {}  # address -> until when its data port is not tried
+        self.inline = inline  # record-transport connections read by pump() (the consumer's poll thread)
         self._lock = threading.Condition()
-        self._streams: dict[tuple[str, str, int], _Stream] = {}
+        self._streams: dict[tuple[str, str, int], _Stream | WireConnection] = {}
         self._unary_only: set[str] = set()  # addresses that answered UNIMPLEMENTED
         self._watchdog: threading.Thread | None = None
         self._watch_at: float | None = None  # when the watchdog wakes (None: idle or not started)
@@ -238,27 +257,54 @@ class BrokerStreams:
                     del self._streams[key]
                     stream = None
             if stream is None:
-                try:
-                    channel = self._channel_for(address)
-                    stream = _Stream(self, key, channel, response_cls)
-                except Exception as e:  # a closed channel
-                    return _failed(request, grpc.StatusCode.UNAVAILABLE, f"cannot open a stream to {address}: {e}")
+                opened: _Stream | WireConnection | None = self._open_wire(key, response_cls, timeout_s)
+                if opened is None:
+                    try:
+                        opened = _Stream(self, key, self._channel_for(address), response_cls)
+                    except Exception as e:  # a closed channel
+                        return _failed(request, grpc.StatusCode.UNAVAILABLE, f"cannot open a stream to {address}: {e}")
                 with self._lock:
                     if self._closed or key in self._streams:
                         other = self._streams.get(key)
-                        stream.fail(StreamError(grpc.StatusCode.CANCELLED, "superseded"))
+                        opened.fail(StreamError(grpc.StatusCode.CANCELLED, "superseded"))
                         if other is None:
                             return _failed(request, grpc.StatusCode.CANCELLED, "client is closed")
                         stream = other
                     else:
-                        self._streams[key] = stream
+                        self._streams[key] = stream = opened
             fut = stream.send(request, deadline)
             if fut is not None:
                 self._arm(deadline)
                 return fut
         return _failed(request, grpc.StatusCode.UNAVAILABLE, f"the stream to {address} keeps closing")
 
-    def forget(self, stream: _Stream, error: StreamError) -> None:
+    def _open_wire(self, key: tuple[str, str, int], response_cls: type[Message],
+                   timeout_s: float) -> WireConnection | None:
+        """A record-transport connection for `key` when its broker has one (else None: a gRPC stream)."""
+        from logbroker.client.wire_connection import WireConnection
+
+        method, address, _ = key
+        api = _WIRE_APIS.get(method)
+        if api is None or self._wire_address_for is None:
+            return None
+        target = self._wire_address_for(address)
+        if target is None:
+            return None
+        with self._lock:
+            until = self._wire_refused.get(address)
+            if until is not None and time.monotonic() < until:
+                return None
+        try:
+            return WireConnection(self, key, target, api, response_cls,
+                                  min(max(timeout_s, 0.001), WIRE_CONNECT_TIMEOUT_S), self._arm, self.inline)
+        except OSError as e:
+            with self._lock:
+                self._wire_refused[address] = time.monotonic() + WIRE_RETRY_AFTER_S
+            log.warning("broker %s: its record transport at %s:%d is unreachable (%s); using gRPC streams "
+                        "for %.0f s", address, target[0], target[1], e, WIRE_RETRY_AFTER_S)
+            return None
+
+    def forget(self, stream: _Stream | WireConnection, error: StreamError) -> None:
         with self._lock:
             if self._streams.get(stream.key) is stream:
                 del self._streams[stream.key]
@@ -329,6 +375,9 @@ class BrokerStreams:
             self._lock.notify_all()
         for stream in streams:
             stream.fail(StreamError(grpc.StatusCode.CANCELLED, "client closed"))
+
+
+_WIRE_APIS = {PRODUCE_STREAM: wire.API_PRODUCE, FETCH_STREAM: wire.API_FETCH}
 
 
 def _copy_outcome(unary: Any, fut: StreamFuture) -> None:

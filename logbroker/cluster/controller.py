@@ -148,7 +148,8 @@ Action = (WriteStates | ReloadStates | WriteAssignment | SendLeaderAndIsr | Send
 
 
 def broker_info_pb(reg: BrokerRegistration) -> pb.BrokerInfo:
-    return pb.BrokerInfo(broker_id=reg.broker_id, host=reg.host, port=reg.port, rack=reg.rack)
+    return pb.BrokerInfo(broker_id=reg.broker_id, host=reg.host, port=reg.port, rack=reg.rack,
+                         data_port=reg.data_port)
 
 
 def partition_state_pb(topic: str, partition: int, state: PartitionStateData | None, replicas: Iterable[int],

@@ -147,15 +147,20 @@ class BrokerRegistration:
     port: int
     rack: str = ""
     epoch: int = -1
+    data_port: int = 0  # record transport on `host` (logbroker/wire.py); 0: none
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
     def to_json(self) -> bytes:
-        return json.dumps({"host": self.host, "port": self.port, "rack": self.rack}).encode()
+        d: dict[str, str | int] = {"host": self.host, "port": self.port, "rack": self.rack}
+        if self.data_port:
+            d["data_port"] = self.data_port
+        return json.dumps(d).encode()
 
     @classmethod
     def from_json(cls, broker_id: int, raw: bytes, epoch: int = -1) -> BrokerRegistration:
         d = json.loads(raw)
-        return cls(broker_id, str(d["host"]), int(d["port"]), str(d.get("rack", "")), epoch)
+        return cls(broker_id, str(d["host"]), int(d["port"]), str(d.get("rack", "")), epoch,
+                   int(d.get("data_port", 0)))

@@ -44,6 +44,7 @@ from logbroker.replication.partition import Partition
 from logbroker.replication.replica_manager import CallableIsrStore, InMemoryIsrStore, IsrStore, ReplicaManager
 from logbroker.server import admin_service, broker_service, replica_service, rpc
 from logbroker.server.cluster_member import ClusterMember
+from logbroker.server.wire_server import WireServer
 from logbroker.storage.log import LogConfig
 from logbroker.storage.log_manager import LogManager
 from logbroker.v1 import logbroker_pb2 as pb
@@ -67,6 +68,8 @@ class Broker:
         self.topics: dict[str, TopicSpec] = {}
         self.ready = False
         self.bound_port = 0
+        self.bound_data_port = 0  # the record transport's port (logbroker/wire.py); 0: none
+        self.wire_server: WireServer | None = None
         self._store: MetadataStore | None = None
         self._log_manager = LogManager(Path(config.data_dir), LogConfig())
         self.metadata_image = MetadataImage()
@@ -117,6 +120,10 @@ class Broker:
         self.bound_port = port
         await server.start()
         self._server = server
+        if cfg.data_listen_enabled:
+            self.wire_server = WireServer(broker_service.wire_handlers(self), cfg.max_request_bytes)
+            self.bound_data_port = await self.wire_server.start(cfg.data_listen_host or cfg.listen_host,
+                                                                cfg.data_listen_port)
         log.info("broker %d listening on %s:%d, recovering logs in %s", cfg.broker_id, cfg.listen_host, port, cfg.data_dir)
         started = time.monotonic()
         await asyncio.get_running_loop().run_in_executor(None, self._recover)
@@ -186,7 +193,10 @@ class Broker:
             await self.replica_manager.shutdown()  # fetchers stopped, parked requests answered
             if self._server is not None:
                 self.open_streams.close()  # streams never end on their own: end them, clients reopen elsewhere
-                await self._server.stop(self.config.shutdown_grace_s)
+                stops = [self._server.stop(self.config.shutdown_grace_s)]
+                if self.wire_server is not None:
+                    stops.append(self.wire_server.stop(self.config.shutdown_grace_s))
+                await asyncio.gather(*stops)
             if self.cluster is not None:
                 await self.cluster.close()  # closing the session drops our registration at once
             self._log_manager.close_all()
@@ -288,7 +298,8 @@ class Broker:
             image = self.metadata_image
             return [image.brokers[b] for b in sorted(image.brokers)], image.controller_id, image.controller_epoch
         host, port = self.config.advertised
-        me = pb.BrokerInfo(broker_id=self.config.broker_id, host=host, port=port or self.bound_port, rack=self.config.rack)
+        me = pb.BrokerInfo(broker_id=self.config.broker_id, host=host, port=port or self.bound_port, rack=self.config.rack,
+                           data_port=self.bound_data_port)
         return [me], self.config.broker_id, 0
 
     async def create_topic(self, name: str, partitions: int, replication_factor: int, config: dict[str, str],

@@ -9,7 +9,9 @@ watermark and followers (replica_id >= 0, not this broker) up to the log end off
 their progress; it long-polls in the fetch purgatory, which appends and high-watermark moves wake.
 
 ProduceStream and FetchStream run the same two handlers per stream message (rpc.stream_method):
-responses in request order, a refused request ends the stream with the unary call's status.
+responses in request order, a refused request ends the stream with the unary call's status. So does
+the record transport (logbroker/wire.py, server/wire_server.py), where a refused request gets its
+status and the connection goes on; `context` is None there (neither handler uses it).
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import time
 from typing import TYPE_CHECKING
 
 import grpc
+from google.protobuf.message import Message
 
+from logbroker import wire
 from logbroker.cluster.metadata import validate_topic_name
 from logbroker.errors import (
     BrokerError,
@@ -34,6 +38,7 @@ from logbroker.errors import (
 from logbroker.group.offsets import OFFSETS_TOPIC
 from logbroker.replication.replica_manager import LeaderAppend
 from logbroker.server import rpc
+from logbroker.server.wire_server import Handler
 from logbroker.v1 import logbroker_pb2 as pb
 
 if TYPE_CHECKING:
@@ -68,7 +73,7 @@ class BrokerService:
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
 
-    async def produce(self, req: pb.ProduceRequest, context: grpc.aio.ServicerContext) -> pb.ProduceResponse:
+    async def produce(self, req: pb.ProduceRequest, context: grpc.aio.ServicerContext | None) -> pb.ProduceResponse:
         """Append every partition first, then (acks=all) wait for all of them at once."""
         broker = self.broker
         _check_ready(broker)
@@ -164,7 +169,7 @@ class BrokerService:
             out.append((r, view))
         return out, total, errored
 
-    async def fetch(self, req: pb.FetchRequest, context: grpc.aio.ServicerContext) -> bytes:
+    async def fetch(self, req: pb.FetchRequest, context: grpc.aio.ServicerContext | None) -> bytes:
         broker = self.broker
         _check_ready(broker)
         _check_count(len(req.partitions), "partitions")
@@ -301,6 +306,12 @@ def _encode_fetch_response(results: list[tuple[pb.FetchPartitionResult, memoryvi
         return b"".join(parts)
     finally:
         _release(results)
+
+
+def wire_handlers(broker: Broker) -> dict[int, tuple[type[Message], Handler]]:
+    """The record transport's APIs (logbroker/wire.py): the same handlers as Produce and Fetch."""
+    svc = BrokerService(broker)
+    return {wire.API_PRODUCE: (pb.ProduceRequest, svc.produce), wire.API_FETCH: (pb.FetchRequest, svc.fetch)}
 
 
 def handler(broker: Broker) -> grpc.GenericRpcHandler:

@@ -88,7 +88,8 @@ class ClusterMember:
     def _registration(self) -> BrokerRegistration:
         cfg = self.broker.config
         host, port = cfg.advertised
-        return BrokerRegistration(cfg.broker_id, host, port or self.broker.bound_port, cfg.rack)
+        return BrokerRegistration(cfg.broker_id, host, port or self.broker.bound_port, cfg.rack,
+                                  data_port=self.broker.bound_data_port)
 
     async def _register(self) -> None:
         self.broker_epoch = await self._zk(self.store.register_broker, self._registration())

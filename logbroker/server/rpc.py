@@ -31,7 +31,7 @@ class RequestRejected(Exception):
         self.message = message
 
 
-def parse(cls: type[M], raw: bytes) -> M:
+def parse(cls: type[M], raw: bytes | memoryview) -> M:
     try:
         return cls.FromString(raw)
     except (DecodeError, ValueError) as exc:  # ValueError: invalid UTF-8 in a string field
