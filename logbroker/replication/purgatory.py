@@ -17,7 +17,7 @@ Key = tuple[str, int]
 
 class Purgatory:
     def __init__(self, watchers_max: int = 100_000) -> None:
-        self._waiters: dict[Key, set[asyncio.Future[None]]] = {}
+        self._waiters: dict[Key, set[asyncio.Future[bool]]] = {}
         self._count = 0
         self._watchers_max = watchers_max
 
@@ -26,20 +26,24 @@ class Purgatory:
         return self._count
 
     async def wait(self, keys: Iterable[Key], timeout_s: float) -> bool:
-        """Wait until one of `keys` is notified or the timeout passes; True when notified."""
+        """Wait until one of `keys` is notified or the timeout passes; True when notified.
+
+        The future gets its outcome from `notify` (True) or a timer (False) directly, not through
+        asyncio.wait_for, whose extra future costs the waiting request a loop iteration on wake-up.
+        """
         if timeout_s <= 0 or self._count >= self._watchers_max:
             return False
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[bool] = loop.create_future()
         watched = list(dict.fromkeys(keys))
         for key in watched:
             self._waiters.setdefault(key, set()).add(fut)
         self._count += 1
+        timer = loop.call_later(timeout_s, _settle, fut, False)
         try:
-            await asyncio.wait_for(fut, timeout_s)
-            return True
-        except TimeoutError:
-            return False
+            return await fut
         finally:
+            timer.cancel()
             self._count -= 1
             for key in watched:
                 waiters = self._waiters.get(key)
@@ -64,9 +68,13 @@ class Purgatory:
         waiters = self._waiters.get(key)
         if waiters:
             for fut in waiters:
-                if not fut.done():
-                    fut.set_result(None)
+                _settle(fut, True)
 
     def notify_all(self) -> None:
         for key in list(self._waiters):
             self.notify(key)
+
+
+def _settle(fut: asyncio.Future[bool], notified: bool) -> None:
+    if not fut.done():
+        fut.set_result(notified)
