@@ -1,8 +1,9 @@
 """The consumer: fetches whole record batches from partition leaders and decodes them lazily.
 
 Pipeline, per leader broker: a `Fetch` in flight (covering every assigned partition that broker
-leads and that is fetchable; on the broker's FetchStream while tailing, a unary call after a big
-response: see STREAM_FETCH_RESPONSE_BYTES_MAX) while `poll()` decodes the previous response; a
+leads and that is fetchable; while tailing on the record transport, read by poll() itself, or on
+the broker's FetchStream without one; a unary call after a big response: see
+STREAM_FETCH_RESPONSE_BYTES_MAX) while `poll()` decodes the previous response; a
 second one (over other partitions, on a second stream) may go out while the first long-polls on
 caught-up partitions. A response's
 next fetch offsets come from its batch headers alone (`iter_batches`), so the next request goes
@@ -87,8 +88,10 @@ log = logging.getLogger(__name__)
 # Fetches in flight to one broker, over disjoint partitions. A second one lets a partition that just
 # became fetchable go out while the first long-polls on caught-up partitions for fetch_max_wait_ms.
 FETCHES_IN_FLIGHT_PER_BROKER = 2
-# Fetches go on the broker's FetchStream (a message instead of a call: ~0.2 ms less per round trip)
-# while responses are small, i.e. the consumer is tailing. After a response of at least this many
+# Fetches go on the record transport (logbroker/wire.py), or the broker's FetchStream without one
+# (a message instead of a call: ~0.2 ms less per round trip), while responses are small, i.e. the
+# consumer is tailing; after a big response the next fetch is sent after the decode anyway, so what
+# it gains is small beside the decode. After a response of at least this many
 # bytes the next fetch is a unary call: the sync stream's requests are written by gRPC's own
 # thread, which waits for the GIL while poll() decodes the big response (up to the 5 ms switch
 # interval; measured before the C decoder: max-100b consume 1.30 M rec/s on streams vs 1.46 M

@@ -377,13 +377,14 @@ class MetadataCache:
         streams.close()
 
     def produce_call(self, address: str, request: pb.ProduceRequest, timeout_s: float,
-                     streams: BrokerStreams | None = None) -> Any:
+                     streams: BrokerStreams | None = None, wire_ok: bool = True) -> Any:
         """A Produce to `address`, on its stream (of `streams`, else the cache's own): a future of the
-        ProduceResponse (grpc.RpcError on failure)."""
+        ProduceResponse (grpc.RpcError on failure). `wire_ok=False`: on gRPC even where the record
+        transport is available (see BrokerStreams.send)."""
         if not self.use_streams:
             return self.broker_stub(address).Produce.future(request, timeout=timeout_s)
         return (streams or self._broker_streams()).send(PRODUCE_STREAM, pb.ProduceResponse, address, request,
-                                                        timeout_s)
+                                                        timeout_s, wire_ok=wire_ok)
 
     def fetch_call(self, address: str, request: pb.FetchRequest, timeout_s: float, lane: int = 0,
                    streams: BrokerStreams | None = None) -> Any:

@@ -1,12 +1,14 @@
 """The producer: `send()` and `send_many()` append to per-partition record batches; one sender
-thread ships them.
+thread ships them (with `linger_ms=0`, the calling thread ships its own batch when no other thread
+is shipping: `_ship_inline`). Requests under WIRE_REQUEST_BYTES_MAX go on the record transport
+(logbroker/wire.py) where the broker has one, bigger ones on a gRPC stream.
 
 Data flow::
 
     send() ─────┐
     send_many() ┴> _PartitionAccumulator.open (a BatchBuilder) ──sealed──> .queue ──> sender thread
                                                                                   │ one Produce per leader
-    future.result() <── _BatchResult.complete() <── response (gRPC thread) ──> .completions
+    future.result() <── _BatchResult.complete() <── response (reader thread) ──> .completions
 
 A batch's life, and the transitions the producer makes (all under `_lock`, except `complete`)::
 
@@ -59,6 +61,7 @@ from typing import Any, NamedTuple
 import grpc
 
 from logbroker.client.metadata_cache import LogThrottle, MetadataCache, metadata_for, rpc_error_text
+from logbroker.client.wire_connection import READER_THREAD
 from logbroker.cluster.hashing import partition_for_key
 from logbroker.errors import (
     BrokerUnavailableError,
@@ -85,6 +88,10 @@ HEADER_OVERHEAD_BYTES = 10
 # Room kept in a request for its protobuf framing (per partition: topic, partition, tags).
 REQUEST_OVERHEAD_BYTES = 1024
 RETRY_BACKOFF_MAX_MS = 1_000
+# Produce requests with fewer record bytes than this take the record transport (when the broker has
+# one); bigger ones a gRPC stream (streams.BrokerStreams.send says why). The consumer draws its line
+# for fetches at the same size (consumer.STREAM_FETCH_RESPONSE_BYTES_MAX).
+WIRE_REQUEST_BYTES_MAX = 64 << 10
 KEY_CACHE_ENTRIES = 1 << 16
 # How long send() waits for a topic the brokers call unknown (a just-created topic may still be
 # reaching them) before raising UnknownTopicOrPartitionError.
@@ -1069,11 +1076,12 @@ class Producer:
     def _ship_inline(self) -> None:
         """linger_ms=0: ship what is ready from the calling thread, sparing the hand-off to the
         sender thread (measured ~0.07 ms of a produce-to-consume latency). Only when no other thread
-        is shipping: that one, or the sender woken here, then takes our batch. The sender is also
+        is shipping (or this is a connection's reader thread running a callback, which must never
+        block on a write): that one, or the sender woken here, then takes our batch. The sender is also
         woken when what is left needs it at a time it does not know (a metadata refresh, a backoff).
         """
-        if not self._ship_lock.acquire(blocking=False):
-            with self._lock:
+        if getattr(READER_THREAD, "active", False) or not self._ship_lock.acquire(blocking=False):
+            with self._lock:  # a send() from a completion callback, or another thread is shipping
                 if self._sender_waiting:
                     self._sender_cond.notify()
             return
@@ -1216,8 +1224,9 @@ class Producer:
             for acc, payloads in per_partition.items()
         ]
         request = pb.ProduceRequest(acks=self._acks, timeout_ms=self._request_timeout_ms, partitions=parts)
+        wire_ok = sum(len(pp.records) for pp in parts) < WIRE_REQUEST_BYTES_MAX
         try:
-            future = self._metadata.produce_call(address, request, self._rpc_timeout_s, self._streams)
+            future = self._metadata.produce_call(address, request, self._rpc_timeout_s, self._streams, wire_ok)
         except Exception as e:  # a closed channel, a serialization bug
             future = _FailedCall(e)
         call = _InFlight(address, batches, future)

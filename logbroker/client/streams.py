@@ -168,6 +168,9 @@ class _Stream:
             yield request
 
     def _read(self) -> None:
+        from logbroker.client.wire_connection import READER_THREAD
+
+        READER_THREAD.active = True  # as a record-transport reader: callbacks here must not block on a write
         try:
             for response in self._call:
                 with self._lock:
@@ -242,8 +245,16 @@ class BrokerStreams:
         self._closed = False
 
     def send(self, method: str, response_cls: type[Message], address: str, request: Message,
-             timeout_s: float, lane: int = 0) -> Any:
-        """Send `request` on the (method, address, lane) stream, opening it if needed; a future."""
+             timeout_s: float, lane: int = 0, wire_ok: bool = True) -> Any:
+        """Send `request` on the (method, address, lane) stream, opening it if needed; a future.
+
+        `wire_ok=False` keeps this request on a gRPC stream even where the record transport is
+        available (lane -1 - lane: a stream of its own). The producer does that for big requests: a
+        Python thread writing megabytes to a socket takes the GIL back between the kernel's partial
+        writes, waiting out the switch interval each time the user's thread is busy; gRPC's C core
+        writes without it."""
+        if not wire_ok:
+            lane = -1 - lane
         deadline = time.monotonic() + timeout_s
         key = (method, address, lane)
         for _ in range(2):  # a stream that closed under us: one new one
@@ -283,9 +294,9 @@ class BrokerStreams:
         """A record-transport connection for `key` when its broker has one (else None: a gRPC stream)."""
         from logbroker.client.wire_connection import WireConnection
 
-        method, address, _ = key
+        method, address, lane = key
         api = _WIRE_APIS.get(method)
-        if api is None or self._wire_address_for is None:
+        if api is None or self._wire_address_for is None or lane < 0:
             return None
         target = self._wire_address_for(address)
         if target is None:

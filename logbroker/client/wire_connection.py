@@ -38,6 +38,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Set in reader threads, whose callbacks complete futures: code that may block writing a socket (a
+# producer shipping inline) checks it and leaves the work to its own thread instead. A reader blocked
+# in a write stops reading responses, and the broker then stops reading requests: a deadlock.
+READER_THREAD = threading.local()
+
 # Responses up to this size are read with the header in one recv() into the reusable buffer.
 READ_BUFFER_BYTES = 256 << 10
 RESPONSE_BYTES_MAX = 64 << 20  # the clients' gRPC receive limit (metadata_cache.MESSAGE_BYTES_MAX)
@@ -184,6 +189,7 @@ class WireConnection:
             fut.complete(None, StreamError(wire.status_code(status), bytes(body).decode("utf-8", "replace")))
 
     def _read(self) -> None:
+        READER_THREAD.active = True  # callbacks run here: they must not block on a socket write
         try:
             while True:
                 self._deliver(*self._read_frame())
