@@ -1,0 +1,126 @@
+"""Producer with linger_ms=0 against a real standalone broker: the calling thread ships its own batch
+(`Producer._ship_inline`), records from many threads all arrive in each thread's order, a send()
+from a completion callback (a reader thread) does not ship there and does not deadlock, and big
+requests stay on a gRPC stream while small ones take the record transport."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from logbroker import Admin, Producer
+from logbroker.client.streams import _Stream
+from logbroker.client.wire_connection import WireConnection
+from tests.integration.test_producer_send_many import read_all
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def admin(broker):
+    with Admin(broker.address) as a:
+        yield a
+
+
+def test_linger_zero_ships_from_the_calling_thread(broker, admin):
+    admin.create_topic("inline", partitions=1)
+    shipped_by: list[str] = []
+    with Producer(broker.address, acks=1, linger_ms=0) as p:
+        original = p._send_request
+
+        def recording(address, batches):
+            shipped_by.append(threading.current_thread().name)
+            return original(address, batches)
+
+        p._send_request = recording  # type: ignore[method-assign]
+        for i in range(50):
+            p.send("inline", b"v%d" % i).result(timeout=30)  # one at a time: nothing else is shipping
+    assert shipped_by, "nothing was shipped"
+    assert shipped_by.count(threading.current_thread().name) >= 45, shipped_by
+    got = read_all(broker.address, "inline", 1, 50)
+    assert [m.value for m in got[0]] == [b"v%d" % i for i in range(50)]
+
+
+def test_linger_zero_from_many_threads_keeps_each_threads_order(broker, admin):
+    admin.create_topic("threads", partitions=2)
+    threads_n, per_thread = 6, 400
+    errors: list[BaseException] = []
+    with Producer(broker.address, acks=1, linger_ms=0) as p:
+        def run(t: int) -> None:
+            try:
+                futures = [p.send("threads", b"%d:%d" % (t, i), key=b"k%d" % t) for i in range(per_thread)]
+                futures.append(p.send_many("threads", [b"%d:%d" % (t, per_thread + i) for i in range(100)],
+                                           [b"k%d" % t] * 100))
+                for f in futures:
+                    f.result(timeout=60)
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        workers = [threading.Thread(target=run, args=(t,)) for t in range(threads_n)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(90)
+        assert not any(w.is_alive() for w in workers)
+    assert not errors, errors[:3]
+    got = read_all(broker.address, "threads", 2, threads_n * (per_thread + 100))
+    seen: dict[int, list[int]] = {}
+    for msgs in got.values():
+        for m in msgs:
+            t, i = (int(x) for x in m.value.split(b":"))
+            seen.setdefault(t, []).append(i)
+    assert {t: sorted(v) for t, v in seen.items()} == {t: list(range(per_thread + 100)) for t in range(threads_n)}
+    assert all(v == sorted(v) for v in seen.values()), "a thread's records out of order"
+
+
+def test_send_from_a_completion_callback_does_not_ship_on_the_reader_thread(broker, admin):
+    """A callback runs on the connection's reader thread; shipping there could block it in a write
+    while the broker waits for it to read: the sender thread ships instead, and the chain completes."""
+    admin.create_topic("chain", partitions=1)
+    chain_n = 200
+    done = threading.Event()
+    shipped_on: set[str] = set()
+    failures: list[BaseException] = []
+    with Producer(broker.address, acks=1, linger_ms=0) as p:
+        original = p._send_request
+
+        def recording(address, batches):
+            shipped_on.add(threading.current_thread().name)
+            return original(address, batches)
+
+        p._send_request = recording  # type: ignore[method-assign]
+
+        def next_one(i: int):
+            def cb(fut) -> None:
+                if fut.exception() is not None:
+                    failures.append(fut.exception())
+                    done.set()
+                elif i + 1 == chain_n:
+                    done.set()
+                else:
+                    p.send("chain", b"%d" % (i + 1)).add_done_callback(next_one(i + 1))
+            return cb
+
+        p.send("chain", b"0").add_done_callback(next_one(0))
+        assert done.wait(60), "the callback chain stalled"
+        p.flush(30)
+    assert not failures, failures[:3]
+    assert not any(name.startswith("logbroker-wire") for name in shipped_on), shipped_on
+    got = read_all(broker.address, "chain", 1, chain_n)
+    assert [m.value for m in got[0]] == [b"%d" % i for i in range(chain_n)]
+
+
+def test_small_requests_take_the_record_transport_and_big_ones_a_grpc_stream(broker, admin):
+    admin.create_topic("sizes", partitions=1)
+    with Producer(broker.address, acks=1, linger_ms=0) as p:
+        p.send("sizes", b"small").result(timeout=30)
+        kinds = {type(s) for s in p._streams._streams.values()}
+        assert kinds == {WireConnection}, kinds
+        p.send("sizes", b"x" * (200 << 10)).result(timeout=30)
+        kinds = {type(s) for s in p._streams._streams.values()}
+        assert kinds == {WireConnection, _Stream}, kinds
+    deadline = time.monotonic() + 30
+    got = read_all(broker.address, "sizes", 1, 2, timeout_s=max(deadline - time.monotonic(), 1))
+    assert [len(m.value) for m in got[0]] == [5, 200 << 10]
