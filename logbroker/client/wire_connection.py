@@ -129,6 +129,26 @@ class WireConnection:
         with self._lock:
             return self.pending[0][1].deadline if self.pending else None
 
+    def answered_unread(self) -> bool:
+        """Inline: bytes of an answer wait in the buffer or the socket (nobody has pumped them yet)."""
+        if not self.inline or self.closed:
+            return False
+        if self._end > self._start:
+            return True
+        try:
+            return bool(select.select([self._sock], [], [], 0)[0])
+        except (OSError, ValueError):  # closed meanwhile
+            return False
+
+    def extend_head(self, deadline: float) -> float:
+        """Move the oldest request's deadline to `deadline`; returns the head's deadline now."""
+        with self._lock:
+            if not self.pending:
+                return deadline
+            fut = self.pending[0][1]
+            fut.deadline = max(fut.deadline, deadline)
+            return fut.deadline
+
     # -- reading: a reader thread, or (inline) whoever calls pump() -----------------------------
 
     def _recv_more(self, into: memoryview) -> int:

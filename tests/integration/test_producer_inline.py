@@ -124,3 +124,29 @@ def test_small_requests_take_the_record_transport_and_big_ones_a_grpc_stream(bro
     deadline = time.monotonic() + 30
     got = read_all(broker.address, "sizes", 1, 2, timeout_s=max(deadline - time.monotonic(), 1))
     assert [len(m.value) for m in got[0]] == [5, 200 << 10]
+
+
+def test_a_consumer_that_stops_polling_keeps_its_connection_and_its_answer(broker, admin):
+    """The consumer reads its fetch connection inside poll(): an answer that arrives while the user
+    is busy waits in the socket. Past the request timeout that is no failure (the broker did answer):
+    the next poll() reads it on the same connection."""
+    from logbroker import Consumer
+
+    admin.create_topic("idle-poller", partitions=1)
+    with Consumer(broker.address, topics=None, auto_offset_reset="earliest", request_timeout_ms=300,
+                  fetch_max_wait_ms=100) as c, Producer(broker.address, acks=1, linger_ms=0) as p:
+        c.assign([("idle-poller", 0)])
+        assert c.poll(timeout_ms=300) == []  # a fetch is now parked on the broker
+        conns = [s for s in c._streams._streams.values() if isinstance(s, WireConnection)]
+        assert conns and all(s.inline for s in conns)
+        p.send("idle-poller", b"hello").result(timeout=30)  # answers the parked fetch: unread
+        wait_until = time.monotonic() + 1.5  # well past the 0.4 s fetch timeout; the watchdog looks
+        while time.monotonic() < wait_until:
+            time.sleep(0.05)  # the user is busy (this is the behaviour under test, not a synchronisation)
+        assert all(not s.closed for s in conns), "an answered fetch was failed as timed out"
+        got = []
+        deadline = time.monotonic() + 10
+        while not got and time.monotonic() < deadline:
+            got = c.poll(timeout_ms=200)
+        assert [m.value for m in got] == [b"hello"]
+        assert [s for s in c._streams._streams.values() if isinstance(s, WireConnection)] == conns
