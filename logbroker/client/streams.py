@@ -216,15 +216,24 @@ class _Stream:
         self._call.cancel()
         if error.code() == grpc.StatusCode.UNIMPLEMENTED and self._owner.resend_unary(self.key, failed):
             return
-        if head_only and failed and error.code() != grpc.StatusCode.UNAVAILABLE:
-            failed[0].complete(None, error)
-            behind = StreamError(grpc.StatusCode.UNAVAILABLE,
-                                 f"stream ended by an earlier request ({error.code().name}: {error.details()})")
-            for fut in failed[1:]:
-                fut.complete(None, behind)
-            return
-        for fut in failed:
-            fut.complete(None, error)
+        fail_pending(failed, error, head_only, "stream")
+
+
+def fail_pending(failed: list[StreamFuture], error: StreamError, head_only: bool, what: str) -> None:
+    """Fail the requests a stream or connection had pending when it ended with `error`.
+
+    `head_only`: `error` is the oldest one's own outcome; the ones behind it fail with a retriable
+    UNAVAILABLE (the broker may or may not have handled them; a producer's retry is then what it is
+    after any lost response)."""
+    if head_only and failed and error.code() != grpc.StatusCode.UNAVAILABLE:
+        failed[0].complete(None, error)
+        behind = StreamError(grpc.StatusCode.UNAVAILABLE,
+                             f"{what} ended by an earlier request ({error.code().name}: {error.details()})")
+        for fut in failed[1:]:
+            fut.complete(None, behind)
+        return
+    for fut in failed:
+        fut.complete(None, error)
 
 
 def _serialize(message: Message) -> bytes:

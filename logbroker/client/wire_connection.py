@@ -31,7 +31,7 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 
 from logbroker import wire
-from logbroker.client.streams import STREAM_PENDING_MAX, StreamError, StreamFuture
+from logbroker.client.streams import STREAM_PENDING_MAX, StreamError, StreamFuture, fail_pending
 
 if TYPE_CHECKING:
     from logbroker.client.streams import BrokerStreams
@@ -273,12 +273,4 @@ class WireConnection:
                 self._close_socket()
             finally:
                 self._read_lock.release()
-        if head_only and failed and error.code() != grpc.StatusCode.UNAVAILABLE:
-            failed[0].complete(None, error)
-            behind = StreamError(grpc.StatusCode.UNAVAILABLE, f"connection ended by an earlier request "
-                                 f"({error.code().name}: {error.details()})")
-            for fut in failed[1:]:
-                fut.complete(None, behind)
-            return
-        for fut in failed:
-            fut.complete(None, error)
+        fail_pending(failed, error, head_only, "connection")

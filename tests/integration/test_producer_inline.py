@@ -10,31 +10,31 @@ import time
 
 import pytest
 
-from logbroker import Admin, Producer
+from logbroker import Producer
 from logbroker.client.streams import _Stream
 from logbroker.client.wire_connection import WireConnection
+from tests.integration.test_producer_send_many import admin as admin  # the fixture
 from tests.integration.test_producer_send_many import read_all
 
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture
-def admin(broker):
-    with Admin(broker.address) as a:
-        yield a
+def record_shipping_threads(p: Producer, into: list[str]) -> None:
+    """Note the name of the thread behind every Produce request `p` sends."""
+    original = p._send_request
+
+    def recording(address, batches):
+        into.append(threading.current_thread().name)
+        return original(address, batches)
+
+    p._send_request = recording  # type: ignore[method-assign]
 
 
 def test_linger_zero_ships_from_the_calling_thread(broker, admin):
     admin.create_topic("inline", partitions=1)
     shipped_by: list[str] = []
     with Producer(broker.address, acks=1, linger_ms=0) as p:
-        original = p._send_request
-
-        def recording(address, batches):
-            shipped_by.append(threading.current_thread().name)
-            return original(address, batches)
-
-        p._send_request = recording  # type: ignore[method-assign]
+        record_shipping_threads(p, shipped_by)
         for i in range(50):
             p.send("inline", b"v%d" % i).result(timeout=30)  # one at a time: nothing else is shipping
     assert shipped_by, "nothing was shipped"
@@ -81,16 +81,10 @@ def test_send_from_a_completion_callback_does_not_ship_on_the_reader_thread(brok
     admin.create_topic("chain", partitions=1)
     chain_n = 200
     done = threading.Event()
-    shipped_on: set[str] = set()
+    shipped_on: list[str] = []
     failures: list[BaseException] = []
     with Producer(broker.address, acks=1, linger_ms=0) as p:
-        original = p._send_request
-
-        def recording(address, batches):
-            shipped_on.add(threading.current_thread().name)
-            return original(address, batches)
-
-        p._send_request = recording  # type: ignore[method-assign]
+        record_shipping_threads(p, shipped_on)
 
         def next_one(i: int):
             def cb(fut) -> None:
@@ -107,7 +101,7 @@ def test_send_from_a_completion_callback_does_not_ship_on_the_reader_thread(brok
         assert done.wait(60), "the callback chain stalled"
         p.flush(30)
     assert not failures, failures[:3]
-    assert not any(name.startswith("logbroker-wire") for name in shipped_on), shipped_on
+    assert not any(name.startswith("logbroker-wire") for name in shipped_on), set(shipped_on)
     got = read_all(broker.address, "chain", 1, chain_n)
     assert [m.value for m in got[0]] == [b"%d" % i for i in range(chain_n)]
 

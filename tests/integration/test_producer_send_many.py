@@ -39,6 +39,7 @@ def read_all(address: str, topic: str, partitions: int, expected: int, timeout_s
 
 @pytest.fixture
 def admin(broker):
+    """An Admin client of the `broker` fixture's broker (also used by test_producer_inline)."""
     with Admin(broker.address) as a:
         yield a
 
