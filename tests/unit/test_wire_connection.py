@@ -309,7 +309,7 @@ def test_an_unreachable_data_port_falls_back_to_grpc_streams_for_a_while(peer):
             fut = send(streams, 0)
             assert error_of(fut).code() == grpc.StatusCode.UNAVAILABLE
         assert channels == [ADDRESS, ADDRESS]  # the first refused connect and the next send: gRPC
-        assert ADDRESS in streams._wire_refused
+        assert ("127.0.0.1", port) in streams._wire_refused
     finally:
         streams.close()
 
@@ -489,3 +489,57 @@ def test_a_request_over_the_client_limit_fails_without_being_written(peer, make_
     assert pb.ProduceRequest.FromString(body) == req(1)
     sock.sendall(ok_frame(corr, produce_response(1, 1)))
     assert ok.result(10).results[0].partition == 1
+
+
+# -- falling back to gRPC streams and back -----------------------------------------------------------
+
+
+def test_a_fallback_grpc_stream_gives_way_to_the_record_transport_once_a_new_data_port_answers(peer):
+    """A broker restarted on another data port (the default: one the OS picks): the refused old port
+    does not keep its requests on gRPC; the idle fallback stream is replaced by a connection."""
+    from tests.unit.test_client_streams import Server, _response
+
+    def stream(requests: Iterator[bytes], context: Any) -> Iterator[bytes]:
+        for n, raw in enumerate(requests):
+            yield _response(pb.ProduceRequest.FromString(raw), 1000 + n).SerializeToString()
+
+    srv = Server({"ProduceStream": grpc.stream_stream_rpc_method_handler(stream)})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        old_port = s.getsockname()[1]  # closed again: connections to it are refused
+    target = [("127.0.0.1", old_port)]
+    streams = BrokerStreams(lambda _a: srv.channel, no_grpc, lambda _a: target[0])
+    try:
+        assert send(streams, 0).result(10).results[0].base_offset == 1000  # over gRPC
+        fallback = streams._streams[(PRODUCE_STREAM, ADDRESS, 0)]
+        assert not isinstance(fallback, WireConnection) and fallback.wire_fallback
+        assert send(streams, 1).result(10).results[0].base_offset == 1001  # the old port stays refused
+        assert streams._streams[(PRODUCE_STREAM, ADDRESS, 0)] is fallback
+        target[0] = peer.address  # metadata now advertises the new port
+        fut = send(streams, 2)
+        sock = peer.accept()
+        corr = read_request(sock)[1]
+        sock.sendall(ok_frame(corr, produce_response(2, 7)))
+        assert fut.result(10).results[0].base_offset == 7
+        assert connection(streams) is not fallback and fallback.closed
+    finally:
+        streams.close()
+        srv.close()
+
+
+def test_a_grpc_stream_to_a_broker_without_a_data_port_is_not_a_fallback():
+    from tests.unit.test_client_streams import Server, _response
+
+    def stream(requests: Iterator[bytes], context: Any) -> Iterator[bytes]:
+        for raw in requests:
+            yield _response(pb.ProduceRequest.FromString(raw), 1).SerializeToString()
+
+    srv = Server({"ProduceStream": grpc.stream_stream_rpc_method_handler(stream)})
+    streams = BrokerStreams(lambda _a: srv.channel, no_grpc, lambda _a: None)
+    try:
+        assert send(streams, 0).result(10).results[0].base_offset == 1
+        s = streams._streams[(PRODUCE_STREAM, ADDRESS, 0)]
+        assert not isinstance(s, WireConnection) and not s.wire_fallback
+    finally:
+        streams.close()
+        srv.close()
