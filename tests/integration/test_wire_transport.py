@@ -408,3 +408,42 @@ def test_a_stopped_broker_times_requests_out_and_loses_nothing_acknowledged(brok
         consumer.close()
     firsts = list(dict.fromkeys(received))
     assert firsts == sorted(firsts), "records out of send order"
+
+
+def test_clients_return_to_the_record_transport_after_a_restart_on_a_new_data_port(broker_factory):
+    """kill -9, restart on the same gRPC port: the data port is a new one (the OS picks it). The
+    clients go on over gRPC streams meanwhile, then move to the new port once metadata says so."""
+    broker = broker_factory()
+    old_port = data_port(broker)
+    create_topic(broker, "back")
+    producer = Producer(broker.address, linger_ms=0, request_timeout_ms=2000, delivery_timeout_ms=60_000,
+                        retry_backoff_ms=50, metadata_max_age_ms=500)
+    consumer = Consumer(broker.address, auto_offset_reset="earliest", fetch_max_wait_ms=100, metadata_max_age_ms=500)
+    consumer.assign([("back", 0)])
+    received: list[bytes] = []
+    sent = [0]
+
+    def step() -> None:
+        producer.send("back", b"%05d" % sent[0])
+        sent[0] += 1
+        received.extend(m.value for m in consumer.poll(timeout_ms=50))
+
+    def on_wire(port: int) -> bool:
+        step()
+        conns = [*producer._streams._streams.values(), *consumer._streams._streams.values()]
+        return len(conns) == 2 and all(isinstance(c, WireConnection) and not c.closed
+                                       and c._sock.getpeername()[1] == port for c in conns)
+
+    try:
+        wait_for(lambda: on_wire(old_port), 30, "both clients on the record transport")
+        broker.kill(signal.SIGKILL)
+        broker2 = broker_factory(data_dir=broker.data_dir, port=broker.port)
+        new_port = data_port(broker2)
+        assert new_port != old_port
+        wait_for(lambda: on_wire(new_port), 30, "both clients back on the record transport, on its new port")
+        producer.flush(30)
+        acked_before = sent[0]
+        wait_for(lambda: (step() or True) and len(set(received)) >= acked_before, 30, "the records consumed")
+    finally:
+        producer.close(10)
+        consumer.close()
