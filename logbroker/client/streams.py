@@ -139,6 +139,9 @@ class _Stream:
         self.pending: deque[StreamFuture] = deque()
         self._requests: queue.SimpleQueue[Message | None] = queue.SimpleQueue()
         self.closed = False
+        # Opened because the broker's record transport could not be used: BrokerStreams replaces it
+        # by a record-transport connection once one opens, at a moment nothing is pending on it.
+        self.wire_fallback = False
         multi = channel.stream_stream(key[0], request_serializer=_serialize,
                                       response_deserializer=response_cls.FromString)
         self._call = multi(self._request_iterator())
@@ -250,7 +253,9 @@ class BrokerStreams:
         self._channel_for = channel_for
         self._unary_for = unary_for  # (method path, address) -> the unary multi-callable's .future
         self._wire_address_for = wire_address_for  # address -> (host, data port), None: gRPC only
-        self._wire_refused: dict[str, float] = {}  # address -> until when its data port is not tried
+        # (host, data port) -> until when it is not tried: per advertised port, not per broker, so a
+        # broker restarted on another data port (the default: one the OS picks) is tried at once.
+        self._wire_refused: dict[tuple[str, int], float] = {}
         self.inline = inline  # record-transport connections read by pump() (the consumer's poll thread)
         self._lock = threading.Condition()
         self._streams: dict[tuple[str, str, int], _Stream | WireConnection] = {}
@@ -285,6 +290,8 @@ class BrokerStreams:
                 if stream is not None and stream.closed:  # it failed before it was registered
                     del self._streams[key]
                     stream = None
+            if isinstance(stream, _Stream) and stream.wire_fallback and stream.head_deadline() is None:
+                stream = self._leave_fallback(stream, response_cls, timeout_s)
             if stream is None:
                 opened: _Stream | WireConnection | None = self._open_wire(key, response_cls, timeout_s)
                 if opened is None:
@@ -292,6 +299,7 @@ class BrokerStreams:
                         opened = _Stream(self, key, self._channel_for(address), response_cls)
                     except Exception as e:  # a closed channel
                         return _failed(request, grpc.StatusCode.UNAVAILABLE, f"cannot open a stream to {address}: {e}")
+                    opened.wire_fallback = self._wire_target(key) is not None
                 with self._lock:
                     if self._closed or key in self._streams:
                         other = self._streams.get(key)
@@ -307,20 +315,43 @@ class BrokerStreams:
                 return fut
         return _failed(request, grpc.StatusCode.UNAVAILABLE, f"the stream to {address} keeps closing")
 
+    def _wire_target(self, key: tuple[str, str, int]) -> tuple[str, int] | None:
+        """(host, data port) for `key`'s requests when its broker advertises the record transport
+        (never for a gRPC-only lane, lane < 0: see send())."""
+        if key[0] not in _WIRE_APIS or self._wire_address_for is None or key[2] < 0:
+            return None
+        return self._wire_address_for(key[1])
+
+    def _leave_fallback(self, stream: _Stream, response_cls: type[Message],
+                        timeout_s: float) -> _Stream | WireConnection | None:
+        """An idle fallback gRPC stream's replacement, once the record transport opens (a broker
+        restarted on a new data port, or WIRE_RETRY_AFTER_S passed); else the stream itself."""
+        conn = self._open_wire(stream.key, response_cls, timeout_s)
+        if conn is None:
+            return stream
+        with self._lock:
+            replaced = not self._closed and self._streams.get(stream.key) is stream
+            if replaced:
+                self._streams[stream.key] = conn
+        if not replaced:
+            conn.fail(StreamError(grpc.StatusCode.CANCELLED, "superseded"))
+            return stream
+        # Nothing was pending on it; a request another thread put there meanwhile fails retriably.
+        stream.fail(StreamError(grpc.StatusCode.UNAVAILABLE, "replaced by the record transport"))
+        return conn
+
     def _open_wire(self, key: tuple[str, str, int], response_cls: type[Message],
                    timeout_s: float) -> WireConnection | None:
         """A record-transport connection for `key` when its broker has one (else None: a gRPC stream)."""
         from logbroker.client.wire_connection import WireConnection
 
-        method, address, lane = key
+        method, address, _ = key
         api = _WIRE_APIS.get(method)
-        if api is None or self._wire_address_for is None or lane < 0:
-            return None
-        target = self._wire_address_for(address)
-        if target is None:
+        target = self._wire_target(key)
+        if api is None or target is None:
             return None
         with self._lock:
-            until = self._wire_refused.get(address)
+            until = self._wire_refused.get(target)
             if until is not None and time.monotonic() < until:
                 return None
         try:
@@ -328,7 +359,7 @@ class BrokerStreams:
                                   min(max(timeout_s, 0.001), WIRE_CONNECT_TIMEOUT_S), self._arm, self.inline)
         except OSError as e:
             with self._lock:
-                self._wire_refused[address] = time.monotonic() + WIRE_RETRY_AFTER_S
+                self._wire_refused[target] = time.monotonic() + WIRE_RETRY_AFTER_S
             log.warning("broker %s: its record transport at %s:%d is unreachable (%s); using gRPC streams "
                         "for %.0f s", address, target[0], target[1], e, WIRE_RETRY_AFTER_S)
             return None

@@ -122,7 +122,11 @@ class WireConnection:
                     self._sock.sendall(head)
                     self._sock.sendall(body)
             except OSError as e:
-                self.fail(StreamError(grpc.StatusCode.UNAVAILABLE, f"writing to {self._where} failed: {e}"))
+                write_error: OSError | None = e
+            else:
+                write_error = None
+        if write_error is not None:  # not under the write lock: fail() may close the socket, which takes it
+            self.fail(StreamError(grpc.StatusCode.UNAVAILABLE, f"writing to {self._where} failed: {write_error}"))
         return fut
 
     def head_deadline(self) -> float | None:

@@ -99,6 +99,7 @@ class _Connection(asyncio.BufferedProtocol):
         # Requests in order: (corr, running task) or (corr, finished response frame).
         self._pending: deque[tuple[int, asyncio.Task[Message | bytes] | bytes]] = deque()
         self._finishing = False  # read no more; close once every pending request is answered
+        self._eof = False  # the client closed its side: finish once the whole frames read are started
         self._read_paused = False
         self._write_paused = False
         self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -146,12 +147,16 @@ class _Connection(asyncio.BufferedProtocol):
             if self._big_have == len(self._big):
                 frame, self._big = self._big, None
                 self._dispatch(frame)
+                self._pump()
             return
         self._len += nbytes
-        self._cut_frames()
+        self._pump()
 
     def eof_received(self) -> bool:
-        self.finish()  # the client sent its last request: answer what was read, then close
+        """The client sent its last request: answer every whole frame read, then close (saying so
+        when its last frame was cut off; nothing of that frame is run)."""
+        self._eof = True
+        self._pump()
         return True  # keep our side open until finish() closes it
 
     def pause_writing(self) -> None:
@@ -160,13 +165,39 @@ class _Connection(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        self._maybe_resume_reading()
+        self._update_reading()
 
     # -- frames in -----------------------------------------------------------------------------
 
-    def _cut_frames(self) -> None:
+    def _pump(self) -> None:
+        """Cut frames while the pipeline has room and write the answers that are ready, again while
+        answering made room for frames already read; then pause or resume reading to match."""
+        while True:
+            cut = self._cut_frames()
+            self._write_ready()
+            if not cut or self._finishing or len(self._pending) >= self._server.pipeline_max or self._len < 4:
+                break
+        if self._eof and not self._finishing and not self._whole_frame_buffered():
+            if self._len or self._big is not None:
+                self._pending.append((0, wire.error_frame(0, grpc.StatusCode.INVALID_ARGUMENT,
+                                                          "connection closed inside a frame")))
+            self.finish()
+        self._update_reading()
+
+    def _whole_frame_buffered(self) -> bool:
+        """Whether the buffer starts with something _cut_frames would take (a whole frame, or a size
+        it refuses)."""
+        if self._big is not None or self._len < 4:
+            return False
+        size = int.from_bytes(self._buf[:4], "big")
+        return size < wire.SIZE_MIN or size > self._server.size_max or self._len >= 4 + size
+
+    def _cut_frames(self) -> int:
+        """Start the requests of the whole frames in the buffer, while the pipeline has room; how many."""
         buf, pos, end = self._buf, 0, self._len
-        while not self._finishing and end - pos >= 4:
+        cut = 0
+        pipeline_max = self._server.pipeline_max
+        while not self._finishing and len(self._pending) < pipeline_max and end - pos >= 4:
             size = int.from_bytes(buf[pos : pos + 4], "big")
             if size < wire.SIZE_MIN or size > self._server.size_max:
                 corr = int.from_bytes(buf[pos + 5 : pos + 9], "big") if end - pos >= 9 else 0
@@ -191,12 +222,13 @@ class _Connection(asyncio.BufferedProtocol):
             frame = bytes(buf[pos + 4 : pos + 4 + size])
             pos += 4 + size
             self._dispatch(frame)
+            cut += 1
         if pos:
             kept = end - pos
             if kept:
                 buf[:kept] = buf[pos:end]
             self._len = kept
-        self._write_ready()
+        return cut
 
     def _dispatch(self, frame: bytes | bytearray) -> None:
         api = frame[0]
@@ -214,13 +246,11 @@ class _Connection(asyncio.BufferedProtocol):
         task = asyncio.get_running_loop().create_task(_run(fn, request))
         self._pending.append((corr, task))
         task.add_done_callback(self._on_done)
-        if len(self._pending) >= self._server.pipeline_max:
-            self._pause_reading()
 
     # -- answers out ---------------------------------------------------------------------------
 
     def _on_done(self, _task: asyncio.Task[Message | bytes]) -> None:
-        self._write_ready()
+        self._pump()
 
     def _write_ready(self) -> None:
         """Write every answer at the head of the line that is ready, in request order."""
@@ -259,8 +289,6 @@ class _Connection(asyncio.BufferedProtocol):
             transport.write(small[0] if len(small) == 1 else b"".join(small))
         if self._finishing and not pending:
             transport.close()
-        else:
-            self._maybe_resume_reading()
 
     # -- flow ----------------------------------------------------------------------------------
 
@@ -269,10 +297,13 @@ class _Connection(asyncio.BufferedProtocol):
             self._read_paused = True
             self._transport.pause_reading()
 
-    def _maybe_resume_reading(self) -> None:
-        if (self._read_paused and not self._finishing and not self._write_paused
-                and len(self._pending) < self._server.pipeline_max and self._transport is not None
-                and not self._transport.is_closing()):
+    def _update_reading(self) -> None:
+        """Read only while the pipeline has room, answers drain and the connection is not finishing
+        (requests refused at once take pipeline room too, until written: a client sending garbage
+        and never reading is held by the write buffer's high-water mark)."""
+        if self._finishing or self._write_paused or len(self._pending) >= self._server.pipeline_max:
+            self._pause_reading()
+        elif self._read_paused and self._transport is not None and not self._transport.is_closing():
             self._read_paused = False
             self._transport.resume_reading()
 

@@ -159,13 +159,18 @@ def test_oversized_stream_message_is_refused_and_changes_nothing(broker_factory)
     assert high_watermark(broker.address, "big") == 6  # "small" plus the five, not the huge one
 
 
-def test_clients_use_streams_and_survive_a_kill_9_mid_stream(broker_factory):
+@pytest.mark.parametrize("transport", ["tcp", "grpc"])
+def test_clients_use_streams_and_survive_a_kill_9_mid_stream(broker_factory, transport: str):
+    from logbroker.client.streams import _Stream
+    from logbroker.client.wire_connection import WireConnection
+
     broker = broker_factory()
     with Admin(broker.address) as admin:
         admin.create_topic("k", partitions=1)
     producer = Producer(broker.address, acks=1, linger_ms=0, delivery_timeout_ms=30_000, request_timeout_ms=2000,
-                        retry_backoff_ms=50)
-    consumer = Consumer(broker.address, topics=None, auto_offset_reset="earliest", fetch_max_wait_ms=500)
+                        retry_backoff_ms=50, transport=transport)
+    consumer = Consumer(broker.address, topics=None, auto_offset_reset="earliest", fetch_max_wait_ms=500,
+                        transport=transport)
     consumer.assign([("k", 0)])
     acked: list[int] = []
     failed: list[BaseException] = []
@@ -207,6 +212,9 @@ def test_clients_use_streams_and_survive_a_kill_9_mid_stream(broker_factory):
         kinds = {key[0].rsplit("/", 1)[1] for key in producer._streams._streams}
         kinds |= {key[0].rsplit("/", 1)[1] for key in consumer._streams._streams}
         assert kinds == {"ProduceStream", "FetchStream"}
+        kind = WireConnection if transport == "tcp" else _Stream
+        opened = [*producer._streams._streams.values(), *consumer._streams._streams.values()]
+        assert all(type(s) is kind for s in opened), opened
         broker.kill(signal.SIGKILL)
         at_kill = len(acked)
         broker2 = broker_factory(data_dir=broker.data_dir, port=broker.port)

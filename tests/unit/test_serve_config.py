@@ -147,3 +147,32 @@ def test_serve_reports_a_config_error_in_one_line(tmp_path: Path, capsys: pytest
     assert cli.main(["serve", "--config", str(f)]) == cli.EXIT_ERROR
     err = capsys.readouterr().err
     assert err.startswith("logbroker: error: ") and "unknown setting 'nope'" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("argv, environ, expected", [
+    ([], {}, (True, "", 0)),  # default: the listen host, a port the OS picks
+    (["--data-listen", ""], {}, (True, "", 0)),
+    (["--data-listen", "off"], {}, (False, "", 0)),
+    (["--data-listen", " OFF "], {}, (False, "", 0)),
+    (["--data-listen", "10.1.2.3:9093"], {}, (True, "10.1.2.3", 9093)),
+    (["--data-listen", "[::1]:9094"], {}, (True, "::1", 9094)),
+    (["--data-listen", "0.0.0.0"], {}, (True, "0.0.0.0", 0)),  # no port: the OS picks one
+    (["--data-listen", ":9095"], {}, (True, "127.0.0.1", 9095)),
+    ([], {"LOGBROKER_DATA_LISTEN": "off"}, (False, "", 0)),
+    (["--data-listen", "127.0.0.1:9096"], {"LOGBROKER_DATA_LISTEN": "off"}, (True, "127.0.0.1", 9096)),
+])
+def test_data_listen(argv: list[str], environ: dict[str, str], expected: tuple[bool, str, int]):
+    _, config = resolve(argv, environ)
+    assert (config.data_listen_enabled, config.data_listen_host, config.data_listen_port) == expected
+
+
+def test_data_listen_from_a_config_file(tmp_path: Path):
+    f = tmp_path / "c.toml"
+    f.write_text('data_listen = "off"\n')
+    assert resolve(["--config", str(f)])[1].data_listen_enabled is False
+
+
+@pytest.mark.parametrize("value", ["h:99999", "h:x", "h:-1", "[::1]:x"])
+def test_a_bad_data_listen_fails(value: str):
+    with pytest.raises(ConfigError, match="bad port|address"):
+        resolve(["--data-listen", value])
