@@ -174,8 +174,9 @@ def test_ports_names_and_paths_agree(overlay):
     cfg = settings(resources)
     listen_port = parse_host_port(cfg["listen"])[1]
     metrics_port = parse_host_port(cfg["metrics_listen"])[1]
+    data_port = parse_host_port(cfg["data_listen"])[1]
     ports = {p["name"]: p["containerPort"] for p in main["ports"]}
-    assert ports == {"grpc": listen_port, "metrics": metrics_port}
+    assert ports == {"grpc": listen_port, "data": data_port, "metrics": metrics_port}
     assert main["readinessProbe"]["grpc"]["port"] == listen_port
     annotations = sts["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
@@ -189,6 +190,7 @@ def test_ports_names_and_paths_agree(overlay):
 
     headless = find(resources, "Service", sts["spec"]["serviceName"])
     assert headless["spec"]["clusterIP"] == "None" and headless["spec"]["publishNotReadyAddresses"] is True
+    assert {p["name"]: p["port"] for p in headless["spec"]["ports"]} == ports  # clients reach each pod's data port
     client = find(resources, "Service", "logbroker")
     assert {p["port"] for p in client["spec"]["ports"]} == {listen_port}
     for svc in (headless, client):
