@@ -731,6 +731,7 @@ class Consumer:
                 self._poll_thread = None
 
     def _poll_locked(self, deadline: float | None, limit: int) -> list[Message]:
+        pumped = False  # the inline connections were read once without waiting (a poll past its deadline)
         while True:
             if self._closed:
                 return []
@@ -745,8 +746,10 @@ class Consumer:
                 if head.next_message < len(head.messages) and head.epoch == head.state.epoch:
                     out = head.take(limit)
                     head.state.position = out[-1].offset + 1
-                    if len(out) == limit or not self._in_flight:
+                    if len(out) == limit and self._in_flight:
                         return out
+                    # the next fetch goes out while these records are used (it was deferred after a
+                    # small response, or completes now)
                     self._collect_and_send(time.monotonic())
                     return out
             now = time.monotonic()
@@ -768,10 +771,16 @@ class Consumer:
             if self._chunks:
                 continue  # only control batches or skipped records: go on decoding
             wait = self._wait_time(now, deadline)
-            if (wait is not None and wait <= 0) or self._closed:
-                return []
             inline = [c.future.connection for c in self._in_flight
                       if getattr(c.future, "connection", None) is not None and not c.future.done()]
+            if (wait is not None and wait <= 0) or self._closed:
+                if inline and not self._closed and not pumped:  # poll(0): read what has come, once
+                    pumped = True
+                    for conn in inline:
+                        conn.pump()
+                    if any(c.future.done() for c in self._in_flight):
+                        continue
+                return []
             for conn in self._wakeup.wait(wait, inline):
                 conn.pump()  # completes its fetches here; their callbacks set _wakeup
 
@@ -1292,7 +1301,8 @@ class Consumer:
                 self._metadata.release_streams(self._streams)
                 if self._owns_metadata:
                     self._metadata.close()
-                if got and not inside_poll:  # no poll() is selecting on it
+                if got:  # no poll() is waiting on it (inside_poll: the poll() that called us returns
+                    # [] before waiting again); else the garbage collector closes its sockets
                     self._wakeup.close()
         finally:
             if got and not inside_poll:

@@ -449,14 +449,13 @@ class MetadataCache:
         """Merge a Metadata response (asked for `wanted`; None: all topics) into the cache."""
         answering_host = answered_by.rpartition(":")[0]
         brokers: dict[int, str] = {}
-        data_addresses: dict[str, tuple[str, int]] = {}
+        data_addresses: dict[str, tuple[str, int] | None] = {}  # None: advertises none (any more)
         for b in resp.brokers:
             host = b.host
             if host in ("", "0.0.0.0", "::", "[::]") and answering_host:
                 host = answering_host  # a wildcard listen address is no address to dial
             brokers[b.broker_id] = broker_address(host, b.port)
-            if 0 < b.data_port <= 65535:
-                data_addresses[brokers[b.broker_id]] = (host.strip("[]"), b.data_port)
+            data_addresses[brokers[b.broker_id]] = (host.strip("[]"), b.data_port) if 0 < b.data_port <= 65535 else None
         routes: dict[str, TopicRoute | None] = {}
         answered: set[str] = set()
         for t in resp.topics:
@@ -474,7 +473,11 @@ class MetadataCache:
             routes[t.name] = TopicRoute(t.name, parts)
         with self._lock:
             self._brokers = brokers
-            self._data_addresses.update(data_addresses)  # kept for brokers a partial answer left out
+            for address, data in data_addresses.items():  # brokers a partial answer left out are kept
+                if data is None:
+                    self._data_addresses.pop(address, None)
+                else:
+                    self._data_addresses[address] = data
             self._controller_id = resp.controller_id
             self.cluster_id = resp.cluster_id
             if wanted is None:

@@ -1067,10 +1067,11 @@ class Producer:
                     finally:
                         self._sender_waiting = False
                     return True
-            self._ship(requests, expired, now)
+            done = self._ship(requests, expired, now)
         finally:
             if shipping:
                 self._ship_lock.release()
+        self._finish_shipped(done)
         return True
 
     def _ship_inline(self) -> None:
@@ -1094,12 +1095,18 @@ class Producer:
                 if (self._sender_waiting and wake_at is not None
                         and (self._sender_wake_at is None or wake_at < self._sender_wake_at)):
                     self._sender_cond.notify()
-            self._ship(requests, expired, now)
+            done = self._ship(requests, expired, now)
         finally:
             self._ship_lock.release()
+        self._finish_shipped(done)
 
-    def _ship(self, requests: list[tuple[str, list[_Batch]]], expired: list[_Batch], now: float) -> None:
-        """Fail the expired batches, send the requests (with _ship_lock held, not _lock)."""
+    def _ship(self, requests: list[tuple[str, list[_Batch]]], expired: list[_Batch],
+              now: float) -> list[tuple[_Batch, BaseException | None]]:
+        """Send the requests (with _ship_lock held, not _lock). Returns the batches that are done
+        already, expired ones with their error and acks=0 ones with None: the caller finishes them
+        (user callbacks run then) after letting go of _ship_lock, so a callback that calls flush()
+        does not wait on a lock its own thread holds."""
+        done: list[tuple[_Batch, BaseException | None]] = []
         for b in expired:
             cause = b.last_error
             err = KafkaTimeoutError(
@@ -1108,9 +1115,18 @@ class Producer:
                 + (f" (last error: {cause})" if cause is not None else "")
             )
             err.__cause__ = cause
-            self._finish(b, -1, -1, err)
+            done.append((b, err))
         for address, batches in requests:
-            self._send_request(address, batches)
+            if self._send_request(address, batches):  # acks=0: done once written
+                done += [(b, None) for b in batches]
+        return done
+
+    def _finish_shipped(self, done: list[tuple[_Batch, BaseException | None]]) -> None:
+        for b, err in done:
+            if err is None:
+                b.result.complete(-1, -1, None)  # acks=0
+            else:
+                self._finish(b, -1, -1, err)
 
     def _drain(self, now: float) -> tuple[list[tuple[str, list[_Batch]]], list[_Batch], float | None]:
         """Pick the batches to ship now, grouped per leader (with _lock held).
@@ -1208,8 +1224,9 @@ class Producer:
                 self._release(b)
         return list(by_leader.items()), expired, wake_at
 
-    def _send_request(self, address: str, batches: list[_Batch]) -> None:
-        """One Produce for `batches` (consecutive batches of one partition share one `records`)."""
+    def _send_request(self, address: str, batches: list[_Batch]) -> bool:
+        """One Produce for `batches` (consecutive batches of one partition share one `records`).
+        True with acks=0: the batches are done once written (the caller completes them)."""
         per_partition: dict[_PartitionAccumulator, list[bytes]] = {}
         for b in batches:
             if b.payload is None:
@@ -1230,10 +1247,8 @@ class Producer:
         except Exception as e:  # a closed channel, a serialization bug
             future = _FailedCall(e)
         call = _InFlight(address, batches, future)
-        if self._acks == 0:
-            for b in batches:
-                b.result.complete(-1, -1, None)
         future.add_done_callback(lambda _f, call=call: self._on_response(call))
+        return self._acks == 0
 
     def _on_response(self, call: _InFlight) -> None:
         """gRPC thread: hand the finished call to the sender thread."""

@@ -54,7 +54,9 @@ FETCH_STREAM = "/logbroker.v1.Broker/FetchStream"
 # RESOURCE_EXHAUSTED, which producers take as a final "request too large"): the callers bound their
 # in-flight requests far below it.
 STREAM_PENDING_MAX = 1024
-WIRE_CONNECT_TIMEOUT_S = 5.0
+# Connecting happens in the calling thread (a send() with linger_ms=0, a poll()): a filtered data port
+# costs it at most this, once per WIRE_RETRY_AFTER_S; loopback and LAN connects take well under 1 ms.
+WIRE_CONNECT_TIMEOUT_S = 1.0
 # An inline connection's overdue request whose answer waits unread (its client is not polling) is
 # looked at again this much later instead of failed.
 UNREAD_RECHECK_S = 1.0
@@ -368,6 +370,12 @@ class BrokerStreams:
         with self._lock:
             if self._streams.get(stream.key) is stream:
                 del self._streams[stream.key]
+            target = getattr(stream, "target", None)
+            if (target is not None and stream.answers == 0  # type: ignore[union-attr]
+                    and error.code() == grpc.StatusCode.UNAVAILABLE):
+                # closed before any answer (a broker at its connection limit resets new ones): like a
+                # refused connect, gRPC streams for a while instead of reconnecting at once
+                self._wire_refused[target] = time.monotonic() + WIRE_RETRY_AFTER_S
             if error.code() == grpc.StatusCode.UNIMPLEMENTED:
                 if stream.key[1] not in self._unary_only:
                     log.info("broker %s has no stream methods: using unary calls", stream.key[1])

@@ -1,4 +1,4 @@
-"""A `threading.Event` whose `wait` can also end when sockets become readable.
+"""A `threading.Event` whose `wait` can also end when sockets become readable (poll(2)).
 
 The consumer's poll() waits for "something happened" (a fetch or commit completed, a membership
 change, close()) set by other threads, and, with the record transport read inline, for its fetch
@@ -64,12 +64,15 @@ class Waker:
             return []
         by_fd = {s.fileno(): s for s in also}
         by_fd.pop(-1, None)  # closed
+        poller = select.poll()  # not select(): it refuses descriptors above 1023
         try:
-            ready, _, _ = select.select([self._r.fileno(), *by_fd], [], [],
-                                        None if timeout_s is None else max(timeout_s, 0.0))
-        except (OSError, ValueError):  # a connection closed meanwhile: the caller looks again
+            poller.register(self._r.fileno(), select.POLLIN)
+            for fd in by_fd:
+                poller.register(fd, select.POLLIN)
+            events = poller.poll(None if timeout_s is None else max(0, int(timeout_s * 1000 + 0.999)))
+        except (OSError, ValueError):  # closed meanwhile: the caller looks again
             return []
-        return [by_fd[fd] for fd in ready if fd in by_fd]
+        return [by_fd[fd] for fd, _ in events if fd in by_fd]
 
     def close(self) -> None:
         with self._lock:

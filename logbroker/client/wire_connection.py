@@ -50,6 +50,16 @@ REQUEST_BYTES_MAX = 64 << 20
 SMALL_WRITE_BYTES = 64 << 10  # header and body in one send() below this; two above (no 1 MiB copy)
 
 
+def readable(fd: int, wait_s: float) -> bool:
+    """Whether `fd` has bytes (or EOF) to read within `wait_s`: poll(), not select(), which refuses
+    descriptors above 1023."""
+    if fd < 0:
+        raise ValueError("closed socket")
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(max(0, int(wait_s * 1000 + 0.999))))
+
+
 class _Ended(Exception):
     """The connection cannot go on; `error` is what its pending requests get."""
 
@@ -83,6 +93,8 @@ class WireConnection:
             self._sock.close()
             raise
         self._where = f"{address[0]}:{address[1]}"
+        self.target = address
+        self.answers = 0  # responses read; a connection closed before its first is taken as refused
         self._buf = bytearray(READ_BUFFER_BYTES)
         self._view = memoryview(self._buf)
         self._start = self._end = 0  # unparsed bytes are _buf[_start:_end]
@@ -135,12 +147,12 @@ class WireConnection:
 
     def answered_unread(self) -> bool:
         """Inline: bytes of an answer wait in the buffer or the socket (nobody has pumped them yet)."""
-        if not self.inline or self.closed:
-            return False
+        if not self.inline or self.closed or self._read_lock.locked():
+            return False  # a pump() reading now (maybe stalled inside a frame): the deadline applies
         if self._end > self._start:
             return True
         try:
-            return bool(select.select([self._sock], [], [], 0)[0])
+            return readable(self._sock.fileno(), 0)
         except (OSError, ValueError):  # closed meanwhile
             return False
 
@@ -202,6 +214,7 @@ class WireConnection:
             raise _Ended(StreamError(grpc.StatusCode.INTERNAL,
                                      f"{self._where} answered correlation id {corr}, not the oldest request's"))
         fut = head[1]
+        self.answers += 1
         if status == wire.STATUS_OK:
             try:
                 response = self._response_cls.FromString(body)
@@ -229,10 +242,10 @@ class WireConnection:
         try:
             if self.closed:
                 return
-            ready = self._end > self._start or bool(select.select([self._sock], [], [], max(wait_s, 0.0))[0])
+            ready = self._end > self._start or readable(self._sock.fileno(), wait_s)
             while ready:
                 self._deliver(*self._read_frame())
-                ready = self._end > self._start or bool(select.select([self._sock], [], [], 0)[0])
+                ready = self._end > self._start or readable(self._sock.fileno(), 0)
         except Exception as e:
             self._end_with(e)
         finally:

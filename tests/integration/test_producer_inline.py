@@ -144,3 +144,40 @@ def test_a_consumer_that_stops_polling_keeps_its_connection_and_its_answer(broke
             got = c.poll(timeout_ms=200)
         assert [m.value for m in got] == [b"hello"]
         assert [s for s in c._streams._streams.values() if isinstance(s, WireConnection)] == conns
+
+
+def test_poll_with_timeout_zero_reads_the_record_transport(broker, admin):
+    """poll(timeout_ms=0) in a loop (an application with its own event loop) gets the records: the
+    answer on an inline connection is read even when poll() may not wait."""
+    from logbroker import Consumer
+
+    admin.create_topic("poll-zero", partitions=1)
+    with Producer(broker.address, acks=1, linger_ms=0) as p:
+        p.send_many("poll-zero", [b"r%d" % i for i in range(10)]).result(timeout=30)
+    with Consumer(broker.address, topics=None, auto_offset_reset="earliest") as c:
+        c.assign([("poll-zero", 0)])
+        got: list[bytes] = []
+        deadline = time.monotonic() + 10
+        while len(got) < 10 and time.monotonic() < deadline:
+            got += [m.value for m in c.poll(timeout_ms=0)]
+            time.sleep(0.001)  # the application's own work between polls
+        assert got == [b"r%d" % i for i in range(10)]
+        assert any(isinstance(s, WireConnection) for s in c._streams._streams.values())
+
+
+def test_a_callback_may_flush_with_linger_zero_and_acks_zero(broker, admin):
+    """acks=0 batches are done once written, on the thread that shipped them: their callbacks run
+    after it lets go of the shipping lock, so flush() inside one does not wait on its own thread."""
+    admin.create_topic("cb-flush", partitions=1)
+    flushed = threading.Event()
+    errors: list[BaseException] = []
+    with Producer(broker.address, acks=0, linger_ms=0) as p:
+        def cb(_fut) -> None:
+            try:
+                p.flush(10)
+                flushed.set()
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        p.send("cb-flush", b"x").add_done_callback(cb)
+        assert flushed.wait(15) and not errors, errors

@@ -543,3 +543,57 @@ def test_a_grpc_stream_to_a_broker_without_a_data_port_is_not_a_fallback():
     finally:
         streams.close()
         srv.close()
+
+
+def test_inline_pump_stalled_inside_a_frame_fails_at_the_request_deadline(peer, make_streams):
+    """The broker stops half-way through an answer: the watchdog must not take the bytes already read
+    for an unread answer and push the deadline on (that would hang the polling thread for good)."""
+    streams = make_streams(inline=True)
+    fut = streams.send(FETCH_STREAM, pb.FetchResponse, ADDRESS, fetch_req(0), 0.5)
+    sock = peer.accept()
+    _, corr, _ = read_request(sock)
+    body = fetch_response(0, 1000)
+    sock.sendall(wire.response_header(corr, wire.STATUS_OK, len(body)) + body[:10])  # then nothing
+    conn = fut.connection
+    assert isinstance(conn, WireConnection) and conn.inline
+    t0 = time.monotonic()
+    done = threading.Event()
+    threading.Thread(target=lambda: (conn.pump(5.0), done.set()), daemon=True).start()
+    assert done.wait(5), "pump() stayed stuck inside the frame past the request deadline"
+    assert time.monotonic() - t0 < 3
+    with pytest.raises(grpc.RpcError) as info:
+        fut.result(timeout=1)
+    assert info.value.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
+
+
+def test_readiness_works_above_descriptor_1023(peer, make_streams):
+    """poll(2), not select(2): a process with many files open still reads its inline connections."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"RLIMIT_NOFILE hard limit {hard} is too low to open 1100 descriptors")
+    if soft != resource.RLIM_INFINITY and soft < 1200:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(2048, hard) if hard != resource.RLIM_INFINITY else 2048, hard))
+    spare = [socket.socket() for _ in range(1100)]
+    try:
+        streams = make_streams(inline=True)
+        fut = streams.send(FETCH_STREAM, pb.FetchResponse, ADDRESS, fetch_req(0), 10)
+        conn = fut.connection
+        assert conn.fileno() > 1023
+        sock = peer.accept()
+        _, corr, _ = read_request(sock)
+        sock.sendall(ok_frame(corr, fetch_response(0, 10)))
+        from logbroker.client.waker import Waker
+
+        waker = Waker()
+        try:
+            assert waker.wait(5, [conn]) == [conn]
+        finally:
+            waker.close()
+        conn.pump(0)
+        assert len(fut.result(timeout=1).results[0].records) == 10
+    finally:
+        for s in spare:
+            s.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
