@@ -781,8 +781,10 @@ class Consumer:
                     if any(c.future.done() for c in self._in_flight):
                         continue
                 return []
+            if any(c.future.done() for c in self._in_flight):
+                continue  # completed on this thread (by pump(), or at once when sent), which sets no _wakeup
             for conn in self._wakeup.wait(wait, inline):
-                conn.pump()  # completes its fetches here; their callbacks set _wakeup
+                conn.pump()  # completes its fetches here
 
     def _wait_time(self, now: float, deadline: float | None) -> float | None:
         """Seconds to sleep: until the deadline, the next retry or commit; None: until woken."""
@@ -935,7 +937,8 @@ class Consumer:
         future.add_done_callback(self._on_fetch_done)
 
     def _on_fetch_done(self, _future: object) -> None:
-        self._wakeup.set()
+        if threading.get_ident() != self._poll_thread:  # the poll thread looks at done fetches before it waits
+            self._wakeup.set()
 
     def _handle_fetch(self, call: _FetchCall, now: float) -> None:
         for st, _, _ in call.parts.values():
