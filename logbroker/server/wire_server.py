@@ -9,17 +9,37 @@ its response leaving (stream reader, reader task, writer task and a queue cost t
 the broker's event loop is on every record's path, so iterations are latency.
 
 A handler's `RequestRejected` becomes that request's status frame; an unexpected exception an
-INTERNAL one (logged). A frame too large for the buffer is read into its own bytearray of exactly its
-size, so a 32 MiB produce is copied once.
+INTERNAL one (logged).
 
-Bounds: `connections_max` open connections (more are closed at once); a frame of at most
-`max_request_bytes` of body, its buffer allocated only once its size is known to be in bounds; at most
-`pipeline_max` requests of a connection in progress or unanswered, after which it is not read (TCP
-flow control then holds the client back), nor while the transport's write buffer is over its high-water
-mark (a client that stops reading holds only its own connection's responses). TCP keepalive notices
-a client that vanished without a reset.
+Bounds, each on one connection unless said otherwise:
 
-`close()` stops reading every connection: each answers the requests it has read, then closes.
+- `connections_max` open connections (1024): more are closed at once, with at most one WARNING per
+  `REFUSED_WARNING_INTERVAL_S` (10 s) saying how many were refused since the last one.
+- Idle connections: one with nothing pending and no byte read for `idle_s` (`CONNECTIONS_MAX_IDLE_S`,
+  600 s, Kafka's connections.max.idle.ms) is closed by a sweep every min(60, idle_s / 10) s.
+- `pipeline_max` (8) requests in progress or answered-but-unwritten; further whole frames wait in the
+  read buffer, not started.
+- Read buffer: `READ_BUFFER_BYTES` (256 KiB), allocated with the connection. It is read into while it
+  has room (so an EOF or a reset is noticed even with the pipeline full); when full, the connection
+  is not read and TCP flow control holds the client back.
+- Frames: at most `max_request_bytes` of body; a bigger size is refused from its header alone. A frame
+  too large for the read buffer gets its own buffer, which grows with the bytes that actually arrive
+  (starting at min(size, `BIG_FRAME_START_BYTES` = 1 MiB), doubling up to size, the bytes so far
+  copied over): a header announcing 32 MiB costs 1 MiB until the bytes come; a frame's buffer is
+  at most max(1 MiB, twice the bytes received) (a 32 MiB produce is copied about twice on the way in).
+- Answers: while the transport's write buffer is over its high-water mark (the client does not read),
+  no frame is started and the connection is not read; answers of requests already started still go to
+  the write buffer, so it holds at most the high-water mark plus `pipeline_max` answers.
+  `resume_writing` starts frames again.
+
+End of input: on EOF (the client half-closes only once it has given up on its requests, and may send
+them elsewhere) or on a lost connection, no further frame is started. Requests already started run to
+their end and are answered if the socket is still writable (on a lost connection they are cancelled,
+their effects so far standing, as on a broken gRPC call); whole frames not started are dropped, and
+when bytes were left over, an INVALID_ARGUMENT frame with correlation id 0 says none of them ran;
+then the connection closes. TCP keepalive notices a client that vanished without a reset.
+
+`close()` stops reading every connection: each answers the requests it has started, then closes.
 """
 
 from __future__ import annotations
@@ -28,6 +48,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -42,40 +63,54 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[Any, Any], Awaitable[Message | bytes]]
 CONNECTIONS_MAX = 1024
+CONNECTIONS_MAX_IDLE_S = 600.0  # Kafka's connections.max.idle.ms
+IDLE_SWEEP_MAX_S = 60.0
+REFUSED_WARNING_INTERVAL_S = 10.0
 PIPELINE_MAX = 8
-READ_BUFFER_BYTES = 256 << 10  # frames up to this are cut from the shared buffer; bigger get their own
+READ_BUFFER_BYTES = 256 << 10  # frames up to this are cut from the read buffer; bigger get their own
+BIG_FRAME_START_BYTES = 1 << 20  # a big frame's own buffer starts at this and doubles as bytes come
 COALESCE_BYTES_MAX = 256 << 10  # a response body below this is copied behind its header, sent at once
 
 
 class WireServer:
     def __init__(self, handlers: dict[int, tuple[type[Message], Handler]], max_request_bytes: int,
-                 connections_max: int = CONNECTIONS_MAX, pipeline_max: int = PIPELINE_MAX) -> None:
+                 connections_max: int = CONNECTIONS_MAX, pipeline_max: int = PIPELINE_MAX,
+                 idle_s: float = CONNECTIONS_MAX_IDLE_S) -> None:
         self.handlers = handlers
         self.size_max = wire.SIZE_MIN + max_request_bytes
         self.connections_max = connections_max
         self.pipeline_max = pipeline_max
+        self.idle_s = idle_s
         self.connections: set[_Connection] = set()
         self.closed = False
         self.port = 0
+        self.refused = 0  # connections refused over connections_max since the last WARNING
+        self._refused_warned_at: float | None = None
         self._server: asyncio.Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self, host: str, port: int) -> int:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(lambda: _Connection(self), host, port, reuse_address=True)
         self.port = int(self._server.sockets[0].getsockname()[1])
+        self._sweeper = loop.create_task(self._sweep_idle())
         return self.port
 
     def close(self) -> None:
-        """Stop accepting and reading; connections answer what they have read, then close."""
+        """Stop accepting and reading; connections answer what they have started, then close."""
         self.closed = True
         if self._server is not None:
             self._server.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         for conn in list(self.connections):
             conn.finish()
 
     async def stop(self, grace_s: float) -> None:
         """close(), then wait up to `grace_s` for the connections to finish; abort the rest."""
         self.close()
+        if self._sweeper is not None:
+            await asyncio.wait([self._sweeper])
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace_s
         while self.connections and loop.time() < deadline:
@@ -86,23 +121,46 @@ class WireServer:
     def __len__(self) -> int:
         return len(self.connections)
 
+    def refuse(self, peer: object) -> None:
+        """Count a connection refused over connections_max; WARN at most once per interval."""
+        self.refused += 1
+        now = time.monotonic()
+        if self._refused_warned_at is None or now - self._refused_warned_at >= REFUSED_WARNING_INTERVAL_S:
+            log.warning("record transport: %d connections open (connections_max), refused %d since the last "
+                        "warning, the latest from %s", len(self.connections), self.refused, peer)
+            self._refused_warned_at = now
+            self.refused = 0
+
+    async def _sweep_idle(self) -> None:
+        """Close connections with nothing pending that read no byte for idle_s."""
+        loop = asyncio.get_running_loop()
+        interval_s = min(IDLE_SWEEP_MAX_S, self.idle_s / 10)
+        while True:
+            await asyncio.sleep(interval_s)
+            cutoff = loop.time() - self.idle_s
+            for conn in list(self.connections):
+                if conn.idle_since(cutoff):
+                    conn.finish()
+
 
 class _Connection(asyncio.BufferedProtocol):
     def __init__(self, server: WireServer) -> None:
         self._server = server
+        self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._buf = bytearray(READ_BUFFER_BYTES)
         self._view = memoryview(self._buf)
         self._len = 0  # bytes of _buf holding data not yet cut into frames
-        self._big: bytearray | None = None  # a frame bigger than _buf, filled in place
+        self._big: bytearray | None = None  # a frame bigger than _buf, filled in place, grown as it comes
         self._big_have = 0
+        self._big_size = 0  # the frame's size; len(_big) grows up to it
         # Requests in order: (corr, running task) or (corr, finished response frame).
         self._pending: deque[tuple[int, asyncio.Task[Message | bytes] | bytes]] = deque()
-        self._finishing = False  # read no more; close once every pending request is answered
-        self._eof = False  # the client closed its side: finish once the whole frames read are started
+        self._finishing = False  # start no more frames, read no more; close once every started one is answered
         self._read_paused = False
         self._write_paused = False
-        self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._last_read = self._loop.time()
+        self.ended: asyncio.Future[None] = self._loop.create_future()
 
     # -- transport callbacks ------------------------------------------------------------------
 
@@ -112,8 +170,7 @@ class _Connection(asyncio.BufferedProtocol):
         server = self._server
         if server.closed or len(server.connections) >= server.connections_max:
             if not server.closed:
-                log.warning("record transport: %d connections open, refusing %s", len(server.connections),
-                            transport.get_extra_info("peername"))
+                server.refuse(transport.get_extra_info("peername"))
             transport.abort()
             return
         server.connections.add(self)
@@ -124,6 +181,8 @@ class _Connection(asyncio.BufferedProtocol):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._finishing = True  # before the cancels below: their callbacks must start nothing
+        self._drop_input()
         self._server.connections.discard(self)
         for _, item in self._pending:
             if isinstance(item, asyncio.Task):
@@ -133,30 +192,36 @@ class _Connection(asyncio.BufferedProtocol):
             self.ended.set_result(None)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        if self._big is not None:
-            return memoryview(self._big)[self._big_have :]
-        if self._len >= len(self._buf):  # only while finishing (frames are cut as they come): discard
+        big = self._big
+        if big is not None:
+            if self._big_have == len(big):  # full so far: grow toward the frame's size
+                grown = bytearray(min(self._big_size, 2 * len(big)))
+                grown[: self._big_have] = big
+                self._big = big = grown
+            return memoryview(big)[self._big_have :]
+        if self._finishing or self._len >= len(self._buf):  # not read then (paused): discard, defensively
             return memoryview(bytearray(4096))
         return self._view[self._len :]
 
     def buffer_updated(self, nbytes: int) -> None:
         if self._finishing:
             return
+        self._last_read = self._loop.time()
         if self._big is not None:
             self._big_have += nbytes
-            if self._big_have == len(self._big):
+            if self._big_have == self._big_size:
                 frame, self._big = self._big, None
                 self._dispatch(frame)
-                self._pump()
-            return
-        self._len += nbytes
+            else:
+                return
+        else:
+            self._len += nbytes
         self._pump()
 
     def eof_received(self) -> bool:
-        """The client sent its last request: answer every whole frame read, then close (saying so
-        when its last frame was cut off; nothing of that frame is run)."""
-        self._eof = True
-        self._pump()
+        """The client gave up on its requests: start no further frame (those already started are
+        answered), say so if bytes were left over, then close."""
+        self._end_of_input()
         return True  # keep our side open until finish() closes it
 
     def pause_writing(self) -> None:
@@ -165,7 +230,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        self._update_reading()
+        self._pump()
 
     # -- frames in -----------------------------------------------------------------------------
 
@@ -175,29 +240,46 @@ class _Connection(asyncio.BufferedProtocol):
         while True:
             cut = self._cut_frames()
             self._write_ready()
-            if not cut or self._finishing or len(self._pending) >= self._server.pipeline_max or self._len < 4:
+            if not cut or not self._may_start():
                 break
-        if self._eof and not self._finishing and not self._whole_frame_buffered():
-            if self._len or self._big is not None:
-                self._pending.append((0, wire.error_frame(0, grpc.StatusCode.INVALID_ARGUMENT,
-                                                          "connection closed inside a frame")))
-            self.finish()
         self._update_reading()
 
+    def _may_start(self) -> bool:
+        """Whether a frame may be started now: not finishing (nor after EOF or loss), the transport
+        open and draining, the pipeline with room."""
+        transport = self._transport
+        return (not self._finishing and not self._write_paused and transport is not None
+                and not transport.is_closing() and len(self._pending) < self._server.pipeline_max)
+
+    def _end_of_input(self) -> None:
+        if self._finishing:
+            return
+        if self._len or self._big is not None:
+            if self._big is not None or not self._whole_frame_buffered():
+                message = "connection closed inside a frame; it was not run"
+            else:
+                message = "connection closed with requests not started; none of them was run"
+            self._pending.append((0, wire.error_frame(0, grpc.StatusCode.INVALID_ARGUMENT, message)))
+        self._drop_input()
+        self.finish()
+
+    def _drop_input(self) -> None:
+        self._len = 0
+        self._big = None
+        self._big_have = self._big_size = 0
+
     def _whole_frame_buffered(self) -> bool:
-        """Whether the buffer starts with something _cut_frames would take (a whole frame, or a size
-        it refuses)."""
-        if self._big is not None or self._len < 4:
+        """Whether the buffer starts with a whole frame."""
+        if self._len < 4:
             return False
         size = int.from_bytes(self._buf[:4], "big")
-        return size < wire.SIZE_MIN or size > self._server.size_max or self._len >= 4 + size
+        return self._len >= 4 + size
 
     def _cut_frames(self) -> int:
-        """Start the requests of the whole frames in the buffer, while the pipeline has room; how many."""
+        """Start the requests of the whole frames in the buffer, while a frame may start; how many."""
         buf, pos, end = self._buf, 0, self._len
         cut = 0
-        pipeline_max = self._server.pipeline_max
-        while not self._finishing and len(self._pending) < pipeline_max and end - pos >= 4:
+        while end - pos >= 4 and self._may_start():
             size = int.from_bytes(buf[pos : pos + 4], "big")
             if size < wire.SIZE_MIN or size > self._server.size_max:
                 corr = int.from_bytes(buf[pos + 5 : pos + 9], "big") if end - pos >= 9 else 0
@@ -209,14 +291,15 @@ class _Connection(asyncio.BufferedProtocol):
                                f"{self._server.size_max - wire.SIZE_MIN} (max_request_bytes)")
                     code = grpc.StatusCode.RESOURCE_EXHAUSTED
                 self._pending.append((corr, wire.error_frame(corr, code, message)))
+                self._drop_input()
                 self.finish()
-                break
+                return cut
             if end - pos < 4 + size:
-                if 4 + size > len(buf):  # too big for the buffer: its own, what has come first
-                    big = bytearray(size)
+                if 4 + size > len(buf):  # too big for the buffer: its own, growing as bytes come
                     have = end - pos - 4
+                    big = bytearray(max(have, min(size, BIG_FRAME_START_BYTES)))
                     big[:have] = buf[pos + 4 : end]
-                    self._big, self._big_have = big, have
+                    self._big, self._big_have, self._big_size = big, have, size
                     pos = end
                 break
             frame = bytes(buf[pos + 4 : pos + 4 + size])
@@ -243,7 +326,7 @@ class _Connection(asyncio.BufferedProtocol):
         except rpc.RequestRejected as exc:
             self._pending.append((corr, wire.error_frame(corr, exc.status, exc.message)))
             return
-        task = asyncio.get_running_loop().create_task(_run(fn, request))
+        task = self._loop.create_task(_run(fn, request))
         self._pending.append((corr, task))
         task.add_done_callback(self._on_done)
 
@@ -292,23 +375,28 @@ class _Connection(asyncio.BufferedProtocol):
 
     # -- flow ----------------------------------------------------------------------------------
 
+    def idle_since(self, cutoff: float) -> bool:
+        """Nothing pending and no byte read since loop time `cutoff`."""
+        return not self._pending and self._last_read < cutoff
+
     def _pause_reading(self) -> None:
         if not self._read_paused and self._transport is not None and not self._transport.is_closing():
             self._read_paused = True
             self._transport.pause_reading()
 
     def _update_reading(self) -> None:
-        """Read only while the pipeline has room, answers drain and the connection is not finishing
-        (requests refused at once take pipeline room too, until written: a client sending garbage
-        and never reading is held by the write buffer's high-water mark)."""
-        if self._finishing or self._write_paused or len(self._pending) >= self._server.pipeline_max:
+        """Read while the read buffer (or the big frame) has room, answers drain and the connection
+        is not finishing. A full pipeline does not stop reading, so an EOF or a reset behind it is
+        seen; requests refused at once take pipeline room too, until written, and a client sending
+        garbage and never reading is held by the write buffer's high-water mark."""
+        if self._finishing or self._write_paused or (self._big is None and self._len >= len(self._buf)):
             self._pause_reading()
         elif self._read_paused and self._transport is not None and not self._transport.is_closing():
             self._read_paused = False
             self._transport.resume_reading()
 
     def finish(self) -> None:
-        """Read no more; close once the requests read so far are answered."""
+        """Start no more frames, read no more; close once the requests started are answered."""
         if self._finishing:
             return
         self._finishing = True

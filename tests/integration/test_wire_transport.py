@@ -136,22 +136,47 @@ def test_pipelined_requests_in_one_write_are_answered_in_order_with_their_corr_i
     assert high_watermark(broker.address, "pipe") == next_offset == 32
 
 
-def test_frames_beyond_the_pipeline_then_eof_are_all_answered_then_closed(broker, connect):
-    """EOF right after more whole frames than the broker's pipeline holds: each is still run and
-    answered in order (the ones waiting in its buffer too), with refusals among them, then the close."""
+def test_after_eof_no_further_frame_starts_those_started_are_answered_in_order_then_closed(broker, connect):
+    """A client half-closes only once it has given up on its requests (and may send them elsewhere):
+    after the EOF the broker starts none of the frames it had not started. What comes back is an
+    in-order prefix of the requests (each OK or its refusal), a notice that the rest did not run,
+    then the close; and nothing ran that was not answered."""
     create_topic(broker, "pipe-eof")
+    create_topic(broker, "pipe-eof-empty")
     sock = connect()
-    frames = [frame(99, 500, b"") if i == 7 else produce_frame(500 + i, "pipe-eof", b"e%d" % i) for i in range(30)]
+    # A long poll on an empty topic at the head holds the pipeline full while the EOF arrives.
+    long_poll = frame(wire.API_FETCH, 500, fetch_req("pipe-eof-empty", 0, 0, max_wait_ms=500).SerializeToString())
+    frames = [long_poll] + [frame(99, 500 + i, b"") if i == 5 else produce_frame(500 + i, "pipe-eof", b"e%d" % i)
+                            for i in range(1, 30)]
     sock.sendall(b"".join(frames))
     sock.shutdown(socket.SHUT_WR)
-    for i in range(30):
-        corr, status, _ = read_response(sock)
-        if i == 7:
+    answered: list[int] = []
+    produced = 0
+    notice = None
+    while True:
+        try:
+            corr, status, body = read_response(sock)
+        except EOFError:
+            break
+        if corr == 0:  # the last frame: the requests not started did not run
+            notice = (wire.status_code(status), body.decode())
+            break
+        i = len(answered)
+        assert corr == 500 + i, answered  # in order, none skipped
+        if i == 5:
             assert wire.status_code(status) == grpc.StatusCode.UNIMPLEMENTED
         else:
-            assert (corr, status) == (500 + i, wire.STATUS_OK), i
+            assert status == wire.STATUS_OK, (i, body)
+            produced += i > 0
+        answered.append(corr)
     assert closed_by_peer(sock)
-    assert high_watermark(broker.address, "pipe-eof") == 29
+    # The long poll keeps the first 8 (the pipeline) unanswered for 500 ms: the EOF is read long
+    # before the rest could start.
+    assert len(answered) < 30, "frames read before the EOF but not started must not run"
+    assert notice is not None and notice[0] == grpc.StatusCode.INVALID_ARGUMENT, notice
+    assert "none of them was run" in notice[1]
+    # The socket stays writable after the client's half-close, so every request that ran was answered.
+    assert high_watermark(broker.address, "pipe-eof") == produced
 
 
 def test_a_malformed_body_gets_invalid_argument_and_the_connection_goes_on(broker, connect):
