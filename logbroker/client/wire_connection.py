@@ -54,7 +54,7 @@ def readable(fd: int, wait_s: float) -> bool:
     """Whether `fd` has bytes (or EOF) to read within `wait_s`: poll(), not select(), which refuses
     descriptors above 1023."""
     if fd < 0:
-        raise ValueError("closed socket")
+        raise OSError("the socket is closed")  # closed by another thread: ends the reading as a broken connection
     poller = select.poll()
     poller.register(fd, select.POLLIN)
     return bool(poller.poll(max(0, int(wait_s * 1000 + 0.999))))
