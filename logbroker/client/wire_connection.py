@@ -254,7 +254,7 @@ class WireConnection:
             self._read_lock.release()
 
     def fileno(self) -> int:
-        """The socket's descriptor (for select), -1 once closed."""
+        """The socket's descriptor (for poll(2)), -1 once closed."""
         return self._sock.fileno()
 
     def _end_with(self, exc: BaseException) -> None:
