@@ -2,7 +2,8 @@
 
 Usage: python proto/generate.py [OUT_DIR]   (OUT_DIR defaults to the repository root)
 
-The stubs are committed; tests/unit/test_generated_stubs.py regenerates them into a temporary
+The generator is grpcio-tools, pinned exactly in the `test` extra of pyproject.toml. The stubs are
+committed; tests/unit/test_generated_stubs.py regenerates them into a temporary
 directory and fails if they differ from what is committed.
 """
 
