@@ -64,6 +64,9 @@ class BrokerConfig:
     auto_create_topics: bool = False
     default_partitions: int = 1
     retention_check_interval_ms: int = 60_000
+    # background CRC scrubbing of closed segments (storage/scrubber.py); interval 0: off
+    scrub_interval_ms: int = 24 * 3600 * 1000
+    scrub_bytes_per_sec: int = 8 << 20
     shutdown_grace_s: float = 5.0
     default_topic_config: dict[str, str] = field(default_factory=dict)
     # cluster mode (empty zookeeper: standalone with the embedded metadata store)
@@ -152,6 +155,9 @@ SERVE_SETTINGS: tuple[ServeSetting, ...] = (
     ServeSetting("max_request_bytes", int, 32 << 20,
                  "largest request accepted; larger ones fail with RESOURCE_EXHAUSTED"),
     ServeSetting("retention_check_interval_ms", int, 60_000, "how often retention deletes old segments"),
+    ServeSetting("scrub_interval_ms", int, 24 * 3600 * 1000,
+                 "how often a background pass verifies the CRC of every batch in closed segments (0: off)"),
+    ServeSetting("scrub_bytes_per_sec", int, 8 << 20, "read rate limit of the scrubber (0: unlimited)"),
     ServeSetting("default_topic_config", dict, {},
                  "topic config applied to new topics unless they set it (flag repeatable; env: K=V,K=V; "
                  "file: a table)", "KEY=VALUE"),
@@ -323,6 +329,9 @@ def broker_config_from_settings(values: Mapping[str, SettingValue], hostname: st
                  "offsets_retention_ms"):
         if number(name) <= 0:
             raise ConfigError(f"{name} must be positive, got {number(name)}")
+    for name in ("scrub_interval_ms", "scrub_bytes_per_sec"):
+        if number(name) < 0:
+            raise ConfigError(f"{name} must be >= 0, got {number(name)}")
     return BrokerConfig(
         data_dir=Path(text("data_dir")).resolve(),
         listen_host=host,
@@ -340,6 +349,8 @@ def broker_config_from_settings(values: Mapping[str, SettingValue], hostname: st
         controlled_shutdown_timeout_ms=number("controlled_shutdown_timeout_ms"),
         max_request_bytes=number("max_request_bytes"),
         retention_check_interval_ms=number("retention_check_interval_ms"),
+        scrub_interval_ms=number("scrub_interval_ms"),
+        scrub_bytes_per_sec=number("scrub_bytes_per_sec"),
         default_topic_config=dict(topic_defaults),
         coordinator=CoordinatorConfig(
             offsets_topic_partitions=number("offsets_topic_partitions"),

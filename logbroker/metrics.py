@@ -14,6 +14,7 @@ never races the loop; a loop that does not answer within SCRAPE_TIMEOUT_S shows 
 | `logbroker_under_replicated_partitions` | gauge | led partitions whose ISR is smaller than their replica set |
 | `logbroker_under_min_isr_partitions` | gauge | led partitions whose ISR is below min_insync_replicas (acks=all fails) |
 | `logbroker_log_size_bytes` | gauge | bytes in all hosted partition logs |
+| `logbroker_corrupt_partitions` | gauge | hosted replicas with a corrupt batch found by a read or the scrubber |
 | `process_*`, `python_*` | | prometheus_client's process, platform and GC collectors |
 """
 
@@ -53,19 +54,21 @@ class BrokerSnapshot:
     under_replicated: int
     under_min_isr: int
     log_size_bytes: int
+    corrupt_partitions: int = 0
 
 
 def snapshot(broker: Broker) -> BrokerSnapshot:
     """The figures a scrape reports; call on the broker's event loop."""
     by_role = {"leader": 0, "follower": 0, "none": 0}
-    under_replicated = under_min_isr = size = 0
+    under_replicated = under_min_isr = size = corrupt = 0
     for p in broker.partitions.values():
         by_role[p.role.value] = by_role.get(p.role.value, 0) + 1
+        corrupt += p.log.corrupt_reason is not None
         size += p.log.size_bytes
         if p.is_leader:
             under_replicated += len(p.isr) < len(p.replicas)
             under_min_isr += len(p.isr) < p.min_insync_replicas
-    return BrokerSnapshot(broker.ready, by_role, under_replicated, under_min_isr, size)
+    return BrokerSnapshot(broker.ready, by_role, under_replicated, under_min_isr, size, corrupt)
 
 
 class BrokerCollector(Collector):
@@ -111,6 +114,9 @@ class BrokerCollector(Collector):
                                 "led partitions whose ISR is below min_insync_replicas", value=snap.under_min_isr)
         yield GaugeMetricFamily("logbroker_log_size_bytes", "bytes in all hosted partition logs",
                                 value=snap.log_size_bytes)
+        yield GaugeMetricFamily("logbroker_corrupt_partitions",
+                                "hosted replicas with a corrupt batch found by a read or the scrubber",
+                                value=snap.corrupt_partitions)
 
 
 class MetricsServer:

@@ -490,6 +490,16 @@ class ReplicaManager:
                 or self.fetchers.source_of(part.key) != (part.leader, address)):
             self.fetchers.add_partition(part, part.leader, address)
 
+    def refetch_from(self, part: Partition, offset: int) -> None:
+        """A follower found its copy bad from `offset` on (the scrubber): drop it from there and
+        fetch it again from the leader (truncating by leader epoch first, as after any restart).
+        Its fetch offset is then behind the leader's log end offset, so it is no longer caught up."""
+        if part.role is not Role.FOLLOWER:
+            raise ValueError(f"{part.topic}-{part.index} is not a follower here")
+        part.truncate_as_follower(offset)
+        self.notify(part.key)
+        self._ensure_fetching(part, restart=True)
+
     async def stop_replica(self, req: pb.StopReplicaRequest, current_broker_epoch: int) -> pb.StopReplicaResponse:
         """Stop replicating the partitions (and delete their logs if `delete_partitions`)."""
         resp = pb.StopReplicaResponse()

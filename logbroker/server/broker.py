@@ -47,6 +47,7 @@ from logbroker.server.cluster_member import ClusterMember
 from logbroker.server.wire_server import WireServer
 from logbroker.storage.log import LogConfig
 from logbroker.storage.log_manager import LogManager
+from logbroker.storage.scrubber import Scrubber
 from logbroker.v1 import logbroker_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,10 @@ class Broker:
             produce_timeout_ms_max=config.produce_timeout_ms_cap,
         )
         self.coordinator = GroupCoordinator(self, config.coordinator, clock)
+        self.scrubber: Scrubber | None = (
+            Scrubber(self.replica_manager, config.scrub_interval_ms, config.scrub_bytes_per_sec)
+            if config.scrub_interval_ms > 0 else None
+        )
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self._tasks: list[asyncio.Task[None]] = []
@@ -140,6 +145,8 @@ class Broker:
             cfg.broker_id, len(self.topics), len(self.partitions), time.monotonic() - started,
         )
         self._tasks.append(asyncio.create_task(self._retention_loop()))
+        if self.scrubber is not None:
+            self.scrubber.start()
 
     async def _await_first_metadata(self) -> None:
         """Cluster mode: report SERVING once the controller has told us the cluster's metadata, so a
@@ -185,6 +192,8 @@ class Broker:
         try:
             for task in self._tasks:
                 task.cancel()
+            if self.scrubber is not None:
+                await self.scrubber.stop()
             await self.coordinator.stop()
             if self.cluster is not None:
                 await self.cluster.controlled_shutdown()  # leadership moves away while we still serve
