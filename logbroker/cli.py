@@ -508,6 +508,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_groups_parser(sub, common)
 
+    from logbroker.cli_dump import add_dump_log_parser
+
+    add_dump_log_parser(sub)
+
     from logbroker.worker.command import add_worker_parser
 
     add_worker_parser(sub, common)
