@@ -79,7 +79,7 @@ def read_replica(address: str, topic: str, partition: int) -> tuple[pb.ReadRepli
                                                           max_bytes=4096), timeout=10)
             assert resp.error_code == pb.NONE, resp.error_message
             data = bytes(resp.records)
-            checks = list(walk_segment(lambda p, n: data[p : p + n], len(data), offset))
+            checks = list(walk_segment(lambda p, n, data=data: data[p : p + n], len(data), offset))
             assert checks and all(c.ok for c in checks)
             out += data
             offset = checks[-1].last_offset + 1
