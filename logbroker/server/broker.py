@@ -45,6 +45,7 @@ from logbroker.replication.replica_manager import CallableIsrStore, InMemoryIsrS
 from logbroker.server import admin_service, broker_service, replica_service, rpc
 from logbroker.server.cluster_member import ClusterMember
 from logbroker.server.wire_server import WireServer
+from logbroker.storage.data_dir_lock import DataDirLock
 from logbroker.storage.log import LogConfig
 from logbroker.storage.log_manager import LogManager
 from logbroker.v1 import logbroker_pb2 as pb
@@ -71,6 +72,9 @@ class Broker:
         self.bound_data_port = 0  # the record transport's port (logbroker/wire.py); 0: none
         self.wire_server: WireServer | None = None
         self._store: MetadataStore | None = None
+        # Before anything else touches the data directory: one broker per directory (data_dir_lock.py).
+        self._data_dir_lock = DataDirLock(Path(config.data_dir))
+        self._data_dir_lock.acquire()
         self._log_manager = LogManager(Path(config.data_dir), LogConfig())
         self.metadata_image = MetadataImage()
         self.cluster: ClusterMember | None = ClusterMember(self) if config.cluster_mode else None
@@ -207,6 +211,7 @@ class Broker:
             log.exception("broker %d: error during shutdown (logs will be recovered on restart)",
                           self.config.broker_id)
         finally:
+            self._data_dir_lock.release()  # after the logs are closed
             self._stopped.set()
 
     async def wait_stopped(self) -> None:
