@@ -31,6 +31,7 @@ from logbroker.cluster.metadata import (
 from logbroker.cluster.metadata_image import MetadataImage
 from logbroker.config import BrokerConfig
 from logbroker.errors import (
+    InvalidConfigError,
     InvalidPartitionsError,
     InvalidReplicationFactorError,
     InvalidTopicError,
@@ -45,6 +46,7 @@ from logbroker.replication.replica_manager import CallableIsrStore, InMemoryIsrS
 from logbroker.server import admin_service, broker_service, replica_service, rpc
 from logbroker.server.cluster_member import ClusterMember
 from logbroker.server.wire_server import WireServer
+from logbroker.storage.data_dir_lock import DataDirLock
 from logbroker.storage.log import LogConfig
 from logbroker.storage.log_manager import LogManager
 from logbroker.storage.scrubber import Scrubber
@@ -60,6 +62,7 @@ SERVER_KEEPALIVE_TIME_MS = 30_000
 SERVER_KEEPALIVE_TIMEOUT_MS = 10_000
 # The most often a client may ping without data before the server calls it abusive (default 5 min).
 MIN_CLIENT_PING_INTERVAL_MS = 5_000
+HIGH_WATERMARK_CHECKPOINT_INTERVAL_MS = 5_000  # as Kafka's default
 
 
 class Broker:
@@ -72,6 +75,9 @@ class Broker:
         self.bound_data_port = 0  # the record transport's port (logbroker/wire.py); 0: none
         self.wire_server: WireServer | None = None
         self._store: MetadataStore | None = None
+        # Before anything else touches the data directory: one broker per directory (data_dir_lock.py).
+        self._data_dir_lock = DataDirLock(Path(config.data_dir))
+        self._data_dir_lock.acquire()
         self._log_manager = LogManager(Path(config.data_dir), LogConfig())
         self.metadata_image = MetadataImage()
         self.cluster: ClusterMember | None = ClusterMember(self) if config.cluster_mode else None
@@ -145,6 +151,7 @@ class Broker:
             cfg.broker_id, len(self.topics), len(self.partitions), time.monotonic() - started,
         )
         self._tasks.append(asyncio.create_task(self._retention_loop()))
+        self._tasks.append(asyncio.create_task(self._high_watermark_checkpoint_loop()))
         if self.scrubber is not None:
             self.scrubber.start()
 
@@ -167,11 +174,11 @@ class Broker:
             self._log_manager.load_all()
             return
         self._store = LocalMetadataStore(Path(self.config.data_dir))
-        logs = self._log_manager.load_all()
+        topics = self._store.list_topics()
+        logs = self._log_manager.load_all(self._log_configs(topics))
         for log_ in logs.values():
             for report in getattr(log_, "recovery_reports", []):
                 log.warning("recovery: %s", report)
-        topics = self._store.list_topics()
         for name, spec in topics.items():
             for p in spec.assignment:
                 logs.pop((name, p), None)
@@ -180,6 +187,17 @@ class Broker:
             log.warning("deleting log of %s-%d: its topic no longer exists", name, p)
             self._log_manager.delete_log(name, p)
         self.topics = topics
+
+    def _log_configs(self, topics: dict[str, TopicSpec]) -> dict[str, LogConfig]:
+        """The log settings of each topic, to reopen its logs with (segment size: what a restart
+        preallocates). A topic whose stored config does not parse is left to the log's checkpoint."""
+        out = {}
+        for name, spec in topics.items():
+            try:
+                out[name] = LogConfig.from_topic_config(spec.config, self._log_manager.default_config)
+            except InvalidConfigError as e:
+                log.error("topic %s: stored config is invalid (%s); its logs open with their own", name, e)
+        return out
 
     async def stop(self) -> None:
         if self._stopping:
@@ -216,6 +234,7 @@ class Broker:
             log.exception("broker %d: error during shutdown (logs will be recovered on restart)",
                           self.config.broker_id)
         finally:
+            self._data_dir_lock.release()  # after the logs are closed
             self._stopped.set()
 
     async def wait_stopped(self) -> None:
@@ -231,6 +250,16 @@ class Broker:
                     log.info("retention deleted %d segments", deleted)
             except Exception:
                 log.exception("retention check failed")
+
+    async def _high_watermark_checkpoint_loop(self) -> None:
+        """Checkpoint the high watermarks that moved (Kafka's replica.high.watermark.checkpoint.
+        interval.ms); flushes, rolls and the clean shutdown write them too (see storage/log.py)."""
+        while True:
+            await asyncio.sleep(HIGH_WATERMARK_CHECKPOINT_INTERVAL_MS / 1000)
+            try:
+                self._log_manager.checkpoint_high_watermarks()
+            except Exception:
+                log.exception("high watermark checkpoint failed")
 
     # -- state used by the services ---------------------------------------------------------------
 

@@ -31,8 +31,16 @@ Named databases and their byte layouts (all integers big-endian, so byte order i
              One entry each time a batch arrives with an epoch above the latest (Kafka's
              leader-epoch-checkpoint). Small: the log keeps a copy in memory.
 
-    meta     key   ASCII name: b"log_start_offset", b"recovery_point"
+    meta     key   ASCII name: b"log_start_offset", b"recovery_point", b"high_watermark",
+                   b"segment_bytes"
              value 8 bytes  u64
+             high_watermark is Kafka's replication-offset checkpoint: it may lag the live high
+             watermark (it is written on close, with the recovery point, and periodically), never
+             lead it. It cannot be rebuilt from the segments: a rebuilt index has none, and the log
+             then starts from its log start offset (see log.py, "High watermark").
+             segment_bytes is the log's configured segment size when last checkpointed: the size to
+             preallocate the active segment at when the log is reopened before its topic's config
+             is known (cluster mode, before the controller's first LeaderAndIsr).
 
 Every write the log makes for one append is one transaction (`PartitionIndex.write`).
 """
@@ -63,6 +71,8 @@ META_VALUE = struct.Struct(">Q")
 TIMESTAMP_BIAS = 1 << 63
 META_LOG_START_OFFSET = b"log_start_offset"
 META_RECOVERY_POINT = b"recovery_point"
+META_HIGH_WATERMARK = b"high_watermark"
+META_SEGMENT_BYTES = b"segment_bytes"
 U64_MAX = (1 << 64) - 1
 
 # (batch base offset, segment base offset, byte position)

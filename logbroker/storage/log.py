@@ -28,6 +28,22 @@ retention, truncation or close (`_reap_flushes`). So the recovery point may lag 
 lead the disk. `flush()` and `close()` wait for the log's pending flushes (bounded by the flusher's
 `wait_timeout_s`); a close that gives up writes no clean-shutdown marker, so the next open recovers.
 
+High watermark. The log only stores it; the replication layer moves it. It is checkpointed in the
+index (Kafka's replication-offset checkpoint) on `close`, with every recovery-point write (`flush`,
+and after a rolled segment's background flush), at truncation and retention, and when the log
+manager's periodic `checkpoint_high_watermarks` finds it moved: never an index write per append. A
+reopened log starts from min(checkpoint, log end offset), or from its log start offset if there is
+no checkpoint (a rebuilt index), so a restarted leader exposes nothing beyond what was known
+replicated; a leader whose ISR is itself alone (standalone mode) raises it to the log end offset
+as soon as it leads (partition_state).
+
+Read-only. If the active segment cannot be preallocated when the log opens (disk full), the log
+still opens, with that segment mapped read-only: reads, retention, epoch bookkeeping and
+checkpoints go on, and writes (append, follower append, truncation, roll) retry the preallocation
+at most once every PREALLOCATE_RETRY_INTERVAL_MS and otherwise fail with StorageError
+(KAFKA_STORAGE_ERROR), the log unchanged. `read_only_reason` says why; `retry_preallocation` forces
+a retry. (Offline, by contrast, is a log whose data can no longer be trusted: it takes nothing.)
+
 Views. `read` returns a zero-copy read-only slice of a segment mapping. It is valid until the log is
 next modified (append, roll, truncate_to, enforce_retention, close): copy it, or finish with it,
 before anything else can touch the log. Holding it longer is safe for the process (see segment.py)
@@ -49,7 +65,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -64,8 +80,10 @@ from logbroker.errors import (
 from logbroker.storage import segment as segment_file
 from logbroker.storage.flusher import PendingFlush, SegmentFlusher, default_flusher
 from logbroker.storage.index import (
+    META_HIGH_WATERMARK,
     META_LOG_START_OFFSET,
     META_RECOVERY_POINT,
+    META_SEGMENT_BYTES,
     EpochEntry,
     OffsetEntry,
     PartitionIndex,
@@ -87,6 +105,7 @@ UNDEFINED_EPOCH = -1
 UNDEFINED_EPOCH_OFFSET = -1
 APPEND_BYTES_MAX = POSITION_MAX // 2  # one append's payload; the server bounds requests far lower
 RECOVERY_INDEX_CHUNK = 50_000  # index entries per transaction while recovery rebuilds
+PREALLOCATE_RETRY_INTERVAL_MS = 1_000  # a read-only log retries preallocating at most this often
 _NO_TS = -(1 << 63) - 1  # below every int64 timestamp
 _EMPTY = memoryview(b"")
 
@@ -234,6 +253,9 @@ class Log:
         self._last_flush_ms = 0
         self._closed = False
         self._offline: str | None = None
+        self._read_only: str | None = None  # why the active segment is not writable (see "Read-only")
+        self._preallocate_retry_at_ms = 0
+        self._checkpointed_hw = -1  # the high watermark last written to the index
         self.corrupt_reason: str | None = None
         self.recovery_reports: list[RecoveryReport] = []
 
@@ -242,19 +264,21 @@ class Log:
     @classmethod
     def open(
         cls, directory: Path, config: LogConfig, now_ms: Callable[[], int] = wall_clock_ms,
-        flusher: SegmentFlusher | None = None,
+        flusher: SegmentFlusher | None = None, *, segment_bytes_from_checkpoint: bool = False,
     ) -> Log:
         """Open the log in `directory`, creating it if missing, recovering it if it was not closed.
-        Rolled segments are fsynced by `flusher` (default: a process-wide one)."""
+        Rolled segments are fsynced by `flusher` (default: a process-wide one).
+        `segment_bytes_from_checkpoint`: the caller does not know the topic's config yet, so the
+        segment size is the one checkpointed when the log was last open (`config`'s if none)."""
         self = cls(Path(directory), config, now_ms, flusher)
         try:
-            self._load()
+            self._load(segment_bytes_from_checkpoint)
         except BaseException:
             self._abandon()
             raise
         return self
 
-    def _load(self) -> None:
+    def _load(self, segment_bytes_from_checkpoint: bool = False) -> None:
         directory = self.directory
         try:
             directory.mkdir(parents=True, exist_ok=True)
@@ -269,6 +293,9 @@ class Log:
             raise StorageError(f"cannot open log {directory}: {e}") from e
         index = self._index
         meta_lso = 0 if rebuilt else (index.meta(META_LOG_START_OFFSET) or 0)
+        meta_hw = None if rebuilt else index.meta(META_HIGH_WATERMARK)
+        if segment_bytes_from_checkpoint and not rebuilt:
+            self._config = _with_segment_bytes(self._config, index.meta(META_SEGMENT_BYTES))
         now = self._now_ms()
         if not bases:
             self._segments = [Segment.create(directory, meta_lso, self._config.segment_bytes)]
@@ -295,18 +322,38 @@ class Log:
                 self._segments.append(Segment.open_closed(directory / segment_file.file_name(base), base))
             last = bases[-1]
             last_path = directory / segment_file.file_name(last)
-            size = _file_size(last_path)
-            self._segments.append(Segment.open_active(last_path, last, size, self._config.segment_bytes))
+            self._segments.append(self._open_active_segment(last_path, last, now))
             self._bases = bases
         self._size_bytes = sum(s.size_bytes for s in self._segments)
         self._log_start_offset = min(max(meta_lso, self._bases[0]), self._log_end_offset)
-        self._high_watermark = self._log_end_offset
+        # the checkpoint, or the log start offset when there is none (Kafka: a missing
+        # replication-offset checkpoint means 0); a leader whose ISR is itself raises it to the LEO
+        self._high_watermark = max(self._log_start_offset, min(meta_hw or 0, self._log_end_offset))
+        self._checkpointed_hw = self._high_watermark
         self._recovery_point = self._log_end_offset
         self._epochs = _epochs_from_start(self._epochs, self._log_start_offset)
         index.delete_before(self._bases[0], self._epochs, self._checkpoints())
         index.sync()
         self._restore_active_state(now)
         self._last_flush_ms = now
+
+    def _open_active_segment(self, path: Path, base: int, now: int) -> Segment:
+        """The last segment, preallocated to `segment_bytes` and writable; or, if preallocating
+        fails (disk full), mapped read-only: the log serves what it has and refuses writes until
+        a retry succeeds (see "Read-only" in the module doc)."""
+        size = _file_size(path)
+        try:
+            return Segment.open_active(path, base, size, self._config.segment_bytes)
+        except StorageError as e:
+            seg = Segment.open_closed(path, base)  # may raise: then the log cannot be opened at all
+            if seg.size_bytes != size:
+                seg.close(trim=False)
+                raise
+            self._read_only = str(e)
+            self._preallocate_retry_at_ms = now + PREALLOCATE_RETRY_INTERVAL_MS
+            log.error("log %s is read-only (appends fail with KAFKA_STORAGE_ERROR until preallocation "
+                      "succeeds): %s", self.directory, e)
+            return seg
 
     def _list_segments(self, warn: bool = True) -> list[int]:
         bases = []
@@ -512,6 +559,11 @@ class Log:
     def is_offline(self) -> bool:
         return self._offline is not None
 
+    @property
+    def read_only_reason(self) -> str | None:
+        """Why the log takes no writes while it still serves reads (None: it takes them)."""
+        return self._read_only
+
     # -- append ---------------------------------------------------------------------------------
 
     def append(self, records: bytes | bytearray | memoryview, leader_epoch: int) -> AppendResult:
@@ -651,8 +703,9 @@ class Log:
         this replica becomes leader in `epoch`), so the OffsetForLeaderEpoch answer for earlier
         epochs ends there. Epoch entries starting at or after `offset` (epochs that never got a
         batch) are replaced. A no-op if `epoch` is already the latest. ValueError for an epoch
-        below the latest one or an offset outside [latest epoch's start, log end offset]."""
-        self._check_writable()
+        below the latest one or an offset outside [latest epoch's start, log end offset]. Only the
+        index changes: allowed while the log is read-only."""
+        self._check_online()
         assert self._index is not None
         latest = self.latest_epoch
         if epoch < 0 or epoch < latest:
@@ -765,8 +818,10 @@ class Log:
             recovery_point = max(recovery_point, end)
             finished += 1
         if recovery_point > self._recovery_point:
-            self._index.write(meta={META_RECOVERY_POINT: recovery_point})
+            hw = self._high_watermark
+            self._index.write(meta={META_RECOVERY_POINT: recovery_point, META_HIGH_WATERMARK: hw})
             self._recovery_point = recovery_point
+            self._checkpointed_hw = hw
         for _ in range(finished):
             pending.popleft()
         if failed is not None:  # an fsync error: what was written to that file cannot be trusted
@@ -792,7 +847,7 @@ class Log:
         """Wait for the pending flushes of rolled segments, msync the active segment, then advance
         and checkpoint the recovery point (to the log end offset unless a rolled segment's flush
         is still running after the flusher's `wait_timeout_s`)."""
-        self._check_writable()
+        self._check_online()
         assert self._index is not None
         all_flushed = self._wait_for_flushes()
         try:
@@ -805,8 +860,10 @@ class Log:
         else:
             log.warning("%s: flushes of rolled segments still pending after %.0f s; recovery point stays at %d",
                         self.directory, self._flusher.wait_timeout_s, self._recovery_point)
-        self._index.write(meta={META_RECOVERY_POINT: self._recovery_point})
+        hw = self._high_watermark
+        self._index.write(meta={META_RECOVERY_POINT: self._recovery_point, META_HIGH_WATERMARK: hw})
         self._index.sync()
+        self._checkpointed_hw = hw
         self._unflushed_messages = 0
         self._last_flush_ms = self._now_ms()
 
@@ -976,8 +1033,9 @@ class Log:
         """Delete closed segments, oldest first, while past retention_ms (by their largest
         timestamp) or beyond retention_bytes, never the active segment nor any data at or above
         the high watermark. Advances and checkpoints the log start offset. Returns segments deleted.
-        A deleted segment's pending flush finds no file left to sync (see flusher.py)."""
-        self._check_writable()
+        A deleted segment's pending flush finds no file left to sync (see flusher.py). Runs while
+        the log is read-only too (it frees disk space)."""
+        self._check_online()
         self._reap_flushes()
         assert self._index is not None
         now = self._now_ms() if now_ms is None else now_ms
@@ -1080,7 +1138,20 @@ class Log:
         self._closed = True
 
     def _checkpoints(self) -> dict[bytes, int]:
-        return {META_LOG_START_OFFSET: self._log_start_offset, META_RECOVERY_POINT: self._recovery_point}
+        return {META_LOG_START_OFFSET: self._log_start_offset, META_RECOVERY_POINT: self._recovery_point,
+                META_HIGH_WATERMARK: self._high_watermark, META_SEGMENT_BYTES: self._config.segment_bytes}
+
+    def checkpoint_high_watermark(self) -> bool:
+        """Write the high watermark to the index if it moved since it was last written (one small
+        transaction, not synced: durable at the next index sync, and a process crash keeps it in
+        the page cache). For a periodic caller (the log manager). Returns whether it wrote."""
+        if self._closed or self._offline is not None or self._high_watermark == self._checkpointed_hw:
+            return False
+        assert self._index is not None
+        hw = self._high_watermark
+        self._index.write(meta={META_HIGH_WATERMARK: hw})
+        self._checkpointed_hw = hw
+        return True
 
     def _go_offline(self, reason: str) -> None:
         self._offline = reason
@@ -1090,16 +1161,55 @@ class Log:
         if self._closed:
             raise StorageError(f"log {self.directory} is closed")
 
-    def _check_writable(self) -> None:
+    def _check_online(self) -> None:
+        """Open and not offline: reads, retention, epochs and checkpoints may go on (also while
+        read-only)."""
         self._check_open()
         if self._offline is not None:
             raise StorageError(f"log {self.directory} is offline: {self._offline}")
+
+    def _check_writable(self) -> None:
+        """Online, and the active segment writable: retries preallocation if read-only and due."""
+        self._check_online()
+        if self._read_only is not None and not self.retry_preallocation():
+            raise StorageError(f"log {self.directory} is read-only: {self._read_only}")
+
+    def retry_preallocation(self, force: bool = False) -> bool:
+        """A read-only log (its active segment could not be preallocated): try again, at most once
+        every PREALLOCATE_RETRY_INTERVAL_MS unless `force`. Returns whether the log is writable."""
+        if self._read_only is None:
+            return True
+        now = self._now_ms()
+        if not force and now < self._preallocate_retry_at_ms:
+            return False
+        self._preallocate_retry_at_ms = now + PREALLOCATE_RETRY_INTERVAL_MS
+        active = self._segments[-1]
+        try:
+            active.reopen_writable(self._config.segment_bytes)
+        except StorageError as e:
+            self._read_only = str(e)
+            return False
+        self._read_only = None
+        log.info("log %s is writable again: its active segment is preallocated (%d bytes)", self.directory,
+                 active.capacity_bytes)
+        return True
 
     def __repr__(self) -> str:
         return (
             f"Log({self.directory}, start={self._log_start_offset}, end={self._log_end_offset}, "
             f"hw={self._high_watermark}, segments={len(self._segments)})"
         )
+
+
+def _with_segment_bytes(config: LogConfig, segment_bytes: int | None) -> LogConfig:
+    """`config` with a checkpointed segment size, if there is one and it is within bounds."""
+    if segment_bytes is None or segment_bytes == config.segment_bytes:
+        return config
+    try:
+        return replace(config, segment_bytes=segment_bytes)
+    except InvalidConfigError:
+        log.warning("ignoring checkpointed segment_bytes %d (out of bounds)", segment_bytes)
+        return config
 
 
 def remove_log_dir(directory: Path) -> None:

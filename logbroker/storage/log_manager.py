@@ -51,8 +51,10 @@ class LogManager:
             raise StorageError(f"cannot create data directory {self.data_dir}: {e}") from e
 
     def load_all(self, configs: Mapping[str, LogConfig] | None = None) -> dict[tuple[str, int], Log]:
-        """Open every `<topic>-<partition>` directory (with `configs[topic]` if given, else the
-        default config) and finish interrupted deletions. Returns the logs now open."""
+        """Open every `<topic>-<partition>` directory and finish interrupted deletions. Returns the
+        logs now open. A log opens with `configs[topic]` if given; else with the default config
+        and the segment size the log checkpointed when last open (its topic's, so a restart does
+        not preallocate the default size: see Log.open)."""
         configs = configs or {}
         for entry in sorted(self.data_dir.iterdir()):
             if not entry.is_dir() or entry.is_symlink():
@@ -64,7 +66,9 @@ class LogManager:
             key = parse_log_dir_name(entry.name)
             if key is None or key in self._logs:
                 continue
-            self._logs[key] = Log.open(entry, configs.get(key[0], self.default_config), self._now_ms, self.flusher)
+            config = configs.get(key[0])
+            self._logs[key] = Log.open(entry, config or self.default_config, self._now_ms, self.flusher,
+                                       segment_bytes_from_checkpoint=config is None)
         return dict(self._logs)
 
     def create_log(self, topic: str, partition: int, config: LogConfig | None = None) -> Log:
@@ -105,6 +109,18 @@ class LogManager:
             except StorageError as e:
                 log.error("retention of %s-%d failed: %s", key[0], key[1], e)
         return deleted
+
+    def checkpoint_high_watermarks(self) -> int:
+        """Checkpoint the high watermark of every log whose one moved since (one small index write
+        each; see Log.checkpoint_high_watermark). A failing log is logged and skipped. Returns how
+        many were written."""
+        written = 0
+        for key, plog in list(self._logs.items()):
+            try:
+                written += plog.checkpoint_high_watermark()
+            except StorageError as e:
+                log.error("high watermark checkpoint of %s-%d failed: %s", key[0], key[1], e)
+        return written
 
     def flush_all(self) -> None:
         for plog in self._logs.values():

@@ -472,10 +472,17 @@ def _map_preallocated(path: Path, capacity_bytes: int) -> tuple[int, mmap.mmap]:
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     except OSError as e:
         raise StorageError(f"cannot open segment {path}: {e}") from e
+    size_before = -1
     try:
+        size_before = os.fstat(fd).st_size
         os.posix_fallocate(fd, 0, capacity_bytes)
         mapping = mmap.mmap(fd, capacity_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     except OSError as e:
+        # A failed fallocate may have grown the file part way (ext4): give the room back, and keep
+        # the file's size its data size (a read-only fallback maps it as it was).
+        with contextlib.suppress(OSError):
+            if size_before >= 0 and os.fstat(fd).st_size > size_before:
+                os.ftruncate(fd, size_before)
         os.close(fd)
         raise StorageError(f"cannot preallocate {capacity_bytes} bytes for segment {path}: {e}") from e
     return fd, mapping

@@ -409,3 +409,30 @@ def test_truncation_walks_back_through_epochs_the_leader_never_saw(tmp_path):
         assert b"a3-" not in log_bytes(a.log())
 
     run(scenario, tmp_path, 2)
+
+
+def test_restarted_leader_exposes_nothing_past_the_replicated_high_watermark(tmp_path):
+    """A leader restarted with records its followers never got must not start from HW = LEO: its
+    high watermark comes from its checkpoint, so consumers see only what was replicated."""
+    async def scenario(c: Cluster) -> None:
+        leader, follower = c.nodes
+        await c.elect(0, 1, [0, 1])
+        assert (await leader.produce(batch("a"), acks=-1)).error_code == pb.NONE
+        follower.pause_fetching()
+        for i in range(3):  # acknowledged by the leader alone (acks=1), never replicated
+            assert (await leader.produce(batch(f"b{i}"), acks=1)).error_code == pb.NONE
+        assert (leader.log().log_end_offset, leader.partition(*KEY).high_watermark) == (12, 3)
+        await leader.stop()
+        restarted = Node(0, tmp_path, c.store, 10_000)
+        c.nodes[0] = restarted
+        await restarted.start()
+        await c.elect(0, 2, [0, 1], to=[0])  # leader again; the follower has not fetched yet
+        part = restarted.partition(*KEY)
+        assert (part.log.log_end_offset, part.high_watermark) == (12, 3)
+        r = await restarted.fetch(0, max_wait_ms=0)
+        assert r.error_code == pb.NONE and r.high_watermark == 3
+        assert [h.last_offset for h, _ in iter_batches(r.records)] == [2]
+        await c.elect(0, 2, [0, 1], to=[1], resend=True)  # the follower follows: then they are exposed
+        await until(lambda: restarted.partition(*KEY).high_watermark == 12, "the HW to reach the LEO")
+
+    run(scenario, tmp_path, 2)

@@ -26,7 +26,13 @@ from logbroker.errors import (
 from logbroker.storage import segment as segment_module
 from logbroker.storage.flusher import SegmentFlusher
 from logbroker.storage.index import META_RECOVERY_POINT, PartitionIndex
-from logbroker.storage.log import CLEAN_SHUTDOWN_FILE, INDEX_DIR, Log, LogConfig
+from logbroker.storage.log import (
+    CLEAN_SHUTDOWN_FILE,
+    INDEX_DIR,
+    PREALLOCATE_RETRY_INTERVAL_MS,
+    Log,
+    LogConfig,
+)
 from logbroker.storage.record_batch import (
     HEADER_SIZE,
     BatchHeader,
@@ -69,11 +75,12 @@ def open_log(path: Path, clock: ManualClock | None = None, flusher: SegmentFlush
 
 
 def read_all(log: Log, max_bytes: int = 1 << 20) -> list[tuple[BatchHeader, bytes]]:
+    """Every batch stored, up to the log end offset (not the high watermark: that is replication's)."""
     out: list[tuple[BatchHeader, bytes]] = []
     offset = log.log_start_offset
-    while offset < log.high_watermark:
-        view = log.read(offset, max_bytes)
-        assert view.nbytes, f"empty read at {offset} below the high watermark {log.high_watermark}"
+    while offset < log.log_end_offset:
+        view = log.read(offset, max_bytes, log.log_end_offset)
+        assert view.nbytes, f"empty read at {offset} below the log end offset {log.log_end_offset}"
         for h, pos in iter_batches(view):
             out.append((h, bytes(view[pos : pos + h.size_bytes])))
             offset = h.next_offset
@@ -193,7 +200,7 @@ def test_high_watermark_never_exceeds_log_end(path):
     log.high_watermark = 2
     assert log.high_watermark == 2
     log.close()
-    assert open_log(path).high_watermark == 2  # initialised to the log end offset on open
+    assert open_log(path).high_watermark == 2  # the checkpoint written at close
 
 
 def test_read_limits(path):
@@ -885,6 +892,8 @@ def test_lost_index_is_rebuilt_from_the_log(path, damage):
     assert log.index.entry_counts() == counts
     assert [b for _, b in read_all(log)] == stored
     assert log.epochs == [(3, 0)]
+    assert log.high_watermark == 0  # its checkpoint went with the index: nothing known replicated
+    log.high_watermark = log.log_end_offset  # as a leader whose ISR is itself sets it
     assert log.offset_for_timestamp(0) == (0, 1000)
     log.close()
 
@@ -1238,3 +1247,136 @@ def test_property_read_contract(tmp_path_factory, sizes, probes, interval):
             if nxt and seg_of[nxt[0][0]] == seg_of[headers[0].base_offset]:
                 assert view.nbytes + nxt[0][2] > max_bytes  # stopped only because it was full
         log.close()
+
+
+# -- high watermark checkpoint ------------------------------------------------------------------------
+
+
+def offsets_readable(log: Log) -> int:
+    """The offset a consumer read (bounded by the high watermark) gets to."""
+    offset = log.log_start_offset
+    while True:
+        view = log.read(offset, 1 << 20)
+        if not view.nbytes:
+            return offset
+        for h, _pos in iter_batches(view):
+            offset = h.next_offset
+
+
+def test_reopened_log_starts_from_its_checkpointed_high_watermark_not_its_end(path):
+    log = open_log(path)
+    stored = fill(log, 10)
+    leo = log.log_end_offset
+    hw = parse_header(stored[2], 0).next_offset  # a batch boundary
+    log.high_watermark = hw
+    log.close()
+    log = open_log(path)
+    assert (log.log_end_offset, log.high_watermark) == (leo, hw)
+    assert offsets_readable(log) == hw < leo  # what was never known replicated stays unexposed
+    log.close()
+
+
+def test_high_watermark_after_a_crash_is_the_last_checkpoint_written(path):
+    log = open_log(path)
+    fill(log, 10)
+    log.high_watermark = 3
+    log.flush()  # written with the recovery point
+    log.high_watermark = 6  # a move alone writes nothing
+    crash(log)
+    log = open_log(path)
+    assert log.high_watermark == 3
+    log.high_watermark = 7
+    assert log.checkpoint_high_watermark() is True  # the periodic checkpoint
+    assert log.checkpoint_high_watermark() is False  # unchanged: no write
+    crash(log)
+    log = open_log(path)
+    assert log.high_watermark == 7
+    log.close()
+
+
+def test_checkpointed_high_watermark_is_capped_by_what_recovery_keeps(path):
+    log = open_log(path)
+    stored = fill(log, 10)
+    log.high_watermark = log.log_end_offset
+    log.flush()
+    end = log.segments[-1].size_bytes
+    crash(log)
+    with open(path / file_name(0), "r+b") as f:
+        f.truncate(end - 5)  # the last batch torn
+    log = open_log(path)
+    assert log.log_end_offset == parse_header(stored[-2], 0).next_offset
+    assert log.high_watermark == log.log_end_offset
+    log.close()
+
+
+# -- segment size and preallocation at reopen ---------------------------------------------------------
+
+
+def test_reopened_log_preallocates_its_active_segment_by_its_config(path):
+    log = open_log(path, segment_bytes=8192)
+    fill(log, 3)
+    log.close()
+    log = open_log(path, segment_bytes=16384)
+    assert log.segments[-1].capacity_bytes == 16384
+    assert os.stat(path / file_name(0)).st_size == 16384
+    log.close()
+    # a caller that does not know the topic's config yet (cluster mode, before its LeaderAndIsr):
+    # the size checkpointed when the log was last open, not the default 128 MiB
+    log = Log.open(path, LogConfig(index_map_bytes=SMALL["index_map_bytes"]), ManualClock(),
+                   segment_bytes_from_checkpoint=True)
+    assert log.config.segment_bytes == 16384
+    assert log.segments[-1].capacity_bytes == 16384
+    log.close()
+
+
+def no_space(fd: int, offset: int, length: int) -> None:
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_active_segment_that_cannot_be_preallocated_opens_read_only(path, monkeypatch):
+    clock = ManualClock()
+    log = open_log(path, clock)
+    stored = fill(log, 5)
+    leo = log.log_end_offset
+    log.high_watermark = leo
+    log.close()
+    with monkeypatch.context() as m:
+        m.setattr(segment_module.os, "posix_fallocate", no_space)
+        log = open_log(path, clock)
+        assert log.read_only_reason is not None and "No space" in log.read_only_reason
+        assert os.stat(path / file_name(0)).st_size == sum(len(b) for b in stored)
+        assert [b for _, b in read_all(log)] == stored  # served read-only
+        assert offsets_readable(log) == leo
+        with pytest.raises(StorageError, match="read-only"):
+            log.append(batch(), 0)
+        clock.now_ms += PREALLOCATE_RETRY_INTERVAL_MS
+        with pytest.raises(StorageError, match="No space"):  # retried, still full
+            log.append(batch(), 0)
+        assert log.enforce_retention() == 0  # retention (which frees space) still runs
+        log.assign_epoch_start(0, leo)  # index-only bookkeeping too
+    assert log.log_end_offset == leo
+    with pytest.raises(StorageError, match="read-only"):  # space is back, but the retry is not due yet
+        log.append(batch(), 0)
+    clock.now_ms += PREALLOCATE_RETRY_INTERVAL_MS
+    assert log.append(batch(), 0).base_offset == leo
+    assert log.read_only_reason is None
+    log.close()
+    log = open_log(path, clock)
+    assert log.read_only_reason is None and log.log_end_offset == leo + 1
+    log.close()
+
+
+def test_read_only_log_closes_cleanly_and_keeps_its_data(path, monkeypatch):
+    log = open_log(path)
+    stored = fill(log, 4)
+    crash(log)  # a crash, then a restart on a full disk
+    with monkeypatch.context() as m:
+        m.setattr(segment_module.os, "posix_fallocate", no_space)
+        log = open_log(path)
+        assert log.read_only_reason is not None
+        log.close()
+    assert (path / CLEAN_SHUTDOWN_FILE).exists()
+    log = open_log(path)
+    assert log.read_only_reason is None
+    assert [b for _, b in read_all(log)] == stored
+    log.close()

@@ -138,3 +138,31 @@ def test_logs_share_the_managers_flusher_and_close_all_waits_for_it(tmp_path):
     assert len(synced) == log.segment_count - 1
     assert (tmp_path / "data" / "orders-0" / CLEAN_SHUTDOWN_FILE).exists()
     flusher.shutdown(wait=True)
+
+
+def test_load_all_preallocates_by_the_topics_config_or_the_logs_checkpoint(tmp_path):
+    """A restart must not preallocate the default segment size (128 MiB) for every partition: each
+    active segment is sized by its topic's config, or (config not known yet) by its own checkpoint."""
+    data = tmp_path / "data"
+    m = LogManager(data, CONFIG, now_ms=lambda: 10_000)
+    m.create_log("small", 0, LogConfig(segment_bytes=2048, index_map_bytes=4 << 20)).append(batch(), 0)
+    m.create_log("other", 0, LogConfig(segment_bytes=4096, index_map_bytes=4 << 20)).append(batch(), 0)
+    m.close_all()
+    big_default = LogConfig(segment_bytes=64 << 20, index_map_bytes=4 << 20)
+    m = LogManager(data, big_default, now_ms=lambda: 10_000)
+    logs = m.load_all({"small": LogConfig(segment_bytes=8192, index_map_bytes=4 << 20)})
+    assert logs[("small", 0)].segments[-1].capacity_bytes == 8192  # the topic's config
+    assert logs[("other", 0)].segments[-1].capacity_bytes == 4096  # the log's checkpoint
+    assert logs[("other", 0)].config.segment_bytes == 4096
+    m.close_all()
+
+
+def test_checkpoint_high_watermarks_writes_only_moved_ones(manager):
+    a = manager.create_log("a", 0)
+    b = manager.create_log("b", 0)
+    for plog in (a, b):
+        plog.append(batch(), 0)
+    assert manager.checkpoint_high_watermarks() == 0  # nothing moved
+    a.high_watermark = 1
+    assert manager.checkpoint_high_watermarks() == 1
+    assert manager.checkpoint_high_watermarks() == 0
