@@ -14,6 +14,7 @@ never races the loop; a loop that does not answer within SCRAPE_TIMEOUT_S shows 
 | `logbroker_under_replicated_partitions` | gauge | led partitions whose ISR is smaller than their replica set |
 | `logbroker_under_min_isr_partitions` | gauge | led partitions whose ISR is below min_insync_replicas (acks=all fails) |
 | `logbroker_log_size_bytes` | gauge | bytes in all hosted partition logs |
+| `logbroker_offline_partitions` | gauge | hosted partitions whose log is offline (vanished: KAFKA_STORAGE_ERROR until recovered) |
 | `process_*`, `python_*` | | prometheus_client's process, platform and GC collectors |
 """
 
@@ -53,6 +54,7 @@ class BrokerSnapshot:
     under_replicated: int
     under_min_isr: int
     log_size_bytes: int
+    offline: int = 0
 
 
 def snapshot(broker: Broker) -> BrokerSnapshot:
@@ -65,7 +67,8 @@ def snapshot(broker: Broker) -> BrokerSnapshot:
         if p.is_leader:
             under_replicated += len(p.isr) < len(p.replicas)
             under_min_isr += len(p.isr) < p.min_insync_replicas
-    return BrokerSnapshot(broker.ready, by_role, under_replicated, under_min_isr, size)
+    offline = len(broker.replica_manager.offline_partitions) + sum(p.log.is_offline for p in broker.partitions.values())
+    return BrokerSnapshot(broker.ready, by_role, under_replicated, under_min_isr, size, offline)
 
 
 class BrokerCollector(Collector):
@@ -111,6 +114,8 @@ class BrokerCollector(Collector):
                                 "led partitions whose ISR is below min_insync_replicas", value=snap.under_min_isr)
         yield GaugeMetricFamily("logbroker_log_size_bytes", "bytes in all hosted partition logs",
                                 value=snap.log_size_bytes)
+        yield GaugeMetricFamily("logbroker_offline_partitions", "hosted partitions whose log is offline",
+                                value=snap.offline)
 
 
 class MetricsServer:
