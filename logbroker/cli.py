@@ -229,13 +229,15 @@ def cmd_topics_describe(args: argparse.Namespace) -> int:
             "partition": p.partition, "leader": p.leader, "leader_epoch": p.leader_epoch,
             "replicas": list(p.replicas), "isr": list(p.isr), "log_start_offset": p.log_start_offset,
             "log_end_offset": p.log_end_offset, "high_watermark": p.high_watermark, "size_bytes": p.size_bytes,
+            "offline_replicas": list(p.offline_replicas),
         }
         for p in d.partitions
     ]
     if args.format == "json":
-        print(json.dumps({"name": d.name, "config": dict(d.config), "partitions": parts}, indent=2))
+        print(json.dumps({"name": d.name, "topic_id": d.topic_id, "config": dict(d.config), "partitions": parts},
+                         indent=2))
         return EXIT_OK
-    print(f"Topic: {d.name}\tPartitions: {len(parts)}")
+    print(f"Topic: {d.name}\tTopicId: {d.topic_id or '-'}\tPartitions: {len(parts)}")
     non_default = {k: v for k, v in sorted(d.config.items())}
     print("Config: " + ", ".join(f"{k}={v}" for k, v in non_default.items()))
     print(f"{'PARTITION':>9} {'LEADER':>6} {'EPOCH':>5} {'REPLICAS':<12} {'ISR':<12} {'START':>12} {'END':>12} {'BYTES':>14}")
@@ -244,6 +246,7 @@ def cmd_topics_describe(args: argparse.Namespace) -> int:
             f"{p['partition']:>9} {p['leader']:>6} {p['leader_epoch']:>5} "
             f"{','.join(map(str, p['replicas'])):<12} {','.join(map(str, p['isr'])):<12} "
             f"{p['log_start_offset']:>12} {p['log_end_offset']:>12} {p['size_bytes']:>14}"
+            + (f"  OFFLINE on {','.join(map(str, p['offline_replicas']))}" if p["offline_replicas"] else "")
         )
     return EXIT_OK
 
@@ -263,6 +266,13 @@ def cmd_topics_reassign(args: argparse.Namespace) -> int:
     with _admin(args) as admin:
         admin.reassign_partition(args.name, args.partition, replicas)
     print(f"reassignment of {args.name}-{args.partition} to {replicas} started")
+    return EXIT_OK
+
+
+def cmd_topics_recover_empty(args: argparse.Namespace) -> int:
+    with _admin(args) as admin:
+        admin.recover_empty_partition(args.name, args.partition)
+    print(f"{args.name}-{args.partition} recreated empty and online (its lost records are gone for good)")
     return EXIT_OK
 
 
@@ -478,6 +488,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("name")
     t.add_argument("--total", type=int, required=True, help="the new total number of partitions")
     t.set_defaults(func=cmd_topics_add_partitions)
+    t = tsub.add_parser("recover-empty", parents=[common],
+                        help="accept the loss of an offline partition whose log vanished: recreate it empty")
+    t.add_argument("name")
+    t.add_argument("partition", type=int)
+    t.set_defaults(func=cmd_topics_recover_empty)
 
     p = sub.add_parser("produce", parents=[common], help="send one record per line of standard input",
                        description="Read standard input and send one record per line.")

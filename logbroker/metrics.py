@@ -15,6 +15,7 @@ never races the loop; a loop that does not answer within SCRAPE_TIMEOUT_S shows 
 | `logbroker_under_min_isr_partitions` | gauge | led partitions whose ISR is below min_insync_replicas (acks=all fails) |
 | `logbroker_log_size_bytes` | gauge | bytes in all hosted partition logs |
 | `logbroker_corrupt_partitions` | gauge | hosted replicas with a corrupt batch found by a read or the scrubber |
+| `logbroker_offline_partitions` | gauge | hosted partitions whose log is offline (vanished: KAFKA_STORAGE_ERROR until recovered) |
 | `process_*`, `python_*` | | prometheus_client's process, platform and GC collectors |
 """
 
@@ -55,6 +56,7 @@ class BrokerSnapshot:
     under_min_isr: int
     log_size_bytes: int
     corrupt_partitions: int = 0
+    offline: int = 0
 
 
 def snapshot(broker: Broker) -> BrokerSnapshot:
@@ -68,7 +70,8 @@ def snapshot(broker: Broker) -> BrokerSnapshot:
         if p.is_leader:
             under_replicated += len(p.isr) < len(p.replicas)
             under_min_isr += len(p.isr) < p.min_insync_replicas
-    return BrokerSnapshot(broker.ready, by_role, under_replicated, under_min_isr, size, corrupt)
+    offline = len(broker.replica_manager.offline_partitions) + sum(p.log.is_offline for p in broker.partitions.values())
+    return BrokerSnapshot(broker.ready, by_role, under_replicated, under_min_isr, size, corrupt, offline)
 
 
 class BrokerCollector(Collector):
@@ -117,6 +120,8 @@ class BrokerCollector(Collector):
         yield GaugeMetricFamily("logbroker_corrupt_partitions",
                                 "hosted replicas with a corrupt batch found by a read or the scrubber",
                                 value=snap.corrupt_partitions)
+        yield GaugeMetricFamily("logbroker_offline_partitions", "hosted partitions whose log is offline",
+                                value=snap.offline)
 
 
 class MetricsServer:

@@ -55,6 +55,7 @@ class PartitionInfo:
     log_end_offset: int
     high_watermark: int
     size_bytes: int
+    offline_replicas: list[int] = field(default_factory=list)  # replicas whose log is offline
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class TopicDescription:
     name: str
     config: dict[str, str]
     partitions: list[PartitionInfo] = field(default_factory=list)
+    topic_id: str = ""  # unique per incarnation of the topic name
 
 
 @dataclass(frozen=True)
@@ -210,6 +212,14 @@ class Admin:
         """Start moving a partition to `replicas` (first = preferred leader); data is copied first."""
         request = pb.ReassignPartitionRequest(topic=name, partition=partition, replicas=list(replicas))
         resp = self._call(lambda stub: stub.ReassignPartition(request, timeout=self._timeout_s))
+        if resp.error_code != pb.NONE:
+            raise error_for(resp.error_code, resp.error_message)
+
+    def recover_empty_partition(self, name: str, partition: int) -> None:
+        """Accept the loss of an offline partition (its log directory vanished): the broker
+        recreates it empty and serves it again. InvalidRequestError if it is not offline."""
+        request = pb.RecoverEmptyPartitionRequest(topic=name, partition=partition)
+        resp = self._call(lambda stub: stub.RecoverEmptyPartition(request, timeout=self._timeout_s))
         if resp.error_code != pb.NONE:
             raise error_for(resp.error_code, resp.error_message)
 
@@ -463,7 +473,8 @@ def _description(t: pb.TopicDescription) -> TopicDescription:
             log_end_offset=p.log_end_offset,
             high_watermark=p.high_watermark,
             size_bytes=p.size_bytes,
+            offline_replicas=list(p.offline_replicas),
         )
         for p in sorted(t.partitions, key=lambda p: p.partition)
     ]
-    return TopicDescription(name=t.name, config=dict(t.config), partitions=parts)
+    return TopicDescription(name=t.name, config=dict(t.config), partitions=parts, topic_id=t.topic_id)

@@ -586,6 +586,7 @@ class ControllerState:
             controller_id=self.controller_id, controller_epoch=self.controller_epoch, broker_epoch=reg.epoch,
             partitions=parts, live_brokers=[broker_info_pb(r) for _, r in sorted(self.live.items())],
             topic_configs_json=configs,
+            topic_ids={t: self.topics[t].topic_id for t in configs if self.topics[t].topic_id},
         )
 
     def update_metadata_request(self) -> pb.UpdateMetadataRequest:

@@ -66,6 +66,15 @@ def _spec_from_json(name: str, raw: bytes) -> TopicSpec:
     )
 
 
+def _assign_missing_topic_ids(txn: lmdb.Transaction, db: lmdb._Database) -> None:
+    """Topics stored before topic ids existed get one, once (their logs adopt it when opened)."""
+    for key, raw in list(txn.cursor(db=db)):
+        spec = _spec_from_json(bytes(key).decode(), bytes(raw))
+        if not spec.topic_id:
+            spec.topic_id = uuid.uuid4().hex
+            txn.put(key, _spec_to_json(spec), db=db)
+
+
 class LocalMetadataStore:
     """MetadataStore for one standalone broker. Single-threaded use (the broker's event loop)."""
 
@@ -80,6 +89,7 @@ class LocalMetadataStore:
             if raw is None:
                 raw = uuid.uuid4().hex.encode()
                 txn.put(b"cluster_id", raw, db=self._meta)
+            _assign_missing_topic_ids(txn, self._topics)
         self._cluster_id = raw.decode()
 
     @property
@@ -96,6 +106,9 @@ class LocalMetadataStore:
         return None if raw is None else _spec_from_json(name, raw)
 
     def create_topic(self, spec: TopicSpec) -> None:
+        """Store a new topic (with a new topic id unless `spec` has one); TopicAlreadyExistsError."""
+        if not spec.topic_id:
+            spec.topic_id = uuid.uuid4().hex
         with self._env.begin(write=True, db=self._topics) as txn:
             if not txn.put(spec.name.encode(), _spec_to_json(spec), overwrite=False):
                 raise TopicAlreadyExistsError(f"topic {spec.name!r} already exists")

@@ -38,12 +38,14 @@ from logbroker.cluster.metadata import PartitionStateData
 from logbroker.errors import (
     BrokerError,
     InvalidConfigError,
+    InvalidRequestError,
     InvalidRequiredAcksError,
     NotEnoughReplicasAfterAppendError,
     NotLeaderOrFollowerError,
     RequestTimedOutError,
     StaleBrokerEpochError,
     StaleControllerEpochError,
+    StorageError,
     UnknownServerError,
     UnknownTopicOrPartitionError,
 )
@@ -52,6 +54,7 @@ from logbroker.replication.partition import DEFAULT_REPLICA_LAG_TIME_MAX_MS, Par
 from logbroker.replication.partition_state import AckStatus, LeaderState
 from logbroker.replication.purgatory import Purgatory
 from logbroker.storage.log import AppendResult, LogConfig
+from logbroker.storage.log_identity import LostLogError
 from logbroker.storage.log_manager import LogManager
 from logbroker.v1 import logbroker_pb2 as pb
 
@@ -163,6 +166,9 @@ class ReplicaManager:
         self.replica_lag_time_max_ms = replica_lag_time_max_ms
         self.produce_timeout_ms_max = produce_timeout_ms_max
         self.partitions: dict[Key, Partition] = {}
+        # Standalone: partitions whose log vanished (log_identity.LostLogError), refused with
+        # KAFKA_STORAGE_ERROR until an operator accepts the loss (`recover_empty`). Reason by key.
+        self.offline_partitions: dict[Key, str] = {}
         self.fetch_purgatory = Purgatory()
         self.produce_purgatory = Purgatory()
         self.fetchers = ReplicaFetcherManager(broker_id, fetcher_config, clock)
@@ -210,8 +216,15 @@ class ReplicaManager:
     def get_partition(self, topic: str, partition: int) -> Partition:
         p = self.partitions.get((topic, partition))
         if p is None:
+            self.check_online(topic, partition)
             raise UnknownTopicOrPartitionError(f"broker {self.broker_id} hosts no replica of {topic}-{partition}")
         return p
+
+    def check_online(self, topic: str, partition: int) -> None:
+        """KAFKA_STORAGE_ERROR if the partition is offline on this broker."""
+        reason = self.offline_partitions.get((topic, partition))
+        if reason is not None:
+            raise StorageError(f"{topic}-{partition} is offline on broker {self.broker_id}: {reason}")
 
     def leader_partition(self, topic: str, partition: int) -> Partition:
         p = self.get_partition(topic, partition)
@@ -235,11 +248,13 @@ class ReplicaManager:
 
     # -- standalone -----------------------------------------------------------------------------
 
-    def make_local_leader(self, topic: str, partition: int, topic_config: dict[str, str] | None = None) -> Partition:
+    def make_local_leader(self, topic: str, partition: int, topic_config: dict[str, str] | None = None,
+                          topic_id: str = "") -> Partition:
         """Standalone: open (or create) the log and lead it with ISR = [this broker], in the log's
-        latest leader epoch (0 for a new log)."""
+        latest leader epoch (0 for a new log). A log this broker created that has vanished raises
+        LostLogError (see `mark_offline`, `recover_empty`)."""
         config = topic_config or {}
-        part = self.partitions.get((topic, partition)) or self._create_partition(topic, partition, config)
+        part = self.partitions.get((topic, partition)) or self._create_partition(topic, partition, config, topic_id)
         epoch = max(0, part.log.latest_epoch)
         state = PartitionStateData(self.broker_id, epoch, [self.broker_id], 0, 0)
         part.become_leader(state, [self.broker_id], self.clock.monotonic_ms())
@@ -247,6 +262,27 @@ class ReplicaManager:
             self.isr_store.set_state(topic, partition, state)
         self._roles_changed()
         return part
+
+    def mark_offline(self, topic: str, partition: int, reason: str) -> None:
+        """Standalone: serve nothing of this partition (KAFKA_STORAGE_ERROR) until `recover_empty`."""
+        log.error("broker %d: %s-%d is offline: %s. Produce and fetch fail with KAFKA_STORAGE_ERROR until an "
+                  "operator accepts the loss: logbroker topics recover-empty %s %d", self.broker_id, topic, partition,
+                  reason, topic, partition)
+        self.offline_partitions[(topic, partition)] = reason
+        self.notify((topic, partition))
+
+    def recover_empty(self, topic: str, partition: int, topic_config: dict[str, str], topic_id: str) -> Partition:
+        """Standalone: an operator accepts the loss of an offline partition: create its log empty
+        and lead it. InvalidRequestError if it is not offline."""
+        key = (topic, partition)
+        if key not in self.offline_partitions:
+            raise InvalidRequestError(f"{topic}-{partition} is not offline on broker {self.broker_id}: nothing to recover")
+        self.log_manager.create_log(topic, partition, LogConfig.from_topic_config(
+            topic_config, self.log_manager.default_config), topic_id, accept_loss=True)
+        del self.offline_partitions[key]
+        log.warning("broker %d: %s-%d recreated empty (an operator accepted the loss of its data)", self.broker_id,
+                    topic, partition)
+        return self.make_local_leader(topic, partition, topic_config, topic_id)
 
     def remove_partition(self, topic: str, partition: int, delete: bool) -> bool:
         """Stop the replica (no fetcher, no role) and, if `delete`, forget it and delete its log.
@@ -257,6 +293,7 @@ class ReplicaManager:
         if part is not None:
             part.stop()
         if delete:
+            self.offline_partitions.pop(key, None)
             self.partitions.pop(key, None)
             self.log_manager.delete_log(topic, partition)
         self.notify(key)
@@ -446,7 +483,8 @@ class ReplicaManager:
                             f"{ps.zk_version}) is older than the applied one ({part.leader_epoch}, {part.zk_version})"
                         )
                 if part is None:
-                    part = self._create_partition(ps.topic, ps.partition, _topic_config(req, ps.topic))
+                    part = self._create_partition(ps.topic, ps.partition, _topic_config(req, ps.topic),
+                                                  req.topic_ids.get(ps.topic, ""), refetch_lost=True)
                 state = PartitionStateData(ps.leader, ps.leader_epoch, list(ps.isr), ps.controller_epoch,
                                            ps.zk_version)
                 replicas = list(ps.replicas)
@@ -532,10 +570,20 @@ class ReplicaManager:
                 r.error_message = e.message
         return resp
 
-    def _create_partition(self, topic: str, partition: int, topic_config: dict[str, str]) -> Partition:
+    def _create_partition(self, topic: str, partition: int, topic_config: dict[str, str], topic_id: str = "",
+                          *, refetch_lost: bool = False) -> Partition:
+        """A replica over the partition's log (see LogManager.create_log for topic ids). A vanished
+        log raises LostLogError, or with `refetch_lost` (cluster) is created empty: a follower then
+        fetches everything from its leader, and joins the ISR only once caught up."""
         log_config = LogConfig.from_topic_config(topic_config, self.log_manager.default_config)
         existing = self.log_manager.get_log(topic, partition)
-        plog = self.log_manager.create_log(topic, partition, log_config)
+        try:
+            plog = self.log_manager.create_log(topic, partition, log_config, topic_id)
+        except LostLogError as e:
+            if not refetch_lost:
+                raise
+            log.error("broker %d: %s; creating it empty, to be fetched again from the leader", self.broker_id, e)
+            plog = self.log_manager.create_log(topic, partition, log_config, topic_id, accept_loss=True)
         if existing is not None and topic_config:
             plog.update_config(log_config)
         try:

@@ -99,12 +99,15 @@ class AdminService:
                 if states is None:
                     raise UnknownTopicOrPartitionError(f"unknown topic {name!r}")
                 d.config.update(await broker.topic_config(name))
+                d.topic_id = await broker.topic_id(name)
                 for p, st in sorted(states.items()):
                     pd = d.partitions.add(
                         partition=p, leader=st.leader, leader_epoch=st.leader_epoch, replicas=st.replicas,
                         isr=st.isr, log_start_offset=-1, log_end_offset=-1, high_watermark=-1, size_bytes=-1,
                     )
                     part = broker.partitions.get((name, p))
+                    if (name, p) in broker.replica_manager.offline_partitions:
+                        pd.offline_replicas.append(broker.config.broker_id)
                     if part is not None:  # offsets as this broker's replica has them
                         plog = part.log
                         pd.log_start_offset = plog.log_start_offset
@@ -141,6 +144,20 @@ class AdminService:
                 raise
             return pb.ReassignPartitionResponse(error_code=exc.code, error_message=exc.message)  # type: ignore[arg-type]
 
+
+    async def recover_empty_partition(
+        self, req: pb.RecoverEmptyPartitionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RecoverEmptyPartitionResponse:
+        _check(self.broker, 1)
+        try:
+            validate_topic_name(req.topic)
+            self.broker.recover_empty_partition(req.topic, req.partition)
+            return pb.RecoverEmptyPartitionResponse()
+        except Exception as exc:
+            if not isinstance(exc, BrokerError):
+                raise
+            return pb.RecoverEmptyPartitionResponse(error_code=exc.code,  # type: ignore[arg-type]
+                                                    error_message=exc.message)
 
     # -- groups (each answered by this broker's coordinator for the groups it coordinates) ----------
 
@@ -202,5 +219,6 @@ def handler(broker: Broker) -> grpc.GenericRpcHandler:
             "DescribeGroup": rpc.method(pb.DescribeGroupRequest, svc.describe_group),
             "DeleteGroup": rpc.method(pb.DeleteGroupRequest, svc.delete_group),
             "ReadReplica": rpc.method(pb.ReadReplicaRequest, svc.read_replica),
+            "RecoverEmptyPartition": rpc.method(pb.RecoverEmptyPartitionRequest, svc.recover_empty_partition),
         },
     )

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from pathlib import Path
 
 import grpc
@@ -34,6 +35,7 @@ from logbroker.errors import (
     InvalidConfigError,
     InvalidPartitionsError,
     InvalidReplicationFactorError,
+    InvalidRequestError,
     InvalidTopicError,
     NotLeaderOrFollowerError,
     TopicAlreadyExistsError,
@@ -48,6 +50,7 @@ from logbroker.server.cluster_member import ClusterMember
 from logbroker.server.wire_server import WireServer
 from logbroker.storage.data_dir_lock import DataDirLock
 from logbroker.storage.log import LogConfig
+from logbroker.storage.log_identity import LostLogError
 from logbroker.storage.log_manager import LogManager
 from logbroker.storage.scrubber import Scrubber
 from logbroker.v1 import logbroker_pb2 as pb
@@ -182,7 +185,10 @@ class Broker:
         for name, spec in topics.items():
             for p in spec.assignment:
                 logs.pop((name, p), None)
-                self.replica_manager.make_local_leader(name, p, spec.config)
+                try:
+                    self.replica_manager.make_local_leader(name, p, spec.config, spec.topic_id)
+                except LostLogError as e:
+                    self.replica_manager.mark_offline(name, p, str(e))
         for (name, p) in logs:
             log.warning("deleting log of %s-%d: its topic no longer exists", name, p)
             self._log_manager.delete_log(name, p)
@@ -298,6 +304,7 @@ class Broker:
         p = self.partitions.get((topic, index))
         if p is None:
             self.check_partition(topic, index)
+            self.replica_manager.check_online(topic, index)
             states = self.topic_partitions(topic) or {}
             raise NotLeaderOrFollowerError(
                 f"broker {self.config.broker_id} hosts no replica of {topic}-{index} (leader: {states[index].leader})"
@@ -317,11 +324,33 @@ class Broker:
         if spec is None:
             return None
         out = {}
+        me = self.config.broker_id
         for p in sorted(spec.assignment):
-            part = self.partitions[(topic, p)]
+            part = self.partitions.get((topic, p))
+            if part is None:  # offline (its log vanished): still ours, answering KAFKA_STORAGE_ERROR
+                out[p] = pb.PartitionState(topic=topic, partition=p, leader=me, leader_epoch=0, isr=[], replicas=[me])
+                continue
             out[p] = pb.PartitionState(topic=topic, partition=p, leader=part.leader, leader_epoch=part.leader_epoch,
                                        isr=part.isr, replicas=part.replicas)
         return out
+
+    async def topic_id(self, topic: str) -> str:
+        """The topic's id ('' if unknown)."""
+        if self.cluster is not None:
+            spec = await asyncio.to_thread(self.cluster.store.get_topic, topic)
+            return spec.topic_id if spec is not None else ""
+        spec = self.topics.get(topic)
+        return spec.topic_id if spec is not None else ""
+
+    def recover_empty_partition(self, topic: str, partition: int) -> None:
+        """An operator accepts the loss of an offline partition (its log vanished): it is created
+        empty and served again. InvalidRequestError if it is not offline here."""
+        self.check_partition(topic, partition)
+        spec = self.topics.get(topic)
+        if self.cluster is not None or spec is None:
+            raise InvalidRequestError(f"{topic}-{partition} is not offline on broker {self.config.broker_id}: a "
+                                      f"cluster member re-fetches a lost replica from its leader")
+        self.replica_manager.recover_empty(topic, partition, spec.config, spec.topic_id)
 
     async def topic_config(self, topic: str) -> dict[str, str]:
         if self.cluster is not None:
@@ -361,12 +390,13 @@ class Broker:
             raise TopicAlreadyExistsError(f"topic {name!r} already exists")
         if validate_only:
             return
-        spec = TopicSpec(name, {p: [self.config.broker_id] for p in range(partitions)}, full_config)
+        spec = TopicSpec(name, {p: [self.config.broker_id] for p in range(partitions)}, full_config,
+                         topic_id=uuid.uuid4().hex)
         created: list[int] = []
         try:
             for p in range(partitions):
                 created.append(p)
-                self.replica_manager.make_local_leader(name, p, full_config)
+                self.replica_manager.make_local_leader(name, p, full_config, spec.topic_id)
             self.store.create_topic(spec)
         except BaseException:
             for p in created:
@@ -409,7 +439,7 @@ class Broker:
             raise InvalidPartitionsError(f"at most {PARTITIONS_MAX} partitions")
         assignment = dict(spec.assignment)
         for p in range(current, total):
-            self.replica_manager.make_local_leader(name, p, spec.config)
+            self.replica_manager.make_local_leader(name, p, spec.config, spec.topic_id)
             assignment[p] = [self.config.broker_id]
         self.store.set_assignment(name, assignment)
         spec.assignment = assignment

@@ -6,6 +6,7 @@ Directory ``<data dir>/<topic>-<partition>/``::
     00000000000000004711.log   the active segment (preallocated, zeros past the data)
     index.lmdb/                offset, time, epoch and checkpoint records (see index.py)
     .clean_shutdown            present only while the log is closed after a clean `close()`
+    partition.metadata         the topic id the log belongs to (see log_identity.py)
 
 Offsets. Every batch's baseOffset is assigned here: the first batch of an append gets the log end
 offset, the next one follows its predecessor's last offset, with no gaps. Offsets strictly
@@ -89,6 +90,7 @@ from logbroker.storage.index import (
     PartitionIndex,
     TimeEntry,
 )
+from logbroker.storage.log_identity import IDENTITY_FILES
 from logbroker.storage.record_batch import HEADER_SIZE, decode_batch, validate_batches
 from logbroker.storage.segment import POSITION_MAX, Scan, Segment
 
@@ -361,7 +363,7 @@ class Log:
             base = segment_file.parse_file_name(entry.name)
             if base is not None and entry.is_file(follow_symlinks=False):
                 bases.append(base)
-            elif warn and entry.name not in (INDEX_DIR, CLEAN_SHUTDOWN_FILE):
+            elif warn and entry.name not in (INDEX_DIR, CLEAN_SHUTDOWN_FILE, *IDENTITY_FILES):
                 log.warning("%s: ignoring stray file %s", self.directory, entry.name)
         bases.sort()
         return bases

@@ -4,11 +4,15 @@ Layout::
 
     <data dir>/<topic>-<partition>/                  one Log (see log.py)
     <data dir>/<topic>-<partition>.<uuid>-delete/    a log being deleted: removed, never loaded
+    <data dir>/log-registry.json                     the logs this broker created (log_identity.py)
 
 Anything else in the data directory (the metadata store's files, strays) is left alone.
 
 The logs share one `SegmentFlusher`: a single background thread that fsyncs rolled segments (see
 flusher.py), with a bounded queue.
+
+Topic ids (log_identity.py): `create_log` with the topic's id deletes a log of another incarnation of
+the topic and refuses (`LostLogError`) to recreate, unasked, a registered log whose directory vanished.
 
 Deleting renames the directory first, then removes it, so a crash midway cannot bring a deleted
 partition back: `load_all` finishes the removal.
@@ -26,6 +30,15 @@ from logbroker.cluster.metadata import PARTITIONS_MAX, validate_topic_name
 from logbroker.errors import InvalidPartitionsError, InvalidTopicError, StorageError
 from logbroker.storage.flusher import SegmentFlusher
 from logbroker.storage.log import DELETE_SUFFIX, Log, LogConfig, remove_log_dir, wall_clock_ms
+from logbroker.storage.log_identity import (
+    Identity,
+    LogRegistry,
+    LostLogError,
+    check_identity,
+    read_partition_metadata,
+    was_lost,
+    write_partition_metadata,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +62,7 @@ class LogManager:
             self.data_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise StorageError(f"cannot create data directory {self.data_dir}: {e}") from e
+        self.registry = LogRegistry(self.data_dir)
 
     def load_all(self, configs: Mapping[str, LogConfig] | None = None) -> dict[tuple[str, int], Log]:
         """Open every `<topic>-<partition>` directory and finish interrupted deletions. Returns the
@@ -71,15 +85,43 @@ class LogManager:
                                        segment_bytes_from_checkpoint=config is None)
         return dict(self._logs)
 
-    def create_log(self, topic: str, partition: int, config: LogConfig | None = None) -> Log:
-        """The log of a partition, opened (created if missing); the open one if already open."""
-        existing = self._logs.get((topic, partition))
-        if existing is not None:
+    def create_log(self, topic: str, partition: int, config: LogConfig | None = None, topic_id: str = "",
+                   *, accept_loss: bool = False) -> Log:
+        """The log of a partition, opened (created if missing); the open one if already open.
+
+        With the topic's `topic_id`: a log of another id is deleted (WARN) and an empty one created;
+        a log without one adopts it; a registered log whose directory is gone raises LostLogError
+        unless `accept_loss` (then it is created empty)."""
+        key = (topic, partition)
+        existing = self._logs.get(key)
+        if existing is not None and self._keeps_identity(key, existing, topic_id):
             return existing
         path = self._path(topic, partition)
+        if not accept_loss and not path.exists() and was_lost(self.registry.get(key), topic_id):
+            raise LostLogError(f"the log of {topic}-{partition} is missing: this broker created {path} and "
+                               f"it is gone")
         opened = Log.open(path, config or self.default_config, self._now_ms, self.flusher)
-        self._logs[(topic, partition)] = opened
+        self._logs[key] = opened
+        if not self._keeps_identity(key, opened, topic_id):  # a directory left there, not loaded
+            opened = Log.open(path, config or self.default_config, self._now_ms, self.flusher)
+            self._logs[key] = opened
+            self._keeps_identity(key, opened, topic_id)
         return opened
+
+    def _keeps_identity(self, key: tuple[str, int], opened: Log, topic_id: str) -> bool:
+        """Whether the open log may serve topic id `topic_id`; if not it is deleted (and forgotten)."""
+        stored = read_partition_metadata(opened.directory)
+        if check_identity(stored, topic_id) is not Identity.MISMATCH:
+            if stored is None and topic_id:
+                write_partition_metadata(opened.directory, topic_id)
+            self.registry.record(key, topic_id or stored or "")
+            return True
+        log.warning("deleting the log in %s: it belongs to topic id %s, but topic %s is now id %s (the topic "
+                    "was deleted and created again)", opened.directory, stored, key[0], topic_id)
+        del self._logs[key]
+        opened.delete()
+        self.registry.forget(key)
+        return False
 
     def get_log(self, topic: str, partition: int) -> Log | None:
         return self._logs.get((topic, partition))
@@ -89,8 +131,10 @@ class LogManager:
         opened = self._logs.pop((topic, partition), None)
         if opened is not None:
             opened.delete()
+            self.registry.forget((topic, partition))
             return True
         path = self._path(topic, partition)
+        self.registry.forget((topic, partition))
         if not path.exists():
             return False
         remove_log_dir(path)

@@ -796,6 +796,11 @@ class AdminStub:
                 request_serializer=logbroker_dot_v1_dot_logbroker__pb2.ReadReplicaRequest.SerializeToString,
                 response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.ReadReplicaResponse.FromString,
                 _registered_method=True)
+        self.RecoverEmptyPartition = channel.unary_unary(
+                '/logbroker.v1.Admin/RecoverEmptyPartition',
+                request_serializer=logbroker_dot_v1_dot_logbroker__pb2.RecoverEmptyPartitionRequest.SerializeToString,
+                response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.RecoverEmptyPartitionResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -861,6 +866,12 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RecoverEmptyPartition(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -913,6 +924,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ReadReplica,
                     request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.ReadReplicaRequest.FromString,
                     response_serializer=logbroker_dot_v1_dot_logbroker__pb2.ReadReplicaResponse.SerializeToString,
+            ),
+            'RecoverEmptyPartition': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecoverEmptyPartition,
+                    request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.RecoverEmptyPartitionRequest.FromString,
+                    response_serializer=logbroker_dot_v1_dot_logbroker__pb2.RecoverEmptyPartitionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1185,6 +1201,33 @@ class Admin:
             '/logbroker.v1.Admin/ReadReplica',
             logbroker_dot_v1_dot_logbroker__pb2.ReadReplicaRequest.SerializeToString,
             logbroker_dot_v1_dot_logbroker__pb2.ReadReplicaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecoverEmptyPartition(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logbroker.v1.Admin/RecoverEmptyPartition',
+            logbroker_dot_v1_dot_logbroker__pb2.RecoverEmptyPartitionRequest.SerializeToString,
+            logbroker_dot_v1_dot_logbroker__pb2.RecoverEmptyPartitionResponse.FromString,
             options,
             channel_credentials,
             insecure,

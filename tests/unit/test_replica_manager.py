@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -15,17 +16,20 @@ from logbroker.clock import ManualClock
 from logbroker.cluster.metadata import PartitionStateData
 from logbroker.errors import (
     FencedLeaderEpochError,
+    InvalidRequestError,
     NotEnoughReplicasAfterAppendError,
     NotEnoughReplicasError,
     NotLeaderOrFollowerError,
     OffsetOutOfRangeError,
     RequestTimedOutError,
+    StorageError,
     UnknownLeaderEpochError,
     UnknownTopicOrPartitionError,
 )
 from logbroker.replication.partition import Role
 from logbroker.replication.replica_manager import FetchRead, InMemoryIsrStore, ReplicaManager
 from logbroker.storage.log import LogConfig
+from logbroker.storage.log_identity import LostLogError
 from logbroker.storage.log_manager import LogManager
 from logbroker.storage.record_batch import encode_batch
 from logbroker.v1 import logbroker_pb2 as pb
@@ -346,4 +350,77 @@ def test_stopped_replica_takes_the_same_state_again(setup):
         assert resp.results[0].error_code == pb.NONE and part.is_leader
         older = await rm.leader_and_isr(lai(state(epoch=0, version=3)), 0)
         assert older.results[0].error_code == pb.STALE_CONTROLLER_EPOCH
+    run(main)
+
+
+OLD_ID = "a" * 32
+NEW_ID = "b" * 32
+
+
+def test_leader_and_isr_deletes_a_log_of_another_topic_id(tmp_path: Path):
+    """A broker that was down while its topic was deleted and created again holds the old log:
+    the controller's topic id does not match it, so it is deleted, and the follower starts empty."""
+    async def main():
+        s = Setup(tmp_path)
+        s.rm.make_local_leader("t", 0, {}, OLD_ID)
+        await s.rm.produce("t", 0, batch(5), 1, 1000)
+        s.close()
+        s = Setup(tmp_path)
+        assert s.log_manager.load_all()[("t", 0)].log_end_offset == 5
+        req = lai(state(leader=1, isr=(1,)))
+        req.topic_ids["t"] = NEW_ID
+        resp = await s.rm.leader_and_isr(req, 0)
+        assert resp.results[0].error_code == pb.NONE
+        assert s.rm.get_partition("t", 0).log.log_end_offset == 0
+        await s.rm.shutdown()
+        s.close()
+    run(main)
+
+
+def test_leader_and_isr_keeps_a_log_of_the_same_topic_id(tmp_path: Path):
+    async def main():
+        s = Setup(tmp_path)
+        s.rm.make_local_leader("t", 0, {}, NEW_ID)
+        await s.rm.produce("t", 0, batch(5), 1, 1000)
+        s.close()
+        s = Setup(tmp_path)
+        s.log_manager.load_all()
+        req = lai(state(leader=1, isr=(1,)))
+        req.topic_ids["t"] = NEW_ID
+        assert (await s.rm.leader_and_isr(req, 0)).results[0].error_code == pb.NONE
+        assert s.rm.get_partition("t", 0).log.log_end_offset == 5
+        await s.rm.shutdown()
+        s.close()
+    run(main)
+
+
+def test_vanished_log_offline_standalone_refetched_in_a_cluster(tmp_path: Path):
+    async def main():
+        s = Setup(tmp_path)
+        s.rm.make_local_leader("t", 0, {}, NEW_ID)
+        s.rm.make_local_leader("t", 1, {}, NEW_ID)
+        await s.rm.produce("t", 0, batch(5), 1, 1000)
+        await s.rm.produce("t", 1, batch(5), 1, 1000)
+        s.close()
+        shutil.rmtree(tmp_path / "b0" / "t-0")
+        shutil.rmtree(tmp_path / "b0" / "t-1")
+        s = Setup(tmp_path)
+        s.log_manager.load_all()
+        # standalone: refused, then offline until the loss is accepted
+        with pytest.raises(LostLogError):
+            s.rm.make_local_leader("t", 0, {}, NEW_ID)
+        s.rm.mark_offline("t", 0, "gone")
+        with pytest.raises(StorageError, match="offline"):
+            s.rm.get_partition("t", 0)
+        with pytest.raises(InvalidRequestError):
+            s.rm.recover_empty("t", 1, {}, NEW_ID)  # not offline
+        part = s.rm.recover_empty("t", 0, {}, NEW_ID)
+        assert part.is_leader and part.log.log_end_offset == 0 and not s.rm.offline_partitions
+        # cluster: the follower creates it empty and fetches it from the leader
+        req = lai(state(leader=1, isr=(1,), partition=1))
+        req.topic_ids["t"] = NEW_ID
+        assert (await s.rm.leader_and_isr(req, 0)).results[0].error_code == pb.NONE
+        assert s.rm.get_partition("t", 1).log.log_end_offset == 0
+        await s.rm.shutdown()
+        s.close()
     run(main)

@@ -11,6 +11,7 @@ import pytest
 from logbroker.errors import InvalidPartitionsError, InvalidTopicError
 from logbroker.storage.flusher import SegmentFlusher
 from logbroker.storage.log import CLEAN_SHUTDOWN_FILE, LogConfig
+from logbroker.storage.log_identity import REGISTRY_FILE
 from logbroker.storage.log_manager import LogManager, parse_log_dir_name
 from logbroker.storage.record_batch import encode_batch
 
@@ -73,13 +74,15 @@ def test_delete_log_renames_then_removes(manager, tmp_path):
     manager.create_log("orders", 0).append(batch(), 0)
     assert manager.delete_log("orders", 0)
     assert manager.get_log("orders", 0) is None
-    assert list((tmp_path / "data").iterdir()) == []
+    assert [p.name for p in (tmp_path / "data").iterdir()] == [REGISTRY_FILE]
+    assert manager.registry.get(("orders", 0)) is None
     assert not manager.delete_log("orders", 0)
     # a log on disk that is not open can be deleted too
     manager.create_log("orders", 1)
     manager.close_all()
     assert manager.delete_log("orders", 1)
-    assert list((tmp_path / "data").iterdir()) == []
+    assert [p.name for p in (tmp_path / "data").iterdir()] == [REGISTRY_FILE]
+    assert LogManager(tmp_path / "data", CONFIG).registry.get(("orders", 1)) is None
 
 
 def test_load_all_finishes_interrupted_deletes_and_ignores_strays(tmp_path):
@@ -95,7 +98,7 @@ def test_load_all_finishes_interrupted_deletes_and_ignores_strays(tmp_path):
     m = LogManager(data, CONFIG)
     assert m.load_all() == {}
     assert not doomed.exists()
-    assert {p.name for p in data.iterdir()} == {"metadata.lmdb", "stray.txt", "weird-name"}
+    assert {p.name for p in data.iterdir()} == {"metadata.lmdb", "stray.txt", "weird-name", REGISTRY_FILE}
     m.close_all()
 
 
