@@ -291,7 +291,7 @@ def cmd_dev_cluster(args: argparse.Namespace) -> int:
 
     if not 1 <= args.brokers <= 9:
         raise CliError("--brokers must be between 1 and 9")
-    return run_dev_cluster(args.brokers, Path(args.data_dir).resolve(), args.base_port)
+    return run_dev_cluster(args.brokers, Path(args.data_dir).resolve() if args.data_dir else None, args.base_port)
 
 
 # -- produce / consume --------------------------------------------------------------------------------
@@ -481,7 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Start ZooKeeper (Debian's zookeeper package) and --brokers brokers on "
                          "127.0.0.1, print their addresses, and stop everything on Ctrl-C.")
     dev.add_argument("--brokers", type=int, default=3, help="number of brokers (default: 3)")
-    dev.add_argument("--data-dir", default="./logbroker-dev-cluster", help="where logs and data go")
+    dev.add_argument("--data-dir", default=None,
+                     help="where data and logs go (default: a new logbroker-dev-cluster-* directory under $TMPDIR "
+                     "or /tmp; the path is printed and kept after exit)")
     dev.add_argument("--base-port", type=int, default=0, help="first broker port (default: free ports)")
     dev.set_defaults(func=cmd_dev_cluster)
 
