@@ -111,14 +111,23 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
                        help="TOML file of settings (keys as the flags, with underscores); repeatable, later "
                        "files win; the environment (LOGBROKER_<SETTING>) and flags override files")
     for s in SERVE_SETTINGS:
-        default = "{" + ", ".join(f"{k}={v}" for k, v in s.default.items()) + "}" if isinstance(s.default, dict) else s.default
-        help_text = f"{s.help} (default: {default!s}; env: {s.env})"
+        help_text = f"{s.help} ({_help_default(s.default, s.help)}env: {s.env})"
         if s.kind is bool:
             serve.add_argument(s.flag, action="store_true", default=None, help=help_text)
         elif s.kind is dict:
             serve.add_argument(s.flag, action="append", default=None, metavar=s.metavar, help=help_text)
         else:
             serve.add_argument(s.flag, type=s.kind, default=None, metavar=s.metavar, choices=s.choices, help=help_text)
+
+
+def _help_default(default: SettingValue, help_text: str) -> str:
+    """'default: X; ' for a setting's --help line; nothing when its help already names the default or
+    there is none to name (empty, off)."""
+    if "(default:" in help_text or default is False or default == "" or default == {}:
+        return ""
+    if isinstance(default, dict):
+        return "default: " + ", ".join(f"{k}={v}" for k, v in default.items()) + "; "
+    return f"default: {default}; "
 
 
 def serve_flags(args: argparse.Namespace) -> dict[str, SettingValue | None]:

@@ -198,3 +198,17 @@ def test_message_too_large_says_how_to_raise_the_limit(broker):
     assert b"produced 200 records" in out.stderr
     proc = cli(broker, "produce", "small", stdin=b"y" * 3000 + b"\n", check=False)
     assert_one_line_error(proc, "MESSAGE_TOO_LARGE", "max_message_bytes=N", "batch_size_bytes")
+
+
+def test_the_readmes_first_python_example_reads_all_it_produced(broker, tmp_path):
+    from tests.conftest import REPO
+
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## 30 seconds with the Python client", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0].replace("127.0.0.1:9092", broker.address)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
+                              str(REPO), os.environ.get("PYTHONPATH")]))})
+    assert proc.returncode == 0, proc.stderr.decode()
+    printed = proc.stdout.decode().splitlines()
+    assert len(printed) == 1000 and len({tuple(line.split()[:2]) for line in printed}) == 1000
