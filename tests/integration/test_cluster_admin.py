@@ -447,7 +447,7 @@ def test_dev_cluster_by_default_keeps_its_data_out_of_the_working_tree_and_says_
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=45) == 0
     finally:
-        _reap(proc, str(tmp))
+        _reap(proc, str(tmp_path))  # the whole test dir: also what an old dev-cluster left in cwd
 
 
 def test_dev_cluster_without_zookeeper_names_the_package(tmp_path):
