@@ -111,14 +111,23 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
                        help="TOML file of settings (keys as the flags, with underscores); repeatable, later "
                        "files win; the environment (LOGBROKER_<SETTING>) and flags override files")
     for s in SERVE_SETTINGS:
-        default = "{" + ", ".join(f"{k}={v}" for k, v in s.default.items()) + "}" if isinstance(s.default, dict) else s.default
-        help_text = f"{s.help} (default: {default!s}; env: {s.env})"
+        help_text = f"{s.help} ({_help_default(s.default, s.help)}env: {s.env})"
         if s.kind is bool:
             serve.add_argument(s.flag, action="store_true", default=None, help=help_text)
         elif s.kind is dict:
             serve.add_argument(s.flag, action="append", default=None, metavar=s.metavar, help=help_text)
         else:
             serve.add_argument(s.flag, type=s.kind, default=None, metavar=s.metavar, choices=s.choices, help=help_text)
+
+
+def _help_default(default: SettingValue, help_text: str) -> str:
+    """'default: X; ' for a setting's --help line; nothing when its help already names the default or
+    there is none to name (empty, off)."""
+    if "(default:" in help_text or default is False or default == "" or default == {}:
+        return ""
+    if isinstance(default, dict):
+        return "default: " + ", ".join(f"{k}={v}" for k, v in default.items()) + "; "
+    return f"default: {default}; "
 
 
 def serve_flags(args: argparse.Namespace) -> dict[str, SettingValue | None]:
@@ -301,7 +310,7 @@ def cmd_dev_cluster(args: argparse.Namespace) -> int:
 
     if not 1 <= args.brokers <= 9:
         raise CliError("--brokers must be between 1 and 9")
-    return run_dev_cluster(args.brokers, Path(args.data_dir).resolve(), args.base_port)
+    return run_dev_cluster(args.brokers, Path(args.data_dir).resolve() if args.data_dir else None, args.base_port)
 
 
 # -- produce / consume --------------------------------------------------------------------------------
@@ -316,8 +325,11 @@ def cmd_produce(args: argparse.Namespace) -> int:
     sep = args.key_separator.encode() if args.key_separator else None
     stdin = sys.stdin.buffer
     with _admin(args) as admin:
-        admin.describe_topic(args.topic)  # fail fast on an unknown topic: auto-creation is off
-    with Producer(args.bootstrap, acks=acks, linger_ms=args.linger_ms) as producer:
+        topic = admin.describe_topic(args.topic)  # fail fast on an unknown topic: auto-creation is off
+    # Batches never above the topic's max_message_bytes: only a record too large alone is refused.
+    batch_size_bytes = max(min(PRODUCE_BATCH_BYTES, int(topic.config.get("max_message_bytes", PRODUCE_BATCH_BYTES))),
+                           PRODUCE_BATCH_BYTES_MIN)
+    with Producer(args.bootstrap, acks=acks, linger_ms=args.linger_ms, batch_size_bytes=batch_size_bytes) as producer:
         futures = []
         for line in stdin:
             line = line.rstrip(b"\r\n")
@@ -341,6 +353,10 @@ def cmd_produce(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+PRODUCE_BATCH_BYTES = 1 << 20  # the Producer's default batch_size_bytes
+PRODUCE_BATCH_BYTES_MIN = 128  # the Producer needs room for a batch header and one record
+
+
 def _failures(futures: list[Any]) -> list[BaseException]:
     out = []
     for f in futures:
@@ -354,9 +370,38 @@ def _text(b: bytes | None) -> str | None:
     return None if b is None else b.decode("utf-8", "replace")
 
 
+TOPIC_WAIT_INTERVAL_S = 0.5
+
+
+def _await_topic(args: argparse.Namespace) -> int:
+    """The topic's partition count; an unknown topic is an error, or with --wait-for-topic awaited
+    (up to --timeout when given)."""
+    from logbroker.errors import UnknownTopicOrPartitionError
+
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    said = False
+    with _admin(args) as admin:
+        while True:
+            try:
+                return len(admin.describe_topic(args.topic).partitions)
+            except UnknownTopicOrPartitionError:
+                if not args.wait_for_topic:
+                    raise CliError(f"topic {args.topic} does not exist (`logbroker topics list` shows the topics; "
+                                   "--wait-for-topic waits for it to be created)") from None
+            if deadline is not None and time.monotonic() >= deadline:
+                raise CliError(f"topic {args.topic} was not created within {args.timeout:g} s")
+            if not said:
+                print(f"waiting for topic {args.topic} to be created", file=sys.stderr, flush=True)
+                said = True
+            time.sleep(TOPIC_WAIT_INTERVAL_S)
+
+
 def cmd_consume(args: argparse.Namespace) -> int:
     from logbroker.client import Consumer
 
+    partitions = _await_topic(args)
+    if args.partition is not None and not 0 <= args.partition < partitions:
+        raise CliError(f"topic {args.topic} has {partitions} partitions: there is no partition {args.partition}")
     reset = "earliest" if args.from_beginning else "latest"
     consumer = Consumer(args.bootstrap, topics=None, group=args.group, auto_offset_reset=reset)
     out = sys.stdout
@@ -455,7 +500,9 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Start ZooKeeper (Debian's zookeeper package) and --brokers brokers on "
                          "127.0.0.1, print their addresses, and stop everything on Ctrl-C.")
     dev.add_argument("--brokers", type=int, default=3, help="number of brokers (default: 3)")
-    dev.add_argument("--data-dir", default="./logbroker-dev-cluster", help="where logs and data go")
+    dev.add_argument("--data-dir", default=None,
+                     help="where data and logs go (default: a new logbroker-dev-cluster-* directory under $TMPDIR "
+                     "or /tmp; the path is printed and kept after exit)")
     dev.add_argument("--base-port", type=int, default=0, help="first broker port (default: free ports)")
     dev.set_defaults(func=cmd_dev_cluster)
 
@@ -517,6 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--format", choices=["text", "json"], default="text")
     c.add_argument("--print-key", action="store_true", help="print KEY<SEP>VALUE")
     c.add_argument("--key-separator", default="\t", help="separator for --print-key (default: tab)")
+    c.add_argument("--wait-for-topic", action="store_true",
+                   help="wait for the topic to be created (default: exit 1 if it does not exist)")
     c.set_defaults(func=cmd_consume)
 
     from logbroker.cli_groups import add_groups_parser
@@ -542,23 +591,44 @@ def _rpc_error_line(exc: grpc.RpcError, bootstrap: str) -> str:
     return f"{name}: {details}"
 
 
+def _one_line(text: object) -> str:
+    """An error message as one line (a gRPC error's str() spans five)."""
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+def _check_bootstrap(args: argparse.Namespace) -> None:
+    """A malformed --bootstrap (or $LOGBROKER_BOOTSTRAP) is a one-line error before any connection."""
+    from logbroker.client.metadata_cache import parse_bootstrap
+
+    bootstrap = getattr(args, "bootstrap", None)
+    if bootstrap is None:
+        return
+    try:
+        parse_bootstrap(bootstrap)
+    except ValueError as exc:
+        raise CliError(f"--bootstrap (or ${BOOTSTRAP_ENV}): {exc}; expected HOST:PORT[,HOST:PORT]") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        _check_bootstrap(args)
         return int(args.func(args))
     except CliError as exc:
-        print(f"logbroker: error: {exc}", file=sys.stderr)
+        print(f"logbroker: error: {_one_line(exc)}", file=sys.stderr)
     except LogbrokerError as exc:
-        print(f"logbroker: error: {exc}", file=sys.stderr)
+        print(f"logbroker: error: {_one_line(exc)}", file=sys.stderr)
     except grpc.RpcError as exc:
-        print(f"logbroker: error: {_rpc_error_line(exc, getattr(args, 'bootstrap', ''))}", file=sys.stderr)
+        print(f"logbroker: error: {_one_line(_rpc_error_line(exc, getattr(args, 'bootstrap', '')))}", file=sys.stderr)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
         # stdout closed early (e.g. piped into head): not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
+    except OSError as exc:  # a socket or file error a user can cause (refused connection, bad path)
+        print(f"logbroker: error: {_one_line(exc)}", file=sys.stderr)
     return EXIT_ERROR
 
 

@@ -18,7 +18,7 @@ import sys
 from datetime import datetime
 from typing import Any
 
-from logbroker.errors import LogbrokerError
+from logbroker.errors import GroupIdNotFoundError, LogbrokerError
 
 
 class GroupsCliError(LogbrokerError):
@@ -119,9 +119,17 @@ def cmd_groups_reset_offsets(args: argparse.Namespace) -> int:
     with _admin(args) as admin:
         try:
             offsets = admin.reset_offsets(args.group, args.topic, to, value, partitions=partitions,
-                                          dry_run=args.dry_run)
+                                          dry_run=args.dry_run, allow_new_group=args.allow_new_group)
         except ValueError as e:
             raise GroupsCliError(str(e)) from None
+        except GroupIdNotFoundError:
+            raise GroupsCliError(f"group {args.group} does not exist (a typo?): --allow-new-group creates it "
+                                 "with these offsets") from None
+    if args.to_offset is not None:
+        for (t, p), off in sorted(offsets.items()):
+            if off != args.to_offset:
+                where = "past the log end" if args.to_offset > off else "before the log start"
+                print(f"note: offset {args.to_offset} is {where} of {t}-{p}: set to {off}", file=sys.stderr)
     if args.format == "json":
         print(json.dumps({"group": args.group, "dry_run": args.dry_run, "offsets": [
             {"topic": t, "partition": p, "offset": off} for (t, p), off in sorted(offsets.items())]}, indent=2))
@@ -156,8 +164,9 @@ def add_groups_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     g.set_defaults(func=cmd_groups_describe)
     g = gsub.add_parser("reset-offsets", parents=[common],
                         help="set a group's committed offsets of a topic (the group must have no members)",
-                        description="Set the committed offsets of --topic for --group, clamped to the log. "
-                        "Only while the group has no active members.")
+                        description="Set the committed offsets of --topic for --group, clamped to the log (a note "
+                        "on stderr says when). Only while the group has no active members, and only for a group "
+                        "that exists unless --allow-new-group.")
     g.add_argument("--group", required=True)
     g.add_argument("--topic", required=True)
     g.add_argument("--partitions", default="", help="comma-separated partitions (default: all)")
@@ -169,6 +178,8 @@ def add_groups_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     how.add_argument("--to-datetime", metavar="ISO", help="the first record at or after this time, e.g. "
                      "2024-05-01T12:00:00Z")
     g.add_argument("--dry-run", action="store_true", help="print the new offsets without committing them")
+    g.add_argument("--allow-new-group", action="store_true",
+                   help="create the group if it does not exist (default: refuse, so a typo creates nothing)")
     g.add_argument("--format", choices=["text", "json"], default="text")
     g.set_defaults(func=cmd_groups_reset_offsets)
     g = gsub.add_parser("delete", parents=[common], help="delete a group's committed offsets (no members allowed)")

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import grpc
 
 from logbroker.client.coordinator import CoordinatorClient
-from logbroker.client.metadata_cache import MetadataCache, metadata_for
+from logbroker.client.metadata_cache import MetadataCache, metadata_for, rpc_error_text
 from logbroker.client.producer import rpc_error
 from logbroker.errors import (
     BrokerError,
@@ -136,7 +136,8 @@ class Admin:
                 if e.code() != grpc.StatusCode.UNAVAILABLE:
                     raise rpc_error(e) from None
                 last = e
-        raise BrokerUnavailableError(f"no broker answered (tried {addresses}): {last}")
+        raise BrokerUnavailableError(f"no broker answered (tried {', '.join(addresses)}): "
+                                     f"{rpc_error_text(last) if last is not None else 'no broker'}")
 
     def create_topic(
         self,
@@ -308,13 +309,15 @@ class Admin:
         value: int | None = None,
         partitions: Iterable[int] | None = None,
         dry_run: bool = False,
+        allow_new_group: bool = True,
     ) -> dict[TopicPartition, int]:
         """Set the group's committed offsets of `topic` (all or some partitions); returns them.
 
         `to`: "earliest", "latest", "offset" (`value`), "shift" (committed + `value`, from the log start
         when nothing is committed) or "datetime" (`value` in ms since the epoch: the first record at or
         after it, else the log end). Results are clamped to [log start, log end]. Only while the group
-        has no members (NonEmptyGroupError); `dry_run` computes without committing.
+        has no members (NonEmptyGroupError); `dry_run` computes without committing. A group that does
+        not exist is created by the commit, unless `allow_new_group=False` (GroupIdNotFoundError).
         """
         if to not in RESET_MODES:
             raise ValueError(f"reset to must be one of {', '.join(RESET_MODES)}, not {to!r}")
@@ -332,6 +335,8 @@ class Admin:
         try:
             current = self.describe_group(group)
         except GroupIdNotFoundError:
+            if not allow_new_group:
+                raise GroupIdNotFoundError(f"group {group} does not exist") from None
             committed: dict[TopicPartition, int] = {}
         else:
             if current.members:

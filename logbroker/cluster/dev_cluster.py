@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -124,15 +125,23 @@ def _serving(address: str) -> bool:
         return False
 
 
-def run_dev_cluster(brokers: int, workdir: Path, base_port: int = 0, timeout_s: float = 60.0) -> int:
-    """Start ZooKeeper and `brokers` brokers, print their addresses, stop them all on Ctrl-C/SIGTERM."""
+def run_dev_cluster(brokers: int, workdir: Path | None, base_port: int = 0, timeout_s: float = 60.0) -> int:
+    """Start ZooKeeper and `brokers` brokers, print their addresses, stop them all on Ctrl-C/SIGTERM.
+
+    `workdir` None: a new directory under the system's temp dir (kept after exit, for its logs), so
+    the cluster leaves nothing in the current directory.
+    """
     import sys
 
     why = zookeeper_available()
     if why is not None:
         print(f"logbroker: error: {why}", file=sys.stderr)
         return 1
+    if workdir is None:
+        workdir = Path(tempfile.mkdtemp(prefix="logbroker-dev-cluster-"))
     workdir.mkdir(parents=True, exist_ok=True)
+    print(f"data        {workdir} (broker-N/ data, broker-N.log logs, zookeeper/zookeeper.log; kept after exit)",
+          flush=True)
     zk = ZooKeeperProcess(workdir / "zookeeper", _free_port())
     procs: list[subprocess.Popen[bytes]] = []
     stop = False
@@ -176,6 +185,7 @@ def run_dev_cluster(brokers: int, workdir: Path, base_port: int = 0, timeout_s: 
         for i, address in enumerate(addresses):
             print(f"broker {i}    {address}", flush=True)
         print(f"bootstrap   {','.join(addresses)}", flush=True)
+        print(f"export LOGBROKER_BOOTSTRAP={','.join(addresses)}", flush=True)
         print("Ctrl-C stops the cluster.", flush=True)
         while not stop and all(p.poll() is None for p in procs):
             time.sleep(0.2)

@@ -12,7 +12,9 @@ runs in a thread before the loop touches any of it.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import socket
 import time
 import uuid
 from pathlib import Path
@@ -68,6 +70,27 @@ MIN_CLIENT_PING_INTERVAL_MS = 5_000
 HIGH_WATERMARK_CHECKPOINT_INTERVAL_MS = 5_000  # as Kafka's default
 
 
+def check_listen_address(host: str, port: int, flag: str = "--listen") -> None:
+    """Raise OSError naming host:port when it cannot be bound (in use, not a local address); port 0
+    always binds. gRPC only says "Failed to bind", so serve would not tell a user why."""
+    if port == 0:
+        return
+    try:
+        family, kind, proto, _, sockaddr = socket.getaddrinfo(
+            host.strip("[]") or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise OSError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC: TIME_WAIT is no conflict
+        try:
+            probe.bind(sockaddr)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise OSError(f"address {host}:{port} is already in use (another broker, or another program, "
+                              f"listens there): choose another with {flag}") from None
+            raise OSError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+
+
 class Broker:
     def __init__(self, config: BrokerConfig, clock: Clock = SYSTEM_CLOCK) -> None:
         self.config = config
@@ -101,6 +124,7 @@ class Broker:
         self._health = health.aio.HealthServicer()
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
+        self._serving = False  # start() completed: only then can stop() say it stopped cleanly
         self._stopped = asyncio.Event()
         self.open_streams = rpc.OpenStreams()  # ended on stop: idle streams would hold it for the whole grace
 
@@ -128,13 +152,18 @@ class Broker:
         )
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        port = server.add_insecure_port(f"{cfg.listen_host}:{cfg.listen_port}")
+        check_listen_address(cfg.listen_host, cfg.listen_port)  # gRPC's own bind error names no cause
+        try:
+            port = server.add_insecure_port(f"{cfg.listen_host}:{cfg.listen_port}")
+        except RuntimeError as exc:  # grpc raises RuntimeError("Failed to bind to address ...")
+            raise OSError(f"cannot listen on {cfg.listen_host}:{cfg.listen_port}: {exc}") from None
         if port == 0:
             raise OSError(f"cannot listen on {cfg.listen_host}:{cfg.listen_port}")
         self.bound_port = port
         await server.start()
         self._server = server
         if cfg.data_listen_enabled:
+            check_listen_address(cfg.data_listen_host or cfg.listen_host, cfg.data_listen_port, "--data-listen")
             self.wire_server = WireServer(broker_service.wire_handlers(self), cfg.max_request_bytes)
             self.bound_data_port = await self.wire_server.start(cfg.data_listen_host or cfg.listen_host,
                                                                 cfg.data_listen_port)
@@ -149,6 +178,7 @@ class Broker:
             await self._await_first_metadata()
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._serving = True
         log.info(
             "broker %d serving: %d topics, %d partitions recovered in %.2f s",
             cfg.broker_id, len(self.topics), len(self.partitions), time.monotonic() - started,
@@ -235,7 +265,10 @@ class Broker:
             self._log_manager.close_all()
             if self._store is not None and self.cluster is None:
                 self._store.close()
-            log.info("broker %d stopped cleanly", self.config.broker_id)
+            if self._serving:
+                log.info("broker %d stopped cleanly", self.config.broker_id)
+            else:
+                log.info("broker %d stopped before it started serving", self.config.broker_id)
         except Exception:
             log.exception("broker %d: error during shutdown (logs will be recovered on restart)",
                           self.config.broker_id)

@@ -206,7 +206,11 @@ def validate_batches(
         if h.magic != MAGIC:
             raise UnsupportedForMessageFormatError(f"batch at byte {pos}: magic {h.magic}, only 2 is supported")
         if size > max_batch_bytes:
-            raise MessageTooLargeError(f"batch of {size} bytes exceeds max_message_bytes {max_batch_bytes}")
+            raise MessageTooLargeError(
+                f"batch of {size} bytes exceeds max_message_bytes {max_batch_bytes}: the topic's max_message_bytes "
+                "config is the limit (set it at creation, `topics create --config max_message_bytes=N`, or for new "
+                "topics `serve --default-topic-config max_message_bytes=N`); a producer's batches stay below its "
+                "batch_size_bytes, so keep that under the limit")
         if h.attributes & ~KNOWN_ATTRIBUTE_BITS or h.attributes & COMPRESSION_MASK > MAX_COMPRESSION_CODEC:
             raise UnsupportedForMessageFormatError(f"batch at byte {pos}: unknown attributes {h.attributes:#x}")
         if h.record_count <= 0 or h.last_offset_delta != h.record_count - 1:

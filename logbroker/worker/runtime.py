@@ -31,9 +31,9 @@ the record and everything after it in its partition stay uncommitted and go to t
 like a Kafka consumer that lets the exception escape. on_failure="skip" logs the error with its
 traceback and commits past the record instead (for handlers whose failures are their own business).
 
-Stopping (stop(), SIGTERM/SIGINT via `signals_stop()`, or a failed record): no new record starts;
-queued ones are handed back (they are simply not committed); running ones get `grace_ms` to finish;
-then what finished is committed and the consumer is closed (which leaves the group at once). A
+Stopping (stop(), SIGTERM/SIGINT while run() runs on the main thread or inside `signals_stop()`, or a
+failed record): no new record starts; queued ones are handed back (they are simply not committed);
+running ones get `grace_ms` to finish; then what finished is committed and the consumer is closed (which leaves the group at once). A
 second signal, or the end of the grace period, stops at once: child processes are killed, handler
 threads abandoned (they are daemons), their records uncommitted.
 """
@@ -116,7 +116,7 @@ class Worker:
 
     `handler`: a callable, or a `module:function` string (imported here for threads; by each child
     for processes, where a callable is pickled by reference, so it must be a module-level function).
-    `run()` blocks until `stop()` (or a signal under `signals_stop()`) and returns `WorkerStats`;
+    `run()` blocks until `stop()` (or SIGTERM/SIGINT when run on the main thread) and returns `WorkerStats`;
     it raises HandlerFailedError when a record failed for good with on_failure="stop".
     """
 
@@ -196,6 +196,7 @@ class Worker:
         self._fatal: HandlerFailedError | None = None
         self._consumer: GroupConsumer | None = None
         self._started = False
+        self._signals_handled = False  # inside signals_stop()
         self._threads: list[threading.Thread] = []
         self._slots: list[Slot] = []
         self.stats = WorkerStats()
@@ -223,15 +224,30 @@ class Worker:
                 self._stop.set()
 
         previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        self._signals_handled = True
         try:
             yield
         finally:
+            self._signals_handled = False
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
     # -- the poll thread -------------------------------------------------------------------------
 
-    def run(self) -> WorkerStats:
+    def run(self, handle_signals: bool = True) -> WorkerStats:
+        """Process records until stop(), a signal or a failure (see the module's "Stopping").
+
+        Called on the main thread, run() handles SIGTERM/SIGINT as `signals_stop()` does (the first
+        stops gracefully, a second at once) and restores the previous handlers when it returns;
+        handle_signals=False leaves signals to the caller. On another thread only stop() stops it.
+        """
+        if (handle_signals and not self._signals_handled
+                and threading.current_thread() is threading.main_thread()):
+            with self.signals_stop():
+                return self._run()
+        return self._run()
+
+    def _run(self) -> WorkerStats:
         if self._started:
             raise RuntimeError("a Worker runs once")
         self._started = True

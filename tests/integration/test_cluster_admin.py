@@ -407,6 +407,49 @@ def test_dev_cluster_starts_serves_and_stops_everything_on_ctrl_c(zookeeper, tmp
         _reap(proc, str(data_dir))
 
 
+def test_dev_cluster_by_default_keeps_its_data_out_of_the_working_tree_and_says_where(zookeeper, tmp_path):
+    cwd, tmp = tmp_path / "checkout", tmp_path / "tmp"
+    cwd.mkdir()
+    tmp.mkdir()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(tmp),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen([sys.executable, "-m", "logbroker", "dev-cluster", "--brokers", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
+                            start_new_session=True, env=env)
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    try:
+        printed: list[str] = []
+        deadline = time.monotonic() + 60
+        while not printed or not printed[-1].startswith("export "):
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"no export line within 60 s; got {printed}"
+            try:
+                line = lines.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            assert line is not None, f"dev-cluster exited ({proc.wait()}): {printed} {proc.stderr.read()}"
+            printed.append(line)
+        data_line = next(line for line in printed if line.startswith("data "))
+        data_dir = Path(data_line.split()[1])
+        assert data_dir.parent == tmp and data_dir.name.startswith("logbroker-dev-cluster-"), data_line
+        assert "broker-N.log" in data_line and (data_dir / "broker-0.log").exists()
+        bootstrap = next(line.split()[1] for line in printed if line.startswith("bootstrap"))
+        assert printed[-1].strip() == f"export LOGBROKER_BOOTSTRAP={bootstrap}"
+        assert list(cwd.iterdir()) == []  # nothing left in the working tree
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=45) == 0
+    finally:
+        _reap(proc, str(tmp_path))  # the whole test dir: also what an old dev-cluster left in cwd
+
+
 def test_dev_cluster_without_zookeeper_names_the_package(tmp_path):
     env = {**os.environ, "LOGBROKER_ZOOKEEPER_JARS": str(tmp_path / "no" / "zookeeper.jar")}
     proc = subprocess.run([sys.executable, "-m", "logbroker", "dev-cluster", "--data-dir", str(tmp_path / "d")],

@@ -102,3 +102,13 @@ def test_reset_offsets_refused_while_the_group_has_members(md):
         assert c.committed("t", 1) == 0
     finally:
         c.close()
+
+
+def test_reset_offsets_of_a_missing_group_only_when_allowed(md):
+    admin = Admin(md)
+    with pytest.raises(GroupIdNotFoundError):
+        admin.reset_offsets("typo", "t", "earliest", allow_new_group=False)
+    assert "typo" not in md.coordinator.committed
+    admin.reset_offsets("typo", "t", "earliest")  # the API's default creates it, as Kafka's Admin does
+    assert admin.reset_offsets("typo", "t", "latest", allow_new_group=False) == {("t", 0): 10, ("t", 1): 20,
+                                                                                 ("t", 2): 5}

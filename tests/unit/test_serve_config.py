@@ -176,3 +176,17 @@ def test_data_listen_from_a_config_file(tmp_path: Path):
 def test_a_bad_data_listen_fails(value: str):
     with pytest.raises(ConfigError, match="bad port|address"):
         resolve(["--data-listen", value])
+
+
+def test_serve_help_names_each_default_once_and_the_readme_table_lists_every_flag():
+    import re
+
+    serve = next(a for a in cli.build_parser()._subparsers._group_actions[0].choices.values()
+                 if a.prog.endswith(" serve"))
+    for action in serve._actions:
+        assert (action.help or "").count("default:") <= 1, action.help
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    table = readme.split("### `logbroker serve`", 1)[1].split("\n\n", 2)[1]
+    documented = set(re.findall(r"^\| `(--[a-z0-9-]+)", table, re.M))
+    missing = [s.flag for s in SERVE_SETTINGS if s.flag not in documented]
+    assert not missing, f"serve flags missing from the README's serve table: {missing}"

@@ -500,3 +500,53 @@ def test_process_slot_reports_a_handler_it_cannot_load_and_is_killed_on_hard_sto
             os.kill(pid, 0)
     finally:
         slot.close(1)
+
+
+def test_run_on_the_main_thread_handles_sigterm_itself_and_restores_the_handler():
+    logs = make_logs(partitions=1, records=1000)
+    rec = Recorder(lambda m, attempt: time.sleep(0.001))
+    fakes: list[FakeGroupConsumer] = []
+    w = make_worker(rec, logs, fakes, grace_ms=10_000, max_in_flight=50)
+    caught: list[int] = []
+
+    def test_handler(signum, _frame):  # stands in for the default action (which would end pytest)
+        caught.append(signum)
+
+    done = threading.Event()
+
+    def signaller():
+        wait_for(lambda: rec.count >= 10, 10, "10 records")
+        os.kill(os.getpid(), signal.SIGTERM)
+        if not done.wait(10):
+            w.stop()  # the worker ignored the signal: end the test anyway
+
+    previous = signal.signal(signal.SIGTERM, test_handler)
+    try:
+        s = threading.Thread(target=signaller, daemon=True)
+        s.start()
+        stats = w.run()  # no signals_stop(): run() itself handles SIGTERM on the main thread
+        done.set()
+        s.join(10)
+        assert caught == [], "SIGTERM reached the previous handler, not the worker"
+        assert signal.getsignal(signal.SIGTERM) is test_handler  # restored when run() returned
+        assert 10 <= stats.processed < 1000 and stats.unfinished == 0
+        assert fakes[0].committed == {TP0: stats.processed}  # a graceful stop commits what finished
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_run_off_the_main_thread_or_when_told_leaves_signals_alone():
+    logs = make_logs(partitions=1, records=5)
+    w = make_worker(Recorder(), logs, [])
+    before = signal.getsignal(signal.SIGTERM)
+    t, result = start(w)
+    wait_for(lambda: w.stats.processed == 5, 10, "5 records")
+    assert signal.getsignal(signal.SIGTERM) is before
+    w.stop()
+    t.join(10)
+    assert "stats" in result
+    w2 = make_worker(Recorder(), logs, [])
+    seen: list[object] = []
+    threading.Timer(0.2, lambda: (seen.append(signal.getsignal(signal.SIGTERM)), w2.stop())).start()
+    w2.run(handle_signals=False)
+    assert seen == [before]
