@@ -8,6 +8,7 @@ every acknowledged record is still readable. Also: a restarted broker answers Me
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 
 import grpc
@@ -186,8 +187,21 @@ def test_a_restarted_broker_says_not_ready_until_the_controller_metadata_arrives
                  30, "Metadata refused as not ready")
         assert answers[-1].startswith("unavailable:"), answers[-1]
         assert "unknown" not in answers and "ok" not in answers, answers
+        # a producer bootstrapped on it alone, now: it retries "not ready" instead of failing
+        sent: list[object] = []
+        producing = threading.Thread(target=lambda: sent.append(produce_one(b.address)), daemon=True)
+        producing.start()
+        wait_for(lambda: "not received the cluster metadata" in metadata_answer(b.address), 10, "still not ready")
     finally:
         c.sigcont(controller)
-    wait_for(lambda: metadata_answer(c.brokers[other].address) == "ok", 60, "metadata after the controller's")
-    with Producer(c.brokers[other].address, acks="all") as producer:  # a producer bootstrapped on it alone
-        producer.send(TOPIC, b"v").result(timeout=30)
+    producing.join(timeout=90)
+    assert sent and not isinstance(sent[0], Exception), sent
+    assert metadata_answer(c.brokers[other].address) == "ok"
+
+
+def produce_one(bootstrap: str) -> object:
+    try:
+        with Producer(bootstrap, acks="all", max_block_ms=60_000) as producer:
+            return producer.send(TOPIC, b"v").result(timeout=60)
+    except Exception as e:  # reported by the test
+        return e
