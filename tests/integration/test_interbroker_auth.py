@@ -8,13 +8,14 @@ every acknowledged record is still readable. Also: a restarted broker answers Me
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from collections.abc import Iterator
 
 import grpc
 import pytest
 
-from logbroker import Admin, Consumer, Producer
+from logbroker import Admin, Consumer, Producer, wire
 from logbroker.cluster.cluster_secret import CLUSTER_SECRET_HEADER, call_metadata
 from logbroker.v1 import logbroker_pb2 as pb
 from logbroker.v1 import logbroker_pb2_grpc as pbg
@@ -84,6 +85,27 @@ def call(address: str, method: str, request: pb.Message, metadata: tuple[tuple[s
     return None
 
 
+def wire_call(c: Cluster, i: int, request: pb.FetchRequest) -> tuple[int, str]:
+    """A Fetch frame on broker i's record transport (logbroker/wire.py): (status, body as text)."""
+    brokers = {b.broker_id: b for b in c.describe_cluster().brokers}
+    with socket.create_connection(("127.0.0.1", brokers[i].data_port), timeout=10) as sock:
+        sock.settimeout(10)
+        body = request.SerializeToString()
+        sock.sendall(wire.request_header(wire.API_FETCH, 1, len(body)) + body)
+        header = b""
+        while len(header) < wire.HEADER_BYTES:
+            chunk = sock.recv(wire.HEADER_BYTES - len(header))
+            assert chunk, "connection closed"
+            header += chunk
+        size, _corr, status = wire.RESPONSE_HEADER.unpack(header)
+        rest = b""
+        while len(rest) < size - wire.SIZE_MIN:
+            chunk = sock.recv(size - wire.SIZE_MIN - len(rest))
+            assert chunk, "connection closed"
+            rest += chunk
+    return status, rest.decode(errors="replace")
+
+
 def produce_acknowledged(bootstrap: str) -> set[bytes]:
     acked: set[bytes] = set()
     with Producer(bootstrap, acks="all", linger_ms=2) as producer:
@@ -127,6 +149,11 @@ def test_a_plain_client_cannot_make_inter_broker_calls_and_loses_no_acknowledged
         fetch = attacks(c, leader, follower, controller, controller_epoch)[0]
         err = call(c.brokers[leader].address, "Broker/FetchStream", fetch[2], metadata, stream=True)
         assert err is not None and err.code() == code, err
+
+    # ... and on the record transport, which carries no secret at all
+    fetch_request = attacks(c, leader, follower, controller, controller_epoch)[0][2]
+    status, message = wire_call(c, leader, fetch_request)
+    assert wire.status_code(status) == grpc.StatusCode.UNAUTHENTICATED and "needs the cluster secret" in message
 
     # positive control: the same read-only call with the right secret is answered
     secret = call_metadata(c.secret_file.read_bytes().strip())
