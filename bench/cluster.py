@@ -68,6 +68,8 @@ class Broker:
 
     def __init__(self, workdir: Path, broker_id: int, zookeeper: str, session_timeout_ms: int,
                  extra_args: list[str]) -> None:  # fmt: skip
+        from logbroker.cluster.dev_cluster import dev_cluster_secret
+
         self.broker_id = broker_id
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
@@ -75,6 +77,7 @@ class Broker:
         self.argv = [
             sys.executable, "-m", "logbroker", "serve", "--data-dir", str(workdir / f"broker-{broker_id}"),
             "--listen", self.address, "--broker-id", str(broker_id), "--zookeeper", zookeeper,
+            "--cluster-secret-file", str(dev_cluster_secret(workdir)),
             "--zk-session-timeout-ms", str(session_timeout_ms), "--log-level", "warning", *extra_args,
         ]  # fmt: skip
         self.proc: ServerProcess | None = None

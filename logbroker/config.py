@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from logbroker.cluster.cluster_secret import MAKE_ONE_HINT, ClusterSecretError, load_cluster_secret
 from logbroker.group.coordinator import CoordinatorConfig
 
 DEFAULT_PORT = 9092
@@ -75,6 +76,9 @@ class BrokerConfig:
     replica_lag_time_max_ms: int = 10_000
     controlled_shutdown_timeout_ms: int = 30_000
     default_replication_factor: int = 1
+    # the secret brokers prove themselves with on inter-broker calls (logbroker/cluster/cluster_secret.py);
+    # required in cluster mode; never printed
+    cluster_secret: bytes = field(default=b"", repr=False)
     # consumer groups: __consumer_offsets, sessions, heartbeats, offset retention
     coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
 
@@ -146,6 +150,10 @@ SERVE_SETTINGS: tuple[ServeSetting, ...] = (
     ServeSetting("zookeeper", str, "", "join a cluster coordinated by this ZooKeeper ensemble (chroot default "
                  "/logbroker); without it the broker runs standalone with an embedded metadata store",
                  "HOST:PORT[,...][/CHROOT]"),
+    ServeSetting("cluster_secret_file", str, "",
+                 "file holding the secret the brokers of a cluster share (16 to 4096 bytes; surrounding "
+                 "whitespace ignored): every inter-broker call carries it, and calls without it are refused. "
+                 "Required with --zookeeper", "PATH"),
     ServeSetting("rack", str, "", "rack/zone of this broker, for rack-aware replica placement"),
     ServeSetting("zk_session_timeout_ms", int, 6000, "ZooKeeper session timeout: how fast a dead broker is noticed"),
     ServeSetting("replica_lag_time_max_ms", int, 10_000,
@@ -287,6 +295,20 @@ def resolve_serve_settings(
     return values
 
 
+def _cluster_secret(path: str, cluster_mode: bool) -> bytes:
+    """The cluster secret from its file; a cluster broker without one does not start (any client could
+    otherwise make the controller's calls to it and lose acknowledged data)."""
+    if not path:
+        if cluster_mode:
+            raise ConfigError("--zookeeper needs --cluster-secret-file: brokers prove to each other that they "
+                              f"are brokers with a secret they share; {MAKE_ONE_HINT} and give every broker the same")
+        return b""
+    try:
+        return load_cluster_secret(path)
+    except ClusterSecretError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 _ORDINAL = re.compile(r"-(\d+)$")
 
 
@@ -332,6 +354,7 @@ def broker_config_from_settings(values: Mapping[str, SettingValue], hostname: st
     for name in ("scrub_interval_ms", "scrub_bytes_per_sec"):
         if number(name) < 0:
             raise ConfigError(f"{name} must be >= 0, got {number(name)}")
+    secret = _cluster_secret(text("cluster_secret_file"), cluster_mode=bool(text("zookeeper")))
     return BrokerConfig(
         data_dir=Path(text("data_dir")).resolve(),
         listen_host=host,
@@ -344,6 +367,7 @@ def broker_config_from_settings(values: Mapping[str, SettingValue], hostname: st
         data_listen_host=data_host,
         data_listen_port=data_port,
         zookeeper=text("zookeeper"),
+        cluster_secret=secret,
         zk_session_timeout_ms=number("zk_session_timeout_ms"),
         replica_lag_time_max_ms=number("replica_lag_time_max_ms"),
         controlled_shutdown_timeout_ms=number("controlled_shutdown_timeout_ms"),

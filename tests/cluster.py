@@ -4,6 +4,7 @@ replica's log straight from its segment files."""
 
 from __future__ import annotations
 
+import secrets
 import signal
 from pathlib import Path
 
@@ -24,9 +25,13 @@ class Cluster:
         self.workdir = workdir
         self.session_timeout_ms = session_timeout_ms
         self.brokers: dict[int, BrokerProcess] = {}
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.secret_file = workdir / "cluster-secret"  # the secret the brokers share (cluster_secret.py)
+        self.secret_file.write_bytes(secrets.token_hex(32).encode() + b"\n")
         for i in range(size):
             args = [
                 "--zookeeper", f"{zookeeper.address}{chroot}", "--broker-id", str(i),
+                "--cluster-secret-file", str(self.secret_file),
                 "--zk-session-timeout-ms", str(session_timeout_ms), *(extra_args or []),
             ]
             self.brokers[i] = BrokerProcess(workdir / f"broker-{i}", free_port(), args)

@@ -15,6 +15,10 @@ DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "k8s"
 OVERLAYS = ("dev", "prod")
 Resource = dict[str, Any]
+# The Secret the operator creates (deploy/README.md) and the key the broker reads from it.
+CLUSTER_SECRET_NAME = "logbroker-cluster-secret"
+CLUSTER_SECRET_KEY = "cluster-secret"
+TEST_CLUSTER_SECRET = "test-secret-" + "x" * 32  # what a test writes where the Secret's key would be
 
 
 def render_overlay(name: str) -> list[Resource]:

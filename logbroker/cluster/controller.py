@@ -389,7 +389,7 @@ class ControllerState:
         reg = self.live.get(broker_id)
         if reg is None:
             raise BrokerNotAvailableError(f"broker {broker_id} is not registered")
-        if broker_epoch > 0 and broker_epoch != reg.epoch:
+        if broker_epoch != reg.epoch:  # no value skips the check
             raise StaleBrokerEpochError(f"broker {broker_id} epoch {broker_epoch} is not the current {reg.epoch}")
         if broker_id not in self.shutting_down:
             log.info("controlled shutdown of broker %d (epoch %d)", broker_id, reg.epoch)

@@ -9,6 +9,7 @@ for a ZooKeeper installed elsewhere.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -125,6 +126,23 @@ def _serving(address: str) -> bool:
         return False
 
 
+def dev_cluster_secret(workdir: Path) -> Path:
+    """The cluster secret file the dev cluster's brokers share (cluster_secret.py): `cluster-secret` in
+    `workdir`, kept across runs, made once (owner-only, written atomically)."""
+    path = workdir / "cluster-secret"
+    if not path.exists():
+        workdir.mkdir(parents=True, exist_ok=True)
+        tmp = workdir / "cluster-secret.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, secrets.token_hex(32).encode() + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    return path
+
+
 def run_dev_cluster(brokers: int, workdir: Path | None, base_port: int = 0, timeout_s: float = 60.0) -> int:
     """Start ZooKeeper and `brokers` brokers, print their addresses, stop them all on Ctrl-C/SIGTERM.
 
@@ -156,6 +174,7 @@ def run_dev_cluster(brokers: int, workdir: Path | None, base_port: int = 0, time
         (workdir / "zookeeper").mkdir(parents=True, exist_ok=True)
         zk.start(timeout_s)
         print(f"zookeeper   {zk.address}", flush=True)
+        secret_file = dev_cluster_secret(workdir)
         addresses = []
         for i in range(brokers):
             port = base_port + i if base_port else _free_port()
@@ -163,7 +182,8 @@ def run_dev_cluster(brokers: int, workdir: Path | None, base_port: int = 0, time
             log_file = open(workdir / f"broker-{i}.log", "ab")  # noqa: SIM115
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "logbroker", "serve", "--data-dir", str(workdir / f"broker-{i}"),
-                 "--listen", address, "--broker-id", str(i), "--zookeeper", f"{zk.address}/logbroker"],
+                 "--listen", address, "--broker-id", str(i), "--zookeeper", f"{zk.address}/logbroker",
+                 "--cluster-secret-file", str(secret_file)],
                 stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
             ))
             log_file.close()

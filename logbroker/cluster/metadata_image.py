@@ -20,6 +20,9 @@ class MetadataImage:
     brokers: dict[int, pb.BrokerInfo] = field(default_factory=dict)
     # topic -> partition -> state
     partitions: dict[str, dict[int, pb.PartitionState]] = field(default_factory=dict)
+    # whether a controller's UpdateMetadata (the whole cluster) has arrived: before it, the image holds
+    # at most the partitions a LeaderAndIsr named, and "no such topic" would be a lie
+    received_update: bool = False
 
     def check_controller_epoch(self, controller_id: int, controller_epoch: int) -> None:
         if controller_epoch < self.controller_epoch:
@@ -39,6 +42,7 @@ class MetadataImage:
         for st in req.partitions:
             partitions.setdefault(st.topic, {})[st.partition] = st
         self.partitions = partitions
+        self.received_update = True
 
     def apply_partition_states(self, states: list[pb.PartitionState]) -> None:
         """Newer partition states learned from a LeaderAndIsr (they never move an epoch backwards)."""

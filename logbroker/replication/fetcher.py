@@ -13,7 +13,8 @@ Per partition, a fetch state::
   If E' < E and that cut something, ask again with our (now lower) latest epoch. Done when E' == E or
   nothing was cut. A log without epochs (empty) has nothing to compare: it fetches at once.
 - Fetching: long-poll `Broker/Fetch` with replica_id = our id, each partition at its log end offset
-  and the leader epoch we follow. Records are appended as they are (`Log.append_as_follower`), then
+  and the leader epoch we follow. Both calls carry the cluster secret (`call_metadata`): the leader
+  serves a replica fetch and OffsetForLeaderEpoch to brokers only. Records are appended as they are (`Log.append_as_follower`), then
   the high watermark = min(leader's, our log end offset).
 - Errors: OFFSET_OUT_OF_RANGE below the leader's log start offset -> restart our log there; above
   its log end offset -> truncate again. FENCED_LEADER_EPOCH (we are behind) -> FENCED.
@@ -37,6 +38,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from logbroker.clock import SYSTEM_CLOCK, Clock
+from logbroker.cluster.cluster_secret import CallMetadata
 from logbroker.errors import BrokerError, StorageError
 from logbroker.replication.partition import Partition
 from logbroker.storage.log import UNDEFINED_EPOCH
@@ -101,6 +103,7 @@ class LeaderFetcher:
     address: str
     config: FetcherConfig
     clock: Clock = SYSTEM_CLOCK
+    call_metadata: CallMetadata = field(default=(), repr=False)  # the cluster secret
     states: dict[Key, PartitionFetchState] = field(default_factory=dict)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
     _task: asyncio.Task[None] | None = None
@@ -231,7 +234,8 @@ class LeaderFetcher:
             for key, sent in asked.items():
                 req.partitions.add(topic=key[0], partition=key[1], current_leader_epoch=sent.state.leader_epoch,
                                    leader_epoch=sent.asked_epoch)
-            resp = await stub.OffsetForLeaderEpoch(req, timeout=self.config.rpc_timeout_s)
+            resp = await stub.OffsetForLeaderEpoch(req, timeout=self.config.rpc_timeout_s,
+                                                  metadata=self.call_metadata)
             todo = []
             for r in resp.results:
                 sent_or_none = asked.pop((r.topic, r.partition), None)
@@ -287,7 +291,7 @@ class LeaderFetcher:
             sent[s.key] = _Sent(s, offset)
             req.partitions.add(topic=s.key[0], partition=s.key[1], fetch_offset=offset,
                                partition_max_bytes=cfg.partition_max_bytes, current_leader_epoch=s.leader_epoch)
-        resp = await stub.Fetch(req, timeout=cfg.max_wait_ms / 1000 + cfg.rpc_timeout_s)
+        resp = await stub.Fetch(req, timeout=cfg.max_wait_ms / 1000 + cfg.rpc_timeout_s, metadata=self.call_metadata)
         for r in resp.results:
             one = sent.pop((r.topic, r.partition), None)
             if one is not None and self._current(one):
@@ -326,8 +330,10 @@ class LeaderFetcher:
 class ReplicaFetcherManager:
     """The fetchers of one broker, keyed by (leader id, address). Event-loop only."""
 
-    def __init__(self, broker_id: int, config: FetcherConfig | None = None, clock: Clock = SYSTEM_CLOCK) -> None:
+    def __init__(self, broker_id: int, config: FetcherConfig | None = None, clock: Clock = SYSTEM_CLOCK,
+                 call_metadata: CallMetadata = ()) -> None:
         self.broker_id = broker_id
+        self.call_metadata = call_metadata
         self.config = config or FetcherConfig()
         self.clock = clock
         self._fetchers: dict[tuple[int, str], LeaderFetcher] = {}
@@ -341,7 +347,8 @@ class ReplicaFetcherManager:
             self.remove_partitions([partition.key])
         fetcher = self._fetchers.get((leader_id, address))
         if fetcher is None:
-            fetcher = LeaderFetcher(self.broker_id, leader_id, address, self.config, self.clock)
+            fetcher = LeaderFetcher(self.broker_id, leader_id, address, self.config, self.clock,
+                                    call_metadata=self.call_metadata)
             self._fetchers[(leader_id, address)] = fetcher
         state = fetcher.add(partition)
         self._by_partition[partition.key] = fetcher

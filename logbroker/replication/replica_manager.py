@@ -9,7 +9,7 @@ or, standalone, from `make_local_leader` (the broker leads everything, ISR = [it
 `InMemoryIsrStore`). Requests are fenced:
 
 - controller_epoch below the highest seen -> STALE_CONTROLLER_EPOCH (whole request);
-- broker_epoch > 0 and not this broker's current epoch -> STALE_BROKER_EPOCH (whole request);
+- broker_epoch not this broker's current epoch -> STALE_BROKER_EPOCH (whole request; no value skips it);
 - per partition, a state whose leader epoch is older than the one applied, or equal with an
   older znode version -> STALE_CONTROLLER_EPOCH for that partition; an identical one is a no-op.
 
@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterable
 from typing import NamedTuple, Protocol
 
 from logbroker.clock import SYSTEM_CLOCK, Clock
+from logbroker.cluster.cluster_secret import call_metadata
 from logbroker.cluster.metadata import PartitionStateData
 from logbroker.errors import (
     BrokerError,
@@ -156,6 +157,7 @@ class ReplicaManager:
         replica_lag_time_max_ms: int = DEFAULT_REPLICA_LAG_TIME_MAX_MS,
         fetcher_config: FetcherConfig | None = None,
         produce_timeout_ms_max: int = PRODUCE_TIMEOUT_MS_MAX,
+        cluster_secret: bytes = b"",
     ) -> None:
         if replica_lag_time_max_ms <= 0:
             raise ValueError("replica_lag_time_max_ms must be positive")
@@ -171,7 +173,7 @@ class ReplicaManager:
         self.offline_partitions: dict[Key, str] = {}
         self.fetch_purgatory = Purgatory()
         self.produce_purgatory = Purgatory()
-        self.fetchers = ReplicaFetcherManager(broker_id, fetcher_config, clock)
+        self.fetchers = ReplicaFetcherManager(broker_id, fetcher_config, clock, call_metadata(cluster_secret))
         self.controller_epoch = -1
         self.broker_addresses: dict[int, str] = {}
         self._isr_writes: dict[Key, asyncio.Task[None]] = {}
@@ -422,7 +424,7 @@ class ReplicaManager:
             return StaleControllerEpochError(
                 f"controller epoch {controller_epoch} is older than {self.controller_epoch}, the latest seen"
             )
-        if broker_epoch > 0 and broker_epoch != current_broker_epoch:
+        if broker_epoch != current_broker_epoch:
             return StaleBrokerEpochError(
                 f"request for broker epoch {broker_epoch}; broker {self.broker_id} is at epoch {current_broker_epoch}"
             )

@@ -114,6 +114,7 @@ class Broker:
             config.broker_id, self._log_manager, isr_store, clock,
             replica_lag_time_max_ms=config.replica_lag_time_max_ms,
             produce_timeout_ms_max=config.produce_timeout_ms_cap,
+            cluster_secret=config.cluster_secret,
         )
         self.coordinator = GroupCoordinator(self, config.coordinator, clock)
         self.scrubber: Scrubber | None = (
@@ -190,9 +191,11 @@ class Broker:
 
     async def _await_first_metadata(self) -> None:
         """Cluster mode: report SERVING once the controller has told us the cluster's metadata, so a
-        client's first Metadata call here does not see an empty cluster (bounded wait)."""
+        client's first Metadata call here does not see an empty cluster (bounded wait). A LeaderAndIsr
+        alone is not enough: it names only our own partitions. Until the metadata arrives, Metadata
+        calls are answered UNAVAILABLE (`check_metadata_ready`), which clients retry."""
         deadline = time.monotonic() + FIRST_METADATA_WAIT_S
-        while self.metadata_image.controller_epoch < 0:
+        while not self.metadata_image.received_update:
             if time.monotonic() > deadline:
                 log.warning("no metadata from a controller after %.0f s; serving anyway", FIRST_METADATA_WAIT_S)
                 return
@@ -323,6 +326,15 @@ class Broker:
     def on_metadata_updated(self) -> None:
         """The controller sent a full UpdateMetadata: long-polls re-check (e.g. a deleted topic)."""
         self.replica_manager.fetch_purgatory.notify_all()
+
+    def check_metadata_ready(self) -> None:
+        """Cluster mode: refuse (UNAVAILABLE, retriable) to describe the cluster before the controller
+        has told us what it is; a restarted broker would otherwise call every topic unknown."""
+        if self.cluster is not None and not self.metadata_image.received_update:
+            raise rpc.RequestRejected(
+                grpc.StatusCode.UNAVAILABLE,
+                f"broker {self.config.broker_id} has not received the cluster metadata from the controller yet; retry",
+            )
 
     def check_partition(self, topic: str, index: int) -> None:
         """Raise UNKNOWN_TOPIC_OR_PARTITION unless the cluster has this partition."""

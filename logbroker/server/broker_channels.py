@@ -1,10 +1,12 @@
 """gRPC channels from this broker to the others: the controller's calls and, via the same cache,
-anything else broker-to-broker. One `grpc.aio` channel per address, closed on shutdown."""
+anything else broker-to-broker. One `grpc.aio` channel per address, closed on shutdown. Every call
+made through them carries the cluster secret (`call_metadata`; logbroker/cluster/cluster_secret.py)."""
 
 from __future__ import annotations
 
 import grpc
 
+from logbroker.cluster.cluster_secret import CallMetadata, call_metadata
 from logbroker.cluster.metadata import BrokerRegistration
 from logbroker.v1 import logbroker_pb2 as pb
 from logbroker.v1 import logbroker_pb2_grpc as pbg
@@ -20,8 +22,9 @@ CONTROLLER_CALL_TIMEOUT_S = 10.0
 class BrokerChannels:
     """Implements the controller's `ControllerRpc` over the `Replica` service."""
 
-    def __init__(self) -> None:
+    def __init__(self, cluster_secret: bytes = b"") -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self.call_metadata: CallMetadata = call_metadata(cluster_secret)
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         ch = self._channels.get(address)
@@ -38,15 +41,18 @@ class BrokerChannels:
         return pbg.BrokerStub(self._channel(address))
 
     async def leader_and_isr(self, broker: BrokerRegistration, req: pb.LeaderAndIsrRequest) -> pb.LeaderAndIsrResponse:
-        resp: pb.LeaderAndIsrResponse = await self.stub(broker.address).LeaderAndIsr(req, timeout=CONTROLLER_CALL_TIMEOUT_S)
+        resp: pb.LeaderAndIsrResponse = await self.stub(broker.address).LeaderAndIsr(
+            req, timeout=CONTROLLER_CALL_TIMEOUT_S, metadata=self.call_metadata)
         return resp
 
     async def update_metadata(self, broker: BrokerRegistration, req: pb.UpdateMetadataRequest) -> pb.UpdateMetadataResponse:
-        resp: pb.UpdateMetadataResponse = await self.stub(broker.address).UpdateMetadata(req, timeout=CONTROLLER_CALL_TIMEOUT_S)
+        resp: pb.UpdateMetadataResponse = await self.stub(broker.address).UpdateMetadata(
+            req, timeout=CONTROLLER_CALL_TIMEOUT_S, metadata=self.call_metadata)
         return resp
 
     async def stop_replica(self, broker: BrokerRegistration, req: pb.StopReplicaRequest) -> pb.StopReplicaResponse:
-        resp: pb.StopReplicaResponse = await self.stub(broker.address).StopReplica(req, timeout=CONTROLLER_CALL_TIMEOUT_S)
+        resp: pb.StopReplicaResponse = await self.stub(broker.address).StopReplica(
+            req, timeout=CONTROLLER_CALL_TIMEOUT_S, metadata=self.call_metadata)
         return resp
 
     async def close(self) -> None:

@@ -6,7 +6,8 @@ Each handler validates the whole request (bounds), then works partition by parti
 Produce appends on the leader (NOT_LEADER_OR_FOLLOWER elsewhere); acks=all then waits for all its
 partitions at once in the replica manager's produce purgatory. Fetch reads consumers up to the high
 watermark and followers (replica_id >= 0, not this broker) up to the log end offset, recording
-their progress; it long-polls in the fetch purgatory, which appends and high-watermark moves wake.
+their progress. A Fetch with a replica_id >= 0 is an inter-broker call: it must carry the cluster
+secret (`rpc.require_peer`), so the record transport, which carries none, serves consumers only. It long-polls in the fetch purgatory, which appends and high-watermark moves wake.
 
 ProduceStream and FetchStream run the same two handlers per stream message (rpc.stream_method):
 responses in request order, a refused request ends the stream with the unary call's status. So does
@@ -171,6 +172,9 @@ class BrokerService:
 
     async def fetch(self, req: pb.FetchRequest, context: grpc.aio.ServicerContext | None) -> bytes:
         broker = self.broker
+        if req.HasField("replica_id") and req.replica_id >= 0:  # a follower's fetch: brokers only
+            rpc.require_peer(broker.config.cluster_secret, broker.config.cluster_mode, context,
+                             f"Fetch as replica {req.replica_id}")
         _check_ready(broker)
         _check_count(len(req.partitions), "partitions")
         cfg = broker.config
@@ -220,6 +224,7 @@ class BrokerService:
     async def metadata(self, req: pb.MetadataRequest, context: grpc.aio.ServicerContext) -> pb.MetadataResponse:
         broker = self.broker
         _check_ready(broker)
+        broker.check_metadata_ready()
         _check_count(len(req.topics), "topics")
         brokers, controller_id, _ = broker.cluster_brokers()
         resp = pb.MetadataResponse(cluster_id=broker.store.cluster_id, controller_id=controller_id, brokers=brokers)

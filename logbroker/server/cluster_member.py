@@ -62,7 +62,7 @@ class ClusterMember:
         hosts, chroot = cfg.zk_hosts_and_chroot
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"zk-{cfg.broker_id}")
         self.store = ZkStore(hosts, chroot, session_timeout_ms=cfg.zk_session_timeout_ms)
-        self.channels = BrokerChannels()
+        self.channels = BrokerChannels(cfg.cluster_secret)
         self.controller: Controller | None = None
         self.broker_epoch = -1
         self._controller_task: asyncio.Task[None] | None = None
@@ -142,7 +142,8 @@ class ClusterMember:
                     if target is None:
                         raise RequestTimedOutError(f"controller {controller_id} is not registered")
                     resp = await self.channels.stub(target.address).ControlledShutdown(
-                        pb.ControlledShutdownRequest(broker_id=me, broker_epoch=self.broker_epoch), timeout=10)
+                        pb.ControlledShutdownRequest(broker_id=me, broker_epoch=self.broker_epoch), timeout=10,
+                        metadata=self.channels.call_metadata)
                     if resp.error_code != pb.NONE:
                         raise RequestTimedOutError(f"{pb.ErrorCode.Name(resp.error_code)}: {resp.error_message}")
                     remaining = [(tp.topic, tp.partition) for tp in resp.remaining_partitions]

@@ -1,13 +1,15 @@
 """`logbroker.v1.Replica`: the controller's requests to brokers and brokers' requests to each other.
 
 Thin: fencing by controller epoch and broker epoch happens in the replica manager and the metadata
-image; this module only routes calls and turns errors into codes.
+image; this module only routes calls and turns errors into codes. Every call first proves its caller
+is a broker of this cluster (the cluster secret, `rpc.require_peer`), before anything in it is read,
+so no epoch is adopted from a plain client; a standalone broker refuses them all.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -32,12 +34,19 @@ class ReplicaService:
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
 
-    def _check_ready(self) -> None:
+    def require_broker(self, context: grpc.aio.ServicerContext, what: str) -> None:
+        """The caller is a broker of this cluster, else UNAUTHENTICATED / PERMISSION_DENIED."""
+        cfg = self.broker.config
+        rpc.require_peer(cfg.cluster_secret, cfg.cluster_mode, context, what)
+
+    def _check(self, context: grpc.aio.ServicerContext, what: str) -> None:
+        """Checked again by each method (the guard in `handler` runs first): a broker, and serving."""
+        self.require_broker(context, what)
         if not self.broker.ready:
             raise rpc.RequestRejected(grpc.StatusCode.UNAVAILABLE, "broker is not serving yet")
 
     async def leader_and_isr(self, req: pb.LeaderAndIsrRequest, context: grpc.aio.ServicerContext) -> pb.LeaderAndIsrResponse:
-        self._check_ready()
+        self._check(context, "LeaderAndIsr")
         broker = self.broker
         try:
             broker.metadata_image.check_controller_epoch(req.controller_id, req.controller_epoch)
@@ -51,7 +60,7 @@ class ReplicaService:
             return pb.LeaderAndIsrResponse(error_code=err.code, error_message=err.message)  # type: ignore[arg-type]
 
     async def update_metadata(self, req: pb.UpdateMetadataRequest, context: grpc.aio.ServicerContext) -> pb.UpdateMetadataResponse:
-        self._check_ready()
+        self._check(context, "UpdateMetadata")
         broker = self.broker
         try:
             broker.metadata_image.apply(req)
@@ -65,7 +74,7 @@ class ReplicaService:
             return pb.UpdateMetadataResponse(error_code=err.code, error_message=err.message)  # type: ignore[arg-type]
 
     async def stop_replica(self, req: pb.StopReplicaRequest, context: grpc.aio.ServicerContext) -> pb.StopReplicaResponse:
-        self._check_ready()
+        self._check(context, "StopReplica")
         broker = self.broker
         try:
             broker.metadata_image.check_controller_epoch(req.controller_id, req.controller_epoch)
@@ -77,13 +86,13 @@ class ReplicaService:
     async def offset_for_leader_epoch(
         self, req: pb.OffsetForLeaderEpochRequest, context: grpc.aio.ServicerContext
     ) -> pb.OffsetForLeaderEpochResponse:
-        self._check_ready()
+        self._check(context, "OffsetForLeaderEpoch")
         return self.broker.replica_manager.offset_for_leader_epoch(req)
 
     async def controlled_shutdown(
         self, req: pb.ControlledShutdownRequest, context: grpc.aio.ServicerContext
     ) -> pb.ControlledShutdownResponse:
-        self._check_ready()
+        self._check(context, "ControlledShutdown")
         controller = self.broker.controller
         try:
             if controller is None or not controller.is_active:
@@ -100,13 +109,19 @@ class ReplicaService:
 
 def handler(broker: Broker) -> grpc.GenericRpcHandler:
     svc = ReplicaService(broker)
+
+    def method(name: str, request_cls: Any, fn: Any) -> Any:
+        # the caller proves it is a broker before its request is even parsed
+        return rpc.method(request_cls, fn, guard=lambda context: svc.require_broker(context, name))
+
     return rpc.service(
         "logbroker.v1.Replica",
         {
-            "LeaderAndIsr": rpc.method(pb.LeaderAndIsrRequest, svc.leader_and_isr),
-            "UpdateMetadata": rpc.method(pb.UpdateMetadataRequest, svc.update_metadata),
-            "StopReplica": rpc.method(pb.StopReplicaRequest, svc.stop_replica),
-            "OffsetForLeaderEpoch": rpc.method(pb.OffsetForLeaderEpochRequest, svc.offset_for_leader_epoch),
-            "ControlledShutdown": rpc.method(pb.ControlledShutdownRequest, svc.controlled_shutdown),
+            "LeaderAndIsr": method("LeaderAndIsr", pb.LeaderAndIsrRequest, svc.leader_and_isr),
+            "UpdateMetadata": method("UpdateMetadata", pb.UpdateMetadataRequest, svc.update_metadata),
+            "StopReplica": method("StopReplica", pb.StopReplicaRequest, svc.stop_replica),
+            "OffsetForLeaderEpoch": method("OffsetForLeaderEpoch", pb.OffsetForLeaderEpochRequest,
+                                           svc.offset_for_leader_epoch),
+            "ControlledShutdown": method("ControlledShutdown", pb.ControlledShutdownRequest, svc.controlled_shutdown),
         },
     )

@@ -16,6 +16,8 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.message import DecodeError, Message
 
+from logbroker.cluster.cluster_secret import check_peer, presented_secret
+
 log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=Message)
@@ -31,6 +33,20 @@ class RequestRejected(Exception):
         self.message = message
 
 
+def require_peer(secret: bytes, cluster_mode: bool, context: grpc.aio.ServicerContext | None, what: str) -> None:
+    """Refuse the call unless its caller proved it is a broker of this cluster (the cluster secret
+    in its metadata; logbroker/cluster/cluster_secret.py). `context` None: the record transport,
+    which carries no metadata, so no proof."""
+    presented = presented_secret(context.invocation_metadata() if context is not None else None)
+    refusal = check_peer(secret, cluster_mode, presented, what)
+    if refusal is not None:
+        log.warning("refused %s: %s", what, refusal.message)
+        raise RequestRejected(
+            grpc.StatusCode.UNAUTHENTICATED if refusal.unauthenticated else grpc.StatusCode.PERMISSION_DENIED,
+            refusal.message,
+        )
+
+
 def parse(cls: type[M], raw: bytes | memoryview) -> M:
     try:
         return cls.FromString(raw)
@@ -40,9 +56,14 @@ def parse(cls: type[M], raw: bytes | memoryview) -> M:
         ) from None
 
 
-def method(request_cls: type[M], fn: Callable[[M, grpc.aio.ServicerContext], Awaitable[Message | bytes]]) -> Any:
+def method(request_cls: type[M], fn: Callable[[M, grpc.aio.ServicerContext], Awaitable[Message | bytes]],
+           guard: Callable[[grpc.aio.ServicerContext], None] | None = None) -> Any:
+    """A unary handler; `guard` (raising RequestRejected) runs before the request is even parsed."""
+
     async def handle(raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
         try:
+            if guard is not None:
+                guard(context)
             request = parse(request_cls, raw)
             response = await fn(request, context)
         except RequestRejected as exc:

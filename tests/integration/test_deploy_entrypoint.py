@@ -22,7 +22,17 @@ import pytest
 from logbroker import Admin, Producer, k8s_rack
 from tests.cluster import Cluster
 from tests.conftest import REPO, BrokerProcess, free_port, wait_for
-from tests.deploy import container, container_env, dockerfile_exec_form, expand, find, render_overlay
+from tests.deploy import (
+    CLUSTER_SECRET_KEY,
+    CLUSTER_SECRET_NAME,
+    TEST_CLUSTER_SECRET,
+    container,
+    container_env,
+    dockerfile_exec_form,
+    expand,
+    find,
+    render_overlay,
+)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -125,6 +135,9 @@ class Pod:
             if volume is not None and "configMap" in volume:
                 for key, text in find(resources, "ConfigMap", volume["configMap"]["name"])["data"].items():
                     (directory / key).write_text(text)
+            if volume is not None and "secret" in volume:  # the operator's Secret: a test value
+                assert volume["secret"]["secretName"] == CLUSTER_SECRET_NAME
+                (directory / CLUSTER_SECRET_KEY).write_text(TEST_CLUSTER_SECRET + "\n")
         self.port = free_port()
         self.metrics_port = free_port()
         self.env = container_env(self.main, {"metadata.name": self.POD_NAME, "metadata.namespace": "streaming"})

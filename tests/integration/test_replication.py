@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 import pytest
 
+from logbroker.cluster.cluster_secret import call_metadata
 from logbroker.cluster.metadata import PartitionStateData
 from logbroker.config import BrokerConfig
 from logbroker.replication.fetcher import FetcherConfig
@@ -33,6 +34,7 @@ pytestmark = pytest.mark.timeout(120)
 
 TOPIC = "t"
 KEY = (TOPIC, 0)
+CLUSTER_SECRET = b"replication-test-secret"
 FAST_FETCHER = FetcherConfig(max_wait_ms=200, backoff_initial_ms=10, backoff_max_ms=100, rpc_timeout_s=5)
 
 
@@ -45,12 +47,14 @@ class Node:
 
     def __init__(self, broker_id: int, tmp: Path, store: InMemoryIsrStore, lag_ms: int) -> None:
         self.broker_id = broker_id
-        self.config = BrokerConfig(data_dir=tmp / f"broker-{broker_id}", broker_id=broker_id)
+        # a cluster member (never connects to the ZooKeeper named): followers' fetches carry the secret
+        self.config = BrokerConfig(data_dir=tmp / f"broker-{broker_id}", broker_id=broker_id,
+                                   zookeeper="127.0.0.1:1", cluster_secret=CLUSTER_SECRET)
         self.ready = True
         self.open_streams = rpc.OpenStreams()
         self.log_manager = LogManager(self.config.data_dir, LogConfig(index_map_bytes=4 << 20))
         self.replica_manager = ReplicaManager(broker_id, self.log_manager, store, replica_lag_time_max_ms=lag_ms,
-                                              fetcher_config=FAST_FETCHER)
+                                              fetcher_config=FAST_FETCHER, cluster_secret=CLUSTER_SECRET)
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self.channel: grpc.aio.Channel | None = None
@@ -110,7 +114,8 @@ class Node:
         resp = await self.stub.Fetch(pb.FetchRequest(max_wait_ms=max_wait_ms, min_bytes=1, replica_id=replica_id,
                                                      partitions=[pb.FetchPartition(
                                                          topic=TOPIC, partition=0, fetch_offset=offset,
-                                                         current_leader_epoch=leader_epoch)]), timeout=30)
+                                                         current_leader_epoch=leader_epoch)]), timeout=30,
+                                     metadata=call_metadata(CLUSTER_SECRET) if replica_id >= 0 else None)
         return resp.results[0]
 
     def pause_fetching(self) -> None:

@@ -308,6 +308,10 @@ def test_controlled_shutdown_rejects_stale_and_unknown_brokers():
     sim = cluster(1, 2)
     with pytest.raises(StaleBrokerEpochError):
         sim.core.on_controlled_shutdown(1, 999)
+    for skip in (0, -1):  # no epoch value skips the check (0 once did: anyone could shut a broker down)
+        with pytest.raises(StaleBrokerEpochError):
+            sim.core.on_controlled_shutdown(1, skip)
+    assert 1 not in sim.core.shutting_down
     with pytest.raises(BrokerNotAvailableError):
         sim.core.on_controlled_shutdown(7, 1)
 

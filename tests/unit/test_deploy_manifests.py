@@ -23,8 +23,11 @@ from logbroker.config import (
     resolve_serve_settings,
 )
 from tests.deploy import (
+    CLUSTER_SECRET_KEY,
+    CLUSTER_SECRET_NAME,
     DEPLOY,
     OVERLAYS,
+    TEST_CLUSTER_SECRET,
     container,
     container_env,
     dockerfile_exec_form,
@@ -94,7 +97,10 @@ def materialize(path: str, pod: dict[str, Any], main: dict[str, Any], resources:
     relative = path[len(mount["mountPath"].rstrip("/")) + 1:]
     target = root / mount["name"] / relative
     target.parent.mkdir(parents=True, exist_ok=True)
-    if "configMap" in volume:
+    if "secret" in volume:  # created by the operator, not in the manifests: a test secret
+        assert volume["secret"]["secretName"] == CLUSTER_SECRET_NAME and relative == CLUSTER_SECRET_KEY, volume
+        target.write_text(TEST_CLUSTER_SECRET + "\n")
+    elif "configMap" in volume:
         data = find(resources, "ConfigMap", volume["configMap"]["name"])["data"]
         assert relative in data, f"ConfigMap {volume['configMap']['name']} has no key {relative}"
         target.write_text(data[relative])
@@ -129,6 +135,8 @@ def test_every_broker_setting_is_accepted_and_the_id_comes_from_the_pod_name(ove
         env = container_env(main, {"metadata.name": pod_name, "metadata.namespace": "ns"})
         args = cli.build_parser().parse_args(serve_argv(main, env))  # unknown flags exit here
         files = [materialize(path, pod, main, resources, tmp_path / pod_name) for path in args.config]
+        secret_in_pod = args.cluster_secret_file
+        args.cluster_secret_file = str(materialize(secret_in_pod, pod, main, resources, tmp_path / pod_name))
         for f in files:
             read_serve_config_file(f)  # unknown keys and wrong types raise here
         assert set(read_serve_env(env)) == {"advertised_address"}  # unknown LOGBROKER_* raise here
@@ -140,6 +148,22 @@ def test_every_broker_setting_is_accepted_and_the_id_comes_from_the_pod_name(ove
         assert c.rack == "zone-a"
         assert c.zookeeper == "zookeeper:2181/logbroker"
         assert str(c.data_dir) == "/var/lib/logbroker"
+        assert c.cluster_secret == TEST_CLUSTER_SECRET.encode()
+
+
+def test_the_cluster_secret_comes_from_a_secret_mounted_read_only(overlay):
+    """A cluster broker does not start without --cluster-secret-file; the file is the Secret's key,
+    mounted read-only, readable by the broker's group only."""
+    _, resources = overlay
+    _, pod, main = broker_parts(resources)
+    args = cli.build_parser().parse_args(serve_argv(main, {}))
+    path = args.cluster_secret_file
+    mount = next(m for m in main["volumeMounts"] if path.startswith(m["mountPath"].rstrip("/") + "/"))
+    assert mount["readOnly"] is True and path == f"{mount['mountPath']}/{CLUSTER_SECRET_KEY}"
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    assert volume["secret"] == {"secretName": CLUSTER_SECRET_NAME, "defaultMode": 0o440}
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]
+    assert not any(r["kind"] == "Secret" for r in resources), "the secret must not live in git"
 
 
 def test_every_setting_in_the_configmap_is_a_serve_setting(overlay):

@@ -135,6 +135,15 @@ def test_leader_and_isr_fencing(setup):
         wrong_epoch = await rm.leader_and_isr(lai(state(epoch=2), controller_epoch=5, broker_epoch=77), 78)
         assert wrong_epoch.error_code == pb.STALE_BROKER_EPOCH
         assert rm.get_partition("t", 0).leader_epoch == 1
+        # no broker epoch skips the check: 0 (once "unset, accept") and -1 are as stale as any other
+        for skip in (0, -1):
+            unset = await rm.leader_and_isr(lai(state(epoch=2), controller_epoch=5, broker_epoch=skip), 78)
+            assert unset.error_code == pb.STALE_BROKER_EPOCH, skip
+            deleted = await rm.stop_replica(pb.StopReplicaRequest(controller_epoch=5, broker_epoch=skip,
+                                                                  delete_partitions=True, partitions=[
+                                                                      pb.TopicPartition(topic="t", partition=0)]), 78)
+            assert deleted.error_code == pb.STALE_BROKER_EPOCH, skip
+        assert rm.get_partition("t", 0).leader_epoch == 1
         older = await rm.leader_and_isr(lai(state(epoch=0, version=5), controller_epoch=5), 0)
         assert older.results[0].error_code == pb.STALE_CONTROLLER_EPOCH
         same = await rm.leader_and_isr(lai(state(epoch=1, version=0), controller_epoch=5), 0)

@@ -37,12 +37,16 @@ def test_precedence_file_then_later_file_then_env_then_flag(tmp_path: Path):
     a.write_text('zookeeper = "zk-a:2181"\nzk_session_timeout_ms = 1000\nrack = "from-a"\nbroker_id = 7\n')
     b = tmp_path / "b.toml"
     b.write_text('rack = "from-b"\nzk_session_timeout_ms = 2000\n')
-    env = {"LOGBROKER_ZK_SESSION_TIMEOUT_MS": "3000", "LOGBROKER_BROKER_ID": "8"}
+    secret = tmp_path / "secret"
+    secret.write_text("s" * 32 + "\n")
+    env = {"LOGBROKER_ZK_SESSION_TIMEOUT_MS": "3000", "LOGBROKER_BROKER_ID": "8",
+           "LOGBROKER_CLUSTER_SECRET_FILE": str(secret)}
     values, config = resolve(["--config", str(a), "--config", str(b), "--broker-id", "9"], env)
     assert config.zookeeper == "zk-a:2181"  # only in a
     assert config.rack == "from-b"  # b after a
     assert config.zk_session_timeout_ms == 3000  # env over files
     assert config.broker_id == 9  # flag over env
+    assert config.cluster_secret == b"s" * 32 and b"s" * 32 not in repr(config).encode()  # never printed
 
 
 def test_every_setting_has_a_flag_an_env_var_and_a_file_key(tmp_path: Path):
@@ -190,3 +194,33 @@ def test_serve_help_names_each_default_once_and_the_readme_table_lists_every_fla
     documented = set(re.findall(r"^\| `(--[a-z0-9-]+)", table, re.M))
     missing = [s.flag for s in SERVE_SETTINGS if s.flag not in documented]
     assert not missing, f"serve flags missing from the README's serve table: {missing}"
+
+
+def test_a_cluster_broker_needs_a_usable_cluster_secret(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """No secret, a missing, an empty or a short file: refused at start with a one-line error, before
+    anything listens; a good one from a flag, a config file or the environment."""
+    with pytest.raises(ConfigError, match="--zookeeper needs --cluster-secret-file"):
+        resolve(["--zookeeper", "zk:2181"])
+    missing = tmp_path / "nope"
+    with pytest.raises(ConfigError, match=f"cannot read cluster secret file {missing}"):
+        resolve(["--zookeeper", "zk:2181", "--cluster-secret-file", str(missing)])
+    empty = tmp_path / "empty"
+    empty.write_text(" \n")
+    with pytest.raises(ConfigError, match="is empty"):
+        resolve(["--zookeeper", "zk:2181", "--cluster-secret-file", str(empty)])
+    short = tmp_path / "short"
+    short.write_text("hunter2\n")
+    with pytest.raises(ConfigError, match="at least 16"):
+        resolve(["--zookeeper", "zk:2181", "--cluster-secret-file", str(short)])
+    good = tmp_path / "good"
+    good.write_text("0123456789abcdef0123\n")
+    f = tmp_path / "c.toml"
+    f.write_text(f'zookeeper = "zk:2181"\ncluster_secret_file = "{good}"\n')
+    assert resolve(["--config", str(f)])[1].cluster_secret == b"0123456789abcdef0123"
+    assert resolve([], {"LOGBROKER_ZOOKEEPER": "zk:2181", "LOGBROKER_CLUSTER_SECRET_FILE": str(good)}
+                   )[1].cluster_secret == b"0123456789abcdef0123"
+    assert resolve([])[1].cluster_secret == b""  # standalone: none needed (it refuses inter-broker calls)
+    assert cli.main(["serve", "--zookeeper", "127.0.0.1:1", "--data-dir", str(tmp_path / "d")]) == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--cluster-secret-file" in err and "Traceback" not in err
+    assert not (tmp_path / "d").exists()
