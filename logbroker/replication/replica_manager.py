@@ -295,6 +295,29 @@ class ReplicaManager:
                 log.error("deleting %s-%d failed: %s", topic, partition, exc)
         return deleted
 
+    def remove_stray_replicas(self, partitions: Iterable[pb.PartitionState]) -> int:
+        """Delete every local replica and log of a partition that the controller's whole view
+        (UpdateMetadata `partitions`: every partition of every live topic) lists WITHOUT this broker
+        among its replicas: a reassignment moved it away while this broker was down, so its
+        StopReplica(delete) never came (Kafka's stray partitions). Only authoritative metadata
+        counts: a log of a topic or partition the view does not list is left alone (its metadata
+        may just not be here yet; deleted topics go through `remove_deleted_topics`). Returns how
+        many were deleted (a failure is logged and retried with the next UpdateMetadata)."""
+        listed = {(ps.topic, ps.partition): list(ps.replicas) for ps in partitions}
+        deleted = 0
+        for topic, partition in sorted({*self.partitions, *self.log_manager.logs()}):
+            replicas = listed.get((topic, partition))
+            if replicas is None or self.broker_id in replicas:
+                continue
+            log.warning("broker %d deletes its stray replica of %s-%d: the controller's metadata names replicas %s",
+                        self.broker_id, topic, partition, replicas)
+            try:
+                self.remove_partition(topic, partition, delete=True)
+                deleted += 1
+            except Exception as exc:
+                log.error("deleting stray %s-%d failed: %s", topic, partition, exc)
+        return deleted
+
     def drop_all_roles(self) -> None:
         """Lead nothing and follow nothing until the controller says otherwise (the ZooKeeper
         session was lost: the broker re-registers with a new epoch). Applied states are forgotten,

@@ -427,3 +427,27 @@ def test_isr_proposals_of_a_partition_are_rate_bounded(setup):
         # 20 fetches over 2 intervals of the manual clock: at most 2 (+1 at the start) proposals
         assert 1 <= setup.store.writes - writes <= 3
     run(main)
+
+
+def test_stray_replicas_are_deleted_only_on_authoritative_metadata(setup):
+    """A replica moved off this broker while it was down (no StopReplica reached it) is deleted
+    once the controller's full view lists the partition without it; logs of partitions the view
+    does not list, or that still name this broker, stay."""
+    async def main():
+        rm = setup.rm
+        await lead(setup)
+        setup.log_manager.create_log("moved", 0)   # reassigned to brokers 1, 2 while we were down
+        setup.log_manager.create_log("moved", 1)   # still ours
+        setup.log_manager.create_log("unknown", 0)  # metadata not here yet: left alone
+        view = [state(), state(topic="moved", replicas=(1, 2), isr=(1, 2), leader=1),
+                state(topic="moved", partition=1, replicas=(2, 0), isr=(2, 0), leader=2)]
+        assert rm.remove_stray_replicas(view) == 1
+        names = {p.name for p in setup.log_manager.data_dir.iterdir()}
+        assert {"t-0", "moved-1", "unknown-0"} <= names and "moved-0" not in names
+        assert rm.get_partition("t", 0).is_leader
+        assert rm.remove_stray_replicas(view) == 0
+        # our own led replica, reassigned away (its StopReplica lost): deleted too
+        assert rm.remove_stray_replicas([state(replicas=(1, 2), isr=(1, 2), leader=1)]) == 1
+        with pytest.raises(UnknownTopicOrPartitionError):
+            rm.get_partition("t", 0)
+    run(main)
