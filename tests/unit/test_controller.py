@@ -618,3 +618,18 @@ def test_controller_retries_a_leader_and_isr_refused_by_a_broker_still_registeri
     assert len(rpc.calls) == 4 and all(c.broker_epoch == 42 for c in rpc.calls) and not ch.pending()
     rpc, ch = asyncio.run(send([pb.STALE_BROKER_EPOCH]))
     assert len(rpc.calls) == 1 and not ch.pending()
+
+
+def test_isr_expansion_naming_an_unregistered_broker_is_undone_once():
+    """Leaders write ISR changes themselves; an expansion naming a broker that is not registered
+    (KIP-841: a leader with stale metadata) is taken out by the controller in one write, and the
+    leader hears of it (LeaderAndIsr) so it stops counting on that broker."""
+    sim = cluster(1, 2, 3)
+    sim.add_topic("t", {0: [1, 2, 3]})
+    sim.brokers(1, 2)  # broker 3's session is gone
+    assert state(sim, ("t", 0))[2] == [1, 2]
+    sim.take_sent()
+    version = sim.zk[("t", 0)].zk_version
+    sim.leader_sets_isr(("t", 0), [1, 2, 3])
+    assert state(sim, ("t", 0))[2] == [1, 2] and sim.zk[("t", 0)].zk_version == version + 2
+    assert 1 in sim.lai(sim.take_sent())
