@@ -149,7 +149,7 @@ Action = (WriteStates | ReloadStates | WriteAssignment | SendLeaderAndIsr | Send
 
 def broker_info_pb(reg: BrokerRegistration) -> pb.BrokerInfo:
     return pb.BrokerInfo(broker_id=reg.broker_id, host=reg.host, port=reg.port, rack=reg.rack,
-                         data_port=reg.data_port)
+                         data_port=reg.data_port, broker_epoch=reg.epoch)
 
 
 def partition_state_pb(topic: str, partition: int, state: PartitionStateData | None, replicas: Iterable[int],

@@ -12,10 +12,13 @@ Per partition, a fetch state::
   (E', end) with E' the largest epoch <= E it has. Truncate to min(end, our own end offset for E').
   If E' < E and that cut something, ask again with our (now lower) latest epoch. Done when E' == E or
   nothing was cut. A log without epochs (empty) has nothing to compare: it fetches at once.
-- Fetching: long-poll `Broker/Fetch` with replica_id = our id, each partition at its log end offset
-  and the leader epoch we follow. Both calls carry the cluster secret (`call_metadata`): the leader
-  serves a replica fetch and OffsetForLeaderEpoch to brokers only. Records are appended as they are (`Log.append_as_follower`), then
-  the high watermark = min(leader's, our log end offset).
+- Fetching: long-poll `Broker/Fetch` with replica_id = our id and replica_epoch = our broker epoch
+  (the leader adds us to an ISR only under our current registration: KIP-841), each partition at
+  its log end offset and the leader epoch we follow. Records are appended as they are
+  (`Log.append_as_follower`), then the high watermark = min(leader's, our log end offset), and our
+  log start offset follows the leader's (its retention is mirrored: segments below it are deleted).
+  Both calls carry the cluster secret (`call_metadata`): the leader serves a replica fetch and
+  OffsetForLeaderEpoch to brokers only.
 - Errors: OFFSET_OUT_OF_RANGE below the leader's log start offset -> restart our log there; above
   its log end offset -> truncate again. FENCED_LEADER_EPOCH (we are behind) -> FENCED.
   NOT_LEADER_OR_FOLLOWER / UNKNOWN_LEADER_EPOCH (the leader has not applied its LeaderAndIsr yet)
@@ -33,6 +36,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -103,6 +107,7 @@ class LeaderFetcher:
     address: str
     config: FetcherConfig
     clock: Clock = SYSTEM_CLOCK
+    broker_epoch: Callable[[], int] = lambda: -1  # this broker's epoch, sent with every fetch
     call_metadata: CallMetadata = field(default=(), repr=False)  # the cluster secret
     states: dict[Key, PartitionFetchState] = field(default_factory=dict)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -283,8 +288,8 @@ class LeaderFetcher:
 
     async def _fetch(self, stub: pbg.BrokerStub, states: list[PartitionFetchState]) -> None:
         cfg = self.config
-        req = pb.FetchRequest(replica_id=self.broker_id, max_wait_ms=cfg.max_wait_ms, min_bytes=cfg.min_bytes,
-                              max_bytes=cfg.max_bytes)
+        req = pb.FetchRequest(replica_id=self.broker_id, replica_epoch=self.broker_epoch(),
+                              max_wait_ms=cfg.max_wait_ms, min_bytes=cfg.min_bytes, max_bytes=cfg.max_bytes)
         sent: dict[Key, _Sent] = {}
         for s in states:
             offset = s.partition.log.log_end_offset
@@ -316,7 +321,7 @@ class LeaderFetcher:
             self._on_partition_error(s, r.error_code, r.error_message)
             return
         try:
-            part.append_as_follower(r.records, r.high_watermark)
+            part.append_as_follower(r.records, r.high_watermark, r.log_start_offset)
         except StorageError as e:
             self._fence(s, f"append failed: {e}")
             return
@@ -336,6 +341,7 @@ class ReplicaFetcherManager:
         self.call_metadata = call_metadata
         self.config = config or FetcherConfig()
         self.clock = clock
+        self.broker_epoch = -1  # set by the replica manager from the LeaderAndIsr it accepts
         self._fetchers: dict[tuple[int, str], LeaderFetcher] = {}
         self._by_partition: dict[Key, LeaderFetcher] = {}
         self._stopping: set[asyncio.Task[None]] = set()
@@ -348,6 +354,7 @@ class ReplicaFetcherManager:
         fetcher = self._fetchers.get((leader_id, address))
         if fetcher is None:
             fetcher = LeaderFetcher(self.broker_id, leader_id, address, self.config, self.clock,
+                                    broker_epoch=lambda: self.broker_epoch,
                                     call_metadata=self.call_metadata)
             self._fetchers[(leader_id, address)] = fetcher
         state = fetcher.add(partition)

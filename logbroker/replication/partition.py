@@ -222,11 +222,13 @@ class Partition:
         return self.read_for_consumer(offset, max_bytes)
 
     def read_for_follower(
-        self, replica_id: int, offset: int, max_bytes: int, current_leader_epoch: int, now_ms: int
+        self, replica_id: int, offset: int, max_bytes: int, current_leader_epoch: int, now_ms: int, *,
+        fetch_broker_epoch: int = -1, registered_broker_epoch: int | None = None,
     ) -> tuple[memoryview, FollowerFetchOutcome]:
         """Whole batches from `offset` up to the log end offset for follower `replica_id`, whose
         log ends at `offset`: records its progress (the high watermark may move) and whether it
-        now qualifies for the ISR."""
+        now qualifies for the ISR (only if `fetch_broker_epoch`, the epoch its fetch carried, is
+        `registered_broker_epoch`, its current one in the metadata: KIP-841)."""
         ls = self.leader_state_or_raise(current_leader_epoch)
         if ls.follower(replica_id) is None:
             raise NotLeaderOrFollowerError(
@@ -236,7 +238,9 @@ class Partition:
         moved = ls.follower_fetched(replica_id, offset, self.log.log_end_offset, now_ms)
         if moved:
             self.sync_leader_state()
-        return view, FollowerFetchOutcome(moved, ls.maybe_expand_isr(replica_id))
+        proposed = ls.maybe_expand_isr(replica_id, fetch_broker_epoch=fetch_broker_epoch,
+                                       registered_broker_epoch=registered_broker_epoch)
+        return view, FollowerFetchOutcome(moved, proposed)
 
     def epoch_end_offset(self, current_leader_epoch: int, leader_epoch: int) -> tuple[int, int]:
         """OffsetForLeaderEpoch as the leader: (largest epoch <= `leader_epoch`, its end offset)."""
@@ -245,11 +249,15 @@ class Partition:
 
     # -- follower -------------------------------------------------------------------------------
 
-    def append_as_follower(self, records: bytes | bytearray | memoryview, leader_high_watermark: int) -> AppendResult | None:
+    def append_as_follower(self, records: bytes | bytearray | memoryview, leader_high_watermark: int,
+                           leader_log_start_offset: int = -1) -> AppendResult | None:
         """Append what the leader sent (nothing if empty), then take its high watermark, capped at
-        our log end offset."""
+        our log end offset, and its log start offset (as Kafka's follower, `maybeIncrementLog-
+        StartOffset`): retention on the leader is mirrored here, whole segments below it deleted."""
         result = self.log.append_as_follower(records) if len(records) else None
         self.update_follower_high_watermark(leader_high_watermark)
+        if leader_log_start_offset > self.log.log_start_offset:
+            self.log.advance_log_start_offset(leader_log_start_offset)
         return result
 
     def update_follower_high_watermark(self, leader_high_watermark: int) -> None:

@@ -25,7 +25,11 @@ Rules:
   where it is. While an expansion is in flight the joining follower counts too (the "maximal ISR"
   of KIP-497), so a HW never passes a replica that may already be in the ISR in ZooKeeper. The HW
   only moves forward.
-- Expand: a follower outside the ISR whose LEO >= HW and >= epoch_start_offset is proposed in.
+- Expand: a follower outside the ISR whose LEO >= HW and >= epoch_start_offset is proposed in,
+  only if it is a registered broker fetching under its current broker epoch (KIP-841): the epoch
+  its fetch carries equals the epoch the controller's metadata gives for it (> 0). A fenced
+  broker (its ZooKeeper session gone) or an earlier incarnation still fetching never joins, so
+  the controller never has to take it out again (no ISR flapping).
 - Shrink: an ISR follower that is not at the leader's LEO and has not been caught up for
   `replica_lag_time_max_ms` is proposed out.
 - A proposal counts only once written: `isr_change_committed` (the ZooKeeper write succeeded) or
@@ -35,7 +39,8 @@ Transitions and their outcomes:
 
     leader_appended(leo)                       -> HW moved?
     follower_fetched(id, offset, leo, now)     -> HW moved?            (offset <= leo: checked by the shell)
-    maybe_expand_isr(id) / maybe_shrink_isr(now)  -> proposed ISR or None
+    maybe_expand_isr(id, fetch_broker_epoch=, registered_broker_epoch=) -> proposed ISR or None
+    maybe_shrink_isr(now)                      -> proposed ISR or None
     isr_change_started(isr) / isr_change_committed(isr, version) / isr_change_failed()
     update_membership(replicas, isr, version, now)  (same leader epoch: the controller changed the ISR)
 """
@@ -46,6 +51,13 @@ import enum
 from dataclasses import dataclass
 
 UNKNOWN_OFFSET = -1
+
+
+def broker_epoch_current(fetch_broker_epoch: int, registered_broker_epoch: int | None) -> bool:
+    """Whether a fetch made under `fetch_broker_epoch` comes from the registered incarnation of
+    its broker (KIP-841). Epochs are czxids (> 0): no value skips the check."""
+    return registered_broker_epoch is not None and registered_broker_epoch > 0 \
+        and fetch_broker_epoch == registered_broker_epoch
 
 
 class AckStatus(enum.Enum):
@@ -165,9 +177,14 @@ class LeaderState:
         state.update(fetch_offset, leader_log_end_offset, now_ms)
         return self._advance_hw()
 
-    def maybe_expand_isr(self, broker_id: int) -> list[int] | None:
-        """The ISR with `broker_id` added, if it qualifies and no ISR change is in flight."""
+    def maybe_expand_isr(self, broker_id: int, *, fetch_broker_epoch: int,
+                         registered_broker_epoch: int | None) -> list[int] | None:
+        """The ISR with `broker_id` added, if it qualifies and no ISR change is in flight.
+        `fetch_broker_epoch`: the broker epoch its fetch carried; `registered_broker_epoch`: its
+        epoch in the leader's metadata (None: not a live broker there). They must match (> 0)."""
         if self.pending_isr is not None or broker_id in self.isr:
+            return None
+        if not broker_epoch_current(fetch_broker_epoch, registered_broker_epoch):
             return None
         state = self.followers.get(broker_id)
         if state is None or state.log_end_offset == UNKNOWN_OFFSET:

@@ -9,7 +9,13 @@ or, standalone, from `make_local_leader` (the broker leads everything, ISR = [it
 `InMemoryIsrStore`). Requests are fenced:
 
 - controller_epoch below the highest seen -> STALE_CONTROLLER_EPOCH (whole request);
-- broker_epoch not this broker's current epoch -> STALE_BROKER_EPOCH (whole request; no value skips it);
+- broker_epoch > 0 and newer than this broker's current epoch, or this broker does not know its
+  epoch (it is registering again after a lost session: ZooKeeper already holds the registration
+  the controller saw, the broker has not heard back yet) -> BROKER_NOT_AVAILABLE, retriable: the
+  controller retries with backoff (bounded) and the request applies once the epoch is known;
+- any other broker_epoch but this broker's current one (older, 0 or negative: no value skips the
+  check) -> STALE_BROKER_EPOCH (whole request; the controller drops it: the broker re-registered,
+  a newer request follows);
 - per partition, a state whose leader epoch is older than the one applied, or equal with an
   older znode version -> STALE_CONTROLLER_EPOCH for that partition; an identical one is a no-op.
 
@@ -17,8 +23,12 @@ ISR changes are proposed by the pure `LeaderState` (expand on a follower fetch, 
 periodic check every replica_lag_time_max_ms / 2) and written through an `IsrStore` (ZooKeeper in a
 cluster): a conditional write on the znode version the leader knows. Only a successful write
 changes the ISR the leader uses; a refused one leaves it, and the next LeaderAndIsr brings the truth.
-At most one write per partition is in flight; after a failure the partition waits
-`ISR_RETRY_BACKOFF_MS` before proposing again.
+An expansion needs the follower's fetch to carry its current broker epoch (`replica_epoch`), the
+one the controller's latest LeaderAndIsr / UpdateMetadata gives for it (`live_broker_epochs`,
+KIP-841): a broker whose session is gone, or an earlier incarnation's fetches, never re-enter.
+At most one write per partition is in flight; proposals of a partition are at least
+`ISR_PROPOSAL_INTERVAL_MS` apart (a bound on ZooKeeper writes whatever happens); after a failure
+the partition waits `ISR_RETRY_BACKOFF_MS` before proposing again.
 
 Event-loop only, except `IsrStore.write_isr`, which runs in a worker thread.
 """
@@ -38,6 +48,7 @@ from logbroker.cluster.cluster_secret import call_metadata
 from logbroker.cluster.metadata import PartitionStateData
 from logbroker.errors import (
     BrokerError,
+    BrokerNotAvailableError,
     InvalidConfigError,
     InvalidRequestError,
     InvalidRequiredAcksError,
@@ -64,6 +75,7 @@ log = logging.getLogger(__name__)
 Key = tuple[str, int]
 
 ISR_RETRY_BACKOFF_MS = 1000
+ISR_PROPOSAL_INTERVAL_MS = 100  # per partition: at most 10 ISR writes a second
 PRODUCE_TIMEOUT_MS_DEFAULT = 30_000  # acks=all wait when a request gives none (timeout_ms <= 0)
 PRODUCE_TIMEOUT_MS_MAX = 300_000
 ISR_CHECK_INTERVAL_MS_MIN = 10
@@ -176,6 +188,8 @@ class ReplicaManager:
         self.fetchers = ReplicaFetcherManager(broker_id, fetcher_config, clock, call_metadata(cluster_secret))
         self.controller_epoch = -1
         self.broker_addresses: dict[int, str] = {}
+        # broker id -> broker epoch of every live broker, from the controller's latest word
+        self.live_broker_epochs: dict[int, int] = {}
         self._isr_writes: dict[Key, asyncio.Task[None]] = {}
         self._isr_retry_at_ms: dict[Key, int] = {}
         self._isr_task: asyncio.Task[None] | None = None
@@ -321,6 +335,29 @@ class ReplicaManager:
                 log.error("deleting %s-%d failed: %s", topic, partition, exc)
         return deleted
 
+    def remove_stray_replicas(self, partitions: Iterable[pb.PartitionState]) -> int:
+        """Delete every local replica and log of a partition that the controller's whole view
+        (UpdateMetadata `partitions`: every partition of every live topic) lists WITHOUT this broker
+        among its replicas: a reassignment moved it away while this broker was down, so its
+        StopReplica(delete) never came (Kafka's stray partitions). Only authoritative metadata
+        counts: a log of a topic or partition the view does not list is left alone (its metadata
+        may just not be here yet; deleted topics go through `remove_deleted_topics`). Returns how
+        many were deleted (a failure is logged and retried with the next UpdateMetadata)."""
+        listed = {(ps.topic, ps.partition): list(ps.replicas) for ps in partitions}
+        deleted = 0
+        for topic, partition in sorted({*self.partitions, *self.log_manager.logs()}):
+            replicas = listed.get((topic, partition))
+            if replicas is None or self.broker_id in replicas:
+                continue
+            log.warning("broker %d deletes its stray replica of %s-%d: the controller's metadata names replicas %s",
+                        self.broker_id, topic, partition, replicas)
+            try:
+                self.remove_partition(topic, partition, delete=True)
+                deleted += 1
+            except Exception as exc:
+                log.error("deleting stray %s-%d failed: %s", topic, partition, exc)
+        return deleted
+
     def drop_all_roles(self) -> None:
         """Lead nothing and follow nothing until the controller says otherwise (the ZooKeeper
         session was lost: the broker re-registers with a new epoch). Applied states are forgotten,
@@ -399,15 +436,17 @@ class ReplicaManager:
 
     def read(
         self, topic: str, partition: int, fetch_offset: int, max_bytes: int, *, replica_id: int = -1,
-        current_leader_epoch: int = -1,
+        current_leader_epoch: int = -1, replica_epoch: int = -1,
     ) -> FetchRead:
         """One partition of a Fetch, from the leader: consumers up to the high watermark; followers
         up to the log end offset, recording their progress (which may move the high watermark and
-        start an ISR expansion). Raises the partition's error."""
+        start an ISR expansion, if `replica_epoch` is the follower's current broker epoch). Raises
+        the partition's error."""
         part = self.get_partition(topic, partition)
         if self.is_follower_fetch(replica_id):
-            view, outcome = part.read_for_follower(replica_id, fetch_offset, max_bytes, current_leader_epoch,
-                                                   self.clock.monotonic_ms())
+            view, outcome = part.read_for_follower(
+                replica_id, fetch_offset, max_bytes, current_leader_epoch, self.clock.monotonic_ms(),
+                fetch_broker_epoch=replica_epoch, registered_broker_epoch=self.live_broker_epochs.get(replica_id))
             if outcome.high_watermark_moved:
                 self.notify((topic, partition))
             if outcome.proposed_isr is not None:
@@ -424,16 +463,25 @@ class ReplicaManager:
             return StaleControllerEpochError(
                 f"controller epoch {controller_epoch} is older than {self.controller_epoch}, the latest seen"
             )
+        if broker_epoch > 0 and (current_broker_epoch < 0 or broker_epoch > current_broker_epoch):
+            return BrokerNotAvailableError(
+                f"request for broker epoch {broker_epoch}; broker {self.broker_id} is still registering "
+                f"(epoch {current_broker_epoch}): retry"
+            )
         if broker_epoch != current_broker_epoch:
             return StaleBrokerEpochError(
                 f"request for broker epoch {broker_epoch}; broker {self.broker_id} is at epoch {current_broker_epoch}"
             )
         self.controller_epoch = controller_epoch
+        self.fetchers.broker_epoch = current_broker_epoch  # our fetches carry it (KIP-841)
         return None
 
     def update_broker_addresses(self, brokers: Iterable[pb.BrokerInfo]) -> None:
-        """Learn broker addresses (LeaderAndIsr live_brokers, UpdateMetadata brokers). A follower
-        whose leader's address changed, or that had no address to fetch from, starts fetching."""
+        """Learn the live brokers (LeaderAndIsr live_brokers, UpdateMetadata brokers: each the whole
+        live set) with their addresses and epochs. A follower whose leader's address changed, or
+        that had no address to fetch from, starts fetching."""
+        brokers = list(brokers)
+        self.live_broker_epochs = {b.broker_id: b.broker_epoch for b in brokers}
         changed = set()
         for b in brokers:
             address = f"{b.host}:{b.port}"
@@ -628,8 +676,10 @@ class ReplicaManager:
         ls = part.leader_state
         if ls is None or self._stopping or key in self._isr_writes:
             return False
-        if self._isr_retry_at_ms.get(key, 0) > self.clock.monotonic_ms():
+        now = self.clock.monotonic_ms()
+        if self._isr_retry_at_ms.get(key, 0) > now:
             return False
+        self._isr_retry_at_ms[key] = now + ISR_PROPOSAL_INTERVAL_MS
         ls.isr_change_started(proposed)
         state = PartitionStateData(self.broker_id, part.leader_epoch, list(proposed), part.controller_epoch,
                                    part.zk_version)
@@ -661,7 +711,6 @@ class ReplicaManager:
             log.info("ISR write for %s-%d refused (version %d); waiting for the controller's state",
                      part.topic, part.index, state.zk_version)
             return
-        self._isr_retry_at_ms.pop(part.key, None)
         ls.isr_change_committed(stored.isr, stored.zk_version)
         part.sync_leader_state()
         log.info("ISR of %s-%d is now %s (znode version %d)", part.topic, part.index, part.isr, part.zk_version)

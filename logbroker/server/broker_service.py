@@ -152,7 +152,7 @@ class BrokerService:
                 limit = min(fp.partition_max_bytes or max_bytes, max(budget, 1))
                 # Always read: it checks leadership and epoch, and records a follower's progress.
                 fetched = rm.read(fp.topic, fp.partition, fp.fetch_offset, limit, replica_id=req.replica_id if req.HasField("replica_id") else -1,
-                                  current_leader_epoch=fp.current_leader_epoch)
+                                  current_leader_epoch=fp.current_leader_epoch, replica_epoch=req.replica_epoch)
                 r.high_watermark = fetched.high_watermark
                 r.log_start_offset = fetched.log_start_offset
                 r.log_end_offset = fetched.log_end_offset

@@ -1076,6 +1076,40 @@ class Log:
                  self.directory, doomed, self._log_start_offset)
         return doomed
 
+    def advance_log_start_offset(self, offset: int) -> int:
+        """Raise the log start offset to `offset`, capped at the high watermark: a follower mirrors
+        its leader's log start (retention there, as Kafka's `maybeIncrementLogStartOffset`). Reads
+        below it fail from now on; closed segments wholly below it are deleted (a partly covered
+        one stays until it is). Checkpointed with the index. Returns segments deleted."""
+        self._check_writable()
+        assert self._index is not None
+        target = min(offset, self._high_watermark)
+        if target <= self._log_start_offset:
+            return 0
+        self._reap_flushes()
+        doomed = 0
+        for next_base in self._bases[1:]:
+            if next_base > target:
+                break
+            doomed += 1
+        try:
+            for seg in self._segments[:doomed]:
+                seg.delete()
+        except StorageError as e:
+            self._go_offline(str(e))
+            raise
+        finally:
+            gone = [s for s in self._segments[:doomed] if not s.path.exists()]
+            del self._segments[: len(gone)]
+            del self._bases[: len(gone)]
+            self._size_bytes = sum(s.size_bytes for s in self._segments)
+        self._log_start_offset = target
+        self._recovery_point = max(self._recovery_point, self._bases[0])
+        self._epochs = _epochs_from_start(self._epochs, self._log_start_offset)
+        self._index.delete_before(self._bases[0], self._epochs, self._checkpoints())
+        log.info("%s: log start offset now %d (the leader's), %d segments deleted", self.directory, target, doomed)
+        return doomed
+
     def _retention_timestamp(self, seg: Segment) -> int:
         ts = self._segment_max_timestamp(seg)
         if ts is None or ts < 0:  # no timestamps: the file's modification time

@@ -126,6 +126,11 @@ class Node:
         self.replica_manager.fetchers.add_partition(self.partition(*KEY), leader.broker_id, leader.address)
 
 
+def broker_epoch(broker_id: int) -> int:
+    """The registration epoch (czxid) each node has in these tests."""
+    return 1000 + broker_id
+
+
 class Cluster:
     """The nodes and a controller played by hand."""
 
@@ -165,11 +170,13 @@ class Cluster:
         req = pb.LeaderAndIsrRequest(controller_id=99, controller_epoch=self.controller_epoch, partitions=[
             pb.PartitionState(topic=TOPIC, partition=0, controller_epoch=self.controller_epoch, leader=leader,
                               leader_epoch=leader_epoch, isr=isr, replicas=replicas, zk_version=version)])
-        for node in self.nodes:
-            req.live_brokers.add(broker_id=node.broker_id, host="127.0.0.1", port=node.port)
+        for node in self.nodes:  # broker epochs as a controller knows them (a follower joins an ISR only at its own)
+            req.live_brokers.add(broker_id=node.broker_id, host="127.0.0.1", port=node.port,
+                                 broker_epoch=broker_epoch(node.broker_id))
         req.topic_configs_json[TOPIC] = json.dumps({"segment_bytes": str(16 << 10), **(config or {})})
         for b in to if to is not None else replicas:
-            resp = await self.nodes[b].rm.leader_and_isr(req, 0)
+            req.broker_epoch = broker_epoch(b)
+            resp = await self.nodes[b].rm.leader_and_isr(req, broker_epoch(b))
             assert resp.error_code == pb.NONE and all(r.error_code == pb.NONE for r in resp.results), resp
 
 

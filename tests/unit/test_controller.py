@@ -577,3 +577,63 @@ def test_random_broker_churn_never_elects_outside_the_isr_nor_moves_epochs_back(
             assert all(b in sim.core.shutting_down for b in sim.core.replicas(tp))
         else:
             assert cur.leader != -1, (tp, cur)
+
+
+def test_controller_retries_a_leader_and_isr_refused_by_a_broker_still_registering():
+    """The shell's sender to one broker: BROKER_NOT_AVAILABLE (the broker has not recorded the
+    epoch the controller already saw in ZooKeeper) is retried with backoff until applied, while
+    STALE_BROKER_EPOCH (an earlier incarnation's request) is dropped. No sockets, no ZooKeeper."""
+    import asyncio
+
+    from logbroker.cluster.controller import Controller, _Channel, _Term
+
+    class Rpc:
+        def __init__(self, answers: list[int]) -> None:
+            self.answers = answers
+            self.calls: list[pb.LeaderAndIsrRequest] = []
+
+        async def leader_and_isr(self, broker, req):
+            self.calls.append(req)
+            code = self.answers.pop(0) if self.answers else pb.NONE
+            return pb.LeaderAndIsrResponse(error_code=code)
+
+    async def send(answers: list[int]) -> tuple[Rpc, _Channel]:
+        core = ControllerState(0, 3)
+        core.on_startup({1: reg(1, 42)}, {"t": TopicSpec("t", {0: [1]})}, {("t", 0): PartitionStateData(1, 0, [1], 3, 0)})
+        rpc = Rpc(answers)
+        controller = Controller(0, None, rpc, rpc_backoff_max_s=0.01, rpc_attempts_max=10)  # type: ignore[arg-type]
+        controller._connected = asyncio.Event()
+        controller._connected.set()
+        term = _Term(3, 0, core)
+        ch = _Channel(core.live[1])
+        ch.leader_and_isr.add(("t", 0))
+        ch.wake.set()
+        task = asyncio.create_task(controller._sender(term, ch))
+        for _ in range(500):
+            if not ch.pending() and not rpc.answers:
+                break
+            await asyncio.sleep(0.01)
+        term.resign = True
+        ch.wake.set()
+        await asyncio.wait_for(task, 5)
+        return rpc, ch
+
+    rpc, ch = asyncio.run(send([pb.BROKER_NOT_AVAILABLE] * 3))
+    assert len(rpc.calls) == 4 and all(c.broker_epoch == 42 for c in rpc.calls) and not ch.pending()
+    rpc, ch = asyncio.run(send([pb.STALE_BROKER_EPOCH]))
+    assert len(rpc.calls) == 1 and not ch.pending()
+
+
+def test_isr_expansion_naming_an_unregistered_broker_is_undone_once():
+    """Leaders write ISR changes themselves; an expansion naming a broker that is not registered
+    (KIP-841: a leader with stale metadata) is taken out by the controller in one write, and the
+    leader hears of it (LeaderAndIsr) so it stops counting on that broker."""
+    sim = cluster(1, 2, 3)
+    sim.add_topic("t", {0: [1, 2, 3]})
+    sim.brokers(1, 2)  # broker 3's session is gone
+    assert state(sim, ("t", 0))[2] == [1, 2]
+    sim.take_sent()
+    version = sim.zk[("t", 0)].zk_version
+    sim.leader_sets_isr(("t", 0), [1, 2, 3])
+    assert state(sim, ("t", 0))[2] == [1, 2] and sim.zk[("t", 0)].zk_version == version + 2
+    assert 1 in sim.lai(sim.take_sent())

@@ -10,6 +10,7 @@ from logbroker.clock import ManualClock
 from logbroker.replication.partition_state import UNKNOWN_OFFSET, AckStatus, LeaderState
 
 LAG_MS = 10_000
+REGISTERED = {"fetch_broker_epoch": 7, "registered_broker_epoch": 7}  # a live, current follower
 
 
 def leader(isr=(0, 1, 2), replicas=(0, 1, 2), leo=10, hw=5, clock: ManualClock | None = None) -> LeaderState:
@@ -109,12 +110,12 @@ def test_expand_needs_hw_and_epoch_start():
     s = leader(isr=(0, 1), leo=10, hw=10)
     s.follower_fetched(1, 10, 10, 0)
     assert s.epoch_start_offset == 10
-    assert s.maybe_expand_isr(2) is None  # unknown LEO
+    assert s.maybe_expand_isr(2, **REGISTERED) is None  # unknown LEO
     s.follower_fetched(2, 9, 10, 0)
-    assert s.maybe_expand_isr(2) is None  # below the HW
+    assert s.maybe_expand_isr(2, **REGISTERED) is None  # below the HW
     s.follower_fetched(2, 10, 10, 0)
-    assert s.maybe_expand_isr(2) == [0, 1, 2]
-    assert s.maybe_expand_isr(1) is None  # already in
+    assert s.maybe_expand_isr(2, **REGISTERED) == [0, 1, 2]
+    assert s.maybe_expand_isr(1, **REGISTERED) is None  # already in
     s.isr_change_started([0, 1, 2])
     # While the expansion is in flight the joining follower already holds the HW back.
     s.leader_appended(20)
@@ -123,7 +124,7 @@ def test_expand_needs_hw_and_epoch_start():
     assert s.isr_change_failed()  # without follower 2 the HW moves at once
     assert s.isr == [0, 1] and s.high_watermark == 20
     s.follower_fetched(2, 20, 20, 3)
-    assert s.maybe_expand_isr(2) == [0, 1, 2]
+    assert s.maybe_expand_isr(2, **REGISTERED) == [0, 1, 2]
 
 
 def test_expand_waits_for_the_epoch_start_offset():
@@ -131,9 +132,9 @@ def test_expand_waits_for_the_epoch_start_offset():
     s.follower_fetched(1, 4, 10, 0)
     s.follower_fetched(2, 6, 10, 0)
     assert s.high_watermark == 4
-    assert s.maybe_expand_isr(2) is None  # >= HW but below the epoch start (10)
+    assert s.maybe_expand_isr(2, **REGISTERED) is None  # >= HW but below the epoch start (10)
     s.follower_fetched(2, 10, 10, 0)
-    assert s.maybe_expand_isr(2) == [0, 1, 2]
+    assert s.maybe_expand_isr(2, **REGISTERED) == [0, 1, 2]
 
 
 def test_commit_of_an_older_version_is_ignored():
@@ -224,7 +225,7 @@ def test_hw_is_monotonic_and_bounded_by_the_isr(events, start_hw):
                 else:
                     s.isr_change_failed()
         else:
-            proposed = s.maybe_expand_isr(event[1])
+            proposed = s.maybe_expand_isr(event[1], **REGISTERED)
             if proposed is not None:
                 assert leos[event[1]] >= s.high_watermark
                 s.isr_change_started(proposed)
@@ -238,3 +239,17 @@ def test_hw_is_monotonic_and_bounded_by_the_isr(events, start_hw):
         if s.high_watermark > before:  # it moved: every ISR member has it
             assert all(leos[b] >= s.high_watermark for b in s.maximal_isr if b != 0), (s.isr, leos)
         assert 0 in s.isr
+
+
+def test_expand_only_a_registered_broker_at_its_current_epoch():
+    """KIP-841: fetches of a fenced broker (not in the metadata) or of an earlier incarnation (an
+    older broker epoch), or without an epoch, never put it in the ISR, however caught up."""
+    s = leader(isr=(0, 1), leo=10, hw=10)
+    s.follower_fetched(1, 10, 10, 0)
+    s.follower_fetched(2, 10, 10, 0)
+    assert s.maybe_expand_isr(2, fetch_broker_epoch=7, registered_broker_epoch=None) is None  # not registered
+    assert s.maybe_expand_isr(2, fetch_broker_epoch=5, registered_broker_epoch=7) is None  # stale incarnation
+    assert s.maybe_expand_isr(2, fetch_broker_epoch=9, registered_broker_epoch=7) is None  # metadata not there yet
+    assert s.maybe_expand_isr(2, fetch_broker_epoch=0, registered_broker_epoch=0) is None  # no epoch: no skip
+    assert s.maybe_expand_isr(2, fetch_broker_epoch=-1, registered_broker_epoch=-1) is None
+    assert s.maybe_expand_isr(2, fetch_broker_epoch=7, registered_broker_epoch=7) == [0, 1, 2]

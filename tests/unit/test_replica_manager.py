@@ -27,7 +27,12 @@ from logbroker.errors import (
     UnknownTopicOrPartitionError,
 )
 from logbroker.replication.partition import Role
-from logbroker.replication.replica_manager import FetchRead, InMemoryIsrStore, ReplicaManager
+from logbroker.replication.replica_manager import (
+    ISR_PROPOSAL_INTERVAL_MS,
+    FetchRead,
+    InMemoryIsrStore,
+    ReplicaManager,
+)
 from logbroker.storage.log import LogConfig
 from logbroker.storage.log_identity import LostLogError
 from logbroker.storage.log_manager import LogManager
@@ -35,6 +40,7 @@ from logbroker.storage.record_batch import encode_batch
 from logbroker.v1 import logbroker_pb2 as pb
 
 LAG_MS = 1000
+EPOCHS = {0: 100, 1: 101, 2: 102}  # broker epochs of the live brokers, as the controller sends them
 SMALL = LogConfig(segment_bytes=1 << 16, index_map_bytes=4 << 20)
 
 
@@ -80,10 +86,16 @@ def setup(tmp_path: Path):
     s.close()
 
 
+def live(epochs: dict[int, int] | None = None) -> list[pb.BrokerInfo]:
+    return [pb.BrokerInfo(broker_id=b, host="127.0.0.1", port=9000 + b, broker_epoch=e)
+            for b, e in sorted((EPOCHS if epochs is None else epochs).items())]
+
+
 def lai(*states: pb.PartitionState, controller_epoch: int = 1, broker_epoch: int = 0,
-        configs: dict[str, dict[str, str]] | None = None) -> pb.LeaderAndIsrRequest:
+        configs: dict[str, dict[str, str]] | None = None,
+        live_epochs: dict[int, int] | None = None) -> pb.LeaderAndIsrRequest:
     req = pb.LeaderAndIsrRequest(controller_id=9, controller_epoch=controller_epoch, broker_epoch=broker_epoch,
-                                 partitions=list(states))
+                                 partitions=list(states), live_brokers=[] if live_epochs is None else live(live_epochs))
     for topic, config in (configs or {}).items():
         req.topic_configs_json[topic] = json.dumps(config)
     return req
@@ -95,11 +107,12 @@ def state(leader: int = 0, epoch: int = 1, isr=(0, 1), replicas=(0, 1), version:
                              isr=list(isr), replicas=list(replicas), zk_version=version)
 
 
-async def lead(s: Setup, min_isr: int = 2, **kw: Any) -> None:
+async def lead(s: Setup, min_isr: int = 2, live_epochs: dict[int, int] = EPOCHS, **kw: Any) -> None:
     st = state(**kw)
     s.store.set_state(st.topic, st.partition, PartitionStateData(st.leader, st.leader_epoch, list(st.isr), 1,
                                                                  st.zk_version))
-    resp = await s.rm.leader_and_isr(lai(st, configs={st.topic: {"min_insync_replicas": str(min_isr)}}), 0)
+    resp = await s.rm.leader_and_isr(lai(st, configs={st.topic: {"min_insync_replicas": str(min_isr)}},
+                                         live_epochs=live_epochs), 0)
     assert [r.error_code for r in resp.results] == [pb.NONE], resp
 
 
@@ -237,9 +250,10 @@ def test_acks_all_times_out_and_fails_after_shrink(setup):
         with pytest.raises(NotEnoughReplicasError):
             await rm.produce("t", 0, batch(), -1, 1000)
         # The follower comes back and catches up: expanded again.
-        release(rm.read("t", 0, 0, 1 << 20, replica_id=1, current_leader_epoch=1))
+        setup.clock.advance(ISR_PROPOSAL_INTERVAL_MS)
+        release(rm.read("t", 0, 0, 1 << 20, replica_id=1, current_leader_epoch=1, replica_epoch=EPOCHS[1]))
         assert part.isr == [0]
-        rm.read("t", 0, 2, 1 << 20, replica_id=1, current_leader_epoch=1)
+        rm.read("t", 0, 2, 1 << 20, replica_id=1, current_leader_epoch=1, replica_epoch=EPOCHS[1])
         await until(lambda: part.isr == [0, 1], 5, "the ISR expansion")
         assert setup.store.get_state("t", 0).isr == [0, 1] and part.zk_version == 2
         await rm.produce("t", 0, batch(), 1, 1000)
@@ -266,7 +280,7 @@ def test_refused_isr_write_keeps_the_isr(setup):
 def test_leadership_change_fails_parked_produce_and_fences_reads(setup):
     async def main():
         rm = setup.rm
-        await lead(setup)
+        await lead(setup, live_epochs={0: 100})
         parked = asyncio.create_task(rm.produce("t", 0, batch(), -1, 10_000))
         await until(lambda: rm.get_partition("t", 0).log.log_end_offset == 1, 5, "the append")
         resp = await rm.leader_and_isr(lai(state(leader=1, epoch=2, version=1)), 0)
@@ -432,4 +446,94 @@ def test_vanished_log_offline_standalone_refetched_in_a_cluster(tmp_path: Path):
         assert s.rm.get_partition("t", 1).log.log_end_offset == 0
         await s.rm.shutdown()
         s.close()
+    run(main)
+
+
+def test_leader_and_isr_for_a_broker_still_registering_is_retriable(setup):
+    """The controller saw our new registration before we did (a lost session, re-registering): the
+    request is refused as retriable BROKER_NOT_AVAILABLE, never as STALE_BROKER_EPOCH (which the
+    controller drops for good), and applies once the broker knows its epoch."""
+    async def main():
+        rm = setup.rm
+        for current in (-1, 100):  # registering after a lost session / the old epoch still recorded
+            resp = await rm.leader_and_isr(lai(state(), broker_epoch=105), current)
+            assert resp.error_code == pb.BROKER_NOT_AVAILABLE, resp
+            assert not rm.partitions
+        resp = await rm.leader_and_isr(lai(state(), broker_epoch=105), 105)
+        assert resp.error_code == pb.NONE and rm.get_partition("t", 0).is_leader
+        assert rm.fetchers.broker_epoch == 105  # what our follower fetches carry from now on
+        older = await rm.leader_and_isr(lai(state(), broker_epoch=100), 105)
+        assert older.error_code == pb.STALE_BROKER_EPOCH  # an earlier incarnation's request
+        stop = await rm.stop_replica(pb.StopReplicaRequest(controller_epoch=1, broker_epoch=106), 105)
+        assert stop.error_code == pb.BROKER_NOT_AVAILABLE
+    run(main)
+
+
+def test_only_a_registered_follower_at_its_current_epoch_joins_the_isr(setup):
+    """KIP-841: a caught-up follower whose fetches carry an old broker epoch, no epoch, or that is
+    not a live broker in the controller's metadata (fenced: its session is gone) is never proposed
+    for the ISR, so the controller never has to take it out again (no flapping)."""
+    async def main():
+        rm = setup.rm
+        await lead(setup, min_isr=1, isr=(0,))
+        part = rm.get_partition("t", 0)
+        await rm.produce("t", 0, batch(2), 1, 1000)
+        writes = setup.store.writes
+        for epoch in (-1, 0, EPOCHS[1] - 1, EPOCHS[1] + 1):
+            rm.read("t", 0, 2, 1 << 20, replica_id=1, current_leader_epoch=1, replica_epoch=epoch)
+            setup.clock.advance(ISR_PROPOSAL_INTERVAL_MS)
+        rm.update_broker_addresses(live({0: 100, 2: 102}))  # broker 1 fenced: not registered
+        rm.read("t", 0, 2, 1 << 20, replica_id=1, current_leader_epoch=1, replica_epoch=EPOCHS[1])
+        await asyncio.sleep(0.05)
+        assert setup.store.writes == writes and part.isr == [0]
+        rm.update_broker_addresses(live({0: 100, 1: 101, 2: 102}))  # registered again (UpdateMetadata)
+        rm.read("t", 0, 2, 1 << 20, replica_id=1, current_leader_epoch=1, replica_epoch=EPOCHS[1])
+        await until(lambda: part.isr == [0, 1], 5, "the ISR expansion")
+        assert setup.store.writes == writes + 1
+    run(main)
+
+
+def test_isr_proposals_of_a_partition_are_rate_bounded(setup):
+    """However often the ISR would change (a controller undoing each expansion), a partition
+    proposes at most once per ISR_PROPOSAL_INTERVAL_MS."""
+    async def main():
+        rm = setup.rm
+        await lead(setup, min_isr=1, isr=(0,))
+        part = rm.get_partition("t", 0)
+        writes = setup.store.writes
+        for _ in range(20):
+            rm.read("t", 0, 0, 1 << 20, replica_id=1, current_leader_epoch=1, replica_epoch=EPOCHS[1])
+            await until(lambda: not part.leader_state.isr_change_in_flight, 5, "the ISR write")
+            if part.isr == [0, 1]:  # the controller takes it out again at once (same leader epoch)
+                st = setup.store.get_state("t", 0)
+                setup.store.set_state("t", 0, PartitionStateData(0, 1, [0], 1, st.zk_version + 1))
+                await rm.leader_and_isr(lai(state(isr=(0,), version=st.zk_version + 1), live_epochs=EPOCHS), 0)
+                assert part.isr == [0]
+            setup.clock.advance(ISR_PROPOSAL_INTERVAL_MS // 10)
+        # 20 fetches over 2 intervals of the manual clock: at most 2 (+1 at the start) proposals
+        assert 1 <= setup.store.writes - writes <= 3
+    run(main)
+
+
+def test_stray_replicas_are_deleted_only_on_authoritative_metadata(setup):
+    """A replica moved off this broker while it was down (no StopReplica reached it) is deleted
+    once the controller's full view lists the partition without it; logs of partitions the view
+    does not list, or that still name this broker, stay."""
+    async def main():
+        rm = setup.rm
+        await lead(setup)
+        setup.log_manager.create_log("moved", 0)   # reassigned to brokers 1, 2 while we were down
+        setup.log_manager.create_log("moved", 1)   # still ours
+        setup.log_manager.create_log("unknown", 0)  # metadata not here yet: left alone
+        view = [state(), state(topic="moved", replicas=(1, 2), isr=(1, 2), leader=1),
+                state(topic="moved", partition=1, replicas=(2, 0), isr=(2, 0), leader=2)]
+        assert rm.remove_stray_replicas(view) == 1
+        names = {p.name for p in setup.log_manager.data_dir.iterdir()}
+        assert {"t-0", "moved-1", "unknown-0"} <= names and "moved-0" not in names
+        assert rm.get_partition("t", 0).is_leader
+        assert rm.remove_stray_replicas(view) == 0
+        # our own led replica, reassigned away (its StopReplica lost): deleted too
+        assert rm.remove_stray_replicas([state(replicas=(1, 2), isr=(1, 2), leader=1)]) == 1
+        with pytest.raises(UnknownTopicOrPartitionError):
+            rm.get_partition("t", 0)
     run(main)

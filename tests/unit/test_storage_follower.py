@@ -248,3 +248,39 @@ def test_restart_past_the_log_end(logs):
     assert follower.epochs == []
     follower.append_as_follower(stamped(batch(3), 50, 2))
     assert follower.log_end_offset == 53 and follower.epochs == [(2, 50)]
+
+
+def test_follower_log_start_follows_the_leaders(logs, tmp_path):
+    """Retention on the leader is mirrored: the follower raises its log start offset to the
+    leader's (capped at its own high watermark), deleting whole segments below it, and keeps it
+    across a reopen (Kafka's maybeIncrementLogStartOffset)."""
+    leader, follower = logs
+    for e in range(2):
+        leader.assign_epoch_start(e, leader.log_end_offset)
+        for _ in range(20):
+            leader.append(batch(5, size=50), e)
+    copy_from(leader, follower, max_bytes=700)
+    assert follower.segment_count > 3
+    leader.high_watermark = leader.log_end_offset
+    leader.update_config(LogConfig(**SMALL, retention_bytes=4096))
+    assert leader.enforce_retention() > 0
+    lso = leader.log_start_offset
+    assert lso > 0
+    follower.high_watermark = 10  # the follower has not heard the leader's HW yet: capped there
+    assert follower.advance_log_start_offset(lso) >= 0 and follower.log_start_offset == 10
+    follower.high_watermark = follower.log_end_offset
+    before = follower.segment_count
+    assert follower.advance_log_start_offset(lso) > 0
+    assert follower.log_start_offset == lso and follower.segment_count < before
+    assert follower.segments[0].base_offset <= lso
+    assert follower.epochs[0][1] == lso  # the epoch spanning the new start now starts there
+    with pytest.raises(OffsetOutOfRangeError):
+        follower.read(lso - 1, 1 << 20, follower.log_end_offset)
+    assert everything(follower) == everything(leader)[-len(everything(follower)):]
+    assert follower.advance_log_start_offset(lso - 5) == 0 and follower.log_start_offset == lso  # never back
+    follower.close()
+    reopened = open_log(tmp_path / "follower")
+    try:
+        assert reopened.log_start_offset == lso
+    finally:
+        reopened.close()
