@@ -20,8 +20,9 @@ Invariants:
 - Read-only (`read_only` set): the active segment could not be preallocated; reads, retention and
   checkpoints go on; writes retry the preallocation at most once every
   PREALLOCATE_RETRY_INTERVAL_MS and otherwise fail with StorageError, nothing changed.
-- Offline (`offline` set): an fsync, roll or truncation failed, so the data cannot be trusted;
-  nothing but close is accepted, and close writes nothing.
+- Offline (`offline` set): an fsync, roll, truncation or segment deletion failed, so the data
+  cannot be trusted: writes, retention, epoch changes and checkpoints are refused (reads only
+  check that the log is open), and close writes nothing.
 """
 
 from __future__ import annotations
