@@ -62,10 +62,10 @@ from typing import Any, NamedTuple
 
 import grpc
 
+from logbroker.client.call_errors import rpc_error
 from logbroker.client.coordinator import CoordinatorClient, Heartbeater
 from logbroker.client.group_member import ASSIGNORS, GroupMember, MemberState
 from logbroker.client.metadata_cache import LogThrottle, MetadataCache, metadata_for
-from logbroker.client.producer import rpc_error
 from logbroker.client.waker import Waker
 from logbroker.errors import (
     BrokerError,

@@ -22,9 +22,9 @@ from typing import Any
 
 import grpc
 
+from logbroker.client.call_errors import rpc_error
 from logbroker.client.group_member import GroupMember, HeartbeatRequest, HeartbeatResponse, MemberState
 from logbroker.client.metadata_cache import LogThrottle, MetadataCache, broker_address
-from logbroker.client.producer import rpc_error
 from logbroker.errors import (
     BrokerError,
     BrokerUnavailableError,

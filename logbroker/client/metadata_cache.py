@@ -47,6 +47,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from logbroker.client.call_errors import rpc_error_text
 from logbroker.client.streams import FETCH_STREAM, PRODUCE_STREAM, BrokerStreams
 from logbroker.errors import (
     BrokerUnavailableError,
@@ -133,18 +134,6 @@ class LogThrottle:
             self._log.warning(msg, *args)
         else:
             self._log.debug(msg, *args)
-
-
-def rpc_error_text(e: BaseException) -> str:
-    """One line for a gRPC error: its status code and details (str() of one spans 5 lines)."""
-    code = getattr(e, "code", None)
-    details = getattr(e, "details", None)
-    if callable(code) and callable(details):
-        try:
-            return f"{code().name}: {details()}"
-        except Exception:  # a partially built error
-            pass
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def parse_bootstrap(bootstrap: str | Sequence[str]) -> list[str]:

@@ -60,16 +60,15 @@ from typing import Any, NamedTuple
 
 import grpc
 
-from logbroker.client.metadata_cache import LogThrottle, MetadataCache, metadata_for, rpc_error_text
-from logbroker.client.wire_connection import READER_THREAD
+from logbroker.client.call_errors import is_retriable, needs_metadata, rpc_error
+from logbroker.client.metadata_cache import LogThrottle, MetadataCache, metadata_for
+from logbroker.client.transport import on_reader_thread
 from logbroker.cluster.hashing import partition_for_key
 from logbroker.errors import (
     BrokerUnavailableError,
     KafkaTimeoutError,
     LogbrokerError,
     MessageTooLargeError,
-    RecordListTooLargeError,
-    RequestTimedOutError,
     UnknownServerError,
     UnknownTopicOrPartitionError,
     error_for,
@@ -497,28 +496,6 @@ def retry_backoff_s(attempts: int, retry_backoff_ms: int) -> float:
     """Exponential backoff: retry_backoff_ms * 2**(attempts-1), at most RETRY_BACKOFF_MAX_MS (or the base)."""
     cap = max(retry_backoff_ms, RETRY_BACKOFF_MAX_MS)
     return min(cap, retry_backoff_ms * (1 << min(max(attempts - 1, 0), 20))) / 1000
-
-
-def rpc_error(e: grpc.RpcError) -> LogbrokerError:
-    """A whole-call gRPC failure as the error each batch in it gets."""
-    code = e.code() if hasattr(e, "code") else None
-    details = e.details() if hasattr(e, "details") else rpc_error_text(e)
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
-        # CANCELLED: the broker stopped (e.g. a controlled shutdown) with the call in flight
-        return BrokerUnavailableError(f"broker unavailable: {details}")
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return RequestTimedOutError(f"request timed out: {details}")
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return RecordListTooLargeError(f"request rejected: {details}")
-    return UnknownServerError(f"{code}: {details}")
-
-
-def is_retriable(err: BaseException) -> bool:
-    return bool(getattr(err, "retriable", False))
-
-
-def needs_metadata(err: BaseException) -> bool:
-    return bool(getattr(err, "refresh_metadata", False)) or isinstance(err, BrokerUnavailableError)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1081,7 +1058,7 @@ class Producer:
         block on a write): that one, or the sender woken here, then takes our batch. The sender is also
         woken when what is left needs it at a time it does not know (a metadata refresh, a backoff).
         """
-        if getattr(READER_THREAD, "active", False) or not self._ship_lock.acquire(blocking=False):
+        if on_reader_thread() or not self._ship_lock.acquire(blocking=False):
             with self._lock:  # a send() from a completion callback, or another thread is shipping
                 if self._sender_waiting:
                     self._sender_cond.notify()
@@ -1399,5 +1376,5 @@ class _FailedCall:
 
 __all__ = [
     "FutureRecordMetadata", "FutureRecordsMetadata", "FutureTimeoutError", "Producer", "RecordMetadata",
-    "failed_future", "failed_records_future",
+    "failed_future", "failed_records_future", "is_retriable", "needs_metadata", "rpc_error",
 ]
