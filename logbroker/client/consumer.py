@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import re
 import threading
 import time
@@ -353,6 +354,7 @@ class Consumer:
             self._member = GroupMember(
                 self._group, uuid.uuid4().hex, assignor=self._assignor, session_timeout_ms=self._session_timeout_ms,
                 rebalance_timeout_ms=self._rebalance_timeout_ms, retry_backoff_ms=self._retry_backoff_ms,
+                rng=random.Random(),  # jitter on the heartbeat backoff
             )
             self._heartbeater = Heartbeater(
                 self._member, self._member_lock, self._coordinator, self._metadata, self._on_member_change,
