@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 
@@ -39,3 +40,11 @@ class ManualClock:
 
 
 SYSTEM_CLOCK = SystemClock()
+
+
+def monotonic_s(clock: Clock | None) -> Callable[[], float]:
+    """`clock`'s monotonic time in float seconds, for code that counts in seconds. For the system
+    clock (None or SYSTEM_CLOCK) it is `time.monotonic` itself: full resolution, no added call."""
+    if clock is None or isinstance(clock, SystemClock):
+        return time.monotonic
+    return lambda: clock.monotonic_ms() / 1000

@@ -20,9 +20,9 @@ from typing import Any, TypeVar
 
 import grpc
 
+from logbroker.client.call_errors import rpc_error, rpc_error_text
 from logbroker.client.coordinator import CoordinatorClient
-from logbroker.client.metadata_cache import MetadataCache, metadata_for, rpc_error_text
-from logbroker.client.producer import rpc_error
+from logbroker.client.metadata_cache import MetadataCache, metadata_for
 from logbroker.errors import (
     BrokerError,
     BrokerUnavailableError,

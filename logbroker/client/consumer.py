@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import re
 import threading
 import time
@@ -62,10 +63,10 @@ from typing import Any, NamedTuple
 
 import grpc
 
+from logbroker.client.call_errors import rpc_error
 from logbroker.client.coordinator import CoordinatorClient, Heartbeater
 from logbroker.client.group_member import ASSIGNORS, GroupMember, MemberState
 from logbroker.client.metadata_cache import LogThrottle, MetadataCache, metadata_for
-from logbroker.client.producer import rpc_error
 from logbroker.client.waker import Waker
 from logbroker.errors import (
     BrokerError,
@@ -353,6 +354,7 @@ class Consumer:
             self._member = GroupMember(
                 self._group, uuid.uuid4().hex, assignor=self._assignor, session_timeout_ms=self._session_timeout_ms,
                 rebalance_timeout_ms=self._rebalance_timeout_ms, retry_backoff_ms=self._retry_backoff_ms,
+                rng=random.Random(),  # jitter on the heartbeat backoff
             )
             self._heartbeater = Heartbeater(
                 self._member, self._member_lock, self._coordinator, self._metadata, self._on_member_change,

@@ -22,9 +22,10 @@ from typing import Any
 
 import grpc
 
+from logbroker.client.backoff import client_retry_policy
+from logbroker.client.call_errors import rpc_error
 from logbroker.client.group_member import GroupMember, HeartbeatRequest, HeartbeatResponse, MemberState
 from logbroker.client.metadata_cache import LogThrottle, MetadataCache, broker_address
-from logbroker.client.producer import rpc_error
 from logbroker.errors import (
     BrokerError,
     BrokerUnavailableError,
@@ -33,6 +34,7 @@ from logbroker.errors import (
     RequestTimedOutError,
     error_for,
 )
+from logbroker.retry import Backoff
 from logbroker.v1 import logbroker_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -51,7 +53,8 @@ class CoordinatorClient:
         self.group = group
         self._metadata = metadata
         self._request_timeout_s = request_timeout_s
-        self._retry_backoff_s = retry_backoff_s
+        # the waits between FindCoordinator / call rounds: retry_backoff doubling to 1 s, with jitter
+        self._retry_policy = client_retry_policy(round(retry_backoff_s * 1000))
         self._lock = threading.Lock()
         self._address: str | None = None
         self._log = LogThrottle(log)
@@ -75,6 +78,7 @@ class CoordinatorClient:
         if addr is not None:
             return addr
         last: LogbrokerError | None = None
+        backoff = self._retry_policy.start()
         while True:
             try:
                 addr = self._find(min(self._request_timeout_s, max(deadline - time.monotonic(), 1.0)))
@@ -86,9 +90,10 @@ class CoordinatorClient:
                 with self._lock:
                     self._address = addr
                 return addr
-            if time.monotonic() + self._retry_backoff_s >= deadline:
+            wait_s = _retry_wait(backoff, deadline)
+            if wait_s is None:
                 raise last
-            time.sleep(self._retry_backoff_s)
+            time.sleep(wait_s)
 
     def _find(self, timeout_s: float) -> str:
         """One FindCoordinator round over the known brokers (the first that answers decides)."""
@@ -126,6 +131,7 @@ class CoordinatorClient:
         error code is the caller's to read. Raises the last error when time runs out.
         """
         attempt = 0
+        backoff = self._retry_policy.start()
         while True:
             attempt += 1
             addr: str | None = None
@@ -151,10 +157,19 @@ class CoordinatorClient:
                 err = error_for(code, resp.error_message)
                 if code in _FIND_AGAIN:
                     self.invalidate(addr)
-            if time.monotonic() + self._retry_backoff_s >= deadline:
+            wait_s = _retry_wait(backoff, deadline)
+            if wait_s is None:
                 raise err
             self._log.warning(f"{method} {self.group}", "%s for group %s: %s (retrying)", method, self.group, err)
-            time.sleep(self._retry_backoff_s)
+            time.sleep(wait_s)
+
+
+def _retry_wait(backoff: Backoff, deadline: float) -> float | None:
+    """The wait before the next round, in seconds; None when it would reach `deadline` (time.monotonic)."""
+    wait_ms = backoff.failed()
+    if wait_ms is None or time.monotonic() + wait_ms / 1000 >= deadline:
+        return None
+    return wait_ms / 1000
 
 
 def heartbeat_request(group: str, req: HeartbeatRequest) -> pb.ConsumerGroupHeartbeatRequest:

@@ -46,23 +46,25 @@ States (`MemberState`) and transitions::
 Heartbeat timing: one heartbeat in flight at a time. The next one is due heartbeat_interval_ms (from
 the last response) after a response; at once after owned or the subscription changed (a revocation
 must reach the coordinator promptly: the new owner waits for it); after a failure, retry_backoff_ms
-doubled per consecutive failure up to RETRY_BACKOFF_MAX_MS. Every heartbeat carries owned; the
+doubled per consecutive failure up to 1 s, less up to 20 % jitter (client/backoff.py; the jitter's random source is injected). Every heartbeat carries owned; the
 subscription goes with the join and whenever it changed.
 """
 
 from __future__ import annotations
 
 import enum
+import random
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from logbroker.client.backoff import CLIENT_RETRY_JITTER, client_retry_policy
+from logbroker.client.backoff import RETRY_BACKOFF_MAX_MS as RETRY_BACKOFF_MAX_MS  # re-exported
 from logbroker.errors import BrokerError, FencedMemberEpochError, LogbrokerError, UnknownMemberIdError
 
 TopicPartition = tuple[str, int]
 
 JOIN_EPOCH = 0
 LEAVE_EPOCH = -1
-RETRY_BACKOFF_MAX_MS = 1_000
 HEARTBEAT_INTERVAL_DEFAULT_MS = 500  # until the coordinator says otherwise
 ASSIGNORS = ("range", "roundrobin", "sticky")
 
@@ -123,6 +125,7 @@ class GroupMember:
         session_timeout_ms: int = 0,
         rebalance_timeout_ms: int = 0,
         retry_backoff_ms: int = 100,
+        rng: random.Random | None = None,
     ) -> None:
         if not group_id:
             raise ValueError("group id must not be empty")
@@ -138,6 +141,10 @@ class GroupMember:
         self._session_timeout_ms = session_timeout_ms
         self._rebalance_timeout_ms = rebalance_timeout_ms
         self._retry_backoff_ms = retry_backoff_ms
+        # Unbounded attempts: a member keeps trying. Jitter only with an injected random source (the
+        # consumer gives one), so the state machine stays pure and deterministic without it.
+        self._retry_policy = client_retry_policy(retry_backoff_ms, jitter=CLIENT_RETRY_JITTER if rng else 0.0)
+        self._rng = rng
         self._state = MemberState.UNSUBSCRIBED
         self._epoch = JOIN_EPOCH
         self._topics: tuple[str, ...] = ()
@@ -419,5 +426,5 @@ class GroupMember:
 
     def _backoff(self, now_ms: int) -> None:
         self._failures += 1
-        delay = min(self._retry_backoff_ms * (1 << min(self._failures - 1, 16)), RETRY_BACKOFF_MAX_MS)
-        self._due_ms = now_ms + delay
+        delay = self._retry_policy.delay_ms(self._failures, self._rng)
+        self._due_ms = now_ms + (delay or 0)  # no attempt bound: never None

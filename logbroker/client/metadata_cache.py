@@ -47,6 +47,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from logbroker.client.backoff import client_retry_policy
+from logbroker.client.call_errors import rpc_error_text
 from logbroker.client.streams import FETCH_STREAM, PRODUCE_STREAM, BrokerStreams
 from logbroker.errors import (
     BrokerUnavailableError,
@@ -135,18 +137,6 @@ class LogThrottle:
             self._log.debug(msg, *args)
 
 
-def rpc_error_text(e: BaseException) -> str:
-    """One line for a gRPC error: its status code and details (str() of one spans 5 lines)."""
-    code = getattr(e, "code", None)
-    details = getattr(e, "details", None)
-    if callable(code) and callable(details):
-        try:
-            return f"{code().name}: {details()}"
-        except Exception:  # a partially built error
-            pass
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
-
-
 def parse_bootstrap(bootstrap: str | Sequence[str]) -> list[str]:
     """"host:port[,host:port]" or a list of them -> a list of "host:port" (order kept, no duplicates)."""
     items = bootstrap.split(",") if isinstance(bootstrap, str) else list(bootstrap)
@@ -206,7 +196,7 @@ class MetadataCache:
         self._bootstrap = parse_bootstrap(bootstrap)
         self._request_timeout_s = request_timeout_ms / 1000
         self._retries = retries
-        self._retry_backoff_s = retry_backoff_ms / 1000
+        self._retry_backoff_ms = retry_backoff_ms
         self._channel_options = list(channel_options if channel_options is not None else CHANNEL_OPTIONS)
         self._lock = threading.Lock()
         self._refresh_lock = threading.Lock()
@@ -414,9 +404,10 @@ class MetadataCache:
         """
         request = pb.MetadataRequest(topics=list(topics or ()))
         last: Exception | None = None
+        backoff = client_retry_policy(self._retry_backoff_ms, self._retries).start()
         for attempt in range(self._retries + 1 if retry else 1):
             if attempt:
-                time.sleep(self._retry_backoff_s * (2 ** (attempt - 1)))
+                time.sleep((backoff.failed() or 0) / 1000)
             for addr in self.candidate_addresses():
                 try:
                     return self.broker_stub(addr).Metadata(request, timeout=self._request_timeout_s), addr

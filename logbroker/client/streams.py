@@ -36,24 +36,30 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 from google.protobuf.message import Message
 
 from logbroker import wire
+from logbroker.client.transport import (
+    STREAM_PENDING_MAX,
+    Connection,
+    Key,
+    StreamError,
+    StreamFuture,
+    fail_pending,
+    mark_reader_thread,
+)
+from logbroker.client.wire_connection import WireConnection
 
-if TYPE_CHECKING:
-    from logbroker.client.wire_connection import WireConnection
+__all__ = ["FETCH_STREAM", "PRODUCE_STREAM", "STREAM_PENDING_MAX", "BrokerStreams", "StreamError", "StreamFuture",
+           "fail_pending"]
 
 log = logging.getLogger(__name__)
 
 PRODUCE_STREAM = "/logbroker.v1.Broker/ProduceStream"
 FETCH_STREAM = "/logbroker.v1.Broker/FetchStream"
-# Requests pending on one stream; send() beyond it fails at once with a retriable UNAVAILABLE (not
-# RESOURCE_EXHAUSTED, which producers take as a final "request too large"): the callers bound their
-# in-flight requests far below it.
-STREAM_PENDING_MAX = 1024
 # Connecting happens in the calling thread (a send() with linger_ms=0, a poll()): a filtered data port
 # costs it at most this, once per WIRE_RETRY_AFTER_S; loopback and LAN connects take well under 1 ms.
 WIRE_CONNECT_TIMEOUT_S = 1.0
@@ -63,77 +69,10 @@ UNREAD_RECHECK_S = 1.0
 WIRE_RETRY_AFTER_S = 30.0
 
 
-class StreamError(grpc.RpcError):
-    """A stream's failure, as each request pending on it sees it (code() and details() as grpc's)."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(f"{code.name}: {details}")
-        self._code = code
-        self._details = details
-
-    def code(self) -> grpc.StatusCode:
-        return self._code
-
-    def details(self) -> str:
-        return self._details
-
-
-class StreamFuture:
-    """The outcome of one request on a stream; the subset of grpc.Future the clients use."""
-
-    __slots__ = ("_callbacks", "_done", "_error", "_lock", "_response", "connection", "deadline", "request")
-
-    def __init__(self, request: Message, deadline: float) -> None:
-        self.request: Message | None = request  # kept for a unary re-send; dropped once done
-        self.deadline = deadline
-        self.connection: Any = None  # an inline WireConnection whose pump() completes this future
-        self._lock = threading.Lock()
-        self._done = threading.Event()
-        self._response: Any = None
-        self._error: grpc.RpcError | None = None
-        self._callbacks: list[Callable[[StreamFuture], object]] = []
-
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def result(self, timeout: float | None = None) -> Any:
-        if not self._done.wait(timeout):
-            raise grpc.FutureTimeoutError()
-        if self._error is not None:
-            raise self._error
-        return self._response
-
-    def cancel(self) -> bool:
-        """Stop waiting for the response (the stream stays open; the response is dropped)."""
-        self.complete(None, StreamError(grpc.StatusCode.CANCELLED, "cancelled"))
-        return True
-
-    def add_done_callback(self, fn: Callable[[StreamFuture], object]) -> None:
-        with self._lock:
-            if not self._done.is_set():
-                self._callbacks.append(fn)
-                return
-        fn(self)
-
-    def complete(self, response: Any, error: grpc.RpcError | None) -> None:
-        with self._lock:
-            if self._done.is_set():
-                return
-            self._response, self._error = response, error
-            self.request = None
-            self._done.set()
-            callbacks, self._callbacks = self._callbacks, []
-        for fn in callbacks:
-            try:
-                fn(self)
-            except Exception:
-                log.exception("stream future callback failed")
-
-
 class _Stream:
     """One open bidirectional call; requests answered in order."""
 
-    def __init__(self, owner: BrokerStreams, key: tuple[str, str, int], channel: grpc.Channel,
+    def __init__(self, owner: BrokerStreams, key: Key, channel: grpc.Channel,
                  response_cls: type[Message]) -> None:
         self._owner = owner
         self.key = key
@@ -182,9 +121,7 @@ class _Stream:
             yield request
 
     def _read(self) -> None:
-        from logbroker.client.wire_connection import READER_THREAD
-
-        READER_THREAD.active = True  # as a record-transport reader: callbacks here must not block on a write
+        mark_reader_thread()  # callbacks run here: they must not block on a socket write
         try:
             for response in self._call:
                 with self._lock:
@@ -224,23 +161,6 @@ class _Stream:
         fail_pending(failed, error, head_only, "stream")
 
 
-def fail_pending(failed: list[StreamFuture], error: StreamError, head_only: bool, what: str) -> None:
-    """Fail the requests a stream or connection had pending when it ended with `error`.
-
-    `head_only`: `error` is the oldest one's own outcome; the ones behind it fail with a retriable
-    UNAVAILABLE (the broker may or may not have handled them; a producer's retry is then what it is
-    after any lost response)."""
-    if head_only and failed and error.code() != grpc.StatusCode.UNAVAILABLE:
-        failed[0].complete(None, error)
-        behind = StreamError(grpc.StatusCode.UNAVAILABLE,
-                             f"{what} ended by an earlier request ({error.code().name}: {error.details()})")
-        for fut in failed[1:]:
-            fut.complete(None, behind)
-        return
-    for fut in failed:
-        fut.complete(None, error)
-
-
 def _serialize(message: Message) -> bytes:
     return message.SerializeToString()
 
@@ -260,7 +180,7 @@ class BrokerStreams:
         self._wire_refused: dict[tuple[str, int], float] = {}
         self.inline = inline  # record-transport connections read by pump() (the consumer's poll thread)
         self._lock = threading.Condition()
-        self._streams: dict[tuple[str, str, int], _Stream | WireConnection] = {}
+        self._streams: dict[Key, _Stream | WireConnection] = {}
         self._unary_only: set[str] = set()  # addresses that answered UNIMPLEMENTED
         self._watchdog: threading.Thread | None = None
         self._watch_at: float | None = None  # when the watchdog wakes (None: idle or not started)
@@ -317,7 +237,7 @@ class BrokerStreams:
                 return fut
         return _failed(request, grpc.StatusCode.UNAVAILABLE, f"the stream to {address} keeps closing")
 
-    def _wire_target(self, key: tuple[str, str, int]) -> tuple[str, int] | None:
+    def _wire_target(self, key: Key) -> tuple[str, int] | None:
         """(host, data port) for `key`'s requests when its broker advertises the record transport
         (never for a gRPC-only lane, lane < 0: see send())."""
         if key[0] not in _WIRE_APIS or self._wire_address_for is None or key[2] < 0:
@@ -342,11 +262,9 @@ class BrokerStreams:
         stream.fail(StreamError(grpc.StatusCode.UNAVAILABLE, "replaced by the record transport"))
         return conn
 
-    def _open_wire(self, key: tuple[str, str, int], response_cls: type[Message],
+    def _open_wire(self, key: Key, response_cls: type[Message],
                    timeout_s: float) -> WireConnection | None:
         """A record-transport connection for `key` when its broker has one (else None: a gRPC stream)."""
-        from logbroker.client.wire_connection import WireConnection
-
         method, address, _ = key
         api = _WIRE_APIS.get(method)
         target = self._wire_target(key)
@@ -366,22 +284,21 @@ class BrokerStreams:
                         "for %.0f s", address, target[0], target[1], e, WIRE_RETRY_AFTER_S)
             return None
 
-    def forget(self, stream: _Stream | WireConnection, error: StreamError) -> None:
+    def forget(self, stream: Connection, error: StreamError) -> None:
         with self._lock:
             if self._streams.get(stream.key) is stream:
                 del self._streams[stream.key]
-            target = getattr(stream, "target", None)
-            if (target is not None and stream.answers == 0  # type: ignore[union-attr]
+            if (isinstance(stream, WireConnection) and stream.answers == 0
                     and error.code() == grpc.StatusCode.UNAVAILABLE):
                 # closed before any answer (a broker at its connection limit resets new ones): like a
                 # refused connect, gRPC streams for a while instead of reconnecting at once
-                self._wire_refused[target] = time.monotonic() + WIRE_RETRY_AFTER_S
+                self._wire_refused[stream.target] = time.monotonic() + WIRE_RETRY_AFTER_S
             if error.code() == grpc.StatusCode.UNIMPLEMENTED:
                 if stream.key[1] not in self._unary_only:
                     log.info("broker %s has no stream methods: using unary calls", stream.key[1])
                 self._unary_only.add(stream.key[1])
 
-    def resend_unary(self, key: tuple[str, str, int], failed: list[StreamFuture]) -> bool:
+    def resend_unary(self, key: Key, failed: list[StreamFuture]) -> bool:
         """Re-send the requests of a stream the broker does not implement as unary calls."""
         method, address, _ = key
         try:

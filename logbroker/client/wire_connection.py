@@ -25,23 +25,22 @@ import socket
 import threading
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import grpc
 from google.protobuf.message import DecodeError, Message
 
 from logbroker import wire
-from logbroker.client.streams import STREAM_PENDING_MAX, StreamError, StreamFuture, fail_pending
-
-if TYPE_CHECKING:
-    from logbroker.client.streams import BrokerStreams
+from logbroker.client.transport import (
+    STREAM_PENDING_MAX,
+    ConnectionOwner,
+    Key,
+    StreamError,
+    StreamFuture,
+    fail_pending,
+    mark_reader_thread,
+)
 
 log = logging.getLogger(__name__)
-
-# Set in reader threads, whose callbacks complete futures: code that may block writing a socket (a
-# producer shipping inline) checks it and leaves the work to its own thread instead. A reader blocked
-# in a write stops reading responses, and the broker then stops reading requests: a deadlock.
-READER_THREAD = threading.local()
 
 # Responses up to this size are read with the header in one recv() into the reusable buffer.
 READ_BUFFER_BYTES = 256 << 10
@@ -69,9 +68,9 @@ class _Ended(Exception):
 
 
 class WireConnection:
-    """One connection; requests answered in order. Same interface as streams._Stream."""
+    """One connection; requests answered in order. A transport.Connection, as streams._Stream is."""
 
-    def __init__(self, owner: BrokerStreams, key: tuple[str, str, int], address: tuple[str, int], api: int,
+    def __init__(self, owner: ConnectionOwner, key: Key, address: tuple[str, int], api: int,
                  response_cls: type[Message], connect_timeout_s: float,
                  arm: Callable[[float], None], inline: bool = False) -> None:
         self._owner = owner
@@ -226,7 +225,7 @@ class WireConnection:
             fut.complete(None, StreamError(wire.status_code(status), bytes(body).decode("utf-8", "replace")))
 
     def _read(self) -> None:
-        READER_THREAD.active = True  # callbacks run here: they must not block on a socket write
+        mark_reader_thread()  # callbacks run here: they must not block on a socket write
         try:
             while True:
                 self._deliver(*self._read_frame())

@@ -21,13 +21,13 @@ pytestmark = pytest.mark.timeout(120)
 
 def record_shipping_threads(p: Producer, into: list[str]) -> None:
     """Note the name of the thread behind every Produce request `p` sends."""
-    original = p._send_request
+    original = p._sender._send_request
 
     def recording(address, batches):
         into.append(threading.current_thread().name)
         return original(address, batches)
 
-    p._send_request = recording  # type: ignore[method-assign]
+    p._sender._send_request = recording  # type: ignore[method-assign]
 
 
 def test_linger_zero_ships_from_the_calling_thread(broker, admin):

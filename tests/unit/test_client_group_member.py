@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from logbroker.client.group_member import (
@@ -415,3 +417,33 @@ def test_the_groups_session_timeout_wins_and_a_hanging_heartbeat_does_not_delay_
     assert rec is not None and rec.lost and rec.revoke == {A0}
     h.answer(1, (A0,))  # the late answer to the hanging heartbeat changes nothing
     assert h.m.state is MemberState.FENCED
+
+
+class _Fixed(random.Random):
+    """A random source that always draws `u`."""
+
+    def __init__(self, u: float) -> None:
+        super().__init__(0)
+        self.u = u
+
+    def random(self) -> float:
+        return self.u
+
+
+def test_failure_backoff_doubles_to_a_cap_and_jitter_only_shortens_it():
+    def waits(u: float) -> list[int]:
+        m = GroupMember("g", "me", retry_backoff_ms=100, rng=_Fixed(u))
+        clock = ManualClock()
+        m.subscribe(["a"], "", clock.monotonic_ms())
+        out = []
+        for _ in range(6):
+            assert m.next_heartbeat(clock.monotonic_ms()) is not None
+            m.on_failure(NotCoordinatorError("moved"), clock.monotonic_ms())
+            due = m.wakeup_ms()
+            assert due is not None
+            out.append(due - clock.monotonic_ms())
+            clock.advance(due - clock.monotonic_ms())
+        return out
+
+    assert waits(0.0) == [100, 200, 400, 800, 1000, 1000]
+    assert waits(0.999) == [80, 160, 320, 640, 800, 800]  # jitter 0.2: down to 80 % of the wait

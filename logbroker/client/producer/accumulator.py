@@ -1,0 +1,320 @@
+"""The record accumulator (Kafka's `RecordAccumulator`): per-partition batches that `send()` and
+`send_many()` fill, the buffer memory they are charged against, and `drain()`, which picks the
+batches ready to ship per leader.
+
+    send() ──> PartitionBatches.open (a BatchBuilder) ──sealed──> .queue ──> drain(now) ──> Sender
+
+A batch is ready when it is full or sealed, when linger_ms has passed since it was opened, or at once
+while flush() or close() wait or buffer memory is exhausted; it waits while its partition has a
+request in flight (muted), its leader is unknown, its leader has max_in_flight_requests out, or it
+backs off after a failure. `drain` also expires batches older than delivery_timeout_ms.
+
+Everything here happens under `_lock`, which the Sender and the Producer share (one lock, as the
+hot path takes it once per send()). Time comes from the injected clock (seconds, monotonic).
+`Producer` extends this class, so send() appends with no call in between (a method call per record
+costs about a quarter of send()).
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Sequence
+
+from logbroker.client.metadata_cache import MetadataCache
+from logbroker.client.producer.batch import PartitionBatches, ProducerBatch, TopicState
+from logbroker.client.producer.future import _BatchResult
+from logbroker.clock import Clock, monotonic_s
+from logbroker.errors import KafkaTimeoutError, LogbrokerError, UnknownTopicOrPartitionError
+from logbroker.storage.record_batch import HEADER_SIZE, BatchBuilder
+
+# Room kept in a request for its protobuf framing (per partition: topic, partition, tags).
+REQUEST_OVERHEAD_BYTES = 1024
+
+Requests = list[tuple[str, list[ProducerBatch]]]
+
+
+class RecordAccumulator:
+    """Batches per partition, the buffer memory they hold, and which of them are ready."""
+
+    def __init__(
+        self, metadata: MetadataCache, *, linger_ms: int, batch_size_bytes: int, max_request_bytes: int,
+        delivery_timeout_ms: int, buffer_memory_bytes: int, max_block_ms: int, compression: int,
+        max_in_flight_requests: int, metadata_max_age_ms: int, clock: Clock | None = None,
+    ) -> None:
+        self._metadata = metadata
+        self._monotonic = monotonic_s(clock)
+        self._linger_s = linger_ms / 1000
+        self._batch_size_bytes = batch_size_bytes
+        self._max_request_bytes = max_request_bytes
+        self._delivery_timeout_s = delivery_timeout_ms / 1000
+        self._buffer_memory_bytes = buffer_memory_bytes
+        self._max_block_s = max_block_ms / 1000
+        self._compression = compression
+        self._max_in_flight = max_in_flight_requests
+        self._metadata_max_age_s = metadata_max_age_ms / 1000
+        self._lock = threading.Lock()
+        self._sender_cond = threading.Condition(self._lock)  # wakes the sender thread
+        self._space_cond = threading.Condition(self._lock)  # wakes send() blocked on buffer memory
+        self._topics: dict[str, TopicState] = {}
+        self._pending: dict[PartitionBatches, None] = {}  # partitions with open, queued or in-flight batches
+        self._incomplete: dict[ProducerBatch, None] = {}
+        self._in_flight_per_broker: dict[str, int] = {}
+        self._buffered_bytes = 0
+        self._buffer_waiters = 0
+        self._flushing = 0
+        self._sender_waiting = False
+        self._sender_wake_at: float | None = None  # when the waiting sender wakes on its own (None: never)
+        # linger_ms=0: the thread that queued a batch ships it itself (Sender.ship_inline); it tells
+        # the sender when it must.
+        self._ship_inline_enabled = linger_ms == 0
+        self._closed = False  # no more send()
+        self._refresh_topics: set[str] = set()
+        self._metadata_retry_at = 0.0
+
+    def append_records(
+        self, ts: TopicState, partition: int | None, keys: Sequence[bytes | None] | None,
+        values: Sequence[bytes | None], lens: list[int], timestamp_ms: int, hdrs: list[tuple[str, bytes | None]] | None,
+        per_record: int, segments: list[tuple[_BatchResult, int, int]],
+    ) -> None:
+        """Append checked records to `partition`'s batches (None: the sticky partition's), one batch
+        per step, each step under _lock; appends (batch result, first delta, count) to `segments`.
+
+        A record's buffer charge is `send`'s upper bound, per_record + lens[i] (its key and value
+        bytes). A step takes at most what the free buffer memory surely holds (all of the rest, or
+        as many records as the largest fits), and waits for room first when not even that fits.
+        """
+        n = len(values)
+        largest = per_record + max(lens)
+        memory = self._buffer_memory_bytes
+        total = per_record * n + sum(lens)  # the charge of the records not yet appended
+        # No batch holds more records than this (one is >= 7 bytes beyond its key and value): a step
+        # slices no more of a long call than that.
+        step_max = (self._batch_size_bytes - HEADER_SIZE) // (7 + min(lens)) + 1
+        i = 0
+        lock = self._lock
+        while i < n:
+            with lock:
+                if self._closed:
+                    raise LogbrokerError(f"send_many() after close() ({i} of {n} records queued)")
+                free = memory - self._buffered_bytes
+                if free < total and free < largest:
+                    try:
+                        self._wait_for_buffer(largest)
+                    except KafkaTimeoutError as e:
+                        raise KafkaTimeoutError(f"{e}: {i} of {n} records queued") from None
+                    free = memory - self._buffered_bytes
+                stop = min(n, i + step_max) if free >= total else min(n, i + step_max, i + max(1, free // largest))
+                if i or stop < n:
+                    k_part = None if keys is None else keys[i:stop]
+                    v_part = values[i:stop]
+                else:
+                    k_part, v_part = keys, values
+                if partition is None:
+                    acc = ts.accs[ts.sticky]
+                    b = acc.open
+                    added = 0 if b is None else b.builder.append_many(  # type: ignore[union-attr]
+                        timestamp_ms, k_part, v_part, hdrs)
+                    if added == 0:  # the sticky batch filled up or shipped: as send() does
+                        acc = ts.accs[self._next_sticky(ts)]
+                        b = acc.open
+                        if b is not None:
+                            added = b.builder.append_many(timestamp_ms, k_part, v_part, hdrs)  # type: ignore[union-attr]
+                else:
+                    acc = ts.accs[partition]
+                    b = acc.open
+                    added = 0 if b is None else b.builder.append_many(  # type: ignore[union-attr]
+                        timestamp_ms, k_part, v_part, hdrs)
+                if added == 0:
+                    b = self._new_batch(acc, timestamp_ms)
+                    added = b.builder.append_many(timestamp_ms, k_part, v_part, hdrs)  # type: ignore[union-attr]
+                assert b is not None
+                j = i + added
+                charge = total if j == n else per_record * added + sum(lens[i:j])
+                b.charged += charge
+                self._buffered_bytes += charge
+                total -= charge
+                segments.append((b.result, b.builder.record_count - added, added))  # type: ignore[union-attr]
+                i = j
+
+    def _next_sticky(self, ts: TopicState) -> int:
+        """A new sticky partition for null-key records, preferring partitions with a leader."""
+        n = ts.partitions
+        if n == 1:
+            return 0
+        cur = ts.sticky
+        p = cur
+        for _ in range(4):
+            p = random.randrange(n - 1)
+            if p >= cur:
+                p += 1
+            try:
+                if self._metadata.leader(ts.name, p) is not None:
+                    break
+            except UnknownTopicOrPartitionError:
+                break
+        ts.sticky = p
+        return p
+
+    def _new_batch(self, acc: PartitionBatches, timestamp_ms: int) -> ProducerBatch:
+        """Seal acc's open batch (if any) and open a new one. Called with _lock held."""
+        old = acc.open
+        if old is not None:
+            old.record_count = old.builder.record_count  # type: ignore[union-attr]
+            acc.queue.append(old)
+        now = self._monotonic()
+        builder = BatchBuilder(timestamp_ms, self._compression, self._batch_size_bytes)
+        b = ProducerBatch(acc, builder, now, now + self._delivery_timeout_s)
+        acc.open = b
+        self._incomplete[b] = None
+        self._pending[acc] = None
+        if self._sender_waiting and not self._ship_inline_enabled:  # inline: _ship_inline() tells it if needed
+            self._sender_cond.notify()
+        return b
+
+    def _wait_for_buffer(self, size: int) -> None:
+        """Block (with _lock held) until `size` bytes fit in buffer_memory_bytes, or max_block_ms."""
+        deadline = self._monotonic() + self._max_block_s
+        self._buffer_waiters += 1
+        try:
+            self._sender_cond.notify()  # an exhausted buffer makes every batch ready
+            while self._buffered_bytes + size > self._buffer_memory_bytes and self._buffered_bytes > 0:
+                if self._closed:
+                    raise LogbrokerError("send() after close()")
+                remaining = deadline - self._monotonic()
+                if remaining <= 0:
+                    raise KafkaTimeoutError(
+                        f"buffer_memory_bytes ({self._buffer_memory_bytes}) full for {self._max_block_s * 1000:.0f} ms"
+                    )
+                self._space_cond.wait(remaining)
+        finally:
+            self._buffer_waiters -= 1
+
+    # -- flush / close -----------------------------------------------------------------------
+    def drain(self, now: float) -> tuple[Requests, list[ProducerBatch], float | None]:
+        """Pick the batches to ship now, grouped per leader (with _lock held).
+
+        Returns (requests, expired batches, when to wake up next).
+        """
+        all_ready = self._flushing > 0 or self._buffer_waiters > 0 or self._closed
+        wake_at: float | None = None
+        by_leader: dict[str, list[ProducerBatch]] = {}
+        request_bytes: dict[str, int] = {}
+        expired: list[ProducerBatch] = []
+        idle: list[PartitionBatches] = []
+        metadata = self._metadata
+        for acc in self._pending:
+            if acc.in_flight is not None:
+                continue
+            queue = acc.queue
+            while queue and queue[0].deadline <= now:
+                expired.append(queue.popleft())
+            head = queue[0] if queue else acc.open
+            if head is None:
+                idle.append(acc)
+                continue
+            if head is acc.open:
+                if head.deadline <= now:
+                    acc.open = None
+                    head.record_count = head.builder.record_count  # type: ignore[union-attr]
+                    expired.append(head)
+                    idle.append(acc)
+                    continue
+                ready_at = head.created + self._linger_s
+                if not all_ready and ready_at > now:
+                    wake_at = ready_at if wake_at is None else min(wake_at, ready_at)
+                    continue
+            elif head.retry_at > now:
+                wake_at = head.retry_at if wake_at is None else min(wake_at, head.retry_at)
+                continue
+            try:
+                leader = metadata.leader(acc.topic, acc.partition)
+            except UnknownTopicOrPartitionError:
+                leader = None
+            if leader is None:
+                self._refresh_topics.add(acc.topic)
+                retry = max(now, self._metadata_retry_at)
+                wake_at = retry if wake_at is None else min(wake_at, retry)
+                continue
+            if self._in_flight_per_broker.get(leader, 0) >= self._max_in_flight:
+                continue  # a response will wake us
+            size = head.size_bytes()
+            used = request_bytes.get(leader, REQUEST_OVERHEAD_BYTES)
+            if used + size > self._max_request_bytes and leader in by_leader:
+                wake_at = now if wake_at is None else min(wake_at, now)
+                continue  # the next request to this leader takes it
+            group = by_leader.setdefault(leader, [])
+            if head is acc.open:
+                head.record_count = head.builder.record_count  # type: ignore[union-attr]
+                acc.open = None
+                group.append(head)
+            else:
+                size = self._take_backlog(acc, group, used, size, now, all_ready)
+            acc.in_flight = head
+            request_bytes[leader] = used + size
+        for acc in idle:
+            if acc.idle():
+                del self._pending[acc]
+        for leader in by_leader:
+            self._in_flight_per_broker[leader] = self._in_flight_per_broker.get(leader, 0) + 1
+        if self._refresh_topics and wake_at is None:
+            wake_at = max(now, self._metadata_retry_at)
+        age_due = max(self._metadata.last_refresh_monotonic + self._metadata_max_age_s, self._metadata_retry_at)
+        if self._topics:
+            wake_at = age_due if wake_at is None else min(wake_at, age_due)
+        if expired:
+            for b in expired:
+                self._incomplete.pop(b, None)
+                self._release(b)
+        return list(by_leader.items()), expired, wake_at
+
+    def _take_backlog(self, acc: PartitionBatches, group: list[ProducerBatch], used: int, size: int,
+                      now: float, all_ready: bool) -> int:
+        """Move the queue head and the sealed batches behind it (and a ready open one) into `group`;
+        the request bytes of the partition's batches taken. A backlog of sealed batches of this
+        partition rides in the same request, back to back in one `records` field: a partition then
+        moves up to max_request_bytes per round trip, not one batch."""
+        queue = acc.queue
+        head = queue.popleft()
+        group.append(head)
+        while not head.solo and queue and queue[0].retry_at <= now and not queue[0].solo:
+            nxt = queue[0].size_bytes()
+            if used + size + nxt > self._max_request_bytes:
+                break
+            group.append(queue.popleft())
+            size += nxt
+        if (not head.solo and not queue and acc.open is not None
+                and (all_ready or acc.open.created + self._linger_s <= now)):
+            nxt = acc.open.size_bytes()
+            if used + size + nxt <= self._max_request_bytes:
+                last = acc.open
+                last.record_count = last.builder.record_count  # type: ignore[union-attr]
+                acc.open = None
+                group.append(last)
+                size += nxt
+        return size
+
+    def _release(self, b: ProducerBatch) -> None:
+        """Give the batch's buffer memory back (with _lock held)."""
+        self._buffered_bytes -= b.charged
+        b.charged = 0
+        b.payload = None
+        b.builder = None
+        if self._buffer_waiters:
+            self._space_cond.notify_all()
+
+    def abort_all(self, error: BaseException) -> None:
+        with self._lock:
+            batches = list(self._incomplete)
+            self._incomplete.clear()
+            for b in batches:
+                self._release(b)
+            for acc in self._pending:
+                acc.open = None
+                acc.queue.clear()
+                acc.in_flight = None
+            self._pending.clear()
+            self._closed = True
+            self._space_cond.notify_all()
+        for b in batches:
+            b.result.complete(-1, -1, error)
