@@ -322,6 +322,8 @@ class ControllerState:
         self.topics = dict(topics)
         self.states = {tp: st for tp, st in states.items() if tp[0] in self.topics}
         self.shutting_down = {b for b in shutting_down if b in self.live}
+        for b in sorted(self.live):
+            self._mark_lost_logs(b)
         log.info("controller %d (epoch %d) starting with brokers %s, %d topics, %d partition states",
                  self.controller_id, self.controller_epoch, sorted(self.live), len(self.topics), len(self.states))
         pre = self.on_delete_requests(deleting)
@@ -343,6 +345,8 @@ class ControllerState:
             self.shutting_down.discard(b)
             self._shutdown_stopped.pop(b, None)
             self._forget_offline_broker(b)
+        for b in sorted(born):
+            self._mark_lost_logs(b)
         if not dead and not born:
             return []
         log.info("brokers changed: live %s, gone %s, new %s, re-registered %s",
@@ -439,6 +443,20 @@ class ControllerState:
         if not touched:
             return []
         return self._plan_writes(touched)
+
+    def _mark_lost_logs(self, broker_id: int) -> None:
+        """A registration names logs the broker created that vanished: offline there (same topic id,
+        or an id unknown on either side) before it can be elected."""
+        for topic, partition, topic_id in self.live[broker_id].lost_replicas:
+            spec = self.topics.get(topic)
+            if (spec is None or broker_id not in spec.assignment.get(partition, ())
+                    or (topic_id and spec.topic_id and topic_id != spec.topic_id)):
+                continue
+            marks = self.offline_replicas.setdefault((topic, partition), set())
+            if broker_id not in marks:
+                log.warning("broker %d registered without the log of %s-%d: offline there, it may not lead it",
+                            broker_id, topic, partition)
+                marks.add(broker_id)
 
     def _readmitted(self, tp: TP, old: PartitionStateData | None, new: PartitionStateData) -> None:
         """A leader added an offline-marked broker back to the ISR (it was out in our view): its copy

@@ -95,8 +95,12 @@ class ClusterMember:
     def _registration(self) -> BrokerRegistration:
         cfg = self.broker.config
         host, port = cfg.advertised
+        lost = tuple(self.broker.replica_manager.log_manager.lost_logs())
+        if lost:
+            log.error("broker %d registers with %d replicas whose log vanished (it will not lead them): %s",
+                      cfg.broker_id, len(lost), ", ".join(f"{t}-{p}" for t, p, _ in lost[:20]))
         return BrokerRegistration(cfg.broker_id, host, port or self.broker.bound_port, cfg.rack,
-                                  data_port=self.broker.bound_data_port)
+                                  data_port=self.broker.bound_data_port, lost_replicas=lost)
 
     async def _register(self) -> None:
         self.broker_epoch = await self._zk(self.store.register_broker, self._registration())
@@ -211,6 +215,8 @@ class ClusterMember:
         me = self.broker.config.broker_id
         if self.broker_epoch < 0:
             raise RequestTimedOutError("not registered")
+        if recovered:  # the registration no longer names them lost (a new controller reads it)
+            await self._zk(self.store.register_broker, self._registration())
         controller_id = await self._zk(self.store.controller_id)
         if controller_id is None:
             raise RequestTimedOutError("no controller")

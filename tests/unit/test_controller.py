@@ -739,3 +739,26 @@ def test_a_leader_and_isr_answered_with_kafka_storage_error_is_an_offline_report
     term = asyncio.run(send())
     assert list(term.offline_reports) == [(1, 42, {("t", 0): "vanished"}, [], None)]
     assert _Event.OFFLINE_REPLICAS in term.dirty
+
+
+def test_a_broker_registering_without_a_log_is_offline_there_before_any_election():
+    """A registration names the logs the broker created that vanished (as KRaft's offline log dirs):
+    the controller never elects it for them, not even for a moment, while another ISR member may
+    return; a log of an older topic id (the topic was re-created) does not count."""
+    sim = cluster(1, 2, 3)
+    tp = ("t", 0)
+    sim.add_topic("t", {0: [1, 2]})
+    sim.core.topics["t"].topic_id = "a" * 32
+    sim.brokers(3)  # 1 and 2 die together: leaderless, the ISR kept
+    assert state(sim, tp) == (-1, 1, [1, 2])
+    sim.epoch_seq += 1
+    back = BrokerRegistration(1, "127.0.0.1", 9001, "", sim.epoch_seq, lost_replicas=(("t", 0, "a" * 32),))
+    sim.run(sim.core.on_broker_change({3: sim.core.live[3], 1: back}))
+    assert state(sim, tp) == (-1, 1, [1, 2])  # 1 is in the ISR but lost its log: still no leader
+    sim.brokers(1, 2, 3)
+    assert state(sim, tp) == (2, 2, [2])
+    # an older incarnation's log, or a registration round trip
+    stale = BrokerRegistration(1, "h", 1, "", 5, lost_replicas=(("t", 0, "b" * 32),))
+    assert BrokerRegistration.from_json(1, stale.to_json(), 5) == stale
+    sim.run(sim.core.on_broker_change({2: sim.core.live[2], 3: sim.core.live[3], 1: stale}))
+    assert 1 not in sim.core.offline_replicas.get(tp, set())
