@@ -26,6 +26,15 @@ Leadership rules (no unclean election, ever; leader epochs never go backwards):
                        -1) whose ISR holds it gets it as leader (leader_epoch + 1). A broker that
                        re-registered under a new epoch between two looks ("bounced") is treated as
                        dead then alive: leadership moves off it, and it is dropped from ISRs.
+    offline replica    broker B reports (ReportOfflineReplicas, or KAFKA_STORAGE_ERROR for a partition
+                       in its LeaderAndIsr response, as Kafka) that its copy of P is bad (corrupt batch,
+                       vanished log): B is marked offline for P, may not lead P and leaves P's ISR; if B
+                       leads P, the first other ISR member that is live and not shutting down leads
+                       (leader_epoch + 1); nobody: leader = -1 with the ISR unchanged (never unclean;
+                       never led by a replica that lost data). The mark goes when B's registration goes
+                       (dead, or re-registered: it reports again if still bad), when B reports P
+                       recovered (an operator's `topics recover-empty`), or when P's leader adds B back
+                       to the ISR (an ISR change in which B was out and is in: it re-fetched and caught up).
     preferred leader   replicas[0] live, not shutting down, in the ISR and not leader: it becomes
                        leader (leader_epoch + 1). On ISR change notifications and periodically.
     controlled         broker B: every partition B leads moves to another ISR member (epoch + 1); B
@@ -197,6 +206,7 @@ class ControllerState:
         self._reassign_started: set[TP] = set()
         self._force_bump: set[TP] = set()  # next write must bump the leader epoch (reassignment)
         self._shutdown_stopped: dict[int, set[TP]] = {}  # StopReplica(delete=false) already sent
+        self.offline_replicas: dict[TP, set[int]] = {}  # brokers whose copy of the partition is bad
 
     # ---------------------------------------------------------------- queries
 
@@ -228,29 +238,30 @@ class ControllerState:
         """The state `tp` should have given the view (brokers in `dead` counted as gone), or None when
         `current` is right as it is (or no state can be created yet)."""
         replicas = self.replicas(tp)
+        bad = self.offline_replicas.get(tp, set())
         if current is None:
-            live_replicas = [b for b in replicas if self._usable(b, dead)]
+            live_replicas = [b for b in replicas if self._usable(b, dead) and b not in bad]
             if not live_replicas:
                 return None
             return PartitionStateData(live_replicas[0], 0, live_replicas, self.controller_epoch, -1)
         leader, isr = current.leader, current.isr
         new_leader = leader
-        if leader == -1 or not self._usable(leader, dead) or leader not in replicas:
-            eligible = [b for b in replicas if self._usable(b, dead) and b in isr]
+        if leader == -1 or not self._usable(leader, dead) or leader not in replicas or leader in bad:
+            eligible = [b for b in replicas if self._usable(b, dead) and b in isr and b not in bad]
             if eligible:
                 new_leader = eligible[0]
-            elif leader != -1 and self._alive(leader, dead) and leader in replicas:
+            elif leader != -1 and self._alive(leader, dead) and leader in replicas and leader not in bad:
                 new_leader = leader  # shutting down, nobody else in the ISR: it keeps leading
             else:
-                last_resort = [b for b in replicas if self._alive(b, dead) and b in isr]
+                last_resort = [b for b in replicas if self._alive(b, dead) and b in isr and b not in bad]
                 new_leader = last_resort[0] if last_resort else -1
         elif (preferred and tp not in self.reassign_targets and replicas and replicas[0] != leader
-              and self._usable(replicas[0], dead) and replicas[0] in isr):
+              and self._usable(replicas[0], dead) and replicas[0] in isr and replicas[0] not in bad):
             new_leader = replicas[0]
         if new_leader == -1:
             new_isr = list(isr)  # no unclean election: the ISR is who may lead again
         else:
-            new_isr = [b for b in isr if b in replicas and self._alive(b, dead)
+            new_isr = [b for b in isr if b in replicas and self._alive(b, dead) and b not in bad
                        and (b == new_leader or b not in self.shutting_down)]
         bump = new_leader != leader or tp in self._force_bump
         epoch = current.leader_epoch + (1 if bump else 0)
@@ -311,6 +322,8 @@ class ControllerState:
         self.topics = dict(topics)
         self.states = {tp: st for tp, st in states.items() if tp[0] in self.topics}
         self.shutting_down = {b for b in shutting_down if b in self.live}
+        for b in sorted(self.live):
+            self._mark_lost_logs(b)
         log.info("controller %d (epoch %d) starting with brokers %s, %d topics, %d partition states",
                  self.controller_id, self.controller_epoch, sorted(self.live), len(self.topics), len(self.states))
         pre = self.on_delete_requests(deleting)
@@ -331,6 +344,9 @@ class ControllerState:
         for b in dead | bounced:
             self.shutting_down.discard(b)
             self._shutdown_stopped.pop(b, None)
+            self._forget_offline_broker(b)
+        for b in sorted(born):
+            self._mark_lost_logs(b)
         if not dead and not born:
             return []
         log.info("brokers changed: live %s, gone %s, new %s, re-registered %s",
@@ -375,6 +391,7 @@ class ControllerState:
             if st is None:
                 self.states.pop(tp, None)
             else:
+                self._readmitted(tp, self.states.get(tp), st)
                 self.states[tp] = st
         assigns, reconcile, post = self._advance_reassignments()
         writes = self._plan_writes(set(states) | reconcile, preferred=True)
@@ -396,6 +413,69 @@ class ControllerState:
         self.shutting_down.add(broker_id)
         writes = self._plan_writes(self.partitions_of_broker(broker_id))
         return [*writes, *self._shutdown_stops(), SendUpdateMetadata()]
+
+    def on_offline_replicas(self, broker_id: int, broker_epoch: int, offline: dict[TP, str],
+                            recovered: Iterable[TP] = ()) -> list[Action]:
+        """Broker `broker_id` reports its copies of `offline` bad (reason per partition) and those of
+        `recovered` healthy again. Fenced like a controlled shutdown; partitions it does not
+        replicate are ignored."""
+        reg = self.live.get(broker_id)
+        if reg is None:
+            raise BrokerNotAvailableError(f"broker {broker_id} is not registered")
+        if broker_epoch != reg.epoch:  # no value skips the check
+            raise StaleBrokerEpochError(f"broker {broker_id} epoch {broker_epoch} is not the current {reg.epoch}")
+        touched: set[TP] = set()
+        for tp in sorted(set(recovered)):
+            marks = self.offline_replicas.get(tp)
+            if marks is not None and broker_id in marks:
+                log.warning("broker %d reports its replica of %s recovered: it may lead again", broker_id, _fmt(tp))
+                self._unmark(tp, broker_id)
+                touched.add(tp)
+        for tp, reason in sorted(offline.items()):
+            if broker_id not in self.replicas(tp) or tp[0] in self.deleting:
+                continue
+            marks = self.offline_replicas.setdefault(tp, set())
+            if broker_id not in marks:
+                log.warning("broker %d reports its replica of %s offline (%s): it leaves the ISR and may not lead",
+                            broker_id, _fmt(tp), reason)
+                marks.add(broker_id)
+            touched.add(tp)
+        if not touched:
+            return []
+        return self._plan_writes(touched)
+
+    def _mark_lost_logs(self, broker_id: int) -> None:
+        """A registration names logs the broker created that vanished: offline there (same topic id,
+        or an id unknown on either side) before it can be elected."""
+        for topic, partition, topic_id in self.live[broker_id].lost_replicas:
+            spec = self.topics.get(topic)
+            if (spec is None or broker_id not in spec.assignment.get(partition, ())
+                    or (topic_id and spec.topic_id and topic_id != spec.topic_id)):
+                continue
+            marks = self.offline_replicas.setdefault((topic, partition), set())
+            if broker_id not in marks:
+                log.warning("broker %d registered without the log of %s-%d: offline there, it may not lead it",
+                            broker_id, topic, partition)
+                marks.add(broker_id)
+
+    def _readmitted(self, tp: TP, old: PartitionStateData | None, new: PartitionStateData) -> None:
+        """A leader added an offline-marked broker back to the ISR (it was out in our view): its copy
+        has caught up, so the mark goes."""
+        for b in sorted(self.offline_replicas.get(tp, set())):
+            if (b in new.isr and new.leader not in (-1, b) and old is not None and b not in old.isr):
+                log.info("broker %d is back in the ISR of %s: no longer offline there", b, _fmt(tp))
+                self._unmark(tp, b)
+
+    def _unmark(self, tp: TP, broker_id: int) -> None:
+        marks = self.offline_replicas.get(tp)
+        if marks is not None:
+            marks.discard(broker_id)
+            if not marks:
+                del self.offline_replicas[tp]
+
+    def _forget_offline_broker(self, broker_id: int) -> None:
+        for tp in [tp for tp, marks in self.offline_replicas.items() if broker_id in marks]:
+            self._unmark(tp, broker_id)
 
     def on_delete_requests(self, names: Iterable[str]) -> list[Action]:
         actions: list[Action] = []
@@ -484,6 +564,8 @@ class ControllerState:
         for tp in [tp for tp in self.reassign_targets if tp[0] == name]:
             self._drop_reassignment(tp)
         self._force_bump = {tp for tp in self._force_bump if tp[0] != name}
+        for tp in [tp for tp in self.offline_replicas if tp[0] == name]:
+            del self.offline_replicas[tp]
         for done in self._shutdown_stopped.values():
             done -= {tp for tp in done if tp[0] == name}
 
@@ -639,12 +721,14 @@ class _Event(enum.IntEnum):
     ISR_CHANGE = 6
     REASSIGNMENT = 7
     CONTROLLED_SHUTDOWN = 8
-    PREFERRED_CHECK = 9
+    OFFLINE_REPLICAS = 9  # brokers' reports in _Term.offline_reports (ReportOfflineReplicas, LeaderAndIsr answers)
+    PREFERRED_CHECK = 10
 
 
 _SUBSUMED_BY_RESYNC = {_Event.BROKER_CHANGE, _Event.TOPIC_CHANGE, _Event.PARTITION_CHANGE, _Event.TOPIC_DELETION,
                        _Event.ISR_CHANGE, _Event.REASSIGNMENT, _Event.CONTROLLER_CHANGE}
 _SHUTDOWN_REQUESTS_MAX = 256
+_OFFLINE_REPORTS_MAX = 256
 _ISR_NOTIFICATIONS_PER_ROUND_MAX = 1000
 
 
@@ -674,6 +758,9 @@ class _Channel:
         self.update_metadata = False
 
 
+_OfflineReport = tuple[int, int, dict[TP, str], list[TP], "asyncio.Future[None] | None"]
+
+
 @dataclass
 class _Term:
     """One period as the active controller."""
@@ -684,6 +771,8 @@ class _Term:
     dirty: set[_Event] = field(default_factory=set)
     changed_topics: set[str] = field(default_factory=set)
     shutdowns: deque[tuple[int, int, asyncio.Future[list[TP]]]] = field(default_factory=deque)
+    # (broker id, broker epoch, offline partitions with reasons, recovered partitions, waiter or None)
+    offline_reports: deque[_OfflineReport] = field(default_factory=deque)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     channels: dict[int, _Channel] = field(default_factory=dict)
     resign: bool = False
@@ -825,6 +914,23 @@ class Controller:
         except TimeoutError:
             raise RequestTimedOutError(f"controlled shutdown of broker {broker_id} timed out") from None
 
+    async def report_offline_replicas(self, broker_id: int, broker_epoch: int, offline: dict[TP, str],
+                                      recovered: list[TP]) -> None:
+        """A broker's copies of `offline` are bad, of `recovered` healthy again (see the module doc).
+        Returns once the controller has acted on it; NotControllerError if not the controller."""
+        term = self._term
+        if term is None or term.resign or self._stopping or self._loop is None:
+            raise NotControllerError(f"broker {self.broker_id} is not the controller")
+        if len(term.offline_reports) >= _OFFLINE_REPORTS_MAX:
+            raise RequestTimedOutError("too many offline-replica reports pending")
+        fut: asyncio.Future[None] = self._loop.create_future()
+        term.offline_reports.append((broker_id, broker_epoch, dict(offline), list(recovered), fut))
+        term.mark(_Event.OFFLINE_REPLICAS)
+        try:
+            await asyncio.wait_for(fut, self._shutdown_timeout_s)
+        except TimeoutError:
+            raise RequestTimedOutError(f"offline-replica report of broker {broker_id} timed out") from None
+
     # ---------------------------------------------------------------- kazoo threads -> loop
 
     def _call_soon(self, fn: Callable[..., None], *args: Any) -> None:
@@ -951,6 +1057,8 @@ class Controller:
                     term.mark(_Event.RESYNC)
                     if term.shutdowns:
                         term.mark(_Event.CONTROLLED_SHUTDOWN)
+                    if term.offline_reports:
+                        term.mark(_Event.OFFLINE_REPLICAS)
                     await asyncio.sleep(min(self._rpc_backoff_max_s, 0.05 * 2 ** min(term.failures, 6)))
         finally:
             term.resign = True
@@ -964,6 +1072,9 @@ class Controller:
             for _, _, fut in term.shutdowns:
                 if not fut.done():
                     fut.set_exception(NotControllerError(f"broker {self.broker_id} resigned as controller"))
+            for *_, waiter in term.offline_reports:
+                if waiter is not None and not waiter.done():
+                    waiter.set_exception(NotControllerError(f"broker {self.broker_id} resigned as controller"))
             if (self._stopping or fenced) and self._store.connected:  # a fenced holder lets go too
                 try:
                     await asyncio.wait_for(self._zk(self._store.resign_controller, self.broker_id), 5.0)
@@ -1041,8 +1152,32 @@ class Controller:
                     log.info("controlled shutdown of broker %d: %d partitions remain led by it",
                              broker_id, len(remaining))
                     fut.set_result(remaining)
+        elif ev is _Event.OFFLINE_REPLICAS:
+            await self._handle_offline_reports(term)
         elif ev is _Event.PREFERRED_CHECK:
             await self._execute(term, core.on_preferred_check())
+
+    async def _handle_offline_reports(self, term: _Term) -> None:
+        while term.offline_reports:
+            broker_id, broker_epoch, offline, recovered, fut = term.offline_reports.popleft()
+            if fut is not None and fut.done():
+                continue
+            try:
+                actions = term.core.on_offline_replicas(broker_id, broker_epoch, offline, recovered)
+            except BrokerError as e:
+                if fut is not None:
+                    fut.set_exception(e)
+                else:
+                    log.info("offline replicas of broker %d dropped: %s", broker_id, e)
+                continue
+            try:
+                await self._execute(term, actions)
+            except Exception as e:
+                if fut is not None and not fut.done():
+                    fut.set_exception(RequestTimedOutError(f"offline replicas of broker {broker_id}: {e!r}"))
+                raise
+            if fut is not None and not fut.done():
+                fut.set_result(None)
 
     def _read_topics(self, names: list[str]) -> tuple[dict[str, TopicSpec], dict[TP, PartitionStateData]]:
         """(On a worker thread.) Topics with a data watch each, and their state znodes."""
@@ -1073,6 +1208,10 @@ class Controller:
         old = term.core
         core = ControllerState(self.broker_id, term.epoch)
         keep_shutting = {b for b in old.shutting_down if b in live and old.live.get(b) == live[b]}
+        for tp, marks in old.offline_replicas.items():  # a broker's word stands while it stays registered
+            kept = {b for b in marks if b in live and old.live.get(b) == live[b]}
+            if kept:
+                core.offline_replicas[tp] = kept
         actions = core.on_startup(live, specs, states, deleting, reassignments, keep_shutting)
         term.core = core
         self._sync_channels(term)
@@ -1182,15 +1321,35 @@ class Controller:
             req_l = core.leader_and_isr_request(reg.broker_id, taken)
             if req_l is None:
                 return True
-            ok = await self._call("LeaderAndIsr", reg, self._rpc.leader_and_isr(reg, req_l))
+            answers: list[pb.LeaderAndIsrResponse] = []
+            ok = await self._call("LeaderAndIsr", reg, self._answer_into(self._rpc.leader_and_isr(reg, req_l), answers))
             if not ok:
                 ch.leader_and_isr |= taken
+            elif answers:
+                self._note_storage_errors(term, reg, answers[0])
             return ok
         ch.update_metadata = False
         ok = await self._call("UpdateMetadata", reg, self._rpc.update_metadata(reg, core.update_metadata_request()))
         if not ok:
             ch.update_metadata = True
         return ok
+
+    @staticmethod
+    async def _answer_into(call: Any, answers: list[Any]) -> Any:
+        resp = await call
+        answers.append(resp)
+        return resp
+
+    def _note_storage_errors(self, term: _Term, reg: BrokerRegistration, resp: pb.LeaderAndIsrResponse) -> None:
+        """KAFKA_STORAGE_ERROR for a partition in a LeaderAndIsr answer: that replica is offline on
+        the broker (as Kafka learns offline replicas): an event, as if the broker had reported it."""
+        if resp.error_code != pb.NONE:
+            return
+        offline = {(r.topic, r.partition): r.error_message for r in resp.results
+                   if r.error_code == pb.KAFKA_STORAGE_ERROR}
+        if offline and len(term.offline_reports) < _OFFLINE_REPORTS_MAX:
+            term.offline_reports.append((reg.broker_id, reg.epoch, offline, [], None))
+            term.mark(_Event.OFFLINE_REPLICAS)
 
     async def _call(self, what: str, reg: BrokerRegistration, call: Any) -> bool:
         """True when done (success, or an answer that retrying cannot fix)."""

@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from logbroker.errors import InvalidConfigError, InvalidGroupIdError, InvalidTopicError
 
 TOPIC_NAME_MAX_CHARS = 249
 _TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]+")
 PARTITIONS_MAX = 10_000
+LOST_REPLICAS_REGISTERED_MAX = 5000  # in a broker registration (a znode is at most 1 MiB)
 
 
 def validate_topic_name(name: str) -> None:
@@ -148,19 +150,25 @@ class BrokerRegistration:
     rack: str = ""
     epoch: int = -1
     data_port: int = 0  # record transport on `host` (logbroker/wire.py); 0: none
+    # (topic, partition, topic id) of logs this broker created whose directory vanished: it must not
+    # lead them (the controller marks them offline before electing anyone, as KRaft's offline log dirs)
+    lost_replicas: tuple[tuple[str, int, str], ...] = ()
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
     def to_json(self) -> bytes:
-        d: dict[str, str | int] = {"host": self.host, "port": self.port, "rack": self.rack}
+        d: dict[str, Any] = {"host": self.host, "port": self.port, "rack": self.rack}
         if self.data_port:
             d["data_port"] = self.data_port
+        if self.lost_replicas:
+            d["lost_replicas"] = [list(r) for r in self.lost_replicas[:LOST_REPLICAS_REGISTERED_MAX]]
         return json.dumps(d).encode()
 
     @classmethod
     def from_json(cls, broker_id: int, raw: bytes, epoch: int = -1) -> BrokerRegistration:
         d = json.loads(raw)
+        lost = tuple((str(t), int(p), str(i)) for t, p, i in d.get("lost_replicas", ())[:LOST_REPLICAS_REGISTERED_MAX])
         return cls(broker_id, str(d["host"]), int(d["port"]), str(d.get("rack", "")), epoch,
-                   int(d.get("data_port", 0)))
+                   int(d.get("data_port", 0)), lost)

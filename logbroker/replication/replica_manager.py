@@ -19,6 +19,22 @@ or, standalone, from `make_local_leader` (the broker leads everything, ISR = [it
 - per partition, a state whose leader epoch is older than the one applied, or equal with an
   older znode version -> STALE_CONTROLLER_EPOCH for that partition; an identical one is a no-op.
 
+Bad copies (issue 13, as Kafka's offline replicas). A replica this broker must not lead is named
+to the controller through `offline_reporter` (a cluster: ReportOfflineReplicas; standalone: None),
+which takes it out of the ISR and elects another ISR member (or none):
+
+- a vanished log (log_identity.LostLogError) named LEADER, or in a leaderless state, by a
+  LeaderAndIsr is never created empty: that partition answers KAFKA_STORAGE_ERROR (the controller
+  reads it as an offline report) and stays in `offline_partitions`; named FOLLOWER of a live
+  leader, it is created empty and fetched again (it joins the ISR only once caught up);
+- a corrupt batch found by the scrubber: a follower truncates to it and re-fetches at once
+  (`refetch_from`) and is reported, so it leaves the ISR now rather than lagging in it for up to
+  replica_lag_time_max_ms; a leader with another ISR member is reported (`leader_copy_corrupt`) and
+  remembers the offset: the LeaderAndIsr that makes it a follower of a live leader truncates it
+  there and re-fetches. A leader alone in its ISR only flags the log (no healthy copy to move to).
+- `topics recover-empty` in a cluster (`recover_empty_replica`) recreates a vanished log empty and
+  reports it recovered: the controller may then make it leader (the operator accepted the loss).
+
 ISR changes are proposed by the pure `LeaderState` (expand on a follower fetch, shrink on the
 periodic check every replica_lag_time_max_ms / 2) and written through an `IsrStore` (ZooKeeper in a
 cluster): a conditional write on the znode version the leader knows. Only a successful write
@@ -183,6 +199,10 @@ class ReplicaManager:
         # Standalone: partitions whose log vanished (log_identity.LostLogError), refused with
         # KAFKA_STORAGE_ERROR until an operator accepts the loss (`recover_empty`). Reason by key.
         self.offline_partitions: dict[Key, str] = {}
+        # Cluster: names replicas to the controller (offline ones with a reason, recovered ones).
+        self.offline_reporter: Callable[[dict[Key, str], list[Key]], None] | None = None
+        # Leaders that reported a corrupt batch: where to truncate once a LeaderAndIsr makes them followers.
+        self._refetch_when_following: dict[Key, int] = {}
         self.fetch_purgatory = Purgatory()
         self.produce_purgatory = Purgatory()
         self.fetchers = ReplicaFetcherManager(broker_id, fetcher_config, clock, call_metadata(cluster_secret))
@@ -308,6 +328,7 @@ class ReplicaManager:
         part = self.partitions.get(key)
         if part is not None:
             part.stop()
+        self._refetch_when_following.pop(key, None)
         if delete:
             self.offline_partitions.pop(key, None)
             self.partitions.pop(key, None)
@@ -533,8 +554,7 @@ class ReplicaManager:
                             f"{ps.zk_version}) is older than the applied one ({part.leader_epoch}, {part.zk_version})"
                         )
                 if part is None:
-                    part = self._create_partition(ps.topic, ps.partition, _topic_config(req, ps.topic),
-                                                  req.topic_ids.get(ps.topic, ""), refetch_lost=True)
+                    part = self._create_replica(ps, _topic_config(req, ps.topic), req.topic_ids.get(ps.topic, ""))
                 state = PartitionStateData(ps.leader, ps.leader_epoch, list(ps.isr), ps.controller_epoch,
                                            ps.zk_version)
                 replicas = list(ps.replicas)
@@ -545,6 +565,7 @@ class ReplicaManager:
                                  ps.topic, ps.partition, ps.leader_epoch, part.log.log_end_offset, part.isr)
                 else:
                     changed = part.become_follower(state, replicas)
+                    changed = self._drop_reported_corruption(part) or changed
                     followers.append((part, changed))
                     if changed:
                         log.info("broker %d follows broker %d for %s-%d in epoch %d", self.broker_id, ps.leader,
@@ -559,6 +580,73 @@ class ReplicaManager:
             self._ensure_fetching(part, restart=changed)
         self._roles_changed()
         return resp
+
+    def _create_replica(self, ps: pb.PartitionState, topic_config: dict[str, str], topic_id: str) -> Partition:
+        """The replica a LeaderAndIsr names. A vanished log is created empty only to follow a live
+        leader; named leader (or leaderless) it stays offline: KAFKA_STORAGE_ERROR, so the controller
+        elects another ISR member instead of a replica that lost acknowledged data."""
+        key = (ps.topic, ps.partition)
+        follows = 0 <= ps.leader != self.broker_id
+        try:
+            part = self._create_partition(ps.topic, ps.partition, topic_config, topic_id, refetch_lost=follows)
+        except LostLogError as e:
+            if key not in self.offline_partitions:
+                log.error("broker %d: %s; named %s of %s-%d in leader epoch %d, it refuses (KAFKA_STORAGE_ERROR) so "
+                          "the controller elects another in-sync replica; it re-fetches once it follows one. "
+                          "If none exists, only an operator can accept the loss: logbroker topics recover-empty "
+                          "%s %d", self.broker_id, e, "leader" if ps.leader == self.broker_id else "replica (no leader)",
+                          ps.topic, ps.partition, ps.leader_epoch, ps.topic, ps.partition)
+            self.offline_partitions[key] = str(e)
+            raise
+        self.offline_partitions.pop(key, None)
+        return part
+
+    def _drop_reported_corruption(self, part: Partition) -> bool:
+        """A former leader that reported a corrupt batch now follows a live leader: truncate to the
+        bad batch, so the fetcher re-fetches it from there. True if it did."""
+        offset = self._refetch_when_following.get(part.key)
+        if offset is None or part.leader < 0:
+            return False
+        del self._refetch_when_following[part.key]
+        log.warning("broker %d: %s-%d follows broker %d now: truncating its copy to the corrupt batch at offset %d "
+                    "and re-fetching from there", self.broker_id, part.topic, part.index, part.leader, offset)
+        part.truncate_as_follower(offset)
+        part.log.corrupt_reason = None
+        return True
+
+    def report_offline(self, offline: dict[Key, str], recovered: Iterable[Key] = ()) -> bool:
+        """Name replicas to the controller (cluster); False when there is none to tell (standalone)."""
+        if self.offline_reporter is None:
+            return False
+        self.offline_reporter(dict(offline), list(recovered))
+        return True
+
+    def leader_copy_corrupt(self, part: Partition, offset: int, reason: str) -> bool:
+        """The leader's copy has a corrupt batch at `offset` (the scrubber). With another ISR member
+        and a controller to tell: report it (leadership moves away) and truncate there once following.
+        False when nothing moves (standalone, not leader, alone in the ISR): the caller flags the log."""
+        if part.role is not Role.LEADER or not any(b != self.broker_id for b in part.isr):
+            return False
+        if not self.report_offline({part.key: reason}):
+            return False
+        known = self._refetch_when_following.get(part.key)
+        self._refetch_when_following[part.key] = offset if known is None else min(known, offset)
+        return True
+
+    def recover_empty_replica(self, topic: str, partition: int, topic_config: dict[str, str],
+                              topic_id: str) -> None:
+        """Cluster: an operator accepts the loss of a replica whose log vanished (offline here): it is
+        created empty and reported recovered; the controller may then make it leader (when no other
+        in-sync replica exists: the partition was leaderless). InvalidRequestError if not offline."""
+        key = (topic, partition)
+        if key not in self.offline_partitions:
+            raise InvalidRequestError(f"{topic}-{partition} is not offline on broker {self.broker_id}: nothing to recover")
+        self.log_manager.create_log(topic, partition, LogConfig.from_topic_config(
+            topic_config, self.log_manager.default_config), topic_id, accept_loss=True)
+        del self.offline_partitions[key]
+        log.warning("broker %d: %s-%d recreated empty (an operator accepted the loss of its data); reported to the "
+                    "controller as recovered", self.broker_id, topic, partition)
+        self.report_offline({}, [key])
 
     def _ensure_fetching(self, part: Partition, restart: bool) -> None:
         """Fetch `part` from its leader: (re)start when asked, or when no fetcher has it, it was

@@ -151,7 +151,7 @@ class AdminService:
         _check(self.broker, 1)
         try:
             validate_topic_name(req.topic)
-            self.broker.recover_empty_partition(req.topic, req.partition)
+            await self.broker.recover_empty_partition(req.topic, req.partition)
             return pb.RecoverEmptyPartitionResponse()
         except Exception as exc:
             if not isinstance(exc, BrokerError):

@@ -116,6 +116,8 @@ class Broker:
             produce_timeout_ms_max=config.produce_timeout_ms_cap,
             cluster_secret=config.cluster_secret,
         )
+        if self.cluster is not None:
+            self.replica_manager.offline_reporter = self.cluster.report_offline_replicas
         self.coordinator = GroupCoordinator(self, config.coordinator, clock)
         self.scrubber: Scrubber | None = (
             Scrubber(self.replica_manager, config.scrub_interval_ms, config.scrub_bytes_per_sec)
@@ -387,14 +389,23 @@ class Broker:
         spec = self.topics.get(topic)
         return spec.topic_id if spec is not None else ""
 
-    def recover_empty_partition(self, topic: str, partition: int) -> None:
+    async def recover_empty_partition(self, topic: str, partition: int) -> None:
         """An operator accepts the loss of an offline partition (its log vanished): it is created
-        empty and served again. InvalidRequestError if it is not offline here."""
+        empty and served again (standalone: led at once; a cluster: reported recovered to the
+        controller, which may then elect it). InvalidRequestError if it is not offline here."""
         self.check_partition(topic, partition)
+        if self.cluster is not None:
+            if (topic, partition) not in self.replica_manager.offline_partitions:
+                raise InvalidRequestError(f"{topic}-{partition} is not offline on broker {self.config.broker_id}: "
+                                          f"nothing to recover (a follower re-fetches a lost replica by itself)")
+            spec_zk = await asyncio.to_thread(self.cluster.store.get_topic, topic)
+            if spec_zk is None:
+                raise InvalidRequestError(f"unknown topic {topic!r}")
+            self.replica_manager.recover_empty_replica(topic, partition, spec_zk.config, spec_zk.topic_id)
+            return
         spec = self.topics.get(topic)
-        if self.cluster is not None or spec is None:
-            raise InvalidRequestError(f"{topic}-{partition} is not offline on broker {self.config.broker_id}: a "
-                                      f"cluster member re-fetches a lost replica from its leader")
+        if spec is None:
+            raise InvalidRequestError(f"{topic}-{partition} is not offline on broker {self.config.broker_id}")
         self.replica_manager.recover_empty(topic, partition, spec.config, spec.topic_id)
 
     async def topic_config(self, topic: str) -> dict[str, str]:

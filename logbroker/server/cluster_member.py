@@ -53,6 +53,9 @@ T = TypeVar("T")
 TOPIC_READY_WAIT_S = 15.0
 CONTROLLED_SHUTDOWN_BACKOFF_S = 0.5
 CONTROLLED_SHUTDOWN_STALLS_MAX = 3
+OFFLINE_REPORT_ATTEMPTS_MAX = 60  # then the next scrub pass / LeaderAndIsr answer reports again
+OFFLINE_REPORT_BACKOFF_S = 0.5
+TP = tuple[str, int]
 
 
 class ClusterMember:
@@ -69,6 +72,10 @@ class ClusterMember:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._session_lost = False
         self._reregister: asyncio.Task[None] | None = None
+        # replicas to name to the controller (ReplicaManager.offline_reporter), sent by one task
+        self._offline_pending: dict[TP, str] = {}
+        self._recovered_pending: set[TP] = set()
+        self._report_task: asyncio.Task[None] | None = None
 
     async def _zk(self, fn: Any, *args: Any) -> Any:
         assert self._loop is not None
@@ -88,8 +95,12 @@ class ClusterMember:
     def _registration(self) -> BrokerRegistration:
         cfg = self.broker.config
         host, port = cfg.advertised
+        lost = tuple(self.broker.replica_manager.log_manager.lost_logs())
+        if lost:
+            log.error("broker %d registers with %d replicas whose log vanished (it will not lead them): %s",
+                      cfg.broker_id, len(lost), ", ".join(f"{t}-{p}" for t, p, _ in lost[:20]))
         return BrokerRegistration(cfg.broker_id, host, port or self.broker.bound_port, cfg.rack,
-                                  data_port=self.broker.bound_data_port)
+                                  data_port=self.broker.bound_data_port, lost_replicas=lost)
 
     async def _register(self) -> None:
         self.broker_epoch = await self._zk(self.store.register_broker, self._registration())
@@ -159,6 +170,72 @@ class ClusterMember:
             await asyncio.sleep(CONTROLLED_SHUTDOWN_BACKOFF_S)
         log.warning("controlled shutdown did not finish; stopping anyway")
 
+    def report_offline_replicas(self, offline: dict[TP, str], recovered: list[TP]) -> None:
+        """(On the loop.) Tell the controller these replicas here are bad / healthy again; sent in
+        the background, retried (bounded), the latest word per partition winning."""
+        for tp, reason in offline.items():
+            self._recovered_pending.discard(tp)
+            self._offline_pending[tp] = reason
+        for tp in recovered:
+            self._offline_pending.pop(tp, None)
+            self._recovered_pending.add(tp)
+        if self._report_task is None or self._report_task.done():
+            self._report_task = asyncio.create_task(self._send_offline_reports(), name="offline-replica-reports")
+
+    async def _send_offline_reports(self) -> None:
+        failures = 0
+        while self._offline_pending or self._recovered_pending:
+            offline, recovered = dict(self._offline_pending), sorted(self._recovered_pending)
+            self._offline_pending.clear()
+            self._recovered_pending.clear()
+            try:
+                await self._report_once(offline, recovered)
+                log.info("reported to the controller: offline %s, recovered %s",
+                         [f"{t}-{p}" for t, p in sorted(offline)], [f"{t}-{p}" for t, p in recovered])
+                failures = 0
+                continue
+            except Exception as exc:
+                failures += 1
+                log.warning("reporting offline replicas to the controller failed (attempt %d): %s", failures, exc)
+            for tp, reason in offline.items():  # put back what no newer word replaced
+                if tp not in self._recovered_pending:
+                    self._offline_pending.setdefault(tp, reason)
+            for tp in recovered:
+                if tp not in self._offline_pending:
+                    self._recovered_pending.add(tp)
+            if failures >= OFFLINE_REPORT_ATTEMPTS_MAX:
+                log.error("giving up reporting offline replicas %s after %d attempts", sorted(self._offline_pending),
+                          failures)
+                self._offline_pending.clear()
+                self._recovered_pending.clear()
+                return
+            await asyncio.sleep(OFFLINE_REPORT_BACKOFF_S)
+
+    async def _report_once(self, offline: dict[TP, str], recovered: list[TP]) -> None:
+        me = self.broker.config.broker_id
+        if self.broker_epoch < 0:
+            raise RequestTimedOutError("not registered")
+        if recovered:  # the registration no longer names them lost (a new controller reads it)
+            await self._zk(self.store.register_broker, self._registration())
+        controller_id = await self._zk(self.store.controller_id)
+        if controller_id is None:
+            raise RequestTimedOutError("no controller")
+        if controller_id == me and self.controller is not None and self.controller.is_active:
+            await self.controller.report_offline_replicas(me, self.broker_epoch, offline, recovered)
+            return
+        brokers = await self._zk(self.store.live_brokers)
+        target = brokers.get(controller_id)
+        if target is None:
+            raise RequestTimedOutError(f"controller {controller_id} is not registered")
+        req = pb.ReportOfflineReplicasRequest(
+            broker_id=me, broker_epoch=self.broker_epoch,
+            offline=[pb.OfflineReplica(topic=t, partition=p, reason=r) for (t, p), r in sorted(offline.items())],
+            recovered=[pb.TopicPartition(topic=t, partition=p) for t, p in recovered])
+        resp = await self.channels.stub(target.address).ReportOfflineReplicas(
+            req, timeout=10, metadata=self.channels.call_metadata)
+        if resp.error_code != pb.NONE:
+            raise RequestTimedOutError(f"{pb.ErrorCode.Name(resp.error_code)}: {resp.error_message}")
+
     async def stop_controller(self) -> None:
         if self.controller is not None:
             await self.controller.stop()
@@ -169,6 +246,8 @@ class ClusterMember:
     async def close(self) -> None:
         if self._reregister is not None:
             self._reregister.cancel()
+        if self._report_task is not None:
+            self._report_task.cancel()
         self.store.remove_state_listener(self._on_state_threadsafe)
         await self._zk(self.store.close)
         await self.channels.close()

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+OFFLINE_REPLICAS_PER_REPORT_MAX = 10_000  # partitions named in one ReportOfflineReplicas (the rest ignored)
+
 
 def _error(exc: Exception, what: str) -> BrokerError:
     if isinstance(exc, BrokerError):
@@ -107,6 +109,22 @@ class ReplicaService:
             err = _error(exc, "ControlledShutdown")
             return pb.ControlledShutdownResponse(error_code=err.code, error_message=err.message)  # type: ignore[arg-type]
 
+    async def report_offline_replicas(
+        self, req: pb.ReportOfflineReplicasRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReportOfflineReplicasResponse:
+        self._check(context, "ReportOfflineReplicas")
+        controller = self.broker.controller
+        try:
+            if controller is None or not controller.is_active:
+                raise NotControllerError(f"broker {self.broker.config.broker_id} is not the controller")
+            offline = {(r.topic, r.partition): r.reason for r in req.offline[:OFFLINE_REPLICAS_PER_REPORT_MAX]}
+            recovered = [(tp.topic, tp.partition) for tp in req.recovered[:OFFLINE_REPLICAS_PER_REPORT_MAX]]
+            await controller.report_offline_replicas(req.broker_id, req.broker_epoch, offline, recovered)
+            return pb.ReportOfflineReplicasResponse()
+        except Exception as exc:
+            err = _error(exc, "ReportOfflineReplicas")
+            return pb.ReportOfflineReplicasResponse(error_code=err.code, error_message=err.message)  # type: ignore[arg-type]
+
 
 def handler(broker: Broker) -> grpc.GenericRpcHandler:
     svc = ReplicaService(broker)
@@ -124,5 +142,7 @@ def handler(broker: Broker) -> grpc.GenericRpcHandler:
             "OffsetForLeaderEpoch": method("OffsetForLeaderEpoch", pb.OffsetForLeaderEpochRequest,
                                            svc.offset_for_leader_epoch),
             "ControlledShutdown": method("ControlledShutdown", pb.ControlledShutdownRequest, svc.controlled_shutdown),
+            "ReportOfflineReplicas": method("ReportOfflineReplicas", pb.ReportOfflineReplicasRequest,
+                                            svc.report_offline_replicas),
         },
     )

@@ -137,6 +137,10 @@ class LogRegistry:
         self._logs[key] = topic_id
         self._save()
 
+    def items(self) -> list[tuple[Key, str]]:
+        """Every registered log with its topic id ('' if unknown)."""
+        return sorted(self._logs.items())
+
     def forget(self, key: Key) -> None:
         if self._logs.pop(key, None) is not None:
             self._save()

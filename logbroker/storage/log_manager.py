@@ -64,6 +64,11 @@ class LogManager:
             raise StorageError(f"cannot create data directory {self.data_dir}: {e}") from e
         self.registry = LogRegistry(self.data_dir)
 
+    def lost_logs(self) -> list[tuple[str, int, str]]:
+        """(topic, partition, topic id) of every log this broker created whose directory is gone."""
+        return [(t, p, topic_id) for (t, p), topic_id in self.registry.items()
+                if (t, p) not in self._logs and not self._path(t, p).exists()]
+
     def load_all(self, configs: Mapping[str, LogConfig] | None = None) -> dict[tuple[str, int], Log]:
         """Open every `<topic>-<partition>` directory and finish interrupted deletions. Returns the
         logs now open. A log opens with `configs[topic]` if given; else with the default config

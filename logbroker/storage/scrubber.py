@@ -26,14 +26,18 @@ Three parts:
   a retention delete or a truncation in between made the scan's finding stale) and acts:
 
     follower   truncates its log to the start of the bad batch and restarts its fetcher, which
-               truncates by leader epoch as always and re-fetches the range from the leader. Its
-               fetch offset is then below the leader's log end offset, so it is not caught up and
-               the leader's ISR check drops it after replica_lag_time_max_ms unless it has caught
-               up again before that; it rejoins through the leader's usual ISR expansion.
-    leader,    the partition is flagged (`Log.corrupt_reason`, the metric
-    standalone `logbroker_corrupt_partitions`) and an ERROR names the partition, the offsets and the
-               segment. Reads never serve the batch: `Log.read` checks the CRC of every batch it
-               returns and answers CORRUPT_MESSAGE for it.
+               truncates by leader epoch as always and re-fetches the range from the leader; and
+               reports the replica to the controller (ReplicaManager.report_offline), which takes it
+               out of the ISR at once (rather than leaving a copy below the high watermark in the
+               ISR for up to replica_lag_time_max_ms). It rejoins through the leader's usual ISR
+               expansion once caught up, and that clears the controller's mark.
+    leader     with another ISR member, in a cluster: the partition is flagged and reported; the
+               controller moves leadership to an in-sync replica and the LeaderAndIsr that makes this
+               one a follower truncates it to the bad batch and re-fetches (the follower path).
+    otherwise  (standalone, or a leader alone in its ISR: no healthy copy to move to) the partition
+               is flagged (`Log.corrupt_reason`, the metric `logbroker_corrupt_partitions`) and an
+               ERROR names the partition, the offsets and the segment. Reads never serve the batch:
+               `Log.read` checks the CRC of every batch it returns and answers CORRUPT_MESSAGE for it.
 
 Stopping: `stop()` sets an event that the thread's throttle sleeps on and the walk checks per
 chunk, so a pass in progress ends within one chunk.
@@ -396,6 +400,12 @@ class Scrubber:
                       "re-fetching from the leader, broker %d", self._rm.broker_id, topic, index, target.path,
                       ranges, first, part.leader)
             self._rm.refetch_from(part, first)
+            self._rm.report_offline({target.key: f"corrupt batch at offset {first} in {target.path}"})
+        elif self._rm.leader_copy_corrupt(part, first, f"corrupt batch at offset {first} in {target.path}"):
+            plog.corrupt_reason = plog.corrupt_reason or f"{target.path}: corrupt batch at offset {first}"
+            log.error("scrub: %s-%d (leader on broker %d) has corrupt batches in %s: %s; reported to the controller: "
+                      "leadership moves to an in-sync replica, then this copy is truncated to offset %d and "
+                      "re-fetched", topic, index, self._rm.broker_id, target.path, ranges, first)
         else:
             plog.corrupt_reason = plog.corrupt_reason or f"{target.path}: corrupt batch at offset {first}"
             log.error("scrub: %s-%d (%s on broker %d) has corrupt batches in %s: %s; they are not served",

@@ -59,6 +59,11 @@ class ReplicaStub:
                 request_serializer=logbroker_dot_v1_dot_logbroker__pb2.ControlledShutdownRequest.SerializeToString,
                 response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.ControlledShutdownResponse.FromString,
                 _registered_method=True)
+        self.ReportOfflineReplicas = channel.unary_unary(
+                '/logbroker.v1.Replica/ReportOfflineReplicas',
+                request_serializer=logbroker_dot_v1_dot_logbroker__pb2.ReportOfflineReplicasRequest.SerializeToString,
+                response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.ReportOfflineReplicasResponse.FromString,
+                _registered_method=True)
 
 
 class ReplicaServicer:
@@ -94,6 +99,12 @@ class ReplicaServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportOfflineReplicas(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ReplicaServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -121,6 +132,11 @@ def add_ReplicaServicer_to_server(servicer, server):
                     servicer.ControlledShutdown,
                     request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.ControlledShutdownRequest.FromString,
                     response_serializer=logbroker_dot_v1_dot_logbroker__pb2.ControlledShutdownResponse.SerializeToString,
+            ),
+            'ReportOfflineReplicas': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportOfflineReplicas,
+                    request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.ReportOfflineReplicasRequest.FromString,
+                    response_serializer=logbroker_dot_v1_dot_logbroker__pb2.ReportOfflineReplicasResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -258,6 +274,33 @@ class Replica:
             '/logbroker.v1.Replica/ControlledShutdown',
             logbroker_dot_v1_dot_logbroker__pb2.ControlledShutdownRequest.SerializeToString,
             logbroker_dot_v1_dot_logbroker__pb2.ControlledShutdownResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportOfflineReplicas(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logbroker.v1.Replica/ReportOfflineReplicas',
+            logbroker_dot_v1_dot_logbroker__pb2.ReportOfflineReplicasRequest.SerializeToString,
+            logbroker_dot_v1_dot_logbroker__pb2.ReportOfflineReplicasResponse.FromString,
             options,
             channel_credentials,
             insecure,

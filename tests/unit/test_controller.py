@@ -637,3 +637,128 @@ def test_isr_expansion_naming_an_unregistered_broker_is_undone_once():
     sim.leader_sets_isr(("t", 0), [1, 2, 3])
     assert state(sim, ("t", 0))[2] == [1, 2] and sim.zk[("t", 0)].zk_version == version + 2
     assert 1 in sim.lai(sim.take_sent())
+
+
+# ====================================================================================== offline replicas
+
+
+def report(sim: Sim, broker: int, tps: dict[TP, str], recovered: tuple[TP, ...] = ()) -> None:
+    sim.run(sim.core.on_offline_replicas(broker, sim.core.live[broker].epoch, tps, recovered))
+
+
+def test_offline_leader_hands_leadership_to_another_isr_member_and_leaves_the_isr():
+    """A leader that reports its copy bad (scrubber, vanished log) stops leading at once: the next ISR
+    member leads (epoch + 1), the reporter leaves the ISR and hears a LeaderAndIsr that makes it a
+    follower; it may not lead again (preferred check, broker churn) until its leader re-admits it."""
+    sim = cluster(1, 2, 3)
+    tp = ("t", 0)
+    sim.add_topic("t", {0: [1, 2, 3]})
+    sim.take_sent()
+    report(sim, 1, {tp: "corrupt batch at offset 40"})
+    assert state(sim, tp) == (2, 1, [2, 3])
+    assert sim.lai(sim.take_sent()) == {1: {tp}, 2: {tp}, 3: {tp}}
+    sim.run(sim.core.on_preferred_check())
+    sim.brokers(1, 2)  # 3 dies: 1 is live, preferred, but offline for t-0
+    assert state(sim, tp) == (2, 1, [2])
+    sim.leader_sets_isr(tp, [2, 1])  # it re-fetched and caught up: the leader re-admits it
+    assert 1 not in sim.core.offline_replicas.get(tp, set())
+    assert state(sim, tp) == (1, 2, [2, 1])  # and the preferred leader leads again
+
+
+def test_offline_follower_leaves_the_isr_without_a_leader_epoch_bump():
+    sim = cluster(1, 2, 3)
+    tp = ("t", 0)
+    sim.add_topic("t", {0: [1, 2, 3]})
+    sim.conflict_next.add(tp)  # the leader writes the ISR at the same moment: decided again
+    report(sim, 2, {tp: "corrupt batch at offset 7"})
+    assert state(sim, tp) == (1, 0, [1, 3])
+    sim.leader_sets_isr(tp, [1, 3, 2])
+    assert state(sim, tp) == (1, 0, [1, 3, 2]) and sim.core.offline_replicas == {}
+
+
+def test_offline_sole_isr_member_leaves_the_partition_leaderless_until_recovered():
+    """No other ISR member: no leader at all (never unclean, never the replica that lost data), the
+    ISR unchanged; the mark survives churn of other brokers and goes when the broker reports the
+    replica recovered (topics recover-empty) or re-registers (it reports again if still bad)."""
+    sim = cluster(1, 2)
+    tp = ("t", 0)
+    sim.add_topic("t", {0: [1, 2]})
+    sim.leader_sets_isr(tp, [1])
+    report(sim, 1, {tp: "log vanished"})
+    assert state(sim, tp) == (-1, 1, [1])
+    sim.brokers(1, 2, bounce=(2,))
+    sim.run(sim.core.on_preferred_check())
+    assert state(sim, tp) == (-1, 1, [1])
+    report(sim, 1, {}, recovered=(tp,))
+    assert state(sim, tp) == (1, 2, [1])
+    report(sim, 1, {tp: "log vanished"})
+    assert state(sim, tp) == (-1, 3, [1])
+    sim.brokers(1, 2, bounce=(1,))  # a new incarnation: its word is gone with its registration
+    assert state(sim, tp) == (1, 4, [1])
+
+
+def test_offline_report_is_fenced_by_broker_epoch_and_ignores_foreign_partitions():
+    sim = cluster(1, 2, 3)
+    tp = ("t", 0)
+    sim.add_topic("t", {0: [1, 2]})
+    for epoch in (0, -1, 999):
+        with pytest.raises(StaleBrokerEpochError):
+            sim.core.on_offline_replicas(1, epoch, {tp: "x"})
+    with pytest.raises(BrokerNotAvailableError):
+        sim.core.on_offline_replicas(7, 1, {tp: "x"})
+    report(sim, 3, {tp: "not a replica"}, recovered=(tp,))
+    report(sim, 1, {("gone", 0): "no such topic"})
+    assert state(sim, tp) == (1, 0, [1, 2]) and sim.core.offline_replicas == {}
+
+
+def test_a_leader_and_isr_answered_with_kafka_storage_error_is_an_offline_report():
+    """As Kafka learns offline replicas: a partition answered KAFKA_STORAGE_ERROR in a LeaderAndIsr
+    response is queued as that broker's report (at the epoch the request was for)."""
+    import asyncio
+
+    from logbroker.cluster.controller import Controller, _Channel, _Event, _Term
+
+    class Rpc:
+        async def leader_and_isr(self, broker, req):
+            resp = pb.LeaderAndIsrResponse()
+            resp.results.add(topic="t", partition=0, error_code=pb.KAFKA_STORAGE_ERROR, error_message="vanished")
+            resp.results.add(topic="t", partition=1)
+            return resp
+
+    async def send() -> _Term:
+        core = ControllerState(0, 3)
+        core.on_startup({1: reg(1, 42)}, {"t": TopicSpec("t", {0: [1], 1: [1]})},
+                        {("t", p): PartitionStateData(1, 0, [1], 3, 0) for p in (0, 1)})
+        controller = Controller(0, None, Rpc())  # type: ignore[arg-type]
+        term = _Term(3, 0, core)
+        ch = _Channel(core.live[1])
+        ch.leader_and_isr.update({("t", 0), ("t", 1)})
+        assert await controller._send_next(term, ch)
+        return term
+
+    term = asyncio.run(send())
+    assert list(term.offline_reports) == [(1, 42, {("t", 0): "vanished"}, [], None)]
+    assert _Event.OFFLINE_REPLICAS in term.dirty
+
+
+def test_a_broker_registering_without_a_log_is_offline_there_before_any_election():
+    """A registration names the logs the broker created that vanished (as KRaft's offline log dirs):
+    the controller never elects it for them, not even for a moment, while another ISR member may
+    return; a log of an older topic id (the topic was re-created) does not count."""
+    sim = cluster(1, 2, 3)
+    tp = ("t", 0)
+    sim.add_topic("t", {0: [1, 2]})
+    sim.core.topics["t"].topic_id = "a" * 32
+    sim.brokers(3)  # 1 and 2 die together: leaderless, the ISR kept
+    assert state(sim, tp) == (-1, 1, [1, 2])
+    sim.epoch_seq += 1
+    back = BrokerRegistration(1, "127.0.0.1", 9001, "", sim.epoch_seq, lost_replicas=(("t", 0, "a" * 32),))
+    sim.run(sim.core.on_broker_change({3: sim.core.live[3], 1: back}))
+    assert state(sim, tp) == (-1, 1, [1, 2])  # 1 is in the ISR but lost its log: still no leader
+    sim.brokers(1, 2, 3)
+    assert state(sim, tp) == (2, 2, [2])
+    # an older incarnation's log, or a registration round trip
+    stale = BrokerRegistration(1, "h", 1, "", 5, lost_replicas=(("t", 0, "b" * 32),))
+    assert BrokerRegistration.from_json(1, stale.to_json(), 5) == stale
+    sim.run(sim.core.on_broker_change({2: sim.core.live[2], 3: sim.core.live[3], 1: stale}))
+    assert 1 not in sim.core.offline_replicas.get(tp, set())

@@ -537,3 +537,99 @@ def test_stray_replicas_are_deleted_only_on_authoritative_metadata(setup):
         with pytest.raises(UnknownTopicOrPartitionError):
             rm.get_partition("t", 0)
     run(main)
+
+
+def test_vanished_log_named_leader_is_refused_and_stays_offline_until_it_follows(tmp_path: Path):
+    """A LeaderAndIsr naming this broker leader (or leaderless) of a partition whose log vanished is
+    answered KAFKA_STORAGE_ERROR (the controller elects another in-sync replica), never led empty;
+    named follower of a live leader, it is created empty and re-fetched."""
+    async def main():
+        s = Setup(tmp_path)
+        s.rm.make_local_leader("t", 0, {}, NEW_ID)
+        await s.rm.produce("t", 0, batch(5), 1, 1000)
+        s.close()
+        shutil.rmtree(tmp_path / "b0" / "t-0")
+        s = Setup(tmp_path)
+        s.log_manager.load_all()
+        for leader, epoch in ((0, 2), (-1, 3)):
+            req = lai(state(leader=leader, epoch=epoch, isr=(0, 1)))
+            req.topic_ids["t"] = NEW_ID
+            r = (await s.rm.leader_and_isr(req, 0)).results[0]
+            assert r.error_code == pb.KAFKA_STORAGE_ERROR and "missing" in r.error_message, r
+            assert not (tmp_path / "b0" / "t-0").exists() and ("t", 0) in s.rm.offline_partitions
+            with pytest.raises(StorageError, match="offline"):
+                s.rm.get_partition("t", 0)
+        req = lai(state(leader=1, epoch=4, isr=(1,)))
+        req.topic_ids["t"] = NEW_ID
+        assert (await s.rm.leader_and_isr(req, 0)).results[0].error_code == pb.NONE
+        part = s.rm.get_partition("t", 0)
+        assert part.role is Role.FOLLOWER and part.log.log_end_offset == 0 and not s.rm.offline_partitions
+        await s.rm.shutdown()
+        s.close()
+    run(main)
+
+
+def test_recover_empty_in_a_cluster_creates_the_log_and_reports_it_recovered(tmp_path: Path):
+    async def main():
+        s = Setup(tmp_path)
+        s.rm.make_local_leader("t", 0, {}, NEW_ID)
+        s.close()
+        shutil.rmtree(tmp_path / "b0" / "t-0")
+        s = Setup(tmp_path)
+        s.log_manager.load_all()
+        reports: list[tuple[dict, list]] = []
+        s.rm.offline_reporter = lambda offline, recovered: reports.append((offline, recovered))
+        with pytest.raises(InvalidRequestError):
+            s.rm.recover_empty_replica("t", 0, {}, NEW_ID)  # not offline (yet)
+        req = lai(state(leader=0, epoch=2, isr=(0,)))
+        req.topic_ids["t"] = NEW_ID
+        assert (await s.rm.leader_and_isr(req, 0)).results[0].error_code == pb.KAFKA_STORAGE_ERROR
+        s.rm.recover_empty_replica("t", 0, {}, NEW_ID)
+        assert reports == [({}, [("t", 0)])] and not s.rm.offline_partitions
+        req = lai(state(leader=0, epoch=3, isr=(0,)))  # the controller elects it now
+        req.topic_ids["t"] = NEW_ID
+        assert (await s.rm.leader_and_isr(req, 0)).results[0].error_code == pb.NONE
+        part = s.rm.get_partition("t", 0)
+        assert part.is_leader and part.log.log_end_offset == 0
+        await s.rm.shutdown()
+        s.close()
+    run(main)
+
+
+def test_corrupt_leader_reports_and_truncates_to_the_bad_batch_once_it_follows(setup):
+    """A leader whose scrubber found a corrupt batch reports it (only with a controller to tell and
+    another ISR member to lead); the LeaderAndIsr that makes it a follower of a live leader truncates
+    its copy to the bad batch (then the fetcher re-fetches from there)."""
+    async def main():
+        rm = setup.rm
+        await lead(setup, min_isr=1, isr=(0, 1))
+        for _ in range(10):
+            await rm.produce("t", 0, batch(1), 1, 1000)
+        part = rm.get_partition("t", 0)
+        assert not rm.leader_copy_corrupt(part, 4, "bad")  # standalone: nobody to tell
+        reports: list[tuple[dict, list]] = []
+        rm.offline_reporter = lambda offline, recovered: reports.append((offline, recovered))
+        assert rm.leader_copy_corrupt(part, 4, "corrupt batch at offset 4")
+        assert reports == [({("t", 0): "corrupt batch at offset 4"}, [])]
+        part.log.corrupt_reason = "flagged"
+        assert part.log.log_end_offset == 10  # nothing changes while it leads
+        resp = await rm.leader_and_isr(lai(state(leader=-1, epoch=2, isr=(0, 1))), 0)
+        assert resp.results[0].error_code == pb.NONE and part.log.log_end_offset == 10  # no leader: keep it
+        resp = await rm.leader_and_isr(lai(state(leader=1, epoch=3, isr=(1,))), 0)
+        assert resp.results[0].error_code == pb.NONE
+        assert part.role is Role.FOLLOWER and part.log.log_end_offset == 4 and part.log.corrupt_reason is None
+        resp = await rm.leader_and_isr(lai(state(leader=1, epoch=4, isr=(1,))), 0)
+        assert part.log.log_end_offset == 4  # once
+        await rm.shutdown()
+    run(main)
+
+
+def test_corrupt_leader_alone_in_its_isr_is_not_reported(setup):
+    async def main():
+        rm = setup.rm
+        await lead(setup, min_isr=1, isr=(0,))
+        reports: list[tuple[dict, list]] = []
+        rm.offline_reporter = lambda offline, recovered: reports.append((offline, recovered))
+        assert not rm.leader_copy_corrupt(rm.get_partition("t", 0), 0, "bad") and reports == []
+        await rm.shutdown()
+    run(main)

@@ -171,3 +171,45 @@ def test_scrubber_pass_flags_a_leader_and_truncates_nothing(tmp_path, caplog):
 
     asyncio.run(main())
     assert "scrub: t-0 (leader on broker 0) has corrupt batches" in caplog.text
+
+
+@pytest.mark.parametrize("role", ["leader", "follower"])
+def test_scrubber_in_a_cluster_reports_the_bad_replica_to_the_controller(tmp_path, caplog, role):
+    """Cluster: a follower truncates and re-fetches and is reported (it leaves the ISR now, not after
+    replica_lag_time_max_ms); a leader with another ISR member is reported (leadership moves, then it
+    truncates as a follower) and keeps its copy until then."""
+    from logbroker.v1 import logbroker_pb2 as pb
+
+    async def main() -> None:
+        manager = LogManager(tmp_path, LogConfig(**SMALL))  # type: ignore[arg-type]
+        rm = ReplicaManager(0, manager)
+        reports: list[tuple[dict, list]] = []
+        rm.offline_reporter = lambda offline, recovered: reports.append((offline, recovered))
+        part = rm.make_local_leader("t", 0, {k: str(v) for k, v in SMALL.items()})
+        for i in range(60):
+            part.append_as_leader(batch(3, i))
+        leader = 0 if role == "leader" else 1
+        resp = await rm.leader_and_isr(pb.LeaderAndIsrRequest(controller_id=1, controller_epoch=1, partitions=[
+            pb.PartitionState(topic="t", partition=0, controller_epoch=1, leader=leader, leader_epoch=1,
+                              isr=[0, 1], replicas=[0, 1], zk_version=1)]), 0)
+        assert resp.results[0].error_code == pb.NONE
+        seg = part.log.segments[1]
+        checks = list(walk_segment(*reader(seg.path), seg.base_offset))
+        flip_bit(seg.path, checks[1].position + CRC_START + 3)
+        leo = part.log.log_end_offset
+        scrubber = Scrubber(rm, 60_000, 0)
+        scrubber.start()
+        try:
+            assert await scrubber.run_pass() == 1
+        finally:
+            await scrubber.stop()
+        bad = checks[1].offset
+        assert list(reports[0][0]) == [("t", 0)] and f"corrupt batch at offset {bad}" in reports[0][0][("t", 0)]
+        if role == "leader":
+            assert part.log.log_end_offset == leo and "reported to the controller" in caplog.text
+        else:
+            assert part.log.log_end_offset == bad
+        await rm.shutdown()
+        manager.close_all()
+
+    asyncio.run(main())
