@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from logbroker.cluster.cluster_secret import MAKE_ONE_HINT, ClusterSecretError, load_cluster_secret
-from logbroker.group.coordinator import CoordinatorConfig
+from logbroker.group.coordinator_config import CoordinatorConfig
 
 DEFAULT_PORT = 9092
 DEFAULT_HOST = "127.0.0.1"

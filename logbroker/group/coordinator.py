@@ -38,11 +38,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from logbroker.clock import Clock
+from logbroker.cluster.cluster_view import ClusterView
 from logbroker.cluster.hashing import partition_for_key
 from logbroker.cluster.metadata import validate_group_id
 from logbroker.errors import (
@@ -62,6 +63,7 @@ from logbroker.errors import (
     error_for,
 )
 from logbroker.group.assignor import ASSIGNORS, TopicPartition
+from logbroker.group.coordinator_config import CoordinatorConfig
 from logbroker.group.membership import LEAVE_EPOCH, Group, GroupState
 from logbroker.group.offsets import (
     METADATA_MAX_CHARS,
@@ -76,7 +78,7 @@ from logbroker.v1 import logbroker_pb2 as pb
 
 if TYPE_CHECKING:
     from logbroker.replication.partition import Partition
-    from logbroker.server.broker import Broker
+    from logbroker.replication.replica_manager import LeaderAppend
     from logbroker.storage.log import AppendResult
 
 log = logging.getLogger(__name__)
@@ -87,23 +89,36 @@ HW_LOOKUP_TIMEOUT_S = 5.0
 COMMIT_BATCH_MAX_BYTES = 768 << 10  # one commit is one batch, below __consumer_offsets' max_message_bytes
 OWNED_PARTITIONS_MAX = 100_000  # per heartbeat, checked before anything is built from the request
 
+__all__ = ["CoordinatorConfig", "GroupCoordinator", "OffsetsLog", "OffsetsTopicCreator", "PeerBrokers"]
 
-@dataclass(frozen=True)
-class CoordinatorConfig:
-    offsets_topic_partitions: int = 16
-    offsets_topic_replication_factor: int = 3  # capped at the live brokers when the topic is created
-    offsets_topic_segment_bytes: int = 4 << 20
-    session_timeout_ms: int = 45_000
-    session_timeout_ms_min: int = 1_000
-    session_timeout_ms_max: int = 1_800_000
-    rebalance_timeout_ms: int = 300_000
-    heartbeat_interval_ms: int = 500
-    reconciling_heartbeat_interval_ms: int = 100
-    default_assignor: str = "sticky"
-    group_members_max: int = 1000
-    commit_timeout_ms: int = 10_000
-    offsets_retention_ms: int = 7 * 24 * 3600 * 1000
-    offsets_retention_check_interval_ms: int = 60_000
+
+class OffsetsLog(Protocol):
+    """What the coordinator needs of the replica manager: its __consumer_offsets replicas, a word
+    when roles change, and the leader's replicated append (the replica manager implements it)."""
+
+    @property
+    def partitions(self) -> Mapping[tuple[str, int], Partition]: ...
+
+    @property
+    def role_listeners(self) -> list[Callable[[], None]]: ...
+
+    def append_records(self, topic: str, partition: int, records: bytes, acks: int) -> LeaderAppend: ...
+
+    async def wait_for_acks(self, topic: str, partition: int, append: LeaderAppend, timeout_ms: int) -> None: ...
+
+
+class OffsetsTopicCreator(Protocol):
+    """Creates __consumer_offsets on the first FindCoordinator (the broker implements it)."""
+
+    async def create_topic(self, name: str, partitions: int, replication_factor: int, config: dict[str, str],
+                           validate_only: bool = False, *, internal: bool = False) -> None: ...
+
+
+class PeerBrokers(Protocol):
+    """Stubs to other brokers' Broker service, to ask a partition's leader its high watermark
+    (server/broker_channels.py implements it; None standalone)."""
+
+    def broker_stub(self, address: str) -> Any: ...
 
 
 @dataclass
@@ -138,8 +153,13 @@ class _Shard:
 class GroupCoordinator:
     """See the module doc. All state is owned by the broker's event loop."""
 
-    def __init__(self, broker: Broker, config: CoordinatorConfig, clock: Clock) -> None:
-        self.broker = broker
+    def __init__(self, broker_id: int, cluster: ClusterView, topics: OffsetsTopicCreator, replicas: OffsetsLog,
+                 peers: PeerBrokers | None, config: CoordinatorConfig, clock: Clock) -> None:
+        self.broker_id = broker_id
+        self._cluster = cluster
+        self._topics = topics
+        self._replicas = replicas
+        self._peers = peers
         self.config = config
         self.clock = clock
         self._shards: dict[int, _Shard] = {}
@@ -154,14 +174,14 @@ class GroupCoordinator:
     def start(self) -> None:
         """On the broker's loop, after log recovery: follow our __consumer_offsets leaderships."""
         self._loop = asyncio.get_running_loop()
-        self.broker.replica_manager.role_listeners.append(self.on_roles_changed)
+        self._replicas.role_listeners.append(self.on_roles_changed)
         self._tasks.append(asyncio.create_task(self._expire_loop(), name="group-expiry"))
         self._tasks.append(asyncio.create_task(self._retention_loop(), name="offsets-retention"))
         self._reconcile_shards()
 
     async def stop(self) -> None:
         with contextlib.suppress(ValueError):
-            self.broker.replica_manager.role_listeners.remove(self.on_roles_changed)
+            self._replicas.role_listeners.remove(self.on_roles_changed)
         tasks = self._tasks + [s.task for s in self._shards.values() if s.task is not None]
         for t in tasks:
             t.cancel()
@@ -180,7 +200,7 @@ class GroupCoordinator:
     def _reconcile_shards(self) -> None:
         self._reconcile_scheduled = False
         led: dict[int, Partition] = {
-            p: part for (topic, p), part in self.broker.replica_manager.partitions.items()
+            p: part for (topic, p), part in self._replicas.partitions.items()
             if topic == OFFSETS_TOPIC and part.is_leader
         }
         for p, shard in list(self._shards.items()):
@@ -245,7 +265,7 @@ class GroupCoordinator:
     # -- routing -----------------------------------------------------------------------------------
 
     def _offsets_partition_count(self) -> int:
-        states = self.broker.topic_partitions(OFFSETS_TOPIC)
+        states = self._cluster.topic_partitions(OFFSETS_TOPIC)
         return len(states) if states else 0
 
     def _shard_for(self, group: str) -> _Shard:
@@ -257,22 +277,22 @@ class GroupCoordinator:
         shard = self._shards.get(p)
         if shard is None:
             raise NotCoordinatorError(
-                f"broker {self.broker.config.broker_id} is not the coordinator of group {group} ({OFFSETS_TOPIC}-{p})")
+                f"broker {self.broker_id} is not the coordinator of group {group} ({OFFSETS_TOPIC}-{p})")
         if not shard.loaded:
             raise CoordinatorLoadInProgressError(f"loading the groups of {OFFSETS_TOPIC}-{p}")
         return shard
 
     async def find_coordinator(self, group: str) -> pb.BrokerInfo:
         validate_group_id(group)
-        states = self.broker.topic_partitions(OFFSETS_TOPIC)
+        states = self._cluster.topic_partitions(OFFSETS_TOPIC)
         if not states:
             await self._create_offsets_topic()
-            states = self.broker.topic_partitions(OFFSETS_TOPIC)
+            states = self._cluster.topic_partitions(OFFSETS_TOPIC)
             if not states:
                 raise CoordinatorNotAvailableError(f"{OFFSETS_TOPIC} is being created")
         p = partition_for_key(group.encode(), len(states))
         leader = states[p].leader
-        brokers, _, _ = self.broker.cluster_brokers()
+        brokers, _, _ = self._cluster.cluster_brokers()
         for b in brokers:
             if b.broker_id == leader:
                 return b
@@ -281,9 +301,9 @@ class GroupCoordinator:
     async def _create_offsets_topic(self) -> None:
         cfg = self.config
         async with self._create_lock:
-            if self.broker.topic_partitions(OFFSETS_TOPIC):
+            if self._cluster.topic_partitions(OFFSETS_TOPIC):
                 return
-            live = len(self.broker.cluster_brokers()[0])
+            live = len(self._cluster.cluster_brokers()[0])
             rf = max(1, min(cfg.offsets_topic_replication_factor, live))
             topic_config = {
                 "segment_bytes": str(cfg.offsets_topic_segment_bytes),
@@ -291,7 +311,7 @@ class GroupCoordinator:
                 "retention_bytes": "-1",
             }
             try:
-                await self.broker.create_topic(OFFSETS_TOPIC, cfg.offsets_topic_partitions, rf, topic_config,
+                await self._topics.create_topic(OFFSETS_TOPIC, cfg.offsets_topic_partitions, rf, topic_config,
                                                internal=True)
                 log.info("created %s: %d partitions, replication factor %d", OFFSETS_TOPIC,
                          cfg.offsets_topic_partitions, rf)
@@ -302,10 +322,10 @@ class GroupCoordinator:
 
     def _topic_counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
-        for t in self.broker.topic_names():
+        for t in self._cluster.topic_names():
             if t.startswith("__"):
                 continue  # internal topics are never assigned to consumers (nor matched by a regex)
-            states = self.broker.topic_partitions(t)
+            states = self._cluster.topic_partitions(t)
             if states:
                 out[t] = len(states)
         return out
@@ -414,7 +434,7 @@ class GroupCoordinator:
 
     async def _append_replicated(self, shard: _Shard, group: str, batch: bytes) -> AppendResult:
         """Append under this shard's leadership only (a reload at a newer leader epoch is another shard)."""
-        rm = self.broker.replica_manager
+        rm = self._replicas
         part = rm.partitions.get((OFFSETS_TOPIC, shard.partition))
         if self._shards.get(shard.partition) is not shard or part is None or part.leader_epoch != shard.leader_epoch:
             raise NotCoordinatorError(f"no longer the coordinator of group {group}")
@@ -486,7 +506,7 @@ class GroupCoordinator:
             to_check: dict[TopicPartition, int] = {}
             for cp, r in zip(req.partitions, results, strict=True):
                 try:
-                    self.broker.check_partition(cp.topic, cp.partition)
+                    self._cluster.check_partition(cp.topic, cp.partition)
                     if cp.offset < 0:
                         raise OffsetOutOfRangeError(f"cannot commit negative offset {cp.offset}")
                     if len(cp.metadata) > METADATA_MAX_CHARS:
@@ -554,7 +574,7 @@ class GroupCoordinator:
         error that kept us from learning it)."""
         errors: dict[TopicPartition, BrokerError] = {}
         remote: dict[int, list[TopicPartition]] = {}
-        rm = self.broker.replica_manager
+        rm = self._replicas
         for tp, offset in wanted.items():
             if offset <= self._hw_cache.get(tp, -1):
                 continue
@@ -562,7 +582,7 @@ class GroupCoordinator:
             if part is not None and part.is_leader:
                 self._hw_cache[tp] = part.high_watermark
                 continue
-            states = self.broker.topic_partitions(tp[0]) or {}
+            states = self._cluster.topic_partitions(tp[0]) or {}
             st = states.get(tp[1])
             leader = st.leader if st is not None else -1
             remote.setdefault(leader, []).append(tp)
@@ -579,17 +599,17 @@ class GroupCoordinator:
 
     async def _ask_high_watermarks(self, leader: int, tps: list[TopicPartition],
                                    errors: dict[TopicPartition, BrokerError]) -> None:
-        brokers, _, _ = self.broker.cluster_brokers()
+        brokers, _, _ = self._cluster.cluster_brokers()
         address = next((f"{b.host}:{b.port}" for b in brokers if b.broker_id == leader), None)
-        cluster = self.broker.cluster
-        if address is None or cluster is None:
+        peers = self._peers
+        if address is None or peers is None:
             for tp in tps:
                 errors[tp] = CoordinatorNotAvailableError(f"{tp[0]}-{tp[1]} has no live leader to check the offset")
             return
         req = pb.ListOffsetsRequest(partitions=[pb.ListOffsetsPartition(topic=t, partition=p, timestamp=-1)
                                                 for t, p in tps])
         try:
-            resp = await cluster.channels.broker_stub(address).ListOffsets(req, timeout=HW_LOOKUP_TIMEOUT_S)
+            resp = await peers.broker_stub(address).ListOffsets(req, timeout=HW_LOOKUP_TIMEOUT_S)
         except Exception as exc:  # an unreachable leader: the client retries the commit
             for tp in tps:
                 errors[tp] = CoordinatorNotAvailableError(f"cannot reach the leader of {tp[0]}-{tp[1]}: {exc}")
@@ -697,7 +717,7 @@ class GroupCoordinator:
         return resp
 
     def describe(self, group: str) -> pb.DescribeGroupResponse:
-        resp = pb.DescribeGroupResponse(group=group, coordinator_id=self.broker.config.broker_id)
+        resp = pb.DescribeGroupResponse(group=group, coordinator_id=self.broker_id)
         try:
             shard = self._shard_for(group)
             entry = shard.groups.get(group)

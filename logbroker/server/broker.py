@@ -48,7 +48,13 @@ from logbroker.group.offsets import OFFSETS_TOPIC
 from logbroker.replication.partition import Partition
 from logbroker.replication.replica_manager import CallableIsrStore, InMemoryIsrStore, IsrStore, ReplicaManager
 from logbroker.server import admin_service, broker_service, replica_service, rpc
+from logbroker.server.apis.admin import AdminApis
+from logbroker.server.apis.broker_apis import BrokerApis
+from logbroker.server.apis.groups import GroupApis
+from logbroker.server.apis.metadata import MetadataApis
+from logbroker.server.apis.produce_fetch import ProduceFetchApis
 from logbroker.server.cluster_member import ClusterMember
+from logbroker.server.request_context import RequestRejected, RequestStatus
 from logbroker.server.wire_server import WireServer
 from logbroker.storage.data_dir_lock import DataDirLock
 from logbroker.storage.log import LogConfig
@@ -92,6 +98,11 @@ def check_listen_address(host: str, port: int, flag: str = "--listen") -> None:
 
 
 class Broker:
+    """The composition root: builds the replica manager, the group coordinator, the cluster member
+    and the request layer, and wires each with the narrow interfaces it names (the broker itself
+    implements ClusterView / TopicCatalog, PartitionLookup, TopicAdmin, ListenerPorts and
+    InterBrokerHost)."""
+
     def __init__(self, config: BrokerConfig, clock: Clock = SYSTEM_CLOCK) -> None:
         self.config = config
         self.clock = clock
@@ -106,7 +117,10 @@ class Broker:
         self._data_dir_lock.acquire()
         self._log_manager = LogManager(Path(config.data_dir), LogConfig())
         self.metadata_image = MetadataImage()
-        self.cluster: ClusterMember | None = ClusterMember(self) if config.cluster_mode else None
+        self.cluster: ClusterMember | None = (
+            ClusterMember(config, self.metadata_image, self, self._drop_roles_on_session_lost, self._log_manager)
+            if config.cluster_mode else None
+        )
         isr_store: IsrStore = (
             CallableIsrStore(self.cluster.store.write_isr_as_leader) if self.cluster is not None else InMemoryIsrStore()
         )
@@ -118,7 +132,16 @@ class Broker:
         )
         if self.cluster is not None:
             self.replica_manager.offline_reporter = self.cluster.report_offline_replicas
-        self.coordinator = GroupCoordinator(self, config.coordinator, clock)
+        self.coordinator = GroupCoordinator(
+            config.broker_id, self, self, self.replica_manager,
+            self.cluster.channels if self.cluster is not None else None, config.coordinator, clock,
+        )
+        self.apis = BrokerApis(
+            ProduceFetchApis(config, self, self.replica_manager, self),
+            MetadataApis(self, self),
+            GroupApis(self, self.coordinator),
+            AdminApis(self, self, self, self.replica_manager),
+        )
         self.scrubber: Scrubber | None = (
             Scrubber(self.replica_manager, config.scrub_interval_ms, config.scrub_bytes_per_sec)
             if config.scrub_interval_ms > 0 else None
@@ -151,7 +174,8 @@ class Broker:
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         server.add_generic_rpc_handlers(
-            (broker_service.handler(self), admin_service.handler(self), replica_service.handler(self))
+            (broker_service.handler(self.apis, self.open_streams), admin_service.handler(self.apis),
+             replica_service.handler(self))
         )
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -167,7 +191,7 @@ class Broker:
         self._server = server
         if cfg.data_listen_enabled:
             check_listen_address(cfg.data_listen_host or cfg.listen_host, cfg.data_listen_port, "--data-listen")
-            self.wire_server = WireServer(broker_service.wire_handlers(self), cfg.max_request_bytes)
+            self.wire_server = WireServer(broker_service.wire_handlers(self.apis), cfg.max_request_bytes)
             self.bound_data_port = await self.wire_server.start(cfg.data_listen_host or cfg.listen_host,
                                                                 cfg.data_listen_port)
         log.info("broker %d listening on %s:%d, recovering logs in %s", cfg.broker_id, cfg.listen_host, port, cfg.data_dir)
@@ -313,6 +337,10 @@ class Broker:
         return self._store
 
     @property
+    def cluster_id(self) -> str:
+        return self.store.cluster_id
+
+    @property
     def partitions(self) -> dict[tuple[str, int], Partition]:
         """The replicas this broker hosts (owned by the replica manager; do not modify)."""
         return self.replica_manager.partitions
@@ -325,6 +353,12 @@ class Broker:
     def controller(self) -> Controller | None:
         return self.cluster.controller if self.cluster is not None else None
 
+    def _drop_roles_on_session_lost(self) -> None:
+        """The ZooKeeper session is gone: no produce is accepted as leader any more."""
+        rm = self.replica_manager
+        for topic, partition in list(rm.partitions):
+            rm.remove_partition(topic, partition, delete=False)
+
     def on_metadata_updated(self) -> None:
         """The controller sent a full UpdateMetadata: long-polls re-check (e.g. a deleted topic)."""
         self.replica_manager.fetch_purgatory.notify_all()
@@ -333,8 +367,8 @@ class Broker:
         """Cluster mode: refuse (UNAVAILABLE, retriable) to describe the cluster before the controller
         has told us what it is; a restarted broker would otherwise call every topic unknown."""
         if self.cluster is not None and not self.metadata_image.received_update:
-            raise rpc.RequestRejected(
-                grpc.StatusCode.UNAVAILABLE,
+            raise RequestRejected(
+                RequestStatus.UNAVAILABLE,
                 f"broker {self.config.broker_id} has not received the cluster metadata from the controller yet; retry",
             )
 
@@ -407,6 +441,14 @@ class Broker:
         if spec is None:
             raise InvalidRequestError(f"{topic}-{partition} is not offline on broker {self.config.broker_id}")
         self.replica_manager.recover_empty(topic, partition, spec.config, spec.topic_id)
+
+    async def reassign_partition(self, topic: str, partition: int, replicas: list[int]) -> None:
+        if self.cluster is not None:
+            await self.cluster.reassign(topic, partition, replicas)
+            return
+        self.partition(topic, partition)
+        if replicas != [self.config.broker_id]:
+            raise InvalidReplicationFactorError("a standalone broker can only place replicas on itself")
 
     async def topic_config(self, topic: str) -> dict[str, str]:
         if self.cluster is not None:

@@ -21,8 +21,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from logbroker.cluster.controller import Controller
 from logbroker.cluster.hashing import assign_replicas, balance_leaders
@@ -33,7 +34,9 @@ from logbroker.cluster.metadata import (
     normalize_topic_config,
     validate_topic_name,
 )
+from logbroker.cluster.metadata_image import MetadataImage
 from logbroker.cluster.zk_store import ZkStore
+from logbroker.config import BrokerConfig
 from logbroker.errors import (
     InvalidPartitionsError,
     InvalidReplicationFactorError,
@@ -43,9 +46,6 @@ from logbroker.errors import (
 )
 from logbroker.server.broker_channels import BrokerChannels
 from logbroker.v1 import logbroker_pb2 as pb
-
-if TYPE_CHECKING:
-    from logbroker.server.broker import Broker
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -58,10 +58,35 @@ OFFLINE_REPORT_BACKOFF_S = 0.5
 TP = tuple[str, int]
 
 
+class ListenerPorts(Protocol):
+    """The ports this broker's listeners bound (0: none), registered in ZooKeeper (the broker)."""
+
+    @property
+    def bound_port(self) -> int: ...
+
+    @property
+    def bound_data_port(self) -> int: ...
+
+
+class LostLogs(Protocol):
+    """Logs this broker created whose directory vanished, named in its registration so the
+    controller never elects it for them (the log manager)."""
+
+    def lost_logs(self) -> list[tuple[str, int, str]]: ...
+
+
 class ClusterMember:
-    def __init__(self, broker: Broker) -> None:
-        self.broker = broker
-        cfg = broker.config
+    """`on_session_lost` (on the loop): drop every partition role at once, so nothing is accepted
+    as leader without a session; `image`: the controller's metadata as received (a topic counts as
+    created once its partitions are led there)."""
+
+    def __init__(self, config: BrokerConfig, image: MetadataImage, ports: ListenerPorts,
+                 on_session_lost: Callable[[], None], lost_logs: LostLogs) -> None:
+        self.config = cfg = config
+        self._image = image
+        self._ports = ports
+        self._lost_logs = lost_logs
+        self._on_session_lost = on_session_lost
         hosts, chroot = cfg.zk_hosts_and_chroot
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"zk-{cfg.broker_id}")
         self.store = ZkStore(hosts, chroot, session_timeout_ms=cfg.zk_session_timeout_ms)
@@ -88,23 +113,23 @@ class ClusterMember:
         await self._zk(self.store.start)
         self.store.add_state_listener(self._on_state_threadsafe)
         await self._register()
-        self.controller = Controller(self.broker.config.broker_id, self.store, self.channels, self._loop,
+        self.controller = Controller(self.config.broker_id, self.store, self.channels, self._loop,
                                      executor=self._executor)
         self._controller_task = asyncio.create_task(self.controller.run(), name="controller")
 
     def _registration(self) -> BrokerRegistration:
-        cfg = self.broker.config
+        cfg = self.config
         host, port = cfg.advertised
-        lost = tuple(self.broker.replica_manager.log_manager.lost_logs())
+        lost = tuple(self._lost_logs.lost_logs())
         if lost:
             log.error("broker %d registers with %d replicas whose log vanished (it will not lead them): %s",
                       cfg.broker_id, len(lost), ", ".join(f"{t}-{p}" for t, p, _ in lost[:20]))
-        return BrokerRegistration(cfg.broker_id, host, port or self.broker.bound_port, cfg.rack,
-                                  data_port=self.broker.bound_data_port, lost_replicas=lost)
+        return BrokerRegistration(cfg.broker_id, host, port or self._ports.bound_port, cfg.rack,
+                                  data_port=self._ports.bound_data_port, lost_replicas=lost)
 
     async def _register(self) -> None:
         self.broker_epoch = await self._zk(self.store.register_broker, self._registration())
-        log.info("broker %d registered in ZooKeeper with broker epoch %d", self.broker.config.broker_id,
+        log.info("broker %d registered in ZooKeeper with broker epoch %d", self.config.broker_id,
                  self.broker_epoch)
 
     def _on_state_threadsafe(self, state: str) -> None:
@@ -116,9 +141,7 @@ class ClusterMember:
             log.warning("ZooKeeper session lost: dropping every partition role until re-registered")
             self._session_lost = True
             self.broker_epoch = -1
-            rm = self.broker.replica_manager
-            for topic, partition in list(rm.partitions):
-                rm.remove_partition(topic, partition, delete=False)
+            self._on_session_lost()
         elif state == "CONNECTED" and self._session_lost:
             self._session_lost = False
             if self._reregister is None or self._reregister.done():
@@ -132,12 +155,12 @@ class ClusterMember:
             except Exception as exc:  # the session may flap again; keep trying, bounded
                 log.warning("re-registration attempt %d failed: %s", attempt + 1, exc)
                 await asyncio.sleep(1.0)
-        log.error("giving up re-registering broker %d", self.broker.config.broker_id)
+        log.error("giving up re-registering broker %d", self.config.broker_id)
 
     async def controlled_shutdown(self) -> None:
         """Ask the controller to move leadership away until nothing remains or the timeout passes."""
-        deadline = time.monotonic() + self.broker.config.controlled_shutdown_timeout_ms / 1000
-        me = self.broker.config.broker_id
+        deadline = time.monotonic() + self.config.controlled_shutdown_timeout_ms / 1000
+        me = self.config.broker_id
         previous: list[tuple[str, int]] | None = None
         stalled = 0
         while time.monotonic() < deadline and self.broker_epoch >= 0 and stalled < CONTROLLED_SHUTDOWN_STALLS_MAX:
@@ -212,7 +235,7 @@ class ClusterMember:
             await asyncio.sleep(OFFLINE_REPORT_BACKOFF_S)
 
     async def _report_once(self, offline: dict[TP, str], recovered: list[TP]) -> None:
-        me = self.broker.config.broker_id
+        me = self.config.broker_id
         if self.broker_epoch < 0:
             raise RequestTimedOutError("not registered")
         if recovered:  # the registration no longer names them lost (a new controller reads it)
@@ -260,9 +283,9 @@ class ClusterMember:
         validate_topic_name(name)
         if not 1 <= partitions <= PARTITIONS_MAX:
             raise InvalidPartitionsError(f"partitions must be in [1, {PARTITIONS_MAX}], got {partitions}")
-        full_config = normalize_topic_config({**self.broker.config.default_topic_config, **config})
+        full_config = normalize_topic_config({**self.config.default_topic_config, **config})
         brokers: dict[int, BrokerRegistration] = await self._zk(self.store.live_brokers)
-        rf = replication_factor or self.broker.config.default_replication_factor
+        rf = replication_factor or self.config.default_replication_factor
         if not 1 <= rf <= len(brokers):
             raise InvalidReplicationFactorError(
                 f"replication factor {rf} needs {rf} live brokers; {len(brokers)} are registered"
@@ -283,7 +306,7 @@ class ClusterMember:
         await self._wait_until(lambda: self._led(name, partitions), f"leaders for every partition of {name}")
 
     def _led(self, name: str, partitions: int) -> bool:
-        states = self.broker.metadata_image.partitions.get(name, {})
+        states = self._image.partitions.get(name, {})
         return len(states) >= partitions and all(s.leader >= 0 for s in states.values())
 
     async def _wait_until(self, predicate: Any, what: str) -> None:
@@ -299,7 +322,7 @@ class ClusterMember:
         if await self._zk(self.store.get_topic, name) is None:
             raise UnknownTopicOrPartitionError(f"unknown topic {name!r}")
         await self._zk(self.store.delete_topic, name)
-        await self._wait_until(lambda: name not in self.broker.metadata_image.partitions, f"deletion of {name}")
+        await self._wait_until(lambda: name not in self._image.partitions, f"deletion of {name}")
 
     async def create_partitions(self, name: str, total: int) -> None:
         validate_topic_name(name)

@@ -9,16 +9,52 @@ so no epoch is adopted from a plain client; a standalone broker refuses them all
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 
 from logbroker.errors import BrokerError, NotControllerError, UnknownServerError
 from logbroker.server import rpc
+from logbroker.server.request_context import RequestStatus
 from logbroker.v1 import logbroker_pb2 as pb
 
 if TYPE_CHECKING:
-    from logbroker.server.broker import Broker
+    from logbroker.cluster.controller import Controller
+    from logbroker.cluster.metadata_image import MetadataImage
+    from logbroker.config import BrokerConfig
+    from logbroker.replication.replica_manager import ReplicaManager
+
+
+class TopicForgetter(Protocol):
+    def forget_topics(self, topics: Iterable[str]) -> None: ...
+
+
+class InterBrokerHost(Protocol):
+    """What the inter-broker calls act on (the broker implements it)."""
+
+    @property
+    def config(self) -> BrokerConfig: ...
+
+    @property
+    def ready(self) -> bool: ...
+
+    @property
+    def metadata_image(self) -> MetadataImage: ...
+
+    @property
+    def replica_manager(self) -> ReplicaManager: ...
+
+    @property
+    def coordinator(self) -> TopicForgetter: ...
+
+    @property
+    def broker_epoch(self) -> int: ...
+
+    @property
+    def controller(self) -> Controller | None: ...
+
+    def on_metadata_updated(self) -> None: ...
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +69,7 @@ def _error(exc: Exception, what: str) -> BrokerError:
 
 
 class ReplicaService:
-    def __init__(self, broker: Broker) -> None:
+    def __init__(self, broker: InterBrokerHost) -> None:
         self.broker = broker
 
     def require_broker(self, context: grpc.aio.ServicerContext, what: str) -> None:
@@ -45,7 +81,7 @@ class ReplicaService:
         """Checked again by each method (the guard in `handler` runs first): a broker, and serving."""
         self.require_broker(context, what)
         if not self.broker.ready:
-            raise rpc.RequestRejected(grpc.StatusCode.UNAVAILABLE, "broker is not serving yet")
+            raise rpc.RequestRejected(RequestStatus.UNAVAILABLE, "broker is not serving yet")
 
     async def leader_and_isr(self, req: pb.LeaderAndIsrRequest, context: grpc.aio.ServicerContext) -> pb.LeaderAndIsrResponse:
         self._check(context, "LeaderAndIsr")
@@ -126,7 +162,7 @@ class ReplicaService:
             return pb.ReportOfflineReplicasResponse(error_code=err.code, error_message=err.message)  # type: ignore[arg-type]
 
 
-def handler(broker: Broker) -> grpc.GenericRpcHandler:
+def handler(broker: InterBrokerHost) -> grpc.GenericRpcHandler:
     svc = ReplicaService(broker)
 
     def method(name: str, request_cls: Any, fn: Any) -> Any:

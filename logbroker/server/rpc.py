@@ -16,35 +16,48 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.message import DecodeError, Message
 
-from logbroker.cluster.cluster_secret import check_peer, presented_secret
+from logbroker.cluster.cluster_secret import presented_secret
+from logbroker.server.request_checks import require_cluster_peer
+from logbroker.server.request_context import (
+    ANONYMOUS,
+    LISTENER_GRPC,
+    RequestContext,
+    RequestRejected,
+    RequestStatus,
+)
 
 log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=Message)
 Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Message | bytes]]
+CLIENT_ID_METADATA = "client-id"
+
+__all__ = ["RequestRejected", "grpc_status", "request_context", "require_peer"]
+_GRPC_STATUS: dict[RequestStatus, grpc.StatusCode] = {s: grpc.StatusCode[s.name] for s in RequestStatus}
 
 
-class RequestRejected(Exception):
-    """Abort the whole call with a gRPC status (for requests that cannot be answered per partition)."""
+def grpc_status(status: RequestStatus) -> grpc.StatusCode:
+    """The gRPC status a refused call ends with."""
+    return _GRPC_STATUS[status]
 
-    def __init__(self, status: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
+
+def request_context(context: grpc.aio.ServicerContext | None) -> RequestContext:
+    """The request layer's view of a gRPC caller (server/request_context.py)."""
+    if context is None:
+        return RequestContext()
+    metadata = context.invocation_metadata()
+    client_id = ""
+    for key, value in metadata or ():
+        if key == CLIENT_ID_METADATA:
+            client_id = value if isinstance(value, str) else value.decode("utf-8", "replace")
+    return RequestContext(ANONYMOUS, client_id, context.peer() or "", LISTENER_GRPC, presented_secret(metadata))
 
 
 def require_peer(secret: bytes, cluster_mode: bool, context: grpc.aio.ServicerContext | None, what: str) -> None:
     """Refuse the call unless its caller proved it is a broker of this cluster (the cluster secret
-    in its metadata; logbroker/cluster/cluster_secret.py). `context` None: the record transport,
-    which carries no metadata, so no proof."""
+    in its metadata; logbroker/cluster/cluster_secret.py). `context` None: no metadata, so no proof."""
     presented = presented_secret(context.invocation_metadata() if context is not None else None)
-    refusal = check_peer(secret, cluster_mode, presented, what)
-    if refusal is not None:
-        log.warning("refused %s: %s", what, refusal.message)
-        raise RequestRejected(
-            grpc.StatusCode.UNAUTHENTICATED if refusal.unauthenticated else grpc.StatusCode.PERMISSION_DENIED,
-            refusal.message,
-        )
+    require_cluster_peer(secret, cluster_mode, presented, what)
 
 
 def parse(cls: type[M], raw: bytes | memoryview) -> M:
@@ -52,7 +65,7 @@ def parse(cls: type[M], raw: bytes | memoryview) -> M:
         return cls.FromString(raw)
     except (DecodeError, ValueError) as exc:  # ValueError: invalid UTF-8 in a string field
         raise RequestRejected(
-            grpc.StatusCode.INVALID_ARGUMENT, f"malformed {cls.DESCRIPTOR.name}: {exc}"
+            RequestStatus.INVALID_ARGUMENT, f"malformed {cls.DESCRIPTOR.name}: {exc}"
         ) from None
 
 
@@ -67,7 +80,7 @@ def method(request_cls: type[M], fn: Callable[[M, grpc.aio.ServicerContext], Awa
             request = parse(request_cls, raw)
             response = await fn(request, context)
         except RequestRejected as exc:
-            await context.abort(exc.status, exc.message)
+            await context.abort(grpc_status(exc.status), exc.message)
             raise AssertionError("unreachable") from None
         if isinstance(response, bytes):
             return response
@@ -138,7 +151,7 @@ def stream_method(request_cls: type[M], fn: Callable[[M, grpc.aio.ServicerContex
             except RequestRejected as exc:
                 end = exc
             except Exception as exc:  # reading the stream failed: answered as a broken connection
-                end = RequestRejected(grpc.StatusCode.UNAVAILABLE, f"reading the stream failed: {exc!r}")
+                end = RequestRejected(RequestStatus.UNAVAILABLE, f"reading the stream failed: {exc!r}")
             finally:  # None: the client closed its side (or the reader was cancelled): end after the last response
                 queue.put_nowait(end)
 
@@ -151,12 +164,12 @@ def stream_method(request_cls: type[M], fn: Callable[[M, grpc.aio.ServicerContex
                 if item is None:
                     return
                 if isinstance(item, RequestRejected):
-                    await context.abort(item.status, item.message)
+                    await context.abort(grpc_status(item.status), item.message)
                     return
                 try:
                     response = await item
                 except RequestRejected as exc:
-                    await context.abort(exc.status, exc.message)
+                    await context.abort(grpc_status(exc.status), exc.message)
                 await context.write(response if isinstance(response, bytes) else response.SerializeToString())
                 space.release()
         finally:

@@ -8,8 +8,10 @@ that is ready, in request order. A produce costs three loop iterations from its 
 its response leaving (stream reader, reader task, writer task and a queue cost two more each way);
 the broker's event loop is on every record's path, so iterations are latency.
 
-A handler's `RequestRejected` becomes that request's status frame; an unexpected exception an
-INTERNAL one (logged).
+Each connection is one caller: its handlers get the connection's `RequestContext` (listener
+"record", the peer address, no cluster secret: the record transport carries none). A handler's
+`RequestRejected` becomes that request's status frame (its status number is the frame's status
+byte); an unexpected exception an INTERNAL one (logged).
 
 Bounds, each on one connection unless said otherwise:
 
@@ -58,10 +60,11 @@ from google.protobuf.message import Message
 
 from logbroker import wire
 from logbroker.server import rpc
+from logbroker.server.request_context import LISTENER_RECORD, RequestContext, RequestRejected, RequestStatus
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[Any, Any], Awaitable[Message | bytes]]
+Handler = Callable[[Any, RequestContext], Awaitable[Message | bytes]]
 CONNECTIONS_MAX = 1024
 CONNECTIONS_MAX_IDLE_S = 600.0  # Kafka's connections.max.idle.ms
 IDLE_SWEEP_MAX_S = 60.0
@@ -160,6 +163,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._read_paused = False
         self._write_paused = False
         self._last_read = self._loop.time()
+        self._context = RequestContext(listener=LISTENER_RECORD)
         self.ended: asyncio.Future[None] = self._loop.create_future()
 
     # -- transport callbacks ------------------------------------------------------------------
@@ -174,6 +178,7 @@ class _Connection(asyncio.BufferedProtocol):
             transport.abort()
             return
         server.connections.add(self)
+        self._context = RequestContext(peer=_peer(transport.get_extra_info("peername")), listener=LISTENER_RECORD)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):
@@ -323,10 +328,10 @@ class _Connection(asyncio.BufferedProtocol):
         request_cls, fn = entry
         try:
             request = rpc.parse(request_cls, memoryview(frame)[wire.SIZE_MIN :])
-        except rpc.RequestRejected as exc:
-            self._pending.append((corr, wire.error_frame(corr, exc.status, exc.message)))
+        except RequestRejected as exc:
+            self._pending.append((corr, _rejected_frame(corr, exc)))
             return
-        task = self._loop.create_task(_run(fn, request))
+        task = self._loop.create_task(_run(fn, request, self._context))
         self._pending.append((corr, task))
         task.add_done_callback(self._on_done)
 
@@ -353,8 +358,8 @@ class _Connection(asyncio.BufferedProtocol):
             else:
                 exc = item.exception()
                 if exc is not None:
-                    assert isinstance(exc, rpc.RequestRejected)  # _run turns the rest into INTERNAL
-                    small.append(wire.error_frame(corr, exc.status, exc.message))
+                    assert isinstance(exc, RequestRejected)  # _run turns the rest into INTERNAL
+                    small.append(_rejected_frame(corr, exc))
                 else:
                     response = item.result()
                     body = response if isinstance(response, bytes) else response.SerializeToString()
@@ -408,11 +413,22 @@ class _Connection(asyncio.BufferedProtocol):
             self._transport.abort()
 
 
-async def _run(fn: Handler, request: Message) -> Message | bytes:
+def _peer(peername: object) -> str:
+    """host:port of a peer address tuple ("" if unknown)."""
+    if isinstance(peername, tuple) and len(peername) >= 2:
+        return f"{peername[0]}:{peername[1]}"
+    return ""
+
+
+def _rejected_frame(corr: int, exc: RequestRejected) -> bytes:
+    return wire.error_frame(corr, rpc.grpc_status(exc.status), exc.message)
+
+
+async def _run(fn: Handler, request: Message, context: RequestContext) -> Message | bytes:
     try:
-        return await fn(request, None)
-    except (rpc.RequestRejected, asyncio.CancelledError):
+        return await fn(request, context)
+    except (RequestRejected, asyncio.CancelledError):
         raise
     except Exception as exc:
         log.exception("record transport: handler failed")
-        raise rpc.RequestRejected(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}") from None
+        raise RequestRejected(RequestStatus.INTERNAL, f"{type(exc).__name__}: {exc}") from None

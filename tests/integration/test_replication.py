@@ -24,6 +24,8 @@ from logbroker.replication.fetcher import FetcherConfig
 from logbroker.replication.partition import Partition, Role
 from logbroker.replication.replica_manager import InMemoryIsrStore, ReplicaManager
 from logbroker.server import broker_service, rpc
+from logbroker.server.apis.broker_apis import BrokerApis
+from logbroker.server.apis.produce_fetch import ProduceFetchApis
 from logbroker.storage.log import Log, LogConfig
 from logbroker.storage.log_manager import LogManager
 from logbroker.storage.record_batch import encode_batch, iter_batches
@@ -43,7 +45,7 @@ def batch(tag: str, n: int = 3, size: int = 40) -> bytes:
 
 
 class Node:
-    """One broker's data path: what broker_service needs of a Broker, plus a Replica handler."""
+    """One broker's data path: what the request layer's data path needs of a Broker, plus a Replica handler."""
 
     def __init__(self, broker_id: int, tmp: Path, store: InMemoryIsrStore, lag_ms: int) -> None:
         self.broker_id = broker_id
@@ -83,7 +85,8 @@ class Node:
             "OffsetForLeaderEpoch": rpc.method(pb.OffsetForLeaderEpochRequest, offset_for_leader_epoch),
         })
         server = grpc.aio.server()
-        server.add_generic_rpc_handlers((broker_service.handler(self), replica))  # type: ignore[arg-type]
+        apis = BrokerApis(ProduceFetchApis(self.config, self, rm, self))  # type: ignore[arg-type]
+        server.add_generic_rpc_handlers((broker_service.handler(apis, self.open_streams), replica))
         self.port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         self.server = server

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from logbroker.server.broker_service import _encode_fetch_response
+from logbroker.server.apis.fetch_encoding import encode_fetch_response as _encode_fetch_response
 from logbroker.v1 import logbroker_pb2 as pb
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import types
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -98,7 +97,7 @@ def test_the_broker_handles_few_requests_of_one_stream_at_once(monkeypatch: pyte
 
     monkeypatch.setattr(broker_service.BrokerService, "produce", slow)
     monkeypatch.setattr(broker_service.BrokerService, "fetch", slow)
-    generic = broker_service.handler(types.SimpleNamespace(open_streams=rpc.OpenStreams()))  # type: ignore[arg-type]
+    generic = broker_service.handler(None, rpc.OpenStreams())  # type: ignore[arg-type]
     details = type("Details", (), {"method": f"/logbroker.v1.Broker/{method}", "invocation_metadata": ()})()
     handle = generic.service(details).stream_stream
 

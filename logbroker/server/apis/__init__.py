@@ -1,0 +1,1 @@
+"""The request layer: protocol-neutral broker calls under every listener (see broker_apis.py)."""

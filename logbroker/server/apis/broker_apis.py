@@ -1,0 +1,102 @@
+"""`BrokerApis`: every client call of the broker, protocol-neutral, behind one hook.
+
+Request and response types are the logbroker.v1 protobuf messages: they are the project's internal
+schema (per-partition ErrorCode results included), not a gRPC detail; the gRPC servicers pass them
+through, the record transport frames them, and a Kafka listener will translate Kafka's messages
+into them. Each call takes the caller's `RequestContext` and the request, returns the response
+(Fetch: already serialized, so its records are copied once), and refuses a whole call with
+`RequestRejected` (server/request_context.py), which each listener maps to its own status.
+
+Every call passes through `handle(api, context, request)`, and there through `RequestHook.
+on_request`: the one place where authorization, quotas and request metrics will go. Calls by
+concept: produce_fetch.py (Produce, Fetch, ListOffsets), metadata.py (Metadata, DescribeCluster),
+groups.py (offsets, coordinator, heartbeats, group admin), admin.py (topics, replicas).
+
+The inter-broker surface (server/replica_service.py) is not here: only brokers may call it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeAlias
+
+from google.protobuf.message import Message
+
+from logbroker.server.apis.admin import AdminApis
+from logbroker.server.apis.groups import GroupApis
+from logbroker.server.apis.metadata import MetadataApis
+from logbroker.server.apis.produce_fetch import ProduceFetchApis
+from logbroker.server.request_context import RequestContext, RequestRejected, RequestStatus
+from logbroker.v1 import logbroker_pb2 as pb
+
+Response: TypeAlias = Message | bytes
+Api = Callable[[RequestContext, Any], Awaitable[Response]]
+
+# The APIs by name (the gRPC method names of logbroker.v1.Broker and logbroker.v1.Admin), with
+# their request message type.
+PRODUCE = "Produce"
+FETCH = "Fetch"
+REQUEST_TYPES: dict[str, type[Message]] = {
+    PRODUCE: pb.ProduceRequest,
+    FETCH: pb.FetchRequest,
+    "ListOffsets": pb.ListOffsetsRequest,
+    "Metadata": pb.MetadataRequest,
+    "OffsetCommit": pb.OffsetCommitRequest,
+    "OffsetFetch": pb.OffsetFetchRequest,
+    "FindCoordinator": pb.FindCoordinatorRequest,
+    "ConsumerGroupHeartbeat": pb.ConsumerGroupHeartbeatRequest,
+    "CreateTopics": pb.CreateTopicsRequest,
+    "DeleteTopics": pb.DeleteTopicsRequest,
+    "CreatePartitions": pb.CreatePartitionsRequest,
+    "DescribeTopics": pb.DescribeTopicsRequest,
+    "DescribeCluster": pb.DescribeClusterRequest,
+    "ReassignPartition": pb.ReassignPartitionRequest,
+    "ListGroups": pb.ListGroupsRequest,
+    "DescribeGroup": pb.DescribeGroupRequest,
+    "DeleteGroup": pb.DeleteGroupRequest,
+    "ReadReplica": pb.ReadReplicaRequest,
+    "RecoverEmptyPartition": pb.RecoverEmptyPartitionRequest,
+}
+
+
+class RequestHook:
+    """Called once per request, before the API runs, on the broker's event loop.
+
+    Today a no-op: there are no per-API request metrics yet (logbroker/metrics.py reports broker
+    state only). Authorization (raise RequestRejected(PERMISSION_DENIED)), quotas and request
+    metrics go here, once, for every listener. Must not block.
+    """
+
+    def on_request(self, api: str, context: RequestContext, request: Message) -> None:
+        return None
+
+
+class BrokerApis:
+    def __init__(self, data: ProduceFetchApis, metadata: MetadataApis | None = None, groups: GroupApis | None = None,
+                 admin: AdminApis | None = None, hook: RequestHook | None = None) -> None:
+        """`metadata`, `groups`, `admin` None: those calls are UNIMPLEMENTED (a data-path-only broker
+        in tests)."""
+        self.hook = hook if hook is not None else RequestHook()
+        ops: dict[str, Api] = {PRODUCE: data.produce, FETCH: data.fetch, "ListOffsets": data.list_offsets}
+        if metadata is not None:
+            ops.update(Metadata=metadata.metadata, DescribeCluster=metadata.describe_cluster)
+        if groups is not None:
+            ops.update(OffsetCommit=groups.offset_commit, OffsetFetch=groups.offset_fetch,
+                       FindCoordinator=groups.find_coordinator, ConsumerGroupHeartbeat=groups.consumer_group_heartbeat,
+                       ListGroups=groups.list_groups, DescribeGroup=groups.describe_group,
+                       DeleteGroup=groups.delete_group)
+        if admin is not None:
+            ops.update(CreateTopics=admin.create_topics, DeleteTopics=admin.delete_topics,
+                       CreatePartitions=admin.create_partitions, DescribeTopics=admin.describe_topics,
+                       ReassignPartition=admin.reassign_partition, ReadReplica=admin.read_replica,
+                       RecoverEmptyPartition=admin.recover_empty_partition)
+        self._ops = ops
+
+    def handle(self, api: str, context: RequestContext, request: Message) -> Awaitable[Response]:
+        """Run one call: the hook, then the API (an awaitable of its response). Raises
+        RequestRejected (UNIMPLEMENTED for an API this broker does not serve)."""
+        op = self._ops.get(api)
+        if op is None:
+            raise RequestRejected(RequestStatus.UNIMPLEMENTED, f"unknown api {api}")
+        self.hook.on_request(api, context, request)
+        return op(context, request)

@@ -1,0 +1,267 @@
+"""Produce, Fetch and ListOffsets: the data path of the request layer, over the replica manager.
+
+Each validates the whole request (bounds: `RequestRejected`), then works partition by partition,
+turning any `BrokerError` into that partition's ErrorCode. Nothing here decodes a record.
+
+Produce appends on the leader (the replica manager checks acks and leadership, looking the
+partition up once); acks=all then waits for all its partitions at once in the produce purgatory.
+Fetch reads consumers up to the high watermark and followers (replica_id >= 0, not this broker) up
+to the log end offset, recording their progress; the offsets reported are the ones the read
+returns. A Fetch with a replica_id >= 0 is an inter-broker call: the caller must have presented
+the cluster secret (the record transport carries none, so it serves consumers only). It long-polls
+in the fetch purgatory, which appends and high-watermark moves wake.
+
+Only on a miss (this broker hosts no replica) is the cluster metadata asked why
+(`PartitionLookup`): UNKNOWN_TOPIC_OR_PARTITION, KAFKA_STORAGE_ERROR or NOT_LEADER_OR_FOLLOWER
+naming the leader.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Protocol
+
+from logbroker.config import BrokerConfig
+from logbroker.errors import (
+    BrokerError,
+    InvalidFetchSizeError,
+    InvalidRequestError,
+    InvalidTopicError,
+    OffsetOutOfRangeError,
+    UnknownTopicOrPartitionError,
+)
+from logbroker.group.offsets import OFFSETS_TOPIC
+from logbroker.server.apis.fetch_encoding import FetchParts, encode_fetch_response, release
+from logbroker.server.request_checks import (
+    ServingState,
+    as_error,
+    check_count,
+    check_ready,
+    require_cluster_peer,
+)
+from logbroker.server.request_context import RequestContext, RequestRejected, RequestStatus
+from logbroker.v1 import logbroker_pb2 as pb
+
+if TYPE_CHECKING:
+    from logbroker.replication.partition import Partition
+    from logbroker.replication.purgatory import Purgatory
+    from logbroker.replication.replica_manager import FetchRead, LeaderAppend
+
+ProducePartitionKey = tuple[str, int]
+FETCH_RESPONSE_OVERHEAD_BYTES = 4096  # room for the results' small fields within max_response_bytes
+
+
+class PartitionLookup(Protocol):
+    """The local replica of a partition, or the precise error when there is none (the broker)."""
+
+    def partition(self, topic: str, index: int) -> Partition: ...
+
+
+class LeaderReplicas(Protocol):
+    """What the data path needs of the replica manager (which implements it)."""
+
+    @property
+    def partitions(self) -> Mapping[tuple[str, int], Partition]: ...
+
+    @property
+    def fetch_purgatory(self) -> Purgatory: ...
+
+    def leader_partition(self, topic: str, partition: int) -> Partition: ...
+
+    def append_records(self, topic: str, partition: int, records: bytes, acks: int) -> LeaderAppend: ...
+
+    async def wait_for_acks(self, topic: str, partition: int, append: LeaderAppend, timeout_ms: int) -> None: ...
+
+    def read(self, topic: str, partition: int, fetch_offset: int, max_bytes: int, *, replica_id: int = -1,
+             current_leader_epoch: int = -1, replica_epoch: int = -1) -> FetchRead: ...
+
+
+class ProduceFetchApis:
+    def __init__(self, config: BrokerConfig, state: ServingState, replicas: LeaderReplicas,
+                 lookup: PartitionLookup) -> None:
+        self._config = config
+        self._state = state
+        self._replicas = replicas
+        self._lookup = lookup
+
+    def _explain(self, exc: BrokerError, topic: str, partition: int) -> BrokerError:
+        """A miss in the replica manager, told precisely (the error path only)."""
+        if not isinstance(exc, UnknownTopicOrPartitionError):
+            return exc
+        try:
+            self._lookup.partition(topic, partition)
+        except BrokerError as precise:
+            return precise
+        return exc
+
+    # -- produce ---------------------------------------------------------------------------------
+
+    async def produce(self, context: RequestContext, req: pb.ProduceRequest) -> pb.ProduceResponse:
+        """Append every partition first, then (acks=all) wait for all of them at once."""
+        check_ready(self._state)
+        check_count(len(req.partitions), "partitions")
+        rm = self._replicas
+        resp = pb.ProduceResponse()
+        acks = req.acks
+        waits: list[tuple[pb.ProducePartitionResult, ProducePartitionKey, LeaderAppend]] = []
+        for pp in req.partitions:
+            r = resp.results.add(topic=pp.topic, partition=pp.partition, base_offset=-1, log_append_time_ms=-1)
+            try:
+                if pp.topic == OFFSETS_TOPIC:
+                    raise InvalidTopicError(f"{OFFSETS_TOPIC} is internal: only the group coordinator writes it")
+                try:
+                    appended = rm.append_records(pp.topic, pp.partition, pp.records, acks)
+                except UnknownTopicOrPartitionError as miss:
+                    raise self._explain(miss, pp.topic, pp.partition) from None
+                result = appended.result
+                r.base_offset = result.base_offset
+                r.log_start_offset = appended.log_start_offset
+                if result.log_append_time_ms >= 0:
+                    r.log_append_time_ms = result.log_append_time_ms
+                if acks == -1:
+                    waits.append((r, (pp.topic, pp.partition), appended))
+            except Exception as exc:
+                err = as_error(exc, "produce")
+                r.error_code = err.code
+                r.error_message = err.message
+        if waits:
+            await self._wait_for_acks(waits, req.timeout_ms)
+        return resp
+
+    async def _wait_for_acks(self, waits: list[tuple[pb.ProducePartitionResult, ProducePartitionKey, LeaderAppend]],
+                             timeout_ms: int) -> None:
+        rm = self._replicas
+        outcomes = await asyncio.gather(
+            *(rm.wait_for_acks(key[0], key[1], appended, timeout_ms) for _, key, appended in waits),
+            return_exceptions=True,
+        )
+        for (r, _key, _appended), outcome in zip(waits, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                if not isinstance(outcome, Exception):
+                    raise outcome
+                err = as_error(outcome, "produce")
+                r.error_code = err.code  # type: ignore[assignment]
+                r.error_message = err.message
+                r.base_offset = -1
+                r.log_append_time_ms = -1
+
+    # -- fetch -----------------------------------------------------------------------------------
+
+    def _negative_offset(self, fp: pb.FetchPartition) -> BrokerError:
+        part = self._lookup.partition(fp.topic, fp.partition)  # unknown topic or partition first
+        return OffsetOutOfRangeError(
+            f"fetch offset {fp.fetch_offset} is negative; valid offsets are "
+            f"[{part.log.log_start_offset}, {part.high_watermark}]"
+        )
+
+    def _fill_offsets(self, r: pb.FetchPartitionResult) -> None:
+        """A failed partition's offsets, as this broker's replica has them (the error path only)."""
+        part = self._replicas.partitions.get((r.topic, r.partition))
+        if part is not None:
+            r.high_watermark = part.high_watermark
+            r.log_start_offset = part.log.log_start_offset
+            r.log_end_offset = part.log.log_end_offset
+
+    def _read_all(self, req: pb.FetchRequest, max_bytes: int, replica_id: int) -> tuple[FetchParts, int, bool]:
+        """One pass over the requested partitions.
+
+        Returns ([(result without records, zero-copy view of the records)], bytes gathered, whether
+        any partition has an error). The views stay valid until the next await: the caller encodes
+        and releases them first (fetch_encoding.py).
+        """
+        out: FetchParts = []
+        total = 0
+        errored = False
+        rm = self._replicas
+        for fp in req.partitions:
+            r = pb.FetchPartitionResult(topic=fp.topic, partition=fp.partition, high_watermark=-1,
+                                        log_start_offset=-1, log_end_offset=-1)
+            view = None
+            try:
+                if fp.partition_max_bytes < 0:
+                    raise InvalidFetchSizeError(f"partition_max_bytes {fp.partition_max_bytes} is negative")
+                if fp.fetch_offset < 0:
+                    raise self._negative_offset(fp)
+                budget = max_bytes - total
+                limit = min(fp.partition_max_bytes or max_bytes, max(budget, 1))
+                # Always read: it checks leadership and epoch, and records a follower's progress.
+                try:
+                    fetched = rm.read(fp.topic, fp.partition, fp.fetch_offset, limit, replica_id=replica_id,
+                                      current_leader_epoch=fp.current_leader_epoch, replica_epoch=req.replica_epoch)
+                except UnknownTopicOrPartitionError as miss:
+                    raise self._explain(miss, fp.topic, fp.partition) from None
+                r.high_watermark = fetched.high_watermark
+                r.log_start_offset = fetched.log_start_offset
+                r.log_end_offset = fetched.log_end_offset
+                if len(fetched.records) and (budget > 0 or total == 0):
+                    view = fetched.records
+                    total += len(view)
+                elif len(fetched.records):
+                    fetched.records.release()  # over the response budget: left for the next fetch
+                # (an empty view may be shared: never release it)
+            except Exception as exc:
+                err = as_error(exc, "fetch")
+                r.error_code = err.code  # type: ignore[assignment]
+                r.error_message = err.message
+                self._fill_offsets(r)
+                errored = True
+            out.append((r, view))
+        return out, total, errored
+
+    async def fetch(self, context: RequestContext, req: pb.FetchRequest) -> bytes:
+        """The serialized FetchResponse (records copied once, from the mmap into it)."""
+        cfg = self._config
+        replica_id = req.replica_id if req.HasField("replica_id") else -1
+        if replica_id >= 0:  # a follower's fetch: brokers only
+            require_cluster_peer(cfg.cluster_secret, cfg.cluster_mode, context.presented_cluster_secret,
+                                 f"Fetch as replica {replica_id}")
+        check_ready(self._state)
+        check_count(len(req.partitions), "partitions")
+        if req.max_bytes < 0 or req.min_bytes < 0 or req.max_wait_ms < 0:
+            raise RequestRejected(RequestStatus.INVALID_ARGUMENT,
+                                  "max_bytes, min_bytes and max_wait_ms must not be negative")
+        max_bytes = min(req.max_bytes or cfg.max_response_bytes, cfg.max_response_bytes - FETCH_RESPONSE_OVERHEAD_BYTES)
+        min_bytes = max(req.min_bytes, 1)
+        wait_ms = min(req.max_wait_ms, cfg.fetch_max_wait_ms_cap)
+        deadline = time.monotonic() + wait_ms / 1000
+        keys = [(fp.topic, fp.partition) for fp in req.partitions]
+        while True:
+            results, total, errored = self._read_all(req, max_bytes, replica_id)
+            remaining_s = deadline - time.monotonic()
+            if total >= min_bytes or errored or remaining_s <= 0 or not self._state.ready:
+                return encode_fetch_response(results)
+            release(results)
+            if not await self._replicas.fetch_purgatory.wait(keys, remaining_s):
+                return encode_fetch_response(self._read_all(req, max_bytes, replica_id)[0])
+
+    # -- list offsets ----------------------------------------------------------------------------
+
+    async def list_offsets(self, context: RequestContext, req: pb.ListOffsetsRequest) -> pb.ListOffsetsResponse:
+        check_ready(self._state)
+        check_count(len(req.partitions), "partitions")
+        resp = pb.ListOffsetsResponse()
+        for lp in req.partitions:
+            r = resp.results.add(topic=lp.topic, partition=lp.partition, offset=-1, timestamp=-1, leader_epoch=-1)
+            try:
+                try:
+                    part = self._replicas.leader_partition(lp.topic, lp.partition)
+                except UnknownTopicOrPartitionError as miss:
+                    raise self._explain(miss, lp.topic, lp.partition) from None
+                r.leader_epoch = part.leader_epoch
+                if lp.timestamp == -1:
+                    r.offset = part.high_watermark
+                elif lp.timestamp == -2:
+                    r.offset = part.log.log_start_offset
+                elif lp.timestamp >= 0:
+                    found = part.log.offset_for_timestamp(lp.timestamp)
+                    if found is not None and found[0] < part.high_watermark:
+                        r.offset, r.timestamp = found
+                else:
+                    raise InvalidRequestError(f"timestamp {lp.timestamp}: use -1 (latest), -2 (earliest) or a time in ms")
+            except Exception as exc:
+                err = as_error(exc, "list_offsets")
+                r.error_code = err.code
+                r.error_message = err.message
+        return resp
