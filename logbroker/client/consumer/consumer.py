@@ -32,6 +32,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 from logbroker.client.backoff import client_retry_policy
 from logbroker.client.consumer.commits import AutoCommitTimer, CommitCallback, Commits
@@ -177,6 +178,11 @@ class Consumer:
                                      None if group is None else self._commits.offset_fetch,
                                      self._request_timeout_s, self._retry_backoff_ms, self._clock, self._monotonic,
                                      self._log)
+
+    @property
+    def _in_flight(self) -> list[Any]:
+        """The fetches in flight (tests wait for a long poll to be out)."""
+        return self._fetcher.in_flight
 
     def _commit_identity(self) -> tuple[str, int]:
         return self._membership.commit_identity()
