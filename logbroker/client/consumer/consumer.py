@@ -164,7 +164,7 @@ class Consumer:
         group = self._group
         coordinator = (
             None if group is None
-            else CoordinatorClient(self._cache, group, self._request_timeout_s, self._retry_backoff_s)
+            else CoordinatorClient(self._cache, group, self._request_timeout_s, self._retry_backoff_s, self._clock)
         )
         self._coordinator = coordinator
         timer = AutoCommitTimer(self._auto_commit, auto_commit_interval_ms / 1000, self._monotonic())
