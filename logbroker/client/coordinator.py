@@ -26,6 +26,7 @@ from logbroker.client.backoff import client_retry_policy
 from logbroker.client.call_errors import rpc_error
 from logbroker.client.group_member import GroupMember, HeartbeatRequest, HeartbeatResponse, MemberState
 from logbroker.client.metadata_cache import LogThrottle, MetadataCache, broker_address
+from logbroker.clock import Clock, monotonic_s
 from logbroker.errors import (
     BrokerError,
     BrokerUnavailableError,
@@ -49,8 +50,12 @@ _RETRY_HERE = (pb.COORDINATOR_LOAD_IN_PROGRESS,)
 class CoordinatorClient:
     """The coordinator of one group: found on first use, found again when it moves. Thread-safe."""
 
-    def __init__(self, metadata: MetadataCache, group: str, request_timeout_s: float, retry_backoff_s: float) -> None:
+    def __init__(self, metadata: MetadataCache, group: str, request_timeout_s: float, retry_backoff_s: float,
+                 clock: Clock | None = None) -> None:
+        """Deadlines given to `address()` and `call()` are seconds on `clock` (default: the system's
+        monotonic clock); `monotonic()` reads it."""
         self.group = group
+        self.monotonic = monotonic_s(clock)
         self._metadata = metadata
         self._request_timeout_s = request_timeout_s
         # the waits between FindCoordinator / call rounds: retry_backoff doubling to 1 s, with jitter
@@ -81,7 +86,7 @@ class CoordinatorClient:
         backoff = self._retry_policy.start()
         while True:
             try:
-                addr = self._find(min(self._request_timeout_s, max(deadline - time.monotonic(), 1.0)))
+                addr = self._find(min(self._request_timeout_s, max(deadline - self.monotonic(), 1.0)))
             except (BrokerError, BrokerUnavailableError) as e:
                 if not getattr(e, "retriable", False):
                     raise
@@ -90,7 +95,7 @@ class CoordinatorClient:
                 with self._lock:
                     self._address = addr
                 return addr
-            wait_s = _retry_wait(backoff, deadline)
+            wait_s = _retry_wait(backoff, deadline, self.monotonic())
             if wait_s is None:
                 raise last
             time.sleep(wait_s)
@@ -140,7 +145,7 @@ class CoordinatorClient:
                 stub = self._metadata.admin_stub(addr) if service == "admin" else self._metadata.broker_stub(addr)
                 timeout = self._request_timeout_s  # the first attempt gets it all, even past the deadline
                 if attempt > 1:
-                    timeout = min(timeout, max(deadline - time.monotonic(), 1.0))
+                    timeout = min(timeout, max(deadline - self.monotonic(), 1.0))
                 resp = getattr(stub, method)(request, timeout=timeout)
             except grpc.RpcError as e:
                 err: LogbrokerError = rpc_error(e)
@@ -157,17 +162,17 @@ class CoordinatorClient:
                 err = error_for(code, resp.error_message)
                 if code in _FIND_AGAIN:
                     self.invalidate(addr)
-            wait_s = _retry_wait(backoff, deadline)
+            wait_s = _retry_wait(backoff, deadline, self.monotonic())
             if wait_s is None:
                 raise err
             self._log.warning(f"{method} {self.group}", "%s for group %s: %s (retrying)", method, self.group, err)
             time.sleep(wait_s)
 
 
-def _retry_wait(backoff: Backoff, deadline: float) -> float | None:
-    """The wait before the next round, in seconds; None when it would reach `deadline` (time.monotonic)."""
+def _retry_wait(backoff: Backoff, deadline: float, now: float) -> float | None:
+    """The wait before the next round, in seconds; None when it would reach `deadline` (`now` on its clock)."""
     wait_ms = backoff.failed()
-    if wait_ms is None or time.monotonic() + wait_ms / 1000 >= deadline:
+    if wait_ms is None or now + wait_ms / 1000 >= deadline:
         return None
     return wait_ms / 1000
 
@@ -274,7 +279,7 @@ class Heartbeater:
         group = self._member.group_id
         addr: str | None = None
         try:
-            addr = self._coordinator.address(deadline=time.monotonic() + self._timeout_s)
+            addr = self._coordinator.address(deadline=self._coordinator.monotonic() + self._timeout_s)
             resp = self._metadata.broker_stub(addr).ConsumerGroupHeartbeat(
                 heartbeat_request(group, req), timeout=self._timeout_s)
         except grpc.RpcError as e:

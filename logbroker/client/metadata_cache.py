@@ -50,6 +50,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from logbroker.client.backoff import client_retry_policy
 from logbroker.client.call_errors import rpc_error_text
 from logbroker.client.streams import FETCH_STREAM, PRODUCE_STREAM, BrokerStreams
+from logbroker.clock import Clock, monotonic_s
 from logbroker.errors import (
     BrokerUnavailableError,
     LeaderNotAvailableError,
@@ -188,7 +189,10 @@ class MetadataCache:
         channel_options: Sequence[tuple[str, int | str]] | None = None,
         streams: bool = True,
         transport: str = "tcp",
+        clock: Clock | None = None,
     ) -> None:
+        """`clock` (default: the system's) times `last_refresh_monotonic`, which the clients compare
+        with their own clock."""
         if retries < 0 or request_timeout_ms <= 0 or retry_backoff_ms < 0:
             raise ValueError("retries, request_timeout_ms and retry_backoff_ms must be positive")
         if transport not in TRANSPORTS:
@@ -207,7 +211,8 @@ class MetadataCache:
         self._topics: dict[str, TopicRoute] = {}
         self._controller_id = -1
         self.cluster_id = ""
-        self.last_refresh_monotonic = 0.0
+        self._monotonic = monotonic_s(clock)
+        self.last_refresh_monotonic = 0.0  # seconds on `clock`
         self._closed = False
         self.use_streams = streams
         self.transport = transport
@@ -484,7 +489,7 @@ class MetadataCache:
                         self._topics.pop(name, None)
                     else:
                         self._topics[name] = r
-            self.last_refresh_monotonic = time.monotonic()
+            self.last_refresh_monotonic = self._monotonic()
 
     def close(self) -> None:
         with self._lock:
@@ -509,11 +514,12 @@ class MetadataCache:
 
 def metadata_for(
     bootstrap: str | Sequence[str] | MetadataCache, request_timeout_ms: int, retry_backoff_ms: int,
-    transport: str = "tcp",
+    transport: str = "tcp", clock: Clock | None = None,
 ) -> tuple[MetadataCache, bool]:
     """The cache a client uses, and whether the client owns (and so closes) it: a given cache is
-    shared (tests pass an in-memory one), a bootstrap address makes a new one."""
+    shared (tests pass an in-memory one; it keeps its own clock), a bootstrap address makes a new one
+    on the client's `clock`."""
     if isinstance(bootstrap, MetadataCache):
         return bootstrap, False
     return MetadataCache(bootstrap, request_timeout_ms=request_timeout_ms, retry_backoff_ms=retry_backoff_ms,
-                         transport=transport), True
+                         transport=transport, clock=clock), True

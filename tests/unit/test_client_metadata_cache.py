@@ -6,6 +6,7 @@ import grpc
 import pytest
 
 from logbroker.client.metadata_cache import MetadataCache, broker_address, parse_bootstrap
+from logbroker.clock import ManualClock
 from logbroker.errors import BrokerUnavailableError, LeaderNotAvailableError, UnknownTopicOrPartitionError
 from logbroker.v1 import logbroker_pb2 as pb
 from tests.unit.test_client_fakes import FakeMetadata, FakeRpcError
@@ -135,3 +136,13 @@ def test_refresh_tries_each_bootstrap_address_then_gives_up():
     with pytest.raises(BrokerUnavailableError):
         mc2.refresh(None)
     assert c.calls == 2  # retries=1: two rounds, bounded
+
+
+def test_last_refresh_is_on_the_injected_clock():
+    clock = ManualClock()
+    clock.advance(12_345)
+    mc = MetadataCache("boot:1", clock=clock)
+    assert mc.last_refresh_monotonic == 0.0
+    mc.apply(_response(("a", [0])), None)
+    assert mc.last_refresh_monotonic == 12.345  # the client compares it with its own clock
+    mc.close()

@@ -127,7 +127,8 @@ class Producer(RecordAccumulator):
         self._max_request_bytes = max_request_bytes
         self._max_record_bytes = min(max_request_bytes - REQUEST_OVERHEAD_BYTES - HEADER_SIZE, buffer_memory_bytes)
         self._retry_backoff_ms = retry_backoff_ms
-        metadata, self._owns_metadata = metadata_for(bootstrap, request_timeout_ms, retry_backoff_ms, transport)
+        metadata, self._owns_metadata = metadata_for(bootstrap, request_timeout_ms, retry_backoff_ms, transport,
+                                                     clock)
         super().__init__(
             metadata, linger_ms=linger_ms, batch_size_bytes=batch_size_bytes, max_request_bytes=max_request_bytes,
             delivery_timeout_ms=delivery_timeout_ms, buffer_memory_bytes=buffer_memory_bytes,

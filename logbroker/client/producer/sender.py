@@ -35,7 +35,7 @@ _throttled = LogThrottle(log)
 
 # Produce requests with fewer record bytes than this take the record transport (when the broker has
 # one); bigger ones a gRPC stream (streams.BrokerStreams.send says why). The consumer draws its line
-# for fetches at the same size (consumer.STREAM_FETCH_RESPONSE_BYTES_MAX).
+# for fetches at the same size (consumer/fetcher.py: STREAM_FETCH_RESPONSE_BYTES_MAX).
 WIRE_REQUEST_BYTES_MAX = 64 << 10
 
 
