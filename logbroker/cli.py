@@ -449,6 +449,7 @@ def cmd_consume(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `logbroker` command line: one function per command group below, in the order of `--help`."""
     parser = argparse.ArgumentParser(
         prog="logbroker",
         description="logbroker: a Kafka-style partitioned log broker. Run a broker, manage topics, "
@@ -460,7 +461,28 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"broker address(es) HOST:PORT[,HOST:PORT] (default: ${BOOTSTRAP_ENV}, else {DEFAULT_BOOTSTRAP})",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_broker_parsers(sub, common)
+    _add_cluster_parsers(sub, common)
+    _add_topics_parser(sub, common)
+    _add_produce_parser(sub, common)
+    _add_consume_parser(sub, common)
 
+    from logbroker.cli_groups import add_groups_parser
+
+    add_groups_parser(sub, common)
+
+    from logbroker.cli_dump import add_dump_log_parser
+
+    add_dump_log_parser(sub)
+
+    from logbroker.worker.command import add_worker_parser
+
+    add_worker_parser(sub, common)
+    return parser
+
+
+def _add_broker_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
+    """`serve`, `health` and `wait-safe-to-stop`: running one broker."""
     serve = sub.add_parser("serve", help="run a broker: standalone by default, a cluster member with --zookeeper",
                            description="Run one broker. Data lives in --data-dir; logs are recovered on start "
                            "and the gRPC health service says SERVING once they are. SIGTERM shuts down cleanly.")
@@ -490,6 +512,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--interval", type=float, default=1.0, help="seconds between checks (default: 1)")
     w.set_defaults(func=cmd_wait_safe_to_stop)
 
+
+def _add_cluster_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
+    """`cluster describe` and `dev-cluster`."""
     cl = sub.add_parser("cluster", help="show the cluster's brokers and controller")
     clsub = cl.add_subparsers(dest="cluster_command", metavar="ACTION", required=True)
     t = clsub.add_parser("describe", parents=[common], help="list brokers and the controller")
@@ -506,6 +531,9 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--base-port", type=int, default=0, help="first broker port (default: free ports)")
     dev.set_defaults(func=cmd_dev_cluster)
 
+
+def _add_topics_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    """`topics create|list|describe|delete|reassign|add-partitions|recover-empty`."""
     topics = sub.add_parser("topics", help="create, list, describe, delete, reassign topics and add partitions")
     tsub = topics.add_subparsers(dest="topics_command", metavar="ACTION", required=True)
     t = tsub.add_parser("create", parents=[common], help="create a topic")
@@ -541,6 +569,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("partition", type=int)
     t.set_defaults(func=cmd_topics_recover_empty)
 
+
+def _add_produce_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    """`produce`: one record per line of standard input."""
     p = sub.add_parser("produce", parents=[common], help="send one record per line of standard input",
                        description="Read standard input and send one record per line.")
     p.add_argument("topic")
@@ -552,6 +583,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the last acknowledgements")
     p.set_defaults(func=cmd_produce)
 
+
+def _add_consume_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    """`consume`: print records of a topic."""
     c = sub.add_parser("consume", parents=[common], help="print records of a topic",
                        description="Print each record's value (or JSON with --format json).")
     c.add_argument("topic")
@@ -567,19 +601,6 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--wait-for-topic", action="store_true",
                    help="wait for the topic to be created (default: exit 1 if it does not exist)")
     c.set_defaults(func=cmd_consume)
-
-    from logbroker.cli_groups import add_groups_parser
-
-    add_groups_parser(sub, common)
-
-    from logbroker.cli_dump import add_dump_log_parser
-
-    add_dump_log_parser(sub)
-
-    from logbroker.worker.command import add_worker_parser
-
-    add_worker_parser(sub, common)
-    return parser
 
 
 def _rpc_error_line(exc: grpc.RpcError, bootstrap: str) -> str:

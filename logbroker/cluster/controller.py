@@ -9,6 +9,8 @@ Two layers, as everywhere in logbroker:
   on a single-threaded queue, reads what each event needs, feeds the core, and executes its actions:
   ZooKeeper writes (every one guarded by the controller epoch's znode version) and RPCs to brokers
   (one ordered sender per broker, bounded retries with backoff; a dead broker's requests are dropped).
+  Every wait after a failure comes from the one retry policy (logbroker/retry.py), see
+  `controller_retries`.
 
 Leadership rules (no unclean election, ever; leader epochs never go backwards):
 
@@ -60,6 +62,7 @@ import enum
 import functools
 import json
 import logging
+import random
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor
@@ -75,6 +78,7 @@ from logbroker.errors import (
     RequestTimedOutError,
     StaleBrokerEpochError,
 )
+from logbroker.retry import RetryPolicy
 from logbroker.v1 import logbroker_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -730,6 +734,44 @@ _SUBSUMED_BY_RESYNC = {_Event.BROKER_CHANGE, _Event.TOPIC_CHANGE, _Event.PARTITI
 _SHUTDOWN_REQUESTS_MAX = 256
 _OFFLINE_REPORTS_MAX = 256
 _ISR_NOTIFICATIONS_PER_ROUND_MAX = 1000
+CONTROLLER_RETRY_JITTER = 0.2
+ELECTION_RETRY_INITIAL_MS = 200
+EVENT_RETRY_INITIAL_MS = 100
+SEND_RETRY_INITIAL_MS = 100
+
+
+@dataclass(frozen=True)
+class ControllerRetries:
+    """The controller's waits after failures, each a capped, jittered exponential curve:
+
+        election  trying to win (or read) /controller failed: 200 ms doubling to the cap; no attempt
+                  bound: a broker keeps trying while it runs (stop() ends it, and cuts a wait short)
+        event     handling an event failed (everything is re-read next): 100 ms doubling to the cap;
+                  no attempt bound within a term (the term ends on resign, fencing or stop())
+        send      a request to one broker failed: 100 ms doubling to the cap; after `rpc_attempts_max`
+                  attempts in a row that broker's pending requests are dropped (its next
+                  registration, or the next event, sends again)
+
+    Jitter (20 %) because after a ZooKeeper blip every sender and every broker's election retries
+    at once."""
+
+    election: RetryPolicy
+    event: RetryPolicy
+    send: RetryPolicy
+
+
+def controller_retries(rpc_attempts_max: int, rpc_backoff_max_ms: int) -> ControllerRetries:
+    """The controller's curves, capped at `rpc_backoff_max_ms` (an initial wait above it is the cap)."""
+    if rpc_attempts_max < 1:
+        raise ValueError(f"rpc_attempts_max must be >= 1, got {rpc_attempts_max}")
+
+    def curve(initial_ms: int, retries: int | None) -> RetryPolicy:
+        return RetryPolicy(initial_ms=min(initial_ms, rpc_backoff_max_ms), max_ms=rpc_backoff_max_ms,
+                           multiplier=2.0, jitter=CONTROLLER_RETRY_JITTER, retries=retries)
+
+    return ControllerRetries(election=curve(ELECTION_RETRY_INITIAL_MS, None),
+                             event=curve(EVENT_RETRY_INITIAL_MS, None),
+                             send=curve(SEND_RETRY_INITIAL_MS, rpc_attempts_max - 1))
 
 
 class _Resign(Exception):
@@ -810,15 +852,15 @@ class Controller:
                  loop: asyncio.AbstractEventLoop | None = None, *, preferred_check_interval_s: float = 10.0,
                  rpc_timeout_s: float = 10.0, rpc_attempts_max: int = 30, rpc_backoff_max_s: float = 2.0,
                  election_recheck_s: float = 5.0, shutdown_timeout_s: float = 30.0,
-                 executor: Executor | None = None) -> None:
+                 executor: Executor | None = None, rng: random.Random | None = None) -> None:
         self.broker_id = broker_id
         self._store = store
         self._rpc = rpc
         self._loop = loop
         self._preferred_check_interval_s = preferred_check_interval_s
         self._rpc_timeout_s = rpc_timeout_s
-        self._rpc_attempts_max = rpc_attempts_max
-        self._rpc_backoff_max_s = rpc_backoff_max_s
+        self._retries = controller_retries(rpc_attempts_max, round(rpc_backoff_max_s * 1000))
+        self._rng = rng or random.Random()  # the retries' jitter
         self._election_recheck_s = election_recheck_s
         self._shutdown_timeout_s = shutdown_timeout_s
         self._executor = executor  # for blocking ZooKeeper calls; None: the loop's default executor
@@ -873,7 +915,7 @@ class Controller:
                 except Exception as e:
                     failures += 1
                     log.warning("controller election attempt failed: %r", e)
-                    await self._sleep(min(self._rpc_backoff_max_s, 0.1 * 2 ** min(failures, 5)))
+                    await self._sleep(self._retry_wait_s(self._retries.election, failures))
                     continue
                 failures = 0
                 await self._serve_term(*won)
@@ -1016,6 +1058,12 @@ class Controller:
         ev.clear()
         await self._wait(ev, seconds)
 
+    def _retry_wait_s(self, policy: RetryPolicy, failures: int) -> float:
+        """The wait after `failures` failures under an unbounded `policy`."""
+        wait_ms = policy.delay_ms(failures, self._rng)
+        assert wait_ms is not None  # no attempt bound
+        return wait_ms / 1000
+
     async def _zk(self, fn: Callable[..., _T], *args: Any) -> _T:
         """A blocking ZooKeeper call, off the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(fn, *args))
@@ -1059,7 +1107,7 @@ class Controller:
                         term.mark(_Event.CONTROLLED_SHUTDOWN)
                     if term.offline_reports:
                         term.mark(_Event.OFFLINE_REPLICAS)
-                    await asyncio.sleep(min(self._rpc_backoff_max_s, 0.05 * 2 ** min(term.failures, 6)))
+                    await asyncio.sleep(self._retry_wait_s(self._retries.event, term.failures))
         finally:
             term.resign = True
             self._term = None
@@ -1277,7 +1325,7 @@ class Controller:
                 term.channels[b] = ch
 
     async def _sender(self, term: _Term, ch: _Channel) -> None:
-        failures = 0
+        backoff = self._retries.send.start(rng=self._rng)
         while not term.resign:
             await ch.wake.wait()
             ch.wake.clear()
@@ -1288,15 +1336,16 @@ class Controller:
                     continue
                 ok = await self._send_next(term, ch)
                 if ok:
-                    failures = 0
+                    backoff.succeeded()
                     continue
-                failures += 1
-                if failures >= self._rpc_attempts_max:
-                    log.error("dropping requests to broker %d after %d failed attempts", ch.reg.broker_id, failures)
+                wait_ms = backoff.failed()
+                if wait_ms is None:
+                    log.error("dropping requests to broker %d after %d failed attempts", ch.reg.broker_id,
+                              backoff.failures)
                     ch.clear()
-                    failures = 0
+                    backoff.succeeded()
                     break
-                await asyncio.sleep(min(self._rpc_backoff_max_s, 0.05 * 2 ** failures))
+                await asyncio.sleep(wait_ms / 1000)
 
     async def _send_next(self, term: _Term, ch: _Channel) -> bool:
         """Send the next pending request (stops, then LeaderAndIsr, then UpdateMetadata). False when

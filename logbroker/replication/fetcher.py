@@ -23,7 +23,11 @@ Per partition, a fetch state::
   its log end offset -> truncate again. FENCED_LEADER_EPOCH (we are behind) -> FENCED.
   NOT_LEADER_OR_FOLLOWER / UNKNOWN_LEADER_EPOCH (the leader has not applied its LeaderAndIsr yet)
   and anything else -> retry that partition after a backoff. A failed call (leader unreachable)
-  backs off the whole fetcher, exponentially up to `backoff_max_ms`.
+  backs off the whole fetcher.
+- Backoff (both kinds) is the one retry policy (logbroker/retry.py), from `fetcher_retry_policy`:
+  waits `backoff_initial_ms`, doubling up to `backoff_max_ms`, each shortened by up to 20 % (every
+  follower of a failed leader retries at once: jitter spreads them out). No attempt bound: a follower
+  fetches for as long as it follows; the controller's next LeaderAndIsr or StopReplica ends it.
 
 A response is applied only if the partition still has the same fetch state (not removed or re-added
 meanwhile), still follows the same leader in the same epoch, and its log still ends where the
@@ -36,6 +40,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -45,6 +50,7 @@ from logbroker.clock import SYSTEM_CLOCK, Clock
 from logbroker.cluster.cluster_secret import CallMetadata
 from logbroker.errors import BrokerError, StorageError
 from logbroker.replication.partition import Partition
+from logbroker.retry import RetryPolicy
 from logbroker.storage.log import UNDEFINED_EPOCH
 from logbroker.v1 import logbroker_pb2 as pb
 from logbroker.v1 import logbroker_pb2_grpc as pbg
@@ -94,8 +100,14 @@ class _Sent:
     asked_epoch: int = UNDEFINED_EPOCH
 
 
-def _backoff_ms(config: FetcherConfig, failures: int) -> int:
-    return int(min(config.backoff_max_ms, config.backoff_initial_ms * (2 ** min(failures, 20))))
+FETCHER_RETRY_JITTER = 0.2
+
+
+def fetcher_retry_policy(config: FetcherConfig) -> RetryPolicy:
+    """The backoff of a partition (or of the whole fetcher) after failures: `backoff_initial_ms`,
+    doubling up to `backoff_max_ms`, jittered; unbounded in attempts (see the module doc)."""
+    return RetryPolicy(initial_ms=min(config.backoff_initial_ms, config.backoff_max_ms),
+                       max_ms=config.backoff_max_ms, multiplier=2.0, jitter=FETCHER_RETRY_JITTER, retries=None)
 
 
 @dataclass(eq=False)
@@ -111,9 +123,19 @@ class LeaderFetcher:
     call_metadata: CallMetadata = field(default=(), repr=False)  # the cluster secret
     states: dict[Key, PartitionFetchState] = field(default_factory=dict)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
+    rng: random.Random = field(default_factory=random.Random, repr=False)  # the backoff's jitter
     _task: asyncio.Task[None] | None = None
     _rpc_failures: int = 0
     _stopped: bool = False
+    _retry: RetryPolicy = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._retry = fetcher_retry_policy(self.config)
+
+    def _backoff_ms(self, failures: int) -> int:
+        wait_ms = self._retry.delay_ms(failures, self.rng)
+        assert wait_ms is not None  # the policy has no attempt bound
+        return wait_ms
 
     # -- control (event loop) -------------------------------------------------------------------
 
@@ -172,7 +194,7 @@ class LeaderFetcher:
                     self._rpc_failures = 0
                 except grpc.aio.AioRpcError as e:
                     self._rpc_failures += 1
-                    delay_ms = _backoff_ms(self.config, self._rpc_failures)
+                    delay_ms = self._backoff_ms(self._rpc_failures)
                     log.log(logging.INFO if self._rpc_failures == 1 else logging.DEBUG,
                             "fetcher from broker %d at %s: %s (%s); retrying in %d ms", self.leader_id,
                             self.address, e.code().name, e.details(), delay_ms)
@@ -180,7 +202,7 @@ class LeaderFetcher:
                 except Exception:  # a bug: keep replicating the other partitions, slowly
                     self._rpc_failures += 1
                     log.exception("fetcher from broker %d at %s failed", self.leader_id, self.address)
-                    await self._pause(_backoff_ms(self.config, self._rpc_failures))
+                    await self._pause(self._backoff_ms(self._rpc_failures))
         finally:
             await channel.close()
 
@@ -204,7 +226,7 @@ class LeaderFetcher:
     def _delay(self, s: PartitionFetchState, why: str) -> None:
         s.failures += 1
         s.last_error = why
-        s.delayed_until_ms = self.clock.monotonic_ms() + _backoff_ms(self.config, s.failures)
+        s.delayed_until_ms = self.clock.monotonic_ms() + self._backoff_ms(s.failures)
         log.log(logging.INFO if s.failures == 1 else logging.DEBUG,
                 "replica %d of %s-%d from broker %d: %s; retrying", self.broker_id, s.key[0], s.key[1],
                 self.leader_id, why)

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
 
+from logbroker.clock import SYSTEM_CLOCK
 from logbroker.cluster.controller import Controller
 from logbroker.cluster.hashing import assign_replicas, balance_leaders
 from logbroker.cluster.metadata import (
@@ -44,6 +45,7 @@ from logbroker.errors import (
     TopicAlreadyExistsError,
     UnknownTopicOrPartitionError,
 )
+from logbroker.retry import RetryPolicy
 from logbroker.server.broker_channels import BrokerChannels
 from logbroker.v1 import logbroker_pb2 as pb
 
@@ -51,10 +53,13 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 TOPIC_READY_WAIT_S = 15.0
-CONTROLLED_SHUTDOWN_BACKOFF_S = 0.5
 CONTROLLED_SHUTDOWN_STALLS_MAX = 3
 OFFLINE_REPORT_ATTEMPTS_MAX = 60  # then the next scrub pass / LeaderAndIsr answer reports again
-OFFLINE_REPORT_BACKOFF_S = 0.5
+# waits on the one retry policy (logbroker/retry.py); jitter: a ZooKeeper or controller blip sends
+# every broker back at once
+REREGISTER_RETRY = RetryPolicy(initial_ms=100, max_ms=1_000, jitter=0.2, retries=59)  # 60 tries over 51-57 s
+OFFLINE_REPORT_RETRY = RetryPolicy(initial_ms=100, max_ms=1_000, jitter=0.2, retries=OFFLINE_REPORT_ATTEMPTS_MAX - 1)
+CONTROLLED_SHUTDOWN_RETRY = RetryPolicy(initial_ms=500, max_ms=500, jitter=0.2)  # bounded by the shutdown deadline
 TP = tuple[str, int]
 
 
@@ -148,18 +153,23 @@ class ClusterMember:
                 self._reregister = asyncio.create_task(self._register_again())
 
     async def _register_again(self) -> None:
-        for attempt in range(60):
+        backoff = REREGISTER_RETRY.start()
+        while True:
             try:
                 await self._register()
                 return
             except Exception as exc:  # the session may flap again; keep trying, bounded
-                log.warning("re-registration attempt %d failed: %s", attempt + 1, exc)
-                await asyncio.sleep(1.0)
+                log.warning("re-registration attempt %d failed: %s", backoff.failures + 1, exc)
+                if (wait_ms := backoff.failed()) is None:
+                    break
+                await asyncio.sleep(wait_ms / 1000)
         log.error("giving up re-registering broker %d", self.config.broker_id)
 
     async def controlled_shutdown(self) -> None:
         """Ask the controller to move leadership away until nothing remains or the timeout passes."""
         deadline = time.monotonic() + self.config.controlled_shutdown_timeout_ms / 1000
+        backoff = CONTROLLED_SHUTDOWN_RETRY.start(
+            SYSTEM_CLOCK.monotonic_ms() + self.config.controlled_shutdown_timeout_ms)
         me = self.config.broker_id
         previous: list[tuple[str, int]] | None = None
         stalled = 0
@@ -190,7 +200,9 @@ class ClusterMember:
                 previous = remaining
             except Exception as exc:
                 log.info("controlled shutdown attempt failed: %s", exc)
-            await asyncio.sleep(CONTROLLED_SHUTDOWN_BACKOFF_S)
+            if (wait_ms := backoff.failed()) is None:
+                break
+            await asyncio.sleep(wait_ms / 1000)
         log.warning("controlled shutdown did not finish; stopping anyway")
 
     def report_offline_replicas(self, offline: dict[TP, str], recovered: list[TP]) -> None:
@@ -206,7 +218,7 @@ class ClusterMember:
             self._report_task = asyncio.create_task(self._send_offline_reports(), name="offline-replica-reports")
 
     async def _send_offline_reports(self) -> None:
-        failures = 0
+        backoff = OFFLINE_REPORT_RETRY.start()
         while self._offline_pending or self._recovered_pending:
             offline, recovered = dict(self._offline_pending), sorted(self._recovered_pending)
             self._offline_pending.clear()
@@ -215,24 +227,24 @@ class ClusterMember:
                 await self._report_once(offline, recovered)
                 log.info("reported to the controller: offline %s, recovered %s",
                          [f"{t}-{p}" for t, p in sorted(offline)], [f"{t}-{p}" for t, p in recovered])
-                failures = 0
+                backoff.succeeded()
                 continue
             except Exception as exc:
-                failures += 1
-                log.warning("reporting offline replicas to the controller failed (attempt %d): %s", failures, exc)
+                log.warning("reporting offline replicas to the controller failed (attempt %d): %s",
+                            backoff.failures + 1, exc)
             for tp, reason in offline.items():  # put back what no newer word replaced
                 if tp not in self._recovered_pending:
                     self._offline_pending.setdefault(tp, reason)
             for tp in recovered:
                 if tp not in self._offline_pending:
                     self._recovered_pending.add(tp)
-            if failures >= OFFLINE_REPORT_ATTEMPTS_MAX:
+            if (wait_ms := backoff.failed()) is None:
                 log.error("giving up reporting offline replicas %s after %d attempts", sorted(self._offline_pending),
-                          failures)
+                          backoff.failures)
                 self._offline_pending.clear()
                 self._recovered_pending.clear()
                 return
-            await asyncio.sleep(OFFLINE_REPORT_BACKOFF_S)
+            await asyncio.sleep(wait_ms / 1000)
 
     async def _report_once(self, offline: dict[TP, str], recovered: list[TP]) -> None:
         me = self.config.broker_id

@@ -111,6 +111,39 @@ class WorkerStats:
     committed: dict[TopicPartition, int] = field(default_factory=dict)
 
 
+def _check_bounds(group: str, workers: int, max_in_flight: int, ordering: str, on_failure: str, grace_ms: int,
+                  commit_interval_ms: int, poll_timeout_ms: int, max_poll_records: int) -> None:
+    """The Worker's arguments within their bounds, or ValueError naming the first that is not."""
+    if not group:
+        raise ValueError("a worker needs a group")
+    if not 1 <= workers <= WORKERS_MAX:
+        raise ValueError(f"workers must be between 1 and {WORKERS_MAX}, got {workers}")
+    if not 1 <= max_in_flight <= MAX_IN_FLIGHT_MAX:
+        raise ValueError(f"max_in_flight must be between 1 and {MAX_IN_FLIGHT_MAX}, got {max_in_flight}")
+    if ordering not in ORDERINGS:
+        raise ValueError(f"ordering must be one of {', '.join(ORDERINGS)}, got {ordering!r}")
+    if on_failure not in ON_FAILURE:
+        raise ValueError(f"on_failure must be 'stop' or 'skip', got {on_failure!r}")
+    if not 0 <= grace_ms <= GRACE_MS_MAX:
+        raise ValueError(f"grace_ms must be between 0 and {GRACE_MS_MAX}, got {grace_ms}")
+    if not 10 <= commit_interval_ms <= GRACE_MS_MAX:
+        raise ValueError(f"commit_interval_ms must be between 10 and {GRACE_MS_MAX}, got {commit_interval_ms}")
+    if not 1 <= poll_timeout_ms <= 10_000 or max_poll_records <= 0:
+        raise ValueError("poll_timeout_ms must be within 1..10000 and max_poll_records positive")
+
+
+def _resolve_handler(handler: HandlerRef, processes: bool) -> HandlerRef:
+    """A callable, or (processes) a `module:function` string each child imports; checked here."""
+    if isinstance(handler, str):
+        if processes:
+            parse_spec(handler)  # each child imports it; a bad name is still caught here
+            return handler
+        return load_handler(handler)
+    if callable(handler):
+        return handler
+    raise TypeError(f"handler must be a callable or a 'module:function' string, not {type(handler).__name__}")
+
+
 class Worker:
     """Runs `handler(message)` for every record of a group's partitions, on `workers` threads or processes.
 
@@ -143,34 +176,11 @@ class Worker:
         consumer_config: Mapping[str, Any] | None = None,
         consumer_factory: ConsumerFactory | None = None,
     ) -> None:
-        if not group:
-            raise ValueError("a worker needs a group")
-        if not 1 <= workers <= WORKERS_MAX:
-            raise ValueError(f"workers must be between 1 and {WORKERS_MAX}, got {workers}")
-        if not 1 <= max_in_flight <= MAX_IN_FLIGHT_MAX:
-            raise ValueError(f"max_in_flight must be between 1 and {MAX_IN_FLIGHT_MAX}, got {max_in_flight}")
-        if ordering not in ORDERINGS:
-            raise ValueError(f"ordering must be one of {', '.join(ORDERINGS)}, got {ordering!r}")
-        if on_failure not in ON_FAILURE:
-            raise ValueError(f"on_failure must be 'stop' or 'skip', got {on_failure!r}")
-        if not 0 <= grace_ms <= GRACE_MS_MAX:
-            raise ValueError(f"grace_ms must be between 0 and {GRACE_MS_MAX}, got {grace_ms}")
-        if not 10 <= commit_interval_ms <= GRACE_MS_MAX:
-            raise ValueError(f"commit_interval_ms must be between 10 and {GRACE_MS_MAX}, got {commit_interval_ms}")
-        if not 1 <= poll_timeout_ms <= 10_000 or max_poll_records <= 0:
-            raise ValueError("poll_timeout_ms must be within 1..10000 and max_poll_records positive")
+        _check_bounds(group, workers, max_in_flight, ordering, on_failure, grace_ms, commit_interval_ms,
+                      poll_timeout_ms, max_poll_records)
         if consumer_factory is None and not topics and not pattern:
             raise ValueError("a worker needs topics or a pattern")
-        if isinstance(handler, str):
-            if processes:
-                parse_spec(handler)  # each child imports it; a bad name is still caught here
-                self._handler: HandlerRef = handler
-            else:
-                self._handler = load_handler(handler)
-        elif callable(handler):
-            self._handler = handler
-        else:
-            raise TypeError(f"handler must be a callable or a 'module:function' string, not {type(handler).__name__}")
+        self._handler: HandlerRef = _resolve_handler(handler, processes)
         self.group = group
         self.topics = [topics] if isinstance(topics, str) else list(topics)
         self.pattern = pattern

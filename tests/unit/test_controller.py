@@ -624,6 +624,81 @@ def test_controller_retries_a_leader_and_isr_refused_by_a_broker_still_registeri
     assert len(rpc.calls) == 1 and not ch.pending()
 
 
+def test_controller_retry_curves_are_capped_jittered_and_the_sends_bounded():
+    """The controller's three curves on the one retry policy: election from 200 ms, event and send
+    from 100 ms, all doubling to rpc_backoff_max; jitter only shortens; sends give up after
+    rpc_attempts_max attempts, election and event retries do not (their loops end with the run/term)."""
+    import random
+
+    from logbroker.cluster.controller import CONTROLLER_RETRY_JITTER, controller_retries
+
+    r = controller_retries(rpc_attempts_max=30, rpc_backoff_max_ms=2000)
+    assert [r.election.base_ms(n) for n in range(1, 7)] == [200, 400, 800, 1600, 2000, 2000]
+    assert [r.event.base_ms(n) for n in range(1, 7)] == [100, 200, 400, 800, 1600, 2000]
+    assert [r.send.base_ms(n) for n in range(1, 7)] == [100, 200, 400, 800, 1600, 2000]
+    rng = random.Random(14)
+    for policy in (r.election, r.event, r.send):
+        for failures in (1, 3, 6, 29):
+            base = policy.base_ms(failures)
+            waits = [policy.delay_ms(failures, rng) for _ in range(100)]
+            assert all(w is not None and base * (1 - CONTROLLER_RETRY_JITTER) <= w <= base <= 2000 for w in waits)
+    assert r.election.delay_ms(10**6, rng) is not None and r.event.delay_ms(10**6, rng) is not None
+    backoff = r.send.start(rng=rng)
+    assert all(backoff.failed() is not None for _ in range(29)) and backoff.failed() is None  # 30 attempts
+    tiny = controller_retries(rpc_attempts_max=1, rpc_backoff_max_ms=10)  # the test knobs: initial waits capped
+    assert tiny.election.base_ms(1) == tiny.send.base_ms(1) == 10 and tiny.send.delay_ms(1) is None
+    with pytest.raises(ValueError):
+        controller_retries(rpc_attempts_max=0, rpc_backoff_max_ms=10)
+
+
+def test_controller_sender_drops_a_brokers_requests_after_rpc_attempts_max_failures():
+    """A broker that keeps failing gets exactly rpc_attempts_max tries, then its pending requests go
+    (the sender does not retry forever); a request queued after the drop gets a fresh budget. No sockets."""
+    import asyncio
+    import random
+
+    from logbroker.cluster.controller import Controller, _Channel, _Term
+
+    class Rpc:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        async def leader_and_isr(self, broker, req):
+            self.calls += 1
+            raise ConnectionError("unreachable")
+
+    async def main() -> tuple[Rpc, _Channel, list[int]]:
+        core = ControllerState(0, 3)
+        core.on_startup({1: reg(1, 42)}, {"t": TopicSpec("t", {0: [1]})}, {("t", 0): PartitionStateData(1, 0, [1], 3, 0)})
+        rpc = Rpc()
+        controller = Controller(0, None, rpc, rpc_backoff_max_s=0.001, rpc_attempts_max=4,  # type: ignore[arg-type]
+                                rng=random.Random(1))
+        controller._connected = asyncio.Event()
+        controller._connected.set()
+        term = _Term(3, 0, core)
+        ch = _Channel(core.live[1])
+        drops: list[int] = []
+        clear = ch.clear
+
+        def dropped() -> None:  # the sender gave up: queue one more request once, then end the term
+            clear()
+            drops.append(rpc.calls)
+            if len(drops) == 1:
+                ch.leader_and_isr.add(("t", 0))
+                ch.wake.set()
+            else:
+                term.resign = True
+
+        ch.clear = dropped  # type: ignore[method-assign]
+        ch.leader_and_isr.add(("t", 0))
+        ch.wake.set()
+        await asyncio.wait_for(controller._sender(term, ch), 10)
+        return rpc, ch, drops
+
+    rpc, ch, drops = asyncio.run(main())
+    assert drops == [4, 8] and rpc.calls == 8 and not ch.pending()
+
+
 def test_isr_expansion_naming_an_unregistered_broker_is_undone_once():
     """Leaders write ISR changes themselves; an expansion naming a broker that is not registered
     (KIP-841: a leader with stale metadata) is taken out by the controller in one write, and the
