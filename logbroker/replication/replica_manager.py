@@ -9,13 +9,14 @@ or, standalone, from `make_local_leader` (the broker leads everything, ISR = [it
 `InMemoryIsrStore`). Requests are fenced:
 
 - controller_epoch below the highest seen -> STALE_CONTROLLER_EPOCH (whole request);
-- broker_epoch > 0 and newer than this broker's current epoch, or this broker does not know its
-  epoch (it is registering again after a lost session: ZooKeeper already holds the registration
-  the controller saw, the broker has not heard back yet) -> BROKER_NOT_AVAILABLE, retriable: the
-  controller retries with backoff (bounded) and the request applies once the epoch is known;
+- this broker does not know its epoch (current epoch <= 0: it is registering again after a lost
+  session, ZooKeeper may already hold the registration the controller saw, the broker has not heard
+  back yet), whatever the request carries, or the request's broker_epoch is newer than this
+  broker's current one -> BROKER_NOT_AVAILABLE, retriable: the controller retries with backoff
+  (bounded) and the request applies once the epoch is known;
 - any other broker_epoch but this broker's current one (older, 0 or negative: no value skips the
-  check) -> STALE_BROKER_EPOCH (whole request; the controller drops it: the broker re-registered,
-  a newer request follows);
+  check, -1 never matches an unknown epoch) -> STALE_BROKER_EPOCH (whole request; the controller
+  drops it: the broker re-registered, a newer request follows);
 - per partition, a state whose leader epoch is older than the one applied, or equal with an
   older znode version -> STALE_CONTROLLER_EPOCH for that partition; an identical one is a no-op.
 
@@ -484,12 +485,12 @@ class ReplicaManager:
             return StaleControllerEpochError(
                 f"controller epoch {controller_epoch} is older than {self.controller_epoch}, the latest seen"
             )
-        if broker_epoch > 0 and (current_broker_epoch < 0 or broker_epoch > current_broker_epoch):
+        if current_broker_epoch <= 0 or broker_epoch > current_broker_epoch:
             return BrokerNotAvailableError(
                 f"request for broker epoch {broker_epoch}; broker {self.broker_id} is still registering "
                 f"(epoch {current_broker_epoch}): retry"
             )
-        if broker_epoch != current_broker_epoch:
+        if broker_epoch <= 0 or broker_epoch != current_broker_epoch:
             return StaleBrokerEpochError(
                 f"request for broker epoch {broker_epoch}; broker {self.broker_id} is at epoch {current_broker_epoch}"
             )

@@ -41,6 +41,7 @@ from logbroker.v1 import logbroker_pb2 as pb
 
 LAG_MS = 1000
 EPOCHS = {0: 100, 1: 101, 2: 102}  # broker epochs of the live brokers, as the controller sends them
+ME = EPOCHS[0]  # this broker's (broker 0's) current epoch: what the controller's requests carry
 SMALL = LogConfig(segment_bytes=1 << 16, index_map_bytes=4 << 20)
 
 
@@ -91,7 +92,7 @@ def live(epochs: dict[int, int] | None = None) -> list[pb.BrokerInfo]:
             for b, e in sorted((EPOCHS if epochs is None else epochs).items())]
 
 
-def lai(*states: pb.PartitionState, controller_epoch: int = 1, broker_epoch: int = 0,
+def lai(*states: pb.PartitionState, controller_epoch: int = 1, broker_epoch: int = ME,
         configs: dict[str, dict[str, str]] | None = None,
         live_epochs: dict[int, int] | None = None) -> pb.LeaderAndIsrRequest:
     req = pb.LeaderAndIsrRequest(controller_id=9, controller_epoch=controller_epoch, broker_epoch=broker_epoch,
@@ -112,7 +113,7 @@ async def lead(s: Setup, min_isr: int = 2, live_epochs: dict[int, int] = EPOCHS,
     s.store.set_state(st.topic, st.partition, PartitionStateData(st.leader, st.leader_epoch, list(st.isr), 1,
                                                                  st.zk_version))
     resp = await s.rm.leader_and_isr(lai(st, configs={st.topic: {"min_insync_replicas": str(min_isr)}},
-                                         live_epochs=live_epochs), 0)
+                                         live_epochs=live_epochs), ME)
     assert [r.error_code for r in resp.results] == [pb.NONE], resp
 
 
@@ -141,9 +142,9 @@ def test_standalone_leader(setup):
 def test_leader_and_isr_fencing(setup):
     async def main():
         rm = setup.rm
-        resp = await rm.leader_and_isr(lai(state(), controller_epoch=5), 0)
+        resp = await rm.leader_and_isr(lai(state(), controller_epoch=5), ME)
         assert resp.error_code == pb.NONE and rm.controller_epoch == 5
-        stale = await rm.leader_and_isr(lai(state(epoch=2), controller_epoch=4), 0)
+        stale = await rm.leader_and_isr(lai(state(epoch=2), controller_epoch=4), ME)
         assert stale.error_code == pb.STALE_CONTROLLER_EPOCH
         wrong_epoch = await rm.leader_and_isr(lai(state(epoch=2), controller_epoch=5, broker_epoch=77), 78)
         assert wrong_epoch.error_code == pb.STALE_BROKER_EPOCH
@@ -157,14 +158,14 @@ def test_leader_and_isr_fencing(setup):
                                                                       pb.TopicPartition(topic="t", partition=0)]), 78)
             assert deleted.error_code == pb.STALE_BROKER_EPOCH, skip
         assert rm.get_partition("t", 0).leader_epoch == 1
-        older = await rm.leader_and_isr(lai(state(epoch=0, version=5), controller_epoch=5), 0)
+        older = await rm.leader_and_isr(lai(state(epoch=0, version=5), controller_epoch=5), ME)
         assert older.results[0].error_code == pb.STALE_CONTROLLER_EPOCH
-        same = await rm.leader_and_isr(lai(state(epoch=1, version=0), controller_epoch=5), 0)
+        same = await rm.leader_and_isr(lai(state(epoch=1, version=0), controller_epoch=5), ME)
         assert same.results[0].error_code == pb.NONE  # the state it has: a no-op
         not_mine = await rm.leader_and_isr(lai(state(replicas=(1, 2), isr=(1, 2), leader=1, topic="u"),
-                                               controller_epoch=5), 0)
+                                               controller_epoch=5), ME)
         assert not_mine.results[0].error_code == pb.UNKNOWN_TOPIC_OR_PARTITION
-        newer_version = await rm.leader_and_isr(lai(state(epoch=1, isr=(0,), version=1), controller_epoch=5), 0)
+        newer_version = await rm.leader_and_isr(lai(state(epoch=1, isr=(0,), version=1), controller_epoch=5), ME)
         assert newer_version.results[0].error_code == pb.NONE
         assert rm.get_partition("t", 0).isr == [0]
         await rm.shutdown()
@@ -175,12 +176,12 @@ def test_topic_config_from_the_request(setup):
     async def main():
         rm = setup.rm
         config = {"min_insync_replicas": "2", "segment_bytes": str(1 << 15), "max_message_bytes": "5000"}
-        resp = await rm.leader_and_isr(lai(state(), configs={"t": config}), 0)
+        resp = await rm.leader_and_isr(lai(state(), configs={"t": config}), ME)
         assert resp.results[0].error_code == pb.NONE
         part = rm.get_partition("t", 0)
         assert part.min_insync_replicas == 2
         assert part.log.config.segment_bytes == 1 << 15 and part.log.config.max_message_bytes == 5000
-        bad = await rm.leader_and_isr(lai(state(topic="v"), configs={"v": "nope"}), 0)  # type: ignore[dict-item]
+        bad = await rm.leader_and_isr(lai(state(topic="v"), configs={"v": "nope"}), ME)  # type: ignore[dict-item]
         assert bad.results[0].error_code == pb.INVALID_CONFIG
     run(main)
 
@@ -190,7 +191,7 @@ def test_becoming_leader_starts_the_epoch_and_answers_offset_for_leader_epoch(se
         rm = setup.rm
         await lead(setup, min_isr=1, epoch=0, isr=(0,))
         await rm.produce("t", 0, batch(4), 1, 1000)
-        await rm.leader_and_isr(lai(state(epoch=3, isr=(0,), version=1)), 0)
+        await rm.leader_and_isr(lai(state(epoch=3, isr=(0,), version=1)), ME)
         part = rm.get_partition("t", 0)
         assert part.log.epochs == [(0, 0), (3, 4)]
         req = pb.OffsetForLeaderEpochRequest(replica_id=1, partitions=[
@@ -283,7 +284,7 @@ def test_leadership_change_fails_parked_produce_and_fences_reads(setup):
         await lead(setup, live_epochs={0: 100})
         parked = asyncio.create_task(rm.produce("t", 0, batch(), -1, 10_000))
         await until(lambda: rm.get_partition("t", 0).log.log_end_offset == 1, 5, "the append")
-        resp = await rm.leader_and_isr(lai(state(leader=1, epoch=2, version=1)), 0)
+        resp = await rm.leader_and_isr(lai(state(leader=1, epoch=2, version=1)), ME)
         assert resp.results[0].error_code == pb.NONE
         with pytest.raises(NotLeaderOrFollowerError):
             await parked
@@ -320,13 +321,13 @@ def test_stop_replica(setup):
     async def main():
         rm = setup.rm
         await lead(setup)
-        resp = await rm.stop_replica(pb.StopReplicaRequest(controller_epoch=1, partitions=[
-            pb.TopicPartition(topic="t", partition=0)]), 0)
+        resp = await rm.stop_replica(pb.StopReplicaRequest(controller_epoch=1, broker_epoch=ME, partitions=[
+            pb.TopicPartition(topic="t", partition=0)]), ME)
         assert resp.error_code == pb.NONE and rm.get_partition("t", 0).role is Role.NONE
-        stale = await rm.stop_replica(pb.StopReplicaRequest(controller_epoch=0), 0)
+        stale = await rm.stop_replica(pb.StopReplicaRequest(controller_epoch=0, broker_epoch=ME), ME)
         assert stale.error_code == pb.STALE_CONTROLLER_EPOCH
-        await rm.stop_replica(pb.StopReplicaRequest(controller_epoch=1, delete_partitions=True, partitions=[
-            pb.TopicPartition(topic="t", partition=0)]), 0)
+        await rm.stop_replica(pb.StopReplicaRequest(controller_epoch=1, broker_epoch=ME, delete_partitions=True,
+                                                    partitions=[pb.TopicPartition(topic="t", partition=0)]), ME)
         assert "t-0" not in [p.name for p in setup.log_manager.data_dir.iterdir()]
         with pytest.raises(UnknownTopicOrPartitionError):
             rm.get_partition("t", 0)
@@ -357,7 +358,7 @@ def test_drop_all_roles_forgets_the_applied_states(setup):
         assert part.role is Role.NONE and part.leader_epoch == -1
         with pytest.raises(NotLeaderOrFollowerError):
             await rm.produce("t", 0, batch(), 1, 1000)
-        resp = await rm.leader_and_isr(lai(state()), 0)  # the same state again: applied
+        resp = await rm.leader_and_isr(lai(state()), ME)  # the same state again: applied
         assert resp.results[0].error_code == pb.NONE and part.is_leader and part.leader_epoch == 1
     run(main)
 
@@ -369,9 +370,9 @@ def test_stopped_replica_takes_the_same_state_again(setup):
         rm.remove_partition("t", 0, delete=False)  # e.g. the ZooKeeper session was lost
         part = rm.get_partition("t", 0)
         assert part.role is Role.NONE
-        resp = await rm.leader_and_isr(lai(state()), 0)  # the controller re-sends what it had
+        resp = await rm.leader_and_isr(lai(state()), ME)  # the controller re-sends what it had
         assert resp.results[0].error_code == pb.NONE and part.is_leader
-        older = await rm.leader_and_isr(lai(state(epoch=0, version=3)), 0)
+        older = await rm.leader_and_isr(lai(state(epoch=0, version=3)), ME)
         assert older.results[0].error_code == pb.STALE_CONTROLLER_EPOCH
     run(main)
 
@@ -392,7 +393,7 @@ def test_leader_and_isr_deletes_a_log_of_another_topic_id(tmp_path: Path):
         assert s.log_manager.load_all()[("t", 0)].log_end_offset == 5
         req = lai(state(leader=1, isr=(1,)))
         req.topic_ids["t"] = NEW_ID
-        resp = await s.rm.leader_and_isr(req, 0)
+        resp = await s.rm.leader_and_isr(req, ME)
         assert resp.results[0].error_code == pb.NONE
         assert s.rm.get_partition("t", 0).log.log_end_offset == 0
         await s.rm.shutdown()
@@ -410,7 +411,7 @@ def test_leader_and_isr_keeps_a_log_of_the_same_topic_id(tmp_path: Path):
         s.log_manager.load_all()
         req = lai(state(leader=1, isr=(1,)))
         req.topic_ids["t"] = NEW_ID
-        assert (await s.rm.leader_and_isr(req, 0)).results[0].error_code == pb.NONE
+        assert (await s.rm.leader_and_isr(req, ME)).results[0].error_code == pb.NONE
         assert s.rm.get_partition("t", 0).log.log_end_offset == 5
         await s.rm.shutdown()
         s.close()
@@ -442,7 +443,7 @@ def test_vanished_log_offline_standalone_refetched_in_a_cluster(tmp_path: Path):
         # cluster: the follower creates it empty and fetches it from the leader
         req = lai(state(leader=1, isr=(1,), partition=1))
         req.topic_ids["t"] = NEW_ID
-        assert (await s.rm.leader_and_isr(req, 0)).results[0].error_code == pb.NONE
+        assert (await s.rm.leader_and_isr(req, ME)).results[0].error_code == pb.NONE
         assert s.rm.get_partition("t", 1).log.log_end_offset == 0
         await s.rm.shutdown()
         s.close()
@@ -466,6 +467,28 @@ def test_leader_and_isr_for_a_broker_still_registering_is_retriable(setup):
         assert older.error_code == pb.STALE_BROKER_EPOCH  # an earlier incarnation's request
         stop = await rm.stop_replica(pb.StopReplicaRequest(controller_epoch=1, broker_epoch=106), 105)
         assert stop.error_code == pb.BROKER_NOT_AVAILABLE
+    run(main)
+
+
+def test_a_broker_that_does_not_know_its_epoch_applies_nothing(setup):
+    """After a lost session the broker's epoch is -1 until it has registered again: every request,
+    one carrying -1 (or 0) as well, is refused as retriable BROKER_NOT_AVAILABLE (-1 never matches
+    an unknown epoch); once the epoch is known, a request for epoch <= 0 is STALE_BROKER_EPOCH."""
+    async def main():
+        rm = setup.rm
+        for sent in (-1, 0, ME):
+            resp = await rm.leader_and_isr(lai(state(), broker_epoch=sent), -1)
+            assert resp.error_code == pb.BROKER_NOT_AVAILABLE, (sent, resp)
+            stop = await rm.stop_replica(pb.StopReplicaRequest(controller_epoch=1, broker_epoch=sent), -1)
+            assert stop.error_code == pb.BROKER_NOT_AVAILABLE, (sent, stop)
+        assert not rm.partitions and rm.fetchers.broker_epoch == -1
+        for sent in (-1, 0):
+            resp = await rm.leader_and_isr(lai(state(), broker_epoch=sent), ME)
+            assert resp.error_code == pb.STALE_BROKER_EPOCH, (sent, resp)
+        assert not rm.partitions
+        resp = await rm.leader_and_isr(lai(state(), broker_epoch=ME), ME)
+        assert resp.error_code == pb.NONE and rm.get_partition("t", 0).is_leader
+        await rm.shutdown()
     run(main)
 
 
@@ -507,7 +530,7 @@ def test_isr_proposals_of_a_partition_are_rate_bounded(setup):
             if part.isr == [0, 1]:  # the controller takes it out again at once (same leader epoch)
                 st = setup.store.get_state("t", 0)
                 setup.store.set_state("t", 0, PartitionStateData(0, 1, [0], 1, st.zk_version + 1))
-                await rm.leader_and_isr(lai(state(isr=(0,), version=st.zk_version + 1), live_epochs=EPOCHS), 0)
+                await rm.leader_and_isr(lai(state(isr=(0,), version=st.zk_version + 1), live_epochs=EPOCHS), ME)
                 assert part.isr == [0]
             setup.clock.advance(ISR_PROPOSAL_INTERVAL_MS // 10)
         # 20 fetches over 2 intervals of the manual clock: at most 2 (+1 at the start) proposals
@@ -554,14 +577,14 @@ def test_vanished_log_named_leader_is_refused_and_stays_offline_until_it_follows
         for leader, epoch in ((0, 2), (-1, 3)):
             req = lai(state(leader=leader, epoch=epoch, isr=(0, 1)))
             req.topic_ids["t"] = NEW_ID
-            r = (await s.rm.leader_and_isr(req, 0)).results[0]
+            r = (await s.rm.leader_and_isr(req, ME)).results[0]
             assert r.error_code == pb.KAFKA_STORAGE_ERROR and "missing" in r.error_message, r
             assert not (tmp_path / "b0" / "t-0").exists() and ("t", 0) in s.rm.offline_partitions
             with pytest.raises(StorageError, match="offline"):
                 s.rm.get_partition("t", 0)
         req = lai(state(leader=1, epoch=4, isr=(1,)))
         req.topic_ids["t"] = NEW_ID
-        assert (await s.rm.leader_and_isr(req, 0)).results[0].error_code == pb.NONE
+        assert (await s.rm.leader_and_isr(req, ME)).results[0].error_code == pb.NONE
         part = s.rm.get_partition("t", 0)
         assert part.role is Role.FOLLOWER and part.log.log_end_offset == 0 and not s.rm.offline_partitions
         await s.rm.shutdown()
@@ -583,12 +606,12 @@ def test_recover_empty_in_a_cluster_creates_the_log_and_reports_it_recovered(tmp
             s.rm.recover_empty_replica("t", 0, {}, NEW_ID)  # not offline (yet)
         req = lai(state(leader=0, epoch=2, isr=(0,)))
         req.topic_ids["t"] = NEW_ID
-        assert (await s.rm.leader_and_isr(req, 0)).results[0].error_code == pb.KAFKA_STORAGE_ERROR
+        assert (await s.rm.leader_and_isr(req, ME)).results[0].error_code == pb.KAFKA_STORAGE_ERROR
         s.rm.recover_empty_replica("t", 0, {}, NEW_ID)
         assert reports == [({}, [("t", 0)])] and not s.rm.offline_partitions
         req = lai(state(leader=0, epoch=3, isr=(0,)))  # the controller elects it now
         req.topic_ids["t"] = NEW_ID
-        assert (await s.rm.leader_and_isr(req, 0)).results[0].error_code == pb.NONE
+        assert (await s.rm.leader_and_isr(req, ME)).results[0].error_code == pb.NONE
         part = s.rm.get_partition("t", 0)
         assert part.is_leader and part.log.log_end_offset == 0
         await s.rm.shutdown()
@@ -613,12 +636,12 @@ def test_corrupt_leader_reports_and_truncates_to_the_bad_batch_once_it_follows(s
         assert reports == [({("t", 0): "corrupt batch at offset 4"}, [])]
         part.log.corrupt_reason = "flagged"
         assert part.log.log_end_offset == 10  # nothing changes while it leads
-        resp = await rm.leader_and_isr(lai(state(leader=-1, epoch=2, isr=(0, 1))), 0)
+        resp = await rm.leader_and_isr(lai(state(leader=-1, epoch=2, isr=(0, 1))), ME)
         assert resp.results[0].error_code == pb.NONE and part.log.log_end_offset == 10  # no leader: keep it
-        resp = await rm.leader_and_isr(lai(state(leader=1, epoch=3, isr=(1,))), 0)
+        resp = await rm.leader_and_isr(lai(state(leader=1, epoch=3, isr=(1,))), ME)
         assert resp.results[0].error_code == pb.NONE
         assert part.role is Role.FOLLOWER and part.log.log_end_offset == 4 and part.log.corrupt_reason is None
-        resp = await rm.leader_and_isr(lai(state(leader=1, epoch=4, isr=(1,))), 0)
+        resp = await rm.leader_and_isr(lai(state(leader=1, epoch=4, isr=(1,))), ME)
         assert part.log.log_end_offset == 4  # once
         await rm.shutdown()
     run(main)

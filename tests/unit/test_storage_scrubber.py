@@ -189,9 +189,10 @@ def test_scrubber_in_a_cluster_reports_the_bad_replica_to_the_controller(tmp_pat
         for i in range(60):
             part.append_as_leader(batch(3, i))
         leader = 0 if role == "leader" else 1
-        resp = await rm.leader_and_isr(pb.LeaderAndIsrRequest(controller_id=1, controller_epoch=1, partitions=[
+        resp = await rm.leader_and_isr(pb.LeaderAndIsrRequest(controller_id=1, controller_epoch=1, broker_epoch=100,
+                                                              partitions=[
             pb.PartitionState(topic="t", partition=0, controller_epoch=1, leader=leader, leader_epoch=1,
-                              isr=[0, 1], replicas=[0, 1], zk_version=1)]), 0)
+                              isr=[0, 1], replicas=[0, 1], zk_version=1)]), 100)
         assert resp.results[0].error_code == pb.NONE
         seg = part.log.segments[1]
         checks = list(walk_segment(*reader(seg.path), seg.base_offset))
