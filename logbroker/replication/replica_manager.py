@@ -358,27 +358,51 @@ class ReplicaManager:
         return deleted
 
     def remove_stray_replicas(self, partitions: Iterable[pb.PartitionState]) -> int:
-        """Delete every local replica and log of a partition that the controller's whole view
-        (UpdateMetadata `partitions`: every partition of every live topic) lists WITHOUT this broker
-        among its replicas: a reassignment moved it away while this broker was down, so its
-        StopReplica(delete) never came (Kafka's stray partitions). Only authoritative metadata
-        counts: a log of a topic or partition the view does not list is left alone (its metadata
-        may just not be here yet; deleted topics go through `remove_deleted_topics`). Returns how
-        many were deleted (a failure is logged and retried with the next UpdateMetadata)."""
-        listed = {(ps.topic, ps.partition): list(ps.replicas) for ps in partitions}
+        """Delete the local replicas and logs that the controller's whole view (UpdateMetadata
+        `partitions`: every partition of every live topic) shows to be strays: a reassignment moved
+        the partition away while this broker was down, or the StopReplica(delete) of our former
+        replica was lost (Kafka's stray partitions). Only authoritative metadata counts: a log of a
+        topic or partition the view does not list is left alone (its metadata may just not be here
+        yet; deleted topics go through `remove_deleted_topics`). See `_stray` for when a listed one
+        is a stray. The log registry keeps a deleted stray (it counts as lost, not as never created):
+        should the deletion have been wrong, a LeaderAndIsr naming this broker leader of it is
+        refused (KAFKA_STORAGE_ERROR), never led empty. Returns how many were deleted (a failure is
+        logged and retried with the next UpdateMetadata)."""
+        listed = {(ps.topic, ps.partition): ps for ps in partitions}
         deleted = 0
         for topic, partition in sorted({*self.partitions, *self.log_manager.logs()}):
-            replicas = listed.get((topic, partition))
-            if replicas is None or self.broker_id in replicas:
+            key = (topic, partition)
+            ps = listed.get(key)
+            if ps is None or not self._stray(ps, self.partitions.get(key)):
                 continue
-            log.warning("broker %d deletes its stray replica of %s-%d: the controller's metadata names replicas %s",
-                        self.broker_id, topic, partition, replicas)
+            log.warning("broker %d deletes its stray replica of %s-%d: the controller's metadata names replicas %s, "
+                        "leader %d, ISR %s in leader epoch %d", self.broker_id, topic, partition, list(ps.replicas),
+                        ps.leader, list(ps.isr), ps.leader_epoch)
+            registered = self.log_manager.registry.get(key)
             try:
                 self.remove_partition(topic, partition, delete=True)
                 deleted += 1
             except Exception as exc:
                 log.error("deleting stray %s-%d failed: %s", topic, partition, exc)
+            if registered is not None:
+                self.log_manager.registry.record(key, registered)
         return deleted
+
+    def _stray(self, ps: pb.PartitionState, part: Partition | None) -> bool:
+        """Whether our replica of `ps`'s partition is a stray, given the controller's view `ps`. The
+        view may run ahead of ZooKeeper (a reassignment's new assignment is in it before it is
+        written; the write may fail) or behind what a LeaderAndIsr told us, so never while the view
+        still counts on our copy (we are a replica, the leader or in the ISR); and a replica that
+        has a state from a LeaderAndIsr (leading, following, or stopped) only once the view's state
+        is newer than that state and names another leader: then the controller has moved on
+        without us. A replica with no state (a log loaded from disk, never named by a LeaderAndIsr
+        since, or whose roles were dropped) is a stray as soon as the view leaves it out."""
+        me = self.broker_id
+        if me in ps.replicas or ps.leader == me or me in ps.isr:
+            return False
+        if part is None or part.leader_epoch < 0:
+            return True
+        return ps.leader >= 0 and ps.leader_epoch > part.leader_epoch
 
     def drop_all_roles(self) -> None:
         """Lead nothing and follow nothing until the controller says otherwise (the ZooKeeper

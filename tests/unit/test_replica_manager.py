@@ -555,10 +555,60 @@ def test_stray_replicas_are_deleted_only_on_authoritative_metadata(setup):
         assert {"t-0", "moved-1", "unknown-0"} <= names and "moved-0" not in names
         assert rm.get_partition("t", 0).is_leader
         assert rm.remove_stray_replicas(view) == 0
-        # our own led replica, reassigned away (its StopReplica lost): deleted too
-        assert rm.remove_stray_replicas([state(replicas=(1, 2), isr=(1, 2), leader=1)]) == 1
+        # our own led replica, reassigned away (its StopReplica lost): deleted once the view's state
+        # names another leader in a newer leader epoch than ours (1) and leaves us out of the ISR
+        assert rm.remove_stray_replicas([state(replicas=(1, 2), isr=(1, 2), leader=1, epoch=1)]) == 0
+        assert rm.remove_stray_replicas([state(replicas=(1, 2), isr=(1, 2), leader=1, epoch=2)]) == 1
         with pytest.raises(UnknownTopicOrPartitionError):
             rm.get_partition("t", 0)
+    run(main)
+
+
+def test_a_replica_the_view_still_counts_on_is_never_a_stray(setup):
+    """The controller's view may list an assignment without us before it is in ZooKeeper (a
+    reassignment's last step) while we lead: an UpdateMetadata naming us leader or ISR member, or
+    with a state older than the one we applied, deletes nothing."""
+    async def main():
+        rm = setup.rm
+        await lead(setup, min_isr=1, isr=(0, 1))
+        await rm.produce("t", 0, batch(3), 1, 1000)
+        part = rm.get_partition("t", 0)
+        for leader, isr, epoch in ((0, (0, 1, 2), 1),   # reassignment to [1, 2] not yet written: we lead
+                                   (0, (1, 2), 2),      # we lead (whatever the ISR)
+                                   (1, (0, 1, 2), 2),   # we are in the ISR
+                                   (1, (1, 2), 1),      # another leader, but not newer than our epoch
+                                   (-1, (1, 2), 5)):    # no leader named
+            assert rm.remove_stray_replicas([state(replicas=(1, 2), leader=leader, isr=isr, epoch=epoch)]) == 0
+            assert rm.get_partition("t", 0) is part and part.is_leader and part.log.log_end_offset == 3
+        # a follower: kept while its applied state is at least as new as the view's
+        rm.broker_addresses.clear()  # no fetcher: nothing to connect to
+        await rm.leader_and_isr(lai(state(leader=1, epoch=4, isr=(1,), replicas=(0, 1))), ME)
+        assert rm.remove_stray_replicas([state(replicas=(1, 2), leader=1, isr=(1, 2), epoch=3)]) == 0
+        assert rm.remove_stray_replicas([state(replicas=(1, 2), leader=1, isr=(1, 2), epoch=4)]) == 0
+        assert rm.get_partition("t", 0).log.log_end_offset == 3
+        await rm.shutdown()
+    run(main)
+
+
+def test_a_deleted_stray_counts_as_lost_not_as_never_created(tmp_path: Path):
+    """Should a stray deletion have been wrong, the controller naming this broker leader of the
+    partition again gets KAFKA_STORAGE_ERROR (it elects another in-sync replica), never an empty
+    leader; named follower, the replica is created empty and fetched."""
+    async def main():
+        s = Setup(tmp_path)
+        s.log_manager.create_log("t", 0, topic_id=NEW_ID)
+        assert s.rm.remove_stray_replicas([state(replicas=(1, 2), leader=1, isr=(1, 2), epoch=2)]) == 1
+        assert not (tmp_path / "b0" / "t-0").exists()
+        req = lai(state(leader=0, epoch=3, isr=(0, 1), replicas=(0, 1)))
+        req.topic_ids["t"] = NEW_ID
+        assert (await s.rm.leader_and_isr(req, ME)).results[0].error_code == pb.KAFKA_STORAGE_ERROR
+        assert not (tmp_path / "b0" / "t-0").exists()
+        req = lai(state(leader=1, epoch=4, isr=(1,), replicas=(0, 1)))
+        req.topic_ids["t"] = NEW_ID
+        assert (await s.rm.leader_and_isr(req, ME)).results[0].error_code == pb.NONE
+        assert s.rm.get_partition("t", 0).role is Role.FOLLOWER
+        await s.rm.shutdown()
+        s.close()
     run(main)
 
 
