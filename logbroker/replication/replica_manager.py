@@ -33,6 +33,13 @@ which takes it out of the ISR and elects another ISR member (or none):
   replica_lag_time_max_ms; a leader with another ISR member is reported (`leader_copy_corrupt`) and
   remembers the offset: the LeaderAndIsr that makes it a follower of a live leader truncates it
   there and re-fetches. A leader alone in its ISR only flags the log (no healthy copy to move to).
+  A copy truncated that way may be below the high watermark while the controller still has it in
+  the ISR (the report is asynchronous): until it may lead again (`_CatchUp`) a LeaderAndIsr naming
+  it leader is answered KAFKA_STORAGE_ERROR for that partition (the controller reads it as an
+  offline report and elects another ISR member). It may lead again once its log end offset is back
+  at the one it had before the truncation (which was >= the high watermark whenever it was in the
+  ISR: so it holds every acknowledged record again), or once a state from the controller shows it
+  out of the ISR and a newer one shows it back in (the leader re-added it: caught up).
 - `topics recover-empty` in a cluster (`recover_empty_replica`) recreates a vanished log empty and
   reports it recovered: the controller may then make it leader (the operator accepted the loss).
 
@@ -58,6 +65,7 @@ import json
 import logging
 import threading
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
 from logbroker.clock import SYSTEM_CLOCK, Clock
@@ -154,6 +162,17 @@ class InMemoryIsrStore:
             return stored
 
 
+@dataclass
+class _CatchUp:
+    """A replica truncated below what it had (a corrupt batch) that must not lead until it holds
+    every acknowledged record again (module doc). `seen`: the newest (leader epoch, znode version)
+    of the partition's state seen since; `left_isr`: a state since the truncation left it out."""
+
+    target_offset: int  # the log end offset before the truncation
+    seen: tuple[int, int]
+    left_isr: bool = False
+
+
 class LeaderAppend(NamedTuple):
     """A produce appended by the leader, and what an acks=all wait needs to know about it."""
 
@@ -204,6 +223,8 @@ class ReplicaManager:
         self.offline_reporter: Callable[[dict[Key, str], list[Key]], None] | None = None
         # Leaders that reported a corrupt batch: where to truncate once a LeaderAndIsr makes them followers.
         self._refetch_when_following: dict[Key, int] = {}
+        # Replicas truncated below what they had: no leading until caught up again (module doc).
+        self._catching_up: dict[Key, _CatchUp] = {}
         self.fetch_purgatory = Purgatory()
         self.produce_purgatory = Purgatory()
         self.fetchers = ReplicaFetcherManager(broker_id, fetcher_config, clock, call_metadata(cluster_secret))
@@ -331,6 +352,7 @@ class ReplicaManager:
             part.stop()
         self._refetch_when_following.pop(key, None)
         if delete:
+            self._catching_up.pop(key, None)
             self.offline_partitions.pop(key, None)
             self.partitions.pop(key, None)
             self.log_manager.delete_log(topic, partition)
@@ -583,7 +605,9 @@ class ReplicaManager:
                 state = PartitionStateData(ps.leader, ps.leader_epoch, list(ps.isr), ps.controller_epoch,
                                            ps.zk_version)
                 replicas = list(ps.replicas)
+                self._observe_state(ps)
                 if ps.leader == self.broker_id:
+                    self._check_may_lead(part, ps)
                     self.fetchers.remove_partitions([key])
                     if part.become_leader(state, replicas, now):
                         log.info("broker %d leads %s-%d in epoch %d from offset %d, ISR %s", self.broker_id,
@@ -635,9 +659,56 @@ class ReplicaManager:
         del self._refetch_when_following[part.key]
         log.warning("broker %d: %s-%d follows broker %d now: truncating its copy to the corrupt batch at offset %d "
                     "and re-fetching from there", self.broker_id, part.topic, part.index, part.leader, offset)
+        self._hold_leadership(part, left_isr=self.broker_id not in part.isr)  # part.isr: the state just applied
         part.truncate_as_follower(offset)
         part.log.corrupt_reason = None
         return True
+
+    def _hold_leadership(self, part: Partition, *, left_isr: bool) -> None:
+        """`part` is about to be truncated below its log end offset: it may not lead until it has it
+        back (or the leader re-adds it to the ISR). `left_isr`: the applied state has it out."""
+        known = self._catching_up.get(part.key)
+        target = part.log.log_end_offset if known is None else max(known.target_offset, part.log.log_end_offset)
+        self._catching_up[part.key] = _CatchUp(target, (part.leader_epoch, part.zk_version), left_isr)
+
+    def _observe_state(self, ps: pb.PartitionState) -> None:
+        """A state of the partition from the controller (LeaderAndIsr, UpdateMetadata): a replica
+        holding back from leading that was out of the ISR in a newer state and is in it in a still
+        newer one was re-added by its leader (caught up): it may lead again."""
+        key = (ps.topic, ps.partition)
+        mark = self._catching_up.get(key)
+        version = (ps.leader_epoch, ps.zk_version)
+        if mark is None or version <= mark.seen:
+            return
+        mark.seen = version
+        if self.broker_id not in ps.isr:
+            mark.left_isr = True
+        elif mark.left_isr:
+            del self._catching_up[key]
+            log.info("broker %d is back in the ISR of %s-%d (leader epoch %d): it may lead it again", self.broker_id,
+                     ps.topic, ps.partition, ps.leader_epoch)
+
+    def observe_partition_states(self, partitions: Iterable[pb.PartitionState]) -> None:
+        """The controller's view of every partition (UpdateMetadata): see `_observe_state`."""
+        if self._catching_up:
+            for ps in partitions:
+                self._observe_state(ps)
+
+    def _check_may_lead(self, part: Partition, ps: pb.PartitionState) -> None:
+        """StorageError (KAFKA_STORAGE_ERROR: the controller elects another ISR member) while `part`
+        has not got back what it had before a truncation (module doc)."""
+        mark = self._catching_up.get(part.key)
+        if mark is None:
+            return
+        if part.log.log_end_offset >= mark.target_offset:
+            del self._catching_up[part.key]
+            return
+        log.warning("broker %d refuses to lead %s-%d in leader epoch %d: its copy was truncated to a corrupt batch "
+                    "and is at offset %d of %d again", self.broker_id, ps.topic, ps.partition, ps.leader_epoch,
+                    part.log.log_end_offset, mark.target_offset)
+        raise StorageError(f"{ps.topic}-{ps.partition} on broker {self.broker_id}: truncated to a corrupt batch, "
+                           f"re-fetched up to offset {part.log.log_end_offset} of {mark.target_offset}: it may not "
+                           f"lead until caught up")
 
     def report_offline(self, offline: dict[Key, str], recovered: Iterable[Key] = ()) -> bool:
         """Name replicas to the controller (cluster); False when there is none to tell (standalone)."""
@@ -697,6 +768,7 @@ class ReplicaManager:
         Its fetch offset is then behind the leader's log end offset, so it is no longer caught up."""
         if part.role is not Role.FOLLOWER:
             raise ValueError(f"{part.topic}-{part.index} is not a follower here")
+        self._hold_leadership(part, left_isr=False)  # its ISR may have changed since its LeaderAndIsr
         part.truncate_as_follower(offset)
         self.notify(part.key)
         self._ensure_fetching(part, restart=True)

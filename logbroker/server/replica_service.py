@@ -104,6 +104,7 @@ class ReplicaService:
             broker.metadata_image.apply(req)
             broker.replica_manager.update_broker_addresses(req.brokers)
             broker.replica_manager.remove_deleted_topics(req.deleted_topics)
+            broker.replica_manager.observe_partition_states(req.partitions)
             broker.replica_manager.remove_stray_replicas(req.partitions)
             broker.coordinator.forget_topics(req.deleted_topics)
             broker.on_metadata_updated()

@@ -29,8 +29,12 @@ Three parts:
                truncates by leader epoch as always and re-fetches the range from the leader; and
                reports the replica to the controller (ReplicaManager.report_offline), which takes it
                out of the ISR at once (rather than leaving a copy below the high watermark in the
-               ISR for up to replica_lag_time_max_ms). It rejoins through the leader's usual ISR
-               expansion once caught up, and that clears the controller's mark.
+               ISR for up to replica_lag_time_max_ms). Until the controller has handled that report
+               the truncated copy is still in the ISR: it refuses to lead (a LeaderAndIsr naming it
+               leader gets KAFKA_STORAGE_ERROR for the partition) until it has re-fetched what it
+               had or its leader re-adds it to the ISR (ReplicaManager, "Bad copies"). It rejoins
+               through the leader's usual ISR expansion once caught up, and that clears the
+               controller's mark.
     leader     with another ISR member, in a cluster: the partition is flagged and reported; the
                controller moves leadership to an in-sync replica and the LeaderAndIsr that makes this
                one a follower truncates it to the bad batch and re-fetches (the follower path).

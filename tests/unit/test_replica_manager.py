@@ -706,3 +706,82 @@ def test_corrupt_leader_alone_in_its_isr_is_not_reported(setup):
         assert not rm.leader_copy_corrupt(rm.get_partition("t", 0), 0, "bad") and reports == []
         await rm.shutdown()
     run(main)
+
+
+async def follower_with_records(s: Setup, n: int) -> Any:
+    """Broker 0 follows broker 1 (leader epoch 2, ISR [1, 0]) with `n` one-record batches; no fetcher
+    (no leader address: nothing to connect to). Returns the replica."""
+    rm = s.rm
+    await lead(s, min_isr=1, isr=(0, 1))
+    for _ in range(n):
+        await rm.produce("t", 0, batch(1), 1, 1000)
+    rm.broker_addresses.clear()
+    resp = await rm.leader_and_isr(lai(state(leader=1, epoch=2, isr=(1, 0), version=1)), ME)
+    assert resp.results[0].error_code == pb.NONE
+    return rm.get_partition("t", 0)
+
+
+def test_a_follower_truncated_to_a_corrupt_batch_may_not_lead_until_caught_up(setup):
+    """The scrubber's follower path truncates below the high watermark before the controller has
+    taken the replica out of the ISR: a LeaderAndIsr naming it leader meanwhile is answered
+    KAFKA_STORAGE_ERROR (the controller elects someone else), until it holds again what it had."""
+    async def main():
+        rm = setup.rm
+        part = await follower_with_records(setup, 10)
+        lost = []  # what the leader sends back: batches 4..9 as they were
+        for offset in range(4, 10):
+            view = part.log.read(offset, 1, max_offset=10)  # at least one batch: exactly one here
+            lost.append(bytes(view))
+            view.release()
+        rm.refetch_from(part, 4)
+        assert part.log.log_end_offset == 4
+        resp = await rm.leader_and_isr(lai(state(leader=0, epoch=3, isr=(1, 0), version=2)), ME)
+        r = resp.results[0]
+        assert r.error_code == pb.KAFKA_STORAGE_ERROR and "may not lead" in r.error_message, r
+        assert part.role is Role.FOLLOWER and part.leader == 1 and part.log.log_end_offset == 4
+        part.append_as_follower(b"".join(lost[:3]), 10)  # part of the way back: still refused
+        assert part.log.log_end_offset == 7
+        resp = await rm.leader_and_isr(lai(state(leader=0, epoch=4, isr=(1, 0), version=3)), ME)
+        assert resp.results[0].error_code == pb.KAFKA_STORAGE_ERROR
+        part.append_as_follower(b"".join(lost[3:]), 10)  # all of it again
+        resp = await rm.leader_and_isr(lai(state(leader=0, epoch=5, isr=(1, 0), version=4)), ME)
+        assert resp.results[0].error_code == pb.NONE and part.is_leader and part.log.log_end_offset == 10
+        await rm.shutdown()
+    run(main)
+
+
+def test_a_truncated_follower_may_lead_again_once_its_leader_re_adds_it_to_the_isr(setup):
+    async def main():
+        rm = setup.rm
+        part = await follower_with_records(setup, 10)
+        rm.refetch_from(part, 4)
+        rm.observe_partition_states([state(leader=1, epoch=2, isr=(1, 0), version=1)])  # nothing new
+        rm.observe_partition_states([state(leader=1, epoch=2, isr=(1, 0), version=2)])  # still in: not re-added
+        resp = await rm.leader_and_isr(lai(state(leader=0, epoch=3, isr=(1, 0), version=3)), ME)
+        assert resp.results[0].error_code == pb.KAFKA_STORAGE_ERROR
+        rm.observe_partition_states([state(leader=1, epoch=4, isr=(1,), version=4)])  # the controller took it out
+        rm.observe_partition_states([state(leader=1, epoch=2, isr=(1, 0), version=3)])  # older: ignored
+        rm.observe_partition_states([state(leader=1, epoch=4, isr=(1, 0), version=5)])  # the leader re-added it
+        resp = await rm.leader_and_isr(lai(state(leader=0, epoch=6, isr=(1, 0), version=6)), ME)
+        assert resp.results[0].error_code == pb.NONE and part.is_leader
+        await rm.shutdown()
+    run(main)
+
+
+def test_a_corrupt_leader_that_follows_while_still_in_the_isr_may_not_lead_until_caught_up(setup):
+    async def main():
+        rm = setup.rm
+        await lead(setup, min_isr=1, isr=(0, 1))
+        for _ in range(10):
+            await rm.produce("t", 0, batch(1), 1, 1000)
+        part = rm.get_partition("t", 0)
+        rm.offline_reporter = lambda offline, recovered: None
+        assert rm.leader_copy_corrupt(part, 4, "corrupt batch at offset 4")
+        rm.broker_addresses.clear()
+        # made a follower for another reason (preferred leader) before the report was handled: still in the ISR
+        resp = await rm.leader_and_isr(lai(state(leader=1, epoch=2, isr=(1, 0), version=1)), ME)
+        assert resp.results[0].error_code == pb.NONE and part.log.log_end_offset == 4
+        resp = await rm.leader_and_isr(lai(state(leader=0, epoch=3, isr=(1, 0), version=2)), ME)
+        assert resp.results[0].error_code == pb.KAFKA_STORAGE_ERROR and part.role is Role.FOLLOWER
+        await rm.shutdown()
+    run(main)

@@ -210,6 +210,12 @@ def test_scrubber_in_a_cluster_reports_the_bad_replica_to_the_controller(tmp_pat
             assert part.log.log_end_offset == leo and "reported to the controller" in caplog.text
         else:
             assert part.log.log_end_offset == bad
+            # still in the ISR until the controller handles the report: it must not be elected meanwhile
+            resp = await rm.leader_and_isr(pb.LeaderAndIsrRequest(controller_id=1, controller_epoch=1, broker_epoch=100,
+                                                                  partitions=[
+                pb.PartitionState(topic="t", partition=0, controller_epoch=1, leader=0, leader_epoch=2,
+                                  isr=[0, 1], replicas=[0, 1], zk_version=2)]), 100)
+            assert resp.results[0].error_code == pb.KAFKA_STORAGE_ERROR and not part.is_leader
         await rm.shutdown()
         manager.close_all()
 
