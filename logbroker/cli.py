@@ -82,7 +82,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(broker.stop()))
         metrics = None
         if metrics_address is not None:
-            from logbroker.metrics import MetricsServer
+            from logbroker.server.metrics import MetricsServer
 
             metrics = MetricsServer.start(broker, loop, *metrics_address)
         try:

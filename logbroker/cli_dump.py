@@ -12,7 +12,7 @@ One line per batch (text), or one JSON object per line (`--format json`)::
 
     baseOffset: 0 lastOffset: 2 count: 3 leaderEpoch: 0 producerId: -1 size: 173 position: 0 crc: ok
 
-`crc: BAD (why)` marks a batch that fails the scrubber's checks (storage/scrubber.py: length, magic,
+`crc: BAD (why)` marks a batch that fails the scrubber's checks (replication/scrubber.py: length, magic,
 baseOffset continuity, CRC-32C); a bad length ends the segment's walk. `--records` decodes the
 records of good batches. Offline, the exit status is 1 if any batch is BAD. Through a broker, the
 batches at or above that replica's high watermark are marked `unreplicated?`: they may not be on
@@ -32,7 +32,7 @@ from typing import Any
 from logbroker.errors import LogbrokerError
 from logbroker.storage import segment as segment_file
 from logbroker.storage.record_batch import decode_batch, parse_header
-from logbroker.storage.scrubber import BatchCheck, walk_segment
+from logbroker.replication.scrubber import BatchCheck, walk_segment
 
 EXIT_OK = 0
 EXIT_BAD = 1

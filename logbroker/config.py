@@ -65,7 +65,7 @@ class BrokerConfig:
     auto_create_topics: bool = False
     default_partitions: int = 1
     retention_check_interval_ms: int = 60_000
-    # background CRC scrubbing of closed segments (storage/scrubber.py); interval 0: off
+    # background CRC scrubbing of closed segments (replication/scrubber.py); interval 0: off
     scrub_interval_ms: int = 24 * 3600 * 1000
     scrub_bytes_per_sec: int = 8 << 20
     shutdown_grace_s: float = 5.0

@@ -60,7 +60,7 @@ from logbroker.storage.data_dir_lock import DataDirLock
 from logbroker.storage.log import LogConfig
 from logbroker.storage.log_identity import LostLogError
 from logbroker.storage.log_manager import LogManager
-from logbroker.storage.scrubber import Scrubber
+from logbroker.replication.scrubber import Scrubber
 from logbroker.v1 import logbroker_pb2 as pb
 
 log = logging.getLogger(__name__)

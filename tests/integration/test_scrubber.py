@@ -11,7 +11,7 @@ import pytest
 
 from logbroker import Admin, Producer
 from logbroker.cli import main
-from logbroker.storage.scrubber import walk_segment
+from logbroker.replication.scrubber import walk_segment
 from logbroker.v1 import logbroker_pb2 as pb
 from logbroker.v1 import logbroker_pb2_grpc as pbg
 from tests.cluster import Cluster

@@ -139,3 +139,36 @@ def test_the_request_layer_imports_no_grpc():
             names = ([a.name for a in node.names] if isinstance(node, ast.Import)
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             assert not any(n == "grpc" or n.startswith("grpc.") for n in names), f"{path} imports grpc"
+
+
+# The layers of docs/architecture.md, top first: a module may import its own layer or lower ones.
+# Each entry is a module or package prefix; the longest matching prefix places a module.
+LAYERS: list[list[str]] = [
+    ["logbroker", "logbroker.__main__", "logbroker.cli", "logbroker.cli_groups", "logbroker.cli_dump",
+     "logbroker.worker", "logbroker.k8s_rack"],
+    ["logbroker.server"],
+    ["logbroker.client"],
+    ["logbroker.config"],
+    ["logbroker.group", "logbroker.replication"],
+    ["logbroker.cluster", "logbroker.storage"],
+    ["logbroker.errors", "logbroker.retry", "logbroker.clock", "logbroker.wire"],
+    ["logbroker.v1"],
+]
+# `logbroker/__init__.py` re-exports the client API; importing it from below means `from logbroker
+# import wire`, which the graph resolves to the submodule, so the package itself is only the top.
+
+
+def layer_of(module: str) -> int:
+    best, best_len = -1, -1
+    for i, prefixes in enumerate(LAYERS):
+        for p in prefixes:
+            if (module == p or module.startswith(p + ".")) and len(p) > best_len:
+                best, best_len = i, len(p)
+    assert best >= 0, f"{module} is in no layer of docs/architecture.md"
+    return best
+
+
+def test_imports_only_point_down_the_layers():
+    graph = import_graph()
+    upward = [f"{a} -> {b}" for a in sorted(graph) for b in sorted(graph[a]) if layer_of(b) < layer_of(a)]
+    assert not upward, "imports that point up the layers of docs/architecture.md:\n    " + "\n    ".join(upward)

@@ -11,7 +11,7 @@ from logbroker.replication.replica_manager import ReplicaManager
 from logbroker.storage.log import Log, LogConfig
 from logbroker.storage.log_manager import LogManager
 from logbroker.storage.record_batch import CRC_START, encode_batch
-from logbroker.storage.scrubber import Scrubber, Throttle, check_batch_at, scan_file, walk_segment
+from logbroker.replication.scrubber import Scrubber, Throttle, check_batch_at, scan_file, walk_segment
 
 SMALL = {"segment_bytes": 4096, "index_interval_bytes": 256, "index_map_bytes": 4 << 20}
 
@@ -130,7 +130,7 @@ def test_throttle_idle_time_banks_at_most_one_burst():
 
 
 def test_stop_ends_a_walk_between_chunks(tmp_path):
-    from logbroker.storage.scrubber import ScrubStopped
+    from logbroker.replication.scrubber import ScrubStopped
 
     plog = filled_log(tmp_path / "t-0", batches=120)
     seg = plog.segments[0]

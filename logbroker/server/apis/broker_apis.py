@@ -62,7 +62,7 @@ REQUEST_TYPES: dict[str, type[Message]] = {
 class RequestHook:
     """Called once per request, before the API runs, on the broker's event loop.
 
-    Today a no-op: there are no per-API request metrics yet (logbroker/metrics.py reports broker
+    Today a no-op: there are no per-API request metrics yet (logbroker/server/metrics.py reports broker
     state only). Authorization (raise RequestRejected(PERMISSION_DENIED)), quotas and request
     metrics go here, once, for every listener. Must not block.
     """
