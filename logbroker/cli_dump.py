@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from logbroker.errors import LogbrokerError
+from logbroker.replication.scrubber import BatchCheck, walk_segment
 from logbroker.storage import segment as segment_file
 from logbroker.storage.record_batch import decode_batch, parse_header
-from logbroker.replication.scrubber import BatchCheck, walk_segment
 
 EXIT_OK = 0
 EXIT_BAD = 1

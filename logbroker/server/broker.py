@@ -47,6 +47,7 @@ from logbroker.group.coordinator import GroupCoordinator
 from logbroker.group.offsets import OFFSETS_TOPIC
 from logbroker.replication.partition import Partition
 from logbroker.replication.replica_manager import CallableIsrStore, InMemoryIsrStore, IsrStore, ReplicaManager
+from logbroker.replication.scrubber import Scrubber
 from logbroker.server import admin_service, broker_service, replica_service, rpc
 from logbroker.server.apis.admin import AdminApis
 from logbroker.server.apis.broker_apis import BrokerApis
@@ -60,7 +61,6 @@ from logbroker.storage.data_dir_lock import DataDirLock
 from logbroker.storage.log import LogConfig
 from logbroker.storage.log_identity import LostLogError
 from logbroker.storage.log_manager import LogManager
-from logbroker.replication.scrubber import Scrubber
 from logbroker.v1 import logbroker_pb2 as pb
 
 log = logging.getLogger(__name__)

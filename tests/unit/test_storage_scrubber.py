@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from logbroker.replication.replica_manager import ReplicaManager
+from logbroker.replication.scrubber import Scrubber, Throttle, check_batch_at, scan_file, walk_segment
 from logbroker.storage.log import Log, LogConfig
 from logbroker.storage.log_manager import LogManager
 from logbroker.storage.record_batch import CRC_START, encode_batch
-from logbroker.replication.scrubber import Scrubber, Throttle, check_batch_at, scan_file, walk_segment
 
 SMALL = {"segment_bytes": 4096, "index_interval_bytes": 256, "index_map_bytes": 4 << 20}
 
