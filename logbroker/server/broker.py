@@ -115,44 +115,48 @@ class Broker:
         # Before anything else touches the data directory: one broker per directory (data_dir_lock.py).
         self._data_dir_lock = DataDirLock(Path(config.data_dir))
         self._data_dir_lock.acquire()
-        self._log_manager = LogManager(Path(config.data_dir), LogConfig())
-        self.metadata_image = MetadataImage()
-        self.cluster: ClusterMember | None = (
-            ClusterMember(config, self.metadata_image, self, self._drop_roles_on_session_lost, self._log_manager)
-            if config.cluster_mode else None
-        )
-        isr_store: IsrStore = (
-            CallableIsrStore(self.cluster.store.write_isr_as_leader) if self.cluster is not None else InMemoryIsrStore()
-        )
-        self.replica_manager = ReplicaManager(
-            config.broker_id, self._log_manager, isr_store, clock,
-            replica_lag_time_max_ms=config.replica_lag_time_max_ms,
-            produce_timeout_ms_max=config.produce_timeout_ms_cap,
-            cluster_secret=config.cluster_secret,
-        )
-        if self.cluster is not None:
-            self.replica_manager.offline_reporter = self.cluster.report_offline_replicas
-        self.coordinator = GroupCoordinator(
-            config.broker_id, self, self, self.replica_manager,
-            self.cluster.channels if self.cluster is not None else None, config.coordinator, clock,
-        )
-        self.apis = BrokerApis(
-            ProduceFetchApis(config, self, self.replica_manager, self),
-            MetadataApis(self, self),
-            GroupApis(self, self.coordinator),
-            AdminApis(self, self, self, self.replica_manager),
-        )
-        self.scrubber: Scrubber | None = (
-            Scrubber(self.replica_manager, config.scrub_interval_ms, config.scrub_bytes_per_sec)
-            if config.scrub_interval_ms > 0 else None
-        )
-        self._server: grpc.aio.Server | None = None
-        self._health = health.aio.HealthServicer()
-        self._tasks: list[asyncio.Task[None]] = []
-        self._stopping = False
-        self._serving = False  # start() completed: only then can stop() say it stopped cleanly
-        self._stopped = asyncio.Event()
-        self.open_streams = rpc.OpenStreams()  # ended on stop: idle streams would hold it for the whole grace
+        try:
+            self._log_manager = LogManager(Path(config.data_dir), LogConfig())
+            self.metadata_image = MetadataImage()
+            self.cluster: ClusterMember | None = (
+                ClusterMember(config, self.metadata_image, self, self._drop_roles_on_session_lost, self._log_manager)
+                if config.cluster_mode else None
+            )
+            isr_store: IsrStore = (
+                CallableIsrStore(self.cluster.store.write_isr_as_leader) if self.cluster is not None else InMemoryIsrStore()
+            )
+            self.replica_manager = ReplicaManager(
+                config.broker_id, self._log_manager, isr_store, clock,
+                replica_lag_time_max_ms=config.replica_lag_time_max_ms,
+                produce_timeout_ms_max=config.produce_timeout_ms_cap,
+                cluster_secret=config.cluster_secret,
+            )
+            if self.cluster is not None:
+                self.replica_manager.offline_reporter = self.cluster.report_offline_replicas
+            self.coordinator = GroupCoordinator(
+                config.broker_id, self, self, self.replica_manager,
+                self.cluster.channels if self.cluster is not None else None, config.coordinator, clock,
+            )
+            self.apis = BrokerApis(
+                ProduceFetchApis(config, self, self.replica_manager, self),
+                MetadataApis(self, self),
+                GroupApis(self, self.coordinator),
+                AdminApis(self, self, self, self.replica_manager),
+            )
+            self.scrubber: Scrubber | None = (
+                Scrubber(self.replica_manager, config.scrub_interval_ms, config.scrub_bytes_per_sec)
+                if config.scrub_interval_ms > 0 else None
+            )
+            self._server: grpc.aio.Server | None = None
+            self._health = health.aio.HealthServicer()
+            self._tasks: list[asyncio.Task[None]] = []
+            self._stopping = False
+            self._serving = False  # start() completed: only then can stop() say it stopped cleanly
+            self._stopped = asyncio.Event()
+            self.open_streams = rpc.OpenStreams()  # ended on stop: idle streams would hold it for the whole grace
+        except BaseException:  # no broker to stop(): free the directory now, not when the fd is collected
+            self._data_dir_lock.release()
+            raise
 
     # -- lifecycle ------------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ never races the loop; a loop that does not answer within SCRAPE_TIMEOUT_S shows 
 | `logbroker_log_size_bytes` | gauge | bytes in all hosted partition logs |
 | `logbroker_corrupt_partitions` | gauge | hosted replicas with a corrupt batch found by a read or the scrubber |
 | `logbroker_offline_partitions` | gauge | hosted partitions whose log is offline (vanished: KAFKA_STORAGE_ERROR until recovered) |
+| `logbroker_interbroker_refusals_total` | counter | inter-broker calls refused: no or a wrong cluster secret, or a standalone broker (server/request_checks.py) |
 | `process_*`, `python_*` | | prometheus_client's process, platform and GC collectors |
 """
 
@@ -35,8 +36,10 @@ from prometheus_client import (
     ProcessCollector,
     start_http_server,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from logbroker.server.request_checks import INTERBROKER_REFUSALS
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
@@ -83,9 +86,11 @@ class BrokerCollector(Collector):
         async def on_loop() -> BrokerSnapshot:
             return snapshot(self._broker)
 
+        coro = on_loop()
         try:
-            future = asyncio.run_coroutine_threadsafe(on_loop(), self._loop)
+            future = asyncio.run_coroutine_threadsafe(coro, self._loop)
         except RuntimeError:  # the loop is closed: the broker is gone
+            coro.close()
             return None
         try:
             return future.result(timeout=SCRAPE_TIMEOUT_S)
@@ -103,6 +108,8 @@ class BrokerCollector(Collector):
         info = GaugeMetricFamily("logbroker_broker_info", "identifies the broker", labels=["broker_id", "rack"])
         info.add_metric([str(self._broker.config.broker_id), self._broker.config.rack], 1)
         yield info
+        yield CounterMetricFamily("logbroker_interbroker_refusals", "inter-broker calls refused (no or a wrong "
+                                  "cluster secret)", value=INTERBROKER_REFUSALS.total)
         if snap is None:
             return
         yield GaugeMetricFamily("logbroker_ready", "1 once logs are recovered", value=int(snap.ready))

@@ -57,7 +57,7 @@ def require_peer(secret: bytes, cluster_mode: bool, context: grpc.aio.ServicerCo
     """Refuse the call unless its caller proved it is a broker of this cluster (the cluster secret
     in its metadata; logbroker/cluster/cluster_secret.py). `context` None: no metadata, so no proof."""
     presented = presented_secret(context.invocation_metadata() if context is not None else None)
-    require_cluster_peer(secret, cluster_mode, presented, what)
+    require_cluster_peer(secret, cluster_mode, presented, what, (context.peer() or "") if context is not None else "")
 
 
 def parse(cls: type[M], raw: bytes | memoryview) -> M:

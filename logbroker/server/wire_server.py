@@ -50,7 +50,6 @@ import asyncio
 import contextlib
 import logging
 import socket
-import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -59,6 +58,7 @@ import grpc
 from google.protobuf.message import Message
 
 from logbroker import wire
+from logbroker.log_throttle import LogThrottle
 from logbroker.server import rpc
 from logbroker.server.request_context import LISTENER_RECORD, RequestContext, RequestRejected, RequestStatus
 
@@ -69,6 +69,7 @@ CONNECTIONS_MAX = 1024
 CONNECTIONS_MAX_IDLE_S = 600.0  # Kafka's connections.max.idle.ms
 IDLE_SWEEP_MAX_S = 60.0
 REFUSED_WARNING_INTERVAL_S = 10.0
+REFUSED_KEY = "connections_max"  # one key: the refusals' WARNING is rate-limited for all peers together
 PIPELINE_MAX = 8
 READ_BUFFER_BYTES = 256 << 10  # frames up to this are cut from the read buffer; bigger get their own
 BIG_FRAME_START_BYTES = 1 << 20  # a big frame's own buffer starts at this and doubles as bytes come
@@ -87,8 +88,7 @@ class WireServer:
         self.connections: set[_Connection] = set()
         self.closed = False
         self.port = 0
-        self.refused = 0  # connections refused over connections_max since the last WARNING
-        self._refused_warned_at: float | None = None
+        self.refusals = LogThrottle(REFUSED_WARNING_INTERVAL_S)  # connections refused over connections_max
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -126,13 +126,10 @@ class WireServer:
 
     def refuse(self, peer: object) -> None:
         """Count a connection refused over connections_max; WARN at most once per interval."""
-        self.refused += 1
-        now = time.monotonic()
-        if self._refused_warned_at is None or now - self._refused_warned_at >= REFUSED_WARNING_INTERVAL_S:
+        count = self.refusals.event(REFUSED_KEY)
+        if count:
             log.warning("record transport: %d connections open (connections_max), refused %d since the last "
-                        "warning, the latest from %s", len(self.connections), self.refused, peer)
-            self._refused_warned_at = now
-            self.refused = 0
+                        "warning, the latest from %s", len(self.connections), count, peer)
 
     async def _sweep_idle(self) -> None:
         """Close connections with nothing pending that read no byte for idle_s."""

@@ -4,7 +4,8 @@ Layout::
 
     <data dir>/<topic>-<partition>/                  one Log (see log.py)
     <data dir>/<topic>-<partition>.<uuid>-delete/    a log being deleted: removed, never loaded
-    <data dir>/log-registry.json                     the logs this broker created (log_identity.py)
+    <data dir>/log-registry.json                     the logs this broker created (log_identity.py;
+                                                     written behind by a thread, and by close_all)
 
 Anything else in the data directory (the metadata store's files, strays) is left alone.
 
@@ -31,13 +32,12 @@ from logbroker.errors import InvalidPartitionsError, InvalidTopicError, StorageE
 from logbroker.storage.flusher import SegmentFlusher
 from logbroker.storage.log import DELETE_SUFFIX, Log, LogConfig, remove_log_dir, wall_clock_ms
 from logbroker.storage.log_identity import (
+    REGISTRY_WRITE_INTERVAL_MS,
     Identity,
     LogRegistry,
     LostLogError,
     check_identity,
-    read_partition_metadata,
     was_lost,
-    write_partition_metadata,
 )
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ class LogManager:
 
     def __init__(
         self, data_dir: Path, default_config: LogConfig, now_ms: Callable[[], int] = wall_clock_ms,
-        flusher: SegmentFlusher | None = None,
+        flusher: SegmentFlusher | None = None, registry_write_interval_ms: int = REGISTRY_WRITE_INTERVAL_MS,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.default_config = default_config
@@ -62,7 +62,7 @@ class LogManager:
             self.data_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise StorageError(f"cannot create data directory {self.data_dir}: {e}") from e
-        self.registry = LogRegistry(self.data_dir)
+        self.registry = LogRegistry(self.data_dir, registry_write_interval_ms)  # written behind: log_identity.py
 
     def lost_logs(self) -> list[tuple[str, int, str]]:
         """(topic, partition, topic id) of every log this broker created whose directory is gone."""
@@ -115,15 +115,16 @@ class LogManager:
 
     def _keeps_identity(self, key: tuple[str, int], opened: Log, topic_id: str) -> bool:
         """Whether the open log may serve topic id `topic_id`; if not it is deleted (and forgotten)."""
-        stored = read_partition_metadata(opened.directory)
+        stored = self.registry.partition_metadata(opened.directory)
         if check_identity(stored, topic_id) is not Identity.MISMATCH:
             if stored is None and topic_id:
-                write_partition_metadata(opened.directory, topic_id)
+                self.registry.stage_partition_metadata(opened.directory, topic_id)
             self.registry.record(key, topic_id or stored or "")
             return True
         log.warning("deleting the log in %s: it belongs to topic id %s, but topic %s is now id %s (the topic "
                     "was deleted and created again)", opened.directory, stored, key[0], topic_id)
         del self._logs[key]
+        self.registry.discard_partition_metadata(opened.directory)
         opened.delete()
         self.registry.forget(key)
         return False
@@ -135,6 +136,7 @@ class LogManager:
         """Close and remove a partition's log (open or not). Returns whether there was one."""
         opened = self._logs.pop((topic, partition), None)
         if opened is not None:
+            self.registry.discard_partition_metadata(opened.directory)
             opened.delete()
             self.registry.forget((topic, partition))
             return True
@@ -142,6 +144,7 @@ class LogManager:
         self.registry.forget((topic, partition))
         if not path.exists():
             return False
+        self.registry.discard_partition_metadata(path)
         remove_log_dir(path)
         return True
 
@@ -178,7 +181,8 @@ class LogManager:
 
     def close_all(self) -> None:
         """Close every log cleanly (each one is attempted even if another fails; each waits for its
-        pending segment flushes), then stop the flush thread (a later roll starts it again)."""
+        pending segment flushes), then stop the flush thread (a later roll starts it again), then
+        write the registry and partition.metadata files still pending and stop their writer thread."""
         failures = []
         for key, plog in list(self._logs.items()):
             try:
@@ -188,6 +192,10 @@ class LogManager:
         self._logs.clear()
         if self._owns_flusher:
             self.flusher.shutdown(wait=False)  # flushes of abandoned logs run on in the background
+        try:
+            self.registry.close()
+        except StorageError as e:
+            failures.append(str(e))
         if failures:
             raise StorageError("; ".join(failures))
 

@@ -18,7 +18,7 @@ from logbroker import Admin, Producer
 from logbroker.storage.record_batch import encode_batch
 from logbroker.v1 import logbroker_pb2 as pb
 from logbroker.v1 import logbroker_pb2_grpc as pb_grpc
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -57,7 +57,9 @@ def test_vanished_partition_is_offline_until_recover_empty(broker_factory, tmp_p
         admin.create_topic("orders", partitions=2)
         topic_id = admin.describe_topic("orders").topic_id
     assert len(topic_id) == 32
-    assert (data / "orders-0" / "partition.metadata").read_text() == f"version: 0\ntopic_id: {topic_id}\n"
+    metadata = data / "orders-0" / "partition.metadata"  # written behind, within ~100 ms (log_identity.py)
+    wait_for(lambda: metadata.exists() and metadata.read_text() == f"version: 0\ntopic_id: {topic_id}\n", 10,
+             "orders-0/partition.metadata naming the topic id")
     with Producer(broker.address, acks=-1) as producer:
         for i in range(1000):
             producer.send("orders", value=b"v%d" % i, partition=0)

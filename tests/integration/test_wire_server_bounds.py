@@ -238,9 +238,9 @@ def test_connections_over_the_limit_are_refused_with_one_warning_per_interval(ca
             warnings = [r for r in caplog.records if r.levelno == logging.WARNING and r.name == wire_server.__name__]
             assert len(warnings) == 1, [r.getMessage() for r in warnings]
             assert "refused 1 since" in warnings[0].getMessage()
-            assert server.refused == 4  # counted, not logged
-            assert server._refused_warned_at is not None
-            server._refused_warned_at -= wire_server.REFUSED_WARNING_INTERVAL_S  # the interval has passed
+            assert server.refusals.suppressed(wire_server.REFUSED_KEY) == 4  # counted, not logged
+            later = time.monotonic() + wire_server.REFUSED_WARNING_INTERVAL_S
+            server.refusals.monotonic = lambda: later  # the interval has passed
             await refused()
             warnings = [r for r in caplog.records if r.levelno == logging.WARNING and r.name == wire_server.__name__]
             assert len(warnings) == 2 and "refused 5 since" in warnings[1].getMessage()

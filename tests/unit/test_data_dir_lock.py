@@ -44,3 +44,18 @@ def test_lock_of_a_dead_process_does_not_block(tmp_path: Path) -> None:
     assert (tmp_path / LOCK_FILE).read_text() == f"{os.getpid()}\n"
     lock.release()
     lock.release()  # idempotent
+
+
+def test_a_broker_that_fails_to_construct_releases_the_lock(tmp_path: Path) -> None:
+    from logbroker.config import BrokerConfig
+    from logbroker.errors import StorageError
+    from logbroker.server.broker import Broker
+    from logbroker.storage.log_identity import REGISTRY_FILE
+
+    (tmp_path / REGISTRY_FILE).mkdir()  # unreadable: the LogManager raises, after the lock is taken
+    with pytest.raises(StorageError, match=REGISTRY_FILE) as failed:
+        Broker(BrokerConfig(data_dir=tmp_path))
+    lock = DataDirLock(tmp_path)
+    lock.acquire()  # not refused: the failed broker's descriptor is closed, though its frame lives on
+    lock.release()
+    assert failed.traceback  # (kept alive until here on purpose)

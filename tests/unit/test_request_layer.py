@@ -5,7 +5,9 @@ call maps to each listener's status (gRPC and the record transport's status byte
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import grpc
@@ -16,9 +18,10 @@ from logbroker.clock import ManualClock
 from logbroker.config import BrokerConfig
 from logbroker.errors import UnknownTopicOrPartitionError
 from logbroker.group.offsets import OFFSETS_TOPIC
+from logbroker.metrics import BrokerCollector
 from logbroker.replication.partition import Partition
 from logbroker.replication.replica_manager import InMemoryIsrStore, ReplicaManager
-from logbroker.server import rpc, wire_server
+from logbroker.server import request_checks, rpc, wire_server
 from logbroker.server.apis.broker_apis import FETCH, PRODUCE, BrokerApis, RequestHook
 from logbroker.server.apis.produce_fetch import ProduceFetchApis
 from logbroker.server.request_context import (
@@ -171,3 +174,25 @@ def test_a_refusal_maps_to_the_same_status_on_both_listeners(status: RequestStat
     size, corr, number = wire.RESPONSE_HEADER.unpack_from(frame)
     assert (corr, number, frame[wire.HEADER_BYTES:]) == (7, status.value, b"why")
     assert wire.status_code(number) is code  # what a record-transport client raises
+
+
+def test_refused_inter_broker_calls_are_counted_and_their_warnings_rate_limited(setup: Setup, caplog, monkeypatch):
+    now = [1_000.0]
+    refusals = request_checks.INTERBROKER_REFUSALS
+    monkeypatch.setattr(refusals, "monotonic", lambda: now[0])
+    before = refusals.total
+    with caplog.at_level(logging.WARNING, logger=request_checks.__name__):
+        for i in range(1_000):  # a client looping, reconnecting each time: 100 s in all
+            with pytest.raises(RequestRejected):
+                fetch(setup, 0, context=RequestContext(peer=f"ipv4:10.0.0.9:{40_000 + i}"), replica_id=1)
+            now[0] += 0.1
+    lines = [r.getMessage() for r in caplog.records if "refused Fetch as replica 1" in r.getMessage()]
+    assert 2 <= len(lines) <= 11, lines  # one per 10 s, not 1,000
+    assert "from ipv4:10.0.0.9:40000" in lines[0] and "since the last such warning: 1;" in lines[0]
+    assert "since the last such warning: 100;" in lines[1]
+    assert refusals.total - before == 1_000  # every one counted
+    loop = asyncio.new_event_loop()
+    loop.close()  # no broker loop to answer: only the process-level figures
+    config = BrokerConfig(data_dir=Path("unused"))
+    exposed = {m.name: m for m in BrokerCollector(SimpleNamespace(config=config), loop).collect()}  # type: ignore[arg-type]
+    assert exposed["logbroker_interbroker_refusals"].samples[0].value == refusals.total

@@ -74,6 +74,7 @@ def test_delete_log_renames_then_removes(manager, tmp_path):
     manager.create_log("orders", 0).append(batch(), 0)
     assert manager.delete_log("orders", 0)
     assert manager.get_log("orders", 0) is None
+    manager.registry.save()  # else written behind (log_identity.py)
     assert [p.name for p in (tmp_path / "data").iterdir()] == [REGISTRY_FILE]
     assert manager.registry.get(("orders", 0)) is None
     assert not manager.delete_log("orders", 0)
@@ -81,6 +82,7 @@ def test_delete_log_renames_then_removes(manager, tmp_path):
     manager.create_log("orders", 1)
     manager.close_all()
     assert manager.delete_log("orders", 1)
+    manager.registry.save()
     assert [p.name for p in (tmp_path / "data").iterdir()] == [REGISTRY_FILE]
     assert LogManager(tmp_path / "data", CONFIG).registry.get(("orders", 1)) is None
 

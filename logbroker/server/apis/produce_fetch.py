@@ -216,7 +216,7 @@ class ProduceFetchApis:
         replica_id = req.replica_id if req.HasField("replica_id") else -1
         if replica_id >= 0:  # a follower's fetch: brokers only
             require_cluster_peer(cfg.cluster_secret, cfg.cluster_mode, context.presented_cluster_secret,
-                                 f"Fetch as replica {replica_id}")
+                                 f"Fetch as replica {replica_id}", context.peer)
         check_ready(self._state)
         check_count(len(req.partitions), "partitions")
         if req.max_bytes < 0 or req.min_bytes < 0 or req.max_wait_ms < 0:
