@@ -151,7 +151,7 @@ LAYERS: list[list[str]] = [
     ["logbroker.config"],
     ["logbroker.group", "logbroker.replication"],
     ["logbroker.cluster", "logbroker.storage"],
-    ["logbroker.errors", "logbroker.retry", "logbroker.clock", "logbroker.wire"],
+    ["logbroker.errors", "logbroker.retry", "logbroker.clock", "logbroker.wire", "logbroker.log_throttle"],
     ["logbroker.v1"],
 ]
 # `logbroker/__init__.py` re-exports the client API; importing it from below means `from logbroker

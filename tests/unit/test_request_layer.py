@@ -18,12 +18,12 @@ from logbroker.clock import ManualClock
 from logbroker.config import BrokerConfig
 from logbroker.errors import UnknownTopicOrPartitionError
 from logbroker.group.offsets import OFFSETS_TOPIC
-from logbroker.metrics import BrokerCollector
 from logbroker.replication.partition import Partition
 from logbroker.replication.replica_manager import InMemoryIsrStore, ReplicaManager
 from logbroker.server import request_checks, rpc, wire_server
 from logbroker.server.apis.broker_apis import FETCH, PRODUCE, BrokerApis, RequestHook
 from logbroker.server.apis.produce_fetch import ProduceFetchApis
+from logbroker.server.metrics import BrokerCollector
 from logbroker.server.request_context import (
     LISTENER_RECORD,
     RequestContext,
