@@ -672,6 +672,17 @@ def render(latest: dict[str, Any], plots: list[str]) -> str:
     return "\n".join(out) + "\n"
 
 
+# Everything from this heading on in RESULTS.md is hand-kept (before/after comparisons of one
+# issue, measured outside `bench run --all`): `write` carries it over to the regenerated file.
+KEPT_HEADING = "## Comparisons (kept across reports)"
+
+
+def kept_sections(previous: str) -> str:
+    """The hand-kept tail of a previous RESULTS.md (from KEPT_HEADING on), or ''."""
+    at = previous.find("\n" + KEPT_HEADING)
+    return previous[at + 1:] if at >= 0 else ""
+
+
 def write(results_dir: Path) -> None:
     latest_path = results_dir / "latest.json"
     if not latest_path.exists():
@@ -679,5 +690,6 @@ def write(results_dir: Path) -> None:
         return
     latest = json.loads(latest_path.read_text())
     plots = _plots(_ordered(latest.get("results", {})), latest.get("limits"))
-    RESULTS_MD.write_text(render(latest, plots))
+    kept = kept_sections(RESULTS_MD.read_text()) if RESULTS_MD.exists() else ""
+    RESULTS_MD.write_text(render(latest, plots) + ("\n" + kept if kept else ""))
     say(f"bench report: wrote {RESULTS_MD} and {len(plots)} plot(s) in {PLOTS_DIR}")
