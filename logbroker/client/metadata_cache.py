@@ -57,6 +57,7 @@ from logbroker.errors import (
     UnknownTopicOrPartitionError,
     error_for,
 )
+from logbroker.log_throttle import LogThrottle as EventThrottle
 from logbroker.v1 import logbroker_pb2 as pb
 from logbroker.v1 import logbroker_pb2_grpc as pbg
 
@@ -119,20 +120,18 @@ ANCHOR_REOPEN_AFTER_S = 1.0
 
 
 class LogThrottle:
-    """Logs a repeating warning once per `interval_s` per key; the repeats in between go to DEBUG.
+    """Logs a repeating warning once per `interval_s` per key; the repeats in between go to DEBUG
+    (the counting is logbroker/log_throttle.py's, shared with the broker).
 
     A broker that is down makes every retry fail; one line every 10 s says so without flooding.
     """
 
     def __init__(self, logger: logging.Logger, interval_s: float = 10.0) -> None:
         self._log = logger
-        self._interval_s = interval_s
-        self._last: dict[str, float] = {}
+        self._counter = EventThrottle(interval_s)
 
     def warning(self, key: str, msg: str, *args: object) -> None:
-        now = time.monotonic()
-        if now - self._last.get(key, -1e9) >= self._interval_s:
-            self._last[key] = now
+        if self._counter.event(key):
             self._log.warning(msg, *args)
         else:
             self._log.debug(msg, *args)

@@ -140,3 +140,23 @@ def test_list_offsets_retries_on_the_policy_until_the_request_timeout():
     # waits of ~50, 100, 200 ms (jitter only shortens), cut at the deadline: a few tries, not one per 50 ms
     assert 0.2 <= elapsed < 3
     assert 2 <= len(md.refreshes) - before <= 6
+
+
+def test_a_partition_whose_fetches_fail_backs_off_along_the_retry_policy_and_recovers():
+    """Fetch errors of one partition wait retry_backoff_ms, doubling to the cap (jitter only
+    shortens), instead of a fixed retry_backoff_ms; a fetch that answers starts the curve again."""
+    from logbroker.client.backoff import client_retry_policy
+    from logbroker.client.consumer.fetcher import Fetcher
+    from logbroker.client.consumer.subscription import PartitionState
+
+    fetcher = object.__new__(Fetcher)
+    fetcher._policy = client_retry_policy(100, jitter=0.0)
+    st = PartitionState("t", 0)
+    waits = []
+    for _ in range(6):
+        fetcher._back_off(st, 50.0)
+        waits.append(round((st.retry_at - 50.0) * 1000))
+    assert waits == [100, 200, 400, 800, 1000, 1000]
+    st.failures = 0  # what a fetch that answers does (Fetcher._take_records)
+    fetcher._back_off(st, 50.0)
+    assert round((st.retry_at - 50.0) * 1000) == 100

@@ -33,6 +33,7 @@ from typing import Any, NamedTuple
 
 import grpc
 
+from logbroker.client.backoff import client_retry_policy
 from logbroker.client.call_errors import rpc_error
 from logbroker.client.consumer.metadata import ConsumerMetadata
 from logbroker.client.consumer.subscription import PartitionState, SubscriptionState, TopicPartition
@@ -132,6 +133,7 @@ class Fetcher:
     def __init__(self, config: FetchConfig, subscription: SubscriptionState, metadata: ConsumerMetadata,
                  streams: BrokerStreams, wake: Callable[[Any], None], throttle: LogThrottle) -> None:
         self._config = config
+        self._policy = client_retry_policy(round(config.retry_backoff_s * 1000))
         self._subs = subscription
         self._md = metadata
         self._streams = streams
@@ -214,13 +216,20 @@ class Fetcher:
         except Exception as e:
             for st in states:
                 st.in_flight = False
-                st.retry_at = now + self._config.retry_backoff_s
+                self._back_off(st, now)
             self._md.stale = True
             self._log.warning(f"fetch {address}", "Fetch to %s could not start: %s", address, e)
             return
         self.in_flight.append(FetchCall(address, future, parts, lane))
         self._in_flight_per_broker[address] = self._in_flight_per_broker.get(address, 0) + 1
         future.add_done_callback(self._wake)
+
+    def _back_off(self, st: PartitionState, now: float) -> None:
+        """A fetch of `st` failed: it waits along the retry policy (retry_backoff_ms doubling to the
+        cap, jittered) before its next fetch; a fetch that answers resets the curve."""
+        st.failures += 1
+        wait_ms = self._policy.delay_ms(st.failures)
+        st.retry_at = now + (wait_ms if wait_ms is not None else self._policy.max_ms) / 1000
 
     def _handle_fetch(self, call: FetchCall, now: float) -> None:
         for st, _, _ in call.parts.values():
@@ -233,7 +242,7 @@ class Fetcher:
                 return
             self._log.warning(f"fetch {call.address}", "Fetch from %s failed: %s", call.address, err)
             for st, _, _ in call.parts.values():
-                st.retry_at = now + self._config.retry_backoff_s
+                self._back_off(st, now)
             self._md.stale = True
             if not getattr(err, "retriable", False):
                 self.pending_error = err
@@ -254,7 +263,7 @@ class Fetcher:
                 self._handle_out_of_range(st, fetch_offset, r, now)
             else:
                 err = error_for(code, r.error_message)
-                st.retry_at = now + self._config.retry_backoff_s
+                self._back_off(st, now)
                 if err.refresh_metadata:
                     self._md.stale = True
                 if not err.retriable:
@@ -265,6 +274,7 @@ class Fetcher:
     def _take_records(self, address: str, st: PartitionState, fetch_offset: int, r: pb.FetchPartitionResult,
                       now: float) -> None:
         """A partition's records from a response: one chunk, queued for poll()."""
+        st.failures = 0
         st.high_watermark = r.high_watermark
         st.log_start_offset = r.log_start_offset
         st.log_end_offset = r.log_end_offset
@@ -276,7 +286,7 @@ class Fetcher:
             batches = list(iter_batches(data))
         except LogbrokerError as e:
             self.pending_error = e
-            st.retry_at = now + self._config.retry_backoff_s
+            self._back_off(st, now)
             return
         if not batches:
             return
@@ -296,7 +306,7 @@ class Fetcher:
                 f"{st.topic}-{st.partition}: offset {fetch_offset} is out of range "
                 f"[{r.log_start_offset}, {r.high_watermark}] and auto_offset_reset is 'none'"
             )
-            st.retry_at = now + cfg.retry_backoff_s
+            self._back_off(st, now)
             return
         log.info("%s-%s: offset %d out of range, resetting to %s", st.topic, st.partition, fetch_offset,
                  cfg.auto_offset_reset)

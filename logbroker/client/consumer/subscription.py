@@ -49,7 +49,7 @@ def compile_pattern(pattern: str) -> re.Pattern[str]:
 class PartitionState:
     __slots__ = ("topic", "partition", "position", "fetch_offset", "epoch", "leader", "in_flight",
                  "retry_at", "buffered", "high_watermark", "log_start_offset", "log_end_offset",
-                 "reset_to", "committed")
+                 "reset_to", "committed", "failures")
 
     def __init__(self, topic: str, partition: int) -> None:
         self.topic = topic
@@ -66,6 +66,7 @@ class PartitionState:
         self.log_end_offset = -1
         self.reset_to: int | None = None  # EARLIEST/LATEST: look the offset up instead of the committed one
         self.committed = -1  # last offset this consumer committed (or found committed)
+        self.failures = 0  # fetch errors in a row: how far along the retry policy retry_at is
 
     def seek(self, offset: int) -> None:
         self.position = offset
