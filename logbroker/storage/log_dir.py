@@ -26,6 +26,7 @@ from pathlib import Path
 
 from logbroker.errors import StorageError
 from logbroker.storage import segment as segment_file
+from logbroker.storage.atomic_file import fsync_dir, write_atomically  # noqa: F401 (re-exported)
 from logbroker.storage.log_identity import IDENTITY_FILES
 
 log = logging.getLogger(__name__)
@@ -87,22 +88,3 @@ def file_size(path: Path) -> int:
         return os.stat(path).st_size
     except OSError as e:
         raise StorageError(f"cannot stat {path}: {e}") from e
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Small metadata file: temp file, fsync, rename, fsync the directory."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)

@@ -56,13 +56,13 @@ from __future__ import annotations
 import enum
 import json
 import logging
-import os
 import re
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
 from logbroker.errors import StorageError
+from logbroker.storage.atomic_file import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -335,18 +335,3 @@ class LogRegistry:
             # Without it a vanished log is not noticed, but every present log is re-registered.
             log.error("%s is damaged (%s); starting a new one from the logs present", self.path, e)
             return {}
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Small metadata file: temp file, fsync, rename, fsync the directory."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
