@@ -64,6 +64,7 @@ from logbroker.errors import (
     RecordListTooLargeError,
     StorageError,
 )
+from logbroker.storage.compaction import is_compacted
 from logbroker.storage.flusher import SegmentFlusher, default_flusher
 from logbroker.storage.index import (
     META_HIGH_WATERMARK,
@@ -310,7 +311,10 @@ class Log:
 
         Checks every batch (`validate_batches` with a bound as large as an append, CRC included),
         that the first baseOffset is the log end offset and that each batch follows the previous
-        one without a gap, and that epochs never go backwards. Each batch whose epoch is above the
+        one without a gap, and that epochs never go backwards. In a compacted topic (the leader's
+        cleaner leaves gaps, compaction.py) a batch may hold fewer records than its offset span and
+        start past the previous batch's end (offsets still strictly increase), and the first batch
+        may start past the log end offset when the gap was cleaned away. Each batch whose epoch is above the
         latest one starts that epoch in the epoch history (`LeaderEpochCache.assign`). Raises
         OffsetOutOfRangeError (first batch not at the log end offset) or CorruptMessageError with
         nothing written; StorageError as `append`.
@@ -321,9 +325,10 @@ class Log:
             self._reap_flushes()
         payload = _as_bytes_view(records)
         n = payload.nbytes
-        infos = validate_batches(payload, APPEND_BYTES_MAX)
+        compacted = is_compacted(self._config.cleanup_policy)
+        infos = validate_batches(payload, APPEND_BYTES_MAX, compacted=compacted)
         base_offset = local.log_end_offset
-        bases, epochs, next_offset, max_timestamp, record_count = self._check_replicated(payload, infos)
+        bases, epochs, next_offset, max_timestamp, record_count = self._check_replicated(payload, infos, compacted)
         kept = epochs.common_prefix_length(self._epochs)
         if kept < len(self._epochs):  # epochs started at the log end offset without data: drop them
             local.index.replace_epochs(self._epochs.prefix(kept).entries)
@@ -347,7 +352,7 @@ class Log:
         return AppendResult(base_offset, next_offset - 1, max_timestamp, -1, record_count)
 
     def _check_replicated(
-        self, payload: memoryview, infos: list[BatchInfo]
+        self, payload: memoryview, infos: list[BatchInfo], compacted: bool = False
     ) -> tuple[list[int], LeaderEpochCache, int, int, int]:
         """Check replicated batches' offsets and epochs against the log, changing nothing.
         Returns (their base offsets, the epoch history after them, the next offset after them,
@@ -359,7 +364,7 @@ class Log:
         bases: list[int] = []
         for info in infos:
             base = int.from_bytes(payload[info.position : info.position + 8], "big", signed=True)
-            if base != next_offset:
+            if base != next_offset and not (compacted and base > next_offset):
                 if not bases:
                     raise OffsetOutOfRangeError(
                         f"replicated batches start at offset {base}, the log ends at {next_offset}"

@@ -214,7 +214,7 @@ class LogLoader:
         with mapped(path) as (buf, size):
             if position > size:
                 return None
-            scan = Scan(buf, size, expected, position)
+            scan = Scan(buf, size, expected, position, allow_gaps=is_compacted(self.config.cleanup_policy))
             for _ in scan:
                 pass
             if scan.damage is not None or scan.end_position != size:
@@ -268,7 +268,7 @@ class LogLoader:
         new_epochs: list[EpochEntry] = []
         latest_epoch = epochs[-1][0] if epochs else UNDEFINED_EPOCH
         with mapped(path) as (buf, size):
-            scan = Scan(buf, size, base, allow_gaps=closed and is_compacted(self.config.cleanup_policy))
+            scan = Scan(buf, size, base, allow_gaps=is_compacted(self.config.cleanup_policy))
             for b in scan:
                 indexer.add(b.position, b.size_bytes, b.base_offset, b.max_timestamp, offsets, times)
                 if b.leader_epoch > latest_epoch:

@@ -175,9 +175,13 @@ class BatchInfo(NamedTuple):
 
 
 def validate_batches(
-    buf: bytes | bytearray | memoryview, max_batch_bytes: int, check_crc: bool = True
+    buf: bytes | bytearray | memoryview, max_batch_bytes: int, check_crc: bool = True, compacted: bool = False
 ) -> list[BatchInfo]:
     """Check every batch in a produce payload: sizes, magic, attributes, counts and CRC.
+
+    recordCount must equal lastOffsetDelta + 1, except with `compacted` (batches replicated from a
+    compacted log, segment_cleaner.py): there 1 <= recordCount <= lastOffsetDelta + 1 (records
+    removed from inside the batch). Producer payloads are always checked strictly.
 
     Raises `CorruptMessageError` for anything malformed (including a trailing partial batch and
     hostile lengths), `MessageTooLargeError` for a batch above `max_batch_bytes`, and
@@ -213,7 +217,9 @@ def validate_batches(
                 "batch_size_bytes, so keep that under the limit")
         if h.attributes & ~KNOWN_ATTRIBUTE_BITS or h.attributes & COMPRESSION_MASK > MAX_COMPRESSION_CODEC:
             raise UnsupportedForMessageFormatError(f"batch at byte {pos}: unknown attributes {h.attributes:#x}")
-        if h.record_count <= 0 or h.last_offset_delta != h.record_count - 1:
+        if h.record_count <= 0 or (
+            h.last_offset_delta < h.record_count - 1 if compacted else h.last_offset_delta != h.record_count - 1
+        ):
             raise CorruptMessageError(
                 f"batch at byte {pos}: recordCount {h.record_count} and lastOffsetDelta "
                 f"{h.last_offset_delta} disagree"

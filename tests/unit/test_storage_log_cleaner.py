@@ -128,3 +128,72 @@ def test_full_recovery_accepts_compaction_gaps(tmp_path: Path) -> None:
     assert not log.recovery_reports
     check(log, latest, True)
     log.close()
+
+
+def fill_random(log: Log, updates: int, keys: int) -> dict[bytes, bytes | None]:
+    """Keys in random order, so cleaned batches keep some of their records (gaps inside batches)."""
+    import random
+
+    rng = random.Random(15)
+    latest: dict[bytes, bytes | None] = {}
+    for i in range(0, updates, 4):
+        recs = []
+        for j in range(i, i + 4):
+            k = b"k%d" % rng.randrange(keys)
+            latest[k] = b"v%d" % j
+            recs.append((1000 + j, k, latest[k], None))
+        log.append(encode_batch(recs), 0)
+    log.high_watermark = log.log_end_offset
+    return latest
+
+
+def replicate(leader: Log, follower: Log) -> None:
+    """What the fetcher does: read from the follower's log end offset, append as follower."""
+    while follower.log_end_offset < leader.high_watermark:
+        follower.append_as_follower(bytes(leader.read(follower.log_end_offset, 1 << 16)))
+
+
+def test_follower_of_compacted_topic_accepts_cleaned_batches(tmp_path: Path) -> None:
+    leader = open_log(tmp_path / "leader")
+    latest = fill_random(leader, 2000, 300)
+    clean_log(leader, 0, NOW)
+    assert any(h.record_count < h.last_offset_delta + 1 for seg in leader.segments
+               for h, _ in iter_batches(bytes(seg.view(0, seg.size_bytes))))  # gaps inside batches
+    follower = open_log(tmp_path / "follower")
+    replicate(leader, follower)
+    follower.high_watermark = follower.log_end_offset
+    assert follower.log_end_offset == leader.log_end_offset
+    assert records(follower) == records(leader)
+    check(follower, latest, True)
+    follower._abandon()  # recovery of the follower's gaps, in its active segment too
+    follower = open_log(tmp_path / "follower")
+    assert follower.log_end_offset == leader.log_end_offset and records(follower) == records(leader)
+    follower.close()
+    leader.close()
+
+
+def test_follower_of_non_compacted_topic_refuses_gaps(tmp_path: Path) -> None:
+    from logbroker.errors import CorruptMessageError, OffsetOutOfRangeError
+
+    leader = open_log(tmp_path / "leader")
+    fill(leader, 2000, 20)
+    clean_log(leader, 0, NOW)
+    follower = Log.open(tmp_path / "follower", LogConfig(**{**CFG, "cleanup_policy": "delete"}), Clock())  # type: ignore[arg-type]
+    with pytest.raises((CorruptMessageError, OffsetOutOfRangeError)):
+        replicate(leader, follower)
+    follower.close()
+    leader.close()
+
+
+def test_leader_append_stays_strict_in_compacted_topic(tmp_path: Path) -> None:
+    from logbroker.errors import CorruptMessageError
+
+    leader = open_log(tmp_path / "leader")
+    fill_random(leader, 2000, 300)
+    clean_log(leader, 0, NOW)
+    seg = leader.segments[0]
+    gappy = next(bytes(seg.view(pos, h.batch_length + 12)) for h, pos in iter_batches(bytes(seg.view(0, seg.size_bytes)))
+                 if h.record_count < h.last_offset_delta + 1)
+    with pytest.raises(CorruptMessageError):
+        leader.append(gappy, 0)
+    leader.close()
