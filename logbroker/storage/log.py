@@ -64,7 +64,7 @@ from logbroker.errors import (
     RecordListTooLargeError,
     StorageError,
 )
-from logbroker.storage.compaction import is_compacted
+from logbroker.storage.compaction import deletes_by_retention, is_compacted
 from logbroker.storage.flusher import SegmentFlusher, default_flusher
 from logbroker.storage.index import (
     META_HIGH_WATERMARK,
@@ -545,15 +545,19 @@ class Log:
         their largest timestamp) or beyond retention_bytes or below the log start offset, never the
         active segment nor any data at or above the high watermark. Advances and checkpoints the
         log start offset. Returns segments deleted. A deleted segment's pending flush finds no file
-        left to sync (see flusher.py). Runs while the log is read-only too (it frees disk space)."""
+        left to sync (see flusher.py). Runs while the log is read-only too (it frees disk space).
+        A `compact`-only topic has no time or size retention (the cleaner bounds it), only the log
+        start offset; `compact,delete` has both."""
         local = self._local
         local.check_online()
         self._reap_flushes()
         config = self._config
         segments = local.segments
+        by_retention = deletes_by_retention(config.cleanup_policy)
         doomed = segments_to_delete(
             segments, local.size_bytes, lambda i: local.retention_timestamp(segments[i]),
-            retention_ms=config.retention_ms, retention_bytes=config.retention_bytes,
+            retention_ms=config.retention_ms if by_retention else -1,
+            retention_bytes=config.retention_bytes if by_retention else -1,
             now_ms=self._now_ms() if now_ms is None else now_ms, high_watermark=self._high_watermark,
             log_start_offset=self._log_start_offset,
         )

@@ -197,3 +197,15 @@ def test_leader_append_stays_strict_in_compacted_topic(tmp_path: Path) -> None:
     with pytest.raises(CorruptMessageError):
         leader.append(gappy, 0)
     leader.close()
+
+
+@pytest.mark.parametrize(("policy", "deleted"), [("compact", False), ("compact,delete", True), ("delete", True)])
+def test_retention_follows_cleanup_policy(tmp_path: Path, policy: str, deleted: bool) -> None:
+    cfg = {**CFG, "cleanup_policy": policy, "retention_ms": 1000, "retention_bytes": 4096}
+    log = Log.open(tmp_path / "t-0", LogConfig(**cfg), Clock())  # type: ignore[arg-type]
+    fill(log, 2000, 20)  # record timestamps 1000.., far older than NOW - retention_ms
+    segments = len(log.segments)
+    assert segments > 3
+    assert (log.enforce_retention(NOW) > 0) is deleted
+    assert (len(log.segments) < segments) is deleted
+    log.close()
