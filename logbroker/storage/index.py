@@ -193,8 +193,8 @@ class PartitionIndex:
             with self._env.begin(write=True) as txn:
                 cur = txn.cursor(db=self._offset_db)
                 found = cur.set_range(OFFSET_KEY.pack(lo))
-                while found and OFFSET_KEY.unpack(cur.key())[0] < hi:
-                    found = cur.delete()
+                while found and (key := cur.key()) and OFFSET_KEY.unpack(key)[0] < hi:
+                    found = cur.delete()  # past the last entry: found, but key() is empty
         except lmdb.Error as e:
             raise StorageError(f"index {self.path}: delete failed: {e}") from e
 

@@ -209,3 +209,69 @@ def test_retention_follows_cleanup_policy(tmp_path: Path, policy: str, deleted: 
     assert (log.enforce_retention(NOW) > 0) is deleted
     assert (len(log.segments) < segments) is deleted
     log.close()
+
+
+def test_pass_in_phases_discards_segments_changed_meanwhile(tmp_path: Path) -> None:
+    from logbroker.storage.log_cleaner import finish_clean, prepare_clean, run_clean
+
+    log = open_log(tmp_path / "t-0")
+    latest = fill(log, 2000, 20)
+    job = prepare_clean(log, 0, NOW)
+    assert job is not None
+    run_clean(job)
+    assert list((tmp_path / "t-0").glob("*.cleaned"))
+    cut = job.segments[2].base_offset + 1  # truncation replaces the segments from the third on
+    log.truncate_to(cut)
+    before = records(log)
+    # the log changed under the pass: nothing is swapped (the later records of the keys in the
+    # first segments, which the offset map saw, were truncated away)
+    assert finish_clean(job) is None
+    assert not list((tmp_path / "t-0").glob("*.cleaned"))
+    assert records(log) == before
+    log.close()
+    log = open_log(tmp_path / "t-0")
+    assert records(log) == before
+    assert clean_log(log, 0, NOW) is not None  # a new pass over the log as it is now
+    assert records(log) and records(log)[-1] == before[-1]
+    log.close()
+    del latest
+
+
+def test_log_cleaner_driver_cleans_dirtiest_compacted_log_off_the_loop(tmp_path: Path) -> None:
+    import asyncio
+    import threading
+
+    from logbroker.storage.log_cleaner import LogCleaner
+
+    logs = {("a", 0): open_log(tmp_path / "a-0"), ("b", 0): open_log(tmp_path / "b-0"),
+            ("d", 0): Log.open(tmp_path / "d-0", LogConfig(**{**CFG, "cleanup_policy": "delete"}), Clock())}  # type: ignore[arg-type]
+    latest = {key: fill(plog, 2000 if key[0] == "b" else 1000, 20) for key, plog in logs.items()}
+    sizes = {key: plog.size_bytes for key, plog in logs.items()}
+    threads: set[str] = set()
+
+    async def main() -> list[bool]:
+        import logbroker.storage.log_cleaner as lc
+
+        real = lc.run_clean
+
+        def spy(job: lc.CleanJob) -> None:
+            threads.add(threading.current_thread().name)
+            real(job)
+
+        lc.run_clean = spy  # type: ignore[assignment]
+        cleaner = LogCleaner(lambda: logs, 1000, Clock())
+        cleaner.start()
+        try:
+            return [await cleaner.run_pass() for _ in range(3)]
+        finally:
+            lc.run_clean = real  # type: ignore[assignment]
+            await cleaner.stop()
+
+    assert asyncio.run(main()) == [True, True, False]  # a and b once each, d never (delete policy)
+    assert threads and all(t.startswith("log-cleaner") for t in threads)
+    assert logs[("d", 0)].size_bytes == sizes[("d", 0)]
+    for key in (("a", 0), ("b", 0)):
+        assert logs[key].size_bytes < sizes[key] / 3
+        check(logs[key], latest[key], True)
+    for plog in logs.values():
+        plog.close()
