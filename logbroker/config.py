@@ -68,6 +68,8 @@ class BrokerConfig:
     # background CRC scrubbing of closed segments (replication/scrubber.py); interval 0: off
     scrub_interval_ms: int = 24 * 3600 * 1000
     scrub_bytes_per_sec: int = 8 << 20
+    # log compaction of cleanup_policy=compact topics (storage/log_cleaner.py); interval 0: off
+    log_cleaner_interval_ms: int = 15_000
     shutdown_grace_s: float = 5.0
     default_topic_config: dict[str, str] = field(default_factory=dict)
     # cluster mode (empty zookeeper: standalone with the embedded metadata store)
@@ -166,6 +168,8 @@ SERVE_SETTINGS: tuple[ServeSetting, ...] = (
     ServeSetting("scrub_interval_ms", int, 24 * 3600 * 1000,
                  "how often a background pass verifies the CRC of every batch in closed segments (0: off)"),
     ServeSetting("scrub_bytes_per_sec", int, 8 << 20, "read rate limit of the scrubber (0: unlimited)"),
+    ServeSetting("log_cleaner_interval_ms", int, 15_000,
+                 "how often the log cleaner compacts the dirtiest cleanup_policy=compact log (0: off)"),
     ServeSetting("default_topic_config", dict, {},
                  "topic config applied to new topics unless they set it (flag repeatable; env: K=V,K=V; "
                  "file: a table)", "KEY=VALUE"),
@@ -351,7 +355,7 @@ def broker_config_from_settings(values: Mapping[str, SettingValue], hostname: st
                  "offsets_retention_ms"):
         if number(name) <= 0:
             raise ConfigError(f"{name} must be positive, got {number(name)}")
-    for name in ("scrub_interval_ms", "scrub_bytes_per_sec"):
+    for name in ("scrub_interval_ms", "scrub_bytes_per_sec", "log_cleaner_interval_ms"):
         if number(name) < 0:
             raise ConfigError(f"{name} must be >= 0, got {number(name)}")
     secret = _cluster_secret(text("cluster_secret_file"), cluster_mode=bool(text("zookeeper")))
@@ -375,6 +379,7 @@ def broker_config_from_settings(values: Mapping[str, SettingValue], hostname: st
         retention_check_interval_ms=number("retention_check_interval_ms"),
         scrub_interval_ms=number("scrub_interval_ms"),
         scrub_bytes_per_sec=number("scrub_bytes_per_sec"),
+        log_cleaner_interval_ms=number("log_cleaner_interval_ms"),
         default_topic_config=dict(topic_defaults),
         coordinator=CoordinatorConfig(
             offsets_topic_partitions=number("offsets_topic_partitions"),

@@ -59,6 +59,7 @@ from logbroker.server.request_context import RequestRejected, RequestStatus
 from logbroker.server.wire_server import WireServer
 from logbroker.storage.data_dir_lock import DataDirLock
 from logbroker.storage.log import LogConfig
+from logbroker.storage.log_cleaner import LogCleaner
 from logbroker.storage.log_identity import LostLogError
 from logbroker.storage.log_manager import LogManager
 from logbroker.v1 import logbroker_pb2 as pb
@@ -147,6 +148,10 @@ class Broker:
                 Scrubber(self.replica_manager, config.scrub_interval_ms, config.scrub_bytes_per_sec)
                 if config.scrub_interval_ms > 0 else None
             )
+            self.log_cleaner: LogCleaner | None = (
+                LogCleaner(self._log_manager.logs, config.log_cleaner_interval_ms)
+                if config.log_cleaner_interval_ms > 0 else None
+            )
             self._server: grpc.aio.Server | None = None
             self._health = health.aio.HealthServicer()
             self._tasks: list[asyncio.Task[None]] = []
@@ -218,6 +223,8 @@ class Broker:
         self._tasks.append(asyncio.create_task(self._high_watermark_checkpoint_loop()))
         if self.scrubber is not None:
             self.scrubber.start()
+        if self.log_cleaner is not None:
+            self.log_cleaner.start()
 
     async def _await_first_metadata(self) -> None:
         """Cluster mode: report SERVING once the controller has told us the cluster's metadata, so a
@@ -281,6 +288,8 @@ class Broker:
                 task.cancel()
             if self.scrubber is not None:
                 await self.scrubber.stop()
+            if self.log_cleaner is not None:
+                await self.log_cleaner.stop()
             await self.coordinator.stop()
             if self.cluster is not None:
                 await self.cluster.controlled_shutdown()  # leadership moves away while we still serve
