@@ -75,7 +75,6 @@ def test_the_session_broker_is_shared(logbroker_broker_session, run):
     assert logbroker_broker_session.running()
 
 
-@pytest.mark.slow
 def test_a_three_broker_cluster_replicates(logbroker_cluster):
     assert len(logbroker_cluster.brokers) == 3
     with Admin(logbroker_cluster.bootstrap) as admin:
