@@ -53,6 +53,11 @@ TOPIC_CONFIG_DEFAULTS: dict[str, str] = {
     "flush_interval_ms": "-1",
     "min_insync_replicas": "1",
     "message_timestamp_type": "CreateTime",
+    # compaction (storage/compaction.py): Kafka's defaults
+    "min_cleanable_dirty_ratio": "0.5",
+    "min_compaction_lag_ms": "0",
+    "max_compaction_lag_ms": str((1 << 63) - 1),
+    "delete_retention_ms": str(24 * 3600 * 1000),
 }
 
 _INT_CONFIG_BOUNDS: dict[str, tuple[int, int]] = {
@@ -65,9 +70,12 @@ _INT_CONFIG_BOUNDS: dict[str, tuple[int, int]] = {
     "flush_interval_messages": (-1, 1 << 62),
     "flush_interval_ms": (-1, 1 << 62),
     "min_insync_replicas": (1, 100),
+    "min_compaction_lag_ms": (0, (1 << 63) - 1),
+    "max_compaction_lag_ms": (1, (1 << 63) - 1),
+    "delete_retention_ms": (0, (1 << 63) - 1),
 }
 _ENUM_CONFIG: dict[str, tuple[str, ...]] = {
-    "cleanup_policy": ("delete", "compact"),
+    "cleanup_policy": ("delete", "compact", "compact,delete", "delete,compact"),
     "message_timestamp_type": ("CreateTime", "LogAppendTime"),
 }
 
@@ -79,7 +87,15 @@ def normalize_topic_config(config: dict[str, str]) -> dict[str, str]:
         key = raw_key.replace(".", "_")
         if key not in TOPIC_CONFIG_DEFAULTS:
             raise InvalidConfigError(f"unknown topic config {raw_key!r}")
-        if key in _INT_CONFIG_BOUNDS:
+        if key == "min_cleanable_dirty_ratio":
+            try:
+                ratio = float(value)
+            except ValueError:
+                raise InvalidConfigError(f"{raw_key} must be a number, got {value!r}") from None
+            if not 0.0 <= ratio <= 1.0:
+                raise InvalidConfigError(f"{raw_key}={value} is outside [0, 1]")
+            out[key] = str(ratio)
+        elif key in _INT_CONFIG_BOUNDS:
             lo, hi = _INT_CONFIG_BOUNDS[key]
             try:
                 n = int(value)

@@ -187,6 +187,17 @@ class PartitionIndex:
         except lmdb.Error as e:
             raise StorageError(f"index {self.path}: truncation failed: {e}") from e
 
+    def delete_offsets(self, lo: int, hi: int) -> None:
+        """Forget the offset entries with keys in [lo, hi) (a cleaned segment's, before its swap)."""
+        try:
+            with self._env.begin(write=True) as txn:
+                cur = txn.cursor(db=self._offset_db)
+                found = cur.set_range(OFFSET_KEY.pack(lo))
+                while found and OFFSET_KEY.unpack(cur.key())[0] < hi:
+                    found = cur.delete()
+        except lmdb.Error as e:
+            raise StorageError(f"index {self.path}: delete failed: {e}") from e
+
     def delete_before(self, offset: int, epochs: list[EpochEntry], meta: dict[bytes, int]) -> None:
         """Forget the entries of segments below `offset` (a segment base): retention. One txn."""
         try:

@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass, fields, replace
 
 from logbroker.errors import InvalidConfigError
+from logbroker.storage.compaction import CLEANUP_POLICIES, NO_LAG_LIMIT, CompactionSettings
 from logbroker.storage.record_batch import HEADER_SIZE
 from logbroker.storage.segment import POSITION_MAX
 
@@ -36,6 +37,12 @@ class LogConfig:
     flush_interval_ms: int = -1  # -1: never fsync on time
     message_timestamp_type: str = CREATE_TIME  # or LogAppendTime
     index_map_bytes: int = 256 << 20  # LMDB map size per partition
+    # compaction (storage/compaction.py), Kafka's defaults
+    cleanup_policy: str = "delete"  # or compact, or compact,delete
+    min_cleanable_dirty_ratio: float = 0.5
+    min_compaction_lag_ms: int = 0
+    max_compaction_lag_ms: int = NO_LAG_LIMIT
+    delete_retention_ms: int = DAY_MS
 
     def __post_init__(self) -> None:
         checks = [
@@ -50,6 +57,12 @@ class LogConfig:
             (self.message_timestamp_type in (CREATE_TIME, LOG_APPEND_TIME), "message_timestamp_type",
              self.message_timestamp_type),
             (1 << 20 <= self.index_map_bytes <= 1 << 40, "index_map_bytes", self.index_map_bytes),
+            (self.cleanup_policy in CLEANUP_POLICIES, "cleanup_policy", self.cleanup_policy),
+            (0.0 <= self.min_cleanable_dirty_ratio <= 1.0, "min_cleanable_dirty_ratio",
+             self.min_cleanable_dirty_ratio),
+            (0 <= self.min_compaction_lag_ms <= NO_LAG_LIMIT, "min_compaction_lag_ms", self.min_compaction_lag_ms),
+            (1 <= self.max_compaction_lag_ms <= NO_LAG_LIMIT, "max_compaction_lag_ms", self.max_compaction_lag_ms),
+            (0 <= self.delete_retention_ms <= NO_LAG_LIMIT, "delete_retention_ms", self.delete_retention_ms),
         ]
         for ok, name, value in checks:
             if not ok:
@@ -66,14 +79,28 @@ class LogConfig:
             key = raw_key.replace(".", "_")
             if key not in names:
                 continue
-            if key == "message_timestamp_type":
-                values[key] = raw
+            if key in _STRING_FIELDS:
+                values[key] = raw.replace(" ", "")
+                continue
+            if key == "min_cleanable_dirty_ratio":
+                try:
+                    values[key] = float(raw)
+                except (TypeError, ValueError):
+                    raise InvalidConfigError(f"{raw_key} must be a number, got {raw!r}") from None
                 continue
             try:
                 values[key] = int(raw)
             except (TypeError, ValueError):
                 raise InvalidConfigError(f"{raw_key} must be an integer, got {raw!r}") from None
         return cls(**values)
+
+    @property
+    def compaction(self) -> CompactionSettings:
+        return CompactionSettings(self.min_cleanable_dirty_ratio, self.min_compaction_lag_ms,
+                                  self.max_compaction_lag_ms, self.delete_retention_ms)
+
+
+_STRING_FIELDS = ("message_timestamp_type", "cleanup_policy")
 
 
 def with_segment_bytes(config: LogConfig, segment_bytes: int | None) -> LogConfig:

@@ -39,6 +39,7 @@ from typing import NamedTuple
 
 from logbroker.errors import StorageError
 from logbroker.storage import segment as segment_file
+from logbroker.storage.compaction import is_compacted
 from logbroker.storage.index import (
     META_HIGH_WATERMARK,
     META_LOG_START_OFFSET,
@@ -60,6 +61,7 @@ from logbroker.storage.log_dir import (
     mapped,
 )
 from logbroker.storage.segment import Scan, Segment
+from logbroker.storage.segment_cleaner import recover_cleaning
 from logbroker.storage.segment_indexer import SegmentIndexer
 
 log = logging.getLogger(__name__)
@@ -114,6 +116,7 @@ class LogLoader:
             directory.mkdir(parents=True, exist_ok=True)
             marker = directory / CLEAN_SHUTDOWN_FILE
             clean = marker.exists()
+            recover_cleaning(directory)
             self.index, rebuilt = PartitionIndex.open(directory / INDEX_DIR, self.config.index_map_bytes)
             if clean:
                 marker.unlink()
@@ -230,11 +233,12 @@ class LogLoader:
         for i in range(start, len(bases)):
             base = bases[i]
             path = self.directory / segment_file.file_name(base)
-            if base != expected:
+            compacted_gap = is_compacted(self.config.cleanup_policy) and base > expected
+            if base != expected and not compacted_gap:
                 gap = f"segment base offset {base} does not follow the previous segment's end {expected}"
                 self._delete_segment_files(bases[i:], gap)
                 break
-            expected, damage = self._recover_segment(path, base, epochs)
+            expected, damage = self._recover_segment(path, base, epochs, i < len(bases) - 1)
             scanned.append(path)
             if damage is not None:
                 self._delete_segment_files(bases[i + 1 :], f"follows damage in {path.name}")
@@ -251,7 +255,9 @@ class LogLoader:
             raise StorageError(f"cannot sync {self.directory} after recovery: {e}") from e
         return expected
 
-    def _recover_segment(self, path: Path, base: int, epochs: list[EpochEntry]) -> tuple[int, str | None]:
+    def _recover_segment(
+        self, path: Path, base: int, epochs: list[EpochEntry], closed: bool
+    ) -> tuple[int, str | None]:
         """Walk one segment from `base`, index its good batches (extending `epochs` in place), cut
         the file at the first damage. Returns (the offset after its last good batch, the damage)."""
         assert self.index is not None
@@ -262,7 +268,7 @@ class LogLoader:
         new_epochs: list[EpochEntry] = []
         latest_epoch = epochs[-1][0] if epochs else UNDEFINED_EPOCH
         with mapped(path) as (buf, size):
-            scan = Scan(buf, size, base)
+            scan = Scan(buf, size, base, allow_gaps=closed and is_compacted(self.config.cleanup_policy))
             for b in scan:
                 indexer.add(b.position, b.size_bytes, b.base_offset, b.max_timestamp, offsets, times)
                 if b.leader_epoch > latest_epoch:

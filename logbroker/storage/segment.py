@@ -108,8 +108,10 @@ class Scan:
     """
 
     def __init__(
-        self, buf: mmap.mmap | bytes, limit: int, expected_offset: int, position: int = 0, check_crc: bool = True
+        self, buf: mmap.mmap | bytes, limit: int, expected_offset: int, position: int = 0, check_crc: bool = True,
+        allow_gaps: bool = False,
     ) -> None:
+        self._allow_gaps = allow_gaps  # a compacted closed segment: baseOffset may skip ahead
         self._buf = buf
         self._limit = limit
         self._check_crc = check_crc
@@ -141,7 +143,7 @@ class Scan:
             if magic != MAGIC:
                 self.damage = f"magic {magic}"
                 break
-            if base != expected:
+            if base != expected and not (self._allow_gaps and base > expected):
                 self.damage = f"baseOffset {base}, expected {expected} (torn or unpatched write)"
                 break
             if epoch < 0 or lod < 0:

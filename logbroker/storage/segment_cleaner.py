@@ -1,0 +1,228 @@
+"""Rewriting closed segments for compaction, and the crash-safe swap (Kafka's Cleaner.cleanInto
+and replaceSegments). The decisions are compaction.py's; this module reads and writes files.
+
+Batches. A batch keeps its header fields: baseOffset, lastOffsetDelta, baseTimestamp,
+maxTimestamp, partitionLeaderEpoch, producerId/Epoch, baseSequence, attributes; only the
+surviving records' bytes are copied (unchanged, so their offset and timestamp deltas still hold),
+and batchLength, recordCount and the CRC are recomputed. So recordCount may be below
+lastOffsetDelta + 1 (gaps inside a batch), as in Kafka. A batch left with no record is dropped
+(Kafka keeps an empty batch for the last sequence of a live producer; this broker keeps no
+producer state across batches, so there is nothing it would protect). A gzip batch is rewritten
+uncompressed (its compression bits cleared); a batch this module cannot decode (another codec),
+and control batches, are kept whole.
+
+Files and the swap, one segment at a time (a cleaned segment keeps its file name, the base offset
+of the original, even when its first batch now starts later)::
+
+    1. <base>.log.cleaned   written and fsynced, with the original's modification time
+       (compaction.py's tombstone rule reads it), then the directory fsynced
+    2. the segment's offset-index entries are deleted (a lookup then walks from the segment's
+       first byte: slower, never wrong, whichever file is in place)
+    3. rename <base>.log.cleaned -> <base>.log.swap, fsync the directory
+    4. rename <base>.log.swap -> <base>.log (replacing the old file atomically), fsync the dir
+    5. the segment's offset-index entries are rebuilt from the new file
+
+Recovery (`recover_cleaning`, run by the loader before it lists the segments): a `.cleaned` file
+is deleted (the old segment is intact: step 3 never happened); a `.swap` file completes step 4
+(the old segment is replaced). A crash after step 4 leaves the new file and no index entries for
+it, which is consistent (and recovery rebuilds index entries of any segment it walks).
+
+`CRASH_ENV` (tests only) names a step at which the cleaning process exits at once with
+`os._exit(CRASH_EXIT_CODE)`: before_swap (after 2), between_renames (after 3), after_swap
+(after 4), so a test can kill a real broker in the middle of a clean.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from logbroker.errors import StorageError
+from logbroker.storage.atomic_file import fsync_dir
+from logbroker.storage.compaction import OffsetMap, keep_record
+from logbroker.storage.record_batch import (
+    COMPRESSION_GZIP,
+    COMPRESSION_MASK,
+    COMPRESSION_NONE,
+    CONTROL_MASK,
+    CRC_START,
+    HEADER_SIZE,
+    LOG_OVERHEAD,
+    BatchHeader,
+    crc32c,
+    decode_varint,
+    iter_batches,
+)
+from logbroker.storage.segment import SUFFIX
+
+log = logging.getLogger(__name__)
+
+CLEANED_SUFFIX = SUFFIX + ".cleaned"
+SWAP_SUFFIX = SUFFIX + ".swap"
+CRASH_ENV = "LOGBROKER_TEST_CLEANER_CRASH_AT"
+CRASH_EXIT_CODE = 86
+STEPS = ("before_swap", "between_renames", "after_swap")
+
+Hook = Callable[[str], None]
+
+
+def crash_hook_from_env() -> Hook:
+    """The hook of `CRASH_ENV`: exit the process at the named step (tests only)."""
+    target = os.environ.get(CRASH_ENV, "")
+
+    def hook(step: str) -> None:
+        if step == target:
+            log.error("%s=%s: exiting in the middle of a clean", CRASH_ENV, step)
+            os._exit(CRASH_EXIT_CODE)
+
+    return hook
+
+
+def _no_hook(step: str) -> None:
+    pass
+
+
+class RawRecord:
+    """One record of a batch: its bytes in the (decompressed) body, its offset, key, tombstone."""
+
+    __slots__ = ("start", "end", "offset", "key", "is_tombstone")
+
+    def __init__(self, start: int, end: int, offset: int, key: bytes | None, is_tombstone: bool) -> None:
+        self.start, self.end, self.offset, self.key, self.is_tombstone = start, end, offset, key, is_tombstone
+
+
+def batch_body(buf: bytes | memoryview, pos: int, h: BatchHeader) -> bytes | None:
+    """The records' bytes of the batch at `pos` (decompressed), or None if it cannot be read here."""
+    body = bytes(buf[pos + HEADER_SIZE : pos + h.batch_length + LOG_OVERHEAD])
+    codec = h.attributes & COMPRESSION_MASK
+    if codec == COMPRESSION_NONE:
+        return body
+    if codec == COMPRESSION_GZIP:
+        return zlib.decompress(body, 47)
+    return None
+
+
+def iter_raw_records(body: bytes, h: BatchHeader) -> Iterator[RawRecord]:
+    p = 0
+    for _ in range(h.record_count):
+        rec_start = p
+        length, p = decode_varint(body, p)
+        end = p + length
+        p += 1  # attributes
+        _td, p = decode_varint(body, p)
+        od, p = decode_varint(body, p)
+        kl, p = decode_varint(body, p)
+        key = None if kl < 0 else body[p : p + kl]
+        p += max(kl, 0)
+        vl, p = decode_varint(body, p)
+        yield RawRecord(rec_start, end, h.base_offset + od, key, vl < 0)
+        p = end
+
+
+def map_segment(buf: bytes | memoryview, offsets: OffsetMap) -> bool:
+    """Add the keys of one segment's batches to `offsets`; False if the map filled up."""
+    for h, pos in iter_batches(buf):
+        if h.attributes & CONTROL_MASK:
+            continue
+        body = batch_body(buf, pos, h)
+        if body is None:
+            continue
+        for rec in iter_raw_records(body, h):
+            if rec.key is not None and not offsets.put(rec.key, rec.offset):
+                return False
+    return True
+
+
+def clean_segment(buf: bytes | memoryview, offsets: OffsetMap, tombstones_expired: bool) -> bytes:
+    """The cleaned contents of one segment (see the module doc)."""
+    out = bytearray()
+    for h, pos in iter_batches(buf):
+        size = h.batch_length + LOG_OVERHEAD
+        body = None if h.attributes & CONTROL_MASK else batch_body(buf, pos, h)
+        if body is None:
+            out += buf[pos : pos + size]
+            continue
+        kept = [r for r in iter_raw_records(body, h)
+                if keep_record(r.key, r.offset, r.is_tombstone, offsets, tombstones_expired)]
+        if not kept:
+            continue
+        if len(kept) == h.record_count and h.attributes & COMPRESSION_MASK == COMPRESSION_NONE:
+            out += buf[pos : pos + size]
+            continue
+        start = len(out)
+        out += buf[pos : pos + HEADER_SIZE]
+        for r in kept:
+            out += body[r.start : r.end]
+        struct.pack_into(">i", out, start + 8, len(out) - start - LOG_OVERHEAD)
+        struct.pack_into(">h", out, start + 21, h.attributes & ~COMPRESSION_MASK)
+        struct.pack_into(">i", out, start + 57, len(kept))
+        struct.pack_into(">I", out, start + 17, crc32c(memoryview(out)[start + CRC_START :]))
+    return bytes(out)
+
+
+def write_cleaned(directory: Path, name: str, data: bytes, mtime_ns: int) -> Path:
+    """Step 1: `<name>.cleaned`, fsynced, with the original's modification time."""
+    path = directory / (name + ".cleaned")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, data) if len(data) < (1 << 30) else _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.utime(path, ns=(mtime_ns, mtime_ns))
+        fsync_dir(directory)
+    except OSError as e:
+        raise StorageError(f"cannot write {path}: {e}") from e
+    return path
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def swap_in(directory: Path, name: str, hook: Hook = _no_hook) -> None:
+    """Steps 3 and 4 for the segment file `name` whose `.cleaned` twin is written (step 1) and
+    whose index entries are gone (step 2)."""
+    cleaned = directory / (name + ".cleaned")
+    swap = directory / (name + ".swap")
+    try:
+        hook("before_swap")
+        os.rename(cleaned, swap)
+        fsync_dir(directory)
+        hook("between_renames")
+        os.replace(swap, directory / name)
+        fsync_dir(directory)
+        hook("after_swap")
+    except OSError as e:
+        raise StorageError(f"cannot swap in cleaned {directory / name}: {e}") from e
+
+
+def recover_cleaning(directory: Path) -> list[str]:
+    """Finish or undo interrupted swaps (module doc); returns the segment files swapped in."""
+    swapped: list[str] = []
+    changed = False
+    try:
+        names = sorted(os.listdir(directory))
+        for entry in names:
+            if entry.endswith(CLEANED_SUFFIX):
+                log.warning("%s: removing %s (a clean interrupted before its swap)", directory, entry)
+                os.unlink(directory / entry)
+                changed = True
+            elif entry.endswith(SWAP_SUFFIX):
+                target = entry[: -len(".swap")]
+                log.warning("%s: completing the swap of %s (a clean interrupted mid-swap)", directory, target)
+                os.replace(directory / entry, directory / target)
+                swapped.append(target)
+                changed = True
+        if changed:
+            fsync_dir(directory)
+    except OSError as e:
+        raise StorageError(f"cannot recover interrupted cleaning in {directory}: {e}") from e
+    return swapped
