@@ -1,101 +1,31 @@
-"""Shared fixtures: free loopback ports and real broker processes, always reaped."""
+"""Shared fixtures: free loopback ports and real broker processes, always reaped.
+
+The broker process, free_port and wait_for are logbroker.testing's (the pytest plugin applications
+use); the plugin is loaded here too, so its fixtures work in this suite with or without its entry
+point installed (registered under its module name, it is the same plugin either way)."""
 
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.zookeeper import ZooKeeperProcess, zookeeper_available
+# the plugin (below) is imported here before pytest_plugins loads it: unless its entry point or -p
+# loaded it already, let pytest rewrite it as it rewrites plugins (else it warns that it cannot)
+if "logbroker.testing" not in sys.modules:
+    pytest.register_assert_rewrite("logbroker.testing")
+
+from logbroker.testing import BrokerProcess, free_port, wait_for  # noqa: E402
+from tests.zookeeper import ZooKeeperProcess, zookeeper_available  # noqa: E402
+
+pytest_plugins = ["logbroker.testing"]
 
 REPO = Path(__file__).resolve().parent.parent
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.05) -> None:
-    """Poll `predicate` until it holds; fail with `what` after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if predicate():
-            return
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(interval_s)
-
-
-class BrokerProcess:
-    """`logbroker serve` as a real child process on 127.0.0.1:<port>."""
-
-    def __init__(self, data_dir: Path, port: int, extra_args: list[str] | None = None) -> None:
-        self.data_dir = data_dir
-        self.port = port
-        self.extra_args = extra_args or []
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path = data_dir.parent / f"broker-{port}.log"
-        self._log_file = None
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self, timeout_s: float = 30.0, wait_serving: bool = True) -> BrokerProcess:
-        self._log_file = open(self.log_path, "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "logbroker", "serve", "--data-dir", str(self.data_dir),
-             "--listen", self.address, *self.extra_args],
-            stdout=self._log_file, stderr=subprocess.STDOUT, cwd=REPO,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        if wait_serving:
-            wait_for(self.serving, timeout_s, f"broker on {self.address} to report SERVING (log: {self.log_path})")
-        return self
-
-    def serving(self) -> bool:
-        if self.proc is not None and self.proc.poll() is not None:
-            raise AssertionError(f"broker exited with {self.proc.returncode}: {self.log_text()[-3000:]}")
-        try:
-            with grpc.insecure_channel(self.address) as ch:
-                resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
-                return resp.status == health_pb2.HealthCheckResponse.SERVING
-        except grpc.RpcError:
-            return False
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(timeout=30)
-
-    def stop(self, timeout_s: float = 20.0) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
-        return self.proc.returncode
+__all__ = ["REPO", "BrokerProcess", "free_port", "wait_for"]
 
 
 @pytest.fixture
