@@ -17,6 +17,8 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_BOOTSTRAP = f"{DEFAULT_HOST}:{DEFAULT_PORT}"
 BOOTSTRAP_ENV = "LOGBROKER_BOOTSTRAP"
 DEFAULT_ZK_CHROOT = "/logbroker"
+OFFSETS_SEGMENT_BYTES_MIN = 1 << 14  # the topic config bounds of segment_bytes (cluster/metadata.py)
+OFFSETS_SEGMENT_BYTES_MAX = 1 << 31
 
 
 def default_bootstrap() -> str:
@@ -176,6 +178,8 @@ SERVE_SETTINGS: tuple[ServeSetting, ...] = (
     ServeSetting("offsets_topic_partitions", int, 16, "partitions of __consumer_offsets, fixed when it is created"),
     ServeSetting("offsets_topic_replication_factor", int, 3,
                  "replicas of __consumer_offsets, capped at the live brokers"),
+    ServeSetting("offsets_topic_segment_bytes", int, 4 << 20,
+                 "segment size of __consumer_offsets (compacted), fixed when it is created"),
     ServeSetting("group_session_timeout_ms", int, 45_000,
                  "a group member silent this long is evicted, unless it asked for its own"),
     ServeSetting("group_heartbeat_interval_ms", int, 500, "how often stable group members heartbeat"),
@@ -358,6 +362,9 @@ def broker_config_from_settings(values: Mapping[str, SettingValue], hostname: st
     for name in ("scrub_interval_ms", "scrub_bytes_per_sec", "log_cleaner_interval_ms"):
         if number(name) < 0:
             raise ConfigError(f"{name} must be >= 0, got {number(name)}")
+    if not OFFSETS_SEGMENT_BYTES_MIN <= number("offsets_topic_segment_bytes") <= OFFSETS_SEGMENT_BYTES_MAX:
+        raise ConfigError(f"offsets_topic_segment_bytes must be in [{OFFSETS_SEGMENT_BYTES_MIN}, "
+                          f"{OFFSETS_SEGMENT_BYTES_MAX}], got {number('offsets_topic_segment_bytes')}")
     secret = _cluster_secret(text("cluster_secret_file"), cluster_mode=bool(text("zookeeper")))
     return BrokerConfig(
         data_dir=Path(text("data_dir")).resolve(),
@@ -384,6 +391,7 @@ def broker_config_from_settings(values: Mapping[str, SettingValue], hostname: st
         coordinator=CoordinatorConfig(
             offsets_topic_partitions=number("offsets_topic_partitions"),
             offsets_topic_replication_factor=number("offsets_topic_replication_factor"),
+            offsets_topic_segment_bytes=number("offsets_topic_segment_bytes"),
             session_timeout_ms=number("group_session_timeout_ms"),
             heartbeat_interval_ms=number("group_heartbeat_interval_ms"),
             offsets_retention_ms=number("offsets_retention_ms"),

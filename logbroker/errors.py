@@ -250,6 +250,12 @@ class GroupIdNotFoundError(BrokerError):
     code = pb.GROUP_ID_NOT_FOUND
 
 
+class InvalidRecordError(BrokerError):
+    """A record the topic's config refuses: a null key in a cleanup_policy=compact topic."""
+
+    code = pb.INVALID_RECORD
+
+
 class KafkaTimeoutError(LogbrokerError):
     """A client-side deadline passed (delivery timeout, flush timeout, metadata wait)."""
 

@@ -74,6 +74,7 @@ from logbroker.group.offsets import (
     membership_batch,
     tombstone_batch,
 )
+from logbroker.storage.compaction import is_compacted
 from logbroker.v1 import logbroker_pb2 as pb
 
 if TYPE_CHECKING:
@@ -89,7 +90,22 @@ HW_LOOKUP_TIMEOUT_S = 5.0
 COMMIT_BATCH_MAX_BYTES = 768 << 10  # one commit is one batch, below __consumer_offsets' max_message_bytes
 OWNED_PARTITIONS_MAX = 100_000  # per heartbeat, checked before anything is built from the request
 
-__all__ = ["CoordinatorConfig", "GroupCoordinator", "OffsetsLog", "OffsetsTopicCreator", "PeerBrokers"]
+__all__ = ["CoordinatorConfig", "GroupCoordinator", "OffsetsLog", "OffsetsTopicCreator", "PeerBrokers",
+           "offsets_topic_config"]
+
+
+def offsets_topic_config(cfg: CoordinatorConfig) -> dict[str, str]:
+    """The topic config __consumer_offsets is created with. Compacted: every record is keyed by
+    (group, topic, partition) or by group (offsets.py), and deletions are tombstones, so keeping
+    the latest record per key keeps exactly the state a replay rebuilds, and the log stays
+    proportional to the live groups and partitions. A topic created before this (no
+    cleanup_policy) keeps growing until its config is changed; the coordinator logs a warning."""
+    return {
+        "segment_bytes": str(cfg.offsets_topic_segment_bytes),
+        "retention_ms": "-1",  # offsets leave by tombstones and expiry, never by age
+        "retention_bytes": "-1",
+        "cleanup_policy": "compact",
+    }
 
 
 class OffsetsLog(Protocol):
@@ -219,6 +235,10 @@ class GroupCoordinator:
     async def _load(self, shard: _Shard, part: Partition) -> None:
         started = time.monotonic()
         plog = part.log
+        if not is_compacted(plog.config.cleanup_policy):
+            log.warning("%s-%d has cleanup_policy=%s (created before offsets were compacted): it grows with "
+                        "every commit; recreate it or set its cleanup_policy to compact", OFFSETS_TOPIC,
+                        shard.partition, plog.config.cleanup_policy)
         state = OffsetsState(next_offset=plog.log_start_offset)
         try:
             while state.next_offset < plog.log_end_offset:
@@ -305,13 +325,9 @@ class GroupCoordinator:
                 return
             live = len(self._cluster.cluster_brokers()[0])
             rf = max(1, min(cfg.offsets_topic_replication_factor, live))
-            topic_config = {
-                "segment_bytes": str(cfg.offsets_topic_segment_bytes),
-                "retention_ms": "-1",  # offsets leave by tombstones and expiry, never by age
-                "retention_bytes": "-1",
-            }
             try:
-                await self._topics.create_topic(OFFSETS_TOPIC, cfg.offsets_topic_partitions, rf, topic_config,
+                await self._topics.create_topic(OFFSETS_TOPIC, cfg.offsets_topic_partitions, rf,
+                                               offsets_topic_config(cfg),
                                                internal=True)
                 log.info("created %s: %d partitions, replication factor %d", OFFSETS_TOPIC,
                          cfg.offsets_topic_partitions, rf)

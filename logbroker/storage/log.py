@@ -60,6 +60,7 @@ from typing import NamedTuple
 from logbroker.errors import (
     CorruptMessageError,
     InvalidFetchSizeError,
+    InvalidRecordError,
     OffsetOutOfRangeError,
     RecordListTooLargeError,
     StorageError,
@@ -86,7 +87,7 @@ from logbroker.storage.log_loader import (
     RecoveryReport,
     load_log,
 )
-from logbroker.storage.record_batch import BatchInfo, decode_batch, validate_batches
+from logbroker.storage.record_batch import BatchInfo, decode_batch, first_null_key, validate_batches
 from logbroker.storage.retention import segments_to_delete
 from logbroker.storage.segment import Segment
 
@@ -123,6 +124,17 @@ def _as_bytes_view(records: bytes | bytearray | memoryview) -> memoryview:
     if payload.nbytes > APPEND_BYTES_MAX:
         raise RecordListTooLargeError(f"append of {payload.nbytes} bytes exceeds {APPEND_BYTES_MAX}")
     return payload
+
+
+def _refuse_null_keys(payload: memoryview, infos: list[BatchInfo]) -> None:
+    """InvalidRecordError if any record of a produce payload to a compacted log has no key (the
+    key-only scan of record_batch.first_null_key; other topics never decode their records)."""
+    for info in infos:
+        delta = first_null_key(payload, info)
+        if delta is not None:
+            raise InvalidRecordError(
+                f"record {delta} of the batch at byte {info.position} has no key: a cleanup_policy=compact "
+                "topic keeps the latest record per key, so every record needs one")
 
 
 class Log:
@@ -260,7 +272,9 @@ class Log:
         """Append a produce payload (one or more batches) as the leader, assigning offsets.
 
         Raises CorruptMessageError / MessageTooLargeError / UnsupportedForMessageFormatError /
-        RecordListTooLargeError with nothing written, and StorageError (disk full, I/O error, index
+        RecordListTooLargeError, and in a compacted topic InvalidRecordError (a record without a
+        key: compaction keeps the latest record per key, as Kafka refuses them), with nothing
+        written, and StorageError (disk full, I/O error, index
         full) with the log as it was.
         """
         local = self._local
@@ -273,6 +287,8 @@ class Log:
         n = payload.nbytes
         config = self._config
         infos = validate_batches(payload, config.max_message_bytes)
+        if is_compacted(config.cleanup_policy):
+            _refuse_null_keys(payload, infos)
         now = self._now_ms()
         active = local.room_for(n, now)
         start = active.size_bytes

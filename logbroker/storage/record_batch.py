@@ -27,7 +27,8 @@ Each record (all varints zigzag-encoded, as protobuf sint32/sint64)::
     headerCount varint | headers: (keyLength varint | key utf-8 | valueLength varint | value)*
 
 The broker only ever touches the header (`validate_batches`, `set_base_offset`,
-`set_leader_epoch`); records are encoded by `BatchBuilder` and decoded by `decode_batch` on the
+`set_leader_epoch`), except for compacted topics, whose produced records `first_null_key` walks
+up to each key length (no key or value copied) to refuse null keys; records are encoded by `BatchBuilder` and decoded by `decode_batch` on the
 client, whose hot loops use table lookups for one- and two-byte varints.
 
 Where aiokafka's compiled RecordBatch v2 codec is installed (`aiokafka.record._crecords`, Cython:
@@ -83,6 +84,7 @@ CONTROL_MASK = 0x20
 KNOWN_ATTRIBUTE_BITS = 0x3F
 MAX_COMPRESSION_CODEC = 4
 COMPRESSED_RECORDS_MAX = 1 << 24  # records claimed by one compressed batch
+KEY_SCAN_DECOMPRESSED_BYTES_MAX = 256 << 20  # a gzip batch's body as the broker's key scan inflates it
 
 NO_PRODUCER_ID = -1
 
@@ -289,7 +291,7 @@ def encode_varint(n: int) -> bytes:
     return _encode_zigzag_slow(n)
 
 
-def decode_varint(buf: bytes, pos: int) -> tuple[int, int]:
+def decode_varint(buf: bytes | bytearray | memoryview, pos: int) -> tuple[int, int]:
     """(value, next position) of the zigzag varint at `pos`; raises CorruptMessageError if malformed."""
     shift = 0
     z = 0
@@ -590,6 +592,46 @@ def _decode_headers(buf: bytes, pos: int, count: int, end: int) -> tuple[RecordH
             pos += vl
         headers.append((hk, hv))
     return tuple(headers), pos
+
+
+def first_null_key(buf: bytes | bytearray | memoryview, info: BatchInfo) -> int | None:
+    """The offset delta of the first record with a null key in the batch `validate_batches`
+    described as `info`, or None when every record has a key (and for control batches, and for
+    snappy/lz4/zstd batches, which the broker cannot inflate and so does not check).
+
+    A key-only walk: per record, its length, attributes, timestamp and offset deltas and key length;
+    nothing is copied from an uncompressed batch. Raises CorruptMessageError for a record whose
+    length runs past the batch or a gzip body that does not inflate (within
+    KEY_SCAN_DECOMPRESSED_BYTES_MAX)."""
+    view = memoryview(buf)
+    pos = info.position
+    attributes = int.from_bytes(view[pos + 21 : pos + 23], "big", signed=True)
+    codec = attributes & COMPRESSION_MASK
+    if attributes & CONTROL_MASK or codec not in (COMPRESSION_NONE, COMPRESSION_GZIP):
+        return None
+    data: bytes | memoryview = view
+    p, end = pos + HEADER_SIZE, pos + info.size_bytes
+    if codec == COMPRESSION_GZIP:
+        inflater = zlib.decompressobj(47)
+        try:
+            data = inflater.decompress(view[p:end], KEY_SCAN_DECOMPRESSED_BYTES_MAX)
+        except zlib.error as e:
+            raise CorruptMessageError(f"gzip batch at byte {pos}: {e}") from None
+        if inflater.unconsumed_tail:
+            raise CorruptMessageError(f"gzip batch at byte {pos} inflates past {KEY_SCAN_DECOMPRESSED_BYTES_MAX} bytes")
+        p, end = 0, len(data)
+    for _ in range(info.record_count):
+        length, q = decode_varint(data, p)
+        rec_end = q + length
+        if length < 6 or rec_end > end:
+            raise CorruptMessageError(f"record of {length} bytes runs past its batch at byte {pos}")
+        _, q = decode_varint(data, q + 1)  # timestampDelta, after attributes
+        offset_delta, q = decode_varint(data, q)
+        key_length, q = decode_varint(data, q)
+        if key_length < 0:
+            return offset_delta
+        p = rec_end
+    return None
 
 
 def iter_batches(buf: bytes | memoryview) -> Iterator[tuple[BatchHeader, int]]:

@@ -117,3 +117,37 @@ def test_oversized_membership_is_refused() -> None:
 
     with pytest.raises(ValueError):
         membership_batch("g", {"blob": "x" * MEMBERSHIP_MAX_BYTES}, 0)
+
+
+def test_offsets_topic_is_created_compacted_and_keeps_its_other_configs() -> None:
+    from logbroker.cluster.metadata import normalize_topic_config
+    from logbroker.group.coordinator import CoordinatorConfig, offsets_topic_config
+    from logbroker.storage.compaction import deletes_by_retention, is_compacted
+
+    config = offsets_topic_config(CoordinatorConfig(offsets_topic_segment_bytes=1 << 16))
+    assert config["cleanup_policy"] == "compact"
+    assert (config["segment_bytes"], config["retention_ms"], config["retention_bytes"]) == (str(1 << 16), "-1", "-1")
+    normalized = normalize_topic_config(config)  # a config the broker accepts as is
+    assert is_compacted(normalized["cleanup_policy"]) and not deletes_by_retention(normalized["cleanup_policy"])
+
+
+def test_replay_of_a_compacted_offsets_log_rebuilds_the_same_state() -> None:
+    """Latest per key is exactly what replay keeps: commits keyed by (group, topic, partition),
+    tombstones deleting them; the cleaned log (with offset gaps) replays to the same state."""
+    from logbroker.storage.compaction import OffsetMap
+    from logbroker.storage.segment_cleaner import clean_segment, map_segment
+
+    batches = [commit_batch("g", {("t", 0): (i, ""), ("t", 1): (10 * i, "m")}, 1000 + i) for i in range(50)]
+    batches += [commit_batch("gone", {("t", 0): (5, "")}, 2000), tombstone_batch("gone", [("t", 0)], 2001)]
+    data = _log(*batches)
+    full = OffsetsState()
+    full.apply_chunk(data, "__consumer_offsets", 0)
+    offsets = OffsetMap()
+    assert map_segment(data, offsets)
+    cleaned = clean_segment(data, offsets, tombstones_expired=True)
+    assert len(cleaned) < len(data) // 10
+    replayed = OffsetsState()
+    replayed.apply_chunk(cleaned, "__consumer_offsets", 0)
+    assert replayed.groups == full.groups
+    assert {tp: c.offset for tp, c in replayed.groups["g"].items()} == {("t", 0): 49, ("t", 1): 490}
+    assert "gone" not in replayed.groups

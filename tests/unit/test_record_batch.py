@@ -127,3 +127,30 @@ def test_iter_batches_skips_partial_tail():
     a, b = _batch(), _batch()
     buf = bytes(a + b[:-5])
     assert [pos for _, pos in rb.iter_batches(buf)] == [0]
+
+
+# -- the broker's key-only scan of compacted topics' produce payloads ---------------------------------------
+
+
+@pytest.mark.parametrize("compression", [rb.COMPRESSION_NONE, rb.COMPRESSION_GZIP])
+def test_first_null_key_finds_the_first_keyless_record(compression: int) -> None:
+    def built(keys: list[bytes | None]) -> bytes:
+        builder = rb.BatchBuilder(1000, compression)
+        for i, k in enumerate(keys):
+            builder.append(1000 + i, k, None if i == 1 else b"v" * (200 * i), [("h", b"x")])
+        return builder.build()
+
+    keyed = built([b"a", b"", b"c" * 300])  # an empty key is a key; a null value (tombstone) is fine
+    assert rb.first_null_key(keyed, rb.validate_batches(keyed, 1 << 20)[0]) is None
+    two = keyed + built([b"a", b"b", None, None])
+    infos = rb.validate_batches(two, 1 << 20)
+    assert rb.first_null_key(two, infos[1]) == 2
+    assert rb.first_null_key(memoryview(two), infos[1]) == 2  # the log's payload view, no copy
+
+
+def test_first_null_key_refuses_a_record_running_past_its_batch() -> None:
+    raw = bytearray(rb.encode_batch([(1000, b"k", b"v", None)]))
+    raw[rb.HEADER_SIZE] = 0x7E  # record length 63: past the batch end
+    info = rb.validate_batches(bytes(raw), 1 << 20, check_crc=False)[0]
+    with pytest.raises(CorruptMessageError, match="runs past"):
+        rb.first_null_key(bytes(raw), info)

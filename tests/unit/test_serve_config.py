@@ -224,3 +224,10 @@ def test_a_cluster_broker_needs_a_usable_cluster_secret(tmp_path: Path, capsys: 
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--cluster-secret-file" in err and "Traceback" not in err
     assert not (tmp_path / "d").exists()
+
+
+def test_offsets_topic_segment_bytes_flag_is_bounded():
+    _, config = resolve(["--offsets-topic-segment-bytes", "65536"])
+    assert config.coordinator.offsets_topic_segment_bytes == 65536
+    with pytest.raises(ConfigError, match="offsets_topic_segment_bytes"):
+        resolve(["--offsets-topic-segment-bytes", "100"])

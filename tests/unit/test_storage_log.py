@@ -1380,3 +1380,15 @@ def test_read_only_log_closes_cleanly_and_keeps_its_data(path, monkeypatch):
     assert log.read_only_reason is None
     assert [b for _, b in read_all(log)] == stored
     log.close()
+
+
+def test_compacted_log_refuses_keyless_records_and_other_logs_take_them(tmp_path: Path) -> None:
+    from logbroker.errors import InvalidRecordError
+
+    compacted = open_log(tmp_path / "c", cleanup_policy="compact")
+    with pytest.raises(InvalidRecordError, match="has no key"):
+        compacted.append(batch(1, key=b"k") + batch(2), 0)  # one keyless batch refuses the whole payload
+    assert compacted.log_end_offset == 0
+    assert compacted.append(batch(2, key=b"k"), 0).last_offset == 1
+    plain = open_log(tmp_path / "d")
+    assert plain.append(batch(2), 0).last_offset == 1
