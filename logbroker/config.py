@@ -110,8 +110,9 @@ class BrokerConfig:
 # variable are errors, so a typo never silently leaves a default in place.
 
 ENV_PREFIX = "LOGBROKER_"
-# LOGBROKER_* variables that belong to other commands: `serve` ignores them instead of failing.
-NON_SERVE_ENV_VARS = frozenset({BOOTSTRAP_ENV, "LOGBROKER_ZOOKEEPER_JARS"})
+# LOGBROKER_* variables that belong to other commands, or are test-only hooks read where they act
+# (storage/segment_cleaner.CRASH_ENV): `serve` ignores them instead of failing.
+NON_SERVE_ENV_VARS = frozenset({BOOTSTRAP_ENV, "LOGBROKER_ZOOKEEPER_JARS", "LOGBROKER_TEST_CLEANER_CRASH_AT"})
 LOG_LEVELS = ("debug", "info", "warning", "error")
 SettingValue = str | int | bool | dict[str, str]
 

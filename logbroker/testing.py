@@ -81,10 +81,12 @@ def broker_env(environ: dict[str, str] | None = None) -> dict[str, str]:
 class BrokerProcess:
     """`logbroker serve` as a real child process on 127.0.0.1:<port>, its output in `log_path`."""
 
-    def __init__(self, data_dir: Path, port: int, extra_args: list[str] | None = None) -> None:
+    def __init__(self, data_dir: Path, port: int, extra_args: list[str] | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.data_dir = data_dir
         self.port = port
         self.extra_args = extra_args or []
+        self.env = env or {}  # set in the child on top of broker_env() (e.g. LOGBROKER_TEST_* hooks)
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = data_dir.parent / f"broker-{port}.log"
         self._log_file: IO[bytes] | None = None
@@ -104,7 +106,8 @@ class BrokerProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "logbroker", "serve", "--data-dir", str(self.data_dir),
              "--listen", self.address, *self.extra_args],
-            stdout=self._log_file, stderr=subprocess.STDOUT, cwd=self.data_dir.parent, env=broker_env(),
+            stdout=self._log_file, stderr=subprocess.STDOUT, cwd=self.data_dir.parent,
+            env={**broker_env(), **self.env},
         )
         if wait_serving:
             try:

@@ -33,8 +33,8 @@ def broker_factory(tmp_path: Path) -> Iterator[Callable[..., BrokerProcess]]:
     started: list[BrokerProcess] = []
 
     def make(data_dir: Path | None = None, port: int | None = None, extra_args: list[str] | None = None,
-             start: bool = True) -> BrokerProcess:
-        b = BrokerProcess(data_dir or tmp_path / "data", port or free_port(), extra_args)
+             start: bool = True, env: dict[str, str] | None = None) -> BrokerProcess:
+        b = BrokerProcess(data_dir or tmp_path / "data", port or free_port(), extra_args, env)
         started.append(b)
         return b.start() if start else b
 

@@ -20,6 +20,12 @@ The checkpoint (`first dirty offset`, everything below it has been cleaned at le
 in memory by the driver, per log object: after a restart (or a log reopened) the whole closed
 prefix counts as dirty again, which costs one extra pass and changes nothing. No I/O rate limit
 yet: the driver runs one pass at a time, one log at a time, in one thread.
+
+Test-only hook: a `LogCleaner` built in a process whose environment sets
+`LOGBROKER_TEST_CLEANER_CRASH_AT` to before_swap, between_renames or after_swap
+(segment_cleaner.CRASH_ENV, STEPS) makes that process exit with os._exit (no close, no flush, as
+a kill -9) at that step of its first swap, so tests can crash a real broker mid-clean. The
+variable is read once, in the constructor; unset (the normal case) there is no hook and no cost.
 """
 
 from __future__ import annotations
@@ -45,7 +51,13 @@ from logbroker.storage.compaction import (
 from logbroker.storage.log import Log, wall_clock_ms
 from logbroker.storage.record_batch import iter_batches
 from logbroker.storage.segment import Segment
-from logbroker.storage.segment_cleaner import clean_segment, map_segment, swap_in, write_cleaned
+from logbroker.storage.segment_cleaner import (
+    clean_segment,
+    crash_hook_from_env,
+    map_segment,
+    swap_in,
+    write_cleaned,
+)
 from logbroker.storage.segment_indexer import SegmentIndexer
 
 log = logging.getLogger(__name__)
@@ -195,6 +207,7 @@ class LogCleaner:
     def __init__(
         self, logs: Callable[[], Mapping[tuple[str, int], Log]], interval_ms: int,
         now_ms: Callable[[], int] = wall_clock_ms, offset_map_entries: int = OFFSET_MAP_ENTRIES_DEFAULT,
+        hook: Hook | None = None,
     ) -> None:
         if interval_ms <= 0:
             raise ValueError(f"log cleaner interval {interval_ms} ms must be > 0")
@@ -202,6 +215,7 @@ class LogCleaner:
         self.interval_ms = interval_ms
         self._now_ms = now_ms
         self._offset_map_entries = offset_map_entries
+        self._hook = hook if hook is not None else crash_hook_from_env()  # module doc: tests only
         self._first_dirty: dict[tuple[str, int], tuple[Log, int]] = {}
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._task: asyncio.Task[None] | None = None
@@ -260,7 +274,7 @@ class LogCleaner:
         except BaseException:
             abandon_clean(job)
             raise
-        end = finish_clean(job)
+        end = finish_clean(job, self._hook)
         if end is None:
             return False
         self._first_dirty[key] = (plog, end)

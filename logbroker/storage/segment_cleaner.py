@@ -29,7 +29,9 @@ it, which is consistent (and recovery rebuilds index entries of any segment it w
 
 `CRASH_ENV` (tests only) names a step at which the cleaning process exits at once with
 `os._exit(CRASH_EXIT_CODE)`: before_swap (after 2), between_renames (after 3), after_swap
-(after 4), so a test can kill a real broker in the middle of a clean.
+(after 4), so a test can kill a real broker in the middle of a clean (no close, no flush: what
+is on disk is what a kill -9 there would leave). log_cleaner.LogCleaner reads it once, when
+built; unset, there is no hook at all.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import logging
 import os
 import struct
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from logbroker.errors import StorageError
@@ -70,9 +72,14 @@ STEPS = ("before_swap", "between_renames", "after_swap")
 Hook = Callable[[str], None]
 
 
-def crash_hook_from_env() -> Hook:
-    """The hook of `CRASH_ENV`: exit the process at the named step (tests only)."""
-    target = os.environ.get(CRASH_ENV, "")
+def crash_hook_from_env(environ: Mapping[str, str] | None = None) -> Hook | None:
+    """The hook of `CRASH_ENV` (tests only): exit the process at the named step; None when the
+    variable is unset or empty. Raises ValueError for a name that is not one of `STEPS`."""
+    target = (os.environ if environ is None else environ).get(CRASH_ENV, "")
+    if not target:
+        return None
+    if target not in STEPS:
+        raise ValueError(f"{CRASH_ENV}={target!r}: not one of {', '.join(STEPS)}")
 
     def hook(step: str) -> None:
         if step == target:

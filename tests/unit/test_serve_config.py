@@ -115,6 +115,12 @@ def test_other_commands_variables_and_foreign_variables_are_ignored():
     assert read_serve_env(env) == {}
 
 
+def test_the_cleaner_crash_test_hook_is_not_a_serve_setting():
+    from logbroker.storage.segment_cleaner import CRASH_ENV
+
+    assert read_serve_env({CRASH_ENV: "before_swap"}) == {}
+
+
 @pytest.mark.parametrize("name, expected", [
     ("logbroker-0", 0), ("logbroker-2", 2), ("my-logbroker-17", 17),
     ("logbroker-3.logbroker-headless.ns.svc.cluster.local", 3),

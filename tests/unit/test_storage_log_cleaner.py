@@ -275,3 +275,37 @@ def test_log_cleaner_driver_cleans_dirtiest_compacted_log_off_the_loop(tmp_path:
         check(logs[key], latest[key], True)
     for plog in logs.values():
         plog.close()
+
+
+def test_crash_hook_from_env_is_off_unless_set_and_checks_the_step() -> None:
+    from logbroker.storage.segment_cleaner import CRASH_ENV, crash_hook_from_env
+
+    assert crash_hook_from_env({}) is None
+    assert crash_hook_from_env({CRASH_ENV: ""}) is None
+    assert all(callable(crash_hook_from_env({CRASH_ENV: step})) for step in STEPS)
+    with pytest.raises(ValueError, match="not one of"):
+        crash_hook_from_env({CRASH_ENV: "mid_swap"})
+
+
+def test_log_cleaner_driver_calls_its_hook_at_each_swap_step(tmp_path: Path) -> None:
+    import asyncio
+
+    from logbroker.storage.log_cleaner import LogCleaner
+
+    plog = open_log(tmp_path / "a-0")
+    latest = fill(plog, 1000, 20)
+    steps: list[str] = []
+
+    async def main() -> bool:
+        cleaner = LogCleaner(lambda: {("a", 0): plog}, 1000, Clock(), hook=steps.append)
+        cleaner.start()
+        try:
+            return await cleaner.run_pass()
+        finally:
+            await cleaner.stop()
+
+    assert asyncio.run(main())
+    assert steps and len(steps) % len(STEPS) == 0
+    assert steps[: len(STEPS)] == list(STEPS)  # per swapped segment, in order
+    check(plog, latest, True)
+    plog.close()
