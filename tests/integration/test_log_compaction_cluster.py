@@ -11,14 +11,12 @@ from pathlib import Path
 import pytest
 
 from logbroker.client.admin import Admin
-from logbroker.client.consumer import Consumer
 from logbroker.client.producer import Producer
 from logbroker.storage import record_batch as rb
 from tests.cluster import Cluster
 from tests.conftest import wait_for
+from tests.integration.test_log_cleaner_crash import TOPIC, UPDATES, consume_all
 
-TOPIC = "prices"
-UPDATES = 10_000
 KEYS = 100
 Record = tuple[int, bytes | None, bytes | None]
 
@@ -40,20 +38,6 @@ def replica_records(cluster: Cluster, i: int) -> list[Record]:
         out += [(m.offset, m.key, m.value) for m in rb.decode_batch(batch, 0, h, TOPIC, 0)]
     return out
 
-
-def consume_latest(bootstrap: str) -> tuple[list[int], dict[bytes, bytes]]:
-    got: dict[bytes, bytes] = {}
-    offsets: list[int] = []
-    with Consumer(bootstrap, topics=None, auto_offset_reset="earliest") as consumer:
-        consumer.assign([(TOPIC, 0)])
-        idle = 0
-        while idle < 5 and (not offsets or offsets[-1] < UPDATES - 1):
-            batch = consumer.poll(timeout_ms=300)
-            idle = 0 if batch else idle + 1
-            for m in batch:
-                offsets.append(m.offset)
-                got[m.key] = m.value
-    return offsets, got
 
 
 def test_follower_compacted_copy_serves_the_same_records(cluster2: Cluster) -> None:
@@ -87,9 +71,9 @@ def test_follower_compacted_copy_serves_the_same_records(cluster2: Cluster) -> N
 
     leader = cluster2.leader_of(TOPIC, 0)
     follower = 1 - leader
-    offsets, got = consume_latest(cluster2.brokers[leader].address)
+    offsets, got = consume_all(cluster2.brokers[leader].address)
     assert got == latest and offsets == sorted(set(offsets)) and offsets[-1] == UPDATES - 1
     cluster2.brokers[leader].stop()
     wait_for(lambda: cluster2.leader_of(TOPIC, 0) == follower, 30, "the follower to take the leadership")
-    offsets, got = consume_latest(cluster2.brokers[follower].address)
+    offsets, got = consume_all(cluster2.brokers[follower].address)
     assert got == latest and offsets == sorted(set(offsets)) and offsets[-1] == UPDATES - 1
