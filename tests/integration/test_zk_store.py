@@ -296,7 +296,9 @@ def test_controller_end_to_end_with_failover(make_store):
             # deletion goes through the controller
             admin.delete_topic("t")
             await until(lambda: admin.get_topic("t") is None and not admin.topics_to_delete(), "topic deleted")
-            assert any(r.delete_partitions for r in rpc.of("StopReplica", 2))
+            # the per-broker sender delivers the StopReplica after the deletion's ZooKeeper writes
+            await until(lambda: any(r.delete_partitions for r in rpc.of("StopReplica", 2)),
+                        "StopReplica with delete to broker 2")
         finally:
             await c2.stop()
             await c1.stop()
@@ -327,10 +329,16 @@ def test_controller_elects_when_a_broker_registers_later_and_reassigns(make_stor
             # move r-0 from broker 1 to broker 2; the "leader" reports 2 in sync
             admin.request_reassignment("r", 0, [2])
             await until(lambda: admin.get_topic("r").assignment[0] == [2, 1], "replicas extended")
-            st = admin.get_partition_state("r", 0)
-            assert (st.leader, st.leader_epoch) == (1, 1)
-            assert admin.write_isr_as_leader("r", 0, PartitionStateData(1, 1, [1, 2], st.controller_epoch,
-                                                                        st.zk_version)) is not None
+            # the state write (leader epoch bump) follows the assignment write
+            await until(lambda: (admin.get_partition_state("r", 0).leader,
+                                 admin.get_partition_state("r", 0).leader_epoch) == (1, 1), "leader epoch 1")
+
+            def report_in_sync() -> bool:  # conditional on the version read: retried if the controller wrote since
+                st = admin.get_partition_state("r", 0)
+                return admin.write_isr_as_leader("r", 0, PartitionStateData(
+                    1, 1, [1, 2], st.controller_epoch, st.zk_version)) is not None or 2 in st.isr
+
+            await until(report_in_sync, "the leader's ISR write naming broker 2")
             await until(lambda: admin.get_topic("r").assignment[0] == [2], "reassignment complete")
             await until(lambda: not admin.reassignments(), "request removed")
             st = admin.get_partition_state("r", 0)
