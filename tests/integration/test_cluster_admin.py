@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -351,38 +351,49 @@ def _reap(proc: subprocess.Popen[str], marker: str) -> None:
         pass
 
 
+class DevClusterOutput:
+    """`logbroker dev-cluster` as a child process whose stdout lines are read as they come."""
+
+    def __init__(self, args: list[str], cwd: Path, env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "logbroker", "dev-cluster", *args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
+                                     start_new_session=True, env=env)
+        self.printed: list[str] = []
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def read_until(self, done: Callable[[list[str]], bool], what: str, timeout_s: float = 60) -> list[str]:
+        """Lines printed so far, once `done(lines)` holds; fails if dev-cluster exits first."""
+        deadline = time.monotonic() + timeout_s
+        while not done(self.printed):
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"no {what} within {timeout_s} s; got {self.printed}"
+            try:
+                line = self._lines.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            assert line is not None, (
+                f"dev-cluster exited ({self.proc.wait()}): {self.printed} "
+                f"{self.proc.stderr.read() if self.proc.stderr else ''}")
+            self.printed.append(line)
+        return self.printed
+
+
 def test_dev_cluster_starts_serves_and_stops_everything_on_ctrl_c(zookeeper, tmp_path):
     # (the `zookeeper` fixture only ensures ZooKeeper is installed; the dev cluster starts its own)
     data_dir = tmp_path / "devcluster"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "logbroker", "dev-cluster", "--brokers", "3", "--data-dir", str(data_dir)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, start_new_session=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    lines: queue.Queue[str | None] = queue.Queue()
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.put(line)
-        lines.put(None)
-
-    threading.Thread(target=pump, daemon=True).start()
+    dev = DevClusterOutput(["--brokers", "3", "--data-dir", str(data_dir)], REPO,
+                           {**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = dev.proc
     try:
-        printed: list[str] = []
-        bootstrap = ""
-        deadline = time.monotonic() + 60
-        while not bootstrap:
-            remaining = deadline - time.monotonic()
-            assert remaining > 0, f"no bootstrap line within 60 s; got {printed}"
-            try:
-                line = lines.get(timeout=remaining)
-            except queue.Empty:
-                continue
-            assert line is not None, f"dev-cluster exited ({proc.wait()}): {printed} {proc.stderr.read()}"
-            printed.append(line)
-            if line.startswith("bootstrap"):
-                bootstrap = line.split()[1]
+        printed = dev.read_until(lambda lines: any(x.startswith("bootstrap") for x in lines), "bootstrap line")
+        bootstrap = next(line.split()[1] for line in printed if line.startswith("bootstrap"))
         brokers = [line.split()[2] for line in printed if line.startswith("broker ")]
         assert len(brokers) == 3 and bootstrap.split(",") == brokers
         assert any(line.startswith("zookeeper") for line in printed)
@@ -413,30 +424,10 @@ def test_dev_cluster_by_default_keeps_its_data_out_of_the_working_tree_and_says_
     tmp.mkdir()
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(tmp),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.Popen([sys.executable, "-m", "logbroker", "dev-cluster", "--brokers", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
-                            start_new_session=True, env=env)
-    lines: queue.Queue[str | None] = queue.Queue()
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.put(line)
-        lines.put(None)
-
-    threading.Thread(target=pump, daemon=True).start()
+    dev = DevClusterOutput(["--brokers", "1"], cwd, env)
+    proc = dev.proc
     try:
-        printed: list[str] = []
-        deadline = time.monotonic() + 60
-        while not printed or not printed[-1].startswith("export "):
-            remaining = deadline - time.monotonic()
-            assert remaining > 0, f"no export line within 60 s; got {printed}"
-            try:
-                line = lines.get(timeout=remaining)
-            except queue.Empty:
-                continue
-            assert line is not None, f"dev-cluster exited ({proc.wait()}): {printed} {proc.stderr.read()}"
-            printed.append(line)
+        printed = dev.read_until(lambda lines: bool(lines) and lines[-1].startswith("export "), "export line")
         data_line = next(line for line in printed if line.startswith("data "))
         data_dir = Path(data_line.split()[1])
         assert data_dir.parent == tmp and data_dir.name.startswith("logbroker-dev-cluster-"), data_line
