@@ -381,38 +381,22 @@ OLD_ID = "a" * 32
 NEW_ID = "b" * 32
 
 
-def test_leader_and_isr_deletes_a_log_of_another_topic_id(tmp_path: Path):
+@pytest.mark.parametrize(("written_id", "end_offset"), [(OLD_ID, 0), (NEW_ID, 5)], ids=["other-id", "same-id"])
+def test_leader_and_isr_keeps_a_log_only_of_the_same_topic_id(tmp_path: Path, written_id: str, end_offset: int):
     """A broker that was down while its topic was deleted and created again holds the old log:
-    the controller's topic id does not match it, so it is deleted, and the follower starts empty."""
+    the controller's topic id does not match it, so it is deleted, and the follower starts empty;
+    a log of the same id is kept."""
     async def main():
         s = Setup(tmp_path)
-        s.rm.make_local_leader("t", 0, {}, OLD_ID)
+        s.rm.make_local_leader("t", 0, {}, written_id)
         await s.rm.produce("t", 0, batch(5), 1, 1000)
         s.close()
         s = Setup(tmp_path)
         assert s.log_manager.load_all()[("t", 0)].log_end_offset == 5
         req = lai(state(leader=1, isr=(1,)))
         req.topic_ids["t"] = NEW_ID
-        resp = await s.rm.leader_and_isr(req, ME)
-        assert resp.results[0].error_code == pb.NONE
-        assert s.rm.get_partition("t", 0).log.log_end_offset == 0
-        await s.rm.shutdown()
-        s.close()
-    run(main)
-
-
-def test_leader_and_isr_keeps_a_log_of_the_same_topic_id(tmp_path: Path):
-    async def main():
-        s = Setup(tmp_path)
-        s.rm.make_local_leader("t", 0, {}, NEW_ID)
-        await s.rm.produce("t", 0, batch(5), 1, 1000)
-        s.close()
-        s = Setup(tmp_path)
-        s.log_manager.load_all()
-        req = lai(state(leader=1, isr=(1,)))
-        req.topic_ids["t"] = NEW_ID
         assert (await s.rm.leader_and_isr(req, ME)).results[0].error_code == pb.NONE
-        assert s.rm.get_partition("t", 0).log.log_end_offset == 5
+        assert s.rm.get_partition("t", 0).log.log_end_offset == end_offset
         await s.rm.shutdown()
         s.close()
     run(main)
