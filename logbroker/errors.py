@@ -256,6 +256,18 @@ class InvalidRecordError(BrokerError):
     code = pb.INVALID_RECORD
 
 
+class InconsistentGroupProtocolError(BrokerError):
+    """A share-group call for the id of a consumer group, or the other way round."""
+
+    code = pb.INCONSISTENT_GROUP_PROTOCOL
+
+
+class InvalidRecordStateError(BrokerError):
+    """Settling a record this share-group member does not hold (settled already, or its lock lost)."""
+
+    code = pb.INVALID_RECORD_STATE
+
+
 class KafkaTimeoutError(LogbrokerError):
     """A client-side deadline passed (delivery timeout, flush timeout, metadata wait)."""
 

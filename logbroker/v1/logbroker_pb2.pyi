@@ -53,6 +53,8 @@ class ErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     NON_EMPTY_GROUP: _ClassVar[ErrorCode]
     GROUP_ID_NOT_FOUND: _ClassVar[ErrorCode]
     INVALID_RECORD: _ClassVar[ErrorCode]
+    INCONSISTENT_GROUP_PROTOCOL: _ClassVar[ErrorCode]
+    INVALID_RECORD_STATE: _ClassVar[ErrorCode]
 NONE: ErrorCode
 UNKNOWN_SERVER_ERROR: ErrorCode
 OFFSET_OUT_OF_RANGE: ErrorCode
@@ -97,6 +99,8 @@ NOT_COORDINATOR: ErrorCode
 NON_EMPTY_GROUP: ErrorCode
 GROUP_ID_NOT_FOUND: ErrorCode
 INVALID_RECORD: ErrorCode
+INCONSISTENT_GROUP_PROTOCOL: ErrorCode
+INVALID_RECORD_STATE: ErrorCode
 
 class ProduceRequest(_message.Message):
     __slots__ = ("acks", "timeout_ms", "partitions")
@@ -977,3 +981,257 @@ class RecoverEmptyPartitionResponse(_message.Message):
     error_code: ErrorCode
     error_message: str
     def __init__(self, error_code: _Optional[_Union[ErrorCode, str]] = ..., error_message: _Optional[str] = ...) -> None: ...
+
+class AcknowledgeRange(_message.Message):
+    __slots__ = ("first_offset", "last_offset", "type", "delay_ms", "reason")
+    FIRST_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LAST_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    DELAY_MS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    first_offset: int
+    last_offset: int
+    type: int
+    delay_ms: int
+    reason: str
+    def __init__(self, first_offset: _Optional[int] = ..., last_offset: _Optional[int] = ..., type: _Optional[int] = ..., delay_ms: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ShareAcknowledgement(_message.Message):
+    __slots__ = ("topic", "partition", "ranges")
+    TOPIC_FIELD_NUMBER: _ClassVar[int]
+    PARTITION_FIELD_NUMBER: _ClassVar[int]
+    RANGES_FIELD_NUMBER: _ClassVar[int]
+    topic: str
+    partition: int
+    ranges: _containers.RepeatedCompositeFieldContainer[AcknowledgeRange]
+    def __init__(self, topic: _Optional[str] = ..., partition: _Optional[int] = ..., ranges: _Optional[_Iterable[_Union[AcknowledgeRange, _Mapping]]] = ...) -> None: ...
+
+class ShareAckResult(_message.Message):
+    __slots__ = ("topic", "partition", "first_offset", "last_offset", "error_code", "error_message")
+    TOPIC_FIELD_NUMBER: _ClassVar[int]
+    PARTITION_FIELD_NUMBER: _ClassVar[int]
+    FIRST_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LAST_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    topic: str
+    partition: int
+    first_offset: int
+    last_offset: int
+    error_code: ErrorCode
+    error_message: str
+    def __init__(self, topic: _Optional[str] = ..., partition: _Optional[int] = ..., first_offset: _Optional[int] = ..., last_offset: _Optional[int] = ..., error_code: _Optional[_Union[ErrorCode, str]] = ..., error_message: _Optional[str] = ...) -> None: ...
+
+class ShareGroupSettings(_message.Message):
+    __slots__ = ("lock_ms", "max_delivery_attempts", "retry_backoff_ms", "retry_backoff_max_ms", "dead_letter_topic", "dead_letter_expired", "max_in_flight_records", "auto_offset_reset")
+    LOCK_MS_FIELD_NUMBER: _ClassVar[int]
+    MAX_DELIVERY_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    RETRY_BACKOFF_MS_FIELD_NUMBER: _ClassVar[int]
+    RETRY_BACKOFF_MAX_MS_FIELD_NUMBER: _ClassVar[int]
+    DEAD_LETTER_TOPIC_FIELD_NUMBER: _ClassVar[int]
+    DEAD_LETTER_EXPIRED_FIELD_NUMBER: _ClassVar[int]
+    MAX_IN_FLIGHT_RECORDS_FIELD_NUMBER: _ClassVar[int]
+    AUTO_OFFSET_RESET_FIELD_NUMBER: _ClassVar[int]
+    lock_ms: int
+    max_delivery_attempts: int
+    retry_backoff_ms: int
+    retry_backoff_max_ms: int
+    dead_letter_topic: str
+    dead_letter_expired: bool
+    max_in_flight_records: int
+    auto_offset_reset: str
+    def __init__(self, lock_ms: _Optional[int] = ..., max_delivery_attempts: _Optional[int] = ..., retry_backoff_ms: _Optional[int] = ..., retry_backoff_max_ms: _Optional[int] = ..., dead_letter_topic: _Optional[str] = ..., dead_letter_expired: _Optional[bool] = ..., max_in_flight_records: _Optional[int] = ..., auto_offset_reset: _Optional[str] = ...) -> None: ...
+
+class ShareFetchRequest(_message.Message):
+    __slots__ = ("group", "member_id", "member_epoch", "topics", "max_records", "max_wait_ms", "acknowledgements", "settings")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_ID_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    TOPICS_FIELD_NUMBER: _ClassVar[int]
+    MAX_RECORDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
+    ACKNOWLEDGEMENTS_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    member_id: str
+    member_epoch: int
+    topics: _containers.RepeatedScalarFieldContainer[str]
+    max_records: int
+    max_wait_ms: int
+    acknowledgements: _containers.RepeatedCompositeFieldContainer[ShareAcknowledgement]
+    settings: ShareGroupSettings
+    def __init__(self, group: _Optional[str] = ..., member_id: _Optional[str] = ..., member_epoch: _Optional[int] = ..., topics: _Optional[_Iterable[str]] = ..., max_records: _Optional[int] = ..., max_wait_ms: _Optional[int] = ..., acknowledgements: _Optional[_Iterable[_Union[ShareAcknowledgement, _Mapping]]] = ..., settings: _Optional[_Union[ShareGroupSettings, _Mapping]] = ...) -> None: ...
+
+class AcquiredRange(_message.Message):
+    __slots__ = ("first_offset", "last_offset", "delivery_count")
+    FIRST_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LAST_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DELIVERY_COUNT_FIELD_NUMBER: _ClassVar[int]
+    first_offset: int
+    last_offset: int
+    delivery_count: int
+    def __init__(self, first_offset: _Optional[int] = ..., last_offset: _Optional[int] = ..., delivery_count: _Optional[int] = ...) -> None: ...
+
+class ShareFetchPartition(_message.Message):
+    __slots__ = ("topic", "partition", "error_code", "error_message", "records", "acquired")
+    TOPIC_FIELD_NUMBER: _ClassVar[int]
+    PARTITION_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    ACQUIRED_FIELD_NUMBER: _ClassVar[int]
+    topic: str
+    partition: int
+    error_code: ErrorCode
+    error_message: str
+    records: bytes
+    acquired: _containers.RepeatedCompositeFieldContainer[AcquiredRange]
+    def __init__(self, topic: _Optional[str] = ..., partition: _Optional[int] = ..., error_code: _Optional[_Union[ErrorCode, str]] = ..., error_message: _Optional[str] = ..., records: _Optional[bytes] = ..., acquired: _Optional[_Iterable[_Union[AcquiredRange, _Mapping]]] = ...) -> None: ...
+
+class ShareFetchResponse(_message.Message):
+    __slots__ = ("error_code", "error_message", "member_epoch", "lock_ms", "partitions", "ack_results")
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    LOCK_MS_FIELD_NUMBER: _ClassVar[int]
+    PARTITIONS_FIELD_NUMBER: _ClassVar[int]
+    ACK_RESULTS_FIELD_NUMBER: _ClassVar[int]
+    error_code: ErrorCode
+    error_message: str
+    member_epoch: int
+    lock_ms: int
+    partitions: _containers.RepeatedCompositeFieldContainer[ShareFetchPartition]
+    ack_results: _containers.RepeatedCompositeFieldContainer[ShareAckResult]
+    def __init__(self, error_code: _Optional[_Union[ErrorCode, str]] = ..., error_message: _Optional[str] = ..., member_epoch: _Optional[int] = ..., lock_ms: _Optional[int] = ..., partitions: _Optional[_Iterable[_Union[ShareFetchPartition, _Mapping]]] = ..., ack_results: _Optional[_Iterable[_Union[ShareAckResult, _Mapping]]] = ...) -> None: ...
+
+class ShareAcknowledgeRequest(_message.Message):
+    __slots__ = ("group", "member_id", "member_epoch", "acknowledgements")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_ID_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    ACKNOWLEDGEMENTS_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    member_id: str
+    member_epoch: int
+    acknowledgements: _containers.RepeatedCompositeFieldContainer[ShareAcknowledgement]
+    def __init__(self, group: _Optional[str] = ..., member_id: _Optional[str] = ..., member_epoch: _Optional[int] = ..., acknowledgements: _Optional[_Iterable[_Union[ShareAcknowledgement, _Mapping]]] = ...) -> None: ...
+
+class ShareAcknowledgeResponse(_message.Message):
+    __slots__ = ("error_code", "error_message", "results")
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    error_code: ErrorCode
+    error_message: str
+    results: _containers.RepeatedCompositeFieldContainer[ShareAckResult]
+    def __init__(self, error_code: _Optional[_Union[ErrorCode, str]] = ..., error_message: _Optional[str] = ..., results: _Optional[_Iterable[_Union[ShareAckResult, _Mapping]]] = ...) -> None: ...
+
+class AlterShareGroupRequest(_message.Message):
+    __slots__ = ("group", "settings")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    settings: ShareGroupSettings
+    def __init__(self, group: _Optional[str] = ..., settings: _Optional[_Union[ShareGroupSettings, _Mapping]] = ...) -> None: ...
+
+class AlterShareGroupResponse(_message.Message):
+    __slots__ = ("error_code", "error_message")
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    error_code: ErrorCode
+    error_message: str
+    def __init__(self, error_code: _Optional[_Union[ErrorCode, str]] = ..., error_message: _Optional[str] = ...) -> None: ...
+
+class ListShareGroupsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListShareGroupsResponse(_message.Message):
+    __slots__ = ("groups",)
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
+    groups: _containers.RepeatedCompositeFieldContainer[GroupListing]
+    def __init__(self, groups: _Optional[_Iterable[_Union[GroupListing, _Mapping]]] = ...) -> None: ...
+
+class DescribeShareGroupRequest(_message.Message):
+    __slots__ = ("group",)
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    def __init__(self, group: _Optional[str] = ...) -> None: ...
+
+class ShareMemberDescription(_message.Message):
+    __slots__ = ("member_id", "member_epoch", "topics", "acquired")
+    MEMBER_ID_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    TOPICS_FIELD_NUMBER: _ClassVar[int]
+    ACQUIRED_FIELD_NUMBER: _ClassVar[int]
+    member_id: str
+    member_epoch: int
+    topics: _containers.RepeatedScalarFieldContainer[str]
+    acquired: int
+    def __init__(self, member_id: _Optional[str] = ..., member_epoch: _Optional[int] = ..., topics: _Optional[_Iterable[str]] = ..., acquired: _Optional[int] = ...) -> None: ...
+
+class SharePartitionDescription(_message.Message):
+    __slots__ = ("topic", "partition", "start_offset", "end_offset", "in_flight", "acquired", "available", "delayed", "dead_lettered", "expired", "oldest_unsettled_age_ms", "acknowledged", "log_end_offset")
+    TOPIC_FIELD_NUMBER: _ClassVar[int]
+    PARTITION_FIELD_NUMBER: _ClassVar[int]
+    START_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    END_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    ACQUIRED_FIELD_NUMBER: _ClassVar[int]
+    AVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    DELAYED_FIELD_NUMBER: _ClassVar[int]
+    DEAD_LETTERED_FIELD_NUMBER: _ClassVar[int]
+    EXPIRED_FIELD_NUMBER: _ClassVar[int]
+    OLDEST_UNSETTLED_AGE_MS_FIELD_NUMBER: _ClassVar[int]
+    ACKNOWLEDGED_FIELD_NUMBER: _ClassVar[int]
+    LOG_END_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    topic: str
+    partition: int
+    start_offset: int
+    end_offset: int
+    in_flight: int
+    acquired: int
+    available: int
+    delayed: int
+    dead_lettered: int
+    expired: int
+    oldest_unsettled_age_ms: int
+    acknowledged: int
+    log_end_offset: int
+    def __init__(self, topic: _Optional[str] = ..., partition: _Optional[int] = ..., start_offset: _Optional[int] = ..., end_offset: _Optional[int] = ..., in_flight: _Optional[int] = ..., acquired: _Optional[int] = ..., available: _Optional[int] = ..., delayed: _Optional[int] = ..., dead_lettered: _Optional[int] = ..., expired: _Optional[int] = ..., oldest_unsettled_age_ms: _Optional[int] = ..., acknowledged: _Optional[int] = ..., log_end_offset: _Optional[int] = ...) -> None: ...
+
+class DescribeShareGroupResponse(_message.Message):
+    __slots__ = ("error_code", "error_message", "group", "coordinator_id", "settings", "members", "partitions")
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_ID_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    PARTITIONS_FIELD_NUMBER: _ClassVar[int]
+    error_code: ErrorCode
+    error_message: str
+    group: str
+    coordinator_id: int
+    settings: ShareGroupSettings
+    members: _containers.RepeatedCompositeFieldContainer[ShareMemberDescription]
+    partitions: _containers.RepeatedCompositeFieldContainer[SharePartitionDescription]
+    def __init__(self, error_code: _Optional[_Union[ErrorCode, str]] = ..., error_message: _Optional[str] = ..., group: _Optional[str] = ..., coordinator_id: _Optional[int] = ..., settings: _Optional[_Union[ShareGroupSettings, _Mapping]] = ..., members: _Optional[_Iterable[_Union[ShareMemberDescription, _Mapping]]] = ..., partitions: _Optional[_Iterable[_Union[SharePartitionDescription, _Mapping]]] = ...) -> None: ...
+
+class PurgeShareGroupRequest(_message.Message):
+    __slots__ = ("group", "topics")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    TOPICS_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    topics: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, group: _Optional[str] = ..., topics: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class PurgeShareGroupResponse(_message.Message):
+    __slots__ = ("error_code", "error_message", "purged")
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    PURGED_FIELD_NUMBER: _ClassVar[int]
+    error_code: ErrorCode
+    error_message: str
+    purged: int
+    def __init__(self, error_code: _Optional[_Union[ErrorCode, str]] = ..., error_message: _Optional[str] = ..., purged: _Optional[int] = ...) -> None: ...

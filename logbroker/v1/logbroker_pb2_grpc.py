@@ -371,6 +371,16 @@ class BrokerStub:
                 request_serializer=logbroker_dot_v1_dot_logbroker__pb2.ConsumerGroupHeartbeatRequest.SerializeToString,
                 response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.ConsumerGroupHeartbeatResponse.FromString,
                 _registered_method=True)
+        self.ShareFetch = channel.unary_unary(
+                '/logbroker.v1.Broker/ShareFetch',
+                request_serializer=logbroker_dot_v1_dot_logbroker__pb2.ShareFetchRequest.SerializeToString,
+                response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.ShareFetchResponse.FromString,
+                _registered_method=True)
+        self.ShareAcknowledge = channel.unary_unary(
+                '/logbroker.v1.Broker/ShareAcknowledge',
+                request_serializer=logbroker_dot_v1_dot_logbroker__pb2.ShareAcknowledgeRequest.SerializeToString,
+                response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.ShareAcknowledgeResponse.FromString,
+                _registered_method=True)
 
 
 class BrokerServicer:
@@ -445,6 +455,18 @@ class BrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ShareFetch(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ShareAcknowledge(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BrokerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -497,6 +519,16 @@ def add_BrokerServicer_to_server(servicer, server):
                     servicer.ConsumerGroupHeartbeat,
                     request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.ConsumerGroupHeartbeatRequest.FromString,
                     response_serializer=logbroker_dot_v1_dot_logbroker__pb2.ConsumerGroupHeartbeatResponse.SerializeToString,
+            ),
+            'ShareFetch': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShareFetch,
+                    request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.ShareFetchRequest.FromString,
+                    response_serializer=logbroker_dot_v1_dot_logbroker__pb2.ShareFetchResponse.SerializeToString,
+            ),
+            'ShareAcknowledge': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShareAcknowledge,
+                    request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.ShareAcknowledgeRequest.FromString,
+                    response_serializer=logbroker_dot_v1_dot_logbroker__pb2.ShareAcknowledgeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -779,6 +811,60 @@ class Broker:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def ShareFetch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logbroker.v1.Broker/ShareFetch',
+            logbroker_dot_v1_dot_logbroker__pb2.ShareFetchRequest.SerializeToString,
+            logbroker_dot_v1_dot_logbroker__pb2.ShareFetchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShareAcknowledge(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logbroker.v1.Broker/ShareAcknowledge',
+            logbroker_dot_v1_dot_logbroker__pb2.ShareAcknowledgeRequest.SerializeToString,
+            logbroker_dot_v1_dot_logbroker__pb2.ShareAcknowledgeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class AdminStub:
     """Missing associated documentation comment in .proto file."""
@@ -843,6 +929,26 @@ class AdminStub:
                 '/logbroker.v1.Admin/RecoverEmptyPartition',
                 request_serializer=logbroker_dot_v1_dot_logbroker__pb2.RecoverEmptyPartitionRequest.SerializeToString,
                 response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.RecoverEmptyPartitionResponse.FromString,
+                _registered_method=True)
+        self.AlterShareGroup = channel.unary_unary(
+                '/logbroker.v1.Admin/AlterShareGroup',
+                request_serializer=logbroker_dot_v1_dot_logbroker__pb2.AlterShareGroupRequest.SerializeToString,
+                response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.AlterShareGroupResponse.FromString,
+                _registered_method=True)
+        self.ListShareGroups = channel.unary_unary(
+                '/logbroker.v1.Admin/ListShareGroups',
+                request_serializer=logbroker_dot_v1_dot_logbroker__pb2.ListShareGroupsRequest.SerializeToString,
+                response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.ListShareGroupsResponse.FromString,
+                _registered_method=True)
+        self.DescribeShareGroup = channel.unary_unary(
+                '/logbroker.v1.Admin/DescribeShareGroup',
+                request_serializer=logbroker_dot_v1_dot_logbroker__pb2.DescribeShareGroupRequest.SerializeToString,
+                response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.DescribeShareGroupResponse.FromString,
+                _registered_method=True)
+        self.PurgeShareGroup = channel.unary_unary(
+                '/logbroker.v1.Admin/PurgeShareGroup',
+                request_serializer=logbroker_dot_v1_dot_logbroker__pb2.PurgeShareGroupRequest.SerializeToString,
+                response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.PurgeShareGroupResponse.FromString,
                 _registered_method=True)
 
 
@@ -915,6 +1021,30 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AlterShareGroup(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListShareGroups(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DescribeShareGroup(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PurgeShareGroup(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -972,6 +1102,26 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.RecoverEmptyPartition,
                     request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.RecoverEmptyPartitionRequest.FromString,
                     response_serializer=logbroker_dot_v1_dot_logbroker__pb2.RecoverEmptyPartitionResponse.SerializeToString,
+            ),
+            'AlterShareGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.AlterShareGroup,
+                    request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.AlterShareGroupRequest.FromString,
+                    response_serializer=logbroker_dot_v1_dot_logbroker__pb2.AlterShareGroupResponse.SerializeToString,
+            ),
+            'ListShareGroups': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListShareGroups,
+                    request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.ListShareGroupsRequest.FromString,
+                    response_serializer=logbroker_dot_v1_dot_logbroker__pb2.ListShareGroupsResponse.SerializeToString,
+            ),
+            'DescribeShareGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.DescribeShareGroup,
+                    request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.DescribeShareGroupRequest.FromString,
+                    response_serializer=logbroker_dot_v1_dot_logbroker__pb2.DescribeShareGroupResponse.SerializeToString,
+            ),
+            'PurgeShareGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.PurgeShareGroup,
+                    request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.PurgeShareGroupRequest.FromString,
+                    response_serializer=logbroker_dot_v1_dot_logbroker__pb2.PurgeShareGroupResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1271,6 +1421,114 @@ class Admin:
             '/logbroker.v1.Admin/RecoverEmptyPartition',
             logbroker_dot_v1_dot_logbroker__pb2.RecoverEmptyPartitionRequest.SerializeToString,
             logbroker_dot_v1_dot_logbroker__pb2.RecoverEmptyPartitionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AlterShareGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logbroker.v1.Admin/AlterShareGroup',
+            logbroker_dot_v1_dot_logbroker__pb2.AlterShareGroupRequest.SerializeToString,
+            logbroker_dot_v1_dot_logbroker__pb2.AlterShareGroupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListShareGroups(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logbroker.v1.Admin/ListShareGroups',
+            logbroker_dot_v1_dot_logbroker__pb2.ListShareGroupsRequest.SerializeToString,
+            logbroker_dot_v1_dot_logbroker__pb2.ListShareGroupsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DescribeShareGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logbroker.v1.Admin/DescribeShareGroup',
+            logbroker_dot_v1_dot_logbroker__pb2.DescribeShareGroupRequest.SerializeToString,
+            logbroker_dot_v1_dot_logbroker__pb2.DescribeShareGroupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PurgeShareGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logbroker.v1.Admin/PurgeShareGroup',
+            logbroker_dot_v1_dot_logbroker__pb2.PurgeShareGroupRequest.SerializeToString,
+            logbroker_dot_v1_dot_logbroker__pb2.PurgeShareGroupResponse.FromString,
             options,
             channel_credentials,
             insecure,
