@@ -1,0 +1,183 @@
+"""The share-partition state machine (group/share_partition.py): pure, time injected."""
+
+from __future__ import annotations
+
+import pytest
+
+from logbroker.errors import InvalidRecordStateError, InvalidRequestError, OffsetOutOfRangeError
+from logbroker.group.share_headers import REASON_EXPIRED, REASON_MAX_ATTEMPTS, REASON_REJECTED
+from logbroker.group.share_partition import AckType, Acquired, SharePartition
+from logbroker.group.share_settings import ShareSettings
+
+S = ShareSettings(lock_ms=1_000, max_delivery_attempts=3, retry_backoff_ms=100, retry_backoff_max_ms=250,
+                  max_in_flight_records=10)
+
+
+def sp(start: int = 0, settings: ShareSettings = S) -> SharePartition:
+    return SharePartition(settings, start)
+
+
+def test_acquire_hands_out_each_available_record_once_in_offset_order() -> None:
+    p = sp()
+    p.add_records(0, 4, 1)
+    got, dead = p.acquire("a", 3, now_ms=0)
+    assert got == [Acquired(0, 2, 1)] and dead == []
+    got, _ = p.acquire("b", 10, now_ms=0)
+    assert got == [Acquired(3, 4, 1)]
+    assert p.acquire("c", 10, now_ms=0)[0] == []
+
+
+def test_accept_settles_and_moves_the_start_offset() -> None:
+    p = sp()
+    p.add_records(0, 4, 1)
+    p.acquire("a", 5, 0)
+    p.acknowledge("a", 1, 2, AckType.ACCEPT, 10)
+    assert p.start_offset == 0  # 0 still held
+    p.acknowledge("a", 0, 0, AckType.ACCEPT, 10)
+    assert p.start_offset == 3 and p.window_size == 2
+    assert p.counters.acknowledged == 3
+
+
+def test_settling_a_record_not_held_changes_nothing() -> None:
+    p = sp()
+    p.add_records(0, 4, 1)
+    p.acquire("a", 2, 0)
+    before = p.snapshot()
+    with pytest.raises(InvalidRecordStateError):
+        p.acknowledge("b", 0, 0, AckType.ACCEPT, 1)  # another member's
+    with pytest.raises(InvalidRecordStateError):
+        p.acknowledge("a", 1, 2, AckType.ACCEPT, 1)  # 2 was never handed out: all or nothing
+    with pytest.raises(OffsetOutOfRangeError):
+        p.acknowledge("a", 0, 9, AckType.ACCEPT, 1)  # past the window
+    with pytest.raises(InvalidRequestError):
+        p.acknowledge("a", 0, 0, 9, 1)
+    with pytest.raises(InvalidRequestError):
+        p.acknowledge("a", 0, 0, AckType.RELEASE, 1, delay_ms=-1)
+    assert p.snapshot() == before and p.held_by("a") == 2
+    p.acknowledge("a", 1, 1, AckType.ACCEPT, 1)
+    with pytest.raises(InvalidRecordStateError):  # a second ack, inside the window
+        p.acknowledge("a", 1, 1, AckType.ACCEPT, 1)
+    p.acknowledge("a", 0, 0, AckType.ACCEPT, 1)
+    assert p.start_offset == 2
+    with pytest.raises(InvalidRecordStateError):  # ...and below it
+        p.acknowledge("a", 0, 0, AckType.ACCEPT, 1)
+    with pytest.raises(OffsetOutOfRangeError):
+        p.acknowledge("a", -1, 0, AckType.ACCEPT, 1)
+
+
+def test_expired_lock_redelivers_with_a_higher_count_after_the_backoff() -> None:
+    p = sp()
+    p.add_records(0, 0, 1)
+    p.acquire("a", 1, 0)
+    assert p.expire(999) == []
+    assert p.expire(1_000) == []  # lock ran out: available again after 100 ms (count 1)
+    with pytest.raises(InvalidRecordStateError):
+        p.acknowledge("a", 0, 0, AckType.ACCEPT, 1_001)
+    assert p.acquire("b", 1, 1_050)[0] == []
+    assert p.acquire("b", 1, 1_100)[0] == [Acquired(0, 0, 2)]
+    assert p.counters.redelivered == 1
+
+
+def test_release_backoff_doubles_up_to_the_cap_then_dead_letters() -> None:
+    p = sp(settings=ShareSettings(lock_ms=1_000, max_delivery_attempts=4, retry_backoff_ms=100,
+                                  retry_backoff_max_ms=250, max_in_flight_records=10))
+    p.add_records(0, 0, 1)
+    now = 0
+    gaps = []
+    for attempt in range(1, 5):
+        got, _ = p.acquire("a", 1, now)
+        assert got == [Acquired(0, 0, attempt)]
+        dead = p.acknowledge("a", 0, 0, AckType.RELEASE, now)
+        if attempt == 4:
+            assert dead and dead[0].reason == REASON_MAX_ATTEMPTS and dead[0].delivery_count == 4
+            break
+        due = p.next_due_ms()
+        assert due is not None
+        gaps.append(due - now)
+        now = due
+    assert gaps == [100, 200, 250]
+    assert p.start_offset == 1 and p.window_size == 0
+
+
+def test_release_with_a_delay_and_reject() -> None:
+    p = sp()
+    p.add_records(0, 1, 1)
+    p.acquire("a", 2, 0)
+    assert p.acknowledge("a", 0, 0, AckType.RELEASE, 10, delay_ms=5_000) == []
+    assert not p.available_now(5_009) and p.available_now(5_010)
+    dead = p.acknowledge("a", 1, 1, AckType.REJECT, 10, reason="bad json")
+    assert [(d.offset, d.reason, d.reason_text, d.delivery_count) for d in dead] == [(1, REASON_REJECTED, "bad json", 1)]
+
+
+def test_renew_extends_the_lock() -> None:
+    p = sp()
+    p.add_records(0, 0, 1)
+    p.acquire("a", 1, 0)
+    p.acknowledge("a", 0, 0, AckType.RENEW, 900, delay_ms=5_000)
+    assert p.expire(2_000) == []
+    p.acknowledge("a", 0, 0, AckType.ACCEPT, 5_000)
+    assert p.start_offset == 1
+
+
+def test_a_member_leaving_gives_back_what_it_holds() -> None:
+    p = sp(settings=ShareSettings(retry_backoff_ms=0, retry_backoff_max_ms=0))
+    p.add_records(0, 3, 1)
+    p.acquire("a", 2, 0)
+    p.acquire("b", 2, 0)
+    p.release_member("a", 5)
+    assert p.acquire("c", 10, 5)[0] == [Acquired(0, 1, 2)]
+    assert p.held_by("b") == 2
+
+
+def test_the_window_is_bounded_and_gaps_are_settled() -> None:
+    p = sp()
+    assert p.room() == 10
+    p.add_records(0, 4, 1)
+    p.add_records(8, 9, 1)  # 5..7 compacted away
+    assert p.window_size == 10 and p.room() == 0
+    got, _ = p.acquire("a", 100, 0)
+    assert got == [Acquired(0, 4, 1), Acquired(8, 9, 1)]
+    p.acknowledge("a", 0, 4, AckType.ACCEPT, 1)
+    assert p.start_offset == 8 and p.room() == 8
+
+
+def test_ttl_expired_records_are_never_handed_out() -> None:
+    p = sp(settings=ShareSettings(dead_letter_expired=True))
+    p.add_records(0, 0, 1, expires_ms=100)
+    p.add_records(1, 1, 1)
+    got, dead = p.acquire("a", 10, 100)
+    assert got == [Acquired(1, 1, 1)]
+    assert [(d.offset, d.reason) for d in dead] == [(0, REASON_EXPIRED)]
+    assert p.counters.expired == 1
+
+
+def test_snapshot_round_trip_keeps_counts_and_frees_locks() -> None:
+    p = sp(start=100)
+    p.add_records(100, 105, 1)
+    p.acquire("a", 3, 0)
+    p.acknowledge("a", 101, 101, AckType.ACCEPT, 1)
+    p.acknowledge("a", 102, 102, AckType.RELEASE, 1, delay_ms=50)
+    q = SharePartition.restore(p.snapshot(), S)
+    assert (q.start_offset, q.end_offset) == (100, 106)
+    got, _ = q.acquire("z", 10, 10)
+    # 100 was acquired (count 1) -> available with count 1 -> now 2; 102 not due until 51; 103.. fresh
+    assert got == [Acquired(100, 100, 2), Acquired(103, 105, 1)]
+    assert q.acquire("z", 10, 51)[0] == [Acquired(102, 102, 2)]
+
+
+@pytest.mark.parametrize("junk", [b"", b"\x00" * 5, b"\x00\x01" + b"\x00" * 20,
+                                  SharePartition(S, 0).snapshot()[:-1] + b"\x01"])
+def test_restore_refuses_junk(junk: bytes) -> None:
+    with pytest.raises(ValueError):
+        SharePartition.restore(junk, S)
+
+
+def test_describe_counts() -> None:
+    p = sp()
+    p.add_records(0, 3, 7)
+    p.acquire("a", 1, 10)
+    p.acquire("a", 1, 10)
+    p.acknowledge("a", 1, 1, AckType.RELEASE, 10, delay_ms=100)
+    d = p.describe(20)
+    assert (d["in_flight"], d["acquired"], d["available"], d["delayed"]) == (4, 1, 2, 1)
+    assert d["oldest_unsettled_age_ms"] == 13
