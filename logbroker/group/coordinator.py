@@ -51,6 +51,7 @@ from logbroker.errors import (
     CoordinatorLoadInProgressError,
     CoordinatorNotAvailableError,
     GroupIdNotFoundError,
+    InconsistentGroupProtocolError,
     InvalidRequestError,
     NonEmptyGroupError,
     NotCoordinatorError,
@@ -164,6 +165,7 @@ class _Shard:
     loaded: bool = False
     groups: dict[str, _GroupEntry] = field(default_factory=dict)
     task: asyncio.Task[None] | None = None
+    share_groups: dict[str, Any] = field(default_factory=dict)  # share_coordinator.py's ShareGroups
 
 
 class GroupCoordinator:
@@ -184,6 +186,27 @@ class GroupCoordinator:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._reconcile_scheduled = False
+        # share_coordinator.ShareCoordinator.restore: rebuilds a loaded shard's share groups
+        self.share_restore: Callable[[_Shard, OffsetsState], None] | None = None
+
+    @property
+    def cluster(self) -> ClusterView:
+        return self._cluster
+
+    def loaded_shards(self) -> list[_Shard]:
+        return [s for s in self._shards.values() if s.loaded]
+
+    def shard_for(self, group: str) -> _Shard:
+        """The loaded shard of `group`; raises NOT_COORDINATOR, COORDINATOR_LOAD_IN_PROGRESS or
+        INVALID_GROUP_ID."""
+        return self._shard_for(group)
+
+    def has_consumer_group(self, shard: _Shard, group: str) -> bool:
+        entry = shard.groups.get(group)
+        return entry is not None and (entry.membership is not None or bool(entry.offsets))
+
+    async def append_replicated(self, shard: _Shard, group: str, batch: bytes) -> AppendResult:
+        return await self._append_replicated(shard, group, batch)
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -275,6 +298,12 @@ class GroupCoordinator:
                 continue
             shard.groups.setdefault(group, _GroupEntry(empty_since_ms=self.clock.now_ms())).membership = membership
             restored += 1
+        if self.share_restore is not None:
+            try:
+                self.share_restore(shard, state)
+            except Exception:
+                log.exception("coordinator: restoring the share groups of %s-%d failed", OFFSETS_TOPIC,
+                              shard.partition)
         shard.loaded = True
         shard.task = None
         log.info("coordinator: leads %s-%d in epoch %d: %d groups (%d with members) loaded from %d records "
@@ -369,6 +398,8 @@ class GroupCoordinator:
                                                  heartbeat_interval_ms=self.config.heartbeat_interval_ms)
         try:
             shard = self._shard_for(req.group)
+            if req.group in shard.share_groups:
+                raise InconsistentGroupProtocolError(f"{req.group} is a share group, not a consumer group")
             entry = shard.groups.get(req.group)
             if entry is None or entry.membership is None:
                 if req.member_epoch != 0:

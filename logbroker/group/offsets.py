@@ -24,6 +24,20 @@ Byte layout (big-endian, as the rest of Kafka's formats; `str16` = int16 length 
     value  int16 value_version = 0
            bytes the snapshot as UTF-8 JSON, to the end of the value (<= MEMBERSHIP_MAX_BYTES)
 
+    share group (queues: its settings; group/share_settings.py)
+    key    int16 key_version = 2
+           str16 group
+    value  int16 value_version = 0
+           bytes the settings as UTF-8 JSON, to the end of the value
+
+    share partition (queues: the state of one partition of a share group; group/share_partition.py)
+    key    int16 key_version = 3
+           str16 group
+           str16 topic
+           int32 partition
+    value  int16 value_version = 0
+           bytes SharePartition.snapshot(), to the end of the value
+
     tombstone: the same key with a null value (a deleted group, expired offsets, a group that has no
     members any more)
 
@@ -46,6 +60,8 @@ from logbroker.storage.record_batch import BatchBuilder, decode_batch, iter_batc
 OFFSETS_TOPIC = "__consumer_offsets"
 KEY_VERSION = 0
 MEMBERSHIP_KEY_VERSION = 1
+SHARE_GROUP_KEY_VERSION = 2
+SHARE_PARTITION_KEY_VERSION = 3
 VALUE_VERSION = 0
 METADATA_MAX_CHARS = 4096
 MEMBERSHIP_MAX_BYTES = 768 << 10  # below the topic's 1 MiB max_message_bytes with room for the batch
@@ -116,6 +132,27 @@ def membership_batch(group: str, snapshot: dict[str, object] | None, now_ms: int
     return builder.build()
 
 
+def share_group_record(group: str, settings: dict[str, object] | None) -> tuple[bytes, bytes | None]:
+    """(key, value) of a share group's settings record (value None: the group is deleted)."""
+    key = _I16.pack(SHARE_GROUP_KEY_VERSION) + _str16(group)
+    if settings is None:
+        return key, None
+    return key, _I16.pack(VALUE_VERSION) + json.dumps(settings, separators=(",", ":")).encode()
+
+
+def share_partition_record(group: str, topic: str, partition: int, snapshot: bytes | None) -> tuple[bytes, bytes | None]:
+    """(key, value) of one share partition's state record (value None: deleted)."""
+    key = _I16.pack(SHARE_PARTITION_KEY_VERSION) + _str16(group) + _str16(topic) + _I32.pack(partition)
+    return key, None if snapshot is None else _I16.pack(VALUE_VERSION) + snapshot
+
+
+def records_batch(records: Iterable[tuple[bytes, bytes | None]], now_ms: int) -> bytes:
+    builder = BatchBuilder(now_ms)
+    for key, value in records:
+        builder.append(now_ms, key, value)
+    return builder.build()
+
+
 def encode_value(offset: int, metadata: str, commit_timestamp_ms: int) -> bytes:
     return _VALUE_HEAD.pack(VALUE_VERSION, offset, commit_timestamp_ms) + _str16(metadata)
 
@@ -155,6 +192,8 @@ class OffsetsState:
 
     groups: dict[str, dict[TopicPartition, CommittedOffset]] = field(default_factory=dict)
     memberships: dict[str, dict[str, object]] = field(default_factory=dict)  # group -> latest snapshot
+    share_groups: dict[str, dict[str, object]] = field(default_factory=dict)  # share group -> settings
+    share_partitions: dict[tuple[str, str, int], bytes] = field(default_factory=dict)  # -> snapshot
     skipped_records: int = 0
     next_offset: int = 0  # the log offset replay continues from
 
@@ -164,8 +203,12 @@ class OffsetsState:
         try:
             if key is None:
                 raise ValueError("record without key")
-            if len(key) >= 2 and _I16.unpack_from(key, 0)[0] == MEMBERSHIP_KEY_VERSION:
+            version = _I16.unpack_from(key, 0)[0] if len(key) >= 2 else -1
+            if version == MEMBERSHIP_KEY_VERSION:
                 self._apply_membership(key, value)
+                return
+            if version in (SHARE_GROUP_KEY_VERSION, SHARE_PARTITION_KEY_VERSION):
+                self._apply_share(version, key, value)
                 return
             parsed = decode_key(key)
             if parsed is None:
@@ -197,6 +240,32 @@ class OffsetsState:
         if not isinstance(snapshot, dict):
             raise ValueError("membership snapshot is not an object")
         self.memberships[group] = snapshot
+
+    def _apply_share(self, version: int, key: bytes, value: bytes | None) -> None:
+        group, pos = _read_str16(key, 2)
+        if value is not None and (len(value) < 2 or _I16.unpack_from(value, 0)[0] != VALUE_VERSION):
+            raise ValueError("share record value version")
+        if version == SHARE_GROUP_KEY_VERSION:
+            if pos != len(key):
+                raise ValueError("share group key length does not match its fields")
+            if value is None:
+                self.share_groups.pop(group, None)
+                for k in [k for k in self.share_partitions if k[0] == group]:
+                    del self.share_partitions[k]
+                return
+            settings = json.loads(value[2:])
+            if not isinstance(settings, dict):
+                raise ValueError("share group settings are not an object")
+            self.share_groups[group] = settings
+            return
+        topic, pos = _read_str16(key, pos)
+        if pos + 4 != len(key):
+            raise ValueError("share partition key length does not match its fields")
+        k = (group, topic, _I32.unpack_from(key, pos)[0])
+        if value is None:
+            self.share_partitions.pop(k, None)
+        else:
+            self.share_partitions[k] = bytes(value[2:])
 
     def apply_chunk(self, data: bytes, topic: str, partition: int) -> int:
         """Replay every complete batch of `data` (raw log bytes) from `next_offset` on; returns the

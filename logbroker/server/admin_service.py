@@ -11,7 +11,8 @@ from logbroker.server.broker_service import grpc_method
 
 ADMIN_METHODS = ("CreateTopics", "DeleteTopics", "CreatePartitions", "DescribeTopics", "DescribeCluster",
                  "ReassignPartition", "ListGroups", "DescribeGroup", "DeleteGroup", "ReadReplica",
-                 "RecoverEmptyPartition")
+                 "RecoverEmptyPartition", "AlterShareGroup", "ListShareGroups", "DescribeShareGroup",
+                 "PurgeShareGroup")
 
 
 def handler(apis: BrokerApis) -> grpc.GenericRpcHandler:

@@ -45,6 +45,8 @@ from logbroker.errors import (
 )
 from logbroker.group.coordinator import GroupCoordinator
 from logbroker.group.offsets import OFFSETS_TOPIC
+from logbroker.group.share_coordinator import ShareCoordinator
+from logbroker.group.share_data import ShareData
 from logbroker.replication.partition import Partition
 from logbroker.replication.replica_manager import CallableIsrStore, InMemoryIsrStore, IsrStore, ReplicaManager
 from logbroker.replication.scrubber import Scrubber
@@ -54,6 +56,7 @@ from logbroker.server.apis.broker_apis import BrokerApis
 from logbroker.server.apis.groups import GroupApis
 from logbroker.server.apis.metadata import MetadataApis
 from logbroker.server.apis.produce_fetch import ProduceFetchApis
+from logbroker.server.apis.queues import QueueApis
 from logbroker.server.cluster_member import ClusterMember
 from logbroker.server.request_context import RequestRejected, RequestStatus
 from logbroker.server.wire_server import WireServer
@@ -138,11 +141,17 @@ class Broker:
                 config.broker_id, self, self, self.replica_manager,
                 self.cluster.channels if self.cluster is not None else None, config.coordinator, clock,
             )
+            self.share_coordinator = ShareCoordinator(
+                self.coordinator,
+                ShareData(self, self.replica_manager, self.cluster.channels if self.cluster is not None else None, self),
+                clock,
+            )
             self.apis = BrokerApis(
                 ProduceFetchApis(config, self, self.replica_manager, self),
                 MetadataApis(self, self),
                 GroupApis(self, self.coordinator),
                 AdminApis(self, self, self, self.replica_manager),
+                queues=QueueApis(self, self.share_coordinator),
             )
             self.scrubber: Scrubber | None = (
                 Scrubber(self.replica_manager, config.scrub_interval_ms, config.scrub_bytes_per_sec)
@@ -208,6 +217,7 @@ class Broker:
         await asyncio.get_running_loop().run_in_executor(None, self._recover)
         self.replica_manager.start()
         self.coordinator.start()  # before registering: it must see our first __consumer_offsets roles
+        self.share_coordinator.start()
         self.ready = True
         if self.cluster is not None:
             await self.cluster.start()  # registered: the controller now sends our partition roles
@@ -290,6 +300,7 @@ class Broker:
                 await self.scrubber.stop()
             if self.log_cleaner is not None:
                 await self.log_cleaner.stop()
+            await self.share_coordinator.stop()
             await self.coordinator.stop()
             if self.cluster is not None:
                 await self.cluster.controlled_shutdown()  # leadership moves away while we still serve

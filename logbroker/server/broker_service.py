@@ -23,7 +23,7 @@ from logbroker.server.wire_server import Handler
 from logbroker.v1 import logbroker_pb2 as pb
 
 BROKER_METHODS = ("Produce", "Fetch", "ListOffsets", "Metadata", "OffsetCommit", "OffsetFetch", "FindCoordinator",
-                  "ConsumerGroupHeartbeat")
+                  "ConsumerGroupHeartbeat", "ShareFetch", "ShareAcknowledge")
 
 
 def grpc_method(apis: BrokerApis, api: str) -> Any:

@@ -1,0 +1,557 @@
+"""The share-group (queue) coordinator: the shell around `share_group.ShareGroup` and
+`share_partition.SharePartition` on a broker.
+
+Where the state lives. A share group is coordinated by the coordinator of its group id (the leader
+of `__consumer_offsets`-`hash(group)`, as consumer groups; group/coordinator.py), and its durable
+state is records in that partition (group/offsets.py: a settings record per group, a snapshot
+record per share partition), compacted by key, replayed by a new coordinator after a failover. So
+the share state moves with the leadership of the group's offsets partition, and needs no other
+replication: an acknowledgement is answered only once the snapshot that holds it is replicated to
+the offsets partition's ISR.
+
+One ShareFetch (the member's acknowledgements ride on it)::
+
+    check the member (join at epoch 0, leave at -1)
+    apply its acknowledgements, range by range (each all or nothing; results per range)
+    loop until records are acquired or max_wait_ms passes:
+        read new records into each partition's window (share_data.py: local log or the leader)
+        acquire up to max_records, round robin over the partitions
+        else wait (a settle, a lock expiry or new data wakes it; new data is checked every tick)
+    write dead letters (acks=all to the dead-letter topic), then the snapshots of every partition
+    that changed (acks=all to the offsets partition)       <- only then answer
+    answer: per partition, the acquired offset ranges with delivery counts, and the record
+    batches that hold them (whole batches: the client keeps only its offsets)
+
+Acquisitions are persisted before the records are handed out, so a delivery count never goes back
+after a failover (share_partition.py). A background tick gives back expired locks and evicts
+silent members (persisting what changed).
+
+Dead letters: a rejected record, or one whose last attempt failed, is copied (key, value, headers,
+plus share_headers.DLQ_* headers) to the group's dead-letter topic, created on demand with the
+source's partition count and replication factor, into partition `source partition % count`. The
+copy is written before the state that archives the record, so a crash in between dead-letters
+it twice rather than never. A dead-letter write that fails is logged and counted, and the record
+stays archived (a known gap: it is not retried).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from logbroker.clock import Clock
+from logbroker.errors import (
+    BrokerError,
+    GroupIdNotFoundError,
+    InconsistentGroupProtocolError,
+    InvalidRequestError,
+    OffsetOutOfRangeError,
+    UnknownMemberIdError,
+)
+from logbroker.group import share_headers as H
+from logbroker.group.offsets import (
+    OFFSETS_TOPIC,
+    OffsetsState,
+    records_batch,
+    share_group_record,
+    share_partition_record,
+)
+from logbroker.group.share_data import ShareDataSource
+from logbroker.group.share_group import ShareGroup, ShareMember, TopicPartition
+from logbroker.group.share_partition import Acquired, DeadLetter, SharePartition
+from logbroker.group.share_settings import ShareLimits, ShareSettings
+from logbroker.storage.record_batch import BatchBuilder, decode_batch, iter_batches
+from logbroker.v1 import logbroker_pb2 as pb
+
+if TYPE_CHECKING:
+    from logbroker.group.coordinator import GroupCoordinator, _Shard
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.02                 # how often a waiting fetch checks for new data, and locks are checked
+MAX_RECORDS_DEFAULT = 500
+MAX_RECORDS_MAX = 10_000
+MAX_WAIT_MS_MAX = 30_000
+ACK_RANGES_MAX = 20_000       # per request
+READ_CHUNK_BYTES = 1 << 20
+RESPONSE_BYTES_MAX = 16 << 20  # records read to answer one fetch (bounded; the rest stay acquired briefly)
+SNAPSHOT_BATCH_BYTES = 512 << 10
+DLQ_TIMEOUT_MS = 10_000
+
+SETTING_FIELDS = ("lock_ms", "max_delivery_attempts", "retry_backoff_ms", "retry_backoff_max_ms",
+                  "dead_letter_topic", "dead_letter_expired", "max_in_flight_records", "auto_offset_reset")
+
+Dead = list[tuple[TopicPartition, DeadLetter]]
+
+
+def settings_changes(msg: pb.ShareGroupSettings) -> dict[str, Any]:
+    return {name: getattr(msg, name) for name in SETTING_FIELDS if msg.HasField(name)}
+
+
+def fill_settings(out: pb.ShareGroupSettings, s: ShareSettings) -> None:
+    for name in SETTING_FIELDS:
+        setattr(out, name, getattr(s, name))
+
+
+class ShareCoordinator:
+    """See the module doc. All state is owned by the broker's event loop."""
+
+    def __init__(self, groups: GroupCoordinator, data: ShareDataSource, clock: Clock,
+                 limits: ShareLimits | None = None) -> None:
+        self._gc = groups
+        self._data = data
+        self.clock = clock
+        self.limits = limits or ShareLimits()
+        self._wakeups: dict[str, asyncio.Event] = {}
+        self._task: asyncio.Task[None] | None = None
+        groups.share_restore = self.restore
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._tick_loop(), name="share-groups")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    # -- loading -----------------------------------------------------------------------------------
+
+    def restore(self, shard: _Shard, state: OffsetsState) -> None:
+        """Called by the group coordinator when it loaded an offsets partition: rebuild its share groups."""
+        groups: dict[str, ShareGroup] = {}
+        for name, raw in state.share_groups.items():
+            try:
+                settings = ShareSettings.from_json(dict(raw))
+            except (TypeError, ValueError) as e:
+                log.warning("share group %s: unreadable settings (%s): defaults used", name, e)
+                settings = ShareSettings()
+            groups[name] = self._new_group(name, settings)
+        for (name, topic, partition), snapshot in state.share_partitions.items():
+            g = groups.get(name)
+            if g is None:
+                continue
+            try:
+                g.partitions[(topic, partition)] = SharePartition.restore(snapshot, g.settings)
+            except ValueError as e:
+                log.warning("share group %s: unreadable state of %s-%d (%s): it starts again from the log end",
+                            name, topic, partition, e)
+        shard.share_groups = groups
+        if groups:
+            log.info("share groups of %s-%d loaded: %d groups, %d partitions", OFFSETS_TOPIC, shard.partition,
+                     len(groups), sum(len(g.partitions) for g in groups.values()))
+
+    def _new_group(self, name: str, settings: ShareSettings) -> ShareGroup:
+        cfg = self._gc.config
+        return ShareGroup(name, settings, session_timeout_ms=cfg.session_timeout_ms, members_max=cfg.group_members_max)
+
+    def _shard_and_group(self, name: str) -> tuple[_Shard, ShareGroup | None]:
+        shard = self._gc.shard_for(name)
+        if self._gc.has_consumer_group(shard, name):
+            raise InconsistentGroupProtocolError(f"{name} is a consumer group, not a share group")
+        return shard, shard.share_groups.get(name)
+
+    def _wakeup(self, name: str) -> asyncio.Event:
+        ev = self._wakeups.get(name)
+        if ev is None:
+            ev = self._wakeups[name] = asyncio.Event()
+        return ev
+
+    def _wake(self, name: str) -> None:
+        ev = self._wakeups.pop(name, None)
+        if ev is not None:
+            ev.set()
+
+    # -- ShareFetch --------------------------------------------------------------------------------
+
+    async def share_fetch(self, req: pb.ShareFetchRequest) -> pb.ShareFetchResponse:
+        resp = pb.ShareFetchResponse(member_epoch=req.member_epoch)
+        try:
+            if len(req.topics) > 1000:
+                raise InvalidRequestError(f"{len(req.topics)} topics; the limit is 1000")
+            shard, g = self._shard_and_group(req.group)
+            if g is None:
+                if req.member_epoch != 0:
+                    raise UnknownMemberIdError(f"share group {req.group} does not exist here: join with epoch 0")
+                g = await self._create(shard, req.group, settings_changes(req.settings))
+            changed: set[TopicPartition] = set()
+            dead: Dead = []
+            mono = self.clock.monotonic_ms()
+            if req.member_epoch == 0:
+                member, released = g.join(req.member_id, list(req.topics), mono)
+                dead += released
+                changed.update(tp for tp, _ in released)
+                if released:
+                    self._wake(g.name)
+            else:
+                member = g.check(req.member_id, g.members[req.member_id].epoch if req.member_epoch == -1
+                                 and req.member_id in g.members else req.member_epoch, mono)
+            self._apply_acks(g, member.member_id, req.acknowledgements, resp.ack_results, changed, dead)
+            acquired: dict[TopicPartition, list[Acquired]] = {}
+            if req.member_epoch == -1:
+                released = g.leave(member.member_id, self.clock.now_ms())
+                dead += released
+                changed.update(tp for tp, _ in released)
+            else:
+                acquired = await self._acquire_loop(shard, g, member, req, changed, dead)
+            await self._persist(shard, g, changed, dead)
+            if changed:
+                self._wake(g.name)
+            resp.member_epoch = member.epoch if req.member_epoch != -1 else -1
+            resp.lock_ms = g.settings.lock_ms
+            await self._fill_records(resp, acquired)
+        except BrokerError as e:
+            resp.error_code = e.code  # type: ignore[assignment]
+            resp.error_message = e.message
+        return resp
+
+    async def _create(self, shard: _Shard, name: str, changes: dict[str, Any]) -> ShareGroup:
+        settings = ShareSettings().updated(changes, self.limits)
+        g = self._new_group(name, settings)
+        shard.share_groups[name] = g
+        try:
+            await self._gc.append_replicated(shard, name, records_batch([share_group_record(name, settings.to_json())],
+                                                                        self.clock.now_ms()))
+        except BaseException:
+            if shard.share_groups.get(name) is g and not g.members:
+                del shard.share_groups[name]
+            raise
+        log.info("share group %s created: %s", name, settings)
+        return g
+
+    def _apply_acks(self, g: ShareGroup, member_id: str, acks: Iterable[pb.ShareAcknowledgement],
+                    results: Any, changed: set[TopicPartition], dead: Dead) -> None:
+        acks = list(acks)
+        if sum(len(a.ranges) for a in acks) > ACK_RANGES_MAX:
+            raise InvalidRequestError(f"more than {ACK_RANGES_MAX} acknowledgement ranges in one request")
+        now = self.clock.now_ms()
+        for a in acks:
+            tp = (a.topic, a.partition)
+            sp = g.partitions.get(tp)
+            for r in a.ranges:
+                out = results.add(topic=a.topic, partition=a.partition, first_offset=r.first_offset,
+                                  last_offset=r.last_offset)
+                try:
+                    if sp is None:
+                        raise OffsetOutOfRangeError(f"share group {g.name} has handed out nothing of {tp[0]}-{tp[1]}")
+                    reason = r.reason[: H.REASON_TEXT_MAX_CHARS]
+                    dead += [(tp, d) for d in sp.acknowledge(member_id, r.first_offset, r.last_offset, r.type, now,
+                                                             r.delay_ms, reason)]
+                    changed.add(tp)
+                except BrokerError as e:
+                    out.error_code = e.code
+                    out.error_message = e.message
+
+    async def _acquire_loop(self, shard: _Shard, g: ShareGroup, member: ShareMember, req: pb.ShareFetchRequest,
+                            changed: set[TopicPartition], dead: Dead) -> dict[TopicPartition, list[Acquired]]:
+        max_records = min(req.max_records or MAX_RECORDS_DEFAULT, MAX_RECORDS_MAX)
+        if max_records < 0 or req.max_wait_ms < 0:
+            raise InvalidRequestError("max_records and max_wait_ms must not be negative")
+        deadline = self.clock.monotonic_ms() + min(req.max_wait_ms, MAX_WAIT_MS_MAX)
+        while True:
+            await self._read_new(g, member.topics, changed)
+            if self._gc.shard_for(g.name) is not shard or shard.share_groups.get(g.name) is not g:
+                raise UnknownMemberIdError(f"share group {g.name} was reloaded: join again")
+            g.check(member.member_id, member.epoch, self.clock.monotonic_ms())
+            got = self._acquire(g, member, max_records, changed, dead)
+            if got or self.clock.monotonic_ms() >= deadline:
+                return got
+            ev = self._wakeup(g.name)
+            wait_s = min(TICK_S, max(0, deadline - self.clock.monotonic_ms()) / 1000)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(ev.wait(), wait_s)
+
+    async def _read_new(self, g: ShareGroup, topics: Iterable[str], changed: set[TopicPartition]) -> None:
+        """Bring new records into the windows of the member's partitions (creating share partitions
+        at the group's start position the first time)."""
+        for topic in topics:
+            states = self._gc.cluster.topic_partitions(topic)
+            if not states:
+                continue
+            for p in states:
+                tp = (topic, p)
+                try:
+                    await self._read_partition(g, tp, changed)
+                except BrokerError as e:  # a leaderless partition: the others still serve
+                    log.debug("share group %s: %s-%d not readable now: %s", g.name, topic, p, e)
+
+    async def _read_partition(self, g: ShareGroup, tp: TopicPartition, changed: set[TopicPartition]) -> None:
+        sp = g.partitions.get(tp)
+        if sp is None:
+            start, hw = await self._data.bounds(tp)
+            if tp in g.partitions:  # another fetch created it meanwhile
+                return
+            sp = g.partitions[tp] = SharePartition(g.settings, hw if g.settings.auto_offset_reset == "latest" else start)
+            changed.add(tp)
+        if sp.room() <= 0:
+            return
+        offset = sp.end_offset
+        try:
+            result = await self._data.read(tp, offset, READ_CHUNK_BYTES)
+        except OffsetOutOfRangeError:
+            start, _ = await self._data.bounds(tp)
+            if start > sp.end_offset:
+                sp.skip_to(start)
+                changed.add(tp)
+            return
+        if result.log_start_offset > sp.start_offset:
+            sp.skip_to(result.log_start_offset)
+            changed.add(tp)
+        if g.partitions.get(tp) is not sp or sp.end_offset != offset:
+            return  # another fetch read this range meanwhile
+        data = result.data
+        for h, _ in iter_batches(data):
+            if sp.room() <= 0:
+                break
+            if h.next_offset <= sp.end_offset:
+                continue
+            sp.add_records(h.base_offset, h.last_offset, h.max_timestamp)
+
+    def _acquire(self, g: ShareGroup, member: ShareMember, max_records: int, changed: set[TopicPartition],
+                 dead: Dead) -> dict[TopicPartition, list[Acquired]]:
+        tps = [tp for tp in g.partitions if tp[0] in member.topics]
+        if not tps:
+            return {}
+        out: dict[TopicPartition, list[Acquired]] = {}
+        now = self.clock.now_ms()
+        left = max_records
+        g.cursor = (g.cursor + 1) % len(tps)
+        order = tps[g.cursor:] + tps[: g.cursor]
+        for tp in order:
+            if left <= 0:
+                break
+            runs, expired = g.partitions[tp].acquire(member.member_id, left, now)
+            if expired:
+                dead += [(tp, d) for d in expired]
+                changed.add(tp)
+            if runs:
+                out[tp] = runs
+                changed.add(tp)
+                left -= sum(r.last_offset - r.first_offset + 1 for r in runs)
+        return out
+
+    async def _fill_records(self, resp: pb.ShareFetchResponse, acquired: dict[TopicPartition, list[Acquired]]) -> None:
+        budget = RESPONSE_BYTES_MAX
+        for tp, runs in acquired.items():
+            out = resp.partitions.add(topic=tp[0], partition=tp[1])
+            for r in runs:
+                out.acquired.add(first_offset=r.first_offset, last_offset=r.last_offset, delivery_count=r.delivery_count)
+            chunks: list[bytes] = []
+            offset, last = runs[0].first_offset, runs[-1].last_offset
+            try:
+                while offset <= last and budget > 0:
+                    result = await self._data.read(tp, offset, min(READ_CHUNK_BYTES, budget))
+                    used = 0
+                    for h, pos in iter_batches(result.data):
+                        if h.base_offset > last:
+                            break
+                        used = pos + h.size_bytes
+                        offset = h.next_offset
+                    if used == 0:
+                        break
+                    chunks.append(result.data[:used])
+                    budget -= used
+            except BrokerError as e:  # the records stay acquired until their lock runs out
+                out.error_code = e.code
+                out.error_message = e.message
+            out.records = b"".join(chunks)
+
+    # -- persistence and dead letters ---------------------------------------------------------------
+
+    async def _persist(self, shard: _Shard, g: ShareGroup, changed: set[TopicPartition], dead: Dead) -> None:
+        if dead:
+            await self._dead_letter(g, dead)
+        if not changed:
+            return
+        now = self.clock.now_ms()
+        records: list[tuple[bytes, bytes | None]] = []
+        size = 0
+        batches: list[bytes] = []
+        for tp in sorted(changed):
+            sp = g.partitions.get(tp)
+            if sp is None:
+                continue
+            rec = share_partition_record(g.name, tp[0], tp[1], sp.snapshot())
+            records.append(rec)
+            size += len(rec[0]) + len(rec[1] or b"")
+            if size >= SNAPSHOT_BATCH_BYTES:
+                batches.append(records_batch(records, now))
+                records, size = [], 0
+        if records:
+            batches.append(records_batch(records, now))
+        for batch in batches:
+            await self._gc.append_replicated(shard, g.name, batch)
+
+    async def _dead_letter(self, g: ShareGroup, dead: Dead) -> None:
+        by_tp: dict[TopicPartition, list[DeadLetter]] = {}
+        for tp, d in dead:
+            by_tp.setdefault(tp, []).append(d)
+        for tp, letters in by_tp.items():
+            target = g.settings.dead_letter_topic_for(tp[0])
+            if target is None:
+                log.warning("share group %s: %d records of %s-%d dropped (%s; no dead-letter topic)", g.name,
+                            len(letters), tp[0], tp[1], letters[0].reason)
+                continue
+            try:
+                await self._write_dead_letters(g, tp, target, letters)
+            except Exception as e:  # logged, not retried (module doc)
+                log.error("share group %s: dead-lettering %d records of %s-%d to %s failed: %s", g.name,
+                          len(letters), tp[0], tp[1], target, e)
+
+    async def _write_dead_letters(self, g: ShareGroup, tp: TopicPartition, target: str,
+                                  letters: list[DeadLetter]) -> None:
+        wanted = {d.offset: d for d in letters}
+        now = self.clock.now_ms()
+        builder = BatchBuilder(now)
+        offset, last = min(wanted), max(wanted)
+        while offset <= last:
+            result = await self._data.read(tp, offset, READ_CHUNK_BYTES)
+            moved = False
+            for h, pos in iter_batches(result.data):
+                if h.base_offset > last:
+                    break
+                for m in decode_batch(result.data, pos, h, tp[0], tp[1], offset):
+                    d = wanted.get(m.offset)
+                    if d is not None:
+                        builder.append(now, m.key, m.value, [*m.headers, *_dlq_headers(tp, d, now)])
+                offset, moved = h.next_offset, True
+            if not moved:
+                break
+        if builder.record_count == 0:
+            return
+        partitions = await self._data.ensure_topic(target, tp[0])
+        await self._data.append((target, tp[1] % partitions), builder.build(), DLQ_TIMEOUT_MS)
+        log.info("share group %s: %d records of %s-%d dead-lettered to %s (%s)", g.name, builder.record_count,
+                 tp[0], tp[1], target, letters[0].reason)
+
+    # -- ShareAcknowledge and the background tick -----------------------------------------------------
+
+    async def share_acknowledge(self, req: pb.ShareAcknowledgeRequest) -> pb.ShareAcknowledgeResponse:
+        resp = pb.ShareAcknowledgeResponse()
+        try:
+            shard, g = self._shard_and_group(req.group)
+            if g is None:
+                raise UnknownMemberIdError(f"share group {req.group} does not exist here: join with epoch 0")
+            member = g.check(req.member_id, req.member_epoch, self.clock.monotonic_ms())
+            changed: set[TopicPartition] = set()
+            dead: Dead = []
+            self._apply_acks(g, member.member_id, req.acknowledgements, resp.results, changed, dead)
+            await self._persist(shard, g, changed, dead)
+            if changed:
+                self._wake(g.name)
+        except BrokerError as e:
+            resp.error_code = e.code  # type: ignore[assignment]
+            resp.error_message = e.message
+        return resp
+
+    async def _tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_S * 5)
+            try:
+                await self.tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("share groups: background tick failed")
+
+    async def tick(self) -> None:
+        """Evict silent members and give back expired locks, persisting what changed."""
+        mono, now = self.clock.monotonic_ms(), self.clock.now_ms()
+        for shard in self._gc.loaded_shards():
+            for g in list(shard.share_groups.values()):
+                gone, dead, changed = g.expire(mono, now)
+                if gone:
+                    log.info("share group %s: members %s left (no call for %d ms)", g.name, ", ".join(gone),
+                             g.session_timeout_ms)
+                if changed or dead:
+                    try:
+                        await self._persist(shard, g, changed, dead)
+                    except BrokerError as e:
+                        log.warning("share group %s: persisting expired locks failed: %s", g.name, e)
+                    self._wake(g.name)
+
+    # -- admin -------------------------------------------------------------------------------------
+
+    async def alter(self, req: pb.AlterShareGroupRequest) -> pb.AlterShareGroupResponse:
+        resp = pb.AlterShareGroupResponse()
+        try:
+            shard, g = self._shard_and_group(req.group)
+            changes = settings_changes(req.settings)
+            if g is None:
+                await self._create(shard, req.group, changes)
+                return resp
+            settings = g.settings.updated(changes, self.limits)
+            await self._gc.append_replicated(shard, g.name, records_batch(
+                [share_group_record(g.name, settings.to_json())], self.clock.now_ms()))
+            g.alter(settings)
+            log.info("share group %s altered: %s", g.name, settings)
+        except BrokerError as e:
+            resp.error_code = e.code  # type: ignore[assignment]
+            resp.error_message = e.message
+        return resp
+
+    def list_groups(self) -> pb.ListShareGroupsResponse:
+        resp = pb.ListShareGroupsResponse()
+        for shard in self._gc.loaded_shards():
+            for name, g in sorted(shard.share_groups.items()):
+                resp.groups.add(group=name, state="stable" if g.members else "empty", members=len(g.members))
+        return resp
+
+    async def describe(self, req: pb.DescribeShareGroupRequest) -> pb.DescribeShareGroupResponse:
+        resp = pb.DescribeShareGroupResponse(group=req.group, coordinator_id=self._gc.broker_id)
+        try:
+            _, g = self._shard_and_group(req.group)
+            if g is None:
+                raise GroupIdNotFoundError(f"share group {req.group} does not exist")
+            fill_settings(resp.settings, g.settings)
+            for m in sorted(g.members.values(), key=lambda m: m.member_id):
+                held = sum(sp.held_by(m.member_id) for sp in g.partitions.values())
+                resp.members.add(member_id=m.member_id, member_epoch=m.epoch, topics=m.topics, acquired=held)
+            now = self.clock.now_ms()
+            for (topic, p), sp in sorted(g.partitions.items()):
+                d = sp.describe(now)
+                try:
+                    hw = (await self._data.bounds((topic, p)))[1]
+                except BrokerError:
+                    hw = -1
+                resp.partitions.add(topic=topic, partition=p, log_end_offset=hw, **d)
+        except BrokerError as e:
+            resp.error_code = e.code  # type: ignore[assignment]
+            resp.error_message = e.message
+        return resp
+
+    async def purge(self, req: pb.PurgeShareGroupRequest) -> pb.PurgeShareGroupResponse:
+        resp = pb.PurgeShareGroupResponse()
+        try:
+            shard, g = self._shard_and_group(req.group)
+            if g is None:
+                raise GroupIdNotFoundError(f"share group {req.group} does not exist")
+            topics = set(req.topics)
+            changed: set[TopicPartition] = set()
+            for tp, sp in list(g.partitions.items()):
+                if topics and tp[0] not in topics:
+                    continue
+                _, hw = await self._data.bounds(tp)
+                resp.purged += sp.purge(hw)
+                changed.add(tp)
+            await self._persist(shard, g, changed, [])
+            log.info("share group %s purged: %d records settled", g.name, resp.purged)
+        except BrokerError as e:
+            resp.error_code = e.code  # type: ignore[assignment]
+            resp.error_message = e.message
+        return resp
+
+
+def _dlq_headers(tp: TopicPartition, d: DeadLetter, now_ms: int) -> list[tuple[str, bytes | None]]:
+    out: list[tuple[str, bytes | None]] = [
+        (H.DLQ_TOPIC, tp[0].encode()), (H.DLQ_PARTITION, str(tp[1]).encode()), (H.DLQ_OFFSET, str(d.offset).encode()),
+        (H.DLQ_DELIVERY_COUNT, str(d.delivery_count).encode()), (H.DLQ_REASON, d.reason.encode()),
+        (H.DLQ_TIME_MS, str(now_ms).encode()),
+    ]
+    if d.reason_text:
+        out.append((H.DLQ_REASON_TEXT, d.reason_text.encode()))
+    return out

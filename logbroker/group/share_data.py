@@ -1,0 +1,151 @@
+"""How a share-group coordinator reaches the records of the partitions its groups read, and writes
+dead letters: from its own replica when it leads the partition (a zero-copy read of the log, an
+append through the replica manager), else from the partition's leader over the Broker service (a
+consumer Fetch, a Produce with acks=all), as any client would. Topics it needs (dead-letter topics)
+are created on demand like `__consumer_offsets`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from logbroker.cluster.cluster_view import ClusterView
+from logbroker.errors import (
+    BrokerError,
+    CoordinatorNotAvailableError,
+    LeaderNotAvailableError,
+    TopicAlreadyExistsError,
+    error_for,
+)
+from logbroker.v1 import logbroker_pb2 as pb
+
+if TYPE_CHECKING:
+    from logbroker.group.coordinator import OffsetsLog, OffsetsTopicCreator, PeerBrokers
+
+TopicPartition = tuple[str, int]
+REMOTE_TIMEOUT_S = 5.0
+TOPIC_READY_WAIT_S = 10.0
+
+
+@dataclass(frozen=True)
+class ReadResult:
+    data: bytes            # whole record batches (possibly none)
+    log_start_offset: int
+    high_watermark: int
+
+
+class ShareDataSource(Protocol):
+    async def bounds(self, tp: TopicPartition) -> tuple[int, int]: ...
+
+    async def read(self, tp: TopicPartition, offset: int, max_bytes: int) -> ReadResult: ...
+
+    async def append(self, tp: TopicPartition, batch: bytes, timeout_ms: int) -> None: ...
+
+    async def ensure_topic(self, name: str, like: str) -> int: ...
+
+
+class ShareData:
+    """`ShareDataSource` on a broker (see the module doc)."""
+
+    def __init__(self, cluster: ClusterView, replicas: OffsetsLog, peers: PeerBrokers | None,
+                 topics: OffsetsTopicCreator) -> None:
+        self._cluster = cluster
+        self._replicas = replicas
+        self._peers = peers
+        self._topics = topics
+        self._create_lock = asyncio.Lock()
+
+    def _local(self, tp: TopicPartition):  # type: ignore[no-untyped-def]
+        part = self._replicas.partitions.get(tp)
+        return part if part is not None and part.is_leader else None
+
+    def _leader_stub(self, tp: TopicPartition):  # type: ignore[no-untyped-def]
+        states = self._cluster.topic_partitions(tp[0]) or {}
+        st = states.get(tp[1])
+        if st is None:
+            raise error_for(pb.UNKNOWN_TOPIC_OR_PARTITION, f"{tp[0]}-{tp[1]} does not exist")
+        brokers, _, _ = self._cluster.cluster_brokers()
+        address = next((f"{b.host}:{b.port}" for b in brokers if b.broker_id == st.leader), None)
+        if address is None or self._peers is None:
+            raise LeaderNotAvailableError(f"{tp[0]}-{tp[1]} has no live leader (leader {st.leader})")
+        return self._peers.broker_stub(address)
+
+    async def bounds(self, tp: TopicPartition) -> tuple[int, int]:
+        """(log start offset, high watermark)."""
+        part = self._local(tp)
+        if part is not None:
+            return part.log.log_start_offset, part.high_watermark
+        result = await self.read(tp, 0, 0)
+        return result.log_start_offset, result.high_watermark
+
+    async def read(self, tp: TopicPartition, offset: int, max_bytes: int) -> ReadResult:
+        """Whole batches from the one holding `offset` (at least one unless there is none), up to
+        the high watermark. OFFSET_OUT_OF_RANGE below the log start (the caller skips ahead)."""
+        part = self._local(tp)
+        if part is not None:
+            plog = part.log
+            hw = part.high_watermark
+            if offset >= hw:
+                return ReadResult(b"", plog.log_start_offset, hw)
+            view = part.read_for_consumer(offset, max_bytes)
+            try:
+                return ReadResult(bytes(view), plog.log_start_offset, hw)
+            finally:
+                view.release()
+        req = pb.FetchRequest(max_wait_ms=0, min_bytes=0, max_bytes=max(max_bytes, 1), partitions=[
+            pb.FetchPartition(topic=tp[0], partition=tp[1], fetch_offset=offset,
+                              partition_max_bytes=max(max_bytes, 1), current_leader_epoch=-1)])
+        try:
+            resp = await self._leader_stub(tp).Fetch(req, timeout=REMOTE_TIMEOUT_S)
+        except BrokerError:
+            raise
+        except Exception as exc:  # grpc errors: the leader is unreachable right now
+            raise LeaderNotAvailableError(f"cannot reach the leader of {tp[0]}-{tp[1]}: {exc}") from None
+        r = resp.results[0]
+        if r.error_code != pb.NONE:
+            raise error_for(r.error_code, r.error_message)
+        return ReadResult(bytes(r.records) if max_bytes > 0 else b"", r.log_start_offset, r.high_watermark)
+
+    async def append(self, tp: TopicPartition, batch: bytes, timeout_ms: int) -> None:
+        """Append with acks=all to the partition's leader; returns once replicated."""
+        if self._local(tp) is not None:
+            append = self._replicas.append_records(tp[0], tp[1], batch, acks=-1)
+            await self._replicas.wait_for_acks(tp[0], tp[1], append, timeout_ms)
+            return
+        req = pb.ProduceRequest(acks=-1, timeout_ms=timeout_ms, partitions=[
+            pb.ProducePartition(topic=tp[0], partition=tp[1], records=batch)])
+        try:
+            resp = await self._leader_stub(tp).Produce(req, timeout=timeout_ms / 1000 + REMOTE_TIMEOUT_S)
+        except BrokerError:
+            raise
+        except Exception as exc:
+            raise LeaderNotAvailableError(f"cannot reach the leader of {tp[0]}-{tp[1]}: {exc}") from None
+        r = resp.results[0]
+        if r.error_code != pb.NONE:
+            raise error_for(r.error_code, r.error_message)
+
+    async def ensure_topic(self, name: str, like: str) -> int:
+        """The partition count of topic `name`, created first (with `like`'s partition count and
+        replication factor) if it does not exist; waits until every partition has a leader."""
+        states = self._cluster.topic_partitions(name)
+        if not states:
+            like_states = self._cluster.topic_partitions(like) or {}
+            partitions = max(1, len(like_states))
+            rf = max(1, len(next(iter(like_states.values())).replicas) if like_states else 1)
+            async with self._create_lock:
+                if not self._cluster.topic_partitions(name):
+                    try:
+                        await self._topics.create_topic(name, partitions, rf, {})
+                    except TopicAlreadyExistsError:
+                        pass
+        deadline = time.monotonic() + TOPIC_READY_WAIT_S
+        while True:
+            states = self._cluster.topic_partitions(name)
+            if states and all(st.leader >= 0 for st in states.values()):
+                return len(states)
+            if time.monotonic() > deadline:
+                raise CoordinatorNotAvailableError(f"topic {name} has no leaders yet")
+            await asyncio.sleep(0.05)
