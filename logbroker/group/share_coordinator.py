@@ -305,11 +305,13 @@ class ShareCoordinator:
             return  # another fetch read this range meanwhile
         data = result.data
         for h, _ in iter_batches(data):
-            if sp.room() <= 0:
+            limit = sp.start_offset + sp.settings.max_in_flight_records - 1  # the window's last offset
+            if h.base_offset > limit:
                 break
             if h.next_offset <= sp.end_offset:
                 continue
-            sp.add_records(h.base_offset, h.last_offset, h.max_timestamp)
+            # a batch that does not fit is taken in part: the rest is read again once records settle
+            sp.add_records(h.base_offset, min(h.last_offset, limit), h.max_timestamp)
 
     def _acquire(self, g: ShareGroup, member: ShareMember, max_records: int, changed: set[TopicPartition],
                  dead: Dead) -> dict[TopicPartition, list[Acquired]]:

@@ -10,9 +10,9 @@ The window::
 
 - `start_offset`: every record below it is settled (acknowledged or archived).
 - `end_offset`: the next offset the shell reads into the window (`add_records`); the window never
-  holds more than `max_in_flight_records` offsets (plus the rest of the last batch read), so memory
-  is bounded however large the backlog: a window full of unsettled records hands out nothing new
-  until some settle.
+  holds more than `max_in_flight_records` offsets (the shell takes part of a batch that does not
+  fit, and reads the rest again later), so memory is bounded however large the backlog: a window
+  full of unsettled records hands out nothing new until some settle.
 
 Record states (KIP-932)::
 
