@@ -72,6 +72,7 @@ class BrokerConfig:
     scrub_bytes_per_sec: int = 8 << 20
     # log compaction of cleanup_policy=compact topics (storage/log_cleaner.py); interval 0: off
     log_cleaner_interval_ms: int = 15_000
+    log_cleaner_io_bytes_per_sec: int = 64 << 20  # reads and writes of the cleaner's passes; 0: unlimited
     shutdown_grace_s: float = 5.0
     default_topic_config: dict[str, str] = field(default_factory=dict)
     # cluster mode (empty zookeeper: standalone with the embedded metadata store)
@@ -173,6 +174,8 @@ SERVE_SETTINGS: tuple[ServeSetting, ...] = (
     ServeSetting("scrub_bytes_per_sec", int, 8 << 20, "read rate limit of the scrubber (0: unlimited)"),
     ServeSetting("log_cleaner_interval_ms", int, 15_000,
                  "how often the log cleaner compacts the dirtiest cleanup_policy=compact log (0: off)"),
+    ServeSetting("log_cleaner_io_bytes_per_sec", int, 64 << 20,
+                 "read plus write rate limit of the log cleaner (0: unlimited)"),
     ServeSetting("default_topic_config", dict, {},
                  "topic config applied to new topics unless they set it (flag repeatable; env: K=V,K=V; "
                  "file: a table)", "KEY=VALUE"),
@@ -360,7 +363,8 @@ def broker_config_from_settings(values: Mapping[str, SettingValue], hostname: st
                  "offsets_retention_ms"):
         if number(name) <= 0:
             raise ConfigError(f"{name} must be positive, got {number(name)}")
-    for name in ("scrub_interval_ms", "scrub_bytes_per_sec", "log_cleaner_interval_ms"):
+    for name in ("scrub_interval_ms", "scrub_bytes_per_sec", "log_cleaner_interval_ms",
+                 "log_cleaner_io_bytes_per_sec"):
         if number(name) < 0:
             raise ConfigError(f"{name} must be >= 0, got {number(name)}")
     if not OFFSETS_SEGMENT_BYTES_MIN <= number("offsets_topic_segment_bytes") <= OFFSETS_SEGMENT_BYTES_MAX:
@@ -388,6 +392,7 @@ def broker_config_from_settings(values: Mapping[str, SettingValue], hostname: st
         scrub_interval_ms=number("scrub_interval_ms"),
         scrub_bytes_per_sec=number("scrub_bytes_per_sec"),
         log_cleaner_interval_ms=number("log_cleaner_interval_ms"),
+        log_cleaner_io_bytes_per_sec=number("log_cleaner_io_bytes_per_sec"),
         default_topic_config=dict(topic_defaults),
         coordinator=CoordinatorConfig(
             offsets_topic_partitions=number("offsets_topic_partitions"),

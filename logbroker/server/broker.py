@@ -149,7 +149,8 @@ class Broker:
                 if config.scrub_interval_ms > 0 else None
             )
             self.log_cleaner: LogCleaner | None = (
-                LogCleaner(self._log_manager.logs, config.log_cleaner_interval_ms)
+                LogCleaner(self._log_manager.logs, config.log_cleaner_interval_ms,
+                           io_bytes_per_sec=config.log_cleaner_io_bytes_per_sec)
                 if config.log_cleaner_interval_ms > 0 else None
             )
             self._server: grpc.aio.Server | None = None

@@ -18,8 +18,11 @@ A pass (`clean_log` runs the three in a row; the driver runs the middle one in i
 
 The checkpoint (`first dirty offset`, everything below it has been cleaned at least once) is held
 in memory by the driver, per log object: after a restart (or a log reopened) the whole closed
-prefix counts as dirty again, which costs one extra pass and changes nothing. No I/O rate limit
-yet: the driver runs one pass at a time, one log at a time, in one thread.
+prefix counts as dirty again, which costs one extra pass and changes nothing.
+
+I/O rate: the driver's phase 2 pays for every byte it reads and writes through one
+`io_throttle.Throttle` of `io_bytes_per_sec` (0: unlimited; Kafka's
+log.cleaner.io.max.bytes.per.second); `stop()` wakes a thread sleeping in it.
 
 Test-only hook: a `LogCleaner` built in a process whose environment sets
 `LOGBROKER_TEST_CLEANER_CRASH_AT` to before_swap, between_renames or after_swap
@@ -34,6 +37,8 @@ import asyncio
 import concurrent.futures
 import logging
 import os
+import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +53,7 @@ from logbroker.storage.compaction import (
     plan_prefix_for_map,
     tombstone_expired,
 )
+from logbroker.storage.io_throttle import Throttle
 from logbroker.storage.log import Log, wall_clock_ms
 from logbroker.storage.record_batch import iter_batches
 from logbroker.storage.segment import Segment
@@ -104,12 +110,13 @@ def prepare_clean(log: Log, first_dirty_offset: int, now_ms: int,
     return CleanJob(log, plan, segments, infos, views, now_ms, offset_map_entries)
 
 
-def run_clean(job: CleanJob) -> None:
-    """Phase 2 (any thread): the offset map, then the `.cleaned` files of the segments that change."""
+def run_clean(job: CleanJob, throttle: Throttle | None = None) -> None:
+    """Phase 2 (any thread): the offset map, then the `.cleaned` files of the segments that change.
+    Every byte read (per batch) and written (per file) is paid for through `throttle` first."""
     offsets = OffsetMap(job.offset_map_entries)
     mapped = 0
     for view in job.views:
-        if not map_segment(view, offsets):
+        if not map_segment(view, offsets, throttle):
             break
         mapped += 1
     plan = plan_prefix_for_map(job.plan, job.infos, mapped)
@@ -120,9 +127,11 @@ def run_clean(job: CleanJob) -> None:
         seg, view = job.segments[i], job.views[i]
         mtime_ns = os.stat(seg.path).st_mtime_ns
         expired = tombstone_expired(mtime_ns // 1_000_000, job.now_ms, retention_ms)
-        data = clean_segment(view, offsets, expired)
+        data = clean_segment(view, offsets, expired, throttle)
         changed = len(data) != view.nbytes
         if changed:
+            if throttle is not None:
+                throttle.consume(len(data))
             write_cleaned(seg.path.parent, seg.path.name, data, mtime_ns)
         job.cleaned.append(changed)
     job.end_offset = plan.end_offset
@@ -207,7 +216,8 @@ class LogCleaner:
     def __init__(
         self, logs: Callable[[], Mapping[tuple[str, int], Log]], interval_ms: int,
         now_ms: Callable[[], int] = wall_clock_ms, offset_map_entries: int = OFFSET_MAP_ENTRIES_DEFAULT,
-        hook: Hook | None = None,
+        hook: Hook | None = None, io_bytes_per_sec: int = 0,
+        monotonic_s: Callable[[], float] = time.monotonic,
     ) -> None:
         if interval_ms <= 0:
             raise ValueError(f"log cleaner interval {interval_ms} ms must be > 0")
@@ -216,6 +226,8 @@ class LogCleaner:
         self._now_ms = now_ms
         self._offset_map_entries = offset_map_entries
         self._hook = hook if hook is not None else crash_hook_from_env()  # module doc: tests only
+        self._stop_event = threading.Event()
+        self.throttle = Throttle(io_bytes_per_sec, monotonic_s, self._stop_event.wait)
         self._first_dirty: dict[tuple[str, int], tuple[Log, int]] = {}
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._task: asyncio.Task[None] | None = None
@@ -223,10 +235,12 @@ class LogCleaner:
 
     def start(self) -> None:
         if self._task is None:
+            self._stop_event.clear()
             self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="log-cleaner")
             self._task = asyncio.create_task(self._run(), name="log-cleaner")
 
     async def stop(self) -> None:
+        self._stop_event.set()  # a phase 2 sleeping in the throttle returns; its .cleaned files are abandoned
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -270,7 +284,7 @@ class LogCleaner:
         if job is None:
             return False
         try:
-            await asyncio.get_running_loop().run_in_executor(self._executor, run_clean, job)
+            await asyncio.get_running_loop().run_in_executor(self._executor, run_clean, job, self.throttle)
         except BaseException:
             abandon_clean(job)
             raise

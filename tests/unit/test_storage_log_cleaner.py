@@ -254,9 +254,9 @@ def test_log_cleaner_driver_cleans_dirtiest_compacted_log_off_the_loop(tmp_path:
 
         real = lc.run_clean
 
-        def spy(job: lc.CleanJob) -> None:
+        def spy(job: lc.CleanJob, throttle: object = None) -> None:
             threads.add(threading.current_thread().name)
-            real(job)
+            real(job, throttle)  # type: ignore[arg-type]
 
         lc.run_clean = spy  # type: ignore[assignment]
         cleaner = LogCleaner(lambda: logs, 1000, Clock())
@@ -308,4 +308,90 @@ def test_log_cleaner_driver_calls_its_hook_at_each_swap_step(tmp_path: Path) -> 
     assert steps and len(steps) % len(STEPS) == 0
     assert steps[: len(STEPS)] == list(STEPS)  # per swapped segment, in order
     check(plog, latest, True)
+    plog.close()
+
+
+class ManualClock:
+    """Seconds; `sleep` advances it."""
+
+    def __init__(self) -> None:
+        self.now = 50.0
+        self.sleeps: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def test_run_clean_pays_every_byte_read_and_written_through_the_throttle(tmp_path: Path) -> None:
+    from logbroker.storage.io_throttle import Throttle
+    from logbroker.storage.log_cleaner import finish_clean, prepare_clean, run_clean
+
+    log = open_log(tmp_path / "t-0")
+    latest = fill(log, 2000, 20)
+    job = prepare_clean(log, 0, NOW)
+    assert job is not None
+    read_bytes = sum(v.nbytes for v in job.views)
+    clock = ManualClock()
+    rate = 50_000
+    run_clean(job, Throttle(rate, clock.monotonic, clock.sleep, burst_bytes=4096))
+    written = sum(p.stat().st_size for p in (tmp_path / "t-0").glob("*.cleaned"))
+    assert written > 0
+    # the offset map reads every view, the rewrite reads them again and writes the .cleaned files;
+    # no token is banked at start and the clock moves only by the throttle's sleeps
+    assert clock.now - 50.0 == pytest.approx((2 * read_bytes + written) / rate)
+    assert finish_clean(job) is not None
+    check(log, latest, True)
+    log.close()
+
+
+def test_log_cleaner_driver_runs_phase_two_through_its_throttle(tmp_path: Path) -> None:
+    import asyncio
+
+    from logbroker.storage.io_throttle import Throttle
+    from logbroker.storage.log_cleaner import LogCleaner
+
+    plog = open_log(tmp_path / "a-0")
+    fill(plog, 1000, 20)
+    clock = ManualClock()
+
+    async def main() -> bool:
+        cleaner = LogCleaner(lambda: {("a", 0): plog}, 1000, Clock(), io_bytes_per_sec=1 << 20)
+        assert cleaner.throttle.bytes_per_sec == 1 << 20
+        cleaner.throttle = Throttle(100_000, clock.monotonic, clock.sleep)  # a manual clock instead of the stop event
+        cleaner.start()
+        try:
+            return await cleaner.run_pass()
+        finally:
+            await cleaner.stop()
+
+    assert asyncio.run(main())
+    assert clock.sleeps and clock.now - 50.0 >= plog.size_bytes / 100_000
+    plog.close()
+
+
+def test_log_cleaner_stop_wakes_a_pass_sleeping_in_the_throttle(tmp_path: Path) -> None:
+    import asyncio
+    import time
+
+    from logbroker.storage.log_cleaner import LogCleaner
+
+    plog = open_log(tmp_path / "a-0")
+    fill(plog, 1000, 20)
+
+    async def main() -> float:
+        cleaner = LogCleaner(lambda: {("a", 0): plog}, 1000, Clock(), io_bytes_per_sec=1)  # 1 byte/s: hours
+        cleaner.start()
+        task = asyncio.create_task(cleaner.run_pass())
+        await asyncio.sleep(0.2)  # let phase 2 reach its first sleep (not a synchronisation: either way works)
+        started = time.monotonic()
+        await cleaner.stop()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return time.monotonic() - started
+
+    assert asyncio.run(main()) < 5.0
     plog.close()
