@@ -150,7 +150,8 @@ class Broker:
             )
             self.log_cleaner: LogCleaner | None = (
                 LogCleaner(self._log_manager.logs, config.log_cleaner_interval_ms,
-                           io_bytes_per_sec=config.log_cleaner_io_bytes_per_sec)
+                           io_bytes_per_sec=config.log_cleaner_io_bytes_per_sec,
+                           threads=config.log_cleaner_threads)
                 if config.log_cleaner_interval_ms > 0 else None
             )
             self._server: grpc.aio.Server | None = None

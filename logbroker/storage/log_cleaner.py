@@ -24,6 +24,10 @@ I/O rate: the driver's phase 2 pays for every byte it reads and writes through o
 `io_throttle.Throttle` of `io_bytes_per_sec` (0: unlimited; Kafka's
 log.cleaner.io.max.bytes.per.second); `stop()` wakes a thread sleeping in it.
 
+Pool: the driver runs up to `threads` passes at once (Kafka's log.cleaner.threads), each on a
+different log: a log is marked busy from its pick to the end of its pass, and picks skip busy
+logs. They share the one throttle (one rate for the whole cleaner).
+
 Test-only hook: a `LogCleaner` built in a process whose environment sets
 `LOGBROKER_TEST_CLEANER_CRASH_AT` to before_swap, between_renames or after_swap
 (segment_cleaner.CRASH_ENV, STEPS) makes that process exit with os._exit (no close, no flush, as
@@ -69,6 +73,7 @@ from logbroker.storage.segment_indexer import SegmentIndexer
 log = logging.getLogger(__name__)
 
 Hook = Callable[[str], None]
+THREADS_MAX = 16  # log_cleaner_threads bound
 
 
 @dataclass
@@ -208,19 +213,23 @@ def clean_log(
 
 
 class LogCleaner:
-    """The background driver: every `interval_ms`, cleans the dirtiest cleanable compacted log
-    (forced ones first, then by dirty ratio) if any, one pass at a time: phases 1 and 3 on the
-    event loop (this task), phase 2 in the cleaner's one thread. `logs` returns the logs to
+    """The background driver: `threads` tasks (Kafka's cleaner threads), each of which every
+    `interval_ms` cleans the dirtiest cleanable compacted log (forced ones first, then by dirty
+    ratio) that no other task is cleaning, if any: phases 1 and 3 on the event loop, phase 2 in
+    the cleaner's pool of `threads` threads; never two passes on one log at once. `logs` returns the logs to
     consider (the log manager's). Keeps each log's first dirty offset in memory (module doc)."""
 
     def __init__(
         self, logs: Callable[[], Mapping[tuple[str, int], Log]], interval_ms: int,
         now_ms: Callable[[], int] = wall_clock_ms, offset_map_entries: int = OFFSET_MAP_ENTRIES_DEFAULT,
         hook: Hook | None = None, io_bytes_per_sec: int = 0,
-        monotonic_s: Callable[[], float] = time.monotonic,
+        monotonic_s: Callable[[], float] = time.monotonic, threads: int = 1,
     ) -> None:
         if interval_ms <= 0:
             raise ValueError(f"log cleaner interval {interval_ms} ms must be > 0")
+        if not 1 <= threads <= THREADS_MAX:
+            raise ValueError(f"log cleaner threads {threads} must be in [1, {THREADS_MAX}]")
+        self.threads = threads
         self._logs = logs
         self.interval_ms = interval_ms
         self._now_ms = now_ms
@@ -230,21 +239,22 @@ class LogCleaner:
         self.throttle = Throttle(io_bytes_per_sec, monotonic_s, self._stop_event.wait)
         self._first_dirty: dict[tuple[str, int], tuple[Log, int]] = {}
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._busy: set[tuple[str, int]] = set()  # logs in a pass now: never two passes on one log
         self.passes = 0  # passes that swapped something in (for tests and metrics)
 
     def start(self) -> None:
-        if self._task is None:
+        if not self._tasks:
             self._stop_event.clear()
-            self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="log-cleaner")
-            self._task = asyncio.create_task(self._run(), name="log-cleaner")
+            self._executor = concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="log-cleaner")
+            self._tasks = [asyncio.create_task(self._run(), name=f"log-cleaner-{i}") for i in range(self.threads)]
 
     async def stop(self) -> None:
         self._stop_event.set()  # a phase 2 sleeping in the throttle returns; its .cleaned files are abandoned
-        task, self._task = self._task, None
-        if task is not None:
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
             task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)  # a running phase 2 only writes .cleaned files
             self._executor = None
@@ -262,6 +272,8 @@ class LogCleaner:
     def _pick(self, now_ms: int) -> tuple[tuple[str, int], Log, int] | None:
         best: tuple[tuple[bool, float], tuple[str, int], Log, int] | None = None
         for key, plog in self._logs().items():
+            if key in self._busy:
+                continue
             held = self._first_dirty.get(key)
             first_dirty = held[1] if held is not None and held[0] is plog else 0
             try:
@@ -274,12 +286,20 @@ class LogCleaner:
         return None if best is None else best[1:]
 
     async def run_pass(self) -> bool:
-        """Clean the dirtiest cleanable log once; True if something was swapped in."""
+        """Clean the dirtiest cleanable log that no other pass is cleaning, once; True if something
+        was swapped in. Passes may run concurrently (up to `threads` in phase 2 at once)."""
         now = self._now_ms()
         picked = self._pick(now)
         if picked is None:
             return False
         key, plog, first_dirty = picked
+        self._busy.add(key)  # before the first await: a concurrent pass picks another log
+        try:
+            return await self._clean(key, plog, first_dirty, now)
+        finally:
+            self._busy.discard(key)
+
+    async def _clean(self, key: tuple[str, int], plog: Log, first_dirty: int, now: int) -> bool:
         job = prepare_clean(plog, first_dirty, now, self._offset_map_entries)
         if job is None:
             return False

@@ -395,3 +395,56 @@ def test_log_cleaner_stop_wakes_a_pass_sleeping_in_the_throttle(tmp_path: Path) 
 
     assert asyncio.run(main()) < 5.0
     plog.close()
+
+
+def test_log_cleaner_pool_cleans_two_logs_at_once_and_one_log_never_twice(tmp_path: Path) -> None:
+    import asyncio
+    import threading
+
+    import logbroker.storage.log_cleaner as lc
+
+    logs = {("a", 0): open_log(tmp_path / "a-0"), ("b", 0): open_log(tmp_path / "b-0")}
+    latest = {key: fill(plog, 1000, 20) for key, plog in logs.items()}
+    both_in_phase_two = threading.Barrier(2, timeout=20)  # breaks unless two phase 2s overlap
+    lock = threading.Lock()
+    in_flight: dict[str, int] = {}
+    most: dict[str, int] = {}
+    real = lc.run_clean
+
+    def spy(job: lc.CleanJob, throttle: object = None) -> None:
+        name = str(job.log._local.directory)
+        with lock:
+            in_flight[name] = in_flight.get(name, 0) + 1
+            most[name] = max(most.get(name, 0), in_flight[name])
+        try:
+            both_in_phase_two.wait()
+            real(job, throttle)  # type: ignore[arg-type]
+        finally:
+            with lock:
+                in_flight[name] -= 1
+
+    async def main() -> list[bool]:
+        lc.run_clean = spy  # type: ignore[assignment]
+        cleaner = lc.LogCleaner(lambda: logs, 1000, Clock(), threads=2)
+        cleaner.start()
+        try:
+            # three passes at once over two logs: two run (one per log, in two threads), the third
+            # finds every cleanable log busy
+            return list(await asyncio.gather(cleaner.run_pass(), cleaner.run_pass(), cleaner.run_pass()))
+        finally:
+            lc.run_clean = real  # type: ignore[assignment]
+            await cleaner.stop()
+
+    assert sorted(asyncio.run(main())) == [False, True, True]
+    assert len(most) == 2 and set(most.values()) == {1}
+    for key, plog in logs.items():
+        check(plog, latest[key], True)
+        plog.close()
+
+
+def test_log_cleaner_threads_are_bounded() -> None:
+    from logbroker.storage.log_cleaner import THREADS_MAX, LogCleaner
+
+    for bad in (0, THREADS_MAX + 1):
+        with pytest.raises(ValueError, match="threads"):
+            LogCleaner(dict, 1000, Clock(), threads=bad)
