@@ -17,8 +17,11 @@ A pass (`clean_log` runs the three in a row; the driver runs the middle one in i
    is valid until the log is next modified; a replaced segment's old mapping stays alive).
 
 The checkpoint (`first dirty offset`, everything below it has been cleaned at least once) is held
-in memory by the driver, per log object: after a restart (or a log reopened) the whole closed
-prefix counts as dirty again, which costs one extra pass and changes nothing.
+in memory by the driver, per log object, and, given a `checkpoint_path`, persisted
+(cleaner_checkpoint.py: written after each pass that moved an offset, read when the driver is
+built, per topic, partition and topic id). A log without an entry (or whose topic id changed, or
+reopened while the driver runs) counts as dirty from its start, which costs one extra pass and
+changes nothing.
 
 I/O rate: the driver's phase 2 pays for every byte it reads and writes through one
 `io_throttle.Throttle` of `io_bytes_per_sec` (0: unlimited; Kafka's
@@ -47,6 +50,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from logbroker.storage.cleaner_checkpoint import Entry, read_checkpoint, write_checkpoint
 from logbroker.storage.compaction import (
     OFFSET_MAP_ENTRIES_DEFAULT,
     CleanPlan,
@@ -59,6 +63,7 @@ from logbroker.storage.compaction import (
 )
 from logbroker.storage.io_throttle import Throttle
 from logbroker.storage.log import Log, wall_clock_ms
+from logbroker.storage.log_identity import read_partition_metadata
 from logbroker.storage.record_batch import iter_batches
 from logbroker.storage.segment import Segment
 from logbroker.storage.segment_cleaner import (
@@ -224,6 +229,7 @@ class LogCleaner:
         now_ms: Callable[[], int] = wall_clock_ms, offset_map_entries: int = OFFSET_MAP_ENTRIES_DEFAULT,
         hook: Hook | None = None, io_bytes_per_sec: int = 0,
         monotonic_s: Callable[[], float] = time.monotonic, threads: int = 1,
+        checkpoint_path: Path | None = None, topic_id_of: Callable[[Log], str | None] | None = None,
     ) -> None:
         if interval_ms <= 0:
             raise ValueError(f"log cleaner interval {interval_ms} ms must be > 0")
@@ -238,6 +244,12 @@ class LogCleaner:
         self._stop_event = threading.Event()
         self.throttle = Throttle(io_bytes_per_sec, monotonic_s, self._stop_event.wait)
         self._first_dirty: dict[tuple[str, int], tuple[Log, int]] = {}
+        self._checkpoint_path = checkpoint_path
+        self._saved = read_checkpoint(checkpoint_path) if checkpoint_path is not None else {}
+        self._topic_id_of = topic_id_of or (lambda plog: read_partition_metadata(plog.directory))
+        self._topic_ids: dict[tuple[str, int], tuple[Log, str]] = {}
+        self._checkpoint_lock = threading.Lock()  # writes in threads, newest snapshot wins
+        self._checkpoint_seq = self._checkpoint_written = 0
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._busy: set[tuple[str, int]] = set()  # logs in a pass now: never two passes on one log
@@ -274,9 +286,8 @@ class LogCleaner:
         for key, plog in self._logs().items():
             if key in self._busy:
                 continue
-            held = self._first_dirty.get(key)
-            first_dirty = held[1] if held is not None and held[0] is plog else 0
             try:
+                first_dirty = self._first_dirty_of(key, plog)
                 plan = plan_log(plog, first_dirty, now_ms)
             except Exception as e:  # an offline or closed log: skip it this time
                 log.debug("log cleaner skips %s: %s", key, e)
@@ -284,6 +295,56 @@ class LogCleaner:
             if plan is not None and (best is None or (plan.forced, plan.dirty_ratio) > best[0]):
                 best = ((plan.forced, plan.dirty_ratio), key, plog, first_dirty)
         return None if best is None else best[1:]
+
+    def _first_dirty_of(self, key: tuple[str, int], plog: Log) -> int:
+        held = self._first_dirty.get(key)
+        if held is not None:
+            return held[1] if held[0] is plog else 0
+        saved = self._saved.get(key)
+        if saved is not None and saved.topic_id == self._topic_id(key, plog):
+            return min(saved.first_dirty_offset, plog.log_end_offset)
+        return 0
+
+    def _topic_id(self, key: tuple[str, int], plog: Log) -> str | None:
+        """The log's topic id ('' if none), read once per log object; None if unreadable."""
+        cached = self._topic_ids.get(key)
+        if cached is not None and cached[0] is plog:
+            return cached[1]
+        try:
+            topic_id = self._topic_id_of(plog) or ""
+        except Exception as e:  # a damaged partition.metadata: no checkpoint entry for it
+            log.debug("log cleaner: no topic id for %s: %s", key, e)
+            return None
+        self._topic_ids[key] = (plog, topic_id)
+        return topic_id
+
+    def checkpoint_entries(self) -> dict[tuple[str, int], Entry]:
+        """What the checkpoint file is to say now: the logs present with a first dirty offset."""
+        entries: dict[tuple[str, int], Entry] = {}
+        for key, plog in self._logs().items():
+            first_dirty = self._first_dirty_of(key, plog)
+            topic_id = self._topic_id(key, plog) if first_dirty > 0 else None
+            if topic_id is not None:
+                entries[key] = Entry(topic_id, first_dirty)
+        return entries
+
+    async def _save_checkpoint(self) -> None:
+        path = self._checkpoint_path
+        if path is None:
+            return
+        self._checkpoint_seq += 1
+        seq, entries = self._checkpoint_seq, self.checkpoint_entries()
+
+        def write() -> None:
+            with self._checkpoint_lock:
+                if seq > self._checkpoint_written:  # a newer snapshot may have been written first
+                    write_checkpoint(path, entries)
+                    self._checkpoint_written = seq
+
+        try:
+            await asyncio.to_thread(write)
+        except OSError as e:  # the pass is done; the next one writes again
+            log.warning("log cleaner: cannot write %s: %s", path, e)
 
     async def run_pass(self) -> bool:
         """Clean the dirtiest cleanable log that no other pass is cleaning, once; True if something
@@ -312,6 +373,7 @@ class LogCleaner:
         if end is None:
             return False
         self._first_dirty[key] = (plog, end)
+        await self._save_checkpoint()
         self.passes += 1
         log.info("log cleaner cleaned %s-%d below offset %d (dirty ratio %.2f%s)", key[0], key[1], end,
                  job.plan.dirty_ratio, ", forced by max_compaction_lag_ms" if job.plan.forced else "")

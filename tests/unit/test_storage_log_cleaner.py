@@ -448,3 +448,81 @@ def test_log_cleaner_threads_are_bounded() -> None:
     for bad in (0, THREADS_MAX + 1):
         with pytest.raises(ValueError, match="threads"):
             LogCleaner(dict, 1000, Clock(), threads=bad)
+
+
+TOPIC_ID_A = "a" * 32
+TOPIC_ID_B = "b" * 32
+
+
+def run_passes(cleaner_args: dict, logs: dict, passes: int) -> tuple[list[bool], dict]:
+    import asyncio
+
+    from logbroker.storage.log_cleaner import LogCleaner
+
+    async def main() -> tuple[list[bool], dict]:
+        cleaner = LogCleaner(lambda: logs, 1000, Clock(), **cleaner_args)
+        cleaner.start()
+        try:
+            return [await cleaner.run_pass() for _ in range(passes)], cleaner.checkpoint_entries()
+        finally:
+            await cleaner.stop()
+
+    return asyncio.run(main())
+
+
+def test_cleaner_checkpoint_survives_a_restart_and_not_a_recreated_topic(tmp_path: Path) -> None:
+    import json
+
+    from logbroker.storage.cleaner_checkpoint import FILE_NAME, read_checkpoint
+    from logbroker.storage.log_identity import write_partition_metadata
+
+    path = tmp_path / FILE_NAME
+    for name, topic_id in (("a-0", TOPIC_ID_A), ("b-0", "")):
+        (tmp_path / name).mkdir()
+        if topic_id:
+            write_partition_metadata(tmp_path / name, topic_id)
+    logs = {("a", 0): open_log(tmp_path / "a-0"), ("b", 0): open_log(tmp_path / "b-0")}
+    for plog in logs.values():
+        fill(plog, 1000, 20)
+    results, _ = run_passes({"checkpoint_path": path}, logs, 3)
+    assert results == [True, True, False]
+    saved = read_checkpoint(path)
+    ends = {key: plog.segments[-1].base_offset for key, plog in logs.items()}
+    assert {k: (e.topic_id, e.first_dirty_offset) for k, e in saved.items()} == {
+        ("a", 0): (TOPIC_ID_A, ends[("a", 0)]), ("b", 0): ("", ends[("b", 0)])}
+    assert json.loads(path.read_text())["version"] == 0
+    for plog in logs.values():
+        plog.close()
+
+    # a restart on the same directory: the logs reopened, nothing left to clean
+    logs = {("a", 0): open_log(tmp_path / "a-0"), ("b", 0): open_log(tmp_path / "b-0")}
+    results, entries = run_passes({"checkpoint_path": path}, logs, 2)
+    assert results == [False, False]
+    assert entries == saved
+    # without the checkpoint, the same logs would be cleaned again (min_cleanable_dirty_ratio 0)
+    results, _ = run_passes({}, logs, 1)
+    assert results == [True]
+
+    # topic a deleted and created again (another id, same name), topic b gone: a is cleaned again
+    # from its start, and b's entry is dropped at the next write
+    for plog in logs.values():
+        plog.close()
+    write_partition_metadata(tmp_path / "a-0", TOPIC_ID_B)
+    logs = {("a", 0): open_log(tmp_path / "a-0")}
+    fill(logs[("a", 0)], 1000, 20)
+    results, _ = run_passes({"checkpoint_path": path}, logs, 2)
+    assert results == [True, False]
+    assert set(read_checkpoint(path)) == {("a", 0)} and read_checkpoint(path)[("a", 0)].topic_id == TOPIC_ID_B
+    logs[("a", 0)].close()
+
+
+@pytest.mark.parametrize("contents", [b"{", b'{"version": 1, "logs": []}', b'{"version": 0, "logs": [{"topic": "a"}]}',
+                                      b"\xff\xfe", b'{"version": 0, "logs": [{"topic": "a", "partition": -1, '
+                                      b'"topic_id": "", "first_dirty_offset": 3}]}'])
+def test_damaged_cleaner_checkpoint_is_ignored(tmp_path: Path, contents: bytes) -> None:
+    from logbroker.storage.cleaner_checkpoint import read_checkpoint
+
+    path = tmp_path / "cleaner-offset-checkpoint"
+    path.write_bytes(contents)
+    assert read_checkpoint(path) == {}
+    assert read_checkpoint(tmp_path / "missing") == {}
