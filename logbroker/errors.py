@@ -256,6 +256,13 @@ class InvalidRecordError(BrokerError):
     code = pb.INVALID_RECORD
 
 
+class UnsupportedCompressionTypeError(BrokerError):
+    """A batch whose codec the broker cannot read where it must read the records: snappy, lz4 or
+    zstd produced to a cleanup_policy=compact topic (whose keys are checked and compacted)."""
+
+    code = pb.UNSUPPORTED_COMPRESSION_TYPE
+
+
 class KafkaTimeoutError(LogbrokerError):
     """A client-side deadline passed (delivery timeout, flush timeout, metadata wait)."""
 
