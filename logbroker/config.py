@@ -11,6 +11,7 @@ from pathlib import Path
 
 from logbroker.cluster.cluster_secret import MAKE_ONE_HINT, ClusterSecretError, load_cluster_secret
 from logbroker.group.coordinator_config import CoordinatorConfig
+from logbroker.storage.log_cleaner import THREADS_MAX as LOG_CLEANER_THREADS_MAX
 
 DEFAULT_PORT = 9092
 DEFAULT_HOST = "127.0.0.1"
@@ -72,6 +73,8 @@ class BrokerConfig:
     scrub_bytes_per_sec: int = 8 << 20
     # log compaction of cleanup_policy=compact topics (storage/log_cleaner.py); interval 0: off
     log_cleaner_interval_ms: int = 15_000
+    log_cleaner_io_bytes_per_sec: int = 64 << 20  # reads and writes of the cleaner's passes; 0: unlimited
+    log_cleaner_threads: int = 1  # passes at once, on different logs (1..LOG_CLEANER_THREADS_MAX)
     shutdown_grace_s: float = 5.0
     default_topic_config: dict[str, str] = field(default_factory=dict)
     # cluster mode (empty zookeeper: standalone with the embedded metadata store)
@@ -173,6 +176,10 @@ SERVE_SETTINGS: tuple[ServeSetting, ...] = (
     ServeSetting("scrub_bytes_per_sec", int, 8 << 20, "read rate limit of the scrubber (0: unlimited)"),
     ServeSetting("log_cleaner_interval_ms", int, 15_000,
                  "how often the log cleaner compacts the dirtiest cleanup_policy=compact log (0: off)"),
+    ServeSetting("log_cleaner_io_bytes_per_sec", int, 64 << 20,
+                 "read plus write rate limit of the log cleaner (0: unlimited)"),
+    ServeSetting("log_cleaner_threads", int, 1,
+                 f"log cleaner passes at once, each on a different log (1..{LOG_CLEANER_THREADS_MAX})"),
     ServeSetting("default_topic_config", dict, {},
                  "topic config applied to new topics unless they set it (flag repeatable; env: K=V,K=V; "
                  "file: a table)", "KEY=VALUE"),
@@ -360,9 +367,13 @@ def broker_config_from_settings(values: Mapping[str, SettingValue], hostname: st
                  "offsets_retention_ms"):
         if number(name) <= 0:
             raise ConfigError(f"{name} must be positive, got {number(name)}")
-    for name in ("scrub_interval_ms", "scrub_bytes_per_sec", "log_cleaner_interval_ms"):
+    for name in ("scrub_interval_ms", "scrub_bytes_per_sec", "log_cleaner_interval_ms",
+                 "log_cleaner_io_bytes_per_sec"):
         if number(name) < 0:
             raise ConfigError(f"{name} must be >= 0, got {number(name)}")
+    if not 1 <= number("log_cleaner_threads") <= LOG_CLEANER_THREADS_MAX:
+        raise ConfigError(f"log_cleaner_threads must be in [1, {LOG_CLEANER_THREADS_MAX}], "
+                          f"got {number('log_cleaner_threads')}")
     if not OFFSETS_SEGMENT_BYTES_MIN <= number("offsets_topic_segment_bytes") <= OFFSETS_SEGMENT_BYTES_MAX:
         raise ConfigError(f"offsets_topic_segment_bytes must be in [{OFFSETS_SEGMENT_BYTES_MIN}, "
                           f"{OFFSETS_SEGMENT_BYTES_MAX}], got {number('offsets_topic_segment_bytes')}")
@@ -388,6 +399,8 @@ def broker_config_from_settings(values: Mapping[str, SettingValue], hostname: st
         scrub_interval_ms=number("scrub_interval_ms"),
         scrub_bytes_per_sec=number("scrub_bytes_per_sec"),
         log_cleaner_interval_ms=number("log_cleaner_interval_ms"),
+        log_cleaner_io_bytes_per_sec=number("log_cleaner_io_bytes_per_sec"),
+        log_cleaner_threads=number("log_cleaner_threads"),
         default_topic_config=dict(topic_defaults),
         coordinator=CoordinatorConfig(
             offsets_topic_partitions=number("offsets_topic_partitions"),

@@ -14,8 +14,8 @@ Three parts:
   callable, in chunks, and yields one `BatchCheck` per batch, bad ones included (a bad CRC does not
   stop the walk; a bad length does, as nothing after it can be found). Every byte read is paid for
   through a `Throttle` first.
-- `Throttle`: a token bucket over an injected monotonic clock and sleep: at most `bytes_per_sec`
-  on average, bursts of at most one chunk.
+- `Throttle` (storage/io_throttle.py): a token bucket over an injected monotonic clock and sleep:
+  at most `bytes_per_sec` on average, bursts of at most one chunk.
 - `Scrubber`: the driver at the edge. An asyncio task on the broker's event loop starts a pass every
   `interval_ms` (the first one after min(interval_ms, FIRST_PASS_DELAY_MS_MAX)). A pass snapshots,
   on the loop, the closed segments of every hosted replica (path, base offset, size), then scans
@@ -64,6 +64,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import crc32c as _crc32c
 
+from logbroker.storage.io_throttle import CHUNK_BYTES_MAX, Throttle
 from logbroker.storage.record_batch import (
     CRC_START,
     HEADER,
@@ -79,8 +80,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CHUNK_BYTES_MAX = 1 << 20  # one read; also the throttle's burst
-CHUNK_BYTES_MIN = 4096
 BAD_BATCHES_PER_SEGMENT_MAX = 100  # reported per segment scan; the walk goes on counting
 FIRST_PASS_DELAY_MS_MAX = 5 * 60 * 1000
 DEFAULT_SCRUB_INTERVAL_MS = 24 * 3600 * 1000
@@ -113,42 +112,6 @@ class BatchCheck(NamedTuple):
 
 class ScrubStopped(Exception):
     """The scrubber was stopped while a walk was in progress."""
-
-
-class Throttle:
-    """A token bucket: `consume(n)` returns once `n` bytes fit in `bytes_per_sec` (<= 0: no limit).
-    `monotonic_s` and `sleep` are injected (tests pass a manual clock whose sleep advances it)."""
-
-    def __init__(
-        self, bytes_per_sec: int, monotonic_s: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], object] = time.sleep, burst_bytes: int = CHUNK_BYTES_MAX,
-    ) -> None:
-        self.bytes_per_sec = bytes_per_sec
-        self.burst_bytes = max(1, burst_bytes)
-        self._monotonic_s = monotonic_s
-        self._sleep = sleep
-        self._tokens = 0.0
-        self._last = monotonic_s()
-
-    def consume(self, n: int) -> None:
-        rate = self.bytes_per_sec
-        if rate <= 0:
-            return
-        now = self._monotonic_s()
-        self._tokens = min(float(self.burst_bytes), self._tokens + (now - self._last) * rate)
-        self._last = now
-        self._tokens -= n
-        if self._tokens < 0:
-            self._sleep(-self._tokens / rate)
-            # whatever the sleep really took, the debt is paid: the next call refills from here
-            self._last = max(self._last, self._monotonic_s())
-            self._tokens = 0.0
-
-    def chunk_bytes(self) -> int:
-        """A read size that keeps each sleep near a tenth of a second."""
-        if self.bytes_per_sec <= 0:
-            return CHUNK_BYTES_MAX
-        return max(CHUNK_BYTES_MIN, min(CHUNK_BYTES_MAX, self.bytes_per_sec // 10))
 
 
 class _Reader:

@@ -60,6 +60,7 @@ from logbroker.server.apis.queues import QueueApis
 from logbroker.server.cluster_member import ClusterMember
 from logbroker.server.request_context import RequestRejected, RequestStatus
 from logbroker.server.wire_server import WireServer
+from logbroker.storage.cleaner_checkpoint import FILE_NAME as CLEANER_CHECKPOINT_FILE
 from logbroker.storage.data_dir_lock import DataDirLock
 from logbroker.storage.log import LogConfig
 from logbroker.storage.log_cleaner import LogCleaner
@@ -158,7 +159,11 @@ class Broker:
                 if config.scrub_interval_ms > 0 else None
             )
             self.log_cleaner: LogCleaner | None = (
-                LogCleaner(self._log_manager.logs, config.log_cleaner_interval_ms)
+                LogCleaner(self._log_manager.logs, config.log_cleaner_interval_ms,
+                           io_bytes_per_sec=config.log_cleaner_io_bytes_per_sec,
+                           threads=config.log_cleaner_threads,
+                           checkpoint_path=Path(config.data_dir) / CLEANER_CHECKPOINT_FILE,
+                           topic_id_of=lambda plog: self._log_manager.registry.partition_metadata(plog.directory))
                 if config.log_cleaner_interval_ms > 0 else None
             )
             self._server: grpc.aio.Server | None = None

@@ -128,7 +128,8 @@ def _as_bytes_view(records: bytes | bytearray | memoryview) -> memoryview:
 
 def _refuse_null_keys(payload: memoryview, infos: list[BatchInfo]) -> None:
     """InvalidRecordError if any record of a produce payload to a compacted log has no key (the
-    key-only scan of record_batch.first_null_key; other topics never decode their records)."""
+    key-only scan of record_batch.first_null_key; other topics never decode their records);
+    UnsupportedCompressionTypeError for a batch whose codec the broker cannot read."""
     for info in infos:
         delta = first_null_key(payload, info)
         if delta is not None:
@@ -273,8 +274,9 @@ class Log:
 
         Raises CorruptMessageError / MessageTooLargeError / UnsupportedForMessageFormatError /
         RecordListTooLargeError, and in a compacted topic InvalidRecordError (a record without a
-        key: compaction keeps the latest record per key, as Kafka refuses them), with nothing
-        written, and StorageError (disk full, I/O error, index
+        key: compaction keeps the latest record per key, as Kafka refuses them) and
+        UnsupportedCompressionTypeError (a snappy/lz4/zstd batch, whose keys the broker cannot
+        read), with nothing written, and StorageError (disk full, I/O error, index
         full) with the log as it was.
         """
         local = self._local

@@ -28,7 +28,8 @@ Each record (all varints zigzag-encoded, as protobuf sint32/sint64)::
 
 The broker only ever touches the header (`validate_batches`, `set_base_offset`,
 `set_leader_epoch`), except for compacted topics, whose produced records `first_null_key` walks
-up to each key length (no key or value copied) to refuse null keys; records are encoded by `BatchBuilder` and decoded by `decode_batch` on the
+up to each key length (no key or value copied) to refuse null keys (and refuses the codecs it
+cannot inflate there: snappy, lz4, zstd); records are encoded by `BatchBuilder` and decoded by `decode_batch` on the
 client, whose hot loops use table lookups for one- and two-byte varints.
 
 Where aiokafka's compiled RecordBatch v2 codec is installed (`aiokafka.record._crecords`, Cython:
@@ -60,6 +61,7 @@ import crc32c as _crc32c
 from logbroker.errors import (
     CorruptMessageError,
     MessageTooLargeError,
+    UnsupportedCompressionTypeError,
     UnsupportedForMessageFormatError,
 )
 
@@ -596,19 +598,23 @@ def _decode_headers(buf: bytes, pos: int, count: int, end: int) -> tuple[RecordH
 
 def first_null_key(buf: bytes | bytearray | memoryview, info: BatchInfo) -> int | None:
     """The offset delta of the first record with a null key in the batch `validate_batches`
-    described as `info`, or None when every record has a key (and for control batches, and for
-    snappy/lz4/zstd batches, which the broker cannot inflate and so does not check).
+    described as `info`, or None when every record has a key (and for control batches).
 
     A key-only walk: per record, its length, attributes, timestamp and offset deltas and key length;
-    nothing is copied from an uncompressed batch. Raises CorruptMessageError for a record whose
-    length runs past the batch or a gzip body that does not inflate (within
-    KEY_SCAN_DECOMPRESSED_BYTES_MAX)."""
+    nothing is copied from an uncompressed batch. Raises UnsupportedCompressionTypeError for a
+    snappy/lz4/zstd batch (the broker cannot inflate it, so cannot check or compact its keys), and
+    CorruptMessageError for a record whose length runs past the batch or a gzip body that does not
+    inflate (within KEY_SCAN_DECOMPRESSED_BYTES_MAX)."""
     view = memoryview(buf)
     pos = info.position
     attributes = int.from_bytes(view[pos + 21 : pos + 23], "big", signed=True)
     codec = attributes & COMPRESSION_MASK
-    if attributes & CONTROL_MASK or codec not in (COMPRESSION_NONE, COMPRESSION_GZIP):
+    if attributes & CONTROL_MASK:
         return None
+    if codec not in (COMPRESSION_NONE, COMPRESSION_GZIP):
+        raise UnsupportedCompressionTypeError(
+            f"the batch at byte {pos} is compressed with codec {codec} (snappy, lz4 or zstd), which this broker "
+            "cannot read: a cleanup_policy=compact topic accepts uncompressed or gzip batches only")
     data: bytes | memoryview = view
     p, end = pos + HEADER_SIZE, pos + info.size_bytes
     if codec == COMPRESSION_GZIP:

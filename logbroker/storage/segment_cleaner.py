@@ -46,6 +46,7 @@ from pathlib import Path
 from logbroker.errors import StorageError
 from logbroker.storage.atomic_file import fsync_dir
 from logbroker.storage.compaction import OffsetMap, keep_record
+from logbroker.storage.io_throttle import Throttle
 from logbroker.storage.record_batch import (
     COMPRESSION_GZIP,
     COMPRESSION_MASK,
@@ -130,9 +131,12 @@ def iter_raw_records(body: bytes, h: BatchHeader) -> Iterator[RawRecord]:
         p = end
 
 
-def map_segment(buf: bytes | memoryview, offsets: OffsetMap) -> bool:
-    """Add the keys of one segment's batches to `offsets`; False if the map filled up."""
+def map_segment(buf: bytes | memoryview, offsets: OffsetMap, throttle: Throttle | None = None) -> bool:
+    """Add the keys of one segment's batches to `offsets`; False if the map filled up. Each batch
+    read is paid for through `throttle` first."""
     for h, pos in iter_batches(buf):
+        if throttle is not None:
+            throttle.consume(h.batch_length + LOG_OVERHEAD)
         if h.attributes & CONTROL_MASK:
             continue
         body = batch_body(buf, pos, h)
@@ -144,11 +148,15 @@ def map_segment(buf: bytes | memoryview, offsets: OffsetMap) -> bool:
     return True
 
 
-def clean_segment(buf: bytes | memoryview, offsets: OffsetMap, tombstones_expired: bool) -> bytes:
-    """The cleaned contents of one segment (see the module doc)."""
+def clean_segment(buf: bytes | memoryview, offsets: OffsetMap, tombstones_expired: bool,
+                  throttle: Throttle | None = None) -> bytes:
+    """The cleaned contents of one segment (see the module doc); each batch read is paid for
+    through `throttle` first."""
     out = bytearray()
     for h, pos in iter_batches(buf):
         size = h.batch_length + LOG_OVERHEAD
+        if throttle is not None:
+            throttle.consume(size)
         body = None if h.attributes & CONTROL_MASK else batch_body(buf, pos, h)
         if body is None:
             out += buf[pos : pos + size]

@@ -55,6 +55,7 @@ class ErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INVALID_RECORD: _ClassVar[ErrorCode]
     INCONSISTENT_GROUP_PROTOCOL: _ClassVar[ErrorCode]
     INVALID_RECORD_STATE: _ClassVar[ErrorCode]
+    UNSUPPORTED_COMPRESSION_TYPE: _ClassVar[ErrorCode]
 NONE: ErrorCode
 UNKNOWN_SERVER_ERROR: ErrorCode
 OFFSET_OUT_OF_RANGE: ErrorCode
@@ -101,6 +102,7 @@ GROUP_ID_NOT_FOUND: ErrorCode
 INVALID_RECORD: ErrorCode
 INCONSISTENT_GROUP_PROTOCOL: ErrorCode
 INVALID_RECORD_STATE: ErrorCode
+UNSUPPORTED_COMPRESSION_TYPE: ErrorCode
 
 class ProduceRequest(_message.Message):
     __slots__ = ("acks", "timeout_ms", "partitions")

@@ -1,7 +1,8 @@
 """`__consumer_offsets` is compacted (a real standalone broker): thousands of commits of one
 partition leave the offsets partition under a size bound once the LogCleaner ran, and the
 coordinator's replay over the compacted log after a restart still finds the latest commit. And a
-compacted topic refuses keyless records with INVALID_RECORD, as Kafka."""
+compacted topic refuses keyless records with INVALID_RECORD, as Kafka, and batches whose codec
+the broker cannot read (snappy, lz4, zstd) with UNSUPPORTED_COMPRESSION_TYPE."""
 
 from __future__ import annotations
 
@@ -64,3 +65,31 @@ def test_compacted_topic_refuses_keyless_records(broker_factory) -> None:
             producer.send("table", b"v").result(10)
         assert producer.send("plain", b"v").result(10).offset == 0
         assert producer.send("table", b"v2", key=b"k").result(10).offset == 1  # nothing of the refusal was written
+
+
+def test_compacted_topic_refuses_codecs_the_broker_cannot_read(broker_factory) -> None:
+    import struct
+
+    import grpc
+
+    from logbroker.storage.record_batch import CRC_START, crc32c, encode_batch
+    from logbroker.v1 import logbroker_pb2_grpc
+
+    def produce(admin: Admin, topic: str, records: bytes) -> int:
+        request = pb.ProduceRequest(acks=1, timeout_ms=10_000, partitions=[
+            pb.ProducePartition(topic=topic, partition=0, records=records)])
+        with grpc.insecure_channel(broker.address) as channel:
+            resp = logbroker_pb2_grpc.BrokerStub(channel).Produce(request, timeout=10)
+        return resp.results[0].error_code
+
+    lz4 = bytearray(encode_batch([(1000, b"k", b"v", None)]))  # relabelled lz4 (codec 3), CRC recomputed
+    struct.pack_into(">h", lz4, 21, struct.unpack_from(">h", lz4, 21)[0] | 3)
+    struct.pack_into(">I", lz4, 17, crc32c(memoryview(lz4)[CRC_START:]))
+    broker = broker_factory()
+    with Admin(broker.address) as admin:
+        admin.create_topic("table", config={"cleanup_policy": "compact"})
+        admin.create_topic("plain")
+        assert produce(admin, "table", bytes(lz4)) == pb.UNSUPPORTED_COMPRESSION_TYPE
+        assert produce(admin, "plain", bytes(lz4)) == pb.NONE  # not read, not compacted: stored as is
+        assert produce(admin, "table", encode_batch([(1000, b"k", b"v", None)])) == pb.NONE
+        assert admin.describe_topics(["table"])[0].partitions[0].size_bytes > 0

@@ -11,7 +11,6 @@ import pytest
 from logbroker.client.admin import Admin
 from logbroker.client.producer import Producer
 from logbroker.group import share_headers as H
-from logbroker.storage.record_batch import decode_batch, iter_batches
 from logbroker.v1 import logbroker_pb2 as pb
 from logbroker.v1 import logbroker_pb2_grpc as pb_grpc
 from tests.conftest import BrokerProcess, wait_for

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from logbroker.replication.replica_manager import ReplicaManager
-from logbroker.replication.scrubber import Scrubber, Throttle, check_batch_at, scan_file, walk_segment
+from logbroker.replication.scrubber import Scrubber, check_batch_at, scan_file, walk_segment
+from logbroker.storage.io_throttle import Throttle
 from logbroker.storage.log import Log, LogConfig
 from logbroker.storage.log_manager import LogManager
 from logbroker.storage.record_batch import CRC_START, encode_batch
@@ -117,16 +118,6 @@ def test_throttle_bounds_the_read_rate_with_an_injected_clock(tmp_path):
     assert elapsed <= size / rate + 4096 / rate  # and not much slower: at most one chunk's worth extra
     assert clock.sleeps and max(clock.sleeps) <= 4096 / rate + 1e-9
     plog.close()
-
-
-def test_throttle_idle_time_banks_at_most_one_burst():
-    clock = ManualClock()
-    throttle = Throttle(1000, clock.monotonic, clock.sleep, burst_bytes=500)
-    clock.now += 3600  # an hour idle
-    throttle.consume(500)
-    assert clock.sleeps == []
-    throttle.consume(1000)
-    assert clock.sleeps == [pytest.approx(1.0)]
 
 
 def test_stop_ends_a_walk_between_chunks(tmp_path):

@@ -135,6 +135,13 @@ def test_broker_id_from_a_name_without_ordinal_fails(name: str):
         broker_id_from_pod_name(name)
 
 
+def test_log_cleaner_io_rate_and_threads_defaults_and_flags():
+    _, config = resolve([])
+    assert (config.log_cleaner_io_bytes_per_sec, config.log_cleaner_threads) == (64 << 20, 1)
+    _, config = resolve(["--log-cleaner-io-bytes-per-sec", "0", "--log-cleaner-threads", "4"])
+    assert (config.log_cleaner_io_bytes_per_sec, config.log_cleaner_threads) == (0, 4)
+
+
 def test_broker_id_from_hostname_flag_wins_over_broker_id():
     _, config = resolve(["--broker-id", "4", "--broker-id-from-hostname"], hostname="logbroker-2")
     assert config.broker_id == 2
@@ -145,6 +152,9 @@ def test_broker_id_from_hostname_flag_wins_over_broker_id():
     (["--metrics-listen", "h:x"], "bad port"),
     (["--zk-session-timeout-ms", "0"], "must be positive"),
     (["--broker-id", "-1"], "broker id must be >= 0"),
+    (["--log-cleaner-io-bytes-per-sec", "-1"], "log_cleaner_io_bytes_per_sec must be >= 0"),
+    (["--log-cleaner-threads", "0"], r"log_cleaner_threads must be in \[1, 16\]"),
+    (["--log-cleaner-threads", "17"], r"log_cleaner_threads must be in \[1, 16\]"),
 ])
 def test_bad_values_fail(argv: list[str], message: str):
     with pytest.raises(ConfigError, match=message):

@@ -1392,3 +1392,35 @@ def test_compacted_log_refuses_keyless_records_and_other_logs_take_them(tmp_path
     assert compacted.append(batch(2, key=b"k"), 0).last_offset == 1
     plain = open_log(tmp_path / "d")
     assert plain.append(batch(2), 0).last_offset == 1
+
+
+def _with_codec(data: bytes, codec: int) -> bytes:
+    """`data` (one uncompressed batch) relabelled as compressed with `codec`, CRC recomputed."""
+    import struct
+
+    from logbroker.storage.record_batch import CRC_START, crc32c
+
+    out = bytearray(data)
+    attributes = struct.unpack_from(">h", out, 21)[0]
+    struct.pack_into(">h", out, 21, attributes | codec)
+    struct.pack_into(">I", out, 17, crc32c(memoryview(out)[CRC_START:]))
+    return bytes(out)
+
+
+@pytest.mark.parametrize("codec", [2, 3, 4])  # snappy, lz4, zstd
+def test_compacted_log_refuses_codecs_it_cannot_read(tmp_path: Path, codec: int) -> None:
+    from logbroker.errors import UnsupportedCompressionTypeError, error_for
+    from logbroker.v1 import logbroker_pb2 as pb
+
+    compacted = open_log(tmp_path / "c", cleanup_policy="compact")
+    unreadable = _with_codec(batch(2, key=b"k"), codec)
+    with pytest.raises(UnsupportedCompressionTypeError, match=f"codec {codec}"):
+        compacted.append(batch(1, key=b"k") + unreadable, 0)  # the whole payload is refused
+    assert compacted.log_end_offset == 0 and compacted.size_bytes == 0
+    assert compacted.append(batch(2, key=b"k"), 0).last_offset == 1
+    plain = open_log(tmp_path / "d")  # other topics never read records: they take it as it is
+    assert plain.append(unreadable, 0).last_offset == 1
+    assert pb.UNSUPPORTED_COMPRESSION_TYPE == 76
+    assert isinstance(error_for(76, "x"), UnsupportedCompressionTypeError)
+    compacted.close()
+    plain.close()

@@ -254,9 +254,9 @@ def test_log_cleaner_driver_cleans_dirtiest_compacted_log_off_the_loop(tmp_path:
 
         real = lc.run_clean
 
-        def spy(job: lc.CleanJob) -> None:
+        def spy(job: lc.CleanJob, throttle: object = None) -> None:
             threads.add(threading.current_thread().name)
-            real(job)
+            real(job, throttle)  # type: ignore[arg-type]
 
         lc.run_clean = spy  # type: ignore[assignment]
         cleaner = LogCleaner(lambda: logs, 1000, Clock())
@@ -309,3 +309,220 @@ def test_log_cleaner_driver_calls_its_hook_at_each_swap_step(tmp_path: Path) -> 
     assert steps[: len(STEPS)] == list(STEPS)  # per swapped segment, in order
     check(plog, latest, True)
     plog.close()
+
+
+class ManualClock:
+    """Seconds; `sleep` advances it."""
+
+    def __init__(self) -> None:
+        self.now = 50.0
+        self.sleeps: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def test_run_clean_pays_every_byte_read_and_written_through_the_throttle(tmp_path: Path) -> None:
+    from logbroker.storage.io_throttle import Throttle
+    from logbroker.storage.log_cleaner import finish_clean, prepare_clean, run_clean
+
+    log = open_log(tmp_path / "t-0")
+    latest = fill(log, 2000, 20)
+    job = prepare_clean(log, 0, NOW)
+    assert job is not None
+    read_bytes = sum(v.nbytes for v in job.views)
+    clock = ManualClock()
+    rate = 50_000
+    run_clean(job, Throttle(rate, clock.monotonic, clock.sleep, burst_bytes=4096))
+    written = sum(p.stat().st_size for p in (tmp_path / "t-0").glob("*.cleaned"))
+    assert written > 0
+    # the offset map reads every view, the rewrite reads them again and writes the .cleaned files;
+    # no token is banked at start and the clock moves only by the throttle's sleeps
+    assert clock.now - 50.0 == pytest.approx((2 * read_bytes + written) / rate)
+    assert finish_clean(job) is not None
+    check(log, latest, True)
+    log.close()
+
+
+def test_log_cleaner_driver_runs_phase_two_through_its_throttle(tmp_path: Path) -> None:
+    import asyncio
+
+    from logbroker.storage.io_throttle import Throttle
+    from logbroker.storage.log_cleaner import LogCleaner
+
+    plog = open_log(tmp_path / "a-0")
+    fill(plog, 1000, 20)
+    clock = ManualClock()
+
+    async def main() -> bool:
+        cleaner = LogCleaner(lambda: {("a", 0): plog}, 1000, Clock(), io_bytes_per_sec=1 << 20)
+        assert cleaner.throttle.bytes_per_sec == 1 << 20
+        cleaner.throttle = Throttle(100_000, clock.monotonic, clock.sleep)  # a manual clock instead of the stop event
+        cleaner.start()
+        try:
+            return await cleaner.run_pass()
+        finally:
+            await cleaner.stop()
+
+    assert asyncio.run(main())
+    assert clock.sleeps and clock.now - 50.0 >= plog.size_bytes / 100_000
+    plog.close()
+
+
+def test_log_cleaner_stop_wakes_a_pass_sleeping_in_the_throttle(tmp_path: Path) -> None:
+    import asyncio
+    import time
+
+    from logbroker.storage.log_cleaner import LogCleaner
+
+    plog = open_log(tmp_path / "a-0")
+    fill(plog, 1000, 20)
+
+    async def main() -> float:
+        cleaner = LogCleaner(lambda: {("a", 0): plog}, 1000, Clock(), io_bytes_per_sec=1)  # 1 byte/s: hours
+        cleaner.start()
+        task = asyncio.create_task(cleaner.run_pass())
+        await asyncio.sleep(0.2)  # let phase 2 reach its first sleep (not a synchronisation: either way works)
+        started = time.monotonic()
+        await cleaner.stop()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return time.monotonic() - started
+
+    assert asyncio.run(main()) < 5.0
+    plog.close()
+
+
+def test_log_cleaner_pool_cleans_two_logs_at_once_and_one_log_never_twice(tmp_path: Path) -> None:
+    import asyncio
+    import threading
+
+    import logbroker.storage.log_cleaner as lc
+
+    logs = {("a", 0): open_log(tmp_path / "a-0"), ("b", 0): open_log(tmp_path / "b-0")}
+    latest = {key: fill(plog, 1000, 20) for key, plog in logs.items()}
+    both_in_phase_two = threading.Barrier(2, timeout=20)  # breaks unless two phase 2s overlap
+    lock = threading.Lock()
+    in_flight: dict[str, int] = {}
+    most: dict[str, int] = {}
+    real = lc.run_clean
+
+    def spy(job: lc.CleanJob, throttle: object = None) -> None:
+        name = str(job.log._local.directory)
+        with lock:
+            in_flight[name] = in_flight.get(name, 0) + 1
+            most[name] = max(most.get(name, 0), in_flight[name])
+        try:
+            both_in_phase_two.wait()
+            real(job, throttle)  # type: ignore[arg-type]
+        finally:
+            with lock:
+                in_flight[name] -= 1
+
+    async def main() -> list[bool]:
+        lc.run_clean = spy  # type: ignore[assignment]
+        cleaner = lc.LogCleaner(lambda: logs, 1000, Clock(), threads=2)
+        cleaner.start()
+        try:
+            # three passes at once over two logs: two run (one per log, in two threads), the third
+            # finds every cleanable log busy
+            return list(await asyncio.gather(cleaner.run_pass(), cleaner.run_pass(), cleaner.run_pass()))
+        finally:
+            lc.run_clean = real  # type: ignore[assignment]
+            await cleaner.stop()
+
+    assert sorted(asyncio.run(main())) == [False, True, True]
+    assert len(most) == 2 and set(most.values()) == {1}
+    for key, plog in logs.items():
+        check(plog, latest[key], True)
+        plog.close()
+
+
+def test_log_cleaner_threads_are_bounded() -> None:
+    from logbroker.storage.log_cleaner import THREADS_MAX, LogCleaner
+
+    for bad in (0, THREADS_MAX + 1):
+        with pytest.raises(ValueError, match="threads"):
+            LogCleaner(dict, 1000, Clock(), threads=bad)
+
+
+TOPIC_ID_A = "a" * 32
+TOPIC_ID_B = "b" * 32
+
+
+def run_passes(cleaner_args: dict, logs: dict, passes: int) -> tuple[list[bool], dict]:
+    import asyncio
+
+    from logbroker.storage.log_cleaner import LogCleaner
+
+    async def main() -> tuple[list[bool], dict]:
+        cleaner = LogCleaner(lambda: logs, 1000, Clock(), **cleaner_args)
+        cleaner.start()
+        try:
+            return [await cleaner.run_pass() for _ in range(passes)], cleaner.checkpoint_entries()
+        finally:
+            await cleaner.stop()
+
+    return asyncio.run(main())
+
+
+def test_cleaner_checkpoint_survives_a_restart_and_not_a_recreated_topic(tmp_path: Path) -> None:
+    import json
+
+    from logbroker.storage.cleaner_checkpoint import FILE_NAME, read_checkpoint
+    from logbroker.storage.log_identity import write_partition_metadata
+
+    path = tmp_path / FILE_NAME
+    for name, topic_id in (("a-0", TOPIC_ID_A), ("b-0", "")):
+        (tmp_path / name).mkdir()
+        if topic_id:
+            write_partition_metadata(tmp_path / name, topic_id)
+    logs = {("a", 0): open_log(tmp_path / "a-0"), ("b", 0): open_log(tmp_path / "b-0")}
+    for plog in logs.values():
+        fill(plog, 1000, 20)
+    results, _ = run_passes({"checkpoint_path": path}, logs, 3)
+    assert results == [True, True, False]
+    saved = read_checkpoint(path)
+    ends = {key: plog.segments[-1].base_offset for key, plog in logs.items()}
+    assert {k: (e.topic_id, e.first_dirty_offset) for k, e in saved.items()} == {
+        ("a", 0): (TOPIC_ID_A, ends[("a", 0)]), ("b", 0): ("", ends[("b", 0)])}
+    assert json.loads(path.read_text())["version"] == 0
+    for plog in logs.values():
+        plog.close()
+
+    # a restart on the same directory: the logs reopened, nothing left to clean
+    logs = {("a", 0): open_log(tmp_path / "a-0"), ("b", 0): open_log(tmp_path / "b-0")}
+    results, entries = run_passes({"checkpoint_path": path}, logs, 2)
+    assert results == [False, False]
+    assert entries == saved
+    # without the checkpoint, the same logs would be cleaned again (min_cleanable_dirty_ratio 0)
+    results, _ = run_passes({}, logs, 1)
+    assert results == [True]
+
+    # topic a deleted and created again (another id, same name), topic b gone: a is cleaned again
+    # from its start, and b's entry is dropped at the next write
+    for plog in logs.values():
+        plog.close()
+    write_partition_metadata(tmp_path / "a-0", TOPIC_ID_B)
+    logs = {("a", 0): open_log(tmp_path / "a-0")}
+    fill(logs[("a", 0)], 1000, 20)
+    results, _ = run_passes({"checkpoint_path": path}, logs, 2)
+    assert results == [True, False]
+    assert set(read_checkpoint(path)) == {("a", 0)} and read_checkpoint(path)[("a", 0)].topic_id == TOPIC_ID_B
+    logs[("a", 0)].close()
+
+
+@pytest.mark.parametrize("contents", [b"{", b'{"version": 1, "logs": []}', b'{"version": 0, "logs": [{"topic": "a"}]}',
+                                      b"\xff\xfe", b'{"version": 0, "logs": [{"topic": "a", "partition": -1, '
+                                      b'"topic_id": "", "first_dirty_offset": 3}]}'])
+def test_damaged_cleaner_checkpoint_is_ignored(tmp_path: Path, contents: bytes) -> None:
+    from logbroker.storage.cleaner_checkpoint import read_checkpoint
+
+    path = tmp_path / "cleaner-offset-checkpoint"
+    path.write_bytes(contents)
+    assert read_checkpoint(path) == {}
+    assert read_checkpoint(tmp_path / "missing") == {}
