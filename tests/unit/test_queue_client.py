@@ -151,7 +151,10 @@ def test_read_partition_empty_records_gap_everything_and_a_corrupt_batch_is_rele
 class FakeShareCoordinator:
     """Answers FindCoordinator (itself), ShareFetch and ShareAcknowledge from scripts; records requests."""
 
-    def __init__(self) -> None:
+    def __init__(self, broker: Any = None) -> None:
+        self.broker = broker
+        self.admin_calls: list[tuple[str, Any]] = []
+        self.admin_answers: dict[str, Any] = {}
         self.fetches: list[pb.ShareFetchRequest] = []
         self.acks: list[pb.ShareAcknowledgeRequest] = []
         self.fetch_script: deque[pb.ShareFetchResponse] = deque()
@@ -169,6 +172,14 @@ class FakeShareCoordinator:
         return pb.ShareFetchResponse(member_epoch=self.epoch, lock_ms=30_000,
                                      ack_results=_accept_all(request.acknowledgements))
 
+    def __getattr__(self, name: str) -> Any:
+        if name in ("AlterShareGroup", "DescribeShareGroup", "PurgeShareGroup", "ListShareGroups"):
+            def answer(request: Any, timeout: float | None = None) -> Any:
+                self.admin_calls.append((name, request))
+                return self.admin_answers[name]
+            return answer
+        return getattr(self.__dict__["broker"], name)  # Produce, ... : the FakeBroker
+
     def ShareAcknowledge(self, request: pb.ShareAcknowledgeRequest,
                          timeout: float | None = None) -> pb.ShareAcknowledgeResponse:
         self.acks.append(request)
@@ -183,11 +194,16 @@ def _accept_all(acks: Any) -> list[pb.ShareAckResult]:
 
 
 class ShareMetadata(FakeMetadata):
-    def __init__(self) -> None:
-        super().__init__({"t": 2})
-        self.coordinator = FakeShareCoordinator()
+    """FakeMetadata whose broker (and admin) stub is a FakeShareCoordinator in front of the FakeBroker."""
+
+    def __init__(self, topics: dict[str, int] | None = None) -> None:
+        super().__init__(topics or {"t": 2})
+        self.coordinator = FakeShareCoordinator(self.broker)
 
     def broker_stub(self, address: str) -> Any:
+        return self.coordinator
+
+    def admin_stub(self, address: str) -> Any:
         return self.coordinator
 
 
@@ -346,3 +362,81 @@ def test_importable_from_the_package():
     from logbroker import QueueMessage  # noqa: F401
 
     assert Exported is QueueConsumer
+
+
+# -- Admin: share groups and redrive -----------------------------------------------------------------
+
+
+def test_admin_share_group_calls(md):
+    from logbroker.client.admin import Admin
+    from logbroker.errors import GroupIdNotFoundError
+
+    c = md.coordinator
+    c.admin_answers["AlterShareGroup"] = pb.AlterShareGroupResponse()
+    c.admin_answers["PurgeShareGroup"] = pb.PurgeShareGroupResponse(purged=42)
+    c.admin_answers["ListShareGroups"] = pb.ListShareGroupsResponse(groups=[pb.GroupListing(group="q", members=2)])
+    c.admin_answers["DescribeShareGroup"] = pb.DescribeShareGroupResponse(
+        group="q", coordinator_id=0, settings=pb.ShareGroupSettings(lock_ms=5000, dead_letter_topic=""),
+        members=[pb.ShareMemberDescription(member_id="m", member_epoch=3, topics=["t"], acquired=4)],
+        partitions=[pb.SharePartitionDescription(topic="t", partition=1, start_offset=10, in_flight=5, delayed=1)])
+    admin = Admin(md)
+    admin.alter_share_group("q", lock_ms=5000, max_delivery_attempts=3)
+    name, req = c.admin_calls[-1]
+    assert name == "AlterShareGroup" and req.settings.lock_ms == 5000 and not req.settings.HasField("retry_backoff_ms")
+    with pytest.raises(TypeError):
+        admin.alter_share_group("q", lock_millis=1)
+    with pytest.raises(ValueError):
+        admin.alter_share_group("q", lock_ms=0)
+    assert admin.purge_share_group("q", topics=["t"]) == 42
+    assert list(c.admin_calls[-1][1].topics) == ["t"]
+    assert [(g.group, g.members) for g in admin.list_share_groups()] == [("q", 2)]
+    d = admin.describe_share_group("q")
+    assert d["settings"] == {"lock_ms": 5000, "dead_letter_topic": ""}
+    assert d["members"] == [{"member_id": "m", "member_epoch": 3, "topics": ["t"], "acquired": 4}]
+    assert d["partitions"][0]["start_offset"] == 10 and d["partitions"][0]["delayed"] == 1
+    c.admin_answers["DescribeShareGroup"] = pb.DescribeShareGroupResponse(error_code=pb.GROUP_ID_NOT_FOUND)
+    with pytest.raises(GroupIdNotFoundError):
+        admin.describe_share_group("nope")
+
+
+def _dead_letters() -> bytes:
+    from logbroker.group import share_headers as sh
+
+    dlq = [(sh.DLQ_TOPIC, b"t"), (sh.DLQ_PARTITION, b"0"), (sh.DLQ_REASON, b"rejected"), ("app", b"x")]
+    return rb.encode_batch([(1, b"k0", b"v0", dlq), (1, b"k1", b"v1", [("app", b"y")]), (1, None, b"v2", dlq)])
+
+
+def test_redrive_copies_dead_letters_back_and_acks_only_after_the_copy():
+    from logbroker.client.admin import Admin
+
+    md = ShareMetadata({"t": 1, "t.dlq": 1})
+    c = md.coordinator
+    c.fetch_script.append(pb.ShareFetchResponse(member_epoch=1, partitions=[pb.ShareFetchPartition(
+        topic="t.dlq", partition=0, records=_dead_letters(), acquired=[pb.AcquiredRange(
+            first_offset=0, last_offset=2, delivery_count=1)])]))
+    assert Admin(md).redrive("t.dlq", timeout_s=10) == 2
+    join = c.fetches[0]
+    assert join.settings.auto_offset_reset == "earliest" and list(join.topics) == ["t.dlq"] and join.group == "redrive"
+    from tests.unit.test_client_producer import records_of
+
+    copies = records_of(md, "t", 0)
+    assert [(m.key, m.value, m.headers) for m in copies] == [(b"k0", b"v0", (("app", b"x"),)),
+                                                             (None, b"v2", (("app", b"x"),))]
+    acked = {(r.first_offset, r.last_offset, r.type) for req in c.acks for a in req.acknowledgements for r in a.ranges}
+    acked |= {(r.first_offset, r.last_offset, r.type) for req in c.fetches for a in req.acknowledgements
+              for r in a.ranges}
+    assert acked == {(0, 2, ACCEPT)}  # the copies, and the one without a source topic (left in place)
+
+
+def test_redrive_releases_a_dead_letter_whose_copy_failed():
+    from logbroker.client.admin import Admin
+
+    md = ShareMetadata({"t": 1, "t.dlq": 1})
+    c = md.coordinator
+    md.broker.errors[("t", 0)] = deque([pb.INVALID_REQUIRED_ACKS])
+    c.fetch_script.append(pb.ShareFetchResponse(member_epoch=1, partitions=[pb.ShareFetchPartition(
+        topic="t.dlq", partition=0, records=rb.encode_batch([(1, b"k", b"v", [("logbroker.dlq.topic", b"t")])]),
+        acquired=[pb.AcquiredRange(first_offset=0, last_offset=0, delivery_count=1)])]))
+    assert Admin(md).redrive("t.dlq", timeout_s=10) == 0
+    ranges = [r for req in c.acks + c.fetches for a in req.acknowledgements for r in a.ranges]
+    assert [(r.first_offset, r.type) for r in ranges] == [(0, RELEASE)]

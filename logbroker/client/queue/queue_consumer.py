@@ -131,7 +131,7 @@ class QueueConsumer:
         self.member_id = uuid.uuid4().hex
         self.member_epoch = 0
         self.lock_ms = 0  # as the last ShareFetch answered
-        self._max_poll_records = max_poll_records
+        self.max_poll_records = max_poll_records
         self._request_timeout_ms = request_timeout_ms
         self._metadata, self._owns_metadata = metadata_for(bootstrap, request_timeout_ms, client_retry_backoff_ms)
         self._coordinator = CoordinatorClient(self._metadata, group, request_timeout_ms / 1000,
@@ -189,7 +189,7 @@ class QueueConsumer:
 
     def _fetch_request(self, runs: list[ShareAck], max_wait_ms: int) -> pb.ShareFetchRequest:
         request = pb.ShareFetchRequest(group=self.group, member_id=self.member_id, member_epoch=self.member_epoch,
-                                       max_records=self._max_poll_records, max_wait_ms=max_wait_ms,
+                                       max_records=self.max_poll_records, max_wait_ms=max_wait_ms,
                                        acknowledgements=to_proto(runs))
         if self.member_epoch == 0:
             request.topics.extend(self.topics)
