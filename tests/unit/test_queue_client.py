@@ -440,3 +440,35 @@ def test_redrive_releases_a_dead_letter_whose_copy_failed():
     assert Admin(md).redrive("t.dlq", timeout_s=10) == 0
     ranges = [r for req in c.acks + c.fetches for a in req.acknowledgements for r in a.ranges]
     assert [(r.first_offset, r.type) for r in ranges] == [(0, RELEASE)]
+
+
+def test_cli_queues_commands_parse_and_call_the_admin(monkeypatch, capsys):
+    from logbroker import cli_queues
+    from logbroker.cli import build_parser
+
+    calls: list[tuple[str, Any]] = []
+
+    class FakeAdmin:
+        def __enter__(self) -> FakeAdmin:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def alter_share_group(self, group: str, **settings: Any) -> None:
+            calls.append(("alter", (group, settings)))
+
+        def purge_share_group(self, group: str, topics: Any) -> int:
+            calls.append(("purge", (group, topics)))
+            return 3
+
+    monkeypatch.setattr(cli_queues, "_admin", lambda args: FakeAdmin())
+    parser = build_parser()
+    args = parser.parse_args(["queues", "configure", "jobs", "--lock-ms", "60000", "--max-delivery-attempts", "4",
+                              "--dead-letter-topic", "", "--dead-letter-expired", "true"])
+    assert args.func(args) == 0
+    assert calls[-1] == ("alter", ("jobs", {"lock_ms": 60000, "max_delivery_attempts": 4, "dead_letter_topic": "",
+                                            "dead_letter_expired": True}))
+    args = parser.parse_args(["queues", "purge", "jobs", "--topic", "a"])
+    assert args.func(args) == 0 and calls[-1] == ("purge", ("jobs", ["a"]))
+    assert "3 record(s) purged" in capsys.readouterr().out
