@@ -17,6 +17,8 @@ if TYPE_CHECKING:
         Message,
         PartitionInfo,
         Producer,
+        QueueConsumer,
+        QueueMessage,
         RecordMetadata,
         TopicDescription,
     )
@@ -27,6 +29,8 @@ __all__ = [
     "Message",
     "PartitionInfo",
     "Producer",
+    "QueueConsumer",
+    "QueueMessage",
     "RecordMetadata",
     "TopicDescription",
     "__version__",

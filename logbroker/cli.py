@@ -471,6 +471,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_groups_parser(sub, common)
 
+    from logbroker.cli_queues import add_queues_parser
+
+    add_queues_parser(sub, common)
+
     from logbroker.cli_dump import add_dump_log_parser
 
     add_dump_log_parser(sub)

@@ -12,6 +12,7 @@ from logbroker.client.admin import (
 from logbroker.client.consumer import Consumer
 from logbroker.client.metadata_cache import MetadataCache
 from logbroker.client.producer import FutureRecordMetadata, FutureRecordsMetadata, Producer, RecordMetadata
+from logbroker.client.queue import QueueConsumer, QueueMessage
 from logbroker.storage.record_batch import Message
 
 __all__ = [
@@ -27,6 +28,8 @@ __all__ = [
     "PartitionInfo",
     "PartitionLag",
     "Producer",
+    "QueueConsumer",
+    "QueueMessage",
     "RecordMetadata",
     "TopicDescription",
 ]

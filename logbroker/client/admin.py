@@ -1,4 +1,5 @@
-"""The admin client: topics (create, delete, list, describe, add partitions) and consumer groups.
+"""The admin client: topics (create, delete, list, describe, add partitions), consumer groups and
+share groups (queues: settings, describe, purge, redrive of dead letters).
 
 Topic requests go to the controller when the metadata names one, else to any known broker. Only a
 call that never reached a broker (gRPC UNAVAILABLE) is retried on the next broker: creating a topic
@@ -8,6 +9,7 @@ Group requests go to the group's coordinator (logbroker/client/coordinator.py), 
 which each broker answers for the groups it coordinates: the admin asks every live broker and merges.
 Lag and offset resets read log end offsets (high watermarks) with ListOffsets at partition leaders.
 Offsets are reset only while the group has no members, committing as a non-member (member id "").
+Share-group calls go to the share group's coordinator too (ListShareGroups to every broker).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import grpc
 from logbroker.client.call_errors import rpc_error, rpc_error_text
 from logbroker.client.coordinator import CoordinatorClient
 from logbroker.client.metadata_cache import MetadataCache, metadata_for
+from logbroker.client.queue.queue_consumer import share_settings
+from logbroker.client.queue.redrive import redrive
 from logbroker.errors import (
     BrokerError,
     BrokerUnavailableError,
@@ -236,6 +240,10 @@ class Admin:
 
         Raises BrokerUnavailableError when no broker answers; brokers that do not are logged.
         """
+        return self._list_everywhere("ListGroups", pb.ListGroupsRequest())
+
+    def _list_everywhere(self, method: str, request: Any) -> list[GroupListing]:
+        """`method` (ListGroups / ListShareGroups) at every live broker, merged by group name."""
         self._metadata.refresh(None)
         brokers = self._metadata.brokers() or {-1: self._metadata.any_address()}
         found: dict[str, GroupListing] = {}
@@ -243,7 +251,7 @@ class Admin:
         failed: list[str] = []
         for broker_id, address in sorted(brokers.items()):
             try:
-                resp = self._metadata.admin_stub(address).ListGroups(pb.ListGroupsRequest(), timeout=self._timeout_s)
+                resp = getattr(self._metadata.admin_stub(address), method)(request, timeout=self._timeout_s)
             except grpc.RpcError as e:
                 failed.append(f"{broker_id} at {address}: {rpc_error(e)}")
                 continue
@@ -253,9 +261,9 @@ class Admin:
                 if seen is None or g.members > seen.members:  # mid-failover two may answer: the live one
                     found[g.group] = GroupListing(g.group, g.state, g.members, broker_id)
         if not answered:
-            raise BrokerUnavailableError(f"no broker answered ListGroups: {'; '.join(failed)}")
+            raise BrokerUnavailableError(f"no broker answered {method}: {'; '.join(failed)}")
         if failed:
-            log.warning("ListGroups: some brokers did not answer (their groups are missing): %s", "; ".join(failed))
+            log.warning("%s: some brokers did not answer (their groups are missing): %s", method, "; ".join(failed))
         return [found[name] for name in sorted(found)]
 
     def describe_group(self, group: str) -> GroupDescription:
@@ -439,6 +447,53 @@ class Admin:
             todo = retry
         return found, errors
 
+    # -- share groups (queues) -------------------------------------------------------------------
+
+    def _share_call(self, group: str, method: str, request: Any) -> Any:
+        """`method` of the Admin service at the share group's coordinator; raises its error code."""
+        resp = self._coordinator(group).call("admin", method, request, time.monotonic() + self._timeout_s)
+        if resp.error_code != pb.NONE:
+            raise error_for(resp.error_code, resp.error_message or f"share group {group}")
+        return resp
+
+    def alter_share_group(self, group: str, **settings: Any) -> None:
+        """Change a share group's settings (lock_ms, max_delivery_attempts, retry_backoff_ms,
+        retry_backoff_max_ms, dead_letter_topic, dead_letter_expired, max_in_flight_records,
+        auto_offset_reset); the ones not given keep their value. TypeError for an unknown name."""
+        request = pb.AlterShareGroupRequest(group=group, settings=share_settings(**settings))
+        self._share_call(group, "AlterShareGroup", request)
+
+    def describe_share_group(self, group: str) -> dict[str, Any]:
+        """{"group", "coordinator_id", "settings": {name: value}, "members": [{member_id, member_epoch,
+        topics, acquired}], "partitions": [{topic, partition, start_offset, end_offset, in_flight,
+        acquired, available, delayed, dead_lettered, expired, oldest_unsettled_age_ms, acknowledged,
+        log_end_offset}]}, as DescribeShareGroupResponse; raises GroupIdNotFoundError."""
+        resp = self._share_call(group, "DescribeShareGroup", pb.DescribeShareGroupRequest(group=group))
+        settings = {f.name: getattr(resp.settings, f.name) for f in resp.settings.DESCRIPTOR.fields
+                    if resp.settings.HasField(f.name)}
+        members = [{f.name: _plain(getattr(m, f.name)) for f in m.DESCRIPTOR.fields}
+                   for m in sorted(resp.members, key=lambda m: m.member_id)]
+        partitions = [{f.name: getattr(p, f.name) for f in p.DESCRIPTOR.fields}
+                      for p in sorted(resp.partitions, key=lambda p: (p.topic, p.partition))]
+        return {"group": resp.group or group, "coordinator_id": resp.coordinator_id, "settings": settings,
+                "members": members, "partitions": partitions}
+
+    def list_share_groups(self) -> list[GroupListing]:
+        """Every share group some broker coordinates, sorted by name (as list_groups)."""
+        return self._list_everywhere("ListShareGroups", pb.ListShareGroupsRequest())
+
+    def purge_share_group(self, group: str, topics: Sequence[str] | None = None) -> int:
+        """Settle everything the group has not settled in `topics` (None: all its topics), as SQS's
+        PurgeQueue (nothing is dead-lettered); returns how many records the purge settled."""
+        request = pb.PurgeShareGroupRequest(group=group, topics=list(topics or ()))
+        return int(self._share_call(group, "PurgeShareGroup", request).purged)
+
+    def redrive(self, dlq_topic: str, group: str = "redrive", max_messages: int | None = None,
+                timeout_s: float = 30.0) -> int:
+        """Move the dead letters of `dlq_topic` back to their source topics, at least once (see
+        logbroker/client/queue/redrive.py); returns how many were moved."""
+        return redrive(self._metadata, dlq_topic, group, max_messages, timeout_s, round(self._timeout_s * 1000))
+
     def close(self) -> None:
         if self._owns_metadata:
             self._metadata.close()
@@ -452,6 +507,11 @@ class Admin:
 
 def _partitions(a: pb.Assignment) -> list[TopicPartition]:
     return sorted((t.topic, p) for t in a.topics for p in t.partitions)
+
+
+def _plain(v: Any) -> Any:
+    """A repeated protobuf field as a list; scalars as they are."""
+    return v if isinstance(v, (str, bytes, int, float, bool)) else list(v)
 
 
 def _config_value(v: object) -> str:

@@ -49,6 +49,7 @@ from logbroker.client.backoff import client_retry_policy
 from logbroker.client.metadata_cache import MetadataCache, metadata_for
 from logbroker.client.producer.accumulator import REQUEST_OVERHEAD_BYTES, RecordAccumulator
 from logbroker.client.producer.batch import RECORD_OVERHEAD_BYTES, TopicState, normalize_headers, to_bytes
+from logbroker.client.producer.delivery import with_delivery_headers
 from logbroker.client.producer.future import (
     FutureRecordMetadata,
     FutureRecordsMetadata,
@@ -153,8 +154,12 @@ class Producer(RecordAccumulator):
         headers: Sequence[tuple[str, bytes | str | None]] | dict[str, bytes | str | None] | None = None,
         partition: int | None = None,
         timestamp_ms: int | None = None,
+        delay_ms: int | None = None, deliver_at_ms: int | None = None, ttl_ms: int | None = None,
     ) -> FutureRecordMetadata:
         """Queue one record; the future resolves to its RecordMetadata once the broker has it.
+
+        `delay_ms` / `deliver_at_ms` (ms since the epoch) and `ttl_ms` become the record's delivery
+        headers for share groups (client/producer/delivery.py; ValueError when out of bounds).
 
         Blocks only while the topic's metadata is unknown or buffer_memory_bytes is full, each at
         most max_block_ms (then KafkaTimeoutError). A record too large to ever send gets a future
@@ -166,6 +171,8 @@ class Producer(RecordAccumulator):
             key = to_bytes(key, "key")
         if timestamp_ms is None:
             timestamp_ms = _time_ns() // 1_000_000
+        if delay_ms is not None or deliver_at_ms is not None or ttl_ms is not None:
+            headers = with_delivery_headers(headers, _time_ns() // 1_000_000, delay_ms, deliver_at_ms, ttl_ms)
         ts = self._topics.get(topic)
         if ts is None:
             ts = self._topic_state(topic)

@@ -1,0 +1,325 @@
+"""QueueConsumer: a member of a share group (queue semantics, KIP-932), the client side.
+
+Every call goes to the group's coordinator (`CoordinatorClient`: FindCoordinator, found again on
+NOT_COORDINATOR / COORDINATOR_NOT_AVAILABLE / an unreachable broker, COORDINATOR_LOAD_IN_PROGRESS
+retried there, waits from logbroker/retry.py). The member:
+
+    member_id  a uuid4 hex chosen here, kept for the consumer's life
+    epoch 0    the first ShareFetch joins (with the topics and the group settings, which the broker
+               uses only when this call creates the group); then the epoch each answer gives
+    fenced     UNKNOWN_MEMBER_ID / FENCED_MEMBER_EPOCH: rejoin with epoch 0, dropping the pending
+               acknowledgements and every message held (a new generation: settling an old message
+               is a no-op, the broker has made it available again)
+    close()    ShareAcknowledge of what is pending, then ShareFetch with epoch -1 (leave)
+
+`poll(timeout_ms)` sends the pending acknowledgements on the fetch (max_wait_ms = the timeout) and
+returns the records acquired (`share_fetch.read_partition`); GAP / RELEASE acknowledgements for
+acquired offsets without a record are queued for the next call. Settling (`QueueMessage.ack` ...)
+may happen on any thread: the pending acknowledgements sit behind one lock. `poll`, `commit_acks`,
+`extend_lock` and `close` are meant for one thread at a time (the polling one), as in Kafka.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from logbroker.client.coordinator import CoordinatorClient
+from logbroker.client.metadata_cache import LogThrottle, MetadataCache, metadata_for
+from logbroker.client.queue.acks import (
+    RENEW,
+    Ack,
+    AckOutcome,
+    PendingAcks,
+    ShareAck,
+    failed_outcomes,
+    outcomes,
+    to_proto,
+)
+from logbroker.client.queue.message import MessageAlreadySettledError, QueueMessage
+from logbroker.client.queue.share_fetch import read_partition
+from logbroker.errors import BrokerError, LogbrokerError, error_for
+from logbroker.v1 import logbroker_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+_FENCED = (pb.UNKNOWN_MEMBER_ID, pb.FENCED_MEMBER_EPOCH)
+OFFSET_RESETS = ("latest", "earliest")
+MAX_POLL_RECORDS_MAX = 100_000
+# The fetch waits at most this share of request_timeout_ms, so the call's own timeout never fires first.
+_WAIT_SHARE = 0.5
+
+
+def share_settings(
+    lock_ms: int | None = None, max_delivery_attempts: int | None = None, retry_backoff_ms: int | None = None,
+    retry_backoff_max_ms: int | None = None, dead_letter_topic: str | None = None,
+    dead_letter_expired: bool | None = None, max_in_flight_records: int | None = None,
+    auto_offset_reset: str | None = None,
+) -> pb.ShareGroupSettings:
+    """ShareGroupSettings with the given fields set (None: unset, the broker keeps or defaults it).
+    `dead_letter_topic=""` means no dead-letter topic (dead letters are dropped with a log line).
+    ValueError for values no broker accepts (the broker checks its own maximums)."""
+    out = pb.ShareGroupSettings()
+    for name, value in (("lock_ms", lock_ms), ("max_delivery_attempts", max_delivery_attempts),
+                        ("retry_backoff_ms", retry_backoff_ms), ("retry_backoff_max_ms", retry_backoff_max_ms),
+                        ("max_in_flight_records", max_in_flight_records)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+        if value < (0 if name == "retry_backoff_ms" else 1):
+            raise ValueError(f"{name} must be {'>= 0' if name == 'retry_backoff_ms' else '> 0'}, got {value}")
+        setattr(out, name, value)
+    if retry_backoff_ms is not None and retry_backoff_max_ms is not None and retry_backoff_max_ms < retry_backoff_ms:
+        raise ValueError(f"retry_backoff_max_ms ({retry_backoff_max_ms}) must be >= retry_backoff_ms "
+                         f"({retry_backoff_ms})")
+    if dead_letter_topic is not None:
+        out.dead_letter_topic = dead_letter_topic
+    if dead_letter_expired is not None:
+        out.dead_letter_expired = bool(dead_letter_expired)
+    if auto_offset_reset is not None:
+        if auto_offset_reset not in OFFSET_RESETS:
+            raise ValueError(f"auto_offset_reset must be one of {', '.join(OFFSET_RESETS)}, not {auto_offset_reset!r}")
+        out.auto_offset_reset = auto_offset_reset
+    return out
+
+
+class QueueConsumer:
+    """A member of share group `group` reading `topics`: each record it is handed is its own until
+    settled (ack / release / reject) or until the group's lock_ms passes."""
+
+    def __init__(
+        self,
+        bootstrap: str | Sequence[str] | MetadataCache,
+        group: str,
+        topics: Sequence[str],
+        *,
+        lock_ms: int | None = None,
+        max_delivery_attempts: int | None = None,
+        retry_backoff_ms: int | None = None,
+        retry_backoff_max_ms: int | None = None,
+        dead_letter_topic: str | None = None,
+        dead_letter_expired: bool | None = None,
+        max_in_flight_records: int | None = None,
+        auto_offset_reset: str = "latest",
+        max_poll_records: int = 500,
+        client_id: str = "logbroker-queue",
+        request_timeout_ms: int = 30_000,
+        client_retry_backoff_ms: int = 100,
+    ) -> None:
+        """The group settings (lock_ms ... auto_offset_reset) apply only if this consumer creates the
+        group; `Admin.alter_share_group` changes an existing one. `dead_letter_topic=None` keeps the
+        broker's default ("{topic}.dlq"), "" asks for none."""
+        if not group:
+            raise ValueError("group must be a non-empty string")
+        if isinstance(topics, str) or not topics:
+            raise ValueError("topics must be a non-empty list of topic names")
+        if not 1 <= max_poll_records <= MAX_POLL_RECORDS_MAX:
+            raise ValueError(f"max_poll_records must be within 1..{MAX_POLL_RECORDS_MAX}, got {max_poll_records}")
+        if request_timeout_ms < 1:
+            raise ValueError(f"request_timeout_ms must be > 0, got {request_timeout_ms}")
+        self._settings = share_settings(lock_ms, max_delivery_attempts, retry_backoff_ms, retry_backoff_max_ms,
+                                        dead_letter_topic, dead_letter_expired, max_in_flight_records,
+                                        auto_offset_reset)
+        self.group = group
+        self.topics = list(dict.fromkeys(topics))
+        self.client_id = client_id
+        self.member_id = uuid.uuid4().hex
+        self.member_epoch = 0
+        self.lock_ms = 0  # as the last ShareFetch answered
+        self.max_poll_records = max_poll_records
+        self._request_timeout_ms = request_timeout_ms
+        self._metadata, self._owns_metadata = metadata_for(bootstrap, request_timeout_ms, client_retry_backoff_ms)
+        self._coordinator = CoordinatorClient(self._metadata, group, request_timeout_ms / 1000,
+                                              client_retry_backoff_ms / 1000)
+        self._lock = threading.Lock()
+        self._acks = PendingAcks()
+        self._generation = 0
+        self._closed = False
+        self._log = LogThrottle(log)
+
+    # -- settling (any thread) -------------------------------------------------------------------
+
+    def settle(self, message: QueueMessage, ack: Ack) -> None:
+        """Queue `message`'s acknowledgement (QueueMessage.ack/release/reject call this)."""
+        with self._lock:
+            if message.settled:
+                raise MessageAlreadySettledError(
+                    f"{message.topic}-{message.partition}@{message.offset} is already settled")
+            if message.generation != self._generation:
+                message.settled = True  # no longer ours: the broker has made it available again
+                return
+            full = self._acks.full
+            if not full:
+                self._acks.add(message.topic, message.partition, message.offset, ack)
+                message.settled = True
+        if full:  # send what is pending first, then queue this one
+            self.commit_acks()
+            self.settle(message, ack)
+
+    # -- the polling thread ----------------------------------------------------------------------
+
+    def poll(self, timeout_ms: int = 1000) -> list[QueueMessage]:
+        """Records acquired within `timeout_ms` (possibly none); sends the pending acknowledgements."""
+        self._check_open()
+        timeout_ms = max(int(timeout_ms), 0)
+        deadline = time.monotonic() + timeout_ms / 1000
+        while True:
+            runs = self._take_acks()
+            request = self._fetch_request(runs, min(timeout_ms, int(self._request_timeout_ms * _WAIT_SHARE)))
+            try:
+                resp = self._coordinator.call("broker", "ShareFetch", request, deadline)
+            except BaseException:
+                self._put_back(runs)
+                raise
+            if resp.error_code in _FENCED:
+                self._fenced(error_for(resp.error_code, resp.error_message))
+                if time.monotonic() < deadline:
+                    continue  # rejoin at once
+                return []
+            if resp.error_code != pb.NONE:
+                self._put_back(runs)
+                raise error_for(resp.error_code, resp.error_message or f"share group {self.group}")
+            self._log_ack_failures(outcomes(runs, resp.ack_results))
+            return self._take_records(resp)
+
+    def _fetch_request(self, runs: list[ShareAck], max_wait_ms: int) -> pb.ShareFetchRequest:
+        request = pb.ShareFetchRequest(group=self.group, member_id=self.member_id, member_epoch=self.member_epoch,
+                                       max_records=self.max_poll_records, max_wait_ms=max_wait_ms,
+                                       acknowledgements=to_proto(runs))
+        if self.member_epoch == 0:
+            request.topics.extend(self.topics)
+            request.settings.CopyFrom(self._settings)
+        return request
+
+    def _take_records(self, resp: pb.ShareFetchResponse) -> list[QueueMessage]:
+        self.member_epoch = resp.member_epoch
+        self.lock_ms = resp.lock_ms
+        out: list[QueueMessage] = []
+        generation = self._generation
+        for part in resp.partitions:
+            if part.error_code != pb.NONE:
+                err = error_for(part.error_code, part.error_message)
+                self._log.warning(f"sf {part.topic}-{part.partition}", "ShareFetch %s-%s: %s",
+                                  part.topic, part.partition, err)
+                continue
+            read = read_partition(part)
+            if read.error is not None:
+                self._log.warning(f"decode {part.topic}-{part.partition}", "%s-%s: records released: %s",
+                                  part.topic, part.partition, read.error)
+            with self._lock:
+                for run in read.acks:
+                    self._acks.add_run(run)
+            for a in read.acquired:
+                r = a.record
+                out.append(QueueMessage(self, generation, r.topic, r.partition, r.offset, r.key, r.value,
+                                        r.headers, r.timestamp, a.delivery_count))
+        return out
+
+    def commit_acks(self) -> AckOutcome:
+        """Send every pending acknowledgement now (ShareAcknowledge, answered once durable); returns
+        per (topic, partition, offset) None when the broker accepted it, else the error."""
+        self._check_open()
+        runs = self._take_acks()
+        if not runs:
+            return {}
+        resp = self._acknowledge(runs)
+        if resp.error_code != pb.NONE:
+            err = error_for(resp.error_code, resp.error_message or f"share group {self.group}")
+            if resp.error_code in _FENCED:
+                self._fenced(err)
+            return failed_outcomes(runs, err)
+        return outcomes(runs, resp.results)
+
+    def extend_lock(self, message: QueueMessage, ms: int) -> bool:
+        """Hold `message` `ms` more from now (RENEW, sent at once); whether the broker accepted it."""
+        self._check_open()
+        if ms < 1:
+            raise ValueError(f"ms must be > 0, got {ms}")
+        with self._lock:
+            if message.settled or message.generation != self._generation:
+                return False
+        run = ShareAck(message.topic, message.partition, message.offset, message.offset, Ack(RENEW, int(ms)))
+        resp = self._acknowledge([run])
+        if resp.error_code != pb.NONE:
+            if resp.error_code in _FENCED:
+                self._fenced(error_for(resp.error_code, resp.error_message))
+            return False
+        return outcomes([run], resp.results)[(message.topic, message.partition, message.offset)] is None
+
+    def _acknowledge(self, runs: list[ShareAck]) -> Any:
+        request = pb.ShareAcknowledgeRequest(group=self.group, member_id=self.member_id,
+                                             member_epoch=self.member_epoch, acknowledgements=to_proto(runs))
+        try:
+            return self._coordinator.call("broker", "ShareAcknowledge", request,
+                                          time.monotonic() + self._request_timeout_ms / 1000)
+        except BaseException:
+            self._put_back([r for r in runs if r.ack.type != RENEW])
+            raise
+
+    def close(self, timeout_ms: int | None = None) -> None:
+        """Commit the pending acknowledgements and leave the group (its records go back at once)."""
+        if self._closed:
+            return
+        try:
+            failed = {k: e for k, e in self.commit_acks().items() if e is not None}
+            if failed:
+                log.warning("share group %s: %d acknowledgement(s) refused on close, e.g. %s", self.group,
+                            len(failed), next(iter(failed.items())))
+            if self.member_epoch > 0:
+                self._leave(timeout_ms)
+        except LogbrokerError as e:
+            log.warning("share group %s: close: %s", self.group, e)
+        finally:
+            self._closed = True
+            if self._owns_metadata:
+                self._metadata.close()
+
+    def _leave(self, timeout_ms: int | None) -> None:
+        request = pb.ShareFetchRequest(group=self.group, member_id=self.member_id, member_epoch=-1)
+        wait_s = (self._request_timeout_ms if timeout_ms is None else timeout_ms) / 1000
+        resp = self._coordinator.call("broker", "ShareFetch", request, time.monotonic() + wait_s)
+        if resp.error_code not in (pb.NONE, *_FENCED):
+            log.warning("share group %s: leave: %s", self.group, error_for(resp.error_code, resp.error_message))
+        with self._lock:
+            self._generation += 1
+        self.member_epoch = 0
+
+    # -- state -----------------------------------------------------------------------------------
+
+    def _take_acks(self) -> list[ShareAck]:
+        with self._lock:
+            return self._acks.take()
+
+    def _put_back(self, runs: list[ShareAck]) -> None:
+        if runs:
+            with self._lock:
+                self._acks.put_back(runs)
+
+    def _fenced(self, err: BrokerError) -> None:
+        """Out of the group: rejoin with epoch 0; what was held and pending is no longer ours."""
+        self._log.warning(f"fenced {self.group}", "share group %s: %s (rejoining)", self.group, err)
+        with self._lock:
+            self._acks.take()
+            self._generation += 1
+        self.member_epoch = 0
+
+    def _log_ack_failures(self, result: AckOutcome) -> None:
+        failed = [(k, e) for k, e in result.items() if e is not None]
+        if failed:
+            self._log.warning(f"acks {self.group}", "share group %s: %d acknowledgement(s) refused, e.g. %s: %s",
+                              self.group, len(failed), failed[0][0], failed[0][1])
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise LogbrokerError("the QueueConsumer is closed")
+
+    def __enter__(self) -> QueueConsumer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
