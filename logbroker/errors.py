@@ -256,7 +256,6 @@ class InvalidRecordError(BrokerError):
     code = pb.INVALID_RECORD
 
 
-<<<<<<< HEAD
 class InconsistentGroupProtocolError(BrokerError):
     """A share-group call for the id of a consumer group, or the other way round."""
 
@@ -267,13 +266,13 @@ class InvalidRecordStateError(BrokerError):
     """Settling a record this share-group member does not hold (settled already, or its lock lost)."""
 
     code = pb.INVALID_RECORD_STATE
-=======
+
+
 class UnsupportedCompressionTypeError(BrokerError):
     """A batch whose codec the broker cannot read where it must read the records: snappy, lz4 or
     zstd produced to a cleanup_policy=compact topic (whose keys are checked and compacted)."""
 
     code = pb.UNSUPPORTED_COMPRESSION_TYPE
->>>>>>> cleaner15
 
 
 class KafkaTimeoutError(LogbrokerError):
