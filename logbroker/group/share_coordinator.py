@@ -63,7 +63,7 @@ from logbroker.group.share_data import ShareDataSource
 from logbroker.group.share_group import ShareGroup, ShareMember, TopicPartition
 from logbroker.group.share_partition import Acquired, DeadLetter, SharePartition
 from logbroker.group.share_settings import ShareLimits, ShareSettings
-from logbroker.storage.record_batch import BatchBuilder, decode_batch, iter_batches
+from logbroker.storage.record_batch import BatchBuilder, BatchHeader, decode_batch, iter_batches
 from logbroker.v1 import logbroker_pb2 as pb
 
 if TYPE_CHECKING:
@@ -304,14 +304,14 @@ class ShareCoordinator:
         if g.partitions.get(tp) is not sp or sp.end_offset != offset:
             return  # another fetch read this range meanwhile
         data = result.data
-        for h, _ in iter_batches(data):
+        for h, pos in iter_batches(data):
             limit = sp.start_offset + sp.settings.max_in_flight_records - 1  # the window's last offset
             if h.base_offset > limit:
                 break
             if h.next_offset <= sp.end_offset:
                 continue
             # a batch that does not fit is taken in part: the rest is read again once records settle
-            sp.add_records(h.base_offset, min(h.last_offset, limit), h.max_timestamp)
+            _add_batch(sp, data, pos, h, min(h.last_offset, limit), tp)
 
     def _acquire(self, g: ShareGroup, member: ShareMember, max_records: int, changed: set[TopicPartition],
                  dead: Dead) -> dict[TopicPartition, list[Acquired]]:
@@ -546,6 +546,35 @@ class ShareCoordinator:
             resp.error_code = e.code  # type: ignore[assignment]
             resp.error_message = e.message
         return resp
+
+
+def _add_batch(sp: SharePartition, data: bytes, pos: int, h: BatchHeader, last: int, tp: TopicPartition) -> None:
+    """The records of one batch up to `last` join the window, with the delivery time and expiry
+    their headers ask for (share_headers.py). Records are decoded here, once, as they enter the
+    window (control batches are not: they hold no records to hand out)."""
+    if h.is_control:
+        sp.add_gap(last)
+        return
+    run: list[int] = []  # [first, last, until_ms, expires_ms] of the run being built
+    for m in decode_batch(data, pos, h, tp[0], tp[1], sp.end_offset):
+        if m.offset > last:
+            break
+        until = expires = 0
+        if m.headers:
+            hd = dict(m.headers)
+            until = H.parse_ms(hd.get(H.DELIVER_AT_MS)) or 0
+            ttl = H.parse_ms(hd.get(H.TTL_MS))
+            if ttl is not None:
+                expires = max(until, m.timestamp) + ttl
+        if run and run[1] == m.offset - 1 and run[2] == until and run[3] == expires:
+            run[1] = m.offset
+            continue
+        if run:
+            sp.add_records(run[0], run[1], h.max_timestamp, until_ms=run[2], expires_ms=run[3])
+        run = [m.offset, m.offset, until, expires]
+    if run:
+        sp.add_records(run[0], run[1], h.max_timestamp, until_ms=run[2], expires_ms=run[3])
+    sp.add_gap(last)  # offsets of the batch with no record left (compaction)
 
 
 def _dlq_headers(tp: TopicPartition, d: DeadLetter, now_ms: int) -> list[tuple[str, bytes | None]]:

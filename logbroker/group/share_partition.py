@@ -148,6 +148,12 @@ class SharePartition:
         first = max(first_offset, self.end_offset)
         self._extend(last_offset - first + 1, RecordState.AVAILABLE, timestamp_ms, until_ms, expires_ms)
 
+    def add_gap(self, last_offset: int) -> None:
+        """Offsets up to `last_offset` hold no record (compacted away, control batches): they join
+        the window settled."""
+        if last_offset >= self.end_offset:
+            self._extend(last_offset - self.end_offset + 1, RecordState.ACKNOWLEDGED, 0, 0, 0)
+
     def skip_to(self, offset: int) -> None:
         """The log no longer has records below `offset` (retention deleted them): settle them."""
         if offset <= self.start_offset:

@@ -1,21 +1,14 @@
-"""QueueConsumer and the share-group Admin calls against a real standalone broker.
-
-Skipped while the broker does not implement ShareFetch (gRPC UNIMPLEMENTED): the broker side lands
-separately; remove the skip (`_require_share_groups`) once it has.
-"""
+"""QueueConsumer and the share-group Admin calls against a real standalone broker."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
 
-import grpc
 import pytest
 
 from logbroker import Admin, Producer, QueueConsumer
-from logbroker.client.metadata_cache import MetadataCache
 from logbroker.group import share_headers as sh
-from logbroker.v1 import logbroker_pb2 as pb
 from tests.conftest import BrokerProcess, wait_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -24,20 +17,7 @@ pytestmark = pytest.mark.timeout(120)
 @pytest.fixture
 def standalone(broker_factory: Callable[..., BrokerProcess]) -> BrokerProcess:
     broker = broker_factory(extra_args=["--offsets-topic-partitions", "2"])
-    _require_share_groups(broker.address)
     return broker
-
-
-def _require_share_groups(bootstrap: str) -> None:
-    md = MetadataCache(bootstrap)
-    try:
-        md.broker_stub(bootstrap).ShareFetch(pb.ShareFetchRequest(group="probe", member_id="probe", member_epoch=-1),
-                                             timeout=10)
-    except grpc.RpcError as e:
-        if e.code() == grpc.StatusCode.UNIMPLEMENTED:
-            pytest.skip("the broker does not implement ShareFetch yet")
-    finally:
-        md.close()
 
 
 def _poll_until(c: QueueConsumer, want: int, timeout_s: float = 20.0) -> list:
