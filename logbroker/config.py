@@ -114,8 +114,9 @@ class BrokerConfig:
 
 ENV_PREFIX = "LOGBROKER_"
 # LOGBROKER_* variables that belong to other commands, or are test-only hooks read where they act
-# (storage/segment_cleaner.CRASH_ENV): `serve` ignores them instead of failing.
-NON_SERVE_ENV_VARS = frozenset({BOOTSTRAP_ENV, "LOGBROKER_ZOOKEEPER_JARS", "LOGBROKER_TEST_CLEANER_CRASH_AT"})
+# (storage/segment_cleaner.CRASH_ENV, clock.FileOffsetClock.ENV): `serve` ignores them instead of failing.
+NON_SERVE_ENV_VARS = frozenset({BOOTSTRAP_ENV, "LOGBROKER_ZOOKEEPER_JARS", "LOGBROKER_TEST_CLEANER_CRASH_AT",
+                                "LOGBROKER_TEST_CLOCK_OFFSET_FILE"})
 LOG_LEVELS = ("debug", "info", "warning", "error")
 SettingValue = str | int | bool | dict[str, str]
 

@@ -58,6 +58,9 @@ TOPIC_CONFIG_DEFAULTS: dict[str, str] = {
     "min_compaction_lag_ms": "0",
     "max_compaction_lag_ms": str((1 << 63) - 1),
     "delete_retention_ms": str(24 * 3600 * 1000),
+    # queues (group/share_partition.py): a record not settled this long after it became
+    # deliverable is never handed to a share group again (-1: no limit)
+    "message_ttl_ms": "-1",
 }
 
 _INT_CONFIG_BOUNDS: dict[str, tuple[int, int]] = {
@@ -73,6 +76,7 @@ _INT_CONFIG_BOUNDS: dict[str, tuple[int, int]] = {
     "min_compaction_lag_ms": (0, (1 << 63) - 1),
     "max_compaction_lag_ms": (1, (1 << 63) - 1),
     "delete_retention_ms": (0, (1 << 63) - 1),
+    "message_ttl_ms": (-1, 365 * 24 * 3600 * 1000),
 }
 _ENUM_CONFIG: dict[str, tuple[str, ...]] = {
     "cleanup_policy": ("delete", "compact", "compact,delete", "delete,compact"),

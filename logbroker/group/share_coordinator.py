@@ -304,6 +304,9 @@ class ShareCoordinator:
         if g.partitions.get(tp) is not sp or sp.end_offset != offset:
             return  # another fetch read this range meanwhile
         data = result.data
+        ttl_ms = await self._data.message_ttl_ms(tp[0]) if data else -1
+        if g.partitions.get(tp) is not sp or sp.end_offset != offset:
+            return
         for h, pos in iter_batches(data):
             limit = sp.start_offset + sp.settings.max_in_flight_records - 1  # the window's last offset
             if h.base_offset > limit:
@@ -311,7 +314,7 @@ class ShareCoordinator:
             if h.next_offset <= sp.end_offset:
                 continue
             # a batch that does not fit is taken in part: the rest is read again once records settle
-            _add_batch(sp, data, pos, h, min(h.last_offset, limit), tp)
+            _add_batch(sp, data, pos, h, min(h.last_offset, limit), tp, ttl_ms)
 
     def _acquire(self, g: ShareGroup, member: ShareMember, max_records: int, changed: set[TopicPartition],
                  dead: Dead) -> dict[TopicPartition, list[Acquired]]:
@@ -548,10 +551,13 @@ class ShareCoordinator:
         return resp
 
 
-def _add_batch(sp: SharePartition, data: bytes, pos: int, h: BatchHeader, last: int, tp: TopicPartition) -> None:
+def _add_batch(sp: SharePartition, data: bytes, pos: int, h: BatchHeader, last: int, tp: TopicPartition,
+               topic_ttl_ms: int) -> None:
     """The records of one batch up to `last` join the window, with the delivery time and expiry
-    their headers ask for (share_headers.py). Records are decoded here, once, as they enter the
-    window (control batches are not: they hold no records to hand out)."""
+    their headers ask for (share_headers.py; with a topic's message_ttl_ms too, the shorter TTL
+    wins, as RabbitMQ's per-message and per-queue TTLs). TTL counts from when a record becomes
+    deliverable: its delivery time, else its timestamp. Records are decoded here, once, as they
+    enter the window (control batches are not: they hold no records to hand out)."""
     if h.is_control:
         sp.add_gap(last)
         return
@@ -560,12 +566,15 @@ def _add_batch(sp: SharePartition, data: bytes, pos: int, h: BatchHeader, last: 
         if m.offset > last:
             break
         until = expires = 0
+        ttl: int | None = topic_ttl_ms if topic_ttl_ms >= 0 else None
         if m.headers:
             hd = dict(m.headers)
             until = H.parse_ms(hd.get(H.DELIVER_AT_MS)) or 0
-            ttl = H.parse_ms(hd.get(H.TTL_MS))
-            if ttl is not None:
-                expires = max(until, m.timestamp) + ttl
+            own = H.parse_ms(hd.get(H.TTL_MS))
+            if own is not None:
+                ttl = own if ttl is None else min(ttl, own)
+        if ttl is not None:
+            expires = max(until, m.timestamp) + max(ttl, 1)
         if run and run[1] == m.offset - 1 and run[2] == until and run[3] == expires:
             run[1] = m.offset
             continue

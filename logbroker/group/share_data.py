@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
 TopicPartition = tuple[str, int]
 REMOTE_TIMEOUT_S = 5.0
 TOPIC_READY_WAIT_S = 10.0
+TOPIC_CONFIG_CACHE_S = 5.0
+TopicConfigs = Callable[[str], Awaitable[dict[str, str]]]
 
 
 @dataclass(frozen=True)
@@ -46,17 +49,39 @@ class ShareDataSource(Protocol):
 
     async def ensure_topic(self, name: str, like: str) -> int: ...
 
+    async def message_ttl_ms(self, topic: str) -> int: ...
+
 
 class ShareData:
     """`ShareDataSource` on a broker (see the module doc)."""
 
     def __init__(self, cluster: ClusterView, replicas: OffsetsLog, peers: PeerBrokers | None,
-                 topics: OffsetsTopicCreator) -> None:
+                 topics: OffsetsTopicCreator, topic_config: TopicConfigs | None = None) -> None:
         self._cluster = cluster
         self._replicas = replicas
         self._peers = peers
         self._topics = topics
+        self._topic_config = topic_config
+        self._ttl_cache: dict[str, tuple[float, int]] = {}  # topic -> (read at, message_ttl_ms)
         self._create_lock = asyncio.Lock()
+
+    async def message_ttl_ms(self, topic: str) -> int:
+        """The topic's `message_ttl_ms` (-1: none), cached for TOPIC_CONFIG_CACHE_S (a change
+        applies within seconds)."""
+        now = time.monotonic()
+        cached = self._ttl_cache.get(topic)
+        if cached is not None and now - cached[0] < TOPIC_CONFIG_CACHE_S:
+            return cached[1]
+        ttl = -1
+        if self._topic_config is not None:
+            try:
+                ttl = int((await self._topic_config(topic)).get("message_ttl_ms", "-1"))
+            except Exception:  # metadata store unreachable: no TTL until the next read
+                ttl = cached[1] if cached is not None else -1
+        if len(self._ttl_cache) > 10_000:
+            self._ttl_cache.clear()
+        self._ttl_cache[topic] = (now, ttl)
+        return ttl
 
     def _local(self, tp: TopicPartition):  # type: ignore[no-untyped-def]
         part = self._replicas.partitions.get(tp)

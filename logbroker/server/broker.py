@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import socket
 import time
 import uuid
@@ -22,7 +23,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from logbroker.clock import SYSTEM_CLOCK, Clock
+from logbroker.clock import SYSTEM_CLOCK, Clock, FileOffsetClock
 from logbroker.cluster.controller import Controller
 from logbroker.cluster.local_store import LocalMetadataStore, MetadataStore
 from logbroker.cluster.metadata import (
@@ -142,10 +143,12 @@ class Broker:
                 config.broker_id, self, self, self.replica_manager,
                 self.cluster.channels if self.cluster is not None else None, config.coordinator, clock,
             )
+            offset_file = os.environ.get(FileOffsetClock.ENV)  # tests only: time moved by a file's number
             self.share_coordinator = ShareCoordinator(
                 self.coordinator,
-                ShareData(self, self.replica_manager, self.cluster.channels if self.cluster is not None else None, self),
-                clock,
+                ShareData(self, self.replica_manager, self.cluster.channels if self.cluster is not None else None, self,
+                          self.topic_config),
+                FileOffsetClock(offset_file) if offset_file else clock,
             )
             self.apis = BrokerApis(
                 ProduceFetchApis(config, self, self.replica_manager, self),

@@ -205,3 +205,41 @@ def test_acknowledgements_and_delivery_counts_survive_kill_9(queue: Stubs, broke
     assert offsets(again) == acquired - acked  # accepted acks never come back
     assert {c for rs in ranges(again).values() for _, _, c in rs} == {2}  # counts continue
     stubs.channel.close()
+
+
+def test_delay_and_ttl_follow_the_brokers_injected_clock(broker_factory, tmp_path) -> None:
+    """A record delayed 2 s is not handed out before the broker's clock reaches its time; records
+    past their TTL (per record, or the topic's message_ttl_ms) are never handed out, and counted."""
+    clock_file = tmp_path / "clock-offset-ms"
+    clock_file.write_text("0")
+    broker = broker_factory(env={"LOGBROKER_TEST_CLOCK_OFFSET_FILE": str(clock_file)})
+    with Admin(broker.address) as admin:
+        admin.create_topic("q", partitions=1)
+        admin.create_topic("short", partitions=1, config={"message_ttl_ms": "60000"})
+    stubs = Stubs(broker.address)
+    try:
+        stubs.broker.FindCoordinator(pb.FindCoordinatorRequest(group="g"), timeout=10)
+        with Producer(broker.address, acks=-1) as producer:
+            producer.send("q", b"later", delay_ms=2_000).result(10)
+            producer.send("q", b"dies", ttl_ms=1_000).result(10)
+            producer.send("q", b"now").result(10)
+            producer.send("short", b"topic-ttl").result(10)
+        first = stubs.fetch("a", 0, topics=("q", "short"), auto_offset_reset="earliest", max_wait_ms=300)
+        # "dies" (offset 1) is still alive; "later" (offset 0) is not due
+        assert ranges(first) == {("q", 0): [(1, 2, 1)], ("short", 0): [(0, 0, 1)]}
+        assert stubs.ack("a", 1, settle(first, RELEASE, delay_ms=1)).error_code == pb.NONE
+        clock_file.write_text("1500")  # 1.5 s later: "dies" expired; "later" still not due
+        second = stubs.fetch("a", 1, topics=("q", "short"), max_wait_ms=300)
+        assert ranges(second) == {("q", 0): [(2, 2, 2)], ("short", 0): [(0, 0, 2)]}
+        stubs.ack("a", 1, settle(second, RELEASE, delay_ms=1))
+        clock_file.write_text("2500")  # "later" is due
+        third = stubs.fetch("a", 1, topics=("q", "short"), max_wait_ms=300)
+        assert ranges(third)[("q", 0)] == [(0, 0, 1), (2, 2, 3)]
+        stubs.ack("a", 1, settle(third, RELEASE, delay_ms=1))
+        clock_file.write_text("70000")  # the topic's 60 s TTL passed too
+        fourth = stubs.fetch("a", 1, topics=("q", "short"), max_wait_ms=300)
+        assert ("short", 0) not in ranges(fourth)
+        d = {(p.topic, p.partition): p for p in stubs.describe().partitions}
+        assert d[("q", 0)].expired == 1 and d[("short", 0)].expired == 1
+    finally:
+        stubs.channel.close()

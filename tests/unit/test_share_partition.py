@@ -181,3 +181,18 @@ def test_describe_counts() -> None:
     d = p.describe(20)
     assert (d["in_flight"], d["acquired"], d["available"], d["delayed"]) == (4, 1, 2, 1)
     assert d["oldest_unsettled_age_ms"] == 13
+
+
+def test_file_offset_clock_moves_by_the_files_number(tmp_path) -> None:
+    import time as _time
+
+    from logbroker.clock import FileOffsetClock
+
+    f = tmp_path / "offset"
+    clock = FileOffsetClock(str(f))
+    base = _time.time_ns() // 1_000_000
+    assert clock.now_ms() - base < 1_000  # no file: no offset
+    f.write_text("3600000")
+    assert clock.now_ms() - base >= 3_600_000
+    f.write_text("junk")
+    assert clock.now_ms() - base < 1_000
