@@ -243,3 +243,42 @@ def test_delay_and_ttl_follow_the_brokers_injected_clock(broker_factory, tmp_pat
         assert d[("q", 0)].expired == 1 and d[("short", 0)].expired == 1
     finally:
         stubs.channel.close()
+
+
+def _rss_anon_bytes(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no RssAnon in /proc/PID/status")
+
+
+@pytest.mark.slow
+def test_broker_memory_stays_bounded_with_a_million_unsettled_records(broker_factory) -> None:
+    """1,000,000 records offered to a share group that settles none: each partition's window stops
+    at max_in_flight_records, so the broker's anonymous memory hardly moves."""
+    broker = broker_factory()
+    with Admin(broker.address) as admin:
+        admin.create_topic("flood", partitions=2)
+    with Producer(broker.address, acks=1) as producer:
+        value = b"x" * 100
+        for i in range(1_000_000):
+            producer.send("flood", value, key=b"%d" % (i % 1000))
+        producer.flush(120)
+    stubs = Stubs(broker.address)
+    try:
+        stubs.broker.FindCoordinator(pb.FindCoordinatorRequest(group="g"), timeout=10)
+        assert broker.proc is not None
+        before = _rss_anon_bytes(broker.proc.pid)
+        held = 0
+        for i in range(20):
+            resp = stubs.fetch(f"m{i % 4}", 0 if i < 4 else 1, topics=("flood",), max_records=10_000,
+                               max_wait_ms=0, auto_offset_reset="earliest")
+            assert resp.error_code == pb.NONE, resp.error_message
+            held += len(offsets(resp))
+        assert held == 2 * 2_000  # two full windows, nothing more while nothing settles
+        d = stubs.describe()
+        assert [p.in_flight for p in d.partitions] == [2_000, 2_000]
+        after = _rss_anon_bytes(broker.proc.pid)
+        assert after - before < 64 << 20, (before, after)
+    finally:
+        stubs.channel.close()
