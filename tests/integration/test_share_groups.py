@@ -246,7 +246,9 @@ def test_delay_and_ttl_follow_the_brokers_injected_clock(broker_factory, tmp_pat
 
 
 def _rss_anon_bytes(pid: int) -> int:
-    for line in open(f"/proc/{pid}/status"):
+    with open(f"/proc/{pid}/status") as f:
+        lines = f.readlines()
+    for line in lines:
         if line.startswith("RssAnon:"):
             return int(line.split()[1]) * 1024
     raise AssertionError("no RssAnon in /proc/PID/status")
