@@ -47,6 +47,7 @@ Snapshot byte layout (big-endian)::
 
 from __future__ import annotations
 
+import itertools
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -79,6 +80,8 @@ _SNAPSHOT_HEAD = struct.Struct(">hqqi")
 _RUN = struct.Struct(">iibhqq")
 _AVAILABLE = bytes([RecordState.AVAILABLE])
 _ACQUIRED = bytes([RecordState.ACQUIRED])
+_INCREMENT = bytes(min(c + 1, 255) for c in range(256))  # bytes.translate table: count + 1, saturating
+_PERSISTED_STATE = bytes([0, 0, 2, 3] + list(range(4, 256)))  # ACQUIRED is stored as AVAILABLE
 
 
 @dataclass(frozen=True)
@@ -179,9 +182,8 @@ class SharePartition:
     def advance(self) -> None:
         """Move start_offset past the settled records at the front of the window."""
         state = self._state
-        n = 0
-        while n < len(state) and state[n] >= RecordState.ACKNOWLEDGED:
-            n += 1
+        unsettled = [e for e in (state.find(_AVAILABLE), state.find(_ACQUIRED)) if e >= 0]
+        n = min(unsettled) if unsettled else len(state)
         if n:
             del state[:n], self._count[:n], self._owner[:n], self._until_ms[:n], self._expires_ms[:n]
             del self._timestamp_ms[:n]
@@ -191,36 +193,58 @@ class SharePartition:
 
     def acquire(self, member: str, max_records: int, now_ms: int) -> tuple[list[Acquired], list[DeadLetter]]:
         """Hand out up to `max_records` available, due records, oldest offset first; returns them
-        as runs of equal delivery count, and the dead letters of records found past their TTL."""
+        as runs of equal delivery count, and the dead letters of records found past their TTL.
+        A run of available records that are all due and without TTL is taken with slice operations
+        (the common case); others record by record."""
         out: list[Acquired] = []
         dead: list[DeadLetter] = []
-        state, count, until, expires = self._state, self._count, self._until_ms, self._expires_ms
+        state, until, expires = self._state, self._until_ms, self._expires_ms
         lock_until = now_ms + self.settings.lock_ms
         taken = 0
         i = state.find(_AVAILABLE)
         while i >= 0 and taken < max_records:
-            if expires[i] and expires[i] <= now_ms:
-                dead += self._archive_expired(i)
-            elif until[i] <= now_ms:
-                c = min(count[i] + 1, COUNT_MAX)
-                count[i] = c
-                state[i] = RecordState.ACQUIRED
-                self._owner[i] = member
-                until[i] = lock_until
-                if c > 1:
-                    self.counters.redelivered += 1
-                offset = self.start_offset + i
-                if out and out[-1].last_offset == offset - 1 and out[-1].delivery_count == c:
-                    out[-1] = Acquired(out[-1].first_offset, offset, c)
-                else:
-                    out.append(Acquired(offset, offset, c))
-                taken += 1
-            i = state.find(_AVAILABLE, i + 1)
+            j = min(self._run_end(i), i + max_records - taken)
+            if max(until[i:j]) <= now_ms and not any(expires[i:j]):
+                self._take(i, j, member, lock_until, out)
+                taken += j - i
+            else:
+                for k in range(i, j):
+                    if expires[k] and expires[k] <= now_ms:
+                        dead += self._archive_expired(k)
+                    elif until[k] <= now_ms:
+                        self._take(k, k + 1, member, lock_until, out)
+                        taken += 1
+            i = state.find(_AVAILABLE, j)
         if taken and (self.next_lock_deadline_ms is None or lock_until < self.next_lock_deadline_ms):
             self.next_lock_deadline_ms = lock_until
         if dead:
             self.advance()
         return out, dead
+
+    def _run_end(self, i: int) -> int:
+        """The end of the run of AVAILABLE states starting at `i`."""
+        state = self._state
+        ends = [e for e in (state.find(b"\x01", i), state.find(b"\x02", i), state.find(b"\x03", i)) if e >= 0]
+        return min(ends) if ends else len(state)
+
+    def _take(self, i: int, j: int, member: str, lock_until: int, out: list[Acquired]) -> None:
+        """Acquire the available records [i, j) for `member`, appending them to `out` as runs."""
+        n = j - i
+        self._state[i:j] = _ACQUIRED * n
+        counts = self._count[i:j].translate(_INCREMENT)
+        self._count[i:j] = counts
+        self._owner[i:j] = [member] * n
+        self._until_ms[i:j] = [lock_until] * n
+        offset = self.start_offset + i
+        for c, group in itertools.groupby(counts):
+            k = sum(1 for _ in group)
+            if c > 1:
+                self.counters.redelivered += k
+            if out and out[-1].last_offset == offset - 1 and out[-1].delivery_count == c:
+                out[-1] = Acquired(out[-1].first_offset, offset + k - 1, c)
+            else:
+                out.append(Acquired(offset, offset + k - 1, c))
+            offset += k
 
     def _archive_expired(self, i: int) -> list[DeadLetter]:
         self._state[i] = RecordState.ARCHIVED
@@ -293,6 +317,9 @@ class SharePartition:
                                           f"{self.start_offset})")
         lo, hi = first_offset - self.start_offset, last_offset - self.start_offset + 1
         state, owner, until = self._state, self._owner, self._until_ms
+        if state[lo:hi] == _ACQUIRED * (hi - lo) and owner[lo:hi].count(member) == hi - lo \
+                and min(until[lo:hi]) > now_ms:
+            return  # the common case, checked with slice operations
         for i in range(lo, hi):
             if state[i] != RecordState.ACQUIRED or owner[i] != member:
                 raise InvalidRecordStateError(
@@ -303,8 +330,7 @@ class SharePartition:
 
     def _settle(self, lo: int, hi: int, to: RecordState) -> None:
         self._state[lo:hi] = bytes([to]) * (hi - lo)
-        for i in range(lo, hi):
-            self._owner[i] = None
+        self._owner[lo:hi] = [None] * (hi - lo)
 
     def _give_back(self, indexes: Iterator[int] | range, now_ms: int, delay_ms: int = 0) -> list[DeadLetter]:
         """Records a member lost (released, lock ended, member gone): available again after the
@@ -388,23 +414,17 @@ class SharePartition:
 
     def snapshot(self) -> bytes:
         """The durable state (module doc): runs of equal (state, count, until, expires)."""
+        state = self._state
+        pstate = state.translate(_PERSISTED_STATE)
+        until = self._until_ms
+        if _ACQUIRED in state:  # a lock's end is not persisted
+            until = [0 if s == RecordState.ACQUIRED else u for s, u in zip(state, until, strict=True)]
         runs: list[bytes] = []
-        state, count, until, expires = self._state, self._count, self._until_ms, self._expires_ms
-        n = len(state)
         i = 0
-        while i < n:
-            s = RecordState.AVAILABLE if state[i] == RecordState.ACQUIRED else state[i]
-            u = 0 if state[i] == RecordState.ACQUIRED else until[i]
-            key = (s, count[i], u, expires[i])
-            j = i + 1
-            while j < n:
-                sj = RecordState.AVAILABLE if state[j] == RecordState.ACQUIRED else state[j]
-                uj = 0 if state[j] == RecordState.ACQUIRED else until[j]
-                if (sj, count[j], uj, expires[j]) != key:
-                    break
-                j += 1
-            runs.append(_RUN.pack(i, j - i, s, count[i], u, expires[i]))
-            i = j
+        for key, group in itertools.groupby(zip(pstate, self._count, until, self._expires_ms, strict=True)):
+            n = sum(1 for _ in group)
+            runs.append(_RUN.pack(i, n, *key))
+            i += n
         return _SNAPSHOT_HEAD.pack(0, self.start_offset, self.end_offset, len(runs)) + b"".join(runs)
 
     @classmethod
