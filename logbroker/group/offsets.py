@@ -38,6 +38,16 @@ Byte layout (big-endian, as the rest of Kafka's formats; `str16` = int16 length 
     value  int16 value_version = 0
            bytes SharePartition.snapshot(), to the end of the value
 
+    share partition deferred records (queues: one chunk of a partition's delayed records;
+    group/share_deferred.py)
+    key    int16 key_version = 4
+           str16 group
+           str16 topic
+           int32 partition
+           int64 chunk
+    value  int16 value_version = 0
+           bytes the chunk (share_deferred.py's layout), to the end of the value
+
     tombstone: the same key with a null value (a deleted group, expired offsets, a group that has no
     members any more)
 
@@ -62,6 +72,8 @@ KEY_VERSION = 0
 MEMBERSHIP_KEY_VERSION = 1
 SHARE_GROUP_KEY_VERSION = 2
 SHARE_PARTITION_KEY_VERSION = 3
+SHARE_DEFERRED_KEY_VERSION = 4
+_I64 = struct.Struct(">q")
 VALUE_VERSION = 0
 METADATA_MAX_CHARS = 4096
 MEMBERSHIP_MAX_BYTES = 768 << 10  # below the topic's 1 MiB max_message_bytes with room for the batch
@@ -146,6 +158,14 @@ def share_partition_record(group: str, topic: str, partition: int, snapshot: byt
     return key, None if snapshot is None else _I16.pack(VALUE_VERSION) + snapshot
 
 
+def share_deferred_record(group: str, topic: str, partition: int, chunk: int,
+                          body: bytes | None) -> tuple[bytes, bytes | None]:
+    """(key, value) of one chunk of a share partition's deferred records (value None: empty now)."""
+    key = (_I16.pack(SHARE_DEFERRED_KEY_VERSION) + _str16(group) + _str16(topic) + _I32.pack(partition)
+           + _I64.pack(chunk))
+    return key, None if body is None else _I16.pack(VALUE_VERSION) + body
+
+
 def records_batch(records: Iterable[tuple[bytes, bytes | None]], now_ms: int) -> bytes:
     builder = BatchBuilder(now_ms)
     for key, value in records:
@@ -194,6 +214,7 @@ class OffsetsState:
     memberships: dict[str, dict[str, object]] = field(default_factory=dict)  # group -> latest snapshot
     share_groups: dict[str, dict[str, object]] = field(default_factory=dict)  # share group -> settings
     share_partitions: dict[tuple[str, str, int], bytes] = field(default_factory=dict)  # -> snapshot
+    share_deferred: dict[tuple[str, str, int], dict[int, bytes]] = field(default_factory=dict)  # -> chunks
     skipped_records: int = 0
     next_offset: int = 0  # the log offset replay continues from
 
@@ -207,7 +228,7 @@ class OffsetsState:
             if version == MEMBERSHIP_KEY_VERSION:
                 self._apply_membership(key, value)
                 return
-            if version in (SHARE_GROUP_KEY_VERSION, SHARE_PARTITION_KEY_VERSION):
+            if version in (SHARE_GROUP_KEY_VERSION, SHARE_PARTITION_KEY_VERSION, SHARE_DEFERRED_KEY_VERSION):
                 self._apply_share(version, key, value)
                 return
             parsed = decode_key(key)
@@ -252,6 +273,8 @@ class OffsetsState:
                 self.share_groups.pop(group, None)
                 for k in [k for k in self.share_partitions if k[0] == group]:
                     del self.share_partitions[k]
+                for k in [k for k in self.share_deferred if k[0] == group]:
+                    del self.share_deferred[k]
                 return
             settings = json.loads(value[2:])
             if not isinstance(settings, dict):
@@ -259,6 +282,17 @@ class OffsetsState:
             self.share_groups[group] = settings
             return
         topic, pos = _read_str16(key, pos)
+        if version == SHARE_DEFERRED_KEY_VERSION:
+            if pos + 12 != len(key):
+                raise ValueError("share deferred key length does not match its fields")
+            k = (group, topic, _I32.unpack_from(key, pos)[0])
+            chunk = _I64.unpack_from(key, pos + 4)[0]
+            chunks = self.share_deferred.setdefault(k, {})
+            if value is None:
+                chunks.pop(chunk, None)
+            else:
+                chunks[chunk] = bytes(value[2:])
+            return
         if pos + 4 != len(key):
             raise ValueError("share partition key length does not match its fields")
         k = (group, topic, _I32.unpack_from(key, pos)[0])

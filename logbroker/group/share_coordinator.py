@@ -56,6 +56,7 @@ from logbroker.group.offsets import (
     OFFSETS_TOPIC,
     OffsetsState,
     records_batch,
+    share_deferred_record,
     share_group_record,
     share_partition_record,
 )
@@ -136,7 +137,8 @@ class ShareCoordinator:
             if g is None:
                 continue
             try:
-                g.partitions[(topic, partition)] = SharePartition.restore(snapshot, g.settings)
+                g.partitions[(topic, partition)] = SharePartition.restore(
+                    snapshot, g.settings, state.share_deferred.get((name, topic, partition)))
             except ValueError as e:
                 log.warning("share group %s: unreadable state of %s-%d (%s): it starts again from the log end",
                             name, topic, partition, e)
@@ -314,7 +316,7 @@ class ShareCoordinator:
             if h.next_offset <= sp.end_offset:
                 continue
             # a batch that does not fit is taken in part: the rest is read again once records settle
-            _add_batch(sp, data, pos, h, min(h.last_offset, limit), tp, ttl_ms)
+            _add_batch(sp, data, pos, h, min(h.last_offset, limit), tp, ttl_ms, self.clock.now_ms())
 
     def _acquire(self, g: ShareGroup, member: ShareMember, max_records: int, changed: set[TopicPartition],
                  dead: Dead) -> dict[TopicPartition, list[Acquired]]:
@@ -380,9 +382,11 @@ class ShareCoordinator:
             sp = g.partitions.get(tp)
             if sp is None:
                 continue
-            rec = share_partition_record(g.name, tp[0], tp[1], sp.snapshot())
-            records.append(rec)
-            size += len(rec[0]) + len(rec[1] or b"")
+            recs = [share_partition_record(g.name, tp[0], tp[1], sp.snapshot())]
+            recs += [share_deferred_record(g.name, tp[0], tp[1], chunk, body)
+                     for chunk, body in sorted(sp.deferred.take_dirty().items())]
+            records += recs
+            size += sum(len(k) + len(v or b"") for k, v in recs)
             if size >= SNAPSHOT_BATCH_BYTES:
                 batches.append(records_batch(records, now))
                 records, size = [], 0
@@ -552,7 +556,7 @@ class ShareCoordinator:
 
 
 def _add_batch(sp: SharePartition, data: bytes, pos: int, h: BatchHeader, last: int, tp: TopicPartition,
-               topic_ttl_ms: int) -> None:
+               topic_ttl_ms: int, now_ms: int) -> None:
     """The records of one batch up to `last` join the window, with the delivery time and expiry
     their headers ask for (share_headers.py; with a topic's message_ttl_ms too, the shorter TTL
     wins, as RabbitMQ's per-message and per-queue TTLs). TTL counts from when a record becomes
@@ -579,10 +583,10 @@ def _add_batch(sp: SharePartition, data: bytes, pos: int, h: BatchHeader, last: 
             run[1] = m.offset
             continue
         if run:
-            sp.add_records(run[0], run[1], h.max_timestamp, until_ms=run[2], expires_ms=run[3])
+            sp.add_records(run[0], run[1], h.max_timestamp, until_ms=run[2], expires_ms=run[3], now_ms=now_ms)
         run = [m.offset, m.offset, until, expires]
     if run:
-        sp.add_records(run[0], run[1], h.max_timestamp, until_ms=run[2], expires_ms=run[3])
+        sp.add_records(run[0], run[1], h.max_timestamp, until_ms=run[2], expires_ms=run[3], now_ms=now_ms)
     sp.add_gap(last)  # offsets of the batch with no record left (compaction)
 
 

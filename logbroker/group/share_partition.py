@@ -23,6 +23,12 @@ Record states (KIP-932)::
     ACQUIRED --REJECT--> ARCHIVED, dead letter                           (settled)
     AVAILABLE past its TTL --> ARCHIVED (dead letter if the group asks)  (settled)
 
+Delayed records: a record produced with a delivery time more than DEFER_AFTER_MS ahead does not
+wait in the window (a backlog of them would fill it and hold back every record after them): it
+moves to `deferred` (share_deferred.py: the same lifecycle, stored sparse, indexed by due time,
+persisted in chunks) and its window slot is settled (DEFERRED). Records released with a delay stay
+in the window.
+
 An AVAILABLE record's `until_ms` is when it may be handed out (a release delay, a retry backoff, a
 producer's delivery time); an ACQUIRED record's is when its lock ends. A settle is all or nothing
 per range, and only by the member holding every record of the range with its lock still running:
@@ -54,6 +60,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 
 from logbroker.errors import InvalidRecordStateError, InvalidRequestError, OffsetOutOfRangeError
+from logbroker.group.share_deferred import DEFER_AFTER_MS, Deferred
 from logbroker.group.share_headers import REASON_EXPIRED, REASON_MAX_ATTEMPTS, REASON_REJECTED
 from logbroker.group.share_settings import ShareSettings
 
@@ -63,6 +70,7 @@ class RecordState(IntEnum):
     ACQUIRED = 1
     ACKNOWLEDGED = 2
     ARCHIVED = 3
+    DEFERRED = 4  # settled as far as the window goes: the record waits in `deferred` (share_deferred.py)
 
 
 class AckType(IntEnum):
@@ -124,6 +132,7 @@ class SharePartition:
     _timestamp_ms: list[int] = field(default_factory=list)
     next_lock_deadline_ms: int | None = None   # the earliest lock to check in `expire`
     counters: Counters = field(default_factory=Counters)
+    deferred: Deferred = field(default_factory=Deferred)  # delayed records outside the window
 
     def __post_init__(self) -> None:
         if self.end_offset < self.start_offset:
@@ -140,16 +149,23 @@ class SharePartition:
         return max(0, self.settings.max_in_flight_records - self.window_size)
 
     def add_records(self, first_offset: int, last_offset: int, timestamp_ms: int, *,
-                    until_ms: int = 0, expires_ms: int = 0) -> None:
+                    until_ms: int = 0, expires_ms: int = 0, now_ms: int | None = None) -> None:
         """Records [first, last] read from the log join the window as AVAILABLE. Offsets between
         end_offset and first_offset hold no record (compacted away, or control batches): they join
-        as settled. Ranges at or below end_offset are ignored (read twice)."""
+        as settled. Ranges at or below end_offset are ignored (read twice). Records due more than
+        DEFER_AFTER_MS after `now_ms` go to `deferred` while it has room (their slots settled)."""
         if last_offset < self.end_offset:
             return
         if first_offset > self.end_offset:
             self._extend(first_offset - self.end_offset, RecordState.ACKNOWLEDGED, timestamp_ms, 0, 0)
         first = max(first_offset, self.end_offset)
-        self._extend(last_offset - first + 1, RecordState.AVAILABLE, timestamp_ms, until_ms, expires_ms)
+        n = last_offset - first + 1
+        if now_ms is not None and until_ms > now_ms + DEFER_AFTER_MS and self.deferred.has_room(n):
+            for offset in range(first, last_offset + 1):
+                self.deferred.add(offset, until_ms, expires_ms)
+            self._extend(n, RecordState.DEFERRED, timestamp_ms, 0, 0)
+            return
+        self._extend(n, RecordState.AVAILABLE, timestamp_ms, until_ms, expires_ms)
 
     def add_gap(self, last_offset: int) -> None:
         """Offsets up to `last_offset` hold no record (compacted away, control batches): they join
@@ -166,6 +182,7 @@ class SharePartition:
         for i in range(offset - self.start_offset):
             if self._state[i] in (RecordState.AVAILABLE, RecordState.ACQUIRED):
                 self._state[i] = RecordState.ARCHIVED
+        self.deferred.remove_below(offset)
         self.advance()
 
     def _extend(self, n: int, state: RecordState, timestamp_ms: int, until_ms: int, expires_ms: int) -> None:
@@ -200,7 +217,8 @@ class SharePartition:
         dead: list[DeadLetter] = []
         state, until, expires = self._state, self._until_ms, self._expires_ms
         lock_until = now_ms + self.settings.lock_ms
-        taken = 0
+        taken = self._acquire_deferred(member, max_records, now_ms, lock_until, out, dead) if self.deferred else 0
+        sparse = bool(out)
         i = state.find(_AVAILABLE)
         while i >= 0 and taken < max_records:
             j = min(self._run_end(i), i + max_records - taken)
@@ -219,12 +237,37 @@ class SharePartition:
             self.next_lock_deadline_ms = lock_until
         if dead:
             self.advance()
+        if sparse:
+            out = _merge_runs(out)
         return out, dead
+
+    def _acquire_deferred(self, member: str, max_records: int, now_ms: int, lock_until: int,
+                          out: list[Acquired], dead: list[DeadLetter]) -> int:
+        taken = 0
+        while taken < max_records:
+            got = self.deferred.pop_due(now_ms)
+            if got is None:
+                break
+            offset, e = got
+            if e.expires_ms and e.expires_ms <= now_ms:
+                self.deferred.remove(offset)
+                self.counters.expired += 1
+                if self.settings.dead_letter_expired:
+                    self.counters.dead_lettered += 1
+                    dead.append(DeadLetter(offset, e.count, REASON_EXPIRED))
+                continue
+            c = self.deferred.acquire(offset, e, member, lock_until)
+            if c > 1:
+                self.counters.redelivered += 1
+            out.append(Acquired(offset, offset, c))
+            taken += 1
+        return taken
 
     def _run_end(self, i: int) -> int:
         """The end of the run of AVAILABLE states starting at `i`."""
         state = self._state
-        ends = [e for e in (state.find(b"\x01", i), state.find(b"\x02", i), state.find(b"\x03", i)) if e >= 0]
+        ends = [e for e in (state.find(b"\x01", i), state.find(b"\x02", i), state.find(b"\x03", i),
+                            state.find(b"\x04", i)) if e >= 0]
         return min(ends) if ends else len(state)
 
     def _take(self, i: int, j: int, member: str, lock_until: int, out: list[Acquired]) -> None:
@@ -286,6 +329,9 @@ class SharePartition:
             raise InvalidRequestError(f"negative delay {delay_ms} ms")
         if ack_type == AckType.RENEW and not 0 < delay_ms <= self.settings.lock_ms * 10:
             raise InvalidRequestError(f"a lock renewal of {delay_ms} ms is outside (0, {self.settings.lock_ms * 10}]")
+        if self.deferred and 0 <= first_offset <= last_offset < self.end_offset \
+                and self.deferred.in_range(first_offset, last_offset):
+            return self._acknowledge_sparse(member, first_offset, last_offset, ack_type, now_ms, delay_ms, reason)
         self._check_held(member, first_offset, last_offset, now_ms)
         lo, hi = first_offset - self.start_offset, last_offset - self.start_offset + 1
         dead: list[DeadLetter] = []
@@ -304,6 +350,45 @@ class SharePartition:
             dead = self._give_back(range(lo, hi), now_ms, delay_ms)
         self.advance()
         return dead
+
+    def _acknowledge_sparse(self, member: str, first_offset: int, last_offset: int, ack_type: int, now_ms: int,
+                            delay_ms: int, reason: str) -> list[DeadLetter]:
+        """`acknowledge` for a range holding deferred records: offset by offset, all checked first."""
+        if last_offset - first_offset >= self.settings.max_in_flight_records + len(self.deferred):
+            raise InvalidRequestError(f"range {first_offset}..{last_offset} is longer than what can be in flight")
+        entries = self.deferred.entries
+        for offset in range(first_offset, last_offset + 1):
+            e = entries.get(offset)
+            if e is None:
+                self._check_held(member, offset, offset, now_ms)
+            elif e.state != 1 or e.owner != member or e.until_ms <= now_ms:
+                raise InvalidRecordStateError(f"offset {offset} is not held by member {member} (or its lock ran out)")
+        dead: list[DeadLetter] = []
+        for offset in range(first_offset, last_offset + 1):
+            e = entries.get(offset)
+            if e is None:
+                dead += self.acknowledge(member, offset, offset, ack_type, now_ms, delay_ms, reason)
+            elif ack_type in (AckType.ACCEPT, AckType.GAP):
+                self.deferred.remove(offset)
+                self.counters.acknowledged += 1
+            elif ack_type == AckType.REJECT:
+                self.deferred.remove(offset)
+                self.counters.dead_lettered += 1
+                dead.append(DeadLetter(offset, e.count, REASON_REJECTED, reason))
+            elif ack_type == AckType.RENEW:
+                e.until_ms = now_ms + delay_ms
+            else:
+                dead += self._give_back_deferred(offset, now_ms, delay_ms)
+        return dead
+
+    def _give_back_deferred(self, offset: int, now_ms: int, delay_ms: int = 0) -> list[DeadLetter]:
+        e = self.deferred.entries[offset]
+        if e.count >= self.settings.max_delivery_attempts:
+            self.deferred.remove(offset)
+            self.counters.dead_lettered += 1
+            return [DeadLetter(offset, e.count, REASON_MAX_ATTEMPTS)]
+        self.deferred.make_available(offset, e, now_ms + (delay_ms or self.settings.backoff_ms(e.count)))
+        return []
 
     def _check_held(self, member: str, first_offset: int, last_offset: int, now_ms: int) -> None:
         if first_offset > last_offset:
@@ -363,8 +448,14 @@ class SharePartition:
             elif nxt is None or until[i] < nxt:
                 nxt = until[i]
             i = state.find(_ACQUIRED, i + 1)
-        self.next_lock_deadline_ms = nxt
         dead = self._give_back(iter(lost), now_ms)
+        if self.deferred:
+            lost_deferred, nxt_deferred = self.deferred.locks_ended(now_ms)
+            for offset in lost_deferred:
+                dead += self._give_back_deferred(offset, now_ms)
+            if nxt_deferred is not None and (nxt is None or nxt_deferred < nxt):
+                nxt = nxt_deferred
+        self.next_lock_deadline_ms = nxt
         self.advance()
         return dead
 
@@ -373,6 +464,8 @@ class SharePartition:
         state, owner = self._state, self._owner
         held = [i for i in range(len(state)) if state[i] == RecordState.ACQUIRED and owner[i] == member]
         dead = self._give_back(iter(held), now_ms)
+        for offset in self.deferred.held(member):
+            dead += self._give_back_deferred(offset, now_ms)
         self.advance()
         return dead
 
@@ -380,6 +473,7 @@ class SharePartition:
         """Settle everything below `up_to` (a purge); returns how many unsettled records it settled."""
         n = min(up_to, self.end_offset) - self.start_offset
         settled = sum(1 for i in range(max(n, 0)) if self._state[i] <= RecordState.ACQUIRED)
+        settled += self.deferred.remove_below(up_to)
         self.skip_to(up_to)
         return settled
 
@@ -387,7 +481,8 @@ class SharePartition:
 
     def held_by(self, member: str) -> int:
         state, owner = self._state, self._owner
-        return sum(1 for i in range(len(state)) if state[i] == RecordState.ACQUIRED and owner[i] == member)
+        window = sum(1 for i in range(len(state)) if state[i] == RecordState.ACQUIRED and owner[i] == member)
+        return window + (len(self.deferred.held(member)) if self.deferred else 0)
 
     def describe(self, now_ms: int) -> dict[str, int]:
         state, until = self._state, self._until_ms
@@ -402,6 +497,13 @@ class SharePartition:
                     available += 1
             if s <= RecordState.ACQUIRED and oldest is None:
                 oldest = self._timestamp_ms[i]
+        for e in self.deferred.entries.values():
+            if e.state == 1:
+                acquired += 1
+            elif e.until_ms > now_ms:
+                delayed += 1
+            else:
+                available += 1
         return {
             "start_offset": self.start_offset, "end_offset": self.end_offset,
             "in_flight": acquired + available + delayed, "acquired": acquired, "available": available,
@@ -428,9 +530,9 @@ class SharePartition:
         return _SNAPSHOT_HEAD.pack(0, self.start_offset, self.end_offset, len(runs)) + b"".join(runs)
 
     @classmethod
-    def restore(cls, data: bytes, settings: ShareSettings) -> SharePartition:
-        """From `snapshot` bytes; raises ValueError on junk (bounded: a window longer than the
-        largest allowed is refused before anything is allocated)."""
+    def restore(cls, data: bytes, settings: ShareSettings, deferred_chunks: dict[int, bytes] | None = None) -> SharePartition:
+        """From `snapshot` bytes and the deferred records' chunks; raises ValueError on junk
+        (bounded: a window longer than the largest allowed is refused before anything is allocated)."""
         if len(data) < _SNAPSHOT_HEAD.size:
             raise ValueError("share-partition snapshot too short")
         version, start, end, nruns = _SNAPSHOT_HEAD.unpack_from(data, 0)
@@ -442,7 +544,7 @@ class SharePartition:
         for _ in range(nruns):
             first, length, s, c, u, e = _RUN.unpack_from(data, pos)
             pos += _RUN.size
-            if first != sp.window_size or length <= 0 or s not in (0, 2, 3) or not 0 <= c <= COUNT_MAX:
+            if first != sp.window_size or length <= 0 or s not in (0, 2, 3, 4) or not 0 <= c <= COUNT_MAX:
                 raise ValueError("bad share-partition snapshot run")
             sp._state += bytes([s]) * length
             sp._count += bytes([c]) * length
@@ -453,5 +555,19 @@ class SharePartition:
             sp.end_offset += length
         if sp.end_offset != end:
             raise ValueError("share-partition snapshot runs do not cover its window")
+        for chunk, body in (deferred_chunks or {}).items():
+            sp.deferred.restore_chunk(chunk, body)
+        sp.deferred.dirty_chunks.clear()
         sp.advance()
         return sp
+
+
+def _merge_runs(runs: list[Acquired]) -> list[Acquired]:
+    """Runs sorted by offset, neighbours of equal delivery count joined."""
+    out: list[Acquired] = []
+    for r in sorted(runs, key=lambda r: r.first_offset):
+        if out and out[-1].last_offset == r.first_offset - 1 and out[-1].delivery_count == r.delivery_count:
+            out[-1] = Acquired(out[-1].first_offset, r.last_offset, r.delivery_count)
+        else:
+            out.append(r)
+    return out

@@ -284,3 +284,49 @@ def test_broker_memory_stays_bounded_with_a_million_unsettled_records(broker_fac
         assert after - before < 64 << 20, (before, after)
     finally:
         stubs.channel.close()
+
+
+def test_delayed_backlog_does_not_hold_back_later_records_and_survives_kill_9(broker_factory, tmp_path) -> None:
+    """30 records delayed an hour, a window of 10: the records after them are delivered at once;
+    after a kill -9 and the hour passing (the broker's injected clock), the delayed ones are."""
+    clock_file = tmp_path / "clock-offset-ms"
+    clock_file.write_text("0")
+    broker = broker_factory(env={"LOGBROKER_TEST_CLOCK_OFFSET_FILE": str(clock_file)})
+    with Admin(broker.address) as admin:
+        admin.create_topic("q", partitions=1)
+    with Producer(broker.address, acks=-1) as producer:
+        for i in range(30):
+            producer.send("q", b"later-%d" % i, delay_ms=3_600_000)
+        for i in range(5):
+            producer.send("q", b"now-%d" % i)
+        producer.flush(10)
+    stubs = Stubs(broker.address)
+    try:
+        stubs.broker.FindCoordinator(pb.FindCoordinatorRequest(group="g"), timeout=10)
+        first = stubs.fetch("a", 0, auto_offset_reset="earliest", max_in_flight_records=10, max_wait_ms=300)
+        assert ranges(first) == {("q", 0): [(30, 34, 1)]}
+        assert all(r.error_code == pb.NONE for r in stubs.ack("a", 1, settle(first)).results)
+        assert stubs.describe().partitions[0].delayed == 30
+    finally:
+        stubs.channel.close()
+    broker.kill()
+    clock_file.write_text(str(3_600_000 + 60_000))
+    broker.start()
+    stubs = Stubs(broker.address)
+    try:
+        stubs.broker.FindCoordinator(pb.FindCoordinatorRequest(group="g"), timeout=10)
+        got: set[tuple[int, int]] = set()
+        epoch = 0
+        for _ in range(10):
+            resp = stubs.fetch("b", epoch, max_wait_ms=300)
+            assert resp.error_code == pb.NONE, resp.error_message
+            epoch = resp.member_epoch
+            got |= offsets(resp)
+            stubs.ack("b", epoch, settle(resp))
+            if len(got) >= 30:
+                break
+        assert got == {(0, o) for o in range(30)}
+        d = stubs.describe().partitions[0]
+        assert (d.in_flight, d.start_offset) == (0, 35)
+    finally:
+        stubs.channel.close()

@@ -196,3 +196,57 @@ def test_file_offset_clock_moves_by_the_files_number(tmp_path) -> None:
     assert clock.now_ms() - base >= 3_600_000
     f.write_text("junk")
     assert clock.now_ms() - base < 1_000
+
+
+HOUR_MS = 3_600_000
+
+
+def test_delayed_records_wait_outside_the_window_and_come_due_in_time_order() -> None:
+    p = sp()  # window of 10
+    for o in range(30):  # 30 records due in an hour (later offsets due sooner)
+        p.add_records(o, o, 1, until_ms=HOUR_MS + 30 - o, now_ms=0)
+    p.add_records(30, 34, 1, now_ms=0)
+    assert p.room() == 5 and p.start_offset == 30  # the delayed ones hold no window slot
+    assert p.acquire("a", 100, now_ms=10)[0] == [Acquired(30, 34, 1)]
+    got, _ = p.acquire("a", 3, now_ms=HOUR_MS + 2)  # offsets 29 and 28 are due
+    assert got == [Acquired(28, 29, 1)]
+    assert p.describe(HOUR_MS + 2)["delayed"] == 28
+
+
+def test_deferred_records_settle_retry_and_dead_letter_like_the_window() -> None:
+    p = sp()
+    p.add_records(0, 1, 1, until_ms=HOUR_MS, now_ms=0)
+    p.add_records(2, 2, 1, now_ms=0)
+    got, _ = p.acquire("a", 10, HOUR_MS)
+    assert got == [Acquired(0, 2, 1)]  # a deferred run and a window record, merged in offset order
+    with pytest.raises(InvalidRecordStateError):
+        p.acknowledge("b", 0, 0, AckType.ACCEPT, HOUR_MS)
+    p.acknowledge("a", 0, 2, AckType.RELEASE, HOUR_MS)  # spans both: all or nothing, offset by offset
+    assert p.acquire("a", 10, HOUR_MS + 50)[0] == []
+    assert p.acquire("a", 10, HOUR_MS + 100)[0] == [Acquired(0, 2, 2)]
+    assert p.expire(HOUR_MS + 1_100) == []  # locks ran out: back after 200 ms
+    assert p.acquire("a", 10, HOUR_MS + 1_300)[0] == [Acquired(0, 2, 3)]
+    dead = p.acknowledge("a", 0, 1, AckType.RELEASE, HOUR_MS + 1_300)
+    assert sorted((d.offset, d.reason) for d in dead) == [(0, REASON_MAX_ATTEMPTS), (1, REASON_MAX_ATTEMPTS)]
+    p.acknowledge("a", 2, 2, AckType.ACCEPT, HOUR_MS + 1_300)
+    assert len(p.deferred) == 0 and p.window_size == 0
+
+
+def test_deferred_records_survive_a_snapshot_and_leave_with_their_member() -> None:
+    p = sp()
+    p.add_records(0, 4, 1, until_ms=HOUR_MS, now_ms=0)
+    p.acquire("a", 2, HOUR_MS)
+    chunks = {c: b for c, b in p.deferred.take_dirty().items() if b is not None}
+    q = SharePartition.restore(p.snapshot(), S, chunks)
+    assert len(q.deferred) == 5
+    assert q.acquire("b", 10, HOUR_MS)[0] == [Acquired(0, 1, 2), Acquired(2, 4, 1)]
+    q.release_member("b", HOUR_MS)
+    assert q.held_by("b") == 0 and q.describe(HOUR_MS)["delayed"] == 5
+
+
+def test_a_full_deferred_store_leaves_delayed_records_in_the_window() -> None:
+    p = sp()
+    p.deferred.capacity = 3
+    p.add_records(0, 2, 1, until_ms=HOUR_MS, now_ms=0)
+    p.add_records(3, 3, 1, until_ms=HOUR_MS, now_ms=0)
+    assert len(p.deferred) == 3 and p.window_size == 1  # offset 3 waits in the window
