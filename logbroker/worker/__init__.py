@@ -14,6 +14,7 @@ retry.py    retry policy (bounded exponential backoff)
 handler.py  `module:function` references
 slot.py     where a handler runs: a thread, or a child process
 runtime.py  the shell: consumer, slot threads, commits, rebalance callbacks, signals, shutdown
+queue_runtime.py  `--queue`: the same slots over a share group (ack / release / reject on the last attempt)
 """
 
 from logbroker.worker.handler import HandlerSpecError, load_handler
