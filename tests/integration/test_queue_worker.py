@@ -129,6 +129,7 @@ def test_two_queue_workers_share_one_partition(standalone, queue_workers, tmp_pa
     with Admin(standalone.address) as admin:
         wait_for(lambda: admin.describe_share_group("q1")["partitions"][0]["start_offset"] == 200, 20,
                  "every record acked")
+    assert Counter(off for off, _, _ in deliveries(out)) == dict.fromkeys(range(200), 1)
     for w in (a, b):
         w.signal(signal.SIGTERM)
         assert w.wait(30) == 0, w.log_text()[-3000:]
