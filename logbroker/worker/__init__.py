@@ -18,6 +18,7 @@ queue_runtime.py  `--queue`: the same slots over a share group (ack / release / 
 """
 
 from logbroker.worker.handler import HandlerSpecError, load_handler
+from logbroker.worker.queue_runtime import QueueWorker, QueueWorkerStats
 from logbroker.worker.retry import RetryPolicy
 from logbroker.worker.runtime import HandlerFailedError, Worker, WorkerStats
 from logbroker.worker.window import InFlightWindow
@@ -26,6 +27,8 @@ __all__ = [
     "HandlerFailedError",
     "HandlerSpecError",
     "InFlightWindow",
+    "QueueWorker",
+    "QueueWorkerStats",
     "RetryPolicy",
     "Worker",
     "WorkerStats",
