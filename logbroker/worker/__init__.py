@@ -14,9 +14,11 @@ retry.py    retry policy (bounded exponential backoff)
 handler.py  `module:function` references
 slot.py     where a handler runs: a thread, or a child process
 runtime.py  the shell: consumer, slot threads, commits, rebalance callbacks, signals, shutdown
+queue_runtime.py  `--queue`: the same slots over a share group (ack / release / reject on the last attempt)
 """
 
 from logbroker.worker.handler import HandlerSpecError, load_handler
+from logbroker.worker.queue_runtime import QueueWorker, QueueWorkerStats
 from logbroker.worker.retry import RetryPolicy
 from logbroker.worker.runtime import HandlerFailedError, Worker, WorkerStats
 from logbroker.worker.window import InFlightWindow
@@ -25,6 +27,8 @@ __all__ = [
     "HandlerFailedError",
     "HandlerSpecError",
     "InFlightWindow",
+    "QueueWorker",
+    "QueueWorkerStats",
     "RetryPolicy",
     "Worker",
     "WorkerStats",

@@ -21,6 +21,9 @@ from typing import Any
 from logbroker.errors import LogbrokerError
 
 DEFAULT_WORKERS = 4
+DEFAULT_RETRY_BACKOFF_MS = 100
+DEFAULT_RETRY_BACKOFF_MAX_MS = 5000
+MAX_DELIVERY_ATTEMPTS_DEFAULT = 5  # worker/queue_runtime.py's
 
 
 class WorkerCliError(LogbrokerError):
@@ -45,6 +48,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     cwd = os.getcwd()
     if cwd not in sys.path and "" not in sys.path:
         sys.path.insert(0, cwd)  # children of --processes inherit sys.path
+    if args.queue:
+        return _run_queue_worker(args)
     consumer_config: dict[str, Any] = {"assignor": args.assignor}
     if args.session_timeout_ms:
         consumer_config["session_timeout_ms"] = args.session_timeout_ms
@@ -53,11 +58,39 @@ def cmd_worker(args: argparse.Namespace) -> int:
             args.handler, group=args.group, topics=args.topic, pattern=args.pattern, bootstrap=args.bootstrap,
             workers=args.workers, processes=args.processes, max_in_flight=args.max_in_flight,
             ordering=args.ordering, on_failure=args.on_failure, grace_ms=args.grace_ms,
-            commit_interval_ms=args.commit_interval_ms, auto_offset_reset=args.auto_offset_reset,
-            retry=RetryPolicy(args.retries, args.retry_backoff_ms, args.retry_backoff_max_ms),
+            commit_interval_ms=args.commit_interval_ms, auto_offset_reset=args.auto_offset_reset or "earliest",
+            retry=RetryPolicy(args.retries, _or(args.retry_backoff_ms, DEFAULT_RETRY_BACKOFF_MS),
+                              _or(args.retry_backoff_max_ms, DEFAULT_RETRY_BACKOFF_MAX_MS)),
             consumer_config=consumer_config,
         )
     except ValueError as e:
+        raise WorkerCliError(str(e)) from None
+    with worker.signals_stop():
+        worker.run()
+    return 0
+
+
+def _or(value: int | None, default: int) -> int:
+    return default if value is None else value
+
+
+def _run_queue_worker(args: argparse.Namespace) -> int:
+    """--queue: the handler over share group --group (worker/queue_runtime.py)."""
+    from logbroker.worker.queue_runtime import QueueWorker
+
+    if args.pattern is not None:
+        raise WorkerCliError("--queue takes --topic, not --pattern")
+    config: dict[str, Any] = {"auto_offset_reset": args.auto_offset_reset or "latest"}
+    for name in ("lock_ms", "retry_backoff_ms", "retry_backoff_max_ms", "dead_letter_topic"):
+        if getattr(args, name) is not None:
+            config[name] = getattr(args, name)
+    try:
+        worker = QueueWorker(
+            args.handler, group=args.group, topics=args.topic, bootstrap=args.bootstrap, workers=args.workers,
+            processes=args.processes, grace_ms=args.grace_ms, max_delivery_attempts=args.max_delivery_attempts,
+            consumer_config=config,
+        )
+    except (ValueError, TypeError) as e:
         raise WorkerCliError(str(e)) from None
     with worker.signals_stop():
         worker.run()
@@ -93,9 +126,11 @@ def add_worker_parser(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="partition: a partition's records one at a time, in order (default); key: in order per "
                    "key, keys in parallel; none: any record any time (commits stay contiguous)")
     w.add_argument("--retries", type=int, default=3, help="retries of a failed record before it fails (default: 3)")
-    w.add_argument("--retry-backoff-ms", type=int, default=100,
-                   help="wait before the first retry, doubled for each next one (default: 100)")
-    w.add_argument("--retry-backoff-max-ms", type=int, default=5000, help="longest wait between retries (default: 5000)")
+    w.add_argument("--retry-backoff-ms", type=int, default=None,
+                   help="wait before the first retry, doubled for each next one (default: 100; with --queue the "
+                   "share group's setting, default: the broker's)")
+    w.add_argument("--retry-backoff-max-ms", type=int, default=None,
+                   help="longest wait between retries (default: 5000; with --queue the share group's setting)")
     w.add_argument("--on-failure", choices=["stop", "skip"], default="stop",
                    help="when a record failed every retry: stop with status 1, leaving it uncommitted (default), "
                    "or log it and commit past it")
@@ -103,8 +138,23 @@ def add_worker_parser(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="on SIGTERM/SIGINT and on revocation, how long running records may take to finish "
                    "(default: 20000)")
     w.add_argument("--commit-interval-ms", type=int, default=1000, help="how often progress is committed (default: 1000)")
-    w.add_argument("--auto-offset-reset", choices=["earliest", "latest"], default="earliest",
-                   help="where a partition without a committed offset starts (default: earliest)")
+    w.add_argument("--auto-offset-reset", choices=["earliest", "latest"], default=None,
+                   help="where a partition without a committed offset starts (default: earliest); with --queue "
+                   "where a new share group starts (default: latest)")
+    q = w.add_argument_group("queues (--queue)")
+    q.add_argument("--queue", action="store_true",
+                   help="consume --group as a SHARE group (queue semantics): any worker takes any message; "
+                   "success acks it, an exception releases it (the group's retry backoff), the last attempt "
+                   "rejects it to the dead-letter topic; --retries, --ordering, --max-in-flight and "
+                   "--on-failure do not apply")
+    q.add_argument("--lock-ms", type=int, default=None,
+                   help="how long a taken message is this worker's before it goes back (group setting; default: "
+                   "the broker's, 30000)")
+    q.add_argument("--max-delivery-attempts", type=int, default=MAX_DELIVERY_ATTEMPTS_DEFAULT,
+                   help=f"attempts before a message is dead-lettered (group setting; default: "
+                   f"{MAX_DELIVERY_ATTEMPTS_DEFAULT})")
+    q.add_argument("--dead-letter-topic", default=None,
+                   help="where dead letters go (group setting; default: TOPIC.dlq; '' for none)")
     w.add_argument("--assignor", choices=["range", "roundrobin", "sticky"], default="sticky",
                    help="how the coordinator spreads partitions, when this member creates the group (default: sticky)")
     w.add_argument("--session-timeout-ms", type=int, default=0,
