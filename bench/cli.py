@@ -371,8 +371,10 @@ def cmd_queue_failover(args: argparse.Namespace) -> int:
         say(f"queue-failover: unacked records of the killed consumer all delivered to another "
             f"lock_ms + {s['after_lock_s_median']:.3f} s (median of {s['complete_trials']}; "
             f"target < {s['target_after_lock_s']:g} s)")  # fmt: skip
+    for problem in record.get("problems", []):
+        say(f"queue-failover PROBLEM: {problem}")
     _save("queue-failover", record, results_dir, time.strftime("%Y%m%d-%H%M%S"), keep=not args.smoke)
-    return 1 if "error" in record or record["unreaped_pids"] else 0
+    return 1 if "error" in record or record["unreaped_pids"] or record.get("problems") else 0
 
 
 def cmd_failover(args: argparse.Namespace) -> int:
