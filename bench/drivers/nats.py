@@ -233,7 +233,7 @@ class NatsDriver(Driver):
                                 subjects=[f"{topic}.*"],
                                 storage=StorageType.FILE,
                                 num_replicas=wl.replication_factor,
-                                retention=RetentionPolicy.WORK_QUEUE if queue else RetentionPolicy.LIMITS,
+                                retention=RetentionPolicy.WORK_QUEUE if queue else None,  # None: the server default, limits
                             )
                         )
                         break
