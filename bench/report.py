@@ -144,7 +144,8 @@ def _preload_table(systems: dict[str, Any]) -> list[str]:
 
 
 def _targets(results: dict[str, Any], failover: dict[str, Any] | None = None,
-             rebalance: dict[str, Any] | None = None) -> list[str]:  # fmt: skip
+             rebalance: dict[str, Any] | None = None,
+             queue_failover: dict[str, Any] | None = None) -> list[str]:  # fmt: skip
     """The figures issues 2, 3, 4 and 5 ask for, each with what was measured."""
     rows = ["| target | measured | verdict |", "|---|---|---|"]
 
@@ -240,10 +241,33 @@ def _targets(results: dict[str, Any], failover: dict[str, Any] | None = None,
         peer, p99 = min(peers, key=lambda v: v[1])
         add("issue 5: latency-10k p99 ≤ 1× the better Python-driven peer",
             f"{lat['p99']:.2f} ms vs {peer} {p99:.2f} ms = {lat['p99'] / p99:.2f}×", lat["p99"] <= p99)  # fmt: skip
+    rows += _queue_targets(results, queue_failover)[2:]
     if lb:
         spread = max(lb["produce"]["spread"], lb["consume"]["spread"])
         add("issue 5: max-100b runs agree within 15 %", f"{lb['runs']} runs, widest spread {spread * 100:.0f} %",
             spread <= 0.15 if lb["runs"] >= 3 else None)  # fmt: skip
+    return rows
+
+
+def _queue_targets(results: dict[str, Any], queue_failover: dict[str, Any] | None) -> list[str]:
+    """Issue 16's rows (a header, then a row per figure), only once queue-ack or queue-failover was run."""
+    rows = ["| target | measured | verdict |", "|---|---|---|"]
+    qa = results.get("queue-ack", {})
+    if qa:
+        rate = _get(qa, BASE, "summary", "consume", "records_per_s")
+        peers = [(s, _get(qa, s, "summary", "consume", "records_per_s") or 0.0) for s in ("rabbitmq", "nats")]
+        peer, peer_rate = max(peers, key=lambda v: v[1])
+        measured = (f"{_n(rate)} vs {peer} {_n(peer_rate)} acks/s = {_ratio(rate, peer_rate)}" if rate and peer_rate
+                    else f"logbroker {_n(rate)}, {peer} {_n(peer_rate)} acks/s")  # fmt: skip
+        ok = rate / peer_rate >= 3 and bool(_get(qa, BASE, "summary", "consume", "complete")) if rate and peer_rate else None
+        rows.append(f"| issue 16: queue-ack, 4 consumers, one ack per message: ≥ 3× the better of RabbitMQ and "
+                    f"NATS JetStream | {measured} | {'—' if ok is None else ('met' if ok else '**missed**')} |")  # fmt: skip
+    qs = _get(queue_failover, "summary")
+    if qs and qs.get("after_lock_s_median") is not None:
+        ok = qs["after_lock_s_median"] < qs["target_after_lock_s"] and not queue_failover.get("problems")  # type: ignore[union-attr]
+        rows.append(f"| issue 16: kill -9 of a share consumer → its unacked records delivered to another, lock expiry "
+                    f"+ < 1 s | lock_ms + {qs['after_lock_s_median']:.3f} s (max {qs['after_lock_s_max']:.3f} s, "
+                    f"{qs['complete_trials']} trials) | {'met' if ok else '**missed**'} |")  # fmt: skip
     return rows
 
 
@@ -602,7 +626,9 @@ def render(latest: dict[str, Any], plots: list[str]) -> str:
         ]
     failover = latest.get("failover")
     rebalance = latest.get("rebalance")
-    out += ["## Targets from issues 2, 3, 4 and 5", "", *_targets(results, failover, rebalance), ""]
+    targets = _targets(results, failover, rebalance, latest.get("queue-failover"))
+    issues = "2, 3, 4, 5 and 16" if results.get("queue-ack") or latest.get("queue-failover") else "2, 3, 4 and 5"
+    out += [f"## Targets from issues {issues}", "", *targets, ""]
     skipped: list[str] = []
     failed: list[str] = []
     problems: list[str] = []

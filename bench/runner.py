@@ -327,7 +327,12 @@ class Runner:
         wait_for(consumers, "done", deadline + GRACE_S, tick)
         sampler.mark(f"{tag}_end")
         self._unprofile(f"server-{tag}")
-        return _consume_figures([w.result or {} for w in consumers], wl, expected, None)
+        results = [w.result or {} for w in consumers]
+        figures = _consume_figures(results, wl, expected, None)
+        confirmed = [r["acks_confirmed"] for r in results if "acks_confirmed" in r]
+        if confirmed:  # the client said how many acks the system accepted (logbroker's commit_acks)
+            figures["acks_confirmed"] = sum(confirmed)
+        return figures
 
     def _settle_group(self, server: Server, workers: list[Worker], prog: Progress) -> tuple[list[Worker], dict[str, Any]]:
         """Group workloads: the consumers join while the topic is still empty, and the run goes on once
@@ -393,10 +398,13 @@ class Runner:
             group: dict[str, Any] = {}
             if self.wl.requires == "groups":
                 consumers, group = self._settle_group(server, workers, prog)
-            produce = self._produce(server, sampler, workers, prog)
+            produce = self._produce(server, sampler, workers, prog, self.wl.backlog_records)
             consume = self._consume(server, sampler, workers, prog, produce["total_records"], "consume", consumers)
             if group:
                 consume["group"] = group
+            if self.wl.requires == "queues":
+                reap([w.proc for w in workers])  # consumers gone: whatever they held is back in the queue
+                consume["unacked"] = self.driver.unacked(server, TOPIC, self.wl)
             figures = self._server_figures(sampler, ("produce", "consume"))
         result = {"produce": produce, "consume": consume, "server": figures, **self._stopped(server)}
         prog.done(_one_line(result))
@@ -577,6 +585,8 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         c = r.get("consume")
         if c and not c["complete"]:
             problems.append(f"run {i + 1}: consumed {c['records']:,} of {c['expected_records']:,} records")
+        if c and c.get("unacked"):
+            problems.append(f"run {i + 1}: {c['unacked']:,} messages left unacknowledged in the queue")
         for e in r.get("server_exit", []):
             if not e["graceful"]:
                 problems.append(

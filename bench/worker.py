@@ -11,6 +11,11 @@ which it answers with ("held", partitions) and stops polling; the group's member
 the client (logbroker's heartbeat thread) while the producers run. Times are `time.monotonic()`, which on Linux is one clock for all processes,
 so the harness can hand out a common schedule (start, end of warm-up, end).
 
+Queue workloads (`requires = "queues"`): after each poll the consumer acknowledges every message it
+got, one ack per message (`client.ack(records)`), and a poll's records count once acknowledged;
+`client.finish()` at the end flushes what the client still buffers and returns how many acks the
+system confirmed (None when its protocol does not confirm acks, as AMQP's and JetStream's do not).
+
 Record layout: bytes 0-7 are the send time (monotonic_ns, little endian) when the workload measures
 latency, zero otherwise; the rest is filler up to `record_size`.
 """
@@ -156,6 +161,7 @@ def consume(client: ConsumerClient, wl: Workload, p: dict[str, Any], conn: Conne
     next_report = t_go + PROGRESS_INTERVAL_S
     timed_out = False
     value = client.value
+    ack = getattr(client, "ack", None) if wl.requires == "queues" else None  # one ack per message
     while True:
         now = time.monotonic()
         if now >= deadline:
@@ -167,6 +173,8 @@ def consume(client: ConsumerClient, wl: Workload, p: dict[str, Any], conn: Conne
                 draining, expected = True, msg[1]
         records = client.poll(0.1)
         if records:
+            if ack is not None:
+                ack(records)  # counted (and timed) once acknowledged
             t = time.monotonic()
             count += len(records)
             samples.append((t, count))
@@ -185,7 +193,13 @@ def consume(client: ConsumerClient, wl: Workload, p: dict[str, Any], conn: Conne
                 break
             if not single and time.monotonic() - t_last >= idle_s and (count or time.monotonic() - t_go > 10):
                 break
+    out: dict[str, Any] = {}
+    if ack is not None:  # after the window: what is still buffered goes now; a figure only if the client confirms
+        confirmed = client.finish()  # type: ignore[attr-defined]
+        if confirmed is not None:
+            out["acks_confirmed"] = confirmed
     return {
+        **out,
         "records": count,
         "samples": samples,
         "t_go": t_go,

@@ -8,6 +8,11 @@ Phases (`mode`):
 - `sequential`: producers run warm-up + duration, then consumers read the whole backlog. Each side
   gets the machine to itself, which on 2 cores is the only way to see each one's ceiling.
 - `concurrent`: consumers tail while producers run (end-to-end latency needs this).
+- `backlog_records > 0` (queue-ack): as `sequential`, but the producers send exactly that many
+  records (the backlog), not for a duration.
+- `requires = "queues"` (queue-ack): the consumers share one queue (a share group, a RabbitMQ queue, a
+  JetStream work-queue consumer) and acknowledge every message individually; the drain is timed
+  over the acknowledgements.
 - `preload_bytes > 0` (consume-5gb): one server per workload, the log is filled once with the
   driver's fastest path, then each of the `runs` is a fresh consumer reading all of it.
 """
@@ -22,7 +27,7 @@ from typing import Any
 WORKLOADS_DIR = Path(__file__).parent / "workloads"
 KEY_DISTRIBUTIONS = ("none", "uniform", "hot")
 MODES = ("sequential", "concurrent")
-REQUIREMENTS = ("cluster", "groups")
+REQUIREMENTS = ("cluster", "groups", "queues")
 
 
 class WorkloadError(ValueError):
@@ -51,6 +56,7 @@ class Workload:
     mode: str = "sequential"
     latency: bool = False  # embed a send timestamp in every record, measure end to end
     preload_bytes: int = 0
+    backlog_records: int = 0  # > 0: produce exactly this many records (not for duration_s), then drain
     consume_time_limit_s: float = 120.0
     native_requests_per_s: int = 200_000  # redis-native: sizes `redis-benchmark -n` to ~duration_s
     requires: str = ""  # "cluster" | "groups" | ""
@@ -90,6 +96,8 @@ def _check(wl: Workload) -> Workload:
         problems.append("min_insync_replicas must be between 1 and replication_factor")
     if wl.duration_s <= 0 or wl.warmup_s < 0 or wl.consume_time_limit_s <= 0:
         problems.append("duration_s and consume_time_limit_s must be > 0, warmup_s >= 0")
+    if wl.backlog_records < 0 or (wl.backlog_records and wl.mode != "sequential"):
+        problems.append("backlog_records must be >= 0, and needs mode = 'sequential'")
     if wl.latency and wl.mode != "concurrent":
         problems.append("latency = true needs mode = 'concurrent'")
     if problems:

@@ -9,6 +9,7 @@ from bench.drivers.base import Driver
 _DRIVERS = {
     "logbroker": ("bench.drivers.logbroker", "LogbrokerDriver"),
     "nats": ("bench.drivers.nats", "NatsDriver"),
+    "rabbitmq": ("bench.drivers.rabbitmq", "RabbitmqDriver"),
     "redis": ("bench.drivers.redis", "RedisDriver"),
     "redis-native": ("bench.drivers.redis_native", "RedisNativeDriver"),
 }

@@ -54,6 +54,16 @@ class ConsumerClient(Protocol):
     def close(self) -> None: ...
 
 
+class QueueConsumerClient(ConsumerClient, Protocol):
+    """A consumer of a shared queue (`requires = "queues"`): every message acknowledged on its own."""
+
+    def ack(self, records: Sequence[Any]) -> None:
+        """Acknowledge each of `records` individually (the wire may batch them, as the client allows)."""
+
+    def finish(self) -> int | None:
+        """Send acks still buffered; how many the system confirmed, or None if its protocol does not say."""
+
+
 class Driver(ABC):
     name: str = ""
     title: str = ""  # as shown in tables
@@ -96,6 +106,10 @@ class Driver(ABC):
 
     def preload(self, server: Server, topic: str, wl: Workload, progress: Any) -> dict[str, Any] | None:
         """Fill the topic with wl.preload_bytes the fastest way this system has; None: use producers."""
+        return None
+
+    def unacked(self, server: Server, topic: str, wl: Workload) -> int | None:
+        """Queue workloads, after every consumer has gone: messages still in the queue, not acknowledged."""
         return None
 
     def native_produce(self, server: Server, wl: Workload, workdir: Path) -> dict[str, Any]:

@@ -3,6 +3,11 @@
 Client settings come from the workload's `[options.logbroker]` table: `producer = {...}` and
 `consumer = {...}` are passed to `logbroker.Producer` / `logbroker.Consumer` as keyword arguments.
 
+Queue workloads (`requires = "queues"`, queue-ack): the backlog goes in with the usual Producer, and each
+consumer process is a `QueueConsumer` of the share group `bench` (`auto_offset_reset="earliest"`,
+`[options.logbroker] queue_consumer = {...}` for `lock_ms` and the like) that acks every message. Where
+`from logbroker import QueueConsumer` fails, `unsupported` says so and logbroker alone is skipped.
+
 `preload` (consume-5gb) fills the log the fastest way there is: one RecordBatch v2 of 100-byte
 records built once with the client's own `BatchBuilder`, then sent again and again with raw gRPC
 `Produce` calls (several in flight). The broker assigns offsets by patching baseOffset, which sits
@@ -28,6 +33,7 @@ from bench.workload import Workload
 
 PRELOAD_BATCH_BYTES = 1_000_000  # under the default max_message_bytes (1 MiB)
 PRELOAD_IN_FLIGHT = 4
+QUEUE_GROUP = "bench"  # the share group of a queue workload
 LOGBROKER_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -99,6 +105,48 @@ class LogbrokerConsumer:
         self.c.close()
 
 
+class LogbrokerQueueConsumer:
+    """Queue workloads: one member of the share group `bench` (`QueueConsumer`, earliest), every message
+    acked with `message.ack()`; the acks ride on the next poll, and `finish()` is `commit_acks()`."""
+
+    def __init__(self, address: str, topic: str, wl: Workload, index: int) -> None:
+        from logbroker import QueueConsumer
+
+        settings = {"lock_ms": 30_000, **wl.option("logbroker", "queue_consumer", {})}
+        self.c = QueueConsumer(
+            address, group=QUEUE_GROUP, topics=[topic], auto_offset_reset="earliest", **settings
+        )
+
+    def poll(self, timeout_s: float) -> Sequence[Any]:
+        return list(self.c.poll(timeout_ms=int(timeout_s * 1000)))
+
+    def value(self, record: Any) -> bytes:
+        return bytes(record.value)
+
+    def ack(self, records: Sequence[Any]) -> None:
+        for m in records:
+            m.ack()
+
+    def finish(self) -> int | None:
+        accepted = self.c.commit_acks()
+        try:
+            return len(accepted)
+        except TypeError:  # a count rather than a collection
+            return int(accepted)
+
+    def close(self) -> None:
+        self.c.close()
+
+
+def queue_consumer_missing() -> str | None:
+    """Why logbroker cannot run a queue workload here (QueueConsumer not in this client), or None."""
+    try:
+        from logbroker import QueueConsumer  # noqa: F401
+    except Exception as exc:
+        return f"`from logbroker import QueueConsumer` failed ({exc.__class__.__name__}): share groups are not in this build"
+    return None
+
+
 class LogbrokerDriver(Driver):
     name = "logbroker"
     title = "logbroker"
@@ -121,6 +169,8 @@ class LogbrokerDriver(Driver):
     def unsupported(self, wl: Workload) -> str | None:
         if wl.requires == "cluster" or wl.brokers > 1:
             return zookeeper_missing()
+        if wl.requires == "queues":
+            return queue_consumer_missing()
         return None
 
     def start(self, workdir: Path, wl: Workload, stack: ExitStack) -> Server:
@@ -163,7 +213,11 @@ class LogbrokerDriver(Driver):
     def producer(self, address: str, topic: str, wl: Workload, index: int) -> LogbrokerProducer:
         return LogbrokerProducer(address, topic, wl, index)
 
-    def consumer(self, address: str, topic: str, wl: Workload, index: int) -> LogbrokerConsumer:
+    def consumer(
+        self, address: str, topic: str, wl: Workload, index: int
+    ) -> LogbrokerConsumer | LogbrokerQueueConsumer:
+        if wl.requires == "queues":
+            return LogbrokerQueueConsumer(address, topic, wl, index)
         return LogbrokerConsumer(address, topic, wl, index)
 
     def preload(self, server: Server, topic: str, wl: Workload, progress: Any) -> dict[str, Any] | None:

@@ -8,6 +8,9 @@ fastest reader (274k msg/s here against 50k for `fetch(batch=1000)` on a pull su
 Several consumers sharing a topic (groups): a durable pull consumer with AckPolicy.NONE created with
 the topic, fetched in batches of 1000 (fewer for 100 KB records) — the documented way to share.
 `[options.nats] consumer = "pull"` forces the pull path for a single consumer too.
+Queue workloads (`requires = "queues"`, queue-ack): the stream has work-queue retention and the shared
+durable pull consumer AckPolicy.EXPLICIT (`max_ack_pending` from `[options.nats]`); every message
+gets its own `msg.ack()`.
 """
 
 from __future__ import annotations
@@ -160,6 +163,19 @@ class NatsConsumer:
     def value(self, record: Any) -> bytes:
         return record.data
 
+    def ack(self, records: Sequence[Any]) -> None:
+        """Queue workloads: one explicit ack per message (each a publish to its reply subject)."""
+
+        async def ack_all() -> None:
+            for m in records:
+                await m.ack()
+
+        self.loop.run_until_complete(ack_all())
+
+    def finish(self) -> int | None:
+        self.loop.run_until_complete(self.nc.flush(timeout=30))  # the server has read every ack
+        return None  # JetStream does not confirm a plain ack (ack_sync would: a round trip each)
+
     def close(self) -> None:
         _shutdown(self.loop, self.nc)
 
@@ -192,7 +208,16 @@ class NatsDriver(Driver):
         return Server(address, [proc])
 
     def create_topic(self, server: Server, topic: str, wl: Workload) -> None:
-        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
+        from nats.js.api import (
+            AckPolicy,
+            ConsumerConfig,
+            DeliverPolicy,
+            RetentionPolicy,
+            StorageType,
+            StreamConfig,
+        )
+
+        queue = wl.requires == "queues"  # a work queue: acked messages leave the stream
 
         async def create() -> None:
             import nats
@@ -208,6 +233,7 @@ class NatsDriver(Driver):
                                 subjects=[f"{topic}.*"],
                                 storage=StorageType.FILE,
                                 num_replicas=wl.replication_factor,
+                                retention=RetentionPolicy.WORK_QUEUE if queue else None,  # None: the server default, limits
                             )
                         )
                         break
@@ -219,15 +245,31 @@ class NatsDriver(Driver):
                     topic,
                     ConsumerConfig(
                         durable_name=DURABLE,
-                        ack_policy=AckPolicy.NONE,
+                        ack_policy=AckPolicy.EXPLICIT if queue else AckPolicy.NONE,
                         deliver_policy=DeliverPolicy.ALL,
                         max_waiting=512,
+                        max_ack_pending=int(wl.option(self.name, "max_ack_pending", 20_000)) if queue else None,
                     ),
                 )
             finally:
                 await nc.close()
 
         asyncio.run(create())
+
+    def unacked(self, server: Server, topic: str, wl: Workload) -> int | None:
+        """A work-queue stream keeps exactly the messages not yet acknowledged."""
+
+        async def count() -> int:
+            import nats
+
+            nc = await nats.connect(f"nats://{server.address}", connect_timeout=5, allow_reconnect=False)
+            try:
+                info = await nc.jetstream(timeout=30).stream_info(topic)
+                return int(info.state.messages)
+            finally:
+                await nc.close()
+
+        return asyncio.run(count())
 
     def producer(self, address: str, topic: str, wl: Workload, index: int) -> NatsProducer:
         return NatsProducer(address, topic, wl, index)
