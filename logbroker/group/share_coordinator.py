@@ -17,10 +17,12 @@ One ShareFetch (the member's acknowledgements ride on it)::
         read new records into each partition's window (share_data.py: local log or the leader)
         acquire up to max_records, round robin over the partitions
         else wait (a settle, a lock expiry or new data wakes it; new data is checked every tick)
+    read the record batches that hold the acquired records (whole batches: the client keeps only
+    its offsets); a partition that cannot be read now gives its acquisitions back (undone, count
+    as before) and answers with its error
     write dead letters (acks=all to the dead-letter topic), then the snapshots of every partition
     that changed (acks=all to the offsets partition)       <- only then answer
-    answer: per partition, the acquired offset ranges with delivery counts, and the record
-    batches that hold them (whole batches: the client keeps only its offsets)
+    answer: per partition, the acquired offset ranges with delivery counts, and those batches
 
 Acquisitions are persisted before the records are handed out, so a delivery count never goes back
 after a failover (share_partition.py). A background tick gives back expired locks and evicts
@@ -198,12 +200,12 @@ class ShareCoordinator:
                 changed.update(tp for tp, _ in released)
             else:
                 acquired = await self._acquire_loop(shard, g, member, req, changed, dead)
+                await self._fill_records(resp, g, member.member_id, acquired)
             await self._persist(shard, g, changed, dead)
             if changed:
                 self._wake(g.name)
             resp.member_epoch = member.epoch if req.member_epoch != -1 else -1
             resp.lock_ms = g.settings.lock_ms
-            await self._fill_records(resp, acquired)
         except BrokerError as e:
             resp.error_code = e.code  # type: ignore[assignment]
             resp.error_message = e.message
@@ -253,11 +255,11 @@ class ShareCoordinator:
             raise InvalidRequestError("max_records and max_wait_ms must not be negative")
         deadline = self.clock.monotonic_ms() + min(req.max_wait_ms, MAX_WAIT_MS_MAX)
         while True:
-            await self._read_new(g, member.topics, changed)
+            unreadable = await self._read_new(g, member.topics, changed)
             if self._gc.shard_for(g.name) is not shard or shard.share_groups.get(g.name) is not g:
                 raise UnknownMemberIdError(f"share group {g.name} was reloaded: join again")
             g.check(member.member_id, member.epoch, self.clock.monotonic_ms())
-            got = self._acquire(g, member, max_records, changed, dead)
+            got = self._acquire(g, member, max_records, changed, dead, unreadable)
             if got or self.clock.monotonic_ms() >= deadline:
                 return got
             ev = self._wakeup(g.name)
@@ -265,9 +267,11 @@ class ShareCoordinator:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(ev.wait(), wait_s)
 
-    async def _read_new(self, g: ShareGroup, topics: Iterable[str], changed: set[TopicPartition]) -> None:
+    async def _read_new(self, g: ShareGroup, topics: Iterable[str], changed: set[TopicPartition]) -> set[TopicPartition]:
         """Bring new records into the windows of the member's partitions (creating share partitions
-        at the group's start position the first time)."""
+        at the group's start position the first time); returns the partitions that could not be read
+        (no reachable leader now: nothing is handed out from them this round)."""
+        unreadable: set[TopicPartition] = set()
         for topic in topics:
             states = self._gc.cluster.topic_partitions(topic)
             if not states:
@@ -278,6 +282,8 @@ class ShareCoordinator:
                     await self._read_partition(g, tp, changed)
                 except BrokerError as e:  # a leaderless partition: the others still serve
                     log.debug("share group %s: %s-%d not readable now: %s", g.name, topic, p, e)
+                    unreadable.add(tp)
+        return unreadable
 
     async def _read_partition(self, g: ShareGroup, tp: TopicPartition, changed: set[TopicPartition]) -> None:
         sp = g.partitions.get(tp)
@@ -314,8 +320,8 @@ class ShareCoordinator:
             _add_batch(sp, data, pos, h, min(h.last_offset, limit), tp)
 
     def _acquire(self, g: ShareGroup, member: ShareMember, max_records: int, changed: set[TopicPartition],
-                 dead: Dead) -> dict[TopicPartition, list[Acquired]]:
-        tps = [tp for tp in g.partitions if tp[0] in member.topics]
+                 dead: Dead, unreadable: set[TopicPartition]) -> dict[TopicPartition, list[Acquired]]:
+        tps = [tp for tp in g.partitions if tp[0] in member.topics and tp not in unreadable]
         if not tps:
             return {}
         out: dict[TopicPartition, list[Acquired]] = {}
@@ -336,7 +342,12 @@ class ShareCoordinator:
                 left -= sum(r.last_offset - r.first_offset + 1 for r in runs)
         return out
 
-    async def _fill_records(self, resp: pb.ShareFetchResponse, acquired: dict[TopicPartition, list[Acquired]]) -> None:
+    async def _fill_records(self, resp: pb.ShareFetchResponse, g: ShareGroup, member_id: str,
+                            acquired: dict[TopicPartition, list[Acquired]]) -> None:
+        """The batches holding the acquired records, read before the state is persisted. A partition
+        whose records cannot be read now (its leader died and no new one is known yet) hands out
+        nothing: its acquisitions are undone (available again, count as before), the error is
+        that partition's, and a later fetch tries again."""
         budget = RESPONSE_BYTES_MAX
         for tp, runs in acquired.items():
             out = resp.partitions.add(topic=tp[0], partition=tp[1])
@@ -357,7 +368,12 @@ class ShareCoordinator:
                         break
                     chunks.append(result.data[:used])
                     budget -= used
-            except BrokerError as e:  # the records stay acquired until their lock runs out
+            except BrokerError as e:
+                sp = g.partitions.get(tp)
+                if sp is not None:
+                    sp.unacquire(member_id, runs)
+                del out.acquired[:]
+                chunks = []
                 out.error_code = e.code
                 out.error_message = e.message
             out.records = b"".join(chunks)

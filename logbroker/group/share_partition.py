@@ -222,6 +222,23 @@ class SharePartition:
             self.advance()
         return out, dead
 
+    def unacquire(self, member: str, runs: list[Acquired]) -> None:
+        """Undo `acquire` for runs that could not be handed out (the shell failed to read their
+        records): still held by `member` with the count they were acquired with, they are
+        available again at once with the count they had before (they were never delivered)."""
+        state, count, owner = self._state, self._count, self._owner
+        for r in runs:
+            for offset in range(max(r.first_offset, self.start_offset), min(r.last_offset + 1, self.end_offset)):
+                i = offset - self.start_offset
+                if state[i] != RecordState.ACQUIRED or owner[i] != member or count[i] != r.delivery_count:
+                    continue
+                state[i] = RecordState.AVAILABLE
+                count[i] = max(count[i] - 1, 0)
+                owner[i] = None
+                self._until_ms[i] = 0
+                if count[i] >= 1:
+                    self.counters.redelivered -= 1
+
     def _archive_expired(self, i: int) -> list[DeadLetter]:
         self._state[i] = RecordState.ARCHIVED
         self.counters.expired += 1

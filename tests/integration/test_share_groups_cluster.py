@@ -89,7 +89,7 @@ def _run(cluster: Cluster, victim_of: str) -> None:
     _produce(cluster)
     total = 2 * PER_PARTITION
     everything = {(p, o) for p in (0, 1) for o in range(PER_PARTITION)}
-    with QueueConsumer(cluster.bootstrap, GROUP, [TOPIC], auto_offset_reset="earliest", lock_ms=120_000,
+    with QueueConsumer(cluster.bootstrap, GROUP, [TOPIC], auto_offset_reset="earliest", lock_ms=60_000,
                        request_timeout_ms=10_000) as c:
         first = _acquire_all(c, total)
         assert {(m.partition, m.offset) for m in first} == everything
@@ -114,7 +114,8 @@ def _run(cluster: Cluster, victim_of: str) -> None:
         else:
             leaders = {p: cluster.leader_of(TOPIC, p) for p in (0, 1)}
             remote = [p for p, lead in leaders.items() if lead != coordinator]
-            victim = leaders[remote[0] if remote else 0]
+            assert remote, f"the coordinator {coordinator} leads both partitions: {leaders}"
+            victim = leaders[remote[0]]
         cluster.kill9(victim)
 
         # the records still held: acknowledged now if the coordinator kept them, else they come again
@@ -124,7 +125,7 @@ def _run(cluster: Cluster, victim_of: str) -> None:
         wanted = everything - acked_before - held_acked
         acked_after: list[Key] = []
         counts: dict[Key, int] = {}
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 45  # well inside lock_ms: nothing may wait for a lock to run out
         while set(acked_after) != wanted and time.monotonic() < deadline:
             for m in c.poll(500):
                 key = (m.partition, m.offset)
