@@ -61,7 +61,7 @@ from logbroker.group.offsets import (
     share_group_record,
     share_partition_record,
 )
-from logbroker.group.share_data import ShareDataSource
+from logbroker.group.share_data import ReadResult, ShareDataSource
 from logbroker.group.share_group import ShareGroup, ShareMember, TopicPartition
 from logbroker.group.share_partition import Acquired, DeadLetter, SharePartition
 from logbroker.group.share_settings import ShareLimits, ShareSettings
@@ -269,45 +269,65 @@ class ShareCoordinator:
 
     async def _read_new(self, g: ShareGroup, topics: Iterable[str], changed: set[TopicPartition]) -> set[TopicPartition]:
         """Bring new records into the windows of the member's partitions (creating share partitions
-        at the group's start position the first time); returns the partitions that could not be read
-        (no reachable leader now: nothing is handed out from them this round)."""
+        at the group's start position the first time), all read in one `read_many` (one Fetch per
+        remote leader); returns the partitions that could not be read (no reachable leader now:
+        nothing is handed out from them this round)."""
         unreadable: set[TopicPartition] = set()
+        wants: dict[TopicPartition, int] = {}
         for topic in topics:
-            states = self._gc.cluster.topic_partitions(topic)
-            if not states:
-                continue
-            for p in states:
+            for p in self._gc.cluster.topic_partitions(topic) or {}:
                 tp = (topic, p)
                 try:
-                    await self._read_partition(g, tp, changed)
+                    sp = await self._share_partition(g, tp, changed)
                 except BrokerError as e:  # a leaderless partition: the others still serve
                     log.debug("share group %s: %s-%d not readable now: %s", g.name, topic, p, e)
                     unreadable.add(tp)
+                    continue
+                if sp is not None and sp.room() > 0:
+                    wants[tp] = sp.end_offset
+        if not wants:
+            return unreadable
+        for tp, result in (await self._data.read_many(wants, READ_CHUNK_BYTES)).items():
+            try:
+                if isinstance(result, BrokerError):
+                    raise result
+                self._take_read(g, tp, wants[tp], result, changed)
+            except OffsetOutOfRangeError:
+                await self._skip_to_log_start(g, tp, changed)
+            except BrokerError as e:
+                log.debug("share group %s: %s-%d not readable now: %s", g.name, tp[0], tp[1], e)
+                unreadable.add(tp)
         return unreadable
 
-    async def _read_partition(self, g: ShareGroup, tp: TopicPartition, changed: set[TopicPartition]) -> None:
+    async def _share_partition(self, g: ShareGroup, tp: TopicPartition,
+                               changed: set[TopicPartition]) -> SharePartition | None:
+        """The group's state of `tp`, created at the group's start position the first time."""
         sp = g.partitions.get(tp)
         if sp is None:
             start, hw = await self._data.bounds(tp)
             if tp in g.partitions:  # another fetch created it meanwhile
-                return
+                return None
             sp = g.partitions[tp] = SharePartition(g.settings, hw if g.settings.auto_offset_reset == "latest" else start)
             changed.add(tp)
-        if sp.room() <= 0:
-            return
-        offset = sp.end_offset
-        try:
-            result = await self._data.read(tp, offset, READ_CHUNK_BYTES)
-        except OffsetOutOfRangeError:
-            start, _ = await self._data.bounds(tp)
-            if start > sp.end_offset:
-                sp.skip_to(start)
-                changed.add(tp)
+        return sp
+
+    async def _skip_to_log_start(self, g: ShareGroup, tp: TopicPartition, changed: set[TopicPartition]) -> None:
+        start, _ = await self._data.bounds(tp)
+        sp = g.partitions.get(tp)
+        if sp is not None and start > sp.end_offset:
+            sp.skip_to(start)
+            changed.add(tp)
+
+    def _take_read(self, g: ShareGroup, tp: TopicPartition, offset: int, result: ReadResult,
+                   changed: set[TopicPartition]) -> None:
+        """The batches read from `offset` join the window (those that fit)."""
+        sp = g.partitions.get(tp)
+        if sp is None:
             return
         if result.log_start_offset > sp.start_offset:
             sp.skip_to(result.log_start_offset)
             changed.add(tp)
-        if g.partitions.get(tp) is not sp or sp.end_offset != offset:
+        if sp.end_offset != offset:
             return  # another fetch read this range meanwhile
         data = result.data
         for h, pos in iter_batches(data):
