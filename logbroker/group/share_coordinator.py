@@ -17,10 +17,12 @@ One ShareFetch (the member's acknowledgements ride on it)::
         read new records into each partition's window (share_data.py: local log or the leader)
         acquire up to max_records, round robin over the partitions
         else wait (a settle, a lock expiry or new data wakes it; new data is checked every tick)
+    read the record batches that hold the acquired records (whole batches: the client keeps only
+    its offsets); a partition that cannot be read now gives its acquisitions back (undone, count
+    as before) and answers with its error
     write dead letters (acks=all to the dead-letter topic), then the snapshots of every partition
     that changed (acks=all to the offsets partition)       <- only then answer
-    answer: per partition, the acquired offset ranges with delivery counts, and the record
-    batches that hold them (whole batches: the client keeps only its offsets)
+    answer: per partition, the acquired offset ranges with delivery counts, and those batches
 
 Acquisitions are persisted before the records are handed out, so a delivery count never goes back
 after a failover (share_partition.py). A background tick gives back expired locks and evicts
@@ -60,7 +62,7 @@ from logbroker.group.offsets import (
     share_group_record,
     share_partition_record,
 )
-from logbroker.group.share_data import ShareDataSource
+from logbroker.group.share_data import ReadResult, ShareDataSource
 from logbroker.group.share_group import ShareGroup, ShareMember, TopicPartition
 from logbroker.group.share_partition import Acquired, DeadLetter, SharePartition
 from logbroker.group.share_settings import ShareLimits, ShareSettings
@@ -200,12 +202,12 @@ class ShareCoordinator:
                 changed.update(tp for tp, _ in released)
             else:
                 acquired = await self._acquire_loop(shard, g, member, req, changed, dead)
+                await self._fill_records(resp, g, member.member_id, acquired)
             await self._persist(shard, g, changed, dead)
             if changed:
                 self._wake(g.name)
             resp.member_epoch = member.epoch if req.member_epoch != -1 else -1
             resp.lock_ms = g.settings.lock_ms
-            await self._fill_records(resp, acquired)
         except BrokerError as e:
             resp.error_code = e.code  # type: ignore[assignment]
             resp.error_message = e.message
@@ -255,11 +257,11 @@ class ShareCoordinator:
             raise InvalidRequestError("max_records and max_wait_ms must not be negative")
         deadline = self.clock.monotonic_ms() + min(req.max_wait_ms, MAX_WAIT_MS_MAX)
         while True:
-            await self._read_new(g, member.topics, changed)
+            unreadable = await self._read_new(g, member.topics, changed)
             if self._gc.shard_for(g.name) is not shard or shard.share_groups.get(g.name) is not g:
                 raise UnknownMemberIdError(f"share group {g.name} was reloaded: join again")
             g.check(member.member_id, member.epoch, self.clock.monotonic_ms())
-            got = self._acquire(g, member, max_records, changed, dead)
+            got = self._acquire(g, member, max_records, changed, dead, unreadable)
             if got or self.clock.monotonic_ms() >= deadline:
                 return got
             ev = self._wakeup(g.name)
@@ -267,48 +269,70 @@ class ShareCoordinator:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(ev.wait(), wait_s)
 
-    async def _read_new(self, g: ShareGroup, topics: Iterable[str], changed: set[TopicPartition]) -> None:
+    async def _read_new(self, g: ShareGroup, topics: Iterable[str], changed: set[TopicPartition]) -> set[TopicPartition]:
         """Bring new records into the windows of the member's partitions (creating share partitions
-        at the group's start position the first time)."""
+        at the group's start position the first time), all read in one `read_many` (one Fetch per
+        remote leader); returns the partitions that could not be read (no reachable leader now:
+        nothing is handed out from them this round)."""
+        unreadable: set[TopicPartition] = set()
+        wants: dict[TopicPartition, int] = {}
         for topic in topics:
-            states = self._gc.cluster.topic_partitions(topic)
-            if not states:
-                continue
-            for p in states:
+            for p in self._gc.cluster.topic_partitions(topic) or {}:
                 tp = (topic, p)
                 try:
-                    await self._read_partition(g, tp, changed)
+                    sp = await self._share_partition(g, tp, changed)
                 except BrokerError as e:  # a leaderless partition: the others still serve
                     log.debug("share group %s: %s-%d not readable now: %s", g.name, topic, p, e)
+                    unreadable.add(tp)
+                    continue
+                if sp is not None and sp.room() > 0:
+                    wants[tp] = sp.end_offset
+        if not wants:
+            return unreadable
+        ttls = {t: await self._data.message_ttl_ms(t) for t in {tp[0] for tp in wants}}
+        for tp, result in (await self._data.read_many(wants, READ_CHUNK_BYTES)).items():
+            try:
+                if isinstance(result, BrokerError):
+                    raise result
+                self._take_read(g, tp, wants[tp], result, changed, ttls[tp[0]])
+            except OffsetOutOfRangeError:
+                await self._skip_to_log_start(g, tp, changed)
+            except BrokerError as e:
+                log.debug("share group %s: %s-%d not readable now: %s", g.name, tp[0], tp[1], e)
+                unreadable.add(tp)
+        return unreadable
 
-    async def _read_partition(self, g: ShareGroup, tp: TopicPartition, changed: set[TopicPartition]) -> None:
+    async def _share_partition(self, g: ShareGroup, tp: TopicPartition,
+                               changed: set[TopicPartition]) -> SharePartition | None:
+        """The group's state of `tp`, created at the group's start position the first time."""
         sp = g.partitions.get(tp)
         if sp is None:
             start, hw = await self._data.bounds(tp)
             if tp in g.partitions:  # another fetch created it meanwhile
-                return
+                return None
             sp = g.partitions[tp] = SharePartition(g.settings, hw if g.settings.auto_offset_reset == "latest" else start)
             changed.add(tp)
-        if sp.room() <= 0:
-            return
-        offset = sp.end_offset
-        try:
-            result = await self._data.read(tp, offset, READ_CHUNK_BYTES)
-        except OffsetOutOfRangeError:
-            start, _ = await self._data.bounds(tp)
-            if start > sp.end_offset:
-                sp.skip_to(start)
-                changed.add(tp)
+        return sp
+
+    async def _skip_to_log_start(self, g: ShareGroup, tp: TopicPartition, changed: set[TopicPartition]) -> None:
+        start, _ = await self._data.bounds(tp)
+        sp = g.partitions.get(tp)
+        if sp is not None and start > sp.end_offset:
+            sp.skip_to(start)
+            changed.add(tp)
+
+    def _take_read(self, g: ShareGroup, tp: TopicPartition, offset: int, result: ReadResult,
+                   changed: set[TopicPartition], ttl_ms: int) -> None:
+        """The batches read from `offset` join the window (those that fit)."""
+        sp = g.partitions.get(tp)
+        if sp is None:
             return
         if result.log_start_offset > sp.start_offset:
             sp.skip_to(result.log_start_offset)
             changed.add(tp)
-        if g.partitions.get(tp) is not sp or sp.end_offset != offset:
+        if sp.end_offset != offset:
             return  # another fetch read this range meanwhile
         data = result.data
-        ttl_ms = await self._data.message_ttl_ms(tp[0]) if data else -1
-        if g.partitions.get(tp) is not sp or sp.end_offset != offset:
-            return
         for h, pos in iter_batches(data):
             limit = sp.start_offset + sp.settings.max_in_flight_records - 1  # the window's last offset
             if h.base_offset > limit:
@@ -319,8 +343,8 @@ class ShareCoordinator:
             _add_batch(sp, data, pos, h, min(h.last_offset, limit), tp, ttl_ms, self.clock.now_ms())
 
     def _acquire(self, g: ShareGroup, member: ShareMember, max_records: int, changed: set[TopicPartition],
-                 dead: Dead) -> dict[TopicPartition, list[Acquired]]:
-        tps = [tp for tp in g.partitions if tp[0] in member.topics]
+                 dead: Dead, unreadable: set[TopicPartition]) -> dict[TopicPartition, list[Acquired]]:
+        tps = [tp for tp in g.partitions if tp[0] in member.topics and tp not in unreadable]
         if not tps:
             return {}
         out: dict[TopicPartition, list[Acquired]] = {}
@@ -341,28 +365,40 @@ class ShareCoordinator:
                 left -= sum(r.last_offset - r.first_offset + 1 for r in runs)
         return out
 
-    async def _fill_records(self, resp: pb.ShareFetchResponse, acquired: dict[TopicPartition, list[Acquired]]) -> None:
+    async def _fill_records(self, resp: pb.ShareFetchResponse, g: ShareGroup, member_id: str,
+                            acquired: dict[TopicPartition, list[Acquired]]) -> None:
+        """The batches holding the acquired records, read before the state is persisted. A partition
+        whose records cannot be read now (its leader died and no new one is known yet) hands out
+        nothing: its acquisitions are undone (available again, count as before), the error is
+        that partition's, and a later fetch tries again."""
         budget = RESPONSE_BYTES_MAX
         for tp, runs in acquired.items():
             out = resp.partitions.add(topic=tp[0], partition=tp[1])
             for r in runs:
                 out.acquired.add(first_offset=r.first_offset, last_offset=r.last_offset, delivery_count=r.delivery_count)
             chunks: list[bytes] = []
-            offset, last = runs[0].first_offset, runs[-1].last_offset
+            covered = -1  # every batch below this offset is in `chunks`
             try:
-                while offset <= last and budget > 0:
-                    result = await self._data.read(tp, offset, min(READ_CHUNK_BYTES, budget))
-                    used = 0
-                    for h, pos in iter_batches(result.data):
-                        if h.base_offset > last:
+                for r in runs:  # sorted by offset; delayed records may sit far below the others
+                    offset = max(r.first_offset, covered)
+                    while offset <= r.last_offset and budget > 0:
+                        result = await self._data.read(tp, offset, min(READ_CHUNK_BYTES, budget))
+                        used = 0
+                        for h, pos in iter_batches(result.data):
+                            if h.base_offset > r.last_offset:
+                                break
+                            used = pos + h.size_bytes
+                            offset = covered = h.next_offset
+                        if used == 0:
                             break
-                        used = pos + h.size_bytes
-                        offset = h.next_offset
-                    if used == 0:
-                        break
-                    chunks.append(result.data[:used])
-                    budget -= used
-            except BrokerError as e:  # the records stay acquired until their lock runs out
+                        chunks.append(result.data[:used])
+                        budget -= used
+            except BrokerError as e:
+                sp = g.partitions.get(tp)
+                if sp is not None:
+                    sp.unacquire(member_id, runs)
+                del out.acquired[:]
+                chunks = []
                 out.error_code = e.code
                 out.error_message = e.message
             out.records = b"".join(chunks)

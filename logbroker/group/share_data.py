@@ -3,6 +3,11 @@ dead letters: from its own replica when it leads the partition (a zero-copy read
 append through the replica manager), else from the partition's leader over the Broker service (a
 consumer Fetch, a Produce with acks=all), as any client would. Topics it needs (dead-letter topics)
 are created on demand like `__consumer_offsets`.
+
+`read_many` reads several partitions at once, as a waiting ShareFetch does on every tick: one Fetch
+per remote leader carries all the partitions that leader leads (at most FETCH_PARTITIONS_MAX per
+request), and every partition gets its own result or error (a dead or moved leader fails only its
+partitions, and the next call asks the leader the cluster view then names).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ REMOTE_TIMEOUT_S = 5.0
 TOPIC_READY_WAIT_S = 10.0
 TOPIC_CONFIG_CACHE_S = 5.0
 TopicConfigs = Callable[[str], Awaitable[dict[str, str]]]
+FETCH_PARTITIONS_MAX = 64  # partitions in one remote Fetch of `read_many`
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,9 @@ class ShareDataSource(Protocol):
     async def read(self, tp: TopicPartition, offset: int, max_bytes: int) -> ReadResult: ...
 
     async def append(self, tp: TopicPartition, batch: bytes, timeout_ms: int) -> None: ...
+
+    async def read_many(self, offsets: dict[TopicPartition, int],
+                        max_bytes: int) -> dict[TopicPartition, ReadResult | BrokerError]: ...
 
     async def ensure_topic(self, name: str, like: str) -> int: ...
 
@@ -88,6 +97,13 @@ class ShareData:
         return part if part is not None and part.is_leader else None
 
     def _leader_stub(self, tp: TopicPartition):  # type: ignore[no-untyped-def]
+        return self._peers_stub(self._leader_address(tp))
+
+    def _peers_stub(self, address: str):  # type: ignore[no-untyped-def]
+        assert self._peers is not None  # _leader_address checked it
+        return self._peers.broker_stub(address)
+
+    def _leader_address(self, tp: TopicPartition) -> str:
         states = self._cluster.topic_partitions(tp[0]) or {}
         st = states.get(tp[1])
         if st is None:
@@ -96,7 +112,7 @@ class ShareData:
         address = next((f"{b.host}:{b.port}" for b in brokers if b.broker_id == st.leader), None)
         if address is None or self._peers is None:
             raise LeaderNotAvailableError(f"{tp[0]}-{tp[1]} has no live leader (leader {st.leader})")
-        return self._peers.broker_stub(address)
+        return address
 
     async def bounds(self, tp: TopicPartition) -> tuple[int, int]:
         """(log start offset, high watermark)."""
@@ -133,6 +149,50 @@ class ShareData:
         if r.error_code != pb.NONE:
             raise error_for(r.error_code, r.error_message)
         return ReadResult(bytes(r.records) if max_bytes > 0 else b"", r.log_start_offset, r.high_watermark)
+
+    async def read_many(self, offsets: dict[TopicPartition, int],
+                        max_bytes: int) -> dict[TopicPartition, ReadResult | BrokerError]:
+        """`read` of each partition from its offset (up to `max_bytes` each), the remote ones
+        batched per leader (module doc); an error per partition instead of raising."""
+        out: dict[TopicPartition, ReadResult | BrokerError] = {}
+        by_leader: dict[str, list[TopicPartition]] = {}
+        for tp, offset in offsets.items():
+            try:
+                if self._local(tp) is not None:
+                    out[tp] = await self.read(tp, offset, max_bytes)
+                else:
+                    by_leader.setdefault(self._leader_address(tp), []).append(tp)
+            except BrokerError as e:
+                out[tp] = e
+        calls = [self._fetch_from(address, tps[i:i + FETCH_PARTITIONS_MAX], offsets, max_bytes)
+                 for address, tps in by_leader.items() for i in range(0, len(tps), FETCH_PARTITIONS_MAX)]
+        for part in await asyncio.gather(*calls):
+            out.update(part)
+        return out
+
+    async def _fetch_from(self, address: str, tps: list[TopicPartition], offsets: dict[TopicPartition, int],
+                          max_bytes: int) -> dict[TopicPartition, ReadResult | BrokerError]:
+        """One Fetch of `tps` at the leader `address`: a result or an error per partition."""
+        each = max(max_bytes, 1)
+        req = pb.FetchRequest(max_wait_ms=0, min_bytes=0, max_bytes=each * len(tps), partitions=[
+            pb.FetchPartition(topic=t, partition=p, fetch_offset=offsets[(t, p)], partition_max_bytes=each,
+                              current_leader_epoch=-1) for t, p in tps])
+        try:
+            resp = await self._peers_stub(address).Fetch(req, timeout=REMOTE_TIMEOUT_S)
+        except Exception as exc:  # grpc errors: the leader is unreachable right now
+            err = LeaderNotAvailableError(f"cannot reach the leader {address}: {exc}")
+            return {tp: err for tp in tps}
+        out: dict[TopicPartition, ReadResult | BrokerError] = {
+            tp: LeaderNotAvailableError(f"the leader {address} did not answer for {tp[0]}-{tp[1]}") for tp in tps}
+        for r in resp.results:
+            tp = (r.topic, r.partition)
+            if tp not in out:
+                continue
+            if r.error_code != pb.NONE:
+                out[tp] = error_for(r.error_code, r.error_message)
+            else:
+                out[tp] = ReadResult(bytes(r.records) if max_bytes > 0 else b"", r.log_start_offset, r.high_watermark)
+        return out
 
     async def append(self, tp: TopicPartition, batch: bytes, timeout_ms: int) -> None:
         """Append with acks=all to the partition's leader; returns once replicated."""

@@ -288,6 +288,27 @@ class SharePartition:
             else:
                 out.append(Acquired(offset, offset + k - 1, c))
             offset += k
+    def unacquire(self, member: str, runs: list[Acquired]) -> None:
+        """Undo `acquire` for runs that could not be handed out (the shell failed to read their
+        records): still held by `member` with the count they were acquired with, they are
+        available again at once with the count they had before (they were never delivered)."""
+        state, count, owner = self._state, self._count, self._owner
+        for r in runs:
+            for offset in range(r.first_offset, r.last_offset + 1):
+                e = self.deferred.entries.get(offset)
+                if e is not None and e.state == 1 and e.owner == member and e.count == r.delivery_count:
+                    e.count = max(e.count - 1, 0)
+                    self.deferred.make_available(offset, e, 0)
+            for offset in range(max(r.first_offset, self.start_offset), min(r.last_offset + 1, self.end_offset)):
+                i = offset - self.start_offset
+                if state[i] != RecordState.ACQUIRED or owner[i] != member or count[i] != r.delivery_count:
+                    continue
+                state[i] = RecordState.AVAILABLE
+                count[i] = max(count[i] - 1, 0)
+                owner[i] = None
+                self._until_ms[i] = 0
+                if count[i] >= 1:
+                    self.counters.redelivered -= 1
 
     def _archive_expired(self, i: int) -> list[DeadLetter]:
         self._state[i] = RecordState.ARCHIVED

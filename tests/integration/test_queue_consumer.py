@@ -89,3 +89,29 @@ def test_admin_describe_alter_list_purge_and_redrive(standalone):
             values = [m.value for m in _poll_until(c2, 2)]
         assert values == [b"bad", b"bad"]
         assert admin.purge_share_group("q2") >= 0
+
+
+def test_poll_rides_out_a_coordinator_that_is_down(standalone):
+    """A poll while the coordinator is unreachable returns nothing (it does not raise); once the
+    broker is back the consumer rejoins by itself: the accepted ack holds, the rest come again."""
+    bootstrap = standalone.address
+    with Admin(bootstrap) as admin:
+        admin.create_topic("down", partitions=1)
+    with Producer(bootstrap) as p:
+        for i in range(3):
+            p.send("down", b"%d" % i).result(10)
+    with QueueConsumer(bootstrap, "g", ["down"], auto_offset_reset="earliest", lock_ms=60_000,
+                       request_timeout_ms=2_000) as c:
+        got = _poll_until(c, 3)
+        assert len(got) == 3
+        got[0].ack()
+        assert all(e is None for e in c.commit_acks().values())
+        standalone.kill()
+        assert c.poll(300) == []
+        standalone.start()
+        rest = _poll_until(c, 2, timeout_s=30)  # rejoined: the two it held come again
+        assert sorted((m.value, m.delivery_count) for m in rest) == [(b"1", 2), (b"2", 2)]
+        for m in rest:
+            m.ack()
+        assert all(e is None for e in c.commit_acks().values())
+        assert c.poll(300) == []

@@ -250,3 +250,20 @@ def test_a_full_deferred_store_leaves_delayed_records_in_the_window() -> None:
     p.add_records(0, 2, 1, until_ms=HOUR_MS, now_ms=0)
     p.add_records(3, 3, 1, until_ms=HOUR_MS, now_ms=0)
     assert len(p.deferred) == 3 and p.window_size == 1  # offset 3 waits in the window
+
+def test_unacquire_gives_records_back_with_the_count_they_had() -> None:
+    """Records acquired but not handed out (their batches could not be read) are available again at
+    once, their delivery count as before; records settled or re-acquired meanwhile are left alone."""
+    p = sp()
+    p.add_records(0, 4, 1)
+    first, _ = p.acquire("a", 5, now_ms=0)
+    p.acknowledge("a", 3, 4, AckType.RELEASE, now_ms=0, delay_ms=1)
+    again, _ = p.acquire("a", 5, now_ms=1)
+    assert again == [Acquired(3, 4, 2)]
+    p.acknowledge("a", 0, 0, AckType.ACCEPT, now_ms=1)
+    p.unacquire("a", first + again)  # 0 settled: untouched; 1-2 back at count 0; 3-4 back at count 1
+    assert p.start_offset == 1 and p.held_by("a") == 0
+    got, _ = p.acquire("b", 10, now_ms=1)
+    assert got == [Acquired(1, 2, 1), Acquired(3, 4, 2)]
+    p.unacquire("a", got)  # not a's: nothing changes
+    assert p.held_by("b") == 4

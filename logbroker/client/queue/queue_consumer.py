@@ -14,7 +14,9 @@ retried there, waits from logbroker/retry.py). The member:
 
 `poll(timeout_ms)` sends the pending acknowledgements on the fetch (max_wait_ms = the timeout) and
 returns the records acquired (`share_fetch.read_partition`); GAP / RELEASE acknowledgements for
-acquired offsets without a record are queued for the next call. Settling (`QueueMessage.ack` ...)
+acquired offsets without a record are queued for the next call. A retriable failure (the
+coordinator killed or moving, not found again before the timeout) makes `poll` return no records,
+keeping the acknowledgements pending, so a polling loop rides out a failover. Settling (`QueueMessage.ack` ...)
 may happen on any thread: the pending acknowledgements sit behind one lock. `poll`, `commit_acks`,
 `extend_lock` and `close` are meant for one thread at a time (the polling one), as in Kafka.
 """
@@ -173,6 +175,9 @@ class QueueConsumer:
             request = self._fetch_request(runs, min(timeout_ms, int(self._request_timeout_ms * _WAIT_SHARE)))
             try:
                 resp = self._coordinator.call("broker", "ShareFetch", request, deadline)
+            except LogbrokerError as e:
+                self._put_back(runs)
+                return self._transient(e)
             except BaseException:
                 self._put_back(runs)
                 raise
@@ -183,9 +188,17 @@ class QueueConsumer:
                 return []
             if resp.error_code != pb.NONE:
                 self._put_back(runs)
-                raise error_for(resp.error_code, resp.error_message or f"share group {self.group}")
+                return self._transient(error_for(resp.error_code, resp.error_message or f"share group {self.group}"))
             self._log_ack_failures(outcomes(runs, resp.ack_results))
             return self._take_records(resp)
+
+    def _transient(self, err: LogbrokerError) -> list[QueueMessage]:
+        """A retriable failure (the coordinator moving or down) is no error for `poll`: nothing this
+        time, the acknowledgements stay pending, the next poll tries again. Others are raised."""
+        if not getattr(err, "retriable", False):
+            raise err
+        self._log.warning(f"retry {self.group}", "share group %s: %s (trying again on the next poll)", self.group, err)
+        return []
 
     def _fetch_request(self, runs: list[ShareAck], max_wait_ms: int) -> pb.ShareFetchRequest:
         request = pb.ShareFetchRequest(group=self.group, member_id=self.member_id, member_epoch=self.member_epoch,

@@ -1,0 +1,67 @@
+"""ShareData.read_many (group/share_data.py): remote partitions batched into one Fetch per leader,
+an error per partition (a dead leader fails only its partitions). No sockets: fake peers."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+from typing import Any
+
+from logbroker.errors import BrokerError, LeaderNotAvailableError
+from logbroker.group.share_data import ReadResult, ShareData
+from logbroker.v1 import logbroker_pb2 as pb
+
+LEADERS = {("a", 0): 1, ("a", 1): 2, ("a", 2): 1, ("b", 0): 1, ("b", 1): 2}
+
+
+class FakeCluster:
+    def topic_partitions(self, topic: str) -> dict[int, Any]:
+        return {p: SimpleNamespace(leader=lead) for (t, p), lead in LEADERS.items() if t == topic}
+
+    def cluster_brokers(self) -> tuple[list[Any], int, int]:
+        return [SimpleNamespace(broker_id=i, host="h", port=i) for i in (1, 2)], 1, 1
+
+
+class FakeStub:
+    def __init__(self, peers: FakePeers, address: str) -> None:
+        self.peers, self.address = peers, address
+
+    async def Fetch(self, req: pb.FetchRequest, timeout: float) -> pb.FetchResponse:  # noqa: N802 - gRPC's name
+        self.peers.calls.append((self.address, sorted((p.topic, p.partition) for p in req.partitions)))
+        if self.address in self.peers.dead:
+            raise RuntimeError("connection refused")
+        resp = pb.FetchResponse()
+        for p in req.partitions:
+            r = resp.results.add(topic=p.topic, partition=p.partition, high_watermark=p.fetch_offset + 1)
+            if p.topic == "b":
+                r.error_code = pb.NOT_LEADER_OR_FOLLOWER
+        return resp
+
+
+class FakePeers:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, list[tuple[str, int]]]] = []
+        self.dead: set[str] = set()
+
+    def broker_stub(self, address: str) -> FakeStub:
+        return FakeStub(self, address)
+
+
+def test_read_many_sends_one_fetch_per_leader_with_errors_per_partition() -> None:
+    peers = FakePeers()
+    data = ShareData(FakeCluster(), SimpleNamespace(partitions={}), peers, None)  # type: ignore[arg-type]
+    offsets = {tp: 10 * i for i, tp in enumerate(LEADERS)}
+    got = asyncio.run(data.read_many(offsets, 1024))
+    assert sorted(peers.calls) == [("h:1", [("a", 0), ("a", 2), ("b", 0)]), ("h:2", [("a", 1), ("b", 1)])]
+    for tp in (("a", 0), ("a", 1), ("a", 2)):
+        r = got[tp]
+        assert isinstance(r, ReadResult) and r.high_watermark == offsets[tp] + 1
+    assert all(isinstance(got[tp], BrokerError) and got[tp].code == pb.NOT_LEADER_OR_FOLLOWER  # type: ignore[union-attr]
+               for tp in (("b", 0), ("b", 1)))
+
+    peers.calls.clear()
+    peers.dead.add("h:1")
+    got = asyncio.run(data.read_many(offsets, 1024))
+    assert len(peers.calls) == 2
+    assert all(isinstance(got[tp], LeaderNotAvailableError) for tp in (("a", 0), ("a", 2), ("b", 0)))
+    assert isinstance(got[("a", 1)], ReadResult)
