@@ -41,20 +41,25 @@ Pulsar's in-memory redelivery counter was lost on restart, and poison messages n
 dead-letter topic). Owners and locks are not stored: after a failover the new coordinator's members
 start afresh, and records handed out before it are available again.
 
-Snapshot byte layout (big-endian)::
+Snapshot byte layout (big-endian; built with slice and zlib operations, no per-record loop)::
 
-    int16 version = 0
+    int16 version = 1
     int64 start_offset
-    int64 end_offset
-    int32 run_count
-    run_count x { int32 first (offset - start_offset), int32 length, int8 state, int16 delivery_count,
-                  int64 until_ms, int64 expires_ms }
+    int64 end_offset                       n = end_offset - start_offset
+    int32 packed_length
+    bytes zlib(state[n] + delivery_count[n])    one byte each per offset of the window (an
+                                                ACQUIRED state is stored as AVAILABLE)
+    int32 sparse_count
+    sparse_count x { int32 index, int64 until_ms, int64 expires_ms }   the offsets with a delay
+                                                (AVAILABLE only: locks are not stored) or a TTL
 """
 
 from __future__ import annotations
 
 import itertools
+import operator
 import struct
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -85,7 +90,10 @@ class AckType(IntEnum):
 
 COUNT_MAX = 255  # a delivery count saturates here (max_delivery_attempts is at most 100)
 _SNAPSHOT_HEAD = struct.Struct(">hqqi")
-_RUN = struct.Struct(">iibhqq")
+_I32 = struct.Struct(">i")
+_SPARSE = struct.Struct(">iqq")
+_IS_AVAILABLE = bytes([1] + [0] * 255)  # bytes.translate table: 1 where the state is AVAILABLE
+_VALID_RESTORED = bytes([0, 1, 0, 0, 0] + [1] * 251)  # 0 for the states a snapshot may hold (not ACQUIRED)
 _AVAILABLE = bytes([RecordState.AVAILABLE])
 _ACQUIRED = bytes([RecordState.ACQUIRED])
 _INCREMENT = bytes(min(c + 1, 255) for c in range(256))  # bytes.translate table: count + 1, saturating
@@ -536,19 +544,16 @@ class SharePartition:
     # -- persistence -------------------------------------------------------------------------------
 
     def snapshot(self) -> bytes:
-        """The durable state (module doc): runs of equal (state, count, until, expires)."""
-        state = self._state
-        pstate = state.translate(_PERSISTED_STATE)
-        until = self._until_ms
-        if _ACQUIRED in state:  # a lock's end is not persisted
-            until = [0 if s == RecordState.ACQUIRED else u for s, u in zip(state, until, strict=True)]
-        runs: list[bytes] = []
-        i = 0
-        for key, group in itertools.groupby(zip(pstate, self._count, until, self._expires_ms, strict=True)):
-            n = sum(1 for _ in group)
-            runs.append(_RUN.pack(i, n, *key))
-            i += n
-        return _SNAPSHOT_HEAD.pack(0, self.start_offset, self.end_offset, len(runs)) + b"".join(runs)
+        """The durable state (module doc)."""
+        state, until, expires = self._state, self._until_ms, self._expires_ms
+        n = len(state)
+        packed = zlib.compress(bytes(state.translate(_PERSISTED_STATE)) + bytes(self._count), 1)
+        delayed = itertools.compress(range(n), map(operator.and_, state.translate(_IS_AVAILABLE), map(bool, until)))
+        sparse = sorted(set(delayed).union(itertools.compress(range(n), expires)))
+        body = b"".join(_SPARSE.pack(i, until[i] if state[i] == RecordState.AVAILABLE else 0, expires[i])
+                        for i in sparse)
+        return (_SNAPSHOT_HEAD.pack(1, self.start_offset, self.end_offset, len(packed)) + packed
+                + _I32.pack(len(sparse)) + body)
 
     @classmethod
     def restore(cls, data: bytes, settings: ShareSettings, deferred_chunks: dict[int, bytes] | None = None) -> SharePartition:
@@ -556,24 +561,32 @@ class SharePartition:
         (bounded: a window longer than the largest allowed is refused before anything is allocated)."""
         if len(data) < _SNAPSHOT_HEAD.size:
             raise ValueError("share-partition snapshot too short")
-        version, start, end, nruns = _SNAPSHOT_HEAD.unpack_from(data, 0)
-        if version != 0 or start < 0 or not 0 <= end - start <= 1_000_000 or nruns < 0 \
-                or len(data) != _SNAPSHOT_HEAD.size + nruns * _RUN.size:
+        version, start, end, plen = _SNAPSHOT_HEAD.unpack_from(data, 0)
+        n = end - start
+        if version != 1 or start < 0 or not 0 <= n <= 1_000_000 or not 0 <= plen <= len(data) - _SNAPSHOT_HEAD.size - 4:
             raise ValueError("bad share-partition snapshot")
-        sp = cls(settings, start, start)
         pos = _SNAPSHOT_HEAD.size
-        for _ in range(nruns):
-            first, length, s, c, u, e = _RUN.unpack_from(data, pos)
-            pos += _RUN.size
-            if first != sp.window_size or length <= 0 or s not in (0, 2, 3, 4) or not 0 <= c <= COUNT_MAX:
-                raise ValueError("bad share-partition snapshot run")
-            sp._state += bytes([s]) * length
-            sp._count += bytes([c]) * length
-            sp._owner += [None] * length
-            sp._until_ms += [u] * length
-            sp._expires_ms += [e] * length
-            sp._timestamp_ms += [0] * length
-            sp.end_offset += length
+        try:
+            unpacked = zlib.decompressobj().decompress(data[pos:pos + plen], 2 * n + 1)
+        except zlib.error as e:
+            raise ValueError(f"bad share-partition snapshot: {e}") from None
+        pos += plen
+        (nsparse,) = _I32.unpack_from(data, pos)
+        pos += 4
+        if len(unpacked) != 2 * n or not 0 <= nsparse <= n or len(data) != pos + nsparse * _SPARSE.size:
+            raise ValueError("bad share-partition snapshot body")
+        states = bytearray(unpacked[:n])
+        if states.translate(_VALID_RESTORED).count(0) != n:
+            raise ValueError("bad share-partition snapshot state")
+        sp = cls(settings, start, end)
+        sp._state, sp._count = states, bytearray(unpacked[n:])
+        sp._owner, sp._until_ms = [None] * n, [0] * n
+        sp._expires_ms, sp._timestamp_ms = [0] * n, [0] * n
+        for k in range(nsparse):
+            i, until_ms, expires_ms = _SPARSE.unpack_from(data, pos + k * _SPARSE.size)
+            if not 0 <= i < n:
+                raise ValueError("bad share-partition snapshot index")
+            sp._until_ms[i], sp._expires_ms[i] = until_ms, expires_ms
         if sp.end_offset != end:
             raise ValueError("share-partition snapshot runs do not cover its window")
         for chunk, body in (deferred_chunks or {}).items():

@@ -40,6 +40,9 @@ class Ack(NamedTuple):
     reason: str = ""
 
 
+ACCEPTED = Ack(ACCEPT)  # the common acknowledgement, built once (and known valid)
+
+
 @dataclass(frozen=True)
 class ShareAck:
     """One AcknowledgeRange of one partition: offsets first..last (inclusive) settled as `ack`."""
@@ -86,7 +89,8 @@ class PendingAcks:
         return self._count >= self.max_offsets
 
     def add(self, topic: str, partition: int, offset: int, ack: Ack) -> None:
-        check_ack(ack)
+        if ack is not ACCEPTED:
+            check_ack(ack)
         if offset < 0:
             raise ValueError(f"offset must be >= 0, got {offset}")
         pending = self._by_partition.setdefault((topic, partition), {})
@@ -171,6 +175,11 @@ def outcomes(runs: list[ShareAck], results: Iterable[pb.ShareAckResult]) -> AckO
         for offset in run.offsets():
             out[(run.topic, run.partition, offset)] = err
     return out
+
+
+def refused(results: Iterable[pb.ShareAckResult]) -> list[pb.ShareAckResult]:
+    """The ranges the broker refused (cheap when it accepted everything: no per-offset work)."""
+    return [r for r in results if r.error_code != pb.NONE]
 
 
 def failed_outcomes(runs: list[ShareAck], err: BrokerError) -> AckOutcome:

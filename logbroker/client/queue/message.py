@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from logbroker.client.queue.acks import ACCEPT, REJECT, RELEASE, Ack
+from logbroker.client.queue.acks import ACCEPTED, REJECT, RELEASE, Ack
 from logbroker.storage.record_batch import RecordHeaders
 
 
@@ -46,7 +46,7 @@ class QueueMessage:
 
     def ack(self) -> None:
         """Done with it: the broker never hands it out again."""
-        self._consumer.settle(self, Ack(ACCEPT))
+        self._consumer.settle(self, ACCEPTED)
 
     def release(self, delay_ms: int = 0) -> None:
         """Give it back: redelivered no sooner than `delay_ms` from now (0: the group's retry backoff)."""

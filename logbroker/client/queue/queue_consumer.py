@@ -27,7 +27,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from logbroker.client.coordinator import CoordinatorClient
@@ -40,6 +40,7 @@ from logbroker.client.queue.acks import (
     ShareAck,
     failed_outcomes,
     outcomes,
+    refused,
     to_proto,
 )
 from logbroker.client.queue.message import MessageAlreadySettledError, QueueMessage
@@ -189,7 +190,7 @@ class QueueConsumer:
             if resp.error_code != pb.NONE:
                 self._put_back(runs)
                 return self._transient(error_for(resp.error_code, resp.error_message or f"share group {self.group}"))
-            self._log_ack_failures(outcomes(runs, resp.ack_results))
+            self._log_ack_failures(resp.ack_results)
             return self._take_records(resp)
 
     def _transient(self, err: LogbrokerError) -> list[QueueMessage]:
@@ -321,11 +322,13 @@ class QueueConsumer:
             self._generation += 1
         self.member_epoch = 0
 
-    def _log_ack_failures(self, result: AckOutcome) -> None:
-        failed = [(k, e) for k, e in result.items() if e is not None]
+    def _log_ack_failures(self, results: Iterable[pb.ShareAckResult]) -> None:
+        failed = refused(results)
         if failed:
-            self._log.warning(f"acks {self.group}", "share group %s: %d acknowledgement(s) refused, e.g. %s: %s",
-                              self.group, len(failed), failed[0][0], failed[0][1])
+            r = failed[0]
+            self._log.warning(f"acks {self.group}", "share group %s: %d acknowledgement range(s) refused, e.g. "
+                              "%s-%d %d..%d: %s", self.group, len(failed), r.topic, r.partition, r.first_offset,
+                              r.last_offset, error_for(r.error_code, r.error_message))
 
     def _check_open(self) -> None:
         if self._closed:

@@ -67,11 +67,23 @@ def read_partition(part: pb.ShareFetchPartition) -> PartitionRead:
             error = e
             released.append((h.base_offset, h.last_offset))
             continue
-        for m in records:
-            count = _delivery_count(ranges, starts, m.offset)
-            if count is not None:
-                out.append(Acquired(m, count))
+        _keep_acquired(records, ranges, out)
     return PartitionRead(out, _unsettled(topic, partition, ranges, out, covered_to, released), error)
+
+
+def _keep_acquired(records: list[Message], ranges: list[tuple[int, int, int]], out: list[Acquired]) -> None:
+    """Append the records inside `ranges` with their delivery counts: records and ranges both in
+    offset order, walked side by side (no search per record)."""
+    i, n = 0, len(ranges)
+    for m in records:
+        offset = m.offset
+        while i < n and ranges[i][1] < offset:
+            i += 1
+        if i == n:
+            return
+        first, _, count = ranges[i]
+        if offset >= first:
+            out.append(Acquired(m, count if count > 1 else 1))
 
 
 def _overlaps(ranges: list[tuple[int, int, int]], starts: list[int], first: int, last: int) -> bool:
@@ -89,9 +101,11 @@ def _delivery_count(ranges: list[tuple[int, int, int]], starts: list[int], offse
 def _unsettled(topic: str, partition: int, ranges: list[tuple[int, int, int]], got: list[Acquired],
                covered_to: int, released: list[tuple[int, int]]) -> list[ShareAck]:
     """GAP / RELEASE runs for the acquired offsets with no record in `got` (offset order)."""
+    out: list[ShareAck] = []
+    if not released and len(got) == sum(last - first + 1 for first, last, _ in ranges):
+        return out  # every acquired offset has its record (the common case)
     have = {a.record.offset for a in got}
     bad = sorted(released)
-    out: list[ShareAck] = []
 
     def kind(offset: int) -> Ack:
         i = bisect.bisect_right(bad, (offset, _OFFSET_MAX)) - 1
