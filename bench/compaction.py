@@ -49,7 +49,7 @@ IN_FLIGHT = 32
 
 PASS_RE = re.compile(r"^(\S+ \S+) INFO \S+: log cleaner cleaned (\S+)-(\d+) below offset \d+ .*: read (\d+) bytes in (\d+) ms")
 LOAD_RE = re.compile(r"^(\S+ \S+) INFO \S+: coordinator: leads __consumer_offsets-(\d+) in epoch \d+: (\d+) groups "
-                     r"\(\d+ with members\) loaded from (\d+) records in ([\d.]+) s")
+                     r"\(\d+ with members\) loaded from (\d+) records \((\d+) offsets\) in ([\d.]+) s")
 
 
 def _ts(text: str) -> float:
@@ -221,6 +221,7 @@ def replay_run(root: Path, cleaner: bool, commits: int, groups: int, partitions:
             if cleaner:
                 _wait_quiet(broker, 3.0, settle_s)
             result["passes"] = len(cleaner_passes(broker.lines()))
+            offsets_bytes = _offsets_bytes(broker)
             broker.kill()
             started = broker.start()
             n = _offsets_partitions(broker)
@@ -232,7 +233,8 @@ def replay_run(root: Path, cleaner: bool, commits: int, groups: int, partitions:
     if len(loads) < n:
         raise RuntimeError(f"only {len(loads)} of {n} __consumer_offsets partitions loaded after 120 s")
     result.update(cleaner=cleaner, groups=groups, partitions=partitions, rounds=rounds, offsets_partitions=n,
-                  records_replayed=sum(x["records"] for x in loads), groups_loaded=sum(x["groups"] for x in loads),
+                  records_replayed=sum(x["records"] for x in loads), offsets_spanned=sum(x["offsets"] for x in loads),
+                  offsets_log_bytes=offsets_bytes, groups_loaded=sum(x["groups"] for x in loads),
                   rebuild_s=max(x["at"] for x in loads) - min(x["at"] - x["s"] for x in loads),
                   max_partition_s=max(x["s"] for x in loads),
                   ready_s=max(x["at"] for x in loads) - started)
@@ -246,13 +248,20 @@ def _offsets_partitions(broker: Broker) -> int:
         return len(admin.describe_topics(["__consumer_offsets"])[0].partitions)
 
 
+def _offsets_bytes(broker: Broker) -> int:
+    import logbroker
+
+    with logbroker.Admin(broker.address) as admin:
+        return sum(p.size_bytes for p in admin.describe_topics(["__consumer_offsets"])[0].partitions)
+
+
 def _loads(lines: list[str]) -> list[dict[str, Any]]:
     out = []
     for line in lines:
         m = LOAD_RE.match(line)
         if m:
             out.append({"at": _ts(m[1]), "partition": int(m[2]), "groups": int(m[3]), "records": int(m[4]),
-                        "s": float(m[5])})
+                        "offsets": int(m[5]), "s": float(m[6])})
     return out
 
 

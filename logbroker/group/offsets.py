@@ -157,9 +157,11 @@ class OffsetsState:
     memberships: dict[str, dict[str, object]] = field(default_factory=dict)  # group -> latest snapshot
     skipped_records: int = 0
     next_offset: int = 0  # the log offset replay continues from
+    records_read: int = 0  # records replayed (fewer than the offsets spanned once compacted)
 
     def apply(self, log_offset: int, key: bytes | None, value: bytes | None) -> None:
         """Replay one record (records must come in log order)."""
+        self.records_read += 1
         self.next_offset = max(self.next_offset, log_offset + 1)
         try:
             if key is None:
