@@ -379,7 +379,8 @@ def cmd_compaction(args: argparse.Namespace) -> int:
     load = os.getloadavg()[0]
     if load > 0.5:
         say(f"note: load average {load:.2f} before the run: other work on this machine will make figures noisy")
-    settings = ({"runs": 1, "duration_s": 2.0, "commits": 20_000, "groups": 100, "partitions": 20, "settle_s": 10.0}
+    settings = ({"runs": 1, "duration_s": 1.0, "commits": 10_000, "groups": 50, "partitions": 20, "settle_s": 5.0,
+                 "quiet_s": 1.0}
                 if args.smoke else {"runs": args.runs, "duration_s": args.duration_s, "commits": args.commits})
     command = "python -m bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     record = _measure("compaction", {"command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),

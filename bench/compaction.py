@@ -146,14 +146,14 @@ def _wait_quiet(broker: Broker, quiet_s: float, limit_s: float) -> None:
         time.sleep(0.2)
 
 
-def produce_run(root: Path, cleaner: bool, duration_s: float, settle_s: float) -> dict[str, Any]:
+def produce_run(root: Path, cleaner: bool, duration_s: float, settle_s: float, quiet_s: float) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-compaction-", dir=root) as tmp:
         broker = Broker(Path(tmp), ["--log-cleaner-interval-ms", str(CLEANER_ON_MS if cleaner else 0)])
         try:
             broker.start()
             result = _produce(broker.address, duration_s)
             if cleaner:
-                _wait_quiet(broker, 3.0, settle_s)
+                _wait_quiet(broker, quiet_s, settle_s)
             passes = [p for p in cleaner_passes(broker.lines()) if p["topic"] == TOPIC]
         finally:
             broker.stop()
@@ -210,7 +210,7 @@ def _commit_errors(resp: Any) -> int:
 
 
 def replay_run(root: Path, cleaner: bool, commits: int, groups: int, partitions: int,
-               settle_s: float) -> dict[str, Any]:  # fmt: skip
+               settle_s: float, quiet_s: float = 3.0) -> dict[str, Any]:  # fmt: skip
     rounds = max(1, commits // (groups * partitions))
     with tempfile.TemporaryDirectory(prefix="bench-compaction-", dir=root) as tmp:
         broker = Broker(Path(tmp), ["--log-cleaner-interval-ms", str(CLEANER_ON_MS if cleaner else 0),
@@ -219,7 +219,7 @@ def replay_run(root: Path, cleaner: bool, commits: int, groups: int, partitions:
             broker.start()
             result = _commit_all(broker.address, groups, partitions, rounds)
             if cleaner:
-                _wait_quiet(broker, 3.0, settle_s)
+                _wait_quiet(broker, quiet_s, settle_s)
             result["passes"] = len(cleaner_passes(broker.lines()))
             offsets_bytes = _offsets_bytes(broker)
             broker.kill()
@@ -266,11 +266,11 @@ def _loads(lines: list[str]) -> list[dict[str, Any]]:
 
 
 def run(data_root: Path, runs: int = 3, duration_s: float = 10.0, commits: int = 1_000_000, groups: int = 1_000,
-        partitions: int = 100, settle_s: float = 60.0, say: Any = print) -> dict[str, Any]:  # fmt: skip
+        partitions: int = 100, settle_s: float = 60.0, quiet_s: float = 3.0, say: Any = print) -> dict[str, Any]:  # fmt: skip
     produce: dict[str, list[dict[str, Any]]] = {"on": [], "off": []}
     for i in range(runs):
         for cleaner in ((True, False) if i % 2 == 0 else (False, True)):
-            r = produce_run(data_root, cleaner, duration_s, settle_s)
+            r = produce_run(data_root, cleaner, duration_s, settle_s, quiet_s)
             produce["on" if cleaner else "off"].append(r)
             say(f"compaction produce, cleaner {'on' if cleaner else 'off'}: {r['rate']:,.0f} rec/s; "
                 f"{len(r['passes'])} cleaner passes")
@@ -280,7 +280,7 @@ def run(data_root: Path, runs: int = 3, duration_s: float = 10.0, commits: int =
     idle_passes = [p for r in produce["on"] for p in r["passes_after_produce"]]
     replay = {}
     for cleaner in (True, False):
-        r = replay_run(data_root, cleaner, commits, groups, partitions, settle_s)
+        r = replay_run(data_root, cleaner, commits, groups, partitions, settle_s, quiet_s)
         replay["on" if cleaner else "off"] = r
         say(f"compaction replay, cleaner {'on' if cleaner else 'off'}: {r['commits']:,} commits in "
             f"{r['commit_s']:.1f} s; restart rebuilt {r['groups_loaded']:,} groups from {r['records_replayed']:,} "
