@@ -1,4 +1,4 @@
-"""`python -m bench run|failover|rebalance|report|limits|list`: the harness's command line."""
+"""`python -m bench run|failover|rebalance|compaction|report|limits|list`: the harness's command line."""
 
 from __future__ import annotations
 
@@ -399,6 +399,29 @@ def cmd_failover(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_compaction(args: argparse.Namespace) -> int:
+    """Issue 15's compaction figures (bench/compaction.py): a JSON per invocation, merged into
+    latest.json under `compaction` unless --smoke."""
+    from bench import compaction
+
+    results_dir = Path(args.results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    data_root = Path(args.data_root)
+    data_root.mkdir(parents=True, exist_ok=True)
+    load = os.getloadavg()[0]
+    if load > 0.5:
+        say(f"note: load average {load:.2f} before the run: other work on this machine will make figures noisy")
+    settings = ({"runs": 1, "duration_s": 1.0, "commits": 10_000, "groups": 50, "partitions": 20, "settle_s": 5.0,
+                 "quiet_s": 1.0}
+                if args.smoke else {"runs": args.runs, "duration_s": args.duration_s, "commits": args.commits})
+    command = "python -m bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    record = _measure("compaction", {"command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                                     "machine": machine(), "source": revision()},
+                      lambda: compaction.run(data_root, say=say, **settings))  # type: ignore[arg-type]
+    _save("compaction", record, results_dir, time.strftime("%Y%m%d-%H%M%S"), keep=not args.smoke)
+    return 1 if "error" in record or record["unreaped_pids"] else 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from bench import report
 
@@ -496,6 +519,15 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--lock-ms", type=int, default=5000, help="the share group's lock_ms (default 5000)")
     q.add_argument("--smoke", action="store_true", help="1 trial, not merged into latest.json")
     q.set_defaults(func=cmd_queue_failover)
+    c = sub.add_parser(
+        "compaction", parents=[common],
+        help="compacted topic: cleaner MB/s, produce with the cleaner on vs off, offsets replay after 1,000,000 commits",
+    )  # fmt: skip
+    c.add_argument("--runs", type=int, default=3, help="produce runs with the cleaner on, and off (default 3)")
+    c.add_argument("--duration-s", type=float, default=10.0, help="seconds of each produce run (default 10)")
+    c.add_argument("--commits", type=int, default=1_000_000, help="offset commits before the restart (default 1,000,000)")
+    c.add_argument("--smoke", action="store_true", help="1 short run, 20,000 commits, not merged into latest.json")
+    c.set_defaults(func=cmd_compaction)
 
     p = sub.add_parser(
         "report", parents=[common], help="write bench/RESULTS.md and bench/plots/ from latest.json"

@@ -307,8 +307,8 @@ class GroupCoordinator:
         shard.loaded = True
         shard.task = None
         log.info("coordinator: leads %s-%d in epoch %d: %d groups (%d with members) loaded from %d records "
-                 "in %.3f s%s", OFFSETS_TOPIC, shard.partition, shard.leader_epoch, len(shard.groups), restored,
-                 state.next_offset - plog.log_start_offset, time.monotonic() - started,
+                 "(%d offsets) in %.3f s%s", OFFSETS_TOPIC, shard.partition, shard.leader_epoch, len(shard.groups),
+                 restored, state.records_read, state.next_offset - plog.log_start_offset, time.monotonic() - started,
                  f" ({state.skipped_records} unreadable records skipped)" if state.skipped_records else "")
 
     # -- routing -----------------------------------------------------------------------------------

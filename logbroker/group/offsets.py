@@ -81,6 +81,10 @@ MEMBERSHIP_MAX_BYTES = 768 << 10  # below the topic's 1 MiB max_message_bytes wi
 _I16 = struct.Struct(">h")
 _I32 = struct.Struct(">i")
 _VALUE_HEAD = struct.Struct(">hqq")
+_VERSION_0 = _I16.pack(VALUE_VERSION)
+_MEMBERSHIP_KEY_HEAD = _I16.pack(MEMBERSHIP_KEY_VERSION)
+_EMPTY_STR16 = _I16.pack(0)
+NAMES_CACHED_MAX = 1 << 16  # (group, topic) pairs whose decoded names a replay keeps
 
 TopicPartition = tuple[str, int]
 
@@ -217,21 +221,25 @@ class OffsetsState:
     share_deferred: dict[tuple[str, str, int], dict[int, bytes]] = field(default_factory=dict)  # -> chunks
     skipped_records: int = 0
     next_offset: int = 0  # the log offset replay continues from
+    records_read: int = 0  # records replayed (fewer than the offsets spanned once compacted)
+    _names: dict[bytes, tuple[str, str]] = field(default_factory=dict, repr=False)  # _decode_key's
 
     def apply(self, log_offset: int, key: bytes | None, value: bytes | None) -> None:
         """Replay one record (records must come in log order)."""
-        self.next_offset = max(self.next_offset, log_offset + 1)
+        self.records_read += 1
+        if log_offset >= self.next_offset:
+            self.next_offset = log_offset + 1
         try:
             if key is None:
                 raise ValueError("record without key")
-            version = _I16.unpack_from(key, 0)[0] if len(key) >= 2 else -1
-            if version == MEMBERSHIP_KEY_VERSION:
+            if key[:2] == _MEMBERSHIP_KEY_HEAD:
                 self._apply_membership(key, value)
                 return
+            version = _I16.unpack_from(key, 0)[0] if len(key) >= 2 else -1
             if version in (SHARE_GROUP_KEY_VERSION, SHARE_PARTITION_KEY_VERSION, SHARE_DEFERRED_KEY_VERSION):
                 self._apply_share(version, key, value)
                 return
-            parsed = decode_key(key)
+            parsed = self._decode_key(key)
             if parsed is None:
                 return
             group, topic, partition = parsed
@@ -242,11 +250,29 @@ class OffsetsState:
                     if not offsets:
                         del self.groups[group]
                 return
-            offset, metadata, ts = decode_value(value)
+            if len(value) == _VALUE_HEAD.size + 2 and value[0:2] == _VERSION_0 and value[-2:] == _EMPTY_STR16:
+                _v, offset, ts = _VALUE_HEAD.unpack_from(value, 0)  # the usual value: no metadata
+                metadata = ""
+                if offset < 0:
+                    raise ValueError("bad value")
+            else:
+                offset, metadata, ts = decode_value(value)
         except (ValueError, UnicodeDecodeError, struct.error):  # json.JSONDecodeError is a ValueError
             self.skipped_records += 1
             return
         self.groups.setdefault(group, {})[(topic, partition)] = CommittedOffset(offset, metadata, ts, log_offset)
+
+    def _decode_key(self, key: bytes) -> tuple[str, str, int] | None:
+        """decode_key, with the (group, topic) of a key's first bytes (all but the partition) decoded
+        once per replay: a commit writes one record per partition of the same group and topic."""
+        head = key[:-4]
+        names = self._names.get(head)
+        if names is None:
+            parsed = decode_key(key)
+            if parsed is not None and len(self._names) < NAMES_CACHED_MAX:
+                self._names[head] = parsed[:2]
+            return parsed
+        return names[0], names[1], _I32.unpack_from(key, len(head))[0]
 
     def _apply_membership(self, key: bytes, value: bytes | None) -> None:
         group, pos = _read_str16(key, 2)

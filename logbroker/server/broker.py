@@ -18,6 +18,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 
 import grpc
@@ -405,12 +406,18 @@ class Broker:
             )
 
     def check_partition(self, topic: str, index: int) -> None:
-        """Raise UNKNOWN_TOPIC_OR_PARTITION unless the cluster has this partition."""
-        states = self.topic_partitions(topic)
-        if states is None:
+        """Raise UNKNOWN_TOPIC_OR_PARTITION unless the cluster has this partition. Standalone, reads the
+        topic's assignment (topic_partitions builds every partition's state: an OffsetCommit of many
+        partitions checked each one in O(partitions))."""
+        if self.cluster is not None:
+            partitions: Mapping[int, object] | None = self.metadata_image.partitions.get(topic)
+        else:
+            spec = self.topics.get(topic)
+            partitions = None if spec is None else spec.assignment
+        if partitions is None:
             raise UnknownTopicOrPartitionError(f"unknown topic {topic!r}")
-        if index not in states:
-            raise UnknownTopicOrPartitionError(f"topic {topic!r} has no partition {index} (it has {len(states)})")
+        if index not in partitions:
+            raise UnknownTopicOrPartitionError(f"topic {topic!r} has no partition {index} (it has {len(partitions)})")
 
     def partition(self, topic: str, index: int) -> Partition:
         """The local replica; UNKNOWN_TOPIC_OR_PARTITION or (cluster) NOT_LEADER_OR_FOLLOWER if none."""

@@ -37,7 +37,7 @@ Bounds: the offset map holds at most `OffsetMap.capacity_entries` keys (Kafka's 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 COMPACT = "compact"
@@ -161,6 +161,28 @@ class OffsetMap:
             self.max_offset = offset
         return True
 
+    def put_records(self, records: Iterable[tuple[int, int, int, bytes | None, bool]]) -> bool:
+        """`put(key, offset)` for each (start, end, offset, key, is_tombstone) with a key, in order
+        (segment_cleaner.scan_records's records); False as soon as a new key would overflow."""
+        latest, capacity, top = self._latest, self.capacity_entries, self.max_offset
+        get = latest.get
+        try:
+            for _start, _end, offset, key, _tombstone in records:
+                if key is None:
+                    continue
+                held = get(key)
+                if held is None:
+                    if len(latest) >= capacity:
+                        return False
+                    latest[key] = offset
+                elif offset > held:
+                    latest[key] = offset
+                if offset > top:
+                    top = offset
+        finally:
+            self.max_offset = top
+        return True
+
     def latest(self, key: bytes) -> int | None:
         return self._latest.get(key)
 
@@ -178,3 +200,12 @@ def keep_record(key: bytes | None, offset: int, is_tombstone: bool, offsets: Off
     if latest is not None and offset < latest:
         return False
     return not (is_tombstone and tombstones_expired)
+
+
+def keep_records(records: Sequence[tuple[int, int, int, bytes | None, bool]], offsets: OffsetMap,
+                 tombstones_expired: bool) -> list[tuple[int, int, int, bytes | None, bool]]:
+    """The (start, end, offset, key, is_tombstone) records that `keep_record` keeps, in one loop
+    (the cleaner's hot path: no call per record)."""
+    get = offsets._latest.get
+    return [r for r in records
+            if r[3] is None or ((held := get(r[3])) is None or r[2] >= held) and not (r[4] and tombstones_expired)]

@@ -364,6 +364,7 @@ class LogCleaner:
         job = prepare_clean(plog, first_dirty, now, self._offset_map_entries)
         if job is None:
             return False
+        read_bytes, started = sum(v.nbytes for v in job.views), time.monotonic()
         try:
             await asyncio.get_running_loop().run_in_executor(self._executor, run_clean, job, self.throttle)
         except BaseException:
@@ -375,6 +376,8 @@ class LogCleaner:
         self._first_dirty[key] = (plog, end)
         await self._save_checkpoint()
         self.passes += 1
-        log.info("log cleaner cleaned %s-%d below offset %d (dirty ratio %.2f%s)", key[0], key[1], end,
-                 job.plan.dirty_ratio, ", forced by max_compaction_lag_ms" if job.plan.forced else "")
+        log.info("log cleaner cleaned %s-%d below offset %d (dirty ratio %.2f%s): read %d bytes in %d ms",
+                 key[0], key[1], end, job.plan.dirty_ratio,
+                 ", forced by max_compaction_lag_ms" if job.plan.forced else "",
+                 read_bytes, round((time.monotonic() - started) * 1000))
         return True

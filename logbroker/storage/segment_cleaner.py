@@ -40,12 +40,12 @@ import logging
 import os
 import struct
 import zlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from logbroker.errors import StorageError
+from logbroker.errors import CorruptMessageError, StorageError
 from logbroker.storage.atomic_file import fsync_dir
-from logbroker.storage.compaction import OffsetMap, keep_record
+from logbroker.storage.compaction import OffsetMap, keep_records
 from logbroker.storage.io_throttle import Throttle
 from logbroker.storage.record_batch import (
     COMPRESSION_GZIP,
@@ -94,13 +94,12 @@ def _no_hook(step: str) -> None:
     pass
 
 
-class RawRecord:
-    """One record of a batch: its bytes in the (decompressed) body, its offset, key, tombstone."""
+_ZIGZAG_ONE = tuple((b >> 1) ^ -(b & 1) for b in range(0x80))  # one-byte zigzag varints, decoded
+TOMBSTONE_VALUE_LENGTH = 0x01  # a value length of -1 (null), zigzag-encoded: one byte
 
-    __slots__ = ("start", "end", "offset", "key", "is_tombstone")
-
-    def __init__(self, start: int, end: int, offset: int, key: bytes | None, is_tombstone: bool) -> None:
-        self.start, self.end, self.offset, self.key, self.is_tombstone = start, end, offset, key, is_tombstone
+# One record as the cleaner sees it: (start, end) of its bytes in the (decompressed) body, its
+# offset, its key (None: no key), and whether it is a tombstone (null value).
+RawRecord = tuple[int, int, int, "bytes | None", bool]
 
 
 def batch_body(buf: bytes | memoryview, pos: int, h: BatchHeader) -> bytes | None:
@@ -114,21 +113,53 @@ def batch_body(buf: bytes | memoryview, pos: int, h: BatchHeader) -> bytes | Non
     return None
 
 
-def iter_raw_records(body: bytes, h: BatchHeader) -> Iterator[RawRecord]:
+def scan_records(body: bytes, h: BatchHeader) -> list[RawRecord]:
+    """Every record of a batch body (the cleaner's hot loop: one- and two-byte varints, which are
+    the lengths, offset deltas and key lengths of ordinary records, are decoded inline; longer ones
+    by decode_varint). Raises CorruptMessageError if the body ends inside a record."""
+    zz, base = _ZIGZAG_ONE, h.base_offset
+    out: list[RawRecord] = []
+    append = out.append
     p = 0
-    for _ in range(h.record_count):
-        rec_start = p
-        length, p = decode_varint(body, p)
-        end = p + length
-        p += 1  # attributes
-        _td, p = decode_varint(body, p)
-        od, p = decode_varint(body, p)
-        kl, p = decode_varint(body, p)
-        key = None if kl < 0 else body[p : p + kl]
-        p += max(kl, 0)
-        vl, p = decode_varint(body, p)
-        yield RawRecord(rec_start, end, h.base_offset + od, key, vl < 0)
-        p = end
+    try:
+        for _ in range(h.record_count):
+            start = p
+            b = body[p]
+            if b < 0x80:
+                length, p = zz[b], p + 1
+            elif body[p + 1] < 0x80:
+                z = (b & 0x7F) | (body[p + 1] << 7)
+                length, p = (z >> 1) ^ -(z & 1), p + 2
+            else:
+                length, p = decode_varint(body, p)
+            end = p + length
+            p += 1  # attributes
+            while body[p] >= 0x80:  # timestamp delta: skipped
+                p += 1
+            b = body[p + 1]
+            p += 2
+            if b < 0x80:
+                od = zz[b]
+            elif body[p] < 0x80:
+                z = (b & 0x7F) | (body[p] << 7)
+                od, p = (z >> 1) ^ -(z & 1), p + 1
+            else:
+                od, p = decode_varint(body, p - 1)
+            b = body[p]
+            if b < 0x80:
+                kl, p = zz[b], p + 1
+            else:
+                kl, p = decode_varint(body, p)
+            if kl >= 0:
+                key = body[p : p + kl]
+                p += kl
+            else:
+                key = None
+            append((start, end, base + od, key, body[p] == TOMBSTONE_VALUE_LENGTH))
+            p = end
+    except IndexError:
+        raise CorruptMessageError(f"batch at offset {base}: a record runs past the batch") from None
+    return out
 
 
 def map_segment(buf: bytes | memoryview, offsets: OffsetMap, throttle: Throttle | None = None) -> bool:
@@ -142,9 +173,8 @@ def map_segment(buf: bytes | memoryview, offsets: OffsetMap, throttle: Throttle 
         body = batch_body(buf, pos, h)
         if body is None:
             continue
-        for rec in iter_raw_records(body, h):
-            if rec.key is not None and not offsets.put(rec.key, rec.offset):
-                return False
+        if not offsets.put_records(scan_records(body, h)):
+            return False
     return True
 
 
@@ -161,8 +191,7 @@ def clean_segment(buf: bytes | memoryview, offsets: OffsetMap, tombstones_expire
         if body is None:
             out += buf[pos : pos + size]
             continue
-        kept = [r for r in iter_raw_records(body, h)
-                if keep_record(r.key, r.offset, r.is_tombstone, offsets, tombstones_expired)]
+        kept = keep_records(scan_records(body, h), offsets, tombstones_expired)
         if not kept:
             continue
         if len(kept) == h.record_count and h.attributes & COMPRESSION_MASK == COMPRESSION_NONE:
@@ -171,7 +200,7 @@ def clean_segment(buf: bytes | memoryview, offsets: OffsetMap, tombstones_expire
         start = len(out)
         out += buf[pos : pos + HEADER_SIZE]
         for r in kept:
-            out += body[r.start : r.end]
+            out += body[r[0] : r[1]]
         struct.pack_into(">i", out, start + 8, len(out) - start - LOG_OVERHEAD)
         struct.pack_into(">h", out, start + 21, h.attributes & ~COMPRESSION_MASK)
         struct.pack_into(">i", out, start + 57, len(kept))

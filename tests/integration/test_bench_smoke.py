@@ -7,7 +7,9 @@ records produced and consumed, that the whole pass took under 60 s, and that eve
 harness started is gone afterwards. `python -m bench failover --smoke` likewise: one kill -9 and one
 SIGTERM trial, every acknowledged record read back, nothing left running. `python -m bench rebalance
 --smoke --brokers 1`: one trial (a join, a close(), a join, a kill -9) on a standalone broker, the
-group consuming again after each, no partition ever owned twice, nothing left running.
+group consuming again after each, no partition ever owned twice, nothing left running. `python -m
+bench compaction --smoke`: one short produce run with the cleaner on and one off, 10,000 offset
+commits replayed after a kill -9, every figure present, nothing left running.
 """
 
 from __future__ import annotations
@@ -159,3 +161,32 @@ def test_rebalance_smoke(tmp_path: Path) -> None:
     assert [pid for pid in record["started_pids"] if _alive(pid)] == [], "a process outlived the harness"
     assert _processes_mentioning(str(data_root)) == [], "a process still uses the bench data root"
     assert list(data_root.iterdir()) == [], "a temporary data directory was left behind"
+
+
+@pytest.mark.timeout(120)
+def test_compaction_smoke(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    data_root = tmp_path / "data"
+    argv = [sys.executable, "-m", "bench", "compaction", "--smoke", "--results-dir", str(results),
+            "--data-root", str(data_root)]  # fmt: skip
+    started = time.monotonic()
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=90)
+    assert proc.returncode == 0, f"bench compaction failed ({proc.returncode}):\n{proc.stderr[-6000:]}"
+    [path] = results.glob("*compaction.json")
+    record = json.loads(path.read_text())
+    assert "error" not in record, record["error"]
+    summary = record["summary"]
+    assert summary["produce_on_median"] > 0 and summary["produce_off_median"] > 0
+    assert [r["cleaner"] for r in record["produce"]["on"]] == [True]
+    assert record["produce"]["off"][0]["passes"] == []  # --log-cleaner-interval-ms 0: no cleaner
+    for cleaner in ("on", "off"):
+        replay = record["replay"][cleaner]
+        assert replay["commits"] == 10_000 and replay["groups_loaded"] == 50, replay
+        assert replay["offsets_spanned"] == 10_000 and 0 < replay["records_replayed"] <= 10_000, replay
+        assert replay["rebuild_s"] >= 0 and replay["ready_s"] > 0, replay
+    assert not (results / "latest.json").exists(), "a smoke must not touch latest.json"
+    assert record["unreaped_pids"] == [], f"processes left running: {record['unreaped_pids']}"
+    assert [pid for pid in record["started_pids"] if _alive(pid)] == [], "a process outlived the harness"
+    assert _processes_mentioning(str(data_root)) == [], "a process still uses the bench data root"
+    assert list(data_root.iterdir()) == [], "a temporary data directory was left behind"
+    print(f"bench compaction --smoke took {time.monotonic() - started:.1f} s")

@@ -151,3 +151,41 @@ def test_replay_of_a_compacted_offsets_log_rebuilds_the_same_state() -> None:
     assert replayed.groups == full.groups
     assert {tp: c.offset for tp, c in replayed.groups["g"].items()} == {("t", 0): 49, ("t", 1): 490}
     assert "gone" not in replayed.groups
+
+
+def test_replay_fast_paths_agree_with_decode_key_and_decode_value() -> None:
+    """apply's cached (group, topic) names and its no-metadata value path (the replay's hot loop)
+    give what decode_key and decode_value give, for every record, junk included."""
+    b = rb.BatchBuilder(0)
+    records: list[tuple[bytes | None, bytes | None]] = []
+    for i in range(300):
+        group, topic = f"group-{i % 3}", ("orders", "payments")[i % 2]
+        value = encode_value(i, "" if i % 5 else f"meta-{i}", 1000 + i)
+        if i % 17 == 0:  # junk: a negative offset in the no-metadata layout
+            value = b"\x00\x00" + b"\xff" * 16 + b"\x00\x00"
+        elif i % 19 == 0:  # junk: a value whose metadata length runs past its end
+            value = encode_value(i, "", 0)[:-2] + b"\x00\x05"
+        records.append((encode_key(group, topic, i % 7), None if i % 23 == 0 else value))
+    records.append((encode_key("group-0", "orders", 0)[:-1], encode_value(1, "", 0)))  # same head, short key
+    expected: dict[str, dict[tuple[str, int], tuple[int, str, int]]] = {}
+    skipped = 0
+    for key, value in records:
+        b.append(0, key, value)
+        try:
+            parsed = decode_key(key)  # type: ignore[arg-type]
+            assert parsed is not None
+            group, topic, partition = parsed
+            if value is None:
+                expected.get(group, {}).pop((topic, partition), None)
+                if group in expected and not expected[group]:
+                    del expected[group]
+                continue
+            expected.setdefault(group, {})[(topic, partition)] = decode_value(value)
+        except ValueError:
+            skipped += 1
+    state = OffsetsState()
+    state.apply_chunk(_log(b.build()), "__consumer_offsets", 0)
+    got = {g: {tp: (c.offset, c.metadata, c.commit_timestamp_ms) for tp, c in offsets.items()}
+           for g, offsets in state.groups.items()}
+    assert skipped >= 30
+    assert (got, state.skipped_records, state.records_read) == (expected, skipped, len(records))
