@@ -177,6 +177,13 @@ def records_batch(records: Iterable[tuple[bytes, bytes | None]], now_ms: int) ->
     return builder.build()
 
 
+def _usual_value(value: bytes) -> bool:
+    """A commit value of version 0 with no metadata and a non-negative offset (most of them): its
+    fields are read with one struct unpack."""
+    return (len(value) == _VALUE_HEAD.size + 2 and value[2] < 0x80 and value[:2] == _VERSION_0
+            and value[-2:] == _EMPTY_STR16)
+
+
 def encode_value(offset: int, metadata: str, commit_timestamp_ms: int) -> bytes:
     return _VALUE_HEAD.pack(VALUE_VERSION, offset, commit_timestamp_ms) + _str16(metadata)
 
@@ -212,17 +219,47 @@ def tombstone_batch(group: str, partitions: Iterable[TopicPartition], now_ms: in
 @dataclass
 class OffsetsState:
     """The latest committed offset of every (group, topic, partition) in one partition of
-    `__consumer_offsets`, as replayed from its log."""
+    `__consumer_offsets`, as replayed from its log.
 
-    groups: dict[str, dict[TopicPartition, CommittedOffset]] = field(default_factory=dict)
+    Offset commits, the bulk of a replay, are kept as raw (log offset, value) per raw key while
+    records are applied (one dict store each), and decoded only when `groups` is next read: only
+    the latest record of a key is decoded, however many commits the log holds for it."""
+
+    _groups: dict[str, dict[TopicPartition, CommittedOffset]] = field(default_factory=dict)
     memberships: dict[str, dict[str, object]] = field(default_factory=dict)  # group -> latest snapshot
     share_groups: dict[str, dict[str, object]] = field(default_factory=dict)  # share group -> settings
     share_partitions: dict[tuple[str, str, int], bytes] = field(default_factory=dict)  # -> snapshot
     share_deferred: dict[tuple[str, str, int], dict[int, bytes]] = field(default_factory=dict)  # -> chunks
-    skipped_records: int = 0
+    _skipped: int = 0
     next_offset: int = 0  # the log offset replay continues from
     records_read: int = 0  # records replayed (fewer than the offsets spanned once compacted)
     _names: dict[bytes, tuple[str, str]] = field(default_factory=dict, repr=False)  # _decode_key's
+    # commits not decoded yet: raw key -> (log offset, the usual value's raw bytes, (offset, metadata,
+    # timestamp) of any other value, or None for a tombstone)
+    _raw: dict[bytes, tuple[int, bytes | tuple[int, str, int] | None]] = field(default_factory=dict, repr=False)
+
+    @property
+    def groups(self) -> dict[str, dict[TopicPartition, CommittedOffset]]:
+        if self._raw:
+            self._decode_commits()
+        return self._groups
+
+    @property
+    def skipped_records(self) -> int:
+        """Records that did not parse (skipped, never fatal)."""
+        if self._raw:
+            self._decode_commits()
+        return self._skipped
+
+    def _decode_commits(self) -> None:
+        raw, self._raw = self._raw, {}
+        unpack = _VALUE_HEAD.unpack_from
+        for key, (log_offset, value) in raw.items():
+            if isinstance(value, bytes):
+                _v, offset, ts = unpack(value, 0)
+                self._apply_commit(log_offset, key, (offset, "", ts))
+            else:
+                self._apply_commit(log_offset, key, value)
 
     def apply(self, log_offset: int, key: bytes | None, value: bytes | None) -> None:
         """Replay one record (records must come in log order)."""
@@ -232,35 +269,43 @@ class OffsetsState:
         try:
             if key is None:
                 raise ValueError("record without key")
-            if key[:2] == _MEMBERSHIP_KEY_HEAD:
+            head = key[:2]
+            if head == _VERSION_0:  # an offset commit: its key is decoded once the replay is done (class doc)
+                if value is None:
+                    self._raw[key] = (log_offset, None)
+                elif _usual_value(value):
+                    self._raw[key] = (log_offset, value)
+                else:
+                    self._raw[key] = (log_offset, decode_value(value))
+                return
+            if head == _MEMBERSHIP_KEY_HEAD:
                 self._apply_membership(key, value)
                 return
             version = _I16.unpack_from(key, 0)[0] if len(key) >= 2 else -1
             if version in (SHARE_GROUP_KEY_VERSION, SHARE_PARTITION_KEY_VERSION, SHARE_DEFERRED_KEY_VERSION):
                 self._apply_share(version, key, value)
-                return
-            parsed = self._decode_key(key)
-            if parsed is None:
-                return
-            group, topic, partition = parsed
-            if value is None:
-                offsets = self.groups.get(group)
-                if offsets is not None:
-                    offsets.pop((topic, partition), None)
-                    if not offsets:
-                        del self.groups[group]
-                return
-            if len(value) == _VALUE_HEAD.size + 2 and value[0:2] == _VERSION_0 and value[-2:] == _EMPTY_STR16:
-                _v, offset, ts = _VALUE_HEAD.unpack_from(value, 0)  # the usual value: no metadata
-                metadata = ""
-                if offset < 0:
-                    raise ValueError("bad value")
-            else:
-                offset, metadata, ts = decode_value(value)
-        except (ValueError, UnicodeDecodeError, struct.error):  # json.JSONDecodeError is a ValueError
-            self.skipped_records += 1
             return
-        self.groups.setdefault(group, {})[(topic, partition)] = CommittedOffset(offset, metadata, ts, log_offset)
+        except (ValueError, UnicodeDecodeError, struct.error):  # json.JSONDecodeError is a ValueError
+            self._skipped += 1
+
+    def _apply_commit(self, log_offset: int, key: bytes, value: tuple[int, str, int] | None) -> None:
+        try:
+            parsed = self._decode_key(key)
+        except (ValueError, UnicodeDecodeError, struct.error):
+            self._skipped += 1
+            return
+        if parsed is None:
+            return
+        group, topic, partition = parsed
+        if value is None:
+            offsets = self._groups.get(group)
+            if offsets is not None:
+                offsets.pop((topic, partition), None)
+                if not offsets:
+                    del self._groups[group]
+            return
+        offset, metadata, ts = value
+        self._groups.setdefault(group, {})[(topic, partition)] = CommittedOffset(offset, metadata, ts, log_offset)
 
     def _decode_key(self, key: bytes) -> tuple[str, str, int] | None:
         """decode_key, with the (group, topic) of a key's first bytes (all but the partition) decoded
@@ -337,8 +382,14 @@ class OffsetsState:
             if header.is_control:
                 self.next_offset = max(self.next_offset, header.next_offset)
                 continue
+            raw = self._raw
             for m in decode_batch(data, pos, header, topic, partition, self.next_offset):
-                self.apply(m.offset, m.key, m.value)
+                key, value = m.key, m.value
+                if key is not None and value is not None and key[:2] == _VERSION_0 and _usual_value(value):
+                    raw[key] = (m.offset, value)  # apply()'s first case, inline: most records are commits
+                    self.records_read += 1
+                else:
+                    self.apply(m.offset, key, value)
             self.next_offset = max(self.next_offset, header.next_offset)
         return used
 
