@@ -378,6 +378,37 @@ def cmd_queue_failover(args: argparse.Namespace) -> int:
     return 1 if "error" in record or record["unreaped_pids"] or record.get("problems") else 0
 
 
+def cmd_queue_parallel(args: argparse.Namespace) -> int:
+    """logbroker share groups: 1 vs 4 consumers of a 2-partition topic, each message a 10 ms handler."""
+    from bench import queue_failover, queue_parallel
+
+    why = queue_failover.missing()
+    if why:
+        say(f"skip queue-parallel: {why}")
+        return 0
+    results_dir = Path(args.results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    data_root = Path(args.data_root)
+    data_root.mkdir(parents=True, exist_ok=True)
+    runs = args.runs or (1 if args.smoke else 3)
+    records = args.records or (100 if args.smoke else queue_parallel.RECORDS)
+    command = "python -m bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    record = _measure(
+        "queue-parallel",
+        {"command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine()},
+        lambda: queue_parallel.run(runs, data_root, records, args.max_poll_records),
+    )
+    s = record.get("summary", {})
+    rates = s.get("records_per_s_median", {})
+    if s.get("ratio") is not None:
+        say(f"queue-parallel: 10 ms handler, {records} records on 2 partitions: 1 consumer {rates['1']:.0f} rec/s, "
+            f"4 consumers {rates['4']:.0f} rec/s = {s['ratio']:.2f}x (medians of {runs}; target >= {s['target_ratio']:g}x)")  # fmt: skip
+    for problem in record.get("problems", []):
+        say(f"queue-parallel PROBLEM: {problem}")
+    _save("queue-parallel", record, results_dir, time.strftime("%Y%m%d-%H%M%S"), keep=not args.smoke)
+    return 1 if "error" in record or record["unreaped_pids"] or record.get("problems") else 0
+
+
 def cmd_failover(args: argparse.Namespace) -> int:
     results_dir = Path(args.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -499,6 +530,17 @@ def parser() -> argparse.ArgumentParser:
                    help="the share group's retry_backoff_ms, added to an expired lock (default 0)")  # fmt: skip
     q.add_argument("--smoke", action="store_true", help="1 trial, not merged into latest.json")
     q.set_defaults(func=cmd_queue_failover)
+
+    qp = sub.add_parser(
+        "queue-parallel", parents=[common],
+        help="logbroker share groups: 1 vs 4 consumers of a 2-partition topic, a 10 ms handler per message",
+    )  # fmt: skip
+    qp.add_argument("--runs", type=int, default=0, help="runs of each (default 3, smoke 1)")
+    qp.add_argument("--records", type=int, default=0, help="records per run (default 400, smoke 100)")
+    qp.add_argument("--max-poll-records", type=int, default=10,
+                    help="each consumer's max_poll_records (default 10)")  # fmt: skip
+    qp.add_argument("--smoke", action="store_true", help="1 run of 100 records, not merged into latest.json")
+    qp.set_defaults(func=cmd_queue_parallel)
 
     p = sub.add_parser(
         "report", parents=[common], help="write bench/RESULTS.md and bench/plots/ from latest.json"

@@ -65,7 +65,8 @@ def _member(conn: Connection, role: str, address: str, topic: str, group: str, s
     die_with_parent(parent)
     from logbroker import QueueConsumer
 
-    c = QueueConsumer(address, group=group, topics=[topic], auto_offset_reset="earliest", **settings)
+    c = QueueConsumer(address, group=group, topics=[topic], auto_offset_reset="earliest",
+                      lock_ms=settings["lock_ms"], retry_backoff_ms=settings["retry_backoff_ms"])  # fmt: skip
     try:
         if role == "victim":
             _victim(conn, c)
