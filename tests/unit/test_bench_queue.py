@@ -16,7 +16,7 @@ from bench.workload import Workload, WorkloadError, _check, load  # noqa: E402
 
 def test_queue_ack_is_a_backlog_drained_by_four_acking_consumers() -> None:
     wl = load("queue-ack")
-    assert (wl.requires, wl.consumers, wl.record_size, wl.backlog_records) == ("queues", 4, 100, 200_000)
+    assert (wl.requires, wl.consumers, wl.record_size, wl.backlog_records) == ("queues", 4, 100, 100_000)
     assert load("queue-ack", smoke=True).backlog_records == 5_000
     assert {"logbroker", "rabbitmq", "nats"} <= set(wl.systems)
 
