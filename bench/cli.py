@@ -199,6 +199,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         if rb is not None and ("error" in rb or rb["unreaped_pids"]):
             failures += 1
 
+    if args.queues is True or (args.queues is None and args.all and not args.smoke):
+        qf = run_queue_failover(1 if args.smoke else 3, 5_000, 0,
+                                results_dir, data_root, command, stamp, keep=not scratch)  # fmt: skip
+        qp = run_queue_parallel(1 if args.smoke else 3, 100 if args.smoke else 0, 10, results_dir, data_root,
+                                command, stamp, keep=not scratch)  # fmt: skip
+        failures += sum(1 for r in (qf, qp) if r is not None and _queue_failed(r))
+
     total_s = time.monotonic() - t_begin
     say(f"bench run finished in {total_s:.0f} s ({failures} failed)")
     if unreaped(pid_mark):
@@ -349,32 +356,87 @@ def cmd_rebalance(args: argparse.Namespace) -> int:
 
 def cmd_queue_failover(args: argparse.Namespace) -> int:
     """logbroker share groups: a consumer's kill -9 -> its unacked records delivered to another member."""
+    results_dir, data_root = _dirs(args)
+    command = "python -m bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    record = run_queue_failover(args.trials or (1 if args.smoke else 5), args.lock_ms, args.retry_backoff_ms,
+                                results_dir, data_root, command, time.strftime("%Y%m%d-%H%M%S"),
+                                keep=not args.smoke)  # fmt: skip
+    return 1 if record is not None and _queue_failed(record) else 0
+
+
+def cmd_queue_parallel(args: argparse.Namespace) -> int:
+    """logbroker share groups: 1 vs 4 consumers of a 2-partition topic, each message a 10 ms handler."""
+    results_dir, data_root = _dirs(args)
+    command = "python -m bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    record = run_queue_parallel(args.runs or (1 if args.smoke else 3), args.records or (100 if args.smoke else 0),
+                                args.max_poll_records, results_dir, data_root, command,
+                                time.strftime("%Y%m%d-%H%M%S"), keep=not args.smoke)  # fmt: skip
+    return 1 if record is not None and _queue_failed(record) else 0
+
+
+def _dirs(args: argparse.Namespace) -> tuple[Path, Path]:
+    results_dir, data_root = Path(args.results_dir), Path(args.data_root)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    data_root.mkdir(parents=True, exist_ok=True)
+    return results_dir, data_root
+
+
+def _queue_failed(record: dict[str, Any]) -> bool:
+    return bool("error" in record or record["unreaped_pids"] or record.get("problems"))
+
+
+def run_queue_failover(trials: int, lock_ms: int, retry_backoff_ms: int, results_dir: Path, data_root: Path,
+                       command: str, stamp: str, keep: bool) -> dict[str, Any] | None:  # fmt: skip
+    """The share-consumer kill -9 measurement (bench/queue_failover.py), saved as run_failover's; None,
+    with one line saying why, when it could not run."""
     from bench import queue_failover
 
     why = queue_failover.missing()
     if why:
         say(f"skip queue-failover: {why}")
-        return 0
-    results_dir = Path(args.results_dir)
-    results_dir.mkdir(parents=True, exist_ok=True)
-    data_root = Path(args.data_root)
-    data_root.mkdir(parents=True, exist_ok=True)
-    trials = args.trials or (1 if args.smoke else 5)
-    command = "python -m bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        return None
     record = _measure(
         "queue-failover",
         {"command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine()},
-        lambda: queue_failover.run(trials, data_root, args.lock_ms),
+        lambda: queue_failover.run(trials, data_root, lock_ms, retry_backoff_ms),
     )
     s = record.get("summary", {})
     if s.get("after_lock_s_median") is not None:
         say(f"queue-failover: unacked records of the killed consumer all delivered to another "
-            f"lock_ms + {s['after_lock_s_median']:.3f} s (median of {s['complete_trials']}; "
+            f"lock_ms + {s['after_lock_s_median']:.3f} s after the kill, "
+            f"{s['after_expiry_s_median']:.3f} s after the locks ran out (medians of {s['complete_trials']}; "
             f"target < {s['target_after_lock_s']:g} s)")  # fmt: skip
     for problem in record.get("problems", []):
         say(f"queue-failover PROBLEM: {problem}")
-    _save("queue-failover", record, results_dir, time.strftime("%Y%m%d-%H%M%S"), keep=not args.smoke)
-    return 1 if "error" in record or record["unreaped_pids"] or record.get("problems") else 0
+    _save("queue-failover", record, results_dir, stamp, keep)
+    return record
+
+
+def run_queue_parallel(runs: int, records: int, max_poll_records: int, results_dir: Path, data_root: Path,
+                       command: str, stamp: str, keep: bool) -> dict[str, Any] | None:  # fmt: skip
+    """The share-group parallelism measurement (bench/queue_parallel.py; `records` 0: its default),
+    saved as run_failover's; None, with one line saying why, when it could not run."""
+    from bench import queue_failover, queue_parallel
+
+    why = queue_failover.missing()
+    if why:
+        say(f"skip queue-parallel: {why}")
+        return None
+    records = records or queue_parallel.RECORDS
+    record = _measure(
+        "queue-parallel",
+        {"command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine()},
+        lambda: queue_parallel.run(runs, data_root, records, max_poll_records),
+    )
+    s = record.get("summary", {})
+    rates = s.get("records_per_s_median", {})
+    if s.get("ratio") is not None:
+        say(f"queue-parallel: 10 ms handler, {records} records on 2 partitions: 1 consumer {rates['1']:.0f} rec/s, "
+            f"4 consumers {rates['4']:.0f} rec/s = {s['ratio']:.2f}x (medians of {runs}; target >= {s['target_ratio']:g}x)")  # fmt: skip
+    for problem in record.get("problems", []):
+        say(f"queue-parallel PROBLEM: {problem}")
+    _save("queue-parallel", record, results_dir, stamp, keep)
+    return record
 
 
 def cmd_failover(args: argparse.Namespace) -> int:
@@ -481,6 +543,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--failover-trials", type=int, default=0, help="trials per signal (default 5, smoke 1)")
     r.add_argument("--rebalance", action=argparse.BooleanOptionalAction, default=None,
                    help="also run the consumer-group rebalance measurement (default: with --all, not --smoke)")  # fmt: skip
+    r.add_argument("--queues", action=argparse.BooleanOptionalAction, default=None,
+                   help="also run queue-failover (3 trials) and queue-parallel (3 runs) (default: with --all, not --smoke)")  # fmt: skip
     r.add_argument("--rebalance-trials", type=int, default=0,
                    help="rebalance trials, each a join, a close(), a join and a kill -9 (default 3 here, smoke 1)")  # fmt: skip
     r.add_argument(
@@ -517,6 +581,8 @@ def parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     q.add_argument("--trials", type=int, default=0, help="trials (default 5, smoke 1)")
     q.add_argument("--lock-ms", type=int, default=5000, help="the share group's lock_ms (default 5000)")
+    q.add_argument("--retry-backoff-ms", type=int, default=0,
+                   help="the share group's retry_backoff_ms, added to an expired lock (default 0)")  # fmt: skip
     q.add_argument("--smoke", action="store_true", help="1 trial, not merged into latest.json")
     q.set_defaults(func=cmd_queue_failover)
     c = sub.add_parser(
@@ -528,6 +594,17 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--commits", type=int, default=1_000_000, help="offset commits before the restart (default 1,000,000)")
     c.add_argument("--smoke", action="store_true", help="1 short run, 20,000 commits, not merged into latest.json")
     c.set_defaults(func=cmd_compaction)
+
+    qp = sub.add_parser(
+        "queue-parallel", parents=[common],
+        help="logbroker share groups: 1 vs 4 consumers of a 2-partition topic, a 10 ms handler per message",
+    )  # fmt: skip
+    qp.add_argument("--runs", type=int, default=0, help="runs of each (default 3, smoke 1)")
+    qp.add_argument("--records", type=int, default=0, help="records per run (default 400, smoke 100)")
+    qp.add_argument("--max-poll-records", type=int, default=10,
+                    help="each consumer's max_poll_records (default 10)")  # fmt: skip
+    qp.add_argument("--smoke", action="store_true", help="1 run of 100 records, not merged into latest.json")
+    qp.set_defaults(func=cmd_queue_parallel)
 
     p = sub.add_parser(
         "report", parents=[common], help="write bench/RESULTS.md and bench/plots/ from latest.json"

@@ -7,7 +7,9 @@ records produced and consumed, that the whole pass took under 60 s, and that eve
 harness started is gone afterwards. `python -m bench failover --smoke` likewise: one kill -9 and one
 SIGTERM trial, every acknowledged record read back, nothing left running. `python -m bench rebalance
 --smoke --brokers 1`: one trial (a join, a close(), a join, a kill -9) on a standalone broker, the
-group consuming again after each, no partition ever owned twice, nothing left running. `python -m
+group consuming again after each, no partition ever owned twice, nothing left running. `queue-failover
+--smoke` and `queue-parallel --smoke` (issue 16, where QueueConsumer imports): no problem reported (nothing
+lost, no accepted ack redelivered, no record handled twice), nothing left running. `python -m
 bench compaction --smoke`: one short produce run with the cleaner on and one off, 10,000 offset
 commits replayed after a kill -9, every figure present, nothing left running.
 """
@@ -190,3 +192,45 @@ def test_compaction_smoke(tmp_path: Path) -> None:
     assert _processes_mentioning(str(data_root)) == [], "a process still uses the bench data root"
     assert list(data_root.iterdir()) == [], "a temporary data directory was left behind"
     print(f"bench compaction --smoke took {time.monotonic() - started:.1f} s")
+
+
+def _queue_command_smoke(tmp_path: Path, command: list[str]) -> dict[str, object]:
+    """`python -m bench <command> --smoke` as a real process: it succeeded, wrote one JSON (not
+    latest.json), and left no process or data directory behind. Skipped without QueueConsumer."""
+    from bench.drivers.logbroker import queue_consumer_missing
+
+    why = queue_consumer_missing()
+    if why:
+        pytest.skip(why)
+    results = tmp_path / "results"
+    data_root = tmp_path / "data"
+    argv = [sys.executable, "-m", "bench", *command, "--smoke", "--results-dir", str(results),
+            "--data-root", str(data_root)]  # fmt: skip
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 0, f"bench {command[0]} failed ({proc.returncode}):\n{proc.stderr[-6000:]}"
+    [path] = results.glob(f"*-smoke-{command[0]}.json")
+    record = json.loads(path.read_text())
+    assert "error" not in record, record["error"]
+    assert record["problems"] == [], record["problems"]
+    assert not (results / "latest.json").exists(), "a smoke must not touch latest.json"
+    assert record["unreaped_pids"] == [], f"processes left running: {record['unreaped_pids']}"
+    assert [pid for pid in record["started_pids"] if _alive(pid)] == [], "a process outlived the harness"
+    assert _processes_mentioning(str(data_root)) == [], "a process still uses the bench data root"
+    assert list(data_root.iterdir()) == [], "a temporary data directory was left behind"
+    return record
+
+
+@pytest.mark.timeout(180)
+def test_queue_failover_smoke(tmp_path: Path) -> None:
+    record = _queue_command_smoke(tmp_path, ["queue-failover", "--lock-ms", "2000"])
+    [trial] = record["trials"]  # type: ignore[misc]
+    assert trial["held"] > 0 and trial["acks_accepted"] > 0, trial
+    assert trial["all_redelivered_s"] is not None and trial["all_redelivered_s"] > 0, trial
+
+
+@pytest.mark.timeout(180)
+def test_queue_parallel_smoke(tmp_path: Path) -> None:
+    record = _queue_command_smoke(tmp_path, ["queue-parallel"])
+    rates = record["summary"]["records_per_s_median"]  # type: ignore[index]
+    assert rates["1"] > 0 and rates["4"] > 0, rates
+    assert sum(record["runs"]["4"][0]["handled_per_consumer"]) == 100  # type: ignore[index]

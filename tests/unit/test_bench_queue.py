@@ -16,7 +16,7 @@ from bench.workload import Workload, WorkloadError, _check, load  # noqa: E402
 
 def test_queue_ack_is_a_backlog_drained_by_four_acking_consumers() -> None:
     wl = load("queue-ack")
-    assert (wl.requires, wl.consumers, wl.record_size, wl.backlog_records) == ("queues", 4, 100, 200_000)
+    assert (wl.requires, wl.consumers, wl.record_size, wl.backlog_records) == ("queues", 4, 100, 100_000)
     assert load("queue-ack", smoke=True).backlog_records == 5_000
     assert {"logbroker", "rabbitmq", "nats"} <= set(wl.systems)
 
@@ -56,6 +56,22 @@ def test_the_issue_16_row_compares_with_the_better_peer() -> None:
     rows = report._queue_targets({"queue-ack": {"logbroker": _entry(80_000), "nats": _entry(30_000)}}, None)
     assert rows[2].endswith("| **missed** |")
     assert len(report._queue_targets({}, None)) == 2  # nothing run: no row
+
+
+def test_the_issue_16_failover_and_parallelism_rows() -> None:
+    failover = {"summary": {"after_lock_s_median": 0.2, "after_lock_s_max": 0.4, "after_expiry_s_median": 0.3,
+                            "target_after_lock_s": 1.0, "complete_trials": 5}, "problems": []}  # fmt: skip
+    parallel = {"summary": {"records_per_s_median": {"1": 80.0, "4": 300.0}, "ratio": 3.75, "target_ratio": 3.0},
+                "problems": []}  # fmt: skip
+    rows = report._queue_targets({}, failover, parallel)
+    assert len(rows) == 4
+    assert "lock_ms + 0.200 s" in rows[2] and "0.300 s after the locks ran out" in rows[2] and rows[2].endswith("| met |")
+    assert "300 vs 80 rec/s = 3.75×" in rows[3] and rows[3].endswith("| met |")
+    parallel["summary"]["ratio"] = 2.5  # type: ignore[index]
+    assert report._queue_targets({}, None, parallel)[2].endswith("| **missed** |")
+    parallel["summary"]["ratio"] = 3.75  # type: ignore[index]
+    parallel["problems"] = ["4 consumers, run 1: duplicates = 3"]
+    assert report._queue_targets({}, None, parallel)[2].endswith("| **missed** |")
 
 
 def test_pika_is_in_the_bench_extra() -> None:
