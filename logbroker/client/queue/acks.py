@@ -93,10 +93,13 @@ class PendingAcks:
             check_ack(ack)
         if offset < 0:
             raise ValueError(f"offset must be >= 0, got {offset}")
-        pending = self._by_partition.setdefault((topic, partition), {})
-        if offset in pending:
+        tp = (topic, partition)
+        pending = self._by_partition.get(tp)
+        if pending is None:
+            pending = self._by_partition[tp] = {}
+        elif offset in pending:
             raise ValueError(f"{topic}-{partition} offset {offset} is already settled")
-        if self.full:
+        if self._count >= self.max_offsets:
             raise AckBufferFullError(f"{self._count} acknowledgements pending (at most {self.max_offsets})")
         pending[offset] = ack
         self._count += 1

@@ -156,9 +156,10 @@ class QueueConsumer:
             if message.generation != self._generation:
                 message.settled = True  # no longer ours: the broker has made it available again
                 return
-            full = self._acks.full
+            acks = self._acks
+            full = len(acks) >= acks.max_offsets
             if not full:
-                self._acks.add(message.topic, message.partition, message.offset, ack)
+                acks.add(message.topic, message.partition, message.offset, ack)
                 message.settled = True
         if full:  # send what is pending first, then queue this one
             self.commit_acks()

@@ -74,6 +74,12 @@ def read_partition(part: pb.ShareFetchPartition) -> PartitionRead:
 def _keep_acquired(records: list[Message], ranges: list[tuple[int, int, int]], out: list[Acquired]) -> None:
     """Append the records inside `ranges` with their delivery counts: records and ranges both in
     offset order, walked side by side (no search per record)."""
+    if not records:
+        return
+    if len(ranges) == 1 and ranges[0][0] <= records[0].offset and records[-1].offset <= ranges[0][1]:
+        count = max(ranges[0][2], 1)
+        out += [Acquired(m, count) for m in records]  # the common case: one range holds the batch
+        return
     i, n = 0, len(ranges)
     for m in records:
         offset = m.offset
