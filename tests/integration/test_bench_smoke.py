@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-BUDGET_S = 60.0
+BUDGET_S = 90.0  # every workload's smoke (seven since queue-ack): about 50-65 s on 2 cores
 
 pytest.importorskip("hdrh", reason="the bench extra is not installed: pip install -e '.[bench]'")
 
