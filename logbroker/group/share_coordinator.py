@@ -45,6 +45,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from logbroker.clock import Clock
+from logbroker.cluster.metadata import validate_topic_name
 from logbroker.errors import (
     BrokerError,
     GroupIdNotFoundError,
@@ -63,7 +64,7 @@ from logbroker.group.offsets import (
     share_partition_record,
 )
 from logbroker.group.share_data import ReadResult, ShareDataSource
-from logbroker.group.share_group import ShareGroup, ShareMember, TopicPartition
+from logbroker.group.share_group import ShareGroup, ShareMember, TopicPartition, check_member_id
 from logbroker.group.share_partition import Acquired, DeadLetter, SharePartition
 from logbroker.group.share_settings import ShareLimits, ShareSettings
 from logbroker.storage.record_batch import BatchBuilder, BatchHeader, decode_batch, iter_batches
@@ -177,6 +178,9 @@ class ShareCoordinator:
         try:
             if len(req.topics) > 1000:
                 raise InvalidRequestError(f"{len(req.topics)} topics; the limit is 1000")
+            for topic in req.topics:
+                validate_topic_name(topic)  # INVALID_TOPIC: a subscription holds only names a topic can have
+            check_member_id(req.member_id)
             shard, g = self._shard_and_group(req.group)
             if g is None:
                 if req.member_epoch != 0:

@@ -28,6 +28,11 @@ TopicPartition = tuple[str, int]
 MEMBER_ID_MAX_CHARS = 64
 
 
+def check_member_id(member_id: str) -> None:
+    if not 0 < len(member_id) <= MEMBER_ID_MAX_CHARS or not member_id.isprintable():
+        raise UnknownMemberIdError(f"member id must be 1..{MEMBER_ID_MAX_CHARS} printable characters")
+
+
 @dataclass
 class ShareMember:
     member_id: str
@@ -47,8 +52,7 @@ class ShareGroup:
     cursor: int = 0  # where the next fetch starts among the partitions (round robin)
 
     def join(self, member_id: str, topics: list[str], now_ms: int) -> tuple[ShareMember, list[tuple[TopicPartition, DeadLetter]]]:
-        if not 0 < len(member_id) <= MEMBER_ID_MAX_CHARS or not member_id.isprintable():
-            raise UnknownMemberIdError(f"member id must be 1..{MEMBER_ID_MAX_CHARS} printable characters")
+        check_member_id(member_id)
         old = self.members.get(member_id)
         dead = self.release_member(member_id, now_ms) if old is not None else []
         if old is None and len(self.members) >= self.members_max:

@@ -136,6 +136,14 @@ def test_bad_group_settings_are_refused_and_create_nothing(queue: Stubs, setting
     assert queue.describe("bad").error_code == pb.GROUP_ID_NOT_FOUND
 
 
+def test_bad_subscriptions_and_member_ids_are_refused(queue: Stubs) -> None:
+    assert queue.fetch("a", 0, topics=("../etc",)).error_code == pb.INVALID_TOPIC
+    assert queue.fetch("a", 0, topics=("x" * 300,)).error_code == pb.INVALID_TOPIC
+    assert queue.fetch("m" * 65, 0).error_code == pb.UNKNOWN_MEMBER_ID
+    assert queue.fetch("a", 0, group="").error_code == pb.INVALID_GROUP_ID
+    assert queue.describe().error_code == pb.GROUP_ID_NOT_FOUND  # nothing was created
+
+
 def test_a_share_group_and_a_consumer_group_do_not_share_a_name(queue: Stubs) -> None:
     assert queue.fetch("a", 0).error_code == pb.NONE
     hb = queue.broker.ConsumerGroupHeartbeat(pb.ConsumerGroupHeartbeatRequest(
