@@ -54,8 +54,6 @@ from logbroker.errors import LogbrokerError
 from logbroker.storage.record_batch import Message
 from logbroker.worker.runtime import (
     GRACE_MS_MAX,
-    SLOT_JOIN_TIMEOUT_MS,
-    THREAD_JOIN_TIMEOUT_MS,
     WAIT_SLICE_MS,
     WORKERS_MAX,
     HandlerFailedError,
@@ -65,9 +63,10 @@ from logbroker.worker.slot import (
     CHILD_START_TIMEOUT_MS,
     Failure,
     HandlerRef,
-    ProcessSlot,
     Slot,
-    ThreadSlot,
+    join_slots,
+    make_slots,
+    run_slot_threads,
     wait_all_ready,
 )
 
@@ -280,33 +279,19 @@ class QueueWorker:
     # -- slots -----------------------------------------------------------------------------------
 
     def _start_slots(self) -> None:
+        self._slots = make_slots(self._handler, self.workers, self.processes)
         if self.processes:
-            self._slots = [ProcessSlot(self._handler, f"logbroker-worker-{i}") for i in range(self.workers)]
             failure = wait_all_ready(self._slots, CHILD_START_TIMEOUT_MS / 1000)
             if failure is not None:
                 self._stop_slots()
                 raise HandlerFailedError(failure.error)
-        else:
-            assert callable(self._handler)
-            self._slots = [ThreadSlot(self._handler) for _ in range(self.workers)]
-        for i, slot in enumerate(self._slots):
-            t = threading.Thread(target=self._slot_main, args=(slot,), name=f"logbroker-worker-{i}", daemon=True)
-            t.start()
-            self._threads.append(t)
+        self._threads = run_slot_threads(self._slots, self._slot_main)
 
     def _stop_slots(self) -> None:
         with self._cond:
             self._closing = True
             self._cond.notify_all()
-        join_ms = SLOT_JOIN_TIMEOUT_MS if self.processes else THREAD_JOIN_TIMEOUT_MS
-        deadline = time.monotonic() + join_ms / 1000
-        for t in self._threads:
-            t.join(max(0.0, deadline - time.monotonic()))
-        for t in self._threads:
-            if t.is_alive():
-                log.warning("%s is still in the handler; abandoning it", t.name)
-        for slot in self._slots:
-            slot.close(SLOT_JOIN_TIMEOUT_MS / 1000)
+        join_slots(self._threads, self._slots, self.processes)
 
     def _slot_main(self, slot: Slot) -> None:
         while True:

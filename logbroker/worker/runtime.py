@@ -59,9 +59,10 @@ from logbroker.worker.slot import (
     CHILD_START_TIMEOUT_MS,
     Failure,
     HandlerRef,
-    ProcessSlot,
     Slot,
-    ThreadSlot,
+    join_slots,
+    make_slots,
+    run_slot_threads,
     wait_all_ready,
 )
 from logbroker.worker.window import ORDERINGS, Entry, InFlightWindow, Ordering, TopicPartition
@@ -73,8 +74,6 @@ MAX_IN_FLIGHT_MAX = 1_000_000
 GRACE_MS_MAX = 3_600_000
 ON_FAILURE = ("stop", "skip")
 WAIT_SLICE_MS = 100  # longest sleep of the poll thread between looks at stop requests
-SLOT_JOIN_TIMEOUT_MS = 2_000
-THREAD_JOIN_TIMEOUT_MS = 200
 CLOSE_TIMEOUT_MS_MIN = 1_000  # closing the consumer (commit, leave the group) may take this long past the grace
 
 RebalanceCallback = Callable[[set[TopicPartition]], None]
@@ -387,35 +386,19 @@ class Worker:
     # -- slots -----------------------------------------------------------------------------------
 
     def _start_slots(self) -> None:
+        self._slots = make_slots(self._handler, self.workers, self.processes)
         if self.processes:
-            self._slots = [ProcessSlot(self._handler, f"logbroker-worker-{i}") for i in range(self.workers)]
             failure = wait_all_ready(self._slots, CHILD_START_TIMEOUT_MS / 1000)
             if failure is not None:
                 self._stop_slots()
                 raise HandlerFailedError(failure.error)
-        else:
-            assert callable(self._handler)
-            self._slots = [ThreadSlot(self._handler) for _ in range(self.workers)]
-        for i, slot in enumerate(self._slots):
-            t = threading.Thread(target=self._slot_main, args=(slot,), name=f"logbroker-worker-{i}", daemon=True)
-            t.start()
-            self._threads.append(t)
+        self._threads = run_slot_threads(self._slots, self._slot_main)
 
     def _stop_slots(self) -> None:
         with self._cond:
             self._closing = True
             self._cond.notify_all()
-        # A child process's slot thread returns within CHILD_POLL_INTERVAL_MS of the hard stop; a thread
-        # still inside a handler does not return at all: give it a moment, then abandon it.
-        join_ms = SLOT_JOIN_TIMEOUT_MS if self.processes else THREAD_JOIN_TIMEOUT_MS
-        deadline = time.monotonic() + join_ms / 1000
-        for t in self._threads:
-            t.join(max(0.0, deadline - time.monotonic()))
-        for t in self._threads:
-            if t.is_alive():
-                log.warning("%s is still in the handler; abandoning it", t.name)
-        for slot in self._slots:
-            slot.close(SLOT_JOIN_TIMEOUT_MS / 1000)
+        join_slots(self._threads, self._slots, self.processes)
 
     def _slot_main(self, slot: Slot) -> None:
         while True:

@@ -24,17 +24,21 @@ attempt; the next attempt respawns it. A child whose parent died sees EOF on the
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import signal
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, Final, Protocol
 
 from logbroker.storage.record_batch import Message
 from logbroker.worker.handler import Handler, load_handler
+
+log = logging.getLogger("logbroker.worker")
 
 HandlerRef = str | Handler  # a `module:function` string, or a callable (pickled by reference for processes)
 
@@ -242,3 +246,41 @@ def wait_all_ready(slots: list[Slot], timeout_s: float) -> Failure | None:
         if failure is not None:
             return failure
     return None
+
+
+SLOT_JOIN_TIMEOUT_MS = 2_000
+THREAD_JOIN_TIMEOUT_MS = 200
+
+
+def make_slots(handler: HandlerRef, workers: int, processes: bool) -> list[Slot]:
+    """`workers` slots running `handler`: child processes (the caller then waits for them with
+    `wait_all_ready`) or threads."""
+    if processes:
+        return [ProcessSlot(handler, f"logbroker-worker-{i}") for i in range(workers)]
+    assert callable(handler)
+    return [ThreadSlot(handler) for _ in range(workers)]
+
+
+def run_slot_threads(slots: list[Slot], slot_main: Callable[[Slot], None]) -> list[threading.Thread]:
+    """One daemon thread per slot, running `slot_main(slot)`."""
+    threads = []
+    for i, slot in enumerate(slots):
+        t = threading.Thread(target=slot_main, args=(slot,), name=f"logbroker-worker-{i}", daemon=True)
+        t.start()
+        threads.append(t)
+    return threads
+
+
+def join_slots(threads: list[threading.Thread], slots: list[Slot], processes: bool) -> None:
+    """After the slot threads were told to return: wait for them a moment (a child process's slot
+    thread returns within CHILD_POLL_INTERVAL_MS of the hard stop; a thread still inside a handler
+    does not return at all: it is abandoned), then close the slots."""
+    join_ms = SLOT_JOIN_TIMEOUT_MS if processes else THREAD_JOIN_TIMEOUT_MS
+    deadline = time.monotonic() + join_ms / 1000
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    for t in threads:
+        if t.is_alive():
+            log.warning("%s is still in the handler; abandoning it", t.name)
+    for slot in slots:
+        slot.close(SLOT_JOIN_TIMEOUT_MS / 1000)
