@@ -65,6 +65,8 @@ def cmd_queues_configure(args: argparse.Namespace) -> int:
     settings: dict[str, Any] = {k: getattr(args, k) for k in _SETTINGS if getattr(args, k) is not None}
     if args.dead_letter_expired is not None:
         settings["dead_letter_expired"] = args.dead_letter_expired == "true"
+    if args.ordering is not None:
+        settings["ordering"] = args.ordering
     if not settings:
         print("nothing to change: give at least one setting", file=sys.stderr)
         return 1
@@ -106,6 +108,8 @@ def add_queues_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         q.add_argument("--" + name.replace("_", "-"), dest=name, type=str if name == "dead_letter_topic" else int,
                        default=None)
     q.add_argument("--dead-letter-expired", choices=["true", "false"], default=None)
+    q.add_argument("--ordering", choices=["none", "key"], default=None,
+                   help="key: per-key FIFO (one record of a key handed out at a time, in offset order)")
     q.set_defaults(func=cmd_queues_configure)
     q = qsub.add_parser("redrive", parents=[common], help="move dead letters back to their source topics")
     q.add_argument("dlq_topic")

@@ -65,7 +65,7 @@ from logbroker.group.offsets import (
 )
 from logbroker.group.share_data import ReadResult, ShareDataSource
 from logbroker.group.share_group import ShareGroup, ShareMember, TopicPartition, check_member_id
-from logbroker.group.share_partition import Acquired, DeadLetter, SharePartition
+from logbroker.group.share_partition import Acquired, DeadLetter, SharePartition, key_hash
 from logbroker.group.share_settings import ShareLimits, ShareSettings
 from logbroker.storage.record_batch import BatchBuilder, BatchHeader, decode_batch, iter_batches
 from logbroker.v1 import logbroker_pb2 as pb
@@ -86,7 +86,8 @@ SNAPSHOT_BATCH_BYTES = 512 << 10
 DLQ_TIMEOUT_MS = 10_000
 
 SETTING_FIELDS = ("lock_ms", "max_delivery_attempts", "retry_backoff_ms", "retry_backoff_max_ms",
-                  "dead_letter_topic", "dead_letter_expired", "max_in_flight_records", "auto_offset_reset")
+                  "dead_letter_topic", "dead_letter_expired", "max_in_flight_records", "auto_offset_reset",
+                  "ordering")
 
 Dead = list[tuple[TopicPartition, DeadLetter]]
 
@@ -606,6 +607,8 @@ def _add_batch(sp: SharePartition, data: bytes, pos: int, h: BatchHeader, last: 
         sp.add_gap(last)
         return
     run: list[int] = []  # [first, last, until_ms, expires_ms] of the run being built
+    keyed = sp.settings.ordering == "key"
+    keys: list[int | None] | None = [] if keyed else None  # the run's key hashes (per-key FIFO)
     for m in decode_batch(data, pos, h, tp[0], tp[1], sp.end_offset):
         if m.offset > last:
             break
@@ -621,12 +624,17 @@ def _add_batch(sp: SharePartition, data: bytes, pos: int, h: BatchHeader, last: 
             expires = max(until, m.timestamp) + max(ttl, 1)
         if run and run[1] == m.offset - 1 and run[2] == until and run[3] == expires:
             run[1] = m.offset
+            if keys is not None:
+                keys.append(key_hash(m.key))
             continue
         if run:
-            sp.add_records(run[0], run[1], h.max_timestamp, until_ms=run[2], expires_ms=run[3], now_ms=now_ms)
+            sp.add_records(run[0], run[1], h.max_timestamp, until_ms=run[2], expires_ms=run[3], now_ms=now_ms,
+                           keys=keys)
         run = [m.offset, m.offset, until, expires]
+        keys = [key_hash(m.key)] if keyed else None
     if run:
-        sp.add_records(run[0], run[1], h.max_timestamp, until_ms=run[2], expires_ms=run[3], now_ms=now_ms)
+        sp.add_records(run[0], run[1], h.max_timestamp, until_ms=run[2], expires_ms=run[3], now_ms=now_ms,
+                       keys=keys)
     sp.add_gap(last)  # offsets of the batch with no record left (compaction)
 
 

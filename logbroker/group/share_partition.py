@@ -34,6 +34,20 @@ producer's delivery time); an ACQUIRED record's is when its lock ends. A settle 
 per range, and only by the member holding every record of the range with its lock still running:
 otherwise INVALID_RECORD_STATE (nothing changes), or OFFSET_OUT_OF_RANGE outside the window.
 
+Per-key FIFO (settings.ordering == "key"; SQS FIFO message groups, Pulsar Key_Shared): the shell
+passes each record's key hash (`key_hash`: mmh3 64-bit, stable across processes; None for a record
+without a key) to `add_records`, kept in `_keys` (absolute offset -> hash, keyed records only, so
+the unordered path pays nothing). `acquire` then walks the unsettled records in offset order and
+hands out a keyed record only if it is the first unsettled record of its key in the window: a key
+with an ACQUIRED record, or an earlier AVAILABLE one that is not due yet (released with a delay or
+backoff, lock expired, owner gone), hands out nothing more until that record settles. So a key is
+never acquired twice at once and its records settle in offset order, while other keys go on. Hash
+collisions only order two keys together (never break an order). Records without a key are
+unordered. With ordering "key" records are never deferred (they wait in the window, due time and
+all), so a delayed record holds back its key's later records. Switching a group to "key" orders the
+records read into the window from then on (those already in it have no key hash: unordered).
+The cost is a walk over the window (at most max_in_flight_records) per acquire.
+
 Persistence (`snapshot` / `restore`): start and end offsets and, per run of equal offsets, the
 state, delivery count and until_ms. An ACQUIRED record is stored as AVAILABLE with its count (the
 count was raised when it was handed out, so a failover never gives a record a free delivery:
@@ -52,6 +66,14 @@ Snapshot byte layout (big-endian; built with slice and zlib operations, no per-r
     int32 sparse_count
     sparse_count x { int32 index, int64 until_ms, int64 expires_ms }   the offsets with a delay
                                                 (AVAILABLE only: locks are not stored) or a TTL
+    -- version 2 only (written when the window holds unsettled keyed records; else version 1) --
+    int32 key_count
+    int32 key_packed_length
+    bytes zlib(int32 index[key_count] + int64 key_hash[key_count])   the key hash of each unsettled
+                                                keyed record (per-key FIFO), indexes ascending
+
+The key hashes are persisted rather than re-derived (re-reading the window from the log on every
+failover would cost a read of up to max_in_flight_records records before the first fetch).
 """
 
 from __future__ import annotations
@@ -59,10 +81,14 @@ from __future__ import annotations
 import itertools
 import operator
 import struct
+import sys
 import zlib
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import IntEnum
+
+import mmh3
 
 from logbroker.errors import InvalidRecordStateError, InvalidRequestError, OffsetOutOfRangeError
 from logbroker.group.share_deferred import DEFER_AFTER_MS, Deferred
@@ -92,12 +118,19 @@ COUNT_MAX = 255  # a delivery count saturates here (max_delivery_attempts is at 
 _SNAPSHOT_HEAD = struct.Struct(">hqqi")
 _I32 = struct.Struct(">i")
 _SPARSE = struct.Struct(">iqq")
+_KEYS_HEAD = struct.Struct(">ii")
+_BIG_ENDIAN = sys.byteorder == "big"
 _IS_AVAILABLE = bytes([1] + [0] * 255)  # bytes.translate table: 1 where the state is AVAILABLE
 _VALID_RESTORED = bytes([0, 1, 0, 0, 0] + [1] * 251)  # 0 for the states a snapshot may hold (not ACQUIRED)
 _AVAILABLE = bytes([RecordState.AVAILABLE])
 _ACQUIRED = bytes([RecordState.ACQUIRED])
 _INCREMENT = bytes(min(c + 1, 255) for c in range(256))  # bytes.translate table: count + 1, saturating
 _PERSISTED_STATE = bytes([0, 0, 2, 3] + list(range(4, 256)))  # ACQUIRED is stored as AVAILABLE
+
+
+def key_hash(key: bytes | None) -> int | None:
+    """A record key's hash for per-key FIFO (stable across processes: it is persisted)."""
+    return None if key is None else mmh3.hash64(key, signed=True)[0]
 
 
 @dataclass(frozen=True)
@@ -141,6 +174,7 @@ class SharePartition:
     next_lock_deadline_ms: int | None = None   # the earliest lock to check in `expire`
     counters: Counters = field(default_factory=Counters)
     deferred: Deferred = field(default_factory=Deferred)  # delayed records outside the window
+    _keys: dict[int, int] = field(default_factory=dict)  # offset -> key hash (ordering "key"; offset order)
 
     def __post_init__(self) -> None:
         if self.end_offset < self.start_offset:
@@ -157,18 +191,27 @@ class SharePartition:
         return max(0, self.settings.max_in_flight_records - self.window_size)
 
     def add_records(self, first_offset: int, last_offset: int, timestamp_ms: int, *,
-                    until_ms: int = 0, expires_ms: int = 0, now_ms: int | None = None) -> None:
+                    until_ms: int = 0, expires_ms: int = 0, now_ms: int | None = None,
+                    keys: list[int | None] | None = None) -> None:
         """Records [first, last] read from the log join the window as AVAILABLE. Offsets between
         end_offset and first_offset hold no record (compacted away, or control batches): they join
         as settled. Ranges at or below end_offset are ignored (read twice). Records due more than
-        DEFER_AFTER_MS after `now_ms` go to `deferred` while it has room (their slots settled)."""
+        DEFER_AFTER_MS after `now_ms` go to `deferred` while it has room (their slots settled).
+        `keys`: each record's key hash (`key_hash`), kept only with ordering "key"."""
         if last_offset < self.end_offset:
             return
         if first_offset > self.end_offset:
             self._extend(first_offset - self.end_offset, RecordState.ACKNOWLEDGED, timestamp_ms, 0, 0)
         first = max(first_offset, self.end_offset)
         n = last_offset - first + 1
-        if now_ms is not None and until_ms > now_ms + DEFER_AFTER_MS and self.deferred.has_room(n):
+        keyed = self.settings.ordering == "key"
+        if keyed and keys is not None:
+            if len(keys) != last_offset - first_offset + 1:
+                raise ValueError(f"{len(keys)} key hashes for offsets {first_offset}..{last_offset}")
+            for offset, k in zip(range(first, last_offset + 1), keys[first - first_offset:], strict=True):
+                if k is not None:
+                    self._keys[offset] = k
+        if not keyed and now_ms is not None and until_ms > now_ms + DEFER_AFTER_MS and self.deferred.has_room(n):
             for offset in range(first, last_offset + 1):
                 self.deferred.add(offset, until_ms, expires_ms)
             self._extend(n, RecordState.DEFERRED, timestamp_ms, 0, 0)
@@ -213,6 +256,12 @@ class SharePartition:
             del state[:n], self._count[:n], self._owner[:n], self._until_ms[:n], self._expires_ms[:n]
             del self._timestamp_ms[:n]
             self.start_offset += n
+            keys = self._keys
+            while keys:
+                first = next(iter(keys))
+                if first >= self.start_offset:
+                    break
+                del keys[first]
 
     # -- handing out -----------------------------------------------------------------------------
 
@@ -227,7 +276,11 @@ class SharePartition:
         lock_until = now_ms + self.settings.lock_ms
         taken = self._acquire_deferred(member, max_records, now_ms, lock_until, out, dead) if self.deferred else 0
         sparse = bool(out)
-        i = state.find(_AVAILABLE)
+        if self.settings.ordering == "key":
+            taken += self._acquire_keyed(member, max_records - taken, now_ms, lock_until, out, dead)
+            i = -1
+        else:
+            i = state.find(_AVAILABLE)
         while i >= 0 and taken < max_records:
             j = min(self._run_end(i), i + max_records - taken)
             if max(until[i:j]) <= now_ms and not any(expires[i:j]):
@@ -248,6 +301,42 @@ class SharePartition:
         if sparse:
             out = _merge_runs(out)
         return out, dead
+
+    def _acquire_keyed(self, member: str, max_records: int, now_ms: int, lock_until: int,
+                       out: list[Acquired], dead: list[DeadLetter]) -> int:
+        """`acquire` with ordering "key": the due heads of their keys, in offset order (module doc)."""
+        taken = 0
+        for i in self._key_heads(now_ms, dead):
+            if taken >= max_records:
+                break
+            self._take(i, i + 1, member, lock_until, out)
+            taken += 1
+        return taken
+
+    def _key_heads(self, now_ms: int, dead: list[DeadLetter] | None) -> Iterator[int]:
+        """The indexes of the AVAILABLE, due records that are the first unsettled record of their key
+        (or have none), in offset order. With `dead` given, records past their TTL are archived
+        (their dead letters appended) and do not hold back their key."""
+        state, until, expires, keys = self._state, self._until_ms, self._expires_ms, self._keys
+        start = self.start_offset
+        blocked: set[int] = set()
+        for i, s in enumerate(state):
+            if s > RecordState.ACQUIRED:
+                continue
+            k = keys.get(start + i) if keys else None
+            if k is not None:
+                if k in blocked:
+                    continue
+                blocked.add(k)
+            if s == RecordState.ACQUIRED:
+                continue
+            if expires[i] and expires[i] <= now_ms:
+                if dead is not None:
+                    dead += self._archive_expired(i)
+                if k is not None:
+                    blocked.discard(k)
+            elif until[i] <= now_ms:
+                yield i
 
     def _acquire_deferred(self, member: str, max_records: int, now_ms: int, lock_until: int,
                           out: list[Acquired], dead: list[DeadLetter]) -> int:
@@ -328,6 +417,8 @@ class SharePartition:
 
     def available_now(self, now_ms: int) -> bool:
         """Whether `acquire` would hand out something now (without changing anything)."""
+        if self.settings.ordering == "key":
+            return next(self._key_heads(now_ms, None), None) is not None
         state, until = self._state, self._until_ms
         i = state.find(_AVAILABLE)
         while i >= 0:
@@ -552,8 +643,47 @@ class SharePartition:
         sparse = sorted(set(delayed).union(itertools.compress(range(n), expires)))
         body = b"".join(_SPARSE.pack(i, until[i] if state[i] == RecordState.AVAILABLE else 0, expires[i])
                         for i in sparse)
-        return (_SNAPSHOT_HEAD.pack(1, self.start_offset, self.end_offset, len(packed)) + packed
-                + _I32.pack(len(sparse)) + body)
+        keys = self._snapshot_keys()
+        return (_SNAPSHOT_HEAD.pack(2 if keys else 1, self.start_offset, self.end_offset, len(packed)) + packed
+                + _I32.pack(len(sparse)) + body + keys)
+
+    def _snapshot_keys(self) -> bytes:
+        """The version-2 tail: key hashes of the unsettled keyed records (b"" when there are none)."""
+        if not self._keys:
+            return b""
+        start, state = self.start_offset, self._state
+        idx = array("i", (o - start for o in self._keys if state[o - start] <= RecordState.ACQUIRED))
+        if not idx:
+            return b""
+        hashes = array("q", (self._keys[start + i] for i in idx))
+        if not _BIG_ENDIAN:
+            idx.byteswap()
+            hashes.byteswap()
+        packed = zlib.compress(idx.tobytes() + hashes.tobytes(), 1)
+        return _KEYS_HEAD.pack(len(idx), len(packed)) + packed
+
+    def _restore_keys(self, data: bytes, pos: int) -> None:
+        """Read the version-2 tail at `pos` (ValueError on junk)."""
+        n = len(self._state)
+        if len(data) < pos + _KEYS_HEAD.size:
+            raise ValueError("share-partition snapshot key section too short")
+        count, plen = _KEYS_HEAD.unpack_from(data, pos)
+        pos += _KEYS_HEAD.size
+        if not 0 < count <= n or len(data) != pos + plen:
+            raise ValueError("bad share-partition snapshot key section")
+        try:
+            raw = zlib.decompressobj().decompress(data[pos:], 12 * count + 1)
+        except zlib.error as e:
+            raise ValueError(f"bad share-partition snapshot keys: {e}") from None
+        if len(raw) != 12 * count:
+            raise ValueError("bad share-partition snapshot key section length")
+        idx, hashes = array("i", raw[:4 * count]), array("q", raw[4 * count:])
+        if not _BIG_ENDIAN:
+            idx.byteswap()
+            hashes.byteswap()
+        if min(idx) < 0 or max(idx) >= n or any(a >= b for a, b in zip(idx, idx[1:], strict=False)):
+            raise ValueError("bad share-partition snapshot key index")
+        self._keys = {self.start_offset + i: h for i, h in zip(idx, hashes, strict=True)}
 
     @classmethod
     def restore(cls, data: bytes, settings: ShareSettings, deferred_chunks: dict[int, bytes] | None = None) -> SharePartition:
@@ -563,7 +693,7 @@ class SharePartition:
             raise ValueError("share-partition snapshot too short")
         version, start, end, plen = _SNAPSHOT_HEAD.unpack_from(data, 0)
         n = end - start
-        if version != 1 or start < 0 or not 0 <= n <= 1_000_000 or not 0 <= plen <= len(data) - _SNAPSHOT_HEAD.size - 4:
+        if version not in (1, 2) or start < 0 or not 0 <= n <= 1_000_000 or not 0 <= plen <= len(data) - _SNAPSHOT_HEAD.size - 4:
             raise ValueError("bad share-partition snapshot")
         pos = _SNAPSHOT_HEAD.size
         try:
@@ -573,7 +703,8 @@ class SharePartition:
         pos += plen
         (nsparse,) = _I32.unpack_from(data, pos)
         pos += 4
-        if len(unpacked) != 2 * n or not 0 <= nsparse <= n or len(data) != pos + nsparse * _SPARSE.size:
+        tail = pos + nsparse * _SPARSE.size
+        if len(unpacked) != 2 * n or not 0 <= nsparse <= n or (len(data) != tail if version == 1 else len(data) < tail):
             raise ValueError("bad share-partition snapshot body")
         states = bytearray(unpacked[:n])
         if states.translate(_VALID_RESTORED).count(0) != n:
@@ -589,6 +720,8 @@ class SharePartition:
             sp._until_ms[i], sp._expires_ms[i] = until_ms, expires_ms
         if sp.end_offset != end:
             raise ValueError("share-partition snapshot runs do not cover its window")
+        if version == 2:
+            sp._restore_keys(data, tail)
         for chunk, body in (deferred_chunks or {}).items():
             sp.deferred.restore_chunk(chunk, body)
         sp.deferred.dirty_chunks.clear()

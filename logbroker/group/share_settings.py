@@ -4,6 +4,10 @@ Bounds are the broker's (`ShareLimits`, serve settings); a setting outside them 
 INVALID_CONFIG and changes nothing. `dead_letter_topic` holds a template: `{topic}` is replaced by
 the source topic's name (default `{topic}.dlq`); the empty string means no dead-letter topic
 (dead letters are dropped with a log line).
+
+`ordering`: "none" (default) hands records out in any order to any member; "key" is per-key FIFO
+(SQS FIFO message groups, Pulsar Key_Shared): never two records of one key acquired at once, a
+key's records in offset order, different keys in parallel (share_partition.py: "Per-key FIFO").
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from logbroker.errors import BrokerError, InvalidConfigError
 
 DEAD_LETTER_DEFAULT = "{topic}.dlq"
 OFFSET_RESETS = ("latest", "earliest")
+ORDERINGS = ("none", "key")
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,7 @@ class ShareSettings:
     dead_letter_expired: bool = False
     max_in_flight_records: int = 2_000
     auto_offset_reset: str = "latest"
+    ordering: str = "none"
 
     def backoff_ms(self, delivery_count: int) -> int:
         """The wait before redelivering a record that failed its `delivery_count`-th delivery:
@@ -89,6 +95,8 @@ class ShareSettings:
         bound("max_in_flight_records", self.max_in_flight_records, 1, limits.max_in_flight_records_max)
         if self.auto_offset_reset not in OFFSET_RESETS:
             raise InvalidConfigError(f"auto_offset_reset {self.auto_offset_reset!r}: use one of {OFFSET_RESETS}")
+        if self.ordering not in ORDERINGS:
+            raise InvalidConfigError(f"ordering {self.ordering!r}: use one of {ORDERINGS}")
         if self.dead_letter_topic:
             try:
                 validate_topic_name(self.dead_letter_topic.replace("{topic}", "t"))

@@ -353,6 +353,9 @@ def test_bad_settings_raise():
         share_settings(retry_backoff_ms=500, retry_backoff_max_ms=100)
     with pytest.raises(ValueError):
         share_settings(auto_offset_reset="middle")
+    with pytest.raises(ValueError):
+        share_settings(ordering="fifo")
+    assert share_settings(ordering="key").ordering == "key" and not share_settings().HasField("ordering")
     with pytest.raises(TypeError):
         share_settings(max_delivery_attempts=True)
 
@@ -469,6 +472,10 @@ def test_cli_queues_commands_parse_and_call_the_admin(monkeypatch, capsys):
     assert args.func(args) == 0
     assert calls[-1] == ("alter", ("jobs", {"lock_ms": 60000, "max_delivery_attempts": 4, "dead_letter_topic": "",
                                             "dead_letter_expired": True}))
+    args = parser.parse_args(["queues", "configure", "jobs", "--ordering", "key"])
+    assert args.func(args) == 0 and calls[-1] == ("alter", ("jobs", {"ordering": "key"}))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["queues", "configure", "jobs", "--ordering", "fifo"])
     args = parser.parse_args(["queues", "purge", "jobs", "--topic", "a"])
     assert args.func(args) == 0 and calls[-1] == ("purge", ("jobs", ["a"]))
     assert "3 record(s) purged" in capsys.readouterr().out

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from logbroker.errors import InvalidRecordStateError, InvalidRequestError, OffsetOutOfRangeError
+from logbroker.errors import (
+    InvalidConfigError,
+    InvalidRecordStateError,
+    InvalidRequestError,
+    OffsetOutOfRangeError,
+)
 from logbroker.group.share_headers import REASON_EXPIRED, REASON_MAX_ATTEMPTS, REASON_REJECTED
-from logbroker.group.share_partition import AckType, Acquired, SharePartition
-from logbroker.group.share_settings import ShareSettings
+from logbroker.group.share_partition import AckType, Acquired, SharePartition, key_hash
+from logbroker.group.share_settings import ShareLimits, ShareSettings
 
 S = ShareSettings(lock_ms=1_000, max_delivery_attempts=3, retry_backoff_ms=100, retry_backoff_max_ms=250,
                   max_in_flight_records=10)
@@ -267,3 +272,109 @@ def test_unacquire_gives_records_back_with_the_count_they_had() -> None:
     assert got == [Acquired(1, 2, 1), Acquired(3, 4, 2)]
     p.unacquire("a", got)  # not a's: nothing changes
     assert p.held_by("b") == 4
+
+
+# -- per-key FIFO (ordering="key") -------------------------------------------------------------------
+
+K = ShareSettings(lock_ms=1_000, max_delivery_attempts=5, retry_backoff_ms=100, retry_backoff_max_ms=250,
+                  max_in_flight_records=20, ordering="key")
+
+
+def keyed(keys: list[bytes | None]) -> SharePartition:
+    """A keyed partition holding one record per entry of `keys`, offsets from 0."""
+    p = sp(settings=K)
+    p.add_records(0, len(keys) - 1, 1, keys=[key_hash(k) for k in keys])
+    return p
+
+
+def offsets(runs: list[Acquired]) -> list[int]:
+    return [o for r in runs for o in range(r.first_offset, r.last_offset + 1)]
+
+
+def test_key_ordering_never_hands_out_two_records_of_one_key_at_once() -> None:
+    p = keyed([b"a", b"a", b"b", None, b"a", b"b", None, b"c"])
+    got, _ = p.acquire("m1", 100, 0)
+    assert offsets(got) == [0, 2, 3, 6, 7]  # the heads of a, b, c and every record without a key
+    assert p.acquire("m2", 100, 0)[0] == []
+    p.acknowledge("m1", 0, 0, AckType.ACCEPT, 1)
+    assert offsets(p.acquire("m2", 100, 1)[0]) == [1]  # a's next, and only it
+    p.acknowledge("m1", 2, 2, AckType.ACCEPT, 1)
+    p.acknowledge("m2", 1, 1, AckType.ACCEPT, 1)
+    assert offsets(p.acquire("m2", 100, 1)[0]) == [4, 5]
+    assert not p.available_now(1)
+
+
+def test_a_released_record_still_comes_before_its_keys_later_records() -> None:
+    p = keyed([b"a", b"a", b"b", b"b"])
+    assert offsets(p.acquire("m1", 100, 0)[0]) == [0, 2]
+    p.acknowledge("m1", 0, 0, AckType.RELEASE, 10)  # available again after the backoff (until 110)
+    p.acknowledge("m1", 2, 2, AckType.ACCEPT, 10)
+    assert offsets(p.acquire("m2", 100, 20)[0]) == [3]  # b goes on; a waits for offset 0
+    assert not p.available_now(50)
+    got, _ = p.acquire("m2", 100, 110)
+    assert got == [Acquired(0, 0, 2)]
+    p.acknowledge("m2", 0, 0, AckType.ACCEPT, 120)
+    assert offsets(p.acquire("m1", 100, 120)[0]) == [1]
+
+
+def test_lock_expiry_keeps_a_keys_order() -> None:
+    p = keyed([b"a", b"a", b"a"])
+    assert offsets(p.acquire("m1", 100, 0)[0]) == [0]
+    assert p.expire(1_000) == []  # the lock on 0 ran out: available after the backoff
+    assert p.acquire("m2", 100, 1_050)[0] == []  # 1 must not overtake 0
+    assert p.acquire("m2", 100, 1_100)[0] == [Acquired(0, 0, 2)]
+    p.acknowledge("m2", 0, 0, AckType.ACCEPT, 1_101)
+    assert offsets(p.acquire("m1", 100, 1_101)[0]) == [1]
+
+
+def test_a_dead_lettered_or_expired_head_unblocks_its_key() -> None:
+    p = keyed([b"a", b"a"])
+    p.acquire("m1", 1, 0)
+    dead = p.acknowledge("m1", 0, 0, AckType.REJECT, 1)
+    assert [d.offset for d in dead] == [0]
+    assert offsets(p.acquire("m1", 100, 1)[0]) == [1]
+    q = sp(settings=K)
+    q.add_records(0, 0, 1, expires_ms=50, keys=[key_hash(b"a")])
+    q.add_records(1, 1, 1, keys=[key_hash(b"a")])
+    got, dead = q.acquire("m1", 100, 60)
+    assert offsets(got) == [1] and [d.offset for d in dead] == [] and q.counters.expired == 1
+
+
+def test_key_order_holds_after_a_restore() -> None:
+    p = keyed([b"a", b"a", b"b", b"b", None])
+    assert offsets(p.acquire("m1", 100, 0)[0]) == [0, 2, 4]
+    p.acknowledge("m1", 2, 2, AckType.ACCEPT, 1)
+    q = SharePartition.restore(p.snapshot(), K)  # a failover: the locks are gone, the keys are not
+    assert offsets(q.acquire("m2", 100, 1)[0]) == [0, 3, 4]
+    assert q.acquire("m3", 100, 1)[0] == []
+    q.acknowledge("m2", 0, 0, AckType.ACCEPT, 2)
+    assert offsets(q.acquire("m3", 100, 2)[0]) == [1]
+    assert SharePartition.restore(q.snapshot(), K).snapshot() == SharePartition.restore(q.snapshot(), K).snapshot()
+
+
+def test_unordered_snapshots_keep_version_1_and_bad_key_sections_are_refused() -> None:
+    p = sp()
+    p.add_records(0, 4, 1, keys=[key_hash(b"a")] * 5)  # ordering "none": keys are not kept
+    assert p.snapshot()[:2] == b"\x00\x01"
+    data = keyed([b"a", b"b"]).snapshot()
+    assert data[:2] == b"\x00\x02"
+    for junk in (data[:-1], data + b"x", data[:-12]):
+        with pytest.raises(ValueError):
+            SharePartition.restore(junk, K)
+
+
+def test_with_key_ordering_delayed_records_stay_in_the_window() -> None:
+    p = sp(settings=K)
+    p.add_records(0, 0, 1, until_ms=HOUR_MS, now_ms=0, keys=[key_hash(b"a")])
+    p.add_records(1, 1, 1, now_ms=0, keys=[key_hash(b"a")])
+    p.add_records(2, 2, 1, now_ms=0, keys=[key_hash(b"b")])
+    assert not p.deferred and p.window_size == 3
+    assert offsets(p.acquire("m1", 100, 0)[0]) == [2]  # 1 waits behind its key's delayed record
+    assert offsets(p.acquire("m1", 100, HOUR_MS)[0]) == [0]
+
+
+def test_ordering_is_checked() -> None:
+    with pytest.raises(InvalidConfigError):
+        ShareSettings().updated({"ordering": "fifo"}, ShareLimits())
+    assert ShareSettings().ordering == "none"
+    assert ShareSettings.from_json(K.to_json()).ordering == "key"

@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 _FENCED = (pb.UNKNOWN_MEMBER_ID, pb.FENCED_MEMBER_EPOCH)
 OFFSET_RESETS = ("latest", "earliest")
+ORDERINGS = ("none", "key")  # "key": per-key FIFO (the broker's share_settings.py)
 MAX_POLL_RECORDS_MAX = 100_000
 # The fetch waits at most this share of request_timeout_ms, so the call's own timeout never fires first.
 _WAIT_SHARE = 0.5
@@ -61,7 +62,7 @@ def share_settings(
     lock_ms: int | None = None, max_delivery_attempts: int | None = None, retry_backoff_ms: int | None = None,
     retry_backoff_max_ms: int | None = None, dead_letter_topic: str | None = None,
     dead_letter_expired: bool | None = None, max_in_flight_records: int | None = None,
-    auto_offset_reset: str | None = None,
+    auto_offset_reset: str | None = None, ordering: str | None = None,
 ) -> pb.ShareGroupSettings:
     """ShareGroupSettings with the given fields set (None: unset, the broker keeps or defaults it).
     `dead_letter_topic=""` means no dead-letter topic (dead letters are dropped with a log line).
@@ -88,6 +89,10 @@ def share_settings(
         if auto_offset_reset not in OFFSET_RESETS:
             raise ValueError(f"auto_offset_reset must be one of {', '.join(OFFSET_RESETS)}, not {auto_offset_reset!r}")
         out.auto_offset_reset = auto_offset_reset
+    if ordering is not None:
+        if ordering not in ORDERINGS:
+            raise ValueError(f"ordering must be one of {', '.join(ORDERINGS)}, not {ordering!r}")
+        out.ordering = ordering
     return out
 
 
@@ -109,12 +114,13 @@ class QueueConsumer:
         dead_letter_expired: bool | None = None,
         max_in_flight_records: int | None = None,
         auto_offset_reset: str = "latest",
+        ordering: str | None = None,
         max_poll_records: int = 500,
         client_id: str = "logbroker-queue",
         request_timeout_ms: int = 30_000,
         client_retry_backoff_ms: int = 100,
     ) -> None:
-        """The group settings (lock_ms ... auto_offset_reset) apply only if this consumer creates the
+        """The group settings (lock_ms ... ordering) apply only if this consumer creates the
         group; `Admin.alter_share_group` changes an existing one. `dead_letter_topic=None` keeps the
         broker's default ("{topic}.dlq"), "" asks for none."""
         if not group:
@@ -127,7 +133,7 @@ class QueueConsumer:
             raise ValueError(f"request_timeout_ms must be > 0, got {request_timeout_ms}")
         self._settings = share_settings(lock_ms, max_delivery_attempts, retry_backoff_ms, retry_backoff_max_ms,
                                         dead_letter_topic, dead_letter_expired, max_in_flight_records,
-                                        auto_offset_reset)
+                                        auto_offset_reset, ordering)
         self.group = group
         self.topics = list(dict.fromkeys(topics))
         self.client_id = client_id
