@@ -403,7 +403,8 @@ def cmd_consume(args: argparse.Namespace) -> int:
     if args.partition is not None and not 0 <= args.partition < partitions:
         raise CliError(f"topic {args.topic} has {partitions} partitions: there is no partition {args.partition}")
     reset = "earliest" if args.from_beginning else "latest"
-    consumer = Consumer(args.bootstrap, topics=None, group=args.group, auto_offset_reset=reset)
+    consumer = Consumer(args.bootstrap, topics=None, group=args.group, auto_offset_reset=reset,
+                        filter=args.filter or None)
     out = sys.stdout
     seen = 0
     idle_deadline = time.monotonic() + args.timeout if args.timeout is not None else None
@@ -601,6 +602,9 @@ def _add_consume_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     c.add_argument("--timeout", type=float, default=None, help="exit after this many seconds without a record")
     c.add_argument("--format", choices=["text", "json"], default="text")
     c.add_argument("--print-key", action="store_true", help="print KEY<SEP>VALUE")
+    c.add_argument("--filter", default=None, metavar="EXPR",
+                   help='a CEL expression the broker evaluates per record (key, headers, timestamp), '
+                        'e.g. \'headers["type"] == "invoice"\': only matching records are sent')
     c.add_argument("--key-separator", default="\t", help="separator for --print-key (default: tab)")
     c.add_argument("--wait-for-topic", action="store_true",
                    help="wait for the topic to be created (default: exit 1 if it does not exist)")

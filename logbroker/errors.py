@@ -275,6 +275,13 @@ class UnsupportedCompressionTypeError(BrokerError):
     code = pb.UNSUPPORTED_COMPRESSION_TYPE
 
 
+class InvalidFilterError(BrokerError):
+    """A filter expression that does not parse (with the parser's message), is longer than the
+    bound or calls a function not on the allow-list (logbroker/group/record_filter.py)."""
+
+    code = pb.INVALID_FILTER
+
+
 class KafkaTimeoutError(LogbrokerError):
     """A client-side deadline passed (delivery timeout, flush timeout, metadata wait)."""
 

@@ -79,6 +79,19 @@ def check_settings(group: str | None, *, pattern: str | None, assignor: str, ses
         compile_pattern(pattern)
 
 
+def _checked_filter(expression: str | None) -> str:
+    """A CEL expression over each record's key, headers and timestamp (logbroker/group/record_filter.py)
+    that the broker evaluates, sending only the matching records (positions and commits still move
+    past the others); checked here (InvalidFilterError with the parser's message), and the broker
+    refuses a bad one with INVALID_FILTER too. None or "": no filter."""
+    if not expression:
+        return ""
+    from logbroker.group.record_filter import compile_filter  # cel-python: filtered consumers only
+
+    compile_filter(expression)
+    return expression
+
+
 class Consumer:
     """Reads records from assigned (or subscribed) topic partitions, alone or as a group member."""
 
@@ -108,6 +121,7 @@ class Consumer:
         metadata_max_age_ms: int = 300_000,
         transport: str = "tcp",
         clock: Clock | None = None,
+        filter: str | None = None,  # noqa: A002 (the issue's name for it)
     ) -> None:
         """`on_assign(partitions)` / `on_revoke(partitions)` run inside poll() (group members only):
         on_revoke before partitions are given up (positions still readable, commits still accepted),
@@ -116,6 +130,7 @@ class Consumer:
         `assignor` ("range", "roundrobin", "sticky"), `session_timeout_ms` and `rebalance_timeout_ms`
         (0: the broker's defaults) are used by the coordinator when this member creates the group.
         `clock` (default: the system's) times poll deadlines, auto-commits and retries.
+        `filter`: a server-side CEL filter (`_checked_filter`).
         """
         check_settings(
             group, pattern=pattern, assignor=assignor, session_timeout_ms=session_timeout_ms,
@@ -150,7 +165,8 @@ class Consumer:
             FetchConfig(max_bytes=fetch_max_bytes, max_wait_ms=fetch_max_wait_ms, min_bytes=fetch_min_bytes,
                         partition_max_bytes=max_partition_fetch_bytes,
                         timeout_s=(fetch_max_wait_ms + request_timeout_ms) / 1000,
-                        retry_backoff_s=self._retry_backoff_s, reset=self._reset, auto_offset_reset=auto_offset_reset),
+                        retry_backoff_s=self._retry_backoff_s, reset=self._reset, auto_offset_reset=auto_offset_reset,
+                        filter=_checked_filter(filter)),
             self._subs, self._md, self._streams, self._on_fetch_done, self._log,
         )
         self._build_group(Callbacks(on_assign, on_revoke, on_lost, assignor, session_timeout_ms, rebalance_timeout_ms),

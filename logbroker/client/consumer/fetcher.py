@@ -121,6 +121,7 @@ class FetchConfig:
     retry_backoff_s: float
     reset: int | None  # auto_offset_reset (EARLIEST, LATEST, None: raise)
     auto_offset_reset: str  # as given, for logs
+    filter: str = ""  # a server-side CEL filter (FetchRequest.filter); "": every record
 
 
 class Fetcher:
@@ -189,7 +190,7 @@ class Fetcher:
         cfg = self._config
         parts: dict[TopicPartition, tuple[PartitionState, int, int]] = {}
         request = pb.FetchRequest(max_wait_ms=cfg.max_wait_ms, min_bytes=cfg.min_bytes, max_bytes=cfg.max_bytes,
-                                  replica_id=-1)
+                                  replica_id=-1, filter=cfg.filter)
         for st in states:
             request.partitions.add(
                 topic=st.topic, partition=st.partition, fetch_offset=st.fetch_offset,

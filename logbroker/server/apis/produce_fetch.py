@@ -11,6 +11,14 @@ returns. A Fetch with a replica_id >= 0 is an inter-broker call: the caller must
 the cluster secret (the record transport carries none, so it serves consumers only). It long-polls
 in the fetch purgatory, which appends and high-watermark moves wake.
 
+A Fetch with a `filter` (a consumer's CEL expression, logbroker/group/record_filter.py) reads at
+most `FILTERED_FETCH_MAX_BYTES`, copies the records out of the mmap and re-encodes each partition's
+batches with only the matching records (fetch_filter.py), on one thread of its own (cel-python's
+compiled runner keeps per-evaluation state in a module global: one thread evaluates every filter,
+and compiles them too); the compiled filters are kept in an LRU of `FILTER_CACHE_SIZE` expressions,
+so a subscription compiles once. A bad expression fails every partition with INVALID_FILTER and
+the parser's message. A fetch without a filter never takes this path (zero-copy as before).
+
 Only on a miss (this broker hosts no replica) is the cluster metadata asked why
 (`PartitionLookup`): UNKNOWN_TOPIC_OR_PARTITION, KAFKA_STORAGE_ERROR or NOT_LEADER_OR_FOLLOWER
 naming the leader.
@@ -20,7 +28,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Protocol
 
 from logbroker.config import BrokerConfig
@@ -33,7 +43,9 @@ from logbroker.errors import (
     UnknownTopicOrPartitionError,
 )
 from logbroker.group.offsets import OFFSETS_TOPIC
+from logbroker.group.record_filter import RecordFilter, compile_filter
 from logbroker.server.apis.fetch_encoding import FetchParts, encode_fetch_response, release
+from logbroker.server.apis.fetch_filter import FILTERED_FETCH_MAX_BYTES, filter_records
 from logbroker.server.request_checks import (
     ServingState,
     as_error,
@@ -51,6 +63,7 @@ if TYPE_CHECKING:
 
 ProducePartitionKey = tuple[str, int]
 FETCH_RESPONSE_OVERHEAD_BYTES = 4096  # room for the results' small fields within max_response_bytes
+FILTER_CACHE_SIZE = 256  # compiled filters kept (LRU), by expression
 
 
 class PartitionLookup(Protocol):
@@ -85,6 +98,8 @@ class ProduceFetchApis:
         self._state = state
         self._replicas = replicas
         self._lookup = lookup
+        self._filters: OrderedDict[str, RecordFilter | BrokerError] = OrderedDict()
+        self._filter_thread: ThreadPoolExecutor | None = None
 
     def _explain(self, exc: BrokerError, topic: str, partition: int) -> BrokerError:
         """A miss in the replica manager, told precisely (the error path only)."""
@@ -210,6 +225,48 @@ class ProduceFetchApis:
             out.append((r, view))
         return out, total, errored
 
+    def _filter_executor(self) -> ThreadPoolExecutor:
+        if self._filter_thread is None:
+            self._filter_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fetch-filter")
+        return self._filter_thread
+
+    def _compile_cached(self, expression: str) -> RecordFilter | BrokerError:
+        """On the filter thread: the compiled filter (or why not), from the LRU or compiled now."""
+        found = self._filters.get(expression)
+        if found is None:
+            try:
+                found = compile_filter(expression)
+            except BrokerError as exc:
+                found = exc
+            self._filters[expression] = found
+            if len(self._filters) > FILTER_CACHE_SIZE:
+                self._filters.popitem(last=False)
+        else:
+            self._filters.move_to_end(expression)
+        return found
+
+    @staticmethod
+    def _refuse_filter(req: pb.FetchRequest, err: BrokerError) -> bytes:
+        results: FetchParts = []
+        for fp in req.partitions:
+            r = pb.FetchPartitionResult(topic=fp.topic, partition=fp.partition, high_watermark=-1,
+                                        log_start_offset=-1, log_end_offset=-1)
+            r.error_code = err.code  # type: ignore[assignment]
+            r.error_message = err.message
+            results.append((r, None))
+        return encode_fetch_response(results)
+
+    async def _filtered_response(self, results: FetchParts, record_filter: RecordFilter) -> bytes:
+        """Copy the views out (they die at the next await), filter on the filter thread, encode."""
+        copies = [(r, bytes(view) if view is not None else None) for r, view in results]
+        release(results)
+
+        def run() -> FetchParts:
+            return [(r, memoryview(filter_records(data, record_filter, r.topic, r.partition)) if data else None)
+                    for r, data in copies]
+
+        return encode_fetch_response(await asyncio.get_running_loop().run_in_executor(self._filter_executor(), run))
+
     async def fetch(self, context: RequestContext, req: pb.FetchRequest) -> bytes:
         """The serialized FetchResponse (records copied once, from the mmap into it)."""
         cfg = self._config
@@ -223,6 +280,14 @@ class ProduceFetchApis:
             raise RequestRejected(RequestStatus.INVALID_ARGUMENT,
                                   "max_bytes, min_bytes and max_wait_ms must not be negative")
         max_bytes = min(req.max_bytes or cfg.max_response_bytes, cfg.max_response_bytes - FETCH_RESPONSE_OVERHEAD_BYTES)
+        record_filter: RecordFilter | None = None
+        if req.filter:  # the only cost an unfiltered fetch pays
+            compiled = await asyncio.get_running_loop().run_in_executor(
+                self._filter_executor(), self._compile_cached, req.filter)
+            if isinstance(compiled, BrokerError):
+                return self._refuse_filter(req, compiled)
+            record_filter = compiled
+            max_bytes = min(max_bytes, FILTERED_FETCH_MAX_BYTES)
         min_bytes = max(req.min_bytes, 1)
         wait_ms = min(req.max_wait_ms, cfg.fetch_max_wait_ms_cap)
         deadline = time.monotonic() + wait_ms / 1000
@@ -231,10 +296,14 @@ class ProduceFetchApis:
             results, total, errored = self._read_all(req, max_bytes, replica_id)
             remaining_s = deadline - time.monotonic()
             if total >= min_bytes or errored or remaining_s <= 0 or not self._state.ready:
-                return encode_fetch_response(results)
+                break
             release(results)
             if not await self._replicas.fetch_purgatory.wait(keys, remaining_s):
-                return encode_fetch_response(self._read_all(req, max_bytes, replica_id)[0])
+                results = self._read_all(req, max_bytes, replica_id)[0]
+                break
+        if record_filter is not None:
+            return await self._filtered_response(results, record_filter)
+        return encode_fetch_response(results)
 
     # -- list offsets ----------------------------------------------------------------------------
 
