@@ -21,8 +21,7 @@ moves in small steps rather than stalling the broker). Unfiltered fetches never 
 from __future__ import annotations
 
 import struct
-
-from logbroker.group.record_filter import RecordFilter
+from typing import TYPE_CHECKING
 from logbroker.storage.record_batch import (
     COMPRESSION_MASK,
     COMPRESSION_NONE,
@@ -35,6 +34,9 @@ from logbroker.storage.record_batch import (
     iter_batches,
 )
 from logbroker.storage.segment_cleaner import batch_body, scan_records
+
+if TYPE_CHECKING:
+    from logbroker.group.record_filter import RecordFilter
 
 FILTERED_FETCH_MAX_BYTES = 32 << 10
 

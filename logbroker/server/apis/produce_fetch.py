@@ -43,7 +43,6 @@ from logbroker.errors import (
     UnknownTopicOrPartitionError,
 )
 from logbroker.group.offsets import OFFSETS_TOPIC
-from logbroker.group.record_filter import RecordFilter, compile_filter
 from logbroker.server.apis.fetch_encoding import FetchParts, encode_fetch_response, release
 from logbroker.server.apis.fetch_filter import FILTERED_FETCH_MAX_BYTES, filter_records
 from logbroker.server.request_checks import (
@@ -57,6 +56,7 @@ from logbroker.server.request_context import RequestContext, RequestRejected, Re
 from logbroker.v1 import logbroker_pb2 as pb
 
 if TYPE_CHECKING:
+    from logbroker.group.record_filter import RecordFilter
     from logbroker.replication.partition import Partition
     from logbroker.replication.purgatory import Purgatory
     from logbroker.replication.replica_manager import FetchRead, LeaderAppend
@@ -234,6 +234,9 @@ class ProduceFetchApis:
         """On the filter thread: the compiled filter (or why not), from the LRU or compiled now."""
         found = self._filters.get(expression)
         if found is None:
+            # imported here: cel-python takes ~0.5 s to import, paid only by a broker that filters
+            from logbroker.group.record_filter import compile_filter
+
             try:
                 found = compile_filter(expression)
             except BrokerError as exc:
