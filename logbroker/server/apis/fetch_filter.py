@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import struct
 from typing import TYPE_CHECKING
+
 from logbroker.storage.record_batch import (
     COMPRESSION_MASK,
     COMPRESSION_NONE,
