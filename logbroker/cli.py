@@ -101,6 +101,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         asyncio.run(run())
     except OSError as exc:
         raise CliError(str(exc)) from None
+    # The broker has stopped and the loop's signal handlers are gone: a second SIGTERM (a supervisor
+    # repeating itself) during the interpreter's exit must not turn a clean stop into a death by
+    # signal (exit -15 instead of 0).
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
     return EXIT_OK
 
 

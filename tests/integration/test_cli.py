@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections import defaultdict
 
 import pytest
@@ -212,3 +213,25 @@ def test_the_readmes_first_python_example_reads_all_it_produced(broker, tmp_path
     assert proc.returncode == 0, proc.stderr.decode()
     printed = proc.stdout.decode().splitlines()
     assert len(printed) == 1000 and len({tuple(line.split()[:2]) for line in printed}) == 1000
+
+
+def test_repeated_sigterm_during_shutdown_still_exits_cleanly(broker_factory) -> None:
+    """A supervisor that repeats SIGTERM while the broker shuts down (a test fixture did): the exit
+    code stays 0, whatever phase of the shutdown each signal lands in."""
+    import signal as _signal
+    import subprocess as _subprocess
+
+    broker = broker_factory()
+    proc = broker.proc
+    assert proc is not None
+    deadline = time.monotonic() + 30
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            proc.send_signal(_signal.SIGTERM)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=0.002)  # paces the burst of signals; the loop ends when the process exits
+        except _subprocess.TimeoutExpired:
+            pass
+    assert proc.wait(timeout=30) == 0, broker.log_text()[-2000:]
