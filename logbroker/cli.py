@@ -93,6 +93,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 raise
             print(f"logbroker serving on {host}:{broker.bound_port} (data in {config.data_dir})", file=sys.stderr, flush=True)
             await broker.wait_stopped()
+            # Stopped: from here to the process's exit a SIGTERM (a supervisor repeating itself) must
+            # not turn the clean stop into a death by signal (exit -15). Closing the loop would reset
+            # its signals to the default action, so they are taken off the loop and ignored first.
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+                signal.signal(sig, signal.SIG_IGN)
         finally:
             if metrics is not None:
                 metrics.stop()
@@ -101,11 +107,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         asyncio.run(run())
     except OSError as exc:
         raise CliError(str(exc)) from None
-    # The broker has stopped and the loop's signal handlers are gone: a second SIGTERM (a supervisor
-    # repeating itself) during the interpreter's exit must not turn a clean stop into a death by
-    # signal (exit -15 instead of 0).
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, signal.SIG_IGN)
     return EXIT_OK
 
 
