@@ -13,6 +13,8 @@ import json
 import sys
 from typing import Any
 
+from logbroker.errors import InvalidConfigError
+
 _SETTINGS = ("lock_ms", "max_delivery_attempts", "retry_backoff_ms", "retry_backoff_max_ms", "dead_letter_topic",
              "max_in_flight_records")
 _COLUMNS = ("start_offset", "in_flight", "acquired", "available", "delayed", "dead_lettered", "expired",
@@ -71,7 +73,10 @@ def cmd_queues_configure(args: argparse.Namespace) -> int:
         print("nothing to change: give at least one setting", file=sys.stderr)
         return 1
     with _admin(args) as admin:
-        admin.alter_share_group(args.group, **settings)
+        try:
+            admin.alter_share_group(args.group, **settings)
+        except ValueError as exc:  # refused by the client's own check: the broker's code, one line
+            raise InvalidConfigError(str(exc)) from None
     print(f"share group {args.group}: " + " ".join(f"{k}={v}" for k, v in sorted(settings.items())))
     return 0
 

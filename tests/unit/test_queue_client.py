@@ -479,3 +479,11 @@ def test_cli_queues_commands_parse_and_call_the_admin(monkeypatch, capsys):
     args = parser.parse_args(["queues", "purge", "jobs", "--topic", "a"])
     assert args.func(args) == 0 and calls[-1] == ("purge", ("jobs", ["a"]))
     assert "3 record(s) purged" in capsys.readouterr().out
+
+
+def test_cli_configure_refuses_a_bad_setting_in_one_line(capsys) -> None:
+    from logbroker import cli
+
+    assert cli.main(["queues", "configure", "jobs", "--lock-ms", "0", "--bootstrap", "127.0.0.1:1"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == "logbroker: error: INVALID_CONFIG: lock_ms must be > 0, got 0"
