@@ -93,9 +93,9 @@ class ShareGroup:
             dead += self.leave(member_id, wall_ms)
         for tp, sp in self.partitions.items():
             if sp.next_lock_deadline_ms is not None and sp.next_lock_deadline_ms <= wall_ms:
-                before = sp.snapshot()
+                before = sp.counters.locks_lost
                 dead += [(tp, d) for d in sp.expire(wall_ms)]
-                if sp.snapshot() != before:
+                if sp.counters.locks_lost != before:
                     changed.add(tp)
         return gone, dead, changed
 

@@ -158,6 +158,7 @@ class Counters:
     dead_lettered: int = 0
     expired: int = 0
     redelivered: int = 0
+    locks_lost: int = 0  # records given back because their lock ran out
 
 
 @dataclass
@@ -569,8 +570,10 @@ class SharePartition:
                 nxt = until[i]
             i = state.find(_ACQUIRED, i + 1)
         dead = self._give_back(iter(lost), now_ms)
+        self.counters.locks_lost += len(lost)
         if self.deferred:
             lost_deferred, nxt_deferred = self.deferred.locks_ended(now_ms)
+            self.counters.locks_lost += len(lost_deferred)
             for offset in lost_deferred:
                 dead += self._give_back_deferred(offset, now_ms)
             if nxt_deferred is not None and (nxt is None or nxt_deferred < nxt):
