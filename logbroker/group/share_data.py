@@ -119,8 +119,22 @@ class ShareData:
         part = self._local(tp)
         if part is not None:
             return part.log.log_start_offset, part.high_watermark
-        result = await self.read(tp, 0, 0)
-        return result.log_start_offset, result.high_watermark
+        # ListOffsets, not a Fetch at some offset: a fetch below the log start (retention moved it)
+        # fails with OFFSET_OUT_OF_RANGE instead of answering the bounds
+        req = pb.ListOffsetsRequest(partitions=[pb.ListOffsetsPartition(topic=tp[0], partition=tp[1], timestamp=ts)
+                                                for ts in (-2, -1)])
+        try:
+            resp = await self._leader_stub(tp).ListOffsets(req, timeout=REMOTE_TIMEOUT_S)
+        except BrokerError:
+            raise
+        except Exception as exc:  # grpc errors: the leader is unreachable right now
+            raise LeaderNotAvailableError(f"cannot reach the leader of {tp[0]}-{tp[1]}: {exc}") from None
+        for r in resp.results:
+            if r.error_code != pb.NONE:
+                raise error_for(r.error_code, r.error_message)
+        if len(resp.results) != 2:
+            raise LeaderNotAvailableError(f"the leader of {tp[0]}-{tp[1]} answered {len(resp.results)} offsets, not 2")
+        return resp.results[0].offset, resp.results[1].offset
 
     async def read(self, tp: TopicPartition, offset: int, max_bytes: int) -> ReadResult:
         """Whole batches from the one holding `offset` (at least one unless there is none), up to

@@ -38,6 +38,14 @@ class FakeStub:
         return resp
 
 
+    async def ListOffsets(self, req: pb.ListOffsetsRequest, timeout: float) -> pb.ListOffsetsResponse:  # noqa: N802
+        self.peers.calls.append((self.address, [("list", p.timestamp) for p in req.partitions]))
+        # the log starts at 500 (retention): earliest 500, latest 900
+        return pb.ListOffsetsResponse(results=[
+            pb.ListOffsetsResult(topic=p.topic, partition=p.partition, offset=500 if p.timestamp == -2 else 900)
+            for p in req.partitions])
+
+
 class FakePeers:
     def __init__(self) -> None:
         self.calls: list[tuple[str, list[tuple[str, int]]]] = []
@@ -65,3 +73,12 @@ def test_read_many_sends_one_fetch_per_leader_with_errors_per_partition() -> Non
     assert len(peers.calls) == 2
     assert all(isinstance(got[tp], LeaderNotAvailableError) for tp in (("a", 0), ("a", 2), ("b", 0)))
     assert isinstance(got[("a", 1)], ReadResult)
+
+
+def test_bounds_of_a_remote_partition_come_from_list_offsets() -> None:
+    """A remote partition whose log no longer starts at 0 still has bounds (a fetch at 0 would be
+    OFFSET_OUT_OF_RANGE)."""
+    peers = FakePeers()
+    data = ShareData(FakeCluster(), SimpleNamespace(partitions={}), peers, None)  # type: ignore[arg-type]
+    assert asyncio.run(data.bounds(("a", 1))) == (500, 900)
+    assert peers.calls == [("h:2", [("list", -2), ("list", -1)])]
