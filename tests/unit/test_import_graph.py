@@ -150,7 +150,7 @@ LAYERS: list[list[str]] = [
     ["logbroker.client"],
     ["logbroker.config"],
     ["logbroker.group", "logbroker.replication"],
-    ["logbroker.cluster", "logbroker.storage"],
+    ["logbroker.cluster", "logbroker.storage", "logbroker.security"],
     ["logbroker.errors", "logbroker.retry", "logbroker.clock", "logbroker.wire", "logbroker.log_throttle"],
     ["logbroker.v1"],
 ]

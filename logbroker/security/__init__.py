@@ -1,0 +1,1 @@
+"""Authentication and authorization: SCRAM exchanges, ACLs (pure; the broker applies them)."""
