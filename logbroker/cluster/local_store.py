@@ -6,6 +6,7 @@ source of truth for which topics exist):
     db "topics":   topic name (utf-8)            -> JSON {"assignment": {p: [replicas]}, "config": {...},
                                                          "topic_id": hex}
     db "meta":     b"cluster_id"                  -> utf-8 cluster id
+    db "users", db "acls"                         -> cluster/security_store.py
 
 Committed consumer offsets are not here: the group coordinator keeps them in `__consumer_offsets`,
 in standalone mode as in a cluster.
@@ -21,6 +22,7 @@ from typing import Protocol
 import lmdb
 
 from logbroker.cluster.metadata import TopicSpec
+from logbroker.cluster.security_store import LocalSecurityStore
 from logbroker.errors import TopicAlreadyExistsError, UnknownTopicOrPartitionError
 
 METADATA_DIR_NAME = "__cluster_metadata"
@@ -126,6 +128,10 @@ class LocalMetadataStore:
             spec = _spec_from_json(name, raw)
             spec.assignment = assignment
             txn.put(name.encode(), _spec_to_json(spec))
+
+    def security(self) -> LocalSecurityStore:
+        """Users and ACLs, in this environment (cluster/security_store.py)."""
+        return LocalSecurityStore(self._env)
 
     def close(self) -> None:
         self._env.close()

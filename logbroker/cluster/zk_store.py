@@ -259,6 +259,24 @@ class ZkStore:
 
     # ---------------------------------------------------------------- bounded waits
 
+    @property
+    def kazoo(self) -> KazooClient:
+        """The session, for stores of other concepts over it (cluster/security_store.py); bound every
+        call through `wait`/`gather`."""
+        return self._client
+
+    def wait(self, async_result: Any) -> Any:
+        return self._wait(async_result)
+
+    def gather(self, results: list[Any]) -> list[Any]:
+        return self._gather(results)
+
+    def children(self, path: str, watch: Watch | None = None) -> list[str]:
+        return self._children(path, watch)
+
+    def commit(self, ops: Callable[[Any], None]) -> list[Any]:
+        return self._commit(ops)
+
     def _wait(self, async_result: Any) -> Any:
         try:
             return async_result.get(timeout=self._op_timeout_s)

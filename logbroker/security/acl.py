@@ -29,7 +29,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
 
-MAX_ACLS = 100_000
+MAX_ACLS = 10_000  # ZooKeeper lists them as children of one znode (1 MiB jute buffer)
 MAX_NAME_CHARS = 249  # a topic name's limit; group names and principals share it
 CLUSTER_NAME = "logbroker-cluster"
 WILDCARD = "*"
