@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 from urllib.parse import quote, unquote
 
 import lmdb
@@ -33,9 +33,6 @@ from kazoo.exceptions import NodeExistsError, NoNodeError
 
 from logbroker.security.acl import MAX_ACLS, AclBinding, AclError
 from logbroker.security.scram import MAX_USER_CHARS, Mechanism, ScramCredential
-
-if TYPE_CHECKING:
-    from logbroker.cluster.zk_store import ZkStore
 
 SECURITY_PATH = "/security"
 USERS_PATH = "/security/users"
@@ -58,6 +55,21 @@ class SecurityStore(Protocol):
     def add_acls(self, bindings: list[AclBinding]) -> int: ...
 
     def remove_acls(self, match: Callable[[AclBinding], bool]) -> list[AclBinding]: ...
+
+
+class ZkSession(Protocol):
+    """What this store needs of a ZooKeeper session: cluster/zk_store.py's ZkStore."""
+
+    @property
+    def kazoo(self) -> Any: ...
+
+    def wait(self, async_result: Any) -> Any: ...
+
+    def gather(self, results: list[Any]) -> list[Any]: ...
+
+    def children(self, path: str, watch: Callable[[Any], None] | None = None) -> list[str]: ...
+
+    def commit(self, ops: Callable[[Any], None]) -> list[Any]: ...
 
 
 def binding_id(b: AclBinding) -> str:
@@ -139,7 +151,7 @@ class LocalSecurityStore:
 class ZkSecurityStore:
     """SecurityStore over ZooKeeper, through the broker's (or the CLI's) ZkStore session."""
 
-    def __init__(self, zk: ZkStore) -> None:
+    def __init__(self, zk: ZkSession) -> None:
         self._zk = zk
         for path in (USERS_PATH, ACLS_PATH):
             zk.wait(zk.kazoo.ensure_path_async(path))

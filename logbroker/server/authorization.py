@@ -1,0 +1,159 @@
+"""Authorization of client calls: which operations on which resources each API performs (`checks`,
+pure), and the request hook that asks the ACL authorizer (security/acl.py) before any API runs.
+
+Every API of `broker_apis.REQUEST_TYPES` has a rule here (a unit test holds that); an API without
+one is refused, so a new API is never open by accident. A rule reads only the request's own names,
+and checks every operation the call performs, whatever its flags say (CVE-2018-17196 class): a
+Fetch naming a replica id needs ClusterAction on top of Read; a ShareFetch carrying group
+settings needs Alter on the group on top of Read. Each check is a list of alternatives, any of
+which suffices (CreateTopics: Create on the topic, or on the cluster, as Kafka).
+
+| API | needs |
+|---|---|
+| Produce | Write Topic (each topic) |
+| Fetch | Read Topic; with a replica id: ClusterAction Cluster |
+| ListOffsets, DescribeTopics | Describe Topic |
+| Metadata | nothing here: the answer lists only the topics the caller may Describe |
+| OffsetCommit, ShareAcknowledge | Read Group, Read Topic |
+| OffsetFetch | Describe Group, Describe Topic |
+| FindCoordinator, DescribeGroup, DescribeShareGroup | Describe Group |
+| ConsumerGroupHeartbeat | Read Group, Describe Topic (subscribed names) |
+| ShareFetch | Read Group, Read Topic; with settings: Alter Group |
+| AlterShareGroup | Alter Group |
+| DeleteGroup, PurgeShareGroup | Delete Group |
+| CreateTopics | Create Topic or Create Cluster |
+| DeleteTopics | Delete Topic |
+| CreatePartitions | Alter Topic |
+| DescribeCluster, ListGroups, ListShareGroups | Describe Cluster |
+| ReassignPartition, RecoverEmptyPartition | Alter Cluster |
+| ReadReplica | Read Topic, Describe Cluster |
+
+A refusal is `RequestRejected(PERMISSION_DENIED)` for the whole call, naming the principal, the
+operation and the resource type, never the resource's name nor anything of its data.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from google.protobuf.message import Message
+
+from logbroker.security.acl import CLUSTER_NAME, Authorizer, Operation, ResourceType
+from logbroker.server.apis.broker_apis import RequestHook
+from logbroker.server.request_context import RequestContext, RequestRejected, RequestStatus
+
+log = logging.getLogger("logbroker.audit")
+
+Check = list[tuple[Operation, ResourceType, str]]  # alternatives: any one suffices
+
+R, W, D = Operation.READ, Operation.WRITE, Operation.DESCRIBE
+TOPIC, GROUP, CLUSTER = ResourceType.TOPIC, ResourceType.GROUP, ResourceType.CLUSTER
+
+
+def _topics(op: Operation, names: Iterable[str]) -> list[Check]:
+    return [[(op, TOPIC, n)] for n in sorted(set(names))]
+
+
+def _group(op: Operation, r: Any) -> list[Check]:
+    return [[(op, GROUP, r.group)]]
+
+
+def _cluster(op: Operation) -> list[Check]:
+    return [[(op, CLUSTER, CLUSTER_NAME)]]
+
+
+def _fetch(r: Any) -> list[Check]:
+    out = _topics(R, (p.topic for p in r.partitions))
+    return out + (_cluster(Operation.CLUSTER_ACTION) if r.replica_id >= 0 else [])
+
+
+def _share_fetch(r: Any) -> list[Check]:
+    topics = [*r.topics, *(a.topic for a in r.acknowledgements)]
+    alter = _group(Operation.ALTER, r) if r.HasField("settings") else []
+    return _group(R, r) + alter + _topics(R, topics)
+
+
+RULES: dict[str, Callable[[Any], list[Check]]] = {
+    "Produce": lambda r: _topics(W, (p.topic for p in r.partitions)),
+    "Fetch": _fetch,
+    "ListOffsets": lambda r: _topics(D, (p.topic for p in r.partitions)),
+    "Metadata": lambda r: [],
+    "OffsetCommit": lambda r: _group(R, r) + _topics(R, (p.topic for p in r.partitions)),
+    "OffsetFetch": lambda r: _group(D, r) + _topics(D, (p.topic for p in r.partitions)),
+    "FindCoordinator": lambda r: _group(D, r),
+    "ConsumerGroupHeartbeat": lambda r: _group(R, r) + _topics(D, r.subscribed_topics.topics),
+    "CreateTopics": lambda r: [[(Operation.CREATE, TOPIC, t.name), (Operation.CREATE, CLUSTER, CLUSTER_NAME)]
+                               for t in r.topics],
+    "DeleteTopics": lambda r: _topics(Operation.DELETE, r.names),
+    "CreatePartitions": lambda r: _topics(Operation.ALTER, [r.name]),
+    "DescribeTopics": lambda r: _topics(D, r.names),
+    "DescribeCluster": lambda r: _cluster(D),
+    "ReassignPartition": lambda r: _cluster(Operation.ALTER),
+    "ListGroups": lambda r: _cluster(D),
+    "DescribeGroup": lambda r: _group(D, r),
+    "DeleteGroup": lambda r: _group(Operation.DELETE, r),
+    "ReadReplica": lambda r: _topics(R, [r.topic]) + _cluster(D),
+    "RecoverEmptyPartition": lambda r: _cluster(Operation.ALTER),
+    "ShareFetch": _share_fetch,
+    "ShareAcknowledge": lambda r: _group(R, r) + _topics(R, (a.topic for a in r.acknowledgements)),
+    "AlterShareGroup": lambda r: _group(Operation.ALTER, r),
+    "ListShareGroups": lambda r: _cluster(D),
+    "DescribeShareGroup": lambda r: _group(D, r),
+    "PurgeShareGroup": lambda r: _group(Operation.DELETE, r),
+}
+
+
+def checks(api: str, request: Message) -> list[Check] | None:
+    """The checks of one call; None for an API without a rule (refused)."""
+    rule = RULES.get(api)
+    return None if rule is None else rule(request)
+
+
+def principal_of(context: RequestContext) -> str:
+    """`User:NAME` for the connection's principal (ANONYMOUS on an unauthenticated connection)."""
+    p = context.principal
+    return p if p.startswith("User:") else f"User:{p}"
+
+
+def host_of(peer: str) -> str:
+    """The IP address of a listener's peer string: gRPC's "ipv4:1.2.3.4:5" / "ipv6:[::1]:5", or
+    the record transport's "1.2.3.4:5"."""
+    for prefix in ("ipv4:", "ipv6:"):
+        if peer.startswith(prefix):
+            peer = peer[len(prefix):]
+    if peer.startswith("["):
+        return peer[1:peer.find("]")] if "]" in peer else peer
+    return peer.rpartition(":")[0] if peer.count(":") == 1 else peer
+
+
+class AuthorizingHook(RequestHook):
+    """The request hook of a broker run with `--authorizer acl`. `authorizer` is replaced as a whole
+    when the ACLs change (`update`); a call sees one snapshot."""
+
+    def __init__(self, authorizer: Authorizer) -> None:
+        self.authorizer = authorizer
+        self.denied_total = 0
+
+    def update(self, authorizer: Authorizer) -> None:
+        self.authorizer = authorizer
+
+    def allowed(self, context: RequestContext, op: Operation, rtype: ResourceType, name: str) -> bool:
+        return self.authorizer.authorize(principal_of(context), host_of(context.peer), op, rtype, name)
+
+    def on_request(self, api: str, context: RequestContext, request: Message) -> None:
+        wanted = checks(api, request)
+        principal = principal_of(context)
+        if wanted is None:
+            self._deny(context, api, f"no authorization rule for API {api}")
+        host = host_of(context.peer)
+        for alternatives in wanted or []:
+            if not any(self.authorizer.authorize(principal, host, op, rt, name) for op, rt, name in alternatives):
+                op, rt, _ = alternatives[0]
+                self._deny(context, api, f"{principal} is not authorized to {op.value} a {rt.value} of this request")
+
+    def _deny(self, context: RequestContext, api: str, message: str) -> None:
+        self.denied_total += 1
+        log.warning("denied: api=%s principal=%s peer=%s: %s", api, principal_of(context), context.peer, message)
+        raise RequestRejected(RequestStatus.PERMISSION_DENIED, message)
