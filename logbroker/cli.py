@@ -482,6 +482,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_queues_parser(sub, common)
 
+    from logbroker.cli_security import add_security_parsers
+
+    add_security_parsers(sub, common)
+
     from logbroker.cli_dump import add_dump_log_parser
 
     add_dump_log_parser(sub)

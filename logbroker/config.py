@@ -86,6 +86,9 @@ class BrokerConfig:
     # the secret brokers prove themselves with on inter-broker calls (logbroker/cluster/cluster_secret.py);
     # required in cluster mode; never printed
     cluster_secret: bytes = field(default=b"", repr=False)
+    # authorization (server/authorization.py): "none" or "acl"; super users are User:NAME principals
+    authorizer: str = "none"
+    super_users: tuple[str, ...] = ()
     # consumer groups: __consumer_offsets, sessions, heartbeats, offset retention
     coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
 
@@ -118,6 +121,7 @@ ENV_PREFIX = "LOGBROKER_"
 NON_SERVE_ENV_VARS = frozenset({BOOTSTRAP_ENV, "LOGBROKER_ZOOKEEPER_JARS", "LOGBROKER_TEST_CLEANER_CRASH_AT",
                                 "LOGBROKER_TEST_CLOCK_OFFSET_FILE"})
 LOG_LEVELS = ("debug", "info", "warning", "error")
+AUTHORIZERS = ("none", "acl")
 SettingValue = str | int | bool | dict[str, str]
 
 
@@ -196,6 +200,11 @@ SERVE_SETTINGS: tuple[ServeSetting, ...] = (
                  "committed offsets of a group without members are deleted after this"),
     ServeSetting("metrics_listen", str, "", "HOST:PORT for a Prometheus /metrics endpoint (default: off)",
                  "HOST:PORT"),
+    ServeSetting("authorizer", str, "none",
+                 "acl: every client call is checked against the ACLs (logbroker acls), and refused when none "
+                 "allows it; none: no checks", choices=AUTHORIZERS),
+    ServeSetting("super_users", str, "", "principals allowed everything, comma-separated: User:admin,User:broker",
+                 "User:NAME[,...]"),
     ServeSetting("log_level", str, "info", "log level", choices=LOG_LEVELS),
 )
 SERVE_SETTINGS_BY_NAME = {s.name: s for s in SERVE_SETTINGS}
@@ -338,6 +347,14 @@ def broker_id_from_pod_name(name: str) -> int:
     return int(match.group(1))
 
 
+def _super_users(text: str) -> tuple[str, ...]:
+    users = tuple(u.strip() for u in text.split(",") if u.strip())
+    for u in users:
+        if not u.startswith("User:") or len(u) <= len("User:"):
+            raise ConfigError(f"super user {u!r} must be written User:NAME")
+    return users
+
+
 def broker_config_from_settings(values: Mapping[str, SettingValue], hostname: str = "") -> BrokerConfig:
     """BrokerConfig from resolved settings; `hostname` is used with broker_id_from_hostname."""
     def text(name: str) -> str:
@@ -403,6 +420,8 @@ def broker_config_from_settings(values: Mapping[str, SettingValue], hostname: st
         log_cleaner_io_bytes_per_sec=number("log_cleaner_io_bytes_per_sec"),
         log_cleaner_threads=number("log_cleaner_threads"),
         default_topic_config=dict(topic_defaults),
+        authorizer=text("authorizer"),
+        super_users=_super_users(text("super_users")),
         coordinator=CoordinatorConfig(
             offsets_topic_partitions=number("offsets_topic_partitions"),
             offsets_topic_replication_factor=number("offsets_topic_replication_factor"),

@@ -282,8 +282,28 @@ class InvalidFilterError(BrokerError):
     code = pb.INVALID_FILTER
 
 
+class TopicAuthorizationFailedError(BrokerError):
+    """The principal may not perform the operation on this topic (the ACLs of logbroker/security/acl.py)."""
+
+    code = pb.TOPIC_AUTHORIZATION_FAILED
+
+
+class SecurityConfigInvalidError(BrokerError):
+    """A malformed ACL or user credential; the message names the field."""
+
+    code = pb.SECURITY_CONFIG_INVALID
+
+
 class KafkaTimeoutError(LogbrokerError):
     """A client-side deadline passed (delivery timeout, flush timeout, metadata wait)."""
+
+
+class PermissionDeniedError(LogbrokerError):
+    """The broker refused the whole call: the principal may not perform it (ACLs). Final."""
+
+
+class AuthenticationError(LogbrokerError):
+    """The broker could not authenticate this client (TLS client certificate, SCRAM). Final."""
 
 
 class BrokerUnavailableError(LogbrokerError):

@@ -37,6 +37,8 @@ from logbroker.errors import (
     UnknownTopicOrPartitionError,
     error_for,
 )
+from logbroker.security.acl import AclBinding
+from logbroker.security.scram import DEFAULT_ITERATIONS, Mechanism, make_credential
 from logbroker.v1 import logbroker_pb2 as pb
 
 T = TypeVar("T")
@@ -112,6 +114,11 @@ class PartitionLag:
     log_end_offset: int | None  # the high watermark; None: unknown (no leader)
     lag: int | None
     member_id: str  # "" when no member owns it
+
+
+def _entry_dict(e: pb.AclEntry) -> dict[str, object]:
+    return {f: getattr(e, f) for f in ("principal", "host", "operation", "permission", "resource_type", "name",
+                                       "pattern_type")}
 
 
 class Admin:
@@ -493,6 +500,48 @@ class Admin:
         """Move the dead letters of `dlq_topic` back to their source topics, at least once (see
         logbroker/client/queue/redrive.py); returns how many were moved."""
         return redrive(self._metadata, dlq_topic, group, max_messages, timeout_s, round(self._timeout_s * 1000))
+
+    # -- ACLs and SCRAM users (logbroker acls, logbroker users; logbroker/security/) ---------------
+
+    def _security_call(self, method: str, request: Any) -> Any:
+        resp = self._call(lambda stub: getattr(stub, method)(request, timeout=self._timeout_s))
+        if resp.error_code != pb.NONE:
+            raise error_for(resp.error_code, resp.error_message)
+        return resp
+
+    def create_acls(self, bindings: Sequence[AclBinding]) -> int:
+        """Store the bindings (checked first: malformed ones raise AclError here, and
+        SecurityConfigInvalidError from the broker); returns how many were new."""
+        request = pb.CreateAclsRequest(acls=[pb.AclEntry(**b.to_json()) for b in bindings])
+        return int(self._security_call("CreateAcls", request).created)
+
+    def delete_acls(self, **match: str) -> list[AclBinding]:
+        """Remove every binding whose fields equal `match` (principal=, host=, operation=,
+        permission=, resource_type=, name=, pattern_type=; none given: all); returns them."""
+        resp = self._security_call("DeleteAcls", pb.DeleteAclsRequest(filter=pb.AclEntry(**match)))
+        return [AclBinding.from_json(_entry_dict(e)) for e in resp.deleted]
+
+    def describe_acls(self, **match: str) -> list[AclBinding]:
+        resp = self._security_call("DescribeAcls", pb.DescribeAclsRequest(filter=pb.AclEntry(**match)))
+        return [AclBinding.from_json(_entry_dict(e)) for e in resp.acls]
+
+    def upsert_user(self, user: str, password: str, mechanism: str = "SCRAM-SHA-256",
+                    iterations: int = DEFAULT_ITERATIONS) -> None:
+        """Set `user`'s SCRAM credential for `mechanism`. The salted, hashed credential is computed
+        here: the password never leaves this process."""
+        cred = make_credential(Mechanism.parse(mechanism), password, iterations)
+        entry = pb.ScramCredentialEntry(user=user, mechanism=cred.mechanism.value, salt=cred.salt,
+                                        iterations=cred.iterations, stored_key=cred.stored_key,
+                                        server_key=cred.server_key)
+        self._security_call("AlterUserScramCredentials", pb.AlterUserScramCredentialsRequest(upserts=[entry]))
+
+    def delete_user(self, user: str) -> bool:
+        request = pb.AlterUserScramCredentialsRequest(deletions=[user])
+        return bool(self._security_call("AlterUserScramCredentials", request).deleted)
+
+    def list_users(self) -> dict[str, list[str]]:
+        resp = self._security_call("DescribeUserScramCredentials", pb.DescribeUserScramCredentialsRequest())
+        return {u.user: list(u.mechanisms) for u in resp.users}
 
     def close(self) -> None:
         if self._owns_metadata:

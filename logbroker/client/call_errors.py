@@ -6,6 +6,8 @@ and whether to look the leaders up first.
     UNAVAILABLE, CANCELLED  -> BrokerUnavailableError   (retriable, refresh metadata)
     DEADLINE_EXCEEDED       -> RequestTimedOutError     (retriable)
     RESOURCE_EXHAUSTED      -> RecordListTooLargeError  (final)
+    PERMISSION_DENIED       -> PermissionDeniedError    (final)
+    UNAUTHENTICATED         -> AuthenticationError      (final)
     anything else           -> UnknownServerError
 """
 
@@ -14,8 +16,10 @@ from __future__ import annotations
 import grpc
 
 from logbroker.errors import (
+    AuthenticationError,
     BrokerUnavailableError,
     LogbrokerError,
+    PermissionDeniedError,
     RecordListTooLargeError,
     RequestTimedOutError,
     UnknownServerError,
@@ -45,6 +49,10 @@ def rpc_error(e: grpc.RpcError) -> LogbrokerError:
         return RequestTimedOutError(f"request timed out: {details}")
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return RecordListTooLargeError(f"request rejected: {details}")
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return PermissionDeniedError(f"permission denied: {details}")
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return AuthenticationError(f"not authenticated: {details}")
     return UnknownServerError(f"{code}: {details}")
 
 

@@ -54,6 +54,7 @@ from logbroker.clock import Clock, monotonic_s
 from logbroker.errors import (
     BrokerUnavailableError,
     LeaderNotAvailableError,
+    TopicAuthorizationFailedError,
     UnknownTopicOrPartitionError,
     error_for,
 )
@@ -208,6 +209,7 @@ class MetadataCache:
         self._admin_stubs: dict[str, pbg.AdminStub] = {}
         self._brokers: dict[int, str] = {}
         self._topics: dict[str, TopicRoute] = {}
+        self._unauthorized: set[str] = set()  # topics the last answer said we may not describe (ACLs)
         self._controller_id = -1
         self.cluster_id = ""
         self._monotonic = monotonic_s(clock)
@@ -283,6 +285,8 @@ class MetadataCache:
         if n is None:
             self.refresh([topic])
             n = self.cached_partitions(topic)
+            if n is None and topic in self._unauthorized:
+                raise TopicAuthorizationFailedError(f"not authorized to describe topic {topic!r}")
             if n is None:
                 raise UnknownTopicOrPartitionError(f"topic {topic!r} does not exist")
         return n
@@ -455,6 +459,12 @@ class MetadataCache:
         answered: set[str] = set()
         for t in resp.topics:
             answered.add(t.name)
+            if t.error_code == pb.TOPIC_AUTHORIZATION_FAILED:
+                with self._lock:
+                    self._unauthorized.add(t.name)
+            elif t.name in self._unauthorized:
+                with self._lock:
+                    self._unauthorized.discard(t.name)
             if t.error_code != pb.NONE and not t.partitions:
                 err = error_for(t.error_code, t.error_message)
                 if isinstance(err, UnknownTopicOrPartitionError) or not err.retriable:

@@ -52,6 +52,8 @@ class SecurityStore(Protocol):
 
     def list_acls(self) -> list[AclBinding]: ...
 
+    def acl_version(self) -> int: ...
+
     def add_acls(self, bindings: list[AclBinding]) -> int: ...
 
     def remove_acls(self, match: Callable[[AclBinding], bool]) -> list[AclBinding]: ...
@@ -122,6 +124,10 @@ class LocalSecurityStore:
     def list_users(self) -> dict[str, list[Mechanism]]:
         with self._env.begin(db=self._users) as txn:
             return {bytes(k).decode(): sorted(_creds_from_json(bytes(v)), key=lambda m: m.value) for k, v in txn.cursor()}
+
+    def acl_version(self) -> int:
+        """Changes with every write to this environment (topics too: a reload too many is harmless)."""
+        return int(self._env.info()["last_txnid"])
 
     def list_acls(self) -> list[AclBinding]:
         with self._env.begin(db=self._acls) as txn:

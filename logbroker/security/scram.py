@@ -92,9 +92,18 @@ class ScramCredential:
                        _b64(str(obj["stored_key"])), _b64(str(obj["server_key"])))
         except (KeyError, ValueError) as e:
             raise ScramError(f"malformed stored credential: {type(e).__name__}") from None
-        if not MIN_ITERATIONS <= iterations <= MAX_ITERATIONS:
-            raise ScramError(f"stored credential has {iterations} iterations, outside {MIN_ITERATIONS}..{MAX_ITERATIONS}")
-        return cred
+        return cred.validated()
+
+    def validated(self) -> ScramCredential:
+        """Itself, if its iteration count, salt and key sizes are usable; else ScramError."""
+        if not MIN_ITERATIONS <= self.iterations <= MAX_ITERATIONS:
+            raise ScramError(f"credential has {self.iterations} iterations, outside {MIN_ITERATIONS}..{MAX_ITERATIONS}")
+        if not 16 <= len(self.salt) <= 64:
+            raise ScramError(f"credential salt of {len(self.salt)} bytes: 16..64 expected")
+        size = hashlib.new(self.mechanism.hash_name).digest_size
+        if len(self.stored_key) != size or len(self.server_key) != size:
+            raise ScramError(f"credential keys must be {size} bytes for {self.mechanism.value}")
+        return self
 
 
 def _b64(text: str) -> bytes:

@@ -12,7 +12,8 @@ from logbroker.server.broker_service import grpc_method
 ADMIN_METHODS = ("CreateTopics", "DeleteTopics", "CreatePartitions", "DescribeTopics", "DescribeCluster",
                  "ReassignPartition", "ListGroups", "DescribeGroup", "DeleteGroup", "ReadReplica",
                  "RecoverEmptyPartition", "AlterShareGroup", "ListShareGroups", "DescribeShareGroup",
-                 "PurgeShareGroup")
+                 "PurgeShareGroup", "CreateAcls", "DeleteAcls", "DescribeAcls", "AlterUserScramCredentials",
+                 "DescribeUserScramCredentials")
 
 
 def handler(apis: BrokerApis) -> grpc.GenericRpcHandler:

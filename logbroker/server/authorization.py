@@ -26,6 +26,8 @@ which suffices (CreateTopics: Create on the topic, or on the cluster, as Kafka).
 | CreatePartitions | Alter Topic |
 | DescribeCluster, ListGroups, ListShareGroups | Describe Cluster |
 | ReassignPartition, RecoverEmptyPartition | Alter Cluster |
+| CreateAcls, DeleteAcls, AlterUserScramCredentials | Alter Cluster |
+| DescribeAcls, DescribeUserScramCredentials | Describe Cluster |
 | ReadReplica | Read Topic, Describe Cluster |
 
 A refusal is `RequestRejected(PERMISSION_DENIED)` for the whole call, naming the principal, the
@@ -102,6 +104,11 @@ RULES: dict[str, Callable[[Any], list[Check]]] = {
     "ListShareGroups": lambda r: _cluster(D),
     "DescribeShareGroup": lambda r: _group(D, r),
     "PurgeShareGroup": lambda r: _group(Operation.DELETE, r),
+    "CreateAcls": lambda r: _cluster(Operation.ALTER),
+    "DeleteAcls": lambda r: _cluster(Operation.ALTER),
+    "DescribeAcls": lambda r: _cluster(D),
+    "AlterUserScramCredentials": lambda r: _cluster(Operation.ALTER),
+    "DescribeUserScramCredentials": lambda r: _cluster(D),
 }
 
 

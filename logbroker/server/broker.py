@@ -34,6 +34,7 @@ from logbroker.cluster.metadata import (
     validate_topic_name,
 )
 from logbroker.cluster.metadata_image import MetadataImage
+from logbroker.cluster.security_store import SecurityStore, ZkSecurityStore
 from logbroker.config import BrokerConfig
 from logbroker.errors import (
     InvalidConfigError,
@@ -52,13 +53,17 @@ from logbroker.group.share_data import ShareData
 from logbroker.replication.partition import Partition
 from logbroker.replication.replica_manager import CallableIsrStore, InMemoryIsrStore, IsrStore, ReplicaManager
 from logbroker.replication.scrubber import Scrubber
+from logbroker.security.acl import Authorizer, Operation, ResourceType
 from logbroker.server import admin_service, broker_service, replica_service, rpc
+from logbroker.server.acl_cache import AclCache
 from logbroker.server.apis.admin import AdminApis
 from logbroker.server.apis.broker_apis import BrokerApis
 from logbroker.server.apis.groups import GroupApis
 from logbroker.server.apis.metadata import MetadataApis
 from logbroker.server.apis.produce_fetch import ProduceFetchApis
 from logbroker.server.apis.queues import QueueApis
+from logbroker.server.apis.security import SecurityApis
+from logbroker.server.authorization import AuthorizingHook
 from logbroker.server.cluster_member import ClusterMember
 from logbroker.server.request_context import RequestRejected, RequestStatus
 from logbroker.server.wire_server import WireServer
@@ -151,12 +156,22 @@ class Broker:
                           self.topic_config),
                 FileOffsetClock(offset_file) if offset_file else clock,
             )
+            self._security: SecurityStore | None = None
+            self.authorizing_hook: AuthorizingHook | None = None
+            self.acl_cache: AclCache | None = None
+            if config.authorizer == "acl":
+                self.authorizing_hook = AuthorizingHook(Authorizer([], config.super_users))
+                self.acl_cache = AclCache(self.security_store, self.authorizing_hook, config.super_users)
+            hook = self.authorizing_hook
             self.apis = BrokerApis(
                 ProduceFetchApis(config, self, self.replica_manager, self),
-                MetadataApis(self, self),
+                MetadataApis(self, self, None if hook is None else
+                             lambda ctx, topic: hook.allowed(ctx, Operation.DESCRIBE, ResourceType.TOPIC, topic)),
                 GroupApis(self, self.coordinator),
                 AdminApis(self, self, self, self.replica_manager),
                 queues=QueueApis(self, self.share_coordinator),
+                security=SecurityApis(self.security_store, self._acls_changed),
+                hook=hook,
             )
             self.scrubber: Scrubber | None = (
                 Scrubber(self.replica_manager, config.scrub_interval_ms, config.scrub_bytes_per_sec)
@@ -231,6 +246,10 @@ class Broker:
         if self.cluster is not None:
             await self.cluster.start()  # registered: the controller now sends our partition roles
             await self._await_first_metadata()
+        self._security = await asyncio.to_thread(self._open_security_store)
+        if self.acl_cache is not None:
+            await self.acl_cache.load()
+            self._tasks.append(asyncio.create_task(self.acl_cache.run()))
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._serving = True
@@ -282,6 +301,22 @@ class Broker:
             log.warning("deleting log of %s-%d: its topic no longer exists", name, p)
             self._log_manager.delete_log(name, p)
         self.topics = topics
+
+    def _open_security_store(self) -> SecurityStore:
+        if self.cluster is not None:
+            return ZkSecurityStore(self.cluster.store)
+        assert isinstance(self._store, LocalMetadataStore)
+        return self._store.security()
+
+    def security_store(self) -> SecurityStore:
+        """Users and ACLs (cluster/security_store.py); RequestRejected(UNAVAILABLE) until opened."""
+        if self._security is None:
+            raise RequestRejected(RequestStatus.UNAVAILABLE, "broker is starting: users and ACLs not loaded yet")
+        return self._security
+
+    def _acls_changed(self) -> None:
+        if self.acl_cache is not None:
+            self.acl_cache.changed()
 
     def _log_configs(self, topics: dict[str, TopicSpec]) -> dict[str, LogConfig]:
         """The log settings of each topic, to reopen its logs with (segment size: what a restart

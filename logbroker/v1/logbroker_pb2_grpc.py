@@ -950,6 +950,31 @@ class AdminStub:
                 request_serializer=logbroker_dot_v1_dot_logbroker__pb2.PurgeShareGroupRequest.SerializeToString,
                 response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.PurgeShareGroupResponse.FromString,
                 _registered_method=True)
+        self.CreateAcls = channel.unary_unary(
+                '/logbroker.v1.Admin/CreateAcls',
+                request_serializer=logbroker_dot_v1_dot_logbroker__pb2.CreateAclsRequest.SerializeToString,
+                response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.CreateAclsResponse.FromString,
+                _registered_method=True)
+        self.DeleteAcls = channel.unary_unary(
+                '/logbroker.v1.Admin/DeleteAcls',
+                request_serializer=logbroker_dot_v1_dot_logbroker__pb2.DeleteAclsRequest.SerializeToString,
+                response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.DeleteAclsResponse.FromString,
+                _registered_method=True)
+        self.DescribeAcls = channel.unary_unary(
+                '/logbroker.v1.Admin/DescribeAcls',
+                request_serializer=logbroker_dot_v1_dot_logbroker__pb2.DescribeAclsRequest.SerializeToString,
+                response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.DescribeAclsResponse.FromString,
+                _registered_method=True)
+        self.AlterUserScramCredentials = channel.unary_unary(
+                '/logbroker.v1.Admin/AlterUserScramCredentials',
+                request_serializer=logbroker_dot_v1_dot_logbroker__pb2.AlterUserScramCredentialsRequest.SerializeToString,
+                response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.AlterUserScramCredentialsResponse.FromString,
+                _registered_method=True)
+        self.DescribeUserScramCredentials = channel.unary_unary(
+                '/logbroker.v1.Admin/DescribeUserScramCredentials',
+                request_serializer=logbroker_dot_v1_dot_logbroker__pb2.DescribeUserScramCredentialsRequest.SerializeToString,
+                response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.DescribeUserScramCredentialsResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -1045,6 +1070,36 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateAcls(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteAcls(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DescribeAcls(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AlterUserScramCredentials(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DescribeUserScramCredentials(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -1122,6 +1177,31 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.PurgeShareGroup,
                     request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.PurgeShareGroupRequest.FromString,
                     response_serializer=logbroker_dot_v1_dot_logbroker__pb2.PurgeShareGroupResponse.SerializeToString,
+            ),
+            'CreateAcls': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateAcls,
+                    request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.CreateAclsRequest.FromString,
+                    response_serializer=logbroker_dot_v1_dot_logbroker__pb2.CreateAclsResponse.SerializeToString,
+            ),
+            'DeleteAcls': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteAcls,
+                    request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.DeleteAclsRequest.FromString,
+                    response_serializer=logbroker_dot_v1_dot_logbroker__pb2.DeleteAclsResponse.SerializeToString,
+            ),
+            'DescribeAcls': grpc.unary_unary_rpc_method_handler(
+                    servicer.DescribeAcls,
+                    request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.DescribeAclsRequest.FromString,
+                    response_serializer=logbroker_dot_v1_dot_logbroker__pb2.DescribeAclsResponse.SerializeToString,
+            ),
+            'AlterUserScramCredentials': grpc.unary_unary_rpc_method_handler(
+                    servicer.AlterUserScramCredentials,
+                    request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.AlterUserScramCredentialsRequest.FromString,
+                    response_serializer=logbroker_dot_v1_dot_logbroker__pb2.AlterUserScramCredentialsResponse.SerializeToString,
+            ),
+            'DescribeUserScramCredentials': grpc.unary_unary_rpc_method_handler(
+                    servicer.DescribeUserScramCredentials,
+                    request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.DescribeUserScramCredentialsRequest.FromString,
+                    response_serializer=logbroker_dot_v1_dot_logbroker__pb2.DescribeUserScramCredentialsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1529,6 +1609,141 @@ class Admin:
             '/logbroker.v1.Admin/PurgeShareGroup',
             logbroker_dot_v1_dot_logbroker__pb2.PurgeShareGroupRequest.SerializeToString,
             logbroker_dot_v1_dot_logbroker__pb2.PurgeShareGroupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateAcls(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logbroker.v1.Admin/CreateAcls',
+            logbroker_dot_v1_dot_logbroker__pb2.CreateAclsRequest.SerializeToString,
+            logbroker_dot_v1_dot_logbroker__pb2.CreateAclsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteAcls(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logbroker.v1.Admin/DeleteAcls',
+            logbroker_dot_v1_dot_logbroker__pb2.DeleteAclsRequest.SerializeToString,
+            logbroker_dot_v1_dot_logbroker__pb2.DeleteAclsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DescribeAcls(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logbroker.v1.Admin/DescribeAcls',
+            logbroker_dot_v1_dot_logbroker__pb2.DescribeAclsRequest.SerializeToString,
+            logbroker_dot_v1_dot_logbroker__pb2.DescribeAclsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AlterUserScramCredentials(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logbroker.v1.Admin/AlterUserScramCredentials',
+            logbroker_dot_v1_dot_logbroker__pb2.AlterUserScramCredentialsRequest.SerializeToString,
+            logbroker_dot_v1_dot_logbroker__pb2.AlterUserScramCredentialsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DescribeUserScramCredentials(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logbroker.v1.Admin/DescribeUserScramCredentials',
+            logbroker_dot_v1_dot_logbroker__pb2.DescribeUserScramCredentialsRequest.SerializeToString,
+            logbroker_dot_v1_dot_logbroker__pb2.DescribeUserScramCredentialsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -11,7 +11,7 @@ Every call passes through `handle(api, context, request)`, and there through `Re
 on_request`: the one place where authorization, quotas and request metrics will go. Calls by
 concept: produce_fetch.py (Produce, Fetch, ListOffsets), metadata.py (Metadata, DescribeCluster),
 groups.py (offsets, coordinator, heartbeats, group admin), queues.py (share groups), admin.py
-(topics, replicas).
+(topics, replicas), security.py (ACLs, SCRAM users).
 
 The inter-broker surface (server/replica_service.py) is not here: only brokers may call it.
 """
@@ -28,6 +28,7 @@ from logbroker.server.apis.groups import GroupApis
 from logbroker.server.apis.metadata import MetadataApis
 from logbroker.server.apis.produce_fetch import ProduceFetchApis
 from logbroker.server.apis.queues import QueueApis
+from logbroker.server.apis.security import SecurityApis
 from logbroker.server.request_context import RequestContext, RequestRejected, RequestStatus
 from logbroker.v1 import logbroker_pb2 as pb
 
@@ -64,6 +65,11 @@ REQUEST_TYPES: dict[str, type[Message]] = {
     "ListShareGroups": pb.ListShareGroupsRequest,
     "DescribeShareGroup": pb.DescribeShareGroupRequest,
     "PurgeShareGroup": pb.PurgeShareGroupRequest,
+    "CreateAcls": pb.CreateAclsRequest,
+    "DeleteAcls": pb.DeleteAclsRequest,
+    "DescribeAcls": pb.DescribeAclsRequest,
+    "AlterUserScramCredentials": pb.AlterUserScramCredentialsRequest,
+    "DescribeUserScramCredentials": pb.DescribeUserScramCredentialsRequest,
 }
 
 
@@ -82,7 +88,7 @@ class RequestHook:
 class BrokerApis:
     def __init__(self, data: ProduceFetchApis, metadata: MetadataApis | None = None, groups: GroupApis | None = None,
                  admin: AdminApis | None = None, hook: RequestHook | None = None,
-                 queues: QueueApis | None = None) -> None:
+                 queues: QueueApis | None = None, security: SecurityApis | None = None) -> None:
         """`metadata`, `groups`, `admin`, `queues` None: those calls are UNIMPLEMENTED (a data-path-only broker
         in tests)."""
         self.hook = hook if hook is not None else RequestHook()
@@ -103,6 +109,11 @@ class BrokerApis:
             ops.update(ShareFetch=queues.share_fetch, ShareAcknowledge=queues.share_acknowledge,
                        AlterShareGroup=queues.alter_share_group, ListShareGroups=queues.list_share_groups,
                        DescribeShareGroup=queues.describe_share_group, PurgeShareGroup=queues.purge_share_group)
+        if security is not None:
+            ops.update(CreateAcls=security.create_acls, DeleteAcls=security.delete_acls,
+                       DescribeAcls=security.describe_acls,
+                       AlterUserScramCredentials=security.alter_user_scram_credentials,
+                       DescribeUserScramCredentials=security.describe_user_scram_credentials)
         self._ops = ops
 
     def handle(self, api: str, context: RequestContext, request: Message) -> Awaitable[Response]:

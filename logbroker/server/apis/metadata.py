@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from logbroker.cluster.cluster_view import ClusterView
@@ -23,10 +24,18 @@ class TopicCatalog(ClusterView, Protocol):
         ...
 
 
+# may this caller see this topic (Describe)? None: every caller sees every topic
+TopicVisibility = Callable[[RequestContext, str], bool]
+
+
 class MetadataApis:
-    def __init__(self, state: ServingState, catalog: TopicCatalog) -> None:
+    def __init__(self, state: ServingState, catalog: TopicCatalog, visible: TopicVisibility | None = None) -> None:
+        """`visible` (with an authorizer): a listing of every topic leaves out the ones the caller may
+        not describe, and a topic asked for by name is answered TOPIC_AUTHORIZATION_FAILED, with no
+        partitions, whether it exists or not."""
         self._state = state
         self._catalog = catalog
+        self._visible = visible
 
     async def metadata(self, context: RequestContext, req: pb.MetadataRequest) -> pb.MetadataResponse:
         catalog = self._catalog
@@ -35,8 +44,14 @@ class MetadataApis:
         check_count(len(req.topics), "topics")
         brokers, controller_id, _ = catalog.cluster_brokers()
         resp = pb.MetadataResponse(cluster_id=catalog.cluster_id, controller_id=controller_id, brokers=brokers)
-        for name in list(req.topics) or catalog.topic_names():
+        names = list(req.topics) or [n for n in catalog.topic_names()
+                                     if self._visible is None or self._visible(context, n)]
+        for name in names:
             t = resp.topics.add(name=name)
+            if self._visible is not None and req.topics and not self._visible(context, name):
+                t.error_code = pb.TOPIC_AUTHORIZATION_FAILED
+                t.error_message = "not authorized to describe this topic"
+                continue
             try:
                 validate_topic_name(name)
                 states = catalog.topic_partitions(name)

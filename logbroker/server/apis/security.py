@@ -1,0 +1,119 @@
+"""ACLs and SCRAM users over the Admin API: CreateAcls, DeleteAcls, DescribeAcls,
+AlterUserScramCredentials, DescribeUserScramCredentials. The store calls block (ZooKeeper or LMDB),
+so they run in a thread; after a change this broker reloads its authorizer at once (`on_change`),
+the others through the store's change counter (server/acl_cache.py).
+
+Bad input (an unknown operation, a principal not written User:NAME, a host that is not an IP, a
+credential with too few iterations) is answered with SECURITY_CONFIG_INVALID and the field's
+problem, and nothing is stored: every entry of a request is checked before any is written.
+Credentials arrive already salted and hashed (the client computes them from the password); nothing
+here ever sees a password, and the answers carry no secret (DescribeUserScramCredentials lists
+mechanisms only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from logbroker.cluster.security_store import SecurityStore, check_user
+from logbroker.security.acl import (
+    AclBinding,
+    AclError,
+    parse_operation,
+    parse_pattern_type,
+    parse_permission,
+    parse_resource_type,
+)
+from logbroker.security.scram import Mechanism, ScramCredential, ScramError
+from logbroker.server.request_checks import check_count
+from logbroker.server.request_context import RequestContext
+from logbroker.v1 import logbroker_pb2 as pb
+
+audit = logging.getLogger("logbroker.audit")
+
+
+def binding_from_entry(e: pb.AclEntry) -> AclBinding:
+    return AclBinding(e.principal, e.host or "*", parse_operation(e.operation), parse_permission(e.permission),
+                      parse_resource_type(e.resource_type), e.name, parse_pattern_type(e.pattern_type or "literal"))
+
+
+def entry_from_binding(b: AclBinding) -> pb.AclEntry:
+    return pb.AclEntry(**b.to_json())
+
+
+def filter_matches(f: pb.AclEntry, b: AclBinding) -> bool:
+    """Every non-empty field of the filter equals the binding's (enum names case-insensitively)."""
+    fields = b.to_json()
+    return all(not want or fields[name].lower() == want.lower() if name not in ("principal", "name", "host")
+               else not want or fields[name] == want
+               for name, want in ((n, getattr(f, n)) for n in fields))
+
+
+def credential_from_entry(e: pb.ScramCredentialEntry) -> tuple[str, ScramCredential]:
+    cred = ScramCredential(Mechanism.parse(e.mechanism), e.salt, e.iterations, e.stored_key, e.server_key)
+    return check_user(e.user), cred.validated()
+
+
+class SecurityApis:
+    def __init__(self, store: Callable[[], SecurityStore], on_change: Callable[[], None]) -> None:
+        self._store = store
+        self._on_change = on_change
+
+    async def create_acls(self, context: RequestContext, req: pb.CreateAclsRequest) -> pb.CreateAclsResponse:
+        check_count(len(req.acls), "acls")
+        try:
+            bindings = [binding_from_entry(e) for e in req.acls]
+            created = await asyncio.to_thread(self._store().add_acls, bindings)
+        except AclError as e:
+            return pb.CreateAclsResponse(error_code=pb.SECURITY_CONFIG_INVALID, error_message=str(e))
+        for b in bindings:
+            audit.info("acl added by %s from %s: %s", context.principal, context.peer, b.describe())
+        self._on_change()
+        return pb.CreateAclsResponse(created=created)
+
+    async def delete_acls(self, context: RequestContext, req: pb.DeleteAclsRequest) -> pb.DeleteAclsResponse:
+        try:
+            removed = await asyncio.to_thread(self._store().remove_acls, lambda b: filter_matches(req.filter, b))
+        except AclError as e:
+            return pb.DeleteAclsResponse(error_code=pb.SECURITY_CONFIG_INVALID, error_message=str(e))
+        for b in removed:
+            audit.info("acl removed by %s from %s: %s", context.principal, context.peer, b.describe())
+        self._on_change()
+        return pb.DeleteAclsResponse(deleted=[entry_from_binding(b) for b in removed])
+
+    async def describe_acls(self, context: RequestContext, req: pb.DescribeAclsRequest) -> pb.DescribeAclsResponse:
+        acls = await asyncio.to_thread(self._store().list_acls)
+        return pb.DescribeAclsResponse(acls=[entry_from_binding(b) for b in acls if filter_matches(req.filter, b)])
+
+    async def alter_user_scram_credentials(self, context: RequestContext,
+                                           req: pb.AlterUserScramCredentialsRequest
+                                           ) -> pb.AlterUserScramCredentialsResponse:
+        check_count(len(req.upserts) + len(req.deletions), "users")
+        try:
+            upserts = [credential_from_entry(e) for e in req.upserts]
+            deletions = [check_user(u) for u in req.deletions]
+        except (AclError, ScramError) as e:
+            return pb.AlterUserScramCredentialsResponse(error_code=pb.SECURITY_CONFIG_INVALID, error_message=str(e))
+        deleted = await asyncio.to_thread(self._alter_users, upserts, deletions)
+        for user, cred in upserts:
+            audit.info("user %r credential %s set by %s from %s", user, cred.mechanism.value, context.principal,
+                       context.peer)
+        for user in deletions:
+            audit.info("user %r deleted by %s from %s", user, context.principal, context.peer)
+        return pb.AlterUserScramCredentialsResponse(deleted=deleted)
+
+    def _alter_users(self, upserts: list[tuple[str, ScramCredential]], deletions: list[str]) -> int:
+        store = self._store()
+        for user, cred in upserts:
+            store.set_credential(user, cred)
+        return sum(store.delete_user(u) for u in deletions)
+
+    async def describe_user_scram_credentials(self, context: RequestContext,
+                                              req: pb.DescribeUserScramCredentialsRequest
+                                              ) -> pb.DescribeUserScramCredentialsResponse:
+        users = await asyncio.to_thread(self._store().list_users)
+        return pb.DescribeUserScramCredentialsResponse(users=[
+            pb.UserMechanisms(user=u, mechanisms=[m.value for m in mechs]) for u, mechs in sorted(users.items())])
+
