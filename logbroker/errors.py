@@ -301,9 +301,13 @@ class KafkaTimeoutError(LogbrokerError):
 class PermissionDeniedError(LogbrokerError):
     """The broker refused the whole call: the principal may not perform it (ACLs). Final."""
 
+    retriable: ClassVar[bool] = False
+
 
 class AuthenticationError(LogbrokerError):
     """The broker could not authenticate this client (TLS client certificate, SCRAM). Final."""
+
+    retriable: ClassVar[bool] = False
 
 
 class BrokerUnavailableError(LogbrokerError):

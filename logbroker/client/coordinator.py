@@ -28,10 +28,12 @@ from logbroker.client.group_member import GroupMember, HeartbeatRequest, Heartbe
 from logbroker.client.metadata_cache import LogThrottle, MetadataCache, broker_address
 from logbroker.clock import Clock, monotonic_s
 from logbroker.errors import (
+    AuthenticationError,
     BrokerError,
     BrokerUnavailableError,
     CoordinatorNotAvailableError,
     LogbrokerError,
+    PermissionDeniedError,
     RequestTimedOutError,
     error_for,
 )
@@ -275,6 +277,11 @@ class Heartbeater:
                     self._member.on_failure(LogbrokerError("internal error"), _monotonic_ms())
             self._on_change()
 
+    def _refused(self, err: PermissionDeniedError | AuthenticationError) -> None:
+        log.error("group %s: %s", self._member.group_id, err)
+        with self._lock:
+            self._member.on_response(HeartbeatResponse(err), _monotonic_ms())
+
     def _send(self, req: HeartbeatRequest) -> None:
         group = self._member.group_id
         addr: str | None = None
@@ -284,11 +291,17 @@ class Heartbeater:
                 heartbeat_request(group, req), timeout=self._timeout_s)
         except grpc.RpcError as e:
             err: LogbrokerError = rpc_error(e)
+            if isinstance(err, PermissionDeniedError | AuthenticationError):
+                self._refused(err)  # ACLs or credentials: no retry fixes it, poll() raises it
+                return
             if addr is not None:
                 self._coordinator.invalidate(addr)
             self._log.warning(f"hb {group}", "heartbeat of group %s to %s failed: %s", group, addr, err)
             with self._lock:
                 self._member.on_failure(err, _monotonic_ms())
+            return
+        except (PermissionDeniedError, AuthenticationError) as e:
+            self._refused(e)
             return
         except BrokerError as e:
             self._log.warning(f"find {group}", "coordinator of group %s not found: %s", group, e)

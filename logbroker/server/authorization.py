@@ -30,12 +30,17 @@ which suffices (CreateTopics: Create on the topic, or on the cluster, as Kafka).
 | DescribeAcls, DescribeUserScramCredentials | Describe Cluster |
 | ReadReplica | Read Topic, Describe Cluster |
 
+A call that presents the cluster secret (logbroker/cluster/cluster_secret.py) comes from another
+broker of the cluster and is not checked: brokers read each other's partitions for share groups and
+fetch as followers through these same APIs.
+
 A refusal is `RequestRejected(PERMISSION_DENIED)` for the whole call, naming the principal, the
 operation and the resource type, never the resource's name nor anything of its data.
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -139,9 +144,12 @@ class AuthorizingHook(RequestHook):
     """The request hook of a broker run with `--authorizer acl`. `authorizer` is replaced as a whole
     when the ACLs change (`update`); a call sees one snapshot."""
 
-    def __init__(self, authorizer: Authorizer) -> None:
+    def __init__(self, authorizer: Authorizer, cluster_secret: bytes = b"") -> None:
+        """`cluster_secret`: a call presenting it comes from another broker of this cluster (the
+        coordinator's reads of a remote partition, a follower's fetch) and is not checked."""
         self.authorizer = authorizer
         self.denied_total = 0
+        self._cluster_secret = cluster_secret
 
     def update(self, authorizer: Authorizer) -> None:
         self.authorizer = authorizer
@@ -149,7 +157,14 @@ class AuthorizingHook(RequestHook):
     def allowed(self, context: RequestContext, op: Operation, rtype: ResourceType, name: str) -> bool:
         return self.authorizer.authorize(principal_of(context), host_of(context.peer), op, rtype, name)
 
+    def _from_a_broker(self, context: RequestContext) -> bool:
+        presented = context.presented_cluster_secret
+        return bool(self._cluster_secret) and presented is not None and hmac.compare_digest(presented,
+                                                                                            self._cluster_secret)
+
     def on_request(self, api: str, context: RequestContext, request: Message) -> None:
+        if self._from_a_broker(context):
+            return
         wanted = checks(api, request)
         principal = principal_of(context)
         if wanted is None:

@@ -160,7 +160,7 @@ class Broker:
             self.authorizing_hook: AuthorizingHook | None = None
             self.acl_cache: AclCache | None = None
             if config.authorizer == "acl":
-                self.authorizing_hook = AuthorizingHook(Authorizer([], config.super_users))
+                self.authorizing_hook = AuthorizingHook(Authorizer([], config.super_users), config.cluster_secret)
                 self.acl_cache = AclCache(self.security_store, self.authorizing_hook, config.super_users)
             hook = self.authorizing_hook
             self.apis = BrokerApis(

@@ -130,3 +130,65 @@ def test_users_are_stored_hashed_and_listed_without_secrets(secured):
     assert admin.delete_user("bob") and not admin.delete_user("bob")
     log_text = b.log_path.read_text()
     assert "hunter2" not in log_text and "correct horse" not in log_text
+
+
+@pytest.mark.slow
+def test_a_cluster_with_acls_replicates_and_every_broker_applies_a_change(zookeeper, zk_chroot, tmp_path):
+    """Brokers call each other's APIs with the cluster secret (follower fetches, coordinator reads),
+    which the authorizer lets through; a client's call is checked on whichever broker it reaches,
+    and an ACL added through one broker is applied by the other within seconds."""
+    from logbroker.cluster.security_store import ZkSecurityStore
+    from logbroker.cluster.zk_store import ZkStore
+    from tests.cluster import Cluster
+
+    zk = ZkStore(zookeeper.address, chroot=zk_chroot, session_timeout_ms=4000)
+    zk.start()
+    try:
+        ZkSecurityStore(zk).add_acls([_acl(op, ResourceType.CLUSTER, CLUSTER_NAME)
+                                      for op in (Operation.DESCRIBE, Operation.CREATE, Operation.ALTER)])
+    finally:
+        zk.close()
+    c = Cluster(zookeeper, zk_chroot, tmp_path, 2, extra_args=["--authorizer", "acl"]).start()
+    try:
+        with Admin(c.bootstrap, request_timeout_ms=5000) as admin:
+            admin.create_topic("orders", partitions=2, replication_factor=2)
+            admin.create_acls([_acl(Operation.WRITE, ResourceType.TOPIC, "orders")])
+
+            def produce() -> bool:
+                with Producer(c.bootstrap, acks="all", request_timeout_ms=5000) as p:
+                    futures = [p.send("orders", b"v%d" % i, key=b"k%d" % i) for i in range(20)]
+                    for f in futures:  # both partitions: both brokers lead one, each checks the Write
+                        f.get(timeout=30)
+                return True
+
+            wait_for(lambda: _quietly(produce), 30, "both brokers to apply the Write ACL")
+            # acks=all: the followers fetched every acknowledged batch (earlier tries may have landed on
+            # the broker that had the ACL already, so there can be more than 20)
+            total = sum(c.high_watermark("orders", p) for p in (0, 1))
+            assert total >= 20
+            with pytest.raises(PermissionDeniedError), Consumer(c.bootstrap, group="g", request_timeout_ms=5000) as cons:
+                cons.subscribe(["orders"])
+                cons.poll(timeout_ms=3000)  # the group's heartbeat is refused: poll raises it
+            admin.create_acls([_acl(Operation.READ, ResourceType.TOPIC, "orders"),
+                               _acl(Operation.READ, ResourceType.GROUP, "g")])
+
+            def read_all() -> bool:
+                with Consumer(c.bootstrap, group="g", request_timeout_ms=5000, auto_offset_reset="earliest") as cons:
+                    cons.subscribe(["orders"])
+                    got = []
+                    for _ in range(10):
+                        got += cons.poll(timeout_ms=1000)
+                        if len(got) >= total:
+                            return True
+                    return False
+
+            wait_for(lambda: _quietly(read_all), 30, "a group reading on both brokers")
+    finally:
+        c.stop()
+
+
+def _quietly(fn) -> bool:
+    try:
+        return bool(fn())
+    except (PermissionDeniedError, TopicAuthorizationFailedError):
+        return False  # the other broker has not loaded the new ACLs yet

@@ -85,3 +85,15 @@ def test_host_of(peer, host):
 def test_principal_of():
     assert principal_of(RequestContext()) == "User:ANONYMOUS"
     assert principal_of(RequestContext(principal="User:x")) == "User:x"
+
+
+def test_a_call_with_the_cluster_secret_is_a_brokers_and_is_not_checked():
+    secret = b"s" * 32
+    hook = AuthorizingHook(Authorizer([]), cluster_secret=secret)
+    follower = pb.FetchRequest(partitions=[pb.FetchPartition(topic="t")], replica_id=2)
+    hook.on_request("Fetch", RequestContext(presented_cluster_secret=secret), follower)
+    for presented in (None, b"x" * 32):
+        with pytest.raises(RequestRejected):
+            hook.on_request("Fetch", RequestContext(presented_cluster_secret=presented), follower)
+    with pytest.raises(RequestRejected):  # a standalone broker has no secret: nothing passes unchecked
+        AuthorizingHook(Authorizer([])).on_request("Fetch", RequestContext(presented_cluster_secret=b""), follower)
