@@ -41,17 +41,15 @@ operation and the resource type, never the resource's name nor anything of its d
 from __future__ import annotations
 
 import hmac
-import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from google.protobuf.message import Message
 
 from logbroker.security.acl import CLUSTER_NAME, Authorizer, Operation, ResourceType
+from logbroker.server import audit
 from logbroker.server.apis.broker_apis import RequestHook
 from logbroker.server.request_context import RequestContext, RequestRejected, RequestStatus
-
-log = logging.getLogger("logbroker.audit")
 
 Check = list[tuple[Operation, ResourceType, str]]  # alternatives: any one suffices
 
@@ -168,14 +166,14 @@ class AuthorizingHook(RequestHook):
         wanted = checks(api, request)
         principal = principal_of(context)
         if wanted is None:
-            self._deny(context, api, f"no authorization rule for API {api}")
+            self.denied_total += 1
+            audit.denied(api, principal, context, "", "", "")
+            raise RequestRejected(RequestStatus.PERMISSION_DENIED, f"no authorization rule for API {api}")
         host = host_of(context.peer)
-        for alternatives in wanted or []:
+        for alternatives in wanted:
             if not any(self.authorizer.authorize(principal, host, op, rt, name) for op, rt, name in alternatives):
-                op, rt, _ = alternatives[0]
-                self._deny(context, api, f"{principal} is not authorized to {op.value} a {rt.value} of this request")
-
-    def _deny(self, context: RequestContext, api: str, message: str) -> None:
-        self.denied_total += 1
-        log.warning("denied: api=%s principal=%s peer=%s: %s", api, principal_of(context), context.peer, message)
-        raise RequestRejected(RequestStatus.PERMISSION_DENIED, message)
+                op, rt, name = alternatives[0]
+                self.denied_total += 1
+                audit.denied(api, principal, context, op.value, rt.value, name)
+                raise RequestRejected(RequestStatus.PERMISSION_DENIED,
+                                      f"{principal} is not authorized to {op.value} a {rt.value} of this request")

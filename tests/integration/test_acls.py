@@ -9,6 +9,7 @@ broker's metadata store, as an operator bootstraps Kafka's ACLs in ZooKeeper.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -90,6 +91,23 @@ def test_acls_decide_produce_fetch_and_metadata(secured):
     removed = admin.delete_acls(permission="Deny")
     assert [x.name for x in removed] == ["a."]
     assert _consume(b, "a.orders") == [b"v"]
+
+    events = _audit_events(b)
+    assert {"audit": "denied", "api": "Produce", "principal": ANON, "operation": "Write", "resource_type": "Topic",
+            "resource": "a.orders"}.items() <= next(e for e in events if e.get("api") == "Produce").items()
+    created = [e for e in events if e["api"] == "CreateTopics"]
+    assert [(e["resources"], e["outcome"]) for e in created] == [(["Topic:a.orders"], "ok"), (["Topic:b.secret"], "ok")]
+    assert any(e["api"] == "DeleteAcls" and e["audit"] == "change" for e in events)
+
+
+def _audit_events(b) -> list[dict]:
+    """The JSON objects of the broker's audit log lines (logger logbroker.audit)."""
+    out = []
+    for line in b.log_path.read_text().splitlines():
+        start = line.find('{"audit"')
+        if "logbroker.audit" in line and start >= 0:
+            out.append(json.loads(line[start:]))
+    return out
 
 
 def test_a_malformed_acl_is_refused_and_nothing_stored(secured):

@@ -23,6 +23,7 @@ from typing import Any, TypeAlias
 
 from google.protobuf.message import Message
 
+from logbroker.server import audit
 from logbroker.server.apis.admin import AdminApis
 from logbroker.server.apis.groups import GroupApis
 from logbroker.server.apis.metadata import MetadataApis
@@ -123,4 +124,7 @@ class BrokerApis:
         if op is None:
             raise RequestRejected(RequestStatus.UNIMPLEMENTED, f"unknown api {api}")
         self.hook.on_request(api, context, request)
+        if api in audit.AUDITED:
+            principal = context.principal if context.principal.startswith("User:") else f"User:{context.principal}"
+            return audit.audited(api, context, request, op(context, request), principal)
         return op(context, request)

@@ -1,7 +1,8 @@
 """ACLs and SCRAM users over the Admin API: CreateAcls, DeleteAcls, DescribeAcls,
 AlterUserScramCredentials, DescribeUserScramCredentials. The store calls block (ZooKeeper or LMDB),
 so they run in a thread; after a change this broker reloads its authorizer at once (`on_change`),
-the others through the store's change counter (server/acl_cache.py).
+the others through the store's change counter (server/acl_cache.py). Each change is in the audit
+log (server/audit.py, from the request layer).
 
 Bad input (an unknown operation, a principal not written User:NAME, a host that is not an IP, a
 credential with too few iterations) is answered with SECURITY_CONFIG_INVALID and the field's
@@ -14,7 +15,6 @@ mechanisms only).
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Callable
 
 from logbroker.cluster.security_store import SecurityStore, check_user
@@ -30,8 +30,6 @@ from logbroker.security.scram import Mechanism, ScramCredential, ScramError
 from logbroker.server.request_checks import check_count
 from logbroker.server.request_context import RequestContext
 from logbroker.v1 import logbroker_pb2 as pb
-
-audit = logging.getLogger("logbroker.audit")
 
 
 def binding_from_entry(e: pb.AclEntry) -> AclBinding:
@@ -68,8 +66,6 @@ class SecurityApis:
             created = await asyncio.to_thread(self._store().add_acls, bindings)
         except AclError as e:
             return pb.CreateAclsResponse(error_code=pb.SECURITY_CONFIG_INVALID, error_message=str(e))
-        for b in bindings:
-            audit.info("acl added by %s from %s: %s", context.principal, context.peer, b.describe())
         self._on_change()
         return pb.CreateAclsResponse(created=created)
 
@@ -78,8 +74,6 @@ class SecurityApis:
             removed = await asyncio.to_thread(self._store().remove_acls, lambda b: filter_matches(req.filter, b))
         except AclError as e:
             return pb.DeleteAclsResponse(error_code=pb.SECURITY_CONFIG_INVALID, error_message=str(e))
-        for b in removed:
-            audit.info("acl removed by %s from %s: %s", context.principal, context.peer, b.describe())
         self._on_change()
         return pb.DeleteAclsResponse(deleted=[entry_from_binding(b) for b in removed])
 
@@ -97,11 +91,6 @@ class SecurityApis:
         except (AclError, ScramError) as e:
             return pb.AlterUserScramCredentialsResponse(error_code=pb.SECURITY_CONFIG_INVALID, error_message=str(e))
         deleted = await asyncio.to_thread(self._alter_users, upserts, deletions)
-        for user, cred in upserts:
-            audit.info("user %r credential %s set by %s from %s", user, cred.mechanism.value, context.principal,
-                       context.peer)
-        for user in deletions:
-            audit.info("user %r deleted by %s from %s", user, context.principal, context.peer)
         return pb.AlterUserScramCredentialsResponse(deleted=deleted)
 
     def _alter_users(self, upserts: list[tuple[str, ScramCredential]], deletions: list[str]) -> int:
