@@ -282,6 +282,13 @@ class InvalidFilterError(BrokerError):
     code = pb.INVALID_FILTER
 
 
+class InvalidPriorityError(BrokerError):
+    """A record priority outside 0..priority_levels-1 of its topic (cluster/priority_levels.py):
+    nothing of it is written."""
+
+    code = pb.INVALID_PRIORITY
+
+
 class KafkaTimeoutError(LogbrokerError):
     """A client-side deadline passed (delivery timeout, flush timeout, metadata wait)."""
 
