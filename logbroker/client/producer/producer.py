@@ -156,18 +156,13 @@ class Producer(RecordAccumulator):
         headers: Sequence[tuple[str, bytes | str | None]] | dict[str, bytes | str | None] | None = None,
         partition: int | None = None,
         timestamp_ms: int | None = None,
-        delay_ms: int | None = None, deliver_at_ms: int | None = None, ttl_ms: int | None = None,
-        priority: int = 0,
+        delay_ms: int | None = None, deliver_at_ms: int | None = None, ttl_ms: int | None = None, priority: int = 0,
     ) -> FutureRecordMetadata:
         """Queue one record; the future resolves to its RecordMetadata once the broker has it.
 
         `delay_ms` / `deliver_at_ms` (ms since the epoch) and `ttl_ms` become the record's delivery
         headers for share groups (client/producer/delivery.py; ValueError when out of bounds).
-
-        `priority` (0, the lowest, to the topic's priority_levels - 1) sends the record to that
-        level's log (cluster/priority_levels.py; its RecordMetadata names that log): share groups
-        are handed higher levels first. A priority the topic does not have raises
-        InvalidPriorityError and queues nothing.
+        `priority` (0 lowest .. priority_levels-1): share groups get higher levels first (`_level_log`).
 
         Blocks only while the topic's metadata is unknown or buffer_memory_bytes is full, each at
         most max_block_ms (then KafkaTimeoutError). A record too large to ever send gets a future
@@ -179,8 +174,7 @@ class Producer(RecordAccumulator):
             key = to_bytes(key, "key")
         if timestamp_ms is None:
             timestamp_ms = _time_ns() // 1_000_000
-        if priority:
-            topic = self._level_log(topic, priority)
+        topic = self._level_log(topic, priority) if priority else topic
         if delay_ms is not None or deliver_at_ms is not None or ttl_ms is not None:
             headers = with_delivery_headers(headers, _time_ns() // 1_000_000, delay_ms, deliver_at_ms, ttl_ms)
         ts = self._topics.get(topic)
@@ -366,8 +360,9 @@ class Producer(RecordAccumulator):
             return ts
 
     def _level_log(self, topic: str, priority: int) -> str:
-        """The log of `topic`'s records of `priority` (> 0): its hidden level topic, which exists
-        only if the topic was created with more levels (else InvalidPriorityError)."""
+        """The log of `topic`'s records of `priority` (> 0): its hidden level topic
+        (cluster/priority_levels.py; RecordMetadata names it), which exists only if the topic was
+        created with more levels; else InvalidPriorityError, and nothing is queued."""
         if type(priority) is not int or not 0 <= priority < PRIORITY_LEVELS_MAX:
             raise InvalidPriorityError(f"priority {priority!r} is not an integer in [0, {PRIORITY_LEVELS_MAX - 1}]")
         name = level_topic(topic, priority)
