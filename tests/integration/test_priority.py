@@ -4,6 +4,9 @@ bad priorities are refused with nothing written, and the level topics follow the
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -156,3 +159,21 @@ def test_a_plain_consumer_of_the_topic_reads_level_zero_only(standalone):
         wait_for(lambda: got.extend(m.value for m in c.poll(200)) or len(got) >= 2, 20, "two records")
         got.extend(m.value for m in c.poll(300))
     assert got == [b"low", b"low2"]
+
+
+def test_cli_creates_a_topic_with_levels_and_produces_at_a_priority(standalone):
+    env = {**os.environ, "LOGBROKER_BOOTSTRAP": standalone.address}
+
+    def cli(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run([sys.executable, "-m", "logbroker", *args], input=stdin, capture_output=True, env=env,
+                              timeout=60)
+
+    assert cli("topics", "create", "c", "--config", "priority_levels=3").returncode == 0
+    ok = cli("produce", "c", "--priority", "2", stdin=b"a\nb\n")
+    assert ok.returncode == 0, ok.stderr.decode()
+    bad = cli("produce", "c", "--priority", "3", stdin=b"x\n")
+    assert bad.returncode != 0 and b"priority level 3" in bad.stderr, bad.stderr.decode()
+    with Admin(standalone.address) as admin:
+        assert _end_offsets(admin, "__priority.2.c") == [2]
+        assert _end_offsets(admin, "c") == [0]
+        assert "__priority.2.c" not in cli("topics", "list").stdout.decode()
