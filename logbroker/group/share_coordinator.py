@@ -14,8 +14,10 @@ One ShareFetch (the member's acknowledgements ride on it)::
     check the member (join at epoch 0, leave at -1)
     apply its acknowledgements, range by range (each all or nothing; results per range)
     loop until records are acquired or max_wait_ms passes:
-        read new records into each partition's window (share_data.py: local log or the leader)
-        acquire up to max_records, round robin over the partitions
+        read new records into each partition's window (share_data.py: local log or the leader),
+        the partitions of the member's topics and of their priority-level topics
+        acquire up to max_records, round robin over the partitions; a topic's priority levels
+        highest first, or by its priority_weights (priority_drain.py)
         else wait (a settle, a lock expiry or new data wakes it; new data is checked every tick)
     read the record batches that hold the acquired records (whole batches: the client keeps only
     its offsets); a partition that cannot be read now gives its acquisitions back (undone, count
