@@ -15,6 +15,9 @@ was offered is "empty": then every credit goes back to 0 (weights govern only wh
 backlogged; no level builds up a debt or a hoard while another is empty). Credits stay within
 +-CREDIT_BOUND.
 
+Per-key FIFO (`ordering="key"`) holds within each level: records of one key at different
+priorities are different logs, and a higher one may be handed out first.
+
 One `LevelDrain` per (share group, user topic), kept in memory by the coordinator (lost on a
 coordinator move: the weights then start afresh, which only shifts the mix of a few fetches).
 """
