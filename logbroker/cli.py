@@ -344,7 +344,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
                 key_part, found, rest = line.partition(sep)
                 if found:
                     key, line = key_part, rest
-            futures.append(producer.send(args.topic, line, key=key, partition=args.partition))
+            futures.append(producer.send(args.topic, line, key=key, partition=args.partition, priority=args.priority))
             count += 1
             if len(futures) >= 10_000:
                 failures.extend(_failures(futures))
@@ -594,6 +594,8 @@ def _add_produce_parser(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="split each line at the first SEP into key and value (default: no key)")
     p.add_argument("--acks", default="all", choices=["all", "-1", "0", "1"], help="acknowledgement level (default: all)")
     p.add_argument("--partition", type=int, default=None, help="send every record to this partition")
+    p.add_argument("--priority", type=int, default=0,
+                   help="the records' priority, 0 (default, lowest) to the topic's priority_levels - 1")
     p.add_argument("--linger-ms", type=int, default=5, help="batching delay (default: 5)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the last acknowledgements")
     p.set_defaults(func=cmd_produce)

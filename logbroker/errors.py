@@ -294,6 +294,13 @@ class SecurityConfigInvalidError(BrokerError):
     code = pb.SECURITY_CONFIG_INVALID
 
 
+class InvalidPriorityError(BrokerError):
+    """A record priority outside 0..priority_levels-1 of its topic (cluster/priority_levels.py):
+    nothing of it is written."""
+
+    code = pb.INVALID_PRIORITY
+
+
 class KafkaTimeoutError(LogbrokerError):
     """A client-side deadline passed (delivery timeout, flush timeout, metadata wait)."""
 

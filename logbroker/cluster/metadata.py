@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from logbroker.cluster.priority_levels import PRIORITY_LEVELS_MAX, check_priority_config
 from logbroker.errors import InvalidConfigError, InvalidGroupIdError, InvalidTopicError
 
 TOPIC_NAME_MAX_CHARS = 249
@@ -61,6 +62,9 @@ TOPIC_CONFIG_DEFAULTS: dict[str, str] = {
     # queues (group/share_partition.py): a record not settled this long after it became
     # deliverable is never handed to a share group again (-1: no limit)
     "message_ttl_ms": "-1",
+    # priority (cluster/priority_levels.py): levels 1..10 (1: none); weights per level, "" = strict
+    "priority_levels": "1",
+    "priority_weights": "",
 }
 
 _INT_CONFIG_BOUNDS: dict[str, tuple[int, int]] = {
@@ -77,6 +81,7 @@ _INT_CONFIG_BOUNDS: dict[str, tuple[int, int]] = {
     "max_compaction_lag_ms": (1, (1 << 63) - 1),
     "delete_retention_ms": (0, (1 << 63) - 1),
     "message_ttl_ms": (-1, 365 * 24 * 3600 * 1000),
+    "priority_levels": (1, PRIORITY_LEVELS_MAX),
 }
 _ENUM_CONFIG: dict[str, tuple[str, ...]] = {
     "cleanup_policy": ("delete", "compact", "compact,delete", "delete,compact"),
@@ -99,6 +104,8 @@ def normalize_topic_config(config: dict[str, str]) -> dict[str, str]:
             if not 0.0 <= ratio <= 1.0:
                 raise InvalidConfigError(f"{raw_key}={value} is outside [0, 1]")
             out[key] = str(ratio)
+        elif key == "priority_weights":
+            out[key] = value.replace(" ", "")
         elif key in _INT_CONFIG_BOUNDS:
             lo, hi = _INT_CONFIG_BOUNDS[key]
             try:
@@ -112,6 +119,7 @@ def normalize_topic_config(config: dict[str, str]) -> dict[str, str]:
             if value not in _ENUM_CONFIG[key]:
                 raise InvalidConfigError(f"{raw_key} must be one of {', '.join(_ENUM_CONFIG[key])}")
             out[key] = value
+    check_priority_config(out)
     return out
 
 

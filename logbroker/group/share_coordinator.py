@@ -14,8 +14,10 @@ One ShareFetch (the member's acknowledgements ride on it)::
     check the member (join at epoch 0, leave at -1)
     apply its acknowledgements, range by range (each all or nothing; results per range)
     loop until records are acquired or max_wait_ms passes:
-        read new records into each partition's window (share_data.py: local log or the leader)
-        acquire up to max_records, round robin over the partitions
+        read new records into each partition's window (share_data.py: local log or the leader),
+        the partitions of the member's topics and of their priority-level topics
+        acquire up to max_records, round robin over the partitions; a topic's priority levels
+        highest first, or by its priority_weights (priority_drain.py)
         else wait (a settle, a lock expiry or new data wakes it; new data is checked every tick)
     read the record batches that hold the acquired records (whole batches: the client keeps only
     its offsets); a partition that cannot be read now gives its acquisitions back (undone, count
@@ -46,10 +48,12 @@ from typing import TYPE_CHECKING, Any
 
 from logbroker.clock import Clock
 from logbroker.cluster.metadata import validate_topic_name
+from logbroker.cluster.priority_levels import level_topic, parse_level_topic, parse_levels, parse_weights
 from logbroker.errors import (
     BrokerError,
     GroupIdNotFoundError,
     InconsistentGroupProtocolError,
+    InvalidConfigError,
     InvalidRequestError,
     OffsetOutOfRangeError,
     UnknownMemberIdError,
@@ -63,6 +67,7 @@ from logbroker.group.offsets import (
     share_group_record,
     share_partition_record,
 )
+from logbroker.group.priority_drain import LevelDrain, drain
 from logbroker.group.share_data import ReadResult, ShareDataSource
 from logbroker.group.share_group import ShareGroup, ShareMember, TopicPartition, check_member_id
 from logbroker.group.share_partition import Acquired, DeadLetter, SharePartition, key_hash
@@ -262,11 +267,12 @@ class ShareCoordinator:
             raise InvalidRequestError("max_records and max_wait_ms must not be negative")
         deadline = self.clock.monotonic_ms() + min(req.max_wait_ms, MAX_WAIT_MS_MAX)
         while True:
-            unreadable = await self._read_new(g, member.topics, changed)
+            logs, weights = await self._priority_logs(member.topics)
+            unreadable = await self._read_new(g, logs, changed)
             if self._gc.shard_for(g.name) is not shard or shard.share_groups.get(g.name) is not g:
                 raise UnknownMemberIdError(f"share group {g.name} was reloaded: join again")
             g.check(member.member_id, member.epoch, self.clock.monotonic_ms())
-            got = self._acquire(g, member, max_records, changed, dead, unreadable)
+            got = self._acquire(g, member, max_records, changed, dead, unreadable, (set(logs), weights))
             if got or self.clock.monotonic_ms() >= deadline:
                 return got
             ev = self._wakeup(g.name)
@@ -347,28 +353,70 @@ class ShareCoordinator:
             # a batch that does not fit is taken in part: the rest is read again once records settle
             _add_batch(sp, data, pos, h, min(h.last_offset, limit), tp, ttl_ms, self.clock.now_ms())
 
+    async def _priority_logs(self, topics: Iterable[str]) -> tuple[list[str], dict[str, tuple[int, ...]]]:
+        """The logs a member subscribed to `topics` reads: each topic and its priority-level topics
+        (cluster/priority_levels.py), and the `priority_weights` of the topics that have any."""
+        logs: list[str] = []
+        weights: dict[str, tuple[int, ...]] = {}
+        for topic in topics:
+            logs.append(topic)
+            try:
+                levels = parse_levels(await self._data.topic_setting(topic, "priority_levels", "1"))
+                if levels > 1:
+                    weights[topic] = parse_weights(await self._data.topic_setting(topic, "priority_weights", ""), levels)
+            except InvalidConfigError:
+                levels = 1
+            logs += [level_topic(topic, k) for k in range(levels - 1, 0, -1)]
+        return logs, weights
+
     def _acquire(self, g: ShareGroup, member: ShareMember, max_records: int, changed: set[TopicPartition],
-                 dead: Dead, unreadable: set[TopicPartition]) -> dict[TopicPartition, list[Acquired]]:
-        tps = [tp for tp in g.partitions if tp[0] in member.topics and tp not in unreadable]
+                 dead: Dead, unreadable: set[TopicPartition],
+                 priority: tuple[set[str], dict[str, tuple[int, ...]]]) -> dict[TopicPartition, list[Acquired]]:
+        """Up to `max_records` for `member`, round robin over the partitions; the priority levels of a
+        topic drained highest first or by weight (group/priority_drain.py)."""
+        logs, weights = priority
+        tps = [tp for tp in g.partitions if tp[0] in logs and tp not in unreadable]
         if not tps:
             return {}
         out: dict[TopicPartition, list[Acquired]] = {}
         now = self.clock.now_ms()
-        left = max_records
         g.cursor = (g.cursor + 1) % len(tps)
-        order = tps[g.cursor:] + tps[: g.cursor]
-        for tp in order:
+        by_topic: dict[str, dict[int, list[TopicPartition]]] = {}  # user topic -> level -> partitions
+        for tp in tps[g.cursor:] + tps[: g.cursor]:
+            user, level = parse_level_topic(tp[0])
+            by_topic.setdefault(user, {}).setdefault(level, []).append(tp)
+        left = max_records
+        for user, levels in by_topic.items():
             if left <= 0:
                 break
-            runs, expired = g.partitions[tp].acquire(member.member_id, left, now)
+            drainer = g.drains.get(user)
+            if drainer is None:
+                drainer = g.drains[user] = LevelDrain()
+            drainer.set_weights(weights.get(user, ()))
+
+            def take(level: int, n: int, levels: dict[int, list[TopicPartition]] = levels) -> int:
+                return self._acquire_from(g, member.member_id, levels[level], n, now, out, changed, dead)
+            left -= sum(drain(drainer, levels, left, take).values())
+        for runs in out.values():
+            runs.sort(key=lambda r: r.first_offset)
+        return out
+
+    def _acquire_from(self, g: ShareGroup, member_id: str, tps: list[TopicPartition], n: int, now: int,
+                      out: dict[TopicPartition, list[Acquired]], changed: set[TopicPartition], dead: Dead) -> int:
+        """Up to `n` records of `tps`, in turn; how many it got."""
+        got = 0
+        for tp in tps:
+            if got >= n:
+                break
+            runs, expired = g.partitions[tp].acquire(member_id, n - got, now)
             if expired:
                 dead += [(tp, d) for d in expired]
                 changed.add(tp)
             if runs:
-                out[tp] = runs
+                out.setdefault(tp, []).extend(runs)
                 changed.add(tp)
-                left -= sum(r.last_offset - r.first_offset + 1 for r in runs)
-        return out
+                got += sum(r.last_offset - r.first_offset + 1 for r in runs)
+        return got
 
     async def _fill_records(self, resp: pb.ShareFetchResponse, g: ShareGroup, member_id: str,
                             acquired: dict[TopicPartition, list[Acquired]]) -> None:
@@ -441,7 +489,7 @@ class ShareCoordinator:
         for tp, d in dead:
             by_tp.setdefault(tp, []).append(d)
         for tp, letters in by_tp.items():
-            target = g.settings.dead_letter_topic_for(tp[0])
+            target = g.settings.dead_letter_topic_for(parse_level_topic(tp[0])[0])  # a level's: its topic's
             if target is None:
                 log.warning("share group %s: %d records of %s-%d dropped (%s; no dead-letter topic)", g.name,
                             len(letters), tp[0], tp[1], letters[0].reason)
@@ -583,7 +631,7 @@ class ShareCoordinator:
             topics = set(req.topics)
             changed: set[TopicPartition] = set()
             for tp, sp in list(g.partitions.items()):
-                if topics and tp[0] not in topics:
+                if topics and parse_level_topic(tp[0])[0] not in topics:  # a topic's levels with it
                     continue
                 _, hw = await self._data.bounds(tp)
                 resp.purged += sp.purge(hw)

@@ -60,6 +60,8 @@ class ShareDataSource(Protocol):
 
     async def message_ttl_ms(self, topic: str) -> int: ...
 
+    async def topic_setting(self, topic: str, name: str, default: str) -> str: ...
+
 
 class ShareData:
     """`ShareDataSource` on a broker (see the module doc)."""
@@ -71,26 +73,30 @@ class ShareData:
         self._peers = peers
         self._topics = topics
         self._topic_config = topic_config
-        self._ttl_cache: dict[str, tuple[float, int]] = {}  # topic -> (read at, message_ttl_ms)
+        self._config_cache: dict[str, tuple[float, dict[str, str]]] = {}  # topic -> (read at, its config)
         self._create_lock = asyncio.Lock()
 
     async def message_ttl_ms(self, topic: str) -> int:
-        """The topic's `message_ttl_ms` (-1: none), cached for TOPIC_CONFIG_CACHE_S (a change
-        applies within seconds)."""
+        """The topic's `message_ttl_ms` (-1: none), cached (see `topic_setting`)."""
+        return int(await self.topic_setting(topic, "message_ttl_ms", "-1"))
+
+    async def topic_setting(self, topic: str, name: str, default: str) -> str:
+        """One config of a topic (`default` when unset or unknown), the config cached for
+        TOPIC_CONFIG_CACHE_S (a change applies within seconds); the cached value (or `default`)
+        while the metadata store cannot be read."""
         now = time.monotonic()
-        cached = self._ttl_cache.get(topic)
-        if cached is not None and now - cached[0] < TOPIC_CONFIG_CACHE_S:
-            return cached[1]
-        ttl = -1
-        if self._topic_config is not None:
-            try:
-                ttl = int((await self._topic_config(topic)).get("message_ttl_ms", "-1"))
-            except Exception:  # metadata store unreachable: no TTL until the next read
-                ttl = cached[1] if cached is not None else -1
-        if len(self._ttl_cache) > 10_000:
-            self._ttl_cache.clear()
-        self._ttl_cache[topic] = (now, ttl)
-        return ttl
+        cached = self._config_cache.get(topic)
+        if cached is None or now - cached[0] >= TOPIC_CONFIG_CACHE_S:
+            config = cached[1] if cached is not None else {}
+            if self._topic_config is not None:
+                try:
+                    config = await self._topic_config(topic)
+                except Exception:  # metadata store unreachable: the last known config until the next read
+                    pass
+            if len(self._config_cache) > 10_000:
+                self._config_cache.clear()
+            cached = self._config_cache[topic] = (now, config)
+        return cached[1].get(name, default)
 
     def _local(self, tp: TopicPartition):  # type: ignore[no-untyped-def]
         part = self._replicas.partitions.get(tp)

@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from logbroker.errors import FencedMemberEpochError, GroupMaxSizeReachedError, UnknownMemberIdError
+from logbroker.group.priority_drain import LevelDrain
 from logbroker.group.share_partition import DeadLetter, SharePartition
 from logbroker.group.share_settings import ShareSettings
 
@@ -50,6 +51,8 @@ class ShareGroup:
     members: dict[str, ShareMember] = field(default_factory=dict)
     partitions: dict[TopicPartition, SharePartition] = field(default_factory=dict)
     cursor: int = 0  # where the next fetch starts among the partitions (round robin)
+    # per user topic with priority levels: the weighted drain's credits (group/priority_drain.py)
+    drains: dict[str, LevelDrain] = field(default_factory=dict)
 
     def join(self, member_id: str, topics: list[str], now_ms: int) -> tuple[ShareMember, list[tuple[TopicPartition, DeadLetter]]]:
         check_member_id(member_id)

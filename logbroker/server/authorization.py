@@ -5,7 +5,8 @@ Every API of `broker_apis.REQUEST_TYPES` has a rule here (a unit test holds that
 one is refused, so a new API is never open by accident. A rule reads only the request's own names,
 and checks every operation the call performs, whatever its flags say (CVE-2018-17196 class): a
 Fetch naming a replica id needs ClusterAction on top of Read; a ShareFetch carrying group
-settings needs Alter on the group on top of Read. Each check is a list of alternatives, any of
+settings needs Alter on the group on top of Read. The log of a topic's priority level
+(cluster/priority_levels.py) is checked as that topic. Each check is a list of alternatives, any of
 which suffices (CreateTopics: Create on the topic, or on the cluster, as Kafka).
 
 | API | needs |
@@ -46,6 +47,7 @@ from typing import Any
 
 from google.protobuf.message import Message
 
+from logbroker.cluster.priority_levels import parse_level_topic
 from logbroker.security.acl import CLUSTER_NAME, Authorizer, Operation, ResourceType
 from logbroker.server import audit
 from logbroker.server.apis.broker_apis import RequestHook
@@ -58,7 +60,8 @@ TOPIC, GROUP, CLUSTER = ResourceType.TOPIC, ResourceType.GROUP, ResourceType.CLU
 
 
 def _topics(op: Operation, names: Iterable[str]) -> list[Check]:
-    return [[(op, TOPIC, n)] for n in sorted(set(names))]
+    # a priority level's log (__priority.<k>.<topic>) is its topic's: the topic's ACLs cover it
+    return [[(op, TOPIC, n)] for n in sorted({parse_level_topic(n)[0] for n in names})]
 
 
 def _group(op: Operation, r: Any) -> list[Check]:
@@ -153,6 +156,8 @@ class AuthorizingHook(RequestHook):
         self.authorizer = authorizer
 
     def allowed(self, context: RequestContext, op: Operation, rtype: ResourceType, name: str) -> bool:
+        if rtype is TOPIC:
+            name = parse_level_topic(name)[0]
         return self.authorizer.authorize(principal_of(context), host_of(context.peer), op, rtype, name)
 
     def _from_a_broker(self, context: RequestContext) -> bool:

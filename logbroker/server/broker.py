@@ -12,6 +12,7 @@ runs in a thread before the loop touches any of it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -29,11 +30,20 @@ from logbroker.cluster.controller import Controller
 from logbroker.cluster.local_store import LocalMetadataStore, MetadataStore
 from logbroker.cluster.metadata import (
     PARTITIONS_MAX,
+    TOPIC_NAME_MAX_CHARS,
     TopicSpec,
     normalize_topic_config,
     validate_topic_name,
 )
 from logbroker.cluster.metadata_image import MetadataImage
+from logbroker.cluster.priority_levels import (
+    LEVEL_PREFIX,
+    is_level_topic,
+    level_topic,
+    max_user_topic_chars,
+    parse_level_topic,
+    parse_levels,
+)
 from logbroker.cluster.security_store import SecurityStore, ZkSecurityStore
 from logbroker.config import BrokerConfig
 from logbroker.errors import (
@@ -467,9 +477,9 @@ class Broker:
         return p
 
     def topic_names(self) -> list[str]:
-        if self.cluster is not None:
-            return self.metadata_image.topic_names()
-        return sorted(self.topics)
+        """Every topic but the hidden priority-level topics (cluster/priority_levels.py)."""
+        names = self.metadata_image.topic_names() if self.cluster is not None else sorted(self.topics)
+        return [n for n in names if not is_level_topic(n)]
 
     def topic_partitions(self, topic: str) -> dict[int, pb.PartitionState] | None:
         """Leader, epoch, replicas and ISR of every partition of `topic` (None: no such topic)."""
@@ -543,9 +553,38 @@ class Broker:
 
     async def create_topic(self, name: str, partitions: int, replication_factor: int, config: dict[str, str],
                            validate_only: bool = False, *, internal: bool = False) -> None:
-        """Create a topic; `internal` (the group coordinator's __consumer_offsets) only from inside."""
-        if name == OFFSETS_TOPIC and not internal:
-            raise InvalidTopicError(f"{OFFSETS_TOPIC} is internal: the group coordinator creates it")
+        """Create a topic; `internal` (the group coordinator's __consumer_offsets) only from inside.
+        A topic with priority_levels=N > 1 gets its N-1 hidden level topics first (same partition
+        count and replication factor; cluster/priority_levels.py), removed again if it fails."""
+        if (name == OFFSETS_TOPIC or is_level_topic(name)) and not internal:
+            raise InvalidTopicError(f"{name} is internal (the {OFFSETS_TOPIC} topic and the {LEVEL_PREFIX} prefix "
+                                    "are reserved)")
+        if internal:
+            await self._create_one(name, partitions, replication_factor, config, validate_only)
+            return
+        validate_topic_name(name)
+        levels = parse_levels(normalize_topic_config({**self.config.default_topic_config, **config})["priority_levels"])
+        if levels > 1 and len(name) > max_user_topic_chars(TOPIC_NAME_MAX_CHARS):
+            raise InvalidTopicError(f"a topic with priority levels has at most {max_user_topic_chars(TOPIC_NAME_MAX_CHARS)}"
+                                    f" characters, {name!r} has {len(name)}")
+        if levels > 1 and name in self.topic_names():
+            raise TopicAlreadyExistsError(f"topic {name!r} already exists")
+        level_config = {k: v for k, v in config.items() if not k.replace(".", "_").startswith("priority_")}
+        created: list[str] = []
+        try:
+            for level in range(1, levels):
+                await self._create_one(level_topic(name, level), partitions, replication_factor, level_config,
+                                       validate_only)
+                created.append(level_topic(name, level))
+            await self._create_one(name, partitions, replication_factor, config, validate_only)
+        except BaseException:
+            for hidden in created if not validate_only else []:
+                with contextlib.suppress(Exception):
+                    await self._delete_one(hidden)
+            raise
+
+    async def _create_one(self, name: str, partitions: int, replication_factor: int, config: dict[str, str],
+                          validate_only: bool) -> None:
         if self.cluster is not None:
             await self.cluster.create_topic(name, partitions, replication_factor, config, validate_only)
             return
@@ -578,8 +617,20 @@ class Broker:
         log.info("created topic %s with %d partitions", name, partitions)
 
     async def delete_topic(self, name: str) -> None:
+        """Delete a topic, then its priority-level topics (those that exist)."""
         if name == OFFSETS_TOPIC:
             raise InvalidTopicError(f"{OFFSETS_TOPIC} is internal: it holds every group's committed offsets")
+        if is_level_topic(name):
+            raise InvalidTopicError(f"{name} is a priority level of {parse_level_topic(name)[0]}: delete that topic")
+        levels = parse_levels((await self.topic_config(name)).get("priority_levels", "1"))
+        await self._delete_one(name)
+        for level in range(1, levels):
+            try:
+                await self._delete_one(level_topic(name, level))
+            except UnknownTopicOrPartitionError:
+                pass
+
+    async def _delete_one(self, name: str) -> None:
         if self.cluster is not None:
             await self.cluster.delete_topic(name)
             return
@@ -595,8 +646,16 @@ class Broker:
         log.info("deleted topic %s", name)
 
     async def create_partitions(self, name: str, total: int) -> None:
+        """Grow a topic, then its priority-level topics to the same count."""
         if name == OFFSETS_TOPIC:
             raise InvalidTopicError(f"{OFFSETS_TOPIC} is internal: more partitions would move every group's offsets")
+        if is_level_topic(name):
+            raise InvalidTopicError(f"{name} is a priority level of {parse_level_topic(name)[0]}: grow that topic")
+        await self._create_partitions_one(name, total)
+        for level in range(1, parse_levels((await self.topic_config(name)).get("priority_levels", "1"))):
+            await self._create_partitions_one(level_topic(name, level), total)
+
+    async def _create_partitions_one(self, name: str, total: int) -> None:
         if self.cluster is not None:
             await self.cluster.create_partitions(name, total)
             return

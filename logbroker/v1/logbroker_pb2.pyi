@@ -59,6 +59,7 @@ class ErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INVALID_FILTER: _ClassVar[ErrorCode]
     TOPIC_AUTHORIZATION_FAILED: _ClassVar[ErrorCode]
     SECURITY_CONFIG_INVALID: _ClassVar[ErrorCode]
+    INVALID_PRIORITY: _ClassVar[ErrorCode]
 NONE: ErrorCode
 UNKNOWN_SERVER_ERROR: ErrorCode
 OFFSET_OUT_OF_RANGE: ErrorCode
@@ -109,6 +110,7 @@ UNSUPPORTED_COMPRESSION_TYPE: ErrorCode
 INVALID_FILTER: ErrorCode
 TOPIC_AUTHORIZATION_FAILED: ErrorCode
 SECURITY_CONFIG_INVALID: ErrorCode
+INVALID_PRIORITY: ErrorCode
 
 class ProduceRequest(_message.Message):
     __slots__ = ("acks", "timeout_ms", "partitions")

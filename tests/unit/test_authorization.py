@@ -97,3 +97,9 @@ def test_a_call_with_the_cluster_secret_is_a_brokers_and_is_not_checked():
             hook.on_request("Fetch", RequestContext(presented_cluster_secret=presented), follower)
     with pytest.raises(RequestRejected):  # a standalone broker has no secret: nothing passes unchecked
         AuthorizingHook(Authorizer([])).on_request("Fetch", RequestContext(presented_cluster_secret=b""), follower)
+
+
+def test_a_priority_level_log_is_checked_as_its_topic():
+    req = pb.ProduceRequest(partitions=[pb.ProducePartition(topic="__priority.3.orders"),
+                                        pb.ProducePartition(topic="orders")])
+    assert checks("Produce", req) == [[(Operation.WRITE, TOPIC, "orders")]]

@@ -59,8 +59,10 @@ from logbroker.client.producer.future import (
 )
 from logbroker.client.producer.sender import Sender
 from logbroker.clock import SYSTEM_CLOCK, Clock
+from logbroker.cluster.priority_levels import PRIORITY_LEVELS_MAX, level_topic
 from logbroker.errors import (
     BrokerUnavailableError,
+    InvalidPriorityError,
     KafkaTimeoutError,
     LogbrokerError,
     MessageTooLargeError,
@@ -154,12 +156,13 @@ class Producer(RecordAccumulator):
         headers: Sequence[tuple[str, bytes | str | None]] | dict[str, bytes | str | None] | None = None,
         partition: int | None = None,
         timestamp_ms: int | None = None,
-        delay_ms: int | None = None, deliver_at_ms: int | None = None, ttl_ms: int | None = None,
+        delay_ms: int | None = None, deliver_at_ms: int | None = None, ttl_ms: int | None = None, priority: int = 0,
     ) -> FutureRecordMetadata:
         """Queue one record; the future resolves to its RecordMetadata once the broker has it.
 
         `delay_ms` / `deliver_at_ms` (ms since the epoch) and `ttl_ms` become the record's delivery
         headers for share groups (client/producer/delivery.py; ValueError when out of bounds).
+        `priority` (0 lowest .. priority_levels-1): share groups get higher levels first (`_level_log`).
 
         Blocks only while the topic's metadata is unknown or buffer_memory_bytes is full, each at
         most max_block_ms (then KafkaTimeoutError). A record too large to ever send gets a future
@@ -171,6 +174,7 @@ class Producer(RecordAccumulator):
             key = to_bytes(key, "key")
         if timestamp_ms is None:
             timestamp_ms = _time_ns() // 1_000_000
+        topic = self._level_log(topic, priority) if priority else topic
         if delay_ms is not None or deliver_at_ms is not None or ttl_ms is not None:
             headers = with_delivery_headers(headers, _time_ns() // 1_000_000, delay_ms, deliver_at_ms, ttl_ms)
         ts = self._topics.get(topic)
@@ -234,6 +238,7 @@ class Producer(RecordAccumulator):
         partition: int | None = None,
         headers: Sequence[tuple[str, bytes | str | None]] | dict[str, bytes | str | None] | None = None,
         timestamp_ms: int | None = None,
+        priority: int = 0,
     ) -> FutureRecordsMetadata:
         """Queue many records at once: what `send` does for each, at a fraction of its cost per record.
 
@@ -242,7 +247,7 @@ class Producer(RecordAccumulator):
         would put them: to `partition` if given, else keyed ones by the key's consistent hash and
         null-key ones to the sticky partition; they join the same per-partition batches as `send`'s
         (a `send` and a `send_many` from one thread keep their order within a partition), filling
-        one batch after another. Returns ONE future (FutureRecordsMetadata) for the whole call.
+        one batch after another; `priority` as in `send`. Returns ONE future (FutureRecordsMetadata) for the whole call.
 
         Everything is checked before any record is queued: a value or key neither bytes, str nor
         None, or `keys` of another length, raises TypeError / ValueError; an unknown topic or
@@ -254,6 +259,8 @@ class Producer(RecordAccumulator):
         while it waits, KafkaTimeoutError is raised: the records queued before stay queued (their
         batches are delivered; `flush()` waits for them), the rest are not.
         """
+        if priority:
+            topic = self._level_log(topic, priority)
         fut = self._queue_many(topic, values, keys, partition, headers, timestamp_ms)
         if self._ship_inline_enabled:
             self._ship_inline()
@@ -351,6 +358,24 @@ class Producer(RecordAccumulator):
                 ts = TopicState(topic, n)
                 self._topics[topic] = ts
             return ts
+
+    def _level_log(self, topic: str, priority: int) -> str:
+        """The log of `topic`'s records of `priority` (> 0): its hidden level topic
+        (cluster/priority_levels.py; RecordMetadata names it), which exists only if the topic was
+        created with more levels; else InvalidPriorityError, and nothing is queued."""
+        if type(priority) is not int or not 0 <= priority < PRIORITY_LEVELS_MAX:
+            raise InvalidPriorityError(f"priority {priority!r} is not an integer in [0, {PRIORITY_LEVELS_MAX - 1}]")
+        name = level_topic(topic, priority)
+        if name in self._topics:
+            return name
+        if topic not in self._topics:
+            self._topic_state(topic)  # the topic itself must exist (UnknownTopicOrPartitionError)
+        try:
+            self._metadata.partitions_for(name)
+        except UnknownTopicOrPartitionError:
+            raise InvalidPriorityError(f"topic {topic!r} has no priority level {priority} (create it with "
+                                       f"priority_levels > {priority})") from None
+        return name
 
     def _check_partition(self, ts: TopicState, partition: int) -> None:
         self._metadata.refresh([ts.name])

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from logbroker.client.queue.acks import ACCEPTED, REJECT, RELEASE, Ack
+from logbroker.cluster.priority_levels import parse_level_topic
 from logbroker.storage.record_batch import RecordHeaders
 
 
@@ -26,15 +27,18 @@ class Settler(Protocol):
 class QueueMessage:
     """One record of a share group, held by this member under a lock until settled."""
 
-    __slots__ = ("_consumer", "delivery_count", "generation", "headers", "key", "offset", "partition",
-                 "settled", "timestamp", "topic", "value")
+    __slots__ = ("_consumer", "delivery_count", "generation", "headers", "key", "log_topic", "offset", "partition",
+                 "priority", "settled", "timestamp", "topic", "value")
 
     def __init__(self, consumer: Settler, generation: int, topic: str, partition: int, offset: int,
                  key: bytes | None, value: bytes | None, headers: RecordHeaders, timestamp: int,
                  delivery_count: int) -> None:
         self._consumer = consumer
         self.generation = generation  # the consumer's membership generation it was handed out in
-        self.topic = topic
+        # `topic` is the user's topic; a record of priority k > 0 lives in that topic's hidden level
+        # log (cluster/priority_levels.py), named by `log_topic`, which its acknowledgement names
+        self.log_topic = topic
+        self.topic, self.priority = parse_level_topic(topic)
         self.partition = partition
         self.offset = offset
         self.key = key
@@ -64,5 +68,5 @@ class QueueMessage:
         return None
 
     def __repr__(self) -> str:
-        return (f"QueueMessage({self.topic}-{self.partition}@{self.offset}, delivery_count={self.delivery_count}, "
+        return (f"QueueMessage({self.topic}-{self.partition}@{self.offset}, priority={self.priority}, delivery_count={self.delivery_count}, "
                 f"key={self.key!r}, value={self.value!r:.60})")

@@ -165,7 +165,7 @@ class QueueConsumer:
             acks = self._acks
             full = len(acks) >= acks.max_offsets
             if not full:
-                acks.add(message.topic, message.partition, message.offset, ack)
+                acks.add(message.log_topic, message.partition, message.offset, ack)
                 message.settled = True
         if full:  # send what is pending first, then queue this one
             self.commit_acks()
@@ -264,13 +264,13 @@ class QueueConsumer:
         with self._lock:
             if message.settled or message.generation != self._generation:
                 return False
-        run = ShareAck(message.topic, message.partition, message.offset, message.offset, Ack(RENEW, int(ms)))
+        run = ShareAck(message.log_topic, message.partition, message.offset, message.offset, Ack(RENEW, int(ms)))
         resp = self._acknowledge([run])
         if resp.error_code != pb.NONE:
             if resp.error_code in _FENCED:
                 self._fenced(error_for(resp.error_code, resp.error_message))
             return False
-        return outcomes([run], resp.results)[(message.topic, message.partition, message.offset)] is None
+        return outcomes([run], resp.results)[(message.log_topic, message.partition, message.offset)] is None
 
     def _acknowledge(self, runs: list[ShareAck]) -> Any:
         request = pb.ShareAcknowledgeRequest(group=self.group, member_id=self.member_id,
