@@ -36,6 +36,7 @@ from logbroker.cluster.metadata import (
     validate_topic_name,
 )
 from logbroker.cluster.metadata_image import MetadataImage
+from logbroker.cluster.priority_levels import parse_level_topic
 from logbroker.cluster.zk_store import ZkStore
 from logbroker.config import BrokerConfig
 from logbroker.errors import (
@@ -306,8 +307,11 @@ class ClusterMember:
             log.warning("topic %s: replication factor %d below min_insync_replicas %s", name, rf,
                         full_config["min_insync_replicas"])
         racks = {b.broker_id: b.rack for b in brokers.values() if b.rack}
+        # a priority level's log is placed as its topic (same replicas, same preferred leader, while the
+        # brokers stay the same), so the share coordinator usually reads every level locally
+        placed_as = parse_level_topic(name)[0]
         assignment = balance_leaders(
-            {p: assign_replicas(name, p, sorted(brokers), rf, racks or None) for p in range(partitions)}
+            {p: assign_replicas(placed_as, p, sorted(brokers), rf, racks or None) for p in range(partitions)}
         )
         if validate_only:
             if await self._zk(self.store.get_topic, name) is not None:

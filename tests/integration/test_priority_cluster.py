@@ -1,6 +1,7 @@
 """Priority levels on a 3-broker cluster (real ZooKeeper): the level topics are created with their
-topic (their leaders may be other brokers than the topic's, so the share coordinator reads some
-levels remotely), urgent records come first, and deleting the topic deletes its levels."""
+topic and placed as it is (same replicas per partition, so the share coordinator reads the levels
+locally while leadership stays where it was placed), urgent records come first, and deleting the
+topic deletes its levels."""
 
 from __future__ import annotations
 
@@ -32,6 +33,10 @@ def test_levels_on_a_cluster(cluster3: Cluster) -> None:
     with Admin(bootstrap) as admin:
         admin.create_topic("jobs", partitions=3, replication_factor=2, config={"priority_levels": "3"})
         wait_for(lambda: len(admin.describe_topic("__priority.2.jobs").partitions) == 3, 20, "level topic")
+        placement = {p.partition: p.replicas for p in admin.describe_topic("jobs").partitions}
+        for level in (1, 2):
+            assert {p.partition: p.replicas for p in admin.describe_topic(f"__priority.{level}.jobs").partitions} \
+                == placement
     with Producer(bootstrap) as p:
         for _ in range(5):
             p.send_many("jobs", [b"low"] * 2_000)
