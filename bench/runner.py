@@ -494,9 +494,13 @@ class Runner:
                 f"preloaded {preload['total_records']:,} records ({preload['gb']:.2f} GB) "
                 f"at {preload['records_per_s']:,.0f} rec/s via {preload.get('path', '?')}"
             )
+            total, expected = preload["total_records"], preload.get("matching_records", preload["total_records"])
             for i in range(self.runs):
                 prog = Progress(self._label(i))
-                consume = self._consume(server, sampler, workers, prog, preload["total_records"], f"pass{i}")
+                consume = self._consume(server, sampler, workers, prog, expected, f"pass{i}")
+                if wl.filter:  # filtered-consume: the rate counts delivered records; scanned is all of them
+                    consume["delivered_per_s"] = consume["records_per_s"]
+                    consume["scanned_per_s"] = consume["records_per_s"] * total / max(expected, 1)
                 cpu = sampler.cpu_between(f"pass{i}_start", f"pass{i}_end")
                 peaks = sampler.peak(f"pass{i}_start", f"pass{i}_end")
                 run = {"consume": consume, "server": {"consume_cpu_s": cpu, **peaks}}
@@ -532,6 +536,8 @@ def _one_line(run: dict[str, Any]) -> str:
         if side in run:
             d = run[side]
             parts.append(f"{side} {d['records_per_s']:>11,.0f} rec/s {d['mb_per_s']:8.1f} MB/s")
+            if side == "consume" and "scanned_per_s" in d:
+                parts.append(f"scanned {d['scanned_per_s']:>11,.0f} rec/s")
             if side == "consume" and not d.get("complete", True):
                 parts.append(f"(INCOMPLETE: {d['records']:,} of {d['expected_records']:,})")
     lat = run.get("latency_ms")
@@ -562,6 +568,9 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
             }
             if side == "consume":
                 out[side]["complete"] = all(r[side]["complete"] for r in runs)
+                for key in ("scanned_per_s", "delivered_per_s"):  # filtered-consume
+                    if all(key in r[side] for r in runs):
+                        out[side][key] = _median([r[side][key] for r in runs])
     lats = [r["latency_ms"] for r in runs if r.get("latency_ms")]
     if lats:
         out["latency_ms"] = {k: _median([lat[k] for lat in lats]) for k in lats[0]}

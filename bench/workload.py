@@ -15,6 +15,10 @@ Phases (`mode`):
   over the acknowledgements.
 - `preload_bytes > 0` (consume-5gb): one server per workload, the log is filled once with the
   driver's fastest path, then each of the `runs` is a fresh consumer reading all of it.
+- `filter` (filtered-consume, logbroker only, with `preload_bytes`): one record in `match_every`
+  carries the header type=invoice (the others type=receipt), and each pass's consumer (a fresh
+  group) reads with the server-side filter `filter`; the pass reports records delivered per second
+  and records scanned per second (delivered/s x the records per match).
 """
 
 from __future__ import annotations
@@ -60,6 +64,8 @@ class Workload:
     consume_time_limit_s: float = 120.0
     native_requests_per_s: int = 200_000  # redis-native: sizes `redis-benchmark -n` to ~duration_s
     requires: str = ""  # "cluster" | "groups" | ""
+    filter: str = ""  # a server-side CEL filter for the consumers (filtered-consume)
+    match_every: int = 0  # with filter: one preloaded record in this many has header type=invoice
     systems: tuple[str, ...] = ("logbroker", "nats", "redis")
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -100,6 +106,8 @@ def _check(wl: Workload) -> Workload:
         problems.append("backlog_records must be >= 0, and needs mode = 'sequential'")
     if wl.latency and wl.mode != "concurrent":
         problems.append("latency = true needs mode = 'concurrent'")
+    if wl.filter and (wl.match_every < 1 or not wl.preload_bytes or wl.systems != ("logbroker",)):
+        problems.append("filter needs match_every >= 1, preload_bytes > 0 and systems = ['logbroker']")
     if problems:
         raise WorkloadError(f"workload {wl.name}: " + "; ".join(problems))
     return wl

@@ -69,6 +69,8 @@ def cmd_queues_configure(args: argparse.Namespace) -> int:
         settings["dead_letter_expired"] = args.dead_letter_expired == "true"
     if args.ordering is not None:
         settings["ordering"] = args.ordering
+    if args.filter is not None:
+        settings["filter"] = args.filter
     if not settings:
         print("nothing to change: give at least one setting", file=sys.stderr)
         return 1
@@ -115,6 +117,9 @@ def add_queues_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     q.add_argument("--dead-letter-expired", choices=["true", "false"], default=None)
     q.add_argument("--ordering", choices=["none", "key"], default=None,
                    help="key: per-key FIFO (one record of a key handed out at a time, in offset order)")
+    q.add_argument("--filter", default=None, metavar="EXPR",
+                   help='the group\'s CEL filter over key, headers, timestamp, e.g. \'headers["type"] == "invoice"\': '
+                        'records it does not match are settled without delivery; "" removes it')
     q.set_defaults(func=cmd_queues_configure)
     q = qsub.add_parser("redrive", parents=[common], help="move dead letters back to their source topics")
     q.add_argument("dlq_topic")

@@ -87,6 +87,9 @@ class LogbrokerConsumer:
 
         settings = {"max_poll_records": 10_000, **wl.option("logbroker", "consumer", {})}
         self.group = "bench" if wl.requires == "groups" else None
+        if wl.filter:  # filtered-consume: a group member, a fresh group per pass (one process each)
+            settings["filter"] = wl.filter
+            self.group = f"bench-filtered-{os.getpid()}"
         self.c = logbroker.Consumer(
             address, topics=[topic], group=self.group, auto_offset_reset="earliest", **settings
         )
@@ -246,8 +249,14 @@ class LogbrokerDriver(Driver):
         value = payload(wl.record_size)
         now_ms = int(time.time() * 1000)
         builder = BatchBuilder(now_ms)
-        while builder.size_bytes + wl.record_size + 16 < PRELOAD_BATCH_BYTES:
-            builder.append(now_ms, None, value)
+        matching = 0
+        while builder.size_bytes + wl.record_size + 40 < PRELOAD_BATCH_BYTES:
+            if wl.match_every:  # filtered-consume: one record in match_every is an invoice
+                match = builder.record_count % wl.match_every == 0
+                matching += match
+                builder.append(now_ms, None, value, [("type", b"invoice" if match else b"receipt")])
+            else:
+                builder.append(now_ms, None, value)
         batch = builder.build()
         per_batch = builder.record_count
         target = max(1, wl.preload_bytes // wl.record_size)
@@ -292,6 +301,7 @@ class LogbrokerDriver(Driver):
         return {
             "records": records,
             "total_records": records,
+            "matching_records": sent * matching if wl.match_every else records,
             "seconds": seconds,
             "records_per_s": records / seconds,
             "mb_per_s": records * wl.record_size / 1e6 / seconds,

@@ -466,7 +466,8 @@ class Admin:
     def alter_share_group(self, group: str, **settings: Any) -> None:
         """Change a share group's settings (lock_ms, max_delivery_attempts, retry_backoff_ms,
         retry_backoff_max_ms, dead_letter_topic, dead_letter_expired, max_in_flight_records,
-        auto_offset_reset, ordering); the ones not given keep their value. TypeError for an unknown name."""
+        auto_offset_reset, ordering, filter); the ones not given keep their value (filter="" removes the
+        group's filter). TypeError for an unknown name."""
         request = pb.AlterShareGroupRequest(group=group, settings=share_settings(**settings))
         self._share_call(group, "AlterShareGroup", request)
 

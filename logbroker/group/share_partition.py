@@ -159,6 +159,7 @@ class Counters:
     expired: int = 0
     redelivered: int = 0
     locks_lost: int = 0  # records given back because their lock ran out
+    filtered: int = 0    # records the group's filter did not match (settled unseen: add_filtered)
 
 
 @dataclass
@@ -218,6 +219,19 @@ class SharePartition:
             self._extend(n, RecordState.DEFERRED, timestamp_ms, 0, 0)
             return
         self._extend(n, RecordState.AVAILABLE, timestamp_ms, until_ms, expires_ms)
+
+    def add_filtered(self, first_offset: int, last_offset: int, timestamp_ms: int) -> None:
+        """Records [first, last] read from the log that the group's filter (share_settings.filter)
+        does not match: they join the window settled (ARCHIVED) and are never handed out, never
+        dead-lettered, and count as no delivery. Offsets between end_offset and first_offset join
+        settled, as in `add_records`; ranges at or below end_offset are ignored (read twice)."""
+        if last_offset < self.end_offset:
+            return
+        if first_offset > self.end_offset:
+            self._extend(first_offset - self.end_offset, RecordState.ACKNOWLEDGED, timestamp_ms, 0, 0)
+        n = last_offset - self.end_offset + 1
+        self._extend(n, RecordState.ARCHIVED, timestamp_ms, 0, 0)
+        self.counters.filtered += n
 
     def add_gap(self, last_offset: int) -> None:
         """Offsets up to `last_offset` hold no record (compacted away, control batches): they join

@@ -8,6 +8,14 @@ the source topic's name (default `{topic}.dlq`); the empty string means no dead-
 `ordering`: "none" (default) hands records out in any order to any member; "key" is per-key FIFO
 (SQS FIFO message groups, Pulsar Key_Shared): never two records of one key acquired at once, a
 key's records in offset order, different keys in parallel (share_partition.py: "Per-key FIFO").
+
+`filter`: a CEL expression over each record's key, headers and timestamp (record_filter.py), ""
+for none. It is the group's, not a member's (the members share one window): records it does not
+match are settled for the group as they enter the window (ARCHIVED, never handed out, never
+dead-lettered: share_partition.add_filtered). Set by the member that creates the group or by an
+alter (`queues configure --filter`); a member joining with another filter is refused
+(INVALID_FILTER, share_coordinator.py). A bad expression is refused with INVALID_FILTER and the
+parser's message. Changing it applies to the records read into the window from then on.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ class ShareSettings:
     max_in_flight_records: int = 2_000
     auto_offset_reset: str = "latest"
     ordering: str = "none"
+    filter: str = ""
 
     def backoff_ms(self, delivery_count: int) -> int:
         """The wait before redelivering a record that failed its `delivery_count`-th delivery:
@@ -97,6 +106,10 @@ class ShareSettings:
             raise InvalidConfigError(f"auto_offset_reset {self.auto_offset_reset!r}: use one of {OFFSET_RESETS}")
         if self.ordering not in ORDERINGS:
             raise InvalidConfigError(f"ordering {self.ordering!r}: use one of {ORDERINGS}")
+        if self.filter:
+            from logbroker.group.record_filter import compile_filter  # cel-python: filtered groups only
+
+            compile_filter(self.filter)  # InvalidFilterError: the parser's message
         if self.dead_letter_topic:
             try:
                 validate_topic_name(self.dead_letter_topic.replace("{topic}", "t"))

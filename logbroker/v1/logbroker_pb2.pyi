@@ -1035,7 +1035,7 @@ class ShareAckResult(_message.Message):
     def __init__(self, topic: _Optional[str] = ..., partition: _Optional[int] = ..., first_offset: _Optional[int] = ..., last_offset: _Optional[int] = ..., error_code: _Optional[_Union[ErrorCode, str]] = ..., error_message: _Optional[str] = ...) -> None: ...
 
 class ShareGroupSettings(_message.Message):
-    __slots__ = ("lock_ms", "max_delivery_attempts", "retry_backoff_ms", "retry_backoff_max_ms", "dead_letter_topic", "dead_letter_expired", "max_in_flight_records", "auto_offset_reset", "ordering")
+    __slots__ = ("lock_ms", "max_delivery_attempts", "retry_backoff_ms", "retry_backoff_max_ms", "dead_letter_topic", "dead_letter_expired", "max_in_flight_records", "auto_offset_reset", "ordering", "filter")
     LOCK_MS_FIELD_NUMBER: _ClassVar[int]
     MAX_DELIVERY_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     RETRY_BACKOFF_MS_FIELD_NUMBER: _ClassVar[int]
@@ -1045,6 +1045,7 @@ class ShareGroupSettings(_message.Message):
     MAX_IN_FLIGHT_RECORDS_FIELD_NUMBER: _ClassVar[int]
     AUTO_OFFSET_RESET_FIELD_NUMBER: _ClassVar[int]
     ORDERING_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
     lock_ms: int
     max_delivery_attempts: int
     retry_backoff_ms: int
@@ -1054,7 +1055,8 @@ class ShareGroupSettings(_message.Message):
     max_in_flight_records: int
     auto_offset_reset: str
     ordering: str
-    def __init__(self, lock_ms: _Optional[int] = ..., max_delivery_attempts: _Optional[int] = ..., retry_backoff_ms: _Optional[int] = ..., retry_backoff_max_ms: _Optional[int] = ..., dead_letter_topic: _Optional[str] = ..., dead_letter_expired: _Optional[bool] = ..., max_in_flight_records: _Optional[int] = ..., auto_offset_reset: _Optional[str] = ..., ordering: _Optional[str] = ...) -> None: ...
+    filter: str
+    def __init__(self, lock_ms: _Optional[int] = ..., max_delivery_attempts: _Optional[int] = ..., retry_backoff_ms: _Optional[int] = ..., retry_backoff_max_ms: _Optional[int] = ..., dead_letter_topic: _Optional[str] = ..., dead_letter_expired: _Optional[bool] = ..., max_in_flight_records: _Optional[int] = ..., auto_offset_reset: _Optional[str] = ..., ordering: _Optional[str] = ..., filter: _Optional[str] = ...) -> None: ...
 
 class ShareFetchRequest(_message.Message):
     __slots__ = ("group", "member_id", "member_epoch", "topics", "max_records", "max_wait_ms", "acknowledgements", "settings")

@@ -53,3 +53,16 @@ def test_all_matching_batch_passed_through() -> None:
 def test_trailing_partial_batch_dropped() -> None:
     data = _batch(0, ["a"]) + _batch(1, ["a"])[:30]
     assert _decode(filter_records(data, F, "t", 0)) == ([0], 1)
+
+
+def test_a_translated_filter_may_read_more_per_fetch_than_one_cel_python_evaluates() -> None:
+    from logbroker.server.apis.fetch_filter import (
+        CELPY_FILTERED_FETCH_MAX_BYTES,
+        FILTERED_FETCH_MAX_BYTES,
+        filtered_fetch_max_bytes,
+    )
+    assert F.fast is not None
+    assert filtered_fetch_max_bytes(F) == FILTERED_FETCH_MAX_BYTES == 512 << 10
+    slow = compile_filter("double(timestamp) > 1.5")  # doubles are left to cel-python
+    assert slow.fast is None
+    assert filtered_fetch_max_bytes(slow) == CELPY_FILTERED_FETCH_MAX_BYTES == 32 << 10

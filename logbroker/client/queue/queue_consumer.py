@@ -62,10 +62,12 @@ def share_settings(
     lock_ms: int | None = None, max_delivery_attempts: int | None = None, retry_backoff_ms: int | None = None,
     retry_backoff_max_ms: int | None = None, dead_letter_topic: str | None = None,
     dead_letter_expired: bool | None = None, max_in_flight_records: int | None = None,
-    auto_offset_reset: str | None = None, ordering: str | None = None,
+    auto_offset_reset: str | None = None, ordering: str | None = None, filter: str | None = None,  # noqa: A002
 ) -> pb.ShareGroupSettings:
     """ShareGroupSettings with the given fields set (None: unset, the broker keeps or defaults it).
     `dead_letter_topic=""` means no dead-letter topic (dead letters are dropped with a log line).
+    `filter`: a CEL expression (logbroker/group/record_filter.py), "" for none; a bad one raises
+    InvalidFilterError (INVALID_FILTER, the parser's message) here, before any call.
     ValueError for values no broker accepts (the broker checks its own maximums)."""
     out = pb.ShareGroupSettings()
     for name, value in (("lock_ms", lock_ms), ("max_delivery_attempts", max_delivery_attempts),
@@ -93,6 +95,12 @@ def share_settings(
         if ordering not in ORDERINGS:
             raise ValueError(f"ordering must be one of {', '.join(ORDERINGS)}, not {ordering!r}")
         out.ordering = ordering
+    if filter is not None:
+        if filter:
+            from logbroker.group.record_filter import compile_filter  # cel-python: filtered groups only
+
+            compile_filter(filter)
+        out.filter = filter
     return out
 
 
@@ -115,6 +123,7 @@ class QueueConsumer:
         max_in_flight_records: int | None = None,
         auto_offset_reset: str = "latest",
         ordering: str | None = None,
+        filter: str | None = None,  # noqa: A002 - the issue's name for it, as Consumer(filter=)
         max_poll_records: int = 500,
         client_id: str = "logbroker-queue",
         request_timeout_ms: int = 30_000,
@@ -122,7 +131,14 @@ class QueueConsumer:
     ) -> None:
         """The group settings (lock_ms ... ordering) apply only if this consumer creates the
         group; `Admin.alter_share_group` changes an existing one. `dead_letter_topic=None` keeps the
-        broker's default ("{topic}.dlq"), "" asks for none."""
+        broker's default ("{topic}.dlq"), "" asks for none.
+
+        `filter`: a CEL expression over each record's key, headers and timestamp
+        (logbroker/group/record_filter.py), evaluated by the broker. It is the group's (its members
+        share one window): this consumer sets it if it creates the group, and is refused
+        (InvalidFilterError) when the group has another one; records it does not match are settled
+        for the group without being delivered. None: this consumer takes the group's filter, if any.
+        A bad expression raises InvalidFilterError here, with the parser's message."""
         if not group:
             raise ValueError("group must be a non-empty string")
         if isinstance(topics, str) or not topics:
@@ -133,7 +149,7 @@ class QueueConsumer:
             raise ValueError(f"request_timeout_ms must be > 0, got {request_timeout_ms}")
         self._settings = share_settings(lock_ms, max_delivery_attempts, retry_backoff_ms, retry_backoff_max_ms,
                                         dead_letter_topic, dead_letter_expired, max_in_flight_records,
-                                        auto_offset_reset, ordering)
+                                        auto_offset_reset, ordering, filter)
         self.group = group
         self.topics = list(dict.fromkeys(topics))
         self.client_id = client_id

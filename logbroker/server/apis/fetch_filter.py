@@ -11,11 +11,15 @@ records all match is passed through as it was. Control batches, and batches in a
 cannot inflate (snappy, lz4, zstd), are passed through whole (unfiltered). A trailing partial
 batch is dropped (the consumer fetches it next time).
 
-Cost: every record of a filtered fetch is decoded and evaluated (cel-python, ~100-200 µs per
-record), so the broker runs this off its event loop, one filter at a time (produce_fetch.py), and
-reads at most `FILTERED_FETCH_MAX_BYTES` per filtered fetch (32 KiB: about 300 records of 100 B, tens
-of ms of evaluation, which holds the interpreter lock the event loop needs; so a filtered consumer
-moves in small steps rather than stalling the broker). Unfiltered fetches never come here.
+Cost: every record of a filtered fetch is decoded (the C decoder, storage/_records.c) and
+evaluated. A filter translated to Python (group/filter_program.py; the usual case) costs about
+1 µs per record to evaluate and ~2 µs per record for the whole of this function (decode,
+evaluate, re-encode), measured by bench/filter_cost.py; a filter left to cel-python ~110 µs per
+record. Either holds the interpreter lock the event loop needs, so the broker runs this off its
+loop, one filter at a time (produce_fetch.py), and reads at most `filtered_fetch_max_bytes` per
+filtered fetch: `FILTERED_FETCH_MAX_BYTES` (512 KiB: ~10 ms for 100-byte records, ~45 ms at
+worst, for records of ~20 bytes) when the filter is translated, `CELPY_FILTERED_FETCH_MAX_BYTES`
+(32 KiB: about 300 records of 100 B, tens of ms) when it is not. Unfiltered fetches never come here.
 """
 
 from __future__ import annotations
@@ -39,7 +43,13 @@ from logbroker.storage.segment_cleaner import batch_body, scan_records
 if TYPE_CHECKING:
     from logbroker.group.record_filter import RecordFilter
 
-FILTERED_FETCH_MAX_BYTES = 32 << 10
+FILTERED_FETCH_MAX_BYTES = 512 << 10
+CELPY_FILTERED_FETCH_MAX_BYTES = 32 << 10
+
+
+def filtered_fetch_max_bytes(record_filter: RecordFilter) -> int:
+    """How many bytes one fetch with this filter may read (module doc)."""
+    return FILTERED_FETCH_MAX_BYTES if record_filter.fast is not None else CELPY_FILTERED_FETCH_MAX_BYTES
 
 
 def filter_records(data: bytes, record_filter: RecordFilter, topic: str, partition: int) -> bytes:

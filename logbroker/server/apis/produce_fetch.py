@@ -12,7 +12,8 @@ the cluster secret (the record transport carries none, so it serves consumers on
 in the fetch purgatory, which appends and high-watermark moves wake.
 
 A Fetch with a `filter` (a consumer's CEL expression, logbroker/group/record_filter.py) reads at
-most `FILTERED_FETCH_MAX_BYTES`, copies the records out of the mmap and re-encodes each partition's
+most `filtered_fetch_max_bytes(filter)` (fetch_filter.py), copies the records out of the mmap
+and re-encodes each partition's
 batches with only the matching records (fetch_filter.py), on one thread of its own (cel-python's
 compiled runner keeps per-evaluation state in a module global: one thread evaluates every filter,
 and compiles them too); the compiled filters are kept in an LRU of `FILTER_CACHE_SIZE` expressions,
@@ -44,7 +45,7 @@ from logbroker.errors import (
 )
 from logbroker.group.offsets import OFFSETS_TOPIC
 from logbroker.server.apis.fetch_encoding import FetchParts, encode_fetch_response, release
-from logbroker.server.apis.fetch_filter import FILTERED_FETCH_MAX_BYTES, filter_records
+from logbroker.server.apis.fetch_filter import filter_records, filtered_fetch_max_bytes
 from logbroker.server.request_checks import (
     ServingState,
     as_error,
@@ -290,7 +291,7 @@ class ProduceFetchApis:
             if isinstance(compiled, BrokerError):
                 return self._refuse_filter(req, compiled)
             record_filter = compiled
-            max_bytes = min(max_bytes, FILTERED_FETCH_MAX_BYTES)
+            max_bytes = min(max_bytes, filtered_fetch_max_bytes(record_filter))
         min_bytes = max(req.min_bytes, 1)
         wait_ms = min(req.max_wait_ms, cfg.fetch_max_wait_ms_cap)
         deadline = time.monotonic() + wait_ms / 1000
