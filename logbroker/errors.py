@@ -282,8 +282,25 @@ class InvalidFilterError(BrokerError):
     code = pb.INVALID_FILTER
 
 
+class UnknownReplyToError(BrokerError):
+    """A reply whose reply_to names no broker, or no reply stream open on the broker named (the
+    requester has gone, or never was)."""
+
+    code = pb.UNKNOWN_REPLY_TO
+
+
+class ReplyTooLargeError(BrokerError):
+    """A reply over the broker's bound on a reply's key, value and headers (1 MiB)."""
+
+    code = pb.REPLY_TOO_LARGE
+
+
 class KafkaTimeoutError(LogbrokerError):
     """A client-side deadline passed (delivery timeout, flush timeout, metadata wait)."""
+
+
+class RequestTimeoutError(KafkaTimeoutError):
+    """A request (Requester.request) got no reply before its timeout; the message names the topic."""
 
 
 class BrokerUnavailableError(LogbrokerError):

@@ -59,7 +59,10 @@ from logbroker.server.apis.groups import GroupApis
 from logbroker.server.apis.metadata import MetadataApis
 from logbroker.server.apis.produce_fetch import ProduceFetchApis
 from logbroker.server.apis.queues import QueueApis
+from logbroker.server.apis.replies import ReplyApis
+from logbroker.server.broker_channels import ReplyForwarding
 from logbroker.server.cluster_member import ClusterMember
+from logbroker.server.reply_registry import ReplyRegistry
 from logbroker.server.request_context import RequestRejected, RequestStatus
 from logbroker.server.wire_server import WireServer
 from logbroker.storage.cleaner_checkpoint import FILE_NAME as CLEANER_CHECKPOINT_FILE
@@ -151,12 +154,16 @@ class Broker:
                           self.topic_config),
                 FileOffsetClock(offset_file) if offset_file else clock,
             )
+            self.replies = ReplyApis(self, ReplyRegistry(config.broker_id),
+                                     ReplyForwarding(self.cluster.channels, self.metadata_image)
+                                     if self.cluster is not None else None)
             self.apis = BrokerApis(
                 ProduceFetchApis(config, self, self.replica_manager, self),
                 MetadataApis(self, self),
                 GroupApis(self, self.coordinator),
                 AdminApis(self, self, self, self.replica_manager),
                 queues=QueueApis(self, self.share_coordinator),
+                replies=self.replies,
             )
             self.scrubber: Scrubber | None = (
                 Scrubber(self.replica_manager, config.scrub_interval_ms, config.scrub_bytes_per_sec)
@@ -218,7 +225,8 @@ class Broker:
         self._server = server
         if cfg.data_listen_enabled:
             check_listen_address(cfg.data_listen_host or cfg.listen_host, cfg.data_listen_port, "--data-listen")
-            self.wire_server = WireServer(broker_service.wire_handlers(self.apis), cfg.max_request_bytes)
+            self.wire_server = WireServer(broker_service.wire_handlers(self.apis), cfg.max_request_bytes,
+                                          reply_registry=self.replies.registry)
             self.bound_data_port = await self.wire_server.start(cfg.data_listen_host or cfg.listen_host,
                                                                 cfg.data_listen_port)
         log.info("broker %d listening on %s:%d, recovering logs in %s", cfg.broker_id, cfg.listen_host, port, cfg.data_dir)
@@ -391,6 +399,10 @@ class Broker:
         rm = self.replica_manager
         for topic, partition in list(rm.partitions):
             rm.remove_partition(topic, partition, delete=False)
+
+    def forward_reply(self, req: pb.ReplyRequest) -> pb.ReplyResponse:
+        """Replica.ForwardReply: a reply another broker received for a reply stream open here."""
+        return self.replies.forward_reply(req)
 
     def on_metadata_updated(self) -> None:
         """The controller sent a full UpdateMetadata: long-polls re-check (e.g. a deleted topic)."""

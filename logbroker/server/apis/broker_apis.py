@@ -10,8 +10,8 @@ into them. Each call takes the caller's `RequestContext` and the request, return
 Every call passes through `handle(api, context, request)`, and there through `RequestHook.
 on_request`: the one place where authorization, quotas and request metrics will go. Calls by
 concept: produce_fetch.py (Produce, Fetch, ListOffsets), metadata.py (Metadata, DescribeCluster),
-groups.py (offsets, coordinator, heartbeats, group admin), queues.py (share groups), admin.py
-(topics, replicas).
+groups.py (offsets, coordinator, heartbeats, group admin), queues.py (share groups), replies.py
+(request-reply), admin.py (topics, replicas).
 
 The inter-broker surface (server/replica_service.py) is not here: only brokers may call it.
 """
@@ -28,6 +28,7 @@ from logbroker.server.apis.groups import GroupApis
 from logbroker.server.apis.metadata import MetadataApis
 from logbroker.server.apis.produce_fetch import ProduceFetchApis
 from logbroker.server.apis.queues import QueueApis
+from logbroker.server.apis.replies import ReplyApis
 from logbroker.server.request_context import RequestContext, RequestRejected, RequestStatus
 from logbroker.v1 import logbroker_pb2 as pb
 
@@ -64,6 +65,7 @@ REQUEST_TYPES: dict[str, type[Message]] = {
     "ListShareGroups": pb.ListShareGroupsRequest,
     "DescribeShareGroup": pb.DescribeShareGroupRequest,
     "PurgeShareGroup": pb.PurgeShareGroupRequest,
+    "Reply": pb.ReplyRequest,
 }
 
 
@@ -82,7 +84,7 @@ class RequestHook:
 class BrokerApis:
     def __init__(self, data: ProduceFetchApis, metadata: MetadataApis | None = None, groups: GroupApis | None = None,
                  admin: AdminApis | None = None, hook: RequestHook | None = None,
-                 queues: QueueApis | None = None) -> None:
+                 queues: QueueApis | None = None, replies: ReplyApis | None = None) -> None:
         """`metadata`, `groups`, `admin`, `queues` None: those calls are UNIMPLEMENTED (a data-path-only broker
         in tests)."""
         self.hook = hook if hook is not None else RequestHook()
@@ -103,6 +105,9 @@ class BrokerApis:
             ops.update(ShareFetch=queues.share_fetch, ShareAcknowledge=queues.share_acknowledge,
                        AlterShareGroup=queues.alter_share_group, ListShareGroups=queues.list_share_groups,
                        DescribeShareGroup=queues.describe_share_group, PurgeShareGroup=queues.purge_share_group)
+        if replies is not None:
+            ops.update(Reply=replies.reply)
+        self.replies = replies
         self._ops = ops
 
     def handle(self, api: str, context: RequestContext, request: Message) -> Awaitable[Response]:
