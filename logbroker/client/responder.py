@@ -71,8 +71,11 @@ class ReplySender:
         resp: pb.ReplyResponse = fut.result()
         return resp
 
-    def close(self) -> None:
+    def close(self, close_metadata: bool = False) -> None:
+        """Close its streams (and the metadata cache it was given, if `close_metadata`)."""
         self._metadata.release_streams(self._streams)
+        if close_metadata:
+            self._metadata.close()
 
 
 def reply_headers(message: QueueMessage) -> tuple[str, str] | None:

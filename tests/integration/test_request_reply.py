@@ -166,3 +166,35 @@ def test_responder_killed_mid_request_every_request_gets_exactly_one_reply(stand
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait(10)
+
+
+WORKER_APP = """
+def handle(m):
+    if m.value == b"bad":
+        raise ValueError("bad request")
+    return b"worker:" + m.value, {"by": "worker"}
+"""
+
+
+@pytest.mark.parametrize("processes", [False, True])
+def test_queue_worker_answers_requests_with_its_return_value(standalone, tmp_path, processes):
+    from tests.integration.test_worker import WorkerProcess
+
+    with Admin(standalone.address) as admin:
+        admin.create_topic("wq", partitions=2)
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "wk_app.py").write_text(WORKER_APP)
+    worker = WorkerProcess(standalone, app, tmp_path / "out.txt",
+                           ["--queue", "--group", "wsvc", "--topic", "wq", "--auto-offset-reset", "earliest",
+                            "--workers", "2", *(["--processes"] if processes else [])], {}, "rr-worker")
+    try:
+        with Requester(standalone.address, timeout_ms=60_000) as req:
+            futures = [req.request_async("wq", b"%d" % i) for i in range(20)]
+            got = [f.result(90) for f in futures]
+            assert [r.value for r in got] == [b"worker:%d" % i for i in range(20)]
+            assert all(dict(r.headers) == {"by": b"worker"} for r in got)
+            with pytest.raises(RequestTimeoutError, match="wq"):
+                req.request("wq", b"bad", timeout_ms=1_500)  # the handler raises: released, never answered
+    finally:
+        worker.reap()
