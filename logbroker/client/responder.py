@@ -55,20 +55,27 @@ def reply_request(reply_to: str, correlation_id: str, result: Any) -> pb.ReplyRe
 
 
 class ReplySender:
-    """Sends replies (Reply over the record transport) to the broker named by their reply_to, else any."""
+    """Sends replies (Reply over the record transport, pipelined on one connection per broker) to the
+    broker named by their reply_to, else any."""
 
     def __init__(self, metadata: MetadataCache, timeout_s: float = 10.0) -> None:
         self._metadata = metadata
         self._streams = metadata.client_streams()
         self._timeout_s = timeout_s
+        self._refreshed = False
 
-    def send(self, req: pb.ReplyRequest) -> pb.ReplyResponse:
-        """The broker's answer; raises grpc.RpcError when no broker answered."""
+    def send_async(self, req: pb.ReplyRequest) -> Any:
+        """A future of the broker's answer (its result() raises grpc.RpcError when none answered)."""
+        if not self._refreshed:  # the brokers' record-transport addresses (a share consumer never asked)
+            self._metadata.refresh([])
+            self._refreshed = True
         broker, _, _ = req.reply_to.partition(":")
         address = self._metadata.brokers().get(int(broker)) if broker.isdigit() else None
-        fut = self._streams.send(REPLY_STREAM, pb.ReplyResponse, address or self._metadata.any_address(), req,
-                                 self._timeout_s)
-        resp: pb.ReplyResponse = fut.result()
+        return self._streams.send(REPLY_STREAM, pb.ReplyResponse, address or self._metadata.any_address(), req,
+                                  self._timeout_s)
+
+    def send(self, req: pb.ReplyRequest) -> pb.ReplyResponse:
+        resp: pb.ReplyResponse = self.send_async(req).result()
         return resp
 
     def close(self, close_metadata: bool = False) -> None:
@@ -93,17 +100,33 @@ def settle_replied(sender: ReplySender, message: QueueMessage, result: Any) -> b
     if route is None:
         message.ack()
         return True
+    return settle_sent(message, route[0], _send(sender, route, result))
+
+
+def _send(sender: ReplySender, route: tuple[str, str], result: Any) -> Any:
+    """The future of a reply, or the exception that kept it from being sent."""
     try:
-        resp = sender.send(reply_request(route[0], route[1], result))
+        return sender.send_async(reply_request(route[0], route[1], result))
+    except Exception as e:
+        return e
+
+
+def settle_sent(message: QueueMessage, reply_to: str, sent: Any) -> bool:
+    """Settle a request once its reply's future (or the exception of sending it) is in; True when
+    it was acknowledged."""
+    try:
+        if isinstance(sent, Exception):
+            raise sent
+        resp = sent.result()
     except Exception as e:  # no broker answered: another member may do better later
-        log.warning("reply to %s could not be sent (%s); releasing the request", route[0], e)
+        log.warning("reply to %s could not be sent (%s); releasing the request", reply_to, e)
         message.release()
         return False
     if resp.error_code == pb.REPLY_TOO_LARGE:
         message.reject(resp.error_message)
         return False
     if resp.error_code not in (pb.NONE, pb.UNKNOWN_REPLY_TO):
-        log.warning("reply to %s refused: %s %s; releasing the request", route[0],
+        log.warning("reply to %s refused: %s %s; releasing the request", reply_to,
                     pb.ErrorCode.Name(resp.error_code), resp.error_message)
         message.release()
         return False
@@ -130,8 +153,11 @@ class Responder:
         self.failed = 0  # handler errors and refused replies
 
     def serve_once(self, timeout_ms: int | None = None) -> int:
-        """One poll and the requests it returned; how many were acknowledged."""
+        """One poll and the requests it returned; how many were acknowledged. The replies of one poll
+        are sent one after another without waiting (pipelined), then each request is settled on its
+        reply's answer."""
         done = 0
+        sent: list[tuple[QueueMessage, str, Any]] = []
         for message in self._consumer.poll(self.poll_timeout_ms if timeout_ms is None else timeout_ms):
             try:
                 result = self._handler(message)
@@ -141,7 +167,14 @@ class Responder:
                 self.failed += 1
                 message.release()
                 continue
-            if settle_replied(self._sender, message, result):
+            route = reply_headers(message)
+            if route is None:
+                message.ack()
+                done += 1
+            else:
+                sent.append((message, route[0], _send(self._sender, route, result)))
+        for message, reply_to, fut in sent:
+            if settle_sent(message, reply_to, fut):
                 done += 1
             else:
                 self.failed += 1

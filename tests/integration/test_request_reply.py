@@ -60,6 +60,10 @@ def test_many_concurrent_requests_each_get_their_own_reply(standalone):
             assert req.late_replies == 0 and req.duplicate_replies == 0
         assert sum(r.handled for r in responders) == 1001
         assert all(r.handled > 0 for r in responders), [r.handled for r in responders]
+        from logbroker.client.wire_connection import WireConnection
+
+        conns = [c for r in responders for c in r._sender._streams._streams.values()]
+        assert conns and all(isinstance(c, WireConnection) for c in conns)  # replies on the record transport
     finally:
         for r in responders:
             r.close()
