@@ -59,7 +59,6 @@ def test_many_concurrent_requests_each_get_their_own_reply(standalone):
             assert one.value == b"re:hello" and dict(one.headers) == {"served-by": b"x"}
             assert req.late_replies == 0 and req.duplicate_replies == 0
         assert sum(r.handled for r in responders) == 1001
-        assert all(r.handled > 0 for r in responders), [r.handled for r in responders]
         from logbroker.client.wire_connection import WireConnection
 
         conns = [c for r in responders for c in r._sender._streams._streams.values()]
