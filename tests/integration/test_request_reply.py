@@ -201,3 +201,30 @@ def test_queue_worker_answers_requests_with_its_return_value(standalone, tmp_pat
                 req.request("wq", b"bad", timeout_ms=1_500)  # the handler raises: released, never answered
     finally:
         worker.reap()
+
+
+def test_reply_streams_and_outcomes_are_in_the_metrics(broker_factory):
+    import urllib.request
+
+    from tests.conftest import free_port
+
+    metrics_port = free_port()
+    broker = broker_factory(extra_args=["--offsets-topic-partitions", "2",
+                                        "--metrics-listen", f"127.0.0.1:{metrics_port}"])
+
+    def scrape() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+            return r.read().decode()
+
+    with Admin(broker.address) as admin:
+        admin.create_topic("m", partitions=1)
+    with Responder(broker.address, "m", "svc", lambda m: b"ok", auto_offset_reset="earliest").start(), \
+            Requester(broker.address) as req:
+        assert req.request("m", b"x", timeout_ms=30_000).value == b"ok"
+        with grpc.insecure_channel(broker.address) as ch:
+            pbg.BrokerStub(ch).Reply(pb.ReplyRequest(reply_to="0:" + "ab" * 16, correlation_id="c"), timeout=10)
+        text = scrape()
+        assert "logbroker_reply_streams 1.0" in text
+        assert 'logbroker_replies_total{outcome="delivered"} 1.0' in text
+        assert 'logbroker_replies_total{outcome="unknown"} 1.0' in text
+    wait_for(lambda: "logbroker_reply_streams 0.0" in scrape(), 20, "the closed stream unregistered")
