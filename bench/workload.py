@@ -13,6 +13,8 @@ Phases (`mode`):
 - `requires = "queues"` (queue-ack): the consumers share one queue (a share group, a RabbitMQ queue, a
   JetStream work-queue consumer) and acknowledge every message individually; the drain is timed
   over the acknowledgements.
+- `requires = "request-reply"` (request-reply): not these phases at all: bench/request_reply.py
+  (responders, then a requester at `target_rate` and at its maximum).
 - `preload_bytes > 0` (consume-5gb): one server per workload, the log is filled once with the
   driver's fastest path, then each of the `runs` is a fresh consumer reading all of it.
 - `filter` (filtered-consume, logbroker only, with `preload_bytes`): one record in `match_every`
@@ -31,7 +33,7 @@ from typing import Any
 WORKLOADS_DIR = Path(__file__).parent / "workloads"
 KEY_DISTRIBUTIONS = ("none", "uniform", "hot")
 MODES = ("sequential", "concurrent")
-REQUIREMENTS = ("cluster", "groups", "queues")
+REQUIREMENTS = ("cluster", "groups", "queues", "request-reply")
 
 
 class WorkloadError(ValueError):

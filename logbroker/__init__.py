@@ -20,6 +20,9 @@ if TYPE_CHECKING:
         QueueConsumer,
         QueueMessage,
         RecordMetadata,
+        Reply,
+        Requester,
+        Responder,
         TopicDescription,
     )
 
@@ -32,6 +35,9 @@ __all__ = [
     "QueueConsumer",
     "QueueMessage",
     "RecordMetadata",
+    "Reply",
+    "Requester",
+    "Responder",
     "TopicDescription",
     "__version__",
 ]

@@ -301,6 +301,19 @@ class InvalidPriorityError(BrokerError):
     code = pb.INVALID_PRIORITY
 
 
+class UnknownReplyToError(BrokerError):
+    """A reply whose reply_to names no broker, or no reply stream open on the broker named (the
+    requester has gone, or never was)."""
+
+    code = pb.UNKNOWN_REPLY_TO
+
+
+class ReplyTooLargeError(BrokerError):
+    """A reply over the broker's bound on a reply's key, value and headers (1 MiB)."""
+
+    code = pb.REPLY_TOO_LARGE
+
+
 class KafkaTimeoutError(LogbrokerError):
     """A client-side deadline passed (delivery timeout, flush timeout, metadata wait)."""
 
@@ -315,6 +328,10 @@ class AuthenticationError(LogbrokerError):
     """The broker could not authenticate this client (TLS client certificate, SCRAM). Final."""
 
     retriable: ClassVar[bool] = False
+
+
+class RequestTimeoutError(KafkaTimeoutError):
+    """A request (Requester.request) got no reply before its timeout; the message names the topic."""
 
 
 class BrokerUnavailableError(LogbrokerError):

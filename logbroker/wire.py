@@ -12,9 +12,10 @@ Request frame, client -> broker (integers big-endian):
 
     offset  size  field
     0       4     size   bytes after this field = 5 + len(body); 5 <= size <= 5 + max_request_bytes
-    4       1     api    API_PRODUCE (1) or API_FETCH (2)
+    4       1     api    API_PRODUCE (1), API_FETCH (2), API_REPLY (3) or API_REPLY_STREAM (4)
     5       4     corr   correlation id, echoed by the response (the client numbers its requests)
-    9       ...   body   the request message, protobuf (logbroker.v1.ProduceRequest / FetchRequest)
+    9       ...   body   the request message, protobuf (logbroker.v1.ProduceRequest / FetchRequest /
+                         ReplyRequest / ReplyStreamRequest)
 
 Response frame, broker -> client:
 
@@ -24,6 +25,13 @@ Response frame, broker -> client:
                          otherwise a gRPC status code number (INVALID_ARGUMENT = 3, ...), body its
                          message in UTF-8, exactly what the unary gRPC call would have ended with
     9       ...   body
+
+A reply stream (request-reply, logbroker/server/reply_registry.py): a connection whose request is
+API_REPLY_STREAM becomes a push channel. The broker answers with one frame (status 0, the request's
+correlation id) whose body is a ReplyRequest carrying only reply_to, the stream's address
+"<broker_id>:<token>"; then, for as long as the connection lives, one frame of that correlation id per
+reply addressed to it (body: the ReplyRequest the responder sent). The client sends nothing more on
+it; the broker reads it only to notice EOF, and does not close it for being idle.
 
 A connection answers in request order. A request refused whole (malformed body, unknown api, broker
 not ready) gets its status and the connection goes on, since framing is intact. A frame whose size
@@ -39,6 +47,8 @@ import grpc
 
 API_PRODUCE = 1
 API_FETCH = 2
+API_REPLY = 3
+API_REPLY_STREAM = 4
 
 REQUEST_HEADER = struct.Struct(">IBI")  # size, api, corr
 RESPONSE_HEADER = struct.Struct(">IIB")  # size, corr, status

@@ -133,7 +133,7 @@ class RabbitmqDriver(Driver):
         return super().missing()
 
     def unsupported(self, wl: Workload) -> str | None:
-        if wl.requires != "queues":
+        if wl.requires not in ("queues", "request-reply"):
             return "RabbitMQ: only the queue workloads (requires = \"queues\") are set up for it"
         return super().unsupported(wl)
 

@@ -13,6 +13,8 @@ from logbroker.client.consumer import Consumer
 from logbroker.client.metadata_cache import MetadataCache
 from logbroker.client.producer import FutureRecordMetadata, FutureRecordsMetadata, Producer, RecordMetadata
 from logbroker.client.queue import QueueConsumer, QueueMessage
+from logbroker.client.requester import Reply, Requester
+from logbroker.client.responder import Responder
 from logbroker.storage.record_batch import Message
 
 __all__ = [
@@ -31,5 +33,8 @@ __all__ = [
     "QueueConsumer",
     "QueueMessage",
     "RecordMetadata",
+    "Reply",
+    "Requester",
+    "Responder",
     "TopicDescription",
 ]

@@ -60,6 +60,7 @@ log = logging.getLogger(__name__)
 
 PRODUCE_STREAM = "/logbroker.v1.Broker/ProduceStream"
 FETCH_STREAM = "/logbroker.v1.Broker/FetchStream"
+REPLY_STREAM = "/logbroker.v1.Broker/ReplyStream"  # a responder's replies (request-reply)
 # Connecting happens in the calling thread (a send() with linger_ms=0, a poll()): a filtered data port
 # costs it at most this, once per WIRE_RETRY_AFTER_S; loopback and LAN connects take well under 1 ms.
 WIRE_CONNECT_TIMEOUT_S = 1.0
@@ -365,7 +366,7 @@ class BrokerStreams:
             stream.fail(StreamError(grpc.StatusCode.CANCELLED, "client closed"))
 
 
-_WIRE_APIS = {PRODUCE_STREAM: wire.API_PRODUCE, FETCH_STREAM: wire.API_FETCH}
+_WIRE_APIS = {PRODUCE_STREAM: wire.API_PRODUCE, FETCH_STREAM: wire.API_FETCH, REPLY_STREAM: wire.API_REPLY}
 
 
 def _copy_outcome(unary: Any, fut: StreamFuture) -> None:

@@ -288,8 +288,26 @@ class ShareCoordinator:
                 return got
             ev = self._wakeup(g.name)
             wait_s = min(TICK_S, max(0, deadline - self.clock.monotonic_ms()) / 1000)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(ev.wait(), wait_s)
+            arrival = self._watch_arrivals(g.name, member.topics, wait_s)
+            try:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(ev.wait(), wait_s)
+            finally:
+                if arrival is not None:
+                    arrival.cancel()
+
+    def _watch_arrivals(self, name: str, topics: Iterable[str], wait_s: float) -> asyncio.Future[bool] | None:
+        """Wake group `name`'s waiting fetches as soon as a local partition of `topics` gets new
+        records (an append notifies the replica manager's fetch purgatory), not only at the next
+        tick: request-reply's round trip waits on it. None when the data source has no purgatory."""
+        keys = [(t, p) for t in topics for p in self._gc.cluster.topic_partitions(t) or {}]
+        watch = getattr(self._data, "data_arrival", None)  # ShareData's; test doubles may lack it
+        arrival = watch(keys, wait_s) if watch is not None else None
+        if arrival is None:
+            return None
+        task = asyncio.ensure_future(arrival)
+        task.add_done_callback(lambda t: None if t.cancelled() or not t.result() else self._wake(name))
+        return task
 
     async def _read_new(self, g: ShareGroup, topics: Iterable[str], changed: set[TopicPartition]) -> set[TopicPartition]:
         """Bring new records into the windows of the member's partitions (creating share partitions

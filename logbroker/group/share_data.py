@@ -76,6 +76,12 @@ class ShareData:
         self._config_cache: dict[str, tuple[float, dict[str, str]]] = {}  # topic -> (read at, its config)
         self._create_lock = asyncio.Lock()
 
+    def data_arrival(self, keys: list[tuple[str, int]], timeout_s: float) -> Awaitable[bool] | None:
+        """An awaitable that is True once a local replica of one of `keys` is appended to (False after
+        `timeout_s`); None when the replicas have no fetch purgatory (remote leaders: the tick)."""
+        purgatory = getattr(self._replicas, "fetch_purgatory", None)
+        return None if purgatory is None or not keys else purgatory.wait(keys, timeout_s)
+
     async def message_ttl_ms(self, topic: str) -> int:
         """The topic's `message_ttl_ms` (-1: none), cached (see `topic_setting`)."""
         return int(await self.topic_setting(topic, "message_ttl_ms", "-1"))

@@ -72,9 +72,12 @@ from logbroker.server.apis.groups import GroupApis
 from logbroker.server.apis.metadata import MetadataApis
 from logbroker.server.apis.produce_fetch import ProduceFetchApis
 from logbroker.server.apis.queues import QueueApis
+from logbroker.server.apis.replies import ReplyApis
 from logbroker.server.apis.security import SecurityApis
 from logbroker.server.authorization import AuthorizingHook
+from logbroker.server.broker_channels import ReplyForwarding
 from logbroker.server.cluster_member import ClusterMember
+from logbroker.server.reply_registry import ReplyRegistry
 from logbroker.server.request_context import RequestRejected, RequestStatus
 from logbroker.server.wire_server import WireServer
 from logbroker.storage.cleaner_checkpoint import FILE_NAME as CLEANER_CHECKPOINT_FILE
@@ -173,6 +176,9 @@ class Broker:
                 self.authorizing_hook = AuthorizingHook(Authorizer([], config.super_users), config.cluster_secret)
                 self.acl_cache = AclCache(self.security_store, self.authorizing_hook, config.super_users)
             hook = self.authorizing_hook
+            self.replies = ReplyApis(self, ReplyRegistry(config.broker_id),
+                                     ReplyForwarding(self.cluster.channels, self.metadata_image)
+                                     if self.cluster is not None else None)
             self.apis = BrokerApis(
                 ProduceFetchApis(config, self, self.replica_manager, self),
                 MetadataApis(self, self, None if hook is None else
@@ -182,6 +188,7 @@ class Broker:
                 queues=QueueApis(self, self.share_coordinator),
                 security=SecurityApis(self.security_store, self._acls_changed),
                 hook=hook,
+                replies=self.replies,
             )
             self.scrubber: Scrubber | None = (
                 Scrubber(self.replica_manager, config.scrub_interval_ms, config.scrub_bytes_per_sec)
@@ -243,7 +250,8 @@ class Broker:
         self._server = server
         if cfg.data_listen_enabled:
             check_listen_address(cfg.data_listen_host or cfg.listen_host, cfg.data_listen_port, "--data-listen")
-            self.wire_server = WireServer(broker_service.wire_handlers(self.apis), cfg.max_request_bytes)
+            self.wire_server = WireServer(broker_service.wire_handlers(self.apis), cfg.max_request_bytes,
+                                          reply_registry=self.replies.registry)
             self.bound_data_port = await self.wire_server.start(cfg.data_listen_host or cfg.listen_host,
                                                                 cfg.data_listen_port)
         log.info("broker %d listening on %s:%d, recovering logs in %s", cfg.broker_id, cfg.listen_host, port, cfg.data_dir)
@@ -436,6 +444,10 @@ class Broker:
         rm = self.replica_manager
         for topic, partition in list(rm.partitions):
             rm.remove_partition(topic, partition, delete=False)
+
+    def forward_reply(self, req: pb.ReplyRequest) -> pb.ReplyResponse:
+        """Replica.ForwardReply: a reply another broker received for a reply stream open here."""
+        return self.replies.forward_reply(req)
 
     def on_metadata_updated(self) -> None:
         """The controller sent a full UpdateMetadata: long-polls re-check (e.g. a deleted topic)."""

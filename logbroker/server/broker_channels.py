@@ -8,6 +8,8 @@ import grpc
 
 from logbroker.cluster.cluster_secret import CallMetadata, call_metadata
 from logbroker.cluster.metadata import BrokerRegistration
+from logbroker.cluster.metadata_image import MetadataImage
+from logbroker.server.reply_registry import unknown_reply_to
 from logbroker.v1 import logbroker_pb2 as pb
 from logbroker.v1 import logbroker_pb2_grpc as pbg
 
@@ -17,6 +19,7 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 10_000),
 ]
 CONTROLLER_CALL_TIMEOUT_S = 10.0
+FORWARD_REPLY_TIMEOUT_S = 5.0
 
 
 class BrokerChannels:
@@ -59,3 +62,25 @@ class BrokerChannels:
         channels, self._channels = self._channels, {}
         for ch in channels.values():
             await ch.close()
+
+
+class ReplyForwarding:
+    """Replies for another broker's reply streams, sent to its Replica.ForwardReply (apis/replies.py's
+    `ReplyForwarder`): the broker's address from the controller's last metadata."""
+
+    def __init__(self, channels: BrokerChannels, image: MetadataImage) -> None:
+        self._channels = channels
+        self._image = image
+
+    async def forward_reply(self, broker_id: int, req: pb.ReplyRequest) -> pb.ReplyResponse:
+        address = self._image.broker_address(broker_id)
+        if address is None:
+            return unknown_reply_to(req.reply_to, f"names broker {broker_id}, which is not a live broker of this cluster")
+        try:
+            resp: pb.ReplyResponse = await self._channels.stub(address).ForwardReply(
+                req, timeout=FORWARD_REPLY_TIMEOUT_S, metadata=self._channels.call_metadata)
+        except grpc.RpcError as e:
+            return pb.ReplyResponse(error_code=pb.BROKER_NOT_AVAILABLE,
+                                    error_message=f"forwarding the reply to broker {broker_id} at {address} failed: "
+                                                  f"{e.code().name}")
+        return resp

@@ -23,7 +23,7 @@ from logbroker.server.wire_server import Handler
 from logbroker.v1 import logbroker_pb2 as pb
 
 BROKER_METHODS = ("Produce", "Fetch", "ListOffsets", "Metadata", "OffsetCommit", "OffsetFetch", "FindCoordinator",
-                  "ConsumerGroupHeartbeat", "ShareFetch", "ShareAcknowledge")
+                  "ConsumerGroupHeartbeat", "ShareFetch", "ShareAcknowledge", "Reply")
 
 
 def grpc_method(apis: BrokerApis, api: str) -> Any:
@@ -47,6 +47,9 @@ class BrokerService:
     async def fetch(self, req: pb.FetchRequest, context: grpc.aio.ServicerContext) -> Message | bytes:
         return await self.apis.handle(FETCH, rpc.request_context(context), req)
 
+    async def reply(self, req: pb.ReplyRequest, context: grpc.aio.ServicerContext) -> Message | bytes:
+        return await self.apis.handle("Reply", rpc.request_context(context), req)
+
 
 def wire_handlers(apis: BrokerApis) -> dict[int, tuple[type[Message], Handler]]:
     """The record transport's APIs (logbroker/wire.py): Produce and Fetch of the request layer."""
@@ -57,7 +60,11 @@ def wire_handlers(apis: BrokerApis) -> dict[int, tuple[type[Message], Handler]]:
     def fetch(req: pb.FetchRequest, context: RequestContext) -> Awaitable[Message | bytes]:
         return apis.handle(FETCH, context, req)
 
-    return {wire.API_PRODUCE: (pb.ProduceRequest, produce), wire.API_FETCH: (pb.FetchRequest, fetch)}
+    def reply(req: pb.ReplyRequest, context: RequestContext) -> Awaitable[Message | bytes]:
+        return apis.handle("Reply", context, req)
+
+    return {wire.API_PRODUCE: (pb.ProduceRequest, produce), wire.API_FETCH: (pb.FetchRequest, fetch),
+            wire.API_REPLY: (pb.ReplyRequest, reply)}
 
 
 def handler(apis: BrokerApis, open_streams: rpc.OpenStreams | None = None) -> grpc.GenericRpcHandler:
@@ -66,4 +73,6 @@ def handler(apis: BrokerApis, open_streams: rpc.OpenStreams | None = None) -> gr
     methods["ProduceStream"] = rpc.stream_method(pb.ProduceRequest, svc.produce, rpc.PRODUCE_STREAM_PIPELINE_MAX,
                                                  open_streams)
     methods["FetchStream"] = rpc.stream_method(pb.FetchRequest, svc.fetch, rpc.FETCH_STREAM_PIPELINE_MAX, open_streams)
+    methods["ReplyStream"] = rpc.stream_method(pb.ReplyRequest, svc.reply, rpc.PRODUCE_STREAM_PIPELINE_MAX,
+                                               open_streams)
     return rpc.service("logbroker.v1.Broker", methods)

@@ -16,6 +16,8 @@ never races the loop; a loop that does not answer within SCRAPE_TIMEOUT_S shows 
 | `logbroker_log_size_bytes` | gauge | bytes in all hosted partition logs |
 | `logbroker_corrupt_partitions` | gauge | hosted replicas with a corrupt batch found by a read or the scrubber |
 | `logbroker_offline_partitions` | gauge | hosted partitions whose log is offline (vanished: KAFKA_STORAGE_ERROR until recovered) |
+| `logbroker_reply_streams` | gauge | request-reply: requesters' reply streams open on this broker (server/reply_registry.py) |
+| `logbroker_replies_total{outcome}` | counter | replies for this broker's streams: `delivered`, `dropped` (the client did not read), `unknown` (no such stream: UNKNOWN_REPLY_TO) |
 | `logbroker_interbroker_refusals_total` | counter | inter-broker calls refused: no or a wrong cluster secret, or a standalone broker (server/request_checks.py) |
 | `process_*`, `python_*` | | prometheus_client's process, platform and GC collectors |
 """
@@ -60,6 +62,8 @@ class BrokerSnapshot:
     log_size_bytes: int
     corrupt_partitions: int = 0
     offline: int = 0
+    reply_streams: int = 0
+    replies: tuple[int, int, int] = (0, 0, 0)  # delivered, dropped, unknown
 
 
 def snapshot(broker: Broker) -> BrokerSnapshot:
@@ -74,7 +78,9 @@ def snapshot(broker: Broker) -> BrokerSnapshot:
             under_replicated += len(p.isr) < len(p.replicas)
             under_min_isr += len(p.isr) < p.min_insync_replicas
     offline = len(broker.replica_manager.offline_partitions) + sum(p.log.is_offline for p in broker.partitions.values())
-    return BrokerSnapshot(broker.ready, by_role, under_replicated, under_min_isr, size, corrupt, offline)
+    reg = broker.replies.registry
+    return BrokerSnapshot(broker.ready, by_role, under_replicated, under_min_isr, size, corrupt, offline,
+                          len(reg), (reg.delivered, reg.dropped, reg.unknown))
 
 
 class BrokerCollector(Collector):
@@ -129,6 +135,13 @@ class BrokerCollector(Collector):
                                 value=snap.corrupt_partitions)
         yield GaugeMetricFamily("logbroker_offline_partitions", "hosted partitions whose log is offline",
                                 value=snap.offline)
+        yield GaugeMetricFamily("logbroker_reply_streams", "requesters' reply streams open on this broker",
+                                value=snap.reply_streams)
+        replies = CounterMetricFamily("logbroker_replies", "replies for this broker's reply streams, by outcome",
+                                      labels=["outcome"])
+        for outcome, count in zip(("delivered", "dropped", "unknown"), snap.replies, strict=True):
+            replies.add_metric([outcome], count)
+        yield replies
 
 
 class MetricsServer:

@@ -56,6 +56,8 @@ class InterBrokerHost(Protocol):
 
     def on_metadata_updated(self) -> None: ...
 
+    def forward_reply(self, req: pb.ReplyRequest) -> pb.ReplyResponse: ...
+
 log = logging.getLogger(__name__)
 
 OFFLINE_REPLICAS_PER_REPORT_MAX = 10_000  # partitions named in one ReportOfflineReplicas (the rest ignored)
@@ -162,6 +164,10 @@ class ReplicaService:
             err = _error(exc, "ReportOfflineReplicas")
             return pb.ReportOfflineReplicasResponse(error_code=err.code, error_message=err.message)  # type: ignore[arg-type]
 
+    async def forward_reply(self, req: pb.ReplyRequest, context: grpc.aio.ServicerContext) -> pb.ReplyResponse:
+        self._check(context, "ForwardReply")
+        return self.broker.forward_reply(req)
+
 
 def handler(broker: InterBrokerHost) -> grpc.GenericRpcHandler:
     svc = ReplicaService(broker)
@@ -181,5 +187,6 @@ def handler(broker: InterBrokerHost) -> grpc.GenericRpcHandler:
             "ControlledShutdown": method("ControlledShutdown", pb.ControlledShutdownRequest, svc.controlled_shutdown),
             "ReportOfflineReplicas": method("ReportOfflineReplicas", pb.ReportOfflineReplicasRequest,
                                             svc.report_offline_replicas),
+            "ForwardReply": method("ForwardReply", pb.ReplyRequest, svc.forward_reply),
         },
     )

@@ -41,6 +41,12 @@ their effects so far standing, as on a broken gRPC call); whole frames not start
 when bytes were left over, an INVALID_ARGUMENT frame with correlation id 0 says none of them ran;
 then the connection closes. TCP keepalive notices a client that vanished without a reset.
 
+Reply streams (request-reply; layout in logbroker/wire.py, routing in server/reply_registry.py): an
+API_REPLY_STREAM frame registers the connection with the `ReplyRegistry` as a push sink; from then on
+no further frame of it is started, it is never idle-closed, and each reply for its token is written
+to it at once, on the loop, unless its write buffer holds more than `PUSH_BUFFER_BYTES_MAX` (the client
+does not read: the reply is dropped and counted). Its token is unregistered when the connection ends.
+
 `close()` stops reading every connection: each answers the requests it has started, then closes.
 """
 
@@ -60,7 +66,9 @@ from google.protobuf.message import Message
 from logbroker import wire
 from logbroker.log_throttle import LogThrottle
 from logbroker.server import rpc
+from logbroker.server.reply_registry import ReplyRegistry
 from logbroker.server.request_context import LISTENER_RECORD, RequestContext, RequestRejected, RequestStatus
+from logbroker.v1 import logbroker_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +82,15 @@ PIPELINE_MAX = 8
 READ_BUFFER_BYTES = 256 << 10  # frames up to this are cut from the read buffer; bigger get their own
 BIG_FRAME_START_BYTES = 1 << 20  # a big frame's own buffer starts at this and doubles as bytes come
 COALESCE_BYTES_MAX = 256 << 10  # a response body below this is copied behind its header, sent at once
+PUSH_BUFFER_BYTES_MAX = 4 << 20  # a reply stream's unsent bytes; replies beyond are dropped (counted)
 
 
 class WireServer:
     def __init__(self, handlers: dict[int, tuple[type[Message], Handler]], max_request_bytes: int,
                  connections_max: int = CONNECTIONS_MAX, pipeline_max: int = PIPELINE_MAX,
-                 idle_s: float = CONNECTIONS_MAX_IDLE_S) -> None:
+                 idle_s: float = CONNECTIONS_MAX_IDLE_S, reply_registry: ReplyRegistry | None = None) -> None:
         self.handlers = handlers
+        self.reply_registry = reply_registry
         self.size_max = wire.SIZE_MIN + max_request_bytes
         self.connections_max = connections_max
         self.pipeline_max = pipeline_max
@@ -161,6 +171,8 @@ class _Connection(asyncio.BufferedProtocol):
         self._write_paused = False
         self._last_read = self._loop.time()
         self._context = RequestContext(listener=LISTENER_RECORD)
+        self._push_token: str | None = None  # a reply stream's token (then no frame is started)
+        self._push_corr = 0
         self.ended: asyncio.Future[None] = self._loop.create_future()
 
     # -- transport callbacks ------------------------------------------------------------------
@@ -186,6 +198,8 @@ class _Connection(asyncio.BufferedProtocol):
         self._finishing = True  # before the cancels below: their callbacks must start nothing
         self._drop_input()
         self._server.connections.discard(self)
+        if self._push_token is not None and self._server.reply_registry is not None:
+            self._server.reply_registry.close(self._push_token)
         for _, item in self._pending:
             if isinstance(item, asyncio.Task):
                 item.cancel()  # its effects so far stand, as on a broken gRPC call
@@ -250,7 +264,7 @@ class _Connection(asyncio.BufferedProtocol):
         """Whether a frame may be started now: not finishing (nor after EOF or loss), the transport
         open and draining, the pipeline with room."""
         transport = self._transport
-        return (not self._finishing and not self._write_paused and transport is not None
+        return (not self._finishing and not self._write_paused and self._push_token is None and transport is not None
                 and not transport.is_closing() and len(self._pending) < self._server.pipeline_max)
 
     def _end_of_input(self) -> None:
@@ -318,6 +332,9 @@ class _Connection(asyncio.BufferedProtocol):
     def _dispatch(self, frame: bytes | bytearray) -> None:
         api = frame[0]
         corr = int.from_bytes(frame[1:5], "big")
+        if api == wire.API_REPLY_STREAM:
+            self._open_reply_stream(corr)
+            return
         entry = self._server.handlers.get(api)
         if entry is None:
             self._pending.append((corr, wire.error_frame(corr, grpc.StatusCode.UNIMPLEMENTED, f"unknown api {api}")))
@@ -331,6 +348,28 @@ class _Connection(asyncio.BufferedProtocol):
         task = self._loop.create_task(_run(fn, request, self._context))
         self._pending.append((corr, task))
         task.add_done_callback(self._on_done)
+
+    def _open_reply_stream(self, corr: int) -> None:
+        """Make this connection a reply stream: register it, answer with its reply address."""
+        registry = self._server.reply_registry
+        token = registry.open(self) if registry is not None else None
+        if registry is None or token is None:
+            code = grpc.StatusCode.UNIMPLEMENTED if registry is None else grpc.StatusCode.RESOURCE_EXHAUSTED
+            why = "no reply streams on this broker" if registry is None else f"{registry.streams_max} reply streams open"
+            self._pending.append((corr, wire.error_frame(corr, code, why)))
+            return
+        self._push_token, self._push_corr = token, corr
+        body = pb.ReplyRequest(reply_to=registry.address(token)).SerializeToString()
+        self._pending.append((corr, wire.response_header(corr, wire.STATUS_OK, len(body)) + body))
+
+    def push(self, body: bytes) -> bool:
+        """A reply onto this reply stream (ReplySink); False if closed or the client does not read."""
+        transport = self._transport
+        if (self._finishing or transport is None or transport.is_closing()
+                or transport.get_write_buffer_size() > PUSH_BUFFER_BYTES_MAX):
+            return False
+        transport.write(wire.response_header(self._push_corr, wire.STATUS_OK, len(body)) + body)
+        return True
 
     # -- answers out ---------------------------------------------------------------------------
 
@@ -379,7 +418,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def idle_since(self, cutoff: float) -> bool:
         """Nothing pending and no byte read since loop time `cutoff`."""
-        return not self._pending and self._last_read < cutoff
+        return not self._pending and self._push_token is None and self._last_read < cutoff
 
     def _pause_reading(self) -> None:
         if not self._read_paused and self._transport is not None and not self._transport.is_closing():

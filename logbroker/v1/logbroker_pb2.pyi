@@ -60,6 +60,8 @@ class ErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TOPIC_AUTHORIZATION_FAILED: _ClassVar[ErrorCode]
     SECURITY_CONFIG_INVALID: _ClassVar[ErrorCode]
     INVALID_PRIORITY: _ClassVar[ErrorCode]
+    UNKNOWN_REPLY_TO: _ClassVar[ErrorCode]
+    REPLY_TOO_LARGE: _ClassVar[ErrorCode]
 NONE: ErrorCode
 UNKNOWN_SERVER_ERROR: ErrorCode
 OFFSET_OUT_OF_RANGE: ErrorCode
@@ -111,6 +113,8 @@ INVALID_FILTER: ErrorCode
 TOPIC_AUTHORIZATION_FAILED: ErrorCode
 SECURITY_CONFIG_INVALID: ErrorCode
 INVALID_PRIORITY: ErrorCode
+UNKNOWN_REPLY_TO: ErrorCode
+REPLY_TOO_LARGE: ErrorCode
 
 class ProduceRequest(_message.Message):
     __slots__ = ("acks", "timeout_ms", "partitions")
@@ -1373,3 +1377,37 @@ class DescribeUserScramCredentialsResponse(_message.Message):
     error_message: str
     users: _containers.RepeatedCompositeFieldContainer[UserMechanisms]
     def __init__(self, error_code: _Optional[_Union[ErrorCode, str]] = ..., error_message: _Optional[str] = ..., users: _Optional[_Iterable[_Union[UserMechanisms, _Mapping]]] = ...) -> None: ...
+
+class ReplyHeader(_message.Message):
+    __slots__ = ("key", "value")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    value: bytes
+    def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
+
+class ReplyRequest(_message.Message):
+    __slots__ = ("reply_to", "correlation_id", "value", "headers", "key")
+    REPLY_TO_FIELD_NUMBER: _ClassVar[int]
+    CORRELATION_ID_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    HEADERS_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    reply_to: str
+    correlation_id: str
+    value: bytes
+    headers: _containers.RepeatedCompositeFieldContainer[ReplyHeader]
+    key: bytes
+    def __init__(self, reply_to: _Optional[str] = ..., correlation_id: _Optional[str] = ..., value: _Optional[bytes] = ..., headers: _Optional[_Iterable[_Union[ReplyHeader, _Mapping]]] = ..., key: _Optional[bytes] = ...) -> None: ...
+
+class ReplyResponse(_message.Message):
+    __slots__ = ("error_code", "error_message")
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    error_code: ErrorCode
+    error_message: str
+    def __init__(self, error_code: _Optional[_Union[ErrorCode, str]] = ..., error_message: _Optional[str] = ...) -> None: ...
+
+class ReplyStreamRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

@@ -64,6 +64,11 @@ class ReplicaStub:
                 request_serializer=logbroker_dot_v1_dot_logbroker__pb2.ReportOfflineReplicasRequest.SerializeToString,
                 response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.ReportOfflineReplicasResponse.FromString,
                 _registered_method=True)
+        self.ForwardReply = channel.unary_unary(
+                '/logbroker.v1.Replica/ForwardReply',
+                request_serializer=logbroker_dot_v1_dot_logbroker__pb2.ReplyRequest.SerializeToString,
+                response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.ReplyResponse.FromString,
+                _registered_method=True)
 
 
 class ReplicaServicer:
@@ -105,6 +110,13 @@ class ReplicaServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ForwardReply(self, request, context):
+        """A reply for a reply stream open on the called broker (the caller received it from a responder).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ReplicaServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -137,6 +149,11 @@ def add_ReplicaServicer_to_server(servicer, server):
                     servicer.ReportOfflineReplicas,
                     request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.ReportOfflineReplicasRequest.FromString,
                     response_serializer=logbroker_dot_v1_dot_logbroker__pb2.ReportOfflineReplicasResponse.SerializeToString,
+            ),
+            'ForwardReply': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForwardReply,
+                    request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.ReplyRequest.FromString,
+                    response_serializer=logbroker_dot_v1_dot_logbroker__pb2.ReplyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -311,6 +328,33 @@ class Replica:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def ForwardReply(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logbroker.v1.Replica/ForwardReply',
+            logbroker_dot_v1_dot_logbroker__pb2.ReplyRequest.SerializeToString,
+            logbroker_dot_v1_dot_logbroker__pb2.ReplyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class BrokerStub:
     """Missing associated documentation comment in .proto file."""
@@ -380,6 +424,16 @@ class BrokerStub:
                 '/logbroker.v1.Broker/ShareAcknowledge',
                 request_serializer=logbroker_dot_v1_dot_logbroker__pb2.ShareAcknowledgeRequest.SerializeToString,
                 response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.ShareAcknowledgeResponse.FromString,
+                _registered_method=True)
+        self.Reply = channel.unary_unary(
+                '/logbroker.v1.Broker/Reply',
+                request_serializer=logbroker_dot_v1_dot_logbroker__pb2.ReplyRequest.SerializeToString,
+                response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.ReplyResponse.FromString,
+                _registered_method=True)
+        self.ReplyStream = channel.stream_stream(
+                '/logbroker.v1.Broker/ReplyStream',
+                request_serializer=logbroker_dot_v1_dot_logbroker__pb2.ReplyRequest.SerializeToString,
+                response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.ReplyResponse.FromString,
                 _registered_method=True)
 
 
@@ -467,6 +521,21 @@ class BrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Reply(self, request, context):
+        """Request-reply: a responder's reply to the client named by reply_to (any broker takes it and
+        forwards it to the one named). The requester's reply stream is on the record transport only
+        (logbroker/wire.py, API_REPLY_STREAM). ReplyStream: the same call as a stream, as ProduceStream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReplyStream(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BrokerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -529,6 +598,16 @@ def add_BrokerServicer_to_server(servicer, server):
                     servicer.ShareAcknowledge,
                     request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.ShareAcknowledgeRequest.FromString,
                     response_serializer=logbroker_dot_v1_dot_logbroker__pb2.ShareAcknowledgeResponse.SerializeToString,
+            ),
+            'Reply': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reply,
+                    request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.ReplyRequest.FromString,
+                    response_serializer=logbroker_dot_v1_dot_logbroker__pb2.ReplyResponse.SerializeToString,
+            ),
+            'ReplyStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ReplyStream,
+                    request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.ReplyRequest.FromString,
+                    response_serializer=logbroker_dot_v1_dot_logbroker__pb2.ReplyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -855,6 +934,60 @@ class Broker:
             '/logbroker.v1.Broker/ShareAcknowledge',
             logbroker_dot_v1_dot_logbroker__pb2.ShareAcknowledgeRequest.SerializeToString,
             logbroker_dot_v1_dot_logbroker__pb2.ShareAcknowledgeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reply(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logbroker.v1.Broker/Reply',
+            logbroker_dot_v1_dot_logbroker__pb2.ReplyRequest.SerializeToString,
+            logbroker_dot_v1_dot_logbroker__pb2.ReplyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReplyStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/logbroker.v1.Broker/ReplyStream',
+            logbroker_dot_v1_dot_logbroker__pb2.ReplyRequest.SerializeToString,
+            logbroker_dot_v1_dot_logbroker__pb2.ReplyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -18,7 +18,10 @@ most one poll, and its lock (`--lock-ms`) runs while its handler does.
 Settling (`QueueMessage.ack / release / reject`; they only queue the acknowledgement, the next poll
 sends it):
 
-    handler returned                                    -> ack
+    handler returned                                    -> ack; for a request (reply_to and correlation_id
+                                                           headers, client/requester.py) the return value is
+                                                           sent as the reply first (client/responder.py's
+                                                           settle_replied: bytes/str/None, or (value, headers))
     handler raised, delivery_count < max_attempts       -> release(0): the group's retry backoff
                                                            (retry_backoff_ms doubling to _max_ms) on the broker
     handler raised on the last attempt                  -> reject(reason = the exception line): dead-lettered
@@ -50,6 +53,7 @@ from typing import Any, Protocol
 
 from logbroker.client.metadata_cache import LogThrottle
 from logbroker.client.queue.message import QueueMessage
+from logbroker.client.responder import ReplySender, reply_headers, settle_replied
 from logbroker.errors import LogbrokerError
 from logbroker.storage.record_batch import Message
 from logbroker.worker.runtime import (
@@ -175,6 +179,7 @@ class QueueWorker:
         self._slots: list[Slot] = []
         self.stats = QueueWorkerStats()
         self._log = LogThrottle(log)
+        self._replies: ReplySender | None = None
 
     # -- control ---------------------------------------------------------------------------------
 
@@ -272,6 +277,8 @@ class QueueWorker:
             except LogbrokerError as e:
                 log.warning("closing the queue consumer failed: %s", e)
         self._stop_slots()
+        if self._replies is not None:
+            self._replies.close(close_metadata=True)
         s = self.stats
         log.info("queue worker stopped: %d acked, %d released, %d rejected, %d handed back, %d unfinished",
                  s.processed, s.released, s.rejected, s.handed_back, s.unfinished)
@@ -315,7 +322,12 @@ class QueueWorker:
         outcome = slot.run(as_message(m), self._hard_stop)
         where = f"{m.topic}-{m.partition}@{m.offset}"
         if outcome is None:
-            m.ack()
+            if reply_headers(m) is None:
+                m.ack()
+            elif not settle_replied(self._reply_sender(), m, slot.result):
+                with self._cond:
+                    self.stats.released += 1
+                return
             with self._cond:
                 self.stats.processed += 1
             return
@@ -337,6 +349,17 @@ class QueueWorker:
         else:
             log.warning("handler failed on %s (attempt %d of %d), released for a retry: %s", where,
                         m.delivery_count, self.max_delivery_attempts, outcome.error)
+
+    def _reply_sender(self) -> ReplySender:
+        """The sender of replies, made on the first request (a worker with no requests opens nothing)."""
+        with self._cond:
+            if self._replies is None:
+                from logbroker.client.metadata_cache import MetadataCache
+                from logbroker.config import default_bootstrap
+
+                bootstrap = self._bootstrap if self._bootstrap is not None else default_bootstrap()
+                self._replies = ReplySender(MetadataCache(bootstrap))
+            return self._replies
 
     # -- the consumer ----------------------------------------------------------------------------
 

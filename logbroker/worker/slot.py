@@ -2,7 +2,9 @@
 
 The runtime owns one thread per slot; the thread takes a record from the window and calls
 `slot.run(message, hard_stop)`, which returns None (the handler returned), a `Failure`, or
-`ABANDONED` (hard stop while the record ran in a child process, which is killed).
+`ABANDONED` (hard stop while the record ran in a child process, which is killed). After a None,
+`slot.result` is what the handler returned (from a child process: when it pickles, else None);
+`logbroker worker --queue` sends it as the reply to a request (client/responder.py).
 
 `ThreadSlot` calls the handler in the calling thread. A running handler cannot be interrupted: at a
 hard stop the runtime stops waiting for it (its thread is a daemon) and the record stays uncommitted.
@@ -15,7 +17,8 @@ threads) and talks to it over a pipe::
                                           load the handler (a `module:function` string or a pickled
              <───────────── ("ready",)    callable), or reply ("error", line, traceback) and exit
     run():   Message ─────────────────>  handler(message)
-             <── ("ok",) | ("failed", line, traceback) | ("fatal", line, traceback) then exit
+             <── ("ok", result) | ("ok",) (result None or unpicklable) | ("failed", line, traceback)
+                 | ("fatal", line, traceback) then exit
     close(): None ────────────────────>  exit; killed if still alive after the timeout
 
 A child that dies while handling a record (a crash, os._exit, the OOM killer) counts as a failed
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import pickle
 import signal
 import threading
 import time
@@ -71,17 +75,19 @@ def describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
-def call_handler(handler: Handler, message: Message) -> Failure | None:
+def call_handler(handler: Handler, message: Message) -> tuple[Failure | None, Any]:
+    """(None, what the handler returned) or (its Failure, None)."""
     try:
-        handler(message)
+        return None, handler(message)
     except Exception as e:
-        return Failure(describe(e), traceback.format_exc())
+        return Failure(describe(e), traceback.format_exc()), None
     except BaseException as e:  # SystemExit and friends: the handler wants out, do not retry
-        return Failure(describe(e), traceback.format_exc(), fatal=True)
-    return None
+        return Failure(describe(e), traceback.format_exc(), fatal=True), None
 
 
 class Slot(Protocol):
+    result: Any  # what the handler returned, after a run() that returned None
+
     def start(self) -> None: ...
 
     def wait_ready(self, timeout_s: float) -> Failure | None: ...
@@ -94,6 +100,7 @@ class Slot(Protocol):
 class ThreadSlot:
     def __init__(self, handler: Handler) -> None:
         self._handler = handler
+        self.result: Any = None
 
     def start(self) -> None:
         pass
@@ -102,7 +109,8 @@ class ThreadSlot:
         return None
 
     def run(self, message: Message, hard_stop: threading.Event) -> Outcome:
-        return call_handler(self._handler, message)
+        failure, self.result = call_handler(self._handler, message)
+        return failure
 
     def close(self, timeout_s: float) -> None:
         pass
@@ -125,16 +133,27 @@ def child_main(conn: Connection, handler_ref: HandlerRef) -> None:
             return  # the parent is gone
         if message is None:
             return
-        failure = call_handler(handler, message)
+        failure, result = call_handler(handler, message)
         try:
             if failure is None:
-                conn.send(("ok",))
+                _send_ok(conn, result)
             else:
                 conn.send(("fatal" if failure.fatal else "failed", failure.error, failure.traceback))
         except (BrokenPipeError, OSError):
             return
         if failure is not None and failure.fatal:
             return
+
+
+def _send_ok(conn: Connection, result: Any) -> None:
+    """("ok", result), or ("ok",) when there is none or it does not pickle (pickling precedes the write)."""
+    if result is not None:
+        try:
+            conn.send(("ok", result))
+            return
+        except (pickle.PicklingError, TypeError, AttributeError):
+            pass
+    conn.send(("ok",))
 
 
 class ProcessSlot:
@@ -145,6 +164,7 @@ class ProcessSlot:
         self._proc: Any = None  # multiprocessing.process.BaseProcess
         self._conn: Connection | None = None
         self._ready = False
+        self.result: Any = None
 
     @property
     def pid(self) -> int | None:
@@ -195,6 +215,7 @@ class ProcessSlot:
         except (EOFError, OSError):
             return Failure(f"worker process died while handling the record (exit code {self._reap()})")
         if reply[0] == "ok":
+            self.result = reply[1] if len(reply) > 1 else None
             return None
         if reply[0] == "fatal":
             self._reap()

@@ -82,3 +82,25 @@ def test_bounds_of_a_remote_partition_come_from_list_offsets() -> None:
     data = ShareData(FakeCluster(), SimpleNamespace(partitions={}), peers, None)  # type: ignore[arg-type]
     assert asyncio.run(data.bounds(("a", 1))) == (500, 900)
     assert peers.calls == [("h:2", [("list", -2), ("list", -1)])]
+
+
+def test_data_arrival_wakes_on_an_append_to_a_watched_local_partition() -> None:
+    from logbroker.replication.purgatory import Purgatory
+
+    replicas = SimpleNamespace(partitions={}, fetch_purgatory=Purgatory())
+    data = ShareData(FakeCluster(), replicas, None, None)  # type: ignore[arg-type]
+
+    async def scenario() -> tuple[bool, bool, float]:
+        loop = asyncio.get_running_loop()
+        timed_out = await data.data_arrival([("a", 0)], 0.01)  # type: ignore[misc]
+        waiting = asyncio.ensure_future(data.data_arrival([("a", 0), ("a", 2)], 30.0))  # type: ignore[arg-type]
+        await asyncio.sleep(0)
+        started = loop.time()
+        replicas.fetch_purgatory.notify(("a", 2))  # what an append to a-2 does
+        woken = await waiting
+        return timed_out, woken, loop.time() - started
+
+    timed_out, woken, waited_s = asyncio.run(scenario())
+    assert timed_out is False and woken is True and waited_s < 5
+    assert ShareData(FakeCluster(), SimpleNamespace(partitions={}), None, None).data_arrival(  # type: ignore[arg-type]
+        [("a", 0)], 1.0) is None  # no purgatory (test doubles): the coordinator keeps its tick

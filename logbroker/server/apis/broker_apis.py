@@ -10,8 +10,8 @@ into them. Each call takes the caller's `RequestContext` and the request, return
 Every call passes through `handle(api, context, request)`, and there through `RequestHook.
 on_request`: the one place where authorization, quotas and request metrics will go. Calls by
 concept: produce_fetch.py (Produce, Fetch, ListOffsets), metadata.py (Metadata, DescribeCluster),
-groups.py (offsets, coordinator, heartbeats, group admin), queues.py (share groups), admin.py
-(topics, replicas), security.py (ACLs, SCRAM users).
+groups.py (offsets, coordinator, heartbeats, group admin), queues.py (share groups), replies.py
+(request-reply), admin.py (topics, replicas), security.py (ACLs, SCRAM users).
 
 The inter-broker surface (server/replica_service.py) is not here: only brokers may call it.
 """
@@ -29,6 +29,7 @@ from logbroker.server.apis.groups import GroupApis
 from logbroker.server.apis.metadata import MetadataApis
 from logbroker.server.apis.produce_fetch import ProduceFetchApis
 from logbroker.server.apis.queues import QueueApis
+from logbroker.server.apis.replies import ReplyApis
 from logbroker.server.apis.security import SecurityApis
 from logbroker.server.request_context import RequestContext, RequestRejected, RequestStatus
 from logbroker.v1 import logbroker_pb2 as pb
@@ -71,6 +72,7 @@ REQUEST_TYPES: dict[str, type[Message]] = {
     "DescribeAcls": pb.DescribeAclsRequest,
     "AlterUserScramCredentials": pb.AlterUserScramCredentialsRequest,
     "DescribeUserScramCredentials": pb.DescribeUserScramCredentialsRequest,
+    "Reply": pb.ReplyRequest,
 }
 
 
@@ -89,7 +91,8 @@ class RequestHook:
 class BrokerApis:
     def __init__(self, data: ProduceFetchApis, metadata: MetadataApis | None = None, groups: GroupApis | None = None,
                  admin: AdminApis | None = None, hook: RequestHook | None = None,
-                 queues: QueueApis | None = None, security: SecurityApis | None = None) -> None:
+                 queues: QueueApis | None = None, replies: ReplyApis | None = None,
+                 security: SecurityApis | None = None) -> None:
         """`metadata`, `groups`, `admin`, `queues` None: those calls are UNIMPLEMENTED (a data-path-only broker
         in tests)."""
         self.hook = hook if hook is not None else RequestHook()
@@ -115,6 +118,9 @@ class BrokerApis:
                        DescribeAcls=security.describe_acls,
                        AlterUserScramCredentials=security.alter_user_scram_credentials,
                        DescribeUserScramCredentials=security.describe_user_scram_credentials)
+        if replies is not None:
+            ops.update(Reply=replies.reply)
+        self.replies = replies
         self._ops = ops
 
     def handle(self, api: str, context: RequestContext, request: Message) -> Awaitable[Response]:
