@@ -169,13 +169,8 @@ class Broker:
                           self.topic_config),
                 FileOffsetClock(offset_file) if offset_file else clock,
             )
-            self._security: SecurityStore | None = None
-            self.authorizing_hook: AuthorizingHook | None = None
-            self.acl_cache: AclCache | None = None
-            if config.authorizer == "acl":
-                self.authorizing_hook = AuthorizingHook(Authorizer([], config.super_users), config.cluster_secret)
-                self.acl_cache = AclCache(self.security_store, self.authorizing_hook, config.super_users)
-            hook = self.authorizing_hook
+            self._security: SecurityStore | None = None  # opened by start()
+            hook = self._build_authorizer(config)
             self.replies = ReplyApis(self, ReplyRegistry(config.broker_id),
                                      ReplyForwarding(self.cluster.channels, self.metadata_image)
                                      if self.cluster is not None else None)
@@ -319,6 +314,15 @@ class Broker:
             log.warning("deleting log of %s-%d: its topic no longer exists", name, p)
             self._log_manager.delete_log(name, p)
         self.topics = topics
+
+    def _build_authorizer(self, config: BrokerConfig) -> AuthorizingHook | None:
+        """The ACL request hook and its cache with --authorizer acl (empty until start() loads them)."""
+        self.authorizing_hook: AuthorizingHook | None = None
+        self.acl_cache: AclCache | None = None
+        if config.authorizer == "acl":
+            self.authorizing_hook = AuthorizingHook(Authorizer([], config.super_users), config.cluster_secret)
+            self.acl_cache = AclCache(self.security_store, self.authorizing_hook, config.super_users)
+        return self.authorizing_hook
 
     def _open_security_store(self) -> SecurityStore:
         if self.cluster is not None:
