@@ -84,7 +84,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if metrics_address is not None:
             from logbroker.server.metrics import MetricsServer
 
-            metrics = MetricsServer.start(broker, loop, *metrics_address)
+            metrics = MetricsServer.start(broker, loop, *metrics_address,
+                                          tls=config.tls if config.metrics_tls else None)
         try:
             try:
                 await broker.start()

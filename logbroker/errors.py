@@ -282,6 +282,14 @@ class InvalidFilterError(BrokerError):
     code = pb.INVALID_FILTER
 
 
+class UnauthenticatedError(BrokerError):
+    """The broker did not accept who the client is: its TLS handshake was refused (no client
+    certificate where one is required, one not signed by a CA the broker trusts, an expired one) or
+    the broker's certificate is not trusted by the client. Final: retrying sends the same certificate."""
+
+    code = pb.UNAUTHENTICATED
+
+
 class KafkaTimeoutError(LogbrokerError):
     """A client-side deadline passed (delivery timeout, flush timeout, metadata wait)."""
 

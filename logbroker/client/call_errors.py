@@ -6,6 +6,7 @@ and whether to look the leaders up first.
     UNAVAILABLE, CANCELLED  -> BrokerUnavailableError   (retriable, refresh metadata)
     DEADLINE_EXCEEDED       -> RequestTimedOutError     (retriable)
     RESOURCE_EXHAUSTED      -> RecordListTooLargeError  (final)
+    UNAUTHENTICATED         -> UnauthenticatedError     (final: a refused TLS handshake, logbroker/tls.py)
     anything else           -> UnknownServerError
 """
 
@@ -18,6 +19,7 @@ from logbroker.errors import (
     LogbrokerError,
     RecordListTooLargeError,
     RequestTimedOutError,
+    UnauthenticatedError,
     UnknownServerError,
 )
 
@@ -45,6 +47,8 @@ def rpc_error(e: grpc.RpcError) -> LogbrokerError:
         return RequestTimedOutError(f"request timed out: {details}")
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return RecordListTooLargeError(f"request rejected: {details}")
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return UnauthenticatedError(details)
     return UnknownServerError(f"{code}: {details}")
 
 

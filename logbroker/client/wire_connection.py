@@ -15,6 +15,12 @@ way out. A status frame fails only its own request (the connection goes on); a b
 watchdog's deadline) fails every pending request with a retriable status, and the next send opens a
 new connection. Sockets are blocking without a timeout: the watchdog's `fail()` shuts the socket
 down, which wakes a reader in recv() and a writer blocked in sendall() alike.
+
+TLS (`tls_context`): the socket is wrapped and handshaken at open, within the connect timeout, and
+then waits for the broker's first records (TLS 1.3 session tickets, sent only once the broker has
+accepted the client's certificate): a broker that refuses the client closes instead, and the open
+raises `TlsRefusedError`, which the owner turns into UNAUTHENTICATED (logbroker/tls.py). Bytes the
+TLS layer has decrypted but nobody has read yet are not visible to poll(): `buffered()` says so.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import logging
 import select
 import socket
+import ssl
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -39,6 +46,7 @@ from logbroker.client.transport import (
     fail_pending,
     mark_reader_thread,
 )
+from logbroker.tls import refused_after_handshake
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +67,36 @@ def readable(fd: int, wait_s: float) -> bool:
     return bool(poller.poll(max(0, int(wait_s * 1000 + 0.999))))
 
 
+class TlsRefusedError(Exception):
+    """The broker refused this client's TLS (its certificate, or ours); the message says which."""
+
+
+def open_socket(address: tuple[str, int], connect_timeout_s: float,
+                 tls_context: ssl.SSLContext | None) -> socket.socket:
+    """A connected socket (TLS: handshaken and accepted), blocking, no timeout, TCP_NODELAY."""
+    sock = socket.create_connection(address, timeout=connect_timeout_s)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if tls_context is not None:
+            try:
+                sock = tls_context.wrap_socket(sock, server_hostname=address[0])
+            except ssl.SSLCertVerificationError as exc:
+                raise TlsRefusedError(f"the broker's certificate is not trusted: {exc.verify_message}") from None
+            except ssl.SSLError as exc:
+                raise TlsRefusedError(f"the TLS handshake failed: {exc.reason or exc}") from None
+            assert isinstance(sock, ssl.SSLSocket)
+            if sock.version() == "TLSv1.3":
+                refused = refused_after_handshake(sock, grpc_port=False, timeout_s=connect_timeout_s)
+                if refused is not None:
+                    raise TlsRefusedError(refused)
+        sock.settimeout(None)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 class _Ended(Exception):
     """The connection cannot go on; `error` is what its pending requests get."""
 
@@ -72,7 +110,8 @@ class WireConnection:
 
     def __init__(self, owner: ConnectionOwner, key: Key, address: tuple[str, int], api: int,
                  response_cls: type[Message], connect_timeout_s: float,
-                 arm: Callable[[float], None], inline: bool = False) -> None:
+                 arm: Callable[[float], None], inline: bool = False,
+                 tls_context: ssl.SSLContext | None = None) -> None:
         self._owner = owner
         self.key = key
         self._api = api
@@ -83,14 +122,7 @@ class WireConnection:
         self.pending: deque[tuple[int, StreamFuture]] = deque()
         self.closed = False
         self._corr = 0
-        self._sock = socket.create_connection(address, timeout=connect_timeout_s)
-        try:
-            self._sock.settimeout(None)
-            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        except OSError:
-            self._sock.close()
-            raise
+        self._sock = open_socket(address, connect_timeout_s, tls_context)
         self._where = f"{address[0]}:{address[1]}"
         self.target = address
         self.answers = 0  # responses read; a connection closed before its first is taken as refused
@@ -151,7 +183,7 @@ class WireConnection:
         if self._end > self._start:
             return True
         try:
-            return readable(self._sock.fileno(), 0)
+            return self.buffered() or readable(self._sock.fileno(), 0)
         except (OSError, ValueError):  # closed meanwhile
             return False
 
@@ -241,10 +273,10 @@ class WireConnection:
         try:
             if self.closed:
                 return
-            ready = self._end > self._start or readable(self._sock.fileno(), wait_s)
+            ready = self._end > self._start or self.buffered() or readable(self._sock.fileno(), wait_s)
             while ready:
                 self._deliver(*self._read_frame())
-                ready = self._end > self._start or readable(self._sock.fileno(), 0)
+                ready = self._end > self._start or self.buffered() or readable(self._sock.fileno(), 0)
         except Exception as e:
             self._end_with(e)
         finally:
@@ -255,6 +287,11 @@ class WireConnection:
     def fileno(self) -> int:
         """The socket's descriptor (for poll(2)), -1 once closed."""
         return self._sock.fileno()
+
+    def buffered(self) -> bool:
+        """TLS: decrypted bytes wait in the TLS layer, where poll() on the descriptor does not see them."""
+        sock = self._sock
+        return isinstance(sock, ssl.SSLSocket) and not self.closed and sock.pending() > 0
 
     def _end_with(self, exc: BaseException) -> None:
         if isinstance(exc, _Ended):

@@ -52,6 +52,7 @@ from logbroker.errors import BrokerError, StorageError
 from logbroker.replication.partition import Partition
 from logbroker.retry import RetryPolicy
 from logbroker.storage.log import UNDEFINED_EPOCH
+from logbroker.tls import TlsConfig, aio_channel
 from logbroker.v1 import logbroker_pb2 as pb
 from logbroker.v1 import logbroker_pb2_grpc as pbg
 
@@ -71,6 +72,7 @@ class FetcherConfig:
     backoff_initial_ms: int = 50
     backoff_max_ms: int = 1000
     truncation_rounds_max: int = 16  # OffsetForLeaderEpoch rounds per truncation attempt
+    tls: TlsConfig | None = None  # the broker's own certificate, to leaders that speak TLS
 
 
 class FetchPhase(enum.Enum):
@@ -172,9 +174,8 @@ class LeaderFetcher:
     # -- the task -------------------------------------------------------------------------------
 
     async def _run(self) -> None:
-        channel = grpc.aio.insecure_channel(
-            self.address, options=[("grpc.max_receive_message_length", self.config.max_receive_bytes)]
-        )
+        channel = aio_channel(self.address, [("grpc.max_receive_message_length", self.config.max_receive_bytes)],
+                              self.config.tls)
         try:
             broker_stub = pbg.BrokerStub(channel)
             replica_stub = pbg.ReplicaStub(channel)

@@ -1,6 +1,6 @@
 """gRPC channels from this broker to the others: the controller's calls and, via the same cache,
 anything else broker-to-broker. One `grpc.aio` channel per address, closed on shutdown. Every call
-made through them carries the cluster secret (`call_metadata`; logbroker/cluster/cluster_secret.py)."""
+made through them speaks TLS when the broker does (presenting its own certificate) and carries the cluster secret (`call_metadata`; logbroker/cluster/cluster_secret.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import grpc
 
 from logbroker.cluster.cluster_secret import CallMetadata, call_metadata
 from logbroker.cluster.metadata import BrokerRegistration
+from logbroker.tls import TlsConfig, aio_channel
 from logbroker.v1 import logbroker_pb2 as pb
 from logbroker.v1 import logbroker_pb2_grpc as pbg
 
@@ -22,14 +23,15 @@ CONTROLLER_CALL_TIMEOUT_S = 10.0
 class BrokerChannels:
     """Implements the controller's `ControllerRpc` over the `Replica` service."""
 
-    def __init__(self, cluster_secret: bytes = b"") -> None:
+    def __init__(self, cluster_secret: bytes = b"", tls: TlsConfig | None = None) -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._tls = tls  # the broker's own certificate as the client's (mTLS between brokers)
         self.call_metadata: CallMetadata = call_metadata(cluster_secret)
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         ch = self._channels.get(address)
         if ch is None:
-            ch = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            ch = aio_channel(address, CHANNEL_OPTIONS, self._tls)
             self._channels[address] = ch
         return ch
 

@@ -57,6 +57,7 @@ class ErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INVALID_RECORD_STATE: _ClassVar[ErrorCode]
     UNSUPPORTED_COMPRESSION_TYPE: _ClassVar[ErrorCode]
     INVALID_FILTER: _ClassVar[ErrorCode]
+    UNAUTHENTICATED: _ClassVar[ErrorCode]
 NONE: ErrorCode
 UNKNOWN_SERVER_ERROR: ErrorCode
 OFFSET_OUT_OF_RANGE: ErrorCode
@@ -105,6 +106,7 @@ INCONSISTENT_GROUP_PROTOCOL: ErrorCode
 INVALID_RECORD_STATE: ErrorCode
 UNSUPPORTED_COMPRESSION_TYPE: ErrorCode
 INVALID_FILTER: ErrorCode
+UNAUTHENTICATED: ErrorCode
 
 class ProduceRequest(_message.Message):
     __slots__ = ("acks", "timeout_ms", "partitions")

@@ -1,0 +1,223 @@
+"""TLS on real broker processes (issue 18, item 1): every listener speaks TLS with --tls-*; with
+--tls-client-auth required a client without a certificate, with one from another CA or an expired
+one is refused with UNAUTHENTICATED over gRPC and over the record transport, a good one works;
+a certificate rotated on disk is served to the next connection; a ZooKeeper cluster replicates
+over mTLS between its brokers. Certificates are made here with trustme."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import socket
+import ssl
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trustme
+
+from logbroker import Admin, Consumer, Producer
+from logbroker.client.metadata_cache import MetadataCache
+from logbroker.client.wire_connection import TlsRefusedError, open_socket
+from logbroker.errors import BrokerUnavailableError, UnauthenticatedError
+from logbroker.tls import TlsConfig, probe
+from logbroker.v1 import logbroker_pb2 as pb
+from tests.cluster import Cluster
+from tests.conftest import BrokerProcess, free_port, wait_for
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@dataclass
+class Pki:
+    """A CA, the broker's certificate files and client configurations, all in `dir`."""
+
+    dir: Path
+    ca: trustme.CA
+
+    def write_leaf(self, cert: trustme.LeafCert, name: str, ca: trustme.CA | None = None) -> tuple[str, str]:
+        cert_path, key_path = self.dir / f"{name}.pem", self.dir / f"{name}.key"
+        # rotation writes a new file and renames it over the old, as cert-manager and friends do
+        for path, data in ((cert_path, b"".join(c.bytes() for c in cert.cert_chain_pems)),
+                           (key_path, cert.private_key_pem.bytes())):
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        return str(cert_path), str(key_path)
+
+    @property
+    def ca_file(self) -> str:
+        return str(self.dir / "ca.pem")
+
+    def broker_args(self, client_auth: str = "required") -> list[str]:
+        cert, key = str(self.dir / "broker.pem"), str(self.dir / "broker.key")
+        return ["--tls-cert", cert, "--tls-key", key, "--tls-client-ca", self.ca_file,
+                "--tls-client-auth", client_auth]
+
+    def client(self, name: str = "client", **kw: object) -> TlsConfig:
+        cert, key = self.write_leaf(self.ca.issue_cert(name, common_name=name, **kw), name)  # type: ignore[arg-type]
+        return TlsConfig(self.ca_file, cert, key)
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    d = tmp_path / "pki"
+    d.mkdir()
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(d / "ca.pem"))
+    p = Pki(d, ca)
+    p.write_leaf(ca.issue_cert("127.0.0.1", "localhost", common_name="broker"), "broker")
+    return p
+
+
+@pytest.fixture
+def tls_broker(pki: Pki, tmp_path: Path) -> Iterator[BrokerProcess]:
+    b = BrokerProcess(tmp_path / "data", free_port(), pki.broker_args("required"), tls=pki.client("probe"))
+    try:
+        yield b.start()
+    finally:
+        b.stop()
+
+
+def data_port(broker: BrokerProcess, tls: TlsConfig) -> int:
+    with MetadataCache(broker.bootstrap, tls=tls) as cache:
+        cache.refresh([])
+        target = cache.data_address(broker.address)
+    assert target is not None, "the broker advertises no record transport"
+    return target[1]
+
+
+def test_plaintext_to_tls_ports_fails(tls_broker: BrokerProcess, pki: Pki) -> None:
+    with pytest.raises(BrokerUnavailableError), Admin(tls_broker.bootstrap, request_timeout_ms=2000) as admin:
+        admin.create_topic("t")
+    port = data_port(tls_broker, pki.client())
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:  # a plaintext Metadata frame
+        s.sendall(struct.pack(">iiB", 5, 1, 3))
+        assert s.recv(64) == b"", "a TLS port answered plaintext"
+    # and the plaintext client sees no records: the broker accepted none of it
+    assert "Traceback" not in tls_broker.log_text()
+
+
+@pytest.mark.parametrize("which", ["none", "untrusted", "expired"])
+def test_client_without_a_good_certificate_is_unauthenticated(tls_broker: BrokerProcess, pki: Pki,
+                                                              tmp_path: Path, which: str) -> None:
+    port = data_port(tls_broker, pki.client())  # asked with a good one
+    if which == "none":
+        bad = TlsConfig(pki.ca_file)
+    elif which == "untrusted":
+        other = trustme.CA()
+        cert, key = pki.write_leaf(other.issue_cert("mallory", common_name="mallory"), "mallory")
+        bad = TlsConfig(pki.ca_file, cert, key)
+    else:
+        bad = pki.client("old", not_before=datetime.datetime(2020, 1, 1), not_after=datetime.datetime(2021, 1, 1))
+    # gRPC: Admin and Metadata
+    with pytest.raises(UnauthenticatedError, match="refused this client's certificate"), \
+            Admin(tls_broker.bootstrap, request_timeout_ms=3000, tls=bad) as admin:
+        admin.create_topic("t")
+    with pytest.raises(UnauthenticatedError), MetadataCache(tls_broker.bootstrap, tls=bad) as cache:
+        cache.refresh([])
+    # the record transport: its own handshake is refused the same way
+    with pytest.raises(TlsRefusedError, match="refused this client's certificate"):
+        open_socket(("127.0.0.1", port), 3.0, bad.ssl_context())
+    assert probe(("127.0.0.1", port), bad, grpc_port=False) is not None
+    assert probe(("127.0.0.1", port), pki.client(), grpc_port=False) is None
+    assert "Traceback" not in tls_broker.log_text()
+
+
+def test_client_that_does_not_trust_the_broker_is_unauthenticated(tls_broker: BrokerProcess, pki: Pki) -> None:
+    other = trustme.CA()
+    other_ca = pki.dir / "other-ca.pem"
+    other.cert_pem.write_to_path(str(other_ca))
+    good = pki.client()
+    with pytest.raises(UnauthenticatedError, match="not trusted"), \
+            Admin(tls_broker.bootstrap, request_timeout_ms=3000,
+                  tls=TlsConfig(str(other_ca), good.cert_file, good.key_file)) as admin:
+        admin.list_topics()
+
+
+def test_good_certificate_works_over_grpc_and_the_record_transport(
+        tls_broker: BrokerProcess, pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
+    good = pki.client()
+    with Admin(tls_broker.bootstrap, tls=good) as admin:
+        admin.create_topic("secure", partitions=2)
+        assert "secure" in admin.list_topics()
+    caplog.set_level(logging.INFO, logger="logbroker.client")
+    with Producer(tls_broker.bootstrap, acks="all", linger_ms=1, tls=good) as producer:
+        futures = [producer.send("secure", b"v%d" % i, key=b"k%d" % i) for i in range(200)]
+        producer.flush(30)
+        assert all(f.result().offset >= 0 for f in futures)
+    got: list[bytes] = []
+    with Consumer(tls_broker.bootstrap, auto_offset_reset="earliest", tls=good) as consumer:
+        consumer.assign([("secure", 0), ("secure", 1)])
+        wait_for(lambda: got.extend(m.value for m in consumer.poll(timeout_ms=200)) or len(got) >= 200, 30,
+                 "every record consumed")
+    assert sorted(got) == sorted(b"v%d" % i for i in range(200))
+    # the data went over the record transport (no fallback to gRPC streams)
+    assert not [r for r in caplog.records if "record transport" in r.getMessage()], caplog.text
+    # and over gRPC streams too (transport="grpc")
+    with Producer(tls_broker.bootstrap, acks="all", transport="grpc", tls=good) as producer:
+        assert producer.send("secure", b"over-grpc", partition=0).result(30).offset >= 0
+
+
+def served_certificate(address: tuple[str, int], tls: TlsConfig, alpn: bool) -> bytes:
+    ctx = tls.ssl_context()
+    if alpn:
+        ctx.set_alpn_protocols(["h2"])
+    with socket.create_connection(address, timeout=5) as raw, \
+            ctx.wrap_socket(raw, server_hostname=address[0]) as s:
+        der = s.getpeercert(binary_form=True)
+        assert der is not None
+        return der
+
+
+def test_rotated_certificate_is_served_to_the_next_connection(tls_broker: BrokerProcess, pki: Pki) -> None:
+    good = pki.client()
+    grpc_addr, data_addr = ("127.0.0.1", tls_broker.port), ("127.0.0.1", data_port(tls_broker, good))
+    old = served_certificate(grpc_addr, good, alpn=True)
+    assert served_certificate(data_addr, good, alpn=False) == old
+    new_cert = pki.ca.issue_cert("127.0.0.1", "localhost", common_name="broker-rotated")
+    pki.write_leaf(new_cert, "broker")
+    new = ssl.PEM_cert_to_DER_cert(new_cert.cert_chain_pems[0].bytes().decode())
+    assert new != old
+    wait_for(lambda: served_certificate(grpc_addr, good, alpn=True) == new, 20, "gRPC serves the new certificate")
+    wait_for(lambda: served_certificate(data_addr, good, alpn=False) == new, 20,
+             "the record transport serves the new certificate")
+    with Admin(tls_broker.bootstrap, tls=good) as admin:  # and calls work on it
+        admin.create_topic("after-rotation")
+    assert tls_broker.running()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_cluster_replicates_over_mtls_between_brokers(zookeeper, zk_chroot, tmp_path: Path, pki: Pki) -> None:
+    good = pki.client()
+    c = Cluster(zookeeper, zk_chroot, tmp_path / "cluster", 3, session_timeout_ms=2000,
+                extra_args=[*pki.broker_args("required"), "--replica-lag-time-max-ms", "3000"], tls=good)
+    try:
+        c.start()
+        with Admin(c.bootstrap, tls=good) as admin:
+            admin.create_topic("replicated", partitions=1, replication_factor=3, config={"min_insync_replicas": "2"})
+        wait_for(lambda: len(c.partition_states("replicated").get(0, pb.PartitionDescription()).isr) == 3, 60,
+                 "the followers joined the ISR over mTLS")
+        with Producer(c.bootstrap, acks="all", tls=good) as producer:
+            for i in range(100):
+                producer.send("replicated", b"r%d" % i, partition=0)
+            producer.flush(60)
+        leader = c.leader_of("replicated", 0)
+        c.kill9(leader)
+        wait_for(lambda: c.leader_of("replicated", 0) not in (-1, leader), 60, "a new leader after kill -9")
+        survivors = ",".join(b.address for i, b in c.brokers.items() if i != leader)
+        got: list[bytes] = []
+        with Consumer(survivors, auto_offset_reset="earliest", tls=good) as consumer:
+            consumer.assign([("replicated", 0)])
+            wait_for(lambda: got.extend(m.value for m in consumer.poll(timeout_ms=200)) or len(got) >= 100, 60,
+                     "every acknowledged record read from the new leader")
+        assert got == [b"r%d" % i for i in range(100)]
+        for i, b in c.brokers.items():
+            if i != leader:
+                assert "Traceback" not in b.log_text()
+    finally:
+        c.stop()
