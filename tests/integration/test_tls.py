@@ -12,6 +12,8 @@ import os
 import socket
 import ssl
 import struct
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,7 +192,29 @@ def test_rotated_certificate_is_served_to_the_next_connection(tls_broker: Broker
     assert tls_broker.running()
 
 
-@pytest.mark.slow
+def run_cli(broker: BrokerProcess, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("LOGBROKER_TLS")}
+    return subprocess.run([sys.executable, "-m", "logbroker", *args, "--bootstrap", broker.address],
+                          capture_output=True, timeout=60, env={**base, **(env or {})})
+
+
+def test_cli_flags_and_environment(tls_broker: BrokerProcess, pki: Pki) -> None:
+    good = pki.client()
+    ok = run_cli(tls_broker, "topics", "create", "from-cli", "--tls-ca", good.ca_file, "--tls-cert", good.cert_file,
+                 "--tls-key", good.key_file)
+    assert ok.returncode == 0, ok.stderr.decode()
+    listed = run_cli(tls_broker, "topics", "list", env={"LOGBROKER_TLS_CA": good.ca_file,
+                                                        "LOGBROKER_TLS_CERT": good.cert_file,
+                                                        "LOGBROKER_TLS_KEY": good.key_file})
+    assert listed.returncode == 0 and b"from-cli" in listed.stdout, listed.stderr.decode()
+    refused = run_cli(tls_broker, "topics", "list", "--tls-ca", good.ca_file)  # no client certificate
+    assert refused.returncode == 1
+    err = refused.stderr.decode()
+    assert err.count("\n") == 1 and "UNAUTHENTICATED" in err and "refused this client's certificate" in err, err
+    missing = run_cli(tls_broker, "topics", "list", "--tls-cert", good.cert_file)
+    assert missing.returncode == 1 and b"needs its key" in missing.stderr
+
+
 @pytest.mark.timeout(300)
 def test_cluster_replicates_over_mtls_between_brokers(zookeeper, zk_chroot, tmp_path: Path, pki: Pki) -> None:
     good = pki.client()
