@@ -217,10 +217,12 @@ def probe(address: tuple[str, int], tls: TlsConfig, grpc_port: bool = True,
             sock = ctx.wrap_socket(raw, server_hostname=address[0])
         except ssl.SSLCertVerificationError as exc:
             return f"the broker's certificate is not trusted: {exc.verify_message}"
+        except (ssl.SSLEOFError, ssl.SSLZeroReturnError):
+            return None  # closed mid-handshake: a broker stopping as much as a refusal; not a verdict
         except ssl.SSLError as exc:
-            return f"the TLS handshake failed: {exc.reason or exc}"
+            return f"the TLS handshake failed (is the broker speaking TLS?): {exc.reason or exc}"
         except OSError:
-            return "the broker closed the connection during the TLS handshake (is it speaking TLS?)"
+            return None  # reset, timeout (a stopped broker): not a TLS matter
         with sock:
             return refused_after_handshake(sock, grpc_port, timeout_s)
 

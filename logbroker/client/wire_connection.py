@@ -83,6 +83,8 @@ def open_socket(address: tuple[str, int], connect_timeout_s: float,
                 sock = tls_context.wrap_socket(sock, server_hostname=address[0])
             except ssl.SSLCertVerificationError as exc:
                 raise TlsRefusedError(f"the broker's certificate is not trusted: {exc.verify_message}") from None
+            except (ssl.SSLEOFError, ssl.SSLZeroReturnError):
+                raise  # closed mid-handshake (a broker stopping?): an unreachable port, not a verdict
             except ssl.SSLError as exc:
                 raise TlsRefusedError(f"the TLS handshake failed: {exc.reason or exc}") from None
             assert isinstance(sock, ssl.SSLSocket)
