@@ -153,7 +153,9 @@ def cmd_health(args: argparse.Namespace) -> int:
 
     request = health_pb2.HealthCheckRequest(service=args.service)
     try:
-        with grpc.insecure_channel(args.address) as channel:
+        tls = tls_from_args(args)
+        with (grpc.secure_channel(args.address, tls.channel_credentials()) if tls is not None
+              else grpc.insecure_channel(args.address)) as channel:
             resp = health_pb2_grpc.HealthStub(channel).Check(request, timeout=args.timeout)
     except grpc.RpcError as exc:
         code = exc.code().name if hasattr(exc, "code") else "ERROR"
@@ -512,6 +514,7 @@ def _add_broker_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     h.add_argument("--service", default="", help="health service name (default: the whole server)")
     h.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer (default: 5)")
     h.add_argument("--liveness", action="store_true", help="succeed on any answer: the broker is alive, maybe not ready")
+    add_tls_arguments(h)
     h.set_defaults(func=cmd_health)
 
     w = sub.add_parser("wait-safe-to-stop", parents=[common],

@@ -121,6 +121,16 @@ def test_client_without_a_good_certificate_is_unauthenticated(tls_broker: Broker
         admin.create_topic("t")
     with pytest.raises(UnauthenticatedError), MetadataCache(tls_broker.bootstrap, tls=bad) as cache:
         cache.refresh([])
+    # the data clients: a send and a poll raise it too (not retried until a timeout)
+    with Producer(tls_broker.bootstrap, max_block_ms=10_000, tls=bad) as producer, \
+            pytest.raises(UnauthenticatedError):
+        producer.send("t", b"v")
+    with pytest.raises(UnauthenticatedError), Consumer(tls_broker.bootstrap, topics=["t"], tls=bad) as consumer:
+        consumer.poll(timeout_ms=5000)  # (its first metadata lookup, in the constructor, raises already)
+    with Consumer(tls_broker.bootstrap, tls=bad) as assigned:
+        assigned.assign([("t", 0)])
+        with pytest.raises(UnauthenticatedError):
+            assigned.poll(timeout_ms=5000)
     # the record transport: its own handshake is refused the same way
     with pytest.raises(TlsRefusedError, match="refused this client's certificate"):
         open_socket(("127.0.0.1", port), 3.0, bad.ssl_context())
@@ -211,6 +221,10 @@ def test_cli_flags_and_environment(tls_broker: BrokerProcess, pki: Pki) -> None:
     assert refused.returncode == 1
     err = refused.stderr.decode()
     assert err.count("\n") == 1 and "UNAUTHENTICATED" in err and "refused this client's certificate" in err, err
+    health = subprocess.run([sys.executable, "-m", "logbroker", "health", "--address", tls_broker.address,
+                             "--tls-ca", good.ca_file, "--tls-cert", good.cert_file, "--tls-key", good.key_file],
+                            capture_output=True, timeout=60)
+    assert health.returncode == 0 and health.stdout.strip() == b"SERVING", health.stderr.decode()
     missing = run_cli(tls_broker, "topics", "list", "--tls-cert", good.cert_file)
     assert missing.returncode == 1 and b"needs its key" in missing.stderr
 
