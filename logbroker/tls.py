@@ -64,6 +64,10 @@ class TlsConfig:
             if path and not os.path.isfile(path):
                 raise TlsError(f"TLS file not found: {path}")
 
+    def stamp(self) -> tuple[tuple[int, int], ...]:
+        """The files' (mtime_ns, size): a change means a rotation (see RotatingChannels)."""
+        return tuple(_stamp(p) for p in (self.ca_file, self.cert_file, self.key_file) if p)
+
     def ssl_context(self) -> ssl.SSLContext:
         """A client context: the broker's certificate checked (against ca_file), ours presented."""
         ctx = ssl.create_default_context(cafile=self.ca_file or None)
@@ -85,6 +89,28 @@ def aio_channel(address: str, options: list[tuple[str, Any]], tls: TlsConfig | N
     if tls is None:
         return grpc.aio.insecure_channel(address, options=options)
     return grpc.aio.secure_channel(address, tls.channel_credentials(), options=options)
+
+
+class RotationCheck:
+    """Whether a broker's TLS files changed since its channels were opened, looked at most once per
+    RELOAD_INTERVAL_S: its channels to other brokers are then reopened, so a reconnect presents the
+    new certificate (an open connection keeps the one it was made with)."""
+
+    def __init__(self, tls: TlsConfig | None, monotonic: Any = None) -> None:
+        import time
+
+        self._tls = tls
+        self._monotonic = monotonic or time.monotonic
+        self._stamp = tls.stamp() if tls is not None else ()
+        self._next_check = self._monotonic() + RELOAD_INTERVAL_S
+
+    def rotated(self) -> bool:
+        if self._tls is None or self._monotonic() < self._next_check:
+            return False
+        self._next_check = self._monotonic() + RELOAD_INTERVAL_S
+        stamp = self._tls.stamp()
+        changed, self._stamp = stamp != self._stamp, stamp
+        return changed
 
 
 def client_tls(tls: TlsConfig | bool | None) -> TlsConfig | None:

@@ -4,11 +4,13 @@ made through them speaks TLS when the broker does (presenting its own certificat
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 
 from logbroker.cluster.cluster_secret import CallMetadata, call_metadata
 from logbroker.cluster.metadata import BrokerRegistration
-from logbroker.tls import TlsConfig, aio_channel
+from logbroker.tls import RotationCheck, TlsConfig, aio_channel
 from logbroker.v1 import logbroker_pb2 as pb
 from logbroker.v1 import logbroker_pb2_grpc as pbg
 
@@ -26,9 +28,17 @@ class BrokerChannels:
     def __init__(self, cluster_secret: bytes = b"", tls: TlsConfig | None = None) -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._tls = tls  # the broker's own certificate as the client's (mTLS between brokers)
+        self._rotation = RotationCheck(tls)
+        self._retiring: set[asyncio.Task[None]] = set()  # closes of channels opened before a rotation
         self.call_metadata: CallMetadata = call_metadata(cluster_secret)
 
     def _channel(self, address: str) -> grpc.aio.Channel:
+        if self._rotation.rotated():  # new channels present the new certificate; calls on the old ones finish
+            old, self._channels = self._channels, {}
+            for stale in old.values():
+                task = asyncio.get_running_loop().create_task(stale.close(grace=CONTROLLER_CALL_TIMEOUT_S))
+                self._retiring.add(task)
+                task.add_done_callback(self._retiring.discard)
         ch = self._channels.get(address)
         if ch is None:
             ch = aio_channel(address, CHANNEL_OPTIONS, self._tls)
@@ -61,3 +71,5 @@ class BrokerChannels:
         channels, self._channels = self._channels, {}
         for ch in channels.values():
             await ch.close()
+        for task in list(self._retiring):
+            task.cancel()

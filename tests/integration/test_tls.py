@@ -259,3 +259,36 @@ def test_cluster_replicates_over_mtls_between_brokers(zookeeper, zk_chroot, tmp_
                 assert "Traceback" not in b.log_text()
     finally:
         c.stop()
+
+
+@pytest.mark.timeout(300)
+def test_brokers_reconnect_with_rotated_certificates_after_a_ca_change(zookeeper, zk_chroot, tmp_path: Path,
+                                                                        pki: Pki) -> None:
+    """Every TLS file replaced by ones from a new CA on the running brokers: a restarted broker trusts
+    only the new CA, so the controller's and the leader's new connections to it must present the new
+    certificates (their channels to other brokers are reopened after a rotation)."""
+    good = pki.client()
+    c = Cluster(zookeeper, zk_chroot, tmp_path / "cluster", 2, session_timeout_ms=2000,
+                extra_args=[*pki.broker_args("required"), "--replica-lag-time-max-ms", "3000"], tls=good)
+    try:
+        c.start()
+        with Admin(c.bootstrap, tls=good) as admin:
+            admin.create_topic("rotating", partitions=2, replication_factor=2, config={"min_insync_replicas": "2"})
+        wait_for(lambda: all(len(s.isr) == 2 for s in c.partition_states("rotating").values()), 60, "ISR of 2")
+        controller = c.describe_cluster().controller_id
+        other = 1 - controller
+        new_ca = trustme.CA()  # the rotation: a new CA and everything re-issued from it, files replaced
+        (pki.dir / "ca.tmp").write_bytes(new_ca.cert_pem.bytes())
+        os.replace(pki.dir / "ca.tmp", pki.dir / "ca.pem")
+        pki.write_leaf(new_ca.issue_cert("127.0.0.1", "localhost", common_name="broker"), "broker")
+        pki.write_leaf(new_ca.issue_cert("client", common_name="client"), "client")
+        wait_for(lambda: served_certificate(("127.0.0.1", c.brokers[controller].port), good, alpn=True) ==
+                 ssl.PEM_cert_to_DER_cert((pki.dir / "broker.pem").read_text()), 20, "the new certificate served")
+        c.kill9(other)
+        c.restart(other)  # trusts only the new CA from its start
+        wait_for(lambda: all(len(s.isr) == 2 for s in c.partition_states("rotating").values()), 90,
+                 "the restarted broker got its roles from the controller and caught up (ISR of 2 again)")
+        with Producer(c.bootstrap, acks="all", tls=good) as producer:
+            assert producer.send("rotating", b"after", partition=0).result(30).offset >= 0
+    finally:
+        c.stop()

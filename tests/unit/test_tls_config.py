@@ -62,3 +62,20 @@ def test_client_tls_config(files: dict[str, str]) -> None:
         TlsConfig(cert_file=files["cert"])
     with pytest.raises(TlsError, match="not found: /nope"):
         TlsConfig(ca_file="/nope")
+
+
+def test_rotation_check_looks_at_most_once_per_interval(files: dict[str, str]) -> None:
+    import os
+
+    from logbroker.tls import RELOAD_INTERVAL_S, RotationCheck
+
+    now = [100.0]
+    check = RotationCheck(TlsConfig(files["ca"], files["cert"], files["key"]), monotonic=lambda: now[0])
+    assert not check.rotated()
+    os.utime(files["cert"], ns=(1, 1))  # a rotation: the file's mtime changes
+    assert not check.rotated(), "looked again before the interval passed"
+    now[0] += RELOAD_INTERVAL_S
+    assert check.rotated()
+    now[0] += RELOAD_INTERVAL_S
+    assert not check.rotated(), "one rotation reported once"
+    assert not RotationCheck(None).rotated()
