@@ -14,7 +14,7 @@ checks theirs against the client CA.
 
 Rotation: `CertFiles` stamps the files (mtime_ns, size) and reads them again when a stamp changes.
 gRPC's dynamic credentials ask it on every new handshake; the record transport's `ssl.SSLContext` is
-reloaded in place by the broker's timer (`reload_context`), which new handshakes then use.
+replaced by the broker's timer (`reload`), and new handshakes switch to it.
 Connections already open keep the certificate they started with. A pair that does not load (the cert
 written, the key not yet) is ignored until the next change, and the old one stays in use.
 
@@ -167,6 +167,7 @@ class CertFiles:
     def __init__(self, tls: ServerTls) -> None:
         self.tls = tls
         self._lock = threading.Lock()  # gRPC's fetcher runs on its threads, the reload timer on the loop
+        self._current: ssl.SSLContext | None = None  # the record transport's latest context
 
     def stamp(self) -> tuple[tuple[int, int], ...]:
         return tuple(_stamp(p) for p in (self.tls.cert_file, self.tls.key_file, self.tls.client_ca_file) if p)
@@ -202,7 +203,7 @@ class CertFiles:
 
     # -- the record transport and /metrics ------------------------------------------------------
 
-    def server_context(self) -> ssl.SSLContext:
+    def _context(self) -> ssl.SSLContext:
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.load_cert_chain(self.tls.cert_file, self.tls.key_file)
         if self.tls.client_ca_file:
@@ -211,14 +212,26 @@ class CertFiles:
                            "required": ssl.CERT_REQUIRED}[self.tls.client_auth]
         return ctx
 
-    def reload_context(self, ctx: ssl.SSLContext) -> None:
-        """Load the files into `ctx` in place (new handshakes use them). A CA file's new certificates
-        are added; ssl cannot remove the old ones from a live context. Raises ssl.SSLError / OSError
-        on a pair that does not load (ctx then keeps its old certificate)."""
+    def server_context(self) -> ssl.SSLContext:
+        """The context a listener is created with. Each handshake moves to the latest loaded one
+        (`reload`): its sni_callback runs on every ClientHello, with or without a server name, and
+        sets the connection's context, so a reload replaces certificate, key and CA alike."""
+        base = self._context()
+        self._current = base
+
+        def switch(sslobj: ssl.SSLObject, _name: str | None, ctx: ssl.SSLContext) -> None:
+            current = self._current
+            if current is not None and current is not ctx:
+                sslobj.context = current
+
+        base.sni_callback = switch
+        return base
+
+    def reload(self) -> None:
+        """Load the files into a new context that the next handshakes use. Raises ssl.SSLError /
+        OSError on files that do not load (a cert and key that do not match): the old one stays."""
         with self._lock:
-            ctx.load_cert_chain(self.tls.cert_file, self.tls.key_file)
-            if self.tls.client_ca_file:
-                ctx.load_verify_locations(self.tls.client_ca_file)
+            self._current = self._context()
 
 
 # -- telling a refused handshake from a broker that is down -----------------------------------------

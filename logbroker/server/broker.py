@@ -232,7 +232,7 @@ class Broker:
             self.bound_data_port = await self.wire_server.start(cfg.data_listen_host or cfg.listen_host,
                                                                 cfg.data_listen_port, self._wire_tls)
         if self._cert_files is not None and self._wire_tls is not None:
-            self._tasks.append(asyncio.create_task(self._tls_reload_loop(self._cert_files, self._wire_tls)))
+            self._tasks.append(asyncio.create_task(self._tls_reload_loop(self._cert_files)))
         log.info("broker %d listening on %s:%d, recovering logs in %s", cfg.broker_id, cfg.listen_host, port, cfg.data_dir)
         started = time.monotonic()
         await asyncio.get_running_loop().run_in_executor(None, self._recover)
@@ -257,8 +257,8 @@ class Broker:
         if self.log_cleaner is not None:
             self.log_cleaner.start()
 
-    async def _tls_reload_loop(self, files: CertFiles, ctx: ssl.SSLContext) -> None:
-        """Rotation without a restart: the record transport's context is reloaded in place when the
+    async def _tls_reload_loop(self, files: CertFiles) -> None:
+        """Rotation without a restart: the record transport's context is replaced when the
         certificate, key or client CA file changes (gRPC asks the files itself on each handshake)."""
         seen = files.stamp()
         while True:
@@ -267,7 +267,7 @@ class Broker:
             if stamp == seen:
                 continue
             try:
-                files.reload_context(ctx)
+                files.reload()
             except (OSError, ssl.SSLError) as exc:  # half-written pair: try again at the next change
                 log.warning("TLS files changed but do not load (%s); keeping the previous certificate",
                             type(exc).__name__)

@@ -202,6 +202,27 @@ def test_rotated_certificate_is_served_to_the_next_connection(tls_broker: Broker
     assert tls_broker.running()
 
 
+def test_replaced_client_ca_refuses_the_old_one_on_every_listener(tls_broker: BrokerProcess, pki: Pki) -> None:
+    """--tls-client-ca replaced by a new CA: clients of the old CA are refused from the next
+    handshake on (not only added to: the record transport switches to a new context)."""
+    old_client = pki.client("old-client")
+    server_ca = pki.dir / "server-ca.pem"  # the clients keep trusting the broker's own (unchanged) CA
+    server_ca.write_bytes((pki.dir / "ca.pem").read_bytes())
+    old = TlsConfig(str(server_ca), old_client.cert_file, old_client.key_file)
+    grpc_addr, data_addr = ("127.0.0.1", tls_broker.port), ("127.0.0.1", data_port(tls_broker, old))
+    new_ca = trustme.CA()
+    cert, key = pki.write_leaf(new_ca.issue_cert("new-client", common_name="new-client"), "new-client")
+    new = TlsConfig(str(server_ca), cert, key)
+    assert probe(data_addr, new, grpc_port=False) is not None, "a client of a CA not yet trusted was accepted"
+    (pki.dir / "ca.tmp").write_bytes(new_ca.cert_pem.bytes())
+    os.replace(pki.dir / "ca.tmp", pki.dir / "ca.pem")
+    wait_for(lambda: probe(data_addr, old, grpc_port=False) is not None, 20, "the record transport refuses the old CA")
+    assert probe(grpc_addr, old) is not None, "gRPC still accepts the old CA"
+    assert probe(data_addr, new, grpc_port=False) is None and probe(grpc_addr, new) is None
+    with open_socket(data_addr, 3.0, new.ssl_context()):
+        pass
+
+
 def run_cli(broker: BrokerProcess, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("LOGBROKER_TLS")}
     return subprocess.run([sys.executable, "-m", "logbroker", *args, "--bootstrap", broker.address],
