@@ -313,3 +313,23 @@ def test_brokers_reconnect_with_rotated_certificates_after_a_ca_change(zookeeper
             assert producer.send("rotating", b"after", partition=0).result(30).offset >= 0
     finally:
         c.stop()
+
+
+def test_metrics_over_https_with_metrics_tls(pki: Pki, tmp_path: Path) -> None:
+    import urllib.request
+
+    metrics_port = free_port()
+    good = pki.client()
+    b = BrokerProcess(tmp_path / "data", free_port(), [*pki.broker_args("required"), "--metrics-listen",
+                                                       f"127.0.0.1:{metrics_port}", "--metrics-tls"], tls=good)
+    try:
+        b.start()
+        url = f"https://127.0.0.1:{metrics_port}/metrics"
+        with urllib.request.urlopen(url, context=good.ssl_context(), timeout=10) as resp:
+            assert b"logbroker_" in resp.read()
+        with pytest.raises(OSError, match="certificate required"):  # no client certificate
+            urllib.request.urlopen(url, context=TlsConfig(pki.ca_file).ssl_context(), timeout=10).read()
+        with pytest.raises(OSError):  # plaintext (URLError, a reset: both OSError)
+            urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read()
+    finally:
+        b.stop()
