@@ -327,7 +327,7 @@ def test_metrics_over_https_with_metrics_tls(pki: Pki, tmp_path: Path) -> None:
         url = f"https://127.0.0.1:{metrics_port}/metrics"
         with urllib.request.urlopen(url, context=good.ssl_context(), timeout=10) as resp:
             assert b"logbroker_" in resp.read()
-        with pytest.raises(OSError, match="certificate required"):  # no client certificate
+        with pytest.raises(OSError):  # no client certificate: an alert or a bare close, both OSError
             urllib.request.urlopen(url, context=TlsConfig(pki.ca_file).ssl_context(), timeout=10).read()
         with pytest.raises(OSError):  # plaintext (URLError, a reset: both OSError)
             urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read()
