@@ -333,3 +333,43 @@ def test_metrics_over_https_with_metrics_tls(pki: Pki, tmp_path: Path) -> None:
             urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read()
     finally:
         b.stop()
+
+
+def test_worker_command_takes_the_tls_flags(pki: Pki, tmp_path: Path) -> None:
+    import signal
+
+    good = pki.client()
+    b = BrokerProcess(tmp_path / "data", free_port(), [*pki.broker_args("required"), "--offsets-topic-partitions",
+                                                       "2"], tls=good)
+    app, out = tmp_path / "app", tmp_path / "handled.txt"
+    app.mkdir()
+    (app / "tls_app.py").write_text(
+        "import os\n\ndef handle(m):\n"
+        "    with open(os.environ['TLS_OUT'], 'a') as f:\n        f.write(m.value.decode() + '\\n')\n")
+    worker = None
+    try:
+        b.start()
+        with Admin(b.bootstrap, tls=good) as admin:
+            admin.create_topic("jobs")
+        with Producer(b.bootstrap, tls=good) as producer:
+            for i in range(20):
+                producer.send("jobs", b"job-%d" % i)
+            producer.flush(30)
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "logbroker", "worker", "tls_app:handle", "--group", "g", "--topic", "jobs",
+             "--bootstrap", b.address, "--tls-ca", good.ca_file, "--tls-cert", good.cert_file,
+             "--tls-key", good.key_file],
+            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(app), os.environ.get("PYTHONPATH")])),
+                 "TLS_OUT": str(out)})
+        wait_for(lambda: out.exists() and len(out.read_text().splitlines()) >= 20, 60, "the worker handled every job")
+        assert sorted(out.read_text().split()) == sorted(f"job-{i}" for i in range(20))
+    finally:
+        if worker is not None:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait(10)
+        b.stop()
