@@ -43,6 +43,7 @@ import grpc
 from google.protobuf.message import Message
 
 from logbroker import wire
+from logbroker.client.tls_socket import TlsRefusedError
 from logbroker.client.transport import (
     STREAM_PENDING_MAX,
     Connection,
@@ -52,7 +53,7 @@ from logbroker.client.transport import (
     fail_pending,
     mark_reader_thread,
 )
-from logbroker.client.wire_connection import TlsRefusedError, WireConnection
+from logbroker.client.wire_connection import WireConnection
 
 __all__ = ["FETCH_STREAM", "PRODUCE_STREAM", "STREAM_PENDING_MAX", "BrokerStreams", "StreamError", "StreamFuture",
            "fail_pending"]

@@ -16,11 +16,12 @@ watchdog's deadline) fails every pending request with a retriable status, and th
 new connection. Sockets are blocking without a timeout: the watchdog's `fail()` shuts the socket
 down, which wakes a reader in recv() and a writer blocked in sendall() alike.
 
-TLS (`tls_context`): the socket is wrapped and handshaken at open, within the connect timeout, and
-then waits for the broker's first records (TLS 1.3 session tickets, sent only once the broker has
-accepted the client's certificate): a broker that refuses the client closes instead, and the open
-raises `TlsRefusedError`, which the owner turns into UNAUTHENTICATED (logbroker/tls.py). Bytes the
-TLS layer has decrypted but nobody has read yet are not visible to poll(): `buffered()` says so.
+TLS (`tls_context`): a `TlsSocket` (tls_socket.py: memory BIOs under a lock, so the reader and the
+writers never call OpenSSL at once), handshaken at open within the connect timeout, then waiting for
+the broker's first records (TLS 1.3 session tickets, sent only once the broker has accepted the
+client's certificate): a broker that refuses the client closes instead, and the open raises
+`TlsRefusedError`, which the owner turns into UNAUTHENTICATED. Bytes the TLS layer holds are not
+visible to poll(): `buffered()` says so.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 
 from logbroker import wire
+from logbroker.client.tls_socket import TlsSocket
 from logbroker.client.transport import (
     STREAM_PENDING_MAX,
     ConnectionOwner,
@@ -46,7 +48,6 @@ from logbroker.client.transport import (
     fail_pending,
     mark_reader_thread,
 )
-from logbroker.tls import refused_after_handshake
 
 log = logging.getLogger(__name__)
 
@@ -67,36 +68,25 @@ def readable(fd: int, wait_s: float) -> bool:
     return bool(poller.poll(max(0, int(wait_s * 1000 + 0.999))))
 
 
-class TlsRefusedError(Exception):
-    """The broker refused this client's TLS (its certificate, or ours); the message says which."""
-
-
 def open_socket(address: tuple[str, int], connect_timeout_s: float,
-                 tls_context: ssl.SSLContext | None) -> socket.socket:
-    """A connected socket (TLS: handshaken and accepted), blocking, no timeout, TCP_NODELAY."""
-    sock = socket.create_connection(address, timeout=connect_timeout_s)
+                tls_context: ssl.SSLContext | None) -> socket.socket | TlsSocket:
+    """A connected socket (TLS: handshaken and accepted, tls_socket.py), blocking, no timeout,
+    TCP_NODELAY. Raises TlsRefusedError when the broker refuses our TLS, OSError when unreachable."""
+    raw = socket.create_connection(address, timeout=connect_timeout_s)
     try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        if tls_context is not None:
-            try:
-                sock = tls_context.wrap_socket(sock, server_hostname=address[0])
-            except ssl.SSLCertVerificationError as exc:
-                raise TlsRefusedError(f"the broker's certificate is not trusted: {exc.verify_message}") from None
-            except (ssl.SSLEOFError, ssl.SSLZeroReturnError):
-                raise  # closed mid-handshake (a broker stopping?): an unreachable port, not a verdict
-            except ssl.SSLError as exc:
-                raise TlsRefusedError(f"the TLS handshake failed: {exc.reason or exc}") from None
-            assert isinstance(sock, ssl.SSLSocket)
-            if sock.version() == "TLSv1.3":
-                refused = refused_after_handshake(sock, grpc_port=False, timeout_s=connect_timeout_s)
-                if refused is not None:
-                    raise TlsRefusedError(refused)
-        sock.settimeout(None)
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if tls_context is None:
+            raw.settimeout(None)
+            return raw
+        sock = TlsSocket(raw, tls_context, address[0])
+        sock.handshake()
+        sock.confirm(connect_timeout_s)
+        raw.settimeout(None)
+        return sock
     except BaseException:
-        sock.close()
+        raw.close()
         raise
-    return sock
 
 
 class _Ended(Exception):
@@ -293,7 +283,7 @@ class WireConnection:
     def buffered(self) -> bool:
         """TLS: decrypted bytes wait in the TLS layer, where poll() on the descriptor does not see them."""
         sock = self._sock
-        return isinstance(sock, ssl.SSLSocket) and not self.closed and sock.pending() > 0
+        return isinstance(sock, TlsSocket) and not self.closed and sock.buffered()
 
     def _end_with(self, exc: BaseException) -> None:
         if isinstance(exc, _Ended):

@@ -23,7 +23,8 @@ import trustme
 
 from logbroker import Admin, Consumer, Producer
 from logbroker.client.metadata_cache import MetadataCache
-from logbroker.client.wire_connection import TlsRefusedError, open_socket
+from logbroker.client.tls_socket import TlsRefusedError
+from logbroker.client.wire_connection import open_socket
 from logbroker.errors import BrokerUnavailableError, UnauthenticatedError
 from logbroker.tls import TlsConfig, probe
 from logbroker.v1 import logbroker_pb2 as pb
@@ -174,6 +175,43 @@ def test_good_certificate_works_over_grpc_and_the_record_transport(
         assert producer.send("secure", b"over-grpc", partition=0).result(30).offset >= 0
 
 
+def test_many_threads_writing_while_responses_are_read_over_tls(tls_broker: BrokerProcess, pki: Pki) -> None:
+    """A record-transport connection is written by the sending threads while its reader thread reads:
+    over TLS that must not touch OpenSSL from two threads at once (tls_socket.py)."""
+    import threading
+
+    good = pki.client()
+    with Admin(tls_broker.bootstrap, tls=good) as admin:
+        admin.create_topic("busy", partitions=2)
+    errors: list[BaseException] = []
+    with Producer(tls_broker.bootstrap, acks=1, linger_ms=0, tls=good) as producer:
+        def send(t: int) -> None:
+            try:
+                futures = [producer.send("busy", b"%d-%d" % (t, i) * 20, partition=i % 2) for i in range(1500)]
+                for f in futures:
+                    f.result(60)
+            except BaseException as e:  # noqa: BLE001 - collected for the assertion
+                errors.append(e)
+
+        threads = [threading.Thread(target=send, args=(t,)) for t in range(4)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(120)
+    assert not errors, errors[:3]
+    got = 0
+    with Consumer(tls_broker.bootstrap, auto_offset_reset="earliest", tls=good) as consumer:
+        consumer.assign([("busy", 0), ("busy", 1)])
+
+        def count() -> bool:
+            nonlocal got
+            got += len(consumer.poll(timeout_ms=200))
+            return got >= 6000
+
+        wait_for(count, 60, "every record read back")
+    assert got == 6000
+
+
 def served_certificate(address: tuple[str, int], tls: TlsConfig, alpn: bool) -> bytes:
     ctx = tls.ssl_context()
     if alpn:
@@ -219,8 +257,7 @@ def test_replaced_client_ca_refuses_the_old_one_on_every_listener(tls_broker: Br
     wait_for(lambda: probe(data_addr, old, grpc_port=False) is not None, 20, "the record transport refuses the old CA")
     assert probe(grpc_addr, old) is not None, "gRPC still accepts the old CA"
     assert probe(data_addr, new, grpc_port=False) is None and probe(grpc_addr, new) is None
-    with open_socket(data_addr, 3.0, new.ssl_context()):
-        pass
+    open_socket(data_addr, 3.0, new.ssl_context()).close()
 
 
 def run_cli(broker: BrokerProcess, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
