@@ -106,16 +106,21 @@ class TlsSocket:
     # -- the socket interface -----------------------------------------------------------------
 
     def recv_into(self, view: memoryview) -> int:
-        """Decrypted bytes into `view` (at least 1, blocking); 0 at the end of the stream."""
+        """Decrypted bytes into `view` (at least 1, blocking; as many as the TLS layer has, not one
+        16 kB record per call); 0 at the end of the stream."""
         while True:
             with self._lock:
+                got = 0
                 try:
-                    n: Any = self._tls.read(len(view), view)  # with a buffer: a count
-                    return int(n)
+                    while got < len(view):
+                        n: Any = self._tls.read(len(view) - got, view[got:])  # with a buffer: a count
+                        got += int(n)
                 except ssl.SSLWantReadError:
                     pass
                 except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                    return 0
+                    pass  # the end: what came before it first, then 0
+                if got or self._in.eof:
+                    return got
             data = self.raw.recv(RECV_BYTES)
             with self._lock:
                 if data:
