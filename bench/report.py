@@ -23,9 +23,9 @@ WORKLOAD_ORDER = (
     "group-12p-3c",
     "cluster-rf3-acks-all",
 )
-SYSTEM_ORDER = ("logbroker", "nats", "redis", "redis-native")
+SYSTEM_ORDER = ("logbroker", "logbroker-tls", "nats", "redis", "redis-native")
 PEERS_PY = ("nats", "redis")
-COLORS = {"logbroker": "#1f77b4", "nats": "#2ca02c", "redis": "#d62728", "redis-native": "#ff7f0e"}
+COLORS = {"logbroker": "#1f77b4", "logbroker-tls": "#9467bd", "nats": "#2ca02c", "redis": "#d62728", "redis-native": "#ff7f0e"}
 
 
 def _n(x: float | None, digits: int = 0) -> str:

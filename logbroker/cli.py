@@ -22,6 +22,7 @@ from typing import Any
 
 import grpc
 
+from logbroker.cli_tls import add_tls_arguments, tls_from_args
 from logbroker.config import (
     BOOTSTRAP_ENV,
     DEFAULT_BOOTSTRAP,
@@ -36,6 +37,7 @@ from logbroker.config import (
     resolve_serve_settings,
 )
 from logbroker.errors import BrokerUnavailableError, LogbrokerError
+from logbroker.tls import TlsError
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -84,7 +86,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if metrics_address is not None:
             from logbroker.server.metrics import MetricsServer
 
-            metrics = MetricsServer.start(broker, loop, *metrics_address)
+            metrics = MetricsServer.start(broker, loop, *metrics_address,
+                                          tls=config.tls if config.metrics_tls else None)
         try:
             try:
                 await broker.start()
@@ -150,7 +153,9 @@ def cmd_health(args: argparse.Namespace) -> int:
 
     request = health_pb2.HealthCheckRequest(service=args.service)
     try:
-        with grpc.insecure_channel(args.address) as channel:
+        tls = tls_from_args(args)
+        with (grpc.secure_channel(args.address, tls.channel_credentials()) if tls is not None
+              else grpc.insecure_channel(args.address)) as channel:
             resp = health_pb2_grpc.HealthStub(channel).Check(request, timeout=args.timeout)
     except grpc.RpcError as exc:
         code = exc.code().name if hasattr(exc, "code") else "ERROR"
@@ -177,7 +182,7 @@ def cmd_wait_safe_to_stop(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + args.timeout
     last = "no answer yet"
     unreachable_since: float | None = None
-    with Admin(args.bootstrap, request_timeout_ms=5000) as admin:
+    with Admin(args.bootstrap, request_timeout_ms=5000, tls=tls_from_args(args)) as admin:
         while True:
             now = time.monotonic()
             try:
@@ -214,7 +219,7 @@ def cmd_wait_safe_to_stop(args: argparse.Namespace) -> int:
 def _admin(args: argparse.Namespace) -> Any:
     from logbroker.client import Admin
 
-    return Admin(args.bootstrap)
+    return Admin(args.bootstrap, tls=tls_from_args(args))
 
 
 def cmd_topics_create(args: argparse.Namespace) -> int:
@@ -335,7 +340,8 @@ def cmd_produce(args: argparse.Namespace) -> int:
     # Batches never above the topic's max_message_bytes: only a record too large alone is refused.
     batch_size_bytes = max(min(PRODUCE_BATCH_BYTES, int(topic.config.get("max_message_bytes", PRODUCE_BATCH_BYTES))),
                            PRODUCE_BATCH_BYTES_MIN)
-    with Producer(args.bootstrap, acks=acks, linger_ms=args.linger_ms, batch_size_bytes=batch_size_bytes) as producer:
+    with Producer(args.bootstrap, acks=acks, linger_ms=args.linger_ms, batch_size_bytes=batch_size_bytes,
+                  tls=tls_from_args(args)) as producer:
         futures = []
         for line in stdin:
             line = line.rstrip(b"\r\n")
@@ -409,7 +415,7 @@ def cmd_consume(args: argparse.Namespace) -> int:
     if args.partition is not None and not 0 <= args.partition < partitions:
         raise CliError(f"topic {args.topic} has {partitions} partitions: there is no partition {args.partition}")
     reset = "earliest" if args.from_beginning else "latest"
-    consumer = Consumer(args.bootstrap, topics=None, group=args.group, auto_offset_reset=reset,
+    consumer = Consumer(args.bootstrap, tls=tls_from_args(args), topics=None, group=args.group, auto_offset_reset=reset,
                         filter=args.filter or None)
     out = sys.stdout
     seen = 0
@@ -467,6 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--bootstrap", default=default_bootstrap(),
         help=f"broker address(es) HOST:PORT[,HOST:PORT] (default: ${BOOTSTRAP_ENV}, else {DEFAULT_BOOTSTRAP})",
     )
+    add_tls_arguments(common)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_broker_parsers(sub, common)
     _add_cluster_parsers(sub, common)
@@ -511,6 +518,7 @@ def _add_broker_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     h.add_argument("--service", default="", help="health service name (default: the whole server)")
     h.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer (default: 5)")
     h.add_argument("--liveness", action="store_true", help="succeed on any answer: the broker is alive, maybe not ready")
+    add_tls_arguments(h)
     h.set_defaults(func=cmd_health)
 
     w = sub.add_parser("wait-safe-to-stop", parents=[common],
@@ -656,7 +664,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         _check_bootstrap(args)
         return int(args.func(args))
-    except CliError as exc:
+    except (CliError, TlsError) as exc:
         print(f"logbroker: error: {_one_line(exc)}", file=sys.stderr)
     except LogbrokerError as exc:
         print(f"logbroker: error: {_one_line(exc)}", file=sys.stderr)

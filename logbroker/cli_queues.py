@@ -22,9 +22,10 @@ _COLUMNS = ("start_offset", "in_flight", "acquired", "available", "delayed", "de
 
 
 def _admin(args: argparse.Namespace) -> Any:
+    from logbroker.cli_tls import tls_from_args
     from logbroker.client import Admin
 
-    return Admin(args.bootstrap)
+    return Admin(args.bootstrap, tls=tls_from_args(args))
 
 
 def cmd_queues_list(args: argparse.Namespace) -> int:

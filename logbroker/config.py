@@ -12,6 +12,7 @@ from pathlib import Path
 from logbroker.cluster.cluster_secret import MAKE_ONE_HINT, ClusterSecretError, load_cluster_secret
 from logbroker.group.coordinator_config import CoordinatorConfig
 from logbroker.storage.log_cleaner import THREADS_MAX as LOG_CLEANER_THREADS_MAX
+from logbroker.tls import CLIENT_AUTH_MODES, ServerTls, TlsError
 
 DEFAULT_PORT = 9092
 DEFAULT_HOST = "127.0.0.1"
@@ -91,6 +92,9 @@ class BrokerConfig:
     super_users: tuple[str, ...] = ()
     # consumer groups: __consumer_offsets, sessions, heartbeats, offset retention
     coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
+    # TLS on every listener and to other brokers (logbroker/tls.py); None: plaintext
+    tls: ServerTls | None = None
+    metrics_tls: bool = False  # /metrics over HTTPS too (with tls)
 
     @property
     def zk_hosts_and_chroot(self) -> tuple[str, str]:
@@ -119,7 +123,7 @@ ENV_PREFIX = "LOGBROKER_"
 # LOGBROKER_* variables that belong to other commands, or are test-only hooks read where they act
 # (storage/segment_cleaner.CRASH_ENV, clock.FileOffsetClock.ENV): `serve` ignores them instead of failing.
 NON_SERVE_ENV_VARS = frozenset({BOOTSTRAP_ENV, "LOGBROKER_ZOOKEEPER_JARS", "LOGBROKER_TEST_CLEANER_CRASH_AT",
-                                "LOGBROKER_TEST_CLOCK_OFFSET_FILE"})
+                                "LOGBROKER_TEST_CLOCK_OFFSET_FILE", "LOGBROKER_TLS", "LOGBROKER_TLS_CA"})
 LOG_LEVELS = ("debug", "info", "warning", "error")
 AUTHORIZERS = ("none", "acl")
 SettingValue = str | int | bool | dict[str, str]
@@ -206,6 +210,16 @@ SERVE_SETTINGS: tuple[ServeSetting, ...] = (
     ServeSetting("super_users", str, "", "principals allowed everything, comma-separated: User:admin,User:broker",
                  "User:NAME[,...]"),
     ServeSetting("log_level", str, "info", "log level", choices=LOG_LEVELS),
+    ServeSetting("tls_cert", str, "", "PEM certificate (chain) of this broker: with it every listener speaks TLS, "
+                 "and calls to other brokers present it; reloaded when the file changes", "PATH"),
+    ServeSetting("tls_key", str, "", "PEM private key of --tls-cert (reloaded with it)", "PATH"),
+    ServeSetting("tls_client_ca", str, "", "PEM CA bundle client certificates (and other brokers' certificates) "
+                 "are checked against", "PATH"),
+    ServeSetting("tls_client_auth", str, "none", "client certificates: none, requested (checked when given) or "
+                 "required (mTLS: a client without a trusted, unexpired one fails the handshake)",
+                 choices=CLIENT_AUTH_MODES),
+    ServeSetting("metrics_tls", bool, False, "serve --metrics-listen over HTTPS with the broker's certificate "
+                 "(client certificates as --tls-client-auth)"),
 )
 SERVE_SETTINGS_BY_NAME = {s.name: s for s in SERVE_SETTINGS}
 _TRUE = frozenset({"1", "true", "yes", "on"})
@@ -335,6 +349,19 @@ def _cluster_secret(path: str, cluster_mode: bool) -> bytes:
         raise ConfigError(str(exc)) from None
 
 
+def _server_tls(values: Mapping[str, SettingValue]) -> ServerTls | None:
+    """The broker's TLS from --tls-* (None: none of them given; --metrics-tls needs them)."""
+    files = [str(values[n]) for n in ("tls_cert", "tls_key", "tls_client_ca")]
+    if not any(files):
+        if values["tls_client_auth"] != "none" or values["metrics_tls"]:
+            raise ConfigError("--tls-client-auth and --metrics-tls need --tls-cert and --tls-key")
+        return None
+    try:
+        return ServerTls(files[0], files[1], files[2], str(values["tls_client_auth"]))
+    except TlsError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 _ORDINAL = re.compile(r"-(\d+)$")
 
 
@@ -396,6 +423,7 @@ def broker_config_from_settings(values: Mapping[str, SettingValue], hostname: st
         raise ConfigError(f"offsets_topic_segment_bytes must be in [{OFFSETS_SEGMENT_BYTES_MIN}, "
                           f"{OFFSETS_SEGMENT_BYTES_MAX}], got {number('offsets_topic_segment_bytes')}")
     secret = _cluster_secret(text("cluster_secret_file"), cluster_mode=bool(text("zookeeper")))
+    tls = _server_tls(values)
     return BrokerConfig(
         data_dir=Path(text("data_dir")).resolve(),
         listen_host=host,
@@ -409,6 +437,8 @@ def broker_config_from_settings(values: Mapping[str, SettingValue], hostname: st
         data_listen_port=data_port,
         zookeeper=text("zookeeper"),
         cluster_secret=secret,
+        tls=tls,
+        metrics_tls=bool(values["metrics_tls"]),
         zk_session_timeout_ms=number("zk_session_timeout_ms"),
         replica_lag_time_max_ms=number("replica_lag_time_max_ms"),
         controlled_shutdown_timeout_ms=number("controlled_shutdown_timeout_ms"),

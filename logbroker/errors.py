@@ -314,18 +314,20 @@ class ReplyTooLargeError(BrokerError):
     code = pb.REPLY_TOO_LARGE
 
 
+class UnauthenticatedError(BrokerError):
+    """The broker did not accept who the client is: its TLS handshake was refused (no client
+    certificate where one is required, one not signed by a CA the broker trusts, an expired one) or
+    the broker's certificate is not trusted by the client. Final: retrying sends the same certificate."""
+
+    code = pb.UNAUTHENTICATED
+
+
 class KafkaTimeoutError(LogbrokerError):
     """A client-side deadline passed (delivery timeout, flush timeout, metadata wait)."""
 
 
 class PermissionDeniedError(LogbrokerError):
     """The broker refused the whole call: the principal may not perform it (ACLs). Final."""
-
-    retriable: ClassVar[bool] = False
-
-
-class AuthenticationError(LogbrokerError):
-    """The broker could not authenticate this client (TLS client certificate, SCRAM). Final."""
 
     retriable: ClassVar[bool] = False
 

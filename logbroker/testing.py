@@ -32,11 +32,12 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import pytest
 
 from logbroker.cluster.dev_cluster import ZooKeeperProcess, zookeeper_available
+from logbroker.tls import TlsConfig
 
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 20.0
@@ -82,8 +83,9 @@ class BrokerProcess:
     """`logbroker serve` as a real child process on 127.0.0.1:<port>, its output in `log_path`."""
 
     def __init__(self, data_dir: Path, port: int, extra_args: list[str] | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, tls: TlsConfig | None = None) -> None:
         self.data_dir = data_dir
+        self.tls = tls  # how this process reaches a broker serving TLS (serving(), channel())
         self.port = port
         self.extra_args = extra_args or []
         self.env = env or {}  # set in the child on top of broker_env() (e.g. LOGBROKER_TEST_* hooks)
@@ -125,11 +127,19 @@ class BrokerProcess:
         if self.proc is not None and self.proc.poll() is not None:
             raise AssertionError(f"broker exited with {self.proc.returncode}: {self.log_text()[-3000:]}")
         try:
-            with grpc.insecure_channel(self.address) as ch:
+            with self.channel() as ch:
                 resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
                 return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
         except grpc.RpcError:
             return False
+
+    def channel(self) -> Any:
+        """A gRPC channel to this broker (TLS with `tls`)."""
+        import grpc
+
+        if self.tls is None:
+            return grpc.insecure_channel(self.address)
+        return grpc.secure_channel(self.address, self.tls.channel_credentials())
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 
 from logbroker.storage import record_batch as rb
+from logbroker.tls import TlsConfig
 from logbroker.v1 import logbroker_pb2 as pb
 from logbroker.v1 import logbroker_pb2_grpc as pbg
 from tests.conftest import BrokerProcess, free_port, wait_for
@@ -19,7 +20,9 @@ from tests.zookeeper import ZooKeeperProcess
 
 class Cluster:
     def __init__(self, zookeeper: ZooKeeperProcess, chroot: str, workdir: Path, size: int,
-                 session_timeout_ms: int = 6000, extra_args: list[str] | None = None) -> None:
+                 session_timeout_ms: int = 6000, extra_args: list[str] | None = None,
+                 tls: TlsConfig | None = None) -> None:
+        """`tls`: how the test reaches brokers serving TLS (their --tls-* flags go in extra_args)."""
         self.zookeeper = zookeeper
         self.chroot = chroot
         self.workdir = workdir
@@ -34,7 +37,7 @@ class Cluster:
                 "--cluster-secret-file", str(self.secret_file),
                 "--zk-session-timeout-ms", str(session_timeout_ms), *(extra_args or []),
             ]
-            self.brokers[i] = BrokerProcess(workdir / f"broker-{i}", free_port(), args)
+            self.brokers[i] = BrokerProcess(workdir / f"broker-{i}", free_port(), args, tls=tls)
 
     @property
     def bootstrap(self) -> str:
@@ -81,7 +84,7 @@ class Cluster:
         candidates = [self.brokers[i]] if i is not None else list(self.brokers.values())
         for b in candidates:
             if b.proc is not None and b.proc.poll() is None:
-                ch = grpc.insecure_channel(b.address)
+                ch = b.channel()
                 return ch, pbg.AdminStub(ch), pbg.BrokerStub(ch)
         raise AssertionError("no broker running")
 

@@ -8,6 +8,7 @@ from bench.drivers.base import Driver
 
 _DRIVERS = {
     "logbroker": ("bench.drivers.logbroker", "LogbrokerDriver"),
+    "logbroker-tls": ("bench.drivers.logbroker", "LogbrokerTlsDriver"),
     "nats": ("bench.drivers.nats", "NatsDriver"),
     "rabbitmq": ("bench.drivers.rabbitmq", "RabbitmqDriver"),
     "redis": ("bench.drivers.redis", "RedisDriver"),

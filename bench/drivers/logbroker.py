@@ -13,6 +13,12 @@ records built once with the client's own `BatchBuilder`, then sent again and aga
 `Produce` calls (several in flight). The broker assigns offsets by patching baseOffset, which sits
 outside the CRC, so every resend is a valid batch; the consumer then reads ordinary records. This is
 only the setup of a consume test, and it is labelled as such in the results.
+
+`logbroker-tls` (`LogbrokerTlsDriver`) is the same broker and clients over TLS with mTLS required
+(`--tls-cert`, `--tls-key`, `--tls-client-ca`, `--tls-client-auth required`; a CA and the
+certificates made with trustme in the run's directory), so a workload listing both shows what TLS
+costs. Its worker processes find the client certificate through `BENCH_LOGBROKER_TLS_DIR`, set by
+`start()` before they are spawned.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from bench.drivers.base import Driver, Server, records_per_request
 from bench.procs import ServerProcess, free_port
 from bench.workload import Workload
 
+TLS_DIR_ENV = "BENCH_LOGBROKER_TLS_DIR"  # logbroker-tls: where start() wrote the CA and certificates
 PRELOAD_BATCH_BYTES = 1_000_000  # under the default max_message_bytes (1 MiB)
 PRELOAD_IN_FLIGHT = 4
 QUEUE_GROUP = "bench"  # the share group of a queue workload
@@ -45,11 +52,11 @@ class LogbrokerProducer:
     """Each batch of values goes to the client in one `Producer.send_many` call, as the Redis driver
     hands its batch to one pipeline; batches are as large as Redis's (`records_per_request`)."""
 
-    def __init__(self, address: str, topic: str, wl: Workload, index: int) -> None:
+    def __init__(self, address: str, topic: str, wl: Workload, index: int, tls: Any = None) -> None:
         import logbroker
 
         settings = {"linger_ms": 5, "batch_size_bytes": 1 << 20, **wl.option("logbroker", "producer", {})}
-        self.p = logbroker.Producer(address, acks=_acks(wl), **settings)
+        self.p = logbroker.Producer(address, acks=_acks(wl), tls=tls, **settings)
         self.topic = topic
         self.batch_records = records_per_request(wl.record_size)
         self.pending: deque[Any] = deque()  # send_many futures not yet seen done, oldest first
@@ -82,7 +89,7 @@ class LogbrokerConsumer:
     """One consumer; in a group workload one member of the group `bench` (subscribed to the topic, the
     coordinator assigns its partitions; auto-commit and close() committing and leaving as for any user)."""
 
-    def __init__(self, address: str, topic: str, wl: Workload, index: int) -> None:
+    def __init__(self, address: str, topic: str, wl: Workload, index: int, tls: Any = None) -> None:
         import logbroker
 
         settings = {"max_poll_records": 10_000, **wl.option("logbroker", "consumer", {})}
@@ -91,7 +98,7 @@ class LogbrokerConsumer:
             settings["filter"] = wl.filter
             self.group = f"bench-filtered-{os.getpid()}"
         self.c = logbroker.Consumer(
-            address, topics=[topic], group=self.group, auto_offset_reset="earliest", **settings
+            address, topics=[topic], group=self.group, auto_offset_reset="earliest", tls=tls, **settings
         )
 
     def poll(self, timeout_s: float) -> Sequence[Any]:
@@ -175,6 +182,17 @@ class LogbrokerDriver(Driver):
             return queue_consumer_missing()
         return None
 
+    def client_tls(self) -> Any:
+        """The clients' TlsConfig (None: plaintext)."""
+        return None
+
+    def server_args(self, workdir: Path) -> list[str]:
+        """Extra `serve` flags (logbroker-tls: its certificates)."""
+        return []
+
+    def serving(self, address: str) -> bool:
+        return health_serving(address)
+
     def start(self, workdir: Path, wl: Workload, stack: ExitStack) -> Server:
         if wl.brokers > 1:
             cluster = LogbrokerCluster(workdir, wl.brokers, wl.zk_session_timeout_ms)
@@ -185,7 +203,7 @@ class LogbrokerDriver(Driver):
         address = f"127.0.0.1:{port}"
         argv = [
             sys.executable, "-m", "logbroker", "serve", "--data-dir", str(workdir / "data"),
-            "--listen", address, "--log-level", "warning",
+            "--listen", address, "--log-level", "warning", *self.server_args(workdir),
         ]  # fmt: skip
         env = {
             **os.environ,
@@ -193,7 +211,7 @@ class LogbrokerDriver(Driver):
         }
         proc = ServerProcess("logbroker", argv, workdir / "logbroker.log", env=env)
         stack.callback(proc.stop)
-        proc.wait_until(lambda: health_serving(address), 30, "SERVING on the gRPC health service")
+        proc.wait_until(lambda: self.serving(address), 30, "SERVING on the gRPC health service")
         return Server(address, [proc])
 
     def create_topic(self, server: Server, topic: str, wl: Workload) -> None:
@@ -201,7 +219,7 @@ class LogbrokerDriver(Driver):
 
         config = {"min_insync_replicas": str(wl.min_insync_replicas)} if wl.replication_factor > 1 else {}
         config.update({k: str(v) for k, v in wl.option("logbroker", "topic", {}).items()})
-        admin = logbroker.Admin(server.address)
+        admin = logbroker.Admin(server.address, tls=self.client_tls())
         try:
             admin.create_topic(
                 topic, partitions=wl.partitions, replication_factor=wl.replication_factor, config=config
@@ -218,7 +236,7 @@ class LogbrokerDriver(Driver):
         import logbroker
         from logbroker.errors import GroupIdNotFoundError
 
-        admin = logbroker.Admin(server.address)
+        admin = logbroker.Admin(server.address, tls=self.client_tls())
         try:
             desc = admin.describe_share_group(QUEUE_GROUP)
         except GroupIdNotFoundError:
@@ -229,14 +247,14 @@ class LogbrokerDriver(Driver):
         return sum(p["in_flight"] + max(0, p["log_end_offset"] - p["end_offset"]) for p in parts)
 
     def producer(self, address: str, topic: str, wl: Workload, index: int) -> LogbrokerProducer:
-        return LogbrokerProducer(address, topic, wl, index)
+        return LogbrokerProducer(address, topic, wl, index, self.client_tls())
 
     def consumer(
         self, address: str, topic: str, wl: Workload, index: int
     ) -> LogbrokerConsumer | LogbrokerQueueConsumer:
         if wl.requires == "queues":
             return LogbrokerQueueConsumer(address, topic, wl, index)
-        return LogbrokerConsumer(address, topic, wl, index)
+        return LogbrokerConsumer(address, topic, wl, index, self.client_tls())
 
     def preload(self, server: Server, topic: str, wl: Workload, progress: Any) -> dict[str, Any] | None:
         import grpc
@@ -315,3 +333,51 @@ class LogbrokerDriver(Driver):
             return f"logbroker {logbroker.__version__}"
         except Exception:
             return "logbroker"
+
+
+class LogbrokerTlsDriver(LogbrokerDriver):
+    """logbroker with TLS on every listener and client certificates required (see the module doc)."""
+
+    name = "logbroker-tls"
+    title = "logbroker (TLS, mTLS)"
+
+    def missing(self) -> str | None:
+        try:
+            import trustme  # noqa: F401
+        except ImportError:
+            return "trustme is not installed (pip install trustme): it makes the run's certificates"
+        return super().missing()
+
+    def unsupported(self, wl: Workload) -> str | None:
+        if wl.brokers > 1 or wl.requires == "queues" or wl.preload_bytes:
+            return "logbroker-tls runs the plain produce/consume workloads (max-100b, max-100kb) only"
+        return super().unsupported(wl)
+
+    def server_args(self, workdir: Path) -> list[str]:
+        import trustme
+
+        pki = workdir / "pki"
+        pki.mkdir(parents=True, exist_ok=True)
+        ca = trustme.CA()
+        ca.cert_pem.write_to_path(str(pki / "ca.pem"))
+        for name, identities in (("broker", ("127.0.0.1", "localhost")), ("client", ("bench-client",))):
+            leaf = ca.issue_cert(*identities, common_name=name)
+            leaf.cert_chain_pems[0].write_to_path(str(pki / f"{name}.pem"))
+            leaf.private_key_pem.write_to_path(str(pki / f"{name}.key"))
+        os.environ[TLS_DIR_ENV] = str(pki)  # inherited by the worker processes spawned after this
+        return ["--tls-cert", str(pki / "broker.pem"), "--tls-key", str(pki / "broker.key"),
+                "--tls-client-ca", str(pki / "ca.pem"), "--tls-client-auth", "required"]
+
+    def client_tls(self) -> Any:
+        from logbroker.tls import TlsConfig
+
+        pki = Path(os.environ[TLS_DIR_ENV])
+        return TlsConfig(str(pki / "ca.pem"), str(pki / "client.pem"), str(pki / "client.key"))
+
+    def serving(self, address: str) -> bool:
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        with grpc.secure_channel(address, self.client_tls().channel_credentials()) as channel:
+            resp = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+            return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)

@@ -39,6 +39,7 @@ from logbroker.errors import (
 )
 from logbroker.security.acl import AclBinding
 from logbroker.security.scram import DEFAULT_ITERATIONS, Mechanism, make_credential
+from logbroker.tls import TlsConfig
 from logbroker.v1 import logbroker_pb2 as pb
 
 T = TypeVar("T")
@@ -130,10 +131,14 @@ class Admin:
         *,
         request_timeout_ms: int = 30_000,
         retry_backoff_ms: int = 100,
+        tls: TlsConfig | bool | None = None,
     ) -> None:
+        """`tls`: a TlsConfig (CA, client certificate; logbroker/tls.py), or True for TLS with the
+        system's CAs."""
         self._timeout_s = request_timeout_ms / 1000
         self._retry_backoff_s = retry_backoff_ms / 1000
-        self._metadata, self._owns_metadata = metadata_for(bootstrap, request_timeout_ms, retry_backoff_ms)
+        self._metadata, self._owns_metadata = metadata_for(bootstrap, request_timeout_ms, retry_backoff_ms,
+                                                                tls=tls)
 
     def _call(self, fn: Callable[[Any], T]) -> T:
         """fn(AdminStub) on the controller, then on other brokers while they are unreachable."""
@@ -146,6 +151,7 @@ class Admin:
             except grpc.RpcError as e:
                 if e.code() != grpc.StatusCode.UNAVAILABLE:
                     raise rpc_error(e) from None
+                self._metadata.check_tls_refusal(address, e)
                 last = e
         raise BrokerUnavailableError(f"no broker answered (tried {', '.join(addresses)}): "
                                      f"{rpc_error_text(last) if last is not None else 'no broker'}")

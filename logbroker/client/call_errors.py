@@ -7,7 +7,7 @@ and whether to look the leaders up first.
     DEADLINE_EXCEEDED       -> RequestTimedOutError     (retriable)
     RESOURCE_EXHAUSTED      -> RecordListTooLargeError  (final)
     PERMISSION_DENIED       -> PermissionDeniedError    (final)
-    UNAUTHENTICATED         -> AuthenticationError      (final)
+    UNAUTHENTICATED         -> UnauthenticatedError     (final: a refused TLS handshake, logbroker/tls.py)
     anything else           -> UnknownServerError
 """
 
@@ -16,12 +16,12 @@ from __future__ import annotations
 import grpc
 
 from logbroker.errors import (
-    AuthenticationError,
     BrokerUnavailableError,
     LogbrokerError,
     PermissionDeniedError,
     RecordListTooLargeError,
     RequestTimedOutError,
+    UnauthenticatedError,
     UnknownServerError,
 )
 
@@ -52,7 +52,7 @@ def rpc_error(e: grpc.RpcError) -> LogbrokerError:
     if code == grpc.StatusCode.PERMISSION_DENIED:
         return PermissionDeniedError(f"permission denied: {details}")
     if code == grpc.StatusCode.UNAUTHENTICATED:
-        return AuthenticationError(f"not authenticated: {details}")
+        return UnauthenticatedError(details)
     return UnknownServerError(f"{code}: {details}")
 
 

@@ -28,13 +28,13 @@ from logbroker.client.group_member import GroupMember, HeartbeatRequest, Heartbe
 from logbroker.client.metadata_cache import LogThrottle, MetadataCache, broker_address
 from logbroker.clock import Clock, monotonic_s
 from logbroker.errors import (
-    AuthenticationError,
     BrokerError,
     BrokerUnavailableError,
     CoordinatorNotAvailableError,
     LogbrokerError,
     PermissionDeniedError,
     RequestTimedOutError,
+    UnauthenticatedError,
     error_for,
 )
 from logbroker.retry import Backoff
@@ -277,7 +277,7 @@ class Heartbeater:
                     self._member.on_failure(LogbrokerError("internal error"), _monotonic_ms())
             self._on_change()
 
-    def _refused(self, err: PermissionDeniedError | AuthenticationError) -> None:
+    def _refused(self, err: PermissionDeniedError | UnauthenticatedError) -> None:
         log.error("group %s: %s", self._member.group_id, err)
         with self._lock:
             self._member.on_response(HeartbeatResponse(err), _monotonic_ms())
@@ -291,7 +291,7 @@ class Heartbeater:
                 heartbeat_request(group, req), timeout=self._timeout_s)
         except grpc.RpcError as e:
             err: LogbrokerError = rpc_error(e)
-            if isinstance(err, PermissionDeniedError | AuthenticationError):
+            if isinstance(err, PermissionDeniedError | UnauthenticatedError):
                 self._refused(err)  # ACLs or credentials: no retry fixes it, poll() raises it
                 return
             if addr is not None:
@@ -300,7 +300,7 @@ class Heartbeater:
             with self._lock:
                 self._member.on_failure(err, _monotonic_ms())
             return
-        except (PermissionDeniedError, AuthenticationError) as e:
+        except (PermissionDeniedError, UnauthenticatedError) as e:
             self._refused(e)
             return
         except BrokerError as e:

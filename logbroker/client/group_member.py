@@ -60,11 +60,11 @@ from dataclasses import dataclass
 from logbroker.client.backoff import CLIENT_RETRY_JITTER, client_retry_policy
 from logbroker.client.backoff import RETRY_BACKOFF_MAX_MS as RETRY_BACKOFF_MAX_MS  # re-exported
 from logbroker.errors import (
-    AuthenticationError,
     BrokerError,
     FencedMemberEpochError,
     LogbrokerError,
     PermissionDeniedError,
+    UnauthenticatedError,
     UnknownMemberIdError,
 )
 
@@ -102,7 +102,7 @@ class HeartbeatRequest:
 
 @dataclass(frozen=True)
 class HeartbeatResponse:
-    error: BrokerError | PermissionDeniedError | AuthenticationError | None
+    error: BrokerError | PermissionDeniedError | UnauthenticatedError | None
     member_id: str = ""
     member_epoch: int = 0
     heartbeat_interval_ms: int = 0
@@ -170,7 +170,7 @@ class GroupMember:
         self._rejoin_after_leave = False
         self._report_owned = False  # owned changed since the last heartbeat that carried it
         self._sent_since_unsubscribed = False  # the coordinator may know this member
-        self.error: BrokerError | PermissionDeniedError | AuthenticationError | None = None  # set in FATAL
+        self.error: BrokerError | PermissionDeniedError | UnauthenticatedError | None = None  # set in FATAL
 
     # -- queries ------------------------------------------------------------------------------------
 

@@ -55,10 +55,12 @@ from logbroker.errors import (
     BrokerUnavailableError,
     LeaderNotAvailableError,
     TopicAuthorizationFailedError,
+    UnauthenticatedError,
     UnknownTopicOrPartitionError,
     error_for,
 )
 from logbroker.log_throttle import LogThrottle as EventThrottle
+from logbroker.tls import TlsConfig, client_tls, probe
 from logbroker.v1 import logbroker_pb2 as pb
 from logbroker.v1 import logbroker_pb2_grpc as pbg
 
@@ -190,9 +192,11 @@ class MetadataCache:
         streams: bool = True,
         transport: str = "tcp",
         clock: Clock | None = None,
+        tls: TlsConfig | None = None,
     ) -> None:
         """`clock` (default: the system's) times `last_refresh_monotonic`, which the clients compare
-        with their own clock."""
+        with their own clock. `tls`: every connection (gRPC and the record transport) speaks TLS
+        (logbroker/tls.py); a broker refusing the handshake is UnauthenticatedError."""
         if retries < 0 or request_timeout_ms <= 0 or retry_backoff_ms < 0:
             raise ValueError("retries, request_timeout_ms and retry_backoff_ms must be positive")
         if transport not in TRANSPORTS:
@@ -202,6 +206,9 @@ class MetadataCache:
         self._retries = retries
         self._retry_backoff_ms = retry_backoff_ms
         self._channel_options = list(channel_options if channel_options is not None else CHANNEL_OPTIONS)
+        self.tls = tls
+        self._channel_credentials = tls.channel_credentials() if tls is not None else None
+        self._tls_context = tls.ssl_context() if tls is not None else None
         self._lock = threading.Lock()
         self._refresh_lock = threading.Lock()
         self._channels: dict[str, grpc.Channel] = {}
@@ -319,7 +326,10 @@ class MetadataCache:
                 raise BrokerUnavailableError("client is closed")
             ch = self._channels.get(address)
             if ch is None:
-                ch = grpc.insecure_channel(address, options=self._channel_options)
+                if self._channel_credentials is not None:
+                    ch = grpc.secure_channel(address, self._channel_credentials, options=self._channel_options)
+                else:
+                    ch = grpc.insecure_channel(address, options=self._channel_options)
                 self._channels[address] = ch
                 _SpinAnchor(ch)
             return ch
@@ -344,7 +354,8 @@ class MetadataCache:
     def _broker_streams(self) -> BrokerStreams:
         with self._lock:
             if self._streams is None:
-                self._streams = BrokerStreams(self.channel, self._unary_future, self._wire_resolver())
+                self._streams = BrokerStreams(self.channel, self._unary_future, self._wire_resolver(),
+                                             tls_context=self._tls_context)
             return self._streams
 
     def client_streams(self, inline: bool = False) -> BrokerStreams:
@@ -352,7 +363,7 @@ class MetadataCache:
         `release_streams` or `close()`: clients sharing a cache do not share streams, so none waits
         behind another's long poll or acks=all wait. `inline`: record-transport connections are
         read by the client's own thread (`WireConnection.pump`), not a reader thread."""
-        streams = BrokerStreams(self.channel, self._unary_future, self._wire_resolver(), inline)
+        streams = BrokerStreams(self.channel, self._unary_future, self._wire_resolver(), inline, self._tls_context)
         with self._lock:
             if self._closed:
                 streams.close()
@@ -422,6 +433,7 @@ class MetadataCache:
                 except grpc.RpcError as e:
                     last = e
                     log.debug("Metadata from %s failed: %s", addr, e)
+                    self.check_tls_refusal(addr, e)
                 except ValueError as e:  # a channel closed under us
                     last = e
             if self._closed:
@@ -430,6 +442,16 @@ class MetadataCache:
             f"no broker answered Metadata (tried {', '.join(self.candidate_addresses())}): "
             f"{rpc_error_text(last) if last is not None else 'client closed'}"
         )
+
+    def check_tls_refusal(self, address: str, error: grpc.RpcError) -> None:
+        """With TLS, a call that failed UNAVAILABLE may be a refused handshake, which gRPC reports as a
+        closed socket: ask `tls.probe` and raise UnauthenticatedError when it was."""
+        if self.tls is None or getattr(error, "code", lambda: None)() != grpc.StatusCode.UNAVAILABLE:
+            return
+        host, _, port = address.rpartition(":")
+        refused = probe((host.strip("[]"), int(port)), self.tls)
+        if refused is not None:
+            raise UnauthenticatedError(f"broker {address}: {refused}")
 
     def refresh(self, topics: Iterable[str] | None = None, retry: bool = True) -> pb.MetadataResponse:
         """Fetch metadata for `topics` (None: every topic) and merge it into the cache.
@@ -523,7 +545,7 @@ class MetadataCache:
 
 def metadata_for(
     bootstrap: str | Sequence[str] | MetadataCache, request_timeout_ms: int, retry_backoff_ms: int,
-    transport: str = "tcp", clock: Clock | None = None,
+    transport: str = "tcp", clock: Clock | None = None, tls: TlsConfig | bool | None = None,
 ) -> tuple[MetadataCache, bool]:
     """The cache a client uses, and whether the client owns (and so closes) it: a given cache is
     shared (tests pass an in-memory one; it keeps its own clock), a bootstrap address makes a new one
@@ -531,4 +553,4 @@ def metadata_for(
     if isinstance(bootstrap, MetadataCache):
         return bootstrap, False
     return MetadataCache(bootstrap, request_timeout_ms=request_timeout_ms, retry_backoff_ms=retry_backoff_ms,
-                         transport=transport, clock=clock), True
+                         transport=transport, clock=clock, tls=client_tls(tls)), True

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import ssl
 import threading
 import time
 from collections import deque
@@ -42,6 +43,7 @@ import grpc
 from google.protobuf.message import Message
 
 from logbroker import wire
+from logbroker.client.tls_socket import TlsRefusedError
 from logbroker.client.transport import (
     STREAM_PENDING_MAX,
     Connection,
@@ -172,8 +174,9 @@ class BrokerStreams:
     def __init__(self, channel_for: Callable[[str], grpc.Channel],
                  unary_for: Callable[[str, str], Callable[..., Any]],
                  wire_address_for: Callable[[str], tuple[str, int] | None] | None = None,
-                 inline: bool = False) -> None:
+                 inline: bool = False, tls_context: ssl.SSLContext | None = None) -> None:
         self._channel_for = channel_for
+        self._tls_context = tls_context  # record-transport connections speak TLS with it
         self._unary_for = unary_for  # (method path, address) -> the unary multi-callable's .future
         self._wire_address_for = wire_address_for  # address -> (host, data port), None: gRPC only
         # (host, data port) -> until when it is not tried: per advertised port, not per broker, so a
@@ -216,7 +219,10 @@ class BrokerStreams:
             if isinstance(stream, _Stream) and stream.wire_fallback and stream.head_deadline() is None:
                 stream = self._leave_fallback(stream, response_cls, timeout_s)
             if stream is None:
-                opened: _Stream | WireConnection | None = self._open_wire(key, response_cls, timeout_s)
+                try:
+                    opened: _Stream | WireConnection | None = self._open_wire(key, response_cls, timeout_s)
+                except TlsRefusedError as e:  # no gRPC fallback: it would be refused the same way
+                    return _failed(request, grpc.StatusCode.UNAUTHENTICATED, f"broker {address}: {e}")
                 if opened is None:
                     try:
                         opened = _Stream(self, key, self._channel_for(address), response_cls)
@@ -249,7 +255,10 @@ class BrokerStreams:
                         timeout_s: float) -> _Stream | WireConnection | None:
         """An idle fallback gRPC stream's replacement, once the record transport opens (a broker
         restarted on a new data port, or WIRE_RETRY_AFTER_S passed); else the stream itself."""
-        conn = self._open_wire(stream.key, response_cls, timeout_s)
+        try:
+            conn = self._open_wire(stream.key, response_cls, timeout_s)
+        except TlsRefusedError:
+            conn = None
         if conn is None:
             return stream
         with self._lock:
@@ -277,7 +286,8 @@ class BrokerStreams:
                 return None
         try:
             return WireConnection(self, key, target, api, response_cls,
-                                  min(max(timeout_s, 0.001), WIRE_CONNECT_TIMEOUT_S), self._arm, self.inline)
+                                  min(max(timeout_s, 0.001), WIRE_CONNECT_TIMEOUT_S), self._arm, self.inline,
+                                  self._tls_context)
         except OSError as e:
             with self._lock:
                 self._wire_refused[target] = time.monotonic() + WIRE_RETRY_AFTER_S

@@ -62,6 +62,9 @@ class Waker:
         """Until set(), one of `also` is readable, or `timeout_s` passes; the readable ones of `also`."""
         if self._flag:
             return []
+        ready = [s for s in also if getattr(s, "buffered", _never)()]  # TLS bytes poll() cannot see
+        if ready:
+            return ready
         by_fd = {s.fileno(): s for s in also}
         by_fd.pop(-1, None)  # closed
         poller = select.poll()  # not select(): it refuses descriptors above 1023
@@ -80,3 +83,7 @@ class Waker:
             self._flag = True  # waits end at once from now on
         self._w.close()
         self._r.close()
+
+
+def _never() -> bool:
+    return False

@@ -15,6 +15,13 @@ way out. A status frame fails only its own request (the connection goes on); a b
 watchdog's deadline) fails every pending request with a retriable status, and the next send opens a
 new connection. Sockets are blocking without a timeout: the watchdog's `fail()` shuts the socket
 down, which wakes a reader in recv() and a writer blocked in sendall() alike.
+
+TLS (`tls_context`): a `TlsSocket` (tls_socket.py: memory BIOs under a lock, so the reader and the
+writers never call OpenSSL at once), handshaken at open within the connect timeout, then waiting for
+the broker's first records (TLS 1.3 session tickets, sent only once the broker has accepted the
+client's certificate): a broker that refuses the client closes instead, and the open raises
+`TlsRefusedError`, which the owner turns into UNAUTHENTICATED. Bytes the TLS layer holds are not
+visible to poll(): `buffered()` says so.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 import logging
 import select
 import socket
+import ssl
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -30,6 +38,7 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 
 from logbroker import wire
+from logbroker.client.tls_socket import TlsSocket
 from logbroker.client.transport import (
     STREAM_PENDING_MAX,
     ConnectionOwner,
@@ -59,6 +68,27 @@ def readable(fd: int, wait_s: float) -> bool:
     return bool(poller.poll(max(0, int(wait_s * 1000 + 0.999))))
 
 
+def open_socket(address: tuple[str, int], connect_timeout_s: float,
+                tls_context: ssl.SSLContext | None) -> socket.socket | TlsSocket:
+    """A connected socket (TLS: handshaken and accepted, tls_socket.py), blocking, no timeout,
+    TCP_NODELAY. Raises TlsRefusedError when the broker refuses our TLS, OSError when unreachable."""
+    raw = socket.create_connection(address, timeout=connect_timeout_s)
+    try:
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if tls_context is None:
+            raw.settimeout(None)
+            return raw
+        sock = TlsSocket(raw, tls_context, address[0])
+        sock.handshake()
+        sock.confirm(connect_timeout_s)
+        raw.settimeout(None)
+        return sock
+    except BaseException:
+        raw.close()
+        raise
+
+
 class _Ended(Exception):
     """The connection cannot go on; `error` is what its pending requests get."""
 
@@ -72,7 +102,8 @@ class WireConnection:
 
     def __init__(self, owner: ConnectionOwner, key: Key, address: tuple[str, int], api: int,
                  response_cls: type[Message], connect_timeout_s: float,
-                 arm: Callable[[float], None], inline: bool = False) -> None:
+                 arm: Callable[[float], None], inline: bool = False,
+                 tls_context: ssl.SSLContext | None = None) -> None:
         self._owner = owner
         self.key = key
         self._api = api
@@ -83,14 +114,7 @@ class WireConnection:
         self.pending: deque[tuple[int, StreamFuture]] = deque()
         self.closed = False
         self._corr = 0
-        self._sock = socket.create_connection(address, timeout=connect_timeout_s)
-        try:
-            self._sock.settimeout(None)
-            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        except OSError:
-            self._sock.close()
-            raise
+        self._sock = open_socket(address, connect_timeout_s, tls_context)
         self._where = f"{address[0]}:{address[1]}"
         self.target = address
         self.answers = 0  # responses read; a connection closed before its first is taken as refused
@@ -151,7 +175,7 @@ class WireConnection:
         if self._end > self._start:
             return True
         try:
-            return readable(self._sock.fileno(), 0)
+            return self.buffered() or readable(self._sock.fileno(), 0)
         except (OSError, ValueError):  # closed meanwhile
             return False
 
@@ -241,10 +265,10 @@ class WireConnection:
         try:
             if self.closed:
                 return
-            ready = self._end > self._start or readable(self._sock.fileno(), wait_s)
+            ready = self._end > self._start or self.buffered() or readable(self._sock.fileno(), wait_s)
             while ready:
                 self._deliver(*self._read_frame())
-                ready = self._end > self._start or readable(self._sock.fileno(), 0)
+                ready = self._end > self._start or self.buffered() or readable(self._sock.fileno(), 0)
         except Exception as e:
             self._end_with(e)
         finally:
@@ -255,6 +279,11 @@ class WireConnection:
     def fileno(self) -> int:
         """The socket's descriptor (for poll(2)), -1 once closed."""
         return self._sock.fileno()
+
+    def buffered(self) -> bool:
+        """TLS: decrypted bytes wait in the TLS layer, where poll() on the descriptor does not see them."""
+        sock = self._sock
+        return isinstance(sock, TlsSocket) and not self.closed and sock.buffered()
 
     def _end_with(self, exc: BaseException) -> None:
         if isinstance(exc, _Ended):

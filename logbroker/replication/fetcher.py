@@ -52,6 +52,7 @@ from logbroker.errors import BrokerError, StorageError
 from logbroker.replication.partition import Partition
 from logbroker.retry import RetryPolicy
 from logbroker.storage.log import UNDEFINED_EPOCH
+from logbroker.tls import RotationCheck, TlsConfig, aio_channel
 from logbroker.v1 import logbroker_pb2 as pb
 from logbroker.v1 import logbroker_pb2_grpc as pbg
 
@@ -71,6 +72,7 @@ class FetcherConfig:
     backoff_initial_ms: int = 50
     backoff_max_ms: int = 1000
     truncation_rounds_max: int = 16  # OffsetForLeaderEpoch rounds per truncation attempt
+    tls: TlsConfig | None = None  # the broker's own certificate, to leaders that speak TLS
 
 
 class FetchPhase(enum.Enum):
@@ -171,14 +173,20 @@ class LeaderFetcher:
 
     # -- the task -------------------------------------------------------------------------------
 
+    def _open_channel(self) -> grpc.aio.Channel:
+        return aio_channel(self.address, [("grpc.max_receive_message_length", self.config.max_receive_bytes)],
+                           self.config.tls)
+
     async def _run(self) -> None:
-        channel = grpc.aio.insecure_channel(
-            self.address, options=[("grpc.max_receive_message_length", self.config.max_receive_bytes)]
-        )
+        channel = self._open_channel()
+        rotation = RotationCheck(self.config.tls)
         try:
-            broker_stub = pbg.BrokerStub(channel)
-            replica_stub = pbg.ReplicaStub(channel)
+            broker_stub, replica_stub = pbg.BrokerStub(channel), pbg.ReplicaStub(channel)
             while not self._stopped:
+                if rotation.rotated():  # TLS files changed: a new channel presents the new certificate
+                    await channel.close()
+                    channel = self._open_channel()
+                    broker_stub, replica_stub = pbg.BrokerStub(channel), pbg.ReplicaStub(channel)
                 now = self.clock.monotonic_ms()
                 ready = [s for s in self.states.values() if s.delayed_until_ms <= now]
                 truncating = [s for s in ready if s.phase is FetchPhase.TRUNCATING]

@@ -17,6 +17,7 @@ import errno
 import logging
 import os
 import socket
+import ssl
 import time
 import uuid
 from collections.abc import Mapping
@@ -60,6 +61,7 @@ from logbroker.group.coordinator import GroupCoordinator
 from logbroker.group.offsets import OFFSETS_TOPIC
 from logbroker.group.share_coordinator import ShareCoordinator
 from logbroker.group.share_data import ShareData
+from logbroker.replication.fetcher import FetcherConfig
 from logbroker.replication.partition import Partition
 from logbroker.replication.replica_manager import CallableIsrStore, InMemoryIsrStore, IsrStore, ReplicaManager
 from logbroker.replication.scrubber import Scrubber
@@ -86,6 +88,7 @@ from logbroker.storage.log import LogConfig
 from logbroker.storage.log_cleaner import LogCleaner
 from logbroker.storage.log_identity import LostLogError
 from logbroker.storage.log_manager import LogManager
+from logbroker.tls import RELOAD_INTERVAL_S, CertFiles
 from logbroker.v1 import logbroker_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -143,6 +146,10 @@ class Broker:
         try:
             self._log_manager = LogManager(Path(config.data_dir), LogConfig())
             self.metadata_image = MetadataImage()
+            # TLS (logbroker/tls.py): gRPC reads the files per handshake, the record transport's context
+            # is reloaded by _tls_reload_loop; replica fetches present the broker's own certificate.
+            self._cert_files = CertFiles(config.tls) if config.tls is not None else None
+            self._wire_tls = self._cert_files.server_context() if self._cert_files is not None else None
             self.cluster: ClusterMember | None = (
                 ClusterMember(config, self.metadata_image, self, self._drop_roles_on_session_lost, self._log_manager)
                 if config.cluster_mode else None
@@ -155,6 +162,7 @@ class Broker:
                 replica_lag_time_max_ms=config.replica_lag_time_max_ms,
                 produce_timeout_ms_max=config.produce_timeout_ms_cap,
                 cluster_secret=config.cluster_secret,
+                fetcher_config=FetcherConfig(tls=config.tls.as_client()) if config.tls is not None else None,
             )
             if self.cluster is not None:
                 self.replica_manager.offline_reporter = self.cluster.report_offline_replicas
@@ -235,7 +243,9 @@ class Broker:
             await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         check_listen_address(cfg.listen_host, cfg.listen_port)  # gRPC's own bind error names no cause
         try:
-            port = server.add_insecure_port(f"{cfg.listen_host}:{cfg.listen_port}")
+            port = (server.add_secure_port(f"{cfg.listen_host}:{cfg.listen_port}", self._cert_files.grpc_credentials())
+                    if self._cert_files is not None else
+                    server.add_insecure_port(f"{cfg.listen_host}:{cfg.listen_port}"))
         except RuntimeError as exc:  # grpc raises RuntimeError("Failed to bind to address ...")
             raise OSError(f"cannot listen on {cfg.listen_host}:{cfg.listen_port}: {exc}") from None
         if port == 0:
@@ -248,7 +258,9 @@ class Broker:
             self.wire_server = WireServer(broker_service.wire_handlers(self.apis), cfg.max_request_bytes,
                                           reply_registry=self.replies.registry)
             self.bound_data_port = await self.wire_server.start(cfg.data_listen_host or cfg.listen_host,
-                                                                cfg.data_listen_port)
+                                                                cfg.data_listen_port, self._wire_tls)
+        if self._cert_files is not None and self._wire_tls is not None:
+            self._tasks.append(asyncio.create_task(self._tls_reload_loop(self._cert_files)))
         log.info("broker %d listening on %s:%d, recovering logs in %s", cfg.broker_id, cfg.listen_host, port, cfg.data_dir)
         started = time.monotonic()
         await asyncio.get_running_loop().run_in_executor(None, self._recover)
@@ -276,6 +288,25 @@ class Broker:
             self.scrubber.start()
         if self.log_cleaner is not None:
             self.log_cleaner.start()
+
+    async def _tls_reload_loop(self, files: CertFiles) -> None:
+        """Rotation without a restart: the record transport's context is replaced when the
+        certificate, key or client CA file changes (gRPC asks the files itself on each handshake)."""
+        seen = files.stamp()
+        while True:
+            await asyncio.sleep(RELOAD_INTERVAL_S)
+            stamp = files.stamp()
+            if stamp == seen:
+                continue
+            try:
+                files.reload()
+            except (OSError, ssl.SSLError) as exc:  # half-written pair: try again at the next change
+                log.warning("TLS files changed but do not load (%s); keeping the previous certificate",
+                            type(exc).__name__)
+                seen = stamp
+                continue
+            seen = stamp
+            log.info("TLS certificate reloaded from %s", files.tls.cert_file)
 
     async def _await_first_metadata(self) -> None:
         """Cluster mode: report SERVING once the controller has told us the cluster's metadata, so a

@@ -1,8 +1,10 @@
 """gRPC channels from this broker to the others: the controller's calls and, via the same cache,
 anything else broker-to-broker. One `grpc.aio` channel per address, closed on shutdown. Every call
-made through them carries the cluster secret (`call_metadata`; logbroker/cluster/cluster_secret.py)."""
+made through them speaks TLS when the broker does (presenting its own certificate) and carries the cluster secret (`call_metadata`; logbroker/cluster/cluster_secret.py)."""
 
 from __future__ import annotations
+
+import asyncio
 
 import grpc
 
@@ -10,6 +12,7 @@ from logbroker.cluster.cluster_secret import CallMetadata, call_metadata
 from logbroker.cluster.metadata import BrokerRegistration
 from logbroker.cluster.metadata_image import MetadataImage
 from logbroker.server.reply_registry import unknown_reply_to
+from logbroker.tls import RotationCheck, TlsConfig, aio_channel
 from logbroker.v1 import logbroker_pb2 as pb
 from logbroker.v1 import logbroker_pb2_grpc as pbg
 
@@ -25,14 +28,23 @@ FORWARD_REPLY_TIMEOUT_S = 5.0
 class BrokerChannels:
     """Implements the controller's `ControllerRpc` over the `Replica` service."""
 
-    def __init__(self, cluster_secret: bytes = b"") -> None:
+    def __init__(self, cluster_secret: bytes = b"", tls: TlsConfig | None = None) -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._tls = tls  # the broker's own certificate as the client's (mTLS between brokers)
+        self._rotation = RotationCheck(tls)
+        self._retiring: set[asyncio.Task[None]] = set()  # closes of channels opened before a rotation
         self.call_metadata: CallMetadata = call_metadata(cluster_secret)
 
     def _channel(self, address: str) -> grpc.aio.Channel:
+        if self._rotation.rotated():  # new channels present the new certificate; calls on the old ones finish
+            old, self._channels = self._channels, {}
+            for stale in old.values():
+                task = asyncio.get_running_loop().create_task(stale.close(grace=CONTROLLER_CALL_TIMEOUT_S))
+                self._retiring.add(task)
+                task.add_done_callback(self._retiring.discard)
         ch = self._channels.get(address)
         if ch is None:
-            ch = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            ch = aio_channel(address, CHANNEL_OPTIONS, self._tls)
             self._channels[address] = ch
         return ch
 
@@ -62,6 +74,8 @@ class BrokerChannels:
         channels, self._channels = self._channels, {}
         for ch in channels.values():
             await ch.close()
+        for task in list(self._retiring):
+            task.cancel()
 
 
 class ReplyForwarding:

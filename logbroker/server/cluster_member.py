@@ -96,7 +96,7 @@ class ClusterMember:
         hosts, chroot = cfg.zk_hosts_and_chroot
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"zk-{cfg.broker_id}")
         self.store = ZkStore(hosts, chroot, session_timeout_ms=cfg.zk_session_timeout_ms)
-        self.channels = BrokerChannels(cfg.cluster_secret)
+        self.channels = BrokerChannels(cfg.cluster_secret, cfg.tls.as_client() if cfg.tls is not None else None)
         self.controller: Controller | None = None
         self.broker_epoch = -1
         self._controller_task: asyncio.Task[None] | None = None

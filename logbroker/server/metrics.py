@@ -42,6 +42,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from logbroker.server.request_checks import INTERBROKER_REFUSALS
+from logbroker.tls import ServerTls
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
@@ -155,13 +156,21 @@ class MetricsServer:
         return int(self._httpd.server_address[1])
 
     @classmethod
-    def start(cls, broker: Broker, loop: asyncio.AbstractEventLoop, host: str, port: int) -> MetricsServer:
+    def start(cls, broker: Broker, loop: asyncio.AbstractEventLoop, host: str, port: int,
+              tls: ServerTls | None = None) -> MetricsServer:
+        """`tls`: HTTPS with the broker's certificate (read once: not reloaded), client certificates
+        required as by --tls-client-auth required."""
         registry = CollectorRegistry()
         ProcessCollector(registry=registry)
         PlatformCollector(registry=registry)
         GCCollector(registry=registry)
         registry.register(BrokerCollector(broker, loop))
-        httpd, _thread = start_http_server(port, addr=host, registry=registry)
+        if tls is None:
+            httpd, _thread = start_http_server(port, addr=host, registry=registry)
+        else:
+            httpd, _thread = start_http_server(port, addr=host, registry=registry, certfile=tls.cert_file,
+                                               keyfile=tls.key_file, client_cafile=tls.client_ca_file or None,
+                                               client_auth_required=tls.client_auth == "required")
         return cls(httpd)
 
     def stop(self) -> None:

@@ -8,6 +8,10 @@ that is ready, in request order. A produce costs three loop iterations from its 
 its response leaving (stream reader, reader task, writer task and a queue cost two more each way);
 the broker's event loop is on every record's path, so iterations are latency.
 
+TLS (`start(ssl_context=...)`): asyncio's TLS transport under the same protocol; a refused handshake
+(no, untrusted or expired client certificate with client auth required) closes the connection before
+`connection_made`, so it never counts against `connections_max` nor reaches a handler.
+
 Each connection is one caller: its handlers get the connection's `RequestContext` (listener
 "record", the peer address, no cluster secret: the record transport carries none). A handler's
 `RequestRejected` becomes that request's status frame (its status number is the frame's status
@@ -56,6 +60,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -83,6 +88,7 @@ READ_BUFFER_BYTES = 256 << 10  # frames up to this are cut from the read buffer;
 BIG_FRAME_START_BYTES = 1 << 20  # a big frame's own buffer starts at this and doubles as bytes come
 COALESCE_BYTES_MAX = 256 << 10  # a response body below this is copied behind its header, sent at once
 PUSH_BUFFER_BYTES_MAX = 4 << 20  # a reply stream's unsent bytes; replies beyond are dropped (counted)
+TLS_HANDSHAKE_TIMEOUT_S = 10.0  # a client that does not finish its TLS handshake is dropped after this
 
 
 class WireServer:
@@ -102,9 +108,13 @@ class WireServer:
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
 
-    async def start(self, host: str, port: int) -> int:
+    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> int:
+        """Listen; with `ssl_context` every connection speaks TLS (its handshake done before the
+        connection counts, within TLS_HANDSHAKE_TIMEOUT_S); the context may be reloaded in place."""
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _Connection(self), host, port, reuse_address=True)
+        self._server = await loop.create_server(lambda: _Connection(self), host, port, reuse_address=True,
+                                                ssl=ssl_context,
+                                                ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT_S if ssl_context else None)
         self.port = int(self._server.sockets[0].getsockname()[1])
         self._sweeper = loop.create_task(self._sweep_idle())
         return self.port

@@ -62,6 +62,7 @@ class ErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INVALID_PRIORITY: _ClassVar[ErrorCode]
     UNKNOWN_REPLY_TO: _ClassVar[ErrorCode]
     REPLY_TOO_LARGE: _ClassVar[ErrorCode]
+    UNAUTHENTICATED: _ClassVar[ErrorCode]
 NONE: ErrorCode
 UNKNOWN_SERVER_ERROR: ErrorCode
 OFFSET_OUT_OF_RANGE: ErrorCode
@@ -115,6 +116,7 @@ SECURITY_CONFIG_INVALID: ErrorCode
 INVALID_PRIORITY: ErrorCode
 UNKNOWN_REPLY_TO: ErrorCode
 REPLY_TOO_LARGE: ErrorCode
+UNAUTHENTICATED: ErrorCode
 
 class ProduceRequest(_message.Message):
     __slots__ = ("acks", "timeout_ms", "partitions")

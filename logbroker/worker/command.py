@@ -50,7 +50,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         sys.path.insert(0, cwd)  # children of --processes inherit sys.path
     if args.queue:
         return _run_queue_worker(args)
-    consumer_config: dict[str, Any] = {"assignor": args.assignor}
+    consumer_config: dict[str, Any] = {"assignor": args.assignor, **_tls(args)}
     if args.session_timeout_ms:
         consumer_config["session_timeout_ms"] = args.session_timeout_ms
     try:
@@ -70,6 +70,18 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tls(args: argparse.Namespace) -> dict[str, Any]:
+    """The --tls* flags (shared parent parser) as the consumer's `tls` keyword, when given."""
+    from logbroker.cli_tls import tls_from_args
+    from logbroker.tls import TlsError
+
+    try:
+        tls = tls_from_args(args)
+    except TlsError as e:
+        raise WorkerCliError(str(e)) from None
+    return {} if tls is None else {"tls": tls}
+
+
 def _or(value: int | None, default: int) -> int:
     return default if value is None else value
 
@@ -80,7 +92,7 @@ def _run_queue_worker(args: argparse.Namespace) -> int:
 
     if args.pattern is not None:
         raise WorkerCliError("--queue takes --topic, not --pattern")
-    config: dict[str, Any] = {"auto_offset_reset": args.auto_offset_reset or "latest"}
+    config: dict[str, Any] = {"auto_offset_reset": args.auto_offset_reset or "latest", **_tls(args)}
     for name in ("lock_ms", "retry_backoff_ms", "retry_backoff_max_ms", "dead_letter_topic"):
         if getattr(args, name) is not None:
             config[name] = getattr(args, name)

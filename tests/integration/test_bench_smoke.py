@@ -239,3 +239,23 @@ def test_queue_parallel_smoke(tmp_path: Path) -> None:
     rates = record["summary"]["records_per_s_median"]  # type: ignore[index]
     assert rates["1"] > 0 and rates["4"] > 0, rates
     assert sum(record["runs"]["4"][0]["handled_per_consumer"]) == 100  # type: ignore[index]
+
+
+@pytest.mark.timeout(120)
+def test_logbroker_tls_smoke(tmp_path: Path) -> None:
+    """`--system logbroker-tls` (issue 18): the same broker and clients over mTLS produce and consume."""
+    pytest.importorskip("trustme", reason="trustme makes the TLS run's certificates")
+    results, data_root = tmp_path / "results", tmp_path / "data"
+    argv = [
+        sys.executable, "-m", "bench", "run", "--workload", "max-100b", "--system", "logbroker-tls", "--smoke",
+        "--no-limits", "--no-report", "--results-dir", str(results), "--data-root", str(data_root),
+    ]  # fmt: skip
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=100)
+    assert proc.returncode == 0, f"bench failed ({proc.returncode}):\n{proc.stderr[-6000:]}"
+    [record] = [json.loads(p.read_text()) for p in results.glob("*.json")]
+    assert "error" not in record, record["error"]
+    assert record["system"] == "logbroker-tls"
+    run = record["runs"][0]
+    assert run["produce"]["total_records"] > 0 and run["consume"]["records"] > 0, run
+    assert record["unreaped_pids"] == []
+    assert list(data_root.iterdir()) == [], "a temporary data directory was left behind"

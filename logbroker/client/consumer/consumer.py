@@ -55,6 +55,7 @@ from logbroker.client.waker import Waker
 from logbroker.clock import SYSTEM_CLOCK, Clock, monotonic_s
 from logbroker.errors import InvalidGroupIdError, KafkaTimeoutError, LogbrokerError
 from logbroker.storage.record_batch import Message
+from logbroker.tls import TlsConfig
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,7 @@ class Consumer:
         transport: str = "tcp",
         clock: Clock | None = None,
         filter: str | None = None,  # noqa: A002 (the issue's name for it)
+        tls: TlsConfig | bool | None = None,
     ) -> None:
         """`on_assign(partitions)` / `on_revoke(partitions)` run inside poll() (group members only):
         on_revoke before partitions are given up (positions still readable, commits still accepted),
@@ -149,7 +151,7 @@ class Consumer:
         self._retry_backoff_s = retry_backoff_ms / 1000
         self._retry_backoff_ms = retry_backoff_ms
         self._cache, self._owns_metadata = metadata_for(bootstrap, request_timeout_ms, retry_backoff_ms,
-                                                        transport, clock)
+                                                        transport, clock, tls)
         # ours, even on a shared cache (long polls hold them); record-transport fetches are read by
         # the polling thread itself (inline), not handed over by a reader thread
         self._streams = self._cache.client_streams(inline=True)

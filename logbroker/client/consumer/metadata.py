@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from logbroker.client.consumer.subscription import SubscriptionState, TopicPartition
 from logbroker.client.metadata_cache import LogThrottle, MetadataCache
-from logbroker.errors import LogbrokerError, UnknownTopicOrPartitionError
+from logbroker.errors import LogbrokerError, UnauthenticatedError, UnknownTopicOrPartitionError
 
 # A subscription that may gain topics re-reads metadata this often.
 NEW_TOPICS_REFRESH_S = 1.0
@@ -63,6 +63,8 @@ class ConsumerMetadata:
         if topics or every_topic:
             try:
                 self.cache.refresh(None if every_topic else sorted(topics), retry=force)
+            except UnauthenticatedError:
+                raise  # a refused certificate: poll() raises it, as Kafka's AuthenticationException
             except LogbrokerError as e:
                 self._log.warning("metadata", "metadata refresh failed: %s", e)
                 return None  # subscribed topics get assigned once a refresh succeeds

@@ -69,6 +69,7 @@ from logbroker.errors import (
     UnknownTopicOrPartitionError,
 )
 from logbroker.storage.record_batch import COMPRESSION_GZIP, COMPRESSION_NONE, HEADER_SIZE
+from logbroker.tls import TlsConfig
 
 # How long send() waits for a topic the brokers call unknown (a just-created topic may still be
 # reaching them) before raising UnknownTopicOrPartitionError.
@@ -111,6 +112,7 @@ class Producer(RecordAccumulator):
         metadata_max_age_ms: int = 300_000,
         transport: str = "tcp",
         clock: Clock | None = None,
+        tls: TlsConfig | bool | None = None,
     ) -> None:
         if linger_ms < 0 or retry_backoff_ms < 0 or max_block_ms < 0 or retries < 0:
             raise ValueError("linger_ms, retry_backoff_ms, max_block_ms and retries must be >= 0")
@@ -131,7 +133,7 @@ class Producer(RecordAccumulator):
         self._max_record_bytes = min(max_request_bytes - REQUEST_OVERHEAD_BYTES - HEADER_SIZE, buffer_memory_bytes)
         self._retry_backoff_ms = retry_backoff_ms
         metadata, self._owns_metadata = metadata_for(bootstrap, request_timeout_ms, retry_backoff_ms, transport,
-                                                     clock)
+                                                     clock, tls)
         super().__init__(
             metadata, linger_ms=linger_ms, batch_size_bytes=batch_size_bytes, max_request_bytes=max_request_bytes,
             delivery_timeout_ms=delivery_timeout_ms, buffer_memory_bytes=buffer_memory_bytes,

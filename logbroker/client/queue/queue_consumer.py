@@ -46,6 +46,7 @@ from logbroker.client.queue.acks import (
 from logbroker.client.queue.message import MessageAlreadySettledError, QueueMessage
 from logbroker.client.queue.share_fetch import read_partition
 from logbroker.errors import BrokerError, LogbrokerError, error_for
+from logbroker.tls import TlsConfig
 from logbroker.v1 import logbroker_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -128,6 +129,7 @@ class QueueConsumer:
         client_id: str = "logbroker-queue",
         request_timeout_ms: int = 30_000,
         client_retry_backoff_ms: int = 100,
+        tls: TlsConfig | bool | None = None,
     ) -> None:
         """The group settings (lock_ms ... ordering) apply only if this consumer creates the
         group; `Admin.alter_share_group` changes an existing one. `dead_letter_topic=None` keeps the
@@ -158,7 +160,8 @@ class QueueConsumer:
         self.lock_ms = 0  # as the last ShareFetch answered
         self.max_poll_records = max_poll_records
         self._request_timeout_ms = request_timeout_ms
-        self._metadata, self._owns_metadata = metadata_for(bootstrap, request_timeout_ms, client_retry_backoff_ms)
+        self._metadata, self._owns_metadata = metadata_for(bootstrap, request_timeout_ms, client_retry_backoff_ms,
+                                                                tls=tls)
         self._coordinator = CoordinatorClient(self._metadata, group, request_timeout_ms / 1000,
                                               client_retry_backoff_ms / 1000)
         self._lock = threading.Lock()
