@@ -178,21 +178,7 @@ class Broker:
                 FileOffsetClock(offset_file) if offset_file else clock,
             )
             self._security: SecurityStore | None = None  # opened by start()
-            hook = self._build_authorizer(config)
-            self.replies = ReplyApis(self, ReplyRegistry(config.broker_id),
-                                     ReplyForwarding(self.cluster.channels, self.metadata_image)
-                                     if self.cluster is not None else None)
-            self.apis = BrokerApis(
-                ProduceFetchApis(config, self, self.replica_manager, self),
-                MetadataApis(self, self, None if hook is None else
-                             lambda ctx, topic: hook.allowed(ctx, Operation.DESCRIBE, ResourceType.TOPIC, topic)),
-                GroupApis(self, self.coordinator),
-                AdminApis(self, self, self, self.replica_manager),
-                queues=QueueApis(self, self.share_coordinator),
-                security=SecurityApis(self.security_store, self._acls_changed),
-                hook=hook,
-                replies=self.replies,
-            )
+            self.apis = self._build_apis(config)
             self.scrubber: Scrubber | None = (
                 Scrubber(self.replica_manager, config.scrub_interval_ms, config.scrub_bytes_per_sec)
                 if config.scrub_interval_ms > 0 else None
@@ -345,6 +331,24 @@ class Broker:
             log.warning("deleting log of %s-%d: its topic no longer exists", name, p)
             self._log_manager.delete_log(name, p)
         self.topics = topics
+
+    def _build_apis(self, config: BrokerConfig) -> BrokerApis:
+        """The request layer, with the authorizer's hook when --authorizer acl."""
+        hook = self._build_authorizer(config)
+        self.replies = ReplyApis(self, ReplyRegistry(config.broker_id),
+                                 ReplyForwarding(self.cluster.channels, self.metadata_image)
+                                 if self.cluster is not None else None)
+        return BrokerApis(
+            ProduceFetchApis(config, self, self.replica_manager, self),
+            MetadataApis(self, self, None if hook is None else
+                         lambda ctx, topic: hook.allowed(ctx, Operation.DESCRIBE, ResourceType.TOPIC, topic)),
+            GroupApis(self, self.coordinator),
+            AdminApis(self, self, self, self.replica_manager),
+            queues=QueueApis(self, self.share_coordinator),
+            security=SecurityApis(self.security_store, self._acls_changed),
+            hook=hook,
+            replies=self.replies,
+        )
 
     def _build_authorizer(self, config: BrokerConfig) -> AuthorizingHook | None:
         """The ACL request hook and its cache with --authorizer acl (empty until start() loads them)."""
