@@ -122,6 +122,32 @@ def client_tls(tls: TlsConfig | bool | None) -> TlsConfig | None:
     return tls
 
 
+MAX_PRINCIPAL_NAME_CHARS = 200
+
+
+def principal_from_common_name(common_name: str | bytes | None) -> str | None:
+    """`User:<CN>` for a verified client certificate's subject common name (the broker's only source
+    of a TLS principal: the connection, never a request field); None without a usable name (no
+    certificate, no CN, too long or with control characters)."""
+    if common_name is None:
+        return None
+    name = common_name.decode("utf-8", "replace") if isinstance(common_name, bytes) else common_name
+    if not name or len(name) > MAX_PRINCIPAL_NAME_CHARS or any(ord(c) < 0x20 or c == "," for c in name):
+        return None
+    return f"User:{name}"
+
+
+def peercert_common_name(peercert: Any) -> str | None:
+    """The subject CN of `ssl.SSLSocket.getpeercert()`'s dict (only set for a verified certificate)."""
+    if not isinstance(peercert, dict):
+        return None
+    for rdn in peercert.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return str(value)
+    return None
+
+
 def _read(path: str) -> bytes:
     with open(path, "rb") as f:
         return f.read()

@@ -25,6 +25,7 @@ from logbroker.server.request_context import (
     RequestRejected,
     RequestStatus,
 )
+from logbroker.tls import principal_from_common_name
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,17 @@ def request_context(context: grpc.aio.ServicerContext | None) -> RequestContext:
     for key, value in metadata or ():
         if key == CLIENT_ID_METADATA:
             client_id = value if isinstance(value, str) else value.decode("utf-8", "replace")
-    return RequestContext(ANONYMOUS, client_id, context.peer() or "", LISTENER_GRPC, presented_secret(metadata))
+    return RequestContext(_principal(context), client_id, context.peer() or "", LISTENER_GRPC, presented_secret(metadata))
+
+
+def _principal(context: grpc.aio.ServicerContext) -> str:
+    """User:<CN> of the connection's verified client certificate (mTLS), else ANONYMOUS."""
+    try:
+        auth = context.auth_context()
+    except Exception:  # not every servicer context (tests' fakes) has one
+        return ANONYMOUS
+    names = auth.get("x509_common_name") if isinstance(auth, dict) else None
+    return (principal_from_common_name(names[0]) if names else None) or ANONYMOUS
 
 
 def require_peer(secret: bytes, cluster_mode: bool, context: grpc.aio.ServicerContext | None, what: str) -> None:

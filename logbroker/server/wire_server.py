@@ -13,7 +13,8 @@ TLS (`start(ssl_context=...)`): asyncio's TLS transport under the same protocol;
 `connection_made`, so it never counts against `connections_max` nor reaches a handler.
 
 Each connection is one caller: its handlers get the connection's `RequestContext` (listener
-"record", the peer address, no cluster secret: the record transport carries none). A handler's
+"record", the peer address, no cluster secret: the record transport carries none; the principal
+`User:<CN>` of a verified client certificate, else ANONYMOUS). A handler's
 `RequestRejected` becomes that request's status frame (its status number is the frame's status
 byte); an unexpected exception an INTERNAL one (logged).
 
@@ -72,7 +73,14 @@ from logbroker import wire
 from logbroker.log_throttle import LogThrottle
 from logbroker.server import rpc
 from logbroker.server.reply_registry import ReplyRegistry
-from logbroker.server.request_context import LISTENER_RECORD, RequestContext, RequestRejected, RequestStatus
+from logbroker.server.request_context import (
+    ANONYMOUS,
+    LISTENER_RECORD,
+    RequestContext,
+    RequestRejected,
+    RequestStatus,
+)
+from logbroker.tls import peercert_common_name, principal_from_common_name
 from logbroker.v1 import logbroker_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -197,7 +205,9 @@ class _Connection(asyncio.BufferedProtocol):
             transport.abort()
             return
         server.connections.add(self)
-        self._context = RequestContext(peer=_peer(transport.get_extra_info("peername")), listener=LISTENER_RECORD)
+        principal = principal_from_common_name(peercert_common_name(transport.get_extra_info("peercert")))
+        self._context = RequestContext(principal=principal or ANONYMOUS, peer=_peer(transport.get_extra_info("peername")),
+                                       listener=LISTENER_RECORD)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):

@@ -410,3 +410,37 @@ def test_worker_command_takes_the_tls_flags(pki: Pki, tmp_path: Path) -> None:
                 worker.kill()
                 worker.wait(10)
         b.stop()
+
+
+def test_the_principal_is_the_client_certificates_common_name(pki: Pki, tmp_path: Path) -> None:
+    """With mTLS and --authorizer acl, a call's principal is User:<CN> of its connection's
+    certificate, on gRPC (Admin, Metadata) and on the record transport (produce, fetch) alike."""
+    from logbroker.errors import PermissionDeniedError, TopicAuthorizationFailedError
+    from logbroker.security.acl import AclBinding, Operation, PatternType, Permission, ResourceType
+
+    b = BrokerProcess(tmp_path / "data", free_port(),
+                      [*pki.broker_args("required"), "--authorizer", "acl", "--super-users", "User:admin"],
+                      tls=pki.client("admin"))
+    try:
+        b.start()
+        admin_tls, alice, bob = pki.client("admin"), pki.client("alice"), pki.client("bob")
+        with Admin(b.bootstrap, tls=admin_tls) as admin:
+            admin.create_topic("orders")
+            admin.create_topic("secret")
+            admin.create_acls([AclBinding("User:alice", "*", op, Permission.ALLOW, ResourceType.TOPIC, "orders",
+                                          PatternType.LITERAL) for op in (Operation.WRITE, Operation.READ)])
+        with Admin(b.bootstrap, tls=alice) as admin:
+            wait_for(lambda: admin.list_topics() == ["orders"], 15, "alice to see only her topic")
+            with pytest.raises(PermissionDeniedError):
+                admin.create_topic("mine")
+        with Producer(b.bootstrap, tls=alice) as p:
+            p.send("orders", b"from-alice").get(timeout=15)
+        with Consumer(b.bootstrap, tls=alice) as c:
+            c.assign([("orders", 0)])
+            c.seek_to_beginning()
+            assert [m.value for m in c.poll(timeout_ms=5000)] == [b"from-alice"]
+        with Producer(b.bootstrap, tls=bob, request_timeout_ms=5000) as p, \
+                pytest.raises(TopicAuthorizationFailedError):
+            p.send("orders", b"from-bob").get(timeout=15)
+    finally:
+        b.stop()

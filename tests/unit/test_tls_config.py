@@ -79,3 +79,15 @@ def test_rotation_check_looks_at_most_once_per_interval(files: dict[str, str]) -
     now[0] += RELOAD_INTERVAL_S
     assert not check.rotated(), "one rotation reported once"
     assert not RotationCheck(None).rotated()
+
+
+def test_principal_from_a_certificates_common_name():
+    from logbroker.tls import peercert_common_name, principal_from_common_name
+
+    assert principal_from_common_name("alice") == "User:alice"
+    assert principal_from_common_name(b"svc.orders") == "User:svc.orders"
+    for bad in (None, "", "a,b", "x\ny", "a" * 300):
+        assert principal_from_common_name(bad) is None
+    cert = {"subject": ((("countryName", "NL"),), (("commonName", "alice"),))}
+    assert peercert_common_name(cert) == "alice"
+    assert peercert_common_name({}) is None and peercert_common_name(None) is None
