@@ -446,6 +446,8 @@ class MetadataCache:
                     last = e
                     log.debug("Metadata from %s failed: %s", addr, e)
                     self.check_tls_refusal(addr, e)
+                    if e.code() == grpc.StatusCode.UNAUTHENTICATED:  # not logged in (SASL): final
+                        raise UnauthenticatedError(f"broker {addr}: {e.details()}") from None
                 except ValueError as e:  # a channel closed under us
                     last = e
             if self._closed:
