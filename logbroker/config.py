@@ -126,7 +126,8 @@ ENV_PREFIX = "LOGBROKER_"
 # LOGBROKER_* variables that belong to other commands, or are test-only hooks read where they act
 # (storage/segment_cleaner.CRASH_ENV, clock.FileOffsetClock.ENV): `serve` ignores them instead of failing.
 NON_SERVE_ENV_VARS = frozenset({BOOTSTRAP_ENV, "LOGBROKER_ZOOKEEPER_JARS", "LOGBROKER_TEST_CLEANER_CRASH_AT",
-                                "LOGBROKER_TEST_CLOCK_OFFSET_FILE", "LOGBROKER_TLS", "LOGBROKER_TLS_CA"})
+                                "LOGBROKER_TEST_CLOCK_OFFSET_FILE", "LOGBROKER_TLS", "LOGBROKER_TLS_CA",
+                                "LOGBROKER_SASL_USER", "LOGBROKER_SASL_PASSWORD_FILE", "LOGBROKER_SASL_MECHANISM"})
 LOG_LEVELS = ("debug", "info", "warning", "error")
 AUTHORIZERS = ("none", "acl")
 SASL_MECHANISMS = ("SCRAM-SHA-256", "SCRAM-SHA-512")

@@ -7,6 +7,7 @@ no password appears in the broker's log."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -102,6 +103,24 @@ def test_a_good_password_works_over_grpc_and_the_record_transport_as_its_user(sa
     with pytest.raises(UnauthenticatedError, match="SCRAM-SHA-256"), \
             Admin(b.bootstrap, tls=tls, request_timeout_ms=3000) as anonymous:
         anonymous.list_topics()
+
+
+def test_the_cli_logs_in_with_a_password_file(sasl_broker: SaslBroker, tmp_path: Path) -> None:
+    b, tls = sasl_broker.broker, sasl_broker.ca_only
+
+    def cli(password: str) -> subprocess.CompletedProcess[str]:
+        path = tmp_path / "password"
+        path.write_text(password + "\n")
+        return subprocess.run([sys.executable, "-m", "logbroker", "topics", "list", "--bootstrap", b.bootstrap,
+                               "--tls-ca", tls.ca_file],
+                              env={**os.environ, "LOGBROKER_SASL_USER": "alice",
+                                   "LOGBROKER_SASL_PASSWORD_FILE": str(path)},
+                              capture_output=True, text=True, timeout=60)
+
+    wait_for(lambda: cli(ALICE_PASSWORD).stdout.split() == ["orders"], 15, "alice to list her topic")
+    refused = cli(WRONG_PASSWORD)
+    assert refused.returncode != 0 and "authentication failed" in refused.stderr
+    assert WRONG_PASSWORD not in refused.stderr + refused.stdout
 
 
 def test_a_wrong_password_is_refused_after_the_delay_and_counted(sasl_broker: SaslBroker) -> None:

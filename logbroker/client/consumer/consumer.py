@@ -124,8 +124,7 @@ class Consumer:
         transport: str = "tcp",
         clock: Clock | None = None,
         filter: str | None = None,  # noqa: A002 (the issue's name for it)
-        tls: TlsConfig | bool | None = None,
-        sasl: SaslConfig | None = None,
+        tls: TlsConfig | bool | None = None, sasl: SaslConfig | None = None,
     ) -> None:
         """`on_assign(partitions)` / `on_revoke(partitions)` run inside poll() (group members only):
         on_revoke before partitions are given up (positions still readable, commits still accepted),
