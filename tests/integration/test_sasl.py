@@ -138,7 +138,11 @@ def test_a_wrong_password_is_refused_after_the_delay_and_counted(sasl_broker: Sa
             open_socket(("127.0.0.1", port), 5.0, tls.ssl_context(), SaslConfig(user, WRONG_PASSWORD))
         assert time.monotonic() - started >= 1.0
         assert WRONG_PASSWORD not in str(err.value)
-    wait_for(lambda: sasl_broker.failed_logins() >= before + 3, 10, "the failed logins to be counted")
+    with Producer(b.bootstrap, tls=tls, sasl=SaslConfig("alice", WRONG_PASSWORD), max_block_ms=10_000) as p, \
+            pytest.raises(UnauthenticatedError):
+        p.send("orders", b"x").get(timeout=15)
+    wait_for(lambda: sasl_broker.failed_logins() >= before + 4, 10, "the failed logins to be counted")
+    assert '"api":"SaslAuthenticate"' in b.log_text() and '"principal":"User:nobody"' in b.log_text()  # audited
 
 
 def _data_port(sasl_broker: SaslBroker) -> int:
