@@ -22,7 +22,7 @@ from typing import Any
 
 import grpc
 
-from logbroker.cli_tls import add_tls_arguments, tls_from_args
+from logbroker.cli_tls import add_tls_arguments, sasl_from_args, tls_from_args
 from logbroker.config import (
     BOOTSTRAP_ENV,
     DEFAULT_BOOTSTRAP,
@@ -37,6 +37,7 @@ from logbroker.config import (
     resolve_serve_settings,
 )
 from logbroker.errors import BrokerUnavailableError, LogbrokerError
+from logbroker.security.scram import ScramError
 from logbroker.tls import TlsError
 
 EXIT_OK = 0
@@ -182,7 +183,7 @@ def cmd_wait_safe_to_stop(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + args.timeout
     last = "no answer yet"
     unreachable_since: float | None = None
-    with Admin(args.bootstrap, request_timeout_ms=5000, tls=tls_from_args(args)) as admin:
+    with Admin(args.bootstrap, request_timeout_ms=5000, tls=tls_from_args(args), sasl=sasl_from_args(args)) as admin:
         while True:
             now = time.monotonic()
             try:
@@ -219,7 +220,7 @@ def cmd_wait_safe_to_stop(args: argparse.Namespace) -> int:
 def _admin(args: argparse.Namespace) -> Any:
     from logbroker.client import Admin
 
-    return Admin(args.bootstrap, tls=tls_from_args(args))
+    return Admin(args.bootstrap, tls=tls_from_args(args), sasl=sasl_from_args(args))
 
 
 def cmd_topics_create(args: argparse.Namespace) -> int:
@@ -341,7 +342,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
     batch_size_bytes = max(min(PRODUCE_BATCH_BYTES, int(topic.config.get("max_message_bytes", PRODUCE_BATCH_BYTES))),
                            PRODUCE_BATCH_BYTES_MIN)
     with Producer(args.bootstrap, acks=acks, linger_ms=args.linger_ms, batch_size_bytes=batch_size_bytes,
-                  tls=tls_from_args(args)) as producer:
+                  tls=tls_from_args(args), sasl=sasl_from_args(args)) as producer:
         futures = []
         for line in stdin:
             line = line.rstrip(b"\r\n")
@@ -415,7 +416,7 @@ def cmd_consume(args: argparse.Namespace) -> int:
     if args.partition is not None and not 0 <= args.partition < partitions:
         raise CliError(f"topic {args.topic} has {partitions} partitions: there is no partition {args.partition}")
     reset = "earliest" if args.from_beginning else "latest"
-    consumer = Consumer(args.bootstrap, tls=tls_from_args(args), topics=None, group=args.group, auto_offset_reset=reset,
+    consumer = Consumer(args.bootstrap, tls=tls_from_args(args), sasl=sasl_from_args(args), topics=None, group=args.group, auto_offset_reset=reset,
                         filter=args.filter or None)
     out = sys.stdout
     seen = 0
@@ -664,7 +665,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         _check_bootstrap(args)
         return int(args.func(args))
-    except (CliError, TlsError) as exc:
+    except (CliError, TlsError, ScramError) as exc:
         print(f"logbroker: error: {_one_line(exc)}", file=sys.stderr)
     except LogbrokerError as exc:
         print(f"logbroker: error: {_one_line(exc)}", file=sys.stderr)

@@ -26,10 +26,10 @@ class GroupsCliError(LogbrokerError):
 
 
 def _admin(args: argparse.Namespace) -> Any:
-    from logbroker.cli_tls import tls_from_args
+    from logbroker.cli_tls import sasl_from_args, tls_from_args
     from logbroker.client import Admin
 
-    return Admin(args.bootstrap, tls=tls_from_args(args))
+    return Admin(args.bootstrap, tls=tls_from_args(args), sasl=sasl_from_args(args))
 
 
 def _dash(v: object) -> str:

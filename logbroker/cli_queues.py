@@ -22,10 +22,10 @@ _COLUMNS = ("start_offset", "in_flight", "acquired", "available", "delayed", "de
 
 
 def _admin(args: argparse.Namespace) -> Any:
-    from logbroker.cli_tls import tls_from_args
+    from logbroker.cli_tls import sasl_from_args, tls_from_args
     from logbroker.client import Admin
 
-    return Admin(args.bootstrap, tls=tls_from_args(args))
+    return Admin(args.bootstrap, tls=tls_from_args(args), sasl=sasl_from_args(args))
 
 
 def cmd_queues_list(args: argparse.Namespace) -> int:

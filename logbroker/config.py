@@ -95,6 +95,9 @@ class BrokerConfig:
     # TLS on every listener and to other brokers (logbroker/tls.py); None: plaintext
     tls: ServerTls | None = None
     metrics_tls: bool = False  # /metrics over HTTPS too (with tls)
+    # SASL mechanisms a connection without a client certificate must authenticate with (server/sasl.py);
+    # empty: none (needs tls)
+    sasl_mechanisms: tuple[str, ...] = ()
 
     @property
     def zk_hosts_and_chroot(self) -> tuple[str, str]:
@@ -123,9 +126,11 @@ ENV_PREFIX = "LOGBROKER_"
 # LOGBROKER_* variables that belong to other commands, or are test-only hooks read where they act
 # (storage/segment_cleaner.CRASH_ENV, clock.FileOffsetClock.ENV): `serve` ignores them instead of failing.
 NON_SERVE_ENV_VARS = frozenset({BOOTSTRAP_ENV, "LOGBROKER_ZOOKEEPER_JARS", "LOGBROKER_TEST_CLEANER_CRASH_AT",
-                                "LOGBROKER_TEST_CLOCK_OFFSET_FILE", "LOGBROKER_TLS", "LOGBROKER_TLS_CA"})
+                                "LOGBROKER_TEST_CLOCK_OFFSET_FILE", "LOGBROKER_TLS", "LOGBROKER_TLS_CA",
+                                "LOGBROKER_SASL_USER", "LOGBROKER_SASL_PASSWORD_FILE", "LOGBROKER_SASL_MECHANISM"})
 LOG_LEVELS = ("debug", "info", "warning", "error")
 AUTHORIZERS = ("none", "acl")
+SASL_MECHANISMS = ("SCRAM-SHA-256", "SCRAM-SHA-512")
 SettingValue = str | int | bool | dict[str, str]
 
 
@@ -218,6 +223,8 @@ SERVE_SETTINGS: tuple[ServeSetting, ...] = (
     ServeSetting("tls_client_auth", str, "none", "client certificates: none, requested (checked when given) or "
                  "required (mTLS: a client without a trusted, unexpired one fails the handshake)",
                  choices=CLIENT_AUTH_MODES),
+    ServeSetting("sasl_mechanisms", str, "", "SCRAM-SHA-256,SCRAM-SHA-512: a connection without a client "
+                 "certificate must log in as a user (logbroker users) first; needs --tls-cert", "MECH[,...]"),
     ServeSetting("metrics_tls", bool, False, "serve --metrics-listen over HTTPS with the broker's certificate "
                  "(client certificates as --tls-client-auth)"),
 )
@@ -362,6 +369,18 @@ def _server_tls(values: Mapping[str, SettingValue]) -> ServerTls | None:
         raise ConfigError(str(exc)) from None
 
 
+def _sasl_mechanisms(text: str, tls: ServerTls | None) -> tuple[str, ...]:
+    """The SASL mechanisms of --sasl-mechanisms (SCRAM only, and only over TLS)."""
+    names = tuple(dict.fromkeys(m.strip().upper() for m in text.split(",") if m.strip()))
+    for name in names:
+        if name not in SASL_MECHANISMS:
+            raise ConfigError(f"--sasl-mechanisms: unknown mechanism {name!r} (known: {', '.join(SASL_MECHANISMS)})")
+    if names and tls is None:
+        raise ConfigError("--sasl-mechanisms needs --tls-cert and --tls-key: SCRAM is allowed only over TLS "
+                          "(a password login on a plaintext connection could be watched and replayed)")
+    return names
+
+
 _ORDINAL = re.compile(r"-(\d+)$")
 
 
@@ -439,6 +458,7 @@ def broker_config_from_settings(values: Mapping[str, SettingValue], hostname: st
         cluster_secret=secret,
         tls=tls,
         metrics_tls=bool(values["metrics_tls"]),
+        sasl_mechanisms=_sasl_mechanisms(text("sasl_mechanisms"), tls),
         zk_session_timeout_ms=number("zk_session_timeout_ms"),
         replica_lag_time_max_ms=number("replica_lag_time_max_ms"),
         controlled_shutdown_timeout_ms=number("controlled_shutdown_timeout_ms"),

@@ -12,10 +12,11 @@ Request frame, client -> broker (integers big-endian):
 
     offset  size  field
     0       4     size   bytes after this field = 5 + len(body); 5 <= size <= 5 + max_request_bytes
-    4       1     api    API_PRODUCE (1), API_FETCH (2), API_REPLY (3) or API_REPLY_STREAM (4)
+    4       1     api    API_PRODUCE (1), API_FETCH (2), API_REPLY (3), API_REPLY_STREAM (4) or
+                         API_SASL_AUTHENTICATE (5)
     5       4     corr   correlation id, echoed by the response (the client numbers its requests)
     9       ...   body   the request message, protobuf (logbroker.v1.ProduceRequest / FetchRequest /
-                         ReplyRequest / ReplyStreamRequest)
+                         ReplyRequest / ReplyStreamRequest / SaslAuthenticateRequest)
 
 Response frame, broker -> client:
 
@@ -33,6 +34,13 @@ correlation id) whose body is a ReplyRequest carrying only reply_to, the stream'
 reply addressed to it (body: the ReplyRequest the responder sent). The client sends nothing more on
 it; the broker reads it only to notice EOF, and does not close it for being idle.
 
+SASL (logbroker/server/sasl.py): on a broker with --sasl-mechanisms, a connection without a verified
+client certificate sends two API_SASL_AUTHENTICATE frames first (client-first, then client-final;
+each answered with a SaslAuthenticateResponse carrying server-first, then server-final). Until the
+second succeeds, any other frame is answered UNAUTHENTICATED, and a frame over 4 KiB is refused
+(RESOURCE_EXHAUSTED) and closes the connection. A refused exchange is answered UNAUTHENTICATED
+(after a delay) and the broker closes the connection.
+
 A connection answers in request order. A request refused whole (malformed body, unknown api, broker
 not ready) gets its status and the connection goes on, since framing is intact. A frame whose size
 is out of bounds cannot be skipped without reading it: the broker answers RESOURCE_EXHAUSTED (or
@@ -49,6 +57,7 @@ API_PRODUCE = 1
 API_FETCH = 2
 API_REPLY = 3
 API_REPLY_STREAM = 4
+API_SASL_AUTHENTICATE = 5
 
 REQUEST_HEADER = struct.Struct(">IBI")  # size, api, corr
 RESPONSE_HEADER = struct.Struct(">IIB")  # size, corr, status

@@ -27,6 +27,7 @@ from logbroker.client.coordinator import CoordinatorClient
 from logbroker.client.metadata_cache import MetadataCache, metadata_for
 from logbroker.client.queue.queue_consumer import share_settings
 from logbroker.client.queue.redrive import redrive
+from logbroker.client.sasl import SaslConfig
 from logbroker.errors import (
     BrokerError,
     BrokerUnavailableError,
@@ -132,13 +133,14 @@ class Admin:
         request_timeout_ms: int = 30_000,
         retry_backoff_ms: int = 100,
         tls: TlsConfig | bool | None = None,
+        sasl: SaslConfig | None = None,
     ) -> None:
         """`tls`: a TlsConfig (CA, client certificate; logbroker/tls.py), or True for TLS with the
-        system's CAs."""
+        system's CAs. `sasl`: log in with SCRAM (client/sasl.py; needs `tls`)."""
         self._timeout_s = request_timeout_ms / 1000
         self._retry_backoff_s = retry_backoff_ms / 1000
         self._metadata, self._owns_metadata = metadata_for(bootstrap, request_timeout_ms, retry_backoff_ms,
-                                                                tls=tls)
+                                                                tls=tls, sasl=sasl)
 
     def _call(self, fn: Callable[[Any], T]) -> T:
         """fn(AdminStub) on the controller, then on other brokers while they are unreachable."""

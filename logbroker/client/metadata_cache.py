@@ -49,6 +49,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from logbroker.client.backoff import client_retry_policy
 from logbroker.client.call_errors import rpc_error_text
+from logbroker.client.sasl import SaslConfig, SaslInterceptor
 from logbroker.client.streams import FETCH_STREAM, PRODUCE_STREAM, BrokerStreams
 from logbroker.clock import Clock, monotonic_s
 from logbroker.errors import (
@@ -193,10 +194,14 @@ class MetadataCache:
         transport: str = "tcp",
         clock: Clock | None = None,
         tls: TlsConfig | None = None,
+        sasl: SaslConfig | None = None,
     ) -> None:
         """`clock` (default: the system's) times `last_refresh_monotonic`, which the clients compare
         with their own clock. `tls`: every connection (gRPC and the record transport) speaks TLS
-        (logbroker/tls.py); a broker refusing the handshake is UnauthenticatedError."""
+        (logbroker/tls.py); a broker refusing the handshake is UnauthenticatedError. `sasl`: every
+        connection logs in with SCRAM (client/sasl.py); it needs `tls`."""
+        if sasl is not None and tls is None:
+            raise ValueError("sasl= needs tls=: the password is never sent on a plaintext connection")
         if retries < 0 or request_timeout_ms <= 0 or retry_backoff_ms < 0:
             raise ValueError("retries, request_timeout_ms and retry_backoff_ms must be positive")
         if transport not in TRANSPORTS:
@@ -207,6 +212,8 @@ class MetadataCache:
         self._retry_backoff_ms = retry_backoff_ms
         self._channel_options = list(channel_options if channel_options is not None else CHANNEL_OPTIONS)
         self.tls = tls
+        self.sasl = sasl
+        self._interceptors: list[SaslInterceptor] = []
         self._channel_credentials = tls.channel_credentials() if tls is not None else None
         self._tls_context = tls.ssl_context() if tls is not None else None
         self._lock = threading.Lock()
@@ -330,8 +337,12 @@ class MetadataCache:
                     ch = grpc.secure_channel(address, self._channel_credentials, options=self._channel_options)
                 else:
                     ch = grpc.insecure_channel(address, options=self._channel_options)
-                self._channels[address] = ch
                 _SpinAnchor(ch)
+                if self.sasl is not None:  # the token of this channel's connection on every call
+                    interceptor = SaslInterceptor(ch, self.sasl, self._request_timeout_s)
+                    self._interceptors.append(interceptor)
+                    ch = grpc.intercept_channel(ch, interceptor)
+                self._channels[address] = ch
             return ch
 
     def broker_stub(self, address: str) -> pbg.BrokerStub:
@@ -355,7 +366,7 @@ class MetadataCache:
         with self._lock:
             if self._streams is None:
                 self._streams = BrokerStreams(self.channel, self._unary_future, self._wire_resolver(),
-                                             tls_context=self._tls_context)
+                                             tls_context=self._tls_context, sasl=self.sasl)
             return self._streams
 
     def client_streams(self, inline: bool = False) -> BrokerStreams:
@@ -363,7 +374,8 @@ class MetadataCache:
         `release_streams` or `close()`: clients sharing a cache do not share streams, so none waits
         behind another's long poll or acks=all wait. `inline`: record-transport connections are
         read by the client's own thread (`WireConnection.pump`), not a reader thread."""
-        streams = BrokerStreams(self.channel, self._unary_future, self._wire_resolver(), inline, self._tls_context)
+        streams = BrokerStreams(self.channel, self._unary_future, self._wire_resolver(), inline, self._tls_context,
+                                self.sasl)
         with self._lock:
             if self._closed:
                 streams.close()
@@ -434,6 +446,8 @@ class MetadataCache:
                     last = e
                     log.debug("Metadata from %s failed: %s", addr, e)
                     self.check_tls_refusal(addr, e)
+                    if e.code() == grpc.StatusCode.UNAUTHENTICATED:  # not logged in (SASL): final
+                        raise UnauthenticatedError(f"broker {addr}: {e.details()}") from None
                 except ValueError as e:  # a channel closed under us
                     last = e
             if self._closed:
@@ -527,6 +541,10 @@ class MetadataCache:
             self._closed = True
             channels = list(self._channels.values())
             self._channels.clear()
+            interceptors, self._interceptors = self._interceptors, []
+        for interceptor in interceptors:
+            interceptor.close()
+        with self._lock:
             self._broker_stubs.clear()
             self._admin_stubs.clear()
             streams, self._streams = self._streams, None
@@ -546,6 +564,7 @@ class MetadataCache:
 def metadata_for(
     bootstrap: str | Sequence[str] | MetadataCache, request_timeout_ms: int, retry_backoff_ms: int,
     transport: str = "tcp", clock: Clock | None = None, tls: TlsConfig | bool | None = None,
+    sasl: SaslConfig | None = None,
 ) -> tuple[MetadataCache, bool]:
     """The cache a client uses, and whether the client owns (and so closes) it: a given cache is
     shared (tests pass an in-memory one; it keeps its own clock), a bootstrap address makes a new one
@@ -553,4 +572,4 @@ def metadata_for(
     if isinstance(bootstrap, MetadataCache):
         return bootstrap, False
     return MetadataCache(bootstrap, request_timeout_ms=request_timeout_ms, retry_backoff_ms=retry_backoff_ms,
-                         transport=transport, clock=clock, tls=client_tls(tls)), True
+                         transport=transport, clock=clock, tls=client_tls(tls), sasl=sasl), True

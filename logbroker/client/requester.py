@@ -35,7 +35,9 @@ from typing import Any, NamedTuple
 from logbroker.client.metadata_cache import MetadataCache, metadata_for
 from logbroker.client.producer import Producer
 from logbroker.client.reply_stream import ReplyStream
+from logbroker.client.sasl import SaslConfig
 from logbroker.errors import BrokerUnavailableError, LogbrokerError, RequestTimeoutError
+from logbroker.tls import TlsConfig
 from logbroker.v1 import logbroker_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -69,13 +71,16 @@ class _Pending(NamedTuple):
 class Requester:
     def __init__(self, bootstrap: str | Sequence[str] | MetadataCache, *, timeout_ms: int = 30_000,
                  acks: int | str = 1, max_pending: int = MAX_PENDING_DEFAULT, request_timeout_ms: int = 30_000,
-                 retry_backoff_ms: int = 100) -> None:
-        """`timeout_ms`: the default per request; `acks`: the producer's, for the requests."""
+                 retry_backoff_ms: int = 100, tls: TlsConfig | bool | None = None,
+                 sasl: SaslConfig | None = None) -> None:
+        """`timeout_ms`: the default per request; `acks`: the producer's, for the requests; `tls`,
+        `sasl`: as the Producer's."""
         if timeout_ms < 1 or max_pending < 1:
             raise ValueError("timeout_ms and max_pending must be > 0")
         self.timeout_ms = timeout_ms
         self.max_pending = max_pending
-        self._metadata, self._owns_metadata = metadata_for(bootstrap, request_timeout_ms, retry_backoff_ms)
+        self._metadata, self._owns_metadata = metadata_for(bootstrap, request_timeout_ms, retry_backoff_ms,
+                                                           tls=tls, sasl=sasl)
         self._producer = Producer(self._metadata, acks=acks, linger_ms=0, request_timeout_ms=request_timeout_ms)
         self._prefix = secrets.token_hex(6)
         self._ids = itertools.count()

@@ -43,6 +43,7 @@ import grpc
 from google.protobuf.message import Message
 
 from logbroker import wire
+from logbroker.client.sasl import SaslConfig
 from logbroker.client.tls_socket import TlsRefusedError
 from logbroker.client.transport import (
     STREAM_PENDING_MAX,
@@ -54,6 +55,7 @@ from logbroker.client.transport import (
     mark_reader_thread,
 )
 from logbroker.client.wire_connection import WireConnection
+from logbroker.errors import UnauthenticatedError
 
 __all__ = ["FETCH_STREAM", "PRODUCE_STREAM", "STREAM_PENDING_MAX", "BrokerStreams", "StreamError", "StreamFuture",
            "fail_pending"]
@@ -174,9 +176,11 @@ class BrokerStreams:
     def __init__(self, channel_for: Callable[[str], grpc.Channel],
                  unary_for: Callable[[str, str], Callable[..., Any]],
                  wire_address_for: Callable[[str], tuple[str, int] | None] | None = None,
-                 inline: bool = False, tls_context: ssl.SSLContext | None = None) -> None:
+                 inline: bool = False, tls_context: ssl.SSLContext | None = None,
+                 sasl: SaslConfig | None = None) -> None:
         self._channel_for = channel_for
         self._tls_context = tls_context  # record-transport connections speak TLS with it
+        self._sasl = sasl  # ... and authenticate with it (client/sasl.py)
         self._unary_for = unary_for  # (method path, address) -> the unary multi-callable's .future
         self._wire_address_for = wire_address_for  # address -> (host, data port), None: gRPC only
         # (host, data port) -> until when it is not tried: per advertised port, not per broker, so a
@@ -221,7 +225,7 @@ class BrokerStreams:
             if stream is None:
                 try:
                     opened: _Stream | WireConnection | None = self._open_wire(key, response_cls, timeout_s)
-                except TlsRefusedError as e:  # no gRPC fallback: it would be refused the same way
+                except (TlsRefusedError, UnauthenticatedError) as e:  # no gRPC fallback: refused the same way
                     return _failed(request, grpc.StatusCode.UNAUTHENTICATED, f"broker {address}: {e}")
                 if opened is None:
                     try:
@@ -287,7 +291,7 @@ class BrokerStreams:
         try:
             return WireConnection(self, key, target, api, response_cls,
                                   min(max(timeout_s, 0.001), WIRE_CONNECT_TIMEOUT_S), self._arm, self.inline,
-                                  self._tls_context)
+                                  self._tls_context, self._sasl)
         except OSError as e:
             with self._lock:
                 self._wire_refused[target] = time.monotonic() + WIRE_RETRY_AFTER_S

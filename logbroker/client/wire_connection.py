@@ -38,6 +38,7 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 
 from logbroker import wire
+from logbroker.client.sasl import SaslConfig, wire_handshake
 from logbroker.client.tls_socket import TlsSocket
 from logbroker.client.transport import (
     STREAM_PENDING_MAX,
@@ -48,6 +49,7 @@ from logbroker.client.transport import (
     fail_pending,
     mark_reader_thread,
 )
+from logbroker.errors import UnauthenticatedError
 
 log = logging.getLogger(__name__)
 
@@ -69,19 +71,24 @@ def readable(fd: int, wait_s: float) -> bool:
 
 
 def open_socket(address: tuple[str, int], connect_timeout_s: float,
-                tls_context: ssl.SSLContext | None) -> socket.socket | TlsSocket:
-    """A connected socket (TLS: handshaken and accepted, tls_socket.py), blocking, no timeout,
-    TCP_NODELAY. Raises TlsRefusedError when the broker refuses our TLS, OSError when unreachable."""
+                tls_context: ssl.SSLContext | None, sasl: SaslConfig | None = None) -> socket.socket | TlsSocket:
+    """A connected socket (TLS: handshaken and accepted, tls_socket.py; SASL: authenticated,
+    client/sasl.py), blocking, no timeout, TCP_NODELAY. Raises TlsRefusedError when the broker refuses
+    our TLS, UnauthenticatedError our login, OSError when unreachable."""
     raw = socket.create_connection(address, timeout=connect_timeout_s)
     try:
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         raw.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         if tls_context is None:
+            if sasl is not None:
+                raise UnauthenticatedError("SASL needs TLS: the password is never sent on a plaintext connection")
             raw.settimeout(None)
             return raw
         sock = TlsSocket(raw, tls_context, address[0])
         sock.handshake()
         sock.confirm(connect_timeout_s)
+        if sasl is not None:
+            wire_handshake(sock, sasl)
         raw.settimeout(None)
         return sock
     except BaseException:
@@ -103,7 +110,7 @@ class WireConnection:
     def __init__(self, owner: ConnectionOwner, key: Key, address: tuple[str, int], api: int,
                  response_cls: type[Message], connect_timeout_s: float,
                  arm: Callable[[float], None], inline: bool = False,
-                 tls_context: ssl.SSLContext | None = None) -> None:
+                 tls_context: ssl.SSLContext | None = None, sasl: SaslConfig | None = None) -> None:
         self._owner = owner
         self.key = key
         self._api = api
@@ -114,7 +121,7 @@ class WireConnection:
         self.pending: deque[tuple[int, StreamFuture]] = deque()
         self.closed = False
         self._corr = 0
-        self._sock = open_socket(address, connect_timeout_s, tls_context)
+        self._sock = open_socket(address, connect_timeout_s, tls_context, sasl)
         self._where = f"{address[0]}:{address[1]}"
         self.target = address
         self.answers = 0  # responses read; a connection closed before its first is taken as refused

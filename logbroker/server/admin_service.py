@@ -8,6 +8,7 @@ import grpc
 from logbroker.server import rpc
 from logbroker.server.apis.broker_apis import BrokerApis
 from logbroker.server.broker_service import grpc_method
+from logbroker.server.sasl import SaslServer
 
 ADMIN_METHODS = ("CreateTopics", "DeleteTopics", "CreatePartitions", "DescribeTopics", "DescribeCluster",
                  "ReassignPartition", "ListGroups", "DescribeGroup", "DeleteGroup", "ReadReplica",
@@ -16,5 +17,6 @@ ADMIN_METHODS = ("CreateTopics", "DeleteTopics", "CreatePartitions", "DescribeTo
                  "DescribeUserScramCredentials")
 
 
-def handler(apis: BrokerApis) -> grpc.GenericRpcHandler:
-    return rpc.service("logbroker.v1.Admin", {name: grpc_method(apis, name) for name in ADMIN_METHODS})
+def handler(apis: BrokerApis, sasl: SaslServer | None = None) -> grpc.GenericRpcHandler:
+    """`sasl`: calls need a client certificate or a SASL session (server/sasl.py)."""
+    return rpc.service("logbroker.v1.Admin", {name: grpc_method(apis, name, sasl) for name in ADMIN_METHODS})

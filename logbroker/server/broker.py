@@ -81,6 +81,7 @@ from logbroker.server.broker_channels import ReplyForwarding
 from logbroker.server.cluster_member import ClusterMember
 from logbroker.server.reply_registry import ReplyRegistry
 from logbroker.server.request_context import RequestRejected, RequestStatus
+from logbroker.server.sasl import SaslServer
 from logbroker.server.wire_server import WireServer
 from logbroker.storage.cleaner_checkpoint import FILE_NAME as CLEANER_CHECKPOINT_FILE
 from logbroker.storage.data_dir_lock import DataDirLock
@@ -179,6 +180,8 @@ class Broker:
             )
             self._security: SecurityStore | None = None  # opened by start()
             self.apis = self._build_apis(config)
+            self.sasl: SaslServer | None = (SaslServer(config.sasl_mechanisms, self.security_store)
+                                            if config.sasl_mechanisms else None)
             self.scrubber: Scrubber | None = (
                 Scrubber(self.replica_manager, config.scrub_interval_ms, config.scrub_bytes_per_sec)
                 if config.scrub_interval_ms > 0 else None
@@ -222,7 +225,7 @@ class Broker:
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         server.add_generic_rpc_handlers(
-            (broker_service.handler(self.apis, self.open_streams), admin_service.handler(self.apis),
+            (broker_service.handler(self.apis, self.open_streams, self.sasl), admin_service.handler(self.apis, self.sasl),
              replica_service.handler(self))
         )
         for name in ("", *SERVICE_NAMES):
@@ -242,7 +245,7 @@ class Broker:
         if cfg.data_listen_enabled:
             check_listen_address(cfg.data_listen_host or cfg.listen_host, cfg.data_listen_port, "--data-listen")
             self.wire_server = WireServer(broker_service.wire_handlers(self.apis), cfg.max_request_bytes,
-                                          reply_registry=self.replies.registry)
+                                          reply_registry=self.replies.registry, sasl=self.sasl)
             self.bound_data_port = await self.wire_server.start(cfg.data_listen_host or cfg.listen_host,
                                                                 cfg.data_listen_port, self._wire_tls)
         if self._cert_files is not None and self._wire_tls is not None:

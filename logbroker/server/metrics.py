@@ -19,6 +19,7 @@ never races the loop; a loop that does not answer within SCRAPE_TIMEOUT_S shows 
 | `logbroker_reply_streams` | gauge | request-reply: requesters' reply streams open on this broker (server/reply_registry.py) |
 | `logbroker_replies_total{outcome}` | counter | replies for this broker's streams: `delivered`, `dropped` (the client did not read), `unknown` (no such stream: UNKNOWN_REPLY_TO) |
 | `logbroker_interbroker_refusals_total` | counter | inter-broker calls refused: no or a wrong cluster secret, or a standalone broker (server/request_checks.py) |
+| `logbroker_sasl_failed_logins_total` | counter | SASL (SCRAM) logins refused: wrong password, unknown user, malformed or replayed messages (server/sasl.py) |
 | `process_*`, `python_*` | | prometheus_client's process, platform and GC collectors |
 """
 
@@ -117,6 +118,9 @@ class BrokerCollector(Collector):
         yield info
         yield CounterMetricFamily("logbroker_interbroker_refusals", "inter-broker calls refused (no or a wrong "
                                   "cluster secret)", value=INTERBROKER_REFUSALS.total)
+        sasl = getattr(self._broker, "sasl", None)
+        yield CounterMetricFamily("logbroker_sasl_failed_logins", "SASL logins refused",
+                                  value=sasl.failed_logins if sasl is not None else 0)
         if snap is None:
             return
         yield GaugeMetricFamily("logbroker_ready", "1 once logs are recovered", value=int(snap.ready))

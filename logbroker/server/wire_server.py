@@ -14,7 +14,9 @@ TLS (`start(ssl_context=...)`): asyncio's TLS transport under the same protocol;
 
 Each connection is one caller: its handlers get the connection's `RequestContext` (listener
 "record", the peer address, no cluster secret: the record transport carries none; the principal
-`User:<CN>` of a verified client certificate, else ANONYMOUS). A handler's
+`User:<CN>` of a verified client certificate, else ANONYMOUS; with SASL on (`sasl=`), a connection
+without a certificate must first authenticate with API_SASL_AUTHENTICATE frames, then its principal is
+`User:<name>`: server/sasl.py, which also says what an unauthenticated connection may allocate). A handler's
 `RequestRejected` becomes that request's status frame (its status number is the frame's status
 byte); an unexpected exception an INTERNAL one (logged).
 
@@ -64,6 +66,7 @@ import socket
 import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 import grpc
@@ -71,6 +74,7 @@ from google.protobuf.message import Message
 
 from logbroker import wire
 from logbroker.log_throttle import LogThrottle
+from logbroker.security.scram import ServerExchange
 from logbroker.server import rpc
 from logbroker.server.reply_registry import ReplyRegistry
 from logbroker.server.request_context import (
@@ -80,6 +84,7 @@ from logbroker.server.request_context import (
     RequestRejected,
     RequestStatus,
 )
+from logbroker.server.sasl import SASL_FRAME_MAX_BYTES, SASL_READ_BUFFER_BYTES, SaslServer
 from logbroker.tls import peercert_common_name, principal_from_common_name
 from logbroker.v1 import logbroker_pb2 as pb
 
@@ -102,8 +107,10 @@ TLS_HANDSHAKE_TIMEOUT_S = 10.0  # a client that does not finish its TLS handshak
 class WireServer:
     def __init__(self, handlers: dict[int, tuple[type[Message], Handler]], max_request_bytes: int,
                  connections_max: int = CONNECTIONS_MAX, pipeline_max: int = PIPELINE_MAX,
-                 idle_s: float = CONNECTIONS_MAX_IDLE_S, reply_registry: ReplyRegistry | None = None) -> None:
+                 idle_s: float = CONNECTIONS_MAX_IDLE_S, reply_registry: ReplyRegistry | None = None,
+                 sasl: SaslServer | None = None) -> None:
         self.handlers = handlers
+        self.sasl = sasl
         self.reply_registry = reply_registry
         self.size_max = wire.SIZE_MIN + max_request_bytes
         self.connections_max = connections_max
@@ -176,7 +183,11 @@ class _Connection(asyncio.BufferedProtocol):
         self._server = server
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
-        self._buf = bytearray(READ_BUFFER_BYTES)
+        # SASL (server/sasl.py): until authenticated, only SASL frames and a small read buffer
+        self._authenticated = server.sasl is None
+        self._sasl_exchange: ServerExchange | None = None
+        self._sasl_busy = False
+        self._buf = bytearray(READ_BUFFER_BYTES if self._authenticated else SASL_READ_BUFFER_BYTES)
         self._view = memoryview(self._buf)
         self._len = 0  # bytes of _buf holding data not yet cut into frames
         self._big: bytearray | None = None  # a frame bigger than _buf, filled in place, grown as it comes
@@ -205,14 +216,29 @@ class _Connection(asyncio.BufferedProtocol):
             transport.abort()
             return
         server.connections.add(self)
-        principal = principal_from_common_name(peercert_common_name(transport.get_extra_info("peercert")))
-        self._context = RequestContext(principal=principal or ANONYMOUS, peer=_peer(transport.get_extra_info("peername")),
-                                       listener=LISTENER_RECORD)
+        self._identify(transport)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+
+    def _identify(self, transport: asyncio.Transport) -> None:
+        """The connection's context: User:<CN> of a verified client certificate (then no SASL needed)."""
+        principal = principal_from_common_name(peercert_common_name(transport.get_extra_info("peercert")))
+        self._context = RequestContext(principal=principal or ANONYMOUS, peer=_peer(transport.get_extra_info("peername")),
+                                       listener=LISTENER_RECORD)
+        if principal:
+            self._authenticate(principal)
+
+    def _authenticate(self, principal: str) -> None:
+        """The connection is `principal` from now on: every api, the normal read buffer."""
+        self._authenticated = True
+        self._context = replace(self._context, principal=principal)
+        if len(self._buf) < READ_BUFFER_BYTES:
+            grown = bytearray(READ_BUFFER_BYTES)
+            grown[: self._len] = self._buf[: self._len]
+            self._buf, self._view = grown, memoryview(grown)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._finishing = True  # before the cancels below: their callbacks must start nothing
@@ -284,7 +310,8 @@ class _Connection(asyncio.BufferedProtocol):
         """Whether a frame may be started now: not finishing (nor after EOF or loss), the transport
         open and draining, the pipeline with room."""
         transport = self._transport
-        return (not self._finishing and not self._write_paused and self._push_token is None and transport is not None
+        return (not self._finishing and not self._write_paused and self._push_token is None and not self._sasl_busy
+                and transport is not None
                 and not transport.is_closing() and len(self._pending) < self._server.pipeline_max)
 
     def _end_of_input(self) -> None:
@@ -315,16 +342,18 @@ class _Connection(asyncio.BufferedProtocol):
         """Start the requests of the whole frames in the buffer, while a frame may start; how many."""
         buf, pos, end = self._buf, 0, self._len
         cut = 0
+        size_max = self._server.size_max if self._authenticated else wire.SIZE_MIN + SASL_FRAME_MAX_BYTES
         while end - pos >= 4 and self._may_start():
             size = int.from_bytes(buf[pos : pos + 4], "big")
-            if size < wire.SIZE_MIN or size > self._server.size_max:
+            if size < wire.SIZE_MIN or size > size_max:
                 corr = int.from_bytes(buf[pos + 5 : pos + 9], "big") if end - pos >= 9 else 0
                 if size < wire.SIZE_MIN:
                     message = f"frame size {size} is below the {wire.SIZE_MIN}-byte header"
                     code = grpc.StatusCode.INVALID_ARGUMENT
                 else:
                     message = (f"request of {size - wire.SIZE_MIN} bytes is over the broker's limit of "
-                               f"{self._server.size_max - wire.SIZE_MIN} (max_request_bytes)")
+                               f"{size_max - wire.SIZE_MIN} " + ("(max_request_bytes)" if self._authenticated
+                                                                 else "before authentication"))
                     code = grpc.StatusCode.RESOURCE_EXHAUSTED
                 self._pending.append((corr, wire.error_frame(corr, code, message)))
                 self._drop_input()
@@ -352,6 +381,14 @@ class _Connection(asyncio.BufferedProtocol):
     def _dispatch(self, frame: bytes | bytearray) -> None:
         api = frame[0]
         corr = int.from_bytes(frame[1:5], "big")
+        if api == wire.API_SASL_AUTHENTICATE:
+            self._sasl_frame(corr, frame)
+            return
+        if not self._authenticated:
+            assert self._server.sasl is not None
+            exc = self._server.sasl.unauthenticated()
+            self._pending.append((corr, _rejected_frame(corr, exc)))
+            return
         if api == wire.API_REPLY_STREAM:
             self._open_reply_stream(corr)
             return
@@ -368,6 +405,47 @@ class _Connection(asyncio.BufferedProtocol):
         task = self._loop.create_task(_run(fn, request, self._context))
         self._pending.append((corr, task))
         task.add_done_callback(self._on_done)
+
+    def _sasl_frame(self, corr: int, frame: bytes | bytearray) -> None:
+        """Start one SASL step (no other frame starts until it is answered)."""
+        try:
+            if self._server.sasl is None:
+                raise RequestRejected(RequestStatus.UNIMPLEMENTED, "SASL is not enabled on this broker")
+            if self._authenticated:
+                raise RequestRejected(RequestStatus.INVALID_ARGUMENT, "this connection is already authenticated")
+            request = rpc.parse(pb.SaslAuthenticateRequest, memoryview(frame)[wire.SIZE_MIN :])
+        except RequestRejected as exc:
+            self._pending.append((corr, _rejected_frame(corr, exc)))
+            return
+        sasl = self._server.sasl
+        assert sasl is not None
+        self._sasl_busy = True
+        task = self._loop.create_task(self._sasl_step(sasl, request))
+        self._pending.append((corr, task))
+        task.add_done_callback(self._on_done)
+
+    async def _sasl_step(self, sasl: SaslServer, request: pb.SaslAuthenticateRequest) -> Message:
+        """client-first -> server-first, client-final -> server-final; a refusal closes the connection."""
+        first = self._sasl_exchange is None
+        try:
+            if self._sasl_exchange is None:
+                try:
+                    self._sasl_exchange = sasl.new_exchange(request.mechanism)
+                except RequestRejected as exc:
+                    await sasl.refuse(None, exc.message, self._context)
+            exchange = self._sasl_exchange
+            assert exchange is not None
+            tls = self._transport is not None and self._transport.get_extra_info("sslcontext") is not None
+            answer = await sasl.step(exchange, request, first, tls, self._context)
+            if not first:
+                self._authenticate(f"User:{exchange.user}")
+            return pb.SaslAuthenticateResponse(auth_bytes=answer)
+        except RequestRejected:
+            self._sasl_exchange = None
+            self.finish()
+            raise
+        finally:
+            self._sasl_busy = False
 
     def _open_reply_stream(self, corr: int) -> None:
         """Make this connection a reply stream: register it, answer with its reply address."""

@@ -435,6 +435,16 @@ class BrokerStub:
                 request_serializer=logbroker_dot_v1_dot_logbroker__pb2.ReplyRequest.SerializeToString,
                 response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.ReplyResponse.FromString,
                 _registered_method=True)
+        self.SaslAuthenticateFirst = channel.unary_unary(
+                '/logbroker.v1.Broker/SaslAuthenticateFirst',
+                request_serializer=logbroker_dot_v1_dot_logbroker__pb2.SaslAuthenticateRequest.SerializeToString,
+                response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.SaslAuthenticateResponse.FromString,
+                _registered_method=True)
+        self.SaslAuthenticateFinal = channel.unary_unary(
+                '/logbroker.v1.Broker/SaslAuthenticateFinal',
+                request_serializer=logbroker_dot_v1_dot_logbroker__pb2.SaslAuthenticateRequest.SerializeToString,
+                response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.SaslAuthenticateResponse.FromString,
+                _registered_method=True)
 
 
 class BrokerServicer:
@@ -536,6 +546,20 @@ class BrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SaslAuthenticateFirst(self, request, context):
+        """SCRAM over gRPC (logbroker/server/sasl.py): client-first -> server-first, then client-final ->
+        server-final and a session token bound to this connection.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SaslAuthenticateFinal(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BrokerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -608,6 +632,16 @@ def add_BrokerServicer_to_server(servicer, server):
                     servicer.ReplyStream,
                     request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.ReplyRequest.FromString,
                     response_serializer=logbroker_dot_v1_dot_logbroker__pb2.ReplyResponse.SerializeToString,
+            ),
+            'SaslAuthenticateFirst': grpc.unary_unary_rpc_method_handler(
+                    servicer.SaslAuthenticateFirst,
+                    request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.SaslAuthenticateRequest.FromString,
+                    response_serializer=logbroker_dot_v1_dot_logbroker__pb2.SaslAuthenticateResponse.SerializeToString,
+            ),
+            'SaslAuthenticateFinal': grpc.unary_unary_rpc_method_handler(
+                    servicer.SaslAuthenticateFinal,
+                    request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.SaslAuthenticateRequest.FromString,
+                    response_serializer=logbroker_dot_v1_dot_logbroker__pb2.SaslAuthenticateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -988,6 +1022,60 @@ class Broker:
             '/logbroker.v1.Broker/ReplyStream',
             logbroker_dot_v1_dot_logbroker__pb2.ReplyRequest.SerializeToString,
             logbroker_dot_v1_dot_logbroker__pb2.ReplyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SaslAuthenticateFirst(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logbroker.v1.Broker/SaslAuthenticateFirst',
+            logbroker_dot_v1_dot_logbroker__pb2.SaslAuthenticateRequest.SerializeToString,
+            logbroker_dot_v1_dot_logbroker__pb2.SaslAuthenticateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SaslAuthenticateFinal(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logbroker.v1.Broker/SaslAuthenticateFinal',
+            logbroker_dot_v1_dot_logbroker__pb2.SaslAuthenticateRequest.SerializeToString,
+            logbroker_dot_v1_dot_logbroker__pb2.SaslAuthenticateResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -51,6 +51,7 @@ from logbroker.client.consumer.subscription import (
 from logbroker.client.coordinator import CoordinatorClient
 from logbroker.client.group_member import ASSIGNORS
 from logbroker.client.metadata_cache import LogThrottle, MetadataCache, metadata_for
+from logbroker.client.sasl import SaslConfig
 from logbroker.client.waker import Waker
 from logbroker.clock import SYSTEM_CLOCK, Clock, monotonic_s
 from logbroker.errors import InvalidGroupIdError, KafkaTimeoutError, LogbrokerError
@@ -123,7 +124,7 @@ class Consumer:
         transport: str = "tcp",
         clock: Clock | None = None,
         filter: str | None = None,  # noqa: A002 (the issue's name for it)
-        tls: TlsConfig | bool | None = None,
+        tls: TlsConfig | bool | None = None, sasl: SaslConfig | None = None,
     ) -> None:
         """`on_assign(partitions)` / `on_revoke(partitions)` run inside poll() (group members only):
         on_revoke before partitions are given up (positions still readable, commits still accepted),
@@ -151,7 +152,7 @@ class Consumer:
         self._retry_backoff_s = retry_backoff_ms / 1000
         self._retry_backoff_ms = retry_backoff_ms
         self._cache, self._owns_metadata = metadata_for(bootstrap, request_timeout_ms, retry_backoff_ms,
-                                                        transport, clock, tls)
+                                                        transport, clock, tls, sasl)
         # ours, even on a shared cache (long polls hold them); record-transport fetches are read by
         # the polling thread itself (inline), not handed over by a reader thread
         self._streams = self._cache.client_streams(inline=True)

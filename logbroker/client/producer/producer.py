@@ -58,6 +58,7 @@ from logbroker.client.producer.future import (
     failed_records_future,
 )
 from logbroker.client.producer.sender import Sender
+from logbroker.client.sasl import SaslConfig
 from logbroker.clock import SYSTEM_CLOCK, Clock
 from logbroker.cluster.priority_levels import PRIORITY_LEVELS_MAX, level_topic
 from logbroker.errors import (
@@ -113,6 +114,7 @@ class Producer(RecordAccumulator):
         transport: str = "tcp",
         clock: Clock | None = None,
         tls: TlsConfig | bool | None = None,
+        sasl: SaslConfig | None = None,
     ) -> None:
         if linger_ms < 0 or retry_backoff_ms < 0 or max_block_ms < 0 or retries < 0:
             raise ValueError("linger_ms, retry_backoff_ms, max_block_ms and retries must be >= 0")
@@ -133,7 +135,7 @@ class Producer(RecordAccumulator):
         self._max_record_bytes = min(max_request_bytes - REQUEST_OVERHEAD_BYTES - HEADER_SIZE, buffer_memory_bytes)
         self._retry_backoff_ms = retry_backoff_ms
         metadata, self._owns_metadata = metadata_for(bootstrap, request_timeout_ms, retry_backoff_ms, transport,
-                                                     clock, tls)
+                                                     clock, tls, sasl)
         super().__init__(
             metadata, linger_ms=linger_ms, batch_size_bytes=batch_size_bytes, max_request_bytes=max_request_bytes,
             delivery_timeout_ms=delivery_timeout_ms, buffer_memory_bytes=buffer_memory_bytes,

@@ -45,6 +45,7 @@ from logbroker.client.queue.acks import (
 )
 from logbroker.client.queue.message import MessageAlreadySettledError, QueueMessage
 from logbroker.client.queue.share_fetch import read_partition
+from logbroker.client.sasl import SaslConfig
 from logbroker.errors import BrokerError, LogbrokerError, error_for
 from logbroker.tls import TlsConfig
 from logbroker.v1 import logbroker_pb2 as pb
@@ -130,6 +131,7 @@ class QueueConsumer:
         request_timeout_ms: int = 30_000,
         client_retry_backoff_ms: int = 100,
         tls: TlsConfig | bool | None = None,
+        sasl: SaslConfig | None = None,
     ) -> None:
         """The group settings (lock_ms ... ordering) apply only if this consumer creates the
         group; `Admin.alter_share_group` changes an existing one. `dead_letter_topic=None` keeps the
@@ -161,7 +163,7 @@ class QueueConsumer:
         self.max_poll_records = max_poll_records
         self._request_timeout_ms = request_timeout_ms
         self._metadata, self._owns_metadata = metadata_for(bootstrap, request_timeout_ms, client_retry_backoff_ms,
-                                                                tls=tls)
+                                                                tls=tls, sasl=sasl)
         self._coordinator = CoordinatorClient(self._metadata, group, request_timeout_ms / 1000,
                                               client_retry_backoff_ms / 1000)
         self._lock = threading.Lock()
