@@ -23,6 +23,8 @@ if TYPE_CHECKING:
         Reply,
         Requester,
         Responder,
+        SaslConfig,
+        TlsConfig,
         TopicDescription,
     )
 
@@ -38,6 +40,8 @@ __all__ = [
     "Reply",
     "Requester",
     "Responder",
+    "SaslConfig",
+    "TlsConfig",
     "TopicDescription",
     "__version__",
 ]

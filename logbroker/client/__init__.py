@@ -15,9 +15,13 @@ from logbroker.client.producer import FutureRecordMetadata, FutureRecordsMetadat
 from logbroker.client.queue import QueueConsumer, QueueMessage
 from logbroker.client.requester import Reply, Requester
 from logbroker.client.responder import Responder
+from logbroker.client.sasl import SaslConfig
 from logbroker.storage.record_batch import Message
+from logbroker.tls import TlsConfig
 
 __all__ = [
+    "SaslConfig",
+    "TlsConfig",
     "Admin",
     "Consumer",
     "FutureRecordMetadata",
