@@ -65,7 +65,7 @@ from logbroker.replication.fetcher import FetcherConfig
 from logbroker.replication.partition import Partition
 from logbroker.replication.replica_manager import CallableIsrStore, InMemoryIsrStore, IsrStore, ReplicaManager
 from logbroker.replication.scrubber import Scrubber
-from logbroker.security.acl import Authorizer, Operation, ResourceType
+from logbroker.security.acl import CLUSTER_NAME, Authorizer, Operation, ResourceType
 from logbroker.server import admin_service, broker_service, replica_service, rpc
 from logbroker.server.acl_cache import AclCache
 from logbroker.server.apis.admin import AdminApis
@@ -78,6 +78,7 @@ from logbroker.server.apis.replies import ReplyApis
 from logbroker.server.apis.security import SecurityApis
 from logbroker.server.authorization import AuthorizingHook
 from logbroker.server.broker_channels import ReplyForwarding
+from logbroker.server.broker_principals import broker_principals
 from logbroker.server.cluster_member import ClusterMember
 from logbroker.server.reply_registry import ReplyRegistry
 from logbroker.server.request_context import RequestRejected, RequestStatus
@@ -223,7 +224,7 @@ class Broker:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         server.add_generic_rpc_handlers(
             (broker_service.handler(self.apis, self.open_streams), admin_service.handler(self.apis),
-             replica_service.handler(self))
+             replica_service.handler(self, self.broker_principals))
         )
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -335,11 +336,16 @@ class Broker:
     def _build_apis(self, config: BrokerConfig) -> BrokerApis:
         """The request layer, with the authorizer's hook when --authorizer acl."""
         hook = self._build_authorizer(config)
+        self.broker_principals = broker_principals(
+            config.tls, config.broker_principals, None if hook is None else
+            lambda ctx: hook.allowed(ctx, Operation.CLUSTER_ACTION, ResourceType.CLUSTER, CLUSTER_NAME))
+        if hook is not None and self.broker_principals is not None:
+            hook.is_broker = self.broker_principals.is_broker
         self.replies = ReplyApis(self, ReplyRegistry(config.broker_id),
                                  ReplyForwarding(self.cluster.channels, self.metadata_image)
                                  if self.cluster is not None else None)
         return BrokerApis(
-            ProduceFetchApis(config, self, self.replica_manager, self),
+            ProduceFetchApis(config, self, self.replica_manager, self, self.broker_principals),
             MetadataApis(self, self, None if hook is None else
                          lambda ctx, topic: hook.allowed(ctx, Operation.DESCRIBE, ResourceType.TOPIC, topic)),
             GroupApis(self, self.coordinator),
