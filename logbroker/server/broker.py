@@ -103,6 +103,15 @@ SERVER_KEEPALIVE_TIMEOUT_MS = 10_000
 # The most often a client may ping without data before the server calls it abusive (default 5 min).
 MIN_CLIENT_PING_INTERVAL_MS = 5_000
 HIGH_WATERMARK_CHECKPOINT_INTERVAL_MS = 5_000  # as Kafka's default
+# What one gRPC connection may hold before (and after) any call is authorized (issue 18 item 5):
+# HTTP/2 streams open at once on it (a client's further calls wait for a free stream, they do not
+# fail; logbroker's clients use a few per broker), the header block of a call (metadata: client id,
+# the cluster secret; gRPC's own default is 8 KiB soft), and how long a connection without calls is
+# kept (then a GOAWAY: the client reconnects on its next call; Kafka's connections.max.idle.ms).
+# Server-wide: `maximum_concurrent_rpcs` (1000) calls; a request at most max_request_bytes.
+GRPC_MAX_CONCURRENT_STREAMS = 256
+GRPC_MAX_METADATA_BYTES = 16 << 10
+GRPC_MAX_CONNECTION_IDLE_MS = 600_000
 
 
 def check_listen_address(host: str, port: int, flag: str = "--listen") -> None:
@@ -218,6 +227,9 @@ class Broker:
                 ("grpc.keepalive_time_ms", SERVER_KEEPALIVE_TIME_MS),
                 ("grpc.keepalive_timeout_ms", SERVER_KEEPALIVE_TIMEOUT_MS),
                 ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
+                ("grpc.max_concurrent_streams", GRPC_MAX_CONCURRENT_STREAMS),
+                ("grpc.max_metadata_size", GRPC_MAX_METADATA_BYTES),
+                ("grpc.max_connection_idle_ms", GRPC_MAX_CONNECTION_IDLE_MS),
             ],
             maximum_concurrent_rpcs=1000,
         )
@@ -243,7 +255,9 @@ class Broker:
         if cfg.data_listen_enabled:
             check_listen_address(cfg.data_listen_host or cfg.listen_host, cfg.data_listen_port, "--data-listen")
             self.wire_server = WireServer(broker_service.wire_handlers(self.apis), cfg.max_request_bytes,
-                                          reply_registry=self.replies.registry)
+                                          reply_registry=self.replies.registry,
+                                          connections_per_ip_max=cfg.max_connections_per_ip,
+                                          connection_creation_rate_per_sec=cfg.max_connection_creation_rate_per_sec)
             self.bound_data_port = await self.wire_server.start(cfg.data_listen_host or cfg.listen_host,
                                                                 cfg.data_listen_port, self._wire_tls)
         if self._cert_files is not None and self._wire_tls is not None:
