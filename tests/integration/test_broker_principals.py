@@ -18,7 +18,7 @@ from logbroker import Admin, Consumer, Producer
 from logbroker.cluster.cluster_secret import call_metadata
 from logbroker.v1 import logbroker_pb2 as pb
 from tests.cluster import Cluster
-from tests.conftest import wait_for
+from tests.conftest import BrokerProcess, wait_for
 from tests.integration.test_interbroker_auth import PARTITIONS, RECORDS, TOPIC, attacks
 from tests.integration.test_tls import Pki, pki  # noqa: F401 - the fixture
 
@@ -36,11 +36,12 @@ def tls_cluster(zookeeper, zk_chroot, tmp_path: Path, pki: Pki) -> Iterator[tupl
         c.stop()
 
 
-def tls_call(c: Cluster, target: int, method: str, request: pb.Message,
+def tls_call(broker: BrokerProcess, method: str, request: pb.Message,
              metadata: tuple[tuple[str, bytes], ...] | None, stream: bool = False) -> grpc.RpcError | None:
+    """One raw call over TLS, presenting the client certificate `broker` was made with."""
     service, name = method.split("/")
     path = f"/logbroker.v1.{service}/{name}"
-    with c.brokers[target].channel() as ch:  # TLS, presenting the client certificate
+    with broker.channel() as ch:
         try:
             if stream:
                 fn = ch.stream_stream(path, request_serializer=lambda m: m.SerializeToString(),
@@ -92,13 +93,13 @@ def test_a_client_certificate_that_is_not_a_brokers_cannot_make_broker_only_call
     for metadata, code, says in ((None, grpc.StatusCode.UNAUTHENTICATED, "needs the cluster secret"),
                                  (secret, grpc.StatusCode.PERMISSION_DENIED, "not a broker principal")):
         for target, method, request in calls:
-            err = tls_call(c, target, method, request, metadata)
+            err = tls_call(c.brokers[target], method, request, metadata)
             assert err is not None, f"{method} to broker {target} was served to a client certificate"
             assert err.code() == code and says in (err.details() or ""), (method, err.code(), err.details())
-        err = tls_call(c, leader, "Broker/FetchStream", calls[0][2], metadata, stream=True)
+        err = tls_call(c.brokers[leader], "Broker/FetchStream", calls[0][2], metadata, stream=True)
         assert err is not None and err.code() == code and says in (err.details() or ""), err
     # the same client's ordinary fetch is served (it is refused as a broker, not as a client)
-    assert tls_call(c, leader, "Broker/Fetch", pb.FetchRequest(max_wait_ms=0, partitions=[pb.FetchPartition(
+    assert tls_call(c.brokers[leader], "Broker/Fetch", pb.FetchRequest(max_wait_ms=0, partitions=[pb.FetchPartition(
         topic=TOPIC, partition=0, fetch_offset=0, partition_max_bytes=1 << 16)]), None) is None
 
     after = {p: (s.leader, s.leader_epoch, list(s.isr)) for p, s in c.partition_states(TOPIC).items()}
@@ -115,3 +116,35 @@ def test_a_client_certificate_that_is_not_a_brokers_cannot_make_broker_only_call
     assert "not a broker principal" in c.brokers[follower].log_text()
     for b in c.brokers.values():
         assert "Traceback" not in b.log_text()
+
+
+def test_with_the_acl_authorizer_cluster_action_makes_a_broker(zookeeper, zk_chroot, tmp_path: Path,
+                                                               pki: Pki) -> None:  # noqa: F811
+    """--authorizer acl, brokers not in --broker-principals but super users (ClusterAction on the
+    Cluster): the cluster replicates; a client certificate with the secret is still refused."""
+    admin_tls = pki.client("admin")
+    c = Cluster(zookeeper, zk_chroot, tmp_path / "cluster", 3, session_timeout_ms=10_000,
+                extra_args=[*pki.broker_args("required"), "--replica-lag-time-max-ms", "3000",
+                            "--authorizer", "acl", "--super-users", "User:broker,User:admin",
+                            "--broker-principals", "User:someone-else"], tls=admin_tls)
+    try:
+        c.start()
+        with Admin(c.bootstrap, tls=admin_tls) as admin:
+            admin.create_topic(TOPIC, partitions=1, replication_factor=3, config={"min_insync_replicas": "2"})
+        wait_for(lambda: len(c.partition_states(TOPIC)[0].isr) == 3, 60, "ISR of 3: the brokers' calls pass")
+        with Producer(c.bootstrap, acks="all", tls=admin_tls) as producer:
+            assert producer.send(TOPIC, b"acked", partition=0).result(30).offset == 0
+        before = {p: (s.leader, s.leader_epoch, list(s.isr)) for p, s in c.partition_states(TOPIC).items()}
+        described = c.describe_cluster()
+        leader = before[0][0]
+        follower = next(i for i in c.brokers if i != leader)
+        secret = call_metadata(c.secret_file.read_bytes().strip())
+        mallory = pki.client("mallory")  # the same brokers, reached with a valid non-broker certificate
+        for target, method, request in attacks(c, leader, follower, described.controller_id,
+                                               described.controller_epoch)[:3]:
+            err = tls_call(BrokerProcess(c.brokers[target].data_dir, c.brokers[target].port, tls=mallory), method,
+                           request, secret)
+            assert err is not None and err.code() == grpc.StatusCode.PERMISSION_DENIED, (method, err)
+        assert {p: (s.leader, s.leader_epoch, list(s.isr)) for p, s in c.partition_states(TOPIC).items()} == before
+    finally:
+        c.stop()
