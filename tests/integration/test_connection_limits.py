@@ -7,8 +7,10 @@ is admitted before the handshake) and gives it back when it fails or times out."
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import ssl
+import urllib.request
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -19,7 +21,7 @@ from logbroker.server import wire_server
 from logbroker.server.connection_gate import REFUSED_PER_IP, REFUSED_RATE
 from logbroker.server.wire_server import WireServer
 from logbroker.v1 import logbroker_pb2 as pb
-from tests.conftest import BrokerProcess, wait_for
+from tests.conftest import BrokerProcess, free_port, wait_for
 from tests.integration.test_wire_transport import create_topic, data_port, produce_frame, read_response
 
 pytestmark = pytest.mark.timeout(120)
@@ -54,8 +56,10 @@ def served(sock: socket.socket, corr: int, topic: str) -> bool:
 
 
 def test_connections_over_the_per_address_limit_are_closed_and_others_are_served(broker_factory, sockets) -> None:
+    metrics_port = free_port()
     broker: BrokerProcess = broker_factory(extra_args=["--max-connections-per-ip", "5",
-                                                       "--max-connection-creation-rate-per-sec", "0"])
+                                                       "--max-connection-creation-rate-per-sec", "0",
+                                                       "--metrics-listen", f"127.0.0.1:{metrics_port}"])
     create_topic(broker, "per-ip")
     port = data_port(broker)
     kept = [sockets(port, "127.0.0.1") for _ in range(5)]
@@ -68,6 +72,11 @@ def test_connections_over_the_per_address_limit_are_closed_and_others_are_served
     kept.pop().close()  # a place is given back when a connection ends
     wait_for(lambda: served(sockets(port, "127.0.0.1"), 400, "per-ip"), 10, "a new connection in the freed place")
     assert "max_connections_per_ip reached" in broker.log_text()
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    # the three extra ones, and any the wait above opened before the freed place was given back
+    refused = re.search(r'^logbroker_connections_refused_total\{reason="max_connections_per_ip"\} (\S+)$', text, re.M)
+    assert refused is not None and float(refused.group(1)) >= 3, text
     assert "Traceback" not in broker.log_text()
 
 
