@@ -8,6 +8,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from logbroker.cluster.cluster_secret import MAKE_ONE_HINT, ClusterSecretError, load_cluster_secret
 from logbroker.group.coordinator_config import CoordinatorConfig
@@ -98,6 +99,12 @@ class BrokerConfig:
     # SASL mechanisms a connection without a client certificate must authenticate with (server/sasl.py);
     # empty: none (needs tls)
     sasl_mechanisms: tuple[str, ...] = ()
+    # with TLS, who may make broker-only calls (server/broker_principals.py); empty: User:<CN> of tls.cert_file
+    broker_principals: tuple[str, ...] = ()
+    # the record transport before any frame (server/wire_server.py): open connections per client
+    # address, and new connections per second (token bucket; 0: no limit)
+    max_connections_per_ip: int = 100
+    max_connection_creation_rate_per_sec: int = 200
 
     @property
     def zk_hosts_and_chroot(self) -> tuple[str, str]:
@@ -225,6 +232,14 @@ SERVE_SETTINGS: tuple[ServeSetting, ...] = (
                  choices=CLIENT_AUTH_MODES),
     ServeSetting("sasl_mechanisms", str, "", "SCRAM-SHA-256,SCRAM-SHA-512: a connection without a client "
                  "certificate must log in as a user (logbroker users) first; needs --tls-cert", "MECH[,...]"),
+    ServeSetting("broker_principals", str, "",
+                 "with TLS: the principals that may make broker-only calls (the controller's calls, replica "
+                 "fetches), besides the cluster secret; default: User:<CN of --tls-cert>",
+                 "User:NAME[,...]"),
+    ServeSetting("max_connections_per_ip", int, 100,
+                 "open record-transport connections per client address; more are closed at once"),
+    ServeSetting("max_connection_creation_rate_per_sec", int, 200,
+                 "new record-transport connections accepted per second (all addresses; 0: no limit)"),
     ServeSetting("metrics_tls", bool, False, "serve --metrics-listen over HTTPS with the broker's certificate "
                  "(client certificates as --tls-client-auth)"),
 )
@@ -393,12 +408,29 @@ def broker_id_from_pod_name(name: str) -> int:
     return int(match.group(1))
 
 
-def _super_users(text: str) -> tuple[str, ...]:
+def _super_users(text: str, what: str = "super user") -> tuple[str, ...]:
     users = tuple(u.strip() for u in text.split(",") if u.strip())
     for u in users:
         if not u.startswith("User:") or len(u) <= len("User:"):
-            raise ConfigError(f"super user {u!r} must be written User:NAME")
+            raise ConfigError(f"{what} {u!r} must be written User:NAME")
     return users
+
+
+def _front_door(values: Mapping[str, SettingValue], tls: ServerTls | None, cluster_mode: bool) -> dict[str, Any]:
+    """The broker-only-call and connection-limit settings (server/broker_principals.py, wire_server.py)."""
+    if tls is not None and cluster_mode and tls.client_auth != "required":
+        # ("requested" asks for no certificate on gRPC, where the controller's calls arrive: tls.py)
+        raise ConfigError("a cluster with TLS needs --tls-client-auth required: the brokers' own calls are "
+                          "checked by their certificates (--broker-principals)")
+    for name in ("max_connections_per_ip", "max_connection_creation_rate_per_sec"):
+        value = values[name]
+        if not isinstance(value, int) or value < 0:
+            raise ConfigError(f"{name} must be >= 0, got {value}")
+    if values["max_connections_per_ip"] == 0:
+        raise ConfigError("max_connections_per_ip must be positive")
+    return {"broker_principals": _super_users(str(values["broker_principals"]), "broker principal"),
+            "max_connections_per_ip": values["max_connections_per_ip"],
+            "max_connection_creation_rate_per_sec": values["max_connection_creation_rate_per_sec"]}
 
 
 def broker_config_from_settings(values: Mapping[str, SettingValue], hostname: str = "") -> BrokerConfig:
@@ -459,6 +491,7 @@ def broker_config_from_settings(values: Mapping[str, SettingValue], hostname: st
         tls=tls,
         metrics_tls=bool(values["metrics_tls"]),
         sasl_mechanisms=_sasl_mechanisms(text("sasl_mechanisms"), tls),
+        **_front_door(values, tls, bool(text("zookeeper"))),
         zk_session_timeout_ms=number("zk_session_timeout_ms"),
         replica_lag_time_max_ms=number("replica_lag_time_max_ms"),
         controlled_shutdown_timeout_ms=number("controlled_shutdown_timeout_ms"),

@@ -148,6 +148,20 @@ def peercert_common_name(peercert: Any) -> str | None:
     return None
 
 
+def certificate_common_name(path: str) -> str | None:
+    """The subject CN of the first certificate in a PEM file (None: unreadable or without a CN).
+    The standard library decodes a certificate file only through `ssl._ssl._test_decode_cert`
+    (private, but in every CPython since 2.7); the broker reads its own certificate with it once,
+    at start, for its default broker principal (server/broker_principals.py)."""
+    decode = getattr(getattr(ssl, "_ssl", None), "_test_decode_cert", None)
+    if decode is None:
+        return None
+    try:
+        return peercert_common_name(decode(path))
+    except (OSError, ssl.SSLError, ValueError):
+        return None
+
+
 def _read(path: str) -> bytes:
     with open(path, "rb") as f:
         return f.read()

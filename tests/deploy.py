@@ -19,6 +19,9 @@ Resource = dict[str, Any]
 CLUSTER_SECRET_NAME = "logbroker-cluster-secret"
 CLUSTER_SECRET_KEY = "cluster-secret"
 TEST_CLUSTER_SECRET = "test-secret-" + "x" * 32  # what a test writes where the Secret's key would be
+# The prod overlay's TLS Secret (deploy/README.md: cert-manager or openssl) and its keys.
+TLS_SECRET_NAME = "logbroker-tls"
+TLS_SECRET_KEYS = ("tls.crt", "tls.key", "ca.crt")
 
 
 def render_overlay(name: str) -> list[Resource]:

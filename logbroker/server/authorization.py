@@ -34,7 +34,8 @@ which suffices (CreateTopics: Create on the topic, or on the cluster, as Kafka).
 
 A call that presents the cluster secret (logbroker/cluster/cluster_secret.py) comes from another
 broker of the cluster and is not checked: brokers read each other's partitions for share groups and
-fetch as followers through these same APIs.
+fetch as followers through these same APIs. On a TLS broker only with a broker's certificate on top
+(`is_broker`, server/broker_principals.py): a stolen secret alone skips no ACL.
 
 A refusal is `RequestRejected(PERMISSION_DENIED)` for the whole call, naming the principal, the
 operation and the resource type, never the resource's name nor anything of its data.
@@ -155,6 +156,8 @@ class AuthorizingHook(RequestHook):
         self.authorizer = authorizer
         self.denied_total = 0
         self._cluster_secret = cluster_secret
+        # on a TLS broker (server/broker_principals.py): the secret passes only with a broker's certificate
+        self.is_broker: Callable[[RequestContext], bool] | None = None
 
     def update(self, authorizer: Authorizer) -> None:
         self.authorizer = authorizer
@@ -166,8 +169,9 @@ class AuthorizingHook(RequestHook):
 
     def _from_a_broker(self, context: RequestContext) -> bool:
         presented = context.presented_cluster_secret
-        return bool(self._cluster_secret) and presented is not None and hmac.compare_digest(presented,
-                                                                                            self._cluster_secret)
+        if not self._cluster_secret or presented is None or not hmac.compare_digest(presented, self._cluster_secret):
+            return False
+        return self.is_broker is None or self.is_broker(context)
 
     def on_request(self, api: str, context: RequestContext, request: Message) -> None:
         if self._from_a_broker(context):

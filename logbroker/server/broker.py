@@ -65,7 +65,7 @@ from logbroker.replication.fetcher import FetcherConfig
 from logbroker.replication.partition import Partition
 from logbroker.replication.replica_manager import CallableIsrStore, InMemoryIsrStore, IsrStore, ReplicaManager
 from logbroker.replication.scrubber import Scrubber
-from logbroker.security.acl import Authorizer, Operation, ResourceType
+from logbroker.security.acl import CLUSTER_NAME, Authorizer, Operation, ResourceType
 from logbroker.server import admin_service, broker_service, replica_service, rpc
 from logbroker.server.acl_cache import AclCache
 from logbroker.server.apis.admin import AdminApis
@@ -78,6 +78,7 @@ from logbroker.server.apis.replies import ReplyApis
 from logbroker.server.apis.security import SecurityApis
 from logbroker.server.authorization import AuthorizingHook
 from logbroker.server.broker_channels import ReplyForwarding
+from logbroker.server.broker_principals import broker_principals
 from logbroker.server.cluster_member import ClusterMember
 from logbroker.server.reply_registry import ReplyRegistry
 from logbroker.server.request_context import RequestRejected, RequestStatus
@@ -103,6 +104,15 @@ SERVER_KEEPALIVE_TIMEOUT_MS = 10_000
 # The most often a client may ping without data before the server calls it abusive (default 5 min).
 MIN_CLIENT_PING_INTERVAL_MS = 5_000
 HIGH_WATERMARK_CHECKPOINT_INTERVAL_MS = 5_000  # as Kafka's default
+# What one gRPC connection may hold before (and after) any call is authorized (issue 18 item 5):
+# HTTP/2 streams open at once on it (a client's further calls wait for a free stream, they do not
+# fail; logbroker's clients use a few per broker), the header block of a call (metadata: client id,
+# the cluster secret; gRPC's own default is 8 KiB soft), and how long a connection without calls is
+# kept (then a GOAWAY: the client reconnects on its next call; Kafka's connections.max.idle.ms).
+# Server-wide: `maximum_concurrent_rpcs` (1000) calls; a request at most max_request_bytes.
+GRPC_MAX_CONCURRENT_STREAMS = 256
+GRPC_MAX_METADATA_BYTES = 16 << 10
+GRPC_MAX_CONNECTION_IDLE_MS = 600_000
 
 
 def check_listen_address(host: str, port: int, flag: str = "--listen") -> None:
@@ -220,13 +230,16 @@ class Broker:
                 ("grpc.keepalive_time_ms", SERVER_KEEPALIVE_TIME_MS),
                 ("grpc.keepalive_timeout_ms", SERVER_KEEPALIVE_TIMEOUT_MS),
                 ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
+                ("grpc.max_concurrent_streams", GRPC_MAX_CONCURRENT_STREAMS),
+                ("grpc.max_metadata_size", GRPC_MAX_METADATA_BYTES),
+                ("grpc.max_connection_idle_ms", GRPC_MAX_CONNECTION_IDLE_MS),
             ],
             maximum_concurrent_rpcs=1000,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         server.add_generic_rpc_handlers(
             (broker_service.handler(self.apis, self.open_streams, self.sasl), admin_service.handler(self.apis, self.sasl),
-             replica_service.handler(self))
+             replica_service.handler(self, self.broker_principals))
         )
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -245,7 +258,9 @@ class Broker:
         if cfg.data_listen_enabled:
             check_listen_address(cfg.data_listen_host or cfg.listen_host, cfg.data_listen_port, "--data-listen")
             self.wire_server = WireServer(broker_service.wire_handlers(self.apis), cfg.max_request_bytes,
-                                          reply_registry=self.replies.registry, sasl=self.sasl)
+                                          reply_registry=self.replies.registry, sasl=self.sasl,
+                                          connections_per_ip_max=cfg.max_connections_per_ip,
+                                          connection_creation_rate_per_sec=cfg.max_connection_creation_rate_per_sec)
             self.bound_data_port = await self.wire_server.start(cfg.data_listen_host or cfg.listen_host,
                                                                 cfg.data_listen_port, self._wire_tls)
         if self._cert_files is not None and self._wire_tls is not None:
@@ -338,11 +353,16 @@ class Broker:
     def _build_apis(self, config: BrokerConfig) -> BrokerApis:
         """The request layer, with the authorizer's hook when --authorizer acl."""
         hook = self._build_authorizer(config)
+        self.broker_principals = broker_principals(
+            config.tls, config.broker_principals, None if hook is None else
+            lambda ctx: hook.allowed(ctx, Operation.CLUSTER_ACTION, ResourceType.CLUSTER, CLUSTER_NAME))
+        if hook is not None and self.broker_principals is not None:
+            hook.is_broker = self.broker_principals.is_broker
         self.replies = ReplyApis(self, ReplyRegistry(config.broker_id),
                                  ReplyForwarding(self.cluster.channels, self.metadata_image)
                                  if self.cluster is not None else None)
         return BrokerApis(
-            ProduceFetchApis(config, self, self.replica_manager, self),
+            ProduceFetchApis(config, self, self.replica_manager, self, self.broker_principals),
             MetadataApis(self, self, None if hook is None else
                          lambda ctx, topic: hook.allowed(ctx, Operation.DESCRIBE, ResourceType.TOPIC, topic)),
             GroupApis(self, self.coordinator),

@@ -18,6 +18,7 @@ never races the loop; a loop that does not answer within SCRAPE_TIMEOUT_S shows 
 | `logbroker_offline_partitions` | gauge | hosted partitions whose log is offline (vanished: KAFKA_STORAGE_ERROR until recovered) |
 | `logbroker_reply_streams` | gauge | request-reply: requesters' reply streams open on this broker (server/reply_registry.py) |
 | `logbroker_replies_total{outcome}` | counter | replies for this broker's streams: `delivered`, `dropped` (the client did not read), `unknown` (no such stream: UNKNOWN_REPLY_TO) |
+| `logbroker_connections_refused_total{reason}` | counter | record-transport connections closed at admission (server/connection_gate.py): `connections_max`, `max_connections_per_ip`, `max_connection_creation_rate_per_sec` |
 | `logbroker_interbroker_refusals_total` | counter | inter-broker calls refused: no or a wrong cluster secret, or a standalone broker (server/request_checks.py) |
 | `logbroker_sasl_failed_logins_total` | counter | SASL (SCRAM) logins refused: wrong password, unknown user, malformed or replayed messages (server/sasl.py) |
 | `process_*`, `python_*` | | prometheus_client's process, platform and GC collectors |
@@ -66,6 +67,7 @@ class BrokerSnapshot:
     offline: int = 0
     reply_streams: int = 0
     replies: tuple[int, int, int] = (0, 0, 0)  # delivered, dropped, unknown
+    connections_refused: tuple[tuple[str, int], ...] = ()  # (reason, count) of the record transport
 
 
 def snapshot(broker: Broker) -> BrokerSnapshot:
@@ -81,8 +83,9 @@ def snapshot(broker: Broker) -> BrokerSnapshot:
             under_min_isr += len(p.isr) < p.min_insync_replicas
     offline = len(broker.replica_manager.offline_partitions) + sum(p.log.is_offline for p in broker.partitions.values())
     reg = broker.replies.registry
+    refused = tuple(sorted(broker.wire_server.refused_total.items())) if broker.wire_server is not None else ()
     return BrokerSnapshot(broker.ready, by_role, under_replicated, under_min_isr, size, corrupt, offline,
-                          len(reg), (reg.delivered, reg.dropped, reg.unknown))
+                          len(reg), (reg.delivered, reg.dropped, reg.unknown), refused)
 
 
 class BrokerCollector(Collector):
@@ -147,6 +150,11 @@ class BrokerCollector(Collector):
         for outcome, count in zip(("delivered", "dropped", "unknown"), snap.replies, strict=True):
             replies.add_metric([outcome], count)
         yield replies
+        refused = CounterMetricFamily("logbroker_connections_refused", "record-transport connections closed at "
+                                      "admission, by the limit they hit", labels=["reason"])
+        for reason, count in snap.connections_refused:
+            refused.add_metric([reason], count)
+        yield refused
 
 
 class MetricsServer:

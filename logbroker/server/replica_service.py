@@ -2,7 +2,8 @@
 
 Thin: fencing by controller epoch and broker epoch happens in the replica manager and the metadata
 image; this module only routes calls and turns errors into codes. Every call first proves its caller
-is a broker of this cluster (the cluster secret, `rpc.require_peer`), before anything in it is read,
+is a broker of this cluster (the cluster secret, `rpc.require_peer`; with TLS also a broker's
+certificate, server/broker_principals.py), before anything in it is read,
 so no epoch is adopted from a plain client; a standalone broker refuses them all.
 """
 
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from logbroker.cluster.metadata_image import MetadataImage
     from logbroker.config import BrokerConfig
     from logbroker.replication.replica_manager import ReplicaManager
+    from logbroker.server.broker_principals import BrokerPrincipals
 
 
 class TopicForgetter(Protocol):
@@ -71,13 +73,18 @@ def _error(exc: Exception, what: str) -> BrokerError:
 
 
 class ReplicaService:
-    def __init__(self, broker: InterBrokerHost) -> None:
+    def __init__(self, broker: InterBrokerHost, principals: BrokerPrincipals | None = None) -> None:
+        """`principals`: on a TLS broker, the principals that are brokers (server/broker_principals.py)."""
         self.broker = broker
+        self.principals = principals
 
     def require_broker(self, context: grpc.aio.ServicerContext, what: str) -> None:
-        """The caller is a broker of this cluster, else UNAUTHENTICATED / PERMISSION_DENIED."""
+        """The caller is a broker of this cluster (the secret, and with TLS a broker's certificate),
+        else UNAUTHENTICATED / PERMISSION_DENIED."""
         cfg = self.broker.config
         rpc.require_peer(cfg.cluster_secret, cfg.cluster_mode, context, what)
+        if self.principals is not None:
+            self.principals.require(rpc.request_context(context), what)
 
     def _check(self, context: grpc.aio.ServicerContext, what: str) -> None:
         """Checked again by each method (the guard in `handler` runs first): a broker, and serving."""
@@ -169,8 +176,8 @@ class ReplicaService:
         return self.broker.forward_reply(req)
 
 
-def handler(broker: InterBrokerHost) -> grpc.GenericRpcHandler:
-    svc = ReplicaService(broker)
+def handler(broker: InterBrokerHost, principals: BrokerPrincipals | None = None) -> grpc.GenericRpcHandler:
+    svc = ReplicaService(broker, principals)
 
     def method(name: str, request_cls: Any, fn: Any) -> Any:
         # the caller proves it is a broker before its request is even parsed

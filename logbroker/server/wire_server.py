@@ -8,9 +8,27 @@ that is ready, in request order. A produce costs three loop iterations from its 
 its response leaving (stream reader, reader task, writer task and a queue cost two more each way);
 the broker's event loop is on every record's path, so iterations are latency.
 
-TLS (`start(ssl_context=...)`): asyncio's TLS transport under the same protocol; a refused handshake
-(no, untrusted or expired client certificate with client auth required) closes the connection before
-`connection_made`, so it never counts against `connections_max` nor reaches a handler.
+TLS (`start(ssl_context=...)`): the socket is accepted plaintext, admitted (below), and only then
+upgraded with `loop.start_tls` (`_TlsGate`, `WireServer._handshake`), so a TLS handshake in
+progress counts against every admission limit; a refused handshake (no, untrusted or expired client
+certificate with client auth required) or one not done within TLS_HANDSHAKE_TIMEOUT_S closes the
+connection and gives its place back, and never reaches a handler.
+
+Admission, before a byte of a connection is read or a TLS handshake started (server/connection_gate.py):
+at most `connections_max` connections (1024) admitted at once, `connections_per_ip_max` (100,
+`--max-connections-per-ip`) from one client address, and `connection_creation_rate_per_sec` (200,
+`--max-connection-creation-rate-per-sec`, token bucket, 0: off) new ones per second. A refused one
+is closed at once (abort: a reset), counted in `refused_total` by reason, and logged with at most
+one WARNING per `REFUSED_WARNING_INTERVAL_S` (10 s) per reason, saying how many it stands for.
+
+What an unauthenticated connection can make the broker allocate (before its TLS handshake is done,
+or on a plaintext listener before its first frame): nothing before admission beyond the kernel's
+socket; once admitted and handshaking, asyncio's TLS protocol (a 256 KiB read buffer of its own,
+OpenSSL's state) and the `_Connection` object without its read buffer; the 256 KiB read buffer is
+allocated when the first application bytes arrive. A first frame is then bounded as every frame
+(below: its size checked from its header alone, a big one's buffer growing only with the bytes that
+arrive). So `connections_max` x (about 0.5 MiB + a frame in progress) in all, and per address
+`connections_per_ip_max` x that.
 
 Each connection is one caller: its handlers get the connection's `RequestContext` (listener
 "record", the peer address, no cluster secret: the record transport carries none; the principal
@@ -22,13 +40,12 @@ byte); an unexpected exception an INTERNAL one (logged).
 
 Bounds, each on one connection unless said otherwise:
 
-- `connections_max` open connections (1024): more are closed at once, with at most one WARNING per
-  `REFUSED_WARNING_INTERVAL_S` (10 s) saying how many were refused since the last one.
+- Connections admitted at once, per address and per second: see Admission above.
 - Idle connections: one with nothing pending and no byte read for `idle_s` (`CONNECTIONS_MAX_IDLE_S`,
   600 s, Kafka's connections.max.idle.ms) is closed by a sweep every min(60, idle_s / 10) s.
 - `pipeline_max` (8) requests in progress or answered-but-unwritten; further whole frames wait in the
   read buffer, not started.
-- Read buffer: `READ_BUFFER_BYTES` (256 KiB), allocated with the connection. It is read into while it
+- Read buffer: `READ_BUFFER_BYTES` (256 KiB), allocated with the first bytes read. It is read into while it
   has room (so an EOF or a reset is noticed even with the pipeline full); when full, the connection
   is not read and TCP flow control holds the client back.
 - Frames: at most `max_request_bytes` of body; a bigger size is refused from its header alone. A frame
@@ -64,6 +81,7 @@ import contextlib
 import logging
 import socket
 import ssl
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -76,6 +94,7 @@ from logbroker import wire
 from logbroker.log_throttle import LogThrottle
 from logbroker.security.scram import ServerExchange
 from logbroker.server import rpc
+from logbroker.server.connection_gate import ConnectionGate
 from logbroker.server.reply_registry import ReplyRegistry
 from logbroker.server.request_context import (
     ANONYMOUS,
@@ -95,7 +114,8 @@ CONNECTIONS_MAX = 1024
 CONNECTIONS_MAX_IDLE_S = 600.0  # Kafka's connections.max.idle.ms
 IDLE_SWEEP_MAX_S = 60.0
 REFUSED_WARNING_INTERVAL_S = 10.0
-REFUSED_KEY = "connections_max"  # one key: the refusals' WARNING is rate-limited for all peers together
+CONNECTIONS_PER_IP_MAX = 100
+CONNECTION_CREATION_RATE_PER_SEC = 200
 PIPELINE_MAX = 8
 READ_BUFFER_BYTES = 256 << 10  # frames up to this are cut from the read buffer; bigger get their own
 BIG_FRAME_START_BYTES = 1 << 20  # a big frame's own buffer starts at this and doubles as bytes come
@@ -108,7 +128,10 @@ class WireServer:
     def __init__(self, handlers: dict[int, tuple[type[Message], Handler]], max_request_bytes: int,
                  connections_max: int = CONNECTIONS_MAX, pipeline_max: int = PIPELINE_MAX,
                  idle_s: float = CONNECTIONS_MAX_IDLE_S, reply_registry: ReplyRegistry | None = None,
-                 sasl: SaslServer | None = None) -> None:
+                 sasl: SaslServer | None = None,
+                 connections_per_ip_max: int = CONNECTIONS_PER_IP_MAX,
+                 connection_creation_rate_per_sec: int = CONNECTION_CREATION_RATE_PER_SEC,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self.handlers = handlers
         self.sasl = sasl
         self.reply_registry = reply_registry
@@ -119,17 +142,20 @@ class WireServer:
         self.connections: set[_Connection] = set()
         self.closed = False
         self.port = 0
-        self.refusals = LogThrottle(REFUSED_WARNING_INTERVAL_S)  # connections refused over connections_max
+        self.gate = ConnectionGate(connections_max, connections_per_ip_max, connection_creation_rate_per_sec,
+                                   monotonic)
+        self.refusals = LogThrottle(REFUSED_WARNING_INTERVAL_S, monotonic=monotonic)  # per refusal reason
+        self._handshakes: set[asyncio.Task[None]] = set()  # TLS handshakes in progress (admitted)
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> int:
-        """Listen; with `ssl_context` every connection speaks TLS (its handshake done before the
-        connection counts, within TLS_HANDSHAKE_TIMEOUT_S); the context may be reloaded in place."""
+        """Listen; with `ssl_context` every connection speaks TLS (admitted first, then its handshake
+        within TLS_HANDSHAKE_TIMEOUT_S); the context may be reloaded in place."""
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _Connection(self), host, port, reuse_address=True,
-                                                ssl=ssl_context,
-                                                ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT_S if ssl_context else None)
+        factory: Callable[[], asyncio.BaseProtocol] = (
+            (lambda: _Connection(self)) if ssl_context is None else (lambda: _TlsGate(self, ssl_context)))
+        self._server = await loop.create_server(factory, host, port, reuse_address=True)
         self.port = int(self._server.sockets[0].getsockname()[1])
         self._sweeper = loop.create_task(self._sweep_idle())
         return self.port
@@ -141,6 +167,8 @@ class WireServer:
             self._server.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
+        for task in list(self._handshakes):
+            task.cancel()
         for conn in list(self.connections):
             conn.finish()
 
@@ -159,12 +187,50 @@ class WireServer:
     def __len__(self) -> int:
         return len(self.connections)
 
-    def refuse(self, peer: object) -> None:
-        """Count a connection refused over connections_max; WARN at most once per interval."""
-        count = self.refusals.event(REFUSED_KEY)
+    @property
+    def refused_total(self) -> dict[str, int]:
+        """Connections refused at admission, by reason (connection_gate.REFUSED_*)."""
+        return self.gate.refused
+
+    def admit(self, peername: object) -> str | None:
+        """The peer's host if a new connection is admitted (then `gate.release(host)` once when it
+        ends), else None: the caller closes it at once (refusals counted and WARNed, rate-limited)."""
+        if self.closed:
+            return None
+        host = str(peername[0]) if isinstance(peername, tuple) and peername else str(peername)
+        reason = self.gate.admit(host)
+        if reason is None:
+            return host
+        count = self.refusals.event(reason)
         if count:
-            log.warning("record transport: %d connections open (connections_max), refused %d since the last "
-                        "warning, the latest from %s", len(self.connections), count, peer)
+            log.warning("record transport: %s reached (%d connections admitted, %d from %s), refused %d since the "
+                        "last warning, the latest from %s", reason, self.gate.admitted, self.gate.open_from(host),
+                        host, count, _peer(peername))
+        return None
+
+    def start_handshake(self, transport: asyncio.Transport, host: str, ssl_context: ssl.SSLContext) -> None:
+        task = asyncio.get_running_loop().create_task(self._handshake(transport, host, ssl_context))
+        self._handshakes.add(task)
+        task.add_done_callback(self._handshakes.discard)
+
+    async def _handshake(self, transport: asyncio.Transport, host: str, ssl_context: ssl.SSLContext) -> None:
+        """The TLS handshake of an admitted connection; its place is given back if it fails."""
+        conn = _Connection(self, host)
+        try:
+            tls = await asyncio.get_running_loop().start_tls(
+                transport, conn, ssl_context, server_side=True, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT_S)
+        except BaseException as exc:
+            conn.release()
+            transport.abort()
+            if not isinstance(exc, Exception):
+                raise
+            log.debug("record transport: TLS handshake with %s failed: %s", host, exc)
+            return
+        if tls is None:  # (typed Optional; start_tls returns the transport or raises)
+            conn.release()
+            transport.abort()
+            return
+        conn.connection_made(tls)
 
     async def _sweep_idle(self) -> None:
         """Close connections with nothing pending that read no byte for idle_s."""
@@ -178,16 +244,37 @@ class WireServer:
                     conn.finish()
 
 
-class _Connection(asyncio.BufferedProtocol):
-    def __init__(self, server: WireServer) -> None:
+class _TlsGate(asyncio.Protocol):
+    """A TLS listener's first protocol: admits the accepted socket, then hands it to its handshake."""
+
+    def __init__(self, server: WireServer, ssl_context: ssl.SSLContext) -> None:
         self._server = server
+        self._ssl_context = ssl_context
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        host = self._server.admit(transport.get_extra_info("peername"))
+        if host is None:
+            transport.abort()
+            return
+        transport.pause_reading()  # the ClientHello waits in the kernel for start_tls
+        self._server.start_handshake(transport, host, self._ssl_context)
+
+
+class _Connection(asyncio.BufferedProtocol):
+    def __init__(self, server: WireServer, host: str | None = None) -> None:
+        """`host`: already admitted (a TLS connection, admitted before its handshake)."""
+        self._server = server
+        self._host = host  # admitted from this host; None: not (yet) admitted, or released
+        self._early_overflow = False  # bytes came before connection_made and did not fit: aborted then
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         # SASL (server/sasl.py): until authenticated, only SASL frames and a small read buffer
         self._authenticated = server.sasl is None
         self._sasl_exchange: ServerExchange | None = None
         self._sasl_busy = False
-        self._buf = bytearray(READ_BUFFER_BYTES if self._authenticated else SASL_READ_BUFFER_BYTES)
+        # allocated with the first bytes: READ_BUFFER_BYTES, or SASL_READ_BUFFER_BYTES before a login
+        self._buf = bytearray()
         self._view = memoryview(self._buf)
         self._len = 0  # bytes of _buf holding data not yet cut into frames
         self._big: bytearray | None = None  # a frame bigger than _buf, filled in place, grown as it comes
@@ -210,10 +297,10 @@ class _Connection(asyncio.BufferedProtocol):
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
         server = self._server
-        if server.closed or len(server.connections) >= server.connections_max:
-            if not server.closed:
-                server.refuse(transport.get_extra_info("peername"))
-            transport.abort()
+        if self._host is None:
+            self._host = server.admit(transport.get_extra_info("peername"))
+        if self._host is None or server.closed or self._early_overflow:
+            transport.abort()  # (connection_lost releases an admitted one)
             return
         server.connections.add(self)
         self._identify(transport)
@@ -222,6 +309,14 @@ class _Connection(asyncio.BufferedProtocol):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if self._len:  # (TLS: application bytes may come with the handshake's end, before this call)
+            self._pump()
+
+    def release(self) -> None:
+        """Give the connection's admission back (once)."""
+        if self._host is not None:
+            self._server.gate.release(self._host)
+            self._host = None
 
     def _identify(self, transport: asyncio.Transport) -> None:
         """The connection's context: User:<CN> of a verified client certificate (then no SASL needed)."""
@@ -235,7 +330,7 @@ class _Connection(asyncio.BufferedProtocol):
         """The connection is `principal` from now on: every api, the normal read buffer."""
         self._authenticated = True
         self._context = replace(self._context, principal=principal)
-        if len(self._buf) < READ_BUFFER_BYTES:
+        if self._buf and len(self._buf) < READ_BUFFER_BYTES:  # (not allocated yet: get_buffer sizes it)
             grown = bytearray(READ_BUFFER_BYTES)
             grown[: self._len] = self._buf[: self._len]
             self._buf, self._view = grown, memoryview(grown)
@@ -243,6 +338,7 @@ class _Connection(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._finishing = True  # before the cancels below: their callbacks must start nothing
         self._drop_input()
+        self.release()
         self._server.connections.discard(self)
         if self._push_token is not None and self._server.reply_registry is not None:
             self._server.reply_registry.close(self._push_token)
@@ -261,7 +357,11 @@ class _Connection(asyncio.BufferedProtocol):
                 grown[: self._big_have] = big
                 self._big = big = grown
             return memoryview(big)[self._big_have :]
+        if not self._buf:
+            self._buf = bytearray(READ_BUFFER_BYTES if self._authenticated else SASL_READ_BUFFER_BYTES)
+            self._view = memoryview(self._buf)
         if self._finishing or self._len >= len(self._buf):  # not read then (paused): discard, defensively
+            self._early_overflow = self._transport is None
             return memoryview(bytearray(4096))
         return self._view[self._len :]
 
@@ -528,7 +628,7 @@ class _Connection(asyncio.BufferedProtocol):
         is not finishing. A full pipeline does not stop reading, so an EOF or a reset behind it is
         seen; requests refused at once take pipeline room too, until written, and a client sending
         garbage and never reading is held by the write buffer's high-water mark."""
-        if self._finishing or self._write_paused or (self._big is None and self._len >= len(self._buf)):
+        if self._finishing or self._write_paused or (self._big is None and self._len >= len(self._buf) > 0):
             self._pause_reading()
         elif self._read_paused and self._transport is not None and not self._transport.is_closing():
             self._read_paused = False

@@ -18,14 +18,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 
 from logbroker import Admin, Producer, k8s_rack
+from logbroker.tls import TlsConfig
 from tests.cluster import Cluster
 from tests.conftest import REPO, BrokerProcess, free_port, wait_for
 from tests.deploy import (
     CLUSTER_SECRET_KEY,
     CLUSTER_SECRET_NAME,
     TEST_CLUSTER_SECRET,
+    TLS_SECRET_NAME,
     container,
     container_env,
     dockerfile_exec_form,
@@ -115,6 +118,17 @@ def test_rack_init_container_without_zone_label_and_without_permission(tmp_path:
     assert not out.exists()
 
 
+def write_tls_secret(directory: Path) -> TlsConfig:
+    """A CA and a broker certificate naming 127.0.0.1 (the probes' address), valid for client auth
+    too; the in-pod commands use the same files, and so does this test's client."""
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1", "localhost", common_name="logbroker")
+    (directory / "tls.crt").write_bytes(b"".join(c.bytes() for c in leaf.cert_chain_pems))
+    (directory / "tls.key").write_bytes(leaf.private_key_pem.bytes())
+    (directory / "ca.crt").write_bytes(ca.cert_pem.bytes())
+    return TlsConfig(str(directory / "ca.crt"), str(directory / "tls.crt"), str(directory / "tls.key"))
+
+
 class Pod:
     """The prod overlay's broker pod logbroker-2, emulated on loopback: each volume a directory, the
     ConfigMap's keys as files, the rack file from the init container, the container's env expanded."""
@@ -127,6 +141,7 @@ class Pod:
         pod = sts["spec"]["template"]["spec"]
         self.main = container(pod, "broker")
         self.mounts: dict[str, Path] = {}
+        self.tls: TlsConfig | None = None  # the prod overlay serves TLS from its Secret
         for mount in self.main["volumeMounts"]:
             directory = root / mount["name"]
             directory.mkdir(parents=True)
@@ -135,12 +150,17 @@ class Pod:
             if volume is not None and "configMap" in volume:
                 for key, text in find(resources, "ConfigMap", volume["configMap"]["name"])["data"].items():
                     (directory / key).write_text(text)
-            if volume is not None and "secret" in volume:  # the operator's Secret: a test value
+            if volume is not None and "secret" in volume and volume["secret"]["secretName"] == TLS_SECRET_NAME:
+                self.tls = write_tls_secret(directory)  # as cert-manager writes it: tls.crt, tls.key, ca.crt
+            elif volume is not None and "secret" in volume:  # the operator's Secret: a test value
                 assert volume["secret"]["secretName"] == CLUSTER_SECRET_NAME
                 (directory / CLUSTER_SECRET_KEY).write_text(TEST_CLUSTER_SECRET + "\n")
         self.port = free_port()
         self.metrics_port = free_port()
         self.env = container_env(self.main, {"metadata.name": self.POD_NAME, "metadata.namespace": "streaming"})
+        for name, value in self.env.items():  # the TLS files' paths, on this machine
+            if name.startswith("LOGBROKER_TLS") and value.startswith("/"):
+                self.env[name] = str(self.path(value))
         # what loopback changes: nothing may bind 0.0.0.0 or fixed ports, the pod's DNS name does not
         # resolve here, ZooKeeper is the test's, and /var/lib/logbroker is a temporary directory.
         # Environment variables override the ConfigMap's file, as they would in the pod.
@@ -206,21 +226,26 @@ def logbroker_cli(*args: str, env: dict[str, str] | None = None, timeout: float 
 
 def test_entrypoint_with_the_statefulset_settings_turns_serving(pod_process):
     pod, proc, log_path = pod_process
-    probe = BrokerProcess(pod.path("/var/lib/logbroker"), pod.port)
+    probe = BrokerProcess(pod.path("/var/lib/logbroker"), pod.port, tls=pod.tls)
     probe.proc = proc  # the fixture owns the process; this only reads its health
     probe.log_path = log_path
     wait_for(probe.serving, 60, f"the broker pod to report SERVING (log: {log_path})")
 
     # broker id 2 from the pod name, rack from the init container, registered in ZooKeeper
-    with Admin(probe.address) as admin:
+    with Admin(probe.address, tls=pod.tls) as admin:
         brokers = admin.describe_cluster()["brokers"]
     assert brokers == [{"broker_id": 2, "host": "127.0.0.1", "port": pod.port, "rack": ZONE}]
 
     # the probes and the hook, as the kubelet runs them (pointed at the loopback port)
     liveness = pod.main["livenessProbe"]["exec"]["command"]
     assert liveness[0] == "logbroker"
-    alive = logbroker_cli(*liveness[1:], "--address", probe.address)
+    alive = logbroker_cli(*liveness[1:], "--address", probe.address, env=pod.environ())  # TLS from LOGBROKER_TLS_*
     assert alive.returncode == 0 and alive.stdout.strip() == "SERVING", alive.stderr
+    readiness = pod.main["readinessProbe"]["exec"]["command"]
+    ready = logbroker_cli(*readiness[1:], "--address", probe.address, env=pod.environ())
+    assert ready.returncode == 0 and ready.stdout.strip() == "SERVING", ready.stderr
+    plain = logbroker_cli(*liveness[1:], "--address", probe.address)  # the listener speaks only TLS
+    assert plain.returncode != 0
 
     # the metrics port the pod annotation names
     with urllib.request.urlopen(f"http://127.0.0.1:{pod.metrics_port}/metrics", timeout=10) as resp:
@@ -228,9 +253,9 @@ def test_entrypoint_with_the_statefulset_settings_turns_serving(pod_process):
     assert 'logbroker_broker_info{broker_id="2",rack="eu-west-1a"} 1.0' in metrics
     assert "logbroker_up 1.0" in metrics and "process_resident_memory_bytes" in metrics
 
-    with Admin(probe.address) as admin:
+    with Admin(probe.address, tls=pod.tls) as admin:
         admin.create_topic("orders", partitions=2, replication_factor=1)
-    with Producer(probe.address, acks="all") as producer:
+    with Producer(probe.address, acks="all", tls=pod.tls) as producer:
         producer.send("orders", b"v", key=b"k").result(timeout=30)
     pre_stop = pod.main["lifecycle"]["preStop"]["exec"]["command"]
     hook = logbroker_cli(*pre_stop[1:], "--bootstrap", probe.address, env=pod.environ())  # $HOSTNAME: the id

@@ -16,6 +16,7 @@ import pytest
 
 from logbroker import wire
 from logbroker.server import wire_server
+from logbroker.server.connection_gate import REFUSED_CONNECTIONS_MAX
 from logbroker.server.wire_server import WireServer
 from logbroker.v1 import logbroker_pb2 as pb
 from tests.conftest import BrokerProcess, wait_for
@@ -238,7 +239,7 @@ def test_connections_over_the_limit_are_refused_with_one_warning_per_interval(ca
             warnings = [r for r in caplog.records if r.levelno == logging.WARNING and r.name == wire_server.__name__]
             assert len(warnings) == 1, [r.getMessage() for r in warnings]
             assert "refused 1 since" in warnings[0].getMessage()
-            assert server.refusals.suppressed(wire_server.REFUSED_KEY) == 4  # counted, not logged
+            assert server.refusals.suppressed(REFUSED_CONNECTIONS_MAX) == 4  # counted, not logged
             later = time.monotonic() + wire_server.REFUSED_WARNING_INTERVAL_S
             server.refusals.monotonic = lambda: later  # the interval has passed
             await refused()

@@ -99,6 +99,16 @@ def test_a_call_with_the_cluster_secret_is_a_brokers_and_is_not_checked():
         AuthorizingHook(Authorizer([])).on_request("Fetch", RequestContext(presented_cluster_secret=b""), follower)
 
 
+
+def test_on_a_tls_broker_the_secret_skips_the_checks_only_with_a_brokers_certificate():
+    secret = b"s" * 32
+    hook = AuthorizingHook(Authorizer([]), cluster_secret=secret)
+    hook.is_broker = lambda context: context.principal == "User:broker"
+    follower = pb.FetchRequest(partitions=[pb.FetchPartition(topic="t")], replica_id=2)
+    hook.on_request("Fetch", RequestContext(principal="User:broker", presented_cluster_secret=secret), follower)
+    with pytest.raises(RequestRejected):  # a client that stole the secret is checked as itself
+        hook.on_request("Fetch", RequestContext(principal="User:alice", presented_cluster_secret=secret), follower)
+
 def test_a_priority_level_log_is_checked_as_its_topic():
     req = pb.ProduceRequest(partitions=[pb.ProducePartition(topic="__priority.3.orders"),
                                         pb.ProducePartition(topic="orders")])

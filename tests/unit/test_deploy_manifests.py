@@ -28,6 +28,8 @@ from tests.deploy import (
     DEPLOY,
     OVERLAYS,
     TEST_CLUSTER_SECRET,
+    TLS_SECRET_KEYS,
+    TLS_SECRET_NAME,
     container,
     container_env,
     dockerfile_exec_form,
@@ -97,7 +99,10 @@ def materialize(path: str, pod: dict[str, Any], main: dict[str, Any], resources:
     relative = path[len(mount["mountPath"].rstrip("/")) + 1:]
     target = root / mount["name"] / relative
     target.parent.mkdir(parents=True, exist_ok=True)
-    if "secret" in volume:  # created by the operator, not in the manifests: a test secret
+    if "secret" in volume and volume["secret"]["secretName"] == TLS_SECRET_NAME:
+        assert relative in TLS_SECRET_KEYS, volume
+        target.write_text(_test_tls_files()[relative])
+    elif "secret" in volume:  # created by the operator, not in the manifests: a test secret
         assert volume["secret"]["secretName"] == CLUSTER_SECRET_NAME and relative == CLUSTER_SECRET_KEY, volume
         target.write_text(TEST_CLUSTER_SECRET + "\n")
     elif "configMap" in volume:
@@ -115,6 +120,26 @@ def materialize(path: str, pod: dict[str, Any], main: dict[str, Any], resources:
     else:
         raise AssertionError(f"{path}: unexpected volume {volume}")
     return target
+
+
+_TLS_FILES: dict[str, str] = {}
+
+
+def _test_tls_files() -> dict[str, str]:
+    """What cert-manager would write into the TLS Secret: tls.crt, tls.key, ca.crt (made once)."""
+    if not _TLS_FILES:
+        import trustme
+
+        ca = trustme.CA()
+        leaf = ca.issue_cert("127.0.0.1", "*.logbroker-headless.ns.svc", common_name="logbroker")
+        _TLS_FILES.update({"tls.crt": leaf.cert_chain_pems[0].bytes().decode(),
+                           "tls.key": leaf.private_key_pem.bytes().decode(), "ca.crt": ca.cert_pem.bytes().decode()})
+    return _TLS_FILES
+
+
+TLS_ENV = {"LOGBROKER_TLS_CERT": "tls.crt", "LOGBROKER_TLS_KEY": "tls.key", "LOGBROKER_TLS_CLIENT_CA": "ca.crt"}
+EXPECTED_SERVE_ENV = {"dev": {"advertised_address"},
+                      "prod": {"advertised_address", "tls_cert", "tls_key", "tls_client_ca", "tls_client_auth"}}
 
 
 def serve_argv(main: dict[str, Any], env: dict[str, str]) -> list[str]:
@@ -139,7 +164,10 @@ def test_every_broker_setting_is_accepted_and_the_id_comes_from_the_pod_name(ove
         args.cluster_secret_file = str(materialize(secret_in_pod, pod, main, resources, tmp_path / pod_name))
         for f in files:
             read_serve_config_file(f)  # unknown keys and wrong types raise here
-        assert set(read_serve_env(env)) == {"advertised_address"}  # unknown LOGBROKER_* raise here
+        for var in TLS_ENV:  # the TLS files, where the Secret's keys would be
+            if var in env:
+                env[var] = str(materialize(env[var], pod, main, resources, tmp_path / pod_name))
+        assert set(read_serve_env(env)) == EXPECTED_SERVE_ENV[name]  # unknown LOGBROKER_* raise here
         values = resolve_serve_settings(files, env, cli.serve_flags(args))
         configs.append(broker_config_from_settings(values, hostname=pod_name))
     assert [c.broker_id for c in configs] == list(range(brokers))
@@ -149,6 +177,7 @@ def test_every_broker_setting_is_accepted_and_the_id_comes_from_the_pod_name(ove
         assert c.zookeeper == "zookeeper:2181/logbroker"
         assert str(c.data_dir) == "/var/lib/logbroker"
         assert c.cluster_secret == TEST_CLUSTER_SECRET.encode()
+        assert (c.tls is not None) == (name == "prod")
 
 
 def test_the_cluster_secret_comes_from_a_secret_mounted_read_only(overlay):
@@ -164,6 +193,29 @@ def test_the_cluster_secret_comes_from_a_secret_mounted_read_only(overlay):
     assert volume["secret"] == {"secretName": CLUSTER_SECRET_NAME, "defaultMode": 0o440}
     assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]
     assert not any(r["kind"] == "Secret" for r in resources), "the secret must not live in git"
+
+
+def test_prod_takes_its_tls_files_from_a_secret_mounted_read_only(overlay):
+    """The broker's certificate, key and client CA are the keys of the Secret logbroker-tls (as
+    cert-manager writes them), mounted read-only as a directory (a subPath mount would never see a
+    renewed certificate), set through their LOGBROKER_* variables with client certificates
+    required; the in-pod commands (probes, preStop) use the same files as their client TLS."""
+    name, resources = overlay
+    _, pod, main = broker_parts(resources)
+    env = {e["name"]: e.get("value") for e in main["env"]}
+    if name == "dev":
+        assert not any(k.startswith("LOGBROKER_TLS") for k in env), "dev is plaintext"
+        return
+    mount = next(m for m in main["volumeMounts"] if m["name"] == "tls")
+    assert mount["readOnly"] is True and "subPath" not in mount
+    volume = next(v for v in pod["volumes"] if v["name"] == "tls")
+    assert volume["secret"] == {"secretName": TLS_SECRET_NAME, "defaultMode": 0o440}
+    for var, key in TLS_ENV.items():
+        assert env[var] == f"{mount['mountPath']}/{key}", var
+        assert var.removeprefix("LOGBROKER_").lower() in SERVE_SETTINGS_BY_NAME
+    assert env["LOGBROKER_TLS_CLIENT_AUTH"] == "required"
+    assert env["LOGBROKER_TLS_CA"] == f"{mount['mountPath']}/ca.crt"  # the CLI's CA (not a serve setting)
+    assert not any(r["kind"] == "Secret" for r in resources), "the key must not live in git"
 
 
 def test_every_setting_in_the_configmap_is_a_serve_setting(overlay):
@@ -201,7 +253,15 @@ def test_ports_names_and_paths_agree(overlay):
     data_port = parse_host_port(cfg["data_listen"])[1]
     ports = {p["name"]: p["containerPort"] for p in main["ports"]}
     assert ports == {"grpc": listen_port, "data": data_port, "metrics": metrics_port}
-    assert main["readinessProbe"]["grpc"]["port"] == listen_port
+    readiness = main["readinessProbe"]
+    if "grpc" in readiness:
+        assert readiness["grpc"]["port"] == listen_port
+    else:  # (TLS: the kubelet's gRPC probe speaks none) the CLI asks the health service
+        command = readiness["exec"]["command"]
+        health = cli.build_parser().parse_args(command[1:])
+        assert command[:2] == ["logbroker", "health"] and not health.liveness
+        assert parse_host_port(health.address)[1] == listen_port
+        assert health.timeout < readiness["timeoutSeconds"]
     annotations = sts["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
     assert int(annotations["prometheus.io/port"]) == metrics_port

@@ -91,3 +91,28 @@ def test_principal_from_a_certificates_common_name():
     cert = {"subject": ((("countryName", "NL"),), (("commonName", "alice"),))}
     assert peercert_common_name(cert) == "alice"
     assert peercert_common_name({}) is None and peercert_common_name(None) is None
+
+
+def test_front_door_settings(tmp_path: Path, files: dict[str, str]) -> None:
+    """--broker-principals, the connection limits, and a TLS cluster must ask for client certificates."""
+    secret = tmp_path / "secret"
+    secret.write_text("0123456789abcdef0123456789abcdef\n")
+    secret.chmod(0o600)
+    tls = {"tls_cert": files["cert"], "tls_key": files["key"], "tls_client_ca": files["ca"]}
+    cluster = {"zookeeper": "127.0.0.1:2181", "cluster_secret_file": str(secret)}
+    for auth in ("none", "requested"):
+        with pytest.raises(ConfigError, match="needs --tls-client-auth required"):
+            broker_config_from_settings(settings(tmp_path, **tls, **cluster, tls_client_auth=auth))
+    cfg = broker_config_from_settings(settings(tmp_path, **tls, **cluster, tls_client_auth="required",
+                                               broker_principals="User:broker-0, User:broker-1",
+                                               max_connections_per_ip=7, max_connection_creation_rate_per_sec=0))
+    assert cfg.broker_principals == ("User:broker-0", "User:broker-1")
+    assert (cfg.max_connections_per_ip, cfg.max_connection_creation_rate_per_sec) == (7, 0)
+    plain = broker_config_from_settings(settings(tmp_path))
+    assert (plain.broker_principals, plain.max_connections_per_ip, plain.max_connection_creation_rate_per_sec) == \
+        ((), 100, 200)
+    for bad, message in (({"broker_principals": "broker-0"}, "must be written User:NAME"),
+                         ({"max_connections_per_ip": 0}, "must be positive"),
+                         ({"max_connection_creation_rate_per_sec": -1}, "must be >= 0")):
+        with pytest.raises(ConfigError, match=message):
+            broker_config_from_settings(settings(tmp_path, **bad))

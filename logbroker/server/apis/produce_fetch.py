@@ -61,6 +61,7 @@ if TYPE_CHECKING:
     from logbroker.replication.partition import Partition
     from logbroker.replication.purgatory import Purgatory
     from logbroker.replication.replica_manager import FetchRead, LeaderAppend
+    from logbroker.server.broker_principals import BrokerPrincipals
 
 ProducePartitionKey = tuple[str, int]
 FETCH_RESPONSE_OVERHEAD_BYTES = 4096  # room for the results' small fields within max_response_bytes
@@ -94,8 +95,10 @@ class LeaderReplicas(Protocol):
 
 class ProduceFetchApis:
     def __init__(self, config: BrokerConfig, state: ServingState, replicas: LeaderReplicas,
-                 lookup: PartitionLookup) -> None:
+                 lookup: PartitionLookup, broker_principals: BrokerPrincipals | None = None) -> None:
+        """`broker_principals`: on a TLS broker, who may fetch as a replica besides the cluster secret."""
         self._config = config
+        self._broker_principals = broker_principals
         self._state = state
         self._replicas = replicas
         self._lookup = lookup
@@ -278,6 +281,8 @@ class ProduceFetchApis:
         if replica_id >= 0:  # a follower's fetch: brokers only
             require_cluster_peer(cfg.cluster_secret, cfg.cluster_mode, context.presented_cluster_secret,
                                  f"Fetch as replica {replica_id}", context.peer)
+            if self._broker_principals is not None:
+                self._broker_principals.require(context, f"Fetch as replica {replica_id}")
         check_ready(self._state)
         check_count(len(req.partitions), "partitions")
         if req.max_bytes < 0 or req.min_bytes < 0 or req.max_wait_ms < 0:
