@@ -417,7 +417,8 @@ def _super_users(text: str, what: str = "super user") -> tuple[str, ...]:
 
 
 def _front_door(values: Mapping[str, SettingValue], tls: ServerTls | None, cluster_mode: bool) -> dict[str, Any]:
-    """The broker-only-call and connection-limit settings (server/broker_principals.py, wire_server.py)."""
+    """The SASL, broker-only-call and connection-limit settings (server/sasl.py, broker_principals.py,
+    wire_server.py)."""
     if tls is not None and cluster_mode and tls.client_auth != "required":
         # ("requested" asks for no certificate on gRPC, where the controller's calls arrive: tls.py)
         raise ConfigError("a cluster with TLS needs --tls-client-auth required: the brokers' own calls are "
@@ -428,7 +429,8 @@ def _front_door(values: Mapping[str, SettingValue], tls: ServerTls | None, clust
             raise ConfigError(f"{name} must be >= 0, got {value}")
     if values["max_connections_per_ip"] == 0:
         raise ConfigError("max_connections_per_ip must be positive")
-    return {"broker_principals": _super_users(str(values["broker_principals"]), "broker principal"),
+    return {"sasl_mechanisms": _sasl_mechanisms(str(values["sasl_mechanisms"]), tls),
+            "broker_principals": _super_users(str(values["broker_principals"]), "broker principal"),
             "max_connections_per_ip": values["max_connections_per_ip"],
             "max_connection_creation_rate_per_sec": values["max_connection_creation_rate_per_sec"]}
 
@@ -490,7 +492,6 @@ def broker_config_from_settings(values: Mapping[str, SettingValue], hostname: st
         cluster_secret=secret,
         tls=tls,
         metrics_tls=bool(values["metrics_tls"]),
-        sasl_mechanisms=_sasl_mechanisms(text("sasl_mechanisms"), tls),
         **_front_door(values, tls, bool(text("zookeeper"))),
         zk_session_timeout_ms=number("zk_session_timeout_ms"),
         replica_lag_time_max_ms=number("replica_lag_time_max_ms"),
