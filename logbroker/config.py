@@ -419,10 +419,10 @@ def _super_users(text: str, what: str = "super user") -> tuple[str, ...]:
 def _front_door(values: Mapping[str, SettingValue], tls: ServerTls | None, cluster_mode: bool) -> dict[str, Any]:
     """The SASL, broker-only-call and connection-limit settings (server/sasl.py, broker_principals.py,
     wire_server.py)."""
-    if tls is not None and cluster_mode and tls.client_auth != "required":
+    if tls is not None and cluster_mode and tls.client_auth != "required" and str(values["broker_principals"]):
         # ("requested" asks for no certificate on gRPC, where the controller's calls arrive: tls.py)
-        raise ConfigError("a cluster with TLS needs --tls-client-auth required: the brokers' own calls are "
-                          "checked by their certificates (--broker-principals)")
+        raise ConfigError("--broker-principals needs --tls-client-auth required: without client certificates "
+                          "the brokers' calls are proven by the cluster secret alone")
     for name in ("max_connections_per_ip", "max_connection_creation_rate_per_sec"):
         value = values[name]
         if not isinstance(value, int) or value < 0:

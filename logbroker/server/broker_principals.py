@@ -16,9 +16,12 @@ on a broker with TLS the caller must in addition be a broker by its connection's
 Anything else is refused before the request is parsed: UNAUTHENTICATED without a certificate
 (ANONYMOUS), PERMISSION_DENIED with one that is not a broker's; counted and logged as the secret's
 refusals (request_checks.INTERBROKER_REFUSALS). A plaintext broker has no principals to check:
-there the cluster secret alone decides (`BrokerPrincipals` is None). A cluster with TLS must require
-client certificates (`--tls-client-auth required`; config.py refuses the others: `requested` asks
-for none on gRPC, where the controller's calls arrive).
+there the cluster secret alone decides (`BrokerPrincipals` is None). So it does on a TLS broker that
+does not require client certificates (`--tls-client-auth none|requested`, as a cluster whose clients
+log in with SCRAM runs: `requested` asks for no certificate on gRPC, where the controller's calls
+arrive, so no broker principal can be seen there): the secret then travels encrypted, and
+`--broker-principals` is refused with those settings (config.py). Kafka's answer, a separate
+inter-broker listener with its own client-auth, is not built yet.
 """
 
 from __future__ import annotations
@@ -70,8 +73,9 @@ class BrokerPrincipals:
 
 def broker_principals(tls: ServerTls | None, configured: tuple[str, ...],
                       cluster_action: ClusterActionCheck | None) -> BrokerPrincipals | None:
-    """The check for a broker's settings; None on a plaintext broker (the cluster secret alone)."""
-    if tls is None:
+    """The check for a broker's settings; None on a plaintext broker, or one that does not require client
+    certificates (the cluster secret alone, over TLS there)."""
+    if tls is None or tls.client_auth != "required":
         return None
     names = frozenset(configured)
     if not names:

@@ -94,15 +94,17 @@ def test_principal_from_a_certificates_common_name():
 
 
 def test_front_door_settings(tmp_path: Path, files: dict[str, str]) -> None:
-    """--broker-principals, the connection limits, and a TLS cluster must ask for client certificates."""
+    """--broker-principals (only where client certificates are required) and the connection limits."""
     secret = tmp_path / "secret"
     secret.write_text("0123456789abcdef0123456789abcdef\n")
     secret.chmod(0o600)
     tls = {"tls_cert": files["cert"], "tls_key": files["key"], "tls_client_ca": files["ca"]}
     cluster = {"zookeeper": "127.0.0.1:2181", "cluster_secret_file": str(secret)}
-    for auth in ("none", "requested"):
-        with pytest.raises(ConfigError, match="needs --tls-client-auth required"):
-            broker_config_from_settings(settings(tmp_path, **tls, **cluster, tls_client_auth=auth))
+    for auth in ("none", "requested"):  # allowed (SCRAM clients), the secret alone proves brokers ...
+        assert broker_config_from_settings(settings(tmp_path, **tls, **cluster, tls_client_auth=auth)).tls
+        with pytest.raises(ConfigError, match="needs --tls-client-auth required"):  # ... so no principals
+            broker_config_from_settings(settings(tmp_path, **tls, **cluster, tls_client_auth=auth,
+                                                 broker_principals="User:b"))
     cfg = broker_config_from_settings(settings(tmp_path, **tls, **cluster, tls_client_auth="required",
                                                broker_principals="User:broker-0, User:broker-1",
                                                max_connections_per_ip=7, max_connection_creation_rate_per_sec=0))
