@@ -12,7 +12,8 @@ the offsets partition's ISR.
 One ShareFetch (the member's acknowledgements ride on it)::
 
     check the member (join at epoch 0, leave at -1)
-    apply its acknowledgements, range by range (each all or nothing; results per range)
+    apply its acknowledgements, range by range (each all or nothing; results per range); their
+    dead letters, then the snapshots they changed, start being written now (see Persistence)
     loop until records are acquired or max_wait_ms passes:
         read new records into each partition's window (share_data.py: local log or the leader),
         the partitions of the member's topics and of their priority-level topics
@@ -22,13 +23,30 @@ One ShareFetch (the member's acknowledgements ride on it)::
     read the record batches that hold the acquired records (whole batches: the client keeps only
     its offsets); a partition that cannot be read now gives its acquisitions back (undone, count
     as before) and answers with its error
-    write dead letters (acks=all to the dead-letter topic), then the snapshots of every partition
-    that changed (acks=all to the offsets partition)       <- only then answer
+    write the dead letters of the acquisition (acks=all to the dead-letter topic), then queue the
+    snapshots the acquisition changed (not waited for)
+    wait until the acknowledgements' snapshots are replicated   <- only then answer
     answer: per partition, the acquired offset ranges with delivery counts, and those batches
 
-Acquisitions are persisted before the records are handed out, so a delivery count never goes back
-after a failover (share_partition.py). A background tick gives back expired locks and evicts
-silent members (persisting what changed).
+Persistence. A snapshot is written (acks=all to the offsets partition) by a per-group flush
+scheduled with `loop.call_soon` when the first change of a loop iteration is queued (`_mark`): every
+fetch, acknowledgement and tick that changed the group in that iteration shares one append, taken
+from the state as it is when the flush runs. The flush appends synchronously, so flushes land in
+the order their snapshots were taken (a later snapshot of a partition is never overwritten by an
+earlier one), and its future resolves once they are replicated.
+
+What waits for that future, and what does not:
+- Settling (acknowledgements on a ShareFetch or a ShareAcknowledge, a leave, a join's releases, a
+  purge, the tick's expiries, group creation): answered only once durable. An acknowledged record
+  is never handed out again, even after a failover or kill -9 of the coordinator.
+- Acquisition: not waited for (it is in the same iteration's flush, just not awaited until
+  replicated). Losing an acquisition in a failover only hands the record out again, as its lock
+  expiring would: at-least-once is unchanged. What can go back is the delivery count: a record
+  acquired and lost with its coordinator before the flush replicated is handed out again with the
+  same count, so max_delivery_attempts may allow one more attempt per such failover. Not waiting
+  takes the replication round trip off every fetch, and a fetch carrying acknowledgements waits
+  for their persist while it waits for records, not after.
+A background tick gives back expired locks and evicts silent members (persisting what changed).
 
 Dead letters: a rejected record, or one whose last attempt failed, is copied (key, value, headers,
 plus share_headers.DLQ_* headers) to the group's dead-letter topic, created on demand with the
@@ -43,7 +61,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from logbroker.clock import Clock
@@ -125,6 +144,7 @@ class ShareCoordinator:
         self.limits = limits or ShareLimits()
         self._wakeups: dict[str, asyncio.Event] = {}
         self._filters: dict[str, RecordFilter] = {}  # compiled group filters, by expression
+        self._pending: dict[int, _PendingPersist] = {}  # by id(group): snapshots due in this iteration's flush
         self._task: asyncio.Task[None] | None = None
         groups.share_restore = self.restore
 
@@ -216,15 +236,13 @@ class ShareCoordinator:
                 member = g.check(req.member_id, g.members[req.member_id].epoch if req.member_epoch == -1
                                  and req.member_id in g.members else req.member_epoch, mono)
             self._apply_acks(g, member.member_id, req.acknowledgements, resp.ack_results, changed, dead)
-            acquired: dict[TopicPartition, list[Acquired]] = {}
             if req.member_epoch == -1:
                 released = g.leave(member.member_id, self.clock.now_ms())
                 dead += released
                 changed.update(tp for tp, _ in released)
+                await self._persist(shard, g, changed, dead)
             else:
-                acquired = await self._acquire_loop(shard, g, member, req, changed, dead)
-                await self._fill_records(resp, g, member.member_id, acquired)
-            await self._persist(shard, g, changed, dead)
+                await self._fetch_records(resp, shard, g, member, req, changed, dead)
             if changed:
                 self._wake(g.name)
             resp.member_epoch = member.epoch if req.member_epoch != -1 else -1
@@ -233,6 +251,25 @@ class ShareCoordinator:
             resp.error_code = e.code  # type: ignore[assignment]
             resp.error_message = e.message
         return resp
+
+    async def _fetch_records(self, resp: pb.ShareFetchResponse, shard: _Shard, g: ShareGroup, member: ShareMember,
+                             req: pb.ShareFetchRequest, changed: set[TopicPartition], dead: Dead) -> None:
+        """Acquire and read records for `member`. What the request settled (acknowledgements, a
+        join's releases) is durable before the answer, its persist running while the fetch waits
+        for records; the acquisitions are written without waiting (module doc)."""
+        settled: Awaitable[None] | None = None
+        if changed or dead:
+            settled = asyncio.ensure_future(self._persist(shard, g, set(changed), list(dead)))
+        acquired_changed: set[TopicPartition] = set()
+        acquired_dead: Dead = []
+        try:
+            acquired = await self._acquire_loop(shard, g, member, req, acquired_changed, acquired_dead)
+            await self._fill_records(resp, g, member.member_id, acquired)
+            await self._persist(shard, g, acquired_changed, acquired_dead, wait=False)
+        finally:
+            changed |= acquired_changed
+            if settled is not None:
+                await settled
 
     async def _create(self, shard: _Shard, name: str, changes: dict[str, Any]) -> ShareGroup:
         settings = ShareSettings().updated(changes, self.limits)
@@ -504,11 +541,54 @@ class ShareCoordinator:
 
     # -- persistence and dead letters ---------------------------------------------------------------
 
-    async def _persist(self, shard: _Shard, g: ShareGroup, changed: set[TopicPartition], dead: Dead) -> None:
+    async def _persist(self, shard: _Shard, g: ShareGroup, changed: set[TopicPartition], dead: Dead,
+                       wait: bool = True) -> None:
+        """Dead letters first (awaited), then the snapshots of `changed`: written in this loop
+        iteration's flush (`_mark`), awaited until replicated only if `wait`."""
         if dead:
             await self._dead_letter(g, dead)
         if not changed:
             return
+        done = self._mark(shard, g, changed)
+        if wait:
+            await asyncio.shield(done)
+
+    def _mark(self, shard: _Shard, g: ShareGroup, changed: set[TopicPartition]) -> asyncio.Future[None]:
+        """Queue `changed` for the group's next flush, scheduled for the end of this loop iteration
+        so every fetch and acknowledgement that ran in it shares one append; the flush's future
+        (done once replicated, or with its error)."""
+        pending = self._pending.get(id(g))
+        if pending is None or pending.group is not g:
+            loop = asyncio.get_running_loop()
+            pending = self._pending[id(g)] = _PendingPersist(shard, g, set(), loop.create_future())
+            pending.done.add_done_callback(_retrieve)
+            loop.call_soon(self._flush, id(g))
+        pending.changed |= changed
+        return pending.done
+
+    def _flush(self, key: int) -> None:
+        """Append the snapshots of a group's changed partitions now, all of them synchronously (so
+        flushes land in the order their snapshots were taken), then resolve the flush's future
+        once they are replicated."""
+        pending = self._pending.pop(key, None)
+        if pending is None:
+            return
+        waits: list[Awaitable[Any]] = []
+        try:
+            for batch in self._snapshot_batches(pending.group, pending.changed):
+                waits.append(self._gc.append_now(pending.shard, pending.group.name, batch))
+        except BaseException as e:
+            for w in waits:
+                _close(w)
+            pending.done.set_exception(e)
+            return
+        if not waits:
+            pending.done.set_result(None)
+            return
+        task = asyncio.ensure_future(asyncio.gather(*waits))
+        task.add_done_callback(lambda t: _resolve(pending.done, t))
+
+    def _snapshot_batches(self, g: ShareGroup, changed: set[TopicPartition]) -> list[bytes]:
         now = self.clock.now_ms()
         records: list[tuple[bytes, bytes | None]] = []
         size = 0
@@ -527,8 +607,7 @@ class ShareCoordinator:
                 records, size = [], 0
         if records:
             batches.append(records_batch(records, now))
-        for batch in batches:
-            await self._gc.append_replicated(shard, g.name, batch)
+        return batches
 
     async def _dead_letter(self, g: ShareGroup, dead: Dead) -> None:
         by_tp: dict[TopicPartition, list[DeadLetter]] = {}
@@ -747,6 +826,39 @@ def _add_batch(sp: SharePartition, data: bytes, pos: int, h: BatchHeader, last: 
     if skipped:
         sp.add_filtered(skipped[0], skipped[1], h.max_timestamp)
     sp.add_gap(last)  # offsets of the batch with no record left (compaction)
+
+
+@dataclass
+class _PendingPersist:
+    """One group's next flush: the partitions whose snapshots it writes, and its future."""
+
+    shard: _Shard
+    group: ShareGroup
+    changed: set[TopicPartition]
+    done: asyncio.Future[None]
+
+
+def _retrieve(fut: asyncio.Future[None]) -> None:
+    """A flush nobody waited for may fail (the coordinator moved): logged, not left unretrieved."""
+    if not fut.cancelled() and fut.exception() is not None:
+        log.debug("share-group snapshot flush failed: %s", fut.exception())
+
+
+def _resolve(done: asyncio.Future[None], task: asyncio.Future[Any]) -> None:
+    if done.done():
+        return
+    if task.cancelled():
+        done.cancel()
+    elif task.exception() is not None:
+        done.set_exception(task.exception())  # type: ignore[arg-type]
+    else:
+        done.set_result(None)
+
+
+def _close(w: Awaitable[Any]) -> None:
+    close = getattr(w, "close", None)  # an unawaited coroutine: closed without a warning
+    if close is not None:
+        close()
 
 
 def _check_member_filter(g: ShareGroup, settings: pb.ShareGroupSettings) -> None:
