@@ -19,7 +19,8 @@ One ShareFetch (the member's acknowledgements ride on it)::
         the partitions of the member's topics and of their priority-level topics
         acquire up to max_records, round robin over the partitions; a topic's priority levels
         highest first, or by its priority_weights (priority_drain.py)
-        else wait (a settle, a lock expiry or new data wakes it; new data is checked every tick)
+        else wait (a settle, a lock expiry or new data wakes one waiting fetch at a time, `_wake`;
+        each waiter also looks again every tick)
     read the record batches that hold the acquired records (whole batches: the client keeps only
     its offsets); a partition that cannot be read now gives its acquisitions back (undone, count
     as before) and answers with its error
@@ -61,6 +62,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -142,7 +144,8 @@ class ShareCoordinator:
         self._data = data
         self.clock = clock
         self.limits = limits or ShareLimits()
-        self._wakeups: dict[str, asyncio.Event] = {}
+        self._waiters: dict[str, deque[asyncio.Future[bool]]] = {}  # fetches waiting for records, by group
+        self._woken: dict[str, set[asyncio.Future[bool]]] = {}  # woken, not yet looked: see _wake
         self._filters: dict[str, RecordFilter] = {}  # compiled group filters, by expression
         self._pending: dict[int, _PendingPersist] = {}  # by id(group): snapshots due in this iteration's flush
         self._task: asyncio.Task[None] | None = None
@@ -195,16 +198,44 @@ class ShareCoordinator:
             raise InconsistentGroupProtocolError(f"{name} is a consumer group, not a share group")
         return shard, shard.share_groups.get(name)
 
-    def _wakeup(self, name: str) -> asyncio.Event:
-        ev = self._wakeups.get(name)
-        if ev is None:
-            ev = self._wakeups[name] = asyncio.Event()
-        return ev
-
     def _wake(self, name: str) -> None:
-        ev = self._wakeups.pop(name, None)
-        if ev is not None:
-            ev.set()
+        """Something may have become available in group `name` (new records, a settle, an expired
+        lock): wake ONE waiting fetch, the longest waiting, unless one woken already has not yet
+        looked; a fetch that acquires something wakes the next (`_acquire_loop`), so the waiters are
+        woken one after another while there is something to take, and an arrival costs one fetch's
+        look rather than every member's (the tick still wakes each after TICK_S)."""
+        if self._woken.get(name):
+            return
+        waiters = self._waiters.get(name)
+        while waiters:
+            fut = waiters.popleft()
+            if not fut.done():
+                fut.set_result(True)
+                self._woken.setdefault(name, set()).add(fut)
+                return
+
+    async def _wait(self, name: str, topics: Iterable[str], wait_s: float) -> None:
+        """Wait in group `name`'s queue of fetches until woken (`_wake`) or `wait_s` passes."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[bool] = loop.create_future()
+        waiters = self._waiters.setdefault(name, deque())
+        waiters.append(fut)
+        timer = loop.call_later(wait_s, _time_up, fut)
+        arrival = self._watch_arrivals(name, topics, wait_s)
+        try:
+            await fut
+        finally:
+            timer.cancel()
+            if arrival is not None:
+                arrival.cancel()
+            woken = self._woken.get(name)
+            if woken is not None:
+                woken.discard(fut)
+            if not fut.done():  # cancelled: no longer waiting
+                with contextlib.suppress(ValueError):
+                    waiters.remove(fut)
+            if not waiters:
+                self._waiters.pop(name, None)
 
     # -- ShareFetch --------------------------------------------------------------------------------
 
@@ -267,7 +298,6 @@ class ShareCoordinator:
             await self._fill_records(resp, g, member.member_id, acquired)
             await self._persist(shard, g, acquired_changed, acquired_dead, wait=False)
         finally:
-            changed |= acquired_changed
             if settled is not None:
                 await settled
 
@@ -321,17 +351,11 @@ class ShareCoordinator:
                 raise UnknownMemberIdError(f"share group {g.name} was reloaded: join again")
             g.check(member.member_id, member.epoch, self.clock.monotonic_ms())
             got = self._acquire(g, member, max_records, changed, dead, unreadable, (set(logs), weights))
+            if got:
+                self._wake(g.name)  # there may be more: the next waiting fetch looks (see _wake)
             if got or self.clock.monotonic_ms() >= deadline:
                 return got
-            ev = self._wakeup(g.name)
-            wait_s = min(TICK_S, max(0, deadline - self.clock.monotonic_ms()) / 1000)
-            arrival = self._watch_arrivals(g.name, member.topics, wait_s)
-            try:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(ev.wait(), wait_s)
-            finally:
-                if arrival is not None:
-                    arrival.cancel()
+            await self._wait(g.name, member.topics, min(TICK_S, max(0, deadline - self.clock.monotonic_ms()) / 1000))
 
     def _watch_arrivals(self, name: str, topics: Iterable[str], wait_s: float) -> asyncio.Future[bool] | None:
         """Wake group `name`'s waiting fetches as soon as a local partition of `topics` gets new
@@ -836,6 +860,11 @@ class _PendingPersist:
     group: ShareGroup
     changed: set[TopicPartition]
     done: asyncio.Future[None]
+
+
+def _time_up(fut: asyncio.Future[bool]) -> None:
+    if not fut.done():
+        fut.set_result(False)
 
 
 def _retrieve(fut: asyncio.Future[None]) -> None:
