@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from logbroker.clock import Clock
-from logbroker.cluster.cluster_view import ClusterView
+from logbroker.cluster.cluster_view import ClusterView, partition_ids
 from logbroker.cluster.hashing import partition_for_key
 from logbroker.cluster.metadata import validate_group_id
 from logbroker.errors import (
@@ -314,8 +314,7 @@ class GroupCoordinator:
     # -- routing -----------------------------------------------------------------------------------
 
     def _offsets_partition_count(self) -> int:
-        states = self._cluster.topic_partitions(OFFSETS_TOPIC)
-        return len(states) if states else 0
+        return len(partition_ids(self._cluster, OFFSETS_TOPIC))
 
     def _shard_for(self, group: str) -> _Shard:
         validate_group_id(group)

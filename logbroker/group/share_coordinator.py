@@ -24,8 +24,9 @@ One ShareFetch (the member's acknowledgements ride on it)::
     read the record batches that hold the acquired records (whole batches: the client keeps only
     its offsets); a partition that cannot be read now gives its acquisitions back (undone, count
     as before) and answers with its error
-    write the dead letters of the acquisition (acks=all to the dead-letter topic), then queue the
-    snapshots the acquisition changed (not waited for)
+    write the dead letters of the acquisition (acks=all to the dead-letter topic), then the
+    snapshots of partitions created, skipped forward or with expired records (rare; waited for);
+    an acquisition alone writes nothing
     wait until the acknowledgements' snapshots are replicated   <- only then answer
     answer: per partition, the acquired offset ranges with delivery counts, and those batches
 
@@ -40,13 +41,18 @@ What waits for that future, and what does not:
 - Settling (acknowledgements on a ShareFetch or a ShareAcknowledge, a leave, a join's releases, a
   purge, the tick's expiries, group creation): answered only once durable. An acknowledged record
   is never handed out again, even after a failover or kill -9 of the coordinator.
-- Acquisition: not waited for (it is in the same iteration's flush, just not awaited until
-  replicated). Losing an acquisition in a failover only hands the record out again, as its lock
-  expiring would: at-least-once is unchanged. What can go back is the delivery count: a record
-  acquired and lost with its coordinator before the flush replicated is handed out again with the
-  same count, so max_delivery_attempts may allow one more attempt per such failover. Not waiting
-  takes the replication round trip off every fetch, and a fetch carrying acknowledgements waits
-  for their persist while it waits for records, not after.
+- Acquisition: not written on its own at all. The next snapshot of the partition (its
+  settle, above all: a queue's records are acquired and settled in turn, and the settle's snapshot
+  holds the acquisitions of the moment; a lock expiry, the tick's) carries it. Losing an
+  acquisition in a failover only hands the record out again, as its lock expiring would:
+  at-least-once is unchanged, and an acknowledged record still never comes back. What can go back
+  is the delivery count: records acquired since the partition's last snapshot are handed out by
+  a new coordinator with the count of that snapshot, so max_delivery_attempts may allow more
+  attempts across such a failover (an expiry is written, so a consumer that dies holding a record
+  still counts). Partitions created, skipped forward or with expired records are written and
+  waited for as before (rare; a lost creation at "latest" would start the group later).
+  So a fetch costs no append of its own, and a fetch carrying acknowledgements waits for their
+  persist while it waits for records, not after.
 A background tick gives back expired locks and evicts silent members (persisting what changed).
 
 Dead letters: a rejected record, or one whose last attempt failed, is copied (key, value, headers,
@@ -68,6 +74,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from logbroker.clock import Clock
+from logbroker.cluster.cluster_view import partition_ids
 from logbroker.cluster.metadata import validate_topic_name
 from logbroker.cluster.priority_levels import level_topic, parse_level_topic, parse_levels, parse_weights
 from logbroker.errors import (
@@ -287,7 +294,7 @@ class ShareCoordinator:
                              req: pb.ShareFetchRequest, changed: set[TopicPartition], dead: Dead) -> None:
         """Acquire and read records for `member`. What the request settled (acknowledgements, a
         join's releases) is durable before the answer, its persist running while the fetch waits
-        for records; the acquisitions are written without waiting (module doc)."""
+        for records; the acquisitions are not written on their own (module doc)."""
         settled: Awaitable[None] | None = None
         if changed or dead:
             settled = asyncio.ensure_future(self._persist(shard, g, set(changed), list(dead)))
@@ -296,7 +303,7 @@ class ShareCoordinator:
         try:
             acquired = await self._acquire_loop(shard, g, member, req, acquired_changed, acquired_dead)
             await self._fill_records(resp, g, member.member_id, acquired)
-            await self._persist(shard, g, acquired_changed, acquired_dead, wait=False)
+            await self._persist(shard, g, acquired_changed, acquired_dead)  # rare: creation, skips, expiries
         finally:
             if settled is not None:
                 await settled
@@ -361,7 +368,7 @@ class ShareCoordinator:
         """Wake group `name`'s waiting fetches as soon as a local partition of `topics` gets new
         records (an append notifies the replica manager's fetch purgatory), not only at the next
         tick: request-reply's round trip waits on it. None when the data source has no purgatory."""
-        keys = [(t, p) for t in topics for p in self._gc.cluster.topic_partitions(t) or {}]
+        keys = [(t, p) for t in topics for p in partition_ids(self._gc.cluster, t)]
         watch = getattr(self._data, "data_arrival", None)  # ShareData's; test doubles may lack it
         arrival = watch(keys, wait_s) if watch is not None else None
         if arrival is None:
@@ -378,7 +385,7 @@ class ShareCoordinator:
         unreadable: set[TopicPartition] = set()
         wants: dict[TopicPartition, int] = {}
         for topic in topics:
-            for p in self._gc.cluster.topic_partitions(topic) or {}:
+            for p in partition_ids(self._gc.cluster, topic):
                 tp = (topic, p)
                 try:
                     sp = await self._share_partition(g, tp, changed)
@@ -519,9 +526,8 @@ class ShareCoordinator:
             if expired:
                 dead += [(tp, d) for d in expired]
                 changed.add(tp)
-            if runs:
+            if runs:  # not in `changed`: an acquisition alone is not written (module doc)
                 out.setdefault(tp, []).extend(runs)
-                changed.add(tp)
                 got += sum(r.last_offset - r.first_offset + 1 for r in runs)
         return got
 
