@@ -69,7 +69,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -228,13 +228,13 @@ class ShareCoordinator:
         waiters = self._waiters.setdefault(name, deque())
         waiters.append(fut)
         timer = loop.call_later(wait_s, _time_up, fut)
-        arrival = self._watch_arrivals(name, topics, wait_s)
+        end_watch = self._watch_arrivals(name, topics)
         try:
             await fut
         finally:
             timer.cancel()
-            if arrival is not None:
-                arrival.cancel()
+            if end_watch is not None:
+                end_watch()
             woken = self._woken.get(name)
             if woken is not None:
                 woken.discard(fut)
@@ -364,18 +364,20 @@ class ShareCoordinator:
                 return got
             await self._wait(g.name, member.topics, min(TICK_S, max(0, deadline - self.clock.monotonic_ms()) / 1000))
 
-    def _watch_arrivals(self, name: str, topics: Iterable[str], wait_s: float) -> asyncio.Future[bool] | None:
-        """Wake group `name`'s waiting fetches as soon as a local partition of `topics` gets new
-        records (an append notifies the replica manager's fetch purgatory), not only at the next
-        tick: request-reply's round trip waits on it. None when the data source has no purgatory."""
+    def _watch_arrivals(self, name: str, topics: Iterable[str]) -> Callable[[], None] | None:
+        """Wake group `name`'s waiting fetches (`_wake`) as soon as a local partition of `topics`
+        gets new records (an append notifies the replica manager's fetch purgatory), not only at the
+        next tick: request-reply's round trip waits on it. The watch is registered before this
+        returns, so an append in the same loop iteration is not missed. Returns the function that
+        ends it; None when the data source has no purgatory."""
         keys = [(t, p) for t in topics for p in partition_ids(self._gc.cluster, t)]
-        watch = getattr(self._data, "data_arrival", None)  # ShareData's; test doubles may lack it
-        arrival = watch(keys, wait_s) if watch is not None else None
-        if arrival is None:
+        watch = getattr(self._data, "data_watch", None)  # ShareData's; test doubles may lack it
+        watched = watch(keys) if watch is not None else None
+        if watched is None:
             return None
-        task = asyncio.ensure_future(arrival)
-        task.add_done_callback(lambda t: None if t.cancelled() or not t.result() else self._wake(name))
-        return task
+        fut, end = watched
+        fut.add_done_callback(lambda f: None if f.cancelled() or not f.result() else self._wake(name))
+        return end
 
     async def _read_new(self, g: ShareGroup, topics: Iterable[str], changed: set[TopicPartition]) -> set[TopicPartition]:
         """Bring new records into the windows of the member's partitions (creating share partitions
