@@ -208,9 +208,10 @@ class ShareCoordinator:
     def _wake(self, name: str) -> None:
         """Something may have become available in group `name` (new records, a settle, an expired
         lock): wake ONE waiting fetch, the longest waiting, unless one woken already has not yet
-        looked; a fetch that acquires something wakes the next (`_acquire_loop`), so the waiters are
-        woken one after another while there is something to take, and an arrival costs one fetch's
-        look rather than every member's (the tick still wakes each after TICK_S)."""
+        looked; a fetch that filled its max_records wakes the next (`_acquire_loop`), so the waiters
+        are woken one after another while there is more to take, and an arrival costs one fetch's
+        look rather than every member's. (A member woken for records it does not subscribe to, or
+        cannot take, wakes nobody: the others look at their next tick, TICK_S.)"""
         if self._woken.get(name):
             return
         waiters = self._waiters.get(name)
@@ -238,9 +239,8 @@ class ShareCoordinator:
             woken = self._woken.get(name)
             if woken is not None:
                 woken.discard(fut)
-            if not fut.done():  # cancelled: no longer waiting
-                with contextlib.suppress(ValueError):
-                    waiters.remove(fut)
+            with contextlib.suppress(ValueError):  # timed out or cancelled: no longer waiting
+                waiters.remove(fut)
             if not waiters:
                 self._waiters.pop(name, None)
 
@@ -358,8 +358,8 @@ class ShareCoordinator:
                 raise UnknownMemberIdError(f"share group {g.name} was reloaded: join again")
             g.check(member.member_id, member.epoch, self.clock.monotonic_ms())
             got = self._acquire(g, member, max_records, changed, dead, unreadable, (set(logs), weights))
-            if got:
-                self._wake(g.name)  # there may be more: the next waiting fetch looks (see _wake)
+            if sum(r.last_offset - r.first_offset + 1 for runs in got.values() for r in runs) >= max_records:
+                self._wake(g.name)  # it took all it could: there may be more for the next waiting fetch
             if got or self.clock.monotonic_ms() >= deadline:
                 return got
             await self._wait(g.name, member.topics, min(TICK_S, max(0, deadline - self.clock.monotonic_ms()) / 1000))
