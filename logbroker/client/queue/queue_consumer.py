@@ -2,7 +2,11 @@
 
 Every call goes to the group's coordinator (`CoordinatorClient`: FindCoordinator, found again on
 NOT_COORDINATOR / COORDINATOR_NOT_AVAILABLE / an unreachable broker, COORDINATOR_LOAD_IN_PROGRESS
-retried there, waits from logbroker/retry.py). The member:
+retried there, waits from logbroker/retry.py). ShareFetch and ShareAcknowledge go on the record
+transport (logbroker/wire.py, API_SHARE_FETCH / API_SHARE_ACKNOWLEDGE) when the coordinator
+advertises a data port and the metadata cache's transport is "tcp": one connection per API, read
+by the polling thread itself (inline: no reader thread to hand the answer over); otherwise, or
+when the data port cannot be reached, as unary gRPC calls. The member:
 
     member_id  a uuid4 hex chosen here, kept for the consumer's life
     epoch 0    the first ShareFetch joins (with the topics and the group settings, which the broker
