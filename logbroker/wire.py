@@ -12,17 +12,18 @@ Request frame, client -> broker (integers big-endian):
 
     offset  size  field
     0       4     size   bytes after this field = 5 + len(body); 5 <= size <= 5 + max_request_bytes
-    4       1     api    API_PRODUCE (1), API_FETCH (2), API_REPLY (3), API_REPLY_STREAM (4) or
-                         API_SASL_AUTHENTICATE (5)
+    4       1     api    API_PRODUCE (1), API_FETCH (2), API_REPLY (3), API_REPLY_STREAM (4),
+                         API_SASL_AUTHENTICATE (5), API_SHARE_FETCH (6) or API_SHARE_ACKNOWLEDGE (7)
     5       4     corr   correlation id, echoed by the response (the client numbers its requests)
     9       ...   body   the request message, protobuf (logbroker.v1.ProduceRequest / FetchRequest /
-                         ReplyRequest / ReplyStreamRequest / SaslAuthenticateRequest)
+                         ReplyRequest / ReplyStreamRequest / SaslAuthenticateRequest /
+                         ShareFetchRequest / ShareAcknowledgeRequest)
 
 Response frame, broker -> client:
 
     0       4     size   5 + len(body)
     4       4     corr   the request's correlation id
-    8       1     status 0: body is the response message (ProduceResponse / FetchResponse);
+    8       1     status 0: body is the response message (ProduceResponse / FetchResponse / ...);
                          otherwise a gRPC status code number (INVALID_ARGUMENT = 3, ...), body its
                          message in UTF-8, exactly what the unary gRPC call would have ended with
     9       ...   body
@@ -58,6 +59,8 @@ API_FETCH = 2
 API_REPLY = 3
 API_REPLY_STREAM = 4
 API_SASL_AUTHENTICATE = 5
+API_SHARE_FETCH = 6  # a share-group member's fetch (queues): its round trip is request-reply's
+API_SHARE_ACKNOWLEDGE = 7
 
 REQUEST_HEADER = struct.Struct(">IBI")  # size, api, corr
 RESPONSE_HEADER = struct.Struct(">IIB")  # size, corr, status

@@ -130,8 +130,11 @@ class CoordinatorClient:
             f"no broker answered FindCoordinator for group {self.group}: {rpc_error(last) if last else 'no broker'}"
         )
 
-    def call(self, service: str, method: str, request: Any, deadline: float) -> Any:
+    def call(self, service: str, method: str, request: Any, deadline: float,
+             send: Callable[[str, Any, float], Any] | None = None) -> Any:
         """`method` of the "broker" or "admin" service at the coordinator; returns the response.
+        `send(address, request, timeout_s)`, when given, makes the call instead of the gRPC stub
+        (the record transport; it raises grpc.RpcError as the stub does).
 
         Retries (until `deadline`, at least once) unreachable coordinators and the top-level codes
         NOT_COORDINATOR, COORDINATOR_NOT_AVAILABLE, COORDINATOR_LOAD_IN_PROGRESS; any other top-level
@@ -144,11 +147,14 @@ class CoordinatorClient:
             addr: str | None = None
             try:
                 addr = self.address(deadline)
-                stub = self._metadata.admin_stub(addr) if service == "admin" else self._metadata.broker_stub(addr)
                 timeout = self._request_timeout_s  # the first attempt gets it all, even past the deadline
                 if attempt > 1:
                     timeout = min(timeout, max(deadline - self.monotonic(), 1.0))
-                resp = getattr(stub, method)(request, timeout=timeout)
+                if send is not None:
+                    resp = send(addr, request, timeout)
+                else:
+                    stub = self._metadata.admin_stub(addr) if service == "admin" else self._metadata.broker_stub(addr)
+                    resp = getattr(stub, method)(request, timeout=timeout)
             except grpc.RpcError as e:
                 err: LogbrokerError = rpc_error(e)
                 if addr is not None and isinstance(err, (BrokerUnavailableError, RequestTimedOutError)):

@@ -16,6 +16,12 @@ queue semantics). A reply the broker refuses: REPLY_TOO_LARGE rejects the reques
 reason says why), UNKNOWN_REPLY_TO acknowledges it (its requester has gone: nobody waits for it);
 a reply that could not be sent (no broker reachable) releases it. A message without reply_to is
 handled and acknowledged with no reply.
+
+`run()` (and `start()`) pipeline: once a poll's replies are sent, the next poll goes out at once,
+and each request is settled by its reply's answer when it comes (on the reply connection's
+thread), its acknowledgement riding on a later poll; so a responder waits for records, not for
+its replies' answers. `serve_once()` is the step-by-step form: it settles a poll's requests before
+returning.
 """
 
 from __future__ import annotations
@@ -144,7 +150,10 @@ class Responder:
         self._consumer = QueueConsumer(self._metadata, group, [topic], lock_ms=lock_ms,
                                        max_poll_records=max_poll_records, auto_offset_reset=auto_offset_reset,
                                        request_timeout_ms=request_timeout_ms, **queue_options)
-        self._sender = ReplySender(self._metadata)
+        self._sender_timeout_s = 10.0
+        self._sender = ReplySender(self._metadata, self._sender_timeout_s)
+        self._inflight = 0  # replies sent by run() whose answer has not come yet
+        self._inflight_cond = threading.Condition()
         self._handler = handler
         self.poll_timeout_ms = poll_timeout_ms
         self._stop = threading.Event()
@@ -182,9 +191,63 @@ class Responder:
         return done
 
     def run(self) -> None:
-        """Serve until stop() (or close() from another thread)."""
-        while not self._stop.is_set():
-            self.serve_once()
+        """Serve until stop() (or close() from another thread), pipelined: the next poll goes out as
+        soon as a poll's replies are sent, and each request is settled when its reply's answer comes
+        (on the reply connection's thread), so its acknowledgement rides on a later poll. On the way
+        out it waits for the replies still in flight, so close() commits their settles."""
+        try:
+            while not self._stop.is_set():
+                self._serve_pipelined()
+        finally:
+            self._drain(self._sender_timeout_s)
+
+    def _serve_pipelined(self) -> None:
+        for message in self._consumer.poll(self.poll_timeout_ms):
+            try:
+                result = self._handler(message)
+            except Exception:
+                log.exception("responder handler failed on %s-%d@%d; releasing it", message.topic,
+                              message.partition, message.offset)
+                self._count(False)
+                message.release()
+                continue
+            route = reply_headers(message)
+            if route is None:
+                message.ack()
+                self._count(True)
+                continue
+            sent = _send(self._sender, route, result)
+            if isinstance(sent, Exception):
+                self._count(settle_sent(message, route[0], sent))
+                continue
+            with self._inflight_cond:
+                self._inflight += 1
+            sent.add_done_callback(lambda fut, m=message, reply_to=route[0]: self._on_answer(m, reply_to, fut))
+
+    def _on_answer(self, message: QueueMessage, reply_to: str, fut: Any) -> None:
+        """A reply's answer came (on the reply connection's thread): settle its request."""
+        try:
+            self._count(settle_sent(message, reply_to, fut))
+        except Exception:  # settled already (the consumer rejoined): nothing to do
+            log.debug("settling %s-%d@%d after its reply failed", message.topic, message.partition, message.offset,
+                      exc_info=True)
+        finally:
+            with self._inflight_cond:
+                self._inflight -= 1
+                if self._inflight == 0:
+                    self._inflight_cond.notify_all()
+
+    def _count(self, acked: bool) -> None:
+        with self._inflight_cond:
+            if acked:
+                self.handled += 1
+            else:
+                self.failed += 1
+
+    def _drain(self, timeout_s: float) -> None:
+        """Wait (at most `timeout_s`) for the replies in flight to be answered and settled."""
+        with self._inflight_cond:
+            self._inflight_cond.wait_for(lambda: self._inflight == 0, timeout_s)
 
     def start(self) -> Responder:
         """Serve on a thread of its own."""

@@ -65,6 +65,11 @@ log = logging.getLogger(__name__)
 PRODUCE_STREAM = "/logbroker.v1.Broker/ProduceStream"
 FETCH_STREAM = "/logbroker.v1.Broker/FetchStream"
 REPLY_STREAM = "/logbroker.v1.Broker/ReplyStream"  # a responder's replies (request-reply)
+# A share-group member's calls (client/queue/): on the record transport only. There is no gRPC
+# stream method of these names: a broker whose data port cannot be reached answers UNIMPLEMENTED
+# on gRPC, and the requests go as unary ShareFetch / ShareAcknowledge calls (the name less "Stream").
+SHARE_FETCH_STREAM = "/logbroker.v1.Broker/ShareFetchStream"
+SHARE_ACKNOWLEDGE_STREAM = "/logbroker.v1.Broker/ShareAcknowledgeStream"
 # Connecting happens in the calling thread (a send() with linger_ms=0, a poll()): a filtered data port
 # costs it at most this, once per WIRE_RETRY_AFTER_S; loopback and LAN connects take well under 1 ms.
 WIRE_CONNECT_TIMEOUT_S = 1.0
@@ -380,7 +385,8 @@ class BrokerStreams:
             stream.fail(StreamError(grpc.StatusCode.CANCELLED, "client closed"))
 
 
-_WIRE_APIS = {PRODUCE_STREAM: wire.API_PRODUCE, FETCH_STREAM: wire.API_FETCH, REPLY_STREAM: wire.API_REPLY}
+_WIRE_APIS = {PRODUCE_STREAM: wire.API_PRODUCE, FETCH_STREAM: wire.API_FETCH, REPLY_STREAM: wire.API_REPLY,
+              SHARE_FETCH_STREAM: wire.API_SHARE_FETCH, SHARE_ACKNOWLEDGE_STREAM: wire.API_SHARE_ACKNOWLEDGE}
 
 
 def _copy_outcome(unary: Any, fut: StreamFuture) -> None:

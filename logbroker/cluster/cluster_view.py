@@ -7,7 +7,7 @@ topics; cluster: from the controller's metadata image).
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 from logbroker.v1 import logbroker_pb2 as pb
 
@@ -28,3 +28,12 @@ class ClusterView(Protocol):
     def cluster_brokers(self) -> tuple[list[pb.BrokerInfo], int, int]:
         """(live brokers, controller id, controller epoch)."""
         ...
+
+
+def partition_ids(cluster: Any, topic: str) -> list[int]:
+    """The partition numbers of `topic` ([] for none), without building its PartitionStates where
+    the view offers `partition_ids` (the broker does: the share-group fetch path asks per call)."""
+    fast = getattr(cluster, "partition_ids", None)
+    if fast is not None:
+        return list(fast(topic))
+    return list(cluster.topic_partitions(topic) or {})

@@ -38,12 +38,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from logbroker.clock import Clock
-from logbroker.cluster.cluster_view import ClusterView
+from logbroker.cluster.cluster_view import ClusterView, partition_ids
 from logbroker.cluster.hashing import partition_for_key
 from logbroker.cluster.metadata import validate_group_id
 from logbroker.errors import (
@@ -314,8 +314,7 @@ class GroupCoordinator:
     # -- routing -----------------------------------------------------------------------------------
 
     def _offsets_partition_count(self) -> int:
-        states = self._cluster.topic_partitions(OFFSETS_TOPIC)
-        return len(states) if states else 0
+        return len(partition_ids(self._cluster, OFFSETS_TOPIC))
 
     def _shard_for(self, group: str) -> _Shard:
         validate_group_id(group)
@@ -481,12 +480,27 @@ class GroupCoordinator:
 
     async def _append_replicated(self, shard: _Shard, group: str, batch: bytes) -> AppendResult:
         """Append under this shard's leadership only (a reload at a newer leader epoch is another shard)."""
+        return await self.append_now(shard, group, batch)
+
+    def append_now(self, shard: _Shard, group: str, batch: bytes) -> Awaitable[AppendResult]:
+        """Append `batch` to the shard's log now (synchronously: appends made one after another land
+        in that order) and return the wait for its replication to the ISR. Raises
+        NotCoordinatorError at once when the shard is no longer ours."""
         rm = self._replicas
         part = rm.partitions.get((OFFSETS_TOPIC, shard.partition))
         if self._shards.get(shard.partition) is not shard or part is None or part.leader_epoch != shard.leader_epoch:
             raise NotCoordinatorError(f"no longer the coordinator of group {group}")
         try:
             append = rm.append_records(OFFSETS_TOPIC, shard.partition, batch, acks=-1)
+        except NotLeaderOrFollowerError as e:
+            raise NotCoordinatorError(f"no longer the coordinator of group {group}: {e.message}") from None
+        except NotEnoughReplicasError as e:
+            raise CoordinatorNotAvailableError(f"{OFFSETS_TOPIC}-{shard.partition}: {e.message}") from None
+        return self._replicated(shard, group, append)
+
+    async def _replicated(self, shard: _Shard, group: str, append: LeaderAppend) -> AppendResult:
+        rm = self._replicas
+        try:
             await rm.wait_for_acks(OFFSETS_TOPIC, shard.partition, append, self.config.commit_timeout_ms)
         except NotLeaderOrFollowerError as e:
             raise NotCoordinatorError(f"no longer the coordinator of group {group}: {e.message}") from None

@@ -12,23 +12,48 @@ the offsets partition's ISR.
 One ShareFetch (the member's acknowledgements ride on it)::
 
     check the member (join at epoch 0, leave at -1)
-    apply its acknowledgements, range by range (each all or nothing; results per range)
+    apply its acknowledgements, range by range (each all or nothing; results per range); their
+    dead letters, then the snapshots they changed, start being written now (see Persistence)
     loop until records are acquired or max_wait_ms passes:
         read new records into each partition's window (share_data.py: local log or the leader),
         the partitions of the member's topics and of their priority-level topics
         acquire up to max_records, round robin over the partitions; a topic's priority levels
         highest first, or by its priority_weights (priority_drain.py)
-        else wait (a settle, a lock expiry or new data wakes it; new data is checked every tick)
+        else wait (a settle, a lock expiry or new data wakes one waiting fetch at a time, `_wake`;
+        each waiter also looks again every tick)
     read the record batches that hold the acquired records (whole batches: the client keeps only
     its offsets); a partition that cannot be read now gives its acquisitions back (undone, count
     as before) and answers with its error
-    write dead letters (acks=all to the dead-letter topic), then the snapshots of every partition
-    that changed (acks=all to the offsets partition)       <- only then answer
+    write the dead letters of the acquisition (acks=all to the dead-letter topic), then the
+    snapshots of partitions created, skipped forward or with expired records (rare; waited for);
+    an acquisition alone writes nothing
+    wait until the acknowledgements' snapshots are replicated   <- only then answer
     answer: per partition, the acquired offset ranges with delivery counts, and those batches
 
-Acquisitions are persisted before the records are handed out, so a delivery count never goes back
-after a failover (share_partition.py). A background tick gives back expired locks and evicts
-silent members (persisting what changed).
+Persistence. A snapshot is written (acks=all to the offsets partition) by a per-group flush
+scheduled with `loop.call_soon` when the first change of a loop iteration is queued (`_mark`): every
+fetch, acknowledgement and tick that changed the group in that iteration shares one append, taken
+from the state as it is when the flush runs. The flush appends synchronously, so flushes land in
+the order their snapshots were taken (a later snapshot of a partition is never overwritten by an
+earlier one), and its future resolves once they are replicated.
+
+What waits for that future, and what does not:
+- Settling (acknowledgements on a ShareFetch or a ShareAcknowledge, a leave, a join's releases, a
+  purge, the tick's expiries, group creation): answered only once durable. An acknowledged record
+  is never handed out again, even after a failover or kill -9 of the coordinator.
+- Acquisition: not written on its own at all. The next snapshot of the partition (its
+  settle, above all: a queue's records are acquired and settled in turn, and the settle's snapshot
+  holds the acquisitions of the moment; a lock expiry, the tick's) carries it. Losing an
+  acquisition in a failover only hands the record out again, as its lock expiring would:
+  at-least-once is unchanged, and an acknowledged record still never comes back. What can go back
+  is the delivery count: records acquired since the partition's last snapshot are handed out by
+  a new coordinator with the count of that snapshot, so max_delivery_attempts may allow more
+  attempts across such a failover (an expiry is written, so a consumer that dies holding a record
+  still counts). Partitions created, skipped forward or with expired records are written and
+  waited for as before (rare; a lost creation at "latest" would start the group later).
+  So a fetch costs no append of its own, and a fetch carrying acknowledgements waits for their
+  persist while it waits for records, not after.
+A background tick gives back expired locks and evicts silent members (persisting what changed).
 
 Dead letters: a rejected record, or one whose last attempt failed, is copied (key, value, headers,
 plus share_headers.DLQ_* headers) to the group's dead-letter topic, created on demand with the
@@ -43,10 +68,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from logbroker.clock import Clock
+from logbroker.cluster.cluster_view import partition_ids
 from logbroker.cluster.metadata import validate_topic_name
 from logbroker.cluster.priority_levels import level_topic, parse_level_topic, parse_levels, parse_weights
 from logbroker.errors import (
@@ -123,8 +151,10 @@ class ShareCoordinator:
         self._data = data
         self.clock = clock
         self.limits = limits or ShareLimits()
-        self._wakeups: dict[str, asyncio.Event] = {}
+        self._waiters: dict[str, deque[asyncio.Future[bool]]] = {}  # fetches waiting for records, by group
+        self._woken: dict[str, set[asyncio.Future[bool]]] = {}  # woken, not yet looked: see _wake
         self._filters: dict[str, RecordFilter] = {}  # compiled group filters, by expression
+        self._pending: dict[int, _PendingPersist] = {}  # by id(group): snapshots due in this iteration's flush
         self._task: asyncio.Task[None] | None = None
         groups.share_restore = self.restore
 
@@ -175,16 +205,44 @@ class ShareCoordinator:
             raise InconsistentGroupProtocolError(f"{name} is a consumer group, not a share group")
         return shard, shard.share_groups.get(name)
 
-    def _wakeup(self, name: str) -> asyncio.Event:
-        ev = self._wakeups.get(name)
-        if ev is None:
-            ev = self._wakeups[name] = asyncio.Event()
-        return ev
-
     def _wake(self, name: str) -> None:
-        ev = self._wakeups.pop(name, None)
-        if ev is not None:
-            ev.set()
+        """Something may have become available in group `name` (new records, a settle, an expired
+        lock): wake ONE waiting fetch, the longest waiting, unless one woken already has not yet
+        looked; a fetch that filled its max_records wakes the next (`_acquire_loop`), so the waiters
+        are woken one after another while there is more to take, and an arrival costs one fetch's
+        look rather than every member's. (A member woken for records it does not subscribe to, or
+        cannot take, wakes nobody: the others look at their next tick, TICK_S.)"""
+        if self._woken.get(name):
+            return
+        waiters = self._waiters.get(name)
+        while waiters:
+            fut = waiters.popleft()
+            if not fut.done():
+                fut.set_result(True)
+                self._woken.setdefault(name, set()).add(fut)
+                return
+
+    async def _wait(self, name: str, topics: Iterable[str], wait_s: float) -> None:
+        """Wait in group `name`'s queue of fetches until woken (`_wake`) or `wait_s` passes."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[bool] = loop.create_future()
+        waiters = self._waiters.setdefault(name, deque())
+        waiters.append(fut)
+        timer = loop.call_later(wait_s, _time_up, fut)
+        end_watch = self._watch_arrivals(name, topics)
+        try:
+            await fut
+        finally:
+            timer.cancel()
+            if end_watch is not None:
+                end_watch()
+            woken = self._woken.get(name)
+            if woken is not None:
+                woken.discard(fut)
+            with contextlib.suppress(ValueError):  # timed out or cancelled: no longer waiting
+                waiters.remove(fut)
+            if not waiters:
+                self._waiters.pop(name, None)
 
     # -- ShareFetch --------------------------------------------------------------------------------
 
@@ -216,15 +274,13 @@ class ShareCoordinator:
                 member = g.check(req.member_id, g.members[req.member_id].epoch if req.member_epoch == -1
                                  and req.member_id in g.members else req.member_epoch, mono)
             self._apply_acks(g, member.member_id, req.acknowledgements, resp.ack_results, changed, dead)
-            acquired: dict[TopicPartition, list[Acquired]] = {}
             if req.member_epoch == -1:
                 released = g.leave(member.member_id, self.clock.now_ms())
                 dead += released
                 changed.update(tp for tp, _ in released)
+                await self._persist(shard, g, changed, dead)
             else:
-                acquired = await self._acquire_loop(shard, g, member, req, changed, dead)
-                await self._fill_records(resp, g, member.member_id, acquired)
-            await self._persist(shard, g, changed, dead)
+                await self._fetch_records(resp, shard, g, member, req, changed, dead)
             if changed:
                 self._wake(g.name)
             resp.member_epoch = member.epoch if req.member_epoch != -1 else -1
@@ -233,6 +289,24 @@ class ShareCoordinator:
             resp.error_code = e.code  # type: ignore[assignment]
             resp.error_message = e.message
         return resp
+
+    async def _fetch_records(self, resp: pb.ShareFetchResponse, shard: _Shard, g: ShareGroup, member: ShareMember,
+                             req: pb.ShareFetchRequest, changed: set[TopicPartition], dead: Dead) -> None:
+        """Acquire and read records for `member`. What the request settled (acknowledgements, a
+        join's releases) is durable before the answer, its persist running while the fetch waits
+        for records; the acquisitions are not written on their own (module doc)."""
+        settled: Awaitable[None] | None = None
+        if changed or dead:
+            settled = asyncio.ensure_future(self._persist(shard, g, set(changed), list(dead)))
+        acquired_changed: set[TopicPartition] = set()
+        acquired_dead: Dead = []
+        try:
+            acquired = await self._acquire_loop(shard, g, member, req, acquired_changed, acquired_dead)
+            await self._fill_records(resp, g, member.member_id, acquired)
+            await self._persist(shard, g, acquired_changed, acquired_dead)  # rare: creation, skips, expiries
+        finally:
+            if settled is not None:
+                await settled
 
     async def _create(self, shard: _Shard, name: str, changes: dict[str, Any]) -> ShareGroup:
         settings = ShareSettings().updated(changes, self.limits)
@@ -284,30 +358,26 @@ class ShareCoordinator:
                 raise UnknownMemberIdError(f"share group {g.name} was reloaded: join again")
             g.check(member.member_id, member.epoch, self.clock.monotonic_ms())
             got = self._acquire(g, member, max_records, changed, dead, unreadable, (set(logs), weights))
+            if sum(r.last_offset - r.first_offset + 1 for runs in got.values() for r in runs) >= max_records:
+                self._wake(g.name)  # it took all it could: there may be more for the next waiting fetch
             if got or self.clock.monotonic_ms() >= deadline:
                 return got
-            ev = self._wakeup(g.name)
-            wait_s = min(TICK_S, max(0, deadline - self.clock.monotonic_ms()) / 1000)
-            arrival = self._watch_arrivals(g.name, member.topics, wait_s)
-            try:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(ev.wait(), wait_s)
-            finally:
-                if arrival is not None:
-                    arrival.cancel()
+            await self._wait(g.name, member.topics, min(TICK_S, max(0, deadline - self.clock.monotonic_ms()) / 1000))
 
-    def _watch_arrivals(self, name: str, topics: Iterable[str], wait_s: float) -> asyncio.Future[bool] | None:
-        """Wake group `name`'s waiting fetches as soon as a local partition of `topics` gets new
-        records (an append notifies the replica manager's fetch purgatory), not only at the next
-        tick: request-reply's round trip waits on it. None when the data source has no purgatory."""
-        keys = [(t, p) for t in topics for p in self._gc.cluster.topic_partitions(t) or {}]
-        watch = getattr(self._data, "data_arrival", None)  # ShareData's; test doubles may lack it
-        arrival = watch(keys, wait_s) if watch is not None else None
-        if arrival is None:
+    def _watch_arrivals(self, name: str, topics: Iterable[str]) -> Callable[[], None] | None:
+        """Wake group `name`'s waiting fetches (`_wake`) as soon as a local partition of `topics`
+        gets new records (an append notifies the replica manager's fetch purgatory), not only at the
+        next tick: request-reply's round trip waits on it. The watch is registered before this
+        returns, so an append in the same loop iteration is not missed. Returns the function that
+        ends it; None when the data source has no purgatory."""
+        keys = [(t, p) for t in topics for p in partition_ids(self._gc.cluster, t)]
+        watch = getattr(self._data, "data_watch", None)  # ShareData's; test doubles may lack it
+        watched = watch(keys) if watch is not None else None
+        if watched is None:
             return None
-        task = asyncio.ensure_future(arrival)
-        task.add_done_callback(lambda t: None if t.cancelled() or not t.result() else self._wake(name))
-        return task
+        fut, end = watched
+        fut.add_done_callback(lambda f: None if f.cancelled() or not f.result() else self._wake(name))
+        return end
 
     async def _read_new(self, g: ShareGroup, topics: Iterable[str], changed: set[TopicPartition]) -> set[TopicPartition]:
         """Bring new records into the windows of the member's partitions (creating share partitions
@@ -317,7 +387,7 @@ class ShareCoordinator:
         unreadable: set[TopicPartition] = set()
         wants: dict[TopicPartition, int] = {}
         for topic in topics:
-            for p in self._gc.cluster.topic_partitions(topic) or {}:
+            for p in partition_ids(self._gc.cluster, topic):
                 tp = (topic, p)
                 try:
                     sp = await self._share_partition(g, tp, changed)
@@ -458,9 +528,8 @@ class ShareCoordinator:
             if expired:
                 dead += [(tp, d) for d in expired]
                 changed.add(tp)
-            if runs:
+            if runs:  # not in `changed`: an acquisition alone is not written (module doc)
                 out.setdefault(tp, []).extend(runs)
-                changed.add(tp)
                 got += sum(r.last_offset - r.first_offset + 1 for r in runs)
         return got
 
@@ -504,11 +573,54 @@ class ShareCoordinator:
 
     # -- persistence and dead letters ---------------------------------------------------------------
 
-    async def _persist(self, shard: _Shard, g: ShareGroup, changed: set[TopicPartition], dead: Dead) -> None:
+    async def _persist(self, shard: _Shard, g: ShareGroup, changed: set[TopicPartition], dead: Dead,
+                       wait: bool = True) -> None:
+        """Dead letters first (awaited), then the snapshots of `changed`: written in this loop
+        iteration's flush (`_mark`), awaited until replicated only if `wait`."""
         if dead:
             await self._dead_letter(g, dead)
         if not changed:
             return
+        done = self._mark(shard, g, changed)
+        if wait:
+            await asyncio.shield(done)
+
+    def _mark(self, shard: _Shard, g: ShareGroup, changed: set[TopicPartition]) -> asyncio.Future[None]:
+        """Queue `changed` for the group's next flush, scheduled for the end of this loop iteration
+        so every fetch and acknowledgement that ran in it shares one append; the flush's future
+        (done once replicated, or with its error)."""
+        pending = self._pending.get(id(g))
+        if pending is None or pending.group is not g:
+            loop = asyncio.get_running_loop()
+            pending = self._pending[id(g)] = _PendingPersist(shard, g, set(), loop.create_future())
+            pending.done.add_done_callback(_retrieve)
+            loop.call_soon(self._flush, id(g))
+        pending.changed |= changed
+        return pending.done
+
+    def _flush(self, key: int) -> None:
+        """Append the snapshots of a group's changed partitions now, all of them synchronously (so
+        flushes land in the order their snapshots were taken), then resolve the flush's future
+        once they are replicated."""
+        pending = self._pending.pop(key, None)
+        if pending is None:
+            return
+        waits: list[Awaitable[Any]] = []
+        try:
+            for batch in self._snapshot_batches(pending.group, pending.changed):
+                waits.append(self._gc.append_now(pending.shard, pending.group.name, batch))
+        except BaseException as e:
+            for w in waits:
+                _close(w)
+            pending.done.set_exception(e)
+            return
+        if not waits:
+            pending.done.set_result(None)
+            return
+        task = asyncio.ensure_future(asyncio.gather(*waits))
+        task.add_done_callback(lambda t: _resolve(pending.done, t))
+
+    def _snapshot_batches(self, g: ShareGroup, changed: set[TopicPartition]) -> list[bytes]:
         now = self.clock.now_ms()
         records: list[tuple[bytes, bytes | None]] = []
         size = 0
@@ -527,8 +639,7 @@ class ShareCoordinator:
                 records, size = [], 0
         if records:
             batches.append(records_batch(records, now))
-        for batch in batches:
-            await self._gc.append_replicated(shard, g.name, batch)
+        return batches
 
     async def _dead_letter(self, g: ShareGroup, dead: Dead) -> None:
         by_tp: dict[TopicPartition, list[DeadLetter]] = {}
@@ -747,6 +858,44 @@ def _add_batch(sp: SharePartition, data: bytes, pos: int, h: BatchHeader, last: 
     if skipped:
         sp.add_filtered(skipped[0], skipped[1], h.max_timestamp)
     sp.add_gap(last)  # offsets of the batch with no record left (compaction)
+
+
+@dataclass
+class _PendingPersist:
+    """One group's next flush: the partitions whose snapshots it writes, and its future."""
+
+    shard: _Shard
+    group: ShareGroup
+    changed: set[TopicPartition]
+    done: asyncio.Future[None]
+
+
+def _time_up(fut: asyncio.Future[bool]) -> None:
+    if not fut.done():
+        fut.set_result(False)
+
+
+def _retrieve(fut: asyncio.Future[None]) -> None:
+    """A flush nobody waited for may fail (the coordinator moved): logged, not left unretrieved."""
+    if not fut.cancelled() and fut.exception() is not None:
+        log.debug("share-group snapshot flush failed: %s", fut.exception())
+
+
+def _resolve(done: asyncio.Future[None], task: asyncio.Future[Any]) -> None:
+    if done.done():
+        return
+    if task.cancelled():
+        done.cancel()
+    elif task.exception() is not None:
+        done.set_exception(task.exception())  # type: ignore[arg-type]
+    else:
+        done.set_result(None)
+
+
+def _close(w: Awaitable[Any]) -> None:
+    close = getattr(w, "close", None)  # an unawaited coroutine: closed without a warning
+    if close is not None:
+        close()
 
 
 def _check_member_filter(g: ShareGroup, settings: pb.ShareGroupSettings) -> None:

@@ -82,6 +82,13 @@ class ShareData:
         purgatory = getattr(self._replicas, "fetch_purgatory", None)
         return None if purgatory is None or not keys else purgatory.wait(keys, timeout_s)
 
+    def data_watch(self, keys: list[tuple[str, int]]) -> tuple[asyncio.Future[bool], Callable[[], None]] | None:
+        """`data_arrival` registered at once (Purgatory.watch): a future set True by an append to a
+        local replica of one of `keys`, and the function that ends the watch; None without a
+        purgatory (remote leaders: the tick) or when it is full."""
+        purgatory = getattr(self._replicas, "fetch_purgatory", None)
+        return None if purgatory is None or not keys else purgatory.watch(keys)
+
     async def message_ttl_ms(self, topic: str) -> int:
         """The topic's `message_ttl_ms` (-1: none), cached (see `topic_setting`)."""
         return int(await self.topic_setting(topic, "message_ttl_ms", "-1"))

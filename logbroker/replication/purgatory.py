@@ -52,6 +52,31 @@ class Purgatory:
                     if not waiters:
                         del self._waiters[key]
 
+    def watch(self, keys: Iterable[Key]) -> tuple[asyncio.Future[bool], Callable[[], None]] | None:
+        """Register a watch of `keys` now, synchronously (an append right after this call notifies
+        it; `wait` registers only once its coroutine first runs): a future set True by `notify`,
+        and the function that ends the watch (call it once, whatever happened). None when full."""
+        if self._count >= self._watchers_max:
+            return None
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        watched = list(dict.fromkeys(keys))
+        for key in watched:
+            self._waiters.setdefault(key, set()).add(fut)
+        self._count += 1
+
+        def end() -> None:
+            self._count -= 1
+            for key in watched:
+                waiters = self._waiters.get(key)
+                if waiters is not None:
+                    waiters.discard(fut)
+                    if not waiters:
+                        del self._waiters[key]
+            if not fut.done():
+                fut.cancel()
+
+        return fut, end
+
     async def wait_until(self, keys: Iterable[Key], ready: Callable[[], bool], timeout_s: float) -> bool:
         """Wait until `ready()` holds, checking it now and after each notification of one of `keys`,
         for at most `timeout_s`. Returns `ready()` at the end (False on timeout or when full)."""

@@ -555,6 +555,13 @@ class Broker:
         names = self.metadata_image.topic_names() if self.cluster is not None else sorted(self.topics)
         return [n for n in names if not is_level_topic(n)]
 
+    def partition_ids(self, topic: str) -> list[int]:
+        """The partition numbers of `topic`, sorted ([] for none): `topic_partitions` without its states."""
+        if self.cluster is not None:
+            return sorted(self.metadata_image.partitions.get(topic) or {})
+        spec = self.topics.get(topic)
+        return sorted(spec.assignment) if spec is not None else []
+
     def topic_partitions(self, topic: str) -> dict[int, pb.PartitionState] | None:
         """Leader, epoch, replicas and ISR of every partition of `topic` (None: no such topic)."""
         if self.cluster is not None:

@@ -87,7 +87,8 @@ class BrokerService:
 
 
 def wire_handlers(apis: BrokerApis) -> dict[int, tuple[type[Message], Handler]]:
-    """The record transport's APIs (logbroker/wire.py): Produce and Fetch of the request layer."""
+    """The record transport's APIs (logbroker/wire.py): Produce, Fetch, Reply, ShareFetch and
+    ShareAcknowledge of the request layer."""
 
     def produce(req: pb.ProduceRequest, context: RequestContext) -> Awaitable[Message | bytes]:
         return apis.handle(PRODUCE, context, req)  # no coroutine frame of its own: the hot path
@@ -98,8 +99,15 @@ def wire_handlers(apis: BrokerApis) -> dict[int, tuple[type[Message], Handler]]:
     def reply(req: pb.ReplyRequest, context: RequestContext) -> Awaitable[Message | bytes]:
         return apis.handle("Reply", context, req)
 
+    def share_fetch(req: pb.ShareFetchRequest, context: RequestContext) -> Awaitable[Message | bytes]:
+        return apis.handle("ShareFetch", context, req)
+
+    def share_acknowledge(req: pb.ShareAcknowledgeRequest, context: RequestContext) -> Awaitable[Message | bytes]:
+        return apis.handle("ShareAcknowledge", context, req)
+
     return {wire.API_PRODUCE: (pb.ProduceRequest, produce), wire.API_FETCH: (pb.FetchRequest, fetch),
-            wire.API_REPLY: (pb.ReplyRequest, reply)}
+            wire.API_REPLY: (pb.ReplyRequest, reply), wire.API_SHARE_FETCH: (pb.ShareFetchRequest, share_fetch),
+            wire.API_SHARE_ACKNOWLEDGE: (pb.ShareAcknowledgeRequest, share_acknowledge)}
 
 
 def handler(apis: BrokerApis, open_streams: rpc.OpenStreams | None = None,

@@ -104,3 +104,28 @@ def test_data_arrival_wakes_on_an_append_to_a_watched_local_partition() -> None:
     assert timed_out is False and woken is True and waited_s < 5
     assert ShareData(FakeCluster(), SimpleNamespace(partitions={}), None, None).data_arrival(  # type: ignore[arg-type]
         [("a", 0)], 1.0) is None  # no purgatory (test doubles): the coordinator keeps its tick
+
+
+def test_data_watch_is_registered_before_it_returns_so_an_append_right_after_is_not_missed() -> None:
+    """A waiting ShareFetch registers its watch and an append may follow in the same loop iteration
+    (before any task of the fetch runs again): it must still be woken."""
+    from logbroker.replication.purgatory import Purgatory
+
+    replicas = SimpleNamespace(partitions={}, fetch_purgatory=Purgatory())
+    data = ShareData(FakeCluster(), replicas, None, None)  # type: ignore[arg-type]
+
+    async def scenario() -> tuple[bool, int, int, bool]:
+        watched = data.data_watch([("a", 0), ("a", 2)])
+        assert watched is not None
+        fut, end = watched
+        replicas.fetch_purgatory.notify(("a", 2))  # no await in between: the append comes at once
+        notified = fut.done() and fut.result()
+        during = replicas.fetch_purgatory.waiting
+        end()
+        other, end_other = data.data_watch([("a", 0)])  # type: ignore[misc]
+        end_other()
+        return notified, during, replicas.fetch_purgatory.waiting, other.cancelled()
+
+    assert asyncio.run(scenario()) == (True, 1, 0, True)  # ended watches are unregistered (and cancelled)
+    assert ShareData(FakeCluster(), SimpleNamespace(partitions={}), None, None).data_watch(  # type: ignore[arg-type]
+        [("a", 0)]) is None

@@ -2,7 +2,11 @@
 
 Every call goes to the group's coordinator (`CoordinatorClient`: FindCoordinator, found again on
 NOT_COORDINATOR / COORDINATOR_NOT_AVAILABLE / an unreachable broker, COORDINATOR_LOAD_IN_PROGRESS
-retried there, waits from logbroker/retry.py). The member:
+retried there, waits from logbroker/retry.py). ShareFetch and ShareAcknowledge go on the record
+transport (logbroker/wire.py, API_SHARE_FETCH / API_SHARE_ACKNOWLEDGE) when the coordinator
+advertises a data port and the metadata cache's transport is "tcp": one connection per API, read
+by the polling thread itself (inline: no reader thread to hand the answer over); otherwise, or
+when the data port cannot be reached, as unary gRPC calls. The member:
 
     member_id  a uuid4 hex chosen here, kept for the consumer's life
     epoch 0    the first ShareFetch joins (with the topics and the group settings, which the broker
@@ -46,6 +50,7 @@ from logbroker.client.queue.acks import (
 from logbroker.client.queue.message import MessageAlreadySettledError, QueueMessage
 from logbroker.client.queue.share_fetch import read_partition
 from logbroker.client.sasl import SaslConfig
+from logbroker.client.streams import SHARE_ACKNOWLEDGE_STREAM, SHARE_FETCH_STREAM, BrokerStreams
 from logbroker.errors import BrokerError, LogbrokerError, error_for
 from logbroker.tls import TlsConfig
 from logbroker.v1 import logbroker_pb2 as pb
@@ -58,6 +63,19 @@ ORDERINGS = ("none", "key")  # "key": per-key FIFO (the broker's share_settings.
 MAX_POLL_RECORDS_MAX = 100_000
 # The fetch waits at most this share of request_timeout_ms, so the call's own timeout never fires first.
 _WAIT_SHARE = 0.5
+_WIRE_METHODS = {"ShareFetch": (SHARE_FETCH_STREAM, pb.ShareFetchResponse),
+                 "ShareAcknowledge": (SHARE_ACKNOWLEDGE_STREAM, pb.ShareAcknowledgeResponse)}
+PUMP_WAIT_S = 1.0
+
+
+def wait_inline(fut: Any) -> Any:
+    """The response of a request on an inline record-transport connection: this thread reads it
+    (`WireConnection.pump`; no reader thread to hand it over). A future on a gRPC stream (the data
+    port was unreachable) is simply waited for. Raises grpc.RpcError as the unary call would."""
+    conn = getattr(fut, "connection", None)  # a unary gRPC future (UNIMPLEMENTED fallback) has none
+    while conn is not None and not fut.done() and not conn.closed:
+        conn.pump(PUMP_WAIT_S)
+    return fut.result()
 
 
 def share_settings(
@@ -171,6 +189,8 @@ class QueueConsumer:
         self._generation = 0
         self._closed = False
         self._log = LogThrottle(log)
+        self._streams: BrokerStreams | None = None  # record-transport connections, read by the polling thread
+        self._data_ports_known = False
 
     # -- settling (any thread) -------------------------------------------------------------------
 
@@ -203,7 +223,7 @@ class QueueConsumer:
             runs = self._take_acks()
             request = self._fetch_request(runs, min(timeout_ms, int(self._request_timeout_ms * _WAIT_SHARE)))
             try:
-                resp = self._coordinator.call("broker", "ShareFetch", request, deadline)
+                resp = self._call("ShareFetch", request, deadline)
             except LogbrokerError as e:
                 self._put_back(runs)
                 return self._transient(e)
@@ -297,8 +317,7 @@ class QueueConsumer:
         request = pb.ShareAcknowledgeRequest(group=self.group, member_id=self.member_id,
                                              member_epoch=self.member_epoch, acknowledgements=to_proto(runs))
         try:
-            return self._coordinator.call("broker", "ShareAcknowledge", request,
-                                          time.monotonic() + self._request_timeout_ms / 1000)
+            return self._call("ShareAcknowledge", request, time.monotonic() + self._request_timeout_ms / 1000)
         except BaseException:
             self._put_back([r for r in runs if r.ack.type != RENEW])
             raise
@@ -318,18 +337,45 @@ class QueueConsumer:
             log.warning("share group %s: close: %s", self.group, e)
         finally:
             self._closed = True
+            if self._streams is not None:
+                self._metadata.release_streams(self._streams)
             if self._owns_metadata:
                 self._metadata.close()
 
     def _leave(self, timeout_ms: int | None) -> None:
         request = pb.ShareFetchRequest(group=self.group, member_id=self.member_id, member_epoch=-1)
         wait_s = (self._request_timeout_ms if timeout_ms is None else timeout_ms) / 1000
-        resp = self._coordinator.call("broker", "ShareFetch", request, time.monotonic() + wait_s)
+        resp = self._call("ShareFetch", request, time.monotonic() + wait_s)
         if resp.error_code not in (pb.NONE, *_FENCED):
             log.warning("share group %s: leave: %s", self.group, error_for(resp.error_code, resp.error_message))
         with self._lock:
             self._generation += 1
         self.member_epoch = 0
+
+    # -- calls -----------------------------------------------------------------------------------
+
+    def _call(self, method: str, request: Any, deadline: float) -> Any:
+        """ShareFetch / ShareAcknowledge at the coordinator, on the record transport when its broker
+        advertises a data port (and the metadata cache's transport is "tcp"), else a unary gRPC call."""
+        send = None
+        if getattr(self._metadata, "transport", "grpc") == "tcp":  # test doubles may lack it
+            if not self._data_ports_known:  # the brokers' data ports: a share consumer had no reason to ask
+                self._data_ports_known = True
+                try:
+                    self._metadata.refresh([])
+                except LogbrokerError as e:
+                    log.debug("share group %s: metadata refresh failed: %s", self.group, e)
+            send = self._send_wire
+        return self._coordinator.call("broker", method, request, deadline, send)
+
+    def _send_wire(self, address: str, request: Any, timeout_s: float) -> Any:
+        method = type(request).__name__.removesuffix("Request")
+        if self._metadata.data_address(address) is None:
+            return getattr(self._metadata.broker_stub(address), method)(request, timeout=timeout_s)
+        if self._streams is None:
+            self._streams = self._metadata.client_streams(inline=True)
+        path, response_cls = _WIRE_METHODS[method]
+        return wait_inline(self._streams.send(path, response_cls, address, request, timeout_s))
 
     # -- state -----------------------------------------------------------------------------------
 
