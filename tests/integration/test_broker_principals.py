@@ -114,8 +114,15 @@ def test_a_client_certificate_that_is_not_a_brokers_cannot_make_broker_only_call
     assert len(more) == RECORDS
     wait_for(lambda: all(len(s.isr) == 3 for s in c.partition_states(TOPIC).values()), 60, "ISR of 3 after")
     assert "not a broker principal" in c.brokers[follower].log_text()
+    secret_text = c.secret_file.read_text().strip()
+    key_lines = {line for f in certs.dir.glob("*.key") for line in f.read_text().splitlines()
+                 if line and not line.startswith("-----")}
     for b in c.brokers.values():
-        assert "Traceback" not in b.log_text()
+        log = b.log_text()
+        assert "Traceback" not in log
+        # no secret in any log line: the cluster secret, a private key (its PEM lines or its marker)
+        assert secret_text not in log and "PRIVATE KEY" not in log
+        assert not any(line in log for line in key_lines), "a line of a private key in a broker's log"
 
 
 def test_with_the_acl_authorizer_cluster_action_makes_a_broker(zookeeper, zk_chroot, tmp_path: Path,
