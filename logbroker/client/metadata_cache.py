@@ -290,6 +290,11 @@ class MetadataCache:
 
     # -- lookups that may refresh -----------------------------------------------------------
 
+    def unauthorized(self, topic: str) -> bool:
+        """Whether the last answer about `topic` was TOPIC_AUTHORIZATION_FAILED (ACLs)."""
+        with self._lock:
+            return topic in self._unauthorized
+
     def partitions_for(self, topic: str) -> int:
         """Partition count of `topic`; refreshes once if the cache does not know it.
 

@@ -442,5 +442,25 @@ def test_the_principal_is_the_client_certificates_common_name(pki: Pki, tmp_path
         with Producer(b.bootstrap, tls=bob, request_timeout_ms=5000) as p, \
                 pytest.raises(TopicAuthorizationFailedError):
             p.send("orders", b"from-bob").get(timeout=15)
+        # bob against alice's topic: fetch, commit, describe, delete are refused, and no answer carries
+        # the topic's name (bob's own input aside), its records or its offsets
+        errors: list[Exception] = []
+        with Consumer(b.bootstrap, tls=bob, request_timeout_ms=5000) as c, \
+                pytest.raises((PermissionDeniedError, TopicAuthorizationFailedError)) as e1:
+            c.assign([("orders", 0)])  # (raised here: bob may not even look the topic up)
+            c.seek("orders", 0, 0)
+            c.poll(timeout_ms=5000)
+        errors.append(e1.value)
+        with Admin(b.bootstrap, tls=bob, request_timeout_ms=5000) as admin:
+            for call in (lambda: admin.reset_offsets("bobs-group", "orders", "earliest"),
+                         lambda: admin.describe_topic("orders"), lambda: admin.delete_topic("orders")):
+                with pytest.raises((PermissionDeniedError, TopicAuthorizationFailedError)) as e2:
+                    call()
+                errors.append(e2.value)
+        for err in errors:
+            text = str(err).replace("'orders'", "")  # bob named it himself
+            assert "from-alice" not in text and "orders" not in text and "offset" not in text.lower(), text
+        with Admin(b.bootstrap, tls=admin_tls) as admin:
+            assert admin.describe_topic("orders").partitions[0].log_end_offset == 1  # nothing of bob's landed
     finally:
         b.stop()

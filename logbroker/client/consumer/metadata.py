@@ -14,7 +14,12 @@ from collections.abc import Callable
 
 from logbroker.client.consumer.subscription import SubscriptionState, TopicPartition
 from logbroker.client.metadata_cache import LogThrottle, MetadataCache
-from logbroker.errors import LogbrokerError, UnauthenticatedError, UnknownTopicOrPartitionError
+from logbroker.errors import (
+    LogbrokerError,
+    TopicAuthorizationFailedError,
+    UnauthenticatedError,
+    UnknownTopicOrPartitionError,
+)
 
 # A subscription that may gain topics re-reads metadata this often.
 NEW_TOPICS_REFRESH_S = 1.0
@@ -97,3 +102,5 @@ class ConsumerMetadata:
                 st.leader = self.cache.leader(st.topic, st.partition)
             except UnknownTopicOrPartitionError:
                 st.leader = None
+                if self.cache.unauthorized(st.topic):  # ACLs: poll() raises it, as Kafka's consumer does
+                    raise TopicAuthorizationFailedError(f"not authorized to describe topic {st.topic!r}") from None
