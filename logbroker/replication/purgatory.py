@@ -31,26 +31,18 @@ class Purgatory:
         The future gets its outcome from `notify` (True) or a timer (False) directly, not through
         asyncio.wait_for, whose extra future costs the waiting request a loop iteration on wake-up.
         """
-        if timeout_s <= 0 or self._count >= self._watchers_max:
+        if timeout_s <= 0:
             return False
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[bool] = loop.create_future()
-        watched = list(dict.fromkeys(keys))
-        for key in watched:
-            self._waiters.setdefault(key, set()).add(fut)
-        self._count += 1
-        timer = loop.call_later(timeout_s, _settle, fut, False)
+        watch = self.watch(keys)
+        if watch is None:
+            return False
+        fut, end = watch
+        timer = asyncio.get_running_loop().call_later(timeout_s, _settle, fut, False)
         try:
             return await fut
         finally:
             timer.cancel()
-            self._count -= 1
-            for key in watched:
-                waiters = self._waiters.get(key)
-                if waiters is not None:
-                    waiters.discard(fut)
-                    if not waiters:
-                        del self._waiters[key]
+            end()
 
     def watch(self, keys: Iterable[Key]) -> tuple[asyncio.Future[bool], Callable[[], None]] | None:
         """Register a watch of `keys` now, synchronously (an append right after this call notifies

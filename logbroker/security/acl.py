@@ -28,6 +28,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
+from typing import TypeVar
 
 MAX_ACLS = 10_000  # ZooKeeper lists them as children of one znode (1 MiB jute buffer)
 MAX_NAME_CHARS = 249  # a topic name's limit; group names and principals share it
@@ -78,7 +79,10 @@ _IMPLIED_BY: dict[Operation, frozenset[Operation]] = {
 }
 
 
-def _parse_enum(cls: type[Enum], text: str, what: str) -> Enum:
+E = TypeVar("E", bound=Enum)
+
+
+def _parse_enum(cls: type[E], text: str, what: str) -> E:
     wanted = text.replace("_", "").replace("-", "").lower()
     for member in cls:
         if str(member.value).lower() == wanted or member.name.replace("_", "").lower() == wanted:
@@ -88,27 +92,19 @@ def _parse_enum(cls: type[Enum], text: str, what: str) -> Enum:
 
 
 def parse_operation(text: str) -> Operation:
-    op = _parse_enum(Operation, text, "operation")
-    assert isinstance(op, Operation)
-    return op
+    return _parse_enum(Operation, text, "operation")
 
 
 def parse_resource_type(text: str) -> ResourceType:
-    rt = _parse_enum(ResourceType, text, "resource type")
-    assert isinstance(rt, ResourceType)
-    return rt
+    return _parse_enum(ResourceType, text, "resource type")
 
 
 def parse_pattern_type(text: str) -> PatternType:
-    pt = _parse_enum(PatternType, text, "resource pattern type")
-    assert isinstance(pt, PatternType)
-    return pt
+    return _parse_enum(PatternType, text, "resource pattern type")
 
 
 def parse_permission(text: str) -> Permission:
-    p = _parse_enum(Permission, text, "permission")
-    assert isinstance(p, Permission)
-    return p
+    return _parse_enum(Permission, text, "permission")
 
 
 def check_principal(principal: str) -> str:

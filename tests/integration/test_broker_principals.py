@@ -19,7 +19,7 @@ from logbroker.cluster.cluster_secret import call_metadata
 from logbroker.v1 import logbroker_pb2 as pb
 from tests.cluster import Cluster
 from tests.conftest import BrokerProcess, wait_for
-from tests.integration.test_interbroker_auth import PARTITIONS, RECORDS, TOPIC, attacks
+from tests.integration.test_interbroker_auth import PARTITIONS, RECORDS, TOPIC, attacks, raw_call
 from tests.integration.test_tls import Pki, pki  # noqa: F401 - the fixture
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
@@ -39,20 +39,8 @@ def tls_cluster(zookeeper, zk_chroot, tmp_path: Path, pki: Pki) -> Iterator[tupl
 def tls_call(broker: BrokerProcess, method: str, request: pb.Message,
              metadata: tuple[tuple[str, bytes], ...] | None, stream: bool = False) -> grpc.RpcError | None:
     """One raw call over TLS, presenting the client certificate `broker` was made with."""
-    service, name = method.split("/")
-    path = f"/logbroker.v1.{service}/{name}"
     with broker.channel() as ch:
-        try:
-            if stream:
-                fn = ch.stream_stream(path, request_serializer=lambda m: m.SerializeToString(),
-                                      response_deserializer=lambda b: b)
-                list(fn(iter([request]), timeout=10, metadata=metadata))
-            else:
-                ch.unary_unary(path, request_serializer=lambda m: m.SerializeToString(),
-                               response_deserializer=lambda b: b)(request, timeout=10, metadata=metadata)
-        except grpc.RpcError as e:
-            return e
-    return None
+        return raw_call(ch, method, request, metadata, stream)
 
 
 def produce(c: Cluster, certs: Pki, prefix: str) -> set[bytes]:

@@ -69,19 +69,26 @@ def attacks(c: Cluster, leader: int, follower: int, controller: int, controller_
 def call(address: str, method: str, request: pb.Message, metadata: tuple[tuple[str, bytes], ...] | None,
          stream: bool = False) -> grpc.RpcError | None:
     """One raw call as any gRPC client can make it; the error it ends with (None: answered)."""
-    service, name = method.split("/")
     with grpc.insecure_channel(address) as ch:
-        path = f"/logbroker.v1.{service}/{name}"
-        try:
-            if stream:
-                fn = ch.stream_stream(path, request_serializer=lambda m: m.SerializeToString(),
-                                      response_deserializer=lambda b: b)
-                list(fn(iter([request]), timeout=10, metadata=metadata))
-            else:
-                ch.unary_unary(path, request_serializer=lambda m: m.SerializeToString(),
-                               response_deserializer=lambda b: b)(request, timeout=10, metadata=metadata)
-        except grpc.RpcError as e:
-            return e
+        return raw_call(ch, method, request, metadata, stream)
+
+
+def raw_call(ch: grpc.Channel, method: str, request: pb.Message, metadata: tuple[tuple[str, bytes], ...] | None,
+             stream: bool = False) -> grpc.RpcError | None:
+    """`method` ("Service/Name" of logbroker.v1) called on `ch`, unary or as a one-message stream; the
+    error it ends with (None: answered)."""
+    service, name = method.split("/")
+    path = f"/logbroker.v1.{service}/{name}"
+    try:
+        if stream:
+            fn = ch.stream_stream(path, request_serializer=lambda m: m.SerializeToString(),
+                                  response_deserializer=lambda b: b)
+            list(fn(iter([request]), timeout=10, metadata=metadata))
+        else:
+            ch.unary_unary(path, request_serializer=lambda m: m.SerializeToString(),
+                           response_deserializer=lambda b: b)(request, timeout=10, metadata=metadata)
+    except grpc.RpcError as e:
+        return e
     return None
 
 
