@@ -197,15 +197,23 @@ def clean_segment(buf: bytes | memoryview, offsets: OffsetMap, tombstones_expire
         if len(kept) == h.record_count and h.attributes & COMPRESSION_MASK == COMPRESSION_NONE:
             out += buf[pos : pos + size]
             continue
-        start = len(out)
-        out += buf[pos : pos + HEADER_SIZE]
-        for r in kept:
-            out += body[r[0] : r[1]]
-        struct.pack_into(">i", out, start + 8, len(out) - start - LOG_OVERHEAD)
-        struct.pack_into(">h", out, start + 21, h.attributes & ~COMPRESSION_MASK)
-        struct.pack_into(">i", out, start + 57, len(kept))
-        struct.pack_into(">I", out, start + 17, crc32c(memoryview(out)[start + CRC_START :]))
+        append_kept(out, buf[pos : pos + HEADER_SIZE], h.attributes, body, kept)
     return bytes(out)
+
+
+def append_kept(out: bytearray, header: bytes | memoryview, attributes: int, body: bytes | memoryview,
+                kept: list[RawRecord]) -> None:
+    """Append to `out` the batch whose 61-byte header is `header`, holding only the records of
+    `body` (uncompressed) that `kept` names (scan_records' spans): its length, record count and CRC rewritten, its
+    compression cleared (offsets and timestamps stay: the deltas still point at the same records)."""
+    start = len(out)
+    out += header
+    for rec in kept:
+        out += body[rec[0] : rec[1]]
+    struct.pack_into(">i", out, start + 8, len(out) - start - LOG_OVERHEAD)
+    struct.pack_into(">h", out, start + 21, attributes & ~COMPRESSION_MASK)
+    struct.pack_into(">i", out, start + 57, len(kept))
+    struct.pack_into(">I", out, start + 17, crc32c(memoryview(out)[start + CRC_START :]))
 
 
 def write_cleaned(directory: Path, name: str, data: bytes, mtime_ns: int) -> Path:

@@ -24,21 +24,18 @@ worst, for records of ~20 bytes) when the filter is translated, `CELPY_FILTERED_
 
 from __future__ import annotations
 
-import struct
 from typing import TYPE_CHECKING
 
 from logbroker.storage.record_batch import (
     COMPRESSION_MASK,
     COMPRESSION_NONE,
     CONTROL_MASK,
-    CRC_START,
     HEADER_SIZE,
     LOG_OVERHEAD,
-    crc32c,
     decode_batch,
     iter_batches,
 )
-from logbroker.storage.segment_cleaner import batch_body, scan_records
+from logbroker.storage.segment_cleaner import append_kept, batch_body, scan_records
 
 if TYPE_CHECKING:
     from logbroker.group.record_filter import RecordFilter
@@ -69,12 +66,5 @@ def filter_records(data: bytes, record_filter: RecordFilter, topic: str, partiti
         if len(kept) == h.record_count and h.attributes & COMPRESSION_MASK == COMPRESSION_NONE:
             out += raw
             continue
-        start = len(out)
-        out += raw[:HEADER_SIZE]
-        for rec in kept:
-            out += body[rec[0] : rec[1]]
-        struct.pack_into(">i", out, start + 8, len(out) - start - LOG_OVERHEAD)
-        struct.pack_into(">h", out, start + 21, h.attributes & ~COMPRESSION_MASK)
-        struct.pack_into(">i", out, start + 57, len(kept))
-        struct.pack_into(">I", out, start + 17, crc32c(memoryview(out)[start + CRC_START :]))
+        append_kept(out, raw[:HEADER_SIZE], h.attributes, body, kept)
     return bytes(out)
