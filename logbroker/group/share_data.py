@@ -16,7 +16,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from logbroker.cluster.cluster_view import ClusterView
 from logbroker.errors import (
@@ -27,6 +27,8 @@ from logbroker.errors import (
     error_for,
 )
 from logbroker.v1 import logbroker_pb2 as pb
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from logbroker.group.coordinator import OffsetsLog, OffsetsTopicCreator, PeerBrokers
@@ -142,18 +144,23 @@ class ShareData:
         # fails with OFFSET_OUT_OF_RANGE instead of answering the bounds
         req = pb.ListOffsetsRequest(partitions=[pb.ListOffsetsPartition(topic=tp[0], partition=tp[1], timestamp=ts)
                                                 for ts in (-2, -1)])
-        try:
-            resp = await self._leader_stub(tp).ListOffsets(req, timeout=REMOTE_TIMEOUT_S)
-        except BrokerError:
-            raise
-        except Exception as exc:  # grpc errors: the leader is unreachable right now
-            raise LeaderNotAvailableError(f"cannot reach the leader of {tp[0]}-{tp[1]}: {exc}") from None
+        resp = await self._at_leader(tp, lambda stub: stub.ListOffsets(req, timeout=REMOTE_TIMEOUT_S))
         for r in resp.results:
             if r.error_code != pb.NONE:
                 raise error_for(r.error_code, r.error_message)
         if len(resp.results) != 2:
             raise LeaderNotAvailableError(f"the leader of {tp[0]}-{tp[1]} answered {len(resp.results)} offsets, not 2")
         return resp.results[0].offset, resp.results[1].offset
+
+    async def _at_leader(self, tp: TopicPartition, call: Callable[[Any], Awaitable[T]]) -> T:
+        """`call(stub)` on the partition leader's Broker stub; a gRPC failure (the leader unreachable
+        right now) is LEADER_NOT_AVAILABLE, a BrokerError (no leader known) stays itself."""
+        try:
+            return await call(self._leader_stub(tp))
+        except BrokerError:
+            raise
+        except Exception as exc:  # grpc errors: the leader is unreachable right now
+            raise LeaderNotAvailableError(f"cannot reach the leader of {tp[0]}-{tp[1]}: {exc}") from None
 
     async def read(self, tp: TopicPartition, offset: int, max_bytes: int) -> ReadResult:
         """Whole batches from the one holding `offset` (at least one unless there is none), up to
@@ -172,12 +179,7 @@ class ShareData:
         req = pb.FetchRequest(max_wait_ms=0, min_bytes=0, max_bytes=max(max_bytes, 1), partitions=[
             pb.FetchPartition(topic=tp[0], partition=tp[1], fetch_offset=offset,
                               partition_max_bytes=max(max_bytes, 1), current_leader_epoch=-1)])
-        try:
-            resp = await self._leader_stub(tp).Fetch(req, timeout=REMOTE_TIMEOUT_S)
-        except BrokerError:
-            raise
-        except Exception as exc:  # grpc errors: the leader is unreachable right now
-            raise LeaderNotAvailableError(f"cannot reach the leader of {tp[0]}-{tp[1]}: {exc}") from None
+        resp = await self._at_leader(tp, lambda stub: stub.Fetch(req, timeout=REMOTE_TIMEOUT_S))
         r = resp.results[0]
         if r.error_code != pb.NONE:
             raise error_for(r.error_code, r.error_message)
