@@ -21,7 +21,8 @@ writers never call OpenSSL at once), handshaken at open within the connect timeo
 the broker's first records (TLS 1.3 session tickets, sent only once the broker has accepted the
 client's certificate): a broker that refuses the client closes instead, and the open raises
 `TlsRefusedError`, which the owner turns into UNAUTHENTICATED. Bytes the TLS layer holds are not
-visible to poll(): `buffered()` says so.
+visible to poll(): `buffered()` says so. An inline connection's TlsSocket decrypts ahead in a thread
+of its own (tls_socket.py), while poll() decodes the previous response.
 """
 
 from __future__ import annotations
@@ -70,10 +71,10 @@ def readable(fd: int, wait_s: float) -> bool:
     return bool(poller.poll(max(0, int(wait_s * 1000 + 0.999))))
 
 
-def open_socket(address: tuple[str, int], connect_timeout_s: float,
-                tls_context: ssl.SSLContext | None, sasl: SaslConfig | None = None) -> socket.socket | TlsSocket:
-    """A connected socket (TLS: handshaken and accepted, tls_socket.py; SASL: authenticated,
-    client/sasl.py), blocking, no timeout, TCP_NODELAY. Raises TlsRefusedError when the broker refuses
+def open_socket(address: tuple[str, int], connect_timeout_s: float, tls_context: ssl.SSLContext | None,
+                sasl: SaslConfig | None = None, read_ahead: bool = False) -> socket.socket | TlsSocket:
+    """A connected socket (TLS: handshaken and accepted, tls_socket.py, with its read-ahead thread if
+    asked; SASL: authenticated, client/sasl.py), blocking, no timeout, TCP_NODELAY. Raises TlsRefusedError when the broker refuses
     our TLS, UnauthenticatedError our login, OSError when unreachable."""
     raw = socket.create_connection(address, timeout=connect_timeout_s)
     try:
@@ -90,6 +91,8 @@ def open_socket(address: tuple[str, int], connect_timeout_s: float,
         if sasl is not None:
             wire_handshake(sock, sasl)
         raw.settimeout(None)
+        if read_ahead:
+            sock.start_reading()
         return sock
     except BaseException:
         raw.close()
@@ -121,7 +124,9 @@ class WireConnection:
         self.pending: deque[tuple[int, StreamFuture]] = deque()
         self.closed = False
         self._corr = 0
-        self._sock = open_socket(address, connect_timeout_s, tls_context, sasl)
+        # TLS: the inline connections (a consumer's fetches, megabytes each) decrypt ahead in a thread
+        # of their own while poll() decodes; a reader thread's connection needs none
+        self._sock = open_socket(address, connect_timeout_s, tls_context, sasl, read_ahead=inline)
         self._where = f"{address[0]}:{address[1]}"
         self.target = address
         self.answers = 0  # responses read; a connection closed before its first is taken as refused
