@@ -120,6 +120,10 @@ PIPELINE_MAX = 8
 READ_BUFFER_BYTES = 256 << 10  # frames up to this are cut from the read buffer; bigger get their own
 BIG_FRAME_START_BYTES = 1 << 20  # a big frame's own buffer starts at this and doubles as bytes come
 COALESCE_BYTES_MAX = 256 << 10  # a response body below this is copied behind its header, sent at once
+# TLS: a big body is handed to the TLS transport in pieces of this size, each encrypted and sent before
+# the next is encrypted, so the client receives and decrypts the first while the broker encrypts the
+# rest (whole, a 4 MiB fetch waited ~5 ms for its last byte's encryption before its first left)
+TLS_WRITE_PIECE_BYTES = 256 << 10
 PUSH_BUFFER_BYTES_MAX = 4 << 20  # a reply stream's unsent bytes; replies beyond are dropped (counted)
 TLS_HANDSHAKE_TIMEOUT_S = 10.0  # a client that does not finish its TLS handshake is dropped after this
 
@@ -269,6 +273,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._early_overflow = False  # bytes came before connection_made and did not fit: aborted then
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
+        self._tls = False  # the transport is asyncio's TLS transport (set in connection_made)
         # SASL (server/sasl.py): until authenticated, only SASL frames and a small read buffer
         self._authenticated = server.sasl is None
         self._sasl_exchange: ServerExchange | None = None
@@ -296,6 +301,7 @@ class _Connection(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
+        self._tls = transport.get_extra_info("sslcontext") is not None
         server = self._server
         if self._host is None:
             self._host = server.admit(transport.get_extra_info("peername"))
@@ -605,12 +611,20 @@ class _Connection(asyncio.BufferedProtocol):
                             transport.write(b"".join(small))
                             small = []
                         transport.write(head)
-                        transport.write(body)
+                        self._write_big(transport, body)
             pending.popleft()
         if small:
             transport.write(small[0] if len(small) == 1 else b"".join(small))
         if self._finishing and not pending:
             transport.close()
+
+    def _write_big(self, transport: asyncio.Transport, body: bytes) -> None:
+        if not self._tls or len(body) <= TLS_WRITE_PIECE_BYTES:
+            transport.write(body)
+            return
+        view = memoryview(body)
+        for at in range(0, len(body), TLS_WRITE_PIECE_BYTES):
+            transport.write(view[at : at + TLS_WRITE_PIECE_BYTES])
 
     # -- flow ----------------------------------------------------------------------------------
 
