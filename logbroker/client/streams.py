@@ -253,6 +253,11 @@ class BrokerStreams:
                 return fut
         return _failed(request, grpc.StatusCode.UNAVAILABLE, f"the stream to {address} keeps closing")
 
+    def on_wire(self, method: str, address: str, lane: int = 0) -> bool:
+        """Whether (method, address, lane) requests go on a record-transport connection now."""
+        with self._lock:
+            return isinstance(self._streams.get((method, address, lane)), WireConnection)
+
     def _wire_target(self, key: Key) -> tuple[str, int] | None:
         """(host, data port) for `key`'s requests when its broker advertises the record transport
         (never for a gRPC-only lane, lane < 0: see send())."""

@@ -363,6 +363,30 @@ def test_clients_use_the_transport_asked_for(broker, transport: str):
         consumer.close()
 
 
+def test_big_fetch_responses_stay_on_the_record_transport(broker):
+    """After a big response the next fetch stays on the record transport (one copy in poll()), not
+    a unary gRPC call: every fetch of 300 kB records is answered on the consumer's connection."""
+    create_topic(broker, "big")
+    value = bytes(range(256)) * 1200  # 307,200 bytes
+    with Producer(broker.address, linger_ms=0, transport="tcp") as producer:
+        for _ in range(24):
+            producer.send("big", value)
+        producer.flush(30)
+    consumer = Consumer(broker.address, auto_offset_reset="earliest", fetch_max_wait_ms=200, transport="tcp",
+                        max_partition_fetch_bytes=1 << 20)
+    try:
+        consumer.assign([("big", 0)])
+        got: list[bytes] = []
+        wait_for(lambda: got.extend(m.value for m in consumer.poll(timeout_ms=200)) or len(got) >= 24, 30,
+                 "24 big records")
+        assert got == [value] * 24
+        (conn,) = consumer._streams._streams.values()
+        assert isinstance(conn, WireConnection)
+        assert conn.answers >= 6  # 24 records of 300 kB in fetches of at most 1 MiB each
+    finally:
+        consumer.close()
+
+
 def test_a_broker_with_data_listen_off_advertises_no_port_and_clients_use_grpc_streams(broker_factory):
     broker = broker_factory(extra_args=["--data-listen", "off"])
     assert data_port(broker) == 0
