@@ -388,9 +388,10 @@ class _Connection(asyncio.BufferedProtocol):
 
     def eof_received(self) -> bool:
         """The client gave up on its requests: start no further frame (those already started are
-        answered), say so if bytes were left over, then close."""
+        answered), say so if bytes were left over, then close. Over TLS the transport closes itself
+        (a TLS stream has no half-close; asyncio warns when asked to keep it open)."""
         self._end_of_input()
-        return True  # keep our side open until finish() closes it
+        return not self._tls  # plaintext: keep our side open until finish() closes it
 
     def pause_writing(self) -> None:
         self._write_paused = True
