@@ -382,10 +382,12 @@ class ShareCoordinator:
     async def _read_new(self, g: ShareGroup, topics: Iterable[str], changed: set[TopicPartition]) -> set[TopicPartition]:
         """Bring new records into the windows of the member's partitions (creating share partitions
         at the group's start position the first time), all read in one `read_many` (one Fetch per
-        remote leader); returns the partitions that could not be read (no reachable leader now:
+        remote leader; a local partition with nothing new past the window is not read at all: a
+        waiting fetch looks at every partition each round); returns the partitions that could not be read (no reachable leader now:
         nothing is handed out from them this round)."""
         unreadable: set[TopicPartition] = set()
         wants: dict[TopicPartition, int] = {}
+        local_bounds = getattr(self._data, "local_bounds", None)  # ShareData's; test doubles may lack it
         for topic in topics:
             for p in partition_ids(self._gc.cluster, topic):
                 tp = (topic, p)
@@ -395,8 +397,12 @@ class ShareCoordinator:
                     log.debug("share group %s: %s-%d not readable now: %s", g.name, topic, p, e)
                     unreadable.add(tp)
                     continue
-                if sp is not None and sp.room() > 0:
-                    wants[tp] = sp.end_offset
+                if sp is None or sp.room() <= 0:
+                    continue
+                bounds = local_bounds(tp) if local_bounds is not None else None
+                if bounds is not None and bounds[1] <= sp.end_offset and bounds[0] <= sp.start_offset:
+                    continue  # a local log with nothing new (and no retention past the window): no read
+                wants[tp] = sp.end_offset
         if not wants:
             return unreadable
         ttls = {t: await self._data.message_ttl_ms(t) for t in {tp[0] for tp in wants}}

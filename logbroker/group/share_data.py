@@ -162,6 +162,12 @@ class ShareData:
         except Exception as exc:  # grpc errors: the leader is unreachable right now
             raise LeaderNotAvailableError(f"cannot reach the leader of {tp[0]}-{tp[1]}: {exc}") from None
 
+    def local_bounds(self, tp: TopicPartition) -> tuple[int, int] | None:
+        """(log start offset, high watermark) of a partition this broker leads, None for another:
+        no call, so the share coordinator can tell which local partitions have anything new."""
+        part = self._local(tp)
+        return None if part is None else (part.log.log_start_offset, part.high_watermark)
+
     async def read(self, tp: TopicPartition, offset: int, max_bytes: int) -> ReadResult:
         """Whole batches from the one holding `offset` (at least one unless there is none), up to
         the high watermark. OFFSET_OUT_OF_RANGE below the log start (the caller skips ahead)."""

@@ -129,3 +129,16 @@ def test_data_watch_is_registered_before_it_returns_so_an_append_right_after_is_
     assert asyncio.run(scenario()) == (True, 1, 0, True)  # ended watches are unregistered (and cancelled)
     assert ShareData(FakeCluster(), SimpleNamespace(partitions={}), None, None).data_watch(  # type: ignore[arg-type]
         [("a", 0)]) is None
+
+
+def test_local_bounds_are_known_without_a_call_for_led_partitions_only() -> None:
+    """A waiting ShareFetch skips reading a local partition with nothing new past its window
+    (share_coordinator._read_new): it needs the bounds of the partitions this broker leads, no call."""
+    led = SimpleNamespace(is_leader=True, high_watermark=42, log=SimpleNamespace(log_start_offset=7))
+    follower = SimpleNamespace(is_leader=False, high_watermark=40, log=SimpleNamespace(log_start_offset=7))
+    peers = FakePeers()
+    data = ShareData(FakeCluster(), SimpleNamespace(partitions={("a", 0): led, ("a", 1): follower}),  # type: ignore[arg-type]
+                     peers, None)
+    assert data.local_bounds(("a", 0)) == (7, 42)
+    assert data.local_bounds(("a", 1)) is None and data.local_bounds(("a", 2)) is None  # read from the leader
+    assert peers.calls == []
