@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 from typing import Protocol
 
-from logbroker.server.reply_registry import ReplyRegistry, check_reply, parse_reply_to
+from logbroker.server.reply_registry import ReplyRegistry, check_parsed, check_reply, parse_reply_to
 from logbroker.server.request_checks import ServingState, check_count, check_ready
 from logbroker.server.request_context import RequestContext
 from logbroker.v1 import logbroker_pb2 as pb
@@ -56,14 +56,17 @@ class ReplyApis:
         results = resp.results
         forwards: list[tuple[int, int, pb.ReplyRequest]] = []  # (index, broker_id, reply)
         here = self.registry.broker_id
+        deliver = self.registry.deliver
         for i, reply in enumerate(req.replies):
-            refused = check_reply(reply)
+            parsed = parse_reply_to(reply.reply_to)
+            refused = check_parsed(reply, parsed)
             if refused is not None:
                 results.append(refused)
                 continue
-            broker_id, _ = parse_reply_to(reply.reply_to) or (here, "")
+            assert parsed is not None
+            broker_id = parsed[0]
             if broker_id == here or self._forwarder is None:
-                results.append(self.registry.deliver(reply))
+                results.append(deliver(reply, parsed))
             else:
                 results.add()
                 forwards.append((i, broker_id, reply))
