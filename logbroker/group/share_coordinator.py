@@ -99,7 +99,7 @@ from logbroker.group.offsets import (
 from logbroker.group.priority_drain import LevelDrain, drain
 from logbroker.group.share_data import ReadResult, ShareDataSource
 from logbroker.group.share_group import ShareGroup, ShareMember, TopicPartition, check_member_id
-from logbroker.group.share_partition import Acquired, DeadLetter, SharePartition, key_hash
+from logbroker.group.share_partition import AckType, Acquired, DeadLetter, SharePartition, key_hash
 from logbroker.group.share_settings import ShareLimits, ShareSettings
 from logbroker.storage.record_batch import BatchBuilder, BatchHeader, decode_batch, iter_batches
 from logbroker.v1 import logbroker_pb2 as pb
@@ -229,7 +229,7 @@ class ShareCoordinator:
         waiters = self._waiters.setdefault(name, deque())
         waiters.append(fut)
         timer = loop.call_later(wait_s, _time_up, fut)
-        end_watch = self._watch_arrivals(name, topics)
+        end_watch = self._watch_arrivals(name, topics, fut)
         try:
             await fut
         finally:
@@ -273,15 +273,16 @@ class ShareCoordinator:
             else:
                 member = g.check(req.member_id, g.members[req.member_id].epoch if req.member_epoch == -1
                                  and req.member_id in g.members else req.member_epoch, mono)
-            self._apply_acks(g, member.member_id, req.acknowledgements, resp.ack_results, changed, dead)
+            frees = self._apply_acks(g, member.member_id, req.acknowledgements, resp.ack_results, changed, dead)
             if req.member_epoch == -1:
                 released = g.leave(member.member_id, self.clock.now_ms())
                 dead += released
                 changed.update(tp for tp, _ in released)
+                frees = frees or bool(released)
                 await self._persist(shard, g, changed, dead)
             else:
                 await self._fetch_records(resp, shard, g, member, req, changed, dead)
-            if changed:
+            if frees:
                 self._wake(g.name)
             resp.member_epoch = member.epoch if req.member_epoch != -1 else -1
             resp.lock_ms = g.settings.lock_ms
@@ -323,8 +324,13 @@ class ShareCoordinator:
         return g
 
     def _apply_acks(self, g: ShareGroup, member_id: str, acks: Iterable[pb.ShareAcknowledgement],
-                    results: Any, changed: set[TopicPartition], dead: Dead) -> None:
+                    results: Any, changed: set[TopicPartition], dead: Dead) -> bool:
+        """Apply the acknowledgements range by range; whether they may have made records available
+        to another member (`may_free`), so waiting fetches are woken only then: an ACCEPT of a
+        queue's record frees nothing another member could take, and waking one for it costs a
+        fetch a whole round (at 1,000 request-replies/s about every other wake was such a one)."""
         acks = list(acks)
+        frees = False
         if sum(len(a.ranges) for a in acks) > ACK_RANGES_MAX:
             raise InvalidRequestError(f"more than {ACK_RANGES_MAX} acknowledgement ranges in one request")
         now = self.clock.now_ms()
@@ -338,12 +344,14 @@ class ShareCoordinator:
                     if sp is None:
                         raise OffsetOutOfRangeError(f"share group {g.name} has handed out nothing of {tp[0]}-{tp[1]}")
                     reason = r.reason[: H.REASON_TEXT_MAX_CHARS]
+                    frees = frees or may_free(sp, r.type)
                     dead += [(tp, d) for d in sp.acknowledge(member_id, r.first_offset, r.last_offset, r.type, now,
                                                              r.delay_ms, reason)]
                     changed.add(tp)
                 except BrokerError as e:
                     out.error_code = e.code
                     out.error_message = e.message
+        return frees
 
     async def _acquire_loop(self, shard: _Shard, g: ShareGroup, member: ShareMember, req: pb.ShareFetchRequest,
                             changed: set[TopicPartition], dead: Dead) -> dict[TopicPartition, list[Acquired]]:
@@ -364,19 +372,19 @@ class ShareCoordinator:
                 return got
             await self._wait(g.name, member.topics, min(TICK_S, max(0, deadline - self.clock.monotonic_ms()) / 1000))
 
-    def _watch_arrivals(self, name: str, topics: Iterable[str]) -> Callable[[], None] | None:
+    def _watch_arrivals(self, name: str, topics: Iterable[str], waiter: asyncio.Future[bool]) -> Callable[[], None] | None:
         """Wake group `name`'s waiting fetches (`_wake`) as soon as a local partition of `topics`
         gets new records (an append notifies the replica manager's fetch purgatory), not only at the
         next tick: request-reply's round trip waits on it. The watch is registered before this
-        returns, so an append in the same loop iteration is not missed. Returns the function that
-        ends it; None when the data source has no purgatory."""
+        returns, so an append in the same loop iteration is not missed, and it stays armed while
+        `waiter` waits: an append wakes one fetch, and the others must hear the next one (a one-shot
+        watch left them deaf until their tick, up to TICK_S, after every append). Returns the
+        function that ends it; None when the data source has no purgatory."""
         keys = [(t, p) for t in topics for p in partition_ids(self._gc.cluster, t)]
-        watch = getattr(self._data, "data_watch", None)  # ShareData's; test doubles may lack it
-        watched = watch(keys) if watch is not None else None
-        if watched is None:
+        watch = getattr(self._data, "arrival_watch", None)  # ShareData's; test doubles may lack it
+        if watch is None or not keys:
             return None
-        fut, end = watched
-        fut.add_done_callback(lambda f: None if f.cancelled() or not f.result() else self._wake(name))
+        end: Callable[[], None] | None = watch(keys, lambda: self._wake(name), lambda: not waiter.done())
         return end
 
     async def _read_new(self, g: ShareGroup, topics: Iterable[str], changed: set[TopicPartition]) -> set[TopicPartition]:
@@ -700,9 +708,9 @@ class ShareCoordinator:
             member = g.check(req.member_id, req.member_epoch, self.clock.monotonic_ms())
             changed: set[TopicPartition] = set()
             dead: Dead = []
-            self._apply_acks(g, member.member_id, req.acknowledgements, resp.results, changed, dead)
+            frees = self._apply_acks(g, member.member_id, req.acknowledgements, resp.results, changed, dead)
             await self._persist(shard, g, changed, dead)
-            if changed:
+            if frees:
                 self._wake(g.name)
         except BrokerError as e:
             resp.error_code = e.code  # type: ignore[assignment]
@@ -805,6 +813,14 @@ class ShareCoordinator:
             resp.error_code = e.code  # type: ignore[assignment]
             resp.error_message = e.message
         return resp
+
+
+def may_free(sp: SharePartition, ack_type: int) -> bool:
+    """Whether settling records of `sp` with `ack_type` may make records available to another
+    member: a release gives them back; with ordering "key" a settle lets the key's next record go;
+    a full window takes more records from the log once its first ones settle. An ACCEPT, GAP,
+    REJECT or RENEW in a window with room frees nothing (what it settles is nobody's to take)."""
+    return ack_type == AckType.RELEASE or sp.settings.ordering == "key" or sp.room() <= 0
 
 
 def _add_batch(sp: SharePartition, data: bytes, pos: int, h: BatchHeader, last: int, tp: TopicPartition,
