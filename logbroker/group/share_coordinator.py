@@ -101,7 +101,7 @@ from logbroker.group.share_data import ReadResult, ShareDataSource
 from logbroker.group.share_group import ShareGroup, ShareMember, TopicPartition, check_member_id
 from logbroker.group.share_partition import AckType, Acquired, DeadLetter, SharePartition, key_hash
 from logbroker.group.share_settings import ShareLimits, ShareSettings
-from logbroker.storage.record_batch import BatchBuilder, BatchHeader, decode_batch, iter_batches
+from logbroker.storage.record_batch import BatchBuilder, BatchHeader, check_batch, decode_batch, iter_batches
 from logbroker.v1 import logbroker_pb2 as pb
 
 if TYPE_CHECKING:
@@ -823,6 +823,31 @@ def may_free(sp: SharePartition, ack_type: int) -> bool:
     return ack_type == AckType.RELEASE or sp.settings.ordering == "key" or sp.room() <= 0
 
 
+_DELIVER_AT_BYTES = H.DELIVER_AT_MS.encode()
+_TTL_BYTES = H.TTL_MS.encode()
+
+
+def _add_plain_batch(sp: SharePartition, data: bytes, pos: int, h: BatchHeader, last: int, topic_ttl_ms: int,
+                     now_ms: int, record_filter: RecordFilter | None) -> bool:
+    """`_add_batch` without decoding a record, for the common batch: no filter, no key ordering, no
+    topic TTL, uncompressed, no offset missing (not compacted), and no record's bytes holding a
+    delivery header's name (then none has one: an uncompressed record stores its header names as
+    they are). Its records join as one run, after the CRC check decode_batch would make. False
+    when the batch is not such a one (`_add_batch` decodes it)."""
+    if (record_filter is not None or sp.settings.ordering == "key" or topic_ttl_ms >= 0 or h.compression != 0
+            or h.record_count != h.last_offset_delta + 1):
+        return False
+    end = pos + h.size_bytes
+    if data.find(_DELIVER_AT_BYTES, pos, end) >= 0 or data.find(_TTL_BYTES, pos, end) >= 0:
+        return False
+    check_batch(data, pos, h)
+    first = max(h.base_offset, sp.end_offset)
+    if first <= last:
+        sp.add_records(first, last, h.max_timestamp, until_ms=0, expires_ms=0, now_ms=now_ms, keys=None)
+    sp.add_gap(last)
+    return True
+
+
 def _add_batch(sp: SharePartition, data: bytes, pos: int, h: BatchHeader, last: int, tp: TopicPartition,
                topic_ttl_ms: int, now_ms: int, record_filter: RecordFilter | None = None) -> None:
     """The records of one batch up to `last` join the window, with the delivery time and expiry
@@ -833,6 +858,8 @@ def _add_batch(sp: SharePartition, data: bytes, pos: int, h: BatchHeader, last: 
     group's filter, the records it does not match join settled instead (`add_filtered`)."""
     if h.is_control:
         sp.add_gap(last)
+        return
+    if _add_plain_batch(sp, data, pos, h, last, topic_ttl_ms, now_ms, record_filter):
         return
     run: list[int] = []  # [first, last, until_ms, expires_ms] of the run being built
     skipped: list[int] = []  # [first, last] of the run of records the filter does not match
