@@ -41,6 +41,10 @@ class ReplySink(Protocol):
         """Send one pushed frame's body; False when the stream is closed or its client does not read."""
         ...
 
+    def flush(self) -> None:
+        """Write what `push` queued now (a sink may hold pushes to write several at once)."""
+        ...
+
 
 _REPLY_TO = re.compile(rf"([0-9]+):([0-9a-fA-F]{{{TOKEN_HEX_DIGITS}}})")
 
@@ -110,9 +114,11 @@ class ReplyRegistry:
     def close(self, token: str) -> None:
         self._sinks.pop(token, None)
 
-    def deliver(self, req: pb.ReplyRequest, parsed: tuple[int, str] | None = None) -> pb.ReplyResponse:
+    def deliver(self, req: pb.ReplyRequest, parsed: tuple[int, str] | None = None,
+                touched: set[ReplySink] | None = None) -> pb.ReplyResponse:
         """Push a reply addressed to this broker onto its stream (checked by check_reply first;
-        `parsed`: its reply_to parsed already)."""
+        `parsed`: its reply_to parsed already; `touched`: collects the sinks pushed to, for the
+        caller to `flush` once it has delivered a batch)."""
         if parsed is None:
             parsed = parse_reply_to(req.reply_to)
         if parsed is None or parsed[0] != self.broker_id:
@@ -123,6 +129,8 @@ class ReplyRegistry:
             return unknown_reply_to(req.reply_to, f"names no reply stream open on broker {self.broker_id}")
         if sink.push(req.SerializeToString()):
             self.delivered += 1
+            if touched is not None:
+                touched.add(sink)
         else:
             self.dropped += 1  # the client does not read: its reply is lost, as a timed-out one would be
         return pb.ReplyResponse()

@@ -579,6 +579,10 @@ class _Connection(asyncio.BufferedProtocol):
         self._pushed_bytes += len(frame)
         return True
 
+    def flush(self) -> None:
+        """Write the queued pushes now (ReplySink: a ReplyBatch's replies, all delivered)."""
+        self._flush_pushed()
+
     def _flush_pushed(self) -> None:
         frames, self._pushed, self._pushed_bytes = self._pushed, [], 0
         transport = self._transport

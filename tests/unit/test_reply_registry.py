@@ -21,12 +21,17 @@ from logbroker.v1 import logbroker_pb2 as pb
 class Sink:
     def __init__(self, reads: bool = True) -> None:
         self.reads = reads
+        self.queued: list[bytes] = []  # pushed, not flushed (a wire connection writes them next iteration)
         self.bodies: list[bytes] = []
 
     def push(self, body: bytes) -> bool:
         if self.reads:
-            self.bodies.append(body)
+            self.queued.append(body)
         return self.reads
+
+    def flush(self) -> None:
+        self.bodies += self.queued
+        self.queued = []
 
 
 def test_parse_reply_to():
@@ -43,7 +48,7 @@ def test_replies_reach_only_their_stream_and_close_unregisters():
     assert ta and tb and ta != tb and reg.address(ta) == f"3:{ta}"
     req = pb.ReplyRequest(reply_to=reg.address(ta), correlation_id="c1", value=b"v")
     assert reg.deliver(req).error_code == pb.NONE
-    assert [pb.ReplyRequest.FromString(x).correlation_id for x in a.bodies] == ["c1"] and b.bodies == []
+    assert [pb.ReplyRequest.FromString(x).correlation_id for x in a.queued] == ["c1"] and b.queued == []
     reg.close(ta)
     assert reg.deliver(req).error_code == pb.UNKNOWN_REPLY_TO
     assert (reg.delivered, reg.unknown, len(reg)) == (1, 1, 1)
@@ -99,7 +104,8 @@ def test_a_reply_batch_is_each_reply_handled_as_one_reply_answered_in_order():
     assert [r.error_code for r in resp.results] == [pb.NONE, pb.BROKER_NOT_AVAILABLE, pb.UNKNOWN_REPLY_TO,
                                                     pb.REPLY_TOO_LARGE, pb.UNKNOWN_REPLY_TO, pb.NONE]
     assert resp.results[1].error_message == "to 5" and forwarder.sent == [(5, "b")]
-    assert [pb.ReplyRequest.FromString(b).correlation_id for b in sink.bodies] == ["a", "f"]
+    assert [pb.ReplyRequest.FromString(b).correlation_id for b in sink.bodies] == ["a", "f"]  # flushed: one write
+    assert sink.queued == []
 
 
 def test_a_reply_batch_over_the_bound_is_refused_whole():

@@ -61,3 +61,17 @@ def test_the_push_bound_counts_replies_queued_but_not_written() -> None:
         return first, second, len(transport.writes)
 
     assert asyncio.run(main()) == (True, False, 1)
+
+
+def test_flush_writes_the_queued_pushes_at_once() -> None:
+    async def main() -> tuple[list[bytes], list[bytes]]:
+        conn, transport = push_connection()
+        conn.push(b"one")
+        conn.push(b"two")
+        conn.flush()  # a ReplyBatch delivered: no wait for the next iteration
+        now = list(transport.writes)
+        await asyncio.sleep(0)  # the scheduled flush finds nothing left
+        return now, transport.writes
+
+    now, later = asyncio.run(main())
+    assert now == later == [frame(b"one") + frame(b"two")]

@@ -9,7 +9,8 @@ broker is live, BROKER_NOT_AVAILABLE when the call fails). Nothing is written to
 ReplyBatch (record transport API_REPLY_BATCH): up to `REPLY_BATCH_MAX` replies in one call, each
 handled exactly as one Reply, answered with one ReplyResponse per reply in order (the forwarded
 ones forwarded concurrently). A responder sends the replies of one poll so: one frame, one task and
-one answer instead of one each per reply, and the replies pushed onto a reply stream in one write.
+one answer instead of one each per reply, and the replies pushed onto a reply stream in one write,
+at once (`ReplySink.flush`: not in the next loop iteration, as single Replies are).
 More replies than the bound: INVALID_ARGUMENT for the call, nothing delivered.
 """
 
@@ -18,7 +19,13 @@ from __future__ import annotations
 import asyncio
 from typing import Protocol
 
-from logbroker.server.reply_registry import ReplyRegistry, check_parsed, check_reply, parse_reply_to
+from logbroker.server.reply_registry import (
+    ReplyRegistry,
+    ReplySink,
+    check_parsed,
+    check_reply,
+    parse_reply_to,
+)
 from logbroker.server.request_checks import ServingState, check_count, check_ready
 from logbroker.server.request_context import RequestContext
 from logbroker.v1 import logbroker_pb2 as pb
@@ -57,6 +64,7 @@ class ReplyApis:
         forwards: list[tuple[int, int, pb.ReplyRequest]] = []  # (index, broker_id, reply)
         here = self.registry.broker_id
         deliver = self.registry.deliver
+        touched: set[ReplySink] = set()
         for i, reply in enumerate(req.replies):
             parsed = parse_reply_to(reply.reply_to)
             refused = check_parsed(reply, parsed)
@@ -66,10 +74,12 @@ class ReplyApis:
             assert parsed is not None
             broker_id = parsed[0]
             if broker_id == here or self._forwarder is None:
-                results.append(deliver(reply, parsed))
+                results.append(deliver(reply, parsed, touched))
             else:
                 results.add()
                 forwards.append((i, broker_id, reply))
+        for sink in touched:  # the batch's replies leave now, one write per stream (no wait for the loop)
+            sink.flush()
         if forwards:
             forwarder = self._forwarder
             assert forwarder is not None
