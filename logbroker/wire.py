@@ -13,11 +13,12 @@ Request frame, client -> broker (integers big-endian):
     offset  size  field
     0       4     size   bytes after this field = 5 + len(body); 5 <= size <= 5 + max_request_bytes
     4       1     api    API_PRODUCE (1), API_FETCH (2), API_REPLY (3), API_REPLY_STREAM (4),
-                         API_SASL_AUTHENTICATE (5), API_SHARE_FETCH (6) or API_SHARE_ACKNOWLEDGE (7)
+                         API_SASL_AUTHENTICATE (5), API_SHARE_FETCH (6), API_SHARE_ACKNOWLEDGE (7)
+                         or API_REPLY_BATCH (8)
     5       4     corr   correlation id, echoed by the response (the client numbers its requests)
     9       ...   body   the request message, protobuf (logbroker.v1.ProduceRequest / FetchRequest /
                          ReplyRequest / ReplyStreamRequest / SaslAuthenticateRequest /
-                         ShareFetchRequest / ShareAcknowledgeRequest)
+                         ShareFetchRequest / ShareAcknowledgeRequest / ReplyBatchRequest)
 
 Response frame, broker -> client:
 
@@ -61,6 +62,7 @@ API_REPLY_STREAM = 4
 API_SASL_AUTHENTICATE = 5
 API_SHARE_FETCH = 6  # a share-group member's fetch (queues): its round trip is request-reply's
 API_SHARE_ACKNOWLEDGE = 7
+API_REPLY_BATCH = 8  # a responder's replies of one poll (ReplyBatchRequest)
 
 REQUEST_HEADER = struct.Struct(">IBI")  # size, api, corr
 RESPONSE_HEADER = struct.Struct(">IIB")  # size, corr, status

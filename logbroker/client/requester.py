@@ -144,19 +144,23 @@ class Requester:
 
     # -- answers ---------------------------------------------------------------------------------
 
-    def _on_reply(self, reply: pb.ReplyRequest) -> None:
-        corr = reply.correlation_id
+    def _on_replies(self, replies: list[pb.ReplyRequest]) -> None:
+        """Replies off the stream (a burst, on its reader thread): matched under one lock, settled after."""
+        answered: list[tuple[_Pending, pb.ReplyRequest]] = []
         with self._cond:
-            pending = self._pop(corr)
-            if pending is None:
-                if corr in self._timed_out:
+            for reply in replies:
+                corr = reply.correlation_id
+                pending = self._pop(corr)
+                if pending is not None:
+                    answered.append((pending, reply))
+                elif corr in self._timed_out:
                     del self._timed_out[corr]
                     self.late_replies += 1
                 else:
                     self.duplicate_replies += 1
-                return
-        _settle(pending.future, Reply(reply.value, tuple((h.key, h.value) for h in reply.headers),
-                                      reply.key or None, corr), None)
+        for pending, reply in answered:
+            headers = tuple((h.key, h.value) for h in reply.headers) if reply.headers else ()
+            _settle(pending.future, Reply(reply.value, headers, reply.key or None, reply.correlation_id), None)
 
     def _pop(self, corr: str) -> _Pending | None:
         """The pending request `corr`, taken out (under _cond)."""
@@ -219,7 +223,7 @@ class Requester:
                 errors.append(f"{address} has no record transport")
                 continue
             try:
-                return ReplyStream(target, self._on_reply, self._on_stream_closed, CONNECT_TIMEOUT_S)
+                return ReplyStream(target, self._on_replies, self._on_stream_closed, CONNECT_TIMEOUT_S)
             except BrokerUnavailableError as e:
                 errors.append(str(e))
         raise BrokerUnavailableError("no broker took a reply stream: " + "; ".join(errors))

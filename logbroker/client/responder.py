@@ -28,13 +28,17 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import defaultdict
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
+
+import grpc
 
 from logbroker.client.metadata_cache import MetadataCache, metadata_for
 from logbroker.client.queue import QueueConsumer, QueueMessage
 from logbroker.client.requester import CORRELATION_ID_HEADER, REPLY_TO_HEADER
-from logbroker.client.streams import REPLY_STREAM
+from logbroker.client.streams import REPLY_BATCH_STREAM, REPLY_STREAM
+from logbroker.errors import LogbrokerError
 from logbroker.v1 import logbroker_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -62,22 +66,33 @@ def reply_request(reply_to: str, correlation_id: str, result: Any) -> pb.ReplyRe
 
 class ReplySender:
     """Sends replies (Reply over the record transport, pipelined on one connection per broker) to the
-    broker named by their reply_to, else any."""
+    broker named by their reply_to, else any; `send_batch_async` many in one ReplyBatch call."""
 
     def __init__(self, metadata: MetadataCache, timeout_s: float = 10.0) -> None:
         self._metadata = metadata
         self._streams = metadata.client_streams()
         self._timeout_s = timeout_s
         self._refreshed = False
+        self.batches = True  # False once a broker answered ReplyBatch UNIMPLEMENTED (an older one)
 
-    def send_async(self, req: pb.ReplyRequest) -> Any:
-        """A future of the broker's answer (its result() raises grpc.RpcError when none answered)."""
+    def _address(self, reply_to: str) -> str:
         if not self._refreshed:  # the brokers' record-transport addresses (a share consumer never asked)
             self._metadata.refresh([])
             self._refreshed = True
-        broker, _, _ = req.reply_to.partition(":")
+        broker, _, _ = reply_to.partition(":")
         address = self._metadata.brokers().get(int(broker)) if broker.isdigit() else None
-        return self._streams.send(REPLY_STREAM, pb.ReplyResponse, address or self._metadata.any_address(), req,
+        return address or self._metadata.any_address()
+
+    def send_async(self, req: pb.ReplyRequest) -> Any:
+        """A future of the broker's answer (its result() raises grpc.RpcError when none answered)."""
+        return self._streams.send(REPLY_STREAM, pb.ReplyResponse, self._address(req.reply_to), req, self._timeout_s)
+
+    def send_batch_async(self, replies: Sequence[pb.ReplyRequest]) -> Any:
+        """A future of the ReplyBatchResponse for `replies`, sent in one call to the broker the first
+        one's reply_to names (the caller groups them by broker: `reply_broker`)."""
+        batch = pb.ReplyBatchRequest()
+        batch.replies.extend(replies)
+        return self._streams.send(REPLY_BATCH_STREAM, pb.ReplyBatchResponse, self._address(replies[0].reply_to), batch,
                                   self._timeout_s)
 
     def send(self, req: pb.ReplyRequest) -> pb.ReplyResponse:
@@ -125,7 +140,15 @@ def settle_sent(message: QueueMessage, reply_to: str, sent: Any) -> bool:
             raise sent
         resp = sent.result()
     except Exception as e:  # no broker answered: another member may do better later
-        log.warning("reply to %s could not be sent (%s); releasing the request", reply_to, e)
+        return settle_answer(message, reply_to, e)
+    return settle_answer(message, reply_to, resp)
+
+
+def settle_answer(message: QueueMessage, reply_to: str, resp: pb.ReplyResponse | Exception) -> bool:
+    """Settle a request by its reply's answer (or the exception that kept it from one); True when
+    it was acknowledged."""
+    if isinstance(resp, Exception):
+        log.warning("reply to %s could not be sent (%s); releasing the request", reply_to, resp)
         message.release()
         return False
     if resp.error_code == pb.REPLY_TOO_LARGE:
@@ -138,6 +161,27 @@ def settle_sent(message: QueueMessage, reply_to: str, sent: Any) -> bool:
         return False
     message.ack()
     return True
+
+
+class _Outgoing(NamedTuple):
+    """A request's reply, to be sent."""
+
+    message: QueueMessage
+    reply_to: str
+    reply: pb.ReplyRequest
+
+
+def _send_one(sender: ReplySender, o: _Outgoing) -> Any:
+    """The future of one Reply, or the exception that kept it from being sent."""
+    try:
+        return sender.send_async(o.reply)
+    except Exception as e:
+        return e
+
+
+def _unimplemented(e: Exception) -> bool:
+    code = getattr(e, "code", None)
+    return callable(code) and code() == grpc.StatusCode.UNIMPLEMENTED
 
 
 class Responder:
@@ -163,32 +207,12 @@ class Responder:
 
     def serve_once(self, timeout_ms: int | None = None) -> int:
         """One poll and the requests it returned; how many were acknowledged. The replies of one poll
-        are sent one after another without waiting (pipelined), then each request is settled on its
-        reply's answer."""
-        done = 0
-        sent: list[tuple[QueueMessage, str, Any]] = []
-        for message in self._consumer.poll(self.poll_timeout_ms if timeout_ms is None else timeout_ms):
-            try:
-                result = self._handler(message)
-            except Exception:
-                log.exception("responder handler failed on %s-%d@%d; releasing it", message.topic,
-                              message.partition, message.offset)
-                self.failed += 1
-                message.release()
-                continue
-            route = reply_headers(message)
-            if route is None:
-                message.ack()
-                done += 1
-            else:
-                sent.append((message, route[0], _send(self._sender, route, result)))
-        for message, reply_to, fut in sent:
-            if settle_sent(message, reply_to, fut):
-                done += 1
-            else:
-                self.failed += 1
-        self.handled += done
-        return done
+        go out in one ReplyBatch per broker, then each request is settled on its reply's answer."""
+        before = self.handled
+        out = self._handle(self._consumer.poll(self.poll_timeout_ms if timeout_ms is None else timeout_ms))
+        for group, sent, batch in self._send_replies(out):
+            self._settle_group(group, sent, batch, wait=True)
+        return self.handled - before
 
     def run(self) -> None:
         """Serve until stop() (or close() from another thread), pipelined: the next poll goes out as
@@ -202,7 +226,15 @@ class Responder:
             self._drain(self._sender_timeout_s)
 
     def _serve_pipelined(self) -> None:
-        for message in self._consumer.poll(self.poll_timeout_ms):
+        out = self._handle(self._consumer.poll(self.poll_timeout_ms))
+        for group, sent, batch in self._send_replies(out):
+            self._settle_later(group, sent, batch)
+
+    def _handle(self, messages: list[QueueMessage]) -> list[_Outgoing]:
+        """Run the handler on each message; the replies to send (a message that is no request is
+        acknowledged here, one whose handler raised released)."""
+        out: list[_Outgoing] = []
+        for message in messages:
             try:
                 result = self._handler(message)
             except Exception:
@@ -216,21 +248,78 @@ class Responder:
                 message.ack()
                 self._count(True)
                 continue
-            sent = _send(self._sender, route, result)
-            if isinstance(sent, Exception):
-                self._count(settle_sent(message, route[0], sent))
+            try:
+                reply = reply_request(route[0], route[1], result)
+            except Exception as e:  # a return value that is no reply
+                self._count(settle_answer(message, route[0], e))
                 continue
-            with self._inflight_cond:
-                self._inflight += 1
-            sent.add_done_callback(lambda fut, m=message, reply_to=route[0]: self._on_answer(m, reply_to, fut))
+            out.append(_Outgoing(message, route[0], reply))
+        return out
 
-    def _on_answer(self, message: QueueMessage, reply_to: str, fut: Any) -> None:
-        """A reply's answer came (on the reply connection's thread): settle its request."""
+    def _send_replies(self, out: list[_Outgoing]) -> list[tuple[list[_Outgoing], Any, bool]]:
+        """Send the replies: one ReplyBatch per broker named (one Reply each once a broker refused
+        batches); (the replies, the future of their answer or the exception of sending, whether
+        it is a batch)."""
+        sender = self._sender
+        if not sender.batches:
+            return [([o], _send_one(sender, o), False) for o in out]
+        groups: defaultdict[str, list[_Outgoing]] = defaultdict(list)
+        for o in out:
+            groups[o.reply_to.partition(":")[0]].append(o)
+        sent: list[tuple[list[_Outgoing], Any, bool]] = []
+        for group in groups.values():
+            try:
+                sent.append((group, sender.send_batch_async([o.reply for o in group]), True))
+            except Exception as e:
+                sent.append((group, e, True))
+        return sent
+
+    def _settle_later(self, group: list[_Outgoing], sent: Any, batch: bool) -> None:
+        """Settle `group` when the answer of `sent` comes (on the reply connection's thread)."""
+        if isinstance(sent, Exception):
+            self._settle_group(group, sent, batch, wait=False)
+            return
+        with self._inflight_cond:
+            self._inflight += 1
+        sent.add_done_callback(lambda fut: self._on_answer(group, fut, batch))
+
+    def _settle_group(self, group: list[_Outgoing], sent: Any, batch: bool, wait: bool) -> None:
+        """Settle the requests of `group` by the answer of `sent` (a ReplyBatch's if `batch`, else
+        one Reply's); a broker without ReplyBatch gets them again one Reply each, and no sender
+        batches any more."""
+        answers: list[pb.ReplyResponse | Exception]
         try:
-            self._count(settle_sent(message, reply_to, fut))
-        except Exception:  # settled already (the consumer rejoined): nothing to do
-            log.debug("settling %s-%d@%d after its reply failed", message.topic, message.partition, message.offset,
-                      exc_info=True)
+            if isinstance(sent, Exception):
+                raise sent
+            resp = sent.result()
+            answers = list(resp.results) if batch else [resp]
+            if len(answers) != len(group):
+                raise LogbrokerError(f"{len(answers)} answers to {len(group)} replies")
+        except Exception as e:
+            if not (batch and _unimplemented(e)):
+                answers = [e] * len(group)
+            else:
+                if self._sender.batches:
+                    log.info("a broker has no ReplyBatch: sending one Reply per request from now on")
+                    self._sender.batches = False
+                for o in group:
+                    one = _send_one(self._sender, o)
+                    if wait:
+                        self._settle_group([o], one, False, wait)
+                    else:
+                        self._settle_later([o], one, False)
+                return
+        for o, answer in zip(group, answers, strict=True):
+            try:
+                self._count(settle_answer(o.message, o.reply_to, answer))
+            except Exception:  # settled already (the consumer rejoined): nothing to do
+                log.debug("settling %s-%d@%d after its reply failed", o.message.topic, o.message.partition,
+                          o.message.offset, exc_info=True)
+
+    def _on_answer(self, group: list[_Outgoing], fut: Any, batch: bool) -> None:
+        """A reply batch's answer came (on the reply connection's thread): settle its requests."""
+        try:
+            self._settle_group(group, fut, batch, wait=False)
         finally:
             with self._inflight_cond:
                 self._inflight -= 1

@@ -65,6 +65,9 @@ log = logging.getLogger(__name__)
 PRODUCE_STREAM = "/logbroker.v1.Broker/ProduceStream"
 FETCH_STREAM = "/logbroker.v1.Broker/FetchStream"
 REPLY_STREAM = "/logbroker.v1.Broker/ReplyStream"  # a responder's replies (request-reply)
+# A responder's replies of one poll in one call: record transport only, as the share-group calls
+# below (no gRPC stream method: unary ReplyBatch calls where the data port cannot be reached).
+REPLY_BATCH_STREAM = "/logbroker.v1.Broker/ReplyBatchStream"
 # A share-group member's calls (client/queue/): on the record transport only. There is no gRPC
 # stream method of these names: a broker whose data port cannot be reached answers UNIMPLEMENTED
 # on gRPC, and the requests go as unary ShareFetch / ShareAcknowledge calls (the name less "Stream").
@@ -391,7 +394,8 @@ class BrokerStreams:
 
 
 _WIRE_APIS = {PRODUCE_STREAM: wire.API_PRODUCE, FETCH_STREAM: wire.API_FETCH, REPLY_STREAM: wire.API_REPLY,
-              SHARE_FETCH_STREAM: wire.API_SHARE_FETCH, SHARE_ACKNOWLEDGE_STREAM: wire.API_SHARE_ACKNOWLEDGE}
+              SHARE_FETCH_STREAM: wire.API_SHARE_FETCH, SHARE_ACKNOWLEDGE_STREAM: wire.API_SHARE_ACKNOWLEDGE,
+              REPLY_BATCH_STREAM: wire.API_REPLY_BATCH}
 
 
 def _copy_outcome(unary: Any, fut: StreamFuture) -> None:

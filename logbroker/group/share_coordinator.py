@@ -99,9 +99,9 @@ from logbroker.group.offsets import (
 from logbroker.group.priority_drain import LevelDrain, drain
 from logbroker.group.share_data import ReadResult, ShareDataSource
 from logbroker.group.share_group import ShareGroup, ShareMember, TopicPartition, check_member_id
-from logbroker.group.share_partition import Acquired, DeadLetter, SharePartition, key_hash
+from logbroker.group.share_partition import AckType, Acquired, DeadLetter, SharePartition, key_hash
 from logbroker.group.share_settings import ShareLimits, ShareSettings
-from logbroker.storage.record_batch import BatchBuilder, BatchHeader, decode_batch, iter_batches
+from logbroker.storage.record_batch import BatchBuilder, BatchHeader, check_batch, decode_batch, iter_batches
 from logbroker.v1 import logbroker_pb2 as pb
 
 if TYPE_CHECKING:
@@ -229,7 +229,7 @@ class ShareCoordinator:
         waiters = self._waiters.setdefault(name, deque())
         waiters.append(fut)
         timer = loop.call_later(wait_s, _time_up, fut)
-        end_watch = self._watch_arrivals(name, topics)
+        end_watch = self._watch_arrivals(name, topics, fut)
         try:
             await fut
         finally:
@@ -273,15 +273,16 @@ class ShareCoordinator:
             else:
                 member = g.check(req.member_id, g.members[req.member_id].epoch if req.member_epoch == -1
                                  and req.member_id in g.members else req.member_epoch, mono)
-            self._apply_acks(g, member.member_id, req.acknowledgements, resp.ack_results, changed, dead)
+            frees = self._apply_acks(g, member.member_id, req.acknowledgements, resp.ack_results, changed, dead)
             if req.member_epoch == -1:
                 released = g.leave(member.member_id, self.clock.now_ms())
                 dead += released
                 changed.update(tp for tp, _ in released)
+                frees = frees or bool(released)
                 await self._persist(shard, g, changed, dead)
             else:
                 await self._fetch_records(resp, shard, g, member, req, changed, dead)
-            if changed:
+            if frees:
                 self._wake(g.name)
             resp.member_epoch = member.epoch if req.member_epoch != -1 else -1
             resp.lock_ms = g.settings.lock_ms
@@ -323,8 +324,13 @@ class ShareCoordinator:
         return g
 
     def _apply_acks(self, g: ShareGroup, member_id: str, acks: Iterable[pb.ShareAcknowledgement],
-                    results: Any, changed: set[TopicPartition], dead: Dead) -> None:
+                    results: Any, changed: set[TopicPartition], dead: Dead) -> bool:
+        """Apply the acknowledgements range by range; whether they may have made records available
+        to another member (`may_free`), so waiting fetches are woken only then: an ACCEPT of a
+        queue's record frees nothing another member could take, and waking one for it costs a
+        fetch a whole round (at 1,000 request-replies/s about every other wake was such a one)."""
         acks = list(acks)
+        frees = False
         if sum(len(a.ranges) for a in acks) > ACK_RANGES_MAX:
             raise InvalidRequestError(f"more than {ACK_RANGES_MAX} acknowledgement ranges in one request")
         now = self.clock.now_ms()
@@ -338,12 +344,14 @@ class ShareCoordinator:
                     if sp is None:
                         raise OffsetOutOfRangeError(f"share group {g.name} has handed out nothing of {tp[0]}-{tp[1]}")
                     reason = r.reason[: H.REASON_TEXT_MAX_CHARS]
+                    frees = frees or may_free(sp, r.type)
                     dead += [(tp, d) for d in sp.acknowledge(member_id, r.first_offset, r.last_offset, r.type, now,
                                                              r.delay_ms, reason)]
                     changed.add(tp)
                 except BrokerError as e:
                     out.error_code = e.code
                     out.error_message = e.message
+        return frees
 
     async def _acquire_loop(self, shard: _Shard, g: ShareGroup, member: ShareMember, req: pb.ShareFetchRequest,
                             changed: set[TopicPartition], dead: Dead) -> dict[TopicPartition, list[Acquired]]:
@@ -364,28 +372,30 @@ class ShareCoordinator:
                 return got
             await self._wait(g.name, member.topics, min(TICK_S, max(0, deadline - self.clock.monotonic_ms()) / 1000))
 
-    def _watch_arrivals(self, name: str, topics: Iterable[str]) -> Callable[[], None] | None:
+    def _watch_arrivals(self, name: str, topics: Iterable[str], waiter: asyncio.Future[bool]) -> Callable[[], None] | None:
         """Wake group `name`'s waiting fetches (`_wake`) as soon as a local partition of `topics`
         gets new records (an append notifies the replica manager's fetch purgatory), not only at the
         next tick: request-reply's round trip waits on it. The watch is registered before this
-        returns, so an append in the same loop iteration is not missed. Returns the function that
-        ends it; None when the data source has no purgatory."""
+        returns, so an append in the same loop iteration is not missed, and it stays armed while
+        `waiter` waits: an append wakes one fetch, and the others must hear the next one (a one-shot
+        watch left them deaf until their tick, up to TICK_S, after every append). Returns the
+        function that ends it; None when the data source has no purgatory."""
         keys = [(t, p) for t in topics for p in partition_ids(self._gc.cluster, t)]
-        watch = getattr(self._data, "data_watch", None)  # ShareData's; test doubles may lack it
-        watched = watch(keys) if watch is not None else None
-        if watched is None:
+        watch = getattr(self._data, "arrival_watch", None)  # ShareData's; test doubles may lack it
+        if watch is None or not keys:
             return None
-        fut, end = watched
-        fut.add_done_callback(lambda f: None if f.cancelled() or not f.result() else self._wake(name))
+        end: Callable[[], None] | None = watch(keys, lambda: self._wake(name), lambda: not waiter.done())
         return end
 
     async def _read_new(self, g: ShareGroup, topics: Iterable[str], changed: set[TopicPartition]) -> set[TopicPartition]:
         """Bring new records into the windows of the member's partitions (creating share partitions
         at the group's start position the first time), all read in one `read_many` (one Fetch per
-        remote leader); returns the partitions that could not be read (no reachable leader now:
+        remote leader; a local partition with nothing new past the window is not read at all: a
+        waiting fetch looks at every partition each round); returns the partitions that could not be read (no reachable leader now:
         nothing is handed out from them this round)."""
         unreadable: set[TopicPartition] = set()
         wants: dict[TopicPartition, int] = {}
+        local_bounds = getattr(self._data, "local_bounds", None)  # ShareData's; test doubles may lack it
         for topic in topics:
             for p in partition_ids(self._gc.cluster, topic):
                 tp = (topic, p)
@@ -395,8 +405,12 @@ class ShareCoordinator:
                     log.debug("share group %s: %s-%d not readable now: %s", g.name, topic, p, e)
                     unreadable.add(tp)
                     continue
-                if sp is not None and sp.room() > 0:
-                    wants[tp] = sp.end_offset
+                if sp is None or sp.room() <= 0:
+                    continue
+                bounds = local_bounds(tp) if local_bounds is not None else None
+                if bounds is not None and bounds[1] <= sp.end_offset and bounds[0] <= sp.start_offset:
+                    continue  # a local log with nothing new (and no retention past the window): no read
+                wants[tp] = sp.end_offset
         if not wants:
             return unreadable
         ttls = {t: await self._data.message_ttl_ms(t) for t in {tp[0] for tp in wants}}
@@ -694,9 +708,9 @@ class ShareCoordinator:
             member = g.check(req.member_id, req.member_epoch, self.clock.monotonic_ms())
             changed: set[TopicPartition] = set()
             dead: Dead = []
-            self._apply_acks(g, member.member_id, req.acknowledgements, resp.results, changed, dead)
+            frees = self._apply_acks(g, member.member_id, req.acknowledgements, resp.results, changed, dead)
             await self._persist(shard, g, changed, dead)
-            if changed:
+            if frees:
                 self._wake(g.name)
         except BrokerError as e:
             resp.error_code = e.code  # type: ignore[assignment]
@@ -801,6 +815,39 @@ class ShareCoordinator:
         return resp
 
 
+def may_free(sp: SharePartition, ack_type: int) -> bool:
+    """Whether settling records of `sp` with `ack_type` may make records available to another
+    member: a release gives them back; with ordering "key" a settle lets the key's next record go;
+    a full window takes more records from the log once its first ones settle. An ACCEPT, GAP,
+    REJECT or RENEW in a window with room frees nothing (what it settles is nobody's to take)."""
+    return ack_type == AckType.RELEASE or sp.settings.ordering == "key" or sp.room() <= 0
+
+
+_DELIVER_AT_BYTES = H.DELIVER_AT_MS.encode()
+_TTL_BYTES = H.TTL_MS.encode()
+
+
+def _add_plain_batch(sp: SharePartition, data: bytes, pos: int, h: BatchHeader, last: int, topic_ttl_ms: int,
+                     now_ms: int, record_filter: RecordFilter | None) -> bool:
+    """`_add_batch` without decoding a record, for the common batch: no filter, no key ordering, no
+    topic TTL, uncompressed, no offset missing (not compacted), and no record's bytes holding a
+    delivery header's name (then none has one: an uncompressed record stores its header names as
+    they are). Its records join as one run, after the CRC check decode_batch would make. False
+    when the batch is not such a one (`_add_batch` decodes it)."""
+    if (record_filter is not None or sp.settings.ordering == "key" or topic_ttl_ms >= 0 or h.compression != 0
+            or h.record_count != h.last_offset_delta + 1):
+        return False
+    end = pos + h.size_bytes
+    if data.find(_DELIVER_AT_BYTES, pos, end) >= 0 or data.find(_TTL_BYTES, pos, end) >= 0:
+        return False
+    check_batch(data, pos, h)
+    first = max(h.base_offset, sp.end_offset)
+    if first <= last:
+        sp.add_records(first, last, h.max_timestamp, until_ms=0, expires_ms=0, now_ms=now_ms, keys=None)
+    sp.add_gap(last)
+    return True
+
+
 def _add_batch(sp: SharePartition, data: bytes, pos: int, h: BatchHeader, last: int, tp: TopicPartition,
                topic_ttl_ms: int, now_ms: int, record_filter: RecordFilter | None = None) -> None:
     """The records of one batch up to `last` join the window, with the delivery time and expiry
@@ -811,6 +858,8 @@ def _add_batch(sp: SharePartition, data: bytes, pos: int, h: BatchHeader, last: 
     group's filter, the records it does not match join settled instead (`add_filtered`)."""
     if h.is_control:
         sp.add_gap(last)
+        return
+    if _add_plain_batch(sp, data, pos, h, last, topic_ttl_ms, now_ms, record_filter):
         return
     run: list[int] = []  # [first, last, until_ms, expires_ms] of the run being built
     skipped: list[int] = []  # [first, last] of the run of records the filter does not match

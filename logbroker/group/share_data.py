@@ -91,6 +91,38 @@ class ShareData:
         purgatory = getattr(self._replicas, "fetch_purgatory", None)
         return None if purgatory is None or not keys else purgatory.watch(keys)
 
+    def arrival_watch(self, keys: list[tuple[str, int]], on_arrival: Callable[[], None],
+                      waiting: Callable[[], bool]) -> Callable[[], None] | None:
+        """`data_watch` that stays armed: on each append to one of `keys` it calls `on_arrival()`,
+        then watches again while `waiting()` (a waiting ShareFetch that was not the one woken must
+        hear the next append too, not only its next tick). Returns the function that ends it (call
+        it once); None without a purgatory or when it is full."""
+        current: list[Callable[[], None]] = []  # the end() of the watch armed now, if any
+
+        def arm() -> bool:
+            watched = self.data_watch(keys)
+            if watched is None:
+                return False
+            fut, end = watched
+            current.append(end)
+            fut.add_done_callback(fired)
+            return True
+
+        def fired(fut: asyncio.Future[bool]) -> None:
+            if not current:
+                return  # ended meanwhile
+            current.pop()()
+            if not fut.cancelled() and fut.result():
+                on_arrival()
+                if waiting():
+                    arm()
+
+        def finish() -> None:
+            if current:
+                current.pop()()
+
+        return finish if arm() else None
+
     async def message_ttl_ms(self, topic: str) -> int:
         """The topic's `message_ttl_ms` (-1: none), cached (see `topic_setting`)."""
         return int(await self.topic_setting(topic, "message_ttl_ms", "-1"))
@@ -161,6 +193,12 @@ class ShareData:
             raise
         except Exception as exc:  # grpc errors: the leader is unreachable right now
             raise LeaderNotAvailableError(f"cannot reach the leader of {tp[0]}-{tp[1]}: {exc}") from None
+
+    def local_bounds(self, tp: TopicPartition) -> tuple[int, int] | None:
+        """(log start offset, high watermark) of a partition this broker leads, None for another:
+        no call, so the share coordinator can tell which local partitions have anything new."""
+        part = self._local(tp)
+        return None if part is None else (part.log.log_start_offset, part.high_watermark)
 
     async def read(self, tp: TopicPartition, offset: int, max_bytes: int) -> ReadResult:
         """Whole batches from the one holding `offset` (at least one unless there is none), up to

@@ -15,7 +15,7 @@ which suffices (CreateTopics: Create on the topic, or on the cluster, as Kafka).
 | Fetch | Read Topic; with a replica id: ClusterAction Cluster |
 | ListOffsets, DescribeTopics | Describe Topic |
 | Metadata | nothing here: the answer lists only the topics the caller may Describe |
-| Reply | nothing: the reply_to token is the capability |
+| Reply, ReplyBatch | nothing: the reply_to token is the capability |
 | OffsetCommit, ShareAcknowledge | Read Group, Read Topic |
 | OffsetFetch | Describe Group, Describe Topic |
 | FindCoordinator, DescribeGroup, DescribeShareGroup | Describe Group |
@@ -115,6 +115,7 @@ RULES: dict[str, Callable[[Any], list[Check]]] = {
     # a reply needs no grant: its reply_to token (random, held by the requester) is the capability, and
     # it reaches only that requester's connection
     "Reply": lambda r: [],
+    "ReplyBatch": lambda r: [],
     "CreateAcls": lambda r: _cluster(Operation.ALTER),
     "DeleteAcls": lambda r: _cluster(Operation.ALTER),
     "DescribeAcls": lambda r: _cluster(D),

@@ -24,7 +24,7 @@ from logbroker.server.wire_server import Handler
 from logbroker.v1 import logbroker_pb2 as pb
 
 BROKER_METHODS = ("Produce", "Fetch", "ListOffsets", "Metadata", "OffsetCommit", "OffsetFetch", "FindCoordinator",
-                  "ConsumerGroupHeartbeat", "ShareFetch", "ShareAcknowledge", "Reply")
+                  "ConsumerGroupHeartbeat", "ShareFetch", "ShareAcknowledge", "Reply", "ReplyBatch")
 
 
 def caller(context: grpc.aio.ServicerContext, sasl: SaslServer | None) -> RequestContext:
@@ -87,8 +87,8 @@ class BrokerService:
 
 
 def wire_handlers(apis: BrokerApis) -> dict[int, tuple[type[Message], Handler]]:
-    """The record transport's APIs (logbroker/wire.py): Produce, Fetch, Reply, ShareFetch and
-    ShareAcknowledge of the request layer."""
+    """The record transport's APIs (logbroker/wire.py): Produce, Fetch, Reply, ShareFetch,
+    ShareAcknowledge and ReplyBatch of the request layer."""
 
     def produce(req: pb.ProduceRequest, context: RequestContext) -> Awaitable[Message | bytes]:
         return apis.handle(PRODUCE, context, req)  # no coroutine frame of its own: the hot path
@@ -99,6 +99,9 @@ def wire_handlers(apis: BrokerApis) -> dict[int, tuple[type[Message], Handler]]:
     def reply(req: pb.ReplyRequest, context: RequestContext) -> Awaitable[Message | bytes]:
         return apis.handle("Reply", context, req)
 
+    def reply_batch(req: pb.ReplyBatchRequest, context: RequestContext) -> Awaitable[Message | bytes]:
+        return apis.handle("ReplyBatch", context, req)
+
     def share_fetch(req: pb.ShareFetchRequest, context: RequestContext) -> Awaitable[Message | bytes]:
         return apis.handle("ShareFetch", context, req)
 
@@ -107,7 +110,8 @@ def wire_handlers(apis: BrokerApis) -> dict[int, tuple[type[Message], Handler]]:
 
     return {wire.API_PRODUCE: (pb.ProduceRequest, produce), wire.API_FETCH: (pb.FetchRequest, fetch),
             wire.API_REPLY: (pb.ReplyRequest, reply), wire.API_SHARE_FETCH: (pb.ShareFetchRequest, share_fetch),
-            wire.API_SHARE_ACKNOWLEDGE: (pb.ShareAcknowledgeRequest, share_acknowledge)}
+            wire.API_SHARE_ACKNOWLEDGE: (pb.ShareAcknowledgeRequest, share_acknowledge),
+            wire.API_REPLY_BATCH: (pb.ReplyBatchRequest, reply_batch)}
 
 
 def handler(apis: BrokerApis, open_streams: rpc.OpenStreams | None = None,

@@ -24,6 +24,7 @@ connections) do the writing.
 
 from __future__ import annotations
 
+import re
 import secrets
 from typing import Protocol
 
@@ -40,33 +41,43 @@ class ReplySink(Protocol):
         """Send one pushed frame's body; False when the stream is closed or its client does not read."""
         ...
 
+    def flush(self) -> None:
+        """Write what `push` queued now (a sink may hold pushes to write several at once)."""
+        ...
+
+
+_REPLY_TO = re.compile(rf"([0-9]+):([0-9a-fA-F]{{{TOKEN_HEX_DIGITS}}})")
+
 
 def parse_reply_to(reply_to: str) -> tuple[int, str] | None:
     """(broker_id, token) of a reply address, or None when it is not one."""
     if len(reply_to) > REPLY_TO_CHARS_MAX:
         return None
-    broker, sep, token = reply_to.partition(":")
-    if not sep or not broker.isdigit() or len(token) != TOKEN_HEX_DIGITS:
-        return None
-    try:
-        int(token, 16)
-    except ValueError:
-        return None
-    return int(broker), token
+    m = _REPLY_TO.fullmatch(reply_to)
+    return None if m is None else (int(m[1]), m[2])
 
 
 def reply_bytes(req: pb.ReplyRequest) -> int:
     """The bytes of a reply counted against REPLY_BYTES_MAX: key, value, header names and values."""
-    return len(req.key) + len(req.value) + sum(len(h.key) + len(h.value) for h in req.headers)
+    size = len(req.key) + len(req.value)
+    if req.headers:
+        size += sum(len(h.key) + len(h.value) for h in req.headers)
+    return size
 
 
 def check_reply(req: pb.ReplyRequest, bytes_max: int = REPLY_BYTES_MAX) -> pb.ReplyResponse | None:
     """The refusal of a reply that can go nowhere (malformed reply_to, too large); None if it may go."""
+    return check_parsed(req, parse_reply_to(req.reply_to), bytes_max)
+
+
+def check_parsed(req: pb.ReplyRequest, parsed: tuple[int, str] | None,
+                 bytes_max: int = REPLY_BYTES_MAX) -> pb.ReplyResponse | None:
+    """`check_reply` of a reply whose reply_to was parsed already (`parse_reply_to`)."""
     size = reply_bytes(req)
     if size > bytes_max:
         return pb.ReplyResponse(error_code=pb.REPLY_TOO_LARGE,
                                 error_message=f"reply of {size} bytes is over the limit of {bytes_max}")
-    if parse_reply_to(req.reply_to) is None:
+    if parsed is None:
         return unknown_reply_to(req.reply_to, "is not a reply address (<broker_id>:<token>)")
     return None
 
@@ -103,9 +114,13 @@ class ReplyRegistry:
     def close(self, token: str) -> None:
         self._sinks.pop(token, None)
 
-    def deliver(self, req: pb.ReplyRequest) -> pb.ReplyResponse:
-        """Push a reply addressed to this broker onto its stream (checked by check_reply first)."""
-        parsed = parse_reply_to(req.reply_to)
+    def deliver(self, req: pb.ReplyRequest, parsed: tuple[int, str] | None = None,
+                touched: set[ReplySink] | None = None) -> pb.ReplyResponse:
+        """Push a reply addressed to this broker onto its stream (checked by check_reply first;
+        `parsed`: its reply_to parsed already; `touched`: collects the sinks pushed to, for the
+        caller to `flush` once it has delivered a batch)."""
+        if parsed is None:
+            parsed = parse_reply_to(req.reply_to)
         if parsed is None or parsed[0] != self.broker_id:
             return unknown_reply_to(req.reply_to, f"does not name broker {self.broker_id}")
         sink = self._sinks.get(parsed[1])
@@ -114,6 +129,8 @@ class ReplyRegistry:
             return unknown_reply_to(req.reply_to, f"names no reply stream open on broker {self.broker_id}")
         if sink.push(req.SerializeToString()):
             self.delivered += 1
+            if touched is not None:
+                touched.add(sink)
         else:
             self.dropped += 1  # the client does not read: its reply is lost, as a timed-out one would be
         return pb.ReplyResponse()

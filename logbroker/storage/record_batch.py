@@ -655,6 +655,18 @@ def iter_batches(buf: bytes | memoryview) -> Iterator[tuple[BatchHeader, int]]:
         pos += size
 
 
+def check_batch(buf: bytes, pos: int, h: BatchHeader) -> None:
+    """The checks `decode_batch` makes before it decodes (magic, bounds, CRC-32C), raising as it
+    does, for a reader that needs the batch intact but not its records."""
+    size = h.batch_length + LOG_OVERHEAD
+    if h.magic != MAGIC:
+        raise UnsupportedForMessageFormatError(f"magic {h.magic}")
+    if pos + size > len(buf):
+        raise CorruptMessageError(f"batch at offset {h.base_offset} runs past the buffer")
+    if crc32c(memoryview(buf)[pos + CRC_START : pos + size]) != h.crc:
+        raise CorruptMessageError(f"CRC-32C mismatch in batch at offset {h.base_offset}")
+
+
 def decode_batch(
     buf: bytes, pos: int, h: BatchHeader, topic: str, partition: int, min_offset: int = 0
 ) -> list[Message]:

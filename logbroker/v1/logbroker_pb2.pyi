@@ -1414,6 +1414,18 @@ class ReplyStreamRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class ReplyBatchRequest(_message.Message):
+    __slots__ = ("replies",)
+    REPLIES_FIELD_NUMBER: _ClassVar[int]
+    replies: _containers.RepeatedCompositeFieldContainer[ReplyRequest]
+    def __init__(self, replies: _Optional[_Iterable[_Union[ReplyRequest, _Mapping]]] = ...) -> None: ...
+
+class ReplyBatchResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[ReplyResponse]
+    def __init__(self, results: _Optional[_Iterable[_Union[ReplyResponse, _Mapping]]] = ...) -> None: ...
+
 class SaslAuthenticateRequest(_message.Message):
     __slots__ = ("mechanism", "auth_bytes")
     MECHANISM_FIELD_NUMBER: _ClassVar[int]

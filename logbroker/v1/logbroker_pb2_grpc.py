@@ -445,6 +445,11 @@ class BrokerStub:
                 request_serializer=logbroker_dot_v1_dot_logbroker__pb2.SaslAuthenticateRequest.SerializeToString,
                 response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.SaslAuthenticateResponse.FromString,
                 _registered_method=True)
+        self.ReplyBatch = channel.unary_unary(
+                '/logbroker.v1.Broker/ReplyBatch',
+                request_serializer=logbroker_dot_v1_dot_logbroker__pb2.ReplyBatchRequest.SerializeToString,
+                response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.ReplyBatchResponse.FromString,
+                _registered_method=True)
 
 
 class BrokerServicer:
@@ -560,6 +565,14 @@ class BrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReplyBatch(self, request, context):
+        """Many replies in one call (a responder's replies of one poll): each handled as Reply would,
+        answered in order. On the record transport as API_REPLY_BATCH.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BrokerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -642,6 +655,11 @@ def add_BrokerServicer_to_server(servicer, server):
                     servicer.SaslAuthenticateFinal,
                     request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.SaslAuthenticateRequest.FromString,
                     response_serializer=logbroker_dot_v1_dot_logbroker__pb2.SaslAuthenticateResponse.SerializeToString,
+            ),
+            'ReplyBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReplyBatch,
+                    request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.ReplyBatchRequest.FromString,
+                    response_serializer=logbroker_dot_v1_dot_logbroker__pb2.ReplyBatchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1076,6 +1094,33 @@ class Broker:
             '/logbroker.v1.Broker/SaslAuthenticateFinal',
             logbroker_dot_v1_dot_logbroker__pb2.SaslAuthenticateRequest.SerializeToString,
             logbroker_dot_v1_dot_logbroker__pb2.SaslAuthenticateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReplyBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logbroker.v1.Broker/ReplyBatch',
+            logbroker_dot_v1_dot_logbroker__pb2.ReplyBatchRequest.SerializeToString,
+            logbroker_dot_v1_dot_logbroker__pb2.ReplyBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -115,6 +115,23 @@ def test_reply_to_unknown_client_and_reply_too_large_are_refused(standalone):
     assert _data_dir_bytes(standalone) == before
 
 
+def test_reply_batch_over_grpc_answers_each_reply_in_order(standalone):
+    """ReplyBatch (the responder's call on the record transport) is a unary gRPC call as well."""
+    with Admin(standalone.address) as admin:
+        admin.create_topic("nobody-answers", partitions=1)
+    with Requester(standalone.address, timeout_ms=10_000) as req, grpc.insecure_channel(standalone.address) as ch:
+        stream = req._reply_stream()  # open: its address is the first reply's reply_to
+        fut = req.request_async("nobody-answers", b"q")
+        corr = next(iter(req._pending))
+        resp = pbg.BrokerStub(ch).ReplyBatch(pb.ReplyBatchRequest(replies=[
+            pb.ReplyRequest(reply_to=stream.reply_to, correlation_id=corr, value=b"a"),
+            pb.ReplyRequest(reply_to="nonsense", correlation_id="x"),
+            pb.ReplyRequest(reply_to=f"0:{'ab' * 16}", correlation_id="y"),
+        ]), timeout=10)
+        assert [r.error_code for r in resp.results] == [pb.NONE, pb.UNKNOWN_REPLY_TO, pb.UNKNOWN_REPLY_TO]
+        assert fut.result(timeout=10).value == b"a"
+
+
 def test_a_too_large_reply_rejects_the_request_and_the_requester_times_out(standalone):
     bootstrap = standalone.address
     with Admin(bootstrap) as admin:

@@ -34,6 +34,8 @@ class FakeRequest:
 
 
 class FakeSender:
+    batches = False  # one Reply per request (the batches' own test: test_responder_batches.py)
+
     def __init__(self) -> None:
         self.sent: list[tuple[pb.ReplyRequest, Future[Any]]] = []
 

@@ -129,3 +129,52 @@ def test_data_watch_is_registered_before_it_returns_so_an_append_right_after_is_
     assert asyncio.run(scenario()) == (True, 1, 0, True)  # ended watches are unregistered (and cancelled)
     assert ShareData(FakeCluster(), SimpleNamespace(partitions={}), None, None).data_watch(  # type: ignore[arg-type]
         [("a", 0)]) is None
+
+
+def test_local_bounds_are_known_without_a_call_for_led_partitions_only() -> None:
+    """A waiting ShareFetch skips reading a local partition with nothing new past its window
+    (share_coordinator._read_new): it needs the bounds of the partitions this broker leads, no call."""
+    led = SimpleNamespace(is_leader=True, high_watermark=42, log=SimpleNamespace(log_start_offset=7))
+    follower = SimpleNamespace(is_leader=False, high_watermark=40, log=SimpleNamespace(log_start_offset=7))
+    peers = FakePeers()
+    data = ShareData(FakeCluster(), SimpleNamespace(partitions={("a", 0): led, ("a", 1): follower}),  # type: ignore[arg-type]
+                     peers, None)
+    assert data.local_bounds(("a", 0)) == (7, 42)
+    assert data.local_bounds(("a", 1)) is None and data.local_bounds(("a", 2)) is None  # read from the leader
+    assert peers.calls == []
+
+
+def test_arrival_watch_stays_armed_while_its_fetch_waits_and_ends_cleanly() -> None:
+    """Every append to a watched partition calls on_arrival while the fetch waits (a fetch that
+    was not the one woken by the first append hears the second), none once it stops waiting or
+    the watch is ended, and no registration is left behind."""
+    from logbroker.replication.purgatory import Purgatory
+
+    replicas = SimpleNamespace(partitions={}, fetch_purgatory=Purgatory())
+    data = ShareData(FakeCluster(), replicas, None, None)  # type: ignore[arg-type]
+    purgatory = replicas.fetch_purgatory
+
+    async def scenario() -> tuple[list[str], int, int, int]:
+        arrivals: list[str] = []
+        waiting = [True]
+        end = data.arrival_watch([("a", 0), ("a", 2)], lambda: arrivals.append("x"), lambda: waiting[0])
+        assert end is not None
+        for key in (("a", 2), ("a", 0), ("a", 2)):  # three appends, one loop iteration apart
+            purgatory.notify(key)
+            await asyncio.sleep(0)
+        armed = purgatory.waiting
+        waiting[0] = False  # the fetch was woken and looks now: the next append is not its to hear
+        purgatory.notify(("a", 0))
+        await asyncio.sleep(0)
+        after_wait = purgatory.waiting
+        end()  # ending a spent watch changes nothing
+        other = data.arrival_watch([("a", 0)], lambda: arrivals.append("y"), lambda: True)
+        assert other is not None
+        other()
+        purgatory.notify(("a", 0))
+        await asyncio.sleep(0)
+        return arrivals, armed, after_wait, purgatory.waiting
+
+    assert asyncio.run(scenario()) == (["x"] * 4, 1, 0, 0)
+    assert ShareData(FakeCluster(), SimpleNamespace(partitions={}), None, None).arrival_watch(  # type: ignore[arg-type]
+        [("a", 0)], lambda: None, lambda: True) is None

@@ -73,6 +73,7 @@ REQUEST_TYPES: dict[str, type[Message]] = {
     "AlterUserScramCredentials": pb.AlterUserScramCredentialsRequest,
     "DescribeUserScramCredentials": pb.DescribeUserScramCredentialsRequest,
     "Reply": pb.ReplyRequest,
+    "ReplyBatch": pb.ReplyBatchRequest,
 }
 
 
@@ -119,7 +120,7 @@ class BrokerApis:
                        AlterUserScramCredentials=security.alter_user_scram_credentials,
                        DescribeUserScramCredentials=security.describe_user_scram_credentials)
         if replies is not None:
-            ops.update(Reply=replies.reply)
+            ops.update(Reply=replies.reply, ReplyBatch=replies.reply_batch)
         self.replies = replies
         self._ops = ops
 
