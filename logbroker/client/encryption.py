@@ -7,7 +7,7 @@ A Producer built with `encryption_key_file=` seals each non-null value with AES-
 
 - the value only. Record keys, headers and timestamps stay plaintext (brokers partition and
   compact by key; headers carry routing data such as the delivery headers). A null value (a
-  tombstone) stays null.
+  tombstone) stays null (its record carries the key id header all the same: see Cost below).
 - A record is sealed for its topic: the AAD binds the topic and the key id, so a value copied into
   another topic, or relabelled with another key id, fails to open, as does any changed byte.
 
@@ -45,9 +45,12 @@ poison message expects; check `isinstance(m.value, DecryptionError)` where that 
 is logged, rate-limited per topic. An opened record loses its KEY_ID_HEADER: the consumer sees the
 record as it was produced.
 
-Cost: a producer or consumer without a key file does no work per record for this, except that
-consumers look once per poll() for any record with headers (a C-level pass) so that a sealed record
-never reaches a consumer without the key as garbage.
+Cost: a producer without a key file does no work per record for this (one attribute test per
+send()). A consumer, with or without a key file, looks at each decoded batch's first record: only
+when it has headers are the batch's header names searched for the key id header (C-level passes),
+and only a batch holding it is walked record by record. So that this per-batch test finds every
+sealed record, an encrypting producer marks every record it sends with the key id header, a null
+value too (one producer builds each batch, and compaction keeps a batch's records together).
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from operator import itemgetter
 from typing import Any
 
@@ -193,7 +197,10 @@ class Sealer:
         self._header = (KEY_ID_HEADER, self.key_id.encode("ascii"))
         self._urandom = urandom
 
-    def value(self, topic: str, plaintext: bytes) -> bytes:
+    def value(self, topic: str, plaintext: bytes | None) -> bytes | None:
+        """The sealed value (None stays None)."""
+        if plaintext is None:
+            return None
         nonce = self._urandom(NONCE_BYTES)
         return bytes((FORMAT_VERSION,)) + nonce + self._aead.encrypt(nonce, plaintext, aad(topic, self.key_id))
 
@@ -207,6 +214,7 @@ class Sealer:
 
 
 _headers_of = itemgetter(5)  # Message.headers
+_name_of = itemgetter(0)  # a header's name
 
 
 class Opener:
@@ -221,6 +229,8 @@ class Opener:
         """`out` with every sealed record opened (or its value a DecryptionError)."""
         if not any(map(_headers_of, out)):  # the common case: no record has headers
             return out
+        if KEY_ID_HEADER not in map(_name_of, chain.from_iterable(map(_headers_of, out))):  # C-level passes
+            return out
         result = []
         for m in out:
             if m.headers:
@@ -231,9 +241,9 @@ class Opener:
         return result
 
     def record(self, topic: str, partition: int, offset: int, value: bytes | None,
-               headers: RecordHeaders) -> tuple[bytes | DecryptionError, RecordHeaders] | None:
-        """(plaintext or DecryptionError, headers without the key id header) of a sealed record;
-        None for a record that is not sealed (no key id header, or a null value)."""
+               headers: RecordHeaders) -> tuple[bytes | DecryptionError | None, RecordHeaders] | None:
+        """(plaintext or DecryptionError, headers without the key id header) of a sealed record
+        (a null value stays None); None for a record without the key id header."""
         kid_raw = None
         for k, v in headers:
             if k == KEY_ID_HEADER:
@@ -242,7 +252,7 @@ class Opener:
         else:
             return None
         if value is None:
-            return None
+            return None, tuple(h for h in headers if h[0] != KEY_ID_HEADER)
         kid = (kid_raw or b"").decode("ascii", "replace")
         aead = self._aeads.get(kid)
         if aead is None:

@@ -58,7 +58,7 @@ def test_the_broker_never_holds_the_plaintext_and_only_key_holders_read_it(broke
         for i in range(20):
             p.send("cards", MARKER + b"-%d" % i, key=b"user-%d" % i, headers={"trace": b"t%d" % i})
         p.send_many("cards", [MARKER + b"-many-%d" % i for i in range(20)]).result(timeout=15)
-        p.flush(timeout=15)
+        p.send("cards", None, key=b"sealed-tombstone").get(timeout=15)
     with Producer(broker.bootstrap) as plain:
         plain.send("cards", CANARY).get(timeout=15)
         plain.send("cards", None, key=b"tombstone").get(timeout=15)
@@ -69,17 +69,18 @@ def test_the_broker_never_holds_the_plaintext_and_only_key_holders_read_it(broke
     assert _data_dir_contains(broker.data_dir, b"user-7")  # keys stay plaintext, as documented
 
     expected = [MARKER + b"-%d" % i for i in range(20)] + [MARKER + b"-many-%d" % i for i in range(20)]
-    got = _read_all(broker.bootstrap, "cards", 42, encryption_key_file=keys)
-    assert [m.value for m in got] == [*expected, CANARY, None]
+    got = _read_all(broker.bootstrap, "cards", 43, encryption_key_file=keys)
+    assert [m.value for m in got] == [*expected, None, CANARY, None]
+    assert got[40].headers == () and got[40].key == b"sealed-tombstone"
     assert got[3].headers == (("trace", b"t3"),) and got[3].key == b"user-3"  # key id header removed
 
     for kw in ({}, {"encryption_key_file": other}):  # no key file; the wrong key under the same id
-        got = _read_all(broker.bootstrap, "cards", 42, **kw)
+        got = _read_all(broker.bootstrap, "cards", 43, **kw)
         errors = [m.value for m in got[:40]]
         assert all(isinstance(e, DecryptionError) for e in errors), kw
         assert [e.offset for e in errors] == list(range(40)) and errors[0].key_id == "k1"
         assert MARKER not in str(errors[0]).encode()
-        assert [m.value for m in got[40:]] == [CANARY, None]  # the plaintext records still flow
+        assert [m.value for m in got[40:]] == [None, CANARY, None]  # the other records still flow
         assert dict(got[0].headers)[KEY_ID_HEADER] == b"k1"
 
 

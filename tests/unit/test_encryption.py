@@ -125,6 +125,9 @@ def test_opener_without_a_key_gives_errors_and_leaves_plain_records_alone():
 
 def test_sealer_refuses_a_reserved_header_and_keeps_others():
     sealer = Sealer(KeyRing({"k1": K1}, "k1"))
+    assert sealer.value("t", None) is None  # a tombstone stays null (its record is still marked)
+    marked = _msg(None, ((KEY_ID_HEADER, b"k1"), ("h", b"v")))
+    assert Opener(None).messages([marked])[0] == _msg(None, (("h", b"v"),))
     assert sealer.headers({"a": b"1"}) == [("a", b"1"), (KEY_ID_HEADER, b"k1")]
     assert sealer.headers(None) == [(KEY_ID_HEADER, b"k1")]
     with pytest.raises(ValueError, match="reserved"):

@@ -178,7 +178,7 @@ class Consumer:
                         partition_max_bytes=max_partition_fetch_bytes,
                         timeout_s=(fetch_max_wait_ms + request_timeout_ms) / 1000,
                         retry_backoff_s=self._retry_backoff_s, reset=self._reset, auto_offset_reset=auto_offset_reset,
-                        filter=_checked_filter(filter)),
+                        filter=_checked_filter(filter), opener=self._opener),
             self._subs, self._md, self._streams, self._on_fetch_done, self._log,
         )
         self._build_group(Callbacks(on_assign, on_revoke, on_lost, assignor, session_timeout_ms, rebalance_timeout_ms),
@@ -389,7 +389,7 @@ class Consumer:
         with self._poll_lock:
             self._poll_thread = threading.get_ident()
             try:
-                return self._opener.messages(self._poll_locked(deadline, limit))
+                return self._poll_locked(deadline, limit)
             finally:
                 self._poll_thread = None
 

@@ -193,7 +193,7 @@ class Producer(RecordAccumulator):
             value = to_bytes(value, "value")
         if key is not None and key.__class__ is not bytes:
             key = to_bytes(key, "key")
-        if self._sealer is not None and value is not None:  # sealed for the user's topic, not a level log
+        if self._sealer is not None:  # sealed for the user's topic, not a level log; a null value marked too
             value, headers = self._sealer.value(topic, value), self._sealer.headers(headers)
         if timestamp_ms is None:
             timestamp_ms = _time_ns() // 1_000_000
