@@ -13,6 +13,7 @@ out before a single record of the previous one is decoded::
          ^                          │ fetch_offset = last batch's next offset
          └── sent at once ──────────┘
     poll() ──> decode the head chunk's next batch (decode_batch, min_offset = chunk start)
+           ──> (a batch whose first record has headers: open its sealed values, client/encryption.py)
            ──> hand out up to max_records Messages, position = last offset + 1
 
 A partition is fetchable when its position is known, it has no fetch in flight, is not backing
