@@ -13,12 +13,14 @@ Request frame, client -> broker (integers big-endian):
     offset  size  field
     0       4     size   bytes after this field = 5 + len(body); 5 <= size <= 5 + max_request_bytes
     4       1     api    API_PRODUCE (1), API_FETCH (2), API_REPLY (3), API_REPLY_STREAM (4),
-                         API_SASL_AUTHENTICATE (5), API_SHARE_FETCH (6), API_SHARE_ACKNOWLEDGE (7)
-                         or API_REPLY_BATCH (8)
+                         API_SASL_AUTHENTICATE (5), API_SHARE_FETCH (6), API_SHARE_ACKNOWLEDGE (7),
+                         API_REPLY_BATCH (8) or API_CLIENT_ID (9)
     5       4     corr   correlation id, echoed by the response (the client numbers its requests)
     9       ...   body   the request message, protobuf (logbroker.v1.ProduceRequest / FetchRequest /
                          ReplyRequest / ReplyStreamRequest / SaslAuthenticateRequest /
-                         ShareFetchRequest / ShareAcknowledgeRequest / ReplyBatchRequest)
+                         ShareFetchRequest / ShareAcknowledgeRequest / ReplyBatchRequest); for
+                         API_CLIENT_ID the client id in ASCII (logbroker/client_id.py), answered
+                         with an empty body
 
 Response frame, broker -> client:
 
@@ -43,6 +45,10 @@ second succeeds, any other frame is answered UNAUTHENTICATED, and a frame over 4
 (RESOURCE_EXHAUSTED) and closes the connection. A refused exchange is answered UNAUTHENTICATED
 (after a delay) and the broker closes the connection.
 
+Client id (logbroker/client_id.py): a client sends one API_CLIENT_ID frame right after connecting
+(after TLS and SASL); every later request of the connection carries that id in its RequestContext. A
+malformed id is answered INVALID_ARGUMENT (the connection goes on, without an id).
+
 A connection answers in request order. A request refused whole (malformed body, unknown api, broker
 not ready) gets its status and the connection goes on, since framing is intact. A frame whose size
 is out of bounds cannot be skipped without reading it: the broker answers RESOURCE_EXHAUSTED (or
@@ -63,6 +69,7 @@ API_SASL_AUTHENTICATE = 5
 API_SHARE_FETCH = 6  # a share-group member's fetch (queues): its round trip is request-reply's
 API_SHARE_ACKNOWLEDGE = 7
 API_REPLY_BATCH = 8  # a responder's replies of one poll (ReplyBatchRequest)
+API_CLIENT_ID = 9  # the connection's client id (body: the id in ASCII; answer: empty)
 
 REQUEST_HEADER = struct.Struct(">IBI")  # size, api, corr
 RESPONSE_HEADER = struct.Struct(">IIB")  # size, corr, status

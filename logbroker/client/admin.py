@@ -134,13 +134,15 @@ class Admin:
         retry_backoff_ms: int = 100,
         tls: TlsConfig | bool | None = None,
         sasl: SaslConfig | None = None,
+        client_id: str | None = None,
     ) -> None:
         """`tls`: a TlsConfig (CA, client certificate; logbroker/tls.py), or True for TLS with the
-        system's CAs. `sasl`: log in with SCRAM (client/sasl.py; needs `tls`)."""
+        system's CAs. `sasl`: log in with SCRAM (client/sasl.py; needs `tls`). `client_id`: the
+        name brokers log for this client (logbroker/client_id.py; None: "logbroker-python")."""
         self._timeout_s = request_timeout_ms / 1000
         self._retry_backoff_s = retry_backoff_ms / 1000
         self._metadata, self._owns_metadata = metadata_for(bootstrap, request_timeout_ms, retry_backoff_ms,
-                                                                tls=tls, sasl=sasl)
+                                                                tls=tls, sasl=sasl, client_id=client_id)
 
     def _call(self, fn: Callable[[Any], T]) -> T:
         """fn(AdminStub) on the controller, then on other brokers while they are unreachable."""

@@ -49,8 +49,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from logbroker.client.backoff import client_retry_policy
 from logbroker.client.call_errors import rpc_error_text
-from logbroker.client.sasl import SaslConfig, SaslInterceptor
+from logbroker.client.sasl import CallDetails, SaslConfig, SaslInterceptor
 from logbroker.client.streams import FETCH_STREAM, PRODUCE_STREAM, BrokerStreams
+from logbroker.client_id import CLIENT_ID_METADATA, DEFAULT_CLIENT_ID, checked_client_id
 from logbroker.clock import Clock, monotonic_s
 from logbroker.errors import (
     BrokerUnavailableError,
@@ -179,6 +180,30 @@ class TopicRoute:
     partitions: list[PartitionRoute]
 
 
+class ClientIdInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                          grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds the `client-id` metadata (logbroker/client_id.py) to every call of a channel."""
+
+    def __init__(self, client_id: str) -> None:
+        self._entry = (CLIENT_ID_METADATA, client_id)
+
+    def _details(self, details: Any) -> Any:
+        metadata = [m for m in (details.metadata or ()) if m[0] != CLIENT_ID_METADATA]
+        return CallDetails(details, [*metadata, self._entry])
+
+    def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_stream_unary(self, continuation: Any, client_call_details: Any, request_iterator: Any) -> Any:
+        return continuation(self._details(client_call_details), request_iterator)
+
+    def intercept_stream_stream(self, continuation: Any, client_call_details: Any, request_iterator: Any) -> Any:
+        return continuation(self._details(client_call_details), request_iterator)
+
+
 class MetadataCache:
     """Leaders and partition counts from `Broker.Metadata`, and the channels to reach them."""
 
@@ -195,8 +220,10 @@ class MetadataCache:
         clock: Clock | None = None,
         tls: TlsConfig | None = None,
         sasl: SaslConfig | None = None,
+        client_id: str = DEFAULT_CLIENT_ID,
     ) -> None:
-        """`clock` (default: the system's) times `last_refresh_monotonic`, which the clients compare
+        """`client_id`: what every connection and call says this client is (logbroker/client_id.py;
+        ValueError when malformed). `clock` (default: the system's) times `last_refresh_monotonic`, which the clients compare
         with their own clock. `tls`: every connection (gRPC and the record transport) speaks TLS
         (logbroker/tls.py); a broker refusing the handshake is UnauthenticatedError. `sasl`: every
         connection logs in with SCRAM (client/sasl.py); it needs `tls`."""
@@ -206,6 +233,7 @@ class MetadataCache:
             raise ValueError("retries, request_timeout_ms and retry_backoff_ms must be positive")
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
+        self.client_id = checked_client_id(client_id)
         self._bootstrap = parse_bootstrap(bootstrap)
         self._request_timeout_s = request_timeout_ms / 1000
         self._retries = retries
@@ -347,6 +375,7 @@ class MetadataCache:
                     interceptor = SaslInterceptor(ch, self.sasl, self._request_timeout_s)
                     self._interceptors.append(interceptor)
                     ch = grpc.intercept_channel(ch, interceptor)
+                ch = grpc.intercept_channel(ch, ClientIdInterceptor(self.client_id))
                 self._channels[address] = ch
             return ch
 
@@ -371,7 +400,8 @@ class MetadataCache:
         with self._lock:
             if self._streams is None:
                 self._streams = BrokerStreams(self.channel, self._unary_future, self._wire_resolver(),
-                                             tls_context=self._tls_context, sasl=self.sasl)
+                                             tls_context=self._tls_context, sasl=self.sasl,
+                                             client_id=self.client_id)
             return self._streams
 
     def client_streams(self, inline: bool = False) -> BrokerStreams:
@@ -380,7 +410,7 @@ class MetadataCache:
         behind another's long poll or acks=all wait. `inline`: record-transport connections are
         read by the client's own thread (`WireConnection.pump`), not a reader thread."""
         streams = BrokerStreams(self.channel, self._unary_future, self._wire_resolver(), inline, self._tls_context,
-                                self.sasl)
+                                self.sasl, self.client_id)
         with self._lock:
             if self._closed:
                 streams.close()
@@ -569,12 +599,17 @@ class MetadataCache:
 def metadata_for(
     bootstrap: str | Sequence[str] | MetadataCache, request_timeout_ms: int, retry_backoff_ms: int,
     transport: str = "tcp", clock: Clock | None = None, tls: TlsConfig | bool | None = None,
-    sasl: SaslConfig | None = None,
+    sasl: SaslConfig | None = None, client_id: str | None = None,
 ) -> tuple[MetadataCache, bool]:
     """The cache a client uses, and whether the client owns (and so closes) it: a given cache is
-    shared (tests pass an in-memory one; it keeps its own clock), a bootstrap address makes a new one
-    on the client's `clock`."""
+    shared (tests pass an in-memory one; it keeps its own clock and its own client id: a different
+    `client_id` is a ValueError), a bootstrap address makes a new one on the client's `clock`
+    (`client_id` None: DEFAULT_CLIENT_ID)."""
     if isinstance(bootstrap, MetadataCache):
+        cached = getattr(bootstrap, "client_id", DEFAULT_CLIENT_ID)
+        if client_id is not None and client_id != cached:
+            raise ValueError(f"client_id {client_id!r} differs from the shared MetadataCache's {cached!r}")
         return bootstrap, False
     return MetadataCache(bootstrap, request_timeout_ms=request_timeout_ms, retry_backoff_ms=retry_backoff_ms,
-                         transport=transport, clock=clock, tls=client_tls(tls), sasl=sasl), True
+                         transport=transport, clock=clock, tls=client_tls(tls), sasl=sasl,
+                         client_id=DEFAULT_CLIENT_ID if client_id is None else client_id), True

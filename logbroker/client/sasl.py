@@ -116,7 +116,9 @@ def grpc_authenticate(channel: grpc.Channel, sasl: SaslConfig, timeout_s: float)
     return r2.session_token, r2.session_lifetime_ms / 1000
 
 
-class _Details(grpc.ClientCallDetails):
+class CallDetails(grpc.ClientCallDetails):
+    """A call's details with other metadata (grpc's interceptors need a ClientCallDetails)."""
+
     def __init__(self, base: Any, metadata: list[tuple[str, str]]) -> None:
         self.method = base.method
         self.timeout = base.timeout
@@ -161,7 +163,7 @@ class SaslInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientIn
 
     def _details(self, details: Any) -> Any:
         metadata = [m for m in (details.metadata or ()) if m[0] != SESSION_METADATA]
-        return _Details(details, [*metadata, (SESSION_METADATA, self._token_now())])
+        return CallDetails(details, [*metadata, (SESSION_METADATA, self._token_now())])
 
     def _watch(self, call: Any) -> Any:
         def done(c: Any) -> None:

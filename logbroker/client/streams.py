@@ -185,8 +185,9 @@ class BrokerStreams:
                  unary_for: Callable[[str, str], Callable[..., Any]],
                  wire_address_for: Callable[[str], tuple[str, int] | None] | None = None,
                  inline: bool = False, tls_context: ssl.SSLContext | None = None,
-                 sasl: SaslConfig | None = None) -> None:
+                 sasl: SaslConfig | None = None, client_id: str = "") -> None:
         self._channel_for = channel_for
+        self._client_id = client_id  # announced on each record-transport connection (logbroker/client_id.py)
         self._tls_context = tls_context  # record-transport connections speak TLS with it
         self._sasl = sasl  # ... and authenticate with it (client/sasl.py)
         self._unary_for = unary_for  # (method path, address) -> the unary multi-callable's .future
@@ -304,7 +305,7 @@ class BrokerStreams:
         try:
             return WireConnection(self, key, target, api, response_cls,
                                   min(max(timeout_s, 0.001), WIRE_CONNECT_TIMEOUT_S), self._arm, self.inline,
-                                  self._tls_context, self._sasl)
+                                  self._tls_context, self._sasl, self._client_id)
         except OSError as e:
             with self._lock:
                 self._wire_refused[target] = time.monotonic() + WIRE_RETRY_AFTER_S

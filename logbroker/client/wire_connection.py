@@ -39,7 +39,7 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 
 from logbroker import wire
-from logbroker.client.sasl import SaslConfig, wire_handshake
+from logbroker.client.sasl import FrameSocket, SaslConfig, wire_handshake
 from logbroker.client.tls_socket import TlsSocket
 from logbroker.client.transport import (
     STREAM_PENDING_MAX,
@@ -50,7 +50,7 @@ from logbroker.client.transport import (
     fail_pending,
     mark_reader_thread,
 )
-from logbroker.errors import UnauthenticatedError
+from logbroker.errors import InvalidRequestError, UnauthenticatedError
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +72,11 @@ def readable(fd: int, wait_s: float) -> bool:
 
 
 def open_socket(address: tuple[str, int], connect_timeout_s: float, tls_context: ssl.SSLContext | None,
-                sasl: SaslConfig | None = None, read_ahead: bool = False) -> socket.socket | TlsSocket:
+                sasl: SaslConfig | None = None, read_ahead: bool = False,
+                client_id: str = "") -> socket.socket | TlsSocket:
     """A connected socket (TLS: handshaken and accepted, tls_socket.py, with its read-ahead thread if
-    asked; SASL: authenticated, client/sasl.py), blocking, no timeout, TCP_NODELAY. Raises TlsRefusedError when the broker refuses
+    asked; SASL: authenticated, client/sasl.py; `client_id`: announced, logbroker/client_id.py),
+    blocking, no timeout, TCP_NODELAY. Raises TlsRefusedError when the broker refuses
     our TLS, UnauthenticatedError our login, OSError when unreachable."""
     raw = socket.create_connection(address, timeout=connect_timeout_s)
     try:
@@ -83,6 +85,8 @@ def open_socket(address: tuple[str, int], connect_timeout_s: float, tls_context:
         if tls_context is None:
             if sasl is not None:
                 raise UnauthenticatedError("SASL needs TLS: the password is never sent on a plaintext connection")
+            if client_id:
+                announce_client_id(raw, client_id)
             raw.settimeout(None)
             return raw
         sock = TlsSocket(raw, tls_context, address[0])
@@ -90,6 +94,8 @@ def open_socket(address: tuple[str, int], connect_timeout_s: float, tls_context:
         sock.confirm(connect_timeout_s)
         if sasl is not None:
             wire_handshake(sock, sasl)
+        if client_id:
+            announce_client_id(sock, client_id)
         raw.settimeout(None)
         if read_ahead:
             sock.start_reading()
@@ -97,6 +103,35 @@ def open_socket(address: tuple[str, int], connect_timeout_s: float, tls_context:
     except BaseException:
         raw.close()
         raise
+
+
+def announce_client_id(sock: FrameSocket, client_id: str) -> None:
+    """Send the connection's API_CLIENT_ID frame and read its answer (logbroker/wire.py). A broker
+    without the api (UNIMPLEMENTED) is taken as it is; a refused id raises InvalidRequestError;
+    the connection closing raises OSError (the caller's connect failed)."""
+    body = client_id.encode("ascii")
+    sock.sendall(wire.request_header(wire.API_CLIENT_ID, 0, len(body)) + body)
+    header = _recv_exact(sock, wire.HEADER_BYTES)
+    size, _corr, status = wire.RESPONSE_HEADER.unpack(header)
+    if not wire.SIZE_MIN <= size <= wire.SIZE_MIN + 4096:
+        raise OSError(f"malformed answer to the client id (frame size {size})")
+    message = _recv_exact(sock, size - wire.SIZE_MIN).decode("utf-8", "replace")
+    if status == wire.status_number(grpc.StatusCode.INVALID_ARGUMENT):
+        raise InvalidRequestError(message)
+    if status not in (wire.STATUS_OK, wire.status_number(grpc.StatusCode.UNIMPLEMENTED)):
+        raise OSError(f"the broker refused the client id: {message}")
+
+
+def _recv_exact(sock: FrameSocket, n: int) -> bytes:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:])
+        if k == 0:
+            raise OSError("the broker closed the connection")
+        got += k
+    return bytes(buf)
 
 
 class _Ended(Exception):
@@ -113,7 +148,8 @@ class WireConnection:
     def __init__(self, owner: ConnectionOwner, key: Key, address: tuple[str, int], api: int,
                  response_cls: type[Message], connect_timeout_s: float,
                  arm: Callable[[float], None], inline: bool = False,
-                 tls_context: ssl.SSLContext | None = None, sasl: SaslConfig | None = None) -> None:
+                 tls_context: ssl.SSLContext | None = None, sasl: SaslConfig | None = None,
+                 client_id: str = "") -> None:
         self._owner = owner
         self.key = key
         self._api = api
@@ -126,7 +162,7 @@ class WireConnection:
         self._corr = 0
         # TLS: the inline connections (a consumer's fetches, megabytes each) decrypt ahead in a thread
         # of their own while poll() decodes; a reader thread's connection needs none
-        self._sock = open_socket(address, connect_timeout_s, tls_context, sasl, read_ahead=inline)
+        self._sock = open_socket(address, connect_timeout_s, tls_context, sasl, read_ahead=inline, client_id=client_id)
         self._where = f"{address[0]}:{address[1]}"
         self.target = address
         self.answers = 0  # responses read; a connection closed before its first is taken as refused

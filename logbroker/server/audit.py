@@ -2,12 +2,13 @@
 and every administrative change (topics, partitions, reassignments, groups, ACLs, users).
 
     {"audit": "denied", "api": "Produce", "principal": "User:bob", "peer": "ipv4:10.0.0.7:51200",
-     "operation": "Write", "resource_type": "Topic", "resource": "orders"}
+     "client_id": "billing-7", "operation": "Write", "resource_type": "Topic", "resource": "orders"}
     {"audit": "change", "api": "CreateTopics", "principal": "User:ops", "peer": "...",
-     "resources": ["Topic:orders"], "outcome": "ok"}
+     "client_id": "logbroker-python", "resources": ["Topic:orders"], "outcome": "ok"}
 
 Fields are the call's names only: never a record, a password, a credential's salt or keys, a
-cluster secret or a certificate. `outcome` is "ok", or the error code names of the answer, or the
+cluster secret or a certificate. `client_id` is what the caller calls itself (logbroker/client_id.py;
+"" when it gave none): a label, never the identity (that is `principal`). `outcome` is "ok", or the error code names of the answer, or the
 exception's type when the call failed whole. Route the logger to its own file with the standard
 `logging` configuration; it is on by default at INFO.
 """
@@ -57,7 +58,7 @@ def emit(event: dict[str, Any]) -> None:
 def denied(api: str, principal: str, context: RequestContext, operation: str, resource_type: str,
            resource: str) -> None:
     emit({"audit": "denied", "api": api, "principal": principal, "peer": context.peer,
-          "operation": operation, "resource_type": resource_type, "resource": resource})
+          "client_id": context.client_id, "operation": operation, "resource_type": resource_type, "resource": resource})
 
 
 def _outcome(response: Message | bytes) -> str:
@@ -79,7 +80,7 @@ async def audited(api: str, context: RequestContext, request: Message, call: Awa
                   principal: str) -> Message | bytes:
     """Await an administrative call and log it with its outcome (also when it fails whole)."""
     event = {"audit": "change", "api": api, "principal": principal, "peer": context.peer,
-             "resources": AUDITED[api](request)}
+             "client_id": context.client_id, "resources": AUDITED[api](request)}
     try:
         response = await call
     except BaseException as e:

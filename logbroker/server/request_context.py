@@ -20,8 +20,10 @@ LISTENER_RECORD = "record"  # the record transport (logbroker/wire.py)
 
 @dataclass(frozen=True, slots=True)
 class RequestContext:
-    """One caller: `principal` (ANONYMOUS until authentication), `client_id` (from the call's
-    `client-id` metadata, "" when none), `peer` (the listener's view of the address), `listener`
+    """One caller: `principal` (ANONYMOUS until authentication), `client_id` (what the caller calls
+    itself: the call's `client-id` metadata, or the record-transport connection's API_CLIENT_ID
+    frame; checked by logbroker/client_id.py's rule, "" when none; a label for logs and quotas,
+    never trusted for authentication or authorization), `peer` (the listener's view of the address), `listener`
     (LISTENER_GRPC, LISTENER_RECORD), and `presented_cluster_secret`: what the caller offered as
     the inter-broker secret (None: nothing, as always on the record transport)."""
 

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.message import DecodeError, Message
 
+from logbroker.client_id import CLIENT_ID_METADATA, client_id_problem
 from logbroker.cluster.cluster_secret import presented_secret
 from logbroker.server.request_checks import require_cluster_peer
 from logbroker.server.request_context import (
@@ -31,7 +32,6 @@ log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=Message)
 Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Message | bytes]]
-CLIENT_ID_METADATA = "client-id"
 
 __all__ = ["RequestRejected", "grpc_status", "request_context", "require_peer"]
 _GRPC_STATUS: dict[RequestStatus, grpc.StatusCode] = {s: grpc.StatusCode[s.name] for s in RequestStatus}
@@ -43,7 +43,8 @@ def grpc_status(status: RequestStatus) -> grpc.StatusCode:
 
 
 def request_context(context: grpc.aio.ServicerContext | None) -> RequestContext:
-    """The request layer's view of a gRPC caller (server/request_context.py)."""
+    """The request layer's view of a gRPC caller (server/request_context.py); a malformed `client-id`
+    metadata value (logbroker/client_id.py) refuses the call (INVALID_ARGUMENT)."""
     if context is None:
         return RequestContext()
     metadata = context.invocation_metadata()
@@ -51,6 +52,9 @@ def request_context(context: grpc.aio.ServicerContext | None) -> RequestContext:
     for key, value in metadata or ():
         if key == CLIENT_ID_METADATA:
             client_id = value if isinstance(value, str) else value.decode("utf-8", "replace")
+            problem = client_id_problem(client_id)
+            if problem is not None:
+                raise RequestRejected(RequestStatus.INVALID_ARGUMENT, problem)
     return RequestContext(_principal(context), client_id, context.peer() or "", LISTENER_GRPC, presented_secret(metadata))
 
 

@@ -94,6 +94,7 @@ import grpc
 from google.protobuf.message import Message
 
 from logbroker import wire
+from logbroker.client_id import client_id_problem
 from logbroker.log_throttle import LogThrottle
 from logbroker.security.scram import ServerExchange
 from logbroker.server import rpc
@@ -504,6 +505,9 @@ class _Connection(asyncio.BufferedProtocol):
         if api == wire.API_REPLY_STREAM:
             self._open_reply_stream(corr)
             return
+        if api == wire.API_CLIENT_ID:
+            self._pending.append((corr, self._client_id_frame(corr, frame)))
+            return
         entry = self._server.handlers.get(api)
         if entry is None:
             self._pending.append((corr, wire.error_frame(corr, grpc.StatusCode.UNIMPLEMENTED, f"unknown api {api}")))
@@ -517,6 +521,17 @@ class _Connection(asyncio.BufferedProtocol):
         task = self._loop.create_task(_run(fn, request, self._context))
         self._pending.append((corr, task))
         task.add_done_callback(self._on_done)
+
+    def _client_id_frame(self, corr: int, frame: bytes | bytearray) -> bytes:
+        """Take the connection's client id (logbroker/client_id.py); the answer frame (empty, or
+        INVALID_ARGUMENT: the connection goes on with the id it had)."""
+        raw = bytes(frame[wire.SIZE_MIN :])
+        client_id = raw.decode("ascii", "replace")
+        problem = client_id_problem(client_id)
+        if problem is not None:
+            return wire.error_frame(corr, grpc.StatusCode.INVALID_ARGUMENT, problem)
+        self._context = replace(self._context, client_id=client_id)
+        return wire.response_header(corr, wire.STATUS_OK, 0)
 
     def _sasl_frame(self, corr: int, frame: bytes | bytearray) -> None:
         """Start one SASL step (no other frame starts until it is answered)."""

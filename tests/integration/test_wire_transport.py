@@ -203,7 +203,7 @@ def test_a_malformed_body_gets_invalid_argument_and_the_connection_goes_on(broke
 def test_an_unknown_api_gets_unimplemented_and_the_connection_goes_on(broker, connect):
     create_topic(broker, "api")
     sock = connect()
-    sock.sendall(frame(9, 11, b"whatever") + frame(0, 12, b"") + fetch_frame(13, "api", 0))
+    sock.sendall(frame(200, 11, b"whatever") + frame(0, 12, b"") + fetch_frame(13, "api", 0))
     for corr in (11, 12):
         got, status, body = read_response(sock)
         assert (got, wire.status_code(status)) == (corr, grpc.StatusCode.UNIMPLEMENTED)

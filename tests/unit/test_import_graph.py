@@ -153,7 +153,7 @@ LAYERS: list[list[str]] = [
     ["logbroker.group", "logbroker.replication"],
     ["logbroker.cluster", "logbroker.storage", "logbroker.security"],
     ["logbroker.errors", "logbroker.retry", "logbroker.clock", "logbroker.wire", "logbroker.log_throttle",
-     "logbroker.tls"],
+     "logbroker.tls", "logbroker.client_id"],
     ["logbroker.v1"],
 ]
 # `logbroker/__init__.py` re-exports the client API; importing it from below means `from logbroker

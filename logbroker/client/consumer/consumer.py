@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -49,6 +50,7 @@ from logbroker.client.consumer.subscription import (
     parse_reset,
 )
 from logbroker.client.coordinator import CoordinatorClient
+from logbroker.client.encryption import Opener, load_key_file
 from logbroker.client.group_member import ASSIGNORS
 from logbroker.client.metadata_cache import LogThrottle, MetadataCache, metadata_for
 from logbroker.client.sasl import SaslConfig
@@ -95,7 +97,14 @@ def _checked_filter(expression: str | None) -> str:
 
 
 class Consumer:
-    """Reads records from assigned (or subscribed) topic partitions, alone or as a group member."""
+    """Reads records from assigned (or subscribed) topic partitions, alone or as a group member.
+
+    `client_id`: the name brokers log (and later apply quotas) for this consumer
+    (logbroker/client_id.py; None: "logbroker-python"; ValueError when malformed).
+    `encryption_key_file`: open values sealed by an encrypting producer (client/encryption.py); a
+    record that cannot be opened, with or without a key file, is handed out with a
+    `DecryptionError` as its value. EncryptionKeyError when the file cannot be used.
+    """
 
     def __init__(
         self,
@@ -125,6 +134,7 @@ class Consumer:
         clock: Clock | None = None,
         filter: str | None = None,  # noqa: A002 (the issue's name for it)
         tls: TlsConfig | bool | None = None, sasl: SaslConfig | None = None,
+        client_id: str | None = None, encryption_key_file: str | os.PathLike[str] | None = None,
     ) -> None:
         """`on_assign(partitions)` / `on_revoke(partitions)` run inside poll() (group members only):
         on_revoke before partitions are given up (positions still readable, commits still accepted),
@@ -133,8 +143,9 @@ class Consumer:
         `assignor` ("range", "roundrobin", "sticky"), `session_timeout_ms` and `rebalance_timeout_ms`
         (0: the broker's defaults) are used by the coordinator when this member creates the group.
         `clock` (default: the system's) times poll deadlines, auto-commits and retries.
-        `filter`: a server-side CEL filter (`_checked_filter`).
+        `filter`: a server-side CEL filter (`_checked_filter`). `client_id`, `encryption_key_file`: above.
         """
+        self._opener = Opener(load_key_file(encryption_key_file) if encryption_key_file is not None else None)
         check_settings(
             group, pattern=pattern, assignor=assignor, session_timeout_ms=session_timeout_ms,
             rebalance_timeout_ms=rebalance_timeout_ms, fetch_max_bytes=fetch_max_bytes,
@@ -148,18 +159,16 @@ class Consumer:
         self._max_poll_records = max_poll_records
         self._group = group
         self._auto_commit = enable_auto_commit and group is not None
-        self._request_timeout_s = request_timeout_ms / 1000
-        self._retry_backoff_s = retry_backoff_ms / 1000
+        self._request_timeout_s, self._retry_backoff_s = request_timeout_ms / 1000, retry_backoff_ms / 1000
         self._retry_backoff_ms = retry_backoff_ms
         self._cache, self._owns_metadata = metadata_for(bootstrap, request_timeout_ms, retry_backoff_ms,
-                                                        transport, clock, tls, sasl)
+                                                        transport, clock, tls, sasl, client_id)
         # ours, even on a shared cache (long polls hold them); record-transport fetches are read by
         # the polling thread itself (inline), not handed over by a reader thread
         self._streams = self._cache.client_streams(inline=True)
         self._wakeup = Waker()  # an Event that also wakes on the inline fetch connections' sockets
-        self._poll_lock = threading.Lock()
+        self._poll_lock, self._closed = threading.Lock(), False
         self._poll_thread: int | None = None  # the thread inside poll() (a callback may call close())
-        self._closed = False
         self._log = LogThrottle(log)
         self._subs = SubscriptionState()
         self._md = ConsumerMetadata(self._cache, self._subs, metadata_max_age_ms / 1000, self._retry_backoff_s,
@@ -169,7 +178,7 @@ class Consumer:
                         partition_max_bytes=max_partition_fetch_bytes,
                         timeout_s=(fetch_max_wait_ms + request_timeout_ms) / 1000,
                         retry_backoff_s=self._retry_backoff_s, reset=self._reset, auto_offset_reset=auto_offset_reset,
-                        filter=_checked_filter(filter)),
+                        filter=_checked_filter(filter), opener=self._opener),
             self._subs, self._md, self._streams, self._on_fetch_done, self._log,
         )
         self._build_group(Callbacks(on_assign, on_revoke, on_lost, assignor, session_timeout_ms, rebalance_timeout_ms),

@@ -13,6 +13,7 @@ out before a single record of the previous one is decoded::
          ^                          │ fetch_offset = last batch's next offset
          └── sent at once ──────────┘
     poll() ──> decode the head chunk's next batch (decode_batch, min_offset = chunk start)
+           ──> (a batch whose first record has headers: open its sealed values, client/encryption.py)
            ──> hand out up to max_records Messages, position = last offset + 1
 
 A partition is fetchable when its position is known, it has no fetch in flight, is not backing
@@ -37,6 +38,7 @@ from logbroker.client.backoff import client_retry_policy
 from logbroker.client.call_errors import rpc_error
 from logbroker.client.consumer.metadata import ConsumerMetadata
 from logbroker.client.consumer.subscription import PartitionState, SubscriptionState, TopicPartition
+from logbroker.client.encryption import Opener
 from logbroker.client.metadata_cache import LogThrottle
 from logbroker.client.streams import FETCH_STREAM, BrokerStreams
 from logbroker.errors import LogbrokerError, OffsetOutOfRangeError, error_for
@@ -67,11 +69,12 @@ class Chunk:
     """One partition's records from one fetch response, decoded one batch at a time."""
 
     __slots__ = ("state", "epoch", "data", "batches", "next_batch", "messages", "next_message",
-                 "start_offset", "next_offset", "size")
+                 "start_offset", "next_offset", "size", "opener")
 
     def __init__(self, state: PartitionState, data: bytes, batches: list[tuple[BatchHeader, int]],
-                 start_offset: int) -> None:
+                 start_offset: int, opener: Opener | None = None) -> None:
         self.state = state
+        self.opener = opener
         self.epoch = state.epoch
         self.data = data
         self.batches = batches
@@ -92,6 +95,9 @@ class Chunk:
             self.next_batch += 1
             st = self.state
             self.messages = decode_batch(self.data, pos, h, st.topic, st.partition, self.start_offset)
+            if self.messages and self.messages[0][5] and self.opener is not None:
+                # a batch whose first record has headers may hold sealed values (client/encryption.py)
+                self.messages = self.opener.messages(self.messages)
             self.next_message = 0
         i = self.next_message
         if i == 0 and n >= len(self.messages):
@@ -125,6 +131,7 @@ class FetchConfig:
     reset: int | None  # auto_offset_reset (EARLIEST, LATEST, None: raise)
     auto_offset_reset: str  # as given, for logs
     filter: str = ""  # a server-side CEL filter (FetchRequest.filter); "": every record
+    opener: Opener | None = None  # opens sealed values (client/encryption.py)
 
 
 class Fetcher:
@@ -295,7 +302,7 @@ class Fetcher:
             return
         if not batches:
             return
-        chunk = Chunk(st, data, batches, fetch_offset)
+        chunk = Chunk(st, data, batches, fetch_offset, self._config.opener)
         if chunk.next_offset <= fetch_offset:
             return  # only records below the fetch offset: nothing new
         self.chunks.append(chunk)

@@ -32,6 +32,10 @@ charged at send() / send_many() and released when its batch completes); both blo
 `max_in_flight_requests`, retries by `delivery_timeout_ms` and `retries` (the wait between tries:
 logbroker/client/backoff.py). Deadlines, linger and backoffs run on the injected `clock`.
 
+`encryption_key_file` (client/encryption.py): send() and send_many() seal each non-null value before
+it is appended (the size charged is the sealed one); without it they do nothing more per record than
+one attribute test. `client_id` (logbroker/client_id.py) rides on every connection and call.
+
 send() appends in this class (the accumulator's state is its own, by inheritance) rather than
 calling into the accumulator: one more Python call per record costs about a quarter of send().
 """
@@ -41,11 +45,13 @@ from __future__ import annotations
 import contextlib
 import itertools
 import operator
+import os
 import threading
 import time
 from collections.abc import Sequence
 
 from logbroker.client.backoff import client_retry_policy
+from logbroker.client.encryption import Sealer, load_key_file
 from logbroker.client.metadata_cache import MetadataCache, metadata_for
 from logbroker.client.producer.accumulator import REQUEST_OVERHEAD_BYTES, RecordAccumulator
 from logbroker.client.producer.batch import RECORD_OVERHEAD_BYTES, TopicState, normalize_headers, to_bytes
@@ -115,7 +121,19 @@ class Producer(RecordAccumulator):
         clock: Clock | None = None,
         tls: TlsConfig | bool | None = None,
         sasl: SaslConfig | None = None,
+        client_id: str | None = None,
+        encryption_key_file: str | os.PathLike[str] | None = None,
+        encryption_key_id: str | None = None,
     ) -> None:
+        """`client_id`: the name brokers log (and later apply quotas) for this producer
+        (logbroker/client_id.py; None: "logbroker-python"; ValueError when malformed).
+        `encryption_key_file`: seal every non-null value with AES-256-GCM before it leaves the
+        process (client/encryption.py: file format, what stays plaintext), with the file's current
+        key or `encryption_key_id`; EncryptionKeyError when the file cannot be used."""
+        sealer = (Sealer(load_key_file(encryption_key_file), encryption_key_id)
+                  if encryption_key_file is not None else None)
+        if sealer is None and encryption_key_id is not None:
+            raise ValueError("encryption_key_id needs encryption_key_file")
         if linger_ms < 0 or retry_backoff_ms < 0 or max_block_ms < 0 or retries < 0:
             raise ValueError("linger_ms, retry_backoff_ms, max_block_ms and retries must be >= 0")
         if batch_size_bytes <= HEADER_SIZE + RECORD_OVERHEAD_BYTES:
@@ -131,11 +149,12 @@ class Producer(RecordAccumulator):
         if compression not in (None, "none", "gzip"):
             raise ValueError(f"compression must be None or 'gzip', not {compression!r}")
         self._acks = parse_acks(acks)
+        self._sealer = sealer
         self._max_request_bytes = max_request_bytes
         self._max_record_bytes = min(max_request_bytes - REQUEST_OVERHEAD_BYTES - HEADER_SIZE, buffer_memory_bytes)
         self._retry_backoff_ms = retry_backoff_ms
         metadata, self._owns_metadata = metadata_for(bootstrap, request_timeout_ms, retry_backoff_ms, transport,
-                                                     clock, tls, sasl)
+                                                     clock, tls, sasl, client_id)
         super().__init__(
             metadata, linger_ms=linger_ms, batch_size_bytes=batch_size_bytes, max_request_bytes=max_request_bytes,
             delivery_timeout_ms=delivery_timeout_ms, buffer_memory_bytes=buffer_memory_bytes,
@@ -158,24 +177,24 @@ class Producer(RecordAccumulator):
         value: bytes | str | None,
         key: bytes | str | None = None,
         headers: Sequence[tuple[str, bytes | str | None]] | dict[str, bytes | str | None] | None = None,
-        partition: int | None = None,
-        timestamp_ms: int | None = None,
+        partition: int | None = None, timestamp_ms: int | None = None,
         delay_ms: int | None = None, deliver_at_ms: int | None = None, ttl_ms: int | None = None, priority: int = 0,
     ) -> FutureRecordMetadata:
         """Queue one record; the future resolves to its RecordMetadata once the broker has it.
-
         `delay_ms` / `deliver_at_ms` (ms since the epoch) and `ttl_ms` become the record's delivery
         headers for share groups (client/producer/delivery.py; ValueError when out of bounds).
         `priority` (0 lowest .. priority_levels-1): share groups get higher levels first (`_level_log`).
 
-        Blocks only while the topic's metadata is unknown or buffer_memory_bytes is full, each at
-        most max_block_ms (then KafkaTimeoutError). A record too large to ever send gets a future
-        failed with MessageTooLargeError.
+        Blocks only while the topic's metadata is unknown or buffer_memory_bytes is full, each at most
+        max_block_ms (then KafkaTimeoutError). A record too large to ever send gets a failed future
+        (MessageTooLargeError). With a key file, the value is sealed for `topic` (client/encryption.py).
         """
         if value is not None and value.__class__ is not bytes:
             value = to_bytes(value, "value")
         if key is not None and key.__class__ is not bytes:
             key = to_bytes(key, "key")
+        if self._sealer is not None:  # sealed for the user's topic, not a level log; a null value marked too
+            value, headers = self._sealer.value(topic, value), self._sealer.headers(headers)
         if timestamp_ms is None:
             timestamp_ms = _time_ns() // 1_000_000
         topic = self._level_log(topic, priority) if priority else topic
@@ -263,12 +282,28 @@ class Producer(RecordAccumulator):
         while it waits, KafkaTimeoutError is raised: the records queued before stay queued (their
         batches are delivered; `flush()` waits for them), the rest are not.
         """
+        if self._sealer is not None:
+            values, headers = self._sealed_many(topic, values, headers)
         if priority:
             topic = self._level_log(topic, priority)
         fut = self._queue_many(topic, values, keys, partition, headers, timestamp_ms)
         if self._ship_inline_enabled:
             self._ship_inline()
         return fut
+
+    def _sealed_many(
+        self, topic: str, values: Sequence[bytes | str | None],
+        headers: Sequence[tuple[str, bytes | str | None]] | dict[str, bytes | str | None] | None,
+    ) -> tuple[list[bytes | None], list[tuple[str, bytes | str | None]]]:
+        """send_many()'s values sealed (each with its own nonce) and its shared headers marked."""
+        sealer = self._sealer
+        assert sealer is not None
+        if isinstance(values, str | bytes | bytearray | memoryview):
+            raise TypeError(f"send_many() takes a sequence of values, not one {type(values).__name__}")
+        seal = sealer.value
+        sealed = [None if v is None else seal(topic, v if v.__class__ is bytes else to_bytes(v, "value"))
+                  for v in values]
+        return sealed, sealer.headers(headers)
 
     def _queue_many(
         self, topic: str, values: Sequence[bytes | str | None], keys: Sequence[bytes | str | None] | None,

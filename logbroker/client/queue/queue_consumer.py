@@ -28,6 +28,7 @@ may happen on any thread: the pending acknowledgements sit behind one lock. `pol
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import uuid
@@ -35,6 +36,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from logbroker.client.coordinator import CoordinatorClient
+from logbroker.client.encryption import Opener, load_key_file
 from logbroker.client.metadata_cache import LogThrottle, MetadataCache, metadata_for
 from logbroker.client.queue.acks import (
     RENEW,
@@ -51,6 +53,7 @@ from logbroker.client.queue.message import MessageAlreadySettledError, QueueMess
 from logbroker.client.queue.share_fetch import read_partition
 from logbroker.client.sasl import SaslConfig
 from logbroker.client.streams import SHARE_ACKNOWLEDGE_STREAM, SHARE_FETCH_STREAM, BrokerStreams
+from logbroker.client_id import DEFAULT_CLIENT_ID
 from logbroker.errors import BrokerError, LogbrokerError, error_for
 from logbroker.tls import TlsConfig
 from logbroker.v1 import logbroker_pb2 as pb
@@ -145,7 +148,8 @@ class QueueConsumer:
         ordering: str | None = None,
         filter: str | None = None,  # noqa: A002 - the issue's name for it, as Consumer(filter=)
         max_poll_records: int = 500,
-        client_id: str = "logbroker-queue",
+        client_id: str | None = None,
+        encryption_key_file: str | os.PathLike[str] | None = None,
         request_timeout_ms: int = 30_000,
         client_retry_backoff_ms: int = 100,
         tls: TlsConfig | bool | None = None,
@@ -160,7 +164,13 @@ class QueueConsumer:
         share one window): this consumer sets it if it creates the group, and is refused
         (InvalidFilterError) when the group has another one; records it does not match are settled
         for the group without being delivered. None: this consumer takes the group's filter, if any.
-        A bad expression raises InvalidFilterError here, with the parser's message."""
+        A bad expression raises InvalidFilterError here, with the parser's message.
+
+        `client_id`: the name brokers log for this client (logbroker/client_id.py; None:
+        "logbroker-python"; ValueError when malformed). `encryption_key_file`: open sealed values
+        (client/encryption.py); a message whose value cannot be opened has a DecryptionError as its
+        value (settle it as any poison message: reject() dead-letters it)."""
+        opener = Opener(load_key_file(encryption_key_file) if encryption_key_file is not None else None)
         if not group:
             raise ValueError("group must be a non-empty string")
         if isinstance(topics, str) or not topics:
@@ -173,15 +183,16 @@ class QueueConsumer:
                                         dead_letter_topic, dead_letter_expired, max_in_flight_records,
                                         auto_offset_reset, ordering, filter)
         self.group = group
+        self._opener = opener
         self.topics = list(dict.fromkeys(topics))
-        self.client_id = client_id
         self.member_id = uuid.uuid4().hex
         self.member_epoch = 0
         self.lock_ms = 0  # as the last ShareFetch answered
         self.max_poll_records = max_poll_records
         self._request_timeout_ms = request_timeout_ms
         self._metadata, self._owns_metadata = metadata_for(bootstrap, request_timeout_ms, client_retry_backoff_ms,
-                                                                tls=tls, sasl=sasl)
+                                                                tls=tls, sasl=sasl, client_id=client_id)
+        self.client_id: str = getattr(self._metadata, "client_id", DEFAULT_CLIENT_ID)
         self._coordinator = CoordinatorClient(self._metadata, group, request_timeout_ms / 1000,
                                               client_retry_backoff_ms / 1000)
         self._lock = threading.Lock()
@@ -278,8 +289,13 @@ class QueueConsumer:
                     self._acks.add_run(run)
             for a in read.acquired:
                 r = a.record
-                out.append(QueueMessage(self, generation, r.topic, r.partition, r.offset, r.key, r.value,
-                                        r.headers, r.timestamp, a.delivery_count))
+                m = QueueMessage(self, generation, r.topic, r.partition, r.offset, r.key, r.value,
+                                 r.headers, r.timestamp, a.delivery_count)
+                if m.headers:  # a sealed value is opened for the user's topic (client/encryption.py)
+                    opened = self._opener.record(m.topic, m.partition, m.offset, m.value, m.headers)
+                    if opened is not None:
+                        m.value, m.headers = opened  # type: ignore[assignment]  # DecryptionError: documented
+                out.append(m)
         return out
 
     def commit_acks(self) -> AckOutcome:
