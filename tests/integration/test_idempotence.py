@@ -85,3 +85,46 @@ def test_resent_batch_is_still_a_duplicate_after_a_restart(broker, how):
     assert gap.error_code == pb.OUT_OF_ORDER_SEQUENCE_NUMBER, gap
     assert produce(broker.address, pbatch(3, 10, b"next")).base_offset == 10
     assert len(values(broker.address)) == 11
+
+
+def init_producer_id(address: str, name: str = "") -> tuple[int, int]:
+    with grpc.insecure_channel(address) as ch:
+        r = pbg.BrokerStub(ch).InitProducerId(pb.InitProducerIdRequest(producer_name=name), timeout=10)
+    assert r.error_code == pb.NONE, r
+    return r.producer_id, r.producer_epoch
+
+
+def test_init_producer_id_gives_unique_ids_and_a_named_producer_fences_its_zombie(broker):
+    with Admin(broker.address) as admin:
+        admin.create_topic("t", partitions=1)
+    anonymous = {init_producer_id(broker.address) for _ in range(5)}
+    assert len({pid for pid, _ in anonymous}) == 5 and {e for _, e in anonymous} == {0}
+    pid, epoch = init_producer_id(broker.address, "orders")
+    assert pid not in {p for p, _ in anonymous} and epoch == 0
+    assert produce(broker.address, pbatch(epoch, 0, b"zombie", pid=pid)).error_code == pb.NONE
+    assert init_producer_id(broker.address, "orders") == (pid, 1)  # the restarted producer
+    assert produce(broker.address, pbatch(1, 0, b"new", pid=pid)).error_code == pb.NONE
+    zombie = produce(broker.address, pbatch(0, 1, b"late", pid=pid))
+    assert zombie.error_code == pb.INVALID_PRODUCER_EPOCH, zombie
+    with grpc.insecure_channel(broker.address) as ch:
+        bad = pbg.BrokerStub(ch).InitProducerId(pb.InitProducerIdRequest(producer_name="x" * 300), timeout=10)
+    assert bad.error_code == pb.INVALID_REQUEST
+
+    broker.restart()  # ids come from a new block, the name keeps its id
+    after = init_producer_id(broker.address)
+    assert after[0] not in {p for p, _ in anonymous} | {pid}
+    assert init_producer_id(broker.address, "orders") == (pid, 2)
+
+
+def test_producer_ids_are_unique_across_a_cluster(zookeeper, zk_chroot, tmp_path):
+    from tests.cluster import Cluster
+
+    c = Cluster(zookeeper, zk_chroot, tmp_path, 2).start()
+    try:
+        addresses = [b.address for b in c.brokers.values()]
+        ids = [init_producer_id(a) for a in addresses for _ in range(3)]
+        assert len({pid for pid, _ in ids}) == 6
+        named = [init_producer_id(a, "billing") for a in addresses]
+        assert named[1] == (named[0][0], named[0][1] + 1)
+    finally:
+        c.stop()
