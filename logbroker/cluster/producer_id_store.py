@@ -88,10 +88,14 @@ class LocalProducerIdStore:
         return start
 
     def bump_named(self, name: str, new_id: Callable[[], int]) -> tuple[int, int]:
+        """Read, then write: `new_id` may take a block (a write transaction of its own). The
+        broker is this store's only writer and serializes these calls (server/apis/producer_ids.py)."""
         key = b"name:" + check_producer_name(name).encode()
-        with self._env.begin(write=True, db=self._db) as txn:
+        with self._env.begin(db=self._db) as txn:
             raw = txn.get(key)
-            entry = next_named(None if raw is None else bytes(raw), new_id)
+            current = None if raw is None else bytes(raw)
+        entry = next_named(current, new_id)
+        with self._env.begin(write=True, db=self._db) as txn:
             txn.put(key, json.dumps(entry).encode())
         return entry["producer_id"], entry["epoch"]
 

@@ -128,3 +128,38 @@ def test_producer_ids_are_unique_across_a_cluster(zookeeper, zk_chroot, tmp_path
         assert named[1] == (named[0][0], named[0][1] + 1)
     finally:
         c.stop()
+
+
+def test_the_producer_is_idempotent_by_default_and_a_named_one_fences_its_zombie(broker):
+    from logbroker import Producer
+    from logbroker.errors import InvalidProducerEpochError
+
+    with Admin(broker.address) as admin:
+        admin.create_topic("t", partitions=1)
+    zombie = Producer(broker.address, producer_name="billing", linger_ms=0)
+    try:
+        assert zombie.send("t", b"z0").result(10).offset == 0
+        with Producer(broker.address, producer_name="billing", linger_ms=0) as fresh:
+            assert fresh.send("t", b"f0").result(10).offset == 1
+        with pytest.raises(InvalidProducerEpochError):
+            zombie.send("t", b"z1").result(10)
+    finally:
+        zombie.close(5)
+    with Producer(broker.address) as plain:
+        plain.send("t", b"p0").result(10)
+    data = fetch_all(broker.address)
+    headers = [h for h, _ in iter_batches(data)]
+    assert [h.producer_epoch for h in headers] == [0, 1, 0]
+    assert headers[0].producer_id == headers[1].producer_id != headers[2].producer_id >= 0
+    with Producer(broker.address, enable_idempotence=False) as off:
+        off.send("t", b"off").result(10)
+    assert [h.producer_id for h, _ in iter_batches(fetch_all(broker.address))][-1] == -1
+
+
+def fetch_all(address: str) -> bytes:
+    req = pb.FetchRequest(max_wait_ms=0, min_bytes=1, max_bytes=1 << 20, replica_id=-1, partitions=[
+        pb.FetchPartition(topic="t", partition=0, fetch_offset=0, partition_max_bytes=1 << 20,
+                          current_leader_epoch=-1)])
+    with grpc.insecure_channel(address) as ch:
+        (r,) = pbg.BrokerStub(ch).Fetch(req, timeout=10).results
+    return bytes(r.records)

@@ -43,3 +43,16 @@ def test_epoch_exhaustion_takes_a_new_id_and_bad_names_are_refused(tmp_path: Pat
     with pytest.raises(InvalidRequestError):
         store.producer_ids().bump_named("x" * 250, lambda: 1)
     store.close()
+
+
+def test_the_broker_side_takes_blocks_for_named_and_anonymous_producers(tmp_path: Path) -> None:
+    from logbroker.server.apis.producer_ids import ProducerIdApis
+
+    store = LocalMetadataStore(tmp_path)
+    ids = store.producer_ids()
+    apis = ProducerIdApis(lambda: ids, block_size=2)
+    assert apis._init("orders") == (0, 0)  # a new block taken inside the named path
+    assert apis._init("") == (1, 0)
+    assert apis._init("") == (2, 0)  # the next block
+    assert apis._init("orders") == (0, 1)
+    store.close()

@@ -5,6 +5,7 @@ when no other thread is shipping). The parts, as Kafka's Java producer is split:
     future.py       FutureRecordMetadata / FutureRecordsMetadata and the per-batch result they share
     batch.py        ProducerBatch, the per-partition batches, the per-topic state; a record's charge
     accumulator.py  RecordAccumulator: appending, buffer memory, which batches are ready (drain)
+    idempotence.py  ProducerIdentity: the idempotent producer's id, epoch and per-partition sequences
     sender.py       Sender: the thread that ships drained batches and handles responses and retries
     producer.py     Producer: checks arguments, appends (send() inlines the append: see below)
 
@@ -57,6 +58,7 @@ from logbroker.client.producer.future import (
     failed_future,
     failed_records_future,
 )
+from logbroker.client.producer.idempotence import ProducerIdentity, init_producer_id
 from logbroker.client.producer.sender import Sender
 from logbroker.client.sasl import SaslConfig
 from logbroker.clock import SYSTEM_CLOCK, Clock
@@ -115,7 +117,13 @@ class Producer(RecordAccumulator):
         clock: Clock | None = None,
         tls: TlsConfig | bool | None = None,
         sasl: SaslConfig | None = None,
+        enable_idempotence: bool | None = None,
+        producer_name: str | None = None,
     ) -> None:
+        """`enable_idempotence` (idempotence.py): None (the default) turns it on with acks='all' and off
+        otherwise, True requires acks='all', False writes producerId -1 as a plain producer.
+        `producer_name`: a stable name for an idempotent producer; a new producer with the same name
+        fences this one (its batches then fail with InvalidProducerEpochError)."""
         if linger_ms < 0 or retry_backoff_ms < 0 or max_block_ms < 0 or retries < 0:
             raise ValueError("linger_ms, retry_backoff_ms, max_block_ms and retries must be >= 0")
         if batch_size_bytes <= HEADER_SIZE + RECORD_OVERHEAD_BYTES:
@@ -131,6 +139,11 @@ class Producer(RecordAccumulator):
         if compression not in (None, "none", "gzip"):
             raise ValueError(f"compression must be None or 'gzip', not {compression!r}")
         self._acks = parse_acks(acks)
+        if enable_idempotence and self._acks != -1:
+            raise ValueError("enable_idempotence=True needs acks='all'")
+        if producer_name is not None and not (enable_idempotence or (enable_idempotence is None and self._acks == -1)):
+            raise ValueError("producer_name needs an idempotent producer (acks='all', enable_idempotence not False)")
+        idempotent = enable_idempotence if enable_idempotence is not None else self._acks == -1
         self._max_request_bytes = max_request_bytes
         self._max_record_bytes = min(max_request_bytes - REQUEST_OVERHEAD_BYTES - HEADER_SIZE, buffer_memory_bytes)
         self._retry_backoff_ms = retry_backoff_ms
@@ -144,9 +157,12 @@ class Producer(RecordAccumulator):
         )
         self._clock = clock or SYSTEM_CLOCK
         self._streams = metadata.client_streams()  # ours, even on a shared cache; the sender's only
+        self.identity = (ProducerIdentity(
+            lambda req, timeout_s: init_producer_id(metadata, req, timeout_s), producer_name or "",
+            client_retry_policy(retry_backoff_ms), request_timeout_ms / 1000) if idempotent else None)
         self._sender = Sender(self, metadata, self._streams, acks=self._acks,
                               request_timeout_ms=request_timeout_ms, retries=retries,
-                              retry_backoff_ms=retry_backoff_ms)
+                              retry_backoff_ms=retry_backoff_ms, identity=self.identity)
         self._ship_inline = self._sender.ship_inline  # bound once: send() calls it per record with linger_ms=0
         self._sender.start()
 
