@@ -163,3 +163,77 @@ def fetch_all(address: str) -> bytes:
     with grpc.insecure_channel(address) as ch:
         (r,) = pbg.BrokerStub(ch).Fetch(req, timeout=10).results
     return bytes(r.records)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_leader_kill_loop_with_forced_retries_writes_every_record_exactly_once(zookeeper, zk_chroot, tmp_path):
+    """The kill -9 leader loop of test_cluster.py with short request timeouts, so requests in flight
+    to a killed leader are retried at the new one (some of them after their first try landed):
+    with the idempotent producer every acknowledged value is in the log exactly once."""
+    import random
+    import threading
+
+    from logbroker import Producer
+    from tests.cluster import Cluster
+    from tests.conftest import wait_for
+    from tests.integration.test_cluster import consume_everything, settled
+
+    c = Cluster(zookeeper, zk_chroot, tmp_path, 3, session_timeout_ms=2000,
+                extra_args=["--replica-lag-time-max-ms", "3000"]).start()
+    try:
+        topic = "orders"
+        with Admin(c.bootstrap) as admin:
+            admin.create_topic(topic, partitions=3, replication_factor=3, config={"min_insync_replicas": "2"})
+        wait_for(lambda: settled(c, topic, 3), 60, "all partitions led with full ISR")
+        acked: set[bytes] = set()
+        failed: list[BaseException] = []
+        lock = threading.Lock()
+        stop = threading.Event()
+
+        def produce() -> None:
+            with Producer(c.bootstrap, linger_ms=2, delivery_timeout_ms=90_000, request_timeout_ms=800,
+                          retry_backoff_ms=50) as producer:
+                i = 0
+                while not stop.is_set():
+                    value = b"v-%08d" % i
+
+                    def done(fut, value=value):
+                        with lock:
+                            if fut.exception() is None:
+                                acked.add(value)
+                            else:
+                                failed.append(fut.exception())
+
+                    producer.send(topic, value, key=b"k%d" % (i % 30)).add_done_callback(done)
+                    i += 1
+                    if i % 100 == 0:
+                        time.sleep(0.01)
+                producer.flush(120)
+
+        t = threading.Thread(target=produce, daemon=True)
+        t.start()
+        rng = random.Random(11)
+        for round_ in range(4):
+            p = rng.randrange(3)
+            wait_for(lambda p=p: c.leader_of(topic, p) >= 0, 30, f"round {round_}: partition {p} has a leader")
+            leader = c.leader_of(topic, p)
+            before = len(acked)
+            c.kill9(leader)
+            wait_for(lambda p=p, leader=leader: c.leader_of(topic, p) not in (-1, leader), 30,
+                     f"round {round_}: a new leader for partition {p}")
+            c.restart(leader)
+            wait_for(lambda before=before: len(acked) > before + 100, 60, f"round {round_}: progress")
+        stop.set()
+        t.join(150)
+        assert not t.is_alive()
+        wait_for(lambda: settled(c, topic, 3), 90, "cluster settled with full ISRs")
+        total = sum(c.high_watermark(topic, p) for p in range(3))
+        got = consume_everything(c.bootstrap, topic, 3, total)
+        values = [m.value for msgs in got.values() for m in msgs]
+        duplicates = len(values) - len(set(values))
+        assert duplicates == 0, f"{duplicates} duplicated records of {len(values)}"
+        assert not (acked - set(values)), f"{len(acked - set(values))} acknowledged records lost"
+        assert not failed, f"{len(failed)} sends failed, e.g. {failed[:2]}"
+    finally:
+        c.stop()

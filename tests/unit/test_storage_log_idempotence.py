@@ -125,3 +125,13 @@ def test_idle_producers_expire_by_the_logs_clock(tmp_path: Path) -> None:
     assert log.producers.entry(5) is None and log.producers.entry(6) is not None
     assert not log.append(pbatch(5, 0, 40), 0).duplicate  # unknown again: any sequence is accepted
     log.close()
+
+
+def test_expiration_is_a_topic_config() -> None:
+    from logbroker.cluster.metadata import normalize_topic_config
+    from logbroker.errors import InvalidConfigError
+
+    config = normalize_topic_config({"producer.id.expiration.ms": "5000"})
+    assert LogConfig.from_topic_config(config).producer_id_expiration_ms == 5000
+    with pytest.raises(InvalidConfigError):
+        normalize_topic_config({"producer_id_expiration_ms": "0"})
