@@ -132,7 +132,10 @@ class FakeBroker:
     def release(self) -> None:
         held, self.held = self.held, []
         for fut, request in held:
-            fut.finish(self._produce(request))
+            try:
+                fut.finish(self._produce(request))
+            except grpc.RpcError as e:
+                fut.finish(error=e)
 
     def _produce(self, request: pb.ProduceRequest) -> pb.ProduceResponse:
         out = self._produce_answer(request)
@@ -142,14 +145,16 @@ class FakeBroker:
         return out
 
     def _duplicate(self, tp: tuple[str, int], records: bytes) -> pb.ProducePartitionResult | None:
-        """The answer to a resent idempotent batch (one per request, as the client sends), else None
-        (remembering the batch at the offset it will get)."""
+        """The answer to a resent idempotent batch (its first batch checked), else None."""
         h = rb.parse_header(records)
         if h.producer_id < 0:
             return None
         state = self.producers.setdefault(tp, ProducerStateMap())
         check = state.check(h.producer_id, h.producer_epoch, h.base_sequence, h.record_count)
         if check.verdict is Verdict.DUPLICATE:
+            if h.size_bytes < len(records):  # several batches: as storage/log.py, resend them one by one
+                return pb.ProducePartitionResult(topic=tp[0], partition=tp[1], base_offset=-1,
+                                                 error_code=pb.DUPLICATE_SEQUENCE_NUMBER)
             return pb.ProducePartitionResult(topic=tp[0], partition=tp[1], base_offset=check.first_offset,
                                              duplicate=True, log_append_time_ms=-1)
         return None

@@ -88,3 +88,24 @@ def test_a_fenced_producer_fails_every_later_batch(md):
         with pytest.raises(InvalidProducerEpochError):
             p.send("t", b"still a zombie").result(5)
     assert md.broker.producer_ids == 1 and not md.broker.logs
+
+
+def test_a_backlog_goes_out_five_batches_per_request_so_a_resent_request_is_all_duplicates(md):
+    import time
+
+    md.broker.hold = True
+    with Producer(md, linger_ms=0, batch_size_bytes=200, retry_backoff_ms=10) as p:
+        futures = [p.send("t", b"%03d" % i + b"x" * 60) for i in range(40)]  # ~2 records per batch
+        time.sleep(0.1)
+        md.broker.lose_answers = 1  # the first backlog request lands, its answer is lost
+        md.broker.hold = False
+        md.broker.release()
+        p.flush(5)
+        assert [f.result(5).offset for f in futures] == list(range(40))
+    for req in md.broker.requests:
+        if isinstance(req, pb.ProduceRequest):
+            for part in req.partitions:
+                assert len(list(rb.iter_batches(part.records))) <= 5
+    values = [m.value[:3] for _, data in md.broker.logs[("t", 0)] for h, pos in rb.iter_batches(data)
+              for m in rb.decode_batch(data, pos, h, "t", 0)]
+    assert values == [b"%03d" % i for i in range(40)]  # every record once

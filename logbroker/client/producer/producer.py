@@ -71,6 +71,7 @@ from logbroker.errors import (
     MessageTooLargeError,
     UnknownTopicOrPartitionError,
 )
+from logbroker.storage.producer_state import BATCHES_KEPT
 from logbroker.storage.record_batch import COMPRESSION_GZIP, COMPRESSION_NONE, HEADER_SIZE
 from logbroker.tls import TlsConfig
 
@@ -160,6 +161,8 @@ class Producer(RecordAccumulator):
         self.identity = (ProducerIdentity(
             lambda req, timeout_s: init_producer_id(metadata, req, timeout_s), producer_name or "",
             client_retry_policy(retry_backoff_ms), request_timeout_ms / 1000) if idempotent else None)
+        if idempotent:
+            self.partition_batches_per_request_max = BATCHES_KEPT
         self._sender = Sender(self, metadata, self._streams, acks=self._acks,
                               request_timeout_ms=request_timeout_ms, retries=retries,
                               retry_backoff_ms=retry_backoff_ms, identity=self.identity)
