@@ -243,3 +243,32 @@ def test_leader_kill_loop_with_forced_retries_writes_every_record_exactly_once(z
         assert not failed, f"{len(failed)} sends failed, e.g. {failed[:2]}"
     finally:
         c.stop()
+
+
+def test_resent_batch_is_a_duplicate_at_the_new_leader_after_a_failover(zookeeper, zk_chroot, tmp_path):
+    """The followers rebuild the producer state from the batches they replicate: after the leader is
+    killed, the batch resent to the new leader is answered with its original offsets."""
+    from tests.cluster import Cluster
+    from tests.conftest import wait_for
+    from tests.integration.test_cluster import settled
+
+    c = Cluster(zookeeper, zk_chroot, tmp_path, 3, session_timeout_ms=2000).start()
+    try:
+        with Admin(c.bootstrap) as admin:
+            admin.create_topic("t", partitions=1, replication_factor=3, config={"min_insync_replicas": "2"})
+        wait_for(lambda: settled(c, "t", 1), 60, "partition led with full ISR")
+        leader = c.leader_of("t", 0)
+        address = c.brokers[leader].address
+        for seq in range(0, 6, 2):
+            r = produce(address, pbatch(0, seq, b"a%d" % seq, b"b%d" % seq))  # acks=all: on every ISR replica
+            assert r.error_code == pb.NONE, r
+        c.kill9(leader)
+        wait_for(lambda: c.leader_of("t", 0) not in (-1, leader), 30, "a new leader")
+        new = c.brokers[c.leader_of("t", 0)].address
+        again = produce(new, pbatch(0, 2, b"a2", b"b2"))
+        assert (again.error_code, again.base_offset, again.duplicate) == (pb.NONE, 2, True), again
+        gap = produce(new, pbatch(0, 9, b"x"))
+        assert gap.error_code == pb.OUT_OF_ORDER_SEQUENCE_NUMBER, gap
+        assert produce(new, pbatch(0, 6, b"next")).base_offset == 6
+    finally:
+        c.stop()
