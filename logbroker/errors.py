@@ -322,6 +322,28 @@ class UnauthenticatedError(BrokerError):
     code = pb.UNAUTHENTICATED
 
 
+class OutOfOrderSequenceNumberError(BrokerError):
+    """An idempotent producer's batch does not follow the last batch the partition holds from it
+    (a gap: the batches between were lost), or starts a new producer epoch at a sequence other
+    than 0. Final for the batch: the producer cannot make the gap go away by retrying."""
+
+    code = pb.OUT_OF_ORDER_SEQUENCE_NUMBER
+
+
+class DuplicateSequenceNumberError(BrokerError):
+    """A batch the partition already holds, resent in a request of several batches for the
+    partition (a single resent batch is answered with its original offsets instead)."""
+
+    code = pb.DUPLICATE_SEQUENCE_NUMBER
+
+
+class InvalidProducerEpochError(BrokerError):
+    """The producer id's epoch is older than its current one: a newer producer with the same
+    producer_name fenced this one (a zombie). Final."""
+
+    code = pb.INVALID_PRODUCER_EPOCH
+
+
 class KafkaTimeoutError(LogbrokerError):
     """A client-side deadline passed (delivery timeout, flush timeout, metadata wait)."""
 

@@ -7,6 +7,7 @@ source of truth for which topics exist):
                                                          "topic_id": hex}
     db "meta":     b"cluster_id"                  -> utf-8 cluster id
     db "users", db "acls"                         -> cluster/security_store.py
+    db "producer_ids"                             -> cluster/producer_id_store.py
 
 Committed consumer offsets are not here: the group coordinator keeps them in `__consumer_offsets`,
 in standalone mode as in a cluster.
@@ -22,6 +23,7 @@ from typing import Protocol
 import lmdb
 
 from logbroker.cluster.metadata import TopicSpec
+from logbroker.cluster.producer_id_store import LocalProducerIdStore
 from logbroker.cluster.security_store import LocalSecurityStore
 from logbroker.errors import TopicAlreadyExistsError, UnknownTopicOrPartitionError
 
@@ -83,7 +85,7 @@ class LocalMetadataStore:
     def __init__(self, data_dir: Path) -> None:
         path = data_dir / METADATA_DIR_NAME
         path.mkdir(parents=True, exist_ok=True)
-        self._env = lmdb.open(str(path), map_size=_MAP_BYTES, max_dbs=4, subdir=True)
+        self._env = lmdb.open(str(path), map_size=_MAP_BYTES, max_dbs=8, subdir=True)
         self._topics = self._env.open_db(b"topics")
         self._meta = self._env.open_db(b"meta")
         with self._env.begin(write=True) as txn:
@@ -132,6 +134,10 @@ class LocalMetadataStore:
     def security(self) -> LocalSecurityStore:
         """Users and ACLs, in this environment (cluster/security_store.py)."""
         return LocalSecurityStore(self._env)
+
+    def producer_ids(self) -> LocalProducerIdStore:
+        """Idempotent producers' ids, in this environment (cluster/producer_id_store.py)."""
+        return LocalProducerIdStore(self._env)
 
     def close(self) -> None:
         self._env.close()

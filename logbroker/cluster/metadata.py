@@ -65,6 +65,8 @@ TOPIC_CONFIG_DEFAULTS: dict[str, str] = {
     # priority (cluster/priority_levels.py): levels 1..10 (1: none); weights per level, "" = strict
     "priority_levels": "1",
     "priority_weights": "",
+    # idempotent producers (storage/producer_state.py): a producer id idle this long is forgotten
+    "producer_id_expiration_ms": str(24 * 3600 * 1000),
 }
 
 _INT_CONFIG_BOUNDS: dict[str, tuple[int, int]] = {
@@ -82,6 +84,7 @@ _INT_CONFIG_BOUNDS: dict[str, tuple[int, int]] = {
     "delete_retention_ms": (0, (1 << 63) - 1),
     "message_ttl_ms": (-1, 365 * 24 * 3600 * 1000),
     "priority_levels": (1, PRIORITY_LEVELS_MAX),
+    "producer_id_expiration_ms": (1, 1 << 62),
 }
 _ENUM_CONFIG: dict[str, tuple[str, ...]] = {
     "cleanup_policy": ("delete", "compact", "compact,delete", "delete,compact"),

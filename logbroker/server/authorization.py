@@ -116,6 +116,9 @@ RULES: dict[str, Callable[[Any], list[Check]]] = {
     # it reaches only that requester's connection
     "Reply": lambda r: [],
     "ReplyBatch": lambda r: [],
+    # an anonymous idempotent producer needs no grant of its own (as Kafka since 3.0: its produces are
+    # checked); a named one writes its TransactionalId
+    "InitProducerId": lambda r: [[(W, ResourceType.TRANSACTIONAL_ID, r.producer_name)]] if r.producer_name else [],
     "CreateAcls": lambda r: _cluster(Operation.ALTER),
     "DeleteAcls": lambda r: _cluster(Operation.ALTER),
     "DescribeAcls": lambda r: _cluster(D),

@@ -45,6 +45,7 @@ from logbroker.cluster.priority_levels import (
     parse_level_topic,
     parse_levels,
 )
+from logbroker.cluster.producer_id_store import ProducerIdStore, ZkProducerIdStore
 from logbroker.cluster.security_store import SecurityStore, ZkSecurityStore
 from logbroker.config import BrokerConfig
 from logbroker.errors import (
@@ -73,6 +74,7 @@ from logbroker.server.apis.broker_apis import BrokerApis
 from logbroker.server.apis.groups import GroupApis
 from logbroker.server.apis.metadata import MetadataApis
 from logbroker.server.apis.produce_fetch import ProduceFetchApis
+from logbroker.server.apis.producer_ids import ProducerIdApis
 from logbroker.server.apis.queues import QueueApis
 from logbroker.server.apis.replies import ReplyApis
 from logbroker.server.apis.security import SecurityApis
@@ -189,6 +191,7 @@ class Broker:
                 FileOffsetClock(offset_file) if offset_file else clock,
             )
             self._security: SecurityStore | None = None  # opened by start()
+            self._producer_ids: ProducerIdStore | None = None  # opened by the first InitProducerId
             self.apis = self._build_apis(config)
             self.sasl: SaslServer | None = (SaslServer(config.sasl_mechanisms, self.security_store)
                                             if config.sasl_mechanisms else None)
@@ -369,6 +372,7 @@ class Broker:
             AdminApis(self, self, self, self.replica_manager),
             queues=QueueApis(self, self.share_coordinator),
             security=SecurityApis(self.security_store, self._acls_changed),
+            producer_ids=ProducerIdApis(self.producer_id_store),
             hook=hook,
             replies=self.replies,
         )
@@ -387,6 +391,16 @@ class Broker:
             return ZkSecurityStore(self.cluster.store)
         assert isinstance(self._store, LocalMetadataStore)
         return self._store.security()
+
+    def producer_id_store(self) -> ProducerIdStore:
+        """Where producer ids come from (cluster/producer_id_store.py); opened on first use (in a thread)."""
+        if self._producer_ids is None:
+            if self.cluster is not None:
+                self._producer_ids = ZkProducerIdStore(self.cluster.store)
+            else:
+                assert isinstance(self._store, LocalMetadataStore)
+                self._producer_ids = self._store.producer_ids()
+        return self._producer_ids
 
     def security_store(self) -> SecurityStore:
         """Users and ACLs (cluster/security_store.py); RequestRejected(UNAVAILABLE) until opened."""

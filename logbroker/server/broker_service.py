@@ -24,7 +24,8 @@ from logbroker.server.wire_server import Handler
 from logbroker.v1 import logbroker_pb2 as pb
 
 BROKER_METHODS = ("Produce", "Fetch", "ListOffsets", "Metadata", "OffsetCommit", "OffsetFetch", "FindCoordinator",
-                  "ConsumerGroupHeartbeat", "ShareFetch", "ShareAcknowledge", "Reply", "ReplyBatch")
+                  "ConsumerGroupHeartbeat", "ShareFetch", "ShareAcknowledge", "Reply", "ReplyBatch",
+                  "InitProducerId")
 
 
 def caller(context: grpc.aio.ServicerContext, sasl: SaslServer | None) -> RequestContext:

@@ -9,6 +9,7 @@ one directory, composed from one part per concept:
     segment_indexer.py     which index entries an appended batch gets
     leader_epoch_cache.py  the leader epoch history (LeaderEpochFileCache)
     retention.py           which old segments retention deletes (a pure decision)
+    producer_state.py      idempotent producers: epoch and last batches per producer id (pure)
     index.py               the LMDB index: key and value layouts
 
 `Log` keeps what ties them together: offset assignment, the log start offset, the high watermark,
@@ -32,6 +33,21 @@ reopened log starts from min(checkpoint, log end offset), or from its log start 
 no checkpoint (a rebuilt index), so a restarted leader exposes nothing beyond what was known
 replicated; a leader whose ISR is itself alone (standalone mode) raises it to the log end offset
 as soon as it leads (partition_state).
+
+Idempotent producers. A produced batch with producerId >= 0 is checked against the producer state
+(producer_state.py) before anything is written: a duplicate of one of the producer's last five
+batches, sent alone, is answered with the original offsets (`AppendResult.duplicate`) and not
+written again; a gap raises OutOfOrderSequenceNumberError, an older epoch
+InvalidProducerEpochError, a duplicate among several batches DuplicateSequenceNumberError, with
+nothing written. Every append (leader or follower) records its idempotent batches, so followers
+hold the same state. Opening a log rebuilds the state from the batch headers (no record decoded)
+of its newest segments, whole segments back from the active one until at least
+PRODUCER_STATE_SCAN_BYTES are covered (all of them if the log is smaller): no snapshot file, and a
+bounded open. A producer whose last batch lies before that window is unknown after a restart (its
+next batch is accepted at any sequence, as Kafka does for an expired producer). Producer ids are
+expired by the log's clock (time of append; for a rebuilt one, the time the log opened) after
+`producer_id_expiration_ms`, checked at most every PRODUCER_EXPIRY_CHECK_MS during appends.
+Truncation forgets the batches it removes.
 
 Read-only. If the active segment cannot be preallocated when the log opens (disk full), the log
 still opens, with that segment mapped read-only: reads, retention, epoch bookkeeping and
@@ -59,9 +75,12 @@ from typing import NamedTuple
 
 from logbroker.errors import (
     CorruptMessageError,
+    DuplicateSequenceNumberError,
     InvalidFetchSizeError,
+    InvalidProducerEpochError,
     InvalidRecordError,
     OffsetOutOfRangeError,
+    OutOfOrderSequenceNumberError,
     RecordListTooLargeError,
     StorageError,
 )
@@ -87,6 +106,7 @@ from logbroker.storage.log_loader import (
     RecoveryReport,
     load_log,
 )
+from logbroker.storage.producer_state import ProducerStateMap, Verdict, sequence_after
 from logbroker.storage.record_batch import BatchInfo, decode_batch, first_null_key, validate_batches
 from logbroker.storage.retention import segments_to_delete
 from logbroker.storage.segment import Segment
@@ -102,6 +122,8 @@ log = logging.getLogger(__name__)
 
 NO_TIMESTAMP = -1
 _EMPTY = memoryview(b"")
+PRODUCER_STATE_SCAN_BYTES = 64 << 20  # opening a log rebuilds producer state from at least this much of its tail
+PRODUCER_EXPIRY_CHECK_MS = 60_000
 
 
 def wall_clock_ms() -> int:
@@ -114,6 +136,7 @@ class AppendResult(NamedTuple):
     max_timestamp: int
     log_append_time_ms: int  # -1 unless the log uses LogAppendTime
     record_count: int
+    duplicate: bool = False  # an idempotent producer's batch already in the log: its original offsets
 
 
 def _as_bytes_view(records: bytes | bytearray | memoryview) -> memoryview:
@@ -154,6 +177,8 @@ class Log:
         self._high_watermark = 0
         self._checkpointed_hw = -1  # the high watermark last written to the index
         self.recovery_reports: list[RecoveryReport] = []
+        self.producers = ProducerStateMap(config.producer_id_expiration_ms)
+        self._producers_expire_at_ms = 0
 
     # -- opening --------------------------------------------------------------------------------
 
@@ -176,10 +201,28 @@ class Log:
         self.recovery_reports = loaded.recovery_reports
         try:
             self._local.restore_active_state(loaded.opened_ms)
+            self._rebuild_producers()
         except BaseException:
             self._abandon()
             raise
         return self
+
+    def _rebuild_producers(self) -> None:
+        """The producer state from the batch headers of the newest segments (module doc)."""
+        segments = self._local.segments
+        first = len(segments) - 1
+        covered = segments[first].size_bytes
+        while first > 0 and covered < PRODUCER_STATE_SCAN_BYTES:
+            first -= 1
+            covered += segments[first].size_bytes
+        self.producers = ProducerStateMap(self._config.producer_id_expiration_ms)
+        record = self.producers.record
+        now = self._now_ms()
+        for seg in segments[first:]:
+            for h in seg.producer_batches():
+                record(h.producer_id, h.producer_epoch, h.base_sequence, h.record_count, h.base_offset,
+                       h.base_offset + h.last_offset_delta, now)
+        self._producers_expire_at_ms = now + min(self._config.producer_id_expiration_ms, PRODUCER_EXPIRY_CHECK_MS)
 
     # -- properties -----------------------------------------------------------------------------
 
@@ -192,6 +235,7 @@ class Log:
         self._config = config
         self._local.config = config
         self._local.indexer.interval_bytes = config.index_interval_bytes
+        self.producers.expiration_ms = config.producer_id_expiration_ms
 
     @property
     def log_start_offset(self) -> int:
@@ -291,6 +335,11 @@ class Log:
         infos = validate_batches(payload, config.max_message_bytes)
         if is_compacted(config.cleanup_policy):
             _refuse_null_keys(payload, infos)
+        idempotent = [info for info in infos if info.producer_id >= 0]
+        if idempotent:
+            duplicate = self._check_producers(idempotent, len(infos))
+            if duplicate is not None:
+                return duplicate
         now = self._now_ms()
         active = local.room_for(n, now)
         start = active.size_bytes
@@ -317,6 +366,8 @@ class Log:
             local.index.write(offsets, times, epochs)
         local.appended(active, start, n, next_offset, record_count)
         self._epochs = self._epochs.append(epochs)
+        if idempotent:
+            self._record_producers(infos, [b[2] for b in batches], now)
         if local.flush_due(now):
             self.flush()
         return AppendResult(base_offset, next_offset - 1, max_timestamp, now if log_append else -1, record_count)
@@ -365,9 +416,49 @@ class Log:
             local.index.write(offsets, times, epochs.suffix(kept))
         local.appended(active, start, n, next_offset, record_count)
         self._epochs = epochs
+        self._record_producers(infos, bases, now)
         if local.flush_due(now):
             self.flush()
         return AppendResult(base_offset, next_offset - 1, max_timestamp, -1, record_count)
+
+    def _check_producers(self, idempotent: list[BatchInfo], batch_count: int) -> AppendResult | None:
+        """Check a produce payload's idempotent batches against the producer state (module doc),
+        changing nothing: the AppendResult to answer for a lone duplicate, None to append, or
+        raise."""
+        producers = self.producers
+        following: dict[int, tuple[int, int]] = {}  # producer id -> (epoch, next sequence) in this payload
+        for info in idempotent:
+            pid, epoch, sequence = info.producer_id, info.producer_epoch, info.base_sequence
+            expected = following.get(pid)
+            if expected is None:
+                result = producers.check(pid, epoch, sequence, info.record_count)
+                if result.verdict is Verdict.DUPLICATE:
+                    if batch_count == 1:
+                        return AppendResult(result.first_offset, result.last_offset, NO_TIMESTAMP, -1, 0, True)
+                    raise DuplicateSequenceNumberError(
+                        f"producer {pid} epoch {epoch}: the batch at sequence {sequence} is already at offset "
+                        f"{result.first_offset}; resend it alone")
+                if result.verdict is Verdict.FENCED:
+                    raise InvalidProducerEpochError(result.message)
+                if result.verdict is Verdict.OUT_OF_ORDER:
+                    raise OutOfOrderSequenceNumberError(result.message)
+            elif expected != (epoch, sequence):
+                raise OutOfOrderSequenceNumberError(
+                    f"producer {pid}: a batch at epoch {epoch} sequence {sequence} follows one that ends before "
+                    f"epoch {expected[0]} sequence {expected[1]} in the same request")
+            following[pid] = (epoch, sequence_after(sequence, info.record_count))
+        return None
+
+    def _record_producers(self, infos: list[BatchInfo], bases: list[int], now: int) -> None:
+        """Remember the appended idempotent batches (at `bases`); expire idle producers now and then."""
+        record = self.producers.record
+        for info, base in zip(infos, bases, strict=True):
+            if info.producer_id >= 0:
+                record(info.producer_id, info.producer_epoch, info.base_sequence, info.record_count, base,
+                       base + info.last_offset_delta, now)
+        if now >= self._producers_expire_at_ms:
+            self.producers.expire(now)
+            self._producers_expire_at_ms = now + min(self._config.producer_id_expiration_ms, PRODUCER_EXPIRY_CHECK_MS)
 
     def _check_replicated(
         self, payload: memoryview, infos: list[BatchInfo], compacted: bool = False
@@ -536,6 +627,7 @@ class Log:
             self._truncate_fully(offset)
             return
         cut, active_base = local.truncate_segments(offset)
+        self.producers.truncate_to(cut)
         self._high_watermark = min(self._high_watermark, cut)
         self._epochs = self._epochs.truncate_from_end(cut)
         local.index.truncate_from(cut, active_base, self._epochs.entries, self._checkpoints())
@@ -553,6 +645,7 @@ class Log:
     def _truncate_fully(self, offset: int) -> None:
         local = self._local
         local.replace_all_segments(offset)
+        self.producers.clear()
         self._log_start_offset = self._high_watermark = offset
         self._epochs = LeaderEpochCache()
         local.index.truncate_from(0, 0, [], self._checkpoints())

@@ -43,6 +43,9 @@ class LogConfig:
     min_compaction_lag_ms: int = 0
     max_compaction_lag_ms: int = NO_LAG_LIMIT
     delete_retention_ms: int = DAY_MS
+    # idempotent producers (producer_state.py): a producer id idle this long is forgotten (Kafka's
+    # producer.id.expiration.ms)
+    producer_id_expiration_ms: int = DAY_MS
 
     def __post_init__(self) -> None:
         checks = [
@@ -63,6 +66,8 @@ class LogConfig:
             (0 <= self.min_compaction_lag_ms <= NO_LAG_LIMIT, "min_compaction_lag_ms", self.min_compaction_lag_ms),
             (1 <= self.max_compaction_lag_ms <= NO_LAG_LIMIT, "max_compaction_lag_ms", self.max_compaction_lag_ms),
             (0 <= self.delete_retention_ms <= NO_LAG_LIMIT, "delete_retention_ms", self.delete_retention_ms),
+            (1 <= self.producer_id_expiration_ms <= NO_LAG_LIMIT, "producer_id_expiration_ms",
+             self.producer_id_expiration_ms),
         ]
         for ok, name, value in checks:
             if not ok:

@@ -176,6 +176,9 @@ class BatchInfo(NamedTuple):
     last_offset_delta: int
     max_timestamp: int
     partition_leader_epoch: int
+    producer_id: int  # -1: not idempotent
+    producer_epoch: int
+    base_sequence: int
 
 
 def validate_batches(
@@ -241,7 +244,8 @@ def validate_batches(
         if check_crc and crc32c(view[pos + CRC_START : pos + size]) != h.crc:
             raise CorruptMessageError(f"batch at byte {pos}: CRC-32C mismatch")
         infos.append(
-            BatchInfo(pos, size, h.record_count, h.last_offset_delta, h.max_timestamp, h.partition_leader_epoch)
+            BatchInfo(pos, size, h.record_count, h.last_offset_delta, h.max_timestamp, h.partition_leader_epoch,
+                      h.producer_id, h.producer_epoch, h.base_sequence)
         )
         pos += size
     return infos

@@ -439,6 +439,21 @@ class Segment:
             position += size
 
 
+    def producer_batches(self) -> Iterator[BatchHeader]:
+        """The header of every batch with a producer id (>= 0), in order: the batch headers only,
+        unchecked beyond length bounds (the log was recovered when it opened)."""
+        buf = self.buffer
+        end = self.size_bytes
+        position = 0
+        while end - position >= HEADER_SIZE:
+            h = HEADER.unpack_from(buf, position)
+            if h[1] < MIN_BATCH_LENGTH or position + h[1] + LOG_OVERHEAD > end:
+                raise CorruptMessageError(f"{self.path}: batchLength {h[1]} at byte {position} is invalid")
+            if h[9] >= 0:
+                yield BatchHeader._make(h)
+            position += h[1] + LOG_OVERHEAD
+
+
 def crc_ok(buf: mmap.mmap | bytes, position: int, size: int) -> bool:
     """Whether the batch of `size` bytes at `position` matches its CRC-32C."""
     stored = _CRC.unpack_from(buf, position + 17)[0]

@@ -450,6 +450,11 @@ class BrokerStub:
                 request_serializer=logbroker_dot_v1_dot_logbroker__pb2.ReplyBatchRequest.SerializeToString,
                 response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.ReplyBatchResponse.FromString,
                 _registered_method=True)
+        self.InitProducerId = channel.unary_unary(
+                '/logbroker.v1.Broker/InitProducerId',
+                request_serializer=logbroker_dot_v1_dot_logbroker__pb2.InitProducerIdRequest.SerializeToString,
+                response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.InitProducerIdResponse.FromString,
+                _registered_method=True)
 
 
 class BrokerServicer:
@@ -573,6 +578,13 @@ class BrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def InitProducerId(self, request, context):
+        """An idempotent producer's id and epoch (any broker answers; ids are unique cluster-wide).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BrokerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -660,6 +672,11 @@ def add_BrokerServicer_to_server(servicer, server):
                     servicer.ReplyBatch,
                     request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.ReplyBatchRequest.FromString,
                     response_serializer=logbroker_dot_v1_dot_logbroker__pb2.ReplyBatchResponse.SerializeToString,
+            ),
+            'InitProducerId': grpc.unary_unary_rpc_method_handler(
+                    servicer.InitProducerId,
+                    request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.InitProducerIdRequest.FromString,
+                    response_serializer=logbroker_dot_v1_dot_logbroker__pb2.InitProducerIdResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1121,6 +1138,33 @@ class Broker:
             '/logbroker.v1.Broker/ReplyBatch',
             logbroker_dot_v1_dot_logbroker__pb2.ReplyBatchRequest.SerializeToString,
             logbroker_dot_v1_dot_logbroker__pb2.ReplyBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InitProducerId(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logbroker.v1.Broker/InitProducerId',
+            logbroker_dot_v1_dot_logbroker__pb2.InitProducerIdRequest.SerializeToString,
+            logbroker_dot_v1_dot_logbroker__pb2.InitProducerIdResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -18,6 +18,7 @@ import grpc
 from logbroker.client.metadata_cache import MetadataCache
 from logbroker.client.streams import StreamError
 from logbroker.storage import record_batch as rb
+from logbroker.storage.producer_state import ProducerStateMap, Verdict
 from logbroker.v1 import logbroker_pb2 as pb
 
 
@@ -119,13 +120,46 @@ class FakeBroker:
         self.ListOffsets = _Method(self._list_offsets, self)
         self.OffsetCommit = _Method(self._offset_commit, self)
         self.OffsetFetch = _Method(self._offset_fetch, self)
+        self.InitProducerId = _Method(self._init_producer_id, self)
+        self.producer_ids = 0
+        self.producers: dict[tuple[str, int], ProducerStateMap] = {}  # dedup as a real leader does
+        self.lose_answers = 0  # append the next N produces, then answer UNAVAILABLE (the answer was lost)
+
+    def _init_producer_id(self, request: pb.InitProducerIdRequest) -> pb.InitProducerIdResponse:
+        self.producer_ids += 1
+        return pb.InitProducerIdResponse(producer_id=1000 + self.producer_ids, producer_epoch=0)
 
     def release(self) -> None:
         held, self.held = self.held, []
         for fut, request in held:
-            fut.finish(self._produce(request))
+            try:
+                fut.finish(self._produce(request))
+            except grpc.RpcError as e:
+                fut.finish(error=e)
 
     def _produce(self, request: pb.ProduceRequest) -> pb.ProduceResponse:
+        out = self._produce_answer(request)
+        if self.lose_answers > 0:
+            self.lose_answers -= 1
+            raise FakeRpcError(grpc.StatusCode.UNAVAILABLE, "answer lost")
+        return out
+
+    def _duplicate(self, tp: tuple[str, int], records: bytes) -> pb.ProducePartitionResult | None:
+        """The answer to a resent idempotent batch (its first batch checked), else None."""
+        h = rb.parse_header(records)
+        if h.producer_id < 0:
+            return None
+        state = self.producers.setdefault(tp, ProducerStateMap())
+        check = state.check(h.producer_id, h.producer_epoch, h.base_sequence, h.record_count)
+        if check.verdict is Verdict.DUPLICATE:
+            if h.size_bytes < len(records):  # several batches: as storage/log.py, resend them one by one
+                return pb.ProducePartitionResult(topic=tp[0], partition=tp[1], base_offset=-1,
+                                                 error_code=pb.DUPLICATE_SEQUENCE_NUMBER)
+            return pb.ProducePartitionResult(topic=tp[0], partition=tp[1], base_offset=check.first_offset,
+                                             duplicate=True, log_append_time_ms=-1)
+        return None
+
+    def _produce_answer(self, request: pb.ProduceRequest) -> pb.ProduceResponse:
         out = pb.ProduceResponse()
         for p in request.partitions:
             tp = (p.topic, p.partition)
@@ -133,11 +167,19 @@ class FakeBroker:
             if script:
                 out.results.add(topic=p.topic, partition=p.partition, error_code=script.popleft(), base_offset=-1)
                 continue
+            duplicate = self._duplicate(tp, p.records)
+            if duplicate is not None:
+                out.results.append(duplicate)
+                continue
             base = self.next_offset.get(tp, 0)
             offset = base
             for info in rb.validate_batches(p.records, 1 << 30):
                 batch = bytearray(p.records[info.position : info.position + info.size_bytes])
                 rb.set_base_offset(batch, 0, offset)
+                if info.producer_id >= 0:
+                    self.producers.setdefault(tp, ProducerStateMap()).record(
+                        info.producer_id, info.producer_epoch, info.base_sequence, info.record_count, offset,
+                        offset + info.record_count - 1, 0)
                 self.logs.setdefault(tp, []).append((offset, bytes(batch)))
                 offset += info.record_count
             self.next_offset[tp] = offset

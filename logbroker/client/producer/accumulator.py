@@ -71,6 +71,10 @@ class RecordAccumulator:
         self._closed = False  # no more send()
         self._refresh_topics: set[str] = set()
         self._metadata_retry_at = 0.0
+        # batches of one partition in one request; an idempotent producer sends at most as many as the
+        # brokers remember per producer (producer_state.BATCHES_KEPT), so a whole resent request is
+        # recognised as duplicates batch by batch
+        self.partition_batches_per_request_max = 1 << 30
 
     def append_records(
         self, ts: TopicState, partition: int | None, keys: Sequence[bytes | None] | None,
@@ -307,13 +311,15 @@ class RecordAccumulator:
         queue = acc.queue
         head = queue.popleft()
         group.append(head)
-        while not head.solo and queue and queue[0].retry_at <= now and not queue[0].solo:
+        room = self.partition_batches_per_request_max - 1
+        while not head.solo and queue and queue[0].retry_at <= now and not queue[0].solo and room > 0:
             nxt = queue[0].size_bytes()
             if used + size + nxt > self._max_request_bytes:
                 break
             group.append(queue.popleft())
             size += nxt
-        if (not head.solo and not queue and acc.open is not None
+            room -= 1
+        if (not head.solo and not queue and acc.open is not None and room > 0
                 and (all_ready or acc.open.created + self._linger_s <= now)):
             nxt = acc.open.size_bytes()
             if used + size + nxt <= self._max_request_bytes:

@@ -41,7 +41,7 @@ KEY_CACHE_ENTRIES = 1 << 16
 
 class ProducerBatch:
     __slots__ = ("acc", "builder", "result", "created", "deadline", "retry_at", "attempts",
-                 "charged", "payload", "record_count", "last_error", "solo")
+                 "charged", "payload", "record_count", "last_error", "solo", "sequenced")
 
     def __init__(self, acc: PartitionBatches, builder: BatchBuilder, now: float, deadline: float) -> None:
         self.acc = acc
@@ -56,6 +56,7 @@ class ProducerBatch:
         self.record_count = 0
         self.last_error: BaseException | None = None
         self.solo = False  # ship alone: it was in a request a non-retriable error rejected as a whole
+        self.sequenced = False  # encoded with an idempotent producer's id and sequence
 
     def size_bytes(self) -> int:
         if self.payload is not None:

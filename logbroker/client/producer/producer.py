@@ -5,6 +5,7 @@ when no other thread is shipping). The parts, as Kafka's Java producer is split:
     future.py       FutureRecordMetadata / FutureRecordsMetadata and the per-batch result they share
     batch.py        ProducerBatch, the per-partition batches, the per-topic state; a record's charge
     accumulator.py  RecordAccumulator: appending, buffer memory, which batches are ready (drain)
+    idempotence.py  ProducerIdentity: the idempotent producer's id, epoch and per-partition sequences
     sender.py       Sender: the thread that ships drained batches and handles responses and retries
     producer.py     Producer: checks arguments, appends (send() inlines the append: see below)
 
@@ -63,6 +64,7 @@ from logbroker.client.producer.future import (
     failed_future,
     failed_records_future,
 )
+from logbroker.client.producer.idempotence import ProducerIdentity, init_producer_id
 from logbroker.client.producer.sender import Sender
 from logbroker.client.sasl import SaslConfig
 from logbroker.clock import SYSTEM_CLOCK, Clock
@@ -75,6 +77,7 @@ from logbroker.errors import (
     MessageTooLargeError,
     UnknownTopicOrPartitionError,
 )
+from logbroker.storage.producer_state import BATCHES_KEPT
 from logbroker.storage.record_batch import COMPRESSION_GZIP, COMPRESSION_NONE, HEADER_SIZE
 from logbroker.tls import TlsConfig
 
@@ -124,16 +127,19 @@ class Producer(RecordAccumulator):
         client_id: str | None = None,
         encryption_key_file: str | os.PathLike[str] | None = None,
         encryption_key_id: str | None = None,
+        enable_idempotence: bool | None = None,
+        producer_name: str | None = None,
     ) -> None:
         """`client_id`: the name brokers log (and later apply quotas) for this producer
         (logbroker/client_id.py; None: "logbroker-python"; ValueError when malformed).
         `encryption_key_file`: seal every non-null value with AES-256-GCM before it leaves the
         process (client/encryption.py: file format, what stays plaintext), with the file's current
-        key or `encryption_key_id`; EncryptionKeyError when the file cannot be used."""
-        sealer = (Sealer(load_key_file(encryption_key_file), encryption_key_id)
-                  if encryption_key_file is not None else None)
-        if sealer is None and encryption_key_id is not None:
-            raise ValueError("encryption_key_id needs encryption_key_file")
+        key or `encryption_key_id`; EncryptionKeyError when the file cannot be used.
+        `enable_idempotence` (idempotence.py): None (the default) turns it on with acks='all' and off
+        otherwise, True requires acks='all', False writes producerId -1 as a plain producer.
+        `producer_name`: a stable name for an idempotent producer; a new producer with the same name
+        fences this one (its batches then fail with InvalidProducerEpochError)."""
+        sealer = _sealer(encryption_key_file, encryption_key_id)
         if linger_ms < 0 or retry_backoff_ms < 0 or max_block_ms < 0 or retries < 0:
             raise ValueError("linger_ms, retry_backoff_ms, max_block_ms and retries must be >= 0")
         if batch_size_bytes <= HEADER_SIZE + RECORD_OVERHEAD_BYTES:
@@ -150,6 +156,7 @@ class Producer(RecordAccumulator):
             raise ValueError(f"compression must be None or 'gzip', not {compression!r}")
         self._acks = parse_acks(acks)
         self._sealer = sealer
+        idempotent = _idempotent(self._acks, enable_idempotence, producer_name)
         self._max_request_bytes = max_request_bytes
         self._max_record_bytes = min(max_request_bytes - REQUEST_OVERHEAD_BYTES - HEADER_SIZE, buffer_memory_bytes)
         self._retry_backoff_ms = retry_backoff_ms
@@ -163,9 +170,14 @@ class Producer(RecordAccumulator):
         )
         self._clock = clock or SYSTEM_CLOCK
         self._streams = metadata.client_streams()  # ours, even on a shared cache; the sender's only
+        self.identity = (ProducerIdentity(
+            lambda req, timeout_s: init_producer_id(metadata, req, timeout_s), producer_name or "",
+            client_retry_policy(retry_backoff_ms), request_timeout_ms / 1000) if idempotent else None)
+        if idempotent:
+            self.partition_batches_per_request_max = BATCHES_KEPT
         self._sender = Sender(self, metadata, self._streams, acks=self._acks,
                               request_timeout_ms=request_timeout_ms, retries=retries,
-                              retry_backoff_ms=retry_backoff_ms)
+                              retry_backoff_ms=retry_backoff_ms, identity=self.identity)
         self._ship_inline = self._sender.ship_inline  # bound once: send() calls it per record with linger_ms=0
         self._sender.start()
 
@@ -523,3 +535,22 @@ def _checked_records(
             klens = [0 if k is None else len(k) for k in ks]
         lens = list(map(operator.add, lens, klens))
     return vals, ks, lens
+
+
+def _sealer(key_file: str | os.PathLike[str] | None, key_id: str | None) -> Sealer | None:
+    """The end-to-end encryption of a producer with `key_file` (None: none)."""
+    if key_file is None:
+        if key_id is not None:
+            raise ValueError("encryption_key_id needs encryption_key_file")
+        return None
+    return Sealer(load_key_file(key_file), key_id)
+
+
+def _idempotent(acks: int, enable_idempotence: bool | None, producer_name: str | None) -> bool:
+    """Whether a producer with these options is idempotent (ValueError for a contradiction)."""
+    if enable_idempotence and acks != -1:
+        raise ValueError("enable_idempotence=True needs acks='all'")
+    idempotent = enable_idempotence if enable_idempotence is not None else acks == -1
+    if producer_name is not None and not idempotent:
+        raise ValueError("producer_name needs an idempotent producer (acks='all', enable_idempotence not False)")
+    return idempotent

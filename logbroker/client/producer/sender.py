@@ -25,6 +25,7 @@ from logbroker.client.call_errors import is_retriable, needs_metadata, rpc_error
 from logbroker.client.metadata_cache import LogThrottle, MetadataCache
 from logbroker.client.producer.accumulator import RecordAccumulator
 from logbroker.client.producer.batch import PartitionBatches, ProducerBatch
+from logbroker.client.producer.idempotence import ProducerIdentity
 from logbroker.client.streams import BrokerStreams
 from logbroker.client.transport import on_reader_thread
 from logbroker.errors import KafkaTimeoutError, LogbrokerError, UnknownServerError, error_for
@@ -49,8 +50,10 @@ class Sender:
     """Ships what the accumulator has ready and handles the answers (see the module doc)."""
 
     def __init__(self, acc: RecordAccumulator, metadata: MetadataCache, streams: BrokerStreams, *, acks: int,
-                 request_timeout_ms: int, retries: int, retry_backoff_ms: int) -> None:
+                 request_timeout_ms: int, retries: int, retry_backoff_ms: int,
+                 identity: ProducerIdentity | None = None) -> None:
         self._acc = acc
+        self._identity = identity  # None: not idempotent (producerId -1 in every batch)
         self._metadata = metadata
         self._streams = streams  # ours, even on a shared metadata cache
         self._acks = acks
@@ -151,6 +154,8 @@ class Sender:
         does not wait on a lock its own thread holds."""
         done: list[tuple[ProducerBatch, BaseException | None]] = []
         for b in expired:
+            if b.sequenced and self._identity is not None:
+                self._identity.reset()  # it may or may not be in the log: the next sequence is unknown
             cause = b.last_error
             err = KafkaTimeoutError(
                 f"expiring {b.record_count or '?'} record(s) for {b.acc.topic}-{b.acc.partition}: "
@@ -174,12 +179,13 @@ class Sender:
     def _send_request(self, address: str, batches: list[ProducerBatch]) -> bool:
         """One Produce for `batches` (consecutive batches of one partition share one `records`).
         True with acks=0: the batches are done once written (the caller completes them)."""
-        per_partition: dict[PartitionBatches, list[bytes]] = {}
-        for b in batches:
-            if b.payload is None:
-                b.payload = b.builder.build()  # type: ignore[union-attr]
-                b.builder = None  # the encoded payload is all a retry needs
-            per_partition.setdefault(b.acc, []).append(b.payload)
+        try:
+            per_partition = self._encode(batches)
+        except Exception as e:  # no producer id yet (retried), fenced (final), a bug
+            future: Any = _FailedCall(e)
+            call = _InFlight(address, batches, future)
+            future.add_done_callback(lambda _f, call=call: self._on_response(call))
+            return False
         parts = [
             pb.ProducePartition(
                 topic=acc.topic, partition=acc.partition,
@@ -196,6 +202,24 @@ class Sender:
         call = _InFlight(address, batches, future)
         future.add_done_callback(lambda _f, call=call: self._on_response(call))
         return self._acks == 0
+
+    def _encode(self, batches: list[ProducerBatch]) -> dict[PartitionBatches, list[bytes]]:
+        """Each batch's payload, encoded once (an idempotent producer numbers it then: a retry
+        resends the same bytes, sequence included), grouped by partition."""
+        per_partition: dict[PartitionBatches, list[bytes]] = {}
+        identity = self._identity
+        for b in batches:
+            if b.payload is None:
+                builder = b.builder
+                assert builder is not None
+                if identity is None:
+                    b.payload = builder.build()
+                else:
+                    b.payload = builder.build(*identity.sequenced(b.acc.topic, b.acc.partition, builder.record_count))
+                    b.sequenced = True
+                b.builder = None  # the encoded payload is all a retry needs
+            per_partition.setdefault(b.acc, []).append(b.payload)
+        return per_partition
 
     def _on_response(self, call: _InFlight) -> None:
         """gRPC thread: hand the finished call to the sender thread."""
@@ -259,6 +283,8 @@ class Sender:
                     log.debug("retrying %s-%s (attempt %d): %s", acc.topic, acc.partition, b.attempts, err)
                 else:
                     outcomes.append((b, -1, -1, err))
+                    if b.sequenced and self._identity is not None:
+                        self._identity.batch_failed(err)
             for b in reversed(retried):  # back to the queue fronts, in their original order
                 b.acc.queue.appendleft(b)
             for b, *_ in outcomes:

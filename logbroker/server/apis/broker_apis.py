@@ -10,7 +10,7 @@ into them. Each call takes the caller's `RequestContext` and the request, return
 Every call passes through `handle(api, context, request)`, and there through `RequestHook.
 on_request`: the one place where authorization, quotas and request metrics will go. Calls by
 concept: produce_fetch.py (Produce, Fetch, ListOffsets), metadata.py (Metadata, DescribeCluster),
-groups.py (offsets, coordinator, heartbeats, group admin), queues.py (share groups), replies.py
+groups.py (offsets, coordinator, heartbeats, group admin), producer_ids.py (InitProducerId), queues.py (share groups), replies.py
 (request-reply), admin.py (topics, replicas), security.py (ACLs, SCRAM users).
 
 The inter-broker surface (server/replica_service.py) is not here: only brokers may call it.
@@ -28,6 +28,7 @@ from logbroker.server.apis.admin import AdminApis
 from logbroker.server.apis.groups import GroupApis
 from logbroker.server.apis.metadata import MetadataApis
 from logbroker.server.apis.produce_fetch import ProduceFetchApis
+from logbroker.server.apis.producer_ids import ProducerIdApis
 from logbroker.server.apis.queues import QueueApis
 from logbroker.server.apis.replies import ReplyApis
 from logbroker.server.apis.security import SecurityApis
@@ -74,6 +75,7 @@ REQUEST_TYPES: dict[str, type[Message]] = {
     "DescribeUserScramCredentials": pb.DescribeUserScramCredentialsRequest,
     "Reply": pb.ReplyRequest,
     "ReplyBatch": pb.ReplyBatchRequest,
+    "InitProducerId": pb.InitProducerIdRequest,
 }
 
 
@@ -93,7 +95,7 @@ class BrokerApis:
     def __init__(self, data: ProduceFetchApis, metadata: MetadataApis | None = None, groups: GroupApis | None = None,
                  admin: AdminApis | None = None, hook: RequestHook | None = None,
                  queues: QueueApis | None = None, replies: ReplyApis | None = None,
-                 security: SecurityApis | None = None) -> None:
+                 security: SecurityApis | None = None, producer_ids: ProducerIdApis | None = None) -> None:
         """`metadata`, `groups`, `admin`, `queues` None: those calls are UNIMPLEMENTED (a data-path-only broker
         in tests)."""
         self.hook = hook if hook is not None else RequestHook()
@@ -121,6 +123,8 @@ class BrokerApis:
                        DescribeUserScramCredentials=security.describe_user_scram_credentials)
         if replies is not None:
             ops.update(Reply=replies.reply, ReplyBatch=replies.reply_batch)
+        if producer_ids is not None:
+            ops.update(InitProducerId=producer_ids.init_producer_id)
         self.replies = replies
         self._ops = ops
 

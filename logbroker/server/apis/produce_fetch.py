@@ -137,6 +137,8 @@ class ProduceFetchApis:
                 result = appended.result
                 r.base_offset = result.base_offset
                 r.log_start_offset = appended.log_start_offset
+                if result.duplicate:
+                    r.duplicate = True
                 if result.log_append_time_ms >= 0:
                     r.log_append_time_ms = result.log_append_time_ms
                 if acks == -1:
