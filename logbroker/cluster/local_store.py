@@ -6,7 +6,7 @@ source of truth for which topics exist):
     db "topics":   topic name (utf-8)            -> JSON {"assignment": {p: [replicas]}, "config": {...},
                                                          "topic_id": hex}
     db "meta":     b"cluster_id"                  -> utf-8 cluster id
-    db "users", db "acls"                         -> cluster/security_store.py
+    db "users", db "acls", db "quotas"            -> cluster/security_store.py
 
 Committed consumer offsets are not here: the group coordinator keeps them in `__consumer_offsets`,
 in standalone mode as in a cluster.
@@ -83,7 +83,7 @@ class LocalMetadataStore:
     def __init__(self, data_dir: Path) -> None:
         path = data_dir / METADATA_DIR_NAME
         path.mkdir(parents=True, exist_ok=True)
-        self._env = lmdb.open(str(path), map_size=_MAP_BYTES, max_dbs=4, subdir=True)
+        self._env = lmdb.open(str(path), map_size=_MAP_BYTES, max_dbs=5, subdir=True)
         self._topics = self._env.open_db(b"topics")
         self._meta = self._env.open_db(b"meta")
         with self._env.begin(write=True) as txn:

@@ -99,3 +99,38 @@ def test_json_round_trip() -> None:
     assert Quota.from_json(quota.to_json()) == quota
     assert quota.to_json() == {"user": "alice", "client_id": DEFAULT, "producer_byte_rate": 5.0,
                                "request_percentage": 50.0}
+
+
+def test_a_throttle_appended_to_a_serialized_fetch_response_is_read() -> None:
+    from logbroker.server.apis.throttling import with_throttle
+    from logbroker.v1 import logbroker_pb2 as pb
+
+    raw = pb.FetchResponse(results=[pb.FetchPartitionResult(topic="t", partition=3)]).SerializeToString()
+    for throttle in (1, 127, 128, 30_000):
+        out = with_throttle(raw, throttle)
+        assert isinstance(out, bytes)
+        parsed = pb.FetchResponse.FromString(out)
+        assert parsed.throttle_time_ms == throttle and parsed.results[0].partition == 3
+    produce = with_throttle(pb.ProduceResponse(), 5)
+    assert isinstance(produce, pb.ProduceResponse) and produce.throttle_time_ms == 5
+
+
+def test_the_request_time_of_a_call_counts_only_its_steps_on_the_loop() -> None:
+    import asyncio
+    import time
+
+    from logbroker.server.apis.throttling import _Timed
+
+    async def call() -> str:
+        await asyncio.sleep(0.2)  # waiting (a long poll): not counted
+        deadline = time.perf_counter() + 0.05
+        while time.perf_counter() < deadline:  # busy on the loop: counted
+            pass
+        return "done"
+
+    async def main() -> tuple[str, float]:
+        timed = _Timed(call())
+        return await timed, timed.loop_ms
+
+    result, loop_ms = asyncio.run(main())
+    assert result == "done" and 45 <= loop_ms < 150
