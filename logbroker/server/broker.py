@@ -367,7 +367,8 @@ class Broker:
                                  ReplyForwarding(self.cluster.channels, self.metadata_image)
                                  if self.cluster is not None else None)
         self.client_quotas = ClientQuotas(QuotaManager(samples=config.quota_window_num,
-                                                       window_ms=config.quota_window_size_ms))
+                                                       window_ms=config.quota_window_size_ms),
+                                          cluster_secret=config.cluster_secret)
         self.quota_cache = QuotaCache(self.security_store, self.client_quotas.manager)
         return BrokerApis(
             ProduceFetchApis(config, self, self.replica_manager, self, self.broker_principals),

@@ -110,3 +110,46 @@ def test_bad_quotas_are_refused_and_nothing_is_stored(broker):
         admin.set_quota(user="a", request_percentage=50.0)  # merged: the byte rate stays
         assert admin.describe_quotas() == [{"user": "a", "producer_byte_rate": 1.0, "request_percentage": 50.0}]
     assert b"user=a\tproducer_byte_rate=1 request_percentage=50" in cli(broker, "quotas", "list").stdout
+
+
+def test_with_acls_quotas_need_alter_cluster_and_a_user_quota_applies_to_the_principal(broker_factory):
+    from logbroker.cluster.local_store import LocalMetadataStore
+    from logbroker.errors import PermissionDeniedError
+    from logbroker.security.acl import CLUSTER_NAME, AclBinding, Operation, Permission, ResourceType
+    from tests.conftest import wait_for
+
+    def grant(op: Operation, rtype: ResourceType, name: str) -> AclBinding:
+        return AclBinding("User:ANONYMOUS", "*", op, Permission.ALLOW, rtype, name)
+
+    b = broker_factory(extra_args=["--authorizer", "acl", *QUOTA_FLAGS])
+    meta = LocalMetadataStore(b.data_dir)
+    meta.security().add_acls([grant(Operation.CREATE, ResourceType.CLUSTER, CLUSTER_NAME),
+                              grant(Operation.DESCRIBE, ResourceType.CLUSTER, CLUSTER_NAME),
+                              grant(Operation.WRITE, ResourceType.TOPIC, "q")])
+    with Admin(b.bootstrap, request_timeout_ms=5000) as admin:
+        def described() -> bool:
+            try:
+                return admin.describe_quotas() == []
+            except PermissionDeniedError:
+                return False
+
+        wait_for(described, 15, "the broker to apply the bootstrap ACLs")
+        with pytest.raises(PermissionDeniedError):
+            admin.set_quota(user="ANONYMOUS", producer_byte_rate=RATE)
+        meta.security().add_acls([grant(Operation.ALTER, ResourceType.CLUSTER, CLUSTER_NAME)])
+        meta.close()
+        assert admin.describe_quotas() == []  # the refused change stored nothing
+
+        def altered() -> bool:
+            try:
+                admin.set_quota(user="ANONYMOUS", producer_byte_rate=RATE)
+                return True
+            except PermissionDeniedError:
+                return False
+
+        wait_for(altered, 15, "the broker to apply the Alter Cluster ACL")
+        admin.create_topic("q", partitions=1)
+    total = 4 * RATE
+    elapsed, p = _produce(b, "any-client", total)  # keyed on the principal, whatever the client id
+    assert p.throttle.throttled_responses > 0
+    assert total / elapsed < 2 * RATE, f"{total / elapsed:.0f} B/s against a quota of {RATE}"

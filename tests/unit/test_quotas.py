@@ -134,3 +134,52 @@ def test_the_request_time_of_a_call_counts_only_its_steps_on_the_loop() -> None:
 
     result, loop_ms = asyncio.run(main())
     assert result == "done" and 45 <= loop_ms < 150
+
+
+def test_client_quotas_skip_brokers_and_throttle_produce_over_quota() -> None:
+    import asyncio
+
+    from logbroker.clock import ManualClock
+    from logbroker.server.apis.throttling import ClientQuotas
+    from logbroker.server.request_context import RequestContext
+    from logbroker.v1 import logbroker_pb2 as pb
+
+    quotas = ClientQuotas(QuotaManager(samples=3), ManualClock(), max_delay_ms=1, cluster_secret=b"s3cret")
+    produce = pb.ProduceRequest(partitions=[pb.ProducePartition(topic="t", records=b"x" * 1500)])
+    alice = RequestContext(principal="User:alice", client_id="app")
+    assert not quotas.applies("Produce", alice, produce)  # no quota at all: untouched
+    quotas.manager.update([q(None, "app", producer_byte_rate=1000)])
+    assert quotas.applies("Produce", alice, produce)
+    broker = RequestContext(presented_cluster_secret=b"s3cret")
+    assert not quotas.applies("Produce", broker, produce)
+    assert quotas.applies("Produce", RequestContext(presented_cluster_secret=b"guess"), produce)
+    assert not quotas.applies("Fetch", alice, pb.FetchRequest(replica_id=2))
+
+    async def answer() -> pb.ProduceResponse:
+        return pb.ProduceResponse()
+
+    async def main() -> list[int]:
+        out = []
+        for _ in range(3):
+            resp = await quotas.run("Produce", alice, produce, answer())
+            assert isinstance(resp, pb.ProduceResponse)
+            out.append(resp.throttle_time_ms)
+        return out
+
+    throttles = asyncio.run(main())
+    assert throttles == [0, 1000, 2500]  # 1500, 3000, 4500 B over the 2 s span at 1000 B/s
+    assert quotas.throttled_calls == 2
+
+
+def test_a_client_waits_out_a_throttle_from_when_it_sent_the_request() -> None:
+    from logbroker.client.throttle import MAX_THROTTLE_MS, BrokerThrottle
+
+    t = BrokerThrottle()
+    assert t.on_response("b1", 10.0, 0) is None and t.blocked_until("b1", 10.0) is None
+    assert t.on_response("b1", 10.0, 500) == 10.5
+    assert t.blocked_until("b1", 10.2) == 10.5 and t.blocked_until("b2", 10.2) is None
+    assert t.on_response("b1", 9.0, 100) == 9.1  # an older answer does not shorten the wait
+    assert t.blocked_until("b1", 10.4) == 10.5
+    assert t.blocked_until("b1", 10.5) is None
+    assert t.on_response("b1", 0.0, 10**9) == MAX_THROTTLE_MS / 1000
+    assert (t.throttled_responses, t.last_throttle_time_ms) == (3, MAX_THROTTLE_MS)

@@ -139,7 +139,7 @@ class BrokerApis:
             raise RequestRejected(RequestStatus.UNIMPLEMENTED, f"unknown api {api}")
         self.hook.on_request(api, context, request)
         call = op(context, request)
-        if self.quotas is not None and self.quotas.applies(api, request):
+        if self.quotas is not None and self.quotas.applies(api, context, request):
             call = self.quotas.run(api, context, request, call)
         if api in audit.AUDITED:
             principal = context.principal if context.principal.startswith("User:") else f"User:{context.principal}"

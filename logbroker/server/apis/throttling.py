@@ -10,8 +10,9 @@ the loop keeps serving everyone else) and reports the whole throttle in the resp
 `throttle_time_ms` (Produce, Fetch), so a client that honours it waits out the rest before its
 next request to this broker (client/throttle.py). Other APIs are only delayed.
 
-Not measured: follower fetches (a Fetch with a replica id, which the fetch path checks against the
-cluster secret). The user of a quota is the connection's principal without its ``User:`` prefix
+Not measured: calls of other brokers (they present the cluster secret: follower fetches, share
+groups' reads of remote partitions), nor a Fetch with a replica id (refused by the fetch path
+without the secret). The user of a quota is the connection's principal without its ``User:`` prefix
 (``ANONYMOUS`` without authentication); the client id is `RequestContext.client_id` ("" when the
 client gave none; "" matches only `<default>` client-id quotas).
 
@@ -24,6 +25,7 @@ is appended to the bytes, which protobuf reads as the field's value (a later fie
 from __future__ import annotations
 
 import asyncio
+import hmac
 import time
 from collections.abc import Awaitable, Generator
 from typing import Any
@@ -93,8 +95,9 @@ class ClientQuotas:
     """The broker's quota state (updated by server/quota_cache.py) and its enforcement."""
 
     def __init__(self, manager: QuotaManager, clock: Clock | None = None,
-                 max_delay_ms: int = DEFAULT_MAX_DELAY_MS) -> None:
+                 max_delay_ms: int = DEFAULT_MAX_DELAY_MS, cluster_secret: bytes = b"") -> None:
         self.manager = manager
+        self._cluster_secret = cluster_secret
         self._clock = clock or SystemClock()
         self._max_delay_ms = max_delay_ms
         self.throttled_calls = 0  # how many answers were delayed (tests, metrics)
@@ -103,8 +106,12 @@ class ClientQuotas:
     def active(self) -> bool:
         return self.manager.size > 0
 
-    def applies(self, api: str, request: Message) -> bool:
-        return self.active and not (api == "Fetch" and getattr(request, "replica_id", -1) >= 0)
+    def applies(self, api: str, context: RequestContext, request: Message) -> bool:
+        if not self.active or (api == "Fetch" and getattr(request, "replica_id", -1) >= 0):
+            return False
+        presented = context.presented_cluster_secret
+        return not (self._cluster_secret and presented is not None
+                    and hmac.compare_digest(presented, self._cluster_secret))
 
     async def run(self, api: str, context: RequestContext, request: Message,
                   call: Awaitable[Message | bytes]) -> Message | bytes:
