@@ -16,7 +16,9 @@ A rate is measured as Kafka's: `samples` windows of `window_ms` each; the rate i
 live windows over their elapsed time (never less than `samples - 1` whole windows, so a short
 burst is averaged over that span). Usage is always recorded (nothing is dropped); when the rate is
 over the quota the throttle time is Kafka's `(rate - quota) / quota * elapsed`: the delay after
-which the rate is back at the quota. It is bounded by `max_throttle_ms`.
+which the rate is back at the quota. It is bounded by `max_throttle_ms` (30 s). Not by the span of
+the windows, as Kafka does: usage older than the span is forgotten, so a throttle cut to the span
+would let a client that is far over its quota (a burst of pipelined requests) keep the excess.
 
 Usage is kept per (kind, user, client id) as the matched quota entity names it: a `<default>` part
 is the caller's own name (each user gets the default quota for itself), a None part is shared.
@@ -41,8 +43,8 @@ MAX_NAME_CHARS = 249
 MAX_RATE = 1e15  # bytes/s or percent; anything above is a typo
 DEFAULT_SAMPLES = 11  # Kafka's quota.window.num
 DEFAULT_WINDOW_MS = 1000  # Kafka's quota.window.size.seconds
-DEFAULT_MAX_THROTTLE_MS = 30_000
 DEFAULT_MAX_SENSORS = 10_000
+DEFAULT_MAX_THROTTLE_MS = 30_000
 
 
 class QuotaError(ValueError):
@@ -171,7 +173,7 @@ class QuotaManager:
         Rate(samples, window_ms)  # checks the arguments
         self._samples = samples
         self._window_ms = window_ms
-        self._max_throttle_ms = max_throttle_ms
+        self.max_throttle_ms = max_throttle_ms
         self._max_sensors = max_sensors
         self._quotas: dict[QuotaEntity, Quota] = {}
         self._rates: OrderedDict[tuple[QuotaKind, str | None, str | None], Rate] = OrderedDict()
@@ -208,7 +210,7 @@ class QuotaManager:
         if measured <= quota:
             return 0
         throttle = (measured - quota) / quota * rate.elapsed_ms(now_ms)
-        return int(min(math.ceil(throttle), self._max_throttle_ms))
+        return int(min(math.ceil(throttle), self.max_throttle_ms))
 
     def _rate(self, key: tuple[QuotaKind, str | None, str | None]) -> Rate:
         rate = self._rates.get(key)

@@ -16,6 +16,7 @@ import pytest
 
 from logbroker import Admin, Consumer, Producer
 from logbroker.errors import InvalidConfigError
+from tests.conftest import wait_for
 from tests.integration.test_cli import assert_one_line_error, cli
 
 pytestmark = pytest.mark.timeout(120)
@@ -116,7 +117,6 @@ def test_with_acls_quotas_need_alter_cluster_and_a_user_quota_applies_to_the_pri
     from logbroker.cluster.local_store import LocalMetadataStore
     from logbroker.errors import PermissionDeniedError
     from logbroker.security.acl import CLUSTER_NAME, AclBinding, Operation, Permission, ResourceType
-    from tests.conftest import wait_for
 
     def grant(op: Operation, rtype: ResourceType, name: str) -> AclBinding:
         return AclBinding("User:ANONYMOUS", "*", op, Permission.ALLOW, rtype, name)
@@ -153,3 +153,43 @@ def test_with_acls_quotas_need_alter_cluster_and_a_user_quota_applies_to_the_pri
     elapsed, p = _produce(b, "any-client", total)  # keyed on the principal, whatever the client id
     assert p.throttle.throttled_responses > 0
     assert total / elapsed < 2 * RATE, f"{total / elapsed:.0f} B/s against a quota of {RATE}"
+
+
+@pytest.mark.slow
+def test_a_quota_set_through_one_broker_is_applied_by_the_other_and_followers_are_not_throttled(
+        zookeeper, zk_chroot, tmp_path):
+    """The quota goes to ZooKeeper through one broker; the leader of the partition, another broker,
+    throttles the producer within seconds. A default user fetch quota far below the produced rate
+    does not slow replication: follower fetches (cluster secret, replica id) are never throttled,
+    so acks=all produces complete at the producer's own quota."""
+    from tests.cluster import Cluster
+
+    c = Cluster(zookeeper, zk_chroot, tmp_path, 2, extra_args=QUOTA_FLAGS).start()
+    try:
+        with Admin(c.bootstrap, request_timeout_ms=5000) as admin:
+            admin.create_topic("q", partitions=1, replication_factor=2)
+        leader = c.leader_of("q", 0)
+        via = c.brokers[1 - leader]
+        cli(via, "quotas", "set", "--client-id", "slow", "--producer-byte-rate", str(RATE))
+        cli(via, "quotas", "set", "--default-user", "--consumer-byte-rate", str(RATE // 20))
+
+        def throttled_on_the_leader() -> bool:
+            with Producer(c.bootstrap, client_id="slow", acks="all", linger_ms=5) as p:
+                for f in [p.send("q", VALUE, partition=0) for _ in range(2 * RATE // len(VALUE))]:
+                    f.get(timeout=30)
+                return p.throttle.throttled_responses > 0
+
+        wait_for(throttled_on_the_leader, 30, "the leader to apply the quota set through the other broker")
+        total = 4 * RATE
+        p = Producer(c.bootstrap, client_id="slow", acks="all", linger_ms=5)
+        try:
+            start = time.monotonic()
+            for f in [p.send("q", VALUE, partition=0) for _ in range(total // len(VALUE))]:
+                f.get(timeout=60)
+            elapsed = time.monotonic() - start
+        finally:
+            p.close()
+        assert p.throttle.throttled_responses > 0
+        assert RATE / 2 < total / elapsed < 2 * RATE, f"{total / elapsed:.0f} B/s against a quota of {RATE}"
+    finally:
+        c.stop()

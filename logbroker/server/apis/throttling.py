@@ -8,7 +8,11 @@ long-poll fetch's wait in the purgatory costs nothing). The throttle time is the
 byte and request throttles; the broker sleeps `min(throttle, max_delay_ms)` (an asyncio sleep:
 the loop keeps serving everyone else) and reports the whole throttle in the response's
 `throttle_time_ms` (Produce, Fetch), so a client that honours it waits out the rest before its
-next request to this broker (client/throttle.py). Other APIs are only delayed.
+next request to this broker (client/throttle.py). Other APIs are only delayed. A call of the same
+(user, client id) that arrives while it is throttled waits for the throttle's end (bounded the same)
+before it runs: Kafka mutes the connection; here requests are pipelined (the record transport runs
+a connection's requests concurrently), so the wait is per caller. At most `MAX_CALLERS` throttle
+ends are remembered (the oldest forgotten first).
 
 Not measured: calls of other brokers (they present the cluster secret: follower fetches, share
 groups' reads of remote partitions), nor a Fetch with a replica id (refused by the fetch path
@@ -27,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Generator
 from typing import Any
 
@@ -37,7 +42,9 @@ from logbroker.security.quotas import QuotaKind, QuotaManager
 from logbroker.server.request_context import RequestContext
 from logbroker.v1 import logbroker_pb2 as pb
 
-DEFAULT_MAX_DELAY_MS = 1000
+DEFAULT_MAX_DELAY_MS = 12_000  # twice it stays under the clients' 30 s request timeout (a request may
+# wait for its caller's throttle, then its own); a client waits out the rest of a longer throttle
+MAX_CALLERS = 10_000
 _THROTTLE_FIELD_TAG = b"\x10"  # field 2, wire type 0 (varint): FetchResponse.throttle_time_ms
 
 
@@ -100,6 +107,7 @@ class ClientQuotas:
         self._cluster_secret = cluster_secret
         self._clock = clock or SystemClock()
         self._max_delay_ms = max_delay_ms
+        self._until: OrderedDict[tuple[str, str], int] = OrderedDict()  # caller -> throttled until (monotonic ms)
         self.throttled_calls = 0  # how many answers were delayed (tests, metrics)
 
     @property
@@ -115,18 +123,37 @@ class ClientQuotas:
 
     async def run(self, api: str, context: RequestContext, request: Message,
                   call: Awaitable[Message | bytes]) -> Message | bytes:
+        caller = (user_of(context), context.client_id)
+        until = self._until.get(caller)
+        if until is not None:
+            wait_ms = until - self._clock.monotonic_ms()
+            if wait_ms > 0:  # the caller is throttled: this call runs when that ends
+                await asyncio.sleep(min(wait_ms, self._max_delay_ms) / 1000.0)
+            else:
+                del self._until[caller]
         timed = _Timed(call)
         response = await timed
-        user, client_id, now = user_of(context), context.client_id, self._clock.monotonic_ms()
-        throttle = self.manager.record(QuotaKind.REQUEST, user, client_id, timed.loop_ms / 10.0, now)
+        throttle = self._record(api, caller, request, response, timed.loop_ms)
+        if throttle <= 0:
+            return response
+        self.throttled_calls += 1
+        self._until[caller] = self._clock.monotonic_ms() + throttle
+        self._until.move_to_end(caller)
+        while len(self._until) > MAX_CALLERS:
+            self._until.popitem(last=False)
+        await asyncio.sleep(min(throttle, self._max_delay_ms) / 1000.0)
+        return with_throttle(response, throttle)
+
+    def _record(self, api: str, caller: tuple[str, str], request: Message, response: Message | bytes,
+                loop_ms: float) -> int:
+        """Record the call's usage; its throttle time (ms)."""
+        user, client_id = caller
+        now = self._clock.monotonic_ms()
+        throttle = self.manager.record(QuotaKind.REQUEST, user, client_id, loop_ms / 10.0, now)
         if api == "Produce":
             size = sum(len(p.records) for p in request.partitions)
             throttle = max(throttle, self.manager.record(QuotaKind.PRODUCE, user, client_id, size, now))
         elif api == "Fetch":
             size = len(response) if isinstance(response, bytes) else response.ByteSize()
             throttle = max(throttle, self.manager.record(QuotaKind.FETCH, user, client_id, size, now))
-        if throttle <= 0:
-            return response
-        self.throttled_calls += 1
-        await asyncio.sleep(min(throttle, self._max_delay_ms) / 1000.0)
-        return with_throttle(response, throttle)
+        return throttle
