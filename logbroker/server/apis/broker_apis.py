@@ -85,8 +85,9 @@ class RequestHook:
     """Called once per request, before the API runs, on the broker's event loop.
 
     Today a no-op: there are no per-API request metrics yet (logbroker/server/metrics.py reports broker
-    state only). Authorization (raise RequestRejected(PERMISSION_DENIED)), quotas and request
-    metrics go here, once, for every listener. Must not block.
+    state only). Authorization (raise RequestRejected(PERMISSION_DENIED)) and request metrics go
+    here, once, for every listener; client quotas run around the call (`BrokerApis.quotas`). Must
+    not block.
     """
 
     def on_request(self, api: str, context: RequestContext, request: Message) -> None:
