@@ -498,6 +498,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_security_parsers(sub, common)
 
+    from logbroker.cli_quotas import add_quotas_parser
+
+    add_quotas_parser(sub, common)
+
     from logbroker.cli_dump import add_dump_log_parser
 
     add_dump_log_parser(sub)

@@ -91,6 +91,9 @@ class BrokerConfig:
     # authorization (server/authorization.py): "none" or "acl"; super users are User:NAME principals
     authorizer: str = "none"
     super_users: tuple[str, ...] = ()
+    # client quotas (security/quotas.py): the rate measurement's windows, as Kafka's quota.window.*
+    quota_window_num: int = 11
+    quota_window_size_ms: int = 1000
     # consumer groups: __consumer_offsets, sessions, heartbeats, offset retention
     coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
     # TLS on every listener and to other brokers (logbroker/tls.py); None: plaintext
@@ -221,6 +224,9 @@ SERVE_SETTINGS: tuple[ServeSetting, ...] = (
                  "allows it; none: no checks", choices=AUTHORIZERS),
     ServeSetting("super_users", str, "", "principals allowed everything, comma-separated: User:admin,User:broker",
                  "User:NAME[,...]"),
+    ServeSetting("quota_window_num", int, 11, "client quotas (logbroker quotas) measure rates over this many "
+                 "windows, 2..100 (Kafka's quota.window.num)"),
+    ServeSetting("quota_window_size_ms", int, 1000, "the length of one quota window, 1..60000 ms"),
     ServeSetting("log_level", str, "info", "log level", choices=LOG_LEVELS),
     ServeSetting("tls_cert", str, "", "PEM certificate (chain) of this broker: with it every listener speaks TLS, "
                  "and calls to other brokers present it; reloaded when the file changes", "PATH"),
@@ -435,6 +441,15 @@ def _front_door(values: Mapping[str, SettingValue], tls: ServerTls | None, clust
             "max_connection_creation_rate_per_sec": values["max_connection_creation_rate_per_sec"]}
 
 
+def _quota_windows(values: Mapping[str, SettingValue]) -> dict[str, Any]:
+    num, size_ms = values["quota_window_num"], values["quota_window_size_ms"]
+    assert isinstance(num, int) and isinstance(size_ms, int)
+    if not 2 <= num <= 100 or not 1 <= size_ms <= 60_000:
+        raise ConfigError(f"quota_window_num must be in [2, 100] and quota_window_size_ms in [1, 60000], got "
+                          f"{num} and {size_ms}")
+    return {"quota_window_num": num, "quota_window_size_ms": size_ms}
+
+
 def broker_config_from_settings(values: Mapping[str, SettingValue], hostname: str = "") -> BrokerConfig:
     """BrokerConfig from resolved settings; `hostname` is used with broker_id_from_hostname."""
     def text(name: str) -> str:
@@ -492,7 +507,7 @@ def broker_config_from_settings(values: Mapping[str, SettingValue], hostname: st
         cluster_secret=secret,
         tls=tls,
         metrics_tls=bool(values["metrics_tls"]),
-        **_front_door(values, tls, bool(text("zookeeper"))),
+        **_front_door(values, tls, bool(text("zookeeper"))), **_quota_windows(values),
         zk_session_timeout_ms=number("zk_session_timeout_ms"),
         replica_lag_time_max_ms=number("replica_lag_time_max_ms"),
         controlled_shutdown_timeout_ms=number("controlled_shutdown_timeout_ms"),

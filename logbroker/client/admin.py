@@ -554,6 +554,25 @@ class Admin:
         resp = self._security_call("DescribeUserScramCredentials", pb.DescribeUserScramCredentialsRequest())
         return {u.user: list(u.mechanisms) for u in resp.users}
 
+    # -- client quotas (logbroker quotas; logbroker/security/quotas.py) ------------------------------
+
+    def set_quota(self, user: str | None = None, client_id: str | None = None, **rates: float) -> None:
+        """Set `rates` (producer_byte_rate=, consumer_byte_rate=, request_percentage=) of the entity
+        (`user` and/or `client_id`, each a name or "<default>"); its other rates are kept. Bad input
+        raises InvalidConfigError and stores nothing."""
+        entry = pb.QuotaEntry(user=user, client_id=client_id, **rates)
+        self._security_call("AlterClientQuotas", pb.AlterClientQuotasRequest(set=[entry]))
+
+    def delete_quota(self, user: str | None = None, client_id: str | None = None) -> bool:
+        """Remove every quota of the entity; False when it had none."""
+        entry = pb.QuotaEntry(user=user, client_id=client_id)
+        return bool(self._security_call("AlterClientQuotas", pb.AlterClientQuotasRequest(deletions=[entry])).deleted)
+
+    def describe_quotas(self) -> list[dict[str, Any]]:
+        """Every stored quota as {"user"?, "client_id"?, rate name: value...}."""
+        resp = self._security_call("DescribeClientQuotas", pb.DescribeClientQuotasRequest())
+        return [{f.name: v for f, v in e.ListFields()} for e in resp.quotas]
+
     def close(self) -> None:
         if self._owns_metadata:
             self._metadata.close()

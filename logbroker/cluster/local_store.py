@@ -6,7 +6,7 @@ source of truth for which topics exist):
     db "topics":   topic name (utf-8)            -> JSON {"assignment": {p: [replicas]}, "config": {...},
                                                          "topic_id": hex}
     db "meta":     b"cluster_id"                  -> utf-8 cluster id
-    db "users", db "acls"                         -> cluster/security_store.py
+    db "users", db "acls", db "quotas"            -> cluster/security_store.py
     db "producer_ids"                             -> cluster/producer_id_store.py
 
 Committed consumer offsets are not here: the group coordinator keeps them in `__consumer_offsets`,

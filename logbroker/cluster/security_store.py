@@ -10,13 +10,17 @@ ZooKeeper layout (under the chroot)::
                                           so adding a binding twice stores it once
     /security/acl_version                 empty; its znode version is bumped in the same multi-op as
                                           every ACL change: brokers watch it and reload the ACLs
+    /security/quotas/<entity id>          JSON Quota.to_json() (security/quotas.py); the id is the first
+                                          32 hex digits of the SHA-256 of the entity's canonical JSON
+    /security/quota_version               as acl_version, for the quotas
 
 LMDB layout (the standalone broker's `__cluster_metadata` environment): db "users" (user -> the same
-JSON) and db "acls" (binding id -> the same JSON); a change there is the broker's own, so it reloads
+JSON), db "acls" (binding id -> the same JSON) and db "quotas" (entity id -> the same JSON); a change there is the broker's own, so it reloads
 directly.
 
 Bounds: at most `acl.MAX_ACLS` bindings (an add over it is refused whole), user names as
-`scram.MAX_USER_CHARS`, at most `MAX_ACLS_PER_CHANGE` bindings added or removed at once. Secrets: only salted, hashed credentials are stored; passwords never reach
+`scram.MAX_USER_CHARS`, at most `MAX_ACLS_PER_CHANGE` bindings added or removed at once, at most
+`quotas.MAX_QUOTAS` quota entities. Secrets: only salted, hashed credentials are stored; passwords never reach
 this module.
 """
 
@@ -32,12 +36,15 @@ import lmdb
 from kazoo.exceptions import NodeExistsError, NoNodeError
 
 from logbroker.security.acl import MAX_ACLS, AclBinding, AclError
+from logbroker.security.quotas import MAX_QUOTAS, Quota, QuotaEntity, QuotaError
 from logbroker.security.scram import MAX_USER_CHARS, Mechanism, ScramCredential
 
 SECURITY_PATH = "/security"
 USERS_PATH = "/security/users"
 ACLS_PATH = "/security/acls"
 ACL_VERSION_PATH = "/security/acl_version"
+QUOTAS_PATH = "/security/quotas"
+QUOTA_VERSION_PATH = "/security/quota_version"
 MAX_ACLS_PER_CHANGE = 400  # one ZooKeeper multi-op (zk_store._TXN_OPS_MAX is 500)
 
 
@@ -58,6 +65,12 @@ class SecurityStore(Protocol):
 
     def remove_acls(self, match: Callable[[AclBinding], bool]) -> list[AclBinding]: ...
 
+    def list_quotas(self) -> list[Quota]: ...
+
+    def quota_version(self) -> int: ...
+
+    def alter_quotas(self, sets: list[Quota], deletions: list[QuotaEntity]) -> int: ...
+
 
 class ZkSession(Protocol):
     """What this store needs of a ZooKeeper session: cluster/zk_store.py's ZkStore."""
@@ -76,6 +89,29 @@ class ZkSession(Protocol):
 
 def binding_id(b: AclBinding) -> str:
     return hashlib.sha256(json.dumps(b.to_json(), sort_keys=True).encode()).hexdigest()[:32]
+
+
+def entity_id(e: QuotaEntity) -> str:
+    return hashlib.sha256(json.dumps([e.user, e.client_id]).encode()).hexdigest()[:32]
+
+
+def merged_quotas(current: dict[str, Quota], sets: list[Quota], deletions: list[QuotaEntity]
+                  ) -> tuple[dict[str, Quota | None], int]:
+    """The writes (id -> new quota, or None: delete) that apply `sets` (rates merged into the
+    entity's) and `deletions` to `current`, and how many deletions removed something."""
+    writes: dict[str, Quota | None] = {}
+    deleted = 0
+    for e in deletions:
+        key = entity_id(e)
+        if key in current:
+            writes[key], deleted = None, deleted + 1
+    for q in sets:
+        key = entity_id(q.entity)
+        old = writes.get(key, current.get(key))
+        writes[key] = Quota(q.entity, {**(old.rates if old is not None else {}), **q.rates}).validated()
+    if len({*current, *writes}) - sum(1 for k, v in writes.items() if v is None) > MAX_QUOTAS:
+        raise QuotaError(f"over the limit of {MAX_QUOTAS} quota entities")
+    return writes, deleted
 
 
 def check_user(user: str) -> str:
@@ -103,6 +139,7 @@ class LocalSecurityStore:
         self._env = env
         self._users = env.open_db(b"users")
         self._acls = env.open_db(b"acls")
+        self._quotas = env.open_db(b"quotas")
 
     def get_credentials(self, user: str) -> dict[Mechanism, ScramCredential]:
         with self._env.begin(db=self._users) as txn:
@@ -153,18 +190,37 @@ class LocalSecurityStore:
                     removed.append(b)
         return removed
 
+    def quota_version(self) -> int:
+        return int(self._env.info()["last_txnid"])
+
+    def list_quotas(self) -> list[Quota]:
+        with self._env.begin(db=self._quotas) as txn:
+            return [Quota.from_json(json.loads(bytes(v))) for _, v in txn.cursor()]
+
+    def alter_quotas(self, sets: list[Quota], deletions: list[QuotaEntity]) -> int:
+        with self._env.begin(write=True, db=self._quotas) as txn:
+            current = {bytes(k).decode(): Quota.from_json(json.loads(bytes(v))) for k, v in txn.cursor()}
+            writes, deleted = merged_quotas(current, sets, deletions)
+            for key, q in writes.items():
+                if q is None:
+                    txn.delete(key.encode())
+                else:
+                    txn.put(key.encode(), json.dumps(q.to_json()).encode())
+        return deleted
+
 
 class ZkSecurityStore:
     """SecurityStore over ZooKeeper, through the broker's (or the CLI's) ZkStore session."""
 
     def __init__(self, zk: ZkSession) -> None:
         self._zk = zk
-        for path in (USERS_PATH, ACLS_PATH):
+        for path in (USERS_PATH, ACLS_PATH, QUOTAS_PATH):
             zk.wait(zk.kazoo.ensure_path_async(path))
-        try:
-            zk.wait(zk.kazoo.create_async(ACL_VERSION_PATH, b""))
-        except NodeExistsError:
-            pass
+        for path in (ACL_VERSION_PATH, QUOTA_VERSION_PATH):
+            try:
+                zk.wait(zk.kazoo.create_async(path, b""))
+            except NodeExistsError:
+                pass
 
     def _user_path(self, user: str) -> str:
         return f"{USERS_PATH}/{quote(check_user(user), safe='')}"
@@ -241,6 +297,40 @@ class ZkSecurityStore:
         if doomed:
             self._write(lambda txn: [txn.delete(f"{ACLS_PATH}/{i}") for i in doomed])
         return list(doomed.values())
+
+    def quota_version(self, watch: Callable[[Any], None] | None = None) -> int:
+        _, stat = self._zk.wait(self._zk.kazoo.get_async(QUOTA_VERSION_PATH, watch=watch))
+        return int(stat.version)
+
+    def _read_quotas(self) -> dict[str, tuple[Quota, int]]:
+        ids = self._zk.children(QUOTAS_PATH)
+        got = self._zk.gather([self._zk.kazoo.get_async(f"{QUOTAS_PATH}/{i}") for i in ids])
+        return {i: (Quota.from_json(json.loads(r[0])), r[1].version)
+                for i, r in zip(ids, got, strict=True) if not isinstance(r, Exception)}
+
+    def list_quotas(self) -> list[Quota]:
+        return [q for q, _ in self._read_quotas().values()]
+
+    def alter_quotas(self, sets: list[Quota], deletions: list[QuotaEntity]) -> int:
+        """One conditional multi-op (each znode at the version read, and the version bump): all or nothing."""
+        if len(sets) + len(deletions) > MAX_ACLS_PER_CHANGE:
+            raise QuotaError(f"at most {MAX_ACLS_PER_CHANGE} quota entities per change")
+        read = self._read_quotas()
+        writes, deleted = merged_quotas({k: q for k, (q, _) in read.items()}, sets, deletions)
+
+        def run(txn: Any) -> None:
+            for key, q in writes.items():
+                path = f"{QUOTAS_PATH}/{key}"
+                if q is None:
+                    txn.delete(path, read[key][1])
+                elif key in read:
+                    txn.set_data(path, json.dumps(q.to_json()).encode(), read[key][1])
+                else:
+                    txn.create(path, json.dumps(q.to_json()).encode())
+            txn.set_data(QUOTA_VERSION_PATH, b"")
+        if writes and any(isinstance(r, Exception) for r in self._zk.commit(run)):
+            raise QuotaError("the quotas changed concurrently; nothing was applied, retry")
+        return deleted
 
     def _write(self, ops: Callable[[Any], Iterable[Any]]) -> None:
         """The ACL changes and the version bump in one multi-op: all or nothing."""

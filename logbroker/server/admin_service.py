@@ -14,7 +14,7 @@ ADMIN_METHODS = ("CreateTopics", "DeleteTopics", "CreatePartitions", "DescribeTo
                  "ReassignPartition", "ListGroups", "DescribeGroup", "DeleteGroup", "ReadReplica",
                  "RecoverEmptyPartition", "AlterShareGroup", "ListShareGroups", "DescribeShareGroup",
                  "PurgeShareGroup", "CreateAcls", "DeleteAcls", "DescribeAcls", "AlterUserScramCredentials",
-                 "DescribeUserScramCredentials")
+                 "DescribeUserScramCredentials", "AlterClientQuotas", "DescribeClientQuotas")
 
 
 def handler(apis: BrokerApis, sasl: SaslServer | None = None) -> grpc.GenericRpcHandler:

@@ -1,5 +1,5 @@
 """The audit log: one JSON object per line on the `logbroker.audit` logger, for every refused call
-and every administrative change (topics, partitions, reassignments, groups, ACLs, users).
+and every administrative change (topics, partitions, reassignments, groups, ACLs, users, quotas).
 
     {"audit": "denied", "api": "Produce", "principal": "User:bob", "peer": "ipv4:10.0.0.7:51200",
      "client_id": "billing-7", "operation": "Write", "resource_type": "Topic", "resource": "orders"}
@@ -32,6 +32,15 @@ def _names(prefix: str, names: Any) -> list[str]:
     return [f"{prefix}:{n}" for n in names]
 
 
+def _quota_entity(e: Any) -> str:
+    return ",".join(f"{f}={getattr(e, f)}" for f in ("user", "client_id") if e.HasField(f)) or "-"
+
+
+def _quota_rates(e: Any) -> str:
+    return ",".join(f"{f}={getattr(e, f):g}" for f in ("producer_byte_rate", "consumer_byte_rate",
+                                                        "request_percentage") if e.HasField(f))
+
+
 # the resources an administrative call changes, read from its request (names only)
 AUDITED: dict[str, Callable[[Any], list[str]]] = {
     "CreateTopics": lambda r: _names("Topic", (t.name for t in r.topics)),
@@ -48,6 +57,8 @@ AUDITED: dict[str, Callable[[Any], list[str]]] = {
                              f"{r.filter.name or '*'}"],
     "AlterUserScramCredentials": lambda r: ([f"User:{u.user} {u.mechanism}" for u in r.upserts]
                                            + [f"User:{u} deleted" for u in r.deletions]),
+    "AlterClientQuotas": lambda r: ([f"Quota:{_quota_entity(e)} {_quota_rates(e)}" for e in r.set]
+                                    + [f"Quota:{_quota_entity(e)} deleted" for e in r.deletions]),
 }
 
 

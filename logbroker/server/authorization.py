@@ -28,8 +28,8 @@ which suffices (CreateTopics: Create on the topic, or on the cluster, as Kafka).
 | CreatePartitions | Alter Topic |
 | DescribeCluster, ListGroups, ListShareGroups | Describe Cluster |
 | ReassignPartition, RecoverEmptyPartition | Alter Cluster |
-| CreateAcls, DeleteAcls, AlterUserScramCredentials | Alter Cluster |
-| DescribeAcls, DescribeUserScramCredentials | Describe Cluster |
+| CreateAcls, DeleteAcls, AlterUserScramCredentials, AlterClientQuotas | Alter Cluster |
+| DescribeAcls, DescribeUserScramCredentials, DescribeClientQuotas | Describe Cluster |
 | ReadReplica | Read Topic, Describe Cluster |
 
 A call that presents the cluster secret (logbroker/cluster/cluster_secret.py) comes from another
@@ -124,6 +124,8 @@ RULES: dict[str, Callable[[Any], list[Check]]] = {
     "DescribeAcls": lambda r: _cluster(D),
     "AlterUserScramCredentials": lambda r: _cluster(Operation.ALTER),
     "DescribeUserScramCredentials": lambda r: _cluster(D),
+    "AlterClientQuotas": lambda r: _cluster(Operation.ALTER),
+    "DescribeClientQuotas": lambda r: _cluster(D),
 }
 
 

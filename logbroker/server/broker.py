@@ -67,6 +67,7 @@ from logbroker.replication.partition import Partition
 from logbroker.replication.replica_manager import CallableIsrStore, InMemoryIsrStore, IsrStore, ReplicaManager
 from logbroker.replication.scrubber import Scrubber
 from logbroker.security.acl import CLUSTER_NAME, Authorizer, Operation, ResourceType
+from logbroker.security.quotas import QuotaManager
 from logbroker.server import admin_service, broker_service, replica_service, rpc
 from logbroker.server.acl_cache import AclCache
 from logbroker.server.apis.admin import AdminApis
@@ -78,10 +79,12 @@ from logbroker.server.apis.producer_ids import ProducerIdApis
 from logbroker.server.apis.queues import QueueApis
 from logbroker.server.apis.replies import ReplyApis
 from logbroker.server.apis.security import SecurityApis
+from logbroker.server.apis.throttling import ClientQuotas
 from logbroker.server.authorization import AuthorizingHook
 from logbroker.server.broker_channels import ReplyForwarding
 from logbroker.server.broker_principals import broker_principals
 from logbroker.server.cluster_member import ClusterMember
+from logbroker.server.quota_cache import QuotaCache
 from logbroker.server.reply_registry import ReplyRegistry
 from logbroker.server.request_context import RequestRejected, RequestStatus
 from logbroker.server.sasl import SaslServer
@@ -282,6 +285,8 @@ class Broker:
         if self.acl_cache is not None:
             await self.acl_cache.load()
             self._tasks.append(asyncio.create_task(self.acl_cache.run()))
+        await self.quota_cache.load()
+        self._tasks.append(asyncio.create_task(self.quota_cache.run()))
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._serving = True
@@ -364,6 +369,10 @@ class Broker:
         self.replies = ReplyApis(self, ReplyRegistry(config.broker_id),
                                  ReplyForwarding(self.cluster.channels, self.metadata_image)
                                  if self.cluster is not None else None)
+        self.client_quotas = ClientQuotas(QuotaManager(samples=config.quota_window_num,
+                                                       window_ms=config.quota_window_size_ms),
+                                          cluster_secret=config.cluster_secret)
+        self.quota_cache = QuotaCache(self.security_store, self.client_quotas.manager)
         return BrokerApis(
             ProduceFetchApis(config, self, self.replica_manager, self, self.broker_principals),
             MetadataApis(self, self, None if hook is None else
@@ -371,9 +380,10 @@ class Broker:
             GroupApis(self, self.coordinator),
             AdminApis(self, self, self, self.replica_manager),
             queues=QueueApis(self, self.share_coordinator),
-            security=SecurityApis(self.security_store, self._acls_changed),
+            security=SecurityApis(self.security_store, self._acls_changed, self.quota_cache.changed),
             producer_ids=ProducerIdApis(self.producer_id_store),
             hook=hook,
+            quotas=self.client_quotas,
             replies=self.replies,
         )
 

@@ -1285,6 +1285,16 @@ class AdminStub:
                 request_serializer=logbroker_dot_v1_dot_logbroker__pb2.DescribeUserScramCredentialsRequest.SerializeToString,
                 response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.DescribeUserScramCredentialsResponse.FromString,
                 _registered_method=True)
+        self.AlterClientQuotas = channel.unary_unary(
+                '/logbroker.v1.Admin/AlterClientQuotas',
+                request_serializer=logbroker_dot_v1_dot_logbroker__pb2.AlterClientQuotasRequest.SerializeToString,
+                response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.AlterClientQuotasResponse.FromString,
+                _registered_method=True)
+        self.DescribeClientQuotas = channel.unary_unary(
+                '/logbroker.v1.Admin/DescribeClientQuotas',
+                request_serializer=logbroker_dot_v1_dot_logbroker__pb2.DescribeClientQuotasRequest.SerializeToString,
+                response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.DescribeClientQuotasResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -1410,6 +1420,18 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AlterClientQuotas(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DescribeClientQuotas(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -1512,6 +1534,16 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.DescribeUserScramCredentials,
                     request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.DescribeUserScramCredentialsRequest.FromString,
                     response_serializer=logbroker_dot_v1_dot_logbroker__pb2.DescribeUserScramCredentialsResponse.SerializeToString,
+            ),
+            'AlterClientQuotas': grpc.unary_unary_rpc_method_handler(
+                    servicer.AlterClientQuotas,
+                    request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.AlterClientQuotasRequest.FromString,
+                    response_serializer=logbroker_dot_v1_dot_logbroker__pb2.AlterClientQuotasResponse.SerializeToString,
+            ),
+            'DescribeClientQuotas': grpc.unary_unary_rpc_method_handler(
+                    servicer.DescribeClientQuotas,
+                    request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.DescribeClientQuotasRequest.FromString,
+                    response_serializer=logbroker_dot_v1_dot_logbroker__pb2.DescribeClientQuotasResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -2054,6 +2086,60 @@ class Admin:
             '/logbroker.v1.Admin/DescribeUserScramCredentials',
             logbroker_dot_v1_dot_logbroker__pb2.DescribeUserScramCredentialsRequest.SerializeToString,
             logbroker_dot_v1_dot_logbroker__pb2.DescribeUserScramCredentialsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AlterClientQuotas(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logbroker.v1.Admin/AlterClientQuotas',
+            logbroker_dot_v1_dot_logbroker__pb2.AlterClientQuotasRequest.SerializeToString,
+            logbroker_dot_v1_dot_logbroker__pb2.AlterClientQuotasResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DescribeClientQuotas(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logbroker.v1.Admin/DescribeClientQuotas',
+            logbroker_dot_v1_dot_logbroker__pb2.DescribeClientQuotasRequest.SerializeToString,
+            logbroker_dot_v1_dot_logbroker__pb2.DescribeClientQuotasResponse.FromString,
             options,
             channel_credentials,
             insecure,

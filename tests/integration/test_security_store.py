@@ -13,6 +13,7 @@ from logbroker.cluster.local_store import LocalMetadataStore
 from logbroker.cluster.security_store import MAX_ACLS_PER_CHANGE, SecurityStore, ZkSecurityStore
 from logbroker.cluster.zk_store import ZkStore
 from logbroker.security.acl import AclBinding, AclError, Operation, PatternType, Permission, ResourceType
+from logbroker.security.quotas import DEFAULT, Quota, QuotaEntity, QuotaError, QuotaKind
 from logbroker.security.scram import Mechanism, make_credential
 
 pytestmark = pytest.mark.timeout(60)
@@ -57,6 +58,24 @@ def test_acls_add_once_and_remove_by_match(store):
     assert sorted(x.principal for x in store.list_acls()) == ["User:a", "User:b"]
     assert store.remove_acls(lambda x: x.principal == "User:a") == [a]
     assert store.list_acls() == [b]
+
+
+def test_quotas_merge_rates_delete_and_move_the_version(store):
+    alice, default = QuotaEntity("alice", None), QuotaEntity(DEFAULT, "app")
+    v0 = store.quota_version()
+    assert store.alter_quotas([Quota(alice, {QuotaKind.PRODUCE: 100.0}),
+                               Quota(default, {QuotaKind.REQUEST: 5.0})], []) == 0
+    v1 = store.quota_version()
+    assert v1 != v0
+    store.alter_quotas([Quota(alice, {QuotaKind.FETCH: 7.0})], [])  # merged into alice's
+    got = {q.entity: q.rates for q in store.list_quotas()}
+    assert got == {alice: {QuotaKind.PRODUCE: 100.0, QuotaKind.FETCH: 7.0}, default: {QuotaKind.REQUEST: 5.0}}
+    assert store.alter_quotas([], [alice, QuotaEntity("nobody", None)]) == 1
+    assert [q.entity for q in store.list_quotas()] == [default]
+    assert store.quota_version() != v1
+    with pytest.raises(QuotaError, match="producer_byte_rate must be"):
+        store.alter_quotas([Quota(alice, {QuotaKind.PRODUCE: -1.0})], [])
+    assert [q.entity for q in store.list_quotas()] == [default]
 
 
 def test_too_many_acls_in_one_zookeeper_change_are_refused_whole(store):

@@ -54,6 +54,7 @@ from logbroker.client.encryption import Opener, load_key_file
 from logbroker.client.group_member import ASSIGNORS
 from logbroker.client.metadata_cache import LogThrottle, MetadataCache, metadata_for
 from logbroker.client.sasl import SaslConfig
+from logbroker.client.throttle import BrokerThrottle
 from logbroker.client.waker import Waker
 from logbroker.clock import SYSTEM_CLOCK, Clock, monotonic_s
 from logbroker.errors import InvalidGroupIdError, KafkaTimeoutError, LogbrokerError
@@ -497,6 +498,11 @@ class Consumer:
             raise LogbrokerError("iterating needs subscribe() or assign() first")
         while not self._closed:
             yield from self._poll(None, self._max_poll_records)
+
+    @property
+    def throttle(self) -> BrokerThrottle:
+        """The brokers' throttling of this consumer (over its fetch quota): counters and last time."""
+        return self._fetcher.throttle
 
     def close(self, timeout: float | None = None) -> None:
         """Commit positions (with a group and auto-commit), leave the group, close the channels. Idempotent.

@@ -41,6 +41,7 @@ from logbroker.client.consumer.subscription import PartitionState, SubscriptionS
 from logbroker.client.encryption import Opener
 from logbroker.client.metadata_cache import LogThrottle
 from logbroker.client.streams import FETCH_STREAM, BrokerStreams
+from logbroker.client.throttle import BrokerThrottle
 from logbroker.errors import LogbrokerError, OffsetOutOfRangeError, error_for
 from logbroker.storage.record_batch import BatchHeader, Message, decode_batch, iter_batches
 from logbroker.v1 import logbroker_pb2 as pb
@@ -118,6 +119,7 @@ class FetchCall(NamedTuple):
     future: Any  # grpc.Future
     parts: dict[TopicPartition, tuple[PartitionState, int, int]]  # -> (state, epoch, fetch_offset)
     lane: int  # which of the broker's fetch streams carries it
+    sent_at: float  # monotonic s, for the broker's throttle time (client/throttle.py)
 
 
 @dataclass(frozen=True)
@@ -155,6 +157,7 @@ class Fetcher:
         self.in_flight: list[FetchCall] = []
         self._last_fetch_bytes: dict[str, int] = {}  # per broker: record bytes in its last response
         self._in_flight_per_broker: dict[str, int] = {}
+        self.throttle = BrokerThrottle()  # brokers that said we are over quota
         self._rotation = 0
         self.pending_error: BaseException | None = None
         self.closed = False
@@ -232,7 +235,7 @@ class Fetcher:
             self._md.stale = True
             self._log.warning(f"fetch {address}", "Fetch to %s could not start: %s", address, e)
             return
-        self.in_flight.append(FetchCall(address, future, parts, lane))
+        self.in_flight.append(FetchCall(address, future, parts, lane, now))
         self._in_flight_per_broker[address] = self._in_flight_per_broker.get(address, 0) + 1
         future.add_done_callback(self._wake)
 
@@ -261,6 +264,8 @@ class Fetcher:
             return
         self._last_fetch_bytes[call.address] = 0
         assigned = self._subs.assigned
+        if response.throttle_time_ms > 0:
+            self._throttled(call, response.throttle_time_ms)
         for r in response.results:
             entry = call.parts.get((r.topic, r.partition))
             if entry is None:
@@ -282,6 +287,15 @@ class Fetcher:
                     self.pending_error = err
                 else:
                     log.debug("Fetch %s-%s: %s", st.topic, st.partition, err)
+
+    def _throttled(self, call: FetchCall, throttle_time_ms: int) -> None:
+        """Over quota at this broker: none of its partitions is fetched before the throttle ends."""
+        until = self.throttle.on_response(call.address, call.sent_at, throttle_time_ms)
+        if until is None:
+            return
+        for st in self._subs.assigned.values():
+            if st.leader == call.address and st.retry_at < until:
+                st.retry_at = until
 
     def _take_records(self, address: str, st: PartitionState, fetch_offset: int, r: pb.FetchPartitionResult,
                       now: float) -> None:

@@ -6,8 +6,8 @@ batches ready to ship per leader.
 
 A batch is ready when it is full or sealed, when linger_ms has passed since it was opened, or at once
 while flush() or close() wait or buffer memory is exhausted; it waits while its partition has a
-request in flight (muted), its leader is unknown, its leader has max_in_flight_requests out, or it
-backs off after a failure. `drain` also expires batches older than delivery_timeout_ms.
+request in flight (muted), its leader is unknown, its leader has max_in_flight_requests out or
+throttles us (over quota: client/throttle.py), or it backs off after a failure. `drain` also expires batches older than delivery_timeout_ms.
 
 Everything here happens under `_lock`, which the Sender and the Producer share (one lock, as the
 hot path takes it once per send()). Time comes from the injected clock (seconds, monotonic).
@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from logbroker.client.metadata_cache import MetadataCache
 from logbroker.client.producer.batch import PartitionBatches, ProducerBatch, TopicState
 from logbroker.client.producer.future import _BatchResult
+from logbroker.client.throttle import BrokerThrottle
 from logbroker.clock import Clock, monotonic_s
 from logbroker.errors import KafkaTimeoutError, LogbrokerError, UnknownTopicOrPartitionError
 from logbroker.storage.record_batch import HEADER_SIZE, BatchBuilder
@@ -60,6 +61,7 @@ class RecordAccumulator:
         self._pending: dict[PartitionBatches, None] = {}  # partitions with open, queued or in-flight batches
         self._incomplete: dict[ProducerBatch, None] = {}
         self._in_flight_per_broker: dict[str, int] = {}
+        self.throttle = BrokerThrottle()  # brokers that said we are over quota (client/throttle.py)
         self._buffered_bytes = 0
         self._buffer_waiters = 0
         self._flushing = 0
@@ -207,7 +209,6 @@ class RecordAccumulator:
         expired: list[ProducerBatch] = []
         idle: list[PartitionBatches] = []
         lingering: list[PartitionBatches] = []  # an open batch still within linger_ms
-        metadata = self._metadata
         for acc in self._pending:
             if acc.in_flight is not None:
                 continue
@@ -233,10 +234,7 @@ class RecordAccumulator:
             elif head.retry_at > now:
                 wake_at = head.retry_at if wake_at is None else min(wake_at, head.retry_at)
                 continue
-            try:
-                leader = metadata.leader(acc.topic, acc.partition)
-            except UnknownTopicOrPartitionError:
-                leader = None
+            leader = self._leader_of(acc)
             if leader is None:
                 self._refresh_topics.add(acc.topic)
                 retry = max(now, self._metadata_retry_at)
@@ -244,6 +242,9 @@ class RecordAccumulator:
                 continue
             if self._in_flight_per_broker.get(leader, 0) >= self._max_in_flight:
                 continue  # a response will wake us
+            if (throttled := self.throttle.blocked_until(leader, now)) is not None:
+                wake_at = throttled if wake_at is None else min(wake_at, throttled)
+                continue  # over quota at this broker: nothing to it until then
             size = head.size_bytes()
             used = request_bytes.get(leader, REQUEST_OVERHEAD_BYTES)
             if used + size > self._max_request_bytes and leader in by_leader:
@@ -301,6 +302,12 @@ class RecordAccumulator:
             group.append(head)
             acc.in_flight = head
             request_bytes[leader] = used + size  # type: ignore[index]
+
+    def _leader_of(self, acc: PartitionBatches) -> str | None:
+        try:
+            return self._metadata.leader(acc.topic, acc.partition)
+        except UnknownTopicOrPartitionError:
+            return None
 
     def _take_backlog(self, acc: PartitionBatches, group: list[ProducerBatch], used: int, size: int,
                       now: float, all_ready: bool) -> int:

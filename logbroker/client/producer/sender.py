@@ -44,6 +44,7 @@ class _InFlight(NamedTuple):
     address: str
     batches: list[ProducerBatch]
     future: Any  # grpc.Future
+    sent_at: float  # monotonic s, for the broker's throttle time (client/throttle.py)
 
 
 class Sender:
@@ -183,7 +184,7 @@ class Sender:
             per_partition = self._encode(batches)
         except Exception as e:  # no producer id yet (retried), fenced (final), a bug
             future: Any = _FailedCall(e)
-            call = _InFlight(address, batches, future)
+            call = _InFlight(address, batches, future, self._acc._monotonic())
             future.add_done_callback(lambda _f, call=call: self._on_response(call))
             return False
         parts = [
@@ -199,7 +200,7 @@ class Sender:
             future = self._metadata.produce_call(address, request, self._rpc_timeout_s, self._streams, wire_ok)
         except Exception as e:  # a closed channel, a serialization bug
             future = _FailedCall(e)
-        call = _InFlight(address, batches, future)
+        call = _InFlight(address, batches, future, self._acc._monotonic())
         future.add_done_callback(lambda _f, call=call: self._on_response(call))
         return self._acks == 0
 
@@ -244,6 +245,8 @@ class Sender:
                 results[(r.topic, r.partition)] = r
         with self._acc._lock:
             self._acc._in_flight_per_broker[call.address] -= 1
+            if call_error is None and response.throttle_time_ms > 0:
+                self._acc.throttle.on_response(call.address, call.sent_at, response.throttle_time_ms)
             next_offset: dict[PartitionBatches, int] = {}  # batches after the first of a partition
             retried: list[ProducerBatch] = []
             per_acc: dict[PartitionBatches, int] = {}

@@ -8,10 +8,11 @@ into them. Each call takes the caller's `RequestContext` and the request, return
 `RequestRejected` (server/request_context.py), which each listener maps to its own status.
 
 Every call passes through `handle(api, context, request)`, and there through `RequestHook.
-on_request`: the one place where authorization, quotas and request metrics will go. Calls by
+on_request`: the one place where authorization and request metrics go; client quotas
+(server/apis/throttling.py) then measure the call and delay its answer when over quota. Calls by
 concept: produce_fetch.py (Produce, Fetch, ListOffsets), metadata.py (Metadata, DescribeCluster),
 groups.py (offsets, coordinator, heartbeats, group admin), producer_ids.py (InitProducerId), queues.py (share groups), replies.py
-(request-reply), admin.py (topics, replicas), security.py (ACLs, SCRAM users).
+(request-reply), admin.py (topics, replicas), security.py (ACLs, SCRAM users, client quotas).
 
 The inter-broker surface (server/replica_service.py) is not here: only brokers may call it.
 """
@@ -32,6 +33,7 @@ from logbroker.server.apis.producer_ids import ProducerIdApis
 from logbroker.server.apis.queues import QueueApis
 from logbroker.server.apis.replies import ReplyApis
 from logbroker.server.apis.security import SecurityApis
+from logbroker.server.apis.throttling import ClientQuotas
 from logbroker.server.request_context import RequestContext, RequestRejected, RequestStatus
 from logbroker.v1 import logbroker_pb2 as pb
 
@@ -76,6 +78,8 @@ REQUEST_TYPES: dict[str, type[Message]] = {
     "Reply": pb.ReplyRequest,
     "ReplyBatch": pb.ReplyBatchRequest,
     "InitProducerId": pb.InitProducerIdRequest,
+    "AlterClientQuotas": pb.AlterClientQuotasRequest,
+    "DescribeClientQuotas": pb.DescribeClientQuotasRequest,
 }
 
 
@@ -83,8 +87,9 @@ class RequestHook:
     """Called once per request, before the API runs, on the broker's event loop.
 
     Today a no-op: there are no per-API request metrics yet (logbroker/server/metrics.py reports broker
-    state only). Authorization (raise RequestRejected(PERMISSION_DENIED)), quotas and request
-    metrics go here, once, for every listener. Must not block.
+    state only). Authorization (raise RequestRejected(PERMISSION_DENIED)) and request metrics go
+    here, once, for every listener; client quotas run around the call (`BrokerApis.quotas`). Must
+    not block.
     """
 
     def on_request(self, api: str, context: RequestContext, request: Message) -> None:
@@ -95,10 +100,12 @@ class BrokerApis:
     def __init__(self, data: ProduceFetchApis, metadata: MetadataApis | None = None, groups: GroupApis | None = None,
                  admin: AdminApis | None = None, hook: RequestHook | None = None,
                  queues: QueueApis | None = None, replies: ReplyApis | None = None,
-                 security: SecurityApis | None = None, producer_ids: ProducerIdApis | None = None) -> None:
+                 security: SecurityApis | None = None, producer_ids: ProducerIdApis | None = None,
+                 quotas: ClientQuotas | None = None) -> None:
         """`metadata`, `groups`, `admin`, `queues` None: those calls are UNIMPLEMENTED (a data-path-only broker
-        in tests)."""
+        in tests). `quotas`: client quotas enforced on every call (server/apis/throttling.py)."""
         self.hook = hook if hook is not None else RequestHook()
+        self.quotas = quotas
         ops: dict[str, Api] = {PRODUCE: data.produce, FETCH: data.fetch, "ListOffsets": data.list_offsets}
         if metadata is not None:
             ops.update(Metadata=metadata.metadata, DescribeCluster=metadata.describe_cluster)
@@ -120,7 +127,9 @@ class BrokerApis:
             ops.update(CreateAcls=security.create_acls, DeleteAcls=security.delete_acls,
                        DescribeAcls=security.describe_acls,
                        AlterUserScramCredentials=security.alter_user_scram_credentials,
-                       DescribeUserScramCredentials=security.describe_user_scram_credentials)
+                       DescribeUserScramCredentials=security.describe_user_scram_credentials,
+                       AlterClientQuotas=security.alter_client_quotas,
+                       DescribeClientQuotas=security.describe_client_quotas)
         if replies is not None:
             ops.update(Reply=replies.reply, ReplyBatch=replies.reply_batch)
         if producer_ids is not None:
@@ -135,7 +144,10 @@ class BrokerApis:
         if op is None:
             raise RequestRejected(RequestStatus.UNIMPLEMENTED, f"unknown api {api}")
         self.hook.on_request(api, context, request)
+        call = op(context, request)
+        if self.quotas is not None and self.quotas.applies(api, context, request):
+            call = self.quotas.run(api, context, request, call)
         if api in audit.AUDITED:
             principal = context.principal if context.principal.startswith("User:") else f"User:{context.principal}"
-            return audit.audited(api, context, request, op(context, request), principal)
-        return op(context, request)
+            return audit.audited(api, context, request, call, principal)
+        return call

@@ -1,7 +1,8 @@
-"""ACLs and SCRAM users over the Admin API: CreateAcls, DeleteAcls, DescribeAcls,
-AlterUserScramCredentials, DescribeUserScramCredentials. The store calls block (ZooKeeper or LMDB),
-so they run in a thread; after a change this broker reloads its authorizer at once (`on_change`),
-the others through the store's change counter (server/acl_cache.py). Each change is in the audit
+"""ACLs, SCRAM users and client quotas over the Admin API: CreateAcls, DeleteAcls, DescribeAcls,
+AlterUserScramCredentials, DescribeUserScramCredentials, AlterClientQuotas, DescribeClientQuotas. The store calls block (ZooKeeper or LMDB),
+so they run in a thread; after a change this broker reloads its authorizer (quotas) at once
+(`on_change`, `on_quota_change`), the others through the store's change counters
+(server/acl_cache.py, server/quota_cache.py). Each change is in the audit
 log (server/audit.py, from the request layer).
 
 Bad input (an unknown operation, a principal not written User:NAME, a host that is not an IP, a
@@ -26,6 +27,7 @@ from logbroker.security.acl import (
     parse_permission,
     parse_resource_type,
 )
+from logbroker.security.quotas import Quota, QuotaEntity, QuotaError, QuotaKind, check_rate
 from logbroker.security.scram import Mechanism, ScramCredential, ScramError
 from logbroker.server.request_checks import check_count
 from logbroker.server.request_context import RequestContext
@@ -54,10 +56,25 @@ def credential_from_entry(e: pb.ScramCredentialEntry) -> tuple[str, ScramCredent
     return check_user(e.user), cred.validated()
 
 
+def quota_from_entry(e: pb.QuotaEntry, rates_required: bool) -> Quota:
+    entity = QuotaEntity(e.user if e.HasField("user") else None,
+                         e.client_id if e.HasField("client_id") else None).validated()
+    rates = {k: check_rate(k, getattr(e, k.value)) for k in QuotaKind if e.HasField(k.value)}
+    if rates_required and not rates:
+        raise QuotaError(f"a quota for {entity.describe()} sets no rate")
+    return Quota(entity, rates)
+
+
+def entry_from_quota(q: Quota) -> pb.QuotaEntry:
+    return pb.QuotaEntry(**q.to_json())
+
+
 class SecurityApis:
-    def __init__(self, store: Callable[[], SecurityStore], on_change: Callable[[], None]) -> None:
+    def __init__(self, store: Callable[[], SecurityStore], on_change: Callable[[], None],
+                 on_quota_change: Callable[[], None] = lambda: None) -> None:
         self._store = store
         self._on_change = on_change
+        self._on_quota_change = on_quota_change
 
     async def create_acls(self, context: RequestContext, req: pb.CreateAclsRequest) -> pb.CreateAclsResponse:
         check_count(len(req.acls), "acls")
@@ -106,3 +123,21 @@ class SecurityApis:
         return pb.DescribeUserScramCredentialsResponse(users=[
             pb.UserMechanisms(user=u, mechanisms=[m.value for m in mechs]) for u, mechs in sorted(users.items())])
 
+
+    async def alter_client_quotas(self, context: RequestContext, req: pb.AlterClientQuotasRequest
+                                  ) -> pb.AlterClientQuotasResponse:
+        check_count(len(req.set) + len(req.deletions), "quotas")
+        try:
+            sets = [quota_from_entry(e, rates_required=True) for e in req.set]
+            deletions = [quota_from_entry(e, rates_required=False).entity for e in req.deletions]
+            deleted = await asyncio.to_thread(self._store().alter_quotas, sets, deletions)
+        except QuotaError as e:
+            return pb.AlterClientQuotasResponse(error_code=pb.INVALID_CONFIG, error_message=str(e))
+        self._on_quota_change()
+        return pb.AlterClientQuotasResponse(deleted=deleted)
+
+    async def describe_client_quotas(self, context: RequestContext, req: pb.DescribeClientQuotasRequest
+                                     ) -> pb.DescribeClientQuotasResponse:
+        quotas = await asyncio.to_thread(self._store().list_quotas)
+        quotas.sort(key=lambda q: (q.entity.user or "", q.entity.client_id or ""))
+        return pb.DescribeClientQuotasResponse(quotas=[entry_from_quota(q) for q in quotas])
