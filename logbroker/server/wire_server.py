@@ -45,6 +45,9 @@ Bounds, each on one connection unless said otherwise:
   600 s, Kafka's connections.max.idle.ms) is closed by a sweep every min(60, idle_s / 10) s.
 - `pipeline_max` (8) requests in progress or answered-but-unwritten; further whole frames wait in the
   read buffer, not started.
+- Broker-wide, across connections and gRPC: `admission` (server/admission.py) counts each request from
+  its start to its handler's end; a frame that would pass its bounds is answered RESOURCE_EXHAUSTED
+  with a retry-after hint (logbroker/wire.py) and the connection goes on.
 - Read buffer: `READ_BUFFER_BYTES` (256 KiB), allocated with the first bytes read. It is read into while it
   has room (so an EOF or a reset is noticed even with the pipeline full); when full, the connection
   is not read and TCP flow control holds the client back.
@@ -98,6 +101,7 @@ from logbroker.client_id import client_id_problem
 from logbroker.log_throttle import LogThrottle
 from logbroker.security.scram import ServerExchange
 from logbroker.server import rpc
+from logbroker.server.admission import Admission
 from logbroker.server.connection_gate import ConnectionGate
 from logbroker.server.reply_registry import ReplyRegistry
 from logbroker.server.request_context import (
@@ -139,8 +143,9 @@ class WireServer:
                  sasl: SaslServer | None = None,
                  connections_per_ip_max: int = CONNECTIONS_PER_IP_MAX,
                  connection_creation_rate_per_sec: int = CONNECTION_CREATION_RATE_PER_SEC,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+                 monotonic: Callable[[], float] = time.monotonic, admission: Admission | None = None) -> None:
         self.handlers = handlers
+        self.admission = admission  # bounds on requests in flight, shared with gRPC (server/admission.py)
         self.sasl = sasl
         self.reply_registry = reply_registry
         self.size_max = wire.SIZE_MIN + max_request_bytes
@@ -513,13 +518,23 @@ class _Connection(asyncio.BufferedProtocol):
             self._pending.append((corr, wire.error_frame(corr, grpc.StatusCode.UNIMPLEMENTED, f"unknown api {api}")))
             return
         request_cls, fn = entry
+        admission = self._server.admission
         try:
-            request = rpc.parse(request_cls, memoryview(frame)[wire.SIZE_MIN :])
+            if admission is not None:
+                admission.admit(len(frame))
+            try:
+                request = rpc.parse(request_cls, memoryview(frame)[wire.SIZE_MIN :])
+            except RequestRejected:
+                if admission is not None:
+                    admission.release(len(frame))
+                raise
         except RequestRejected as exc:
             self._pending.append((corr, _rejected_frame(corr, exc)))
             return
         task = self._loop.create_task(_run(fn, request, self._context))
         self._pending.append((corr, task))
+        if admission is not None:
+            task.add_done_callback(admission.releaser(len(frame)))
         task.add_done_callback(self._on_done)
 
     def _client_id_frame(self, corr: int, frame: bytes | bytearray) -> bytes:
