@@ -203,7 +203,6 @@ class RecordAccumulator:
         expired: list[ProducerBatch] = []
         idle: list[PartitionBatches] = []
         lingering: list[PartitionBatches] = []  # an open batch still within linger_ms
-        metadata = self._metadata
         for acc in self._pending:
             if acc.in_flight is not None:
                 continue
@@ -229,17 +228,11 @@ class RecordAccumulator:
             elif head.retry_at > now:
                 wake_at = head.retry_at if wake_at is None else min(wake_at, head.retry_at)
                 continue
-            try:
-                leader = metadata.leader(acc.topic, acc.partition)
-            except UnknownTopicOrPartitionError:
-                leader = None
+            leader, retry_at = self._leader_to_ship_to(acc, now, by_leader)
             if leader is None:
-                self._refresh_topics.add(acc.topic)
-                retry = max(now, self._metadata_retry_at)
-                wake_at = retry if wake_at is None else min(wake_at, retry)
+                if retry_at is not None:
+                    wake_at = retry_at if wake_at is None else min(wake_at, retry_at)
                 continue
-            if self._in_flight_per_broker.get(leader, 0) >= self._max_in_flight:
-                continue  # a response will wake us
             size = head.size_bytes()
             used = request_bytes.get(leader, REQUEST_OVERHEAD_BYTES)
             if used + size > self._max_request_bytes and leader in by_leader:
@@ -271,6 +264,27 @@ class RecordAccumulator:
                 self._incomplete.pop(b, None)
                 self._release(b)
         return list(by_leader.items()), expired, wake_at
+
+    def _leader_to_ship_to(self, acc: PartitionBatches, now: float,
+                           by_leader: dict[str, list[ProducerBatch]]) -> tuple[str | None, float | None]:
+        """Where `acc`'s ready batch goes now (leader, None), or (None, when to look again; None: a
+        response will wake us): not without a known leader, nor to a broker with max_in_flight
+        requests out, nor to one whose circuit is open (client/circuit.py; its first request after
+        the cool-down is the probe)."""
+        try:
+            leader = self._metadata.leader(acc.topic, acc.partition)
+        except UnknownTopicOrPartitionError:
+            leader = None
+        if leader is None:
+            self._refresh_topics.add(acc.topic)
+            return None, max(now, self._metadata_retry_at)
+        if self._in_flight_per_broker.get(leader, 0) >= self._max_in_flight:
+            return None, None
+        circuits = self._metadata.circuits
+        if leader not in by_leader and not circuits.allow(leader):
+            blocked_ms = circuits.blocked_ms(leader)  # 0: the probe's response will wake us
+            return None, (now + blocked_ms / 1000 if blocked_ms else None)
+        return leader, None
 
     def _ride_along(self, lingering: list[PartitionBatches], by_leader: dict[str, list[ProducerBatch]],
                     request_bytes: dict[str, int]) -> None:
