@@ -23,19 +23,28 @@ work: more only adds queueing delay, and it is 4 requests of the largest size (3
 in flight is over a second of tiny gRPC calls (1,500–3,700/s) while leaving room for thousands of
 parked long-poll fetches. The hint, 100 ms, is about the time the in-flight bytes take to drain.
 
+Refusals are counted (`refused_total`, the metric `logbroker_overload_refusals_total`) and logged with
+at most one WARNING per REFUSED_WARNING_INTERVAL_S, saying how many it stands for.
+
 Single-threaded: owned by the broker's event loop.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable
 
 from logbroker import wire
+from logbroker.log_throttle import LogThrottle
 from logbroker.server.request_context import RequestRejected, RequestStatus
 
 INFLIGHT_REQUEST_BYTES_MAX = 128 << 20
 INFLIGHT_REQUESTS_MAX = 4096
 OVERLOAD_RETRY_AFTER_MS = 100
+REFUSED_WARNING_INTERVAL_S = 10.0
+
+log = logging.getLogger(__name__)
 
 
 class Admission:
@@ -43,13 +52,15 @@ class Admission:
 
     def __init__(self, request_bytes_max: int = INFLIGHT_REQUEST_BYTES_MAX,
                  requests_max: int = INFLIGHT_REQUESTS_MAX,
-                 retry_after_ms: int = OVERLOAD_RETRY_AFTER_MS) -> None:
+                 retry_after_ms: int = OVERLOAD_RETRY_AFTER_MS,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self.request_bytes_max = request_bytes_max
         self.requests_max = requests_max
         self.retry_after_ms = retry_after_ms
         self.inflight_bytes = 0
         self.inflight_requests = 0
         self.refused_total = 0  # requests refused for overload, ever
+        self._warnings = LogThrottle(REFUSED_WARNING_INTERVAL_S, monotonic=monotonic)
 
     def refusal(self, nbytes: int) -> str | None:
         """Why a request of `nbytes` cannot be admitted now; None: it can."""
@@ -66,6 +77,9 @@ class Admission:
         why = self.refusal(nbytes)
         if why is not None:
             self.refused_total += 1
+            count = self._warnings.event("overload")
+            if count:
+                log.warning("refused %d request(s) for overload since the last such line: %s", count, why)
             raise overloaded(why, self.retry_after_ms)
         self.inflight_bytes += nbytes
         self.inflight_requests += 1
