@@ -14,8 +14,11 @@ A request that would pass a bound is refused with RESOURCE_EXHAUSTED and a retry
 queue: the client backs off and may go elsewhere. One request bigger than `request_bytes_max` is
 admitted when nothing else is in flight (max_request_bytes bounds it), so it is never refused
 forever. What is not counted here: the bytes of a frame still arriving (bounded per connection by
-max_request_bytes and connections by the connection gate) and inter-broker calls (replica fetches,
-the controller's calls: the cluster's own work is never refused).
+max_request_bytes and connections by the connection gate), gRPC's own receive buffers (gRPC takes a
+message in whole, and HTTP/2 lets a client send ahead, before a handler sees it: measured, 200
+producers sending 768 KiB at once grow the broker's heap by ~75 MiB with a 1 MiB bound, mostly
+there; what the refusals buy is that the clients back off instead of piling more on), and
+inter-broker calls (replica fetches, the controller's calls: the cluster's own work is never refused).
 
 Defaults, from the machine budget (docs: /work/shared/ARCHITECTURE.md "The budget"): a broker takes
 in 300–800 MB/s of 1 MiB produce requests, so 128 MiB in flight is a quarter to half a second of
