@@ -10,15 +10,22 @@ client/circuit.py) until every record is acknowledged, and every acknowledged re
 from __future__ import annotations
 
 import re
+import socket
 import threading
 import time
 import urllib.request
 from pathlib import Path
 
+import grpc
 import pytest
 
+from logbroker import wire
 from logbroker.client import Admin, Consumer, Producer
-from tests.conftest import BrokerProcess, free_port
+from logbroker.v1 import logbroker_pb2 as pb
+from logbroker.v1 import logbroker_pb2_grpc as pbg
+from tests.conftest import BrokerProcess, free_port, wait_for
+from tests.integration.test_streams import fetch_req, produce_req
+from tests.integration.test_wire_transport import data_port, frame, produce_frame, read_response
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -128,3 +135,35 @@ def test_two_hundred_producers_at_once_get_retriable_refusals_and_every_acked_re
                 seen[m.key] = seen.get(m.key, 0) + 1
     assert set(acked) <= set(seen), f"{len(set(acked) - set(seen))} acknowledged records missing from the log"
     assert "Traceback" not in broker.log_text()
+
+
+def test_a_request_over_the_in_flight_count_is_refused_on_both_transports_with_a_retry_after(broker_factory) -> None:
+    metrics_port = free_port()
+    broker: BrokerProcess = broker_factory(extra_args=[
+        "--max-inflight-requests", "2", "--overload-retry-after-ms", "70",
+        "--metrics-listen", f"127.0.0.1:{metrics_port}"])
+    with Admin(broker.address) as admin:
+        admin.create_topic("busy", partitions=1)
+    sock = socket.create_connection(("127.0.0.1", data_port(broker)), timeout=20)
+    try:
+        # two long polls on an empty partition take both places
+        sock.sendall(b"".join(frame(wire.API_FETCH, corr, fetch_req("busy", 0, 0, max_wait_ms=3000).SerializeToString())
+                              for corr in (1, 2)))
+        wait_for(lambda: _metric(metrics_port, "logbroker_inflight_requests") == 2, 10, "two parked fetches")
+        with broker.channel() as channel, pytest.raises(grpc.RpcError) as refused:
+            pbg.BrokerStub(channel).Produce(produce_req("busy", 0, b"v"), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert (wire.RETRY_AFTER_METADATA, "70") in tuple(refused.value.trailing_metadata())
+        assert wire.retry_after_ms(refused.value.details()) == 70
+        sock.sendall(produce_frame(3, "busy", b"w"))
+        answers = [read_response(sock) for _ in range(3)]  # in request order: the fetches end first
+        assert [(corr, status) for corr, status, _ in answers] == [
+            (1, wire.STATUS_OK), (2, wire.STATUS_OK), (3, wire.status_number(grpc.StatusCode.RESOURCE_EXHAUSTED))]
+        assert wire.retry_after_ms(answers[2][2].decode()) == 70
+        sock.sendall(produce_frame(4, "busy", b"x"))  # the connection goes on, and there is room again
+        corr, status, body = read_response(sock)
+        assert (corr, status) == (4, wire.STATUS_OK) and pb.ProduceResponse.FromString(body).results[0].base_offset == 0
+    finally:
+        sock.close()
+    assert _metric(metrics_port, "logbroker_overload_refusals_total") == 2
+    assert "refused 1 request(s) for overload" in broker.log_text()
