@@ -13,7 +13,7 @@ import pytest
 
 from logbroker import wire
 from logbroker.client.call_errors import needs_metadata
-from logbroker.client.circuit import Circuits
+from logbroker.client.circuit import Circuits, State
 from logbroker.client.producer import (
     FutureRecordMetadata,
     FutureTimeoutError,
@@ -210,6 +210,18 @@ def test_a_broker_that_keeps_refusing_gets_its_circuit_opened_then_probed_and_cl
     assert len(produce_requests(md)) == 4  # three refused, then the probe
     lines = [r.getMessage() for r in caplog.records if r.name == "logbroker.client.circuit"]
     assert len(lines) == 2 and "opened after 3 consecutive failures" in lines[0] and "closed" in lines[1]
+
+
+def test_a_probe_answered_with_a_final_refusal_closes_the_circuit(md):
+    md.circuits = Circuits(failures_max=1, cool_down_ms=100)
+    md.broker.call_errors.extend([
+        FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, wire.with_retry_after("busy", 0)),
+        FakeRpcError(grpc.StatusCode.INVALID_ARGUMENT, "bad request")])  # the probe's answer
+    with Producer(md, retry_backoff_ms=1, linger_ms=0) as p:
+        with pytest.raises(UnknownServerError):
+            p.send("t", b"v").result(5)
+        assert md.circuits.state("broker0:9092") is State.CLOSED  # the broker answered: not stuck half-open
+        assert p.send("t", b"w").result(5).offset == 0
 
 
 def test_config_validation(md):

@@ -236,6 +236,7 @@ class Fetcher:
                 st.in_flight = False
                 self._back_off(st, now)
             self._md.stale = True
+            self._md.cache.circuits.failed(address, e)  # (gives a probe back: it never went)
             self._log.warning(f"fetch {address}", "Fetch to %s could not start: %s", address, e)
             return
         self.in_flight.append(FetchCall(address, future, parts, lane))
@@ -267,6 +268,7 @@ class Fetcher:
                 self._md.stale = True
             if not getattr(err, "retriable", False):
                 self.pending_error = err
+                self._md.cache.circuits.succeeded(call.address)  # answered: the broker is up
             else:  # the broker's health (client/circuit.py)
                 self._md.cache.circuits.failed(call.address, err)
             return

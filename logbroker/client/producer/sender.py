@@ -216,10 +216,10 @@ class Sender:
             call_error = rpc_error(e)
         except Exception as e:
             call_error = e if isinstance(e, LogbrokerError) else UnknownServerError(repr(e))
-        if call_error is None:
-            self._metadata.circuits.succeeded(call.address)
-        elif is_retriable(call_error):  # the broker's health, not the request's fault (client/circuit.py)
+        if call_error is not None and is_retriable(call_error):  # the broker's health (client/circuit.py)
             self._metadata.circuits.failed(call.address, call_error)
+        else:  # answered (a final refusal too: the broker is up)
+            self._metadata.circuits.succeeded(call.address)
         results: dict[tuple[str, int], pb.ProducePartitionResult] = {}
         if call_error is None:
             for r in response.results:
