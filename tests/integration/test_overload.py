@@ -167,3 +167,28 @@ def test_a_request_over_the_in_flight_count_is_refused_on_both_transports_with_a
         sock.close()
     assert _metric(metrics_port, "logbroker_overload_refusals_total") == 2
     assert "refused 1 request(s) for overload" in broker.log_text()
+
+
+def test_a_big_frame_is_refused_from_its_header_and_its_bytes_dropped_and_the_connection_goes_on(
+        broker_factory) -> None:
+    metrics_port = free_port()
+    broker: BrokerProcess = broker_factory(extra_args=[
+        "--max-inflight-request-bytes", str(1 << 20), "--metrics-listen", f"127.0.0.1:{metrics_port}"])
+    with Admin(broker.address) as admin:
+        admin.create_topic("big", partitions=1)
+    sock = socket.create_connection(("127.0.0.1", data_port(broker)), timeout=20)
+    try:
+        sock.sendall(frame(wire.API_FETCH, 1, fetch_req("big", 0, 0, max_wait_ms=3000).SerializeToString()))
+        wait_for(lambda: _metric(metrics_port, "logbroker_inflight_requests") == 1, 10, "a parked fetch")
+        big = produce_frame(2, "big", b"x" * (3 << 19))  # 1.5 MiB: over the bound beside the fetch
+        sock.sendall(big[: 64 << 10])  # the header and a little: refused already, before the rest comes
+        wait_for(lambda: _metric(metrics_port, "logbroker_overload_refusals_total") == 1, 10, "the refusal")
+        assert _metric(metrics_port, "logbroker_inflight_request_bytes") < 64 << 10  # the big frame is not counted
+        sock.sendall(big[64 << 10 :] + produce_frame(3, "big", b"after"))
+        answers = [read_response(sock) for _ in range(3)]
+        assert [(corr, status) for corr, status, _ in answers] == [
+            (1, wire.STATUS_OK), (2, wire.status_number(grpc.StatusCode.RESOURCE_EXHAUSTED)), (3, wire.STATUS_OK)]
+        assert wire.retry_after_ms(answers[1][2].decode()) is not None
+        assert pb.ProduceResponse.FromString(answers[2][2]).results[0].base_offset == 0  # the big one was not written
+    finally:
+        sock.close()
