@@ -108,6 +108,11 @@ class BrokerConfig:
     # address, and new connections per second (token bucket; 0: no limit)
     max_connections_per_ip: int = 100
     max_connection_creation_rate_per_sec: int = 200
+    # overload protection (server/admission.py): client requests in flight at once, by bytes and by
+    # count (0: no bound), and the retry-after hint of a refusal
+    max_inflight_request_bytes: int = 128 << 20
+    max_inflight_requests: int = 4096
+    overload_retry_after_ms: int = 100
 
     @property
     def zk_hosts_and_chroot(self) -> tuple[str, str]:
@@ -246,6 +251,14 @@ SERVE_SETTINGS: tuple[ServeSetting, ...] = (
                  "open record-transport connections per client address; more are closed at once"),
     ServeSetting("max_connection_creation_rate_per_sec", int, 200,
                  "new record-transport connections accepted per second (all addresses; 0: no limit)"),
+    ServeSetting("max_inflight_request_bytes", int, 128 << 20,
+                 "bytes of client requests being handled at once; a request that would pass it is refused with "
+                 "RESOURCE_EXHAUSTED and a retry-after hint (0: no limit)"),
+    ServeSetting("max_inflight_requests", int, 4096,
+                 "client requests being handled at once, parked long-poll fetches included; more are refused "
+                 "as above (0: no limit)"),
+    ServeSetting("overload_retry_after_ms", int, 100,
+                 "how long a client refused for overload is told to wait before it tries again"),
     ServeSetting("metrics_tls", bool, False, "serve --metrics-listen over HTTPS with the broker's certificate "
                  "(client certificates as --tls-client-auth)"),
 )
@@ -429,7 +442,8 @@ def _front_door(values: Mapping[str, SettingValue], tls: ServerTls | None, clust
         # ("requested" asks for no certificate on gRPC, where the controller's calls arrive: tls.py)
         raise ConfigError("--broker-principals needs --tls-client-auth required: without client certificates "
                           "the brokers' calls are proven by the cluster secret alone")
-    for name in ("max_connections_per_ip", "max_connection_creation_rate_per_sec"):
+    for name in ("max_connections_per_ip", "max_connection_creation_rate_per_sec", "max_inflight_request_bytes",
+                 "max_inflight_requests", "overload_retry_after_ms"):
         value = values[name]
         if not isinstance(value, int) or value < 0:
             raise ConfigError(f"{name} must be >= 0, got {value}")
@@ -438,7 +452,10 @@ def _front_door(values: Mapping[str, SettingValue], tls: ServerTls | None, clust
     return {"sasl_mechanisms": _sasl_mechanisms(str(values["sasl_mechanisms"]), tls),
             "broker_principals": _super_users(str(values["broker_principals"]), "broker principal"),
             "max_connections_per_ip": values["max_connections_per_ip"],
-            "max_connection_creation_rate_per_sec": values["max_connection_creation_rate_per_sec"]}
+            "max_connection_creation_rate_per_sec": values["max_connection_creation_rate_per_sec"],
+            "max_inflight_request_bytes": values["max_inflight_request_bytes"],
+            "max_inflight_requests": values["max_inflight_requests"],
+            "overload_retry_after_ms": values["overload_retry_after_ms"]}
 
 
 def _quota_windows(values: Mapping[str, SettingValue]) -> dict[str, Any]:

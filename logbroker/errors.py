@@ -364,6 +364,17 @@ class BrokerUnavailableError(LogbrokerError):
     retriable = True
 
 
+class BrokerOverloadedError(LogbrokerError):
+    """The broker refused the whole call for overload (RESOURCE_EXHAUSTED with a retry-after hint:
+    logbroker/server/admission.py). Retriable, no earlier than `retry_after_ms`; nothing was done."""
+
+    retriable = True
+
+    def __init__(self, message: str, retry_after_ms: int = 0) -> None:
+        super().__init__(message)
+        self.retry_after_ms = retry_after_ms
+
+
 _BY_CODE: dict[int, type[BrokerError]] = {
     cls.code: cls
     for cls in list(BrokerError.__subclasses__())

@@ -53,10 +53,17 @@ A connection answers in request order. A request refused whole (malformed body, 
 not ready) gets its status and the connection goes on, since framing is intact. A frame whose size
 is out of bounds cannot be skipped without reading it: the broker answers RESOURCE_EXHAUSTED (or
 INVALID_ARGUMENT for a size below 5) with the frame's correlation id and closes the connection.
+
+Overload (server/admission.py): a request refused because the broker's bounds on in-flight work are
+passed gets RESOURCE_EXHAUSTED whose message ends with `(retry-after-ms=N)`, the broker's hint of how
+long to wait; the connection goes on. gRPC carries the same message, and the hint also as trailing
+metadata `retry-after-ms`. A RESOURCE_EXHAUSTED without the hint (a request over max_request_bytes)
+is final; with it, retriable (`retry_after_ms` below reads it).
 """
 
 from __future__ import annotations
 
+import re
 import struct
 
 import grpc
@@ -101,3 +108,18 @@ def status_code(number: int) -> grpc.StatusCode:
 def error_frame(corr: int, code: grpc.StatusCode, message: str) -> bytes:
     body = message.encode("utf-8", "replace")[:4096]
     return response_header(corr, status_number(code), len(body)) + body
+
+
+RETRY_AFTER_METADATA = "retry-after-ms"  # gRPC trailing metadata of an overload refusal
+_RETRY_AFTER = re.compile(r"\(retry-after-ms=(\d{1,9})\)$")
+
+
+def with_retry_after(message: str, retry_after_ms: int) -> str:
+    """An overload refusal's message, its retry-after hint at the end (see the module doc)."""
+    return f"{message} (retry-after-ms={max(0, retry_after_ms)})"
+
+
+def retry_after_ms(message: str) -> int | None:
+    """The retry-after hint at the end of a refusal's message; None: it has none (not an overload)."""
+    found = _RETRY_AFTER.search(message)
+    return int(found.group(1)) if found else None

@@ -48,11 +48,12 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from logbroker.client.backoff import client_retry_policy
-from logbroker.client.call_errors import rpc_error_text
+from logbroker.client.call_errors import is_retriable, rpc_error, rpc_error_text
+from logbroker.client.circuit import Circuits, State
 from logbroker.client.sasl import CallDetails, SaslConfig, SaslInterceptor
 from logbroker.client.streams import FETCH_STREAM, PRODUCE_STREAM, BrokerStreams
 from logbroker.client_id import CLIENT_ID_METADATA, DEFAULT_CLIENT_ID, checked_client_id
-from logbroker.clock import Clock, monotonic_s
+from logbroker.clock import SYSTEM_CLOCK, Clock, monotonic_s
 from logbroker.errors import (
     BrokerUnavailableError,
     LeaderNotAvailableError,
@@ -262,6 +263,8 @@ class MetadataCache:
         self._data_addresses: dict[str, tuple[str, int]] = {}  # broker address -> (host, data port)
         self._streams: BrokerStreams | None = None  # for callers without their own (client_streams())
         self._client_streams: list[BrokerStreams] = []
+        # per broker: stop sending to one that keeps failing, for a while (client/circuit.py)
+        self.circuits = Circuits(clock=clock or SYSTEM_CLOCK)
 
     # -- lookups (no RPC) -------------------------------------------------------------------
 
@@ -454,11 +457,13 @@ class MetadataCache:
     # -- refresh -----------------------------------------------------------------------------
 
     def candidate_addresses(self) -> list[str]:
-        """Where to send a Metadata request: known brokers (shuffled) first, then bootstrap."""
+        """Where to send a Metadata request: known brokers (shuffled) first, then bootstrap; brokers
+        whose circuit is open (client/circuit.py) after all the others."""
         with self._lock:
             known = list(self._brokers.values())
         random.shuffle(known)
-        return known + [a for a in self._bootstrap if a not in known]
+        candidates = known + [a for a in self._bootstrap if a not in known]
+        return sorted(candidates, key=lambda a: self.circuits.state(a) is not State.CLOSED)  # (stable)
 
     def fetch_metadata(
         self, topics: Iterable[str] | None = None, retry: bool = True
@@ -476,10 +481,14 @@ class MetadataCache:
                 time.sleep((backoff.failed() or 0) / 1000)
             for addr in self.candidate_addresses():
                 try:
-                    return self.broker_stub(addr).Metadata(request, timeout=self._request_timeout_s), addr
+                    answer = self.broker_stub(addr).Metadata(request, timeout=self._request_timeout_s)
+                    self.circuits.succeeded(addr)
+                    return answer, addr
                 except grpc.RpcError as e:
                     last = e
                     log.debug("Metadata from %s failed: %s", addr, e)
+                    if is_retriable(rpc_error(e)):  # unreachable, timed out, overloaded: try the next
+                        self.circuits.failed(addr, rpc_error_text(e))
                     self.check_tls_refusal(addr, e)
                     if e.code() == grpc.StatusCode.UNAUTHENTICATED:  # not logged in (SASL): final
                         raise UnauthenticatedError(f"broker {addr}: {e.details()}") from None

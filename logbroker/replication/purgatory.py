@@ -25,6 +25,11 @@ class Purgatory:
     def waiting(self) -> int:
         return self._count
 
+    @property
+    def full(self) -> bool:
+        """No further operation can wait (a long-poll fetch is then refused: server/admission.py)."""
+        return self._count >= self._watchers_max
+
     async def wait(self, keys: Iterable[Key], timeout_s: float) -> bool:
         """Wait until one of `keys` is notified or the timeout passes; True when notified.
 

@@ -70,6 +70,7 @@ from logbroker.security.acl import CLUSTER_NAME, Authorizer, Operation, Resource
 from logbroker.security.quotas import QuotaManager
 from logbroker.server import admin_service, broker_service, replica_service, rpc
 from logbroker.server.acl_cache import AclCache
+from logbroker.server.admission import Admission
 from logbroker.server.apis.admin import AdminApis
 from logbroker.server.apis.broker_apis import BrokerApis
 from logbroker.server.apis.groups import GroupApis
@@ -266,7 +267,8 @@ class Broker:
             self.wire_server = WireServer(broker_service.wire_handlers(self.apis), cfg.max_request_bytes,
                                           reply_registry=self.replies.registry, sasl=self.sasl,
                                           connections_per_ip_max=cfg.max_connections_per_ip,
-                                          connection_creation_rate_per_sec=cfg.max_connection_creation_rate_per_sec)
+                                          connection_creation_rate_per_sec=cfg.max_connection_creation_rate_per_sec,
+                                          admission=self.apis.admission)
             self.bound_data_port = await self.wire_server.start(cfg.data_listen_host or cfg.listen_host,
                                                                 cfg.data_listen_port, self._wire_tls)
         if self._cert_files is not None and self._wire_tls is not None:
@@ -385,6 +387,8 @@ class Broker:
             hook=hook,
             quotas=self.client_quotas,
             replies=self.replies,
+            admission=Admission(config.max_inflight_request_bytes, config.max_inflight_requests,
+                                config.overload_retry_after_ms),
         )
 
     def _build_authorizer(self, config: BrokerConfig) -> AuthorizingHook | None:

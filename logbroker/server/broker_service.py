@@ -17,6 +17,7 @@ from google.protobuf.message import Message
 
 from logbroker import wire
 from logbroker.server import rpc
+from logbroker.server.admission import Admission
 from logbroker.server.apis.broker_apis import FETCH, PRODUCE, REQUEST_TYPES, BrokerApis
 from logbroker.server.request_context import RequestContext, RequestRejected, RequestStatus
 from logbroker.server.sasl import SESSION_METADATA, SaslServer
@@ -47,7 +48,12 @@ def grpc_method(apis: BrokerApis, api: str, sasl: SaslServer | None = None) -> A
     def call(request: Message, context: grpc.aio.ServicerContext) -> Awaitable[Message | bytes]:
         return apis.handle(api, caller(context, sasl), request)  # no coroutine frame of its own
 
-    return rpc.method(REQUEST_TYPES[api], call)
+    return rpc.method(REQUEST_TYPES[api], call, admission=_admission(apis))
+
+
+def _admission(apis: BrokerApis | None) -> Admission | None:
+    """The request layer's bounds on in-flight requests (None: none; tests build handlers without apis)."""
+    return apis.admission if apis is not None else None
 
 
 def _is_tls(context: grpc.aio.ServicerContext) -> bool:
@@ -122,8 +128,9 @@ def handler(apis: BrokerApis, open_streams: rpc.OpenStreams | None = None,
     methods["SaslAuthenticateFirst"] = rpc.method(pb.SaslAuthenticateRequest, svc.sasl_first)
     methods["SaslAuthenticateFinal"] = rpc.method(pb.SaslAuthenticateRequest, svc.sasl_final)
     methods["ProduceStream"] = rpc.stream_method(pb.ProduceRequest, svc.produce, rpc.PRODUCE_STREAM_PIPELINE_MAX,
-                                                 open_streams)
-    methods["FetchStream"] = rpc.stream_method(pb.FetchRequest, svc.fetch, rpc.FETCH_STREAM_PIPELINE_MAX, open_streams)
+                                                 open_streams, _admission(apis))
+    methods["FetchStream"] = rpc.stream_method(pb.FetchRequest, svc.fetch, rpc.FETCH_STREAM_PIPELINE_MAX, open_streams,
+                                               _admission(apis))
     methods["ReplyStream"] = rpc.stream_method(pb.ReplyRequest, svc.reply, rpc.PRODUCE_STREAM_PIPELINE_MAX,
-                                               open_streams)
+                                               open_streams, _admission(apis))
     return rpc.service("logbroker.v1.Broker", methods)

@@ -19,6 +19,8 @@ never races the loop; a loop that does not answer within SCRAPE_TIMEOUT_S shows 
 | `logbroker_reply_streams` | gauge | request-reply: requesters' reply streams open on this broker (server/reply_registry.py) |
 | `logbroker_replies_total{outcome}` | counter | replies for this broker's streams: `delivered`, `dropped` (the client did not read), `unknown` (no such stream: UNKNOWN_REPLY_TO) |
 | `logbroker_connections_refused_total{reason}` | counter | record-transport connections closed at admission (server/connection_gate.py): `connections_max`, `max_connections_per_ip`, `max_connection_creation_rate_per_sec` |
+| `logbroker_overload_refusals_total` | counter | client requests refused with RESOURCE_EXHAUSTED for overload (server/admission.py: `--max-inflight-request-bytes`, `--max-inflight-requests`, a full fetch purgatory) |
+| `logbroker_inflight_request_bytes`, `logbroker_inflight_requests` | gauge | client requests being handled now, their bytes and count (server/admission.py) |
 | `logbroker_interbroker_refusals_total` | counter | inter-broker calls refused: no or a wrong cluster secret, or a standalone broker (server/request_checks.py) |
 | `logbroker_sasl_failed_logins_total` | counter | SASL (SCRAM) logins refused: wrong password, unknown user, malformed or replayed messages (server/sasl.py) |
 | `process_*`, `python_*` | | prometheus_client's process, platform and GC collectors |
@@ -68,6 +70,7 @@ class BrokerSnapshot:
     reply_streams: int = 0
     replies: tuple[int, int, int] = (0, 0, 0)  # delivered, dropped, unknown
     connections_refused: tuple[tuple[str, int], ...] = ()  # (reason, count) of the record transport
+    overload: tuple[int, int, int] = (0, 0, 0)  # in-flight request bytes, in-flight requests, refused ever
 
 
 def snapshot(broker: Broker) -> BrokerSnapshot:
@@ -84,8 +87,11 @@ def snapshot(broker: Broker) -> BrokerSnapshot:
     offline = len(broker.replica_manager.offline_partitions) + sum(p.log.is_offline for p in broker.partitions.values())
     reg = broker.replies.registry
     refused = tuple(sorted(broker.wire_server.refused_total.items())) if broker.wire_server is not None else ()
+    admission = broker.apis.admission
+    overload = ((admission.inflight_bytes, admission.inflight_requests, admission.refused_total)
+                if admission is not None else (0, 0, 0))
     return BrokerSnapshot(broker.ready, by_role, under_replicated, under_min_isr, size, corrupt, offline,
-                          len(reg), (reg.delivered, reg.dropped, reg.unknown), refused)
+                          len(reg), (reg.delivered, reg.dropped, reg.unknown), refused, overload)
 
 
 class BrokerCollector(Collector):
@@ -155,6 +161,12 @@ class BrokerCollector(Collector):
         for reason, count in snap.connections_refused:
             refused.add_metric([reason], count)
         yield refused
+        inflight_bytes, inflight_requests, overload_refusals = snap.overload
+        yield CounterMetricFamily("logbroker_overload_refusals", "client requests refused for overload",
+                                  value=overload_refusals)
+        yield GaugeMetricFamily("logbroker_inflight_request_bytes", "bytes of client requests being handled",
+                                value=inflight_bytes)
+        yield GaugeMetricFamily("logbroker_inflight_requests", "client requests being handled", value=inflight_requests)
 
 
 class MetricsServer:

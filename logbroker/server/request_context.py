@@ -51,7 +51,8 @@ class RequestStatus(enum.IntEnum):
 class RequestRejected(Exception):
     """Refuse the whole call (for requests that cannot be answered per partition)."""
 
-    def __init__(self, status: RequestStatus, message: str) -> None:
+    def __init__(self, status: RequestStatus, message: str, retry_after_ms: int | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.retry_after_ms = retry_after_ms  # an overload refusal's hint (server/admission.py), else None

@@ -16,8 +16,10 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.message import DecodeError, Message
 
+from logbroker import wire
 from logbroker.client_id import CLIENT_ID_METADATA, client_id_problem
 from logbroker.cluster.cluster_secret import presented_secret
+from logbroker.server.admission import Admission
 from logbroker.server.request_checks import require_cluster_peer
 from logbroker.server.request_context import (
     ANONYMOUS,
@@ -84,19 +86,37 @@ def parse(cls: type[M], raw: bytes | memoryview) -> M:
         ) from None
 
 
+async def abort(context: grpc.aio.ServicerContext, exc: RequestRejected) -> None:
+    """End the call with the refusal's status; an overload refusal carries its retry-after hint as
+    trailing metadata too (logbroker/wire.py)."""
+    if exc.retry_after_ms is not None:
+        await context.abort(grpc_status(exc.status), exc.message,
+                            trailing_metadata=((wire.RETRY_AFTER_METADATA, str(exc.retry_after_ms)),))
+    await context.abort(grpc_status(exc.status), exc.message)
+
+
 def method(request_cls: type[M], fn: Callable[[M, grpc.aio.ServicerContext], Awaitable[Message | bytes]],
-           guard: Callable[[grpc.aio.ServicerContext], None] | None = None) -> Any:
-    """A unary handler; `guard` (raising RequestRejected) runs before the request is even parsed."""
+           guard: Callable[[grpc.aio.ServicerContext], None] | None = None,
+           admission: Admission | None = None) -> Any:
+    """A unary handler; `guard` (raising RequestRejected) runs before the request is even parsed,
+    then `admission` (server/admission.py) counts the request in flight until it is answered."""
 
     async def handle(raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        admitted = 0
         try:
             if guard is not None:
                 guard(context)
+            if admission is not None:
+                admission.admit(len(raw))
+                admitted = 1
             request = parse(request_cls, raw)
             response = await fn(request, context)
         except RequestRejected as exc:
-            await context.abort(grpc_status(exc.status), exc.message)
+            await abort(context, exc)
             raise AssertionError("unreachable") from None
+        finally:
+            if admitted and admission is not None:
+                admission.release(len(raw))
         if isinstance(response, bytes):
             return response
         return response.SerializeToString()
@@ -140,14 +160,17 @@ class OpenStreams:
 
 
 def stream_method(request_cls: type[M], fn: Callable[[M, grpc.aio.ServicerContext], Awaitable[Message | bytes]],
-                  pipeline_max: int, open_streams: OpenStreams | None = None) -> Any:
+                  pipeline_max: int, open_streams: OpenStreams | None = None,
+                  admission: Admission | None = None) -> Any:
     """A bidirectional stream answering each request as `method(request_cls, fn)` would, in request order.
 
     Each request becomes a task as soon as it is read (asyncio starts tasks in creation order, so
     the synchronous part of `fn`, e.g. a produce's appends, runs in request order); up to
     `pipeline_max` run at once. Their responses are written in request order. A malformed request
     or a `RequestRejected` ends the stream with its status after the responses before it; the
-    tasks after it are cancelled. `open_streams.close()` ends the stream after the responses to the
+    tasks after it are cancelled. `admission` counts each request in flight until its task ends; a
+    request it refuses (overload) ends the stream with RESOURCE_EXHAUSTED and the hint, after the
+    responses before it (the client retries what it had sent after it). `open_streams.close()` ends the stream after the responses to the
     requests read so far.
     """
 
@@ -162,7 +185,17 @@ def stream_method(request_cls: type[M], fn: Callable[[M, grpc.aio.ServicerContex
             try:
                 async for raw in requests:
                     await space.acquire()
-                    queue.put_nowait(asyncio.ensure_future(fn(parse(request_cls, raw), context)))
+                    if admission is None:
+                        queue.put_nowait(asyncio.ensure_future(fn(parse(request_cls, raw), context)))
+                        continue
+                    admission.admit(len(raw))
+                    try:
+                        task = asyncio.ensure_future(fn(parse(request_cls, raw), context))
+                    except BaseException:
+                        admission.release(len(raw))
+                        raise
+                    task.add_done_callback(admission.releaser(len(raw)))
+                    queue.put_nowait(task)
             except RequestRejected as exc:
                 end = exc
             except Exception as exc:  # reading the stream failed: answered as a broken connection
@@ -179,12 +212,12 @@ def stream_method(request_cls: type[M], fn: Callable[[M, grpc.aio.ServicerContex
                 if item is None:
                     return
                 if isinstance(item, RequestRejected):
-                    await context.abort(grpc_status(item.status), item.message)
+                    await abort(context, item)
                     return
                 try:
                     response = await item
                 except RequestRejected as exc:
-                    await context.abort(grpc_status(exc.status), exc.message)
+                    await abort(context, exc)
                 await context.write(response if isinstance(response, bytes) else response.SerializeToString())
                 space.release()
         finally:

@@ -45,6 +45,12 @@ Bounds, each on one connection unless said otherwise:
   600 s, Kafka's connections.max.idle.ms) is closed by a sweep every min(60, idle_s / 10) s.
 - `pipeline_max` (8) requests in progress or answered-but-unwritten; further whole frames wait in the
   read buffer, not started.
+- Broker-wide, across connections and gRPC: `admission` (server/admission.py) counts each request from
+  its start to its handler's end; a frame that would pass its bounds is answered RESOURCE_EXHAUSTED
+  with a retry-after hint (logbroker/wire.py) and the connection goes on. A frame too big for the
+  read buffer is counted from its header, before its own buffer exists; refused there, its bytes are
+  read through a SKIP_BUFFER_BYTES scratch buffer and dropped, so many clients sending big frames at
+  once cost the broker the bound, not the sum of their frames.
 - Read buffer: `READ_BUFFER_BYTES` (256 KiB), allocated with the first bytes read. It is read into while it
   has room (so an EOF or a reset is noticed even with the pipeline full); when full, the connection
   is not read and TCP flow control holds the client back.
@@ -98,6 +104,7 @@ from logbroker.client_id import client_id_problem
 from logbroker.log_throttle import LogThrottle
 from logbroker.security.scram import ServerExchange
 from logbroker.server import rpc
+from logbroker.server.admission import Admission
 from logbroker.server.connection_gate import ConnectionGate
 from logbroker.server.reply_registry import ReplyRegistry
 from logbroker.server.request_context import (
@@ -123,6 +130,7 @@ CONNECTION_CREATION_RATE_PER_SEC = 200
 PIPELINE_MAX = 8
 READ_BUFFER_BYTES = 256 << 10  # frames up to this are cut from the read buffer; bigger get their own
 BIG_FRAME_START_BYTES = 1 << 20  # a big frame's own buffer starts at this and doubles as bytes come
+SKIP_BUFFER_BYTES = 64 << 10  # the bytes of a frame refused from its header are read into this and dropped
 COALESCE_BYTES_MAX = 256 << 10  # a response body below this is copied behind its header, sent at once
 # TLS: a big body is handed to the TLS transport in pieces of this size, each encrypted and sent before
 # the next is encrypted, so the client receives and decrypts the first while the broker encrypts the
@@ -139,8 +147,9 @@ class WireServer:
                  sasl: SaslServer | None = None,
                  connections_per_ip_max: int = CONNECTIONS_PER_IP_MAX,
                  connection_creation_rate_per_sec: int = CONNECTION_CREATION_RATE_PER_SEC,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+                 monotonic: Callable[[], float] = time.monotonic, admission: Admission | None = None) -> None:
         self.handlers = handlers
+        self.admission = admission  # bounds on requests in flight, shared with gRPC (server/admission.py)
         self.sasl = sasl
         self.reply_registry = reply_registry
         self.size_max = wire.SIZE_MIN + max_request_bytes
@@ -289,6 +298,10 @@ class _Connection(asyncio.BufferedProtocol):
         self._big: bytearray | None = None  # a frame bigger than _buf, filled in place, grown as it comes
         self._big_have = 0
         self._big_size = 0  # the frame's size; len(_big) grows up to it
+        self._big_admitted = 0  # bytes of the big frame counted by the admission from its header
+        # a big frame the admission refused from its header: its bytes are read and dropped, then answered
+        self._skip_left = 0
+        self._skip_refusal: tuple[int, RequestRejected] | None = None
         # Requests in order: (corr, running task) or (corr, finished response frame).
         self._pending: deque[tuple[int, asyncio.Task[Message | bytes] | bytes]] = deque()
         self._finishing = False  # start no more frames, read no more; close once every started one is answered
@@ -362,6 +375,8 @@ class _Connection(asyncio.BufferedProtocol):
             self.ended.set_result(None)
 
     def get_buffer(self, sizehint: int) -> memoryview:
+        if self._skip_left:  # never past the refused frame's end: what follows is the next frame
+            return memoryview(bytearray(min(self._skip_left, SKIP_BUFFER_BYTES)))
         big = self._big
         if big is not None:
             if self._big_have == len(big):  # full so far: grow toward the frame's size
@@ -381,11 +396,18 @@ class _Connection(asyncio.BufferedProtocol):
         if self._finishing:
             return
         self._last_read = self._loop.time()
-        if self._big is not None:
+        if self._skip_left:
+            self._skip_left -= nbytes
+            if self._skip_left or self._skip_refusal is None:
+                return
+            (corr, exc), self._skip_refusal = self._skip_refusal, None
+            self._pending.append((corr, _rejected_frame(corr, exc)))
+        elif self._big is not None:
             self._big_have += nbytes
             if self._big_have == self._big_size:
                 frame, self._big = self._big, None
-                self._dispatch(frame)
+                admitted, self._big_admitted = self._big_admitted, 0
+                self._dispatch(frame, admitted)
             else:
                 return
         else:
@@ -443,6 +465,13 @@ class _Connection(asyncio.BufferedProtocol):
         self._len = 0
         self._big = None
         self._big_have = self._big_size = 0
+        self._release_big()
+        self._skip_left, self._skip_refusal = 0, None
+
+    def _release_big(self) -> None:
+        if self._big_admitted and self._server.admission is not None:
+            self._server.admission.release(self._big_admitted)
+        self._big_admitted = 0
 
     def _whole_frame_buffered(self) -> bool:
         """Whether the buffer starts with a whole frame."""
@@ -473,11 +502,8 @@ class _Connection(asyncio.BufferedProtocol):
                 self.finish()
                 return cut
             if end - pos < 4 + size:
-                if 4 + size > len(buf):  # too big for the buffer: its own, growing as bytes come
-                    have = end - pos - 4
-                    big = bytearray(max(have, min(size, BIG_FRAME_START_BYTES)))
-                    big[:have] = buf[pos + 4 : end]
-                    self._big, self._big_have, self._big_size = big, have, size
+                if 4 + size > len(buf) and end - pos >= wire.HEADER_BYTES:  # too big for the buffer
+                    self._start_big(buf, pos, end, size)
                     pos = end
                 break
             frame = bytes(buf[pos + 4 : pos + 4 + size])
@@ -491,9 +517,30 @@ class _Connection(asyncio.BufferedProtocol):
             self._len = kept
         return cut
 
-    def _dispatch(self, frame: bytes | bytearray) -> None:
+    def _start_big(self, buf: bytearray, pos: int, end: int, size: int) -> None:
+        """A frame too big for the read buffer, its header at `pos`: admitted from its header (then its
+        own buffer, growing as bytes come) or refused (then its bytes are read and dropped)."""
+        have = end - pos - 4
+        admission = self._server.admission
+        if admission is not None and self._authenticated and buf[pos + 4] in self._server.handlers:
+            try:
+                admission.admit(size)
+            except RequestRejected as exc:
+                self._skip_left = size - have
+                self._skip_refusal = (int.from_bytes(buf[pos + 5 : pos + 9], "big"), exc)
+                return
+            self._big_admitted = size
+        big = bytearray(max(have, min(size, BIG_FRAME_START_BYTES)))
+        big[:have] = buf[pos + 4 : end]
+        self._big, self._big_have, self._big_size = big, have, size
+
+    def _dispatch(self, frame: bytes | bytearray, admitted: int = 0) -> None:
+        """Start one whole frame; `admitted`: its bytes, counted by the admission from its header."""
         api = frame[0]
         corr = int.from_bytes(frame[1:5], "big")
+        if admitted and (api not in self._server.handlers or not self._authenticated):
+            self._server.admission.release(admitted)  # type: ignore[union-attr]
+            admitted = 0
         if api == wire.API_SASL_AUTHENTICATE:
             self._sasl_frame(corr, frame)
             return
@@ -513,13 +560,23 @@ class _Connection(asyncio.BufferedProtocol):
             self._pending.append((corr, wire.error_frame(corr, grpc.StatusCode.UNIMPLEMENTED, f"unknown api {api}")))
             return
         request_cls, fn = entry
+        admission = self._server.admission
         try:
-            request = rpc.parse(request_cls, memoryview(frame)[wire.SIZE_MIN :])
+            if admission is not None and not admitted:
+                admission.admit(len(frame))
+            try:
+                request = rpc.parse(request_cls, memoryview(frame)[wire.SIZE_MIN :])
+            except RequestRejected:
+                if admission is not None:
+                    admission.release(len(frame))
+                raise
         except RequestRejected as exc:
             self._pending.append((corr, _rejected_frame(corr, exc)))
             return
         task = self._loop.create_task(_run(fn, request, self._context))
         self._pending.append((corr, task))
+        if admission is not None:
+            task.add_done_callback(admission.releaser(len(frame)))
         task.add_done_callback(self._on_done)
 
     def _client_id_frame(self, corr: int, frame: bytes | bytearray) -> bytes:

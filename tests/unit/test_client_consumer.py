@@ -6,15 +6,18 @@ import threading
 import time
 from collections import deque
 
+import grpc
 import pytest
 
+from logbroker import wire
+from logbroker.client.circuit import Circuits, State
 from logbroker.client.consumer import Consumer, parse_reset
 from logbroker.client.producer import Producer
 from logbroker.errors import InvalidGroupIdError, LogbrokerError, OffsetOutOfRangeError
 from logbroker.storage.record_batch import Message
 from logbroker.v1 import logbroker_pb2 as pb
 from tests.unit.fake_coordinator import FakeCoordinator
-from tests.unit.test_client_fakes import FakeMetadata
+from tests.unit.test_client_fakes import FakeMetadata, FakeRpcError
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -168,6 +171,23 @@ def test_retriable_fetch_error_is_retried(md):
     with Consumer(md, ["t"], retry_backoff_ms=10) as c:
         assert [m.offset for m in consume(c, 5)] == list(range(5))
     assert len(md.refreshes) > before + 1
+
+
+def test_an_overloaded_broker_is_fetched_from_again_after_its_retry_after_and_its_circuit_opens(md):
+    fill(md, "t", {0: 5})
+    md.circuits = Circuits(failures_max=2, cool_down_ms=200)
+    md.broker.call_errors.extend(
+        [FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, wire.with_retry_after("busy", 150))] * 2)
+    fetches_before = len(md.broker.requests)
+    refreshes_before = len(md.refreshes)
+    with Consumer(md, auto_offset_reset="earliest", retry_backoff_ms=1) as c:
+        c.assign([("t", 0)])
+        t0 = time.monotonic()
+        assert [m.offset for m in consume(c, 5)] == list(range(5))
+        assert time.monotonic() - t0 >= 0.3  # 150 ms after the first refusal, 200 ms of open circuit after the second
+    assert len(md.broker.requests) - fetches_before == 3  # two refused, then the probe
+    assert md.circuits.state("broker0:9092") is State.CLOSED
+    assert len(md.refreshes) == refreshes_before  # overload says nothing about leaders
 
 
 def test_non_retriable_fetch_error_is_raised(md):

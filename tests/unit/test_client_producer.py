@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -10,6 +11,9 @@ from collections import deque
 import grpc
 import pytest
 
+from logbroker import wire
+from logbroker.client.call_errors import needs_metadata
+from logbroker.client.circuit import Circuits, State
 from logbroker.client.producer import (
     FutureRecordMetadata,
     FutureTimeoutError,
@@ -22,6 +26,7 @@ from logbroker.client.producer import (
 )
 from logbroker.cluster.hashing import partition_for_key
 from logbroker.errors import (
+    BrokerOverloadedError,
     BrokerUnavailableError,
     CorruptMessageError,
     KafkaTimeoutError,
@@ -172,6 +177,51 @@ def test_rpc_errors_map_to_retriable_or_fatal():
     assert isinstance(rpc_error(FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED)), RecordListTooLargeError)
     err = rpc_error(FakeRpcError(grpc.StatusCode.INVALID_ARGUMENT, "nope"))
     assert isinstance(err, UnknownServerError) and not err.retriable
+
+
+def test_an_overload_refusal_is_retriable_with_its_hint_and_a_too_large_one_is_final():
+    err = rpc_error(FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, wire.with_retry_after("busy", 250)))
+    assert isinstance(err, BrokerOverloadedError) and err.retriable and err.retry_after_ms == 250
+    assert not needs_metadata(err)  # the leaders did not move
+    err = rpc_error(FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "Concurrent RPC limit exceeded!"))
+    assert isinstance(err, BrokerOverloadedError)  # gRPC's own maximum_concurrent_rpcs
+    err = rpc_error(FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "request of 99 bytes is over the limit"))
+    assert isinstance(err, RecordListTooLargeError) and not err.retriable
+
+
+def test_an_overloaded_broker_is_retried_no_earlier_than_its_retry_after(md):
+    md.broker.call_errors.append(FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, wire.with_retry_after("busy", 300)))
+    with Producer(md, retry_backoff_ms=1, linger_ms=0) as p:
+        t0 = time.monotonic()
+        assert p.send("t", b"v").result(5).offset == 0
+        assert time.monotonic() - t0 >= 0.3
+    assert len(produce_requests(md)) == 2
+
+
+def test_a_broker_that_keeps_refusing_gets_its_circuit_opened_then_probed_and_closed(md, caplog):
+    caplog.set_level(logging.INFO, logger="logbroker.client.circuit")
+    md.circuits = Circuits(failures_max=3, cool_down_ms=300)
+    refusal = FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, wire.with_retry_after("busy", 0))
+    md.broker.call_errors.extend([refusal] * 3)
+    with Producer(md, retry_backoff_ms=1, linger_ms=0) as p:
+        t0 = time.monotonic()
+        assert p.send("t", b"v").result(5).offset == 0
+        assert time.monotonic() - t0 >= 0.3  # nothing went to the broker during the cool-down
+    assert len(produce_requests(md)) == 4  # three refused, then the probe
+    lines = [r.getMessage() for r in caplog.records if r.name == "logbroker.client.circuit"]
+    assert len(lines) == 2 and "opened after 3 consecutive failures" in lines[0] and "closed" in lines[1]
+
+
+def test_a_probe_answered_with_a_final_refusal_closes_the_circuit(md):
+    md.circuits = Circuits(failures_max=1, cool_down_ms=100)
+    md.broker.call_errors.extend([
+        FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, wire.with_retry_after("busy", 0)),
+        FakeRpcError(grpc.StatusCode.INVALID_ARGUMENT, "bad request")])  # the probe's answer
+    with Producer(md, retry_backoff_ms=1, linger_ms=0) as p:
+        with pytest.raises(UnknownServerError):
+            p.send("t", b"v").result(5)
+        assert md.circuits.state("broker0:9092") is State.CLOSED  # the broker answered: not stuck half-open
+        assert p.send("t", b"w").result(5).offset == 0
 
 
 def test_config_validation(md):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 
 from logbroker.client.backoff import client_retry_policy, retry_backoff_s
+from logbroker.client.circuit import Circuits
 from logbroker.client.producer.accumulator import RecordAccumulator
 from logbroker.client.producer.batch import RECORD_OVERHEAD_BYTES, ProducerBatch, TopicState
 from logbroker.client.producer.future import _BatchResult
@@ -16,8 +17,9 @@ from logbroker.storage.record_batch import COMPRESSION_NONE
 class FakeMetadata:
     last_refresh_monotonic = 0.0
 
-    def __init__(self) -> None:
+    def __init__(self, clock: ManualClock | None = None) -> None:
         self.leaders: dict[tuple[str, int], str | None] = {}
+        self.circuits = Circuits(failures_max=2, cool_down_ms=1_000, clock=clock or ManualClock())
 
     def leader(self, topic: str, partition: int) -> str | None:
         return self.leaders.get((topic, partition), "b1:9092")
@@ -63,6 +65,25 @@ def test_a_batch_is_ready_once_linger_passes_on_the_injected_clock():
     assert expired == []
     assert [(leader, [b.record_count for b in batches]) for leader, batches in requests] == [("b1:9092", [3])]
     assert drain(acc, clock)[0] == []  # the partition is muted while its batch is in flight
+
+
+def test_a_broker_with_an_open_circuit_gets_no_batches_until_its_cool_down_then_one_probe_request():
+    clock = ManualClock()
+    md = FakeMetadata(clock)
+    acc, ts = accumulator(clock, md, linger_ms=0)
+    md.circuits.failed("b1:9092")
+    md.circuits.failed("b1:9092")  # open for 1 s
+    append(acc, ts, 0, 2)
+    requests, _, wake_at = drain(acc, clock)
+    assert requests == [] and wake_at == 1.0  # woken when the probe may go
+    clock.advance(1_000)
+    requests, _, _ = drain(acc, clock)
+    assert [(leader, [b.record_count for b in batches]) for leader, batches in requests] == [("b1:9092", [2])]
+    append(acc, ts, 1)
+    assert drain(acc, clock)[0] == []  # nothing more to that broker until the probe is answered
+    md.circuits.succeeded("b1:9092")
+    assert [(leader, [b.record_count for b in batches]) for leader, batches in drain(acc, clock)[0]] == [
+        ("b1:9092", [1])]
 
 
 def test_flush_makes_a_lingering_batch_ready_at_once():

@@ -196,3 +196,17 @@ def test_refused_inter_broker_calls_are_counted_and_their_warnings_rate_limited(
     config = BrokerConfig(data_dir=Path("unused"))
     exposed = {m.name: m for m in BrokerCollector(SimpleNamespace(config=config), loop).collect()}  # type: ignore[arg-type]
     assert exposed["logbroker_interbroker_refusals"].samples[0].value == refusals.total
+
+
+def test_a_long_poll_that_finds_the_fetch_purgatory_full_is_refused_with_a_retry_after(setup: Setup):
+    from logbroker import wire
+    from logbroker.replication.purgatory import Purgatory
+
+    setup.rm.fetch_purgatory = Purgatory(watchers_max=0)  # full
+    with pytest.raises(RequestRejected) as refused:
+        fetch(setup, 0, max_wait_ms=5000, min_bytes=1)
+    assert refused.value.status == RequestStatus.RESOURCE_EXHAUSTED
+    assert refused.value.retry_after_ms == 100  # the default --overload-retry-after-ms
+    assert wire.retry_after_ms(refused.value.message) == refused.value.retry_after_ms
+    produce(setup, ("t", 0))
+    assert fetch(setup, 0, max_wait_ms=5000, min_bytes=1).results[0].records  # data to answer with: no wait

@@ -142,6 +142,16 @@ def test_log_cleaner_io_rate_and_threads_defaults_and_flags():
     assert (config.log_cleaner_io_bytes_per_sec, config.log_cleaner_threads) == (0, 4)
 
 
+def test_overload_bounds_defaults_and_flags():
+    _, config = resolve([])
+    assert (config.max_inflight_request_bytes, config.max_inflight_requests, config.overload_retry_after_ms) == (
+        128 << 20, 4096, 100)
+    _, config = resolve(["--max-inflight-request-bytes", "1048576", "--max-inflight-requests", "0",
+                         "--overload-retry-after-ms", "20"])
+    assert (config.max_inflight_request_bytes, config.max_inflight_requests, config.overload_retry_after_ms) == (
+        1 << 20, 0, 20)
+
+
 def test_broker_id_from_hostname_flag_wins_over_broker_id():
     _, config = resolve(["--broker-id", "4", "--broker-id-from-hostname"], hostname="logbroker-2")
     assert config.broker_id == 2
@@ -155,6 +165,8 @@ def test_broker_id_from_hostname_flag_wins_over_broker_id():
     (["--log-cleaner-io-bytes-per-sec", "-1"], "log_cleaner_io_bytes_per_sec must be >= 0"),
     (["--log-cleaner-threads", "0"], r"log_cleaner_threads must be in \[1, 16\]"),
     (["--log-cleaner-threads", "17"], r"log_cleaner_threads must be in \[1, 16\]"),
+    (["--max-inflight-request-bytes", "-1"], "max_inflight_request_bytes must be >= 0"),
+    (["--overload-retry-after-ms", "-5"], "overload_retry_after_ms must be >= 0"),
 ])
 def test_bad_values_fail(argv: list[str], message: str):
     with pytest.raises(ConfigError, match=message):

@@ -35,14 +35,14 @@ from typing import Any, NamedTuple
 import grpc
 
 from logbroker.client.backoff import client_retry_policy
-from logbroker.client.call_errors import rpc_error
+from logbroker.client.call_errors import overload_wait_ms, rpc_error
 from logbroker.client.consumer.metadata import ConsumerMetadata
 from logbroker.client.consumer.subscription import PartitionState, SubscriptionState, TopicPartition
 from logbroker.client.encryption import Opener
 from logbroker.client.metadata_cache import LogThrottle
 from logbroker.client.streams import FETCH_STREAM, BrokerStreams
 from logbroker.client.throttle import BrokerThrottle
-from logbroker.errors import LogbrokerError, OffsetOutOfRangeError, error_for
+from logbroker.errors import BrokerOverloadedError, LogbrokerError, OffsetOutOfRangeError, error_for
 from logbroker.storage.record_batch import BatchHeader, Message, decode_batch, iter_batches
 from logbroker.v1 import logbroker_pb2 as pb
 
@@ -195,7 +195,13 @@ class Fetcher:
                     self._md.stale = True
                 continue
             by_leader.setdefault(st.leader, []).append(st)
+        circuits = self._md.cache.circuits
         for address, states in by_leader.items():
+            if not circuits.allow(address):  # open (client/circuit.py): wait for the probe's time
+                wait_s = max(circuits.blocked_ms(address), self._policy.initial_ms) / 1000
+                for st in states:
+                    st.retry_at = now + wait_s
+                continue
             self._send_fetch(address, states, now)
         return False
 
@@ -233,18 +239,21 @@ class Fetcher:
                 st.in_flight = False
                 self._back_off(st, now)
             self._md.stale = True
+            self._md.cache.circuits.failed(address, e)  # (gives a probe back: it never went)
             self._log.warning(f"fetch {address}", "Fetch to %s could not start: %s", address, e)
             return
         self.in_flight.append(FetchCall(address, future, parts, lane, now))
         self._in_flight_per_broker[address] = self._in_flight_per_broker.get(address, 0) + 1
         future.add_done_callback(self._wake)
 
-    def _back_off(self, st: PartitionState, now: float) -> None:
+    def _back_off(self, st: PartitionState, now: float, err: BaseException | None = None) -> None:
         """A fetch of `st` failed: it waits along the retry policy (retry_backoff_ms doubling to the
-        cap, jittered) before its next fetch; a fetch that answers resets the curve."""
+        cap, jittered; an overloaded broker's retry-after on top) before its next fetch; a fetch that
+        answers resets the curve."""
         st.failures += 1
         wait_ms = self._policy.delay_ms(st.failures)
-        st.retry_at = now + (wait_ms if wait_ms is not None else self._policy.max_ms) / 1000
+        wait_ms = overload_wait_ms(wait_ms if wait_ms is not None else self._policy.max_ms, err)
+        st.retry_at = now + wait_ms / 1000
 
     def _handle_fetch(self, call: FetchCall, now: float) -> None:
         for st, _, _ in call.parts.values():
@@ -257,11 +266,16 @@ class Fetcher:
                 return
             self._log.warning(f"fetch {call.address}", "Fetch from %s failed: %s", call.address, err)
             for st, _, _ in call.parts.values():
-                self._back_off(st, now)
-            self._md.stale = True
+                self._back_off(st, now, err)
+            if not isinstance(err, BrokerOverloadedError):  # leaders may have moved; overload says not
+                self._md.stale = True
             if not getattr(err, "retriable", False):
                 self.pending_error = err
+                self._md.cache.circuits.succeeded(call.address)  # answered: the broker is up
+            else:  # the broker's health (client/circuit.py)
+                self._md.cache.circuits.failed(call.address, err)
             return
+        self._md.cache.circuits.succeeded(call.address)
         self._last_fetch_bytes[call.address] = 0
         assigned = self._subs.assigned
         if response.throttle_time_ms > 0:

@@ -234,17 +234,11 @@ class RecordAccumulator:
             elif head.retry_at > now:
                 wake_at = head.retry_at if wake_at is None else min(wake_at, head.retry_at)
                 continue
-            leader = self._leader_of(acc)
+            leader, retry_at = self._leader_to_ship_to(acc, now, by_leader)
             if leader is None:
-                self._refresh_topics.add(acc.topic)
-                retry = max(now, self._metadata_retry_at)
-                wake_at = retry if wake_at is None else min(wake_at, retry)
+                if retry_at is not None:
+                    wake_at = retry_at if wake_at is None else min(wake_at, retry_at)
                 continue
-            if self._in_flight_per_broker.get(leader, 0) >= self._max_in_flight:
-                continue  # a response will wake us
-            if (throttled := self.throttle.blocked_until(leader, now)) is not None:
-                wake_at = throttled if wake_at is None else min(wake_at, throttled)
-                continue  # over quota at this broker: nothing to it until then
             size = head.size_bytes()
             used = request_bytes.get(leader, REQUEST_OVERHEAD_BYTES)
             if used + size > self._max_request_bytes and leader in by_leader:
@@ -277,6 +271,29 @@ class RecordAccumulator:
                 self._release(b)
         return list(by_leader.items()), expired, wake_at
 
+    def _leader_to_ship_to(self, acc: PartitionBatches, now: float,
+                           by_leader: dict[str, list[ProducerBatch]]) -> tuple[str | None, float | None]:
+        """Where `acc`'s ready batch goes now (leader, None), or (None, when to look again; None: a
+        response will wake us): not without a known leader, nor to a broker with max_in_flight
+        requests out, nor to one that throttles us (client/throttle.py), nor to one whose circuit is
+        open (client/circuit.py; its first request after the cool-down is the probe)."""
+        try:
+            leader = self._metadata.leader(acc.topic, acc.partition)
+        except UnknownTopicOrPartitionError:
+            leader = None
+        if leader is None:
+            self._refresh_topics.add(acc.topic)
+            return None, max(now, self._metadata_retry_at)
+        if self._in_flight_per_broker.get(leader, 0) >= self._max_in_flight:
+            return None, None
+        if (throttled := self.throttle.blocked_until(leader, now)) is not None:
+            return None, throttled  # over quota at this broker (client/throttle.py): nothing to it until then
+        circuits = self._metadata.circuits
+        if leader not in by_leader and not circuits.allow(leader):
+            blocked_ms = circuits.blocked_ms(leader)  # 0: the probe's response will wake us
+            return None, (now + blocked_ms / 1000 if blocked_ms else None)
+        return leader, None
+
     def _ride_along(self, lingering: list[PartitionBatches], by_leader: dict[str, list[ProducerBatch]],
                     request_bytes: dict[str, int]) -> None:
         """Open batches still within linger_ms join a request already going to their leader (as
@@ -302,12 +319,6 @@ class RecordAccumulator:
             group.append(head)
             acc.in_flight = head
             request_bytes[leader] = used + size  # type: ignore[index]
-
-    def _leader_of(self, acc: PartitionBatches) -> str | None:
-        try:
-            return self._metadata.leader(acc.topic, acc.partition)
-        except UnknownTopicOrPartitionError:
-            return None
 
     def _take_backlog(self, acc: PartitionBatches, group: list[ProducerBatch], used: int, size: int,
                       now: float, all_ready: bool) -> int:

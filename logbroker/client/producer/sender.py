@@ -1,7 +1,9 @@
 """The sender (Kafka's `Sender`): one thread that takes the accumulator's ready batches, ships one
 Produce per leader, and handles the responses: completes the batches' futures, puts retriable
-failures back at their queue fronts after a backoff (the retry policy, logbroker/client/backoff.py),
-asks for metadata when leaders moved. With `linger_ms=0` the calling thread ships its own batch
+failures back at their queue fronts after a backoff (the retry policy, logbroker/client/backoff.py;
+an overloaded broker's retry-after hint on top), asks for metadata when leaders moved, and tells
+the broker's circuit (client/circuit.py) how each call went: batches for a broker whose circuit is
+open stay queued (accumulator.drain) until its cool-down ends, then one request probes it. With `linger_ms=0` the calling thread ships its own batch
 (`ship_inline`) when no other thread is shipping.
 
     accumulator.drain(now) ──> one ProduceRequest per leader ──> transport (record transport or
@@ -21,7 +23,7 @@ from typing import Any, NamedTuple
 import grpc
 
 from logbroker.client.backoff import client_retry_policy
-from logbroker.client.call_errors import is_retriable, needs_metadata, rpc_error
+from logbroker.client.call_errors import is_retriable, needs_metadata, overload_wait_ms, rpc_error
 from logbroker.client.metadata_cache import LogThrottle, MetadataCache
 from logbroker.client.producer.accumulator import RecordAccumulator
 from logbroker.client.producer.batch import PartitionBatches, ProducerBatch
@@ -239,6 +241,10 @@ class Sender:
             call_error = rpc_error(e)
         except Exception as e:
             call_error = e if isinstance(e, LogbrokerError) else UnknownServerError(repr(e))
+        if call_error is not None and is_retriable(call_error):  # the broker's health (client/circuit.py)
+            self._metadata.circuits.failed(call.address, call_error)
+        else:  # answered (a final refusal too: the broker is up)
+            self._metadata.circuits.succeeded(call.address)
         results: dict[tuple[str, int], pb.ProducePartitionResult] = {}
         if call_error is None:
             for r in response.results:
@@ -305,7 +311,10 @@ class Sender:
         if not is_retriable(err) or self._stopping:
             return None
         wait_ms = self._retry_policy.delay_ms(b.attempts + 1)
-        if wait_ms is None or now + wait_ms / 1000 >= b.deadline:
+        if wait_ms is None:
+            return None
+        wait_ms = overload_wait_ms(wait_ms, err)  # an overloaded broker's retry-after comes on top
+        if now + wait_ms / 1000 >= b.deadline:
             return None
         return wait_ms / 1000
 

@@ -25,6 +25,7 @@ from typing import Any, TypeAlias
 from google.protobuf.message import Message
 
 from logbroker.server import audit
+from logbroker.server.admission import Admission
 from logbroker.server.apis.admin import AdminApis
 from logbroker.server.apis.groups import GroupApis
 from logbroker.server.apis.metadata import MetadataApis
@@ -101,11 +102,14 @@ class BrokerApis:
                  admin: AdminApis | None = None, hook: RequestHook | None = None,
                  queues: QueueApis | None = None, replies: ReplyApis | None = None,
                  security: SecurityApis | None = None, producer_ids: ProducerIdApis | None = None,
-                 quotas: ClientQuotas | None = None) -> None:
+                 quotas: ClientQuotas | None = None, admission: Admission | None = None) -> None:
         """`metadata`, `groups`, `admin`, `queues` None: those calls are UNIMPLEMENTED (a data-path-only broker
-        in tests). `quotas`: client quotas enforced on every call (server/apis/throttling.py)."""
+        in tests). `quotas`: client quotas enforced on every call (server/apis/throttling.py).
+        `admission`: the bounds on in-flight requests the listeners apply before parsing a request
+        (server/admission.py; they know its size), None: no bounds."""
         self.hook = hook if hook is not None else RequestHook()
         self.quotas = quotas
+        self.admission = admission
         ops: dict[str, Api] = {PRODUCE: data.produce, FETCH: data.fetch, "ListOffsets": data.list_offsets}
         if metadata is not None:
             ops.update(Metadata=metadata.metadata, DescribeCluster=metadata.describe_cluster)

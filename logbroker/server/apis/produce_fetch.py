@@ -44,6 +44,7 @@ from logbroker.errors import (
     UnknownTopicOrPartitionError,
 )
 from logbroker.group.offsets import OFFSETS_TOPIC
+from logbroker.server.admission import overloaded
 from logbroker.server.apis.fetch_encoding import FetchParts, encode_fetch_response, release
 from logbroker.server.apis.fetch_filter import filter_records, filtered_fetch_max_bytes
 from logbroker.server.request_checks import (
@@ -309,6 +310,9 @@ class ProduceFetchApis:
             if total >= min_bytes or errored or remaining_s <= 0 or not self._state.ready:
                 break
             release(results)
+            if self._replicas.fetch_purgatory.full and replica_id < 0:  # overload: no parking, no busy polls
+                raise overloaded(f"broker overloaded: {self._replicas.fetch_purgatory.waiting} fetches waiting",
+                                 cfg.overload_retry_after_ms)
             if not await self._replicas.fetch_purgatory.wait(keys, remaining_s):
                 results = self._read_all(req, max_bytes, replica_id)[0]
                 break
