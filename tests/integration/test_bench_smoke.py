@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-BUDGET_S = 90.0  # every workload's smoke (seven since queue-ack): about 50-65 s on 2 cores
+BUDGET_S = 150.0  # every workload's smoke (eleven since the idempotence pair): about 65-100 s on 2 cores beside the suite's other processes
 
 pytest.importorskip("hdrh", reason="the bench extra is not installed: pip install -e '.[bench]'")
 
