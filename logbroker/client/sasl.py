@@ -57,16 +57,22 @@ class FrameSocket(Protocol):
     def recv_into(self, view: memoryview) -> int: ...
 
 
-def _recv_exact(sock: FrameSocket, n: int) -> bytes:
+def recv_exact(sock: FrameSocket, n: int, closed: Callable[[], Exception]) -> bytes:
+    """`n` bytes from `sock` (blocking); `closed()` is raised when the broker closes first."""
     buf = bytearray(n)
     view = memoryview(buf)
     got = 0
     while got < n:
         k = sock.recv_into(view[got:])
         if k == 0:
-            raise UnauthenticatedError("the broker closed the connection during SASL authentication")
+            raise closed()
         got += k
     return bytes(buf)
+
+
+def _recv_exact(sock: FrameSocket, n: int) -> bytes:
+    return recv_exact(sock, n, lambda: UnauthenticatedError(
+        "the broker closed the connection during SASL authentication"))
 
 
 def _wire_step(sock: FrameSocket, corr: int, mechanism: str, auth: bytes) -> bytes:

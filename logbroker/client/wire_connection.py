@@ -39,7 +39,7 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 
 from logbroker import wire
-from logbroker.client.sasl import FrameSocket, SaslConfig, wire_handshake
+from logbroker.client.sasl import FrameSocket, SaslConfig, recv_exact, wire_handshake
 from logbroker.client.tls_socket import TlsSocket
 from logbroker.client.transport import (
     STREAM_PENDING_MAX,
@@ -123,15 +123,7 @@ def announce_client_id(sock: FrameSocket, client_id: str) -> None:
 
 
 def _recv_exact(sock: FrameSocket, n: int) -> bytes:
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        k = sock.recv_into(view[got:])
-        if k == 0:
-            raise OSError("the broker closed the connection")
-        got += k
-    return bytes(buf)
+    return recv_exact(sock, n, lambda: OSError("the broker closed the connection"))
 
 
 class _Ended(Exception):

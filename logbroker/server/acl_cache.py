@@ -14,25 +14,18 @@ from collections.abc import Callable
 from logbroker.cluster.security_store import SecurityStore
 from logbroker.security.acl import Authorizer
 from logbroker.server.authorization import AuthorizingHook
+from logbroker.server.store_poller import POLL_INTERVAL_S, StorePoller
 
 log = logging.getLogger(__name__)
 
-POLL_INTERVAL_S = 1.0
 
-
-class AclCache:
+class AclCache(StorePoller):
     def __init__(self, store: Callable[[], SecurityStore], hook: AuthorizingHook, super_users: tuple[str, ...],
                  poll_interval_s: float = POLL_INTERVAL_S) -> None:
+        super().__init__(poll_interval_s)
         self._store = store
         self._hook = hook
         self._super_users = super_users
-        self._poll_interval_s = poll_interval_s
-        self._version: int | None = None
-        self._changed = asyncio.Event()
-
-    def changed(self) -> None:
-        """An ACL change went through this broker: reload now rather than at the next poll."""
-        self._changed.set()
 
     async def load(self) -> None:
         """Read the ACLs if the change counter moved; on failure keep the last snapshot."""
@@ -49,11 +42,3 @@ class AclCache:
         self._version = version
         log.info("ACLs loaded: %d bindings, %d super users", len(bindings), len(self._super_users))
 
-    async def run(self) -> None:
-        while True:
-            try:
-                await asyncio.wait_for(self._changed.wait(), self._poll_interval_s)
-            except TimeoutError:
-                pass
-            self._changed.clear()
-            await self.load()

@@ -13,24 +13,17 @@ from collections.abc import Callable
 
 from logbroker.cluster.security_store import SecurityStore
 from logbroker.security.quotas import QuotaManager
+from logbroker.server.store_poller import POLL_INTERVAL_S, StorePoller
 
 log = logging.getLogger(__name__)
 
-POLL_INTERVAL_S = 1.0
 
-
-class QuotaCache:
+class QuotaCache(StorePoller):
     def __init__(self, store: Callable[[], SecurityStore], manager: QuotaManager,
                  poll_interval_s: float = POLL_INTERVAL_S) -> None:
+        super().__init__(poll_interval_s)
         self._store = store
         self._manager = manager
-        self._poll_interval_s = poll_interval_s
-        self._version: int | None = None
-        self._changed = asyncio.Event()
-
-    def changed(self) -> None:
-        """A quota change went through this broker: reload now rather than at the next poll."""
-        self._changed.set()
 
     async def load(self) -> None:
         store = self._store()
@@ -47,11 +40,3 @@ class QuotaCache:
         self._manager.update(quotas)
         self._version = version
 
-    async def run(self) -> None:
-        while True:
-            try:
-                await asyncio.wait_for(self._changed.wait(), self._poll_interval_s)
-            except TimeoutError:
-                pass
-            self._changed.clear()
-            await self.load()
