@@ -686,13 +686,8 @@ def decode_batch(
     # Over 80 lines on purpose: the per-record loop alone is ~90 lines of inlined varint and header
     # decoding with its tables bound to locals; a helper call per record (or per field) would slow
     # the consumer's poll, which issue 14 forbids. The checks above the loop run once per batch.
+    check_batch(buf, pos, h)
     size = h.batch_length + LOG_OVERHEAD
-    if h.magic != MAGIC:
-        raise UnsupportedForMessageFormatError(f"magic {h.magic}")
-    if pos + size > len(buf):
-        raise CorruptMessageError(f"batch at offset {h.base_offset} runs past the buffer")
-    if crc32c(memoryview(buf)[pos + CRC_START : pos + size]) != h.crc:
-        raise CorruptMessageError(f"CRC-32C mismatch in batch at offset {h.base_offset}")
     attributes = h.attributes
     if attributes & CONTROL_MASK:
         return []
