@@ -262,6 +262,8 @@ def test_workers_share_a_group_and_a_killed_one_only_duplicates_what_it_had_not_
     produce(standalone, "events", [b"a%d" % i for i in range(3000)], 6)
     wait_for(lambda: len(ledger.keys()) >= 1000, 60, "the first records processed")
     c = workers(standalone, *args, env=env)  # joins mid-stream
+    # the next records only once c owns partitions: a and b may otherwise finish them all first
+    wait_for(lambda: "assigned events-" in c.log_text(), 60, f"the third worker's partitions ({c.log_path})")
     produce(standalone, "events", [b"b%d" % i for i in range(3000)], 6)
     wait_for(lambda: c.pid in {pid for *_, pid in ledger.lines()}, 60, f"the third worker to get partitions ({c.log_path})")
     b.signal(signal.SIGTERM)  # leaves gracefully mid-stream
