@@ -5,7 +5,6 @@ before they connect. It is never an identity: the denied caller is still User:AN
 
 from __future__ import annotations
 
-import json
 import socket
 
 import grpc
@@ -19,6 +18,7 @@ from logbroker.security.acl import CLUSTER_NAME, AclBinding, Operation, Permissi
 from logbroker.v1 import logbroker_pb2 as pb
 from logbroker.v1 import logbroker_pb2_grpc as pbg
 from tests.conftest import wait_for
+from tests.integration.test_acls import _audit_events
 from tests.integration.test_wire_transport import data_port, frame, produce_frame, read_response
 
 pytestmark = pytest.mark.timeout(120)
@@ -26,13 +26,6 @@ pytestmark = pytest.mark.timeout(120)
 ANON = "User:ANONYMOUS"
 
 
-def _audit_events(b) -> list[dict]:
-    out = []
-    for line in b.log_path.read_text().splitlines():
-        start = line.find('{"audit"')
-        if "logbroker.audit" in line and start >= 0:
-            out.append(json.loads(line[start:]))
-    return out
 
 
 def _acl(op: Operation, rtype: ResourceType, name: str) -> AclBinding:
