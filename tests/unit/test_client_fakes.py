@@ -145,12 +145,15 @@ class FakeBroker:
         return out
 
     def _duplicate(self, tp: tuple[str, int], records: bytes) -> pb.ProducePartitionResult | None:
-        """The answer to a resent idempotent batch (its first batch checked), else None."""
+        """The answer to a resent or out-of-sequence idempotent batch (its first batch checked), else None."""
         h = rb.parse_header(records)
         if h.producer_id < 0:
             return None
         state = self.producers.setdefault(tp, ProducerStateMap())
         check = state.check(h.producer_id, h.producer_epoch, h.base_sequence, h.record_count)
+        if check.verdict is Verdict.OUT_OF_ORDER:
+            return pb.ProducePartitionResult(topic=tp[0], partition=tp[1], base_offset=-1,
+                                             error_code=pb.OUT_OF_ORDER_SEQUENCE_NUMBER, error_message=check.message)
         if check.verdict is Verdict.DUPLICATE:
             if h.size_bytes < len(records):  # several batches: as storage/log.py, resend them one by one
                 return pb.ProducePartitionResult(topic=tp[0], partition=tp[1], base_offset=-1,

@@ -375,7 +375,7 @@ def test_record_too_large_fails_its_future_at_once(md):
 
 def test_one_batch_per_partition_in_flight_and_the_backlog_follows_in_one_request(md):
     md.broker.hold = True
-    p = Producer(md, linger_ms=0, batch_size_bytes=1_000)
+    p = Producer(md, linger_ms=0, batch_size_bytes=1_000, enable_idempotence=False)  # idempotent: pipelined
     try:
         first = p.send("four", b"first", partition=1)
         wait_until(lambda: len(md.broker.held) == 1)
@@ -708,7 +708,7 @@ def test_send_from_many_threads(md):
 
 def test_a_rejected_backlog_is_split_so_only_the_culprit_fails(md):
     md.broker.hold = True
-    p = Producer(md, linger_ms=0, batch_size_bytes=1_000)
+    p = Producer(md, linger_ms=0, batch_size_bytes=1_000, enable_idempotence=False)  # one request per partition
     try:
         first = p.send("t", b"first")  # goes out alone and is held
         wait_until(lambda: len(md.broker.held) == 1)

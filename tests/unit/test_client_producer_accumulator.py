@@ -115,7 +115,7 @@ def test_a_backing_off_batch_waits_for_its_retry_time():
     append(acc, ts, 0)
     (_, [batch]), = drain(acc, clock)[0]
     with acc._lock:  # what the sender does with a retriable failure
-        batch.acc.in_flight = None
+        batch.acc.in_flight -= 1
         batch.retry_at = clock.monotonic_ms() / 1000 + 0.2
         batch.acc.queue.appendleft(batch)
     requests, _, wake_at = drain(acc, clock)

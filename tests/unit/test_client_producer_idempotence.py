@@ -12,6 +12,7 @@ from logbroker.errors import InvalidProducerEpochError, OutOfOrderSequenceNumber
 from logbroker.storage import record_batch as rb
 from logbroker.v1 import logbroker_pb2 as pb
 from tests.unit.test_client_fakes import FakeMetadata
+from tests.unit.test_client_producer import wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -90,7 +91,7 @@ def test_a_fenced_producer_fails_every_later_batch(md):
     assert md.broker.producer_ids == 1 and not md.broker.logs
 
 
-def test_a_backlog_goes_out_five_batches_per_request_so_a_resent_request_is_all_duplicates(md):
+def test_a_backlog_goes_out_at_most_five_batches_per_request_so_a_resent_request_is_all_duplicates(md):
     import time
 
     md.broker.hold = True
@@ -109,3 +110,72 @@ def test_a_backlog_goes_out_five_batches_per_request_so_a_resent_request_is_all_
     values = [m.value[:3] for _, data in md.broker.logs[("t", 0)] for h, pos in rb.iter_batches(data)
               for m in rb.decode_batch(data, pos, h, "t", 0)]
     assert values == [b"%03d" % i for i in range(40)]  # every record once
+
+
+def _partition(p: Producer, topic: str, partition: int):
+    return p._topics[topic].accs[partition]
+
+
+def _values(md: FakeMetadata, topic: str, partition: int) -> list[bytes]:
+    return [m.value[:3] for _, data in md.broker.logs[(topic, partition)] for h, pos in rb.iter_batches(data)
+            for m in rb.decode_batch(data, pos, h, topic, partition)]
+
+
+def test_a_partition_sends_one_batch_at_a_time_until_its_first_is_acknowledged(md):
+    md.broker.hold = True
+    with Producer(md, linger_ms=0, batch_size_bytes=200) as p:
+        futures = [p.send("t", b"%03d" % i + b"x" * 60) for i in range(20)]  # ~2 records per batch
+        wait_until(lambda: len(md.broker.held) == 1)
+        with p._lock:  # the sender would take nothing more now: the first batch is unanswered
+            requests, _, _ = p.drain(p._monotonic())
+            assert requests == []
+            assert _partition(p, "t", 0).in_flight == 1
+        md.broker.hold = False
+        md.broker.release()
+        p.flush(5)
+        assert [f.result(5).offset for f in futures] == list(range(20))
+    assert _values(md, "t", 0) == [b"%03d" % i for i in range(20)]
+
+
+def test_then_up_to_five_batches_of_a_partition_are_in_flight_one_per_request(md):
+    with Producer(md, linger_ms=0, batch_size_bytes=200) as p:
+        assert p.send("t", b"first").result(5).offset == 0
+        md.broker.hold = True
+        futures = [p.send("t", b"%03d" % i + b"x" * 60) for i in range(40)]
+        wait_until(lambda: len(md.broker.held) == 5)
+        with p._lock:
+            assert p.drain(p._monotonic())[0] == []  # five: the most the brokers remember per producer
+            assert _partition(p, "t", 0).in_flight == 5
+        md.broker.hold = False
+        md.broker.release()
+        p.flush(5)
+        assert [f.result(5).offset for f in futures] == list(range(1, 41))
+    for req in md.broker.requests:
+        if isinstance(req, pb.ProduceRequest):
+            assert all(len(list(rb.iter_batches(part.records))) == 1 for part in req.partitions)
+    assert _values(md, "t", 0) == [b"fir"] + [b"%03d" % i for i in range(40)]
+
+
+def test_a_failed_batch_goes_again_before_the_batches_behind_it_which_were_refused_out_of_sequence(md):
+    with Producer(md, linger_ms=0, batch_size_bytes=200, retry_backoff_ms=10) as p:
+        assert p.send("t", b"first").result(5).offset == 0
+        md.broker.hold = True
+        futures = [p.send("t", b"%03d" % i + b"x" * 60) for i in range(40)]
+        wait_until(lambda: len(md.broker.held) == 5)
+        md.broker.errors[("t", 0)] = deque([pb.NOT_LEADER_OR_FOLLOWER])  # the first of the five: retriable
+        md.broker.hold = False
+        md.broker.release()  # the four behind it: OUT_OF_ORDER_SEQUENCE_NUMBER (a gap)
+        p.flush(5)
+        assert [f.result(5).offset for f in futures] == list(range(1, 41))
+        assert p.identity is not None and p.identity.producer_id == 1001  # no reset: nothing failed for good
+    assert _values(md, "t", 0) == [b"fir"] + [b"%03d" % i for i in range(40)]  # every record once, in order
+
+
+def test_an_out_of_sequence_refusal_with_nothing_unanswered_before_it_is_final(md):
+    with Producer(md, linger_ms=0, batch_size_bytes=200, retry_backoff_ms=10) as p:
+        assert p.send("t", b"first").result(5).offset == 0
+        state = md.broker.producers[("t", 0)]
+        state.record(1001, 0, 5, 1, 1, 1, 0)  # the broker holds sequence 5: the producer's next (1) is a gap
+        f = p.send("t", b"gap")
+        with pytest.raises(OutOfOrderSequenceNumberError):
+            f.result(5)

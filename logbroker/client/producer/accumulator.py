@@ -6,7 +6,8 @@ batches ready to ship per leader.
 
 A batch is ready when it is full or sealed, when linger_ms has passed since it was opened, or at once
 while flush() or close() wait or buffer memory is exhausted; it waits while its partition has a
-request in flight (muted), its leader is unknown, its leader has max_in_flight_requests out or
+request in flight (muted; an idempotent producer's partition: BATCHES_KEPT batches, or a retry
+waits for the batches before it: batch.py), its leader is unknown, its leader has max_in_flight_requests out or
 throttles us (over quota: client/throttle.py), or it backs off after a failure. `drain` also expires batches older than delivery_timeout_ms.
 
 Everything here happens under `_lock`, which the Sender and the Producer share (one lock, as the
@@ -24,6 +25,7 @@ from collections.abc import Sequence
 from logbroker.client.metadata_cache import MetadataCache
 from logbroker.client.producer.batch import PartitionBatches, ProducerBatch, TopicState
 from logbroker.client.producer.future import _BatchResult
+from logbroker.client.producer.idempotence import ProducerIdentity
 from logbroker.client.throttle import BrokerThrottle
 from logbroker.clock import Clock, monotonic_s
 from logbroker.errors import KafkaTimeoutError, LogbrokerError, UnknownTopicOrPartitionError
@@ -77,6 +79,10 @@ class RecordAccumulator:
         # brokers remember per producer (producer_state.BATCHES_KEPT), so a whole resent request is
         # recognised as duplicates batch by batch
         self.partition_batches_per_request_max = 1 << 30
+        # 0: one request per partition in flight (muted); n > 0 (an idempotent producer): up to n
+        # batches of a partition in flight, in as many requests (batch.py)
+        self.partition_in_flight_batches_max = 0
+        self.identity: ProducerIdentity | None = None  # an idempotent producer's (Producer sets it)
 
     def append_records(
         self, ts: TopicState, partition: int | None, keys: Sequence[bytes | None] | None,
@@ -210,7 +216,7 @@ class RecordAccumulator:
         idle: list[PartitionBatches] = []
         lingering: list[PartitionBatches] = []  # an open batch still within linger_ms
         for acc in self._pending:
-            if acc.in_flight is not None:
+            if acc.in_flight and self._muted(acc):
                 continue
             queue = acc.queue
             while queue and queue[0].deadline <= now:
@@ -234,6 +240,8 @@ class RecordAccumulator:
             elif head.retry_at > now:
                 wake_at = head.retry_at if wake_at is None else min(wake_at, head.retry_at)
                 continue
+            elif head.sequenced and acc.in_flight:
+                continue  # a retry goes once the batches before it are answered (their response wakes us)
             leader, retry_at = self._leader_to_ship_to(acc, now, by_leader)
             if leader is None:
                 if retry_at is not None:
@@ -249,9 +257,9 @@ class RecordAccumulator:
                 head.record_count = head.builder.record_count  # type: ignore[union-attr]
                 acc.open = None
                 group.append(head)
+                acc.in_flight += 1
             else:
                 size = self._take_backlog(acc, group, used, size, now, all_ready)
-            acc.in_flight = head
             request_bytes[leader] = used + size
         if by_leader and lingering:
             self._ride_along(lingering, by_leader, request_bytes)
@@ -301,7 +309,7 @@ class RecordAccumulator:
         later wake-up for them. Bounded by max_request_bytes like the rest of the request."""
         for acc in lingering:
             head = acc.open
-            if head is None or acc.in_flight is not None:
+            if head is None or (acc.in_flight and self._muted(acc)):
                 continue
             try:
                 leader = self._metadata.leader(acc.topic, acc.partition)
@@ -317,8 +325,16 @@ class RecordAccumulator:
             head.record_count = head.builder.record_count  # type: ignore[union-attr]
             acc.open = None
             group.append(head)
-            acc.in_flight = head
+            acc.in_flight += 1
             request_bytes[leader] = used + size  # type: ignore[index]
+
+    def _muted(self, acc: PartitionBatches) -> bool:
+        """Whether `acc`, with batches in flight, takes no more now (batch.py)."""
+        limit = self.partition_in_flight_batches_max
+        if limit == 0 or acc.in_flight >= limit:
+            return True
+        identity = self.identity
+        return identity is None or acc.confirmed_producer_id != identity.producer_id
 
     def _take_backlog(self, acc: PartitionBatches, group: list[ProducerBatch], used: int, size: int,
                       now: float, all_ready: bool) -> int:
@@ -329,7 +345,11 @@ class RecordAccumulator:
         queue = acc.queue
         head = queue.popleft()
         group.append(head)
-        room = self.partition_batches_per_request_max - 1
+        room = self.partition_batches_per_request_max
+        if self.partition_in_flight_batches_max:
+            room = min(room, self.partition_in_flight_batches_max - acc.in_flight)
+        room -= 1
+        first = len(group)
         while not head.solo and queue and queue[0].retry_at <= now and not queue[0].solo and room > 0:
             nxt = queue[0].size_bytes()
             if used + size + nxt > self._max_request_bytes:
@@ -346,12 +366,15 @@ class RecordAccumulator:
                 acc.open = None
                 group.append(last)
                 size += nxt
+        acc.in_flight += len(group) - first + 1
         return size
 
     def _release(self, b: ProducerBatch) -> None:
         """Give the batch's buffer memory back (with _lock held)."""
         self._buffered_bytes -= b.charged
         b.charged = 0
+        if b.sequenced:
+            b.acc.sent.pop(b, None)
         b.payload = None
         b.builder = None
         if self._buffer_waiters:
@@ -366,7 +389,8 @@ class RecordAccumulator:
             for acc in self._pending:
                 acc.open = None
                 acc.queue.clear()
-                acc.in_flight = None
+                acc.in_flight = 0
+                acc.sent.clear()
             self._pending.clear()
             self._closed = True
             self._space_cond.notify_all()

@@ -11,8 +11,13 @@ A batch's life (transitions made by the accumulator and the sender, under the pr
       │ drained when the partition is not muted and its leader is known, with the sealed batches
       │ behind it (back to back in one `records`, up to max_request_bytes)
       v
-    IN FLIGHT `queue.in_flight`; the partition is muted (at most one request per partition on the
-      │       wire, so retries cannot reorder a partition)
+    IN FLIGHT counted in `queue.in_flight`; the partition is muted (at most one request per
+      │       partition on the wire, so retries cannot reorder a partition), except for an idempotent
+      │       producer, whose partition takes up to BATCHES_KEPT batches in flight in several requests:
+      │       the broker refuses a batch out of sequence, and the producer resends it after the batch
+      │       before it (`PartitionBatches.sent`, sender.py), as Kafka's
+      │       max.in.flight.requests.per.connection=5 with idempotence; from the partition's first
+      │       acknowledged batch under the producer's id on
       ├─ success ──────────────────────────────> DONE (futures resolve to RecordMetadata)
       ├─ retriable error, before the deadline ─> SEALED again after a backoff (the retry policy)
       └─ other error, or deadline passed ──────> DONE (futures raise)
@@ -41,7 +46,8 @@ KEY_CACHE_ENTRIES = 1 << 16
 
 class ProducerBatch:
     __slots__ = ("acc", "builder", "result", "created", "deadline", "retry_at", "attempts",
-                 "charged", "payload", "record_count", "last_error", "solo", "sequenced")
+                 "charged", "payload", "record_count", "last_error", "solo", "sequenced", "order",
+                 "producer_id")
 
     def __init__(self, acc: PartitionBatches, builder: BatchBuilder, now: float, deadline: float) -> None:
         self.acc = acc
@@ -57,6 +63,8 @@ class ProducerBatch:
         self.last_error: BaseException | None = None
         self.solo = False  # ship alone: it was in a request a non-retriable error rejected as a whole
         self.sequenced = False  # encoded with an idempotent producer's id and sequence
+        self.order = 0  # sequenced: its place in the partition's sequence (a producer-wide counter)
+        self.producer_id = -1  # sequenced: the producer id it was encoded with
 
     def size_bytes(self) -> int:
         if self.payload is not None:
@@ -66,17 +74,33 @@ class ProducerBatch:
 
 
 class PartitionBatches:
-    __slots__ = ("topic", "partition", "open", "queue", "in_flight")
+    __slots__ = ("topic", "partition", "open", "queue", "in_flight", "sent", "confirmed_producer_id")
 
     def __init__(self, topic: str, partition: int) -> None:
         self.topic = topic
         self.partition = partition
         self.open: ProducerBatch | None = None
         self.queue: deque[ProducerBatch] = deque()
-        self.in_flight: ProducerBatch | None = None
+        self.in_flight = 0  # batches in requests not answered yet
+        # Sequenced batches sent and not finished (in flight, or back in the queue for a retry), in
+        # sequence order: the first is the one the broker expects next.
+        self.sent: dict[ProducerBatch, None] = {}
+        # The producer id a batch of this partition was acknowledged under: until then one batch at a
+        # time (a broker takes any sequence from a producer id it does not know, so a first batch
+        # that failed must not be overtaken by the next)
+        self.confirmed_producer_id = -1
 
     def idle(self) -> bool:
-        return self.open is None and not self.queue and self.in_flight is None
+        return self.open is None and not self.queue and self.in_flight == 0
+
+    def requeue(self, b: ProducerBatch) -> None:
+        """A batch back for a retry: at the queue front, after the retried batches of lower sequence."""
+        queue = self.queue
+        i = 0
+        if b.sequenced:
+            while i < len(queue) and queue[i].sequenced and queue[i].order < b.order:
+                i += 1
+        queue.insert(i, b)
 
 
 class TopicState:

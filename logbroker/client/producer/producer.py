@@ -84,6 +84,9 @@ from logbroker.tls import TlsConfig
 # How long send() waits for a topic the brokers call unknown (a just-created topic may still be
 # reaching them) before raising UnknownTopicOrPartitionError.
 UNKNOWN_TOPIC_WAIT_MS = 3_000
+# An idempotent producer's batches of one partition per request: BATCHES_KEPT of them may be in flight,
+# so requests of 1 keep several on the wire at once (the next leaves while the broker appends one).
+PIPELINED_BATCHES_PER_REQUEST = 1
 
 # Record timestamps are wall-clock time read per record (a call to the injected clock per send()
 # would cost more than the rest of its bookkeeping); deadlines and linger use the injected clock.
@@ -173,8 +176,9 @@ class Producer(RecordAccumulator):
         self.identity = (ProducerIdentity(
             lambda req, timeout_s: init_producer_id(metadata, req, timeout_s), producer_name or "",
             client_retry_policy(retry_backoff_ms), request_timeout_ms / 1000) if idempotent else None)
-        if idempotent:
-            self.partition_batches_per_request_max = BATCHES_KEPT
+        if idempotent:  # a partition's batches in several requests at once (batch.py)
+            self.partition_batches_per_request_max = PIPELINED_BATCHES_PER_REQUEST
+            self.partition_in_flight_batches_max = BATCHES_KEPT
         self._sender = Sender(self, metadata, self._streams, acks=self._acks,
                               request_timeout_ms=request_timeout_ms, retries=retries,
                               retry_backoff_ms=retry_backoff_ms, identity=self.identity)

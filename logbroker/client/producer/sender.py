@@ -15,6 +15,7 @@ broker has one, bigger ones on a gRPC stream. Lock order: _ship_lock, then the a
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from collections.abc import Callable
@@ -30,7 +31,13 @@ from logbroker.client.producer.batch import PartitionBatches, ProducerBatch
 from logbroker.client.producer.idempotence import ProducerIdentity
 from logbroker.client.streams import BrokerStreams
 from logbroker.client.transport import on_reader_thread
-from logbroker.errors import KafkaTimeoutError, LogbrokerError, UnknownServerError, error_for
+from logbroker.errors import (
+    KafkaTimeoutError,
+    LogbrokerError,
+    OutOfOrderSequenceNumberError,
+    UnknownServerError,
+    error_for,
+)
 from logbroker.v1 import logbroker_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -65,6 +72,11 @@ class Sender:
         self._retry_backoff_ms = retry_backoff_ms
         self._retry_policy = client_retry_policy(retry_backoff_ms, retries)
         self._completions: list[_InFlight] = []
+        self._orders = itertools.count(1)  # sequenced batches' `order`
+        # An idempotent producer's requests to one broker all take one transport while any is in
+        # flight (address -> (wire_ok, requests)): one stream keeps them in order on the way, so the
+        # broker sees each partition's sequences in order.
+        self._transport_in_flight: dict[str, tuple[bool, int]] = {}
         # Held by whoever drains and sends, so requests to a broker leave in drain order.
         self._ship_lock = threading.Lock()
         self._stopping = False  # the sender fails what is left and exits
@@ -198,6 +210,8 @@ class Sender:
         ]
         request = pb.ProduceRequest(acks=self._acks, timeout_ms=self._request_timeout_ms, partitions=parts)
         wire_ok = sum(len(pp.records) for pp in parts) < WIRE_REQUEST_BYTES_MAX
+        if self._acc.partition_in_flight_batches_max:
+            wire_ok = self._pin_transport(address, wire_ok)
         try:
             future = self._metadata.produce_call(address, request, self._rpc_timeout_s, self._streams, wire_ok)
         except Exception as e:  # a closed channel, a serialization bug
@@ -205,6 +219,21 @@ class Sender:
         call = _InFlight(address, batches, future, self._acc._monotonic())
         future.add_done_callback(lambda _f, call=call: self._on_response(call))
         return self._acks == 0
+
+    def _pin_transport(self, address: str, wire_ok: bool) -> bool:
+        """The transport of a request to `address`: the one its requests in flight took, if any."""
+        with self._acc._lock:
+            pinned, count = self._transport_in_flight.get(address, (wire_ok, 0))
+            self._transport_in_flight[address] = (pinned, count + 1)
+        return pinned
+
+    def _unpin_transport(self, address: str) -> None:
+        """A request to `address` answered (with _lock held)."""
+        if (entry := self._transport_in_flight.get(address)) is not None:
+            if entry[1] <= 1:
+                del self._transport_in_flight[address]
+            else:
+                self._transport_in_flight[address] = (entry[0], entry[1] - 1)
 
     def _encode(self, batches: list[ProducerBatch]) -> dict[PartitionBatches, list[bytes]]:
         """Each batch's payload, encoded once (an idempotent producer numbers it then: a retry
@@ -219,7 +248,14 @@ class Sender:
                     b.payload = builder.build()
                 else:
                     b.payload = builder.build(*identity.sequenced(b.acc.topic, b.acc.partition, builder.record_count))
-                    b.sequenced = True
+                    if identity.unsupported:  # plain batches: one request per partition keeps their order
+                        self._acc.partition_in_flight_batches_max = 0
+                    else:
+                        b.sequenced = True
+                        b.order = next(self._orders)
+                        b.producer_id = identity.producer_id
+                        with self._acc._lock:
+                            b.acc.sent[b] = None
                 b.builder = None  # the encoded payload is all a retry needs
             per_partition.setdefault(b.acc, []).append(b.payload)
         return per_partition
@@ -251,6 +287,7 @@ class Sender:
                 results[(r.topic, r.partition)] = r
         with self._acc._lock:
             self._acc._in_flight_per_broker[call.address] -= 1
+            self._unpin_transport(call.address)
             if call_error is None and response.throttle_time_ms > 0:
                 self._acc.throttle.on_response(call.address, call.sent_at, response.throttle_time_ms)
             next_offset: dict[PartitionBatches, int] = {}  # batches after the first of a partition
@@ -260,7 +297,7 @@ class Sender:
                 per_acc[b.acc] = per_acc.get(b.acc, 0) + 1
             for b in call.batches:
                 acc = b.acc
-                acc.in_flight = None
+                acc.in_flight -= 1
                 if self._acks == 0:
                     outcomes.append((b, -1, -1, None))
                     continue
@@ -272,6 +309,8 @@ class Sender:
                     elif r.error_code == pb.NONE:
                         base = next_offset.get(acc, r.base_offset)
                         next_offset[acc] = base + b.record_count
+                        if b.sequenced:
+                            acc.confirmed_producer_id = b.producer_id
                         outcomes.append((b, base, r.log_append_time_ms, None))
                         continue
                     else:
@@ -279,12 +318,13 @@ class Sender:
                 if needs_metadata(err):
                     self._acc._refresh_topics.add(acc.topic)
                 shared = len(call.batches) if call_error is not None else per_acc[acc]
-                if shared > 1 and not b.solo and not is_retriable(err) and not self._stopping and b.deadline > now:
+                retriable = is_retriable(err) or _behind_a_retry(b, err)
+                if shared > 1 and not b.solo and not retriable and not self._stopping and b.deadline > now:
                     # One rejection for many batches (one too large, a request over the broker's
                     # limit): send each alone, so only the culprit fails.
                     b.solo = True
                     retried.append(b)
-                elif (wait_s := self._retry_wait_s(b, err, now)) is not None:
+                elif (wait_s := self._retry_wait_s(b, err, retriable, now)) is not None:
                     b.attempts += 1
                     b.last_error = err
                     b.retry_at = now + wait_s
@@ -295,7 +335,7 @@ class Sender:
                     if b.sequenced and self._identity is not None:
                         self._identity.batch_failed(err)
             for b in reversed(retried):  # back to the queue fronts, in their original order
-                b.acc.queue.appendleft(b)
+                b.acc.requeue(b)
             for b, *_ in outcomes:
                 self._acc._incomplete.pop(b, None)
                 self._acc._release(b)
@@ -305,10 +345,10 @@ class Sender:
             if self._acks != 0:
                 b.result.complete(base_offset, append_time, error)
 
-    def _retry_wait_s(self, b: ProducerBatch, err: BaseException, now: float) -> float | None:
+    def _retry_wait_s(self, b: ProducerBatch, err: BaseException, retriable: bool, now: float) -> float | None:
         """How long `b` backs off before its next try; None: it fails now (a final error, the
         producer stopping, `retries` used up, or the wait would end past its delivery deadline)."""
-        if not is_retriable(err) or self._stopping:
+        if not retriable or self._stopping:
             return None
         wait_ms = self._retry_policy.delay_ms(b.attempts + 1)
         if wait_ms is None:
@@ -344,6 +384,14 @@ class Sender:
                 n = self._metadata.cached_partitions(name)
                 if ts is not None and n is not None and n > ts.partitions:
                     ts.grow(n)
+
+
+def _behind_a_retry(b: ProducerBatch, err: BaseException) -> bool:
+    """An out-of-sequence refusal of a batch sent while a batch before it was still unanswered: that
+    one failed (or has not arrived yet), so this one goes again after it (batch.py)."""
+    if not isinstance(err, OutOfOrderSequenceNumberError) or not b.sequenced:
+        return False
+    return next(iter(b.acc.sent), b) is not b
 
 
 class _FailedCall:
