@@ -77,6 +77,7 @@ class LocalLog:
         self.read_only: str | None = loaded.read_only  # why the active segment is not writable
         self._preallocate_retry_at_ms = loaded.preallocate_retry_at_ms
         self.corrupt_reason: str | None = None
+        self.on_roll: Callable[[int], None] | None = None  # called with the new segment's base offset
 
     # -- states ----------------------------------------------------------------------------------
 
@@ -216,6 +217,8 @@ class LocalLog:
         self.indexer = SegmentIndexer(new.base_offset, self.config.index_interval_bytes)
         self.active_created_ms = now
         self.index.write(times=times)
+        if self.on_roll is not None:
+            self.on_roll(new.base_offset)
 
     # -- flushes and the recovery point -------------------------------------------------------------
 

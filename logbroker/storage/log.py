@@ -40,14 +40,20 @@ batches, sent alone, is answered with the original offsets (`AppendResult.duplic
 written again; a gap raises OutOfOrderSequenceNumberError, an older epoch
 InvalidProducerEpochError, a duplicate among several batches DuplicateSequenceNumberError, with
 nothing written. Every append (leader or follower) records its idempotent batches, so followers
-hold the same state. Opening a log rebuilds the state from the batch headers (no record decoded)
-of its newest segments, whole segments back from the active one until at least
-PRODUCER_STATE_SCAN_BYTES are covered (all of them if the log is smaller): no snapshot file, and a
-bounded open. A producer whose last batch lies before that window is unknown after a restart (its
-next batch is accepted at any sequence, as Kafka does for an expired producer). Producer ids are
-expired by the log's clock (time of append; for a rebuilt one, the time the log opened) after
-`producer_id_expiration_ms`, checked at most every PRODUCER_EXPIRY_CHECK_MS during appends.
-Truncation forgets the batches it removes.
+hold the same state. At every roll the state is snapshotted (producer_snapshot.py: a small file named
+after the new segment's base offset, written atomically on the caller's thread, once per roll and
+only if some producer is known); the newest PRODUCER_SNAPSHOTS_KEPT are kept. Opening a log loads
+the newest valid snapshot in [first segment's base, log end offset] and replays the batch headers
+(no record decoded) from its offset on; an invalid snapshot is deleted with a warning and the next
+older one tried. Without one, the state is rebuilt from the batch headers of the newest segments,
+whole segments back from the active one until at least PRODUCER_STATE_SCAN_BYTES are covered (all
+of them if the log is smaller): a bounded open. A producer whose last batch lies before that window
+and before every snapshot is unknown after a restart (its next batch is accepted at any sequence,
+as Kafka does for an expired producer). Producer ids are expired by the log's clock (time of append
+as a snapshot kept it; for a replayed batch, the time the log opened) after
+`producer_id_expiration_ms`, when the log opens and at most every PRODUCER_EXPIRY_CHECK_MS during
+appends. Truncation forgets the batches it removes and deletes the snapshots past its point;
+retention deletes those below the first segment left.
 
 Read-only. If the active segment cannot be preallocated when the log opens (disk full), the log
 still opens, with that segment mapped read-only: reads, retention, epoch bookkeeping and
@@ -67,6 +73,7 @@ no method may run concurrently with another on the same Log.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import time
 from collections.abc import Callable
@@ -106,6 +113,14 @@ from logbroker.storage.log_loader import (
     RecoveryReport,
     load_log,
 )
+from logbroker.storage.producer_snapshot import (
+    SnapshotError,
+    delete_snapshots,
+    list_snapshots,
+    read_snapshot,
+    write_snapshot,
+)
+from logbroker.storage.producer_snapshot import file_name as snapshot_file_name
 from logbroker.storage.producer_state import ProducerStateMap, Verdict, sequence_after
 from logbroker.storage.record_batch import BatchInfo, decode_batch, first_null_key, validate_batches
 from logbroker.storage.retention import segments_to_delete
@@ -124,6 +139,7 @@ NO_TIMESTAMP = -1
 _EMPTY = memoryview(b"")
 PRODUCER_STATE_SCAN_BYTES = 64 << 20  # opening a log rebuilds producer state from at least this much of its tail
 PRODUCER_EXPIRY_CHECK_MS = 60_000
+PRODUCER_SNAPSHOTS_KEPT = 2  # producer state snapshots kept per log, newest first
 
 
 def wall_clock_ms() -> int:
@@ -179,6 +195,7 @@ class Log:
         self.recovery_reports: list[RecoveryReport] = []
         self.producers = ProducerStateMap(config.producer_id_expiration_ms)
         self._producers_expire_at_ms = 0
+        self._producer_snapshots: list[int] = []  # offsets of the snapshot files, ascending
 
     # -- opening --------------------------------------------------------------------------------
 
@@ -202,27 +219,90 @@ class Log:
         try:
             self._local.restore_active_state(loaded.opened_ms)
             self._rebuild_producers()
+            self._local.on_roll = self._snapshot_producers
         except BaseException:
             self._abandon()
             raise
         return self
 
     def _rebuild_producers(self) -> None:
-        """The producer state from the batch headers of the newest segments (module doc)."""
-        segments = self._local.segments
-        first = len(segments) - 1
-        covered = segments[first].size_bytes
-        while first > 0 and covered < PRODUCER_STATE_SCAN_BYTES:
-            first -= 1
-            covered += segments[first].size_bytes
-        self.producers = ProducerStateMap(self._config.producer_id_expiration_ms)
-        record = self.producers.record
+        """The producer state: the newest valid snapshot, then the batch headers after it; without
+        one, the batch headers of the newest segments (module doc)."""
+        local = self._local
+        segments = local.segments
         now = self._now_ms()
+        start, state = self._load_producer_snapshot()
+        if state is not None:
+            first = max(bisect.bisect_right(local.bases, start) - 1, 0)
+        else:
+            first = len(segments) - 1
+            covered = segments[first].size_bytes
+            while first > 0 and covered < PRODUCER_STATE_SCAN_BYTES:
+                first -= 1
+                covered += segments[first].size_bytes
+            state = ProducerStateMap(self._config.producer_id_expiration_ms)
+        state.expire(now)
+        record = state.record
         for seg in segments[first:]:
             for h in seg.producer_batches():
-                record(h.producer_id, h.producer_epoch, h.base_sequence, h.record_count, h.base_offset,
-                       h.base_offset + h.last_offset_delta, now)
+                if h.base_offset >= start:
+                    record(h.producer_id, h.producer_epoch, h.base_sequence, h.record_count, h.base_offset,
+                           h.base_offset + h.last_offset_delta, now)
+        self.producers = state
         self._producers_expire_at_ms = now + min(self._config.producer_id_expiration_ms, PRODUCER_EXPIRY_CHECK_MS)
+
+    def _load_producer_snapshot(self) -> tuple[int, ProducerStateMap | None]:
+        """(its offset, the state) of the newest valid snapshot in [first segment's base, log end
+        offset], or (-1, None). Deletes the snapshots outside that range and the invalid ones it
+        meets (one warning each)."""
+        directory, local = self.directory, self._local
+        try:
+            offsets = list_snapshots(directory)
+        except OSError as e:
+            log.warning("%s: cannot list producer snapshots (%s); rebuilding from the log", directory, e)
+            return -1, None
+        stale = [o for o in offsets if not local.bases[0] <= o <= local.log_end_offset]
+        self._producer_snapshots = [o for o in offsets if local.bases[0] <= o <= local.log_end_offset]
+        while self._producer_snapshots:
+            offset = self._producer_snapshots[-1]
+            try:
+                state = read_snapshot(directory, offset, self._config.producer_id_expiration_ms)
+            except (OSError, SnapshotError) as e:
+                log.warning("%s: skipping producer snapshot %s: %s", directory, snapshot_file_name(offset), e)
+                stale.append(self._producer_snapshots.pop())
+                continue
+            self._delete_producer_snapshots(stale)
+            return offset, state
+        self._delete_producer_snapshots(stale)
+        return -1, None
+
+    def _snapshot_producers(self, offset: int) -> None:
+        """At a roll to a segment at `offset`: write the producer state (it covers everything below
+        `offset`) and keep the newest PRODUCER_SNAPSHOTS_KEPT snapshots. A failed write is logged,
+        not raised: the next open then replays from an older snapshot or scans."""
+        if not len(self.producers):
+            return
+        try:
+            write_snapshot(self.directory, offset, self.producers)
+        except OSError as e:
+            log.warning("%s: cannot write the producer snapshot at %d: %s", self.directory, offset, e)
+            return
+        kept = [o for o in self._producer_snapshots if o < offset] + [offset]
+        self._producer_snapshots = kept[-PRODUCER_SNAPSHOTS_KEPT:]
+        self._delete_producer_snapshots(kept[:-PRODUCER_SNAPSHOTS_KEPT])
+
+    def _drop_producer_snapshots(self, below: int = 0, above: int | None = None) -> None:
+        """Delete the snapshots at offsets below `below` or above `above` (truncation, retention)."""
+        doomed = [o for o in self._producer_snapshots if o < below or (above is not None and o > above)]
+        if doomed:
+            self._producer_snapshots = [o for o in self._producer_snapshots if o not in doomed]
+            self._delete_producer_snapshots(doomed)
+
+    def _delete_producer_snapshots(self, offsets: list[int]) -> None:
+        try:
+            delete_snapshots(self.directory, offsets)
+        except OSError as e:
+            log.warning("%s: cannot delete producer snapshots %s: %s", self.directory, offsets, e)
 
     # -- properties -----------------------------------------------------------------------------
 
@@ -628,6 +708,7 @@ class Log:
             return
         cut, active_base = local.truncate_segments(offset)
         self.producers.truncate_to(cut)
+        self._drop_producer_snapshots(above=cut)
         self._high_watermark = min(self._high_watermark, cut)
         self._epochs = self._epochs.truncate_from_end(cut)
         local.index.truncate_from(cut, active_base, self._epochs.entries, self._checkpoints())
@@ -646,6 +727,7 @@ class Log:
         local = self._local
         local.replace_all_segments(offset)
         self.producers.clear()
+        self._drop_producer_snapshots(above=-1)
         self._log_start_offset = self._high_watermark = offset
         self._epochs = LeaderEpochCache()
         local.index.truncate_from(0, 0, [], self._checkpoints())
@@ -675,6 +757,7 @@ class Log:
         if not doomed:
             return 0
         local.delete_oldest(doomed)
+        self._drop_producer_snapshots(below=local.bases[0])
         self._log_start_offset = max(self._log_start_offset, local.bases[0])
         local.recovery_point = max(local.recovery_point, self._log_start_offset)
         self._epochs = self._epochs.truncate_from_start(self._log_start_offset)
@@ -702,6 +785,7 @@ class Log:
             doomed += 1
         if doomed:
             local.delete_oldest(doomed)
+            self._drop_producer_snapshots(below=local.bases[0])
         self._log_start_offset = target
         local.recovery_point = max(local.recovery_point, local.bases[0])
         self._epochs = self._epochs.truncate_from_start(self._log_start_offset)

@@ -7,6 +7,7 @@ Directory ``<data dir>/<topic>-<partition>/``::
     index.lmdb/                offset, time, epoch and checkpoint records (see index.py)
     .clean_shutdown            present only while the log is closed after a clean `close()`
     partition.metadata         the topic id the log belongs to (see log_identity.py)
+    00000000000000004711.producers  idempotent producers' state at a roll (producer_snapshot.py)
 
 Invariants: a segment's file name is the offset of its first batch (segment.file_name); the
 clean-shutdown marker is written (atomically) only after everything else of a close reached the
@@ -28,6 +29,7 @@ from logbroker.errors import StorageError
 from logbroker.storage import segment as segment_file
 from logbroker.storage.atomic_file import fsync_dir, write_atomically  # noqa: F401 (re-exported)
 from logbroker.storage.log_identity import IDENTITY_FILES
+from logbroker.storage.producer_snapshot import is_snapshot_file
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +45,8 @@ def list_segments(directory: Path, warn: bool = True) -> list[int]:
         base = segment_file.parse_file_name(entry.name)
         if base is not None and entry.is_file(follow_symlinks=False):
             bases.append(base)
-        elif warn and entry.name not in (INDEX_DIR, CLEAN_SHUTDOWN_FILE, *IDENTITY_FILES):
+        elif (warn and entry.name not in (INDEX_DIR, CLEAN_SHUTDOWN_FILE, *IDENTITY_FILES)
+              and not is_snapshot_file(entry.name)):
             log.warning("%s: ignoring stray file %s", directory, entry.name)
     bases.sort()
     return bases

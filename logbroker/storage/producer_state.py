@@ -105,6 +105,19 @@ class ProducerStateMap:
     def entry(self, producer_id: int) -> ProducerEntry | None:
         return self._entries.get(producer_id)
 
+    def items(self) -> list[tuple[int, ProducerEntry]]:
+        """(producer id, entry) in recording order, least recent first (a snapshot's order)."""
+        return list(self._entries.items())
+
+    def restore(self, producer_id: int, entry: ProducerEntry) -> None:
+        """Put back a producer read from a snapshot, as the most recently recorded one (bounded as
+        `record`)."""
+        entries = self._entries
+        entries.pop(producer_id, None)
+        if len(entries) >= self.producers_max:
+            del entries[next(iter(entries))]
+        entries[producer_id] = entry
+
     def check(self, producer_id: int, epoch: int, base_sequence: int, record_count: int) -> CheckResult:
         """What the leader should do with this batch (module doc). Changes nothing."""
         entry = self._entries.get(producer_id)

@@ -87,6 +87,31 @@ def test_resent_batch_is_still_a_duplicate_after_a_restart(broker, how):
     assert len(values(broker.address)) == 11
 
 
+@pytest.mark.parametrize("how", ["stop", "kill -9"])
+def test_resent_batch_is_still_a_duplicate_after_rolls_and_a_restart(broker, how):
+    """The producer goes idle while other writers roll the log: its state is in the snapshots
+    written at the rolls (`<offset>.producers` beside the segments) and survives the restart."""
+    with Admin(broker.address) as admin:
+        admin.create_topic("t", partitions=1, config={"segment_bytes": "16384"})
+    first = produce(broker.address, pbatch(3, 0, b"a", b"b"))
+    assert (first.error_code, first.base_offset) == (pb.NONE, 0), first
+    for i in range(8):
+        r = produce(broker.address, pbatch(-1, -1, b"%d" % i + b"x" * 6000, pid=-1))
+        assert r.error_code == pb.NONE, r
+    snapshots = sorted(broker.data_dir.rglob("*.producers"))
+    assert snapshots, "no producer snapshot after the rolls"
+    assert len(list(snapshots[0].parent.glob("*.log"))) >= 3
+    if how == "stop":
+        broker.stop()
+    else:
+        broker.kill(signal.SIGKILL)
+    broker.restart()
+    again = produce(broker.address, pbatch(3, 0, b"a", b"b"))
+    assert (again.error_code, again.base_offset, again.duplicate) == (pb.NONE, 0, True), again
+    after = produce(broker.address, pbatch(3, 2, b"c"))
+    assert (after.error_code, after.base_offset, after.duplicate) == (pb.NONE, 10, False), after  # nothing written twice
+
+
 def init_producer_id(address: str, name: str = "") -> tuple[int, int]:
     with grpc.insecure_channel(address) as ch:
         r = pbg.BrokerStub(ch).InitProducerId(pb.InitProducerIdRequest(producer_name=name), timeout=10)
