@@ -14,6 +14,7 @@ import pytest
 
 from logbroker import wire
 from logbroker.client.circuit import Circuits, State
+from logbroker.client.coordinator import CoordinatorClient
 from logbroker.client.queue.acks import (
     ACCEPT,
     GAP,
@@ -358,6 +359,27 @@ def test_a_coordinator_that_keeps_failing_gets_its_circuit_opened_and_nothing_un
     lines = [r.getMessage() for r in caplog.records if r.name == "logbroker.client.circuit"]
     assert len(lines) == 2 and "broker0:9092 opened after 2 consecutive failures" in lines[0] and "busy" in lines[0]
     assert "closed" in lines[1]
+
+
+def test_find_coordinator_moves_past_an_overloaded_broker_and_opens_its_circuit(md, monkeypatch):
+    md.fakes["broker1:9092"] = md.broker
+    md.refresh()
+    monkeypatch.setattr("logbroker.client.metadata_cache.random.shuffle", lambda brokers: brokers.reverse())
+    asked: list[str] = []
+
+    class Busy:
+        def FindCoordinator(self, request: Any, timeout: float | None = None) -> Any:
+            asked.append("broker1")
+            raise FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, wire.with_retry_after("busy", 1))
+
+    monkeypatch.setattr(md, "broker_stub", lambda address: Busy() if address == "broker1:9092" else md.coordinator)
+    md.circuits = Circuits(failures_max=1, cool_down_ms=60_000)
+    coordinator = CoordinatorClient(md, "g", 1.0, 0.001)
+    for _ in range(3):
+        assert coordinator.address(time.monotonic() + 1) == "broker0:9092"
+        coordinator.invalidate()
+    assert asked == ["broker1"]  # asked first once (the shuffle), then last: its circuit is open
+    assert md.circuits.state("broker1:9092") is State.OPEN
 
 
 def test_close_commits_then_leaves_with_epoch_minus_1(md):
