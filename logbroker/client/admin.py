@@ -10,6 +10,12 @@ which each broker answers for the groups it coordinates: the admin asks every li
 Lag and offset resets read log end offsets (high watermarks) with ListOffsets at partition leaders.
 Offsets are reset only while the group has no members, committing as a non-member (member id "").
 Share-group calls go to the share group's coordinator too (ListShareGroups to every broker).
+
+Every call feeds its broker's circuit (client/circuit.py, shared through the metadata cache): a
+retriable failure counts against it, any answer (a final refusal too) closes it. A broker whose
+circuit is open gets nothing during its cool-down: topic requests pass it over for the next broker
+(an overloaded one, which did nothing, too), ListGroups reports it as not answering, ListOffsets
+counts its partitions as failed (retried after a refresh), and coordinator calls wait for its probe.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from typing import Any, TypeVar
 import grpc
 
 from logbroker.client.call_errors import rpc_error, rpc_error_text
+from logbroker.client.circuit import Circuits
 from logbroker.client.coordinator import CoordinatorClient
 from logbroker.client.metadata_cache import MetadataCache, metadata_for
 from logbroker.client.queue.queue_consumer import share_settings
@@ -30,6 +37,7 @@ from logbroker.client.queue.redrive import redrive
 from logbroker.client.sasl import SaslConfig
 from logbroker.errors import (
     BrokerError,
+    BrokerOverloadedError,
     BrokerUnavailableError,
     GroupIdNotFoundError,
     LeaderNotAvailableError,
@@ -145,20 +153,33 @@ class Admin:
                                                                 tls=tls, sasl=sasl, client_id=client_id)
 
     def _call(self, fn: Callable[[Any], T]) -> T:
-        """fn(AdminStub) on the controller, then on other brokers while they are unreachable."""
+        """fn(AdminStub) on the controller, then on other brokers while they are unreachable; a
+        broker whose circuit is open (client/circuit.py) is passed over, and each call feeds it."""
         first = self._metadata.controller_address() or self._metadata.any_address()
         addresses = [first] + [a for a in self._metadata.candidate_addresses() if a != first]
+        circuits = self._metadata.circuits
         last: grpc.RpcError | None = None
+        skipped: list[str] = []
         for address in addresses:
+            if not circuits.allow(address):
+                skipped.append(address)
+                continue
             try:
-                return fn(self._metadata.admin_stub(address))
+                out = fn(self._metadata.admin_stub(address))
             except grpc.RpcError as e:
-                if e.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise rpc_error(e) from None
+                err = rpc_error(e)
+                _feed_circuit(circuits, address, err)
+                if e.code() != grpc.StatusCode.UNAVAILABLE and not isinstance(err, BrokerOverloadedError):
+                    raise err from None  # (overloaded: refused, nothing done; unreachable: never reached)
                 self._metadata.check_tls_refusal(address, e)
                 last = e
-        raise BrokerUnavailableError(f"no broker answered (tried {', '.join(addresses)}): "
-                                     f"{rpc_error_text(last) if last is not None else 'no broker'}")
+                continue
+            circuits.succeeded(address)
+            return out
+        why = rpc_error_text(last) if last is not None else "no broker"
+        if skipped:
+            why += f"; circuit open (no requests for a cool-down) to {', '.join(skipped)}"
+        raise BrokerUnavailableError(f"no broker answered (tried {', '.join(addresses)}): {why}")
 
     def create_topic(
         self,
@@ -266,12 +287,18 @@ class Admin:
         found: dict[str, GroupListing] = {}
         answered = 0
         failed: list[str] = []
+        circuits = self._metadata.circuits
         for broker_id, address in sorted(brokers.items()):
+            if not circuits.allow(address):  # (client/circuit.py)
+                failed.append(f"{broker_id} at {address}: circuit open (no requests for a cool-down)")
+                continue
             try:
                 resp = getattr(self._metadata.admin_stub(address), method)(request, timeout=self._timeout_s)
             except grpc.RpcError as e:
+                _feed_circuit(circuits, address, rpc_error(e))
                 failed.append(f"{broker_id} at {address}: {rpc_error(e)}")
                 continue
+            circuits.succeeded(address)
             answered += 1
             for g in resp.groups:
                 seen = found.get(g.group)
@@ -440,12 +467,10 @@ class Admin:
                 request = pb.ListOffsetsRequest(partitions=[
                     pb.ListOffsetsPartition(topic=t, partition=p, timestamp=timestamp) for t, p in group
                 ])
-                try:
-                    resp = self._metadata.broker_stub(address).ListOffsets(request, timeout=self._timeout_s)
-                except grpc.RpcError as e:
-                    err = rpc_error(e)
+                resp = self._list_offsets_at(address, request)
+                if isinstance(resp, LogbrokerError):
                     for tp in group:
-                        errors[tp] = err
+                        errors[tp] = resp
                     retry.extend(group)
                     continue
                 results = {(r.topic, r.partition): r for r in resp.results}
@@ -463,6 +488,21 @@ class Admin:
                         errors.pop(tp, None)
             todo = retry
         return found, errors
+
+    def _list_offsets_at(self, leader: str, request: pb.ListOffsetsRequest) -> Any:
+        """The leader's ListOffsetsResponse, or the whole call's error; nothing is sent to a leader
+        whose circuit is open (client/circuit.py), and the call feeds it."""
+        circuits = self._metadata.circuits
+        if not circuits.allow(leader):
+            return BrokerUnavailableError(f"circuit to {leader} open (no requests to it for a cool-down)")
+        try:
+            resp = self._metadata.broker_stub(leader).ListOffsets(request, timeout=self._timeout_s)
+        except grpc.RpcError as e:
+            err = rpc_error(e)
+            _feed_circuit(circuits, leader, err)
+            return err
+        circuits.succeeded(leader)
+        return resp
 
     # -- share groups (queues) -------------------------------------------------------------------
 
@@ -582,6 +622,15 @@ class Admin:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _feed_circuit(circuits: Circuits, address: str, err: LogbrokerError) -> None:
+    """A failed call's news for the broker's circuit: a retriable failure counts against it, a
+    final refusal is an answer (the broker is up)."""
+    if getattr(err, "retriable", False):
+        circuits.failed(address, err)
+    else:
+        circuits.succeeded(address)
 
 
 def _partitions(a: pb.Assignment) -> list[TopicPartition]:

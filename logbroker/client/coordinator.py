@@ -5,6 +5,11 @@ answers `FindCoordinator(G)` with its address. `CoordinatorClient` caches that a
 when a call says NOT_COORDINATOR / COORDINATOR_NOT_AVAILABLE or the broker is unreachable, and finds
 it again (retrying COORDINATOR_NOT_AVAILABLE: the internal topic is created on the first lookup, and a
 failed-over partition needs a new leader). COORDINATOR_LOAD_IN_PROGRESS is retried at the same broker.
+Every call feeds the broker's circuit (client/circuit.py, the metadata cache's `circuits`): a
+retriable failure (unreachable, timed out, overloaded) counts against it, any answer (a final
+refusal too) closes it. While the coordinator's circuit is open `call` sends it nothing: it waits for
+the probe's time (the backoff between rounds, with jitter, stays as it is), or until its deadline
+and raises BrokerUnavailableError; FindCoordinator asks brokers with an open circuit last.
 
 `Heartbeater` is the I/O shell around a `GroupMember` (logbroker/client/group_member.py): a daemon
 thread that sends the heartbeats the state machine asks for, one at a time, and feeds back the answers.
@@ -103,20 +108,25 @@ class CoordinatorClient:
             time.sleep(wait_s)
 
     def _find(self, timeout_s: float) -> str:
-        """One FindCoordinator round over the known brokers (the first that answers decides)."""
+        """One FindCoordinator round over the known brokers (the first that answers decides; those
+        whose circuit is open last, client/circuit.py); an overloaded one sends us to the next."""
         request = pb.FindCoordinatorRequest(group=self.group)
         last: grpc.RpcError | None = None
+        circuits = self._metadata.circuits
         for candidate in self._metadata.candidate_addresses():
             try:
                 resp = self._metadata.broker_stub(candidate).FindCoordinator(request, timeout=timeout_s)
             except grpc.RpcError as e:
                 if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                                    grpc.StatusCode.CANCELLED):
+                                    grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED):
+                    circuits.succeeded(candidate)  # a final refusal is an answer
                     raise rpc_error(e) from None
+                circuits.failed(candidate, rpc_error(e))
                 last = e
                 continue
             except ValueError as e:  # a channel closed under us
                 raise BrokerUnavailableError(f"client is closed: {e}") from None
+            circuits.succeeded(candidate)
             if resp.error_code != pb.NONE:
                 raise error_for(resp.error_code, resp.error_message or f"group {self.group}")
             host = resp.host
@@ -142,11 +152,15 @@ class CoordinatorClient:
         """
         attempt = 0
         backoff = self._retry_policy.start()
+        circuits = self._metadata.circuits
         while True:
             attempt += 1
             addr: str | None = None
             try:
                 addr = self.address(deadline)
+                if not circuits.allow(addr):
+                    self._wait_out_circuit(addr, method, deadline)
+                    continue
                 timeout = self._request_timeout_s  # the first attempt gets it all, even past the deadline
                 if attempt > 1:
                     timeout = min(timeout, max(deadline - self.monotonic(), 1.0))
@@ -157,13 +171,19 @@ class CoordinatorClient:
                     resp = getattr(stub, method)(request, timeout=timeout)
             except grpc.RpcError as e:
                 err: LogbrokerError = rpc_error(e)
+                retriable = getattr(err, "retriable", False)
+                if addr is not None and retriable:  # the broker's health (client/circuit.py)
+                    circuits.failed(addr, err)
+                elif addr is not None:  # a final refusal is an answer: the broker is up
+                    circuits.succeeded(addr)
                 if addr is not None and isinstance(err, (BrokerUnavailableError, RequestTimedOutError)):
                     self.invalidate(addr)
-                if not getattr(err, "retriable", False):
+                if not retriable:
                     raise err from None
             except ValueError as e:  # a channel closed under us
                 raise BrokerUnavailableError(f"client is closed: {e}") from None
             else:
+                circuits.succeeded(addr)
                 code = resp.error_code
                 if code not in _FIND_AGAIN and code not in _RETRY_HERE:
                     return resp
@@ -176,6 +196,19 @@ class CoordinatorClient:
             self._log.warning(f"{method} {self.group}", "%s for group %s: %s (retrying)", method, self.group, err)
             time.sleep(wait_s)
 
+    def _wait_out_circuit(self, addr: str, method: str, deadline: float) -> None:
+        """The coordinator's circuit is open (client/circuit.py): no request to it before its probe's
+        time (a call goes to the coordinator or nowhere). Waits until then, or until `deadline` and
+        raises BrokerUnavailableError (retriable) when the probe's time is past it."""
+        circuits = self._metadata.circuits
+        blocked_ms = circuits.blocked_ms(addr)
+        wait_s = max(blocked_ms, self._retry_policy.initial_ms) / 1000  # 0: another call's probe is out
+        now = self.monotonic()
+        if now + wait_s >= deadline:
+            time.sleep(max(deadline - now, 0))
+            raise BrokerUnavailableError(f"{method} for group {self.group}: the circuit to its coordinator {addr} "
+                                         f"is open (no requests to it for {blocked_ms} ms)")
+        time.sleep(wait_s)
 
 def _retry_wait(backoff: Backoff, deadline: float, now: float) -> float | None:
     """The wait before the next round, in seconds; None when it would reach `deadline` (`now` on its clock)."""

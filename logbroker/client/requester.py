@@ -16,7 +16,11 @@ dropped: counted in `late_replies` when its request had timed out (the ids of th
 fails each request whose deadline passes with `RequestTimeoutError` naming the topic. When the reply
 stream closes (its broker stopped) the requests pending on it fail at once with
 `BrokerUnavailableError` (their replies can no longer reach this client); the next request opens a
-new stream. Thread-safe: many threads may share one Requester.
+new stream. Opening it feeds the broker's circuit (client/circuit.py, the metadata cache's
+`circuits`, which the requests' Producer uses too): a failed open counts against it, an open stream
+closes it, and a broker whose circuit is open is passed over for the next one during its cool-down
+(BrokerUnavailableError naming it when no broker is left). Thread-safe: many threads may share one
+Requester.
 """
 
 from __future__ import annotations
@@ -217,15 +221,23 @@ class Requester:
         errors: list[str] = []
         if not self._metadata.brokers():
             self._metadata.refresh()
+        circuits = self._metadata.circuits
         for address in self._metadata.candidate_addresses():
             target = self._metadata.data_address(address)
             if target is None:
                 errors.append(f"{address} has no record transport")
                 continue
+            if not circuits.allow(address):  # open (client/circuit.py): the next broker
+                errors.append(f"circuit to {address} open (no requests to it for a cool-down)")
+                continue
             try:
-                return ReplyStream(target, self._on_replies, self._on_stream_closed, CONNECT_TIMEOUT_S)
+                stream = ReplyStream(target, self._on_replies, self._on_stream_closed, CONNECT_TIMEOUT_S)
             except BrokerUnavailableError as e:
+                circuits.failed(address, e)
                 errors.append(str(e))
+                continue
+            circuits.succeeded(address)
+            return stream
         raise BrokerUnavailableError("no broker took a reply stream: " + "; ".join(errors))
 
     def _on_stream_closed(self, stream: ReplyStream, reason: str) -> None:

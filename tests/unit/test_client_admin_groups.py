@@ -7,8 +7,14 @@ import time
 import pytest
 
 from logbroker.client.admin import Admin, PartitionLag
+from logbroker.client.circuit import Circuits
 from logbroker.client.consumer import Consumer
-from logbroker.errors import GroupIdNotFoundError, NonEmptyGroupError, UnknownTopicOrPartitionError
+from logbroker.errors import (
+    BrokerUnavailableError,
+    GroupIdNotFoundError,
+    NonEmptyGroupError,
+    UnknownTopicOrPartitionError,
+)
 from tests.unit.fake_coordinator import FakeCoordinator
 from tests.unit.test_client_consumer import fill
 from tests.unit.test_client_fakes import FakeMetadata
@@ -112,3 +118,21 @@ def test_reset_offsets_of_a_missing_group_only_when_allowed(md):
     admin.reset_offsets("typo", "t", "earliest")  # the API's default creates it, as Kafka's Admin does
     assert admin.reset_offsets("typo", "t", "latest", allow_new_group=False) == {("t", 0): 10, ("t", 1): 20,
                                                                                  ("t", 2): 5}
+
+
+def test_lag_and_group_listing_send_nothing_to_a_broker_whose_circuit_is_open(md):
+    admin = Admin(md)
+    c = joined(md, "g")
+    try:
+        c.commit({("t", 0): 4})
+        d = admin.describe_group("g")
+    finally:
+        c.close()
+    md.circuits = Circuits(failures_max=1, cool_down_ms=60_000)
+    md.circuits.failed("broker0:9092", "down")
+    # no ListOffsets to the leader during the cool-down: log ends unknown (retried once, after a refresh)
+    assert [(r.partition, r.log_end_offset) for r in admin.group_lag("g", d)] == [(0, None), (1, None), (2, None)]
+    with pytest.raises(BrokerUnavailableError, match="circuit open"):
+        admin.list_groups()  # the only broker
+    md.circuits.succeeded("broker0:9092")
+    assert [(r.partition, r.log_end_offset) for r in admin.group_lag("g", d)] == [(0, 10), (1, 20), (2, 5)]

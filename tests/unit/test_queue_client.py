@@ -3,12 +3,18 @@ ShareFetchPartition, and QueueConsumer's calls against a scripted in-memory coor
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections import deque
 from typing import Any
 
+import grpc
 import pytest
 
+from logbroker import wire
+from logbroker.client.circuit import Circuits, State
+from logbroker.client.coordinator import CoordinatorClient
 from logbroker.client.queue.acks import (
     ACCEPT,
     GAP,
@@ -25,10 +31,11 @@ from logbroker.client.queue.acks import (
 from logbroker.client.queue.message import MessageAlreadySettledError
 from logbroker.client.queue.queue_consumer import QueueConsumer, share_settings
 from logbroker.client.queue.share_fetch import read_partition
-from logbroker.errors import InvalidGroupIdError, InvalidRecordStateError
+from logbroker.clock import ManualClock
+from logbroker.errors import InvalidGroupIdError, InvalidRecordStateError, PermissionDeniedError
 from logbroker.storage import record_batch as rb
 from logbroker.v1 import logbroker_pb2 as pb
-from tests.unit.test_client_fakes import FakeMetadata
+from tests.unit.test_client_fakes import FakeMetadata, FakeRpcError
 
 # -- acks.py -------------------------------------------------------------------------------------
 
@@ -157,8 +164,8 @@ class FakeShareCoordinator:
         self.admin_answers: dict[str, Any] = {}
         self.fetches: list[pb.ShareFetchRequest] = []
         self.acks: list[pb.ShareAcknowledgeRequest] = []
-        self.fetch_script: deque[pb.ShareFetchResponse] = deque()
-        self.ack_script: deque[pb.ShareAcknowledgeResponse] = deque()
+        self.fetch_script: deque[pb.ShareFetchResponse | BaseException] = deque()
+        self.ack_script: deque[pb.ShareAcknowledgeResponse | BaseException] = deque()
         self.epoch = 0
 
     def FindCoordinator(self, request: Any, timeout: float | None = None) -> pb.FindCoordinatorResponse:
@@ -167,7 +174,10 @@ class FakeShareCoordinator:
     def ShareFetch(self, request: pb.ShareFetchRequest, timeout: float | None = None) -> pb.ShareFetchResponse:
         self.fetches.append(request)
         if self.fetch_script:
-            return self.fetch_script.popleft()
+            answer = self.fetch_script.popleft()
+            if isinstance(answer, BaseException):  # a whole-call failure (FakeRpcError)
+                raise answer
+            return answer
         self.epoch += 1
         return pb.ShareFetchResponse(member_epoch=self.epoch, lock_ms=30_000,
                                      ack_results=_accept_all(request.acknowledgements))
@@ -184,7 +194,10 @@ class FakeShareCoordinator:
                          timeout: float | None = None) -> pb.ShareAcknowledgeResponse:
         self.acks.append(request)
         if self.ack_script:
-            return self.ack_script.popleft()
+            answer = self.ack_script.popleft()
+            if isinstance(answer, BaseException):
+                raise answer
+            return answer
         return pb.ShareAcknowledgeResponse(results=_accept_all(request.acknowledgements))
 
 
@@ -318,6 +331,55 @@ def test_not_coordinator_is_retried_and_other_errors_raise_keeping_the_acks(md):
         c.poll(0)
     c.poll(0)
     assert [r.first_offset for r in md.coordinator.fetches[-1].acknowledgements[0].ranges] == [0]
+
+
+def test_a_coordinator_that_keeps_failing_gets_its_circuit_opened_and_nothing_until_the_probe(md, caplog):
+    caplog.set_level(logging.INFO, logger="logbroker.client.circuit")
+    clock = ManualClock()
+    md.circuits = Circuits(failures_max=2, cool_down_ms=5_000, clock=clock)
+    c = QueueConsumer(md, "g", ["t"], client_retry_backoff_ms=1)
+    busy = FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, wire.with_retry_after("busy", 1))
+    md.coordinator.fetch_script.extend([busy, busy, _records(1, (0, 0, 1))])
+    started = time.monotonic()
+    assert c.poll(300) == []  # two refusals open the circuit: the rest of the timeout is waited out
+    assert time.monotonic() - started >= 0.25
+    assert len(md.coordinator.fetches) == 2 and md.circuits.state("broker0:9092") is State.OPEN
+    assert c.poll(0) == [] and c.commit_acks() == {}
+    assert len(md.coordinator.fetches) == 2  # nothing during the cool-down
+    clock.advance(5_000)
+    (m,) = c.poll(1000)  # the probe, answered
+    assert len(md.coordinator.fetches) == 3 and md.circuits.state("broker0:9092") is State.CLOSED
+    m.ack()
+    md.coordinator.ack_script.append(FakeRpcError(grpc.StatusCode.PERMISSION_DENIED, "no"))
+    md.circuits.failed("broker0:9092", "x")
+    with pytest.raises(PermissionDeniedError):
+        c.commit_acks()  # a final refusal is an answer (the broker is up): the count starts again
+    md.circuits.failed("broker0:9092", "x")
+    assert md.circuits.state("broker0:9092") is State.CLOSED
+    lines = [r.getMessage() for r in caplog.records if r.name == "logbroker.client.circuit"]
+    assert len(lines) == 2 and "broker0:9092 opened after 2 consecutive failures" in lines[0] and "busy" in lines[0]
+    assert "closed" in lines[1]
+
+
+def test_find_coordinator_moves_past_an_overloaded_broker_and_opens_its_circuit(md, monkeypatch):
+    md.fakes["broker1:9092"] = md.broker
+    md.refresh()
+    monkeypatch.setattr("logbroker.client.metadata_cache.random.shuffle", lambda brokers: brokers.reverse())
+    asked: list[str] = []
+
+    class Busy:
+        def FindCoordinator(self, request: Any, timeout: float | None = None) -> Any:
+            asked.append("broker1")
+            raise FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, wire.with_retry_after("busy", 1))
+
+    monkeypatch.setattr(md, "broker_stub", lambda address: Busy() if address == "broker1:9092" else md.coordinator)
+    md.circuits = Circuits(failures_max=1, cool_down_ms=60_000)
+    coordinator = CoordinatorClient(md, "g", 1.0, 0.001)
+    for _ in range(3):
+        assert coordinator.address(time.monotonic() + 1) == "broker0:9092"
+        coordinator.invalidate()
+    assert asked == ["broker1"]  # asked first once (the shuffle), then last: its circuit is open
+    assert md.circuits.state("broker1:9092") is State.OPEN
 
 
 def test_close_commits_then_leaves_with_epoch_minus_1(md):

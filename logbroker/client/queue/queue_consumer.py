@@ -20,7 +20,10 @@ when the data port cannot be reached, as unary gRPC calls. The member:
 returns the records acquired (`share_fetch.read_partition`); GAP / RELEASE acknowledgements for
 acquired offsets without a record are queued for the next call. A retriable failure (the
 coordinator killed or moving, not found again before the timeout) makes `poll` return no records,
-keeping the acknowledgements pending, so a polling loop rides out a failover. Settling (`QueueMessage.ack` ...)
+keeping the acknowledgements pending, so a polling loop rides out a failover. Each call feeds the
+coordinator's circuit (client/circuit.py, through `CoordinatorClient`): after repeated retriable
+failures (unreachable, overloaded) it opens, and ShareFetch / ShareAcknowledge send nothing to that
+broker until the probe's time (`poll` waits up to its timeout, then returns no records). Settling (`QueueMessage.ack` ...)
 may happen on any thread: the pending acknowledgements sit behind one lock. `poll`, `commit_acks`,
 `extend_lock` and `close` are meant for one thread at a time (the polling one), as in Kafka.
 """
