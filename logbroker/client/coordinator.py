@@ -153,12 +153,17 @@ class CoordinatorClient:
         attempt = 0
         backoff = self._retry_policy.start()
         circuits = self._metadata.circuits
+        found_again = False
         while True:
             attempt += 1
             addr: str | None = None
             try:
                 addr = self.address(deadline)
                 if not circuits.allow(addr):
+                    if not found_again:  # the group may have moved to a broker that answers
+                        found_again = True
+                        self.invalidate(addr)
+                        continue
                     self._wait_out_circuit(addr, method, deadline)
                     continue
                 timeout = self._request_timeout_s  # the first attempt gets it all, even past the deadline
@@ -209,6 +214,7 @@ class CoordinatorClient:
             raise BrokerUnavailableError(f"{method} for group {self.group}: the circuit to its coordinator {addr} "
                                          f"is open (no requests to it for {blocked_ms} ms)")
         time.sleep(wait_s)
+
 
 def _retry_wait(backoff: Backoff, deadline: float, now: float) -> float | None:
     """The wait before the next round, in seconds; None when it would reach `deadline` (`now` on its clock)."""
