@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import os
 import signal
 import socket
@@ -37,6 +36,7 @@ from logbroker.config import (
     resolve_serve_settings,
 )
 from logbroker.errors import BrokerUnavailableError, LogbrokerError
+from logbroker.log_format import configure_logging
 from logbroker.security.scram import ScramError
 from logbroker.tls import TlsError
 
@@ -72,11 +72,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError) as exc:
         raise CliError(str(exc)) from None
     host = config.listen_host
-    logging.basicConfig(
-        level=getattr(logging, str(values["log_level"]).upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(str(values["log_level"]), str(values["log_format"]))
 
     async def run() -> None:
         broker = Broker(config)

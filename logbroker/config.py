@@ -12,6 +12,7 @@ from typing import Any
 
 from logbroker.cluster.cluster_secret import MAKE_ONE_HINT, ClusterSecretError, load_cluster_secret
 from logbroker.group.coordinator_config import CoordinatorConfig
+from logbroker.log_format import LOG_FORMATS
 from logbroker.storage.log_cleaner import THREADS_MAX as LOG_CLEANER_THREADS_MAX
 from logbroker.tls import CLIENT_AUTH_MODES, ServerTls, TlsError
 
@@ -113,6 +114,8 @@ class BrokerConfig:
     max_inflight_request_bytes: int = 128 << 20
     max_inflight_requests: int = 4096
     overload_retry_after_ms: int = 100
+    # a client request slower than this logs a WARNING (server/request_log.py); 0: off
+    slow_request_ms: int = 1000
 
     @property
     def zk_hosts_and_chroot(self) -> tuple[str, str]:
@@ -233,6 +236,12 @@ SERVE_SETTINGS: tuple[ServeSetting, ...] = (
                  "windows, 2..100 (Kafka's quota.window.num)"),
     ServeSetting("quota_window_size_ms", int, 1000, "the length of one quota window, 1..60000 ms"),
     ServeSetting("log_level", str, "info", "log level", choices=LOG_LEVELS),
+    ServeSetting("log_format", str, "text", "text: one readable line per message; json: one JSON object per line "
+                 "(time, level, logger, message, and the request's api, client_id, principal, peer while one "
+                 "is handled)", choices=LOG_FORMATS),
+    ServeSetting("slow_request_ms", int, 1000, "a client request taking longer than this (beyond a fetch's own "
+                 "max_wait_ms) logs one WARNING with its api, duration_ms, client_id, principal and "
+                 "partition count (0: off)"),
     ServeSetting("tls_cert", str, "", "PEM certificate (chain) of this broker: with it every listener speaks TLS, "
                  "and calls to other brokers present it; reloaded when the file changes", "PATH"),
     ServeSetting("tls_key", str, "", "PEM private key of --tls-cert (reloaded with it)", "PATH"),
@@ -436,14 +445,14 @@ def _super_users(text: str, what: str = "super user") -> tuple[str, ...]:
 
 
 def _front_door(values: Mapping[str, SettingValue], tls: ServerTls | None, cluster_mode: bool) -> dict[str, Any]:
-    """The SASL, broker-only-call and connection-limit settings (server/sasl.py, broker_principals.py,
-    wire_server.py)."""
+    """The SASL, broker-only-call, connection-limit and request-log settings (server/sasl.py,
+    broker_principals.py, wire_server.py, admission.py, request_log.py)."""
     if tls is not None and cluster_mode and tls.client_auth != "required" and str(values["broker_principals"]):
         # ("requested" asks for no certificate on gRPC, where the controller's calls arrive: tls.py)
         raise ConfigError("--broker-principals needs --tls-client-auth required: without client certificates "
                           "the brokers' calls are proven by the cluster secret alone")
     for name in ("max_connections_per_ip", "max_connection_creation_rate_per_sec", "max_inflight_request_bytes",
-                 "max_inflight_requests", "overload_retry_after_ms"):
+                 "max_inflight_requests", "overload_retry_after_ms", "slow_request_ms"):
         value = values[name]
         if not isinstance(value, int) or value < 0:
             raise ConfigError(f"{name} must be >= 0, got {value}")
@@ -455,7 +464,8 @@ def _front_door(values: Mapping[str, SettingValue], tls: ServerTls | None, clust
             "max_connection_creation_rate_per_sec": values["max_connection_creation_rate_per_sec"],
             "max_inflight_request_bytes": values["max_inflight_request_bytes"],
             "max_inflight_requests": values["max_inflight_requests"],
-            "overload_retry_after_ms": values["overload_retry_after_ms"]}
+            "overload_retry_after_ms": values["overload_retry_after_ms"],
+            "slow_request_ms": values["slow_request_ms"]}
 
 
 def _quota_windows(values: Mapping[str, SettingValue]) -> dict[str, Any]:

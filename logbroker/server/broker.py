@@ -88,6 +88,7 @@ from logbroker.server.cluster_member import ClusterMember
 from logbroker.server.quota_cache import QuotaCache
 from logbroker.server.reply_registry import ReplyRegistry
 from logbroker.server.request_context import RequestRejected, RequestStatus
+from logbroker.server.request_log import RequestLog
 from logbroker.server.sasl import SaslServer
 from logbroker.server.wire_server import WireServer
 from logbroker.storage.cleaner_checkpoint import FILE_NAME as CLEANER_CHECKPOINT_FILE
@@ -389,6 +390,7 @@ class Broker:
             replies=self.replies,
             admission=Admission(config.max_inflight_request_bytes, config.max_inflight_requests,
                                 config.overload_retry_after_ms),
+            request_log=RequestLog(config.slow_request_ms),
         )
 
     def _build_authorizer(self, config: BrokerConfig) -> AuthorizingHook | None:

@@ -12,13 +12,13 @@ next to app.py finds it; otherwise use PYTHONPATH.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import re
 import sys
 from typing import Any
 
 from logbroker.errors import LogbrokerError
+from logbroker.log_format import LOG_FORMATS, configure_logging
 
 DEFAULT_WORKERS = 4
 DEFAULT_RETRY_BACKOFF_MS = 100
@@ -33,11 +33,7 @@ class WorkerCliError(LogbrokerError):
 def cmd_worker(args: argparse.Namespace) -> int:
     from logbroker.worker import RetryPolicy, Worker
 
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(args.log_level, args.log_format)
     if not args.topic and args.pattern is None:
         raise WorkerCliError("worker needs --topic (repeatable) or --pattern")
     if args.pattern is not None:
@@ -172,4 +168,6 @@ def add_worker_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     w.add_argument("--session-timeout-ms", type=int, default=0,
                    help="a member silent this long is evicted (default: the broker's)")
     w.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    w.add_argument("--log-format", default="text", choices=LOG_FORMATS,
+                   help="text (default) or json: one JSON object per line (time, level, logger, message)")
     w.set_defaults(func=cmd_worker)

@@ -145,7 +145,7 @@ def test_the_request_layer_imports_no_grpc():
 # Each entry is a module or package prefix; the longest matching prefix places a module.
 LAYERS: list[list[str]] = [
     ["logbroker", "logbroker.__main__", "logbroker.cli", "logbroker.cli_groups", "logbroker.cli_queues", "logbroker.cli_security", "logbroker.cli_dump",
-     "logbroker.cli_tls",
+     "logbroker.cli_tls", "logbroker.cli_stats",
      "logbroker.worker", "logbroker.k8s_rack", "logbroker.testing"],
     ["logbroker.server"],
     ["logbroker.client"],
@@ -153,7 +153,7 @@ LAYERS: list[list[str]] = [
     ["logbroker.group", "logbroker.replication"],
     ["logbroker.cluster", "logbroker.storage", "logbroker.security"],
     ["logbroker.errors", "logbroker.retry", "logbroker.clock", "logbroker.wire", "logbroker.log_throttle",
-     "logbroker.tls", "logbroker.client_id"],
+     "logbroker.tls", "logbroker.client_id", "logbroker.log_format"],
     ["logbroker.v1"],
 ]
 # `logbroker/__init__.py` re-exports the client API; importing it from below means `from logbroker

@@ -8,8 +8,9 @@ into them. Each call takes the caller's `RequestContext` and the request, return
 `RequestRejected` (server/request_context.py), which each listener maps to its own status.
 
 Every call passes through `handle(api, context, request)`, and there through `RequestHook.
-on_request`: the one place where authorization and request metrics go; client quotas
-(server/apis/throttling.py) then measure the call and delay its answer when over quota. Calls by
+on_request`: the one place where authorization and request metrics go; the request log
+(server/request_log.py) then sets the caller's log fields around the call and logs it when slow;
+client quotas (server/apis/throttling.py) measure the call and delay its answer when over quota. Calls by
 concept: produce_fetch.py (Produce, Fetch, ListOffsets), metadata.py (Metadata, DescribeCluster),
 groups.py (offsets, coordinator, heartbeats, group admin), producer_ids.py (InitProducerId), queues.py (share groups), replies.py
 (request-reply), admin.py (topics, replicas), security.py (ACLs, SCRAM users, client quotas).
@@ -36,6 +37,7 @@ from logbroker.server.apis.replies import ReplyApis
 from logbroker.server.apis.security import SecurityApis
 from logbroker.server.apis.throttling import ClientQuotas
 from logbroker.server.request_context import RequestContext, RequestRejected, RequestStatus
+from logbroker.server.request_log import RequestLog
 from logbroker.v1 import logbroker_pb2 as pb
 
 Response: TypeAlias = Message | bytes
@@ -102,11 +104,14 @@ class BrokerApis:
                  admin: AdminApis | None = None, hook: RequestHook | None = None,
                  queues: QueueApis | None = None, replies: ReplyApis | None = None,
                  security: SecurityApis | None = None, producer_ids: ProducerIdApis | None = None,
-                 quotas: ClientQuotas | None = None, admission: Admission | None = None) -> None:
+                 quotas: ClientQuotas | None = None, admission: Admission | None = None,
+                 request_log: RequestLog | None = None) -> None:
         """`metadata`, `groups`, `admin`, `queues` None: those calls are UNIMPLEMENTED (a data-path-only broker
         in tests). `quotas`: client quotas enforced on every call (server/apis/throttling.py).
         `admission`: the bounds on in-flight requests the listeners apply before parsing a request
-        (server/admission.py; they know its size), None: no bounds."""
+        (server/admission.py; they know its size), None: no bounds. `request_log`: the log fields of
+        each call and its slow-request line (server/request_log.py), None: neither."""
+        self.request_log = request_log
         self.hook = hook if hook is not None else RequestHook()
         self.quotas = quotas
         self.admission = admission
@@ -149,6 +154,8 @@ class BrokerApis:
             raise RequestRejected(RequestStatus.UNIMPLEMENTED, f"unknown api {api}")
         self.hook.on_request(api, context, request)
         call = op(context, request)
+        if self.request_log is not None:
+            call = self.request_log.run(api, context, request, call)
         if self.quotas is not None and self.quotas.applies(api, context, request):
             call = self.quotas.run(api, context, request, call)
         if api in audit.AUDITED:
