@@ -34,17 +34,15 @@ REQUEST_FIELDS: ContextVar[Mapping[str, Any] | None] = ContextVar("logbroker_req
 _RESERVED = frozenset({"time", "level", "logger", "message"})
 
 
-def _iso_utc_ms(created: float) -> str:
-    seconds = int(created)
-    millis = int((created - seconds) * 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+def _iso_utc_ms(record: logging.LogRecord) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
 
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per record, on one line (see the module docstring for the fields)."""
 
     def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {"time": _iso_utc_ms(record.created), "level": record.levelname,
+        out: dict[str, Any] = {"time": _iso_utc_ms(record), "level": record.levelname,
                                "logger": record.name, "message": record.getMessage()}
         request = REQUEST_FIELDS.get()
         if request is not None:

@@ -168,3 +168,9 @@ def test_request_size_counts() -> None:
     assert request_size(pb.CreateTopicsRequest(topics=[pb.NewTopic(name="a"), pb.NewTopic(name="b")])) == {"topics": 2}
     assert request_size(pb.DeleteTopicsRequest(names=["a"])) == {"topics": 1}
     assert request_size(pb.DescribeClusterRequest()) == {}
+
+
+def test_time_is_utc_iso_8601_with_milliseconds() -> None:
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "m", None, None)
+    record.created, record.msecs = 86400.25, 250.0
+    assert json.loads(JsonFormatter().format(record))["time"] == "1970-01-02T00:00:00.250Z"
