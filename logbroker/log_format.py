@@ -10,7 +10,7 @@ json: one object per line, standard library `logging` only (a `Formatter` subcla
 
 `time` is UTC, ISO 8601 with milliseconds. While a broker handles a request, `REQUEST_FIELDS` (a
 context variable the request layer sets around each call: server/request_log.py) holds the caller's
-fields (api, client_id, principal, peer, listener); every line logged in that time, on that task,
+request, whose fields (api, client_id, principal, peer, listener); every line logged in that time, on that task,
 carries them. Outside a request they are absent. A line's own `extra={"fields": {...}}` adds more
 fields (never overriding time/level/logger/message). An exception is one string field, `exception`
 (the formatted traceback), so a line stays one line. Values that are not JSON types are written
@@ -25,12 +25,20 @@ import sys
 import time
 from collections.abc import Mapping
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, Protocol
 
 LOG_FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-# the fields of the request being handled on this task (None: none); set by server/request_log.py
-REQUEST_FIELDS: ContextVar[Mapping[str, Any] | None] = ContextVar("logbroker_request_fields", default=None)
+
+
+class RequestFields(Protocol):
+    """The request being handled; its fields are built only when a line is formatted."""
+
+    def log_fields(self) -> Mapping[str, Any]: ...
+
+
+# the request being handled on this task (None: none); set by server/request_log.py
+REQUEST_FIELDS: ContextVar[RequestFields | None] = ContextVar("logbroker_request_fields", default=None)
 _RESERVED = frozenset({"time", "level", "logger", "message"})
 
 
@@ -46,7 +54,7 @@ class JsonFormatter(logging.Formatter):
                                "logger": record.name, "message": record.getMessage()}
         request = REQUEST_FIELDS.get()
         if request is not None:
-            for key, value in request.items():
+            for key, value in request.log_fields().items():
                 out.setdefault(key, value)
         extra = getattr(record, "fields", None)
         if isinstance(extra, Mapping):

@@ -12,8 +12,9 @@ with the fields api, duration_ms, client_id, principal, peer, listener, topics a
 (counted from the request's `partitions`/`topics`; only for slow calls). A long-poll's own wait is
 not slowness: a Fetch or ShareFetch is slow beyond `slow_request_ms + max_wait_ms`. The time is the
 call's own (the API and its purgatory wait), without a client quota's throttle delay. A fast
-request costs two clock reads and a context variable set and reset. `slow_request_ms` 0: no slow
-lines (the context fields are still set).
+request costs one coroutine frame, a small object, two clock reads and a context variable set and
+reset (about 1.3 us here); the fields themselves are built only when a line is formatted.
+`slow_request_ms` 0: no slow lines (the context is still set).
 """
 
 from __future__ import annotations
@@ -61,6 +62,20 @@ def _wait_allowed_ms(request: Message) -> int:
     return wait if isinstance(wait, int) and wait > 0 else 0
 
 
+class _Current:
+    """The request a task is handling (log_format.RequestFields): its fields are built only when a line
+    is formatted, so a request that logs nothing pays for this object only."""
+
+    __slots__ = ("api", "context")
+
+    def __init__(self, api: str, context: RequestContext) -> None:
+        self.api = api
+        self.context = context
+
+    def log_fields(self) -> dict[str, Any]:
+        return request_fields(self.api, self.context)
+
+
 class RequestLog:
     """Sets the request's log fields around each call, and logs the slow ones."""
 
@@ -71,7 +86,7 @@ class RequestLog:
         self._clock = clock
 
     async def run(self, api: str, context: RequestContext, request: Message, call: Awaitable[Response]) -> Response:
-        token = REQUEST_FIELDS.set(request_fields(api, context))
+        token = REQUEST_FIELDS.set(_Current(api, context))
         start = self._clock()
         try:
             return await call
