@@ -21,8 +21,10 @@ count saturates at the bound). Pure: no I/O; time only from the clock.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable
 
 from logbroker.clock import Clock
+from logbroker.server.request_context import RequestContext
 
 PRODUCERS = "producers"
 CONSUMERS = "consumers"
@@ -35,6 +37,13 @@ MAX_CLIENTS_PER_TOPIC = 10_000
 def client_key(client_id: str, principal: str) -> str:
     """Who a request is from, for counting: its client id, else its principal."""
     return client_id or f"principal:{principal}"
+
+
+def seen_by(active: ActiveClients, kind: str, context: RequestContext, topics: Iterable[str]) -> None:
+    """The request layer's call: the caller of one request touched `topics` as `kind`."""
+    client = client_key(context.client_id, context.principal)
+    for topic in topics:
+        active.seen(kind, topic, client)
 
 
 class ActiveClients:
