@@ -15,7 +15,7 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from logbroker import Admin, Producer
+from logbroker import Admin, Producer, QueueConsumer
 from logbroker.v1 import logbroker_pb2 as pb
 from logbroker.v1 import logbroker_pb2_grpc as pb_grpc
 from tests.cluster import Cluster
@@ -90,6 +90,35 @@ def test_lag_metric_equals_groups_describe_and_active_clients_are_counted(broker
         producer.flush()
     assert value(scrape(metrics_port), "logbroker_consumer_group_lag", group="billing", topic="orders",
                  partition="0") == 18
+
+
+def test_share_group_metrics_agree_with_queues_describe(broker_factory):
+    metrics_port = free_port()
+    broker = broker_factory(extra_args=["--metrics-listen", f"127.0.0.1:{metrics_port}"])
+    with Admin(broker.address) as admin:
+        admin.create_topic("jobs", partitions=1)
+        with Producer(broker.address, acks=-1) as producer:
+            for i in range(10):
+                producer.send("jobs", value=b"job-%d" % i, partition=0)
+            producer.flush()
+        with QueueConsumer(broker.address, group="workers", topics=["jobs"], auto_offset_reset="earliest",
+                           client_id="worker-1") as q:
+            held = []
+            wait_for(lambda: held.extend(q.poll(timeout_ms=500)) or len(held) >= 4, 30, "records handed out")
+            held[0].ack()
+            held[1].ack()
+            held[2].reject("poison")
+            q.commit_acks()
+            d = admin.describe_share_group("workers")
+            samples = scrape(metrics_port)
+            [part] = d["partitions"]
+            assert value(samples, "logbroker_share_group_in_flight", group="workers", topic="jobs",
+                         partition="0") == part["in_flight"] == 7
+            assert value(samples, "logbroker_share_group_acknowledged_total", group="workers") == 2
+            assert value(samples, "logbroker_share_group_dead_letters_total", group="workers") == 1
+            assert value(samples, "logbroker_share_group_redeliveries_total", group="workers") == 0
+            assert value(samples, "logbroker_share_group_oldest_unsettled_age_seconds", group="workers") > 0
+            assert value(samples, "logbroker_topic_active_consumers", topic="jobs") == 1
 
 
 @pytest.fixture
