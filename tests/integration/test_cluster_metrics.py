@@ -141,6 +141,29 @@ def metrics_cluster(zookeeper, zk_chroot, tmp_path) -> Iterator[tuple[Cluster, d
         c.stop()
 
 
+def _lag_agrees_across_brokers(cluster: Cluster, ports: dict[int, int]) -> None:
+    """The group's coordinator alone reports its lag, asking the other leaders for their high watermarks."""
+    with Producer(cluster.bootstrap, acks=-1) as producer:
+        for p in range(6):
+            for i in range(p + 3):
+                producer.send("events", value=b"e%d" % i, partition=p)
+        producer.flush()
+    with Admin(cluster.bootstrap) as admin:
+        admin.reset_offsets("audit", "events", "offset", 2)  # clamped to each partition's end
+    described = groups_describe(cluster.bootstrap, "audit")
+    want = {("events", r["partition"]): r["lag"] for r in described["partitions"]}
+    assert want == {("events", p): p + 1 for p in range(6)}
+    reporters = []
+    got = {}
+    for i, port in ports.items():
+        rows = [(labels, v) for labels, v in scrape(port).get("logbroker_consumer_group_lag", [])
+                if labels["group"] == "audit"]
+        if rows:
+            reporters.append(i)
+        got.update({(labels["topic"], int(labels["partition"])): v for labels, v in rows})
+    assert reporters == [described["coordinator_id"]] and got == want
+
+
 def _total(ports: dict[int, int], alive: list[int], name: str) -> float:
     return sum(value(scrape(ports[i]), name) or 0 for i in alive)
 
@@ -156,6 +179,7 @@ def test_killing_a_broker_shows_under_replicated_partitions_until_it_rejoins(met
     assert _total(ports, everyone, "logbroker_under_replicated_partitions") == 0
     for i in everyone:
         assert value(scrape(ports[i]), "logbroker_zookeeper_session_state", state="connected") == 1
+    _lag_agrees_across_brokers(cluster, ports)
 
     victim = 2
     cluster.kill9(victim)
