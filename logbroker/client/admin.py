@@ -46,6 +46,7 @@ from logbroker.errors import (
     UnknownTopicOrPartitionError,
     error_for,
 )
+from logbroker.group.lag import partition_lag
 from logbroker.security.acl import AclBinding
 from logbroker.security.scram import DEFAULT_ITERATIONS, Mechanism, make_credential
 from logbroker.tls import TlsConfig
@@ -342,7 +343,7 @@ class Admin:
         for tp in tps:
             current = d.offsets.get(tp)
             end = ends.get(tp)
-            lag = None if current is None or end is None else max(end - current, 0)
+            lag = partition_lag(current, end)
             rows.append(PartitionLag(tp[0], tp[1], current, end, lag, owner.get(tp, "")))
         return rows
 

@@ -659,7 +659,8 @@ class GroupCoordinator:
         return errors
 
     async def _ask_high_watermarks(self, leader: int, tps: list[TopicPartition],
-                                   errors: dict[TopicPartition, BrokerError]) -> None:
+                                   errors: dict[TopicPartition, BrokerError],
+                                   answers: dict[TopicPartition, int] | None = None) -> None:
         brokers, _, _ = self._cluster.cluster_brokers()
         address = next((f"{b.host}:{b.port}" for b in brokers if b.broker_id == leader), None)
         peers = self._peers
@@ -681,6 +682,8 @@ class GroupCoordinator:
                 errors[tp] = error_for(r.error_code, r.error_message)
             else:
                 self._hw_cache[tp] = max(self._hw_cache.get(tp, -1), r.offset)
+                if answers is not None:
+                    answers[tp] = r.offset
 
     def fetch(self, req: pb.OffsetFetchRequest) -> pb.OffsetFetchResponse:
         resp = pb.OffsetFetchResponse()
@@ -766,6 +769,41 @@ class GroupCoordinator:
                     entry.offsets.pop(tp, None)
                 if not entry.offsets and entry.membership is None:
                     shard.groups.pop(group, None)
+
+    # -- metrics (server/cluster_metrics.py) ----------------------------------------------------
+
+    def consumer_groups(self) -> list[tuple[str, int, dict[TopicPartition, int]]]:
+        """(group, members, committed offsets) of every consumer group of the loaded shards: the
+        groups this broker coordinates, so each group is reported by one broker only."""
+        out = []
+        for shard in self.loaded_shards():
+            for group, entry in sorted(shard.groups.items()):
+                members = len(entry.membership.describe().members) if entry.membership is not None else 0
+                out.append((group, members, {tp: c.offset for tp, c in entry.offsets.items()}))
+        return out
+
+    async def high_watermarks(self, tps: Iterable[TopicPartition], timeout_s: float) -> dict[TopicPartition, int]:
+        """Each partition's high watermark (what `ListOffsets -1` answers): the local leader
+        replica's, else asked of its leader within `timeout_s`; a partition whose leader does not
+        answer in time is left out."""
+        out: dict[TopicPartition, int] = {}
+        remote: dict[int, list[TopicPartition]] = {}
+        for tp in tps:
+            part = self._replicas.partitions.get(tp)
+            if part is not None and part.is_leader:
+                out[tp] = part.high_watermark
+                continue
+            st = (self._cluster.topic_partitions(tp[0]) or {}).get(tp[1])
+            remote.setdefault(st.leader if st is not None else -1, []).append(tp)
+        errors: dict[TopicPartition, BrokerError] = {}
+        asked: dict[TopicPartition, int] = {}  # fresh answers only (never the commit check's cache)
+        if remote:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(
+                    *(self._ask_high_watermarks(leader, leader_tps, errors, asked)
+                      for leader, leader_tps in remote.items())), timeout_s)
+        out.update(asked)
+        return out
 
     # -- admin -------------------------------------------------------------------------------------
 

@@ -234,6 +234,9 @@ class ReplicaManager:
         self.live_broker_epochs: dict[int, int] = {}
         self._isr_writes: dict[Key, asyncio.Task[None]] = {}
         self._isr_retry_at_ms: dict[Key, int] = {}
+        # ISR changes this broker made as leader and saw committed (`logbroker_isr_{shrinks,expands}_total`)
+        self.isr_shrinks_total = 0
+        self.isr_expands_total = 0
         self._isr_task: asyncio.Task[None] | None = None
         self._stopping = False
         # called (no arguments, possibly off the loop) after partition roles may have changed:
@@ -896,7 +899,11 @@ class ReplicaManager:
             log.info("ISR write for %s-%d refused (version %d); waiting for the controller's state",
                      part.topic, part.index, state.zk_version)
             return
+        before = set(ls.isr)
         ls.isr_change_committed(stored.isr, stored.zk_version)
+        after = set(ls.isr)
+        self.isr_shrinks_total += bool(before - after)
+        self.isr_expands_total += bool(after - before)
         part.sync_leader_state()
         log.info("ISR of %s-%d is now %s (znode version %d)", part.topic, part.index, part.isr, part.zk_version)
         self.notify(part.key)

@@ -70,6 +70,7 @@ from logbroker.security.acl import CLUSTER_NAME, Authorizer, Operation, Resource
 from logbroker.security.quotas import QuotaManager
 from logbroker.server import admin_service, broker_service, replica_service, rpc
 from logbroker.server.acl_cache import AclCache
+from logbroker.server.active_clients import ActiveClients
 from logbroker.server.admission import Admission
 from logbroker.server.apis.admin import AdminApis
 from logbroker.server.apis.broker_apis import BrokerApis
@@ -197,6 +198,7 @@ class Broker:
             )
             self._security: SecurityStore | None = None  # opened by start()
             self._producer_ids: ProducerIdStore | None = None  # opened by the first InitProducerId
+            self.active_clients = ActiveClients(clock)  # per topic, for /metrics (server/cluster_metrics.py)
             self.apis = self._build_apis(config)
             self.sasl: SaslServer | None = (SaslServer(config.sasl_mechanisms, self.security_store)
                                             if config.sasl_mechanisms else None)
@@ -377,12 +379,12 @@ class Broker:
                                           cluster_secret=config.cluster_secret)
         self.quota_cache = QuotaCache(self.security_store, self.client_quotas.manager)
         return BrokerApis(
-            ProduceFetchApis(config, self, self.replica_manager, self, self.broker_principals),
+            ProduceFetchApis(config, self, self.replica_manager, self, self.broker_principals, self.active_clients),
             MetadataApis(self, self, None if hook is None else
                          lambda ctx, topic: hook.allowed(ctx, Operation.DESCRIBE, ResourceType.TOPIC, topic)),
             GroupApis(self, self.coordinator),
             AdminApis(self, self, self, self.replica_manager),
-            queues=QueueApis(self, self.share_coordinator),
+            queues=QueueApis(self, self.share_coordinator, self.active_clients),
             security=SecurityApis(self.security_store, self._acls_changed, self.quota_cache.changed),
             producer_ids=ProducerIdApis(self.producer_id_store),
             hook=hook,

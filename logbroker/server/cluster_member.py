@@ -102,6 +102,9 @@ class ClusterMember:
         self._controller_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._session_lost = False
+        # the ZooKeeper session as kazoo last reported it (`logbroker_zookeeper_session_state`):
+        # NONE before start, then CONNECTED, SUSPENDED, LOST
+        self.zk_session_state = "NONE"
         self._reregister: asyncio.Task[None] | None = None
         # replicas to name to the controller (ReplicaManager.offline_reporter), sent by one task
         self._offline_pending: dict[TP, str] = {}
@@ -117,6 +120,7 @@ class ClusterMember:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         await self._zk(self.store.start)
+        self.zk_session_state = "CONNECTED"
         self.store.add_state_listener(self._on_state_threadsafe)
         await self._register()
         self.controller = Controller(self.config.broker_id, self.store, self.channels, self._loop,
@@ -143,6 +147,7 @@ class ClusterMember:
             self._loop.call_soon_threadsafe(self._on_state, state)
 
     def _on_state(self, state: str) -> None:
+        self.zk_session_state = state
         if state == "LOST":
             log.warning("ZooKeeper session lost: dropping every partition role until re-registered")
             self._session_lost = True

@@ -23,6 +23,7 @@ never races the loop; a loop that does not answer within SCRAPE_TIMEOUT_S shows 
 | `logbroker_inflight_request_bytes`, `logbroker_inflight_requests` | gauge | client requests being handled now, their bytes and count (server/admission.py) |
 | `logbroker_interbroker_refusals_total` | counter | inter-broker calls refused: no or a wrong cluster secret, or a standalone broker (server/request_checks.py) |
 | `logbroker_sasl_failed_logins_total` | counter | SASL (SCRAM) logins refused: wrong password, unknown user, malformed or replayed messages (server/sasl.py) |
+| cluster, consumer lag, share groups, active clients | | server/cluster_metrics.py (`ClusterCollector`) |
 | `process_*`, `python_*` | | prometheus_client's process, platform and GC collectors |
 """
 
@@ -45,6 +46,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from logbroker.server.cluster_metrics import ClusterCollector
 from logbroker.server.request_checks import INTERBROKER_REFUSALS
 from logbroker.tls import ServerTls
 
@@ -189,6 +191,7 @@ class MetricsServer:
         PlatformCollector(registry=registry)
         GCCollector(registry=registry)
         registry.register(BrokerCollector(broker, loop))
+        registry.register(ClusterCollector(broker, loop))  # server/cluster_metrics.py
         if tls is None:
             httpd, _thread = start_http_server(port, addr=host, registry=registry)
         else:

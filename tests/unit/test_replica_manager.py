@@ -247,6 +247,7 @@ def test_acks_all_times_out_and_fails_after_shrink(setup):
         with pytest.raises(NotEnoughReplicasAfterAppendError):
             await parked
         assert part.isr == [0] and setup.store.get_state("t", 0).isr == [0]
+        assert (rm.isr_shrinks_total, rm.isr_expands_total) == (1, 0)  # logbroker_isr_shrinks_total
         assert part.high_watermark == 2  # the leader alone holds it now
         with pytest.raises(NotEnoughReplicasError):
             await rm.produce("t", 0, batch(), -1, 1000)
@@ -257,6 +258,7 @@ def test_acks_all_times_out_and_fails_after_shrink(setup):
         rm.read("t", 0, 2, 1 << 20, replica_id=1, current_leader_epoch=1, replica_epoch=EPOCHS[1])
         await until(lambda: part.isr == [0, 1], 5, "the ISR expansion")
         assert setup.store.get_state("t", 0).isr == [0, 1] and part.zk_version == 2
+        assert (rm.isr_shrinks_total, rm.isr_expands_total) == (1, 1)
         await rm.produce("t", 0, batch(), 1, 1000)
     run(main)
 
@@ -274,6 +276,7 @@ def test_refused_isr_write_keeps_the_isr(setup):
         await until(lambda: setup.store.writes > writes and not part.leader_state.isr_change_in_flight, 5,
                     "the refused write")
         assert part.isr == [0, 1]
+        assert rm.isr_shrinks_total == 0  # only committed changes count
         assert rm.check_isr_shrink() == 0  # backing off before trying again
     run(main)
 

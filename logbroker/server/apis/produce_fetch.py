@@ -44,6 +44,7 @@ from logbroker.errors import (
     UnknownTopicOrPartitionError,
 )
 from logbroker.group.offsets import OFFSETS_TOPIC
+from logbroker.server.active_clients import CONSUMERS, PRODUCERS, ActiveClients, seen_by
 from logbroker.server.admission import overloaded
 from logbroker.server.apis.fetch_encoding import FetchParts, encode_fetch_response, release
 from logbroker.server.apis.fetch_filter import filter_records, filtered_fetch_max_bytes
@@ -96,9 +97,12 @@ class LeaderReplicas(Protocol):
 
 class ProduceFetchApis:
     def __init__(self, config: BrokerConfig, state: ServingState, replicas: LeaderReplicas,
-                 lookup: PartitionLookup, broker_principals: BrokerPrincipals | None = None) -> None:
-        """`broker_principals`: on a TLS broker, who may fetch as a replica besides the cluster secret."""
+                 lookup: PartitionLookup, broker_principals: BrokerPrincipals | None = None,
+                 active_clients: ActiveClients | None = None) -> None:
+        """`broker_principals`: on a TLS broker, who may fetch as a replica besides the cluster secret.
+        `active_clients`: told each client's topics (server/active_clients.py), for /metrics."""
         self._config = config
+        self._active_clients = active_clients
         self._broker_principals = broker_principals
         self._state = state
         self._replicas = replicas
@@ -122,6 +126,8 @@ class ProduceFetchApis:
         """Append every partition first, then (acks=all) wait for all of them at once."""
         check_ready(self._state)
         check_count(len(req.partitions), "partitions")
+        if self._active_clients is not None:
+            seen_by(self._active_clients, PRODUCERS, context, {pp.topic for pp in req.partitions})
         rm = self._replicas
         resp = pb.ProduceResponse()
         acks = req.acks
@@ -288,6 +294,8 @@ class ProduceFetchApis:
                 self._broker_principals.require(context, f"Fetch as replica {replica_id}")
         check_ready(self._state)
         check_count(len(req.partitions), "partitions")
+        if replica_id < 0 and self._active_clients is not None:
+            seen_by(self._active_clients, CONSUMERS, context, {fp.topic for fp in req.partitions})
         if req.max_bytes < 0 or req.min_bytes < 0 or req.max_wait_ms < 0:
             raise RequestRejected(RequestStatus.INVALID_ARGUMENT,
                                   "max_bytes, min_bytes and max_wait_ms must not be negative")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from logbroker.server.active_clients import CONSUMERS, ActiveClients, seen_by
 from logbroker.server.request_checks import ServingState, check_count, check_ready
 from logbroker.server.request_context import RequestContext
 from logbroker.v1 import logbroker_pb2 as pb
@@ -26,14 +27,19 @@ class ShareCalls(Protocol):
 
 
 class QueueApis:
-    def __init__(self, state: ServingState, coordinator: ShareCalls) -> None:
+    def __init__(self, state: ServingState, coordinator: ShareCalls, active_clients: ActiveClients | None = None) -> None:
         self._state = state
         self._coordinator = coordinator
+        self._active_clients = active_clients  # told who share-fetched which topics (server/active_clients.py)
 
     async def share_fetch(self, context: RequestContext, req: pb.ShareFetchRequest) -> pb.ShareFetchResponse:
         check_ready(self._state)
         check_count(len(req.acknowledgements), "acknowledgements")
-        return await self._coordinator.share_fetch(req)
+        resp = await self._coordinator.share_fetch(req)
+        if self._active_clients is not None:
+            topics = {p.topic for p in resp.partitions} | {a.topic for a in req.acknowledgements}
+            seen_by(self._active_clients, CONSUMERS, context, topics)
+        return resp
 
     async def share_acknowledge(self, context: RequestContext,
                                 req: pb.ShareAcknowledgeRequest) -> pb.ShareAcknowledgeResponse:
