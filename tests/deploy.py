@@ -91,3 +91,48 @@ def container_env(c: dict[str, Any], field_values: dict[str, str]) -> dict[str, 
             assert path in field_values, f"test gives no value for fieldRef {path}"
             env[item["name"]] = field_values[path]
     return env
+
+
+# deploy/grafana and deploy/prometheus (tests/unit/test_deploy_monitoring.py,
+# tests/integration/test_deploy_monitoring.py)
+DASHBOARD = DEPLOY / "grafana" / "logbroker-dashboard.json"
+ALERT_RULES = DEPLOY / "prometheus" / "logbroker-alerts.yaml"
+ALERT_RULES_TEST = DEPLOY / "prometheus" / "logbroker-alerts.test.yaml"
+# a metric name in PromQL: the broker's own and prometheus_client's process collector's
+_METRIC_NAME = re.compile(r"\b((?:logbroker|process)_[a-zA-Z0-9_]+)\b")
+# what a sample name adds to its family's name in the text exposition
+SAMPLE_SUFFIXES = ("_total", "_bucket", "_sum", "_count", "_created")
+
+
+def dashboard_exprs(dashboard: dict[str, Any] | None = None) -> list[str]:
+    """Every panel target's PromQL expression (rows' nested panels included)."""
+    if dashboard is None:
+        dashboard = json.loads(DASHBOARD.read_text())
+    out: list[str] = []
+    stack = list(dashboard["panels"])
+    while stack:
+        panel = stack.pop()
+        stack.extend(panel.get("panels", []))
+        out.extend(t["expr"] for t in panel.get("targets", []))
+    return out
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    import yaml  # a test dependency (pyproject's test extras), imported where used
+
+    return [rule for group in yaml.safe_load(ALERT_RULES.read_text())["groups"] for rule in group["rules"]]
+
+
+def metric_names(exprs: list[str]) -> set[str]:
+    return {m for e in exprs for m in _METRIC_NAME.findall(e)}
+
+
+def exposed_families(text: str) -> set[str]:
+    """The metric family names a /metrics text declares (`# TYPE` lines: a labelled family with no
+    series yet, such as the lag of no group, still declares itself)."""
+    return {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
+
+
+def is_exposed(name: str, families: set[str]) -> bool:
+    """`name` is a family or one of its sample names (`_total` of a counter, `_bucket` of a histogram)."""
+    return name in families or any(name.endswith(s) and name[: -len(s)] in families for s in SAMPLE_SUFFIXES)

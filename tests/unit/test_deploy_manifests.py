@@ -265,6 +265,11 @@ def test_ports_names_and_paths_agree(overlay):
     annotations = sts["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
     assert int(annotations["prometheus.io/port"]) == metrics_port
+    assert annotations["prometheus.io/path"] == "/metrics"
+    # the image runs a standalone broker with /metrics on the same port, and exposes it
+    cmd = dockerfile_exec_form("CMD")
+    assert parse_host_port(cmd[cmd.index("--metrics-listen") + 1])[1] == metrics_port
+    assert str(metrics_port) in [v for w, v in dockerfile_instructions() if w == "EXPOSE"][0].split()
     advertised = next(e["value"] for e in main["env"] if e["name"] == "LOGBROKER_ADVERTISED_ADDRESS")
     assert advertised == f"$(POD_NAME).{sts['spec']['serviceName']}.$(POD_NAMESPACE).svc:{listen_port}"
     mounts = {m["mountPath"]: m["name"] for m in main["volumeMounts"]}
