@@ -33,7 +33,6 @@ from logbroker.config import (
     broker_id_from_pod_name,
     default_bootstrap,
     metrics_address,
-    parse_host_port,
     parse_pairs,
     resolve_serve_settings,
 )
