@@ -36,6 +36,7 @@ from logbroker.server.apis.replies import ReplyApis
 from logbroker.server.apis.security import SecurityApis
 from logbroker.server.apis.throttling import ClientQuotas
 from logbroker.server.request_context import RequestContext, RequestRejected, RequestStatus
+from logbroker.server.request_metrics import RequestMetrics
 from logbroker.v1 import logbroker_pb2 as pb
 
 Response: TypeAlias = Message | bytes
@@ -87,10 +88,10 @@ REQUEST_TYPES: dict[str, type[Message]] = {
 class RequestHook:
     """Called once per request, before the API runs, on the broker's event loop.
 
-    Today a no-op: there are no per-API request metrics yet (logbroker/server/metrics.py reports broker
-    state only). Authorization (raise RequestRejected(PERMISSION_DENIED)) and request metrics go
-    here, once, for every listener; client quotas run around the call (`BrokerApis.quotas`). Must
-    not block.
+    A no-op here; the authorizer's hook (server/authorization.py) raises
+    RequestRejected(PERMISSION_DENIED). Request metrics (server/request_metrics.py) are counted
+    around it by `BrokerApis.handle`, once, for every listener; client quotas run around the call
+    (`BrokerApis.quotas`). Must not block.
     """
 
     def on_request(self, api: str, context: RequestContext, request: Message) -> None:
@@ -102,11 +103,15 @@ class BrokerApis:
                  admin: AdminApis | None = None, hook: RequestHook | None = None,
                  queues: QueueApis | None = None, replies: ReplyApis | None = None,
                  security: SecurityApis | None = None, producer_ids: ProducerIdApis | None = None,
-                 quotas: ClientQuotas | None = None, admission: Admission | None = None) -> None:
+                 quotas: ClientQuotas | None = None, admission: Admission | None = None,
+                 metrics: RequestMetrics | None = None) -> None:
         """`metadata`, `groups`, `admin`, `queues` None: those calls are UNIMPLEMENTED (a data-path-only broker
         in tests). `quotas`: client quotas enforced on every call (server/apis/throttling.py).
         `admission`: the bounds on in-flight requests the listeners apply before parsing a request
-        (server/admission.py; they know its size), None: no bounds."""
+        (server/admission.py; they know its size), None: no bounds. `metrics`: every call counted,
+        timed and its errors counted (server/request_metrics.py; Produce and Fetch report their
+        partitions through ProduceFetchApis, which the caller gives the same object)."""
+        self.metrics = metrics
         self.hook = hook if hook is not None else RequestHook()
         self.quotas = quotas
         self.admission = admission
@@ -147,8 +152,19 @@ class BrokerApis:
         op = self._ops.get(api)
         if op is None:
             raise RequestRejected(RequestStatus.UNIMPLEMENTED, f"unknown api {api}")
-        self.hook.on_request(api, context, request)
-        call = op(context, request)
+        metrics = self.metrics
+        if metrics is None:
+            self.hook.on_request(api, context, request)
+            call = op(context, request)
+        else:
+            metrics.started(api)
+            try:
+                self.hook.on_request(api, context, request)
+                pending = op(context, request)
+            except Exception as exc:
+                metrics.rejected(api, exc)
+                raise
+            call = metrics.timed(api, pending)
         if self.quotas is not None and self.quotas.applies(api, context, request):
             call = self.quotas.run(api, context, request, call)
         if api in audit.AUDITED:
