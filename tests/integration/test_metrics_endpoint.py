@@ -69,6 +69,8 @@ def test_live_metrics_pass_promtool_and_count_records_in_and_out(metered, tmp_pa
         while got < n and time.monotonic() < deadline:
             got += len(consumer.poll(timeout_ms=500))
         assert got == n
+        # the consumer's connection (the record transport) is open now
+        assert sample(scrape(port), "logbroker_connections", 'listener="record_transport"') >= 1
     consumed = scrape(port)
     assert sample(consumed, "logbroker_topic_records_out_total", 'topic="orders"') - \
         sample(produced, "logbroker_topic_records_out_total", 'topic="orders"') == n
