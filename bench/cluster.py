@@ -78,7 +78,7 @@ class Broker:
             sys.executable, "-m", "logbroker", "serve", "--data-dir", str(workdir / f"broker-{broker_id}"),
             "--listen", self.address, "--broker-id", str(broker_id), "--zookeeper", zookeeper,
             "--cluster-secret-file", str(dev_cluster_secret(workdir)),
-            "--zk-session-timeout-ms", str(session_timeout_ms), "--log-level", "warning", *extra_args,
+            "--zk-session-timeout-ms", str(session_timeout_ms), "--log-level", "warning", "--metrics-listen", "off", *extra_args,
         ]  # fmt: skip
         self.proc: ServerProcess | None = None
         self.history: list[ServerProcess] = []  # every incarnation, for exit codes and logs

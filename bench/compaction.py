@@ -68,7 +68,7 @@ class Broker:
     def start(self) -> float:
         self.starts += 1
         argv = [sys.executable, "-m", "logbroker", "serve", "--data-dir", str(self.workdir / "data"),
-                "--listen", self.address, "--log-level", "info", *self.args]
+                "--listen", self.address, "--log-level", "info", "--metrics-listen", "off", *self.args]
         env = {**os.environ,
                "PYTHONPATH": os.pathsep.join(filter(None, [str(LOGBROKER_ROOT), os.environ.get("PYTHONPATH")]))}
         started = time.time()

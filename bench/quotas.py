@@ -95,7 +95,7 @@ def run(quota_mb: float, warmup_s: float, duration_s: float, window_num: int, wi
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(LOGBROKER_ROOT),
                                                                           os.environ.get("PYTHONPATH")]))}
         proc = ServerProcess("logbroker", [sys.executable, "-m", "logbroker", "serve", "--data-dir",
-                                           str(workdir / "data"), "--listen", address, "--log-level", "warning",
+                                           str(workdir / "data"), "--listen", address, "--log-level", "warning", "--metrics-listen", "off",
                                            "--quota-window-num", str(window_num),
                                            "--quota-window-size-ms", str(window_ms)],
                              workdir / "logbroker.log", env=env)

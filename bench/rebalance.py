@@ -663,7 +663,7 @@ def _servers(workdir: Path, brokers: int) -> Iterator[str]:
             address = f"127.0.0.1:{free_port()}"
             argv = [
                 sys.executable, "-m", "logbroker", "serve", "--data-dir", str(workdir / "data"),
-                "--listen", address, "--log-level", "warning",
+                "--listen", address, "--log-level", "warning", "--metrics-listen", "off",
             ]  # fmt: skip
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(LOGBROKER_ROOT),
                                                                                os.environ.get("PYTHONPATH")]))}  # fmt: skip

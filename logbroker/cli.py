@@ -31,7 +31,7 @@ from logbroker.config import (
     broker_config_from_settings,
     broker_id_from_pod_name,
     default_bootstrap,
-    parse_host_port,
+    metrics_address,
     parse_pairs,
     resolve_serve_settings,
 )
@@ -68,7 +68,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         values = resolve_serve_settings(args.config, os.environ, serve_flags(args))
         config = broker_config_from_settings(values, hostname=os.environ.get("HOSTNAME") or socket.gethostname())
-        metrics_address = parse_host_port(str(values["metrics_listen"])) if values["metrics_listen"] else None
+        metrics_at = metrics_address(values)
     except (ConfigError, ValueError) as exc:
         raise CliError(str(exc)) from None
     host = config.listen_host
@@ -87,10 +87,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, on_signal)
         metrics = None
-        if metrics_address is not None:
+        if metrics_at is not None:
             from logbroker.server.metrics import MetricsServer
 
-            metrics = MetricsServer.start(broker, loop, *metrics_address,
+            metrics = MetricsServer.start(broker, loop, *metrics_at,
                                           tls=config.tls if config.metrics_tls else None)
         try:
             try:

@@ -19,6 +19,9 @@ from logbroker.tls import CLIENT_AUTH_MODES, ServerTls, TlsError
 DEFAULT_PORT = 9092
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_BOOTSTRAP = f"{DEFAULT_HOST}:{DEFAULT_PORT}"
+# /metrics is on by default on the listen host at this port (OpenTelemetry's Prometheus exporter port);
+# `--metrics-listen off` disables it, `--metrics-listen HOST:PORT` moves it.
+DEFAULT_METRICS_PORT = 9464
 BOOTSTRAP_ENV = "LOGBROKER_BOOTSTRAP"
 DEFAULT_ZK_CHROOT = "/logbroker"
 OFFSETS_SEGMENT_BYTES_MIN = 1 << 14  # the topic config bounds of segment_bytes (cluster/metadata.py)
@@ -225,8 +228,8 @@ SERVE_SETTINGS: tuple[ServeSetting, ...] = (
     ServeSetting("group_heartbeat_interval_ms", int, 500, "how often stable group members heartbeat"),
     ServeSetting("offsets_retention_ms", int, 7 * 24 * 3600 * 1000,
                  "committed offsets of a group without members are deleted after this"),
-    ServeSetting("metrics_listen", str, "", "HOST:PORT for a Prometheus /metrics endpoint (default: off)",
-                 "HOST:PORT"),
+    ServeSetting("metrics_listen", str, "", "HOST:PORT for the Prometheus /metrics endpoint (default: the listen "
+                 f"host, port {DEFAULT_METRICS_PORT}); off: no endpoint", "HOST:PORT|off"),
     ServeSetting("authorizer", str, "none",
                  "acl: every client call is checked against the ACLs (logbroker acls), and refused when none "
                  "allows it; none: no checks", choices=AUTHORIZERS),
@@ -477,6 +480,17 @@ def _quota_windows(values: Mapping[str, SettingValue]) -> dict[str, Any]:
     return {"quota_window_num": num, "quota_window_size_ms": size_ms}
 
 
+def metrics_address(values: Mapping[str, SettingValue]) -> tuple[str, int] | None:
+    """Where /metrics binds: --metrics-listen HOST:PORT, None for `off`, and by default the listen host
+    at DEFAULT_METRICS_PORT. Raises ValueError on a malformed address."""
+    text = str(values["metrics_listen"]).strip()
+    if text.lower() == "off":
+        return None
+    if not text:
+        return parse_host_port(str(values["listen"]))[0], DEFAULT_METRICS_PORT
+    return parse_host_port(text, DEFAULT_METRICS_PORT)
+
+
 def broker_config_from_settings(values: Mapping[str, SettingValue], hostname: str = "") -> BrokerConfig:
     """BrokerConfig from resolved settings; `hostname` is used with broker_id_from_hostname."""
     def text(name: str) -> str:
@@ -490,8 +504,7 @@ def broker_config_from_settings(values: Mapping[str, SettingValue], hostname: st
     try:
         host, port = parse_host_port(text("listen"))
         adv_host, adv_port = parse_host_port(text("advertised_address"), port) if text("advertised_address") else ("", 0)
-        if text("metrics_listen"):
-            parse_host_port(text("metrics_listen"))
+        metrics_address(values)
         data_on = text("data_listen").strip().lower() != "off"
         data_host, data_port = parse_host_port(text("data_listen"), 0) if data_on and text("data_listen") else ("", 0)
     except ValueError as exc:

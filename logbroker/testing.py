@@ -107,7 +107,7 @@ class BrokerProcess:
         self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed by stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "logbroker", "serve", "--data-dir", str(self.data_dir),
-             "--listen", self.address, *self.extra_args],
+             "--listen", self.address, *self._metrics_args(), *self.extra_args],
             stdout=self._log_file, stderr=subprocess.STDOUT, cwd=self.data_dir.parent,
             env={**broker_env(), **self.env},
         )
@@ -118,6 +118,11 @@ class BrokerProcess:
                 self.stop()
                 raise
         return self
+
+    def _metrics_args(self) -> list[str]:
+        """/metrics is on by default at a fixed port: off here (parallel brokers would collide) unless
+        the test asks for it (its --metrics-listen in extra_args comes later and wins, or the environment)."""
+        return [] if "LOGBROKER_METRICS_LISTEN" in self.env else ["--metrics-listen", "off"]
 
     def serving(self) -> bool:
         """The broker's gRPC health service says SERVING; raises if the process has exited."""

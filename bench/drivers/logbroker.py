@@ -204,6 +204,9 @@ class LogbrokerDriver(Driver):
         argv = [
             sys.executable, "-m", "logbroker", "serve", "--data-dir", str(workdir / "data"),
             "--listen", address, "--log-level", "warning", *self.server_args(workdir),
+            # /metrics is on by default, as in production, on a port of its own;
+            # `[options.logbroker] metrics = false` turns it off (max-100b-metrics-off: its cost)
+            "--metrics-listen", f"127.0.0.1:{free_port()}" if wl.option(self.name, "metrics", True) else "off",
         ]  # fmt: skip
         env = {
             **os.environ,

@@ -183,7 +183,7 @@ def run_dev_cluster(brokers: int, workdir: Path | None, base_port: int = 0, time
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "logbroker", "serve", "--data-dir", str(workdir / f"broker-{i}"),
                  "--listen", address, "--broker-id", str(i), "--zookeeper", f"{zk.address}/logbroker",
-                 "--cluster-secret-file", str(secret_file)],
+                 "--cluster-secret-file", str(secret_file), "--metrics-listen", "off"],
                 stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
             ))
             log_file.close()

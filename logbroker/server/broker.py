@@ -90,6 +90,7 @@ from logbroker.server.quota_cache import QuotaCache
 from logbroker.server.reply_registry import ReplyRegistry
 from logbroker.server.request_context import RequestRejected, RequestStatus
 from logbroker.server.request_log import RequestLog
+from logbroker.server.request_metrics import RequestMetrics
 from logbroker.server.sasl import SaslServer
 from logbroker.server.wire_server import WireServer
 from logbroker.storage.cleaner_checkpoint import FILE_NAME as CLEANER_CHECKPOINT_FILE
@@ -378,8 +379,10 @@ class Broker:
                                                        window_ms=config.quota_window_size_ms),
                                           cluster_secret=config.cluster_secret)
         self.quota_cache = QuotaCache(self.security_store, self.client_quotas.manager)
+        self.request_metrics = RequestMetrics()
         return BrokerApis(
-            ProduceFetchApis(config, self, self.replica_manager, self, self.broker_principals, self.active_clients),
+            ProduceFetchApis(config, self, self.replica_manager, self, self.broker_principals, self.active_clients,
+                             self.request_metrics),
             MetadataApis(self, self, None if hook is None else
                          lambda ctx, topic: hook.allowed(ctx, Operation.DESCRIBE, ResourceType.TOPIC, topic)),
             GroupApis(self, self.coordinator),
@@ -393,6 +396,7 @@ class Broker:
             admission=Admission(config.max_inflight_request_bytes, config.max_inflight_requests,
                                 config.overload_retry_after_ms),
             request_log=RequestLog(config.slow_request_ms),
+            metrics=self.request_metrics,
         )
 
     def _build_authorizer(self, config: BrokerConfig) -> AuthorizingHook | None:

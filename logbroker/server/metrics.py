@@ -24,6 +24,10 @@ never races the loop; a loop that does not answer within SCRAPE_TIMEOUT_S shows 
 | `logbroker_interbroker_refusals_total` | counter | inter-broker calls refused: no or a wrong cluster secret, or a standalone broker (server/request_checks.py) |
 | `logbroker_sasl_failed_logins_total` | counter | SASL (SCRAM) logins refused: wrong password, unknown user, malformed or replayed messages (server/sasl.py) |
 | cluster, consumer lag, share groups, active clients | | server/cluster_metrics.py (`ClusterCollector`) |
+| `logbroker_fetch_purgatory_size` | gauge | long-poll fetches waiting in the fetch purgatory |
+| `logbroker_log_flush_duration_seconds` | histogram | log flushes: a rolled segment's fsync (the flusher) and a log's flush (msync, index sync) (storage/flush_timing.py) |
+| `logbroker_requests_total{api}`, ... | | request and per-topic traffic metrics: server/request_metrics.py |
+| `logbroker_disk_free_bytes{dir}`, ... | | host metrics (psutil): server/host_metrics.py |
 | `process_*`, `python_*` | | prometheus_client's process, platform and GC collectors |
 """
 
@@ -43,11 +47,14 @@ from prometheus_client import (
     ProcessCollector,
     start_http_server,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from logbroker.server.cluster_metrics import ClusterCollector
+from logbroker.server.host_metrics import HostCollector
 from logbroker.server.request_checks import INTERBROKER_REFUSALS
+from logbroker.server.request_metrics import RequestMetricsSnapshot
+from logbroker.storage.flush_timing import LOG_FLUSHES
 from logbroker.tls import ServerTls
 
 if TYPE_CHECKING:
@@ -73,6 +80,8 @@ class BrokerSnapshot:
     replies: tuple[int, int, int] = (0, 0, 0)  # delivered, dropped, unknown
     connections_refused: tuple[tuple[str, int], ...] = ()  # (reason, count) of the record transport
     overload: tuple[int, int, int] = (0, 0, 0)  # in-flight request bytes, in-flight requests, refused ever
+    fetch_purgatory_size: int = 0
+    requests: RequestMetricsSnapshot | None = None
 
 
 def snapshot(broker: Broker) -> BrokerSnapshot:
@@ -92,8 +101,11 @@ def snapshot(broker: Broker) -> BrokerSnapshot:
     admission = broker.apis.admission
     overload = ((admission.inflight_bytes, admission.inflight_requests, admission.refused_total)
                 if admission is not None else (0, 0, 0))
+    request_metrics = broker.apis.metrics
     return BrokerSnapshot(broker.ready, by_role, under_replicated, under_min_isr, size, corrupt, offline,
-                          len(reg), (reg.delivered, reg.dropped, reg.unknown), refused, overload)
+                          len(reg), (reg.delivered, reg.dropped, reg.unknown), refused, overload,
+                          broker.replica_manager.fetch_purgatory.waiting,
+                          request_metrics.snapshot() if request_metrics is not None else None)
 
 
 class BrokerCollector(Collector):
@@ -132,6 +144,7 @@ class BrokerCollector(Collector):
         sasl = getattr(self._broker, "sasl", None)
         yield CounterMetricFamily("logbroker_sasl_failed_logins", "SASL logins refused",
                                   value=sasl.failed_logins if sasl is not None else 0)
+        yield self._flush_family()
         if snap is None:
             return
         yield GaugeMetricFamily("logbroker_ready", "1 once logs are recovered", value=int(snap.ready))
@@ -169,6 +182,43 @@ class BrokerCollector(Collector):
         yield GaugeMetricFamily("logbroker_inflight_request_bytes", "bytes of client requests being handled",
                                 value=inflight_bytes)
         yield GaugeMetricFamily("logbroker_inflight_requests", "client requests being handled", value=inflight_requests)
+        yield GaugeMetricFamily("logbroker_fetch_purgatory_size", "long-poll fetches waiting",
+                                value=snap.fetch_purgatory_size)
+        if snap.requests is not None:
+            yield from request_families(snap.requests)
+
+    def _flush_family(self) -> Metric:
+        cumulative, total = LOG_FLUSHES.snapshot()
+        bounds = [repr(b) for b in LOG_FLUSHES.bounds] + ["+Inf"]
+        return HistogramMetricFamily("logbroker_log_flush_duration_seconds", "log flushes (fsync, msync, index "
+                                     "sync)", buckets=list(zip(bounds, cumulative, strict=True)), sum_value=total)
+
+
+def request_families(snap: RequestMetricsSnapshot) -> Iterator[Metric]:
+    """The metrics of server/request_metrics.py, from a snapshot taken on the loop."""
+    requests = CounterMetricFamily("logbroker_requests", "client calls by API", labels=["api"])
+    for api, count in sorted(snap.requests.items()):
+        requests.add_metric([api], count)
+    yield requests
+    errors = CounterMetricFamily("logbroker_request_errors", "failed calls and partition results by API and "
+                                 "error code", labels=["api", "error"])
+    for (api, error), count in sorted(snap.errors.items()):
+        errors.add_metric([api, error], count)
+    yield errors
+    durations = HistogramMetricFamily("logbroker_request_duration_seconds", "time to answer a client call, by API",
+                                      labels=["api"])
+    for api, hist in sorted(snap.durations.items()):
+        durations.add_metric([api], list(hist.buckets), hist.sum)
+    yield durations
+    for direction, table in (("in", snap.topics_in), ("out", snap.topics_out)):
+        verb = "appended by Produce" if direction == "in" else "sent to consumers by Fetch"
+        nbytes = CounterMetricFamily(f"logbroker_topic_bytes_{direction}", f"record bytes {verb}", labels=["topic"])
+        records = CounterMetricFamily(f"logbroker_topic_records_{direction}", f"records {verb}", labels=["topic"])
+        for topic, (b, r) in sorted(table.items()):
+            nbytes.add_metric([topic], b)
+            records.add_metric([topic], r)
+        yield nbytes
+        yield records
 
 
 class MetricsServer:
@@ -192,6 +242,8 @@ class MetricsServer:
         GCCollector(registry=registry)
         registry.register(BrokerCollector(broker, loop))
         registry.register(ClusterCollector(broker, loop))  # server/cluster_metrics.py
+        registry.register(HostCollector([broker.config.data_dir], lambda: {
+            "grpc": broker.bound_port, "record_transport": broker.bound_data_port}))
         if tls is None:
             httpd, _thread = start_http_server(port, addr=host, registry=registry)
         else:

@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from logbroker.errors import StorageError
+from logbroker.storage.flush_timing import LOG_FLUSHES
 
 log = logging.getLogger(__name__)
 
@@ -166,8 +167,10 @@ class SegmentFlusher:
         try:
             if os.fstat(job._fd).st_nlink == 0:
                 return  # deleted while waiting: nothing left to make durable
+            started = time.perf_counter()
             self._fsync(job._fd)
             self._fsync(job._dir_fd)
+            LOG_FLUSHES.observe(time.perf_counter() - started)
         finally:
             job._close()
             self._slots.release()

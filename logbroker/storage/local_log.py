@@ -31,11 +31,13 @@ import bisect
 import contextlib
 import logging
 import os
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from logbroker.errors import CorruptMessageError, StorageError
+from logbroker.storage.flush_timing import LOG_FLUSHES
 from logbroker.storage.flusher import PendingFlush, SegmentFlusher
 from logbroker.storage.index import META_HIGH_WATERMARK, META_RECOVERY_POINT, PartitionIndex, TimeEntry
 from logbroker.storage.log_config import LogConfig
@@ -270,6 +272,7 @@ class LocalLog:
         """Wait for the pending flushes of rolled segments, msync the active segment, then advance
         and checkpoint the recovery point (to the log end offset unless a rolled segment's flush
         is still running after the flusher's `wait_timeout_s`), with `high_watermark`."""
+        started = time.perf_counter()
         all_flushed, _ = self.wait_for_flushes(high_watermark)
         try:
             self.segments[-1].flush()
@@ -285,6 +288,7 @@ class LocalLog:
         self.index.sync()
         self.unflushed_messages = 0
         self.last_flush_ms = self._now_ms()
+        LOG_FLUSHES.observe(time.perf_counter() - started)
 
     # -- read ---------------------------------------------------------------------------------------
 

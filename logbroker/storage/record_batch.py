@@ -659,6 +659,25 @@ def iter_batches(buf: bytes | memoryview) -> Iterator[tuple[BatchHeader, int]]:
         pos += size
 
 
+_BATCH_LENGTH = struct.Struct(">i")  # at byte 8
+_RECORD_COUNT = struct.Struct(">i")  # at byte 57
+
+
+def count_records(buf: bytes | memoryview) -> int:
+    """The records of the complete batches in `buf` (fetch results, whole batches), from each batch
+    header's recordCount: one header read per batch, no record decoded, nothing checked (a trailing
+    partial batch or a nonsense length ends the count)."""
+    total = len(buf)
+    pos = count = 0
+    while total - pos >= HEADER_SIZE:
+        size = _BATCH_LENGTH.unpack_from(buf, pos + 8)[0] + LOG_OVERHEAD
+        if size < HEADER_SIZE or size > total - pos:
+            break
+        count += _RECORD_COUNT.unpack_from(buf, pos + 57)[0]
+        pos += size
+    return count
+
+
 def check_batch(buf: bytes, pos: int, h: BatchHeader) -> None:
     """The checks `decode_batch` makes before it decodes (magic, bounds, CRC-32C), raising as it
     does, for a reader that needs the batch intact but not its records."""

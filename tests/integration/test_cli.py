@@ -140,7 +140,7 @@ def test_serve_on_a_port_in_use_names_the_address_and_does_not_claim_a_clean_sto
         address = f"127.0.0.1:{holder.getsockname()[1]}"
         for flags in (["--listen", address], ["--data-listen", address, "--listen", "127.0.0.1:0"]):
             proc = subprocess.run([sys.executable, "-m", "logbroker", "serve", *flags, "--data-dir",
-                                   str(tmp_path / "data")], capture_output=True, timeout=60)
+                                   str(tmp_path / "data"), "--metrics-listen", "off"], capture_output=True, timeout=60)
             err = proc.stderr.decode()
             assert proc.returncode == 1, err
             assert "Traceback" not in err and "stopped cleanly" not in err, err

@@ -29,7 +29,7 @@ def test_second_broker_on_the_same_data_dir_exits_at_once_and_harms_nothing(brok
         started = time.monotonic()
         second = subprocess.run(
             [sys.executable, "-m", "logbroker", "serve", "--data-dir", str(broker.data_dir),
-             "--listen", f"127.0.0.1:{free_port()}"],
+             "--listen", f"127.0.0.1:{free_port()}", "--metrics-listen", "off"],
             cwd=REPO, capture_output=True, text=True, timeout=60,
         )
         elapsed = time.monotonic() - started

@@ -225,7 +225,8 @@ def test_a_session_token_is_useless_on_another_connection(sasl_broker: SaslBroke
 
 def test_scram_over_plaintext_is_refused(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "logbroker", "serve", "--data-dir", str(tmp_path / "d"),
-                          "--listen", f"127.0.0.1:{free_port()}", "--sasl-mechanisms", "SCRAM-SHA-256"],
+                          "--listen", f"127.0.0.1:{free_port()}", "--sasl-mechanisms", "SCRAM-SHA-256",
+                          "--metrics-listen", "off"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode != 0
     assert "--sasl-mechanisms needs --tls-cert" in out.stderr + out.stdout

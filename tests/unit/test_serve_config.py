@@ -9,10 +9,12 @@ import pytest
 
 from logbroker import cli
 from logbroker.config import (
+    DEFAULT_METRICS_PORT,
     SERVE_SETTINGS,
     ConfigError,
     broker_config_from_settings,
     broker_id_from_pod_name,
+    metrics_address,
     read_serve_config_file,
     read_serve_env,
     resolve_serve_settings,
@@ -30,6 +32,15 @@ def test_defaults_match_the_broker_config_defaults(tmp_path: Path):
     assert values == {s.name: s.default for s in SERVE_SETTINGS}
     assert (config.listen_host, config.listen_port, config.broker_id, config.zookeeper) == ("127.0.0.1", 9092, 0, "")
     assert config.zk_session_timeout_ms == 6000 and config.controlled_shutdown_timeout_ms == 30_000
+
+
+def test_metrics_are_on_by_default_at_the_documented_port_of_the_listen_host():
+    assert metrics_address(resolve([])[0]) == ("127.0.0.1", DEFAULT_METRICS_PORT) == ("127.0.0.1", 9464)
+    assert metrics_address(resolve(["--listen", "0.0.0.0:7000"])[0]) == ("0.0.0.0", 9464)
+    assert metrics_address(resolve(["--metrics-listen", "off"])[0]) is None
+    assert metrics_address(resolve(["--metrics-listen", "OFF"])[0]) is None
+    assert metrics_address(resolve(["--metrics-listen", "10.0.0.1:9999"])[0]) == ("10.0.0.1", 9999)
+    assert metrics_address(resolve([], {"LOGBROKER_METRICS_LISTEN": "off"})[0]) is None
 
 
 def test_precedence_file_then_later_file_then_env_then_flag(tmp_path: Path):

@@ -54,6 +54,7 @@ class _InFlight(NamedTuple):
     batches: list[ProducerBatch]
     future: Any  # grpc.Future
     sent_at: float  # monotonic s, for the broker's throttle time (client/throttle.py)
+    pinned: bool = False  # counted in Sender._transport_in_flight
 
 
 class Sender:
@@ -210,13 +211,14 @@ class Sender:
         ]
         request = pb.ProduceRequest(acks=self._acks, timeout_ms=self._request_timeout_ms, partitions=parts)
         wire_ok = sum(len(pp.records) for pp in parts) < WIRE_REQUEST_BYTES_MAX
-        if self._acc.partition_in_flight_batches_max:
+        pinned = self._acc.partition_in_flight_batches_max > 0
+        if pinned:
             wire_ok = self._pin_transport(address, wire_ok)
         try:
             future = self._metadata.produce_call(address, request, self._rpc_timeout_s, self._streams, wire_ok)
         except Exception as e:  # a closed channel, a serialization bug
             future = _FailedCall(e)
-        call = _InFlight(address, batches, future, self._acc._monotonic())
+        call = _InFlight(address, batches, future, self._acc._monotonic(), pinned)
         future.add_done_callback(lambda _f, call=call: self._on_response(call))
         return self._acks == 0
 
@@ -287,7 +289,8 @@ class Sender:
                 results[(r.topic, r.partition)] = r
         with self._acc._lock:
             self._acc._in_flight_per_broker[call.address] -= 1
-            self._unpin_transport(call.address)
+            if call.pinned:
+                self._unpin_transport(call.address)
             if call_error is None and response.throttle_time_ms > 0:
                 self._acc.throttle.on_response(call.address, call.sent_at, response.throttle_time_ms)
             next_offset: dict[PartitionBatches, int] = {}  # batches after the first of a partition

@@ -38,6 +38,7 @@ from logbroker.server.apis.security import SecurityApis
 from logbroker.server.apis.throttling import ClientQuotas
 from logbroker.server.request_context import RequestContext, RequestRejected, RequestStatus
 from logbroker.server.request_log import RequestLog
+from logbroker.server.request_metrics import RequestMetrics
 from logbroker.v1 import logbroker_pb2 as pb
 
 Response: TypeAlias = Message | bytes
@@ -89,10 +90,10 @@ REQUEST_TYPES: dict[str, type[Message]] = {
 class RequestHook:
     """Called once per request, before the API runs, on the broker's event loop.
 
-    Today a no-op: there are no per-API request metrics yet (logbroker/server/metrics.py reports broker
-    state only). Authorization (raise RequestRejected(PERMISSION_DENIED)) and request metrics go
-    here, once, for every listener; client quotas run around the call (`BrokerApis.quotas`). Must
-    not block.
+    A no-op here; the authorizer's hook (server/authorization.py) raises
+    RequestRejected(PERMISSION_DENIED). Request metrics (server/request_metrics.py) are counted
+    around it by `BrokerApis.handle`, once, for every listener; client quotas run around the call
+    (`BrokerApis.quotas`). Must not block.
     """
 
     def on_request(self, api: str, context: RequestContext, request: Message) -> None:
@@ -105,13 +106,16 @@ class BrokerApis:
                  queues: QueueApis | None = None, replies: ReplyApis | None = None,
                  security: SecurityApis | None = None, producer_ids: ProducerIdApis | None = None,
                  quotas: ClientQuotas | None = None, admission: Admission | None = None,
-                 request_log: RequestLog | None = None) -> None:
+                 request_log: RequestLog | None = None, metrics: RequestMetrics | None = None) -> None:
         """`metadata`, `groups`, `admin`, `queues` None: those calls are UNIMPLEMENTED (a data-path-only broker
         in tests). `quotas`: client quotas enforced on every call (server/apis/throttling.py).
         `admission`: the bounds on in-flight requests the listeners apply before parsing a request
         (server/admission.py; they know its size), None: no bounds. `request_log`: the log fields of
-        each call and its slow-request line (server/request_log.py), None: neither."""
+        each call and its slow-request line (server/request_log.py), None: neither. `metrics`: every
+        call counted, timed and its errors counted (server/request_metrics.py; Produce and Fetch
+        report their partitions through ProduceFetchApis, which the caller gives the same object)."""
         self.request_log = request_log
+        self.metrics = metrics
         self.hook = hook if hook is not None else RequestHook()
         self.quotas = quotas
         self.admission = admission
@@ -152,8 +156,19 @@ class BrokerApis:
         op = self._ops.get(api)
         if op is None:
             raise RequestRejected(RequestStatus.UNIMPLEMENTED, f"unknown api {api}")
-        self.hook.on_request(api, context, request)
-        call = op(context, request)
+        metrics = self.metrics
+        if metrics is None:
+            self.hook.on_request(api, context, request)
+            call = op(context, request)
+        else:
+            metrics.started(api)
+            try:
+                self.hook.on_request(api, context, request)
+                pending = op(context, request)
+            except Exception as exc:
+                metrics.rejected(api, exc)
+                raise
+            call = metrics.timed(api, pending)
         if self.request_log is not None:
             call = self.request_log.run(api, context, request, call)
         if self.quotas is not None and self.quotas.applies(api, context, request):

@@ -64,6 +64,7 @@ if TYPE_CHECKING:
     from logbroker.replication.purgatory import Purgatory
     from logbroker.replication.replica_manager import FetchRead, LeaderAppend
     from logbroker.server.broker_principals import BrokerPrincipals
+    from logbroker.server.request_metrics import RequestMetrics
 
 ProducePartitionKey = tuple[str, int]
 FETCH_RESPONSE_OVERHEAD_BYTES = 4096  # room for the results' small fields within max_response_bytes
@@ -98,11 +99,13 @@ class LeaderReplicas(Protocol):
 class ProduceFetchApis:
     def __init__(self, config: BrokerConfig, state: ServingState, replicas: LeaderReplicas,
                  lookup: PartitionLookup, broker_principals: BrokerPrincipals | None = None,
-                 active_clients: ActiveClients | None = None) -> None:
+                 active_clients: ActiveClients | None = None, metrics: RequestMetrics | None = None) -> None:
         """`broker_principals`: on a TLS broker, who may fetch as a replica besides the cluster secret.
-        `active_clients`: told each client's topics (server/active_clients.py), for /metrics."""
+        `active_clients`: told each client's topics (server/active_clients.py), for /metrics.
+        `metrics`: told each partition's outcome (bytes and records in and out per topic, errors)."""
         self._config = config
         self._active_clients = active_clients
+        self._metrics = metrics
         self._broker_principals = broker_principals
         self._state = state
         self._replicas = replicas
@@ -148,12 +151,16 @@ class ProduceFetchApis:
                     r.duplicate = True
                 if result.log_append_time_ms >= 0:
                     r.log_append_time_ms = result.log_append_time_ms
+                if self._metrics is not None and not result.duplicate:
+                    self._metrics.produced(pp.topic, len(pp.records), result.record_count)
                 if acks == -1:
                     waits.append((r, (pp.topic, pp.partition), appended))
             except Exception as exc:
                 err = as_error(exc, "produce")
                 r.error_code = err.code
                 r.error_message = err.message
+                if self._metrics is not None:
+                    self._metrics.produce_failed(err.code)
         if waits:
             await self._wait_for_acks(waits, req.timeout_ms)
         return resp
@@ -172,6 +179,8 @@ class ProduceFetchApis:
                 err = as_error(outcome, "produce")
                 r.error_code = err.code  # type: ignore[assignment]
                 r.error_message = err.message
+                if self._metrics is not None:
+                    self._metrics.produce_failed(err.code)
                 r.base_offset = -1
                 r.log_append_time_ms = -1
 
@@ -261,8 +270,18 @@ class ProduceFetchApis:
             self._filters.move_to_end(expression)
         return found
 
-    @staticmethod
-    def _refuse_filter(req: pb.FetchRequest, err: BrokerError) -> bytes:
+    def _account(self, results: FetchParts, replica_id: int) -> FetchParts:
+        """Tell the metrics each partition's outcome: records out to consumers (not followers), errors."""
+        metrics = self._metrics
+        if metrics is not None:
+            for r, view in results:
+                if r.error_code:
+                    metrics.fetch_failed(r.error_code)
+                elif view is not None and replica_id < 0:
+                    metrics.fetched(r.topic, view)
+        return results
+
+    def _refuse_filter(self, req: pb.FetchRequest, err: BrokerError) -> bytes:
         results: FetchParts = []
         for fp in req.partitions:
             r = pb.FetchPartitionResult(topic=fp.topic, partition=fp.partition, high_watermark=-1,
@@ -270,7 +289,7 @@ class ProduceFetchApis:
             r.error_code = err.code  # type: ignore[assignment]
             r.error_message = err.message
             results.append((r, None))
-        return encode_fetch_response(results)
+        return encode_fetch_response(self._account(results, -1))
 
     async def _filtered_response(self, results: FetchParts, record_filter: RecordFilter) -> bytes:
         """Copy the views out (they die at the next await), filter on the filter thread, encode."""
@@ -281,7 +300,8 @@ class ProduceFetchApis:
             return [(r, memoryview(filter_records(data, record_filter, r.topic, r.partition)) if data else None)
                     for r, data in copies]
 
-        return encode_fetch_response(await asyncio.get_running_loop().run_in_executor(self._filter_executor(), run))
+        filtered = await asyncio.get_running_loop().run_in_executor(self._filter_executor(), run)
+        return encode_fetch_response(self._account(filtered, -1))
 
     async def fetch(self, context: RequestContext, req: pb.FetchRequest) -> bytes:
         """The serialized FetchResponse (records copied once, from the mmap into it)."""
@@ -326,7 +346,7 @@ class ProduceFetchApis:
                 break
         if record_filter is not None:
             return await self._filtered_response(results, record_filter)
-        return encode_fetch_response(results)
+        return encode_fetch_response(self._account(results, replica_id))
 
     # -- list offsets ----------------------------------------------------------------------------
 
