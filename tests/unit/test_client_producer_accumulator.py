@@ -166,23 +166,3 @@ def test_a_new_sticky_partition_falls_back_to_a_busy_one_when_none_is_idle():
         ts.sticky = 0
         with acc._lock:
             assert acc._next_sticky(ts) in (1, 2, 3)
-
-
-def test_under_load_a_new_sticky_partition_may_be_a_busy_one_so_records_keep_batching():
-    """When the sticky partition's last batch held several records (load), the next sticky
-    partition is any with a leader, as before: records batch behind a request in flight rather
-    than going out one per request to whichever partition is idle."""
-    clock = ManualClock()
-    acc, _ = accumulator(clock, linger_ms=0)
-    ts = TopicState("four", 4)
-    acc._topics["four"] = ts
-    append(acc, ts, 0, 5)  # the sticky partition's batch: five records, in flight
-    append(acc, ts, 1)
-    drain(acc, clock)
-    random.seed(3)
-    chosen = set()
-    for _ in range(60):
-        ts.sticky = 0
-        with acc._lock:
-            chosen.add(acc._next_sticky(ts))
-    assert chosen == {1, 2, 3}  # the busy partition 1 too, not only the idle 2 and 3

@@ -147,21 +147,15 @@ class RecordAccumulator:
 
     def _next_sticky(self, ts: TopicState) -> int:
         """A new sticky partition for null-key records: among up to STICKY_CANDIDATES other
-        partitions, at random, the first that has a leader and, while records come one batch each
-        (the current sticky partition's last batch holds one record: no load), is idle (nothing
-        open, queued or in flight: a batch there ships at once instead of waiting, muted, for the
-        partition's request in flight, which at linger_ms=0 and a low rate is most of a
-        request-reply round trip); else the first with a leader; else the last looked at. Under
-        load (batches of several records) any partition with a leader will do, as before: the
-        records then batch behind a request in flight rather than go out one per request."""
+        partitions, at random, the first that has a leader and is idle (nothing open, queued or in
+        flight: a batch there ships at once instead of waiting, muted, for the partition's request
+        in flight, which at linger_ms=0 and a low rate is most of a request-reply round trip); else
+        the first with a leader; else the last looked at."""
         n = ts.partitions
         if n == 1:
             return 0
         cur = ts.sticky
         p = cur
-        last = ts.accs[cur].open or ts.accs[cur].in_flight
-        records = 0 if last is None else last.record_count or (last.builder.record_count if last.builder else 0)
-        want_idle = records <= 1
         with_leader = -1
         for p in random.sample(range(n - 1), min(n - 1, STICKY_CANDIDATES)):
             if p >= cur:
@@ -173,8 +167,6 @@ class RecordAccumulator:
                 pass
             if with_leader < 0:
                 with_leader = p
-                if not want_idle:
-                    break
             acc = ts.accs[p]
             if acc.in_flight is None and acc.open is None and not acc.queue:
                 with_leader = p
