@@ -135,34 +135,3 @@ def test_retry_settings_map_onto_the_policy():
     assert all(w is not None and 0.8 * b <= w <= b for w, b in zip(waits, bases, strict=False))
     assert waits[-1] is None  # retries=5: a sixth retry is not made
     assert retry_backoff_s(1, 100) == 0.1 and retry_backoff_s(4, 100) == 0.8 and retry_backoff_s(30, 100) == 1.0
-
-
-def test_a_new_sticky_partition_is_an_idle_one_not_one_muted_by_a_request_in_flight():
-    """linger_ms=0, null keys: after the sticky batch ships, the next record goes to a partition with
-    nothing in flight (it ships at once), not to a muted one where it would wait a round trip."""
-    clock = ManualClock()
-    acc, _ = accumulator(clock, linger_ms=0)
-    ts = TopicState("four", 4)
-    acc._topics["four"] = ts
-    for busy in (1, 2):  # partitions 1 and 2: a batch in flight
-        append(acc, ts, busy)
-    assert sorted(b.acc.partition for _, batches in drain(acc, clock)[0] for b in batches) == [1, 2]
-    random.seed(7)
-    for _ in range(50):
-        ts.sticky = 0
-        with acc._lock:
-            assert acc._next_sticky(ts) == 3  # the only idle partition other than the current one
-
-
-def test_a_new_sticky_partition_falls_back_to_a_busy_one_when_none_is_idle():
-    clock = ManualClock()
-    acc, _ = accumulator(clock, linger_ms=0)
-    ts = TopicState("four", 4)
-    acc._topics["four"] = ts
-    for busy in (1, 2, 3):
-        append(acc, ts, busy)
-    drain(acc, clock)
-    for _ in range(20):
-        ts.sticky = 0
-        with acc._lock:
-            assert acc._next_sticky(ts) in (1, 2, 3)

@@ -31,8 +31,6 @@ from logbroker.storage.record_batch import HEADER_SIZE, BatchBuilder
 
 # Room kept in a request for its protobuf framing (per partition: topic, partition, tags).
 REQUEST_OVERHEAD_BYTES = 1024
-# Partitions a new sticky partition is chosen among (`_next_sticky`): an idle one first.
-STICKY_CANDIDATES = 16
 
 Requests = list[tuple[str, list[ProducerBatch]]]
 
@@ -146,33 +144,23 @@ class RecordAccumulator:
                 i = j
 
     def _next_sticky(self, ts: TopicState) -> int:
-        """A new sticky partition for null-key records: among up to STICKY_CANDIDATES other
-        partitions, at random, the first that has a leader and is idle (nothing open, queued or in
-        flight: a batch there ships at once instead of waiting, muted, for the partition's request
-        in flight, which at linger_ms=0 and a low rate is most of a request-reply round trip); else
-        the first with a leader; else the last looked at."""
+        """A new sticky partition for null-key records, preferring partitions with a leader."""
         n = ts.partitions
         if n == 1:
             return 0
         cur = ts.sticky
         p = cur
-        with_leader = -1
-        for p in random.sample(range(n - 1), min(n - 1, STICKY_CANDIDATES)):
+        for _ in range(4):
+            p = random.randrange(n - 1)
             if p >= cur:
                 p += 1
             try:
-                if self._metadata.leader(ts.name, p) is None:
-                    continue
+                if self._metadata.leader(ts.name, p) is not None:
+                    break
             except UnknownTopicOrPartitionError:
-                pass
-            if with_leader < 0:
-                with_leader = p
-            acc = ts.accs[p]
-            if acc.in_flight is None and acc.open is None and not acc.queue:
-                with_leader = p
                 break
-        ts.sticky = p if with_leader < 0 else with_leader
-        return ts.sticky
+        ts.sticky = p
+        return p
 
     def _new_batch(self, acc: PartitionBatches, timestamp_ms: int) -> ProducerBatch:
         """Seal acc's open batch (if any) and open a new one. Called with _lock held."""
