@@ -75,6 +75,7 @@ from logbroker.group.offsets import (
     membership_batch,
     tombstone_batch,
 )
+from logbroker.replication.partition_state import AckStatus
 from logbroker.storage.compaction import is_compacted
 from logbroker.v1 import logbroker_pb2 as pb
 
@@ -484,8 +485,10 @@ class GroupCoordinator:
 
     def append_now(self, shard: _Shard, group: str, batch: bytes) -> Awaitable[AppendResult]:
         """Append `batch` to the shard's log now (synchronously: appends made one after another land
-        in that order) and return the wait for its replication to the ISR. Raises
-        NotCoordinatorError at once when the shard is no longer ours."""
+        in that order) and return the wait for its replication to the ISR: a future done already
+        when the append is replicated as it lands (the ISR is the leader alone), so its waiter
+        loses no loop iterations to it. Raises NotCoordinatorError at once when the shard is no
+        longer ours."""
         rm = self._replicas
         part = rm.partitions.get((OFFSETS_TOPIC, shard.partition))
         if self._shards.get(shard.partition) is not shard or part is None or part.leader_epoch != shard.leader_epoch:
@@ -496,6 +499,10 @@ class GroupCoordinator:
             raise NotCoordinatorError(f"no longer the coordinator of group {group}: {e.message}") from None
         except NotEnoughReplicasError as e:
             raise CoordinatorNotAvailableError(f"{OFFSETS_TOPIC}-{shard.partition}: {e.message}") from None
+        if part.ack_status(append.result.last_offset + 1, append.leader_epoch) is AckStatus.DONE:
+            done: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
+            done.set_result(append.result)
+            return done
         return self._replicated(shard, group, append)
 
     async def _replicated(self, shard: _Shard, group: str, append: LeaderAppend) -> AppendResult:

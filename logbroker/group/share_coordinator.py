@@ -35,7 +35,9 @@ scheduled with `loop.call_soon` when the first change of a loop iteration is que
 fetch, acknowledgement and tick that changed the group in that iteration shares one append, taken
 from the state as it is when the flush runs. The flush appends synchronously, so flushes land in
 the order their snapshots were taken (a later snapshot of a partition is never overwritten by an
-earlier one), and its future resolves once they are replicated.
+earlier one), and its future resolves once they are replicated: at once, within `_flush`, when
+every append was replicated as it landed (append_now's done future: an ISR of the leader alone), so
+a fetch waiting on that future (its acknowledgements') answers without a loop turn more.
 
 What waits for that future, and what does not:
 - Settling (acknowledgements on a ShareFetch or a ShareAcknowledge, a leave, a join's releases, a
@@ -297,8 +299,10 @@ class ShareCoordinator:
         join's releases) is durable before the answer, its persist running while the fetch waits
         for records; the acquisitions are not written on their own (module doc)."""
         settled: Awaitable[None] | None = None
-        if changed or dead:
+        if dead:
             settled = asyncio.ensure_future(self._persist(shard, g, set(changed), list(dead)))
+        elif changed:  # the flush's own future: once it is done, the answer waits no loop turn for it
+            settled = asyncio.shield(self._mark(shard, g, set(changed)))
         acquired_changed: set[TopicPartition] = set()
         acquired_dead: Dead = []
         try:
@@ -628,8 +632,8 @@ class ShareCoordinator:
                 _close(w)
             pending.done.set_exception(e)
             return
-        if not waits:
-            pending.done.set_result(None)
+        if all(isinstance(w, asyncio.Future) and w.done() and w.exception() is None for w in waits):
+            pending.done.set_result(None)  # replicated as they landed (append_now): no task, no loop turn
             return
         task = asyncio.ensure_future(asyncio.gather(*waits))
         task.add_done_callback(lambda t: _resolve(pending.done, t))

@@ -84,38 +84,39 @@ class ShareData:
         purgatory = getattr(self._replicas, "fetch_purgatory", None)
         return None if purgatory is None or not keys else purgatory.wait(keys, timeout_s)
 
-    def data_watch(self, keys: list[tuple[str, int]]) -> tuple[asyncio.Future[bool], Callable[[], None]] | None:
+    def data_watch(self, keys: list[tuple[str, int]], on_notify: Callable[[], None] | None = None,
+                   ) -> tuple[asyncio.Future[bool], Callable[[], None]] | None:
         """`data_arrival` registered at once (Purgatory.watch): a future set True by an append to a
-        local replica of one of `keys`, and the function that ends the watch; None without a
-        purgatory (remote leaders: the tick) or when it is full."""
+        local replica of one of `keys` (and `on_notify` called then, within the append), and the
+        function that ends the watch; None without a purgatory (remote leaders: the tick) or when
+        it is full."""
         purgatory = getattr(self._replicas, "fetch_purgatory", None)
-        return None if purgatory is None or not keys else purgatory.watch(keys)
+        return None if purgatory is None or not keys else purgatory.watch(keys, on_notify)
 
     def arrival_watch(self, keys: list[tuple[str, int]], on_arrival: Callable[[], None],
                       waiting: Callable[[], bool]) -> Callable[[], None] | None:
         """`data_watch` that stays armed: on each append to one of `keys` it calls `on_arrival()`,
         then watches again while `waiting()` (a waiting ShareFetch that was not the one woken must
-        hear the next append too, not only its next tick). Returns the function that ends it (call
-        it once); None without a purgatory or when it is full."""
+        hear the next append too, not only its next tick). `on_arrival` runs within the append
+        (Purgatory.watch's on_notify), not a loop iteration later: the fetch it wakes resumes in
+        the next iteration. Returns the function that ends it (call it once); None without a
+        purgatory or when it is full."""
         current: list[Callable[[], None]] = []  # the end() of the watch armed now, if any
 
         def arm() -> bool:
-            watched = self.data_watch(keys)
+            watched = self.data_watch(keys, fired)
             if watched is None:
                 return False
-            fut, end = watched
-            current.append(end)
-            fut.add_done_callback(fired)
+            current.append(watched[1])
             return True
 
-        def fired(fut: asyncio.Future[bool]) -> None:
+        def fired() -> None:
             if not current:
                 return  # ended meanwhile
             current.pop()()
-            if not fut.cancelled() and fut.result():
-                on_arrival()
-                if waiting():
-                    arm()
+            on_arrival()
+            if waiting():
+                arm()
 
         def finish() -> None:
             if current:

@@ -10,7 +10,10 @@ beyond that `wait` returns at once (the caller answers with what it has).
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Iterable
+
+log = logging.getLogger(__name__)
 
 Key = tuple[str, int]
 
@@ -18,6 +21,7 @@ Key = tuple[str, int]
 class Purgatory:
     def __init__(self, watchers_max: int = 100_000) -> None:
         self._waiters: dict[Key, set[asyncio.Future[bool]]] = {}
+        self._on_notify: dict[asyncio.Future[bool], Callable[[], None]] = {}  # watch(on_notify=...)
         self._count = 0
         self._watchers_max = watchers_max
 
@@ -49,10 +53,14 @@ class Purgatory:
             timer.cancel()
             end()
 
-    def watch(self, keys: Iterable[Key]) -> tuple[asyncio.Future[bool], Callable[[], None]] | None:
+    def watch(self, keys: Iterable[Key], on_notify: Callable[[], None] | None = None,
+              ) -> tuple[asyncio.Future[bool], Callable[[], None]] | None:
         """Register a watch of `keys` now, synchronously (an append right after this call notifies
         it; `wait` registers only once its coroutine first runs): a future set True by `notify`,
-        and the function that ends the watch (call it once, whatever happened). None when full."""
+        and the function that ends the watch (call it once, whatever happened). None when full.
+        `on_notify` is called within `notify`, right after the future is set (a future's own
+        callbacks run a loop iteration later); it must not raise (an error is logged) and may end
+        this watch and start others (they hear the next notification, not this one)."""
         if self._count >= self._watchers_max:
             return None
         fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
@@ -60,9 +68,12 @@ class Purgatory:
         for key in watched:
             self._waiters.setdefault(key, set()).add(fut)
         self._count += 1
+        if on_notify is not None:
+            self._on_notify[fut] = on_notify
 
         def end() -> None:
             self._count -= 1
+            self._on_notify.pop(fut, None)
             for key in watched:
                 waiters = self._waiters.get(key)
                 if waiters is not None:
@@ -88,9 +99,23 @@ class Purgatory:
 
     def notify(self, key: Key) -> None:
         waiters = self._waiters.get(key)
-        if waiters:
+        if not waiters:
+            return
+        hooks = self._on_notify
+        if not hooks:
             for fut in waiters:
                 _settle(fut, True)
+            return
+        for fut in list(waiters):  # a hook may end its watch and start another (on this key, too)
+            if fut.done():
+                continue
+            fut.set_result(True)
+            hook = hooks.get(fut)
+            if hook is not None:
+                try:
+                    hook()
+                except Exception:
+                    log.exception("a purgatory watch's on_notify failed")
 
     def notify_all(self) -> None:
         for key in list(self._waiters):

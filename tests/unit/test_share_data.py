@@ -178,3 +178,23 @@ def test_arrival_watch_stays_armed_while_its_fetch_waits_and_ends_cleanly() -> N
     assert asyncio.run(scenario()) == (["x"] * 4, 1, 0, 0)
     assert ShareData(FakeCluster(), SimpleNamespace(partitions={}), None, None).arrival_watch(  # type: ignore[arg-type]
         [("a", 0)], lambda: None, lambda: True) is None
+
+
+def test_arrival_watch_calls_on_arrival_within_the_append_not_a_loop_iteration_later() -> None:
+    """The waiting ShareFetch is woken inside the append's notify, so it resumes in the next loop
+    iteration (a done-callback of the purgatory's future would cost one iteration more)."""
+    from logbroker.replication.purgatory import Purgatory
+
+    replicas = SimpleNamespace(partitions={}, fetch_purgatory=Purgatory())
+    data = ShareData(FakeCluster(), replicas, None, None)  # type: ignore[arg-type]
+
+    async def scenario() -> tuple[list[str], int]:
+        arrivals: list[str] = []
+        end = data.arrival_watch([("a", 0)], lambda: arrivals.append("x"), lambda: True)
+        assert end is not None
+        replicas.fetch_purgatory.notify(("a", 0))
+        heard = list(arrivals)  # no await since the append
+        end()
+        return heard, replicas.fetch_purgatory.waiting
+
+    assert asyncio.run(scenario()) == (["x"], 0)
