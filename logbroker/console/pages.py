@@ -131,10 +131,12 @@ def lag_chart(samples: Sequence[LagSample]) -> Markup:
         time.strftime("%H:%M:%S", time.localtime(c.last_at_s or 0))
     return html("<svg id='lag-chart' xmlns='http://www.w3.org/2000/svg' width='{}' height='{}' "
                 "viewBox='0 0 {} {}' role='img' aria-label='total lag over time' "
-                "style='background:#fff;border:1px solid #ccc'><polyline fill='none' stroke='#1d3557' "
+                "style='background:#fff;border:1px solid #ccc'><line x1='0' y1='{}' x2='{}' y2='{}' stroke='#ddd'/>"
+                "<text x='6' y='16' font-size='12' fill='#777'>{}</text>"
+                "<text x='6' y='{}' font-size='12' fill='#777'>0</text><polyline fill='none' stroke='#1d3557' "
                 "stroke-width='2' points='{}'/></svg><p class='note'>total lag, {} samples from {} to {}; "
-                "max {}</p>", c.width, c.height, c.width, c.height, points, len(samples), when[0], when[1],
-                c.max_lag)
+                "max {}</p>", c.width, c.height, c.width, c.height, c.height - 4, c.width, c.height - 4,
+                c.max_lag, c.height - 8, points, len(samples), when[0], when[1], c.max_lag)
 
 
 def group_page(view: Any, samples: Sequence[LagSample], read_write: bool, csrf: str) -> Markup:
