@@ -162,22 +162,23 @@ _QUEUE_COLUMNS = ("start_offset", "end_offset", "in_flight", "acquired", "availa
                   "expired", "acknowledged", "oldest_unsettled_age_ms")
 
 
-def queue_page(d: dict[str, Any], dlq: TopicDescription | None, read_write: bool) -> Markup:
+def queue_page(d: dict[str, Any], dlqs: Sequence[TopicDescription], read_write: bool) -> Markup:
     settings = table(["setting", "value"], sorted(d["settings"].items()), css_id="settings")
     members = table(["member", "epoch", "topics"], [(m.get("member_id"), m.get("member_epoch"),
                                                      ", ".join(m.get("topics") or [])) for m in d["members"]])
     parts = table(["topic", "partition", *(c.replace("_", " ") for c in _QUEUE_COLUMNS)],
                   [(p["topic"], p["partition"], *(p.get(c, "-") for c in _QUEUE_COLUMNS)) for p in d["partitions"]],
                   numeric=range(1, 2 + len(_QUEUE_COLUMNS)), css_id="queue-partitions")
-    if dlq is None:
-        dead = html("<p>No dead-letter topic{}.</p>", "" if not d["settings"].get("dead_letter_topic") else
-                    " (configured but not created yet)")
+    if not dlqs:
+        dead = html("<p>No dead letters{}.</p>", "" if d["settings"].get("dead_letter_topic") else
+                    " (no dead-letter topic configured)")
     else:
         dead = table(["dead-letter topic", "partition", "dead letters (end - start)", ""],
-                     [(dlq.name, p.partition, p.high_watermark - p.log_start_offset,
-                       html("<a href='{}'>browse</a>", link("/topics", dlq.name, "messages", partition=p.partition,
+                     [(html("<a href='{}'>{}</a>", link("/topics", t.name), t.name), p.partition,
+                       p.high_watermark - p.log_start_offset,
+                       html("<a href='{}'>browse</a>", link("/topics", t.name, "messages", partition=p.partition,
                                                              offset=p.log_start_offset)))
-                      for p in dlq.partitions], numeric=[1, 2], css_id="dead-letters")
+                      for t in dlqs for p in t.partitions], numeric=[1, 2], css_id="dead-letters")
     body = html("<p>Coordinator broker {}.</p><h2>Settings</h2>{}<h2>Members</h2>{}<h2>Partitions</h2>{}"
                 "<h2>Dead letters</h2>{}", d["coordinator_id"], settings, members, parts, dead)
     return page(f"Share group {d['group']}", body, read_write)

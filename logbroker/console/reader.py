@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 SAMPLE_INTERVAL_DEFAULT_S = 10.0
 RATE_MIN_INTERVAL_S = 1.0  # a previous snapshot younger than this is too close for a rate
 POLL_SLICE_MS = 200
+DLQ_TOPICS_MAX = 50
 
 
 @dataclass(frozen=True)
@@ -102,17 +103,20 @@ class ClusterReader:
         with self._lock:
             return self._admin.list_share_groups()
 
-    def queue(self, name: str) -> tuple[dict[str, Any], TopicDescription | None]:
-        """describe_share_group, and its dead-letter topic's description when it has one that exists."""
+    def queue(self, name: str) -> tuple[dict[str, Any], list[TopicDescription]]:
+        """describe_share_group, and the dead-letter topics of its topics that exist (the setting is a
+        name or a template with "{topic}"; at most DLQ_TOPICS_MAX)."""
         with self._lock:
             d = self._admin.describe_share_group(name)
-            dlq = d["settings"].get("dead_letter_topic") or ""
-            if not dlq:
-                return d, None
-            try:
-                return d, self._admin.describe_topic(dlq)
-            except UnknownTopicOrPartitionError:
-                return d, None
+            template = d["settings"].get("dead_letter_topic") or ""
+            names = sorted({template.replace("{topic}", p["topic"]) for p in d["partitions"]} if template else set())
+            out = []
+            for dlq in names[:DLQ_TOPICS_MAX]:
+                try:
+                    out.append(self._admin.describe_topic(dlq))
+                except UnknownTopicOrPartitionError:
+                    continue  # made at the first dead letter
+            return d, out
 
     def browse(self, q: BrowseQuery) -> tuple[list[Message], TopicDescription]:
         """Up to q.count records of q.topic/q.partition from q.offset, within the request timeout."""

@@ -115,6 +115,7 @@ def _fill(cluster: Cluster) -> Consumer:
     first; group billing reads a few records and stays a member (the returned consumer)."""
     with Admin(cluster.bootstrap, request_timeout_ms=10_000) as admin:
         admin.create_topic("orders", partitions=3, replication_factor=3)
+        admin.create_topic("emails", partitions=1, replication_factor=3)
         wait_for(lambda: all(len(p.isr) == 3 and p.leader >= 0 for p in admin.describe_topic("orders").partitions),
                  30, "orders fully replicated")
     with Producer(cluster.bootstrap, request_timeout_ms=10_000) as p:
@@ -132,6 +133,27 @@ def _fill(cluster: Cluster) -> Consumer:
     assert read == 5
     c.commit()
     return c
+
+
+def _reject_one(cluster: Cluster) -> None:
+    """Share group mailers over emails: one record rejected (a dead letter), the other acknowledged."""
+    from logbroker import QueueConsumer
+
+    with Producer(cluster.bootstrap, request_timeout_ms=10_000) as p:
+        p.send("emails", b"poison", partition=0)
+        p.send("emails", b"fine", partition=0)
+        p.flush(timeout=30)
+    settled = 0
+    deadline = time.monotonic() + 30
+    with QueueConsumer(cluster.bootstrap, group="mailers", topics=["emails"], auto_offset_reset="earliest") as q:
+        while settled < 2 and time.monotonic() < deadline:
+            for m in q.poll(timeout_ms=500):
+                if m.value == b"poison":
+                    m.reject("cannot parse")
+                else:
+                    m.ack()
+                settled += 1
+    assert settled == 2
 
 
 def _wait_page(driver: Any, url: str, condition: Any, what: str) -> None:
@@ -225,6 +247,14 @@ def test_console_pages_in_headless_chromium(cluster: Cluster, console: str, driv
         assert _rows(driver, "messages")[0][4] == json.dumps(ORDER)
         driver.get(console + "/topics/orders/messages?partition=0&offset=0&count=1&view=hex")
         assert _rows(driver, "messages")[0][4].startswith("00000000  7b 22 6f 72")
+
+        # share groups: a rejected record is a dead letter the queue page shows and links to
+        _reject_one(cluster)
+        _wait_page(driver, console + "/queues", lambda d: _rows(d, "groups")[0][0] == "mailers", "the share group")
+        _wait_page(driver, console + "/queues/mailers",
+                   lambda d: sum(int(r[2]) for r in _rows(d, "dead-letters")) == 1, "the dead letter")
+        assert any(r[0] == "emails" for r in _rows(driver, "queue-partitions"))
+        _shot(driver, "queue")
 
         # errors are pages with the message
         driver.get(console + "/topics/nope")
