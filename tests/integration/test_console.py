@@ -8,12 +8,15 @@ The pages' screenshots are saved into docs/console/ (the README shows them)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +28,7 @@ from logbroker import Admin, Consumer, Producer
 from tests.cluster import Cluster
 from tests.conftest import REPO, free_port, wait_for
 
-pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
+pytestmark = pytest.mark.timeout(240)
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -88,17 +91,17 @@ def _status(url: str) -> int | None:
         return None
 
 
-@pytest.fixture
-def console(cluster: Cluster, tmp_path: Path) -> Iterator[str]:
+@contextlib.contextmanager
+def _console_process(bootstrap: str, log_path: Path, *extra: str) -> Iterator[str]:
+    """`python -m logbroker console` on a free loopback port, serving; terminated (else killed) after."""
     port = free_port()
-    log = (tmp_path / "console.log").open("wb")
+    log = log_path.open("wb")
     proc = subprocess.Popen([sys.executable, "-m", "logbroker", "console", "--listen", f"127.0.0.1:{port}",
-                             "--bootstrap", cluster.bootstrap, "--lag-sample-s", "0.5"],
-                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+                             "--bootstrap", bootstrap, *extra], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for(lambda: proc.poll() is not None or _status(url + "/") == 200, 60, "the console to serve /")
-        assert proc.poll() is None, (tmp_path / "console.log").read_text()
+        assert proc.poll() is None, log_path.read_text()
         yield url
     finally:
         proc.terminate()
@@ -108,6 +111,12 @@ def console(cluster: Cluster, tmp_path: Path) -> Iterator[str]:
             proc.kill()
             proc.wait(10)
         log.close()
+
+
+@pytest.fixture
+def console(cluster: Cluster, tmp_path: Path) -> Iterator[str]:
+    with _console_process(cluster.bootstrap, tmp_path / "console.log", "--lag-sample-s", "0.5") as url:
+        yield url
 
 
 def _fill(cluster: Cluster) -> Consumer:
@@ -188,6 +197,7 @@ def _shot(driver: Any, name: str) -> None:
         driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
 
 
+@pytest.mark.slow
 def test_console_pages_in_headless_chromium(cluster: Cluster, console: str, driver: Any) -> None:
     from selenium.webdriver.common.by import By
 
@@ -262,3 +272,38 @@ def test_console_pages_in_headless_chromium(cluster: Cluster, console: str, driv
     finally:
         member.close()
 
+
+
+def _post(url: str, form: dict[str, str], origin: str | None = None) -> tuple[int, str]:
+    headers = {"Content-Type": "application/x-www-form-urlencoded"}
+    if origin is not None:
+        headers["Origin"] = origin
+    request = urllib.request.Request(url, data=urllib.parse.urlencode(form).encode(), headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=15) as r:
+            return int(r.status), r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+@pytest.mark.timeout(120)
+def test_changes_only_from_a_read_write_console_with_its_token(broker, tmp_path: Path) -> None:
+    """Plain HTTP (no browser): a read-only console refuses a POST; a --read-write one creates a topic
+    from its form with its token, and refuses a forged token or another site's Origin."""
+    with _console_process(broker.bootstrap, tmp_path / "ro.log") as url:
+        status, body = _post(url + "/topics", {"name": "nope", "csrf": "x"})
+        assert status == 403 and "read-only" in body
+    with _console_process(broker.bootstrap, tmp_path / "rw.log", "--read-write") as url:
+        with urllib.request.urlopen(url + "/topics", timeout=15) as r:
+            token = re.search(r"name='csrf' value='([^']+)'", r.read().decode())
+        assert token is not None
+        assert _post(url + "/topics", {"name": "forged", "csrf": "wrong"})[0] == 403
+        assert _post(url + "/topics", {"name": "cross", "csrf": token.group(1)}, origin="http://evil.example")[0] == 403
+        status, body = _post(url + "/topics", {"name": "made-here", "partitions": "2", "csrf": token.group(1)},
+                             origin=url)
+        assert status == 200, body
+        status, body = _post(url + "/topics", {"name": "bad", "partitions": "two", "csrf": token.group(1)})
+        assert status == 400 and "whole numbers" in body
+    with Admin(broker.bootstrap, request_timeout_ms=5000) as admin:
+        assert sorted(admin.list_topics()) == ["made-here"]
+        assert len(admin.describe_topic("made-here").partitions) == 2
