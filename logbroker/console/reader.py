@@ -22,7 +22,7 @@ from logbroker.client.admin import GroupDescription, PartitionLag, TopicDescript
 from logbroker.client.cluster_stats import Snapshot, stats
 from logbroker.client.sasl import SaslConfig
 from logbroker.console.views import BrowseQuery, LagHistory, PartitionRate, partition_rates, total_lag
-from logbroker.errors import LogbrokerError, UnknownTopicOrPartitionError
+from logbroker.errors import LogbrokerError, PermissionDeniedError, UnknownTopicOrPartitionError
 from logbroker.storage.record_batch import Message
 from logbroker.tls import TlsConfig
 
@@ -63,9 +63,16 @@ class ClusterReader:
 
     # -- reads ---------------------------------------------------------------------------------
 
-    def _snapshot(self) -> Snapshot:
+    def _snapshot(self, cluster_required: bool) -> Snapshot:
+        """describe_cluster and describe_topics; a principal not allowed to describe the cluster still
+        gets its topics (an empty cluster) unless `cluster_required`."""
         with self._lock:
-            cluster = self._admin.describe_cluster()
+            try:
+                cluster = self._admin.describe_cluster()
+            except PermissionDeniedError:
+                if cluster_required:
+                    raise
+                cluster = {}
             topics = [t for t in self._admin.describe_topics() if not t.name.startswith("__")]
         return Snapshot(time.monotonic(), cluster, topics)
 
@@ -76,9 +83,9 @@ class ClusterReader:
                 return s
         return None
 
-    def overview(self) -> dict[str, Any]:
+    def overview(self, cluster_required: bool = True) -> dict[str, Any]:
         """`logbroker cluster stats`' data, with rates against the sampler's previous look."""
-        current = self._snapshot()
+        current = self._snapshot(cluster_required)
         return stats(current, self._previous(current.taken_at_s), top=10)
 
     def topic(self, name: str) -> tuple[TopicDescription, dict[int, PartitionRate], dict[str, Any]]:
@@ -157,7 +164,7 @@ class ClusterReader:
     # -- the sampler ---------------------------------------------------------------------------
 
     def sample_once(self) -> None:
-        self._snapshots.append(self._snapshot())
+        self._snapshots.append(self._snapshot(cluster_required=False))
         for g in self.groups()[:self.history.groups_max]:
             try:
                 view = self.group(g.group)

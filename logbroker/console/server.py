@@ -82,7 +82,7 @@ class Console:
         rw, r = self.read_write, self.reader
         routes: dict[tuple[str, int], Callable[[], Markup]] = {
             ("", 0): lambda: pages.cluster_page(r.overview(), rw),
-            ("topics", 1): lambda: pages.topics_page(r.overview(), rw, self.csrf),
+            ("topics", 1): lambda: pages.topics_page(r.overview(cluster_required=False), rw, self.csrf),
             ("topics", 2): lambda: pages.topic_page(*r.topic(parts[1])[:2], rw),
             ("groups", 1): lambda: pages.groups_page(r.groups(), rw),
             ("groups", 2): lambda: pages.group_page(r.group(parts[1]), r.history.samples(parts[1]), rw, self.csrf),
