@@ -510,6 +510,10 @@ def build_parser() -> argparse.ArgumentParser:
     from logbroker.worker.command import add_worker_parser
 
     add_worker_parser(sub, common)
+
+    from logbroker.console.command import add_console_parser
+
+    add_console_parser(sub, common)
     return parser
 
 
