@@ -103,6 +103,9 @@ class BrokerConfig:
     # TLS on every listener and to other brokers (logbroker/tls.py); None: plaintext
     tls: ServerTls | None = None
     metrics_tls: bool = False  # /metrics over HTTPS too (with tls)
+    # /metrics is served (--metrics-listen not `off`): only then does the broker count requests, topic
+    # traffic and active clients (server/request_metrics.py, active_clients.py)
+    metrics_enabled: bool = True
     # SASL mechanisms a connection without a client certificate must authenticate with (server/sasl.py);
     # empty: none (needs tls)
     sasl_mechanisms: tuple[str, ...] = ()
@@ -547,6 +550,7 @@ def broker_config_from_settings(values: Mapping[str, SettingValue], hostname: st
         cluster_secret=secret,
         tls=tls,
         metrics_tls=bool(values["metrics_tls"]),
+        metrics_enabled=metrics_address(values) is not None,
         **_front_door(values, tls, bool(text("zookeeper"))), **_quota_windows(values),
         zk_session_timeout_ms=number("zk_session_timeout_ms"),
         replica_lag_time_max_ms=number("replica_lag_time_max_ms"),

@@ -199,7 +199,8 @@ class Broker:
             )
             self._security: SecurityStore | None = None  # opened by start()
             self._producer_ids: ProducerIdStore | None = None  # opened by the first InitProducerId
-            self.active_clients = ActiveClients(clock)  # per topic, for /metrics (server/cluster_metrics.py)
+            # per topic, for /metrics (server/cluster_metrics.py); nothing counted when it is off
+            self.active_clients = ActiveClients(clock) if config.metrics_enabled else None
             self.apis = self._build_apis(config)
             self.sasl: SaslServer | None = (SaslServer(config.sasl_mechanisms, self.security_store)
                                             if config.sasl_mechanisms else None)
@@ -379,7 +380,7 @@ class Broker:
                                                        window_ms=config.quota_window_size_ms),
                                           cluster_secret=config.cluster_secret)
         self.quota_cache = QuotaCache(self.security_store, self.client_quotas.manager)
-        self.request_metrics = RequestMetrics()
+        self.request_metrics = RequestMetrics() if config.metrics_enabled else None
         return BrokerApis(
             ProduceFetchApis(config, self, self.replica_manager, self, self.broker_principals, self.active_clients,
                              self.request_metrics),

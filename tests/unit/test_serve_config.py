@@ -41,6 +41,8 @@ def test_metrics_are_on_by_default_at_the_documented_port_of_the_listen_host():
     assert metrics_address(resolve(["--metrics-listen", "OFF"])[0]) is None
     assert metrics_address(resolve(["--metrics-listen", "10.0.0.1:9999"])[0]) == ("10.0.0.1", 9999)
     assert metrics_address(resolve([], {"LOGBROKER_METRICS_LISTEN": "off"})[0]) is None
+    # off: the broker does not even count what /metrics would show (server/request_metrics.py)
+    assert resolve([])[1].metrics_enabled and not resolve(["--metrics-listen", "off"])[1].metrics_enabled
 
 
 def test_precedence_file_then_later_file_then_env_then_flag(tmp_path: Path):
