@@ -118,11 +118,19 @@ def _responder_main(conn: Connection, system: str, address: str, parent: int) ->
 class _Tally:
     """Round trips of one phase: sent times by id, a histogram of those sent after the warm-up."""
 
-    def __init__(self, measure_from: float, measure_to: float) -> None:
+    def __init__(self, warmup_s: float, duration_s: float) -> None:
         self.hist = histogram.new()
         self.lock = threading.Lock()
-        self.measure_from, self.measure_to = measure_from, measure_to
+        self.warmup_s, self.duration_s = warmup_s, duration_s
+        self.measure_from = self.measure_to = float("inf")  # set by begin()
         self.sent = self.received = self.in_window = 0
+
+    def begin(self) -> float:
+        """The phase starts now, once the asker is connected and has had its first reply (a loaded
+        machine may take seconds for that): warm-up, then the measured window. Returns its end."""
+        self.measure_from = time.monotonic() + self.warmup_s
+        self.measure_to = self.measure_from + self.duration_s
+        return self.measure_to
 
     def done(self, sent_at: float, now: float) -> None:
         with self.lock:
@@ -148,13 +156,14 @@ def _paced(rate: int, until: float, send: Callable[[], None], idle: Callable[[fl
         idle(min(start + n / rate, until) - time.monotonic())
 
 
-def _ask_logbroker(address: str, phase: str, wl: Workload, tally: _Tally, until: float, window: int) -> None:
+def _ask_logbroker(address: str, phase: str, wl: Workload, tally: _Tally, window: int) -> None:
     from logbroker import Requester
 
     value = os.urandom(wl.record_size)
     gate = threading.Semaphore(window)
     with Requester(address, timeout_ms=int(TIMEOUT_S * 1000)) as req:
         req.request(TOPIC, value)  # the reply stream opened, metadata known
+        until = tally.begin()
 
         def send() -> None:
             if phase == "max":
@@ -175,7 +184,7 @@ def _ask_logbroker(address: str, phase: str, wl: Workload, tally: _Tally, until:
             time.sleep(0.01)
 
 
-def _ask_nats(address: str, phase: str, wl: Workload, tally: _Tally, until: float, window: int) -> None:
+def _ask_nats(address: str, phase: str, wl: Workload, tally: _Tally, window: int) -> None:
     import nats
 
     value = os.urandom(wl.record_size)
@@ -183,6 +192,7 @@ def _ask_nats(address: str, phase: str, wl: Workload, tally: _Tally, until: floa
     async def main() -> None:
         nc = await nats.connect(f"nats://{address}", connect_timeout=5)
         await nc.request(TOPIC, value, timeout=TIMEOUT_S)
+        until = tally.begin()
 
         async def one() -> None:
             t = time.monotonic()
@@ -217,7 +227,7 @@ def _ask_nats(address: str, phase: str, wl: Workload, tally: _Tally, until: floa
     asyncio.run(main())
 
 
-def _ask_rabbitmq(address: str, phase: str, wl: Workload, tally: _Tally, until: float, window: int) -> None:
+def _ask_rabbitmq(address: str, phase: str, wl: Workload, tally: _Tally, window: int) -> None:
     import pika
 
     from bench.drivers.rabbitmq import _params
@@ -243,6 +253,7 @@ def _ask_rabbitmq(address: str, phase: str, wl: Workload, tally: _Tally, until: 
             publish()
 
     ch.basic_consume(queue="amq.rabbitmq.reply-to", on_message_callback=on_reply, auto_ack=True)
+    until = tally.begin()
     if phase == "rate":
         _paced(wl.target_rate, until, publish, lambda s: conn.process_data_events(time_limit=max(s, 0)))
     else:
@@ -263,11 +274,8 @@ def _requester_main(conn: Connection, system: str, address: str, phase: str, wl:
                     parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     die_with_parent(parent)
-    start = time.monotonic()
-    measure_from = start + wl.warmup_s
-    until = measure_from + wl.duration_s
-    tally = _Tally(measure_from, until)
-    ASKERS[system](address, phase, wl, tally, until, window)
+    tally = _Tally(wl.warmup_s, wl.duration_s)  # its window starts once the asker is ready (begin())
+    ASKERS[system](address, phase, wl, tally, window)
     conn.send({"sent": tally.sent, "received": tally.received, "in_window": tally.in_window,
                "hist": histogram.encode(tally.hist)})
 
