@@ -9,12 +9,16 @@ import json
 import random
 import subprocess
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from logbroker import Admin, Consumer, Producer
 from logbroker.cluster.hashing import partition_for_key
+from logbroker.v1 import logbroker_pb2 as pb
+from tests.cluster import Cluster
 from tests.conftest import REPO, free_port, wait_for
 from tests.integration.test_metrics_endpoint import sample, scrape
 
@@ -25,10 +29,10 @@ PARTITIONS = 6
 RECORDS = 3000
 
 
-def _produce_skewed(bootstrap: str, topic: str) -> None:
+def _produce_skewed(bootstrap: str, topic: str, replication_factor: int = 1) -> None:
     rng = random.Random(21)
     with Admin(bootstrap, request_timeout_ms=5000) as admin:
-        admin.create_topic(topic, partitions=PARTITIONS)
+        admin.create_topic(topic, partitions=PARTITIONS, replication_factor=replication_factor)
     with Producer(bootstrap, request_timeout_ms=5000) as p:
         for i in range(RECORDS):
             key = HOT_KEY if i % 5 != 0 else f"user-{rng.randrange(10_000)}".encode()  # 80 % one key
@@ -90,3 +94,31 @@ def test_metrics_count_records_in_and_out_per_partition(broker_factory) -> None:
              "the hot partition's records counted out")
     out = _hot(broker.bootstrap)
     assert out["partitions"][0]["records_out_total"] >= hot_in
+
+
+@pytest.fixture
+def cluster(zookeeper, zk_chroot, tmp_path: Path) -> Iterator[Cluster]:
+    c = Cluster(zookeeper, zk_chroot, tmp_path, 3)
+    try:
+        yield c.start()
+    finally:
+        c.stop()
+
+
+@pytest.mark.slow
+def test_in_a_cluster_each_leader_reports_its_partitions_and_the_command_merges_them(cluster) -> None:
+    _produce_skewed(cluster.bootstrap, "orders", replication_factor=2)
+    hot_partition = partition_for_key(HOT_KEY, PARTITIONS)
+    leaders = {p: s.leader for p, s in cluster.partition_states("orders").items()}
+    for i in cluster.brokers:  # a broker answers for the partitions it leads, followers stay silent
+        ch, admin, _ = cluster._stub(i)
+        try:
+            resp = admin.DescribeHotPartitions(pb.DescribeHotPartitionsRequest(topics=["orders"]), timeout=10)
+        finally:
+            ch.close()
+        assert resp.broker_id == i
+        assert {p.partition for p in resp.partitions} == {p for p, leader in leaders.items() if leader == i}
+    out = _hot(cluster.bootstrap, "orders")
+    assert [(p["partition"], p["leader"]) for p in out["partitions"]][0] == (hot_partition, leaders[hot_partition])
+    assert sorted(p["partition"] for p in out["partitions"]) == list(range(PARTITIONS))
+    assert out["partitions"][0]["keys"][0]["key"] == HOT_KEY.decode()
