@@ -87,6 +87,7 @@ from logbroker.server.authorization import AuthorizingHook
 from logbroker.server.broker_channels import ReplyForwarding
 from logbroker.server.broker_principals import broker_principals
 from logbroker.server.cluster_member import ClusterMember
+from logbroker.server.heat_sampling import SampleBudget
 from logbroker.server.partition_heat import HeatTracker
 from logbroker.server.quota_cache import QuotaCache
 from logbroker.server.reply_registry import ReplyRegistry
@@ -383,7 +384,9 @@ class Broker:
                                           cluster_secret=config.cluster_secret)
         self.quota_cache = QuotaCache(self.security_store, self.client_quotas.manager)
         self.request_metrics = RequestMetrics() if config.metrics_enabled else None
-        self.heat = HeatTracker()  # on whatever --metrics-listen says: DescribeHotPartitions reads it
+        # on whatever --metrics-listen says: DescribeHotPartitions reads it
+        self.heat = HeatTracker(budget=SampleBudget(config.heat_sample_bytes_per_sec / 4,
+                                                    config.heat_sample_bytes_per_sec, now_s=time.monotonic()))
         return BrokerApis(
             ProduceFetchApis(config, self, self.replica_manager, self, self.broker_principals, self.active_clients,
                              self.request_metrics, self.heat),

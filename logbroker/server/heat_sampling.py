@@ -10,7 +10,8 @@ still sampled now and then, and the decoded bytes per second stay within the rat
 
 So a quiet partition has every batch sampled, a busy one a time-uniform fraction of its batches,
 and the key decoding costs the event loop at most about `broker_bytes_per_sec` of record walking
-per second however busy the broker is. Rate 0 switches sampling off. Time is an argument (seconds,
+per second however busy the broker is (reading keys costs about 25 us per KiB of small records in
+Python: the default 1 MiB/s is at most ~2.5 % of the loop). Rate 0 switches sampling off. Time is an argument (seconds,
 monotonic). The per-partition buckets are kept for at most `partitions_max` partitions (the
 least recently used is forgotten: it restarts with a full bucket).
 """
@@ -20,7 +21,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 PARTITION_BYTES_PER_SEC_DEFAULT = 256 << 10
-BROKER_BYTES_PER_SEC_DEFAULT = 1 << 20
+BROKER_BYTES_PER_SEC_DEFAULT = 1 << 20  # `serve --heat-sample-bytes-per-sec`; the broker gives partitions 1/4 of it
 PARTITIONS_MAX_DEFAULT = 10_000
 
 

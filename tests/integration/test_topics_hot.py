@@ -96,6 +96,14 @@ def test_metrics_count_records_in_and_out_per_partition(broker_factory) -> None:
     assert out["partitions"][0]["records_out_total"] >= hot_in
 
 
+def test_with_sampling_off_rates_are_counted_but_no_key_is_read(broker_factory) -> None:
+    broker = broker_factory(extra_args=["--heat-sample-bytes-per-sec", "0"])
+    _produce_skewed(broker.bootstrap, "orders")
+    out = _hot(broker.bootstrap, "orders", "--top", "6")
+    assert sum(p["records_in_total"] for p in out["partitions"]) == RECORDS
+    assert all(p["keys"] == [] and p["sampled_batches"] == 0 for p in out["partitions"])
+
+
 @pytest.fixture
 def cluster(zookeeper, zk_chroot, tmp_path: Path) -> Iterator[Cluster]:
     c = Cluster(zookeeper, zk_chroot, tmp_path, 3)
