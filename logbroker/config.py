@@ -500,6 +500,10 @@ def metrics_address(values: Mapping[str, SettingValue]) -> tuple[str, int] | Non
     return parse_host_port(text, DEFAULT_METRICS_PORT)
 
 
+_NON_NEGATIVE_SETTINGS = ("scrub_interval_ms", "scrub_bytes_per_sec", "log_cleaner_interval_ms",
+                          "log_cleaner_io_bytes_per_sec", "heat_sample_bytes_per_sec")
+
+
 def broker_config_from_settings(values: Mapping[str, SettingValue], hostname: str = "") -> BrokerConfig:
     """BrokerConfig from resolved settings; `hostname` is used with broker_id_from_hostname."""
     def text(name: str) -> str:
@@ -529,8 +533,7 @@ def broker_config_from_settings(values: Mapping[str, SettingValue], hostname: st
                  "offsets_retention_ms"):
         if number(name) <= 0:
             raise ConfigError(f"{name} must be positive, got {number(name)}")
-    for name in ("scrub_interval_ms", "scrub_bytes_per_sec", "log_cleaner_interval_ms",
-                 "log_cleaner_io_bytes_per_sec", "heat_sample_bytes_per_sec"):
+    for name in _NON_NEGATIVE_SETTINGS:
         if number(name) < 0:
             raise ConfigError(f"{name} must be >= 0, got {number(name)}")
     if not 1 <= number("log_cleaner_threads") <= LOG_CLEANER_THREADS_MAX:
