@@ -573,7 +573,7 @@ def _add_cluster_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _add_topics_parser(sub: Any, common: argparse.ArgumentParser) -> None:
-    """`topics create|list|describe|delete|reassign|add-partitions|recover-empty`."""
+    """`topics create|list|describe|delete|reassign|add-partitions|recover-empty|hot`."""
     topics = sub.add_parser("topics", help="create, list, describe, delete, reassign topics and add partitions")
     tsub = topics.add_subparsers(dest="topics_command", metavar="ACTION", required=True)
     t = tsub.add_parser("create", parents=[common], help="create a topic")
@@ -608,6 +608,9 @@ def _add_topics_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     t.add_argument("name")
     t.add_argument("partition", type=int)
     t.set_defaults(func=cmd_topics_recover_empty)
+    from logbroker.cli_hot import add_hot_parser
+
+    add_hot_parser(tsub, common)
 
 
 def _add_produce_parser(sub: Any, common: argparse.ArgumentParser) -> None:

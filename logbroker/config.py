@@ -81,6 +81,9 @@ class BrokerConfig:
     log_cleaner_interval_ms: int = 15_000
     log_cleaner_io_bytes_per_sec: int = 64 << 20  # reads and writes of the cleaner's passes; 0: unlimited
     log_cleaner_threads: int = 1  # passes at once, on different logs (1..LOG_CLEANER_THREADS_MAX)
+    # bytes of appended batches per second whose keys the leader reads for `topics hot` (0: off;
+    # server/heat_sampling.py; a partition gets at most a quarter of it)
+    heat_sample_bytes_per_sec: int = 1 << 20
     shutdown_grace_s: float = 5.0
     default_topic_config: dict[str, str] = field(default_factory=dict)
     # cluster mode (empty zookeeper: standalone with the embedded metadata store)
@@ -218,6 +221,9 @@ SERVE_SETTINGS: tuple[ServeSetting, ...] = (
                  "read plus write rate limit of the log cleaner (0: unlimited)"),
     ServeSetting("log_cleaner_threads", int, 1,
                  f"log cleaner passes at once, each on a different log (1..{LOG_CLEANER_THREADS_MAX})"),
+    ServeSetting("heat_sample_bytes_per_sec", int, 1 << 20,
+                 "bytes of appended batches per second whose record keys the leader reads for `topics hot` "
+                 "(0: off; a partition gets at most a quarter)"),
     ServeSetting("default_topic_config", dict, {},
                  "topic config applied to new topics unless they set it (flag repeatable; env: K=V,K=V; "
                  "file: a table)", "KEY=VALUE"),
@@ -494,6 +500,10 @@ def metrics_address(values: Mapping[str, SettingValue]) -> tuple[str, int] | Non
     return parse_host_port(text, DEFAULT_METRICS_PORT)
 
 
+_NON_NEGATIVE_SETTINGS = ("scrub_interval_ms", "scrub_bytes_per_sec", "log_cleaner_interval_ms",
+                          "log_cleaner_io_bytes_per_sec", "heat_sample_bytes_per_sec")
+
+
 def broker_config_from_settings(values: Mapping[str, SettingValue], hostname: str = "") -> BrokerConfig:
     """BrokerConfig from resolved settings; `hostname` is used with broker_id_from_hostname."""
     def text(name: str) -> str:
@@ -523,8 +533,7 @@ def broker_config_from_settings(values: Mapping[str, SettingValue], hostname: st
                  "offsets_retention_ms"):
         if number(name) <= 0:
             raise ConfigError(f"{name} must be positive, got {number(name)}")
-    for name in ("scrub_interval_ms", "scrub_bytes_per_sec", "log_cleaner_interval_ms",
-                 "log_cleaner_io_bytes_per_sec"):
+    for name in _NON_NEGATIVE_SETTINGS:
         if number(name) < 0:
             raise ConfigError(f"{name} must be >= 0, got {number(name)}")
     if not 1 <= number("log_cleaner_threads") <= LOG_CLEANER_THREADS_MAX:
@@ -562,6 +571,7 @@ def broker_config_from_settings(values: Mapping[str, SettingValue], hostname: st
         log_cleaner_interval_ms=number("log_cleaner_interval_ms"),
         log_cleaner_io_bytes_per_sec=number("log_cleaner_io_bytes_per_sec"),
         log_cleaner_threads=number("log_cleaner_threads"),
+        heat_sample_bytes_per_sec=number("heat_sample_bytes_per_sec"),
         default_topic_config=dict(topic_defaults),
         authorizer=text("authorizer"),
         super_users=_super_users(text("super_users")),

@@ -31,6 +31,9 @@ import grpc
 from logbroker.client.call_errors import rpc_error, rpc_error_text
 from logbroker.client.circuit import Circuits
 from logbroker.client.coordinator import CoordinatorClient
+from logbroker.client.hot_partitions import HotPartition
+from logbroker.client.hot_partitions import from_response as hot_rows
+from logbroker.client.hot_partitions import merge as merge_hot
 from logbroker.client.metadata_cache import MetadataCache, metadata_for
 from logbroker.client.queue.queue_consumer import share_settings
 from logbroker.client.queue.redrive import redrive
@@ -613,6 +616,46 @@ class Admin:
         """Every stored quota as {"user"?, "client_id"?, rate name: value...}."""
         resp = self._security_call("DescribeClientQuotas", pb.DescribeClientQuotasRequest())
         return [{f.name: v for f, v in e.ListFields()} for e in resp.quotas]
+
+    # -- hot partitions (logbroker topics hot; server/apis/heat.py) ----------------------------------
+
+    def describe_hot_partitions(self, topics: Sequence[str] = (), top: int = 10, keys: int = 5) -> list[HotPartition]:
+        """The `top` hottest partitions of `topics` (empty: every topic) across the cluster, by bytes
+        in per second, each with its `keys` heaviest keys: every live broker answers for the
+        partitions it leads (client/hot_partitions.py merges). A broker that does not answer is
+        logged (its partitions are missing); raises BrokerUnavailableError when none answers, and a
+        refusal (PERMISSION_DENIED, INVALID_ARGUMENT) as its error."""
+        self._metadata.refresh(None)
+        brokers = self._metadata.brokers() or {-1: self._metadata.any_address()}
+        request = pb.DescribeHotPartitionsRequest(topics=list(topics), top=top, keys=keys)
+        rows: list[HotPartition] = []
+        answered = 0
+        failed: list[str] = []
+        circuits = self._metadata.circuits
+        for broker_id, address in sorted(brokers.items()):
+            if not circuits.allow(address):
+                failed.append(f"{broker_id} at {address}: circuit open (no requests for a cool-down)")
+                continue
+            try:
+                resp = self._metadata.admin_stub(address).DescribeHotPartitions(request, timeout=self._timeout_s)
+            except grpc.RpcError as e:
+                err = rpc_error(e)
+                _feed_circuit(circuits, address, err)
+                if not getattr(err, "retriable", False):  # unreachable, overloaded, timed out: next broker
+                    raise err from None
+                failed.append(f"{broker_id} at {address}: {err}")
+                continue
+            circuits.succeeded(address)
+            if resp.error_code:
+                raise error_for(resp.error_code, resp.error_message)
+            answered += 1
+            rows.extend(hot_rows(resp.broker_id if broker_id < 0 else broker_id, resp))
+        if not answered:
+            raise BrokerUnavailableError(f"no broker answered DescribeHotPartitions: {'; '.join(failed)}")
+        if failed:
+            log.warning("DescribeHotPartitions: some brokers did not answer (their partitions are missing): %s",
+                        "; ".join(failed))
+        return merge_hot(rows, top)
 
     def close(self) -> None:
         if self._owns_metadata:

@@ -14,7 +14,8 @@ ADMIN_METHODS = ("CreateTopics", "DeleteTopics", "CreatePartitions", "DescribeTo
                  "ReassignPartition", "ListGroups", "DescribeGroup", "DeleteGroup", "ReadReplica",
                  "RecoverEmptyPartition", "AlterShareGroup", "ListShareGroups", "DescribeShareGroup",
                  "PurgeShareGroup", "CreateAcls", "DeleteAcls", "DescribeAcls", "AlterUserScramCredentials",
-                 "DescribeUserScramCredentials", "AlterClientQuotas", "DescribeClientQuotas")
+                 "DescribeUserScramCredentials", "AlterClientQuotas", "DescribeClientQuotas",
+                 "DescribeHotPartitions")
 
 
 def handler(apis: BrokerApis, sasl: SaslServer | None = None) -> grpc.GenericRpcHandler:

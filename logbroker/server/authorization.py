@@ -31,6 +31,7 @@ which suffices (CreateTopics: Create on the topic, or on the cluster, as Kafka).
 | CreateAcls, DeleteAcls, AlterUserScramCredentials, AlterClientQuotas | Alter Cluster |
 | DescribeAcls, DescribeUserScramCredentials, DescribeClientQuotas | Describe Cluster |
 | ReadReplica | Read Topic, Describe Cluster |
+| DescribeHotPartitions | Describe Cluster, and Read Topic on each named topic; naming none (every topic): Alter Cluster too (its answer shows record keys) |
 
 A call that presents the cluster secret (logbroker/cluster/cluster_secret.py) comes from another
 broker of the cluster and is not checked: brokers read each other's partitions for share groups and
@@ -126,6 +127,7 @@ RULES: dict[str, Callable[[Any], list[Check]]] = {
     "DescribeUserScramCredentials": lambda r: _cluster(D),
     "AlterClientQuotas": lambda r: _cluster(Operation.ALTER),
     "DescribeClientQuotas": lambda r: _cluster(D),
+    "DescribeHotPartitions": lambda r: _cluster(D) + (_topics(R, r.topics) if r.topics else _cluster(Operation.ALTER)),
 }
 
 

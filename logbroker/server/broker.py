@@ -75,6 +75,7 @@ from logbroker.server.admission import Admission
 from logbroker.server.apis.admin import AdminApis
 from logbroker.server.apis.broker_apis import BrokerApis
 from logbroker.server.apis.groups import GroupApis
+from logbroker.server.apis.heat import HeatApis
 from logbroker.server.apis.metadata import MetadataApis
 from logbroker.server.apis.produce_fetch import ProduceFetchApis
 from logbroker.server.apis.producer_ids import ProducerIdApis
@@ -86,6 +87,8 @@ from logbroker.server.authorization import AuthorizingHook
 from logbroker.server.broker_channels import ReplyForwarding
 from logbroker.server.broker_principals import broker_principals
 from logbroker.server.cluster_member import ClusterMember
+from logbroker.server.heat_sampling import SampleBudget
+from logbroker.server.partition_heat import HeatTracker
 from logbroker.server.quota_cache import QuotaCache
 from logbroker.server.reply_registry import ReplyRegistry
 from logbroker.server.request_context import RequestRejected, RequestStatus
@@ -381,9 +384,12 @@ class Broker:
                                           cluster_secret=config.cluster_secret)
         self.quota_cache = QuotaCache(self.security_store, self.client_quotas.manager)
         self.request_metrics = RequestMetrics() if config.metrics_enabled else None
+        # on whatever --metrics-listen says: DescribeHotPartitions reads it
+        self.heat = HeatTracker(budget=SampleBudget(config.heat_sample_bytes_per_sec / 4,
+                                                    config.heat_sample_bytes_per_sec, now_s=time.monotonic()))
         return BrokerApis(
             ProduceFetchApis(config, self, self.replica_manager, self, self.broker_principals, self.active_clients,
-                             self.request_metrics),
+                             self.request_metrics, self.heat),
             MetadataApis(self, self, None if hook is None else
                          lambda ctx, topic: hook.allowed(ctx, Operation.DESCRIBE, ResourceType.TOPIC, topic)),
             GroupApis(self, self.coordinator),
@@ -398,6 +404,7 @@ class Broker:
                                 config.overload_retry_after_ms),
             request_log=RequestLog(config.slow_request_ms),
             metrics=self.request_metrics,
+            heat=HeatApis(self, self.heat, self.replica_manager),
         )
 
     def _build_authorizer(self, config: BrokerConfig) -> AuthorizingHook | None:

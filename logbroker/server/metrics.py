@@ -27,6 +27,7 @@ never races the loop; a loop that does not answer within SCRAPE_TIMEOUT_S shows 
 | `logbroker_fetch_purgatory_size` | gauge | long-poll fetches waiting in the fetch purgatory |
 | `logbroker_log_flush_duration_seconds` | histogram | log flushes: a rolled segment's fsync (the flusher) and a log's flush (msync, index sync) (storage/flush_timing.py) |
 | `logbroker_requests_total{api}`, ... | | request and per-topic traffic metrics: server/request_metrics.py |
+| `logbroker_partition_bytes_in_total{topic,partition}`, `..._records_in_total`, `..._bytes_out_total`, `..._records_out_total` | counter | per partition, as its leader counted them (server/partition_heat.py): only the `PARTITION_SERIES_MAX` partitions with the most bytes in on this broker get series, the others are in the topic counters only; a partition dropping out of (or forgotten and back in) that set restarts its series (a counter reset). Rates and heavy keys: `logbroker topics hot` |
 | `logbroker_disk_free_bytes{dir}`, ... | | host metrics (psutil): server/host_metrics.py |
 | `process_*`, `python_*` | | prometheus_client's process, platform and GC collectors |
 """
@@ -65,6 +66,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SCRAPE_TIMEOUT_S = 2.0
+PARTITION_SERIES_MAX = 100  # partitions with per-partition series (by bytes in), the cardinality bound
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,8 @@ class BrokerSnapshot:
     overload: tuple[int, int, int] = (0, 0, 0)  # in-flight request bytes, in-flight requests, refused ever
     fetch_purgatory_size: int = 0
     requests: RequestMetricsSnapshot | None = None
+    # (topic, partition, (bytes in, records in, bytes out, records out)) of the top partitions by bytes in
+    partition_totals: tuple[tuple[str, int, tuple[int, int, int, int]], ...] = ()
 
 
 def snapshot(broker: Broker) -> BrokerSnapshot:
@@ -105,7 +109,8 @@ def snapshot(broker: Broker) -> BrokerSnapshot:
     return BrokerSnapshot(broker.ready, by_role, under_replicated, under_min_isr, size, corrupt, offline,
                           len(reg), (reg.delivered, reg.dropped, reg.unknown), refused, overload,
                           broker.replica_manager.fetch_purgatory.waiting,
-                          request_metrics.snapshot() if request_metrics is not None else None)
+                          request_metrics.snapshot() if request_metrics is not None else None,
+                          tuple(broker.heat.totals(PARTITION_SERIES_MAX)))
 
 
 class BrokerCollector(Collector):
@@ -186,6 +191,7 @@ class BrokerCollector(Collector):
                                 value=snap.fetch_purgatory_size)
         if snap.requests is not None:
             yield from request_families(snap.requests)
+        yield from partition_families(snap.partition_totals)
 
     def _flush_family(self) -> Metric:
         cumulative, total = LOG_FLUSHES.snapshot()
@@ -219,6 +225,19 @@ def request_families(snap: RequestMetricsSnapshot) -> Iterator[Metric]:
             records.add_metric([topic], r)
         yield nbytes
         yield records
+
+
+def partition_families(rows: tuple[tuple[str, int, tuple[int, int, int, int]], ...]) -> Iterator[Metric]:
+    """Per-partition traffic counters (server/partition_heat.py), for the partitions in `rows`."""
+    names = (("bytes_in", "record bytes appended by Produce"), ("records_in", "records appended by Produce"),
+             ("bytes_out", "record bytes sent to consumers by Fetch"), ("records_out", "records sent to consumers"))
+    for i, (name, what) in enumerate(names):
+        family = CounterMetricFamily(f"logbroker_partition_{name}", f"{what}, per partition (the top "
+                                     f"{PARTITION_SERIES_MAX} by bytes in on this broker)",
+                                     labels=["topic", "partition"])
+        for topic, partition, totals in rows:
+            family.add_metric([topic, str(partition)], totals[i])
+        yield family
 
 
 class MetricsServer:

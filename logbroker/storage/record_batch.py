@@ -644,6 +644,51 @@ def first_null_key(buf: bytes | bytearray | memoryview, info: BatchInfo) -> int 
     return None
 
 
+SAMPLED_KEYS_INFLATE_BYTES_MAX = 4 << 20  # a sampled gzip batch's body as the heat sampler inflates it
+
+
+def batch_keys(buf: bytes | bytearray | memoryview, pos: int, key_bytes_max: int) -> list[bytes | None]:
+    """The keys of the records of the batch at `pos` (None: a null key), each cut to `key_bytes_max`
+    bytes: the heat sampler's walk (server/partition_heat.py), like `first_null_key` it reads each
+    record's length, deltas and key only. Best effort and never raising for what it cannot read: a
+    control batch, a snappy/lz4/zstd batch, a gzip body that does not inflate within
+    SAMPLED_KEYS_INFLATE_BYTES_MAX, or a malformed record give the keys read so far (or none). The
+    batch must be whole (`validate_batches` checked it)."""
+    view = memoryview(buf)
+    if len(view) - pos < HEADER_SIZE:
+        return []
+    h = parse_header(view, pos)
+    codec = h.attributes & COMPRESSION_MASK
+    if h.attributes & CONTROL_MASK or codec not in (COMPRESSION_NONE, COMPRESSION_GZIP):
+        return []
+    data: bytes | memoryview = view
+    p, end = pos + HEADER_SIZE, pos + h.size_bytes
+    if end > len(view):
+        return []
+    if codec == COMPRESSION_GZIP:
+        inflater = zlib.decompressobj(47)
+        try:
+            data = inflater.decompress(view[p:end], SAMPLED_KEYS_INFLATE_BYTES_MAX)
+        except zlib.error:
+            return []
+        p, end = 0, len(data)
+    keys: list[bytes | None] = []
+    try:
+        for _ in range(min(h.record_count, COMPRESSED_RECORDS_MAX)):
+            length, q = decode_varint(data, p)
+            rec_end = q + length
+            if length < 6 or rec_end > end:
+                break
+            _, q = decode_varint(data, q + 1)  # timestampDelta, after attributes
+            _, q = decode_varint(data, q)  # offsetDelta
+            key_length, q = decode_varint(data, q)
+            keys.append(None if key_length < 0 else bytes(data[q : q + min(key_length, key_bytes_max, rec_end - q)]))
+            p = rec_end
+    except (IndexError, ValueError, CorruptMessageError):
+        pass
+    return keys
+
+
 def iter_batches(buf: bytes | memoryview) -> Iterator[tuple[BatchHeader, int]]:
     """Complete batches in a fetched chunk as (header, position); a trailing partial batch is skipped."""
     total = len(buf)

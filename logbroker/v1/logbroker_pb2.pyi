@@ -1523,3 +1523,67 @@ class DescribeClientQuotasResponse(_message.Message):
     error_message: str
     quotas: _containers.RepeatedCompositeFieldContainer[QuotaEntry]
     def __init__(self, error_code: _Optional[_Union[ErrorCode, str]] = ..., error_message: _Optional[str] = ..., quotas: _Optional[_Iterable[_Union[QuotaEntry, _Mapping]]] = ...) -> None: ...
+
+class DescribeHotPartitionsRequest(_message.Message):
+    __slots__ = ("topics", "top", "keys")
+    TOPICS_FIELD_NUMBER: _ClassVar[int]
+    TOP_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    topics: _containers.RepeatedScalarFieldContainer[str]
+    top: int
+    keys: int
+    def __init__(self, topics: _Optional[_Iterable[str]] = ..., top: _Optional[int] = ..., keys: _Optional[int] = ...) -> None: ...
+
+class HotKey(_message.Message):
+    __slots__ = ("key", "truncated", "share", "error")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    key: bytes
+    truncated: bool
+    share: float
+    error: float
+    def __init__(self, key: _Optional[bytes] = ..., truncated: _Optional[bool] = ..., share: _Optional[float] = ..., error: _Optional[float] = ...) -> None: ...
+
+class HotPartition(_message.Message):
+    __slots__ = ("topic", "partition", "bytes_in_per_sec", "records_in_per_sec", "bytes_out_per_sec", "records_out_per_sec", "bytes_in_total", "records_in_total", "bytes_out_total", "records_out_total", "sampled_batches", "sampled_records", "keys")
+    TOPIC_FIELD_NUMBER: _ClassVar[int]
+    PARTITION_FIELD_NUMBER: _ClassVar[int]
+    BYTES_IN_PER_SEC_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_IN_PER_SEC_FIELD_NUMBER: _ClassVar[int]
+    BYTES_OUT_PER_SEC_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_OUT_PER_SEC_FIELD_NUMBER: _ClassVar[int]
+    BYTES_IN_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_IN_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    BYTES_OUT_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_OUT_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    SAMPLED_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    SAMPLED_RECORDS_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    topic: str
+    partition: int
+    bytes_in_per_sec: float
+    records_in_per_sec: float
+    bytes_out_per_sec: float
+    records_out_per_sec: float
+    bytes_in_total: int
+    records_in_total: int
+    bytes_out_total: int
+    records_out_total: int
+    sampled_batches: int
+    sampled_records: float
+    keys: _containers.RepeatedCompositeFieldContainer[HotKey]
+    def __init__(self, topic: _Optional[str] = ..., partition: _Optional[int] = ..., bytes_in_per_sec: _Optional[float] = ..., records_in_per_sec: _Optional[float] = ..., bytes_out_per_sec: _Optional[float] = ..., records_out_per_sec: _Optional[float] = ..., bytes_in_total: _Optional[int] = ..., records_in_total: _Optional[int] = ..., bytes_out_total: _Optional[int] = ..., records_out_total: _Optional[int] = ..., sampled_batches: _Optional[int] = ..., sampled_records: _Optional[float] = ..., keys: _Optional[_Iterable[_Union[HotKey, _Mapping]]] = ...) -> None: ...
+
+class DescribeHotPartitionsResponse(_message.Message):
+    __slots__ = ("error_code", "error_message", "broker_id", "partitions")
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    BROKER_ID_FIELD_NUMBER: _ClassVar[int]
+    PARTITIONS_FIELD_NUMBER: _ClassVar[int]
+    error_code: ErrorCode
+    error_message: str
+    broker_id: int
+    partitions: _containers.RepeatedCompositeFieldContainer[HotPartition]
+    def __init__(self, error_code: _Optional[_Union[ErrorCode, str]] = ..., error_message: _Optional[str] = ..., broker_id: _Optional[int] = ..., partitions: _Optional[_Iterable[_Union[HotPartition, _Mapping]]] = ...) -> None: ...

@@ -1295,6 +1295,11 @@ class AdminStub:
                 request_serializer=logbroker_dot_v1_dot_logbroker__pb2.DescribeClientQuotasRequest.SerializeToString,
                 response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.DescribeClientQuotasResponse.FromString,
                 _registered_method=True)
+        self.DescribeHotPartitions = channel.unary_unary(
+                '/logbroker.v1.Admin/DescribeHotPartitions',
+                request_serializer=logbroker_dot_v1_dot_logbroker__pb2.DescribeHotPartitionsRequest.SerializeToString,
+                response_deserializer=logbroker_dot_v1_dot_logbroker__pb2.DescribeHotPartitionsResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -1432,6 +1437,12 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DescribeHotPartitions(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -1544,6 +1555,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.DescribeClientQuotas,
                     request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.DescribeClientQuotasRequest.FromString,
                     response_serializer=logbroker_dot_v1_dot_logbroker__pb2.DescribeClientQuotasResponse.SerializeToString,
+            ),
+            'DescribeHotPartitions': grpc.unary_unary_rpc_method_handler(
+                    servicer.DescribeHotPartitions,
+                    request_deserializer=logbroker_dot_v1_dot_logbroker__pb2.DescribeHotPartitionsRequest.FromString,
+                    response_serializer=logbroker_dot_v1_dot_logbroker__pb2.DescribeHotPartitionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -2140,6 +2156,33 @@ class Admin:
             '/logbroker.v1.Admin/DescribeClientQuotas',
             logbroker_dot_v1_dot_logbroker__pb2.DescribeClientQuotasRequest.SerializeToString,
             logbroker_dot_v1_dot_logbroker__pb2.DescribeClientQuotasResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DescribeHotPartitions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logbroker.v1.Admin/DescribeHotPartitions',
+            logbroker_dot_v1_dot_logbroker__pb2.DescribeHotPartitionsRequest.SerializeToString,
+            logbroker_dot_v1_dot_logbroker__pb2.DescribeHotPartitionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -56,6 +56,14 @@ def test_share_fetch_checks_the_topics_it_acknowledges_too():
     assert [(Operation.READ, TOPIC, "theirs")] in (checks("ShareFetch", req) or [])
 
 
+def test_hot_partitions_show_keys_so_need_read_on_each_topic_or_alter_on_the_cluster():
+    describe = [(Operation.DESCRIBE, CLUSTER, CLUSTER_NAME)]
+    named = checks("DescribeHotPartitions", pb.DescribeHotPartitionsRequest(topics=["b", "a"]))
+    assert named == [describe, [(Operation.READ, TOPIC, "a")], [(Operation.READ, TOPIC, "b")]]
+    every = checks("DescribeHotPartitions", pb.DescribeHotPartitionsRequest())
+    assert every == [describe, [(Operation.ALTER, CLUSTER, CLUSTER_NAME)]]
+
+
 def test_hook_allows_what_the_acls_grant_and_denies_the_rest_without_naming_it():
     acls = [allow("User:a", Operation.WRITE, TOPIC, "a.", PatternType.PREFIXED)]
     hook = AuthorizingHook(Authorizer(acls))

@@ -155,6 +155,11 @@ def test_log_cleaner_io_rate_and_threads_defaults_and_flags():
     assert (config.log_cleaner_io_bytes_per_sec, config.log_cleaner_threads) == (0, 4)
 
 
+def test_heat_sampling_rate_default_and_flag():
+    assert resolve([])[1].heat_sample_bytes_per_sec == 1 << 20
+    assert resolve(["--heat-sample-bytes-per-sec", "0"])[1].heat_sample_bytes_per_sec == 0
+
+
 def test_overload_bounds_defaults_and_flags():
     _, config = resolve([])
     assert (config.max_inflight_request_bytes, config.max_inflight_requests, config.overload_retry_after_ms) == (
@@ -180,6 +185,7 @@ def test_broker_id_from_hostname_flag_wins_over_broker_id():
     (["--log-cleaner-threads", "17"], r"log_cleaner_threads must be in \[1, 16\]"),
     (["--max-inflight-request-bytes", "-1"], "max_inflight_request_bytes must be >= 0"),
     (["--overload-retry-after-ms", "-5"], "overload_retry_after_ms must be >= 0"),
+    (["--heat-sample-bytes-per-sec", "-1"], "heat_sample_bytes_per_sec must be >= 0"),
 ])
 def test_bad_values_fail(argv: list[str], message: str):
     with pytest.raises(ConfigError, match=message):

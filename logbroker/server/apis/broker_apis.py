@@ -13,7 +13,7 @@ on_request`: the one place where authorization and request metrics go; the reque
 client quotas (server/apis/throttling.py) measure the call and delay its answer when over quota. Calls by
 concept: produce_fetch.py (Produce, Fetch, ListOffsets), metadata.py (Metadata, DescribeCluster),
 groups.py (offsets, coordinator, heartbeats, group admin), producer_ids.py (InitProducerId), queues.py (share groups), replies.py
-(request-reply), admin.py (topics, replicas), security.py (ACLs, SCRAM users, client quotas).
+(request-reply), admin.py (topics, replicas), heat.py (hot partitions and keys), security.py (ACLs, SCRAM users, client quotas).
 
 The inter-broker surface (server/replica_service.py) is not here: only brokers may call it.
 """
@@ -29,6 +29,7 @@ from logbroker.server import audit
 from logbroker.server.admission import Admission
 from logbroker.server.apis.admin import AdminApis
 from logbroker.server.apis.groups import GroupApis
+from logbroker.server.apis.heat import HeatApis
 from logbroker.server.apis.metadata import MetadataApis
 from logbroker.server.apis.produce_fetch import ProduceFetchApis
 from logbroker.server.apis.producer_ids import ProducerIdApis
@@ -84,6 +85,7 @@ REQUEST_TYPES: dict[str, type[Message]] = {
     "InitProducerId": pb.InitProducerIdRequest,
     "AlterClientQuotas": pb.AlterClientQuotasRequest,
     "DescribeClientQuotas": pb.DescribeClientQuotasRequest,
+    "DescribeHotPartitions": pb.DescribeHotPartitionsRequest,
 }
 
 
@@ -106,14 +108,16 @@ class BrokerApis:
                  queues: QueueApis | None = None, replies: ReplyApis | None = None,
                  security: SecurityApis | None = None, producer_ids: ProducerIdApis | None = None,
                  quotas: ClientQuotas | None = None, admission: Admission | None = None,
-                 request_log: RequestLog | None = None, metrics: RequestMetrics | None = None) -> None:
+                 request_log: RequestLog | None = None, metrics: RequestMetrics | None = None,
+                 heat: HeatApis | None = None) -> None:
         """`metadata`, `groups`, `admin`, `queues` None: those calls are UNIMPLEMENTED (a data-path-only broker
         in tests). `quotas`: client quotas enforced on every call (server/apis/throttling.py).
         `admission`: the bounds on in-flight requests the listeners apply before parsing a request
         (server/admission.py; they know its size), None: no bounds. `request_log`: the log fields of
         each call and its slow-request line (server/request_log.py), None: neither. `metrics`: every
         call counted, timed and its errors counted (server/request_metrics.py; Produce and Fetch
-        report their partitions through ProduceFetchApis, which the caller gives the same object)."""
+        report their partitions through ProduceFetchApis, which the caller gives the same object).
+        `heat`: DescribeHotPartitions (server/apis/heat.py), None: UNIMPLEMENTED."""
         self.request_log = request_log
         self.metrics = metrics
         self.hook = hook if hook is not None else RequestHook()
@@ -147,6 +151,8 @@ class BrokerApis:
             ops.update(Reply=replies.reply, ReplyBatch=replies.reply_batch)
         if producer_ids is not None:
             ops.update(InitProducerId=producer_ids.init_producer_id)
+        if heat is not None:
+            ops.update(DescribeHotPartitions=heat.describe_hot_partitions)
         self.replies = replies
         self._ops = ops
 

@@ -64,6 +64,7 @@ if TYPE_CHECKING:
     from logbroker.replication.purgatory import Purgatory
     from logbroker.replication.replica_manager import FetchRead, LeaderAppend
     from logbroker.server.broker_principals import BrokerPrincipals
+    from logbroker.server.partition_heat import HeatTracker
     from logbroker.server.request_metrics import RequestMetrics
 
 ProducePartitionKey = tuple[str, int]
@@ -99,11 +100,14 @@ class LeaderReplicas(Protocol):
 class ProduceFetchApis:
     def __init__(self, config: BrokerConfig, state: ServingState, replicas: LeaderReplicas,
                  lookup: PartitionLookup, broker_principals: BrokerPrincipals | None = None,
-                 active_clients: ActiveClients | None = None, metrics: RequestMetrics | None = None) -> None:
+                 active_clients: ActiveClients | None = None, metrics: RequestMetrics | None = None,
+                 heat: HeatTracker | None = None) -> None:
         """`broker_principals`: on a TLS broker, who may fetch as a replica besides the cluster secret.
         `active_clients`: told each client's topics (server/active_clients.py), for /metrics.
-        `metrics`: told each partition's outcome (bytes and records in and out per topic, errors)."""
+        `metrics`: told each partition's outcome (bytes and records in and out per topic, errors).
+        `heat`: told each led partition's appends and consumer reads (server/partition_heat.py)."""
         self._config = config
+        self._heat = heat
         self._active_clients = active_clients
         self._metrics = metrics
         self._broker_principals = broker_principals
@@ -151,8 +155,8 @@ class ProduceFetchApis:
                     r.duplicate = True
                 if result.log_append_time_ms >= 0:
                     r.log_append_time_ms = result.log_append_time_ms
-                if self._metrics is not None and not result.duplicate:
-                    self._metrics.produced(pp.topic, len(pp.records), result.record_count)
+                if not result.duplicate:
+                    self._count_append(pp, result.record_count)
                 if acks == -1:
                     waits.append((r, (pp.topic, pp.partition), appended))
             except Exception as exc:
@@ -164,6 +168,12 @@ class ProduceFetchApis:
         if waits:
             await self._wait_for_acks(waits, req.timeout_ms)
         return resp
+
+    def _count_append(self, pp: pb.ProducePartition, record_count: int) -> None:
+        if self._metrics is not None:
+            self._metrics.produced(pp.topic, len(pp.records), record_count)
+        if self._heat is not None:
+            self._heat.produced(pp.topic, pp.partition, pp.records, record_count)
 
     async def _wait_for_acks(self, waits: list[tuple[pb.ProducePartitionResult, ProducePartitionKey, LeaderAppend]],
                              timeout_ms: int) -> None:
@@ -272,13 +282,17 @@ class ProduceFetchApis:
 
     def _account(self, results: FetchParts, replica_id: int) -> FetchParts:
         """Tell the metrics each partition's outcome: records out to consumers (not followers), errors."""
-        metrics = self._metrics
-        if metrics is not None:
+        metrics, heat = self._metrics, self._heat
+        if metrics is not None or heat is not None:
             for r, view in results:
                 if r.error_code:
-                    metrics.fetch_failed(r.error_code)
+                    if metrics is not None:
+                        metrics.fetch_failed(r.error_code)
                 elif view is not None and replica_id < 0:
-                    metrics.fetched(r.topic, view)
+                    if metrics is not None:
+                        metrics.fetched(r.topic, view)
+                    if heat is not None:
+                        heat.fetched(r.topic, r.partition, view)
         return results
 
     def _refuse_filter(self, req: pb.FetchRequest, err: BrokerError) -> bytes:
