@@ -46,6 +46,7 @@ def _settings(args: argparse.Namespace) -> Any:
         source=args.source, target=args.target, topics=args.topics, group=group, prefix=prefix,
         target_alias=target_alias, sync_groups=args.sync_group_offsets, flush_interval_ms=args.flush_interval_ms,
         checkpoint_interval_ms=args.checkpoint_interval_ms, report_interval_ms=args.report_interval_ms,
+        session_timeout_ms=args.session_timeout_ms,
     )
 
 
@@ -90,6 +91,8 @@ def add_mirror_parser(sub: Any) -> None:
                    help="wait for the target's acknowledgements and commit on the source this often")
     m.add_argument("--checkpoint-interval-ms", type=int, default=5_000,
                    help="translate group offsets this often")
+    m.add_argument("--session-timeout-ms", type=int, default=10_000,
+                   help="the mirror's group session on the source: a killed mirror's partitions move after it")
     m.add_argument("--report-interval-ms", type=int, default=5_000, help="log copied records and lag this often")
     m.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     m.add_argument("--log-format", default="text", choices=list(LOG_FORMATS))

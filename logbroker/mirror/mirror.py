@@ -70,6 +70,7 @@ class MirrorSettings:
     topics_interval_ms: int = 10_000
     report_interval_ms: int = 5_000
     max_poll_records: int = 5_000
+    session_timeout_ms: int = 10_000  # a killed mirror's partitions move to its successor after this
 
 
 class Mirror:
@@ -82,7 +83,8 @@ class Mirror:
         self._producer = Producer(settings.target, acks="all", linger_ms=5)
         self._consumer = Consumer(settings.source, group=settings.group, enable_auto_commit=False,
                                   on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost,
-                                  max_poll_records=settings.max_poll_records)
+                                  max_poll_records=settings.max_poll_records,
+                                  session_timeout_ms=settings.session_timeout_ms)
         self._reader: Consumer | None = None  # reads the last records of target partitions
         self._topics: list[str] = []
         self._pending: list[tuple[str, int, int, FutureRecordMetadata]] = []
