@@ -83,3 +83,21 @@ def test_a_restart_below_what_was_known_starts_over_and_runs_are_bounded():
     assert m.runs(tp) == [Run(3, 7, 1)]
     with pytest.raises(ValueError):
         OffsetMap(max_runs=0)
+
+
+def _args(*argv: str):
+    from logbroker.cli import build_parser
+
+    return build_parser().parse_args(["mirror", "--source", "a:1", "--target", "b:2", *argv])
+
+
+def test_the_command_line_checks_its_flags_before_connecting():
+    from logbroker.mirror.command import MirrorCliError, _settings
+
+    s = _settings(_args("--topics", "orders.*", "--prefix", "us-east", "--sync-group-offsets", "app"))
+    assert (s.topics, s.prefix, s.sync_groups, s.group) == ("orders.*", "us-east", "app", "mirror-b-2")
+    for argv, message in ((["--topics", "("], "--topics"), (["--topics", "x", "--prefix", "a.b"], "--prefix"),
+                          (["--topics", "x", "--sync-group-offsets", "["], "--sync-group-offsets"),
+                          (["--topics", "x", "--flush-interval-ms", "0"], "--flush-interval-ms")):
+        with pytest.raises(MirrorCliError, match=message):
+            _settings(_args(*argv))
