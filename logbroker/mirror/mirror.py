@@ -165,7 +165,10 @@ class Mirror:
         """The target partition's high watermark once it equals its log end (bounded wait)."""
         deadline = time.monotonic() + SETTLE_TIMEOUT_S
         while True:
-            info = self._admin_b.describe_topic(name).partitions[partition]
+            parts = self._admin_b.describe_topic(name).partitions
+            if partition >= len(parts):  # grown on A, not yet on B: nothing mirrored there
+                return 0
+            info = parts[partition]
             if info.high_watermark >= info.log_end_offset or time.monotonic() >= deadline:
                 return info.high_watermark
             time.sleep(0.1)

@@ -129,7 +129,7 @@ def test_records_are_copied_with_equal_content_and_the_topic_with_its_config(clu
     a, b = clusters
     n, parts = 100_000, 4
     with Admin(a.bootstrap) as admin_a:
-        admin_a.create_topic("orders", parts, config={"retention.ms": 86_400_000})
+        admin_a.create_topic("orders", parts, config={"retention_ms": 86_400_000})
         admin_a.create_topic("payments", 1)  # not matched by --topics
     produce(a.bootstrap, "orders", n, parts)
     m = mirrors(a, b, "--topics", "orders.*", "--prefix", "us-east")
@@ -137,7 +137,7 @@ def test_records_are_copied_with_equal_content_and_the_topic_with_its_config(clu
         wait_for(lambda: total_end(admin_b, "us-east.orders") >= n, 180, "the copy of 100,000 records")
         d = admin_b.describe_topic("us-east.orders")
         assert len(d.partitions) == parts
-        assert d.config.get("retention.ms") == "86400000"
+        assert d.config.get("retention_ms") == "86400000"
         assert "payments" not in admin_b.list_topics() and "us-east.payments" not in admin_b.list_topics()
     mark = len(m.log_text())
     wait_for(lambda: "lag 0 records" in m.log_text()[mark:], 30, "a lag report of 0")
