@@ -274,6 +274,9 @@ class Mirror:
         return out
 
     def report(self, rate: float) -> None:
+        if not self._consumer.assignment():  # "lag 0" would be a lie: nothing is being copied
+            log.info("mirror: copied %d records (%.0f records/s), no partitions assigned", self.copied, rate)
+            return
         lags = self.lag()
         parts = " ".join(f"{t}-{p}={n}" for (t, p), n in lags.items() if n)
         log.info("mirror: copied %d records (%.0f records/s), lag %d records%s", self.copied, rate,
