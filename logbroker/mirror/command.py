@@ -38,7 +38,8 @@ def _settings(args: argparse.Namespace) -> Any:
         raise MirrorCliError(str(e)) from None
     for flag, value in (("--flush-interval-ms", args.flush_interval_ms),
                         ("--checkpoint-interval-ms", args.checkpoint_interval_ms),
-                        ("--report-interval-ms", args.report_interval_ms)):
+                        ("--report-interval-ms", args.report_interval_ms),
+                        ("--topics-interval-ms", args.topics_interval_ms)):
         if not 10 <= value <= 3_600_000:
             raise MirrorCliError(f"{flag} must be in [10, 3600000], got {value}")
     group = args.group or "mirror-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", args.target)
@@ -46,7 +47,7 @@ def _settings(args: argparse.Namespace) -> Any:
         source=args.source, target=args.target, topics=args.topics, group=group, prefix=prefix,
         target_alias=target_alias, sync_groups=args.sync_group_offsets, flush_interval_ms=args.flush_interval_ms,
         checkpoint_interval_ms=args.checkpoint_interval_ms, report_interval_ms=args.report_interval_ms,
-        session_timeout_ms=args.session_timeout_ms,
+        session_timeout_ms=args.session_timeout_ms, topics_interval_ms=args.topics_interval_ms,
     )
 
 
@@ -93,6 +94,8 @@ def add_mirror_parser(sub: Any) -> None:
                    help="translate group offsets this often")
     m.add_argument("--session-timeout-ms", type=int, default=10_000,
                    help="the mirror's group session on the source: a killed mirror's partitions move after it")
+    m.add_argument("--topics-interval-ms", type=int, default=10_000,
+                   help="look for new matching topics (and grown partition counts) on the source this often")
     m.add_argument("--report-interval-ms", type=int, default=5_000, help="log copied records and lag this often")
     m.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     m.add_argument("--log-format", default="text", choices=list(LOG_FORMATS))

@@ -230,3 +230,25 @@ def test_a_group_fails_over_to_the_target_at_its_translated_offsets(clusters, mi
         wait_for(read, 60, "records on B for the failed-over group")
     assert on_a, "the group committed nothing on A"
     assert {("events", p): off for p, off in firsts.items() if ("events", p) in on_a} == on_a
+
+
+def test_active_active_mirrors_each_way_without_loops(clusters, mirrors):
+    """A -> B with prefix a and B -> A with prefix b: each side gets the other's topic under the
+    other's alias, and no copy of a copy (a.b.x, b.a.x) ever appears."""
+    a, b = clusters
+    for cluster in (a, b):
+        with Admin(cluster.bootstrap) as admin:
+            admin.create_topic("orders", 2)
+    produce(a.bootstrap, "orders", 1_000, 2)
+    produce(b.bootstrap, "orders", 700, 2, first=5_000)
+    common = ["--topics", ".*", "--flush-interval-ms", "100", "--topics-interval-ms", "100"]
+    mirrors(a, b, *common, "--prefix", "a", "--target-alias", "b")
+    mirrors(b, a, *common, "--prefix", "b", "--target-alias", "a")
+    with Admin(a.bootstrap) as admin_a, Admin(b.bootstrap) as admin_b:
+        wait_for(lambda: total_end(admin_b, "a.orders") >= 1_000 and total_end(admin_a, "b.orders") >= 700, 120,
+                 "each side's copy of the other's orders")
+        produce(a.bootstrap, "orders", 10, 2, first=1_000)  # a marker after the copies exist
+        wait_for(lambda: total_end(admin_b, "a.orders") >= 1_010, 60, "the marker on B")
+        assert sorted(admin_a.list_topics()) == ["b.orders", "orders"]
+        assert sorted(admin_b.list_topics()) == ["a.orders", "orders"]
+        assert total_end(admin_b, "a.orders") == 1_010 and total_end(admin_a, "b.orders") == 700
