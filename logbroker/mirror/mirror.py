@@ -10,7 +10,8 @@ Restart without loss or duplicates: the progress that counts is B's (progress.py
 partition is assigned, the mirror reads the last record of its target partition (after waiting
 until that partition's high watermark equals its log end, so a killed producer's last batches are
 settled) and seeks A to the source offset after it; A's committed offset is used only when the
-target partition holds no mirrored record. A copy that fails for good (delivery timeout, a
+target partition holds no mirrored record. The offset map is seeded from B's copy too, so group
+offsets translate across restarts. A copy that fails for good (delivery timeout, a
 refusal) stops the mirror with the error: restarting resumes from B, so nothing is skipped.
 
 Topics: every `topics_interval_ms` A's topic list is read again; new matches (naming.py) get their
@@ -45,7 +46,7 @@ from logbroker.errors import (
     TopicAlreadyExistsError,
 )
 from logbroker.mirror import naming, progress
-from logbroker.mirror.offset_map import OffsetMap
+from logbroker.mirror.offset_map import OffsetMap, Run
 from logbroker.storage.record_batch import Message
 
 log = logging.getLogger(__name__)
@@ -157,9 +158,20 @@ class Mirror:
             log.warning("%s-%d: the target's last record carries no %s header: resuming from the "
                         "group's committed offset", name, partition, progress.SRC_HEADER)
             return None
-        self.offsets.record((topic, partition), src, last.offset)
+        self._seed_offsets((topic, partition), name, src, last.offset)
         self._positions[(topic, partition)] = src + 1
         return src + 1
+
+    def _seed_offsets(self, tp: TopicPartition, name: str, last_src: int, last_tgt: int) -> None:
+        """The offset map from what B holds: one run from B's first record when B's copy is
+        contiguous (source and target offsets equally far apart), else only the last record."""
+        start = self._admin_b.describe_topic(name).partitions[tp[1]].log_start_offset
+        first = self._read_record(name, tp[1], start) if start < last_tgt else None
+        first_src = None if first is None else progress.source_position(first.headers, tp[1])
+        if first is not None and first_src is not None and last_src - first_src == last_tgt - first.offset:
+            self.offsets.seed(tp, Run(first_src, first.offset, last_tgt - first.offset + 1))
+        else:
+            self.offsets.seed(tp, Run(last_src, last_tgt, 1))
 
     def _settled_end(self, name: str, partition: int) -> int:
         """The target partition's high watermark once it equals its log end (bounded wait)."""

@@ -13,6 +13,9 @@ target offset of the first mirrored record at or after c.
     c at or past the end    the end of the last run on the target (the records from the end to c
                             are not copied yet: a consumer failing over re-reads them, loses none)
     c before the first run  None: unknown (this mirror did not see it), no checkpoint
+
+On a restart the mirror seeds the map from the target: when the first and last records of a target
+partition carry source offsets as far apart as their own offsets, everything between is one run.
 """
 
 from __future__ import annotations
@@ -48,6 +51,12 @@ class OffsetMap:
         runs.append(Run(src, tgt, 1))
         if len(runs) > self._max_runs:
             del runs[0]
+
+    def seed(self, tp: tuple[str, int], run: Run) -> None:
+        """Start the partition's map with what the target already holds (a restart): one run."""
+        if run.length < 1:
+            raise ValueError(f"a run has at least one record, got {run}")
+        self._runs[tp] = [run]
 
     def runs(self, tp: tuple[str, int]) -> list[Run]:
         return list(self._runs.get(tp, ()))

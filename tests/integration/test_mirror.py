@@ -252,3 +252,19 @@ def test_active_active_mirrors_each_way_without_loops(clusters, mirrors):
         assert sorted(admin_a.list_topics()) == ["b.orders", "orders"]
         assert sorted(admin_b.list_topics()) == ["a.orders", "orders"]
         assert total_end(admin_b, "a.orders") == 1_010 and total_end(admin_a, "b.orders") == 700
+
+
+def test_a_restarted_mirror_translates_offsets_of_records_an_earlier_run_copied(clusters, mirrors):
+    a, b = clusters
+    with Admin(a.bootstrap) as admin_a:
+        admin_a.create_topic("events", 1)
+    produce(a.bootstrap, "events", 1_000, 1)
+    first = mirrors(a, b, "--topics", "events", "--flush-interval-ms", "100")
+    with Admin(b.bootstrap) as admin_b:
+        wait_for(lambda: total_end(admin_b, "events") >= 1_000, 60, "the first run's copy")
+    assert first.stop() == 0
+    consume_and_commit(a.bootstrap, "app", "events", 300)  # behind everything the first run copied
+    on_a = committed_on(a.bootstrap, "app")
+    assert 0 < on_a[("events", 0)] < 1_000
+    mirrors(a, b, "--topics", "events", "--sync-group-offsets", "app", "--checkpoint-interval-ms", "200")
+    wait_for(lambda: committed_on(b.bootstrap, "app") == on_a, 60, f"translated offsets {on_a} on the target")

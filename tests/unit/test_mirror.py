@@ -101,3 +101,14 @@ def test_the_command_line_checks_its_flags_before_connecting():
                           (["--topics", "x", "--flush-interval-ms", "0"], "--flush-interval-ms")):
         with pytest.raises(MirrorCliError, match=message):
             _settings(_args(*argv))
+
+
+def test_a_seed_from_the_target_translates_what_an_earlier_mirror_copied():
+    m = OffsetMap()
+    tp = ("t", 0)
+    m.seed(tp, Run(100, 0, 50))  # the target held source 100..149 at 0..49 when this mirror started
+    m.record(tp, 150, 50)
+    assert m.runs(tp) == [Run(100, 0, 51)]
+    assert m.translate(tp, 120) == 20
+    with pytest.raises(ValueError):
+        m.seed(tp, Run(0, 0, 0))
