@@ -42,6 +42,8 @@ def _settings(args: argparse.Namespace) -> Any:
                         ("--topics-interval-ms", args.topics_interval_ms)):
         if not 10 <= value <= 3_600_000:
             raise MirrorCliError(f"{flag} must be in [10, 3600000], got {value}")
+    if args.status_port is not None and not 0 < args.status_port < 65536:
+        raise MirrorCliError(f"--status-port must be in [1, 65535], got {args.status_port}")
     group = args.group or "mirror-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", args.target)
     return MirrorSettings(
         source=args.source, target=args.target, topics=args.topics, group=group, prefix=prefix,
@@ -68,7 +70,16 @@ def cmd_mirror(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    mirror.run()
+    server = None
+    if args.status_port is not None:
+        from logbroker.mirror.status import StatusServer
+
+        server = StatusServer(lambda: mirror.status, args.status_port).start()
+    try:
+        mirror.run()
+    finally:
+        if server is not None:
+            server.close()
     return 0
 
 
@@ -97,6 +108,8 @@ def add_mirror_parser(sub: Any) -> None:
     m.add_argument("--topics-interval-ms", type=int, default=10_000,
                    help="look for new matching topics (and grown partition counts) on the source this often")
     m.add_argument("--report-interval-ms", type=int, default=5_000, help="log copied records and lag this often")
+    m.add_argument("--status-port", type=int, default=None, metavar="PORT",
+                   help="serve the last lag report as JSON on 127.0.0.1:PORT")
     m.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     m.add_argument("--log-format", default="text", choices=list(LOG_FORMATS))
     m.set_defaults(func=cmd_mirror)

@@ -93,6 +93,7 @@ class Mirror:
         self.offsets = OffsetMap()
         self._written: dict[tuple[str, str, int], int] = {}  # (group, target topic, partition) -> offset
         self.copied = 0
+        self.status: dict[str, Any] = {}  # the last report (status.py serves it)
         self._stop = threading.Event()
 
     # -- topics ------------------------------------------------------------------------------
@@ -288,8 +289,12 @@ class Mirror:
     def report(self, rate: float) -> None:
         if not self._consumer.assignment():  # "lag 0" would be a lie: nothing is being copied
             log.info("mirror: copied %d records (%.0f records/s), no partitions assigned", self.copied, rate)
+            self.status = {"copied": self.copied, "records_per_s": rate, "assigned": False, "lag_total": None,
+                           "lag": {}}
             return
         lags = self.lag()
+        self.status = {"copied": self.copied, "records_per_s": rate, "assigned": True,
+                       "lag_total": sum(lags.values()), "lag": {f"{t}-{p}": n for (t, p), n in lags.items()}}
         parts = " ".join(f"{t}-{p}={n}" for (t, p), n in lags.items() if n)
         log.info("mirror: copied %d records (%.0f records/s), lag %d records%s", self.copied, rate,
                  sum(lags.values()), f" ({parts})" if parts else "")

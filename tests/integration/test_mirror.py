@@ -6,10 +6,12 @@ consumer failing over resumes exactly where it stopped on the source (issue 21, 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import pytest
 
 from logbroker import Admin, Consumer, Producer
 from logbroker.mirror import progress
-from tests.conftest import REPO, BrokerProcess, wait_for
+from tests.conftest import REPO, BrokerProcess, free_port, wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -120,6 +122,11 @@ def read_all(bootstrap: str, topic: str, partitions: int, expected: int) -> dict
     return out
 
 
+def status(port: int) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as resp:
+        return json.loads(resp.read())
+
+
 def strip_src(headers: list) -> list:
     return [h for h in headers if h[0] != progress.SRC_HEADER]
 
@@ -132,7 +139,8 @@ def test_records_are_copied_with_equal_content_and_the_topic_with_its_config(clu
         admin_a.create_topic("orders", parts, config={"retention_ms": 86_400_000})
         admin_a.create_topic("payments", 1)  # not matched by --topics
     produce(a.bootstrap, "orders", n, parts)
-    m = mirrors(a, b, "--topics", "orders.*", "--prefix", "us-east")
+    status_port = free_port()
+    m = mirrors(a, b, "--topics", "orders.*", "--prefix", "us-east", "--status-port", str(status_port))
     with Admin(b.bootstrap) as admin_b:
         wait_for(lambda: total_end(admin_b, "us-east.orders") >= n, 180, "the copy of 100,000 records")
         d = admin_b.describe_topic("us-east.orders")
@@ -141,6 +149,9 @@ def test_records_are_copied_with_equal_content_and_the_topic_with_its_config(clu
         assert "payments" not in admin_b.list_topics() and "us-east.payments" not in admin_b.list_topics()
     mark = len(m.log_text())
     wait_for(lambda: "lag 0 records" in m.log_text()[mark:], 30, "a lag report of 0")
+    wait_for(lambda: status(status_port).get("lag_total") == 0, 30, "lag 0 on --status-port")
+    assert status(status_port)["copied"] == n and set(status(status_port)["lag"]) == {
+        f"orders-{p}" for p in range(parts)}
     assert m.stop() == 0
     source = read_all(a.bootstrap, "orders", parts, n)
     target = read_all(b.bootstrap, "us-east.orders", parts, n)

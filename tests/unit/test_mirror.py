@@ -98,7 +98,8 @@ def test_the_command_line_checks_its_flags_before_connecting():
     assert (s.topics, s.prefix, s.sync_groups, s.group) == ("orders.*", "us-east", "app", "mirror-b-2")
     for argv, message in ((["--topics", "("], "--topics"), (["--topics", "x", "--prefix", "a.b"], "--prefix"),
                           (["--topics", "x", "--sync-group-offsets", "["], "--sync-group-offsets"),
-                          (["--topics", "x", "--flush-interval-ms", "0"], "--flush-interval-ms")):
+                          (["--topics", "x", "--flush-interval-ms", "0"], "--flush-interval-ms"),
+                          (["--topics", "x", "--status-port", "70000"], "--status-port")):
         with pytest.raises(MirrorCliError, match=message):
             _settings(_args(*argv))
 
