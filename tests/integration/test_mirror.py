@@ -76,9 +76,9 @@ def clusters(broker_factory: Callable[..., BrokerProcess], tmp_path: Path) -> tu
 def mirrors(tmp_path: Path) -> Iterator[Callable[..., MirrorProcess]]:
     started: list[MirrorProcess] = []
 
-    def start(a: BrokerProcess, b: BrokerProcess, *args: str) -> MirrorProcess:
-        m = MirrorProcess(tmp_path / f"mirror-{len(started)}.log",
-                          ["--source", a.bootstrap, "--target", b.bootstrap, *args])
+    def start(a: BrokerProcess | str, b: BrokerProcess | str, *args: str) -> MirrorProcess:
+        source, target = (x if isinstance(x, str) else x.bootstrap for x in (a, b))
+        m = MirrorProcess(tmp_path / f"mirror-{len(started)}.log", ["--source", source, "--target", target, *args])
         started.append(m)
         return m
 
@@ -279,3 +279,54 @@ def test_a_restarted_mirror_translates_offsets_of_records_an_earlier_run_copied(
     assert 0 < on_a[("events", 0)] < 1_000
     mirrors(a, b, "--topics", "events", "--sync-group-offsets", "app", "--checkpoint-interval-ms", "200")
     wait_for(lambda: committed_on(b.bootstrap, "app") == on_a, 60, f"translated offsets {on_a} on the target")
+
+
+@pytest.fixture
+def zk_clusters(tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """Two single-broker ZooKeeper-backed clusters, each with its own ZooKeeper process."""
+    from tests.cluster import Cluster
+    from tests.zookeeper import ZooKeeperProcess, zookeeper_available
+
+    why = zookeeper_available()
+    if why is not None:
+        if os.environ.get("CI"):
+            raise RuntimeError(f"ZooKeeper is required in CI: {why}")
+        pytest.skip(why)
+    started: list = []
+    try:
+        bootstraps = []
+        for name in ("a", "b"):
+            zk = ZooKeeperProcess(tmp_path / f"zk-{name}", free_port()).start()
+            started.append(zk)
+            cluster = Cluster(zk, f"/{name}", tmp_path / f"cluster-{name}", 1, extra_args=GROUP_ARGS).start()
+            started.append(cluster)
+            bootstraps.append(cluster.bootstrap)
+        yield bootstraps[0], bootstraps[1]
+    finally:
+        for thing in reversed(started):
+            thing.stop()
+
+
+@pytest.mark.slow
+def test_between_two_zookeeper_clusters_a_killed_mirror_ends_with_the_sources_records(zk_clusters, mirrors):
+    a_bootstrap, b_bootstrap = zk_clusters
+    n, parts = 30_000, 3
+    with Admin(a_bootstrap) as admin_a:
+        admin_a.create_topic("orders", parts)
+    produce(a_bootstrap, "orders", n, parts)
+    args = ["--topics", "orders", "--prefix", "dc1", "--flush-interval-ms", "100", "--session-timeout-ms", "3000"]
+    first = mirrors(a_bootstrap, b_bootstrap, *args)
+    with Admin(b_bootstrap) as admin_b:
+        wait_for(lambda: total_end(admin_b, "dc1.orders") >= n // 10, 120, "a tenth of the copy")
+        first.kill9()
+        assert total_end(admin_b, "dc1.orders") < n, "the copy finished before the kill: nothing tested"
+        second = mirrors(a_bootstrap, b_bootstrap, *args)
+        wait_for(lambda: total_end(admin_b, "dc1.orders") >= n, 120, "the rest of the copy")
+        mark = len(second.log_text())
+        wait_for(lambda: "lag 0 records" in second.log_text()[mark:], 30, "a lag report of 0")
+        assert total_end(admin_b, "dc1.orders") == n, "duplicates on the target"
+    source = read_all(a_bootstrap, "orders", parts, n)
+    target = read_all(b_bootstrap, "dc1.orders", parts, n)
+    for p in range(parts):
+        assert [(r[1], r[2], strip_src(r[3]), r[4]) for r in target[p]] == [r[1:] for r in source[p]]
+        assert [progress.source_position(r[3], p) for r in target[p]] == [r[0] for r in source[p]]
