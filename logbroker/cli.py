@@ -514,6 +514,10 @@ def build_parser() -> argparse.ArgumentParser:
     from logbroker.console.command import add_console_parser
 
     add_console_parser(sub, common)
+
+    from logbroker.mirror.command import add_mirror_parser
+
+    add_mirror_parser(sub)
     return parser
 
 

@@ -146,7 +146,7 @@ def test_the_request_layer_imports_no_grpc():
 LAYERS: list[list[str]] = [
     ["logbroker", "logbroker.__main__", "logbroker.cli", "logbroker.cli_groups", "logbroker.cli_queues", "logbroker.cli_security", "logbroker.cli_dump",
      "logbroker.cli_tls", "logbroker.cli_stats", "logbroker.console",
-     "logbroker.worker", "logbroker.k8s_rack", "logbroker.testing"],
+     "logbroker.worker", "logbroker.mirror", "logbroker.k8s_rack", "logbroker.testing"],
     ["logbroker.server"],
     ["logbroker.client"],
     ["logbroker.config"],

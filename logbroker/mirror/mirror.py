@@ -1,0 +1,345 @@
+"""The mirror process: copies the selected topics of cluster A (source) to cluster B (target).
+
+    source A ── Consumer (group --group, no auto-commit) ──> Mirror ── idempotent Producer (acks=all) ──> B
+
+Per record: same partition, key, value, headers (plus `logbroker.mirror.src`, progress.py) and
+timestamp. Every `flush_interval_ms` (or `flush_records` records) the producer is flushed; once B
+acknowledged, the copies go into the OffsetMap and their source offsets are committed on A.
+
+Restart without loss or duplicates: the progress that counts is B's (progress.py). When a source
+partition is assigned, the mirror reads the last record of its target partition (after waiting
+until that partition's high watermark equals its log end, so a killed producer's last batches are
+settled) and seeks A to the source offset after it; A's committed offset is used only when the
+target partition holds no mirrored record. The offset map is seeded from B's copy too, so group
+offsets translate across restarts. A copy that fails for good (delivery timeout, a
+refusal) stops the mirror with the error: restarting resumes from B, so nothing is skipped.
+
+Topics: every `topics_interval_ms` A's topic list is read again; new matches (naming.py) get their
+target topic (same partition count and config, replication factor min(source's, B's brokers)),
+grown when A's partition count grows, and join the subscription.
+
+Group offsets (`sync_groups`): every `checkpoint_interval_ms`, for each group on A matching the
+pattern (never the mirror's own), its committed offsets of mirrored topics are translated
+(offset_map.py) and committed for the same group on B, on the target topic names — only while that
+group has no members on B (as MirrorMaker 2: once consumers run on B, B's offsets are theirs).
+
+Lag, logged every `report_interval_ms`: per partition, A's high watermark (from the last fetch)
+minus the mirrored position.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+from logbroker.client import Admin, Consumer, Producer
+from logbroker.client.producer.future import FutureRecordMetadata
+from logbroker.errors import (
+    GroupIdNotFoundError,
+    LogbrokerError,
+    NonEmptyGroupError,
+    TopicAlreadyExistsError,
+)
+from logbroker.mirror import naming, progress
+from logbroker.mirror.offset_map import OffsetMap, Run
+from logbroker.storage.record_batch import Message
+
+log = logging.getLogger(__name__)
+TopicPartition = tuple[str, int]
+
+SETTLE_TIMEOUT_S = 30.0  # waiting for a target partition's high watermark to reach its log end
+READ_LAST_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class MirrorSettings:
+    source: str
+    target: str
+    topics: str  # regex, whole name
+    group: str
+    prefix: str | None = None  # the source's alias, put before target topic names
+    target_alias: str | None = None  # topics named "<target_alias>.x" on A are never mirrored
+    sync_groups: str | None = None  # regex of A's groups whose offsets are translated to B
+    flush_interval_ms: int = 1_000
+    flush_records: int = 20_000
+    checkpoint_interval_ms: int = 5_000
+    topics_interval_ms: int = 10_000
+    report_interval_ms: int = 5_000
+    max_poll_records: int = 5_000
+    session_timeout_ms: int = 10_000  # a killed mirror's partitions move to its successor after this
+
+
+class Mirror:
+    def __init__(self, settings: MirrorSettings) -> None:
+        self.s = settings
+        self._pattern = re.compile(settings.topics)
+        self._groups = re.compile(settings.sync_groups) if settings.sync_groups else None
+        self._admin_a = Admin(settings.source)
+        self._admin_b = Admin(settings.target)
+        self._producer = Producer(settings.target, acks="all", linger_ms=5)
+        self._consumer = Consumer(settings.source, group=settings.group, enable_auto_commit=False,
+                                  on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost,
+                                  max_poll_records=settings.max_poll_records,
+                                  session_timeout_ms=settings.session_timeout_ms)
+        self._reader: Consumer | None = None  # reads the last records of target partitions
+        self._topics: list[str] = []
+        self._pending: list[tuple[str, int, int, FutureRecordMetadata]] = []
+        self._positions: dict[TopicPartition, int] = {}  # next source offset to copy, once known
+        self.offsets = OffsetMap()
+        self._written: dict[tuple[str, str, int], int] = {}  # (group, target topic, partition) -> offset
+        self.copied = 0
+        self.status: dict[str, Any] = {}  # the last report (status.py serves it)
+        self._stop = threading.Event()
+
+    # -- topics ------------------------------------------------------------------------------
+
+    def refresh_topics(self) -> None:
+        wanted = naming.mirrored_topics(self._admin_a.list_topics(), self._pattern, self.s.prefix,
+                                        self.s.target_alias)
+        if wanted:
+            self._ensure_targets(wanted)
+        if wanted != self._topics:
+            log.info("mirroring %d topic(s): %s", len(wanted), ", ".join(wanted) or "-")
+            self._topics = wanted
+            if wanted:
+                self._consumer.subscribe(wanted)
+
+    def _ensure_targets(self, topics: list[str]) -> None:
+        existing = {t.name: t for t in self._admin_b.describe_topics()}
+        brokers = max(1, len(self._admin_b.describe_cluster()["brokers"]))
+        for src in self._admin_a.describe_topics(topics):
+            name = naming.target_topic(src.name, self.s.prefix)
+            count = len(src.partitions)
+            have = existing.get(name)
+            if have is None:
+                rf = min(brokers, max((len(p.replicas) for p in src.partitions), default=1))
+                try:
+                    self._admin_b.create_topic(name, count, rf, src.config)
+                    log.info("created %s on the target: %d partitions, replication %d", name, count, rf)
+                except TopicAlreadyExistsError:
+                    pass
+            elif len(have.partitions) < count:
+                self._admin_b.create_partitions(name, count)
+                log.info("grew %s on the target to %d partitions", name, count)
+
+    # -- assignment: where to resume ----------------------------------------------------------
+
+    def _on_assign(self, partitions: Any) -> None:
+        for topic, partition in sorted(partitions):
+            start = self._resume_offset(topic, partition)
+            if start is not None:
+                self._consumer.seek(topic, partition, start)
+                log.info("%s-%d: resuming at source offset %d (from the target)", topic, partition, start)
+
+    def _on_revoke(self, partitions: Any) -> None:
+        self.flush()
+        for tp in partitions:
+            self._positions.pop(tp, None)
+
+    def _on_lost(self, partitions: Any) -> None:
+        for tp in partitions:
+            self._positions.pop(tp, None)
+
+    def _resume_offset(self, topic: str, partition: int) -> int | None:
+        """The source offset after the last record mirrored into the target partition (None: none)."""
+        name = naming.target_topic(topic, self.s.prefix)
+        end = self._settled_end(name, partition)
+        if end <= 0:
+            return None
+        last = self._read_record(name, partition, end - 1)
+        if last is None:
+            return None
+        src = progress.source_position(last.headers, partition)
+        if src is None:
+            log.warning("%s-%d: the target's last record carries no %s header: resuming from the "
+                        "group's committed offset", name, partition, progress.SRC_HEADER)
+            return None
+        self._seed_offsets((topic, partition), name, src, last.offset)
+        self._positions[(topic, partition)] = src + 1
+        return src + 1
+
+    def _seed_offsets(self, tp: TopicPartition, name: str, last_src: int, last_tgt: int) -> None:
+        """The offset map from what B holds: one run from B's first record when B's copy is
+        contiguous (source and target offsets equally far apart), else only the last record."""
+        start = self._admin_b.describe_topic(name).partitions[tp[1]].log_start_offset
+        first = self._read_record(name, tp[1], start) if start < last_tgt else None
+        first_src = None if first is None else progress.source_position(first.headers, tp[1])
+        if first is not None and first_src is not None and last_src - first_src == last_tgt - first.offset:
+            self.offsets.seed(tp, Run(first_src, first.offset, last_tgt - first.offset + 1))
+        else:
+            self.offsets.seed(tp, Run(last_src, last_tgt, 1))
+
+    def _settled_end(self, name: str, partition: int) -> int:
+        """The target partition's high watermark once it equals its log end (bounded wait)."""
+        deadline = time.monotonic() + SETTLE_TIMEOUT_S
+        while True:
+            parts = self._admin_b.describe_topic(name).partitions
+            if partition >= len(parts):  # grown on A, not yet on B: nothing mirrored there
+                return 0
+            info = parts[partition]
+            if info.high_watermark >= info.log_end_offset or time.monotonic() >= deadline:
+                return info.high_watermark
+            time.sleep(0.1)
+
+    def _read_record(self, name: str, partition: int, offset: int) -> Message | None:
+        if self._reader is None:
+            self._reader = Consumer(self.s.target, enable_auto_commit=False, max_poll_records=1)
+        reader = self._reader
+        reader.assign([(name, partition)])
+        reader.seek(name, partition, offset)
+        deadline = time.monotonic() + READ_LAST_TIMEOUT_S
+        while time.monotonic() < deadline:
+            for m in reader.poll(timeout_ms=500):
+                if m.offset >= offset:
+                    return m
+        raise LogbrokerError(f"could not read {name}-{partition} offset {offset} on the target "
+                             f"within {READ_LAST_TIMEOUT_S:.0f} s")
+
+    # -- copying -------------------------------------------------------------------------------
+
+    def copy(self, messages: list[Message]) -> None:
+        send = self._producer.send
+        prefix = self.s.prefix
+        pending = self._pending
+        for m in messages:
+            fut = send(naming.target_topic(m.topic, prefix), m.value, key=m.key,
+                       headers=progress.with_source(m.headers, m.partition, m.offset),
+                       partition=m.partition, timestamp_ms=m.timestamp)
+            pending.append((m.topic, m.partition, m.offset, fut))
+
+    def flush(self) -> None:
+        """Wait for B's acknowledgements of everything sent, then commit A's offsets (a hint)."""
+        if not self._pending:
+            return
+        self._producer.flush()
+        done: dict[TopicPartition, int] = {}
+        for topic, partition, offset, fut in self._pending:
+            md = fut.result()  # a copy that failed for good raises: the mirror stops, B has a prefix
+            self.offsets.record((topic, partition), offset, md.offset)
+            done[(topic, partition)] = offset + 1
+        self.copied += len(self._pending)
+        self._pending = []
+        self._positions.update(done)
+        assigned = self._consumer.assignment()
+        commit = {tp: off for tp, off in done.items() if tp in assigned}
+        if commit:
+            try:
+                self._consumer.commit(commit)
+            except LogbrokerError as e:  # only a hint: B holds the progress
+                log.warning("commit on the source failed (B keeps the progress): %s", e)
+
+    # -- group offsets -------------------------------------------------------------------------
+
+    def sync_group_offsets(self) -> int:
+        """Translate and commit on B the offsets of A's matching groups; returns how many changed."""
+        if self._groups is None:
+            return 0
+        changed = 0
+        for listing in self._admin_a.list_groups():
+            group = listing.group
+            if group == self.s.group or not self._groups.fullmatch(group):
+                continue
+            try:
+                offsets = self._admin_a.describe_group(group).offsets
+            except GroupIdNotFoundError:
+                continue
+            changed += self._sync_group(group, offsets)
+        return changed
+
+    def _sync_group(self, group: str, offsets: dict[TopicPartition, int]) -> int:
+        by_topic: dict[str, dict[int, int]] = defaultdict(dict)
+        for (topic, partition), committed in offsets.items():
+            if topic not in self._topics or committed < 0:
+                continue
+            translated = self.offsets.translate((topic, partition), committed)
+            name = naming.target_topic(topic, self.s.prefix)
+            if translated is not None and self._written.get((group, name, partition)) != translated:
+                by_topic[name][partition] = translated
+        changed = 0
+        for name, parts in by_topic.items():
+            for partition, offset in sorted(parts.items()):
+                try:
+                    self._admin_b.reset_offsets(group, name, "offset", offset, partitions=[partition])
+                except NonEmptyGroupError:
+                    log.debug("group %s has members on the target: its offsets there are its own", group)
+                    return changed
+                self._written[(group, name, partition)] = offset
+                changed += 1
+        return changed
+
+    # -- lag -----------------------------------------------------------------------------------
+
+    def lag(self) -> dict[TopicPartition, int]:
+        """Per assigned partition: A's high watermark (last fetch) minus the mirrored position."""
+        out = {}
+        for topic, partition in sorted(self._consumer.assignment()):
+            hw = self._consumer.highwater(topic, partition)
+            pos = self._positions.get((topic, partition))
+            if hw >= 0 and pos is not None:
+                out[(topic, partition)] = max(0, hw - pos)
+            elif hw >= 0:
+                out[(topic, partition)] = hw
+        return out
+
+    def report(self, rate: float) -> None:
+        if not self._consumer.assignment():  # "lag 0" would be a lie: nothing is being copied
+            log.info("mirror: copied %d records (%.0f records/s), no partitions assigned", self.copied, rate)
+            self.status = {"copied": self.copied, "records_per_s": rate, "assigned": False, "lag_total": None,
+                           "lag": {}}
+            return
+        lags = self.lag()
+        self.status = {"copied": self.copied, "records_per_s": rate, "assigned": True,
+                       "lag_total": sum(lags.values()), "lag": {f"{t}-{p}": n for (t, p), n in lags.items()}}
+        parts = " ".join(f"{t}-{p}={n}" for (t, p), n in lags.items() if n)
+        log.info("mirror: copied %d records (%.0f records/s), lag %d records%s", self.copied, rate,
+                 sum(lags.values()), f" ({parts})" if parts else "")
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> None:
+        """Copy until stop(); flushes and commits on the way out."""
+        s = self.s
+        now = time.monotonic()
+        next_flush = now + s.flush_interval_ms / 1000
+        next_topics = now
+        next_checkpoint = now + s.checkpoint_interval_ms / 1000
+        next_report, last_copied = now + s.report_interval_ms / 1000, 0
+        try:
+            while not self._stop.is_set():
+                now = time.monotonic()
+                if now >= next_topics:
+                    self.refresh_topics()
+                    next_topics = now + s.topics_interval_ms / 1000
+                if self._topics:
+                    self.copy(self._consumer.poll(timeout_ms=200))
+                else:
+                    self._stop.wait(0.2)
+                now = time.monotonic()
+                if len(self._pending) >= s.flush_records or now >= next_flush:
+                    self.flush()
+                    next_flush = now + s.flush_interval_ms / 1000
+                if now >= next_checkpoint:
+                    self.sync_group_offsets()
+                    next_checkpoint = now + s.checkpoint_interval_ms / 1000
+                if now >= next_report:
+                    self.report((self.copied - last_copied) / (s.report_interval_ms / 1000))
+                    next_report, last_copied = now + s.report_interval_ms / 1000, self.copied
+            self.flush()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        for closer in (self._consumer, self._reader, self._producer, self._admin_a, self._admin_b):
+            if closer is not None:
+                try:
+                    closer.close()
+                except LogbrokerError as e:
+                    log.warning("closing: %s", e)
