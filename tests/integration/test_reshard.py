@@ -6,9 +6,14 @@ moved change partition."""
 from __future__ import annotations
 
 import functools
+import json
+import subprocess
+import sys
 import threading
 from collections import defaultdict
 from typing import Any
+
+import pytest
 
 from logbroker.client.admin import Admin
 from logbroker.client.consumer import Consumer
@@ -16,7 +21,7 @@ from logbroker.client.producer import Producer
 from logbroker.client.queue import QueueConsumer
 from logbroker.cluster.hashing import partition_for_key
 from logbroker.errors import OutOfOrderSequenceNumberError, PartitionCountChangedError
-from tests.conftest import BrokerProcess, wait_for
+from tests.conftest import REPO, BrokerProcess, wait_for
 
 KEYS = [f"k{i}".encode() for i in range(120)]
 ROUNDS = 60
@@ -128,3 +133,44 @@ def test_a_share_group_keeps_every_keys_order_across_added_partitions(broker: Br
         admin.create_topic("rs", partitions=6)
     with QueueConsumer(broker.address, "reshard-q", ["rs"], auto_offset_reset="earliest", ordering="key") as q:
         _check(*_run(broker.address, q, ack=True))
+
+
+def _cli(bootstrap: str, *args: str) -> str:
+    proc = subprocess.run([sys.executable, "-m", "logbroker", *args, "--bootstrap", bootstrap],
+                          capture_output=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr.decode()
+    return proc.stdout.decode()
+
+
+def test_topics_describe_shows_the_lineage_and_it_survives_a_restart(broker: BrokerProcess) -> None:
+    with Admin(broker.address) as admin:
+        admin.create_topic("lin", partitions=2)
+    with Producer(broker.address) as producer:
+        for i in range(30):
+            producer.send("lin", b"v", key=f"k{i}".encode())
+        producer.flush(30)
+    with Admin(broker.address) as admin:
+        ends = [p.log_end_offset for p in admin.describe_topic("lin").partitions]
+        admin.create_partitions("lin", 3)
+    assert sum(ends) == 30
+    broker.restart()
+    table = _cli(broker.address, "topics", "describe", "lin")
+    assert f"SPLIT FROM 0@{ends[0]},1@{ends[1]}" in table.splitlines()[-1]
+    assert "SPLIT" not in "".join(table.splitlines()[:-1])
+    parts = json.loads(_cli(broker.address, "topics", "describe", "lin", "--format", "json"))["partitions"]
+    assert [p["parents"] for p in parts] == [{}, {}, {"0": ends[0], "1": ends[1]}]
+
+
+def test_a_misplaced_key_is_refused_after_growth_unless_the_topic_opts_out(broker: BrokerProcess) -> None:
+    with Admin(broker.address) as admin:
+        admin.create_topic("on", partitions=2)
+        admin.create_topic("off", partitions=2, config={"key_order_on_growth": "false"})
+        admin.create_partitions("on", 3)
+        admin.create_partitions("off", 3)
+        assert all(not p.parents for p in admin.describe_topic("off").partitions)
+    key = next(f"k{i}".encode() for i in range(1000) if partition_for_key(f"k{i}".encode(), 3) == 2)
+    with Producer(broker.address, enable_idempotence=False) as producer:
+        with pytest.raises(PartitionCountChangedError):
+            producer.send("on", b"v", key=key, partition=0).result(30)
+        assert producer.send("on", b"v", key=key).result(30).partition == 2
+        assert producer.send("off", b"v", key=key, partition=0).result(30).partition == 0
