@@ -13,6 +13,27 @@ So per-key order holds if a reader delivers nothing of a child before every pare
 to its split offset (`child_ready`). Growing again (8 -> 12) adds a split whose parents include the
 children of the first one; those are gated themselves, so the rule composes.
 
+Design choices (issue 21, "reshard in order"):
+
+- The split point is the old partitions' log end offsets read by the standalone broker in the same
+  event-loop step that grows the topic (no await between: server/broker.py `_create_partitions_one`),
+  stored with the new assignment in one LMDB transaction; from that step on the produce path checks a
+  grown topic's keys (`server/apis/produce_fetch.check_keys_placed`), in the same step as the append.
+- A refused batch fails (PARTITION_COUNT_CHANGED, final, metadata refreshed); the producer does not
+  re-route it by itself (its records are already encoded into the batch). The application may send
+  them again; they go to the key's new partition.
+- The check decodes batch keys only for topics that grew, and `key_order_on_growth=false` turns it
+  off (explicitly partitioned keyed records are then accepted anywhere, as in Kafka).
+- Readers gate only the children: a group consumer by its own positions and the group's committed
+  offsets (client/consumer/lineage_gate.py), a share group by its parents' settled start offsets
+  (group/share_coordinator.py `_held`).
+
+Limits: a cluster (ZooKeeper) grows topics without lineage yet: there the leaders of the old
+partitions are on other brokers and learn the new count asynchronously, so the split offset has to be
+taken per leader once it fences (read after every leader has the new count, marked pending until
+then so that readers hold the children). A group member that owns a parent but never commits it (no
+records since it started at `latest`) holds another member's child until it commits.
+
 Stored in the topic's metadata as JSON (`splits_to_json`)::
 
     [{"from": 6, "to": 8, "end_offsets": [o0, o1, o2, o3, o4, o5]}, ...]   oldest first
