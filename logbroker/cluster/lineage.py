@@ -31,8 +31,8 @@ Design choices (issue 21, "reshard in order"):
 Limits: a cluster (ZooKeeper) grows topics without lineage yet: there the leaders of the old
 partitions are on other brokers and learn the new count asynchronously, so the split offset has to be
 taken per leader once it fences (read after every leader has the new count, marked pending until
-then so that readers hold the children). A group member that owns a parent but never commits it (no
-records since it started at `latest`) holds another member's child until it commits.
+then so that readers hold the children). A group member that owns a parent and never commits it
+(auto-commit off, no commit() call) holds another member's child until it does.
 
 Stored in the topic's metadata as JSON (`splits_to_json`)::
 
