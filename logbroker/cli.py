@@ -252,6 +252,7 @@ def cmd_topics_describe(args: argparse.Namespace) -> int:
             "replicas": list(p.replicas), "isr": list(p.isr), "log_start_offset": p.log_start_offset,
             "log_end_offset": p.log_end_offset, "high_watermark": p.high_watermark, "size_bytes": p.size_bytes,
             "offline_replicas": list(p.offline_replicas),
+            "parents": {str(k): v for k, v in sorted(p.parents.items())},
         }
         for p in d.partitions
     ]
@@ -269,8 +270,14 @@ def cmd_topics_describe(args: argparse.Namespace) -> int:
             f"{','.join(map(str, p['replicas'])):<12} {','.join(map(str, p['isr'])):<12} "
             f"{p['log_start_offset']:>12} {p['log_end_offset']:>12} {p['size_bytes']:>14}"
             + (f"  OFFLINE on {','.join(map(str, p['offline_replicas']))}" if p["offline_replicas"] else "")
+            + (f"  SPLIT FROM {_lineage(p['parents'])}" if p["parents"] else "")
         )
     return EXIT_OK
+
+
+def _lineage(parents: dict[str, int]) -> str:
+    """`0@120,1@98,...`: each parent partition and its split offset (cluster/lineage.py)."""
+    return ",".join(f"{k}@{v}" for k, v in parents.items())
 
 
 def cmd_topics_delete(args: argparse.Namespace) -> int:

@@ -344,6 +344,16 @@ class InvalidProducerEpochError(BrokerError):
     code = pb.INVALID_PRODUCER_EPOCH
 
 
+class PartitionCountChangedError(BrokerError):
+    """The topic has grown and the batch holds a key that hashes to another partition now: the
+    producer partitioned it by the old count. Its records are refused (so no record of a moved key
+    lands in the old partition after the split offset, cluster/lineage.py); the producer refreshes
+    metadata, and records sent again go to the key's new partition. Final for the batch."""
+
+    code = pb.PARTITION_COUNT_CHANGED
+    refresh_metadata = True
+
+
 class KafkaTimeoutError(LogbrokerError):
     """A client-side deadline passed (delivery timeout, flush timeout, metadata wait)."""
 

@@ -76,6 +76,8 @@ class PartitionInfo:
     high_watermark: int
     size_bytes: int
     offline_replicas: list[int] = field(default_factory=list)  # replicas whose log is offline
+    # lineage (cluster/lineage.py): parent partition -> split offset, for a partition added by growth
+    parents: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -711,6 +713,7 @@ def _description(t: pb.TopicDescription) -> TopicDescription:
             high_watermark=p.high_watermark,
             size_bytes=p.size_bytes,
             offline_replicas=list(p.offline_replicas),
+            parents={pp.partition: pp.split_offset for pp in p.parents},
         )
         for p in sorted(t.partitions, key=lambda p: p.partition)
     ]

@@ -173,6 +173,7 @@ class PartitionRoute:
     leader_epoch: int
     replicas: list[int] = field(default_factory=list)
     isr: list[int] = field(default_factory=list)
+    parents: dict[int, int] = field(default_factory=dict)  # lineage: parent -> split offset (cluster/lineage.py)
 
 
 @dataclass
@@ -297,6 +298,15 @@ class MetadataCache:
                 raise UnknownTopicOrPartitionError(f"{topic}-{partition} is not in the metadata")
             leader_id = route.partitions[partition].leader
             return self._brokers.get(leader_id) if leader_id >= 0 else None
+
+    def parents(self, topic: str, partition: int) -> dict[int, int] | None:
+        """The partition's parents and their split offsets as last fetched ({}: none; None: the
+        metadata does not know the partition yet, so neither its lineage)."""
+        with self._lock:
+            route = self._topics.get(topic)
+            if route is None or not 0 <= partition < len(route.partitions):
+                return None
+            return dict(route.partitions[partition].parents)
 
     def leader_epoch(self, topic: str, partition: int) -> int:
         with self._lock:
@@ -554,7 +564,8 @@ class MetadataCache:
             parts = [PartitionRoute(-1, -1) for _ in range(count)]
             for p in t.partitions:
                 leader = p.leader if p.error_code == pb.NONE or p.leader >= 0 else -1
-                parts[p.partition] = PartitionRoute(leader, p.leader_epoch, list(p.replicas), list(p.isr))
+                parts[p.partition] = PartitionRoute(leader, p.leader_epoch, list(p.replicas), list(p.isr),
+                                                    {pp.partition: pp.split_offset for pp in p.parents})
             routes[t.name] = TopicRoute(t.name, parts)
         with self._lock:
             self._brokers = brokers

@@ -37,3 +37,10 @@ def partition_ids(cluster: Any, topic: str) -> list[int]:
     if fast is not None:
         return list(fast(topic))
     return list(cluster.topic_partitions(topic) or {})
+
+
+def partition_parents(cluster: Any, topic: str, partition: int) -> dict[int, int]:
+    """A partition's parents and their split offsets where the view knows the topic's lineage (a
+    standalone broker; cluster/lineage.py), else {}."""
+    known = getattr(cluster, "partition_parents", None)
+    return {} if known is None else dict(known(topic, partition))

@@ -22,6 +22,7 @@ from typing import Protocol
 
 import lmdb
 
+from logbroker.cluster.lineage import SPLITS_MAX, Split, splits_from_json, splits_to_json
 from logbroker.cluster.metadata import TopicSpec
 from logbroker.cluster.producer_id_store import LocalProducerIdStore
 from logbroker.cluster.security_store import LocalSecurityStore
@@ -56,6 +57,7 @@ def _spec_to_json(spec: TopicSpec) -> bytes:
             "assignment": {str(p): r for p, r in sorted(spec.assignment.items())},
             "config": spec.config,
             "topic_id": spec.topic_id,
+            "splits": splits_to_json(spec.splits),
         }
     ).encode()
 
@@ -67,6 +69,7 @@ def _spec_from_json(name: str, raw: bytes) -> TopicSpec:
         assignment={int(p): list(r) for p, r in d["assignment"].items()},
         config=dict(d.get("config", {})),
         topic_id=d.get("topic_id", ""),
+        splits=splits_from_json(d.get("splits")),
     )
 
 
@@ -122,13 +125,16 @@ class LocalMetadataStore:
             if not txn.delete(name.encode(), db=self._topics):
                 raise UnknownTopicOrPartitionError(f"topic {name!r} does not exist")
 
-    def set_assignment(self, name: str, assignment: dict[int, list[int]]) -> None:
+    def set_assignment(self, name: str, assignment: dict[int, list[int]], split: Split | None = None) -> None:
+        """The topic's new assignment and, when it grew, the split (lineage.py), in one transaction."""
         with self._env.begin(write=True, db=self._topics) as txn:
             raw = txn.get(name.encode())
             if raw is None:
                 raise UnknownTopicOrPartitionError(f"topic {name!r} does not exist")
             spec = _spec_from_json(name, raw)
             spec.assignment = assignment
+            if split is not None:
+                spec.splits = [*spec.splits, split][-SPLITS_MAX:]
             txn.put(name.encode(), _spec_to_json(spec))
 
     def security(self) -> LocalSecurityStore:

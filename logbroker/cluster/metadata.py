@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from logbroker.cluster.lineage import Split
 from logbroker.cluster.priority_levels import PRIORITY_LEVELS_MAX, check_priority_config
 from logbroker.errors import InvalidConfigError, InvalidGroupIdError, InvalidTopicError
 
@@ -67,6 +68,10 @@ TOPIC_CONFIG_DEFAULTS: dict[str, str] = {
     "priority_weights": "",
     # idempotent producers (storage/producer_state.py): a producer id idle this long is forgotten
     "producer_id_expiration_ms": str(24 * 3600 * 1000),
+    # growing the topic (cluster/lineage.py): "true" records split points and refuses a batch with a
+    # key that hashes elsewhere now (per-key order across the growth); "false": Kafka's behaviour
+    # (explicitly partitioned keyed records are then accepted anywhere)
+    "key_order_on_growth": "true",
 }
 
 _INT_CONFIG_BOUNDS: dict[str, tuple[int, int]] = {
@@ -89,6 +94,7 @@ _INT_CONFIG_BOUNDS: dict[str, tuple[int, int]] = {
 _ENUM_CONFIG: dict[str, tuple[str, ...]] = {
     "cleanup_policy": ("delete", "compact", "compact,delete", "delete,compact"),
     "message_timestamp_type": ("CreateTime", "LogAppendTime"),
+    "key_order_on_growth": ("true", "false"),
 }
 
 
@@ -138,6 +144,8 @@ class TopicSpec:
     # partition. `assignment` then holds the union; both are empty otherwise.
     adding_replicas: dict[int, list[int]] = field(default_factory=dict)
     removing_replicas: dict[int, list[int]] = field(default_factory=dict)
+    # Where the topic grew, oldest first (cluster/lineage.py): the lineage of its newer partitions.
+    splits: list[Split] = field(default_factory=list)
 
     @property
     def partition_count(self) -> int:

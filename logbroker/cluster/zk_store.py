@@ -59,6 +59,7 @@ from kazoo.exceptions import (
 )
 from kazoo.handlers.threading import KazooTimeoutError
 
+from logbroker.cluster.lineage import splits_from_json, splits_to_json
 from logbroker.cluster.metadata import BrokerRegistration, PartitionStateData, TopicSpec
 from logbroker.errors import (
     InvalidRequestError,
@@ -134,6 +135,8 @@ def _spec_to_json(spec: TopicSpec) -> bytes:
         d["adding_replicas"] = {str(p): list(r) for p, r in sorted(spec.adding_replicas.items())}
     if spec.removing_replicas:
         d["removing_replicas"] = {str(p): list(r) for p, r in sorted(spec.removing_replicas.items())}
+    if spec.splits:
+        d["splits"] = splits_to_json(spec.splits)
     return json.dumps(d).encode()
 
 
@@ -150,6 +153,7 @@ def _spec_from_json(name: str, raw: bytes) -> TopicSpec:
         topic_id=str(d.get("topic_id", "")),
         adding_replicas=_ints(d.get("adding_replicas")),
         removing_replicas=_ints(d.get("removing_replicas")),
+        splits=splits_from_json(d.get("splits")),
     )
 
 

@@ -76,7 +76,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from logbroker.clock import Clock
-from logbroker.cluster.cluster_view import partition_ids
+from logbroker.cluster.cluster_view import partition_ids, partition_parents
+from logbroker.cluster.lineage import child_ready
 from logbroker.cluster.metadata import validate_topic_name
 from logbroker.cluster.priority_levels import level_topic, parse_level_topic, parse_levels, parse_weights
 from logbroker.errors import (
@@ -509,7 +510,7 @@ class ShareCoordinator:
         """Up to `max_records` for `member`, round robin over the partitions; the priority levels of a
         topic drained highest first or by weight (group/priority_drain.py)."""
         logs, weights = priority
-        tps = [tp for tp in g.partitions if tp[0] in logs and tp not in unreadable]
+        tps = [tp for tp in g.partitions if tp[0] in logs and tp not in unreadable and not self._held(g, tp)]
         if not tps:
             return {}
         out: dict[TopicPartition, list[Acquired]] = {}
@@ -534,6 +535,15 @@ class ShareCoordinator:
         for runs in out.values():
             runs.sort(key=lambda r: r.first_offset)
         return out
+
+    def _held(self, g: ShareGroup, tp: TopicPartition) -> bool:
+        """A partition added by growing its topic hands out nothing until the group has settled every
+        record of its parents below their split offsets (cluster/lineage.py): per-key order."""
+        parents = partition_parents(self._gc.cluster, tp[0], tp[1])
+        if not parents:
+            return False
+        settled = {p: sp.start_offset for p in parents if (sp := g.partitions.get((tp[0], p))) is not None}
+        return not child_ready(parents, settled)
 
     def _acquire_from(self, g: ShareGroup, member_id: str, tps: list[TopicPartition], n: int, now: int,
                       out: dict[TopicPartition, list[Acquired]], changed: set[TopicPartition], dead: Dead) -> int:

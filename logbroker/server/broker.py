@@ -28,6 +28,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from logbroker.clock import SYSTEM_CLOCK, Clock, FileOffsetClock
 from logbroker.cluster.controller import Controller
+from logbroker.cluster.lineage import SPLITS_MAX, Split, parents_of
 from logbroker.cluster.local_store import LocalMetadataStore, MetadataStore
 from logbroker.cluster.metadata import (
     PARTITIONS_MAX,
@@ -389,7 +390,7 @@ class Broker:
                                                     config.heat_sample_bytes_per_sec, now_s=time.monotonic()))
         return BrokerApis(
             ProduceFetchApis(config, self, self.replica_manager, self, self.broker_principals, self.active_clients,
-                             self.request_metrics, self.heat),
+                             self.request_metrics, self.heat, grown_partition_count=self.grown_partition_count),
             MetadataApis(self, self, None if hook is None else
                          lambda ctx, topic: hook.allowed(ctx, Operation.DESCRIBE, ResourceType.TOPIC, topic)),
             GroupApis(self, self.coordinator),
@@ -793,10 +794,33 @@ class Broker:
             raise InvalidPartitionsError(f"topic {name!r} has {current} partitions; the new total must be larger")
         if total > PARTITIONS_MAX:
             raise InvalidPartitionsError(f"at most {PARTITIONS_MAX} partitions")
+        # The split point (cluster/lineage.py): every old partition's log end offset now. No await
+        # between reading it and `spec` growing, so no append lands after it under the old count:
+        # the produce path checks a grown topic's keys against `spec` in the same loop step as its append.
+        ordered = spec.config.get("key_order_on_growth", "true") == "true"
+        split = Split(current, total, tuple(self.partition(name, p).log.log_end_offset for p in range(current)))
         assignment = dict(spec.assignment)
         for p in range(current, total):
             self.replica_manager.make_local_leader(name, p, spec.config, spec.topic_id)
             assignment[p] = [self.config.broker_id]
-        self.store.set_assignment(name, assignment)
+        if ordered and isinstance(self.store, LocalMetadataStore):  # one transaction: assignment and split
+            self.store.set_assignment(name, assignment, split)
+            spec.splits = [*spec.splits, split][-SPLITS_MAX:]
+        else:
+            self.store.set_assignment(name, assignment)
         spec.assignment = assignment
-        log.info("topic %s grew from %d to %d partitions", name, current, total)
+        log.info("topic %s grew from %d to %d partitions (split at offsets %s)", name, current, total,
+                 list(split.end_offsets))
+
+    def grown_partition_count(self, topic: str) -> int:
+        """The partition count of a topic that has grown (standalone; its keys are then checked on
+        produce, cluster/lineage.py); 0 for one that never grew."""
+        spec = None if self.cluster is not None else self.topics.get(topic)
+        if spec is None or not spec.splits or spec.config.get("key_order_on_growth", "true") != "true":
+            return 0
+        return spec.partition_count
+
+    def partition_parents(self, topic: str, partition: int) -> dict[int, int]:
+        """A partition's parents and their split offsets (cluster/lineage.py); {} for none."""
+        spec = None if self.cluster is not None else self.topics.get(topic)
+        return parents_of(spec.splits, partition) if spec is not None else {}

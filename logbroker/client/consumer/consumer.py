@@ -38,6 +38,7 @@ from typing import Any
 from logbroker.client.backoff import client_retry_policy
 from logbroker.client.consumer.commits import AutoCommitTimer, CommitCallback, Commits
 from logbroker.client.consumer.fetcher import FetchConfig, Fetcher
+from logbroker.client.consumer.lineage_gate import LineageGate
 from logbroker.client.consumer.membership import Callbacks, Membership, RebalanceCallback
 from logbroker.client.consumer.metadata import ConsumerMetadata
 from logbroker.client.consumer.offsets import OffsetLookup
@@ -203,6 +204,8 @@ class Consumer:
         self._membership = Membership(group, coordinator, self._cache, self._subs, self._commits, callbacks,
                                       self._set_assignment, self._wakeup, self._auto_commit,
                                       self._request_timeout_s, self._retry_backoff_ms, self._log)
+        self._gate = LineageGate(self._subs, self._cache.parents, None if group is None else self._commits.offset_fetch,
+                                 client_retry_policy(self._retry_backoff_ms), self._request_timeout_s)
         self._offsets = OffsetLookup(self._subs, self._md, self._reset,
                                      None if group is None else self._commits.offset_fetch,
                                      self._request_timeout_s, self._retry_backoff_ms, self._clock, self._monotonic,
@@ -485,6 +488,7 @@ class Consumer:
             self._refresh_metadata(force=False)
         if self._subs.need_positions:
             self._offsets.initialize_positions(now)
+        self._gate.update(now)  # after positions: a child's first fetch waits for its parents
 
     def _on_fetch_done(self, _future: object) -> None:
         if threading.get_ident() != self._poll_thread:  # the poll thread looks at done fetches before it waits

@@ -186,6 +186,7 @@ class Fetcher:
             if (
                 st.in_flight
                 or st.position is None
+                or st.held
                 or st.buffered > 1
                 or st.retry_at > now
                 or st.leader is None

@@ -49,7 +49,7 @@ def compile_pattern(pattern: str) -> re.Pattern[str]:
 class PartitionState:
     __slots__ = ("topic", "partition", "position", "fetch_offset", "epoch", "leader", "in_flight",
                  "retry_at", "buffered", "high_watermark", "log_start_offset", "log_end_offset",
-                 "reset_to", "committed", "failures")
+                 "reset_to", "committed", "failures", "held", "gate_checked")
 
     def __init__(self, topic: str, partition: int) -> None:
         self.topic = topic
@@ -67,6 +67,10 @@ class PartitionState:
         self.reset_to: int | None = None  # EARLIEST/LATEST: look the offset up instead of the committed one
         self.committed = -1  # last offset this consumer committed (or found committed)
         self.failures = 0  # fetch errors in a row: how far along the retry policy retry_at is
+        # lineage_gate.py: a child of a grown topic not fetched until its parents are consumed to
+        # their split offsets (held), and whether the gate has looked at this partition yet
+        self.held = False
+        self.gate_checked = False
 
     def seek(self, offset: int) -> None:
         self.position = offset

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Protocol
 
-from logbroker.cluster.cluster_view import ClusterView
+from logbroker.cluster.cluster_view import ClusterView, partition_parents
 from logbroker.cluster.metadata import validate_topic_name
 from logbroker.errors import (
     BrokerError,
@@ -145,6 +145,8 @@ class AdminApis:
             partition=p, leader=st.leader, leader_epoch=st.leader_epoch, replicas=st.replicas,
             isr=st.isr, log_start_offset=-1, log_end_offset=-1, high_watermark=-1, size_bytes=-1,
         )
+        for parent, offset in sorted(partition_parents(self._catalog, name, p).items()):
+            pd.parents.add(partition=parent, split_offset=offset)
         replicas = self._replicas
         if (name, p) in replicas.offline_partitions:
             pd.offline_replicas.append(replicas.broker_id)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
-from logbroker.cluster.cluster_view import ClusterView
+from logbroker.cluster.cluster_view import ClusterView, partition_parents
 from logbroker.cluster.metadata import validate_topic_name
 from logbroker.errors import BrokerError
 from logbroker.server.request_checks import ServingState, check_count, check_ready
@@ -60,9 +60,11 @@ class MetadataApis:
                     t.error_message = f"unknown topic {name!r}"
                     continue
                 for p, st in sorted(states.items()):
-                    t.partitions.add(partition=p, leader=st.leader, leader_epoch=st.leader_epoch,
-                                     replicas=st.replicas, isr=st.isr,
-                                     error_code=pb.NONE if st.leader >= 0 else pb.LEADER_NOT_AVAILABLE)
+                    pm = t.partitions.add(partition=p, leader=st.leader, leader_epoch=st.leader_epoch,
+                                          replicas=st.replicas, isr=st.isr,
+                                          error_code=pb.NONE if st.leader >= 0 else pb.LEADER_NOT_AVAILABLE)
+                    for parent, offset in sorted(partition_parents(catalog, name, p).items()):
+                        pm.parents.add(partition=parent, split_offset=offset)
             except BrokerError as err:
                 t.error_code = err.code
                 t.error_message = err.message

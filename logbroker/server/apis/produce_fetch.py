@@ -30,10 +30,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Protocol
 
+from logbroker.cluster.lineage import misplaced_keys
 from logbroker.config import BrokerConfig
 from logbroker.errors import (
     BrokerError,
@@ -41,6 +42,7 @@ from logbroker.errors import (
     InvalidRequestError,
     InvalidTopicError,
     OffsetOutOfRangeError,
+    PartitionCountChangedError,
     UnknownTopicOrPartitionError,
 )
 from logbroker.group.offsets import OFFSETS_TOPIC
@@ -56,6 +58,7 @@ from logbroker.server.request_checks import (
     require_cluster_peer,
 )
 from logbroker.server.request_context import RequestContext, RequestRejected, RequestStatus
+from logbroker.storage.record_batch import decode_batch, iter_batches
 from logbroker.v1 import logbroker_pb2 as pb
 
 if TYPE_CHECKING:
@@ -101,8 +104,11 @@ class ProduceFetchApis:
     def __init__(self, config: BrokerConfig, state: ServingState, replicas: LeaderReplicas,
                  lookup: PartitionLookup, broker_principals: BrokerPrincipals | None = None,
                  active_clients: ActiveClients | None = None, metrics: RequestMetrics | None = None,
-                 heat: HeatTracker | None = None) -> None:
+                 heat: HeatTracker | None = None,
+                 grown_partition_count: Callable[[str], int] | None = None) -> None:
         """`broker_principals`: on a TLS broker, who may fetch as a replica besides the cluster secret.
+        `grown_partition_count`: a topic's partition count if it has grown (0 if not): a grown topic's
+        batches are refused when a key in them hashes to another partition (cluster/lineage.py).
         `active_clients`: told each client's topics (server/active_clients.py), for /metrics.
         `metrics`: told each partition's outcome (bytes and records in and out per topic, errors).
         `heat`: told each led partition's appends and consumer reads (server/partition_heat.py)."""
@@ -116,6 +122,7 @@ class ProduceFetchApis:
         self._lookup = lookup
         self._filters: OrderedDict[str, RecordFilter | BrokerError] = OrderedDict()
         self._filter_thread: ThreadPoolExecutor | None = None
+        self._grown_partition_count = grown_partition_count
 
     def _explain(self, exc: BrokerError, topic: str, partition: int) -> BrokerError:
         """A miss in the replica manager, told precisely (the error path only)."""
@@ -144,6 +151,8 @@ class ProduceFetchApis:
             try:
                 if pp.topic == OFFSETS_TOPIC:
                     raise InvalidTopicError(f"{OFFSETS_TOPIC} is internal: only the group coordinator writes it")
+                if self._grown_partition_count is not None:
+                    check_keys_placed(pp.topic, pp.partition, pp.records, self._grown_partition_count(pp.topic))
                 try:
                     appended = rm.append_records(pp.topic, pp.partition, pp.records, acks)
                 except UnknownTopicOrPartitionError as miss:
@@ -391,3 +400,21 @@ class ProduceFetchApis:
                 r.error_code = err.code
                 r.error_message = err.message
         return resp
+
+
+def check_keys_placed(topic: str, partition: int, records: bytes, partitions: int) -> None:
+    """PARTITION_COUNT_CHANGED when a batch for a grown topic (`partitions` > 0) holds a key that
+    hashes to another partition: a producer still partitioning by the old count, whose records of a
+    moved key must not land in the old partition after its split offset (cluster/lineage.py). Decodes
+    the batches only for topics that grew; an undecodable payload is left to the append's checks."""
+    if partitions <= 0:
+        return
+    try:
+        keys = [m.key for h, pos in iter_batches(records) for m in decode_batch(records, pos, h, topic, partition)]
+    except BrokerError:
+        return
+    misplaced = misplaced_keys(keys, partition, partitions)
+    if misplaced:
+        raise PartitionCountChangedError(
+            f"{topic}-{partition}: {misplaced} record(s) have keys that hash to another partition of the "
+            f"{partitions} the topic has now; refresh metadata and send them again")

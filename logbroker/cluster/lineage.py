@@ -1,0 +1,106 @@
+"""Partition lineage: where a grown topic split, and when a child partition may be read (pure).
+
+Keys go to partitions by jump consistent hash (hashing.py). Growing a topic from N to M partitions
+moves a key only into one of the new partitions N..M-1, and a key of any old partition may move; so
+every new ("child") partition has every old partition as a parent. The moment of the change is
+recorded as a `Split`: the old count, the new count, and each old partition's log end offset when
+the count changed (its "split offset"). Records of a moved key below a parent's split offset were
+written before the change; records at or after it are never of a moved key, because the broker
+refuses a batch holding a key that hashes elsewhere under the current count
+(`misplaced_keys`, checked in the produce path of a grown topic).
+
+So per-key order holds if a reader delivers nothing of a child before every parent has been read up
+to its split offset (`child_ready`). Growing again (8 -> 12) adds a split whose parents include the
+children of the first one; those are gated themselves, so the rule composes.
+
+Design choices (issue 21, "reshard in order"):
+
+- The split point is the old partitions' log end offsets read by the standalone broker in the same
+  event-loop step that grows the topic (no await between: server/broker.py `_create_partitions_one`),
+  stored with the new assignment in one LMDB transaction; from that step on the produce path checks a
+  grown topic's keys (`server/apis/produce_fetch.check_keys_placed`), in the same step as the append.
+- A refused batch fails (PARTITION_COUNT_CHANGED, final, metadata refreshed); the producer does not
+  re-route it by itself (its records are already encoded into the batch). The application may send
+  them again; they go to the key's new partition.
+- The check decodes batch keys only for topics that grew, and `key_order_on_growth=false` turns it
+  off (explicitly partitioned keyed records are then accepted anywhere, as in Kafka).
+- Readers gate only the children: a group consumer by its own positions and the group's committed
+  offsets (client/consumer/lineage_gate.py), a share group by its parents' settled start offsets
+  (group/share_coordinator.py `_held`).
+
+Limits: a cluster (ZooKeeper) grows topics without lineage yet: there the leaders of the old
+partitions are on other brokers and learn the new count asynchronously, so the split offset has to be
+taken per leader once it fences (read after every leader has the new count, marked pending until
+then so that readers hold the children). A group member that owns a parent and never commits it
+(auto-commit off, no commit() call) holds another member's child until it does.
+
+Stored in the topic's metadata as JSON (`splits_to_json`)::
+
+    [{"from": 6, "to": 8, "end_offsets": [o0, o1, o2, o3, o4, o5]}, ...]   oldest first
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from logbroker.cluster.hashing import partition_for_key
+
+SPLITS_MAX = 1000  # splits kept per topic (each grows it; PARTITIONS_MAX bounds the count anyway)
+
+
+@dataclass(frozen=True)
+class Split:
+    """A topic grew from `from_partitions` to `to_partitions`; `end_offsets[p]`: partition p's log end
+    offset at that moment (its split offset), for every p < from_partitions."""
+
+    from_partitions: int
+    to_partitions: int
+    end_offsets: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if not 0 < self.from_partitions < self.to_partitions:
+            raise ValueError(f"a split grows the count: {self.from_partitions} -> {self.to_partitions}")
+        if len(self.end_offsets) != self.from_partitions or any(o < 0 for o in self.end_offsets):
+            raise ValueError(f"a split needs one offset >= 0 per old partition, got {self.end_offsets}")
+
+
+def parents_of(splits: Sequence[Split], partition: int) -> dict[int, int]:
+    """The parents of `partition` and their split offsets (empty: an original partition)."""
+    for s in splits:
+        if s.from_partitions <= partition < s.to_partitions:
+            return {p: s.end_offsets[p] for p in range(s.from_partitions)}
+    return {}
+
+
+def child_ready(parents: Mapping[int, int], consumed: Mapping[int, int]) -> bool:
+    """May a reader deliver a child's records? Yes when every parent has been consumed (its next
+    offset to read, or its committed offset) up to its split offset; a parent with no known
+    position holds the child back."""
+    return all(consumed.get(p, -1) >= offset for p, offset in parents.items())
+
+
+def waiting_on(parents: Mapping[int, int], consumed: Mapping[int, int]) -> dict[int, int]:
+    """The parents still holding a child back, with the offsets they must reach."""
+    return {p: o for p, o in parents.items() if consumed.get(p, -1) < o}
+
+
+def misplaced_keys(keys: Iterable[bytes | None], partition: int, partitions: int) -> int:
+    """How many of `keys` do not hash to `partition` under `partitions` (null keys never do)."""
+    return sum(1 for k in keys if k is not None and partition_for_key(k, partitions) != partition)
+
+
+def moved_keys(keys: Iterable[bytes], before: int, after: int) -> int:
+    """How many keys change partition when a topic grows from `before` to `after` partitions."""
+    return sum(1 for k in keys if partition_for_key(k, before) != partition_for_key(k, after))
+
+
+def splits_to_json(splits: Sequence[Split]) -> list[dict[str, Any]]:
+    return [{"from": s.from_partitions, "to": s.to_partitions, "end_offsets": list(s.end_offsets)} for s in splits]
+
+
+def splits_from_json(raw: object) -> list[Split]:
+    if not isinstance(raw, list):
+        return []
+    return [Split(int(d["from"]), int(d["to"]), tuple(int(o) for o in d["end_offsets"])) for d in raw]
