@@ -1,0 +1,274 @@
+"""The load balancer's plan (pure): which partitions to move so leadership and load even out.
+
+Input: the brokers (id, rack, alive) and the partitions (replicas, leader, ISR, min ISR, and what is
+known of their load: bytes in and out per second, size on disk). Output: a `Plan`, a bounded list of
+`Move`s, each one partition given a new replica list (applied as a reassignment), with its expected
+effect per broker. No I/O, no clock: the same input gives the same plan.
+
+Two kinds of moves:
+
+    leader     the same replica set, reordered so that another in-sync replica comes first (the
+               preferred leader); the controller then elects it (a reassignment to the same set
+               copies nothing: every target replica is already in the ISR). Chosen to even out, per
+               live broker, the number of partitions it leads and the bytes its leaderships carry
+               (bytes in + bytes out per second).
+    replicas   (`Options.move_replicas`) one replica moves to a broker that holds none of the
+               partition, in the same position of the list (a moved preferred leader is replaced as
+               preferred leader; once the reassignment finishes the controller elects the first
+               replica, so the plan counts it as the leader). Chosen to even out replicas and bytes on disk per live broker. The
+               reassignment copies first: the new replica joins the ISR before the old one leaves.
+
+Safety rules, for every move:
+
+- only partitions with a live leader and at least `min_insync_replicas` in their ISR are touched;
+- a new preferred leader is live and in the ISR;
+- a replica move keeps every other replica of the target in the ISR (so the reassignment can
+  finish), never lowers the number of distinct racks the replicas span (a broker without a rack
+  counts as its own rack), and keeps the replication factor (so the ISR after the move, which holds
+  every target replica, is at least min ISR);
+- a partition moves at most once per plan; at most `Options.max_moves` moves (when replicas move, at
+  most half of them are replica moves, the rest leadership).
+
+The choice is greedy: each step takes the move that lowers the imbalance cost most (ties broken by
+topic, partition, broker id), and stops when no move lowers it. The cost is the sum over live
+brokers of the squared relative deviation from the mean, for each balanced figure whose mean is > 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+MAX_MOVES_DEFAULT = 50
+MAX_MOVES_LIMIT = 1000
+_EPSILON = 1e-9
+
+
+@dataclass(frozen=True)
+class BrokerInfo:
+    broker_id: int
+    rack: str = ""
+    alive: bool = True
+
+
+@dataclass(frozen=True)
+class PartitionLoad:
+    topic: str
+    partition: int
+    replicas: tuple[int, ...]
+    leader: int
+    isr: tuple[int, ...]
+    min_insync_replicas: int = 1
+    bytes_in_per_sec: float = 0.0
+    bytes_out_per_sec: float = 0.0
+    size_bytes: int = 0
+
+    @property
+    def leader_load(self) -> float:
+        return self.bytes_in_per_sec + self.bytes_out_per_sec
+
+
+@dataclass(frozen=True)
+class Options:
+    max_moves: int = MAX_MOVES_DEFAULT
+    move_replicas: bool = False
+
+
+@dataclass(frozen=True)
+class Move:
+    topic: str
+    partition: int
+    kind: str  # "leader" or "replicas"
+    replicas_before: tuple[int, ...]
+    replicas_after: tuple[int, ...]
+    leader_before: int
+    leader_after: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"topic": self.topic, "partition": self.partition, "kind": self.kind,
+                "replicas_before": list(self.replicas_before), "replicas_after": list(self.replicas_after),
+                "leader_before": self.leader_before, "leader_after": self.leader_after}
+
+
+@dataclass(frozen=True)
+class BrokerLoad:
+    broker_id: int
+    leaders: int = 0
+    leader_bytes_in_per_sec: float = 0.0
+    leader_bytes_out_per_sec: float = 0.0
+    replicas: int = 0
+    replica_size_bytes: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"broker_id": self.broker_id, "leaders": self.leaders,
+                "leader_bytes_in_per_sec": self.leader_bytes_in_per_sec,
+                "leader_bytes_out_per_sec": self.leader_bytes_out_per_sec,
+                "replicas": self.replicas, "replica_size_bytes": self.replica_size_bytes}
+
+
+@dataclass(frozen=True)
+class Plan:
+    moves: tuple[Move, ...]
+    before: tuple[BrokerLoad, ...]
+    after: tuple[BrokerLoad, ...]
+    skipped: tuple[str, ...] = field(default_factory=tuple)  # partitions left alone, with why
+
+    def spread(self) -> dict[str, dict[str, float]]:
+        """Per figure, before and after: max |value - mean| / mean over the live brokers (0: even)."""
+        out: dict[str, dict[str, float]] = {}
+        for name in ("leaders", "leader_bytes_in_per_sec", "replicas"):
+            out[name] = {"before": spread([getattr(b, name) for b in self.before]),
+                         "after": spread([getattr(b, name) for b in self.after])}
+        return out
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"moves": [m.as_dict() for m in self.moves], "before": [b.as_dict() for b in self.before],
+                "after": [b.as_dict() for b in self.after], "spread": self.spread(),
+                "skipped": list(self.skipped)}
+
+
+def spread(values: Sequence[float]) -> float:
+    """max |v - mean| / mean (0 for no values or a zero mean)."""
+    if not values:
+        return 0.0
+    mean = sum(values) / len(values)
+    return 0.0 if mean <= 0 else max(abs(v - mean) for v in values) / mean
+
+
+def _cost(values: dict[int, float]) -> float:
+    if not values:
+        return 0.0
+    mean = sum(values.values()) / len(values)
+    if mean <= 0:
+        return 0.0
+    return sum((v - mean) ** 2 for v in values.values()) / (mean * mean)
+
+
+def _rack_count(replicas: Iterable[int], racks: dict[int, str]) -> int:
+    return len({racks.get(b) or f"\0{b}" for b in replicas})
+
+
+class _State:
+    """The planned view while moves are chosen: per partition its replicas and leader, and per live
+    broker the running totals (kept up to date by `apply`, so a candidate costs O(brokers))."""
+
+    def __init__(self, live: list[int], partitions: Sequence[PartitionLoad]) -> None:
+        self.by_tp = {(p.topic, p.partition): p for p in partitions}
+        self.replicas = {tp: p.replicas for tp, p in self.by_tp.items()}
+        self.leader = {tp: p.leader for tp, p in self.by_tp.items()}
+        # per live broker: leaders, leader bytes in/s, leader bytes out/s, replicas, replica bytes
+        self.acc: dict[int, list[float]] = {b: [0, 0.0, 0.0, 0, 0] for b in live}
+        for tp in self.by_tp:
+            self._add(tp, 1)
+
+    def _add(self, tp: tuple[str, int], sign: int) -> None:
+        p = self.by_tp[tp]
+        a = self.acc.get(self.leader[tp])
+        if a is not None:
+            a[0] += sign
+            a[1] += sign * p.bytes_in_per_sec
+            a[2] += sign * p.bytes_out_per_sec
+        for r in self.replicas[tp]:
+            if r in self.acc:
+                self.acc[r][3] += sign
+                self.acc[r][4] += sign * p.size_bytes
+
+    def apply(self, tp: tuple[str, int], replicas: tuple[int, ...], leader: int) -> None:
+        self._add(tp, -1)
+        self.replicas[tp], self.leader[tp] = replicas, leader
+        self._add(tp, 1)
+
+    def loads(self) -> tuple[BrokerLoad, ...]:
+        return tuple(BrokerLoad(b, int(a[0]), a[1], a[2], int(a[3]), int(a[4])) for b, a in sorted(self.acc.items()))
+
+    def leader_cost(self) -> float:
+        return (_cost({b: a[0] for b, a in self.acc.items()})
+                + _cost({b: a[1] + a[2] for b, a in self.acc.items()}))
+
+    def replica_cost(self) -> float:
+        return _cost({b: a[3] for b, a in self.acc.items()}) + _cost({b: a[4] for b, a in self.acc.items()})
+
+
+def _movable(p: PartitionLoad, alive: set[int]) -> str | None:
+    """Why `p` may not move (None: it may)."""
+    if p.leader < 0 or p.leader not in alive:
+        return f"{p.topic}-{p.partition}: no live leader"
+    if len(p.isr) < p.min_insync_replicas:
+        return f"{p.topic}-{p.partition}: ISR {list(p.isr)} below min ISR {p.min_insync_replicas}"
+    return None
+
+
+def _leader_candidates(p: PartitionLoad, alive: set[int], leader: int) -> list[tuple[int, tuple[int, ...]]]:
+    out = []
+    for b in sorted(set(p.isr) & set(p.replicas)):
+        if b != leader and b in alive:
+            out.append((b, (b, *[r for r in p.replicas if r != b])))
+    return out
+
+
+def _replica_candidates(p: PartitionLoad, alive: set[int], racks: dict[int, str]) -> list[tuple[int, tuple[int, ...]]]:
+    out = []
+    racks_now = _rack_count(p.replicas, racks)
+    for i, a in enumerate(p.replicas):
+        others = [r for r in p.replicas if r != a]
+        if any(r not in p.isr or r not in alive for r in others):
+            continue  # the reassignment could not finish
+        for c in sorted(alive - set(p.replicas)):
+            target = (*p.replicas[:i], c, *p.replicas[i + 1:])
+            if _rack_count(target, racks) >= racks_now and len(target) >= p.min_insync_replicas:
+                out.append((c, target))
+    return out
+
+
+def _greedy(state: _State, tps: list[tuple[str, int]], budget: int, kind: str, alive: set[int],
+            racks: dict[int, str]) -> list[Move]:
+    """Up to `budget` moves of `kind`, each the one that lowers the cost most; stops when none does."""
+    moves: list[Move] = []
+    cost_of = state.leader_cost if kind == "leader" else state.replica_cost
+    moved: set[tuple[str, int]] = set()
+    while len(moves) < budget:
+        base = cost_of()
+        best: tuple[float, tuple[str, int], tuple[int, ...], int] | None = None
+        for tp in tps:
+            if tp in moved:
+                continue
+            p = state.by_tp[tp]
+            leader = state.leader[tp]
+            cands = (_leader_candidates(p, alive, leader) if kind == "leader"
+                     else _replica_candidates(p, alive, racks))
+            for _b, target in cands:
+                new_leader = target[0]  # a finished reassignment elects its preferred leader
+                state.apply(tp, target, new_leader)
+                delta = cost_of() - base
+                state.apply(tp, p.replicas, leader)
+                if delta < -_EPSILON and (best is None or delta < best[0] - _EPSILON):
+                    best = (delta, tp, target, new_leader)
+        if best is None:
+            break
+        _, tp, target, new_leader = best
+        p = state.by_tp[tp]
+        moves.append(Move(tp[0], tp[1], kind, p.replicas, target, state.leader[tp], new_leader))
+        state.apply(tp, target, new_leader)
+        moved.add(tp)
+    return moves
+
+
+def plan(brokers: Sequence[BrokerInfo], partitions: Sequence[PartitionLoad], options: Options = Options()) -> Plan:
+    """The moves that even out the cluster, and their expected effect (see the module doc)."""
+    if not 0 <= options.max_moves <= MAX_MOVES_LIMIT:
+        raise ValueError(f"max_moves must be in [0, {MAX_MOVES_LIMIT}], got {options.max_moves}")
+    alive = {b.broker_id for b in brokers if b.alive}
+    racks = {b.broker_id: b.rack for b in brokers}
+    ordered = sorted(partitions, key=lambda p: (p.topic, p.partition))
+    state = _State(sorted(alive), ordered)
+    before = state.loads()
+    skipped = tuple(why for why in (_movable(p, alive) for p in ordered) if why is not None)
+    tps = [(p.topic, p.partition) for p in ordered if _movable(p, alive) is None]
+    moves: list[Move] = []
+    if options.move_replicas:
+        moves += _greedy(state, tps, options.max_moves // 2, "replicas", alive, racks)
+    moved = {(m.topic, m.partition) for m in moves}
+    moves += _greedy(state, [tp for tp in tps if tp not in moved], options.max_moves - len(moves), "leader",
+                     alive, racks)
+    return Plan(tuple(moves), before, state.loads(), skipped)
