@@ -48,7 +48,9 @@ Leadership rules (no unclean election, ever; leader epochs never go backwards):
                        old - T, leader_epoch + 1 so every replica learns the new set; (2) once every
                        member of T is live and in the ISR: replicas = T, leader from T if the old one
                        is out (else same leader), leader_epoch + 1, StopReplica(delete=true) to the
-                       removed replicas, request deleted.
+                       removed replicas, request deleted. A reassignment that completes when it is
+                       requested or on an ISR change also elects the target's preferred leader
+                       (a reordering of the same replicas moves leadership at once).
 
 Partition-state writes are conditional on the znode version; a conflict (the leader changed its ISR
 meanwhile) re-reads those partitions and decides again, at most `STATE_WRITE_ATTEMPTS_MAX` times.
@@ -509,8 +511,11 @@ class ControllerState:
         return [SendUpdateMetadata()]
 
     def on_reassignments(self, targets: dict[TP, list[int]]) -> list[Action]:
+        """New or withdrawn reassignment requests. One that finishes at once (its target already in
+        the ISR: a reordering of the same replicas, the balancer's leadership move) elects its new
+        preferred leader now, not at the next periodic check."""
         assigns, reconcile, post = self._reassignment_requests(targets)
-        return [*assigns, *self._plan_writes(reconcile), *post]
+        return [*assigns, *self._plan_writes(reconcile, preferred=True), *post]
 
     def on_states_written(self, results: dict[TP, PartitionStateData | None], attempt: int = 0) -> list[Action]:
         """The outcome of a WriteStates: new states (with versions) or None per conflicting partition."""
