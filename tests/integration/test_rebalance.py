@@ -1,0 +1,139 @@
+"""`logbroker cluster rebalance` on real processes: ZooKeeper, 3 brokers, leaders piled on broker 0, a
+producer (acks=all) running throughout; after `--execute` leadership is even, every send was
+acknowledged and no partition's ISR fell below min ISR."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from logbroker import Admin, Producer
+from tests.cluster import Cluster
+from tests.conftest import REPO, wait_for
+
+pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
+
+TOPIC = "piled"
+PARTITIONS = 6
+MIN_ISR = 2
+
+
+def cli(bootstrap: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "LOGBROKER_BOOTSTRAP": bootstrap}
+    return subprocess.run([sys.executable, "-m", "logbroker", *args], capture_output=True, text=True, env=env,
+                          cwd=REPO, timeout=150)
+
+
+@pytest.fixture
+def cluster3(zookeeper, zk_chroot, tmp_path: Path) -> Iterator[Cluster]:
+    c = Cluster(zookeeper, zk_chroot, tmp_path, 3, session_timeout_ms=2000,
+                extra_args=["--replica-lag-time-max-ms", "3000"])
+    try:
+        yield c.start()
+    finally:
+        c.stop()
+
+
+def _states(c: Cluster) -> dict[int, object] | None:
+    try:
+        states = c.partition_states(TOPIC)
+    except (grpc.RpcError, AssertionError, IndexError):
+        return None
+    return states if len(states) == PARTITIONS else None  # type: ignore[return-value]
+
+
+def _all(c: Cluster, pred) -> bool:
+    states = _states(c)
+    return states is not None and all(pred(s) for s in states.values())
+
+
+class Traffic:
+    """A producer (acks=all, explicit partitions round robin) and an ISR watcher, both until stop()."""
+
+    def __init__(self, c: Cluster) -> None:
+        self.c = c
+        self.stop_event = threading.Event()
+        self.futures: list = []
+        self.min_isr_seen = 99
+        self.isr_polls = 0
+        self.threads = [threading.Thread(target=self._produce, daemon=True),
+                        threading.Thread(target=self._watch, daemon=True)]
+
+    def _produce(self) -> None:
+        with Producer(self.c.bootstrap, acks="all", linger_ms=2, request_timeout_ms=10_000,
+                      delivery_timeout_ms=60_000) as producer:
+            i = 0
+            while not self.stop_event.is_set():
+                for _ in range(60):
+                    self.futures.append(producer.send(TOPIC, b"v-%08d" % i + b"x" * 200, partition=i % PARTITIONS))
+                    i += 1
+                producer.flush(60)  # paces the loop: the next round starts when this one is acknowledged
+
+    def _watch(self) -> None:
+        while not self.stop_event.is_set():
+            states = _states(self.c)
+            if states is not None:
+                self.isr_polls += 1
+                self.min_isr_seen = min(self.min_isr_seen, *(len(s.isr) for s in states.values()))  # type: ignore[attr-defined]
+            self.stop_event.wait(0.05)  # the polling interval, not a synchronisation
+
+    def start(self) -> Traffic:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        for t in self.threads:
+            t.join(90)
+
+
+def test_rebalance_spreads_piled_leaders_with_producers_acknowledged_and_min_isr_held(cluster3):
+    c = cluster3
+    with Admin(c.bootstrap) as admin:
+        admin.create_topic(TOPIC, partitions=PARTITIONS, replication_factor=3,
+                           config={"min_insync_replicas": str(MIN_ISR)})
+        wait_for(lambda: _all(c, lambda s: s.leader >= 0 and len(s.isr) == 3), 60, "every partition fully in sync")
+        for p, s in sorted(_states(c).items()):  # type: ignore[union-attr]
+            admin.reassign_partition(TOPIC, p, [0, *[b for b in s.replicas if b != 0]])
+    wait_for(lambda: _all(c, lambda s: s.leader == 0 and s.replicas[0] == 0 and len(s.isr) == 3), 60,
+             "every leader piled on broker 0")
+
+    traffic = Traffic(c).start()
+    try:
+        wait_for(lambda: sum(f.done() for f in traffic.futures) >= 600, 60, "600 records acknowledged")
+        dry = cli(c.bootstrap, "cluster", "rebalance", "--format", "json", "--sample-seconds", "1")
+        assert dry.returncode == 0, dry.stderr
+        plan = json.loads(dry.stdout)
+        assert not plan["executed"] and plan["moves"]
+        assert {b["broker_id"]: b["leaders"] for b in plan["before"]} == {0: 6, 1: 0, 2: 0}
+        assert plan["spread"]["leaders"]["after"] <= 0.2
+        assert _all(c, lambda s: s.leader == 0)  # a dry run changes nothing
+
+        run = cli(c.bootstrap, "cluster", "rebalance", "--execute", "--format", "json", "--sample-seconds", "1",
+                  "--timeout-seconds", "90")
+        assert run.returncode == 0, run.stdout + run.stderr
+        result = json.loads(run.stdout)
+        assert result["executed"] and result["result"]["failed"] == [], result["result"]
+        assert result["spread"]["leaders"]["after"] <= 0.2
+        assert result["spread"]["leader_bytes_in_per_sec"]["after"] <= 0.2
+        states = _states(c)
+        assert states is not None
+        counts = {b: sum(1 for s in states.values() if s.leader == b) for b in range(3)}  # type: ignore[attr-defined]
+        assert all(abs(n - PARTITIONS / 3) <= 0.2 * PARTITIONS / 3 for n in counts.values()), counts
+        sent_at_move = len(traffic.futures)
+        wait_for(lambda: len(traffic.futures) >= sent_at_move + 600, 60, "the producer goes on after the move")
+    finally:
+        traffic.stop()
+    failures = [f for f in traffic.futures if f.exception(timeout=60) is not None]
+    assert traffic.futures and not failures, f"{len(failures)} of {len(traffic.futures)} sends failed: {failures[:1]}"
+    assert traffic.isr_polls > 0 and traffic.min_isr_seen >= MIN_ISR, (traffic.isr_polls, traffic.min_isr_seen)
+
