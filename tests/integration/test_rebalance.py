@@ -42,24 +42,26 @@ def cluster3(zookeeper, zk_chroot, tmp_path: Path) -> Iterator[Cluster]:
         c.stop()
 
 
-def _states(c: Cluster) -> dict[int, object] | None:
+def _states(c: Cluster, topic: str = TOPIC, partitions: int = PARTITIONS) -> dict[int, object] | None:
     try:
-        states = c.partition_states(TOPIC)
+        states = c.partition_states(topic)
     except (grpc.RpcError, AssertionError, IndexError):
         return None
-    return states if len(states) == PARTITIONS else None  # type: ignore[return-value]
+    return states if len(states) == partitions else None  # type: ignore[return-value]
 
 
-def _all(c: Cluster, pred) -> bool:
-    states = _states(c)
+def _all(c: Cluster, pred, topic: str = TOPIC, partitions: int = PARTITIONS) -> bool:
+    states = _states(c, topic, partitions)
     return states is not None and all(pred(s) for s in states.values())
 
 
 class Traffic:
     """A producer (acks=all, explicit partitions round robin) and an ISR watcher, both until stop()."""
 
-    def __init__(self, c: Cluster) -> None:
+    def __init__(self, c: Cluster, topic: str = TOPIC, partitions: int = PARTITIONS) -> None:
         self.c = c
+        self.topic = topic
+        self.partitions = partitions
         self.stop_event = threading.Event()
         self.futures: list = []
         self.min_isr_seen = 99
@@ -73,13 +75,14 @@ class Traffic:
             i = 0
             while not self.stop_event.is_set():
                 for _ in range(60):
-                    self.futures.append(producer.send(TOPIC, b"v-%08d" % i + b"x" * 200, partition=i % PARTITIONS))
+                    self.futures.append(producer.send(self.topic, b"v-%08d" % i + b"x" * 200,
+                                                      partition=i % self.partitions))
                     i += 1
                 producer.flush(60)  # paces the loop: the next round starts when this one is acknowledged
 
     def _watch(self) -> None:
         while not self.stop_event.is_set():
-            states = _states(self.c)
+            states = _states(self.c, self.topic, self.partitions)
             if states is not None:
                 self.isr_polls += 1
                 self.min_isr_seen = min(self.min_isr_seen, *(len(s.isr) for s in states.values()))  # type: ignore[attr-defined]
@@ -174,3 +177,46 @@ def test_auto_leader_rebalance_spreads_piled_leaders_by_itself(auto_cluster3):
     # balancing (its check runs every 10 s) moves 4 away again (4 more): 2/2/2 with that many epoch
     # bumps is reached only through it.
     wait_for(even, 60, "leaders spread 2/2/2 again by the controller, preferred leaders leading")
+
+
+@pytest.fixture
+def cluster4(zookeeper, zk_chroot, tmp_path: Path) -> Iterator[Cluster]:
+    c = Cluster(zookeeper, zk_chroot, tmp_path, 4, session_timeout_ms=2000,
+                extra_args=["--replica-lag-time-max-ms", "3000"])
+    try:
+        yield c.start()
+    finally:
+        c.stop()
+
+
+def test_rebalance_replicas_copies_onto_empty_brokers_with_producers_acknowledged(cluster4):
+    c = cluster4
+    topic, partitions = "crowded", 4
+    with Admin(c.bootstrap) as admin:
+        admin.create_topic(topic, partitions=partitions, replication_factor=2, config={"min_insync_replicas": "2"})
+        wait_for(lambda: _all(c, lambda s: s.leader >= 0 and len(s.isr) == 2, topic, partitions), 60, "in sync")
+        for p in range(partitions):  # every replica on brokers 0 and 1
+            admin.reassign_partition(topic, p, [p % 2, 1 - p % 2])
+    wait_for(lambda: _all(c, lambda s: sorted(s.replicas) == [0, 1] and sorted(s.isr) == [0, 1], topic, partitions),
+             60, "every replica on brokers 0 and 1")
+    traffic = Traffic(c, topic, partitions).start()
+    try:
+        wait_for(lambda: sum(f.done() for f in traffic.futures) >= 400, 60, "400 records acknowledged")
+        run = cli(c.bootstrap, "cluster", "rebalance", "--execute", "--replicas", "--format", "json",
+                  "--sample-seconds", "0", "--timeout-seconds", "90")
+        assert run.returncode == 0, run.stdout + run.stderr
+        result = json.loads(run.stdout)
+        assert result["result"]["failed"] == [] and any(m["kind"] == "replicas" for m in result["moves"])
+        states = _states(c, topic, partitions)
+        assert states is not None
+        counts = {b: sum(1 for s in states.values() if b in s.replicas) for b in range(4)}  # type: ignore[attr-defined]
+        assert counts == {0: 2, 1: 2, 2: 2, 3: 2}, counts
+        leaders = sorted(s.leader for s in states.values())  # type: ignore[attr-defined]
+        assert leaders == [0, 1, 2, 3], leaders
+        sent_at_move = len(traffic.futures)
+        wait_for(lambda: len(traffic.futures) >= sent_at_move + 400, 60, "the producer goes on after the move")
+    finally:
+        traffic.stop()
+    failures = [f for f in traffic.futures if f.exception(timeout=60) is not None]
+    assert traffic.futures and not failures, f"{len(failures)} of {len(traffic.futures)} sends failed: {failures[:1]}"
+    assert traffic.isr_polls > 0 and traffic.min_isr_seen >= 2, (traffic.isr_polls, traffic.min_isr_seen)
