@@ -26,8 +26,9 @@ Safety rules, for every move:
   finish), never lowers the number of distinct racks the replicas span (a broker without a rack
   counts as its own rack), and keeps the replication factor (so the ISR after the move, which holds
   every target replica, is at least min ISR);
-- a partition moves at most once per plan; at most `Options.max_moves` moves (when replicas move, at
-  most half of them are replica moves, the rest leadership).
+- a partition moves at most once per plan (a replica move whose target's first replica is then
+  chosen for leadership is still one move); at most `Options.max_moves` moves (when replicas move,
+  at most half of them are replica moves, the rest leadership).
 
 The choice is greedy: each step takes the move that lowers the imbalance cost most (ties broken by
 topic, partition, broker id), and stops when no move lowers it. The cost is the sum over live
@@ -199,11 +200,12 @@ def _movable(p: PartitionLoad, alive: set[int]) -> str | None:
     return None
 
 
-def _leader_candidates(p: PartitionLoad, alive: set[int], leader: int) -> list[tuple[int, tuple[int, ...]]]:
+def _leader_candidates(replicas: tuple[int, ...], in_sync: Iterable[int], alive: set[int],
+                       leader: int) -> list[tuple[int, tuple[int, ...]]]:
     out = []
-    for b in sorted(set(p.isr) & set(p.replicas)):
+    for b in sorted(set(in_sync) & set(replicas)):
         if b != leader and b in alive:
-            out.append((b, (b, *[r for r in p.replicas if r != b])))
+            out.append((b, (b, *[r for r in replicas if r != b])))
     return out
 
 
@@ -222,8 +224,10 @@ def _replica_candidates(p: PartitionLoad, alive: set[int], racks: dict[int, str]
 
 
 def _greedy(state: _State, tps: list[tuple[str, int]], budget: int, kind: str, alive: set[int],
-            racks: dict[int, str]) -> list[Move]:
-    """Up to `budget` moves of `kind`, each the one that lowers the cost most; stops when none does."""
+            racks: dict[int, str], retargeted: frozenset[tuple[str, int]] = frozenset()) -> list[Move]:
+    """Up to `budget` moves of `kind`, each the one that lowers the cost most; stops when none does.
+    `retargeted`: partitions a replica move already gave new replicas; a leadership move may reorder
+    those (every target replica is in the ISR when the reassignment finishes)."""
     moves: list[Move] = []
     cost_of = state.leader_cost if kind == "leader" else state.replica_cost
     moved: set[tuple[str, int]] = set()
@@ -234,24 +238,36 @@ def _greedy(state: _State, tps: list[tuple[str, int]], budget: int, kind: str, a
             if tp in moved:
                 continue
             p = state.by_tp[tp]
-            leader = state.leader[tp]
-            cands = (_leader_candidates(p, alive, leader) if kind == "leader"
-                     else _replica_candidates(p, alive, racks))
+            replicas, leader = state.replicas[tp], state.leader[tp]
+            if kind == "leader":
+                cands = _leader_candidates(replicas, replicas if tp in retargeted else p.isr, alive, leader)
+            else:
+                cands = _replica_candidates(p, alive, racks)
             for _b, target in cands:
                 new_leader = target[0]  # a finished reassignment elects its preferred leader
                 state.apply(tp, target, new_leader)
                 delta = cost_of() - base
-                state.apply(tp, p.replicas, leader)
+                state.apply(tp, replicas, leader)
                 if delta < -_EPSILON and (best is None or delta < best[0] - _EPSILON):
                     best = (delta, tp, target, new_leader)
         if best is None:
             break
         _, tp, target, new_leader = best
         p = state.by_tp[tp]
-        moves.append(Move(tp[0], tp[1], kind, p.replicas, target, state.leader[tp], new_leader))
+        moves.append(Move(tp[0], tp[1], kind, p.replicas, target, p.leader, new_leader))
         state.apply(tp, target, new_leader)
         moved.add(tp)
     return moves
+
+
+def _merge(replica_moves: list[Move], leader_moves: list[Move]) -> list[Move]:
+    """One move per partition: a leadership move of a partition whose replicas move reorders that
+    replica move's target."""
+    by_tp = {(m.topic, m.partition): m for m in leader_moves}
+    out = [by_tp.pop((m.topic, m.partition), m) for m in replica_moves]
+    out = [Move(m.topic, m.partition, "replicas", m.replicas_before, m.replicas_after, m.leader_before, m.leader_after)
+           for m in out]
+    return out + [m for m in leader_moves if (m.topic, m.partition) in by_tp]
 
 
 def plan(brokers: Sequence[BrokerInfo], partitions: Sequence[PartitionLoad], options: Options = Options()) -> Plan:
@@ -265,10 +281,10 @@ def plan(brokers: Sequence[BrokerInfo], partitions: Sequence[PartitionLoad], opt
     before = state.loads()
     skipped = tuple(why for why in (_movable(p, alive) for p in ordered) if why is not None)
     tps = [(p.topic, p.partition) for p in ordered if _movable(p, alive) is None]
-    moves: list[Move] = []
+    replica_moves: list[Move] = []
     if options.move_replicas:
-        moves += _greedy(state, tps, options.max_moves // 2, "replicas", alive, racks)
-    moved = {(m.topic, m.partition) for m in moves}
-    moves += _greedy(state, [tp for tp in tps if tp not in moved], options.max_moves - len(moves), "leader",
-                     alive, racks)
+        replica_moves = _greedy(state, tps, options.max_moves // 2, "replicas", alive, racks)
+    retargeted = frozenset((m.topic, m.partition) for m in replica_moves)
+    leader_moves = _greedy(state, tps, options.max_moves - len(replica_moves), "leader", alive, racks, retargeted)
+    moves = _merge(replica_moves, leader_moves)
     return Plan(tuple(moves), before, state.loads(), skipped)

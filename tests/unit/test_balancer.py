@@ -114,6 +114,21 @@ def test_replica_moves_never_reduce_racks_or_need_an_out_of_sync_replica() -> No
             assert m.kind == "replicas" and 0 in m.replicas_after and 1 not in m.replicas_after
 
 
+@pytest.mark.parametrize("sizes", [(0, 0, 0, 0), (100, 100, 100, 100), (900, 10, 500, 70), (1, 2, 3, 4)])
+def test_replica_moves_also_spread_leadership_one_move_per_partition(sizes: tuple[int, ...]) -> None:
+    """RF 2 on brokers 0 and 1 of 4: replicas spread 2 per broker and leaders 1 per broker, whichever
+    replica the replica moves picked (a replica move's target is reordered, not moved twice)."""
+    brokers = [BrokerInfo(b) for b in range(4)]
+    parts = [PartitionLoad("t", p, (p % 2, 1 - p % 2), p % 2, (0, 1), 2, 0.0, 0.0, sizes[p]) for p in range(4)]
+    result = plan(brokers, parts, Options(move_replicas=True))
+    assert {b.broker_id: b.replicas for b in result.after} == {0: 2, 1: 2, 2: 2, 3: 2}
+    assert {b.broker_id: b.leaders for b in result.after} == {0: 1, 1: 1, 2: 1, 3: 1}
+    assert len({(m.topic, m.partition) for m in result.moves}) == len(result.moves)
+    for m in result.moves:
+        assert m.leader_after == m.replicas_after[0]
+        assert m.leader_before == parts[m.partition].leader and m.replicas_before == parts[m.partition].replicas
+
+
 @pytest.mark.parametrize("n,seed", list(itertools.product([3, 6, 9, 20], [0, 1, 2])))
 def test_moves_never_pick_a_dead_or_lagging_leader(n: int, seed: int) -> None:
     parts = []
