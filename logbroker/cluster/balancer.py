@@ -31,7 +31,9 @@ Safety rules, for every move:
   at most half of them are replica moves, the rest leadership).
 
 The choice is greedy: each step takes the move that lowers the imbalance cost most (ties broken by
-topic, partition, broker id), and stops when no move lowers it. The cost is the sum over live
+topic, partition, broker id), and stops when no move lowers it. Leader counts can be stuck where no
+single move helps (broker A leads 2, C leads 0, but no partition A leads has a replica on C): then a
+chain of moves A -> B -> C (an augmenting path, shortest first) is taken if it lowers the cost. The cost is the sum over live
 brokers of the squared relative deviation from the mean, for each balanced figure whose mean is > 0.
 """
 
@@ -223,40 +225,97 @@ def _replica_candidates(p: PartitionLoad, alive: set[int], racks: dict[int, str]
     return out
 
 
+Step = tuple[tuple[str, int], tuple[int, ...], int]  # partition, new replicas, new leader
+
+
+def _candidates(state: _State, tp: tuple[str, int], kind: str, alive: set[int], racks: dict[int, str],
+                retargeted: frozenset[tuple[str, int]]) -> list[tuple[int, tuple[int, ...]]]:
+    p = state.by_tp[tp]
+    if kind == "leader":
+        replicas = state.replicas[tp]
+        return _leader_candidates(replicas, replicas if tp in retargeted else p.isr, alive, state.leader[tp])
+    return _replica_candidates(p, alive, racks)
+
+
+def _chain(state: _State, tps: list[tuple[str, int]], alive: set[int], retargeted: frozenset[tuple[str, int]],
+           budget: int) -> list[Step] | None:
+    """When no single leadership move helps: a chain of them (an augmenting path) from a broker leading
+    the most partitions to one leading at least two fewer, each step handing one partition to the
+    next broker of the path, so only the ends change counts. Breadth first, ties by partition: the
+    shortest chain, at most `budget` steps; None if there is none."""
+    counts = {b: a[0] for b, a in state.acc.items()}
+    by_leader: dict[int, list[tuple[str, int]]] = {}
+    for tp in tps:
+        by_leader.setdefault(state.leader[tp], []).append(tp)
+    for src in sorted(counts, key=lambda b: (-counts[b], b)):
+        prev: dict[int, tuple[int, Step] | None] = {src: None}
+        frontier = [src]
+        while frontier:
+            nxt: list[int] = []
+            for x in frontier:
+                if counts[x] <= counts[src] - 2:
+                    path: list[Step] = []
+                    at = prev[x]
+                    while at is not None:
+                        path.append(at[1])
+                        at = prev[at[0]]
+                    return list(reversed(path)) if len(path) <= budget else None
+                for tp in by_leader.get(x, []):
+                    for b, target in _candidates(state, tp, "leader", alive, {}, retargeted):
+                        if b not in prev:
+                            prev[b] = (x, (tp, target, b))
+                            nxt.append(b)
+            frontier = nxt
+    return None
+
+
+def _best_step(state: _State, tps: list[tuple[str, int]], kind: str, alive: set[int], racks: dict[int, str],
+               retargeted: frozenset[tuple[str, int]]) -> Step | None:
+    """The single move that lowers the cost most (ties: the first by partition and broker), if any."""
+    cost_of = state.leader_cost if kind == "leader" else state.replica_cost
+    base = cost_of()
+    best: tuple[float, Step] | None = None
+    for tp in tps:
+        replicas, leader = state.replicas[tp], state.leader[tp]
+        for _b, target in _candidates(state, tp, kind, alive, racks, retargeted):
+            state.apply(tp, target, target[0])  # a finished reassignment elects its preferred leader
+            delta = cost_of() - base
+            state.apply(tp, replicas, leader)
+            if delta < -_EPSILON and (best is None or delta < best[0] - _EPSILON):
+                best = (delta, (tp, target, target[0]))
+    return None if best is None else best[1]
+
+
 def _greedy(state: _State, tps: list[tuple[str, int]], budget: int, kind: str, alive: set[int],
             racks: dict[int, str], retargeted: frozenset[tuple[str, int]] = frozenset()) -> list[Move]:
-    """Up to `budget` moves of `kind`, each the one that lowers the cost most; stops when none does.
-    `retargeted`: partitions a replica move already gave new replicas; a leadership move may reorder
-    those (every target replica is in the ISR when the reassignment finishes)."""
+    """Up to `budget` moves of `kind`, each the one that lowers the cost most (for leadership, when
+    none does, a chain of moves that evens the leader counts, if it lowers the cost); stops when
+    nothing helps. `retargeted`: partitions a replica move already gave new replicas; a leadership
+    move may reorder those (every target replica is in the ISR when the reassignment finishes)."""
     moves: list[Move] = []
-    cost_of = state.leader_cost if kind == "leader" else state.replica_cost
     moved: set[tuple[str, int]] = set()
+    cost_of = state.leader_cost if kind == "leader" else state.replica_cost
     while len(moves) < budget:
-        base = cost_of()
-        best: tuple[float, tuple[str, int], tuple[int, ...], int] | None = None
-        for tp in tps:
-            if tp in moved:
-                continue
-            p = state.by_tp[tp]
-            replicas, leader = state.replicas[tp], state.leader[tp]
-            if kind == "leader":
-                cands = _leader_candidates(replicas, replicas if tp in retargeted else p.isr, alive, leader)
-            else:
-                cands = _replica_candidates(p, alive, racks)
-            for _b, target in cands:
-                new_leader = target[0]  # a finished reassignment elects its preferred leader
-                state.apply(tp, target, new_leader)
-                delta = cost_of() - base
+        free = [tp for tp in tps if tp not in moved]
+        step = _best_step(state, free, kind, alive, racks, retargeted)
+        steps = [step] if step is not None else []
+        if not steps and kind == "leader":
+            chain = _chain(state, free, alive, retargeted, budget - len(moves)) or []
+            undo = [(tp, state.replicas[tp], state.leader[tp]) for tp, _, _ in chain]
+            base = cost_of()
+            for tp, target, leader in chain:
+                state.apply(tp, target, leader)
+            if cost_of() < base - _EPSILON:
+                steps = chain
+            for tp, replicas, leader in reversed(undo):
                 state.apply(tp, replicas, leader)
-                if delta < -_EPSILON and (best is None or delta < best[0] - _EPSILON):
-                    best = (delta, tp, target, new_leader)
-        if best is None:
+        if not steps:
             break
-        _, tp, target, new_leader = best
-        p = state.by_tp[tp]
-        moves.append(Move(tp[0], tp[1], kind, p.replicas, target, p.leader, new_leader))
-        state.apply(tp, target, new_leader)
-        moved.add(tp)
+        for tp, target, new_leader in steps:
+            p = state.by_tp[tp]
+            moves.append(Move(tp[0], tp[1], kind, p.replicas, target, p.leader, new_leader))
+            state.apply(tp, target, new_leader)
+            moved.add(tp)
     return moves
 
 

@@ -114,7 +114,19 @@ def test_replica_moves_never_reduce_racks_or_need_an_out_of_sync_replica() -> No
             assert m.kind == "replicas" and 0 in m.replicas_after and 1 not in m.replicas_after
 
 
-@pytest.mark.parametrize("sizes", [(0, 0, 0, 0), (100, 100, 100, 100), (900, 10, 500, 70), (1, 2, 3, 4)])
+def test_a_chain_of_moves_when_no_single_move_evens_the_leaders() -> None:
+    """2 leads two, 3 leads none, and no partition 2 leads has a replica on 3: 2 -> 0 -> 3."""
+    brokers = [BrokerInfo(b) for b in range(4)]
+    parts = [PartitionLoad("t", 0, (2, 0), 2, (2, 0)), PartitionLoad("t", 1, (2, 1), 2, (2, 1)),
+             PartitionLoad("t", 2, (0, 3), 0, (0, 3)), PartitionLoad("t", 3, (1, 3), 1, (1, 3))]
+    result = plan(brokers, parts)
+    assert {b.broker_id: b.leaders for b in result.after} == {0: 1, 1: 1, 2: 1, 3: 1}
+    assert [(m.partition, m.leader_before, m.leader_after) for m in result.moves] == [(0, 2, 0), (2, 0, 3)]
+    assert plan(brokers, parts, Options(max_moves=1)).moves == ()  # the chain does not fit: nothing
+
+
+@pytest.mark.parametrize("sizes", [(0, 0, 0, 0), (100, 100, 100, 100), (900, 10, 500, 70), (1, 2, 3, 4),
+                                   *[tuple((seed * 7919 + p * 104729) % 1000 for p in range(4)) for seed in range(40)]])
 def test_replica_moves_also_spread_leadership_one_move_per_partition(sizes: tuple[int, ...]) -> None:
     """RF 2 on brokers 0 and 1 of 4: replicas spread 2 per broker and leaders 1 per broker, whichever
     replica the replica moves picked (a replica move's target is reordered, not moved twice)."""
