@@ -562,15 +562,17 @@ def _add_broker_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _add_cluster_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
-    """`cluster describe|stats` and `dev-cluster`."""
-    cl = sub.add_parser("cluster", help="show the cluster's brokers and controller, or its stats")
+    """`cluster describe|stats|rebalance` and `dev-cluster`."""
+    cl = sub.add_parser("cluster", help="show the cluster's brokers and controller, or its stats; rebalance it")
     clsub = cl.add_subparsers(dest="cluster_command", metavar="ACTION", required=True)
     t = clsub.add_parser("describe", parents=[common], help="list brokers and the controller")
     t.add_argument("--format", choices=["text", "json"], default="text")
     t.set_defaults(func=cmd_cluster_describe)
+    from logbroker.cli_rebalance import add_rebalance_parser
     from logbroker.cli_stats import add_stats_parser
 
     add_stats_parser(clsub, common)
+    add_rebalance_parser(clsub, common)
 
     dev = sub.add_parser("dev-cluster", help="start ZooKeeper and N brokers on loopback for development",
                          description="Start ZooKeeper (Debian's zookeeper package) and --brokers brokers on "

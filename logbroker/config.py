@@ -89,6 +89,7 @@ class BrokerConfig:
     # cluster mode (empty zookeeper: standalone with the embedded metadata store)
     zookeeper: str = ""  # "host:port[,host:port...][/chroot]"
     zk_session_timeout_ms: int = 6000
+    auto_leader_rebalance: bool = False  # the controller's periodic leader balancing (cluster/balancer.py)
     replica_lag_time_max_ms: int = 10_000
     controlled_shutdown_timeout_ms: int = 30_000
     default_replication_factor: int = 1
@@ -205,6 +206,9 @@ SERVE_SETTINGS: tuple[ServeSetting, ...] = (
                  "Required with --zookeeper", "PATH"),
     ServeSetting("rack", str, "", "rack/zone of this broker, for rack-aware replica placement"),
     ServeSetting("zk_session_timeout_ms", int, 6000, "ZooKeeper session timeout: how fast a dead broker is noticed"),
+    ServeSetting("auto_leader_rebalance", bool, False,
+                 "the controller evens out leaders per broker at every preferred-leader check (every 10 s, at "
+                 "most 10 partitions each time) by reordering replicas, as `cluster rebalance --execute`"),
     ServeSetting("replica_lag_time_max_ms", int, 10_000,
                  "a follower that has not caught up for this long leaves the ISR"),
     ServeSetting("controlled_shutdown_timeout_ms", int, 30_000,
@@ -561,7 +565,7 @@ def broker_config_from_settings(values: Mapping[str, SettingValue], hostname: st
         metrics_tls=bool(values["metrics_tls"]),
         metrics_enabled=metrics_address(values) is not None,
         **_front_door(values, tls, bool(text("zookeeper"))), **_quota_windows(values),
-        zk_session_timeout_ms=number("zk_session_timeout_ms"),
+        zk_session_timeout_ms=number("zk_session_timeout_ms"), auto_leader_rebalance=bool(values["auto_leader_rebalance"]),
         replica_lag_time_max_ms=number("replica_lag_time_max_ms"),
         controlled_shutdown_timeout_ms=number("controlled_shutdown_timeout_ms"),
         max_request_bytes=number("max_request_bytes"),

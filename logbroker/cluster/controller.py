@@ -39,6 +39,8 @@ Leadership rules (no unclean election, ever; leader epochs never go backwards):
                        to the ISR (an ISR change in which B was out and is in: it re-fetched and caught up).
     preferred leader   replicas[0] live, not shutting down, in the ISR and not leader: it becomes
                        leader (leader_epoch + 1). On ISR change notifications and periodically.
+    leader rebalance   (off by default; `on_leader_rebalance_check`) the balancer's leadership moves:
+                       replicas reordered so another in-sync replica is first, then elected as above.
     controlled         broker B: every partition B leads moves to another ISR member (epoch + 1); B
     shutdown           leaves every ISR; B gets StopReplica(delete=false) for partitions it only
                        follows; the reply lists the partitions B still leads.
@@ -48,7 +50,9 @@ Leadership rules (no unclean election, ever; leader epochs never go backwards):
                        old - T, leader_epoch + 1 so every replica learns the new set; (2) once every
                        member of T is live and in the ISR: replicas = T, leader from T if the old one
                        is out (else same leader), leader_epoch + 1, StopReplica(delete=true) to the
-                       removed replicas, request deleted.
+                       removed replicas, request deleted. A reassignment that completes when it is
+                       requested or on an ISR change also elects the target's preferred leader
+                       (a reordering of the same replicas moves leadership at once).
 
 Partition-state writes are conditional on the znode version; a conflict (the leader changed its ISR
 meanwhile) re-reads those partitions and decides again, at most `STATE_WRITE_ATTEMPTS_MAX` times.
@@ -69,6 +73,9 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
+from logbroker.cluster.balancer import BrokerInfo, PartitionLoad
+from logbroker.cluster.balancer import Options as BalanceOptions
+from logbroker.cluster.balancer import plan as balance
 from logbroker.cluster.metadata import BrokerRegistration, PartitionStateData, TopicSpec
 from logbroker.cluster.zk_store import ControllerFencedError, ZkStore
 from logbroker.errors import (
@@ -180,6 +187,13 @@ def partition_state_pb(topic: str, partition: int, state: PartitionStateData | N
 
 def _distinct(xs: Iterable[int]) -> list[int]:
     return list(dict.fromkeys(xs))
+
+
+def _min_isr(config: dict[str, str]) -> int:
+    try:
+        return int(config.get("min_insync_replicas", "1"))
+    except ValueError:
+        return 1
 
 
 def _fmt(tp: TP) -> str:
@@ -404,6 +418,33 @@ class ControllerState:
     def on_preferred_check(self) -> list[Action]:
         return self._plan_writes(self.all_partitions(), preferred=True)
 
+    def on_leader_rebalance_check(self, max_moves: int) -> list[Action]:
+        """Automatic leader balancing (`serve --auto-leader-rebalance`): the balancer's leadership
+        moves (logbroker/cluster/balancer.py, by leader count: the controller knows no rates) for the
+        partitions not being reassigned or deleted, each written as its replicas reordered (another
+        in-sync replica first), then the preferred leaders elected."""
+        brokers = [BrokerInfo(b, reg.rack, b not in self.shutting_down) for b, reg in sorted(self.live.items())]
+        partitions = []
+        for tp in self.all_partitions():
+            st = self.states.get(tp)
+            if st is None or tp in self.reassign_targets or tp[0] in self.deleting:
+                continue
+            bad = self.offline_replicas.get(tp, set())
+            partitions.append(PartitionLoad(tp[0], tp[1], tuple(self.replicas(tp)), st.leader,
+                                            tuple(b for b in st.isr if b not in bad),
+                                            _min_isr(self.topics[tp[0]].config)))
+        moves = balance(brokers, partitions, BalanceOptions(max_moves=max_moves)).moves
+        if not moves:
+            return []
+        assigns: list[Action] = []
+        for m in moves:
+            log.info("leader rebalance of %s: replicas %s -> %s (leader %d -> %d)", _fmt((m.topic, m.partition)),
+                     list(m.replicas_before), list(m.replicas_after), m.leader_before, m.leader_after)
+            self.topics[m.topic].assignment[m.partition] = list(m.replicas_after)
+            assigns.append(WriteAssignment(m.topic, m.partition, m.replicas_after))
+        moved = {(m.topic, m.partition) for m in moves}
+        return [*assigns, *self._plan_writes(moved, preferred=True), SendUpdateMetadata()]
+
     def on_controlled_shutdown(self, broker_id: int, broker_epoch: int) -> list[Action]:
         """Broker `broker_id` is shutting down. After the actions, `partitions_led_by(broker_id)` is the
         answer (partitions it still leads: nobody else in their ISR)."""
@@ -509,8 +550,11 @@ class ControllerState:
         return [SendUpdateMetadata()]
 
     def on_reassignments(self, targets: dict[TP, list[int]]) -> list[Action]:
+        """New or withdrawn reassignment requests. One that finishes at once (its target already in
+        the ISR: a reordering of the same replicas, the balancer's leadership move) elects its new
+        preferred leader now, not at the next periodic check."""
         assigns, reconcile, post = self._reassignment_requests(targets)
-        return [*assigns, *self._plan_writes(reconcile), *post]
+        return [*assigns, *self._plan_writes(reconcile, preferred=True), *post]
 
     def on_states_written(self, results: dict[TP, PartitionStateData | None], attempt: int = 0) -> list[Action]:
         """The outcome of a WriteStates: new states (with versions) or None per conflicting partition."""
@@ -852,12 +896,14 @@ class Controller:
                  loop: asyncio.AbstractEventLoop | None = None, *, preferred_check_interval_s: float = 10.0,
                  rpc_timeout_s: float = 10.0, rpc_attempts_max: int = 30, rpc_backoff_max_s: float = 2.0,
                  election_recheck_s: float = 5.0, shutdown_timeout_s: float = 30.0,
-                 executor: Executor | None = None, rng: random.Random | None = None) -> None:
+                 executor: Executor | None = None, rng: random.Random | None = None,
+                 leader_rebalance_max_moves: int = 0) -> None:
         self.broker_id = broker_id
         self._store = store
         self._rpc = rpc
         self._loop = loop
         self._preferred_check_interval_s = preferred_check_interval_s
+        self._leader_rebalance_max_moves = leader_rebalance_max_moves  # per preferred check; 0: off
         self._rpc_timeout_s = rpc_timeout_s
         self._retries = controller_retries(rpc_attempts_max, round(rpc_backoff_max_s * 1000))
         self._rng = rng or random.Random()  # the retries' jitter
@@ -1204,6 +1250,8 @@ class Controller:
             await self._handle_offline_reports(term)
         elif ev is _Event.PREFERRED_CHECK:
             await self._execute(term, core.on_preferred_check())
+            if self._leader_rebalance_max_moves > 0:
+                await self._execute(term, core.on_leader_rebalance_check(self._leader_rebalance_max_moves))
 
     async def _handle_offline_reports(self, term: _Term) -> None:
         while term.offline_reports:

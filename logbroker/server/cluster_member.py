@@ -56,6 +56,7 @@ T = TypeVar("T")
 TOPIC_READY_WAIT_S = 15.0
 CONTROLLED_SHUTDOWN_STALLS_MAX = 3
 OFFLINE_REPORT_ATTEMPTS_MAX = 60  # then the next scrub pass / LeaderAndIsr answer reports again
+AUTO_LEADER_REBALANCE_MOVES = 10  # partitions the controller may move per preferred check (--auto-leader-rebalance)
 # waits on the one retry policy (logbroker/retry.py); jitter: a ZooKeeper or controller blip sends
 # every broker back at once
 REREGISTER_RETRY = RetryPolicy(initial_ms=100, max_ms=1_000, jitter=0.2, retries=59)  # 60 tries over 51-57 s
@@ -124,7 +125,9 @@ class ClusterMember:
         self.store.add_state_listener(self._on_state_threadsafe)
         await self._register()
         self.controller = Controller(self.config.broker_id, self.store, self.channels, self._loop,
-                                     executor=self._executor)
+                                     executor=self._executor,
+                                     leader_rebalance_max_moves=(AUTO_LEADER_REBALANCE_MOVES
+                                                                 if self.config.auto_leader_rebalance else 0))
         self._controller_task = asyncio.create_task(self.controller.run(), name="controller")
 
     def _registration(self) -> BrokerRegistration:

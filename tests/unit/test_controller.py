@@ -432,6 +432,40 @@ def test_reassignment_within_the_isr_completes_at_once():
     assert [a.broker_id for a in sim.stops(sim.take_sent())] == [1]
 
 
+def test_reassignment_to_the_same_set_reordered_elects_the_new_preferred_leader_at_once():
+    """The balancer's leadership move: nothing to copy, the new first replica leads right away."""
+    sim = cluster(1, 2, 3)
+    sim.add_topic("t", {0: [1, 2, 3]})
+    assert state(sim, ("t", 0)) == (1, 0, [1, 2, 3])
+    sim.take_sent()
+    sim.run(sim.core.on_reassignments({("t", 0): [2, 1, 3]}))
+    assert sim.assignments[-1] == WriteAssignment("t", 0, (2, 1, 3), (), ())
+    assert state(sim, ("t", 0)) == (2, 1, [1, 2, 3])
+    assert sim.finished == [("t", 0)]
+    assert sim.stops(sim.take_sent()) == []  # no replica goes
+
+
+def test_leader_rebalance_check_spreads_piled_leaders_by_reordering_replicas():
+    sim = cluster(1, 2, 3)
+    sim.add_topic("t", {p: [1, 2, 3] for p in range(6)})
+    sim.add_topic("u", {0: [1, 2]})
+    sim.leader_sets_isr(("u", 0), [1])  # 2 is out of sync: u-0 cannot move
+    assert {tp: state(sim, tp)[0] for tp in sim.zk} == {**{("t", p): 1 for p in range(6)}, ("u", 0): 1}
+    sim.take_sent()
+    sim.run(sim.core.on_leader_rebalance_check(max_moves=10))
+    leaders = {tp: state(sim, tp)[0] for tp in sim.zk}
+    assert leaders[("u", 0)] == 1
+    counts = {b: sum(1 for v in leaders.values() if v == b) for b in (1, 2, 3)}
+    assert counts == {1: 3, 2: 2, 3: 2}
+    for tp, leader in leaders.items():
+        assert sim.core.replicas(tp)[0] == leader  # the preferred leader leads
+        assert sorted(sim.core.replicas(tp)) == sorted([1, 2, 3] if tp[0] == "t" else [1, 2])
+    moved = [a for a in sim.assignments if a.replicas[0] != 1]
+    assert len(moved) == 4
+    assert sim.core.on_leader_rebalance_check(max_moves=10) == []  # balanced: nothing more
+    assert sim.core.on_preferred_check() == []
+
+
 def test_invalid_reassignments_are_dropped():
     sim = cluster(1, 2)
     sim.add_topic("t", {0: [1]})

@@ -145,7 +145,7 @@ def test_the_request_layer_imports_no_grpc():
 # Each entry is a module or package prefix; the longest matching prefix places a module.
 LAYERS: list[list[str]] = [
     ["logbroker", "logbroker.__main__", "logbroker.cli", "logbroker.cli_groups", "logbroker.cli_queues", "logbroker.cli_security", "logbroker.cli_dump",
-     "logbroker.cli_tls", "logbroker.cli_stats", "logbroker.console",
+     "logbroker.cli_tls", "logbroker.cli_stats", "logbroker.cli_rebalance", "logbroker.console",
      "logbroker.worker", "logbroker.mirror", "logbroker.k8s_rack", "logbroker.testing"],
     ["logbroker.server"],
     ["logbroker.client"],

@@ -45,6 +45,12 @@ def test_metrics_are_on_by_default_at_the_documented_port_of_the_listen_host():
     assert resolve([])[1].metrics_enabled and not resolve(["--metrics-listen", "off"])[1].metrics_enabled
 
 
+def test_auto_leader_rebalance_is_off_by_default():
+    assert not resolve([])[1].auto_leader_rebalance
+    assert resolve(["--auto-leader-rebalance"])[1].auto_leader_rebalance
+    assert resolve([], {"LOGBROKER_AUTO_LEADER_REBALANCE": "true"})[1].auto_leader_rebalance
+
+
 def test_precedence_file_then_later_file_then_env_then_flag(tmp_path: Path):
     a = tmp_path / "a.toml"
     a.write_text('zookeeper = "zk-a:2181"\nzk_session_timeout_ms = 1000\nrack = "from-a"\nbroker_id = 7\n')

@@ -1,0 +1,72 @@
+"""`cluster rebalance`'s I/O around the planner (logbroker/cli_rebalance.py), against a fake Admin."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from logbroker.cli_rebalance import execute, gather, render_text
+from logbroker.client.admin import PartitionInfo, TopicDescription
+from logbroker.cluster.balancer import Options, plan
+from logbroker.errors import ReassignmentInProgressError
+
+
+def _p(partition: int, leader: int, replicas: list[int], size: int = 0) -> PartitionInfo:
+    return PartitionInfo(partition, leader, replicas, list(replicas), 0, 0, 10, 10, size)
+
+
+class FakeAdmin:
+    """Leaders all on broker 0; a reassignment lands at once (first replica leads), unless refused."""
+
+    def __init__(self, refuse: set[int] | None = None, lands: bool = True) -> None:
+        self.parts = {p: _p(p, 0, [0, 1, 2], 100 * p) for p in range(6)}
+        self.parts[6] = _p(6, 0, [0, 3], 0)  # broker 3 is not registered
+        self.refuse = refuse or set()
+        self.lands = lands
+        self.reassigned: list[tuple[int, list[int]]] = []
+
+    def describe_topics(self, names: Sequence[str] | None = None) -> list[TopicDescription]:
+        return [TopicDescription("t", {"min_insync_replicas": "2"}, [self.parts[p] for p in sorted(self.parts)]),
+                TopicDescription("__consumer_offsets", {}, [_p(0, 0, [0])])]
+
+    def describe_cluster(self) -> dict[str, Any]:
+        return {"brokers": [{"broker_id": b, "host": "h", "port": 1, "rack": f"r{b}"} for b in range(3)]}
+
+    def reassign_partition(self, name: str, partition: int, replicas: Sequence[int]) -> None:
+        if partition in self.refuse:
+            raise ReassignmentInProgressError("busy")
+        self.reassigned.append((partition, list(replicas)))
+        if self.lands:
+            self.parts[partition] = _p(partition, replicas[0], list(replicas))
+
+
+def test_gather_reads_brokers_racks_min_isr_and_leaves_internal_topics_out() -> None:
+    brokers, partitions = gather(FakeAdmin(), 0.0, include_internal=False)
+    assert [(b.broker_id, b.rack, b.alive) for b in brokers] == [(0, "r0", True), (1, "r1", True),
+                                                                 (2, "r2", True), (3, "", False)]
+    assert {p.topic for p in partitions} == {"t"}
+    assert all(p.min_insync_replicas == 2 and p.bytes_in_per_sec == 0.0 for p in partitions)
+    assert [p.size_bytes for p in partitions][:3] == [0, 100, 200]
+
+
+def test_execute_reassigns_each_move_and_waits_until_it_landed() -> None:
+    admin = FakeAdmin()
+    the_plan = plan(*gather(admin, 0.0, False), Options())
+    assert {b.broker_id: b.leaders for b in the_plan.after} == {0: 3, 1: 2, 2: 2}
+    result = execute(admin, the_plan, timeout_s=5)
+    assert result == {"done": len(the_plan.moves), "failed": []}
+    assert [(p, r) for p, r in admin.reassigned] == [(m.partition, list(m.replicas_after)) for m in the_plan.moves]
+    text = render_text({**the_plan.as_dict(), "result": result})
+    assert text.startswith(f"plan: {len(the_plan.moves)} moves ({len(the_plan.moves)} leadership, 0 replica)")
+    assert "spread (max deviation / mean): leaders 2.00 -> 0.29" in text
+
+
+def test_execute_reports_refused_and_unlanded_moves() -> None:
+    admin = FakeAdmin(refuse={0, 1, 2, 3, 4, 5}, lands=False)
+    the_plan = plan(*gather(admin, 0.0, False), Options())
+    result = execute(admin, the_plan, timeout_s=0.01)
+    assert result["done"] == 0 and len(result["failed"]) == len(the_plan.moves)
+    assert all("busy" in f for f in result["failed"])
+    admin = FakeAdmin(lands=False)
+    result = execute(admin, the_plan, timeout_s=0.01)
+    assert result["done"] == 0 and all("not at replicas" in f for f in result["failed"])
