@@ -40,8 +40,6 @@ clients at most server/active_clients.py's MAX_TOPICS. What a bound leaves out i
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import logging
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -52,13 +50,13 @@ from prometheus_client.registry import Collector
 from logbroker.group.lag import group_lags, wanted_partitions
 from logbroker.replication.partition import Role
 from logbroker.server.active_clients import CONSUMERS, PRODUCERS
+from logbroker.server.scrape import read_on_loop
 
 if TYPE_CHECKING:
     from logbroker.group.coordinator import GroupCoordinator
     from logbroker.group.share_group import ShareGroup
     from logbroker.server.broker import Broker
 
-log = logging.getLogger(__name__)
 
 SCRAPE_TIMEOUT_S = 2.5
 LAG_LOOKUP_TIMEOUT_S = 1.5  # asking other leaders for high watermarks, within the scrape bound
@@ -176,20 +174,7 @@ class ClusterCollector(Collector):
         self._loop = loop
 
     def _read(self) -> ClusterSnapshot | None:
-        coro = cluster_snapshot(self._broker)
-        try:
-            future = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        except RuntimeError:  # the loop is closed: the broker is gone
-            coro.close()
-            return None
-        try:
-            return future.result(timeout=SCRAPE_TIMEOUT_S)
-        except concurrent.futures.TimeoutError:
-            future.cancel()
-            return None
-        except Exception:
-            log.exception("cluster metrics snapshot failed")
-            return None
+        return read_on_loop(cluster_snapshot(self._broker), self._loop, SCRAPE_TIMEOUT_S, "cluster metrics snapshot")
 
     def collect(self) -> Iterator[Metric]:
         snap = self._read()

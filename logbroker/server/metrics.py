@@ -35,8 +35,6 @@ never races the loop; a loop that does not answer within SCRAPE_TIMEOUT_S shows 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -55,6 +53,7 @@ from logbroker.server.cluster_metrics import ClusterCollector
 from logbroker.server.host_metrics import HostCollector
 from logbroker.server.request_checks import INTERBROKER_REFUSALS
 from logbroker.server.request_metrics import RequestMetricsSnapshot
+from logbroker.server.scrape import read_on_loop
 from logbroker.storage.flush_timing import LOG_FLUSHES
 from logbroker.tls import ServerTls
 
@@ -63,7 +62,6 @@ if TYPE_CHECKING:
 
     from logbroker.server.broker import Broker
 
-log = logging.getLogger(__name__)
 
 SCRAPE_TIMEOUT_S = 2.0
 PARTITION_SERIES_MAX = 100  # partitions with per-partition series (by bytes in), the cardinality bound
@@ -122,20 +120,7 @@ class BrokerCollector(Collector):
         async def on_loop() -> BrokerSnapshot:
             return snapshot(self._broker)
 
-        coro = on_loop()
-        try:
-            future = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        except RuntimeError:  # the loop is closed: the broker is gone
-            coro.close()
-            return None
-        try:
-            return future.result(timeout=SCRAPE_TIMEOUT_S)
-        except concurrent.futures.TimeoutError:
-            future.cancel()
-            return None
-        except Exception:
-            log.exception("metrics snapshot failed")
-            return None
+        return read_on_loop(on_loop(), self._loop, SCRAPE_TIMEOUT_S, "metrics snapshot")
 
     def collect(self) -> Iterator[Metric]:
         snap = self._read()
