@@ -50,9 +50,8 @@ Leadership rules (no unclean election, ever; leader epochs never go backwards):
                        old - T, leader_epoch + 1 so every replica learns the new set; (2) once every
                        member of T is live and in the ISR: replicas = T, leader from T if the old one
                        is out (else same leader), leader_epoch + 1, StopReplica(delete=true) to the
-                       removed replicas, request deleted. A reassignment that completes when it is
-                       requested or on an ISR change also elects the target's preferred leader
-                       (a reordering of the same replicas moves leadership at once).
+                       removed replicas, request deleted. A reordering of the same replicas
+                       completes at once; its new first replica leads from the next preferred check.
 
 Partition-state writes are conditional on the znode version; a conflict (the leader changed its ISR
 meanwhile) re-reads those partitions and decides again, at most `STATE_WRITE_ATTEMPTS_MAX` times.
@@ -551,10 +550,11 @@ class ControllerState:
 
     def on_reassignments(self, targets: dict[TP, list[int]]) -> list[Action]:
         """New or withdrawn reassignment requests. One that finishes at once (its target already in
-        the ISR: a reordering of the same replicas, the balancer's leadership move) elects its new
-        preferred leader now, not at the next periodic check."""
+        the ISR: a reordering of the same replicas, the balancer's leadership move) gets its new
+        preferred leader at the next periodic preferred check (electing it here made a preferred
+        replica whose log had vanished lead again: test_offline_replicas)."""
         assigns, reconcile, post = self._reassignment_requests(targets)
-        return [*assigns, *self._plan_writes(reconcile, preferred=True), *post]
+        return [*assigns, *self._plan_writes(reconcile), *post]
 
     def on_states_written(self, results: dict[TP, PartitionStateData | None], attempt: int = 0) -> list[Action]:
         """The outcome of a WriteStates: new states (with versions) or None per conflicting partition."""

@@ -432,17 +432,19 @@ def test_reassignment_within_the_isr_completes_at_once():
     assert [a.broker_id for a in sim.stops(sim.take_sent())] == [1]
 
 
-def test_reassignment_to_the_same_set_reordered_elects_the_new_preferred_leader_at_once():
-    """The balancer's leadership move: nothing to copy, the new first replica leads right away."""
+def test_reassignment_to_the_same_set_reordered_finishes_at_once_and_the_preferred_check_moves_leadership():
+    """The balancer's leadership move: nothing to copy; the new first replica leads from the next
+    preferred check (controller.on_reassignments says why not at once)."""
     sim = cluster(1, 2, 3)
     sim.add_topic("t", {0: [1, 2, 3]})
     assert state(sim, ("t", 0)) == (1, 0, [1, 2, 3])
     sim.take_sent()
     sim.run(sim.core.on_reassignments({("t", 0): [2, 1, 3]}))
     assert sim.assignments[-1] == WriteAssignment("t", 0, (2, 1, 3), (), ())
-    assert state(sim, ("t", 0)) == (2, 1, [1, 2, 3])
     assert sim.finished == [("t", 0)]
     assert sim.stops(sim.take_sent()) == []  # no replica goes
+    sim.run(sim.core.on_preferred_check())
+    assert state(sim, ("t", 0)) == (2, 1, [1, 2, 3])
 
 
 def test_leader_rebalance_check_spreads_piled_leaders_by_reordering_replicas():
