@@ -443,8 +443,9 @@ def test_reassignment_to_the_same_set_reordered_finishes_at_once_and_the_preferr
     assert sim.assignments[-1] == WriteAssignment("t", 0, (2, 1, 3), (), ())
     assert sim.finished == [("t", 0)]
     assert sim.stops(sim.take_sent()) == []  # no replica goes
+    assert state(sim, ("t", 0))[0] == 1
     sim.run(sim.core.on_preferred_check())
-    assert state(sim, ("t", 0)) == (2, 1, [1, 2, 3])
+    assert state(sim, ("t", 0)) == (2, 2, [1, 2, 3])  # epoch: the finished reassignment, then the election
 
 
 def test_leader_rebalance_check_spreads_piled_leaders_by_reordering_replicas():
