@@ -293,7 +293,8 @@ def cmd_topics_reassign(args: argparse.Namespace) -> int:
     except ValueError:
         raise CliError(f"--replicas expects comma-separated broker ids, got {args.replicas!r}") from None
     with _admin(args) as admin:
-        admin.reassign_partition(args.name, args.partition, replicas)
+        admin.reassign_partition(args.name, args.partition, replicas,
+                                 throttle_bytes_per_sec=args.replication_throttle_bytes_per_sec)
     print(f"reassignment of {args.name}-{args.partition} to {replicas} started")
     return EXIT_OK
 
@@ -611,6 +612,8 @@ def _add_topics_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     t.add_argument("name")
     t.add_argument("--partition", type=int, required=True)
     t.add_argument("--replicas", required=True, help="comma-separated broker ids; the first is the preferred leader")
+    t.add_argument("--replication-throttle-bytes-per-sec", type=int, default=0,
+                   help="each replica added copies at most N bytes/s until caught up (default 0: unthrottled)")
     t.set_defaults(func=cmd_topics_reassign)
     t = tsub.add_parser("add-partitions", parents=[common], help="grow a topic to --total partitions")
     t.add_argument("name")

@@ -13,6 +13,10 @@ partition to the same replicas with the new preferred leader first (the controll
 once, nothing copied, and elects that leader); a replica move copies to the new replica before the old
 one goes. It then polls until every moved partition has its new replicas and leader, at most
 `--timeout-seconds` (default 120), and exits 1 if some did not (or were already being reassigned).
+`--replication-throttle-bytes-per-sec N` (with --execute; 0, the default: none) is sent with each
+reassignment: every replica it adds fetches at most N bytes/s while it is behind the leader (the
+follower's fetcher, replication/replica_throttle.py); in-sync replication is never throttled, and
+the throttle ends with the reassignment.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from logbroker.cluster.balancer import (
     plan,
 )
 from logbroker.errors import LogbrokerError, ReassignmentInProgressError
+from logbroker.replication.replica_throttle import REPLICATION_THROTTLE_BYTES_PER_SEC_MAX
 
 SAMPLE_DEFAULT_S = 2.0
 SAMPLE_MAX_S = 600.0
@@ -127,13 +132,15 @@ def _settled(admin: Any, moves: Sequence[Move]) -> set[tuple[str, int]]:
     return out
 
 
-def execute(admin: Any, the_plan: Plan, timeout_s: float) -> dict[str, Any]:
-    """Start every move, then wait (bounded) until each has landed: {"done": n, "failed": [why]}."""
+def execute(admin: Any, the_plan: Plan, timeout_s: float, throttle_bytes_per_sec: int = 0) -> dict[str, Any]:
+    """Start every move (the replicas it adds throttled to `throttle_bytes_per_sec`, 0: not), then wait
+    (bounded) until each has landed: {"done": n, "failed": [why]}."""
     failed: list[str] = []
     started: list[Move] = []
     for m in the_plan.moves:
         try:
-            admin.reassign_partition(m.topic, m.partition, m.replicas_after)
+            admin.reassign_partition(m.topic, m.partition, m.replicas_after,
+                                     throttle_bytes_per_sec=throttle_bytes_per_sec)
             started.append(m)
         except ReassignmentInProgressError as exc:
             failed.append(f"{m.topic}-{m.partition}: {exc}")
@@ -159,6 +166,9 @@ def cmd_cluster_rebalance(args: argparse.Namespace) -> int:
         raise RebalanceCliError(f"--sample-seconds must be in [0, {SAMPLE_MAX_S:g}], got {args.sample_seconds}")
     if args.timeout_seconds <= 0:
         raise RebalanceCliError(f"--timeout-seconds must be > 0, got {args.timeout_seconds}")
+    if not 0 <= args.replication_throttle_bytes_per_sec <= REPLICATION_THROTTLE_BYTES_PER_SEC_MAX:
+        raise RebalanceCliError(f"--replication-throttle-bytes-per-sec must be in [0, "
+                                f"{REPLICATION_THROTTLE_BYTES_PER_SEC_MAX}], got {args.replication_throttle_bytes_per_sec}")
     with _admin(args) as admin:
         brokers, partitions = gather(admin, args.sample_seconds, args.include_internal)
         the_plan = plan(brokers, partitions, Options(max_moves=args.max_moves, move_replicas=args.replicas))
@@ -166,7 +176,7 @@ def cmd_cluster_rebalance(args: argparse.Namespace) -> int:
         data["executed"] = bool(args.execute)
         code = EXIT_OK
         if args.execute:
-            data["result"] = execute(admin, the_plan, args.timeout_seconds)
+            data["result"] = execute(admin, the_plan, args.timeout_seconds, args.replication_throttle_bytes_per_sec)
             code = EXIT_INCOMPLETE if data["result"]["failed"] else EXIT_OK
     print(json.dumps(data) if args.format == "json" else render_text(data), end="\n" if args.format == "json" else "",
           flush=True)
@@ -190,6 +200,9 @@ def add_rebalance_parser(clsub: Any, common: argparse.ArgumentParser) -> None:
                         "balance counts only)")
     t.add_argument("--timeout-seconds", type=float, default=TIMEOUT_DEFAULT_S,
                    help=f"--execute: how long to wait for the moves (default {TIMEOUT_DEFAULT_S:g})")
+    t.add_argument("--replication-throttle-bytes-per-sec", type=int, default=0,
+                   help="--execute: each replica added copies at most N bytes/s until caught up (default 0: "
+                        "unthrottled)")
     t.add_argument("--format", choices=["text", "json"], default="text")
     t.add_argument("--include-internal", action="store_true", help="balance internal topics (__consumer_offsets) too")
     t.set_defaults(func=cmd_cluster_rebalance, execute=False)

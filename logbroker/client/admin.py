@@ -257,9 +257,12 @@ class Admin:
             ],
         }
 
-    def reassign_partition(self, name: str, partition: int, replicas: Sequence[int]) -> None:
-        """Start moving a partition to `replicas` (first = preferred leader); data is copied first."""
-        request = pb.ReassignPartitionRequest(topic=name, partition=partition, replicas=list(replicas))
+    def reassign_partition(self, name: str, partition: int, replicas: Sequence[int],
+                           throttle_bytes_per_sec: int = 0) -> None:
+        """Start moving a partition to `replicas` (first = preferred leader); data is copied first, by
+        each replica added at most `throttle_bytes_per_sec` (0: unthrottled) until it has caught up."""
+        request = pb.ReassignPartitionRequest(topic=name, partition=partition, replicas=list(replicas),
+                                              replication_throttle_bytes_per_sec=throttle_bytes_per_sec)
         resp = self._call(lambda stub: stub.ReassignPartition(request, timeout=self._timeout_s))
         if resp.error_code != pb.NONE:
             raise error_for(resp.error_code, resp.error_message)

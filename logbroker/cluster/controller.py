@@ -219,6 +219,7 @@ class ControllerState:
         self.states: dict[TP, PartitionStateData] = {}
         self.deleting: set[str] = set()
         self.reassign_targets: dict[TP, tuple[int, ...]] = {}
+        self.reassign_throttles: dict[TP, int] = {}  # bytes/s for the replicas added (> 0), per request
         self.recently_deleted: deque[str] = deque(maxlen=DELETED_TOPICS_REMEMBERED)
         self._reassign_started: set[TP] = set()
         self._force_bump: set[TP] = set()  # next write must bump the leader epoch (reassignment)
@@ -548,11 +549,13 @@ class ControllerState:
         log.info("topic %s deleted", name)
         return [SendUpdateMetadata()]
 
-    def on_reassignments(self, targets: dict[TP, list[int]]) -> list[Action]:
-        """New or withdrawn reassignment requests. One that finishes at once (its target already in
-        the ISR: a reordering of the same replicas, the balancer's leadership move) gets its new
-        preferred leader at the next periodic preferred check (electing it here made a preferred
-        replica whose log had vanished lead again: test_offline_replicas)."""
+    def on_reassignments(self, targets: dict[TP, list[int]], throttles: dict[TP, int] | None = None) -> list[Action]:
+        """New or withdrawn reassignment requests (with the replication throttles of those that have
+        one: sent in every PartitionState while they are in flight). One that finishes at once (its
+        target already in the ISR: a reordering of the same replicas, the balancer's leadership move)
+        gets its new preferred leader at the next periodic preferred check (electing it here made a
+        preferred replica whose log had vanished lead again: test_offline_replicas)."""
+        self.reassign_throttles = {tp: r for tp, r in (throttles or {}).items() if tp in targets and r > 0}
         assigns, reconcile, post = self._reassignment_requests(targets)
         return [*assigns, *self._plan_writes(reconcile), *post]
 
@@ -603,6 +606,7 @@ class ControllerState:
 
     def _drop_reassignment(self, tp: TP) -> None:
         self.reassign_targets.pop(tp, None)
+        self.reassign_throttles.pop(tp, None)
         self._reassign_started.discard(tp)
 
     def _forget_topic(self, name: str) -> None:
@@ -694,7 +698,10 @@ class ControllerState:
         spec = self.topics.get(tp[0])
         adding = spec.adding_replicas.get(tp[1], []) if spec else []
         removing = spec.removing_replicas.get(tp[1], []) if spec else []
-        return partition_state_pb(tp[0], tp[1], self.states.get(tp), self.replicas(tp), adding, removing)
+        ps = partition_state_pb(tp[0], tp[1], self.states.get(tp), self.replicas(tp), adding, removing)
+        if adding and tp in self.reassign_targets:
+            ps.adding_throttle_bytes_per_sec = self.reassign_throttles.get(tp, 0)
+        return ps
 
     def leader_and_isr_request(self, broker_id: int, tps: Iterable[TP]) -> pb.LeaderAndIsrRequest | None:
         """LeaderAndIsr for the partitions of `tps` the broker (still) replicates and that have a state;
@@ -1222,8 +1229,8 @@ class Controller:
             await self._execute(term, core.on_isr_change(fresh))
             await self._zk(store.delete_isr_change_notifications, [n for n, _ in notes])
         elif ev is _Event.REASSIGNMENT:
-            targets = await self._zk(store.reassignments, self._watch_reassign)
-            await self._execute(term, core.on_reassignments(targets))
+            targets, throttles = await self._zk(store.reassignments_with_throttles, self._watch_reassign)
+            await self._execute(term, core.on_reassignments(targets, throttles))
         elif ev is _Event.CONTROLLED_SHUTDOWN:
             while term.shutdowns:
                 broker_id, broker_epoch, fut = term.shutdowns.popleft()
@@ -1292,7 +1299,7 @@ class Controller:
         names = store.topic_names(self._watch_topics)
         specs, states = self._read_topics(names)
         deleting = store.topics_to_delete(self._watch_deletions)
-        reassignments = store.reassignments(self._watch_reassign)
+        reassignments = store.reassignments_with_throttles(self._watch_reassign)  # (targets, throttles)
         notes = store.isr_change_notifications(self._watch_isr)
         return holder, live, specs, states, deleting, reassignments, notes
 
@@ -1308,7 +1315,9 @@ class Controller:
             kept = {b for b in marks if b in live and old.live.get(b) == live[b]}
             if kept:
                 core.offline_replicas[tp] = kept
-        actions = core.on_startup(live, specs, states, deleting, reassignments, keep_shutting)
+        targets, throttles = reassignments
+        core.reassign_throttles = {tp: r for tp, r in throttles.items() if tp in targets}
+        actions = core.on_startup(live, specs, states, deleting, targets, keep_shutting)
         term.core = core
         self._sync_channels(term)
         await self._execute(term, actions)

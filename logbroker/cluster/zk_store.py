@@ -13,7 +13,9 @@ Layout under the chroot (default /logbroker):
                                                while a reassignment is in flight)
     /topics/<topic>/partitions/<p>/state       PartitionStateData JSON
     /admin/delete_topics/<topic>               deletion marker, handled by the controller
-    /admin/reassign_partitions/<topic>-<p>     {"replicas": [...]} target, handled by the controller
+    /admin/reassign_partitions/<topic>-<p>     {"replicas": [...]} target, handled by the controller;
+                                               with "throttle_bytes_per_sec": N (> 0) the replicas
+                                               added fetch at most N bytes/s while behind
     /isr_change_notification/isr_change_<seq>  JSON list of [topic, p]: leader -> controller
 
 Fencing. Every controller write is a multi-op whose first op is `check(/controller_epoch, version)`:
@@ -644,30 +646,47 @@ class ZkStore:
 
     def reassignments(self, watch: Watch | None = None) -> dict[TP, list[int]]:
         """Requested targets; a malformed request maps to [] (the controller drops it)."""
+        return self.reassignments_with_throttles(watch)[0]
+
+    def reassignments_with_throttles(self, watch: Watch | None = None) -> tuple[dict[TP, list[int]], dict[TP, int]]:
+        """Requested targets (a malformed request maps to []: the controller drops it) and the
+        replication throttles of those that have one (bytes/s, > 0)."""
         names = sorted(self._children(REASSIGN_PATH, watch))
         got = self._gather([self._client.get_async(f"{REASSIGN_PATH}/{n}") for n in names])
         out: dict[TP, list[int]] = {}
+        throttles: dict[TP, int] = {}
         for n, r in zip(names, got, strict=True):
             topic, _, part = n.rpartition("-")
             if not topic or not part.isdigit() or isinstance(r, Exception):
                 continue
+            tp = (topic, int(part))
             try:
-                replicas = [int(b) for b in json.loads(r[0])["replicas"]]
-            except (ValueError, TypeError, KeyError):
-                replicas = []
-            out[(topic, int(part))] = replicas
-        return out
+                doc = json.loads(r[0])
+                replicas = [int(b) for b in doc["replicas"]]
+                throttle = int(doc.get("throttle_bytes_per_sec", 0))
+            except (ValueError, TypeError, KeyError, AttributeError):
+                replicas, throttle = [], 0
+            out[tp] = replicas
+            if throttle > 0:
+                throttles[tp] = throttle
+        return out, throttles
 
-    def request_reassignment(self, topic: str, partition: int, replicas: list[int]) -> None:
+    def request_reassignment(self, topic: str, partition: int, replicas: list[int],
+                             throttle_bytes_per_sec: int = 0) -> None:
         """Create the reassignment request; the controller moves the partition and deletes it."""
         if not replicas or len(set(replicas)) != len(replicas) or any(b < 0 for b in replicas):
             raise InvalidRequestError(f"replicas {replicas} must be distinct broker ids, at least one")
+        if throttle_bytes_per_sec < 0:
+            raise InvalidRequestError(f"throttle_bytes_per_sec {throttle_bytes_per_sec} must be 0 or more")
         spec = self.get_topic(topic)
         if spec is None or partition not in spec.assignment:
             raise UnknownTopicOrPartitionError(f"{topic}-{partition} does not exist")
+        doc: dict[str, Any] = {"replicas": replicas}
+        if throttle_bytes_per_sec > 0:
+            doc["throttle_bytes_per_sec"] = throttle_bytes_per_sec
         try:
             self._wait(self._client.create_async(f"{REASSIGN_PATH}/{reassign_node_name(topic, partition)}",
-                                                 json.dumps({"replicas": replicas}).encode()))
+                                                 json.dumps(doc).encode()))
         except NodeExistsError:
             raise ReassignmentInProgressError(f"{topic}-{partition} is already being reassigned") from None
 

@@ -24,6 +24,12 @@ Per partition, a fetch state::
   NOT_LEADER_OR_FOLLOWER / UNKNOWN_LEADER_EPOCH (the leader has not applied its LeaderAndIsr yet)
   and anything else -> retry that partition after a backoff. A failed call (leader unreachable)
   backs off the whole fetcher.
+- Replication throttle (a reassignment's, replication/replica_throttle.py): a partition this broker
+  is being added to with a rate (`ReplicaFetcherManager.set_throttle`, from its LeaderAndIsr) asks
+  for about one burst per fetch and, after each response that leaves it still behind the leader's
+  high watermark, pays the bytes to its token bucket and waits (`delayed_until_ms`) until the debt is
+  paid. A response that brings it up to the high watermark costs nothing: a caught-up (in-sync)
+  replica is never slowed, so acks=all producers never wait for the throttle.
 - Backoff (both kinds) is the one retry policy (logbroker/retry.py), from `fetcher_retry_policy`:
   waits `backoff_initial_ms`, doubling up to `backoff_max_ms`, each shortened by up to 20 % (every
   follower of a failed leader retries at once: jitter spreads them out). No attempt bound: a follower
@@ -50,6 +56,7 @@ from logbroker.clock import SYSTEM_CLOCK, Clock
 from logbroker.cluster.cluster_secret import CallMetadata
 from logbroker.errors import BrokerError, StorageError
 from logbroker.replication.partition import Partition
+from logbroker.replication.replica_throttle import ReplicaThrottle
 from logbroker.retry import RetryPolicy
 from logbroker.storage.log import UNDEFINED_EPOCH
 from logbroker.tls import RotationCheck, TlsConfig, aio_channel
@@ -89,6 +96,8 @@ class PartitionFetchState:
     delayed_until_ms: int = 0  # monotonic
     failures: int = 0
     last_error: str = ""
+    throttle: ReplicaThrottle | None = None  # a reassignment's replication throttle, while adding
+    throttled_bytes: int = 0  # bytes paid to the throttle (a counter)
 
     @property
     def key(self) -> Key:
@@ -150,6 +159,10 @@ class LeaderFetcher:
         self.states[partition.key] = state
         self._changed.set()
         return state
+
+    def wake(self) -> None:
+        """Re-plan now (a partition's delay was cut short)."""
+        self._changed.set()
 
     def remove(self, key: Key) -> None:
         if self.states.pop(key, None) is not None:
@@ -324,8 +337,10 @@ class LeaderFetcher:
         for s in states:
             offset = s.partition.log.log_end_offset
             sent[s.key] = _Sent(s, offset)
+            max_bytes = cfg.partition_max_bytes if s.throttle is None else min(cfg.partition_max_bytes,
+                                                                                 s.throttle.fetch_bytes())
             req.partitions.add(topic=s.key[0], partition=s.key[1], fetch_offset=offset,
-                               partition_max_bytes=cfg.partition_max_bytes, current_leader_epoch=s.leader_epoch)
+                               partition_max_bytes=max_bytes, current_leader_epoch=s.leader_epoch)
         resp = await stub.Fetch(req, timeout=cfg.max_wait_ms / 1000 + cfg.rpc_timeout_s, metadata=self.call_metadata)
         for r in resp.results:
             one = sent.pop((r.topic, r.partition), None)
@@ -360,6 +375,11 @@ class LeaderFetcher:
             self._delay(s, f"cannot append what the leader sent: {e}")
             return
         s.failures = 0
+        if s.throttle is not None and part.log.log_end_offset < r.high_watermark:  # behind: pay for it
+            now = self.clock.monotonic_ms()
+            s.throttle.consume(len(r.records), now)
+            s.throttled_bytes += len(r.records)
+            s.delayed_until_ms = max(s.delayed_until_ms, s.throttle.ready_at_ms(now))
 
 
 class ReplicaFetcherManager:
@@ -374,6 +394,7 @@ class ReplicaFetcherManager:
         self.broker_epoch = -1  # set by the replica manager from the LeaderAndIsr it accepts
         self._fetchers: dict[tuple[int, str], LeaderFetcher] = {}
         self._by_partition: dict[Key, LeaderFetcher] = {}
+        self._throttles: dict[Key, int] = {}  # bytes/s of the partitions being added by a reassignment
         self._stopping: set[asyncio.Task[None]] = set()
 
     def add_partition(self, partition: Partition, leader_id: int, address: str) -> PartitionFetchState:
@@ -388,6 +409,9 @@ class ReplicaFetcherManager:
                                     call_metadata=self.call_metadata)
             self._fetchers[(leader_id, address)] = fetcher
         state = fetcher.add(partition)
+        rate = self._throttles.get(partition.key, 0)
+        if rate > 0:
+            state.throttle = ReplicaThrottle(rate, self.clock.monotonic_ms())
         self._by_partition[partition.key] = fetcher
         fetcher.start()
         return state
@@ -404,6 +428,29 @@ class ReplicaFetcherManager:
                 task = asyncio.create_task(fetcher.stop())
                 self._stopping.add(task)
                 task.add_done_callback(self._stopping.discard)
+
+    def set_throttle(self, key: Key, bytes_per_sec: int) -> None:
+        """The replication throttle of `key` (a reassignment adding this replica), 0: none. Applies to
+        its current fetch state at once and to any later one."""
+        if bytes_per_sec > 0:
+            self._throttles[key] = bytes_per_sec
+        else:
+            self._throttles.pop(key, None)
+        fetcher = self._by_partition.get(key)
+        state = None if fetcher is None else fetcher.states.get(key)
+        if fetcher is None or state is None:
+            return
+        if bytes_per_sec <= 0:
+            if state.throttle is not None and state.failures == 0:  # its throttle's wait ends now
+                state.delayed_until_ms = 0
+                fetcher.wake()
+            state.throttle = None
+        elif state.throttle is None or state.throttle.bytes_per_sec != bytes_per_sec:
+            state.throttle = ReplicaThrottle(bytes_per_sec, self.clock.monotonic_ms())
+
+    def throttle_of(self, key: Key) -> int:
+        """The replication throttle of `key` in bytes/s; 0: none."""
+        return self._throttles.get(key, 0)
 
     def fetch_state(self, key: Key) -> PartitionFetchState | None:
         fetcher = self._by_partition.get(key)

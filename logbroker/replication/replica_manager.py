@@ -616,6 +616,8 @@ class ReplicaManager:
                         log.info("broker %d leads %s-%d in epoch %d from offset %d, ISR %s", self.broker_id,
                                  ps.topic, ps.partition, ps.leader_epoch, part.log.log_end_offset, part.isr)
                 else:
+                    self.fetchers.set_throttle(key, ps.adding_throttle_bytes_per_sec
+                                               if self.broker_id in ps.adding_replicas else 0)
                     changed = part.become_follower(state, replicas)
                     changed = self._drop_reported_corruption(part) or changed
                     followers.append((part, changed))

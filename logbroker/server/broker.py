@@ -66,6 +66,7 @@ from logbroker.group.share_data import ShareData
 from logbroker.replication.fetcher import FetcherConfig
 from logbroker.replication.partition import Partition
 from logbroker.replication.replica_manager import CallableIsrStore, InMemoryIsrStore, IsrStore, ReplicaManager
+from logbroker.replication.replica_throttle import REPLICATION_THROTTLE_BYTES_PER_SEC_MAX
 from logbroker.replication.scrubber import Scrubber
 from logbroker.security.acl import CLUSTER_NAME, Authorizer, Operation, ResourceType
 from logbroker.security.quotas import QuotaManager
@@ -652,9 +653,13 @@ class Broker:
             raise InvalidRequestError(f"{topic}-{partition} is not offline on broker {self.config.broker_id}")
         self.replica_manager.recover_empty(topic, partition, spec.config, spec.topic_id)
 
-    async def reassign_partition(self, topic: str, partition: int, replicas: list[int]) -> None:
+    async def reassign_partition(self, topic: str, partition: int, replicas: list[int],
+                                 throttle_bytes_per_sec: int = 0) -> None:
+        if not 0 <= throttle_bytes_per_sec <= REPLICATION_THROTTLE_BYTES_PER_SEC_MAX:
+            raise InvalidRequestError(f"replication_throttle_bytes_per_sec {throttle_bytes_per_sec} must be 0 "
+                                      f"(unthrottled) to {REPLICATION_THROTTLE_BYTES_PER_SEC_MAX}")
         if self.cluster is not None:
-            await self.cluster.reassign(topic, partition, replicas)
+            await self.cluster.reassign(topic, partition, replicas, throttle_bytes_per_sec)
             return
         self.partition(topic, partition)
         if replicas != [self.config.broker_id]:

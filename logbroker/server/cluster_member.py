@@ -369,7 +369,7 @@ class ClusterMember:
         await self._zk(self.store.set_assignment, name, assignment, version)
         await self._wait_until(lambda: self._led(name, total), f"leaders for the new partitions of {name}")
 
-    async def reassign(self, topic: str, partition: int, replicas: list[int]) -> None:
+    async def reassign(self, topic: str, partition: int, replicas: list[int], throttle_bytes_per_sec: int = 0) -> None:
         validate_topic_name(topic)
         spec = await self._zk(self.store.get_topic, topic)
         if spec is None or partition not in spec.assignment:
@@ -377,4 +377,4 @@ class ClusterMember:
         brokers = await self._zk(self.store.live_brokers)
         if not replicas or len(set(replicas)) != len(replicas) or any(b not in brokers for b in replicas):
             raise InvalidReplicationFactorError(f"replicas {replicas} must be distinct live brokers {sorted(brokers)}")
-        await self._zk(self.store.request_reassignment, topic, partition, replicas)
+        await self._zk(self.store.request_reassignment, topic, partition, replicas, throttle_bytes_per_sec)

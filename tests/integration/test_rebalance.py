@@ -203,7 +203,8 @@ def test_rebalance_replicas_copies_onto_empty_brokers_with_producers_acknowledge
     try:
         wait_for(lambda: sum(f.done() for f in traffic.futures) >= 400, 60, "400 records acknowledged")
         run = cli(c.bootstrap, "cluster", "rebalance", "--execute", "--replicas", "--format", "json",
-                  "--sample-seconds", "0", "--timeout-seconds", "90")
+                  "--sample-seconds", "0", "--timeout-seconds", "90",
+                  "--replication-throttle-bytes-per-sec", "5000000")  # the flag end to end; far above the load
         assert run.returncode == 0, run.stdout + run.stderr
         result = json.loads(run.stdout)
         assert result["result"]["failed"] == [] and any(m["kind"] == "replicas" for m in result["moves"])

@@ -195,7 +195,11 @@ def test_topics_deletion_markers_assignment_reassignment_and_offsets(make_store)
     with pytest.raises(UnknownTopicOrPartitionError):
         s.request_reassignment("orders.v1-x", 9, [3])
     assert s.reassignments() == {("orders.v1-x", 1): [3, 1]}
+    assert s.reassignments_with_throttles() == ({("orders.v1-x", 1): [3, 1]}, {})
+    s.request_reassignment("orders.v1-x", 2, [3, 2], throttle_bytes_per_sec=200_000)
+    assert s.reassignments_with_throttles()[1] == {("orders.v1-x", 2): 200_000}
     _, v = s.try_elect_controller(1)
+    s.finish_reassignment(v, "orders.v1-x", 2)
     assert s.controller_update_assignment(v, "orders.v1-x", 1, [3, 1, 2], [3], [2])
     t = s.get_topic("orders.v1-x")
     assert t.assignment[1] == [3, 1, 2] and t.adding_replicas == {1: [3]} and t.removing_replicas == {1: [2]}

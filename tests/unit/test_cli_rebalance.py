@@ -24,6 +24,7 @@ class FakeAdmin:
         self.refuse = refuse or set()
         self.lands = lands
         self.reassigned: list[tuple[int, list[int]]] = []
+        self.throttles: list[int] = []
 
     def describe_topics(self, names: Sequence[str] | None = None) -> list[TopicDescription]:
         return [TopicDescription("t", {"min_insync_replicas": "2"}, [self.parts[p] for p in sorted(self.parts)]),
@@ -32,7 +33,9 @@ class FakeAdmin:
     def describe_cluster(self) -> dict[str, Any]:
         return {"brokers": [{"broker_id": b, "host": "h", "port": 1, "rack": f"r{b}"} for b in range(3)]}
 
-    def reassign_partition(self, name: str, partition: int, replicas: Sequence[int]) -> None:
+    def reassign_partition(self, name: str, partition: int, replicas: Sequence[int],
+                           throttle_bytes_per_sec: int = 0) -> None:
+        self.throttles.append(throttle_bytes_per_sec)
         if partition in self.refuse:
             raise ReassignmentInProgressError("busy")
         self.reassigned.append((partition, list(replicas)))
@@ -56,9 +59,17 @@ def test_execute_reassigns_each_move_and_waits_until_it_landed() -> None:
     result = execute(admin, the_plan, timeout_s=5)
     assert result == {"done": len(the_plan.moves), "failed": []}
     assert [(p, r) for p, r in admin.reassigned] == [(m.partition, list(m.replicas_after)) for m in the_plan.moves]
+    assert admin.throttles == [0] * len(the_plan.moves)  # unthrottled unless asked
     text = render_text({**the_plan.as_dict(), "result": result})
     assert text.startswith(f"plan: {len(the_plan.moves)} moves ({len(the_plan.moves)} leadership, 0 replica)")
     assert "spread (max deviation / mean): leaders 2.00 -> 0.29" in text
+
+
+def test_execute_sends_the_replication_throttle_with_every_move() -> None:
+    admin = FakeAdmin()
+    the_plan = plan(*gather(admin, 0.0, False), Options())
+    execute(admin, the_plan, timeout_s=5, throttle_bytes_per_sec=200_000)
+    assert the_plan.moves and admin.throttles == [200_000] * len(the_plan.moves)
 
 
 def test_execute_reports_refused_and_unlanded_moves() -> None:

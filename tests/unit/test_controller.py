@@ -423,6 +423,24 @@ def test_reassignment_adds_waits_for_isr_then_switches():
     assert sim.core.leader_and_isr_request(1, {("t", 0)}) is None
 
 
+def test_a_reassignment_throttle_goes_to_the_adding_replicas_until_it_completes():
+    sim = cluster(1, 2, 3, 4)
+    sim.add_topic("t", {0: [1, 2], 1: [1, 2]})
+    sim.take_sent()
+    sim.run(sim.core.on_reassignments({("t", 0): [3, 2], ("t", 1): [4, 2]}, {("t", 0): 200_000, ("u", 0): 5}))
+    assert sim.core.reassign_throttles == {("t", 0): 200_000}  # only requests that exist
+    req = sim.core.leader_and_isr_request(3, {("t", 0)})
+    assert req is not None
+    (ps,) = req.partitions
+    assert list(ps.adding_replicas) == [3] and ps.adding_throttle_bytes_per_sec == 200_000
+    assert sim.core.partition_state_pb(("t", 1)).adding_throttle_bytes_per_sec == 0  # none asked
+    sim.leader_sets_isr(("t", 0), [1, 2, 3])
+    assert sim.finished == [("t", 0)]
+    done = sim.core.partition_state_pb(("t", 0))
+    assert not done.adding_replicas and done.adding_throttle_bytes_per_sec == 0
+    assert ("t", 0) not in sim.core.reassign_throttles
+
+
 def test_reassignment_within_the_isr_completes_at_once():
     sim = cluster(1, 2, 3)
     sim.add_topic("t", {0: [1, 2, 3]})

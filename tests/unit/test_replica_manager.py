@@ -305,6 +305,25 @@ def test_leadership_change_fails_parked_produce_and_fences_reads(setup):
     run(main)
 
 
+def test_a_replica_being_added_with_a_throttle_is_throttled_until_its_reassignment_ends(setup):
+    async def main():
+        rm = setup.rm
+        adding = state(leader=1, epoch=1, isr=(1, 2), replicas=(1, 2, 0), version=0)
+        adding.adding_replicas[:] = [0]
+        adding.adding_throttle_bytes_per_sec = 200_000
+        other = state(leader=1, epoch=1, isr=(1, 2), replicas=(1, 2, 0), version=0, partition=1)
+        other.adding_replicas[:] = [2]  # another broker is the one being added: not us
+        other.adding_throttle_bytes_per_sec = 200_000
+        resp = await rm.leader_and_isr(lai(adding, other), ME)
+        assert [r.error_code for r in resp.results] == [pb.NONE, pb.NONE]
+        assert rm.fetchers.throttle_of(("t", 0)) == 200_000 and rm.fetchers.throttle_of(("t", 1)) == 0
+        done = state(leader=1, epoch=2, isr=(1, 0), replicas=(1, 0), version=1)  # complete: nothing added
+        await rm.leader_and_isr(lai(done), ME)
+        assert rm.fetchers.throttle_of(("t", 0)) == 0
+        await rm.shutdown()
+    run(main)
+
+
 def test_follower_reads_are_checked(setup):
     async def main():
         rm = setup.rm

@@ -44,7 +44,8 @@ class TopicAdmin(Protocol):
 
     async def create_partitions(self, name: str, total: int) -> None: ...
 
-    async def reassign_partition(self, topic: str, partition: int, replicas: list[int]) -> None: ...
+    async def reassign_partition(self, topic: str, partition: int, replicas: list[int],
+                                 throttle_bytes_per_sec: int = 0) -> None: ...
 
     async def recover_empty_partition(self, topic: str, partition: int) -> None: ...
 
@@ -162,7 +163,8 @@ class AdminApis:
                                  req: pb.ReassignPartitionRequest) -> pb.ReassignPartitionResponse:
         self._check(1)
         try:
-            await self._admin.reassign_partition(req.topic, req.partition, list(req.replicas))
+            await self._admin.reassign_partition(req.topic, req.partition, list(req.replicas),
+                                                 req.replication_throttle_bytes_per_sec)
             return pb.ReassignPartitionResponse()
         except BrokerError as exc:
             return pb.ReassignPartitionResponse(error_code=exc.code, error_message=exc.message)  # type: ignore[arg-type]
