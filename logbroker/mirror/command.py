@@ -13,7 +13,7 @@ import re
 import signal
 from typing import Any
 
-from logbroker.cli_tls import add_tls_arguments
+from logbroker.cli_tls import add_tls_arguments, sasl_from_args, tls_from_args
 from logbroker.errors import LogbrokerError
 from logbroker.log_format import LOG_FORMATS, configure_logging
 
@@ -23,7 +23,6 @@ class MirrorCliError(LogbrokerError):
 
 
 def _settings(args: argparse.Namespace) -> Any:
-    from logbroker.cli_tls import sasl_from_args, tls_from_args
     from logbroker.mirror import naming
     from logbroker.mirror.mirror import MirrorSettings
 
