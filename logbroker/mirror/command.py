@@ -1,8 +1,9 @@
 """`logbroker mirror --source A --target B --topics PATTERN`: the mirror on the command line.
 
 Registered by logbroker/cli.py with `add_mirror_parser`. Problems a user can cause (a bad regex or
-alias) are one line on stderr, exit 1; SIGTERM/SIGINT stop it gracefully (flush, commit), exit 0.
-Plaintext connections only for now (no --tls/--sasl for the two clusters).
+alias, a cluster refusing the mirror's credentials) are one line on stderr, exit 1; SIGTERM/SIGINT
+stop it gracefully (flush, commit), exit 0. Each cluster has its own TLS and SCRAM flags
+(`--source-tls-ca`, `--source-sasl-user`, ..., `--target-...`: cli_tls.py with a prefix).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import re
 import signal
 from typing import Any
 
+from logbroker.cli_tls import add_tls_arguments, sasl_from_args, tls_from_args
 from logbroker.errors import LogbrokerError
 from logbroker.log_format import LOG_FORMATS, configure_logging
 
@@ -50,6 +52,8 @@ def _settings(args: argparse.Namespace) -> Any:
         target_alias=target_alias, sync_groups=args.sync_group_offsets, flush_interval_ms=args.flush_interval_ms,
         checkpoint_interval_ms=args.checkpoint_interval_ms, report_interval_ms=args.report_interval_ms,
         session_timeout_ms=args.session_timeout_ms, topics_interval_ms=args.topics_interval_ms,
+        source_tls=tls_from_args(args, "source"), source_sasl=sasl_from_args(args, "source"),
+        target_tls=tls_from_args(args, "target"), target_sasl=sasl_from_args(args, "target"),
     )
 
 
@@ -110,6 +114,8 @@ def add_mirror_parser(sub: Any) -> None:
     m.add_argument("--report-interval-ms", type=int, default=5_000, help="log copied records and lag this often")
     m.add_argument("--status-port", type=int, default=None, metavar="PORT",
                    help="serve the last lag report as JSON on 127.0.0.1:PORT")
+    for role in ("source", "target"):
+        add_tls_arguments(m, role)
     m.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     m.add_argument("--log-format", default="text", choices=list(LOG_FORMATS))
     m.set_defaults(func=cmd_mirror)

@@ -39,6 +39,7 @@ from typing import Any
 
 from logbroker.client import Admin, Consumer, Producer
 from logbroker.client.producer.future import FutureRecordMetadata
+from logbroker.client.sasl import SaslConfig
 from logbroker.errors import (
     GroupIdNotFoundError,
     LogbrokerError,
@@ -48,6 +49,7 @@ from logbroker.errors import (
 from logbroker.mirror import naming, progress
 from logbroker.mirror.offset_map import OffsetMap, Run
 from logbroker.storage.record_batch import Message
+from logbroker.tls import TlsConfig
 
 log = logging.getLogger(__name__)
 TopicPartition = tuple[str, int]
@@ -72,6 +74,28 @@ class MirrorSettings:
     report_interval_ms: int = 5_000
     max_poll_records: int = 5_000
     session_timeout_ms: int = 10_000  # a killed mirror's partitions move to its successor after this
+    source_tls: TlsConfig | None = None
+    source_sasl: SaslConfig | None = None
+    target_tls: TlsConfig | None = None
+    target_sasl: SaslConfig | None = None
+
+
+class MirrorConnectError(LogbrokerError):
+    """A cluster refused the mirror at start (bad credentials, TLS, unreachable): one line, which cluster."""
+
+
+def _connect(role: str, address: str, tls: TlsConfig | None, sasl: SaslConfig | None) -> Admin:
+    """An Admin of one cluster, tried once: a refusal (wrong password, TLS, down) fails the mirror at
+    once with one line naming the cluster."""
+    admin = None
+    try:
+        admin = Admin(address, tls=tls, sasl=sasl)
+        admin.describe_cluster()
+        return admin
+    except (LogbrokerError, OSError) as e:
+        if admin is not None:
+            admin.close()
+        raise MirrorConnectError(f"the {role} cluster {address}: {e}") from None
 
 
 class Mirror:
@@ -79,10 +103,16 @@ class Mirror:
         self.s = settings
         self._pattern = re.compile(settings.topics)
         self._groups = re.compile(settings.sync_groups) if settings.sync_groups else None
-        self._admin_a = Admin(settings.source)
-        self._admin_b = Admin(settings.target)
-        self._producer = Producer(settings.target, acks="all", linger_ms=5)
+        self._admin_a = _connect("source", settings.source, settings.source_tls, settings.source_sasl)
+        try:
+            self._admin_b = _connect("target", settings.target, settings.target_tls, settings.target_sasl)
+        except MirrorConnectError:
+            self._admin_a.close()
+            raise
+        self._producer = Producer(settings.target, acks="all", linger_ms=5, tls=settings.target_tls,
+                                  sasl=settings.target_sasl)
         self._consumer = Consumer(settings.source, group=settings.group, enable_auto_commit=False,
+                                  tls=settings.source_tls, sasl=settings.source_sasl,
                                   on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost,
                                   max_poll_records=settings.max_poll_records,
                                   session_timeout_ms=settings.session_timeout_ms)
@@ -188,7 +218,8 @@ class Mirror:
 
     def _read_record(self, name: str, partition: int, offset: int) -> Message | None:
         if self._reader is None:
-            self._reader = Consumer(self.s.target, enable_auto_commit=False, max_poll_records=1)
+            self._reader = Consumer(self.s.target, enable_auto_commit=False, max_poll_records=1,
+                                    tls=self.s.target_tls, sasl=self.s.target_sasl)
         reader = self._reader
         reader.assign([(name, partition)])
         reader.seek(name, partition, offset)

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,6 +21,9 @@ import pytest
 from logbroker import Admin, Consumer, Producer
 from logbroker.mirror import progress
 from tests.conftest import REPO, BrokerProcess, free_port, wait_for
+from tests.integration.test_sasl import ADMIN as SASL_ADMIN
+from tests.integration.test_sasl import ADMIN_PASSWORD, WRONG_PASSWORD, sasl_broker  # noqa: F401 - the fixture
+from tests.integration.test_tls import pki  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -330,3 +334,93 @@ def test_between_two_zookeeper_clusters_a_killed_mirror_ends_with_the_sources_re
     for p in range(parts):
         assert [(r[1], r[2], strip_src(r[3]), r[4]) for r in target[p]] == [r[1:] for r in source[p]]
         assert [progress.source_position(r[3], p) for r in target[p]] == [r[0] for r in source[p]]
+
+
+def test_a_mirror_logs_in_to_a_scram_source_and_copies_to_a_plain_target(sasl_broker, broker_factory, mirrors,  # noqa: F811
+                                                                         tmp_path):
+    """--source-tls-ca and --source-sasl-* (the super user, SCRAM-SHA-512) to a TLS + SCRAM broker;
+    the target plain. A wrong password: one error line naming the source, exit != 0, no secret shown."""
+    src, ca = sasl_broker.broker, sasl_broker.ca_only
+    target = broker_factory(data_dir=tmp_path / "b" / "data", extra_args=GROUP_ARGS)
+    with Producer(src.bootstrap, tls=ca, sasl=SASL_ADMIN, linger_ms=20) as p:
+        for i in range(500):
+            p.send("orders", f"v{i}".encode(), key=f"k{i}".encode(), headers=[("h", b"x")], timestamp_ms=BASE_TS_MS + i)
+        p.flush(timeout=60)
+    good, bad = tmp_path / "good-password", tmp_path / "bad-password"
+    good.write_text(ADMIN_PASSWORD + "\n")
+    bad.write_text(WRONG_PASSWORD + "\n")
+
+    def login(password_file: Path) -> list[str]:
+        return ["--topics", "orders", "--source-tls-ca", ca.ca_file, "--source-sasl-user", "admin",
+                "--source-sasl-mechanism", "SCRAM-SHA-512", "--source-sasl-password-file", str(password_file)]
+
+    m = mirrors(src.bootstrap, target.bootstrap, *login(good), "--flush-interval-ms", "100")
+    with Admin(target.bootstrap) as admin_b:
+        wait_for(lambda: total_end(admin_b, "orders") >= 500, 60, "the copy of 500 records")
+    assert m.stop() == 0
+    copied = read_all(target.bootstrap, "orders", 1, 500)[0]
+    assert [(k, v, strip_src(h), ts) for _o, k, v, h, ts in copied] == [
+        (f"k{i}".encode(), f"v{i}".encode(), [("h", b"x")], BASE_TS_MS + i) for i in range(500)]
+
+    refused = subprocess.run(
+        [sys.executable, "-m", "logbroker", "mirror", "--source", src.bootstrap, "--target", target.bootstrap,
+         *login(bad)], cwd=REPO, capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
+    lines = [ln for ln in refused.stderr.splitlines() if ln.strip()]
+    assert refused.returncode != 0
+    assert len(lines) == 1, refused.stderr
+    assert lines[0].startswith("logbroker: error: the source cluster") and "authentication failed" in lines[0]
+    assert WRONG_PASSWORD not in refused.stderr + refused.stdout
+
+
+def _owned(port: int) -> set[str]:
+    """The partitions a mirror process reported as its own (empty while it has none or is starting)."""
+    try:
+        s = status(port)
+    except OSError:
+        return set()
+    return set(s.get("lag") or {}) if s.get("assigned") else set()
+
+
+@pytest.mark.slow
+def test_two_mirror_processes_in_one_group_share_the_copy_and_one_killed_loses_and_duplicates_nothing(
+        clusters, mirrors):
+    """The worker group for scale: two `logbroker mirror` processes with the same --group split a
+    6-partition topic; one is killed with -9 while records still flow; the other takes its partitions
+    over, and the target ends with exactly the source's records, each once, in order."""
+    a, b = clusters
+    parts, first, more = 6, 30_000, 30_000
+    with Admin(a.bootstrap) as admin_a:
+        admin_a.create_topic("orders", parts)
+    produce(a.bootstrap, "orders", first, parts)
+    ports = [free_port(), free_port()]
+    args = ["--topics", "orders", "--group", "mirror-pool", "--flush-interval-ms", "100",
+            "--session-timeout-ms", "3000"]
+    victim, survivor = (mirrors(a, b, *args, "--status-port", str(port)) for port in ports)
+    everything = {f"orders-{p}" for p in range(parts)}
+
+    def shared() -> bool:
+        mine, theirs = _owned(ports[0]), _owned(ports[1])
+        return bool(mine) and bool(theirs) and not mine & theirs and mine | theirs == everything
+
+    wait_for(shared, 90, "both mirror processes to own some of the 6 partitions")
+    producer = threading.Thread(target=produce, args=(a.bootstrap, "orders", more, parts, first), daemon=True)
+    producer.start()
+    with Admin(b.bootstrap) as admin_b:
+        at_start = total_end(admin_b, "orders")
+        wait_for(lambda: total_end(admin_b, "orders") > at_start + 2_000, 60, "copying under way")
+        victim.kill9()
+        at_kill = total_end(admin_b, "orders")
+        producer.join(120)
+        assert not producer.is_alive()
+        assert at_kill < first + more, "the copy finished before the kill: nothing tested"
+        wait_for(lambda: _owned(ports[1]) == everything, 60, "the survivor to take over every partition")
+        wait_for(lambda: total_end(admin_b, "orders") >= first + more, 180, "the rest of the copy")
+        wait_for(lambda: status(ports[1]).get("lag_total") == 0, 30, "the survivor's lag 0")
+        assert total_end(admin_b, "orders") == first + more, "duplicates on the target"
+    assert survivor.stop() == 0
+    source = read_all(a.bootstrap, "orders", parts, first + more)
+    target = read_all(b.bootstrap, "orders", parts, first + more)
+    for p in range(parts):
+        assert [progress.source_position(r[3], p) for r in target[p]] == [r[0] for r in source[p]]
+        assert [(r[1], r[2], strip_src(r[3]), r[4]) for r in target[p]] == [r[1:] for r in source[p]]
