@@ -16,7 +16,8 @@ from logbroker.client.consumer import Consumer
 from logbroker.client.producer import Producer
 from logbroker.client.queue import QueueConsumer
 from logbroker.cluster.hashing import partition_for_key
-from logbroker.errors import PartitionCountChangedError
+from logbroker.cluster.lineage import SPLIT_PENDING
+from logbroker.errors import PartitionCountChangedError, RequestTimedOutError
 from tests.cluster import Cluster
 from tests.conftest import wait_for
 from tests.integration.test_reshard import _check, _run
@@ -80,3 +81,37 @@ def test_every_leader_of_a_grown_topic_refuses_a_moved_key_unless_the_topic_opts
             producer.send("on", b"v", key=key, partition=0).result(30)
         assert producer.send("on", b"v", key=key).result(30).partition == 2
         assert producer.send("off", b"v", key=key, partition=0).result(30).partition == 0
+
+
+def test_a_split_stays_pending_while_an_old_leader_is_stopped_and_growing_again_finishes_it(
+        zookeeper, zk_chroot, tmp_path) -> None:
+    # a session long enough that the stopped leader keeps its partitions: nobody else can fence them
+    c = Cluster(zookeeper, zk_chroot, tmp_path, 3, session_timeout_ms=60_000, extra_args=["--offsets-topic-partitions", "1"])
+    try:
+        c.start()
+        controller = c.describe_cluster().controller_id
+        via = c.brokers[controller].address  # the Admin talks to the controller only
+        with Admin(via) as admin:
+            admin.create_topic("p", partitions=3, replication_factor=1)
+            wait_for(lambda: all(s.leader >= 0 for s in c.partition_states("p", controller).values()), 30,
+                     "leaders of p")
+        states = c.partition_states("p", controller)
+        victim = next(s.leader for s in states.values() if s.leader != controller)
+        with Producer(c.bootstrap) as producer:
+            for i in range(60):
+                producer.send("p", b"v", key=f"k{i}".encode())
+            producer.flush(30)
+        c.sigstop(victim)
+        with Admin(via) as admin:
+            with pytest.raises(RequestTimedOutError):
+                admin.create_partitions("p", 4)  # the stopped leader never says it refuses moved keys
+            assert admin.describe_topic("p").partitions[3].parents == dict.fromkeys(range(3), SPLIT_PENDING)
+            c.sigcont(victim)
+            admin.create_partitions("p", 4)  # the same count again: finishes the split
+            wait_for(lambda: all(o >= 0 for o in admin.describe_topic("p").partitions[3].parents.values()), 30,
+                     "the complete split")
+            parents = admin.describe_topic("p").partitions[3].parents
+        ends = {p: c.partition_states("p", s.leader)[p].log_end_offset for p, s in states.items()}
+        assert parents == {p: ends[p] for p in range(3)} and sum(ends.values()) == 60
+    finally:
+        c.stop()  # continues a stopped broker first
