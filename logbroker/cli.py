@@ -276,7 +276,10 @@ def cmd_topics_describe(args: argparse.Namespace) -> int:
 
 
 def _lineage(parents: dict[str, int]) -> str:
-    """`0@120,1@98,...`: each parent partition and its split offset (cluster/lineage.py)."""
+    """`0@120,1@98,...`: each parent partition and its split offset (cluster/lineage.py);
+    `0,1,... (pending)` while a cluster has not recorded the offsets yet."""
+    if any(v < 0 for v in parents.values()):
+        return ",".join(parents) + " (pending)"
     return ",".join(f"{k}@{v}" for k, v in parents.items())
 
 

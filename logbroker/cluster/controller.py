@@ -75,6 +75,7 @@ from typing import Any, Protocol, TypeVar
 from logbroker.cluster.balancer import BrokerInfo, PartitionLoad
 from logbroker.cluster.balancer import Options as BalanceOptions
 from logbroker.cluster.balancer import plan as balance
+from logbroker.cluster.lineage import splits_to_json
 from logbroker.cluster.metadata import BrokerRegistration, PartitionStateData, TopicSpec
 from logbroker.cluster.zk_store import ControllerFencedError, ZkStore
 from logbroker.errors import (
@@ -733,6 +734,9 @@ class ControllerState:
             controller_id=self.controller_id, controller_epoch=self.controller_epoch,
             brokers=[broker_info_pb(r) for _, r in sorted(self.live.items())], partitions=parts,
             deleted_topics=sorted({*self.recently_deleted, *self.deleting}),
+            topic_splits_json={name: json.dumps(splits_to_json(spec.splits)) for name, spec in self.topics.items()
+                               if spec.splits and name not in self.deleting
+                               and spec.config.get("key_order_on_growth", "true") == "true"},
         )
 
     def stop_replica_request(self, broker_id: int, tps: Iterable[TP], delete: bool) -> pb.StopReplicaRequest | None:

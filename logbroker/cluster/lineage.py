@@ -28,15 +28,19 @@ Design choices (issue 21, "reshard in order"):
   offsets (client/consumer/lineage_gate.py), a share group by its parents' settled start offsets
   (group/share_coordinator.py `_held`).
 
-Limits: a cluster (ZooKeeper) grows topics without lineage yet: there the leaders of the old
-partitions are on other brokers and learn the new count asynchronously, so the split offset has to be
-taken per leader once it fences (read after every leader has the new count, marked pending until
-then so that readers hold the children). A group member that owns a parent and never commits it
-(auto-commit off, no commit() call) holds another member's child until it does.
+In a cluster (ZooKeeper) the leaders of the old partitions are on other brokers and learn the new
+count asynchronously (the controller's UpdateMetadata carries the splits), so the split is written
+*pending* first (`end_offsets` empty) with the new assignment; the broker that grows the topic then
+asks each old partition's leader for its log end offset once that leader refuses moved keys
+(ListOffsets `split_partitions`) and writes the split complete (server/cluster_member.py).
+While a split is pending its children's parents have the offset `SPLIT_PENDING` and readers hold
+the children (`child_ready`). A group member that owns a parent and never commits it (auto-commit
+off, no commit() call) holds another member's child until it does.
 
 Stored in the topic's metadata as JSON (`splits_to_json`)::
 
     [{"from": 6, "to": 8, "end_offsets": [o0, o1, o2, o3, o4, o5]}, ...]   oldest first
+    [{"from": 6, "to": 8, "end_offsets": []}]                                a pending split (cluster)
 """
 
 from __future__ import annotations
@@ -47,13 +51,15 @@ from typing import Any
 
 from logbroker.cluster.hashing import partition_for_key
 
+SPLIT_PENDING = -1  # a parent's split offset while its split is pending: not known yet, the child is held
 SPLITS_MAX = 1000  # splits kept per topic (each grows it; PARTITIONS_MAX bounds the count anyway)
 
 
 @dataclass(frozen=True)
 class Split:
     """A topic grew from `from_partitions` to `to_partitions`; `end_offsets[p]`: partition p's log end
-    offset at that moment (its split offset), for every p < from_partitions."""
+    offset at that moment (its split offset), for every p < from_partitions; empty while the split
+    is pending (a cluster has not read them yet)."""
 
     from_partitions: int
     to_partitions: int
@@ -62,28 +68,40 @@ class Split:
     def __post_init__(self) -> None:
         if not 0 < self.from_partitions < self.to_partitions:
             raise ValueError(f"a split grows the count: {self.from_partitions} -> {self.to_partitions}")
-        if len(self.end_offsets) != self.from_partitions or any(o < 0 for o in self.end_offsets):
+        if self.end_offsets and (len(self.end_offsets) != self.from_partitions or any(o < 0 for o in self.end_offsets)):
             raise ValueError(f"a split needs one offset >= 0 per old partition, got {self.end_offsets}")
+
+    @property
+    def pending(self) -> bool:
+        return not self.end_offsets
 
 
 def parents_of(splits: Sequence[Split], partition: int) -> dict[int, int]:
-    """The parents of `partition` and their split offsets (empty: an original partition)."""
+    """The parents of `partition` and their split offsets (empty: an original partition;
+    SPLIT_PENDING for each while its split is pending)."""
     for s in splits:
         if s.from_partitions <= partition < s.to_partitions:
-            return {p: s.end_offsets[p] for p in range(s.from_partitions)}
+            return {p: SPLIT_PENDING if s.pending else s.end_offsets[p] for p in range(s.from_partitions)}
     return {}
+
+
+def complete_split(splits: Sequence[Split], to_partitions: int, end_offsets: Sequence[int]) -> list[Split]:
+    """`splits` with the pending split to `to_partitions` given its offsets (unchanged if there is
+    no such pending split)."""
+    return [Split(s.from_partitions, s.to_partitions, tuple(end_offsets))
+            if s.pending and s.to_partitions == to_partitions else s for s in splits]
 
 
 def child_ready(parents: Mapping[int, int], consumed: Mapping[int, int]) -> bool:
     """May a reader deliver a child's records? Yes when every parent has been consumed (its next
     offset to read, or its committed offset) up to its split offset; a parent with no known
-    position holds the child back."""
-    return all(consumed.get(p, -1) >= offset for p, offset in parents.items())
+    position, or whose split offset is not known yet (SPLIT_PENDING), holds the child back."""
+    return all(offset >= 0 and consumed.get(p, -1) >= offset for p, offset in parents.items())
 
 
 def waiting_on(parents: Mapping[int, int], consumed: Mapping[int, int]) -> dict[int, int]:
     """The parents still holding a child back, with the offsets they must reach."""
-    return {p: o for p, o in parents.items() if consumed.get(p, -1) < o}
+    return {p: o for p, o in parents.items() if o < 0 or consumed.get(p, -1) < o}
 
 
 def misplaced_keys(keys: Iterable[bytes | None], partition: int, partitions: int) -> int:

@@ -7,8 +7,10 @@ refused (zombie controller).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
+from logbroker.cluster.lineage import SPLIT_PENDING, Split, parents_of, splits_from_json
 from logbroker.errors import StaleControllerEpochError
 from logbroker.v1 import logbroker_pb2 as pb
 
@@ -23,6 +25,10 @@ class MetadataImage:
     # whether a controller's UpdateMetadata (the whole cluster) has arrived: before it, the image holds
     # at most the partitions a LeaderAndIsr named, and "no such topic" would be a lie
     received_update: bool = False
+    # topic -> where it grew (cluster/lineage.py), for topics that keep key order on growth
+    splits: dict[str, list[Split]] = field(default_factory=dict)
+    # topic -> its partition count in the last UpdateMetadata (which carries its splits with it)
+    full_counts: dict[str, int] = field(default_factory=dict)
 
     def check_controller_epoch(self, controller_id: int, controller_epoch: int) -> None:
         if controller_epoch < self.controller_epoch:
@@ -42,6 +48,8 @@ class MetadataImage:
         for st in req.partitions:
             partitions.setdefault(st.topic, {})[st.partition] = st
         self.partitions = partitions
+        self.splits = {t: splits_from_json(json.loads(raw)) for t, raw in req.topic_splits_json.items()}
+        self.full_counts = {t: len(ps) for t, ps in partitions.items()}
         self.received_update = True
 
     def apply_partition_states(self, states: list[pb.PartitionState]) -> None:
@@ -50,6 +58,16 @@ class MetadataImage:
             current = self.partitions.get(st.topic, {}).get(st.partition)
             if current is None or (st.leader_epoch, st.zk_version) >= (current.leader_epoch, current.zk_version):
                 self.partitions.setdefault(st.topic, {})[st.partition] = st
+
+    def partition_parents(self, topic: str, partition: int) -> dict[int, int]:
+        """A partition's parents and split offsets (cluster/lineage.py). A partition of a known topic
+        that only a LeaderAndIsr has named so far (its topic grew; the UpdateMetadata with the split
+        has not arrived) has unknown lineage: every partition known before as a pending parent, so
+        that readers hold it."""
+        known = self.full_counts.get(topic)
+        if known is not None and partition >= known:
+            return dict.fromkeys(range(known), SPLIT_PENDING)
+        return parents_of(self.splits.get(topic, []), partition)
 
     def topic_names(self) -> list[str]:
         return sorted(self.partitions)

@@ -61,7 +61,7 @@ from kazoo.exceptions import (
 )
 from kazoo.handlers.threading import KazooTimeoutError
 
-from logbroker.cluster.lineage import splits_from_json, splits_to_json
+from logbroker.cluster.lineage import SPLITS_MAX, Split, complete_split, splits_from_json, splits_to_json
 from logbroker.cluster.metadata import BrokerRegistration, PartitionStateData, TopicSpec
 from logbroker.errors import (
     InvalidRequestError,
@@ -477,8 +477,9 @@ class ZkStore:
             pass
 
     def set_assignment(self, name: str, assignment: dict[int, list[int]],
-                       expected_version: int | None = None) -> None:
-        """CreatePartitions: add the partitions of `assignment` the topic does not have yet.
+                       expected_version: int | None = None, split: Split | None = None) -> None:
+        """CreatePartitions: add the partitions of `assignment` the topic does not have yet (and,
+        when it grows with key order kept, its `split`, pending: cluster/lineage.py, in the same write).
 
         Existing partitions keep the replicas ZooKeeper has (the controller owns those: a reassignment
         may be changing them), so a caller's stale copy never reverts them. A conditional setData on
@@ -494,6 +495,8 @@ class ZkStore:
                 raise InvalidRequestError(f"topic {name!r} changed concurrently; retry")
             for p, replicas in assignment.items():
                 spec.assignment.setdefault(int(p), [int(b) for b in replicas])
+            if split is not None:
+                spec.splits = [*spec.splits, split][-SPLITS_MAX:]
             try:
                 self._wait(self._client.set_async(topic_path(name), _spec_to_json(spec), version=version))
                 return
@@ -502,6 +505,24 @@ class ZkStore:
             except BadVersionError:
                 if expected_version is not None:
                     raise InvalidRequestError(f"topic {name!r} changed concurrently; retry") from None
+        raise InvalidRequestError(f"topic {name!r} keeps changing concurrently; retry")
+
+    def complete_split(self, name: str, to_partitions: int, end_offsets: list[int]) -> None:
+        """Give the topic's pending split to `to_partitions` its offsets (cluster/lineage.py); a
+        read-modify-write conditional on the version read, retried on conflict."""
+        for _ in range(_CONFLICT_RETRIES_MAX):
+            got = self.get_topic_versioned(name)
+            if got is None:
+                raise UnknownTopicOrPartitionError(f"topic {name!r} does not exist")
+            spec, version = got
+            spec.splits = complete_split(spec.splits, to_partitions, end_offsets)
+            try:
+                self._wait(self._client.set_async(topic_path(name), _spec_to_json(spec), version=version))
+                return
+            except NoNodeError:
+                raise UnknownTopicOrPartitionError(f"topic {name!r} does not exist") from None
+            except BadVersionError:
+                continue
         raise InvalidRequestError(f"topic {name!r} keeps changing concurrently; retry")
 
     # ---------------------------------------------------------------- partition states

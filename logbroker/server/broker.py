@@ -818,14 +818,21 @@ class Broker:
                  list(split.end_offsets))
 
     def grown_partition_count(self, topic: str) -> int:
-        """The partition count of a topic that has grown (standalone; its keys are then checked on
-        produce, cluster/lineage.py); 0 for one that never grew."""
-        spec = None if self.cluster is not None else self.topics.get(topic)
+        """The partition count of a topic that has grown (its keys are then checked on produce,
+        cluster/lineage.py); 0 for one that never grew. A cluster broker knows it from the
+        controller's UpdateMetadata (splits sent only for topics with key_order_on_growth)."""
+        if self.cluster is not None:
+            image = self.metadata_image
+            return len(image.partitions.get(topic, {})) if image.splits.get(topic) else 0
+        spec = self.topics.get(topic)
         if spec is None or not spec.splits or spec.config.get("key_order_on_growth", "true") != "true":
             return 0
         return spec.partition_count
 
     def partition_parents(self, topic: str, partition: int) -> dict[int, int]:
-        """A partition's parents and their split offsets (cluster/lineage.py); {} for none."""
-        spec = None if self.cluster is not None else self.topics.get(topic)
+        """A partition's parents and their split offsets (cluster/lineage.py; SPLIT_PENDING while a
+        cluster has not read them yet); {} for none."""
+        if self.cluster is not None:
+            return self.metadata_image.partition_parents(topic, partition)
+        spec = self.topics.get(topic)
         return parents_of(spec.splits, partition) if spec is not None else {}

@@ -28,6 +28,7 @@ from typing import Any, Protocol, TypeVar
 from logbroker.clock import SYSTEM_CLOCK
 from logbroker.cluster.controller import Controller
 from logbroker.cluster.hashing import assign_replicas, balance_leaders
+from logbroker.cluster.lineage import Split
 from logbroker.cluster.metadata import (
     PARTITIONS_MAX,
     BrokerRegistration,
@@ -48,6 +49,7 @@ from logbroker.errors import (
 )
 from logbroker.retry import RetryPolicy
 from logbroker.server.broker_channels import BrokerChannels
+from logbroker.server.split_point import read_split_offsets
 from logbroker.v1 import logbroker_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -350,10 +352,13 @@ class ClusterMember:
 
     async def create_partitions(self, name: str, total: int) -> None:
         validate_topic_name(name)
-        found = await self._zk(self.store.get_topic_versioned, name)
-        if found is None:
-            raise UnknownTopicOrPartitionError(f"unknown topic {name!r}")
-        spec, version = found
+        spec, version = await self._topic_versioned(name)
+        last = spec.splits[-1] if spec.splits else None
+        if last is not None and last.pending:  # an earlier growth timed out recording its split: finish it first
+            await self._complete_split(name, last.from_partitions, last.to_partitions)
+            if total == spec.partition_count:
+                return
+            spec, version = await self._topic_versioned(name)
         current = spec.partition_count
         if total <= current:
             raise InvalidPartitionsError(f"topic {name!r} has {current} partitions; the new total must be larger")
@@ -366,8 +371,31 @@ class ClusterMember:
         racks = {b.broker_id: b.rack for b in brokers.values() if b.rack}
         added = {p: assign_replicas(name, p, sorted(brokers), rf, racks or None) for p in range(current, total)}
         assignment = {**spec.assignment, **balance_leaders(added, spec.assignment)}
-        await self._zk(self.store.set_assignment, name, assignment, version)
+        # per-key order (cluster/lineage.py): the split is written pending with the assignment, and
+        # completed once every old partition's leader has fenced and given its split offset
+        ordered = spec.config.get("key_order_on_growth", "true") == "true"
+        split = Split(current, total, ()) if ordered else None
+        await self._zk(self.store.set_assignment, name, assignment, version, split)
         await self._wait_until(lambda: self._led(name, total), f"leaders for the new partitions of {name}")
+        if split is not None:
+            await self._complete_split(name, current, total)
+
+    async def _topic_versioned(self, name: str) -> tuple[TopicSpec, int]:
+        found = await self._zk(self.store.get_topic_versioned, name)
+        if found is None:
+            raise UnknownTopicOrPartitionError(f"unknown topic {name!r}")
+        return found
+
+    async def _complete_split(self, name: str, current: int, total: int) -> None:
+        offsets = await read_split_offsets(self._image, self.channels, name, current, total, TOPIC_READY_WAIT_S)
+        if offsets is None:
+            raise RequestTimedOutError(
+                f"topic {name!r} has {total} partitions but its split point is not recorded yet (readers hold the "
+                f"new partitions): grow it to {total} again to finish")
+        await self._zk(self.store.complete_split, name, total, offsets)
+        await self._wait_until(lambda: all(not s.pending for s in self._image.splits.get(name, [])),
+                               f"the complete split of {name} in this broker's metadata")
+        log.info("topic %s grew from %d to %d partitions (split at offsets %s)", name, current, total, offsets)
 
     async def reassign(self, topic: str, partition: int, replicas: list[int], throttle_bytes_per_sec: int = 0) -> None:
         validate_topic_name(topic)

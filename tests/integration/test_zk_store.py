@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from logbroker.cluster.controller import Controller
+from logbroker.cluster.lineage import Split
 from logbroker.cluster.metadata import BrokerRegistration, PartitionStateData, TopicSpec
 from logbroker.cluster.zk_store import (
     BrokerRegistrationError,
@@ -402,6 +403,19 @@ def test_set_assignment_only_adds_partitions(make_store):
         s.set_assignment("t", {2: [1]}, expected_version=version - 1)
     s.set_assignment("t", {2: [1]}, expected_version=version)
     assert s.get_topic("t").partition_count == 3
+
+
+def test_a_split_is_written_pending_with_the_new_partitions_then_completed(make_store):
+    s = make_store()
+    s.create_topic(TopicSpec("t", {0: [1], 1: [1]}, {}))
+    _, version = s.get_topic_versioned("t")
+    s.set_assignment("t", {2: [1]}, version, Split(2, 3, ()))
+    t = s.get_topic("t")
+    assert t.partition_count == 3 and t.splits == [Split(2, 3, ())]
+    s.complete_split("t", 3, [7, 9])
+    assert s.get_topic("t").splits == [Split(2, 3, (7, 9))]
+    with pytest.raises(UnknownTopicOrPartitionError):
+        s.complete_split("gone", 3, [1, 1])
 
 
 def test_unreachable_zookeeper_is_a_clear_bounded_error():

@@ -489,6 +489,8 @@ class Consumer:
         if self._subs.need_positions:
             self._offsets.initialize_positions(now)
         self._gate.update(now)  # after positions: a child's first fetch waits for its parents
+        if self._gate.lineage_unknown:
+            self._md.stale = True  # re-read until the metadata has the split offsets
 
     def _on_fetch_done(self, _future: object) -> None:
         if threading.get_ident() != self._poll_thread:  # the poll thread looks at done fetches before it waits

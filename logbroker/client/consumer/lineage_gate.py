@@ -10,6 +10,10 @@ in the old one. A parent counts as consumed up to:
   exponential backoff while the child waits); a consumer without a group has no one else's progress
   to wait for, so a parent it does not hold does not hold the child back.
 
+A cluster records a split pending first (cluster/lineage.py): its parents' offsets are SPLIT_PENDING
+until the old partitions' leaders have given them, and the child is held (and the metadata re-read,
+`lineage_unknown`) until they are known.
+
 Once a child opens it stays open for as long as it stays assigned (its lineage never changes). The
 gate's state lives on each `PartitionState` (`held`, `gate_checked`), which the fetcher reads.
 """
@@ -40,17 +44,24 @@ class LineageGate:
         self._committed: dict[TopicPartition, int] = {}
         self._check_at = 0.0
         self._checks = 0  # OffsetFetch calls in a row that did not open every held child
+        # a held child whose lineage the metadata does not know yet, or whose split is still pending
+        # (a cluster reading the split offsets): the consumer re-reads metadata until it is known
+        self.lineage_unknown = False
 
     def update(self, now: float) -> None:
         """Hold newly assigned children, and open the held ones whose parents are done."""
         held: list[tuple[PartitionState, dict[int, int]]] = []
+        self.lineage_unknown = False
         for st in self._subs.assigned.values():
             if st.gate_checked and not st.held:
                 continue
             parents = self._parents_of(st.topic, st.partition)
             if parents is None:  # its lineage is not known yet: held until the metadata has it
                 st.held = True
+                self.lineage_unknown = True
                 continue
+            if any(o < 0 for o in parents.values()):  # split pending (cluster/lineage.py SPLIT_PENDING)
+                self.lineage_unknown = True
             st.gate_checked = True
             st.held = bool(parents)
             if st.held:

@@ -41,6 +41,7 @@ from logbroker.errors import (
     InvalidFetchSizeError,
     InvalidRequestError,
     InvalidTopicError,
+    OffsetNotAvailableError,
     OffsetOutOfRangeError,
     PartitionCountChangedError,
     UnknownTopicOrPartitionError,
@@ -385,7 +386,10 @@ class ProduceFetchApis:
                 except UnknownTopicOrPartitionError as miss:
                     raise self._explain(miss, lp.topic, lp.partition) from None
                 r.leader_epoch = part.leader_epoch
-                if lp.timestamp == -1:
+                if lp.split_partitions > 0:
+                    grown = 0 if self._grown_partition_count is None else self._grown_partition_count(lp.topic)
+                    r.offset = split_offset(lp.topic, lp.split_partitions, grown, part.log.log_end_offset)
+                elif lp.timestamp == -1:
                     r.offset = part.high_watermark
                 elif lp.timestamp == -2:
                     r.offset = part.log.log_start_offset
@@ -400,6 +404,18 @@ class ProduceFetchApis:
                 r.error_code = err.code
                 r.error_message = err.message
         return resp
+
+
+
+def split_offset(topic: str, partitions: int, checked_partitions: int, log_end_offset: int) -> int:
+    """A leader's split offset for a topic grown to `partitions` (cluster/lineage.py,
+    server/split_point.py): its log end offset, once its produce path checks keys against that count
+    (`checked_partitions`, read in the same loop step), so no moved key lands at or after it;
+    OFFSET_NOT_AVAILABLE (retriable) before."""
+    if checked_partitions < partitions:
+        raise OffsetNotAvailableError(
+            f"{topic}: this leader does not check keys against {partitions} partitions yet ({checked_partitions})")
+    return log_end_offset
 
 
 def check_keys_placed(topic: str, partition: int, records: bytes, partitions: int) -> None:
