@@ -3,7 +3,8 @@
     source A ── Consumer (group --group, no auto-commit) ──> Mirror ── idempotent Producer (acks=all) ──> B
 
 Per record: same partition, key, value, headers (plus `logbroker.mirror.src`, progress.py) and
-timestamp. Every `flush_interval_ms` (or `flush_records` records) the producer is flushed; once B
+timestamp. Each polled run of one source partition goes to B in one `Producer.send_records` call
+(no checks or partitioning per record, one future per run). Every `flush_interval_ms` (or `flush_records` records) the producer is flushed; once B
 acknowledged, the copies go into the OffsetMap and their source offsets are committed on A.
 
 Restart without loss or duplicates: the progress that counts is B's (progress.py). When a source
@@ -35,10 +36,10 @@ import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from logbroker.client import Admin, Consumer, Producer
-from logbroker.client.producer.future import FutureRecordMetadata
+from logbroker.client.producer.future import FutureRecordsMetadata
 from logbroker.client.sasl import SaslConfig
 from logbroker.errors import (
     GroupIdNotFoundError,
@@ -47,7 +48,7 @@ from logbroker.errors import (
     TopicAlreadyExistsError,
 )
 from logbroker.mirror import naming, progress
-from logbroker.mirror.offset_map import OffsetMap, Run
+from logbroker.mirror.offset_map import OffsetMap, Run, copied_runs
 from logbroker.storage.record_batch import Message
 from logbroker.tls import TlsConfig
 
@@ -78,6 +79,16 @@ class MirrorSettings:
     source_sasl: SaslConfig | None = None
     target_tls: TlsConfig | None = None
     target_sasl: SaslConfig | None = None
+
+
+class _Chunk(NamedTuple):
+    """One `send_records` call: a run of source partition `tp`'s records, offsets first..last."""
+
+    tp: TopicPartition
+    first: int
+    last: int
+    gaps: list[int] | None  # every source offset, when the run is not contiguous (else None)
+    future: FutureRecordsMetadata
 
 
 class MirrorConnectError(LogbrokerError):
@@ -118,7 +129,8 @@ class Mirror:
                                   session_timeout_ms=settings.session_timeout_ms)
         self._reader: Consumer | None = None  # reads the last records of target partitions
         self._topics: list[str] = []
-        self._pending: list[tuple[str, int, int, FutureRecordMetadata]] = []
+        self._pending: list[_Chunk] = []  # sent, not yet flushed
+        self._pending_records = 0
         self._positions: dict[TopicPartition, int] = {}  # next source offset to copy, once known
         self.offsets = OffsetMap()
         self._written: dict[tuple[str, str, int], int] = {}  # (group, target topic, partition) -> offset
@@ -234,14 +246,26 @@ class Mirror:
     # -- copying -------------------------------------------------------------------------------
 
     def copy(self, messages: list[Message]) -> None:
-        send = self._producer.send
-        prefix = self.s.prefix
-        pending = self._pending
-        for m in messages:
-            fut = send(naming.target_topic(m.topic, prefix), m.value, key=m.key,
-                       headers=progress.with_source(m.headers, m.partition, m.offset),
-                       partition=m.partition, timestamp_ms=m.timestamp)
-            pending.append((m.topic, m.partition, m.offset, fut))
+        """Send the polled records to B: one `send_records` call per run of one source partition."""
+        n = len(messages)
+        start = 0
+        while start < n:
+            first = messages[start]
+            topic, partition = first.topic, first.partition
+            end = start + 1
+            while end < n and messages[end].partition == partition and messages[end].topic == topic:
+                end += 1
+            self._copy_run(topic, partition, messages[start:end] if start or end < n else messages)
+            start = end
+
+    def _copy_run(self, topic: str, partition: int, run: list[Message]) -> None:
+        with_source = progress.with_source
+        records = [(m.timestamp, m.key, m.value, with_source(m.headers, partition, m.offset)) for m in run]
+        fut = self._producer.send_records(naming.target_topic(topic, self.s.prefix), partition, records)
+        first, last = run[0].offset, run[-1].offset
+        gaps = None if last - first == len(run) - 1 else [m.offset for m in run]  # a compacted source
+        self._pending.append(_Chunk((topic, partition), first, last, gaps, fut))
+        self._pending_records += len(run)
 
     def flush(self) -> None:
         """Wait for B's acknowledgements of everything sent, then commit A's offsets (a hint)."""
@@ -249,12 +273,12 @@ class Mirror:
             return
         self._producer.flush()
         done: dict[TopicPartition, int] = {}
-        for topic, partition, offset, fut in self._pending:
-            md = fut.result()  # a copy that failed for good raises: the mirror stops, B has a prefix
-            self.offsets.record((topic, partition), offset, md.offset)
-            done[(topic, partition)] = offset + 1
-        self.copied += len(self._pending)
-        self._pending = []
+        for chunk in self._pending:
+            # a copy that failed for good raises: the mirror stops, B holds a prefix
+            self._record_offsets(chunk, chunk.future.runs())
+            done[chunk.tp] = chunk.last + 1
+        self.copied += self._pending_records
+        self._pending, self._pending_records = [], 0
         self._positions.update(done)
         assigned = self._consumer.assignment()
         commit = {tp: off for tp, off in done.items() if tp in assigned}
@@ -263,6 +287,11 @@ class Mirror:
                 self._consumer.commit(commit)
             except LogbrokerError as e:  # only a hint: B holds the progress
                 log.warning("commit on the source failed (B keeps the progress): %s", e)
+
+    def _record_offsets(self, chunk: _Chunk, target_runs: list[tuple[int, int, int]]) -> None:
+        """The offset map from where B put a chunk (offset_map.copied_runs)."""
+        for run in copied_runs(chunk.first, chunk.gaps, target_runs):
+            self.offsets.record_run(chunk.tp, run.src_start, run.tgt_start, run.length)
 
     # -- group offsets -------------------------------------------------------------------------
 
@@ -354,7 +383,7 @@ class Mirror:
                 else:
                     self._stop.wait(0.2)
                 now = time.monotonic()
-                if len(self._pending) >= s.flush_records or now >= next_flush:
+                if self._pending_records >= s.flush_records or now >= next_flush:
                     self.flush()
                     next_flush = now + s.flush_interval_ms / 1000
                 if now >= next_checkpoint:

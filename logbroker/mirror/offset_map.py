@@ -40,15 +40,21 @@ class OffsetMap:
         self._runs: dict[tuple[str, int], list[Run]] = {}
 
     def record(self, tp: tuple[str, int], src: int, tgt: int) -> None:
+        self.record_run(tp, src, tgt, 1)
+
+    def record_run(self, tp: tuple[str, int], src: int, tgt: int, length: int) -> None:
+        """Source offsets src..src+length-1 copied to target offsets tgt..tgt+length-1."""
+        if length < 1:
+            raise ValueError(f"a run has at least one record, got {length}")
         runs = self._runs.setdefault(tp, [])
         if runs:
             last = runs[-1]
             if src == last.src_start + last.length and tgt == last.tgt_start + last.length:
-                runs[-1] = last._replace(length=last.length + 1)
+                runs[-1] = last._replace(length=last.length + length)
                 return
             if src < last.src_start + last.length:  # a restart below what we knew: forget the rest
                 runs.clear()
-        runs.append(Run(src, tgt, 1))
+        runs.append(Run(src, tgt, length))
         if len(runs) > self._max_runs:
             del runs[0]
 
@@ -82,3 +88,29 @@ class OffsetMap:
 
     def forget(self, tp: tuple[str, int]) -> None:
         self._runs.pop(tp, None)
+
+
+def copied_runs(first: int, gaps: list[int] | None, target_runs: list[tuple[int, int, int]]) -> list[Run]:
+    """Where one sent chunk of a source partition went, as runs: the chunk's source offsets are
+    `first`, first+1, ... (`gaps` None) or `gaps` (every offset, a compacted source); `target_runs`
+    are (partition, first target offset, count) in order, one per target batch
+    (FutureRecordsMetadata.runs()). A contiguous chunk gives one run per target batch; with gaps,
+    one per stretch where both sides advance by one."""
+    out: list[Run] = []
+    if gaps is None:
+        src = first
+        for _partition, tgt, count in target_runs:
+            out.append(Run(src, tgt, count))
+            src += count
+        return out
+    at = 0
+    for _partition, tgt, count in target_runs:
+        for k in range(count):
+            s, t = gaps[at + k], tgt + k
+            last = out[-1] if out else None
+            if last is not None and s == last.src_start + last.length and t == last.tgt_start + last.length:
+                out[-1] = last._replace(length=last.length + 1)
+            else:
+                out.append(Run(s, t, 1))
+        at += count
+    return out

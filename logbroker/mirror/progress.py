@@ -46,6 +46,10 @@ def source_position(headers: Sequence[tuple[str, bytes | None]], partition: int)
 def with_source(headers: Sequence[tuple[str, bytes | None]], partition: int,
                 offset: int) -> list[tuple[str, bytes | None]]:
     """The record's headers for the target: any earlier mirror header replaced by ours (last)."""
-    out = [h for h in headers if h[0] != SRC_HEADER]
-    out.append((SRC_HEADER, encode(partition, offset)))
-    return out
+    tag = (SRC_HEADER, b"%d:%d" % (partition, offset))
+    if not headers:
+        return [tag]
+    for h in headers:
+        if h[0] == SRC_HEADER:
+            return [*(x for x in headers if x[0] != SRC_HEADER), tag]
+    return [*headers, tag]

@@ -326,9 +326,11 @@ Headers = list[tuple[str, bytes | None]]
 # A consumed record's headers: immutable, the shared empty tuple when it has none (no allocation
 # per record, and records stay hashable plain data)
 RecordHeaders = tuple[tuple[str, bytes | None], ...]
+# A record as copied from another log: (timestamp_ms, key, value, headers).
+CopiedRecord = tuple[int, bytes | None, bytes | None, Sequence[tuple[str, bytes | None]] | None]
 
 
-def _encode_headers(headers: Headers) -> bytes:
+def _encode_headers(headers: Sequence[tuple[str, bytes | None]]) -> bytes:
     out = bytearray(encode_varint(len(headers)))
     for hk, hv in headers:
         kb = hk.encode()
@@ -410,7 +412,8 @@ class BatchBuilder:
         return self.append(timestamp_ms, key, value, headers)
 
     def append(
-        self, timestamp_ms: int, key: bytes | None, value: bytes | None, headers: Headers | None = None
+        self, timestamp_ms: int, key: bytes | None, value: bytes | None,
+        headers: Sequence[tuple[str, bytes | None]] | None = None,
     ) -> int:
         """Encode one record; returns its offset delta within the batch."""
         od = self._count
@@ -503,6 +506,45 @@ class BatchBuilder:
             max_ts = self._max_ts
             append(timestamp_ms, None if keys is None else keys[j], values[j], headers)
             if len(buf) > limit:  # over: take it back (the first record of the batch stays, above)
+                del buf[mark:]
+                self._count -= 1
+                self._max_ts = max_ts
+                break
+        return self._count - first
+
+    def append_copies(self, records: Sequence[CopiedRecord], start: int, stop: int) -> int:
+        """Append records[start:stop], each (timestamp_ms, key, value, headers) as it was read from
+        another log, in order while the batch stays within `limit_bytes` (an empty batch takes its
+        first record whatever its size); returns how many were appended. The copy path
+        (`Producer.send_records`, the mirror): one C call per record. Types are the caller's to check.
+        """
+        if start >= stop:
+            return 0
+        first = self._count
+        i = start
+        if first == 0:  # the first record decides C or Python (see the class docstring)
+            t, k, v, h = records[i]
+            self.append(t, k, v, h)
+            i += 1
+        c = self._c
+        if c is not None:
+            od = self._count
+            app = c.append
+            for j in range(i, stop):
+                t, k, v, h = records[j]
+                if app(od, t, k, v, h or _NO_HEADERS) is None:  # None: the batch is full
+                    break
+                od += 1
+            self._count = od
+            return od - first
+        buf = self._buf
+        limit = self._limit
+        append = self.append
+        for j in range(i, stop):
+            mark, max_ts = len(buf), self._max_ts
+            t, k, v, h = records[j]
+            append(t, k, v, h)
+            if len(buf) > limit:  # over: take it back
                 del buf[mark:]
                 self._count -= 1
                 self._max_ts = max_ts

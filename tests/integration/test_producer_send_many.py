@@ -3,13 +3,14 @@ broker errors, flush() and metadata, each read back with a Consumer."""
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import pytest
 
 from logbroker import Admin, Consumer, Message, Producer
 from logbroker.cluster.hashing import partition_for_key
-from logbroker.errors import MessageTooLargeError
+from logbroker.errors import MessageTooLargeError, UnknownTopicOrPartitionError
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -135,3 +136,30 @@ def test_flush_waits_for_send_many_records(broker, admin):
     stored = read_all(broker.address, "flushed", 3, 2_000)
     assert sorted(m.value for msgs in stored.values() for m in msgs) == sorted(
         b"r-%d-%d" % (j, i) for j in range(4) for i in range(500))
+
+
+def test_send_records_copies_each_records_timestamp_and_headers_into_one_partition(broker, admin):
+    """Producer.send_records (the mirror's path): records keep their own timestamps and headers, go
+    to the given partition in order whatever their keys, over several batches (batch_size_bytes
+    small), and runs() gives their offsets without a RecordMetadata per record."""
+    admin.create_topic("copies", partitions=3)
+    records = [(1_700_000_000_000 + (i * 7919) % 1000, b"k%d" % i, b"v%d" % i + b"x" * 200,
+                [("n", b"%d" % i), ("empty", None)] if i % 2 else []) for i in range(500)]
+    with Producer(broker.address, acks="all", batch_size_bytes=4096, linger_ms=5) as p:
+        first = p.send_records("copies", 1, records[:10])
+        rest = p.send_records("copies", 1, records[10:])
+        empty = p.send_records("copies", 1, [])
+        p.flush(timeout=30)
+        assert first.runs(timeout=30) == [(1, 0, 10)]
+        runs = rest.runs(timeout=30)
+        assert len(runs) > 1 and all(part == 1 for part, _, _ in runs)
+        assert sum(n for _, _, n in runs) == 490 and runs[0][1] == 10
+        assert [o for _, o, _ in runs] == list(itertools.accumulate([10] + [n for _, _, n in runs[:-1]]))
+        assert empty.runs(timeout=1) == [] and len(empty) == 0
+        with pytest.raises(TypeError):
+            p.send_records("copies", 1, [(1, "not bytes", b"v", [])])  # type: ignore[list-item]
+        with pytest.raises(UnknownTopicOrPartitionError):
+            p.send_records("copies", 3, records[:1])
+    got = read_all(broker.address, "copies", 3, 500)
+    assert not got[0] and not got[2]
+    assert [(m.timestamp, m.key, m.value, list(m.headers)) for m in got[1]] == records

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from logbroker.mirror import naming, progress
-from logbroker.mirror.offset_map import OffsetMap, Run
+from logbroker.mirror.offset_map import OffsetMap, Run, copied_runs
 
 
 def test_topics_match_the_whole_name_and_never_internal_ones():
@@ -113,3 +113,34 @@ def test_a_seed_from_the_target_translates_what_an_earlier_mirror_copied():
     assert m.translate(tp, 120) == 20
     with pytest.raises(ValueError):
         m.seed(tp, Run(0, 0, 0))
+
+
+def test_the_progress_header_is_added_to_records_without_headers():
+    assert progress.with_source((), 0, 7) == [(progress.SRC_HEADER, b"0:7")]
+    assert progress.with_source((("a", None),), 1, 8) == [("a", None), (progress.SRC_HEADER, b"1:8")]
+
+
+def test_runs_extend_by_whole_chunks_and_a_lower_restart_starts_over():
+    m = OffsetMap()
+    tp = ("t", 0)
+    m.record_run(tp, 0, 10, 5)
+    m.record_run(tp, 5, 15, 3)  # the next batch, both sides contiguous
+    m.record_run(tp, 9, 18, 2)  # a source gap
+    assert m.runs(tp) == [Run(0, 10, 8), Run(9, 18, 2)]
+    m.record_run(tp, 4, 30, 1)
+    assert m.runs(tp) == [Run(4, 30, 1)]
+    with pytest.raises(ValueError):
+        m.record_run(tp, 5, 31, 0)
+
+
+def test_a_contiguous_chunk_maps_one_run_per_target_batch():
+    # source 100..109 went to B in two batches: 50..55 and (another producer wrote in between) 60..63
+    assert copied_runs(100, None, [(2, 50, 6), (2, 60, 4)]) == [Run(100, 50, 6), Run(106, 60, 4)]
+    assert copied_runs(100, None, []) == []
+
+
+def test_a_chunk_of_a_compacted_source_maps_each_stretch():
+    # source offsets 3, 4, 7, 8, 9 (5 and 6 compacted away) to target 20..24 in one batch
+    assert copied_runs(3, [3, 4, 7, 8, 9], [(0, 20, 5)]) == [Run(3, 20, 2), Run(7, 22, 3)]
+    # split over two target batches at 20..21 and 30..32
+    assert copied_runs(3, [3, 4, 7, 8, 9], [(0, 20, 2), (0, 30, 3)]) == [Run(3, 20, 2), Run(7, 30, 3)]

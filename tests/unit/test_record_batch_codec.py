@@ -196,3 +196,42 @@ def test_append_many_keeps_a_large_first_record_and_stops_after_it():
             assert b.append_many(7, None, []) == 0
             msgs = rb.decode_batch(b.build(), 0, rb.parse_header(b.build()), "t", 0)
             assert [(m.offset, m.key, m.value, m.timestamp) for m in msgs] == [(0, b"k", b"b" * 500, 7)]
+
+
+copies_st = st.lists(
+    st.tuples(st.integers(0, 10_000), st.one_of(st.none(), st.binary(max_size=40)),
+              st.one_of(st.none(), st.binary(max_size=300)),
+              st.lists(st.tuples(st.sampled_from(["h", "logbroker.mirror.src", "é"]),
+                                 st.one_of(st.none(), st.binary(max_size=20))), max_size=3)),
+    min_size=1, max_size=40,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(copies_st, st.integers(100, 3_000), st.booleans())
+def test_append_copies_keeps_each_records_timestamp_and_headers_within_the_limit(records, limit, c):
+    """append_copies (the mirror's path) == one append per record, each with its own timestamp and
+    headers, for as many as fit within limit_bytes (the first always), in both codecs: the same bytes,
+    and they decode to the records given."""
+    with contextlib.nullcontext() if c else pure_python():
+        got = rb.BatchBuilder(records[0][0], limit_bytes=limit)
+        added = got.append_copies(records, 0, len(records))
+        want = rb.BatchBuilder(records[0][0])
+        fit = 0
+        for t, k, v, h in records:
+            want.append(t, k, v, h)
+            if want.size_bytes > limit and want.record_count > 1:
+                break
+            fit += 1
+        assert added == fit and got.record_count == added
+        ref = rb.BatchBuilder(records[0][0])
+        for t, k, v, h in records[:added]:
+            ref.append(t, k, v, h)
+        data = got.build()
+        assert data == ref.build()
+        msgs = rb.decode_batch(data, 0, rb.parse_header(data), "t", 0)
+        assert [(m.timestamp, m.key, m.value, list(m.headers)) for m in msgs] == \
+            [(t, k, v, h) for t, k, v, h in records[:added]]
+        assert got.append_copies(records, added, added) == 0
+        if added < len(records):
+            assert got.append_copies(records, added, len(records)) == 0  # full: nothing more

@@ -29,7 +29,7 @@ from logbroker.client.producer.idempotence import ProducerIdentity
 from logbroker.client.throttle import BrokerThrottle
 from logbroker.clock import Clock, monotonic_s
 from logbroker.errors import KafkaTimeoutError, LogbrokerError, UnknownTopicOrPartitionError
-from logbroker.storage.record_batch import HEADER_SIZE, BatchBuilder
+from logbroker.storage.record_batch import HEADER_SIZE, BatchBuilder, CopiedRecord
 
 # Room kept in a request for its protobuf framing (per partition: topic, partition, tags).
 REQUEST_OVERHEAD_BYTES = 1024
@@ -148,6 +148,46 @@ class RecordAccumulator:
                 total -= charge
                 segments.append((b.result, b.builder.record_count - added, added))  # type: ignore[union-attr]
                 i = j
+
+    def append_copies(
+        self, ts: TopicState, partition: int, records: Sequence[CopiedRecord],
+        segments: list[tuple[_BatchResult, int, int]],
+    ) -> None:
+        """Append records (timestamp_ms, key, value, headers) to `partition`'s batches in order, one
+        batch per step, each step under _lock; appends (batch result, first delta, count) to
+        `segments` (send_records(), the copy path).
+
+        A step's charge is what its records add to the batch (the builder's size before and after:
+        nothing computed per record). A step starts once a whole batch's worth (batch_size_bytes)
+        is free, so buffer_memory_bytes is exceeded by at most one record larger than a batch.
+        """
+        n = len(records)
+        room = min(self._batch_size_bytes, self._buffer_memory_bytes)
+        i = 0
+        lock = self._lock
+        while i < n:
+            with lock:
+                if self._closed:
+                    raise LogbrokerError(f"send_records() after close() ({i} of {n} records queued)")
+                if self._buffered_bytes + room > self._buffer_memory_bytes:
+                    try:
+                        self._wait_for_buffer(room)
+                    except KafkaTimeoutError as e:
+                        raise KafkaTimeoutError(f"{e}: {i} of {n} records queued") from None
+                acc = ts.accs[partition]
+                b = acc.open
+                before = 0 if b is None else b.builder.size_bytes  # type: ignore[union-attr]
+                added = 0 if b is None else b.builder.append_copies(records, i, n)  # type: ignore[union-attr]
+                if added == 0:
+                    b = self._new_batch(acc, records[i][0])
+                    before = b.builder.size_bytes  # type: ignore[union-attr]
+                    added = b.builder.append_copies(records, i, n)  # type: ignore[union-attr]
+                assert b is not None
+                charge = b.builder.size_bytes - before  # type: ignore[union-attr]
+                b.charged += charge
+                self._buffered_bytes += charge
+                segments.append((b.result, b.builder.record_count - added, added))  # type: ignore[union-attr]
+                i += added
 
     def _next_sticky(self, ts: TopicState) -> int:
         """A new sticky partition for null-key records, preferring partitions with a leader."""

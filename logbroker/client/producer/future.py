@@ -236,6 +236,18 @@ class FutureRecordsMetadata:
             at += n
         return None if best is None else best[1]
 
+    def runs(self, timeout: float | None = None) -> list[tuple[int, int, int]]:
+        """The records' places as (partition, first offset, count) runs, in the order they were
+        appended (input order unless keyed records were grouped per partition: `result()` then), one
+        per batch they went into, without an object per record; raises as `result()` does. An offset
+        is -1 when the producer did not wait for it (acks=0)."""
+        self._wait(timeout)
+        error = self._first_error()
+        if error is not None:
+            raise error
+        return [(r.partition, r.base_offset + delta if r.base_offset >= 0 else -1, n)
+                for r, delta, n in self._segments]
+
     def result(self, timeout: float | None = None) -> list[RecordMetadata]:
         """Every record's RecordMetadata, in input order; raises the first failed record's error."""
         if self._metadata is not None:

@@ -78,7 +78,7 @@ from logbroker.errors import (
     UnknownTopicOrPartitionError,
 )
 from logbroker.storage.producer_state import BATCHES_KEPT
-from logbroker.storage.record_batch import COMPRESSION_GZIP, COMPRESSION_NONE, HEADER_SIZE
+from logbroker.storage.record_batch import COMPRESSION_GZIP, COMPRESSION_NONE, HEADER_SIZE, CopiedRecord
 from logbroker.tls import TlsConfig
 
 # How long send() waits for a topic the brokers call unknown (a just-created topic may still be
@@ -306,6 +306,33 @@ class Producer(RecordAccumulator):
         if self._ship_inline_enabled:
             self._ship_inline()
         return fut
+
+    def send_records(self, topic: str, partition: int, records: Sequence[CopiedRecord]) -> FutureRecordsMetadata:
+        """Queue records read from another log into `partition`, as they are: each
+        (timestamp_ms, key, value, headers) keeps its own timestamp and headers. The copy path (the
+        mirror, logbroker/mirror/): per record only the encoding, no checks or partitioning, and ONE
+        future for the call (`FutureRecordsMetadata.runs()` gives the offsets without an object per
+        record).
+
+        Keys and values must be bytes or None and headers (str, bytes or None) pairs, as a Consumer
+        returns them: a record of another type raises TypeError with the records before it queued.
+        A record too large for a request fails its batch at the broker. Not with a key file (the
+        values would not be sealed): ValueError. Blocks as `send_many` does for metadata and buffer
+        memory.
+        """
+        if self._sealer is not None:
+            raise ValueError("send_records() copies records as they are: not with a key file")
+        ts = self._topics.get(topic)
+        if ts is None:
+            ts = self._topic_state(topic)
+        if not 0 <= partition < ts.partitions:
+            self._check_partition(ts, partition)
+        segments: list[tuple[_BatchResult, int, int]] = []
+        if records:
+            self.append_copies(ts, partition, records, segments)
+            if self._ship_inline_enabled:
+                self._ship_inline()
+        return FutureRecordsMetadata(topic, segments, None, records[0][0] if records else -1, len(records))
 
     def _sealed_many(
         self, topic: str, values: Sequence[bytes | str | None],
