@@ -1,6 +1,7 @@
 """`python -m bench.mirror [--records N] [--load-s S]`: `logbroker mirror` throughput and lag (issue 21).
 
-Two standalone brokers on loopback (each its own data directory), one topic of 6 partitions on A,
+Two clusters on loopback, each its own ZooKeeper and one broker (`--standalone`: two standalone
+brokers, each its own data directory), one topic of 6 partitions on A,
 records of at most 100 bytes (a 100-byte value, a key, a header, a timestamp), the mirror
 (logbroker/mirror/mirror.py) in this process on a thread:
 
@@ -21,6 +22,7 @@ Prints one JSON object. Not run by the test suite's benchmark smoke; results go 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import statistics
@@ -29,9 +31,11 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from bench.cluster import LogbrokerCluster
 from logbroker import Admin, Consumer, Producer
 from logbroker.mirror import progress
 from logbroker.mirror.mirror import Mirror, MirrorSettings
@@ -132,20 +136,45 @@ def _equal(a: str, b: str, admin_a: Admin, admin_b: Admin) -> dict[str, Any]:
             "check_s": round(time.monotonic() - start, 2)}
 
 
-def run(records: int, load_s: float, workdir: Path) -> dict[str, Any]:
-    a = BrokerProcess(workdir / "a" / "data", free_port()).start()
-    b = BrokerProcess(workdir / "b" / "data", free_port()).start()
+@contextlib.contextmanager
+def _clusters(workdir: Path, standalone: bool) -> Iterator[tuple[str, str]]:
+    """The bootstraps of A and B: each its own ZooKeeper and broker, or two standalone brokers."""
+    if standalone:
+        a = BrokerProcess(workdir / "a" / "data", free_port()).start()
+        try:
+            b = BrokerProcess(workdir / "b" / "data", free_port()).start()
+            try:
+                yield a.bootstrap, b.bootstrap
+            finally:
+                b.stop()
+        finally:
+            a.stop()
+        return
+    ca = LogbrokerCluster(workdir / "a", 1)
     try:
-        with Admin(a.bootstrap) as admin_a, Admin(b.bootstrap) as admin_b:
+        ca.start()
+        cb = LogbrokerCluster(workdir / "b", 1)
+        try:
+            cb.start()
+            yield ca.bootstrap, cb.bootstrap
+        finally:
+            cb.stop()
+    finally:
+        ca.stop()
+
+
+def run(records: int, load_s: float, workdir: Path, standalone: bool = False) -> dict[str, Any]:
+    with _clusters(workdir, standalone) as (boot_a, boot_b):
+        with Admin(boot_a) as admin_a, Admin(boot_b) as admin_b:
             admin_a.create_topic(TOPIC, PARTITIONS)
-            _produce(a.bootstrap, records)
-            mirror = Mirror(MirrorSettings(source=a.bootstrap, target=b.bootstrap, topics=TOPIC, group="mirror-bench"))
+            _produce(boot_a, records)
+            mirror = Mirror(MirrorSettings(source=boot_a, target=boot_b, topics=TOPIC, group="mirror-bench"))
             thread = threading.Thread(target=mirror.run, name="mirror", daemon=True)
             start = time.monotonic()
             thread.start()
             copy_s = _wait_count(admin_b, records) - start
             sent: list[int] = []
-            loader = threading.Thread(target=_load, args=(a.bootstrap, records, load_s, sent), daemon=True)
+            loader = threading.Thread(target=_load, args=(boot_a, records, load_s, sent), daemon=True)
             load_start, copied_before = time.monotonic(), mirror.copied
             loader.start()
             lags = []
@@ -159,7 +188,7 @@ def run(records: int, load_s: float, workdir: Path) -> dict[str, Any]:
             done = _wait_count(admin_b, records + sent[0])
             mirror.stop()
             thread.join(60)
-            equality = _equal(a.bootstrap, b.bootstrap, admin_a, admin_b)
+            equality = _equal(boot_a, boot_b, admin_a, admin_b)
         return {
             "records": records, "record_bytes": len(RECORD), "partitions": PARTITIONS,
             "copy_s": round(copy_s, 2), "copy_records_per_s": round(records / copy_s),
@@ -167,19 +196,18 @@ def run(records: int, load_s: float, workdir: Path) -> dict[str, Any]:
             "lag_p50": statistics.median(lags) if lags else None, "lag_max": max(lags) if lags else None,
             "mirror_records_per_s_under_load": round(copied_under_load / (load_end - load_start)),
             "catch_up_s": round(done - load_end, 2), **equality,
+            "clusters": "standalone" if standalone else "zookeeper",
         }
-    finally:
-        a.stop()
-        b.stop()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.mirror", description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=1_000_000)
-    parser.add_argument("--load-s", type=float, default=20.0)
+    parser.add_argument("--load-s", type=float, default=10.0)
+    parser.add_argument("--standalone", action="store_true", help="two standalone brokers instead of two clusters")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-mirror-") as d:
-        result = run(args.records, args.load_s, Path(d))
+        result = run(args.records, args.load_s, Path(d), args.standalone)
     print(json.dumps(result))
     if not result["equal"]:
         sys.exit(1)
