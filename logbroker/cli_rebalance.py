@@ -13,6 +13,11 @@ partition to the same replicas with the new preferred leader first (the controll
 once, nothing copied, and elects that leader); a replica move copies to the new replica before the old
 one goes. It then polls until every moved partition has its new replicas and leader, at most
 `--timeout-seconds` (default 120), and exits 1 if some did not (or were already being reassigned).
+Once the moves are done it measures again, the same way over `--sample-seconds`, and reports what
+each broker now leads and the leader bytes in per second it now carries (`measured_after`, beside
+the plan's expected `after`): the rates are measured, not predicted from the rates before the move.
+The window starts when the moves have landed, so it may include clients switching to the new
+leaders (a producer's first sends after a move wait for its metadata refresh).
 `--replication-throttle-bytes-per-sec N` (with --execute; 0, the default: none) is sent with each
 reassignment: every replica it adds fetches at most N bytes/s while it is behind the leader (the
 follower's fetcher, replication/replica_throttle.py); in-sync replication is never throttled, and
@@ -95,6 +100,25 @@ def gather(admin: Any, sample_s: float, include_internal: bool) -> tuple[list[Br
     return [brokers[b] for b in sorted(brokers)], partitions
 
 
+def measure(admin: Any, sample_s: float, include_internal: bool) -> dict[str, Any]:
+    """The cluster as it is now, measured as the plan's input is (`gather`): per live broker the
+    partitions it leads and their bytes in per second over `sample_s` (0: counts only), and the
+    spread of each figure (`measured_after` of `--execute`)."""
+    now = plan(*gather(admin, sample_s, include_internal), Options(max_moves=0))
+    return {"sample_seconds": sample_s, "brokers": [b.as_dict() for b in now.before],
+            "spread": {name: figures["before"] for name, figures in now.spread().items()}}
+
+
+def _render_measured(m: dict[str, Any]) -> list[str]:
+    if "error" in m:
+        return [f"measured after the moves: not measured ({m['error']})"]
+    lines = [f"measured after the moves (over {m['sample_seconds']:g} s):"]
+    lines += [f"{b['broker_id']:>6} {b['leaders']:>6} leaders {b['leader_bytes_in_per_sec']:>11.0f} leader bytes in/s"
+              for b in m["brokers"]]
+    lines.append("measured spread: " + ", ".join(f"{k} {v:.2f}" for k, v in m["spread"].items()))
+    return lines
+
+
 def render_text(data: dict[str, Any]) -> str:
     moves = data["moves"]
     kinds = {k: sum(1 for m in moves if m["kind"] == k) for k in ("leader", "replicas")}
@@ -116,6 +140,8 @@ def render_text(data: dict[str, Any]) -> str:
         r = data["result"]
         lines.append(f"executed: {r['done']} done, {len(r['failed'])} not done")
         lines += [f"  {f}" for f in r["failed"]]
+    if "measured_after" in data:
+        lines += _render_measured(data["measured_after"])
     return "\n".join(lines) + "\n"
 
 
@@ -178,6 +204,10 @@ def cmd_cluster_rebalance(args: argparse.Namespace) -> int:
         if args.execute:
             data["result"] = execute(admin, the_plan, args.timeout_seconds, args.replication_throttle_bytes_per_sec)
             code = EXIT_INCOMPLETE if data["result"]["failed"] else EXIT_OK
+            try:
+                data["measured_after"] = measure(admin, args.sample_seconds, args.include_internal)
+            except LogbrokerError as exc:  # the moves are done either way: say why there is no figure
+                data["measured_after"] = {"error": str(exc)}
     print(json.dumps(data) if args.format == "json" else render_text(data), end="\n" if args.format == "json" else "",
           flush=True)
     return code

@@ -1,6 +1,7 @@
 """`logbroker cluster rebalance` on real processes: ZooKeeper, 3 brokers, leaders piled on broker 0, a
-producer (acks=all) running throughout; after `--execute` leadership is even, every send was
-acknowledged and no partition's ISR fell below min ISR."""
+producer (acks=all) running throughout; after `--execute` leadership is even, the bytes in each
+broker's leaders receive (measured again after the move, from the brokers' own counters) are even,
+every send was acknowledged and no partition's ISR fell below min ISR."""
 
 from __future__ import annotations
 
@@ -9,13 +10,15 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 
 from logbroker import Admin, Producer
+from logbroker.cluster.balancer import spread
+from logbroker.errors import LogbrokerError
 from tests.cluster import Cluster
 from tests.conftest import REPO, wait_for
 
@@ -24,6 +27,10 @@ pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
 TOPIC = "piled"
 PARTITIONS = 6
 MIN_ISR = 2
+# bytes each partition's leader must receive within the measuring window: the producer's rounds give
+# every partition the same bytes, so the window's edges (a round half sent) put at most one batch per
+# partition out of ~40 (about 2.2 KB each) off even
+WINDOW_BYTES_PER_PARTITION = 100_000
 
 
 def cli(bootstrap: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -56,7 +63,9 @@ def _all(c: Cluster, pred, topic: str = TOPIC, partitions: int = PARTITIONS) -> 
 
 
 class Traffic:
-    """A producer (acks=all, explicit partitions round robin) and an ISR watcher, both until stop()."""
+    """A producer (acks=all, explicit partitions round robin, records of one size, each round of 60
+    acknowledged before the next: every partition receives the same bytes) and an ISR watcher,
+    both until stop()."""
 
     def __init__(self, c: Cluster, topic: str = TOPIC, partitions: int = PARTITIONS) -> None:
         self.c = c
@@ -99,6 +108,48 @@ class Traffic:
             t.join(90)
 
 
+def _leader_bytes_in(admin: Admin, leaders: dict[int, int]) -> dict[int, int] | None:
+    """Per partition of TOPIC: the bytes in its leader has counted (DescribeHotPartitions' totals,
+    counted by the leader on each Produce it appends, never for replication: a follower neither
+    counts nor answers for a partition it does not lead); None until every partition's row comes
+    from the broker `leaders` names (a new leader has a row once the producer's first send reached
+    it)."""
+    try:
+        rows = admin.describe_hot_partitions([TOPIC], top=PARTITIONS, keys=1)
+    except LogbrokerError:  # a broker busy or moving: ask again
+        return None
+    totals = {r.partition: r.bytes_in_total for r in rows if leaders.get(r.partition) == r.leader}
+    return totals if len(totals) == len(leaders) else None
+
+
+def _sizes(admin: Admin) -> dict[int, int]:
+    return {p.partition: p.size_bytes for p in admin.describe_topics([TOPIC])[0].partitions}
+
+
+def _measure_leader_bytes_in(c: Cluster, leaders: dict[int, int]) -> tuple[dict[int, int], int]:
+    """Bytes in per broker, as its leaders counted them, over a window after the move in which every
+    partition received at least WINDOW_BYTES_PER_PARTITION; and how much the logs grew meanwhile."""
+    seen: dict[str, dict[int, int]] = {}
+
+    def sample(name: str, enough: Callable[[dict[int, int]], bool]) -> bool:
+        totals = _leader_bytes_in(admin, leaders)
+        if totals is None or not enough(totals):
+            return False
+        seen[name] = totals
+        return True
+
+    with Admin(c.bootstrap) as admin:
+        wait_for(lambda: sample("start", lambda _: True), 60, "every new leader receiving the producer's sends")
+        sizes_start = _sizes(admin)
+        wait_for(lambda: sample("end", lambda now: all(now[p] - seen["start"][p] >= WINDOW_BYTES_PER_PARTITION
+                                                       for p in leaders)),
+                 90, f"{WINDOW_BYTES_PER_PARTITION} bytes into every partition after the move")
+        sizes_end = _sizes(admin)
+    start, end = seen["start"], seen["end"]
+    per_broker = {b: sum(end[p] - start[p] for p, led_by in leaders.items() if led_by == b) for b in range(3)}
+    return per_broker, sum(sizes_end[p] - sizes_start[p] for p in leaders)
+
+
 def test_rebalance_spreads_piled_leaders_with_producers_acknowledged_and_min_isr_held(cluster3):
     c = cluster3
     with Admin(c.bootstrap) as admin:
@@ -127,11 +178,25 @@ def test_rebalance_spreads_piled_leaders_with_producers_acknowledged_and_min_isr
         result = json.loads(run.stdout)
         assert result["executed"] and result["result"]["failed"] == [], result["result"]
         assert result["spread"]["leaders"]["after"] <= 0.2
-        assert result["spread"]["leader_bytes_in_per_sec"]["after"] <= 0.2
+        assert result["spread"]["leader_bytes_in_per_sec"]["after"] <= 0.2  # expected, from the rates before
+        measured = result["measured_after"]  # the CLI's own measurement once the moves landed
+        assert sorted(b["leaders"] for b in measured["brokers"]) == [2, 2, 2], measured
+        assert measured["spread"]["leaders"] <= 0.2
+        # its 1 s window starts as the moves land (the producer's switch inside it): only that it saw
+        # the traffic; the evenness of bytes in is measured below over a window after the switch
+        assert sum(b["leader_bytes_in_per_sec"] for b in measured["brokers"]) > 0, measured
         states = _states(c)
         assert states is not None
-        counts = {b: sum(1 for s in states.values() if s.leader == b) for b in range(3)}  # type: ignore[attr-defined]
+        leaders = {p: s.leader for p, s in states.items()}  # type: ignore[attr-defined]
+        counts = {b: sum(1 for led_by in leaders.values() if led_by == b) for b in range(3)}
         assert all(abs(n - PARTITIONS / 3) <= 0.2 * PARTITIONS / 3 for n in counts.values()), counts
+        # bytes in, measured for real after the move while the producer runs: what each broker's
+        # leaders received, from the brokers' own Produce counters
+        per_broker, grown_bytes = _measure_leader_bytes_in(c, leaders)
+        assert spread(list(per_broker.values())) <= 0.2, per_broker
+        # the counters count what leaders receive, once: about the logs' growth, not RF (3) times it
+        assert 0.8 <= sum(per_broker.values()) / grown_bytes <= 1.25, (per_broker, grown_bytes)
+        assert _all(c, lambda s: leaders[s.partition] == s.leader)
         sent_at_move = len(traffic.futures)
         wait_for(lambda: len(traffic.futures) >= sent_at_move + 600, 60, "the producer goes on after the move")
     finally:

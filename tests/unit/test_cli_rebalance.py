@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from logbroker.cli_rebalance import execute, gather, render_text
+import pytest
+
+from logbroker.cli_rebalance import execute, gather, measure, render_text
 from logbroker.client.admin import PartitionInfo, TopicDescription
 from logbroker.cluster.balancer import Options, plan
 from logbroker.errors import ReassignmentInProgressError
@@ -81,3 +83,31 @@ def test_execute_reports_refused_and_unlanded_moves() -> None:
     admin = FakeAdmin(lands=False)
     result = execute(admin, the_plan, timeout_s=0.01)
     assert result["done"] == 0 and all("not at replicas" in f for f in result["failed"])
+
+
+class GrowingAdmin(FakeAdmin):
+    """Every partition grows by 1000 bytes between two reads of the topics (a steady, even producer)."""
+
+    def describe_topics(self, names: Sequence[str] | None = None) -> list[TopicDescription]:
+        for p, info in list(self.parts.items()):
+            self.parts[p] = _p(p, info.leader, list(info.replicas), info.size_bytes + 1000)
+        return super().describe_topics(names)
+
+
+def test_measure_after_execute_reports_the_leaders_and_bytes_in_as_they_are_now() -> None:
+    admin = GrowingAdmin()
+    the_plan = plan(*gather(admin, 0.0, False), Options())
+    assert measure(admin, 0.0, False)["brokers"][0]["leaders"] == 7  # before: every leader on broker 0
+    assert execute(admin, the_plan, timeout_s=5)["failed"] == []
+    measured = measure(admin, 0.01, False)
+    assert measured["sample_seconds"] == 0.01
+    by_broker = {b["broker_id"]: b for b in measured["brokers"]}
+    assert {b: m["leaders"] for b, m in by_broker.items()} == {0: 3, 1: 2, 2: 2}
+    rates = [by_broker[b]["leader_bytes_in_per_sec"] for b in range(3)]
+    assert all(r > 0 for r in rates)
+    assert rates[1] == pytest.approx(rates[2]) and rates[0] == pytest.approx(1.5 * rates[1])  # 3 : 2 : 2
+    assert measured["spread"]["leaders"] == pytest.approx(2 / 7)
+    assert measured["spread"]["leader_bytes_in_per_sec"] == pytest.approx(2 / 7)
+    text = render_text({**the_plan.as_dict(), "measured_after": measured})
+    assert "measured after the moves (over 0.01 s):" in text and "measured spread: leaders 0.29" in text
+    assert "not measured (gone)" in render_text({**the_plan.as_dict(), "measured_after": {"error": "gone"}})
