@@ -395,6 +395,7 @@ class ReplicaFetcherManager:
         self._fetchers: dict[tuple[int, str], LeaderFetcher] = {}
         self._by_partition: dict[Key, LeaderFetcher] = {}
         self._throttles: dict[Key, int] = {}  # bytes/s of the partitions being added by a reassignment
+        self._retired_throttled_bytes = 0  # throttled_bytes of fetch states no longer live
         self._stopping: set[asyncio.Task[None]] = set()
 
     def add_partition(self, partition: Partition, leader_id: int, address: str) -> PartitionFetchState:
@@ -408,6 +409,9 @@ class ReplicaFetcherManager:
                                     broker_epoch=lambda: self.broker_epoch,
                                     call_metadata=self.call_metadata)
             self._fetchers[(leader_id, address)] = fetcher
+        replaced = fetcher.states.get(partition.key)
+        if replaced is not None:
+            self._retired_throttled_bytes += replaced.throttled_bytes
         state = fetcher.add(partition)
         rate = self._throttles.get(partition.key, 0)
         if rate > 0:
@@ -422,6 +426,9 @@ class ReplicaFetcherManager:
             fetcher = self._by_partition.pop(key, None)
             if fetcher is None:
                 continue
+            gone = fetcher.states.get(key)
+            if gone is not None:
+                self._retired_throttled_bytes += gone.throttled_bytes
             fetcher.remove(key)
             if not fetcher.states:
                 self._fetchers.pop((fetcher.leader_id, fetcher.address), None)
@@ -447,6 +454,15 @@ class ReplicaFetcherManager:
             state.throttle = None
         elif state.throttle is None or state.throttle.bytes_per_sec != bytes_per_sec:
             state.throttle = ReplicaThrottle(bytes_per_sec, self.clock.monotonic_ms())
+
+    def throttled_partitions(self) -> int:
+        """Partitions this broker fetches under a reassignment's replication throttle now."""
+        return len(self._throttles)
+
+    def throttled_bytes_total(self) -> int:
+        """Bytes fetched while throttled (behind the leader, paid to a throttle), since the start: a counter."""
+        live = sum(s.throttled_bytes for f in self._fetchers.values() for s in f.states.values())
+        return self._retired_throttled_bytes + live
 
     def throttle_of(self, key: Key) -> int:
         """The replication throttle of `key` in bytes/s; 0: none."""

@@ -12,6 +12,8 @@ within SCRAPE_TIMEOUT_S; the consumer lag may ask other brokers for high waterma
 | `logbroker_isr_expands_total` | counter | ISR changes committed by this broker as leader that added a replica |
 | `logbroker_leader_partitions` | gauge | hosted partitions this broker leads |
 | `logbroker_replica_partitions` | gauge | hosted partition replicas, any role (leaders included: Kafka's PartitionCount) |
+| `logbroker_replication_throttled_partitions` | gauge | partitions this broker, as a follower being added by a reassignment, fetches under a replication throttle now |
+| `logbroker_replication_throttled_bytes_total` | counter | bytes this broker fetched as such a follower while behind the leader (paid to the throttle) |
 | `logbroker_active_controller` | gauge | 1 on the broker that is the controller now, else 0; a standalone broker: 1 |
 | `logbroker_zookeeper_session_state{state}` | gauge | 1 for the session's state (`connected`, `suspended`, `lost`, `none` before the first connection), 0 for the others; a standalone broker (no ZooKeeper) shows one series, `state="standalone"` 1 |
 | `logbroker_consumer_group_members{group}` | gauge | members of each consumer group this broker coordinates |
@@ -84,6 +86,8 @@ class ClusterSnapshot:
     isr_expands: int = 0
     leader_partitions: int = 0
     replica_partitions: int = 0
+    throttled_partitions: int = 0
+    throttled_bytes: int = 0
     active_controller: int = 0
     zk_state: str = STANDALONE
     group_members: list[tuple[str, int]] = field(default_factory=list)
@@ -150,7 +154,9 @@ def _share_figures(broker: Broker, snap: ClusterSnapshot) -> None:
 async def cluster_snapshot(broker: Broker) -> ClusterSnapshot:
     """The figures a scrape reports; run on the broker's event loop."""
     rm = broker.replica_manager
-    snap = ClusterSnapshot(isr_shrinks=rm.isr_shrinks_total, isr_expands=rm.isr_expands_total)
+    snap = ClusterSnapshot(isr_shrinks=rm.isr_shrinks_total, isr_expands=rm.isr_expands_total,
+                           throttled_partitions=rm.fetchers.throttled_partitions(),
+                           throttled_bytes=rm.fetchers.throttled_bytes_total())
     for p in rm.partitions.values():
         snap.leader_partitions += p.role is Role.LEADER
         snap.replica_partitions += p.role is not Role.NONE
@@ -197,6 +203,10 @@ def _cluster_metrics(snap: ClusterSnapshot) -> Iterator[Metric]:
                             value=snap.leader_partitions)
     yield GaugeMetricFamily("logbroker_replica_partitions", "hosted partition replicas, leaders included",
                             value=snap.replica_partitions)
+    yield GaugeMetricFamily("logbroker_replication_throttled_partitions", "partitions fetched under a "
+                            "reassignment's replication throttle now", value=snap.throttled_partitions)
+    yield CounterMetricFamily("logbroker_replication_throttled_bytes", "bytes fetched as a throttled follower "
+                              "while behind the leader", value=snap.throttled_bytes)
     yield GaugeMetricFamily("logbroker_active_controller", "1 on the controller (a standalone broker: 1)",
                             value=snap.active_controller)
     zk = GaugeMetricFamily("logbroker_zookeeper_session_state", "1 for the ZooKeeper session's state "

@@ -16,7 +16,8 @@ import pytest
 from logbroker import Admin, Producer
 from logbroker.errors import InvalidRequestError
 from tests.cluster import Cluster
-from tests.conftest import wait_for
+from tests.conftest import free_port, wait_for
+from tests.integration.test_cluster_metrics import scrape, value
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
@@ -29,10 +30,18 @@ RECORD = b"r" * 1000
 def cluster3(zookeeper, zk_chroot, tmp_path: Path) -> Iterator[Cluster]:
     c = Cluster(zookeeper, zk_chroot, tmp_path, 3, session_timeout_ms=2000,
                 extra_args=["--replica-lag-time-max-ms", "3000"])
+    c.metrics_ports = {}  # type: ignore[attr-defined]
+    for i, b in c.brokers.items():
+        c.metrics_ports[i] = free_port()  # type: ignore[attr-defined]
+        b.extra_args += ["--metrics-listen", f"127.0.0.1:{c.metrics_ports[i]}"]  # type: ignore[attr-defined]
     try:
         yield c.start()
     finally:
         c.stop()
+
+
+def _metric(c: Cluster, broker: int, name: str) -> float:
+    return value(scrape(c.metrics_ports[broker]), name) or 0.0  # type: ignore[attr-defined]
 
 
 def _state(c: Cluster):  # type: ignore[no-untyped-def]
@@ -101,6 +110,9 @@ def test_a_throttled_replica_move_copies_no_faster_than_the_rate_and_producers_s
             wait_for(lambda: len(traffic.acked_at) >= 20, 30, "the producer acknowledged")
             started = time.monotonic()
             admin.reassign_partition(TOPIC, 0, target, throttle_bytes_per_sec=RATE_BYTES_PER_SEC)
+            # the newcomer shows its throttle while it copies (>= 2.5 s by construction, below)
+            wait_for(lambda: _metric(c, newcomer, "logbroker_replication_throttled_partitions") == 1, 30,
+                     "the newcomer's throttle in its metrics")
             wait_for(lambda: (s := _state(c)) is not None and list(s.replicas) == target
                      and sorted(s.isr) == sorted(target), 90, "the move complete")
             took_s = time.monotonic() - started
@@ -109,6 +121,10 @@ def test_a_throttled_replica_move_copies_no_faster_than_the_rate_and_producers_s
             wait_for(lambda: len(traffic.futures) >= sent_at_move + 20, 30, "the producer goes on after the move")
         finally:
             traffic.stop()
+    throttled = _metric(c, newcomer, "logbroker_replication_throttled_bytes_total")
+    assert size_bytes / 2 <= throttled <= size_bytes * 1.5, (throttled, size_bytes)
+    wait_for(lambda: _metric(c, newcomer, "logbroker_replication_throttled_partitions") == 0, 30,
+             "the throttle gone with the reassignment")
     # a lower bound by construction: 1 MB cannot cross at 200 kB/s (plus one 20 kB burst) in 2.5 s
     assert took_s >= size_bytes / RATE_BYTES_PER_SEC / 2, (took_s, size_bytes)
     failures = [f for f in traffic.futures if f.exception(timeout=60) is not None]
