@@ -389,13 +389,14 @@ class Broker:
         # on whatever --metrics-listen says: DescribeHotPartitions reads it
         self.heat = HeatTracker(budget=SampleBudget(config.heat_sample_bytes_per_sec / 4,
                                                     config.heat_sample_bytes_per_sec, now_s=time.monotonic()))
+        visible = None if hook is None else (  # may this caller describe this topic? (listings)
+            lambda ctx, topic: hook.allowed(ctx, Operation.DESCRIBE, ResourceType.TOPIC, topic))
         return BrokerApis(
             ProduceFetchApis(config, self, self.replica_manager, self, self.broker_principals, self.active_clients,
                              self.request_metrics, self.heat, grown_partition_count=self.grown_partition_count),
-            MetadataApis(self, self, None if hook is None else
-                         lambda ctx, topic: hook.allowed(ctx, Operation.DESCRIBE, ResourceType.TOPIC, topic)),
+            MetadataApis(self, self, visible),
             GroupApis(self, self.coordinator),
-            AdminApis(self, self, self, self.replica_manager),
+            AdminApis(self, self, self, self.replica_manager, visible),
             queues=QueueApis(self, self.share_coordinator, self.active_clients),
             security=SecurityApis(self.security_store, self._acls_changed, self.quota_cache.changed),
             producer_ids=ProducerIdApis(self.producer_id_store),

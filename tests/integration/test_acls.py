@@ -72,6 +72,7 @@ def test_acls_decide_produce_fetch_and_metadata(secured):
     with pytest.raises(TopicAuthorizationFailedError):
         _produce(b, "a.orders")  # the producer may not even look the topic up
     assert admin.list_topics() == []  # nothing describable yet
+    assert admin.describe_topics() == []  # "every topic" lists only what the caller may describe
     admin.create_acls([_acl(Operation.DESCRIBE, ResourceType.TOPIC, "a.orders")])
     with pytest.raises(PermissionDeniedError) as e:
         _produce(b, "a.orders")
@@ -80,6 +81,7 @@ def test_acls_decide_produce_fetch_and_metadata(secured):
     admin.create_acls([_acl(Operation.WRITE, ResourceType.TOPIC, "a.", pattern=PatternType.PREFIXED)])
     _produce(b, "a.orders")
     assert admin.list_topics() == ["a.orders"]  # Write implies Describe; b.secret stays hidden
+    assert [t.name for t in admin.describe_topics()] == ["a.orders"]
     with pytest.raises(PermissionDeniedError):
         _consume(b, "a.orders")
 

@@ -19,6 +19,7 @@ from logbroker.errors import (
     InvalidFetchSizeError,
     UnknownTopicOrPartitionError,
 )
+from logbroker.server.apis.metadata import TopicVisibility
 from logbroker.server.request_checks import ServingState, as_error, check_ready
 from logbroker.server.request_context import RequestContext, RequestRejected, RequestStatus
 from logbroker.v1 import logbroker_pb2 as pb
@@ -76,11 +77,15 @@ def _fill_error(result: pb.TopicResult | pb.TopicDescription, exc: Exception) ->
 
 
 class AdminApis:
-    def __init__(self, state: ServingState, admin: TopicAdmin, catalog: ClusterView, replicas: HostedReplicas) -> None:
+    def __init__(self, state: ServingState, admin: TopicAdmin, catalog: ClusterView, replicas: HostedReplicas,
+                 visible: TopicVisibility | None = None) -> None:
+        """`visible` (with an authorizer): DescribeTopics naming no topic (every topic) leaves out the
+        ones the caller may not describe, as Metadata does (a named one is checked by the authorizer)."""
         self._state = state
         self._admin = admin
         self._catalog = catalog
         self._replicas = replicas
+        self._visible = visible
 
     def _check(self, n: int) -> None:
         check_ready(self._state)
@@ -126,7 +131,9 @@ class AdminApis:
     async def describe_topics(self, context: RequestContext, req: pb.DescribeTopicsRequest) -> pb.DescribeTopicsResponse:
         self._check(len(req.names))
         resp = pb.DescribeTopicsResponse()
-        for name in list(req.names) or self._catalog.topic_names():
+        visible = self._visible
+        for name in list(req.names) or [n for n in self._catalog.topic_names()
+                                        if visible is None or visible(context, n)]:
             d = resp.topics.add(name=name)
             try:
                 validate_topic_name(name)
