@@ -157,7 +157,7 @@ class Counters:
     acknowledged: int = 0
     dead_lettered: int = 0
     expired: int = 0
-    redelivered: int = 0
+    redelivered: int = 0  # acquisitions with a delivery count above 1 (never decreases)
     locks_lost: int = 0  # records given back because their lock ran out
     filtered: int = 0    # records the group's filter did not match (settled unseen: add_filtered)
 
@@ -419,8 +419,8 @@ class SharePartition:
                 count[i] = max(count[i] - 1, 0)
                 owner[i] = None
                 self._until_ms[i] = 0
-                if count[i] >= 1:
-                    self.counters.redelivered -= 1
+                # counters.redelivered is not taken back: it is a Prometheus counter, which never
+                # goes down (a redelivery whose records could not be read counts once anyway)
 
     def _archive_expired(self, i: int) -> list[DeadLetter]:
         self._state[i] = RecordState.ARCHIVED

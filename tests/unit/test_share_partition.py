@@ -265,8 +265,10 @@ def test_unacquire_gives_records_back_with_the_count_they_had() -> None:
     p.acknowledge("a", 3, 4, AckType.RELEASE, now_ms=0, delay_ms=1)
     again, _ = p.acquire("a", 5, now_ms=1)
     assert again == [Acquired(3, 4, 2)]
+    assert p.counters.redelivered == 2
     p.acknowledge("a", 0, 0, AckType.ACCEPT, now_ms=1)
     p.unacquire("a", first + again)  # 0 settled: untouched; 1-2 back at count 0; 3-4 back at count 1
+    assert p.counters.redelivered == 2  # a Prometheus counter: never taken back
     assert p.start_offset == 1 and p.held_by("a") == 0
     got, _ = p.acquire("b", 10, now_ms=1)
     assert got == [Acquired(1, 2, 1), Acquired(3, 4, 2)]
