@@ -27,7 +27,7 @@ never races the loop; a loop that does not answer within SCRAPE_TIMEOUT_S shows 
 | `logbroker_fetch_purgatory_size` | gauge | long-poll fetches waiting in the fetch purgatory |
 | `logbroker_log_flush_duration_seconds` | histogram | log flushes: a rolled segment's fsync (the flusher) and a log's flush (msync, index sync) (storage/flush_timing.py) |
 | `logbroker_requests_total{api}`, ... | | request and per-topic traffic metrics: server/request_metrics.py |
-| `logbroker_partition_bytes_in_total{topic,partition}`, `..._records_in_total`, `..._bytes_out_total`, `..._records_out_total` | counter | per partition, as its leader counted them (server/partition_heat.py): only the `PARTITION_SERIES_MAX` partitions with the most bytes in on this broker get series, the others are in the topic counters only; a partition dropping out of (or forgotten and back in) that set restarts its series (a counter reset). Rates and heavy keys: `logbroker topics hot` |
+| `logbroker_partition_bytes_in_total{topic,partition}`, `..._records_in_total`, `..._bytes_out_total`, `..._records_out_total` | counter | per partition, as its leader counted them (server/partition_heat.py): only the `PARTITION_SERIES_MAX` partitions with the most bytes in on this broker get series, the others are in the topic counters only; a partition dropping out of that set (or led by another broker now: only partitions led here get series) ends its series, and one forgotten and back in restarts it (a counter reset). Rates and heavy keys: `logbroker topics hot` |
 | `logbroker_disk_free_bytes{dir}`, ... | | host metrics (psutil): server/host_metrics.py |
 | `process_*`, `python_*` | | prometheus_client's process, platform and GC collectors |
 """
@@ -108,7 +108,12 @@ def snapshot(broker: Broker) -> BrokerSnapshot:
                           len(reg), (reg.delivered, reg.dropped, reg.unknown), refused, overload,
                           broker.replica_manager.fetch_purgatory.waiting,
                           request_metrics.snapshot() if request_metrics is not None else None,
-                          tuple(broker.heat.totals(PARTITION_SERIES_MAX)))
+                          tuple(broker.heat.totals(PARTITION_SERIES_MAX, lambda t, p: _led_here(broker, t, p))))
+
+
+def _led_here(broker: Broker, topic: str, partition: int) -> bool:
+    part = broker.replica_manager.partitions.get((topic, partition))
+    return part is not None and part.is_leader
 
 
 class BrokerCollector(Collector):

@@ -175,7 +175,10 @@ class HeatTracker:
                 (t[0], t[1], t[2], t[3]), heat.sampled_batches, heat.keys.total, heat.keys.top(keys, now)))
         return out
 
-    def totals(self, top: int) -> list[tuple[str, int, tuple[int, int, int, int]]]:
-        """(topic, partition, totals) of the `top` partitions by bytes in since first seen (/metrics)."""
-        rows = sorted(self._heat.items(), key=lambda kv: (-kv[1].totals[0], kv[0]))[: max(0, top)]
+    def totals(self, top: int, include: Callable[[str, int], bool] | None = None
+               ) -> list[tuple[str, int, tuple[int, int, int, int]]]:
+        """(topic, partition, totals) of the `top` partitions that `include` accepts (/metrics: those
+        led here; a partition led elsewhere now would show a frozen counter) by bytes in since first seen."""
+        items = [kv for kv in self._heat.items() if include is None or include(*kv[0])]
+        rows = sorted(items, key=lambda kv: (-kv[1].totals[0], kv[0]))[: max(0, top)]
         return [(tp[0], tp[1], (h.totals[0], h.totals[1], h.totals[2], h.totals[3])) for tp, h in rows]

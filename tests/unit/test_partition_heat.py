@@ -77,6 +77,7 @@ def test_the_tracker_finds_the_hot_key_and_counts_in_and_out() -> None:
     assert hot.sampled_batches == 50
     assert heat.snapshot(10, 3, include=lambda t, p: p == 1)[0].partition == 1
     assert heat.totals(1) == [("t", 3, top[0].totals)]
+    assert [tp for *tp, _ in heat.totals(5, include=lambda t, p: p == 1)] == [["t", 1]]  # led here only
     heat.forget("t", 3)
     assert len(heat) == 1
 
