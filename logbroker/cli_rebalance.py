@@ -157,9 +157,9 @@ def sample(admin: Any, sample_s: float, include_internal: bool) -> Sample:
         first = heat(pages)
         started = time.monotonic()
         time.sleep(sample_s)  # the measuring window
-        current = topics()
         second = heat(pages)
-        elapsed_s = max(time.monotonic() - started, 1e-6)
+        elapsed_s = max(time.monotonic() - started, 1e-6)  # about each broker's time between its two answers
+        current = topics()
         sizes_second = {(t.name, p.partition): p.size_bytes for t in current for p in t.partitions}
         measured = rates(list(sizes_second), first, second, sizes_first, sizes_second, elapsed_s)
     cluster = admin.describe_cluster()
