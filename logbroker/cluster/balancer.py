@@ -120,7 +120,7 @@ class Plan:
     def spread(self) -> dict[str, dict[str, float]]:
         """Per figure, before and after: max |value - mean| / mean over the live brokers (0: even)."""
         out: dict[str, dict[str, float]] = {}
-        for name in ("leaders", "leader_bytes_in_per_sec", "replicas"):
+        for name in ("leaders", "leader_bytes_in_per_sec", "replicas", "leader_bytes_out_per_sec"):
             out[name] = {"before": spread([getattr(b, name) for b in self.before]),
                          "after": spread([getattr(b, name) for b in self.after])}
         return out
