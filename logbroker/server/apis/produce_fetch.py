@@ -153,7 +153,9 @@ class ProduceFetchApis:
                 if pp.topic == OFFSETS_TOPIC:
                     raise InvalidTopicError(f"{OFFSETS_TOPIC} is internal: only the group coordinator writes it")
                 if self._grown_partition_count is not None:
-                    check_keys_placed(pp.topic, pp.partition, pp.records, self._grown_partition_count(pp.topic))
+                    grown = self._grown_partition_count(pp.topic)
+                    if grown > pp.keys_placed_by_partitions:  # placed by an older count, or not declared
+                        check_keys_placed(pp.topic, pp.partition, pp.records, grown)
                 try:
                     appended = rm.append_records(pp.topic, pp.partition, pp.records, acks)
                 except UnknownTopicOrPartitionError as miss:
