@@ -20,7 +20,7 @@ from logbroker.client.consumer import Consumer
 from logbroker.client.producer import Producer
 from logbroker.client.queue import QueueConsumer
 from logbroker.cluster.hashing import partition_for_key
-from logbroker.errors import OutOfOrderSequenceNumberError, PartitionCountChangedError
+from logbroker.errors import PartitionCountChangedError
 from tests.conftest import REPO, BrokerProcess, wait_for
 
 KEYS = [f"k{i}".encode() for i in range(120)]
@@ -104,10 +104,10 @@ def _run(bootstrap: str, reader: Any, ack: bool) -> tuple[Produced, dict[bytes, 
 def _check(produced: Produced, consumed: dict[bytes, list[tuple[int, int]]], lineage: dict[int, dict[int, int]]) -> None:
     assert all(not lineage[p] for p in range(6))
     assert set(lineage[6]) == set(range(6)) and lineage[6] == lineage[7]
-    # refused: a moved key sent by the old count; an idempotent producer's next batch of that
-    # partition then skips a sequence (it starts over under a new id)
-    assert all(isinstance(e, (PartitionCountChangedError, OutOfOrderSequenceNumberError))
-               for e in produced.failed), produced.failed[:3]
+    # a batch refused for a moved key is re-routed by the producer itself (client/producer/reroute.py):
+    # nothing fails across the growth
+    assert produced.failed == [], produced.failed[:3]
+    assert produced.rounds == ROUNDS
     for key in KEYS:
         assert [s for s, _ in consumed[key]] == produced.acked[key], key
         before, after = partition_for_key(key, 6), partition_for_key(key, 8)
