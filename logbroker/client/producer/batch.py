@@ -20,7 +20,10 @@ A batch's life (transitions made by the accumulator and the sender, under the pr
       │       acknowledged batch under the producer's id on
       ├─ success ──────────────────────────────> DONE (futures resolve to RecordMetadata)
       ├─ retriable error, before the deadline ─> SEALED again after a backoff (the retry policy)
+      ├─ refused because the topic grew (or behind such a batch) ─> REROUTE (in `acc.reroute`)
       └─ other error, or deadline passed ──────> DONE (futures raise)
+    REROUTE   its records (and the partition's later ones) are appended to fresh batches, each
+              where its key hashes now (reroute.py); it is DONE, its futures follow the records
 
     Any not-in-flight batch older than delivery_timeout_ms fails with KafkaTimeoutError.
 

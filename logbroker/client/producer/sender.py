@@ -30,7 +30,7 @@ from logbroker.client.producer.accumulator import RecordAccumulator, records_of
 from logbroker.client.producer.batch import PartitionBatches, ProducerBatch
 from logbroker.client.producer.future import forward
 from logbroker.client.producer.idempotence import ProducerIdentity
-from logbroker.client.producer.reroute import explained
+from logbroker.client.producer.reroute import REROUTES_MAX, explained
 from logbroker.client.streams import BrokerStreams
 from logbroker.client.transport import on_reader_thread
 from logbroker.errors import (
@@ -371,7 +371,9 @@ class Sender:
                 return False
         b.last_error = err
         if isinstance(err, PartitionCountChangedError) and not acc.reroute_known:
-            acc.reroute_known = explained((m.key for m in records_of(b)), acc.partition, acc.ts.partitions)
+            # re-routed before and refused again: its records fail, with no need to wait for the count
+            acc.reroute_known = b.reroutes >= REROUTES_MAX or explained(
+                (m.key for m in records_of(b)), acc.partition, acc.ts.partitions)
         if acc.reroute is None:
             acc.reroute = []
             self._acc._rerouting[acc] = None
