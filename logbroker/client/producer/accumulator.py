@@ -238,7 +238,7 @@ class RecordAccumulator:
         for acc in self._pending:
             if acc.in_flight and self._muted(acc):
                 continue
-            if acc.reroute is not None or (acc.ts is not None and acc.ts.held(acc.partition)):
+            if acc.reroute is not None or ((t := acc.ts) is not None and t.old_batches and acc.partition >= t.held_from):
                 continue  # waits to be re-routed, or for the batches opened before its topic grew (reroute.py)
             queue = acc.queue
             while queue and queue[0].deadline <= now:

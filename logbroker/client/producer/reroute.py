@@ -28,6 +28,10 @@ its key hashes elsewhere now it fails with PartitionCountChangedError (the user 
 partition), else it goes back to its partition. A record re-routed REROUTES_MAX times whose batch is
 refused again fails as well, and so does one whose delivery_timeout_ms has passed.
 
+Limits: a topic grown twice within one round trip may let a key that moved twice overtake its own
+record (only the partitions new at the last growth are held). A refused batch waits for the new
+count at most until its delivery_timeout_ms, then its records fail.
+
 Decoding a refused batch costs what the consumer pays per record; it happens once per partition per
 growth, and nothing is kept per record on the send path (only the ranges of explicitly partitioned
 records, `ProducerBatch.pinned`).
