@@ -229,3 +229,23 @@ def test_a_partition_batches_idle_only_without_batches_to_re_route():
     assert acc.idle()
     acc.reroute = []
     assert not acc.idle()
+
+
+def test_records_sent_after_the_producer_learnt_of_the_growth_wait_for_the_refused_ones_before_them():
+    md = FakeMetadata({"g": 2})
+    key = MOVED[0]
+    with Producer(md, linger_ms=0, enable_idempotence=False) as p:
+        md.broker.hold = True
+        before = [p.send("g", b"%d" % i, key=key) for i in range(3)]  # to partition 0, held
+        md.topic_partitions["g"] = 3
+        md.broker.grown["g"] = 3
+        md.refresh(["g"])  # its metadata shows the growth before the refusal comes (a periodic refresh)
+        with p._lock:
+            p._topics["g"].grow(3)
+        after = [p.send("g", b"%d" % i, key=key) for i in range(3, 6)]  # straight to partition 2: held
+        assert {f._result.partition for f in after} == {2}
+        assert all(r.partitions[0].partition == 0 for _, r in md.broker.held)
+        _pump(md, before + after)
+    assert [f.result(0).partition for f in before + after] == [2] * 6
+    log = _log(md, "g")
+    assert [m.value for (part, _), m in sorted(log.items()) if m.key == key] == [b"%d" % i for i in range(6)]
