@@ -348,7 +348,9 @@ class PartitionCountChangedError(BrokerError):
     """The topic has grown and the batch holds a key that hashes to another partition now: the
     producer partitioned it by the old count. Its records are refused (so no record of a moved key
     lands in the old partition after the split offset, cluster/lineage.py); the producer refreshes
-    metadata, and records sent again go to the key's new partition. Final for the batch."""
+    metadata and sends them again, each to its key's new partition (client/producer/reroute.py).
+    A record's future fails with it only when the user chose its partition, or it was refused again
+    after a re-route."""
 
     code = pb.PARTITION_COUNT_CHANGED
     refresh_metadata = True

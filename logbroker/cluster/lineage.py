@@ -19,9 +19,14 @@ Design choices (issue 21, "reshard in order"):
   event-loop step that grows the topic (no await between: server/broker.py `_create_partitions_one`),
   stored with the new assignment in one LMDB transaction; from that step on the produce path checks a
   grown topic's keys (`server/apis/produce_fetch.check_keys_placed`), in the same step as the append.
-- A refused batch fails (PARTITION_COUNT_CHANGED, final, metadata refreshed); the producer does not
-  re-route it by itself (its records are already encoded into the batch). The application may send
-  them again; they go to the key's new partition.
+- A refused batch (PARTITION_COUNT_CHANGED) is re-routed by the producer itself
+  (client/producer/reroute.py): it mutes the partition, lets its batches in flight be answered,
+  learns the new count, and sends the refused batch's records and everything of the partition
+  after them again, in order, each to its key's partition under the new count (a moved key's go to
+  the front of its new partition, which holds what was sent after the producer learnt of the
+  growth until the batches opened before it are done). Futures resolve where the records landed.
+  A record sent with an explicit partition whose key moved fails (the user chose the partition), as
+  does a record refused again after a re-route, or past its delivery_timeout_ms.
 - The check decodes batch keys only for topics that grew, and `key_order_on_growth=false` turns it
   off (explicitly partitioned keyed records are then accepted anywhere, as in Kafka).
 - Readers gate only the children: a group consumer by its own positions and the group's committed

@@ -53,8 +53,8 @@ def test_a_group_keeps_every_keys_order_across_added_partitions_on_a_cluster(clu
     with Admin(cluster.bootstrap) as admin:
         admin.create_topic("rs", partitions=6, replication_factor=2)
     with Consumer(cluster.bootstrap, ["rs"], "reshard", auto_offset_reset="earliest",
-                  auto_commit_interval_ms=200) as c:
-        _check(*_run(cluster.bootstrap, c, ack=False))
+                  auto_commit_interval_ms=200) as c:  # small batches: several in flight behind a refused one
+        _check(*_run(cluster.bootstrap, c, ack=False, producer_options={"batch_size_bytes": 256}))
     _assert_split_recorded(cluster)
 
 

@@ -17,6 +17,7 @@ import grpc
 
 from logbroker.client.metadata_cache import MetadataCache
 from logbroker.client.streams import StreamError
+from logbroker.cluster.lineage import misplaced_keys
 from logbroker.storage import record_batch as rb
 from logbroker.storage.producer_state import ProducerStateMap, Verdict
 from logbroker.v1 import logbroker_pb2 as pb
@@ -124,6 +125,7 @@ class FakeBroker:
         self.producer_ids = 0
         self.producers: dict[tuple[str, int], ProducerStateMap] = {}  # dedup as a real leader does
         self.lose_answers = 0  # append the next N produces, then answer UNAVAILABLE (the answer was lost)
+        self.grown: dict[str, int] = {}  # topic -> count: refuse misplaced keys as a grown topic's leader
 
     def _init_producer_id(self, request: pb.InitProducerIdRequest) -> pb.InitProducerIdResponse:
         self.producer_ids += 1
@@ -170,6 +172,10 @@ class FakeBroker:
             if script:
                 out.results.add(topic=p.topic, partition=p.partition, error_code=script.popleft(), base_offset=-1)
                 continue
+            if self._misplaced(p):
+                out.results.add(topic=p.topic, partition=p.partition, error_code=pb.PARTITION_COUNT_CHANGED,
+                                base_offset=-1, error_message="a key hashes to another partition now")
+                continue
             duplicate = self._duplicate(tp, p.records)
             if duplicate is not None:
                 out.results.append(duplicate)
@@ -188,6 +194,15 @@ class FakeBroker:
             self.next_offset[tp] = offset
             out.results.add(topic=p.topic, partition=p.partition, base_offset=base, log_append_time_ms=-1)
         return out
+
+    def _misplaced(self, p: pb.ProducePartition) -> bool:
+        """As server/apis/produce_fetch.check_keys_placed, before any sequence check."""
+        n = self.grown.get(p.topic)
+        if n is None:
+            return False
+        keys = [m.key for h, pos in rb.iter_batches(p.records)
+                for m in rb.decode_batch(p.records, pos, h, p.topic, p.partition)]
+        return misplaced_keys(keys, p.partition, n) > 0
 
     def _list_offsets(self, request: pb.ListOffsetsRequest) -> pb.ListOffsetsResponse:
         out = pb.ListOffsetsResponse()

@@ -9,6 +9,8 @@ while flush() or close() wait or buffer memory is exhausted; it waits while its 
 request in flight (muted; an idempotent producer's partition: BATCHES_KEPT batches, or a retry
 waits for the batches before it: batch.py), its leader is unknown, its leader has max_in_flight_requests out or
 throttles us (over quota: client/throttle.py), or it backs off after a failure. `drain` also expires batches older than delivery_timeout_ms.
+A partition whose batch was refused because its topic grew waits to be re-routed, and a grown topic's
+new partitions wait for the batches opened before the growth (`reroute`; reroute.py).
 
 Everything here happens under `_lock`, which the Sender and the Producer share (one lock, as the
 hot path takes it once per send()). Time comes from the injected clock (seconds, monotonic).
@@ -20,21 +22,42 @@ from __future__ import annotations
 
 import random
 import threading
+from collections import deque
 from collections.abc import Sequence
 
 from logbroker.client.metadata_cache import MetadataCache
-from logbroker.client.producer.batch import PartitionBatches, ProducerBatch, TopicState
+from logbroker.client.producer.batch import (
+    RECORD_OVERHEAD_BYTES,
+    PartitionBatches,
+    ProducerBatch,
+    TopicState,
+    normalize_headers,
+)
 from logbroker.client.producer.future import _BatchResult
 from logbroker.client.producer.idempotence import ProducerIdentity
+from logbroker.client.producer.reroute import FAILED, REROUTES_MAX, is_pinned, runs, split_queue, target
 from logbroker.client.throttle import BrokerThrottle
 from logbroker.clock import Clock, monotonic_s
-from logbroker.errors import KafkaTimeoutError, LogbrokerError, UnknownTopicOrPartitionError
-from logbroker.storage.record_batch import HEADER_SIZE, BatchBuilder, CopiedRecord
+from logbroker.errors import (
+    KafkaTimeoutError,
+    LogbrokerError,
+    PartitionCountChangedError,
+    UnknownTopicOrPartitionError,
+)
+from logbroker.storage.record_batch import (
+    HEADER_SIZE,
+    BatchBuilder,
+    CopiedRecord,
+    Message,
+    decode_batch,
+    iter_batches,
+)
 
 # Room kept in a request for its protobuf framing (per partition: topic, partition, tags).
 REQUEST_OVERHEAD_BYTES = 1024
 
 Requests = list[tuple[str, list[ProducerBatch]]]
+Forwards = list[tuple[_BatchResult, list[tuple[_BatchResult, int]]]]  # (re-routed batch, where each record went)
 
 
 class RecordAccumulator:
@@ -62,6 +85,7 @@ class RecordAccumulator:
         self._topics: dict[str, TopicState] = {}
         self._pending: dict[PartitionBatches, None] = {}  # partitions with open, queued or in-flight batches
         self._incomplete: dict[ProducerBatch, None] = {}
+        self._rerouting: dict[PartitionBatches, None] = {}  # partitions with batches to re-route (reroute.py)
         self._in_flight_per_broker: dict[str, int] = {}
         self.throttle = BrokerThrottle()  # brokers that said we are over quota (client/throttle.py)
         self._buffered_bytes = 0
@@ -87,7 +111,7 @@ class RecordAccumulator:
     def append_records(
         self, ts: TopicState, partition: int | None, keys: Sequence[bytes | None] | None,
         values: Sequence[bytes | None], lens: list[int], timestamp_ms: int, hdrs: list[tuple[str, bytes | None]] | None,
-        per_record: int, segments: list[tuple[_BatchResult, int, int]],
+        per_record: int, segments: list[tuple[_BatchResult, int, int]], pinned: bool = False,
     ) -> None:
         """Append checked records to `partition`'s batches (None: the sticky partition's), one batch
         per step, each step under _lock; appends (batch result, first delta, count) to `segments`.
@@ -95,6 +119,7 @@ class RecordAccumulator:
         A record's buffer charge is `send`'s upper bound, per_record + lens[i] (its key and value
         bytes). A step takes at most what the free buffer memory surely holds (all of the rest, or
         as many records as the largest fits), and waits for room first when not even that fits.
+        `pinned`: `partition` is the user's choice (never re-routed: reroute.py).
         """
         n = len(values)
         largest = per_record + max(lens)
@@ -147,6 +172,8 @@ class RecordAccumulator:
                 self._buffered_bytes += charge
                 total -= charge
                 segments.append((b.result, b.builder.record_count - added, added))  # type: ignore[union-attr]
+                if pinned:
+                    b.pin(b.builder.record_count - added, added)  # type: ignore[union-attr]
                 i = j
 
     def append_copies(
@@ -186,6 +213,7 @@ class RecordAccumulator:
                 charge = b.builder.size_bytes - before  # type: ignore[union-attr]
                 b.charged += charge
                 self._buffered_bytes += charge
+                b.pin(b.builder.record_count - added, added)  # type: ignore[union-attr]  # never re-routed
                 segments.append((b.result, b.builder.record_count - added, added))  # type: ignore[union-attr]
                 i += added
 
@@ -258,6 +286,8 @@ class RecordAccumulator:
         for acc in self._pending:
             if acc.in_flight and self._muted(acc):
                 continue
+            if acc.reroute is not None or ((t := acc.ts) is not None and t.old_batches and acc.partition >= t.held_from):
+                continue  # waits to be re-routed, or for the batches opened before its topic grew (reroute.py)
             queue = acc.queue
             while queue and queue[0].deadline <= now:
                 expired.append(queue.popleft())
@@ -308,6 +338,9 @@ class RecordAccumulator:
                 del self._pending[acc]
         for leader in by_leader:
             self._in_flight_per_broker[leader] = self._in_flight_per_broker.get(leader, 0) + 1
+        if self._rerouting:
+            due = self._reroute_due(now)
+            wake_at = due if wake_at is None else min(wake_at, due)
         if self._refresh_topics and wake_at is None:
             wake_at = max(now, self._metadata_retry_at)
         age_due = max(self._metadata.last_refresh_monotonic + self._metadata_max_age_s, self._metadata_retry_at)
@@ -350,6 +383,8 @@ class RecordAccumulator:
         for acc in lingering:
             head = acc.open
             if head is None or (acc.in_flight and self._muted(acc)):
+                continue
+            if acc.reroute is not None or (acc.ts is not None and acc.ts.held(acc.partition)):
                 continue
             try:
                 leader = self._metadata.leader(acc.topic, acc.partition)
@@ -413,6 +448,8 @@ class RecordAccumulator:
         """Give the batch's buffer memory back (with _lock held)."""
         self._buffered_bytes -= b.charged
         b.charged = 0
+        if b.acc.ts is not None:
+            b.acc.ts.retired(b)
         if b.sequenced:
             b.acc.sent.pop(b, None)
         b.payload = None
@@ -431,8 +468,149 @@ class RecordAccumulator:
                 acc.queue.clear()
                 acc.in_flight = 0
                 acc.sent.clear()
+                acc.reroute = None
             self._pending.clear()
+            self._rerouting.clear()
             self._closed = True
             self._space_cond.notify_all()
         for b in batches:
             b.result.complete(-1, -1, error)
+
+    # -- re-routing (reroute.py) -------------------------------------------------------------
+    def _reroute_due(self, now: float) -> float:
+        """When the sender must look at the partitions waiting to be re-routed: the metadata refresh
+        that may show the growth (their responses wake it while batches are in flight), at the latest
+        the first refused batch's expiry."""
+        due: float | None = None
+        for acc in self._rerouting:
+            at = min((b.deadline for b in acc.reroute or ()), default=now)
+            if not acc.in_flight:
+                at = min(at, max(now, self._metadata_retry_at))
+            due = at if due is None else min(due, at)
+        return now if due is None else due
+
+    def reroute_ready(self, acc: PartitionBatches, now: float) -> bool:
+        """Whether `acc`'s refused batches can be re-routed now (with _lock held): nothing of it in
+        flight, and the new partition count known (the producer's metadata grew the topic since the
+        first of them was opened, or its count explains a refusal: reroute.explained; until then the
+        sender refreshes it), or the first one's deadline has passed (its records then fail)."""
+        refused = acc.reroute
+        if not refused or acc.in_flight or acc.ts is None:
+            return False
+        if (acc.reroute_known or min(b.generation for b in refused) < acc.ts.generation
+                or min(b.deadline for b in refused) <= now):
+            return True
+        self._refresh_topics.add(acc.topic)  # a broker may learn the new count after the leader did
+        return False
+
+    def reroute(self, acc: PartitionBatches, now: float) -> Forwards:
+        """Re-route `acc`'s refused batches and everything queued after them (reroute.py), with _lock
+        held. Returns the forwards to make (future.forward) once the lock is let go."""
+        ts = acc.ts
+        assert ts is not None and acc.reroute is not None
+        kept, moving = split_queue(acc.reroute, list(acc.queue))
+        acc.reroute = None
+        acc.reroute_known = False
+        del self._rerouting[acc]
+        acc.queue = deque(kept)
+        if acc.open is not None:
+            acc.open.record_count = acc.open.builder.record_count  # type: ignore[union-attr]
+            moving.append(acc.open)
+            acc.open = None
+        self._take_back_sequences(acc, moving)
+        records: list[tuple[Message, ProducerBatch]] = []
+        targets: list[int] = []
+        for b in moving:
+            expired = b.deadline <= now
+            exhausted = b.reroutes >= REROUTES_MAX and isinstance(b.last_error, PartitionCountChangedError)
+            for m in records_of(b):
+                records.append((m, b))
+                targets.append(target(m.key, is_pinned(b.pinned, m.offset), expired or exhausted,
+                                      acc.partition, ts.partitions))
+        routes: dict[ProducerBatch, list[tuple[_BatchResult, int]]] = {b: [] for b in moving}
+        for t, start, end in runs(targets):
+            if t == FAILED:
+                for _m, b in records[start:end]:
+                    routes[b].append((_failed_result(b, acc.partition, ts.partitions, now), 0))
+            else:
+                self._append_rerouted(ts.accs[t], t != acc.partition, records[start:end], routes)
+        for b in moving:
+            self._incomplete.pop(b, None)
+            self._release(b)
+        return [(b.result, r) for b, r in routes.items()]
+
+    def _append_rerouted(self, acc: PartitionBatches, front: bool, records: list[tuple[Message, ProducerBatch]],
+                         routes: dict[ProducerBatch, list[tuple[_BatchResult, int]]]) -> None:
+        """Append re-routed records, in order, to fresh batches of `acc`: at the back of its queue,
+        or (`front`: a new partition, which holds everything sent after the growth) ahead of all but
+        the batches re-routed to it before."""
+        fresh: list[ProducerBatch] = []
+        cur: ProducerBatch | None = None
+        for m, src in records:
+            hdrs = list(m.headers) or None
+            size = RECORD_OVERHEAD_BYTES + len(m.key or b"") + len(m.value or b"")
+            if hdrs:
+                size += normalize_headers(hdrs)[1]
+            delta = -1 if cur is None else cur.builder.try_append(  # type: ignore[union-attr]
+                m.timestamp, m.key, m.value, hdrs, size, self._batch_size_bytes)
+            if delta < 0:
+                builder = BatchBuilder(m.timestamp, self._compression, self._batch_size_bytes)
+                cur = ProducerBatch(acc, builder, src.created, src.deadline)
+                fresh.append(cur)
+                self._incomplete[cur] = None
+                delta = builder.append(m.timestamp, m.key, m.value, hdrs)
+            assert cur is not None
+            cur.deadline = min(cur.deadline, src.deadline)
+            cur.reroutes = max(cur.reroutes, src.reroutes + 1)
+            if is_pinned(src.pinned, m.offset):
+                cur.pin(delta, 1)
+            cur.charged += size
+            self._buffered_bytes += size
+            routes[src].append((cur.result, delta))
+        for b in fresh:
+            b.record_count = b.builder.record_count  # type: ignore[union-attr]
+        if front:
+            at = 0
+            while at < len(acc.queue) and acc.queue[at].reroutes:
+                at += 1
+            for i, b in enumerate(fresh):
+                acc.queue.insert(at + i, b)
+        else:
+            acc.queue.extend(fresh)
+        self._pending[acc] = None
+
+    def _take_back_sequences(self, acc: PartitionBatches, moving: list[ProducerBatch]) -> None:
+        """The sequences of the re-routed batches were never appended: the partition's next batch
+        takes the first of them again, when they are contiguous under the current producer id
+        (idempotence.py `take_back`); otherwise the producer starts over under a new id."""
+        sequenced = [(b.producer_id, b.base_sequence, b.record_count) for b in moving if b.sequenced]
+        if sequenced and self.identity is not None:
+            self.identity.take_back(acc.topic, acc.partition, sequenced)
+
+
+def records_of(b: ProducerBatch) -> list[Message]:
+    """The records of a batch (decoded from its payload, or built first if it was never sent); each
+    Message's offset is the record's delta within the batch."""
+    payload = b.payload
+    if payload is None:
+        assert b.builder is not None
+        payload = b.builder.build()
+    return [m for h, pos in iter_batches(payload) for m in decode_batch(payload, pos, h, b.acc.topic, b.acc.partition)]
+
+
+def _failed_result(b: ProducerBatch, partition: int, partitions: int, now: float) -> _BatchResult:
+    """A done result with the error of a record of `b` that is not re-routed (reroute.target)."""
+    r = _BatchResult(b.acc.topic, partition)
+    err: BaseException
+    if b.deadline <= now:
+        err = KafkaTimeoutError(f"expiring a record of {b.acc.topic}-{partition} while re-routing it: "
+                                f"{(now - b.created) * 1000:.0f} ms since its batch was created")
+        err.__cause__ = b.last_error
+    elif isinstance(b.last_error, PartitionCountChangedError):
+        err = b.last_error
+    else:
+        err = PartitionCountChangedError(
+            f"{b.acc.topic}-{partition}: a record sent to this partition explicitly has a key that hashes to "
+            f"another of the {partitions} partitions the topic has now")
+    r.complete(-1, -1, err)
+    return r

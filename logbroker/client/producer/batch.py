@@ -20,7 +20,10 @@ A batch's life (transitions made by the accumulator and the sender, under the pr
       │       acknowledged batch under the producer's id on
       ├─ success ──────────────────────────────> DONE (futures resolve to RecordMetadata)
       ├─ retriable error, before the deadline ─> SEALED again after a backoff (the retry policy)
+      ├─ refused because the topic grew (or behind such a batch) ─> REROUTE (in `acc.reroute`)
       └─ other error, or deadline passed ──────> DONE (futures raise)
+    REROUTE   its records (and the partition's later ones) are appended to fresh batches, each
+              where its key hashes now (reroute.py); it is DONE, its futures follow the records
 
     Any not-in-flight batch older than delivery_timeout_ms fails with KafkaTimeoutError.
 
@@ -47,7 +50,7 @@ KEY_CACHE_ENTRIES = 1 << 16
 class ProducerBatch:
     __slots__ = ("acc", "builder", "result", "created", "deadline", "retry_at", "attempts",
                  "charged", "payload", "record_count", "last_error", "solo", "sequenced", "order",
-                 "producer_id")
+                 "producer_id", "base_sequence", "generation", "pinned", "reroutes")
 
     def __init__(self, acc: PartitionBatches, builder: BatchBuilder, now: float, deadline: float) -> None:
         self.acc = acc
@@ -65,6 +68,18 @@ class ProducerBatch:
         self.sequenced = False  # encoded with an idempotent producer's id and sequence
         self.order = 0  # sequenced: its place in the partition's sequence (a producer-wide counter)
         self.producer_id = -1  # sequenced: the producer id it was encoded with
+        self.base_sequence = -1  # sequenced: its first record's sequence
+        self.generation = acc.ts.generation if acc.ts is not None else 0  # its topic's growths when opened
+        # (first delta, count) of the records sent with an explicit partition (reroute.py); None: none
+        self.pinned: list[tuple[int, int]] | None = None
+        self.reroutes = 0  # how many times its records were re-routed (reroute.py)
+
+    def pin(self, first: int, count: int) -> None:
+        """Records first .. first+count-1 were sent to a partition the user chose."""
+        if self.pinned is None:
+            self.pinned = [(first, count)]
+        else:
+            self.pinned.append((first, count))
 
     def size_bytes(self) -> int:
         if self.payload is not None:
@@ -74,11 +89,17 @@ class ProducerBatch:
 
 
 class PartitionBatches:
-    __slots__ = ("topic", "partition", "open", "queue", "in_flight", "sent", "confirmed_producer_id")
+    __slots__ = ("topic", "partition", "open", "queue", "in_flight", "sent", "confirmed_producer_id", "ts",
+                 "reroute", "reroute_known")
 
-    def __init__(self, topic: str, partition: int) -> None:
+    def __init__(self, topic: str, partition: int, ts: TopicState | None = None) -> None:
         self.topic = topic
         self.partition = partition
+        self.ts = ts
+        # Batches refused because the topic grew (and those swept along behind them), waiting to be
+        # re-routed (reroute.py): while not None the partition ships nothing
+        self.reroute: list[ProducerBatch] | None = None
+        self.reroute_known = False  # the producer's partition count explains a refusal (reroute.explained)
         self.open: ProducerBatch | None = None
         self.queue: deque[ProducerBatch] = deque()
         self.in_flight = 0  # batches in requests not answered yet
@@ -91,7 +112,11 @@ class PartitionBatches:
         self.confirmed_producer_id = -1
 
     def idle(self) -> bool:
-        return self.open is None and not self.queue and self.in_flight == 0
+        return self.open is None and not self.queue and self.in_flight == 0 and self.reroute is None
+
+    def unresolved(self) -> int:
+        """Its batches not done yet (open, queued, in flight, waiting to be re-routed)."""
+        return (self.open is not None) + len(self.queue) + self.in_flight + len(self.reroute or ())
 
     def requeue(self, b: ProducerBatch) -> None:
         """A batch back for a retry: at the queue front, after the retried batches of lower sequence."""
@@ -109,22 +134,46 @@ class TopicState:
     The memo spares send() the jump hash (~0.7 us in Python) for keys seen before; it holds at
     most KEY_CACHE_ENTRIES keys and is replaced (not cleared) when the partition count changes, so
     a send() racing with `grow` can only write into the old one.
+
+    Growth (reroute.py): `generation` counts the growths seen; `old_batches` is how many batches
+    opened before the last growth are not done yet. While there are any, the partitions from
+    `held_from` on (the new ones) ship nothing: a moved key's records still in an old partition
+    (perhaps refused there and re-routed to the front of its new partition) go first.
     """
 
-    __slots__ = ("name", "partitions", "accs", "sticky", "key_cache")
+    __slots__ = ("name", "partitions", "accs", "sticky", "key_cache", "generation", "old_batches", "held_from")
 
     def __init__(self, name: str, partitions: int) -> None:
         self.name = name
-        self.accs = [PartitionBatches(name, p) for p in range(partitions)]
+        self.generation = 0
+        self.old_batches = 0
+        self.held_from = partitions
+        self.accs = [PartitionBatches(name, p, self) for p in range(partitions)]
         self.partitions = partitions
         self.sticky = random.randrange(partitions)
         self.key_cache: dict[bytes, int] = {}
 
     def grow(self, partitions: int) -> None:
+        """The topic has `partitions` now (more than before; with the producer's lock held)."""
+        # Only the partitions new now are held: one created by an earlier growth may hold batches
+        # opened before this one, which must ship. (Two growths within a round trip may so let a
+        # key moved twice overtake its own record: reroute.py.)
+        self.old_batches = sum(acc.unresolved() for acc in self.accs)
+        self.held_from = self.partitions
+        self.generation += 1
         for p in range(len(self.accs), partitions):
-            self.accs.append(PartitionBatches(self.name, p))
+            self.accs.append(PartitionBatches(self.name, p, self))
         self.partitions = partitions  # after accs grew: send() reads it without the lock
         self.key_cache = {}  # after partitions changed: send() reads the cache first
+
+    def held(self, partition: int) -> bool:
+        """Whether `partition` waits for the batches opened before the last growth (class doc)."""
+        return self.old_batches > 0 and partition >= self.held_from
+
+    def retired(self, b: ProducerBatch) -> None:
+        """`b` is done (delivered, failed or re-routed)."""
+        if b.generation < self.generation and self.old_batches > 0:
+            self.old_batches -= 1
 
     def partition_for(self, key: bytes) -> int:
         cache = self.key_cache

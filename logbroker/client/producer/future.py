@@ -5,6 +5,10 @@ set once when the batch completes); a `FutureRecordMetadata` is three slots poin
 `concurrent.futures.Future` per record), a `FutureRecordsMetadata` (one `send_many` call) holds a
 (batch result, first delta, count) segment per batch. Callbacks run on the thread that completes the
 batch (the sender's), or at once in the caller's thread if it is already done.
+
+A batch whose records were re-routed (reroute.py: its topic grew) gets `moved`, where each record
+went (another batch's result and delta), and completes once all of those have: a future follows
+`moved` to the result of the batch its record finally landed in (`_resolve`).
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ class _BatchResult:
     """The completion shared by every record of one batch."""
 
     __slots__ = ("topic", "partition", "base_offset", "log_append_time_ms", "error", "done",
-                 "_event", "_callbacks")
+                 "_event", "_callbacks", "moved")
 
     def __init__(self, topic: str, partition: int) -> None:
         self.topic = topic
@@ -58,6 +62,8 @@ class _BatchResult:
         self.done = False
         self._event: threading.Event | None = None
         self._callbacks: list[tuple[Callable[[Any], object], Any]] | None = None
+        # re-routed: record delta -> (the result, delta) it went to (module doc); set before done
+        self.moved: list[tuple[_BatchResult, int]] | None = None
 
     def wait(self, timeout: float | None) -> bool:
         if self.done:
@@ -96,6 +102,32 @@ class _BatchResult:
         if callbacks:
             for fn, fut in callbacks:
                 _run_callback(fn, fut)
+
+
+def forward(old: _BatchResult, routes: list[tuple[_BatchResult, int]]) -> None:
+    """`old`'s records now live at routes[delta]; `old` completes once every one of those results
+    has (module doc). Call without the producer's lock: it may complete `old` and run callbacks."""
+    old.moved = routes
+    targets = list({id(r): r for r, _ in routes}.values())
+    pending = [len(targets)]
+
+    def one_done(_: object) -> None:
+        with _RESULT_LOCK:
+            pending[0] -= 1
+            last = pending[0] == 0
+        if last:
+            old.complete(-1, -1, None)
+
+    for r in targets:
+        if not r.add_callback(one_done, None):
+            one_done(None)
+
+
+def _resolve(r: _BatchResult, delta: int) -> tuple[_BatchResult, int]:
+    """The result and delta where record `delta` of `r` finally went (itself if never re-routed)."""
+    while r.moved is not None:
+        r, delta = r.moved[delta]
+    return r, delta
 
 
 def _run_callback(fn: Callable[[Any], object], fut: Any) -> None:
@@ -137,9 +169,12 @@ class FutureRecordMetadata:
         r = self._result
         if not r.done and not r.wait(timeout):
             raise FutureTimeoutError(f"record not delivered within {timeout} s")
+        delta = self._delta
+        if r.moved is not None:
+            r, delta = _resolve(r, delta)
         if r.error is not None:
             raise r.error
-        offset = r.base_offset + self._delta if r.base_offset >= 0 else -1
+        offset = r.base_offset + delta if r.base_offset >= 0 else -1
         ts = r.log_append_time_ms if r.log_append_time_ms >= 0 else self._timestamp
         return RecordMetadata(r.topic, r.partition, offset, ts)
 
@@ -149,6 +184,8 @@ class FutureRecordMetadata:
         r = self._result
         if not r.done and not r.wait(timeout):
             raise FutureTimeoutError(f"record not delivered within {timeout} s")
+        if r.moved is not None:
+            r = _resolve(r, self._delta)[0]
         return r.error
 
     def add_done_callback(self, fn: Callable[[FutureRecordMetadata], object]) -> None:
@@ -220,12 +257,25 @@ class FutureRecordsMetadata:
             if not r.wait(remaining):
                 raise FutureTimeoutError(f"{self._count} record(s) not delivered within {timeout} s")
 
+    def _final_segments(self) -> list[tuple[_BatchResult, int, int]]:
+        """The segments, a re-routed one split per record into where each went (segments all done)."""
+        segments = self._segments
+        if all(r.moved is None for r, _, _ in segments):
+            return segments
+        out: list[tuple[_BatchResult, int, int]] = []
+        for r, delta, n in segments:
+            if r.moved is None:
+                out.append((r, delta, n))
+            else:
+                out.extend((*_resolve(r, d), 1) for d in range(delta, delta + n))
+        return out
+
     def _first_error(self) -> BaseException | None:
         """The error of the failed record that came first in the input (segments all done)."""
         order = self._order
         best: tuple[int, BaseException] | None = None
         at = 0
-        for r, _, n in self._segments:
+        for r, _, n in self._final_segments():
             if r.error is not None:
                 # within a segment the input order is kept: its first record comes first
                 pos = at if order is None else order[at]
@@ -259,7 +309,7 @@ class FutureRecordsMetadata:
         topic = self._topic
         timestamp = self._timestamp
         out: list[RecordMetadata] = []
-        for r, delta, n in self._segments:
+        for r, delta, n in self._final_segments():
             ts = r.log_append_time_ms if r.log_append_time_ms >= 0 else timestamp
             if r.base_offset >= 0:
                 base = r.base_offset + delta

@@ -91,6 +91,25 @@ class ProducerIdentity:
         else:
             self.reset()
 
+    def take_back(self, topic: str, partition: int, batches: list[tuple[int, int, int]]) -> bool:
+        """A partition refused these sequenced batches, (producer id, base sequence, record count) in
+        order, and the producer sends their records again (reroute.py). When they are the partition's
+        last sequences under the current id, back to back, its next batch takes the first one's
+        sequence again (True); otherwise the producer starts over under a new id (`reset`)."""
+        key = (topic, partition)
+        expected = batches[0][1]
+        ok = self.producer_id >= 0
+        for producer_id, base, count in batches:
+            if not ok or producer_id != self.producer_id or base != expected:
+                ok = False
+                break
+            expected = sequence_after(base, count)
+        if ok and self._sequences.get(key) == expected:
+            self._sequences[key] = batches[0][1]
+            return True
+        self.reset()
+        return False
+
     def reset(self) -> None:
         """Forget the id: the next batch is encoded under a new one (module doc)."""
         self.producer_id = -1

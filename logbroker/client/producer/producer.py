@@ -188,10 +188,7 @@ class Producer(RecordAccumulator):
     # -- send ------------------------------------------------------------------------------
 
     def send(
-        self,
-        topic: str,
-        value: bytes | str | None,
-        key: bytes | str | None = None,
+        self, topic: str, value: bytes | str | None, key: bytes | str | None = None,
         headers: Sequence[tuple[str, bytes | str | None]] | dict[str, bytes | str | None] | None = None,
         partition: int | None = None, timestamp_ms: int | None = None,
         delay_ms: int | None = None, deliver_at_ms: int | None = None, ttl_ms: int | None = None, priority: int = 0,
@@ -204,6 +201,7 @@ class Producer(RecordAccumulator):
         Blocks only while the topic's metadata is unknown or buffer_memory_bytes is full, each at most
         max_block_ms (then KafkaTimeoutError). A record too large to ever send gets a failed future
         (MessageTooLargeError). With a key file, the value is sealed for `topic` (client/encryption.py).
+        A keyed record follows its key to its new partition if the topic grows (reroute.py).
         """
         if value is not None and value.__class__ is not bytes:
             value = to_bytes(value, "value")
@@ -233,7 +231,7 @@ class Producer(RecordAccumulator):
                 f"record of ~{size} bytes exceeds what the producer can send "
                 f"(max_request_bytes {self._max_request_bytes}, buffer_memory_bytes {self._buffer_memory_bytes})"
             ), timestamp_ms)
-        if partition is None:
+        if not (pinned := partition is not None):  # pinned: the user's choice, never re-routed (reroute.py)
             if key is not None:
                 partition = ts.partition_for(key)
         elif not 0 <= partition < ts.partitions:
@@ -262,6 +260,8 @@ class Producer(RecordAccumulator):
                     delta = b.builder.append(timestamp_ms, key, value, hdrs)  # type: ignore[union-attr]
             b.charged += size  # type: ignore[union-attr]
             self._buffered_bytes += size
+            if pinned:
+                b.pin(delta, 1)  # type: ignore[union-attr]
         finally:
             lock.release()
         if self._ship_inline_enabled:
@@ -379,7 +379,8 @@ class Producer(RecordAccumulator):
 
         segments: list[tuple[_BatchResult, int, int]] = []
         if partition is not None or ks is None:
-            self.append_records(ts, partition, ks, vals, lens, timestamp_ms, hdrs, per_record, segments)
+            self.append_records(ts, partition, ks, vals, lens, timestamp_ms, hdrs, per_record, segments,
+                                pinned=partition is not None)
             return FutureRecordsMetadata(topic, segments, None, timestamp_ms, n)
         # Keyed: each partition's records in input order; null keys go sticky (partition -1 here).
         memo: dict[bytes | None, int] = ts.key_cache  # type: ignore[assignment]  # None is never in it

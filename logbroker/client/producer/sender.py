@@ -26,15 +26,18 @@ import grpc
 from logbroker.client.backoff import client_retry_policy
 from logbroker.client.call_errors import is_retriable, needs_metadata, overload_wait_ms, rpc_error
 from logbroker.client.metadata_cache import LogThrottle, MetadataCache
-from logbroker.client.producer.accumulator import RecordAccumulator
+from logbroker.client.producer.accumulator import RecordAccumulator, records_of
 from logbroker.client.producer.batch import PartitionBatches, ProducerBatch
+from logbroker.client.producer.future import forward
 from logbroker.client.producer.idempotence import ProducerIdentity
+from logbroker.client.producer.reroute import REROUTES_MAX, explained
 from logbroker.client.streams import BrokerStreams
 from logbroker.client.transport import on_reader_thread
 from logbroker.errors import (
     KafkaTimeoutError,
     LogbrokerError,
     OutOfOrderSequenceNumberError,
+    PartitionCountChangedError,
     UnknownServerError,
     error_for,
 )
@@ -112,6 +115,7 @@ class Sender:
             self._handle_response(call)
         now = self._acc._monotonic()
         self._maybe_refresh_metadata(now)
+        self._reroute(now)
         self._ship_lock.acquire()
         shipping = True
         try:
@@ -249,7 +253,9 @@ class Sender:
                 if identity is None:
                     b.payload = builder.build()
                 else:
-                    b.payload = builder.build(*identity.sequenced(b.acc.topic, b.acc.partition, builder.record_count))
+                    pid, epoch, seq = identity.sequenced(b.acc.topic, b.acc.partition, builder.record_count)
+                    b.payload = builder.build(pid, epoch, seq)
+                    b.base_sequence = seq
                     if identity.unsupported:  # plain batches: one request per partition keeps their order
                         self._acc.partition_in_flight_batches_max = 0
                     else:
@@ -318,6 +324,8 @@ class Sender:
                         continue
                     else:
                         err = error_for(r.error_code, r.error_message)
+                if self._to_reroute(b, err, now):
+                    continue
                 if needs_metadata(err):
                     self._acc._refresh_topics.add(acc.topic)
                 shared = len(call.batches) if call_error is not None else per_acc[acc]
@@ -347,6 +355,43 @@ class Sender:
         for b, base_offset, append_time, error in outcomes:
             if self._acks != 0:
                 b.result.complete(base_offset, append_time, error)
+
+    def _to_reroute(self, b: ProducerBatch, err: BaseException, now: float) -> bool:
+        """Whether refused batch `b` waits to be re-routed (reroute.py; with _lock held): refused
+        because its topic grew, or refused otherwise (out of sequence, a retriable error) behind such
+        a batch of its partition. Batches before the first such one retry as usual."""
+        acc = b.acc
+        if self._stopping or acc.ts is None or self._acks == 0:
+            return False
+        if not isinstance(err, PartitionCountChangedError):
+            if acc.reroute is None or not (is_retriable(err) or isinstance(err, OutOfOrderSequenceNumberError)):
+                return False
+            first = min((x.order for x in acc.reroute if x.sequenced), default=None)
+            if b.sequenced and first is not None and b.order < first:
+                return False
+        b.last_error = err
+        if isinstance(err, PartitionCountChangedError) and not acc.reroute_known:
+            # re-routed before and refused again: its records fail, with no need to wait for the count
+            acc.reroute_known = b.reroutes >= REROUTES_MAX or explained(
+                (m.key for m in records_of(b)), acc.partition, acc.ts.partitions)
+        if acc.reroute is None:
+            acc.reroute = []
+            self._acc._rerouting[acc] = None
+        acc.reroute.append(b)
+        self._acc._refresh_topics.add(acc.topic)
+        log.debug("%s-%s: batch refused (%s), its records will be re-routed", acc.topic, acc.partition, err)
+        return True
+
+    def _reroute(self, now: float) -> None:
+        """Re-route the refused batches whose partition is ready (accumulator.reroute)."""
+        with self._acc._lock:
+            if not self._acc._rerouting:
+                return
+            forwards = []
+            for acc in [a for a in self._acc._rerouting if self._acc.reroute_ready(a, now)]:
+                forwards += self._acc.reroute(acc, now)
+        for old, routes in forwards:
+            forward(old, routes)
 
     def _retry_wait_s(self, b: ProducerBatch, err: BaseException, retriable: bool, now: float) -> float | None:
         """How long `b` backs off before its next try; None: it fails now (a final error, the
