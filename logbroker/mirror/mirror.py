@@ -55,6 +55,11 @@ from logbroker.tls import TlsConfig
 log = logging.getLogger(__name__)
 TopicPartition = tuple[str, int]
 
+# Target topics copy their source's config but this: every record goes to its source partition, whose
+# keys the source placed by its count at the time (cluster/lineage.py), so the target never checks keys
+# on growth (a copy of a record placed before the source grew would be refused) and does not gate its
+# children: per-key order across a growth holds on the source; on the target, within each partition.
+TARGET_CONFIG = {"key_order_on_growth": "false"}
 SETTLE_TIMEOUT_S = 30.0  # waiting for a target partition's high watermark to reach its log end
 READ_LAST_TIMEOUT_S = 30.0
 
@@ -161,7 +166,9 @@ class Mirror:
             if have is None:
                 rf = min(brokers, max((len(p.replicas) for p in src.partitions), default=1))
                 try:
-                    self._admin_b.create_topic(name, count, rf, src.config)
+                    # placed as on the source: a target that grew (below) must not refuse a record
+                    # placed by the source's older count, which a lagging copy still brings
+                    self._admin_b.create_topic(name, count, rf, {**src.config, **TARGET_CONFIG})
                     log.info("created %s on the target: %d partitions, replication %d", name, count, rf)
                 except TopicAlreadyExistsError:
                     pass

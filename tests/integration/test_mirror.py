@@ -424,3 +424,36 @@ def test_two_mirror_processes_in_one_group_share_the_copy_and_one_killed_loses_a
     for p in range(parts):
         assert [progress.source_position(r[3], p) for r in target[p]] == [r[0] for r in source[p]]
         assert [(r[1], r[2], strip_src(r[3]), r[4]) for r in target[p]] == [r[1:] for r in source[p]]
+
+
+def test_records_of_a_source_that_grew_are_copied_into_their_source_partitions(clusters, mirrors):
+    """The source grows while the mirror is stopped; the restarted mirror grows the target first and
+    then copies records placed by the old count: the target takes each into its source partition (it
+    created the topic with key_order_on_growth=false, so nothing is refused or re-routed)."""
+    a, b = clusters
+    with Admin(a.bootstrap) as admin_a:
+        admin_a.create_topic("grows", 2)
+    with Producer(a.bootstrap, linger_ms=5) as p:
+        p.send_many("grows", [b"first"], [b"k-first"])
+        p.flush(timeout=30)
+    m = mirrors(a, b, "--topics", "grows")
+    with Admin(b.bootstrap) as admin_b:
+        wait_for(lambda: total_end(admin_b, "grows") >= 1, 60, "the first copy")
+        assert admin_b.describe_topic("grows").config.get("key_order_on_growth") == "false"
+    assert m.stop() == 0
+    keys = [b"key-%d" % i for i in range(400)]
+    with Producer(a.bootstrap, linger_ms=5) as p:  # placed by 2 partitions
+        p.send_many("grows", [b"v-%d" % i for i in range(400)], keys)
+        p.flush(timeout=30)
+    with Admin(a.bootstrap) as admin_a:
+        admin_a.create_partitions("grows", 4)
+    m = mirrors(a, b, "--topics", "grows")
+    with Admin(b.bootstrap) as admin_b:
+        wait_for(lambda: total_end(admin_b, "grows") >= 401, 60, "401 records on the target")
+        assert len(admin_b.describe_topic("grows").partitions) == 4
+    assert m.stop() == 0
+    source = read_all(a.bootstrap, "grows", 4, 401)
+    target = read_all(b.bootstrap, "grows", 4, 401)
+    for p in range(4):
+        assert [(k, v) for _o, k, v, _h, _t in target[p]] == [(k, v) for _o, k, v, _h, _t in source[p]]
+    assert "PARTITION_COUNT_CHANGED" not in m.log_text() and "Traceback" not in m.log_text()
