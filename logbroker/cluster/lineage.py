@@ -27,6 +27,11 @@ Design choices (issue 21, "reshard in order"):
   growth until the batches opened before it are done). Futures resolve where the records landed.
   A record sent with an explicit partition whose key moved fails (the user chose the partition), as
   does a record refused again after a re-route, or past its delivery_timeout_ms.
+- A producer declares per batch the partition count it placed the keys by
+  (`keys_placed_by_partitions`: client/producer/batch.py `placed_by`; 0 for a key whose partition
+  the user chose). A batch declaring the current count is taken without decoding anything: the hot
+  path stays free of per-record work once producers know the new count. Only batches declaring an
+  older count, or none (other clients), have their keys decoded and checked.
 - The check decodes batch keys only for topics that grew, and `key_order_on_growth=false` turns it
   off (explicitly partitioned keyed records are then accepted anywhere, as in Kafka).
 - Readers gate only the children: a group consumer by its own positions and the group's committed

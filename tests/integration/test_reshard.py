@@ -14,6 +14,7 @@ import threading
 from collections import defaultdict
 from typing import Any
 
+import grpc
 import pytest
 
 from logbroker.client.admin import Admin
@@ -22,6 +23,9 @@ from logbroker.client.producer import Producer
 from logbroker.client.queue import QueueConsumer
 from logbroker.cluster.hashing import partition_for_key
 from logbroker.errors import PartitionCountChangedError
+from logbroker.storage import record_batch as rb
+from logbroker.v1 import logbroker_pb2 as pb
+from logbroker.v1 import logbroker_pb2_grpc as pbg
 from tests.conftest import REPO, BrokerProcess, wait_for
 
 KEYS = [f"k{i}".encode() for i in range(120)]
@@ -182,3 +186,23 @@ def test_a_misplaced_key_is_refused_after_growth_unless_the_topic_opts_out(broke
             producer.send("on", b"v", key=key, partition=0).result(30)
         assert producer.send("on", b"v", key=key).result(30).partition == 2
         assert producer.send("off", b"v", key=key, partition=0).result(30).partition == 0
+
+
+def test_the_broker_checks_a_grown_topics_keys_only_below_the_declared_partition_count(broker: BrokerProcess) -> None:
+    """keys_placed_by_partitions: a batch placed by the topic's current count is taken as it is (the
+    broker decodes nothing); one declaring an older count, or none, has its keys checked."""
+    with Admin(broker.address) as admin:
+        admin.create_topic("decl", partitions=2)
+        admin.create_partitions("decl", 3)
+    key = next(f"k{i}".encode() for i in range(1000) if partition_for_key(f"k{i}".encode(), 3) == 2)
+    batch = rb.encode_batch([(1000, key, b"v", None)])  # a key of partition 2, sent to partition 0
+    with grpc.insecure_channel(broker.address) as channel:
+        stub = pbg.BrokerStub(channel)
+
+        def produce(declared: int) -> pb.ProducePartitionResult:
+            return stub.Produce(pb.ProduceRequest(acks=1, timeout_ms=5000, partitions=[pb.ProducePartition(
+                topic="decl", partition=0, records=batch, keys_placed_by_partitions=declared)]), timeout=30).results[0]
+
+        for declared in (0, 2):
+            assert produce(declared).error_code == pb.PARTITION_COUNT_CHANGED, declared
+        assert produce(3).error_code == pb.NONE  # the producer's word: no key decoded

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import pytest
 
 from logbroker.client.producer import Producer
-from logbroker.client.producer.batch import PartitionBatches, ProducerBatch, TopicState
+from logbroker.client.producer.batch import PLACED_BY_ANY, PartitionBatches, ProducerBatch, TopicState
 from logbroker.client.producer.future import (
     FutureRecordMetadata,
     FutureRecordsMetadata,
@@ -249,3 +249,22 @@ def test_records_sent_after_the_producer_learnt_of_the_growth_wait_for_the_refus
     assert [f.result(0).partition for f in before + after] == [2] * 6
     log = _log(md, "g")
     assert [m.value for (part, _), m in sorted(log.items()) if m.key == key] == [b"%d" % i for i in range(6)]
+
+
+def test_each_batch_declares_the_partition_count_its_keys_were_placed_by():
+    """keys_placed_by_partitions: the count hashed over for keyed records (send, send_many); 0 for a
+    keyed record whose partition the user chose (and for send_records' copies); the largest value
+    when no record has a key. A grown topic's broker decodes keys only below its count."""
+    md = FakeMetadata({"d": 4})
+    with Producer(md, linger_ms=0, enable_idempotence=False) as p:
+        for call in (lambda: p.send("d", b"v", key=b"k1"), lambda: p.send_many("d", [b"a", b"b"], [b"k2", b"k3"]),
+                     lambda: p.send("d", b"v", key=b"k4", partition=1), lambda: p.send("d", b"v"),
+                     lambda: p.send_records("d", 2, [(1, b"k5", b"v", [])])):
+            call().result(10)  # one at a time: each in batches of its own
+    declared = {(pp.partition, pp.keys_placed_by_partitions) for r in md.broker.requests
+                if isinstance(r, pb.ProduceRequest) for pp in r.partitions}
+    placed = {(partition_for_key(k, 4), 4) for k in (b"k1", b"k2", b"k3")}
+    assert placed <= declared
+    assert (1, 0) in declared and (2, 0) in declared
+    assert any(n == PLACED_BY_ANY for _, n in declared)  # the null-key record's batch
+    assert all(n in (0, 4, PLACED_BY_ANY) for _, n in declared)

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 
 from logbroker.client.metadata_cache import MetadataCache
 from logbroker.client.producer.batch import (
+    PLACED_BY_ANY,
     RECORD_OVERHEAD_BYTES,
     PartitionBatches,
     ProducerBatch,
@@ -111,7 +112,7 @@ class RecordAccumulator:
     def append_records(
         self, ts: TopicState, partition: int | None, keys: Sequence[bytes | None] | None,
         values: Sequence[bytes | None], lens: list[int], timestamp_ms: int, hdrs: list[tuple[str, bytes | None]] | None,
-        per_record: int, segments: list[tuple[_BatchResult, int, int]], pinned: bool = False,
+        per_record: int, segments: list[tuple[_BatchResult, int, int]], pinned: bool = False, placed: int = 0,
     ) -> None:
         """Append checked records to `partition`'s batches (None: the sticky partition's), one batch
         per step, each step under _lock; appends (batch result, first delta, count) to `segments`.
@@ -119,8 +120,11 @@ class RecordAccumulator:
         A record's buffer charge is `send`'s upper bound, per_record + lens[i] (its key and value
         bytes). A step takes at most what the free buffer memory surely holds (all of the rest, or
         as many records as the largest fits), and waits for room first when not even that fits.
-        `pinned`: `partition` is the user's choice (never re-routed: reroute.py).
+        `pinned`: `partition` is the user's choice (never re-routed: reroute.py). `placed`: the
+        partition count the keys were placed by (not pinned; ProducerBatch.placed_by).
         """
+        # no key: nothing for a broker to check
+        placed = PLACED_BY_ANY if keys is None else 0 if pinned else placed
         n = len(values)
         largest = per_record + max(lens)
         memory = self._buffer_memory_bytes
@@ -174,6 +178,8 @@ class RecordAccumulator:
                 segments.append((b.result, b.builder.record_count - added, added))  # type: ignore[union-attr]
                 if pinned:
                     b.pin(b.builder.record_count - added, added)  # type: ignore[union-attr]
+                if placed < b.placed_by:
+                    b.placed_by = placed
                 i = j
 
     def append_copies(
@@ -214,6 +220,7 @@ class RecordAccumulator:
                 b.charged += charge
                 self._buffered_bytes += charge
                 b.pin(b.builder.record_count - added, added)  # type: ignore[union-attr]  # never re-routed
+                b.placed_by = 0  # the caller's partitions: a grown topic's broker checks the keys
                 segments.append((b.result, b.builder.record_count - added, added))  # type: ignore[union-attr]
                 i += added
 
@@ -546,6 +553,7 @@ class RecordAccumulator:
         the batches re-routed to it before."""
         fresh: list[ProducerBatch] = []
         cur: ProducerBatch | None = None
+        ts_count = acc.ts.partitions if acc.ts is not None else 0
         for m, src in records:
             hdrs = list(m.headers) or None
             size = RECORD_OVERHEAD_BYTES + len(m.key or b"") + len(m.value or b"")
@@ -564,6 +572,10 @@ class RecordAccumulator:
             cur.reroutes = max(cur.reroutes, src.reroutes + 1)
             if is_pinned(src.pinned, m.offset):
                 cur.pin(delta, 1)
+                if m.key is not None:
+                    cur.placed_by = 0
+            elif m.key is not None and ts_count < cur.placed_by:  # placed by the count it was re-routed by
+                cur.placed_by = ts_count
             cur.charged += size
             self._buffered_bytes += size
             routes[src].append((cur.result, delta))

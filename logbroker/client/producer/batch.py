@@ -45,12 +45,15 @@ RECORD_OVERHEAD_BYTES = 36
 # Per header beyond its key and value bytes: keyLength (5) + valueLength (5).
 HEADER_OVERHEAD_BYTES = 10
 KEY_CACHE_ENTRIES = 1 << 16
+# A batch's `placed_by` while none of its keyed records was placed by hashing (or it has none): the
+# largest declaration, so a broker checks nothing (ProducePartition.keys_placed_by_partitions).
+PLACED_BY_ANY = (1 << 31) - 1
 
 
 class ProducerBatch:
     __slots__ = ("acc", "builder", "result", "created", "deadline", "retry_at", "attempts",
                  "charged", "payload", "record_count", "last_error", "solo", "sequenced", "order",
-                 "producer_id", "base_sequence", "generation", "pinned", "reroutes")
+                 "producer_id", "base_sequence", "generation", "pinned", "reroutes", "placed_by")
 
     def __init__(self, acc: PartitionBatches, builder: BatchBuilder, now: float, deadline: float) -> None:
         self.acc = acc
@@ -73,6 +76,10 @@ class ProducerBatch:
         # (first delta, count) of the records sent with an explicit partition (reroute.py); None: none
         self.pinned: list[tuple[int, int]] | None = None
         self.reroutes = 0  # how many times its records were re-routed (reroute.py)
+        # The fewest partitions any of its keyed records was placed by (hashed over); 0: a keyed
+        # record placed by the user. Sent as keys_placed_by_partitions: a grown topic's broker decodes
+        # the keys only when this is below its count (cluster/lineage.py).
+        self.placed_by = PLACED_BY_ANY
 
     def pin(self, first: int, count: int) -> None:
         """Records first .. first+count-1 were sent to a partition the user chose."""
@@ -132,8 +139,9 @@ class TopicState:
     """Per topic: partition count, accumulators, the sticky partition and a key -> partition memo.
 
     The memo spares send() the jump hash (~0.7 us in Python) for keys seen before; it holds at
-    most KEY_CACHE_ENTRIES keys and is replaced (not cleared) when the partition count changes, so
-    a send() racing with `grow` can only write into the old one.
+    most KEY_CACHE_ENTRIES keys. `hashing` is (the partition count, the memo of that count), one
+    attribute that `grow` replaces as a whole: a send() racing with a growth reads a consistent pair,
+    so the count a key was placed by is known exactly (ProducerBatch.placed_by) without the lock.
 
     Growth (reroute.py): `generation` counts the growths seen; `old_batches` is how many batches
     opened before the last growth are not done yet. While there are any, the partitions from
@@ -141,7 +149,7 @@ class TopicState:
     (perhaps refused there and re-routed to the front of its new partition) go first.
     """
 
-    __slots__ = ("name", "partitions", "accs", "sticky", "key_cache", "generation", "old_batches", "held_from")
+    __slots__ = ("name", "partitions", "accs", "sticky", "hashing", "generation", "old_batches", "held_from")
 
     def __init__(self, name: str, partitions: int) -> None:
         self.name = name
@@ -151,7 +159,7 @@ class TopicState:
         self.accs = [PartitionBatches(name, p, self) for p in range(partitions)]
         self.partitions = partitions
         self.sticky = random.randrange(partitions)
-        self.key_cache: dict[bytes, int] = {}
+        self.hashing: tuple[int, dict[bytes, int]] = (partitions, {})
 
     def grow(self, partitions: int) -> None:
         """The topic has `partitions` now (more than before; with the producer's lock held)."""
@@ -164,7 +172,7 @@ class TopicState:
         for p in range(len(self.accs), partitions):
             self.accs.append(PartitionBatches(self.name, p, self))
         self.partitions = partitions  # after accs grew: send() reads it without the lock
-        self.key_cache = {}  # after partitions changed: send() reads the cache first
+        self.hashing = (partitions, {})  # count and memo together (class doc)
 
     def held(self, partition: int) -> bool:
         """Whether `partition` waits for the batches opened before the last growth (class doc)."""
@@ -176,14 +184,25 @@ class TopicState:
             self.old_batches -= 1
 
     def partition_for(self, key: bytes) -> int:
-        cache = self.key_cache
+        """The key's partition by the current count (`place` also says which count that was)."""
+        return self.place(key)[0]
+
+    def place(self, key: bytes) -> tuple[int, int]:
+        """(the key's partition, the partition count it was placed by)."""
+        count, cache = self.hashing
         p = cache.get(key)
         if p is None:
-            p = partition_for_key(key, self.partitions)
-            if len(cache) >= KEY_CACHE_ENTRIES:
-                cache.clear()
-            cache[key] = p
-        return p
+            p = place_key(key, count, cache)
+        return p, count
+
+
+def place_key(key: bytes, count: int, cache: dict[bytes, int]) -> int:
+    """The key's partition among `count` (a memo miss), remembered in `cache` (the memo of that count)."""
+    p = partition_for_key(key, count)
+    if len(cache) >= KEY_CACHE_ENTRIES:
+        cache.clear()
+    cache[key] = p
+    return p
 
 
 def to_bytes(data: object, what: str) -> bytes:

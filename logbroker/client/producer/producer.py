@@ -55,7 +55,13 @@ from logbroker.client.backoff import client_retry_policy
 from logbroker.client.encryption import Sealer, load_key_file
 from logbroker.client.metadata_cache import MetadataCache, metadata_for
 from logbroker.client.producer.accumulator import REQUEST_OVERHEAD_BYTES, RecordAccumulator
-from logbroker.client.producer.batch import RECORD_OVERHEAD_BYTES, TopicState, normalize_headers, to_bytes
+from logbroker.client.producer.batch import (
+    RECORD_OVERHEAD_BYTES,
+    TopicState,
+    normalize_headers,
+    place_key,
+    to_bytes,
+)
 from logbroker.client.producer.delivery import with_delivery_headers
 from logbroker.client.producer.future import (
     FutureRecordMetadata,
@@ -217,11 +223,7 @@ class Producer(RecordAccumulator):
         ts = self._topics.get(topic)
         if ts is None:
             ts = self._topic_state(topic)
-        size = RECORD_OVERHEAD_BYTES
-        if value is not None:
-            size += len(value)
-        if key is not None:
-            size += len(key)
+        size = RECORD_OVERHEAD_BYTES + (0 if value is None else len(value)) + (0 if key is None else len(key))
         hdrs = None
         if headers:
             hdrs, hsize = normalize_headers(headers)
@@ -231,9 +233,11 @@ class Producer(RecordAccumulator):
                 f"record of ~{size} bytes exceeds what the producer can send "
                 f"(max_request_bytes {self._max_request_bytes}, buffer_memory_bytes {self._buffer_memory_bytes})"
             ), timestamp_ms)
+        placed = 0  # the partition count the key was placed by; 0: by the user (ProducerBatch.placed_by)
         if not (pinned := partition is not None):  # pinned: the user's choice, never re-routed (reroute.py)
             if key is not None:
-                partition = ts.partition_for(key)
+                placed, cache = ts.hashing  # one consistent (count, memo) pair: TopicState
+                partition = cache[key] if key in cache else place_key(key, placed, cache)
         elif not 0 <= partition < ts.partitions:
             self._check_partition(ts, partition)
         limit = self._batch_size_bytes
@@ -262,6 +266,8 @@ class Producer(RecordAccumulator):
             self._buffered_bytes += size
             if pinned:
                 b.pin(delta, 1)  # type: ignore[union-attr]
+            if key is not None and placed < b.placed_by:  # type: ignore[union-attr]
+                b.placed_by = placed  # type: ignore[union-attr]
         finally:
             lock.release()
         if self._ship_inline_enabled:
@@ -383,17 +389,18 @@ class Producer(RecordAccumulator):
                                 pinned=partition is not None)
             return FutureRecordsMetadata(topic, segments, None, timestamp_ms, n)
         # Keyed: each partition's records in input order; null keys go sticky (partition -1 here).
-        memo: dict[bytes | None, int] = ts.key_cache  # type: ignore[assignment]  # None is never in it
+        placed, cache = ts.hashing  # one consistent (count, memo) pair: TopicState
+        memo: dict[bytes | None, int] = cache  # type: ignore[assignment]  # None is never in it
         parts: list[int] = list(map(memo.get, ks, itertools.repeat(-2)))  # -2: not in the memo
         if -2 in parts:
             for i, p in enumerate(parts):
                 if p == -2:
                     k = ks[i]
-                    parts[i] = -1 if k is None else ts.partition_for(k)
+                    parts[i] = -1 if k is None else place_key(k, placed, cache)
         first = parts[0]
         if parts.count(first) == n:
             self.append_records(ts, None if first < 0 else first, ks, vals, lens, timestamp_ms, hdrs,
-                                 per_record, segments)
+                                 per_record, segments, placed=placed)
             return FutureRecordsMetadata(topic, segments, None, timestamp_ms, n)
         groups: dict[int, list[int]] = {}
         for i, p in enumerate(parts):
@@ -406,7 +413,7 @@ class Producer(RecordAccumulator):
         for p, idx in groups.items():
             self.append_records(
                 ts, None if p < 0 else p, [ks[i] for i in idx], [vals[i] for i in idx], [lens[i] for i in idx],
-                timestamp_ms, hdrs, per_record, segments,
+                timestamp_ms, hdrs, per_record, segments, placed=placed,
             )
             order += idx
         return FutureRecordsMetadata(topic, segments, order, timestamp_ms, n)

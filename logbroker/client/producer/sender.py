@@ -206,10 +206,14 @@ class Sender:
             call = _InFlight(address, batches, future, self._acc._monotonic())
             future.add_done_callback(lambda _f, call=call: self._on_response(call))
             return False
+        placed: dict[PartitionBatches, int] = {}  # the fewest partitions any keyed record was placed by
+        for b in batches:
+            placed[b.acc] = min(placed.get(b.acc, b.placed_by), b.placed_by)
         parts = [
             pb.ProducePartition(
                 topic=acc.topic, partition=acc.partition,
                 records=payloads[0] if len(payloads) == 1 else b"".join(payloads),
+                keys_placed_by_partitions=placed[acc],
             )
             for acc, payloads in per_partition.items()
         ]
