@@ -398,7 +398,7 @@ class Broker:
             GroupApis(self, self.coordinator),
             AdminApis(self, self, self, self.replica_manager, visible),
             queues=QueueApis(self, self.share_coordinator, self.active_clients),
-            security=SecurityApis(self.security_store, self._acls_changed, self.quota_cache.changed),
+            security=SecurityApis(self.security_store, self._acls_changed, self.quota_cache.reload),
             producer_ids=ProducerIdApis(self.producer_id_store),
             hook=hook,
             quotas=self.client_quotas,
@@ -441,9 +441,9 @@ class Broker:
             raise RequestRejected(RequestStatus.UNAVAILABLE, "broker is starting: users and ACLs not loaded yet")
         return self._security
 
-    def _acls_changed(self) -> None:
+    async def _acls_changed(self) -> None:
         if self.acl_cache is not None:
-            self.acl_cache.changed()
+            await self.acl_cache.reload()
 
     def _log_configs(self, topics: dict[str, TopicSpec]) -> dict[str, LogConfig]:
         """The log settings of each topic, to reopen its logs with (segment size: what a restart

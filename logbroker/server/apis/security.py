@@ -16,7 +16,7 @@ mechanisms only).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from logbroker.cluster.security_store import SecurityStore, check_user
 from logbroker.security.acl import (
@@ -70,8 +70,10 @@ def entry_from_quota(q: Quota) -> pb.QuotaEntry:
 
 
 class SecurityApis:
-    def __init__(self, store: Callable[[], SecurityStore], on_change: Callable[[], None],
-                 on_quota_change: Callable[[], None] = lambda: None) -> None:
+    def __init__(self, store: Callable[[], SecurityStore], on_change: Callable[[], Awaitable[None]],
+                 on_quota_change: Callable[[], Awaitable[None]] | None = None) -> None:
+        """`on_change` / `on_quota_change`: reload the broker's copy; awaited before the answer, so
+        the caller's next request already sees its change (store_poller.py)."""
         self._store = store
         self._on_change = on_change
         self._on_quota_change = on_quota_change
@@ -83,7 +85,7 @@ class SecurityApis:
             created = await asyncio.to_thread(self._store().add_acls, bindings)
         except AclError as e:
             return pb.CreateAclsResponse(error_code=pb.SECURITY_CONFIG_INVALID, error_message=str(e))
-        self._on_change()
+        await self._on_change()
         return pb.CreateAclsResponse(created=created)
 
     async def delete_acls(self, context: RequestContext, req: pb.DeleteAclsRequest) -> pb.DeleteAclsResponse:
@@ -91,7 +93,7 @@ class SecurityApis:
             removed = await asyncio.to_thread(self._store().remove_acls, lambda b: filter_matches(req.filter, b))
         except AclError as e:
             return pb.DeleteAclsResponse(error_code=pb.SECURITY_CONFIG_INVALID, error_message=str(e))
-        self._on_change()
+        await self._on_change()
         return pb.DeleteAclsResponse(deleted=[entry_from_binding(b) for b in removed])
 
     async def describe_acls(self, context: RequestContext, req: pb.DescribeAclsRequest) -> pb.DescribeAclsResponse:
@@ -133,7 +135,8 @@ class SecurityApis:
             deleted = await asyncio.to_thread(self._store().alter_quotas, sets, deletions)
         except QuotaError as e:
             return pb.AlterClientQuotasResponse(error_code=pb.INVALID_CONFIG, error_message=str(e))
-        self._on_quota_change()
+        if self._on_quota_change is not None:
+            await self._on_quota_change()
         return pb.AlterClientQuotasResponse(deleted=deleted)
 
     async def describe_client_quotas(self, context: RequestContext, req: pb.DescribeClientQuotasRequest
