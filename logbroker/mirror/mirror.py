@@ -4,8 +4,9 @@
 
 Per record: same partition, key, value, headers (plus `logbroker.mirror.src`, progress.py) and
 timestamp. Each polled run of one source partition goes to B in one `Producer.send_records` call
-(no checks or partitioning per record, one future per run). Every `flush_interval_ms` (or `flush_records` records) the producer is flushed; once B
-acknowledged, the copies go into the OffsetMap and their source offsets are committed on A.
+(no checks or partitioning per record, one future per run). Every `flush_interval_ms` (or
+`flush_records` records) the producer is flushed; once B acknowledged, the copies go into the
+OffsetMap (as runs: offset_map.copied_runs) and their source offsets are committed on A.
 
 Restart without loss or duplicates: the progress that counts is B's (progress.py). When a source
 partition is assigned, the mirror reads the last record of its target partition (after waiting
