@@ -53,7 +53,7 @@ from __future__ import annotations
 import os
 import struct
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import crc32c as _crc32c
@@ -498,18 +498,8 @@ class BatchBuilder:
                     od += 1
             self._count = od
             return od - first
-        buf = self._buf
-        limit = self._limit
-        append = self.append
-        for j in range(i, n):
-            mark = len(buf)
-            max_ts = self._max_ts
-            append(timestamp_ms, None if keys is None else keys[j], values[j], headers)
-            if len(buf) > limit:  # over: take it back (the first record of the batch stays, above)
-                del buf[mark:]
-                self._count -= 1
-                self._max_ts = max_ts
-                break
+        self._append_within_limit((timestamp_ms, None if keys is None else keys[j], values[j], headers)
+                                  for j in range(i, n))
         return self._count - first
 
     def append_copies(self, records: Sequence[CopiedRecord], start: int, stop: int) -> int:
@@ -537,19 +527,23 @@ class BatchBuilder:
                 od += 1
             self._count = od
             return od - first
+        self._append_within_limit(records[j] for j in range(i, stop))
+        return self._count - first
+
+    def _append_within_limit(self, records: Iterable[CopiedRecord]) -> None:
+        """The Python builder's `append` of each record until one takes the batch past `limit_bytes`
+        (taken back; the batch's first record, appended before, always stays)."""
         buf = self._buf
         limit = self._limit
         append = self.append
-        for j in range(i, stop):
+        for t, k, v, h in records:
             mark, max_ts = len(buf), self._max_ts
-            t, k, v, h = records[j]
             append(t, k, v, h)
             if len(buf) > limit:  # over: take it back
                 del buf[mark:]
                 self._count -= 1
                 self._max_ts = max_ts
                 break
-        return self._count - first
 
     def build(self, producer_id: int = NO_PRODUCER_ID, producer_epoch: int = -1, base_sequence: int = -1) -> bytes:
         if self._count == 0:
