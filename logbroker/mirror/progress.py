@@ -18,10 +18,6 @@ SRC_HEADER = "logbroker.mirror.src"
 MAX_HEADER_BYTES = 64
 
 
-def encode(partition: int, offset: int) -> bytes:
-    return f"{partition}:{offset}".encode("ascii")
-
-
 def decode(value: bytes | None) -> tuple[int, int] | None:
     """(partition, offset), or None when the value is not one of ours."""
     if value is None or len(value) > MAX_HEADER_BYTES:

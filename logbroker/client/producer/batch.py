@@ -183,18 +183,6 @@ class TopicState:
         if b.generation < self.generation and self.old_batches > 0:
             self.old_batches -= 1
 
-    def partition_for(self, key: bytes) -> int:
-        """The key's partition by the current count (`place` also says which count that was)."""
-        return self.place(key)[0]
-
-    def place(self, key: bytes) -> tuple[int, int]:
-        """(the key's partition, the partition count it was placed by)."""
-        count, cache = self.hashing
-        p = cache.get(key)
-        if p is None:
-            p = place_key(key, count, cache)
-        return p, count
-
 
 def place_key(key: bytes, count: int, cache: dict[bytes, int]) -> int:
     """The key's partition among `count` (a memo miss), remembered in `cache` (the memo of that count)."""
